@@ -1,0 +1,3227 @@
+#!/usr/bin/env python3
+"""gitproc: a Git-backed process supervisor in one file.
+
+Service definitions are systemd-style unit files committed to a Git repository.
+The daemon runs them, restarts them when they crash, stops them cleanly, keeps
+their logs and remembers its state across restarts.
+
+    python3 gitproc.py daemon            # start (creates ~/.gitproc on first run)
+    python3 gitproc.py status            # what runs
+    python3 gitproc.py check unit.service
+
+Sections (grep for "# ==== N."):
+     0. header
+     1. constants and defaults
+     2. errors
+     3. small utilities: time spans, sizes, wait statuses, atomic writes, /proc
+     4. unit files: UnitSpec, the directive table, the parser
+     5. configuration and paths
+     6. state store
+     7. git source
+     8. process supervision: spawner, exit watcher, Service
+     9. health checks (parsed only for now)
+    10. control protocol: framing, server connections, client
+    11. daemon: the event loop that owns everything
+    12. command line
+    13. main()
+"""
+
+__version__ = "0.1.0"
+
+import errno
+import heapq
+import json
+import os
+import re
+import selectors
+import signal
+import socket
+import struct
+import sys
+import time
+
+# ==== 1. constants and defaults ==============================================
+# Everything a user could look up: names, limits, defaults. Nothing here does
+# any work; the numbers are the contract of SPEC.md.
+
+UNIT_SUFFIX = ".service"
+UNIT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}\Z")
+RESERVED_UNIT_NAMES = {"daemon": "the name 'daemon' is reserved for the daemon's own log"}
+MAX_UNIT_FILE_BYTES = 1 << 20
+
+DEFAULT_BRANCH = "main"
+DEFAULT_RESTART_SEC = 0.1
+MAX_RESTART_DELAY = 30.0
+BACKOFF_RESET_UPTIME = 10.0
+DEFAULT_TIMEOUT_STOP_SEC = 10.0
+DEFAULT_START_LIMIT_INTERVAL = 10.0
+DEFAULT_START_LIMIT_BURST = 5
+
+STATE_SAVE_CHECK_INTERVAL = 5.0     # the batched saver looks this often ...
+STATE_MIN_SAVE_INTERVAL = 2.0       # ... and writes at most this often
+STATE_VERSION = 1
+HISTORY_LIMIT = 100
+LOG_CHECK_INTERVAL = 5.0            # how often service log sizes are checked
+POLL_FALLBACK_INTERVAL = 0.2        # exit polling where pidfds and SIGCHLD fail
+
+MAX_REQUEST_BYTES = 64 * 1024
+REQUEST_IDLE_TIMEOUT = 10.0
+CLIENT_TIMEOUT = 30.0
+DEFAULT_WAIT_TIMEOUT = 30.0
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
+
+HELLO_UNIT = """\
+# An example service: prints a line every few seconds.
+# See its output with:  python3 gitproc.py logs hello
+[Unit]
+Description=Example service that says hello every 5 seconds
+
+[Service]
+ExecStart=/bin/sh -c 'while :; do echo "hello from gitproc at $$(date)"; sleep 5; done'
+Restart=always
+"""
+
+# ==== 2. errors ==============================================================
+# One root. Every error a user can cause is a GitprocError whose str() is a
+# one-line message fit for stderr; the CLI prints it and exits 1.
+
+
+class GitprocError(Exception):
+    """Root of gitproc's errors: a message fit for one line of stderr."""
+    code = "error"
+
+
+class ConfigError(GitprocError):
+    code = "config"
+
+
+class UsageError(GitprocError):
+    code = "usage"
+
+
+class GitError(GitprocError):
+    code = "git"
+
+
+class SpawnError(GitprocError):
+    code = "spawn"
+
+
+class DaemonNotRunning(GitprocError):
+    code = "no-daemon"
+
+
+class ProtocolError(GitprocError):
+    code = "protocol"
+
+
+# ==== 3. small utilities =====================================================
+# Pure helpers and thin wrappers over /proc and the file system. No state.
+
+_TIMESPAN_UNITS = {
+    "": 1.0, "us": 1e-6, "usec": 1e-6, "\u00b5s": 1e-6,
+    "ms": 1e-3, "msec": 1e-3,
+    "s": 1.0, "sec": 1.0, "second": 1.0, "seconds": 1.0,
+    "m": 60.0, "min": 60.0, "minute": 60.0, "minutes": 60.0,
+    "h": 3600.0, "hr": 3600.0, "hour": 3600.0, "hours": 3600.0,
+    "d": 86400.0, "day": 86400.0, "days": 86400.0,
+    "w": 604800.0, "week": 604800.0, "weeks": 604800.0,
+    "M": 2629800.0, "month": 2629800.0, "months": 2629800.0,
+    "y": 31557600.0, "year": 31557600.0, "years": 31557600.0,
+}
+_TIMESPAN_PART_RE = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z\u00b5]*)")
+_SIZE_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([KMGTPE]?)(?:i?B)?\Z", re.IGNORECASE)
+_SIZE_FACTORS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40,
+                 "P": 1 << 50, "E": 1 << 60}
+
+
+def parse_timespan(text):
+    """'1min 30s' -> 90.0 seconds, as systemd reads time spans; 'infinity' -> inf."""
+    text = text.strip()
+    if text == "infinity":
+        return float("inf")
+    if not text:
+        raise ValueError("empty time span")
+    total, pos = 0.0, 0
+    while pos < len(text):
+        match = _TIMESPAN_PART_RE.match(text, pos)
+        if not match or match.group(2) not in _TIMESPAN_UNITS:
+            raise ValueError("invalid time span %r (try 5, 5s, 500ms or 1min 30s)" % text)
+        total += float(match.group(1)) * _TIMESPAN_UNITS[match.group(2)]
+        pos = match.end()
+    return total
+
+
+def parse_size(text, allow_percent=False):
+    """'512M' -> bytes (1024-based, as systemd); 'infinity' -> None; 'N%' of RAM if allowed."""
+    text = text.strip()
+    if text == "infinity":
+        return None
+    if allow_percent and text.endswith("%"):
+        percent = float(_parse_percent(text))
+        return int(_physical_memory() * percent / 100)
+    match = _SIZE_RE.match(text)
+    if not match:
+        raise ValueError("invalid size %r (try 512M, 1G or infinity)" % text)
+    return int(float(match.group(1)) * _SIZE_FACTORS[match.group(2).upper()])
+
+
+def _parse_percent(text):
+    try:
+        value = float(text.strip()[:-1]) if text.strip().endswith("%") else None
+    except ValueError:
+        value = None
+    if value is None or value <= 0:
+        raise ValueError("invalid percentage %r (try 50%%)" % text)
+    return value
+
+
+def _physical_memory():
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def parse_bool(text):
+    value = text.strip().lower()
+    if value in ("1", "yes", "true", "on", "y", "t"):
+        return True
+    if value in ("0", "no", "false", "off", "n", "f"):
+        return False
+    raise ValueError("invalid boolean %r (use yes or no)" % text)
+
+
+def parse_signal(text):
+    """'SIGTERM', 'TERM' or '15' -> 15."""
+    value = text.strip()
+    if value.isdigit():
+        number = int(value)
+        if 1 <= number < signal.NSIG:
+            return number
+        raise ValueError("invalid signal number %s" % value)
+    name = value.upper()
+    if not name.startswith("SIG"):
+        name = "SIG" + name
+    number = getattr(signal.Signals, name, None) if name in signal.Signals.__members__ else None
+    if number is None:
+        raise ValueError("unknown signal %r" % text)
+    return int(number)
+
+
+def signal_name(number):
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return "SIG%d" % number
+
+
+def describe_exit(last_exit):
+    """{'code': 1} -> 'exit code 1'; {'signal': 9} -> 'signal SIGKILL'."""
+    if not last_exit:
+        return "-"
+    if "signal" in last_exit:
+        return "signal " + signal_name(last_exit["signal"])
+    return "exit code %d" % last_exit["code"]
+
+
+def decode_wait_status(status):
+    """A waitpid() status -> {'code': N} or {'signal': N}."""
+    if os.WIFSIGNALED(status):
+        return {"signal": os.WTERMSIG(status)}
+    if os.WIFEXITED(status):
+        return {"code": os.WEXITSTATUS(status)}
+    return {"code": 255}
+
+
+def format_duration(seconds):
+    """90061 -> '1d 1h'; 75 -> '1m 15s'; shows the two largest units."""
+    if seconds is None:
+        return "-"
+    seconds = int(max(0, seconds))
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size or (unit == "s" and not parts):
+            parts.append("%d%s" % (seconds // size, unit))
+            seconds %= size
+    return " ".join(parts[:2])
+
+
+def format_bytes(count):
+    if count is None:
+        return "-"
+    for unit in ("B", "K", "M", "G"):
+        if count < 1024 or unit == "G":
+            return ("%d%s" if unit == "B" else "%.1f%s") % (count, unit)
+        count /= 1024.0
+    return "-"
+
+
+def format_timespan(seconds):
+    if seconds == float("inf"):
+        return "infinity"
+    if seconds < 1 and seconds:
+        return "%gms" % round(seconds * 1000, 3)
+    return "%gs" % seconds
+
+
+def format_time(wall):
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(wall)) if wall else "-"
+
+
+def atomic_write(path, data):
+    """Write bytes so that readers see the old or the new file, never half of one:
+    a temporary file beside it, fsync, rename over, fsync of the folder."""
+    folder = os.path.dirname(path) or "."
+    tmp_path = "%s.tmp.%d" % (path, os.getpid())
+    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        _unlink_quietly(tmp_path)
+        raise
+    os.close(fd)
+    try:
+        os.rename(tmp_path, path)
+    except BaseException:
+        _unlink_quietly(tmp_path)
+        raise
+    dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _unlink_quietly(path):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def makedirs(path, mode=0o755):
+    os.makedirs(path, mode=mode, exist_ok=True)
+
+
+def read_proc_stat(pid):
+    """Fields of /proc/PID/stat after the command name (field 3 is index 0), or None."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as stat_file:
+            raw = stat_file.read()
+    except OSError:
+        return None
+    return raw[raw.rfind(b")") + 2:].split()
+
+
+def pid_start_time(pid):
+    """Field 22 of /proc/PID/stat: when the process started, in clock ticks since
+    boot. A pid and this number together name one process, even after pid reuse."""
+    fields = read_proc_stat(pid)
+    return int(fields[19]) if fields else None
+
+
+def process_rss(pid):
+    try:
+        with open("/proc/%d/statm" % pid, "rb") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def process_cpu_seconds(pid):
+    fields = read_proc_stat(pid)
+    if not fields:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tail_lines(path, count):
+    """The last `count` lines of a file, read from its end (cheap on big logs)."""
+    if count <= 0:
+        return []
+    try:
+        with open(path, "rb") as log_file:
+            log_file.seek(0, os.SEEK_END)
+            end = position = log_file.tell()
+            chunk = b""
+            while position > 0 and chunk.count(b"\n") <= count:
+                step = min(65536, position)
+                position -= step
+                log_file.seek(position)
+                chunk = log_file.read(end - position)
+    except OSError:
+        return []
+    lines = chunk.decode("utf-8", "replace").splitlines()
+    return lines[-count:]
+
+
+def find_program(program, path_env):
+    """A relative program looked up on PATH, as execvp would; None if not found."""
+    if "/" in program:
+        return program
+    for folder in (path_env or os.defpath).split(":"):
+        candidate = os.path.join(folder or ".", program)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+# ==== 4. unit files ==========================================================
+# A pure parser: bytes in, a UnitSpec and a list of Diagnostics out. It never
+# raises on user input and never touches the file system or the environment;
+# `$VAR` references stay in the commands and are expanded at spawn time.
+
+
+class Diagnostic:
+    """One problem in user input, reported as data: 'file:line: severity: message'."""
+    __slots__ = ("path", "line", "severity", "message")
+
+    def __init__(self, path, line, severity, message):
+        self.path, self.line, self.severity, self.message = path, line, severity, message
+
+    def __str__(self):
+        where = "%s:%d" % (self.path, self.line) if self.line else self.path
+        return "%s: %s: %s" % (where, self.severity, self.message)
+
+    def to_json(self):
+        return {"path": self.path, "line": self.line, "severity": self.severity,
+                "message": self.message}
+
+
+class ExecCommand:
+    """One Exec*= line: the program, argv (with $VAR still unexpanded) and whether
+    a failure is ignored (a leading '-')."""
+    __slots__ = ("argv", "ignore_failure", "program")
+
+    def __init__(self, program, argv, ignore_failure):
+        self.program, self.argv, self.ignore_failure = program, tuple(argv), ignore_failure
+
+    def __str__(self):
+        return ("-" if self.ignore_failure else "") + " ".join(self.argv)
+
+
+class UnitSpec:
+    """What one unit file says, parsed and validated. Read-only by convention:
+    a new commit makes a new UnitSpec; `blob` (the Git object id of the file)
+    tells whether two versions are the same."""
+
+    FIELDS = {
+        "description": "", "after": (), "requires": (), "condition_host": (),
+        "start_limit_interval": DEFAULT_START_LIMIT_INTERVAL,
+        "start_limit_burst": DEFAULT_START_LIMIT_BURST,
+        "type": "simple", "exec_start": (), "exec_start_pre": (),
+        "working_directory": None, "user": None, "group": None,
+        "environment": (), "environment_files": (),
+        "restart": "no", "restart_sec": DEFAULT_RESTART_SEC,
+        "timeout_stop_sec": DEFAULT_TIMEOUT_STOP_SEC,
+        "kill_signal": int(signal.SIGTERM), "kill_mode": "control-group",
+        "memory_max": None, "cpu_quota": None,
+        "health_check_url": None, "health_check_interval": 30.0,
+        "health_check_timeout": 5.0, "health_check_retries": 3,
+        "health_check_start_period": 0.0,
+        "private_pids": False, "auto_rollback": False,
+    }
+    __slots__ = ("name", "path", "blob") + tuple(FIELDS)
+
+    def __init__(self, name, path, blob="", **values):
+        self.name, self.path, self.blob = name, path, blob
+        for field, default in self.FIELDS.items():
+            setattr(self, field, values.pop(field, default))
+        if values:
+            raise TypeError("unknown UnitSpec fields: %s" % ", ".join(values))
+
+    def to_json(self):
+        data = {"name": self.name, "path": self.path, "blob": self.blob}
+        for field in self.FIELDS:
+            value = getattr(self, field)
+            if field in ("exec_start", "exec_start_pre"):
+                value = [str(command) for command in value]
+            data[field] = value
+        return data
+
+
+RESTART_POLICIES = ("no", "always", "on-success", "on-failure", "on-abnormal", "on-abort")
+SERVICE_TYPES = ("simple", "exec", "oneshot")
+TYPES_RUN_AS_SIMPLE = ("notify", "notify-reload", "idle", "dbus")
+KILL_MODES = ("control-group", "mixed", "process")
+_ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_ESCAPES = {"a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t",
+            "v": "\v", "\\": "\\", '"': '"', "'": "'", "s": " "}
+
+
+def split_words(text):
+    """Split a value into words as systemd does: whitespace separates, single and
+    double quotes group, C escapes (\\n, \\x41, ...) are decoded. Raises ValueError
+    on an unterminated quote."""
+    words, pos, end = [], 0, len(text)
+    while True:
+        while pos < end and text[pos].isspace():
+            pos += 1
+        if pos >= end:
+            return words
+        word = []
+        while pos < end and not text[pos].isspace():
+            char = text[pos]
+            if char in "\"'":
+                closing = text.find(char, pos + 1)
+                while closing != -1 and char == '"' and _escaped(text, closing):
+                    closing = text.find(char, closing + 1)
+                if closing == -1:
+                    raise ValueError("unterminated %s quote" % ("double" if char == '"' else "single"))
+                word.append(_unescape(text[pos + 1:closing]))
+                pos = closing + 1
+            elif char == "\\" and pos + 1 < end:
+                decoded, pos = _unescape_one(text, pos)
+                word.append(decoded)
+            else:
+                word.append(char)
+                pos += 1
+        words.append("".join(word))
+
+
+def _escaped(text, index):
+    backslashes = 0
+    while index > 0 and text[index - 1] == "\\":
+        backslashes += 1
+        index -= 1
+    return backslashes % 2 == 1
+
+
+def _unescape(text):
+    out, pos = [], 0
+    while pos < len(text):
+        if text[pos] == "\\" and pos + 1 < len(text):
+            decoded, pos = _unescape_one(text, pos)
+            out.append(decoded)
+        else:
+            out.append(text[pos])
+            pos += 1
+    return "".join(out)
+
+
+def _unescape_one(text, pos):
+    """Decode the escape starting at text[pos] == '\\'; returns (text, next pos).
+    An unknown escape keeps the character without the backslash."""
+    char = text[pos + 1]
+    if char in _ESCAPES:
+        return _ESCAPES[char], pos + 2
+    for prefix, digits, base in (("x", 2, 16), ("u", 4, 16), ("U", 8, 16)):
+        if char == prefix:
+            code = text[pos + 2:pos + 2 + digits]
+            try:
+                if len(code) == digits:
+                    return chr(int(code, base)), pos + 2 + digits
+            except ValueError:
+                pass
+            return char, pos + 2
+    if char in "01234567" and re.match(r"[0-7]{3}", text[pos + 1:pos + 4]):
+        return chr(int(text[pos + 1:pos + 4], 8)), pos + 4
+    return char, pos + 2
+
+
+def expand_specifiers(value, unit_name):
+    """systemd's %-specifiers that make sense here: %n %N %p %i %I %%.
+    Returns (text, unknown) where unknown lists specifiers left as they were."""
+    if "%" not in value:
+        return value, []
+    prefix, _, instance = unit_name.partition("@")
+    table = {"n": unit_name + UNIT_SUFFIX, "N": unit_name, "p": prefix,
+             "i": instance, "I": instance, "%": "%"}
+    unknown = []
+
+    def replace(match):
+        letter = match.group(1)
+        if letter in table:
+            return table[letter]
+        unknown.append("%" + letter)
+        return match.group(0)
+    return re.sub(r"%(.)", replace, value), unknown
+
+
+def expand_command(argv, environment):
+    """Expand $VAR (a whole word: split on whitespace into words) and ${VAR}
+    (substituted inside a word) as systemd does; $$ is a literal $."""
+    result = []
+    for word in argv:
+        if word.startswith("$") and _ENV_NAME_RE.match(word[1:]):
+            result.extend(environment.get(word[1:], "").split())
+            continue
+        result.append(re.sub(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)\}",
+                             lambda m: "$" if m.group(0) == "$$" else environment.get(m.group(1), ""),
+                             word))
+    return result
+
+
+def _parse_exec(value):
+    words = split_words(value)
+    if not words:
+        raise ValueError("empty command")
+    program, ignore_failure = words[0], False
+    argv0_separate = False
+    while program and program[0] in "-@:+!":
+        if program[0] == "-":
+            ignore_failure = True
+        elif program[0] == "@":
+            argv0_separate = True
+        program = program[1:]
+    if not program:
+        raise ValueError("no program in %r" % value)
+    argv = words[1:] if argv0_separate else [program] + words[1:]
+    if not argv:
+        raise ValueError("'@' needs the program and argv[0]")
+    return ExecCommand(program, argv, ignore_failure)
+
+
+def _parse_environment(value):
+    pairs = []
+    for word in split_words(value):
+        name, equals, content = word.partition("=")
+        if not equals or not _ENV_NAME_RE.match(name):
+            raise ValueError("invalid environment assignment %r (use NAME=value)" % word)
+        pairs.append((name, content))
+    return tuple(pairs)
+
+
+def _parse_env_file_ref(value):
+    optional = value.startswith("-")
+    path = value[1:] if optional else value
+    if not path.startswith("/"):
+        raise ValueError("EnvironmentFile= needs an absolute path, not %r" % path)
+    return ((path, optional),)
+
+
+def _parse_working_directory(value):
+    path = value[1:] if value.startswith("-") else value
+    if not (path.startswith("/") or path == "~" or path.startswith("~/")):
+        raise ValueError("WorkingDirectory= needs an absolute path or ~, not %r" % value)
+    return value
+
+
+def _parse_choice(choices):
+    def parse(value):
+        if value not in choices:
+            raise ValueError("%r is not one of %s" % (value, ", ".join(choices)))
+        return value
+    return parse
+
+
+def _parse_type(value):
+    if value in SERVICE_TYPES:
+        return value
+    if value in TYPES_RUN_AS_SIMPLE:
+        return "simple"
+    raise ValueError("Type=%s is not supported (use simple, exec or oneshot)" % value)
+
+
+def _parse_count(value):
+    if not value.strip().isdigit():
+        raise ValueError("%r is not a whole number" % value)
+    return int(value)
+
+
+def _parse_user(value):
+    if not re.match(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\$?\Z", value):
+        raise ValueError("invalid user or group name %r" % value)
+    return value
+
+
+def _parse_health_url(value):
+    if not re.match(r"(http://[^/\s:]+(:\d+)?(/\S*)?|tcp://[^/\s:]+:\d+)\Z", value):
+        raise ValueError("HealthCheckURL= takes http://host[:port]/path or tcp://host:port, not %r" % value)
+    return value
+
+
+def _parse_unit_names(value):
+    names = tuple(name[:-len(UNIT_SUFFIX)] if name.endswith(UNIT_SUFFIX) else name
+                  for name in value.split())
+    return names
+
+
+def _parse_host_condition(value):
+    return (value.strip(),)
+
+
+# The directive table: (section, key) -> (field, parse, kind). kind "list"
+# accumulates repeated assignments and an empty value resets the list; "one"
+# is a single value (the last assignment wins, an empty one restores the default).
+DIRECTIVES = {
+    ("Unit", "Description"): ("description", str, "one"),
+    ("Unit", "After"): ("after", _parse_unit_names, "list"),
+    ("Unit", "Requires"): ("requires", _parse_unit_names, "list"),
+    ("Unit", "ConditionHost"): ("condition_host", _parse_host_condition, "list"),
+    ("Unit", "StartLimitIntervalSec"): ("start_limit_interval", parse_timespan, "one"),
+    ("Unit", "StartLimitBurst"): ("start_limit_burst", _parse_count, "one"),
+    ("Service", "StartLimitInterval"): ("start_limit_interval", parse_timespan, "one"),
+    ("Service", "StartLimitBurst"): ("start_limit_burst", _parse_count, "one"),
+    ("Service", "Type"): ("type", _parse_type, "one"),
+    ("Service", "ExecStart"): ("exec_start", lambda v: (_parse_exec(v),), "list"),
+    ("Service", "ExecStartPre"): ("exec_start_pre", lambda v: (_parse_exec(v),), "list"),
+    ("Service", "WorkingDirectory"): ("working_directory", _parse_working_directory, "one"),
+    ("Service", "User"): ("user", _parse_user, "one"),
+    ("Service", "Group"): ("group", _parse_user, "one"),
+    ("Service", "Environment"): ("environment", _parse_environment, "list"),
+    ("Service", "EnvironmentFile"): ("environment_files", _parse_env_file_ref, "list"),
+    ("Service", "Restart"): ("restart", _parse_choice(RESTART_POLICIES), "one"),
+    ("Service", "RestartSec"): ("restart_sec", parse_timespan, "one"),
+    ("Service", "TimeoutStopSec"): ("timeout_stop_sec", parse_timespan, "one"),
+    ("Service", "KillSignal"): ("kill_signal", parse_signal, "one"),
+    ("Service", "KillMode"): ("kill_mode", _parse_choice(KILL_MODES + ("none",)), "one"),
+    ("Service", "MemoryMax"): ("memory_max", lambda v: parse_size(v, allow_percent=True), "one"),
+    ("Service", "MemoryLimit"): ("memory_max", lambda v: parse_size(v, allow_percent=True), "one"),
+    ("Service", "CPUQuota"): ("cpu_quota", _parse_percent, "one"),
+    ("Service", "HealthCheckURL"): ("health_check_url", _parse_health_url, "one"),
+    ("Service", "HealthCheckInterval"): ("health_check_interval", parse_timespan, "one"),
+    ("Service", "HealthCheckTimeout"): ("health_check_timeout", parse_timespan, "one"),
+    ("Service", "HealthCheckRetries"): ("health_check_retries", _parse_count, "one"),
+    ("Service", "HealthCheckStartPeriod"): ("health_check_start_period", parse_timespan, "one"),
+    ("Service", "PrivatePIDs"): ("private_pids", parse_bool, "one"),
+    ("Service", "AutoRollback"): ("auto_rollback", parse_bool, "one"),
+}
+# The [Unit] keys also accepted in [Service], as older systemd units write them.
+KNOWN_SECTIONS = ("Unit", "Service", "Install")
+# Values run through %-specifier expansion (the others are names, numbers, paths).
+_SPECIFIER_FIELDS = {"description", "exec_start", "exec_start_pre", "environment",
+                     "environment_files", "working_directory", "user", "group"}
+# Keys accepted without a word: they only document the unit.
+SILENT_KEYS = {("Unit", "Documentation")}
+
+
+def unit_name_problem(name):
+    """Why `name` cannot be a unit name, or None."""
+    if not UNIT_NAME_RE.match(name):
+        return "invalid unit name %r: use letters, digits and _ . @ - (at most 64, starting with a letter or digit)" % name
+    return RESERVED_UNIT_NAMES.get(name)
+
+
+def _logical_lines(text):
+    """(line number, text) for each logical line: comments dropped, a trailing
+    backslash joining the next line (comment lines inside a continuation skipped)."""
+    pending, start = None, 0
+    for number, raw in enumerate(text.split("\n"), 1):
+        line = raw.strip()
+        if pending is not None and line[:1] in ("#", ";"):
+            continue
+        if pending is None:
+            if not line or line[0] in "#;":
+                continue
+            start = number
+        if line.endswith("\\") and not _escaped(line, len(line) - 1):
+            pending = (pending or "") + line[:-1] + " "
+            continue
+        yield start, (pending or "") + line
+        pending = None
+    if pending is not None:
+        yield start, pending
+
+
+def parse_unit(name, path, data, blob=""):
+    """Parse a unit file's bytes. Returns (UnitSpec or None, [Diagnostic]); the
+    spec is None when any error was found. Never raises on bad input."""
+    diagnostics = []
+
+    def report(line, severity, message):
+        diagnostics.append(Diagnostic(path, line, severity, message))
+
+    problem = unit_name_problem(name)
+    if problem:
+        report(0, "error", problem)
+        return None, diagnostics
+    if len(data) > MAX_UNIT_FILE_BYTES:
+        report(0, "error", "file is %d bytes; unit files are limited to %d" % (len(data), MAX_UNIT_FILE_BYTES))
+        return None, diagnostics
+    if b"\0" in data:
+        report(0, "error", "file contains NUL bytes: not a text unit file")
+        return None, diagnostics
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        report(0, "error", "not UTF-8 text (byte %d)" % exc.start)
+        return None, diagnostics
+    if text.startswith("\ufeff"):
+        text = text[1:]
+
+    values, lines_of, section, warned_sections = {}, {}, None, set()
+    for line_number, line in _logical_lines(text):
+        if line.startswith("["):
+            if not line.endswith("]"):
+                report(line_number, "error", "section header %r lacks its closing ']'" % line)
+                section = None
+                continue
+            section = line[1:-1].strip()
+            if section not in KNOWN_SECTIONS and not section.startswith("X-") and section not in warned_sections:
+                warned_sections.add(section)
+                report(line_number, "warning", "unknown section [%s], ignored" % section)
+            continue
+        key, equals, value = line.partition("=")
+        key, value = key.strip(), value.strip()
+        if not equals:
+            report(line_number, "warning", "line has no '=', ignored")
+            continue
+        if section is None:
+            report(line_number, "warning", "%s= outside any section, ignored" % key)
+            continue
+        if section not in ("Unit", "Service"):
+            continue     # [Install], X- and unknown sections: accepted and ignored
+        directive = DIRECTIVES.get((section, key))
+        if directive is None and section == "Service" and ("Unit", key) in DIRECTIVES:
+            directive = DIRECTIVES[("Unit", key)]
+        if directive is None:
+            if not key.startswith("X-") and (section, key) not in SILENT_KEYS:
+                report(line_number, "warning", "unknown key %s= in [%s], ignored" % (key, section))
+            continue
+        field, parse, kind = directive
+        if field in _SPECIFIER_FIELDS:
+            value, unknown = expand_specifiers(value, name)
+            for specifier in unknown:
+                report(line_number, "warning", "%s=: specifier %s is not supported, kept as written" % (key, specifier))
+        if not value:
+            values.pop(field, None)
+            lines_of[field] = line_number
+            continue
+        try:
+            parsed = parse(value)
+        except ValueError as exc:
+            report(line_number, "error", "%s=: %s" % (key, exc))
+            continue
+        values[field] = values.get(field, ()) + parsed if kind == "list" else parsed
+        lines_of[field] = line_number
+
+    _validate_unit(values, lines_of, report)
+    if any(d.severity == "error" for d in diagnostics):
+        return None, diagnostics
+    return UnitSpec(name, path, blob, **values), diagnostics
+
+
+def _validate_unit(values, lines_of, report):
+    """Checks across keys, once the whole file is read."""
+    commands = values.get("exec_start", ())
+    if not commands:
+        report(lines_of.get("exec_start", 0), "error", "missing ExecStart=: a service needs a command to run")
+    elif len(commands) > 1 and values.get("type", "simple") != "oneshot":
+        report(lines_of["exec_start"], "error",
+               "%d ExecStart= commands: only Type=oneshot may have more than one" % len(commands))
+    if values.get("start_limit_burst", 1) < 1:
+        report(lines_of.get("start_limit_burst", 0), "error", "StartLimitBurst= must be at least 1")
+    for field in ("restart_sec", "timeout_stop_sec", "health_check_interval", "health_check_timeout"):
+        if values.get(field, 1) == float("inf") and field != "timeout_stop_sec":
+            report(lines_of[field], "error", "%s cannot be infinity" % field)
+
+
+def check_unit_tree(entries):
+    """Parse many unit files: entries are (name, path, data, blob). Returns
+    ({name: UnitSpec}, [Diagnostic]); duplicate names are all rejected."""
+    paths_of = {}
+    for name, path, _, _ in entries:
+        paths_of.setdefault(name, []).append(path)
+    specs, diagnostics = {}, []
+    for name, path, data, blob in entries:
+        if len(paths_of[name]) > 1:
+            others = ", ".join(p for p in paths_of[name] if p != path)
+            diagnostics.append(Diagnostic(path, 0, "error", "unit name %r is also defined in %s: both are rejected" % (name, others)))
+            continue
+        spec, found = parse_unit(name, path, data, blob)
+        diagnostics.extend(found)
+        if spec is not None:
+            specs[name] = spec
+    return specs, diagnostics
+
+
+def load_environment_file(path):
+    """KEY=VALUE lines of an EnvironmentFile=, comments and quotes as systemd reads them."""
+    pairs = []
+    with open(path, encoding="utf-8", errors="replace") as env_file:
+        for line in env_file.read().replace("\\\n", "").splitlines():
+            line = line.strip()
+            if not line or line[0] in "#;":
+                continue
+            if line.startswith("export "):
+                line = line[7:].lstrip()
+            name, equals, value = line.partition("=")
+            name, value = name.strip(), value.strip()
+            if not equals or not _ENV_NAME_RE.match(name):
+                continue
+            if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+                value = value[1:-1]
+                if line.partition("=")[2].strip()[0] == '"':
+                    value = _unescape(value)
+            pairs.append((name, value))
+    return pairs
+
+
+# ==== 5. configuration and paths =============================================
+# Where things live and the settings that shape the daemon, resolved once from
+# flag > environment (GITPROC_*) > config file > default. Errors name the key.
+
+CONFIG_TYPES = {
+    "repo_path": str, "branch": str, "remote": str, "socket_path": str,
+    "socket_group": str, "state_file": str, "log_dir": str, "cgroup_root": str,
+    "hostname": str, "poll_interval": (int, float), "max_poll_interval": (int, float),
+    "log_max_bytes": int, "log_backups": int,
+}
+ROOT_PATHS = {
+    "repo_path": "/etc/gitproc/services", "socket_path": "/run/gitproc/gitproc.sock",
+    "state_file": "/var/lib/gitproc/state.json", "log_dir": "/var/log/gitproc",
+    "pid_file": "/run/gitproc/gitproc.pid", "config": "/etc/gitproc/config.json",
+}
+HOME_PATHS = {
+    "repo_path": "services", "socket_path": "gitproc.sock", "state_file": "state.json",
+    "log_dir": "logs", "pid_file": "gitproc.pid", "config": "config.json",
+}
+CONFIG_DEFAULTS = {
+    "branch": DEFAULT_BRANCH, "remote": None, "socket_group": None,
+    "cgroup_root": "/sys/fs/cgroup", "hostname": None, "poll_interval": 10,
+    "max_poll_interval": 30, "log_max_bytes": 10 * 1024 * 1024, "log_backups": 3,
+}
+# Command-line flags that override a config key: argparse dest -> key.
+FLAG_KEYS = {"repo": "repo_path", "branch": "branch", "remote": "remote",
+             "hostname": "hostname", "socket": "socket_path"}
+
+
+class Config:
+    """The resolved settings. Attributes are the CONFIG_TYPES keys plus `home`,
+    `pid_file` and `config_path`."""
+
+    def __init__(self, settings):
+        self.__dict__.update(settings)
+
+    @property
+    def daemon_log(self):
+        return os.path.join(self.log_dir, "daemon.log")
+
+    def service_log(self, name):
+        return os.path.join(self.log_dir, name + ".log")
+
+
+def load_config(flags=None, environ=None):
+    """Resolve the settings; `flags` is a dict of command-line values (None = unset)."""
+    flags = dict(flags or {})
+    environ = os.environ if environ is None else environ
+    home = flags.get("home") or environ.get("GITPROC_HOME")
+    if home:
+        home = os.path.abspath(os.path.expanduser(home))
+        defaults = {key: os.path.join(home, rel) for key, rel in HOME_PATHS.items()}
+    elif os.geteuid() == 0:
+        defaults = dict(ROOT_PATHS)
+    else:
+        home = os.path.join(os.path.expanduser("~"), ".gitproc")
+        defaults = {key: os.path.join(home, rel) for key, rel in HOME_PATHS.items()}
+    config_path = flags.get("config") or environ.get("GITPROC_CONFIG")
+    from_file = {}
+    if config_path or os.path.exists(defaults["config"]):
+        config_path = os.path.abspath(config_path or defaults["config"])
+        from_file = _read_config_file(config_path)
+    settings = dict(CONFIG_DEFAULTS)
+    settings.update({key: defaults[key] for key in ("repo_path", "socket_path", "state_file", "log_dir")})
+    settings.update(from_file)
+    for key, kind in CONFIG_TYPES.items():
+        raw = environ.get("GITPROC_" + key.upper())
+        if raw is not None and raw != "":
+            settings[key] = _convert_env(key, raw, kind)
+    for dest, key in FLAG_KEYS.items():
+        if flags.get(dest) is not None:
+            settings[key] = flags[dest]
+    for key in ("repo_path", "socket_path", "state_file", "log_dir", "cgroup_root"):
+        settings[key] = os.path.abspath(os.path.expanduser(settings[key]))
+    if settings["hostname"] is None:
+        settings["hostname"] = socket.gethostname()
+    if settings["poll_interval"] <= 0 or settings["max_poll_interval"] < settings["poll_interval"]:
+        raise ConfigError("poll_interval must be > 0 and max_poll_interval at least poll_interval")
+    if settings["log_max_bytes"] < 1024 or settings["log_backups"] < 0:
+        raise ConfigError("log_max_bytes must be at least 1024 and log_backups at least 0")
+    settings.update(home=home, pid_file=defaults["pid_file"], config_path=config_path)
+    return Config(settings)
+
+
+def _read_config_file(path):
+    try:
+        with open(path, "rb") as config_file:
+            data = json.loads(config_file.read().decode("utf-8"))
+    except OSError as exc:
+        raise ConfigError("cannot read config %s: %s" % (path, exc.strerror or exc))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError("config %s is not valid JSON: %s" % (path, exc))
+    if not isinstance(data, dict):
+        raise ConfigError("config %s must hold a JSON object of settings" % path)
+    for key, value in data.items():
+        kind = CONFIG_TYPES.get(key)
+        if kind is None:
+            raise ConfigError("config %s: unknown key %r (known: %s)" % (path, key, ", ".join(sorted(CONFIG_TYPES))))
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise ConfigError("config %s: %r must be %s, not %s" % (
+                path, key, _type_words(kind), type(value).__name__))
+    return {key: value for key, value in data.items() if value is not None}
+
+
+def _type_words(kind):
+    return "a number" if isinstance(kind, tuple) else {"str": "a string", "int": "a whole number"}[kind.__name__]
+
+
+def _convert_env(key, raw, kind):
+    if kind is str:
+        return raw
+    try:
+        return int(raw) if kind is int else float(raw)
+    except ValueError:
+        raise ConfigError("GITPROC_%s=%r must be %s" % (key.upper(), raw, _type_words(kind)))
+
+
+# ==== 6. state store =========================================================
+# state.json: what must outlive the daemon. The store only loads, tracks the
+# dirty flag and writes atomically; the daemon builds the snapshot and decides
+# when a save is due (batched every few seconds, forced on user intents).
+
+
+class StateStore:
+    """Batched, atomic persistence of one JSON document."""
+
+    def __init__(self, path, log):
+        self.path = path
+        self.log = log
+        self.dirty = False            # something changed since the last write
+        self.last_save = 0.0          # monotonic time of the last successful write
+
+    def load(self):
+        """The saved state, or a fresh one. A corrupt file is moved aside with a
+        warning; it never stops the daemon."""
+        fresh = {"version": STATE_VERSION, "services": {}, "history": [], "deployed": None}
+        try:
+            with open(self.path, "rb") as state_file:
+                raw = state_file.read()
+        except FileNotFoundError:
+            return fresh
+        except OSError as exc:
+            self.log.warning("daemon", "Cannot read state %s (%s); starting fresh" % (self.path, exc.strerror))
+            return fresh
+        try:
+            data = json.loads(raw.decode("utf-8"))
+            if not isinstance(data, dict) or not isinstance(data.get("services", {}), dict):
+                raise ValueError("not a gitproc state object")
+        except ValueError as exc:
+            aside = "%s.corrupt-%d" % (self.path, int(time.time()))
+            try:
+                os.rename(self.path, aside)
+                where = "moved aside to %s" % aside
+            except OSError as rename_exc:
+                where = "could not be moved aside (%s)" % rename_exc.strerror
+            self.log.warning("daemon", "State file %s is corrupt (%s); %s; starting fresh" % (self.path, exc, where))
+            return fresh
+        for key, value in fresh.items():
+            if not isinstance(data.get(key), type(value)) and value is not None:
+                data[key] = value
+        return data
+
+    def save(self, snapshot):
+        """Write now. Returns True on success; on failure (disk full, ...) the old
+        file stays as it was, the state stays dirty and the error is logged."""
+        started = time.monotonic()
+        data = json.dumps(snapshot, separators=(",", ":"), sort_keys=True).encode()
+        try:
+            makedirs(os.path.dirname(self.path))
+            atomic_write(self.path, data)
+        except OSError as exc:
+            self.log.error("daemon", "Saving state to %s failed: %s; the previous state file is kept" % (self.path, exc.strerror or exc))
+            self.dirty = True
+            return False
+        self.dirty = False
+        self.last_save = time.monotonic()
+        self.log.debug("daemon", "Saving state: %d bytes in %.2f ms" % (len(data), (self.last_save - started) * 1000))
+        return True
+
+
+# ==== 7. git source ==========================================================
+# The services repository, read through `git` subprocesses. Units come from the
+# objects of a commit (ls-tree + cat-file --batch), never from a working tree.
+# Git runs through posix_spawn with its own pipes, and only its pid is waited
+# for: the daemon never reaps a child it did not start for a service.
+
+GIT_TIMEOUT = 60.0
+
+
+def run_git(repo, args, input_data=None, timeout=GIT_TIMEOUT, check=True):
+    """Run `git -C repo ARGS`; returns stdout bytes. Raises GitError with git's
+    own first line of complaint when it fails (check=True)."""
+    argv = ["git", "-C", repo] + list(args)
+    code, out, err = _run_captured(argv, input_data, timeout)
+    if check and code != 0:
+        message = err.decode("utf-8", "replace").strip().splitlines()
+        raise GitError("git %s failed: %s" % (args[0], message[0] if message else "exit code %d" % code))
+    return out if check else (code, out, err)
+
+
+def _run_captured(argv, input_data, timeout):
+    """posix_spawn a program with stdin/stdout/stderr pipes; returns (code, out, err)."""
+    program = find_program(argv[0], os.environ.get("PATH"))
+    if program is None:
+        raise GitError("%s not found on PATH: install it (gitproc needs git 2.20 or newer)" % argv[0])
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    env = dict(os.environ, LC_ALL="C", GIT_TERMINAL_PROMPT="0")
+    try:
+        pid = os.posix_spawn(program, argv, env, file_actions=[
+            (os.POSIX_SPAWN_DUP2, in_r, 0), (os.POSIX_SPAWN_DUP2, out_w, 1),
+            (os.POSIX_SPAWN_DUP2, err_w, 2)], setsigdef=(signal.SIGPIPE,))
+    except OSError as exc:
+        for fd in (in_r, in_w, out_r, out_w, err_r, err_w):
+            os.close(fd)
+        raise GitError("cannot run %s: %s" % (argv[0], exc.strerror))
+    for fd in (in_r, out_w, err_w):
+        os.close(fd)
+    chunks = {out_r: [], err_r: []}
+    pending_input = memoryview(input_data or b"")
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as selector:
+        selector.register(out_r, selectors.EVENT_READ)
+        selector.register(err_r, selectors.EVENT_READ)
+        if pending_input:
+            os.set_blocking(in_w, False)
+            selector.register(in_w, selectors.EVENT_WRITE)
+        else:
+            os.close(in_w)
+        try:
+            while len(selector.get_map()):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                    raise GitError("%s %s timed out after %ds" % (argv[0], argv[3] if len(argv) > 3 else "", timeout))
+                for key, _ in selector.select(remaining):
+                    if key.fd == in_w:
+                        try:
+                            pending_input = pending_input[os.write(in_w, pending_input[:65536]):]
+                        except BrokenPipeError:
+                            pending_input = pending_input[:0]
+                        if not pending_input:
+                            selector.unregister(in_w)
+                            os.close(in_w)
+                        continue
+                    data = os.read(key.fd, 1 << 20)
+                    if data:
+                        chunks[key.fd].append(data)
+                    else:
+                        selector.unregister(key.fd)
+        finally:
+            for fd in [key.fd for key in selector.get_map().values()]:
+                selector.unregister(fd)
+                os.close(fd)
+            for fd in (out_r, err_r):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+    _, status = os.waitpid(pid, 0)
+    exit_info = decode_wait_status(status)
+    return exit_info.get("code", 128 + exit_info.get("signal", 0)), b"".join(chunks[out_r]), b"".join(chunks[err_r])
+
+
+class Commit:
+    """A commit of the services repository: id, subject, commit time."""
+    __slots__ = ("sha", "subject", "time")
+
+    def __init__(self, sha, subject, commit_time):
+        self.sha, self.subject, self.time = sha, subject, commit_time
+
+    def to_json(self):
+        return {"sha": self.sha, "subject": self.subject, "time": self.time}
+
+
+def git_branch_head(repo, branch):
+    """The commit at the head of `branch`; GitError if the repository or branch
+    cannot be read."""
+    if not os.path.isdir(repo):
+        raise GitError("repository %s does not exist (create it with: gitproc.py init)" % repo)
+    code, out, err = run_git(repo, ["log", "-1", "--format=%H%x00%ct%x00%s",
+                                    "refs/heads/%s" % branch, "--"], check=False)
+    if code != 0 or not out.strip():
+        message = err.decode("utf-8", "replace").strip().splitlines()
+        detail = message[0] if message else "no commits"
+        if "unknown revision" in detail or "ambiguous argument" in detail or not message:
+            detail = "branch %r has no commits" % branch
+        raise GitError("cannot read %s@%s: %s" % (repo, branch, detail))
+    sha, commit_time, subject = out.decode("utf-8", "replace").rstrip("\n").split("\0", 2)
+    return Commit(sha, subject, int(commit_time))
+
+
+def git_read_units(repo, commit):
+    """Every *.service file in the tree of `commit`, as (name, path, data, blob)."""
+    listing = run_git(repo, ["ls-tree", "-r", "-z", "--full-tree", commit])
+    wanted = []
+    for entry in listing.split(b"\0"):
+        if not entry:
+            continue
+        meta, _, path = entry.partition(b"\t")
+        mode, kind, blob = meta.split()
+        path = path.decode("utf-8", "replace")
+        if kind == b"blob" and path.endswith(UNIT_SUFFIX) and mode != b"120000":
+            wanted.append((os.path.basename(path)[:-len(UNIT_SUFFIX)], path, blob.decode()))
+    if not wanted:
+        return []
+    output = run_git(repo, ["cat-file", "--batch"], input_data="".join(b + "\n" for _, _, b in wanted).encode())
+    entries, pos = [], 0
+    for name, path, blob in wanted:
+        header_end = output.index(b"\n", pos)
+        header = output[pos:header_end].split()
+        if len(header) < 3:
+            raise GitError("git cat-file: object %s of %s is missing" % (blob, path))
+        size = int(header[2])
+        data = output[header_end + 1:header_end + 1 + size]
+        pos = header_end + 1 + size + 1
+        entries.append((name, path, data, blob))
+    return entries
+
+
+def git_init_repo(repo, branch):
+    """Create the services repository with one committed example unit."""
+    makedirs(repo)
+    run_git(repo, ["init", "-q"])
+    run_git(repo, ["symbolic-ref", "HEAD", "refs/heads/%s" % branch])
+    with open(os.path.join(repo, "hello.service"), "w") as unit_file:
+        unit_file.write(HELLO_UNIT)
+    run_git(repo, ["add", "hello.service"])
+    identity = []
+    if run_git(repo, ["config", "user.email"], check=False)[0] != 0:
+        identity = ["-c", "user.name=gitproc", "-c", "user.email=gitproc@%s" % socket.gethostname()]
+    run_git(repo, identity + ["commit", "-q", "-m", "Add hello.service, an example unit"])
+
+
+def plan_deploy(old_specs, new_specs):
+    """What a deploy changes: {'added', 'changed', 'removed', 'unchanged'} lists of
+    unit names, sorted. Pure: two versions of a unit are the same when their Git
+    blob is."""
+    plan = {"added": [], "changed": [], "removed": [], "unchanged": []}
+    for name, spec in new_specs.items():
+        old = old_specs.get(name)
+        if old is None:
+            plan["added"].append(name)
+        elif old.blob != spec.blob or old.path != spec.path:
+            plan["changed"].append(name)
+        else:
+            plan["unchanged"].append(name)
+    plan["removed"] = [name for name in old_specs if name not in new_specs]
+    for names in plan.values():
+        names.sort()
+    return plan
+
+
+def dependency_order(specs):
+    """Unit names ordered so that every unit comes after what it is ordered
+    After=/Requires= (dependencies outside `specs` are ignored). Units in a cycle
+    come last, in name order."""
+    remaining = {name: {dep for dep in spec.after + spec.requires if dep in specs and dep != name}
+                 for name, spec in specs.items()}
+    order = []
+    while remaining:
+        ready = sorted(name for name, deps in remaining.items() if not deps)
+        if not ready:
+            order.extend(sorted(remaining))
+            break
+        for name in ready:
+            del remaining[name]
+        for deps in remaining.values():
+            deps.difference_update(ready)
+        order.extend(ready)
+    return order
+
+
+# ==== 8. process supervision =================================================
+# Spawner (fork/exec of one command), ExitWatcher (learns of exits through
+# pidfds, SIGCHLD or, as a last resort, polling) and Service (one unit's state
+# machine). All of it runs on the daemon's one loop thread; nothing here sleeps.
+
+STARTING, RUNNING, STOPPING, BACKOFF = "starting", "running", "stopping", "backoff"
+STOPPED, EXITED, FAILED = "stopped", "exited", "failed"
+ACTIVE_STATES = (STARTING, RUNNING, STOPPING)      # a process of the service exists
+SETTLED_STATES = (RUNNING, STOPPED, EXITED, FAILED, BACKOFF)
+CLEAN_EXIT_SIGNALS = (signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGPIPE)
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def exit_is_clean(last_exit):
+    """systemd's "clean": exit code 0 or SIGHUP/SIGINT/SIGTERM/SIGPIPE."""
+    if "signal" in last_exit:
+        return last_exit["signal"] in CLEAN_EXIT_SIGNALS
+    return last_exit["code"] == 0
+
+
+def should_restart(policy, last_exit, timed_out=False):
+    """The Restart= table of systemd.service(5), for one exit."""
+    if policy == "always":
+        return True
+    clean = exit_is_clean(last_exit) and not timed_out
+    unclean_signal = "signal" in last_exit and not clean
+    return {
+        "no": False,
+        "on-success": clean,
+        "on-failure": not clean,
+        "on-abnormal": unclean_signal or timed_out,
+        "on-abort": unclean_signal,
+    }[policy]
+
+
+def restart_delay(restart_sec, crash_streak):
+    """RestartSec= doubled for each run in a row that died young, up to 30 s
+    (or RestartSec= itself, when that is longer)."""
+    if crash_streak <= 1:
+        return restart_sec
+    return max(restart_sec, min(restart_sec * (2 ** (crash_streak - 1)), MAX_RESTART_DELAY))
+
+
+class RunAs:
+    """The credentials and home a service's processes get (resolved in the daemon,
+    applied in the child between fork and exec)."""
+    __slots__ = ("uid", "gid", "groups", "user", "home", "shell")
+
+    def __init__(self, uid=None, gid=None, groups=None, user=None, home=None, shell=None):
+        self.uid, self.gid, self.groups = uid, gid, groups
+        self.user, self.home, self.shell = user, home, shell
+
+
+def resolve_run_as(user, group):
+    """User=/Group= (names or numbers) -> RunAs; SpawnError with the reason if
+    they do not exist or the daemon may not switch to them."""
+    import grp
+    import pwd
+    if user is None and group is None:
+        try:
+            entry = pwd.getpwuid(os.geteuid())
+            return RunAs(user=entry.pw_name, home=entry.pw_dir, shell=entry.pw_shell)
+        except KeyError:
+            return RunAs(home="/")
+    run_as = RunAs()
+    if user is not None:
+        try:
+            entry = pwd.getpwnam(user) if not user.isdigit() else pwd.getpwuid(int(user))
+        except KeyError:
+            raise SpawnError("User=%s: no such user" % user)
+        run_as.uid, run_as.gid, run_as.user = entry.pw_uid, entry.pw_gid, entry.pw_name
+        run_as.home, run_as.shell = entry.pw_dir, entry.pw_shell
+        run_as.groups = os.getgrouplist(entry.pw_name, entry.pw_gid)
+    if group is not None:
+        try:
+            run_as.gid = grp.getgrnam(group).gr_gid if not group.isdigit() else int(group)
+        except KeyError:
+            raise SpawnError("Group=%s: no such group" % group)
+    wanted = (run_as.uid, run_as.gid)
+    if os.geteuid() != 0 and wanted != (None, None) and wanted not in ((os.geteuid(), os.getegid()), (None, os.getegid()), (os.geteuid(), None)):
+        raise SpawnError("User=/Group= need the daemon to run as root (it runs as uid %d)" % os.geteuid())
+    if os.geteuid() != 0:
+        run_as.groups = None
+    return run_as
+
+
+class Spawner:
+    """Starts one command of a service in a new session (so in its own process
+    group), stdin from /dev/null, stdout and stderr appended to its log file.
+
+    Exec failures come back through a close-on-exec pipe: the parent's read
+    returns nothing once exec succeeded, or the child's message if it failed,
+    so a start is known to have worked before the daemon calls it running."""
+
+    def spawn(self, argv, program, env, cwd, log_path, run_as):
+        """Returns the pid; raises SpawnError with a one-line reason."""
+        try:
+            log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        except OSError as exc:
+            raise SpawnError("cannot open log %s: %s" % (log_path, exc.strerror))
+        null_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        err_r, err_w = os.pipe()          # both ends close-on-exec (PEP 446)
+        try:
+            pid = os.fork()
+            if pid == 0:                  # child: only os calls from here to exec
+                self._exec_child(argv, program, env, cwd, log_fd, null_fd, err_w, run_as)
+            os.close(err_w)
+            err_w = -1
+            report = b""
+            while True:
+                chunk = os.read(err_r, 4096)
+                if not chunk:
+                    break
+                report += chunk
+        finally:
+            for fd in (log_fd, null_fd, err_r, err_w):
+                if fd >= 0:
+                    os.close(fd)
+        if report:
+            os.waitpid(pid, 0)            # the child exits at once after reporting
+            raise SpawnError(report.decode("utf-8", "replace"))
+        return pid
+
+    @staticmethod
+    def _exec_child(argv, program, env, cwd, log_fd, null_fd, err_w, run_as):
+        stage = "setsid"
+        try:
+            os.setsid()                   # own session and process group: pgid == pid
+            stage = "signals"
+            for number in (signal.SIGPIPE, signal.SIGXFSZ):   # Python ignores these; exec keeps SIG_IGN
+                signal.signal(number, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, [])
+            stage = "stdio"
+            os.dup2(null_fd, 0)
+            os.dup2(log_fd, 1)
+            os.dup2(log_fd, 2)
+            if run_as.gid is not None:
+                stage = "Group="
+                if run_as.groups is not None:
+                    os.setgroups(run_as.groups)
+                os.setgid(run_as.gid)
+            if run_as.uid is not None:
+                stage = "User="
+                os.setuid(run_as.uid)
+            stage = "WorkingDirectory=%s" % cwd
+            os.chdir(cwd)
+            stage = "exec %s" % program
+            os.execve(program, argv, env)
+        except BaseException as exc:      # report, never return into the daemon's code
+            try:
+                reason = getattr(exc, "strerror", None) or str(exc)
+                os.write(err_w, ("%s: %s" % (stage, reason)).encode("utf-8", "replace"))
+            finally:
+                os._exit(127)
+
+
+class ExitWatcher:
+    """Tells the daemon when a watched pid exits, and reaps only those pids.
+
+    mode "pidfd": a pidfd per process in the loop's selector (no polling, works
+    for adopted processes that are not our children). "sigchld": SIGCHLD wakes
+    the loop and each watched child is checked with waitpid(pid, WNOHANG).
+    "poll": every 0.2 s, /proc is checked for each watched pid (zombie or gone)."""
+
+    def __init__(self, selector, call_later, mode=None):
+        self.selector = selector
+        self.call_later = call_later
+        if mode is None:
+            mode = "pidfd" if hasattr(os, "pidfd_open") else "sigchld"
+        self.mode = mode
+        self.callbacks = {}           # pid -> callback(exit_info or None)
+        self.children = set()         # watched pids that are our children (waitable)
+        self.pidfds = {}              # pid -> pidfd
+        self.unsignalled = set()      # pids without a pidfd, checked on SIGCHLD or by polling
+        self.poll_timer = None
+
+    def watch(self, pid, callback, child=True):
+        self.callbacks[pid] = callback
+        if child:
+            self.children.add(pid)
+        if self.mode == "pidfd":
+            try:
+                pidfd = os.pidfd_open(pid)
+            except OSError as exc:
+                if exc.errno == errno.ESRCH:       # already gone (and not our child)
+                    self.call_later(0, lambda: self._finish(pid, None))
+                    return
+            else:
+                self.pidfds[pid] = pidfd
+                self.selector.register(pidfd, selectors.EVENT_READ, (self._on_pidfd, pid))
+                return
+        self.unsignalled.add(pid)
+        if self.mode == "poll" or not child:
+            self._schedule_poll()
+
+    def unwatch(self, pid):
+        self.callbacks.pop(pid, None)
+        self.children.discard(pid)
+        self.unsignalled.discard(pid)
+        pidfd = self.pidfds.pop(pid, None)
+        if pidfd is not None:
+            self.selector.unregister(pidfd)
+            os.close(pidfd)
+
+    def _on_pidfd(self, pid, _mask):
+        self._check(pid)
+
+    def on_sigchld(self):
+        for pid in [pid for pid in self.unsignalled if pid in self.children]:
+            self._check(pid)
+
+    def _schedule_poll(self):
+        if self.poll_timer is None:
+            self.poll_timer = self.call_later(POLL_FALLBACK_INTERVAL, self._poll)
+
+    def _poll(self):
+        self.poll_timer = None
+        for pid in list(self.unsignalled):
+            fields = read_proc_stat(pid)
+            if fields is None or fields[0] == b"Z":
+                self._check(pid)
+        if self.unsignalled:
+            self._schedule_poll()
+
+    def _check(self, pid):
+        if pid in self.children:
+            # Peek with WNOWAIT: the zombie keeps its pid and process group id
+            # reserved while the callback signals what is left of the group;
+            # only then is it reaped.
+            try:
+                info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                info, exited = None, True
+            else:
+                exited = info is not None
+            if not exited:
+                return
+            exit_info = None
+            if info is not None:
+                exit_info = {"code": info.si_status} if info.si_code == os.CLD_EXITED else {"signal": info.si_status}
+            self._finish(pid, exit_info)
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+            return
+        if pid not in self.pidfds:
+            fields = read_proc_stat(pid)
+            if fields is not None and fields[0] != b"Z":
+                return
+        self._finish(pid, None)           # not our child: its exit status is not ours to know
+
+    def _finish(self, pid, exit_info):
+        callback = self.callbacks.get(pid)
+        self.unwatch(pid)
+        if callback is not None:
+            callback(exit_info)
+
+
+class Service:
+    """One unit: its spec, the user's intent (`want`) and what is observed of its
+    process. Only the daemon's loop calls these methods; each state change goes
+    through _set_state, which tells the daemon."""
+
+    def __init__(self, daemon, spec, commit):
+        self.daemon = daemon
+        self.name = spec.name
+        self.spec = spec                # the UnitSpec being run (or to run)
+        self.commit = commit            # sha of the commit the spec came from
+        self.want = "up"                # the user's intent: "up" or "down" (persisted)
+        self.state = STOPPED
+        self.since = time.time()        # wall time of the last state change (display only)
+        self.reason = None              # why it is stopped/failed/exited, for status
+        self.pid = None                 # pid of the current process (pre command or main)
+        self.pid_start = None           # /proc start time of that pid, against pid reuse
+        self.adopted = False            # pid was started by an earlier daemon
+        self.phase = None               # "pre" or "main" while a process runs
+        self.queue = []                 # ExecCommands left to run in this start
+        self.current = None             # the ExecCommand being run
+        self.started_at = None          # monotonic start of the current process
+        self.main_started_wall = None   # wall time the main process started (uptime)
+        self.restarts = 0               # automatic restarts since the last manual start
+        self.last_exit = None           # {"code": N} or {"signal": N} of the last exit
+        self.start_times = []           # monotonic times of recent starts (start limit)
+        self.crash_streak = 0           # runs in a row that died young (backoff)
+        self.timer = None               # pending restart or stop-escalation timer
+        self.stop_timed_out = False     # the current stop needed SIGKILL
+        self.start_after_stop = False   # a restart waits for the stop to finish
+        self.generation = 0             # counts starts, so a restart waiter sees a new run
+        self.removed = False            # gone from the deployed commit; dropped once stopped
+
+    # -- queries ---------------------------------------------------------------
+
+    def is_ready(self):
+        """Running, or a oneshot that finished successfully."""
+        return self.state == RUNNING or (
+            self.state == EXITED and self.spec.type == "oneshot" and self.last_exit == {"code": 0})
+
+    def snapshot(self, detail=False):
+        now = time.time()
+        running = self.state in (RUNNING, STARTING, STOPPING) and self.pid
+        data = {
+            "name": self.name, "state": self.state, "pid": self.pid if running else None,
+            "since": self.since, "uptime": (now - self.main_started_wall) if running and self.main_started_wall else None,
+            "restarts": self.restarts, "last_exit": self.last_exit, "health": None,
+            "memory": process_rss(self.pid) if running else None,
+            "commit": self.commit, "reason": self.reason, "want": self.want,
+        }
+        if detail:
+            data.update(description=self.spec.description, path=self.spec.path,
+                        cpu_seconds=process_cpu_seconds(self.pid) if running else None,
+                        type=self.spec.type, restart=self.spec.restart, adopted=self.adopted,
+                        limits=self._limits())
+        return data
+
+    def _limits(self):
+        limits = []
+        if self.spec.memory_max is not None:
+            limits.append({"key": "MemoryMax", "value": self.spec.memory_max, "applied": False,
+                           "why": "cgroup limits are not supported yet"})
+        if self.spec.cpu_quota is not None:
+            limits.append({"key": "CPUQuota", "value": self.spec.cpu_quota, "applied": False,
+                           "why": "cgroup limits are not supported yet"})
+        return limits
+
+    def persistent(self):
+        """What state.json keeps of this service."""
+        return {"want": self.want, "pid": self.pid if self.state in ACTIVE_STATES else None,
+                "pid_start": self.pid_start if self.state in ACTIVE_STATES else None,
+                "phase": self.phase, "restarts": self.restarts, "last_exit": self.last_exit,
+                "state": self.state, "reason": self.reason, "commit": self.commit,
+                "started_wall": self.main_started_wall}
+
+    # -- transitions -------------------------------------------------------------
+
+    def _set_state(self, state, reason=None):
+        if state != self.state or reason != self.reason:
+            if state != self.state:
+                self.since = time.time()
+            self.state, self.reason = state, reason
+            self.daemon.service_changed(self)
+
+    def start(self, manual=False):
+        """want=up and start unless a process already runs. A manual start clears
+        the start limit and the backoff (systemctl reset-failed + start)."""
+        self.want = "up"
+        if manual:
+            self.start_times.clear()
+            self.crash_streak = 0
+            self.restarts = 0
+        if self.state == STOPPING:
+            self.start_after_stop = True        # STOPPING -> (stopped) -> STARTING
+            return
+        if self.state in (STARTING, RUNNING):
+            return
+        self._cancel_timer()
+        self._begin_start()
+
+    def _begin_start(self):
+        now = time.monotonic()
+        spec = self.spec
+        if spec.start_limit_interval > 0:
+            self.start_times = [t for t in self.start_times if now - t < spec.start_limit_interval]
+            if len(self.start_times) >= spec.start_limit_burst:
+                # BACKOFF/STOPPED -> FAILED: too many starts too fast
+                self.daemon.log.warning(self.name, "Start limit hit: %d starts within %s; giving up until 'start %s'" % (
+                    len(self.start_times), format_timespan(spec.start_limit_interval), self.name))
+                self._set_state(FAILED, "start limit hit (%d starts within %s)" % (
+                    len(self.start_times), format_timespan(spec.start_limit_interval)))
+                return
+            self.start_times.append(now)
+        self.queue = list(spec.exec_start_pre) + list(spec.exec_start)
+        self.generation += 1
+        self._run_next()
+
+    def _run_next(self):
+        command = self.queue.pop(0)
+        self.phase = "main" if command in self.spec.exec_start else "pre"
+        self.current = command
+        try:
+            pid = self.daemon.spawn_command(self, command)
+        except SpawnError as exc:
+            # STARTING -> FAILED: the command could not be started at all
+            self.pid = self.phase = self.current = None
+            self.queue = []
+            self.daemon.log.error(self.name, "Failed to start: %s" % exc)
+            self._set_state(FAILED, "spawn failed: %s" % exc)
+            return
+        self.pid, self.pid_start, self.adopted = pid, pid_start_time(pid), False
+        self.started_at = time.monotonic()
+        if self.phase == "main" and self.main_started_wall is None:
+            self.main_started_wall = time.time()
+        self.daemon.exit_watcher.watch(pid, self._on_exit)
+        if self.phase == "main" and self.spec.type != "oneshot":
+            # STARTING -> RUNNING: exec succeeded (the spawner confirmed it)
+            self.daemon.log.info(self.name, "Started (pid %d)" % pid)
+            self._set_state(RUNNING)
+        else:
+            self.daemon.log.debug(self.name, "Running %s command (pid %d): %s" % (self.phase, pid, command))
+            self._set_state(STARTING)
+
+    def adopt(self, pid, pid_start, phase, started_wall):
+        """Watch a process an earlier daemon started (same pid and start time)."""
+        self.pid, self.pid_start, self.adopted = pid, pid_start, True
+        self.phase = "main"
+        self.current = self.spec.exec_start[-1] if self.spec.exec_start else None
+        self.started_at = time.monotonic()
+        self.main_started_wall = started_wall or time.time()
+        self.daemon.exit_watcher.watch(pid, self._on_exit, child=False)
+        self.daemon.log.info(self.name, "Adopted running process (pid %d)" % pid)
+        self._set_state(RUNNING if self.spec.type != "oneshot" else STARTING)
+
+    def stop(self, reason="stopped by user"):
+        """want=down: end the process (KillSignal, then SIGKILL after
+        TimeoutStopSec) and never restart until start()."""
+        self.want = "down"
+        self.start_after_stop = False
+        self._cancel_timer()
+        if self.state in (STARTING, RUNNING) and self.pid:
+            # STARTING/RUNNING -> STOPPING
+            self.daemon.log.info(self.name, "Stopping (pid %d, %s)" % (self.pid, signal_name(self.spec.kill_signal)))
+            self.stop_timed_out = False
+            self._signal(self.spec.kill_signal, first=True)
+            timeout = self.spec.timeout_stop_sec
+            if timeout != float("inf"):
+                self.timer = self.daemon.call_later(timeout, self._stop_timeout)
+            self._set_state(STOPPING, reason)
+        elif self.state == STOPPING:
+            return
+        else:
+            # BACKOFF/EXITED/FAILED/STOPPED -> STOPPED
+            self._set_state(STOPPED, reason)
+
+    def restart(self):
+        """Stop (if running) then start, as one user action."""
+        if self.state in (STARTING, RUNNING) and self.pid:
+            self.stop(reason="restarting")
+            self.want = "up"
+            self.start_after_stop = True
+            self.start_times.clear()
+            self.crash_streak = 0
+        else:
+            self.start(manual=True)
+
+    def _signal(self, number, first=False):
+        """Deliver a stop signal as KillMode= says."""
+        mode = self.spec.kill_mode
+        targets_group = mode == "control-group" or (mode == "mixed" and number == signal.SIGKILL)
+        try:
+            if targets_group:
+                os.killpg(self.pid, number)
+                if first and number not in (signal.SIGKILL, signal.SIGCONT):
+                    os.killpg(self.pid, signal.SIGCONT)   # a stopped process must wake to die
+            elif mode != "none" or number == signal.SIGKILL:
+                os.kill(self.pid, number)
+        except ProcessLookupError:
+            pass
+        except PermissionError as exc:
+            self.daemon.log.error(self.name, "Cannot signal pid %d: %s" % (self.pid, exc.strerror))
+
+    def _stop_timeout(self):
+        self.timer = None
+        if self.state == STOPPING and self.pid:
+            self.daemon.log.warning(self.name, "Did not stop within %s; sending SIGKILL" % format_timespan(self.spec.timeout_stop_sec))
+            self.stop_timed_out = True
+            self._signal(signal.SIGKILL)
+
+    def _on_exit(self, exit_info):
+        """The watched process ended; exit_info is None for an adopted process."""
+        command = self.current
+        pid = self.pid
+        ran_for = time.monotonic() - (self.started_at or time.monotonic())
+        if self.spec.kill_mode in ("control-group", "mixed"):
+            # Nothing of a service outlives its main process. Our own child is
+            # still an unreaped zombie here (ExitWatcher peeks with WNOWAIT), so
+            # its process group id cannot have been reused.
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        self.pid = None
+        self.pid_start = None
+        self.current = None
+        described = describe_exit(exit_info) if exit_info else "exit status unknown (adopted)"
+        if self.state == STOPPING:
+            # STOPPING -> STOPPED (or -> STARTING for a restart)
+            self.phase = None
+            self.main_started_wall = None
+            self._cancel_timer()
+            if exit_info is not None:
+                self.last_exit = exit_info
+            self.daemon.log.info(self.name, "Stopped (%s%s)" % (described, ", after SIGKILL" if self.stop_timed_out else ""))
+            if self.start_after_stop and self.want == "up":
+                self.start_after_stop = False
+                self.daemon.log.info(self.name, "Restarting (requested)")
+                self._set_state(STOPPED, "restarting")
+                self._begin_start()
+            else:
+                self._set_state(STOPPED, self.reason or "stopped by user")
+            return
+        failed_step = exit_info is not None and exit_info != {"code": 0} and not (command and command.ignore_failure)
+        if self.queue and not failed_step:
+            # STARTING -> STARTING: the next ExecStartPre / oneshot command
+            self._run_next()
+            return
+        self.phase = None
+        self.main_started_wall = None
+        self.last_exit = exit_info
+        if ran_for >= BACKOFF_RESET_UPTIME:
+            self.crash_streak = 0
+        self.queue = []
+        step = "ExecStartPre" if command is not None and command not in self.spec.exec_start else None
+        outcome = exit_info if exit_info is not None else {"code": 0}
+        if self.want == "up" and should_restart(self.spec.restart, outcome):
+            # RUNNING/STARTING -> BACKOFF: wait RestartSec (backing off) then start
+            self.crash_streak += 1
+            delay = restart_delay(self.spec.restart_sec, self.crash_streak)
+            self.restarts += 1
+            why = "%s %s" % (step, described) if step else described
+            self.daemon.log.info(self.name, "Restarting in %s (%s; restart %d)%s" % (
+                format_timespan(delay), why, self.restarts, self.daemon.deploy_note(self)))
+            self._set_state(BACKOFF, why)
+            self.timer = self.daemon.call_later(delay, self._restart_due)
+            return
+        if step:
+            # STARTING -> FAILED: an ExecStartPre command failed
+            self.daemon.log.error(self.name, "%s failed (%s)" % (step, described))
+            self._set_state(FAILED, "%s failed (%s)" % (step, described))
+        elif self.spec.type == "oneshot" and exit_info not in (None, {"code": 0}):
+            # STARTING -> FAILED: a oneshot that did not succeed
+            self.daemon.log.error(self.name, "Failed (%s)" % described)
+            self._set_state(FAILED, "oneshot %s" % described)
+        else:
+            # RUNNING/STARTING -> EXITED: finished and not restarting
+            self.daemon.log.info(self.name, "Exited (%s)" % described)
+            self._set_state(EXITED, described)
+
+    def _restart_due(self):
+        self.timer = None
+        if self.want == "up" and self.state == BACKOFF:
+            # BACKOFF -> STARTING
+            self._begin_start()
+
+    def _cancel_timer(self):
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def discard(self):
+        """Forget timers (the unit was removed and its process is gone)."""
+        self._cancel_timer()
+
+
+# ==== 9. logs ================================================================
+# The daemon's own log (one line per event, service name first) and the size
+# rotation of service logs. Services write their files directly; the daemon
+# only rotates them, by copy-and-truncate, since it cannot reopen a running
+# service's stdout (O_APPEND writers carry on at the new end).
+
+LOG_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+
+
+class DaemonLog:
+    """`TIME LEVEL NAME: message` lines to LOG_DIR/daemon.log (rotated by rename)
+    and, in the foreground, to stderr."""
+
+    def __init__(self, path, level="info", stream=None, max_bytes=10 << 20, backups=3):
+        self.path, self.threshold, self.stream = path, LOG_LEVELS[level], stream
+        self.max_bytes, self.backups = max_bytes, backups
+        self.fd = None
+        self.size = 0
+        if path:
+            try:
+                makedirs(os.path.dirname(path))
+                self._open()
+            except OSError as exc:
+                self.fd = None
+                if stream is None:
+                    raise GitprocError("cannot write the daemon log %s: %s" % (path, exc.strerror))
+
+    def _open(self):
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        self.size = os.fstat(self.fd).st_size
+
+    def log(self, level, name, message):
+        if LOG_LEVELS[level] < self.threshold:
+            return
+        now = time.time()
+        line = "%s.%03d %-7s %s: %s\n" % (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)),
+                                         int(now * 1000) % 1000, level.upper(), name, message)
+        data = line.encode("utf-8", "replace")
+        if self.stream is not None:
+            try:
+                self.stream.write(line)
+                self.stream.flush()
+            except (OSError, ValueError):
+                pass
+        if self.fd is None:
+            return
+        try:
+            if self.size + len(data) > self.max_bytes:
+                self._rotate()
+            os.write(self.fd, data)
+            self.size += len(data)
+        except OSError:
+            pass          # a full disk must not stop supervision
+
+    def _rotate(self):
+        os.close(self.fd)
+        for index in range(self.backups - 1, 0, -1):
+            if os.path.exists("%s.%d" % (self.path, index)):
+                os.replace("%s.%d" % (self.path, index), "%s.%d" % (self.path, index + 1))
+        if self.backups:
+            os.replace(self.path, self.path + ".1")
+        else:
+            os.truncate(self.path, 0)
+        self._open()
+
+    def debug(self, name, message):
+        self.log("debug", name, message)
+
+    def info(self, name, message):
+        self.log("info", name, message)
+
+    def warning(self, name, message):
+        self.log("warning", name, message)
+
+    def error(self, name, message):
+        self.log("error", name, message)
+
+
+def rotate_service_log(path, backups):
+    """Copy LOG to LOG.1 (shifting older ones), then truncate LOG. Bytes written
+    between the last copy pass and the truncate are lost; the copy is repeated
+    until the file stops growing to keep that window to microseconds."""
+    if backups > 0:
+        for index in range(backups - 1, 0, -1):
+            older = "%s.%d" % (path, index)
+            if os.path.exists(older):
+                os.replace(older, "%s.%d" % (path, index + 1))
+        with open(path, "rb") as source, open(path + ".1", "wb") as target:
+            while True:
+                chunk = source.read(1 << 20)
+                if not chunk:
+                    if os.fstat(source.fileno()).st_size <= source.tell():
+                        break
+                    continue
+                target.write(chunk)
+    os.truncate(path, 0)
+
+
+# ==== 10. control protocol ===================================================
+# One JSON object per line each way over a Unix stream socket. The server side
+# lives in the daemon's loop (non-blocking sockets, no thread per client); the
+# client side is one blocking round trip.
+
+
+def encode_message(payload):
+    return json.dumps(payload, separators=(",", ":")).encode() + b"\n"
+
+
+class Connection:
+    """One client of the control socket, served by the daemon's loop."""
+    __slots__ = ("sock", "inbuf", "outbuf", "last_active", "waiting", "close_when_sent", "uid")
+
+    def __init__(self, sock, uid):
+        self.sock = sock
+        self.uid = uid
+        self.inbuf = bytearray()          # bytes received, not yet a whole request
+        self.outbuf = bytearray()         # reply bytes the socket has not taken yet
+        self.last_active = time.monotonic()
+        self.waiting = None               # the Waiter holding this client's reply
+        self.close_when_sent = False
+
+
+class Waiter:
+    """A reply that waits for services to reach a state: `check()` returns the
+    reply once it can be given, else None; `expire()` gives the reply at the deadline."""
+    __slots__ = ("conn", "check", "expire", "timer")
+
+    def __init__(self, conn, check, expire):
+        self.conn, self.check, self.expire, self.timer = conn, check, expire, None
+
+
+def request(config, payload, timeout=CLIENT_TIMEOUT):
+    """Send one request to the daemon and return its result; GitprocError with
+    the daemon's message when it answers with an error."""
+    path = config.socket_path
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.settimeout(timeout)
+    try:
+        try:
+            client.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise DaemonNotRunning("no gitproc daemon answers on %s; start one with: python3 gitproc.py daemon%s" % (
+                path, " --home %s" % config.home if config.home and not _home_from_env(config) else ""))
+        except PermissionError:
+            raise GitprocError("permission denied on %s: run as the daemon's user, root, or a member of its socket_group" % path)
+        client.sendall(encode_message(payload))
+        reply = bytearray()
+        while not reply.endswith(b"\n"):
+            chunk = client.recv(1 << 20)
+            if not chunk:
+                raise ProtocolError("the daemon closed the connection without answering")
+            reply += chunk
+    except socket.timeout:
+        raise GitprocError("the daemon did not answer within %ds" % timeout)
+    except (ConnectionResetError, BrokenPipeError):
+        raise ProtocolError("the daemon closed the connection without answering")
+    finally:
+        client.close()
+    message = json.loads(reply.decode("utf-8"))
+    if not message.get("ok"):
+        raise GitprocError(message.get("error", "the daemon refused the request"))
+    return message.get("result")
+
+
+def _home_from_env(config):
+    return os.environ.get("GITPROC_HOME") and os.path.abspath(os.environ["GITPROC_HOME"]) == config.home
+
+
+# ==== 11. daemon =============================================================
+# The one thread that owns everything: a selector over the signal wakeup pipe,
+# pidfds, the control socket and its clients, plus a heap of timers. Services,
+# the state store and deploys are only touched from here.
+
+
+class Timer:
+    __slots__ = ("when", "callback", "cancelled")
+
+    def __init__(self, when, callback):
+        self.when, self.callback, self.cancelled = when, callback, False
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class Daemon:
+    """The supervisor. run() blocks until shutdown and returns an exit code."""
+
+    def __init__(self, config, log, exit_watch_mode=None):
+        self.config = config
+        self.log = log
+        self.selector = selectors.DefaultSelector()
+        self.timers = []                  # heap of (when, sequence, Timer)
+        self.timer_sequence = 0
+        self.exit_watcher = ExitWatcher(self.selector, self.call_later, exit_watch_mode)
+        self.spawner = Spawner()
+        self.store = StateStore(config.state_file, log)
+        self.services = {}                # name -> Service, every unit of the deployment
+        self.specs = {}                   # name -> UnitSpec deployed (last good version)
+        self.unit_problems = []           # Diagnostics of the deployed commit
+        self.skipped = {}                 # name -> why the unit does not run on this host
+        self.deployed = None              # Commit deployed
+        self.last_sync = None             # {"time", "result", "error"?}
+        self.history = []                 # deployments, newest last
+        self.saved_services = {}          # what state.json said of each service at start
+        self.save_timer = None
+        self.log_timer = None
+        self.idle_timer = None
+        self.connections = {}             # socket fd -> Connection
+        self.waiters = []
+        self.changed = False              # a service changed state since waiters were checked
+        self.running = False
+        self.shutting_down = False
+        self.keep_services = False
+        self.started_wall = time.time()
+        self.listener = None
+        self.pid_fd = None
+        self.wakeup_fds = None
+        self.socket_gid = None
+
+    # -- the loop ------------------------------------------------------------------
+
+    def call_later(self, delay, callback):
+        timer = Timer(time.monotonic() + delay, callback)
+        self.timer_sequence += 1
+        heapq.heappush(self.timers, (timer.when, self.timer_sequence, timer))
+        return timer
+
+    def run(self, ready_fd=None):
+        """Start, serve until shutdown, clean up. Errors before the daemon is ready
+        go to ready_fd (for `daemon` to print) and give exit code 1."""
+        try:
+            self._acquire_pid_file()
+            self._open_socket()
+            self._install_signal_handlers()
+            self._raise_fd_limit()
+            self._restore_state()
+            self.log.info("daemon", "Started gitproc %s (pid %d, repo %s@%s, exit watch: %s)" % (
+                __version__, os.getpid(), self.config.repo_path, self.config.branch, self.exit_watcher.mode))
+            self.deploy_head("daemon start")
+        except GitprocError as exc:
+            self.log.error("daemon", str(exc))
+            _notify(ready_fd, "error " + str(exc))
+            self._cleanup()
+            return EXIT_FAILURE
+        _notify(ready_fd, "ok %d" % os.getpid())
+        self.running = True
+        self.log_timer = self.call_later(LOG_CHECK_INTERVAL, self._check_logs)
+        try:
+            self._loop()
+        finally:
+            self._save_now()
+            self.log.info("daemon", "Shutdown complete")
+            self._cleanup()
+        return EXIT_OK
+
+    def _loop(self):
+        while self.running:
+            timeout = None
+            while self.timers and self.timers[0][2].cancelled:
+                heapq.heappop(self.timers)
+            if self.timers:
+                timeout = max(0.0, self.timers[0][0] - time.monotonic())
+            for key, mask in self.selector.select(timeout):
+                callback, argument = key.data
+                self._guarded(callback, argument, mask)
+            now = time.monotonic()
+            while self.timers and self.timers[0][0] <= now:
+                _, _, timer = heapq.heappop(self.timers)
+                if not timer.cancelled:
+                    timer.cancelled = True
+                    self._guarded(timer.callback)
+            if self.changed:
+                self.changed = False
+                self._guarded(self._check_waiters)
+                if self.shutting_down:
+                    self._guarded(self._shutdown_step)
+
+    def _guarded(self, callback, *args):
+        """The catch-all boundary around each loop event: log the traceback and
+        carry on. KeyboardInterrupt/SystemExit are not caught."""
+        try:
+            callback(*args)
+        except Exception:
+            import traceback
+            self.log.error("daemon", "Internal error (the daemon carries on): %s" % (
+                traceback.format_exc().strip().replace("\n", " | ")))
+
+    # -- start-up and clean-up -----------------------------------------------------
+
+    def _acquire_pid_file(self):
+        import fcntl
+        path = self.config.pid_file
+        makedirs(os.path.dirname(path))
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            other = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise GitprocError("a gitproc daemon is already running (pid %s, pid file %s)" % (other, path))
+        os.ftruncate(fd, 0)
+        os.write(fd, b"%d\n" % os.getpid())
+        self.pid_fd = fd
+
+    def _open_socket(self):
+        path = self.config.socket_path
+        if len(path.encode()) > 107:
+            raise ConfigError("socket path %s is %d bytes; Unix sockets allow 107: choose a shorter --home or socket_path" % (path, len(path.encode())))
+        makedirs(os.path.dirname(path))
+        if os.path.lexists(path):
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            probe.settimeout(1.0)
+            try:
+                probe.connect(path)
+            except OSError:
+                os.unlink(path)            # stale: nothing listens there any more
+                self.log.info("daemon", "Removed stale socket %s" % path)
+            else:
+                raise GitprocError("another gitproc daemon answers on %s" % path)
+            finally:
+                probe.close()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)       # the socket is born 0600: no window where others may connect
+        try:
+            listener.bind(path)
+        except OSError as exc:
+            listener.close()
+            raise GitprocError("cannot listen on %s: %s" % (path, exc.strerror))
+        finally:
+            os.umask(old_umask)
+        if self.config.socket_group:
+            import grp
+            try:
+                self.socket_gid = grp.getgrnam(self.config.socket_group).gr_gid
+                os.chown(path, -1, self.socket_gid)
+                os.chmod(path, 0o660)
+            except KeyError:
+                listener.close()
+                raise ConfigError("socket_group %r: no such group" % self.config.socket_group)
+            except OSError as exc:
+                listener.close()
+                raise ConfigError("socket_group %r: cannot give the socket to it: %s" % (self.config.socket_group, exc.strerror))
+        listener.listen(128)
+        listener.setblocking(False)
+        self.listener = listener
+        self.selector.register(listener, selectors.EVENT_READ, (self._accept, None))
+
+    def _install_signal_handlers(self):
+        """Handlers do nothing; set_wakeup_fd writes the signal number into a pipe
+        the loop reads, so signals are handled between events, never inside one."""
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(read_fd, False)
+        os.set_blocking(write_fd, False)
+        self.wakeup_fds = (read_fd, write_fd)
+        signal.set_wakeup_fd(write_fd)
+        for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(number, _ignore_signal)
+        self.selector.register(read_fd, selectors.EVENT_READ, (self._on_signals, None))
+
+    @staticmethod
+    def _raise_fd_limit():
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+    def _cleanup(self):
+        for conn in list(self.connections.values()):
+            self._close(conn)
+        if self.listener is not None:
+            self.listener.close()
+            _unlink_quietly(self.config.socket_path)
+        if self.wakeup_fds:
+            signal.set_wakeup_fd(-1)
+            for fd in self.wakeup_fds:
+                os.close(fd)
+        if self.pid_fd is not None:
+            _unlink_quietly(self.config.pid_file)
+            os.close(self.pid_fd)
+
+    def _on_signals(self, _key, _mask):
+        try:
+            received = os.read(self.wakeup_fds[0], 512)
+        except BlockingIOError:
+            return
+        for number in set(received):
+            if number == signal.SIGCHLD:
+                self.exit_watcher.on_sigchld()
+            elif number in (signal.SIGTERM, signal.SIGINT):
+                self.begin_shutdown("signal %s" % signal_name(number))
+            elif number == signal.SIGHUP:
+                self.log.info("daemon", "SIGHUP: deploying the branch head")
+                self.deploy_head("SIGHUP")
+
+    # -- state -----------------------------------------------------------------------
+
+    def _restore_state(self):
+        state = self.store.load()
+        self.saved_services = state.get("services", {})
+        self.history = state.get("history", [])[-HISTORY_LIMIT:]
+        deployed = state.get("deployed")
+        if isinstance(deployed, dict) and deployed.get("sha"):
+            self.deployed = Commit(deployed.get("sha"), deployed.get("subject", ""), deployed.get("time", 0))
+
+    def _snapshot(self):
+        services = dict(self.saved_services)      # units not deployed now keep their memory
+        services.update({name: service.persistent() for name, service in self.services.items()})
+        return {"version": STATE_VERSION, "deployed": self.deployed.to_json() if self.deployed else None,
+                "services": services, "history": self.history[-HISTORY_LIMIT:]}
+
+    def mark_dirty(self):
+        """Batched save: at most one write per STATE_MIN_SAVE_INTERVAL, within
+        STATE_SAVE_CHECK_INTERVAL of the change; no timer at all while idle."""
+        self.store.dirty = True
+        if self.save_timer is None:
+            self.save_timer = self.call_later(STATE_SAVE_CHECK_INTERVAL, self._save_due)
+
+    def _save_due(self):
+        self.save_timer = None
+        if not self.store.dirty:
+            return
+        wait = self.store.last_save + STATE_MIN_SAVE_INTERVAL - time.monotonic()
+        if wait > 0:
+            self.save_timer = self.call_later(wait, self._save_due)
+            return
+        if not self.store.save(self._snapshot()):
+            self.mark_dirty()        # retry later (disk full, ...)
+
+    def _save_now(self):
+        """Forced save, for user intents, deploys and shutdown."""
+        if not self.store.save(self._snapshot()):
+            self.mark_dirty()
+
+    # -- hooks for Service -----------------------------------------------------------
+
+    def service_changed(self, service):
+        self.changed = True
+        self.mark_dirty()
+
+    def deploy_note(self, service):
+        """', deployed from COMMIT' when the service's running version came from a
+        deploy that changed it (for grep "Restarting" in daemon.log)."""
+        if self.deployed and service.commit == self.deployed.sha:
+            return ", commit %s" % service.commit[:7]
+        return ""
+
+    def spawn_command(self, service, command):
+        """Resolve everything a process of `service` needs and start `command`."""
+        if self.shutting_down:
+            raise SpawnError("the daemon is shutting down")
+        spec = service.spec
+        run_as = resolve_run_as(spec.user, spec.group)
+        env = self._service_environment(spec, run_as)
+        argv = expand_command(command.argv, env)
+        program = expand_command([command.program], env)
+        if not argv or not program:
+            raise SpawnError("the command is empty after expanding variables: %s" % command)
+        path = find_program(program[0], env.get("PATH"))
+        if path is None:
+            raise SpawnError("%s: command not found on PATH (%s)" % (program[0], env.get("PATH")))
+        cwd = self._working_directory(spec, run_as)
+        makedirs(self.config.log_dir)
+        return self.spawner.spawn(argv, path, env, cwd, self.config.service_log(service.name), run_as)
+
+    @staticmethod
+    def _service_environment(spec, run_as):
+        """A clean environment, as systemd gives: PATH and locale from the daemon,
+        the user's HOME/USER/LOGNAME/SHELL, then Environment=, then EnvironmentFile=
+        (which overrides, as in systemd)."""
+        env = {"PATH": os.environ.get("PATH") or DEFAULT_PATH}
+        for key in ("LANG", "LC_ALL", "TZ"):
+            if key in os.environ:
+                env[key] = os.environ[key]
+        if run_as.home:
+            env["HOME"] = run_as.home
+        if run_as.user:
+            env["USER"] = env["LOGNAME"] = run_as.user
+        if run_as.shell:
+            env["SHELL"] = run_as.shell
+        env["GITPROC_UNIT"] = spec.name
+        env.update(spec.environment)
+        for path, optional in spec.environment_files:
+            try:
+                env.update(load_environment_file(path))
+            except OSError as exc:
+                if not optional:
+                    raise SpawnError("EnvironmentFile=%s: %s" % (path, exc.strerror))
+        return env
+
+    @staticmethod
+    def _working_directory(spec, run_as):
+        as_root = run_as.uid == 0 or (run_as.uid is None and os.geteuid() == 0)
+        default = "/" if as_root else (run_as.home or "/")
+        wanted = spec.working_directory
+        if wanted is None:
+            return default
+        optional = wanted.startswith("-")
+        wanted = wanted.lstrip("-")
+        if wanted == "~" or wanted.startswith("~/"):
+            wanted = (run_as.home or "/") + wanted[1:]
+        if optional and not os.path.isdir(wanted):
+            return default
+        return wanted
+
+    # -- deploying -------------------------------------------------------------------
+
+    def deploy_head(self, trigger):
+        """Read the branch head and reconcile the services with it. A repository
+        that cannot be read changes nothing and is reported."""
+        now = time.time()
+        try:
+            commit = git_branch_head(self.config.repo_path, self.config.branch)
+            entries = git_read_units(self.config.repo_path, commit.sha)
+        except GitError as exc:
+            self.last_sync = {"time": now, "result": "error", "error": str(exc), "trigger": trigger}
+            self.log.error("daemon", "Deploy skipped: %s" % exc)
+            return None
+        plan = self.apply(commit, entries)
+        self.last_sync = {"time": now, "result": "ok" if not plan["invalid"] else "partial", "trigger": trigger}
+        return plan
+
+    def apply(self, commit, entries):
+        """Reconcile the running services with the units of `commit`."""
+        specs, problems = check_unit_tree(entries)
+        invalid = sorted({d.path for d in problems if d.severity == "error"})
+        bad_names = {os.path.basename(path)[:-len(UNIT_SUFFIX)] for path in invalid}
+        for name in bad_names:
+            if name not in specs and name in self.specs:
+                specs[name] = self.specs[name]        # the earlier good version keeps running
+        self.skipped = {}
+        for name, spec in list(specs.items()):
+            if not host_matches(spec.condition_host, self.config.hostname):
+                self.skipped[name] = "ConditionHost=%s does not match %s" % (" ".join(spec.condition_host), self.config.hostname)
+                del specs[name]
+        plan = plan_deploy(self.specs, specs)
+        plan["invalid"] = [str(d) for d in problems if d.severity == "error"]
+        for line in plan["invalid"]:
+            self.log.error("daemon", "Invalid unit: %s" % line)
+        for name in plan["removed"]:
+            service = self.services[name]
+            if service.state in ACTIVE_STATES:
+                service.stop(reason="removed from the repository")
+            service.removed = True
+        self.specs = specs
+        self.unit_problems = problems
+        self.deployed = commit
+        for name in dependency_order(specs):
+            spec = specs[name]
+            if name in plan["added"]:
+                self._add_service(spec, commit.sha)
+            elif name in plan["changed"]:
+                service = self.services[name]
+                service.spec, service.commit = spec, commit.sha
+                if service.want == "up":
+                    self.log.info(name, "Restarting: unit changed in commit %s" % commit.sha[:7])
+                    service.restart()
+        self._forget_removed()
+        self.history.append({"time": time.time(), "commit": commit.sha, "subject": commit.subject,
+                             "outcome": "partial" if plan["invalid"] else "ok",
+                             "added": plan["added"], "changed": plan["changed"],
+                             "removed": plan["removed"], "invalid": plan["invalid"]})
+        del self.history[:-HISTORY_LIMIT]
+        self.log.info("daemon", "Deployed %s %r: %d added, %d changed, %d removed, %d unchanged, %d invalid" % (
+            commit.sha[:7], commit.subject, len(plan["added"]), len(plan["changed"]),
+            len(plan["removed"]), len(plan["unchanged"]), len(plan["invalid"])))
+        self._save_now()
+        return plan
+
+    def _add_service(self, spec, sha):
+        service = Service(self, spec, sha)
+        self.services[spec.name] = service
+        saved = self.saved_services.get(spec.name)
+        if isinstance(saved, dict):
+            service.want = "down" if saved.get("want") == "down" else "up"
+            if isinstance(saved.get("restarts"), int):
+                service.restarts = saved["restarts"]
+            service.last_exit = saved.get("last_exit") if isinstance(saved.get("last_exit"), dict) else None
+            if self._adopt_saved(service, saved):
+                return
+        if service.want == "up":
+            service.start()
+        else:
+            service._set_state(STOPPED, "stopped by user")
+
+    def _adopt_saved(self, service, saved):
+        """Adopt the process an earlier daemon left running, if its pid still names
+        the same process (same /proc start time); never signal a reused pid."""
+        pid, pid_start = saved.get("pid"), saved.get("pid_start")
+        if not isinstance(pid, int) or not isinstance(pid_start, int) or pid <= 0:
+            return False
+        if pid_start_time(pid) != pid_start:
+            return False
+        if service.want == "down":
+            service.adopt(pid, pid_start, saved.get("phase"), saved.get("started_wall"))
+            service.stop()
+        else:
+            service.adopt(pid, pid_start, saved.get("phase"), saved.get("started_wall"))
+        return True
+
+    def _forget_removed(self):
+        for name in [name for name, s in self.services.items() if s.removed and s.state not in ACTIVE_STATES]:
+            self.services.pop(name).discard()
+
+    # -- waiting for services ---------------------------------------------------------
+
+    def _check_waiters(self):
+        self._forget_removed()
+        for waiter in list(self.waiters):
+            reply = waiter.check()
+            if reply is not None:
+                self._finish_waiter(waiter, reply)
+
+    def _finish_waiter(self, waiter, reply):
+        if waiter in self.waiters:
+            self.waiters.remove(waiter)
+        if waiter.timer:
+            waiter.timer.cancel()
+        waiter.conn.waiting = None
+        self._send(waiter.conn, reply)
+        self._process_input(waiter.conn)
+
+    def _park(self, conn, check, expire, timeout):
+        reply = check()
+        if reply is not None:
+            return reply
+        waiter = Waiter(conn, check, expire)
+        waiter.timer = self.call_later(timeout, lambda: self._finish_waiter(waiter, waiter.expire()))
+        conn.waiting = waiter
+        self.waiters.append(waiter)
+        return None
+
+    # -- shutdown --------------------------------------------------------------------
+
+    def begin_shutdown(self, why, keep_services=False):
+        if self.shutting_down:
+            return
+        self.shutting_down = True
+        self.keep_services = keep_services
+        self.log.info("daemon", "Shutting down (%s)%s" % (why, "; services keep running" if keep_services else ""))
+        if keep_services:
+            self.running = False
+            return
+        self._shutdown_step()
+
+    def _shutdown_step(self):
+        """Stop services whose dependents are all stopped (reverse dependency
+        order); end the loop when no process is left."""
+        active = {name for name, s in self.services.items() if s.state in ACTIVE_STATES}
+        for name, service in self.services.items():
+            if service.state == BACKOFF:
+                service._cancel_timer()
+                service._set_state(STOPPED, "daemon shut down")
+            if service.state not in (STARTING, RUNNING):
+                continue
+            dependents = [other for other in active if other != name and
+                          name in self.services[other].spec.after + self.services[other].spec.requires]
+            if not dependents:
+                want = service.want
+                service.stop(reason="daemon shut down")
+                service.want = want               # shutdown is not the user's stop
+        if not any(s.state in ACTIVE_STATES for s in self.services.values()):
+            self.running = False
+
+    # -- the control socket ---------------------------------------------------------
+
+    def _accept(self, _key, _mask):
+        try:
+            sock, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.log.warning("daemon", "accept failed: %s" % exc.strerror)
+            return
+        sock.setblocking(False)
+        credentials = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        peer_pid, peer_uid, peer_gid = struct.unpack("3i", credentials)
+        conn = Connection(sock, peer_uid)
+        self.connections[sock.fileno()] = conn
+        self.selector.register(sock, selectors.EVENT_READ, (self._on_client, conn))
+        if not self._peer_allowed(peer_pid, peer_uid, peer_gid):
+            self.log.warning("daemon", "Refused a client with uid %d (pid %d)" % (peer_uid, peer_pid))
+            conn.close_when_sent = True
+            self._send(conn, {"ok": False, "error": "permission denied: uid %d may not control this daemon" % peer_uid})
+            return
+        if self.idle_timer is None:
+            self.idle_timer = self.call_later(REQUEST_IDLE_TIMEOUT / 2, self._close_idle)
+
+    def _peer_allowed(self, pid, uid, gid):
+        if uid in (0, os.geteuid()):
+            return True
+        if self.socket_gid is None:
+            return False
+        if gid == self.socket_gid:
+            return True
+        try:
+            with open("/proc/%d/status" % pid) as status:
+                for line in status:
+                    if line.startswith("Groups:"):
+                        return str(self.socket_gid) in line.split()[1:]
+        except OSError:
+            pass
+        return False
+
+    def _close_idle(self):
+        """Close clients that sent half a request and went quiet."""
+        self.idle_timer = None
+        now = time.monotonic()
+        for conn in list(self.connections.values()):
+            if conn.waiting is None and now - conn.last_active > REQUEST_IDLE_TIMEOUT:
+                self._close(conn)
+        if self.connections:
+            self.idle_timer = self.call_later(REQUEST_IDLE_TIMEOUT / 2, self._close_idle)
+
+    def _on_client(self, conn, mask):
+        if mask & selectors.EVENT_WRITE:
+            self._flush(conn)
+        if not mask & selectors.EVENT_READ or conn.sock.fileno() not in self.connections:
+            return
+        try:
+            data = conn.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close(conn)
+            return
+        conn.last_active = time.monotonic()
+        conn.inbuf += data
+        self._process_input(conn)
+
+    def _process_input(self, conn):
+        while conn.waiting is None and not conn.close_when_sent and conn.sock.fileno() in self.connections:
+            newline = conn.inbuf.find(b"\n")
+            if newline < 0:
+                if len(conn.inbuf) > MAX_REQUEST_BYTES:
+                    conn.inbuf.clear()
+                    conn.close_when_sent = True
+                    self._send(conn, {"ok": False, "error": "request larger than %d bytes" % MAX_REQUEST_BYTES})
+                return
+            line = bytes(conn.inbuf[:newline])
+            del conn.inbuf[:newline + 1]
+            if len(line) > MAX_REQUEST_BYTES:
+                conn.close_when_sent = True
+                self._send(conn, {"ok": False, "error": "request larger than %d bytes" % MAX_REQUEST_BYTES})
+                return
+            if not line.strip():
+                continue
+            reply = self._handle_line(conn, line)
+            if reply is not None:
+                self._send(conn, reply)
+
+    def _handle_line(self, conn, line):
+        """One request -> a reply dict, or None when the reply was parked."""
+        try:
+            message = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            return {"ok": False, "error": "malformed request (one JSON object per line): %s" % exc}
+        if not isinstance(message, dict) or not isinstance(message.get("cmd"), str):
+            return {"ok": False, "error": "malformed request: expected {\"cmd\": \"...\", ...}"}
+        handler = self.COMMANDS.get(message["cmd"])
+        if handler is None:
+            return {"ok": False, "error": "unknown command %r" % message["cmd"][:64]}
+        try:
+            result = handler(self, conn, message)
+        except GitprocError as exc:
+            return {"ok": False, "error": str(exc)}
+        except Exception:
+            import traceback
+            self.log.error("daemon", "Request %r failed: %s" % (message["cmd"], traceback.format_exc().strip().replace("\n", " | ")))
+            return {"ok": False, "error": "internal error handling %r (see the daemon log)" % message["cmd"]}
+        return result
+
+    def _send(self, conn, reply):
+        if conn.sock.fileno() not in self.connections:
+            return
+        conn.outbuf += encode_message(reply)
+        self._flush(conn)
+
+    def _flush(self, conn):
+        try:
+            sent = conn.sock.send(conn.outbuf)
+            del conn.outbuf[:sent]
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            self._close(conn)
+            return
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.outbuf else 0)
+        if not conn.outbuf and conn.close_when_sent:
+            self._close(conn)
+            return
+        self.selector.modify(conn.sock, events, (self._on_client, conn))
+
+    def _close(self, conn):
+        fd = conn.sock.fileno()
+        if fd in self.connections:
+            del self.connections[fd]
+            self.selector.unregister(conn.sock)
+        if conn.waiting is not None and conn.waiting in self.waiters:
+            self.waiters.remove(conn.waiting)
+            conn.waiting.timer.cancel()
+        conn.sock.close()
+
+    # -- requests ------------------------------------------------------------------
+
+    def _names(self, message, allow_empty=False):
+        names = message.get("names", [])
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise GitprocError("malformed request: 'names' must be a list of unit names")
+        if not names and not allow_empty:
+            raise GitprocError("name at least one unit")
+        unknown = [n for n in names if n not in self.services]
+        if unknown:
+            hint = ""
+            skipped = [n for n in unknown if n in self.skipped]
+            if skipped:
+                hint = " (%s)" % self.skipped[skipped[0]]
+            raise GitprocError("unknown unit%s: %s%s" % ("s" if len(unknown) > 1 else "", ", ".join(unknown), hint))
+        return names
+
+    def _timeout(self, message, default):
+        timeout = message.get("timeout", default)
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout < 0:
+            raise GitprocError("malformed request: 'timeout' must be a number of seconds")
+        return timeout
+
+    def _cmd_ping(self, conn, message):
+        return {"ok": True, "result": {"pid": os.getpid(), "version": __version__}}
+
+    def _daemon_info(self):
+        return {"pid": os.getpid(), "version": __version__, "started": self.started_wall,
+                "uptime": time.time() - self.started_wall, "repo": self.config.repo_path,
+                "branch": self.config.branch, "hostname": self.config.hostname,
+                "commit": self.deployed.to_json() if self.deployed else None,
+                "last_sync": self.last_sync, "exit_watch": self.exit_watcher.mode,
+                "log_dir": self.config.log_dir}
+
+    def _cmd_status(self, conn, message):
+        names = self._names(message, allow_empty=True)
+        detail = bool(names)
+        services = [self.services[n].snapshot(detail) for n in (names or sorted(self.services))]
+        if detail:
+            for entry in services:
+                entry["log_tail"] = tail_lines(self.config.service_log(entry["name"]), 10)
+        return {"ok": True, "result": {"daemon": self._daemon_info(), "services": services,
+                                       "problems": [d.to_json() for d in self.unit_problems]}}
+
+    def _cmd_list(self, conn, message):
+        units = [{"name": name, "path": spec.path, "state": self.services[name].state,
+                  "commit": self.services[name].commit, "description": spec.description}
+                 for name, spec in sorted(self.specs.items()) if name in self.services]
+        units += [{"name": name, "path": None, "state": "skipped", "commit": None, "description": why}
+                  for name, why in sorted(self.skipped.items())]
+        invalid = [d.to_json() for d in self.unit_problems if d.severity == "error"]
+        return {"ok": True, "result": {"commit": self.deployed.to_json() if self.deployed else None,
+                                       "units": units, "invalid": invalid}}
+
+    def _cmd_start(self, conn, message):
+        return self._act(conn, message, "start")
+
+    def _cmd_stop(self, conn, message):
+        return self._act(conn, message, "stop")
+
+    def _cmd_restart(self, conn, message):
+        return self._act(conn, message, "restart")
+
+    def _act(self, conn, message, action):
+        names = self._names(message)
+        if self.shutting_down:
+            raise GitprocError("the daemon is shutting down")
+        generations = {}
+        for name in names:
+            service = self.services[name]
+            generations[name] = service.generation
+            if action == "start":
+                service.start(manual=True)
+            elif action == "stop":
+                service.stop()
+            else:
+                service.restart()
+        self._save_now()                  # a user's intent is never left to the batch
+        if message.get("block") is False:
+            return {"ok": True, "result": {"services": [self.services[n].snapshot() for n in names]}}
+
+        def settled(name):
+            service = self.services.get(name)
+            if service is None:
+                return True
+            if action == "stop":
+                return service.state != STOPPING
+            if action == "restart" and service.generation == generations[name] and service.state != FAILED:
+                return False
+            return service.state in SETTLED_STATES and not service.start_after_stop
+
+        def check():
+            if not all(settled(n) for n in names):
+                return None
+            return self._action_reply(names, action)
+
+        def expire():
+            late = [n for n in names if not settled(n)]
+            return {"ok": False, "error": "timed out waiting for %s to %s" % (", ".join(late), action)}
+        return self._park(conn, check, expire, self._timeout(message, DEFAULT_WAIT_TIMEOUT))
+
+    def _action_reply(self, names, action):
+        problems = []
+        for name in names:
+            service = self.services.get(name)
+            if service is None:
+                continue
+            if action == "stop" and service.state in ACTIVE_STATES:
+                problems.append("%s is %s" % (name, service.state))
+            elif action != "stop" and not service.is_ready():
+                problems.append("%s is %s (%s)" % (name, service.state, service.reason or describe_exit(service.last_exit)))
+        snapshot = [self.services[n].snapshot() for n in names if n in self.services]
+        if problems:
+            return {"ok": False, "error": "%s failed: %s" % (action, "; ".join(problems)), "result": {"services": snapshot}}
+        return {"ok": True, "result": {"services": snapshot}}
+
+    def _cmd_wait(self, conn, message):
+        names = self._names(message)
+        target = message.get("state", "running")
+        predicates = {
+            "running": lambda s: s.is_ready(),
+            "healthy": lambda s: s.is_ready(),      # health checks are not run yet: ready counts
+            "stopped": lambda s: s.state in (STOPPED, EXITED, FAILED),
+        }
+        if target not in predicates:
+            raise GitprocError("wait: state must be running, healthy or stopped, not %r" % target)
+        reached = predicates[target]
+        timeout = self._timeout(message, DEFAULT_WAIT_TIMEOUT)
+
+        def check():
+            if all(n in self.services and reached(self.services[n]) for n in names):
+                return {"ok": True, "result": {"services": [self.services[n].snapshot() for n in names]}}
+            return None
+
+        def expire():
+            late = ["%s is %s" % (n, self.services[n].state if n in self.services else "gone")
+                    for n in names if not (n in self.services and reached(self.services[n]))]
+            return {"ok": False, "error": "timed out after %gs waiting for %s: %s" % (timeout, target, ", ".join(late))}
+        return self._park(conn, check, expire, timeout)
+
+    def _cmd_shutdown(self, conn, message):
+        keep = bool(message.get("keep_services"))
+        self.call_later(0, lambda: self.begin_shutdown("shutdown command", keep_services=keep))
+        return {"ok": True, "result": {"pid": os.getpid(), "keep_services": keep}}
+
+    COMMANDS = {"ping": _cmd_ping, "status": _cmd_status, "list": _cmd_list, "start": _cmd_start,
+                "stop": _cmd_stop, "restart": _cmd_restart, "wait": _cmd_wait, "shutdown": _cmd_shutdown}
+
+    # -- log rotation --------------------------------------------------------------
+
+    def _check_logs(self):
+        self.log_timer = self.call_later(LOG_CHECK_INTERVAL, self._check_logs)
+        for name in self.services:
+            path = self.config.service_log(name)
+            try:
+                if os.stat(path).st_size >= self.config.log_max_bytes:
+                    rotate_service_log(path, self.config.log_backups)
+                    self.log.info(name, "Rotated log %s" % path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                self.log.warning(name, "Cannot rotate log %s: %s" % (path, exc.strerror))
+
+
+def host_matches(conditions, hostname):
+    """ConditionHost= globs (a leading '!' negates); all must hold."""
+    import fnmatch
+    for condition in conditions:
+        negate = condition.startswith("!")
+        pattern = condition[1:] if negate else condition
+        if fnmatch.fnmatch(hostname, pattern) == negate:
+            return False
+    return True
+
+
+def _ignore_signal(_number, _frame):
+    """The handler of the signals the loop reads from the wakeup pipe."""
+
+
+def _notify(fd, message):
+    if fd is None:
+        return
+    try:
+        os.write(fd, message.encode("utf-8", "replace") + b"\n")
+        os.close(fd)
+    except OSError:
+        pass
+
+
+# ==== 12. command line ========================================================
+# argparse subcommands; each cmd_* turns a request's result into text (or JSON
+# with --json) and returns an exit code. Errors are GitprocErrors, printed by
+# main() as one line.
+
+EXAMPLES = {
+    "init": ["gitproc.py init", "gitproc.py init --repo /srv/units"],
+    "daemon": ["gitproc.py daemon", "gitproc.py daemon --foreground --log-level debug",
+               "gitproc.py --home /tmp/gp daemon --branch production"],
+    "shutdown": ["gitproc.py shutdown"],
+    "status": ["gitproc.py status", "gitproc.py status hello", "gitproc.py status --json"],
+    "list": ["gitproc.py list", "gitproc.py list --json"],
+    "start": ["gitproc.py start hello", "gitproc.py start web worker --no-block"],
+    "stop": ["gitproc.py stop hello"],
+    "restart": ["gitproc.py restart hello"],
+    "wait": ["gitproc.py wait web --timeout 10", "gitproc.py wait web db --state stopped"],
+    "logs": ["gitproc.py logs hello", "gitproc.py logs hello -n 200 -f", "gitproc.py logs --daemon"],
+    "check": ["gitproc.py check", "gitproc.py check web.service units/",
+              "printf '#!/bin/sh\\nexec python3 gitproc.py check\\n' > .git/hooks/pre-commit"],
+}
+STATE_COLOURS = {RUNNING: "32", EXITED: "36", STARTING: "33", BACKOFF: "33", STOPPING: "33",
+                 STOPPED: "2", FAILED: "31"}
+
+
+def _colour_enabled():
+    return sys.stdout.isatty() and "NO_COLOR" not in os.environ
+
+
+def _paint(text, state, enabled):
+    code = STATE_COLOURS.get(state)
+    return "\033[%sm%s\033[0m" % (code, text) if enabled and code else text
+
+
+def _print_json(data):
+    print(json.dumps(data, indent=2, sort_keys=True))
+
+
+def _table(rows, colour_column=None, colour=False):
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    for index, row in enumerate(rows):
+        cells = []
+        for i, cell in enumerate(row):
+            text = str(cell).ljust(widths[i]) if i < len(row) - 1 else str(cell)
+            if i == colour_column and index > 0:
+                text = _paint(text, cell, colour)
+            cells.append(text)
+        print("  ".join(cells).rstrip())
+
+
+def _daemon_line(info):
+    commit = info.get("commit")
+    sync = info.get("last_sync") or {}
+    sync_text = "never synced"
+    if sync:
+        sync_text = "synced %s %s" % (time.strftime("%H:%M:%S", time.localtime(sync["time"])), sync["result"])
+        if sync.get("error"):
+            sync_text += ": " + sync["error"]
+    return "gitproc %s  pid %d  up %s  %s@%s  %s  %s" % (
+        info["version"], info["pid"], format_duration(info["uptime"]), info["repo"], info["branch"],
+        "%s %s" % (commit["sha"][:7], commit["subject"]) if commit else "(nothing deployed)", sync_text)
+
+
+def cmd_init(config, args):
+    repo = config.repo_path
+    if os.path.exists(os.path.join(repo, ".git")) or os.path.exists(os.path.join(repo, "HEAD")):
+        raise GitprocError("%s is already a git repository; nothing to do" % repo)
+    git_init_repo(repo, config.branch)
+    print("Created repository %s (branch %s) with hello.service" % (repo, config.branch))
+    return EXIT_OK
+
+
+def cmd_daemon(config, args):
+    try:
+        info = request(config, {"cmd": "ping"}, timeout=5)
+    except (DaemonNotRunning, ProtocolError):
+        info = None
+    if info:
+        raise GitprocError("a gitproc daemon is already running (pid %d, socket %s)" % (info["pid"], config.socket_path))
+    created = False
+    if not os.path.exists(config.repo_path):
+        git_init_repo(config.repo_path, config.branch)
+        created = True
+    mode = os.environ.get("GITPROC_EXIT_WATCH") or None
+    if mode not in (None, "pidfd", "sigchld", "poll"):
+        raise ConfigError("GITPROC_EXIT_WATCH must be pidfd, sigchld or poll")
+    if args.foreground:
+        if created:
+            print("Created repository %s with hello.service" % config.repo_path, file=sys.stderr)
+        log = DaemonLog(config.daemon_log, args.log_level, sys.stderr, config.log_max_bytes, config.log_backups)
+        return Daemon(config, log, mode).run()
+    outcome = _spawn_detached_daemon(config, args.log_level, mode)
+    if not outcome.startswith("ok"):
+        raise GitprocError(outcome[len("error "):] if outcome.startswith("error ") else outcome)
+    status = request(config, {"cmd": "status"})
+    info = status["daemon"]
+    if created:
+        print("Created repository %s (branch %s) with hello.service" % (config.repo_path, config.branch))
+    commit = info.get("commit")
+    print("gitproc daemon started: pid %d" % info["pid"])
+    print("  repo    %s@%s" % (info["repo"], info["branch"]))
+    print("  commit  %s" % ("%s %s" % (commit["sha"][:7], commit["subject"]) if commit else
+                            "none (%s)" % (info.get("last_sync") or {}).get("error", "nothing deployed")))
+    print("  units   %d (see: python3 gitproc.py status)" % len(status["services"]))
+    return EXIT_OK
+
+
+def _spawn_detached_daemon(config, log_level, mode):
+    """Double fork: the daemon is re-parented to init, in a session of its own,
+    with no terminal. A pipe reports 'ok PID' or 'error MESSAGE' once the daemon
+    is listening (or failed); EOF without a word means it died at start."""
+    makedirs(config.log_dir)
+    ready_r, ready_w = os.pipe()
+    first = os.fork()
+    if first == 0:
+        os.close(ready_r)
+        code = EXIT_FAILURE
+        try:
+            os.setsid()
+            if os.fork() != 0:
+                os._exit(0)
+            os.chdir("/")
+            os.umask(0o022)
+            null_fd = os.open(os.devnull, os.O_RDWR)
+            log_fd = os.open(config.daemon_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            os.dup2(null_fd, 0)
+            os.dup2(null_fd, 1)
+            os.dup2(log_fd, 2)            # stray tracebacks land in daemon.log
+            os.close(null_fd)
+            os.close(log_fd)
+            log = DaemonLog(config.daemon_log, log_level, None, config.log_max_bytes, config.log_backups)
+            code = Daemon(config, log, mode).run(ready_fd=ready_w)
+        except BaseException as exc:
+            _notify(ready_w, "error daemon failed to start: %s" % exc)
+        finally:
+            os._exit(code)
+    os.close(ready_w)
+    os.waitpid(first, 0)
+    chunks = []
+    while True:
+        chunk = os.read(ready_r, 4096)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(ready_r)
+    message = b"".join(chunks).decode("utf-8", "replace").strip()
+    return message or "error the daemon exited while starting; see %s" % config.daemon_log
+
+
+def cmd_shutdown(config, args):
+    result = request(config, {"cmd": "shutdown", "keep_services": args.keep_services})
+    pid = result["pid"]
+    deadline = time.monotonic() + args.timeout
+    while os.path.exists("/proc/%d" % pid) and (read_proc_stat(pid) or [b"Z"])[0] != b"Z":
+        if time.monotonic() > deadline:
+            raise GitprocError("the daemon (pid %d) is still stopping after %ds; see %s" % (pid, args.timeout, config.daemon_log))
+        time.sleep(0.02)
+    if args.json:
+        _print_json(result)
+    else:
+        print("gitproc daemon (pid %d) stopped%s" % (pid, "; services keep running" if args.keep_services else ""))
+    return EXIT_OK
+
+
+def cmd_status(config, args):
+    result = request(config, {"cmd": "status", "names": args.names})
+    services = result["services"]
+    not_running = [s["name"] for s in services if s["state"] != RUNNING]
+    if args.json:
+        _print_json(result)
+        return EXIT_NOT_RUNNING if args.names and not_running else EXIT_OK
+    colour = _colour_enabled()
+    if args.names:
+        for index, service in enumerate(services):
+            if index:
+                print()
+            _print_service_block(service, result["daemon"], colour)
+        return EXIT_NOT_RUNNING if not_running else EXIT_OK
+    print(_daemon_line(result["daemon"]))
+    rows = [("NAME", "STATE", "PID", "UPTIME", "RESTARTS", "HEALTH", "MEMORY")]
+    for s in services:
+        rows.append((s["name"], s["state"], s["pid"] or "-", format_duration(s["uptime"]) if s["uptime"] is not None else "-",
+                     s["restarts"], s["health"] or "-", format_bytes(s["memory"])))
+    if services:
+        print()
+        _table(rows, colour_column=1, colour=colour)
+    else:
+        print("\nno units deployed")
+    errors = [p for p in result["problems"] if p["severity"] == "error"]
+    if errors:
+        print("\ninvalid units (not deployed; an earlier good version keeps running):")
+        for problem in errors:
+            print("  " + str(Diagnostic(**problem)))
+    return EXIT_OK
+
+
+def _print_service_block(s, daemon_info, colour):
+    print("%s %s%s" % (_paint("\u25cf", s["state"], colour), s["name"], " - " + s["description"] if s["description"] else ""))
+    lines = [
+        ("Unit", "%s in %s (commit %s)" % (s["path"], daemon_info["repo"], (s["commit"] or "?")[:7])),
+        ("State", "%s since %s (%s ago)%s" % (_paint(s["state"], s["state"], colour), format_time(s["since"]),
+                                               format_duration(time.time() - s["since"]),
+                                               "; " + s["reason"] if s["reason"] else "")),
+        ("Main PID", s["pid"] or "-"),
+        ("Memory", format_bytes(s["memory"])),
+        ("CPU", "%.2fs" % s["cpu_seconds"] if s["cpu_seconds"] is not None else "-"),
+        ("Last exit", describe_exit(s["last_exit"])),
+        ("Restarts", s["restarts"]),
+        ("Health", s["health"] or "no health check"),
+    ]
+    for limit in s["limits"]:
+        value = format_bytes(limit["value"]) if limit["key"] == "MemoryMax" else "%g%%" % limit["value"]
+        lines.append(("Limit", "%s=%s %s" % (limit["key"], value, "applied" if limit["applied"] else "not applied: " + limit["why"])))
+    for label, value in lines:
+        print("%10s: %s" % (label, value))
+    if s.get("log_tail"):
+        print()
+        for line in s["log_tail"]:
+            print("  " + line)
+
+
+def cmd_list(config, args):
+    result = request(config, {"cmd": "list"})
+    if args.json:
+        _print_json(result)
+        return EXIT_OK
+    rows = [("NAME", "STATE", "FILE")] + [(u["name"], u["state"], u["path"] or u["description"]) for u in result["units"]]
+    if result["units"]:
+        _table(rows, colour_column=1, colour=_colour_enabled())
+    else:
+        print("no units deployed")
+    if result["invalid"]:
+        print("\nfailed to load:")
+        for problem in result["invalid"]:
+            print("  " + str(Diagnostic(**problem)))
+    return EXIT_OK
+
+
+def _cmd_action(action):
+    def run(config, args):
+        payload = {"cmd": action, "names": args.names, "block": not args.no_block, "timeout": args.timeout}
+        result = request(config, payload, timeout=args.timeout + 5)
+        if args.json:
+            _print_json(result)
+            return EXIT_OK
+        for s in result["services"]:
+            print("%s: %s%s" % (s["name"], s["state"], " (pid %d)" % s["pid"] if s["pid"] else ""))
+        return EXIT_OK
+    return run
+
+
+def cmd_wait(config, args):
+    result = request(config, {"cmd": "wait", "names": args.names, "state": args.state, "timeout": args.timeout},
+                     timeout=args.timeout + 5)
+    if args.json:
+        _print_json(result)
+    else:
+        for s in result["services"]:
+            print("%s: %s" % (s["name"], s["state"]))
+    return EXIT_OK
+
+
+def cmd_logs(config, args):
+    if args.daemon:
+        path = config.daemon_log
+    elif args.name:
+        problem = unit_name_problem(args.name)
+        if problem:
+            raise UsageError(problem)
+        path = config.service_log(args.name)
+    else:
+        raise UsageError("logs: name a unit, or use --daemon")
+    if not os.path.exists(path):
+        raise GitprocError("no log yet for %s (%s does not exist)" % (args.name or "the daemon", path))
+    for line in tail_lines(path, args.lines):
+        print(line)
+    if args.follow:
+        sys.stdout.flush()
+        try:
+            follow_file(path, sys.stdout)
+        except KeyboardInterrupt:
+            pass
+    return EXIT_OK
+
+
+def follow_file(path, out, stop=None, interval=0.2):
+    """Print what is appended to `path`, across rotation: a rename (daemon.log)
+    or a copy-and-truncate (service logs, whose missed tail is read from .1)."""
+    log_file = open(path, "rb")
+    log_file.seek(0, os.SEEK_END)
+    try:
+        while stop is None or not stop():
+            data = log_file.read()
+            if data:
+                out.write(data.decode("utf-8", "replace"))
+                out.flush()
+                continue
+            try:
+                current = os.stat(path)
+            except FileNotFoundError:
+                time.sleep(interval)
+                continue
+            position = log_file.tell()
+            if current.st_ino != os.fstat(log_file.fileno()).st_ino:
+                log_file.close()              # renamed away: the rest was read above
+                log_file = open(path, "rb")
+            elif current.st_size < position:
+                try:                          # truncated: its tail went to PATH.1
+                    with open(path + ".1", "rb") as rotated:
+                        rotated.seek(position)
+                        out.write(rotated.read().decode("utf-8", "replace"))
+                except OSError:
+                    pass
+                log_file.seek(0)
+            else:
+                time.sleep(interval)
+    finally:
+        log_file.close()
+
+
+def cmd_check(config, args):
+    paths = args.paths or [config.repo_path]
+    entries, problems = [], []
+    for path in paths:
+        if os.path.isdir(path):
+            for folder, subfolders, files in os.walk(path):
+                subfolders[:] = sorted(d for d in subfolders if d != ".git")
+                for file_name in sorted(files):
+                    # Symlinks are skipped, as the daemon skips them in Git trees.
+                    if file_name.endswith(UNIT_SUFFIX) and not os.path.islink(os.path.join(folder, file_name)):
+                        entries.append(_unit_entry(os.path.join(folder, file_name), problems))
+        elif os.path.exists(path):
+            entries.append(_unit_entry(path, problems))
+        else:
+            problems.append(Diagnostic(path, 0, "error", "no such file or folder"))
+    entries = [entry for entry in entries if entry is not None]
+    _, found = check_unit_tree(entries)
+    problems.extend(found)
+    errors = sum(1 for p in problems if p.severity == "error")
+    if args.json:
+        _print_json({"units": len(entries), "errors": errors, "problems": [p.to_json() for p in problems]})
+    else:
+        for problem in problems:
+            print(problem)
+        print("%d unit file%s checked: %d error%s, %d warning%s" % (
+            len(entries), "" if len(entries) == 1 else "s", errors, "" if errors == 1 else "s",
+            len(problems) - errors, "" if len(problems) - errors == 1 else "s"), file=sys.stderr)
+    return EXIT_FAILURE if errors else EXIT_OK
+
+
+def _unit_entry(path, problems):
+    file_name = os.path.basename(path)
+    if not file_name.endswith(UNIT_SUFFIX):
+        problems.append(Diagnostic(path, 0, "error", "not a unit file: the name must end in .service"))
+        return None
+    try:
+        with open(path, "rb") as unit_file:
+            data = unit_file.read(MAX_UNIT_FILE_BYTES + 1)
+    except OSError as exc:
+        problems.append(Diagnostic(path, 0, "error", "cannot read: %s" % exc.strerror))
+        return None
+    return (file_name[:-len(UNIT_SUFFIX)], path, data, "")
+
+
+def build_parser():
+    import argparse
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("global options")
+    group.add_argument("--home", default=argparse.SUPPRESS, metavar="DIR",
+                       help="keep everything under DIR (default: $GITPROC_HOME, ~/.gitproc, or system paths for root)")
+    group.add_argument("--config", default=argparse.SUPPRESS, metavar="PATH", help="JSON config file (default: HOME/config.json)")
+    group.add_argument("--socket", default=argparse.SUPPRESS, metavar="PATH", help="control socket path")
+    parser = argparse.ArgumentParser(
+        prog="gitproc.py", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="gitproc %s: a Git-backed process supervisor." % __version__,
+        epilog="examples:\n  python3 gitproc.py daemon\n  python3 gitproc.py status\n"
+               "  python3 gitproc.py COMMAND --help")
+    parser.add_argument("--version", action="version", version="gitproc " + __version__)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    def add(name, handler, help_text):
+        sub = commands.add_parser(name, parents=[common], help=help_text, description=help_text,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter,
+                                  epilog="examples:\n" + "\n".join("  python3 " + e for e in EXAMPLES[name]))
+        sub.set_defaults(handler=handler)
+        return sub
+
+    def with_json(sub):
+        sub.add_argument("--json", action="store_true", help="print one JSON document")
+        return sub
+
+    sub = add("init", cmd_init, "create the services repository with an example unit")
+    sub.add_argument("--repo", metavar="PATH", help="where (default: HOME/services)")
+    sub.add_argument("--branch", help="branch to create (default: main)")
+    sub = add("daemon", cmd_daemon, "start the daemon (detached unless --foreground)")
+    sub.add_argument("--foreground", action="store_true", help="stay attached and log to stderr (for systemd, containers)")
+    sub.add_argument("--repo", metavar="PATH", help="services repository")
+    sub.add_argument("--branch", help="branch to deploy (default: main)")
+    sub.add_argument("--remote", help="remote to fetch from")
+    sub.add_argument("--hostname", help="host name matched by ConditionHost=")
+    sub.add_argument("--log-level", choices=tuple(LOG_LEVELS)[:3], default="info", help="daemon log level (default: info)")
+    sub = with_json(add("shutdown", cmd_shutdown, "stop the daemon and (unless --keep-services) every service"))
+    sub.add_argument("--keep-services", action="store_true", help="leave services running for the next daemon to adopt")
+    sub.add_argument("--timeout", type=float, default=120, help="seconds to wait for the daemon to exit (default: 120)")
+    sub = with_json(add("status", cmd_status, "show the daemon and its services (exit 3 if a named one is not running)"))
+    sub.add_argument("names", nargs="*", metavar="NAME")
+    with_json(add("list", cmd_list, "list the units of the deployed commit, and those that failed to load"))
+    for action, text in (("start", "start units and wait until they run"),
+                         ("stop", "stop units (remembered until start) and wait until they are gone"),
+                         ("restart", "stop then start units, and wait until they run")):
+        sub = with_json(add(action, _cmd_action(action), text))
+        sub.add_argument("names", nargs="+", metavar="NAME")
+        sub.add_argument("--no-block", action="store_true", help="return at once")
+        sub.add_argument("--timeout", type=float, default=DEFAULT_WAIT_TIMEOUT, help="seconds to wait (default: 30)")
+    sub = with_json(add("wait", cmd_wait, "wait until units reach a state"))
+    sub.add_argument("names", nargs="+", metavar="NAME")
+    sub.add_argument("--state", choices=("running", "healthy", "stopped"), default="running")
+    sub.add_argument("--timeout", type=float, default=DEFAULT_WAIT_TIMEOUT, help="seconds (default: 30)")
+    sub = add("logs", cmd_logs, "show a unit's output (works without a daemon)")
+    sub.add_argument("name", nargs="?", metavar="NAME")
+    sub.add_argument("-n", "--lines", type=int, default=50, help="how many lines (default: 50)")
+    sub.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    sub.add_argument("--daemon", action="store_true", help="the daemon's own log")
+    sub = with_json(add("check", cmd_check, "validate unit files without a daemon (exit 1 on any error)"))
+    sub.add_argument("paths", nargs="*", metavar="PATH", help="files or folders (default: the repository's working tree)")
+    return parser
+
+
+# ==== 13. main ================================================================
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    flags = {name: getattr(args, name, None) for name in ("home", "config", "socket", "repo", "branch", "remote", "hostname")}
+    try:
+        config = load_config(flags)
+        return args.handler(config, args)
+    except GitprocError as exc:
+        print("gitproc: %s" % exc, file=sys.stderr)
+        return EXIT_USAGE if isinstance(exc, UsageError) else EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
