@@ -36,6 +36,7 @@ import re
 import selectors
 import signal
 import socket
+import stat
 import struct
 import sys
 import time
@@ -387,8 +388,7 @@ class Diagnostic:
         self.path, self.line, self.severity, self.message = path, line, severity, message
 
     def __str__(self):
-        where = "%s:%d" % (self.path, self.line) if self.line else self.path
-        return "%s: %s: %s" % (where, self.severity, self.message)
+        return "%s:%d: %s: %s" % (self.path, self.line, self.severity, self.message)
 
     def to_json(self):
         return {"path": self.path, "line": self.line, "severity": self.severity,
@@ -731,23 +731,25 @@ def parse_unit(name, path, data, blob=""):
 
     problem = unit_name_problem(name)
     if problem:
-        report(0, "error", problem)
+        report(1, "error", problem)
         return None, diagnostics
     if len(data) > MAX_UNIT_FILE_BYTES:
-        report(0, "error", "file is %d bytes; unit files are limited to %d" % (len(data), MAX_UNIT_FILE_BYTES))
+        report(1, "error", "file is %d bytes; unit files are limited to %d" % (len(data), MAX_UNIT_FILE_BYTES))
         return None, diagnostics
     if b"\0" in data:
-        report(0, "error", "file contains NUL bytes: not a text unit file")
+        report(data.count(b"\n", 0, data.index(b"\0")) + 1, "error", "file contains NUL bytes: not a text unit file")
         return None, diagnostics
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        report(0, "error", "not UTF-8 text (byte %d)" % exc.start)
+        report(data.count(b"\n", 0, exc.start) + 1, "error", "not UTF-8 text (byte %d)" % exc.start)
         return None, diagnostics
     if text.startswith("\ufeff"):
         text = text[1:]
 
-    values, lines_of, section, warned_sections = {}, {}, None, set()
+    values, section, warned_sections = {}, None, set()
+    lines_of = {"exec_start": 1}          # where a whole-unit problem is reported
+
     for line_number, line in _logical_lines(text):
         if line.startswith("["):
             if not line.endswith("]"):
@@ -755,6 +757,8 @@ def parse_unit(name, path, data, blob=""):
                 section = None
                 continue
             section = line[1:-1].strip()
+            if section == "Service" and "exec_start" not in values:
+                lines_of["exec_start"] = line_number
             if section not in KNOWN_SECTIONS and not section.startswith("X-") and section not in warned_sections:
                 warned_sections.add(section)
                 report(line_number, "warning", "unknown section [%s], ignored" % section)
@@ -803,15 +807,16 @@ def _validate_unit(values, lines_of, report):
     """Checks across keys, once the whole file is read."""
     commands = values.get("exec_start", ())
     if not commands:
-        report(lines_of.get("exec_start", 0), "error", "missing ExecStart=: a service needs a command to run")
+        report(lines_of["exec_start"], "error", "missing ExecStart=: a service needs a command to run")
     elif len(commands) > 1 and values.get("type", "simple") != "oneshot":
         report(lines_of["exec_start"], "error",
                "%d ExecStart= commands: only Type=oneshot may have more than one" % len(commands))
     if values.get("start_limit_burst", 1) < 1:
-        report(lines_of.get("start_limit_burst", 0), "error", "StartLimitBurst= must be at least 1")
-    for field in ("restart_sec", "timeout_stop_sec", "health_check_interval", "health_check_timeout"):
-        if values.get(field, 1) == float("inf") and field != "timeout_stop_sec":
-            report(lines_of[field], "error", "%s cannot be infinity" % field)
+        report(lines_of["start_limit_burst"], "error", "StartLimitBurst= must be at least 1")
+    for field, key in (("restart_sec", "RestartSec"), ("health_check_interval", "HealthCheckInterval"),
+                       ("health_check_timeout", "HealthCheckTimeout")):
+        if values.get(field) == float("inf"):
+            report(lines_of[field], "error", "%s= cannot be infinity" % key)
 
 
 def check_unit_tree(entries):
@@ -824,7 +829,7 @@ def check_unit_tree(entries):
     for name, path, data, blob in entries:
         if len(paths_of[name]) > 1:
             others = ", ".join(p for p in paths_of[name] if p != path)
-            diagnostics.append(Diagnostic(path, 0, "error", "unit name %r is also defined in %s: both are rejected" % (name, others)))
+            diagnostics.append(Diagnostic(path, 1, "error", "unit name %r is also defined in %s: both are rejected" % (name, others)))
             continue
         spec, found = parse_unit(name, path, data, blob)
         diagnostics.extend(found)
@@ -1612,6 +1617,11 @@ class Service:
         try:
             pid = self.daemon.spawn_command(self, command)
         except SpawnError as exc:
+            if command.ignore_failure and self.queue:
+                # STARTING -> STARTING: a '-' command may fail, even to exist (systemd)
+                self.daemon.log.warning(self.name, "Ignoring failed %s command: %s" % (self.phase, exc))
+                self._run_next()
+                return
             # STARTING -> FAILED: the command could not be started at all
             self.pid = self.phase = self.current = None
             self.queue = []
@@ -2093,6 +2103,8 @@ class Daemon:
             raise ConfigError("socket path %s is %d bytes; Unix sockets allow 107: choose a shorter --home or socket_path" % (path, len(path.encode())))
         makedirs(os.path.dirname(path))
         if os.path.lexists(path):
+            if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                raise GitprocError("%s exists and is not a socket; move it away or choose another socket_path" % path)
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             probe.settimeout(1.0)
             try:
@@ -3047,9 +3059,17 @@ def cmd_logs(config, args):
         path = config.service_log(args.name)
     else:
         raise UsageError("logs: name a unit, or use --daemon")
+    if args.lines < 0:
+        raise UsageError("logs: -n takes a number of lines, 0 or more")
+    if args.json and args.follow:
+        raise UsageError("logs: --json and -f do not go together")
     if not os.path.exists(path):
         raise GitprocError("no log yet for %s (%s does not exist)" % (args.name or "the daemon", path))
-    for line in tail_lines(path, args.lines):
+    lines = tail_lines(path, args.lines)
+    if args.json:
+        _print_json({"path": path, "lines": lines})
+        return EXIT_OK
+    for line in lines:
         print(line)
     if args.follow:
         sys.stdout.flush()
@@ -3109,7 +3129,7 @@ def cmd_check(config, args):
         elif os.path.exists(path):
             entries.append(_unit_entry(path, problems))
         else:
-            problems.append(Diagnostic(path, 0, "error", "no such file or folder"))
+            problems.append(Diagnostic(path, 1, "error", "no such file or folder"))
     entries = [entry for entry in entries if entry is not None]
     _, found = check_unit_tree(entries)
     problems.extend(found)
@@ -3128,13 +3148,13 @@ def cmd_check(config, args):
 def _unit_entry(path, problems):
     file_name = os.path.basename(path)
     if not file_name.endswith(UNIT_SUFFIX):
-        problems.append(Diagnostic(path, 0, "error", "not a unit file: the name must end in .service"))
+        problems.append(Diagnostic(path, 1, "error", "not a unit file: the name must end in .service"))
         return None
     try:
         with open(path, "rb") as unit_file:
             data = unit_file.read(MAX_UNIT_FILE_BYTES + 1)
     except OSError as exc:
-        problems.append(Diagnostic(path, 0, "error", "cannot read: %s" % exc.strerror))
+        problems.append(Diagnostic(path, 1, "error", "cannot read: %s" % exc.strerror))
         return None
     return (file_name[:-len(UNIT_SUFFIX)], path, data, "")
 
@@ -3194,7 +3214,7 @@ def build_parser():
     sub.add_argument("names", nargs="+", metavar="NAME")
     sub.add_argument("--state", choices=("running", "healthy", "stopped"), default="running")
     sub.add_argument("--timeout", type=float, default=DEFAULT_WAIT_TIMEOUT, help="seconds (default: 30)")
-    sub = add("logs", cmd_logs, "show a unit's output (works without a daemon)")
+    sub = with_json(add("logs", cmd_logs, "show a unit's output (works without a daemon)"))
     sub.add_argument("name", nargs="?", metavar="NAME")
     sub.add_argument("-n", "--lines", type=int, default=50, help="how many lines (default: 50)")
     sub.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")

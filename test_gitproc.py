@@ -8,15 +8,19 @@ deadline, and every test kills what it started, by pid.
 """
 
 import contextlib
+import glob
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import unittest
 
@@ -457,3 +461,1372 @@ class DaemonLifecycleTests(unittest.TestCase):
         self.assertFalse(pid_alive(pid))
         self.assertFalse(os.path.exists(os.path.join(home.path, "gitproc.sock")))
         self.assertFalse(os.path.exists(os.path.join(home.path, "gitproc.pid")))
+
+
+# ==== 8. process supervision, end to end ======================================
+
+def sh(script):
+    """ExecStart= text running `script` with /bin/sh -c. The script goes through
+    the unit parser, so it must avoid what systemd would interpret: single
+    quotes (the word's own quoting), backslashes (C escapes), '%' (specifiers)
+    and '$$' (becomes '$': write '$$$$' for the shell's own pid)."""
+    for bad in ("'", "\\", "%"):
+        assert bad not in script, "sh(): %r would be interpreted by the unit parser" % bad
+    return "/bin/sh -c '%s'" % script
+
+
+def unit_text(*service_lines, unit_lines=()):
+    """A unit file from raw lines (for repeated keys such as ExecStart=)."""
+    lines = ["[Unit]", "Description=test unit"] + list(unit_lines) + ["[Service]"] + list(service_lines)
+    return "\n".join(lines) + "\n"
+
+
+def read_text(path):
+    try:
+        with open(path) as handle:
+            return handle.read()
+    except OSError:
+        return ""
+
+
+def read_lines(path):
+    return read_text(path).splitlines()
+
+
+def pid_from_file(path):
+    """The pid written in `path` once the line is complete, else None."""
+    text = read_text(path)
+    return int(text) if text.endswith("\n") and text.strip().isdigit() else None
+
+
+def group_members(pgid):
+    """Live (non-zombie) processes whose process group is `pgid`."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        fields = gitproc.read_proc_stat(int(entry))
+        if fields and fields[0] != b"Z" and int(fields[2]) == pgid:
+            members.append(int(entry))
+    return members
+
+
+def cmdline(pid):
+    with open("/proc/%d/cmdline" % pid, "rb") as handle:
+        return [arg.decode() for arg in handle.read().split(b"\0")[:-1]]
+
+
+def daemon_log_lines(home, name, needle):
+    """daemon.log lines of unit `name` that contain `needle`."""
+    return [line for line in home.daemon_log().splitlines()
+            if (" %s: " % name) in line and needle in line]
+
+
+class SupervisionCase(unittest.TestCase):
+    """A Home per test, with a few shortcuts."""
+
+    def setUp(self):
+        self.home = Home(self)
+
+    def file(self, name):
+        """A path inside the home (outside the repository) for services to write."""
+        return os.path.join(self.home.path, name)
+
+    def watch(self, pid):
+        """Remember a pid so that cleanup SIGKILLs it (and its group)."""
+        if pid:
+            self.home.known_pids.add(pid)
+        return pid
+
+    def deploy(self, units, env=None, config=None):
+        """Write config.json (if any), commit `units`, start the daemon."""
+        if config is not None:
+            with open(self.file("config.json"), "w") as handle:
+                json.dump(config, handle)
+        self.home.commit(units, "units")
+        self.home.start_daemon(env=env)
+
+    def wait_new_pid(self, name, old_pid, timeout=5):
+        """Running again with a pid other than old_pid; returns the status."""
+        def again():
+            service = self.home.status(name)
+            if service["state"] == "running" and service["pid"] and service["pid"] != old_pid:
+                return service
+            return None
+        try:
+            return wait_until(again, timeout, "%s to run again with a new pid" % name)
+        except AssertionError as exc:
+            raise AssertionError("%s (status %s)\n--- daemon.log ---\n%s" % (
+                exc, self.home.status(name), self.home.daemon_log()[-3000:]))
+
+    def assert_gone(self, pid, timeout=3, what="process"):
+        """`pid` dies within `timeout` (signals are delivered asynchronously)."""
+        wait_until(lambda: not pid_alive(pid), timeout, "%s %d to be gone" % (what, pid))
+
+
+# ---- 1. Restart= policies against exit kinds ================================
+# The service records its pid in RUNS once its traps are set, then idles.
+# The test makes it end in one of four ways:
+#   exit0   SIGUSR1 -> the shell's trap exits 0          (clean)
+#   exit1   SIGUSR2 -> the shell's trap exits 1          (unclean exit code)
+#   sigkill SIGKILL from the test                         (unclean signal)
+#   sigterm SIGTERM from the test, no trap: dies of it    (clean signal, systemd)
+# Expected per systemd.service(5), "Table 2. Exit causes and the effect of the
+# Restart= settings".
+
+EXIT_KINDS = {
+    "exit0": (signal.SIGUSR1, {"code": 0}),
+    "exit1": (signal.SIGUSR2, {"code": 1}),
+    "sigkill": (signal.SIGKILL, {"signal": signal.SIGKILL}),
+    "sigterm": (signal.SIGTERM, {"signal": signal.SIGTERM}),
+}
+
+RESTARTS = {
+    "no": set(),
+    "always": {"exit0", "exit1", "sigkill", "sigterm"},
+    "on-success": {"exit0", "sigterm"},
+    "on-failure": {"exit1", "sigkill"},
+    "on-abnormal": {"sigkill"},
+    "on-abort": {"sigkill"},
+}
+
+
+class RestartPolicyTests(SupervisionCase):
+
+    def run_policy(self, policy, kind):
+        runs = self.file("runs")
+        name = "svc"
+        self.deploy({name + ".service": unit(
+            sh('trap "exit 0" USR1; trap "exit 1" USR2; echo $$$$ >> %s; '
+               'while :; do sleep 0.05; done' % runs),
+            Restart=policy, RestartSec="50ms")})
+        first = self.watch(self.home.running_pid(name))
+        wait_until(lambda: read_lines(runs) == [str(first)], 5, "the first run's traps to be set")
+        number, expected_exit = EXIT_KINDS[kind]
+        os.kill(first, number)
+        if kind in RESTARTS[policy]:
+            service = self.wait_new_pid(name, first)
+            second = self.watch(service["pid"])
+            self.assertFalse(pid_alive(first), "the first run is gone")
+            wait_until(lambda: len(read_lines(runs)) == 2, 5, "the second run to record its pid")
+            self.assertEqual(read_lines(runs), [str(first), str(second)])
+            self.assertEqual(service["last_exit"], expected_exit)
+            self.assertEqual(service["restarts"], 1)
+            self.assertEqual(len(daemon_log_lines(self.home, name, "Restarting in")), 1,
+                             self.home.daemon_log())
+        else:
+            service = self.home.wait_state(name, "exited", timeout=5)
+            self.assertEqual(service["last_exit"], expected_exit)
+            self.assertIsNone(service["pid"])
+            self.assertEqual(service["restarts"], 0)
+            self.assertFalse(pid_alive(first))
+            self.assertEqual(read_lines(runs), [str(first)], "no second run")
+            self.assertEqual(daemon_log_lines(self.home, name, "Restarting"), [])
+
+
+def _make_policy_test(policy, kind):
+    def test(self):
+        self.run_policy(policy, kind)
+    test.__doc__ = "Restart=%s, %s: %s" % (policy, kind, "restarts" if kind in RESTARTS[policy] else "stays exited")
+    return test
+
+
+for _policy in RESTARTS:
+    for _kind in EXIT_KINDS:
+        setattr(RestartPolicyTests, "test_restart_%s_%s" % (_policy.replace("-", "_"), _kind),
+                _make_policy_test(_policy, _kind))
+
+
+# ---- 2. exponential backoff and the start limit ================================
+
+class BackoffAndStartLimitTests(SupervisionCase):
+
+    def test_backoff_doubles_between_crashes(self):
+        """RestartSec=50ms doubles per crash in a row: 50, 100, 200 ms between
+        the runs' own start times (lower bounds: a timer never fires early),
+        and daemon.log announces 50ms, 100ms, 200ms, 400ms (the last restart is
+        the one the start limit refuses, as systemd counts it)."""
+        stamps = self.file("stamps")
+        self.deploy({"crashy.service": unit(
+            sh("read up idle < /proc/uptime; echo $up >> %s; exit 1" % stamps),
+            Restart="always", RestartSec="50ms", StartLimitBurst="4", StartLimitIntervalSec="10s")})
+        service = self.home.wait_state("crashy", "failed", timeout=10)
+        self.assertIn("start limit", service["reason"])
+        times = [float(line) for line in read_lines(stamps)]
+        self.assertEqual(len(times), 4, "StartLimitBurst=4 allows exactly 4 starts")
+        gaps = [later - earlier for earlier, later in zip(times, times[1:])]
+        expected = [0.05, 0.1, 0.2]
+        for gap, delay in zip(gaps, expected):
+            # /proc/uptime has 10 ms resolution
+            self.assertGreaterEqual(gap, delay - 0.02, "gaps %s, expected at least %s" % (gaps, expected))
+            self.assertLess(gap, delay + 1.0, "gaps %s, expected about %s" % (gaps, expected))
+        announced = [re.search(r"Restarting in (\S+)", line).group(1)
+                     for line in daemon_log_lines(self.home, "crashy", "Restarting in")]
+        self.assertEqual([gitproc.parse_timespan(text) for text in announced], [0.05, 0.1, 0.2, 0.4], announced)
+
+    def test_start_limit_fails_the_unit_and_start_clears_it(self):
+        runs, crash = self.file("runs"), self.file("crash")
+        open(crash, "w").close()
+        self.deploy({"limited.service": unit(
+            sh("echo run >> %s; if [ -e %s ]; then exit 1; fi; exec sleep 1000" % (runs, crash)),
+            Restart="always", RestartSec="50ms", StartLimitBurst="3", StartLimitIntervalSec="10s")})
+        service = self.home.wait_state("limited", "failed", timeout=10)
+        self.assertIn("start limit", service["reason"])
+        self.assertIsNone(service["pid"])
+        self.assertEqual(service["last_exit"], {"code": 1})
+        self.assertEqual(len(read_lines(runs)), 3, "StartLimitBurst=3 allows exactly 3 starts")
+        # systemd's NRestarts counts the automatic restarts it scheduled: 3
+        # (the third one is the start refused by the limit).
+        self.assertEqual(service["restarts"], 3)
+        self.assertEqual(len(daemon_log_lines(self.home, "limited", "Start limit hit")), 1, self.home.daemon_log())
+
+        os.unlink(crash)
+        code, out, err = self.home.cli("start", "limited")
+        self.assertEqual((code, err), (0, ""))
+        service = self.home.status("limited")
+        self.assertEqual(service["state"], "running")
+        self.watch(service["pid"])
+        self.assertTrue(pid_alive(service["pid"]))
+        self.assertEqual(cmdline(service["pid"]), ["sleep", "1000"])
+        self.assertEqual(len(read_lines(runs)), 4, "start ran it again despite the earlier limit")
+        self.assertIn("limited: running (pid %d)" % service["pid"], out)
+
+
+# ---- 3. stop escalation =========================================================
+
+class StopEscalationTests(SupervisionCase):
+
+    def test_sigterm_ignored_is_sigkilled_after_timeout_stop_sec(self):
+        ready = self.file("ready")
+        self.deploy({"stubborn.service": unit(
+            sh('trap "" TERM; echo ready > %s; while :; do sleep 0.1; done' % ready),
+            TimeoutStopSec="300ms")})
+        pid = self.watch(self.home.running_pid("stubborn"))
+        wait_until(lambda: read_text(ready) == "ready\n", 5, "the TERM trap to be set")
+        begun = time.monotonic()
+        code, out, err = self.home.cli_process("stop", "stubborn")     # a real CLI process
+        took = time.monotonic() - begun
+        self.assertEqual((code, err), (0, ""))
+        # stop returned only once the process was gone: no waiting here
+        self.assertFalse(pid_alive(pid), "stop returned while pid %d still lives" % pid)
+        wait_until(lambda: group_members(pid) == [], 2, "nothing of its process group to be left")
+        self.assertGreaterEqual(took, 0.3, "SIGTERM was ignored, so only SIGKILL after 300ms ends it")
+        self.assertLess(took, 4.0)
+        service = self.home.status("stubborn")
+        self.assertEqual(service["state"], "stopped")
+        self.assertEqual(service["last_exit"], {"signal": signal.SIGKILL})
+        self.assertTrue(daemon_log_lines(self.home, "stubborn", "SIGKILL"), self.home.daemon_log())
+        self.assertIn("stubborn: stopped", out)
+
+
+# ---- 4. no grandchild left behind ===============================================
+
+class GrandchildTests(SupervisionCase):
+
+    SCRIPT = "sleep 1000 & echo $! > %s; wait"
+
+    def grandchild(self, path):
+        return self.watch(wait_until(lambda: pid_from_file(path), 5, "the grandchild's pid"))
+
+    def test_stop_kills_the_grandchild(self):
+        gc_file = self.file("gc.pid")
+        self.deploy({"parent.service": unit(sh(self.SCRIPT % gc_file))})
+        pid = self.watch(self.home.running_pid("parent"))
+        grandchild = self.grandchild(gc_file)
+        self.assertTrue(pid_alive(grandchild))
+        self.assertEqual(os.getpgid(grandchild), pid, "the grandchild is in the service's group")
+        code, _, err = self.home.cli("stop", "parent")
+        self.assertEqual((code, err), (0, ""))
+        self.assertFalse(pid_alive(pid))
+        self.assert_gone(grandchild, what="grandchild")
+        wait_until(lambda: group_members(pid) == [], 2, "nothing of its process group to be left")
+
+    def test_leftovers_are_killed_when_the_main_process_exits(self):
+        gc_file = self.file("gc.pid")
+        self.deploy({"leaver.service": unit(sh("sleep 1000 & echo $! > %s; exit 0" % gc_file))})
+        service = self.home.wait_state("leaver", "exited", timeout=5)
+        self.assertEqual(service["last_exit"], {"code": 0})
+        grandchild = self.grandchild(gc_file)
+        self.assert_gone(grandchild, what="leftover grandchild")
+
+    def test_kill_mode_process_leaves_the_grandchild(self):
+        gc_file = self.file("gc.pid")
+        self.deploy({"loose.service": unit(sh(self.SCRIPT % gc_file), KillMode="process")})
+        pid = self.watch(self.home.running_pid("loose"))
+        grandchild = self.grandchild(gc_file)
+        code, _, err = self.home.cli("stop", "loose")
+        self.assertEqual((code, err), (0, ""))
+        self.assertFalse(pid_alive(pid))
+        self.assertEqual(self.home.status("loose")["state"], "stopped")   # one more round trip
+        self.assertTrue(pid_alive(grandchild), "KillMode=process signals the main process only")
+        self.assertEqual(os.getpgid(grandchild), pid)
+        os.kill(grandchild, signal.SIGKILL)
+        self.assert_gone(grandchild, what="grandchild")
+
+
+class KillModeMixedTests(SupervisionCase):
+
+    def test_mixed_sends_kill_signal_to_the_main_process_and_sigkill_to_the_rest(self):
+        """KillMode=mixed: SIGTERM to the main process only; the rest of the group
+        gets SIGKILL (so the grandchild's TERM trap never runs). The main process
+        lingers 0.3 s in its trap: time enough for a wrongly TERMed grandchild to
+        write its mark."""
+        gc_script, gc_file, marks, ready = (self.file(name) for name in ("gc.sh", "gc.pid", "marks", "ready"))
+        with open(gc_script, "w") as handle:
+            handle.write('#!/bin/sh\ntrap "echo gc-TERM >> %s" TERM\necho $$ > %s\n'
+                         'while :; do sleep 0.05; done\n' % (marks, gc_file))
+        os.chmod(gc_script, 0o755)
+        self.deploy({"mixed.service": unit(
+            sh('trap "echo main-TERM >> %s; sleep 0.3; exit 0" TERM; %s & echo ready > %s; '
+               'while :; do sleep 0.05; done' % (marks, gc_script, ready)),
+            KillMode="mixed", TimeoutStopSec="3s")})
+        pid = self.watch(self.home.running_pid("mixed"))
+        grandchild = self.watch(wait_until(lambda: pid_from_file(gc_file), 5, "the grandchild's pid"))
+        wait_until(lambda: read_text(ready) == "ready\n", 5, "the main process's trap")
+        code, _, err = self.home.cli("stop", "mixed")
+        self.assertEqual((code, err), (0, ""))
+        self.assertFalse(pid_alive(pid))
+        self.assert_gone(grandchild, what="grandchild")
+        self.assertEqual(read_text(marks), "main-TERM\n", "only the main process saw SIGTERM")
+        self.assertEqual(self.home.status("mixed")["last_exit"], {"code": 0})
+
+
+# ---- 5. Type=oneshot ==============================================================
+
+class OneshotTests(SupervisionCase):
+
+    def test_oneshot_runs_its_commands_in_order_to_completion(self):
+        out = self.file("out")
+        self.deploy({"job.service": unit_text(
+            "Type=oneshot",
+            "ExecStart=" + sh("sleep 0.1; echo one >> %s" % out),
+            "ExecStart=" + sh("echo two >> %s" % out),
+            "ExecStart=/bin/sh -c 'echo three >> %s'" % out)})
+        service = self.home.wait_state("job", "exited", timeout=5)
+        self.assertEqual(service["last_exit"], {"code": 0})
+        self.assertIsNone(service["pid"])
+        self.assertEqual(read_text(out), "one\ntwo\nthree\n")
+        code, _, _ = self.home.cli("wait", "job", "--timeout", "5")
+        self.assertEqual(code, 0, "a successful oneshot counts as up")
+
+    def test_failing_oneshot_is_failed_and_stops_at_the_failing_command(self):
+        out = self.file("out")
+        self.deploy({"job.service": unit_text(
+            "Type=oneshot",
+            "ExecStart=" + sh("echo one >> %s" % out),
+            "ExecStart=" + sh("exit 3"),
+            "ExecStart=" + sh("echo three >> %s" % out))})
+        service = self.home.wait_state("job", "failed", timeout=5)
+        self.assertEqual(service["last_exit"], {"code": 3})
+        self.assertIn("exit code 3", service["reason"])
+        self.assertEqual(read_text(out), "one\n", "commands after the failing one do not run")
+
+
+# ---- 6. ExecStartPre= =================================================================
+
+class ExecStartPreTests(SupervisionCase):
+
+    def test_pre_commands_run_in_order_before_exec_start(self):
+        out = self.file("out")
+        self.deploy({"pre.service": unit_text(
+            "ExecStartPre=" + sh("sleep 0.1; echo pre1 >> %s" % out),
+            "ExecStartPre=" + sh("echo pre2 >> %s" % out),
+            "ExecStart=" + sh("echo main >> %s; exec sleep 1000" % out))})
+        pid = self.watch(self.home.running_pid("pre"))
+        wait_until(lambda: "main" in read_text(out), 5, "the main command's line")
+        self.assertEqual(read_text(out), "pre1\npre2\nmain\n")
+        wait_until(lambda: cmdline(pid) == ["sleep", "1000"], 5, "the main process to exec sleep")
+
+    def test_failing_pre_command_fails_the_start(self):
+        out = self.file("out")
+        self.deploy({"pre.service": unit_text(
+            "ExecStartPre=" + sh("echo pre1 >> %s; exit 4" % out),
+            "ExecStart=" + sh("echo main >> %s; exec sleep 1000" % out))})
+        service = self.home.wait_state("pre", "failed", timeout=5)
+        self.assertIn("ExecStartPre", service["reason"])
+        self.assertIn("exit code 4", service["reason"])
+        self.assertIsNone(service["pid"])
+        self.assertEqual(read_text(out), "pre1\n", "ExecStart never ran")
+
+    def test_failing_pre_command_with_dash_is_ignored(self):
+        out = self.file("out")
+        self.deploy({"pre.service": unit_text(
+            "ExecStartPre=-" + sh("echo pre1 >> %s; exit 4" % out),
+            "ExecStart=" + sh("echo main >> %s; exec sleep 1000" % out))})
+        self.watch(self.home.running_pid("pre"))
+        wait_until(lambda: "main" in read_text(out), 5, "the main command's line")
+        self.assertEqual(read_text(out), "pre1\nmain\n")
+
+    def test_dash_pre_command_whose_program_is_missing_is_ignored(self):
+        """systemd: '-' ignores the failure of the command, including a program
+        that does not exist (units like emergency.service ship
+        ExecStartPre=-/usr/bin/plymouth ... for machines without plymouth)."""
+        out = self.file("out")
+        self.deploy({"optional.service": unit_text(
+            "ExecStartPre=-/nonexistent/gp-optional-tool --quit",
+            "ExecStart=" + sh("echo main >> %s; exec sleep 1000" % out))})
+        service = self.home.wait_state("optional", "running", "failed", timeout=5)
+        self.assertEqual(service["state"], "running", service["reason"])
+        self.watch(service["pid"])
+        wait_until(lambda: read_text(out) == "main\n", 5, "the main command's line")
+
+
+class StopDuringStartTests(SupervisionCase):
+
+    def test_stop_during_exec_start_pre_ends_it_and_main_never_runs(self):
+        pre_pid, out = self.file("pre.pid"), self.file("out")
+        self.deploy({"slowpre.service": unit_text(
+            "ExecStartPre=" + sh("echo $$$$ > %s; while :; do sleep 0.05; done" % pre_pid),
+            "ExecStart=" + sh("echo main >> %s; exec sleep 1000" % out))})
+        pre = self.watch(wait_until(lambda: pid_from_file(pre_pid), 5, "the ExecStartPre pid"))
+        service = self.home.status("slowpre")
+        self.assertEqual((service["state"], service["pid"]), ("starting", pre))
+        code, _, err = self.home.cli("stop", "slowpre")
+        self.assertEqual((code, err), (0, ""))
+        self.assertFalse(pid_alive(pre))
+        wait_until(lambda: group_members(pre) == [], 2, "nothing of the ExecStartPre group to be left")
+        service = self.home.status("slowpre")
+        self.assertEqual((service["state"], service["pid"]), ("stopped", None))
+        self.assertEqual(read_text(out), "", "ExecStart never ran")
+
+
+# ---- 7. Environment=, EnvironmentFile=, WorkingDirectory=, $VAR expansion ============
+
+class EnvironmentTests(SupervisionCase):
+
+    def test_environment_files_working_directory_and_expansion(self):
+        env_file, work = self.file("app.env"), self.file("work dir")
+        os.makedirs(work)
+        with open(env_file, "w") as handle:
+            handle.write("# from a file\nFILEVAR=from file\nOVER=file\n")
+        self.deploy({"env.service": unit_text(
+            'Environment="UNITVAR=from unit" OVER=unit',
+            'Environment="WORDS=a  b c" "ONE=x y"',
+            "EnvironmentFile=%s" % env_file,
+            "EnvironmentFile=-%s" % self.file("missing.env"),
+            "WorkingDirectory=%s" % work,          # systemd takes the path as written, spaces included
+            "ExecStart=/bin/sh -c 'sleep 1000; :' zero $WORDS pre${ONE}post ${FILEVAR}")})
+        pid = self.watch(self.home.running_pid("env"))
+        environ = proc_environ(pid)
+        self.assertEqual(environ.get("UNITVAR"), "from unit")
+        self.assertEqual(environ.get("FILEVAR"), "from file")
+        self.assertEqual(environ.get("OVER"), "file", "EnvironmentFile= overrides Environment= (systemd)")
+        self.assertEqual(environ.get("WORDS"), "a  b c")
+        self.assertEqual(os.readlink("/proc/%d/cwd" % pid), os.path.realpath(work))
+        self.assertEqual(cmdline(pid), ["/bin/sh", "-c", "sleep 1000; :", "zero",
+                                        "a", "b", "c", "prex ypost", "from file"])
+
+    def test_missing_working_directory_fails_naming_it(self):
+        missing = self.file("no-such-dir")
+        self.deploy({"lost.service": unit(SLEEPER, WorkingDirectory=missing)})
+        service = self.home.wait_state("lost", "failed", timeout=5)
+        self.assertIn(missing, service["reason"])
+        self.assertIsNone(service["pid"])
+
+    def test_missing_required_environment_file_fails_naming_it(self):
+        missing = self.file("required.env")
+        self.deploy({"needy.service": unit(SLEEPER, EnvironmentFile=missing),
+                     "fine.service": unit(SLEEPER)})
+        service = self.home.wait_state("needy", "failed", timeout=5)
+        self.assertIn(missing, service["reason"])
+        self.watch(self.home.running_pid("fine"))
+
+
+class StdioTests(SupervisionCase):
+
+    def test_stdin_is_dev_null_output_goes_to_the_log_and_no_daemon_fd_leaks(self):
+        """SPEC §5: stdin /dev/null, stdout and stderr appended to LOG_DIR/NAME.log;
+        nothing else of the daemon (socket, pidfds, state or log files) is inherited."""
+        self.deploy({"quiet.service": unit(SLEEPER)})
+        pid = self.watch(self.home.running_pid("quiet"))
+        fds = {int(fd): os.readlink("/proc/%d/fd/%s" % (pid, fd)) for fd in os.listdir("/proc/%d/fd" % pid)}
+        log = os.path.realpath(os.path.join(self.home.logs, "quiet.log"))
+        self.assertEqual(fds, {0: "/dev/null", 1: log, 2: log})
+        with open("/proc/%d/fdinfo/1" % pid) as info:
+            flags = int(re.search(r"flags:\s+(\d+)", info.read()).group(1), 8)
+        self.assertTrue(flags & os.O_APPEND, "the log is opened for appending")
+
+
+# ---- 8. KillSignal= ==================================================================
+
+class KillSignalTests(SupervisionCase):
+
+    def test_kill_signal_sigint_is_what_the_service_receives(self):
+        got, ready = self.file("got"), self.file("ready")
+        self.deploy({"intr.service": unit(
+            sh('trap "echo INT > %s; exit 0" INT; trap "echo TERM > %s; exit 0" TERM; '
+               'echo ready > %s; while :; do sleep 0.05; done' % (got, got, ready)),
+            KillSignal="SIGINT", TimeoutStopSec="3s")})
+        pid = self.watch(self.home.running_pid("intr"))
+        wait_until(lambda: read_text(ready) == "ready\n", 5, "the traps to be set")
+        code, _, err = self.home.cli("stop", "intr")
+        self.assertEqual((code, err), (0, ""))
+        self.assertFalse(pid_alive(pid))
+        self.assertEqual(read_text(got), "INT\n")
+        service = self.home.status("intr")
+        self.assertEqual((service["state"], service["last_exit"]), ("stopped", {"code": 0}))
+        self.assertEqual(daemon_log_lines(self.home, "intr", "SIGKILL"), [], "no escalation was needed")
+
+
+# ---- 9. a program that does not exist ===================================================
+
+class MissingProgramTests(SupervisionCase):
+
+    def test_missing_program_fails_naming_it_and_the_daemon_carries_on(self):
+        self.deploy({"ghost.service": unit("/nonexistent/gp-ghost-program --flag"),
+                     "phantom.service": unit("gp-no-such-program-xyz"),
+                     "alive.service": unit(SLEEPER)})
+        ghost = self.home.wait_state("ghost", "failed", timeout=5)
+        self.assertIn("/nonexistent/gp-ghost-program", ghost["reason"])
+        self.assertIsNone(ghost["pid"])
+        phantom = self.home.wait_state("phantom", "failed", timeout=5)
+        self.assertIn("gp-no-such-program-xyz", phantom["reason"])
+        self.assertEqual(self.home.request({"cmd": "ping"})["pid"], self.home.daemon_pid)
+        self.watch(self.home.running_pid("alive"))
+        code, out, err = self.home.cli_process("start", "ghost")
+        self.assertEqual(code, 1)
+        self.assertIn("/nonexistent/gp-ghost-program", err)
+        self.assertNotIn("Traceback", out + err)
+        self.assertTrue(pid_alive(self.home.daemon_pid))
+        self.assertEqual(self.home.status("ghost")["state"], "failed")
+
+
+# ---- 10. exit detection in every mode ===================================================
+
+class ExitWatchModeTests(SupervisionCase):
+
+    def check_mode(self, mode):
+        self.deploy({"phoenix.service": unit(SLEEPER, Restart="always", RestartSec="0")},
+                    env={"GITPROC_EXIT_WATCH": mode})
+        code, out, err = self.home.cli("status", "--json")
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(json.loads(out)["daemon"]["exit_watch"], mode)
+        first = self.watch(self.home.running_pid("phoenix"))
+        os.kill(first, signal.SIGKILL)
+        service = self.wait_new_pid("phoenix", first, timeout=5)
+        self.watch(service["pid"])
+        self.assertTrue(pid_alive(service["pid"]))
+        self.assertFalse(pid_alive(first))
+        self.assertEqual(service["last_exit"], {"signal": signal.SIGKILL})
+        self.assertEqual(service["restarts"], 1)
+        self.assertIn("exit watch: %s" % mode, self.home.daemon_log())
+
+    def test_sigchld_mode(self):
+        self.check_mode("sigchld")
+
+    def test_poll_mode(self):
+        self.check_mode("poll")
+
+    @unittest.skipUnless(hasattr(os, "pidfd_open"), "no os.pidfd_open")
+    def test_pidfd_mode(self):
+        self.check_mode("pidfd")
+
+
+# ---- 11. log rotation under a writing service ============================================
+
+class LogRotationTests(SupervisionCase):
+
+    def test_rotation_keeps_the_service_running_and_logging(self):
+        # ~100-byte numbered lines, a few hundred per second; rotation at 4 KiB.
+        filler = "x" * 80
+        self.deploy({"chatty.service": unit(sh(
+            'i=0; while :; do i=$((i+1)); echo "line $i %s"; sleep 0.005; done' % filler))},
+            config={"log_max_bytes": 4096, "log_backups": 2})
+        pid = self.watch(self.home.running_pid("chatty"))
+        start_time = gitproc.pid_start_time(pid)
+        log = os.path.join(self.home.logs, "chatty.log")
+        # The daemon checks log sizes every few seconds (LOG_CHECK_INTERVAL).
+        wait_until(lambda: os.path.exists(log + ".1"), 15, "chatty.log.1 to appear")
+        service = self.home.status("chatty")
+        self.assertEqual((service["state"], service["pid"]), ("running", pid), "rotation did not restart it")
+        self.assertEqual(gitproc.pid_start_time(pid), start_time)
+        self.assertTrue(daemon_log_lines(self.home, "chatty", "Rotated"), self.home.daemon_log())
+        size_after = os.path.getsize(log)
+        wait_until(lambda: os.path.getsize(log) > size_after + 1000, 5, "chatty.log to keep growing")
+
+        def numbers(path):
+            with open(path, "rb") as handle:
+                data = handle.read()
+            self.assertNotIn(b"\0", data, "%s has NUL bytes (a writer not in append mode)" % path)
+            return [int(m.group(1)) for m in re.finditer(rb"^line (\d+) x{80}$", data, re.M)]
+        old, new = numbers(log + ".1"), numbers(log)
+        self.assertTrue(old and new)
+        self.assertGreater(new[0], old[-1], "numbering continues: the same process kept writing")
+        self.assertEqual(old, list(range(1, len(old) + 1)), "the first rotation copied every line, in order")
+        self.assertEqual(self.home.status("chatty")["pid"], pid)
+
+
+# ---- 12. a manual stop survives a daemon restart ============================================
+
+class ManualStopPersistenceTests(SupervisionCase):
+
+    def test_manual_stop_survives_daemon_restart_until_start(self):
+        runs = self.file("runs")
+        self.deploy({"keeper.service": unit(sh("echo $$$$ >> %s; exec sleep 1000" % runs))})
+        first = self.watch(self.home.running_pid("keeper"))
+        code, _, err = self.home.cli("stop", "keeper")
+        self.assertEqual((code, err), (0, ""))
+        self.assertFalse(pid_alive(first))
+        old_daemon = self.home.daemon_pid
+        code, _, err = self.home.cli("shutdown")
+        self.assertEqual((code, err), (0, ""))
+        self.assertFalse(pid_alive(old_daemon))
+
+        self.home.start_daemon()
+        self.assertNotEqual(self.home.daemon_pid, old_daemon)
+        service = self.home.status("keeper")
+        self.assertEqual(service["state"], "stopped")
+        self.assertIsNone(service["pid"])
+        self.assertIn("stopped by user", service["reason"])
+        self.assertEqual(read_lines(runs), [str(first)], "the new daemon did not start it")
+
+        code, _, err = self.home.cli("start", "keeper")
+        self.assertEqual((code, err), (0, ""))
+        second = self.watch(self.home.running_pid("keeper"))
+        self.assertNotEqual(second, first)
+        self.assertTrue(pid_alive(second))
+        wait_until(lambda: len(read_lines(runs)) == 2, 5, "the second run's line")
+
+
+# ==== 10. control protocol, CLI, configuration and state, end to end ==========
+
+# A service that takes ~0.3 s to stop after SIGTERM, so that a `stop` which
+# returned early would be caught with the process still alive.
+SLOW_STOPPER = "/bin/sh -c 'trap \"sleep 0.3; exit 0\" TERM; while :; do sleep 0.05; done'"
+
+
+def one_line(text):
+    """The non-empty lines of `text`."""
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def assert_clean_failure(test, code, out, err, expected_code=1, mention=None):
+    """Exit code as expected, a one- (or two-) line message on stderr, no traceback."""
+    test.assertEqual(code, expected_code, "exit code; stdout=%r stderr=%r" % (out, err))
+    test.assertNotIn("Traceback", out + err)
+    lines = one_line(err)
+    test.assertTrue(1 <= len(lines) <= 2, "want a one- or two-line message on stderr, got %r" % err)
+    if mention is not None:
+        test.assertIn(mention, err)
+
+
+def home_with_daemon(test, units=None):
+    """A Home whose repository holds `units` (name -> unit text), with a daemon."""
+    home = Home(test)
+    home.commit({name + ".service": text for name, text in (units or {"web": unit(SLEEPER)}).items()}, "units")
+    home.start_daemon()
+    return home
+
+
+def raw_exchange(path, data, timeout=5.0):
+    """Send raw bytes on a fresh connection; return the first reply line
+    (bytes, without the newline) or b"" if the daemon closed the connection."""
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.settimeout(timeout)
+    try:
+        client.connect(path)
+        try:
+            client.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        reply = bytearray()
+        while b"\n" not in reply:
+            try:
+                chunk = client.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            reply += chunk
+        return bytes(reply).split(b"\n", 1)[0]
+    finally:
+        client.close()
+
+
+def read_state(home):
+    with open(os.path.join(home.path, "state.json"), "rb") as state_file:
+        return json.loads(state_file.read().decode("utf-8"))
+
+
+# ---- §1 configuration ==========================================================
+
+class ConfigTests(unittest.TestCase):
+
+    def setUp(self):
+        self.home = tempfile.mkdtemp(prefix="gpc", dir="/tmp")
+        self.addCleanup(shutil.rmtree, self.home, ignore_errors=True)
+
+    def write_config(self, data, path=None):
+        path = path or os.path.join(self.home, "config.json")
+        with open(path, "w") as config_file:
+            config_file.write(data if isinstance(data, str) else json.dumps(data))
+        return path
+
+    def assert_home_layout(self, config, home):
+        self.assertEqual(config.repo_path, os.path.join(home, "services"))
+        self.assertEqual(config.socket_path, os.path.join(home, "gitproc.sock"))
+        self.assertEqual(config.state_file, os.path.join(home, "state.json"))
+        self.assertEqual(config.log_dir, os.path.join(home, "logs"))
+        self.assertEqual(config.pid_file, os.path.join(home, "gitproc.pid"))
+        self.assertEqual(config.daemon_log, os.path.join(home, "logs", "daemon.log"))
+
+    def test_home_flag_lays_everything_under_it(self):
+        config = gitproc.load_config({"home": self.home}, {})
+        self.assert_home_layout(config, self.home)
+        self.assertEqual(config.branch, "main")
+        self.assertIsNone(config.remote)
+        self.assertEqual((config.poll_interval, config.max_poll_interval), (10, 30))
+        self.assertEqual((config.log_max_bytes, config.log_backups), (10 * 1024 * 1024, 3))
+
+    def test_gitproc_home_environment(self):
+        config = gitproc.load_config({}, {"GITPROC_HOME": self.home})
+        self.assert_home_layout(config, self.home)
+        other = tempfile.mkdtemp(prefix="gpc", dir="/tmp")
+        self.addCleanup(shutil.rmtree, other, ignore_errors=True)
+        config = gitproc.load_config({"home": other}, {"GITPROC_HOME": self.home})
+        self.assert_home_layout(config, other)     # the flag beats the environment
+
+    def test_precedence_flag_env_file_default(self):
+        self.assertEqual(gitproc.load_config({"home": self.home}, {}).branch, "main")
+        self.write_config({"branch": "from-file", "poll_interval": 5, "max_poll_interval": 50})
+        config = gitproc.load_config({"home": self.home}, {})
+        self.assertEqual((config.branch, config.poll_interval, config.max_poll_interval), ("from-file", 5, 50))
+        env = {"GITPROC_BRANCH": "from-env", "GITPROC_POLL_INTERVAL": "7"}
+        config = gitproc.load_config({"home": self.home}, env)
+        self.assertEqual((config.branch, config.poll_interval, config.max_poll_interval), ("from-env", 7, 50))
+        config = gitproc.load_config({"home": self.home, "branch": "from-flag"}, env)
+        self.assertEqual(config.branch, "from-flag")
+        # --socket flag > GITPROC_SOCKET_PATH > socket_path in the file > HOME/gitproc.sock
+        self.write_config({"socket_path": os.path.join(self.home, "file.sock")})
+        self.assertEqual(gitproc.load_config({"home": self.home}, {}).socket_path, os.path.join(self.home, "file.sock"))
+        env = {"GITPROC_SOCKET_PATH": os.path.join(self.home, "env.sock")}
+        self.assertEqual(gitproc.load_config({"home": self.home}, env).socket_path, os.path.join(self.home, "env.sock"))
+        flags = {"home": self.home, "socket": os.path.join(self.home, "flag.sock")}
+        self.assertEqual(gitproc.load_config(flags, env).socket_path, os.path.join(self.home, "flag.sock"))
+
+    def test_config_flag_names_another_file(self):
+        path = self.write_config({"branch": "elsewhere"}, os.path.join(self.home, "other.json"))
+        self.assertEqual(gitproc.load_config({"home": self.home, "config": path}, {}).branch, "elsewhere")
+        with self.assertRaises(gitproc.ConfigError):
+            gitproc.load_config({"home": self.home, "config": os.path.join(self.home, "missing.json")}, {})
+
+    def test_unknown_key_is_an_error_naming_it(self):
+        self.write_config({"branch": "main", "pol_interval": 3})
+        with self.assertRaises(gitproc.ConfigError) as caught:
+            gitproc.load_config({"home": self.home}, {})
+        self.assertIn("pol_interval", str(caught.exception))
+
+    def test_wrong_types_are_errors_naming_the_key(self):
+        for key, value in (("branch", 5), ("poll_interval", "fast"), ("log_backups", True),
+                           ("log_max_bytes", 1.5), ("remote", ["origin"])):
+            with self.subTest(key=key):
+                self.write_config({key: value})
+                with self.assertRaises(gitproc.ConfigError) as caught:
+                    gitproc.load_config({"home": self.home}, {})
+                self.assertIn(key, str(caught.exception))
+        os.unlink(os.path.join(self.home, "config.json"))
+        with self.assertRaises(gitproc.ConfigError) as caught:
+            gitproc.load_config({"home": self.home}, {"GITPROC_LOG_BACKUPS": "many"})
+        self.assertIn("LOG_BACKUPS", str(caught.exception))
+
+    def test_malformed_json_and_non_object_are_errors(self):
+        for text in ('{"branch": "main",', "not json at all", "[1, 2]", "\xff"):
+            with self.subTest(text=text):
+                self.write_config(text)
+                with self.assertRaises(gitproc.ConfigError) as caught:
+                    gitproc.load_config({"home": self.home}, {})
+                self.assertIn("config.json", str(caught.exception))
+
+    def test_bad_config_through_the_cli_is_one_line_exit_1(self):
+        home = Home(self, init=False)
+        cases = [({"branch": "main", "colour": "yes"}, "colour"), ({"poll_interval": "soon"}, "poll_interval"),
+                 ('{"branch": ', "config.json")]
+        for data, mention in cases:
+            with self.subTest(data=data):
+                self.write_config(data, os.path.join(home.path, "config.json"))
+                for command in (["status"], ["daemon"], ["check"]):
+                    code, out, err = home.cli_process(*command)
+                    assert_clean_failure(self, code, out, err, 1, mention)
+        self.assertFalse(os.path.exists(os.path.join(home.path, "gitproc.pid")), "no daemon may start on a bad config")
+        os.unlink(os.path.join(home.path, "config.json"))
+        code, out, err = home.cli_process("status", env={"GITPROC_POLL_INTERVAL": "often"})
+        assert_clean_failure(self, code, out, err, 1, "POLL_INTERVAL")
+
+
+# ---- §1 global options anywhere ================================================
+
+class GlobalOptionTests(unittest.TestCase):
+
+    def test_home_before_or_after_the_command(self):
+        home = home_with_daemon(self)
+        for args in (("status", "--home", home.path), ("--home", home.path, "status"),
+                     ("status", "--json", "--home", home.path)):
+            with self.subTest(args=args):
+                code, out, err = run_cli(*args)
+                self.assertEqual((code, err), (0, ""), args)
+                if "--json" in args:
+                    self.assertEqual(json.loads(out)["daemon"]["pid"], home.daemon_pid)
+                else:
+                    self.assertIn("pid %d" % home.daemon_pid, out)
+
+    def test_socket_and_config_after_the_command(self):
+        home = home_with_daemon(self)
+        sock = os.path.join(home.path, "gitproc.sock")
+        empty = tempfile.mkdtemp(prefix="gpe", dir="/tmp")
+        self.addCleanup(shutil.rmtree, empty, ignore_errors=True)
+        # a home with no daemon, but --socket pointing at the live one: both orders
+        for args in (("status", "--home", empty, "--socket", sock), ("--socket", sock, "--home", empty, "status")):
+            code, out, err = run_cli(*args)
+            self.assertEqual((code, err), (0, ""), args)
+            self.assertIn("pid %d" % home.daemon_pid, out)
+        bad = os.path.join(empty, "bad.json")
+        with open(bad, "w") as config_file:
+            config_file.write('{"nope": 1}')
+        for args in (("status", "--home", home.path, "--config", bad), ("--config", bad, "--home", home.path, "status")):
+            code, out, err = run_cli(*args)
+            self.assertEqual(code, 1, args)
+            self.assertIn("nope", err)
+
+
+# ---- §2 exit codes =============================================================
+
+class ExitCodeTests(unittest.TestCase):
+
+    def test_usage_errors_exit_2(self):
+        home = Home(self, init=False)
+        for args in (("frobnicate",), ("start",), ("stop",), ("wait",), ("status", "--no-such-option"), ()):
+            with self.subTest(args=args):
+                code, out, err = home.cli_process(*args)
+                self.assertEqual(code, 2, (args, out, err))
+                self.assertNotIn("Traceback", out + err)
+                self.assertTrue(err.strip(), "a usage error says something on stderr")
+
+    def test_no_daemon_exits_1_with_a_hint_naming_daemon(self):
+        home = Home(self)
+        for args in (("status",), ("status", "web"), ("list",), ("start", "web"), ("stop", "web"), ("wait", "web")):
+            with self.subTest(args=args):
+                code, out, err = home.cli_process(*args)
+                assert_clean_failure(self, code, out, err, 1)
+                self.assertEqual(len(one_line(err)), 1, err)
+                self.assertRegex(err, r"\bdaemon\b")
+                self.assertEqual(out, "")
+
+    def test_status_exit_codes_with_a_daemon(self):
+        home = home_with_daemon(self, {"web": unit(SLEEPER), "db": unit(SLEEPER)})
+        home.running_pid("web")
+        home.running_pid("db")
+        self.assertEqual(home.cli_process("status")[0], 0)
+        self.assertEqual(home.cli_process("status", "web")[0], 0)
+        self.assertEqual(home.cli("stop", "db")[0], 0)
+        code, out, err = home.cli_process("status", "db")
+        self.assertEqual(code, 3, (out, err))
+        self.assertNotIn("Traceback", out + err)
+        self.assertIn("stopped", out)
+        self.assertEqual(home.cli_process("status", "db", "--json")[0], 3)
+        self.assertEqual(home.cli_process("status", "web", "db")[0], 3)
+        self.assertEqual(home.cli_process("status")[0], 0, "a stopped unit does not fail a plain status")
+
+    def test_unknown_unit_exits_1_naming_it(self):
+        home = home_with_daemon(self)
+        for args in (("status", "nosuch"), ("start", "nosuch"), ("stop", "nosuch"), ("restart", "nosuch"),
+                     ("wait", "nosuch", "--timeout", "1"), ("start", "web", "nosuch")):
+            with self.subTest(args=args):
+                code, out, err = home.cli_process(*args)
+                assert_clean_failure(self, code, out, err, 1, "nosuch")
+                self.assertEqual(len(one_line(err)), 1, err)
+
+
+# ---- §2 --json shapes ==========================================================
+
+SERVICE_KEYS = {"name", "state", "pid", "since", "restarts", "last_exit", "health", "commit", "reason"}
+DAEMON_KEYS = {"pid", "uptime", "repo", "branch", "commit", "last_sync"}
+
+
+class JsonOutputTests(unittest.TestCase):
+
+    def json_cli(self, home, *args, expect=0):
+        code, out, err = home.cli(*args)
+        self.assertEqual(code, expect, (args, out, err))
+        return json.loads(out)
+
+    def test_status_json(self):
+        home = home_with_daemon(self)
+        pid = home.running_pid("web")
+        result = self.json_cli(home, "status", "--json")
+        self.assertLessEqual(DAEMON_KEYS, set(result["daemon"]), "daemon keys")
+        self.assertEqual(result["daemon"]["pid"], home.daemon_pid)
+        self.assertEqual(result["daemon"]["repo"], home.repo)
+        self.assertEqual(result["daemon"]["branch"], "main")
+        self.assertIsInstance(result["daemon"]["uptime"], (int, float))
+        head = home.git("rev-parse", "HEAD").strip()
+        self.assertIn(head, json.dumps(result["daemon"]["commit"]))
+        self.assertEqual(len(result["services"]), 1)
+        service = result["services"][0]
+        self.assertLessEqual(SERVICE_KEYS, set(service), "service keys")
+        self.assertEqual((service["name"], service["state"], service["pid"], service["commit"]), ("web", "running", pid, head))
+        self.assertIsInstance(service["restarts"], int)
+        self.assertIsInstance(service["since"], (int, float))
+
+    def test_status_name_list_start_stop_json(self):
+        home = home_with_daemon(self)
+        home.running_pid("web")
+        result = self.json_cli(home, "status", "web", "--json")
+        self.assertEqual([s["name"] for s in result["services"]], ["web"])
+        self.assertLessEqual(SERVICE_KEYS, set(result["services"][0]))
+        result = self.json_cli(home, "list", "--json")
+        self.assertEqual([u["name"] for u in result["units"]], ["web"])
+        self.assertEqual(result["units"][0]["state"], "running")
+        self.assertEqual(result["invalid"], [])
+        result = self.json_cli(home, "stop", "web", "--json")
+        self.assertEqual([(s["name"], s["state"]) for s in result["services"]], [("web", "stopped")])
+        result = self.json_cli(home, "start", "--json", "web")
+        self.assertEqual([(s["name"], s["state"]) for s in result["services"]], [("web", "running")])
+        home.known_pids.add(result["services"][0]["pid"])
+        result = self.json_cli(home, "wait", "web", "--json")
+        self.assertEqual(result["services"][0]["state"], "running")
+
+    def test_check_json(self):
+        home = Home(self)
+        folder = os.path.join(home.path, "units")
+        os.makedirs(folder)
+        with open(os.path.join(folder, "good.service"), "w") as f:
+            f.write(unit(SLEEPER))
+        with open(os.path.join(folder, "bad.service"), "w") as f:
+            f.write("[Service]\nRestart=sometimes\n")
+        result = self.json_cli(home, "check", "--json", folder, expect=1)
+        self.assertEqual(result["units"], 2)
+        self.assertGreaterEqual(result["errors"], 1)
+        self.assertTrue(all("bad.service" in json.dumps(p) for p in result["problems"] if p["severity"] == "error"))
+        os.unlink(os.path.join(folder, "bad.service"))
+        result = self.json_cli(home, "check", folder, "--json")
+        self.assertEqual((result["units"], result["errors"]), (1, 0))
+
+
+# ---- §2 daemon: one per home, stale sockets ====================================
+
+class SingleDaemonTests(unittest.TestCase):
+
+    def test_second_daemon_is_refused(self):
+        home = home_with_daemon(self)
+        first = home.daemon_pid
+        web = home.running_pid("web")
+        for args in (("daemon",), ("daemon", "--foreground")):
+            with self.subTest(args=args):
+                code, out, err = home.cli_process(*args, timeout=20)
+                assert_clean_failure(self, code, out, err, 1, "already running")
+                self.assertTrue(pid_alive(first))
+                with open(os.path.join(home.path, "gitproc.pid")) as pid_file:
+                    self.assertEqual(int(pid_file.read()), first)
+                self.assertEqual(home.status()["daemon"]["pid"], first)
+                self.assertEqual(home.status("web")["pid"], web, "the service was not touched")
+
+    def test_two_daemons_started_at_once_one_wins(self):
+        home = Home(self)
+        home.commit({"web.service": unit(SLEEPER)})
+        env = dict(os.environ)
+        env.pop("GITPROC_HOME", None)
+        procs = [subprocess.Popen([sys.executable, os.path.join(os.path.dirname(gitproc.__file__), "gitproc.py"),
+                                   "--home", home.path, "daemon"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+                 for _ in range(2)]
+        results = []
+        for proc in procs:
+            out, err = proc.communicate(timeout=30)
+            results.append((proc.returncode, out.decode(), err.decode()))
+        import re
+        winners = [int(m.group(1)) for _, out, _ in results for m in re.finditer(r"started: pid (\d+)", out)]
+        for extra in winners[1:]:                 # should not exist; never leave it running
+            self.addCleanup(lambda pid=extra: pid_alive(pid) and os.kill(pid, signal.SIGKILL))
+        home.daemon_pid = winners[0] if winners else None
+        codes = sorted(code for code, _, _ in results)
+        self.assertEqual(codes, [0, 1], results)
+        loser = [r for r in results if r[0] == 1][0]
+        assert_clean_failure(self, *loser, expected_code=1, mention="already running")
+        self.assertEqual(home.status()["daemon"]["pid"], home.daemon_pid)
+        home.running_pid("web")
+        self.assertEqual(len([s for s in home.status()["services"]]), 1)
+
+    def test_stale_socket_after_kill_9_is_cleaned_up(self):
+        home = home_with_daemon(self)
+        old_daemon = home.daemon_pid
+        web = home.running_pid("web")            # known_pids: cleanup kills it by pid
+        home.kill_daemon()
+        sock = os.path.join(home.path, "gitproc.sock")
+        self.assertTrue(os.path.exists(sock), "precondition: kill -9 leaves the socket file")
+        code, out, err = home.cli_process("status")
+        assert_clean_failure(self, code, out, err, 1, "daemon")
+        home.start_daemon()
+        self.assertNotEqual(home.daemon_pid, old_daemon)
+        self.assertTrue(stat.S_ISSOCK(os.stat(sock).st_mode))
+        self.assertEqual(home.status()["daemon"]["pid"], home.daemon_pid)
+        self.assertIn("stale socket", home.daemon_log().lower())
+        # the killed daemon's service is still ours to kill; the new daemon may have adopted it
+        pid = home.running_pid("web")
+        home.known_pids.add(web)
+        self.assertEqual(pid, web, "the live service was adopted, not started twice")
+
+    def test_a_regular_file_at_the_socket_path_is_not_deleted(self):
+        """Only a socket with no listener is stale (SPEC §2 daemon); any other file
+        there (a misconfigured socket_path) must be left alone and reported."""
+        home = Home(self)
+        home.commit({"web.service": unit(SLEEPER)})
+        path = os.path.join(home.path, "gitproc.sock")
+        with open(path, "w") as not_a_socket:
+            not_a_socket.write("precious data\n")
+        code, out, err = home.cli_process("daemon")
+        if code == 0:                             # the bug: it started; let cleanup stop it
+            with open(os.path.join(home.path, "gitproc.pid")) as pid_file:
+                home.daemon_pid = int(pid_file.read())
+            home.status()
+        self.assertTrue(os.path.isfile(path), "the daemon deleted a regular file at its socket path; daemon.log:\n" +
+                        "".join(line for line in home.daemon_log().splitlines(True) if "socket" in line))
+        with open(path) as kept:
+            self.assertEqual(kept.read(), "precious data\n")
+        assert_clean_failure(self, code, out, err, 1, path)
+
+    def test_stale_socket_file_without_listener(self):
+        home = Home(self)
+        home.commit({"web.service": unit(SLEEPER)})
+        sock = os.path.join(home.path, "gitproc.sock")
+        stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        stale.bind(sock)
+        stale.close()                             # the file stays, nothing listens
+        home.start_daemon()
+        self.assertEqual(home.status()["daemon"]["pid"], home.daemon_pid)
+        home.running_pid("web")
+
+
+# ---- §8 the control socket =====================================================
+
+class SocketTests(unittest.TestCase):
+
+    def setUp(self):
+        self.home = home_with_daemon(self)
+        self.sock = os.path.join(self.home.path, "gitproc.sock")
+
+    def assert_still_serving(self):
+        self.assertTrue(pid_alive(self.home.daemon_pid))
+        self.assertEqual(self.home.request({"cmd": "ping"}, timeout=5)["pid"], self.home.daemon_pid)
+
+    def test_socket_mode_0600(self):
+        mode = os.stat(self.sock).st_mode
+        self.assertTrue(stat.S_ISSOCK(mode))
+        self.assertEqual(stat.S_IMODE(mode), 0o600)
+
+    def test_malformed_requests_get_error_replies(self):
+        cases = [b"garbage\n", b"\xff\xfe\xfd\n", b"[1, 2, 3]\n", b"null\n", b'"status"\n', b"{}\n",
+                 b'{"cmd": 5}\n', b'{"cmd": "frobnicate"}\n', b'{"cmd": "status", "names": "web"}\n',
+                 b'{"cmd": "status", "names": [1, 2]}\n', b'{"cmd": "start", "names": {"web": 1}}\n',
+                 b'{"cmd": "wait", "names": ["web"], "timeout": "soon"}\n', b'{"cmd": "stop"}\n',
+                 b'{"cmd": "status", "names": null}\n', b"{\"cmd\": \"status\"\n"]
+        for data in cases:
+            with self.subTest(data=data):
+                reply = json.loads(raw_exchange(self.sock, data).decode("utf-8"))
+                self.assertIs(reply["ok"], False)
+                self.assertIsInstance(reply["error"], str)
+                self.assertTrue(reply["error"])
+        self.assert_still_serving()
+        self.assertEqual(self.home.status("web")["state"], "running")
+        self.assertNotIn("Internal error", self.home.daemon_log())
+
+    def test_oversized_line_gets_an_error_or_a_close(self):
+        big = b'{"cmd": "ping", "pad": "' + b"x" * (70 * 1024) + b'"}\n'
+        for data in (big, b"y" * (200 * 1024)):
+            reply = raw_exchange(self.sock, data)
+            if reply:
+                self.assertIs(json.loads(reply.decode())["ok"], False)
+            self.assert_still_serving()
+
+    def test_many_concurrent_clients(self):
+        clients, per_client = 50, 20
+        barrier = threading.Barrier(clients)
+        answered, failures = [], []
+
+        def client(index):
+            try:
+                conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                conn.settimeout(20)
+                conn.connect(self.sock)
+                stream = conn.makefile("rwb")
+                barrier.wait(10)
+                for i in range(per_client):
+                    cmd = "status" if (index + i) % 2 else "ping"
+                    stream.write(json.dumps({"cmd": cmd}).encode() + b"\n")
+                    stream.flush()
+                    reply = json.loads(stream.readline().decode())
+                    if reply.get("ok"):
+                        answered.append(1)
+                    else:
+                        failures.append(reply)
+                conn.close()
+            except Exception as exc:          # noqa: BLE001 - reported below
+                failures.append(repr(exc))
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+        started = time.monotonic()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        self.assertEqual(failures[:5], [])
+        self.assertEqual(len(answered), clients * per_client)
+        self.assertLess(time.monotonic() - started, 10)
+        self.assert_still_serving()
+
+    def test_client_leaving_before_its_reply_does_no_harm(self):
+        for payload in ({"cmd": "wait", "names": ["web"], "state": "stopped", "timeout": 30},
+                        {"cmd": "status"}):
+            conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            conn.connect(self.sock)
+            conn.sendall(json.dumps(payload).encode() + b"\n")
+            conn.close()
+        self.assert_still_serving()
+        self.assertEqual(self.home.cli("stop", "web")[0], 0)     # would wake the abandoned waiter
+        self.assertEqual(self.home.cli("start", "web")[0], 0)
+        self.home.status()
+        self.assert_still_serving()
+        self.assertNotIn("Internal error", self.home.daemon_log())
+
+    def test_silent_half_line_client_does_not_block_others(self):
+        quiet = []
+        for data in (b'{"cmd": "sta', b"", b'{"cmd": "status", "names": ["we'):
+            conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            conn.settimeout(5)
+            conn.connect(self.sock)
+            if data:
+                conn.sendall(data)
+            quiet.append(conn)
+            self.addCleanup(conn.close)
+        started = time.monotonic()
+        for _ in range(5):
+            self.assertEqual(self.home.status("web")["state"], "running")
+        self.assertLess(time.monotonic() - started, 2.0)
+        # the half line was kept: completing it gets its answer
+        quiet[0].sendall(b'tus"}\n')
+        reply = json.loads(quiet[0].makefile("rb").readline().decode())
+        self.assertIs(reply["ok"], True)
+        self.assertEqual(reply["result"]["daemon"]["pid"], self.home.daemon_pid)
+
+
+# ---- §6 state ==================================================================
+
+class StateFileTests(unittest.TestCase):
+
+    def test_stop_and_start_are_saved_at_once(self):
+        home = home_with_daemon(self)
+        home.running_pid("web")
+        self.assertEqual(read_state(home)["services"]["web"]["want"], "up")
+        self.assertEqual(home.cli("stop", "web", "--no-block")[0], 0)
+        self.assertEqual(read_state(home)["services"]["web"]["want"], "down")
+        home.wait_state("web", "stopped")
+        self.assertEqual(home.cli("start", "web", "--no-block")[0], 0)
+        self.assertEqual(read_state(home)["services"]["web"]["want"], "up")
+        home.running_pid("web")
+
+    def test_corrupt_state_is_moved_aside(self):
+        for garbage in (b"\x00{{{ not json", b"[1, 2]"):
+            with self.subTest(garbage=garbage):
+                home = Home(self)
+                home.commit({"web.service": unit(SLEEPER)})
+                state_path = os.path.join(home.path, "state.json")
+                with open(state_path, "wb") as state_file:
+                    state_file.write(garbage)
+                home.start_daemon()
+                home.running_pid("web")
+                aside = glob.glob(state_path + ".corrupt-*")
+                self.assertEqual(len(aside), 1, os.listdir(home.path))
+                with open(aside[0], "rb") as moved:
+                    self.assertEqual(moved.read(), garbage)
+                log = home.daemon_log()
+                self.assertIn("corrupt", log)
+                self.assertIn(os.path.basename(aside[0]), log)
+                self.assertIsInstance(read_state(home)["services"], dict)
+
+    def test_valid_json_with_wrong_shapes_never_stops_the_daemon(self):
+        home = Home(self)
+        home.commit({"web.service": unit(SLEEPER)})
+        odd = {"version": "x", "deployed": {"sha": 123}, "history": {"a": 1},
+               "services": {"web": {"pid": "1", "pid_start": [], "want": 7, "restarts": "many",
+                                    "last_exit": [1], "phase": 5}, "gone": "nonsense"}}
+        with open(os.path.join(home.path, "state.json"), "w") as state_file:
+            json.dump(odd, state_file)
+        home.start_daemon()
+        pid = home.running_pid("web")
+        self.assertNotEqual(pid, 1)
+        self.assertEqual(home.cli("stop", "web")[0], 0)
+        self.assertEqual(read_state(home)["services"]["web"]["want"], "down")
+        self.assertNotIn("Internal error", home.daemon_log())
+
+    def test_state_file_is_always_valid_json(self):
+        home = home_with_daemon(self, {"web": unit(SLEEPER), "db": unit(SLEEPER)})
+        home.running_pid("web")
+        stop = threading.Event()
+        reads, bad = [], []
+
+        def reader():
+            while not stop.is_set():
+                try:
+                    reads.append(read_state(home))
+                except FileNotFoundError:
+                    bad.append("state.json missing")
+                except ValueError as exc:
+                    bad.append(repr(exc))
+        thread = threading.Thread(target=reader)
+        thread.start()
+        try:
+            for _ in range(5):
+                self.assertEqual(home.cli("restart", "web")[0], 0)
+                self.assertEqual(home.cli("stop", "db")[0], 0)
+                self.assertEqual(home.cli("start", "db")[0], 0)
+        finally:
+            stop.set()
+            thread.join()
+        home.status()
+        self.assertEqual(bad[:3], [])
+        self.assertGreater(len(reads), 10)
+
+
+# ---- §2 logs ===================================================================
+
+class LogsCommandTests(unittest.TestCase):
+
+    def test_logs_without_a_daemon(self):
+        home = home_with_daemon(self, {"web": unit("/bin/sh -c 'seq 1 6; exec /bin/sleep 1000'")})
+        home.running_pid("web")
+        wait_until(lambda: "6\n" in home.service_log("web"), 10, "web's output")
+        self.assertEqual(home.cli("shutdown")[0], 0)
+        self.assertFalse(pid_alive(home.daemon_pid))
+        code, out, err = home.cli_process("logs", "web", "-n", "3")
+        self.assertEqual((code, out, err), (0, "4\n5\n6\n", ""))
+        code, out, err = home.cli_process("logs", "--daemon")
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn("Shutdown complete", out)
+        code, out, err = home.cli_process("logs", "--daemon", "-n", "1")
+        self.assertEqual(code, 0)
+        self.assertEqual(len(out.splitlines()), 1)
+        self.assertIn("Shutdown complete", out)
+
+    def test_logs_of_unknown_unit(self):
+        home = Home(self)
+        code, out, err = home.cli_process("logs", "nosuch")
+        assert_clean_failure(self, code, out, err, 1, "nosuch")
+        self.assertEqual(len(one_line(err)), 1)
+        self.assertEqual(out, "")
+
+
+# ---- §2 check ==================================================================
+
+class CheckCommandTests(unittest.TestCase):
+
+    def make_folder(self, home, files):
+        folder = os.path.join(home.path, "units")
+        os.makedirs(folder, exist_ok=True)
+        for name, text in files.items():
+            with open(os.path.join(folder, name), "w") as unit_file:
+                unit_file.write(text)
+        return folder
+
+    def test_good_and_bad_units(self):
+        home = Home(self)
+        folder = self.make_folder(home, {"good.service": unit(SLEEPER),
+                                         "bad.service": "[Unit]\nDescription=bad\n[Service]\nExecStart=/bin/true\nRestart=sometimes\n"})
+        code, out, err = home.cli_process("check", folder)
+        self.assertEqual(code, 1, (out, err))
+        self.assertNotIn("Traceback", out + err)
+        errors = [line for line in (out + err).splitlines() if ": error: " in line]
+        self.assertEqual(len(errors), 1, out + err)
+        self.assertRegex(errors[0], r"^\S*bad\.service:5: error: .*Restart=")
+        self.assertNotIn("good.service", out)
+
+    def test_good_folder_and_default_repo(self):
+        home = Home(self)
+        folder = self.make_folder(home, {"good.service": unit(SLEEPER), "other.service": unit("/bin/true", Restart="always")})
+        code, out, err = home.cli_process("check", folder)
+        self.assertEqual(code, 0, (out, err))
+        self.assertNotIn("error", out)
+        home.commit({"web.service": unit(SLEEPER)})
+        self.assertEqual(home.cli_process("check")[0], 0)          # the repository's working tree
+        with open(os.path.join(home.repo, "broken.service"), "w") as unit_file:
+            unit_file.write("[Unit]\nDescription=no exec\n")
+        code, out, err = home.cli_process("check")
+        self.assertEqual(code, 1)
+        self.assertRegex(out, r"broken\.service(:\d+)?: error: .*ExecStart")
+        self.assertFalse(os.path.exists(os.path.join(home.path, "gitproc.sock")), "check needs no daemon")
+        code, out, err = home.cli_process("check", os.path.join(home.path, "nothing-here"))
+        assert_clean_failure(self, code, out, err + out, 1, "nothing-here")
+
+    def test_every_problem_line_has_path_and_line(self):
+        """SPEC §2: `file:line: message` for each problem, also for whole-file
+        errors such as a missing ExecStart= (editors and hooks parse file:line:)."""
+        home = Home(self)
+        folder = self.make_folder(home, {"noexec.service": "[Unit]\nDescription=no exec\n"})
+        code, out, err = home.cli_process("check", folder)
+        self.assertEqual(code, 1)
+        self.assertRegex(out, r"(?m)^\S*noexec\.service:\d+: error: missing ExecStart=")
+
+
+# ---- §2 wait ===================================================================
+
+class WaitCommandTests(unittest.TestCase):
+
+    def test_wait_for_state(self):
+        home = home_with_daemon(self)
+        home.running_pid("web")
+        started = time.monotonic()
+        code, out, err = home.cli_process("wait", "web", "--state", "stopped", "--timeout", "0.5")
+        self.assertLess(time.monotonic() - started, 4)
+        assert_clean_failure(self, code, out, err, 1, "web")
+        code, out, err = home.cli_process("wait", "web")
+        self.assertEqual(code, 0, (out, err))
+        self.assertIn("web", out)
+        home.cli("stop", "web")
+        self.assertEqual(home.cli_process("wait", "web", "--state", "stopped", "--timeout", "2")[0], 0)
+
+
+# ---- §2 start/stop/restart block ===============================================
+
+class BlockingActionTests(unittest.TestCase):
+
+    def test_stop_start_restart_take_effect_before_returning(self):
+        home = home_with_daemon(self, {"web": unit(SLOW_STOPPER)})
+        pid = home.running_pid("web")
+        code, out, err = home.cli("stop", "web")
+        self.assertEqual((code, err), (0, ""))
+        self.assertFalse(pid_alive(pid), "stop returned while the process was still alive")
+        self.assertEqual(home.status("web")["state"], "stopped")
+        code, out, err = home.cli("start", "web")
+        self.assertEqual((code, err), (0, ""))
+        service = home.status("web")
+        self.assertEqual(service["state"], "running")
+        self.assertTrue(service["pid"] and pid_alive(service["pid"]))
+        self.assertNotEqual(service["pid"], pid)
+        old = service["pid"]
+        code, out, err = home.cli("restart", "web")
+        self.assertEqual((code, err), (0, ""))
+        self.assertFalse(pid_alive(old), "restart returned while the old process was alive")
+        service = home.status("web")
+        self.assertEqual(service["state"], "running")
+        self.assertNotEqual(service["pid"], old)
+        self.assertTrue(pid_alive(service["pid"]))
+
+
+    def test_no_block_returns_before_the_process_is_gone(self):
+        home = home_with_daemon(self, {"web": unit(SLOW_STOPPER)})
+        pid = home.running_pid("web")
+        code, out, err = home.cli("stop", "web", "--no-block", "--json")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(json.loads(out)["services"][0]["state"], "stopping")
+        self.assertTrue(pid_alive(pid), "--no-block answered at once, while the service was still stopping")
+        home.wait_state("web", "stopped")
+        self.assertFalse(pid_alive(pid))
+
+    def test_start_that_fails_exits_1_naming_the_unit(self):
+        home = home_with_daemon(self, {"web": unit(SLEEPER), "broken": unit("/nonexistent/program")})
+        home.running_pid("web")
+        home.wait_state("broken", "failed")
+        for action in ("start", "restart"):
+            code, out, err = home.cli_process(action, "broken")
+            assert_clean_failure(self, code, out, err, 1, "broken")
+
+
+
+if __name__ == "__main__":
+    unittest.main()
