@@ -31,6 +31,7 @@ __version__ = "0.1.0"
 import errno
 import heapq
 import json
+import math
 import os
 import re
 import selectors
@@ -69,6 +70,7 @@ MAX_REQUEST_BYTES = 64 * 1024
 REQUEST_IDLE_TIMEOUT = 10.0
 CLIENT_TIMEOUT = 30.0
 DEFAULT_WAIT_TIMEOUT = 30.0
+MAX_WAIT_TIMEOUT = 86400
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
 
@@ -151,6 +153,8 @@ def parse_timespan(text):
             raise ValueError("invalid time span %r (try 5, 5s, 500ms or 1min 30s)" % text)
         total += float(match.group(1)) * _TIMESPAN_UNITS[match.group(2)]
         pos = match.end()
+    if not math.isfinite(total) or total > 1e10:
+        raise ValueError("time span %r is too long (use infinity)" % text)
     return total
 
 
@@ -165,7 +169,10 @@ def parse_size(text, allow_percent=False):
     match = _SIZE_RE.match(text)
     if not match:
         raise ValueError("invalid size %r (try 512M, 1G or infinity)" % text)
-    return int(float(match.group(1)) * _SIZE_FACTORS[match.group(2).upper()])
+    size = float(match.group(1)) * _SIZE_FACTORS[match.group(2).upper()]
+    if not math.isfinite(size) or size >= 2 ** 63:
+        raise ValueError("size %r is too large" % text)
+    return int(size)
 
 
 def _parse_percent(text):
@@ -173,7 +180,7 @@ def _parse_percent(text):
         value = float(text.strip()[:-1]) if text.strip().endswith("%") else None
     except ValueError:
         value = None
-    if value is None or value <= 0:
+    if value is None or not math.isfinite(value) or value <= 0 or value > 1e6:
         raise ValueError("invalid percentage %r (try 50%%)" % text)
     return value
 
@@ -703,7 +710,7 @@ def unit_name_problem(name):
 def _logical_lines(text):
     """(line number, text) for each logical line: comments dropped, a trailing
     backslash joining the next line (comment lines inside a continuation skipped)."""
-    pending, start = None, 0
+    pending, start = None, 0           # pending: the parts of a continued line
     for number, raw in enumerate(text.split("\n"), 1):
         line = raw.strip()
         if pending is not None and line[:1] in ("#", ";"):
@@ -711,14 +718,15 @@ def _logical_lines(text):
         if pending is None:
             if not line or line[0] in "#;":
                 continue
-            start = number
+            start, pending = number, []
         if line.endswith("\\") and not _escaped(line, len(line) - 1):
-            pending = (pending or "") + line[:-1] + " "
+            pending.append(line[:-1])
             continue
-        yield start, (pending or "") + line
+        pending.append(line)
+        yield start, " ".join(pending)
         pending = None
-    if pending is not None:
-        yield start, pending
+    if pending:
+        yield start, " ".join(pending)
 
 
 def parse_unit(name, path, data, blob=""):
@@ -1249,7 +1257,10 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 def exit_is_clean(last_exit):
-    """systemd's "clean": exit code 0 or SIGHUP/SIGINT/SIGTERM/SIGPIPE."""
+    """systemd's "clean": exit code 0 or SIGHUP/SIGINT/SIGTERM/SIGPIPE. An unknown
+    exit (None: a process adopted from an earlier daemon) is not clean."""
+    if last_exit is None:
+        return False
     if "signal" in last_exit:
         return last_exit["signal"] in CLEAN_EXIT_SIGNALS
     return last_exit["code"] == 0
@@ -1260,7 +1271,7 @@ def should_restart(policy, last_exit, timed_out=False):
     if policy == "always":
         return True
     clean = exit_is_clean(last_exit) and not timed_out
-    unclean_signal = "signal" in last_exit and not clean
+    unclean_signal = last_exit is not None and "signal" in last_exit and not clean
     return {
         "no": False,
         "on-success": clean,
@@ -1331,28 +1342,31 @@ class Spawner:
 
     def spawn(self, argv, program, env, cwd, log_path, run_as):
         """Returns the pid; raises SpawnError with a one-line reason."""
+        fds = []                          # every fd opened here, closed in the finally
         try:
-            log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-        except OSError as exc:
-            raise SpawnError("cannot open log %s: %s" % (log_path, exc.strerror))
-        null_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-        err_r, err_w = os.pipe()          # both ends close-on-exec (PEP 446)
-        try:
+            try:
+                fds.append(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640))
+            except OSError as exc:
+                raise SpawnError("cannot open log %s: %s" % (log_path, exc.strerror))
+            fds.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+            fds.extend(os.pipe())         # exec-failure pipe, both ends close-on-exec (PEP 446)
+            log_fd, null_fd, err_r, err_w = fds
             pid = os.fork()
             if pid == 0:                  # child: only os calls from here to exec
                 self._exec_child(argv, program, env, cwd, log_fd, null_fd, err_w, run_as)
             os.close(err_w)
-            err_w = -1
+            fds.remove(err_w)
             report = b""
             while True:
                 chunk = os.read(err_r, 4096)
                 if not chunk:
                     break
                 report += chunk
+        except OSError as exc:            # fork EAGAIN, EMFILE, ...: the system said no
+            raise SpawnError("cannot start a process: %s" % (exc.strerror or exc))
         finally:
-            for fd in (log_fd, null_fd, err_r, err_w):
-                if fd >= 0:
-                    os.close(fd)
+            for fd in fds:
+                os.close(fd)
         if report:
             os.waitpid(pid, 0)            # the child exits at once after reporting
             raise SpawnError(report.decode("utf-8", "replace"))
@@ -1475,11 +1489,13 @@ class ExitWatcher:
             exit_info = None
             if info is not None:
                 exit_info = {"code": info.si_status} if info.si_code == os.CLD_EXITED else {"signal": info.si_status}
-            self._finish(pid, exit_info)
             try:
-                os.waitpid(pid, 0)
-            except ChildProcessError:
-                pass
+                self._finish(pid, exit_info)
+            finally:
+                try:
+                    os.waitpid(pid, 0)
+                except ChildProcessError:
+                    pass
             return
         if pid not in self.pidfds:
             fields = read_proc_stat(pid)
@@ -1600,10 +1616,12 @@ class Service:
             self.start_times = [t for t in self.start_times if now - t < spec.start_limit_interval]
             if len(self.start_times) >= spec.start_limit_burst:
                 # BACKOFF/STOPPED -> FAILED: too many starts too fast
-                self.daemon.log.warning(self.name, "Start limit hit: %d starts within %s; giving up until 'start %s'" % (
-                    len(self.start_times), format_timespan(spec.start_limit_interval), self.name))
-                self._set_state(FAILED, "start limit hit (%d starts within %s)" % (
-                    len(self.start_times), format_timespan(spec.start_limit_interval)))
+                why = "start limit hit (%d starts within %s)%s" % (
+                    len(self.start_times), format_timespan(spec.start_limit_interval),
+                    "; last: %s" % self.reason if self.reason else "")
+                self.daemon.log.warning(self.name, "Start limit hit: %s; giving up until 'start %s'" % (
+                    why[len("start limit hit "):], self.name))
+                self._set_state(FAILED, why)
                 return
             self.start_times.append(now)
         self.queue = list(spec.exec_start_pre) + list(spec.exec_start)
@@ -1622,11 +1640,9 @@ class Service:
                 self.daemon.log.warning(self.name, "Ignoring failed %s command: %s" % (self.phase, exc))
                 self._run_next()
                 return
-            # STARTING -> FAILED: the command could not be started at all
-            self.pid = self.phase = self.current = None
-            self.queue = []
-            self.daemon.log.error(self.name, "Failed to start: %s" % exc)
-            self._set_state(FAILED, "spawn failed: %s" % exc)
+            # The command could not be started at all: systemd's exit 203/EXEC.
+            self.pid = self.current = None
+            self._finish_run(None, {"code": 203}, "spawn failed: %s" % exc, failed=True)
             return
         self.pid, self.pid_start, self.adopted = pid, pid_start_time(pid), False
         self.started_at = time.monotonic()
@@ -1720,9 +1736,7 @@ class Service:
                 os.killpg(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
-        self.pid = None
-        self.pid_start = None
-        self.current = None
+        self.pid = self.pid_start = self.current = None
         described = describe_exit(exit_info) if exit_info else "exit status unknown (adopted)"
         if self.state == STOPPING:
             # STOPPING -> STOPPED (or -> STARTING for a restart)
@@ -1732,7 +1746,7 @@ class Service:
             if exit_info is not None:
                 self.last_exit = exit_info
             self.daemon.log.info(self.name, "Stopped (%s%s)" % (described, ", after SIGKILL" if self.stop_timed_out else ""))
-            if self.start_after_stop and self.want == "up":
+            if self.start_after_stop and self.want == "up" and not self.daemon.shutting_down:
                 self.start_after_stop = False
                 self.daemon.log.info(self.name, "Restarting (requested)")
                 self._set_state(STOPPED, "restarting")
@@ -1740,42 +1754,46 @@ class Service:
             else:
                 self._set_state(STOPPED, self.reason or "stopped by user")
             return
-        failed_step = exit_info is not None and exit_info != {"code": 0} and not (command and command.ignore_failure)
-        if self.queue and not failed_step:
+        succeeded = exit_info == {"code": 0} or (command is not None and command.ignore_failure)
+        if self.queue and succeeded:
             # STARTING -> STARTING: the next ExecStartPre / oneshot command
             self._run_next()
             return
-        self.phase = None
-        self.main_started_wall = None
-        self.last_exit = exit_info
         if ran_for >= BACKOFF_RESET_UPTIME:
             self.crash_streak = 0
-        self.queue = []
         step = "ExecStartPre" if command is not None and command not in self.spec.exec_start else None
-        outcome = exit_info if exit_info is not None else {"code": 0}
-        if self.want == "up" and should_restart(self.spec.restart, outcome):
-            # RUNNING/STARTING -> BACKOFF: wait RestartSec (backing off) then start
+        if step:
+            self._finish_run(exit_info, exit_info, "%s failed (%s)" % (step, described), failed=True)
+        elif self.spec.type == "oneshot":
+            self._finish_run(exit_info, {"code": 0} if succeeded else exit_info,
+                             "oneshot " + described, failed=not succeeded)
+        else:
+            self._finish_run(exit_info, exit_info, described, failed=False)
+
+    def _finish_run(self, last_exit, outcome, why, failed):
+        """No process of the service is left: restart as Restart= says for
+        `outcome` (None: unknown, counted as a failure), else settle in FAILED
+        (failed=True) or EXITED."""
+        self.phase = self.main_started_wall = None
+        self.queue = []
+        self.last_exit = last_exit
+        if self.want == "up" and not self.daemon.shutting_down and should_restart(self.spec.restart, outcome):
+            # STARTING/RUNNING -> BACKOFF: wait RestartSec (backing off) then start
             self.crash_streak += 1
             delay = restart_delay(self.spec.restart_sec, self.crash_streak)
             self.restarts += 1
-            why = "%s %s" % (step, described) if step else described
             self.daemon.log.info(self.name, "Restarting in %s (%s; restart %d)%s" % (
                 format_timespan(delay), why, self.restarts, self.daemon.deploy_note(self)))
             self._set_state(BACKOFF, why)
             self.timer = self.daemon.call_later(delay, self._restart_due)
-            return
-        if step:
-            # STARTING -> FAILED: an ExecStartPre command failed
-            self.daemon.log.error(self.name, "%s failed (%s)" % (step, described))
-            self._set_state(FAILED, "%s failed (%s)" % (step, described))
-        elif self.spec.type == "oneshot" and exit_info not in (None, {"code": 0}):
-            # STARTING -> FAILED: a oneshot that did not succeed
-            self.daemon.log.error(self.name, "Failed (%s)" % described)
-            self._set_state(FAILED, "oneshot %s" % described)
+        elif failed:
+            # STARTING -> FAILED: spawn error, failed ExecStartPre or oneshot
+            self.daemon.log.error(self.name, "Failed: %s" % why)
+            self._set_state(FAILED, why)
         else:
-            # RUNNING/STARTING -> EXITED: finished and not restarting
-            self.daemon.log.info(self.name, "Exited (%s)" % described)
-            self._set_state(EXITED, described)
+            # RUNNING -> EXITED: finished and not restarting
+            self.daemon.log.info(self.name, "Exited (%s)" % why)
+            self._set_state(EXITED, why)
 
     def _restart_due(self):
         self.timer = None
@@ -1845,17 +1863,23 @@ class DaemonLog:
             os.write(self.fd, data)
             self.size += len(data)
         except OSError:
-            pass          # a full disk must not stop supervision
+            pass          # a full disk, a vanished folder: must not stop supervision
 
     def _rotate(self):
+        """Rename daemon.log to daemon.log.1 (shifting older ones) and reopen. A
+        file that vanished meanwhile (logrotate, rm) is simply created anew."""
         os.close(self.fd)
-        for index in range(self.backups - 1, 0, -1):
-            if os.path.exists("%s.%d" % (self.path, index)):
-                os.replace("%s.%d" % (self.path, index), "%s.%d" % (self.path, index + 1))
-        if self.backups:
-            os.replace(self.path, self.path + ".1")
-        else:
-            os.truncate(self.path, 0)
+        self.fd = None                # never write to, or close, a number we gave back
+        try:
+            for index in range(self.backups - 1, 0, -1):
+                if os.path.exists("%s.%d" % (self.path, index)):
+                    os.replace("%s.%d" % (self.path, index), "%s.%d" % (self.path, index + 1))
+            if self.backups:
+                os.replace(self.path, self.path + ".1")
+            else:
+                os.truncate(self.path, 0)
+        except OSError:
+            pass
         self._open()
 
     def debug(self, name, message):
@@ -1873,21 +1897,23 @@ class DaemonLog:
 
 def rotate_service_log(path, backups):
     """Copy LOG to LOG.1 (shifting older ones), then truncate LOG. Bytes written
-    between the last copy pass and the truncate are lost; the copy is repeated
-    until the file stops growing to keep that window to microseconds."""
+    between the copy and the truncate are lost, so the copy takes two passes:
+    what was there at the start, then what came meanwhile (bounded, so that a
+    writer faster than the copy cannot keep the daemon here)."""
     if backups > 0:
         for index in range(backups - 1, 0, -1):
             older = "%s.%d" % (path, index)
             if os.path.exists(older):
                 os.replace(older, "%s.%d" % (path, index + 1))
         with open(path, "rb") as source, open(path + ".1", "wb") as target:
-            while True:
-                chunk = source.read(1 << 20)
-                if not chunk:
-                    if os.fstat(source.fileno()).st_size <= source.tell():
+            for _ in range(2):
+                remaining = os.fstat(source.fileno()).st_size - source.tell()
+                while remaining > 0:
+                    chunk = source.read(min(remaining, 1 << 20))
+                    if not chunk:
                         break
-                    continue
-                target.write(chunk)
+                    target.write(chunk)
+                    remaining -= len(chunk)
     os.truncate(path, 0)
 
 
@@ -1903,16 +1929,17 @@ def encode_message(payload):
 
 class Connection:
     """One client of the control socket, served by the daemon's loop."""
-    __slots__ = ("sock", "inbuf", "outbuf", "last_active", "waiting", "close_when_sent", "uid")
+    __slots__ = ("sock", "fd", "inbuf", "outbuf", "last_active", "waiting", "reading", "events")
 
-    def __init__(self, sock, uid):
+    def __init__(self, sock):
         self.sock = sock
-        self.uid = uid
+        self.fd = sock.fileno()
         self.inbuf = bytearray()          # bytes received, not yet a whole request
         self.outbuf = bytearray()         # reply bytes the socket has not taken yet
         self.last_active = time.monotonic()
         self.waiting = None               # the Waiter holding this client's reply
-        self.close_when_sent = False
+        self.reading = True               # False after EOF or a refusal: answer, then close
+        self.events = selectors.EVENT_READ  # what the selector watches for it (0: nothing)
 
 
 class Waiter:
@@ -2109,9 +2136,12 @@ class Daemon:
             probe.settimeout(1.0)
             try:
                 probe.connect(path)
-            except OSError:
+            except ConnectionRefusedError:
                 os.unlink(path)            # stale: nothing listens there any more
                 self.log.info("daemon", "Removed stale socket %s" % path)
+            except OSError as exc:
+                raise GitprocError("cannot tell whether %s is in use (%s); remove it if no daemon runs" % (
+                    path, exc.strerror or exc))
             else:
                 raise GitprocError("another gitproc daemon answers on %s" % path)
             finally:
@@ -2256,7 +2286,10 @@ class Daemon:
         if path is None:
             raise SpawnError("%s: command not found on PATH (%s)" % (program[0], env.get("PATH")))
         cwd = self._working_directory(spec, run_as)
-        makedirs(self.config.log_dir)
+        try:
+            makedirs(self.config.log_dir)
+        except OSError as exc:
+            raise SpawnError("cannot create the log folder %s: %s" % (self.config.log_dir, exc.strerror))
         return self.spawner.spawn(argv, path, env, cwd, self.config.service_log(service.name), run_as)
 
     @staticmethod
@@ -2413,8 +2446,9 @@ class Daemon:
         if waiter.timer:
             waiter.timer.cancel()
         waiter.conn.waiting = None
-        self._send(waiter.conn, reply)
-        self._process_input(waiter.conn)
+        if waiter.conn.fd in self.connections:
+            waiter.conn.outbuf += encode_message(reply)
+            self._process_input(waiter.conn)
 
     def _park(self, conn, check, expire, timeout):
         reply = check()
@@ -2452,11 +2486,20 @@ class Daemon:
             dependents = [other for other in active if other != name and
                           name in self.services[other].spec.after + self.services[other].spec.requires]
             if not dependents:
-                want = service.want
-                service.stop(reason="daemon shut down")
-                service.want = want               # shutdown is not the user's stop
+                self._stop_for_shutdown(service)
+        if not any(s.state == STOPPING for s in self.services.values()):
+            # Nothing could be stopped in order (a dependency cycle): stop the rest.
+            for service in self.services.values():
+                if service.state in (STARTING, RUNNING):
+                    self._stop_for_shutdown(service)
         if not any(s.state in ACTIVE_STATES for s in self.services.values()):
             self.running = False
+
+    @staticmethod
+    def _stop_for_shutdown(service):
+        want = service.want
+        service.stop(reason="daemon shut down")
+        service.want = want               # a shutdown is not the user's stop: keep the intent
 
     # -- the control socket ---------------------------------------------------------
 
@@ -2471,13 +2514,12 @@ class Daemon:
         sock.setblocking(False)
         credentials = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         peer_pid, peer_uid, peer_gid = struct.unpack("3i", credentials)
-        conn = Connection(sock, peer_uid)
-        self.connections[sock.fileno()] = conn
-        self.selector.register(sock, selectors.EVENT_READ, (self._on_client, conn))
+        conn = Connection(sock)
+        self.connections[conn.fd] = conn
+        self.selector.register(sock, conn.events, (self._on_client, conn))
         if not self._peer_allowed(peer_pid, peer_uid, peer_gid):
             self.log.warning("daemon", "Refused a client with uid %d (pid %d)" % (peer_uid, peer_pid))
-            conn.close_when_sent = True
-            self._send(conn, {"ok": False, "error": "permission denied: uid %d may not control this daemon" % peer_uid})
+            self._refuse(conn, "permission denied: uid %d may not control this daemon" % peer_uid)
             return
         if self.idle_timer is None:
             self.idle_timer = self.call_later(REQUEST_IDLE_TIMEOUT / 2, self._close_idle)
@@ -2509,9 +2551,16 @@ class Daemon:
             self.idle_timer = self.call_later(REQUEST_IDLE_TIMEOUT / 2, self._close_idle)
 
     def _on_client(self, conn, mask):
+        try:
+            self._serve_client(conn, mask)
+        except Exception:
+            self._close(conn)             # never leave a client waiting on a broken exchange
+            raise
+
+    def _serve_client(self, conn, mask):
         if mask & selectors.EVENT_WRITE:
             self._flush(conn)
-        if not mask & selectors.EVENT_READ or conn.sock.fileno() not in self.connections:
+        if not mask & selectors.EVENT_READ or conn.fd not in self.connections:
             return
         try:
             data = conn.sock.recv(65536)
@@ -2520,38 +2569,44 @@ class Daemon:
         except OSError:
             data = b""
         if not data:
-            self._close(conn)
+            # EOF: the client sent all it will (maybe with shutdown(SHUT_WR));
+            # the requests it sent are still answered, then the socket closes.
+            conn.reading = False
+            self._process_input(conn)
             return
         conn.last_active = time.monotonic()
         conn.inbuf += data
+        if conn.waiting is not None and len(conn.inbuf) > MAX_REQUEST_BYTES:
+            self._close(conn)             # flooding while its answer waits
+            return
         self._process_input(conn)
 
     def _process_input(self, conn):
-        while conn.waiting is None and not conn.close_when_sent and conn.sock.fileno() in self.connections:
+        """Answer the complete requests received, one at a time (a parked reply
+        holds the next ones back), then settle what to watch for."""
+        while conn.waiting is None and conn.fd in self.connections:
             newline = conn.inbuf.find(b"\n")
-            if newline < 0:
-                if len(conn.inbuf) > MAX_REQUEST_BYTES:
-                    conn.inbuf.clear()
-                    conn.close_when_sent = True
-                    self._send(conn, {"ok": False, "error": "request larger than %d bytes" % MAX_REQUEST_BYTES})
+            if newline < 0 and conn.reading and len(conn.inbuf) > MAX_REQUEST_BYTES:
+                self._refuse(conn, "request larger than %d bytes" % MAX_REQUEST_BYTES)
                 return
+            if newline < 0:
+                break
             line = bytes(conn.inbuf[:newline])
             del conn.inbuf[:newline + 1]
             if len(line) > MAX_REQUEST_BYTES:
-                conn.close_when_sent = True
-                self._send(conn, {"ok": False, "error": "request larger than %d bytes" % MAX_REQUEST_BYTES})
+                self._refuse(conn, "request larger than %d bytes" % MAX_REQUEST_BYTES)
                 return
-            if not line.strip():
-                continue
-            reply = self._handle_line(conn, line)
-            if reply is not None:
-                self._send(conn, reply)
+            if line.strip():
+                reply = self._handle_line(conn, line)
+                if reply is not None:
+                    conn.outbuf += encode_message(reply)
+        self._flush(conn)
 
     def _handle_line(self, conn, line):
         """One request -> a reply dict, or None when the reply was parked."""
         try:
             message = json.loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             return {"ok": False, "error": "malformed request (one JSON object per line): %s" % exc}
         if not isinstance(message, dict) or not isinstance(message.get("cmd"), str):
             return {"ok": False, "error": "malformed request: expected {\"cmd\": \"...\", ...}"}
@@ -2568,35 +2623,48 @@ class Daemon:
             return {"ok": False, "error": "internal error handling %r (see the daemon log)" % message["cmd"]}
         return result
 
-    def _send(self, conn, reply):
-        if conn.sock.fileno() not in self.connections:
-            return
-        conn.outbuf += encode_message(reply)
+    def _refuse(self, conn, error):
+        """Answer with an error, read nothing more, close once it is sent."""
+        conn.reading = False
+        conn.inbuf.clear()
+        conn.outbuf += encode_message({"ok": False, "error": error})
         self._flush(conn)
 
     def _flush(self, conn):
-        try:
-            sent = conn.sock.send(conn.outbuf)
-            del conn.outbuf[:sent]
-        except (BlockingIOError, InterruptedError):
-            pass
-        except OSError:
+        """Write what the socket takes; watch for writability while some is left;
+        close when nothing more will be read or written."""
+        if conn.fd not in self.connections:
+            return
+        if conn.outbuf:
+            try:
+                sent = conn.sock.send(conn.outbuf)
+                del conn.outbuf[:sent]
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                self._close(conn)
+                return
+        if not conn.reading and not conn.outbuf and conn.waiting is None:
             self._close(conn)
             return
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.outbuf else 0)
-        if not conn.outbuf and conn.close_when_sent:
-            self._close(conn)
-            return
-        self.selector.modify(conn.sock, events, (self._on_client, conn))
+        events = (selectors.EVENT_READ if conn.reading else 0) | (selectors.EVENT_WRITE if conn.outbuf else 0)
+        if events != conn.events:
+            if not conn.events:
+                self.selector.register(conn.sock, events, (self._on_client, conn))
+            elif not events:
+                self.selector.unregister(conn.sock)
+            else:
+                self.selector.modify(conn.sock, events, (self._on_client, conn))
+            conn.events = events
 
     def _close(self, conn):
-        fd = conn.sock.fileno()
-        if fd in self.connections:
-            del self.connections[fd]
+        if self.connections.pop(conn.fd, None) is not None and conn.events:
             self.selector.unregister(conn.sock)
+        conn.events = 0
         if conn.waiting is not None and conn.waiting in self.waiters:
             self.waiters.remove(conn.waiting)
             conn.waiting.timer.cancel()
+        conn.waiting = None
         conn.sock.close()
 
     # -- requests ------------------------------------------------------------------
@@ -2618,8 +2686,9 @@ class Daemon:
 
     def _timeout(self, message, default):
         timeout = message.get("timeout", default)
-        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout < 0:
-            raise GitprocError("malformed request: 'timeout' must be a number of seconds")
+        if (not isinstance(timeout, (int, float)) or isinstance(timeout, bool)
+                or not math.isfinite(timeout) or not 0 <= timeout <= MAX_WAIT_TIMEOUT):
+            raise GitprocError("malformed request: 'timeout' must be seconds from 0 to %d" % MAX_WAIT_TIMEOUT)
         return timeout
 
     def _cmd_ping(self, conn, message):
@@ -2718,6 +2787,8 @@ class Daemon:
     def _cmd_wait(self, conn, message):
         names = self._names(message)
         target = message.get("state", "running")
+        if not isinstance(target, str):
+            raise GitprocError("malformed request: 'state' must be a string")
         predicates = {
             "running": lambda s: s.is_ready(),
             "healthy": lambda s: s.is_ready(),      # health checks are not run yet: ready counts
