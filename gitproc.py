@@ -67,6 +67,7 @@ LOG_CHECK_INTERVAL = 5.0            # how often service log sizes are checked
 POLL_FALLBACK_INTERVAL = 0.2        # exit polling where pidfds and SIGCHLD fail
 
 MAX_REQUEST_BYTES = 64 * 1024
+MAX_SOCKET_PATH = 107               # sun_path is 108 bytes with the terminating NUL
 REQUEST_IDLE_TIMEOUT = 10.0
 CLIENT_TIMEOUT = 30.0
 DEFAULT_WAIT_TIMEOUT = 30.0
@@ -277,6 +278,13 @@ def format_timespan(seconds):
 
 def format_time(wall):
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(wall)) if wall else "-"
+
+
+def describe_os_error(exc):
+    """'Permission denied: /etc/gitproc' rather than a traceback."""
+    if exc.filename:
+        return "%s: %s" % (exc.strerror or exc, exc.filename)
+    return str(exc.strerror or exc)
 
 
 def atomic_write(path, data):
@@ -819,6 +827,8 @@ def _validate_unit(values, lines_of, report):
     elif len(commands) > 1 and values.get("type", "simple") != "oneshot":
         report(lines_of["exec_start"], "error",
                "%d ExecStart= commands: only Type=oneshot may have more than one" % len(commands))
+    if values.get("type") == "oneshot" and values.get("restart") in ("always", "on-success"):
+        report(lines_of["restart"], "error", "Restart=%s is not allowed with Type=oneshot (use on-failure)" % values["restart"])
     if values.get("start_limit_burst", 1) < 1:
         report(lines_of["start_limit_burst"], "error", "StartLimitBurst= must be at least 1")
     for field, key in (("restart_sec", "RestartSec"), ("health_check_interval", "HealthCheckInterval"),
@@ -1143,6 +1153,11 @@ class Commit:
 
     def to_json(self):
         return {"sha": self.sha, "subject": self.subject, "time": self.time}
+
+
+def require_git():
+    if find_program("git", os.environ.get("PATH")) is None:
+        raise GitError("git not found on PATH: install git (2.20 or newer)")
 
 
 def git_branch_head(repo, branch):
@@ -1582,7 +1597,7 @@ class Service:
                 "pid_start": self.pid_start if self.state in ACTIVE_STATES else None,
                 "phase": self.phase, "restarts": self.restarts, "last_exit": self.last_exit,
                 "state": self.state, "reason": self.reason, "commit": self.commit,
-                "started_wall": self.main_started_wall}
+                "blob": self.spec.blob, "started_wall": self.main_started_wall}
 
     # -- transitions -------------------------------------------------------------
 
@@ -1955,16 +1970,21 @@ def request(config, payload, timeout=CLIENT_TIMEOUT):
     """Send one request to the daemon and return its result; GitprocError with
     the daemon's message when it answers with an error."""
     path = config.socket_path
+    if len(path.encode()) > MAX_SOCKET_PATH:
+        raise ConfigError("socket path %s is %d bytes; Unix sockets allow %d: choose a shorter --home or socket_path" % (
+            path, len(path.encode()), MAX_SOCKET_PATH))
     client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     client.settimeout(timeout)
     try:
         try:
             client.connect(path)
-        except (FileNotFoundError, ConnectionRefusedError):
+        except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError):
             raise DaemonNotRunning("no gitproc daemon answers on %s; start one with: python3 gitproc.py daemon%s" % (
                 path, " --home %s" % config.home if config.home and not _home_from_env(config) else ""))
         except PermissionError:
             raise GitprocError("permission denied on %s: run as the daemon's user, root, or a member of its socket_group" % path)
+        except OSError as exc:
+            raise GitprocError("cannot connect to %s: %s" % (path, exc.strerror or exc))
         client.sendall(encode_message(payload))
         reply = bytearray()
         while not reply.endswith(b"\n"):
@@ -2051,6 +2071,7 @@ class Daemon:
         """Start, serve until shutdown, clean up. Errors before the daemon is ready
         go to ready_fd (for `daemon` to print) and give exit code 1."""
         try:
+            require_git()
             self._acquire_pid_file()
             self._open_socket()
             self._install_signal_handlers()
@@ -2058,10 +2079,12 @@ class Daemon:
             self._restore_state()
             self.log.info("daemon", "Started gitproc %s (pid %d, repo %s@%s, exit watch: %s)" % (
                 __version__, os.getpid(), self.config.repo_path, self.config.branch, self.exit_watcher.mode))
-            self.deploy_head("daemon start")
-        except GitprocError as exc:
-            self.log.error("daemon", str(exc))
-            _notify(ready_fd, "error " + str(exc))
+            if self.deploy_head("daemon start") is not None:
+                self._stop_saved_orphans()
+        except (GitprocError, OSError) as exc:
+            message = str(exc) if isinstance(exc, GitprocError) else describe_os_error(exc)
+            self.log.error("daemon", message)
+            _notify(ready_fd, "error " + message)
             self._cleanup()
             return EXIT_FAILURE
         _notify(ready_fd, "ok %d" % os.getpid())
@@ -2126,8 +2149,9 @@ class Daemon:
 
     def _open_socket(self):
         path = self.config.socket_path
-        if len(path.encode()) > 107:
-            raise ConfigError("socket path %s is %d bytes; Unix sockets allow 107: choose a shorter --home or socket_path" % (path, len(path.encode())))
+        if len(path.encode()) > MAX_SOCKET_PATH:
+            raise ConfigError("socket path %s is %d bytes; Unix sockets allow %d: choose a shorter --home or socket_path" % (
+                path, len(path.encode()), MAX_SOCKET_PATH))
         makedirs(os.path.dirname(path))
         if os.path.lexists(path):
             if not stat.S_ISSOCK(os.lstat(path).st_mode):
@@ -2354,9 +2378,13 @@ class Daemon:
         specs, problems = check_unit_tree(entries)
         invalid = sorted({d.path for d in problems if d.severity == "error"})
         bad_names = {os.path.basename(path)[:-len(UNIT_SUFFIX)] for path in invalid}
+        earlier = self.specs or self._specs_of_saved_commit(bad_names)
+        origin = {}                                   # name -> commit its kept spec came from
         for name in bad_names:
-            if name not in specs and name in self.specs:
-                specs[name] = self.specs[name]        # the earlier good version keeps running
+            if name not in specs and name in earlier:
+                specs[name] = earlier[name]           # the earlier good version keeps running
+                service = self.services.get(name)
+                origin[name] = service.commit if service else self.deployed.sha
         self.skipped = {}
         for name, spec in list(specs.items()):
             if not host_matches(spec.condition_host, self.config.hostname):
@@ -2368,16 +2396,17 @@ class Daemon:
             self.log.error("daemon", "Invalid unit: %s" % line)
         for name in plan["removed"]:
             service = self.services[name]
-            if service.state in ACTIVE_STATES:
-                service.stop(reason="removed from the repository")
+            if service.state in (STARTING, RUNNING):
+                self._stop_keeping_intent(service, "removed from the repository")
             service.removed = True
+            self.saved_services.pop(name, None)
         self.specs = specs
         self.unit_problems = problems
         self.deployed = commit
         for name in dependency_order(specs):
             spec = specs[name]
             if name in plan["added"]:
-                self._add_service(spec, commit.sha)
+                self._add_service(spec, origin.get(name, commit.sha))
             elif name in plan["changed"]:
                 service = self.services[name]
                 service.spec, service.commit = spec, commit.sha
@@ -2396,7 +2425,27 @@ class Daemon:
         self._save_now()
         return plan
 
+    def _specs_of_saved_commit(self, names):
+        """At start-up, the units of the commit the previous daemon deployed (for
+        invalid units whose earlier good version must keep running)."""
+        if not names or self.deployed is None:
+            return {}
+        try:
+            specs, _ = check_unit_tree(git_read_units(self.config.repo_path, self.deployed.sha))
+        except GitError as exc:
+            self.log.warning("daemon", "Cannot read the previously deployed commit %s: %s" % (self.deployed.sha[:7], exc))
+            return {}
+        return specs
+
     def _add_service(self, spec, sha):
+        service = self.services.get(spec.name)
+        if service is not None:
+            # Removed, still stopping, and back again: one Service, never two copies.
+            service.removed = False
+            service.spec, service.commit = spec, sha
+            if service.want == "up":
+                service.start()           # STOPPING -> (stopped) -> STARTING
+            return
         service = Service(self, spec, sha)
         self.services[spec.name] = service
         saved = self.saved_services.get(spec.name)
@@ -2412,20 +2461,41 @@ class Daemon:
         else:
             service._set_state(STOPPED, "stopped by user")
 
-    def _adopt_saved(self, service, saved):
-        """Adopt the process an earlier daemon left running, if its pid still names
-        the same process (same /proc start time); never signal a reused pid."""
+    @staticmethod
+    def _live_saved_pid(saved):
+        """(pid, start time) from a state entry if that process still runs, else None.
+        The start time proves it is the same process: a reused pid is never touched."""
         pid, pid_start = saved.get("pid"), saved.get("pid_start")
         if not isinstance(pid, int) or not isinstance(pid_start, int) or pid <= 0:
+            return None
+        return (pid, pid_start) if pid_start_time(pid) == pid_start else None
+
+    def _adopt_saved(self, service, saved):
+        """Adopt the process an earlier daemon left running; stop it if the user
+        wants it down, restart it if its unit changed while no daemon ran."""
+        live = self._live_saved_pid(saved)
+        if live is None:
             return False
-        if pid_start_time(pid) != pid_start:
-            return False
+        service.adopt(live[0], live[1], saved.get("phase"), saved.get("started_wall"))
         if service.want == "down":
-            service.adopt(pid, pid_start, saved.get("phase"), saved.get("started_wall"))
             service.stop()
-        else:
-            service.adopt(pid, pid_start, saved.get("phase"), saved.get("started_wall"))
+        elif saved.get("blob") not in (None, service.spec.blob):
+            self.log.info(service.name, "Restarting: unit changed while no daemon ran")
+            service.restart()
         return True
+
+    def _stop_saved_orphans(self):
+        """Processes that an earlier daemon left running for units that are no
+        longer deployed: SIGTERM their group, SIGKILL it if still there later."""
+        for name, saved in list(self.saved_services.items()):
+            live = self._live_saved_pid(saved) if isinstance(saved, dict) and name not in self.services else None
+            if live is None:
+                continue
+            pid, pid_start = live
+            self.log.info(name, "Stopping pid %d: its unit is no longer deployed" % pid)
+            _signal_group_if_same(pid, pid_start, signal.SIGTERM)
+            self.call_later(DEFAULT_TIMEOUT_STOP_SEC, lambda p=pid, s=pid_start: _signal_group_if_same(p, s, signal.SIGKILL))
+            del self.saved_services[name]
 
     def _forget_removed(self):
         for name in [name for name, s in self.services.items() if s.removed and s.state not in ACTIVE_STATES]:
@@ -2486,20 +2556,21 @@ class Daemon:
             dependents = [other for other in active if other != name and
                           name in self.services[other].spec.after + self.services[other].spec.requires]
             if not dependents:
-                self._stop_for_shutdown(service)
+                self._stop_keeping_intent(service, "daemon shut down")
         if not any(s.state == STOPPING for s in self.services.values()):
             # Nothing could be stopped in order (a dependency cycle): stop the rest.
             for service in self.services.values():
                 if service.state in (STARTING, RUNNING):
-                    self._stop_for_shutdown(service)
+                    self._stop_keeping_intent(service, "daemon shut down")
         if not any(s.state in ACTIVE_STATES for s in self.services.values()):
             self.running = False
 
     @staticmethod
-    def _stop_for_shutdown(service):
+    def _stop_keeping_intent(service, reason):
+        """Stop without it counting as the user's stop (shutdown, unit removed)."""
         want = service.want
-        service.stop(reason="daemon shut down")
-        service.want = want               # a shutdown is not the user's stop: keep the intent
+        service.stop(reason=reason)
+        service.want = want
 
     # -- the control socket ---------------------------------------------------------
 
@@ -2675,7 +2746,7 @@ class Daemon:
             raise GitprocError("malformed request: 'names' must be a list of unit names")
         if not names and not allow_empty:
             raise GitprocError("name at least one unit")
-        unknown = [n for n in names if n not in self.services]
+        unknown = [n for n in names if n not in self.services or self.services[n].removed]
         if unknown:
             hint = ""
             skipped = [n for n in unknown if n in self.skipped]
@@ -2834,6 +2905,16 @@ class Daemon:
                 self.log.warning(name, "Cannot rotate log %s: %s" % (path, exc.strerror))
 
 
+def _signal_group_if_same(pid, pid_start, number):
+    """Signal the process group led by `pid` only while `pid` is still the process
+    that started at `pid_start`."""
+    if pid_start_time(pid) == pid_start:
+        try:
+            os.killpg(pid, number)
+        except OSError:
+            pass
+
+
 def host_matches(conditions, hostname):
     """ConditionHost= globs (a leading '!' negates); all must hold."""
     import fnmatch
@@ -2922,6 +3003,7 @@ def _daemon_line(info):
 
 
 def cmd_init(config, args):
+    require_git()
     repo = config.repo_path
     if os.path.exists(os.path.join(repo, ".git")) or os.path.exists(os.path.join(repo, "HEAD")):
         raise GitprocError("%s is already a git repository; nothing to do" % repo)
@@ -2937,6 +3019,7 @@ def cmd_daemon(config, args):
         info = None
     if info:
         raise GitprocError("a gitproc daemon is already running (pid %d, socket %s)" % (info["pid"], config.socket_path))
+    require_git()
     created = False
     if not os.path.exists(config.repo_path):
         git_init_repo(config.repo_path, config.branch)
@@ -2947,6 +3030,7 @@ def cmd_daemon(config, args):
     if args.foreground:
         if created:
             print("Created repository %s with hello.service" % config.repo_path, file=sys.stderr)
+        close_inherited_fds(keep=(0, 1, 2))
         log = DaemonLog(config.daemon_log, args.log_level, sys.stderr, config.log_max_bytes, config.log_backups)
         return Daemon(config, log, mode).run()
     outcome = _spawn_detached_daemon(config, args.log_level, mode)
@@ -2963,6 +3047,19 @@ def cmd_daemon(config, args):
                             "none (%s)" % (info.get("last_sync") or {}).get("error", "nothing deployed")))
     print("  units   %d (see: python3 gitproc.py status)" % len(status["services"]))
     return EXIT_OK
+
+
+def close_inherited_fds(keep):
+    """Close whatever the caller left open (a shell's pipes, ...): services
+    inherit only what the daemon gives them, and no caller waits on a pipe the
+    daemon holds."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 
 def _spawn_detached_daemon(config, log_level, mode):
@@ -2986,8 +3083,7 @@ def _spawn_detached_daemon(config, log_level, mode):
             os.dup2(null_fd, 0)
             os.dup2(null_fd, 1)
             os.dup2(log_fd, 2)            # stray tracebacks land in daemon.log
-            os.close(null_fd)
-            os.close(log_fd)
+            close_inherited_fds(keep=(0, 1, 2, ready_w))
             log = DaemonLog(config.daemon_log, log_level, None, config.log_max_bytes, config.log_backups)
             code = Daemon(config, log, mode).run(ready_fd=ready_w)
         except BaseException as exc:
@@ -3230,6 +3326,18 @@ def _unit_entry(path, problems):
     return (file_name[:-len(UNIT_SUFFIX)], path, data, "")
 
 
+def _seconds(text):
+    """argparse type: a finite number of seconds, 0 to a day."""
+    import argparse
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (math.isfinite(value) and 0 <= value <= MAX_WAIT_TIMEOUT):
+        raise argparse.ArgumentTypeError("%r is not a number of seconds from 0 to %d" % (text, MAX_WAIT_TIMEOUT))
+    return value
+
+
 def build_parser():
     import argparse
     common = argparse.ArgumentParser(add_help=False)
@@ -3270,7 +3378,7 @@ def build_parser():
     sub.add_argument("--log-level", choices=tuple(LOG_LEVELS)[:3], default="info", help="daemon log level (default: info)")
     sub = with_json(add("shutdown", cmd_shutdown, "stop the daemon and (unless --keep-services) every service"))
     sub.add_argument("--keep-services", action="store_true", help="leave services running for the next daemon to adopt")
-    sub.add_argument("--timeout", type=float, default=120, help="seconds to wait for the daemon to exit (default: 120)")
+    sub.add_argument("--timeout", type=_seconds, default=120, help="seconds to wait for the daemon to exit (default: 120)")
     sub = with_json(add("status", cmd_status, "show the daemon and its services (exit 3 if a named one is not running)"))
     sub.add_argument("names", nargs="*", metavar="NAME")
     with_json(add("list", cmd_list, "list the units of the deployed commit, and those that failed to load"))
@@ -3280,11 +3388,11 @@ def build_parser():
         sub = with_json(add(action, _cmd_action(action), text))
         sub.add_argument("names", nargs="+", metavar="NAME")
         sub.add_argument("--no-block", action="store_true", help="return at once")
-        sub.add_argument("--timeout", type=float, default=DEFAULT_WAIT_TIMEOUT, help="seconds to wait (default: 30)")
+        sub.add_argument("--timeout", type=_seconds, default=DEFAULT_WAIT_TIMEOUT, help="seconds to wait (default: 30)")
     sub = with_json(add("wait", cmd_wait, "wait until units reach a state"))
     sub.add_argument("names", nargs="+", metavar="NAME")
     sub.add_argument("--state", choices=("running", "healthy", "stopped"), default="running")
-    sub.add_argument("--timeout", type=float, default=DEFAULT_WAIT_TIMEOUT, help="seconds (default: 30)")
+    sub.add_argument("--timeout", type=_seconds, default=DEFAULT_WAIT_TIMEOUT, help="seconds (default: 30)")
     sub = with_json(add("logs", cmd_logs, "show a unit's output (works without a daemon)"))
     sub.add_argument("name", nargs="?", metavar="NAME")
     sub.add_argument("-n", "--lines", type=int, default=50, help="how many lines (default: 50)")
@@ -3311,6 +3419,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
+        return EXIT_FAILURE
+    except OSError as exc:            # the system said no (permissions, full disk, ...)
+        print("gitproc: %s" % describe_os_error(exc), file=sys.stderr)
         return EXIT_FAILURE
 
 
