@@ -452,14 +452,16 @@ class UnitSpec:
         if values:
             raise TypeError("unknown UnitSpec fields: %s" % ", ".join(values))
 
-    def to_json(self):
-        data = {"name": self.name, "path": self.path, "blob": self.blob}
+    def fingerprint(self):
+        """{field: comparable value}: what the unit means, whatever its comments,
+        layout or place in the tree."""
+        values = {}
         for field in self.FIELDS:
             value = getattr(self, field)
             if field in ("exec_start", "exec_start_pre"):
-                value = [str(command) for command in value]
-            data[field] = value
-        return data
+                value = tuple((c.program, c.argv, c.ignore_failure) for c in value)
+            values[field] = value
+        return values
 
 
 RESTART_POLICIES = ("no", "always", "on-success", "on-failure", "on-abnormal", "on-abort")
@@ -699,8 +701,9 @@ DIRECTIVES = {
     ("Service", "PrivatePIDs"): ("private_pids", parse_bool, "one"),
     ("Service", "AutoRollback"): ("auto_rollback", parse_bool, "one"),
 }
-# The [Unit] keys also accepted in [Service], as older systemd units write them.
 KNOWN_SECTIONS = ("Unit", "Service", "Install")
+# The key that names each field, for `diff` (the first one of the table wins).
+FIELD_KEYS = {field: key + "=" for (_, key), (field, _, _) in reversed(list(DIRECTIVES.items()))}
 # Values run through %-specifier expansion (the others are names, numbers, paths).
 _SPECIFIER_FIELDS = {"description", "exec_start", "exec_start_pre", "environment",
                      "environment_files", "working_directory", "user", "group"}
@@ -1065,83 +1068,111 @@ class StateStore:
 # for: the daemon never reaps a child it did not start for a service.
 
 GIT_TIMEOUT = 60.0
+FETCH_TIMEOUT = 120
+REMOTE_REF = "refs/gitproc/remote/%s"   # where remote mode fetches the branch to
 
 
-def run_git(repo, args, input_data=None, timeout=GIT_TIMEOUT, check=True):
+def run_git(repo, args, input_data=None, timeout=GIT_TIMEOUT, check=True, env=None):
     """Run `git -C repo ARGS`; returns stdout bytes. Raises GitError with git's
     own first line of complaint when it fails (check=True)."""
     argv = ["git", "-C", repo] + list(args)
-    code, out, err = _run_captured(argv, input_data, timeout)
+    code, out, err = _run_captured(argv, input_data, timeout, env)
     if check and code != 0:
         message = err.decode("utf-8", "replace").strip().splitlines()
         raise GitError("git %s failed: %s" % (args[0], message[0] if message else "exit code %d" % code))
     return out if check else (code, out, err)
 
 
-def _run_captured(argv, input_data, timeout):
-    """posix_spawn a program with stdin/stdout/stderr pipes; returns (code, out, err)."""
+def git_environment(extra=None):
+    """The environment git runs in: messages in English (they are parsed), never
+    a prompt for credentials (the daemon has no terminal)."""
+    env = dict(os.environ, LC_ALL="C", GIT_TERMINAL_PROMPT="0", GIT_SSH_COMMAND=os.environ.get(
+        "GIT_SSH_COMMAND", "ssh -o BatchMode=yes"))
+    env.update(extra or {})
+    return env
+
+
+def _run_captured(argv, input_data, timeout, extra_env=None):
+    """posix_spawn a program with stdin/stdout/stderr pipes; returns (code, out,
+    err). The child is always reaped, also on a timeout or an error here."""
     program = find_program(argv[0], os.environ.get("PATH"))
     if program is None:
         raise GitError("%s not found on PATH: install it (gitproc needs git 2.20 or newer)" % argv[0])
-    in_r, in_w = os.pipe()
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
-    env = dict(os.environ, LC_ALL="C", GIT_TERMINAL_PROMPT="0")
+    open_fds = []
+    pid = None
+    finished = False
     try:
-        pid = os.posix_spawn(program, argv, env, file_actions=[
-            (os.POSIX_SPAWN_DUP2, in_r, 0), (os.POSIX_SPAWN_DUP2, out_w, 1),
-            (os.POSIX_SPAWN_DUP2, err_w, 2)], setsigdef=(signal.SIGPIPE,))
-    except OSError as exc:
-        for fd in (in_r, in_w, out_r, out_w, err_r, err_w):
+        in_r, in_w = os.pipe()
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        open_fds.extend((in_r, in_w, out_r, out_w, err_r, err_w))
+        try:
+            pid = os.posix_spawn(program, argv, git_environment(extra_env), file_actions=[
+                (os.POSIX_SPAWN_DUP2, in_r, 0), (os.POSIX_SPAWN_DUP2, out_w, 1),
+                (os.POSIX_SPAWN_DUP2, err_w, 2)], setsigdef=(signal.SIGPIPE,))
+        except OSError as exc:
+            raise GitError("cannot run %s: %s" % (argv[0], exc.strerror))
+        for fd in (in_r, out_w, err_w):
             os.close(fd)
-        raise GitError("cannot run %s: %s" % (argv[0], exc.strerror))
-    for fd in (in_r, out_w, err_w):
-        os.close(fd)
+            open_fds.remove(fd)
+        out, err = _exchange(in_w, out_r, err_r, input_data or b"", time.monotonic() + timeout, open_fds)
+        if out is None:
+            raise GitError("%s %s timed out after %ds" % (argv[0], " ".join(argv[3:4]), timeout))
+        finished = True
+    finally:
+        for fd in open_fds:
+            os.close(fd)
+        if pid is not None:
+            status = _reap(pid, kill=not finished)
+    exit_info = decode_wait_status(status)
+    return exit_info.get("code", 128 + exit_info.get("signal", 0)), out, err
+
+
+def _exchange(in_w, out_r, err_r, input_data, deadline, open_fds):
+    """Feed stdin and collect stdout and stderr until both close; (None, None) at
+    the deadline. Closes stdin when all is written (and drops it from open_fds)."""
     chunks = {out_r: [], err_r: []}
-    pending_input = memoryview(input_data or b"")
-    deadline = time.monotonic() + timeout
+    pending = memoryview(input_data)
     with selectors.DefaultSelector() as selector:
         selector.register(out_r, selectors.EVENT_READ)
         selector.register(err_r, selectors.EVENT_READ)
-        if pending_input:
+        if pending:
             os.set_blocking(in_w, False)
             selector.register(in_w, selectors.EVENT_WRITE)
         else:
             os.close(in_w)
+            open_fds.remove(in_w)
+        while len(selector.get_map()):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None, None
+            for key, _ in selector.select(remaining):
+                if key.fd == in_w:
+                    try:
+                        pending = pending[os.write(in_w, pending[:65536]):]
+                    except BrokenPipeError:
+                        pending = pending[:0]
+                    if not pending:
+                        selector.unregister(in_w)
+                        os.close(in_w)
+                        open_fds.remove(in_w)
+                    continue
+                data = os.read(key.fd, 1 << 20)
+                if data:
+                    chunks[key.fd].append(data)
+                else:
+                    selector.unregister(key.fd)
+    return b"".join(chunks[out_r]), b"".join(chunks[err_r])
+
+
+def _reap(pid, kill=False):
+    """Wait for our own child `pid`, SIGKILLing it first if `kill`."""
+    if kill:
         try:
-            while len(selector.get_map()):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    os.kill(pid, signal.SIGKILL)
-                    os.waitpid(pid, 0)
-                    raise GitError("%s %s timed out after %ds" % (argv[0], argv[3] if len(argv) > 3 else "", timeout))
-                for key, _ in selector.select(remaining):
-                    if key.fd == in_w:
-                        try:
-                            pending_input = pending_input[os.write(in_w, pending_input[:65536]):]
-                        except BrokenPipeError:
-                            pending_input = pending_input[:0]
-                        if not pending_input:
-                            selector.unregister(in_w)
-                            os.close(in_w)
-                        continue
-                    data = os.read(key.fd, 1 << 20)
-                    if data:
-                        chunks[key.fd].append(data)
-                    else:
-                        selector.unregister(key.fd)
-        finally:
-            for fd in [key.fd for key in selector.get_map().values()]:
-                selector.unregister(fd)
-                os.close(fd)
-            for fd in (out_r, err_r):
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-    _, status = os.waitpid(pid, 0)
-    exit_info = decode_wait_status(status)
-    return exit_info.get("code", 128 + exit_info.get("signal", 0)), b"".join(chunks[out_r]), b"".join(chunks[err_r])
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return os.waitpid(pid, 0)[1]
 
 
 class Commit:
@@ -1160,21 +1191,174 @@ def require_git():
         raise GitError("git not found on PATH: install git (2.20 or newer)")
 
 
-def git_branch_head(repo, branch):
-    """The commit at the head of `branch`; GitError if the repository or branch
-    cannot be read."""
+def git_commit_at(repo, rev, what):
+    """The commit `rev` names (a ref or a commit id); GitError naming `what` if
+    the repository or the revision cannot be read."""
     if not os.path.isdir(repo):
         raise GitError("repository %s does not exist (create it with: gitproc.py init)" % repo)
-    code, out, err = run_git(repo, ["log", "-1", "--format=%H%x00%ct%x00%s",
-                                    "refs/heads/%s" % branch, "--"], check=False)
+    code, out, err = run_git(repo, ["log", "-1", "--format=%H%x00%ct%x00%s", rev, "--"], check=False)
     if code != 0 or not out.strip():
         message = err.decode("utf-8", "replace").strip().splitlines()
         detail = message[0] if message else "no commits"
-        if "unknown revision" in detail or "ambiguous argument" in detail or not message:
-            detail = "branch %r has no commits" % branch
-        raise GitError("cannot read %s@%s: %s" % (repo, branch, detail))
+        if "unknown revision" in detail or "ambiguous argument" in detail or "bad revision" in detail:
+            detail = "%s does not exist or has no commits" % what
+        raise GitError("cannot read %s in %s: %s" % (what, repo, detail))
     sha, commit_time, subject = out.decode("utf-8", "replace").rstrip("\n").split("\0", 2)
     return Commit(sha, subject, int(commit_time))
+
+
+def git_common_dir(repo):
+    """The folder holding refs and packed-refs (the .git folder, the bare
+    repository itself, or a worktree's common folder)."""
+    path = run_git(repo, ["rev-parse", "--git-common-dir"]).decode().strip()
+    return os.path.normpath(os.path.join(repo, path))
+
+
+def read_ref_file(git_dir, ref):
+    """A ref's value read from the files git keeps (loose ref, else packed-refs),
+    without running git: the commit id, "" if the ref does not exist, or None
+    when the files cannot tell (a symbolic ref, reftable, a read error)."""
+    try:
+        with open(os.path.join(git_dir, ref), "rb") as ref_file:
+            value = ref_file.read().strip().decode("ascii", "replace")
+        return value if _SHA_RE.match(value) else None
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return None
+    if os.path.exists(os.path.join(git_dir, "reftable")):
+        return None
+    try:
+        with open(os.path.join(git_dir, "packed-refs"), "rb") as packed:
+            suffix = b" " + ref.encode()
+            for line in packed:
+                line = line.rstrip(b"\n")
+                if line.endswith(suffix) and not line.startswith((b"#", b"^")):
+                    return line.split(b" ", 1)[0].decode("ascii", "replace")
+    except FileNotFoundError:
+        return ""
+    except OSError:
+        return None
+    return ""
+
+
+def _strip_suffix(text, suffix):
+    return text[:-len(suffix)] if text.endswith(suffix) else text
+
+
+_SHA_RE = re.compile(r"[0-9a-f]{40}([0-9a-f]{24})?\Z")
+
+
+class RefWatcher:
+    """Tells the daemon that a branch moved, without spawning git while nothing
+    changes: inotify on the folders of the ref file and packed-refs (mode
+    "inotify"), else a stat of those files every 0.5 s (mode "stat"). The daemon's
+    adaptive poll calls check() too, as a safety net."""
+
+    IN_MODIFY, IN_CLOSE_WRITE, IN_MOVED_FROM, IN_MOVED_TO = 0x2, 0x8, 0x40, 0x80
+    IN_CREATE, IN_DELETE, IN_DELETE_SELF, IN_MOVE_SELF = 0x100, 0x200, 0x400, 0x800
+    IN_NONBLOCK, IN_CLOEXEC = 0o4000, 0o2000000
+    STAT_INTERVAL = 0.5
+
+    def __init__(self, git_dir, ref, selector, call_later, on_change):
+        self.git_dir, self.ref = git_dir, ref
+        self.selector, self.call_later, self.on_change = selector, call_later, on_change
+        self.last = read_ref_file(git_dir, ref)     # the value last reported
+        self.mode = None
+        self.inotify_fd = None
+        self.watched = {}                 # watch descriptor -> folder
+        self.stat_timer = None
+        self.stamps = None
+        parts = ref.split("/")
+        # The folders whose entries matter, and the names in them that do.
+        self.folders = {git_dir: {"packed-refs", parts[0]}}
+        for depth in range(1, len(parts)):
+            self.folders[os.path.join(git_dir, *parts[:depth])] = {parts[depth]}
+
+    def start(self):
+        try:
+            self._start_inotify()
+            self.mode = "inotify"
+        except (OSError, AttributeError):
+            self.mode = "stat"
+            self.stamps = self._stamps()
+            self.stat_timer = self.call_later(self.STAT_INTERVAL, self._stat_tick)
+        return self.mode
+
+    def _start_inotify(self):
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        self._add_watch = libc.inotify_add_watch
+        fd = libc.inotify_init1(self.IN_NONBLOCK | self.IN_CLOEXEC)
+        if fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1 failed")
+        self.inotify_fd = fd
+        self._arm()
+        self.selector.register(fd, selectors.EVENT_READ, (self._on_events, None))
+
+    def _arm(self):
+        """Watch every folder on the way to the ref that exists (a branch folder
+        like refs/heads/team/ may appear later)."""
+        mask = (self.IN_MODIFY | self.IN_CLOSE_WRITE | self.IN_MOVED_FROM | self.IN_MOVED_TO |
+                self.IN_CREATE | self.IN_DELETE | self.IN_DELETE_SELF | self.IN_MOVE_SELF)
+        for folder in self.folders:
+            if folder not in self.watched.values() and os.path.isdir(folder):
+                wd = self._add_watch(self.inotify_fd, folder.encode(), mask)
+                if wd >= 0:
+                    self.watched[wd] = folder
+
+    def _on_events(self, _arg, _mask):
+        try:
+            data = os.read(self.inotify_fd, 65536)
+        except BlockingIOError:
+            return
+        relevant, pos = False, 0
+        while pos + 16 <= len(data):
+            wd, mask, _cookie, length = struct.unpack_from("iIII", data, pos)
+            name = data[pos + 16:pos + 16 + length].rstrip(b"\0").decode("utf-8", "replace")
+            pos += 16 + length
+            folder = self.watched.get(wd)
+            if mask & (self.IN_DELETE_SELF | self.IN_MOVE_SELF):
+                self.watched.pop(wd, None)
+                relevant = True
+            elif folder is not None and _strip_suffix(name, ".lock") in self.folders.get(folder, ()):
+                relevant = True
+        if relevant:
+            self._arm()
+            self.check()
+
+    def _stamps(self):
+        stamps = []
+        for path in (os.path.join(self.git_dir, self.ref), os.path.join(self.git_dir, "packed-refs")):
+            try:
+                info = os.stat(path)
+                stamps.append((info.st_ino, info.st_mtime_ns, info.st_size))
+            except OSError:
+                stamps.append(None)
+        return stamps
+
+    def _stat_tick(self):
+        self.stat_timer = self.call_later(self.STAT_INTERVAL, self._stat_tick)
+        stamps = self._stamps()
+        if stamps != self.stamps:
+            self.stamps = stamps
+            self.check()
+
+    def check(self):
+        """Report a change if the ref's value differs from the last one reported
+        (None, "cannot tell", is always reported: the daemon then asks git)."""
+        value = read_ref_file(self.git_dir, self.ref)
+        if value != self.last or value is None:
+            self.last = value
+            self.on_change()
+
+    def close(self):
+        if self.inotify_fd is not None:
+            self.selector.unregister(self.inotify_fd)
+            os.close(self.inotify_fd)
+            self.inotify_fd = None
+        if self.stat_timer is not None:
+            self.stat_timer.cancel()
 
 
 def git_read_units(repo, commit):
@@ -1205,37 +1389,102 @@ def git_read_units(repo, commit):
     return entries
 
 
-def git_init_repo(repo, branch):
-    """Create the services repository with one committed example unit."""
+def git_init_repo(repo, branch, example=True):
+    """Create the services repository: with one committed example unit, or (for
+    remote mode, where commits are fetched) bare and empty."""
     makedirs(repo)
-    run_git(repo, ["init", "-q"])
+    run_git(repo, ["init", "-q"] + ([] if example else ["--bare"]))
+    if not example:
+        # HEAD names the fetched branch, so that `rollback HEAD~1` and `git log`
+        # in this mirror speak of what the remote sent.
+        run_git(repo, ["symbolic-ref", "HEAD", REMOTE_REF % branch])
+        return
     run_git(repo, ["symbolic-ref", "HEAD", "refs/heads/%s" % branch])
     with open(os.path.join(repo, "hello.service"), "w") as unit_file:
         unit_file.write(HELLO_UNIT)
     run_git(repo, ["add", "hello.service"])
-    identity = []
-    if run_git(repo, ["config", "user.email"], check=False)[0] != 0:
-        identity = ["-c", "user.name=gitproc", "-c", "user.email=gitproc@%s" % socket.gethostname()]
-    run_git(repo, identity + ["commit", "-q", "-m", "Add hello.service, an example unit"])
+    run_git(repo, _git_identity(repo) + ["commit", "-q", "-m", "Add hello.service, an example unit"])
+
+
+def _git_identity(repo):
+    """-c options naming gitproc as the author, where git has no identity set."""
+    if run_git(repo, ["config", "user.email"], check=False)[0] == 0:
+        return []
+    return ["-c", "user.name=gitproc", "-c", "user.email=gitproc@%s" % socket.gethostname()]
+
+
+def git_worktree_of(repo, branch):
+    """The working tree that has `branch` checked out, or None (bare, or another
+    branch checked out)."""
+    listing = run_git(repo, ["worktree", "list", "--porcelain"]).decode("utf-8", "replace")
+    for block in listing.split("\n\n"):
+        fields = dict(line.partition(" ")[::2] for line in block.splitlines())
+        if fields.get("branch") == "refs/heads/" + branch and "worktree" in fields:
+            return fields["worktree"]
+    return None
+
+
+def git_restore_units(repo, branch, head, target):
+    """Add a commit on `branch` (at `head`) whose unit files are those of `target`,
+    other files untouched; returns its id, or None if they already match. History
+    is only added to. A working tree with the branch checked out is fast-forwarded
+    too, and must have no uncommitted changes: else GitError, nothing changed."""
+    worktree = git_worktree_of(repo, branch)
+    if worktree and run_git(worktree, ["status", "--porcelain", "--untracked-files=no"]).strip():
+        raise GitError("rollback refused: the working tree %s has uncommitted changes; commit or stash them first" % worktree)
+    index = os.path.join(git_common_dir(repo), "gitproc-rollback.index")
+    env = {"GIT_INDEX_FILE": index}
+    try:
+        run_git(repo, ["read-tree", head.sha], env=env)
+        current = [path for path in run_git(repo, ["ls-tree", "-r", "-z", "--name-only", head.sha]).split(b"\0")
+                   if path.endswith(UNIT_SUFFIX.encode())]
+        if current:
+            run_git(repo, ["update-index", "-z", "--force-remove", "--stdin"], b"\0".join(current) + b"\0", env=env)
+        wanted = [entry for entry in run_git(repo, ["ls-tree", "-r", "-z", target.sha]).split(b"\0")
+                  if entry.endswith(UNIT_SUFFIX.encode()) and not entry.startswith(b"120000")]
+        if wanted:
+            run_git(repo, ["update-index", "-z", "--index-info"], b"\0".join(wanted) + b"\0", env=env)
+        tree = run_git(repo, ["write-tree"], env=env).decode().strip()
+    finally:
+        _unlink_quietly(index)
+    if tree == run_git(repo, ["rev-parse", head.sha + "^{tree}"]).decode().strip():
+        return None
+    message = "Roll back units to %s\n\nRestores the unit files of %s (%s)." % (target.sha[:7], target.sha, target.subject)
+    new = run_git(repo, _git_identity(repo) + ["commit-tree", tree, "-p", head.sha, "-m", message]).decode().strip()
+    if worktree:
+        run_git(worktree, ["merge", "--ff-only", "-q", new])
+    else:
+        run_git(repo, ["update-ref", "refs/heads/" + branch, new, head.sha])
+    return new
 
 
 def plan_deploy(old_specs, new_specs):
     """What a deploy changes: {'added', 'changed', 'removed', 'unchanged'} lists of
-    unit names, sorted. Pure: two versions of a unit are the same when their Git
-    blob is."""
-    plan = {"added": [], "changed": [], "removed": [], "unchanged": []}
+    unit names, sorted, and 'changes': {name: [Key=, ...]} for the changed ones.
+    Pure. Two versions of a unit are the same when they mean the same: a new
+    comment or a moved file restarts nothing."""
+    plan = {"added": [], "changed": [], "removed": [], "unchanged": [], "changes": {}}
     for name, spec in new_specs.items():
         old = old_specs.get(name)
         if old is None:
             plan["added"].append(name)
-        elif old.blob != spec.blob or old.path != spec.path:
+            continue
+        keys = unit_changes(old, spec)
+        if keys:
             plan["changed"].append(name)
+            plan["changes"][name] = keys
         else:
             plan["unchanged"].append(name)
     plan["removed"] = [name for name in old_specs if name not in new_specs]
-    for names in plan.values():
-        names.sort()
+    for key in ("added", "changed", "removed", "unchanged"):
+        plan[key].sort()
     return plan
+
+
+def unit_changes(old, new):
+    """The unit keys whose meaning differs between two versions of a unit."""
+    before, after = old.fingerprint(), new.fingerprint()
+    return [FIELD_KEYS[field] for field in UnitSpec.FIELDS if before[field] != after[field]]
 
 
 def dependency_order(specs):
@@ -2044,6 +2293,22 @@ class Daemon:
         self.last_sync = None             # {"time", "result", "error"?}
         self.history = []                 # deployments, newest last
         self.saved_services = {}          # what state.json said of each service at start
+        self.applied = False              # a commit was applied by this daemon
+        self.pin = None                   # remote-mode rollback: {"sha", "subject", "remote_at"}
+        self.watcher = None               # RefWatcher of the branch (local mode)
+        self.poll_timer = None
+        self.poll_delay = config.poll_interval
+        self.quiet_polls = 0              # polls in a row that found nothing new
+        self.deploys_since_poll = 0
+        self.fetch_pid = None             # git fetch running (remote mode)
+        self.fetch_output = None          # memfd with its output
+        self.fetch_timer = None
+        self.fetch_waiters = []           # finish(error) callbacks for the running fetch
+        self.next_fetch_waiters = []      # ... for the fetch after it
+        self.fetch_deploys = False        # the running fetch deploys what it fetched
+        self.next_fetch_deploys = False
+        self.last_fetch = None
+        self._last_plan = None            # the plan of the last deploy (see last_plan)
         self.save_timer = None
         self.log_timer = None
         self.idle_timer = None
@@ -2079,8 +2344,11 @@ class Daemon:
             self._restore_state()
             self.log.info("daemon", "Started gitproc %s (pid %d, repo %s@%s, exit watch: %s)" % (
                 __version__, os.getpid(), self.config.repo_path, self.config.branch, self.exit_watcher.mode))
-            if self.deploy_head("daemon start") is not None:
+            if self.remote_mode and not self._fetched_yet():
+                self.log.info("daemon", "Nothing fetched from %s yet: the first fetch will deploy" % self.config.remote)
+            elif "error" not in self.deploy_head("daemon start"):
                 self._stop_saved_orphans()
+            self._start_watching()
         except (GitprocError, OSError) as exc:
             message = str(exc) if isinstance(exc, GitprocError) else describe_os_error(exc)
             self.log.error("daemon", message)
@@ -2250,14 +2518,17 @@ class Daemon:
         self.saved_services = state.get("services", {})
         self.history = state.get("history", [])[-HISTORY_LIMIT:]
         deployed = state.get("deployed")
-        if isinstance(deployed, dict) and deployed.get("sha"):
-            self.deployed = Commit(deployed.get("sha"), deployed.get("subject", ""), deployed.get("time", 0))
+        if isinstance(deployed, dict) and isinstance(deployed.get("sha"), str):
+            self.deployed = Commit(deployed["sha"], deployed.get("subject", ""), deployed.get("time", 0))
+        pin = state.get("pin")
+        if self.remote_mode and isinstance(pin, dict) and isinstance(pin.get("sha"), str):
+            self.pin = pin
 
     def _snapshot(self):
         services = dict(self.saved_services)      # units not deployed now keep their memory
         services.update({name: service.persistent() for name, service in self.services.items()})
         return {"version": STATE_VERSION, "deployed": self.deployed.to_json() if self.deployed else None,
-                "services": services, "history": self.history[-HISTORY_LIMIT:]}
+                "services": services, "history": self.history[-HISTORY_LIMIT:], "pin": self.pin}
 
     def mark_dirty(self):
         """Batched save: at most one write per STATE_MIN_SAVE_INTERVAL, within
@@ -2358,40 +2629,102 @@ class Daemon:
 
     # -- deploying -------------------------------------------------------------------
 
-    def deploy_head(self, trigger):
-        """Read the branch head and reconcile the services with it. A repository
-        that cannot be read changes nothing and is reported."""
+    @property
+    def remote_mode(self):
+        return bool(self.config.remote)
+
+    def _target_rev(self):
+        """What to deploy: the branch (local mode), the fetched branch (remote
+        mode), or the commit a remote-mode rollback pinned."""
+        if self.pin:
+            return self.pin["sha"], "pinned commit %s" % self.pin["sha"][:7]
+        if self.remote_mode:
+            return REMOTE_REF % self.config.branch, "%s/%s (fetched)" % (self.config.remote, self.config.branch)
+        return "refs/heads/" + self.config.branch, "branch %r" % self.config.branch
+
+    def _read_target(self):
+        """(Commit, unit entries) to deploy now; GitError if they cannot be read."""
+        rev, what = self._target_rev()
+        commit = git_commit_at(self.config.repo_path, rev, what)
+        return commit, git_read_units(self.config.repo_path, commit.sha)
+
+    def deploy_head(self, trigger, force=False):
+        """Reconcile the services with the target commit (see _target_rev) and
+        return the plan carried out. Nothing happens when that commit is already
+        deployed (unless `force`). A repository that cannot be read changes
+        nothing: the error goes to the log, `status` and history."""
         now = time.time()
         try:
-            commit = git_branch_head(self.config.repo_path, self.config.branch)
+            rev, what = self._target_rev()
+            commit = git_commit_at(self.config.repo_path, rev, what)
+            if self.applied and not force and self.deployed and commit.sha == self.deployed.sha:
+                self.last_sync = {"time": now, "result": "ok", "trigger": trigger}
+                self._last_plan = self._noop_plan(commit)
+                return self._last_plan
             entries = git_read_units(self.config.repo_path, commit.sha)
         except GitError as exc:
-            self.last_sync = {"time": now, "result": "error", "error": str(exc), "trigger": trigger}
-            self.log.error("daemon", "Deploy skipped: %s" % exc)
-            return None
-        plan = self.apply(commit, entries)
+            self._record_error(trigger, str(exc))
+            return {"error": str(exc)}
+        plan = self.apply(commit, entries, trigger)
         self.last_sync = {"time": now, "result": "ok" if not plan["invalid"] else "partial", "trigger": trigger}
         return plan
 
-    def apply(self, commit, entries):
-        """Reconcile the running services with the units of `commit`."""
+    @property
+    def last_plan(self):
+        """What the last deploy did (for a remote-mode sync answered after its fetch)."""
+        if self.last_sync and self.last_sync.get("error"):
+            return {"error": self.last_sync["error"]}
+        if self._last_plan is None and self.deployed is None:
+            return {"error": "nothing is deployed yet"}
+        return self._last_plan or self._noop_plan(self.deployed)
+
+    def _noop_plan(self, commit):
+        return {"commit": commit.to_json(), "previous": commit.sha, "noop": True, "added": [], "changed": [],
+                "changes": {}, "removed": [], "unchanged": sorted(self.specs), "invalid": self._invalid_lines(),
+                "skipped": dict(self.skipped)}
+
+    def _invalid_lines(self):
+        return [str(d) for d in self.unit_problems if d.severity == "error"]
+
+    def _record_error(self, trigger, message):
+        """A deploy or fetch that failed: logged and shown once per distinct error."""
+        previous = (self.last_sync or {}).get("error")
+        self.last_sync = {"time": time.time(), "result": "error", "error": message, "trigger": trigger}
+        if message != previous:
+            self.log.error("daemon", "Deploy skipped: %s" % message)
+            self.history.append({"time": time.time(), "commit": None, "subject": None, "trigger": trigger,
+                                 "outcome": "error", "error": message, "added": [], "changed": [],
+                                 "removed": [], "invalid": []})
+            del self.history[:-HISTORY_LIMIT]
+            self.mark_dirty()
+
+    def plan(self, commit, entries):
+        """What deploying `commit` would do, changing nothing: (specs to run,
+        Diagnostics, {name: commit of a kept earlier version}, skipped, plan)."""
         specs, problems = check_unit_tree(entries)
-        invalid = sorted({d.path for d in problems if d.severity == "error"})
-        bad_names = {os.path.basename(path)[:-len(UNIT_SUFFIX)] for path in invalid}
+        bad_names = {os.path.basename(d.path)[:-len(UNIT_SUFFIX)] for d in problems if d.severity == "error"}
         earlier = self.specs or self._specs_of_saved_commit(bad_names)
         origin = {}                                   # name -> commit its kept spec came from
-        for name in bad_names:
+        for name in sorted(bad_names):
             if name not in specs and name in earlier:
                 specs[name] = earlier[name]           # the earlier good version keeps running
                 service = self.services.get(name)
                 origin[name] = service.commit if service else self.deployed.sha
-        self.skipped = {}
+        skipped = {}
         for name, spec in list(specs.items()):
             if not host_matches(spec.condition_host, self.config.hostname):
-                self.skipped[name] = "ConditionHost=%s does not match %s" % (" ".join(spec.condition_host), self.config.hostname)
+                skipped[name] = "ConditionHost=%s does not match %s" % (" ".join(spec.condition_host), self.config.hostname)
                 del specs[name]
         plan = plan_deploy(self.specs, specs)
-        plan["invalid"] = [str(d) for d in problems if d.severity == "error"]
+        plan.update(commit=commit.to_json(), previous=self.deployed.sha if self.deployed else None, noop=False,
+                    invalid=[str(d) for d in problems if d.severity == "error"], skipped=skipped)
+        return specs, problems, origin, skipped, plan
+
+    def apply(self, commit, entries, trigger):
+        """Reconcile the running services with the units of `commit`: new units
+        start, changed ones restart, removed ones stop, the others are untouched.
+        Manual stops are kept."""
+        specs, problems, origin, skipped, plan = self.plan(commit, entries)
         for line in plan["invalid"]:
             self.log.error("daemon", "Invalid unit: %s" % line)
         for name in plan["removed"]:
@@ -2400,30 +2733,155 @@ class Daemon:
                 self._stop_keeping_intent(service, "removed from the repository")
             service.removed = True
             self.saved_services.pop(name, None)
-        self.specs = specs
-        self.unit_problems = problems
+        self.specs, self.unit_problems, self.skipped = specs, problems, skipped
         self.deployed = commit
+        self.applied = True
         for name in dependency_order(specs):
             spec = specs[name]
             if name in plan["added"]:
                 self._add_service(spec, origin.get(name, commit.sha))
-            elif name in plan["changed"]:
-                service = self.services[name]
-                service.spec, service.commit = spec, commit.sha
+                continue
+            service = self.services[name]
+            if name in plan["changed"]:
+                service.spec, service.commit = spec, origin.get(name, commit.sha)
                 if service.want == "up":
-                    self.log.info(name, "Restarting: unit changed in commit %s" % commit.sha[:7])
+                    self.log.info(name, "Restarting: %s changed in commit %s" % (
+                        ", ".join(plan["changes"][name]), commit.sha[:7]))
                     service.restart()
+            else:
+                service.spec = spec       # same meaning; the file may have moved
         self._forget_removed()
         self.history.append({"time": time.time(), "commit": commit.sha, "subject": commit.subject,
-                             "outcome": "partial" if plan["invalid"] else "ok",
+                             "trigger": trigger, "outcome": "partial" if plan["invalid"] else "ok",
                              "added": plan["added"], "changed": plan["changed"],
                              "removed": plan["removed"], "invalid": plan["invalid"]})
         del self.history[:-HISTORY_LIMIT]
-        self.log.info("daemon", "Deployed %s %r: %d added, %d changed, %d removed, %d unchanged, %d invalid" % (
-            commit.sha[:7], commit.subject, len(plan["added"]), len(plan["changed"]),
+        self.log.info("daemon", "Deployed %s %r (%s): %d added, %d changed, %d removed, %d unchanged, %d invalid" % (
+            commit.sha[:7], commit.subject, trigger, len(plan["added"]), len(plan["changed"]),
             len(plan["removed"]), len(plan["unchanged"]), len(plan["invalid"])))
+        self.deploys_since_poll += 1
+        self._last_plan = plan
         self._save_now()
         return plan
+
+    # -- watching for commits ----------------------------------------------------------
+
+    def _start_watching(self):
+        """Local mode: a RefWatcher on the branch (no git while nothing changes).
+        Remote mode: a fetch now. Both: the adaptive safety poll."""
+        if self.remote_mode:
+            self._start_fetch()
+        else:
+            try:
+                git_dir = git_common_dir(self.config.repo_path)
+            except GitError as exc:
+                self.log.warning("daemon", "Cannot watch the repository (%s); polling it with git" % exc)
+            else:
+                self.watcher = RefWatcher(git_dir, "refs/heads/" + self.config.branch, self.selector,
+                                          self.call_later, lambda: self.deploy_head("commit"))
+                self.log.info("daemon", "Watching %s for new commits (%s)" % (
+                    os.path.join(git_dir, "refs/heads", self.config.branch), self.watcher.start()))
+        self.poll_timer = self.call_later(self.poll_delay, self._poll_due)
+
+    def _poll_due(self):
+        """The performance guide's adaptive poll: every poll_interval, stretched to
+        max_poll_interval after 3 quiet checks, back at once on a change."""
+        if self.remote_mode:
+            self._start_fetch()               # _fetch_done adapts the delay
+        else:
+            if self.watcher is not None:
+                self.watcher.check()          # reads ref files only
+            else:
+                self.deploy_head("poll")
+            self._adapt_poll(self.deploys_since_poll > 0)
+        self.poll_timer = self.call_later(self.poll_delay, self._poll_due)
+
+    def _adapt_poll(self, changed):
+        self.deploys_since_poll = 0
+        if changed:
+            self.quiet_polls, self.poll_delay = 0, self.config.poll_interval
+        else:
+            self.quiet_polls += 1
+            if self.quiet_polls >= 3:
+                self.poll_delay = self.config.max_poll_interval
+
+    def _fetched_yet(self):
+        try:
+            return bool(read_ref_file(git_common_dir(self.config.repo_path), REMOTE_REF % self.config.branch))
+        except GitError:
+            return False
+
+    def _start_fetch(self, deploy=True):
+        """`git fetch` of remote/branch into a private ref, as a child of the loop:
+        its exit is watched like a service's, so supervision never waits for it.
+        With deploy=False (for `diff`) the fetched commit waits for the next
+        poll or `sync` to be deployed."""
+        self.fetch_deploys = self.fetch_deploys or deploy
+        if self.fetch_pid is not None:
+            return
+        git = find_program("git", os.environ.get("PATH"))
+        argv = ["git", "-C", self.config.repo_path, "fetch", "--quiet", "--no-tags", self.config.remote,
+                "+refs/heads/%s:%s" % (self.config.branch, REMOTE_REF % self.config.branch)]
+        output = os.memfd_create("gitproc-fetch", os.MFD_CLOEXEC)
+        try:
+            if git is None:
+                raise OSError(errno.ENOENT, "git not found on PATH")
+            pid = os.posix_spawn(git, argv, git_environment(), file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_DUP2, output, 1), (os.POSIX_SPAWN_DUP2, output, 2)], setsigdef=(signal.SIGPIPE,))
+        except OSError as exc:
+            os.close(output)
+            self._fetch_finished("cannot run git fetch: %s" % (exc.strerror or exc))
+            return
+        self.fetch_pid, self.fetch_output = pid, output
+        self.fetch_timer = self.call_later(FETCH_TIMEOUT, lambda: _kill_quietly(pid))
+        self.exit_watcher.watch(pid, self._on_fetch_exit)
+
+    def _on_fetch_exit(self, exit_info):
+        self.fetch_timer.cancel()
+        text = os.pread(self.fetch_output, 4096, 0).decode("utf-8", "replace").strip()
+        os.close(self.fetch_output)
+        self.fetch_pid = self.fetch_output = None
+        error = None
+        if exit_info != {"code": 0}:
+            detail = text.splitlines()[-1] if text else describe_exit(exit_info)
+            if exit_info == {"signal": signal.SIGKILL}:
+                detail = "timed out after %ds" % FETCH_TIMEOUT
+            error = "git fetch %s %s failed: %s" % (self.config.remote, self.config.branch, detail)
+        self._fetch_finished(error)
+
+    def _fetch_finished(self, error):
+        """Deploy what was fetched (or report why not), then answer sync/diff
+        requests that waited for this fetch."""
+        self.last_fetch = {"time": time.time(), "result": "error" if error else "ok", "error": error}
+        before = self.deploys_since_poll
+        if error:
+            self._record_error("fetch", error)
+        elif self.fetch_deploys:
+            fetched = read_ref_file(git_common_dir(self.config.repo_path), REMOTE_REF % self.config.branch)
+            if self.pin and fetched and fetched != self.pin["remote_at"]:
+                self.log.info("daemon", "%s/%s moved on to %s: releasing the rollback pin on %s" % (
+                    self.config.remote, self.config.branch, fetched[:7], self.pin["sha"][:7]))
+                self.pin = None
+            self.deploy_head("fetch")
+        self.fetch_deploys = False
+        self._adapt_poll(self.deploys_since_poll > before)
+        waiting, self.fetch_waiters = self.fetch_waiters, []
+        for finish in waiting:
+            finish(error)
+        if self.next_fetch_waiters:
+            self.fetch_waiters, self.next_fetch_waiters = self.next_fetch_waiters, []
+            deploy, self.next_fetch_deploys = self.next_fetch_deploys, False
+            self._start_fetch(deploy)
+
+    def _after_fetch(self, finish, deploy):
+        """Run finish(error) once a fetch that starts from now on has completed."""
+        if self.fetch_pid is None:
+            self.fetch_waiters.append(finish)
+            self._start_fetch(deploy)
+        else:
+            self.next_fetch_waiters.append(finish)
+            self.next_fetch_deploys = self.next_fetch_deploys or deploy
 
     def _specs_of_saved_commit(self, names):
         """At start-up, the units of the commit the previous daemon deployed (for
@@ -2771,7 +3229,9 @@ class Daemon:
                 "branch": self.config.branch, "hostname": self.config.hostname,
                 "commit": self.deployed.to_json() if self.deployed else None,
                 "last_sync": self.last_sync, "exit_watch": self.exit_watcher.mode,
-                "log_dir": self.config.log_dir}
+                "log_dir": self.config.log_dir, "remote": self.config.remote, "pin": self.pin,
+                "last_fetch": self.last_fetch, "watch": self.watcher.mode if self.watcher else None,
+                "poll_interval": self.poll_delay}
 
     def _cmd_status(self, conn, message):
         names = self._names(message, allow_empty=True)
@@ -2886,8 +3346,84 @@ class Daemon:
         self.call_later(0, lambda: self.begin_shutdown("shutdown command", keep_services=keep))
         return {"ok": True, "result": {"pid": os.getpid(), "keep_services": keep}}
 
+    def _cmd_sync(self, conn, message):
+        if not self.remote_mode:
+            return self._plan_reply(self.deploy_head("sync"))
+        return self._after_fresh_fetch(conn, message, lambda: self.last_plan, deploy=True)
+
+    def _cmd_diff(self, conn, message):
+        if not self.remote_mode:
+            return self._plan_reply(self._diff())
+        return self._after_fresh_fetch(conn, message, self._diff, deploy=False)
+
+    def _diff(self):
+        try:
+            commit, entries = self._read_target()
+        except GitError as exc:
+            return {"error": str(exc)}
+        plan = self.plan(commit, entries)[4]
+        plan["noop"] = bool(self.deployed and commit.sha == self.deployed.sha and self.applied)
+        return plan
+
+    def _after_fresh_fetch(self, conn, message, make_plan, deploy):
+        """Park the reply until a new fetch completed, then answer make_plan()."""
+        box = {}
+
+        def finish(error):
+            box["reply"] = {"ok": False, "error": error} if error else self._plan_reply(make_plan())
+            self.changed = True
+        self._after_fetch(finish, deploy)
+        return self._park(conn, lambda: box.get("reply"),
+                          lambda: {"ok": False, "error": "git fetch did not finish in time"},
+                          self._timeout(message, FETCH_TIMEOUT + 10))
+
+    @staticmethod
+    def _plan_reply(plan):
+        if "error" in plan:
+            return {"ok": False, "error": plan["error"]}
+        return {"ok": True, "result": plan}
+
+    def _cmd_rollback(self, conn, message):
+        repo, branch = self.config.repo_path, self.config.branch
+        if message.get("release"):
+            if not self.pin:
+                raise GitprocError("nothing to release: no rollback pin is set")
+            self.log.info("daemon", "Rollback pin on %s released" % self.pin["sha"][:7])
+            self.pin = None
+            return self._plan_reply(self.deploy_head("rollback release", force=True))
+        rev = message.get("commit")
+        if not isinstance(rev, str) or not rev or rev.startswith("-"):
+            raise GitprocError("rollback: name a commit (an id, a tag, HEAD~2, ...)")
+        target = git_commit_at(repo, rev, "commit %r" % rev)
+        if self.remote_mode:
+            fetched = read_ref_file(git_common_dir(repo), REMOTE_REF % branch)
+            self.pin = {"sha": target.sha, "subject": target.subject, "remote_at": fetched}
+            self.log.info("daemon", "Rollback: pinned to %s until %s/%s moves on" % (target.sha[:7], self.config.remote, branch))
+            plan = self.deploy_head("rollback")
+            plan["pinned"] = self.pin
+        else:
+            head = git_commit_at(repo, "refs/heads/" + branch, "branch %r" % branch)
+            new = git_restore_units(repo, branch, head, target)
+            if new is None:
+                plan = self.deploy_head("rollback")
+                plan["rollback_commit"] = None
+            else:
+                self.log.info("daemon", "Rollback: commit %s restores the units of %s" % (new[:7], target.sha[:7]))
+                plan = self.deploy_head("rollback")
+                plan["rollback_commit"] = new
+        if "error" not in plan:
+            plan["target"] = target.to_json()
+        return self._plan_reply(plan)
+
+    def _cmd_history(self, conn, message):
+        count = message.get("count", 20)
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise GitprocError("malformed request: 'count' must be a whole number")
+        return {"ok": True, "result": {"history": self.history[-count:] if count else []}}
+
     COMMANDS = {"ping": _cmd_ping, "status": _cmd_status, "list": _cmd_list, "start": _cmd_start,
-                "stop": _cmd_stop, "restart": _cmd_restart, "wait": _cmd_wait, "shutdown": _cmd_shutdown}
+                "stop": _cmd_stop, "restart": _cmd_restart, "wait": _cmd_wait, "shutdown": _cmd_shutdown,
+                "sync": _cmd_sync, "diff": _cmd_diff, "rollback": _cmd_rollback, "history": _cmd_history}
 
     # -- log rotation --------------------------------------------------------------
 
@@ -2903,6 +3439,13 @@ class Daemon:
                 pass
             except OSError as exc:
                 self.log.warning(name, "Cannot rotate log %s: %s" % (path, exc.strerror))
+
+
+def _kill_quietly(pid):
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
 
 
 def _signal_group_if_same(pid, pid_start, number):
@@ -2957,6 +3500,10 @@ EXAMPLES = {
     "restart": ["gitproc.py restart hello"],
     "wait": ["gitproc.py wait web --timeout 10", "gitproc.py wait web db --state stopped"],
     "logs": ["gitproc.py logs hello", "gitproc.py logs hello -n 200 -f", "gitproc.py logs --daemon"],
+    "sync": ["gitproc.py sync", "gitproc.py sync --json"],
+    "diff": ["gitproc.py diff"],
+    "rollback": ["gitproc.py rollback HEAD~1", "gitproc.py rollback 4613c49", "gitproc.py rollback --release"],
+    "history": ["gitproc.py history", "gitproc.py history -n 5 --json"],
     "check": ["gitproc.py check", "gitproc.py check web.service units/",
               "printf '#!/bin/sh\\nexec python3 gitproc.py check\\n' > .git/hooks/pre-commit"],
 }
@@ -2997,9 +3544,14 @@ def _daemon_line(info):
         sync_text = "synced %s %s" % (time.strftime("%H:%M:%S", time.localtime(sync["time"])), sync["result"])
         if sync.get("error"):
             sync_text += ": " + sync["error"]
-    return "gitproc %s  pid %d  up %s  %s@%s  %s  %s" % (
+    line = "gitproc %s  pid %d  up %s  %s@%s  %s  %s" % (
         info["version"], info["pid"], format_duration(info["uptime"]), info["repo"], info["branch"],
         "%s %s" % (commit["sha"][:7], commit["subject"]) if commit else "(nothing deployed)", sync_text)
+    if info.get("remote"):
+        line += "\n  remote %s" % info["remote"]
+        if info.get("pin"):
+            line += "  PINNED to %s by rollback (until the remote branch moves on, or rollback --release)" % info["pin"]["sha"][:7]
+    return line
 
 
 def cmd_init(config, args):
@@ -3022,14 +3574,16 @@ def cmd_daemon(config, args):
     require_git()
     created = False
     if not os.path.exists(config.repo_path):
-        git_init_repo(config.repo_path, config.branch)
+        git_init_repo(config.repo_path, config.branch, example=not config.remote)
         created = True
     mode = os.environ.get("GITPROC_EXIT_WATCH") or None
     if mode not in (None, "pidfd", "sigchld", "poll"):
         raise ConfigError("GITPROC_EXIT_WATCH must be pidfd, sigchld or poll")
+    created_text = "Created repository %s (branch %s) %s" % (
+        config.repo_path, config.branch, "to fetch %s into" % config.remote if config.remote else "with hello.service")
     if args.foreground:
         if created:
-            print("Created repository %s with hello.service" % config.repo_path, file=sys.stderr)
+            print(created_text, file=sys.stderr)
         close_inherited_fds(keep=(0, 1, 2))
         log = DaemonLog(config.daemon_log, args.log_level, sys.stderr, config.log_max_bytes, config.log_backups)
         return Daemon(config, log, mode).run()
@@ -3039,12 +3593,16 @@ def cmd_daemon(config, args):
     status = request(config, {"cmd": "status"})
     info = status["daemon"]
     if created:
-        print("Created repository %s (branch %s) with hello.service" % (config.repo_path, config.branch))
+        print(created_text)
     commit = info.get("commit")
     print("gitproc daemon started: pid %d" % info["pid"])
-    print("  repo    %s@%s" % (info["repo"], info["branch"]))
-    print("  commit  %s" % ("%s %s" % (commit["sha"][:7], commit["subject"]) if commit else
-                            "none (%s)" % (info.get("last_sync") or {}).get("error", "nothing deployed")))
+    print("  repo    %s@%s%s" % (info["repo"], info["branch"], "  (fetching from %s)" % info["remote"] if info["remote"] else ""))
+    if commit:
+        print("  commit  %s %s" % (commit["sha"][:7], commit["subject"]))
+    elif info["remote"]:
+        print("  commit  none yet: fetching from %s (see: python3 gitproc.py status)" % info["remote"])
+    else:
+        print("  commit  none (%s)" % (info.get("last_sync") or {}).get("error", "nothing deployed"))
     print("  units   %d (see: python3 gitproc.py status)" % len(status["services"]))
     return EXIT_OK
 
@@ -3101,6 +3659,85 @@ def _spawn_detached_daemon(config, log_level, mode):
     os.close(ready_r)
     message = b"".join(chunks).decode("utf-8", "replace").strip()
     return message or "error the daemon exited while starting; see %s" % config.daemon_log
+
+
+def _print_plan(plan, done):
+    """The plan of a deploy: carried out (done=True, `sync`) or not (`diff`)."""
+    commit = plan["commit"]
+    label = "%s %s" % (commit["sha"][:7], commit["subject"])
+    if plan["noop"]:
+        print("%s: already deployed, nothing to do" % label)
+    else:
+        previous = " (deployed before: %s)" % plan["previous"][:7] if plan.get("previous") else ""
+        print("%s %s%s" % ("deployed" if done else "would deploy", label, previous))
+    if plan.get("rollback_commit"):
+        print("  rollback commit %s restores the units of %s" % (plan["rollback_commit"][:7], plan["target"]["sha"][:7]))
+    rows = [("+", name, "started" if done else "would start") for name in plan["added"]]
+    rows += [("~", name, "%s (%s)" % ("restarted" if done else "would restart", ", ".join(plan["changes"][name])))
+             for name in plan["changed"]]
+    rows += [("-", name, "stopped" if done else "would stop") for name in plan["removed"]]
+    rows += [(".", name, "skipped: " + why) for name, why in sorted(plan["skipped"].items())]
+    for mark, name, what in rows:
+        print("  %s %-24s %s" % (mark, name, what))
+    if plan["unchanged"]:
+        print("  = %d unchanged" % len(plan["unchanged"]))
+    for line in plan["invalid"]:
+        print("  ! invalid, not deployed: %s" % line)
+
+
+def cmd_sync(config, args):
+    result = request(config, {"cmd": "sync"}, timeout=FETCH_TIMEOUT + 15)
+    if args.json:
+        _print_json(result)
+    else:
+        _print_plan(result, done=True)
+    return EXIT_OK
+
+
+def cmd_diff(config, args):
+    result = request(config, {"cmd": "diff"}, timeout=FETCH_TIMEOUT + 15)
+    if args.json:
+        _print_json(result)
+    else:
+        _print_plan(result, done=False)
+    return EXIT_OK
+
+
+def cmd_rollback(config, args):
+    if bool(args.commit) == bool(args.release):
+        raise UsageError("rollback: name a COMMIT, or use --release (remote mode)")
+    result = request(config, {"cmd": "rollback", "commit": args.commit, "release": args.release})
+    if args.json:
+        _print_json(result)
+        return EXIT_OK
+    if args.release:
+        print("rollback pin released")
+    elif result.get("pinned"):
+        print("pinned to %s until the remote branch moves on (rollback --release follows it again)" % result["target"]["sha"][:7])
+    elif result.get("rollback_commit") is None and "rollback_commit" in result:
+        print("the unit files already match %s; no rollback commit needed" % result["target"]["sha"][:7])
+    _print_plan(result, done=True)
+    return EXIT_OK
+
+
+def cmd_history(config, args):
+    result = request(config, {"cmd": "history", "count": args.count})
+    if args.json:
+        _print_json(result)
+        return EXIT_OK
+    entries = list(reversed(result["history"]))
+    if not entries:
+        print("no deployments yet")
+        return EXIT_OK
+    rows = [("TIME", "COMMIT", "OUTCOME", "TRIGGER", "UNITS", "SUBJECT")]
+    for entry in entries:
+        touched = ["+" + n for n in entry["added"]] + ["~" + n for n in entry["changed"]] + ["-" + n for n in entry["removed"]]
+        if entry["invalid"]:
+            touched.append("!%d invalid" % len(entry["invalid"]))
+        rows.append((format_time(entry["time"]), (entry["commit"] or "-")[:7], entry["outcome"], entry.get("trigger", "-"),
+                     " ".join(touched) or "-", entry["subject"] if entry["commit"] else entry.get("error", "")))
+    _table(rows)
+    return EXIT_OK
 
 
 def cmd_shutdown(config, args):
@@ -3398,6 +4035,13 @@ def build_parser():
     sub.add_argument("-n", "--lines", type=int, default=50, help="how many lines (default: 50)")
     sub.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     sub.add_argument("--daemon", action="store_true", help="the daemon's own log")
+    with_json(add("sync", cmd_sync, "deploy the newest commit now (fetching first in remote mode)"))
+    with_json(add("diff", cmd_diff, "show what sync would do, changing nothing"))
+    sub = with_json(add("rollback", cmd_rollback, "bring back the unit files of an earlier commit"))
+    sub.add_argument("commit", nargs="?", metavar="COMMIT")
+    sub.add_argument("--release", action="store_true", help="remote mode: follow the remote branch again")
+    sub = with_json(add("history", cmd_history, "list the deployments, newest first"))
+    sub.add_argument("-n", dest="count", type=int, default=20, help="how many (default: 20)")
     sub = with_json(add("check", cmd_check, "validate unit files without a daemon (exit 1 on any error)"))
     sub.add_argument("paths", nargs="*", metavar="PATH", help="files or folders (default: the repository's working tree)")
     return parser
