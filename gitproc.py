@@ -2355,6 +2355,7 @@ class Daemon:
             _notify(ready_fd, "error " + message)
             self._cleanup()
             return EXIT_FAILURE
+        release_memory()
         _notify(ready_fd, "ok %d" % os.getpid())
         self.running = True
         self.log_timer = self.call_later(LOG_CHECK_INTERVAL, self._check_logs)
@@ -3441,6 +3442,17 @@ class Daemon:
                 self.log.warning(name, "Cannot rotate log %s: %s" % (path, exc.strerror))
 
 
+def release_memory():
+    """Give the heap's free pages back to the system. Compiling gitproc.py (a
+    script is compiled at every start) leaves some 8 MB of freed memory that
+    glibc keeps; malloc_trim returns it, so the daemon's RSS is what it uses."""
+    try:
+        import ctypes
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass                          # not glibc: nothing to trim, nothing lost
+
+
 def _kill_quietly(pid):
     try:
         os.kill(pid, signal.SIGKILL)
@@ -3565,6 +3577,13 @@ def cmd_init(config, args):
 
 
 def cmd_daemon(config, args):
+    mode = os.environ.get("GITPROC_EXIT_WATCH") or None
+    if mode not in (None, "pidfd", "sigchld", "poll"):
+        raise ConfigError("GITPROC_EXIT_WATCH must be pidfd, sigchld or poll")
+    ready = os.environ.pop(DAEMON_READY_ENV, None)
+    if ready is not None and ready.isdigit():     # the detached daemon, re-executed
+        os.set_inheritable(int(ready), False)
+        return _run_daemon_here(config, args, mode, int(ready))
     try:
         info = request(config, {"cmd": "ping"}, timeout=5)
     except (DaemonNotRunning, ProtocolError):
@@ -3576,18 +3595,14 @@ def cmd_daemon(config, args):
     if not os.path.exists(config.repo_path):
         git_init_repo(config.repo_path, config.branch, example=not config.remote)
         created = True
-    mode = os.environ.get("GITPROC_EXIT_WATCH") or None
-    if mode not in (None, "pidfd", "sigchld", "poll"):
-        raise ConfigError("GITPROC_EXIT_WATCH must be pidfd, sigchld or poll")
     created_text = "Created repository %s (branch %s) %s" % (
         config.repo_path, config.branch, "to fetch %s into" % config.remote if config.remote else "with hello.service")
     if args.foreground:
         if created:
             print(created_text, file=sys.stderr)
         close_inherited_fds(keep=(0, 1, 2))
-        log = DaemonLog(config.daemon_log, args.log_level, sys.stderr, config.log_max_bytes, config.log_backups)
-        return Daemon(config, log, mode).run()
-    outcome = _spawn_detached_daemon(config, args.log_level, mode)
+        return _run_daemon_here(config, args, mode, None)
+    outcome = _spawn_detached_daemon(config, args, mode)
     if not outcome.startswith("ok"):
         raise GitprocError(outcome[len("error "):] if outcome.startswith("error ") else outcome)
     status = request(config, {"cmd": "status"})
@@ -3620,7 +3635,30 @@ def close_inherited_fds(keep):
                 pass
 
 
-def _spawn_detached_daemon(config, log_level, mode):
+# Internal: the descriptor a re-executed detached daemon reports readiness on.
+DAEMON_READY_ENV = "GITPROC_READY_FD"
+_BOOTSTRAP = ("import sys,importlib.util as u;s=u.spec_from_file_location('gitproc',sys.argv[1]);"
+              "g=sys.modules['gitproc']=u.module_from_spec(s);s.loader.exec_module(g);sys.exit(g.main(sys.argv[2:]))")
+
+
+def _run_daemon_here(config, args, mode, ready_fd):
+    """Run the daemon in this process. A script run as __main__ keeps the parse
+    tree of the whole file (some 8 MB here) alive until it returns, so the
+    process first re-executes itself as `python3 -c` importing gitproc as a
+    module: same pid, descriptors and environment, a smaller daemon."""
+    if __name__ == "__main__" and sys.executable:
+        if ready_fd is not None:
+            os.set_inheritable(ready_fd, True)
+            os.environ[DAEMON_READY_ENV] = str(ready_fd)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, [sys.executable, "-c", _BOOTSTRAP, os.path.abspath(__file__)] + args.argv)
+    log = DaemonLog(config.daemon_log, args.log_level, sys.stderr if ready_fd is None else None,
+                    config.log_max_bytes, config.log_backups)
+    return Daemon(config, log, mode).run(ready_fd=ready_fd)
+
+
+def _spawn_detached_daemon(config, args, mode):
     """Double fork: the daemon is re-parented to init, in a session of its own,
     with no terminal. A pipe reports 'ok PID' or 'error MESSAGE' once the daemon
     is listening (or failed); EOF without a word means it died at start."""
@@ -3642,8 +3680,7 @@ def _spawn_detached_daemon(config, log_level, mode):
             os.dup2(null_fd, 1)
             os.dup2(log_fd, 2)            # stray tracebacks land in daemon.log
             close_inherited_fds(keep=(0, 1, 2, ready_w))
-            log = DaemonLog(config.daemon_log, log_level, None, config.log_max_bytes, config.log_backups)
-            code = Daemon(config, log, mode).run(ready_fd=ready_w)
+            code = _run_daemon_here(config, args, mode, ready_w)
         except BaseException as exc:
             _notify(ready_w, "error daemon failed to start: %s" % exc)
         finally:
@@ -4053,6 +4090,7 @@ def build_parser():
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     flags = {name: getattr(args, name, None) for name in ("home", "config", "socket", "repo", "branch", "remote", "hostname")}
     try:
         config = load_config(flags)

@@ -1,0 +1,528 @@
+#!/usr/bin/env python3
+"""Profile a running gitproc daemon, or benchmark gitproc in a temporary home.
+
+    python3 profile_daemon.py                      # sample the daemon of ~/.gitproc for 60 s
+    python3 profile_daemon.py --pid 1234 --duration 120 --interval 0.5
+    python3 profile_daemon.py --home /srv/gp --json
+    python3 profile_daemon.py --bench              # the benchmarks, 10 services
+    python3 profile_daemon.py --bench --services 1000 --json
+
+Sampling reads /proc only: CPU % (user+system), RSS, threads, open fds, I/O
+bytes, voluntary and involuntary context switches per second, with min/avg/max,
+then the optimization checklist of the performance guide, each PASS or FAIL
+with the measured value.
+
+The benchmark builds a temporary home with a real repository and real
+services, measures each figure (median and p95 for latencies) with a progress
+line per step, and removes everything it started, also when interrupted.
+Standard library only, like gitproc itself.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import gitproc  # noqa: E402  (the module beside this script)
+
+GITPROC = os.path.join(HERE, "gitproc.py")
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+# ==== sampling /proc ===========================================================
+
+def read_sample(pid):
+    """One reading of a process from /proc: cumulative counters and gauges."""
+    fields = gitproc.read_proc_stat(pid)
+    if fields is None:
+        raise ProcessLookupError(pid)
+    status = {}
+    with open("/proc/%d/status" % pid) as status_file:
+        for line in status_file:
+            key, _, value = line.partition(":")
+            status[key] = value.strip()
+    io = {}
+    try:
+        with open("/proc/%d/io" % pid) as io_file:
+            for line in io_file:
+                key, _, value = line.partition(":")
+                io[key] = int(value)
+    except OSError:
+        pass                      # /proc/PID/io needs the same user (or root)
+    return {
+        "time": time.monotonic(),
+        "cpu_seconds": (int(fields[11]) + int(fields[12])) / CLOCK_TICKS,
+        "rss": int(status.get("VmRSS", "0 kB").split()[0]) * 1024,
+        "threads": int(status.get("Threads", "0")),
+        "fds": len(os.listdir("/proc/%d/fd" % pid)),
+        "read_bytes": io.get("rchar", 0),
+        "write_bytes": io.get("wchar", 0),
+        "voluntary": int(status.get("voluntary_ctxt_switches", "0")),
+        "involuntary": int(status.get("nonvoluntary_ctxt_switches", "0")),
+    }
+
+
+def sample(pid, duration, interval, progress=None):
+    """Readings every `interval` for `duration`; returns per-interval rates and
+    gauges as {metric: [values]}."""
+    series = {"cpu_percent": [], "rss": [], "threads": [], "fds": [], "read_bytes_per_s": [],
+              "write_bytes_per_s": [], "voluntary_per_s": [], "involuntary_per_s": [],
+              "wakeups_per_s": []}
+    previous = read_sample(pid)
+    deadline = previous["time"] + duration
+    while time.monotonic() < deadline:
+        time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
+        current = read_sample(pid)
+        elapsed = current["time"] - previous["time"]
+        if elapsed <= 0:
+            continue
+        series["cpu_percent"].append(100.0 * (current["cpu_seconds"] - previous["cpu_seconds"]) / elapsed)
+        for gauge in ("rss", "threads", "fds"):
+            series[gauge].append(current[gauge])
+        for counter, rate in (("read_bytes", "read_bytes_per_s"), ("write_bytes", "write_bytes_per_s"),
+                              ("voluntary", "voluntary_per_s"), ("involuntary", "involuntary_per_s")):
+            series[rate].append((current[counter] - previous[counter]) / elapsed)
+        series["wakeups_per_s"].append(series["voluntary_per_s"][-1] + series["involuntary_per_s"][-1])
+        previous = current
+        if progress:
+            progress("  %5.1fs  cpu %5.2f%%  rss %s  ctx/s %.1f" % (
+                duration - max(0.0, deadline - time.monotonic()), series["cpu_percent"][-1],
+                gitproc.format_bytes(current["rss"]), series["wakeups_per_s"][-1]))
+    return series
+
+
+def summarize(series):
+    return {name: {"min": min(values), "avg": sum(values) / len(values), "max": max(values)}
+            for name, values in series.items() if values}
+
+
+def find_daemon_pid(home):
+    config = gitproc.load_config({"home": home})
+    try:
+        with open(config.pid_file) as pid_file:
+            pid = int(pid_file.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        raise SystemExit("profile_daemon: no daemon pid in %s; give --pid or --home" % config.pid_file)
+    if gitproc.read_proc_stat(pid) is None:
+        raise SystemExit("profile_daemon: pid %d from %s is not running" % (pid, config.pid_file))
+    return pid, config
+
+
+def checklist(summary, daemon_info, config):
+    """The performance guide's optimization checklist against what was measured.
+    Each item: (text, passed, measured)."""
+    services = daemon_info.get("services") if daemon_info else None
+    items = []
+    cpu = summary.get("cpu_percent", {}).get("avg")
+    items.append(("Daemon CPU usage < 5% during normal operation", cpu is not None and cpu < 5,
+                  "avg %.2f%%" % cpu if cpu is not None else "no sample"))
+    rss = summary.get("rss", {}).get("max")
+    items.append(("Daemon memory usage < 100 MB with 10+ services", rss is not None and rss < 100 * 2 ** 20,
+                  "max %s with %s services" % (gitproc.format_bytes(rss), services if services is not None else "?")))
+    info = (daemon_info or {}).get("daemon", {})
+    watch = info.get("watch")
+    poll = info.get("poll_interval")
+    detected = watch in ("inotify", "stat") or (poll is not None and poll <= 30)
+    items.append(("Git changes detected within 30 seconds", detected,
+                  "watch %s, safety poll %ss" % (watch or "none", poll) if info else "daemon not reachable"))
+    save_gaps = daemon_info.get("save_gaps") if daemon_info else None
+    items.append(("State saves occur at most once per 2 seconds (batched)",
+                  not save_gaps or min(save_gaps) >= 1.9 or len(save_gaps) < 2,
+                  "%d saves seen, shortest gap %s" % (len(save_gaps or []) + (1 if save_gaps else 0),
+                                                     "%.1fs" % min(save_gaps) if save_gaps else "-")))
+    mode = info.get("exit_watch")
+    items.append(("Process termination detected within 1 second", mode in ("pidfd", "sigchld", "poll"),
+                  "exit watch: %s (%s)" % (mode, "event-driven" if mode in ("pidfd", "sigchld") else "0.2 s poll")
+                  if mode else "daemon not reachable"))
+    items.append(("Service start time < 1 second", None, "measured by --bench"))
+    biggest = _largest_log(config.log_dir)
+    limit = config.log_max_bytes
+    items.append(("No excessive log file growth", biggest is None or biggest[1] <= limit * 1.5,
+                  "largest log %s: %s (rotates at %s)" % (biggest[0], gitproc.format_bytes(biggest[1]),
+                                                          gitproc.format_bytes(limit)) if biggest else "no logs"))
+    if "rss" in summary:
+        growth = summary["rss"]["max"] - summary["rss"]["min"]
+        items.append(("No memory leaks (RSS steady over the sample)", growth < 2 * 2 ** 20,
+                      "RSS varied by %s" % gitproc.format_bytes(growth)))
+    return items
+
+
+def _largest_log(log_dir):
+    try:
+        sizes = [(name, os.path.getsize(os.path.join(log_dir, name))) for name in os.listdir(log_dir)
+                 if name.endswith(".log")]
+    except OSError:
+        return None
+    return max(sizes, key=lambda item: item[1]) if sizes else None
+
+
+def run_sampling(args):
+    if args.pid:
+        pid = args.pid
+        config = gitproc.load_config({"home": args.home})
+    else:
+        pid, config = find_daemon_pid(args.home)
+    progress = None if args.json else (lambda line: print(line, flush=True))
+    if progress:
+        progress("sampling gitproc daemon pid %d for %gs every %gs" % (pid, args.duration, args.interval))
+    mtimes = []
+
+    def note_save(line):
+        try:
+            mtime = os.stat(config.state_file).st_mtime
+        except OSError:
+            mtime = None
+        if mtime and (not mtimes or mtimes[-1] != mtime):
+            mtimes.append(mtime)
+        if progress:
+            progress(line)
+    try:
+        series = sample(pid, args.duration, args.interval, note_save)
+    except ProcessLookupError:
+        raise SystemExit("profile_daemon: the daemon (pid %d) exited while being sampled" % pid)
+    summary = summarize(series)
+    try:
+        status = gitproc.request(config, {"cmd": "status"}, timeout=5)
+        daemon_info = {"daemon": status["daemon"], "services": len(status["services"])}
+    except gitproc.GitprocError:
+        daemon_info = {}
+    daemon_info["save_gaps"] = [b - a for a, b in zip(mtimes[1:], mtimes[2:])]
+    items = checklist(summary, daemon_info, config)
+    if args.json:
+        print(json.dumps({"pid": pid, "duration": args.duration, "interval": args.interval, "summary": summary,
+                          "checklist": [{"item": text, "pass": passed, "measured": measured}
+                                        for text, passed, measured in items]}, indent=2))
+        return 0 if all(passed is not False for _, passed, _ in items) else 1
+    print()
+    print("%-20s %12s %12s %12s" % ("metric", "min", "avg", "max"))
+    for name, values in summary.items():
+        show = gitproc.format_bytes if name == "rss" else (lambda v: "%.2f" % v)
+        print("%-20s %12s %12s %12s" % (name, show(values["min"]), show(values["avg"]), show(values["max"])))
+    print()
+    print("optimization checklist (PERFORMANCE-GUIDE.md)")
+    for text, passed, measured in items:
+        mark = "----" if passed is None else ("PASS" if passed else "FAIL")
+        print("  [%s] %s: %s" % (mark, text, measured))
+    return 0 if all(passed is not False for _, passed, _ in items) else 1
+
+
+# ==== the benchmark =============================================================
+
+def percentile(values, fraction):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
+
+
+def stats_ms(values):
+    return {"median_ms": round(statistics.median(values) * 1000, 3),
+            "p95_ms": round(percentile(values, 0.95) * 1000, 3), "runs": len(values)}
+
+
+class Bench:
+    """A temporary home with a repository, a daemon and N services; cleans up
+    everything it started (close(), also on SIGINT/SIGTERM)."""
+
+    def __init__(self, python, progress):
+        self.python = python
+        self.progress = progress
+        self.path = tempfile.mkdtemp(prefix="gpb", dir="/tmp")
+        self.repo = os.path.join(self.path, "services")
+        self.config = gitproc.load_config({"home": self.path})
+        self.daemon_pid = None
+        self.seen_pids = set()
+        os.makedirs(self.repo)
+        self.git("init", "-q")
+        self.git("symbolic-ref", "HEAD", "refs/heads/main")
+
+    def git(self, *args):
+        return subprocess.run(["git", "-C", self.repo, "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
+                              + list(args), check=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE).stdout
+
+    def commit(self, files, message):
+        for name, text in files.items():
+            with open(os.path.join(self.repo, name), "w") as unit_file:
+                unit_file.write(text)
+        self.git("add", "-A")
+        self.git("commit", "-q", "-m", message)
+
+    def cli(self, *args):
+        started = time.perf_counter()
+        proc = subprocess.run([self.python, GITPROC, "--home", self.path] + list(args),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        elapsed = time.perf_counter() - started
+        if proc.returncode != 0:
+            raise RuntimeError("gitproc %s failed: %s" % (" ".join(args), proc.stderr.decode().strip()))
+        return elapsed
+
+    def request(self, payload, timeout=60):
+        return gitproc.request(self.config, payload, timeout=timeout)
+
+    def start_daemon(self, *extra):
+        self.cli("daemon", *extra)
+        with open(self.config.pid_file) as pid_file:
+            self.daemon_pid = int(pid_file.read())
+
+    def services(self):
+        result = self.request({"cmd": "status"})["services"]
+        for service in result:
+            if service["pid"]:
+                self.seen_pids.add(service["pid"])
+        return result
+
+    def wait_all_running(self, count, timeout):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            running = sum(1 for s in self.services() if s["state"] == "running")
+            if running >= count:
+                return True
+            time.sleep(0.01)
+        return False
+
+    def children(self):
+        try:
+            with open("/proc/%d/task/%d/children" % (self.daemon_pid, self.daemon_pid)) as children:
+                return [int(pid) for pid in children.read().split()]
+        except OSError:
+            return []
+
+    def close(self):
+        if self.daemon_pid and gitproc.read_proc_stat(self.daemon_pid):
+            self.seen_pids.update(self.children())
+            try:
+                self.request({"cmd": "shutdown"}, timeout=10)
+                deadline = time.monotonic() + 60
+                while gitproc.read_proc_stat(self.daemon_pid) and time.monotonic() < deadline:
+                    time.sleep(0.02)
+            except Exception:
+                pass
+            if gitproc.read_proc_stat(self.daemon_pid):
+                os.kill(self.daemon_pid, signal.SIGKILL)
+        for pid in self.seen_pids:
+            for kill in (os.killpg, os.kill):
+                try:
+                    kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def sleeper_unit(index, extra=""):
+    return "[Unit]\nDescription=bench service %d\n[Service]\nExecStart=/bin/sleep 100000%d\n%s" % (index, index, extra)
+
+
+def wait_for(predicate, timeout, poll=0.0002):
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise RuntimeError("timed out after %gs" % timeout)
+
+
+def exe_of(pid):
+    try:
+        return os.readlink("/proc/%d/exe" % pid)
+    except OSError:
+        return None
+
+
+def run_bench(args):
+    python = args.python or ("/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable)
+    say = (lambda line: print(line, file=sys.stderr, flush=True)) if args.json else (lambda line: print(line, flush=True))
+    results = {"machine": {"cores": os.cpu_count(), "python": subprocess.run(
+        [python, "-c", "import platform; print(platform.python_version())"], stdout=subprocess.PIPE).stdout.decode().strip(),
+        "interpreter": python, "kernel": os.uname().release}, "services": args.services, "repeat": args.repeat}
+    bench = Bench(python, say)
+    previous_handlers = {number: signal.signal(number, _raise_interrupt) for number in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        _bench_steps(bench, args, results, say)
+    except KeyboardInterrupt:
+        say("interrupted: cleaning up")
+        return 130
+    finally:
+        bench.close()
+        for number, handler in previous_handlers.items():
+            signal.signal(number, handler)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        _print_results(results)
+    return 0
+
+
+def _raise_interrupt(_number, _frame):
+    raise KeyboardInterrupt
+
+
+def _bench_steps(bench, args, results, say):
+    count = args.services
+    units = {"svc%04d.service" % i: sleeper_unit(i) for i in range(count)}
+    units["crasher.service"] = ("[Unit]\nStartLimitIntervalSec=0\n[Service]\nExecStart=/bin/sleep 9999999\n"
+                                "Restart=always\nRestartSec=0\n")
+    units["probe.service"] = "[Service]\nExecStart=/bin/sleep 2000000\n"
+    bench.commit(units, "bench units")
+
+    say("[1/7] cold start of %d services" % (count + 2))
+    started = time.perf_counter()
+    bench.start_daemon("--log-level", "debug")
+    if not bench.wait_all_running(count + 2, timeout=120):
+        raise RuntimeError("not all services ran within 120 s")
+    results["cold_start_s"] = round(time.perf_counter() - started, 3)
+    say("      all %d running after %.3f s (daemon command included)" % (count + 2, results["cold_start_s"]))
+
+    say("[2/7] idle daemon for %gs" % args.idle)
+    time.sleep(1.0)                   # let start-up work settle before measuring idleness
+    summary = summarize(sample(bench.daemon_pid, args.idle, min(1.0, args.idle)))
+    results["idle"] = {"cpu_percent": round(summary["cpu_percent"]["avg"], 4),
+                       "rss_bytes": summary["rss"]["max"], "rss_mb": round(summary["rss"]["max"] / 2 ** 20, 2),
+                       "threads": summary["threads"]["max"], "fds": summary["fds"]["max"],
+                       "wakeups_per_s": round(summary["wakeups_per_s"]["avg"], 3)}
+    say("      cpu %.3f%%  rss %.1f MB  %.2f wakeups/s  %d threads" % (
+        results["idle"]["cpu_percent"], results["idle"]["rss_mb"], results["idle"]["wakeups_per_s"],
+        results["idle"]["threads"]))
+
+    say("[3/7] crash detection and respawn (SIGKILL to new process exec'd), %d runs" % args.repeat)
+    latencies = []
+    for _ in range(args.repeat):
+        old = wait_for(lambda: _child_running(bench, "9999999"), 10)
+        os.kill(old, signal.SIGKILL)
+        killed = time.perf_counter()
+        wait_for(lambda: _child_running(bench, "9999999", exclude=old), 10)
+        latencies.append(time.perf_counter() - killed)
+    results["respawn"] = stats_ms(latencies)
+    say("      median %.2f ms  p95 %.2f ms" % (results["respawn"]["median_ms"], results["respawn"]["p95_ms"]))
+
+    say("[4/7] `start NAME` command to process running, %d runs" % args.repeat)
+    timings = []
+    for _ in range(args.repeat):
+        bench.cli("stop", "probe")
+        timings.append(bench.cli("start", "probe"))
+        pid = bench.request({"cmd": "status", "names": ["probe"]})["services"][0]["pid"]
+        if not pid or gitproc.read_proc_stat(pid) is None:
+            raise RuntimeError("start returned before probe ran")
+    results["start_command"] = stats_ms(timings)
+    floor = [bench_floor(bench.python) for _ in range(min(args.repeat, 5))]
+    results["cli_floor"] = stats_ms(floor)
+    say("      median %.1f ms  p95 %.1f ms  (interpreter + compile of gitproc.py alone: %.1f ms)" % (
+        results["start_command"]["median_ms"], results["start_command"]["p95_ms"], results["cli_floor"]["median_ms"]))
+
+    say("[5/7] commit to changed service running, %d runs" % args.repeat)
+    timings = []
+    for index in range(args.repeat):
+        marker = "3%06d" % index
+        bench.commit({"probe.service": "[Service]\nExecStart=/bin/sleep %s\n" % marker}, "bench change %d" % index)
+        committed = time.perf_counter()
+        wait_for(lambda: _child_running(bench, marker), 30)
+        timings.append(time.perf_counter() - committed)
+    results["commit_to_running"] = stats_ms(timings)
+    say("      median %.1f ms  p95 %.1f ms" % (results["commit_to_running"]["median_ms"], results["commit_to_running"]["p95_ms"]))
+
+    say("[6/7] `status` round trip over the socket, %d runs" % (args.repeat * 5))
+    timings = []
+    for _ in range(args.repeat * 5):
+        started = time.perf_counter()
+        bench.request({"cmd": "status"})
+        timings.append(time.perf_counter() - started)
+    results["status_round_trip"] = stats_ms(timings)
+    say("      median %.2f ms  p95 %.2f ms" % (results["status_round_trip"]["median_ms"], results["status_round_trip"]["p95_ms"]))
+
+    say("[7/7] state save time with %d services" % (count + 2))
+    for _ in range(max(3, args.repeat // 2)):
+        bench.cli("stop", "probe", "--no-block")
+        bench.cli("start", "probe", "--no-block")
+    saves = []
+    with open(bench.config.daemon_log) as log_file:
+        for line in log_file:
+            if "Saving state:" in line:
+                saves.append(float(line.rsplit(" in ", 1)[1].split()[0]) / 1000)
+    size = os.path.getsize(bench.config.state_file)
+    results["state_save"] = dict(stats_ms(saves), bytes=size)
+    say("      median %.2f ms  p95 %.2f ms  (%d bytes)" % (results["state_save"]["median_ms"], results["state_save"]["p95_ms"], size))
+
+
+def _child_running(bench, argument, exclude=None):
+    """A child of the daemon that has exec'd sleep ARGUMENT (a forked child that
+    has not exec'd yet still runs Python), other than `exclude`."""
+    for pid in bench.children():
+        if pid == exclude:
+            continue
+        try:
+            with open("/proc/%d/cmdline" % pid, "rb") as cmdline:
+                argv = cmdline.read().split(b"\0")
+        except OSError:
+            continue
+        if len(argv) > 1 and argv[1].decode() == argument and exe_of(pid) is not None and "sleep" in exe_of(pid):
+            return pid
+    return None
+
+
+def bench_floor(python):
+    """What any gitproc command costs before it does anything: the interpreter's
+    start and the compilation of gitproc.py."""
+    started = time.perf_counter()
+    subprocess.run([python, GITPROC, "--version"], stdout=subprocess.DEVNULL, check=True)
+    return time.perf_counter() - started
+
+
+def _print_results(results):
+    machine = results["machine"]
+    print()
+    print("gitproc benchmark: %d cores, Python %s (%s), Linux %s, %d services" % (
+        machine["cores"], machine["python"], machine["interpreter"], machine["kernel"], results["services"]))
+    rows = [
+        ("exit of a service to its new process running", results["respawn"]),
+        ("commit to changed service running", results["commit_to_running"]),
+        ("`start NAME` command to process running", results["start_command"]),
+        ("  of which interpreter + compile (floor)", results["cli_floor"]),
+        ("`status` round trip (socket)", results["status_round_trip"]),
+        ("state save", results["state_save"]),
+    ]
+    for label, figure in rows:
+        print("  %-48s median %9.2f ms   p95 %9.2f ms" % (label, figure["median_ms"], figure["p95_ms"]))
+    idle = results["idle"]
+    print("  %-48s %.1f MB, %.3f %% CPU, %.2f wakeups/s, %d thread(s)" % (
+        "idle daemon", idle["rss_mb"], idle["cpu_percent"], idle["wakeups_per_s"], idle["threads"]))
+    print("  %-48s %.3f s" % ("cold start until all run", results["cold_start_s"]))
+
+
+# ==== command line ==================================================================
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="profile_daemon.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n\n".join(__doc__.split("\n\n")[1:2]))
+    parser.add_argument("--pid", type=int, help="the daemon's pid (default: from the pid file)")
+    parser.add_argument("--home", help="the daemon's home (default: $GITPROC_HOME or ~/.gitproc)")
+    parser.add_argument("--duration", type=float, default=60.0, help="seconds to sample (default: 60)")
+    parser.add_argument("--interval", type=float, default=1.0, help="seconds between samples (default: 1)")
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    parser.add_argument("--bench", action="store_true", help="run the benchmarks in a temporary home")
+    parser.add_argument("--services", type=int, default=10, help="--bench: how many services (default: 10)")
+    parser.add_argument("--repeat", type=int, default=20, help="--bench: runs per latency (default: 20)")
+    parser.add_argument("--idle", type=float, default=10.0, help="--bench: seconds of idle sampling (default: 10)")
+    parser.add_argument("--python", help="--bench: interpreter for gitproc (default: /usr/bin/python3)")
+    args = parser.parse_args(argv)
+    if args.duration <= 0 or args.interval <= 0 or args.repeat < 1 or args.services < 0 or args.idle <= 0:
+        parser.error("durations must be positive, --repeat at least 1, --services at least 0")
+    try:
+        return run_bench(args) if args.bench else run_sampling(args)
+    except gitproc.GitprocError as exc:
+        print("profile_daemon: %s" % exc, file=sys.stderr)
+        return 1
+    except RuntimeError as exc:
+        print("profile_daemon: %s" % exc, file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
