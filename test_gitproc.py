@@ -1828,5 +1828,53 @@ class BlockingActionTests(unittest.TestCase):
 
 
 
+# ==== profile_daemon.py =========================================================
+
+PROFILER = os.path.join(HERE, "profile_daemon.py")
+BENCH_FIGURES = ("respawn", "commit_to_running", "start_command", "cli_floor", "status_round_trip", "state_save")
+
+
+class ProfilerTests(unittest.TestCase):
+
+    def test_bench_end_to_end_reports_every_figure_and_cleans_up(self):
+        before = set(glob.glob("/tmp/gpb*"))
+        proc = subprocess.run([sys.executable, PROFILER, "--bench", "--services", "3", "--repeat", "3",
+                               "--idle", "1", "--json", "--python", sys.executable],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=240)
+        self.assertEqual(proc.returncode, 0, proc.stderr.decode())
+        result = json.loads(proc.stdout.decode())
+        for figure in BENCH_FIGURES:
+            self.assertEqual(result[figure]["runs"] >= 3, True, figure)
+            self.assertGreater(result[figure]["median_ms"], 0, figure)
+            self.assertGreaterEqual(result[figure]["p95_ms"], result[figure]["median_ms"], figure)
+        # gross bounds only: the benchmark, not the tests, measures speed
+        self.assertLess(result["respawn"]["median_ms"], 1000)
+        self.assertLess(result["commit_to_running"]["median_ms"], 5000)
+        self.assertEqual(result["idle"]["threads"], 1)
+        self.assertGreater(result["idle"]["rss_mb"], 1)
+        self.assertLess(result["cold_start_s"], 60)
+        self.assertEqual(result["services"], 3)
+        self.assertIn("[7/7]", proc.stderr.decode(), "a progress line per step")
+        self.assertEqual(set(glob.glob("/tmp/gpb*")) - before, set(), "the temporary home is removed")
+
+    def test_sampling_a_running_daemon(self):
+        home = home_with_daemon(self)
+        proc = subprocess.run([sys.executable, PROFILER, "--home", home.path, "--duration", "1", "--interval", "0.25",
+                               "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        self.assertIn(proc.returncode, (0, 1), proc.stderr.decode())
+        result = json.loads(proc.stdout.decode())
+        self.assertEqual(result["pid"], home.daemon_pid)
+        for metric in ("cpu_percent", "rss", "threads", "fds", "read_bytes_per_s", "write_bytes_per_s",
+                       "voluntary_per_s", "involuntary_per_s"):
+            self.assertLessEqual(result["summary"][metric]["min"], result["summary"][metric]["max"], metric)
+        self.assertEqual(result["summary"]["threads"]["max"], 1)
+        items = {item["item"]: item for item in result["checklist"]}
+        self.assertTrue(items["Daemon memory usage < 100 MB with 10+ services"]["pass"])
+        self.assertTrue(items["Process termination detected within 1 second"]["pass"])
+        code = subprocess.run([sys.executable, PROFILER, "--pid", str(2 ** 22 + 7), "--duration", "1"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE).returncode
+        self.assertNotEqual(code, 0)
+
+
 if __name__ == "__main__":
     unittest.main()
