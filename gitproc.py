@@ -65,6 +65,7 @@ STATE_VERSION = 1
 HISTORY_LIMIT = 100
 LOG_CHECK_INTERVAL = 5.0            # how often service log sizes are checked
 POLL_FALLBACK_INTERVAL = 0.2        # exit polling where pidfds and SIGCHLD fail
+RUN_AS_CACHE_SECONDS = 5.0
 
 MAX_REQUEST_BYTES = 64 * 1024
 MAX_SOCKET_PATH = 107               # sun_path is 108 bytes with the terminating NUL
@@ -840,9 +841,11 @@ def _validate_unit(values, lines_of, report):
             report(lines_of[field], "error", "%s= cannot be infinity" % key)
 
 
-def check_unit_tree(entries):
+def check_unit_tree(entries, cache=None):
     """Parse many unit files: entries are (name, path, data, blob). Returns
-    ({name: UnitSpec}, [Diagnostic]); duplicate names are all rejected."""
+    ({name: UnitSpec}, [Diagnostic]); duplicate names are all rejected. With a
+    `cache` ({(path, blob): parse result}), a file already parsed is not parsed
+    again (its data may then be None), and new results are added to it."""
     paths_of = {}
     for name, path, _, _ in entries:
         paths_of.setdefault(name, []).append(path)
@@ -852,7 +855,12 @@ def check_unit_tree(entries):
             others = ", ".join(p for p in paths_of[name] if p != path)
             diagnostics.append(Diagnostic(path, 1, "error", "unit name %r is also defined in %s: both are rejected" % (name, others)))
             continue
-        spec, found = parse_unit(name, path, data, blob)
+        parsed = cache.get((path, blob)) if cache is not None and blob else None
+        if parsed is None:
+            parsed = parse_unit(name, path, data, blob)
+            if cache is not None and blob:
+                cache[(path, blob)] = parsed
+        spec, found = parsed
         diagnostics.extend(found)
         if spec is not None:
             specs[name] = spec
@@ -1361,8 +1369,9 @@ class RefWatcher:
             self.stat_timer.cancel()
 
 
-def git_read_units(repo, commit):
-    """Every *.service file in the tree of `commit`, as (name, path, data, blob)."""
+def git_read_units(repo, commit, known=()):
+    """Every *.service file in the tree of `commit`, as (name, path, data, blob);
+    data is None for the (path, blob) pairs in `known` (already parsed)."""
     listing = run_git(repo, ["ls-tree", "-r", "-z", "--full-tree", commit])
     wanted = []
     for entry in listing.split(b"\0"):
@@ -1373,10 +1382,12 @@ def git_read_units(repo, commit):
         path = path.decode("utf-8", "replace")
         if kind == b"blob" and path.endswith(UNIT_SUFFIX) and mode != b"120000":
             wanted.append((os.path.basename(path)[:-len(UNIT_SUFFIX)], path, blob.decode()))
+    entries = [(name, path, None, blob) for name, path, blob in wanted if (path, blob) in known]
+    wanted = [(name, path, blob) for name, path, blob in wanted if (path, blob) not in known]
     if not wanted:
-        return []
+        return entries
     output = run_git(repo, ["cat-file", "--batch"], input_data="".join(b + "\n" for _, _, b in wanted).encode())
-    entries, pos = [], 0
+    pos = 0
     for name, path, blob in wanted:
         header_end = output.index(b"\n", pos)
         header = output[pos:header_end].split()
@@ -1600,9 +1611,16 @@ class Spawner:
     """Starts one command of a service in a new session (so in its own process
     group), stdin from /dev/null, stdout and stderr appended to its log file.
 
-    Exec failures come back through a close-on-exec pipe: the parent's read
-    returns nothing once exec succeeded, or the child's message if it failed,
-    so a start is known to have worked before the daemon calls it running."""
+    Where the daemon's own working directory and credentials will do, this is
+    posix_spawn (vfork: no copy of the daemon's page tables, and exec errors
+    come back as its result). Otherwise it is fork, then setup, then exec, and
+    exec failures come back through a close-on-exec pipe: the parent's read
+    returns nothing once exec succeeded, or the child's message if it failed.
+    Either way a start is known to have worked before the daemon calls it
+    running."""
+
+    def __init__(self):
+        self.cwd = os.getcwd()            # the daemon's, for the posix_spawn path
 
     def spawn(self, argv, program, env, cwd, log_path, run_as):
         """Returns the pid; raises SpawnError with a one-line reason."""
@@ -1612,6 +1630,14 @@ class Spawner:
                 fds.append(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640))
             except OSError as exc:
                 raise SpawnError("cannot open log %s: %s" % (log_path, exc.strerror))
+            if cwd == self.cwd and run_as.uid is None and run_as.gid is None:
+                try:
+                    return os.posix_spawn(program, argv, env, file_actions=[
+                        (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                        (os.POSIX_SPAWN_DUP2, fds[0], 1), (os.POSIX_SPAWN_DUP2, fds[0], 2)],
+                        setsid=True, setsigmask=(), setsigdef=(signal.SIGPIPE, signal.SIGXFSZ))
+                except OSError as exc:
+                    raise SpawnError("exec %s: %s" % (program, exc.strerror or exc))
             fds.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
             fds.extend(os.pipe())         # exec-failure pipe, both ends close-on-exec (PEP 446)
             log_fd, null_fd, err_r, err_w = fds
@@ -2309,6 +2335,8 @@ class Daemon:
         self.next_fetch_deploys = False
         self.last_fetch = None
         self._last_plan = None            # the plan of the last deploy (see last_plan)
+        self.parse_cache = {}             # (path, blob) -> parse_unit result
+        self.run_as_cache = {}            # (User=, Group=) -> (expiry, RunAs or SpawnError)
         self.save_timer = None
         self.log_timer = None
         self.idle_timer = None
@@ -2337,6 +2365,8 @@ class Daemon:
         go to ready_fd (for `daemon` to print) and give exit code 1."""
         try:
             require_git()
+            os.chdir("/")                 # every path is absolute; "/" is also services' default
+            self.spawner = Spawner()
             self._acquire_pid_file()
             self._open_socket()
             self._install_signal_handlers()
@@ -2572,7 +2602,7 @@ class Daemon:
         if self.shutting_down:
             raise SpawnError("the daemon is shutting down")
         spec = service.spec
-        run_as = resolve_run_as(spec.user, spec.group)
+        run_as = self._run_as(spec.user, spec.group)
         env = self._service_environment(spec, run_as)
         argv = expand_command(command.argv, env)
         program = expand_command([command.program], env)
@@ -2587,6 +2617,21 @@ class Daemon:
         except OSError as exc:
             raise SpawnError("cannot create the log folder %s: %s" % (self.config.log_dir, exc.strerror))
         return self.spawner.spawn(argv, path, env, cwd, self.config.service_log(service.name), run_as)
+
+    def _run_as(self, user, group):
+        """resolve_run_as, remembered for a few seconds: a deploy of a thousand
+        units reads the user database once, and a changed one is seen soon."""
+        now = time.monotonic()
+        cached = self.run_as_cache.get((user, group))
+        if cached is None or cached[0] < now:
+            try:
+                cached = (now + RUN_AS_CACHE_SECONDS, resolve_run_as(user, group))
+            except SpawnError as exc:
+                cached = (now + RUN_AS_CACHE_SECONDS, exc)
+            self.run_as_cache[(user, group)] = cached
+        if isinstance(cached[1], SpawnError):
+            raise cached[1]
+        return cached[1]
 
     @staticmethod
     def _service_environment(spec, run_as):
@@ -2647,7 +2692,7 @@ class Daemon:
         """(Commit, unit entries) to deploy now; GitError if they cannot be read."""
         rev, what = self._target_rev()
         commit = git_commit_at(self.config.repo_path, rev, what)
-        return commit, git_read_units(self.config.repo_path, commit.sha)
+        return commit, self._read_units(commit.sha)
 
     def deploy_head(self, trigger, force=False):
         """Reconcile the services with the target commit (see _target_rev) and
@@ -2662,7 +2707,7 @@ class Daemon:
                 self.last_sync = {"time": now, "result": "ok", "trigger": trigger}
                 self._last_plan = self._noop_plan(commit)
                 return self._last_plan
-            entries = git_read_units(self.config.repo_path, commit.sha)
+            entries = self._read_units(commit.sha)
         except GitError as exc:
             self._record_error(trigger, str(exc))
             return {"error": str(exc)}
@@ -2678,6 +2723,10 @@ class Daemon:
         if self._last_plan is None and self.deployed is None:
             return {"error": "nothing is deployed yet"}
         return self._last_plan or self._noop_plan(self.deployed)
+
+    def _read_units(self, sha):
+        """The unit entries of a commit; files parsed before are not read again."""
+        return git_read_units(self.config.repo_path, sha, known=self.parse_cache)
 
     def _noop_plan(self, commit):
         return {"commit": commit.to_json(), "previous": commit.sha, "noop": True, "added": [], "changed": [],
@@ -2702,7 +2751,10 @@ class Daemon:
     def plan(self, commit, entries):
         """What deploying `commit` would do, changing nothing: (specs to run,
         Diagnostics, {name: commit of a kept earlier version}, skipped, plan)."""
-        specs, problems = check_unit_tree(entries)
+        specs, problems = check_unit_tree(entries, self.parse_cache)
+        if len(self.parse_cache) > 2 * len(entries) + 100:
+            keep = {(path, blob) for _, path, _, blob in entries}
+            self.parse_cache = {key: value for key, value in self.parse_cache.items() if key in keep}
         bad_names = {os.path.basename(d.path)[:-len(UNIT_SUFFIX)] for d in problems if d.severity == "error"}
         earlier = self.specs or self._specs_of_saved_commit(bad_names)
         origin = {}                                   # name -> commit its kept spec came from
