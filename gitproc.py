@@ -68,6 +68,7 @@ POLL_FALLBACK_INTERVAL = 0.2        # exit polling where pidfds and SIGCHLD fail
 RUN_AS_CACHE_SECONDS = 5.0
 
 MAX_REQUEST_BYTES = 64 * 1024
+MAX_PENDING_REPLY = 256 * 1024      # replies a client has not read before it is read from again
 MAX_SOCKET_PATH = 107               # sun_path is 108 bytes with the terminating NUL
 REQUEST_IDLE_TIMEOUT = 10.0
 CLIENT_TIMEOUT = 30.0
@@ -3142,6 +3143,8 @@ class Daemon:
     def _serve_client(self, conn, mask):
         if mask & selectors.EVENT_WRITE:
             self._flush(conn)
+            if conn.fd in self.connections and len(conn.outbuf) < MAX_PENDING_REPLY:
+                self._process_input(conn)     # requests held back while replies piled up
         if not mask & selectors.EVENT_READ or conn.fd not in self.connections:
             return
         try:
@@ -3166,7 +3169,7 @@ class Daemon:
     def _process_input(self, conn):
         """Answer the complete requests received, one at a time (a parked reply
         holds the next ones back), then settle what to watch for."""
-        while conn.waiting is None and conn.fd in self.connections:
+        while conn.waiting is None and conn.fd in self.connections and len(conn.outbuf) < MAX_PENDING_REPLY:
             newline = conn.inbuf.find(b"\n")
             if newline < 0 and conn.reading and len(conn.inbuf) > MAX_REQUEST_BYTES:
                 self._refuse(conn, "request larger than %d bytes" % MAX_REQUEST_BYTES)
@@ -3226,10 +3229,13 @@ class Daemon:
             except OSError:
                 self._close(conn)
                 return
-        if not conn.reading and not conn.outbuf and conn.waiting is None:
+        if not conn.reading and not conn.outbuf and conn.waiting is None and b"\n" not in conn.inbuf:
             self._close(conn)
             return
-        events = (selectors.EVENT_READ if conn.reading else 0) | (selectors.EVENT_WRITE if conn.outbuf else 0)
+        # A client that does not read its replies is not read from either, so
+        # neither buffer grows without bound (its socket fills and it blocks).
+        reading = conn.reading and len(conn.outbuf) < MAX_PENDING_REPLY
+        events = (selectors.EVENT_READ if reading else 0) | (selectors.EVENT_WRITE if conn.outbuf else 0)
         if events != conn.events:
             if not conn.events:
                 self.selector.register(conn.sock, events, (self._on_client, conn))

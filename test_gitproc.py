@@ -13,6 +13,7 @@ import io
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -1826,6 +1827,597 @@ class BlockingActionTests(unittest.TestCase):
             code, out, err = home.cli_process(action, "broken")
             assert_clean_failure(self, code, out, err, 1, "broken")
 
+
+
+# ---- regressions found in review
+
+# (helpers) ---------------------------------------------------------------------
+
+def run_gitproc(args, env=None, timeout=60):
+    """The CLI as a real process with exactly `args` (no --home added)."""
+    full_env = dict(os.environ)
+    full_env.pop("GITPROC_HOME", None)
+    full_env.update(env or {})
+    proc = subprocess.run([sys.executable, GITPROC] + list(args), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, env=full_env, timeout=timeout)
+    return proc.returncode, proc.stdout.decode(), proc.stderr.decode()
+
+
+def children_of(pid):
+    """Direct children of `pid` (its main thread's), from /proc."""
+    try:
+        with open("/proc/%d/task/%d/children" % (pid, pid)) as handle:
+            return [int(word) for word in handle.read().split()]
+    except OSError:
+        return []
+
+
+def zombie_children(pid):
+    zombies = []
+    for child in children_of(pid):
+        fields = gitproc.read_proc_stat(child)
+        if fields is not None and fields[0] == b"Z":
+            zombies.append(child)
+    return zombies
+
+
+def marker_processes(marker):
+    """Live processes whose command line contains `marker`, leaving out their
+    own children (a shell's child between fork and exec still shows the
+    shell's command line)."""
+    found = {}
+    needle = marker.encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open("/proc/%s/cmdline" % entry, "rb") as handle:
+                if needle not in handle.read():
+                    continue
+        except OSError:
+            continue
+        fields = gitproc.read_proc_stat(int(entry))
+        if fields is not None and fields[0] != b"Z":
+            found[int(entry)] = int(fields[1])
+    return sorted(pid for pid, ppid in found.items() if ppid not in found)
+
+
+def vm_rss_kib(pid):
+    with open("/proc/%d/status" % pid) as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS for pid %d" % pid)
+
+
+def fd_targets(pid):
+    targets = set()
+    folder = "/proc/%d/fd" % pid
+    for name in os.listdir(folder):
+        try:
+            targets.add(os.readlink(os.path.join(folder, name)))
+        except OSError:
+            pass
+    return targets
+
+
+def send_and_read_reply(path, data, timeout=5.0, half_close=False):
+    """Send `data`, optionally shutdown(SHUT_WR), and return the first reply
+    line (b"" if the daemon closed without one or nothing came in `timeout`)."""
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.settimeout(timeout)
+    try:
+        client.connect(path)
+        client.sendall(data)
+        if half_close:
+            client.shutdown(socket.SHUT_WR)
+        reply = bytearray()
+        while b"\n" not in reply:
+            try:
+                chunk = client.recv(65536)
+            except (socket.timeout, ConnectionResetError):
+                break
+            if not chunk:
+                break
+            reply += chunk
+        return bytes(reply).split(b"\n", 1)[0]
+    finally:
+        client.close()
+
+
+def shutdown_keep_services(test, home):
+    code, out, err = home.cli("shutdown", "--keep-services")
+    test.assertEqual(code, 0, out + err)
+    wait_until(lambda: not pid_alive(home.daemon_pid), 10, "the daemon to exit")
+
+
+# ---- 1. daemon.log rotation after daemon.log was deleted ---------------------------
+
+class DeletedDaemonLogRotationTests(SupervisionCase):
+
+    def test_rotation_after_daemon_log_was_deleted_keeps_the_daemon_working(self):
+        """Rotating a daemon.log that someone deleted used to leave the log's fd
+        number closed but still in use: the next rotation closed whatever fd
+        had reused that number (a pidfd, a client socket)."""
+        self.deploy({"a.service": unit(SLEEPER, Restart="always", RestartSec="50ms")},
+                    config={"log_max_bytes": 1024})
+        self.watch(self.home.running_pid("a"))
+        daemon_log = os.path.join(self.home.logs, "daemon.log")
+        os.unlink(daemon_log)
+        for attempt in range(12):                 # ~4 lines each: several rotations
+            try:
+                result = self.home.request({"cmd": "restart", "names": ["a"]}, timeout=5)
+            except (OSError, gitproc.GitprocError) as exc:
+                self.fail("restart %d after daemon.log was deleted: %r" % (attempt + 1, exc))
+            self.watch(result["services"][0]["pid"])
+        self.assertEqual(self.home.request({"cmd": "ping"}, timeout=5)["pid"], self.home.daemon_pid)
+        pid = self.watch(self.home.running_pid("a", timeout=3))
+        os.kill(pid, signal.SIGKILL)
+        self.watch(self.wait_new_pid("a", pid, timeout=3)["pid"])
+        self.assertEqual(self.home.request({"cmd": "ping"}, timeout=5)["pid"], self.home.daemon_pid)
+        wait_until(lambda: os.path.exists(daemon_log), 3, "daemon.log to be created anew")
+        self.assertTrue(os.path.exists(daemon_log + ".1"), "the log rotated (else this test proves nothing)")
+
+
+# ---- 2. spawn errors go through Restart= and the start limit ------------------------
+
+class SpawnErrorRestartTests(SupervisionCase):
+
+    def test_missing_program_with_restart_always_ends_failed_at_the_start_limit(self):
+        self.deploy({"x.service": unit("/nonexistent/prog", Restart="always", RestartSec="10ms"),
+                     "ok.service": unit(SLEEPER)})
+        self.watch(self.home.running_pid("ok"))
+        service = self.home.wait_state("x", "failed", timeout=4)
+        self.assertIn("start limit", service["reason"])
+        self.assertIn("/nonexistent/prog", service["reason"], "the spawn failure is named")
+        self.assertGreaterEqual(service["restarts"], 4, "went through Restart=always: %s" % service)
+        self.assertEqual(self.home.request({"cmd": "ping"}, timeout=5)["pid"], self.home.daemon_pid)
+
+    def test_unwritable_service_log_ends_failed_naming_it_without_zombies(self):
+        """logs/x.log is a folder: each start fails to open the log (systemd's
+        209/STDOUT): restarts per Restart=, then failed at the start limit with a
+        reason naming the log; never stuck in backoff, no zombie left behind."""
+        os.makedirs(os.path.join(self.home.logs, "x.log"))
+        self.deploy({"x.service": unit(SLEEPER, Restart="always", RestartSec="10ms"),
+                     "ok.service": unit(SLEEPER)})
+        self.watch(self.home.running_pid("ok"))
+        service = self.home.wait_state("x", "failed", timeout=4)
+        self.assertIn("x.log", service["reason"])
+        self.assertIn("start limit", service["reason"])
+        self.assertGreaterEqual(service["restarts"], 1, service)
+        self.assertIsNone(service["pid"])
+        wait_until(lambda: not zombie_children(self.home.daemon_pid), 2, "no zombie child of the daemon")
+        self.assertEqual(self.home.status("x")["state"], "failed", "stays failed")
+        self.assertEqual(self.home.request({"cmd": "ping"}, timeout=5)["pid"], self.home.daemon_pid)
+
+
+# ---- 3. a NaN timeout ------------------------------------------------------------------
+
+class NanTimeoutTests(SupervisionCase):
+
+    def test_nan_wait_timeout_is_refused_and_timers_still_fire(self):
+        """A wait with timeout NaN was parked with a NaN deadline in the timer
+        heap (NaN compares false both ways, which breaks the heap order): no
+        reply ever came. It must be refused, and timers must keep firing."""
+        self.deploy({"a.service": unit(SLEEPER, Restart="always", RestartSec="200ms")})
+        pid = self.watch(self.home.running_pid("a"))
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(client.close)
+        client.settimeout(3)
+        client.connect(os.path.join(self.home.path, "gitproc.sock"))
+        client.sendall(b'{"cmd": "wait", "names": ["a"], "state": "stopped", "timeout": NaN}\n')
+        # while that client is still connected, a crash must be restarted
+        os.kill(pid, signal.SIGKILL)
+        self.watch(self.wait_new_pid("a", pid, timeout=3)["pid"])
+        reply = bytearray()
+        while b"\n" not in reply:
+            try:
+                chunk = client.recv(65536)
+            except socket.timeout:
+                break
+            if not chunk:
+                break
+            reply += chunk
+        self.assertTrue(reply, "no reply to a wait with timeout NaN")
+        answer = json.loads(bytes(reply).split(b"\n")[0].decode())
+        self.assertIs(answer["ok"], False)
+        self.assertIn("timeout", answer["error"])
+
+
+# ---- 4. shutdown with a dependency cycle -----------------------------------------------
+
+class ShutdownCycleTests(SupervisionCase):
+
+    def test_shutdown_with_an_after_cycle_returns_and_stops_both(self):
+        self.deploy({"a.service": unit_text("ExecStart=" + SLEEPER, unit_lines=["After=b"]),
+                     "b.service": unit_text("ExecStart=/bin/sleep 1001", unit_lines=["After=a"])})
+        a = self.watch(self.home.running_pid("a"))
+        b = self.watch(self.home.running_pid("b"))
+        started = time.monotonic()
+        code, out, err = self.home.cli_process("shutdown", "--timeout", "4", timeout=10)
+        elapsed = time.monotonic() - started
+        self.assertEqual(code, 0, out + err)
+        self.assertLess(elapsed, 4)
+        self.assertFalse(pid_alive(self.home.daemon_pid))
+        self.assert_gone(a, 2)
+        self.assert_gone(b, 2)
+
+
+# ---- 5. flooding while a wait is parked ---------------------------------------------------
+
+class FloodWhileWaitingTests(unittest.TestCase):
+
+    def test_client_flooding_behind_a_parked_wait_is_disconnected(self):
+        """Input was never bounded while a reply was parked: the daemon buffered
+        whatever the client sent."""
+        home = home_with_daemon(self)
+        home.running_pid("web")
+        rss_before = vm_rss_kib(home.daemon_pid)
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(client.close)
+        client.settimeout(5)
+        client.connect(os.path.join(home.path, "gitproc.sock"))
+        client.sendall(b'{"cmd": "wait", "names": ["web"], "state": "stopped", "timeout": 3600}\n')
+        chunk = b"x" * 65536
+        sent, disconnected = 0, False
+        try:
+            while sent < 32 << 20:
+                client.sendall(chunk)
+                sent += len(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            disconnected = True
+        except socket.timeout:
+            pass
+        if not disconnected:
+            try:
+                disconnected = client.recv(65536) == b""
+            except ConnectionResetError:
+                disconnected = True
+            except socket.timeout:
+                pass
+        growth = vm_rss_kib(home.daemon_pid) - rss_before
+        self.assertTrue(disconnected, "the daemon kept reading a flood (%d bytes sent)" % sent)
+        self.assertLess(growth, 20 * 1024, "daemon RSS grew by %d KiB" % growth)
+        self.assertEqual(home.request({"cmd": "ping"}, timeout=5)["pid"], home.daemon_pid)
+        self.assertEqual(home.status("web")["state"], "running")
+
+
+# ---- 6. rotate_service_log against a writer that never stops ------------------------------
+
+# A writer that never stops and stays ahead of any copy: it appends a line at a
+# time and keeps the file at least 8 MiB plus four times what has been copied
+# into LOG.1 so far (the extra is a hole: the disk holds next to nothing of it),
+# at a raised priority where allowed so that a busy machine cannot let a copy
+# catch up. A copy that runs "until the file stops growing" never ends against
+# it; a bounded copy (what was there, then what came meanwhile) copies ~40 MiB.
+ENDLESS_WRITER = (
+    "import os, sys\n"
+    "try:\n"
+    "    os.setpriority(os.PRIO_PROCESS, 0, -10)\n"
+    "except OSError:\n"
+    "    pass\n"
+    "path = sys.argv[1]\n"
+    "fd = os.open(path, os.O_WRONLY | os.O_APPEND)\n"
+    "while True:\n"
+    "    try:\n"
+    "        copied = os.stat(path + '.1').st_size\n"
+    "    except OSError:\n"
+    "        copied = 0\n"
+    "    ahead = 4 * copied + (8 << 20)\n"
+    "    if os.fstat(fd).st_size < ahead:\n"
+    "        os.ftruncate(fd, ahead)\n"
+    "    os.write(fd, b'y' * 64 + b'\\n')\n")
+
+
+class RotateEndlessWriterTests(unittest.TestCase):
+
+    def test_rotation_returns_while_the_writer_goes_on(self):
+        folder = tempfile.mkdtemp(prefix="gpr", dir="/tmp")
+        self.addCleanup(shutil.rmtree, folder, ignore_errors=True)
+        path = os.path.join(folder, "w.log")
+        open(path, "wb").close()
+        writer = subprocess.Popen([sys.executable, "-c", ENDLESS_WRITER, path])
+
+        def stop_writer():
+            if writer.poll() is None:
+                os.kill(writer.pid, signal.SIGKILL)
+                writer.wait()
+            os.truncate(path, 0)                  # lets an unbounded copy loop end
+        self.addCleanup(stop_writer)
+        wait_until(lambda: os.path.getsize(path) >= 8 << 20, 5, "the writer to start")
+        outcome = []
+
+        def rotate():
+            started = time.monotonic()
+            try:
+                gitproc.rotate_service_log(path, 2)
+                outcome.append(time.monotonic() - started)
+            except Exception as exc:              # reported below
+                outcome.append(exc)
+        thread = threading.Thread(target=rotate, daemon=True)
+        thread.start()
+        thread.join(2.0)
+        still_copying = thread.is_alive()
+        stop_writer()
+        thread.join(30)
+        self.assertFalse(still_copying, "rotate_service_log was still copying after 2 s")
+        self.assertIsInstance(outcome[0], float, outcome)
+        self.assertTrue(os.path.exists(path + ".1"))
+        self.assertEqual(writer.returncode, -signal.SIGKILL, "the writer ran until killed")
+
+
+# ---- 7. carrying services across daemon restarts -----------------------------------------------
+
+class KeepServicesAcrossChangesTests(unittest.TestCase):
+
+    def test_changed_unit_restarts_removed_unit_stops_reused_pid_untouched(self):
+        home = Home(self)
+        home.commit({"a.service": unit("/bin/sleep 1000"), "b.service": unit("/bin/sleep 1001"),
+                     "c.service": unit("/bin/sleep 1002")}, "units")
+        home.start_daemon()
+        a, b, c = (home.running_pid(name) for name in ("a", "b", "c"))
+        shutdown_keep_services(self, home)
+        self.assertTrue(pid_alive(a) and pid_alive(b) and pid_alive(c))
+        # c's pid is "reused": c dies, and the state file names a process of ours
+        # (a group leader, so a killpg would reach it) with c's old start time.
+        os.kill(c, signal.SIGKILL)
+        wait_until(lambda: not pid_alive(c), 5, "c to die")
+        stranger = subprocess.Popen(["/bin/sleep", "1003"], start_new_session=True)
+        self.addCleanup(lambda: (stranger.poll() is None and os.kill(stranger.pid, signal.SIGKILL), stranger.wait()))
+        state = read_state(home)
+        self.assertNotEqual(gitproc.pid_start_time(stranger.pid), state["services"]["c"]["pid_start"])
+        state["services"]["c"]["pid"] = stranger.pid
+        with open(os.path.join(home.path, "state.json"), "w") as state_file:
+            json.dump(state, state_file)
+        home.commit({"a.service": unit("/bin/sleep 1004")}, "change a")
+        home.commit({"b.service": None, "c.service": None}, "remove b and c")
+        home.start_daemon()
+        new_a = wait_until(lambda: (lambda s: s["pid"] if s["state"] == "running" and s["pid"] != a else None)(
+            home.status("a")), 4, "a to run again with a new pid")
+        self.assertEqual(cmdline(new_a), ["/bin/sleep", "1004"])
+        wait_until(lambda: not pid_alive(a), 3, "a's old process to be gone")
+        wait_until(lambda: not pid_alive(b), 3, "removed b's old process to be gone")
+        self.assertTrue(pid_alive(stranger.pid), "a process reusing a saved pid was signalled")
+        self.assertEqual(stranger.poll(), None)
+
+
+# ---- 8. oneshot and Restart=, '-' on the last command, adopted exits -----------------------------
+
+class OneshotAndAdoptionTests(SupervisionCase):
+
+    def test_check_rejects_oneshot_with_restart_always(self):
+        folder = tempfile.mkdtemp(prefix="gpk", dir="/tmp")
+        self.addCleanup(shutil.rmtree, folder, ignore_errors=True)
+        with open(os.path.join(folder, "job.service"), "w") as unit_file:
+            unit_file.write(unit_text("Type=oneshot", "ExecStart=/bin/true", "Restart=always"))
+        code, out, err = run_cli("check", folder)
+        self.assertEqual(code, 1, out + err)
+        self.assertRegex(out + err, r"job\.service:\d+: error: Restart=always")
+
+    def test_oneshot_whose_last_dash_command_fails_ends_exited(self):
+        self.deploy({"job.service": unit_text("Type=oneshot", "ExecStart=/bin/true", "ExecStart=-/bin/false")})
+        service = self.home.wait_state("job", "exited", "failed", timeout=4)
+        self.assertEqual(service["state"], "exited", service)
+
+    def test_adopted_process_killed_is_restarted_on_failure(self):
+        self.deploy({"a.service": unit(SLEEPER, Restart="on-failure", RestartSec="100ms")})
+        pid = self.watch(self.home.running_pid("a"))
+        shutdown_keep_services(self, self.home)
+        self.home.start_daemon()
+        self.assertEqual(self.home.running_pid("a"), pid, "adopted")
+        os.kill(pid, signal.SIGKILL)
+        self.watch(self.wait_new_pid("a", pid, timeout=3)["pid"])
+
+
+# ---- 9. removed while stopping, then added back -----------------------------------------------------
+
+class RemoveAndReaddWhileStoppingTests(SupervisionCase):
+
+    def test_never_two_copies(self):
+        marker = "gpmark%d" % os.getpid()
+        text = unit("/bin/sh -c 'trap \"sleep 1; exit 0\" TERM; while :; do sleep 0.05; done' " + marker)
+        self.deploy({"slow.service": text})
+        first = self.watch(self.home.running_pid("slow"))
+        seen = [marker_processes(marker)]
+
+        def deployed(sha):
+            seen.append(marker_processes(marker))
+            return self.home.status()["daemon"]["commit"]["sha"] == sha
+
+        removed = self.home.commit({"slow.service": None}, "remove slow")
+        os.kill(self.home.daemon_pid, signal.SIGHUP)
+        wait_until(lambda: deployed(removed), 3, "the removal to be deployed")
+        self.assertTrue(pid_alive(first), "still stopping (its TERM trap takes 1 s)")
+        added = self.home.commit({"slow.service": text}, "add slow back")
+        os.kill(self.home.daemon_pid, signal.SIGHUP)
+        wait_until(lambda: deployed(added), 3, "the re-add to be deployed")
+
+        def back():
+            seen.append(marker_processes(marker))
+            service = self.home.status("slow")
+            return service if service["state"] == "running" and service["pid"] != first else None
+        second = self.watch(wait_until(back, 4, "slow to run again")["pid"])
+        self.assertEqual([pids for pids in seen if len(pids) > 1], [], "two copies of the unit ran at once")
+        self.assertFalse(pid_alive(first))
+        self.assertEqual(marker_processes(marker), [second])
+
+
+# ---- 10. sizes and percentages that overflow ------------------------------------------------------
+
+BAD_LIMITS = {
+    "m1": "MemoryMax=1e999%",
+    "m2": "MemoryMax=" + "9" * 400,
+    "cq": "CPUQuota=nan%",
+}
+
+
+class OverflowingLimitTests(unittest.TestCase):
+
+    def test_check_reports_each_as_an_error(self):
+        home = Home(self, init=False)
+        folder = os.path.join(home.path, "units")
+        os.makedirs(folder)
+        for name, line in BAD_LIMITS.items():
+            with open(os.path.join(folder, name + ".service"), "w") as unit_file:
+                unit_file.write(unit_text("ExecStart=" + SLEEPER, line))
+            code, out, err = home.cli_process("check", os.path.join(folder, name + ".service"))
+            self.assertEqual(code, 1, "%s: %s%s" % (line, out, err))
+            self.assertNotIn("Traceback", out + err)
+            self.assertRegex(out + err, r"%s\.service:\d+: error: %s=" % (name, line.split("=")[0]))
+
+    def test_a_daemon_with_such_units_runs_the_others(self):
+        units = {name + ".service": unit_text("ExecStart=" + SLEEPER, line) for name, line in BAD_LIMITS.items()}
+        units["ok.service"] = unit(SLEEPER)
+        home = Home(self)
+        home.commit(units, "units")
+        home.start_daemon()
+        home.running_pid("ok")
+        status = home.status()
+        self.assertEqual([s["name"] for s in status["services"]], ["ok"])
+        self.assertEqual(sorted({p["path"] for p in status["problems"] if p["severity"] == "error"}),
+                         ["cq.service", "m1.service", "m2.service"])
+
+
+# ---- 11. client errors without tracebacks ---------------------------------------------------------
+
+class ClientErrorTests(unittest.TestCase):
+
+    def test_socket_path_too_long(self):
+        long_home = "/tmp/" + "h" * 110
+        code, out, err = run_gitproc(["--home", long_home, "status"])
+        assert_clean_failure(self, code, out, err, 1)
+        self.assertEqual(len(one_line(err)), 1, err)
+        self.assertFalse(os.path.exists(long_home))
+
+    def test_home_under_a_file(self):
+        code, out, err = run_gitproc(["--home", "/etc/passwd/x", "status"])
+        assert_clean_failure(self, code, out, err, 1)
+        self.assertEqual(len(one_line(err)), 1, err)
+
+    def test_non_finite_or_negative_wait_timeouts_are_usage_errors(self):
+        home = Home(self, init=False)
+        for value in ("nan", "inf", "-5"):
+            with self.subTest(timeout=value):
+                code, out, err = home.cli_process("wait", "x", "--timeout", value)
+                self.assertEqual(code, 2, (out, err))
+                self.assertNotIn("Traceback", out + err)
+                self.assertIn("--timeout", err)
+
+
+# ---- 12. daemon start-up failures ----------------------------------------------------------------
+
+class StartupFailureTests(unittest.TestCase):
+
+    def test_no_git_on_path(self):
+        home = Home(self, init=False)
+        code, out, err = home.cli_process("daemon", env={"PATH": "/nonexistent"})
+        if code == 0:                             # the bug: let cleanup stop it
+            with open(os.path.join(home.path, "gitproc.pid")) as pid_file:
+                home.daemon_pid = int(pid_file.read())
+        assert_clean_failure(self, code, out, err, 1, "git")
+        self.assertEqual(len(one_line(err)), 1, err)
+        self.assertFalse(os.path.exists(os.path.join(home.path, "services")))
+
+    def test_home_that_cannot_be_created(self):
+        folder = tempfile.mkdtemp(prefix="gpw", dir="/tmp")
+        self.addCleanup(shutil.rmtree, folder, ignore_errors=True)
+        with open(os.path.join(folder, "file"), "w") as regular:
+            regular.write("not a folder\n")
+        code, out, err = run_gitproc(["--home", os.path.join(folder, "file", "home"), "daemon"])
+        assert_clean_failure(self, code, out, err, 1)
+        self.assertEqual(len(one_line(err)), 1, err)
+
+
+# ---- 13. inherited fds -------------------------------------------------------------------------
+
+class InheritedFdTests(unittest.TestCase):
+
+    def test_daemon_and_services_do_not_hold_the_callers_pipe(self):
+        home = Home(self)
+        home.commit({"a.service": unit(SLEEPER)})
+        read_end, write_end = os.pipe()
+        self.addCleanup(os.close, read_end)
+        pipe = os.readlink("/proc/self/fd/%d" % write_end)
+        env = dict(os.environ)
+        env.pop("GITPROC_HOME", None)
+        try:
+            proc = subprocess.run([sys.executable, GITPROC, "--home", home.path, "daemon"], pass_fds=(write_end,),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, timeout=30)
+        finally:
+            os.close(write_end)
+        self.assertEqual(proc.returncode, 0, proc.stderr.decode())
+        with open(os.path.join(home.path, "gitproc.pid")) as pid_file:
+            home.daemon_pid = int(pid_file.read())
+        service = home.running_pid("a")
+        self.assertNotIn(pipe, fd_targets(home.daemon_pid), "the daemon holds the caller's pipe")
+        self.assertNotIn(pipe, fd_targets(service), "the service holds the caller's pipe")
+        readable, _, _ = select.select([read_end], [], [], 3)
+        self.assertTrue(readable, "the pipe never reached EOF: someone still holds its write end")
+        self.assertEqual(os.read(read_end, 1), b"")
+
+
+# ---- 14. a half-closed client ----------------------------------------------------------------
+
+class HalfClosedClientTests(unittest.TestCase):
+
+    def test_request_then_shut_wr_still_gets_the_reply(self):
+        home = home_with_daemon(self, {"a": unit(SLEEPER)})
+        pid = home.running_pid("a")
+        reply = send_and_read_reply(os.path.join(home.path, "gitproc.sock"),
+                                    b'{"cmd": "restart", "names": ["a"]}\n', timeout=5, half_close=True)
+        self.assertTrue(reply, "no reply after shutdown(SHUT_WR)")
+        answer = json.loads(reply.decode())
+        self.assertIs(answer["ok"], True, answer)
+        self.assertNotEqual(answer["result"]["services"][0]["pid"], pid)
+        new_pid = home.running_pid("a")
+        self.assertNotEqual(new_pid, pid)
+
+
+# ---- 15. requests that used to get silence --------------------------------------------------------
+
+class SilentRequestTests(unittest.TestCase):
+
+    def test_deep_nesting_and_a_list_state_get_error_replies(self):
+        home = home_with_daemon(self, {"a": unit(SLEEPER)})
+        home.running_pid("a")
+        path = os.path.join(home.path, "gitproc.sock")
+        for data, mention in ((b"[" * 50000 + b"\n", "malformed"),
+                              (b'{"cmd": "wait", "names": ["a"], "state": []}\n', "state")):
+            with self.subTest(data=data[:40]):
+                reply = send_and_read_reply(path, data, timeout=3)
+                self.assertTrue(reply, "no reply")
+                answer = json.loads(reply.decode())
+                self.assertIs(answer["ok"], False)
+                self.assertIn(mention, answer["error"])
+                self.assertNotIn("internal error", answer["error"])
+        self.assertEqual(home.request({"cmd": "ping"}, timeout=5)["pid"], home.daemon_pid)
+        self.assertEqual(home.status("a")["state"], "running")
+        self.assertNotIn("Traceback", home.daemon_log())
+
+
+# ---- 16. a regular file at the socket path -----------------------------------------------------
+
+class UnreadRepliesTests(unittest.TestCase):
+
+    def test_a_client_that_never_reads_its_replies_cannot_grow_the_daemon(self):
+        home = home_with_daemon(self, {"w%d" % i: unit(SLEEPER) for i in range(20)})
+        before = vm_rss_kib(home.daemon_pid)
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.connect(os.path.join(home.path, "gitproc.sock"))
+        client.setblocking(False)
+        sent, payload = 0, b'{"cmd": "status"}\n' * 1000
+        deadline = time.monotonic() + 5
+        while sent < 900000 and time.monotonic() < deadline:
+            try:
+                sent += client.send(payload)
+            except BlockingIOError:
+                select.select([], [client], [], 0.05)
+        try:
+            self.assertLess(sent, 900000, "the daemon kept reading although its replies were not read")
+            self.assertLess(vm_rss_kib(home.daemon_pid) - before, 20 * 1024)
+            self.assertEqual(home.status("w0")["state"], "running", "other clients are still served")
+        finally:
+            client.close()
 
 
 # ==== profile_daemon.py =========================================================
