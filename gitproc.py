@@ -345,6 +345,15 @@ def pid_start_time(pid):
     return int(fields[19]) if fields else None
 
 
+def boot_time():
+    """When the system booted (wall clock), from /proc/stat's btime."""
+    with open("/proc/stat") as stat_file:
+        for line in stat_file:
+            if line.startswith("btime "):
+                return int(line.split()[1])
+    return 0
+
+
 def process_rss(pid):
     try:
         with open("/proc/%d/statm" % pid, "rb") as statm:
@@ -2548,6 +2557,8 @@ class Daemon:
     def _restore_state(self):
         state = self.store.load()
         self.saved_services = state.get("services", {})
+        if not self.saved_services:
+            self.saved_services = self._find_running_services()
         self.history = state.get("history", [])[-HISTORY_LIMIT:]
         deployed = state.get("deployed")
         if isinstance(deployed, dict) and isinstance(deployed.get("sha"), str):
@@ -2555,6 +2566,31 @@ class Daemon:
         pin = state.get("pin")
         if self.remote_mode and isinstance(pin, dict) and isinstance(pin.get("sha"), str):
             self.pin = pin
+
+    def _find_running_services(self):
+        """With no state to go by (a corrupt or deleted state file), find the
+        services an earlier daemon left running: session leaders whose stdout is
+        this home's log file of a unit. That proves whose they are; anything else
+        is left alone."""
+        found = {}
+        log_dir = self.config.log_dir + os.sep
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == os.getpid():
+                continue
+            pid = int(entry)
+            try:
+                stdout = os.readlink("/proc/%d/fd/1" % pid)
+                if not (stdout.startswith(log_dir) and stdout.endswith(".log")) or os.getsid(pid) != pid:
+                    continue
+            except OSError:
+                continue
+            name = stdout[len(log_dir):-len(".log")]
+            if unit_name_problem(name) is None and name not in found:
+                start = pid_start_time(pid)
+                found[name] = {"want": "up", "pid": pid, "pid_start": start, "phase": "main",
+                               "started_wall": boot_time() + start / os.sysconf("SC_CLK_TCK") if start else None}
+                self.log.warning(name, "No saved state: found its process %d by its log file; adopting it" % pid)
+        return found
 
     def _snapshot(self):
         services = dict(self.saved_services)      # units not deployed now keep their memory
