@@ -4106,7 +4106,27 @@ def _seconds(text):
     return value
 
 
-def build_parser():
+class _SkippedParser:
+    """Stands in for the subcommands a command line does not name: building all
+    of argparse's subparsers costs several ms of every command's start."""
+
+    def add_argument(self, *args, **kwargs):
+        return None
+
+
+def _command_named(argv):
+    """The subcommand an argv names (skipping global options), or None."""
+    tokens = iter(argv)
+    for token in tokens:
+        if token in ("--home", "--config", "--socket"):
+            next(tokens, None)
+        elif not token.startswith("-"):
+            return token
+    return None
+
+
+def build_parser(only=None):
+    """The argparse parser; with `only`, just that subcommand is built."""
     import argparse
     common = argparse.ArgumentParser(add_help=False)
     group = common.add_argument_group("global options")
@@ -4124,6 +4144,8 @@ def build_parser():
     commands.required = True
 
     def add(name, handler, help_text):
+        if only is not None and name != only:
+            return _SkippedParser()
         sub = commands.add_parser(name, parents=[common], help=help_text, description=help_text,
                                   formatter_class=argparse.RawDescriptionHelpFormatter,
                                   epilog="examples:\n" + "\n".join("  python3 " + e for e in EXAMPLES[name]))
@@ -4182,9 +4204,11 @@ def build_parser():
 
 
 def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    command = _command_named(arguments)
+    parser = build_parser(only=command if command in EXAMPLES else None)
+    args = parser.parse_args(arguments)
+    args.argv = arguments
     flags = {name: getattr(args, name, None) for name in ("home", "config", "socket", "repo", "branch", "remote", "hostname")}
     try:
         config = load_config(flags)
