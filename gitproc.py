@@ -1033,8 +1033,16 @@ class StateStore:
 
     def load(self):
         """The saved state, or a fresh one. A corrupt file is moved aside with a
-        warning; it never stops the daemon."""
+        warning; it never stops the daemon. Temporary files of saves that a
+        crash interrupted are removed."""
         fresh = {"version": STATE_VERSION, "services": {}, "history": [], "deployed": None}
+        folder, base = os.path.split(self.path)
+        try:
+            for leftover in os.listdir(folder or "."):
+                if leftover.startswith(base + ".tmp."):
+                    _unlink_quietly(os.path.join(folder, leftover))
+        except OSError:
+            pass
         try:
             with open(self.path, "rb") as state_file:
                 raw = state_file.read()
@@ -2557,8 +2565,19 @@ class Daemon:
     def _restore_state(self):
         state = self.store.load()
         self.saved_services = state.get("services", {})
-        if not self.saved_services:
-            self.saved_services = self._find_running_services()
+        # A pid is saved in batches, so after a crash the state file may name a
+        # pid that a restart already replaced: the process is then found by the
+        # log file it writes to (the same proof as with no state file at all).
+        for name, found in self._find_running_services().items():
+            saved = self.saved_services.get(name)
+            if isinstance(saved, dict) and self._live_saved_pid(saved) is not None:
+                continue
+            self.log.warning(name, "Found its process %d by its log file (the state file %s)" % (
+                found["pid"], "had an older pid" if isinstance(saved, dict) else "did not know it"))
+            if isinstance(saved, dict):
+                saved.update({key: found[key] for key in ("pid", "pid_start", "phase", "started_wall")})
+            else:
+                self.saved_services[name] = found
         self.history = state.get("history", [])[-HISTORY_LIMIT:]
         deployed = state.get("deployed")
         if isinstance(deployed, dict) and isinstance(deployed.get("sha"), str):
@@ -2568,10 +2587,9 @@ class Daemon:
             self.pin = pin
 
     def _find_running_services(self):
-        """With no state to go by (a corrupt or deleted state file), find the
-        services an earlier daemon left running: session leaders whose stdout is
-        this home's log file of a unit. That proves whose they are; anything else
-        is left alone."""
+        """The services an earlier daemon left running, found without the state
+        file: session leaders whose stdout is this home's log file of a unit.
+        That proves whose they are; anything else is left alone."""
         found = {}
         log_dir = self.config.log_dir + os.sep
         for entry in os.listdir("/proc"):
@@ -2589,7 +2607,6 @@ class Daemon:
                 start = pid_start_time(pid)
                 found[name] = {"want": "up", "pid": pid, "pid_start": start, "phase": "main",
                                "started_wall": boot_time() + start / os.sysconf("SC_CLK_TCK") if start else None}
-                self.log.warning(name, "No saved state: found its process %d by its log file; adopting it" % pid)
         return found
 
     def _snapshot(self):
@@ -3611,7 +3628,7 @@ EXAMPLES = {
     "rollback": ["gitproc.py rollback HEAD~1", "gitproc.py rollback 4613c49", "gitproc.py rollback --release"],
     "history": ["gitproc.py history", "gitproc.py history -n 5 --json"],
     "check": ["gitproc.py check", "gitproc.py check web.service units/",
-              "printf '#!/bin/sh\\nexec python3 gitproc.py check\\n' > .git/hooks/pre-commit"],
+              "printf '#!/bin/sh\\nexec python3 gitproc.py check .\\n' > .git/hooks/pre-commit"],
 }
 STATE_COLOURS = {RUNNING: "32", EXITED: "36", STARTING: "33", BACKOFF: "33", STOPPING: "33",
                  STOPPED: "2", FAILED: "31"}
