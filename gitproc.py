@@ -2557,8 +2557,11 @@ class Daemon:
             elif number in (signal.SIGTERM, signal.SIGINT):
                 self.begin_shutdown("signal %s" % signal_name(number))
             elif number == signal.SIGHUP:
-                self.log.info("daemon", "SIGHUP: deploying the branch head")
-                self.deploy_head("SIGHUP")
+                self.log.info("daemon", "SIGHUP: syncing now")
+                if self.remote_mode:
+                    self._after_fetch(lambda error: None, deploy=True)
+                else:
+                    self.deploy_head("SIGHUP")
 
     # -- state -----------------------------------------------------------------------
 
@@ -2758,7 +2761,8 @@ class Daemon:
             rev, what = self._target_rev()
             commit = git_commit_at(self.config.repo_path, rev, what)
             if self.applied and not force and self.deployed and commit.sha == self.deployed.sha:
-                self.last_sync = {"time": now, "result": "ok", "trigger": trigger}
+                self.last_sync = {"time": now, "result": "partial" if self._invalid_lines() else "ok",
+                                  "trigger": trigger}
                 self._last_plan = self._noop_plan(commit)
                 return self._last_plan
             entries = self._read_units(commit.sha)
@@ -2816,7 +2820,7 @@ class Daemon:
             if name not in specs and name in earlier:
                 specs[name] = earlier[name]           # the earlier good version keeps running
                 service = self.services.get(name)
-                origin[name] = service.commit if service else self.deployed.sha
+                origin[name] = service.commit if service else self.saved_services[name]["commit"]
         skipped = {}
         for name, spec in list(specs.items()):
             if not host_matches(spec.condition_host, self.config.hostname):
@@ -2991,15 +2995,22 @@ class Daemon:
             self.next_fetch_deploys = self.next_fetch_deploys or deploy
 
     def _specs_of_saved_commit(self, names):
-        """At start-up, the units of the commit the previous daemon deployed (for
-        invalid units whose earlier good version must keep running)."""
-        if not names or self.deployed is None:
-            return {}
-        try:
-            specs, _ = check_unit_tree(git_read_units(self.config.repo_path, self.deployed.sha))
-        except GitError as exc:
-            self.log.warning("daemon", "Cannot read the previously deployed commit %s: %s" % (self.deployed.sha[:7], exc))
-            return {}
+        """At start-up, for invalid units whose earlier good version must keep
+        running: that version, read from the commit each one last ran from."""
+        commits = {}
+        for name in names:
+            saved = self.saved_services.get(name)
+            if isinstance(saved, dict) and isinstance(saved.get("commit"), str):
+                commits.setdefault(saved["commit"], []).append(name)
+        specs = {}
+        for sha, wanted in commits.items():
+            try:
+                found, _ = check_unit_tree(git_read_units(self.config.repo_path, sha))
+            except GitError as exc:
+                self.log.warning("daemon", "Cannot read commit %s for the earlier version of %s: %s" % (
+                    sha[:7], ", ".join(wanted), exc))
+                continue
+            specs.update({name: found[name] for name in wanted if name in found})
         return specs
 
     def _add_service(self, spec, sha):
@@ -4011,8 +4022,6 @@ def cmd_logs(config, args):
         path = config.service_log(args.name)
     else:
         raise UsageError("logs: name a unit, or use --daemon")
-    if args.lines < 0:
-        raise UsageError("logs: -n takes a number of lines, 0 or more")
     if args.json and args.follow:
         raise UsageError("logs: --json and -f do not go together")
     if not os.path.exists(path):
@@ -4111,6 +4120,14 @@ def _unit_entry(path, problems):
     return (file_name[:-len(UNIT_SUFFIX)], path, data, "")
 
 
+def _count(text):
+    """argparse type: a whole number, 0 or more."""
+    import argparse
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError("%r is not a whole number (0 or more)" % text)
+    return int(text)
+
+
 def _seconds(text):
     """argparse type: a finite number of seconds, 0 to a day."""
     import argparse
@@ -4202,7 +4219,7 @@ def build_parser(only=None):
     sub.add_argument("--timeout", type=_seconds, default=DEFAULT_WAIT_TIMEOUT, help="seconds (default: 30)")
     sub = with_json(add("logs", cmd_logs, "show a unit's output (works without a daemon)"))
     sub.add_argument("name", nargs="?", metavar="NAME")
-    sub.add_argument("-n", "--lines", type=int, default=50, help="how many lines (default: 50)")
+    sub.add_argument("-n", "--lines", type=_count, default=50, help="how many lines (default: 50)")
     sub.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     sub.add_argument("--daemon", action="store_true", help="the daemon's own log")
     with_json(add("sync", cmd_sync, "deploy the newest commit now (fetching first in remote mode)"))
@@ -4211,7 +4228,7 @@ def build_parser(only=None):
     sub.add_argument("commit", nargs="?", metavar="COMMIT")
     sub.add_argument("--release", action="store_true", help="remote mode: follow the remote branch again")
     sub = with_json(add("history", cmd_history, "list the deployments, newest first"))
-    sub.add_argument("-n", dest="count", type=int, default=20, help="how many (default: 20)")
+    sub.add_argument("-n", dest="count", type=_count, default=20, help="how many (default: 20)")
     sub = with_json(add("check", cmd_check, "validate unit files without a daemon (exit 1 on any error)"))
     sub.add_argument("paths", nargs="*", metavar="PATH", help="files or folders (default: the repository's working tree)")
     return parser
