@@ -282,6 +282,16 @@ def format_time(wall):
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(wall)) if wall else "-"
 
 
+def read_until_eof(fd):
+    """All that a pipe gives until its writers close it."""
+    chunks = []
+    while True:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
 def describe_os_error(exc):
     """'Permission denied: /etc/gitproc' rather than a traceback."""
     if exc.filename:
@@ -1664,12 +1674,7 @@ class Spawner:
                 self._exec_child(argv, program, env, cwd, log_fd, null_fd, err_w, run_as)
             os.close(err_w)
             fds.remove(err_w)
-            report = b""
-            while True:
-                chunk = os.read(err_r, 4096)
-                if not chunk:
-                    break
-                report += chunk
+            report = read_until_eof(err_r)
         except OSError as exc:            # fork EAGAIN, EMFILE, ...: the system said no
             raise SpawnError("cannot start a process: %s" % (exc.strerror or exc))
         finally:
@@ -3809,14 +3814,8 @@ def _spawn_detached_daemon(config, args, mode):
             os._exit(code)
     os.close(ready_w)
     os.waitpid(first, 0)
-    chunks = []
-    while True:
-        chunk = os.read(ready_r, 4096)
-        if not chunk:
-            break
-        chunks.append(chunk)
+    message = read_until_eof(ready_r).decode("utf-8", "replace").strip()
     os.close(ready_r)
-    message = b"".join(chunks).decode("utf-8", "replace").strip()
     return message or "error the daemon exited while starting; see %s" % config.daemon_log
 
 
@@ -3844,22 +3843,16 @@ def _print_plan(plan, done):
         print("  ! invalid, not deployed: %s" % line)
 
 
-def cmd_sync(config, args):
-    result = request(config, {"cmd": "sync"}, timeout=FETCH_TIMEOUT + 15)
-    if args.json:
-        _print_json(result)
-    else:
-        _print_plan(result, done=True)
-    return EXIT_OK
-
-
-def cmd_diff(config, args):
-    result = request(config, {"cmd": "diff"}, timeout=FETCH_TIMEOUT + 15)
-    if args.json:
-        _print_json(result)
-    else:
-        _print_plan(result, done=False)
-    return EXIT_OK
+def _cmd_plan(action):
+    """`sync` (carries out the plan) and `diff` (only shows it)."""
+    def run(config, args):
+        result = request(config, {"cmd": action}, timeout=FETCH_TIMEOUT + 15)
+        if args.json:
+            _print_json(result)
+        else:
+            _print_plan(result, done=action == "sync")
+        return EXIT_OK
+    return run
 
 
 def cmd_rollback(config, args):
@@ -4222,8 +4215,8 @@ def build_parser(only=None):
     sub.add_argument("-n", "--lines", type=_count, default=50, help="how many lines (default: 50)")
     sub.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     sub.add_argument("--daemon", action="store_true", help="the daemon's own log")
-    with_json(add("sync", cmd_sync, "deploy the newest commit now (fetching first in remote mode)"))
-    with_json(add("diff", cmd_diff, "show what sync would do, changing nothing"))
+    with_json(add("sync", _cmd_plan("sync"), "deploy the newest commit now (fetching first in remote mode)"))
+    with_json(add("diff", _cmd_plan("diff"), "show what sync would do, changing nothing"))
     sub = with_json(add("rollback", cmd_rollback, "bring back the unit files of an earlier commit"))
     sub.add_argument("commit", nargs="?", metavar="COMMIT")
     sub.add_argument("--release", action="store_true", help="remote mode: follow the remote branch again")

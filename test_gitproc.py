@@ -1137,9 +1137,10 @@ def home_with_daemon(test, units=None):
     return home
 
 
-def raw_exchange(path, data, timeout=5.0):
-    """Send raw bytes on a fresh connection; return the first reply line
-    (bytes, without the newline) or b"" if the daemon closed the connection."""
+def raw_exchange(path, data, timeout=5.0, half_close=False):
+    """Send raw bytes on a fresh connection (then, optionally, shutdown(SHUT_WR));
+    return the first reply line (bytes, without the newline), or b"" if the
+    daemon closed the connection or nothing came within `timeout`."""
     client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     client.settimeout(timeout)
     try:
@@ -1148,11 +1149,13 @@ def raw_exchange(path, data, timeout=5.0):
             client.sendall(data)
         except (BrokenPipeError, ConnectionResetError):
             pass
+        if half_close:
+            client.shutdown(socket.SHUT_WR)
         reply = bytearray()
         while b"\n" not in reply:
             try:
                 chunk = client.recv(65536)
-            except ConnectionResetError:
+            except (socket.timeout, ConnectionResetError):
                 break
             if not chunk:
                 break
@@ -1919,30 +1922,6 @@ def fd_targets(pid):
     return targets
 
 
-def send_and_read_reply(path, data, timeout=5.0, half_close=False):
-    """Send `data`, optionally shutdown(SHUT_WR), and return the first reply
-    line (b"" if the daemon closed without one or nothing came in `timeout`)."""
-    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    client.settimeout(timeout)
-    try:
-        client.connect(path)
-        client.sendall(data)
-        if half_close:
-            client.shutdown(socket.SHUT_WR)
-        reply = bytearray()
-        while b"\n" not in reply:
-            try:
-                chunk = client.recv(65536)
-            except (socket.timeout, ConnectionResetError):
-                break
-            if not chunk:
-                break
-            reply += chunk
-        return bytes(reply).split(b"\n", 1)[0]
-    finally:
-        client.close()
-
-
 def shutdown_keep_services(test, home):
     code, out, err = home.cli("shutdown", "--keep-services")
     test.assertEqual(code, 0, out + err)
@@ -2381,7 +2360,7 @@ class HalfClosedClientTests(unittest.TestCase):
     def test_request_then_shut_wr_still_gets_the_reply(self):
         home = home_with_daemon(self, {"a": unit(SLEEPER)})
         pid = home.running_pid("a")
-        reply = send_and_read_reply(os.path.join(home.path, "gitproc.sock"),
+        reply = raw_exchange(os.path.join(home.path, "gitproc.sock"),
                                     b'{"cmd": "restart", "names": ["a"]}\n', timeout=5, half_close=True)
         self.assertTrue(reply, "no reply after shutdown(SHUT_WR)")
         answer = json.loads(reply.decode())
@@ -2402,7 +2381,7 @@ class SilentRequestTests(unittest.TestCase):
         for data, mention in ((b"[" * 50000 + b"\n", "malformed"),
                               (b'{"cmd": "wait", "names": ["a"], "state": []}\n', "state")):
             with self.subTest(data=data[:40]):
-                reply = send_and_read_reply(path, data, timeout=3)
+                reply = raw_exchange(path, data, timeout=3)
                 self.assertTrue(reply, "no reply")
                 answer = json.loads(reply.decode())
                 self.assertIs(answer["ok"], False)
@@ -3564,12 +3543,7 @@ def client_as(sock, payload, uid, gid, groups=()):
         finally:
             os._exit(0)
     os.close(write_fd)
-    data = b""
-    while True:
-        chunk = os.read(read_fd, 65536)
-        if not chunk:
-            break
-        data += chunk
+    data = gitproc.read_until_eof(read_fd)
     os.close(read_fd)
     os.waitpid(child, 0)
     result = json.loads(data.decode())
