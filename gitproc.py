@@ -1893,7 +1893,7 @@ class Service:
         """What state.json keeps of this service."""
         return {"want": self.want, "pid": self.pid if self.state in ACTIVE_STATES else None,
                 "pid_start": self.pid_start if self.state in ACTIVE_STATES else None,
-                "phase": self.phase, "restarts": self.restarts, "last_exit": self.last_exit,
+                "restarts": self.restarts, "last_exit": self.last_exit,
                 "state": self.state, "reason": self.reason, "commit": self.commit,
                 "blob": self.spec.blob, "started_wall": self.main_started_wall}
 
@@ -1970,7 +1970,7 @@ class Service:
             self.daemon.log.debug(self.name, "Running %s command (pid %d): %s" % (self.phase, pid, command))
             self._set_state(STARTING)
 
-    def adopt(self, pid, pid_start, phase, started_wall):
+    def adopt(self, pid, pid_start, started_wall):
         """Watch a process an earlier daemon started (same pid and start time)."""
         self.pid, self.pid_start, self.adopted = pid, pid_start, True
         self.phase = "main"
@@ -2368,7 +2368,6 @@ class Daemon:
         self.changed = False              # a service changed state since waiters were checked
         self.running = False
         self.shutting_down = False
-        self.keep_services = False
         self.started_wall = time.time()
         self.listener = None
         self.pid_fd = None
@@ -2583,7 +2582,7 @@ class Daemon:
             self.log.warning(name, "Found its process %d by its log file (the state file %s)" % (
                 found["pid"], "had an older pid" if isinstance(saved, dict) else "did not know it"))
             if isinstance(saved, dict):
-                saved.update({key: found[key] for key in ("pid", "pid_start", "phase", "started_wall")})
+                saved.update({key: found[key] for key in ("pid", "pid_start", "started_wall")})
             else:
                 self.saved_services[name] = found
         self.history = state.get("history", [])[-HISTORY_LIMIT:]
@@ -2613,7 +2612,7 @@ class Daemon:
             name = stdout[len(log_dir):-len(".log")]
             if unit_name_problem(name) is None and name not in found:
                 start = pid_start_time(pid)
-                found[name] = {"want": "up", "pid": pid, "pid_start": start, "phase": "main",
+                found[name] = {"want": "up", "pid": pid, "pid_start": start,
                                "started_wall": boot_time() + start / os.sysconf("SC_CLK_TCK") if start else None}
         return found
 
@@ -3057,7 +3056,7 @@ class Daemon:
         live = self._live_saved_pid(saved)
         if live is None:
             return False
-        service.adopt(live[0], live[1], saved.get("phase"), saved.get("started_wall"))
+        service.adopt(live[0], live[1], saved.get("started_wall"))
         if service.want == "down":
             service.stop()
         elif saved.get("blob") not in (None, service.spec.blob):
@@ -3117,7 +3116,6 @@ class Daemon:
         if self.shutting_down:
             return
         self.shutting_down = True
-        self.keep_services = keep_services
         self.log.info("daemon", "Shutting down (%s)%s" % (why, "; services keep running" if keep_services else ""))
         if keep_services:
             self.running = False
