@@ -19,11 +19,12 @@ Sections (grep for "# ==== N."):
      6. state store
      7. git source
      8. process supervision: spawner, exit watcher, Service
-     9. health checks (parsed only for now)
-    10. control protocol: framing, server connections, client
-    11. daemon: the event loop that owns everything
-    12. command line
-    13. main()
+     9. health checks: HealthProbe
+    10. logs: the daemon's log, service log rotation
+    11. control protocol: framing, server connections, client
+    12. daemon: the event loop that owns everything
+    13. command line
+    14. main()
 """
 
 __version__ = "0.1.0"
@@ -884,7 +885,54 @@ def check_unit_tree(entries, cache=None):
         diagnostics.extend(found)
         if spec is not None:
             specs[name] = spec
+    for cycle in dependency_cycles(specs):
+        for name in cycle:
+            diagnostics.append(Diagnostic(specs[name].path, 1, "error", "ordering cycle: %s (After=/Requires=); "
+                                          "none of these units is deployed" % " -> ".join(cycle + [cycle[0]])))
+        for name in cycle:
+            del specs[name]
     return specs, diagnostics
+
+
+def dependency_cycles(specs):
+    """The groups of units that wait for each other through After=/Requires=
+    (strongly connected components of more than one unit, or a unit naming
+    itself), each in name order. Iterative Tarjan: no recursion limit."""
+    edges = {name: sorted({d for d in spec.after + spec.requires if d in specs}) for name, spec in specs.items()}
+    index, low, on_stack, stack, cycles, counter = {}, {}, set(), [], [], [0]
+    for root in sorted(edges):
+        if root in index:
+            continue
+        work = [(root, 0)]
+        while work:
+            node, position = work.pop()
+            if position == 0:
+                index[node] = low[node] = counter[0]
+                counter[0] += 1
+                stack.append(node)
+                on_stack.add(node)
+            if position < len(edges[node]):
+                work.append((node, position + 1))
+                target = edges[node][position]
+                if target not in index:
+                    work.append((target, 0))
+                elif target in on_stack:
+                    low[node] = min(low[node], index[target])
+                continue
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1 or node in edges[node]:
+                    cycles.append(sorted(component))
+            if work:
+                parent = work[-1][0]
+                low[parent] = min(low[parent], low[node])
+    return cycles
 
 
 def load_environment_file(path):
@@ -1854,13 +1902,21 @@ class Service:
         self.start_after_stop = False   # a restart waits for the stop to finish
         self.generation = 0             # counts starts, so a restart waiter sees a new run
         self.removed = False            # gone from the deployed commit; dropped once stopped
+        self.waiting = False            # STARTING, held back until its dependencies are ready
+        self.probe = None               # HealthProbe of the running main process
 
     # -- queries ---------------------------------------------------------------
 
     def is_ready(self):
-        """Running, or a oneshot that finished successfully."""
+        """Running (with a health check: it passed once), or a oneshot that
+        finished successfully. What dependents wait for."""
         return self.state == RUNNING or (
             self.state == EXITED and self.spec.type == "oneshot" and self.last_exit == {"code": 0})
+
+    def health(self):
+        if not self.spec.health_check_url:
+            return None
+        return self.probe.status if self.probe else None
 
     def snapshot(self, detail=False):
         now = time.time()
@@ -1868,7 +1924,8 @@ class Service:
         data = {
             "name": self.name, "state": self.state, "pid": self.pid if running else None,
             "since": self.since, "uptime": (now - self.main_started_wall) if running and self.main_started_wall else None,
-            "restarts": self.restarts, "last_exit": self.last_exit, "health": None,
+            "restarts": self.restarts, "last_exit": self.last_exit, "health": self.health(),
+            "health_error": self.probe.last_error if self.probe else None,
             "memory": process_rss(self.pid) if running else None,
             "commit": self.commit, "reason": self.reason, "want": self.want,
         }
@@ -1923,6 +1980,20 @@ class Service:
         self._begin_start()
 
     def _begin_start(self):
+        if self.daemon.shutting_down:
+            return
+        blocked, why = self.daemon.dependency_state(self)
+        if blocked == "waiting":
+            # -> STARTING (no process yet): waits for its dependencies
+            self.waiting = True
+            self._set_state(STARTING, why)
+            return
+        self.waiting = False
+        if blocked == "failed":
+            # -> STOPPED: a dependency failed or is not there; want stays up
+            self.daemon.log.warning(self.name, "Not started: %s" % why)
+            self._set_state(STOPPED, why)
+            return
         now = time.monotonic()
         spec = self.spec
         if spec.start_limit_interval > 0:
@@ -1962,13 +2033,37 @@ class Service:
         if self.phase == "main" and self.main_started_wall is None:
             self.main_started_wall = time.time()
         self.daemon.exit_watcher.watch(pid, self._on_exit)
-        if self.phase == "main" and self.spec.type != "oneshot":
+        if self.phase == "main" and self.spec.type != "oneshot" and self.spec.health_check_url:
+            # STARTING -> STARTING: running, not ready before its health check passes
+            self.daemon.log.info(self.name, "Started (pid %d), waiting for its health check" % pid)
+            self.probe = HealthProbe(self.daemon, self)
+            self._set_state(STARTING, "waiting for the health check")
+        elif self.phase == "main" and self.spec.type != "oneshot":
             # STARTING -> RUNNING: exec succeeded (the spawner confirmed it)
             self.daemon.log.info(self.name, "Started (pid %d)" % pid)
             self._set_state(RUNNING)
         else:
             self.daemon.log.debug(self.name, "Running %s command (pid %d): %s" % (self.phase, pid, command))
             self._set_state(STARTING)
+
+    def health_changed(self):
+        """The probe's verdict changed: healthy makes a starting service ready,
+        unhealthy (retries used up) restarts it."""
+        if self.probe.status == "healthy":
+            self.daemon.log.info(self.name, "Healthy")
+            if self.state == STARTING and self.phase == "main":
+                # STARTING -> RUNNING: the health check passed
+                self._set_state(RUNNING)
+            else:
+                self.daemon.changed = True
+        elif self.probe.status == "unhealthy" and self.state in (STARTING, RUNNING) and self.pid:
+            # RUNNING -> STOPPING -> STARTING: restarted as Restart= would after a failure
+            why = "health check failed %d times: %s" % (self.probe.failures, self.probe.last_error)
+            self.restarts += 1
+            self.daemon.log.warning(self.name, "Restarting: %s" % why)
+            self.stop(reason=why)
+            self.want = "up"
+            self.start_after_stop = True
 
     def adopt(self, pid, pid_start, started_wall):
         """Watch a process an earlier daemon started (same pid and start time)."""
@@ -1979,6 +2074,8 @@ class Service:
         self.main_started_wall = started_wall or time.time()
         self.daemon.exit_watcher.watch(pid, self._on_exit, child=False)
         self.daemon.log.info(self.name, "Adopted running process (pid %d)" % pid)
+        if self.spec.health_check_url:
+            self.probe = HealthProbe(self.daemon, self)
         self._set_state(RUNNING if self.spec.type != "oneshot" else STARTING)
 
     def stop(self, reason="stopped by user"):
@@ -1986,7 +2083,9 @@ class Service:
         TimeoutStopSec) and never restart until start()."""
         self.want = "down"
         self.start_after_stop = False
+        self.waiting = False
         self._cancel_timer()
+        self._close_probe()
         if self.state in (STARTING, RUNNING) and self.pid:
             # STARTING/RUNNING -> STOPPING
             self.daemon.log.info(self.name, "Stopping (pid %d, %s)" % (self.pid, signal_name(self.spec.kill_signal)))
@@ -2050,6 +2149,7 @@ class Service:
             except (ProcessLookupError, PermissionError):
                 pass
         self.pid = self.pid_start = self.current = None
+        self._close_probe()
         described = describe_exit(exit_info) if exit_info else "exit status unknown (adopted)"
         if self.state == STOPPING:
             # STOPPING -> STOPPED (or -> STARTING for a restart)
@@ -2062,8 +2162,7 @@ class Service:
             if self.start_after_stop and self.want == "up" and not self.daemon.shutting_down:
                 self.start_after_stop = False
                 self.daemon.log.info(self.name, "Restarting (requested)")
-                self._set_state(STOPPED, "restarting")
-                self._begin_start()
+                self._begin_start()           # STOPPING -> STARTING/RUNNING
             else:
                 self._set_state(STOPPED, self.reason or "stopped by user")
             return
@@ -2114,6 +2213,11 @@ class Service:
             # BACKOFF -> STARTING
             self._begin_start()
 
+    def _close_probe(self):
+        if self.probe is not None:
+            self.probe.close()
+            self.probe = None
+
     def _cancel_timer(self):
         if self.timer is not None:
             self.timer.cancel()
@@ -2124,7 +2228,175 @@ class Service:
         self._cancel_timer()
 
 
-# ==== 9. logs ================================================================
+# ==== 9. health checks =======================================================
+# HealthProbe checks one service over a non-blocking socket in the daemon's own
+# selector: no thread per check, and a slow or silent service never blocks the
+# loop (each check has its own timeout timer). HTTP connections are kept alive
+# and reused between checks.
+
+
+class HealthProbe:
+    """The health check of one running service: `tcp://host:port` (the connect
+    succeeds) or `http://host[:port]/path` (a 2xx or 3xx answer). After
+    HealthCheckRetries failures in a row (outside HealthCheckStartPeriod), the
+    service is restarted."""
+
+    def __init__(self, daemon, service):
+        from urllib.parse import urlsplit
+        spec = service.spec
+        url = urlsplit(spec.health_check_url)
+        self.daemon, self.service = daemon, service
+        self.scheme, self.host = url.scheme, url.hostname
+        self.port = url.port or (80 if url.scheme == "http" else 0)
+        self.path = (url.path or "/") + ("?" + url.query if url.query else "")
+        self.status = "starting"          # "starting", "healthy" or "unhealthy"
+        self.failures = 0                 # failed checks in a row (start period excluded)
+        self.last_error = None
+        self.started = time.monotonic()
+        self.address = None               # resolved once: (family, sockaddr)
+        self.sock = None                  # the connection (kept between HTTP checks)
+        self.connected = False
+        self.inbuf = bytearray()
+        self.timer = self.daemon.call_later(min(0.2, spec.health_check_interval), self._run)
+        self.deadline_timer = None
+        self.closed = False
+
+    def close(self):
+        self.closed = True
+        for timer in (self.timer, self.deadline_timer):
+            if timer is not None:
+                timer.cancel()
+        self._drop_connection()
+
+    def _drop_connection(self):
+        if self.sock is not None:
+            try:
+                self.daemon.selector.unregister(self.sock)
+            except (KeyError, ValueError):
+                pass
+            self.sock.close()
+        self.sock, self.connected = None, False
+        self.inbuf.clear()
+
+    def _run(self):
+        """One check: connect (or reuse the connection), then ask."""
+        self.timer = None
+        if self.closed:
+            return
+        self.deadline_timer = self.daemon.call_later(self.service.spec.health_check_timeout, self._timed_out)
+        try:
+            if self.address is None:
+                family, _, _, _, sockaddr = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)[0]
+                self.address = (family, sockaddr)
+            if self.sock is not None and self.connected:
+                self._send_request()
+                return
+            self._drop_connection()
+            self.sock = socket.socket(self.address[0], socket.SOCK_STREAM)
+            self.sock.setblocking(False)
+            code = self.sock.connect_ex(self.address[1])
+            if code not in (0, errno.EINPROGRESS):
+                raise OSError(code, os.strerror(code))
+            self.daemon.selector.register(self.sock, selectors.EVENT_WRITE, (self._on_connected, None))
+        except OSError as exc:
+            self._finish(False, "cannot connect to %s:%s: %s" % (self.host, self.port, exc.strerror or exc))
+
+    def _on_connected(self, _arg, _mask):
+        error = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        self.daemon.selector.unregister(self.sock)
+        if error:
+            self._finish(False, "cannot connect to %s:%s: %s" % (self.host, self.port, os.strerror(error)))
+            return
+        self.connected = True
+        if self.scheme == "tcp":
+            self._finish(True, None)
+            return
+        self._send_request()
+
+    def _send_request(self):
+        request_text = "GET %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: gitproc/%s\r\nConnection: keep-alive\r\n\r\n" % (
+            self.path, self.host, __version__)
+        try:
+            self.sock.send(request_text.encode())    # small: fits the socket buffer
+        except OSError as exc:
+            self._drop_connection()               # a kept-alive connection the server closed
+            self._finish(False, "HTTP request failed: %s" % (exc.strerror or exc))
+            return
+        self.inbuf.clear()
+        self.daemon.selector.register(self.sock, selectors.EVENT_READ, (self._on_response, None))
+
+    def _on_response(self, _arg, _mask):
+        try:
+            data = self.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            data, error = b"", exc.strerror
+        else:
+            error = "connection closed before an answer"
+        if not data:
+            self._drop_connection()
+            self._finish(False, "HTTP: %s" % error)
+            return
+        self.inbuf += data
+        head, separator, body = bytes(self.inbuf).partition(b"\r\n\r\n")
+        if not separator:
+            if len(self.inbuf) > 65536:
+                self._drop_connection()
+                self._finish(False, "HTTP: answer headers too large")
+            return
+        lines = head.decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ", 2)
+        headers = dict((k.strip().lower(), v.strip()) for k, _, v in (line.partition(":") for line in lines[1:]))
+        length = headers.get("content-length", "")
+        if length.isdigit() and len(body) < int(length):
+            return                            # the rest of the body is on its way
+        self.daemon.selector.unregister(self.sock)
+        reusable = length.isdigit() and len(body) == int(length) and headers.get("connection", "").lower() != "close"
+        if not reusable:
+            self._drop_connection()
+        status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+        self.inbuf.clear()
+        if 200 <= status < 400:
+            self._finish(True, None)
+        else:
+            self._finish(False, "HTTP %s" % (" ".join(parts[1:]) or "answer unreadable"))
+
+    def _timed_out(self):
+        self.deadline_timer = None
+        self._drop_connection()
+        self._finish(False, "no answer within %s" % format_timespan(self.service.spec.health_check_timeout))
+
+    def _finish(self, healthy, error):
+        """One check's result: count it, tell the service, plan the next one."""
+        if self.closed:
+            return
+        if self.deadline_timer is not None:
+            self.deadline_timer.cancel()
+            self.deadline_timer = None
+        spec = self.service.spec
+        if healthy:
+            self.failures, self.last_error = 0, None
+            if self.status != "healthy":
+                self.status = "healthy"
+                self.service.health_changed()
+        elif time.monotonic() - self.started >= spec.health_check_start_period:
+            self.failures += 1
+            self.last_error = error
+            self.daemon.log.warning(self.service.name, "Health check failed (%d of %d): %s" % (
+                self.failures, spec.health_check_retries, error))
+            if self.failures >= spec.health_check_retries:
+                self.status = "unhealthy"
+                self.service.health_changed()
+                return                        # the service restarts: a new probe comes with it
+        else:
+            self.last_error = error
+        # Until a first success, check often: the service is not ready before it.
+        interval = spec.health_check_interval if self.status == "healthy" else min(spec.health_check_interval, 0.5)
+        self.timer = self.daemon.call_later(interval, self._run)
+
+
+# ==== 10. logs ================================================================
 # The daemon's own log (one line per event, service name first) and the size
 # rotation of service logs. Services write their files directly; the daemon
 # only rotates them, by copy-and-truncate, since it cannot reopen a running
@@ -2230,7 +2502,7 @@ def rotate_service_log(path, backups):
     os.truncate(path, 0)
 
 
-# ==== 10. control protocol ===================================================
+# ==== 11. control protocol ===================================================
 # One JSON object per line each way over a Unix stream socket. The server side
 # lives in the daemon's loop (non-blocking sockets, no thread per client); the
 # client side is one blocking round trip.
@@ -2306,7 +2578,7 @@ def _home_from_env(config):
     return os.environ.get("GITPROC_HOME") and os.path.abspath(os.environ["GITPROC_HOME"]) == config.home
 
 
-# ==== 11. daemon =============================================================
+# ==== 12. daemon =============================================================
 # The one thread that owns everything: a selector over the signal wakeup pipe,
 # pidfds, the control socket and its clients, plus a heap of timers. Services,
 # the state store and deploys are only touched from here.
@@ -2435,8 +2707,11 @@ class Daemon:
                 if not timer.cancelled:
                     timer.cancelled = True
                     self._guarded(timer.callback)
-            if self.changed:
+            for _ in range(100):          # a change may release another; bounded all the same
+                if not self.changed:
+                    break
                 self.changed = False
+                self._guarded(self._release_waiting)
                 self._guarded(self._check_waiters)
                 if self.shutting_down:
                     self._guarded(self._shutdown_step)
@@ -2650,6 +2925,45 @@ class Daemon:
     def service_changed(self, service):
         self.changed = True
         self.mark_dirty()
+        if service.state in (STOPPED, FAILED) and not self.shutting_down:
+            self._stop_requiring(service)
+
+    def _stop_requiring(self, service):
+        """Requires=: what requires a unit stops when it stops or fails."""
+        for other in self.services.values():
+            if service.name in other.spec.requires and other.state in (STARTING, RUNNING) and not other.removed:
+                why = "required unit %s %s" % (service.name, "failed" if service.state == FAILED else "stopped")
+                self.log.info(other.name, "Stopping: %s" % why)
+                self._stop_keeping_intent(other, why)
+
+    def dependency_state(self, service):
+        """("ready"|"waiting"|"failed", why) for the units `service` comes after
+        (After=, Requires=). Ready: running (healthy, if checked) or a oneshot
+        that exited 0. An After= unit that is stopped on purpose does not hold
+        the start back; a Requires= one does."""
+        for name in service.spec.after + service.spec.requires:
+            required = name in service.spec.requires
+            other = self.services.get(name)
+            if other is None or other.removed or name == service.name:
+                if required:
+                    return "failed", "requires %s, which is not deployed here" % name
+                continue
+            if other.is_ready():
+                continue
+            if other.state == FAILED or (other.state == EXITED and other.last_exit != {"code": 0}):
+                return "failed", "dependency %s failed (%s)" % (name, other.reason or describe_exit(other.last_exit))
+            if other.state in (STOPPED, EXITED) and (other.want == "down" or other.state == EXITED):
+                if required:
+                    return "failed", "requires %s, which is %s" % (name, other.state)
+                continue
+            return "waiting", "waiting for %s" % name
+        return "ready", None
+
+    def _release_waiting(self):
+        """Start what waited for dependencies that are now ready (or failed)."""
+        for service in list(self.services.values()):
+            if service.waiting and service.state == STARTING and service.pid is None and service.want == "up":
+                service._begin_start()
 
     def deploy_note(self, service):
         """', deployed from COMMIT' when the service's running version came from a
@@ -3448,7 +3762,7 @@ class Daemon:
             raise GitprocError("malformed request: 'state' must be a string")
         predicates = {
             "running": lambda s: s.is_ready(),
-            "healthy": lambda s: s.is_ready(),      # health checks are not run yet: ready counts
+            "healthy": lambda s: s.is_ready() and s.health() in (None, "healthy"),
             "stopped": lambda s: s.state in (STOPPED, EXITED, FAILED),
         }
         if target not in predicates:
@@ -3620,7 +3934,7 @@ def _notify(fd, message):
         pass
 
 
-# ==== 12. command line ========================================================
+# ==== 13. command line ========================================================
 # argparse subcommands; each cmd_* turns a request's result into text (or JSON
 # with --json) and returns an exit code. Errors are GitprocErrors, printed by
 # main() as one line.
@@ -4225,7 +4539,7 @@ def build_parser(only=None):
     return parser
 
 
-# ==== 13. main ================================================================
+# ==== 14. main ================================================================
 
 
 def main(argv=None):
