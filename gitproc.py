@@ -70,6 +70,7 @@ RUN_AS_CACHE_SECONDS = 5.0
 
 MAX_REQUEST_BYTES = 64 * 1024
 MAX_PENDING_REPLY = 256 * 1024      # replies a client has not read before it is read from again
+MAX_CONNECTIONS = 512               # clients served at once (each holds one descriptor)
 MAX_SOCKET_PATH = 107               # sun_path is 108 bytes with the terminating NUL
 REQUEST_IDLE_TIMEOUT = 10.0
 CLIENT_TIMEOUT = 30.0
@@ -1186,10 +1187,9 @@ def _run_captured(argv, input_data, timeout, extra_env=None):
     pid = None
     finished = False
     try:
-        in_r, in_w = os.pipe()
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
-        open_fds.extend((in_r, in_w, out_r, out_w, err_r, err_w))
+        for _ in range(3):
+            open_fds.extend(os.pipe())
+        in_r, in_w, out_r, out_w, err_r, err_w = open_fds
         try:
             pid = os.posix_spawn(program, argv, git_environment(extra_env), file_actions=[
                 (os.POSIX_SPAWN_DUP2, in_r, 0), (os.POSIX_SPAWN_DUP2, out_w, 1),
@@ -1511,6 +1511,12 @@ def git_worktree_of(repo, branch):
     return None
 
 
+def _unit_tree_entries(repo, commit):
+    """ls-tree entries of the unit files a deploy reads (symlinks are not units)."""
+    return [entry for entry in run_git(repo, ["ls-tree", "-r", "-z", commit]).split(b"\0")
+            if entry.endswith(UNIT_SUFFIX.encode()) and not entry.startswith(b"120000")]
+
+
 def git_restore_units(repo, branch, head, target):
     """Add a commit on `branch` (at `head`) whose unit files are those of `target`,
     other files untouched; returns its id, or None if they already match. History
@@ -1523,12 +1529,10 @@ def git_restore_units(repo, branch, head, target):
     env = {"GIT_INDEX_FILE": index}
     try:
         run_git(repo, ["read-tree", head.sha], env=env)
-        current = [path for path in run_git(repo, ["ls-tree", "-r", "-z", "--name-only", head.sha]).split(b"\0")
-                   if path.endswith(UNIT_SUFFIX.encode())]
+        current = [entry.partition(b"\t")[2] for entry in _unit_tree_entries(repo, head.sha)]
         if current:
             run_git(repo, ["update-index", "-z", "--force-remove", "--stdin"], b"\0".join(current) + b"\0", env=env)
-        wanted = [entry for entry in run_git(repo, ["ls-tree", "-r", "-z", target.sha]).split(b"\0")
-                  if entry.endswith(UNIT_SUFFIX.encode()) and not entry.startswith(b"120000")]
+        wanted = _unit_tree_entries(repo, target.sha)
         if wanted:
             run_git(repo, ["update-index", "-z", "--index-info"], b"\0".join(wanted) + b"\0", env=env)
         tree = run_git(repo, ["write-tree"], env=env).decode().strip()
@@ -2617,6 +2621,7 @@ class Daemon:
         self.applied = False              # a commit was applied by this daemon
         self.pin = None                   # remote-mode rollback: {"sha", "subject", "remote_at"}
         self.watcher = None               # RefWatcher of the branch (local mode)
+        self.git_dir = None               # where the branch's ref files are
         self.poll_timer = None
         self.poll_delay = config.poll_interval
         self.quiet_polls = 0              # polls in a row that found nothing new
@@ -2640,6 +2645,7 @@ class Daemon:
         self.changed = False              # a service changed state since waiters were checked
         self.running = False
         self.shutting_down = False
+        self.keep_services = False        # the shutdown leaves services running
         self.started_wall = time.time()
         self.listener = None
         self.pid_fd = None
@@ -2713,7 +2719,7 @@ class Daemon:
                 self.changed = False
                 self._guarded(self._release_waiting)
                 self._guarded(self._check_waiters)
-                if self.shutting_down:
+                if self.shutting_down and not self.keep_services:
                     self._guarded(self._shutdown_step)
 
     def _guarded(self, callback, *args):
@@ -2866,7 +2872,8 @@ class Daemon:
             self.deployed = Commit(deployed["sha"], deployed.get("subject", ""), deployed.get("time", 0))
         pin = state.get("pin")
         if self.remote_mode and isinstance(pin, dict) and isinstance(pin.get("sha"), str):
-            self.pin = pin
+            self.pin = {"sha": pin["sha"], "subject": str(pin.get("subject", "")),
+                        "remote_at": pin.get("remote_at") if isinstance(pin.get("remote_at"), str) else None}
 
     def _find_running_services(self):
         """The services an earlier daemon left running, found without the state
@@ -3054,10 +3061,18 @@ class Daemon:
     def remote_mode(self):
         return bool(self.config.remote)
 
+    def _pin_outdated(self):
+        """True when the remote branch moved on since the rollback pin was set."""
+        if not self.pin:
+            return False
+        fetched = read_ref_file(git_common_dir(self.config.repo_path), REMOTE_REF % self.config.branch)
+        return bool(fetched) and fetched != self.pin.get("remote_at")
+
     def _target_rev(self):
         """What to deploy: the branch (local mode), the fetched branch (remote
-        mode), or the commit a remote-mode rollback pinned."""
-        if self.pin:
+        mode), or the commit a remote-mode rollback pinned (until the remote
+        branch moves on)."""
+        if self.pin and not self._pin_outdated():
             return self.pin["sha"], "pinned commit %s" % self.pin["sha"][:7]
         if self.remote_mode:
             return REMOTE_REF % self.config.branch, "%s/%s (fetched)" % (self.config.remote, self.config.branch)
@@ -3075,6 +3090,8 @@ class Daemon:
         deployed (unless `force`). A repository that cannot be read changes
         nothing: the error goes to the log, `status` and history."""
         now = time.time()
+        if self.shutting_down:
+            return {"error": "the daemon is shutting down"}
         try:
             rev, what = self._target_rev()
             commit = git_commit_at(self.config.repo_path, rev, what)
@@ -3084,9 +3101,10 @@ class Daemon:
                 self._last_plan = self._noop_plan(commit)
                 return self._last_plan
             entries = self._read_units(commit.sha)
-        except GitError as exc:
-            self._record_error(trigger, str(exc))
-            return {"error": str(exc)}
+        except (GitError, OSError) as exc:
+            message = str(exc) if isinstance(exc, GitError) else "cannot run git: %s" % describe_os_error(exc)
+            self._record_error(trigger, message)
+            return {"error": message}
         plan = self.apply(commit, entries, trigger)
         self.last_sync = {"time": now, "result": "ok" if not plan["invalid"] else "partial", "trigger": trigger}
         return plan
@@ -3154,6 +3172,13 @@ class Daemon:
         start, changed ones restart, removed ones stop, the others are untouched.
         Manual stops are kept."""
         specs, problems, origin, skipped, plan = self.plan(commit, entries)
+        if not self.applied:
+            # Units removed while no daemon ran: forget them (a live process of
+            # one is stopped by _stop_saved_orphans).
+            in_tree = {name for name, _, _, _ in entries}
+            for name in [n for n, saved in self.saved_services.items() if n not in in_tree and
+                         not (isinstance(saved, dict) and self._live_saved_pid(saved))]:
+                del self.saved_services[name]
         for line in plan["invalid"]:
             self.log.error("daemon", "Invalid unit: %s" % line)
         for name in plan["removed"]:
@@ -3202,28 +3227,37 @@ class Daemon:
             self._start_fetch()
         else:
             try:
-                git_dir = git_common_dir(self.config.repo_path)
+                self.git_dir = git_common_dir(self.config.repo_path)
             except GitError as exc:
                 self.log.warning("daemon", "Cannot watch the repository (%s); polling it with git" % exc)
             else:
-                self.watcher = RefWatcher(git_dir, "refs/heads/" + self.config.branch, self.selector,
-                                          self.call_later, lambda: self.deploy_head("commit"))
+                self.watcher = RefWatcher(self.git_dir, "refs/heads/" + self.config.branch, self.selector,
+                                          self.call_later, lambda: self._check_branch("commit"))
                 self.log.info("daemon", "Watching %s for new commits (%s)" % (
-                    os.path.join(git_dir, "refs/heads", self.config.branch), self.watcher.start()))
+                    os.path.join(self.git_dir, "refs/heads", self.config.branch), self.watcher.start()))
+                self._check_branch("commit")  # a commit that landed before the watch began
         self.poll_timer = self.call_later(self.poll_delay, self._poll_due)
 
     def _poll_due(self):
         """The performance guide's adaptive poll: every poll_interval, stretched to
         max_poll_interval after 3 quiet checks, back at once on a change."""
-        if self.remote_mode:
-            self._start_fetch()               # _fetch_done adapts the delay
-        else:
-            if self.watcher is not None:
-                self.watcher.check()          # reads ref files only
+        try:
+            if self.remote_mode:
+                self._start_fetch()           # _fetch_finished adapts the delay
             else:
-                self.deploy_head("poll")
-            self._adapt_poll(self.deploys_since_poll > 0)
-        self.poll_timer = self.call_later(self.poll_delay, self._poll_due)
+                self._check_branch("poll")
+                self._adapt_poll(self.deploys_since_poll > 0)
+        finally:                              # whatever happened, the safety net stays
+            self.poll_timer = self.call_later(self.poll_delay, self._poll_due)
+
+    def _check_branch(self, trigger):
+        """Deploy if the branch's ref differs from the deployed commit, or the last
+        deploy failed (retried at each poll). Reads ref files only: no git while
+        nothing changed and nothing is broken."""
+        value = read_ref_file(self.git_dir, "refs/heads/" + self.config.branch) if self.git_dir else None
+        failed = bool(self.last_sync and self.last_sync.get("error"))
+        if value is None or failed or value != (self.deployed.sha if self.deployed else ""):
+            self.deploy_head(trigger)
 
     def _adapt_poll(self, changed):
         self.deploys_since_poll = 0
@@ -3255,16 +3289,26 @@ class Daemon:
         try:
             if git is None:
                 raise OSError(errno.ENOENT, "git not found on PATH")
+            # In a process group of its own, so that a timeout or a shutdown
+            # also ends what git started (ssh, credential helpers).
             pid = os.posix_spawn(git, argv, git_environment(), file_actions=[
                 (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                (os.POSIX_SPAWN_DUP2, output, 1), (os.POSIX_SPAWN_DUP2, output, 2)], setsigdef=(signal.SIGPIPE,))
+                (os.POSIX_SPAWN_DUP2, output, 1), (os.POSIX_SPAWN_DUP2, output, 2)],
+                setpgroup=0, setsigdef=(signal.SIGPIPE,))
         except OSError as exc:
             os.close(output)
             self._fetch_finished("cannot run git fetch: %s" % (exc.strerror or exc))
             return
         self.fetch_pid, self.fetch_output = pid, output
-        self.fetch_timer = self.call_later(FETCH_TIMEOUT, lambda: _kill_quietly(pid))
+        self.fetch_timer = self.call_later(FETCH_TIMEOUT, self._kill_fetch)
         self.exit_watcher.watch(pid, self._on_fetch_exit)
+
+    def _kill_fetch(self):
+        if self.fetch_pid is not None:
+            try:
+                os.killpg(self.fetch_pid, signal.SIGKILL)   # still our unreaped child: safe
+            except OSError:
+                pass
 
     def _on_fetch_exit(self, exit_info):
         self.fetch_timer.cancel()
@@ -3273,7 +3317,9 @@ class Daemon:
         self.fetch_pid = self.fetch_output = None
         error = None
         if exit_info != {"code": 0}:
-            detail = text.splitlines()[-1] if text else describe_exit(exit_info)
+            lines = text.splitlines()
+            complaints = [line for line in lines if line.startswith(("fatal:", "error:"))]
+            detail = (complaints or lines or [describe_exit(exit_info)])[0]
             if exit_info == {"signal": signal.SIGKILL}:
                 detail = "timed out after %ds" % FETCH_TIMEOUT
             error = "git fetch %s %s failed: %s" % (self.config.remote, self.config.branch, detail)
@@ -3287,10 +3333,9 @@ class Daemon:
         if error:
             self._record_error("fetch", error)
         elif self.fetch_deploys:
-            fetched = read_ref_file(git_common_dir(self.config.repo_path), REMOTE_REF % self.config.branch)
-            if self.pin and fetched and fetched != self.pin["remote_at"]:
-                self.log.info("daemon", "%s/%s moved on to %s: releasing the rollback pin on %s" % (
-                    self.config.remote, self.config.branch, fetched[:7], self.pin["sha"][:7]))
+            if self._pin_outdated():
+                self.log.info("daemon", "%s/%s moved on: releasing the rollback pin on %s" % (
+                    self.config.remote, self.config.branch, self.pin["sha"][:7]))
                 self.pin = None
             self.deploy_head("fetch")
         self.fetch_deploys = False
@@ -3430,7 +3475,9 @@ class Daemon:
         if self.shutting_down:
             return
         self.shutting_down = True
+        self.keep_services = keep_services
         self.log.info("daemon", "Shutting down (%s)%s" % (why, "; services keep running" if keep_services else ""))
+        self._kill_fetch()
         if keep_services:
             self.running = False
             return
@@ -3476,6 +3523,10 @@ class Daemon:
             self.log.warning("daemon", "accept failed: %s" % exc.strerror)
             return
         sock.setblocking(False)
+        if len(self.connections) >= MAX_CONNECTIONS:
+            self.log.warning("daemon", "Refused a client: %d connections already" % MAX_CONNECTIONS)
+            sock.close()
+            return
         credentials = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         peer_pid, peer_uid, peer_gid = struct.unpack("3i", credentials)
         conn = Connection(sock)
@@ -3825,6 +3876,8 @@ class Daemon:
 
     def _cmd_rollback(self, conn, message):
         repo, branch = self.config.repo_path, self.config.branch
+        if self.shutting_down:
+            raise GitprocError("the daemon is shutting down")
         if message.get("release"):
             if not self.pin:
                 raise GitprocError("nothing to release: no rollback pin is set")
@@ -3890,13 +3943,6 @@ def release_memory():
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):
         pass                          # not glibc: nothing to trim, nothing lost
-
-
-def _kill_quietly(pid):
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except OSError:
-        pass
 
 
 def _signal_group_if_same(pid, pid_start, number):
@@ -4111,8 +4157,8 @@ def _spawn_detached_daemon(config, args, mode):
             os.setsid()
             if os.fork() != 0:
                 os._exit(0)
-            os.chdir("/")
-            os.umask(0o022)
+            os.umask(0o022)               # (the daemon changes to "/" itself, after the re-exec
+                                          # that reads relative paths of the command line again)
             null_fd = os.open(os.devnull, os.O_RDWR)
             log_fd = os.open(config.daemon_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
             os.dup2(null_fd, 0)
