@@ -1907,6 +1907,8 @@ class Service:
         self.generation = 0             # counts starts, so a restart waiter sees a new run
         self.removed = False            # gone from the deployed commit; dropped once stopped
         self.waiting = False            # STARTING, held back until its dependencies are ready
+        self.succeeded = False          # the last run ended well (a '-' failure counts as success)
+        self.health_note = None         # (verdict, error) of the probe closed last
         self.probe = None               # HealthProbe of the running main process
 
     # -- queries ---------------------------------------------------------------
@@ -1914,13 +1916,16 @@ class Service:
     def is_ready(self):
         """Running (with a health check: it passed once), or a oneshot that
         finished successfully. What dependents wait for."""
-        return self.state == RUNNING or (
-            self.state == EXITED and self.spec.type == "oneshot" and self.last_exit == {"code": 0})
+        return self.state == RUNNING or (self.state == EXITED and self.spec.type == "oneshot" and self.succeeded)
 
     def health(self):
+        """(verdict, last error) of the health check: the probe's, or while the
+        service is down or restarting, the one it ended with."""
         if not self.spec.health_check_url:
-            return None
-        return self.probe.status if self.probe else None
+            return None, None
+        if self.probe:
+            return self.probe.status, self.probe.last_error
+        return self.health_note if self.health_note and self.state != RUNNING else (None, None)
 
     def snapshot(self, detail=False):
         now = time.time()
@@ -1928,8 +1933,8 @@ class Service:
         data = {
             "name": self.name, "state": self.state, "pid": self.pid if running else None,
             "since": self.since, "uptime": (now - self.main_started_wall) if running and self.main_started_wall else None,
-            "restarts": self.restarts, "last_exit": self.last_exit, "health": self.health(),
-            "health_error": self.probe.last_error if self.probe else None,
+            "restarts": self.restarts, "last_exit": self.last_exit, "health": self.health()[0],
+            "health_error": self.health()[1],
             "memory": process_rss(self.pid) if running else None,
             "commit": self.commit, "reason": self.reason, "want": self.want,
         }
@@ -2193,6 +2198,7 @@ class Service:
         self.phase = self.main_started_wall = None
         self.queue = []
         self.last_exit = last_exit
+        self.succeeded = outcome == {"code": 0}
         if self.want == "up" and not self.daemon.shutting_down and should_restart(self.spec.restart, outcome):
             # STARTING/RUNNING -> BACKOFF: wait RestartSec (backing off) then start
             self.crash_streak += 1
@@ -2219,6 +2225,7 @@ class Service:
 
     def _close_probe(self):
         if self.probe is not None:
+            self.health_note = (self.probe.status, self.probe.last_error)
             self.probe.close()
             self.probe = None
 
@@ -2260,6 +2267,7 @@ class HealthProbe:
         self.address = None               # resolved once: (family, sockaddr)
         self.sock = None                  # the connection (kept between HTTP checks)
         self.connected = False
+        self.reused = False               # this check reuses a kept-alive connection
         self.inbuf = bytearray()
         self.timer = self.daemon.call_later(min(0.2, spec.health_check_interval), self._run)
         self.deadline_timer = None
@@ -2288,13 +2296,18 @@ class HealthProbe:
         if self.closed:
             return
         self.deadline_timer = self.daemon.call_later(self.service.spec.health_check_timeout, self._timed_out)
+        if self.sock is not None and self.connected:
+            self.reused = True
+            self._send_request()
+        else:
+            self._connect()
+
+    def _connect(self):
+        self.reused = False
         try:
             if self.address is None:
                 family, _, _, _, sockaddr = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)[0]
                 self.address = (family, sockaddr)
-            if self.sock is not None and self.connected:
-                self._send_request()
-                return
             self._drop_connection()
             self.sock = socket.socket(self.address[0], socket.SOCK_STREAM)
             self.sock.setblocking(False)
@@ -2323,8 +2336,11 @@ class HealthProbe:
         try:
             self.sock.send(request_text.encode())    # small: fits the socket buffer
         except OSError as exc:
-            self._drop_connection()               # a kept-alive connection the server closed
-            self._finish(False, "HTTP request failed: %s" % (exc.strerror or exc))
+            if self.reused:
+                self._connect()                   # the server closed the kept-alive connection
+            else:
+                self._drop_connection()
+                self._finish(False, "HTTP request failed: %s" % (exc.strerror or exc))
             return
         self.inbuf.clear()
         self.daemon.selector.register(self.sock, selectors.EVENT_READ, (self._on_response, None))
@@ -2339,6 +2355,9 @@ class HealthProbe:
         else:
             error = "connection closed before an answer"
         if not data:
+            if self.reused and not self.inbuf:
+                self._connect()                   # closed while idle (keep-alive timeout): not a failure
+                return
             self._drop_connection()
             self._finish(False, "HTTP: %s" % error)
             return
@@ -2356,7 +2375,9 @@ class HealthProbe:
         if length.isdigit() and len(body) < int(length):
             return                            # the rest of the body is on its way
         self.daemon.selector.unregister(self.sock)
-        reusable = length.isdigit() and len(body) == int(length) and headers.get("connection", "").lower() != "close"
+        keep_alive = headers.get("connection", "").lower()
+        reusable = (length.isdigit() and len(body) == int(length) and keep_alive != "close" and
+                    (parts[0] == "HTTP/1.1" or keep_alive == "keep-alive"))   # HTTP/1.0 closes by default
         if not reusable:
             self._drop_connection()
         status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
@@ -2932,14 +2953,14 @@ class Daemon:
     def service_changed(self, service):
         self.changed = True
         self.mark_dirty()
-        if service.state in (STOPPED, FAILED) and not self.shutting_down:
+        if service.state in (STOPPED, FAILED, EXITED) and not self.shutting_down:
             self._stop_requiring(service)
 
     def _stop_requiring(self, service):
         """Requires=: what requires a unit stops when it stops or fails."""
         for other in self.services.values():
             if service.name in other.spec.requires and other.state in (STARTING, RUNNING) and not other.removed:
-                why = "required unit %s %s" % (service.name, "failed" if service.state == FAILED else "stopped")
+                why = "required unit %s %s" % (service.name, {FAILED: "failed", EXITED: "exited"}.get(service.state, "stopped"))
                 self.log.info(other.name, "Stopping: %s" % why)
                 self._stop_keeping_intent(other, why)
 
@@ -2957,13 +2978,15 @@ class Daemon:
                 continue
             if other.is_ready():
                 continue
-            if other.state == FAILED or (other.state == EXITED and other.last_exit != {"code": 0}):
-                return "failed", "dependency %s failed (%s)" % (name, other.reason or describe_exit(other.last_exit))
-            if other.state in (STOPPED, EXITED) and (other.want == "down" or other.state == EXITED):
+            if other.state in (STARTING, BACKOFF) or (other.state == STOPPING and other.start_after_stop):
+                return "waiting", "waiting for %s" % name
+            # The dependency is down, and nothing is bringing it up.
+            if other.want == "down":
                 if required:
-                    return "failed", "requires %s, which is %s" % (name, other.state)
-                continue
-            return "waiting", "waiting for %s" % name
+                    return "failed", "requires %s, which is stopped" % name
+                continue                      # stopped by the user: After= only orders
+            return "failed", "dependency %s %s (%s)" % (
+                name, "failed" if other.state == FAILED else "is " + other.state, other.reason or describe_exit(other.last_exit))
         return "ready", None
 
     def _release_waiting(self):
@@ -3813,7 +3836,7 @@ class Daemon:
             raise GitprocError("malformed request: 'state' must be a string")
         predicates = {
             "running": lambda s: s.is_ready(),
-            "healthy": lambda s: s.is_ready() and s.health() in (None, "healthy"),
+            "healthy": lambda s: s.is_ready() and s.health()[0] in (None, "healthy"),
             "stopped": lambda s: s.state in (STOPPED, EXITED, FAILED),
         }
         if target not in predicates:

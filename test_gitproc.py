@@ -3224,6 +3224,622 @@ class SighupTests(unittest.TestCase):
         self.assertEqual(history(home, 1)[0]["commit"], second)
 
 
+# ==== 8b. dependencies and health checks, end to end ============================
+
+PYTHON = os.path.realpath(sys.executable)
+
+# Checks every 200 ms, 300 ms to answer: tests stay well under 5 s.
+FAST = ("HealthCheckInterval=200ms", "HealthCheckTimeout=300ms")
+
+STAMP_PY = """\
+import os, sys, time
+path = sys.argv[1]
+with open(path + ".tmp", "w") as handle:
+    handle.write(repr(time.time()) + "\\n")
+os.rename(path + ".tmp", path)
+if len(sys.argv) > 2:
+    os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+SERVER_PY = """\
+import os, signal, socketserver, sys, time
+from http.server import BaseHTTPRequestHandler
+
+port, folder = int(sys.argv[1]), sys.argv[2]
+modes = set(sys.argv[3:])
+
+def flag(name):
+    return os.path.exists(os.path.join(folder, name))
+
+def append(name, line):
+    with open(os.path.join(folder, name), "a") as handle:
+        handle.write(line + "\\n")
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    # idleclose: drop a kept-alive connection after 50 ms without a request,
+    # as nginx (keepalive_timeout) or any HTTP/1.1 server may.
+    timeout = 0.05 if "idleclose" in modes else None
+    if "http10" in modes:
+        protocol_version = "HTTP/1.0"   # as http.server's default: Content-Length, then close
+
+    def setup(self):
+        BaseHTTPRequestHandler.setup(self)
+        append("conns", "%d %d" % (os.getpid(), self.client_address[1]))
+
+    def do_GET(self):
+        while flag("hang"):
+            time.sleep(0.02)
+        code = 500 if flag("unhealthy") else 200
+        body = b"ok\\n" if code == 200 else b"broken\\n"
+        append("requests", "%r %d %d %d" % (time.time(), code, os.getpid(), self.client_address[1]))
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(body)))
+        if "close" in modes:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+if "slowstop" in modes:
+    def linger(number, frame):
+        time.sleep(0.8)
+        os._exit(0)
+    signal.signal(signal.SIGTERM, linger)
+
+server = Server(("127.0.0.1", port), Handler)
+append("started", "%r %d" % (time.time(), os.getpid()))
+server.serve_forever(poll_interval=0.05)
+"""
+
+
+def free_port():
+    """A loopback port nobody listens on (bound to find it, then closed)."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    return port
+
+
+def read_stamp(path):
+    text = read_text(path)
+    return float(text) if text.endswith("\n") else None
+
+
+class DepsHealthCase(SupervisionCase):
+    """SupervisionCase plus the stamp helper and the HTTP server."""
+
+    def setUp(self):
+        super().setUp()
+        self.started_at = time.monotonic()
+        self.stamp_py = self.file("stamp.py")
+        self.server_py = self.file("server.py")
+        for path, text in ((self.stamp_py, STAMP_PY), (self.server_py, SERVER_PY)):
+            with open(path, "w") as handle:
+                handle.write(text)
+        self.addCleanup(self._report_time)
+
+    def _report_time(self):
+        sys.stderr.write(" [%.2fs] " % (time.monotonic() - self.started_at))
+
+    # -- building units ------------------------------------------------------
+
+    def stamped(self, name, command=SLEEPER):
+        """ExecStart= that writes the start time to NAME.ts, then execs `command`."""
+        return "%s %s %s %s" % (PYTHON, self.stamp_py, self.file(name + ".ts"), command)
+
+    def stamp(self, name):
+        return read_stamp(self.file(name + ".ts"))
+
+    def gate(self, name):
+        """Shell text that waits until the test creates the flag file `name`."""
+        return "while [ ! -e %s ]; do sleep 0.02; done" % self.file(name)
+
+    def open_gate(self, name):
+        with open(self.file(name), "w"):
+            pass
+
+    def server(self, name, *modes, unhealthy=False, hang=False):
+        """(ExecStart=, port, folder) for an HTTP server in HOME/NAME/."""
+        folder = self.file(name)
+        os.makedirs(folder, exist_ok=True)
+        if unhealthy:
+            self.set_flag(folder, "unhealthy", True)
+        if hang:
+            self.set_flag(folder, "hang", True)
+        port = free_port()
+        command = " ".join([PYTHON, self.server_py, str(port), folder] + list(modes))
+        return command, port, folder
+
+    @staticmethod
+    def set_flag(folder, flag, on):
+        path = os.path.join(folder, flag)
+        if on:
+            with open(path, "w"):
+                pass
+        elif os.path.exists(path):
+            os.unlink(path)
+
+    @staticmethod
+    def requests(folder):
+        """[(time, status, pid, client port)] the server answered."""
+        rows = []
+        for line in read_lines(os.path.join(folder, "requests")):
+            parts = line.split()
+            if len(parts) == 4:
+                rows.append((float(parts[0]), int(parts[1]), int(parts[2]), int(parts[3])))
+        return rows
+
+    @staticmethod
+    def connections(folder, pid=None):
+        rows = [tuple(int(x) for x in line.split()) for line in read_lines(os.path.join(folder, "conns"))
+                if len(line.split()) == 2]
+        return [port for owner, port in rows if pid is None or owner == pid]
+
+    def wait_status(self, name, predicate, timeout=4, what="condition"):
+        """Poll status NAME until predicate(status) holds; fail with the last status and daemon.log."""
+        last = {}
+
+        def check():
+            last["s"] = self.home.status(name)
+            return last["s"] if predicate(last["s"]) else None
+        try:
+            return wait_until(check, timeout, "%s: %s" % (name, what))
+        except AssertionError as exc:
+            raise AssertionError("%s\nlast status: %s\n--- daemon.log ---\n%s" % (
+                exc, last.get("s"), self.home.daemon_log()[-3000:]))
+
+    def assert_waiting(self, name, dependency):
+        """Held back: starting, no pid, reason 'waiting for DEP', no start stamp."""
+        service = self.wait_status(name, lambda s: s["state"] == "starting" and s["pid"] is None
+                                   and s["reason"] == "waiting for %s" % dependency,
+                                   what="starting without a pid, waiting for %s" % dependency)
+        self.assertIsNone(self.stamp(name), "%s ran before %s was ready" % (name, dependency))
+        return service
+
+
+# ==== 1. ordering ====================================================================
+
+class DependencyOrderingTests(DepsHealthCase):
+
+    def test_after_and_requires_start_only_once_the_dependency_runs(self):
+        # db is held in its ExecStartPre= until the gate opens: until then it
+        # is `starting` and nothing that comes after it may be spawned. The pre
+        # command stamps the moment it is done (db-pre.ts) just before it
+        # exits: db runs only after that, and its dependents after db runs.
+        self.deploy({
+            "db.service": unit_text("ExecStartPre=" + sh("%s; %s %s %s" % (
+                                        self.gate("db-gate"), PYTHON, self.stamp_py, self.file("db-pre.ts"))),
+                                    "ExecStart=" + SLEEPER),
+            "app.service": unit_text("ExecStart=" + self.stamped("app"), unit_lines=["After=db"]),
+            "api.service": unit_text("ExecStart=" + self.stamped("api"), unit_lines=["Requires=db"]),
+            "free.service": unit_text("ExecStart=" + self.stamped("free")),
+        })
+        self.watch(self.home.running_pid("free", timeout=4))
+        self.watch(self.wait_status("db", lambda s: s["state"] == "starting" and s["pid"],
+                                    what="db in its pre command")["pid"])
+        self.assert_waiting("app", "db")
+        self.assert_waiting("api", "db")
+        self.open_gate("db-gate")
+        db_pid = self.watch(self.home.running_pid("db", timeout=4))
+        self.watch(self.home.running_pid("app", timeout=4))
+        self.watch(self.home.running_pid("api", timeout=4))
+        self.assertTrue(pid_alive(db_pid))
+        db_ready = wait_until(lambda: self.stamp("db-pre"), 3, "db's pre stamp")
+        for name in ("app", "api"):
+            started = wait_until(lambda: self.stamp(name), 3, name + "'s stamp")
+            self.assertGreater(started, db_ready, "%s started before db's pre command ended" % name)
+
+    def test_dependent_of_a_oneshot_starts_only_after_it_exited_0(self):
+        # The oneshot waits for the gate, then writes its stamp and exits 0.
+        self.deploy({
+            "setup.service": unit_text("Type=oneshot",
+                                       "ExecStart=" + sh("%s; %s %s %s" % (
+                                           self.gate("setup-gate"), PYTHON, self.stamp_py,
+                                           self.file("setup.ts")))),
+            "app.service": unit_text("ExecStart=" + self.stamped("app"), unit_lines=["After=setup"]),
+        })
+        setup = self.wait_status("setup", lambda s: s["state"] == "starting" and s["pid"],
+                                 what="oneshot running")
+        self.watch(setup["pid"])
+        self.assert_waiting("app", "setup")
+        self.open_gate("setup-gate")
+        self.assertEqual(self.home.wait_state("setup", "exited", timeout=4)["last_exit"], {"code": 0})
+        self.watch(self.home.running_pid("app", timeout=4))
+        setup_done = wait_until(lambda: self.stamp("setup"), 3, "setup's stamp")
+        app_started = wait_until(lambda: self.stamp("app"), 3, "app's stamp")
+        self.assertGreater(app_started, setup_done, "app started before the oneshot finished")
+
+
+    def test_oneshot_whose_failure_is_ignored_releases_its_dependents(self):
+        # "-" before a command ignores its failure (systemd; gitproc ends such
+        # a oneshot `exited`, not `failed`: test_oneshot_whose_last_dash_command_
+        # fails_ends_exited). It succeeded, so what comes after it starts.
+        self.deploy({
+            "setup.service": unit_text("Type=oneshot", "ExecStart=/bin/true", "ExecStart=-/bin/false"),
+            "app.service": unit_text("ExecStart=" + self.stamped("app"), unit_lines=["After=setup"]),
+        })
+        self.home.wait_state("setup", "exited", "failed", timeout=4)
+        service = self.wait_status("app", lambda s: s["state"] not in ("starting",), timeout=3,
+                                   what="app to leave starting")
+        self.watch(service["pid"])
+        self.assertEqual(service["state"], "running", service)
+
+
+# ==== 2. failed or missing dependencies ==================================================
+
+class FailedDependencyTests(DepsHealthCase):
+
+    def test_failing_oneshot_leaves_its_dependents_stopped_naming_it(self):
+        self.deploy({
+            "setup.service": unit_text("Type=oneshot", "ExecStart=" + sh("exit 1")),
+            "app.service": unit_text("ExecStart=" + self.stamped("app"), unit_lines=["After=setup"]),
+            "api.service": unit_text("ExecStart=" + self.stamped("api"), unit_lines=["Requires=setup"]),
+        })
+        self.assertEqual(self.home.wait_state("setup", "failed", timeout=4)["last_exit"], {"code": 1})
+        for name in ("app", "api"):
+            service = self.home.wait_state(name, "stopped", timeout=4)
+            self.assertIsNone(service["pid"])
+            self.assertIn("setup", service["reason"] or "", service)
+            self.assertIsNone(self.stamp(name), "%s ran although setup failed" % name)
+        self.assertEqual(self.home.status("app")["want"], "up", "not a user's stop")
+
+    def test_requires_a_unit_that_is_not_deployed(self):
+        self.deploy({
+            "app.service": unit_text("ExecStart=" + self.stamped("app"), unit_lines=["Requires=ghost"]),
+            "loose.service": unit_text("ExecStart=" + self.stamped("loose"), unit_lines=["After=ghost"]),
+        })
+        self.watch(self.home.running_pid("loose", timeout=4))     # After= a missing unit: no constraint
+        service = self.home.wait_state("app", "stopped", timeout=4)
+        self.assertIsNone(service["pid"])
+        self.assertIn("ghost", service["reason"] or "", service)
+        self.assertIsNone(self.stamp("app"))
+        code, out, err = self.home.cli_process("start", "app")
+        assert_clean_failure(self, code, out, err, 1, "ghost")
+
+
+# ==== 3. Requires= propagation ===============================================================
+
+class RequiresPropagationTests(DepsHealthCase):
+
+    def test_stopping_the_required_unit_stops_requirers_not_after_only_units(self):
+        self.deploy({
+            "db.service": unit(SLEEPER),
+            "api.service": unit_text("ExecStart=/bin/sleep 1001", unit_lines=["Requires=db"]),
+            "app.service": unit_text("ExecStart=/bin/sleep 1002", unit_lines=["After=db"]),
+        })
+        db = self.watch(self.home.running_pid("db", timeout=4))
+        api = self.watch(self.home.running_pid("api", timeout=4))
+        app = self.watch(self.home.running_pid("app", timeout=4))
+        code, out, err = self.home.cli("stop", "db")
+        self.assertEqual(code, 0, err)
+        self.assert_gone(db)
+        service = self.home.wait_state("api", "stopped", timeout=4)
+        self.assertEqual(service["reason"], "required unit db stopped")
+        self.assert_gone(api)
+        self.assertEqual(self.home.status("app")["state"], "running")
+        self.assertEqual(self.home.status("app")["pid"], app, "an After= unit is not stopped with db")
+        self.assertTrue(pid_alive(app))
+        # A user-stopped After= dependency does not hold a start back ...
+        code, out, err = self.home.cli("restart", "app")
+        self.assertEqual(code, 0, err)
+        self.assertNotEqual(self.watch(self.home.running_pid("app", timeout=4)), app)
+        # ... a user-stopped Requires= dependency does.
+        code, out, err = self.home.cli_process("start", "api")
+        assert_clean_failure(self, code, out, err, 1, "db")
+        service = self.home.status("api")
+        self.assertEqual((service["state"], service["pid"]), ("stopped", None))
+        self.assertIn("db", service["reason"])
+
+    def test_required_unit_failing_stops_requirers(self):
+        # db exits 1 when told to; Restart=always with a burst of 1 makes that
+        # the start limit: db ends `failed`.
+        self.deploy({
+            "db.service": unit_text("ExecStart=" + sh(self.gate("crash") + "; exit 1"),
+                                    "Restart=always", "RestartSec=50ms",
+                                    unit_lines=["StartLimitIntervalSec=10s", "StartLimitBurst=1"]),
+            "api.service": unit_text("ExecStart=/bin/sleep 1001", unit_lines=["Requires=db"]),
+            "app.service": unit_text("ExecStart=/bin/sleep 1002", unit_lines=["After=db"]),
+        })
+        self.watch(self.home.running_pid("db", timeout=4))
+        api = self.watch(self.home.running_pid("api", timeout=4))
+        app = self.watch(self.home.running_pid("app", timeout=4))
+        self.open_gate("crash")
+        self.home.wait_state("db", "failed", timeout=4)
+        service = self.home.wait_state("api", "stopped", timeout=4)
+        self.assertEqual(service["reason"], "required unit db failed")
+        self.assert_gone(api)
+        self.assertEqual((self.home.status("app")["state"], self.home.status("app")["pid"]), ("running", app))
+
+    def test_required_unit_crashing_without_restart_stops_requirers(self):
+        # SPEC §3: Requires= "stop this unit when a required one stops or
+        # fails". A simple service that exits 1 with Restart=no ends `exited`
+        # (code 1); gitproc's own dependency_state calls that "dependency db
+        # failed" for a unit about to start. A running requirer must not be
+        # left running on top of it.
+        self.deploy({
+            "db.service": unit_text("ExecStart=" + sh(self.gate("crash") + "; exit 1")),
+            "api.service": unit_text("ExecStart=/bin/sleep 1001", unit_lines=["Requires=db"]),
+        })
+        self.watch(self.home.running_pid("db", timeout=4))
+        api = self.watch(self.home.running_pid("api", timeout=4))
+        self.open_gate("crash")
+        self.assertEqual(self.home.wait_state("db", "exited", timeout=4)["last_exit"], {"code": 1})
+        service = self.wait_status("api", lambda s: s["state"] == "stopped", timeout=3,
+                                   what="stopped after db exited 1")
+        self.assertIn("db", service["reason"])
+        self.assert_gone(api)
+
+
+class TransitiveDependencyTests(DepsHealthCase):
+
+    def test_dependent_of_a_unit_stopped_by_a_failed_dependency_is_stopped_too(self):
+        # setup fails -> mid (After=setup) is stopped and will not start by
+        # itself -> what comes after mid must not sit in `starting` forever,
+        # "waiting for mid": it is stopped naming mid, by After= (top) as by
+        # Requires= (req).
+        self.deploy({
+            "setup.service": unit_text("Type=oneshot", "ExecStart=" + sh("exit 1")),
+            "mid.service": unit_text("ExecStart=/bin/sleep 1001", unit_lines=["After=setup"]),
+            "top.service": unit_text("ExecStart=/bin/sleep 1002", unit_lines=["After=mid"]),
+            "req.service": unit_text("ExecStart=/bin/sleep 1003", unit_lines=["Requires=mid"]),
+        })
+        self.home.wait_state("setup", "failed", timeout=4)
+        self.assertIn("setup", self.home.wait_state("mid", "stopped", timeout=4)["reason"])
+        for name in ("req", "top"):
+            service = self.wait_status(name, lambda s: s["state"] == "stopped", timeout=3,
+                                       what="stopped because mid can not start")
+            self.assertIn("mid", service["reason"])
+
+
+# ==== 4. health checks ========================================================================
+
+class HealthCheckTests(DepsHealthCase):
+
+    def test_http_service_is_starting_until_its_check_passes(self):
+        command, port, folder = self.server("web", unhealthy=True)
+        self.deploy({"web.service": unit_text(
+            "ExecStart=" + command, "HealthCheckURL=http://127.0.0.1:%d/health" % port,
+            "HealthCheckRetries=100", *FAST)})
+        service = self.wait_status("web", lambda s: s["pid"] and "500" in (s["health_error"] or ""),
+                                   what="a failed check while starting")
+        pid = self.watch(service["pid"])
+        self.assertEqual((service["state"], service["health"]), ("starting", "starting"))
+        self.assertTrue(pid_alive(pid))
+        code, _, _ = self.home.cli("status", "web")
+        self.assertEqual(code, 3, "status of a service whose check has not passed")
+        self.set_flag(folder, "unhealthy", False)
+        service = self.wait_status("web", lambda s: s["state"] == "running", what="running")
+        self.assertEqual((service["pid"], service["health"], service["health_error"]), (pid, "healthy", None))
+        first_ok = min(t for t, status, _, _ in self.requests(folder) if status == 200)
+        self.assertGreaterEqual(service["since"], first_ok - 0.05, "running before a check passed")
+
+    def test_unhealthy_service_is_restarted_after_retries(self):
+        command, port, folder = self.server("web")
+        self.deploy({"web.service": unit_text(
+            "ExecStart=" + command, "HealthCheckURL=http://127.0.0.1:%d/" % port,
+            "HealthCheckRetries=2", *FAST)})
+        old = self.watch(self.home.running_pid("web", timeout=4))
+        self.assertEqual(self.home.status("web")["health"], "healthy")
+        self.set_flag(folder, "unhealthy", True)
+        service = self.wait_status("web", lambda s: s["pid"] and s["pid"] != old and
+                                   "500" in (s["health_error"] or ""), what="a new pid, still failing")
+        self.watch(service["pid"])
+        self.assertGreaterEqual(service["restarts"], 1)
+        self.assertEqual((service["state"], service["health"]), ("starting", "starting"))
+        self.assert_gone(old)
+        restarts = daemon_log_lines(self.home, "web", "Restarting: health check failed 2 times")
+        self.assertTrue(restarts, self.home.daemon_log()[-2000:])
+        self.assertIn("HTTP 500", restarts[0])
+        # The old process answered exactly two failing checks after the flag: no more, no fewer.
+        old_failures = [r for r in self.requests(folder) if r[2] == old and r[1] == 500]
+        self.assertEqual(len(old_failures), 2, old_failures)
+        self.set_flag(folder, "unhealthy", False)
+        service = self.wait_status("web", lambda s: s["state"] == "running", what="healthy again")
+        self.assertEqual(service["health"], "healthy")
+
+    def test_unhealthy_is_shown_while_the_service_is_being_restarted(self):
+        # The server lingers 0.8 s after SIGTERM: status must say why it stops.
+        command, port, folder = self.server("web", "slowstop")
+        self.deploy({"web.service": unit_text(
+            "ExecStart=" + command, "HealthCheckURL=http://127.0.0.1:%d/" % port,
+            "HealthCheckRetries=1", *FAST)})
+        self.watch(self.home.running_pid("web", timeout=4))
+        self.set_flag(folder, "unhealthy", True)
+        service = self.wait_status("web", lambda s: s["state"] == "stopping", what="stopping for a restart")
+        self.set_flag(folder, "unhealthy", False)
+        self.assertEqual(service["health"], "unhealthy", service)
+        self.assertIn("500", service["health_error"] or "", service)
+
+    def test_failures_inside_the_start_period_do_not_count(self):
+        command, port, folder = self.server("web", unhealthy=True)
+        self.deploy({"web.service": unit_text(
+            "ExecStart=" + command, "HealthCheckURL=http://127.0.0.1:%d/" % port,
+            "HealthCheckRetries=1", "HealthCheckStartPeriod=1500ms", *FAST)})
+        pid = self.watch(self.wait_status("web", lambda s: s["pid"], what="a pid")["pid"])
+        # Three failed checks (one is enough to restart outside the period) ...
+        wait_until(lambda: len(self.requests(folder)) >= 3, 3, "three checks")
+        service = self.home.status("web")
+        self.assertEqual((service["state"], service["pid"], service["restarts"]), ("starting", pid, 0),
+                         self.home.daemon_log()[-2000:])
+        self.assertFalse(daemon_log_lines(self.home, "web", "Restarting"))
+        # ... and once the period is over the next failure restarts it.
+        service = self.wait_status("web", lambda s: s["pid"] and s["pid"] != pid, timeout=4,
+                                   what="restarted after the start period")
+        self.watch(service["pid"])
+        self.assertTrue(daemon_log_lines(self.home, "web", "Restarting: health check failed 1 times"))
+        self.set_flag(folder, "unhealthy", False)
+
+    def test_tcp_check_on_a_closed_port_is_never_healthy_and_restarts(self):
+        port = free_port()
+        self.deploy({"web.service": unit_text(
+            "ExecStart=" + SLEEPER, "HealthCheckURL=tcp://127.0.0.1:%d" % port,
+            "HealthCheckRetries=2", *FAST)})
+        first = self.wait_status("web", lambda s: s["pid"] and s["health_error"], what="a failed connect")
+        old = self.watch(first["pid"])
+        self.assertEqual((first["state"], first["health"]), ("starting", "starting"))
+        self.assertIn(str(port), first["health_error"])
+        service = self.wait_status("web", lambda s: s["pid"] and s["pid"] != old, what="restarted")
+        self.watch(service["pid"])
+        self.assertNotEqual(service["state"], "running")
+        self.assertGreaterEqual(service["restarts"], 1)
+        self.assert_gone(old)
+        self.assertTrue(daemon_log_lines(self.home, "web", "Restarting: health check failed 2 times"),
+                        self.home.daemon_log()[-2000:])
+
+    def test_tcp_check_on_a_listening_port_is_healthy(self):
+        command, port, folder = self.server("web")
+        self.deploy({"web.service": unit_text(
+            "ExecStart=" + command, "HealthCheckURL=tcp://127.0.0.1:%d" % port, "HealthCheckRetries=2", *FAST)})
+        self.watch(self.home.running_pid("web", timeout=4))
+        self.assertEqual(self.home.status("web")["health"], "healthy")
+        self.assertTrue(self.connections(folder))
+
+    def test_hanging_server_fails_by_timeout(self):
+        command, port, folder = self.server("web", hang=True)
+        self.deploy({"web.service": unit_text(
+            "ExecStart=" + command, "HealthCheckURL=http://127.0.0.1:%d/" % port,
+            "HealthCheckRetries=100", *FAST)})
+        started = time.monotonic()
+        service = self.wait_status("web", lambda s: s["health_error"], what="a failed check")
+        self.watch(service["pid"])
+        self.assertEqual(service["state"], "starting")
+        self.assertIn("300ms", service["health_error"])
+        self.assertTrue(any(word in service["health_error"].lower() for word in ("within", "timeout", "timed out")),
+                        service["health_error"])
+        self.assertLess(time.monotonic() - started, 3)
+        self.set_flag(folder, "hang", False)
+        service = self.wait_status("web", lambda s: s["state"] == "running", what="healthy once it answers")
+        self.assertEqual(service["health"], "healthy")
+
+
+class KeepAliveTests(DepsHealthCase):
+
+    def test_checks_reuse_one_connection(self):
+        command, port, folder = self.server("web")
+        self.deploy({"web.service": unit_text(
+            "ExecStart=" + command, "HealthCheckURL=http://127.0.0.1:%d/" % port, "HealthCheckRetries=2", *FAST)})
+        pid = self.watch(self.home.running_pid("web", timeout=4))
+        wait_until(lambda: len(self.requests(folder)) >= 5, 4, "five checks")
+        self.assertEqual(len(self.connections(folder, pid)), 1,
+                         "checks opened %d connections" % len(self.connections(folder, pid)))
+        self.assertEqual({r[3] for r in self.requests(folder)}, set(self.connections(folder, pid)))
+        self.assertEqual(self.home.status("web")["pid"], pid)
+
+    def test_connection_close_is_honoured(self):
+        command, port, folder = self.server("web", "close")
+        self.deploy({"web.service": unit_text(
+            "ExecStart=" + command, "HealthCheckURL=http://127.0.0.1:%d/" % port, "HealthCheckRetries=1", *FAST)})
+        pid = self.watch(self.home.running_pid("web", timeout=4))
+        wait_until(lambda: len(self.requests(folder)) >= 4, 4, "four checks")
+        self.assertGreaterEqual(len(set(self.connections(folder, pid))), 4, "one connection per check")
+        self.assertFalse(daemon_log_lines(self.home, "web", "Health check failed"))
+        service = self.home.status("web")
+        self.assertEqual((service["pid"], service["health"]), (pid, "healthy"))
+
+    def test_server_closing_an_idle_kept_alive_connection_is_not_a_failure(self):
+        # The server drops a kept-alive connection after 50 ms idle; the
+        # checks come every 200 ms. A client must notice the stale connection
+        # (or retry once on a new one), not report the service as failing:
+        # with HealthCheckRetries=1, a false failure restarts a healthy service.
+        command, port, folder = self.server("web", "idleclose")
+        self.deploy({"web.service": unit_text(
+            "ExecStart=" + command, "HealthCheckURL=http://127.0.0.1:%d/" % port, "HealthCheckRetries=1", *FAST)})
+        pid = self.watch(self.home.running_pid("web", timeout=4))
+        wait_until(lambda: len(self.requests(folder)) >= 5, 4, "five checks")
+        failures = daemon_log_lines(self.home, "web", "Health check failed")
+        self.assertEqual(failures, [])
+        service = self.home.status("web")
+        self.assertEqual((service["pid"], service["restarts"]), (pid, 0))
+
+
+    def test_http_1_0_server_that_closes_after_each_answer_is_healthy(self):
+        # An HTTP/1.0 answer without "Connection: keep-alive" ends the
+        # connection (RFC 7230 6.3), Content-Length or not. python3 -m
+        # http.server answers just so. Reusing that connection makes every
+        # other check fail.
+        command, port, folder = self.server("web", "http10")
+        self.deploy({"web.service": unit_text(
+            "ExecStart=" + command, "HealthCheckURL=http://127.0.0.1:%d/" % port, "HealthCheckRetries=1", *FAST)})
+        pid = self.watch(self.home.running_pid("web", timeout=4))
+        wait_until(lambda: len(self.requests(folder)) >= 4, 4, "four checks")
+        self.assertEqual(daemon_log_lines(self.home, "web", "Health check failed"), [])
+        service = self.home.status("web")
+        self.assertEqual((service["pid"], service["restarts"]), (pid, 0))
+
+
+# ==== 5. dependents of a health-checked service ======================================================
+
+class HealthDependencyTests(DepsHealthCase):
+
+    def test_dependent_waits_until_the_dependency_is_healthy(self):
+        command, port, folder = self.server("web", unhealthy=True)
+        self.deploy({
+            "web.service": unit_text("ExecStart=" + command, "HealthCheckURL=http://127.0.0.1:%d/" % port,
+                                     "HealthCheckRetries=100", *FAST),
+            "app.service": unit_text("ExecStart=" + self.stamped("app"), unit_lines=["After=web"]),
+        })
+        wait_until(lambda: len(self.requests(folder)) >= 2, 4, "two failed checks")
+        self.watch(self.home.status("web")["pid"])
+        self.assert_waiting("app", "web")
+        self.set_flag(folder, "unhealthy", False)
+        self.watch(self.home.running_pid("app", timeout=4))
+        first_ok = min(t for t, status, _, _ in self.requests(folder) if status == 200)
+        app_started = wait_until(lambda: self.stamp("app"), 3, "app's stamp")
+        self.assertGreater(app_started, first_ok, "app started before web's first healthy check")
+        self.assertEqual(self.home.status("web")["health"], "healthy")
+
+
+# ==== 6. wait --state healthy ===================================================================
+
+class WaitHealthyTests(DepsHealthCase):
+
+    def test_wait_healthy_returns_once_healthy(self):
+        command, port, folder = self.server("web", unhealthy=True)
+        self.deploy({"web.service": unit_text(
+            "ExecStart=" + command, "HealthCheckURL=http://127.0.0.1:%d/" % port, "HealthCheckRetries=100", *FAST)})
+        self.watch(self.wait_status("web", lambda s: s["pid"], what="a pid")["pid"])
+        env = dict(os.environ)
+        env.pop("GITPROC_HOME", None)
+        waiter = subprocess.Popen([sys.executable, GITPROC, "--home", self.home.path, "wait", "web",
+                                   "--state", "healthy", "--timeout", "5"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        self.addCleanup(lambda: waiter.poll() is None and waiter.kill())
+        self.addCleanup(lambda: waiter.poll() is None or waiter.wait())
+        seen = len(self.requests(folder))
+        wait_until(lambda: len(self.requests(folder)) >= seen + 3, 4, "three more failed checks")
+        self.assertIsNone(waiter.poll(), "wait returned while web was unhealthy")
+        self.set_flag(folder, "unhealthy", False)
+        out, err = waiter.communicate(timeout=6)
+        self.assertEqual(waiter.returncode, 0, (out, err))
+        self.assertIn("web", out.decode())
+        self.assertEqual(self.home.status("web")["health"], "healthy")
+
+    def test_wait_healthy_on_a_never_healthy_service_fails_naming_it(self):
+        self.deploy({
+            "never.service": unit_text("ExecStart=" + SLEEPER, "HealthCheckURL=tcp://127.0.0.1:%d" % free_port(),
+                                       "HealthCheckRetries=100", *FAST),
+            "plain.service": unit(SLEEPER),
+        })
+        self.watch(self.home.running_pid("plain", timeout=4))
+        self.watch(self.wait_status("never", lambda s: s["pid"], what="a pid")["pid"])
+        started = time.monotonic()
+        code, out, err = self.home.cli_process("wait", "never", "plain", "--state", "healthy", "--timeout", "1")
+        self.assertGreaterEqual(time.monotonic() - started, 0.9)
+        assert_clean_failure(self, code, out, err, 1, "never")
+        self.assertNotIn("plain", err, "plain (no check, running) counts as healthy")
+        code, out, err = self.home.cli_process("wait", "plain", "--state", "healthy", "--timeout", "2")
+        self.assertEqual(code, 0, (out, err))
+
+
 # ==== 9. surviving faults, end to end ===========================================
 
 # Measurements reported at the end of the run (the crash-loop CPU cost).
