@@ -836,6 +836,8 @@ def parse_unit(name, path, data, blob=""):
         except ValueError as exc:
             report(line_number, "error", "%s=: %s" % (key, exc))
             continue
+        if field == "type" and value in TYPES_RUN_AS_SIMPLE:
+            report(line_number, "warning", "Type=%s runs as Type=simple: gitproc does not wait for a readiness signal" % value)
         values[field] = values.get(field, ()) + parsed if kind == "list" else parsed
         lines_of[field] = line_number
 
@@ -3065,8 +3067,10 @@ class Daemon:
 
     @staticmethod
     def _working_directory(spec, run_as):
-        as_root = run_as.uid == 0 or (run_as.uid is None and os.geteuid() == 0)
-        default = "/" if as_root else (run_as.home or "/")
+        """WorkingDirectory=, else as systemd's managers do: "/" under a root
+        daemon (system services, whatever their User=), the daemon user's home
+        under a user's daemon."""
+        default = "/" if os.geteuid() == 0 else (run_as.home if run_as.home and os.path.isdir(run_as.home) else "/")
         wanted = spec.working_directory
         if wanted is None:
             return default
@@ -4417,35 +4421,44 @@ def cmd_logs(config, args):
 
 def follow_file(path, out, stop=None, interval=0.2):
     """Print what is appended to `path`, across rotation: a rename (daemon.log)
-    or a copy-and-truncate (service logs, whose missed tail is read from .1)."""
+    or a copy-and-truncate (service logs). Both are seen by PATH.1 changing
+    (a new file there), checked before each read; what was missed in the old
+    file is then read from PATH.1."""
+    def identity(name):
+        try:
+            info = os.stat(name)
+            return (info.st_dev, info.st_ino)
+        except OSError:
+            return None
     log_file = open(path, "rb")
     log_file.seek(0, os.SEEK_END)
+    rotated = identity(path + ".1")
     try:
         while stop is None or not stop():
+            now_rotated = identity(path + ".1")
+            if now_rotated != rotated and now_rotated is not None:
+                rotated = now_rotated
+                if now_rotated == identity("/proc/self/fd/%d" % log_file.fileno()):
+                    out.write(log_file.read().decode("utf-8", "replace"))     # renamed: finish it
+                else:
+                    try:                      # copied then truncated: the rest is in PATH.1
+                        with open(path + ".1", "rb") as copy:
+                            copy.seek(log_file.tell())
+                            out.write(copy.read().decode("utf-8", "replace"))
+                    except OSError:
+                        pass
+                log_file.close()
+                log_file = open(path, "rb")
+                continue
             data = log_file.read()
             if data:
                 out.write(data.decode("utf-8", "replace"))
                 out.flush()
                 continue
-            try:
-                current = os.stat(path)
-            except FileNotFoundError:
-                time.sleep(interval)
+            if identity(path) is not None and os.stat(path).st_size < log_file.tell():
+                log_file.seek(0)              # truncated with no copy kept (log_backups=0)
                 continue
-            position = log_file.tell()
-            if current.st_ino != os.fstat(log_file.fileno()).st_ino:
-                log_file.close()              # renamed away: the rest was read above
-                log_file = open(path, "rb")
-            elif current.st_size < position:
-                try:                          # truncated: its tail went to PATH.1
-                    with open(path + ".1", "rb") as rotated:
-                        rotated.seek(position)
-                        out.write(rotated.read().decode("utf-8", "replace"))
-                except OSError:
-                    pass
-                log_file.seek(0)
-            else:
-                time.sleep(interval)
+            time.sleep(interval)
     finally:
         log_file.close()
 

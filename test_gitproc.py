@@ -1708,6 +1708,105 @@ class StateFileTests(unittest.TestCase):
 
 # ---- §2 logs ===================================================================
 
+class UserTests(SupervisionCase):
+
+    @unittest.skipUnless(IS_ROOT, "User= needs a root daemon; this test runs as uid %d" % os.geteuid())
+    def test_user_and_group_with_supplementary_groups(self):
+        import pwd
+        nobody = pwd.getpwnam("nobody")
+        self.deploy({"as-nobody.service": unit(SLEEPER, User="nobody"),
+                     "ghost.service": unit(SLEEPER, User="no-such-user-gp")})
+        pid = self.watch(self.home.running_pid("as-nobody"))
+        with open("/proc/%d/status" % pid) as status:
+            fields = dict(line.split(":", 1) for line in status if ":" in line)
+        self.assertEqual(fields["Uid"].split()[0], str(nobody.pw_uid))
+        self.assertEqual(fields["Gid"].split()[0], str(nobody.pw_gid))
+        self.assertEqual(sorted(int(g) for g in fields["Groups"].split()),
+                         sorted(set(os.getgrouplist("nobody", nobody.pw_gid))))
+        self.assertEqual(proc_environ(pid)["USER"], "nobody")
+        log = os.path.join(self.home.logs, "as-nobody.log")
+        self.assertEqual(os.stat(log).st_uid, os.geteuid(), "the daemon's owner keeps its logs")
+        ghost = self.home.wait_state("ghost", "failed", timeout=10)
+        self.assertIn("User=no-such-user-gp: no such user", ghost["reason"])
+
+    def test_type_notify_runs_as_simple_with_a_warning(self):
+        spec, problems = gitproc.parse_unit("n", "n.service", b"[Service]\nType=notify\nExecStart=/bin/true\n")
+        self.assertEqual(spec.type, "simple")
+        self.assertIn("runs as Type=simple", messages(problems, "warning")[0])
+
+
+class FollowTests(unittest.TestCase):
+    """`logs -f` across both kinds of rotation: copy-and-truncate (service logs)
+    and rename (daemon.log)."""
+
+    def follow_while(self, path, actions):
+        """Follow `path` in a thread while `actions` run; the text it printed,
+        after the lines that proved it was following."""
+        out, done = io.StringIO(), threading.Event()
+        self.out = out
+        follower = threading.Thread(target=gitproc.follow_file, args=(path, out, done.is_set, 0.01))
+        follower.start()
+        try:
+            def following():                  # it seeks to the end when it opens: ping until seen
+                with open(path, "a") as log_file:
+                    log_file.write("ping\n")
+                return "ping" in out.getvalue()
+            wait_until(following, 10, "the follower to open the file")
+            for action in actions:
+                action()
+            wait_until(lambda: out.getvalue().count("line ") >= 3 * 200, 10, "every line to be followed")
+        finally:
+            done.set()
+            follower.join(10)
+        return [line for line in out.getvalue().splitlines() if line != "ping"]
+
+    def writer(self, path, start):
+        """Append 200 numbered lines, then wait until they were followed: the
+        daemon rotates a log at most every few seconds, never twice in a row
+        before a follower read the file."""
+        def write():
+            with open(path, "a") as log_file:
+                for number in range(start, start + 200):
+                    log_file.write("line %d\n" % number)
+            wait_until(lambda: "line %d\n" % (start + 199) in self.out.getvalue(), 10, "line %d" % (start + 199))
+        return write
+
+    def test_follow_across_copy_and_truncate(self):
+        folder = tempfile.mkdtemp(prefix="gpf", dir="/tmp")
+        self.addCleanup(shutil.rmtree, folder)
+        path = os.path.join(folder, "web.log")
+        open(path, "w").close()
+        text = self.follow_while(path, [self.writer(path, 0), lambda: gitproc.rotate_service_log(path, 2),
+                                        self.writer(path, 200), lambda: gitproc.rotate_service_log(path, 2),
+                                        self.writer(path, 400)])
+        self.assertEqual(text, ["line %d" % n for n in range(600)])
+
+    def test_follow_across_rename(self):
+        folder = tempfile.mkdtemp(prefix="gpf", dir="/tmp")
+        self.addCleanup(shutil.rmtree, folder)
+        path = os.path.join(folder, "daemon.log")
+        open(path, "w").close()
+        text = self.follow_while(path, [self.writer(path, 0), lambda: os.rename(path, path + ".1"),
+                                        self.writer(path, 200), lambda: os.rename(path, path + ".1"),
+                                        self.writer(path, 400)])
+        self.assertEqual(text, ["line %d" % n for n in range(600)])
+
+    def test_logs_follow_command_prints_new_lines(self):
+        home = home_with_daemon(self, {"web": unit("/bin/sh -c 'echo first; exec /bin/sleep 1000'")})
+        home.running_pid("web")
+        wait_until(lambda: "first" in home.service_log("web"), 10, "web's first line")
+        proc = subprocess.Popen([sys.executable, GITPROC, "--home", home.path, "logs", "web", "-f", "-n", "1"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(proc.stderr.close)
+        self.addCleanup(proc.stdout.close)
+        self.addCleanup(proc.wait)
+        self.addCleanup(proc.kill)
+        self.assertEqual(proc.stdout.readline(), b"first\n")
+        with open(os.path.join(home.logs, "web.log"), "a") as log_file:
+            log_file.write("appended later\n")
+        self.assertEqual(proc.stdout.readline(), b"appended later\n")
+
+
 class LogsCommandTests(unittest.TestCase):
 
     def test_logs_without_a_daemon(self):
