@@ -1689,13 +1689,217 @@ def resolve_run_as(user, group):
     return run_as
 
 
+class CgroupSet:
+    """The cgroups of one service: where its processes are listed (and joined),
+    and what became of its limits."""
+    __slots__ = ("folders", "tracking", "limits", "oom_base")
+
+    def __init__(self):
+        self.folders = []       # every cgroup folder made for the service
+        self.tracking = None    # the folder whose cgroup.procs lists all its processes
+        self.limits = []        # {"key", "value", "applied", "why"} for status
+        self.oom_base = 0       # OOM kills counted in its groups before this start
+
+    @property
+    def procs_files(self):
+        return [os.path.join(folder, "cgroup.procs") for folder in self.folders]
+
+
+class Cgroups:
+    """Per-service cgroups under `cgroup_root`: v2 (memory.max, cpu.max) where a
+    v2 hierarchy with those controllers can be written, else v1
+    (memory.limit_in_bytes, cpu.cfs_quota_us). Each service gets its own group,
+    which also tracks every process of it (for KillMode=control-group) and is
+    removed when the service stops. Where nothing can be written, services run
+    and status shows each limit as not applied, with why."""
+
+    CPU_PERIOD = 100000                 # microseconds, as systemd uses
+
+    def __init__(self, root, log):
+        self.root, self.log = root, log
+        self.v2 = None                  # the v2 folder gitproc makes its groups in
+        self.v2_controllers = set()     # controllers enabled for those groups
+        self.v1 = {}                    # v1 controller -> folder gitproc makes its groups in
+        self.problem = None             # why no cgroup can be made, if so
+        self._detect()
+
+    def _detect(self):
+        problems = []
+        for candidate in (self.root, os.path.join(self.root, "unified")):
+            if os.path.exists(os.path.join(candidate, "cgroup.controllers")):
+                try:
+                    folder = os.path.join(candidate, "gitproc")
+                    makedirs(folder)
+                    available = set(_read_text(os.path.join(candidate, "cgroup.controllers")).split())
+                    wanted = available & {"memory", "cpu"}
+                    for parent in (candidate, folder):
+                        for controller in wanted:
+                            try:
+                                _write_text(os.path.join(parent, "cgroup.subtree_control"), "+" + controller)
+                            except OSError:
+                                pass
+                    self.v2 = folder
+                    self.v2_controllers = set(_read_text(os.path.join(folder, "cgroup.subtree_control")).split())
+                except OSError as exc:
+                    problems.append("%s: %s" % (candidate, exc.strerror or exc))
+                break
+        for controller, names in (("memory", ("memory",)), ("cpu", ("cpu", "cpu,cpuacct"))):
+            if controller in self.v2_controllers:
+                continue
+            for name in names:
+                mount = os.path.join(self.root, name)
+                if os.path.exists(os.path.join(mount, "cgroup.procs")) and not os.path.exists(
+                        os.path.join(mount, "cgroup.controllers")):
+                    try:
+                        makedirs(os.path.join(mount, "gitproc"))
+                        self.v1[controller] = os.path.join(mount, "gitproc")
+                    except OSError as exc:
+                        problems.append("%s: %s" % (mount, exc.strerror or exc))
+                    break
+        if self.v2 is None and not self.v1:
+            self.problem = "; ".join(problems) or "no writable cgroup hierarchy under %s" % self.root
+
+    def describe(self):
+        if self.problem:
+            return "cgroups not usable: %s" % self.problem
+        parts = ["v2 %s (%s)" % (self.v2, ", ".join(sorted(self.v2_controllers)) or "no controllers")] if self.v2 else []
+        parts += ["v1 %s %s" % (controller, folder) for controller, folder in sorted(self.v1.items())]
+        return "cgroups: " + "; ".join(parts)
+
+    def prepare(self, name, spec):
+        """Make (or reuse) the service's groups and write its limits."""
+        group = CgroupSet()
+        wanted = []
+        if spec.memory_max is not None:
+            wanted.append(("memory", "MemoryMax", spec.memory_max))
+        if spec.cpu_quota is not None:
+            wanted.append(("cpu", "CPUQuota", spec.cpu_quota))
+        if self.v2:
+            folder = self._make(group, os.path.join(self.v2, name))
+            if folder:
+                group.tracking = folder
+        for controller, key, value in wanted:
+            entry = {"key": key, "value": value, "applied": False, "why": None}
+            try:
+                if controller in self.v2_controllers and group.tracking:
+                    self._write_v2(group.tracking, controller, value)
+                    entry.update(applied=True, why="cgroup v2 %s" % group.tracking)
+                elif controller in self.v1:
+                    folder = self._make(group, os.path.join(self.v1[controller], name))
+                    if folder is None:
+                        raise OSError(errno.EACCES, "cannot create its cgroup")
+                    self._write_v1(folder, controller, value)
+                    entry.update(applied=True, why="cgroup v1 %s" % folder)
+                    if group.tracking is None:
+                        group.tracking = folder
+                else:
+                    entry["why"] = self.problem or "no writable cgroup with the %s controller" % controller
+            except OSError as exc:
+                entry["why"] = "cannot write the limit: %s" % (exc.strerror or exc)
+            group.limits.append(entry)
+        group.oom_base = self.oom_count(group)
+        return group
+
+    def _make(self, group, folder):
+        try:
+            makedirs(folder)
+        except OSError as exc:
+            self.log.warning("daemon", "Cannot create cgroup %s: %s" % (folder, exc.strerror or exc))
+            return None
+        group.folders.append(folder)
+        return folder
+
+    def _write_v2(self, folder, controller, value):
+        if controller == "memory":
+            _write_text(os.path.join(folder, "memory.max"), "max" if value is None else str(value))
+            _write_text_quietly(os.path.join(folder, "memory.swap.max"), "0")
+        else:
+            _write_text(os.path.join(folder, "cpu.max"), "%d %d" % (int(self.CPU_PERIOD * value / 100), self.CPU_PERIOD))
+
+    def _write_v1(self, folder, controller, value):
+        if controller == "memory":
+            _write_text(os.path.join(folder, "memory.limit_in_bytes"), "-1" if value is None else str(value))
+            _write_text_quietly(os.path.join(folder, "memory.memsw.limit_in_bytes"), "-1" if value is None else str(value))
+        else:
+            _write_text(os.path.join(folder, "cpu.cfs_period_us"), str(self.CPU_PERIOD))
+            _write_text(os.path.join(folder, "cpu.cfs_quota_us"), str(int(self.CPU_PERIOD * value / 100)))
+
+    @staticmethod
+    def pids(group):
+        if group is None or group.tracking is None:
+            return []
+        try:
+            return [int(pid) for pid in _read_text(os.path.join(group.tracking, "cgroup.procs")).split()]
+        except OSError:
+            return []
+
+    def kill(self, group, number):
+        """Signal every process of the service, also those that left its
+        process group (setsid)."""
+        if group is None or group.tracking is None:
+            return
+        if number == signal.SIGKILL and os.path.exists(os.path.join(group.tracking, "cgroup.kill")):
+            _write_text_quietly(os.path.join(group.tracking, "cgroup.kill"), "1")
+            return
+        for pid in self.pids(group):
+            try:
+                os.kill(pid, number)
+            except OSError:
+                pass
+
+    @staticmethod
+    def oom_count(group):
+        """OOM kills the kernel counted in the service's memory groups."""
+        total = 0
+        for folder in (group.folders if group else []):
+            for name in ("memory.events", "memory.oom_control"):
+                try:
+                    text = _read_text(os.path.join(folder, name))
+                except OSError:
+                    continue
+                for line in text.splitlines():
+                    key, _, count = line.partition(" ")
+                    if key == "oom_kill" and count.strip().isdigit():
+                        total += int(count)
+        return total
+
+    def oom_killed(self, group):
+        return group is not None and self.oom_count(group) > group.oom_base
+
+    @staticmethod
+    def remove(group):
+        for folder in reversed(group.folders if group else []):
+            try:
+                os.rmdir(folder)
+            except OSError:
+                pass              # still populated (a process is dying): made again and reused
+
+
+def _read_text(path):
+    with open(path) as handle:
+        return handle.read()
+
+
+def _write_text(path, text):
+    with open(path, "w") as handle:
+        handle.write(text)
+
+
+def _write_text_quietly(path, text):
+    try:
+        _write_text(path, text)
+    except OSError:
+        pass
+
+
 class Spawner:
     """Starts one command of a service in a new session (so in its own process
     group), stdin from /dev/null, stdout and stderr appended to its log file.
 
-    Where the daemon's own working directory and credentials will do, this is
-    posix_spawn (vfork: no copy of the daemon's page tables, and exec errors
-    come back as its result). Otherwise it is fork, then setup, then exec, and
+    Where the daemon's own working directory and credentials will do and there
+    is no cgroup to join, this is posix_spawn (vfork: no copy of the daemon's
+    page tables, and exec errors come back as its result). Otherwise it is
+    fork, then setup (cgroups first, before the child can fork), then exec, and
     exec failures come back through a close-on-exec pipe: the parent's read
     returns nothing once exec succeeded, or the child's message if it failed.
     Either way a start is known to have worked before the daemon calls it
@@ -1704,15 +1908,16 @@ class Spawner:
     def __init__(self):
         self.cwd = os.getcwd()            # the daemon's, for the posix_spawn path
 
-    def spawn(self, argv, program, env, cwd, log_path, run_as):
-        """Returns the pid; raises SpawnError with a one-line reason."""
+    def spawn(self, argv, program, env, cwd, log_path, run_as, join_files=()):
+        """Returns the pid; raises SpawnError with a one-line reason. The child
+        writes its pid to each of `join_files` (cgroup.procs) before exec."""
         fds = []                          # every fd opened here, closed in the finally
         try:
             try:
                 fds.append(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640))
             except OSError as exc:
                 raise SpawnError("cannot open log %s: %s" % (log_path, exc.strerror))
-            if cwd == self.cwd and run_as.uid is None and run_as.gid is None:
+            if cwd == self.cwd and run_as.uid is None and run_as.gid is None and not join_files:
                 try:
                     return os.posix_spawn(program, argv, env, file_actions=[
                         (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
@@ -1725,7 +1930,7 @@ class Spawner:
             log_fd, null_fd, err_r, err_w = fds
             pid = os.fork()
             if pid == 0:                  # child: only os calls from here to exec
-                self._exec_child(argv, program, env, cwd, log_fd, null_fd, err_w, run_as)
+                self._exec_child(argv, program, env, cwd, log_fd, null_fd, err_w, run_as, join_files)
             os.close(err_w)
             fds.remove(err_w)
             report = read_until_eof(err_r)
@@ -1740,10 +1945,17 @@ class Spawner:
         return pid
 
     @staticmethod
-    def _exec_child(argv, program, env, cwd, log_fd, null_fd, err_w, run_as):
+    def _exec_child(argv, program, env, cwd, log_fd, null_fd, err_w, run_as, join_files):
         stage = "setsid"
         try:
             os.setsid()                   # own session and process group: pgid == pid
+            for path in join_files:       # into its cgroups before it can fork or allocate
+                stage = "cgroup %s" % path
+                fd = os.open(path, os.O_WRONLY)
+                try:
+                    os.write(fd, str(os.getpid()).encode())
+                finally:
+                    os.close(fd)
             stage = "signals"
             for number in (signal.SIGPIPE, signal.SIGXFSZ):   # Python ignores these; exec keeps SIG_IGN
                 signal.signal(number, signal.SIG_DFL)
@@ -1912,6 +2124,7 @@ class Service:
         self.succeeded = False          # the last run ended well (a '-' failure counts as success)
         self.health_note = None         # (verdict, error) of the probe closed last
         self.probe = None               # HealthProbe of the running main process
+        self.cgroup = None              # CgroupSet of the current process
 
     # -- queries ---------------------------------------------------------------
 
@@ -1948,13 +2161,12 @@ class Service:
         return data
 
     def _limits(self):
+        if self.cgroup is not None and self.pid:
+            return self.cgroup.limits
         limits = []
-        if self.spec.memory_max is not None:
-            limits.append({"key": "MemoryMax", "value": self.spec.memory_max, "applied": False,
-                           "why": "cgroup limits are not supported yet"})
-        if self.spec.cpu_quota is not None:
-            limits.append({"key": "CPUQuota", "value": self.spec.cpu_quota, "applied": False,
-                           "why": "cgroup limits are not supported yet"})
+        for key, value in (("MemoryMax", self.spec.memory_max), ("CPUQuota", self.spec.cpu_quota)):
+            if value is not None:
+                limits.append({"key": key, "value": value, "applied": False, "why": "applied when it runs"})
         return limits
 
     def persistent(self):
@@ -2127,6 +2339,8 @@ class Service:
         """Deliver a stop signal as KillMode= says."""
         mode = self.spec.kill_mode
         targets_group = mode == "control-group" or (mode == "mixed" and number == signal.SIGKILL)
+        if targets_group:
+            self.daemon.cgroups.kill(self.cgroup, number)     # also what left the process group
         try:
             if targets_group:
                 os.killpg(self.pid, number)
@@ -2159,9 +2373,13 @@ class Service:
                 os.killpg(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+            self.daemon.cgroups.kill(self.cgroup, signal.SIGKILL)
         self.pid = self.pid_start = self.current = None
         self._close_probe()
         described = describe_exit(exit_info) if exit_info else "exit status unknown (adopted)"
+        if exit_info == {"signal": signal.SIGKILL} and self.daemon.cgroups.oom_killed(self.cgroup):
+            described = "killed by the OOM killer (MemoryMax=%s)" % format_bytes(self.spec.memory_max)
+        Cgroups.remove(self.cgroup)
         if self.state == STOPPING:
             # STOPPING -> STOPPED (or -> STARTING for a restart)
             self.phase = None
@@ -2632,6 +2850,7 @@ class Daemon:
         self.timer_sequence = 0
         self.exit_watcher = ExitWatcher(self.selector, self.call_later, exit_watch_mode)
         self.spawner = Spawner()
+        self.cgroups = None               # Cgroups, found at start-up
         self.store = StateStore(config.state_file, log)
         self.services = {}                # name -> Service, every unit of the deployment
         self.specs = {}                   # name -> UnitSpec deployed (last good version)
@@ -2690,6 +2909,8 @@ class Daemon:
             require_git()
             os.chdir("/")                 # every path is absolute; "/" is also services' default
             self.spawner = Spawner()
+            self.cgroups = Cgroups(self.config.cgroup_root, self.log)
+            self.log.info("daemon", self.cgroups.describe())
             self._acquire_pid_file()
             self._open_socket()
             self._install_signal_handlers()
@@ -3023,7 +3244,12 @@ class Daemon:
             makedirs(self.config.log_dir)
         except OSError as exc:
             raise SpawnError("cannot create the log folder %s: %s" % (self.config.log_dir, exc.strerror))
-        return self.spawner.spawn(argv, path, env, cwd, self.config.service_log(service.name), run_as)
+        group = self.cgroups.prepare(service.name, spec) if self.cgroups else None
+        service.cgroup = group
+        # With a cgroup the child joins it before exec (fork path): joined from
+        # here after posix_spawn, a shell could fork an escapee first.
+        return self.spawner.spawn(argv, path, env, cwd, self.config.service_log(service.name), run_as,
+                                  group.procs_files if group else ())
 
     def _run_as(self, user, group):
         """resolve_run_as, remembered for a few seconds: a deploy of a thousand
@@ -3749,7 +3975,8 @@ class Daemon:
                 "last_sync": self.last_sync, "exit_watch": self.exit_watcher.mode,
                 "log_dir": self.config.log_dir, "remote": self.config.remote, "pin": self.pin,
                 "last_fetch": self.last_fetch, "watch": self.watcher.mode if self.watcher else None,
-                "poll_interval": self.poll_delay}
+                "poll_interval": self.poll_delay,
+                "cgroups": self.cgroups.describe() if self.cgroups else None}
 
     def _cmd_status(self, conn, message):
         names = self._names(message, allow_empty=True)

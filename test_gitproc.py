@@ -1735,6 +1735,88 @@ class UserTests(SupervisionCase):
         self.assertIn("runs as Type=simple", messages(problems, "warning")[0])
 
 
+def cgroups_usable():
+    """A cgroup hierarchy this (root) process may create groups in: where SPEC §5
+    says each service gets its own cgroup ("where possible")."""
+    if os.geteuid() != 0:
+        return False
+    for root in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified", "/sys/fs/cgroup/systemd", "/sys/fs/cgroup/pids"):
+        if os.path.exists(os.path.join(root, "cgroup.procs")) and os.access(root, os.W_OK):
+            return True
+    return False
+
+
+class EscapedGrandchildTests(SupervisionCase):
+
+    @unittest.skipUnless(cgroups_usable(), "no writable cgroup hierarchy: only the process group is tracked")
+    def test_stop_kills_a_grandchild_that_left_the_process_group(self):
+        """SPEC §5: its own cgroup where possible; stopping it leaves no process
+        of it behind. A grandchild that called setsid() is outside the process
+        group, so only the cgroup can find it."""
+        gc_file = self.file("gc.pid")
+        self.deploy({"escaper.service": unit(sh("setsid sleep 1000 & echo $! > %s; wait" % gc_file))})
+        pid = self.watch(self.home.running_pid("escaper"))
+        grandchild = self.watch(wait_until(lambda: pid_from_file(gc_file), 5, "the grandchild's pid"))
+        wait_until(lambda: os.getsid(grandchild) == grandchild, 5, "the grandchild to be in its own session")
+        code, _, err = self.home.cli("stop", "escaper")
+        self.assertEqual((code, err), (0, ""))
+        self.assertFalse(pid_alive(pid))
+        self.assert_gone(grandchild, what="grandchild in its own session")
+
+
+def cgroup_file(why, name):
+    """A file of the cgroup a status limit's `why` names ("cgroup v1 /sys/...")."""
+    return os.path.join(why.split()[-1], name)
+
+
+class CgroupLimitTests(SupervisionCase):
+
+    @unittest.skipUnless(cgroups_usable(), "no writable cgroup hierarchy on this machine")
+    def test_limits_are_written_and_shown_as_applied(self):
+        self.deploy({"lim.service": unit(SLEEPER, MemoryMax="64M", CPUQuota="20%")})
+        pid = self.watch(self.home.running_pid("lim"))
+        limits = {entry["key"]: entry for entry in self.home.status("lim")["limits"]} \
+            if "limits" in self.home.status("lim") else None
+        detail = self.home.request({"cmd": "status", "names": ["lim"]})["services"][0]
+        limits = {entry["key"]: entry for entry in detail["limits"]}
+        self.assertTrue(limits["MemoryMax"]["applied"], limits)
+        self.assertTrue(limits["CPUQuota"]["applied"], limits)
+        memory_why, cpu_why = limits["MemoryMax"]["why"], limits["CPUQuota"]["why"]
+        if memory_why.startswith("cgroup v2"):
+            self.assertEqual(open(cgroup_file(memory_why, "memory.max")).read().strip(), str(64 << 20))
+        else:
+            self.assertEqual(open(cgroup_file(memory_why, "memory.limit_in_bytes")).read().strip(), str(64 << 20))
+        if cpu_why.startswith("cgroup v2"):
+            self.assertEqual(open(cgroup_file(cpu_why, "cpu.max")).read().split(), ["20000", "100000"])
+        else:
+            self.assertEqual(open(cgroup_file(cpu_why, "cpu.cfs_quota_us")).read().strip(), "20000")
+        self.assertIn(str(pid), open(cgroup_file(memory_why, "cgroup.procs")).read().split())
+        code, out, err = self.home.cli("status", "lim")
+        self.assertIn("MemoryMax=64.0M applied", out)
+        self.home.cli("stop", "lim")
+        wait_until(lambda: not os.path.exists(memory_why.split()[-1]), 5, "the cgroup to be removed")
+
+    @unittest.skipUnless(cgroups_usable(), "no writable cgroup hierarchy on this machine")
+    def test_a_service_over_its_memory_limit_is_killed_and_says_oom(self):
+        hog = "%s -c 'x = [bytearray(1 << 20) for _ in range(400)]; import time; time.sleep(100)'" % (
+            os.path.realpath(sys.executable))
+        self.deploy({"hog.service": unit(hog, MemoryMax="50M")})
+        hog_state = self.home.wait_state("hog", "exited", timeout=20)
+        self.assertEqual(hog_state["last_exit"], {"signal": signal.SIGKILL})
+        self.assertIn("OOM", hog_state["reason"])
+
+    def test_limits_not_applied_where_cgroups_cannot_be_written(self):
+        blocker = self.file("not-a-folder")
+        open(blocker, "w").close()
+        self.deploy({"lim.service": unit(SLEEPER, MemoryMax="64M")}, config={"cgroup_root": blocker + "/cgroup"})
+        self.watch(self.home.running_pid("lim"))
+        detail = self.home.request({"cmd": "status", "names": ["lim"]})["services"][0]
+        self.assertEqual([(l["key"], l["applied"]) for l in detail["limits"]], [("MemoryMax", False)])
+        self.assertIn("cgroup", detail["limits"][0]["why"])
+        code, out, err = self.home.cli("status", "lim")
+        self.assertIn("MemoryMax=64.0M not applied:", out)
+
+
 class FollowTests(unittest.TestCase):
     """`logs -f` across both kinds of rotation: copy-and-truncate (service logs)
     and rename (daemon.log)."""
