@@ -67,6 +67,7 @@ HISTORY_LIMIT = 100
 LOG_CHECK_INTERVAL = 5.0            # how often service log sizes are checked
 POLL_FALLBACK_INTERVAL = 0.2        # exit polling where pidfds and SIGCHLD fail
 RUN_AS_CACHE_SECONDS = 5.0
+CGROUP_LINGER = 10.0                # a stopped service's cgroups are removed after this
 
 MAX_REQUEST_BYTES = 64 * 1024
 MAX_PENDING_REPLY = 256 * 1024      # replies a client has not read before it is read from again
@@ -1715,8 +1716,9 @@ class Cgroups:
 
     CPU_PERIOD = 100000                 # microseconds, as systemd uses
 
-    def __init__(self, root, log):
+    def __init__(self, root, instance, log):
         self.root, self.log = root, log
+        self.instance = instance        # this daemon's folder: daemons of other homes have theirs
         self.v2 = None                  # the v2 folder gitproc makes its groups in
         self.v2_controllers = set()     # controllers enabled for those groups
         self.v1 = {}                    # v1 controller -> folder gitproc makes its groups in
@@ -1728,11 +1730,11 @@ class Cgroups:
         for candidate in (self.root, os.path.join(self.root, "unified")):
             if os.path.exists(os.path.join(candidate, "cgroup.controllers")):
                 try:
-                    folder = os.path.join(candidate, "gitproc")
+                    folder = os.path.join(candidate, "gitproc", self.instance)
                     makedirs(folder)
                     available = set(_read_text(os.path.join(candidate, "cgroup.controllers")).split())
                     wanted = available & {"memory", "cpu"}
-                    for parent in (candidate, folder):
+                    for parent in (candidate, os.path.dirname(folder), folder):
                         for controller in wanted:
                             try:
                                 _write_text(os.path.join(parent, "cgroup.subtree_control"), "+" + controller)
@@ -1751,13 +1753,20 @@ class Cgroups:
                 if os.path.exists(os.path.join(mount, "cgroup.procs")) and not os.path.exists(
                         os.path.join(mount, "cgroup.controllers")):
                     try:
-                        makedirs(os.path.join(mount, "gitproc"))
-                        self.v1[controller] = os.path.join(mount, "gitproc")
+                        makedirs(os.path.join(mount, "gitproc", self.instance))
+                        self.v1[controller] = os.path.join(mount, "gitproc", self.instance)
                     except OSError as exc:
                         problems.append("%s: %s" % (mount, exc.strerror or exc))
                     break
         if self.v2 is None and not self.v1:
             self.problem = "; ".join(problems) or "no writable cgroup hierarchy under %s" % self.root
+        for folder in [self.v2] + list(self.v1.values()):
+            for name in os.listdir(folder) if folder else ():
+                if os.path.isdir(os.path.join(folder, name)):
+                    try:
+                        os.rmdir(os.path.join(folder, name))   # only an empty group goes
+                    except OSError:
+                        pass                                    # a live service's: kept
 
     def describe(self):
         if self.problem:
@@ -2125,6 +2134,7 @@ class Service:
         self.health_note = None         # (verdict, error) of the probe closed last
         self.probe = None               # HealthProbe of the running main process
         self.cgroup = None              # CgroupSet of the current process
+        self.cgroup_timer = None        # removal of the cgroups of a stopped service
 
     # -- queries ---------------------------------------------------------------
 
@@ -2297,6 +2307,8 @@ class Service:
         self.main_started_wall = started_wall or time.time()
         self.daemon.exit_watcher.watch(pid, self._on_exit, child=False)
         self.daemon.log.info(self.name, "Adopted running process (pid %d)" % pid)
+        if self.daemon.cgroups is not None:
+            self.cgroup = self.daemon.cgroups.prepare(self.name, self.spec)   # the earlier daemon's groups
         if self.spec.health_check_url:
             self.probe = HealthProbe(self.daemon, self)
         self._set_state(RUNNING if self.spec.type != "oneshot" else STARTING)
@@ -2379,7 +2391,8 @@ class Service:
         described = describe_exit(exit_info) if exit_info else "exit status unknown (adopted)"
         if exit_info == {"signal": signal.SIGKILL} and self.daemon.cgroups.oom_killed(self.cgroup):
             described = "killed by the OOM killer (MemoryMax=%s)" % format_bytes(self.spec.memory_max)
-        Cgroups.remove(self.cgroup)
+        if self.cgroup is not None and self.cgroup_timer is None:
+            self.cgroup_timer = self.daemon.call_later(CGROUP_LINGER, self._remove_cgroup)
         if self.state == STOPPING:
             # STOPPING -> STOPPED (or -> STARTING for a restart)
             self.phase = None
@@ -2442,6 +2455,15 @@ class Service:
         if self.want == "up" and self.state == BACKOFF:
             # BACKOFF -> STARTING
             self._begin_start()
+
+    def _remove_cgroup(self):
+        """Remove the service's cgroups once it has stayed down a while: making a
+        fresh cgroup and moving the first process in costs the kernel some 10 ms,
+        which a restart, or a stop soon followed by a start, need not pay."""
+        self.cgroup_timer = None
+        if self.pid is None and self.state not in ACTIVE_STATES:
+            Cgroups.remove(self.cgroup)
+            self.cgroup = None
 
     def _close_probe(self):
         if self.probe is not None:
@@ -2909,7 +2931,9 @@ class Daemon:
             require_git()
             os.chdir("/")                 # every path is absolute; "/" is also services' default
             self.spawner = Spawner()
-            self.cgroups = Cgroups(self.config.cgroup_root, self.log)
+            import zlib
+            instance = "%08x" % zlib.crc32(self.config.state_file.encode())
+            self.cgroups = Cgroups(self.config.cgroup_root, instance, self.log)
             self.log.info("daemon", self.cgroups.describe())
             self._acquire_pid_file()
             self._open_socket()
@@ -3064,6 +3088,9 @@ class Daemon:
     def _cleanup(self):
         for conn in list(self.connections.values()):
             self._close(conn)
+        if not self.keep_services:
+            for service in self.services.values():
+                Cgroups.remove(service.cgroup)
         if self.listener is not None:
             self.listener.close()
             _unlink_quietly(self.config.socket_path)
@@ -3246,6 +3273,9 @@ class Daemon:
             raise SpawnError("cannot create the log folder %s: %s" % (self.config.log_dir, exc.strerror))
         group = self.cgroups.prepare(service.name, spec) if self.cgroups else None
         service.cgroup = group
+        if service.cgroup_timer is not None:
+            service.cgroup_timer.cancel()
+            service.cgroup_timer = None
         # With a cgroup the child joins it before exec (fork path): joined from
         # here after posix_spawn, a shell could fork an escapee first.
         return self.spawner.spawn(argv, path, env, cwd, self.config.service_log(service.name), run_as,

@@ -45,23 +45,15 @@ def read_sample(pid):
     fields = gitproc.read_proc_stat(pid)
     if fields is None:
         raise ProcessLookupError(pid)
-    status = {}
     try:
-        with open("/proc/%d/status" % pid) as status_file:
-            for line in status_file:
-                key, _, value = line.partition(":")
-                status[key] = value.strip()
+        status = _proc_fields("/proc/%d/status" % pid)
         fds = len(os.listdir("/proc/%d/fd" % pid))
     except FileNotFoundError:
         raise ProcessLookupError(pid)
-    io = {}
     try:
-        with open("/proc/%d/io" % pid) as io_file:
-            for line in io_file:
-                key, _, value = line.partition(":")
-                io[key] = int(value)
+        io = {key: int(value) for key, value in _proc_fields("/proc/%d/io" % pid).items()}
     except OSError:
-        pass                      # /proc/PID/io needs the same user (or root)
+        io = {}                   # /proc/PID/io needs the same user (or root)
     return {
         "time": time.monotonic(),
         "cpu_seconds": (int(fields[11]) + int(fields[12])) / CLOCK_TICKS,
@@ -73,6 +65,16 @@ def read_sample(pid):
         "voluntary": int(status.get("voluntary_ctxt_switches", "0")),
         "involuntary": int(status.get("nonvoluntary_ctxt_switches", "0")),
     }
+
+
+def _proc_fields(path):
+    """The `key: value` lines of a /proc file, as a dict of strings."""
+    fields = {}
+    with open(path) as proc_file:
+        for line in proc_file:
+            key, _, value = line.partition(":")
+            fields[key] = value.strip()
+    return fields
 
 
 def sample(pid, duration, interval, progress=None):

@@ -1793,8 +1793,8 @@ class CgroupLimitTests(SupervisionCase):
         self.assertIn(str(pid), open(cgroup_file(memory_why, "cgroup.procs")).read().split())
         code, out, err = self.home.cli("status", "lim")
         self.assertIn("MemoryMax=64.0M applied", out)
-        self.home.cli("stop", "lim")
-        wait_until(lambda: not os.path.exists(memory_why.split()[-1]), 5, "the cgroup to be removed")
+        self.home.cli("shutdown")
+        self.assertFalse(os.path.exists(memory_why.split()[-1]), "the cgroup is removed")
 
     @unittest.skipUnless(cgroups_usable(), "no writable cgroup hierarchy on this machine")
     def test_a_service_over_its_memory_limit_is_killed_and_says_oom(self):
