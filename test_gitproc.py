@@ -1883,10 +1883,25 @@ class FollowTests(unittest.TestCase):
         self.addCleanup(proc.stdout.close)
         self.addCleanup(proc.wait)
         self.addCleanup(proc.kill)
-        self.assertEqual(proc.stdout.readline(), b"first\n")
+        self.assertEqual(self.read_line(proc.stdout), b"first\n")
         with open(os.path.join(home.logs, "web.log"), "a") as log_file:
             log_file.write("appended later\n")
-        self.assertEqual(proc.stdout.readline(), b"appended later\n")
+        self.assertEqual(self.read_line(proc.stdout), b"appended later\n")
+
+    @staticmethod
+    def read_line(stream, timeout=10):
+        """One line from a pipe, or whatever came before the deadline: never
+        blocks past it, so a silent follower fails the test instead of hanging it."""
+        line, deadline = b"", time.monotonic() + timeout
+        while not line.endswith(b"\n") and time.monotonic() < deadline:
+            ready, _, _ = select.select([stream], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                break
+            chunk = os.read(stream.fileno(), 1)
+            if not chunk:
+                break
+            line += chunk
+        return line
 
 
 class LogsCommandTests(unittest.TestCase):
