@@ -1827,8 +1827,12 @@ class Cgroups:
 
     def _write_v1(self, folder, controller, value):
         if controller == "memory":
-            _write_text(os.path.join(folder, "memory.limit_in_bytes"), "-1" if value is None else str(value))
-            _write_text_quietly(os.path.join(folder, "memory.memsw.limit_in_bytes"), "-1" if value is None else str(value))
+            # memsw (memory+swap) may never be below the memory limit: raise it
+            # first when the limit grows, set it again after when it shrinks.
+            text = "-1" if value is None else str(value)
+            _write_text_quietly(os.path.join(folder, "memory.memsw.limit_in_bytes"), text)
+            _write_text(os.path.join(folder, "memory.limit_in_bytes"), text)
+            _write_text_quietly(os.path.join(folder, "memory.memsw.limit_in_bytes"), text)
         else:
             _write_text(os.path.join(folder, "cpu.cfs_period_us"), str(self.CPU_PERIOD))
             _write_text(os.path.join(folder, "cpu.cfs_quota_us"), str(int(self.CPU_PERIOD * value / 100)))
