@@ -2139,6 +2139,9 @@ class Service:
         self.probe = None               # HealthProbe of the running main process
         self.cgroup = None              # CgroupSet of the current process
         self.cgroup_timer = None        # removal of the cgroups of a stopped service
+        self.previous = None            # (spec, commit) a deploy replaced, kept for AutoRollback=
+        self.rejected = None            # fingerprint of a version AutoRollback= took back
+        self.rolled_back = None         # {"from", "to", "why", "time"} of that rollback
 
     # -- queries ---------------------------------------------------------------
 
@@ -2166,6 +2169,7 @@ class Service:
             "health_error": self.health()[1],
             "memory": process_rss(self.pid) if running else None,
             "commit": self.commit, "reason": self.reason, "want": self.want,
+            "rolled_back": self.rolled_back,
         }
         if detail:
             data.update(description=self.spec.description, path=self.spec.path,
@@ -2240,6 +2244,8 @@ class Service:
                 why = "start limit hit (%d starts within %s)%s" % (
                     len(self.start_times), format_timespan(spec.start_limit_interval),
                     "; last: %s" % self.reason if self.reason else "")
+                if self.daemon.auto_rollback(self, why):
+                    return
                 self.daemon.log.warning(self.name, "Start limit hit: %s; giving up until 'start %s'" % (
                     why[len("start limit hit "):], self.name))
                 self._set_state(FAILED, why)
@@ -2296,6 +2302,8 @@ class Service:
         elif self.probe.status == "unhealthy" and self.state in (STARTING, RUNNING) and self.pid:
             # RUNNING -> STOPPING -> STARTING: restarted as Restart= would after a failure
             why = "health check failed %d times: %s" % (self.probe.failures, self.probe.last_error)
+            if self.state == STARTING and self.daemon.auto_rollback(self, "never became healthy: " + why):
+                return
             self.restarts += 1
             self.daemon.log.warning(self.name, "Restarting: %s" % why)
             self.stop(reason=why)
@@ -3410,7 +3418,10 @@ class Daemon:
         return git_read_units(self.config.repo_path, sha, known=self.parse_cache)
 
     def _noop_plan(self, commit):
-        return {"commit": commit.to_json(), "previous": commit.sha, "noop": True, "added": [], "changed": [],
+        drift = {name: "runs the version of %s: %s was rolled back (%s)" % (
+            s.commit[:7], s.rolled_back["from"][:7], s.rolled_back["why"])
+            for name, s in self.services.items() if s.rolled_back and s.rejected is not None}
+        return {"commit": commit.to_json(), "previous": commit.sha, "noop": True, "added": [], "changed": [], "drift": drift,
                 "changes": {}, "removed": [], "unchanged": sorted(self.specs), "invalid": self._invalid_lines(),
                 "skipped": dict(self.skipped)}
 
@@ -3450,9 +3461,53 @@ class Daemon:
                 skipped[name] = "ConditionHost=%s does not match %s" % (" ".join(spec.condition_host), self.config.hostname)
                 del specs[name]
         plan = plan_deploy(self.specs, specs)
+        plan["drift"] = {}
+        for name in list(plan["changed"]):
+            service = self.services.get(name)
+            if service is not None and service.rejected is not None and specs[name].fingerprint() == service.rejected:
+                # The version AutoRollback= took back: it stays rolled back (drift)
+                # until a commit changes the unit again.
+                specs[name] = self.specs[name]
+                origin[name] = service.commit
+                plan["changed"].remove(name)
+                del plan["changes"][name]
+                plan["unchanged"].append(name)
+                plan["drift"][name] = "runs the version of %s: %s was rolled back (%s)" % (
+                    service.commit[:7], service.rolled_back["from"][:7], service.rolled_back["why"])
+        plan["unchanged"].sort()
         plan.update(commit=commit.to_json(), previous=self.deployed.sha if self.deployed else None, noop=False,
                     invalid=[str(d) for d in problems if d.severity == "error"], skipped=skipped)
         return specs, problems, origin, skipped, plan
+
+    def auto_rollback(self, service, why):
+        """AutoRollback=yes: the version a deploy brought failed (start limit, or
+        never healthy): run the unit's previous version again. The repository is
+        not touched; `diff` shows the drift, `status` and history say why."""
+        if not service.previous or not service.spec.auto_rollback or self.shutting_down:
+            return False
+        old_spec, old_commit = service.previous
+        bad_commit = service.commit
+        service.previous = None
+        service.rejected = service.spec.fingerprint()
+        service.rolled_back = {"from": bad_commit, "to": old_commit, "why": why, "time": time.time()}
+        self.specs[service.name] = old_spec
+        self.log.warning(service.name, "Rolling back to the version of %s: the one of %s failed (%s)" % (
+            old_commit[:7], bad_commit[:7], why))
+        self.history.append({"time": time.time(), "commit": bad_commit, "subject": "AutoRollback of %s" % service.name,
+                             "trigger": "auto-rollback", "outcome": "rolled back", "added": [],
+                             "changed": [service.name], "removed": [], "invalid": [], "why": why})
+        del self.history[:-HISTORY_LIMIT]
+        service.spec, service.commit = old_spec, old_commit
+        service.start_times.clear()
+        service.crash_streak = 0
+        if service.pid:
+            service.stop(reason="rolling back: " + why)
+            service.want, service.start_after_stop = "up", True
+        else:
+            service.want = "up"
+            service._begin_start()
+        self._save_now()
+        return True
 
     def apply(self, commit, entries, trigger):
         """Reconcile the running services with the units of `commit`: new units
@@ -3484,6 +3539,8 @@ class Daemon:
                 continue
             service = self.services[name]
             if name in plan["changed"]:
+                service.previous = (service.spec, service.commit) if spec.auto_rollback else None
+                service.rejected = service.rolled_back = None
                 service.spec, service.commit = spec, origin.get(name, commit.sha)
                 if service.want == "up":
                     self.log.info(name, "Restarting: %s changed in commit %s" % (
@@ -4485,6 +4542,8 @@ def _print_plan(plan, done):
         print("  %s %-24s %s" % (mark, name, what))
     if plan["unchanged"]:
         print("  = %d unchanged" % len(plan["unchanged"]))
+    for name, what in sorted(plan.get("drift", {}).items()):
+        print("  ^ %-24s %s" % (name, what))
     for line in plan["invalid"]:
         print("  ! invalid, not deployed: %s" % line)
 
@@ -4599,6 +4658,10 @@ def _print_service_block(s, daemon_info, colour):
         ("Restarts", s["restarts"]),
         ("Health", s["health"] or "no health check"),
     ]
+    if s.get("rolled_back"):
+        back = s["rolled_back"]
+        lines.append(("Rollback", "the version of %s failed (%s); running the version of %s" % (
+            back["from"][:7], back["why"], back["to"][:7])))
     for limit in s["limits"]:
         value = format_bytes(limit["value"]) if limit["key"] == "MemoryMax" else "%g%%" % limit["value"]
         lines.append(("Limit", "%s=%s %s" % (limit["key"], value, "applied" if limit["applied"] else "not applied: " + limit["why"])))

@@ -4036,6 +4036,59 @@ class WaitHealthyTests(DepsHealthCase):
         self.assertEqual(code, 0, (out, err))
 
 
+class AutoRollbackTests(SupervisionCase):
+
+    def commit_count(self):
+        return int(self.home.git("rev-list", "--count", "main").strip())
+
+    def test_a_version_hitting_its_start_limit_is_rolled_back_and_a_later_commit_deploys(self):
+        keys = dict(Restart="always", RestartSec="0", AutoRollback="yes")
+        self.deploy({"web.service": unit_text("ExecStart=/bin/sleep 4321", *["%s=%s" % kv for kv in keys.items()],
+                                              unit_lines=["StartLimitBurst=3"])})
+        first = self.watch(self.home.running_pid("web"))
+        self.home.commit({"web.service": unit_text("ExecStart=/bin/false", *["%s=%s" % kv for kv in keys.items()],
+                                                   unit_lines=["StartLimitBurst=3"])}, "broken web")
+        commits = self.commit_count()
+        back = wait_until(lambda: (self.home.status("web").get("rolled_back") and
+                                   self.home.status("web")["state"] == "running" and self.home.status("web")),
+                          10, "web to be rolled back and running")
+        self.watch(back["pid"])
+        self.assertNotEqual(back["pid"], first)
+        self.assertEqual(cmdline(back["pid"]), ["/bin/sleep", "4321"])
+        self.assertIn("start limit hit", back["rolled_back"]["why"])
+        self.assertEqual(self.commit_count(), commits, "the repository is not modified")
+        history = self.home.request({"cmd": "history", "count": 5})["history"]
+        self.assertEqual(history[-1]["outcome"], "rolled back")
+        self.assertEqual(history[-1]["changed"], ["web"])
+        diff = self.home.request({"cmd": "diff"})
+        self.assertIn("web", diff["drift"])
+        self.assertEqual(diff["changed"], [])
+        code, out, err = self.home.cli("status", "web")
+        self.assertIn("Rollback: the version of", out)
+        self.home.commit({"web.service": unit_text("ExecStart=/bin/sleep 5555", *["%s=%s" % kv for kv in keys.items()])},
+                         "fixed web")
+        fixed = wait_until(lambda: self.home.status("web")["pid"] and cmdline(self.home.status("web")["pid"]) ==
+                           ["/bin/sleep", "5555"] and self.home.status("web"), 10, "the fixed version to run")
+        self.watch(fixed["pid"])
+        self.assertIsNone(fixed["rolled_back"])
+
+    def test_a_version_that_never_becomes_healthy_is_rolled_back(self):
+        port = free_port()
+        listener = "%s -c 'import socket,time; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); " \
+                   "s.bind((\"127.0.0.1\", %d)); s.listen(); time.sleep(1000)'" % (PYTHON, port)
+        check = ["HealthCheckURL=tcp://127.0.0.1:%d" % port, "HealthCheckInterval=200ms", "HealthCheckTimeout=300ms",
+                 "HealthCheckRetries=2", "AutoRollback=yes", "Restart=always"]
+        self.deploy({"api.service": unit_text("ExecStart=" + listener, *check)})
+        self.watch(self.home.running_pid("api"))
+        self.home.commit({"api.service": unit_text("ExecStart=/bin/sleep 4322", *check)}, "api that never listens")
+        back = wait_until(lambda: (self.home.status("api").get("rolled_back") and
+                                   self.home.status("api")["state"] == "running" and self.home.status("api")),
+                          10, "api to be rolled back and healthy")
+        self.watch(back["pid"])
+        self.assertEqual(back["health"], "healthy")
+        self.assertIn("never became healthy", back["rolled_back"]["why"])
+
+
 # ==== 9. surviving faults, end to end ===========================================
 
 # Measurements reported at the end of the run (the crash-loop CPU cost).
