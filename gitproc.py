@@ -1921,7 +1921,7 @@ class Spawner:
     def __init__(self):
         self.cwd = os.getcwd()            # the daemon's, for the posix_spawn path
 
-    def spawn(self, argv, program, env, cwd, log_path, run_as, join_files=()):
+    def spawn(self, argv, program, env, cwd, log_path, run_as, join_files=(), private_pids=False):
         """Returns the pid; raises SpawnError with a one-line reason. The child
         writes its pid to each of `join_files` (cgroup.procs) before exec."""
         fds = []                          # every fd opened here, closed in the finally
@@ -1930,7 +1930,7 @@ class Spawner:
                 fds.append(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640))
             except OSError as exc:
                 raise SpawnError("cannot open log %s: %s" % (log_path, exc.strerror))
-            if cwd == self.cwd and run_as.uid is None and run_as.gid is None and not join_files:
+            if cwd == self.cwd and run_as.uid is None and run_as.gid is None and not join_files and not private_pids:
                 try:
                     return os.posix_spawn(program, argv, env, file_actions=[
                         (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
@@ -1943,7 +1943,7 @@ class Spawner:
             log_fd, null_fd, err_r, err_w = fds
             pid = os.fork()
             if pid == 0:                  # child: only os calls from here to exec
-                self._exec_child(argv, program, env, cwd, log_fd, null_fd, err_w, run_as, join_files)
+                self._exec_child(argv, program, env, cwd, log_fd, null_fd, err_w, run_as, join_files, private_pids)
             os.close(err_w)
             fds.remove(err_w)
             report = read_until_eof(err_r)
@@ -1958,7 +1958,7 @@ class Spawner:
         return pid
 
     @staticmethod
-    def _exec_child(argv, program, env, cwd, log_fd, null_fd, err_w, run_as, join_files):
+    def _exec_child(argv, program, env, cwd, log_fd, null_fd, err_w, run_as, join_files, private_pids):
         stage = "setsid"
         try:
             os.setsid()                   # own session and process group: pgid == pid
@@ -1969,6 +1969,9 @@ class Spawner:
                     os.write(fd, str(os.getpid()).encode())
                 finally:
                     os.close(fd)
+            if private_pids:
+                stage = "PrivatePIDs="
+                enter_pid_namespace(err_w)    # returns in the service's process, pid 2 there
             stage = "signals"
             for number in (signal.SIGPIPE, signal.SIGXFSZ):   # Python ignores these; exec keeps SIG_IGN
                 signal.signal(number, signal.SIG_DFL)
@@ -1995,6 +1998,73 @@ class Spawner:
                 os.write(err_w, ("%s: %s" % (stage, reason)).encode("utf-8", "replace"))
             finally:
                 os._exit(127)
+
+
+# PrivatePIDs=: the service runs in a new PID namespace with its own /proc. The
+# daemon's child unshares, forks the namespace's pid 1 (a tiny init that
+# mounts /proc, forwards signals to the service and reaps orphans) and stays as
+# its relay, mirroring its exit; pid 1 forks the service. The chain keeps the
+# daemon's contract: its own child exits with the service's status, and the
+# whole chain shares one process group (and cgroup).
+CLONE_NEWNS, CLONE_NEWPID = 0x00020000, 0x20000000
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 2, 4, 8, 16384, 1 << 18
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
+                     signal.SIGUSR2, signal.SIGCONT, signal.SIGWINCH)
+
+
+def enter_pid_namespace(err_w):
+    """In the daemon's forked child: make the namespace, its init and the
+    service's process; returns only in the latter. Raises OSError (EPERM when
+    not root) before anything was made."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    signal.set_wakeup_fd(-1)              # the daemon's wakeup pipe is not ours to write
+    if libc.unshare(CLONE_NEWPID | CLONE_NEWNS) != 0:
+        number = ctypes.get_errno()
+        raise OSError(number, "unshare: %s" % os.strerror(number))
+    init = os.fork()
+    if init:
+        # The relay keeps nothing of the daemon's (its pid-file lock, sockets,
+        # pidfds), and only the service's exec may close the exec-error pipe.
+        close_inherited_fds(keep=(0, 1, 2))
+        _mirror_exit(init)
+    # pid 1 of the new namespace
+    if libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0 or \
+            libc.mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None) != 0:
+        number = ctypes.get_errno()
+        raise OSError(number, "mount /proc: %s" % os.strerror(number))
+    service = os.fork()
+    if service:
+        close_inherited_fds(keep=(0, 1, 2))
+        _mirror_exit(service, reap_all=True)
+
+
+def _mirror_exit(child, reap_all=False):
+    """Forward signals to `child`, then exit as it did (never returns). As a
+    namespace's pid 1 (reap_all) also reap every orphan that comes to it."""
+    for number in FORWARDED_SIGNALS:
+        signal.signal(number, lambda received, _frame: _forward(child, received))
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    while True:
+        try:
+            pid, status = os.waitpid(-1 if reap_all else child, 0)
+        except ChildProcessError:
+            os._exit(255)
+        if pid == child:
+            break
+    if os.WIFSIGNALED(status):
+        number = os.WTERMSIG(status)
+        signal.signal(number, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [number])
+        os.kill(os.getpid(), number)      # die of the same signal (pid 1 cannot: it exits below)
+    os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
+
+
+def _forward(child, number):
+    try:
+        os.kill(child, number)
+    except OSError:
+        pass
 
 
 class ExitWatcher:
@@ -3291,7 +3361,7 @@ class Daemon:
         # With a cgroup the child joins it before exec (fork path): joined from
         # here after posix_spawn, a shell could fork an escapee first.
         return self.spawner.spawn(argv, path, env, cwd, self.config.service_log(service.name), run_as,
-                                  group.procs_files if group else ())
+                                  group.procs_files if group else (), spec.private_pids)
 
     def _run_as(self, user, group):
         """resolve_run_as, remembered for a few seconds: a deploy of a thousand

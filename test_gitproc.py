@@ -4089,6 +4089,54 @@ class AutoRollbackTests(SupervisionCase):
         self.assertIn("never became healthy", back["rolled_back"]["why"])
 
 
+def children_pids(pid):
+    try:
+        with open("/proc/%d/task/%d/children" % (pid, pid)) as children:
+            return [int(child) for child in children.read().split()]
+    except OSError:
+        return []
+
+
+def nspid(pid):
+    with open("/proc/%d/status" % pid) as status:
+        for line in status:
+            if line.startswith("NSpid:"):
+                return [int(value) for value in line.split()[1:]]
+    return []
+
+
+class PrivatePidsTests(SupervisionCase):
+
+    @unittest.skipUnless(IS_ROOT, "PrivatePIDs= needs root (CLONE_NEWPID and mounting /proc); uid %d" % os.geteuid())
+    def test_the_service_is_pid_2_of_its_own_namespace_with_its_own_proc(self):
+        count = self.file("proc-count")
+        self.deploy({"ns.service": unit(sh("ls /proc | grep -c ^[0-9] > %s; exec /bin/sleep 1000" % count),
+                                        PrivatePIDs="yes")})
+        relay = self.watch(self.home.running_pid("ns"))
+        init = self.watch(wait_until(lambda: (children_pids(relay) or [None])[0], 5, "the namespace's init"))
+        service = self.watch(wait_until(lambda: (children_pids(init) or [None])[0], 5, "the service"))
+        wait_until(lambda: cmdline(service) == ["/bin/sleep", "1000"], 5, "the service to exec")
+        self.assertEqual(len(nspid(relay)), 1)
+        self.assertEqual(nspid(init)[1:], [1], "init is pid 1 in the new namespace")
+        self.assertEqual(nspid(service)[1:], [2], "the service is pid 2 there")
+        seen = int(wait_until(lambda: read_text(count).strip(), 5, "the service's count of /proc"))
+        self.assertLess(seen, 10, "the service sees only its namespace in /proc")
+        code, out, err = self.home.cli("stop", "ns")
+        self.assertEqual((code, err), (0, ""))
+        for pid in (relay, init, service):
+            self.assert_gone(pid, what="process of the namespace")
+
+    @unittest.skipUnless(IS_ROOT, "PrivatePIDs= needs root; uid %d" % os.geteuid())
+    def test_a_service_killed_in_its_namespace_is_restarted(self):
+        self.deploy({"ns.service": unit("/bin/sleep 1001", PrivatePIDs="yes", Restart="always", RestartSec="0")})
+        relay = self.watch(self.home.running_pid("ns"))
+        init = self.watch(wait_until(lambda: (children_pids(relay) or [None])[0], 5, "the namespace's init"))
+        service = self.watch(wait_until(lambda: (children_pids(init) or [None])[0], 5, "the service"))
+        os.kill(service, signal.SIGKILL)
+        self.watch(self.wait_new_pid("ns", relay)["pid"])
+        self.assertGreaterEqual(self.home.status("ns")["restarts"], 1)
+
+
 # ==== 9. surviving faults, end to end ===========================================
 
 # Measurements reported at the end of the run (the crash-loop CPU cost).
