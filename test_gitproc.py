@@ -4683,9 +4683,8 @@ def interpreter_for(uid):
     return None
 
 
-class ReadOnlyLogFolderTests(unittest.TestCase):
-    """The real thing, where root is not needed to see it: a daemon run by an
-    ordinary user (uid 65534 here) whose logs folder is 0555."""
+class NonRootDaemonCase(unittest.TestCase):
+    """A daemon run by an ordinary user (uid 65534 here), started by root."""
 
     UID = 65534
 
@@ -4709,6 +4708,11 @@ class ReadOnlyLogFolderTests(unittest.TestCase):
             proc = self.as_nobody(["git", "-C", home.repo, "-c", "user.name=t", "-c", "user.email=t@t"] + args,
                                   home.path)
             self.assertEqual(proc.returncode, 0, proc.stderr.decode())
+
+
+class ReadOnlyLogFolderTests(NonRootDaemonCase):
+    """The real thing, where root is not needed to see it: the logs folder of a
+    daemon run by an ordinary user is 0555."""
 
     def test_unwritable_logs_folder_fails_the_new_unit_only(self):
         home = Home(self)
@@ -4798,6 +4802,29 @@ class FullDiskStateSaveTests(SupervisionCase):
 
 PROFILER = os.path.join(HERE, "profile_daemon.py")
 BENCH_FIGURES = ("respawn", "commit_to_running", "start_command", "cli_floor", "status_round_trip", "state_save")
+
+
+class NonRootDaemonTests(NonRootDaemonCase):
+    """What a daemon run by an ordinary user cannot do, it says."""
+
+    def test_user_and_private_pids_fail_with_the_reason(self):
+        home = Home(self)
+        home.commit({"ok.service": unit(SLEEPER, WorkingDirectory="/"),
+                     "other-user.service": unit(SLEEPER, User="root", WorkingDirectory="/"),
+                     "ns.service": unit(SLEEPER, PrivatePIDs="yes", WorkingDirectory="/")}, "units")
+        for folder, dirs, files in os.walk(home.path):
+            for entry in [folder] + [os.path.join(folder, f) for f in dirs + files]:
+                os.lchown(entry, self.UID, self.UID)
+        proc = self.as_nobody([self.python, GITPROC, "--home", home.path, "daemon"], home.path)
+        self.assertEqual(proc.returncode, 0, proc.stdout.decode() + proc.stderr.decode())
+        with open(os.path.join(home.path, "gitproc.pid")) as pid_file:
+            home.daemon_pid = int(pid_file.read())
+        home.known_pids.add(home.running_pid("ok"))
+        other = home.wait_state("other-user", "failed", timeout=10)
+        self.assertIn("User=/Group= need the daemon to run as root", other["reason"])
+        ns = home.wait_state("ns", "failed", timeout=10)
+        self.assertIn("PrivatePIDs=: unshare: Operation not permitted", ns["reason"])
+
 
 
 class ProfilerTests(unittest.TestCase):
