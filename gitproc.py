@@ -1879,6 +1879,21 @@ class Cgroups:
     def oom_killed(self, group):
         return group is not None and self.oom_count(group) > group.oom_base
 
+    def remove_all(self, groups, patience=1.0):
+        """At shutdown: remove the services' groups and this daemon's folders,
+        waiting briefly for killed processes to leave (cgroup.kill is async)."""
+        deadline = time.monotonic() + patience
+        for group in groups:
+            while group is not None and self.pids(group) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            Cgroups.remove(group)
+        for folder in [self.v2] + list(self.v1.values()):
+            if folder:
+                try:
+                    os.rmdir(folder)
+                except OSError:
+                    pass                  # a service of ours still there (keep-services, ...)
+
     @staticmethod
     def remove(group):
         for folder in reversed(group.folders if group else []):
@@ -2052,8 +2067,10 @@ def _mirror_exit(child, reap_all=False):
             os._exit(255)
         if pid == child:
             break
-    if os.WIFSIGNALED(status):
-        number = os.WTERMSIG(status)
+    number = os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
+    if not reap_all and not number and 128 < os.WEXITSTATUS(status) < 128 + signal.NSIG:
+        number = os.WEXITSTATUS(status) - 128   # the init's way of saying "killed by N"
+    if number:
         signal.signal(number, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, [number])
         os.kill(os.getpid(), number)      # die of the same signal (pid 1 cannot: it exits below)
@@ -2432,7 +2449,10 @@ class Service:
     def _signal(self, number, first=False):
         """Deliver a stop signal as KillMode= says."""
         mode = self.spec.kill_mode
-        targets_group = mode == "control-group" or (mode == "mixed" and number == signal.SIGKILL)
+        # With PrivatePIDs= the main pid is the relay: a SIGKILL must reach the
+        # namespace behind it, whatever KillMode= says.
+        targets_group = mode == "control-group" or (number == signal.SIGKILL and (
+            mode == "mixed" or self.spec.private_pids))
         if targets_group:
             self.daemon.cgroups.kill(self.cgroup, number)     # also what left the process group
         try:
@@ -2459,14 +2479,16 @@ class Service:
         command = self.current
         pid = self.pid
         ran_for = time.monotonic() - (self.started_at or time.monotonic())
-        if self.spec.kill_mode in ("control-group", "mixed"):
+        if self.spec.kill_mode in ("control-group", "mixed") or self.spec.private_pids:
             # Nothing of a service outlives its main process. Our own child is
             # still an unreaped zombie here (ExitWatcher peeks with WNOWAIT), so
-            # its process group id cannot have been reused.
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+            # its process group id cannot have been reused; an adopted process
+            # is long reaped, so only its cgroup is used for it.
+            if exit_info is not None:
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
             self.daemon.cgroups.kill(self.cgroup, signal.SIGKILL)
         self.pid = self.pid_start = self.current = None
         self._close_probe()
@@ -2650,6 +2672,7 @@ class HealthProbe:
             return
         self.connected = True
         if self.scheme == "tcp":
+            self._drop_connection()       # a TCP check is the connect: each check makes its own
             self._finish(True, None)
             return
         self._send_request()
@@ -3013,11 +3036,11 @@ class Daemon:
             require_git()
             os.chdir("/")                 # every path is absolute; "/" is also services' default
             self.spawner = Spawner()
+            self._acquire_pid_file()          # first: a second daemon must touch nothing
             import zlib
             instance = "%08x" % zlib.crc32(self.config.state_file.encode())
             self.cgroups = Cgroups(self.config.cgroup_root, instance, self.log)
             self.log.info("daemon", self.cgroups.describe())
-            self._acquire_pid_file()
             self._open_socket()
             self._install_signal_handlers()
             self._raise_fd_limit()
@@ -3170,9 +3193,8 @@ class Daemon:
     def _cleanup(self):
         for conn in list(self.connections.values()):
             self._close(conn)
-        if not self.keep_services:
-            for service in self.services.values():
-                Cgroups.remove(service.cgroup)
+        if not self.keep_services and self.cgroups is not None:
+            self.cgroups.remove_all([service.cgroup for service in self.services.values()])
         if self.listener is not None:
             self.listener.close()
             _unlink_quietly(self.config.socket_path)

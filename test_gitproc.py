@@ -189,6 +189,19 @@ class Home:
             os.kill(self.daemon_pid, signal.SIGKILL)
             wait_until(lambda: not pid_alive(self.daemon_pid), 10, "daemon to die")
 
+    def remove_cgroups(self):
+        """The daemon removes its cgroups when it shuts down; after a kill -9 the
+        test does (empty groups only: rmdir refuses a populated one)."""
+        import zlib
+        instance = "%08x" % zlib.crc32(os.path.join(self.path, "state.json").encode())
+        for root in glob.glob("/sys/fs/cgroup/*/gitproc") + glob.glob("/sys/fs/cgroup/gitproc"):
+            folder = os.path.join(root, instance)
+            for group in glob.glob(os.path.join(folder, "*", "")) + [folder]:
+                try:
+                    os.rmdir(group)
+                except OSError:
+                    pass
+
     def cleanup(self):
         """Stop the daemon, then SIGKILL every process group this test saw."""
         if self.daemon_pid and pid_alive(self.daemon_pid):
@@ -200,6 +213,7 @@ class Home:
                 pass
             if pid_alive(self.daemon_pid):
                 os.kill(self.daemon_pid, signal.SIGKILL)
+        self.remove_cgroups()
         for pid in self.known_pids.live():
             for kill in (os.killpg, os.kill):
                 try:
@@ -4135,6 +4149,22 @@ class PrivatePidsTests(SupervisionCase):
         os.kill(service, signal.SIGKILL)
         self.watch(self.wait_new_pid("ns", relay)["pid"])
         self.assertGreaterEqual(self.home.status("ns")["restarts"], 1)
+
+
+class TcpCheckTests(SupervisionCase):
+
+    def test_a_tcp_check_stays_healthy_check_after_check(self):
+        port, accepted = free_port(), self.file("accepted")
+        server = ("%s -c 'import socket; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
+                  "s.bind((\"127.0.0.1\", %d)); s.listen(); n = 0\nwhile True:\n    c, _ = s.accept(); n += 1; "
+                  "open(\"%s\", \"w\").write(str(n))'" % (PYTHON, port, accepted))
+        self.deploy({"tcp.service": unit_text("ExecStart=" + server.replace("\n", "\\n"),
+                                              "HealthCheckURL=tcp://127.0.0.1:%d" % port, "HealthCheckInterval=100ms",
+                                              "HealthCheckTimeout=300ms", "HealthCheckRetries=1", "Restart=always")})
+        pid = self.watch(self.home.running_pid("tcp"))
+        wait_until(lambda: read_text(accepted).isdigit() and int(read_text(accepted)) >= 6, 10, "six checks")
+        status = self.home.status("tcp")
+        self.assertEqual((status["pid"], status["health"], status["restarts"]), (pid, "healthy", 0))
 
 
 # ==== 9. surviving faults, end to end ===========================================
