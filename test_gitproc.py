@@ -4103,14 +4103,6 @@ class AutoRollbackTests(SupervisionCase):
         self.assertIn("never became healthy", back["rolled_back"]["why"])
 
 
-def children_pids(pid):
-    try:
-        with open("/proc/%d/task/%d/children" % (pid, pid)) as children:
-            return [int(child) for child in children.read().split()]
-    except OSError:
-        return []
-
-
 def nspid(pid):
     with open("/proc/%d/status" % pid) as status:
         for line in status:
@@ -4127,8 +4119,8 @@ class PrivatePidsTests(SupervisionCase):
         self.deploy({"ns.service": unit(sh("ls /proc | grep -c ^[0-9] > %s; exec /bin/sleep 1000" % count),
                                         PrivatePIDs="yes")})
         relay = self.watch(self.home.running_pid("ns"))
-        init = self.watch(wait_until(lambda: (children_pids(relay) or [None])[0], 5, "the namespace's init"))
-        service = self.watch(wait_until(lambda: (children_pids(init) or [None])[0], 5, "the service"))
+        init = self.watch(wait_until(lambda: (children_of(relay) or [None])[0], 5, "the namespace's init"))
+        service = self.watch(wait_until(lambda: (children_of(init) or [None])[0], 5, "the service"))
         wait_until(lambda: cmdline(service) == ["/bin/sleep", "1000"], 5, "the service to exec")
         self.assertEqual(len(nspid(relay)), 1)
         self.assertEqual(nspid(init)[1:], [1], "init is pid 1 in the new namespace")
@@ -4144,8 +4136,8 @@ class PrivatePidsTests(SupervisionCase):
     def test_a_service_killed_in_its_namespace_is_restarted(self):
         self.deploy({"ns.service": unit("/bin/sleep 1001", PrivatePIDs="yes", Restart="always", RestartSec="0")})
         relay = self.watch(self.home.running_pid("ns"))
-        init = self.watch(wait_until(lambda: (children_pids(relay) or [None])[0], 5, "the namespace's init"))
-        service = self.watch(wait_until(lambda: (children_pids(init) or [None])[0], 5, "the service"))
+        init = self.watch(wait_until(lambda: (children_of(relay) or [None])[0], 5, "the namespace's init"))
+        service = self.watch(wait_until(lambda: (children_of(init) or [None])[0], 5, "the service"))
         os.kill(service, signal.SIGKILL)
         self.watch(self.wait_new_pid("ns", relay)["pid"])
         self.assertGreaterEqual(self.home.status("ns")["restarts"], 1)
