@@ -3933,11 +3933,17 @@ class HealthCheckTests(DepsHealthCase):
 
 class KeepAliveTests(DepsHealthCase):
 
-    def test_checks_reuse_one_connection(self):
-        command, port, folder = self.server("web")
+    def checked_server(self, retries, *modes):
+        """Deploy `web`, an HTTP server in the given modes checked every 200 ms;
+        (its pid once running, the folder where it records connections)."""
+        command, port, folder = self.server("web", *modes)
         self.deploy({"web.service": unit_text(
-            "ExecStart=" + command, "HealthCheckURL=http://127.0.0.1:%d/" % port, "HealthCheckRetries=2", *FAST)})
-        pid = self.watch(self.home.running_pid("web", timeout=4))
+            "ExecStart=" + command, "HealthCheckURL=http://127.0.0.1:%d/" % port,
+            "HealthCheckRetries=%d" % retries, *FAST)})
+        return self.watch(self.home.running_pid("web", timeout=4)), folder
+
+    def test_checks_reuse_one_connection(self):
+        pid, folder = self.checked_server(2)
         wait_until(lambda: len(self.requests(folder)) >= 5, 4, "five checks")
         self.assertEqual(len(self.connections(folder, pid)), 1,
                          "checks opened %d connections" % len(self.connections(folder, pid)))
@@ -3945,10 +3951,7 @@ class KeepAliveTests(DepsHealthCase):
         self.assertEqual(self.home.status("web")["pid"], pid)
 
     def test_connection_close_is_honoured(self):
-        command, port, folder = self.server("web", "close")
-        self.deploy({"web.service": unit_text(
-            "ExecStart=" + command, "HealthCheckURL=http://127.0.0.1:%d/" % port, "HealthCheckRetries=1", *FAST)})
-        pid = self.watch(self.home.running_pid("web", timeout=4))
+        pid, folder = self.checked_server(1, "close")
         wait_until(lambda: len(self.requests(folder)) >= 4, 4, "four checks")
         self.assertGreaterEqual(len(set(self.connections(folder, pid))), 4, "one connection per check")
         self.assertFalse(daemon_log_lines(self.home, "web", "Health check failed"))
@@ -3960,26 +3963,19 @@ class KeepAliveTests(DepsHealthCase):
         # checks come every 200 ms. A client must notice the stale connection
         # (or retry once on a new one), not report the service as failing:
         # with HealthCheckRetries=1, a false failure restarts a healthy service.
-        command, port, folder = self.server("web", "idleclose")
-        self.deploy({"web.service": unit_text(
-            "ExecStart=" + command, "HealthCheckURL=http://127.0.0.1:%d/" % port, "HealthCheckRetries=1", *FAST)})
-        pid = self.watch(self.home.running_pid("web", timeout=4))
+        pid, folder = self.checked_server(1, "idleclose")
         wait_until(lambda: len(self.requests(folder)) >= 5, 4, "five checks")
         failures = daemon_log_lines(self.home, "web", "Health check failed")
         self.assertEqual(failures, [])
         service = self.home.status("web")
         self.assertEqual((service["pid"], service["restarts"]), (pid, 0))
 
-
     def test_http_1_0_server_that_closes_after_each_answer_is_healthy(self):
         # An HTTP/1.0 answer without "Connection: keep-alive" ends the
         # connection (RFC 7230 6.3), Content-Length or not. python3 -m
         # http.server answers just so. Reusing that connection makes every
         # other check fail.
-        command, port, folder = self.server("web", "http10")
-        self.deploy({"web.service": unit_text(
-            "ExecStart=" + command, "HealthCheckURL=http://127.0.0.1:%d/" % port, "HealthCheckRetries=1", *FAST)})
-        pid = self.watch(self.home.running_pid("web", timeout=4))
+        pid, folder = self.checked_server(1, "http10")
         wait_until(lambda: len(self.requests(folder)) >= 4, 4, "four checks")
         self.assertEqual(daemon_log_lines(self.home, "web", "Health check failed"), [])
         service = self.home.status("web")
