@@ -1641,10 +1641,22 @@ def should_restart(policy, last_exit, timed_out=False):
 
 def restart_delay(restart_sec, crash_streak):
     """RestartSec= doubled for each run in a row that died young, up to 30 s
-    (or RestartSec= itself, when that is longer)."""
+    (or RestartSec= itself, when that is longer). Any streak length: the
+    doubling is a float capped well before it could overflow."""
     if crash_streak <= 1:
         return restart_sec
-    return max(restart_sec, min(restart_sec * (2 ** (crash_streak - 1)), MAX_RESTART_DELAY))
+    doubled = restart_sec * 2.0 ** min(crash_streak - 1, 1000)
+    return max(restart_sec, min(doubled, MAX_RESTART_DELAY))
+
+
+def start_limit_hit(start_times, now, interval, burst):
+    """StartLimitIntervalSec=/StartLimitBurst=: (the starts still inside the
+    interval, whether one more start now would be one too many). interval 0
+    turns the limit off."""
+    if interval <= 0:
+        return [], False
+    recent = [t for t in start_times if now - t < interval]
+    return recent, len(recent) >= burst
 
 
 class RunAs:
@@ -2325,8 +2337,9 @@ class Service:
         now = time.monotonic()
         spec = self.spec
         if spec.start_limit_interval > 0:
-            self.start_times = [t for t in self.start_times if now - t < spec.start_limit_interval]
-            if len(self.start_times) >= spec.start_limit_burst:
+            self.start_times, hit = start_limit_hit(self.start_times, now, spec.start_limit_interval,
+                                                    spec.start_limit_burst)
+            if hit:
                 # BACKOFF/STOPPED -> FAILED: too many starts too fast
                 why = "start limit hit (%d starts within %s)%s" % (
                     len(self.start_times), format_timespan(spec.start_limit_interval),
