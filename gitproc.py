@@ -1079,19 +1079,45 @@ def _convert_env(key, raw, kind):
 
 
 # ==== 6. state store =========================================================
-# state.json: what must outlive the daemon. The store only loads, tracks the
-# dirty flag and writes atomically; the daemon builds the snapshot and decides
-# when a save is due (batched every few seconds, forced on user intents).
+# state.json: what must outlive the daemon. The store loads, tracks the dirty
+# flag, batches saves on the loop's timers (forced on user intents) and writes
+# atomically; the daemon gives it the snapshot to write.
 
 
 class StateStore:
     """Batched, atomic persistence of one JSON document."""
 
-    def __init__(self, path, log):
+    def __init__(self, path, log, call_later=None, snapshot=None):
         self.path = path
         self.log = log
+        self.call_later = call_later  # the loop's timers, for batched saves
+        self.snapshot = snapshot      # () -> the document to save
         self.dirty = False            # something changed since the last write
         self.last_save = 0.0          # monotonic time of the last successful write
+        self.save_timer = None
+
+    def mark_dirty(self):
+        """Batched save: at most one write per STATE_MIN_SAVE_INTERVAL, within
+        STATE_SAVE_CHECK_INTERVAL of the change; no timer at all while idle."""
+        self.dirty = True
+        if self.save_timer is None:
+            self.save_timer = self.call_later(STATE_SAVE_CHECK_INTERVAL, self._save_due)
+
+    def _save_due(self):
+        self.save_timer = None
+        if not self.dirty:
+            return
+        wait = self.last_save + STATE_MIN_SAVE_INTERVAL - time.monotonic()
+        if wait > 0:
+            self.save_timer = self.call_later(wait, self._save_due)
+            return
+        if not self.save(self.snapshot()):
+            self.mark_dirty()        # retry later (disk full, ...)
+
+    def save_now(self):
+        """Forced save, for user intents, deploys and shutdown."""
+        if not self.save(self.snapshot()):
+            self.mark_dirty()
 
     def load(self):
         """The saved state, or a fresh one. A corrupt file is moved aside with a
@@ -1599,6 +1625,247 @@ def dependency_order(specs):
             deps.difference_update(ready)
         order.extend(ready)
     return order
+
+
+def host_matches(conditions, hostname):
+    """ConditionHost= globs (a leading '!' negates); all must hold."""
+    import fnmatch
+    for condition in conditions:
+        negate = condition.startswith("!")
+        pattern = condition[1:] if negate else condition
+        if fnmatch.fnmatch(hostname, pattern) == negate:
+            return False
+    return True
+
+
+class DeployPlan:
+    """What deploying a commit changes, or changed: the one shape of every
+    deploy, `sync`, `diff` and `rollback`. Unit names in sorted lists;
+    `changes` names the changed keys of each changed unit; `drift` the units
+    AutoRollback= keeps at an earlier version; `specs` what is to run, with
+    `origin` naming the commit of a unit kept at an earlier version. A plan
+    that could not be made has only `error`; `notes` are added to the reply."""
+
+    LISTS = ("added", "changed", "removed", "unchanged")
+
+    def __init__(self, commit=None, previous=None, noop=False, error=None):
+        self.commit = commit              # Commit planned for
+        self.previous = previous          # sha deployed before it, or None
+        self.noop = noop                  # already deployed: nothing to do
+        self.error = error                # why no plan could be made
+        self.added, self.changed, self.removed, self.unchanged = [], [], [], []
+        self.changes = {}                 # name -> ["Key=", ...]
+        self.drift = {}                   # name -> why it runs an earlier version
+        self.invalid = []                 # "file:line: error: message" of units not deployed
+        self.skipped = {}                 # name -> why it does not run on this host
+        self.specs = {}                   # name -> UnitSpec to run
+        self.problems = []                # every Diagnostic of the commit
+        self.origin = {}                  # name -> commit of an earlier version kept
+        self.in_tree = set()              # names of every unit file in the commit
+        self.notes = {}                   # extra reply fields (rollback, pin)
+
+    @classmethod
+    def failed(cls, message):
+        return cls(error=message)
+
+    def to_json(self):
+        if self.error:
+            return {"error": self.error}
+        reply = {"commit": self.commit.to_json(), "previous": self.previous, "noop": self.noop,
+                 "changes": self.changes, "drift": self.drift, "invalid": self.invalid, "skipped": self.skipped}
+        reply.update({key: getattr(self, key) for key in self.LISTS})
+        reply.update(self.notes)
+        return reply
+
+
+class History:
+    """The deployments, newest last, at most HISTORY_LIMIT: the one writer of
+    history entries (deploys, errors, rollbacks)."""
+
+    def __init__(self, entries=()):
+        self.entries = [entry for entry in entries if isinstance(entry, dict)][-HISTORY_LIMIT:]
+
+    def record(self, trigger, outcome, commit=None, subject=None, added=(), changed=(), removed=(),
+               invalid=(), **extra):
+        entry = {"time": time.time(), "commit": commit, "subject": subject, "trigger": trigger,
+                 "outcome": outcome, "added": list(added), "changed": list(changed),
+                 "removed": list(removed), "invalid": list(invalid)}
+        entry.update(extra)
+        self.entries.append(entry)
+        del self.entries[:-HISTORY_LIMIT]
+
+    def last(self, count):
+        return self.entries[-count:] if count else []
+
+
+class SourceWatcher:
+    """Notices new commits. Local mode: a RefWatcher on the branch (inotify,
+    else stat; no git while nothing changes). Remote mode: `git fetch` as a
+    watched child of the loop, never waited for. Both: the adaptive safety
+    poll of PERFORMANCE-GUIDE.md. What it finds goes to deployer.deploy_head."""
+
+    def __init__(self, config, log, selector, call_later, exit_watcher, deployer):
+        self.config, self.log = config, log
+        self.selector, self.call_later = selector, call_later
+        self.exit_watcher = exit_watcher
+        self.deployer = deployer
+        self.ref_watcher = None           # RefWatcher of the branch (local mode)
+        self.git_dir = None               # where the branch's ref files are
+        self.poll_timer = None
+        self.poll_delay = config.poll_interval
+        self.quiet_polls = 0              # polls in a row that found nothing new
+        self.polled_count = 0             # deployer.deploy_count when the poll last adapted
+        self.fetch_pid = None             # git fetch running (remote mode)
+        self.fetch_output = None          # memfd with its output
+        self.fetch_timer = None
+        self.fetch_waiters = []           # finish(error) callbacks for the running fetch
+        self.next_fetch_waiters = []      # ... for the fetch after it
+        self.fetch_deploys = False        # the running fetch deploys what it fetched
+        self.next_fetch_deploys = False
+        self.last_fetch = None
+
+    @property
+    def mode(self):
+        return self.ref_watcher.mode if self.ref_watcher else None
+
+    def start(self):
+        """Local mode: watch the branch. Remote mode: a fetch now. Both: the poll."""
+        if self.config.remote:
+            self.start_fetch()
+        else:
+            try:
+                self.git_dir = git_common_dir(self.config.repo_path)
+            except GitError as exc:
+                self.log.warning("daemon", "Cannot watch the repository (%s); polling it with git" % exc)
+            else:
+                self.ref_watcher = RefWatcher(self.git_dir, "refs/heads/" + self.config.branch, self.selector,
+                                              self.call_later, lambda: self.check_branch("commit"))
+                self.log.info("daemon", "Watching %s for new commits (%s)" % (
+                    os.path.join(self.git_dir, "refs/heads", self.config.branch), self.ref_watcher.start()))
+                self.check_branch("commit")  # a commit that landed before the watch began
+        self.poll_timer = self.call_later(self.poll_delay, self._poll_due)
+
+    def close(self):
+        self.kill_fetch()
+        if self.ref_watcher is not None:
+            self.ref_watcher.close()
+
+    def _poll_due(self):
+        """The performance guide's adaptive poll: every poll_interval, stretched to
+        max_poll_interval after 3 quiet checks, back at once on a change."""
+        try:
+            if self.config.remote:
+                self.start_fetch()            # _fetch_finished adapts the delay
+            else:
+                self.check_branch("poll")
+                self._adapt_poll(self.deployer.deploy_count > self.polled_count)
+        finally:                              # whatever happened, the safety net stays
+            self.poll_timer = self.call_later(self.poll_delay, self._poll_due)
+
+    def check_branch(self, trigger):
+        """Deploy if the branch's ref differs from the deployed commit, or the last
+        deploy failed (retried at each poll). Reads ref files only: no git while
+        nothing changed and nothing is broken."""
+        deployer = self.deployer
+        value = read_ref_file(self.git_dir, "refs/heads/" + self.config.branch) if self.git_dir else None
+        failed = bool(deployer.last_sync and deployer.last_sync.get("error"))
+        if value is None or failed or value != (deployer.deployed.sha if deployer.deployed else ""):
+            deployer.deploy_head(trigger)
+
+    def _adapt_poll(self, changed):
+        self.polled_count = self.deployer.deploy_count
+        if changed:
+            self.quiet_polls, self.poll_delay = 0, self.config.poll_interval
+        else:
+            self.quiet_polls += 1
+            if self.quiet_polls >= 3:
+                self.poll_delay = self.config.max_poll_interval
+
+    def fetched_yet(self):
+        try:
+            return bool(read_ref_file(git_common_dir(self.config.repo_path), REMOTE_REF % self.config.branch))
+        except GitError:
+            return False
+
+    def start_fetch(self, deploy=True):
+        """`git fetch` of remote/branch into a private ref, as a child of the loop:
+        its exit is watched like a service's, so supervision never waits for it.
+        With deploy=False (for `diff`) the fetched commit waits for the next
+        poll or `sync` to be deployed."""
+        self.fetch_deploys = self.fetch_deploys or deploy
+        if self.fetch_pid is not None:
+            return
+        git = find_program("git", os.environ.get("PATH"))
+        argv = ["git", "-C", self.config.repo_path, "fetch", "--quiet", "--no-tags", self.config.remote,
+                "+refs/heads/%s:%s" % (self.config.branch, REMOTE_REF % self.config.branch)]
+        output = os.memfd_create("gitproc-fetch", os.MFD_CLOEXEC)
+        try:
+            if git is None:
+                raise OSError(errno.ENOENT, "git not found on PATH")
+            # In a process group of its own, so that a timeout or a shutdown
+            # also ends what git started (ssh, credential helpers).
+            pid = os.posix_spawn(git, argv, git_environment(), file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_DUP2, output, 1), (os.POSIX_SPAWN_DUP2, output, 2)],
+                setpgroup=0, setsigdef=(signal.SIGPIPE,))
+        except OSError as exc:
+            os.close(output)
+            self._fetch_finished("cannot run git fetch: %s" % (exc.strerror or exc))
+            return
+        self.fetch_pid, self.fetch_output = pid, output
+        self.fetch_timer = self.call_later(FETCH_TIMEOUT, self.kill_fetch)
+        self.exit_watcher.watch(pid, self._on_fetch_exit)
+
+    def kill_fetch(self):
+        if self.fetch_pid is not None:
+            try:
+                os.killpg(self.fetch_pid, signal.SIGKILL)   # still our unreaped child: safe
+            except OSError:
+                pass
+
+    def _on_fetch_exit(self, exit_info):
+        self.fetch_timer.cancel()
+        text = os.pread(self.fetch_output, 4096, 0).decode("utf-8", "replace").strip()
+        os.close(self.fetch_output)
+        self.fetch_pid = self.fetch_output = None
+        error = None
+        if exit_info != {"code": 0}:
+            lines = text.splitlines()
+            complaints = [line for line in lines if line.startswith(("fatal:", "error:"))]
+            detail = (complaints or lines or [describe_exit(exit_info)])[0]
+            if exit_info == {"signal": signal.SIGKILL}:
+                detail = "timed out after %ds" % FETCH_TIMEOUT
+            error = "git fetch %s %s failed: %s" % (self.config.remote, self.config.branch, detail)
+        self._fetch_finished(error)
+
+    def _fetch_finished(self, error):
+        """Deploy what was fetched (or report why not), then answer sync/diff
+        requests that waited for this fetch."""
+        self.last_fetch = {"time": time.time(), "result": "error" if error else "ok", "error": error}
+        before = self.deployer.deploy_count
+        if error:
+            self.deployer.record_error("fetch", error)
+        elif self.fetch_deploys:
+            self.deployer.release_outdated_pin()
+            self.deployer.deploy_head("fetch")
+        self.fetch_deploys = False
+        self._adapt_poll(self.deployer.deploy_count > before)
+        waiting, self.fetch_waiters = self.fetch_waiters, []
+        for finish in waiting:
+            finish(error)
+        if self.next_fetch_waiters:
+            self.fetch_waiters, self.next_fetch_waiters = self.next_fetch_waiters, []
+            deploy, self.next_fetch_deploys = self.next_fetch_deploys, False
+            self.start_fetch(deploy)
+
+    def after_fetch(self, finish, deploy):
+        """Run finish(error) once a fetch that starts from now on has completed."""
+        if self.fetch_pid is None:
+            self.fetch_waiters.append(finish)
+            self.start_fetch(deploy)
+        else:
+            self.next_fetch_waiters.append(finish)
+            self.next_fetch_deploys = self.next_fetch_deploys or deploy
 
 
 # ==== 8. process supervision =================================================
@@ -2201,24 +2468,195 @@ class ExitWatcher:
             callback(exit_info)
 
 
-class Service:
-    """One unit: its spec, the user's intent (`want`) and what is observed of its
-    process. Only the daemon's loop calls these methods; each state change goes
-    through _set_state, which tells the daemon."""
+# ---- the state table ----------------------------------------------------------
+# A service is always in one phase; `status` shows the phase's SPEC §4 state
+# (PUBLIC_STATE) and names the phase in its detail. Events come from the
+# user and deploys (START, STOP, RESTART), from the world (EXIT, HEALTHY,
+# UNHEALTHY, DEPENDENCIES) and from timers (RESTART_DUE, STOP_TIMEOUT).
+# TRANSITIONS maps (phase, event) to (the phases it may lead to, the action):
+# every pair is written out, "nothing happens" (IGNORE) included, so the
+# table is the documentation. A pair that is not in it is a bug: handle()
+# logs and refuses it. Readiness from notify/forking and `reloading` are
+# more phases of this table.
 
-    def __init__(self, daemon, spec, commit):
-        self.daemon = daemon
+WAITING = "waiting"              # starting: held until its After=/Requires= units are ready
+START_PRE = "start-pre"          # starting: an ExecStartPre= command runs
+START = "start"                  # starting: the main process runs, not ready yet (health check; a oneshot)
+STOP_RESTART = "stop-restart"    # stopping, to start again
+PUBLIC_STATE = {STOPPED: STOPPED, EXITED: EXITED, FAILED: FAILED, BACKOFF: BACKOFF,
+                WAITING: STARTING, START_PRE: STARTING, START: STARTING, RUNNING: RUNNING,
+                STOPPING: STOPPING, STOP_RESTART: STOPPING}
+PHASE_TEXT = {WAITING: "waiting for dependencies", START_PRE: "running ExecStartPre=",
+              START: "waiting for readiness", STOP_RESTART: "stopping to restart"}
+
+EV_START, EV_STOP, EV_RESTART = "start", "stop", "restart"
+EV_DEPENDENCIES = "dependencies"  # what a WAITING service waits for changed
+EV_EXIT = "exit"                  # the watched process ended (exit_info: None if unknown)
+EV_HEALTHY, EV_UNHEALTHY = "healthy", "unhealthy"   # the probe's verdict changed
+EV_RESTART_DUE = "restart-due"    # the RestartSec= timer of BACKOFF
+EV_STOP_TIMEOUT = "stop-timeout"  # TimeoutStopSec= passed while stopping
+EV_ADOPT = "adopt"                # a live process an earlier daemon started
+EVENTS = (EV_START, EV_STOP, EV_RESTART, EV_DEPENDENCIES, EV_EXIT, EV_HEALTHY, EV_UNHEALTHY,
+          EV_RESTART_DUE, EV_STOP_TIMEOUT, EV_ADOPT)
+IGNORE = "ignore"
+
+# Where beginning a start can end: held for dependencies, a first process up
+# (pre, main not ready, main ready), or no process at all (a spawn failure
+# retried or given up, the start limit, a failed dependency, shutdown).
+_STARTED = (WAITING, START_PRE, START, RUNNING, BACKOFF, FAILED, STOPPED)
+
+TRANSITIONS = {
+    # stopped: no process; by the user, a failed dependency, or never started
+    (STOPPED, EV_START): (_STARTED, "begin_start"),
+    (STOPPED, EV_STOP): ((STOPPED,), "settle_stopped"),
+    (STOPPED, EV_RESTART): (_STARTED, "begin_start"),
+    (STOPPED, EV_DEPENDENCIES): ((STOPPED,), IGNORE),
+    (STOPPED, EV_EXIT): ((STOPPED,), IGNORE),
+    (STOPPED, EV_HEALTHY): ((STOPPED,), IGNORE),
+    (STOPPED, EV_UNHEALTHY): ((STOPPED,), IGNORE),
+    (STOPPED, EV_RESTART_DUE): ((STOPPED,), IGNORE),
+    (STOPPED, EV_STOP_TIMEOUT): ((STOPPED,), IGNORE),
+    (STOPPED, EV_ADOPT): ((RUNNING, START), "adopt"),
+    # exited: finished and not restarting
+    (EXITED, EV_START): (_STARTED, "begin_start"),
+    (EXITED, EV_STOP): ((STOPPED,), "settle_stopped"),
+    (EXITED, EV_RESTART): (_STARTED, "begin_start"),
+    (EXITED, EV_DEPENDENCIES): ((EXITED,), IGNORE),
+    (EXITED, EV_EXIT): ((EXITED,), IGNORE),
+    (EXITED, EV_HEALTHY): ((EXITED,), IGNORE),
+    (EXITED, EV_UNHEALTHY): ((EXITED,), IGNORE),
+    (EXITED, EV_RESTART_DUE): ((EXITED,), IGNORE),
+    (EXITED, EV_STOP_TIMEOUT): ((EXITED,), IGNORE),
+    # failed: start limit, spawn error, failed ExecStartPre= or oneshot
+    (FAILED, EV_START): (_STARTED, "begin_start"),
+    (FAILED, EV_STOP): ((STOPPED,), "settle_stopped"),
+    (FAILED, EV_RESTART): (_STARTED, "begin_start"),
+    (FAILED, EV_DEPENDENCIES): ((FAILED,), IGNORE),
+    (FAILED, EV_EXIT): ((FAILED,), IGNORE),
+    (FAILED, EV_HEALTHY): ((FAILED,), IGNORE),
+    (FAILED, EV_UNHEALTHY): ((FAILED,), IGNORE),
+    (FAILED, EV_RESTART_DUE): ((FAILED,), IGNORE),
+    (FAILED, EV_STOP_TIMEOUT): ((FAILED,), IGNORE),
+    # backoff: waiting RestartSec= (backing off) before the next start
+    (BACKOFF, EV_START): (_STARTED, "begin_start"),
+    (BACKOFF, EV_STOP): ((STOPPED,), "settle_stopped"),
+    (BACKOFF, EV_RESTART): (_STARTED, "begin_start"),
+    (BACKOFF, EV_DEPENDENCIES): ((BACKOFF,), IGNORE),
+    (BACKOFF, EV_EXIT): ((BACKOFF,), IGNORE),
+    (BACKOFF, EV_HEALTHY): ((BACKOFF,), IGNORE),
+    (BACKOFF, EV_UNHEALTHY): ((BACKOFF,), IGNORE),
+    (BACKOFF, EV_RESTART_DUE): (_STARTED, "begin_start"),
+    (BACKOFF, EV_STOP_TIMEOUT): ((BACKOFF,), IGNORE),
+    # waiting: no process yet; starts once its dependencies are ready
+    (WAITING, EV_START): ((WAITING,), IGNORE),
+    (WAITING, EV_STOP): ((STOPPED,), "settle_stopped"),
+    (WAITING, EV_RESTART): ((WAITING,), IGNORE),
+    (WAITING, EV_DEPENDENCIES): (_STARTED, "begin_start"),
+    (WAITING, EV_EXIT): ((WAITING,), IGNORE),
+    (WAITING, EV_HEALTHY): ((WAITING,), IGNORE),
+    (WAITING, EV_UNHEALTHY): ((WAITING,), IGNORE),
+    (WAITING, EV_RESTART_DUE): ((WAITING,), IGNORE),
+    (WAITING, EV_STOP_TIMEOUT): ((WAITING,), IGNORE),
+    # start-pre: an ExecStartPre= command runs
+    (START_PRE, EV_START): ((START_PRE,), IGNORE),
+    (START_PRE, EV_STOP): ((STOPPING,), "begin_stop"),
+    (START_PRE, EV_RESTART): ((STOP_RESTART,), "begin_restart"),
+    (START_PRE, EV_DEPENDENCIES): ((START_PRE,), IGNORE),
+    (START_PRE, EV_EXIT): ((START_PRE, START, RUNNING, BACKOFF, FAILED), "process_exited"),
+    (START_PRE, EV_HEALTHY): ((START_PRE,), IGNORE),
+    (START_PRE, EV_UNHEALTHY): ((START_PRE,), IGNORE),
+    (START_PRE, EV_RESTART_DUE): ((START_PRE,), IGNORE),
+    (START_PRE, EV_STOP_TIMEOUT): ((START_PRE,), IGNORE),
+    # start: the main process runs; ready after its health check passes (a
+    # oneshot: once its last command exited 0)
+    (START, EV_START): ((START,), IGNORE),
+    (START, EV_STOP): ((STOPPING,), "begin_stop"),
+    (START, EV_RESTART): ((STOP_RESTART,), "begin_restart"),
+    (START, EV_DEPENDENCIES): ((START,), IGNORE),
+    (START, EV_EXIT): ((START, BACKOFF, EXITED, FAILED), "process_exited"),
+    (START, EV_HEALTHY): ((RUNNING,), "ready"),
+    (START, EV_UNHEALTHY): ((STOP_RESTART,), "restart_unhealthy"),
+    (START, EV_RESTART_DUE): ((START,), IGNORE),
+    (START, EV_STOP_TIMEOUT): ((START,), IGNORE),
+    # running: the main process runs and is ready
+    (RUNNING, EV_START): ((RUNNING,), IGNORE),
+    (RUNNING, EV_STOP): ((STOPPING,), "begin_stop"),
+    (RUNNING, EV_RESTART): ((STOP_RESTART,), "begin_restart"),
+    (RUNNING, EV_DEPENDENCIES): ((RUNNING,), IGNORE),
+    (RUNNING, EV_EXIT): ((BACKOFF, EXITED), "process_exited"),
+    (RUNNING, EV_HEALTHY): ((RUNNING,), "note_healthy"),
+    (RUNNING, EV_UNHEALTHY): ((STOP_RESTART,), "restart_unhealthy"),
+    (RUNNING, EV_RESTART_DUE): ((RUNNING,), IGNORE),
+    (RUNNING, EV_STOP_TIMEOUT): ((RUNNING,), IGNORE),
+    # stopping: KillSignal= sent, SIGKILL after TimeoutStopSec=
+    (STOPPING, EV_START): ((STOP_RESTART,), "restart_after_stop"),
+    (STOPPING, EV_STOP): ((STOPPING,), IGNORE),
+    (STOPPING, EV_RESTART): ((STOP_RESTART,), "restart_after_stop"),
+    (STOPPING, EV_DEPENDENCIES): ((STOPPING,), IGNORE),
+    (STOPPING, EV_EXIT): ((STOPPED,), "stopped"),
+    (STOPPING, EV_HEALTHY): ((STOPPING,), IGNORE),
+    (STOPPING, EV_UNHEALTHY): ((STOPPING,), IGNORE),
+    (STOPPING, EV_RESTART_DUE): ((STOPPING,), IGNORE),
+    (STOPPING, EV_STOP_TIMEOUT): ((STOPPING,), "kill_hard"),
+    # stop-restart: stopping, then starting again
+    (STOP_RESTART, EV_START): ((STOP_RESTART,), IGNORE),
+    (STOP_RESTART, EV_STOP): ((STOPPING,), "cancel_restart"),
+    (STOP_RESTART, EV_RESTART): ((STOP_RESTART,), IGNORE),
+    (STOP_RESTART, EV_DEPENDENCIES): ((STOP_RESTART,), IGNORE),
+    (STOP_RESTART, EV_EXIT): (_STARTED, "start_after_exit"),
+    (STOP_RESTART, EV_HEALTHY): ((STOP_RESTART,), IGNORE),
+    (STOP_RESTART, EV_UNHEALTHY): ((STOP_RESTART,), IGNORE),
+    (STOP_RESTART, EV_RESTART_DUE): ((STOP_RESTART,), IGNORE),
+    (STOP_RESTART, EV_STOP_TIMEOUT): ((STOP_RESTART,), "kill_hard"),
+}
+# Adoption happens only to a Service just made (STOPPED): an EV_ADOPT in any
+# other phase is a bug, refused by handle() like any pair not in the table.
+
+
+class ServiceHost:
+    """The seam between a Service and the world: all a Service may ask of it.
+    The daemon's DaemonHost is the real one (processes, cgroups, the loop's
+    timers); the tests' FakeHost records what is asked and runs a clock by
+    hand. Every call comes from the loop's one thread.
+
+    log                      .debug/.info/.warning/.error(name, message)
+    shutting_down            True once the daemon began to shut down
+    now()                    monotonic seconds (durations, the start limit)
+    call_later(delay, fn)    a timer with .cancel()
+    spawn(service, command, on_exit)   start a process of it: its pid, or SpawnError
+    watch(service, pid, on_exit)       watch an adopted process
+    signal(service, number, first)     deliver a stop signal as KillMode= says
+    reap_leftovers(service, pid, own_child, everything=False)  the main process
+                             ended: end the rest, as KillMode= says (or all of it)
+    describe_exit(service, exit_info)  'exit code 1', or the OOM killer's doing
+    released(service)        no process of it is left (its cgroups may go)
+    open_probe(service, on_verdict)    its health check: .status .failures .last_error .close()
+    dependency_state(service)          ("ready"|"waiting"|"failed", why)
+    auto_rollback(service, why)        (spec, commit) to run instead, or None
+    changed(service)         its state or reason changed
+    deploy_note(service)     ', commit abc1234' for the log, or ''
+    """
+
+
+class Service:
+    """One unit: its spec, the user's intent (`want`) and what is observed of
+    its process. Events go through handle(), which looks up TRANSITIONS, runs
+    the action and sets the phase: nothing else assigns it. `want` is written
+    only by start()/stop()/restart() (user requests, deploys) and by state
+    restore; supervision reads it."""
+
+    def __init__(self, host, spec, commit):
+        self.host = host
         self.name = spec.name
         self.spec = spec                # the UnitSpec being run (or to run)
         self.commit = commit            # sha of the commit the spec came from
         self.want = "up"                # the user's intent: "up" or "down" (persisted)
-        self.state = STOPPED
+        self.phase = STOPPED            # the table's state (see PUBLIC_STATE)
         self.since = time.time()        # wall time of the last state change (display only)
         self.reason = None              # why it is stopped/failed/exited, for status
         self.pid = None                 # pid of the current process (pre command or main)
         self.pid_start = None           # /proc start time of that pid, against pid reuse
         self.adopted = False            # pid was started by an earlier daemon
-        self.phase = None               # "pre" or "main" while a process runs
         self.queue = []                 # ExecCommands left to run in this start
         self.current = None             # the ExecCommand being run
         self.started_at = None          # monotonic start of the current process
@@ -2229,25 +2667,28 @@ class Service:
         self.crash_streak = 0           # runs in a row that died young (backoff)
         self.timer = None               # pending restart or stop-escalation timer
         self.stop_timed_out = False     # the current stop needed SIGKILL
-        self.start_after_stop = False   # a restart waits for the stop to finish
         self.generation = 0             # counts starts, so a restart waiter sees a new run
         self.removed = False            # gone from the deployed commit; dropped once stopped
-        self.waiting = False            # STARTING, held back until its dependencies are ready
         self.succeeded = False          # the last run ended well (a '-' failure counts as success)
         self.health_note = None         # (verdict, error) of the probe closed last
-        self.probe = None               # HealthProbe of the running main process
-        self.cgroup = None              # CgroupSet of the current process
-        self.cgroup_timer = None        # removal of the cgroups of a stopped service
+        self.probe = None               # health probe of the running main process
+        self.cgroup = None              # CgroupSet of the current process (the host's)
+        self.cgroup_timer = None        # removal of the cgroups of a stopped service (the host's)
         self.previous = None            # (spec, commit) a deploy replaced, kept for AutoRollback=
         self.rejected = None            # fingerprint of a version AutoRollback= took back
         self.rolled_back = None         # {"from", "to", "why", "time"} of that rollback
 
     # -- queries ---------------------------------------------------------------
 
+    @property
+    def state(self):
+        """The SPEC §4 state users see."""
+        return PUBLIC_STATE[self.phase]
+
     def is_ready(self):
         """Running (with a health check: it passed once), or a oneshot that
         finished successfully. What dependents wait for."""
-        return self.state == RUNNING or (self.state == EXITED and self.spec.type == "oneshot" and self.succeeded)
+        return self.phase == RUNNING or (self.phase == EXITED and self.spec.type == "oneshot" and self.succeeded)
 
     def health(self):
         """(verdict, last error) of the health check: the probe's, or while the
@@ -2256,11 +2697,11 @@ class Service:
             return None, None
         if self.probe:
             return self.probe.status, self.probe.last_error
-        return self.health_note if self.health_note and self.state != RUNNING else (None, None)
+        return self.health_note if self.health_note and self.phase != RUNNING else (None, None)
 
     def snapshot(self, detail=False):
         now = time.time()
-        running = self.state in (RUNNING, STARTING, STOPPING) and self.pid
+        running = self.state in ACTIVE_STATES and self.pid
         data = {
             "name": self.name, "state": self.state, "pid": self.pid if running else None,
             "since": self.since, "uptime": (now - self.main_started_wall) if running and self.main_started_wall else None,
@@ -2274,7 +2715,7 @@ class Service:
             data.update(description=self.spec.description, path=self.spec.path,
                         cpu_seconds=process_cpu_seconds(self.pid) if running else None,
                         type=self.spec.type, restart=self.spec.restart, adopted=self.adopted,
-                        limits=self._limits())
+                        limits=self._limits(), phase=PHASE_TEXT.get(self.phase))
         return data
 
     def _limits(self):
@@ -2288,299 +2729,322 @@ class Service:
 
     def persistent(self):
         """What state.json keeps of this service."""
-        return {"want": self.want, "pid": self.pid if self.state in ACTIVE_STATES else None,
-                "pid_start": self.pid_start if self.state in ACTIVE_STATES else None,
+        active = self.state in ACTIVE_STATES
+        return {"want": self.want, "pid": self.pid if active else None,
+                "pid_start": self.pid_start if active else None,
                 "restarts": self.restarts, "last_exit": self.last_exit,
                 "state": self.state, "reason": self.reason, "commit": self.commit,
                 "blob": self.spec.blob, "started_wall": self.main_started_wall}
 
-    # -- transitions -------------------------------------------------------------
-
-    def _set_state(self, state, reason=None):
-        if state != self.state or reason != self.reason:
-            if state != self.state:
-                self.since = time.time()
-            self.state, self.reason = state, reason
-            self.daemon.service_changed(self)
+    # -- requests: the writers of `want` ------------------------------------------
 
     def start(self, manual=False):
         """want=up and start unless a process already runs. A manual start clears
         the start limit and the backoff (systemctl reset-failed + start)."""
         self.want = "up"
         if manual:
-            self.start_times.clear()
-            self.crash_streak = 0
+            self._reset_limits()
             self.restarts = 0
-        if self.state == STOPPING:
-            self.start_after_stop = True        # STOPPING -> (stopped) -> STARTING
-            return
-        if self.state in (STARTING, RUNNING):
-            return
-        self._cancel_timer()
-        self._begin_start()
+        self.handle(EV_START)
 
-    def _begin_start(self):
-        if self.daemon.shutting_down:
-            return
-        blocked, why = self.daemon.dependency_state(self)
-        if blocked == "waiting":
-            # -> STARTING (no process yet): waits for its dependencies
-            self.waiting = True
-            self._set_state(STARTING, why)
-            return
-        self.waiting = False
-        if blocked == "failed":
-            # -> STOPPED: a dependency failed or is not there; want stays up
-            self.daemon.log.warning(self.name, "Not started: %s" % why)
-            self._set_state(STOPPED, why)
-            return
-        now = time.monotonic()
-        spec = self.spec
-        if spec.start_limit_interval > 0:
-            self.start_times, hit = start_limit_hit(self.start_times, now, spec.start_limit_interval,
-                                                    spec.start_limit_burst)
-            if hit:
-                # BACKOFF/STOPPED -> FAILED: too many starts too fast
-                why = "start limit hit (%d starts within %s)%s" % (
-                    len(self.start_times), format_timespan(spec.start_limit_interval),
-                    "; last: %s" % self.reason if self.reason else "")
-                if self.daemon.auto_rollback(self, why):
-                    return
-                self.daemon.log.warning(self.name, "Start limit hit: %s; giving up until 'start %s'" % (
-                    why[len("start limit hit "):], self.name))
-                self._set_state(FAILED, why)
-                return
-            self.start_times.append(now)
-        self.queue = list(spec.exec_start_pre) + list(spec.exec_start)
-        self.generation += 1
-        self._run_next()
+    def stop(self, reason="stopped by user"):
+        """want=down: end the process and never restart until start()."""
+        self.want = "down"
+        self.handle(EV_STOP, reason=reason)
 
-    def _run_next(self):
-        command = self.queue.pop(0)
-        self.phase = "main" if command in self.spec.exec_start else "pre"
-        self.current = command
-        try:
-            pid = self.daemon.spawn_command(self, command)
-        except SpawnError as exc:
-            if command.ignore_failure and self.queue:
-                # STARTING -> STARTING: a '-' command may fail, even to exist (systemd)
-                self.daemon.log.warning(self.name, "Ignoring failed %s command: %s" % (self.phase, exc))
-                self._run_next()
-                return
-            # The command could not be started at all: systemd's exit 203/EXEC.
-            self.pid = self.current = None
-            self._finish_run(None, {"code": 203}, "spawn failed: %s" % exc, failed=True)
-            return
-        self.pid, self.pid_start, self.adopted = pid, pid_start_time(pid), False
-        self.started_at = time.monotonic()
-        if self.phase == "main" and self.main_started_wall is None:
-            self.main_started_wall = time.time()
-        self.daemon.exit_watcher.watch(pid, self._on_exit)
-        if self.phase == "main" and self.spec.type != "oneshot" and self.spec.health_check_url:
-            # STARTING -> STARTING: running, not ready before its health check passes
-            self.daemon.log.info(self.name, "Started (pid %d), waiting for its health check" % pid)
-            self.probe = HealthProbe(self.daemon, self)
-            self._set_state(STARTING, "waiting for the health check")
-        elif self.phase == "main" and self.spec.type != "oneshot":
-            # STARTING -> RUNNING: exec succeeded (the spawner confirmed it)
-            self.daemon.log.info(self.name, "Started (pid %d)" % pid)
-            self._set_state(RUNNING)
-        else:
-            self.daemon.log.debug(self.name, "Running %s command (pid %d): %s" % (self.phase, pid, command))
-            self._set_state(STARTING)
+    def restart(self, reason="restarting"):
+        """Stop (if running) then start, as one request; clears the start limit."""
+        self.want = "up"
+        self._reset_limits()
+        if self.phase not in (START_PRE, START, RUNNING):
+            self.restarts = 0             # not running: a manual start
+        self.handle(EV_RESTART, reason=reason)
 
-    def health_changed(self):
-        """The probe's verdict changed: healthy makes a starting service ready,
-        unhealthy (retries used up) restarts it."""
-        if self.probe.status == "healthy":
-            self.daemon.log.info(self.name, "Healthy")
-            if self.state == STARTING and self.phase == "main":
-                # STARTING -> RUNNING: the health check passed
-                self._set_state(RUNNING)
-            else:
-                self.daemon.changed = True
-        elif self.probe.status == "unhealthy" and self.state in (STARTING, RUNNING) and self.pid:
-            # RUNNING -> STOPPING -> STARTING: restarted as Restart= would after a failure
-            why = "health check failed %d times: %s" % (self.probe.failures, self.probe.last_error)
-            if self.state == STARTING and self.daemon.auto_rollback(self, "never became healthy: " + why):
-                return
-            self.restarts += 1
-            self.daemon.log.warning(self.name, "Restarting: %s" % why)
-            self.stop(reason=why)
-            self.want = "up"
-            self.start_after_stop = True
+    def halt(self, reason):
+        """Stop without it being the user's intent (shutdown, Requires=, a
+        removed unit): `want` stays as it was."""
+        self.handle(EV_STOP, reason=reason)
 
     def adopt(self, pid, pid_start, started_wall):
         """Watch a process an earlier daemon started (same pid and start time)."""
-        self.pid, self.pid_start, self.adopted = pid, pid_start, True
-        self.phase = "main"
-        self.current = self.spec.exec_start[-1] if self.spec.exec_start else None
-        self.started_at = time.monotonic()
-        self.main_started_wall = started_wall or time.time()
-        self.daemon.exit_watcher.watch(pid, self._on_exit, child=False)
-        self.daemon.log.info(self.name, "Adopted running process (pid %d)" % pid)
-        if self.daemon.cgroups is not None:
-            self.cgroup = self.daemon.cgroups.prepare(self.name, self.spec)   # the earlier daemon's groups
-        if self.spec.health_check_url:
-            self.probe = HealthProbe(self.daemon, self)
-        self._set_state(RUNNING if self.spec.type != "oneshot" else STARTING)
+        self.handle(EV_ADOPT, pid=pid, pid_start=pid_start, started_wall=started_wall)
 
-    def stop(self, reason="stopped by user"):
-        """want=down: end the process (KillSignal, then SIGKILL after
-        TimeoutStopSec) and never restart until start()."""
-        self.want = "down"
-        self.start_after_stop = False
-        self.waiting = False
+    # -- the one place phases change -------------------------------------------------
+
+    def handle(self, event, **facts):
+        """Apply one event: look up (phase, event), run its action, enter the
+        phase it chose. A pair missing from the table is refused and logged.
+        An exception inside an action leaves no half-changed service: it is
+        logged with its traceback, what is left of the process is killed and
+        the service is FAILED, so supervision never disagrees with reality."""
+        entry = TRANSITIONS.get((self.phase, event))
+        if entry is None:
+            self.host.log.error(self.name, "Refused event %r in phase %r: not in the state table" % (event, self.phase))
+            return False
+        allowed, action = entry
+        if action == IGNORE:
+            return True
+        try:
+            phase, reason = getattr(self, "_" + action)(**facts)
+            if phase not in allowed:
+                raise RuntimeError("%s led to %r, which the table does not allow (%s)" % (
+                    action, phase, ", ".join(allowed)))
+        except Exception as exc:
+            import traceback
+            self.host.log.error(self.name, "Internal error in %s on %s: %s" % (
+                action, event, traceback.format_exc().strip().replace("\n", " | ")))
+            self._fail_safe("internal error in %s: %s" % (action, exc))
+            return False
+        self._enter(phase, reason)
+        return True
+
+    def _enter(self, phase, reason):
+        if phase != self.phase or reason != self.reason:
+            if phase != self.phase:
+                self.since = time.time()
+            self.phase, self.reason = phase, reason
+            self.host.changed(self)
+
+    def _fail_safe(self, why):
+        """After an internal error: nothing of the service runs, nothing is
+        pending, and it says FAILED with why. The pid stays watched, so its
+        exit is reaped (and ignored)."""
+        for step in (self._cancel_timer, self._close_probe):
+            try:
+                step()
+            except Exception:
+                pass
+        if self.pid:
+            try:
+                self.host.reap_leftovers(self, self.pid, own_child=not self.adopted, everything=True)
+            except Exception:
+                pass
+        self.pid = self.pid_start = self.current = None
+        self.queue = []
+        self._enter(FAILED, why)
+
+    # -- actions: each returns (phase, reason) -------------------------------------
+
+    def _begin_start(self):
+        """Dependencies, then the start limit (AutoRollback= may step in), then
+        the first command."""
+        self._cancel_timer()
+        if self.host.shutting_down:
+            return STOPPED, "daemon shut down"
+        verdict, why = self.host.dependency_state(self)
+        if verdict == "waiting":
+            return WAITING, why
+        if verdict == "failed":
+            self.host.log.warning(self.name, "Not started: %s" % why)
+            return STOPPED, why            # want stays up
+        spec = self.spec
+        now = self.host.now()
+        self.start_times, hit = start_limit_hit(self.start_times, now, spec.start_limit_interval, spec.start_limit_burst)
+        if hit:
+            why = "start limit hit (%d starts within %s)%s" % (
+                len(self.start_times), format_timespan(spec.start_limit_interval),
+                "; last: %s" % self.reason if self.reason else "")
+            if not self._roll_back(why):
+                self.host.log.warning(self.name, "Start limit hit: %s; giving up until 'start %s'" % (
+                    why[len("start limit hit "):], self.name))
+                return FAILED, why
+            spec = self.spec
+        if spec.start_limit_interval > 0:
+            self.start_times.append(now)
+        self.queue = list(spec.exec_start_pre) + list(spec.exec_start)
+        self.generation += 1
+        return self._run_next()
+
+    def _roll_back(self, why):
+        """AutoRollback=: run the previous version instead, if the host has one."""
+        older = self.host.auto_rollback(self, why)
+        if older is None:
+            return False
+        self.spec, self.commit = older
+        self._reset_limits()
+        return True
+
+    def _run_next(self):
+        """Spawn the next command of the queue; a '-' command that cannot even
+        start is skipped (systemd), any other spawn failure is exit 203/EXEC."""
+        while True:
+            command = self.queue.pop(0)
+            main = command in self.spec.exec_start
+            self.current = command
+            try:
+                pid = self.host.spawn(self, command, self._on_exit)
+            except SpawnError as exc:
+                if command.ignore_failure and self.queue:
+                    self.host.log.warning(self.name, "Ignoring failed %s command: %s" % ("main" if main else "pre", exc))
+                    continue
+                self.pid = self.current = None
+                return self._finish_run(None, {"code": 203}, "spawn failed: %s" % exc, failed=True)
+            break
+        self.pid, self.pid_start, self.adopted = pid, pid_start_time(pid), False
+        self.started_at = self.host.now()
+        if main and self.main_started_wall is None:
+            self.main_started_wall = time.time()
+        if not main:
+            self.host.log.debug(self.name, "Running pre command (pid %d): %s" % (pid, command))
+            return START_PRE, None
+        if self.spec.type == "oneshot":
+            self.host.log.debug(self.name, "Running main command (pid %d): %s" % (pid, command))
+            return START, None
+        if self.spec.health_check_url:
+            self.host.log.info(self.name, "Started (pid %d), waiting for its health check" % pid)
+            self.probe = self.host.open_probe(self, self._on_verdict)
+            return START, "waiting for the health check"
+        self.host.log.info(self.name, "Started (pid %d)" % pid)   # exec succeeded: the spawner confirmed it
+        return RUNNING, None
+
+    def _settle_stopped(self, reason="stopped by user"):
+        self._cancel_timer()
+        return STOPPED, reason
+
+    def _begin_stop(self, reason="stopped by user"):
+        return self._stop_for(STOPPING, reason)
+
+    def _begin_restart(self, reason="restarting"):
+        return self._stop_for(STOP_RESTART, reason)
+
+    def _stop_for(self, phase, reason):
+        """KillSignal= now, SIGKILL after TimeoutStopSec=."""
         self._cancel_timer()
         self._close_probe()
-        if self.state in (STARTING, RUNNING) and self.pid:
-            # STARTING/RUNNING -> STOPPING
-            self.daemon.log.info(self.name, "Stopping (pid %d, %s)" % (self.pid, signal_name(self.spec.kill_signal)))
-            self.stop_timed_out = False
-            self._signal(self.spec.kill_signal, first=True)
-            timeout = self.spec.timeout_stop_sec
-            if timeout != float("inf"):
-                self.timer = self.daemon.call_later(timeout, self._stop_timeout)
-            self._set_state(STOPPING, reason)
-        elif self.state == STOPPING:
-            return
-        else:
-            # BACKOFF/EXITED/FAILED/STOPPED -> STOPPED
-            self._set_state(STOPPED, reason)
+        self.host.log.info(self.name, "Stopping (pid %d, %s)" % (self.pid, signal_name(self.spec.kill_signal)))
+        self.stop_timed_out = False
+        self.host.signal(self, self.spec.kill_signal, first=True)
+        if self.spec.timeout_stop_sec != float("inf"):
+            self.timer = self.host.call_later(self.spec.timeout_stop_sec, lambda: self.handle(EV_STOP_TIMEOUT))
+        return phase, reason
 
-    def restart(self):
-        """Stop (if running) then start, as one user action."""
-        if self.state in (STARTING, RUNNING) and self.pid:
-            self.stop(reason="restarting")
-            self.want = "up"
-            self.start_after_stop = True
-            self.start_times.clear()
-            self.crash_streak = 0
-        else:
-            self.start(manual=True)
+    def _restart_after_stop(self, reason=None):
+        return STOP_RESTART, self.reason
 
-    def _signal(self, number, first=False):
-        """Deliver a stop signal as KillMode= says."""
-        mode = self.spec.kill_mode
-        # With PrivatePIDs= the main pid is the relay: a SIGKILL must reach the
-        # namespace behind it, whatever KillMode= says.
-        targets_group = mode == "control-group" or (number == signal.SIGKILL and (
-            mode == "mixed" or self.spec.private_pids))
-        if targets_group:
-            self.daemon.cgroups.kill(self.cgroup, number)     # also what left the process group
-        try:
-            if targets_group:
-                os.killpg(self.pid, number)
-                if first and number not in (signal.SIGKILL, signal.SIGCONT):
-                    os.killpg(self.pid, signal.SIGCONT)   # a stopped process must wake to die
-            elif mode != "none" or number == signal.SIGKILL:
-                os.kill(self.pid, number)
-        except ProcessLookupError:
-            pass
-        except PermissionError as exc:
-            self.daemon.log.error(self.name, "Cannot signal pid %d: %s" % (self.pid, exc.strerror))
+    def _cancel_restart(self, reason="stopped by user"):
+        return STOPPING, reason
 
-    def _stop_timeout(self):
+    def _kill_hard(self):
         self.timer = None
-        if self.state == STOPPING and self.pid:
-            self.daemon.log.warning(self.name, "Did not stop within %s; sending SIGKILL" % format_timespan(self.spec.timeout_stop_sec))
-            self.stop_timed_out = True
-            self._signal(signal.SIGKILL)
+        self.host.log.warning(self.name, "Did not stop within %s; sending SIGKILL" % format_timespan(self.spec.timeout_stop_sec))
+        self.stop_timed_out = True
+        self.host.signal(self, signal.SIGKILL, first=False)
+        return self.phase, self.reason
+
+    def _ready(self):
+        self.host.log.info(self.name, "Healthy")
+        return RUNNING, None
+
+    def _note_healthy(self):
+        self.host.log.info(self.name, "Healthy")
+        self.host.changed(self)           # the health column changed, the state did not
+        return RUNNING, self.reason
+
+    def _restart_unhealthy(self):
+        """Retries used up: restart as Restart= would after a failure (or, for
+        a new version that never became healthy, roll back)."""
+        why = "health check failed %d times: %s" % (self.probe.failures, self.probe.last_error)
+        if self.phase == START and self._roll_back("never became healthy: " + why):
+            return self._stop_for(STOP_RESTART, "rolling back: never became healthy: " + why)
+        self.restarts += 1
+        self.host.log.warning(self.name, "Restarting: %s" % why)
+        return self._stop_for(STOP_RESTART, why)
+
+    def _adopt(self, pid, pid_start, started_wall):
+        self.pid, self.pid_start, self.adopted = pid, pid_start, True
+        self.current = self.spec.exec_start[-1] if self.spec.exec_start else None
+        self.started_at = self.host.now()
+        self.main_started_wall = started_wall or time.time()
+        self.host.watch(self, pid, self._on_exit)
+        self.host.log.info(self.name, "Adopted running process (pid %d)" % pid)
+        if self.spec.health_check_url:
+            self.probe = self.host.open_probe(self, self._on_verdict)
+        return (RUNNING if self.spec.type != "oneshot" else START), None
+
+    # -- exits --------------------------------------------------------------------
 
     def _on_exit(self, exit_info):
-        """The watched process ended; exit_info is None for an adopted process."""
-        command = self.current
+        self.handle(EV_EXIT, exit_info=exit_info)
+
+    def _on_verdict(self):
+        self.handle(EV_HEALTHY if self.probe.status == "healthy" else EV_UNHEALTHY)
+
+    def _process_gone(self, exit_info):
+        """What every exit of a watched process does first: end what is left
+        of the service, forget the pid, and describe how it ended."""
         pid = self.pid
-        ran_for = time.monotonic() - (self.started_at or time.monotonic())
-        if self.spec.kill_mode in ("control-group", "mixed") or self.spec.private_pids:
-            # Nothing of a service outlives its main process. Our own child is
-            # still an unreaped zombie here (ExitWatcher peeks with WNOWAIT), so
-            # its process group id cannot have been reused; an adopted process
-            # is long reaped, so only its cgroup is used for it.
-            if exit_info is not None:
-                try:
-                    os.killpg(pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-            self.daemon.cgroups.kill(self.cgroup, signal.SIGKILL)
-        self.pid = self.pid_start = self.current = None
+        self.host.reap_leftovers(self, pid, own_child=exit_info is not None)
+        self.pid = self.pid_start = None
         self._close_probe()
-        described = describe_exit(exit_info) if exit_info else "exit status unknown (adopted)"
-        if exit_info == {"signal": signal.SIGKILL} and self.daemon.cgroups.oom_killed(self.cgroup):
-            described = "killed by the OOM killer (MemoryMax=%s)" % format_bytes(self.spec.memory_max)
-        if self.cgroup is not None and self.cgroup_timer is None:
-            self.cgroup_timer = self.daemon.call_later(CGROUP_LINGER, self._remove_cgroup)
-        if self.state == STOPPING:
-            # STOPPING -> STOPPED (or -> STARTING for a restart)
-            self.phase = None
-            self.main_started_wall = None
-            self._cancel_timer()
-            if exit_info is not None:
-                self.last_exit = exit_info
-            self.daemon.log.info(self.name, "Stopped (%s%s)" % (described, ", after SIGKILL" if self.stop_timed_out else ""))
-            if self.start_after_stop and self.want == "up" and not self.daemon.shutting_down:
-                self.start_after_stop = False
-                self.daemon.log.info(self.name, "Restarting (requested)")
-                self._begin_start()           # STOPPING -> STARTING/RUNNING
-            else:
-                self._set_state(STOPPED, self.reason or "stopped by user")
-            return
+        self.host.released(self)
+        return self.host.describe_exit(self, exit_info)
+
+    def _process_exited(self, exit_info):
+        """A process of a start ended: the next command, or the run is over."""
+        command = self.current
+        ran_for = self.host.now() - (self.started_at or self.host.now())
+        described = self._process_gone(exit_info)
+        self.current = None
         succeeded = exit_info == {"code": 0} or (command is not None and command.ignore_failure)
         if self.queue and succeeded:
-            # STARTING -> STARTING: the next ExecStartPre / oneshot command
-            self._run_next()
-            return
+            return self._run_next()       # the next ExecStartPre= / oneshot command
         if ran_for >= BACKOFF_RESET_UPTIME:
             self.crash_streak = 0
-        step = "ExecStartPre" if command is not None and command not in self.spec.exec_start else None
-        if step:
-            self._finish_run(exit_info, exit_info, "%s failed (%s)" % (step, described), failed=True)
-        elif self.spec.type == "oneshot":
-            self._finish_run(exit_info, {"code": 0} if succeeded else exit_info,
-                             "oneshot " + described, failed=not succeeded)
-        else:
-            self._finish_run(exit_info, exit_info, described, failed=False)
+        if command is not None and command not in self.spec.exec_start:
+            return self._finish_run(exit_info, exit_info, "ExecStartPre failed (%s)" % described, failed=True)
+        if self.spec.type == "oneshot":
+            return self._finish_run(exit_info, {"code": 0} if succeeded else exit_info,
+                                    "oneshot " + described, failed=not succeeded)
+        return self._finish_run(exit_info, exit_info, described, failed=False)
 
     def _finish_run(self, last_exit, outcome, why, failed):
         """No process of the service is left: restart as Restart= says for
         `outcome` (None: unknown, counted as a failure), else settle in FAILED
         (failed=True) or EXITED."""
-        self.phase = self.main_started_wall = None
+        self.main_started_wall = None
         self.queue = []
         self.last_exit = last_exit
         self.succeeded = outcome == {"code": 0}
-        if self.want == "up" and not self.daemon.shutting_down and should_restart(self.spec.restart, outcome):
-            # STARTING/RUNNING -> BACKOFF: wait RestartSec (backing off) then start
+        if self.want == "up" and not self.host.shutting_down and should_restart(self.spec.restart, outcome):
             self.crash_streak += 1
             delay = restart_delay(self.spec.restart_sec, self.crash_streak)
             self.restarts += 1
-            self.daemon.log.info(self.name, "Restarting in %s (%s; restart %d)%s" % (
-                format_timespan(delay), why, self.restarts, self.daemon.deploy_note(self)))
-            self._set_state(BACKOFF, why)
-            self.timer = self.daemon.call_later(delay, self._restart_due)
-        elif failed:
-            # STARTING -> FAILED: spawn error, failed ExecStartPre or oneshot
-            self.daemon.log.error(self.name, "Failed: %s" % why)
-            self._set_state(FAILED, why)
-        else:
-            # RUNNING -> EXITED: finished and not restarting
-            self.daemon.log.info(self.name, "Exited (%s)" % why)
-            self._set_state(EXITED, why)
+            self.host.log.info(self.name, "Restarting in %s (%s; restart %d)%s" % (
+                format_timespan(delay), why, self.restarts, self.host.deploy_note(self)))
+            self.timer = self.host.call_later(delay, lambda: self.handle(EV_RESTART_DUE))
+            return BACKOFF, why
+        if failed:
+            self.host.log.error(self.name, "Failed: %s" % why)
+            return FAILED, why
+        self.host.log.info(self.name, "Exited (%s)" % why)
+        return EXITED, why
 
-    def _restart_due(self):
-        self.timer = None
-        if self.want == "up" and self.state == BACKOFF:
-            # BACKOFF -> STARTING
-            self._begin_start()
+    def _ended_stop(self, exit_info):
+        described = self._process_gone(exit_info)
+        self.current = None
+        self.queue = []
+        self.main_started_wall = None
+        self._cancel_timer()
+        if exit_info is not None:
+            self.last_exit = exit_info
+        self.host.log.info(self.name, "Stopped (%s%s)" % (described, ", after SIGKILL" if self.stop_timed_out else ""))
 
-    def _remove_cgroup(self):
-        """Remove the service's cgroups once it has stayed down a while: making a
-        fresh cgroup and moving the first process in costs the kernel some 10 ms,
-        which a restart, or a stop soon followed by a start, need not pay."""
-        self.cgroup_timer = None
-        if self.pid is None and self.state not in ACTIVE_STATES:
-            Cgroups.remove(self.cgroup)
-            self.cgroup = None
+    def _stopped(self, exit_info):
+        self._ended_stop(exit_info)
+        return STOPPED, self.reason or "stopped by user"
+
+    def _start_after_exit(self, exit_info):
+        self._ended_stop(exit_info)
+        if self.want != "up" or self.host.shutting_down:
+            return STOPPED, self.reason or "stopped by user"
+        self.host.log.info(self.name, "Restarting (requested)")
+        return self._begin_start()
+
+    # -- small helpers ----------------------------------------------------------------
+
+    def _reset_limits(self):
+        self.start_times.clear()
+        self.crash_streak = 0
 
     def _close_probe(self):
         if self.probe is not None:
@@ -2598,6 +3062,255 @@ class Service:
         self._cancel_timer()
 
 
+class Launcher:
+    """The process half of ServiceHost: what a service's processes get
+    (environment, credentials, working directory, log, cgroups), starting
+    them, signalling them as KillMode= says, and learning of their exit.
+    DaemonHost adds the daemon's half (dependencies, deploys, changes)."""
+
+    def __init__(self, config, log, selector, call_later, exit_watch_mode=None):
+        self.config, self.log = config, log
+        self.selector, self.call_later = selector, call_later
+        self.exit_watcher = ExitWatcher(selector, call_later, exit_watch_mode)
+        self.spawner = Spawner()
+        self.cgroups = None               # Cgroups, found at start-up
+        self.run_as_cache = {}            # (User=, Group=) -> (expiry, RunAs or SpawnError)
+        self.shutting_down = False
+
+    @staticmethod
+    def now():
+        return time.monotonic()
+
+    def spawn(self, service, command, on_exit):
+        """Resolve everything a process of `service` needs, start `command`
+        and watch it."""
+        if self.shutting_down:
+            raise SpawnError("the daemon is shutting down")
+        spec = service.spec
+        run_as = self._run_as(spec.user, spec.group)
+        env = self._service_environment(spec, run_as)
+        argv = expand_command(command.argv, env)
+        program = expand_command([command.program], env)
+        if not argv or not program:
+            raise SpawnError("the command is empty after expanding variables: %s" % command)
+        path = find_program(program[0], env.get("PATH"))
+        if path is None:
+            raise SpawnError("%s: command not found on PATH (%s)" % (program[0], env.get("PATH")))
+        cwd = self._working_directory(spec, run_as)
+        try:
+            makedirs(self.config.log_dir)
+        except OSError as exc:
+            raise SpawnError("cannot create the log folder %s: %s" % (self.config.log_dir, exc.strerror))
+        group = self.cgroups.prepare(service.name, spec) if self.cgroups else None
+        service.cgroup = group
+        if service.cgroup_timer is not None:
+            service.cgroup_timer.cancel()
+            service.cgroup_timer = None
+        # With a cgroup the child joins it before exec (fork path): joined from
+        # here after posix_spawn, a shell could fork an escapee first.
+        pid = self.spawner.spawn(argv, path, env, cwd, self.config.service_log(service.name), run_as,
+                                 group.procs_files if group else (), spec.private_pids)
+        self.exit_watcher.watch(pid, on_exit)
+        return pid
+
+    def watch(self, service, pid, on_exit):
+        """An adopted process: watched (not our child), its groups made again."""
+        self.exit_watcher.watch(pid, on_exit, child=False)
+        if self.cgroups is not None:
+            service.cgroup = self.cgroups.prepare(service.name, service.spec)   # the earlier daemon's groups
+
+    def signal(self, service, number, first=False):
+        """Deliver a stop signal as KillMode= says."""
+        mode = service.spec.kill_mode
+        # With PrivatePIDs= the main pid is the relay: a SIGKILL must reach the
+        # namespace behind it, whatever KillMode= says.
+        targets_group = mode == "control-group" or (number == signal.SIGKILL and (
+            mode == "mixed" or service.spec.private_pids))
+        if targets_group and self.cgroups is not None:
+            self.cgroups.kill(service.cgroup, number)     # also what left the process group
+        try:
+            if targets_group:
+                os.killpg(service.pid, number)
+                if first and number not in (signal.SIGKILL, signal.SIGCONT):
+                    os.killpg(service.pid, signal.SIGCONT)   # a stopped process must wake to die
+            elif mode != "none" or number == signal.SIGKILL:
+                os.kill(service.pid, number)
+        except ProcessLookupError:
+            pass
+        except PermissionError as exc:
+            self.log.error(service.name, "Cannot signal pid %d: %s" % (service.pid, exc.strerror))
+
+    def reap_leftovers(self, service, pid, own_child, everything=False):
+        """Nothing of a service outlives its main process (KillMode=
+        control-group/mixed, PrivatePIDs=, or `everything`). Our own child is
+        still an unreaped zombie here (ExitWatcher peeks with WNOWAIT), so its
+        process group id cannot have been reused; an adopted process is long
+        reaped, so only its cgroup is used for it."""
+        if not (everything or service.spec.kill_mode in ("control-group", "mixed") or service.spec.private_pids):
+            return
+        if own_child:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if self.cgroups is not None:
+            self.cgroups.kill(service.cgroup, signal.SIGKILL)
+
+    def describe_exit(self, service, exit_info):
+        if exit_info is None:
+            return "exit status unknown (adopted)"
+        if exit_info == {"signal": signal.SIGKILL} and self.cgroups is not None and self.cgroups.oom_killed(service.cgroup):
+            return "killed by the OOM killer (MemoryMax=%s)" % format_bytes(service.spec.memory_max)
+        return describe_exit(exit_info)
+
+    def released(self, service):
+        """No process of the service is left: its cgroups go once it has
+        stayed down a while (making a fresh cgroup and moving the first
+        process in costs the kernel some 10 ms, which a restart, or a stop
+        soon followed by a start, need not pay)."""
+        if service.cgroup is None or service.cgroup_timer is not None:
+            return
+
+        def remove():
+            service.cgroup_timer = None
+            if service.pid is None and service.state not in ACTIVE_STATES:
+                Cgroups.remove(service.cgroup)
+                service.cgroup = None
+        service.cgroup_timer = self.call_later(CGROUP_LINGER, remove)
+
+    def open_probe(self, service, on_verdict):
+        return HealthProbe(service.spec, service.name, self.selector, self.call_later, self.log, on_verdict)
+
+    def _run_as(self, user, group):
+        """resolve_run_as, remembered for a few seconds: a deploy of a thousand
+        units reads the user database once, and a changed one is seen soon."""
+        now = time.monotonic()
+        cached = self.run_as_cache.get((user, group))
+        if cached is None or cached[0] < now:
+            try:
+                cached = (now + RUN_AS_CACHE_SECONDS, resolve_run_as(user, group))
+            except SpawnError as exc:
+                cached = (now + RUN_AS_CACHE_SECONDS, exc)
+            self.run_as_cache[(user, group)] = cached
+        if isinstance(cached[1], SpawnError):
+            raise cached[1]
+        return cached[1]
+
+    @staticmethod
+    def _service_environment(spec, run_as):
+        """A clean environment, as systemd gives: PATH and locale from the daemon,
+        the user's HOME/USER/LOGNAME/SHELL, then Environment=, then EnvironmentFile=
+        (which overrides, as in systemd)."""
+        env = {"PATH": os.environ.get("PATH") or DEFAULT_PATH}
+        for key in ("LANG", "LC_ALL", "TZ"):
+            if key in os.environ:
+                env[key] = os.environ[key]
+        if run_as.home:
+            env["HOME"] = run_as.home
+        if run_as.user:
+            env["USER"] = env["LOGNAME"] = run_as.user
+        if run_as.shell:
+            env["SHELL"] = run_as.shell
+        env["GITPROC_UNIT"] = spec.name
+        env.update(spec.environment)
+        for path, optional in spec.environment_files:
+            try:
+                env.update(load_environment_file(path))
+            except OSError as exc:
+                if not optional:
+                    raise SpawnError("EnvironmentFile=%s: %s" % (path, exc.strerror))
+        return env
+
+    @staticmethod
+    def _working_directory(spec, run_as):
+        """WorkingDirectory=, else as systemd's managers do: "/" under a root
+        daemon (system services, whatever their User=), the daemon user's home
+        under a user's daemon."""
+        default = "/" if os.geteuid() == 0 else (run_as.home if run_as.home and os.path.isdir(run_as.home) else "/")
+        wanted = spec.working_directory
+        if wanted is None:
+            return default
+        optional = wanted.startswith("-")
+        wanted = wanted.lstrip("-")
+        if wanted == "~" or wanted.startswith("~/"):
+            wanted = (run_as.home or "/") + wanted[1:]
+        if optional and not os.path.isdir(wanted):
+            return default
+        return wanted
+
+
+class Dependencies:
+    """After=/Requires= among the deployed services: whether a unit may start
+    now, what stops with a unit it requires, starting what waited, and the
+    order of shutdown. Reads the registry (name -> Service); writes no `want`."""
+
+    def __init__(self, services, log):
+        self.services = services
+        self.log = log
+
+    def state_of(self, service):
+        """("ready"|"waiting"|"failed", why) for the units `service` comes after
+        (After=, Requires=). Ready: running (healthy, if checked) or a oneshot
+        that exited 0. An After= unit that is stopped on purpose does not hold
+        the start back; a Requires= one does."""
+        for name in service.spec.after + service.spec.requires:
+            required = name in service.spec.requires
+            other = self.services.get(name)
+            if other is None or other.removed or name == service.name:
+                if required:
+                    return "failed", "requires %s, which is not deployed here" % name
+                continue
+            if other.is_ready():
+                continue
+            if other.phase in (WAITING, START_PRE, START, BACKOFF, STOP_RESTART):
+                return "waiting", "waiting for %s" % name
+            # The dependency is down, and nothing is bringing it up.
+            if other.want == "down":
+                if required:
+                    return "failed", "requires %s, which is stopped" % name
+                continue                      # stopped by the user: After= only orders
+            return "failed", "dependency %s %s (%s)" % (
+                name, "failed" if other.state == FAILED else "is " + other.state, other.reason or describe_exit(other.last_exit))
+        return "ready", None
+
+    def stop_requiring(self, service):
+        """Requires=: what requires a unit stops when it stops or fails."""
+        if service.state not in (STOPPED, FAILED, EXITED):
+            return
+        for other in self.services.values():
+            if service.name in other.spec.requires and other.state in (STARTING, RUNNING) and not other.removed:
+                why = "required unit %s %s" % (service.name, {FAILED: "failed", EXITED: "exited"}.get(service.state, "stopped"))
+                self.log.info(other.name, "Stopping: %s" % why)
+                other.halt(why)
+
+    def release_waiting(self):
+        """Start what waited for dependencies that are now ready (or failed)."""
+        for service in list(self.services.values()):
+            if service.phase == WAITING:
+                service.handle(EV_DEPENDENCIES)
+
+    def shutdown_step(self):
+        """Stop services whose dependents are all stopped (reverse dependency
+        order). Returns True while a process of some service is left."""
+        services = self.services
+        active = {name for name, s in services.items() if s.state in ACTIVE_STATES}
+        for name, service in services.items():
+            if service.phase in (BACKOFF, WAITING):
+                service.halt("daemon shut down")
+            if service.state not in (STARTING, RUNNING):
+                continue
+            dependents = [other for other in active if other != name and
+                          name in services[other].spec.after + services[other].spec.requires]
+            if not dependents:
+                service.halt("daemon shut down")
+        if not any(s.state == STOPPING for s in services.values()):
+            # Nothing could be stopped in order (a dependency cycle): stop the rest.
+            for service in services.values():
+                if service.state in (STARTING, RUNNING):
+                    service.halt("daemon shut down")
+        return any(s.state in ACTIVE_STATES for s in services.values())
+
+
 # ==== 9. health checks =======================================================
 # HealthProbe checks one service over a non-blocking socket in the daemon's own
 # selector: no thread per check, and a slow or silent service never blocks the
@@ -2611,11 +3324,12 @@ class HealthProbe:
     HealthCheckRetries failures in a row (outside HealthCheckStartPeriod), the
     service is restarted."""
 
-    def __init__(self, daemon, service):
+    def __init__(self, spec, name, selector, call_later, log, on_verdict):
         from urllib.parse import urlsplit
-        spec = service.spec
         url = urlsplit(spec.health_check_url)
-        self.daemon, self.service = daemon, service
+        self.spec, self.name = spec, name
+        self.selector, self.call_later, self.log = selector, call_later, log
+        self.on_verdict = on_verdict      # called when `status` changes
         self.scheme, self.host = url.scheme, url.hostname
         self.port = url.port or (80 if url.scheme == "http" else 0)
         self.path = (url.path or "/") + ("?" + url.query if url.query else "")
@@ -2628,7 +3342,7 @@ class HealthProbe:
         self.connected = False
         self.reused = False               # this check reuses a kept-alive connection
         self.inbuf = bytearray()
-        self.timer = self.daemon.call_later(min(0.2, spec.health_check_interval), self._run)
+        self.timer = self.call_later(min(0.2, spec.health_check_interval), self._run)
         self.deadline_timer = None
         self.closed = False
 
@@ -2642,7 +3356,7 @@ class HealthProbe:
     def _drop_connection(self):
         if self.sock is not None:
             try:
-                self.daemon.selector.unregister(self.sock)
+                self.selector.unregister(self.sock)
             except (KeyError, ValueError):
                 pass
             self.sock.close()
@@ -2654,7 +3368,7 @@ class HealthProbe:
         self.timer = None
         if self.closed:
             return
-        self.deadline_timer = self.daemon.call_later(self.service.spec.health_check_timeout, self._timed_out)
+        self.deadline_timer = self.call_later(self.spec.health_check_timeout, self._timed_out)
         if self.sock is not None and self.connected:
             self.reused = True
             self._send_request()
@@ -2673,13 +3387,13 @@ class HealthProbe:
             code = self.sock.connect_ex(self.address[1])
             if code not in (0, errno.EINPROGRESS):
                 raise OSError(code, os.strerror(code))
-            self.daemon.selector.register(self.sock, selectors.EVENT_WRITE, (self._on_connected, None))
+            self.selector.register(self.sock, selectors.EVENT_WRITE, (self._on_connected, None))
         except OSError as exc:
             self._finish(False, "cannot connect to %s:%s: %s" % (self.host, self.port, exc.strerror or exc))
 
     def _on_connected(self, _arg, _mask):
         error = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        self.daemon.selector.unregister(self.sock)
+        self.selector.unregister(self.sock)
         if error:
             self._finish(False, "cannot connect to %s:%s: %s" % (self.host, self.port, os.strerror(error)))
             return
@@ -2703,7 +3417,7 @@ class HealthProbe:
                 self._finish(False, "HTTP request failed: %s" % (exc.strerror or exc))
             return
         self.inbuf.clear()
-        self.daemon.selector.register(self.sock, selectors.EVENT_READ, (self._on_response, None))
+        self.selector.register(self.sock, selectors.EVENT_READ, (self._on_response, None))
 
     def _on_response(self, _arg, _mask):
         try:
@@ -2734,7 +3448,7 @@ class HealthProbe:
         length = headers.get("content-length", "")
         if length.isdigit() and len(body) < int(length):
             return                            # the rest of the body is on its way
-        self.daemon.selector.unregister(self.sock)
+        self.selector.unregister(self.sock)
         keep_alive = headers.get("connection", "").lower()
         reusable = (length.isdigit() and len(body) == int(length) and keep_alive != "close" and
                     (parts[0] == "HTTP/1.1" or keep_alive == "keep-alive"))   # HTTP/1.0 closes by default
@@ -2750,7 +3464,7 @@ class HealthProbe:
     def _timed_out(self):
         self.deadline_timer = None
         self._drop_connection()
-        self._finish(False, "no answer within %s" % format_timespan(self.service.spec.health_check_timeout))
+        self._finish(False, "no answer within %s" % format_timespan(self.spec.health_check_timeout))
 
     def _finish(self, healthy, error):
         """One check's result: count it, tell the service, plan the next one."""
@@ -2759,26 +3473,26 @@ class HealthProbe:
         if self.deadline_timer is not None:
             self.deadline_timer.cancel()
             self.deadline_timer = None
-        spec = self.service.spec
+        spec = self.spec
         if healthy:
             self.failures, self.last_error = 0, None
             if self.status != "healthy":
                 self.status = "healthy"
-                self.service.health_changed()
+                self.on_verdict()
         elif time.monotonic() - self.started >= spec.health_check_start_period:
             self.failures += 1
             self.last_error = error
-            self.daemon.log.warning(self.service.name, "Health check failed (%d of %d): %s" % (
+            self.log.warning(self.name, "Health check failed (%d of %d): %s" % (
                 self.failures, spec.health_check_retries, error))
             if self.failures >= spec.health_check_retries:
                 self.status = "unhealthy"
-                self.service.health_changed()
+                self.on_verdict()
                 return                        # the service restarts: a new probe comes with it
         else:
             self.last_error = error
         # Until a first success, check often: the service is not ready before it.
         interval = spec.health_check_interval if self.status == "healthy" else min(spec.health_check_interval, 0.5)
-        self.timer = self.daemon.call_later(interval, self._run)
+        self.timer = self.call_later(interval, self._run)
 
 
 # ==== 10. logs ================================================================
@@ -2921,6 +3635,285 @@ class Waiter:
         self.conn, self.check, self.expire, self.timer = conn, check, expire, None
 
 
+class ControlServer:
+    """The daemon's end of the control socket: listening (0600, or 0660 for
+    socket_group), peer credentials, framing, the bounds (request size,
+    clients silent too long, replies left unread, the number of clients) and
+    replies parked until services reach a state (waiters). Each request goes
+    to dispatch(conn, message), which returns the reply, or None when it
+    parked it with park()."""
+
+    def __init__(self, config, log, selector, call_later, dispatch):
+        self.config, self.log = config, log
+        self.selector, self.call_later = selector, call_later
+        self.dispatch = dispatch
+        self.listener = None
+        self.socket_gid = None
+        self.connections = {}             # socket fd -> Connection
+        self.waiters = []                 # parked replies
+        self.idle_timer = None
+
+    # -- listening ---------------------------------------------------------------------
+
+    def open(self):
+        path = self.config.socket_path
+        if len(path.encode()) > MAX_SOCKET_PATH:
+            raise ConfigError("socket path %s is %d bytes; Unix sockets allow %d: choose a shorter --home or socket_path" % (
+                path, len(path.encode()), MAX_SOCKET_PATH))
+        makedirs(os.path.dirname(path))
+        if os.path.lexists(path):
+            if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                raise GitprocError("%s exists and is not a socket; move it away or choose another socket_path" % path)
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            probe.settimeout(1.0)
+            try:
+                probe.connect(path)
+            except ConnectionRefusedError:
+                os.unlink(path)            # stale: nothing listens there any more
+                self.log.info("daemon", "Removed stale socket %s" % path)
+            except OSError as exc:
+                raise GitprocError("cannot tell whether %s is in use (%s); remove it if no daemon runs" % (
+                    path, exc.strerror or exc))
+            else:
+                raise GitprocError("another gitproc daemon answers on %s" % path)
+            finally:
+                probe.close()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)       # the socket is born 0600: no window where others may connect
+        try:
+            listener.bind(path)
+        except OSError as exc:
+            listener.close()
+            raise GitprocError("cannot listen on %s: %s" % (path, exc.strerror))
+        finally:
+            os.umask(old_umask)
+        if self.config.socket_group:
+            import grp
+            try:
+                self.socket_gid = grp.getgrnam(self.config.socket_group).gr_gid
+                os.chown(path, -1, self.socket_gid)
+                os.chmod(path, 0o660)
+            except KeyError:
+                listener.close()
+                raise ConfigError("socket_group %r: no such group" % self.config.socket_group)
+            except OSError as exc:
+                listener.close()
+                raise ConfigError("socket_group %r: cannot give the socket to it: %s" % (self.config.socket_group, exc.strerror))
+        listener.listen(128)
+        listener.setblocking(False)
+        self.listener = listener
+        self.selector.register(listener, selectors.EVENT_READ, (self._accept, None))
+
+    def close(self):
+        for conn in list(self.connections.values()):
+            self._close(conn)
+        if self.listener is not None:
+            self.listener.close()
+            _unlink_quietly(self.config.socket_path)
+
+    def _accept(self, _key, _mask):
+        try:
+            sock, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.log.warning("daemon", "accept failed: %s" % exc.strerror)
+            return
+        sock.setblocking(False)
+        if len(self.connections) >= MAX_CONNECTIONS:
+            self.log.warning("daemon", "Refused a client: %d connections already" % MAX_CONNECTIONS)
+            sock.close()
+            return
+        credentials = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        peer_pid, peer_uid, peer_gid = struct.unpack("3i", credentials)
+        conn = Connection(sock)
+        self.connections[conn.fd] = conn
+        self.selector.register(sock, conn.events, (self._on_client, conn))
+        if not self._peer_allowed(peer_pid, peer_uid, peer_gid):
+            self.log.warning("daemon", "Refused a client with uid %d (pid %d)" % (peer_uid, peer_pid))
+            self._refuse(conn, "permission denied: uid %d may not control this daemon" % peer_uid)
+            return
+        if self.idle_timer is None:
+            self.idle_timer = self.call_later(REQUEST_IDLE_TIMEOUT / 2, self._close_idle)
+
+    def _peer_allowed(self, pid, uid, gid):
+        if uid in (0, os.geteuid()):
+            return True
+        if self.socket_gid is None:
+            return False
+        if gid == self.socket_gid:
+            return True
+        try:
+            with open("/proc/%d/status" % pid) as status:
+                for line in status:
+                    if line.startswith("Groups:"):
+                        return str(self.socket_gid) in line.split()[1:]
+        except OSError:
+            pass
+        return False
+
+    def _close_idle(self):
+        """Close clients that sent half a request and went quiet."""
+        self.idle_timer = None
+        now = time.monotonic()
+        for conn in list(self.connections.values()):
+            if conn.waiting is None and now - conn.last_active > REQUEST_IDLE_TIMEOUT:
+                self._close(conn)
+        if self.connections:
+            self.idle_timer = self.call_later(REQUEST_IDLE_TIMEOUT / 2, self._close_idle)
+
+    # -- framing -----------------------------------------------------------------------
+
+    def _on_client(self, conn, mask):
+        try:
+            self._serve_client(conn, mask)
+        except Exception:
+            self._close(conn)             # never leave a client waiting on a broken exchange
+            raise
+
+    def _serve_client(self, conn, mask):
+        if mask & selectors.EVENT_WRITE:
+            self._flush(conn)
+            if conn.fd in self.connections and len(conn.outbuf) < MAX_PENDING_REPLY:
+                self._process_input(conn)     # requests held back while replies piled up
+        if not mask & selectors.EVENT_READ or conn.fd not in self.connections:
+            return
+        try:
+            data = conn.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            # EOF: the client sent all it will (maybe with shutdown(SHUT_WR));
+            # the requests it sent are still answered, then the socket closes.
+            conn.reading = False
+            self._process_input(conn)
+            return
+        conn.last_active = time.monotonic()
+        conn.inbuf += data
+        if conn.waiting is not None and len(conn.inbuf) > MAX_REQUEST_BYTES:
+            self._close(conn)             # flooding while its answer waits
+            return
+        self._process_input(conn)
+
+    def _process_input(self, conn):
+        """Answer the complete requests received, one at a time (a parked reply
+        holds the next ones back), then settle what to watch for."""
+        while conn.waiting is None and conn.fd in self.connections and len(conn.outbuf) < MAX_PENDING_REPLY:
+            newline = conn.inbuf.find(b"\n")
+            if newline < 0 and conn.reading and len(conn.inbuf) > MAX_REQUEST_BYTES:
+                self._refuse(conn, "request larger than %d bytes" % MAX_REQUEST_BYTES)
+                return
+            if newline < 0:
+                break
+            line = bytes(conn.inbuf[:newline])
+            del conn.inbuf[:newline + 1]
+            if len(line) > MAX_REQUEST_BYTES:
+                self._refuse(conn, "request larger than %d bytes" % MAX_REQUEST_BYTES)
+                return
+            if line.strip():
+                reply = self._handle_line(conn, line)
+                if reply is not None:
+                    conn.outbuf += encode_message(reply)
+        self._flush(conn)
+
+    def _handle_line(self, conn, line):
+        """One request -> a reply dict, or None when the reply was parked. The
+        catch-all boundary of a request: a bug answers with an error."""
+        try:
+            message = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            return {"ok": False, "error": "malformed request (one JSON object per line): %s" % exc}
+        if not isinstance(message, dict) or not isinstance(message.get("cmd"), str):
+            return {"ok": False, "error": "malformed request: expected {\"cmd\": \"...\", ...}"}
+        try:
+            return self.dispatch(conn, message)
+        except GitprocError as exc:
+            return {"ok": False, "error": str(exc)}
+        except Exception:
+            import traceback
+            self.log.error("daemon", "Request %r failed: %s" % (message["cmd"][:64], traceback.format_exc().strip().replace("\n", " | ")))
+            return {"ok": False, "error": "internal error handling %r (see the daemon log)" % message["cmd"][:64]}
+
+    def _refuse(self, conn, error):
+        """Answer with an error, read nothing more, close once it is sent."""
+        conn.reading = False
+        conn.inbuf.clear()
+        conn.outbuf += encode_message({"ok": False, "error": error})
+        self._flush(conn)
+
+    def _flush(self, conn):
+        """Write what the socket takes; watch for writability while some is left;
+        close when nothing more will be read or written."""
+        if conn.fd not in self.connections:
+            return
+        if conn.outbuf:
+            try:
+                sent = conn.sock.send(conn.outbuf)
+                del conn.outbuf[:sent]
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                self._close(conn)
+                return
+        if not conn.reading and not conn.outbuf and conn.waiting is None and b"\n" not in conn.inbuf:
+            self._close(conn)
+            return
+        # A client that does not read its replies is not read from either, so
+        # neither buffer grows without bound (its socket fills and it blocks).
+        reading = conn.reading and len(conn.outbuf) < MAX_PENDING_REPLY
+        events = (selectors.EVENT_READ if reading else 0) | (selectors.EVENT_WRITE if conn.outbuf else 0)
+        if events != conn.events:
+            if not conn.events:
+                self.selector.register(conn.sock, events, (self._on_client, conn))
+            elif not events:
+                self.selector.unregister(conn.sock)
+            else:
+                self.selector.modify(conn.sock, events, (self._on_client, conn))
+            conn.events = events
+
+    def _close(self, conn):
+        if self.connections.pop(conn.fd, None) is not None and conn.events:
+            self.selector.unregister(conn.sock)
+        conn.events = 0
+        if conn.waiting is not None and conn.waiting in self.waiters:
+            self.waiters.remove(conn.waiting)
+            conn.waiting.timer.cancel()
+        conn.waiting = None
+        conn.sock.close()
+
+    # -- parked replies ----------------------------------------------------------------
+
+    def park(self, conn, check, expire, timeout):
+        """The reply check() gives now, or None: then check() is asked again
+        after each change (check_waiters) and expire() answers at the deadline."""
+        reply = check()
+        if reply is not None:
+            return reply
+        waiter = Waiter(conn, check, expire)
+        waiter.timer = self.call_later(timeout, lambda: self._finish_waiter(waiter, waiter.expire()))
+        conn.waiting = waiter
+        self.waiters.append(waiter)
+        return None
+
+    def check_waiters(self):
+        for waiter in list(self.waiters):
+            reply = waiter.check()
+            if reply is not None:
+                self._finish_waiter(waiter, reply)
+
+    def _finish_waiter(self, waiter, reply):
+        if waiter in self.waiters:
+            self.waiters.remove(waiter)
+        if waiter.timer:
+            waiter.timer.cancel()
+        waiter.conn.waiting = None
+        if waiter.conn.fd in self.connections:
+            waiter.conn.outbuf += encode_message(reply)
+            self._process_input(waiter.conn)
+
+
 def request(config, payload, timeout=CLIENT_TIMEOUT):
     """Send one request to the daemon and return its result; GitprocError with
     the daemon's message when it answers with an error."""
@@ -2979,274 +3972,24 @@ class Timer:
         self.cancelled = True
 
 
-class Daemon:
-    """The supervisor. run() blocks until shutdown and returns an exit code."""
+class Recovery:
+    """What an earlier daemon left behind: the saved state of each service
+    (its intent, counters, pid), live processes adopted by pid and start time
+    (or found by the log file they write to when the state file lost them),
+    and processes of units no longer deployed, which are stopped."""
 
-    def __init__(self, config, log, exit_watch_mode=None):
-        self.config = config
-        self.log = log
-        self.selector = selectors.DefaultSelector()
-        self.timers = []                  # heap of (when, sequence, Timer)
-        self.timer_sequence = 0
-        self.exit_watcher = ExitWatcher(self.selector, self.call_later, exit_watch_mode)
-        self.spawner = Spawner()
-        self.cgroups = None               # Cgroups, found at start-up
-        self.store = StateStore(config.state_file, log)
-        self.services = {}                # name -> Service, every unit of the deployment
-        self.specs = {}                   # name -> UnitSpec deployed (last good version)
-        self.unit_problems = []           # Diagnostics of the deployed commit
-        self.skipped = {}                 # name -> why the unit does not run on this host
-        self.deployed = None              # Commit deployed
-        self.last_sync = None             # {"time", "result", "error"?}
-        self.history = []                 # deployments, newest last
-        self.saved_services = {}          # what state.json said of each service at start
-        self.applied = False              # a commit was applied by this daemon
-        self.pin = None                   # remote-mode rollback: {"sha", "subject", "remote_at"}
-        self.watcher = None               # RefWatcher of the branch (local mode)
-        self.git_dir = None               # where the branch's ref files are
-        self.poll_timer = None
-        self.poll_delay = config.poll_interval
-        self.quiet_polls = 0              # polls in a row that found nothing new
-        self.deploys_since_poll = 0
-        self.fetch_pid = None             # git fetch running (remote mode)
-        self.fetch_output = None          # memfd with its output
-        self.fetch_timer = None
-        self.fetch_waiters = []           # finish(error) callbacks for the running fetch
-        self.next_fetch_waiters = []      # ... for the fetch after it
-        self.fetch_deploys = False        # the running fetch deploys what it fetched
-        self.next_fetch_deploys = False
-        self.last_fetch = None
-        self._last_plan = None            # the plan of the last deploy (see last_plan)
-        self.parse_cache = {}             # (path, blob) -> parse_unit result
-        self.run_as_cache = {}            # (User=, Group=) -> (expiry, RunAs or SpawnError)
-        self.save_timer = None
-        self.log_timer = None
-        self.idle_timer = None
-        self.connections = {}             # socket fd -> Connection
-        self.waiters = []
-        self.changed = False              # a service changed state since waiters were checked
-        self.running = False
-        self.shutting_down = False
-        self.keep_services = False        # the shutdown leaves services running
-        self.started_wall = time.time()
-        self.listener = None
-        self.pid_fd = None
-        self.wakeup_fds = None
-        self.socket_gid = None
+    def __init__(self, config, log, call_later):
+        self.config, self.log, self.call_later = config, log, call_later
+        self.saved_services = {}          # name -> what state.json said of it at start
 
-    # -- the loop ------------------------------------------------------------------
-
-    def call_later(self, delay, callback):
-        timer = Timer(time.monotonic() + delay, callback)
-        self.timer_sequence += 1
-        heapq.heappush(self.timers, (timer.when, self.timer_sequence, timer))
-        return timer
-
-    def run(self, ready_fd=None):
-        """Start, serve until shutdown, clean up. Errors before the daemon is ready
-        go to ready_fd (for `daemon` to print) and give exit code 1."""
-        try:
-            require_git()
-            os.chdir("/")                 # every path is absolute; "/" is also services' default
-            self.spawner = Spawner()
-            self._acquire_pid_file()          # first: a second daemon must touch nothing
-            import zlib
-            instance = "%08x" % zlib.crc32(self.config.state_file.encode())
-            self.cgroups = Cgroups(self.config.cgroup_root, instance, self.log)
-            self.log.info("daemon", self.cgroups.describe())
-            self._open_socket()
-            self._install_signal_handlers()
-            self._raise_fd_limit()
-            self._restore_state()
-            self.log.info("daemon", "Started gitproc %s (pid %d, repo %s@%s, exit watch: %s)" % (
-                __version__, os.getpid(), self.config.repo_path, self.config.branch, self.exit_watcher.mode))
-            if self.remote_mode and not self._fetched_yet():
-                self.log.info("daemon", "Nothing fetched from %s yet: the first fetch will deploy" % self.config.remote)
-            elif "error" not in self.deploy_head("daemon start"):
-                self._stop_saved_orphans()
-            self._start_watching()
-        except (GitprocError, OSError) as exc:
-            message = str(exc) if isinstance(exc, GitprocError) else describe_os_error(exc)
-            self.log.error("daemon", message)
-            _notify(ready_fd, "error " + message)
-            self._cleanup()
-            return EXIT_FAILURE
-        release_memory()
-        _notify(ready_fd, "ok %d" % os.getpid())
-        self.running = True
-        self.log_timer = self.call_later(LOG_CHECK_INTERVAL, self._check_logs)
-        try:
-            self._loop()
-        finally:
-            self._save_now()
-            self.log.info("daemon", "Shutdown complete")
-            self._cleanup()
-        return EXIT_OK
-
-    def _loop(self):
-        while self.running:
-            timeout = None
-            while self.timers and self.timers[0][2].cancelled:
-                heapq.heappop(self.timers)
-            if self.timers:
-                timeout = max(0.0, self.timers[0][0] - time.monotonic())
-            for key, mask in self.selector.select(timeout):
-                callback, argument = key.data
-                self._guarded(callback, argument, mask)
-            now = time.monotonic()
-            while self.timers and self.timers[0][0] <= now:
-                _, _, timer = heapq.heappop(self.timers)
-                if not timer.cancelled:
-                    timer.cancelled = True
-                    self._guarded(timer.callback)
-            for _ in range(100):          # a change may release another; bounded all the same
-                if not self.changed:
-                    break
-                self.changed = False
-                self._guarded(self._release_waiting)
-                self._guarded(self._check_waiters)
-                if self.shutting_down and not self.keep_services:
-                    self._guarded(self._shutdown_step)
-
-    def _guarded(self, callback, *args):
-        """The catch-all boundary around each loop event: log the traceback and
-        carry on. KeyboardInterrupt/SystemExit are not caught."""
-        try:
-            callback(*args)
-        except Exception:
-            import traceback
-            self.log.error("daemon", "Internal error (the daemon carries on): %s" % (
-                traceback.format_exc().strip().replace("\n", " | ")))
-
-    # -- start-up and clean-up -----------------------------------------------------
-
-    def _acquire_pid_file(self):
-        import fcntl
-        path = self.config.pid_file
-        makedirs(os.path.dirname(path))
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            other = os.read(fd, 32).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise GitprocError("a gitproc daemon is already running (pid %s, pid file %s)" % (other, path))
-        os.ftruncate(fd, 0)
-        os.write(fd, b"%d\n" % os.getpid())
-        self.pid_fd = fd
-
-    def _open_socket(self):
-        path = self.config.socket_path
-        if len(path.encode()) > MAX_SOCKET_PATH:
-            raise ConfigError("socket path %s is %d bytes; Unix sockets allow %d: choose a shorter --home or socket_path" % (
-                path, len(path.encode()), MAX_SOCKET_PATH))
-        makedirs(os.path.dirname(path))
-        if os.path.lexists(path):
-            if not stat.S_ISSOCK(os.lstat(path).st_mode):
-                raise GitprocError("%s exists and is not a socket; move it away or choose another socket_path" % path)
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            probe.settimeout(1.0)
-            try:
-                probe.connect(path)
-            except ConnectionRefusedError:
-                os.unlink(path)            # stale: nothing listens there any more
-                self.log.info("daemon", "Removed stale socket %s" % path)
-            except OSError as exc:
-                raise GitprocError("cannot tell whether %s is in use (%s); remove it if no daemon runs" % (
-                    path, exc.strerror or exc))
-            else:
-                raise GitprocError("another gitproc daemon answers on %s" % path)
-            finally:
-                probe.close()
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old_umask = os.umask(0o177)       # the socket is born 0600: no window where others may connect
-        try:
-            listener.bind(path)
-        except OSError as exc:
-            listener.close()
-            raise GitprocError("cannot listen on %s: %s" % (path, exc.strerror))
-        finally:
-            os.umask(old_umask)
-        if self.config.socket_group:
-            import grp
-            try:
-                self.socket_gid = grp.getgrnam(self.config.socket_group).gr_gid
-                os.chown(path, -1, self.socket_gid)
-                os.chmod(path, 0o660)
-            except KeyError:
-                listener.close()
-                raise ConfigError("socket_group %r: no such group" % self.config.socket_group)
-            except OSError as exc:
-                listener.close()
-                raise ConfigError("socket_group %r: cannot give the socket to it: %s" % (self.config.socket_group, exc.strerror))
-        listener.listen(128)
-        listener.setblocking(False)
-        self.listener = listener
-        self.selector.register(listener, selectors.EVENT_READ, (self._accept, None))
-
-    def _install_signal_handlers(self):
-        """Handlers do nothing; set_wakeup_fd writes the signal number into a pipe
-        the loop reads, so signals are handled between events, never inside one."""
-        read_fd, write_fd = os.pipe()
-        os.set_blocking(read_fd, False)
-        os.set_blocking(write_fd, False)
-        self.wakeup_fds = (read_fd, write_fd)
-        signal.set_wakeup_fd(write_fd)
-        for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
-            signal.signal(number, _ignore_signal)
-        self.selector.register(read_fd, selectors.EVENT_READ, (self._on_signals, None))
-
-    @staticmethod
-    def _raise_fd_limit():
-        import resource
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft < hard:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-    def _cleanup(self):
-        for conn in list(self.connections.values()):
-            self._close(conn)
-        if not self.keep_services and self.cgroups is not None:
-            self.cgroups.remove_all([service.cgroup for service in self.services.values()])
-        if self.listener is not None:
-            self.listener.close()
-            _unlink_quietly(self.config.socket_path)
-        if self.wakeup_fds:
-            signal.set_wakeup_fd(-1)
-            for fd in self.wakeup_fds:
-                os.close(fd)
-        if self.pid_fd is not None:
-            _unlink_quietly(self.config.pid_file)
-            os.close(self.pid_fd)
-
-    def _on_signals(self, _key, _mask):
-        try:
-            received = os.read(self.wakeup_fds[0], 512)
-        except BlockingIOError:
-            return
-        for number in set(received):
-            if number == signal.SIGCHLD:
-                self.exit_watcher.on_sigchld()
-            elif number in (signal.SIGTERM, signal.SIGINT):
-                self.begin_shutdown("signal %s" % signal_name(number))
-            elif number == signal.SIGHUP:
-                self.log.info("daemon", "SIGHUP: syncing now")
-                if self.remote_mode:
-                    self._after_fetch(lambda error: None, deploy=True)
-                else:
-                    self.deploy_head("SIGHUP")
-
-    # -- state -----------------------------------------------------------------------
-
-    def _restore_state(self):
-        state = self.store.load()
+    def restore(self, state):
+        """Take the services of a loaded state; a pid the state file does not
+        know (pids are saved in batches, so after a crash it may name one a
+        restart already replaced) is found by the log file it writes to."""
         self.saved_services = state.get("services", {})
-        # A pid is saved in batches, so after a crash the state file may name a
-        # pid that a restart already replaced: the process is then found by the
-        # log file it writes to (the same proof as with no state file at all).
         for name, found in self._find_running_services().items():
             saved = self.saved_services.get(name)
-            if isinstance(saved, dict) and self._live_saved_pid(saved) is not None:
+            if isinstance(saved, dict) and self.live_pid(saved) is not None:
                 continue
             self.log.warning(name, "Found its process %d by its log file (the state file %s)" % (
                 found["pid"], "had an older pid" if isinstance(saved, dict) else "did not know it"))
@@ -3254,14 +3997,6 @@ class Daemon:
                 saved.update({key: found[key] for key in ("pid", "pid_start", "started_wall")})
             else:
                 self.saved_services[name] = found
-        self.history = state.get("history", [])[-HISTORY_LIMIT:]
-        deployed = state.get("deployed")
-        if isinstance(deployed, dict) and isinstance(deployed.get("sha"), str):
-            self.deployed = Commit(deployed["sha"], deployed.get("subject", ""), deployed.get("time", 0))
-        pin = state.get("pin")
-        if self.remote_mode and isinstance(pin, dict) and isinstance(pin.get("sha"), str):
-            self.pin = {"sha": pin["sha"], "subject": str(pin.get("subject", "")),
-                        "remote_at": pin.get("remote_at") if isinstance(pin.get("remote_at"), str) else None}
 
     def _find_running_services(self):
         """The services an earlier daemon left running, found without the state
@@ -3286,180 +4021,107 @@ class Daemon:
                                "started_wall": boot_time() + start / os.sysconf("SC_CLK_TCK") if start else None}
         return found
 
-    def _snapshot(self):
-        services = dict(self.saved_services)      # units not deployed now keep their memory
-        services.update({name: service.persistent() for name, service in self.services.items()})
-        return {"version": STATE_VERSION, "deployed": self.deployed.to_json() if self.deployed else None,
-                "services": services, "history": self.history[-HISTORY_LIMIT:], "pin": self.pin}
-
-    def mark_dirty(self):
-        """Batched save: at most one write per STATE_MIN_SAVE_INTERVAL, within
-        STATE_SAVE_CHECK_INTERVAL of the change; no timer at all while idle."""
-        self.store.dirty = True
-        if self.save_timer is None:
-            self.save_timer = self.call_later(STATE_SAVE_CHECK_INTERVAL, self._save_due)
-
-    def _save_due(self):
-        self.save_timer = None
-        if not self.store.dirty:
-            return
-        wait = self.store.last_save + STATE_MIN_SAVE_INTERVAL - time.monotonic()
-        if wait > 0:
-            self.save_timer = self.call_later(wait, self._save_due)
-            return
-        if not self.store.save(self._snapshot()):
-            self.mark_dirty()        # retry later (disk full, ...)
-
-    def _save_now(self):
-        """Forced save, for user intents, deploys and shutdown."""
-        if not self.store.save(self._snapshot()):
-            self.mark_dirty()
-
-    # -- hooks for Service -----------------------------------------------------------
-
-    def service_changed(self, service):
-        self.changed = True
-        self.mark_dirty()
-        if service.state in (STOPPED, FAILED, EXITED) and not self.shutting_down:
-            self._stop_requiring(service)
-
-    def _stop_requiring(self, service):
-        """Requires=: what requires a unit stops when it stops or fails."""
-        for other in self.services.values():
-            if service.name in other.spec.requires and other.state in (STARTING, RUNNING) and not other.removed:
-                why = "required unit %s %s" % (service.name, {FAILED: "failed", EXITED: "exited"}.get(service.state, "stopped"))
-                self.log.info(other.name, "Stopping: %s" % why)
-                self._stop_keeping_intent(other, why)
-
-    def dependency_state(self, service):
-        """("ready"|"waiting"|"failed", why) for the units `service` comes after
-        (After=, Requires=). Ready: running (healthy, if checked) or a oneshot
-        that exited 0. An After= unit that is stopped on purpose does not hold
-        the start back; a Requires= one does."""
-        for name in service.spec.after + service.spec.requires:
-            required = name in service.spec.requires
-            other = self.services.get(name)
-            if other is None or other.removed or name == service.name:
-                if required:
-                    return "failed", "requires %s, which is not deployed here" % name
-                continue
-            if other.is_ready():
-                continue
-            if other.state in (STARTING, BACKOFF) or (other.state == STOPPING and other.start_after_stop):
-                return "waiting", "waiting for %s" % name
-            # The dependency is down, and nothing is bringing it up.
-            if other.want == "down":
-                if required:
-                    return "failed", "requires %s, which is stopped" % name
-                continue                      # stopped by the user: After= only orders
-            return "failed", "dependency %s %s (%s)" % (
-                name, "failed" if other.state == FAILED else "is " + other.state, other.reason or describe_exit(other.last_exit))
-        return "ready", None
-
-    def _release_waiting(self):
-        """Start what waited for dependencies that are now ready (or failed)."""
-        for service in list(self.services.values()):
-            if service.waiting and service.state == STARTING and service.pid is None and service.want == "up":
-                service._begin_start()
-
-    def deploy_note(self, service):
-        """', deployed from COMMIT' when the service's running version came from a
-        deploy that changed it (for grep "Restarting" in daemon.log)."""
-        if self.deployed and service.commit == self.deployed.sha:
-            return ", commit %s" % service.commit[:7]
-        return ""
-
-    def spawn_command(self, service, command):
-        """Resolve everything a process of `service` needs and start `command`."""
-        if self.shutting_down:
-            raise SpawnError("the daemon is shutting down")
-        spec = service.spec
-        run_as = self._run_as(spec.user, spec.group)
-        env = self._service_environment(spec, run_as)
-        argv = expand_command(command.argv, env)
-        program = expand_command([command.program], env)
-        if not argv or not program:
-            raise SpawnError("the command is empty after expanding variables: %s" % command)
-        path = find_program(program[0], env.get("PATH"))
-        if path is None:
-            raise SpawnError("%s: command not found on PATH (%s)" % (program[0], env.get("PATH")))
-        cwd = self._working_directory(spec, run_as)
-        try:
-            makedirs(self.config.log_dir)
-        except OSError as exc:
-            raise SpawnError("cannot create the log folder %s: %s" % (self.config.log_dir, exc.strerror))
-        group = self.cgroups.prepare(service.name, spec) if self.cgroups else None
-        service.cgroup = group
-        if service.cgroup_timer is not None:
-            service.cgroup_timer.cancel()
-            service.cgroup_timer = None
-        # With a cgroup the child joins it before exec (fork path): joined from
-        # here after posix_spawn, a shell could fork an escapee first.
-        return self.spawner.spawn(argv, path, env, cwd, self.config.service_log(service.name), run_as,
-                                  group.procs_files if group else (), spec.private_pids)
-
-    def _run_as(self, user, group):
-        """resolve_run_as, remembered for a few seconds: a deploy of a thousand
-        units reads the user database once, and a changed one is seen soon."""
-        now = time.monotonic()
-        cached = self.run_as_cache.get((user, group))
-        if cached is None or cached[0] < now:
-            try:
-                cached = (now + RUN_AS_CACHE_SECONDS, resolve_run_as(user, group))
-            except SpawnError as exc:
-                cached = (now + RUN_AS_CACHE_SECONDS, exc)
-            self.run_as_cache[(user, group)] = cached
-        if isinstance(cached[1], SpawnError):
-            raise cached[1]
-        return cached[1]
-
     @staticmethod
-    def _service_environment(spec, run_as):
-        """A clean environment, as systemd gives: PATH and locale from the daemon,
-        the user's HOME/USER/LOGNAME/SHELL, then Environment=, then EnvironmentFile=
-        (which overrides, as in systemd)."""
-        env = {"PATH": os.environ.get("PATH") or DEFAULT_PATH}
-        for key in ("LANG", "LC_ALL", "TZ"):
-            if key in os.environ:
-                env[key] = os.environ[key]
-        if run_as.home:
-            env["HOME"] = run_as.home
-        if run_as.user:
-            env["USER"] = env["LOGNAME"] = run_as.user
-        if run_as.shell:
-            env["SHELL"] = run_as.shell
-        env["GITPROC_UNIT"] = spec.name
-        env.update(spec.environment)
-        for path, optional in spec.environment_files:
-            try:
-                env.update(load_environment_file(path))
-            except OSError as exc:
-                if not optional:
-                    raise SpawnError("EnvironmentFile=%s: %s" % (path, exc.strerror))
-        return env
+    def live_pid(saved):
+        """(pid, start time) from a state entry if that process still runs, else None.
+        The start time proves it is the same process: a reused pid is never touched."""
+        pid, pid_start = saved.get("pid"), saved.get("pid_start")
+        if not isinstance(pid, int) or not isinstance(pid_start, int) or pid <= 0:
+            return None
+        return (pid, pid_start) if pid_start_time(pid) == pid_start else None
 
-    @staticmethod
-    def _working_directory(spec, run_as):
-        """WorkingDirectory=, else as systemd's managers do: "/" under a root
-        daemon (system services, whatever their User=), the daemon user's home
-        under a user's daemon."""
-        default = "/" if os.geteuid() == 0 else (run_as.home if run_as.home and os.path.isdir(run_as.home) else "/")
-        wanted = spec.working_directory
-        if wanted is None:
-            return default
-        optional = wanted.startswith("-")
-        wanted = wanted.lstrip("-")
-        if wanted == "~" or wanted.startswith("~/"):
-            wanted = (run_as.home or "/") + wanted[1:]
-        if optional and not os.path.isdir(wanted):
-            return default
-        return wanted
+    def saved_commit(self, name):
+        saved = self.saved_services.get(name)
+        return saved.get("commit") if isinstance(saved, dict) and isinstance(saved.get("commit"), str) else None
 
-    # -- deploying -------------------------------------------------------------------
+    def restore_service(self, service):
+        """A new Service takes what was saved of it; its process, if an earlier
+        daemon left it running, is adopted (then stopped if the user wants it
+        down, restarted if its unit changed while no daemon ran). True if a
+        process was adopted."""
+        saved = self.saved_services.get(service.name)
+        if not isinstance(saved, dict):
+            return False
+        service.want = "down" if saved.get("want") == "down" else "up"
+        if isinstance(saved.get("restarts"), int):
+            service.restarts = saved["restarts"]
+        service.last_exit = saved.get("last_exit") if isinstance(saved.get("last_exit"), dict) else None
+        live = self.live_pid(saved)
+        if live is None:
+            return False
+        service.adopt(live[0], live[1], saved.get("started_wall"))
+        if service.want == "down":
+            service.stop()
+        elif saved.get("blob") not in (None, service.spec.blob):
+            self.log.info(service.name, "Restarting: unit changed while no daemon ran")
+            service.restart()
+        return True
+
+    def forget_units_not_in(self, names):
+        """Units removed while no daemon ran: forget them (a live process of
+        one is stopped by stop_orphans)."""
+        for name in [n for n, saved in self.saved_services.items() if n not in names and
+                     not (isinstance(saved, dict) and self.live_pid(saved))]:
+            del self.saved_services[name]
+
+    def stop_orphans(self, deployed_names):
+        """Processes that an earlier daemon left running for units that are no
+        longer deployed: SIGTERM their group, SIGKILL it if still there later."""
+        for name, saved in list(self.saved_services.items()):
+            live = self.live_pid(saved) if isinstance(saved, dict) and name not in deployed_names else None
+            if live is None:
+                continue
+            pid, pid_start = live
+            self.log.info(name, "Stopping pid %d: its unit is no longer deployed" % pid)
+            _signal_group_if_same(pid, pid_start, signal.SIGTERM)
+            self.call_later(DEFAULT_TIMEOUT_STOP_SEC, lambda p=pid, s=pid_start: _signal_group_if_same(p, s, signal.SIGKILL))
+            del self.saved_services[name]
+
+
+class Deployer:
+    """Deploys: which revision is the target (the branch, the fetched branch,
+    or a rollback pin), the plan for it (parse cache, invalid units kept at
+    their good version, ConditionHost=, AutoRollback= drift), applying that
+    plan to the registry of services, the history, and AutoRollback='s
+    decision. Owns what is deployed: specs, their problems, skipped units."""
+
+    def __init__(self, config, log, services, recovery, host, store):
+        self.config, self.log = config, log
+        self.services = services          # the registry: name -> Service (shared with the daemon)
+        self.recovery = recovery
+        self.host = host                  # what new Services are given
+        self.store = store
+        self.specs = {}                   # name -> UnitSpec deployed (last good version)
+        self.unit_problems = []           # Diagnostics of the deployed commit
+        self.skipped = {}                 # name -> why the unit does not run on this host
+        self.deployed = None              # Commit deployed
+        self.last_sync = None             # {"time", "result", "error"?, "trigger"}
+        self.history = History()
+        self.applied = False              # a commit was applied by this daemon
+        self.pin = None                   # remote-mode rollback: {"sha", "subject", "remote_at"}
+        self.deploy_count = 0             # deploys applied (the poll adapts to them)
+        self.parse_cache = {}             # (path, blob) -> parse_unit result
+        self._last_plan = None            # the plan of the last deploy (see last_plan)
 
     @property
     def remote_mode(self):
         return bool(self.config.remote)
+
+    def restore(self, state):
+        self.history = History(state.get("history", []))
+        deployed = state.get("deployed")
+        if isinstance(deployed, dict) and isinstance(deployed.get("sha"), str):
+            self.deployed = Commit(deployed["sha"], deployed.get("subject", ""), deployed.get("time", 0))
+        pin = state.get("pin")
+        if self.remote_mode and isinstance(pin, dict) and isinstance(pin.get("sha"), str):
+            self.pin = {"sha": pin["sha"], "subject": str(pin.get("subject", "")),
+                        "remote_at": pin.get("remote_at") if isinstance(pin.get("remote_at"), str) else None}
+
+    def persistent(self):
+        return {"deployed": self.deployed.to_json() if self.deployed else None,
+                "history": self.history.entries, "pin": self.pin}
+
+    # -- the target ------------------------------------------------------------------
 
     def _pin_outdated(self):
         """True when the remote branch moved on since the rollback pin was set."""
@@ -3467,6 +4129,12 @@ class Daemon:
             return False
         fetched = read_ref_file(git_common_dir(self.config.repo_path), REMOTE_REF % self.config.branch)
         return bool(fetched) and fetched != self.pin.get("remote_at")
+
+    def release_outdated_pin(self):
+        if self._pin_outdated():
+            self.log.info("daemon", "%s/%s moved on: releasing the rollback pin on %s" % (
+                self.config.remote, self.config.branch, self.pin["sha"][:7]))
+            self.pin = None
 
     def _target_rev(self):
         """What to deploy: the branch (local mode), the fetched branch (remote
@@ -3478,76 +4146,82 @@ class Daemon:
             return REMOTE_REF % self.config.branch, "%s/%s (fetched)" % (self.config.remote, self.config.branch)
         return "refs/heads/" + self.config.branch, "branch %r" % self.config.branch
 
-    def _read_target(self):
-        """(Commit, unit entries) to deploy now; GitError if they cannot be read."""
-        rev, what = self._target_rev()
-        commit = git_commit_at(self.config.repo_path, rev, what)
-        return commit, self._read_units(commit.sha)
+    def _read_units(self, sha):
+        """The unit entries of a commit; files parsed before are not read again."""
+        return git_read_units(self.config.repo_path, sha, known=self.parse_cache)
+
+    # -- planning ----------------------------------------------------------------------
 
     def deploy_head(self, trigger, force=False):
-        """Reconcile the services with the target commit (see _target_rev) and
-        return the plan carried out. Nothing happens when that commit is already
-        deployed (unless `force`). A repository that cannot be read changes
-        nothing: the error goes to the log, `status` and history."""
+        """Reconcile the services with the target commit and return the plan
+        carried out. Nothing happens when that commit is already deployed
+        (unless `force`). A repository that cannot be read changes nothing:
+        the error goes to the log, `status` and history."""
         now = time.time()
-        if self.shutting_down:
-            return {"error": "the daemon is shutting down"}
+        if self.host.shutting_down:
+            return DeployPlan.failed("the daemon is shutting down")
         try:
             rev, what = self._target_rev()
             commit = git_commit_at(self.config.repo_path, rev, what)
             if self.applied and not force and self.deployed and commit.sha == self.deployed.sha:
-                self.last_sync = {"time": now, "result": "partial" if self._invalid_lines() else "ok",
+                self.last_sync = {"time": now, "result": "partial" if self.invalid_lines() else "ok",
                                   "trigger": trigger}
                 self._last_plan = self._noop_plan(commit)
                 return self._last_plan
             entries = self._read_units(commit.sha)
         except (GitError, OSError) as exc:
             message = str(exc) if isinstance(exc, GitError) else "cannot run git: %s" % describe_os_error(exc)
-            self._record_error(trigger, message)
-            return {"error": message}
-        plan = self.apply(commit, entries, trigger)
-        self.last_sync = {"time": now, "result": "ok" if not plan["invalid"] else "partial", "trigger": trigger}
+            self.record_error(trigger, message)
+            return DeployPlan.failed(message)
+        plan = self.apply(self.plan(commit, entries), trigger)
+        self.last_sync = {"time": now, "result": "ok" if not plan.invalid else "partial", "trigger": trigger}
         return plan
 
     @property
     def last_plan(self):
         """What the last deploy did (for a remote-mode sync answered after its fetch)."""
         if self.last_sync and self.last_sync.get("error"):
-            return {"error": self.last_sync["error"]}
+            return DeployPlan.failed(self.last_sync["error"])
         if self._last_plan is None and self.deployed is None:
-            return {"error": "nothing is deployed yet"}
+            return DeployPlan.failed("nothing is deployed yet")
         return self._last_plan or self._noop_plan(self.deployed)
 
-    def _read_units(self, sha):
-        """The unit entries of a commit; files parsed before are not read again."""
-        return git_read_units(self.config.repo_path, sha, known=self.parse_cache)
+    def diff(self):
+        """What deploying the target now would do, changing nothing."""
+        try:
+            rev, what = self._target_rev()
+            commit = git_commit_at(self.config.repo_path, rev, what)
+            plan = self.plan(commit, self._read_units(commit.sha))
+        except GitError as exc:
+            return DeployPlan.failed(str(exc))
+        plan.noop = bool(self.deployed and commit.sha == self.deployed.sha and self.applied)
+        return plan
 
-    def _noop_plan(self, commit):
-        drift = {name: "runs the version of %s: %s was rolled back (%s)" % (
+    def _drift(self):
+        return {name: "runs the version of %s: %s was rolled back (%s)" % (
             s.commit[:7], s.rolled_back["from"][:7], s.rolled_back["why"])
             for name, s in self.services.items() if s.rolled_back and s.rejected is not None}
-        return {"commit": commit.to_json(), "previous": commit.sha, "noop": True, "added": [], "changed": [], "drift": drift,
-                "changes": {}, "removed": [], "unchanged": sorted(self.specs), "invalid": self._invalid_lines(),
-                "skipped": dict(self.skipped)}
 
-    def _invalid_lines(self):
+    def _noop_plan(self, commit):
+        plan = DeployPlan(commit, commit.sha, noop=True)
+        plan.unchanged, plan.drift = sorted(self.specs), self._drift()
+        plan.invalid, plan.skipped = self.invalid_lines(), dict(self.skipped)
+        return plan
+
+    def invalid_lines(self):
         return [str(d) for d in self.unit_problems if d.severity == "error"]
 
-    def _record_error(self, trigger, message):
+    def record_error(self, trigger, message):
         """A deploy or fetch that failed: logged and shown once per distinct error."""
         previous = (self.last_sync or {}).get("error")
         self.last_sync = {"time": time.time(), "result": "error", "error": message, "trigger": trigger}
         if message != previous:
             self.log.error("daemon", "Deploy skipped: %s" % message)
-            self.history.append({"time": time.time(), "commit": None, "subject": None, "trigger": trigger,
-                                 "outcome": "error", "error": message, "added": [], "changed": [],
-                                 "removed": [], "invalid": []})
-            del self.history[:-HISTORY_LIMIT]
-            self.mark_dirty()
+            self.history.record(trigger, "error", error=message)
+            self.store.mark_dirty()
 
     def plan(self, commit, entries):
-        """What deploying `commit` would do, changing nothing: (specs to run,
-        Diagnostics, {name: commit of a kept earlier version}, skipped, plan)."""
+        """What deploying `commit` would do, changing nothing."""
         specs, problems = check_unit_tree(entries, self.parse_cache)
         if len(self.parse_cache) > 2 * len(entries) + 100:
             keep = {(path, blob) for _, path, _, blob in entries}
@@ -3559,261 +4233,43 @@ class Daemon:
             if name not in specs and name in earlier:
                 specs[name] = earlier[name]           # the earlier good version keeps running
                 service = self.services.get(name)
-                origin[name] = service.commit if service else self.saved_services[name]["commit"]
+                origin[name] = service.commit if service else self.recovery.saved_commit(name)
         skipped = {}
         for name, spec in list(specs.items()):
             if not host_matches(spec.condition_host, self.config.hostname):
                 skipped[name] = "ConditionHost=%s does not match %s" % (" ".join(spec.condition_host), self.config.hostname)
                 del specs[name]
-        plan = plan_deploy(self.specs, specs)
-        plan["drift"] = {}
-        for name in list(plan["changed"]):
+        changes = plan_deploy(self.specs, specs)
+        plan = DeployPlan(commit, self.deployed.sha if self.deployed else None)
+        for key in DeployPlan.LISTS:
+            setattr(plan, key, changes[key])
+        plan.changes = changes["changes"]
+        for name in list(plan.changed):
             service = self.services.get(name)
             if service is not None and service.rejected is not None and specs[name].fingerprint() == service.rejected:
                 # The version AutoRollback= took back: it stays rolled back (drift)
                 # until a commit changes the unit again.
                 specs[name] = self.specs[name]
                 origin[name] = service.commit
-                plan["changed"].remove(name)
-                del plan["changes"][name]
-                plan["unchanged"].append(name)
-                plan["drift"][name] = "runs the version of %s: %s was rolled back (%s)" % (
+                plan.changed.remove(name)
+                del plan.changes[name]
+                plan.unchanged.append(name)
+                plan.drift[name] = "runs the version of %s: %s was rolled back (%s)" % (
                     service.commit[:7], service.rolled_back["from"][:7], service.rolled_back["why"])
-        plan["unchanged"].sort()
-        plan.update(commit=commit.to_json(), previous=self.deployed.sha if self.deployed else None, noop=False,
-                    invalid=[str(d) for d in problems if d.severity == "error"], skipped=skipped)
-        return specs, problems, origin, skipped, plan
-
-    def auto_rollback(self, service, why):
-        """AutoRollback=yes: the version a deploy brought failed (start limit, or
-        never healthy): run the unit's previous version again. The repository is
-        not touched; `diff` shows the drift, `status` and history say why."""
-        if not service.previous or not service.spec.auto_rollback or self.shutting_down:
-            return False
-        old_spec, old_commit = service.previous
-        bad_commit = service.commit
-        service.previous = None
-        service.rejected = service.spec.fingerprint()
-        service.rolled_back = {"from": bad_commit, "to": old_commit, "why": why, "time": time.time()}
-        self.specs[service.name] = old_spec
-        self.log.warning(service.name, "Rolling back to the version of %s: the one of %s failed (%s)" % (
-            old_commit[:7], bad_commit[:7], why))
-        self.history.append({"time": time.time(), "commit": bad_commit, "subject": "AutoRollback of %s" % service.name,
-                             "trigger": "auto-rollback", "outcome": "rolled back", "added": [],
-                             "changed": [service.name], "removed": [], "invalid": [], "why": why})
-        del self.history[:-HISTORY_LIMIT]
-        service.spec, service.commit = old_spec, old_commit
-        service.start_times.clear()
-        service.crash_streak = 0
-        if service.pid:
-            service.stop(reason="rolling back: " + why)
-            service.want, service.start_after_stop = "up", True
-        else:
-            service.want = "up"
-            service._begin_start()
-        self._save_now()
-        return True
-
-    def apply(self, commit, entries, trigger):
-        """Reconcile the running services with the units of `commit`: new units
-        start, changed ones restart, removed ones stop, the others are untouched.
-        Manual stops are kept."""
-        specs, problems, origin, skipped, plan = self.plan(commit, entries)
-        if not self.applied:
-            # Units removed while no daemon ran: forget them (a live process of
-            # one is stopped by _stop_saved_orphans).
-            in_tree = {name for name, _, _, _ in entries}
-            for name in [n for n, saved in self.saved_services.items() if n not in in_tree and
-                         not (isinstance(saved, dict) and self._live_saved_pid(saved))]:
-                del self.saved_services[name]
-        for line in plan["invalid"]:
-            self.log.error("daemon", "Invalid unit: %s" % line)
-        for name in plan["removed"]:
-            service = self.services[name]
-            if service.state in (STARTING, RUNNING):
-                self._stop_keeping_intent(service, "removed from the repository")
-            service.removed = True
-            self.saved_services.pop(name, None)
-        self.specs, self.unit_problems, self.skipped = specs, problems, skipped
-        self.deployed = commit
-        self.applied = True
-        for name in dependency_order(specs):
-            spec = specs[name]
-            if name in plan["added"]:
-                self._add_service(spec, origin.get(name, commit.sha))
-                continue
-            service = self.services[name]
-            if name in plan["changed"]:
-                service.previous = (service.spec, service.commit) if spec.auto_rollback else None
-                service.rejected = service.rolled_back = None
-                service.spec, service.commit = spec, origin.get(name, commit.sha)
-                if service.want == "up":
-                    self.log.info(name, "Restarting: %s changed in commit %s" % (
-                        ", ".join(plan["changes"][name]), commit.sha[:7]))
-                    service.restart()
-            else:
-                service.spec = spec       # same meaning; the file may have moved
-        self._forget_removed()
-        self.history.append({"time": time.time(), "commit": commit.sha, "subject": commit.subject,
-                             "trigger": trigger, "outcome": "partial" if plan["invalid"] else "ok",
-                             "added": plan["added"], "changed": plan["changed"],
-                             "removed": plan["removed"], "invalid": plan["invalid"]})
-        del self.history[:-HISTORY_LIMIT]
-        self.log.info("daemon", "Deployed %s %r (%s): %d added, %d changed, %d removed, %d unchanged, %d invalid" % (
-            commit.sha[:7], commit.subject, trigger, len(plan["added"]), len(plan["changed"]),
-            len(plan["removed"]), len(plan["unchanged"]), len(plan["invalid"])))
-        self.deploys_since_poll += 1
-        self._last_plan = plan
-        self._save_now()
+        plan.unchanged.sort()
+        plan.invalid = [str(d) for d in problems if d.severity == "error"]
+        plan.skipped, plan.specs, plan.problems, plan.origin = skipped, specs, problems, origin
+        plan.in_tree = {name for name, _, _, _ in entries}
         return plan
-
-    # -- watching for commits ----------------------------------------------------------
-
-    def _start_watching(self):
-        """Local mode: a RefWatcher on the branch (no git while nothing changes).
-        Remote mode: a fetch now. Both: the adaptive safety poll."""
-        if self.remote_mode:
-            self._start_fetch()
-        else:
-            try:
-                self.git_dir = git_common_dir(self.config.repo_path)
-            except GitError as exc:
-                self.log.warning("daemon", "Cannot watch the repository (%s); polling it with git" % exc)
-            else:
-                self.watcher = RefWatcher(self.git_dir, "refs/heads/" + self.config.branch, self.selector,
-                                          self.call_later, lambda: self._check_branch("commit"))
-                self.log.info("daemon", "Watching %s for new commits (%s)" % (
-                    os.path.join(self.git_dir, "refs/heads", self.config.branch), self.watcher.start()))
-                self._check_branch("commit")  # a commit that landed before the watch began
-        self.poll_timer = self.call_later(self.poll_delay, self._poll_due)
-
-    def _poll_due(self):
-        """The performance guide's adaptive poll: every poll_interval, stretched to
-        max_poll_interval after 3 quiet checks, back at once on a change."""
-        try:
-            if self.remote_mode:
-                self._start_fetch()           # _fetch_finished adapts the delay
-            else:
-                self._check_branch("poll")
-                self._adapt_poll(self.deploys_since_poll > 0)
-        finally:                              # whatever happened, the safety net stays
-            self.poll_timer = self.call_later(self.poll_delay, self._poll_due)
-
-    def _check_branch(self, trigger):
-        """Deploy if the branch's ref differs from the deployed commit, or the last
-        deploy failed (retried at each poll). Reads ref files only: no git while
-        nothing changed and nothing is broken."""
-        value = read_ref_file(self.git_dir, "refs/heads/" + self.config.branch) if self.git_dir else None
-        failed = bool(self.last_sync and self.last_sync.get("error"))
-        if value is None or failed or value != (self.deployed.sha if self.deployed else ""):
-            self.deploy_head(trigger)
-
-    def _adapt_poll(self, changed):
-        self.deploys_since_poll = 0
-        if changed:
-            self.quiet_polls, self.poll_delay = 0, self.config.poll_interval
-        else:
-            self.quiet_polls += 1
-            if self.quiet_polls >= 3:
-                self.poll_delay = self.config.max_poll_interval
-
-    def _fetched_yet(self):
-        try:
-            return bool(read_ref_file(git_common_dir(self.config.repo_path), REMOTE_REF % self.config.branch))
-        except GitError:
-            return False
-
-    def _start_fetch(self, deploy=True):
-        """`git fetch` of remote/branch into a private ref, as a child of the loop:
-        its exit is watched like a service's, so supervision never waits for it.
-        With deploy=False (for `diff`) the fetched commit waits for the next
-        poll or `sync` to be deployed."""
-        self.fetch_deploys = self.fetch_deploys or deploy
-        if self.fetch_pid is not None:
-            return
-        git = find_program("git", os.environ.get("PATH"))
-        argv = ["git", "-C", self.config.repo_path, "fetch", "--quiet", "--no-tags", self.config.remote,
-                "+refs/heads/%s:%s" % (self.config.branch, REMOTE_REF % self.config.branch)]
-        output = os.memfd_create("gitproc-fetch", os.MFD_CLOEXEC)
-        try:
-            if git is None:
-                raise OSError(errno.ENOENT, "git not found on PATH")
-            # In a process group of its own, so that a timeout or a shutdown
-            # also ends what git started (ssh, credential helpers).
-            pid = os.posix_spawn(git, argv, git_environment(), file_actions=[
-                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                (os.POSIX_SPAWN_DUP2, output, 1), (os.POSIX_SPAWN_DUP2, output, 2)],
-                setpgroup=0, setsigdef=(signal.SIGPIPE,))
-        except OSError as exc:
-            os.close(output)
-            self._fetch_finished("cannot run git fetch: %s" % (exc.strerror or exc))
-            return
-        self.fetch_pid, self.fetch_output = pid, output
-        self.fetch_timer = self.call_later(FETCH_TIMEOUT, self._kill_fetch)
-        self.exit_watcher.watch(pid, self._on_fetch_exit)
-
-    def _kill_fetch(self):
-        if self.fetch_pid is not None:
-            try:
-                os.killpg(self.fetch_pid, signal.SIGKILL)   # still our unreaped child: safe
-            except OSError:
-                pass
-
-    def _on_fetch_exit(self, exit_info):
-        self.fetch_timer.cancel()
-        text = os.pread(self.fetch_output, 4096, 0).decode("utf-8", "replace").strip()
-        os.close(self.fetch_output)
-        self.fetch_pid = self.fetch_output = None
-        error = None
-        if exit_info != {"code": 0}:
-            lines = text.splitlines()
-            complaints = [line for line in lines if line.startswith(("fatal:", "error:"))]
-            detail = (complaints or lines or [describe_exit(exit_info)])[0]
-            if exit_info == {"signal": signal.SIGKILL}:
-                detail = "timed out after %ds" % FETCH_TIMEOUT
-            error = "git fetch %s %s failed: %s" % (self.config.remote, self.config.branch, detail)
-        self._fetch_finished(error)
-
-    def _fetch_finished(self, error):
-        """Deploy what was fetched (or report why not), then answer sync/diff
-        requests that waited for this fetch."""
-        self.last_fetch = {"time": time.time(), "result": "error" if error else "ok", "error": error}
-        before = self.deploys_since_poll
-        if error:
-            self._record_error("fetch", error)
-        elif self.fetch_deploys:
-            if self._pin_outdated():
-                self.log.info("daemon", "%s/%s moved on: releasing the rollback pin on %s" % (
-                    self.config.remote, self.config.branch, self.pin["sha"][:7]))
-                self.pin = None
-            self.deploy_head("fetch")
-        self.fetch_deploys = False
-        self._adapt_poll(self.deploys_since_poll > before)
-        waiting, self.fetch_waiters = self.fetch_waiters, []
-        for finish in waiting:
-            finish(error)
-        if self.next_fetch_waiters:
-            self.fetch_waiters, self.next_fetch_waiters = self.next_fetch_waiters, []
-            deploy, self.next_fetch_deploys = self.next_fetch_deploys, False
-            self._start_fetch(deploy)
-
-    def _after_fetch(self, finish, deploy):
-        """Run finish(error) once a fetch that starts from now on has completed."""
-        if self.fetch_pid is None:
-            self.fetch_waiters.append(finish)
-            self._start_fetch(deploy)
-        else:
-            self.next_fetch_waiters.append(finish)
-            self.next_fetch_deploys = self.next_fetch_deploys or deploy
 
     def _specs_of_saved_commit(self, names):
         """At start-up, for invalid units whose earlier good version must keep
         running: that version, read from the commit each one last ran from."""
         commits = {}
         for name in names:
-            saved = self.saved_services.get(name)
-            if isinstance(saved, dict) and isinstance(saved.get("commit"), str):
-                commits.setdefault(saved["commit"], []).append(name)
+            sha = self.recovery.saved_commit(name)
+            if sha:
+                commits.setdefault(sha, []).append(name)
         specs = {}
         for sha, wanted in commits.items():
             try:
@@ -3825,6 +4281,54 @@ class Daemon:
             specs.update({name: found[name] for name in wanted if name in found})
         return specs
 
+    # -- applying ------------------------------------------------------------------------
+
+    def apply(self, plan, trigger):
+        """Reconcile the running services with the plan: new units start,
+        changed ones restart, removed ones stop, the others are untouched.
+        Manual stops are kept."""
+        commit = plan.commit
+        if not self.applied:
+            self.recovery.forget_units_not_in(plan.in_tree)
+        for line in plan.invalid:
+            self.log.error("daemon", "Invalid unit: %s" % line)
+        for name in plan.removed:
+            service = self.services[name]
+            if service.state in (STARTING, RUNNING):
+                service.halt("removed from the repository")
+            service.removed = True
+            self.recovery.saved_services.pop(name, None)
+        self.specs, self.unit_problems, self.skipped = plan.specs, plan.problems, plan.skipped
+        self.deployed = commit
+        self.applied = True
+        for name in dependency_order(plan.specs):
+            spec = plan.specs[name]
+            sha = plan.origin.get(name, commit.sha)
+            if name in plan.added:
+                self._add_service(spec, sha)
+                continue
+            service = self.services[name]
+            if name in plan.changed:
+                service.previous = (service.spec, service.commit) if spec.auto_rollback else None
+                service.rejected = service.rolled_back = None
+                service.spec, service.commit = spec, sha
+                if service.want == "up":
+                    self.log.info(name, "Restarting: %s changed in commit %s" % (
+                        ", ".join(plan.changes[name]), commit.sha[:7]))
+                    service.restart()
+            else:
+                service.spec = spec       # same meaning; the file may have moved
+        self.forget_removed()
+        self.history.record(trigger, "partial" if plan.invalid else "ok", commit.sha, commit.subject,
+                            plan.added, plan.changed, plan.removed, plan.invalid)
+        self.log.info("daemon", "Deployed %s %r (%s): %d added, %d changed, %d removed, %d unchanged, %d invalid" % (
+            commit.sha[:7], commit.subject, trigger, len(plan.added), len(plan.changed),
+            len(plan.removed), len(plan.unchanged), len(plan.invalid)))
+        self.deploy_count += 1
+        self._last_plan = plan
+        self.store.save_now()
+        return plan
+
     def _add_service(self, spec, sha):
         service = self.services.get(spec.name)
         if service is not None:
@@ -3834,365 +4338,161 @@ class Daemon:
             if service.want == "up":
                 service.start()           # STOPPING -> (stopped) -> STARTING
             return
-        service = Service(self, spec, sha)
+        service = Service(self.host, spec, sha)
         self.services[spec.name] = service
-        saved = self.saved_services.get(spec.name)
-        if isinstance(saved, dict):
-            service.want = "down" if saved.get("want") == "down" else "up"
-            if isinstance(saved.get("restarts"), int):
-                service.restarts = saved["restarts"]
-            service.last_exit = saved.get("last_exit") if isinstance(saved.get("last_exit"), dict) else None
-            if self._adopt_saved(service, saved):
-                return
+        if self.recovery.restore_service(service):
+            return
         if service.want == "up":
             service.start()
         else:
-            service._set_state(STOPPED, "stopped by user")
+            service.halt("stopped by user")
 
-    @staticmethod
-    def _live_saved_pid(saved):
-        """(pid, start time) from a state entry if that process still runs, else None.
-        The start time proves it is the same process: a reused pid is never touched."""
-        pid, pid_start = saved.get("pid"), saved.get("pid_start")
-        if not isinstance(pid, int) or not isinstance(pid_start, int) or pid <= 0:
-            return None
-        return (pid, pid_start) if pid_start_time(pid) == pid_start else None
-
-    def _adopt_saved(self, service, saved):
-        """Adopt the process an earlier daemon left running; stop it if the user
-        wants it down, restart it if its unit changed while no daemon ran."""
-        live = self._live_saved_pid(saved)
-        if live is None:
-            return False
-        service.adopt(live[0], live[1], saved.get("started_wall"))
-        if service.want == "down":
-            service.stop()
-        elif saved.get("blob") not in (None, service.spec.blob):
-            self.log.info(service.name, "Restarting: unit changed while no daemon ran")
-            service.restart()
-        return True
-
-    def _stop_saved_orphans(self):
-        """Processes that an earlier daemon left running for units that are no
-        longer deployed: SIGTERM their group, SIGKILL it if still there later."""
-        for name, saved in list(self.saved_services.items()):
-            live = self._live_saved_pid(saved) if isinstance(saved, dict) and name not in self.services else None
-            if live is None:
-                continue
-            pid, pid_start = live
-            self.log.info(name, "Stopping pid %d: its unit is no longer deployed" % pid)
-            _signal_group_if_same(pid, pid_start, signal.SIGTERM)
-            self.call_later(DEFAULT_TIMEOUT_STOP_SEC, lambda p=pid, s=pid_start: _signal_group_if_same(p, s, signal.SIGKILL))
-            del self.saved_services[name]
-
-    def _forget_removed(self):
+    def forget_removed(self):
         for name in [name for name, s in self.services.items() if s.removed and s.state not in ACTIVE_STATES]:
             self.services.pop(name).discard()
 
-    # -- waiting for services ---------------------------------------------------------
+    # -- AutoRollback= and rollback ---------------------------------------------------------
 
-    def _check_waiters(self):
-        self._forget_removed()
-        for waiter in list(self.waiters):
-            reply = waiter.check()
-            if reply is not None:
-                self._finish_waiter(waiter, reply)
+    def auto_rollback(self, service, why):
+        """AutoRollback=yes: the version a deploy brought failed (start limit, or
+        never healthy). Returns (spec, commit) of the unit's previous version to
+        run instead, or None. The repository is not touched; `diff` shows the
+        drift, `status` and history say why."""
+        if not service.previous or not service.spec.auto_rollback or self.host.shutting_down:
+            return None
+        old_spec, old_commit = service.previous
+        bad_commit = service.commit
+        service.previous = None
+        service.rejected = service.spec.fingerprint()
+        service.rolled_back = {"from": bad_commit, "to": old_commit, "why": why, "time": time.time()}
+        self.specs[service.name] = old_spec
+        self.log.warning(service.name, "Rolling back to the version of %s: the one of %s failed (%s)" % (
+            old_commit[:7], bad_commit[:7], why))
+        self.history.record("auto-rollback", "rolled back", bad_commit, "AutoRollback of %s" % service.name,
+                            changed=[service.name], why=why)
+        self.store.save_now()
+        return old_spec, old_commit
 
-    def _finish_waiter(self, waiter, reply):
-        if waiter in self.waiters:
-            self.waiters.remove(waiter)
-        if waiter.timer:
-            waiter.timer.cancel()
-        waiter.conn.waiting = None
-        if waiter.conn.fd in self.connections:
-            waiter.conn.outbuf += encode_message(reply)
-            self._process_input(waiter.conn)
+    def deploy_note(self, service):
+        """', commit COMMIT' when the service's running version came from the
+        deployed commit (for grep "Restarting" in daemon.log)."""
+        if self.deployed and service.commit == self.deployed.sha:
+            return ", commit %s" % service.commit[:7]
+        return ""
 
-    def _park(self, conn, check, expire, timeout):
-        reply = check()
-        if reply is not None:
-            return reply
-        waiter = Waiter(conn, check, expire)
-        waiter.timer = self.call_later(timeout, lambda: self._finish_waiter(waiter, waiter.expire()))
-        conn.waiting = waiter
-        self.waiters.append(waiter)
-        return None
+    def rollback(self, rev):
+        """Local mode: a new commit restoring the units of `rev`, deployed.
+        Remote mode: pin the daemon to `rev` until the remote branch moves on."""
+        repo, branch = self.config.repo_path, self.config.branch
+        target = git_commit_at(repo, rev, "commit %r" % rev)
+        if self.remote_mode:
+            fetched = read_ref_file(git_common_dir(repo), REMOTE_REF % branch)
+            self.pin = {"sha": target.sha, "subject": target.subject, "remote_at": fetched}
+            self.log.info("daemon", "Rollback: pinned to %s until %s/%s moves on" % (target.sha[:7], self.config.remote, branch))
+            plan = self.deploy_head("rollback")
+            plan.notes["pinned"] = self.pin
+        else:
+            head = git_commit_at(repo, "refs/heads/" + branch, "branch %r" % branch)
+            new = git_restore_units(repo, branch, head, target)
+            if new is not None:
+                self.log.info("daemon", "Rollback: commit %s restores the units of %s" % (new[:7], target.sha[:7]))
+            plan = self.deploy_head("rollback")
+            plan.notes["rollback_commit"] = new
+        plan.notes["target"] = target.to_json()
+        return plan
 
-    # -- shutdown --------------------------------------------------------------------
+    def release_pin(self):
+        if not self.pin:
+            raise GitprocError("nothing to release: no rollback pin is set")
+        self.log.info("daemon", "Rollback pin on %s released" % self.pin["sha"][:7])
+        self.pin = None
+        return self.deploy_head("rollback release", force=True)
 
-    def begin_shutdown(self, why, keep_services=False):
-        if self.shutting_down:
-            return
-        self.shutting_down = True
-        self.keep_services = keep_services
-        self.log.info("daemon", "Shutting down (%s)%s" % (why, "; services keep running" if keep_services else ""))
-        self._kill_fetch()
-        if keep_services:
-            self.running = False
-            return
-        self._shutdown_step()
 
-    def _shutdown_step(self):
-        """Stop services whose dependents are all stopped (reverse dependency
-        order); end the loop when no process is left."""
-        active = {name for name, s in self.services.items() if s.state in ACTIVE_STATES}
-        for name, service in self.services.items():
-            if service.state == BACKOFF:
-                service._cancel_timer()
-                service._set_state(STOPPED, "daemon shut down")
-            if service.state not in (STARTING, RUNNING):
-                continue
-            dependents = [other for other in active if other != name and
-                          name in self.services[other].spec.after + self.services[other].spec.requires]
-            if not dependents:
-                self._stop_keeping_intent(service, "daemon shut down")
-        if not any(s.state == STOPPING for s in self.services.values()):
-            # Nothing could be stopped in order (a dependency cycle): stop the rest.
-            for service in self.services.values():
-                if service.state in (STARTING, RUNNING):
-                    self._stop_keeping_intent(service, "daemon shut down")
-        if not any(s.state in ACTIVE_STATES for s in self.services.values()):
-            self.running = False
+class RequestHandlers:
+    """The control socket's commands, one method each, found through
+    COMMANDS. They read and act on the daemon's parts; a GitprocError they
+    raise becomes the error reply."""
 
-    @staticmethod
-    def _stop_keeping_intent(service, reason):
-        """Stop without it counting as the user's stop (shutdown, unit removed)."""
-        want = service.want
-        service.stop(reason=reason)
-        service.want = want
+    def __init__(self, daemon):
+        self.daemon = daemon
 
-    # -- the control socket ---------------------------------------------------------
-
-    def _accept(self, _key, _mask):
-        try:
-            sock, _ = self.listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self.log.warning("daemon", "accept failed: %s" % exc.strerror)
-            return
-        sock.setblocking(False)
-        if len(self.connections) >= MAX_CONNECTIONS:
-            self.log.warning("daemon", "Refused a client: %d connections already" % MAX_CONNECTIONS)
-            sock.close()
-            return
-        credentials = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        peer_pid, peer_uid, peer_gid = struct.unpack("3i", credentials)
-        conn = Connection(sock)
-        self.connections[conn.fd] = conn
-        self.selector.register(sock, conn.events, (self._on_client, conn))
-        if not self._peer_allowed(peer_pid, peer_uid, peer_gid):
-            self.log.warning("daemon", "Refused a client with uid %d (pid %d)" % (peer_uid, peer_pid))
-            self._refuse(conn, "permission denied: uid %d may not control this daemon" % peer_uid)
-            return
-        if self.idle_timer is None:
-            self.idle_timer = self.call_later(REQUEST_IDLE_TIMEOUT / 2, self._close_idle)
-
-    def _peer_allowed(self, pid, uid, gid):
-        if uid in (0, os.geteuid()):
-            return True
-        if self.socket_gid is None:
-            return False
-        if gid == self.socket_gid:
-            return True
-        try:
-            with open("/proc/%d/status" % pid) as status:
-                for line in status:
-                    if line.startswith("Groups:"):
-                        return str(self.socket_gid) in line.split()[1:]
-        except OSError:
-            pass
-        return False
-
-    def _close_idle(self):
-        """Close clients that sent half a request and went quiet."""
-        self.idle_timer = None
-        now = time.monotonic()
-        for conn in list(self.connections.values()):
-            if conn.waiting is None and now - conn.last_active > REQUEST_IDLE_TIMEOUT:
-                self._close(conn)
-        if self.connections:
-            self.idle_timer = self.call_later(REQUEST_IDLE_TIMEOUT / 2, self._close_idle)
-
-    def _on_client(self, conn, mask):
-        try:
-            self._serve_client(conn, mask)
-        except Exception:
-            self._close(conn)             # never leave a client waiting on a broken exchange
-            raise
-
-    def _serve_client(self, conn, mask):
-        if mask & selectors.EVENT_WRITE:
-            self._flush(conn)
-            if conn.fd in self.connections and len(conn.outbuf) < MAX_PENDING_REPLY:
-                self._process_input(conn)     # requests held back while replies piled up
-        if not mask & selectors.EVENT_READ or conn.fd not in self.connections:
-            return
-        try:
-            data = conn.sock.recv(65536)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if not data:
-            # EOF: the client sent all it will (maybe with shutdown(SHUT_WR));
-            # the requests it sent are still answered, then the socket closes.
-            conn.reading = False
-            self._process_input(conn)
-            return
-        conn.last_active = time.monotonic()
-        conn.inbuf += data
-        if conn.waiting is not None and len(conn.inbuf) > MAX_REQUEST_BYTES:
-            self._close(conn)             # flooding while its answer waits
-            return
-        self._process_input(conn)
-
-    def _process_input(self, conn):
-        """Answer the complete requests received, one at a time (a parked reply
-        holds the next ones back), then settle what to watch for."""
-        while conn.waiting is None and conn.fd in self.connections and len(conn.outbuf) < MAX_PENDING_REPLY:
-            newline = conn.inbuf.find(b"\n")
-            if newline < 0 and conn.reading and len(conn.inbuf) > MAX_REQUEST_BYTES:
-                self._refuse(conn, "request larger than %d bytes" % MAX_REQUEST_BYTES)
-                return
-            if newline < 0:
-                break
-            line = bytes(conn.inbuf[:newline])
-            del conn.inbuf[:newline + 1]
-            if len(line) > MAX_REQUEST_BYTES:
-                self._refuse(conn, "request larger than %d bytes" % MAX_REQUEST_BYTES)
-                return
-            if line.strip():
-                reply = self._handle_line(conn, line)
-                if reply is not None:
-                    conn.outbuf += encode_message(reply)
-        self._flush(conn)
-
-    def _handle_line(self, conn, line):
-        """One request -> a reply dict, or None when the reply was parked."""
-        try:
-            message = json.loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-            return {"ok": False, "error": "malformed request (one JSON object per line): %s" % exc}
-        if not isinstance(message, dict) or not isinstance(message.get("cmd"), str):
-            return {"ok": False, "error": "malformed request: expected {\"cmd\": \"...\", ...}"}
+    def dispatch(self, conn, message):
         handler = self.COMMANDS.get(message["cmd"])
         if handler is None:
             return {"ok": False, "error": "unknown command %r" % message["cmd"][:64]}
-        try:
-            result = handler(self, conn, message)
-        except GitprocError as exc:
-            return {"ok": False, "error": str(exc)}
-        except Exception:
-            import traceback
-            self.log.error("daemon", "Request %r failed: %s" % (message["cmd"], traceback.format_exc().strip().replace("\n", " | ")))
-            return {"ok": False, "error": "internal error handling %r (see the daemon log)" % message["cmd"]}
-        return result
+        return handler(self, conn, message)
 
-    def _refuse(self, conn, error):
-        """Answer with an error, read nothing more, close once it is sent."""
-        conn.reading = False
-        conn.inbuf.clear()
-        conn.outbuf += encode_message({"ok": False, "error": error})
-        self._flush(conn)
-
-    def _flush(self, conn):
-        """Write what the socket takes; watch for writability while some is left;
-        close when nothing more will be read or written."""
-        if conn.fd not in self.connections:
-            return
-        if conn.outbuf:
-            try:
-                sent = conn.sock.send(conn.outbuf)
-                del conn.outbuf[:sent]
-            except (BlockingIOError, InterruptedError):
-                pass
-            except OSError:
-                self._close(conn)
-                return
-        if not conn.reading and not conn.outbuf and conn.waiting is None and b"\n" not in conn.inbuf:
-            self._close(conn)
-            return
-        # A client that does not read its replies is not read from either, so
-        # neither buffer grows without bound (its socket fills and it blocks).
-        reading = conn.reading and len(conn.outbuf) < MAX_PENDING_REPLY
-        events = (selectors.EVENT_READ if reading else 0) | (selectors.EVENT_WRITE if conn.outbuf else 0)
-        if events != conn.events:
-            if not conn.events:
-                self.selector.register(conn.sock, events, (self._on_client, conn))
-            elif not events:
-                self.selector.unregister(conn.sock)
-            else:
-                self.selector.modify(conn.sock, events, (self._on_client, conn))
-            conn.events = events
-
-    def _close(self, conn):
-        if self.connections.pop(conn.fd, None) is not None and conn.events:
-            self.selector.unregister(conn.sock)
-        conn.events = 0
-        if conn.waiting is not None and conn.waiting in self.waiters:
-            self.waiters.remove(conn.waiting)
-            conn.waiting.timer.cancel()
-        conn.waiting = None
-        conn.sock.close()
-
-    # -- requests ------------------------------------------------------------------
+    # -- arguments -------------------------------------------------------------------
 
     def _names(self, message, allow_empty=False):
+        services, skipped = self.daemon.services, self.daemon.deployer.skipped
         names = message.get("names", [])
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise GitprocError("malformed request: 'names' must be a list of unit names")
         if not names and not allow_empty:
             raise GitprocError("name at least one unit")
-        unknown = [n for n in names if n not in self.services or self.services[n].removed]
+        unknown = [n for n in names if n not in services or services[n].removed]
         if unknown:
             hint = ""
-            skipped = [n for n in unknown if n in self.skipped]
-            if skipped:
-                hint = " (%s)" % self.skipped[skipped[0]]
+            known_skipped = [n for n in unknown if n in skipped]
+            if known_skipped:
+                hint = " (%s)" % skipped[known_skipped[0]]
             raise GitprocError("unknown unit%s: %s%s" % ("s" if len(unknown) > 1 else "", ", ".join(unknown), hint))
         return names
 
-    def _timeout(self, message, default):
+    @staticmethod
+    def _timeout(message, default):
         timeout = message.get("timeout", default)
         if (not isinstance(timeout, (int, float)) or isinstance(timeout, bool)
                 or not math.isfinite(timeout) or not 0 <= timeout <= MAX_WAIT_TIMEOUT):
             raise GitprocError("malformed request: 'timeout' must be seconds from 0 to %d" % MAX_WAIT_TIMEOUT)
         return timeout
 
+    def _refuse_while_shutting_down(self):
+        if self.daemon.host.shutting_down:
+            raise GitprocError("the daemon is shutting down")
+
+    @staticmethod
+    def _plan_reply(plan):
+        if plan.error:
+            return {"ok": False, "error": plan.error}
+        return {"ok": True, "result": plan.to_json()}
+
+    # -- what runs ---------------------------------------------------------------------
+
     def _cmd_ping(self, conn, message):
         return {"ok": True, "result": {"pid": os.getpid(), "version": __version__}}
 
-    def _daemon_info(self):
-        return {"pid": os.getpid(), "version": __version__, "started": self.started_wall,
-                "uptime": time.time() - self.started_wall, "repo": self.config.repo_path,
-                "branch": self.config.branch, "hostname": self.config.hostname,
-                "commit": self.deployed.to_json() if self.deployed else None,
-                "last_sync": self.last_sync, "exit_watch": self.exit_watcher.mode,
-                "log_dir": self.config.log_dir, "remote": self.config.remote, "pin": self.pin,
-                "last_fetch": self.last_fetch, "watch": self.watcher.mode if self.watcher else None,
-                "poll_interval": self.poll_delay,
-                "cgroups": self.cgroups.describe() if self.cgroups else None}
-
     def _cmd_status(self, conn, message):
+        daemon = self.daemon
         names = self._names(message, allow_empty=True)
         detail = bool(names)
-        services = [self.services[n].snapshot(detail) for n in (names or sorted(self.services))]
+        services = [daemon.services[n].snapshot(detail) for n in (names or sorted(daemon.services))]
         if detail:
             for entry in services:
-                entry["log_tail"] = tail_lines(self.config.service_log(entry["name"]), 10)
-        return {"ok": True, "result": {"daemon": self._daemon_info(), "services": services,
-                                       "problems": [d.to_json() for d in self.unit_problems]}}
+                entry["log_tail"] = tail_lines(daemon.config.service_log(entry["name"]), 10)
+        return {"ok": True, "result": {"daemon": daemon.info(), "services": services,
+                                       "problems": [d.to_json() for d in daemon.deployer.unit_problems]}}
 
     def _cmd_list(self, conn, message):
-        units = [{"name": name, "path": spec.path, "state": self.services[name].state,
-                  "commit": self.services[name].commit, "description": spec.description}
-                 for name, spec in sorted(self.specs.items()) if name in self.services]
+        services, deployer = self.daemon.services, self.daemon.deployer
+        units = [{"name": name, "path": spec.path, "state": services[name].state,
+                  "commit": services[name].commit, "description": spec.description}
+                 for name, spec in sorted(deployer.specs.items()) if name in services]
         units += [{"name": name, "path": None, "state": "skipped", "commit": None, "description": why}
-                  for name, why in sorted(self.skipped.items())]
-        invalid = [d.to_json() for d in self.unit_problems if d.severity == "error"]
-        return {"ok": True, "result": {"commit": self.deployed.to_json() if self.deployed else None,
+                  for name, why in sorted(deployer.skipped.items())]
+        invalid = [d.to_json() for d in deployer.unit_problems if d.severity == "error"]
+        return {"ok": True, "result": {"commit": deployer.deployed.to_json() if deployer.deployed else None,
                                        "units": units, "invalid": invalid}}
+
+    def _cmd_history(self, conn, message):
+        count = message.get("count", 20)
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise GitprocError("malformed request: 'count' must be a whole number")
+        return {"ok": True, "result": {"history": self.daemon.deployer.history.last(count)}}
+
+    # -- start, stop, restart, wait ------------------------------------------------------
 
     def _cmd_start(self, conn, message):
         return self._act(conn, message, "start")
@@ -4204,12 +4504,12 @@ class Daemon:
         return self._act(conn, message, "restart")
 
     def _act(self, conn, message, action):
+        services = self.daemon.services
         names = self._names(message)
-        if self.shutting_down:
-            raise GitprocError("the daemon is shutting down")
+        self._refuse_while_shutting_down()
         generations = {}
         for name in names:
-            service = self.services[name]
+            service = services[name]
             generations[name] = service.generation
             if action == "start":
                 service.start(manual=True)
@@ -4217,19 +4517,19 @@ class Daemon:
                 service.stop()
             else:
                 service.restart()
-        self._save_now()                  # a user's intent is never left to the batch
+        self.daemon.store.save_now()      # a user's intent is never left to the batch
         if message.get("block") is False:
-            return {"ok": True, "result": {"services": [self.services[n].snapshot() for n in names]}}
+            return {"ok": True, "result": {"services": [services[n].snapshot() for n in names]}}
 
         def settled(name):
-            service = self.services.get(name)
+            service = services.get(name)
             if service is None:
                 return True
             if action == "stop":
                 return service.state != STOPPING
             if action == "restart" and service.generation == generations[name] and service.state != FAILED:
                 return False
-            return service.state in SETTLED_STATES and not service.start_after_stop
+            return service.state in SETTLED_STATES
 
         def check():
             if not all(settled(n) for n in names):
@@ -4239,24 +4539,26 @@ class Daemon:
         def expire():
             late = [n for n in names if not settled(n)]
             return {"ok": False, "error": "timed out waiting for %s to %s" % (", ".join(late), action)}
-        return self._park(conn, check, expire, self._timeout(message, DEFAULT_WAIT_TIMEOUT))
+        return self.daemon.server.park(conn, check, expire, self._timeout(message, DEFAULT_WAIT_TIMEOUT))
 
     def _action_reply(self, names, action):
+        services = self.daemon.services
         problems = []
         for name in names:
-            service = self.services.get(name)
+            service = services.get(name)
             if service is None:
                 continue
             if action == "stop" and service.state in ACTIVE_STATES:
                 problems.append("%s is %s" % (name, service.state))
             elif action != "stop" and not service.is_ready():
                 problems.append("%s is %s (%s)" % (name, service.state, service.reason or describe_exit(service.last_exit)))
-        snapshot = [self.services[n].snapshot() for n in names if n in self.services]
+        snapshot = [services[n].snapshot() for n in names if n in services]
         if problems:
             return {"ok": False, "error": "%s failed: %s" % (action, "; ".join(problems)), "result": {"services": snapshot}}
         return {"ok": True, "result": {"services": snapshot}}
 
     def _cmd_wait(self, conn, message):
+        services = self.daemon.services
         names = self._names(message)
         target = message.get("state", "running")
         if not isinstance(target, str):
@@ -4272,39 +4574,34 @@ class Daemon:
         timeout = self._timeout(message, DEFAULT_WAIT_TIMEOUT)
 
         def check():
-            if all(n in self.services and reached(self.services[n]) for n in names):
-                return {"ok": True, "result": {"services": [self.services[n].snapshot() for n in names]}}
+            if all(n in services and reached(services[n]) for n in names):
+                return {"ok": True, "result": {"services": [services[n].snapshot() for n in names]}}
             return None
 
         def expire():
-            late = ["%s is %s" % (n, self.services[n].state if n in self.services else "gone")
-                    for n in names if not (n in self.services and reached(self.services[n]))]
+            late = ["%s is %s" % (n, services[n].state if n in services else "gone")
+                    for n in names if not (n in services and reached(services[n]))]
             return {"ok": False, "error": "timed out after %gs waiting for %s: %s" % (timeout, target, ", ".join(late))}
-        return self._park(conn, check, expire, timeout)
+        return self.daemon.server.park(conn, check, expire, timeout)
 
     def _cmd_shutdown(self, conn, message):
         keep = bool(message.get("keep_services"))
-        self.call_later(0, lambda: self.begin_shutdown("shutdown command", keep_services=keep))
+        self.daemon.call_later(0, lambda: self.daemon.begin_shutdown("shutdown command", keep_services=keep))
         return {"ok": True, "result": {"pid": os.getpid(), "keep_services": keep}}
 
+    # -- deploys -------------------------------------------------------------------------
+
     def _cmd_sync(self, conn, message):
-        if not self.remote_mode:
-            return self._plan_reply(self.deploy_head("sync"))
-        return self._after_fresh_fetch(conn, message, lambda: self.last_plan, deploy=True)
+        deployer = self.daemon.deployer
+        if not deployer.remote_mode:
+            return self._plan_reply(deployer.deploy_head("sync"))
+        return self._after_fresh_fetch(conn, message, lambda: deployer.last_plan, deploy=True)
 
     def _cmd_diff(self, conn, message):
-        if not self.remote_mode:
-            return self._plan_reply(self._diff())
-        return self._after_fresh_fetch(conn, message, self._diff, deploy=False)
-
-    def _diff(self):
-        try:
-            commit, entries = self._read_target()
-        except GitError as exc:
-            return {"error": str(exc)}
-        plan = self.plan(commit, entries)[4]
-        plan["noop"] = bool(self.deployed and commit.sha == self.deployed.sha and self.applied)
-        return plan
+        deployer = self.daemon.deployer
+        if not deployer.remote_mode:
+            return self._plan_reply(deployer.diff())
+        return self._after_fresh_fetch(conn, message, deployer.diff, deploy=False)
 
     def _after_fresh_fetch(self, conn, message, make_plan, deploy):
         """Park the reply until a new fetch completed, then answer make_plan()."""
@@ -4312,61 +4609,278 @@ class Daemon:
 
         def finish(error):
             box["reply"] = {"ok": False, "error": error} if error else self._plan_reply(make_plan())
-            self.changed = True
-        self._after_fetch(finish, deploy)
-        return self._park(conn, lambda: box.get("reply"),
-                          lambda: {"ok": False, "error": "git fetch did not finish in time"},
-                          self._timeout(message, FETCH_TIMEOUT + 10))
-
-    @staticmethod
-    def _plan_reply(plan):
-        if "error" in plan:
-            return {"ok": False, "error": plan["error"]}
-        return {"ok": True, "result": plan}
+            self.daemon.changed = True
+        self.daemon.source.after_fetch(finish, deploy)
+        return self.daemon.server.park(conn, lambda: box.get("reply"),
+                                       lambda: {"ok": False, "error": "git fetch did not finish in time"},
+                                       self._timeout(message, FETCH_TIMEOUT + 10))
 
     def _cmd_rollback(self, conn, message):
-        repo, branch = self.config.repo_path, self.config.branch
-        if self.shutting_down:
-            raise GitprocError("the daemon is shutting down")
+        self._refuse_while_shutting_down()
         if message.get("release"):
-            if not self.pin:
-                raise GitprocError("nothing to release: no rollback pin is set")
-            self.log.info("daemon", "Rollback pin on %s released" % self.pin["sha"][:7])
-            self.pin = None
-            return self._plan_reply(self.deploy_head("rollback release", force=True))
+            return self._plan_reply(self.daemon.deployer.release_pin())
         rev = message.get("commit")
         if not isinstance(rev, str) or not rev or rev.startswith("-"):
             raise GitprocError("rollback: name a commit (an id, a tag, HEAD~2, ...)")
-        target = git_commit_at(repo, rev, "commit %r" % rev)
-        if self.remote_mode:
-            fetched = read_ref_file(git_common_dir(repo), REMOTE_REF % branch)
-            self.pin = {"sha": target.sha, "subject": target.subject, "remote_at": fetched}
-            self.log.info("daemon", "Rollback: pinned to %s until %s/%s moves on" % (target.sha[:7], self.config.remote, branch))
-            plan = self.deploy_head("rollback")
-            plan["pinned"] = self.pin
-        else:
-            head = git_commit_at(repo, "refs/heads/" + branch, "branch %r" % branch)
-            new = git_restore_units(repo, branch, head, target)
-            if new is None:
-                plan = self.deploy_head("rollback")
-                plan["rollback_commit"] = None
-            else:
-                self.log.info("daemon", "Rollback: commit %s restores the units of %s" % (new[:7], target.sha[:7]))
-                plan = self.deploy_head("rollback")
-                plan["rollback_commit"] = new
-        if "error" not in plan:
-            plan["target"] = target.to_json()
-        return self._plan_reply(plan)
-
-    def _cmd_history(self, conn, message):
-        count = message.get("count", 20)
-        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
-            raise GitprocError("malformed request: 'count' must be a whole number")
-        return {"ok": True, "result": {"history": self.history[-count:] if count else []}}
+        return self._plan_reply(self.daemon.deployer.rollback(rev))
 
     COMMANDS = {"ping": _cmd_ping, "status": _cmd_status, "list": _cmd_list, "start": _cmd_start,
                 "stop": _cmd_stop, "restart": _cmd_restart, "wait": _cmd_wait, "shutdown": _cmd_shutdown,
                 "sync": _cmd_sync, "diff": _cmd_diff, "rollback": _cmd_rollback, "history": _cmd_history}
+
+
+class DaemonHost(Launcher):
+    """The real ServiceHost: the Launcher's processes, plus the daemon's half
+    (dependencies, AutoRollback=, changes, the deploy note)."""
+
+    def __init__(self, daemon, exit_watch_mode=None):
+        Launcher.__init__(self, daemon.config, daemon.log, daemon.selector, daemon.call_later, exit_watch_mode)
+        self.daemon = daemon
+
+    def dependency_state(self, service):
+        return self.daemon.dependencies.state_of(service)
+
+    def auto_rollback(self, service, why):
+        return self.daemon.deployer.auto_rollback(service, why)
+
+    def changed(self, service):
+        self.daemon.service_changed(service)
+
+    def deploy_note(self, service):
+        return self.daemon.deployer.deploy_note(service)
+
+
+class Daemon:
+    """The loop that owns everything, the registry of services and the wiring
+    of the parts: Launcher/DaemonHost (processes), Deployer (what runs),
+    SourceWatcher (new commits), Dependencies, Recovery, ControlServer with
+    RequestHandlers, StateStore. run() blocks until shutdown and returns an
+    exit code."""
+
+    def __init__(self, config, log, exit_watch_mode=None):
+        self.config = config
+        self.log = log
+        self.selector = selectors.DefaultSelector()
+        self.timers = []                  # heap of (when, sequence, Timer)
+        self.timer_sequence = 0
+        self.services = {}                # name -> Service, every unit of the deployment
+        self.host = DaemonHost(self, exit_watch_mode)
+        self.store = StateStore(config.state_file, log, self.call_later, self._snapshot)
+        self.recovery = Recovery(config, log, self.call_later)
+        self.dependencies = Dependencies(self.services, log)
+        self.deployer = Deployer(config, log, self.services, self.recovery, self.host, self.store)
+        self.source = SourceWatcher(config, log, self.selector, self.call_later, self.host.exit_watcher, self.deployer)
+        self.handlers = RequestHandlers(self)
+        self.server = ControlServer(config, log, self.selector, self.call_later, self.handlers.dispatch)
+        self.changed = False              # a service changed state since waiters were checked
+        self.stopped_services = []        # services that came down since: Requires= propagates
+        self.running = False
+        self.keep_services = False        # the shutdown leaves services running
+        self.started_wall = time.time()
+        self.log_timer = None
+        self.pid_fd = None
+        self.wakeup_fds = None
+
+    # -- the loop ------------------------------------------------------------------
+
+    def call_later(self, delay, callback):
+        timer = Timer(time.monotonic() + delay, callback)
+        self.timer_sequence += 1
+        heapq.heappush(self.timers, (timer.when, self.timer_sequence, timer))
+        return timer
+
+    def run(self, ready_fd=None):
+        """Start, serve until shutdown, clean up. Errors before the daemon is ready
+        go to ready_fd (for `daemon` to print) and give exit code 1."""
+        try:
+            require_git()
+            os.chdir("/")                 # every path is absolute; "/" is also services' default
+            self.host.spawner = Spawner()
+            self._acquire_pid_file()          # first: a second daemon must touch nothing
+            import zlib
+            instance = "%08x" % zlib.crc32(self.config.state_file.encode())
+            self.host.cgroups = Cgroups(self.config.cgroup_root, instance, self.log)
+            self.log.info("daemon", self.host.cgroups.describe())
+            self.server.open()
+            self._install_signal_handlers()
+            self._raise_fd_limit()
+            state = self.store.load()
+            self.recovery.restore(state)
+            self.deployer.restore(state)
+            self.log.info("daemon", "Started gitproc %s (pid %d, repo %s@%s, exit watch: %s)" % (
+                __version__, os.getpid(), self.config.repo_path, self.config.branch, self.host.exit_watcher.mode))
+            if self.deployer.remote_mode and not self.source.fetched_yet():
+                self.log.info("daemon", "Nothing fetched from %s yet: the first fetch will deploy" % self.config.remote)
+            elif not self.deployer.deploy_head("daemon start").error:
+                self.recovery.stop_orphans(self.services)
+            self.source.start()
+        except (GitprocError, OSError) as exc:
+            message = str(exc) if isinstance(exc, GitprocError) else describe_os_error(exc)
+            self.log.error("daemon", message)
+            _notify(ready_fd, "error " + message)
+            self._cleanup()
+            return EXIT_FAILURE
+        release_memory()
+        _notify(ready_fd, "ok %d" % os.getpid())
+        self.running = True
+        self.log_timer = self.call_later(LOG_CHECK_INTERVAL, self._check_logs)
+        try:
+            self._loop()
+        finally:
+            self.store.save_now()
+            self.log.info("daemon", "Shutdown complete")
+            self._cleanup()
+        return EXIT_OK
+
+    def _loop(self):
+        while self.running:
+            timeout = None
+            while self.timers and self.timers[0][2].cancelled:
+                heapq.heappop(self.timers)
+            if self.timers:
+                timeout = max(0.0, self.timers[0][0] - time.monotonic())
+            for key, mask in self.selector.select(timeout):
+                callback, argument = key.data
+                self._guarded(callback, argument, mask)
+            now = time.monotonic()
+            while self.timers and self.timers[0][0] <= now:
+                _, _, timer = heapq.heappop(self.timers)
+                if not timer.cancelled:
+                    timer.cancelled = True
+                    self._guarded(timer.callback)
+            for _ in range(100):          # a change may release another; bounded all the same
+                if not self.changed:
+                    break
+                self.changed = False
+                self._guarded(self._settle)
+
+    def _settle(self):
+        """After changes: Requires= propagates, waiting units start, parked
+        replies are answered, shutdown goes on."""
+        stopped, self.stopped_services = self.stopped_services, []
+        for service in stopped:
+            self.dependencies.stop_requiring(service)
+        self.dependencies.release_waiting()
+        self.deployer.forget_removed()
+        self.server.check_waiters()
+        if self.host.shutting_down and not self.keep_services:
+            self.running = self.dependencies.shutdown_step()
+
+    def _guarded(self, callback, *args):
+        """The catch-all boundary around each loop event: log the traceback and
+        carry on. KeyboardInterrupt/SystemExit are not caught."""
+        try:
+            callback(*args)
+        except Exception:
+            import traceback
+            self.log.error("daemon", "Internal error (the daemon carries on): %s" % (
+                traceback.format_exc().strip().replace("\n", " | ")))
+
+    def service_changed(self, service):
+        """The host's notice: a service's state or reason changed."""
+        self.changed = True
+        self.store.mark_dirty()
+        if service.state in (STOPPED, FAILED, EXITED) and not self.host.shutting_down:
+            self.stopped_services.append(service)
+
+    def info(self):
+        """The daemon line of `status`."""
+        deployer, source = self.deployer, self.source
+        return {"pid": os.getpid(), "version": __version__, "started": self.started_wall,
+                "uptime": time.time() - self.started_wall, "repo": self.config.repo_path,
+                "branch": self.config.branch, "hostname": self.config.hostname,
+                "commit": deployer.deployed.to_json() if deployer.deployed else None,
+                "last_sync": deployer.last_sync, "exit_watch": self.host.exit_watcher.mode,
+                "log_dir": self.config.log_dir, "remote": self.config.remote, "pin": deployer.pin,
+                "last_fetch": source.last_fetch, "watch": source.mode, "poll_interval": source.poll_delay,
+                "cgroups": self.host.cgroups.describe() if self.host.cgroups else None}
+
+    def _snapshot(self):
+        """What state.json holds: units not deployed now keep their memory."""
+        services = dict(self.recovery.saved_services)
+        services.update({name: service.persistent() for name, service in self.services.items()})
+        snapshot = {"version": STATE_VERSION, "services": services}
+        snapshot.update(self.deployer.persistent())
+        return snapshot
+
+    # -- start-up and clean-up -----------------------------------------------------
+
+    def _acquire_pid_file(self):
+        import fcntl
+        path = self.config.pid_file
+        makedirs(os.path.dirname(path))
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            other = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise GitprocError("a gitproc daemon is already running (pid %s, pid file %s)" % (other, path))
+        os.ftruncate(fd, 0)
+        os.write(fd, b"%d\n" % os.getpid())
+        self.pid_fd = fd
+
+    def _install_signal_handlers(self):
+        """Handlers do nothing; set_wakeup_fd writes the signal number into a pipe
+        the loop reads, so signals are handled between events, never inside one."""
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(read_fd, False)
+        os.set_blocking(write_fd, False)
+        self.wakeup_fds = (read_fd, write_fd)
+        signal.set_wakeup_fd(write_fd)
+        for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(number, _ignore_signal)
+        self.selector.register(read_fd, selectors.EVENT_READ, (self._on_signals, None))
+
+    @staticmethod
+    def _raise_fd_limit():
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+    def _cleanup(self):
+        self.server.close()
+        if not self.keep_services and self.host.cgroups is not None:
+            self.host.cgroups.remove_all([service.cgroup for service in self.services.values()])
+        if self.wakeup_fds:
+            signal.set_wakeup_fd(-1)
+            for fd in self.wakeup_fds:
+                os.close(fd)
+        if self.pid_fd is not None:
+            _unlink_quietly(self.config.pid_file)
+            os.close(self.pid_fd)
+
+    def _on_signals(self, _key, _mask):
+        try:
+            received = os.read(self.wakeup_fds[0], 512)
+        except BlockingIOError:
+            return
+        for number in set(received):
+            if number == signal.SIGCHLD:
+                self.host.exit_watcher.on_sigchld()
+            elif number in (signal.SIGTERM, signal.SIGINT):
+                self.begin_shutdown("signal %s" % signal_name(number))
+            elif number == signal.SIGHUP:
+                self.log.info("daemon", "SIGHUP: syncing now")
+                if self.deployer.remote_mode:
+                    self.source.after_fetch(lambda error: None, deploy=True)
+                else:
+                    self.deployer.deploy_head("SIGHUP")
+
+    # -- shutdown --------------------------------------------------------------------
+
+    def begin_shutdown(self, why, keep_services=False):
+        if self.host.shutting_down:
+            return
+        self.host.shutting_down = True
+        self.keep_services = keep_services
+        self.log.info("daemon", "Shutting down (%s)%s" % (why, "; services keep running" if keep_services else ""))
+        self.source.kill_fetch()
+        if keep_services:
+            self.running = False
+            return
+        self.running = self.dependencies.shutdown_step()
 
     # -- log rotation --------------------------------------------------------------
 
@@ -4403,17 +4917,6 @@ def _signal_group_if_same(pid, pid_start, number):
             os.killpg(pid, number)
         except OSError:
             pass
-
-
-def host_matches(conditions, hostname):
-    """ConditionHost= globs (a leading '!' negates); all must hold."""
-    import fnmatch
-    for condition in conditions:
-        negate = condition.startswith("!")
-        pattern = condition[1:] if negate else condition
-        if fnmatch.fnmatch(hostname, pattern) == negate:
-            return False
-    return True
 
 
 def _ignore_signal(_number, _frame):
