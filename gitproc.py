@@ -16,13 +16,14 @@ Sections (grep for "# ==== N."):
      3. small utilities: time spans, sizes, wait statuses, atomic writes, /proc
      4. unit files: UnitSpec, the directive table, the parser
      5. configuration and paths
-     6. state store
-     7. git source
-     8. process supervision: spawner, exit watcher, Service
+     6. state store: batched, atomic saves
+     7. git source: git commands, RefWatcher, SourceWatcher, the pure deploy plan
+     8. process supervision: restart policy, the state table, cgroups, spawner,
+        exit watcher, Launcher, Service, Dependencies
      9. health checks: HealthProbe
     10. logs: the daemon's log, service log rotation
-    11. control protocol: framing, server connections, client
-    12. daemon: the event loop that owns everything
+    11. control protocol: framing, ControlServer, client
+    12. daemon: Recovery, Deployer, RequestHandlers, DaemonHost, Daemon
     13. command line
     14. main()
 """
@@ -1179,7 +1180,9 @@ class StateStore:
 # The services repository, read through `git` subprocesses. Units come from the
 # objects of a commit (ls-tree + cat-file --batch), never from a working tree.
 # Git runs through posix_spawn with its own pipes, and only its pid is waited
-# for: the daemon never reaps a child it did not start for a service.
+# for: the daemon never reaps a child it did not start for a service. Here too:
+# the pure deploy plan (plan_deploy, DeployPlan, History) and SourceWatcher,
+# which notices new commits; applying a plan is the daemon's Deployer (§12).
 
 GIT_TIMEOUT = 60.0
 FETCH_TIMEOUT = 120
@@ -1627,17 +1630,6 @@ def dependency_order(specs):
     return order
 
 
-def host_matches(conditions, hostname):
-    """ConditionHost= globs (a leading '!' negates); all must hold."""
-    import fnmatch
-    for condition in conditions:
-        negate = condition.startswith("!")
-        pattern = condition[1:] if negate else condition
-        if fnmatch.fnmatch(hostname, pattern) == negate:
-            return False
-    return True
-
-
 class DeployPlan:
     """What deploying a commit changes, or changed: the one shape of every
     deploy, `sync`, `diff` and `rollback`. Unit names in sorted lists;
@@ -1869,9 +1861,11 @@ class SourceWatcher:
 
 
 # ==== 8. process supervision =================================================
-# Spawner (fork/exec of one command), ExitWatcher (learns of exits through
-# pidfds, SIGCHLD or, as a last resort, polling) and Service (one unit's state
-# machine). All of it runs on the daemon's one loop thread; nothing here sleeps.
+# The restart policy (pure), cgroups, Spawner (fork/exec of one command),
+# ExitWatcher (learns of exits through pidfds, SIGCHLD or, as a last resort,
+# polling), the state table, Launcher (the process half of the ServiceHost
+# seam), Service (one unit, driven by the table) and Dependencies. All of it
+# runs on the daemon's one loop thread; nothing here sleeps.
 
 STARTING, RUNNING, STOPPING, BACKOFF = "starting", "running", "stopping", "backoff"
 STOPPED, EXITED, FAILED = "stopped", "exited", "failed"
@@ -2623,7 +2617,8 @@ class ServiceHost:
     shutting_down            True once the daemon began to shut down
     now()                    monotonic seconds (durations, the start limit)
     call_later(delay, fn)    a timer with .cancel()
-    spawn(service, command, on_exit)   start a process of it: its pid, or SpawnError
+    spawn(service, command, on_exit)   start a process of it: (pid, its start time),
+                             or SpawnError
     watch(service, pid, on_exit)       watch an adopted process
     signal(service, number, first)     deliver a stop signal as KillMode= says
     reap_leftovers(service, pid, own_child, everything=False)  the main process
@@ -2825,9 +2820,9 @@ class Service:
 
     # -- actions: each returns (phase, reason) -------------------------------------
 
-    def _begin_start(self):
+    def _begin_start(self, reason=None):
         """Dependencies, then the start limit (AutoRollback= may step in), then
-        the first command."""
+        the first command. (`reason` is a restart's: a new start has its own.)"""
         self._cancel_timer()
         if self.host.shutting_down:
             return STOPPED, "daemon shut down"
@@ -2872,7 +2867,7 @@ class Service:
             main = command in self.spec.exec_start
             self.current = command
             try:
-                pid = self.host.spawn(self, command, self._on_exit)
+                pid, pid_start = self.host.spawn(self, command, self._on_exit)
             except SpawnError as exc:
                 if command.ignore_failure and self.queue:
                     self.host.log.warning(self.name, "Ignoring failed %s command: %s" % ("main" if main else "pre", exc))
@@ -2880,7 +2875,7 @@ class Service:
                 self.pid = self.current = None
                 return self._finish_run(None, {"code": 203}, "spawn failed: %s" % exc, failed=True)
             break
-        self.pid, self.pid_start, self.adopted = pid, pid_start_time(pid), False
+        self.pid, self.pid_start, self.adopted = pid, pid_start, False
         self.started_at = self.host.now()
         if main and self.main_started_wall is None:
             self.main_started_wall = time.time()
@@ -2943,7 +2938,8 @@ class Service:
     def _restart_unhealthy(self):
         """Retries used up: restart as Restart= would after a failure (or, for
         a new version that never became healthy, roll back)."""
-        why = "health check failed %d times: %s" % (self.probe.failures, self.probe.last_error)
+        probe = self.probe
+        why = "health check failed %d times: %s" % (probe.failures, probe.last_error) if probe else "health check failed"
         if self.phase == START and self._roll_back("never became healthy: " + why):
             return self._stop_for(STOP_RESTART, "rolling back: never became healthy: " + why)
         self.restarts += 1
@@ -3111,7 +3107,7 @@ class Launcher:
         pid = self.spawner.spawn(argv, path, env, cwd, self.config.service_log(service.name), run_as,
                                  group.procs_files if group else (), spec.private_pids)
         self.exit_watcher.watch(pid, on_exit)
-        return pid
+        return pid, pid_start_time(pid)
 
     def watch(self, service, pid, on_exit):
         """An adopted process: watched (not our child), its groups made again."""
@@ -3959,7 +3955,10 @@ def _home_from_env(config):
 # ==== 12. daemon =============================================================
 # The one thread that owns everything: a selector over the signal wakeup pipe,
 # pidfds, the control socket and its clients, plus a heap of timers. Services,
-# the state store and deploys are only touched from here.
+# the state store and deploys are only touched from here. The parts, each a
+# class: Recovery (what an earlier daemon left), Deployer (what runs),
+# RequestHandlers (the socket's commands), DaemonHost (the real ServiceHost),
+# and Daemon, the loop and the wiring.
 
 
 class Timer:
@@ -3970,6 +3969,16 @@ class Timer:
 
     def cancel(self):
         self.cancelled = True
+
+
+def _signal_group_if_same(pid, pid_start, number):
+    """Signal the process group led by `pid` only while `pid` is still the process
+    that started at `pid_start`."""
+    if pid_start_time(pid) == pid_start:
+        try:
+            os.killpg(pid, number)
+        except OSError:
+            pass
 
 
 class Recovery:
@@ -4076,6 +4085,17 @@ class Recovery:
             _signal_group_if_same(pid, pid_start, signal.SIGTERM)
             self.call_later(DEFAULT_TIMEOUT_STOP_SEC, lambda p=pid, s=pid_start: _signal_group_if_same(p, s, signal.SIGKILL))
             del self.saved_services[name]
+
+
+def host_matches(conditions, hostname):
+    """ConditionHost= globs (a leading '!' negates); all must hold."""
+    import fnmatch
+    for condition in conditions:
+        negate = condition.startswith("!")
+        pattern = condition[1:] if negate else condition
+        if fnmatch.fnmatch(hostname, pattern) == negate:
+            return False
+    return True
 
 
 class Deployer:
@@ -4909,16 +4929,6 @@ def release_memory():
         pass                          # not glibc: nothing to trim, nothing lost
 
 
-def _signal_group_if_same(pid, pid_start, number):
-    """Signal the process group led by `pid` only while `pid` is still the process
-    that started at `pid_start`."""
-    if pid_start_time(pid) == pid_start:
-        try:
-            os.killpg(pid, number)
-        except OSError:
-            pass
-
-
 def _ignore_signal(_number, _frame):
     """The handler of the signals the loop reads from the wakeup pipe."""
 
@@ -5256,7 +5266,8 @@ def _print_service_block(s, daemon_info, colour):
     print("%s %s%s" % (_paint("\u25cf", s["state"], colour), s["name"], " - " + s["description"] if s["description"] else ""))
     lines = [
         ("Unit", "%s in %s (commit %s)" % (s["path"], daemon_info["repo"], (s["commit"] or "?")[:7])),
-        ("State", "%s since %s (%s ago)%s" % (_paint(s["state"], s["state"], colour), format_time(s["since"]),
+        ("State", "%s%s since %s (%s ago)%s" % (_paint(s["state"], s["state"], colour),
+                                                 " (%s)" % s["phase"] if s.get("phase") else "", format_time(s["since"]),
                                                format_duration(time.time() - s["since"]),
                                                "; " + s["reason"] if s["reason"] else "")),
         ("Main PID", s["pid"] or "-"),
