@@ -2208,6 +2208,7 @@ class Spawner:
 
     def __init__(self):
         self.cwd = os.getcwd()            # the daemon's, for the posix_spawn path
+        self.last_path = None             # how the last process was made: "posix_spawn" or "fork"
 
     def spawn(self, argv, program, env, cwd, log_path, run_as, join_files=(), private_pids=False):
         """Returns the pid; raises SpawnError with a one-line reason. The child
@@ -2219,6 +2220,7 @@ class Spawner:
             except OSError as exc:
                 raise SpawnError("cannot open log %s: %s" % (log_path, exc.strerror))
             if cwd == self.cwd and run_as.uid is None and run_as.gid is None and not join_files and not private_pids:
+                self.last_path = "posix_spawn"
                 try:
                     return os.posix_spawn(program, argv, env, file_actions=[
                         (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
@@ -2229,6 +2231,7 @@ class Spawner:
             fds.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
             fds.extend(os.pipe())         # exec-failure pipe, both ends close-on-exec (PEP 446)
             log_fd, null_fd, err_r, err_w = fds
+            self.last_path = "fork"
             pid = os.fork()
             if pid == 0:                  # child: only os calls from here to exec
                 self._exec_child(argv, program, env, cwd, log_fd, null_fd, err_w, run_as, join_files, private_pids)
@@ -2669,6 +2672,7 @@ class Service:
         self.probe = None               # health probe of the running main process
         self.cgroup = None              # CgroupSet of the current process (the host's)
         self.cgroup_timer = None        # removal of the cgroups of a stopped service (the host's)
+        self.spawn_path = None          # how its last process was made (the host's): posix_spawn, clone3, fork
         self.previous = None            # (spec, commit) a deploy replaced, kept for AutoRollback=
         self.rejected = None            # fingerprint of a version AutoRollback= took back
         self.rolled_back = None         # {"from", "to", "why", "time"} of that rollback
@@ -2710,7 +2714,7 @@ class Service:
             data.update(description=self.spec.description, path=self.spec.path,
                         cpu_seconds=process_cpu_seconds(self.pid) if running else None,
                         type=self.spec.type, restart=self.spec.restart, adopted=self.adopted,
-                        limits=self._limits(), phase=PHASE_TEXT.get(self.phase))
+                        limits=self._limits(), phase=PHASE_TEXT.get(self.phase), spawn=self.spawn_path)
         return data
 
     def _limits(self):
@@ -3106,6 +3110,7 @@ class Launcher:
         # here after posix_spawn, a shell could fork an escapee first.
         pid = self.spawner.spawn(argv, path, env, cwd, self.config.service_log(service.name), run_as,
                                  group.procs_files if group else (), spec.private_pids)
+        service.spawn_path = self.spawner.last_path
         self.exit_watcher.watch(pid, on_exit)
         return pid, pid_start_time(pid)
 
@@ -4966,6 +4971,9 @@ EXAMPLES = {
     "history": ["gitproc.py history", "gitproc.py history -n 5 --json"],
     "check": ["gitproc.py check", "gitproc.py check web.service units/",
               "printf '#!/bin/sh\\nexec python3 gitproc.py check .\\n' > .git/hooks/pre-commit"],
+    "install": ["gitproc.py install", "gitproc.py install --prefix /opt/gitproc --no-service"],
+    "uninstall": ["gitproc.py uninstall", "gitproc.py uninstall --prefix /opt/gitproc"],
+    "completion": ["gitproc.py completion bash > /etc/bash_completion.d/gitproc", "gitproc.py completion units"],
 }
 STATE_COLOURS = {RUNNING: "32", EXITED: "36", STARTING: "33", BACKOFF: "33", STOPPING: "33",
                  STOPPED: "2", FAILED: "31"}
@@ -5450,6 +5458,270 @@ def _unit_entry(path, problems):
     return (file_name[:-len(UNIT_SUFFIX)], path, data, "")
 
 
+# ---- install, uninstall, shell completion ------------------------------------------
+# `install` copies this very file under PREFIX/lib/gitproc/ with its bytecode
+# compiled, writes PREFIX/bin/gitproc (an entry point that imports it: no
+# compile at each command) and the systemd unit; a manifest lists what it
+# wrote, so that `uninstall` removes exactly that.
+
+INSTALL_MANIFEST = "installed.json"
+ENTRY_POINT = """\
+#!{python} -S
+# gitproc {version}, written by `gitproc.py install`. It imports the installed
+# module (its bytecode is compiled), so no command pays for compiling it.
+import sys
+sys.path.insert(0, {lib!r})
+import gitproc
+sys.exit(gitproc.main())
+"""
+SYSTEMD_UNIT = """\
+[Unit]
+Description=gitproc process supervisor
+After=network.target
+
+[Service]
+ExecStart={command} daemon --foreground
+ExecStop={command} shutdown
+KillMode=process
+TimeoutStopSec=120
+Restart=on-failure
+
+[Install]
+WantedBy={wanted_by}
+"""
+
+
+def _install_layout(prefix):
+    """(prefix, lib folder, command path, unit path, systemctl argv) for this user."""
+    root = os.geteuid() == 0
+    prefix = os.path.abspath(os.path.expanduser(prefix or ("/usr/local" if root else "~/.local")))
+    if root:
+        unit = "/etc/systemd/system/gitproc.service"
+        systemctl = ["systemctl"]
+    else:
+        unit = os.path.expanduser("~/.config/systemd/user/gitproc.service")
+        systemctl = ["systemctl", "--user"]
+    return prefix, os.path.join(prefix, "lib", "gitproc"), os.path.join(prefix, "bin", "gitproc"), unit, systemctl
+
+
+def _systemd_runs():
+    return os.path.isdir("/run/systemd/system")
+
+
+def _systemctl(argv):
+    """Run systemctl; GitprocError with its complaint if it fails."""
+    if find_program(argv[0], os.environ.get("PATH")) is None:
+        raise GitprocError("systemd runs but %s is not on PATH" % argv[0])
+    code, _, err = _run_captured(argv, b"", 60)
+    if code != 0:
+        raise GitprocError("%s failed: %s" % (" ".join(argv), err.decode("utf-8", "replace").strip() or "exit code %d" % code))
+
+
+def _write_file(path, data, mode, made):
+    """Write atomically with `mode`, making missing folders (noted in `made`)."""
+    folder = os.path.dirname(path)
+    missing = []
+    while folder and not os.path.isdir(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    for folder in reversed(missing):
+        os.mkdir(folder, 0o755)
+        made.append(folder)
+    atomic_write(path, data)
+    os.chmod(path, mode)
+
+
+def cmd_install(config, args):
+    import importlib.util
+    import py_compile
+    prefix, lib, command, unit, systemctl = _install_layout(args.prefix)
+    source = os.path.realpath(__file__)
+    module = os.path.join(lib, "gitproc.py")
+    manifest_path = os.path.join(lib, INSTALL_MANIFEST)
+    try:
+        with open(manifest_path) as manifest_file:
+            previous = json.load(manifest_file)
+    except (OSError, ValueError):
+        previous = {}
+    upgrade = bool(previous)
+    made = list(previous.get("folders", []))
+    files = []
+    try:
+        with open(source, "rb") as source_file:
+            code = source_file.read()
+        _write_file(module, code, 0o644, made)
+        bytecode = importlib.util.cache_from_source(module)
+        py_compile.compile(module, cfile=bytecode, doraise=True)
+        os.chmod(bytecode, 0o644)
+        files += [module, bytecode]
+        python = sys.executable           # not resolved: /usr/bin/python3 follows system upgrades
+        _write_file(command, ENTRY_POINT.format(python=python, version=__version__, lib=lib).encode(), 0o755, made)
+        files.append(command)
+        if not args.no_service:
+            wanted_by = "multi-user.target" if os.geteuid() == 0 else "default.target"
+            _write_file(unit, SYSTEMD_UNIT.format(command=command, wanted_by=wanted_by).encode(), 0o644, made)
+            files.append(unit)
+        files.append(manifest_path)
+        _write_file(manifest_path, json.dumps({"version": __version__, "files": files, "folders": made,
+                                                "unit": None if args.no_service else unit}, indent=1).encode(),
+                    0o644, made)
+    except (OSError, py_compile.PyCompileError) as exc:
+        raise GitprocError("install into %s failed: %s" % (prefix, describe_os_error(exc) if isinstance(exc, OSError) else exc))
+    print("%s gitproc %s: %s (module %s)" % ("upgraded to" if upgrade else "installed", __version__, command, module))
+    _restart_installed(config, args, command, unit, systemctl)
+    return EXIT_OK
+
+
+def _restart_installed(config, args, command, unit, systemctl):
+    """An upgrade keeps services running: the running daemon hands them over
+    (shutdown --keep-services) to the new one, which adopts them."""
+    try:
+        running = request(config, {"cmd": "ping"}, timeout=5)
+    except (DaemonNotRunning, ProtocolError):
+        running = None
+    if running:
+        request(config, {"cmd": "shutdown", "keep_services": True})
+        deadline = time.monotonic() + 120
+        while os.path.exists("/proc/%d" % running["pid"]) and (read_proc_stat(running["pid"]) or [b"Z"])[0] != b"Z":
+            if time.monotonic() > deadline:
+                raise GitprocError("the running daemon (pid %d) did not stop; see %s" % (running["pid"], config.daemon_log))
+            time.sleep(0.02)
+        print("stopped the old daemon (pid %d); its services keep running" % running["pid"])
+    if not args.no_service and _systemd_runs():
+        _systemctl(systemctl + ["daemon-reload"])
+        _systemctl(systemctl + (["restart", "gitproc"] if running else ["enable", "--now", "gitproc"]))
+        print("systemd unit %s enabled and started (%s status gitproc)" % (unit, " ".join(systemctl)))
+        return
+    home = ["--home", config.home] if config.home and not _home_from_env(config) else []
+    if running:
+        import subprocess
+        proc = subprocess.run([command] + home + ["daemon"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=120)
+        if proc.returncode != 0:
+            raise GitprocError("the new daemon did not start: %s" % proc.stderr.decode("utf-8", "replace").strip())
+        print("started the new daemon (%s); it adopted the services" % proc.stdout.decode().splitlines()[0])
+    elif not args.no_service:
+        print("systemd is not running here: the unit %s is written; start the daemon with: %s%s daemon" % (
+            unit, command, " " + " ".join(home) if home else ""))
+    else:
+        print("start the daemon with: %s%s daemon" % (command, " " + " ".join(home) if home else ""))
+
+
+def cmd_uninstall(config, args):
+    prefix, lib, command, unit, systemctl = _install_layout(args.prefix)
+    manifest_path = os.path.join(lib, INSTALL_MANIFEST)
+    try:
+        with open(manifest_path) as manifest_file:
+            manifest = json.load(manifest_file)
+        files, folders = list(manifest["files"]), list(manifest["folders"])
+    except FileNotFoundError:
+        raise GitprocError("nothing to uninstall: no gitproc install under %s (%s is missing)" % (prefix, manifest_path))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise GitprocError("cannot read %s: %s" % (manifest_path, exc))
+    if manifest.get("unit") and _systemd_runs():
+        _systemctl(systemctl + ["disable", "gitproc"])
+    removed = 0
+    for path in files:
+        try:
+            os.unlink(path)
+            removed += 1
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise GitprocError("cannot remove %s: %s" % (path, exc.strerror))
+    caches = {os.path.dirname(path) for path in files if os.path.basename(os.path.dirname(path)) == "__pycache__"}
+    for folder in sorted(caches) + list(reversed(folders)):
+        try:
+            os.rmdir(folder)
+        except OSError:
+            pass                          # not empty: something else lives there now
+    if manifest.get("unit") and _systemd_runs():
+        _systemctl(systemctl + ["daemon-reload"])
+    print("uninstalled gitproc from %s: %d files removed" % (prefix, removed))
+    try:
+        running = request(config, {"cmd": "ping"}, timeout=5)
+    except (GitprocError, OSError):
+        running = None
+    if running:
+        print("the daemon (pid %d) still runs from memory; stop it with: python3 gitproc.py shutdown" % running["pid"])
+    return EXIT_OK
+
+
+COMPLETION_BASH = r"""# bash completion for gitproc: source it, or put it in /etc/bash_completion.d/gitproc
+#   gitproc completion bash > /etc/bash_completion.d/gitproc
+_gitproc() {
+    local cur=${COMP_WORDS[COMP_CWORD]} command="" options="" i
+    for ((i = 1; i < COMP_CWORD; i++)); do
+        case ${COMP_WORDS[i]} in
+            --home|--config|--socket) ((i++)) ;;
+            -*) ;;
+            *) command=${COMP_WORDS[i]}; break ;;
+        esac
+    done
+    case ${COMP_WORDS[COMP_CWORD-1]} in
+        --home|--config|--socket|--prefix|--repo) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+    esac
+    if [[ -z $command ]]; then
+        COMPREPLY=($(compgen -W "%(commands)s %(globals)s" -- "$cur"))
+        return
+    fi
+    case $cur in
+        -*) case $command in
+%(options)s
+            esac
+            COMPREPLY=($(compgen -W "$options %(globals)s" -- "$cur"))
+            return ;;
+    esac
+    case $command in
+        %(unit_commands)s)
+            COMPREPLY=($(compgen -W "$("${COMP_WORDS[0]}" completion units 2>/dev/null)" -- "$cur")) ;;
+        completion) COMPREPLY=($(compgen -W "bash units" -- "$cur")) ;;
+        check) COMPREPLY=($(compgen -f -- "$cur")) ;;
+    esac
+}
+complete -F _gitproc gitproc gitproc.py
+"""
+UNIT_COMMANDS = ("status", "start", "stop", "restart", "wait", "logs")
+
+
+def completion_script():
+    """The bash completion script, its command and option lists read from the
+    parser, so they never drift from it."""
+    parser = build_parser()
+    import argparse
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    options = []
+    for name, sub in subparsers.choices.items():
+        flags = sorted({flag for action in sub._actions for flag in action.option_strings
+                        if flag.startswith("--") and flag not in ("--home", "--config", "--socket")})
+        options.append('                %s) options="%s" ;;' % (name, " ".join(flags)))
+    return COMPLETION_BASH % {"commands": " ".join(subparsers.choices), "globals": "--home --config --socket",
+                              "options": "\n".join(options), "unit_commands": "|".join(UNIT_COMMANDS)}
+
+
+def completion_units(config):
+    """Unit names: the daemon's, else the branch's in the repository."""
+    try:
+        return [s["name"] for s in request(config, {"cmd": "status"}, timeout=2)["services"]]
+    except (GitprocError, OSError):
+        pass
+    try:
+        listing = run_git(config.repo_path, ["ls-tree", "-r", "--name-only", "-z", "refs/heads/" + config.branch])
+    except (GitprocError, OSError):
+        return []
+    return sorted({os.path.basename(path)[:-len(UNIT_SUFFIX)] for path in listing.decode("utf-8", "replace").split("\0")
+                   if path.endswith(UNIT_SUFFIX)})
+
+
+def cmd_completion(config, args):
+    if args.what == "bash":
+        sys.stdout.write(completion_script())
+    else:
+        for name in completion_units(config):
+            print(name)
+    return EXIT_OK
+
+
 def _count(text):
     """argparse type: a whole number, 0 or more."""
     import argparse
@@ -5561,6 +5833,13 @@ def build_parser(only=None):
     sub.add_argument("-n", dest="count", type=_count, default=20, help="how many (default: 20)")
     sub = with_json(add("check", cmd_check, "validate unit files without a daemon (exit 1 on any error)"))
     sub.add_argument("paths", nargs="*", metavar="PATH", help="files or folders (default: the repository's working tree)")
+    sub = add("install", cmd_install, "install gitproc as a command (PREFIX/bin/gitproc) and a systemd service")
+    sub.add_argument("--prefix", metavar="DIR", help="where (default: /usr/local for root, ~/.local otherwise)")
+    sub.add_argument("--no-service", action="store_true", help="no systemd unit")
+    sub = add("uninstall", cmd_uninstall, "remove what install wrote, and nothing else")
+    sub.add_argument("--prefix", metavar="DIR", help="where it was installed (default as for install)")
+    sub = add("completion", cmd_completion, "print the bash completion script (bash), or the unit names (units)")
+    sub.add_argument("what", choices=("bash", "units"))
     return parser
 
 
