@@ -4701,8 +4701,25 @@ def interpreter_for(uid):
     return None
 
 
+def readable_copy(test, *paths):
+    """Copies of `paths` in a new folder under /tmp that every user may read
+    (folder 0755, files 0644), removed at cleanup; returns the folder. The
+    checkout may live where other users cannot enter (a 0700 temporary folder,
+    /root): a process that dropped its privileges runs the copies instead."""
+    folder = tempfile.mkdtemp(prefix="gpo", dir="/tmp")
+    test.addCleanup(shutil.rmtree, folder, ignore_errors=True)
+    os.chmod(folder, 0o755)                   # mkdtemp makes it 0700
+    for path in paths:
+        copy = os.path.join(folder, os.path.basename(path))
+        shutil.copyfile(path, copy)
+        os.chmod(copy, 0o644)
+    return folder
+
+
 class NonRootDaemonCase(unittest.TestCase):
-    """A daemon run by an ordinary user (uid 65534 here), started by root."""
+    """A daemon run by an ordinary user (uid 65534 here), started by root. It
+    runs a copy of gitproc.py that uid 65534 can read (self.gitproc), wherever
+    the checkout is."""
 
     UID = 65534
 
@@ -4712,6 +4729,7 @@ class NonRootDaemonCase(unittest.TestCase):
         self.python = interpreter_for(self.UID)
         if self.python is None:
             self.skipTest("no python3 that uid 65534 may run")
+        self.gitproc = os.path.join(readable_copy(self, GITPROC), "gitproc.py")
 
     def as_nobody(self, argv, env_home):
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": env_home, "LANG": "C.UTF-8"}
@@ -4738,7 +4756,7 @@ class ReadOnlyLogFolderTests(NonRootDaemonCase):
         for folder, dirs, files in os.walk(home.path):
             for entry in [folder] + [os.path.join(folder, f) for f in dirs + files]:
                 os.lchown(entry, self.UID, self.UID)
-        proc = self.as_nobody([self.python, GITPROC, "--home", home.path, "daemon"], home.path)
+        proc = self.as_nobody([self.python, self.gitproc, "--home", home.path, "daemon"], home.path)
         self.assertEqual(proc.returncode, 0, proc.stdout.decode() + proc.stderr.decode())
         with open(os.path.join(home.path, "gitproc.pid")) as pid_file:
             home.daemon_pid = int(pid_file.read())
@@ -4833,7 +4851,7 @@ class NonRootDaemonTests(NonRootDaemonCase):
         for folder, dirs, files in os.walk(home.path):
             for entry in [folder] + [os.path.join(folder, f) for f in dirs + files]:
                 os.lchown(entry, self.UID, self.UID)
-        proc = self.as_nobody([self.python, GITPROC, "--home", home.path, "daemon"], home.path)
+        proc = self.as_nobody([self.python, self.gitproc, "--home", home.path, "daemon"], home.path)
         self.assertEqual(proc.returncode, 0, proc.stdout.decode() + proc.stderr.decode())
         with open(os.path.join(home.path, "gitproc.pid")) as pid_file:
             home.daemon_pid = int(pid_file.read())
