@@ -598,14 +598,73 @@ class SupervisionCase(unittest.TestCase):
 
 
 # ---- 1. Restart= policies against exit kinds ================================
+# should_restart() against systemd.service(5), "Table 2. Exit causes and the
+# effect of the Restart= settings": every cell, pure. Then a few cells end to
+# end, so that the daemon's own path from an exit to a restart stays covered.
+
+# (last_exit, timed_out) per exit cause. "timeout": the service timed out and
+# then ended with exit code 0 (its TERM trap): the timeout decides, not the
+# clean exit. "unknown": the exit of a process adopted from an earlier daemon
+# cannot be learnt (it is not our child), and counts as a failure.
+EXIT_CAUSES = {
+    "exit 0": ({"code": 0}, False),
+    "exit 1": ({"code": 1}, False),
+    "SIGTERM": ({"signal": signal.SIGTERM}, False),
+    "SIGKILL": ({"signal": signal.SIGKILL}, False),
+    "timeout": ({"code": 0}, True),
+    "unknown": (None, False),
+}
+
+RESTART_POLICIES = ("no", "always", "on-success", "on-failure", "on-abnormal", "on-abort")
+
+# True: restarted. Rows are exit causes, columns the policies above.
+RESTART_TABLE = {
+    #            no     always  on-success  on-failure  on-abnormal  on-abort
+    "exit 0":  (False, True,   True,       False,      False,       False),
+    "exit 1":  (False, True,   False,      True,       False,       False),
+    "SIGTERM": (False, True,   True,       False,      False,       False),
+    "SIGKILL": (False, True,   False,      True,       True,        True),
+    "timeout": (False, True,   False,      True,       True,        False),
+    "unknown": (False, True,   False,      True,       False,       False),
+}
+
+
+class RestartTableTests(unittest.TestCase):
+
+    def test_every_cell_of_the_systemd_table(self):
+        self.assertEqual(RESTART_POLICIES, gitproc.RESTART_POLICIES, "the table covers every policy the parser takes")
+        self.assertEqual(set(RESTART_TABLE), set(EXIT_CAUSES))
+        for cause, row in RESTART_TABLE.items():
+            last_exit, timed_out = EXIT_CAUSES[cause]
+            for policy, expected in zip(RESTART_POLICIES, row):
+                with self.subTest(policy=policy, cause=cause):
+                    self.assertIs(gitproc.should_restart(policy, last_exit, timed_out=timed_out), expected)
+
+    def test_every_clean_signal_is_clean(self):
+        """systemd's clean signals: SIGHUP, SIGINT, SIGTERM, SIGPIPE."""
+        for number in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGPIPE):
+            with self.subTest(signal=number):
+                self.assertIs(gitproc.should_restart("on-success", {"signal": number}), True)
+                self.assertIs(gitproc.should_restart("on-failure", {"signal": number}), False)
+                self.assertIs(gitproc.should_restart("on-abort", {"signal": number}), False)
+
+    @unittest.expectedFailure
+    def test_a_timeout_is_a_timeout_however_the_process_then_ended(self):
+        """Known defect: systemd records the timeout as the result and an exit
+        that follows does not replace it, so Restart=on-abort never restarts
+        after a timeout. should_restart() treats a timed-out process that died
+        of a signal (the usual end of a timeout: it is killed) as aborted."""
+        for last_exit in ({"signal": signal.SIGTERM}, {"signal": signal.SIGKILL}):
+            with self.subTest(last_exit=last_exit):
+                self.assertIs(gitproc.should_restart("on-abort", last_exit, timed_out=True), False)
+
+
 # The service records its pid in RUNS once its traps are set, then idles.
 # The test makes it end in one of four ways:
 #   exit0   SIGUSR1 -> the shell's trap exits 0          (clean)
 #   exit1   SIGUSR2 -> the shell's trap exits 1          (unclean exit code)
 #   sigkill SIGKILL from the test                         (unclean signal)
 #   sigterm SIGTERM from the test, no trap: dies of it    (clean signal, systemd)
-# Expected per systemd.service(5), "Table 2. Exit causes and the effect of the
-# Restart= settings".
 
 EXIT_KINDS = {
     "exit0": (signal.SIGUSR1, {"code": 0}),
@@ -614,19 +673,11 @@ EXIT_KINDS = {
     "sigterm": (signal.SIGTERM, {"signal": signal.SIGTERM}),
 }
 
-RESTARTS = {
-    "no": set(),
-    "always": {"exit0", "exit1", "sigkill", "sigterm"},
-    "on-success": {"exit0", "sigterm"},
-    "on-failure": {"exit1", "sigkill"},
-    "on-abnormal": {"sigkill"},
-    "on-abort": {"sigkill"},
-}
-
 
 class RestartPolicyTests(SupervisionCase):
+    """A few cells of the table above, end to end."""
 
-    def run_policy(self, policy, kind):
+    def run_policy(self, policy, kind, restarts):
         runs = self.file("runs")
         name = "svc"
         self.deploy({name + ".service": unit(
@@ -637,7 +688,7 @@ class RestartPolicyTests(SupervisionCase):
         wait_until(lambda: read_lines(runs) == [str(first)], 5, "the first run's traps to be set")
         number, expected_exit = EXIT_KINDS[kind]
         os.kill(first, number)
-        if kind in RESTARTS[policy]:
+        if restarts:
             service = self.wait_new_pid(name, first)
             second = self.watch(service["pid"])
             self.assertFalse(pid_alive(first), "the first run is gone")
@@ -656,18 +707,17 @@ class RestartPolicyTests(SupervisionCase):
             self.assertEqual(read_lines(runs), [str(first)], "no second run")
             self.assertEqual(daemon_log_lines(self.home, name, "Restarting"), [])
 
+    def test_on_failure_restarts_after_exit_code_1(self):
+        self.run_policy("on-failure", "exit1", restarts=True)
 
-def _make_policy_test(policy, kind):
-    def test(self):
-        self.run_policy(policy, kind)
-    test.__doc__ = "Restart=%s, %s: %s" % (policy, kind, "restarts" if kind in RESTARTS[policy] else "stays exited")
-    return test
+    def test_on_failure_does_not_restart_after_exit_code_0(self):
+        self.run_policy("on-failure", "exit0", restarts=False)
 
+    def test_always_restarts_after_sigkill(self):
+        self.run_policy("always", "sigkill", restarts=True)
 
-for _policy in RESTARTS:
-    for _kind in EXIT_KINDS:
-        setattr(RestartPolicyTests, "test_restart_%s_%s" % (_policy.replace("-", "_"), _kind),
-                _make_policy_test(_policy, _kind))
+    def test_on_abnormal_does_not_restart_after_sigterm(self):
+        self.run_policy("on-abnormal", "sigterm", restarts=False)
 
 
 # ---- 2. exponential backoff and the start limit ================================
