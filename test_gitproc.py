@@ -12,6 +12,7 @@ import errno
 import glob
 import io
 import json
+import math
 import os
 import random
 import re
@@ -475,6 +476,56 @@ class UnitParserTests(unittest.TestCase):
         self.assertRegex(err, r"\d+ unit files? checked")
 
 
+def dependency_specs(unit_lines):
+    """{name: UnitSpec} from {name: text of its [Unit] section}, e.g. {"b": "After=a"}."""
+    specs = {}
+    for name, lines in unit_lines.items():
+        spec, problems = parse("[Unit]\n%s\n[Service]\nExecStart=/bin/true\n" % lines, name=name)
+        assert spec is not None and not messages(problems), (name, problems)
+        specs[name] = spec
+    return specs
+
+
+def chain_specs(length):
+    """u0000 .. u(length-1), each After= the next one: the last name starts first."""
+    return dependency_specs({"u%04d" % i: "After=u%04d" % (i + 1) if i < length - 1 else ""
+                             for i in range(length)})
+
+
+class DependencyCyclesTests(unittest.TestCase):
+    """dependency_cycles(): the units check_unit_tree rejects for waiting on each other."""
+
+    def cycles(self, unit_lines):
+        return sorted(gitproc.dependency_cycles(dependency_specs(unit_lines)))
+
+    def test_chains_and_diamonds_have_no_cycle(self):
+        self.assertEqual(self.cycles({"c": "After=b", "b": "Requires=a", "a": ""}), [])
+        self.assertEqual(self.cycles({"a": "After=b c", "b": "After=d", "c": "Requires=d", "d": ""}), [])
+
+    def test_a_cycle_names_its_members_only_in_name_order(self):
+        self.assertEqual(self.cycles({"c": "After=a", "b": "After=c", "a": "Requires=b",
+                                      "tail": "After=a", "free": ""}), [["a", "b", "c"]])
+
+    def test_after_and_requires_both_close_a_cycle(self):
+        self.assertEqual(self.cycles({"a": "After=b", "b": "Requires=a"}), [["a", "b"]])
+
+    def test_separate_cycles_are_reported_apart(self):
+        self.assertEqual(self.cycles({"y": "After=x", "x": "After=y", "b": "After=a", "a": "After=b", "m": "After=a x"}),
+                         [["a", "b"], ["x", "y"]])
+
+    def test_a_unit_naming_itself_is_a_cycle(self):
+        self.assertEqual(self.cycles({"a": "After=a", "b": "After=a"}), [["a"]])
+
+    def test_dependencies_outside_the_set_are_ignored(self):
+        self.assertEqual(self.cycles({"a": "After=ghost", "b": "Requires=a ghost"}), [])
+
+    def test_a_2000_unit_chain_and_ring_need_no_recursion(self):
+        chain = chain_specs(2000)
+        self.assertEqual(gitproc.dependency_cycles(chain), [])
+        ring = dict(chain, u1999=dependency_specs({"u1999": "After=u0000"})["u1999"])
+        self.assertEqual(gitproc.dependency_cycles(ring), [sorted(ring)])
+
+
 # ==== 11. daemon, end to end ===================================================
 
 class DaemonLifecycleTests(unittest.TestCase):
@@ -657,6 +708,76 @@ class RestartTableTests(unittest.TestCase):
         for last_exit in ({"signal": signal.SIGTERM}, {"signal": signal.SIGKILL}):
             with self.subTest(last_exit=last_exit):
                 self.assertIs(gitproc.should_restart("on-abort", last_exit, timed_out=True), False)
+
+
+class RestartDelayTests(unittest.TestCase):
+    """restart_delay(): RestartSec= doubled per crash in a row, at most 30 s."""
+
+    def test_the_first_crash_waits_restart_sec(self):
+        for streak in (0, 1):
+            with self.subTest(streak=streak):
+                self.assertEqual(gitproc.restart_delay(0.1, streak), 0.1)
+                self.assertEqual(gitproc.restart_delay(2.0, streak), 2.0)
+
+    def test_each_crash_in_a_row_doubles_it(self):
+        self.assertEqual([gitproc.restart_delay(0.1, streak) for streak in range(1, 10)],
+                         [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8, 25.6])
+
+    def test_capped_at_max_restart_delay(self):
+        self.assertEqual(gitproc.MAX_RESTART_DELAY, 30.0)
+        self.assertEqual(gitproc.restart_delay(0.1, 10), 30.0)          # 51.2 s doubled
+        self.assertEqual(gitproc.restart_delay(20.0, 2), 30.0)          # 40 s doubled
+        self.assertEqual(gitproc.restart_delay(30.0, 5), 30.0)
+
+    def test_a_restart_sec_longer_than_the_cap_stays_itself(self):
+        for streak in (0, 1, 2, 50):
+            with self.subTest(streak=streak):
+                self.assertEqual(gitproc.restart_delay(45.0, streak), 45.0)
+
+    def test_restart_sec_0_stays_0(self):
+        for streak in (0, 1, 2, 50, 10 ** 6):
+            with self.subTest(streak=streak):
+                self.assertEqual(gitproc.restart_delay(0.0, streak), 0.0)
+
+    def test_any_streak_gives_a_finite_float(self):
+        """2.0 ** streak overflows (OverflowError) past 1023: a crash loop with
+        no start limit gets there in minutes."""
+        for restart_sec, expected in ((0.1, 30.0), (0.0, 0.0), (45.0, 45.0)):
+            for streak in (1000, 1023, 1024, 1025, 10000, 10 ** 6, 10 ** 18):
+                with self.subTest(restart_sec=restart_sec, streak=streak):
+                    delay = gitproc.restart_delay(restart_sec, streak)
+                    self.assertIsInstance(delay, float)
+                    self.assertTrue(math.isfinite(delay), delay)
+                    self.assertEqual(delay, expected)
+
+
+class StartLimitTests(unittest.TestCase):
+    """start_limit_hit(start_times, now, interval, burst) -> (recent starts,
+    whether one more start now would be one too many)."""
+
+    def test_starts_up_to_the_burst_are_allowed(self):
+        # burst 3: two starts inside the interval leave room for a third ...
+        self.assertEqual(gitproc.start_limit_hit([100.0, 101.0], 102.0, 10.0, 3), ([100.0, 101.0], False))
+        # ... three leave none
+        self.assertEqual(gitproc.start_limit_hit([100.0, 101.0, 102.0], 103.0, 10.0, 3),
+                         ([100.0, 101.0, 102.0], True))
+        self.assertEqual(gitproc.start_limit_hit([], 100.0, 10.0, 1), ([], False))
+        self.assertEqual(gitproc.start_limit_hit([100.0], 100.5, 10.0, 1), ([100.0], True))
+
+    def test_starts_older_than_the_interval_drop_out(self):
+        # 15 - 5 = 10 is not inside a 10 s interval any more
+        self.assertEqual(gitproc.start_limit_hit([0.0, 5.0, 10.0, 14.0], 15.0, 10.0, 3), ([10.0, 14.0], False))
+        self.assertEqual(gitproc.start_limit_hit([0.0, 5.0, 10.0, 14.0], 14.5, 10.0, 3), ([5.0, 10.0, 14.0], True))
+        self.assertEqual(gitproc.start_limit_hit([0.0, 1.0, 2.0], 1000.0, 10.0, 1), ([], False))
+
+    def test_interval_0_turns_the_limit_off(self):
+        self.assertEqual(gitproc.start_limit_hit([100.0] * 50, 100.0, 0.0, 1), ([], False))
+        self.assertEqual(gitproc.start_limit_hit([100.0] * 50, 100.0, 0, 5), ([], False))
+
+    def test_the_start_times_given_are_left_alone(self):
+        times = [0.0, 5.0, 10.0]
+        gitproc.start_limit_hit(times, 15.0, 10.0, 3)
+        self.assertEqual(times, [0.0, 5.0, 10.0])
 
 
 # The service records its pid in RUNS once its traps are set, then idles.
@@ -2830,6 +2951,103 @@ def remote_home(test, upstream, *daemon_args):
 def sync(home):
     """`sync` through the socket (fetches first in remote mode); the plan."""
     return home.request({"cmd": "sync"})
+
+
+def specs_of(files):
+    """{name: UnitSpec} from {path: unit text}, as a commit's tree gives them."""
+    specs = {}
+    for path, text in files.items():
+        name = os.path.basename(path)[:-len(".service")]
+        spec, problems = gitproc.parse_unit(name, path, text.encode())
+        assert spec is not None and not messages(problems), (path, problems)
+        specs[name] = spec
+    return specs
+
+
+class PlanDeployTests(unittest.TestCase):
+    """plan_deploy() and unit_changes(): what a new commit changes, pure."""
+
+    def test_added_changed_removed_unchanged(self):
+        old = specs_of({"keep.service": sleeper(1001), "change.service": sleeper(1002),
+                        "gone.service": sleeper(1003)})
+        new = specs_of({"keep.service": sleeper(1001), "change.service": sleeper(1012),
+                        "added.service": sleeper(1004)})
+        self.assertEqual(gitproc.plan_deploy(old, new), {
+            "added": ["added"], "changed": ["change"], "removed": ["gone"], "unchanged": ["keep"],
+            "changes": {"change": ["ExecStart="]}})
+
+    def test_every_changed_key_is_listed(self):
+        old = specs_of({"web.service": unit(SLEEPER)})
+        new = specs_of({"web.service": unit_text("ExecStart=/bin/sleep 1001", "Restart=always", "RestartSec=2s",
+                                                 unit_lines=["After=db", "StartLimitIntervalSec=1min"])})
+        self.assertEqual(sorted(gitproc.unit_changes(old["web"], new["web"])),
+                         ["After=", "ExecStart=", "Restart=", "RestartSec=", "StartLimitIntervalSec="])
+        self.assertEqual(sorted(gitproc.plan_deploy(old, new)["changes"]["web"]),
+                         ["After=", "ExecStart=", "Restart=", "RestartSec=", "StartLimitIntervalSec="])
+
+    def test_comments_layout_and_a_moved_file_change_nothing(self):
+        text = unit_text("ExecStart=/bin/sleep 1000", "Restart=on-failure")
+        rewritten = ("# a note for the operators\n; in both comment styles\n[Unit]\nDescription=test unit\n\n"
+                     "[Service]\nExecStart=/bin/sleep \\\n    1000\n# between keys\nRestart=on-failure\n")
+        old = specs_of({"web.service": text, "db.service": text})
+        new = specs_of({"web.service": rewritten, "sub/dir/db.service": text})
+        self.assertEqual(gitproc.unit_changes(old["web"], new["web"]), [])
+        self.assertEqual(gitproc.unit_changes(old["db"], new["db"]), [])
+        self.assertEqual(gitproc.plan_deploy(old, new), {
+            "added": [], "changed": [], "removed": [], "unchanged": ["db", "web"], "changes": {}})
+
+    def test_a_default_written_out_changes_nothing(self):
+        old = specs_of({"web.service": unit(SLEEPER)})
+        new = specs_of({"web.service": unit(SLEEPER, Restart="no", KillMode="control-group")})
+        self.assertEqual(gitproc.unit_changes(old["web"], new["web"]), [])
+
+    def test_every_list_is_sorted(self):
+        names = ["zeta", "alpha", "mid", "beta"]
+        nothing, every = {}, specs_of({name + ".service": sleeper(1000 + i) for i, name in enumerate(names)})
+        self.assertEqual(gitproc.plan_deploy(nothing, every)["added"], sorted(names))
+        self.assertEqual(gitproc.plan_deploy(every, nothing)["removed"], sorted(names))
+        self.assertEqual(gitproc.plan_deploy(every, every)["unchanged"], sorted(names))
+        changed = specs_of({name + ".service": sleeper(2000 + i) for i, name in enumerate(names)})
+        plan = gitproc.plan_deploy(every, changed)
+        self.assertEqual((plan["changed"], sorted(plan["changes"])), (sorted(names), sorted(names)))
+
+    def test_the_inputs_are_left_alone(self):
+        old = specs_of({"a.service": sleeper(1001), "b.service": sleeper(1002)})
+        new = specs_of({"b.service": sleeper(1012), "c.service": sleeper(1003)})
+        before = (dict(old), dict(new))
+        gitproc.plan_deploy(old, new)
+        self.assertEqual((old, new), before)
+
+
+class DependencyOrderTests(unittest.TestCase):
+    """dependency_order(): the order a deploy starts units in."""
+
+    def order(self, unit_lines):
+        return gitproc.dependency_order(dependency_specs(unit_lines))
+
+    def test_a_chain_starts_from_its_end(self):
+        self.assertEqual(self.order({"a": "After=b", "b": "Requires=c", "c": ""}), ["c", "b", "a"])
+
+    def test_a_diamond_starts_its_base_first_and_its_top_last(self):
+        self.assertEqual(self.order({"a": "After=b c", "b": "After=d", "c": "Requires=d", "d": ""}),
+                         ["d", "b", "c", "a"])
+
+    def test_independent_units_come_in_name_order(self):
+        self.assertEqual(self.order({"c": "", "a": "", "b": "After=ghost"}), ["a", "b", "c"])
+
+    def test_dependencies_outside_the_set_are_ignored(self):
+        self.assertEqual(self.order({"a": "After=ghost", "b": "Requires=a ghost"}), ["a", "b"])
+
+    def test_a_unit_naming_itself_is_ordered_as_if_it_did_not(self):
+        self.assertEqual(self.order({"b": "After=b", "a": "After=b"}), ["b", "a"])
+
+    def test_cycles_and_what_waits_on_them_come_last_in_name_order(self):
+        self.assertEqual(self.order({"z": "", "y": "After=z", "b": "After=a", "a": "After=b", "m": "After=a"}),
+                         ["z", "y", "a", "b", "m"])
+
+    def test_a_2000_unit_chain(self):
+        specs = chain_specs(2000)
+        self.assertEqual(gitproc.dependency_order(specs), sorted(specs, reverse=True))
 
 
 # ---- 1. reconcile: added, changed, removed, unchanged (the watcher alone) ------
