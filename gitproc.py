@@ -1889,7 +1889,9 @@ def should_restart(policy, last_exit, timed_out=False):
     """The Restart= table of systemd.service(5), for one exit."""
     if policy == "always":
         return True
-    clean = exit_is_clean(last_exit) and not timed_out
+    if timed_out:                     # the timeout is the result, however the process then ended
+        return policy in ("on-failure", "on-abnormal")
+    clean = exit_is_clean(last_exit)
     unclean_signal = last_exit is not None and "signal" in last_exit and not clean
     return {
         "no": False,
@@ -1966,12 +1968,13 @@ def resolve_run_as(user, group):
 class CgroupSet:
     """The cgroups of one service: where its processes are listed (and joined),
     and what became of its limits."""
-    __slots__ = ("folders", "tracking", "v2", "limits", "oom_base")
+    __slots__ = ("folders", "tracking", "v2", "clone_into", "limits", "oom_base")
 
     def __init__(self):
         self.folders = []       # every cgroup folder made for the service
         self.tracking = None    # the folder whose cgroup.procs lists all its processes
-        self.v2 = None          # its v2 folder, which a process can be born in (clone3)
+        self.v2 = None          # its v2 folder
+        self.clone_into = None  # the v2 folder a process can be born in (clone3), if it can
         self.limits = []        # {"key", "value", "applied", "why"} for status
         self.oom_base = 0       # OOM kills counted in its groups before this start
 
@@ -1999,6 +2002,7 @@ class Cgroups:
         self.v2_controllers = set()     # controllers enabled for those groups
         self.v1 = {}                    # v1 controller -> folder gitproc makes its groups in
         self.problem = None             # why no cgroup can be made, if so
+        self.spent = set()              # v2 groups cgroup.kill was written to (see _unspent)
         self._detect()
 
     def _detect(self):
@@ -2063,6 +2067,7 @@ class Cgroups:
             folder = self._make(group, os.path.join(self.v2, name))
             if folder:
                 group.tracking = group.v2 = folder
+                group.clone_into = folder if self._unspent(folder) else None
         for controller, key, value in wanted:
             entry = {"key": key, "value": value, "applied": False, "why": None}
             try:
@@ -2084,6 +2089,22 @@ class Cgroups:
             group.limits.append(entry)
         group.oom_base = self.oom_count(group)
         return group
+
+    def _unspent(self, folder):
+        """True if a process may be born in the v2 group `folder`. Once
+        cgroup.kill was written to a group, this kernel kills every process
+        later cloned into it (CLONE_INTO_CGROUP), though not one that moves in:
+        such a group is made anew when it is empty (cheap: no process has to
+        migrate), else its next process is forked and joins it."""
+        if folder not in self.spent:
+            return True
+        try:
+            os.rmdir(folder)
+            os.mkdir(folder)
+        except OSError:
+            return False
+        self.spent.discard(folder)
+        return True
 
     def _make(self, group, folder):
         try:
@@ -2128,7 +2149,10 @@ class Cgroups:
         if group is None or group.tracking is None:
             return
         if number == signal.SIGKILL and os.path.exists(os.path.join(group.tracking, "cgroup.kill")):
+            if not self.pids(group):
+                return                    # nothing left (the common case): the group stays usable
             _write_text_quietly(os.path.join(group.tracking, "cgroup.kill"), "1")
+            self.spent.add(group.tracking)
             return
         for pid in self.pids(group):
             try:
@@ -2278,7 +2302,7 @@ class Spawner:
             fds.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
             fds.extend(os.pipe())         # exec-failure pipe, both ends close-on-exec (PEP 446)
             log_fd, null_fd, err_r, err_w = fds
-            pid = self._clone_into(cgroup.v2) if cgroup is not None and cgroup.v2 else None
+            pid = self._clone_into(cgroup.clone_into) if cgroup is not None and cgroup.clone_into else None
             if pid is None:
                 self.last_path = "fork"
                 pid = os.fork()
@@ -2655,7 +2679,7 @@ TRANSITIONS = {
     (RUNNING, EV_STOP): ((STOPPING,), "begin_stop"),
     (RUNNING, EV_RESTART): ((STOP_RESTART,), "begin_restart"),
     (RUNNING, EV_DEPENDENCIES): ((RUNNING,), IGNORE),
-    (RUNNING, EV_EXIT): ((BACKOFF, EXITED), "process_exited"),
+    (RUNNING, EV_EXIT): ((BACKOFF, EXITED, FAILED), "process_exited"),
     (RUNNING, EV_HEALTHY): ((RUNNING,), "note_healthy"),
     (RUNNING, EV_UNHEALTHY): ((STOP_RESTART,), "restart_unhealthy"),
     (RUNNING, EV_RESTART_DUE): ((RUNNING,), IGNORE),
@@ -2705,7 +2729,7 @@ class ServiceHost:
     released(service)        no process of it is left (its cgroups may go)
     open_probe(service, on_verdict)    its health check: .status .failures .last_error .close()
     dependency_state(service)          ("ready"|"waiting"|"failed", why)
-    auto_rollback(service, why)        (spec, commit) to run instead, or None
+    auto_rollback(service, why)        put the previous version back (spec, commit): True, or False
     changed(service)         its state or reason changed
     deploy_note(service)     ', commit abc1234' for the log, or ''
     """
@@ -2730,8 +2754,10 @@ class Service:
         self.pid = None                 # pid of the current process (pre command or main)
         self.pid_start = None           # /proc start time of that pid, against pid reuse
         self.adopted = False            # pid was started by an earlier daemon
-        self.queue = []                 # ExecCommands left to run in this start
+        self.queue = []                 # (ExecCommand, is main) left to run in this start
         self.current = None             # the ExecCommand being run
+        self.current_main = False       # ... and whether it is an ExecStart= one
+        self.process_serial = 0         # counts watched processes: an exit callback knows its own
         self.started_at = None          # monotonic start of the current process
         self.main_started_wall = None   # wall time the main process started (uptime)
         self.restarts = 0               # automatic restarts since the last manual start
@@ -2874,7 +2900,7 @@ class Service:
 
     def _enter(self, phase, reason):
         if phase != self.phase or reason != self.reason:
-            if phase != self.phase:
+            if PUBLIC_STATE[phase] != self.state:
                 self.since = time.time()
             self.phase, self.reason = phase, reason
             self.host.changed(self)
@@ -2893,8 +2919,13 @@ class Service:
                 self.host.reap_leftovers(self, self.pid, own_child=not self.adopted, everything=True)
             except Exception:
                 pass
+        self.process_serial += 1          # its exit, when it comes, is reaped and ignored
         self.pid = self.pid_start = self.current = None
         self.queue = []
+        try:
+            self.host.released(self)
+        except Exception:
+            pass
         self._enter(FAILED, why)
 
     # -- actions: each returns (phase, reason) -------------------------------------
@@ -2922,19 +2953,17 @@ class Service:
                 self.host.log.warning(self.name, "Start limit hit: %s; giving up until 'start %s'" % (
                     why[len("start limit hit "):], self.name))
                 return FAILED, why
-            spec = self.spec
+            return self._begin_start()    # the old version: its own dependencies (limits are reset)
         if spec.start_limit_interval > 0:
             self.start_times.append(now)
-        self.queue = list(spec.exec_start_pre) + list(spec.exec_start)
+        self.queue = [(c, False) for c in spec.exec_start_pre] + [(c, True) for c in spec.exec_start]
         self.generation += 1
         return self._run_next()
 
     def _roll_back(self, why):
-        """AutoRollback=: run the previous version instead, if the host has one."""
-        older = self.host.auto_rollback(self, why)
-        if older is None:
+        """AutoRollback=: the host puts the previous version back, if there is one."""
+        if not self.host.auto_rollback(self, why):
             return False
-        self.spec, self.commit = older
         self._reset_limits()
         return True
 
@@ -2942,11 +2971,10 @@ class Service:
         """Spawn the next command of the queue; a '-' command that cannot even
         start is skipped (systemd), any other spawn failure is exit 203/EXEC."""
         while True:
-            command = self.queue.pop(0)
-            main = command in self.spec.exec_start
-            self.current = command
+            command, main = self.queue.pop(0)
+            self.current, self.current_main = command, main
             try:
-                pid, pid_start = self.host.spawn(self, command, self._on_exit)
+                pid, pid_start = self.host.spawn(self, command, self._exit_callback())
             except SpawnError as exc:
                 if command.ignore_failure and self.queue:
                     self.host.log.warning(self.name, "Ignoring failed %s command: %s" % ("main" if main else "pre", exc))
@@ -3019,18 +3047,20 @@ class Service:
         a new version that never became healthy, roll back)."""
         probe = self.probe
         why = "health check failed %d times: %s" % (probe.failures, probe.last_error) if probe else "health check failed"
+        phase, _ = self._stop_for(STOP_RESTART, why)     # with the failing version's KillSignal= etc.
         if self.phase == START and self._roll_back("never became healthy: " + why):
-            return self._stop_for(STOP_RESTART, "rolling back: never became healthy: " + why)
+            return phase, "rolling back: never became healthy: " + why
         self.restarts += 1
         self.host.log.warning(self.name, "Restarting: %s" % why)
-        return self._stop_for(STOP_RESTART, why)
+        return phase, why
 
     def _adopt(self, pid, pid_start, started_wall):
         self.pid, self.pid_start, self.adopted = pid, pid_start, True
         self.current = self.spec.exec_start[-1] if self.spec.exec_start else None
+        self.current_main = True
         self.started_at = self.host.now()
         self.main_started_wall = started_wall or time.time()
-        self.host.watch(self, pid, self._on_exit)
+        self.host.watch(self, pid, self._exit_callback())
         self.host.log.info(self.name, "Adopted running process (pid %d)" % pid)
         if self.spec.health_check_url:
             self.probe = self.host.open_probe(self, self._on_verdict)
@@ -3038,8 +3068,17 @@ class Service:
 
     # -- exits --------------------------------------------------------------------
 
-    def _on_exit(self, exit_info):
-        self.handle(EV_EXIT, exit_info=exit_info)
+    def _exit_callback(self):
+        """The exit callback of the process about to be watched. It is bound
+        to that process: the exit of one the service gave up (after an
+        internal error) is reaped and ignored, never taken for the exit of
+        the process that runs now."""
+        self.process_serial += 1
+
+        def on_exit(exit_info, serial=self.process_serial):
+            if serial == self.process_serial:
+                self.handle(EV_EXIT, exit_info=exit_info)
+        return on_exit
 
     def _on_verdict(self):
         self.handle(EV_HEALTHY if self.probe.status == "healthy" else EV_UNHEALTHY)
@@ -3065,7 +3104,7 @@ class Service:
             return self._run_next()       # the next ExecStartPre= / oneshot command
         if ran_for >= BACKOFF_RESET_UPTIME:
             self.crash_streak = 0
-        if command is not None and command not in self.spec.exec_start:
+        if command is not None and not self.current_main:
             return self._finish_run(exit_info, exit_info, "ExecStartPre failed (%s)" % described, failed=True)
         if self.spec.type == "oneshot":
             return self._finish_run(exit_info, {"code": 0} if succeeded else exit_info,
@@ -3229,6 +3268,8 @@ class Launcher:
                 os.killpg(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+        elif everything and service.pid_start is not None:
+            _signal_group_if_same(pid, service.pid_start, signal.SIGKILL)   # still the process adopted?
         if self.cgroups is not None:
             self.cgroups.kill(service.cgroup, signal.SIGKILL)
 
@@ -3413,6 +3454,7 @@ class HealthProbe:
         self.failures = 0                 # failed checks in a row (start period excluded)
         self.last_error = None
         self.started = time.monotonic()
+        self.passed_once = False          # a success ends the start period (as Docker's --start-period)
         self.address = None               # resolved once: (family, sockaddr)
         self.sock = None                  # the connection (kept between HTTP checks)
         self.connected = False
@@ -3551,11 +3593,11 @@ class HealthProbe:
             self.deadline_timer = None
         spec = self.spec
         if healthy:
-            self.failures, self.last_error = 0, None
+            self.failures, self.last_error, self.passed_once = 0, None, True
             if self.status != "healthy":
                 self.status = "healthy"
                 self.on_verdict()
-        elif time.monotonic() - self.started >= spec.health_check_start_period:
+        elif self.passed_once or time.monotonic() - self.started >= spec.health_check_start_period:
             self.failures += 1
             self.last_error = error
             self.log.warning(self.name, "Health check failed (%d of %d): %s" % (
@@ -4394,7 +4436,7 @@ class Deployer:
             self.log.error("daemon", "Invalid unit: %s" % line)
         for name in plan.removed:
             service = self.services[name]
-            if service.state in (STARTING, RUNNING):
+            if service.state in ACTIVE_STATES:
                 service.halt("removed from the repository")
             service.removed = True
             self.recovery.saved_services.pop(name, None)
@@ -4455,11 +4497,12 @@ class Deployer:
 
     def auto_rollback(self, service, why):
         """AutoRollback=yes: the version a deploy brought failed (start limit, or
-        never healthy). Returns (spec, commit) of the unit's previous version to
-        run instead, or None. The repository is not touched; `diff` shows the
-        drift, `status` and history say why."""
+        never healthy). The unit's previous version (spec and commit) is put
+        back on the service to run instead: True, or False if there is none.
+        The repository is not touched; `diff` shows the drift, `status` and
+        history say why."""
         if not service.previous or not service.spec.auto_rollback or self.host.shutting_down:
-            return None
+            return False
         old_spec, old_commit = service.previous
         bad_commit = service.commit
         service.previous = None
@@ -4470,8 +4513,9 @@ class Deployer:
             old_commit[:7], bad_commit[:7], why))
         self.history.record("auto-rollback", "rolled back", bad_commit, "AutoRollback of %s" % service.name,
                             changed=[service.name], why=why)
+        service.spec, service.commit = old_spec, old_commit
         self.store.save_now()
-        return old_spec, old_commit
+        return True
 
     def deploy_note(self, service):
         """', commit COMMIT' when the service's running version came from the
