@@ -36,7 +36,6 @@ import json
 import math
 import os
 import re
-import selectors
 import signal
 import socket
 import stat
@@ -80,6 +79,8 @@ DEFAULT_WAIT_TIMEOUT = 30.0
 MAX_WAIT_TIMEOUT = 86400
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
+# selectors' event bits, without importing selectors on a command's path
+EVENT_READ, EVENT_WRITE = 1, 2
 
 HELLO_UNIT = """\
 # An example service: prints a line every few seconds.
@@ -1249,12 +1250,13 @@ def _exchange(in_w, out_r, err_r, input_data, deadline, open_fds):
     the deadline. Closes stdin when all is written (and drops it from open_fds)."""
     chunks = {out_r: [], err_r: []}
     pending = memoryview(input_data)
+    import selectors
     with selectors.DefaultSelector() as selector:
-        selector.register(out_r, selectors.EVENT_READ)
-        selector.register(err_r, selectors.EVENT_READ)
+        selector.register(out_r, EVENT_READ)
+        selector.register(err_r, EVENT_READ)
         if pending:
             os.set_blocking(in_w, False)
-            selector.register(in_w, selectors.EVENT_WRITE)
+            selector.register(in_w, EVENT_WRITE)
         else:
             os.close(in_w)
             open_fds.remove(in_w)
@@ -1410,7 +1412,7 @@ class RefWatcher:
             raise OSError(ctypes.get_errno(), "inotify_init1 failed")
         self.inotify_fd = fd
         self._arm()
-        self.selector.register(fd, selectors.EVENT_READ, (self._on_events, None))
+        self.selector.register(fd, EVENT_READ, (self._on_events, None))
 
     def _arm(self):
         """Watch every folder on the way to the ref that exists (a branch folder
@@ -2492,7 +2494,7 @@ class ExitWatcher:
                     return
             else:
                 self.pidfds[pid] = pidfd
-                self.selector.register(pidfd, selectors.EVENT_READ, (self._on_pidfd, pid))
+                self.selector.register(pidfd, EVENT_READ, (self._on_pidfd, pid))
                 return
         self.unsignalled.add(pid)
         if self.mode == "poll" or not child:
@@ -3505,7 +3507,7 @@ class HealthProbe:
             code = self.sock.connect_ex(self.address[1])
             if code not in (0, errno.EINPROGRESS):
                 raise OSError(code, os.strerror(code))
-            self.selector.register(self.sock, selectors.EVENT_WRITE, (self._on_connected, None))
+            self.selector.register(self.sock, EVENT_WRITE, (self._on_connected, None))
         except OSError as exc:
             self._finish(False, "cannot connect to %s:%s: %s" % (self.host, self.port, exc.strerror or exc))
 
@@ -3535,7 +3537,7 @@ class HealthProbe:
                 self._finish(False, "HTTP request failed: %s" % (exc.strerror or exc))
             return
         self.inbuf.clear()
-        self.selector.register(self.sock, selectors.EVENT_READ, (self._on_response, None))
+        self.selector.register(self.sock, EVENT_READ, (self._on_response, None))
 
     def _on_response(self, _arg, _mask):
         try:
@@ -3741,7 +3743,7 @@ class Connection:
         self.last_active = time.monotonic()
         self.waiting = None               # the Waiter holding this client's reply
         self.reading = True               # False after EOF or a refusal: answer, then close
-        self.events = selectors.EVENT_READ  # what the selector watches for it (0: nothing)
+        self.events = EVENT_READ  # what the selector watches for it (0: nothing)
 
 
 class Waiter:
@@ -3820,7 +3822,7 @@ class ControlServer:
         listener.listen(128)
         listener.setblocking(False)
         self.listener = listener
-        self.selector.register(listener, selectors.EVENT_READ, (self._accept, None))
+        self.selector.register(listener, EVENT_READ, (self._accept, None))
 
     def close(self):
         for conn in list(self.connections.values()):
@@ -3890,11 +3892,11 @@ class ControlServer:
             raise
 
     def _serve_client(self, conn, mask):
-        if mask & selectors.EVENT_WRITE:
+        if mask & EVENT_WRITE:
             self._flush(conn)
             if conn.fd in self.connections and len(conn.outbuf) < MAX_PENDING_REPLY:
                 self._process_input(conn)     # requests held back while replies piled up
-        if not mask & selectors.EVENT_READ or conn.fd not in self.connections:
+        if not mask & EVENT_READ or conn.fd not in self.connections:
             return
         try:
             data = conn.sock.recv(65536)
@@ -3981,7 +3983,7 @@ class ControlServer:
         # A client that does not read its replies is not read from either, so
         # neither buffer grows without bound (its socket fills and it blocks).
         reading = conn.reading and len(conn.outbuf) < MAX_PENDING_REPLY
-        events = (selectors.EVENT_READ if reading else 0) | (selectors.EVENT_WRITE if conn.outbuf else 0)
+        events = (EVENT_READ if reading else 0) | (EVENT_WRITE if conn.outbuf else 0)
         if events != conn.events:
             if not conn.events:
                 self.selector.register(conn.sock, events, (self._on_client, conn))
@@ -4804,6 +4806,7 @@ class Daemon:
     def __init__(self, config, log, exit_watch_mode=None):
         self.config = config
         self.log = log
+        import selectors
         self.selector = selectors.DefaultSelector()
         self.timers = []                  # heap of (when, sequence, Timer)
         self.timer_sequence = 0
@@ -4974,7 +4977,7 @@ class Daemon:
         signal.set_wakeup_fd(write_fd)
         for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(number, _ignore_signal)
-        self.selector.register(read_fd, selectors.EVENT_READ, (self._on_signals, None))
+        self.selector.register(read_fd, EVENT_READ, (self._on_signals, None))
 
     @staticmethod
     def _raise_fd_limit():
@@ -5883,14 +5886,27 @@ def _command_named(argv):
 def build_parser(only=None):
     """The argparse parser; with `only`, just that subcommand is built."""
     import argparse
-    common = argparse.ArgumentParser(add_help=False)
+    class Formatter(argparse.RawDescriptionHelpFormatter):
+        """Sized as argparse's own, from $COLUMNS or the terminal, but without
+        importing shutil (and with it bz2 and lzma): some 2 ms of each command."""
+
+        def __init__(self, prog, **options):
+            if "width" not in options:
+                try:
+                    columns = int(os.environ.get("COLUMNS", "")) or os.get_terminal_size(sys.__stdout__.fileno()).columns
+                except (ValueError, OSError, AttributeError):
+                    columns = 80
+                options["width"] = columns - 2
+            super().__init__(prog, **options)
+
+    common = argparse.ArgumentParser(add_help=False, formatter_class=Formatter)
     group = common.add_argument_group("global options")
     group.add_argument("--home", default=argparse.SUPPRESS, metavar="DIR",
                        help="keep everything under DIR (default: $GITPROC_HOME, ~/.gitproc, or system paths for root)")
     group.add_argument("--config", default=argparse.SUPPRESS, metavar="PATH", help="JSON config file (default: HOME/config.json)")
     group.add_argument("--socket", default=argparse.SUPPRESS, metavar="PATH", help="control socket path")
     parser = argparse.ArgumentParser(
-        prog="gitproc.py", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="gitproc.py", parents=[common], formatter_class=Formatter,
         description="gitproc %s: a Git-backed process supervisor." % __version__,
         epilog="examples:\n  python3 gitproc.py daemon\n  python3 gitproc.py status\n"
                "  python3 gitproc.py COMMAND --help")
@@ -5902,7 +5918,7 @@ def build_parser(only=None):
         if only is not None and name != only:
             return _SkippedParser()
         sub = commands.add_parser(name, parents=[common], help=help_text, description=help_text,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter,
+                                  formatter_class=Formatter,
                                   epilog="examples:\n" + "\n".join("  python3 " + e for e in EXAMPLES[name]))
         sub.set_defaults(handler=handler)
         return sub
