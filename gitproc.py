@@ -77,6 +77,7 @@ REQUEST_IDLE_TIMEOUT = 10.0
 CLIENT_TIMEOUT = 30.0
 DEFAULT_WAIT_TIMEOUT = 30.0
 MAX_WAIT_TIMEOUT = 86400
+EVENT_LIMIT = 1000                  # events the daemon keeps in memory (`events`)
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
 # selectors' event bits, without importing selectors on a command's path
@@ -971,7 +972,7 @@ CONFIG_TYPES = {
     "repo_path": str, "branch": str, "remote": str, "socket_path": str,
     "socket_group": str, "state_file": str, "log_dir": str, "cgroup_root": str,
     "hostname": str, "poll_interval": (int, float), "max_poll_interval": (int, float),
-    "log_max_bytes": int, "log_backups": int,
+    "log_max_bytes": int, "log_backups": int, "http_listen": str, "webhook_secret": str,
 }
 ROOT_PATHS = {
     "repo_path": "/etc/gitproc/services", "socket_path": "/run/gitproc/gitproc.sock",
@@ -986,6 +987,7 @@ CONFIG_DEFAULTS = {
     "branch": DEFAULT_BRANCH, "remote": None, "socket_group": None,
     "cgroup_root": "/sys/fs/cgroup", "hostname": None, "poll_interval": 10,
     "max_poll_interval": 30, "log_max_bytes": 10 * 1024 * 1024, "log_backups": 3,
+    "http_listen": None, "webhook_secret": None,
 }
 # Command-line flags that override a config key: argparse dest -> key.
 FLAG_KEYS = {"repo": "repo_path", "branch": "branch", "remote": "remote",
@@ -1043,6 +1045,8 @@ def load_config(flags=None, environ=None):
         raise ConfigError("poll_interval must be > 0 and max_poll_interval at least poll_interval")
     if settings["log_max_bytes"] < 1024 or settings["log_backups"] < 0:
         raise ConfigError("log_max_bytes must be at least 1024 and log_backups at least 0")
+    if settings["http_listen"]:
+        parse_listen_address(settings["http_listen"])
     settings.update(home=home, pid_file=defaults["pid_file"], config_path=config_path)
     return Config(settings)
 
@@ -2004,7 +2008,6 @@ class Cgroups:
         self.v2_controllers = set()     # controllers enabled for those groups
         self.v1 = {}                    # v1 controller -> folder gitproc makes its groups in
         self.problem = None             # why no cgroup can be made, if so
-        self.spent = set()              # v2 groups cgroup.kill was written to (see _unspent)
         self._detect()
 
     def _detect(self):
@@ -2069,7 +2072,7 @@ class Cgroups:
             folder = self._make(group, os.path.join(self.v2, name))
             if folder:
                 group.tracking = group.v2 = folder
-                group.clone_into = folder if self._unspent(folder) else None
+                group.clone_into = folder if self._renew(folder) else None
         for controller, key, value in wanted:
             entry = {"key": key, "value": value, "applied": False, "why": None}
             try:
@@ -2092,20 +2095,20 @@ class Cgroups:
         group.oom_base = self.oom_count(group)
         return group
 
-    def _unspent(self, folder):
-        """True if a process may be born in the v2 group `folder`. Once
-        cgroup.kill was written to a group, this kernel kills every process
-        later cloned into it (CLONE_INTO_CGROUP), though not one that moves in:
-        such a group is made anew when it is empty (cheap: no process has to
-        migrate), else its next process is forked and joins it."""
-        if folder not in self.spent:
-            return True
+    @staticmethod
+    def _renew(folder):
+        """Make the (empty) v2 group `folder` anew, so that a process can be
+        born in it: once cgroup.kill was written to a group (by gitproc, an
+        earlier daemon or an administrator), this kernel kills every process
+        later cloned into it (CLONE_INTO_CGROUP), though not one that moves
+        in. Cheap (no process migrates); False if the group still holds a
+        process (one that is dying, an adopted one): the next process then
+        forks and joins it."""
         try:
             os.rmdir(folder)
             os.mkdir(folder)
         except OSError:
             return False
-        self.spent.discard(folder)
         return True
 
     def _make(self, group, folder):
@@ -2154,7 +2157,6 @@ class Cgroups:
             if not self.pids(group):
                 return                    # nothing left (the common case): the group stays usable
             _write_text_quietly(os.path.join(group.tracking, "cgroup.kill"), "1")
-            self.spent.add(group.tracking)
             return
         for pid in self.pids(group):
             try:
@@ -2732,7 +2734,7 @@ class ServiceHost:
     open_probe(service, on_verdict)    its health check: .status .failures .last_error .close()
     dependency_state(service)          ("ready"|"waiting"|"failed", why)
     auto_rollback(service, why)        put the previous version back (spec, commit): True, or False
-    changed(service)         its state or reason changed
+    changed(service, before) its state (before: the one it left) or reason changed
     deploy_note(service)     ', commit abc1234' for the log, or ''
     """
 
@@ -2763,6 +2765,7 @@ class Service:
         self.started_at = None          # monotonic start of the current process
         self.main_started_wall = None   # wall time the main process started (uptime)
         self.restarts = 0               # automatic restarts since the last manual start
+        self.restarts_total = 0         # automatic restarts ever (a counter for metrics; persisted)
         self.last_exit = None           # {"code": N} or {"signal": N} of the last exit
         self.start_times = []           # monotonic times of recent starts (start limit)
         self.crash_streak = 0           # runs in a row that died young (backoff)
@@ -2834,7 +2837,7 @@ class Service:
         active = self.state in ACTIVE_STATES
         return {"want": self.want, "pid": self.pid if active else None,
                 "pid_start": self.pid_start if active else None,
-                "restarts": self.restarts, "last_exit": self.last_exit,
+                "restarts": self.restarts, "restarts_total": self.restarts_total, "last_exit": self.last_exit,
                 "state": self.state, "reason": self.reason, "commit": self.commit,
                 "blob": self.spec.blob, "started_wall": self.main_started_wall}
 
@@ -2902,10 +2905,11 @@ class Service:
 
     def _enter(self, phase, reason):
         if phase != self.phase or reason != self.reason:
-            if PUBLIC_STATE[phase] != self.state:
+            before = self.state
+            if PUBLIC_STATE[phase] != before:
                 self.since = time.time()
             self.phase, self.reason = phase, reason
-            self.host.changed(self)
+            self.host.changed(self, before)
 
     def _fail_safe(self, why):
         """After an internal error: nothing of the service runs, nothing is
@@ -3041,7 +3045,7 @@ class Service:
 
     def _note_healthy(self):
         self.host.log.info(self.name, "Healthy")
-        self.host.changed(self)           # the health column changed, the state did not
+        self.host.changed(self, self.state)   # the health column changed, the state did not
         return RUNNING, self.reason
 
     def _restart_unhealthy(self):
@@ -3053,6 +3057,7 @@ class Service:
         if self.phase == START and self._roll_back("never became healthy: " + why):
             return phase, "rolling back: never became healthy: " + why
         self.restarts += 1
+        self.restarts_total += 1
         self.host.log.warning(self.name, "Restarting: %s" % why)
         return phase, why
 
@@ -3125,6 +3130,7 @@ class Service:
             self.crash_streak += 1
             delay = restart_delay(self.spec.restart_sec, self.crash_streak)
             self.restarts += 1
+            self.restarts_total += 1
             self.host.log.info(self.name, "Restarting in %s (%s; restart %d)%s" % (
                 format_timespan(delay), why, self.restarts, self.host.deploy_note(self)))
             self.timer = self.host.call_later(delay, lambda: self.handle(EV_RESTART_DUE))
@@ -3733,7 +3739,7 @@ def encode_message(payload):
 
 class Connection:
     """One client of the control socket, served by the daemon's loop."""
-    __slots__ = ("sock", "fd", "inbuf", "outbuf", "last_active", "waiting", "reading", "events")
+    __slots__ = ("sock", "fd", "inbuf", "outbuf", "last_active", "waiting", "reading", "events", "following")
 
     def __init__(self, sock):
         self.sock = sock
@@ -3744,6 +3750,7 @@ class Connection:
         self.waiting = None               # the Waiter holding this client's reply
         self.reading = True               # False after EOF or a refusal: answer, then close
         self.events = EVENT_READ  # what the selector watches for it (0: nothing)
+        self.following = False            # `events -f`: events are pushed to it as they come
 
 
 class Waiter:
@@ -3877,7 +3884,7 @@ class ControlServer:
         self.idle_timer = None
         now = time.monotonic()
         for conn in list(self.connections.values()):
-            if conn.waiting is None and now - conn.last_active > REQUEST_IDLE_TIMEOUT:
+            if conn.waiting is None and not conn.following and now - conn.last_active > REQUEST_IDLE_TIMEOUT:
                 self._close(conn)
         if self.connections:
             self.idle_timer = self.call_later(REQUEST_IDLE_TIMEOUT / 2, self._close_idle)
@@ -4003,6 +4010,21 @@ class ControlServer:
         conn.waiting = None
         conn.sock.close()
 
+    def push(self, conn, line, on_drop):
+        """Send a line the client did not ask for (a followed event). A client
+        that lets MAX_PENDING_REPLY of them pile up unread is dropped, so a
+        follower that stopped reading never grows the daemon."""
+        if conn.fd not in self.connections:
+            on_drop(conn)
+            return
+        conn.outbuf += line
+        if len(conn.outbuf) > MAX_PENDING_REPLY:
+            self.log.warning("daemon", "Dropped an events follower: %d bytes unread" % len(conn.outbuf))
+            on_drop(conn)
+            self._close(conn)
+            return
+        self._flush(conn)
+
     # -- parked replies ----------------------------------------------------------------
 
     def park(self, conn, check, expire, timeout):
@@ -4034,9 +4056,276 @@ class ControlServer:
             self._process_input(waiter.conn)
 
 
-def request(config, payload, timeout=CLIENT_TIMEOUT):
-    """Send one request to the daemon and return its result; GitprocError with
-    the daemon's message when it answers with an error."""
+class EventLog:
+    """The last EVENT_LIMIT events of the daemon, and the clients following
+    them (`events -f`). An event is one dict with a fixed schema:
+    time, unit, event (state, health, deploy, rollback), from, to, reason,
+    pid, commit; fields that do not apply are None."""
+
+    def __init__(self, server):
+        import collections
+        self.ring = collections.deque(maxlen=EVENT_LIMIT)
+        self.server = server              # ControlServer: where followers are
+        self.followers = {}               # Connection -> set of unit names (empty: all)
+
+    def record(self, event, unit=None, before=None, after=None, reason=None, pid=None, commit=None):
+        entry = {"time": time.time(), "unit": unit, "event": event, "from": before, "to": after,
+                 "reason": reason, "pid": pid, "commit": commit}
+        self.ring.append(entry)
+        if self.followers:
+            line = encode_message({"event": entry})
+            for conn, names in list(self.followers.items()):
+                if not names or unit in names:
+                    self.server.push(conn, line, self.unfollow)
+
+    def recent(self, names=()):
+        return [entry for entry in self.ring if not names or entry["unit"] in names]
+
+    def follow(self, conn, names):
+        self.followers[conn] = set(names)
+        conn.following = True
+
+    def unfollow(self, conn):
+        self.followers.pop(conn, None)
+
+
+# ---- the HTTP listener: /metrics, /status, /healthz, signed push webhooks ----------
+# Optional (http_listen). A small HTTP/1.1 server in the daemon's loop, with
+# bounds like the control socket's: header and body sizes, a deadline for a
+# whole request (slowloris), idle keep-alive connections closed, a cap on
+# clients. It only parses and frames; routes are the daemon's (http_reply).
+
+MAX_HTTP_HEADER_BYTES = 16 * 1024
+MAX_HTTP_BODY_BYTES = 1024 * 1024          # a forge's push payload fits
+MAX_HTTP_CONNECTIONS = 64
+HTTP_REASONS = {200: "OK", 202: "Accepted", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
+                404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout", 411: "Length Required",
+                413: "Payload Too Large", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
+                503: "Service Unavailable", 505: "HTTP Version Not Supported"}
+
+
+class HttpRequest:
+    __slots__ = ("method", "path", "version", "headers", "body")
+
+    def __init__(self, method, path, version, headers, body):
+        self.method, self.path, self.version, self.headers, self.body = method, path, version, headers, body
+
+
+class HttpConnection:
+    __slots__ = ("sock", "inbuf", "outbuf", "started", "last_active", "closing", "events")
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.inbuf = bytearray()
+        self.outbuf = bytearray()
+        self.started = None               # monotonic time the request being read began
+        self.last_active = time.monotonic()
+        self.closing = False              # close once the reply is sent
+        self.events = EVENT_READ
+
+
+def parse_listen_address(text):
+    """'127.0.0.1:9180', '[::1]:9180', ':9180' -> (family, (host, port)); ConfigError if not."""
+    host, colon, port = text.rpartition(":")
+    if not colon or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError("http_listen %r: use HOST:PORT, e.g. 127.0.0.1:9180" % text)
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return family, (host or ("::" if family == socket.AF_INET6 else "0.0.0.0"), int(port))
+
+
+def is_loopback(host):
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+class HttpListener:
+    """The daemon's HTTP server: accept, read one request at a time per
+    connection (keep-alive), answer with reply(request) -> (status, content
+    type, body bytes, extra headers), and hold every bound."""
+
+    def __init__(self, address, log, selector, call_later, reply):
+        self.family, self.address = address
+        self.log, self.selector, self.call_later = log, selector, call_later
+        self.reply = reply
+        self.listener = None
+        self.connections = {}             # fd -> HttpConnection
+        self.sweep_timer = None
+
+    @property
+    def exposed(self):
+        """Reachable from the network (not only from this machine)."""
+        return not is_loopback(self.address[0])
+
+    def open(self):
+        listener = socket.socket(self.family, socket.SOCK_STREAM)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(self.address)
+            listener.listen(64)
+        except OSError as exc:
+            listener.close()
+            raise GitprocError("http_listen %s:%d: cannot listen: %s" % (self.address[0], self.address[1], exc.strerror or exc))
+        listener.setblocking(False)
+        self.listener = listener
+        self.selector.register(listener, EVENT_READ, (self._accept, None))
+        if self.exposed:
+            self.log.warning("daemon", "HTTP listener on %s:%d is reachable from the network: /metrics and /status "
+                             "tell anyone who can connect what runs here" % self.address)
+        else:
+            self.log.info("daemon", "HTTP listener on %s:%d" % self.address)
+
+    def close(self):
+        for conn in list(self.connections.values()):
+            self._close(conn)
+        if self.listener is not None:
+            self.selector.unregister(self.listener)
+            self.listener.close()
+            self.listener = None
+
+    def _accept(self, _arg, _mask):
+        try:
+            sock, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.log.warning("daemon", "HTTP accept failed: %s" % exc.strerror)
+            return
+        if len(self.connections) >= MAX_HTTP_CONNECTIONS:
+            sock.close()
+            return
+        sock.setblocking(False)
+        conn = HttpConnection(sock)
+        self.connections[sock.fileno()] = conn
+        self.selector.register(sock, EVENT_READ, (self._on_event, conn))
+        if self.sweep_timer is None:
+            self.sweep_timer = self.call_later(REQUEST_IDLE_TIMEOUT / 2, self._sweep)
+
+    def _sweep(self):
+        """Close connections idle too long, or too slow to send one request."""
+        self.sweep_timer = None
+        now = time.monotonic()
+        for conn in list(self.connections.values()):
+            if conn.started is not None and now - conn.started > REQUEST_IDLE_TIMEOUT:
+                self._answer(conn, 408, "text/plain", b"request not received in time\n", close=True)
+            elif now - conn.last_active > REQUEST_IDLE_TIMEOUT and not conn.outbuf:
+                self._close(conn)
+        if self.connections:
+            self.sweep_timer = self.call_later(REQUEST_IDLE_TIMEOUT / 2, self._sweep)
+
+    def _on_event(self, conn, mask):
+        if mask & EVENT_WRITE:
+            self._flush(conn)
+            if conn.sock.fileno() in self.connections and not conn.outbuf and conn.inbuf:
+                self._serve(conn)             # a pipelined request waited for this reply
+        if not mask & EVENT_READ or conn.sock.fileno() not in self.connections or conn.closing:
+            return
+        try:
+            data = conn.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close(conn)
+            return
+        conn.last_active = time.monotonic()
+        if conn.started is None:
+            conn.started = conn.last_active
+        conn.inbuf += data
+        self._serve(conn)
+
+    def _serve(self, conn):
+        while not conn.closing and not conn.outbuf:
+            request, error = self._parse(conn)
+            if error:
+                self._answer(conn, error[0], "text/plain", (error[1] + "\n").encode(), close=True)
+                return
+            if request is None:
+                return                        # wait for more bytes
+            conn.started = time.monotonic() if conn.inbuf else None
+            try:
+                status, content_type, body, extra = self.reply(request)
+            except Exception:
+                import traceback
+                self.log.error("daemon", "HTTP %s %s failed: %s" % (request.method, request.path[:100],
+                               traceback.format_exc().strip().replace("\n", " | ")))
+                status, content_type, body, extra = 500, "text/plain", b"internal error (see the daemon log)\n", {}
+            close = request.version == "HTTP/1.0" or request.headers.get("connection", "").lower() == "close"
+            self._answer(conn, status, content_type, body, close=close, head=request.method == "HEAD", extra=extra)
+
+    @staticmethod
+    def _parse(conn):
+        """(HttpRequest, None) once a whole request is in, (None, None) while
+        it is not, (None, (status, why)) for one that is refused."""
+        end = conn.inbuf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(conn.inbuf) > MAX_HTTP_HEADER_BYTES:
+                return None, (431, "request headers larger than %d bytes" % MAX_HTTP_HEADER_BYTES)
+            return None, None
+        if end > MAX_HTTP_HEADER_BYTES:
+            return None, (431, "request headers larger than %d bytes" % MAX_HTTP_HEADER_BYTES)
+        lines = bytes(conn.inbuf[:end]).decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ")
+        if len(parts) != 3 or not parts[0].isalpha() or not parts[1].startswith("/"):
+            return None, (400, "malformed request line")
+        method, target, version = parts
+        if version not in ("HTTP/1.0", "HTTP/1.1"):
+            return None, (505, "HTTP/1.0 or HTTP/1.1 only")
+        headers = {}
+        for line in lines[1:]:
+            name, colon, value = line.partition(":")
+            if not colon or not name or name != name.strip():
+                return None, (400, "malformed header line")
+            headers[name.lower()] = value.strip()
+        length = headers.get("content-length", "0")
+        if not length.isdigit():
+            return None, (400, "bad Content-Length") if "transfer-encoding" not in headers else (411, "send a Content-Length")
+        if int(length) > MAX_HTTP_BODY_BYTES:
+            return None, (413, "request body larger than %d bytes" % MAX_HTTP_BODY_BYTES)
+        if len(conn.inbuf) < end + 4 + int(length):
+            return None, None
+        body = bytes(conn.inbuf[end + 4:end + 4 + int(length)])
+        del conn.inbuf[:end + 4 + int(length)]
+        return HttpRequest(method.upper(), target.split("?", 1)[0], version, headers, body), None
+
+    def _answer(self, conn, status, content_type, body, close=False, head=False, extra=None):
+        head_lines = ["HTTP/1.1 %d %s" % (status, HTTP_REASONS.get(status, "Status")),
+                      "Content-Type: %s" % content_type, "Content-Length: %d" % len(body),
+                      "Connection: %s" % ("close" if close else "keep-alive")]
+        head_lines += ["%s: %s" % item for item in sorted((extra or {}).items())]
+        conn.outbuf += ("\r\n".join(head_lines) + "\r\n\r\n").encode() + (b"" if head else body)
+        conn.closing = conn.closing or close
+        if close:
+            conn.inbuf.clear()
+        self._flush(conn)
+
+    def _flush(self, conn):
+        if conn.sock.fileno() not in self.connections:
+            return
+        if conn.outbuf:
+            try:
+                del conn.outbuf[:conn.sock.send(conn.outbuf)]
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                self._close(conn)
+                return
+        if not conn.outbuf and conn.closing:
+            self._close(conn)
+            return
+        events = EVENT_WRITE if conn.outbuf else EVENT_READ
+        if events != conn.events:
+            self.selector.modify(conn.sock, events, (self._on_event, conn))
+            conn.events = events
+
+    def _close(self, conn):
+        if self.connections.pop(conn.sock.fileno(), None) is not None:
+            self.selector.unregister(conn.sock)
+        conn.sock.close()
+
+
+def _connect(config, timeout):
+    """A client socket connected to the daemon; GitprocError saying why not."""
     path = config.socket_path
     if len(path.encode()) > MAX_SOCKET_PATH:
         raise ConfigError("socket path %s is %d bytes; Unix sockets allow %d: choose a shorter --home or socket_path" % (
@@ -4044,15 +4333,34 @@ def request(config, payload, timeout=CLIENT_TIMEOUT):
     client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     client.settimeout(timeout)
     try:
-        try:
-            client.connect(path)
-        except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError):
-            raise DaemonNotRunning("no gitproc daemon answers on %s; start one with: python3 gitproc.py daemon%s" % (
-                path, " --home %s" % config.home if config.home and not _home_from_env(config) else ""))
-        except PermissionError:
-            raise GitprocError("permission denied on %s: run as the daemon's user, root, or a member of its socket_group" % path)
-        except OSError as exc:
-            raise GitprocError("cannot connect to %s: %s" % (path, exc.strerror or exc))
+        client.connect(path)
+    except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError):
+        client.close()
+        raise DaemonNotRunning("no gitproc daemon answers on %s; start one with: python3 gitproc.py daemon%s" % (
+            path, " --home %s" % config.home if config.home and not _home_from_env(config) else ""))
+    except PermissionError:
+        client.close()
+        raise GitprocError("permission denied on %s: run as the daemon's user, root, or a member of its socket_group" % path)
+    except socket.timeout:
+        client.close()
+        raise GitprocError("the daemon did not answer within %ds" % timeout)
+    except OSError as exc:
+        client.close()
+        raise GitprocError("cannot connect to %s: %s" % (path, exc.strerror or exc))
+    return client
+
+
+def _result(message):
+    if not message.get("ok"):
+        raise GitprocError(message.get("error", "the daemon refused the request"))
+    return message.get("result")
+
+
+def request(config, payload, timeout=CLIENT_TIMEOUT):
+    """Send one request to the daemon and return its result; GitprocError with
+    the daemon's message when it answers with an error."""
+    client = _connect(config, timeout)
+    try:
         client.sendall(encode_message(payload))
         reply = bytearray()
         while not reply.endswith(b"\n"):
@@ -4066,10 +4374,29 @@ def request(config, payload, timeout=CLIENT_TIMEOUT):
         raise ProtocolError("the daemon closed the connection without answering")
     finally:
         client.close()
-    message = json.loads(reply.decode("utf-8"))
-    if not message.get("ok"):
-        raise GitprocError(message.get("error", "the daemon refused the request"))
-    return message.get("result")
+    return _result(json.loads(reply.decode("utf-8")))
+
+
+def request_stream(config, payload):
+    """Send one request, yield its result, then each message the daemon pushes
+    after it (`events -f`), until the daemon closes the connection."""
+    client = _connect(config, CLIENT_TIMEOUT)
+    try:
+        client.sendall(encode_message(payload))
+        reader = client.makefile("rb")
+        first = reader.readline()
+        if not first:
+            raise ProtocolError("the daemon closed the connection without answering")
+        yield _result(json.loads(first.decode("utf-8")))
+        client.settimeout(None)
+        for line in reader:
+            yield json.loads(line.decode("utf-8"))
+    except socket.timeout:
+        raise GitprocError("the daemon did not answer within %ds" % CLIENT_TIMEOUT)
+    except (ConnectionResetError, BrokenPipeError):
+        raise ProtocolError("the daemon closed the connection")
+    finally:
+        client.close()
 
 
 def _home_from_env(config):
@@ -4178,6 +4505,8 @@ class Recovery:
         service.want = "down" if saved.get("want") == "down" else "up"
         if isinstance(saved.get("restarts"), int):
             service.restarts = saved["restarts"]
+        if isinstance(saved.get("restarts_total"), int):
+            service.restarts_total = saved["restarts_total"]
         service.last_exit = saved.get("last_exit") if isinstance(saved.get("last_exit"), dict) else None
         live = self.live_pid(saved)
         if live is None:
@@ -4229,8 +4558,9 @@ class Deployer:
     plan to the registry of services, the history, and AutoRollback='s
     decision. Owns what is deployed: specs, their problems, skipped units."""
 
-    def __init__(self, config, log, services, recovery, host, store):
+    def __init__(self, config, log, services, recovery, host, store, events):
         self.config, self.log = config, log
+        self.events = events
         self.services = services          # the registry: name -> Service (shared with the daemon)
         self.recovery = recovery
         self.host = host                  # what new Services are given
@@ -4244,6 +4574,7 @@ class Deployer:
         self.applied = False              # a commit was applied by this daemon
         self.pin = None                   # remote-mode rollback: {"sha", "subject", "remote_at"}
         self.deploy_count = 0             # deploys applied (the poll adapts to them)
+        self.deploys_total = {}           # outcome -> deploys ever (a counter for metrics; persisted)
         self.parse_cache = {}             # (path, blob) -> parse_unit result
         self._last_plan = None            # the plan of the last deploy (see last_plan)
 
@@ -4256,6 +4587,9 @@ class Deployer:
         deployed = state.get("deployed")
         if isinstance(deployed, dict) and isinstance(deployed.get("sha"), str):
             self.deployed = Commit(deployed["sha"], deployed.get("subject", ""), deployed.get("time", 0))
+        totals = state.get("deploys_total")
+        if isinstance(totals, dict):
+            self.deploys_total = {k: v for k, v in totals.items() if isinstance(v, int) and not isinstance(v, bool)}
         pin = state.get("pin")
         if self.remote_mode and isinstance(pin, dict) and isinstance(pin.get("sha"), str):
             self.pin = {"sha": pin["sha"], "subject": str(pin.get("subject", "")),
@@ -4263,7 +4597,10 @@ class Deployer:
 
     def persistent(self):
         return {"deployed": self.deployed.to_json() if self.deployed else None,
-                "history": self.history.entries, "pin": self.pin}
+                "history": self.history.entries, "pin": self.pin, "deploys_total": self.deploys_total}
+
+    def _count(self, outcome):
+        self.deploys_total[outcome] = self.deploys_total.get(outcome, 0) + 1
 
     # -- the target ------------------------------------------------------------------
 
@@ -4362,6 +4699,9 @@ class Deployer:
         if message != previous:
             self.log.error("daemon", "Deploy skipped: %s" % message)
             self.history.record(trigger, "error", error=message)
+            self._count("error")
+            self.events.record("deploy", before=self.deployed.sha if self.deployed else None, after="error",
+                               reason="%s: %s" % (trigger, message))
             self.store.mark_dirty()
 
     def plan(self, commit, entries):
@@ -4432,6 +4772,7 @@ class Deployer:
         changed ones restart, removed ones stop, the others are untouched.
         Manual stops are kept."""
         commit = plan.commit
+        previous = self.deployed.sha if self.deployed else None
         if not self.applied:
             self.recovery.forget_units_not_in(plan.in_tree)
         for line in plan.invalid:
@@ -4463,8 +4804,13 @@ class Deployer:
             else:
                 service.spec = spec       # same meaning; the file may have moved
         self.forget_removed()
-        self.history.record(trigger, "partial" if plan.invalid else "ok", commit.sha, commit.subject,
+        outcome = "partial" if plan.invalid else "ok"
+        self.history.record(trigger, outcome, commit.sha, commit.subject,
                             plan.added, plan.changed, plan.removed, plan.invalid)
+        self._count(outcome)
+        self.events.record("deploy", before=previous, after=outcome, commit=commit.sha, reason="%s: %d added, %d changed, %d removed%s" % (
+            trigger, len(plan.added), len(plan.changed), len(plan.removed),
+            ", %d invalid" % len(plan.invalid) if plan.invalid else ""))
         self.log.info("daemon", "Deployed %s %r (%s): %d added, %d changed, %d removed, %d unchanged, %d invalid" % (
             commit.sha[:7], commit.subject, trigger, len(plan.added), len(plan.changed),
             len(plan.removed), len(plan.unchanged), len(plan.invalid)))
@@ -4515,6 +4861,8 @@ class Deployer:
             old_commit[:7], bad_commit[:7], why))
         self.history.record("auto-rollback", "rolled back", bad_commit, "AutoRollback of %s" % service.name,
                             changed=[service.name], why=why)
+        self._count("rolled back")
+        self.events.record("rollback", service.name, bad_commit, old_commit, why, service.pid, old_commit)
         service.spec, service.commit = old_spec, old_commit
         self.store.save_now()
         return True
@@ -4553,6 +4901,64 @@ class Deployer:
         self.log.info("daemon", "Rollback pin on %s released" % self.pin["sha"][:7])
         self.pin = None
         return self.deploy_head("rollback release", force=True)
+
+
+def prometheus_label(value):
+    """A label value as the text format 0.0.4 wants it: \\ " and newline escaped."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def prometheus_text(daemon):
+    """The metrics of the daemon and its units, Prometheus text format 0.0.4."""
+    out = []
+
+    def family(name, kind, help_text, samples):
+        out.append("# HELP %s %s" % (name, help_text))
+        out.append("# TYPE %s %s" % (name, kind))
+        for labels, value in samples:
+            label_text = ",".join('%s="%s"' % (key, prometheus_label(val)) for key, val in labels)
+            out.append("%s%s %s" % (name, "{%s}" % label_text if label_text else "", _prometheus_number(value)))
+
+    services = [daemon.services[name] for name in sorted(daemon.services)]
+    states = (STARTING, RUNNING, STOPPING, BACKOFF, STOPPED, EXITED, FAILED)
+    family("gitproc_unit_state", "gauge", "1 for the state the unit is in, 0 for the others.",
+           [((("unit", s.name), ("state", state)), int(s.state == state)) for s in services for state in states])
+    family("gitproc_unit_restarts_total", "counter", "Automatic restarts of the unit (kept across daemon restarts).",
+           [((("unit", s.name),), s.restarts_total) for s in services])
+    running = [s for s in services if s.pid and s.state in ACTIVE_STATES]
+    family("gitproc_unit_memory_bytes", "gauge", "Resident memory of the unit's main process.",
+           [((("unit", s.name),), process_rss(s.pid)) for s in running])
+    family("gitproc_unit_cpu_seconds_total", "counter", "CPU time (user and system) of the unit's main process.",
+           [((("unit", s.name),), process_cpu_seconds(s.pid)) for s in running])
+    family("gitproc_unit_healthy", "gauge", "1 while the unit's health check passes, 0 otherwise (units with a check).",
+           [((("unit", s.name),), int(s.health()[0] == "healthy")) for s in services if s.spec.health_check_url])
+    family("gitproc_unit_start_time_seconds", "gauge", "When the unit's main process started (Unix time).",
+           [((("unit", s.name),), s.main_started_wall) for s in running if s.main_started_wall])
+    deployer = daemon.deployer
+    family("gitproc_deploy_commit_info", "gauge", "The deployed commit.",
+           [((("commit", deployer.deployed.sha), ("subject", deployer.deployed.subject)), 1)] if deployer.deployed else [])
+    family("gitproc_deploys_total", "counter", "Deploys by outcome (ok, partial, error, rolled back; kept across daemon restarts).",
+           [((("outcome", outcome),), count) for outcome, count in sorted(deployer.deploys_total.items())])
+    last_sync = deployer.last_sync or {}
+    family("gitproc_last_sync_timestamp_seconds", "gauge", "When the daemon last looked for a new commit (Unix time).",
+           [((), last_sync["time"])] if last_sync.get("time") else [])
+    family("gitproc_last_sync_success", "gauge", "1 if the last sync succeeded.",
+           [((), int(bool(last_sync) and last_sync.get("result") != "error"))])
+    family("gitproc_daemon_resident_memory_bytes", "gauge", "Resident memory of the daemon.",
+           [((), process_rss(os.getpid()))])
+    family("gitproc_daemon_cpu_seconds_total", "counter", "CPU time (user and system) of the daemon.",
+           [((), process_cpu_seconds(os.getpid()))])
+    family("gitproc_daemon_start_time_seconds", "gauge", "When the daemon started (Unix time).",
+           [((), daemon.started_wall)])
+    return "\n".join(out) + "\n"
+
+
+def _prometheus_number(value):
+    if value is None:
+        return "NaN"
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else ("+Inf" if value > 0 else "-Inf" if value < 0 else "NaN")
+    return str(value)
 
 
 class RequestHandlers:
@@ -4608,7 +5014,8 @@ class RequestHandlers:
     # -- what runs ---------------------------------------------------------------------
 
     def _cmd_ping(self, conn, message):
-        return {"ok": True, "result": {"pid": os.getpid(), "version": __version__}}
+        return {"ok": True, "result": {"pid": os.getpid(), "version": __version__,
+                                       "module": os.path.realpath(__file__)}}
 
     def _cmd_status(self, conn, message):
         daemon = self.daemon
@@ -4770,9 +5177,100 @@ class RequestHandlers:
             raise GitprocError("rollback: name a commit (an id, a tag, HEAD~2, ...)")
         return self._plan_reply(self.daemon.deployer.rollback(rev))
 
+    # -- what gitproc did: events and metrics -----------------------------------------
+
+    def _cmd_events(self, conn, message):
+        names = message.get("names", [])
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise GitprocError("malformed request: 'names' must be a list of unit names")
+        count = message.get("count", EVENT_LIMIT)
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise GitprocError("malformed request: 'count' must be a whole number")
+        events = self.daemon.events.recent(names)
+        if message.get("follow"):
+            self.daemon.events.follow(conn, names)
+        return {"ok": True, "result": {"events": events[-count:] if count else [], "follow": bool(message.get("follow"))}}
+
+    def _cmd_metrics(self, conn, message):
+        return {"ok": True, "result": {"text": prometheus_text(self.daemon)}}
+
     COMMANDS = {"ping": _cmd_ping, "status": _cmd_status, "list": _cmd_list, "start": _cmd_start,
                 "stop": _cmd_stop, "restart": _cmd_restart, "wait": _cmd_wait, "shutdown": _cmd_shutdown,
-                "sync": _cmd_sync, "diff": _cmd_diff, "rollback": _cmd_rollback, "history": _cmd_history}
+                "sync": _cmd_sync, "diff": _cmd_diff, "rollback": _cmd_rollback, "history": _cmd_history,
+                "events": _cmd_events, "metrics": _cmd_metrics}
+
+    # -- the HTTP listener's routes ----------------------------------------------------
+
+    def http_reply(self, request):
+        """(status, content type, body, extra headers) for one HTTP request.
+        Nothing here changes a service but a signed /hooks/sync."""
+        route = self.HTTP_ROUTES.get(request.path)
+        if route is None:
+            return 404, "text/plain", b"not found: try /metrics, /status, /healthz or POST /hooks/sync\n", {}
+        allowed, handler = route
+        if request.method not in allowed:
+            return 405, "text/plain", b"method not allowed\n", {"Allow": ", ".join(allowed)}
+        return handler(self, request)
+
+    def _http_metrics(self, request):
+        return 200, "text/plain; version=0.0.4; charset=utf-8", prometheus_text(self.daemon).encode(), {}
+
+    def _http_status(self, request):
+        result = self._cmd_status(None, {})["result"]
+        return 200, "application/json", (json.dumps(result, indent=2, sort_keys=True) + "\n").encode(), {}
+
+    def _http_healthz(self, request):
+        sync = self.daemon.deployer.last_sync
+        if self.daemon.host.shutting_down:
+            return 503, "text/plain", b"shutting down\n", {}
+        if not sync or sync.get("result") == "error":
+            why = sync.get("error") if sync else "no sync yet"
+            return 503, "text/plain", ("last sync failed: %s\n" % why).encode(), {}
+        return 200, "text/plain", b"ok\n", {}
+
+    def _http_hook(self, request):
+        daemon = self.daemon
+        secret = daemon.config.webhook_secret
+        if not secret:
+            daemon.log.warning("daemon", "Webhook refused: no webhook_secret is set")
+            return 403, "text/plain", b"webhooks are off: set webhook_secret in the daemon's config\n", {}
+        forge, why = webhook_sender(secret, request.headers, request.body)
+        if forge is None:
+            daemon.log.warning("daemon", "Webhook refused: %s" % why)
+            return 401, "text/plain", ("refused: %s\n" % why).encode(), {}
+        if daemon.host.shutting_down:
+            return 503, "text/plain", b"shutting down\n", {}
+        daemon.log.info("daemon", "Webhook from %s: syncing" % forge)
+        if daemon.deployer.remote_mode:
+            daemon.source.after_fetch(lambda error: None, deploy=True)
+            return 202, "application/json", b'{"ok": true, "fetching": true}\n', {}
+        plan = daemon.deployer.deploy_head("webhook")
+        reply = self._plan_reply(plan)
+        return (200 if reply["ok"] else 503), "application/json", (json.dumps(reply, sort_keys=True) + "\n").encode(), {}
+
+    HTTP_ROUTES = {"/metrics": (("GET", "HEAD"), _http_metrics), "/status": (("GET", "HEAD"), _http_status),
+                   "/healthz": (("GET", "HEAD"), _http_healthz), "/hooks/sync": (("POST",), _http_hook)}
+
+
+def webhook_sender(secret, headers, body):
+    """(forge, None) for a push webhook signed with `secret`, else (None, why).
+    GitHub: X-Hub-Signature-256 = sha256=HMAC-SHA256(body); Gitea:
+    X-Gitea-Signature = HMAC-SHA256(body) in hex; GitLab: X-Gitlab-Token = the
+    secret itself. Compared in constant time."""
+    import hashlib
+    import hmac
+    key = secret.encode()
+    digest = hmac.new(key, body, hashlib.sha256).hexdigest()
+    checks = (("x-hub-signature-256", "GitHub", ("sha256=" + digest).encode()),
+              ("x-gitea-signature", "Gitea", digest.encode()),
+              ("x-gitlab-token", "GitLab", key))
+    for header, forge, expected in checks:
+        if header in headers:
+            given = headers[header].strip().encode("latin-1")
+            if hmac.compare_digest(given.lower() if forge != "GitLab" else given, expected):
+                return forge, None
+            return None, "%s signature (%s) does not match webhook_secret" % (forge, header)
+    return None, "no X-Hub-Signature-256, X-Gitea-Signature or X-Gitlab-Token header"
 
 
 class DaemonHost(Launcher):
@@ -4789,8 +5287,8 @@ class DaemonHost(Launcher):
     def auto_rollback(self, service, why):
         return self.daemon.deployer.auto_rollback(service, why)
 
-    def changed(self, service):
-        self.daemon.service_changed(service)
+    def changed(self, service, before):
+        self.daemon.service_changed(service, before)
 
     def deploy_note(self, service):
         return self.daemon.deployer.deploy_note(service)
@@ -4815,10 +5313,13 @@ class Daemon:
         self.store = StateStore(config.state_file, log, self.call_later, self._snapshot)
         self.recovery = Recovery(config, log, self.call_later)
         self.dependencies = Dependencies(self.services, log)
-        self.deployer = Deployer(config, log, self.services, self.recovery, self.host, self.store)
-        self.source = SourceWatcher(config, log, self.selector, self.call_later, self.host.exit_watcher, self.deployer)
         self.handlers = RequestHandlers(self)
         self.server = ControlServer(config, log, self.selector, self.call_later, self.handlers.dispatch)
+        self.events = EventLog(self.server)
+        self.deployer = Deployer(config, log, self.services, self.recovery, self.host, self.store, self.events)
+        self.source = SourceWatcher(config, log, self.selector, self.call_later, self.host.exit_watcher, self.deployer)
+        self.http = None                  # HttpListener, with http_listen set
+        self.health_seen = {}             # name -> the health verdict last recorded as an event
         self.changed = False              # a service changed state since waiters were checked
         self.stopped_services = []        # services that came down since: Requires= propagates
         self.running = False
@@ -4849,6 +5350,10 @@ class Daemon:
             self.host.cgroups = Cgroups(self.config.cgroup_root, instance, self.log)
             self.log.info("daemon", self.host.cgroups.describe())
             self.server.open()
+            if self.config.http_listen:
+                self.http = HttpListener(parse_listen_address(self.config.http_listen), self.log, self.selector,
+                                         self.call_later, self.handlers.http_reply)
+                self.http.open()
             self._install_signal_handlers()
             self._raise_fd_limit()
             state = self.store.load()
@@ -4923,10 +5428,18 @@ class Daemon:
             self.log.error("daemon", "Internal error (the daemon carries on): %s" % (
                 traceback.format_exc().strip().replace("\n", " | ")))
 
-    def service_changed(self, service):
+    def service_changed(self, service, before):
         """The host's notice: a service's state or reason changed."""
         self.changed = True
         self.store.mark_dirty()
+        if service.state != before:
+            self.events.record("state", service.name, before, service.state, service.reason, service.pid, service.commit)
+        health = service.health()[0]
+        if health != self.health_seen.get(service.name) and health is not None:
+            if health != "starting":
+                self.events.record("health", service.name, self.health_seen.get(service.name), health,
+                                   service.health()[1], service.pid, service.commit)
+            self.health_seen[service.name] = health
         if service.state in (STOPPED, FAILED, EXITED) and not self.host.shutting_down:
             self.stopped_services.append(service)
 
@@ -4940,7 +5453,8 @@ class Daemon:
                 "last_sync": deployer.last_sync, "exit_watch": self.host.exit_watcher.mode,
                 "log_dir": self.config.log_dir, "remote": self.config.remote, "pin": deployer.pin,
                 "last_fetch": source.last_fetch, "watch": source.mode, "poll_interval": source.poll_delay,
-                "cgroups": self.host.cgroups.describe() if self.host.cgroups else None}
+                "cgroups": self.host.cgroups.describe() if self.host.cgroups else None,
+                "http": {"listen": "%s:%d" % self.http.address, "exposed": self.http.exposed} if self.http else None}
 
     def _snapshot(self):
         """What state.json holds: units not deployed now keep their memory."""
@@ -4988,6 +5502,8 @@ class Daemon:
 
     def _cleanup(self):
         self.server.close()
+        if self.http is not None:
+            self.http.close()
         if not self.keep_services and self.host.cgroups is not None:
             self.host.cgroups.remove_all([service.cgroup for service in self.services.values()])
         if self.wakeup_fds:
@@ -5093,6 +5609,8 @@ EXAMPLES = {
     "history": ["gitproc.py history", "gitproc.py history -n 5 --json"],
     "check": ["gitproc.py check", "gitproc.py check web.service units/",
               "printf '#!/bin/sh\\nexec python3 gitproc.py check .\\n' > .git/hooks/pre-commit"],
+    "events": ["gitproc.py events", "gitproc.py events -f web", "gitproc.py events --json -n 100"],
+    "metrics": ["gitproc.py metrics", "curl -s http://127.0.0.1:9180/metrics   (with http_listen set)"],
     "install": ["gitproc.py install", "gitproc.py install --prefix /opt/gitproc --no-service"],
     "uninstall": ["gitproc.py uninstall", "gitproc.py uninstall --prefix /opt/gitproc"],
     "completion": ["gitproc.py completion bash > /etc/bash_completion.d/gitproc", "gitproc.py completion units"],
@@ -5137,6 +5655,9 @@ def _daemon_line(info):
     line = "gitproc %s  pid %d  up %s  %s@%s  %s  %s" % (
         info["version"], info["pid"], format_duration(info["uptime"]), info["repo"], info["branch"],
         "%s %s" % (commit["sha"][:7], commit["subject"]) if commit else "(nothing deployed)", sync_text)
+    if info.get("http"):
+        line += "\n  http %s%s" % (info["http"]["listen"], "  REACHABLE FROM THE NETWORK (http_listen is not a loopback address)"
+                                   if info["http"]["exposed"] else "")
     if info.get("remote"):
         line += "\n  remote %s" % info["remote"]
         if info.get("pin"):
@@ -5536,6 +6057,44 @@ def follow_file(path, out, stop=None, interval=0.2):
         log_file.close()
 
 
+def format_event(event):
+    """One line of `events`: time, unit, what happened."""
+    what = {"state": "%(from)s -> %(to)s", "health": "health %(from)s -> %(to)s",
+            "deploy": "deploy %(to)s", "rollback": "rolled back %(from).7s -> %(to).7s"}.get(event["event"], "%(event)s")
+    text = what % {key: event.get(key) or "-" for key in ("from", "to", "event")}
+    details = [event["reason"]] if event.get("reason") else []
+    if event.get("pid"):
+        details.append("pid %d" % event["pid"])
+    if event.get("commit"):
+        details.append("commit %s" % event["commit"][:7])
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event["time"])) + ".%03d" % (int(event["time"] * 1000) % 1000)
+    return "%s %-16s %s%s" % (stamp, event.get("unit") or "(daemon)", text, " (%s)" % "; ".join(details) if details else "")
+
+
+def cmd_events(config, args):
+    payload = {"cmd": "events", "names": args.names, "count": args.lines, "follow": args.follow}
+    stream = request_stream(config, payload)
+    show = (lambda event: print(json.dumps(event, sort_keys=True))) if args.json else (lambda event: print(format_event(event)))
+    try:
+        for event in next(stream)["events"]:
+            show(event)
+        sys.stdout.flush()
+        for message in stream:
+            if "event" in message:
+                show(message["event"])
+                sys.stdout.flush()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stream.close()
+    return EXIT_OK
+
+
+def cmd_metrics(config, args):
+    sys.stdout.write(request(config, {"cmd": "metrics"})["text"])
+    return EXIT_OK
+
+
 def cmd_check(config, args):
     paths = args.paths or [config.repo_path]
     entries, problems = [], []
@@ -5701,6 +6260,13 @@ def _restart_installed(config, args, command, unit, systemctl):
         running = request(config, {"cmd": "ping"}, timeout=5)
     except (DaemonNotRunning, ProtocolError):
         running = None
+    module = os.path.join(os.path.dirname(os.path.dirname(command)), "lib", "gitproc", "gitproc.py")
+    foreign = running if running and running.get("module") != os.path.realpath(module) else None
+    if foreign:
+        # A trial install into another prefix must not take the live daemon along.
+        print("a daemon (pid %d) runs from %s, not from this installation: it was left alone" % (
+            foreign["pid"], foreign.get("module") or "an older gitproc"))
+        running = None
     if running:
         request(config, {"cmd": "shutdown", "keep_services": True})
         deadline = time.monotonic() + 120
@@ -5711,8 +6277,15 @@ def _restart_installed(config, args, command, unit, systemctl):
         print("stopped the old daemon (pid %d); its services keep running" % running["pid"])
     if not args.no_service and _systemd_runs():
         _systemctl(systemctl + ["daemon-reload"])
+        if foreign:
+            _systemctl(systemctl + ["enable", "gitproc"])
+            print("systemd unit %s enabled; to run the daemon under it, keeping the services: %s shutdown "
+                  "--keep-services && %s start gitproc" % (unit, command, " ".join(systemctl)))
+            return
         _systemctl(systemctl + (["restart", "gitproc"] if running else ["enable", "--now", "gitproc"]))
         print("systemd unit %s enabled and started (%s status gitproc)" % (unit, " ".join(systemctl)))
+        return
+    if foreign:
         return
     home = ["--home", config.home] if config.home and not _home_from_env(config) else []
     if running:
@@ -5803,7 +6376,7 @@ _gitproc() {
 }
 complete -F _gitproc gitproc gitproc.py
 """
-UNIT_COMMANDS = ("status", "start", "stop", "restart", "wait", "logs")
+UNIT_COMMANDS = ("status", "start", "stop", "restart", "wait", "logs", "events")
 
 
 def completion_script():
@@ -5968,6 +6541,12 @@ def build_parser(only=None):
     sub.add_argument("-n", dest="count", type=_count, default=20, help="how many (default: 20)")
     sub = with_json(add("check", cmd_check, "validate unit files without a daemon (exit 1 on any error)"))
     sub.add_argument("paths", nargs="*", metavar="PATH", help="files or folders (default: the repository's working tree)")
+    sub = add("events", cmd_events, "what the daemon did: state changes, health, deploys, rollbacks (JSON lines with --json)")
+    sub.add_argument("names", nargs="*", metavar="NAME", help="only these units")
+    sub.add_argument("-n", "--lines", type=_count, default=50, help="how many past events (default: 50; the daemon keeps %d)" % EVENT_LIMIT)
+    sub.add_argument("-f", "--follow", action="store_true", help="keep printing events as they come")
+    sub.add_argument("--json", action="store_true", help="one JSON object per line")
+    add("metrics", cmd_metrics, "print the metrics in Prometheus text format")
     sub = add("install", cmd_install, "install gitproc as a command (PREFIX/bin/gitproc) and a systemd service")
     sub.add_argument("--prefix", metavar="DIR", help="where (default: /usr/local for root, ~/.local otherwise)")
     sub.add_argument("--no-service", action="store_true", help="no systemd unit")

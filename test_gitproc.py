@@ -2367,6 +2367,23 @@ class SpawnPathTests(SupervisionCase):
         new = self.watch(self.wait_new_pid("born", old)["pid"])
         self.assertTrue(v2_cgroup_of(new).endswith("/born"))
 
+    @unittest.skipUnless(v2_cgroups_usable(), "needs root and a writable v2 cgroup hierarchy")
+    def test_a_group_killed_from_outside_still_takes_the_next_process(self):
+        # Once cgroup.kill was written to a group, this kernel kills whatever
+        # is cloned into it later: an administrator's kill must not make the
+        # unit die at every restart.
+        self.deploy({"again.service": unit(SLEEPER, Restart="always", RestartSec="50ms")})
+        old = self.watch(self.home.running_pid("again"))
+        group = "/sys/fs/cgroup/unified" + v2_cgroup_of(old) if os.path.exists("/sys/fs/cgroup/unified/cgroup.procs") \
+            else "/sys/fs/cgroup" + v2_cgroup_of(old)
+        with open(os.path.join(group, "cgroup.kill"), "w") as kill:
+            kill.write("1")
+        new = self.watch(self.wait_new_pid("again", old)["pid"])
+        # A process killed at birth never gets to exec its program.
+        wait_until(lambda: argv_of(new) == SLEEPER.split(), 3, "the new process to exec %s" % SLEEPER)
+        self.assertEqual(self.home.status("again")["pid"], new)
+        self.assertEqual(self.home.status("again")["restarts"], 1)
+
     def test_without_a_cgroup_to_join_it_is_posix_spawn(self):
         empty = self.file("no-cgroups")
         os.mkdir(empty)
@@ -5231,6 +5248,307 @@ class PeerCredentialTests(unittest.TestCase):
         self.assertEqual(home.running_pid("a"), pid, "the refused stop did not take effect")
 
 
+# ---- seeing what gitproc does: events, metrics, the HTTP listener, webhooks ---------
+
+# The text format 0.0.4, strictly: every line a comment, blank, or a sample.
+_METRIC_NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
+_LABEL = r'[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\\\|\\"|\\n)*"'
+_SAMPLE_RE = re.compile(r"(%s)(\{(?:%s)(?:,%s)*\})? (\S+)\Z" % (_METRIC_NAME, _LABEL, _LABEL))
+_LABELS_RE = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\\\|\\"|\\n)*)"')
+
+
+def parse_metrics(test, text):
+    """{family: {"type", "help", "samples": [(labels dict, value)]}}; fails the
+    test on any line the format does not allow."""
+    families, current = {}, None
+    test.assertTrue(text.endswith("\n"), "the exposition ends with a newline")
+    for number, line in enumerate(text.split("\n")[:-1], 1):
+        if not line:
+            continue
+        if line.startswith("# HELP ") or line.startswith("# TYPE "):
+            parts = line.split(" ", 3)
+            test.assertEqual(len(parts), 4, "line %d: %r" % (number, line))
+            test.assertRegex(parts[2], r"\A%s\Z" % _METRIC_NAME)
+            family = families.setdefault(parts[2], {"samples": []})
+            if parts[1] == "TYPE":
+                test.assertIn(parts[3], ("counter", "gauge"), "line %d" % number)
+                test.assertNotIn("type", family, "one TYPE per family")
+                test.assertFalse(family["samples"], "TYPE before the samples")
+            family[parts[1].lower()] = parts[3]
+            current = parts[2]
+            continue
+        test.assertFalse(line.startswith("#"), "line %d: unknown comment %r" % (number, line))
+        match = _SAMPLE_RE.match(line)
+        test.assertIsNotNone(match, "line %d is not a sample: %r" % (number, line))
+        test.assertEqual(match.group(1), current, "line %d: a sample of the family just described" % number)
+        value = match.group(3)
+        test.assertTrue(value in ("NaN", "+Inf", "-Inf") or float(value) == float(value), value)
+        labels = {key: val.replace('\\"', '"').replace("\\n", "\n").replace("\\\\", "\\")
+                  for key, val in _LABELS_RE.findall(match.group(2) or "")}
+        families[current]["samples"].append((labels, float(value)))
+    for name, family in families.items():
+        test.assertIn("help", family, name)
+        test.assertIn("type", family, name)
+    return families
+
+
+def sample(families, name, **labels):
+    found = [value for got, value in families[name]["samples"] if all(got.get(k) == v for k, v in labels.items())]
+    return found[0] if len(found) == 1 else found
+
+
+def http(port, method, path, body=b"", headers=(), timeout=5):
+    """One HTTP request over a fresh connection: (status, headers, body)."""
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=dict(headers))
+        response = conn.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        conn.close()
+
+
+def github_signature(secret, body):
+    import hashlib
+    import hmac
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+class ObservabilityCase(unittest.TestCase):
+
+    SECRET = "it's a s3cret"
+
+    def start(self, units=None, listen=True, secret=SECRET, remote=None):
+        self.port = free_port()
+        settings = {"http_listen": "127.0.0.1:%d" % self.port} if listen else {}
+        if secret:
+            settings["webhook_secret"] = secret
+        if remote:
+            self.home = Home(self, init=False)
+            settings.update(poll_interval=3600, max_poll_interval=3600)
+            write_config(self.home, settings)
+            self.home.start_daemon("--remote", remote.bare)
+            wait_deployed(self.home, git_in(remote.bare, "rev-parse", "refs/heads/main").strip())
+        else:
+            self.home = Home(self)
+            write_config(self.home, settings)
+            self.home.commit(units or {"web.service": unit(SLEEPER)}, 'say "hi" \\ there')
+            self.home.start_daemon()
+        for name in self.home.status()["services"]:
+            if name["pid"]:
+                self.home.known_pids.add(name["pid"])
+
+
+class MetricsTests(ObservabilityCase):
+
+    def test_the_exposition_is_strict_text_format_and_counters_survive_a_restart(self):
+        self.start({"web.service": unit(SLEEPER), "crashy.service": unit("/bin/false", Restart="always",
+                                                                           RestartSec="50ms", StartLimitBurst="3")})
+        self.home.wait_state("crashy", "failed")
+        code, text, err = self.home.cli_process("metrics")
+        self.assertEqual(code, 0, err)
+        families = parse_metrics(self, text)
+        for name in ("gitproc_unit_state", "gitproc_unit_restarts_total", "gitproc_unit_memory_bytes",
+                     "gitproc_unit_cpu_seconds_total", "gitproc_unit_healthy", "gitproc_unit_start_time_seconds",
+                     "gitproc_deploy_commit_info", "gitproc_deploys_total", "gitproc_last_sync_timestamp_seconds",
+                     "gitproc_daemon_resident_memory_bytes", "gitproc_daemon_cpu_seconds_total"):
+            self.assertIn(name, families)
+        self.assertEqual(families["gitproc_unit_restarts_total"]["type"], "counter")
+        self.assertEqual(sample(families, "gitproc_unit_state", unit="web", state="running"), 1)
+        self.assertEqual(sample(families, "gitproc_unit_state", unit="web", state="stopped"), 0)
+        self.assertEqual(sample(families, "gitproc_unit_state", unit="crashy", state="failed"), 1)
+        restarts = self.home.status("crashy")["restarts"]
+        self.assertGreaterEqual(restarts, 2)
+        self.assertEqual(sample(families, "gitproc_unit_restarts_total", unit="crashy"), restarts)
+        self.assertGreater(sample(families, "gitproc_unit_memory_bytes", unit="web"), 0)
+        info = families["gitproc_deploy_commit_info"]["samples"]
+        self.assertEqual(info[0][0]["subject"], 'say "hi" \\ there', "label values are escaped and read back")
+        self.assertEqual(sample(families, "gitproc_deploys_total", outcome="ok"), 1)
+        # Counters carry on across a daemon restart (the state file keeps them).
+        shutdown_keep_services(self, self.home)
+        self.home.start_daemon()
+        after = parse_metrics(self, self.home.cli_process("metrics")[1])
+        self.assertGreaterEqual(sample(after, "gitproc_unit_restarts_total", unit="crashy"), restarts,
+                                "a counter never goes back (the failed unit gets a new start, and counts on)")
+        self.assertEqual(sample(after, "gitproc_deploys_total", outcome="ok"), 2)
+        code, out, err = self.home.cli_process("status")
+        self.assertIn("http 127.0.0.1:%d" % self.port, out)
+        self.assertNotIn("REACHABLE", out)
+
+
+class HttpListenerTests(ObservabilityCase):
+
+    def test_routes_bounds_and_malformed_requests(self):
+        self.start()
+        # Slow clients first: they must not hold anyone else back.
+        slow = []
+        for _ in range(3):
+            conn = socket.create_connection(("127.0.0.1", self.port), timeout=20)
+            conn.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+            slow.append(conn)
+        self.addCleanup(lambda: [conn.close() for conn in slow])
+        started = time.monotonic()
+        status, headers, body = http(self.port, "GET", "/metrics")
+        self.assertEqual(status, 200)
+        self.assertEqual(headers["content-type"], "text/plain; version=0.0.4; charset=utf-8")
+        parse_metrics(self, body.decode())
+        self.assertLess(time.monotonic() - started, 2, "slow clients do not block the others")
+        status, _, body = http(self.port, "GET", "/status")
+        self.assertEqual(status, 200)
+        document = json.loads(body)
+        self.assertEqual(sorted(document), ["daemon", "problems", "services"])
+        self.assertEqual([s["name"] for s in document["services"]], ["web"])
+        self.assertEqual(http(self.port, "GET", "/healthz")[:1], (200,))
+        self.assertEqual(http(self.port, "GET", "/nowhere")[0], 404)
+        status, headers, _ = http(self.port, "POST", "/metrics")
+        self.assertEqual((status, headers.get("allow")), (405, "GET, HEAD"))
+        self.assertEqual(http(self.port, "GET", "/hooks/sync")[0], 405)
+        # Keep-alive: two requests on one connection.
+        import http.client as http_client
+        conn = http_client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+        for _ in range(2):
+            conn.request("GET", "/healthz")
+            self.assertEqual(conn.getresponse().read(), b"ok\n")
+        conn.close()
+        # Malformed: a bad request line, headers of 1 MB, a huge body announced.
+        self.assertTrue(self.raw(b"NONSENSE\r\n\r\n").startswith(b"HTTP/1.1 400 "))
+        self.assertTrue(self.raw(b"GET /metrics HTTP/1.1\r\nX: " + b"a" * (1 << 20) + b"\r\n\r\n")
+                        .startswith(b"HTTP/1.1 431 "))
+        self.assertTrue(self.raw(b"POST /hooks/sync HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n")
+                        .startswith(b"HTTP/1.1 413 "))
+        self.assertTrue(self.raw(b"GET /metrics HTTP/2.0\r\n\r\n").startswith(b"HTTP/1.1 505 "))
+        # More clients than it takes: the extra ones are closed, the daemon answers.
+        crowd = [socket.create_connection(("127.0.0.1", self.port), timeout=5) for _ in range(70)]
+        self.addCleanup(lambda: [conn.close() for conn in crowd])
+        self.assertEqual(self.home.cli_process("status")[0], 0)
+        # The slow clients are answered 408 and closed once their time is up.
+        for conn in slow:
+            conn.settimeout(gitproc.REQUEST_IDLE_TIMEOUT * 2 + 5)
+            self.assertTrue(read_all(conn).startswith(b"HTTP/1.1 408 "))
+        self.assertIsNone(self.home.status()["daemon"].get("error"))
+        self.assertEqual(http(self.port, "GET", "/healthz")[0], 200)
+        self.assertNotIn("Traceback", self.home.daemon_log())
+
+    def raw(self, data):
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as conn:
+            try:
+                conn.sendall(data)
+            except (BrokenPipeError, ConnectionResetError):
+                pass                      # refused before all was sent: the answer waits
+            return read_all(conn)
+
+    def test_no_listener_unless_configured(self):
+        self.start(listen=False)
+        with self.assertRaises(OSError):
+            socket.create_connection(("127.0.0.1", self.port), timeout=2).close()
+        self.assertIsNone(self.home.status()["daemon"]["http"])
+        code, out, err = self.home.cli_process("--config", os.path.join(self.home.path, "bad.json"), "status")
+        self.assertEqual(code, 1)
+
+    def test_a_bad_listen_address_is_a_clear_error(self):
+        home = Home(self)
+        write_config(home, {"http_listen": "nowhere"})
+        home.commit({"web.service": unit(SLEEPER)})
+        code, out, err = home.cli_process("daemon")
+        assert_clean_failure(self, code, out, err, mention="http_listen 'nowhere'")
+
+
+def read_all(conn):
+    chunks = []
+    while True:
+        try:
+            chunk = conn.recv(65536)
+        except (ConnectionResetError, socket.timeout):
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class WebhookTests(ObservabilityCase):
+
+    def test_signed_hooks_fetch_and_deploy_at_once_and_bad_ones_change_nothing(self):
+        upstream = Upstream(self)
+        upstream.push({"web.service": unit(SLEEPER)}, "web")
+        self.start(remote=upstream)
+        body = json.dumps({"ref": "refs/heads/main"}).encode()
+        forged = [("X-Hub-Signature-256", github_signature("wrong", body)),
+                  ("X-Gitea-Signature", github_signature("wrong", body)[7:]),
+                  ("X-Gitlab-Token", "wrong")]
+        signed = [("X-Hub-Signature-256", github_signature(self.SECRET, body)),
+                  ("X-Gitea-Signature", github_signature(self.SECRET, body)[7:]),
+                  ("X-Gitlab-Token", self.SECRET)]
+        for index, (good, bad) in enumerate(zip(signed, forged)):
+            with self.subTest(forge=good[0]):
+                head = upstream.push({"web.service": unit("/bin/sleep %d" % (2000 + index))}, "change %d" % index)
+                self.assertEqual(http(self.port, "POST", "/hooks/sync", body, [bad])[0], 401)
+                self.assertEqual(http(self.port, "POST", "/hooks/sync", body)[0], 401, "no signature")
+                if good[0] != "X-Gitlab-Token":       # GitLab sends the secret itself, not a signature
+                    self.assertEqual(http(self.port, "POST", "/hooks/sync", body + b" ", [good])[0], 401,
+                                     "the signature covers the body")
+                self.assertNotEqual(self.home.status()["daemon"]["commit"]["sha"], head, "a bad hook fetches nothing")
+                status, _, reply = http(self.port, "POST", "/hooks/sync", body, [good])
+                self.assertEqual(status, 202, reply)
+                wait_deployed(self.home, head, timeout=10)
+        self.assertEqual(len(daemon_log_lines(self.home, "daemon", "Webhook refused")), 8)
+
+    def test_local_mode_syncs_and_no_secret_refuses_every_hook(self):
+        self.start()
+        status, _, reply = http(self.port, "POST", "/hooks/sync", b"{}", [("X-Gitlab-Token", self.SECRET)])
+        self.assertEqual(status, 200)
+        self.assertTrue(json.loads(reply)["ok"])
+        self.assertEqual(self.home.cli("shutdown")[0], 0)
+        self.start(secret=None)
+        status, _, reply = http(self.port, "POST", "/hooks/sync", b"{}", [("X-Gitlab-Token", "")])
+        self.assertEqual(status, 403)
+        self.assertIn(b"webhook_secret", reply)
+
+
+class EventsTests(ObservabilityCase):
+
+    def test_events_keep_and_follow_what_happens(self):
+        self.start({"web.service": unit(SLEEPER)}, listen=False)
+        follower = subprocess.Popen([sys.executable, GITPROC, "--home", self.home.path, "events", "-f", "--json"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(lambda: (follower.poll() is None and follower.kill(), follower.wait()))
+        lines = []
+        reader = threading.Thread(target=lambda: [lines.append(json.loads(line)) for line in follower.stdout],
+                                  daemon=True)
+        reader.start()
+        wait_until(lambda: any(e["event"] == "deploy" for e in lines), 10, "the backlog")
+        pid = self.home.running_pid("web")
+        os.kill(pid, signal.SIGKILL)
+        self.home.commit({"worker.service": unit(SLEEPER)}, "add worker")
+        self.home.known_pids.add(self.home.running_pid("worker"))
+        wait_until(lambda: any(e["event"] == "state" and e["unit"] == "web" and e["to"] == "exited" for e in lines)
+                   and any(e["event"] == "deploy" and e["reason"].startswith("commit") for e in lines),
+                   10, "the crash and the deploy, live")
+        for event in lines:
+            self.assertEqual(sorted(event), ["commit", "event", "from", "pid", "reason", "time", "to", "unit"])
+        crash = [e for e in lines if e["unit"] == "web" and e["to"] == "exited"][0]
+        self.assertEqual((crash["from"], crash["pid"], crash["reason"]), ("running", None, "signal SIGKILL"))
+        code, out, err = self.home.cli_process("events", "web")
+        self.assertEqual(code, 0, err)
+        self.assertIn("web              running -> exited (signal SIGKILL", out)
+        self.assertNotIn("worker", out)
+
+    def test_a_follower_that_stops_reading_is_dropped(self):
+        self.start({"loop.service": unit("/bin/true", Restart="always", RestartSec="0",
+                                         StartLimitIntervalSec="0")}, listen=False)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(os.path.join(self.home.path, "gitproc.sock"))
+        sock.sendall(b'{"cmd": "events", "follow": true, "count": 0}\n')
+        wait_until(lambda: daemon_log_lines(self.home, "daemon", "Dropped an events follower"), 30, "the drop")
+        sock.settimeout(10)
+        read_all(sock)                    # all it was sent, then EOF: closed by the daemon
+        sock.close()
+        self.assertLess(vm_rss_kib(self.home.daemon_pid), 40 * 1024)
+        self.assertEqual(self.home.cli("stop", "loop")[0], 0)
+
+
 # ==== 12. daemon ==============================================================
 
 class DaemonLifecycleTests(unittest.TestCase):
@@ -5785,6 +6103,14 @@ class InstallTests(unittest.TestCase):
         self.home.daemon_pid = int(read_text(os.path.join(self.home.path, "gitproc.pid")))
         self.assertNotEqual(self.home.daemon_pid, old_daemon)
         self.assertEqual(self.home.running_pid("web"), web, "the service kept running across the upgrade")
+        # A trial install into another prefix leaves the live daemon alone.
+        other = os.path.join(self.home.path, "trial")
+        self.addCleanup(lambda: self.home.cli_process("uninstall", "--prefix", other))
+        code, out, err = self.home.cli_process("install", "--prefix", other, "--no-service")
+        self.assertEqual(code, 0, out + err)
+        self.assertIn("it was left alone", out)
+        self.assertEqual(int(read_text(os.path.join(self.home.path, "gitproc.pid"))), self.home.daemon_pid)
+        self.assertEqual(self.home.cli_process("uninstall", "--prefix", other)[0], 0)
         # uninstall removes what install wrote, and nothing else.
         code, out, err = self.home.cli_process("uninstall", "--prefix", self.prefix)
         self.assertEqual(code, 0, out + err)
