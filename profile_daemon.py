@@ -327,6 +327,9 @@ class Bench:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
+CRASHER = ("/bin/sleep", "9999999")                   # killed at once by the bench
+
+
 def sleeper_unit(index, extra=""):
     return "[Unit]\nDescription=bench service %d\n[Service]\nExecStart=/bin/sleep 100000%d\n%s" % (index, index, extra)
 
@@ -379,8 +382,8 @@ def _raise_interrupt(_number, _frame):
 def _bench_steps(bench, args, results, say):
     count = args.services
     units = {"svc%04d.service" % i: sleeper_unit(i) for i in range(count)}
-    units["crasher.service"] = ("[Unit]\nStartLimitIntervalSec=0\n[Service]\nExecStart=/bin/sleep 9999999\n"
-                                "Restart=always\nRestartSec=0\n")
+    units["crasher.service"] = ("[Unit]\nStartLimitIntervalSec=0\n[Service]\nExecStart=%s\n"
+                                "Restart=always\nRestartSec=0\n" % " ".join(CRASHER))
     units["probe.service"] = "[Service]\nExecStart=/bin/sleep 2000000\n"
     bench.commit(units, "bench units")
 
@@ -404,15 +407,7 @@ def _bench_steps(bench, args, results, say):
         results["idle"]["threads"]))
 
     say("[3/7] crash detection and respawn (SIGKILL to new process exec'd), %d runs" % args.repeat)
-    latencies = []
-    for _ in range(args.repeat):
-        old = wait_for(lambda: _child_running(bench, "9999999"), 10)
-        known = set(bench.children())
-        os.kill(old, signal.SIGKILL)
-        killed = time.perf_counter()
-        wait_for(lambda: _child_running(bench, "9999999", known), 10)
-        latencies.append(time.perf_counter() - killed)
-    results["respawn"] = stats_ms(latencies)
+    results["respawn"] = stats_ms(_respawn_latencies(bench, CRASHER, args.repeat, _kill_now))
     say("      median %.2f ms  p95 %.2f ms" % (results["respawn"]["median_ms"], results["respawn"]["p95_ms"]))
 
     say("[4/7] `start NAME` command to process running, %d runs" % args.repeat)
@@ -436,7 +431,7 @@ def _bench_steps(bench, args, results, say):
         known = set(bench.children())
         committed = bench.commit({"probe.service": "[Service]\nExecStart=/bin/sleep %s\n" % marker},
                                  "bench change %d" % index)
-        wait_for(lambda: _child_running(bench, marker, known), 30)
+        wait_for(lambda: _child_running(bench, ("/bin/sleep", marker), known), 30)
         timings.append(time.perf_counter() - committed)
     results["commit_to_running"] = stats_ms(timings)
     say("      median %.1f ms  p95 %.1f ms" % (results["commit_to_running"]["median_ms"], results["commit_to_running"]["p95_ms"]))
@@ -464,21 +459,50 @@ def _bench_steps(bench, args, results, say):
     say("      median %.2f ms  p95 %.2f ms  (%d bytes)" % (results["state_save"]["median_ms"], results["state_save"]["p95_ms"], size))
 
 
-def _child_running(bench, argument, known=()):
-    """A child of the daemon, not in `known`, that has exec'd `sleep ARGUMENT`.
-    Only children not in `known` are read, so that the measurement costs little
-    next to what it measures, even with a thousand services."""
+def _child_running(bench, argv, known=()):
+    """A child of the daemon, not in `known`, that has exec'd `argv`: its
+    /proc cmdline is argv and its exe is argv[0]'s program. Only children not in
+    `known` are read, so that the measurement costs little next to what it
+    measures, even with a thousand services."""
+    want = [arg.encode() for arg in argv] + [b""]       # cmdline ends in a NUL
+    program = os.path.realpath(argv[0])
     for pid in bench.children():
         if pid in known:
             continue
         try:
             with open("/proc/%d/cmdline" % pid, "rb") as cmdline:
-                argv = cmdline.read().split(b"\0")
+                found = cmdline.read().split(b"\0")
         except OSError:
             continue
-        if len(argv) > 1 and argv[1].decode() == argument and exe_of(pid) is not None and "sleep" in exe_of(pid):
+        if found == want and exe_of(pid) == program:
             return pid
     return None
+
+
+def _respawn_latencies(bench, argv, repeat, end_of):
+    """`repeat` times: find the service's process (a child of the daemon that
+    exec'd `argv`), let `end_of(pid)` end it or wait for its end and return
+    perf_counter() at that end (None: missed, try again), then wait for the new
+    process to exec. Returns the latencies in seconds."""
+    latencies = []
+    misses = 0
+    while len(latencies) < repeat:
+        old = wait_for(lambda: _child_running(bench, argv), 10)
+        known = set(bench.children())
+        ended = end_of(old)
+        if ended is None:
+            misses += 1
+            if misses > repeat * 5:
+                raise RuntimeError("missed the exit of %s %d times" % (" ".join(argv), misses))
+            continue
+        wait_for(lambda: _child_running(bench, argv, known), 10)
+        latencies.append(time.perf_counter() - ended)
+    return latencies
+
+
+def _kill_now(pid):
+    os.kill(pid, signal.SIGKILL)
+    return time.perf_counter()
 
 
 def bench_floor(python):
