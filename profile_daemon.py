@@ -15,6 +15,8 @@ with the measured value.
 The benchmark builds a temporary home with a real repository and real
 services, measures each figure (median and p95 for latencies) with a progress
 line per step, and removes everything it started, also when interrupted.
+Respawn is measured twice: after the bench's SIGKILL (from the kill) and after
+a service failed by itself 200 ms into its run (from its exit, seen on a pidfd).
 Standard library only, like gitproc itself.
 """
 
@@ -26,6 +28,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import select
 import tempfile
 import time
 
@@ -237,6 +240,17 @@ def stats_ms(values):
             "p95_ms": round(percentile(values, 0.95) * 1000, 3), "runs": len(values)}
 
 
+def unavailable(reason):
+    """A figure that could not be measured, and why."""
+    return {"unavailable": reason}
+
+
+def describe_figure(figure, digits=2):
+    if "unavailable" in figure:
+        return "unavailable: %s" % figure["unavailable"]
+    return "median %.*f ms  p95 %.*f ms" % (digits, figure["median_ms"], digits, figure["p95_ms"])
+
+
 class Bench:
     """A temporary home with a repository, a daemon and N services; cleans up
     everything it started (close(), also on SIGINT/SIGTERM)."""
@@ -328,6 +342,9 @@ class Bench:
 
 
 CRASHER = ("/bin/sleep", "9999999")                   # killed at once by the bench
+FLAPPER = ("/bin/sh", "-c", "sleep 0.2; exit 1")      # fails by itself after 200 ms up
+FLAPPER_UNIT = ("[Unit]\nDescription=fails after 200 ms\nStartLimitIntervalSec=0\n[Service]\n"
+                "ExecStart=/bin/sh -c 'sleep 0.2; exit 1'\nRestart=always\nRestartSec=0\n")
 
 
 def sleeper_unit(index, extra=""):
@@ -379,15 +396,22 @@ def _raise_interrupt(_number, _frame):
     raise KeyboardInterrupt
 
 
+BENCH_STEPS = 8
+
+
 def _bench_steps(bench, args, results, say):
     count = args.services
+    numbers = iter(range(1, BENCH_STEPS + 1))
+
+    def step(text):
+        say("[%d/%d] %s" % (next(numbers), BENCH_STEPS, text))
     units = {"svc%04d.service" % i: sleeper_unit(i) for i in range(count)}
     units["crasher.service"] = ("[Unit]\nStartLimitIntervalSec=0\n[Service]\nExecStart=%s\n"
                                 "Restart=always\nRestartSec=0\n" % " ".join(CRASHER))
     units["probe.service"] = "[Service]\nExecStart=/bin/sleep 2000000\n"
     bench.commit(units, "bench units")
 
-    say("[1/7] cold start of %d services" % (count + 2))
+    step("cold start of %d services" % (count + 2))
     started = time.perf_counter()
     bench.start_daemon("--log-level", "debug")
     if not bench.wait_all_running(count + 2, timeout=120):
@@ -395,7 +419,7 @@ def _bench_steps(bench, args, results, say):
     results["cold_start_s"] = round(time.perf_counter() - started, 3)
     say("      all %d running after %.3f s (daemon command included)" % (count + 2, results["cold_start_s"]))
 
-    say("[2/7] idle daemon for %gs" % args.idle)
+    step("idle daemon for %gs" % args.idle)
     time.sleep(1.0)                   # let start-up work settle before measuring idleness
     summary = summarize(sample(bench.daemon_pid, args.idle, min(1.0, args.idle)))
     results["idle"] = {"cpu_percent": round(summary["cpu_percent"]["avg"], 4),
@@ -406,11 +430,20 @@ def _bench_steps(bench, args, results, say):
         results["idle"]["cpu_percent"], results["idle"]["rss_mb"], results["idle"]["wakeups_per_s"],
         results["idle"]["threads"]))
 
-    say("[3/7] crash detection and respawn (SIGKILL to new process exec'd), %d runs" % args.repeat)
+    step("crash detection and respawn (SIGKILL to new process exec'd), %d runs" % args.repeat)
     results["respawn"] = stats_ms(_respawn_latencies(bench, CRASHER, args.repeat, _kill_now))
     say("      median %.2f ms  p95 %.2f ms" % (results["respawn"]["median_ms"], results["respawn"]["p95_ms"]))
 
-    say("[4/7] `start NAME` command to process running, %d runs" % args.repeat)
+    step("respawn of a service that failed after 200 ms up (its exit to new process exec'd), %d runs" % args.repeat)
+    if hasattr(os, "pidfd_open"):
+        bench.commit({"flapper.service": FLAPPER_UNIT}, "bench: a service that fails after 200 ms")
+        results["respawn_after_run"] = stats_ms(_respawn_latencies(bench, FLAPPER, args.repeat, _exit_seen(FLAPPER)))
+        bench.cli("stop", "flapper")      # its restarts would weigh on every later figure
+    else:
+        results["respawn_after_run"] = unavailable("no os.pidfd_open to see the exit (Python 3.9+, Linux 5.3+)")
+    say("      " + describe_figure(results["respawn_after_run"]))
+
+    step("`start NAME` command to process running, %d runs" % args.repeat)
     timings = []
     for _ in range(args.repeat):
         bench.cli("stop", "probe")
@@ -424,7 +457,7 @@ def _bench_steps(bench, args, results, say):
     say("      median %.1f ms  p95 %.1f ms  (interpreter + compile of gitproc.py alone: %.1f ms)" % (
         results["start_command"]["median_ms"], results["start_command"]["p95_ms"], results["cli_floor"]["median_ms"]))
 
-    say("[5/7] commit to changed service running, %d runs" % args.repeat)
+    step("commit to changed service running, %d runs" % args.repeat)
     timings = []
     for index in range(args.repeat):
         marker = "3%06d" % index
@@ -436,7 +469,7 @@ def _bench_steps(bench, args, results, say):
     results["commit_to_running"] = stats_ms(timings)
     say("      median %.1f ms  p95 %.1f ms" % (results["commit_to_running"]["median_ms"], results["commit_to_running"]["p95_ms"]))
 
-    say("[6/7] `status` round trip over the socket, %d runs" % (args.repeat * 5))
+    step("`status` round trip over the socket, %d runs" % (args.repeat * 5))
     timings = []
     for _ in range(args.repeat * 5):
         started = time.perf_counter()
@@ -445,7 +478,7 @@ def _bench_steps(bench, args, results, say):
     results["status_round_trip"] = stats_ms(timings)
     say("      median %.2f ms  p95 %.2f ms" % (results["status_round_trip"]["median_ms"], results["status_round_trip"]["p95_ms"]))
 
-    say("[7/7] state save time with %d services" % (count + 2))
+    step("state save time with %d services" % (count + 2))
     for _ in range(max(3, args.repeat // 2)):
         bench.cli("stop", "probe", "--no-block")
         bench.cli("start", "probe", "--no-block")
@@ -505,6 +538,30 @@ def _kill_now(pid):
     return time.perf_counter()
 
 
+def _exit_seen(argv):
+    """An end_of for _respawn_latencies: waits on a pidfd of the process, which
+    becomes readable when it exits (before the daemon can reap it). None when
+    the process had exited (or was not `argv`) before the pidfd was open."""
+    def end_of(pid):
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return None
+        try:
+            try:                          # a pidfd pins the pid: is it still the running service?
+                with open("/proc/%d/cmdline" % pid, "rb") as cmdline:
+                    if cmdline.read().split(b"\0")[:-1] != [arg.encode() for arg in argv]:
+                        return None       # a zombie's cmdline is empty: its exit is already past
+            except OSError:
+                return None
+            if not select.select([pidfd], [], [], 10)[0]:
+                raise RuntimeError("%s did not exit within 10 s" % " ".join(argv))
+            return time.perf_counter()
+        finally:
+            os.close(pidfd)
+    return end_of
+
+
 def bench_floor(python):
     """What any gitproc command costs before it does anything: the interpreter's
     start and the compilation of gitproc.py (as a script is compiled at every run)."""
@@ -521,6 +578,7 @@ def _print_results(results):
         machine["cores"], machine["python"], machine["interpreter"], machine["kernel"], results["services"]))
     rows = [
         ("exit of a service to its new process running", results["respawn"]),
+        ("  the same, service failed after 200 ms up", results["respawn_after_run"]),
         ("commit to changed service running", results["commit_to_running"]),
         ("`start NAME` command to process running", results["start_command"]),
         ("  of which interpreter + compile (floor)", results["cli_floor"]),
@@ -528,7 +586,10 @@ def _print_results(results):
         ("state save", results["state_save"]),
     ]
     for label, figure in rows:
-        print("  %-48s median %9.2f ms   p95 %9.2f ms" % (label, figure["median_ms"], figure["p95_ms"]))
+        if "unavailable" in figure:
+            print("  %-48s unavailable: %s" % (label, figure["unavailable"]))
+        else:
+            print("  %-48s median %9.2f ms   p95 %9.2f ms" % (label, figure["median_ms"], figure["p95_ms"]))
     idle = results["idle"]
     print("  %-48s %.1f MB, %.3f %% CPU, %.2f wakeups/s, %d thread(s)" % (
         "idle daemon", idle["rss_mb"], idle["cpu_percent"], idle["wakeups_per_s"], idle["threads"]))
