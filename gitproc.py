@@ -1966,17 +1966,20 @@ def resolve_run_as(user, group):
 class CgroupSet:
     """The cgroups of one service: where its processes are listed (and joined),
     and what became of its limits."""
-    __slots__ = ("folders", "tracking", "limits", "oom_base")
+    __slots__ = ("folders", "tracking", "v2", "limits", "oom_base")
 
     def __init__(self):
         self.folders = []       # every cgroup folder made for the service
         self.tracking = None    # the folder whose cgroup.procs lists all its processes
+        self.v2 = None          # its v2 folder, which a process can be born in (clone3)
         self.limits = []        # {"key", "value", "applied", "why"} for status
         self.oom_base = 0       # OOM kills counted in its groups before this start
 
-    @property
-    def procs_files(self):
-        return [os.path.join(folder, "cgroup.procs") for folder in self.folders]
+    def procs_files(self, born_in_v2=False):
+        """The cgroup.procs files a new process writes itself into (all but the
+        v2 group when it is born there)."""
+        return [os.path.join(folder, "cgroup.procs") for folder in self.folders
+                if not (born_in_v2 and folder == self.v2)]
 
 
 class Cgroups:
@@ -2059,7 +2062,7 @@ class Cgroups:
         if self.v2:
             folder = self._make(group, os.path.join(self.v2, name))
             if folder:
-                group.tracking = folder
+                group.tracking = group.v2 = folder
         for controller, key, value in wanted:
             entry = {"key": key, "value": value, "applied": False, "why": None}
             try:
@@ -2193,32 +2196,78 @@ def _write_text_quietly(path, text):
         pass
 
 
+class Clone3:
+    """clone3(2) with CLONE_INTO_CGROUP (Linux 5.7+), through ctypes. The call
+    goes through PyDLL, so the GIL stays held across it: the child goes on as
+    the one thread of a copy of the daemon, as after fork, and execs soon
+    after. No Python at-fork handlers run; the daemon has no threads that
+    would need them, and the child only makes os calls until exec."""
+
+    SYSCALL = 435                        # clone3: one number on every architecture
+    CLONE_INTO_CGROUP = 0x200000000
+    FIELDS = ("flags", "pidfd", "child_tid", "parent_tid", "exit_signal", "stack", "stack_size",
+              "tls", "set_tid", "set_tid_size", "cgroup")
+
+    def __init__(self, ctypes, syscall, args_type):
+        self.ctypes, self.syscall, self.args_type = ctypes, syscall, args_type
+
+    @classmethod
+    def load(cls):
+        """The wrapper, or None where ctypes or libc's syscall() is missing."""
+        try:
+            import ctypes
+            syscall = ctypes.PyDLL(None, use_errno=True).syscall
+        except (ImportError, OSError, AttributeError):
+            return None
+        syscall.restype = ctypes.c_long
+        syscall.argtypes = (ctypes.c_long, ctypes.c_void_p, ctypes.c_size_t)
+        args_type = type("clone_args", (ctypes.Structure,), {"_fields_": [(f, ctypes.c_uint64) for f in cls.FIELDS]})
+        return cls(ctypes, syscall, args_type)
+
+    def into_cgroup(self, cgroup_fd):
+        """Like os.fork(), the child born in the cgroup of `cgroup_fd`."""
+        args = self.args_type(flags=self.CLONE_INTO_CGROUP, exit_signal=signal.SIGCHLD, cgroup=cgroup_fd)
+        pid = self.syscall(self.SYSCALL, self.ctypes.byref(args), self.ctypes.sizeof(args))
+        if pid < 0:
+            number = self.ctypes.get_errno()
+            raise OSError(number, os.strerror(number))
+        return pid
+
+
 class Spawner:
     """Starts one command of a service in a new session (so in its own process
     group), stdin from /dev/null, stdout and stderr appended to its log file.
 
-    Where the daemon's own working directory and credentials will do and there
-    is no cgroup to join, this is posix_spawn (vfork: no copy of the daemon's
-    page tables, and exec errors come back as its result). Otherwise it is
-    fork, then setup (cgroups first, before the child can fork), then exec, and
-    exec failures come back through a close-on-exec pipe: the parent's read
-    returns nothing once exec succeeded, or the child's message if it failed.
-    Either way a start is known to have worked before the daemon calls it
-    running."""
+    Three paths, the cheapest that keeps every promise:
+    - posix_spawn (vfork: no copy of the daemon's page tables, exec errors come
+      back as its result) where the daemon's own working directory and
+      credentials will do and there is no cgroup to join;
+    - clone3(CLONE_INTO_CGROUP), where the service has a v2 cgroup: the child
+      is born in it, before its first instruction, without the migration that
+      makes the kernel wait for an RCU grace period (some 6-8 ms after a quiet
+      moment, per hierarchy);
+    - fork, then setup (cgroups first, before the child can fork), then exec.
+    In the last two, exec failures come back through a close-on-exec pipe: the
+    parent's read returns nothing once exec succeeded, or the child's message
+    if it failed. Either way a start is known to have worked before the daemon
+    calls it running."""
 
     def __init__(self):
         self.cwd = os.getcwd()            # the daemon's, for the posix_spawn path
+        self.last_path = None             # how the last process was made: posix_spawn, clone3 or fork
+        self.clone3 = None                # clone3 through ctypes, while the kernel takes it
 
-    def spawn(self, argv, program, env, cwd, log_path, run_as, join_files=(), private_pids=False):
+    def spawn(self, argv, program, env, cwd, log_path, run_as, cgroup=None, private_pids=False):
         """Returns the pid; raises SpawnError with a one-line reason. The child
-        writes its pid to each of `join_files` (cgroup.procs) before exec."""
+        is in every group of `cgroup` (a CgroupSet) before exec."""
         fds = []                          # every fd opened here, closed in the finally
         try:
             try:
                 fds.append(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640))
             except OSError as exc:
                 raise SpawnError("cannot open log %s: %s" % (log_path, exc.strerror))
-            if cwd == self.cwd and run_as.uid is None and run_as.gid is None and not join_files and not private_pids:
+            if cwd == self.cwd and run_as.uid is None and run_as.gid is None and cgroup is None and not private_pids:
+                self.last_path = "posix_spawn"
                 try:
                     return os.posix_spawn(program, argv, env, file_actions=[
                         (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
@@ -2229,7 +2278,11 @@ class Spawner:
             fds.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
             fds.extend(os.pipe())         # exec-failure pipe, both ends close-on-exec (PEP 446)
             log_fd, null_fd, err_r, err_w = fds
-            pid = os.fork()
+            pid = self._clone_into(cgroup.v2) if cgroup is not None and cgroup.v2 else None
+            if pid is None:
+                self.last_path = "fork"
+                pid = os.fork()
+            join_files = cgroup.procs_files(born_in_v2=self.last_path == "clone3") if cgroup else ()
             if pid == 0:                  # child: only os calls from here to exec
                 self._exec_child(argv, program, env, cwd, log_fd, null_fd, err_w, run_as, join_files, private_pids)
             os.close(err_w)
@@ -2243,6 +2296,31 @@ class Spawner:
         if report:
             os.waitpid(pid, 0)            # the child exits at once after reporting
             raise SpawnError(report.decode("utf-8", "replace"))
+        return pid
+
+    def _clone_into(self, folder):
+        """clone3 with CLONE_INTO_CGROUP: like fork (0 in the child, its pid in
+        the parent), but the child starts in the v2 cgroup `folder`. None where
+        it cannot be had (kernel before 5.7, no v2 group, not Linux/glibc):
+        fork is then used, and the child joins its groups itself."""
+        if self.clone3 is None:
+            self.clone3 = Clone3.load() or False
+        if not self.clone3:
+            return None
+        try:
+            cgroup_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            pid = self.clone3.into_cgroup(cgroup_fd)
+        except OSError as exc:
+            os.close(cgroup_fd)
+            if exc.errno in (errno.ENOSYS, errno.E2BIG, errno.EINVAL, errno.EPERM):
+                self.clone3 = False       # this kernel (or sandbox) will not: fork from now on
+            return None
+        if pid:
+            os.close(cgroup_fd)           # (the child's copy is close-on-exec)
+        self.last_path = "clone3"
         return pid
 
     @staticmethod
@@ -2669,6 +2747,7 @@ class Service:
         self.probe = None               # health probe of the running main process
         self.cgroup = None              # CgroupSet of the current process (the host's)
         self.cgroup_timer = None        # removal of the cgroups of a stopped service (the host's)
+        self.spawn_path = None          # how its last process was made (the host's): posix_spawn, clone3, fork
         self.previous = None            # (spec, commit) a deploy replaced, kept for AutoRollback=
         self.rejected = None            # fingerprint of a version AutoRollback= took back
         self.rolled_back = None         # {"from", "to", "why", "time"} of that rollback
@@ -2710,7 +2789,7 @@ class Service:
             data.update(description=self.spec.description, path=self.spec.path,
                         cpu_seconds=process_cpu_seconds(self.pid) if running else None,
                         type=self.spec.type, restart=self.spec.restart, adopted=self.adopted,
-                        limits=self._limits(), phase=PHASE_TEXT.get(self.phase))
+                        limits=self._limits(), phase=PHASE_TEXT.get(self.phase), spawn=self.spawn_path)
         return data
 
     def _limits(self):
@@ -3105,7 +3184,8 @@ class Launcher:
         # With a cgroup the child joins it before exec (fork path): joined from
         # here after posix_spawn, a shell could fork an escapee first.
         pid = self.spawner.spawn(argv, path, env, cwd, self.config.service_log(service.name), run_as,
-                                 group.procs_files if group else (), spec.private_pids)
+                                 group if group and group.folders else None, spec.private_pids)
+        service.spawn_path = self.spawner.last_path
         self.exit_watcher.watch(pid, on_exit)
         return pid, pid_start_time(pid)
 
@@ -4966,6 +5046,9 @@ EXAMPLES = {
     "history": ["gitproc.py history", "gitproc.py history -n 5 --json"],
     "check": ["gitproc.py check", "gitproc.py check web.service units/",
               "printf '#!/bin/sh\\nexec python3 gitproc.py check .\\n' > .git/hooks/pre-commit"],
+    "install": ["gitproc.py install", "gitproc.py install --prefix /opt/gitproc --no-service"],
+    "uninstall": ["gitproc.py uninstall", "gitproc.py uninstall --prefix /opt/gitproc"],
+    "completion": ["gitproc.py completion bash > /etc/bash_completion.d/gitproc", "gitproc.py completion units"],
 }
 STATE_COLOURS = {RUNNING: "32", EXITED: "36", STARTING: "33", BACKOFF: "33", STOPPING: "33",
                  STOPPED: "2", FAILED: "31"}
@@ -5450,6 +5533,270 @@ def _unit_entry(path, problems):
     return (file_name[:-len(UNIT_SUFFIX)], path, data, "")
 
 
+# ---- install, uninstall, shell completion ------------------------------------------
+# `install` copies this very file under PREFIX/lib/gitproc/ with its bytecode
+# compiled, writes PREFIX/bin/gitproc (an entry point that imports it: no
+# compile at each command) and the systemd unit; a manifest lists what it
+# wrote, so that `uninstall` removes exactly that.
+
+INSTALL_MANIFEST = "installed.json"
+ENTRY_POINT = """\
+#!{python} -S
+# gitproc {version}, written by `gitproc.py install`. It imports the installed
+# module (its bytecode is compiled), so no command pays for compiling it.
+import sys
+sys.path.insert(0, {lib!r})
+import gitproc
+sys.exit(gitproc.main())
+"""
+SYSTEMD_UNIT = """\
+[Unit]
+Description=gitproc process supervisor
+After=network.target
+
+[Service]
+ExecStart={command} daemon --foreground
+ExecStop={command} shutdown
+KillMode=process
+TimeoutStopSec=120
+Restart=on-failure
+
+[Install]
+WantedBy={wanted_by}
+"""
+
+
+def _install_layout(prefix):
+    """(prefix, lib folder, command path, unit path, systemctl argv) for this user."""
+    root = os.geteuid() == 0
+    prefix = os.path.abspath(os.path.expanduser(prefix or ("/usr/local" if root else "~/.local")))
+    if root:
+        unit = "/etc/systemd/system/gitproc.service"
+        systemctl = ["systemctl"]
+    else:
+        unit = os.path.expanduser("~/.config/systemd/user/gitproc.service")
+        systemctl = ["systemctl", "--user"]
+    return prefix, os.path.join(prefix, "lib", "gitproc"), os.path.join(prefix, "bin", "gitproc"), unit, systemctl
+
+
+def _systemd_runs():
+    return os.path.isdir("/run/systemd/system")
+
+
+def _systemctl(argv):
+    """Run systemctl; GitprocError with its complaint if it fails."""
+    if find_program(argv[0], os.environ.get("PATH")) is None:
+        raise GitprocError("systemd runs but %s is not on PATH" % argv[0])
+    code, _, err = _run_captured(argv, b"", 60)
+    if code != 0:
+        raise GitprocError("%s failed: %s" % (" ".join(argv), err.decode("utf-8", "replace").strip() or "exit code %d" % code))
+
+
+def _write_file(path, data, mode, made):
+    """Write atomically with `mode`, making missing folders (noted in `made`)."""
+    folder = os.path.dirname(path)
+    missing = []
+    while folder and not os.path.isdir(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    for folder in reversed(missing):
+        os.mkdir(folder, 0o755)
+        made.append(folder)
+    atomic_write(path, data)
+    os.chmod(path, mode)
+
+
+def cmd_install(config, args):
+    import importlib.util
+    import py_compile
+    prefix, lib, command, unit, systemctl = _install_layout(args.prefix)
+    source = os.path.realpath(__file__)
+    module = os.path.join(lib, "gitproc.py")
+    manifest_path = os.path.join(lib, INSTALL_MANIFEST)
+    try:
+        with open(manifest_path) as manifest_file:
+            previous = json.load(manifest_file)
+    except (OSError, ValueError):
+        previous = {}
+    upgrade = bool(previous)
+    made = list(previous.get("folders", []))
+    files = []
+    try:
+        with open(source, "rb") as source_file:
+            code = source_file.read()
+        _write_file(module, code, 0o644, made)
+        bytecode = importlib.util.cache_from_source(module)
+        py_compile.compile(module, cfile=bytecode, doraise=True)
+        os.chmod(bytecode, 0o644)
+        files += [module, bytecode]
+        python = sys.executable           # not resolved: /usr/bin/python3 follows system upgrades
+        _write_file(command, ENTRY_POINT.format(python=python, version=__version__, lib=lib).encode(), 0o755, made)
+        files.append(command)
+        if not args.no_service:
+            wanted_by = "multi-user.target" if os.geteuid() == 0 else "default.target"
+            _write_file(unit, SYSTEMD_UNIT.format(command=command, wanted_by=wanted_by).encode(), 0o644, made)
+            files.append(unit)
+        files.append(manifest_path)
+        _write_file(manifest_path, json.dumps({"version": __version__, "files": files, "folders": made,
+                                                "unit": None if args.no_service else unit}, indent=1).encode(),
+                    0o644, made)
+    except (OSError, py_compile.PyCompileError) as exc:
+        raise GitprocError("install into %s failed: %s" % (prefix, describe_os_error(exc) if isinstance(exc, OSError) else exc))
+    print("%s gitproc %s: %s (module %s)" % ("upgraded to" if upgrade else "installed", __version__, command, module))
+    _restart_installed(config, args, command, unit, systemctl)
+    return EXIT_OK
+
+
+def _restart_installed(config, args, command, unit, systemctl):
+    """An upgrade keeps services running: the running daemon hands them over
+    (shutdown --keep-services) to the new one, which adopts them."""
+    try:
+        running = request(config, {"cmd": "ping"}, timeout=5)
+    except (DaemonNotRunning, ProtocolError):
+        running = None
+    if running:
+        request(config, {"cmd": "shutdown", "keep_services": True})
+        deadline = time.monotonic() + 120
+        while os.path.exists("/proc/%d" % running["pid"]) and (read_proc_stat(running["pid"]) or [b"Z"])[0] != b"Z":
+            if time.monotonic() > deadline:
+                raise GitprocError("the running daemon (pid %d) did not stop; see %s" % (running["pid"], config.daemon_log))
+            time.sleep(0.02)
+        print("stopped the old daemon (pid %d); its services keep running" % running["pid"])
+    if not args.no_service and _systemd_runs():
+        _systemctl(systemctl + ["daemon-reload"])
+        _systemctl(systemctl + (["restart", "gitproc"] if running else ["enable", "--now", "gitproc"]))
+        print("systemd unit %s enabled and started (%s status gitproc)" % (unit, " ".join(systemctl)))
+        return
+    home = ["--home", config.home] if config.home and not _home_from_env(config) else []
+    if running:
+        import subprocess
+        proc = subprocess.run([command] + home + ["daemon"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=120)
+        if proc.returncode != 0:
+            raise GitprocError("the new daemon did not start: %s" % proc.stderr.decode("utf-8", "replace").strip())
+        print("started the new daemon (%s); it adopted the services" % proc.stdout.decode().splitlines()[0])
+    elif not args.no_service:
+        print("systemd is not running here: the unit %s is written; start the daemon with: %s%s daemon" % (
+            unit, command, " " + " ".join(home) if home else ""))
+    else:
+        print("start the daemon with: %s%s daemon" % (command, " " + " ".join(home) if home else ""))
+
+
+def cmd_uninstall(config, args):
+    prefix, lib, command, unit, systemctl = _install_layout(args.prefix)
+    manifest_path = os.path.join(lib, INSTALL_MANIFEST)
+    try:
+        with open(manifest_path) as manifest_file:
+            manifest = json.load(manifest_file)
+        files, folders = list(manifest["files"]), list(manifest["folders"])
+    except FileNotFoundError:
+        raise GitprocError("nothing to uninstall: no gitproc install under %s (%s is missing)" % (prefix, manifest_path))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise GitprocError("cannot read %s: %s" % (manifest_path, exc))
+    if manifest.get("unit") and _systemd_runs():
+        _systemctl(systemctl + ["disable", "gitproc"])
+    removed = 0
+    for path in files:
+        try:
+            os.unlink(path)
+            removed += 1
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise GitprocError("cannot remove %s: %s" % (path, exc.strerror))
+    caches = {os.path.dirname(path) for path in files if os.path.basename(os.path.dirname(path)) == "__pycache__"}
+    for folder in sorted(caches) + list(reversed(folders)):
+        try:
+            os.rmdir(folder)
+        except OSError:
+            pass                          # not empty: something else lives there now
+    if manifest.get("unit") and _systemd_runs():
+        _systemctl(systemctl + ["daemon-reload"])
+    print("uninstalled gitproc from %s: %d files removed" % (prefix, removed))
+    try:
+        running = request(config, {"cmd": "ping"}, timeout=5)
+    except (GitprocError, OSError):
+        running = None
+    if running:
+        print("the daemon (pid %d) still runs from memory; stop it with: python3 gitproc.py shutdown" % running["pid"])
+    return EXIT_OK
+
+
+COMPLETION_BASH = r"""# bash completion for gitproc: source it, or put it in /etc/bash_completion.d/gitproc
+#   gitproc completion bash > /etc/bash_completion.d/gitproc
+_gitproc() {
+    local cur=${COMP_WORDS[COMP_CWORD]} command="" options="" i
+    for ((i = 1; i < COMP_CWORD; i++)); do
+        case ${COMP_WORDS[i]} in
+            --home|--config|--socket) ((i++)) ;;
+            -*) ;;
+            *) command=${COMP_WORDS[i]}; break ;;
+        esac
+    done
+    case ${COMP_WORDS[COMP_CWORD-1]} in
+        --home|--config|--socket|--prefix|--repo) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+    esac
+    if [[ -z $command ]]; then
+        COMPREPLY=($(compgen -W "%(commands)s %(globals)s" -- "$cur"))
+        return
+    fi
+    case $cur in
+        -*) case $command in
+%(options)s
+            esac
+            COMPREPLY=($(compgen -W "$options %(globals)s" -- "$cur"))
+            return ;;
+    esac
+    case $command in
+        %(unit_commands)s)
+            COMPREPLY=($(compgen -W "$("${COMP_WORDS[0]}" completion units 2>/dev/null)" -- "$cur")) ;;
+        completion) COMPREPLY=($(compgen -W "bash units" -- "$cur")) ;;
+        check) COMPREPLY=($(compgen -f -- "$cur")) ;;
+    esac
+}
+complete -F _gitproc gitproc gitproc.py
+"""
+UNIT_COMMANDS = ("status", "start", "stop", "restart", "wait", "logs")
+
+
+def completion_script():
+    """The bash completion script, its command and option lists read from the
+    parser, so they never drift from it."""
+    parser = build_parser()
+    import argparse
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    options = []
+    for name, sub in subparsers.choices.items():
+        flags = sorted({flag for action in sub._actions for flag in action.option_strings
+                        if flag.startswith("--") and flag not in ("--home", "--config", "--socket")})
+        options.append('                %s) options="%s" ;;' % (name, " ".join(flags)))
+    return COMPLETION_BASH % {"commands": " ".join(subparsers.choices), "globals": "--home --config --socket",
+                              "options": "\n".join(options), "unit_commands": "|".join(UNIT_COMMANDS)}
+
+
+def completion_units(config):
+    """Unit names: the daemon's, else the branch's in the repository."""
+    try:
+        return [s["name"] for s in request(config, {"cmd": "status"}, timeout=2)["services"]]
+    except (GitprocError, OSError):
+        pass
+    try:
+        listing = run_git(config.repo_path, ["ls-tree", "-r", "--name-only", "-z", "refs/heads/" + config.branch])
+    except (GitprocError, OSError):
+        return []
+    return sorted({os.path.basename(path)[:-len(UNIT_SUFFIX)] for path in listing.decode("utf-8", "replace").split("\0")
+                   if path.endswith(UNIT_SUFFIX)})
+
+
+def cmd_completion(config, args):
+    if args.what == "bash":
+        sys.stdout.write(completion_script())
+    else:
+        for name in completion_units(config):
+            print(name)
+    return EXIT_OK
+
+
 def _count(text):
     """argparse type: a whole number, 0 or more."""
     import argparse
@@ -5561,6 +5908,13 @@ def build_parser(only=None):
     sub.add_argument("-n", dest="count", type=_count, default=20, help="how many (default: 20)")
     sub = with_json(add("check", cmd_check, "validate unit files without a daemon (exit 1 on any error)"))
     sub.add_argument("paths", nargs="*", metavar="PATH", help="files or folders (default: the repository's working tree)")
+    sub = add("install", cmd_install, "install gitproc as a command (PREFIX/bin/gitproc) and a systemd service")
+    sub.add_argument("--prefix", metavar="DIR", help="where (default: /usr/local for root, ~/.local otherwise)")
+    sub.add_argument("--no-service", action="store_true", help="no systemd unit")
+    sub = add("uninstall", cmd_uninstall, "remove what install wrote, and nothing else")
+    sub.add_argument("--prefix", metavar="DIR", help="where it was installed (default as for install)")
+    sub = add("completion", cmd_completion, "print the bash completion script (bash), or the unit names (units)")
+    sub.add_argument("what", choices=("bash", "units"))
     return parser
 
 
