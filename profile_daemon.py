@@ -17,6 +17,8 @@ services, measures each figure (median and p95 for latencies) with a progress
 line per step, and removes everything it started, also when interrupted.
 Respawn is measured twice: after the bench's SIGKILL (from the kill) and after
 a service failed by itself 200 ms into its run (from its exit, seen on a pidfd).
+The respawn and `start NAME` figures say which way the daemon made the
+process (posix_spawn, clone3 or fork: the `spawn` of `status NAME --json`).
 Standard library only, like gitproc itself.
 """
 
@@ -248,7 +250,8 @@ def unavailable(reason):
 def describe_figure(figure, digits=2):
     if "unavailable" in figure:
         return "unavailable: %s" % figure["unavailable"]
-    return "median %.*f ms  p95 %.*f ms" % (digits, figure["median_ms"], digits, figure["p95_ms"])
+    return "median %.*f ms  p95 %.*f ms%s" % (digits, figure["median_ms"], digits, figure["p95_ms"],
+                                              "  (spawn: %s)" % figure["spawn"] if "spawn" in figure else "")
 
 
 class Bench:
@@ -301,6 +304,9 @@ class Bench:
     def services(self):
         return self.request({"cmd": "status"})["services"]
 
+    def service(self, name):
+        return self.request({"cmd": "status", "names": [name]})["services"][0]
+
     def wait_all_running(self, count, timeout):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -339,6 +345,12 @@ class Bench:
                         except OSError:
                             pass
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+def spawn_path(service):
+    """How the service's last start made its process, as `status NAME --json`
+    says (posix_spawn, clone3 or fork); "unknown" from a gitproc that does not say."""
+    return service.get("spawn") or "unknown"
 
 
 CRASHER = ("/bin/sleep", "9999999")                   # killed at once by the bench
@@ -431,13 +443,15 @@ def _bench_steps(bench, args, results, say):
         results["idle"]["threads"]))
 
     step("crash detection and respawn (SIGKILL to new process exec'd), %d runs" % args.repeat)
-    results["respawn"] = stats_ms(_respawn_latencies(bench, CRASHER, args.repeat, _kill_now))
-    say("      median %.2f ms  p95 %.2f ms" % (results["respawn"]["median_ms"], results["respawn"]["p95_ms"]))
+    results["respawn"] = dict(stats_ms(_respawn_latencies(bench, CRASHER, args.repeat, _kill_now)),
+                              spawn=spawn_path(bench.service("crasher")))
+    say("      " + describe_figure(results["respawn"]))
 
     step("respawn of a service that failed after 200 ms up (its exit to new process exec'd), %d runs" % args.repeat)
     if hasattr(os, "pidfd_open"):
         bench.commit({"flapper.service": FLAPPER_UNIT}, "bench: a service that fails after 200 ms")
-        results["respawn_after_run"] = stats_ms(_respawn_latencies(bench, FLAPPER, args.repeat, _exit_seen(FLAPPER)))
+        results["respawn_after_run"] = dict(stats_ms(_respawn_latencies(bench, FLAPPER, args.repeat, _exit_seen(FLAPPER))),
+                                            spawn=spawn_path(bench.service("flapper")))
         bench.cli("stop", "flapper")      # its restarts would weigh on every later figure
     else:
         results["respawn_after_run"] = unavailable("no os.pidfd_open to see the exit (Python 3.9+, Linux 5.3+)")
@@ -448,14 +462,14 @@ def _bench_steps(bench, args, results, say):
     for _ in range(args.repeat):
         bench.cli("stop", "probe")
         timings.append(bench.cli("start", "probe"))
-        pid = bench.request({"cmd": "status", "names": ["probe"]})["services"][0]["pid"]
-        if not pid or gitproc.read_proc_stat(pid) is None:
+        probe = bench.service("probe")
+        if not probe["pid"] or gitproc.read_proc_stat(probe["pid"]) is None:
             raise RuntimeError("start returned before probe ran")
-    results["start_command"] = stats_ms(timings)
+    results["start_command"] = dict(stats_ms(timings), spawn=spawn_path(probe))
     floor = [bench_floor(bench.python) for _ in range(min(args.repeat, 5))]
     results["cli_floor"] = stats_ms(floor)
-    say("      median %.1f ms  p95 %.1f ms  (interpreter + compile of gitproc.py alone: %.1f ms)" % (
-        results["start_command"]["median_ms"], results["start_command"]["p95_ms"], results["cli_floor"]["median_ms"]))
+    say("      %s  (interpreter + compile of gitproc.py alone: %.1f ms)" % (
+        describe_figure(results["start_command"], 1), results["cli_floor"]["median_ms"]))
 
     step("commit to changed service running, %d runs" % args.repeat)
     timings = []
@@ -589,7 +603,8 @@ def _print_results(results):
         if "unavailable" in figure:
             print("  %-48s unavailable: %s" % (label, figure["unavailable"]))
         else:
-            print("  %-48s median %9.2f ms   p95 %9.2f ms" % (label, figure["median_ms"], figure["p95_ms"]))
+            print("  %-48s median %9.2f ms   p95 %9.2f ms%s" % (label, figure["median_ms"], figure["p95_ms"],
+                                                              "   spawn: %s" % figure["spawn"] if "spawn" in figure else ""))
     idle = results["idle"]
     print("  %-48s %.1f MB, %.3f %% CPU, %.2f wakeups/s, %d thread(s)" % (
         "idle daemon", idle["rss_mb"], idle["cpu_percent"], idle["wakeups_per_s"], idle["threads"]))
