@@ -250,6 +250,8 @@ def unavailable(reason):
 def describe_figure(figure, digits=2):
     if "unavailable" in figure:
         return "unavailable: %s" % figure["unavailable"]
+    if "failed" in figure:
+        return "FAILED: %s" % figure["failed"]
     return "median %.*f ms  p95 %.*f ms%s" % (digits, figure["median_ms"], digits, figure["p95_ms"],
                                               "  (spawn: %s)" % figure["spawn"] if "spawn" in figure else "")
 
@@ -306,6 +308,25 @@ class Bench:
 
     def service(self, name):
         return self.request({"cmd": "status", "names": [name]})["services"][0]
+
+    def wait_for_child(self, name, argv, known, timeout):
+        """The pid of service `name`'s process once it has exec'd `argv` (see
+        _child_running); if it does not within `timeout`, RuntimeError with what
+        the daemon says of the service."""
+        try:
+            return wait_for(lambda: _child_running(self, argv, known), timeout)
+        except RuntimeError:
+            pass
+        raise RuntimeError("no process of %s ran %s within %gs (%s)" % (name, " ".join(argv), timeout, self.said(name)))
+
+    def said(self, name):
+        """What the daemon says of a service, for a message."""
+        try:
+            service = self.service(name)
+            return "the daemon says: %s, %d restarts, last exit: %s, spawn: %s" % (
+                service["state"], service["restarts"], gitproc.describe_exit(service["last_exit"]), spawn_path(service))
+        except (gitproc.GitprocError, IndexError, KeyError) as exc:
+            return "no status: %s" % exc
 
     def wait_all_running(self, count, timeout):
         deadline = time.monotonic() + timeout
@@ -401,7 +422,7 @@ def run_bench(args):
         print(json.dumps(results, indent=2))
     else:
         _print_results(results)
-    return 0
+    return 1 if results.get("failed") else 0
 
 
 def _raise_interrupt(_number, _frame):
@@ -417,6 +438,17 @@ def _bench_steps(bench, args, results, say):
 
     def step(text):
         say("[%d/%d] %s" % (next(numbers), BENCH_STEPS, text))
+
+    def figure(key, measure, digits=2, note=lambda: ""):
+        """results[key] = measure(), said with `note()`. A figure that cannot be
+        had (a command failed, a process never ran) is reported as failed, with
+        why, and the other figures are still measured."""
+        try:
+            results[key] = measure()
+        except RuntimeError as exc:
+            results[key] = {"failed": str(exc)}
+            results.setdefault("failed", []).append(key)
+        say("      " + describe_figure(results[key], digits) + ("" if "failed" in results[key] else note()))
     units = {"svc%04d.service" % i: sleeper_unit(i) for i in range(count)}
     units["crasher.service"] = ("[Unit]\nStartLimitIntervalSec=0\n[Service]\nExecStart=%s\n"
                                 "Restart=always\nRestartSec=0\n" % " ".join(CRASHER))
@@ -443,45 +475,47 @@ def _bench_steps(bench, args, results, say):
         results["idle"]["threads"]))
 
     step("crash detection and respawn (SIGKILL to new process exec'd), %d runs" % args.repeat)
-    results["respawn"] = dict(stats_ms(_respawn_latencies(bench, CRASHER, args.repeat, _kill_now)),
-                              spawn=spawn_path(bench.service("crasher")))
-    say("      " + describe_figure(results["respawn"]))
+    figure("respawn", lambda: dict(stats_ms(_respawn_latencies(bench, "crasher", CRASHER, args.repeat, _kill_now)),
+                                   spawn=spawn_path(bench.service("crasher"))))
 
     step("respawn of a service that failed after 200 ms up (its exit to new process exec'd), %d runs" % args.repeat)
     if hasattr(os, "pidfd_open"):
         bench.commit({"flapper.service": FLAPPER_UNIT}, "bench: a service that fails after 200 ms")
-        results["respawn_after_run"] = dict(stats_ms(_respawn_latencies(bench, FLAPPER, args.repeat, _exit_seen(FLAPPER))),
-                                            spawn=spawn_path(bench.service("flapper")))
-        bench.cli("stop", "flapper")      # its restarts would weigh on every later figure
+        try:
+            figure("respawn_after_run", lambda: dict(stats_ms(_respawn_latencies(
+                bench, "flapper", FLAPPER, args.repeat, _exit_seen(FLAPPER))), spawn=spawn_path(bench.service("flapper"))))
+        finally:
+            bench.cli("stop", "flapper")  # its restarts would weigh on every later figure
     else:
-        results["respawn_after_run"] = unavailable("no os.pidfd_open to see the exit (Python 3.9+, Linux 5.3+)")
-    say("      " + describe_figure(results["respawn_after_run"]))
+        figure("respawn_after_run", lambda: unavailable("no os.pidfd_open to see the exit (Python 3.9+, Linux 5.3+)"))
 
     step("`start NAME` command to process running, %d runs" % args.repeat)
-    timings = []
-    for _ in range(args.repeat):
-        bench.cli("stop", "probe")
-        timings.append(bench.cli("start", "probe"))
-        probe = bench.service("probe")
-        if not probe["pid"] or gitproc.read_proc_stat(probe["pid"]) is None:
-            raise RuntimeError("start returned before probe ran")
-    results["start_command"] = dict(stats_ms(timings), spawn=spawn_path(probe))
-    floor = [bench_floor(bench.python) for _ in range(min(args.repeat, 5))]
-    results["cli_floor"] = stats_ms(floor)
-    say("      %s  (interpreter + compile of gitproc.py alone: %.1f ms)" % (
-        describe_figure(results["start_command"], 1), results["cli_floor"]["median_ms"]))
+    results["cli_floor"] = stats_ms([bench_floor(bench.python) for _ in range(min(args.repeat, 5))])
+
+    def start_command():
+        timings = []
+        for _ in range(args.repeat):
+            bench.cli("stop", "probe")
+            timings.append(bench.cli("start", "probe"))
+            probe = bench.service("probe")
+            if not probe["pid"] or gitproc.read_proc_stat(probe["pid"]) is None:
+                raise RuntimeError("start returned, but no process of probe runs (%s)" % bench.said("probe"))
+        return dict(stats_ms(timings), spawn=spawn_path(probe))
+    figure("start_command", start_command, 1,
+           lambda: "  (interpreter + compile of gitproc.py alone: %.1f ms)" % results["cli_floor"]["median_ms"])
 
     step("commit to changed service running, %d runs" % args.repeat)
-    timings = []
-    for index in range(args.repeat):
-        marker = "3%06d" % index
-        known = set(bench.children())
-        committed = bench.commit({"probe.service": "[Service]\nExecStart=/bin/sleep %s\n" % marker},
-                                 "bench change %d" % index)
-        wait_for(lambda: _child_running(bench, ("/bin/sleep", marker), known), 30)
-        timings.append(time.perf_counter() - committed)
-    results["commit_to_running"] = stats_ms(timings)
-    say("      median %.1f ms  p95 %.1f ms" % (results["commit_to_running"]["median_ms"], results["commit_to_running"]["p95_ms"]))
+    def commit_to_running():
+        timings = []
+        for index in range(args.repeat):
+            marker = "3%06d" % index
+            known = set(bench.children())
+            committed = bench.commit({"probe.service": "[Service]\nExecStart=/bin/sleep %s\n" % marker},
+                                     "bench change %d" % index)
+            bench.wait_for_child("probe", ("/bin/sleep", marker), known, 30)
+            timings.append(time.perf_counter() - committed)
+        return stats_ms(timings)
+    figure("commit_to_running", commit_to_running, 1)
 
     step("`status` round trip over the socket, %d runs" % (args.repeat * 5))
     timings = []
@@ -526,15 +560,15 @@ def _child_running(bench, argv, known=()):
     return None
 
 
-def _respawn_latencies(bench, argv, repeat, end_of):
-    """`repeat` times: find the service's process (a child of the daemon that
-    exec'd `argv`), let `end_of(pid)` end it or wait for its end and return
-    perf_counter() at that end (None: missed, try again), then wait for the new
-    process to exec. Returns the latencies in seconds."""
+def _respawn_latencies(bench, name, argv, repeat, end_of):
+    """`repeat` times: find the process of service `name` (a child of the
+    daemon that exec'd `argv`), let `end_of(pid)` end it or wait for its end and
+    return perf_counter() at that end (None: missed, try again), then wait for
+    the new process to exec. Returns the latencies in seconds."""
     latencies = []
     misses = 0
     while len(latencies) < repeat:
-        old = wait_for(lambda: _child_running(bench, argv), 10)
+        old = bench.wait_for_child(name, argv, (), 10)
         known = set(bench.children())
         ended = end_of(old)
         if ended is None:
@@ -542,7 +576,7 @@ def _respawn_latencies(bench, argv, repeat, end_of):
             if misses > repeat * 5:
                 raise RuntimeError("missed the exit of %s %d times" % (" ".join(argv), misses))
             continue
-        wait_for(lambda: _child_running(bench, argv, known), 10)
+        bench.wait_for_child(name, argv, known, 10)
         latencies.append(time.perf_counter() - ended)
     return latencies
 
@@ -600,8 +634,8 @@ def _print_results(results):
         ("state save", results["state_save"]),
     ]
     for label, figure in rows:
-        if "unavailable" in figure:
-            print("  %-48s unavailable: %s" % (label, figure["unavailable"]))
+        if "unavailable" in figure or "failed" in figure:
+            print("  %-48s %s" % (label, describe_figure(figure)))
         else:
             print("  %-48s median %9.2f ms   p95 %9.2f ms%s" % (label, figure["median_ms"], figure["p95_ms"],
                                                               "   spawn: %s" % figure["spawn"] if "spawn" in figure else ""))

@@ -5071,6 +5071,7 @@ class ProfilerTests(unittest.TestCase):
         self.assertEqual(proc.returncode, 0, proc.stderr.decode())
         result = json.loads(proc.stdout.decode())
         for figure in BENCH_FIGURES:
+            self.assertNotIn("failed", result[figure], figure)
             self.assertEqual(result[figure]["runs"] >= 3, True, figure)
             self.assertGreater(result[figure]["median_ms"], 0, figure)
             self.assertGreaterEqual(result[figure]["p95_ms"], result[figure]["median_ms"], figure)
