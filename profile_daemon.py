@@ -19,6 +19,10 @@ Respawn is measured twice: after the bench's SIGKILL (from the kill) and after
 a service failed by itself 200 ms into its run (from its exit, seen on a pidfd).
 The respawn and `start NAME` figures say which way the daemon made the
 process (posix_spawn, clone3 or fork: the `spawn` of `status NAME --json`).
+`status` and `start NAME` are timed both as the script (python3 gitproc.py)
+and as the installed command (`gitproc.py install --prefix DIR --no-service`
+into the temporary home, uninstalled at the end), or reported unavailable
+from a gitproc.py without install.
 Standard library only, like gitproc itself.
 """
 
@@ -242,6 +246,10 @@ def stats_ms(values):
             "p95_ms": round(percentile(values, 0.95) * 1000, 3), "runs": len(values)}
 
 
+WAY_LABELS = {"start_command": "script", "start_command_installed": "installed",
+              "status_command": "script", "status_command_installed": "installed"}
+
+
 def unavailable(reason):
     """A figure that could not be measured, and why."""
     return {"unavailable": reason}
@@ -267,6 +275,8 @@ class Bench:
         self.repo = os.path.join(self.path, "services")
         self.config = gitproc.load_config({"home": self.path})
         self.daemon_pid = None
+        self.prefix = None                # where gitproc is installed, until uninstalled
+        self.entry_point = None           # PREFIX/bin/gitproc
         os.makedirs(self.repo)
         self.git("init", "-q")
         self.git("symbolic-ref", "HEAD", "refs/heads/main")
@@ -286,14 +296,47 @@ class Bench:
         self.git("commit", "-q", "-m", message)
         return started
 
-    def cli(self, *args):
+    def cli(self, *args, command=None):
+        """Run a gitproc command on the home: the script (python3 gitproc.py),
+        or `command` (the installed entry point). Returns the seconds it took."""
         started = time.perf_counter()
-        proc = subprocess.run([self.python, GITPROC, "--home", self.path] + list(args),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = subprocess.run((command or [self.python, GITPROC]) + ["--home", self.path] + list(args),
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         elapsed = time.perf_counter() - started
         if proc.returncode != 0:
             raise RuntimeError("gitproc %s failed: %s" % (" ".join(args), proc.stderr.decode().strip()))
         return elapsed
+
+    def install(self):
+        """`gitproc.py install --prefix DIR --no-service` with the bench's
+        interpreter, DIR inside the home. Returns None when PREFIX/bin/gitproc
+        is there; else (figure, why): "unavailable" from a gitproc.py without
+        install, "failed" if install did not work."""
+        prefix = os.path.join(self.path, "prefix")
+        proc = subprocess.run([self.python, GITPROC, "--home", self.path, "install", "--prefix", prefix, "--no-service"],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        err = proc.stderr.decode("utf-8", "replace").strip()
+        if proc.returncode == 2 and "invalid choice" in err and "install" in err:
+            return "unavailable", "this gitproc.py has no install command"
+        self.prefix = prefix              # it may have written something: uninstalled at close
+        if proc.returncode != 0:
+            return "failed", "install exited %d: %s" % (proc.returncode, err.splitlines()[-1] if err else "no message")
+        entry = os.path.join(prefix, "bin", "gitproc")
+        if not os.access(entry, os.X_OK):
+            return "failed", "install wrote no executable %s" % entry
+        self.entry_point = entry
+        return None
+
+    def uninstall(self):
+        """`gitproc.py uninstall --prefix DIR`; returns (None or why it failed,
+        what is left in DIR)."""
+        prefix, self.prefix, self.entry_point = self.prefix, None, None
+        proc = subprocess.run([self.python, GITPROC, "--home", self.path, "uninstall", "--prefix", prefix],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        err = proc.stderr.decode("utf-8", "replace").strip()
+        left = sorted(os.path.relpath(os.path.join(folder, name), prefix)
+                      for folder, dirs, files in os.walk(prefix) for name in dirs + files)
+        return (None if proc.returncode == 0 else "uninstall exited %d: %s" % (proc.returncode, err)), left
 
     def request(self, payload, timeout=60):
         return gitproc.request(self.config, payload, timeout=timeout)
@@ -365,6 +408,11 @@ class Bench:
                             kill(pid, signal.SIGKILL)
                         except OSError:
                             pass
+        if self.prefix:                   # interrupted before the last step
+            try:
+                self.uninstall()
+            except Exception:
+                pass
         shutil.rmtree(self.path, ignore_errors=True)
 
 
@@ -429,7 +477,7 @@ def _raise_interrupt(_number, _frame):
     raise KeyboardInterrupt
 
 
-BENCH_STEPS = 8
+BENCH_STEPS = 11
 
 
 def _bench_steps(bench, args, results, say):
@@ -439,16 +487,61 @@ def _bench_steps(bench, args, results, say):
     def step(text):
         say("[%d/%d] %s" % (next(numbers), BENCH_STEPS, text))
 
-    def figure(key, measure, digits=2, note=lambda: ""):
-        """results[key] = measure(), said with `note()`. A figure that cannot be
-        had (a command failed, a process never ran) is reported as failed, with
-        why, and the other figures are still measured."""
+    def figures(keys, measure, digits=2, note=lambda: ""):
+        """results[key] for each of `keys` from measure() (a dict by key), each
+        said with `note()`. Figures that cannot be had (a command failed, a
+        process never ran) are reported as failed, with why, and the other
+        figures are still measured."""
         try:
-            results[key] = measure()
+            measured = measure()
         except RuntimeError as exc:
-            results[key] = {"failed": str(exc)}
-            results.setdefault("failed", []).append(key)
-        say("      " + describe_figure(results[key], digits) + ("" if "failed" in results[key] else note()))
+            measured = {key: {"failed": str(exc)} for key in keys}
+        for key in keys:
+            results[key] = measured[key]
+            if "failed" in measured[key]:
+                results.setdefault("failed", []).append(key)
+            say("      %s%s%s" % ("%s: " % WAY_LABELS[key] if key in WAY_LABELS else "",
+                                  describe_figure(results[key], digits), "" if "failed" in results[key] else note()))
+
+    def figure(key, measure, digits=2, note=lambda: ""):
+        figures([key], lambda: {key: measure()}, digits, note)
+
+    def both_ways(key, run_once, digits):
+        """Figure `key` for the script and key_installed for the installed
+        command, their runs alternating so that both meet the same machine.
+        run_once(command) returns (seconds, more fields of the figure)."""
+        ways = [(key, None)]
+        if installed is None:
+            ways.append((key + "_installed", [bench.entry_point]))
+        else:
+            results[key + "_installed"] = {installed[0]: installed[1]}
+            if installed[0] == "failed":
+                results.setdefault("failed", []).append(key + "_installed")
+
+        def measure():
+            timings, more = {way: [] for way, _ in ways}, {}
+            for _ in range(args.repeat):
+                for way, command in ways:
+                    seconds, more[way] = run_once(command)
+                    timings[way].append(seconds)
+            return {way: dict(stats_ms(timings[way]), **more[way]) for way, _ in ways}
+        figures([way for way, _ in ways], measure, digits)
+        if installed is not None:
+            say("      %s: %s" % (WAY_LABELS[key + "_installed"], describe_figure(results[key + "_installed"])))
+
+    step("install into a temporary prefix (before the daemon runs: install would hand a running one over)")
+    installed = bench.install()
+    if installed is None:
+        with open(bench.entry_point) as entry_file:
+            first = entry_file.readline().strip()
+        results["install"] = {"available": True, "entry_point": bench.entry_point,
+                              "interpreter": first[2:] if first.startswith("#!") else None}
+        say("      %s (runs %s)" % (bench.entry_point, results["install"]["interpreter"]))
+    else:
+        results["install"] = {"available": False, installed[0]: installed[1]}
+        if installed[0] == "failed":
+            results.setdefault("failed", []).append("install")
+        say("      %s: %s" % (installed[0], installed[1]))
     units = {"svc%04d.service" % i: sleeper_unit(i) for i in range(count)}
     units["crasher.service"] = ("[Unit]\nStartLimitIntervalSec=0\n[Service]\nExecStart=%s\n"
                                 "Restart=always\nRestartSec=0\n" % " ".join(CRASHER))
@@ -489,20 +582,20 @@ def _bench_steps(bench, args, results, say):
     else:
         figure("respawn_after_run", lambda: unavailable("no os.pidfd_open to see the exit (Python 3.9+, Linux 5.3+)"))
 
-    step("`start NAME` command to process running, %d runs" % args.repeat)
+    step("`start NAME` command to process running, script and installed, %d runs each" % args.repeat)
+    def start_once(command):
+        bench.cli("stop", "probe")
+        seconds = bench.cli("start", "probe", command=command)
+        probe = bench.service("probe")
+        if not probe["pid"] or gitproc.read_proc_stat(probe["pid"]) is None:
+            raise RuntimeError("start returned, but no process of probe runs (%s)" % bench.said("probe"))
+        return seconds, {"spawn": spawn_path(probe)}
+    both_ways("start_command", start_once, 1)
     results["cli_floor"] = stats_ms([bench_floor(bench.python) for _ in range(min(args.repeat, 5))])
+    say("      interpreter + compile of gitproc.py alone (the script's floor): %s" % describe_figure(results["cli_floor"], 1))
 
-    def start_command():
-        timings = []
-        for _ in range(args.repeat):
-            bench.cli("stop", "probe")
-            timings.append(bench.cli("start", "probe"))
-            probe = bench.service("probe")
-            if not probe["pid"] or gitproc.read_proc_stat(probe["pid"]) is None:
-                raise RuntimeError("start returned, but no process of probe runs (%s)" % bench.said("probe"))
-        return dict(stats_ms(timings), spawn=spawn_path(probe))
-    figure("start_command", start_command, 1,
-           lambda: "  (interpreter + compile of gitproc.py alone: %.1f ms)" % results["cli_floor"]["median_ms"])
+    step("`status` command (the table of all services), script and installed, %d runs each" % args.repeat)
+    both_ways("status_command", lambda command: (bench.cli("status", command=command), {}), 1)
 
     step("commit to changed service running, %d runs" % args.repeat)
     def commit_to_running():
@@ -538,6 +631,16 @@ def _bench_steps(bench, args, results, say):
     size = os.path.getsize(bench.config.state_file)
     results["state_save"] = dict(stats_ms(saves), bytes=size)
     say("      median %.2f ms  p95 %.2f ms  (%d bytes)" % (results["state_save"]["median_ms"], results["state_save"]["p95_ms"], size))
+
+    step("uninstall from the temporary prefix")
+    if bench.prefix:
+        problem, left = bench.uninstall()
+        results["install"].update(uninstall=problem or "ok", left_after_uninstall=left)
+        if problem or left:
+            results.setdefault("failed", []).append("uninstall")
+        say("      %s; %s" % (problem or "uninstalled", "left in the prefix: " + ", ".join(left) if left else "nothing left"))
+    else:
+        say("      nothing installed")
 
 
 def _child_running(bench, argv, known=()):
@@ -629,7 +732,10 @@ def _print_results(results):
         ("  the same, service failed after 200 ms up", results["respawn_after_run"]),
         ("commit to changed service running", results["commit_to_running"]),
         ("`start NAME` command to process running", results["start_command"]),
-        ("  of which interpreter + compile (floor)", results["cli_floor"]),
+        ("  the same, installed command", results["start_command_installed"]),
+        ("  script's floor: interpreter + compile", results["cli_floor"]),
+        ("`status` command (script)", results["status_command"]),
+        ("  the same, installed command", results["status_command_installed"]),
         ("`status` round trip (socket)", results["status_round_trip"]),
         ("state save", results["state_save"]),
     ]
@@ -643,6 +749,13 @@ def _print_results(results):
     print("  %-48s %.1f MB, %.3f %% CPU, %.2f wakeups/s, %d thread(s)" % (
         "idle daemon", idle["rss_mb"], idle["cpu_percent"], idle["wakeups_per_s"], idle["threads"]))
     print("  %-48s %.3f s" % ("cold start until all run", results["cold_start_s"]))
+    install = results["install"]
+    if install["available"]:
+        print("  %-48s %s (runs %s); uninstall: %s, %s" % (
+            "installed command", install["entry_point"], install["interpreter"], install.get("uninstall"),
+            "left " + ", ".join(install["left_after_uninstall"]) if install.get("left_after_uninstall") else "nothing left"))
+    else:
+        print("  %-48s %s" % ("installed command", describe_figure(install)))
 
 
 # ==== command line ==================================================================

@@ -5058,7 +5058,7 @@ class ClientErrorTests(unittest.TestCase):
 
 PROFILER = os.path.join(HERE, "profile_daemon.py")
 BENCH_FIGURES = ("respawn", "respawn_after_run", "commit_to_running", "start_command", "cli_floor",
-                 "status_round_trip", "state_save")
+                 "status_command", "status_round_trip", "state_save")
 
 
 class ProfilerTests(unittest.TestCase):
@@ -5075,6 +5075,14 @@ class ProfilerTests(unittest.TestCase):
             self.assertEqual(result[figure]["runs"] >= 3, True, figure)
             self.assertGreater(result[figure]["median_ms"], 0, figure)
             self.assertGreaterEqual(result[figure]["p95_ms"], result[figure]["median_ms"], figure)
+        for figure in ("start_command_installed", "status_command_installed"):
+            if result["install"]["available"]:
+                self.assertGreater(result[figure]["median_ms"], 0, figure)
+            else:
+                self.assertTrue(result[figure]["unavailable"], figure)
+        self.assertEqual(result["install"].get("left_after_uninstall", []), [])
+        for figure in ("respawn", "respawn_after_run", "start_command"):
+            self.assertIn(result[figure]["spawn"], ("posix_spawn", "clone3", "fork", "unknown"), figure)
         # gross bounds only: the benchmark, not the tests, measures speed
         self.assertLess(result["respawn"]["median_ms"], 1000)
         self.assertLess(result["commit_to_running"]["median_ms"], 5000)
