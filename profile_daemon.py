@@ -29,12 +29,12 @@ Standard library only, like gitproc itself.
 import argparse
 import json
 import os
+import select
 import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import select
 import tempfile
 import time
 
@@ -583,6 +583,7 @@ def _bench_steps(bench, args, results, say):
         figure("respawn_after_run", lambda: unavailable("no os.pidfd_open to see the exit (Python 3.9+, Linux 5.3+)"))
 
     step("`start NAME` command to process running, script and installed, %d runs each" % args.repeat)
+
     def start_once(command):
         bench.cli("stop", "probe")
         seconds = bench.cli("start", "probe", command=command)
@@ -598,6 +599,7 @@ def _bench_steps(bench, args, results, say):
     both_ways("status_command", lambda command: (bench.cli("status", command=command), {}), 1)
 
     step("commit to changed service running, %d runs" % args.repeat)
+
     def commit_to_running():
         timings = []
         for index in range(args.repeat):
