@@ -15,12 +15,21 @@ with the measured value.
 The benchmark builds a temporary home with a real repository and real
 services, measures each figure (median and p95 for latencies) with a progress
 line per step, and removes everything it started, also when interrupted.
+Respawn is measured twice: after the bench's SIGKILL (from the kill) and after
+a service failed by itself 200 ms into its run (from its exit, seen on a pidfd).
+The respawn and `start NAME` figures say which way the daemon made the
+process (posix_spawn, clone3 or fork: the `spawn` of `status NAME --json`).
+`status` and `start NAME` are timed both as the script (python3 gitproc.py)
+and as the installed command (`gitproc.py install --prefix DIR --no-service`
+into the temporary home, uninstalled at the end), or reported unavailable
+from a gitproc.py without install.
 Standard library only, like gitproc itself.
 """
 
 import argparse
 import json
 import os
+import select
 import shutil
 import signal
 import statistics
@@ -237,6 +246,24 @@ def stats_ms(values):
             "p95_ms": round(percentile(values, 0.95) * 1000, 3), "runs": len(values)}
 
 
+WAY_LABELS = {"start_command": "script", "start_command_installed": "installed",
+              "status_command": "script", "status_command_installed": "installed"}
+
+
+def unavailable(reason):
+    """A figure that could not be measured, and why."""
+    return {"unavailable": reason}
+
+
+def describe_figure(figure, digits=2):
+    if "unavailable" in figure:
+        return "unavailable: %s" % figure["unavailable"]
+    if "failed" in figure:
+        return "FAILED: %s" % figure["failed"]
+    return "median %.*f ms  p95 %.*f ms%s" % (digits, figure["median_ms"], digits, figure["p95_ms"],
+                                              "  (spawn: %s)" % figure["spawn"] if "spawn" in figure else "")
+
+
 class Bench:
     """A temporary home with a repository, a daemon and N services; cleans up
     everything it started (close(), also on SIGINT/SIGTERM)."""
@@ -248,6 +275,8 @@ class Bench:
         self.repo = os.path.join(self.path, "services")
         self.config = gitproc.load_config({"home": self.path})
         self.daemon_pid = None
+        self.prefix = None                # where gitproc is installed, until uninstalled
+        self.entry_point = None           # PREFIX/bin/gitproc
         os.makedirs(self.repo)
         self.git("init", "-q")
         self.git("symbolic-ref", "HEAD", "refs/heads/main")
@@ -267,14 +296,47 @@ class Bench:
         self.git("commit", "-q", "-m", message)
         return started
 
-    def cli(self, *args):
+    def cli(self, *args, command=None):
+        """Run a gitproc command on the home: the script (python3 gitproc.py),
+        or `command` (the installed entry point). Returns the seconds it took."""
         started = time.perf_counter()
-        proc = subprocess.run([self.python, GITPROC, "--home", self.path] + list(args),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = subprocess.run((command or [self.python, GITPROC]) + ["--home", self.path] + list(args),
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         elapsed = time.perf_counter() - started
         if proc.returncode != 0:
             raise RuntimeError("gitproc %s failed: %s" % (" ".join(args), proc.stderr.decode().strip()))
         return elapsed
+
+    def install(self):
+        """`gitproc.py install --prefix DIR --no-service` with the bench's
+        interpreter, DIR inside the home. Returns None when PREFIX/bin/gitproc
+        is there; else (figure, why): "unavailable" from a gitproc.py without
+        install, "failed" if install did not work."""
+        prefix = os.path.join(self.path, "prefix")
+        proc = subprocess.run([self.python, GITPROC, "--home", self.path, "install", "--prefix", prefix, "--no-service"],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        err = proc.stderr.decode("utf-8", "replace").strip()
+        if proc.returncode == 2 and "invalid choice" in err and "install" in err:
+            return "unavailable", "this gitproc.py has no install command"
+        self.prefix = prefix              # it may have written something: uninstalled at close
+        if proc.returncode != 0:
+            return "failed", "install exited %d: %s" % (proc.returncode, err.splitlines()[-1] if err else "no message")
+        entry = os.path.join(prefix, "bin", "gitproc")
+        if not os.access(entry, os.X_OK):
+            return "failed", "install wrote no executable %s" % entry
+        self.entry_point = entry
+        return None
+
+    def uninstall(self):
+        """`gitproc.py uninstall --prefix DIR`; returns (None or why it failed,
+        what is left in DIR)."""
+        prefix, self.prefix, self.entry_point = self.prefix, None, None
+        proc = subprocess.run([self.python, GITPROC, "--home", self.path, "uninstall", "--prefix", prefix],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        err = proc.stderr.decode("utf-8", "replace").strip()
+        left = sorted(os.path.relpath(os.path.join(folder, name), prefix)
+                      for folder, dirs, files in os.walk(prefix) for name in dirs + files)
+        return (None if proc.returncode == 0 else "uninstall exited %d: %s" % (proc.returncode, err)), left
 
     def request(self, payload, timeout=60):
         return gitproc.request(self.config, payload, timeout=timeout)
@@ -286,6 +348,28 @@ class Bench:
 
     def services(self):
         return self.request({"cmd": "status"})["services"]
+
+    def service(self, name):
+        return self.request({"cmd": "status", "names": [name]})["services"][0]
+
+    def wait_for_child(self, name, argv, known, timeout):
+        """The pid of service `name`'s process once it has exec'd `argv` (see
+        _child_running); if it does not within `timeout`, RuntimeError with what
+        the daemon says of the service."""
+        try:
+            return wait_for(lambda: _child_running(self, argv, known), timeout)
+        except RuntimeError:
+            pass
+        raise RuntimeError("no process of %s ran %s within %gs (%s)" % (name, " ".join(argv), timeout, self.said(name)))
+
+    def said(self, name):
+        """What the daemon says of a service, for a message."""
+        try:
+            service = self.service(name)
+            return "the daemon says: %s, %d restarts, last exit: %s, spawn: %s" % (
+                service["state"], service["restarts"], gitproc.describe_exit(service["last_exit"]), spawn_path(service))
+        except (gitproc.GitprocError, IndexError, KeyError) as exc:
+            return "no status: %s" % exc
 
     def wait_all_running(self, count, timeout):
         deadline = time.monotonic() + timeout
@@ -324,7 +408,24 @@ class Bench:
                             kill(pid, signal.SIGKILL)
                         except OSError:
                             pass
+        if self.prefix:                   # interrupted before the last step
+            try:
+                self.uninstall()
+            except Exception:
+                pass
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+def spawn_path(service):
+    """How the service's last start made its process, as `status NAME --json`
+    says (posix_spawn, clone3 or fork); "unknown" from a gitproc that does not say."""
+    return service.get("spawn") or "unknown"
+
+
+CRASHER = ("/bin/sleep", "9999999")                   # killed at once by the bench
+FLAPPER = ("/bin/sh", "-c", "sleep 0.2; exit 1")      # fails by itself after 200 ms up
+FLAPPER_UNIT = ("[Unit]\nDescription=fails after 200 ms\nStartLimitIntervalSec=0\n[Service]\n"
+                "ExecStart=/bin/sh -c 'sleep 0.2; exit 1'\nRestart=always\nRestartSec=0\n")
 
 
 def sleeper_unit(index, extra=""):
@@ -369,22 +470,85 @@ def run_bench(args):
         print(json.dumps(results, indent=2))
     else:
         _print_results(results)
-    return 0
+    return 1 if results.get("failed") else 0
 
 
 def _raise_interrupt(_number, _frame):
     raise KeyboardInterrupt
 
 
+BENCH_STEPS = 11
+
+
 def _bench_steps(bench, args, results, say):
     count = args.services
+    numbers = iter(range(1, BENCH_STEPS + 1))
+
+    def step(text):
+        say("[%d/%d] %s" % (next(numbers), BENCH_STEPS, text))
+
+    def figures(keys, measure, digits=2, note=lambda: ""):
+        """results[key] for each of `keys` from measure() (a dict by key), each
+        said with `note()`. Figures that cannot be had (a command failed, a
+        process never ran) are reported as failed, with why, and the other
+        figures are still measured."""
+        try:
+            measured = measure()
+        except RuntimeError as exc:
+            measured = {key: {"failed": str(exc)} for key in keys}
+        for key in keys:
+            results[key] = measured[key]
+            if "failed" in measured[key]:
+                results.setdefault("failed", []).append(key)
+            say("      %s%s%s" % ("%s: " % WAY_LABELS[key] if key in WAY_LABELS else "",
+                                  describe_figure(results[key], digits), "" if "failed" in results[key] else note()))
+
+    def figure(key, measure, digits=2, note=lambda: ""):
+        figures([key], lambda: {key: measure()}, digits, note)
+
+    def both_ways(key, run_once, digits):
+        """Figure `key` for the script and key_installed for the installed
+        command, their runs alternating so that both meet the same machine.
+        run_once(command) returns (seconds, more fields of the figure)."""
+        ways = [(key, None)]
+        if installed is None:
+            ways.append((key + "_installed", [bench.entry_point]))
+        else:
+            results[key + "_installed"] = {installed[0]: installed[1]}
+            if installed[0] == "failed":
+                results.setdefault("failed", []).append(key + "_installed")
+
+        def measure():
+            timings, more = {way: [] for way, _ in ways}, {}
+            for _ in range(args.repeat):
+                for way, command in ways:
+                    seconds, more[way] = run_once(command)
+                    timings[way].append(seconds)
+            return {way: dict(stats_ms(timings[way]), **more[way]) for way, _ in ways}
+        figures([way for way, _ in ways], measure, digits)
+        if installed is not None:
+            say("      %s: %s" % (WAY_LABELS[key + "_installed"], describe_figure(results[key + "_installed"])))
+
+    step("install into a temporary prefix (before the daemon runs: install would hand a running one over)")
+    installed = bench.install()
+    if installed is None:
+        with open(bench.entry_point) as entry_file:
+            first = entry_file.readline().strip()
+        results["install"] = {"available": True, "entry_point": bench.entry_point,
+                              "interpreter": first[2:] if first.startswith("#!") else None}
+        say("      %s (runs %s)" % (bench.entry_point, results["install"]["interpreter"]))
+    else:
+        results["install"] = {"available": False, installed[0]: installed[1]}
+        if installed[0] == "failed":
+            results.setdefault("failed", []).append("install")
+        say("      %s: %s" % (installed[0], installed[1]))
     units = {"svc%04d.service" % i: sleeper_unit(i) for i in range(count)}
-    units["crasher.service"] = ("[Unit]\nStartLimitIntervalSec=0\n[Service]\nExecStart=/bin/sleep 9999999\n"
-                                "Restart=always\nRestartSec=0\n")
+    units["crasher.service"] = ("[Unit]\nStartLimitIntervalSec=0\n[Service]\nExecStart=%s\n"
+                                "Restart=always\nRestartSec=0\n" % " ".join(CRASHER))
     units["probe.service"] = "[Service]\nExecStart=/bin/sleep 2000000\n"
     bench.commit(units, "bench units")
 
-    say("[1/7] cold start of %d services" % (count + 2))
+    step("cold start of %d services" % (count + 2))
     started = time.perf_counter()
     bench.start_daemon("--log-level", "debug")
     if not bench.wait_all_running(count + 2, timeout=120):
@@ -392,7 +556,7 @@ def _bench_steps(bench, args, results, say):
     results["cold_start_s"] = round(time.perf_counter() - started, 3)
     say("      all %d running after %.3f s (daemon command included)" % (count + 2, results["cold_start_s"]))
 
-    say("[2/7] idle daemon for %gs" % args.idle)
+    step("idle daemon for %gs" % args.idle)
     time.sleep(1.0)                   # let start-up work settle before measuring idleness
     summary = summarize(sample(bench.daemon_pid, args.idle, min(1.0, args.idle)))
     results["idle"] = {"cpu_percent": round(summary["cpu_percent"]["avg"], 4),
@@ -403,45 +567,52 @@ def _bench_steps(bench, args, results, say):
         results["idle"]["cpu_percent"], results["idle"]["rss_mb"], results["idle"]["wakeups_per_s"],
         results["idle"]["threads"]))
 
-    say("[3/7] crash detection and respawn (SIGKILL to new process exec'd), %d runs" % args.repeat)
-    latencies = []
-    for _ in range(args.repeat):
-        old = wait_for(lambda: _child_running(bench, "9999999"), 10)
-        known = set(bench.children())
-        os.kill(old, signal.SIGKILL)
-        killed = time.perf_counter()
-        wait_for(lambda: _child_running(bench, "9999999", known), 10)
-        latencies.append(time.perf_counter() - killed)
-    results["respawn"] = stats_ms(latencies)
-    say("      median %.2f ms  p95 %.2f ms" % (results["respawn"]["median_ms"], results["respawn"]["p95_ms"]))
+    step("crash detection and respawn (SIGKILL to new process exec'd), %d runs" % args.repeat)
+    figure("respawn", lambda: dict(stats_ms(_respawn_latencies(bench, "crasher", CRASHER, args.repeat, _kill_now)),
+                                   spawn=spawn_path(bench.service("crasher"))))
 
-    say("[4/7] `start NAME` command to process running, %d runs" % args.repeat)
-    timings = []
-    for _ in range(args.repeat):
+    step("respawn of a service that failed after 200 ms up (its exit to new process exec'd), %d runs" % args.repeat)
+    if hasattr(os, "pidfd_open"):
+        bench.commit({"flapper.service": FLAPPER_UNIT}, "bench: a service that fails after 200 ms")
+        try:
+            figure("respawn_after_run", lambda: dict(stats_ms(_respawn_latencies(
+                bench, "flapper", FLAPPER, args.repeat, _exit_seen(FLAPPER))), spawn=spawn_path(bench.service("flapper"))))
+        finally:
+            bench.cli("stop", "flapper")  # its restarts would weigh on every later figure
+    else:
+        figure("respawn_after_run", lambda: unavailable("no os.pidfd_open to see the exit (Python 3.9+, Linux 5.3+)"))
+
+    step("`start NAME` command to process running, script and installed, %d runs each" % args.repeat)
+
+    def start_once(command):
         bench.cli("stop", "probe")
-        timings.append(bench.cli("start", "probe"))
-        pid = bench.request({"cmd": "status", "names": ["probe"]})["services"][0]["pid"]
-        if not pid or gitproc.read_proc_stat(pid) is None:
-            raise RuntimeError("start returned before probe ran")
-    results["start_command"] = stats_ms(timings)
-    floor = [bench_floor(bench.python) for _ in range(min(args.repeat, 5))]
-    results["cli_floor"] = stats_ms(floor)
-    say("      median %.1f ms  p95 %.1f ms  (interpreter + compile of gitproc.py alone: %.1f ms)" % (
-        results["start_command"]["median_ms"], results["start_command"]["p95_ms"], results["cli_floor"]["median_ms"]))
+        seconds = bench.cli("start", "probe", command=command)
+        probe = bench.service("probe")
+        if not probe["pid"] or gitproc.read_proc_stat(probe["pid"]) is None:
+            raise RuntimeError("start returned, but no process of probe runs (%s)" % bench.said("probe"))
+        return seconds, {"spawn": spawn_path(probe)}
+    both_ways("start_command", start_once, 1)
+    results["cli_floor"] = stats_ms([bench_floor(bench.python) for _ in range(min(args.repeat, 5))])
+    say("      interpreter + compile of gitproc.py alone (the script's floor): %s" % describe_figure(results["cli_floor"], 1))
 
-    say("[5/7] commit to changed service running, %d runs" % args.repeat)
-    timings = []
-    for index in range(args.repeat):
-        marker = "3%06d" % index
-        known = set(bench.children())
-        committed = bench.commit({"probe.service": "[Service]\nExecStart=/bin/sleep %s\n" % marker},
-                                 "bench change %d" % index)
-        wait_for(lambda: _child_running(bench, marker, known), 30)
-        timings.append(time.perf_counter() - committed)
-    results["commit_to_running"] = stats_ms(timings)
-    say("      median %.1f ms  p95 %.1f ms" % (results["commit_to_running"]["median_ms"], results["commit_to_running"]["p95_ms"]))
+    step("`status` command (the table of all services), script and installed, %d runs each" % args.repeat)
+    both_ways("status_command", lambda command: (bench.cli("status", command=command), {}), 1)
 
-    say("[6/7] `status` round trip over the socket, %d runs" % (args.repeat * 5))
+    step("commit to changed service running, %d runs" % args.repeat)
+
+    def commit_to_running():
+        timings = []
+        for index in range(args.repeat):
+            marker = "3%06d" % index
+            known = set(bench.children())
+            committed = bench.commit({"probe.service": "[Service]\nExecStart=/bin/sleep %s\n" % marker},
+                                     "bench change %d" % index)
+            bench.wait_for_child("probe", ("/bin/sleep", marker), known, 30)
+            timings.append(time.perf_counter() - committed)
+        return stats_ms(timings)
+    figure("commit_to_running", commit_to_running, 1)
+
+    step("`status` round trip over the socket, %d runs" % (args.repeat * 5))
     timings = []
     for _ in range(args.repeat * 5):
         started = time.perf_counter()
@@ -450,7 +621,7 @@ def _bench_steps(bench, args, results, say):
     results["status_round_trip"] = stats_ms(timings)
     say("      median %.2f ms  p95 %.2f ms" % (results["status_round_trip"]["median_ms"], results["status_round_trip"]["p95_ms"]))
 
-    say("[7/7] state save time with %d services" % (count + 2))
+    step("state save time with %d services" % (count + 2))
     for _ in range(max(3, args.repeat // 2)):
         bench.cli("stop", "probe", "--no-block")
         bench.cli("start", "probe", "--no-block")
@@ -463,22 +634,85 @@ def _bench_steps(bench, args, results, say):
     results["state_save"] = dict(stats_ms(saves), bytes=size)
     say("      median %.2f ms  p95 %.2f ms  (%d bytes)" % (results["state_save"]["median_ms"], results["state_save"]["p95_ms"], size))
 
+    step("uninstall from the temporary prefix")
+    if bench.prefix:
+        problem, left = bench.uninstall()
+        results["install"].update(uninstall=problem or "ok", left_after_uninstall=left)
+        if problem or left:
+            results.setdefault("failed", []).append("uninstall")
+        say("      %s; %s" % (problem or "uninstalled", "left in the prefix: " + ", ".join(left) if left else "nothing left"))
+    else:
+        say("      nothing installed")
 
-def _child_running(bench, argument, known=()):
-    """A child of the daemon, not in `known`, that has exec'd `sleep ARGUMENT`.
-    Only children not in `known` are read, so that the measurement costs little
-    next to what it measures, even with a thousand services."""
+
+def _child_running(bench, argv, known=()):
+    """A child of the daemon, not in `known`, that has exec'd `argv`: its
+    /proc cmdline is argv and its exe is argv[0]'s program. Only children not in
+    `known` are read, so that the measurement costs little next to what it
+    measures, even with a thousand services."""
+    want = [arg.encode() for arg in argv] + [b""]       # cmdline ends in a NUL
+    program = os.path.realpath(argv[0])
     for pid in bench.children():
         if pid in known:
             continue
         try:
             with open("/proc/%d/cmdline" % pid, "rb") as cmdline:
-                argv = cmdline.read().split(b"\0")
+                found = cmdline.read().split(b"\0")
         except OSError:
             continue
-        if len(argv) > 1 and argv[1].decode() == argument and exe_of(pid) is not None and "sleep" in exe_of(pid):
+        if found == want and exe_of(pid) == program:
             return pid
     return None
+
+
+def _respawn_latencies(bench, name, argv, repeat, end_of):
+    """`repeat` times: find the process of service `name` (a child of the
+    daemon that exec'd `argv`), let `end_of(pid)` end it or wait for its end and
+    return perf_counter() at that end (None: missed, try again), then wait for
+    the new process to exec. Returns the latencies in seconds."""
+    latencies = []
+    misses = 0
+    while len(latencies) < repeat:
+        old = bench.wait_for_child(name, argv, (), 10)
+        known = set(bench.children())
+        ended = end_of(old)
+        if ended is None:
+            misses += 1
+            if misses > repeat * 5:
+                raise RuntimeError("missed the exit of %s %d times" % (" ".join(argv), misses))
+            continue
+        bench.wait_for_child(name, argv, known, 10)
+        latencies.append(time.perf_counter() - ended)
+    return latencies
+
+
+def _kill_now(pid):
+    os.kill(pid, signal.SIGKILL)
+    return time.perf_counter()
+
+
+def _exit_seen(argv):
+    """An end_of for _respawn_latencies: waits on a pidfd of the process, which
+    becomes readable when it exits (before the daemon can reap it). None when
+    the process had exited (or was not `argv`) before the pidfd was open."""
+    def end_of(pid):
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return None
+        try:
+            try:                          # a pidfd pins the pid: is it still the running service?
+                with open("/proc/%d/cmdline" % pid, "rb") as cmdline:
+                    if cmdline.read().split(b"\0")[:-1] != [arg.encode() for arg in argv]:
+                        return None       # a zombie's cmdline is empty: its exit is already past
+            except OSError:
+                return None
+            if not select.select([pidfd], [], [], 10)[0]:
+                raise RuntimeError("%s did not exit within 10 s" % " ".join(argv))
+            return time.perf_counter()
+        finally:
+            os.close(pidfd)
+    return end_of
 
 
 def bench_floor(python):
@@ -497,18 +731,33 @@ def _print_results(results):
         machine["cores"], machine["python"], machine["interpreter"], machine["kernel"], results["services"]))
     rows = [
         ("exit of a service to its new process running", results["respawn"]),
+        ("  the same, service failed after 200 ms up", results["respawn_after_run"]),
         ("commit to changed service running", results["commit_to_running"]),
         ("`start NAME` command to process running", results["start_command"]),
-        ("  of which interpreter + compile (floor)", results["cli_floor"]),
+        ("  the same, installed command", results["start_command_installed"]),
+        ("  script's floor: interpreter + compile", results["cli_floor"]),
+        ("`status` command (script)", results["status_command"]),
+        ("  the same, installed command", results["status_command_installed"]),
         ("`status` round trip (socket)", results["status_round_trip"]),
         ("state save", results["state_save"]),
     ]
     for label, figure in rows:
-        print("  %-48s median %9.2f ms   p95 %9.2f ms" % (label, figure["median_ms"], figure["p95_ms"]))
+        if "unavailable" in figure or "failed" in figure:
+            print("  %-48s %s" % (label, describe_figure(figure)))
+        else:
+            print("  %-48s median %9.2f ms   p95 %9.2f ms%s" % (label, figure["median_ms"], figure["p95_ms"],
+                                                              "   spawn: %s" % figure["spawn"] if "spawn" in figure else ""))
     idle = results["idle"]
     print("  %-48s %.1f MB, %.3f %% CPU, %.2f wakeups/s, %d thread(s)" % (
         "idle daemon", idle["rss_mb"], idle["cpu_percent"], idle["wakeups_per_s"], idle["threads"]))
     print("  %-48s %.3f s" % ("cold start until all run", results["cold_start_s"]))
+    install = results["install"]
+    if install["available"]:
+        print("  %-48s %s (runs %s); uninstall: %s, %s" % (
+            "installed command", install["entry_point"], install["interpreter"], install.get("uninstall"),
+            "left " + ", ".join(install["left_after_uninstall"]) if install.get("left_after_uninstall") else "nothing left"))
+    else:
+        print("  %-48s %s" % ("installed command", describe_figure(install)))
 
 
 # ==== command line ==================================================================

@@ -6182,7 +6182,8 @@ class CompletionTests(unittest.TestCase):
 # ==== profile_daemon.py =======================================================
 
 PROFILER = os.path.join(HERE, "profile_daemon.py")
-BENCH_FIGURES = ("respawn", "commit_to_running", "start_command", "cli_floor", "status_round_trip", "state_save")
+BENCH_FIGURES = ("respawn", "respawn_after_run", "commit_to_running", "start_command", "cli_floor",
+                 "status_command", "status_round_trip", "state_save")
 
 
 class ProfilerTests(unittest.TestCase):
@@ -6195,9 +6196,18 @@ class ProfilerTests(unittest.TestCase):
         self.assertEqual(proc.returncode, 0, proc.stderr.decode())
         result = json.loads(proc.stdout.decode())
         for figure in BENCH_FIGURES:
+            self.assertNotIn("failed", result[figure], figure)
             self.assertEqual(result[figure]["runs"] >= 3, True, figure)
             self.assertGreater(result[figure]["median_ms"], 0, figure)
             self.assertGreaterEqual(result[figure]["p95_ms"], result[figure]["median_ms"], figure)
+        for figure in ("start_command_installed", "status_command_installed"):
+            if result["install"]["available"]:
+                self.assertGreater(result[figure]["median_ms"], 0, figure)
+            else:
+                self.assertTrue(result[figure]["unavailable"], figure)
+        self.assertEqual(result["install"].get("left_after_uninstall", []), [])
+        for figure in ("respawn", "respawn_after_run", "start_command"):
+            self.assertIn(result[figure]["spawn"], ("posix_spawn", "clone3", "fork", "unknown"), figure)
         # gross bounds only: the benchmark, not the tests, measures speed
         self.assertLess(result["respawn"]["median_ms"], 1000)
         self.assertLess(result["commit_to_running"]["median_ms"], 5000)
@@ -6205,7 +6215,7 @@ class ProfilerTests(unittest.TestCase):
         self.assertGreater(result["idle"]["rss_mb"], 1)
         self.assertLess(result["cold_start_s"], 60)
         self.assertEqual(result["services"], 3)
-        self.assertIn("[7/7]", proc.stderr.decode(), "a progress line per step")
+        self.assertRegex(proc.stderr.decode(), r"\[(\d+)/\1\]", "a progress line per step, to the last")
         self.assertEqual(set(glob.glob("/tmp/gpb*")) - before, set(), "the temporary home is removed")
 
     def test_sampling_a_running_daemon(self):
