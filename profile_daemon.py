@@ -32,6 +32,7 @@ import os
 import select
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -477,7 +478,7 @@ def _raise_interrupt(_number, _frame):
     raise KeyboardInterrupt
 
 
-BENCH_STEPS = 11
+BENCH_STEPS = 12
 
 
 def _bench_steps(bench, args, results, say):
@@ -547,6 +548,15 @@ def _bench_steps(bench, args, results, say):
                                 "Restart=always\nRestartSec=0\n" % " ".join(CRASHER))
     units["probe.service"] = "[Service]\nExecStart=/bin/sleep 2000000\n"
     bench.commit(units, "bench units")
+    http_port = None
+    if not args.no_http:
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        http_port = probe.getsockname()[1]
+        probe.close()
+        with open(os.path.join(bench.path, "config.json"), "w") as config_file:
+            json.dump({"http_listen": "127.0.0.1:%d" % http_port}, config_file)
+    results["http_listen"] = "127.0.0.1:%d" % http_port if http_port else None
 
     step("cold start of %d services" % (count + 2))
     started = time.perf_counter()
@@ -620,6 +630,27 @@ def _bench_steps(bench, args, results, say):
         timings.append(time.perf_counter() - started)
     results["status_round_trip"] = stats_ms(timings)
     say("      median %.2f ms  p95 %.2f ms" % (results["status_round_trip"]["median_ms"], results["status_round_trip"]["p95_ms"]))
+
+    step("GET /metrics over HTTP (a new connection each), %d runs" % args.repeat)
+    if http_port:
+        def metrics_over_http():
+            import http.client
+            timings, size = [], 0
+            for _ in range(args.repeat):
+                started = time.perf_counter()
+                conn = http.client.HTTPConnection("127.0.0.1", http_port, timeout=30)
+                conn.request("GET", "/metrics")
+                response = conn.getresponse()
+                body = response.read()
+                conn.close()
+                timings.append(time.perf_counter() - started)
+                if response.status != 200:
+                    raise RuntimeError("GET /metrics answered %d" % response.status)
+                size = len(body)
+            return dict(stats_ms(timings), bytes=size)
+        figure("metrics_http", metrics_over_http, 2, note=lambda: "  (%d bytes)" % results["metrics_http"]["bytes"])
+    else:
+        figure("metrics_http", lambda: unavailable("--no-http: the daemon ran without its HTTP listener"))
 
     step("state save time with %d services" % (count + 2))
     for _ in range(max(3, args.repeat // 2)):
@@ -739,6 +770,7 @@ def _print_results(results):
         ("`status` command (script)", results["status_command"]),
         ("  the same, installed command", results["status_command_installed"]),
         ("`status` round trip (socket)", results["status_round_trip"]),
+        ("GET /metrics over HTTP", results["metrics_http"]),
         ("state save", results["state_save"]),
     ]
     for label, figure in rows:
@@ -776,6 +808,7 @@ def main(argv=None):
     parser.add_argument("--repeat", type=int, default=20, help="--bench: runs per latency (default: 20)")
     parser.add_argument("--idle", type=float, default=10.0, help="--bench: seconds of idle sampling (default: 10)")
     parser.add_argument("--python", help="--bench: interpreter for gitproc (default: /usr/bin/python3)")
+    parser.add_argument("--no-http", action="store_true", help="--bench: run the daemon without its HTTP listener")
     args = parser.parse_args(argv)
     if args.duration <= 0 or args.interval <= 0 or args.repeat < 1 or args.services < 0 or args.idle <= 0:
         parser.error("durations must be positive, --repeat at least 1, --services at least 0")
