@@ -4098,6 +4098,7 @@ class EventLog:
 MAX_HTTP_HEADER_BYTES = 16 * 1024
 MAX_HTTP_BODY_BYTES = 1024 * 1024          # a forge's push payload fits
 MAX_HTTP_CONNECTIONS = 64
+HTTP_REQUEST_TIMEOUT = 5.0                 # to send one whole request (slowloris), or to idle between
 HTTP_REASONS = {200: "OK", 202: "Accepted", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
                 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout", 411: "Length Required",
                 413: "Payload Too Large", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
@@ -4198,19 +4199,19 @@ class HttpListener:
         self.connections[sock.fileno()] = conn
         self.selector.register(sock, EVENT_READ, (self._on_event, conn))
         if self.sweep_timer is None:
-            self.sweep_timer = self.call_later(REQUEST_IDLE_TIMEOUT / 2, self._sweep)
+            self.sweep_timer = self.call_later(1.0, self._sweep)
 
     def _sweep(self):
         """Close connections idle too long, or too slow to send one request."""
         self.sweep_timer = None
         now = time.monotonic()
         for conn in list(self.connections.values()):
-            if conn.started is not None and now - conn.started > REQUEST_IDLE_TIMEOUT:
+            if conn.started is not None and now - conn.started > HTTP_REQUEST_TIMEOUT:
                 self._answer(conn, 408, "text/plain", b"request not received in time\n", close=True)
-            elif now - conn.last_active > REQUEST_IDLE_TIMEOUT and not conn.outbuf:
+            elif now - conn.last_active > HTTP_REQUEST_TIMEOUT and not conn.outbuf:
                 self._close(conn)
         if self.connections:
-            self.sweep_timer = self.call_later(REQUEST_IDLE_TIMEOUT / 2, self._sweep)
+            self.sweep_timer = self.call_later(1.0, self._sweep)
 
     def _on_event(self, conn, mask):
         if mask & EVENT_WRITE:

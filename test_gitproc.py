@@ -2537,7 +2537,7 @@ class FakeHost:
         service.spec, service.commit = offer
         return True
 
-    def changed(self, service):
+    def changed(self, service, before=None):
         self.changes.append(service.phase)
 
     def deploy_note(self, service):
@@ -5424,7 +5424,7 @@ class HttpListenerTests(ObservabilityCase):
         self.assertEqual(self.home.cli_process("status")[0], 0)
         # The slow clients are answered 408 and closed once their time is up.
         for conn in slow:
-            conn.settimeout(gitproc.REQUEST_IDLE_TIMEOUT * 2 + 5)
+            conn.settimeout(gitproc.HTTP_REQUEST_TIMEOUT * 2 + 5)
             self.assertTrue(read_all(conn).startswith(b"HTTP/1.1 408 "))
         self.assertIsNone(self.home.status()["daemon"].get("error"))
         self.assertEqual(http(self.port, "GET", "/healthz")[0], 200)
