@@ -3770,6 +3770,16 @@ class NonRootDaemonCase(unittest.TestCase):
         return subprocess.run(argv, preexec_fn=drop_to(self.UID, self.UID), env=env, cwd="/", timeout=60,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
+    def daemon_as_nobody(self, home):
+        """Give the home to uid 65534 and start its daemon as that user."""
+        for folder, dirs, files in os.walk(home.path):
+            for entry in [folder] + [os.path.join(folder, f) for f in dirs + files]:
+                os.lchown(entry, self.UID, self.UID)
+        proc = self.as_nobody([self.python, self.gitproc, "--home", home.path, "daemon"], home.path)
+        self.assertEqual(proc.returncode, 0, proc.stdout.decode() + proc.stderr.decode())
+        with open(os.path.join(home.path, "gitproc.pid")) as pid_file:
+            home.daemon_pid = int(pid_file.read())
+
     def commit_as_nobody(self, home, name, text):
         with open(os.path.join(home.repo, name), "w") as handle:
             handle.write(text)
@@ -3787,13 +3797,7 @@ class ReadOnlyLogFolderTests(NonRootDaemonCase):
     def test_unwritable_logs_folder_fails_the_new_unit_only(self):
         home = Home(self)
         home.commit({"ok.service": unit(SLEEPER, WorkingDirectory="/")}, "ok")
-        for folder, dirs, files in os.walk(home.path):
-            for entry in [folder] + [os.path.join(folder, f) for f in dirs + files]:
-                os.lchown(entry, self.UID, self.UID)
-        proc = self.as_nobody([self.python, self.gitproc, "--home", home.path, "daemon"], home.path)
-        self.assertEqual(proc.returncode, 0, proc.stdout.decode() + proc.stderr.decode())
-        with open(os.path.join(home.path, "gitproc.pid")) as pid_file:
-            home.daemon_pid = int(pid_file.read())
+        self.daemon_as_nobody(home)
         self.assertEqual(os.stat("/proc/%d" % home.daemon_pid).st_uid, self.UID)
         ok = home.running_pid("ok")
         home.known_pids.add(ok)
@@ -3846,13 +3850,7 @@ class NonRootDaemonTests(NonRootDaemonCase):
         home.commit({"ok.service": unit(SLEEPER, WorkingDirectory="/"),
                      "other-user.service": unit(SLEEPER, User="root", WorkingDirectory="/"),
                      "ns.service": unit(SLEEPER, PrivatePIDs="yes", WorkingDirectory="/")}, "units")
-        for folder, dirs, files in os.walk(home.path):
-            for entry in [folder] + [os.path.join(folder, f) for f in dirs + files]:
-                os.lchown(entry, self.UID, self.UID)
-        proc = self.as_nobody([self.python, self.gitproc, "--home", home.path, "daemon"], home.path)
-        self.assertEqual(proc.returncode, 0, proc.stdout.decode() + proc.stderr.decode())
-        with open(os.path.join(home.path, "gitproc.pid")) as pid_file:
-            home.daemon_pid = int(pid_file.read())
+        self.daemon_as_nobody(home)
         home.known_pids.add(home.running_pid("ok"))
         other = home.wait_state("other-user", "failed", timeout=10)
         self.assertIn("User=/Group= need the daemon to run as root", other["reason"])
