@@ -347,11 +347,16 @@ def makedirs(path, mode=0o755):
 def read_proc_stat(pid):
     """Fields of /proc/PID/stat after the command name (field 3 is index 0), or None."""
     try:
-        with open("/proc/%d/stat" % pid, "rb") as stat_file:
-            raw = stat_file.read()
+        fd = os.open("/proc/%d/stat" % pid, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
-    return raw[raw.rfind(b")") + 2:].split()
+    try:
+        raw = os.read(fd, 4096)           # one line, well under a page; no buffered file object
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return raw[raw.rfind(b")") + 2:].split() or None
 
 
 def pid_start_time(pid):
@@ -4930,9 +4935,8 @@ def prometheus_text(daemon):
     services = [daemon.services[name] for name in sorted(daemon.services)]
     unit_labels = {s.name: 'unit="%s"' % prometheus_label(s.name) for s in services}
     usage = {s.name: process_usage(s.pid) for s in services if s.pid and s.state in ACTIVE_STATES}
-    states = (STARTING, RUNNING, STOPPING, BACKOFF, STOPPED, EXITED, FAILED)
-    family("gitproc_unit_state", "gauge", "1 for the state the unit is in, 0 for the others.",
-           (('{%s,state="%s"}' % (unit_labels[s.name], state), int(s.state == state)) for s in services for state in states))
+    family("gitproc_unit_state", "gauge", "1 for the state the unit is in (one series per unit: its state).",
+           (('{%s,state="%s"}' % (unit_labels[s.name], s.state), 1) for s in services))
     family("gitproc_unit_restarts_total", "counter", "Automatic restarts of the unit (kept across daemon restarts).",
            (("{%s}" % unit_labels[s.name], s.restarts_total) for s in services))
     family("gitproc_unit_memory_bytes", "gauge", "Resident memory of the unit's main process.",
