@@ -2020,6 +2020,8 @@ class Cgroups:
         self.v2_controllers = set()     # controllers enabled for those groups
         self.v1 = {}                    # v1 controller -> folder gitproc makes its groups in
         self.problem = None             # why no cgroup can be made, if so
+        self.prepared = set()           # v2 groups this daemon made or renewed (see _renew)
+        self.spent = set()              # ... and those it wrote cgroup.kill to since
         self._detect()
 
     def _detect(self):
@@ -2072,8 +2074,10 @@ class Cgroups:
         parts += ["v1 %s %s" % (controller, folder) for controller, folder in sorted(self.v1.items())]
         return "cgroups: " + "; ".join(parts)
 
-    def prepare(self, name, spec):
-        """Make (or reuse) the service's groups and write its limits."""
+    def prepare(self, name, spec, suspect=False):
+        """Make (or reuse) the service's groups and write its limits.
+        `suspect`: its last process died of SIGKILL, maybe by a cgroup.kill
+        from outside (see _renew)."""
         group = CgroupSet()
         wanted = []
         if spec.memory_max is not None:
@@ -2085,7 +2089,11 @@ class Cgroups:
             folder = self._make(group, os.path.join(self.v2, name))
             if folder:
                 group.tracking = group.v2 = folder
-                group.clone_into = folder if not existed or self._renew(folder) else None
+                killed = folder not in self.prepared or folder in self.spent or suspect
+                if not existed or not killed or self._renew(folder):
+                    group.clone_into = folder
+                    self.prepared.add(folder)
+                    self.spent.discard(folder)
         for controller, key, value in wanted:
             entry = {"key": key, "value": value, "applied": False, "why": None}
             try:
@@ -2105,18 +2113,21 @@ class Cgroups:
             except OSError as exc:
                 entry["why"] = "cannot write the limit: %s" % (exc.strerror or exc)
             group.limits.append(entry)
-        group.oom_base = self.oom_count(group)
+        if spec.memory_max is not None:       # an OOM kill is told apart only under a memory limit
+            group.oom_base = self.oom_count(group)
         return group
 
     @staticmethod
     def _renew(folder):
         """Make the existing, empty v2 group `folder` anew, so that a process can be
-        born in it: once cgroup.kill was written to a group (by gitproc, an
-        earlier daemon or an administrator), this kernel kills every process
-        later cloned into it (CLONE_INTO_CGROUP), though not one that moves
-        in. Cheap (no process migrates); False if the group still holds a
-        process (one that is dying, an adopted one): the next process then
-        forks and joins it."""
+        born in it: once cgroup.kill was written to a group, this kernel kills
+        every process later cloned into it (CLONE_INTO_CGROUP), though not
+        one that moves in. Done where that may have happened: a group this
+        daemon did not make, one it killed, one whose last process died of
+        SIGKILL (an administrator's cgroup.kill). About 0.6 ms with the first
+        clone into the new group, so not at every start. False if the group
+        still holds a process (a dying one, an adopted one): the next process
+        then forks and joins it."""
         try:
             os.rmdir(folder)
             os.mkdir(folder)
@@ -2170,6 +2181,7 @@ class Cgroups:
             if not self.pids(group):
                 return                    # nothing left (the common case): the group stays usable
             _write_text_quietly(os.path.join(group.tracking, "cgroup.kill"), "1")
+            self.spent.add(group.tracking)
             return
         for pid in self.pids(group):
             try:
@@ -2303,10 +2315,7 @@ class Spawner:
         is in every group of `cgroup` (a CgroupSet) before exec."""
         fds = []                          # every fd opened here, closed in the finally
         try:
-            try:
-                fds.append(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640))
-            except OSError as exc:
-                raise SpawnError("cannot open log %s: %s" % (log_path, exc.strerror))
+            fds.append(self._open_log(log_path))
             if cwd == self.cwd and run_as.uid is None and run_as.gid is None and cgroup is None and not private_pids:
                 self.last_path = "posix_spawn"
                 try:
@@ -2338,6 +2347,22 @@ class Spawner:
             os.waitpid(pid, 0)            # the child exits at once after reporting
             raise SpawnError(report.decode("utf-8", "replace"))
         return pid
+
+    @staticmethod
+    def _open_log(log_path):
+        """The service's log, opened for appending; its folder is made if it
+        went missing (not checked at every start: a start is one open)."""
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        try:
+            return os.open(log_path, flags, 0o640)
+        except FileNotFoundError:
+            try:
+                makedirs(os.path.dirname(log_path))
+                return os.open(log_path, flags, 0o640)
+            except OSError as exc:
+                raise SpawnError("cannot create the log folder %s: %s" % (os.path.dirname(log_path), exc.strerror))
+        except OSError as exc:
+            raise SpawnError("cannot open log %s: %s" % (log_path, exc.strerror))
 
     def _clone_into(self, folder):
         """clone3 with CLONE_INTO_CGROUP: like fork (0 in the child, its pid in
@@ -3232,11 +3257,8 @@ class Launcher:
         if path is None:
             raise SpawnError("%s: command not found on PATH (%s)" % (program[0], env.get("PATH")))
         cwd = self._working_directory(spec, run_as)
-        try:
-            makedirs(self.config.log_dir)
-        except OSError as exc:
-            raise SpawnError("cannot create the log folder %s: %s" % (self.config.log_dir, exc.strerror))
-        group = self.cgroups.prepare(service.name, spec) if self.cgroups else None
+        group = self.cgroups.prepare(service.name, spec, suspect=service.last_exit == {"signal": signal.SIGKILL}) \
+            if self.cgroups else None
         service.cgroup = group
         if service.cgroup_timer is not None:
             service.cgroup_timer.cancel()
@@ -3297,7 +3319,8 @@ class Launcher:
     def describe_exit(self, service, exit_info):
         if exit_info is None:
             return "exit status unknown (adopted)"
-        if exit_info == {"signal": signal.SIGKILL} and self.cgroups is not None and self.cgroups.oom_killed(service.cgroup):
+        if exit_info == {"signal": signal.SIGKILL} and service.spec.memory_max is not None and \
+                self.cgroups is not None and self.cgroups.oom_killed(service.cgroup):
             return "killed by the OOM killer (MemoryMax=%s)" % format_bytes(service.spec.memory_max)
         return describe_exit(exit_info)
 
