@@ -6320,9 +6320,11 @@ def _restart_installed(config, args, command, unit, systemctl):
         _systemctl(systemctl + (["restart", "gitproc"] if running else ["enable", "--now", "gitproc"]))
         print("systemd unit %s enabled and started (%s status gitproc)" % (unit, " ".join(systemctl)))
         return
-    if foreign:
-        return
     home = ["--home", config.home] if config.home and not _home_from_env(config) else []
+    if foreign:
+        print("to run the daemon from this installation, keeping the services: %s%s shutdown --keep-services && %s%s daemon" % (
+            command, " " + " ".join(home) if home else "", command, " " + " ".join(home) if home else ""))
+        return
     if running:
         import subprocess
         proc = subprocess.run([command] + home + ["daemon"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
