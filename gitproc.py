@@ -2310,9 +2310,12 @@ class Spawner:
         self.last_path = None             # how the last process was made: posix_spawn, clone3 or fork
         self.clone3 = None                # clone3 through ctypes, while the kernel takes it
 
-    def spawn(self, argv, program, env, cwd, log_path, run_as, cgroup=None, private_pids=False):
-        """Returns the pid; raises SpawnError with a one-line reason. The child
-        is in every group of `cgroup` (a CgroupSet) before exec."""
+    def spawn(self, argv, program, env, cwd, log_path, run_as, cgroup=None, private_pids=False, wait=True):
+        """Returns (pid, report): the pid, and None once exec is known to have
+        worked, or (wait=False, a forked child) the read end of its exec-error
+        pipe, which the caller reads: EOF when exec worked, a message if it
+        failed. Raises SpawnError with a one-line reason. The child is in
+        every group of `cgroup` (a CgroupSet) before exec."""
         fds = []                          # every fd opened here, closed in the finally
         try:
             fds.append(self._open_log(log_path))
@@ -2322,7 +2325,7 @@ class Spawner:
                     return os.posix_spawn(program, argv, env, file_actions=[
                         (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
                         (os.POSIX_SPAWN_DUP2, fds[0], 1), (os.POSIX_SPAWN_DUP2, fds[0], 2)],
-                        setsid=True, setsigmask=(), setsigdef=(signal.SIGPIPE, signal.SIGXFSZ))
+                        setsid=True, setsigmask=(), setsigdef=(signal.SIGPIPE, signal.SIGXFSZ)), None
                 except OSError as exc:
                     raise SpawnError("exec %s: %s" % (program, exc.strerror or exc))
             fds.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
@@ -2337,6 +2340,9 @@ class Spawner:
                 self._exec_child(argv, program, env, cwd, log_fd, null_fd, err_w, run_as, join_files, private_pids)
             os.close(err_w)
             fds.remove(err_w)
+            if not wait:
+                fds.remove(err_r)         # the caller's now
+                return pid, err_r
             report = read_until_eof(err_r)
         except OSError as exc:            # fork EAGAIN, EMFILE, ...: the system said no
             raise SpawnError("cannot start a process: %s" % (exc.strerror or exc))
@@ -2346,7 +2352,7 @@ class Spawner:
         if report:
             os.waitpid(pid, 0)            # the child exits at once after reporting
             raise SpawnError(report.decode("utf-8", "replace"))
-        return pid
+        return pid, None
 
     @staticmethod
     def _open_log(log_path):
@@ -2620,28 +2626,30 @@ class ExitWatcher:
 WAITING = "waiting"              # starting: held until its After=/Requires= units are ready
 START_PRE = "start-pre"          # starting: an ExecStartPre= command runs
 START = "start"                  # starting: the main process runs, not ready yet (health check; a oneshot)
+SPAWNED = "spawned"              # starting: the main process is made, its exec not yet confirmed
 STOP_RESTART = "stop-restart"    # stopping, to start again
 PUBLIC_STATE = {STOPPED: STOPPED, EXITED: EXITED, FAILED: FAILED, BACKOFF: BACKOFF,
-                WAITING: STARTING, START_PRE: STARTING, START: STARTING, RUNNING: RUNNING,
+                WAITING: STARTING, START_PRE: STARTING, START: STARTING, SPAWNED: STARTING, RUNNING: RUNNING,
                 STOPPING: STOPPING, STOP_RESTART: STOPPING}
 PHASE_TEXT = {WAITING: "waiting for dependencies", START_PRE: "running ExecStartPre=",
-              START: "waiting for readiness", STOP_RESTART: "stopping to restart"}
+              START: "waiting for readiness", SPAWNED: "starting its process", STOP_RESTART: "stopping to restart"}
 
 EV_START, EV_STOP, EV_RESTART = "start", "stop", "restart"
 EV_DEPENDENCIES = "dependencies"  # what a WAITING service waits for changed
 EV_EXIT = "exit"                  # the watched process ended (exit_info: None if unknown)
+EV_EXEC = "exec"                  # a SPAWNED process exec'd (error: None), or could not (error: why)
 EV_HEALTHY, EV_UNHEALTHY = "healthy", "unhealthy"   # the probe's verdict changed
 EV_RESTART_DUE = "restart-due"    # the RestartSec= timer of BACKOFF
 EV_STOP_TIMEOUT = "stop-timeout"  # TimeoutStopSec= passed while stopping
 EV_ADOPT = "adopt"                # a live process an earlier daemon started
-EVENTS = (EV_START, EV_STOP, EV_RESTART, EV_DEPENDENCIES, EV_EXIT, EV_HEALTHY, EV_UNHEALTHY,
+EVENTS = (EV_START, EV_STOP, EV_RESTART, EV_DEPENDENCIES, EV_EXIT, EV_EXEC, EV_HEALTHY, EV_UNHEALTHY,
           EV_RESTART_DUE, EV_STOP_TIMEOUT, EV_ADOPT)
 IGNORE = "ignore"
 
 # Where beginning a start can end: held for dependencies, a first process up
 # (pre, main not ready, main ready), or no process at all (a spawn failure
 # retried or given up, the start limit, a failed dependency, shutdown).
-_STARTED = (WAITING, START_PRE, START, RUNNING, BACKOFF, FAILED, STOPPED)
+_STARTED = (WAITING, START_PRE, START, SPAWNED, RUNNING, BACKOFF, FAILED, STOPPED)
 
 TRANSITIONS = {
     # stopped: no process; by the user, a failed dependency, or never started
@@ -2650,6 +2658,7 @@ TRANSITIONS = {
     (STOPPED, EV_RESTART): (_STARTED, "begin_start"),
     (STOPPED, EV_DEPENDENCIES): ((STOPPED,), IGNORE),
     (STOPPED, EV_EXIT): ((STOPPED,), IGNORE),
+    (STOPPED, EV_EXEC): ((STOPPED,), IGNORE),
     (STOPPED, EV_HEALTHY): ((STOPPED,), IGNORE),
     (STOPPED, EV_UNHEALTHY): ((STOPPED,), IGNORE),
     (STOPPED, EV_RESTART_DUE): ((STOPPED,), IGNORE),
@@ -2661,6 +2670,7 @@ TRANSITIONS = {
     (EXITED, EV_RESTART): (_STARTED, "begin_start"),
     (EXITED, EV_DEPENDENCIES): ((EXITED,), IGNORE),
     (EXITED, EV_EXIT): ((EXITED,), IGNORE),
+    (EXITED, EV_EXEC): ((EXITED,), IGNORE),
     (EXITED, EV_HEALTHY): ((EXITED,), IGNORE),
     (EXITED, EV_UNHEALTHY): ((EXITED,), IGNORE),
     (EXITED, EV_RESTART_DUE): ((EXITED,), IGNORE),
@@ -2671,6 +2681,7 @@ TRANSITIONS = {
     (FAILED, EV_RESTART): (_STARTED, "begin_start"),
     (FAILED, EV_DEPENDENCIES): ((FAILED,), IGNORE),
     (FAILED, EV_EXIT): ((FAILED,), IGNORE),
+    (FAILED, EV_EXEC): ((FAILED,), IGNORE),
     (FAILED, EV_HEALTHY): ((FAILED,), IGNORE),
     (FAILED, EV_UNHEALTHY): ((FAILED,), IGNORE),
     (FAILED, EV_RESTART_DUE): ((FAILED,), IGNORE),
@@ -2681,6 +2692,7 @@ TRANSITIONS = {
     (BACKOFF, EV_RESTART): (_STARTED, "begin_start"),
     (BACKOFF, EV_DEPENDENCIES): ((BACKOFF,), IGNORE),
     (BACKOFF, EV_EXIT): ((BACKOFF,), IGNORE),
+    (BACKOFF, EV_EXEC): ((BACKOFF,), IGNORE),
     (BACKOFF, EV_HEALTHY): ((BACKOFF,), IGNORE),
     (BACKOFF, EV_UNHEALTHY): ((BACKOFF,), IGNORE),
     (BACKOFF, EV_RESTART_DUE): (_STARTED, "begin_start"),
@@ -2691,6 +2703,7 @@ TRANSITIONS = {
     (WAITING, EV_RESTART): ((WAITING,), IGNORE),
     (WAITING, EV_DEPENDENCIES): (_STARTED, "begin_start"),
     (WAITING, EV_EXIT): ((WAITING,), IGNORE),
+    (WAITING, EV_EXEC): ((WAITING,), IGNORE),
     (WAITING, EV_HEALTHY): ((WAITING,), IGNORE),
     (WAITING, EV_UNHEALTHY): ((WAITING,), IGNORE),
     (WAITING, EV_RESTART_DUE): ((WAITING,), IGNORE),
@@ -2700,7 +2713,8 @@ TRANSITIONS = {
     (START_PRE, EV_STOP): ((STOPPING,), "begin_stop"),
     (START_PRE, EV_RESTART): ((STOP_RESTART,), "begin_restart"),
     (START_PRE, EV_DEPENDENCIES): ((START_PRE,), IGNORE),
-    (START_PRE, EV_EXIT): ((START_PRE, START, RUNNING, BACKOFF, FAILED), "process_exited"),
+    (START_PRE, EV_EXIT): ((START_PRE, START, SPAWNED, RUNNING, BACKOFF, FAILED), "process_exited"),
+    (START_PRE, EV_EXEC): ((START_PRE,), IGNORE),
     (START_PRE, EV_HEALTHY): ((START_PRE,), IGNORE),
     (START_PRE, EV_UNHEALTHY): ((START_PRE,), IGNORE),
     (START_PRE, EV_RESTART_DUE): ((START_PRE,), IGNORE),
@@ -2712,16 +2726,29 @@ TRANSITIONS = {
     (START, EV_RESTART): ((STOP_RESTART,), "begin_restart"),
     (START, EV_DEPENDENCIES): ((START,), IGNORE),
     (START, EV_EXIT): ((START, BACKOFF, EXITED, FAILED), "process_exited"),
+    (START, EV_EXEC): ((START,), IGNORE),
     (START, EV_HEALTHY): ((RUNNING,), "ready"),
     (START, EV_UNHEALTHY): ((STOP_RESTART,), "restart_unhealthy"),
     (START, EV_RESTART_DUE): ((START,), IGNORE),
     (START, EV_STOP_TIMEOUT): ((START,), IGNORE),
+    # spawned: the main process is made; running once its exec is confirmed
+    (SPAWNED, EV_START): ((SPAWNED,), IGNORE),
+    (SPAWNED, EV_STOP): ((STOPPING,), "begin_stop"),
+    (SPAWNED, EV_RESTART): ((STOP_RESTART,), "begin_restart"),
+    (SPAWNED, EV_DEPENDENCIES): ((SPAWNED,), IGNORE),
+    (SPAWNED, EV_EXIT): ((BACKOFF, EXITED, FAILED), "process_exited"),
+    (SPAWNED, EV_EXEC): ((RUNNING, SPAWNED), "exec_done"),
+    (SPAWNED, EV_HEALTHY): ((SPAWNED,), IGNORE),
+    (SPAWNED, EV_UNHEALTHY): ((SPAWNED,), IGNORE),
+    (SPAWNED, EV_RESTART_DUE): ((SPAWNED,), IGNORE),
+    (SPAWNED, EV_STOP_TIMEOUT): ((SPAWNED,), IGNORE),
     # running: the main process runs and is ready
     (RUNNING, EV_START): ((RUNNING,), IGNORE),
     (RUNNING, EV_STOP): ((STOPPING,), "begin_stop"),
     (RUNNING, EV_RESTART): ((STOP_RESTART,), "begin_restart"),
     (RUNNING, EV_DEPENDENCIES): ((RUNNING,), IGNORE),
     (RUNNING, EV_EXIT): ((BACKOFF, EXITED, FAILED), "process_exited"),
+    (RUNNING, EV_EXEC): ((RUNNING,), IGNORE),
     (RUNNING, EV_HEALTHY): ((RUNNING,), "note_healthy"),
     (RUNNING, EV_UNHEALTHY): ((STOP_RESTART,), "restart_unhealthy"),
     (RUNNING, EV_RESTART_DUE): ((RUNNING,), IGNORE),
@@ -2732,6 +2759,7 @@ TRANSITIONS = {
     (STOPPING, EV_RESTART): ((STOP_RESTART,), "restart_after_stop"),
     (STOPPING, EV_DEPENDENCIES): ((STOPPING,), IGNORE),
     (STOPPING, EV_EXIT): ((STOPPED,), "stopped"),
+    (STOPPING, EV_EXEC): ((STOPPING,), IGNORE),
     (STOPPING, EV_HEALTHY): ((STOPPING,), IGNORE),
     (STOPPING, EV_UNHEALTHY): ((STOPPING,), IGNORE),
     (STOPPING, EV_RESTART_DUE): ((STOPPING,), IGNORE),
@@ -2742,6 +2770,7 @@ TRANSITIONS = {
     (STOP_RESTART, EV_RESTART): ((STOP_RESTART,), IGNORE),
     (STOP_RESTART, EV_DEPENDENCIES): ((STOP_RESTART,), IGNORE),
     (STOP_RESTART, EV_EXIT): (_STARTED, "start_after_exit"),
+    (STOP_RESTART, EV_EXEC): ((STOP_RESTART,), IGNORE),
     (STOP_RESTART, EV_HEALTHY): ((STOP_RESTART,), IGNORE),
     (STOP_RESTART, EV_UNHEALTHY): ((STOP_RESTART,), IGNORE),
     (STOP_RESTART, EV_RESTART_DUE): ((STOP_RESTART,), IGNORE),
@@ -2761,8 +2790,10 @@ class ServiceHost:
     shutting_down            True once the daemon began to shut down
     now()                    monotonic seconds (durations, the start limit)
     call_later(delay, fn)    a timer with .cancel()
-    spawn(service, command, on_exit)   start a process of it: (pid, its start time),
-                             or SpawnError
+    spawn(service, command, on_exit, on_exec=None)  start a process of it: (pid, its
+                             start time, exec confirmed), or SpawnError; on_exec(error)
+                             later when not confirmed
+    exec_report(name)        a pending exec report read now: None, a message, False
     watch(service, pid, on_exit)       watch an adopted process
     signal(service, number, first)     deliver a stop signal as KillMode= says
     reap_leftovers(service, pid, own_child, everything=False)  the main process
@@ -2800,6 +2831,7 @@ class Service:
         self.current = None             # the ExecCommand being run
         self.current_main = False       # ... and whether it is an ExecStart= one
         self.process_serial = 0         # counts watched processes: an exit callback knows its own
+        self.exec_error = None          # why the SPAWNED process could not exec (its exit follows)
         self.started_at = None          # monotonic start of the current process
         self.main_started_wall = None   # wall time the main process started (uptime)
         self.restarts = 0               # automatic restarts since the last manual start
@@ -2899,7 +2931,7 @@ class Service:
         """Stop (if running) then start, as one request; clears the start limit."""
         self.want = "up"
         self._reset_limits()
-        if self.phase not in (START_PRE, START, RUNNING):
+        if self.phase not in (START_PRE, START, SPAWNED, RUNNING):
             self.restarts = 0             # not running: a manual start
         self.handle(EV_RESTART, reason=reason)
 
@@ -3017,8 +3049,14 @@ class Service:
         while True:
             command, main = self.queue.pop(0)
             self.current, self.current_main = command, main
+            # A main process that is ready once it runs is not waited for in
+            # the loop: RUNNING comes with its exec (EV_EXEC), so many starts
+            # overlap their children's work.
+            ready_when_running = main and self.spec.type != "oneshot" and not self.spec.health_check_url
             try:
-                pid, pid_start = self.host.spawn(self, command, self._exit_callback())
+                on_exit = self._exit_callback()
+                pid, pid_start, confirmed = self.host.spawn(self, command, on_exit,
+                                                            self._exec_callback() if ready_when_running else None)
             except SpawnError as exc:
                 if command.ignore_failure and self.queue:
                     self.host.log.warning(self.name, "Ignoring failed %s command: %s" % ("main" if main else "pre", exc))
@@ -3040,7 +3078,17 @@ class Service:
             self.host.log.info(self.name, "Started (pid %d), waiting for its health check" % pid)
             self.probe = self.host.open_probe(self, self._on_verdict)
             return START, "waiting for the health check"
+        if not confirmed:
+            self.exec_error = None
+            return SPAWNED, None
         self.host.log.info(self.name, "Started (pid %d)" % pid)   # exec succeeded: the spawner confirmed it
+        return RUNNING, None
+
+    def _exec_done(self, error=None):
+        if error:
+            self.exec_error = error       # the exit follows: a spawn failure (203)
+            return SPAWNED, self.reason
+        self.host.log.info(self.name, "Started (pid %d)" % self.pid)
         return RUNNING, None
 
     def _settle_stopped(self, reason="stopped by user"):
@@ -3113,6 +3161,13 @@ class Service:
 
     # -- exits --------------------------------------------------------------------
 
+    def _exec_callback(self):
+        """on_exec for the process just given an exit callback (same serial)."""
+        def on_exec(error, serial=self.process_serial):
+            if serial == self.process_serial:
+                self.handle(EV_EXEC, error=error)
+        return on_exec
+
     def _exit_callback(self):
         """The exit callback of the process about to be watched. It is bound
         to that process: the exit of one the service gave up (after an
@@ -3142,6 +3197,13 @@ class Service:
         """A process of a start ended: the next command, or the run is over."""
         command = self.current
         ran_for = self.host.now() - (self.started_at or self.host.now())
+        if self.phase == SPAWNED:         # ended before its exec was confirmed: did exec fail?
+            error = self.exec_error or self.host.exec_report(self.name) or None
+            self.exec_error = None
+            if error:
+                self._process_gone(exit_info)
+                self.current = None
+                return self._finish_run(None, {"code": 203}, "spawn failed: %s" % error, failed=True)
         described = self._process_gone(exit_info)
         self.current = None
         succeeded = exit_info == {"code": 0} or (command is not None and command.ignore_failure)
@@ -3235,15 +3297,20 @@ class Launcher:
         self.spawner = Spawner()
         self.cgroups = None               # Cgroups, found at start-up
         self.run_as_cache = {}            # (User=, Group=) -> (expiry, RunAs or SpawnError)
+        self.exec_reports = {}            # service name -> exec-error pipe of a start not confirmed yet
+        self.exec_received = {}           # service name -> what that pipe said so far
         self.shutting_down = False
 
     @staticmethod
     def now():
         return time.monotonic()
 
-    def spawn(self, service, command, on_exit):
+    def spawn(self, service, command, on_exit, on_exec=None):
         """Resolve everything a process of `service` needs, start `command`
-        and watch it."""
+        and watch it. Returns (pid, start time, exec confirmed). With
+        `on_exec`, a forked child's exec is not waited for: on_exec(None) is
+        called once it exec'd, on_exec(message) if exec failed (its exit
+        follows), so that many starts overlap their children's exec."""
         if self.shutting_down:
             raise SpawnError("the daemon is shutting down")
         spec = service.spec
@@ -3265,11 +3332,48 @@ class Launcher:
             service.cgroup_timer = None
         # With a cgroup the child joins it before exec (fork path): joined from
         # here after posix_spawn, a shell could fork an escapee first.
-        pid = self.spawner.spawn(argv, path, env, cwd, self.config.service_log(service.name), run_as,
-                                 group if group and group.folders else None, spec.private_pids)
+        pid, report = self.spawner.spawn(argv, path, env, cwd, self.config.service_log(service.name), run_as,
+                                         group if group and group.folders else None, spec.private_pids,
+                                         wait=on_exec is None)
         service.spawn_path = self.spawner.last_path
         self.exit_watcher.watch(pid, on_exit)
-        return pid, pid_start_time(pid)
+        if report is not None:
+            os.set_blocking(report, False)
+            self.exec_reports[service.name] = report
+            self.selector.register(report, EVENT_READ, (self._on_exec_report, (service.name, on_exec)))
+        return pid, pid_start_time(pid), report is None
+
+    def _on_exec_report(self, pending, _mask):
+        name, on_exec = pending
+        message = self.exec_report(name)
+        if message is not False:
+            on_exec(message)
+
+    def exec_report(self, name):
+        """What the exec-error pipe of `name`'s pending start says, read to its
+        end and closed: None (exec worked), the message (exec failed), or
+        False if there is no pending report (or it is not complete yet)."""
+        fd = self.exec_reports.get(name)
+        if fd is None:
+            return False
+        received = self.exec_received.setdefault(name, bytearray())
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                return False              # the child is between its message and its exit
+            if not chunk:
+                break
+            received += chunk
+        self._drop_report(name)
+        return received.decode("utf-8", "replace") or None
+
+    def _drop_report(self, name):
+        self.exec_received.pop(name, None)
+        fd = self.exec_reports.pop(name, None)
+        if fd is not None:
+            self.selector.unregister(fd)
+            os.close(fd)
 
     def watch(self, service, pid, on_exit):
         """An adopted process: watched (not our child), its groups made again."""
@@ -3304,6 +3408,7 @@ class Launcher:
         still an unreaped zombie here (ExitWatcher peeks with WNOWAIT), so its
         process group id cannot have been reused; an adopted process is long
         reaped, so only its cgroup is used for it."""
+        self._drop_report(service.name)   # an exec report nobody waits for any more
         if not (everything or service.spec.kill_mode in ("control-group", "mixed") or service.spec.private_pids):
             return
         if own_child:
@@ -3423,7 +3528,7 @@ class Dependencies:
                 continue
             if other.is_ready():
                 continue
-            if other.phase in (WAITING, START_PRE, START, BACKOFF, STOP_RESTART):
+            if other.phase in (WAITING, START_PRE, START, SPAWNED, BACKOFF, STOP_RESTART):
                 return "waiting", "waiting for %s" % name
             # The dependency is down, and nothing is bringing it up.
             if other.want == "down":

@@ -2469,6 +2469,8 @@ class FakeHost:
         self.rollbacks = []
         self.changes = []                 # phases each change notice saw
         self.probes = []
+        self.exec_later = False           # True: spawn leaves exec unconfirmed (SPAWNED) until exec_done()
+        self.on_exec = {}                 # pid -> the Service's exec callback
 
     def now(self):
         return self.clock
@@ -2494,7 +2496,7 @@ class FakeHost:
     def pending(self):
         return [t for t in self.timers if not t.cancelled]
 
-    def spawn(self, service, command, on_exit):
+    def spawn(self, service, command, on_exit, on_exec=None):
         error = self.spawn_error(str(command)) if callable(self.spawn_error) else self.spawn_error
         if isinstance(error, Exception):
             raise error
@@ -2504,7 +2506,17 @@ class FakeHost:
         self.next_pid += 1
         self.on_exit[pid] = on_exit
         self.spawned.append((service.name, str(command), pid))
-        return pid, 4242
+        if on_exec is not None and self.exec_later:
+            self.on_exec[pid] = on_exec
+            return pid, 4242, False
+        return pid, 4242, True
+
+    def exec_report(self, name):
+        return False
+
+    def exec_done(self, service, error=None):
+        """The SPAWNED process's exec is confirmed (error None) or failed."""
+        self.on_exec.pop(service.pid)(error)
 
     def watch(self, service, pid, on_exit):
         self.on_exit[pid] = on_exit
@@ -2576,6 +2588,11 @@ def service_in(phase):
         service.start()
         host.dependencies = ("ready", None)
         return host, service
+    if phase == P.SPAWNED:
+        host.exec_later = True
+        service.start()
+        host.exec_later = False
+        return host, service
     service.start()
     if phase in (P.START_PRE, P.START, P.RUNNING):
         return host, service
@@ -2591,7 +2608,7 @@ def service_in(phase):
 
 
 FACTS = {P.EV_START: {}, P.EV_STOP: {"reason": "stopped by user"}, P.EV_RESTART: {"reason": "restarting"},
-         P.EV_DEPENDENCIES: {}, P.EV_EXIT: {"exit_info": FAILURE}, P.EV_HEALTHY: {}, P.EV_UNHEALTHY: {},
+         P.EV_DEPENDENCIES: {}, P.EV_EXIT: {"exit_info": FAILURE}, P.EV_EXEC: {"error": None}, P.EV_HEALTHY: {}, P.EV_UNHEALTHY: {},
          P.EV_RESTART_DUE: {}, P.EV_STOP_TIMEOUT: {}, P.EV_ADOPT: {"pid": 77, "pid_start": 1, "started_wall": None}}
 
 # What each cell does to the service service_in() makes, with FACTS: written
@@ -2619,6 +2636,8 @@ EXPECTED.update({
     (P.STOPPING, P.EV_START): P.STOP_RESTART, (P.STOPPING, P.EV_RESTART): P.STOP_RESTART,
     (P.STOPPING, P.EV_EXIT): P.STOPPED,
     (P.STOP_RESTART, P.EV_STOP): P.STOPPING, (P.STOP_RESTART, P.EV_EXIT): P.RUNNING,
+    (P.SPAWNED, P.EV_STOP): P.STOPPING, (P.SPAWNED, P.EV_RESTART): P.STOP_RESTART,
+    (P.SPAWNED, P.EV_EXIT): P.EXITED, (P.SPAWNED, P.EV_EXEC): P.RUNNING,
 })
 # Adoption is only for a Service just made: refused anywhere else.
 REFUSED = {(phase, P.EV_ADOPT) for phase in P.PUBLIC_STATE if phase != P.STOPPED}
@@ -2957,6 +2976,48 @@ class ReviewedEdgeTests(unittest.TestCase):
         host.probes[-1].verdict("unhealthy", failures=3, error="refused")
         self.assertEqual(host.signals[-1], ("web", signal.SIGINT))
         self.assertEqual(service.commit, "good")
+
+
+class ExecConfirmationTests(unittest.TestCase):
+    """A main process whose exec is not waited for in the loop: SPAWNED
+    (starting) until its exec is confirmed."""
+
+    def spawned(self, *lines):
+        host = FakeHost()
+        host.exec_later = True
+        service = gitproc.Service(host, spec_of(*lines), "c0ffee")
+        service.start()
+        self.assertEqual((service.phase, service.state), (P.SPAWNED, "starting"))
+        self.assertFalse(service.is_ready())
+        return host, service
+
+    def test_running_once_exec_is_confirmed(self):
+        host, service = self.spawned()
+        host.exec_done(service)
+        self.assertEqual(service.phase, P.RUNNING)
+        self.assertIn("Started (pid %d)" % service.pid, host.log.text())
+
+    def test_an_exec_that_fails_is_a_spawn_failure(self):
+        host, service = self.spawned("Restart=no")
+        host.exec_done(service, "exec /bin/nothere: No such file or directory")
+        self.assertEqual(service.phase, P.SPAWNED, "its exit follows")
+        host.exit(service, {"code": 127})
+        self.assertEqual((service.phase, service.reason),
+                         (P.FAILED, "spawn failed: exec /bin/nothere: No such file or directory"))
+        self.assertIsNone(service.last_exit)
+
+    def test_an_exit_before_the_confirmation_is_an_ordinary_exit(self):
+        host, service = self.spawned("Restart=on-failure", "RestartSec=1")
+        host.exit(service, KILLED)
+        self.assertEqual((service.phase, service.last_exit), (P.BACKOFF, KILLED))
+
+    def test_oneshots_and_health_checked_units_are_not_spawned_so(self):
+        host = FakeHost()
+        host.exec_later = True
+        for lines in (("Type=oneshot",), ("HealthCheckURL=tcp://127.0.0.1:9",), ("ExecStartPre=/bin/true",)):
+            service = gitproc.Service(host, spec_of(*lines), "c0ffee")
+            service.start()
+            self.assertIn(service.phase, (P.START, P.START_PRE), lines)
 
 
 class DependencyRulesTests(unittest.TestCase):
