@@ -3920,6 +3920,7 @@ class ControlServer:
         self.connections = {}             # socket fd -> Connection
         self.waiters = []                 # parked replies
         self.idle_timer = None
+        self.on_close = None              # on_close(conn) for a closed follower (EventLog.unfollow)
 
     # -- listening ---------------------------------------------------------------------
 
@@ -4042,9 +4043,9 @@ class ControlServer:
     def _serve_client(self, conn, mask):
         if mask & EVENT_WRITE:
             self._flush(conn)
-            if conn.fd in self.connections and len(conn.outbuf) < MAX_PENDING_REPLY:
+            if self._alive(conn) and len(conn.outbuf) < MAX_PENDING_REPLY:
                 self._process_input(conn)     # requests held back while replies piled up
-        if not mask & EVENT_READ or conn.fd not in self.connections:
+        if not mask & EVENT_READ or not self._alive(conn):
             return
         try:
             data = conn.sock.recv(65536)
@@ -4068,7 +4069,7 @@ class ControlServer:
     def _process_input(self, conn):
         """Answer the complete requests received, one at a time (a parked reply
         holds the next ones back), then settle what to watch for."""
-        while conn.waiting is None and conn.fd in self.connections and len(conn.outbuf) < MAX_PENDING_REPLY:
+        while conn.waiting is None and self._alive(conn) and len(conn.outbuf) < MAX_PENDING_REPLY:
             newline = conn.inbuf.find(b"\n")
             if newline < 0 and conn.reading and len(conn.inbuf) > MAX_REQUEST_BYTES:
                 self._refuse(conn, "request larger than %d bytes" % MAX_REQUEST_BYTES)
@@ -4114,7 +4115,7 @@ class ControlServer:
     def _flush(self, conn):
         """Write what the socket takes; watch for writability while some is left;
         close when nothing more will be read or written."""
-        if conn.fd not in self.connections:
+        if not self._alive(conn):
             return
         if conn.outbuf:
             try:
@@ -4141,8 +4142,17 @@ class ControlServer:
                 self.selector.modify(conn.sock, events, (self._on_client, conn))
             conn.events = events
 
+    def _alive(self, conn):
+        """`conn` is still served (its fd number may since belong to another)."""
+        return self.connections.get(conn.fd) is conn
+
     def _close(self, conn):
-        if self.connections.pop(conn.fd, None) is not None and conn.events:
+        if not self._alive(conn):
+            return                        # closed already: its fd number may be another client's now
+        del self.connections[conn.fd]
+        if conn.following and self.on_close is not None:
+            self.on_close(conn)
+        if conn.events:
             self.selector.unregister(conn.sock)
         conn.events = 0
         if conn.waiting is not None and conn.waiting in self.waiters:
@@ -4155,7 +4165,7 @@ class ControlServer:
         """Send a line the client did not ask for (a followed event). A client
         that lets MAX_PENDING_REPLY of them pile up unread is dropped, so a
         follower that stopped reading never grows the daemon."""
-        if conn.fd not in self.connections:
+        if not self._alive(conn):
             on_drop(conn)
             return
         conn.outbuf += line
@@ -4192,7 +4202,7 @@ class ControlServer:
         if waiter.timer:
             waiter.timer.cancel()
         waiter.conn.waiting = None
-        if waiter.conn.fd in self.connections:
+        if self._alive(waiter.conn):
             waiter.conn.outbuf += encode_message(reply)
             self._process_input(waiter.conn)
 
@@ -4207,6 +4217,7 @@ class EventLog:
         import collections
         self.ring = collections.deque(maxlen=EVENT_LIMIT)
         self.server = server              # ControlServer: where followers are
+        server.on_close = self.unfollow
         self.followers = {}               # Connection -> set of unit names (empty: all)
 
     def record(self, event, unit=None, before=None, after=None, reason=None, pid=None, commit=None):
@@ -4243,6 +4254,7 @@ HTTP_REQUEST_TIMEOUT = 5.0                 # to send one whole request (slowlori
 HTTP_REASONS = {200: "OK", 202: "Accepted", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
                 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout", 411: "Length Required",
                 413: "Payload Too Large", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
+                501: "Not Implemented",
                 503: "Service Unavailable", 505: "HTTP Version Not Supported"}
 
 
@@ -4254,10 +4266,12 @@ class HttpRequest:
 
 
 class HttpConnection:
-    __slots__ = ("sock", "inbuf", "outbuf", "started", "last_active", "closing", "events")
+    __slots__ = ("sock", "fd", "inbuf", "outbuf", "started", "last_active", "closing", "events", "continued")
 
     def __init__(self, sock):
         self.sock = sock
+        self.fd = sock.fileno()
+        self.continued = False            # "100 Continue" sent for the request being read
         self.inbuf = bytearray()
         self.outbuf = bytearray()
         self.started = None               # monotonic time the request being read began
@@ -4337,19 +4351,23 @@ class HttpListener:
             return
         sock.setblocking(False)
         conn = HttpConnection(sock)
-        self.connections[sock.fileno()] = conn
+        self.connections[conn.fd] = conn
         self.selector.register(sock, EVENT_READ, (self._on_event, conn))
         if self.sweep_timer is None:
             self.sweep_timer = self.call_later(1.0, self._sweep)
 
     def _sweep(self):
-        """Close connections idle too long, or too slow to send one request."""
+        """Close connections too slow to send one request, idle too long, or
+        whose answer is not read: no client holds a slot for ever."""
         self.sweep_timer = None
         now = time.monotonic()
         for conn in list(self.connections.values()):
-            if conn.started is not None and now - conn.started > HTTP_REQUEST_TIMEOUT:
+            if conn.outbuf or conn.closing:
+                if now - conn.last_active > HTTP_REQUEST_TIMEOUT:
+                    self._close(conn)         # the answer is not read
+            elif conn.started is not None and now - conn.started > HTTP_REQUEST_TIMEOUT:
                 self._answer(conn, 408, "text/plain", b"request not received in time\n", close=True)
-            elif now - conn.last_active > HTTP_REQUEST_TIMEOUT and not conn.outbuf:
+            elif now - conn.last_active > HTTP_REQUEST_TIMEOUT:
                 self._close(conn)
         if self.connections:
             self.sweep_timer = self.call_later(1.0, self._sweep)
@@ -4357,9 +4375,7 @@ class HttpListener:
     def _on_event(self, conn, mask):
         if mask & EVENT_WRITE:
             self._flush(conn)
-            if conn.sock.fileno() in self.connections and not conn.outbuf and conn.inbuf:
-                self._serve(conn)             # a pipelined request waited for this reply
-        if not mask & EVENT_READ or conn.sock.fileno() not in self.connections or conn.closing:
+        if not mask & EVENT_READ or not self._alive(conn) or conn.closing:
             return
         try:
             data = conn.sock.recv(65536)
@@ -4377,23 +4393,30 @@ class HttpListener:
         self._serve(conn)
 
     def _serve(self, conn):
-        while not conn.closing and not conn.outbuf:
-            request, error = self._parse(conn)
-            if error:
-                self._answer(conn, error[0], "text/plain", (error[1] + "\n").encode(), close=True)
-                return
-            if request is None:
-                return                        # wait for more bytes
-            conn.started = time.monotonic() if conn.inbuf else None
-            try:
-                status, content_type, body, extra = self.reply(request)
-            except Exception:
-                import traceback
-                self.log.error("daemon", "HTTP %s %s failed: %s" % (request.method, request.path[:100],
-                               traceback.format_exc().strip().replace("\n", " | ")))
-                status, content_type, body, extra = 500, "text/plain", b"internal error (see the daemon log)\n", {}
-            close = request.version == "HTTP/1.0" or request.headers.get("connection", "").lower() == "close"
-            self._answer(conn, status, content_type, body, close=close, head=request.method == "HEAD", extra=extra)
+        """Answer one request, if a whole one is in: a client that pipelines
+        many gets the next one answered on the next turn of the loop, so it
+        never holds the daemon for longer than one answer."""
+        if conn.closing or conn.outbuf or not self._alive(conn):
+            self._watch(conn)
+            return
+        request, error = self._parse(conn)
+        if error:
+            self._answer(conn, error[0], "text/plain", (error[1] + "\n").encode(), close=True)
+            return
+        if request is None:
+            self._watch(conn)                 # wait for more bytes
+            return
+        conn.started = time.monotonic() if conn.inbuf else None
+        try:
+            status, content_type, body, extra = self.reply(request)
+        except Exception:
+            import traceback
+            self.log.error("daemon", "HTTP %s %s failed: %s" % (request.method, request.path[:100],
+                           traceback.format_exc().strip().replace("\n", " | ")))
+            status, content_type, body, extra = 500, "text/plain", b"internal error (see the daemon log)\n", {}
+        tokens = {token.strip().lower() for token in request.headers.get("connection", "").split(",")}
+        close = "close" in tokens or (request.version == "HTTP/1.0" and "keep-alive" not in tokens)
+        self._answer(conn, status, content_type, body, close=close, head=request.method == "HEAD", extra=extra)
 
     @staticmethod
     def _parse(conn):
@@ -4408,7 +4431,7 @@ class HttpListener:
             return None, (431, "request headers larger than %d bytes" % MAX_HTTP_HEADER_BYTES)
         lines = bytes(conn.inbuf[:end]).decode("latin-1").split("\r\n")
         parts = lines[0].split(" ")
-        if len(parts) != 3 or not parts[0].isalpha() or not parts[1].startswith("/"):
+        if len(parts) != 3 or not re.match(r"[A-Z]+\Z", parts[0]) or not parts[1].startswith("/"):
             return None, (400, "malformed request line")
         method, target, version = parts
         if version not in ("HTTP/1.0", "HTTP/1.1"):
@@ -4418,51 +4441,93 @@ class HttpListener:
             name, colon, value = line.partition(":")
             if not colon or not name or name != name.strip():
                 return None, (400, "malformed header line")
-            headers[name.lower()] = value.strip()
+            name = name.lower()
+            if name == "content-length" and name in headers and headers[name] != value.strip():
+                return None, (400, "conflicting Content-Length headers")
+            headers[name] = value.strip()
+        if "transfer-encoding" in headers:
+            return None, (501, "Transfer-Encoding is not supported: send a Content-Length")
         length = headers.get("content-length", "0")
-        if not length.isdigit():
-            return None, (400, "bad Content-Length") if "transfer-encoding" not in headers else (411, "send a Content-Length")
-        if int(length) > MAX_HTTP_BODY_BYTES:
+        if not re.match(r"[0-9]{1,9}\Z", length):
+            return None, (400, "bad Content-Length")
+        length = int(length)
+        if length > MAX_HTTP_BODY_BYTES:
             return None, (413, "request body larger than %d bytes" % MAX_HTTP_BODY_BYTES)
-        if len(conn.inbuf) < end + 4 + int(length):
+        if len(conn.inbuf) < end + 4 + length:
+            if headers.get("expect", "").lower() == "100-continue" and not conn.continued:
+                conn.continued = True
+                conn.outbuf += b"HTTP/1.1 100 Continue\r\n\r\n"
             return None, None
-        body = bytes(conn.inbuf[end + 4:end + 4 + int(length)])
-        del conn.inbuf[:end + 4 + int(length)]
-        return HttpRequest(method.upper(), target.split("?", 1)[0], version, headers, body), None
+        body = bytes(conn.inbuf[end + 4:end + 4 + length])
+        del conn.inbuf[:end + 4 + length]
+        conn.continued = False
+        return HttpRequest(method, target.split("?", 1)[0], version, headers, body), None
 
     def _answer(self, conn, status, content_type, body, close=False, head=False, extra=None):
+        if conn.closing:
+            return
         head_lines = ["HTTP/1.1 %d %s" % (status, HTTP_REASONS.get(status, "Status")),
                       "Content-Type: %s" % content_type, "Content-Length: %d" % len(body),
                       "Connection: %s" % ("close" if close else "keep-alive")]
         head_lines += ["%s: %s" % item for item in sorted((extra or {}).items())]
         conn.outbuf += ("\r\n".join(head_lines) + "\r\n\r\n").encode() + (b"" if head else body)
-        conn.closing = conn.closing or close
         if close:
+            conn.closing = True
             conn.inbuf.clear()
+            conn.started = None
         self._flush(conn)
 
     def _flush(self, conn):
-        if conn.sock.fileno() not in self.connections:
+        if not self._alive(conn):
             return
         if conn.outbuf:
             try:
-                del conn.outbuf[:conn.sock.send(conn.outbuf)]
+                sent = conn.sock.send(conn.outbuf)
             except (BlockingIOError, InterruptedError):
-                pass
+                sent = 0
             except OSError:
                 self._close(conn)
                 return
+            if sent:
+                del conn.outbuf[:sent]
+                conn.last_active = time.monotonic()
         if not conn.outbuf and conn.closing:
+            try:
+                conn.sock.shutdown(socket.SHUT_WR)   # the answer first, then the close:
+            except OSError:                          # no reset while the client still sends
+                pass
             self._close(conn)
             return
-        events = EVENT_WRITE if conn.outbuf else EVENT_READ
+        if not conn.outbuf and conn.inbuf:
+            self.call_later(0, lambda: self._serve(conn))   # a pipelined request: next turn of the loop
+        self._watch(conn)
+
+    def _watch(self, conn):
+        """Read while no answer waits and the pipeline is short; write while
+        an answer waits (a client that does not read is not read from)."""
+        if not self._alive(conn):
+            return
+        reading = not conn.outbuf and not conn.closing and len(conn.inbuf) <= MAX_HTTP_HEADER_BYTES + MAX_HTTP_BODY_BYTES
+        events = (EVENT_READ if reading else 0) | (EVENT_WRITE if conn.outbuf else 0)
         if events != conn.events:
-            self.selector.modify(conn.sock, events, (self._on_event, conn))
+            if not conn.events:
+                self.selector.register(conn.sock, events, (self._on_event, conn))
+            elif not events:
+                self.selector.unregister(conn.sock)
+            else:
+                self.selector.modify(conn.sock, events, (self._on_event, conn))
             conn.events = events
 
+    def _alive(self, conn):
+        return self.connections.get(conn.fd) is conn
+
     def _close(self, conn):
-        if self.connections.pop(conn.sock.fileno(), None) is not None:
+        if not self._alive(conn):
+            return
+        del self.connections[conn.fd]
+        if conn.events:
             self.selector.unregister(conn.sock)
+        conn.events = 0
         conn.sock.close()
 
 
@@ -4842,8 +4907,8 @@ class Deployer:
             self.log.error("daemon", "Deploy skipped: %s" % message)
             self.history.record(trigger, "error", error=message)
             self._count("error")
-            self.events.record("deploy", before=self.deployed.sha if self.deployed else None, after="error",
-                               reason="%s: %s" % (trigger, message))
+            self.events.record("deploy", before=self.deployed.sha if self.deployed else None, after=None,
+                               reason="error (%s): %s" % (trigger, message))
             self.store.mark_dirty()
 
     def plan(self, commit, entries):
@@ -4950,9 +5015,10 @@ class Deployer:
         self.history.record(trigger, outcome, commit.sha, commit.subject,
                             plan.added, plan.changed, plan.removed, plan.invalid)
         self._count(outcome)
-        self.events.record("deploy", before=previous, after=outcome, commit=commit.sha, reason="%s: %d added, %d changed, %d removed%s" % (
-            trigger, len(plan.added), len(plan.changed), len(plan.removed),
-            ", %d invalid" % len(plan.invalid) if plan.invalid else ""))
+        self.events.record("deploy", before=previous, after=commit.sha, commit=commit.sha,
+                           reason="%s (%s): %d added, %d changed, %d removed%s" % (
+                               outcome, trigger, len(plan.added), len(plan.changed), len(plan.removed),
+                               ", %d invalid" % len(plan.invalid) if plan.invalid else ""))
         self.log.info("daemon", "Deployed %s %r (%s): %d added, %d changed, %d removed, %d unchanged, %d invalid" % (
             commit.sha[:7], commit.subject, trigger, len(plan.added), len(plan.changed),
             len(plan.removed), len(plan.unchanged), len(plan.invalid)))
@@ -6200,7 +6266,7 @@ def follow_file(path, out, stop=None, interval=0.2):
 def format_event(event):
     """One line of `events`: time, unit, what happened."""
     what = {"state": "%(from)s -> %(to)s", "health": "health %(from)s -> %(to)s",
-            "deploy": "deploy %(to)s", "rollback": "rolled back %(from).7s -> %(to).7s"}.get(event["event"], "%(event)s")
+            "deploy": "deploy %(from).7s -> %(to).7s", "rollback": "rolled back %(from).7s -> %(to).7s"}.get(event["event"], "%(event)s")
     text = what % {key: event.get(key) or "-" for key in ("from", "to", "event")}
     details = [event["reason"]] if event.get("reason") else []
     if event.get("pid"):
@@ -6338,9 +6404,8 @@ def _systemctl(argv):
         raise GitprocError("%s failed: %s" % (" ".join(argv), err.decode("utf-8", "replace").strip() or "exit code %d" % code))
 
 
-def _write_file(path, data, mode, made):
-    """Write atomically with `mode`, making missing folders (noted in `made`)."""
-    folder = os.path.dirname(path)
+def _make_folders(folder, made):
+    """Make `folder` and its missing parents, noting each made in `made`."""
     missing = []
     while folder and not os.path.isdir(folder):
         missing.append(folder)
@@ -6348,47 +6413,80 @@ def _write_file(path, data, mode, made):
     for folder in reversed(missing):
         os.mkdir(folder, 0o755)
         made.append(folder)
+
+
+def _write_file(path, data, mode, made):
+    """Write atomically with `mode`, making missing folders (noted in `made`)."""
+    _make_folders(os.path.dirname(path), made)
     atomic_write(path, data)
     os.chmod(path, mode)
+
+
+def _installable(lib, command, unit, manifest_path):
+    """Is `path` a file install writes (so one uninstall may remove)?"""
+    cache = os.path.join(lib, "__pycache__")
+    fixed = {os.path.join(lib, "gitproc.py"), command, unit, manifest_path}
+
+    def allowed(path):
+        return path in fixed or (os.path.dirname(path) == cache and os.path.basename(path).startswith("gitproc.")
+                                 and path.endswith(".pyc"))
+    return allowed
+
+
+def _read_manifest(manifest_path):
+    """The manifest's (files, folders): lists of absolute paths; {} if none;
+    GitprocError if it is not one install wrote."""
+    try:
+        with open(manifest_path) as manifest_file:
+            manifest = json.load(manifest_file)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise GitprocError("cannot read %s: %s" % (manifest_path, exc))
+    lists = [manifest.get(key) if isinstance(manifest, dict) else None for key in ("files", "folders")]
+    if not all(isinstance(items, list) and all(isinstance(p, str) and os.path.isabs(p) for p in items) for items in lists):
+        raise GitprocError("%s is not a manifest gitproc install wrote; nothing removed" % manifest_path)
+    return lists[0], lists[1]
 
 
 def cmd_install(config, args):
     import importlib.util
     import py_compile
     prefix, lib, command, unit, systemctl = _install_layout(args.prefix)
-    source = os.path.realpath(__file__)
     module = os.path.join(lib, "gitproc.py")
     manifest_path = os.path.join(lib, INSTALL_MANIFEST)
+    bytecode = importlib.util.cache_from_source(module)
+    allowed = _installable(lib, command, unit, manifest_path)
+    previous = _read_manifest(manifest_path)
+    # What this install writes, and what earlier ones wrote (an upgrade
+    # without --no-service keeps the unit of the first install listed).
+    files = [module, bytecode, command] + ([] if args.no_service else [unit])
+    if previous:
+        files += [path for path in previous[0] if allowed(path) and path not in files and path != manifest_path]
+    files.append(manifest_path)
+    made = [folder for folder in (previous[1] if previous else []) if os.path.isabs(folder)]
     try:
-        with open(manifest_path) as manifest_file:
-            previous = json.load(manifest_file)
-    except (OSError, ValueError):
-        previous = {}
-    upgrade = bool(previous)
-    made = list(previous.get("folders", []))
-    files = []
-    try:
-        with open(source, "rb") as source_file:
+        with open(os.path.realpath(__file__), "rb") as source_file:
             code = source_file.read()
+        for path in (module, bytecode, command) + (() if args.no_service else (unit,)):
+            _make_folders(os.path.dirname(path), made)
+        # The manifest first: an install that fails half-way can be uninstalled.
+        manifest = json.dumps({"version": __version__, "files": files, "folders": made,
+                               "unit": None if args.no_service else unit}, indent=1).encode()
+        _write_file(manifest_path, manifest, 0o644, made)
         _write_file(module, code, 0o644, made)
-        bytecode = importlib.util.cache_from_source(module)
         py_compile.compile(module, cfile=bytecode, doraise=True)
         os.chmod(bytecode, 0o644)
-        files += [module, bytecode]
         python = sys.executable           # not resolved: /usr/bin/python3 follows system upgrades
         _write_file(command, ENTRY_POINT.format(python=python, version=__version__, lib=lib).encode(), 0o755, made)
-        files.append(command)
         if not args.no_service:
             wanted_by = "multi-user.target" if os.geteuid() == 0 else "default.target"
             _write_file(unit, SYSTEMD_UNIT.format(command=command, wanted_by=wanted_by).encode(), 0o644, made)
-            files.append(unit)
-        files.append(manifest_path)
-        _write_file(manifest_path, json.dumps({"version": __version__, "files": files, "folders": made,
-                                                "unit": None if args.no_service else unit}, indent=1).encode(),
-                    0o644, made)
     except (OSError, py_compile.PyCompileError) as exc:
-        raise GitprocError("install into %s failed: %s" % (prefix, describe_os_error(exc) if isinstance(exc, OSError) else exc))
-    print("%s gitproc %s: %s (module %s)" % ("upgraded to" if upgrade else "installed", __version__, command, module))
+        raise GitprocError("install into %s failed: %s (what was written is removed by: uninstall%s)" % (
+            prefix, describe_os_error(exc) if isinstance(exc, OSError) else exc,
+            " --prefix %s" % prefix if args.prefix else ""))
+    print("%s gitproc %s: %s (module %s)" % ("upgraded to" if previous else "installed", __version__, command, module))
     _restart_installed(config, args, command, unit, systemctl)
     return EXIT_OK
 
@@ -6447,15 +6545,15 @@ def _restart_installed(config, args, command, unit, systemctl):
 def cmd_uninstall(config, args):
     prefix, lib, command, unit, systemctl = _install_layout(args.prefix)
     manifest_path = os.path.join(lib, INSTALL_MANIFEST)
-    try:
-        with open(manifest_path) as manifest_file:
-            manifest = json.load(manifest_file)
-        files, folders = list(manifest["files"]), list(manifest["folders"])
-    except FileNotFoundError:
+    listed = _read_manifest(manifest_path)
+    if listed is None:
         raise GitprocError("nothing to uninstall: no gitproc install under %s (%s is missing)" % (prefix, manifest_path))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise GitprocError("cannot read %s: %s" % (manifest_path, exc))
-    if manifest.get("unit") and _systemd_runs():
+    allowed = _installable(lib, command, unit, manifest_path)
+    files = [path for path in listed[0] if allowed(path)]
+    foreign = [path for path in listed[0] if not allowed(path)]
+    # A folder goes only if install made it, it holds one of its files, and it is empty.
+    folders = [folder for folder in listed[1] if any(path.startswith(folder.rstrip("/") + "/") for path in files)]
+    if unit in files and _systemd_runs():
         _systemctl(systemctl + ["disable", "gitproc"])
     removed = 0
     for path in files:
@@ -6467,30 +6565,33 @@ def cmd_uninstall(config, args):
         except OSError as exc:
             raise GitprocError("cannot remove %s: %s" % (path, exc.strerror))
     caches = {os.path.dirname(path) for path in files if os.path.basename(os.path.dirname(path)) == "__pycache__"}
-    for folder in sorted(caches) + list(reversed(folders)):
+    for folder in sorted(caches) + sorted(folders, key=len, reverse=True):
         try:
             os.rmdir(folder)
         except OSError:
             pass                          # not empty: something else lives there now
-    if manifest.get("unit") and _systemd_runs():
+    if unit in files and _systemd_runs():
         _systemctl(systemctl + ["daemon-reload"])
     print("uninstalled gitproc from %s: %d files removed" % (prefix, removed))
+    for path in foreign:
+        print("not removed: %s (install never writes there; the manifest was changed)" % path)
     try:
         running = request(config, {"cmd": "ping"}, timeout=5)
     except (GitprocError, OSError):
         running = None
     if running:
-        print("the daemon (pid %d) still runs from memory; stop it with: python3 gitproc.py shutdown" % running["pid"])
+        print("the daemon (pid %d) still runs from memory; stop it with the gitproc.py you installed from: "
+              "python3 gitproc.py shutdown" % running["pid"])
     return EXIT_OK
 
 
 COMPLETION_BASH = r"""# bash completion for gitproc: source it, or put it in /etc/bash_completion.d/gitproc
 #   gitproc completion bash > /etc/bash_completion.d/gitproc
 _gitproc() {
-    local cur=${COMP_WORDS[COMP_CWORD]} command="" options="" i
+    local cur=${COMP_WORDS[COMP_CWORD]} command="" options="" i globals=()
     for ((i = 1; i < COMP_CWORD; i++)); do
         case ${COMP_WORDS[i]} in
-            --home|--config|--socket) ((i++)) ;;
+            --home|--config|--socket) globals+=("${COMP_WORDS[i]}" "${COMP_WORDS[i+1]}"); ((i++)) ;;
             -*) ;;
             *) command=${COMP_WORDS[i]}; break ;;
         esac
@@ -6511,7 +6612,7 @@ _gitproc() {
     esac
     case $command in
         %(unit_commands)s)
-            COMPREPLY=($(compgen -W "$("${COMP_WORDS[0]}" completion units 2>/dev/null)" -- "$cur")) ;;
+            COMPREPLY=($(compgen -W "$("${COMP_WORDS[0]}" "${globals[@]}" completion units 2>/dev/null)" -- "$cur")) ;;
         completion) COMPREPLY=($(compgen -W "bash units" -- "$cur")) ;;
         check) COMPREPLY=($(compgen -f -- "$cur")) ;;
     esac

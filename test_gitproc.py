@@ -5490,6 +5490,35 @@ class HttpListenerTests(ObservabilityCase):
         self.assertEqual(http(self.port, "GET", "/healthz")[0], 200)
         self.assertNotIn("Traceback", self.home.daemon_log())
 
+    def test_review_findings_pipelines_stuck_readers_and_framing(self):
+        self.start()
+        # A pipeline of 3,000 requests read at full speed does not hold the loop.
+        flood = socket.create_connection(("127.0.0.1", self.port), timeout=30)
+        self.addCleanup(flood.close)
+        flood.sendall(b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n" * 3000)
+        drained = threading.Thread(target=read_all, args=(flood,), daemon=True)
+        drained.start()
+        started = time.monotonic()
+        self.assertEqual(self.home.cli_process("status")[0], 0)
+        self.assertLess(time.monotonic() - started, 3, "the daemon answers its socket meanwhile")
+        # A client that never reads its answers is dropped after the timeout.
+        stuck = socket.create_connection(("127.0.0.1", self.port), timeout=30)
+        self.addCleanup(stuck.close)
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stuck.sendall(b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n" * 40)
+        fds_before = len(os.listdir("/proc/%d/fd" % self.home.daemon_pid))
+        wait_until(lambda: len(os.listdir("/proc/%d/fd" % self.home.daemon_pid)) < fds_before,
+                   gitproc.HTTP_REQUEST_TIMEOUT * 3 + 5, "the stuck client closed")
+        # Framing the daemon does not speak is refused, not guessed.
+        self.assertTrue(self.raw(b"POST /hooks/sync HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+                        .startswith(b"HTTP/1.1 501 "))
+        self.assertTrue(self.raw("POST /hooks/sync HTTP/1.1\r\nContent-Length: \u00b2\r\n\r\n".encode("latin-1"))
+                        .startswith(b"HTTP/1.1 400 "))
+        self.assertTrue(self.raw(b"POST /hooks/sync HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab")
+                        .startswith(b"HTTP/1.1 400 "))
+        drained.join(30)
+        self.assertNotIn("Traceback", self.home.daemon_log())
+
     def raw(self, data):
         with socket.create_connection(("127.0.0.1", self.port), timeout=5) as conn:
             try:
@@ -5583,7 +5612,7 @@ class EventsTests(ObservabilityCase):
         self.home.commit({"worker.service": unit(SLEEPER)}, "add worker")
         self.home.known_pids.add(self.home.running_pid("worker"))
         wait_until(lambda: any(e["event"] == "state" and e["unit"] == "web" and e["to"] == "exited" for e in lines)
-                   and any(e["event"] == "deploy" and e["reason"].startswith("commit") for e in lines),
+                   and any(e["event"] == "deploy" and e["reason"].startswith("ok (commit)") for e in lines),
                    10, "the crash and the deploy, live")
         for event in lines:
             self.assertEqual(sorted(event), ["commit", "event", "from", "pid", "reason", "time", "to", "unit"])
@@ -5593,6 +5622,23 @@ class EventsTests(ObservabilityCase):
         self.assertEqual(code, 0, err)
         self.assertIn("web              running -> exited (signal SIGKILL", out)
         self.assertNotIn("worker", out)
+
+    def test_a_follower_that_left_never_takes_the_next_clients_replies(self):
+        self.start({"web.service": unit(SLEEPER)}, listen=False)
+        self.home.known_pids.add(self.home.running_pid("web"))
+        for _ in range(3):
+            follower = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            follower.connect(os.path.join(self.home.path, "gitproc.sock"))
+            follower.sendall(b'{"cmd": "events", "follow": true, "count": 0}\n')
+            follower.recv(65536)
+            follower.close()
+            code, out, err = self.home.cli_process("restart", "web")   # its events go to followers
+            self.assertEqual(code, 0, out + err)
+            self.home.known_pids.add(self.home.running_pid("web"))
+        cpu = gitproc.process_cpu_seconds(self.home.daemon_pid)
+        self.assertEqual(self.home.cli_process("status")[0], 0)
+        wait_until(lambda: self.home.status("web")["state"] == "running", 5, "web running")
+        self.assertLess(gitproc.process_cpu_seconds(self.home.daemon_pid) - cpu, 0.5, "the daemon does not spin")
 
     def test_a_follower_that_stops_reading_is_dropped(self):
         self.start({"loop.service": unit("/bin/true", Restart="always", RestartSec="0",
@@ -6180,6 +6226,33 @@ class InstallTests(unittest.TestCase):
         assert_clean_failure(self, code, out, err, mention="nothing to uninstall")
         self.assertEqual(self.home.cli("shutdown")[0], 0)
 
+    def test_uninstall_removes_only_what_install_writes(self):
+        code, out, err = self.home.cli_process("install", "--prefix", self.prefix, "--no-service")
+        self.assertEqual(code, 0, out + err)
+        manifest_path = os.path.join(self.prefix, "lib", "gitproc", "installed.json")
+        manifest = json.loads(read_text(manifest_path))
+        victim = os.path.join(self.home.path, "victim")
+        with open(victim, "w") as handle:
+            handle.write("keep me\n")
+        manifest["files"].append(victim)
+        manifest["folders"].append(self.home.path)
+        with open(manifest_path, "w") as handle:
+            json.dump(manifest, handle)
+        code, out, err = self.home.cli_process("uninstall", "--prefix", self.prefix)
+        self.assertEqual(code, 0, out + err)
+        self.assertIn("not removed: %s" % victim, out)
+        self.assertTrue(os.path.exists(victim))
+        self.assertEqual(self.tree(), ["bin", "bin/other"])
+        # A manifest of the wrong shape removes nothing.
+        self.assertEqual(self.home.cli_process("install", "--prefix", self.prefix, "--no-service")[0], 0)
+        with open(manifest_path, "w") as handle:
+            json.dump({"files": "ab", "folders": []}, handle)
+        code, out, err = self.home.cli_process("uninstall", "--prefix", self.prefix)
+        assert_clean_failure(self, code, out, err, mention="not a manifest gitproc install wrote")
+        self.assertTrue(os.path.exists(self.command))
+        os.unlink(manifest_path)
+        self.assertEqual(self.home.cli_process("install", "--prefix", self.prefix, "--no-service")[0], 0)
+
     @unittest.skipUnless(IS_ROOT and not os.path.exists("/etc/systemd/system/gitproc.service")
                          and not os.path.isdir("/run/systemd/system"),
                          "needs root on a machine where systemd does not run and no gitproc unit is installed")
@@ -6194,6 +6267,8 @@ class InstallTests(unittest.TestCase):
         self.assertIn("KillMode=process", text)
         code, out, err = self.home.cli_process("check", unit_path)
         self.assertEqual(code, 0, out + err)
+        # An upgrade with --no-service keeps the unit listed: uninstall still removes it.
+        self.assertEqual(self.home.cli_process("install", "--prefix", self.prefix, "--no-service")[0], 0)
         code, out, err = self.home.cli_process("uninstall", "--prefix", self.prefix)
         self.assertEqual(code, 0, out + err)
         self.assertFalse(os.path.exists(unit_path))
@@ -6236,6 +6311,11 @@ class CompletionTests(unittest.TestCase):
         self.home.known_pids.add(self.home.running_pid("web"))
         self.home.known_pids.add(self.home.running_pid("worker"))
         self.assertEqual(self.complete("status", "w"), ["web", "worker"], "the daemon's units: wiki is not for this host")
+        # --home typed on the line is the home whose units complete.
+        bare = os.path.join(self.bin, "gitproc")
+        with open(bare, "w") as handle:
+            handle.write("#!/bin/sh\nexec %s %s \"$@\"\n" % (sys.executable, GITPROC))
+        self.assertEqual(self.complete("--home", self.home.path, "stop", "wo"), ["worker"])
         self.assertEqual(self.home.cli("shutdown")[0], 0)
 
 
