@@ -6285,7 +6285,7 @@ def cmd_events(config, args):
         for event in next(stream)["events"]:
             show(event)
         sys.stdout.flush()
-        for message in stream:
+        for message in stream if args.follow else ():
             if "event" in message:
                 show(message["event"])
                 sys.stdout.flush()

@@ -5482,10 +5482,22 @@ class HttpListenerTests(ObservabilityCase):
         crowd = [socket.create_connection(("127.0.0.1", self.port), timeout=5) for _ in range(70)]
         self.addCleanup(lambda: [conn.close() for conn in crowd])
         self.assertEqual(self.home.cli_process("status")[0], 0)
+        # A client that never reads its answers is dropped after the timeout
+        # (waited for together with the slow ones).
+        stuck = socket.create_connection(("127.0.0.1", self.port), timeout=30)
+        self.addCleanup(stuck.close)
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stuck.sendall(b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n" * 40)
+        for conn in crowd:
+            conn.close()
+        wait_until(lambda: len(os.listdir("/proc/%d/fd" % self.home.daemon_pid)) < 40, 10, "the crowd's slots freed")
+        fds_before = len(os.listdir("/proc/%d/fd" % self.home.daemon_pid))
         # The slow clients are answered 408 and closed once their time is up.
         for conn in slow:
             conn.settimeout(gitproc.HTTP_REQUEST_TIMEOUT * 2 + 5)
             self.assertTrue(read_all(conn).startswith(b"HTTP/1.1 408 "))
+        wait_until(lambda: len(os.listdir("/proc/%d/fd" % self.home.daemon_pid)) < fds_before,
+                   gitproc.HTTP_REQUEST_TIMEOUT * 3 + 5, "the stuck client closed")
         self.assertIsNone(self.home.status()["daemon"].get("error"))
         self.assertEqual(http(self.port, "GET", "/healthz")[0], 200)
         self.assertNotIn("Traceback", self.home.daemon_log())
@@ -5501,14 +5513,6 @@ class HttpListenerTests(ObservabilityCase):
         started = time.monotonic()
         self.assertEqual(self.home.cli_process("status")[0], 0)
         self.assertLess(time.monotonic() - started, 3, "the daemon answers its socket meanwhile")
-        # A client that never reads its answers is dropped after the timeout.
-        stuck = socket.create_connection(("127.0.0.1", self.port), timeout=30)
-        self.addCleanup(stuck.close)
-        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        stuck.sendall(b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n" * 40)
-        fds_before = len(os.listdir("/proc/%d/fd" % self.home.daemon_pid))
-        wait_until(lambda: len(os.listdir("/proc/%d/fd" % self.home.daemon_pid)) < fds_before,
-                   gitproc.HTTP_REQUEST_TIMEOUT * 3 + 5, "the stuck client closed")
         # Framing the daemon does not speak is refused, not guessed.
         self.assertTrue(self.raw(b"POST /hooks/sync HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
                         .startswith(b"HTTP/1.1 501 "))
@@ -5618,8 +5622,10 @@ class EventsTests(ObservabilityCase):
             self.assertEqual(sorted(event), ["commit", "event", "from", "pid", "reason", "time", "to", "unit"])
         crash = [e for e in lines if e["unit"] == "web" and e["to"] == "exited"][0]
         self.assertEqual((crash["from"], crash["pid"], crash["reason"]), ("running", None, "signal SIGKILL"))
+        started = time.monotonic()
         code, out, err = self.home.cli_process("events", "web")
         self.assertEqual(code, 0, err)
+        self.assertLess(time.monotonic() - started, 5, "without -f, events returns at once")
         self.assertIn("web              running -> exited (signal SIGKILL", out)
         self.assertNotIn("worker", out)
 
