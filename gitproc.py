@@ -467,7 +467,7 @@ class UnitSpec:
     tells whether two versions are the same."""
 
     FIELDS = {
-        "description": "", "after": (), "requires": (), "condition_host": (),
+        "description": "", "after": (), "requires": (), "before": (), "condition_host": (),
         "start_limit_interval": DEFAULT_START_LIMIT_INTERVAL,
         "start_limit_burst": DEFAULT_START_LIMIT_BURST,
         "type": "simple", "exec_start": (), "exec_start_pre": (),
@@ -694,10 +694,21 @@ def _parse_health_url(value):
     return value
 
 
+# Other kinds of systemd units a dependency list may name: gitproc has only
+# services, so these are accepted and left out (check says so).
+OTHER_UNIT_SUFFIXES = (".target", ".socket", ".mount", ".automount", ".path", ".timer", ".device",
+                       ".slice", ".scope", ".swap")
+
+
 def _parse_unit_names(value):
-    names = tuple(name[:-len(UNIT_SUFFIX)] if name.endswith(UNIT_SUFFIX) else name
-                  for name in value.split())
-    return names
+    """Service names of a dependency list (".service" optional); names of other
+    unit types are dropped (see other_unit_names)."""
+    return tuple(name[:-len(UNIT_SUFFIX)] if name.endswith(UNIT_SUFFIX) else name
+                 for name in value.split() if not name.endswith(OTHER_UNIT_SUFFIXES))
+
+
+def other_unit_names(value):
+    return [name for name in value.split() if name.endswith(OTHER_UNIT_SUFFIXES)]
 
 
 def _parse_host_condition(value):
@@ -711,6 +722,7 @@ DIRECTIVES = {
     ("Unit", "Description"): ("description", str, "one"),
     ("Unit", "After"): ("after", _parse_unit_names, "list"),
     ("Unit", "Requires"): ("requires", _parse_unit_names, "list"),
+    ("Unit", "Before"): ("before", _parse_unit_names, "list"),
     ("Unit", "ConditionHost"): ("condition_host", _parse_host_condition, "list"),
     ("Unit", "StartLimitIntervalSec"): ("start_limit_interval", parse_timespan, "one"),
     ("Unit", "StartLimitBurst"): ("start_limit_burst", _parse_count, "one"),
@@ -854,6 +866,9 @@ def parse_unit(name, path, data, blob=""):
             continue
         if field == "type" and value in TYPES_RUN_AS_SIMPLE:
             report(line_number, "warning", "Type=%s runs as Type=simple: gitproc does not wait for a readiness signal" % value)
+        if parse is _parse_unit_names and other_unit_names(value):
+            report(line_number, "warning", "%s=: %s not a service; other unit types are accepted and ignored" % (
+                key, ", ".join(other_unit_names(value)) + (" is" if len(other_unit_names(value)) == 1 else " are")))
         values[field] = values.get(field, ()) + parsed if kind == "list" else parsed
         lines_of[field] = line_number
 
@@ -906,18 +921,29 @@ def check_unit_tree(entries, cache=None):
             specs[name] = spec
     for cycle in dependency_cycles(specs):
         for name in cycle:
-            diagnostics.append(Diagnostic(specs[name].path, 1, "error", "ordering cycle: %s (After=/Requires=); "
+            diagnostics.append(Diagnostic(specs[name].path, 1, "error", "ordering cycle: %s (After=/Requires=/Before=); "
                                           "none of these units is deployed" % " -> ".join(cycle + [cycle[0]])))
         for name in cycle:
             del specs[name]
     return specs, diagnostics
 
 
+def ordering_edges(specs):
+    """{name: the names among `specs` it starts after}: its After= and
+    Requires=, and every unit that names it in Before=."""
+    edges = {name: {d for d in spec.after + spec.requires if d in specs} for name, spec in specs.items()}
+    for name, spec in specs.items():
+        for later in spec.before:
+            if later in edges:
+                edges[later].add(name)
+    return edges
+
+
 def dependency_cycles(specs):
     """The groups of units that wait for each other through After=/Requires=
-    (strongly connected components of more than one unit, or a unit naming
-    itself), each in name order. Iterative Tarjan: no recursion limit."""
-    edges = {name: sorted({d for d in spec.after + spec.requires if d in specs}) for name, spec in specs.items()}
+    /Before= (strongly connected components of more than one unit, or a unit
+    naming itself), each in name order. Iterative Tarjan: no recursion limit."""
+    edges = {name: sorted(deps) for name, deps in ordering_edges(specs).items()}
     index, low, on_stack, stack, cycles, counter = {}, {}, set(), [], [], [0]
     for root in sorted(edges):
         if root in index:
@@ -1632,8 +1658,7 @@ def dependency_order(specs):
     """Unit names ordered so that every unit comes after what it is ordered
     After=/Requires= (dependencies outside `specs` are ignored). Units in a cycle
     come last, in name order."""
-    remaining = {name: {dep for dep in spec.after + spec.requires if dep in specs and dep != name}
-                 for name, spec in specs.items()}
+    remaining = {name: deps - {name} for name, deps in ordering_edges(specs).items()}
     order = []
     while remaining:
         ready = sorted(name for name, deps in remaining.items() if not deps)
@@ -3108,7 +3133,7 @@ class Service:
         self.host.log.info(self.name, "Stopping (pid %d, %s)" % (self.pid, signal_name(self.spec.kill_signal)))
         self.stop_timed_out = False
         self.host.signal(self, self.spec.kill_signal, first=True)
-        if self.spec.timeout_stop_sec != float("inf"):
+        if self.spec.timeout_stop_sec not in (0, float("inf")):     # 0: wait for ever, as systemd
             self.timer = self.host.call_later(self.spec.timeout_stop_sec, lambda: self.handle(EV_STOP_TIMEOUT))
         return phase, reason
 
@@ -3510,16 +3535,17 @@ class Dependencies:
     now, what stops with a unit it requires, starting what waited, and the
     order of shutdown. Reads the registry (name -> Service); writes no `want`."""
 
-    def __init__(self, services, log):
+    def __init__(self, services, log, before_of=lambda name: ()):
         self.services = services
         self.log = log
+        self.before_of = before_of        # name -> the units that say Before=name (the deployer's)
 
     def state_of(self, service):
         """("ready"|"waiting"|"failed", why) for the units `service` comes after
         (After=, Requires=). Ready: running (healthy, if checked) or a oneshot
         that exited 0. An After= unit that is stopped on purpose does not hold
         the start back; a Requires= one does."""
-        for name in service.spec.after + service.spec.requires:
+        for name in service.spec.after + service.spec.requires + self._named_before(service.name):
             required = name in service.spec.requires
             other = self.services.get(name)
             if other is None or other.removed or name == service.name:
@@ -3538,6 +3564,10 @@ class Dependencies:
             return "failed", "dependency %s %s (%s)" % (
                 name, "failed" if other.state == FAILED else "is " + other.state, other.reason or describe_exit(other.last_exit))
         return "ready", None
+
+    def _named_before(self, name):
+        """The units that say Before=NAME (that is, NAME starts after them)."""
+        return self.before_of(name)
 
     def stop_requiring(self, service):
         """Requires=: what requires a unit stops when it stops or fails."""
@@ -3566,7 +3596,7 @@ class Dependencies:
             if service.state not in (STARTING, RUNNING):
                 continue
             dependents = [other for other in active if other != name and
-                          name in services[other].spec.after + services[other].spec.requires]
+                          (name in services[other].spec.after + services[other].spec.requires or other in service.spec.before)]
             if not dependents:
                 service.halt("daemon shut down")
         if not any(s.state == STOPPING for s in services.values()):
@@ -4783,6 +4813,7 @@ class Deployer:
         self.deploy_count = 0             # deploys applied (the poll adapts to them)
         self.deploys_total = {}           # outcome -> deploys ever (a counter for metrics; persisted)
         self.parse_cache = {}             # (path, blob) -> parse_unit result
+        self.before_of = {}               # name -> the deployed units that say Before=name
         self._last_plan = None            # the plan of the last deploy (see last_plan)
 
     @property
@@ -4991,6 +5022,7 @@ class Deployer:
             service.removed = True
             self.recovery.saved_services.pop(name, None)
         self.specs, self.unit_problems, self.skipped = plan.specs, plan.problems, plan.skipped
+        self._index_before()
         self.deployed = commit
         self.applied = True
         for name in dependency_order(plan.specs):
@@ -5045,6 +5077,13 @@ class Deployer:
         else:
             service.halt("stopped by user")
 
+    def _index_before(self):
+        before_of = {}
+        for name, spec in self.specs.items():
+            for later in spec.before:
+                before_of.setdefault(later, []).append(name)
+        self.before_of = {name: tuple(sorted(names)) for name, names in before_of.items()}
+
     def forget_removed(self):
         for name in [name for name, s in self.services.items() if s.removed and s.state not in ACTIVE_STATES]:
             self.services.pop(name).discard()
@@ -5072,6 +5111,7 @@ class Deployer:
         self._count("rolled back")
         self.events.record("rollback", service.name, bad_commit, old_commit, why, service.pid, old_commit)
         service.spec, service.commit = old_spec, old_commit
+        self._index_before()
         self.store.save_now()
         return True
 
@@ -5518,7 +5558,7 @@ class Daemon:
         self.host = DaemonHost(self, exit_watch_mode)
         self.store = StateStore(config.state_file, log, self.call_later, self._snapshot)
         self.recovery = Recovery(config, log, self.call_later)
-        self.dependencies = Dependencies(self.services, log)
+        self.dependencies = Dependencies(self.services, log, lambda name: self.deployer.before_of.get(name, ()))
         self.handlers = RequestHandlers(self)
         self.server = ControlServer(config, log, self.selector, self.call_later, self.handlers.dispatch)
         self.events = EventLog(self.server)

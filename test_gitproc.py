@@ -3020,6 +3020,46 @@ class ExecConfirmationTests(unittest.TestCase):
             self.assertIn(service.phase, (P.START, P.START_PRE), lines)
 
 
+class OrderingKeysTests(unittest.TestCase):
+    """Before= and dependency lists naming other unit types, pure."""
+
+    def test_other_unit_types_are_accepted_and_ignored_with_a_word(self):
+        spec, found = gitproc.parse_unit("web", "web.service", (
+            "[Unit]\nAfter=network.target db.service\nRequires=network-online.target\nBefore=cache\n"
+            "[Service]\nExecStart=/bin/true\n").encode())
+        self.assertEqual((spec.after, spec.requires, spec.before), (("db",), (), ("cache",)))
+        warnings = [d.message for d in found if d.severity == "warning"]
+        self.assertIn("After=: network.target is not a service; other unit types are accepted and ignored", warnings)
+        self.assertFalse([d for d in found if d.severity == "error"])
+
+    def test_before_is_after_seen_from_the_other_side(self):
+        specs = {name: spec_of(*lines, name=name) for name, lines in (
+            ("a", ("Before=b",)), ("b", ()), ("c", ("After=b",)))}
+        self.assertEqual(gitproc.dependency_order(specs), ["a", "b", "c"])
+        specs["b"] = spec_of("Before=a", name="b")
+        self.assertEqual(gitproc.dependency_cycles(specs), [["a", "b"]])
+
+    def test_a_unit_named_in_before_waits(self):
+        host = FakeHost()
+        services = {}
+        rules = gitproc.Dependencies(services, host.log, lambda name: ("db",) if name == "web" else ())
+        services["db"] = gitproc.Service(host, spec_of("Before=web", "ExecStartPre=/bin/true", name="db"), "c0ffee")
+        services["web"] = gitproc.Service(host, spec_of(name="web"), "c0ffee")
+        self.assertEqual(rules.state_of(services["web"])[0], "failed", "db is down and nothing brings it up")
+        services["db"].start()
+        self.assertEqual(rules.state_of(services["web"]), ("waiting", "waiting for db"))
+        host.exit(services["db"], CLEAN)
+        self.assertEqual(rules.state_of(services["web"]), ("ready", None))
+
+    def test_timeout_stop_sec_0_waits_for_ever(self):
+        host = FakeHost()
+        service = gitproc.Service(host, spec_of("TimeoutStopSec=0"), "c0ffee")
+        service.start()
+        service.stop()
+        host.advance(3600)
+        self.assertEqual(host.signals, [("web", signal.SIGTERM)], "no SIGKILL, however long")
+
+
 class DependencyRulesTests(unittest.TestCase):
     """Dependencies over Services on a fake host: readiness, Requires=, and
     the order of shutdown."""
@@ -4313,6 +4353,26 @@ class DependencyOrderingTests(DepsHealthCase):
         for name in ("app", "api"):
             started = wait_until(lambda: self.stamp(name), 3, name + "'s stamp")
             self.assertGreater(started, db_ready, "%s started before db's pre command ended" % name)
+
+    def test_before_orders_the_named_unit_after_this_one_and_targets_are_ignored(self):
+        # db says Before=app (and names a target, which is not a service):
+        # app waits for db exactly as if it said After=db.
+        self.deploy({
+            "db.service": unit_text("ExecStartPre=" + sh("%s; %s %s %s" % (
+                                        self.gate("db-gate"), PYTHON, self.stamp_py, self.file("db-pre.ts"))),
+                                    "ExecStart=" + SLEEPER,
+                                    unit_lines=["Before=app.service", "Requires=network.target",
+                                                "After=network-online.target"]),
+            "app.service": unit_text("ExecStart=" + self.stamped("app")),
+        })
+        self.watch(self.wait_status("db", lambda s: s["state"] == "starting" and s["pid"],
+                                    what="db in its pre command")["pid"])
+        self.assert_waiting("app", "db")
+        self.open_gate("db-gate")
+        self.watch(self.home.running_pid("db", timeout=4))
+        self.watch(self.home.running_pid("app", timeout=4))
+        db_ready = wait_until(lambda: self.stamp("db-pre"), 3, "db's pre stamp")
+        self.assertGreater(wait_until(lambda: self.stamp("app"), 3, "app's stamp"), db_ready)
 
     def test_dependent_of_a_oneshot_starts_only_after_it_exited_0(self):
         # The oneshot waits for the gate, then writes its stamp and exits 0.
