@@ -467,7 +467,7 @@ class UnitSpec:
     tells whether two versions are the same."""
 
     FIELDS = {
-        "description": "", "after": (), "requires": (), "before": (), "condition_host": (),
+        "description": "", "after": (), "requires": (), "before": (), "wants": (), "condition_host": (),
         "start_limit_interval": DEFAULT_START_LIMIT_INTERVAL,
         "start_limit_burst": DEFAULT_START_LIMIT_BURST,
         "type": "simple", "exec_start": (), "exec_start_pre": (),
@@ -723,6 +723,7 @@ DIRECTIVES = {
     ("Unit", "After"): ("after", _parse_unit_names, "list"),
     ("Unit", "Requires"): ("requires", _parse_unit_names, "list"),
     ("Unit", "Before"): ("before", _parse_unit_names, "list"),
+    ("Unit", "Wants"): ("wants", _parse_unit_names, "list"),
     ("Unit", "ConditionHost"): ("condition_host", _parse_host_condition, "list"),
     ("Unit", "StartLimitIntervalSec"): ("start_limit_interval", parse_timespan, "one"),
     ("Unit", "StartLimitBurst"): ("start_limit_burst", _parse_count, "one"),
@@ -3565,6 +3566,25 @@ class Dependencies:
                 name, "failed" if other.state == FAILED else "is " + other.state, other.reason or describe_exit(other.last_exit))
         return "ready", None
 
+    def pulled_in(self, names):
+        """The units a start of `names` starts too, as systemctl does for
+        Wants=: their wanted units, and those's in turn, that are down; in
+        dependency order. (A Requires= unit stopped by the user still holds
+        the start back, as before.)"""
+        seen, found, todo = set(names), [], list(names)
+        while todo:
+            service = self.services.get(todo.pop())
+            if service is None:
+                continue
+            for other in service.spec.wants:
+                if other not in seen and other in self.services and not self.services[other].removed:
+                    seen.add(other)
+                    todo.append(other)
+                    if self.services[other].state not in ACTIVE_STATES:
+                        found.append(other)
+        order = dependency_order({name: self.services[name].spec for name in found})
+        return [self.services[name] for name in order]
+
     def _named_before(self, name):
         """The units that say Before=NAME (that is, NAME starts after them)."""
         return self.before_of(name)
@@ -5307,6 +5327,10 @@ class RequestHandlers:
         names = self._names(message)
         self._refuse_while_shutting_down()
         generations = {}
+        if action != "stop":
+            for service in self.daemon.dependencies.pulled_in(names):
+                self.daemon.log.info(service.name, "Starting: wanted by %s" % ", ".join(names))
+                service.start()
         for name in names:
             service = services[name]
             generations[name] = service.generation

@@ -793,12 +793,12 @@ class UnitParserTests(unittest.TestCase):
         self.assertEqual(spec.exec_start[0].argv, ("/bin/b",))
 
     def test_unknown_keys_and_sections_are_warnings(self):
-        spec, problems = parse("[Unit]\nWants=x\nDocumentation=man:x\n[Service]\nExecStart=/bin/true\n"
+        spec, problems = parse("[Unit]\nFrobnicate=x\nDocumentation=man:x\n[Service]\nExecStart=/bin/true\n"
                                "ProtectSystem=full\n[Timer]\nOnCalendar=daily\n[X-Custom]\nA=b\nnot a key\n")
         self.assertIsNotNone(spec)
         warnings = messages(problems, "warning")
         self.assertEqual(len(warnings), 4, warnings)
-        self.assertIn("unknown key Wants= in [Unit]", warnings[0])
+        self.assertIn("unknown key Frobnicate= in [Unit]", warnings[0])
         self.assertIn("unknown section [Timer]", warnings[2])
         self.assertIn("no '='", warnings[3])
 
@@ -3051,6 +3051,16 @@ class OrderingKeysTests(unittest.TestCase):
         host.exit(services["db"], CLEAN)
         self.assertEqual(rules.state_of(services["web"]), ("ready", None))
 
+    def test_a_start_pulls_in_what_it_requires_and_wants(self):
+        host = FakeHost()
+        services = {name: gitproc.Service(host, spec_of(*lines, name=name), "c0ffee") for name, lines in (
+            ("web", ("Wants=db", "Wants=cache")), ("db", ("Wants=log",)), ("cache", ()), ("log", ()),
+            ("other", ("Requires=log",)))}
+        rules = gitproc.Dependencies(services, host.log)
+        services["cache"].start()
+        self.assertEqual([s.name for s in rules.pulled_in(["web"])], ["db", "log"], "what is down, in order")
+        self.assertEqual(rules.pulled_in(["other"]), [])
+
     def test_timeout_stop_sec_0_waits_for_ever(self):
         host = FakeHost()
         service = gitproc.Service(host, spec_of("TimeoutStopSec=0"), "c0ffee")
@@ -4373,6 +4383,24 @@ class DependencyOrderingTests(DepsHealthCase):
         self.watch(self.home.running_pid("app", timeout=4))
         db_ready = wait_until(lambda: self.stamp("db-pre"), 3, "db's pre stamp")
         self.assertGreater(wait_until(lambda: self.stamp("app"), 3, "app's stamp"), db_ready)
+
+    def test_start_pulls_in_what_it_wants_and_a_wanted_failure_harms_nothing(self):
+        self.deploy({
+            "db.service": unit_text("ExecStart=" + SLEEPER),
+            "cache.service": unit_text("ExecStart=/bin/false"),
+            "web.service": unit_text("ExecStart=" + SLEEPER, unit_lines=["Wants=db cache.service", "After=db"]),
+        })
+        self.watch(self.home.running_pid("web", timeout=4))
+        for name in ("web", "db"):
+            self.assertEqual(self.home.cli("stop", name)[0], 0)
+        self.home.wait_state("cache", "exited")
+        code, out, err = self.home.cli("start", "web")
+        self.assertEqual(code, 0, out + err)
+        self.watch(self.home.running_pid("db", timeout=4))
+        web = self.watch(self.home.running_pid("web", timeout=4))
+        self.assertTrue(daemon_log_lines(self.home, "cache", "Starting: wanted by web"))
+        self.home.wait_state("cache", "exited")
+        self.assertEqual(self.home.status("web")["pid"], web, "a wanted unit that fails stops nothing")
 
     def test_dependent_of_a_oneshot_starts_only_after_it_exited_0(self):
         # The oneshot waits for the gate, then writes its stamp and exits 0.
