@@ -481,6 +481,7 @@ class UnitSpec:
         "health_check_timeout": 5.0, "health_check_retries": 3,
         "health_check_start_period": 0.0,
         "private_pids": False, "auto_rollback": False,
+        "not_applied": (),              # (Key, value) of systemd keys gitproc does not apply
     }
     __slots__ = ("name", "path", "blob") + tuple(FIELDS)
 
@@ -756,11 +757,76 @@ DIRECTIVES = {
 KNOWN_SECTIONS = ("Unit", "Service", "Install")
 # The key that names each field, for `diff` (the first one of the table wins).
 FIELD_KEYS = {field: key + "=" for (_, key), (field, _, _) in reversed(list(DIRECTIVES.items()))}
+FIELD_KEYS["not_applied"] = "keys not applied"
 # Values run through %-specifier expansion (the others are names, numbers, paths).
 _SPECIFIER_FIELDS = {"description", "exec_start", "exec_start_pre", "environment",
                      "environment_files", "working_directory", "user", "group"}
 # Keys accepted without a word: they only document the unit.
-SILENT_KEYS = {("Unit", "Documentation")}
+SILENT_KEYS = {("Unit", key) for key in (
+    "Documentation", "DefaultDependencies", "IgnoreOnIsolate", "AllowIsolate", "CollectMode", "SourcePath",
+    "RefuseManualStart", "RefuseManualStop")} | {("Service", key) for key in (
+    "CPUAccounting", "MemoryAccounting", "TasksAccounting", "IOAccounting", "IPAccounting", "BlockIOAccounting",
+    "GuessMainPID", "NonBlocking", "Slice")}
+
+
+def _keys(why, *names):
+    return {name: why for name in names}
+
+
+# Keys of systemd.exec(5), .kill(5), .resource-control(5), .service(5) and
+# .unit(5) that gitproc knows but does not apply (yet). They are never dropped
+# silently: check reports each, and status NAME lists them under "Not applied".
+NOT_APPLIED_KEYS = dict(
+    **_keys("sandboxing: gitproc does not build this sandbox", "ProtectSystem", "ProtectHome", "PrivateTmp",
+            "PrivateDevices", "PrivateNetwork", "PrivateUsers", "PrivateIPC", "PrivateMounts", "NoNewPrivileges",
+            "ReadWritePaths", "ReadOnlyPaths", "InaccessiblePaths", "ExecPaths", "NoExecPaths",
+            "TemporaryFileSystem", "BindPaths", "BindReadOnlyPaths", "CapabilityBoundingSet", "AmbientCapabilities",
+            "ProtectKernelTunables", "ProtectKernelModules", "ProtectKernelLogs", "ProtectControlGroups",
+            "ProtectHostname", "ProtectClock", "ProtectProc", "ProcSubset", "RestrictSUIDSGID", "LockPersonality",
+            "MemoryDenyWriteExecute", "RestrictRealtime", "RestrictNamespaces", "RestrictAddressFamilies",
+            "RestrictFileSystems", "RemoveIPC", "SecureBits", "RootDirectory", "RootImage", "MountAPIVFS",
+            "MountFlags", "DynamicUser", "KeyringMode", "NetworkNamespacePath", "IPCNamespacePath",
+            "DeviceAllow", "DevicePolicy", "IPAddressAllow", "IPAddressDeny", "SocketBindAllow", "SocketBindDeny",
+            "RestrictNetworkInterfaces", "SELinuxContext", "AppArmorProfile", "SmackProcessLabel",
+            "ReadWriteDirectories", "ReadOnlyDirectories", "InaccessibleDirectories"),
+    **_keys("seccomp: gitproc does not filter system calls", "SystemCallFilter", "SystemCallArchitectures",
+            "SystemCallErrorNumber", "SystemCallLog"),
+    **_keys("process limits and scheduling: not applied", "LimitCPU", "LimitFSIZE", "LimitDATA", "LimitSTACK",
+            "LimitCORE", "LimitRSS", "LimitNOFILE", "LimitAS", "LimitNPROC", "LimitMEMLOCK", "LimitLOCKS",
+            "LimitSIGPENDING", "LimitMSGQUEUE", "LimitNICE", "LimitRTPRIO", "LimitRTTIME", "UMask", "Nice",
+            "OOMScoreAdjust", "CPUSchedulingPolicy", "CPUSchedulingPriority", "CPUSchedulingResetOnFork",
+            "CPUAffinity", "NUMAPolicy", "NUMAMask", "IOSchedulingClass", "IOSchedulingPriority",
+            "SupplementaryGroups", "TimerSlackNSec", "Personality", "IgnoreSIGPIPE", "CoredumpFilter"),
+    **_keys("directories: gitproc does not create them", "RuntimeDirectory", "StateDirectory", "CacheDirectory",
+            "LogsDirectory", "ConfigurationDirectory", "RuntimeDirectoryMode", "StateDirectoryMode",
+            "CacheDirectoryMode", "LogsDirectoryMode", "ConfigurationDirectoryMode", "RuntimeDirectoryPreserve"),
+    **_keys("output: the unit's log is used", "StandardInput", "StandardOutput", "StandardError",
+            "StandardInputText", "StandardInputData", "SyslogIdentifier", "SyslogFacility", "SyslogLevel",
+            "SyslogLevelPrefix", "LogLevelMax", "LogExtraFields", "LogRateLimitIntervalSec", "LogRateLimitBurst",
+            "TTYPath", "TTYReset", "TTYVHangup", "PassEnvironment", "UnsetEnvironment"),
+    **_keys("cgroup resource control: not applied", "TasksMax", "MemoryHigh", "MemoryLow", "MemoryMin",
+            "MemorySwapMax", "CPUWeight", "StartupCPUWeight", "CPUShares", "IOWeight", "StartupIOWeight",
+            "IODeviceWeight", "IOReadBandwidthMax", "IOWriteBandwidthMax", "IOReadIOPSMax", "IOWriteIOPSMax",
+            "AllowedCPUs", "AllowedMemoryNodes", "Delegate", "ManagedOOMSwap", "ManagedOOMMemoryPressure",
+            "ManagedOOMPreference", "BlockIOWeight", "CPUQuotaPeriodSec"),
+    **_keys("not run: gitproc runs ExecStartPre= and ExecStart= only", "ExecStartPost", "ExecReload",
+            "ExecStop", "ExecStopPost", "ExecCondition"),
+    **_keys("service behaviour gitproc does not have yet", "PIDFile", "RemainAfterExit", "TimeoutStartSec",
+            "TimeoutSec", "TimeoutAbortSec", "RuntimeMaxSec", "WatchdogSec", "NotifyAccess", "BusName",
+            "SuccessExitStatus", "RestartPreventExitStatus", "RestartForceExitStatus", "RestartMode",
+            "RestartSteps", "RestartMaxDelaySec", "ReloadSignal", "ExitType", "OOMPolicy", "FileDescriptorStoreMax",
+            "Sockets", "RestartKillSignal", "SendSIGHUP", "SendSIGKILL", "FinalKillSignal", "WatchdogSignal",
+            "LoadCredential", "LoadCredentialEncrypted", "SetCredential", "SetCredentialEncrypted", "PAMName",
+            "UtmpIdentifier", "UtmpMode", "RootDirectoryStartOnly", "PermissionsStartOnly"),
+    **_keys("unit relations gitproc does not have yet", "BindsTo", "PartOf", "Conflicts", "OnFailure", "OnSuccess",
+            "Requisite", "Upholds", "PropagatesReloadTo", "ReloadPropagatedFrom", "JoinsNamespaceOf",
+            "RequiresMountsFor", "StopWhenUnneeded", "FailureAction", "SuccessAction", "StartLimitAction",
+            "JobTimeoutSec", "JobRunningTimeoutSec", "JobTimeoutAction", "ConditionPathExists",
+            "ConditionPathIsDirectory", "ConditionFileNotEmpty", "ConditionDirectoryNotEmpty",
+            "ConditionFileIsExecutable", "ConditionVirtualization", "ConditionSecurity", "ConditionCapability",
+            "ConditionUser", "ConditionKernelCommandLine", "AssertPathExists", "ConditionPathExistsGlob",
+            "ConditionCPUs", "ConditionACPower"),
+)
 
 
 def unit_name_problem(name):
@@ -818,7 +884,7 @@ def parse_unit(name, path, data, blob=""):
     if text.startswith("\ufeff"):
         text = text[1:]
 
-    values, section, warned_sections = {}, None, set()
+    values, section, warned_sections, not_applied = {}, None, set(), []
     lines_of = {"exec_start": 1}          # where a whole-unit problem is reported
 
     for line_number, line in _logical_lines(text):
@@ -848,7 +914,10 @@ def parse_unit(name, path, data, blob=""):
         if directive is None and section == "Service" and ("Unit", key) in DIRECTIVES:
             directive = DIRECTIVES[("Unit", key)]
         if directive is None:
-            if not key.startswith("X-") and (section, key) not in SILENT_KEYS:
+            if key in NOT_APPLIED_KEYS and value:
+                not_applied.append((key, value))
+                report(line_number, "warning", "not applied: %s= (%s)" % (key, NOT_APPLIED_KEYS[key]))
+            elif not key.startswith("X-") and (section, key) not in SILENT_KEYS and key not in NOT_APPLIED_KEYS:
                 report(line_number, "warning", "unknown key %s= in [%s], ignored" % (key, section))
             continue
         field, parse, kind = directive
@@ -876,6 +945,8 @@ def parse_unit(name, path, data, blob=""):
     _validate_unit(values, lines_of, report)
     if any(d.severity == "error" for d in diagnostics):
         return None, diagnostics
+    if not_applied:
+        values["not_applied"] = tuple(not_applied)
     return UnitSpec(name, path, blob, **values), diagnostics
 
 
@@ -2916,7 +2987,9 @@ class Service:
             data.update(description=self.spec.description, path=self.spec.path,
                         cpu_seconds=process_cpu_seconds(self.pid) if running else None,
                         type=self.spec.type, restart=self.spec.restart, adopted=self.adopted,
-                        limits=self._limits(), phase=PHASE_TEXT.get(self.phase), spawn=self.spawn_path)
+                        limits=self._limits(), phase=PHASE_TEXT.get(self.phase), spawn=self.spawn_path,
+                        not_applied=[{"key": key, "value": value, "why": NOT_APPLIED_KEYS[key]}
+                                     for key, value in self.spec.not_applied])
         return data
 
     def _limits(self):
@@ -6202,6 +6275,8 @@ def _print_service_block(s, daemon_info, colour):
         back = s["rolled_back"]
         lines.append(("Rollback", "the version of %s failed (%s); running the version of %s" % (
             back["from"][:7], back["why"], back["to"][:7])))
+    for entry in s.get("not_applied", []):
+        lines.append(("Not applied", "%s=%s (%s)" % (entry["key"], entry["value"], entry["why"])))
     for limit in s["limits"]:
         value = format_bytes(limit["value"]) if limit["key"] == "MemoryMax" else "%g%%" % limit["value"]
         lines.append(("Limit", "%s=%s %s" % (limit["key"], value, "applied" if limit["applied"] else "not applied: " + limit["why"])))

@@ -3070,6 +3070,36 @@ class OrderingKeysTests(unittest.TestCase):
         self.assertEqual(host.signals, [("web", signal.SIGTERM)], "no SIGKILL, however long")
 
 
+class NotAppliedKeysTests(unittest.TestCase):
+    """A systemd key gitproc does not apply is never dropped silently."""
+
+    def test_check_names_each_key_not_applied_and_silent_keys_stay_silent(self):
+        spec, found = gitproc.parse_unit("redis", "redis.service", (
+            "[Unit]\nDocumentation=man:redis\nDefaultDependencies=no\n"
+            "[Service]\nExecStart=/bin/true\nProtectSystem=full\nLimitNOFILE=65535\nExecReload=/bin/kill -HUP $MAINPID\n"
+            "MemoryAccounting=yes\n").encode())
+        warnings = [d.message for d in found if d.severity == "warning"]
+        self.assertEqual(warnings, [
+            "not applied: ProtectSystem= (sandboxing: gitproc does not build this sandbox)",
+            "not applied: LimitNOFILE= (process limits and scheduling: not applied)",
+            "not applied: ExecReload= (not run: gitproc runs ExecStartPre= and ExecStart= only)"])
+        self.assertEqual(spec.not_applied, (("ProtectSystem", "full"), ("LimitNOFILE", "65535"),
+                                            ("ExecReload", "/bin/kill -HUP $MAINPID")))
+
+    def test_status_lists_what_is_not_applied(self):
+        home = Home(self)
+        home.commit({"web.service": unit(SLEEPER, ProtectSystem="strict", NoNewPrivileges="yes")}, "web")
+        home.start_daemon()
+        home.known_pids.add(home.running_pid("web"))
+        code, out, err = home.cli_process("status", "web")
+        self.assertEqual(code, 0, err)
+        self.assertIn("Not applied: ProtectSystem=strict (sandboxing: gitproc does not build this sandbox)", out)
+        self.assertIn("Not applied: NoNewPrivileges=yes", out)
+        detail = home.request({"cmd": "status", "names": ["web"]})["services"][0]
+        self.assertEqual([entry["key"] for entry in detail["not_applied"]], ["ProtectSystem", "NoNewPrivileges"])
+        self.assertEqual(home.cli("shutdown")[0], 0)
+
+
 class DependencyRulesTests(unittest.TestCase):
     """Dependencies over Services on a fake host: readiness, Requires=, and
     the order of shutdown."""
