@@ -481,6 +481,7 @@ class UnitSpec:
         "health_check_timeout": 5.0, "health_check_retries": 3,
         "health_check_start_period": 0.0,
         "private_pids": False, "auto_rollback": False,
+        "rlimits": (), "umask": None, "nice": None, "oom_score_adjust": None,
         "not_applied": (),              # (Key, value) of systemd keys gitproc does not apply
     }
     __slots__ = ("name", "path", "blob") + tuple(FIELDS)
@@ -712,6 +713,61 @@ def other_unit_names(value):
     return [name for name in value.split() if name.endswith(OTHER_UNIT_SUFFIXES)]
 
 
+# Limit*= keys: the rlimit each sets and how its values read (systemd.exec(5)).
+RLIMIT_KEYS = {"LimitCPU": ("CPU", "seconds"), "LimitFSIZE": ("FSIZE", "bytes"), "LimitDATA": ("DATA", "bytes"),
+               "LimitSTACK": ("STACK", "bytes"), "LimitCORE": ("CORE", "bytes"), "LimitRSS": ("RSS", "bytes"),
+               "LimitNOFILE": ("NOFILE", "count"), "LimitAS": ("AS", "bytes"), "LimitNPROC": ("NPROC", "count"),
+               "LimitMEMLOCK": ("MEMLOCK", "bytes"), "LimitLOCKS": ("LOCKS", "count"),
+               "LimitSIGPENDING": ("SIGPENDING", "count"), "LimitMSGQUEUE": ("MSGQUEUE", "bytes"),
+               "LimitNICE": ("NICE", "nice"), "LimitRTPRIO": ("RTPRIO", "count"), "LimitRTTIME": ("RTTIME", "usec")}
+
+
+def _parse_rlimit(key):
+    """Limit*=: 'soft:hard' or one value for both; 'infinity' (None)."""
+    resource_name, kind = RLIMIT_KEYS[key]
+
+    def one(text):
+        text = text.strip()
+        if text == "infinity":
+            return None
+        if kind == "bytes":
+            return parse_size(text)
+        if kind == "seconds":
+            return int(parse_timespan(text))
+        if kind == "usec":
+            return int(parse_timespan(text) * 1000000)
+        if kind == "nice" and text[:1] in "+-":
+            nice = int(text) if re.match(r"[+-][0-9]{1,2}\Z", text) else 99
+            if not -20 <= nice <= 19:
+                raise ValueError("a nice value is -20 to 19, not %r" % text)
+            return 20 - nice
+        if not text.isdigit():
+            raise ValueError("%r is not a number (or infinity)" % text)
+        return int(text)
+
+    def parse(value):
+        soft, colon, hard = value.partition(":")
+        soft, hard = one(soft), one(hard) if colon else one(soft)
+        if hard is not None and (soft is None or soft > hard):
+            raise ValueError("the soft limit %s is above the hard limit %s" % (soft if soft is not None else "infinity", hard))
+        return ((resource_name, soft, hard),)
+    return parse
+
+
+def _parse_umask(value):
+    if not re.match(r"[0-7]{1,4}\Z", value):
+        raise ValueError("UMask= takes an octal mode such as 0027, not %r" % value)
+    return int(value, 8)
+
+
+def _parse_int_range(low, high):
+    def parse(value):
+        if not re.match(r"[+-]?[0-9]+\Z", value.strip()) or not low <= int(value) <= high:
+            raise ValueError("%r is not a whole number from %d to %d" % (value, low, high))
+        return int(value)
+    return parse
+
+
 def _parse_host_condition(value):
     return (value.strip(),)
 
@@ -753,11 +809,16 @@ DIRECTIVES = {
     ("Service", "HealthCheckStartPeriod"): ("health_check_start_period", parse_timespan, "one"),
     ("Service", "PrivatePIDs"): ("private_pids", parse_bool, "one"),
     ("Service", "AutoRollback"): ("auto_rollback", parse_bool, "one"),
+    ("Service", "UMask"): ("umask", _parse_umask, "one"),
+    ("Service", "Nice"): ("nice", _parse_int_range(-20, 19), "one"),
+    ("Service", "OOMScoreAdjust"): ("oom_score_adjust", _parse_int_range(-1000, 1000), "one"),
 }
+DIRECTIVES.update({("Service", key): ("rlimits", _parse_rlimit(key), "list") for key in RLIMIT_KEYS})
 KNOWN_SECTIONS = ("Unit", "Service", "Install")
 # The key that names each field, for `diff` (the first one of the table wins).
 FIELD_KEYS = {field: key + "=" for (_, key), (field, _, _) in reversed(list(DIRECTIVES.items()))}
 FIELD_KEYS["not_applied"] = "keys not applied"
+FIELD_KEYS["rlimits"] = "Limit*="
 # Values run through %-specifier expansion (the others are names, numbers, paths).
 _SPECIFIER_FIELDS = {"description", "exec_start", "exec_start_pre", "environment",
                      "environment_files", "working_directory", "user", "group"}
@@ -791,10 +852,7 @@ NOT_APPLIED_KEYS = dict(
             "ReadWriteDirectories", "ReadOnlyDirectories", "InaccessibleDirectories"),
     **_keys("seccomp: gitproc does not filter system calls", "SystemCallFilter", "SystemCallArchitectures",
             "SystemCallErrorNumber", "SystemCallLog"),
-    **_keys("process limits and scheduling: not applied", "LimitCPU", "LimitFSIZE", "LimitDATA", "LimitSTACK",
-            "LimitCORE", "LimitRSS", "LimitNOFILE", "LimitAS", "LimitNPROC", "LimitMEMLOCK", "LimitLOCKS",
-            "LimitSIGPENDING", "LimitMSGQUEUE", "LimitNICE", "LimitRTPRIO", "LimitRTTIME", "UMask", "Nice",
-            "OOMScoreAdjust", "CPUSchedulingPolicy", "CPUSchedulingPriority", "CPUSchedulingResetOnFork",
+    **_keys("process scheduling: not applied", "CPUSchedulingPolicy", "CPUSchedulingPriority", "CPUSchedulingResetOnFork",
             "CPUAffinity", "NUMAPolicy", "NUMAMask", "IOSchedulingClass", "IOSchedulingPriority",
             "SupplementaryGroups", "TimerSlackNSec", "Personality", "IgnoreSIGPIPE", "CoredumpFilter"),
     **_keys("directories: gitproc does not create them", "RuntimeDirectory", "StateDirectory", "CacheDirectory",
@@ -2080,6 +2138,37 @@ def resolve_run_as(user, group):
     return run_as
 
 
+class ProcessSetup:
+    """What a service's process sets on itself between fork and exec, before
+    it drops privileges: rlimits (resource number, soft, hard), umask, nice,
+    oom_score_adj. Empty (falsy) when there is nothing to set: then it may be
+    started with posix_spawn."""
+    __slots__ = ("rlimits", "umask", "nice", "oom_score_adjust")
+
+    def __init__(self, spec):
+        import resource
+        limits = {}
+        for name, soft, hard in spec.rlimits:         # the last Limit*= of a resource wins
+            limits[name] = (soft, hard)
+        self.rlimits = []
+        for name, (soft, hard) in sorted(limits.items()):
+            soft, hard = (resource.RLIM_INFINITY if v is None else v for v in (soft, hard))
+            if name == "NOFILE":                       # as systemd: no more than the kernel allows
+                soft, hard = (min(v if v != resource.RLIM_INFINITY else 1 << 62, _nr_open()) for v in (soft, hard))
+            self.rlimits.append((name, getattr(resource, "RLIMIT_" + name), soft, hard))
+        self.umask, self.nice, self.oom_score_adjust = spec.umask, spec.nice, spec.oom_score_adjust
+
+    def __bool__(self):
+        return bool(self.rlimits) or any(v is not None for v in (self.umask, self.nice, self.oom_score_adjust))
+
+
+def _nr_open():
+    try:
+        return int(_read_text("/proc/sys/fs/nr_open"))
+    except (OSError, ValueError):
+        return 1 << 20
+
+
 class CgroupSet:
     """The cgroups of one service: where its processes are listed (and joined),
     and what became of its limits."""
@@ -2407,7 +2496,7 @@ class Spawner:
         self.last_path = None             # how the last process was made: posix_spawn, clone3 or fork
         self.clone3 = None                # clone3 through ctypes, while the kernel takes it
 
-    def spawn(self, argv, program, env, cwd, log_path, run_as, cgroup=None, private_pids=False, wait=True):
+    def spawn(self, argv, program, env, cwd, log_path, run_as, cgroup=None, private_pids=False, wait=True, setup=None):
         """Returns (pid, report): the pid, and None once exec is known to have
         worked, or (wait=False, a forked child) the read end of its exec-error
         pipe, which the caller reads: EOF when exec worked, a message if it
@@ -2416,7 +2505,8 @@ class Spawner:
         fds = []                          # every fd opened here, closed in the finally
         try:
             fds.append(self._open_log(log_path))
-            if cwd == self.cwd and run_as.uid is None and run_as.gid is None and cgroup is None and not private_pids:
+            if cwd == self.cwd and run_as.uid is None and run_as.gid is None and cgroup is None and not private_pids \
+                    and not setup:
                 self.last_path = "posix_spawn"
                 try:
                     return os.posix_spawn(program, argv, env, file_actions=[
@@ -2434,7 +2524,8 @@ class Spawner:
                 pid = os.fork()
             join_files = cgroup.procs_files(born_in_v2=self.last_path == "clone3") if cgroup else ()
             if pid == 0:                  # child: only os calls from here to exec
-                self._exec_child(argv, program, env, cwd, log_fd, null_fd, err_w, run_as, join_files, private_pids)
+                self._exec_child(argv, program, env, cwd, log_fd, null_fd, err_w, run_as, join_files, private_pids,
+                                 setup)
             os.close(err_w)
             fds.remove(err_w)
             if not wait:
@@ -2493,7 +2584,7 @@ class Spawner:
         return pid
 
     @staticmethod
-    def _exec_child(argv, program, env, cwd, log_fd, null_fd, err_w, run_as, join_files, private_pids):
+    def _exec_child(argv, program, env, cwd, log_fd, null_fd, err_w, run_as, join_files, private_pids, setup):
         stage = "setsid"
         try:
             os.setsid()                   # own session and process group: pgid == pid
@@ -2515,6 +2606,23 @@ class Spawner:
             os.dup2(null_fd, 0)
             os.dup2(log_fd, 1)
             os.dup2(log_fd, 2)
+            if setup:                     # before dropping privileges: raising a limit needs them
+                import resource           # (imported in the daemon already: no import work here)
+                for name, number, soft, hard in setup.rlimits:
+                    stage = "Limit%s=" % name
+                    resource.setrlimit(number, (soft, hard))
+                if setup.umask is not None:
+                    os.umask(setup.umask)
+                if setup.nice is not None:
+                    stage = "Nice=%d" % setup.nice
+                    os.setpriority(os.PRIO_PROCESS, 0, setup.nice)
+                if setup.oom_score_adjust is not None:
+                    stage = "OOMScoreAdjust=%d" % setup.oom_score_adjust
+                    fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY)
+                    try:
+                        os.write(fd, b"%d" % setup.oom_score_adjust)
+                    finally:
+                        os.close(fd)
             if run_as.gid is not None:
                 stage = "Group="
                 if run_as.groups is not None:
@@ -3433,7 +3541,7 @@ class Launcher:
         # here after posix_spawn, a shell could fork an escapee first.
         pid, report = self.spawner.spawn(argv, path, env, cwd, self.config.service_log(service.name), run_as,
                                          group if group and group.folders else None, spec.private_pids,
-                                         wait=on_exec is None)
+                                         wait=on_exec is None, setup=ProcessSetup(spec))
         service.spawn_path = self.spawner.last_path
         self.exit_watcher.watch(pid, on_exit)
         if report is not None:

@@ -3070,20 +3070,53 @@ class OrderingKeysTests(unittest.TestCase):
         self.assertEqual(host.signals, [("web", signal.SIGTERM)], "no SIGKILL, however long")
 
 
+class ProcessSetupTests(SupervisionCase):
+    """Limit*=, UMask=, Nice=, OOMScoreAdjust=, seen in /proc."""
+
+    def test_limits_umask_nice_and_oom_score_adjust_apply_before_exec(self):
+        self.deploy({"lim.service": unit(SLEEPER, LimitNOFILE="1234:2345", LimitCORE="infinity",
+                                         LimitSTACK="4M", UMask="0027", Nice="7", OOMScoreAdjust="300"),
+                     "plain.service": unit(SLEEPER)})
+        pid = self.watch(self.home.running_pid("lim"))
+        self.watch(self.home.running_pid("plain"))
+        wait_until(lambda: argv_of(pid) == SLEEPER.split(), 3, "lim to exec")
+        limits = {line[:26].strip(): line[26:].split()[:2] for line in read_lines("/proc/%d/limits" % pid)[1:]}
+        self.assertEqual(limits["Max open files"], ["1234", "2345"])
+        self.assertEqual(limits["Max core file size"], ["unlimited", "unlimited"])
+        self.assertEqual(limits["Max stack size"], [str(4 << 20), str(4 << 20)])
+        status = dict(line.split(":", 1) for line in read_lines("/proc/%d/status" % pid) if ":" in line)
+        self.assertEqual(status["Umask"].strip(), "0027")
+        self.assertEqual(int(gitproc.read_proc_stat(pid)[16]), 7, "nice")
+        self.assertEqual(read_text("/proc/%d/oom_score_adj" % pid).strip(), "300")
+        detail = self.home.request({"cmd": "status", "names": ["lim"]})["services"][0]
+        self.assertNotEqual(detail["spawn"], "posix_spawn", "set up between fork and exec")
+        self.assertEqual(detail["not_applied"], [])
+
+    def test_bad_values_are_errors_naming_the_key(self):
+        for line, why in (("LimitNOFILE=10:5", "above the hard limit"), ("UMask=999", "octal"),
+                          ("Nice=40", "from -20 to 19"), ("OOMScoreAdjust=x", "from -1000 to 1000"),
+                          ("LimitNICE=+30", "nice value")):
+            with self.subTest(line=line):
+                spec, found = gitproc.parse_unit("web", "web.service", ("[Service]\nExecStart=/bin/true\n%s\n" % line).encode())
+                self.assertIsNone(spec)
+                self.assertIn(why, [d.message for d in found if d.severity == "error"][0])
+                self.assertTrue([d.message for d in found if d.severity == "error"][0].startswith(line.split("=")[0] + "="))
+
+
 class NotAppliedKeysTests(unittest.TestCase):
     """A systemd key gitproc does not apply is never dropped silently."""
 
     def test_check_names_each_key_not_applied_and_silent_keys_stay_silent(self):
         spec, found = gitproc.parse_unit("redis", "redis.service", (
             "[Unit]\nDocumentation=man:redis\nDefaultDependencies=no\n"
-            "[Service]\nExecStart=/bin/true\nProtectSystem=full\nLimitNOFILE=65535\nExecReload=/bin/kill -HUP $MAINPID\n"
+            "[Service]\nExecStart=/bin/true\nProtectSystem=full\nLimitNOFILE=65535\nSecureBits=keep-caps\nExecReload=/bin/kill -HUP $MAINPID\n"
             "MemoryAccounting=yes\n").encode())
         warnings = [d.message for d in found if d.severity == "warning"]
         self.assertEqual(warnings, [
             "not applied: ProtectSystem= (sandboxing: gitproc does not build this sandbox)",
-            "not applied: LimitNOFILE= (process limits and scheduling: not applied)",
+            "not applied: SecureBits= (sandboxing: gitproc does not build this sandbox)",
             "not applied: ExecReload= (not run: gitproc runs ExecStartPre= and ExecStart= only)"])
-        self.assertEqual(spec.not_applied, (("ProtectSystem", "full"), ("LimitNOFILE", "65535"),
+        self.assertEqual(spec.not_applied, (("ProtectSystem", "full"), ("SecureBits", "keep-caps"),
                                             ("ExecReload", "/bin/kill -HUP $MAINPID")))
 
     def test_status_lists_what_is_not_applied(self):
