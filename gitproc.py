@@ -57,6 +57,7 @@ DEFAULT_RESTART_SEC = 0.1
 MAX_RESTART_DELAY = 30.0
 BACKOFF_RESET_UPTIME = 10.0
 DEFAULT_TIMEOUT_STOP_SEC = 10.0
+DEFAULT_TIMEOUT_START_SEC = 90.0     # systemd's DefaultTimeoutStartSec=
 DEFAULT_START_LIMIT_INTERVAL = 10.0
 DEFAULT_START_LIMIT_BURST = 5
 
@@ -68,6 +69,8 @@ LOG_CHECK_INTERVAL = 5.0            # how often service log sizes are checked
 POLL_FALLBACK_INTERVAL = 0.2        # exit polling where pidfds and SIGCHLD fail
 RUN_AS_CACHE_SECONDS = 5.0
 CGROUP_LINGER = 10.0                # a stopped service's cgroups are removed after this
+PID_FILE_POLL_INTERVAL = 0.02       # how often a forking unit's PIDFile= is looked for
+MAX_STATUS_TEXT = 512               # of an sd_notify STATUS=, kept for status
 
 MAX_REQUEST_BYTES = 64 * 1024
 MAX_PENDING_REPLY = 256 * 1024      # replies a client has not read before it is read from again
@@ -340,6 +343,12 @@ def _unlink_quietly(path):
         pass
 
 
+def remove_tree(path):
+    """Remove a folder and what it holds, quietly (it may be gone already)."""
+    import shutil
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def makedirs(path, mode=0o755):
     os.makedirs(path, mode=mode, exist_ok=True)
 
@@ -436,10 +445,11 @@ def find_program(program, path_env):
 
 class Diagnostic:
     """One problem in user input, reported as data: 'file:line: severity: message'."""
-    __slots__ = ("path", "line", "severity", "message")
+    __slots__ = ("path", "line", "severity", "message", "unit")
 
-    def __init__(self, path, line, severity, message):
+    def __init__(self, path, line, severity, message, unit=None):
         self.path, self.line, self.severity, self.message = path, line, severity, message
+        self.unit = unit                  # the unit it concerns, where the file is not its own (drop-ins, templates)
 
     def __str__(self):
         return "%s:%d: %s: %s" % (self.path, self.line, self.severity, self.message)
@@ -450,15 +460,24 @@ class Diagnostic:
 
 
 class ExecCommand:
-    """One Exec*= line: the program, argv (with $VAR still unexpanded) and whether
-    a failure is ignored (a leading '-')."""
-    __slots__ = ("argv", "ignore_failure", "program")
+    """One Exec*= line: the program, argv (with $VAR still unexpanded) and its
+    prefixes (systemd.service(5)): '-' a failure is ignored, '+' runs with
+    full privileges (no User=, no sandbox), '!' runs without the user change
+    only, ':' no variable expansion ('@' only moves argv[0], seen in argv)."""
+    __slots__ = ("argv", "ignore_failure", "program", "privileged", "expand")
 
-    def __init__(self, program, argv, ignore_failure):
+    def __init__(self, program, argv, ignore_failure, privileged=None, expand=True):
         self.program, self.argv, self.ignore_failure = program, tuple(argv), ignore_failure
+        self.privileged = privileged      # None, "+" or "!"
+        self.expand = expand
+
+    def key(self):
+        """What the command means, for comparing two versions of a unit."""
+        return (self.program, self.argv, self.ignore_failure, self.privileged, self.expand)
 
     def __str__(self):
-        return ("-" if self.ignore_failure else "") + " ".join(self.argv)
+        return (("-" if self.ignore_failure else "") + (self.privileged or "") + ("" if self.expand else ":")
+                + " ".join(self.argv))
 
 
 class UnitSpec:
@@ -470,7 +489,11 @@ class UnitSpec:
         "description": "", "after": (), "requires": (), "before": (), "wants": (), "condition_host": (),
         "start_limit_interval": DEFAULT_START_LIMIT_INTERVAL,
         "start_limit_burst": DEFAULT_START_LIMIT_BURST,
-        "type": "simple", "exec_start": (), "exec_start_pre": (),
+        "type": "simple", "exec_start": (), "exec_start_pre": (), "exec_start_post": (),
+        "exec_condition": (), "exec_reload": (), "exec_stop": (), "exec_stop_post": (),
+        "pid_file": None, "notify_access": None, "watchdog_sec": 0.0, "reload_signal": int(signal.SIGHUP),
+        "remain_after_exit": False, "timeout_start_sec": None,
+        "success_exit_status": (), "restart_prevent_exit_status": (), "restart_force_exit_status": (),
         "working_directory": None, "user": None, "group": None,
         "environment": (), "environment_files": (),
         "restart": "no", "restart_sec": DEFAULT_RESTART_SEC,
@@ -482,12 +505,16 @@ class UnitSpec:
         "health_check_start_period": 0.0,
         "private_pids": False, "auto_rollback": False,
         "rlimits": (), "umask": None, "nice": None, "oom_score_adjust": None,
+        "directories": (),              # (kind, relative path) of RuntimeDirectory= and the like
+        "directory_modes": (),          # (kind, mode) of RuntimeDirectoryMode= and the like
+        "runtime_directory_preserve": "no",
         "not_applied": (),              # (Key, value) of systemd keys gitproc does not apply
     }
-    __slots__ = ("name", "path", "blob") + tuple(FIELDS)
+    __slots__ = ("name", "path", "blob", "sources") + tuple(FIELDS)
 
     def __init__(self, name, path, blob="", **values):
         self.name, self.path, self.blob = name, path, blob
+        self.sources = (path,)            # the files it was read from: its own (or template's), drop-ins
         for field, default in self.FIELDS.items():
             setattr(self, field, values.pop(field, default))
         if values:
@@ -499,15 +526,31 @@ class UnitSpec:
         values = {}
         for field in self.FIELDS:
             value = getattr(self, field)
-            if field in ("exec_start", "exec_start_pre"):
-                value = tuple((c.program, c.argv, c.ignore_failure) for c in value)
+            if field in EXEC_FIELDS:
+                value = tuple(c.key() for c in value)
             values[field] = value
         return values
 
+    def start_timeout(self):
+        """TimeoutStartSec=: seconds, or None for no limit (0 and infinity;
+        by default a oneshot has none, as in systemd)."""
+        timeout = self.timeout_start_sec
+        if timeout is None:
+            timeout = float("inf") if self.type == "oneshot" else DEFAULT_TIMEOUT_START_SEC
+        return None if timeout in (0, float("inf")) else timeout
 
-RESTART_POLICIES = ("no", "always", "on-success", "on-failure", "on-abnormal", "on-abort")
-SERVICE_TYPES = ("simple", "exec", "oneshot")
-TYPES_RUN_AS_SIMPLE = ("notify", "notify-reload", "idle", "dbus")
+    def notify_accepted_from(self):
+        """NotifyAccess=, with systemd's default: main for notify units, else none."""
+        return self.notify_access or ("main" if self.type in NOTIFY_TYPES else "none")
+
+
+EXEC_FIELDS = ("exec_condition", "exec_start_pre", "exec_start", "exec_start_post", "exec_reload",
+               "exec_stop", "exec_stop_post")
+RESTART_POLICIES = ("no", "always", "on-success", "on-failure", "on-abnormal", "on-abort", "on-watchdog")
+SERVICE_TYPES = ("simple", "exec", "oneshot", "notify", "notify-reload", "forking")
+NOTIFY_TYPES = ("notify", "notify-reload")
+TYPES_RUN_AS_SIMPLE = ("idle", "dbus")
+NOTIFY_ACCESS = ("none", "main", "exec", "all")
 KILL_MODES = ("control-group", "mixed", "process")
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _ESCAPES = {"a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t",
@@ -584,14 +627,18 @@ def _unescape_one(text, pos):
     return char, pos + 2
 
 
-def expand_specifiers(value, unit_name):
-    """systemd's %-specifiers that make sense here: %n %N %p %i %I %%.
-    Returns (text, unknown) where unknown lists specifiers left as they were."""
+def expand_specifiers(value, unit_name, context):
+    """systemd's %-specifiers (systemd.unit(5)); `context` brings those of
+    the machine and the daemon's user (specifier_context()). Returns (text,
+    unknown) where unknown lists specifiers left as they were."""
     if "%" not in value:
         return value, []
-    prefix, _, instance = unit_name.partition("@")
-    table = {"n": unit_name + UNIT_SUFFIX, "N": unit_name, "p": prefix,
-             "i": instance, "I": instance, "%": "%"}
+    prefix, at, instance = unit_name.partition("@")
+    dash_prefix = prefix.rsplit("-", 1)[0] if "-" in prefix else prefix
+    table = {"n": unit_name + UNIT_SUFFIX, "N": unit_name, "p": prefix, "P": unescape_unit_name(prefix),
+             "i": instance, "I": unescape_unit_name(instance), "j": dash_prefix, "J": unescape_unit_name(dash_prefix),
+             "f": "/" + unescape_unit_name(instance if at else prefix).lstrip("/"), "%": "%"}
+    table.update(context)
     unknown = []
 
     def replace(match):
@@ -621,20 +668,46 @@ def _parse_exec(value):
     words = split_words(value)
     if not words:
         raise ValueError("empty command")
-    program, ignore_failure = words[0], False
+    program, ignore_failure, privileged, expand = words[0], False, None, True
     argv0_separate = False
     while program and program[0] in "-@:+!":
         if program[0] == "-":
             ignore_failure = True
         elif program[0] == "@":
             argv0_separate = True
+        elif program[0] == ":":
+            expand = False
+        elif program[0] == "+":
+            privileged = "+"
+        elif privileged is None:          # '!' (and '!!'): only the user change is skipped
+            privileged = "!"
         program = program[1:]
     if not program:
         raise ValueError("no program in %r" % value)
     argv = words[1:] if argv0_separate else [program] + words[1:]
     if not argv:
         raise ValueError("'@' needs the program and argv[0]")
-    return ExecCommand(program, argv, ignore_failure)
+    return ExecCommand(program, argv, ignore_failure, privileged, expand)
+
+
+def _parse_exit_statuses(value):
+    """SuccessExitStatus= and the like: exit codes (0-255) and signal names,
+    as ("code", N) / ("signal", N)."""
+    statuses = []
+    for word in value.split():
+        if word.isdigit():
+            if int(word) > 255:
+                raise ValueError("exit code %s is above 255" % word)
+            statuses.append(("code", int(word)))
+        else:
+            statuses.append(("signal", parse_signal(word)))
+    return tuple(statuses)
+
+
+def _parse_pid_file(value):
+    if not value.startswith("/"):
+        raise ValueError("PIDFile= needs an absolute path, not %r" % value)
+    return os.path.normpath(value)
 
 
 def _parse_environment(value):
@@ -675,7 +748,7 @@ def _parse_type(value):
         return value
     if value in TYPES_RUN_AS_SIMPLE:
         return "simple"
-    raise ValueError("Type=%s is not supported (use simple, exec or oneshot)" % value)
+    raise ValueError("Type=%s is not supported (use %s)" % (value, ", ".join(SERVICE_TYPES)))
 
 
 def _parse_count(value):
@@ -754,9 +827,38 @@ def _parse_rlimit(key):
     return parse
 
 
+# RuntimeDirectory= and its kin: the specifier of the folder each lives in
+# (/run, /var/lib, ... for a root daemon; the XDG folders otherwise), and the
+# variable that tells the service where it is (systemd.exec(5)).
+DIRECTORY_KEYS = {"Runtime": "t", "State": "S", "Cache": "C", "Logs": "L", "Configuration": "E"}
+DIRECTORY_VARIABLES = {"t": "RUNTIME_DIRECTORY", "S": "STATE_DIRECTORY", "C": "CACHE_DIRECTORY",
+                       "L": "LOGS_DIRECTORY", "E": "CONFIGURATION_DIRECTORY"}
+
+
+def _parse_directories(kind):
+    def parse(value):
+        found = []
+        for word in split_words(value):
+            path = word.split(":", 1)[0]          # "path:symlink" makes a symlink too; the folder is what matters
+            if path.startswith("/") or ".." in path.split("/") or not path:
+                raise ValueError("%r must be a relative path below its folder, without '..'" % word)
+            found.append((kind, os.path.normpath(path)))
+        return tuple(found)
+    return parse
+
+
+def _parse_directory_mode(kind):
+    return lambda value: ((kind, _parse_umask(value)),)
+
+
+def _parse_preserve(value):
+    """RuntimeDirectoryPreserve=: yes, no (booleans too) or restart."""
+    return "restart" if value == "restart" else ("yes" if parse_bool(value) else "no")
+
+
 def _parse_umask(value):
     if not re.match(r"[0-7]{1,4}\Z", value):
-        raise ValueError("UMask= takes an octal mode such as 0027, not %r" % value)
+        raise ValueError("takes an octal mode such as 0027, not %r" % value)
     return int(value, 8)
 
 
@@ -789,6 +891,21 @@ DIRECTIVES = {
     ("Service", "Type"): ("type", _parse_type, "one"),
     ("Service", "ExecStart"): ("exec_start", lambda v: (_parse_exec(v),), "list"),
     ("Service", "ExecStartPre"): ("exec_start_pre", lambda v: (_parse_exec(v),), "list"),
+    ("Service", "ExecStartPost"): ("exec_start_post", lambda v: (_parse_exec(v),), "list"),
+    ("Service", "ExecCondition"): ("exec_condition", lambda v: (_parse_exec(v),), "list"),
+    ("Service", "ExecReload"): ("exec_reload", lambda v: (_parse_exec(v),), "list"),
+    ("Service", "ExecStop"): ("exec_stop", lambda v: (_parse_exec(v),), "list"),
+    ("Service", "ExecStopPost"): ("exec_stop_post", lambda v: (_parse_exec(v),), "list"),
+    ("Service", "PIDFile"): ("pid_file", _parse_pid_file, "one"),
+    ("Service", "NotifyAccess"): ("notify_access", _parse_choice(NOTIFY_ACCESS), "one"),
+    ("Service", "WatchdogSec"): ("watchdog_sec", parse_timespan, "one"),
+    ("Service", "ReloadSignal"): ("reload_signal", parse_signal, "one"),
+    ("Service", "RemainAfterExit"): ("remain_after_exit", parse_bool, "one"),
+    ("Service", "TimeoutStartSec"): ("timeout_start_sec", parse_timespan, "one"),
+    ("Service", "TimeoutSec"): (("timeout_start_sec", "timeout_stop_sec"), parse_timespan, "one"),
+    ("Service", "SuccessExitStatus"): ("success_exit_status", _parse_exit_statuses, "list"),
+    ("Service", "RestartPreventExitStatus"): ("restart_prevent_exit_status", _parse_exit_statuses, "list"),
+    ("Service", "RestartForceExitStatus"): ("restart_force_exit_status", _parse_exit_statuses, "list"),
     ("Service", "WorkingDirectory"): ("working_directory", _parse_working_directory, "one"),
     ("Service", "User"): ("user", _parse_user, "one"),
     ("Service", "Group"): ("group", _parse_user, "one"),
@@ -810,18 +927,24 @@ DIRECTIVES = {
     ("Service", "PrivatePIDs"): ("private_pids", parse_bool, "one"),
     ("Service", "AutoRollback"): ("auto_rollback", parse_bool, "one"),
     ("Service", "UMask"): ("umask", _parse_umask, "one"),
+    ("Service", "RuntimeDirectoryPreserve"): ("runtime_directory_preserve", _parse_preserve, "one"),
     ("Service", "Nice"): ("nice", _parse_int_range(-20, 19), "one"),
     ("Service", "OOMScoreAdjust"): ("oom_score_adjust", _parse_int_range(-1000, 1000), "one"),
 }
 DIRECTIVES.update({("Service", key): ("rlimits", _parse_rlimit(key), "list") for key in RLIMIT_KEYS})
+DIRECTIVES.update({("Service", key + "Directory"): ("directories", _parse_directories(kind), "list")
+                   for key, kind in DIRECTORY_KEYS.items()})
+DIRECTIVES.update({("Service", key + "DirectoryMode"): ("directory_modes", _parse_directory_mode(kind), "list")
+                   for key, kind in DIRECTORY_KEYS.items()})
 KNOWN_SECTIONS = ("Unit", "Service", "Install")
 # The key that names each field, for `diff` (the first one of the table wins).
-FIELD_KEYS = {field: key + "=" for (_, key), (field, _, _) in reversed(list(DIRECTIVES.items()))}
+FIELD_KEYS = {field: key + "=" for (_, key), (field, _, _) in reversed(list(DIRECTIVES.items()))
+              if isinstance(field, str)}
 FIELD_KEYS["not_applied"] = "keys not applied"
 FIELD_KEYS["rlimits"] = "Limit*="
 # Values run through %-specifier expansion (the others are names, numbers, paths).
-_SPECIFIER_FIELDS = {"description", "exec_start", "exec_start_pre", "environment",
-                     "environment_files", "working_directory", "user", "group"}
+_SPECIFIER_FIELDS = {"description", "environment", "environment_files", "working_directory", "user", "group",
+                     "pid_file"} | set(EXEC_FIELDS)
 # Keys accepted without a word: they only document the unit.
 SILENT_KEYS = {("Unit", key) for key in (
     "Documentation", "DefaultDependencies", "IgnoreOnIsolate", "AllowIsolate", "CollectMode", "SourcePath",
@@ -855,9 +978,6 @@ NOT_APPLIED_KEYS = dict(
     **_keys("process scheduling: not applied", "CPUSchedulingPolicy", "CPUSchedulingPriority", "CPUSchedulingResetOnFork",
             "CPUAffinity", "NUMAPolicy", "NUMAMask", "IOSchedulingClass", "IOSchedulingPriority",
             "SupplementaryGroups", "TimerSlackNSec", "Personality", "IgnoreSIGPIPE", "CoredumpFilter"),
-    **_keys("directories: gitproc does not create them", "RuntimeDirectory", "StateDirectory", "CacheDirectory",
-            "LogsDirectory", "ConfigurationDirectory", "RuntimeDirectoryMode", "StateDirectoryMode",
-            "CacheDirectoryMode", "LogsDirectoryMode", "ConfigurationDirectoryMode", "RuntimeDirectoryPreserve"),
     **_keys("output: the unit's log is used", "StandardInput", "StandardOutput", "StandardError",
             "StandardInputText", "StandardInputData", "SyslogIdentifier", "SyslogFacility", "SyslogLevel",
             "SyslogLevelPrefix", "LogLevelMax", "LogExtraFields", "LogRateLimitIntervalSec", "LogRateLimitBurst",
@@ -867,12 +987,8 @@ NOT_APPLIED_KEYS = dict(
             "IODeviceWeight", "IOReadBandwidthMax", "IOWriteBandwidthMax", "IOReadIOPSMax", "IOWriteIOPSMax",
             "AllowedCPUs", "AllowedMemoryNodes", "Delegate", "ManagedOOMSwap", "ManagedOOMMemoryPressure",
             "ManagedOOMPreference", "BlockIOWeight", "CPUQuotaPeriodSec"),
-    **_keys("not run: gitproc runs ExecStartPre= and ExecStart= only", "ExecStartPost", "ExecReload",
-            "ExecStop", "ExecStopPost", "ExecCondition"),
-    **_keys("service behaviour gitproc does not have yet", "PIDFile", "RemainAfterExit", "TimeoutStartSec",
-            "TimeoutSec", "TimeoutAbortSec", "RuntimeMaxSec", "WatchdogSec", "NotifyAccess", "BusName",
-            "SuccessExitStatus", "RestartPreventExitStatus", "RestartForceExitStatus", "RestartMode",
-            "RestartSteps", "RestartMaxDelaySec", "ReloadSignal", "ExitType", "OOMPolicy", "FileDescriptorStoreMax",
+    **_keys("service behaviour gitproc does not have yet", "TimeoutAbortSec", "RuntimeMaxSec", "BusName",
+            "RestartMode", "RestartSteps", "RestartMaxDelaySec", "ExitType", "OOMPolicy", "FileDescriptorStoreMax",
             "Sockets", "RestartKillSignal", "SendSIGHUP", "SendSIGKILL", "FinalKillSignal", "WatchdogSignal",
             "LoadCredential", "LoadCredentialEncrypted", "SetCredential", "SetCredentialEncrypted", "PAMName",
             "UtmpIdentifier", "UtmpMode", "RootDirectoryStartOnly", "PermissionsStartOnly"),
@@ -916,35 +1032,72 @@ def _logical_lines(text):
         yield start, " ".join(pending)
 
 
-def parse_unit(name, path, data, blob=""):
-    """Parse a unit file's bytes. Returns (UnitSpec or None, [Diagnostic]); the
-    spec is None when any error was found. Never raises on bad input."""
+def parse_unit(name, path, data, blob="", context=None):
+    """Parse a unit: the bytes of its file, or [(path, bytes)] of its file
+    (or template) and its drop-ins, read in that order. Returns (UnitSpec or
+    None, [Diagnostic]); the spec is None when any error was found. Never
+    raises on bad input. `context`: the machine's specifiers (by default
+    this machine's, see specifier_context)."""
     diagnostics = []
+    parts = [(path, data)] if isinstance(data, bytes) else list(data)
+    where = [parts[0][0]]                 # the file being read
 
-    def report(line, severity, message):
-        diagnostics.append(Diagnostic(path, line, severity, message))
+    def report(location, severity, message):
+        source, line = location if isinstance(location, tuple) else (where[0], location)
+        diagnostics.append(Diagnostic(source, line, severity, message))
 
     problem = unit_name_problem(name)
     if problem:
-        report(1, "error", problem)
+        report((path, 1), "error", problem)
         return None, diagnostics
+    if context is None:
+        context = specifier_context()
+    texts = []
+    for part_path, part_data in parts:
+        where[0] = part_path
+        text = _unit_text(part_data, report)
+        if text is None:
+            return None, diagnostics
+        texts.append((part_path, text))
+    return _parse_texts(name, path, blob, texts, context, report, where, diagnostics)
+
+
+def _unit_text(data, report):
+    """The text of one unit file, or None (with the error reported)."""
     if len(data) > MAX_UNIT_FILE_BYTES:
         report(1, "error", "file is %d bytes; unit files are limited to %d" % (len(data), MAX_UNIT_FILE_BYTES))
-        return None, diagnostics
+        return None
     if b"\0" in data:
         report(data.count(b"\n", 0, data.index(b"\0")) + 1, "error", "file contains NUL bytes: not a text unit file")
-        return None, diagnostics
+        return None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         report(data.count(b"\n", 0, exc.start) + 1, "error", "not UTF-8 text (byte %d)" % exc.start)
+        return None
+    return text[1:] if text.startswith("\ufeff") else text
+
+
+def _parse_texts(name, path, blob, texts, context, report, where, diagnostics):
+    values, warned_sections, not_applied = {}, set(), []
+    lines_of = {"exec_start": (texts[0][0], 1)}     # where a whole-unit problem is reported
+    for part_path, text in texts:
+        where[0] = part_path
+        _read_lines_into(values, lines_of, not_applied, warned_sections, name, text, context, report, part_path)
+    _validate_unit(values, lines_of, report)
+    if any(d.severity == "error" for d in diagnostics):
         return None, diagnostics
-    if text.startswith("\ufeff"):
-        text = text[1:]
+    if not_applied:
+        values["not_applied"] = tuple(not_applied)
+    spec = UnitSpec(name, path, blob, **values)
+    spec.sources = tuple(part for part, _ in texts)
+    return spec, diagnostics
 
-    values, section, warned_sections, not_applied = {}, None, set(), []
-    lines_of = {"exec_start": 1}          # where a whole-unit problem is reported
 
+def _read_lines_into(values, lines_of, not_applied, warned_sections, name, text, context, report, part_path):
+    """One file's assignments, on top of what earlier files set (a drop-in
+    starts with no section, as in systemd)."""
+    section = None
     for line_number, line in _logical_lines(text):
         if line.startswith("["):
             if not line.endswith("]"):
@@ -953,7 +1106,7 @@ def parse_unit(name, path, data, blob=""):
                 continue
             section = line[1:-1].strip()
             if section == "Service" and "exec_start" not in values:
-                lines_of["exec_start"] = line_number
+                lines_of["exec_start"] = (part_path, line_number)
             if section not in KNOWN_SECTIONS and not section.startswith("X-") and section not in warned_sections:
                 warned_sections.add(section)
                 report(line_number, "warning", "unknown section [%s], ignored" % section)
@@ -980,12 +1133,14 @@ def parse_unit(name, path, data, blob=""):
             continue
         field, parse, kind = directive
         if field in _SPECIFIER_FIELDS:
-            value, unknown = expand_specifiers(value, name)
+            value, unknown = expand_specifiers(value, name, context)
             for specifier in unknown:
                 report(line_number, "warning", "%s=: specifier %s is not supported, kept as written" % (key, specifier))
+        fields = field if isinstance(field, tuple) else (field,)     # TimeoutSec= sets two
         if not value:
-            values.pop(field, None)
-            lines_of[field] = line_number
+            for one in fields:
+                values.pop(one, None)
+                lines_of[one] = (part_path, line_number)
             continue
         try:
             parsed = parse(value)
@@ -993,19 +1148,14 @@ def parse_unit(name, path, data, blob=""):
             report(line_number, "error", "%s=: %s" % (key, exc))
             continue
         if field == "type" and value in TYPES_RUN_AS_SIMPLE:
-            report(line_number, "warning", "Type=%s runs as Type=simple: gitproc does not wait for a readiness signal" % value)
+            report(line_number, "warning", "Type=%s runs as Type=simple%s" % (
+                value, ": BusName= is not waited for" if value == "dbus" else ""))
         if parse is _parse_unit_names and other_unit_names(value):
             report(line_number, "warning", "%s=: %s not a service; other unit types are accepted and ignored" % (
                 key, ", ".join(other_unit_names(value)) + (" is" if len(other_unit_names(value)) == 1 else " are")))
-        values[field] = values.get(field, ()) + parsed if kind == "list" else parsed
-        lines_of[field] = line_number
-
-    _validate_unit(values, lines_of, report)
-    if any(d.severity == "error" for d in diagnostics):
-        return None, diagnostics
-    if not_applied:
-        values["not_applied"] = tuple(not_applied)
-    return UnitSpec(name, path, blob, **values), diagnostics
+        for one in fields:
+            values[one] = values.get(one, ()) + parsed if kind == "list" else parsed
+            lines_of[one] = (part_path, line_number)
 
 
 def _validate_unit(values, lines_of, report):
@@ -1018,6 +1168,12 @@ def _validate_unit(values, lines_of, report):
                "%d ExecStart= commands: only Type=oneshot may have more than one" % len(commands))
     if values.get("type") == "oneshot" and values.get("restart") in ("always", "on-success"):
         report(lines_of["restart"], "error", "Restart=%s is not allowed with Type=oneshot (use on-failure)" % values["restart"])
+    if values.get("pid_file") and values.get("type", "simple") != "forking":
+        report(lines_of["pid_file"], "warning", "PIDFile= is read for Type=forking only: the main process "
+               "of this unit is the one gitproc starts (the file is removed once it stopped, as systemd does)")
+    if values.get("remain_after_exit") and values.get("restart", "no") != "no":
+        report(lines_of["remain_after_exit"], "warning", "RemainAfterExit=yes with Restart=%s: a clean exit "
+               "is restarted, not remembered" % values["restart"])
     if values.get("start_limit_burst", 1) < 1:
         report(lines_of["start_limit_burst"], "error", "StartLimitBurst= must be at least 1")
     for field, key in (("restart_sec", "RestartSec"), ("health_check_interval", "HealthCheckInterval"),
@@ -1026,15 +1182,19 @@ def _validate_unit(values, lines_of, report):
             report(lines_of[field], "error", "%s= cannot be infinity" % key)
 
 
-def check_unit_tree(entries, cache=None):
-    """Parse many unit files: entries are (name, path, data, blob). Returns
-    ({name: UnitSpec}, [Diagnostic]); duplicate names are all rejected. With a
-    `cache` ({(path, blob): parse result}), a file already parsed is not parsed
+def check_unit_tree(entries, cache=None, problems=(), context=None):
+    """Parse many units: entries are (name, path, data, blob), data the bytes
+    of the file or [(path, bytes)] of its sources (see compose_units).
+    Returns ({name: UnitSpec}, [Diagnostic]); duplicate names are all
+    rejected; `problems` (of composing the tree) come first. With a `cache`
+    ({(path, blob): parse result}), a unit already parsed is not parsed
     again (its data may then be None), and new results are added to it."""
     paths_of = {}
     for name, path, _, _ in entries:
         paths_of.setdefault(name, []).append(path)
-    specs, diagnostics = {}, []
+    specs, diagnostics = {}, list(problems)
+    if context is None:
+        context = specifier_context()
     for name, path, data, blob in entries:
         if len(paths_of[name]) > 1:
             others = ", ".join(p for p in paths_of[name] if p != path)
@@ -1042,10 +1202,12 @@ def check_unit_tree(entries, cache=None):
             continue
         parsed = cache.get((path, blob)) if cache is not None and blob else None
         if parsed is None:
-            parsed = parse_unit(name, path, data, blob)
+            parsed = parse_unit(name, path, data, blob, context)
             if cache is not None and blob:
                 cache[(path, blob)] = parsed
         spec, found = parsed
+        for diagnostic in found:
+            diagnostic.unit = name
         diagnostics.extend(found)
         if spec is not None:
             specs[name] = spec
@@ -1130,6 +1292,98 @@ def load_environment_file(path):
                     value = _unescape(value)
             pairs.append((name, value))
     return pairs
+
+
+# ---- templates, drop-ins and specifiers ------------------------------------------
+# A tree's unit files become units (systemd.unit(5)): NAME.service is one;
+# NAME@.service is a template, and NAME@INSTANCE.service an instance of it
+# when it is a symlink to the template (as `systemctl enable` makes) or empty;
+# NAME.service.d/*.conf (and NAME@.service.d/*.conf for every instance) are
+# read after the unit in file-name order, a drop-in of the same name in the
+# instance's own folder replacing the template's. A unit's sources are its
+# file (or its template) and those drop-ins; `blob` joins their object ids,
+# so a change to any of them is a change of the unit.
+
+DROP_IN_SUFFIX = UNIT_SUFFIX + ".d"
+
+
+def compose_units(files, link_target, lone_templates=False):
+    """files: (path, is_symlink, size, object id) of the *.service files and
+    *.service.d/*.conf drop-ins of a tree; link_target(object id) -> a
+    symlink's target. Returns ([(name, path, [(source path, object id)],
+    blob)], [Diagnostic]). Pure apart from link_target. `lone_templates`
+    (for check): a template without an instance is read as one whose
+    instance name is empty."""
+    units, templates, instances, drop_ins, problems = [], {}, [], {}, []
+    for path, is_link, size, object_id in files:
+        base, folder = os.path.basename(path), os.path.basename(os.path.dirname(path))
+        if folder.endswith(DROP_IN_SUFFIX) and base.endswith(".conf"):
+            if not is_link:
+                drop_ins.setdefault(folder[:-len(".d")], {})[base] = (path, object_id)
+            continue
+        if not base.endswith(UNIT_SUFFIX):
+            continue
+        name = base[:-len(UNIT_SUFFIX)]
+        if name.endswith("@"):
+            templates.setdefault(name, (path, object_id))
+        elif "@" in name and (size == 0 or (is_link and os.path.basename(link_target(object_id)) ==
+                                            name.partition("@")[0] + "@" + UNIT_SUFFIX)):
+            instances.append((name, path))
+        elif not is_link:                 # another symlink is an alias: not a unit of its own
+            units.append((name, path, [(path, object_id)]))
+    for name, path in instances:
+        template = templates.get(name.partition("@")[0] + "@")
+        if template is None:
+            problems.append(Diagnostic(path, 1, "error", "%s is an instance of %s, which is not in the repository" % (
+                name + UNIT_SUFFIX, name.partition("@")[0] + "@" + UNIT_SUFFIX)))
+            continue
+        units.append((name, path, [template]))
+    if lone_templates:
+        instantiated = {name.partition("@")[0] + "@" for name, _ in instances}
+        units += [(name, path, [(path, object_id)]) for name, (path, object_id) in sorted(templates.items())
+                  if name not in instantiated]
+    composed = []
+    for name, path, sources in units:
+        found = dict(drop_ins.get(name.partition("@")[0] + "@" + UNIT_SUFFIX, {})) if "@" in name else {}
+        found.update(drop_ins.get(name + UNIT_SUFFIX, {}))
+        sources = sources + [found[base] for base in sorted(found)]
+        composed.append((name, path, sources, "+".join(object_id for _, object_id in sources)))
+    return composed, problems
+
+
+def specifier_context(config=None):
+    """The values of the specifiers that come from the machine and the
+    daemon's user (systemd.unit(5) "Specifiers"): root's paths for a root
+    daemon, the XDG ones otherwise."""
+    import pwd
+    uid = os.geteuid()
+    try:
+        entry = pwd.getpwuid(uid)
+        user, home, shell, gid = entry.pw_name, entry.pw_dir, entry.pw_shell, entry.pw_gid
+    except KeyError:
+        user, home, shell, gid = str(uid), "/", "/bin/sh", os.getegid()
+    try:
+        import grp
+        group = grp.getgrgid(gid).gr_name
+    except KeyError:
+        group = str(gid)
+    host = socket.gethostname()
+    if uid == 0:
+        paths = {"t": "/run", "S": "/var/lib", "C": "/var/cache", "L": "/var/log", "E": "/etc"}
+    else:
+        state = os.environ.get("XDG_STATE_HOME") or os.path.join(home, ".local", "state")
+        paths = {"t": os.environ.get("XDG_RUNTIME_DIR") or "/run/user/%d" % uid, "S": state,
+                 "C": os.environ.get("XDG_CACHE_HOME") or os.path.join(home, ".cache"),
+                 "L": os.path.join(state, "log"), "E": os.environ.get("XDG_CONFIG_HOME") or os.path.join(home, ".config")}
+    paths.update({"H": host, "l": host.split(".")[0], "u": user, "U": str(uid), "g": group, "G": str(gid),
+                  "h": home, "s": shell, "T": os.environ.get("TMPDIR") or "/tmp", "V": "/var/tmp"})
+    return paths
+
+
+def unescape_unit_name(text):
+    """systemd's unescaping of a name part (%I, %J, %f): '-' is '/', \\xNN a byte."""
+    text = text.replace("-", "/")
+    return re.sub(r"\\x([0-9a-fA-F]{2})", lambda m: chr(int(m.group(1), 16)), text)
 
 
 # ==== 5. configuration and paths =============================================
@@ -1652,34 +1906,44 @@ class RefWatcher:
 
 
 def git_read_units(repo, commit, known=()):
-    """Every *.service file in the tree of `commit`, as (name, path, data, blob);
-    data is None for the (path, blob) pairs in `known` (already parsed)."""
-    listing = run_git(repo, ["ls-tree", "-r", "-z", "--full-tree", commit])
-    wanted = []
+    """The units of the tree of `commit` (see compose_units): ([(name, path,
+    data, blob)], [Diagnostic]), data the [(path, bytes)] of its sources, or
+    None for the (path, blob) pairs in `known` (already parsed)."""
+    listing = run_git(repo, ["ls-tree", "-r", "-z", "-l", "--full-tree", commit])
+    files = []
     for entry in listing.split(b"\0"):
         if not entry:
             continue
         meta, _, path = entry.partition(b"\t")
-        mode, kind, blob = meta.split()
+        mode, kind, blob, size = meta.split()
         path = path.decode("utf-8", "replace")
-        if kind == b"blob" and path.endswith(UNIT_SUFFIX) and mode != b"120000":
-            wanted.append((os.path.basename(path)[:-len(UNIT_SUFFIX)], path, blob.decode()))
-    entries = [(name, path, None, blob) for name, path, blob in wanted if (path, blob) in known]
-    wanted = [(name, path, blob) for name, path, blob in wanted if (path, blob) not in known]
-    if not wanted:
-        return entries
-    output = run_git(repo, ["cat-file", "--batch"], input_data="".join(b + "\n" for _, _, b in wanted).encode())
-    pos = 0
-    for name, path, blob in wanted:
+        if kind == b"blob" and (path.endswith(UNIT_SUFFIX) or (path.endswith(".conf") and
+                                                                os.path.dirname(path).endswith(DROP_IN_SUFFIX))):
+            files.append((path, mode == b"120000", int(size) if size.isdigit() else -1, blob.decode()))
+    links = _git_blobs(repo, [blob for path, is_link, _, blob in files if is_link and path.endswith(UNIT_SUFFIX)])
+    composed, problems = compose_units(files, lambda blob: links.get(blob, b"").decode("utf-8", "replace"))
+    wanted = [unit for unit in composed if (unit[1], unit[3]) not in known]
+    contents = _git_blobs(repo, sorted({blob for _, _, sources, _ in wanted for _, blob in sources}))
+    entries = [(name, path, None if (path, blob) in known else [(source, contents[object_id]) for source, object_id in sources],
+                blob) for name, path, sources, blob in composed]
+    return entries, problems
+
+
+def _git_blobs(repo, blobs):
+    """{object id: bytes} of blobs, read with one git cat-file."""
+    if not blobs:
+        return {}
+    output = run_git(repo, ["cat-file", "--batch"], input_data="".join(b + "\n" for b in blobs).encode())
+    found, pos = {}, 0
+    for blob in blobs:
         header_end = output.index(b"\n", pos)
         header = output[pos:header_end].split()
         if len(header) < 3:
-            raise GitError("git cat-file: object %s of %s is missing" % (blob, path))
+            raise GitError("git cat-file: object %s is missing" % blob)
         size = int(header[2])
-        data = output[header_end + 1:header_end + 1 + size]
+        found[blob] = output[header_end + 1:header_end + 1 + size]
         pos = header_end + 1 + size + 1
-        entries.append((name, path, data, blob))
-    return entries
+    return found
 
 
 def git_init_repo(repo, branch, example=True):
@@ -1718,9 +1982,11 @@ def git_worktree_of(repo, branch):
 
 
 def _unit_tree_entries(repo, commit):
-    """ls-tree entries of the unit files a deploy reads (symlinks are not units)."""
+    """ls-tree entries of the files a deploy reads: unit files (instances'
+    symlinks too) and drop-ins."""
     return [entry for entry in run_git(repo, ["ls-tree", "-r", "-z", commit]).split(b"\0")
-            if entry.endswith(UNIT_SUFFIX.encode()) and not entry.startswith(b"120000")]
+            if entry.endswith(UNIT_SUFFIX.encode()) or (
+                entry.endswith(b".conf") and os.path.dirname(entry).endswith(DROP_IN_SUFFIX.encode()))]
 
 
 def git_restore_units(repo, branch, head, target):
@@ -2042,36 +2308,59 @@ class SourceWatcher:
 
 STARTING, RUNNING, STOPPING, BACKOFF = "starting", "running", "stopping", "backoff"
 STOPPED, EXITED, FAILED = "stopped", "exited", "failed"
-ACTIVE_STATES = (STARTING, RUNNING, STOPPING)      # a process of the service exists
-SETTLED_STATES = (RUNNING, STOPPED, EXITED, FAILED, BACKOFF)
+RELOADING = "reloading"
+ACTIVE_STATES = (STARTING, RUNNING, RELOADING, STOPPING)      # a process of the service may exist
+SETTLED_STATES = (RUNNING, RELOADING, STOPPED, EXITED, FAILED, BACKOFF)
 CLEAN_EXIT_SIGNALS = (signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGPIPE)
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
-def exit_is_clean(last_exit):
-    """systemd's "clean": exit code 0 or SIGHUP/SIGINT/SIGTERM/SIGPIPE. An unknown
-    exit (None: a process adopted from an earlier daemon) is not clean."""
+def exit_status_listed(last_exit, statuses):
+    """Whether an exit is one of SuccessExitStatus=-like ("code"|"signal", N) pairs."""
+    if not last_exit or not statuses:
+        return False
+    kind = "signal" if "signal" in last_exit else "code"
+    return (kind, last_exit[kind]) in statuses
+
+
+def exit_is_clean(last_exit, success=()):
+    """systemd's "clean": exit code 0 or SIGHUP/SIGINT/SIGTERM/SIGPIPE, or
+    one SuccessExitStatus= lists. An unknown exit (None: a process adopted
+    from an earlier daemon, or a forking unit's) is not clean."""
     if last_exit is None:
         return False
+    if exit_status_listed(last_exit, success):
+        return True
     if "signal" in last_exit:
         return last_exit["signal"] in CLEAN_EXIT_SIGNALS
     return last_exit["code"] == 0
 
 
-def should_restart(policy, last_exit, timed_out=False):
-    """The Restart= table of systemd.service(5), for one exit."""
+def should_restart(policy, last_exit, timed_out=False, result=None, statuses=None):
+    """The Restart= table of systemd.service(5), for one end of a run:
+    `result` "timeout" or "watchdog" when that is how it ended; `statuses`
+    (a UnitSpec) brings Success/RestartPrevent/RestartForceExitStatus=,
+    checked first as systemd does."""
+    if timed_out:
+        result = "timeout"
+    if statuses is not None:
+        if exit_status_listed(last_exit, statuses.restart_prevent_exit_status):
+            return False
+        if exit_status_listed(last_exit, statuses.restart_force_exit_status):
+            return True
     if policy == "always":
         return True
-    if timed_out:                     # the timeout is the result, however the process then ended
-        return policy in ("on-failure", "on-abnormal")
-    clean = exit_is_clean(last_exit)
+    if result in ("timeout", "watchdog"):     # that is the result, however the process then ended
+        return policy in ("on-failure", "on-abnormal") or (policy == "on-watchdog" and result == "watchdog")
+    clean = exit_is_clean(last_exit, statuses.success_exit_status if statuses is not None else ())
     unclean_signal = last_exit is not None and "signal" in last_exit and not clean
     return {
         "no": False,
         "on-success": clean,
         "on-failure": not clean,
-        "on-abnormal": unclean_signal or timed_out,
+        "on-abnormal": unclean_signal,
         "on-abort": unclean_signal,
+        "on-watchdog": False,
     }[policy]
 
 
@@ -2143,23 +2432,45 @@ class ProcessSetup:
     it drops privileges: rlimits (resource number, soft, hard), umask, nice,
     oom_score_adj. Empty (falsy) when there is nothing to set: then it may be
     started with posix_spawn."""
-    __slots__ = ("rlimits", "umask", "nice", "oom_score_adjust")
+    __slots__ = ("rlimits", "umask", "nice", "oom_score_adjust", "lowered")
 
     def __init__(self, spec):
         import resource
         limits = {}
         for name, soft, hard in spec.rlimits:         # the last Limit*= of a resource wins
             limits[name] = (soft, hard)
-        self.rlimits = []
+        self.rlimits, self.lowered = [], []
         for name, (soft, hard) in sorted(limits.items()):
             soft, hard = (resource.RLIM_INFINITY if v is None else v for v in (soft, hard))
             if name == "NOFILE":                       # as systemd: no more than the kernel allows
                 soft, hard = (min(v if v != resource.RLIM_INFINITY else 1 << 62, _nr_open()) for v in (soft, hard))
-            self.rlimits.append((name, getattr(resource, "RLIMIT_" + name), soft, hard))
+            number = getattr(resource, "RLIMIT_" + name)
+            ceiling = _hard_limit_ceiling(number, hard)
+            if ceiling is not None:                    # a container's hard limit this daemon may not raise
+                self.lowered.append("Limit%s=%s lowered to the hard limit %d: the daemon may not raise it" % (
+                    name, "infinity" if hard == resource.RLIM_INFINITY else hard, ceiling))
+                soft, hard = (ceiling if soft == resource.RLIM_INFINITY else min(soft, ceiling)), ceiling
+            self.rlimits.append((name, number, soft, hard))
         self.umask, self.nice, self.oom_score_adjust = spec.umask, spec.nice, spec.oom_score_adjust
 
     def __bool__(self):
         return bool(self.rlimits) or any(v is not None for v in (self.umask, self.nice, self.oom_score_adjust))
+
+
+def _hard_limit_ceiling(number, wanted):
+    """The daemon's hard limit of resource `number` when `wanted` is above it
+    and it may not be raised (no CAP_SYS_RESOURCE, as in many containers),
+    else None. Tried on the daemon itself, and put back."""
+    import resource
+    soft, hard = resource.getrlimit(number)
+    if hard == resource.RLIM_INFINITY or (wanted != resource.RLIM_INFINITY and wanted <= hard):
+        return None
+    try:
+        resource.setrlimit(number, (soft, wanted))
+    except (ValueError, OSError):
+        return hard
+    resource.setrlimit(number, (soft, hard))
+    return None
 
 
 def _nr_open():
@@ -2621,6 +2932,8 @@ class Spawner:
                     fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY)
                     try:
                         os.write(fd, b"%d" % setup.oom_score_adjust)
+                    except PermissionError:
+                        pass              # a container may forbid a lower score: systemd goes on too
                     finally:
                         os.close(fd)
             if run_as.gid is not None:
@@ -2817,208 +3130,298 @@ class ExitWatcher:
             callback(exit_info)
 
 
+class NotifySocket:
+    """The NOTIFY_SOCKET of sd_notify(3): one datagram socket for all
+    services, read in the daemon's loop (never a thread), kept open for the
+    daemon's life so that STATUS=, RELOADING=, WATCHDOG= sent long after the
+    start still arrive. Abstract (no file, so a service of any User= may
+    write to it) and named after the home, so that services adopted by the
+    next daemon of the home reach it too. The kernel adds each sender's
+    credentials (SO_PASSCRED), which NotifyAccess= is checked against."""
+
+    MAX_MESSAGE = 4096                    # systemd reads at most this much of a datagram
+
+    def __init__(self, home_key):
+        import hashlib
+        self.address = "@gitproc/%s/notify" % hashlib.sha1(home_key.encode()).hexdigest()[:16]
+        self.sock = None
+
+    def open(self):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            sock.bind("\0" + self.address[1:])
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+        return sock
+
+    def receive(self):
+        """(sender pid, {KEY: value}) for each datagram waiting. Descriptors
+        sent along (FDSTORE=) are closed: gitproc keeps no file descriptor store."""
+        ancillary = socket.CMSG_SPACE(struct.calcsize("3i")) + socket.CMSG_SPACE(64 * 4)
+        while True:
+            try:
+                data, cmsgs, _, _ = self.sock.recvmsg(self.MAX_MESSAGE, ancillary)
+            except (BlockingIOError, InterruptedError):
+                return
+            pid = None
+            for level, kind, payload in cmsgs:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(payload) >= 12:
+                    pid = struct.unpack("3i", payload[:12])[0]
+                elif level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    for index in range(len(payload) // 4):
+                        os.close(struct.unpack_from("i", payload, index * 4)[0])
+            if pid:
+                yield pid, parse_notify_message(data)
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+def parse_notify_message(data):
+    """'READY=1\\nSTATUS=...' -> {"READY": "1", "STATUS": "..."}; lines that
+    are not KEY=VALUE are skipped, as systemd does."""
+    fields = {}
+    for line in data.decode("utf-8", "replace").split("\n"):
+        key, equals, value = line.partition("=")
+        if equals and key:
+            fields[key] = value
+    return fields
+
+
 # ---- the state table ----------------------------------------------------------
 # A service is always in one phase; `status` shows the phase's SPEC §4 state
 # (PUBLIC_STATE) and names the phase in its detail. Events come from the
-# user and deploys (START, STOP, RESTART), from the world (EXIT, HEALTHY,
-# UNHEALTHY, DEPENDENCIES) and from timers (RESTART_DUE, STOP_TIMEOUT).
+# user and deploys (START, STOP, RESTART, RELOAD), from its processes (EXIT of
+# the main process, CONTROL_EXIT of an ExecCondition=/Pre/Post/Reload/Stop/
+# StopPost= command or a forking ExecStart=, EXEC), from sd_notify (READY,
+# RELOADING, STOPPING), the health check (HEALTHY, UNHEALTHY) and timers
+# (RESTART_DUE, START_TIMEOUT, STOP_TIMEOUT, WATCHDOG, PID_FILE).
 # TRANSITIONS maps (phase, event) to (the phases it may lead to, the action):
 # every pair is written out, "nothing happens" (IGNORE) included, so the
 # table is the documentation. A pair that is not in it is a bug: handle()
-# logs and refuses it. Readiness from notify/forking and `reloading` are
-# more phases of this table.
+# logs and refuses it.
+#
+# A service has at most one main process (`pid`) and one control process
+# (`control_pid`), as in systemd. A stop runs ExecStop=, then KillSignal= to
+# what is left, then ExecStopPost=; what follows it (`after_stop`) is
+# "stop", "restart" or "policy" (Restart= decides, after the process ended
+# on its own, a start timed out or failed, or the watchdog fired).
 
 WAITING = "waiting"              # starting: held until its After=/Requires= units are ready
+CONDITION = "condition"          # starting: an ExecCondition= command runs
 START_PRE = "start-pre"          # starting: an ExecStartPre= command runs
-START = "start"                  # starting: the main process runs, not ready yet (health check; a oneshot)
+START = "start"                  # starting: the main process (or forking ExecStart=) runs, not ready yet
 SPAWNED = "spawned"              # starting: the main process is made, its exec not yet confirmed
-STOP_RESTART = "stop-restart"    # stopping, to start again
+START_POST = "start-post"        # starting: the main process is ready, an ExecStartPost= command runs
+RELOAD = "reload"                # reloading: ExecReload= runs, or a notify unit said RELOADING=1
+REMAIN = "remain"                # running: RemainAfterExit=yes, its process exited successfully
+STOP_COMMAND = "stop-command"    # stopping: an ExecStop= command runs
+STOP_POST = "stop-post"          # stopping: an ExecStopPost= command runs
 PUBLIC_STATE = {STOPPED: STOPPED, EXITED: EXITED, FAILED: FAILED, BACKOFF: BACKOFF,
-                WAITING: STARTING, START_PRE: STARTING, START: STARTING, SPAWNED: STARTING, RUNNING: RUNNING,
-                STOPPING: STOPPING, STOP_RESTART: STOPPING}
-PHASE_TEXT = {WAITING: "waiting for dependencies", START_PRE: "running ExecStartPre=",
-              START: "waiting for readiness", SPAWNED: "starting its process", STOP_RESTART: "stopping to restart"}
+                WAITING: STARTING, CONDITION: STARTING, START_PRE: STARTING, START: STARTING,
+                SPAWNED: STARTING, START_POST: STARTING, RUNNING: RUNNING, REMAIN: RUNNING,
+                RELOAD: RELOADING, STOP_COMMAND: STOPPING, STOPPING: STOPPING, STOP_POST: STOPPING}
+PHASE_TEXT = {WAITING: "waiting for dependencies", CONDITION: "running ExecCondition=",
+              START_PRE: "running ExecStartPre=", START: "waiting for readiness",
+              SPAWNED: "starting its process", START_POST: "running ExecStartPost=",
+              RELOAD: "reloading", REMAIN: "exited (RemainAfterExit=yes)",
+              STOP_COMMAND: "running ExecStop=", STOP_POST: "running ExecStopPost="}
 
-EV_START, EV_STOP, EV_RESTART = "start", "stop", "restart"
+EV_START, EV_STOP, EV_RESTART, EV_RELOAD = "start", "stop", "restart", "reload"
 EV_DEPENDENCIES = "dependencies"  # what a WAITING service waits for changed
-EV_EXIT = "exit"                  # the watched process ended (exit_info: None if unknown)
+EV_EXIT = "exit"                  # the main process ended (exit_info: None if unknown)
+EV_CONTROL_EXIT = "control-exit"  # the control process ended (exit_info)
 EV_EXEC = "exec"                  # a SPAWNED process exec'd (error: None), or could not (error: why)
+EV_READY = "ready"                # sd_notify READY=1
+EV_RELOADING = "reloading"        # sd_notify RELOADING=1
+EV_STOPPING = "stopping"          # sd_notify STOPPING=1
 EV_HEALTHY, EV_UNHEALTHY = "healthy", "unhealthy"   # the probe's verdict changed
 EV_RESTART_DUE = "restart-due"    # the RestartSec= timer of BACKOFF
+EV_START_TIMEOUT = "start-timeout"  # TimeoutStartSec= passed while starting or reloading
 EV_STOP_TIMEOUT = "stop-timeout"  # TimeoutStopSec= passed while stopping
+EV_WATCHDOG = "watchdog"          # WatchdogSec= passed without a WATCHDOG=1
+EV_PID_FILE = "pid-file"          # time to look for a forking unit's PIDFile= again
 EV_ADOPT = "adopt"                # a live process an earlier daemon started
-EVENTS = (EV_START, EV_STOP, EV_RESTART, EV_DEPENDENCIES, EV_EXIT, EV_EXEC, EV_HEALTHY, EV_UNHEALTHY,
-          EV_RESTART_DUE, EV_STOP_TIMEOUT, EV_ADOPT)
+EVENTS = (EV_START, EV_STOP, EV_RESTART, EV_RELOAD, EV_DEPENDENCIES, EV_EXIT, EV_CONTROL_EXIT, EV_EXEC,
+          EV_READY, EV_RELOADING, EV_STOPPING, EV_HEALTHY, EV_UNHEALTHY, EV_RESTART_DUE, EV_START_TIMEOUT,
+          EV_STOP_TIMEOUT, EV_WATCHDOG, EV_PID_FILE, EV_ADOPT)
 IGNORE = "ignore"
 
 # Where beginning a start can end: held for dependencies, a first process up
-# (pre, main not ready, main ready), or no process at all (a spawn failure
-# retried or given up, the start limit, a failed dependency, shutdown).
-_STARTED = (WAITING, START_PRE, START, SPAWNED, RUNNING, BACKOFF, FAILED, STOPPED)
+# (condition, pre, main not ready, main ready), or no process at all (a spawn
+# failure retried or given up, the start limit, a failed dependency, shutdown).
+_STARTED = (WAITING, CONDITION, START_PRE, START, SPAWNED, START_POST, RUNNING, REMAIN, EXITED, BACKOFF,
+            FAILED, STOPPED, STOP_POST)
+# Where a start that has gone as far as it goes (ready, or failed) can end.
+_AFTER_START = (START, START_POST, RUNNING, REMAIN, EXITED, STOP_COMMAND, STOPPING, STOP_POST,
+                BACKOFF, FAILED, STOPPED)
+# Where a stop step can lead: the next step, or what follows the stop.
+_STOP_STEPS = (STOP_COMMAND, STOPPING, STOP_POST) + _STARTED
+
+
+def _ignored(phase, *events):
+    return {(phase, event): ((phase,), IGNORE) for event in events}
+
 
 TRANSITIONS = {
     # stopped: no process; by the user, a failed dependency, or never started
     (STOPPED, EV_START): (_STARTED, "begin_start"),
     (STOPPED, EV_STOP): ((STOPPED,), "settle_stopped"),
     (STOPPED, EV_RESTART): (_STARTED, "begin_start"),
-    (STOPPED, EV_DEPENDENCIES): ((STOPPED,), IGNORE),
-    (STOPPED, EV_EXIT): ((STOPPED,), IGNORE),
-    (STOPPED, EV_EXEC): ((STOPPED,), IGNORE),
-    (STOPPED, EV_HEALTHY): ((STOPPED,), IGNORE),
-    (STOPPED, EV_UNHEALTHY): ((STOPPED,), IGNORE),
-    (STOPPED, EV_RESTART_DUE): ((STOPPED,), IGNORE),
-    (STOPPED, EV_STOP_TIMEOUT): ((STOPPED,), IGNORE),
     (STOPPED, EV_ADOPT): ((RUNNING, START), "adopt"),
+    **_ignored(STOPPED, EV_RELOAD, EV_DEPENDENCIES, EV_EXIT, EV_CONTROL_EXIT, EV_EXEC, EV_READY, EV_RELOADING,
+               EV_STOPPING, EV_HEALTHY, EV_UNHEALTHY, EV_RESTART_DUE, EV_START_TIMEOUT, EV_STOP_TIMEOUT,
+               EV_WATCHDOG, EV_PID_FILE),
     # exited: finished and not restarting
     (EXITED, EV_START): (_STARTED, "begin_start"),
     (EXITED, EV_STOP): ((STOPPED,), "settle_stopped"),
     (EXITED, EV_RESTART): (_STARTED, "begin_start"),
-    (EXITED, EV_DEPENDENCIES): ((EXITED,), IGNORE),
-    (EXITED, EV_EXIT): ((EXITED,), IGNORE),
-    (EXITED, EV_EXEC): ((EXITED,), IGNORE),
-    (EXITED, EV_HEALTHY): ((EXITED,), IGNORE),
-    (EXITED, EV_UNHEALTHY): ((EXITED,), IGNORE),
-    (EXITED, EV_RESTART_DUE): ((EXITED,), IGNORE),
-    (EXITED, EV_STOP_TIMEOUT): ((EXITED,), IGNORE),
-    # failed: start limit, spawn error, failed ExecStartPre= or oneshot
+    **_ignored(EXITED, EV_RELOAD, EV_DEPENDENCIES, EV_EXIT, EV_CONTROL_EXIT, EV_EXEC, EV_READY, EV_RELOADING,
+               EV_STOPPING, EV_HEALTHY, EV_UNHEALTHY, EV_RESTART_DUE, EV_START_TIMEOUT, EV_STOP_TIMEOUT,
+               EV_WATCHDOG, EV_PID_FILE),
+    # failed: start limit, spawn error, a failed command, timeout
     (FAILED, EV_START): (_STARTED, "begin_start"),
     (FAILED, EV_STOP): ((STOPPED,), "settle_stopped"),
     (FAILED, EV_RESTART): (_STARTED, "begin_start"),
-    (FAILED, EV_DEPENDENCIES): ((FAILED,), IGNORE),
-    (FAILED, EV_EXIT): ((FAILED,), IGNORE),
-    (FAILED, EV_EXEC): ((FAILED,), IGNORE),
-    (FAILED, EV_HEALTHY): ((FAILED,), IGNORE),
-    (FAILED, EV_UNHEALTHY): ((FAILED,), IGNORE),
-    (FAILED, EV_RESTART_DUE): ((FAILED,), IGNORE),
-    (FAILED, EV_STOP_TIMEOUT): ((FAILED,), IGNORE),
+    **_ignored(FAILED, EV_RELOAD, EV_DEPENDENCIES, EV_EXIT, EV_CONTROL_EXIT, EV_EXEC, EV_READY, EV_RELOADING,
+               EV_STOPPING, EV_HEALTHY, EV_UNHEALTHY, EV_RESTART_DUE, EV_START_TIMEOUT, EV_STOP_TIMEOUT,
+               EV_WATCHDOG, EV_PID_FILE),
     # backoff: waiting RestartSec= (backing off) before the next start
     (BACKOFF, EV_START): (_STARTED, "begin_start"),
     (BACKOFF, EV_STOP): ((STOPPED,), "settle_stopped"),
     (BACKOFF, EV_RESTART): (_STARTED, "begin_start"),
-    (BACKOFF, EV_DEPENDENCIES): ((BACKOFF,), IGNORE),
-    (BACKOFF, EV_EXIT): ((BACKOFF,), IGNORE),
-    (BACKOFF, EV_EXEC): ((BACKOFF,), IGNORE),
-    (BACKOFF, EV_HEALTHY): ((BACKOFF,), IGNORE),
-    (BACKOFF, EV_UNHEALTHY): ((BACKOFF,), IGNORE),
     (BACKOFF, EV_RESTART_DUE): (_STARTED, "begin_start"),
-    (BACKOFF, EV_STOP_TIMEOUT): ((BACKOFF,), IGNORE),
+    **_ignored(BACKOFF, EV_RELOAD, EV_DEPENDENCIES, EV_EXIT, EV_CONTROL_EXIT, EV_EXEC, EV_READY, EV_RELOADING,
+               EV_STOPPING, EV_HEALTHY, EV_UNHEALTHY, EV_START_TIMEOUT, EV_STOP_TIMEOUT, EV_WATCHDOG,
+               EV_PID_FILE),
     # waiting: no process yet; starts once its dependencies are ready
-    (WAITING, EV_START): ((WAITING,), IGNORE),
     (WAITING, EV_STOP): ((STOPPED,), "settle_stopped"),
-    (WAITING, EV_RESTART): ((WAITING,), IGNORE),
     (WAITING, EV_DEPENDENCIES): (_STARTED, "begin_start"),
-    (WAITING, EV_EXIT): ((WAITING,), IGNORE),
-    (WAITING, EV_EXEC): ((WAITING,), IGNORE),
-    (WAITING, EV_HEALTHY): ((WAITING,), IGNORE),
-    (WAITING, EV_UNHEALTHY): ((WAITING,), IGNORE),
-    (WAITING, EV_RESTART_DUE): ((WAITING,), IGNORE),
-    (WAITING, EV_STOP_TIMEOUT): ((WAITING,), IGNORE),
+    **_ignored(WAITING, EV_START, EV_RESTART, EV_RELOAD, EV_EXIT, EV_CONTROL_EXIT, EV_EXEC, EV_READY,
+               EV_RELOADING, EV_STOPPING, EV_HEALTHY, EV_UNHEALTHY, EV_RESTART_DUE, EV_START_TIMEOUT,
+               EV_STOP_TIMEOUT, EV_WATCHDOG, EV_PID_FILE),
+    # condition: an ExecCondition= command runs (exit 1-254: skip the start)
+    (CONDITION, EV_STOP): (_STOP_STEPS, "begin_stop"),
+    (CONDITION, EV_RESTART): (_STOP_STEPS, "begin_restart"),
+    (CONDITION, EV_CONTROL_EXIT): (_STARTED, "condition_exited"),
+    (CONDITION, EV_START_TIMEOUT): (_STOP_STEPS, "start_timed_out"),
+    **_ignored(CONDITION, EV_START, EV_RELOAD, EV_DEPENDENCIES, EV_EXIT, EV_EXEC, EV_READY, EV_RELOADING,
+               EV_STOPPING, EV_HEALTHY, EV_UNHEALTHY, EV_RESTART_DUE, EV_STOP_TIMEOUT, EV_WATCHDOG,
+               EV_PID_FILE),
     # start-pre: an ExecStartPre= command runs
-    (START_PRE, EV_START): ((START_PRE,), IGNORE),
-    (START_PRE, EV_STOP): ((STOPPING,), "begin_stop"),
-    (START_PRE, EV_RESTART): ((STOP_RESTART,), "begin_restart"),
-    (START_PRE, EV_DEPENDENCIES): ((START_PRE,), IGNORE),
-    (START_PRE, EV_EXIT): ((START_PRE, START, SPAWNED, RUNNING, BACKOFF, FAILED), "process_exited"),
-    (START_PRE, EV_EXEC): ((START_PRE,), IGNORE),
-    (START_PRE, EV_HEALTHY): ((START_PRE,), IGNORE),
-    (START_PRE, EV_UNHEALTHY): ((START_PRE,), IGNORE),
-    (START_PRE, EV_RESTART_DUE): ((START_PRE,), IGNORE),
-    (START_PRE, EV_STOP_TIMEOUT): ((START_PRE,), IGNORE),
-    # start: the main process runs; ready after its health check passes (a
-    # oneshot: once its last command exited 0)
-    (START, EV_START): ((START,), IGNORE),
-    (START, EV_STOP): ((STOPPING,), "begin_stop"),
-    (START, EV_RESTART): ((STOP_RESTART,), "begin_restart"),
-    (START, EV_DEPENDENCIES): ((START,), IGNORE),
-    (START, EV_EXIT): ((START, BACKOFF, EXITED, FAILED), "process_exited"),
-    (START, EV_EXEC): ((START,), IGNORE),
+    (START_PRE, EV_STOP): (_STOP_STEPS, "begin_stop"),
+    (START_PRE, EV_RESTART): (_STOP_STEPS, "begin_restart"),
+    (START_PRE, EV_CONTROL_EXIT): (_STARTED, "pre_exited"),
+    (START_PRE, EV_START_TIMEOUT): (_STOP_STEPS, "start_timed_out"),
+    **_ignored(START_PRE, EV_START, EV_RELOAD, EV_DEPENDENCIES, EV_EXIT, EV_EXEC, EV_READY, EV_RELOADING,
+               EV_STOPPING, EV_HEALTHY, EV_UNHEALTHY, EV_RESTART_DUE, EV_STOP_TIMEOUT, EV_WATCHDOG,
+               EV_PID_FILE),
+    # start: the main process runs and is not ready yet: waiting for its
+    # health check, READY=1, a oneshot's last command, or a forking
+    # ExecStart= to exit and its main pid to be known
+    (START, EV_STOP): (_STOP_STEPS, "begin_stop"),
+    (START, EV_RESTART): (_STOP_STEPS, "begin_restart"),
+    (START, EV_EXIT): (_AFTER_START + (SPAWNED,), "main_exited"),
+    (START, EV_CONTROL_EXIT): (_AFTER_START, "forked"),
+    (START, EV_READY): (_AFTER_START, "notified_ready"),
+    (START, EV_STOPPING): (_STOP_STEPS, "stopping_notified"),
     (START, EV_HEALTHY): ((RUNNING,), "ready"),
-    (START, EV_UNHEALTHY): ((STOP_RESTART,), "restart_unhealthy"),
-    (START, EV_RESTART_DUE): ((START,), IGNORE),
-    (START, EV_STOP_TIMEOUT): ((START,), IGNORE),
+    (START, EV_UNHEALTHY): (_STOP_STEPS, "restart_unhealthy"),
+    (START, EV_START_TIMEOUT): (_STOP_STEPS, "start_timed_out"),
+    (START, EV_PID_FILE): (_AFTER_START, "find_main_pid"),
+    **_ignored(START, EV_START, EV_RELOAD, EV_DEPENDENCIES, EV_EXEC, EV_RELOADING, EV_RESTART_DUE,
+               EV_STOP_TIMEOUT, EV_WATCHDOG),
     # spawned: the main process is made; running once its exec is confirmed
-    (SPAWNED, EV_START): ((SPAWNED,), IGNORE),
-    (SPAWNED, EV_STOP): ((STOPPING,), "begin_stop"),
-    (SPAWNED, EV_RESTART): ((STOP_RESTART,), "begin_restart"),
-    (SPAWNED, EV_DEPENDENCIES): ((SPAWNED,), IGNORE),
-    (SPAWNED, EV_EXIT): ((BACKOFF, EXITED, FAILED), "process_exited"),
-    (SPAWNED, EV_EXEC): ((RUNNING, SPAWNED), "exec_done"),
-    (SPAWNED, EV_HEALTHY): ((SPAWNED,), IGNORE),
-    (SPAWNED, EV_UNHEALTHY): ((SPAWNED,), IGNORE),
-    (SPAWNED, EV_RESTART_DUE): ((SPAWNED,), IGNORE),
-    (SPAWNED, EV_STOP_TIMEOUT): ((SPAWNED,), IGNORE),
+    (SPAWNED, EV_STOP): (_STOP_STEPS, "begin_stop"),
+    (SPAWNED, EV_RESTART): (_STOP_STEPS, "begin_restart"),
+    (SPAWNED, EV_EXIT): (_AFTER_START, "main_exited"),
+    (SPAWNED, EV_EXEC): (_AFTER_START + (SPAWNED,), "exec_done"),
+    **_ignored(SPAWNED, EV_START, EV_RELOAD, EV_DEPENDENCIES, EV_CONTROL_EXIT, EV_READY, EV_RELOADING,
+               EV_STOPPING, EV_HEALTHY, EV_UNHEALTHY, EV_RESTART_DUE, EV_START_TIMEOUT, EV_STOP_TIMEOUT,
+               EV_WATCHDOG, EV_PID_FILE),
+    # start-post: ready, an ExecStartPost= command runs
+    (START_POST, EV_STOP): (_STOP_STEPS, "begin_stop"),
+    (START_POST, EV_RESTART): (_STOP_STEPS, "begin_restart"),
+    (START_POST, EV_EXIT): (_STOP_STEPS, "main_exited"),
+    (START_POST, EV_CONTROL_EXIT): (_AFTER_START, "post_exited"),
+    (START_POST, EV_STOPPING): (_STOP_STEPS, "stopping_notified"),
+    (START_POST, EV_START_TIMEOUT): (_STOP_STEPS, "start_timed_out"),
+    (START_POST, EV_WATCHDOG): (_STOP_STEPS, "watchdog_expired"),
+    **_ignored(START_POST, EV_START, EV_RELOAD, EV_DEPENDENCIES, EV_EXEC, EV_READY, EV_RELOADING,
+               EV_HEALTHY, EV_UNHEALTHY, EV_RESTART_DUE, EV_STOP_TIMEOUT, EV_PID_FILE),
     # running: the main process runs and is ready
-    (RUNNING, EV_START): ((RUNNING,), IGNORE),
-    (RUNNING, EV_STOP): ((STOPPING,), "begin_stop"),
-    (RUNNING, EV_RESTART): ((STOP_RESTART,), "begin_restart"),
-    (RUNNING, EV_DEPENDENCIES): ((RUNNING,), IGNORE),
-    (RUNNING, EV_EXIT): ((BACKOFF, EXITED, FAILED), "process_exited"),
-    (RUNNING, EV_EXEC): ((RUNNING,), IGNORE),
+    (RUNNING, EV_STOP): (_STOP_STEPS, "begin_stop"),
+    (RUNNING, EV_RESTART): (_STOP_STEPS, "begin_restart"),
+    (RUNNING, EV_RELOAD): ((RELOAD, RUNNING), "begin_reload"),
+    (RUNNING, EV_EXIT): (_STOP_STEPS, "main_exited"),
+    (RUNNING, EV_RELOADING): ((RELOAD,), "reloading_notified"),
+    (RUNNING, EV_STOPPING): (_STOP_STEPS, "stopping_notified"),
     (RUNNING, EV_HEALTHY): ((RUNNING,), "note_healthy"),
-    (RUNNING, EV_UNHEALTHY): ((STOP_RESTART,), "restart_unhealthy"),
-    (RUNNING, EV_RESTART_DUE): ((RUNNING,), IGNORE),
-    (RUNNING, EV_STOP_TIMEOUT): ((RUNNING,), IGNORE),
+    (RUNNING, EV_UNHEALTHY): (_STOP_STEPS, "restart_unhealthy"),
+    (RUNNING, EV_WATCHDOG): (_STOP_STEPS, "watchdog_expired"),
+    **_ignored(RUNNING, EV_START, EV_DEPENDENCIES, EV_CONTROL_EXIT, EV_EXEC, EV_READY, EV_RESTART_DUE,
+               EV_START_TIMEOUT, EV_STOP_TIMEOUT, EV_PID_FILE),
+    # remain: RemainAfterExit=yes, its process exited successfully
+    (REMAIN, EV_STOP): (_STOP_STEPS, "begin_stop"),
+    (REMAIN, EV_RESTART): (_STOP_STEPS, "begin_restart"),
+    (REMAIN, EV_RELOAD): ((RELOAD, REMAIN), "begin_reload"),
+    **_ignored(REMAIN, EV_START, EV_DEPENDENCIES, EV_EXIT, EV_CONTROL_EXIT, EV_EXEC, EV_READY, EV_RELOADING,
+               EV_STOPPING, EV_HEALTHY, EV_UNHEALTHY, EV_RESTART_DUE, EV_START_TIMEOUT, EV_STOP_TIMEOUT,
+               EV_WATCHDOG, EV_PID_FILE),
+    # reload: ExecReload= runs (or ReloadSignal= was sent), or RELOADING=1
+    # until READY=1
+    (RELOAD, EV_STOP): (_STOP_STEPS, "begin_stop"),
+    (RELOAD, EV_RESTART): (_STOP_STEPS, "begin_restart"),
+    (RELOAD, EV_EXIT): (_STOP_STEPS, "main_exited"),
+    (RELOAD, EV_CONTROL_EXIT): ((RELOAD, RUNNING, REMAIN), "reload_exited"),
+    (RELOAD, EV_READY): ((RELOAD, RUNNING), "reload_ready"),
+    (RELOAD, EV_STOPPING): (_STOP_STEPS, "stopping_notified"),
+    (RELOAD, EV_START_TIMEOUT): ((RUNNING, REMAIN), "reload_timed_out"),
+    (RELOAD, EV_WATCHDOG): (_STOP_STEPS, "watchdog_expired"),
+    **_ignored(RELOAD, EV_START, EV_RELOAD, EV_DEPENDENCIES, EV_EXEC, EV_RELOADING, EV_HEALTHY, EV_UNHEALTHY,
+               EV_RESTART_DUE, EV_STOP_TIMEOUT, EV_PID_FILE),
+    # stop-command: an ExecStop= command runs; then KillSignal= to what is left
+    (STOP_COMMAND, EV_START): (_STOP_STEPS, "restart_after_stop"),
+    (STOP_COMMAND, EV_STOP): (_STOP_STEPS, "stop_after_stop"),
+    (STOP_COMMAND, EV_RESTART): (_STOP_STEPS, "restart_after_stop"),
+    (STOP_COMMAND, EV_EXIT): (_STOP_STEPS, "main_gone_while_stopping"),
+    (STOP_COMMAND, EV_CONTROL_EXIT): (_STOP_STEPS, "stop_command_exited"),
+    (STOP_COMMAND, EV_STOP_TIMEOUT): (_STOP_STEPS, "stop_command_timed_out"),
+    **_ignored(STOP_COMMAND, EV_RELOAD, EV_DEPENDENCIES, EV_EXEC, EV_READY, EV_RELOADING, EV_STOPPING,
+               EV_HEALTHY, EV_UNHEALTHY, EV_RESTART_DUE, EV_START_TIMEOUT, EV_WATCHDOG, EV_PID_FILE),
     # stopping: KillSignal= sent, SIGKILL after TimeoutStopSec=
-    (STOPPING, EV_START): ((STOP_RESTART,), "restart_after_stop"),
-    (STOPPING, EV_STOP): ((STOPPING,), IGNORE),
-    (STOPPING, EV_RESTART): ((STOP_RESTART,), "restart_after_stop"),
-    (STOPPING, EV_DEPENDENCIES): ((STOPPING,), IGNORE),
-    (STOPPING, EV_EXIT): ((STOPPED,), "stopped"),
-    (STOPPING, EV_EXEC): ((STOPPING,), IGNORE),
-    (STOPPING, EV_HEALTHY): ((STOPPING,), IGNORE),
-    (STOPPING, EV_UNHEALTHY): ((STOPPING,), IGNORE),
-    (STOPPING, EV_RESTART_DUE): ((STOPPING,), IGNORE),
-    (STOPPING, EV_STOP_TIMEOUT): ((STOPPING,), "kill_hard"),
-    # stop-restart: stopping, then starting again
-    (STOP_RESTART, EV_START): ((STOP_RESTART,), IGNORE),
-    (STOP_RESTART, EV_STOP): ((STOPPING,), "cancel_restart"),
-    (STOP_RESTART, EV_RESTART): ((STOP_RESTART,), IGNORE),
-    (STOP_RESTART, EV_DEPENDENCIES): ((STOP_RESTART,), IGNORE),
-    (STOP_RESTART, EV_EXIT): (_STARTED, "start_after_exit"),
-    (STOP_RESTART, EV_EXEC): ((STOP_RESTART,), IGNORE),
-    (STOP_RESTART, EV_HEALTHY): ((STOP_RESTART,), IGNORE),
-    (STOP_RESTART, EV_UNHEALTHY): ((STOP_RESTART,), IGNORE),
-    (STOP_RESTART, EV_RESTART_DUE): ((STOP_RESTART,), IGNORE),
-    (STOP_RESTART, EV_STOP_TIMEOUT): ((STOP_RESTART,), "kill_hard"),
+    (STOPPING, EV_START): (_STOP_STEPS, "restart_after_stop"),
+    (STOPPING, EV_STOP): (_STOP_STEPS, "stop_after_stop"),
+    (STOPPING, EV_RESTART): (_STOP_STEPS, "restart_after_stop"),
+    (STOPPING, EV_EXIT): (_STOP_STEPS, "main_gone_while_stopping"),
+    (STOPPING, EV_CONTROL_EXIT): (_STOP_STEPS, "control_gone_while_stopping"),
+    (STOPPING, EV_STOP_TIMEOUT): (_STOP_STEPS, "kill_hard"),
+    **_ignored(STOPPING, EV_RELOAD, EV_DEPENDENCIES, EV_EXEC, EV_READY, EV_RELOADING, EV_STOPPING,
+               EV_HEALTHY, EV_UNHEALTHY, EV_RESTART_DUE, EV_START_TIMEOUT, EV_WATCHDOG, EV_PID_FILE),
+    # stop-post: an ExecStopPost= command runs; nothing else is left
+    (STOP_POST, EV_START): (_STOP_STEPS, "restart_after_stop"),
+    (STOP_POST, EV_STOP): (_STOP_STEPS, "stop_after_stop"),
+    (STOP_POST, EV_RESTART): (_STOP_STEPS, "restart_after_stop"),
+    (STOP_POST, EV_CONTROL_EXIT): (_STOP_STEPS, "stop_post_exited"),
+    (STOP_POST, EV_STOP_TIMEOUT): (_STOP_STEPS, "stop_post_timed_out"),
+    **_ignored(STOP_POST, EV_RELOAD, EV_DEPENDENCIES, EV_EXIT, EV_EXEC, EV_READY, EV_RELOADING, EV_STOPPING,
+               EV_HEALTHY, EV_UNHEALTHY, EV_RESTART_DUE, EV_START_TIMEOUT, EV_WATCHDOG, EV_PID_FILE),
 }
 # Adoption happens only to a Service just made (STOPPED): an EV_ADOPT in any
 # other phase is a bug, refused by handle() like any pair not in the table.
 
 
-class ServiceHost:
-    """The seam between a Service and the world: all a Service may ask of it.
-    The daemon's DaemonHost is the real one (processes, cgroups, the loop's
-    timers); the tests' FakeHost records what is asked and runs a clock by
-    hand. Every call comes from the loop's one thread.
-
-    log                      .debug/.info/.warning/.error(name, message)
-    shutting_down            True once the daemon began to shut down
-    now()                    monotonic seconds (durations, the start limit)
-    call_later(delay, fn)    a timer with .cancel()
-    spawn(service, command, on_exit, on_exec=None)  start a process of it: (pid, its
-                             start time, exec confirmed), or SpawnError; on_exec(error)
-                             later when not confirmed
-    exec_report(name)        a pending exec report read now: None, a message, False
-    watch(service, pid, on_exit)       watch an adopted process
-    signal(service, number, first)     deliver a stop signal as KillMode= says
-    reap_leftovers(service, pid, own_child, everything=False)  the main process
-                             ended: end the rest, as KillMode= says (or all of it)
-    describe_exit(service, exit_info)  'exit code 1', or the OOM killer's doing
-    released(service)        no process of it is left (its cgroups may go)
-    open_probe(service, on_verdict)    its health check: .status .failures .last_error .close()
-    dependency_state(service)          ("ready"|"waiting"|"failed", why)
-    auto_rollback(service, why)        put the previous version back (spec, commit): True, or False
-    changed(service, before) its state (before: the one it left) or reason changed
-    deploy_note(service)     ', commit abc1234' for the log, or ''
-    """
-
-
 class Service:
     """One unit: its spec, the user's intent (`want`) and what is observed of
-    its process. Events go through handle(), which looks up TRANSITIONS, runs
-    the action and sets the phase: nothing else assigns it. `want` is written
-    only by start()/stop()/restart() (user requests, deploys) and by state
-    restore; supervision reads it."""
+    its processes. Events go through handle(), which looks up TRANSITIONS,
+    runs the action and sets the phase: nothing else assigns it. `want` is
+    written only by start()/stop()/restart() (user requests, deploys) and by
+    state restore; supervision reads it."""
 
     def __init__(self, host, spec, commit):
         self.host = host
@@ -3029,29 +3432,44 @@ class Service:
         self.phase = STOPPED            # the table's state (see PUBLIC_STATE)
         self.since = time.time()        # wall time of the last state change (display only)
         self.reason = None              # why it is stopped/failed/exited, for status
-        self.pid = None                 # pid of the current process (pre command or main)
+        self.pid = None                 # pid of the main process
         self.pid_start = None           # /proc start time of that pid, against pid reuse
         self.adopted = False            # pid was started by an earlier daemon
-        self.queue = []                 # (ExecCommand, is main) left to run in this start
-        self.current = None             # the ExecCommand being run
-        self.current_main = False       # ... and whether it is an ExecStart= one
-        self.process_serial = 0         # counts watched processes: an exit callback knows its own
+        self.current = None             # the ExecStart= command of the main process
+        self.process_serial = 0         # counts main processes: an exit callback knows its own
+        self.control_pid = None         # pid of the control process (ExecCondition/Pre/Post/Reload/Stop/StopPost=)
+        self.control_command = None     # ... its ExecCommand
+        self.control_kind = None        # ... and its UnitSpec field ("exec_start_pre", ...)
+        self.control_serial = 0         # counts control processes, as process_serial
+        self.queue = []                 # commands left in the current step (control, or a oneshot's mains)
         self.exec_error = None          # why the SPAWNED process could not exec (its exit follows)
-        self.started_at = None          # monotonic start of the current process
+        self.started_at = None          # monotonic start of the current main process
         self.main_started_wall = None   # wall time the main process started (uptime)
         self.restarts = 0               # automatic restarts since the last manual start
         self.restarts_total = 0         # automatic restarts ever (a counter for metrics; persisted)
-        self.last_exit = None           # {"code": N} or {"signal": N} of the last exit
+        self.last_exit = None           # {"code": N} or {"signal": N} of the last main exit
         self.start_times = []           # monotonic times of recent starts (start limit)
         self.crash_streak = 0           # runs in a row that died young (backoff)
-        self.timer = None               # pending restart or stop-escalation timer
+        self.timer = None               # pending restart, stop escalation or PIDFile= look
+        self.start_timer = None         # TimeoutStartSec= of the step running (start, post, reload)
+        self.watchdog_timer = None      # WatchdogSec= since the last WATCHDOG=1
+        self.watchdog_usec = None       # WATCHDOG_USEC= the service asked for instead
         self.stop_timed_out = False     # the current stop needed SIGKILL
+        self.after_stop = "stop"        # what follows the stop under way: "stop", "restart", "policy"
+        self.end = None                 # (why, failed, result) of a run that ended, for "policy"
+        self.result = "success"         # systemd's $SERVICE_RESULT of this run
+        self.status_text = None         # the last STATUS= of sd_notify
+        self.notified_ready = False     # READY=1 came in this run
+        self.reload_serial = 0          # counts finished reloads, for `reload` waiters
+        self.reload_error = None        # why the last reload failed, or None
+        self.reload_from = RUNNING      # the phase a reload goes back to
+        self.start_deadline = None      # monotonic time the start timer fires
         self.generation = 0             # counts starts, so a restart waiter sees a new run
         self.removed = False            # gone from the deployed commit; dropped once stopped
         self.succeeded = False          # the last run ended well (a '-' failure counts as success)
         self.health_note = None         # (verdict, error) of the probe closed last
         self.probe = None               # health probe of the running main process
-        self.cgroup = None              # CgroupSet of the current process (the host's)
+        self.cgroup = None              # CgroupSet of its processes (the host's)
         self.cgroup_timer = None        # removal of the cgroups of a stopped service (the host's)
         self.spawn_path = None          # how its last process was made (the host's): posix_spawn, clone3, fork
         self.previous = None            # (spec, commit) a deploy replaced, kept for AutoRollback=
@@ -3066,9 +3484,24 @@ class Service:
         return PUBLIC_STATE[self.phase]
 
     def is_ready(self):
-        """Running (with a health check: it passed once), or a oneshot that
-        finished successfully. What dependents wait for."""
-        return self.phase == RUNNING or (self.phase == EXITED and self.spec.type == "oneshot" and self.succeeded)
+        """Running (ready: READY=1, its forking parent exited, its health check
+        passed once, or ExecStartPost= done), or a oneshot that finished
+        successfully. What dependents wait for."""
+        return self.phase in (RUNNING, REMAIN, RELOAD) or (
+            self.phase == EXITED and self.spec.type == "oneshot" and self.succeeded)
+
+    def has_process(self):
+        return self.pid is not None or self.control_pid is not None
+
+    def accepts_notification(self, pid, in_service):
+        """NotifyAccess=: whether a message from `pid` counts (in_service():
+        whether pid is some process of this service)."""
+        access = self.spec.notify_accepted_from()
+        if access == "main":
+            return pid == self.pid
+        if access == "exec":
+            return pid in (self.pid, self.control_pid)
+        return access == "all" and (pid in (self.pid, self.control_pid) or in_service())
 
     def health(self):
         """(verdict, last error) of the health check: the probe's, or while the
@@ -3089,19 +3522,21 @@ class Service:
             "health_error": self.health()[1],
             "memory": process_rss(self.pid) if running else None,
             "commit": self.commit, "reason": self.reason, "want": self.want,
-            "rolled_back": self.rolled_back,
+            "rolled_back": self.rolled_back, "status_text": self.status_text,
         }
         if detail:
             data.update(description=self.spec.description, path=self.spec.path,
                         cpu_seconds=process_cpu_seconds(self.pid) if running else None,
                         type=self.spec.type, restart=self.spec.restart, adopted=self.adopted,
                         limits=self._limits(), phase=PHASE_TEXT.get(self.phase), spawn=self.spawn_path,
+                        control_pid=self.control_pid, sources=list(self.spec.sources),
+                        control=str(self.control_command) if self.control_command else None,
                         not_applied=[{"key": key, "value": value, "why": NOT_APPLIED_KEYS[key]}
                                      for key, value in self.spec.not_applied])
         return data
 
     def _limits(self):
-        if self.cgroup is not None and self.pid:
+        if self.cgroup is not None and self.has_process():
             return self.cgroup.limits
         limits = []
         for key, value in (("MemoryMax", self.spec.memory_max), ("CPUQuota", self.spec.cpu_quota)):
@@ -3138,9 +3573,13 @@ class Service:
         """Stop (if running) then start, as one request; clears the start limit."""
         self.want = "up"
         self._reset_limits()
-        if self.phase not in (START_PRE, START, SPAWNED, RUNNING):
+        if self.state not in (STARTING, RUNNING, RELOADING):
             self.restarts = 0             # not running: a manual start
         self.handle(EV_RESTART, reason=reason)
+
+    def reload(self):
+        """ExecReload= (or ReloadSignal= for notify-reload); `want` is untouched."""
+        self.handle(EV_RELOAD)
 
     def halt(self, reason):
         """Stop without it being the user's intent (shutdown, Requires=, a
@@ -3150,6 +3589,30 @@ class Service:
     def adopt(self, pid, pid_start, started_wall):
         """Watch a process an earlier daemon started (same pid and start time)."""
         self.handle(EV_ADOPT, pid=pid, pid_start=pid_start, started_wall=started_wall)
+
+    def notified(self, fields):
+        """An sd_notify message the daemon accepted for this service: what it
+        says of the service is kept here; READY=1, RELOADING=1 and STOPPING=1
+        are events of the table."""
+        if fields.get("MAINPID", "").isdigit() and self.pid is not None:
+            self._set_main_pid(int(fields["MAINPID"]))
+        if "STATUS" in fields:
+            self.status_text = fields["STATUS"][:MAX_STATUS_TEXT] or None
+        if fields.get("WATCHDOG_USEC", "").isdigit():
+            self.watchdog_usec = int(fields["WATCHDOG_USEC"])
+            self._arm_watchdog()
+        if fields.get("WATCHDOG") == "1":
+            self._arm_watchdog()
+        if fields.get("EXTEND_TIMEOUT_USEC", "").isdigit():
+            self._extend_timeout(int(fields["EXTEND_TIMEOUT_USEC"]) / 1e6)
+        if fields.get("STOPPING") == "1":
+            self.handle(EV_STOPPING)
+        if fields.get("RELOADING") == "1":
+            self.handle(EV_RELOADING)
+        if fields.get("READY") == "1":
+            self.handle(EV_READY)
+        if fields.get("WATCHDOG") == "trigger":
+            self.handle(EV_WATCHDOG)
 
     # -- the one place phases change -------------------------------------------------
 
@@ -3190,20 +3653,24 @@ class Service:
 
     def _fail_safe(self, why):
         """After an internal error: nothing of the service runs, nothing is
-        pending, and it says FAILED with why. The pid stays watched, so its
-        exit is reaped (and ignored)."""
-        for step in (self._cancel_timer, self._close_probe):
+        pending, and it says FAILED with why. The pids stay watched, so their
+        exits are reaped (and ignored)."""
+        for step in (self._cancel_timers, self._close_probe):
             try:
                 step()
             except Exception:
                 pass
-        if self.pid:
-            try:
-                self.host.reap_leftovers(self, self.pid, own_child=not self.adopted, everything=True)
-            except Exception:
-                pass
-        self.process_serial += 1          # its exit, when it comes, is reaped and ignored
+        for pid in (self.pid, self.control_pid):
+            if pid:
+                try:
+                    self.host.reap_leftovers(self, pid, own_child=not self.adopted or pid == self.control_pid,
+                                             everything=True)
+                except Exception:
+                    pass
+        self.process_serial += 1          # their exits, when they come, are reaped and ignored
+        self.control_serial += 1
         self.pid = self.pid_start = self.current = None
+        self.control_pid = self.control_command = self.control_kind = None
         self.queue = []
         try:
             self.host.released(self)
@@ -3211,12 +3678,12 @@ class Service:
             pass
         self._enter(FAILED, why)
 
-    # -- actions: each returns (phase, reason) -------------------------------------
+    # -- actions: starting; each returns (phase, reason) ----------------------------
 
     def _begin_start(self, reason=None):
         """Dependencies, then the start limit (AutoRollback= may step in), then
-        the first command. (`reason` is a restart's: a new start has its own.)"""
-        self._cancel_timer()
+        the first step. (`reason` is a restart's: a new start has its own.)"""
+        self._cancel_timers()
         if self.host.shutting_down:
             return STOPPED, "daemon shut down"
         verdict, why = self.host.dependency_state(self)
@@ -3239,9 +3706,10 @@ class Service:
             return self._begin_start()    # the old version: its own dependencies (limits are reset)
         if spec.start_limit_interval > 0:
             self.start_times.append(now)
-        self.queue = [(c, False) for c in spec.exec_start_pre] + [(c, True) for c in spec.exec_start]
         self.generation += 1
-        return self._run_next()
+        self.result, self.end, self.status_text, self.notified_ready = "success", None, None, False
+        self.watchdog_usec = None
+        return self._run_step("exec_condition")
 
     def _roll_back(self, why):
         """AutoRollback=: the host puts the previous version back, if there is one."""
@@ -3250,87 +3718,221 @@ class Service:
         self._reset_limits()
         return True
 
-    def _run_next(self):
-        """Spawn the next command of the queue; a '-' command that cannot even
+    def _run_step(self, kind):
+        """Run the commands of one control step (a UnitSpec field) in turn;
+        with none, what follows the step."""
+        self.queue = list(getattr(self.spec, kind))
+        return self._next_control(kind)
+
+    def _next_control(self, kind):
+        """Spawn the next command of the step; a '-' command that cannot even
         start is skipped (systemd), any other spawn failure is exit 203/EXEC."""
-        while True:
-            command, main = self.queue.pop(0)
-            self.current, self.current_main = command, main
-            # A main process that is ready once it runs is not waited for in
-            # the loop: RUNNING comes with its exec (EV_EXEC), so many starts
-            # overlap their children's work.
-            ready_when_running = main and self.spec.type != "oneshot" and not self.spec.health_check_url
+        while self.queue:
+            command = self.queue.pop(0)
             try:
-                on_exit = self._exit_callback()
-                pid, pid_start, confirmed = self.host.spawn(self, command, on_exit,
-                                                            self._exec_callback() if ready_when_running else None)
+                pid = self.host.spawn(self, command, self._control_callback(), control=kind,
+                                      extra_env=self._control_environment(kind))[0]
+            except SpawnError as exc:
+                if command.ignore_failure:
+                    self.host.log.warning(self.name, "Ignoring failed %s: %s" % (CONTROL_KEYS[kind], exc))
+                    continue
+                self.control_command, self.control_kind = command, kind
+                return self._control_ended(kind, {"code": 203}, "spawn failed: %s" % exc)
+            self.control_pid, self.control_command, self.control_kind = pid, command, kind
+            self.host.log.debug(self.name, "Running %s (pid %d): %s" % (CONTROL_KEYS[kind], pid, command))
+            if kind in ("exec_condition", "exec_start_pre", "exec_start_post", "exec_start", "exec_reload"):
+                self._arm_start_timer()
+            elif kind in ("exec_stop", "exec_stop_post"):
+                self._arm_stop_timer()
+            return CONTROL_PHASE[kind], self._step_reason(kind)
+        return self._step_done(kind)
+
+    def _step_reason(self, kind):
+        return self.reason if kind in ("exec_stop", "exec_stop_post", "exec_reload") else None
+
+    def _control_environment(self, kind):
+        env = {}
+        if self.pid:
+            env["MAINPID"] = str(self.pid)
+        if kind == "exec_stop_post":
+            env["SERVICE_RESULT"] = self.result
+            exit_info = self.last_exit
+            if exit_info is not None:
+                if "signal" in exit_info:
+                    env["EXIT_CODE"], env["EXIT_STATUS"] = "killed", signal_name(exit_info["signal"])[3:]
+                else:
+                    env["EXIT_CODE"], env["EXIT_STATUS"] = "exited", str(exit_info["code"])
+        return env
+
+    def _step_done(self, kind):
+        """A step's commands all ran (or it had none): the next step."""
+        if kind == "exec_condition":
+            return self._run_step("exec_start_pre")
+        if kind == "exec_start_pre":
+            return self._start_main()
+        if kind == "exec_start_post":
+            return self._started()
+        if kind == "exec_reload":
+            return self._reload_finished(None)
+        if kind == "exec_stop":
+            return self._signal_leftovers()
+        if kind == "exec_start":          # forking: its ExecStart= could not even start ('-')
+            return self._find_main_pid()
+        return self._end_stop()          # exec_stop_post
+
+    def _control_ended(self, kind, exit_info, described):
+        """The control process of `kind` is over (or could not start): the
+        next command, or what its failure means."""
+        command = self.control_command
+        self.control_pid = self.control_command = self.control_kind = None
+        self._cancel(("start_timer",) if kind != "exec_stop" else ())
+        ok = exit_info == {"code": 0} or (command is not None and command.ignore_failure)
+        key = CONTROL_KEYS[kind]
+        if ok:
+            if command is not None and exit_info != {"code": 0}:
+                self.host.log.info(self.name, "%s failed (%s), ignored ('-')" % (key, described))
+            return self._next_control(kind)
+        if kind == "exec_condition" and "code" in exit_info and 0 < exit_info["code"] < 255:
+            self.host.log.info(self.name, "Not started: condition failed (%s %s)" % (key, described))
+            self.host.released(self)
+            return STOPPED, "condition failed (%s %s)" % (key, described)
+        if kind in ("exec_condition", "exec_start_pre", "exec_start"):
+            return self._start_failed("%s failed (%s)" % (key, described), result=_result_of(exit_info))
+        if kind == "exec_start_post":
+            self.result = _result_of(exit_info)
+            return self._begin_stop_sequence("policy", "%s failed (%s)" % (key, described), failed=True)
+        if kind == "exec_reload":
+            return self._reload_finished("%s failed (%s)" % (key, described))
+        self.host.log.warning(self.name, "%s failed (%s)" % (key, described))
+        self.queue = []                   # systemd runs no more commands of a step after a failure
+        return self._step_done(kind)
+
+    def _control_exited(self, exit_info):
+        kind = self.control_kind
+        if kind is None:                  # not one of ours (a stale callback): nothing to do
+            return self.phase, self.reason
+        return self._control_ended(kind, exit_info, self.host.describe_exit(self, exit_info))
+
+    _condition_exited = _pre_exited = _post_exited = _reload_exited = _control_exited
+    _stop_command_exited = _stop_post_exited = _control_exited
+
+    def _start_main(self):
+        """ExecStart=: the main process (simple, exec, notify; each of a
+        oneshot's in turn), or for forking the process that forks it."""
+        spec = self.spec
+        if spec.type == "forking":
+            return self._run_step("exec_start")
+        if spec.type == "oneshot":
+            self.queue = list(spec.exec_start)
+            if not self.queue:
+                return self._step_done("exec_start_post") if not spec.exec_start_post else self._run_step("exec_start_post")
+        else:
+            self.queue = list(spec.exec_start)
+        return self._spawn_main()
+
+    def _spawn_main(self):
+        # A simple/exec main process is not waited for in the loop: ready
+        # comes with its exec (EV_EXEC), so many starts overlap their
+        # children's work. Notify, forking and oneshot wait for more anyway.
+        spec = self.spec
+        while True:
+            command = self.queue.pop(0)
+            self.current = command
+            overlapped = spec.type in ("simple", "exec")
+            try:
+                pid, pid_start, confirmed = self.host.spawn(self, command, self._exit_callback(),
+                                                            self._exec_callback() if overlapped else None)
             except SpawnError as exc:
                 if command.ignore_failure and self.queue:
-                    self.host.log.warning(self.name, "Ignoring failed %s command: %s" % ("main" if main else "pre", exc))
+                    self.host.log.warning(self.name, "Ignoring failed main command: %s" % exc)
                     continue
-                self.pid = self.current = None
-                return self._finish_run(None, {"code": 203}, "spawn failed: %s" % exc, failed=True)
+                self.current = None
+                return self._start_failed("spawn failed: %s" % exc, exit_info={"code": 203}, result="exit-code")
             break
         self.pid, self.pid_start, self.adopted = pid, pid_start, False
         self.started_at = self.host.now()
-        if main and self.main_started_wall is None:
+        if self.main_started_wall is None:
             self.main_started_wall = time.time()
-        if not main:
-            self.host.log.debug(self.name, "Running pre command (pid %d): %s" % (pid, command))
-            return START_PRE, None
-        if self.spec.type == "oneshot":
+        if spec.type in ("oneshot",) + NOTIFY_TYPES:
+            self._arm_start_timer()
             self.host.log.debug(self.name, "Running main command (pid %d): %s" % (pid, command))
-            return START, None
-        if self.spec.health_check_url:
-            self.host.log.info(self.name, "Started (pid %d), waiting for its health check" % pid)
-            self.probe = self.host.open_probe(self, self._on_verdict)
-            return START, "waiting for the health check"
+            return START, "waiting for READY=1" if spec.type in NOTIFY_TYPES else None
         if not confirmed:
             self.exec_error = None
             return SPAWNED, None
-        self.host.log.info(self.name, "Started (pid %d)" % pid)   # exec succeeded: the spawner confirmed it
-        return RUNNING, None
+        return self._main_running()
 
     def _exec_done(self, error=None):
         if error:
             self.exec_error = error       # the exit follows: a spawn failure (203)
             return SPAWNED, self.reason
+        return self._main_running()
+
+    def _main_running(self):
+        """The main process runs (exec'd, READY=1, or forked and found):
+        ExecStartPost=, then ready."""
+        if self.spec.exec_start_post:
+            return self._run_step("exec_start_post")
+        return self._started()
+
+    def _started(self):
+        """Everything of the start ran: ready, or (a health check) waiting for it."""
+        self._cancel(("start_timer",))
+        self._arm_watchdog()
+        if self.spec.type == "oneshot":
+            if self.spec.remain_after_exit:
+                self.host.log.info(self.name, "Finished; remains active (RemainAfterExit=yes)")
+                return REMAIN, None
+            return self._finish_run(self.last_exit, {"code": 0}, "oneshot %s" % describe_exit(self.last_exit or {"code": 0}),
+                                    failed=False)
+        if self.spec.health_check_url and self.probe is None:
+            self.host.log.info(self.name, "Started (pid %d), waiting for its health check" % self.pid)
+            self.probe = self.host.open_probe(self, self._on_verdict)
+            return START, "waiting for the health check"
         self.host.log.info(self.name, "Started (pid %d)" % self.pid)
         return RUNNING, None
 
-    def _settle_stopped(self, reason="stopped by user"):
-        self._cancel_timer()
-        return STOPPED, reason
+    def _notified_ready(self):
+        self.notified_ready = True
+        if self.spec.type not in NOTIFY_TYPES or self.pid is None:
+            return self.phase, self.reason     # a oneshot's, or a forking unit's early word: not its readiness
+        return self._main_running()
 
-    def _begin_stop(self, reason="stopped by user"):
-        return self._stop_for(STOPPING, reason)
+    def _forked(self, exit_info):
+        """Type=forking: its ExecStart= process ended; once it exited 0 the
+        main pid is read from PIDFile= (or guessed)."""
+        kind = self.control_kind
+        if kind != "exec_start":
+            return self.phase, self.reason
+        if exit_info != {"code": 0} and not (self.control_command and self.control_command.ignore_failure):
+            return self._control_ended(kind, exit_info, self.host.describe_exit(self, exit_info))
+        self.control_pid = self.control_command = self.control_kind = None
+        return self._find_main_pid()
 
-    def _begin_restart(self, reason="restarting"):
-        return self._stop_for(STOP_RESTART, reason)
-
-    def _stop_for(self, phase, reason):
-        """KillSignal= now, SIGKILL after TimeoutStopSec=."""
-        self._cancel_timer()
-        self._close_probe()
-        self.host.log.info(self.name, "Stopping (pid %d, %s)" % (self.pid, signal_name(self.spec.kill_signal)))
-        self.stop_timed_out = False
-        self.host.signal(self, self.spec.kill_signal, first=True)
-        if self.spec.timeout_stop_sec not in (0, float("inf")):     # 0: wait for ever, as systemd
-            self.timer = self.host.call_later(self.spec.timeout_stop_sec, lambda: self.handle(EV_STOP_TIMEOUT))
-        return phase, reason
-
-    def _restart_after_stop(self, reason=None):
-        return STOP_RESTART, self.reason
-
-    def _cancel_restart(self, reason="stopped by user"):
-        return STOPPING, reason
-
-    def _kill_hard(self):
+    def _find_main_pid(self):
         self.timer = None
-        self.host.log.warning(self.name, "Did not stop within %s; sending SIGKILL" % format_timespan(self.spec.timeout_stop_sec))
-        self.stop_timed_out = True
-        self.host.signal(self, signal.SIGKILL, first=False)
-        return self.phase, self.reason
+        if self.spec.type != "forking" or self.pid is not None:
+            return self.phase, self.reason
+        try:
+            pid = self.host.main_pid_of(self)
+        except SpawnError as exc:
+            return self._start_failed(str(exc), result="protocol")
+        if pid is None:                  # the PIDFile= is not written yet: look again soon
+            self.timer = self.host.call_later(PID_FILE_POLL_INTERVAL, lambda: self.handle(EV_PID_FILE))
+            return START, "waiting for %s" % self.spec.pid_file
+        self._set_main_pid(pid)
+        return self._main_running()
+
+    def _set_main_pid(self, pid):
+        """A main process the daemon did not start itself (forking, MAINPID=):
+        watched through a pidfd; its exit status is not ours to know."""
+        if pid == self.pid or pid <= 1:
+            return
+        self.pid, self.pid_start, self.adopted = pid, pid_start_time(pid), False
+        self.started_at = self.host.now()
+        self.main_started_wall = self.main_started_wall or time.time()
+        self.host.watch(self, pid, self._exit_callback(), adopted=False)
+        self.host.log.info(self.name, "Main process is pid %d" % pid)
 
     def _ready(self):
         self.host.log.info(self.name, "Healthy")
@@ -3341,101 +3943,306 @@ class Service:
         self.host.changed(self, self.state)   # the health column changed, the state did not
         return RUNNING, self.reason
 
-    def _restart_unhealthy(self):
-        """Retries used up: restart as Restart= would after a failure (or, for
-        a new version that never became healthy, roll back)."""
-        probe = self.probe
-        why = "health check failed %d times: %s" % (probe.failures, probe.last_error) if probe else "health check failed"
-        phase, _ = self._stop_for(STOP_RESTART, why)     # with the failing version's KillSignal= etc.
-        if self.phase == START and self._roll_back("never became healthy: " + why):
-            return phase, "rolling back: never became healthy: " + why
-        self.restarts += 1
-        self.restarts_total += 1
-        self.host.log.warning(self.name, "Restarting: %s" % why)
-        return phase, why
+    def _start_failed(self, why, result="exit-code", exit_info=None):
+        """The start did not come through: what is left is stopped (with
+        ExecStopPost=), then Restart= decides, the run counted as failed."""
+        self.result = result
+        self.host.log.warning(self.name, "Start failed: %s" % why)
+        if exit_info is not None:
+            self.last_exit = exit_info
+        return self._begin_stop_sequence("policy", why, failed=True, run_exec_stop=False)
+
+    def _start_timed_out(self):
+        self.start_timer = None
+        why = "start timed out after %s" % format_timespan(self.spec.start_timeout())
+        self.host.log.warning(self.name, why.capitalize())
+        self.result = "timeout"
+        return self._begin_stop_sequence("policy", why, failed=True, run_exec_stop=self.phase == START_POST)
 
     def _adopt(self, pid, pid_start, started_wall):
         self.pid, self.pid_start, self.adopted = pid, pid_start, True
         self.current = self.spec.exec_start[-1] if self.spec.exec_start else None
-        self.current_main = True
         self.started_at = self.host.now()
         self.main_started_wall = started_wall or time.time()
         self.host.watch(self, pid, self._exit_callback())
         self.host.log.info(self.name, "Adopted running process (pid %d)" % pid)
         if self.spec.health_check_url:
             self.probe = self.host.open_probe(self, self._on_verdict)
+        self._arm_watchdog()
         return (RUNNING if self.spec.type != "oneshot" else START), None
 
-    # -- exits --------------------------------------------------------------------
+    # -- actions: the main process ended -----------------------------------------
 
-    def _exec_callback(self):
-        """on_exec for the process just given an exit callback (same serial)."""
-        def on_exec(error, serial=self.process_serial):
-            if serial == self.process_serial:
-                self.handle(EV_EXEC, error=error)
-        return on_exec
-
-    def _exit_callback(self):
-        """The exit callback of the process about to be watched. It is bound
-        to that process: the exit of one the service gave up (after an
-        internal error) is reaped and ignored, never taken for the exit of
-        the process that runs now."""
-        self.process_serial += 1
-
-        def on_exit(exit_info, serial=self.process_serial):
-            if serial == self.process_serial:
-                self.handle(EV_EXIT, exit_info=exit_info)
-        return on_exit
-
-    def _on_verdict(self):
-        self.handle(EV_HEALTHY if self.probe.status == "healthy" else EV_UNHEALTHY)
-
-    def _process_gone(self, exit_info):
-        """What every exit of a watched process does first: end what is left
-        of the service, forget the pid, and describe how it ended."""
-        pid = self.pid
-        self.host.reap_leftovers(self, pid, own_child=exit_info is not None)
-        self.pid = self.pid_start = None
-        self._close_probe()
-        self.host.released(self)
-        return self.host.describe_exit(self, exit_info)
-
-    def _process_exited(self, exit_info):
-        """A process of a start ended: the next command, or the run is over."""
-        command = self.current
+    def _main_exited(self, exit_info):
+        """The main process ended on its own: a oneshot's next command, a
+        failed start, or the end of the run (ExecStop= and ExecStopPost= then
+        run as for a stop, and Restart= decides)."""
         ran_for = self.host.now() - (self.started_at or self.host.now())
-        if self.phase == SPAWNED:         # ended before its exec was confirmed: did exec fail?
+        phase, command = self.phase, self.current
+        if phase == SPAWNED:              # ended before its exec was confirmed: did exec fail?
             error = self.exec_error or self.host.exec_report(self.name) or None
             self.exec_error = None
             if error:
-                self._process_gone(exit_info)
+                self._main_gone(exit_info)
                 self.current = None
-                return self._finish_run(None, {"code": 203}, "spawn failed: %s" % error, failed=True)
-        described = self._process_gone(exit_info)
+                return self._start_failed("spawn failed: %s" % error, exit_info={"code": 203})
+        described = self._main_gone(exit_info)
         self.current = None
-        succeeded = exit_info == {"code": 0} or (command is not None and command.ignore_failure)
-        if self.queue and succeeded:
-            return self._run_next()       # the next ExecStartPre= / oneshot command
         if ran_for >= BACKOFF_RESET_UPTIME:
             self.crash_streak = 0
-        if command is not None and not self.current_main:
-            return self._finish_run(exit_info, exit_info, "ExecStartPre failed (%s)" % described, failed=True)
-        if self.spec.type == "oneshot":
-            return self._finish_run(exit_info, {"code": 0} if succeeded else exit_info,
-                                    "oneshot " + described, failed=not succeeded)
-        return self._finish_run(exit_info, exit_info, described, failed=False)
+        success = self.spec.success_exit_status
+        if self.spec.type == "oneshot":       # a oneshot's command succeeds by its exit code (or SuccessExitStatus=)
+            succeeded = exit_info == {"code": 0} or exit_status_listed(exit_info, success)
+        else:
+            succeeded = exit_is_clean(exit_info, success)
+        succeeded = succeeded or (command is not None and command.ignore_failure)
+        if self.spec.type == "oneshot" and phase == START:
+            if not succeeded:
+                return self._start_failed("oneshot " + described, result=_result_of(exit_info))
+            if self.queue:
+                return self._spawn_main()  # the next ExecStart= of the oneshot
+            return self._main_running()
+        if phase == START and self.spec.type in NOTIFY_TYPES and not self.notified_ready:
+            self.result = "protocol" if succeeded else _result_of(exit_info)
+            return self._begin_stop_sequence("policy", "exited before READY=1 (%s)" % described, failed=True,
+                                             run_exec_stop=False)
+        if succeeded and self.spec.remain_after_exit and phase in (RUNNING, RELOAD):
+            self.host.log.info(self.name, "Exited (%s); remains active (RemainAfterExit=yes)" % described)
+            self._cancel_timers()
+            return REMAIN, None
+        self.result = "success" if succeeded else _result_of(exit_info)
+        return self._begin_stop_sequence("policy", described, failed=self.spec.type == "oneshot" and not succeeded,
+                                         run_exec_stop=phase in (START_POST, RUNNING, RELOAD))
+
+    def _main_gone(self, exit_info):
+        """What every exit of the main process does first: forget the pid and
+        describe how it ended. What is left of the service is ended too (as
+        KillMode= says), unless a control process still runs: an ExecStop=
+        that waits for the main process to go must not be killed with it."""
+        pid = self.pid
+        if self.control_pid is None:
+            self.host.reap_leftovers(self, pid, own_child=exit_info is not None and not self.adopted_elsewhere())
+        self.pid = self.pid_start = None
+        self.main_started_wall = None
+        if exit_info is not None:
+            self.last_exit = exit_info
+        self._close_probe()
+        if not self.has_process():
+            self.host.released(self)
+        return self.host.describe_exit(self, exit_info)
+
+    def adopted_elsewhere(self):
+        """The main process is not the daemon's child (forking, MAINPID=, adopted)."""
+        return self.adopted or self.spec.type == "forking"
+
+    # -- actions: stopping ----------------------------------------------------------
+
+    def _settle_stopped(self, reason="stopped by user"):
+        self._cancel_timers()
+        return STOPPED, reason
+
+    def _begin_stop(self, reason="stopped by user"):
+        self.result = "success"
+        return self._begin_stop_sequence("stop", reason)
+
+    def _begin_restart(self, reason="restarting"):
+        self.result = "success"
+        return self._begin_stop_sequence("restart", reason)
+
+    def _begin_stop_sequence(self, after, why, failed=False, run_exec_stop=None):
+        """ExecStop= (for a unit that started), KillSignal= to what is left,
+        ExecStopPost=; then `after`: "stop", "restart", or "policy" (Restart=
+        decides on the run that ended, why and failed telling how)."""
+        self._cancel_timers()
+        self._close_probe()
+        self.after_stop = after
+        self.end = (why, failed)
+        self.reason = why
+        self.stop_timed_out = False
+        if run_exec_stop is None:
+            run_exec_stop = self.phase in (START_POST, RUNNING, RELOAD, REMAIN)
+        if self.control_pid is not None:          # a start-pre/post, reload: it ends with the rest
+            self.queue = []
+            run_exec_stop = False
+        if run_exec_stop and self.spec.exec_stop:
+            return self._run_step("exec_stop")
+        return self._signal_leftovers()
+
+    def _signal_leftovers(self):
+        """KillSignal= to the main and control process (and, as KillMode=
+        says, the rest; SIGKILL after TimeoutStopSec=), then ExecStopPost=."""
+        if not self.has_process():
+            return self._run_stop_post()
+        self.host.log.info(self.name, "Stopping (%s, %s)" % (
+            "pid %d" % self.pid if self.pid else "what is left", signal_name(self.spec.kill_signal)))
+        self.host.signal(self, self.spec.kill_signal, first=True)
+        self._arm_stop_timer()
+        return STOPPING, self.reason
+
+    def _run_stop_post(self):
+        """Main and control process are gone: the rest of the service goes
+        (as KillMode= says), then ExecStopPost= runs."""
+        self._cancel(("timer",))
+        self.host.reap_leftovers(self, None, own_child=False)
+        return self._run_step("exec_stop_post")
+
+    def _end_stop(self):
+        """Nothing of the service is left: what `after_stop` says follows."""
+        self._cancel_timers()
+        self.queue = []
+        self.host.released(self)
+        why, failed = self.end or (self.reason, False)
+        if self.after_stop == "policy":
+            return self._finish_run(self.last_exit, None if failed else self.last_exit, why, failed)
+        self.host.log.info(self.name, "Stopped (%s%s)" % (describe_exit(self.last_exit) if self.last_exit else "no process",
+                                                          ", after SIGKILL" if self.stop_timed_out else ""))
+        if self.after_stop == "restart" and self.want == "up" and not self.host.shutting_down:
+            self.host.log.info(self.name, "Restarting (requested)")
+            return self._begin_start()
+        return STOPPED, self.reason or "stopped by user"
+
+    def _main_gone_while_stopping(self, exit_info):
+        described = self._main_gone(exit_info)
+        self.host.log.debug(self.name, "Main process ended while stopping (%s)" % described)
+        if self.phase == STOPPING and self.control_pid is None:
+            return self._run_stop_post()
+        return self.phase, self.reason
+
+    def _control_gone_while_stopping(self, exit_info):
+        self.control_pid = self.control_command = self.control_kind = None
+        if self.pid is None:
+            return self._run_stop_post()
+        return STOPPING, self.reason
+
+    def _stop_command_timed_out(self):
+        self.timer = None
+        self.host.log.warning(self.name, "ExecStop= did not finish within %s" % format_timespan(self.spec.timeout_stop_sec))
+        self.queue = []
+        return self._signal_leftovers()
+
+    def _stop_post_timed_out(self):
+        self.timer = None
+        self.host.log.warning(self.name, "ExecStopPost= did not finish within %s; sending SIGKILL" %
+                              format_timespan(self.spec.timeout_stop_sec))
+        self.queue = []
+        self.host.signal(self, signal.SIGKILL, first=False)
+        return STOP_POST, self.reason
+
+    def _restart_after_stop(self, reason=None):
+        if self.after_stop != "restart":
+            self.after_stop = "restart"
+            self.reason = reason or "restarting"
+        return self.phase, self.reason
+
+    def _stop_after_stop(self, reason="stopped by user"):
+        if self.after_stop == "restart":
+            self.after_stop = "stop"
+            return self.phase, reason
+        return self.phase, self.reason
+
+    def _kill_hard(self):
+        self.timer = None
+        self.host.log.warning(self.name, "Did not stop within %s; sending SIGKILL" % format_timespan(self.spec.timeout_stop_sec))
+        self.stop_timed_out = True
+        self.host.signal(self, signal.SIGKILL, first=False)
+        return self.phase, self.reason
+
+    def _stopping_notified(self):
+        """STOPPING=1: the service is going down by itself; its exit is
+        awaited (SIGKILL after TimeoutStopSec=), then Restart= decides."""
+        self._cancel_timers()
+        self.after_stop, self.end = "policy", None
+        self.host.log.info(self.name, "Stopping (STOPPING=1)")
+        self._arm_stop_timer()
+        return STOPPING, "stopping (STOPPING=1)"
+
+    def _restart_unhealthy(self):
+        """Retries used up: restart as Restart= would after a failure (or, for
+        a new version that never became healthy, roll back)."""
+        probe = self.probe
+        why = "health check failed %d times: %s" % (probe.failures, probe.last_error) if probe else "health check failed"
+        never_healthy = self.phase == START
+        phase, _ = self._begin_stop_sequence("restart", why)     # with the failing version's KillSignal= etc.
+        if never_healthy and self._roll_back("never became healthy: " + why):
+            return phase, "rolling back: never became healthy: " + why
+        self.restarts += 1
+        self.restarts_total += 1
+        self.host.log.warning(self.name, "Restarting: %s" % why)
+        return phase, why
+
+    def _watchdog_expired(self):
+        self.watchdog_timer = None
+        interval = self._watchdog_interval()
+        why = "watchdog timeout (no WATCHDOG=1 within %s)" % format_timespan(interval or 0)
+        self.host.log.warning(self.name, why.capitalize() + "; sending SIGABRT")
+        self.result = "watchdog"
+        self._cancel_timers()
+        self._close_probe()
+        self.after_stop, self.end, self.reason = "policy", (why, True), why
+        self.host.signal(self, signal.SIGABRT, first=True)
+        self._arm_stop_timer()
+        return STOPPING, why
+
+    # -- actions: reloading ------------------------------------------------------------
+
+    def _begin_reload(self):
+        self.reload_error = None
+        self.reload_from = self.phase
+        if self.spec.exec_reload:
+            return self._run_step("exec_reload")
+        if self.spec.type == "notify-reload" and self.pid:
+            self.host.log.info(self.name, "Reloading (%s)" % signal_name(self.spec.reload_signal))
+            self.notified_ready = False
+            self.host.signal_main(self, self.spec.reload_signal)
+            self._arm_start_timer()
+            return RELOAD, None
+        return self._reload_finished("it has no ExecReload=")
+
+    def _reloading_notified(self):
+        self.reload_from = RUNNING
+        self.notified_ready = False
+        self._arm_start_timer()
+        return RELOAD, None
+
+    def _reload_ready(self):
+        self.notified_ready = True
+        if self.control_pid is not None:
+            return RELOAD, None           # ExecReload= still runs: done when it exits
+        return self._reload_finished(None)
+
+    def _reload_timed_out(self):
+        self.start_timer = None
+        if self.control_pid is not None:
+            self.host.kill_control(self, signal.SIGKILL)
+            self.control_serial += 1      # its exit is reaped and ignored
+            self.control_pid = self.control_command = self.control_kind = None
+        return self._reload_finished("timed out after %s" % format_timespan(self.spec.start_timeout()))
+
+    def _reload_finished(self, error):
+        self._cancel(("start_timer",))
+        self.reload_error = error
+        self.reload_serial += 1
+        if error:
+            self.host.log.warning(self.name, "Reload failed: %s" % error)
+        else:
+            self.host.log.info(self.name, "Reloaded")
+        return getattr(self, "reload_from", RUNNING), None
+
+    # -- the end of a run ------------------------------------------------------------
 
     def _finish_run(self, last_exit, outcome, why, failed):
         """No process of the service is left: restart as Restart= says for
         `outcome` (None: unknown, counted as a failure), else settle in FAILED
         (failed=True) or EXITED."""
+        spec = self.spec
         self.main_started_wall = None
         self.queue = []
         self.last_exit = last_exit
-        self.succeeded = outcome == {"code": 0}
-        if self.want == "up" and not self.host.shutting_down and should_restart(self.spec.restart, outcome):
+        self.succeeded = not failed and exit_is_clean(outcome, spec.success_exit_status)
+        if self.want == "up" and not self.host.shutting_down and should_restart(
+                spec.restart, outcome, result=self.result, statuses=spec):
             self.crash_streak += 1
-            delay = restart_delay(self.spec.restart_sec, self.crash_streak)
+            delay = restart_delay(spec.restart_sec, self.crash_streak)
             self.restarts += 1
             self.restarts_total += 1
             self.host.log.info(self.name, "Restarting in %s (%s; restart %d)%s" % (
@@ -3448,28 +4255,73 @@ class Service:
         self.host.log.info(self.name, "Exited (%s)" % why)
         return EXITED, why
 
-    def _ended_stop(self, exit_info):
-        described = self._process_gone(exit_info)
-        self.current = None
-        self.queue = []
-        self.main_started_wall = None
-        self._cancel_timer()
-        if exit_info is not None:
-            self.last_exit = exit_info
-        self.host.log.info(self.name, "Stopped (%s%s)" % (described, ", after SIGKILL" if self.stop_timed_out else ""))
+    # -- callbacks -----------------------------------------------------------------
 
-    def _stopped(self, exit_info):
-        self._ended_stop(exit_info)
-        return STOPPED, self.reason or "stopped by user"
+    def _exec_callback(self):
+        """on_exec for the process just given an exit callback (same serial)."""
+        def on_exec(error, serial=self.process_serial):
+            if serial == self.process_serial:
+                self.handle(EV_EXEC, error=error)
+        return on_exec
 
-    def _start_after_exit(self, exit_info):
-        self._ended_stop(exit_info)
-        if self.want != "up" or self.host.shutting_down:
-            return STOPPED, self.reason or "stopped by user"
-        self.host.log.info(self.name, "Restarting (requested)")
-        return self._begin_start()
+    def _exit_callback(self):
+        """The exit callback of the main process about to be watched. It is
+        bound to that process: the exit of one the service gave up (after an
+        internal error, or a MAINPID= that moved on) is reaped and ignored,
+        never taken for the exit of the process that runs now."""
+        self.process_serial += 1
 
-    # -- small helpers ----------------------------------------------------------------
+        def on_exit(exit_info, serial=self.process_serial):
+            if serial == self.process_serial:
+                self.handle(EV_EXIT, exit_info=exit_info)
+        return on_exit
+
+    def _control_callback(self):
+        self.control_serial += 1
+
+        def on_exit(exit_info, serial=self.control_serial):
+            if serial == self.control_serial:
+                self.handle(EV_CONTROL_EXIT, exit_info=exit_info)
+        return on_exit
+
+    def _on_verdict(self):
+        self.handle(EV_HEALTHY if self.probe.status == "healthy" else EV_UNHEALTHY)
+
+    # -- timers and small helpers ------------------------------------------------------
+
+    def _arm_start_timer(self):
+        self._cancel(("start_timer",))
+        timeout = self.spec.start_timeout()
+        if timeout is not None:
+            self.start_timer = self.host.call_later(timeout, lambda: self.handle(EV_START_TIMEOUT))
+            self.start_deadline = self.host.now() + timeout
+
+    def _arm_stop_timer(self):
+        self._cancel(("timer",))
+        if self.spec.timeout_stop_sec not in (0, float("inf")):     # 0: wait for ever, as systemd
+            self.timer = self.host.call_later(self.spec.timeout_stop_sec, lambda: self.handle(EV_STOP_TIMEOUT))
+
+    def _extend_timeout(self, seconds):
+        """EXTEND_TIMEOUT_USEC=: the start timeout fires no sooner than `seconds` from now."""
+        if self.start_timer is None:
+            return
+        wanted = self.host.now() + seconds
+        if wanted > self.start_deadline:
+            self.start_timer.cancel()
+            self.start_timer = self.host.call_later(seconds, lambda: self.handle(EV_START_TIMEOUT))
+            self.start_deadline = wanted
+
+    def _watchdog_interval(self):
+        if self.watchdog_usec:
+            return self.watchdog_usec / 1e6
+        return self.spec.watchdog_sec if 0 < self.spec.watchdog_sec < float("inf") else None
+
+    def _arm_watchdog(self):
+        """WatchdogSec=: armed once the service is ready, again at each WATCHDOG=1."""
+        self._cancel(("watchdog_timer",))
+        interval = self._watchdog_interval()
+        if interval and self.pid and self.phase not in (STOP_COMMAND, STOPPING, STOP_POST):
+            self.watchdog_timer = self.host.call_later(interval, lambda: self.handle(EV_WATCHDOG))
 
     def _reset_limits(self):
         self.start_times.clear()
@@ -3481,14 +4333,35 @@ class Service:
             self.probe.close()
             self.probe = None
 
-    def _cancel_timer(self):
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+    def _cancel(self, names):
+        for name in names:
+            timer = getattr(self, name)
+            if timer is not None:
+                timer.cancel()
+                setattr(self, name, None)
+
+    def _cancel_timers(self):
+        self._cancel(("timer", "start_timer", "watchdog_timer"))
 
     def discard(self):
         """Forget timers (the unit was removed and its process is gone)."""
-        self._cancel_timer()
+        self._cancel_timers()
+
+
+# The phase each control step runs in, and the key users know it by.
+CONTROL_PHASE = {"exec_condition": CONDITION, "exec_start_pre": START_PRE, "exec_start": START,
+                 "exec_start_post": START_POST, "exec_reload": RELOAD, "exec_stop": STOP_COMMAND,
+                 "exec_stop_post": STOP_POST}
+CONTROL_KEYS = {"exec_condition": "ExecCondition", "exec_start_pre": "ExecStartPre", "exec_start": "ExecStart",
+                "exec_start_post": "ExecStartPost", "exec_reload": "ExecReload", "exec_stop": "ExecStop",
+                "exec_stop_post": "ExecStopPost"}
+
+
+def _result_of(exit_info):
+    """systemd's $SERVICE_RESULT for a failed process."""
+    if exit_info is None:
+        return "exit-code"
+    return "signal" if "signal" in exit_info else "exit-code"
 
 
 class Launcher:
@@ -3506,42 +4379,65 @@ class Launcher:
         self.run_as_cache = {}            # (User=, Group=) -> (expiry, RunAs or SpawnError)
         self.exec_reports = {}            # service name -> exec-error pipe of a start not confirmed yet
         self.exec_received = {}           # service name -> what that pipe said so far
+        self.notify_address = None        # NOTIFY_SOCKET for the services, once the daemon listens
+        self.folders = specifier_context()   # where RuntimeDirectory= and the like go (%t %S %C %L %E)
         self.shutting_down = False
 
     @staticmethod
     def now():
         return time.monotonic()
 
-    def spawn(self, service, command, on_exit, on_exec=None):
+    def spawn(self, service, command, on_exit, on_exec=None, control=None, extra_env=None):
         """Resolve everything a process of `service` needs, start `command`
         and watch it. Returns (pid, start time, exec confirmed). With
         `on_exec`, a forked child's exec is not waited for: on_exec(None) is
         called once it exec'd, on_exec(message) if exec failed (its exit
-        follows), so that many starts overlap their children's exec."""
-        if self.shutting_down:
+        follows), so that many starts overlap their children's exec.
+        `control`: the step of a control process (it joins the service's
+        cgroup beside the main process); `extra_env`: $MAINPID and the like."""
+        if self.shutting_down and control not in ("exec_stop", "exec_stop_post"):
             raise SpawnError("the daemon is shutting down")
         spec = service.spec
         run_as = self._run_as(spec.user, spec.group)
         env = self._service_environment(spec, run_as)
-        argv = expand_command(command.argv, env)
-        program = expand_command([command.program], env)
+        if self.notify_address and spec.notify_accepted_from() != "none":
+            env["NOTIFY_SOCKET"] = self.notify_address
+        if control is None and spec.watchdog_sec and spec.watchdog_sec != float("inf"):
+            env["WATCHDOG_USEC"] = str(int(spec.watchdog_sec * 1e6))
+        env.update(extra_env or {})
+        if command.expand:
+            argv = expand_command(command.argv, env)
+            program = expand_command([command.program], env)
+        else:
+            argv, program = list(command.argv), [command.program]
         if not argv or not program:
             raise SpawnError("the command is empty after expanding variables: %s" % command)
         path = find_program(program[0], env.get("PATH"))
         if path is None:
             raise SpawnError("%s: command not found on PATH (%s)" % (program[0], env.get("PATH")))
+        if spec.directories:
+            env.update(self._make_directories(spec, run_as))
         cwd = self._working_directory(spec, run_as)
-        group = self.cgroups.prepare(service.name, spec, suspect=service.last_exit == {"signal": signal.SIGKILL}) \
-            if self.cgroups else None
-        service.cgroup = group
+        if command.privileged:            # '+' and '!': the daemon's own credentials
+            run_as = RunAs(user=run_as.user, home=run_as.home, shell=run_as.shell)
+        if service.has_process() and service.cgroup is not None:
+            group = service.cgroup        # a control process beside the main one: the same groups
+        else:
+            group = self.cgroups.prepare(service.name, spec, suspect=service.last_exit == {"signal": signal.SIGKILL}) \
+                if self.cgroups else None
+            service.cgroup = group
         if service.cgroup_timer is not None:
             service.cgroup_timer.cancel()
             service.cgroup_timer = None
         # With a cgroup the child joins it before exec (fork path): joined from
         # here after posix_spawn, a shell could fork an escapee first.
+        setup = ProcessSetup(spec)
+        for why in setup.lowered:
+            self.log.warning(service.name, why)
         pid, report = self.spawner.spawn(argv, path, env, cwd, self.config.service_log(service.name), run_as,
-                                         group if group and group.folders else None, spec.private_pids,
-                                         wait=on_exec is None, setup=ProcessSetup(spec))
+                                         group if group and group.folders else None,
+                                         spec.private_pids and control is None,
+                                         wait=on_exec is None, setup=setup)
         service.spawn_path = self.spawner.last_path
         self.exit_watcher.watch(pid, on_exit)
         if report is not None:
@@ -3582,14 +4478,70 @@ class Launcher:
             self.selector.unregister(fd)
             os.close(fd)
 
-    def watch(self, service, pid, on_exit):
-        """An adopted process: watched (not our child), its groups made again."""
+    def watch(self, service, pid, on_exit, adopted=True):
+        """A main process that is not our child: adopted from an earlier
+        daemon (its groups made again), or a forking unit's or MAINPID='s."""
         self.exit_watcher.watch(pid, on_exit, child=False)
-        if self.cgroups is not None:
+        if adopted and self.cgroups is not None:
             service.cgroup = self.cgroups.prepare(service.name, service.spec)   # the earlier daemon's groups
 
+    def main_pid_of(self, service):
+        """Type=forking: the main pid, from PIDFile= (None while it is not
+        written yet: nginx makes it empty first) or guessed: the one process
+        of the service's cgroup whose parent is not in it. SpawnError when it
+        cannot be told."""
+        spec = service.spec
+        if spec.pid_file:
+            try:
+                text = _read_text(spec.pid_file).strip()
+            except FileNotFoundError:
+                return None
+            except OSError as exc:
+                raise SpawnError("PIDFile=%s: %s" % (spec.pid_file, exc.strerror))
+            if not text:
+                return None
+            if not text.isdigit() or int(text) <= 1:
+                raise SpawnError("PIDFile=%s does not hold a process id: %r" % (spec.pid_file, text[:40]))
+            fields = read_proc_stat(int(text))
+            if fields is None or fields[0] == b"Z":
+                return None                # stale (an earlier run's): the new one may still be written
+            return int(text)
+        if self.cgroups is None or service.cgroup is None or service.cgroup.tracking is None:
+            raise SpawnError("Type=forking without PIDFile= needs cgroups to find the main process (%s)" % (
+                self.cgroups.problem if self.cgroups else "cgroups are not used"))
+        pids = set(Cgroups.pids(service.cgroup))
+        tops = []
+        for pid in pids:
+            fields = read_proc_stat(pid)
+            if fields is not None and int(fields[1]) not in pids:
+                tops.append(pid)
+        if len(tops) != 1:
+            raise SpawnError("cannot tell the main process: %s (set PIDFile=)" % (
+                "no process is left" if not tops else "%d processes: %s" % (len(tops), ", ".join(map(str, sorted(tops))))))
+        return tops[0]
+
+    def signal_main(self, service, number):
+        """ReloadSignal= and the like: to the main process only."""
+        if service.pid is None:
+            return
+        try:
+            os.kill(service.pid, number)
+        except ProcessLookupError:
+            pass
+        except PermissionError as exc:
+            self.log.error(service.name, "Cannot signal pid %d: %s" % (service.pid, exc.strerror))
+
+    def kill_control(self, service, number):
+        """The control process and its process group (a shell's children too)."""
+        if service.control_pid:
+            try:
+                os.killpg(service.control_pid, number)
+            except OSError:
+                pass
+
     def signal(self, service, number, first=False):
-        """Deliver a stop signal as KillMode= says."""
+        """Deliver a stop signal as KillMode= says: to the main process (and
+        its group, or the whole cgroup) and to the control process."""
         mode = service.spec.kill_mode
         # With PrivatePIDs= the main pid is the relay: a SIGKILL must reach the
         # namespace behind it, whatever KillMode= says.
@@ -3597,11 +4549,15 @@ class Launcher:
             mode == "mixed" or service.spec.private_pids))
         if targets_group and self.cgroups is not None:
             self.cgroups.kill(service.cgroup, number)     # also what left the process group
+        if mode != "none" or number == signal.SIGKILL:
+            self.kill_control(service, number)
+        if service.pid is None:
+            return
         try:
             if targets_group:
-                os.killpg(service.pid, number)
+                _kill_group_or_process(service.pid, number)
                 if first and number not in (signal.SIGKILL, signal.SIGCONT):
-                    os.killpg(service.pid, signal.SIGCONT)   # a stopped process must wake to die
+                    _kill_group_or_process(service.pid, signal.SIGCONT)   # a stopped process must wake to die
             elif mode != "none" or number == signal.SIGKILL:
                 os.kill(service.pid, number)
         except ProcessLookupError:
@@ -3630,7 +4586,7 @@ class Launcher:
 
     def describe_exit(self, service, exit_info):
         if exit_info is None:
-            return "exit status unknown (adopted)"
+            return "exit status unknown (%s)" % ("adopted" if service.adopted else "not gitproc's child")
         if exit_info == {"signal": signal.SIGKILL} and service.spec.memory_max is not None and \
                 self.cgroups is not None and self.cgroups.oom_killed(service.cgroup):
             return "killed by the OOM killer (MemoryMax=%s)" % format_bytes(service.spec.memory_max)
@@ -3641,6 +4597,11 @@ class Launcher:
         stayed down a while (making a fresh cgroup and moving the first
         process in costs the kernel some 10 ms, which a restart, or a stop
         soon followed by a start, need not pay)."""
+        if not service.has_process():
+            if service.spec.pid_file:
+                _unlink_quietly(service.spec.pid_file)     # as systemd does once the service is down
+            if service.spec.directories:
+                self.remove_runtime_directories(service)
         if service.cgroup is None or service.cgroup_timer is not None:
             return
 
@@ -3668,6 +4629,40 @@ class Launcher:
         if isinstance(cached[1], SpawnError):
             raise cached[1]
         return cached[1]
+
+    def _make_directories(self, spec, run_as):
+        """RuntimeDirectory=, StateDirectory=, ...: made (parents 0755, as
+        systemd), given *DirectoryMode= (default 0755) and, under a root
+        daemon, to User=/Group=. Returns $RUNTIME_DIRECTORY and the like."""
+        modes = dict(spec.directory_modes)
+        found = {}
+        for kind, relative in spec.directories:
+            path = os.path.join(self.folders[kind], relative)
+            try:
+                os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+                try:
+                    os.mkdir(path)
+                except FileExistsError:
+                    pass
+                if os.geteuid() == 0 and (run_as.uid is not None or run_as.gid is not None):
+                    os.chown(path, -1 if run_as.uid is None else run_as.uid, -1 if run_as.gid is None else run_as.gid)
+                os.chmod(path, modes.get(kind, 0o755))      # after chown, which may drop a setgid bit
+            except OSError as exc:
+                raise SpawnError("%sDirectory=%s: %s" % ({v: k for k, v in DIRECTORY_KEYS.items()}[kind], path,
+                                                          describe_os_error(exc)))
+            found.setdefault(DIRECTORY_VARIABLES[kind], []).append(path)
+        return {variable: ":".join(paths) for variable, paths in found.items()}
+
+    def remove_runtime_directories(self, service):
+        """RuntimeDirectory= goes when the service stops (RuntimeDirectoryPreserve=
+        no; restart: only a stop that is not followed by a start)."""
+        spec = service.spec
+        if spec.runtime_directory_preserve == "yes" or (
+                spec.runtime_directory_preserve == "restart" and service.want == "up"):
+            return
+        for kind, relative in spec.directories:
+            if kind == "t":
+                remove_tree(os.path.join(self.folders["t"], relative))
 
     @staticmethod
     def _service_environment(spec, run_as):
@@ -3712,6 +4707,15 @@ class Launcher:
         return wanted
 
 
+def _kill_group_or_process(pid, number):
+    """Signal the process group `pid` leads; a main process that leads none
+    (MAINPID= named it) alone."""
+    try:
+        os.killpg(pid, number)
+    except ProcessLookupError:
+        os.kill(pid, number)
+
+
 class Dependencies:
     """After=/Requires= among the deployed services: whether a unit may start
     now, what stops with a unit it requires, starting what waited, and the
@@ -3736,7 +4740,8 @@ class Dependencies:
                 continue
             if other.is_ready():
                 continue
-            if other.phase in (WAITING, START_PRE, START, SPAWNED, BACKOFF, STOP_RESTART):
+            if other.phase in (WAITING, CONDITION, START_PRE, START, SPAWNED, START_POST, BACKOFF) or (
+                    other.state == STOPPING and other.after_stop == "restart"):
                 return "waiting", "waiting for %s" % name
             # The dependency is down, and nothing is bringing it up.
             if other.want == "down":
@@ -5014,6 +6019,7 @@ class Deployer:
         self.deploy_count = 0             # deploys applied (the poll adapts to them)
         self.deploys_total = {}           # outcome -> deploys ever (a counter for metrics; persisted)
         self.parse_cache = {}             # (path, blob) -> parse_unit result
+        self.context = specifier_context()   # the specifiers of this machine and user (%H, %t, ...)
         self.before_of = {}               # name -> the deployed units that say Before=name
         self._last_plan = None            # the plan of the last deploy (see last_plan)
 
@@ -5067,7 +6073,7 @@ class Deployer:
         return "refs/heads/" + self.config.branch, "branch %r" % self.config.branch
 
     def _read_units(self, sha):
-        """The unit entries of a commit; files parsed before are not read again."""
+        """The units of a commit (entries, problems); files parsed before are not read again."""
         return git_read_units(self.config.repo_path, sha, known=self.parse_cache)
 
     # -- planning ----------------------------------------------------------------------
@@ -5145,11 +6151,12 @@ class Deployer:
 
     def plan(self, commit, entries):
         """What deploying `commit` would do, changing nothing."""
-        specs, problems = check_unit_tree(entries, self.parse_cache)
+        entries, composing = entries
+        specs, problems = check_unit_tree(entries, self.parse_cache, composing, self.context)
         if len(self.parse_cache) > 2 * len(entries) + 100:
             keep = {(path, blob) for _, path, _, blob in entries}
             self.parse_cache = {key: value for key, value in self.parse_cache.items() if key in keep}
-        bad_names = {os.path.basename(d.path)[:-len(UNIT_SUFFIX)] for d in problems if d.severity == "error"}
+        bad_names = {d.unit or os.path.basename(d.path)[:-len(UNIT_SUFFIX)] for d in problems if d.severity == "error"}
         earlier = self.specs or self._specs_of_saved_commit(bad_names)
         origin = {}                                   # name -> commit its kept spec came from
         for name in sorted(bad_names):
@@ -5196,7 +6203,8 @@ class Deployer:
         specs = {}
         for sha, wanted in commits.items():
             try:
-                found, _ = check_unit_tree(git_read_units(self.config.repo_path, sha))
+                entries, problems = git_read_units(self.config.repo_path, sha)
+                found, _ = check_unit_tree(entries, problems=problems, context=self.context)
             except GitError as exc:
                 self.log.warning("daemon", "Cannot read commit %s for the earlier version of %s: %s" % (
                     sha[:7], ", ".join(wanted), exc))
@@ -5545,6 +6553,48 @@ class RequestHandlers:
             return {"ok": False, "error": "timed out waiting for %s to %s" % (", ".join(late), action)}
         return self.daemon.server.park(conn, check, expire, self._timeout(message, DEFAULT_WAIT_TIMEOUT))
 
+    def _cmd_reload(self, conn, message):
+        """ExecReload= (or ReloadSignal=) of running units; the reply comes
+        once each reload is over (`block`: false, at once), an error naming
+        each unit that cannot reload or whose reload failed."""
+        services = self.daemon.services
+        names = self._names(message)
+        self._refuse_while_shutting_down()
+        cannot = []
+        for name in names:
+            service = services[name]
+            if not service.spec.exec_reload and service.spec.type != "notify-reload":
+                cannot.append("%s has no ExecReload=" % name)
+            elif service.state not in (RUNNING, RELOADING):
+                cannot.append("%s is %s, not running" % (name, service.state))
+        if cannot:
+            raise GitprocError("cannot reload: %s" % "; ".join(cannot))
+        serials = {}
+        for name in names:
+            serials[name] = services[name].reload_serial + (1 if services[name].phase != RELOAD else 0)
+            services[name].reload()
+        if message.get("block") is False:
+            return {"ok": True, "result": {"services": [services[n].snapshot() for n in names]}}
+
+        def done(name):
+            service = services.get(name)
+            return service is None or service.reload_serial >= serials[name] or service.state not in (RUNNING, RELOADING)
+
+        def check():
+            if not all(done(n) for n in names):
+                return None
+            failed = ["%s: %s" % (n, services[n].reload_error) for n in names if n in services and services[n].reload_error]
+            failed += ["%s is %s" % (n, services[n].state) for n in names
+                       if n in services and services[n].state not in (RUNNING, RELOADING)]
+            snapshot = [services[n].snapshot() for n in names if n in services]
+            if failed:
+                return {"ok": False, "error": "reload failed: %s" % "; ".join(failed), "result": {"services": snapshot}}
+            return {"ok": True, "result": {"services": snapshot}}
+
+        def expire():
+            return {"ok": False, "error": "timed out waiting for %s to reload" % ", ".join(n for n in names if not done(n))}
+        return self.daemon.server.park(conn, check, expire, self._timeout(message, DEFAULT_WAIT_TIMEOUT))
+
     def _action_reply(self, names, action):
         services = self.daemon.services
         problems = []
@@ -5646,7 +6696,7 @@ class RequestHandlers:
         return {"ok": True, "result": {"text": prometheus_text(self.daemon)}}
 
     COMMANDS = {"ping": _cmd_ping, "status": _cmd_status, "list": _cmd_list, "start": _cmd_start,
-                "stop": _cmd_stop, "restart": _cmd_restart, "wait": _cmd_wait, "shutdown": _cmd_shutdown,
+                "stop": _cmd_stop, "restart": _cmd_restart, "reload": _cmd_reload, "wait": _cmd_wait, "shutdown": _cmd_shutdown,
                 "sync": _cmd_sync, "diff": _cmd_diff, "rollback": _cmd_rollback, "history": _cmd_history,
                 "events": _cmd_events, "metrics": _cmd_metrics}
 
@@ -5770,6 +6820,7 @@ class Daemon:
         self.deployer = Deployer(config, log, self.services, self.recovery, self.host, self.store, self.events)
         self.source = SourceWatcher(config, log, self.selector, self.call_later, self.host.exit_watcher, self.deployer)
         self.http = None                  # HttpListener, with http_listen set
+        self.notify = NotifySocket(config.state_file)
         self.health_seen = {}             # name -> the health verdict last recorded as an event
         self.changed = False              # a service changed state since waiters were checked
         self.stopped_services = []        # services that came down since: Requires= propagates
@@ -5800,6 +6851,7 @@ class Daemon:
             instance = "%08x" % zlib.crc32(self.config.state_file.encode())
             self.host.cgroups = Cgroups(self.config.cgroup_root, instance, self.log)
             self.log.info("daemon", self.host.cgroups.describe())
+            self._open_notify_socket()
             self.server.open()
             if self.config.http_listen:
                 self.http = HttpListener(parse_listen_address(self.config.http_listen), self.log, self.selector,
@@ -5842,7 +6894,9 @@ class Daemon:
                 heapq.heappop(self.timers)
             if self.timers:
                 timeout = max(0.0, self.timers[0][0] - time.monotonic())
-            for key, mask in self.selector.select(timeout):
+            # sd_notify first: a READY=1 or MAINPID= sent just before the
+            # sender exited must count before that exit does (as in systemd).
+            for key, mask in sorted(self.selector.select(timeout), key=self._notify_first):
                 callback, argument = key.data
                 self._guarded(callback, argument, mask)
             now = time.monotonic()
@@ -5856,6 +6910,9 @@ class Daemon:
                     break
                 self.changed = False
                 self._guarded(self._settle)
+
+    def _notify_first(self, event):
+        return event[0].data[0] != self._on_notify
 
     def _settle(self):
         """After changes: Requires= propagates, waiting units start, parked
@@ -5932,6 +6989,54 @@ class Daemon:
         os.write(fd, b"%d\n" % os.getpid())
         self.pid_fd = fd
 
+    def _open_notify_socket(self):
+        """NOTIFY_SOCKET for Type=notify units. Without it (an abstract socket
+        of that name is taken) the daemon still runs, and says so: notify
+        units then time out waiting for READY=1."""
+        try:
+            sock = self.notify.open()
+        except OSError as exc:
+            self.log.error("daemon", "Cannot listen for sd_notify on %s: %s; Type=notify units will not become ready" % (
+                self.notify.address, describe_os_error(exc)))
+            return
+        self.selector.register(sock, EVENT_READ, (self._on_notify, None))
+        self.host.notify_address = self.notify.address
+
+    def _on_notify(self, _key, _mask):
+        for pid, fields in self.notify.receive():
+            service = self._service_of_pid(pid)
+            if service is None:
+                self.log.debug("daemon", "sd_notify from pid %d, which is no service's: ignored" % pid)
+            elif not service.accepts_notification(pid, lambda: True):
+                self.log.warning(service.name, "sd_notify from pid %d ignored (NotifyAccess=%s)" % (
+                    pid, service.spec.notify_accepted_from()))
+            else:
+                service.notified(fields)
+
+    def _service_of_pid(self, pid):
+        """The service a process belongs to: its main or control process, else
+        the one whose cgroup (or, without cgroups, session) holds it."""
+        for service in self.services.values():
+            if pid in (service.pid, service.control_pid):
+                return service
+        try:
+            groups = _read_text("/proc/%d/cgroup" % pid)
+        except OSError:
+            return None
+        marker = "/gitproc/%s/" % self.host.cgroups.instance if self.host.cgroups else None
+        for line in groups.splitlines():
+            path = line.split(":", 2)[-1]
+            if marker and marker in path:
+                service = self.services.get(path.split(marker, 1)[1].split("/", 1)[0])
+                if service is not None:
+                    return service
+        fields = read_proc_stat(pid)
+        session = int(fields[3]) if fields else None
+        for service in self.services.values():
+            if session and session in (service.pid, service.control_pid):
+                return service
+        return None
+
     def _install_signal_handlers(self):
         """Handlers do nothing; set_wakeup_fd writes the signal number into a pipe
         the loop reads, so signals are handled between events, never inside one."""
@@ -5953,6 +7058,7 @@ class Daemon:
 
     def _cleanup(self):
         self.server.close()
+        self.notify.close()
         if self.http is not None:
             self.http.close()
         if not self.keep_services and self.host.cgroups is not None:
@@ -6052,6 +7158,7 @@ EXAMPLES = {
     "start": ["gitproc.py start hello", "gitproc.py start web worker --no-block"],
     "stop": ["gitproc.py stop hello"],
     "restart": ["gitproc.py restart hello"],
+    "reload": ["gitproc.py reload nginx", "gitproc.py reload nginx redis-server --no-block"],
     "wait": ["gitproc.py wait web --timeout 10", "gitproc.py wait web db --state stopped"],
     "logs": ["gitproc.py logs hello", "gitproc.py logs hello -n 200 -f", "gitproc.py logs --daemon"],
     "sync": ["gitproc.py sync", "gitproc.py sync --json"],
@@ -6368,11 +7475,24 @@ def _print_service_block(s, daemon_info, colour):
     print("%s %s%s" % (_paint("\u25cf", s["state"], colour), s["name"], " - " + s["description"] if s["description"] else ""))
     lines = [
         ("Unit", "%s in %s (commit %s)" % (s["path"], daemon_info["repo"], (s["commit"] or "?")[:7])),
+    ]
+    sources = s.get("sources") or [s["path"]]
+    if sources[0] != s["path"]:
+        lines.append(("Template", sources[0]))
+    lines += [("Drop-In", source) for source in sources[1:]]
+    lines += [
         ("State", "%s%s since %s (%s ago)%s" % (_paint(s["state"], s["state"], colour),
                                                  " (%s)" % s["phase"] if s.get("phase") else "", format_time(s["since"]),
                                                format_duration(time.time() - s["since"]),
                                                "; " + s["reason"] if s["reason"] else "")),
+        ("Type", s["type"]),
         ("Main PID", s["pid"] or "-"),
+    ]
+    if s.get("control_pid"):
+        lines.append(("Control", "%d: %s" % (s["control_pid"], s["control"])))
+    if s.get("status_text"):
+        lines.append(("Status", '"%s"' % s["status_text"]))
+    lines += [
         ("Memory", format_bytes(s["memory"])),
         ("CPU", "%.2fs" % s["cpu_seconds"] if s["cpu_seconds"] is not None else "-"),
         ("Last exit", describe_exit(s["last_exit"])),
@@ -6550,20 +7670,36 @@ def cmd_metrics(config, args):
 
 def cmd_check(config, args):
     paths = args.paths or [config.repo_path]
-    entries, problems = [], []
+    files, problems = [], []
     for path in paths:
         if os.path.isdir(path):
-            for folder, subfolders, files in os.walk(path):
+            for folder, subfolders, names in os.walk(path):
                 subfolders[:] = sorted(d for d in subfolders if d != ".git")
-                for file_name in sorted(files):
-                    # Symlinks are skipped, as the daemon skips them in Git trees.
-                    if file_name.endswith(UNIT_SUFFIX) and not os.path.islink(os.path.join(folder, file_name)):
-                        entries.append(_unit_entry(os.path.join(folder, file_name), problems))
+                files.extend(_disk_unit_file(os.path.join(folder, name)) for name in sorted(names))
         elif os.path.exists(path):
-            entries.append(_unit_entry(path, problems))
+            if not path.endswith(UNIT_SUFFIX):
+                problems.append(Diagnostic(path, 1, "error", "not a unit file: the name must end in .service"))
+                continue
+            files.append(_disk_unit_file(path))
+            drop_ins = path + ".d"        # a unit's drop-ins beside it are read with it
+            if os.path.isdir(drop_ins):
+                files.extend(_disk_unit_file(os.path.join(drop_ins, name)) for name in sorted(os.listdir(drop_ins)))
         else:
             problems.append(Diagnostic(path, 1, "error", "no such file or folder"))
-    entries = [entry for entry in entries if entry is not None]
+    composed, found = compose_units([f for f in files if f is not None], os.readlink, lone_templates=True)
+    problems.extend(found)
+    entries = []
+    for name, path, sources, _ in composed:
+        data = []
+        for source, _ in sources:
+            try:
+                with open(source, "rb") as unit_file:
+                    data.append((source, unit_file.read(MAX_UNIT_FILE_BYTES + 1)))
+            except OSError as exc:
+                problems.append(Diagnostic(source, 1, "error", "cannot read: %s" % exc.strerror))
+                break
+        else:
+            entries.append((name, path, data, ""))
     _, found = check_unit_tree(entries)
     problems.extend(found)
     errors = sum(1 for p in problems if p.severity == "error")
@@ -6572,24 +7708,23 @@ def cmd_check(config, args):
     else:
         for problem in problems:
             print(problem)
-        print("%d unit file%s checked: %d error%s, %d warning%s" % (
+        print("%d unit%s checked: %d error%s, %d warning%s" % (
             len(entries), "" if len(entries) == 1 else "s", errors, "" if errors == 1 else "s",
             len(problems) - errors, "" if len(problems) - errors == 1 else "s"), file=sys.stderr)
     return EXIT_FAILURE if errors else EXIT_OK
 
 
-def _unit_entry(path, problems):
-    file_name = os.path.basename(path)
-    if not file_name.endswith(UNIT_SUFFIX):
-        problems.append(Diagnostic(path, 1, "error", "not a unit file: the name must end in .service"))
+def _disk_unit_file(path):
+    """(path, is_symlink, size, path) of a unit file or drop-in on disk, as
+    compose_units takes them; None for other files."""
+    folder = os.path.basename(os.path.dirname(path))
+    if not (path.endswith(UNIT_SUFFIX) or (path.endswith(".conf") and folder.endswith(DROP_IN_SUFFIX))):
         return None
     try:
-        with open(path, "rb") as unit_file:
-            data = unit_file.read(MAX_UNIT_FILE_BYTES + 1)
-    except OSError as exc:
-        problems.append(Diagnostic(path, 1, "error", "cannot read: %s" % exc.strerror))
-        return None
-    return (file_name[:-len(UNIT_SUFFIX)], path, data, "")
+        size = os.path.getsize(path)
+    except OSError:
+        size = -1                         # a dangling symlink: left to compose_units
+    return (path, os.path.islink(path), size, path)
 
 
 # ---- install, uninstall, shell completion ------------------------------------------
@@ -6866,7 +8001,7 @@ _gitproc() {
 }
 complete -F _gitproc gitproc gitproc.py
 """
-UNIT_COMMANDS = ("status", "start", "stop", "restart", "wait", "logs", "events")
+UNIT_COMMANDS = ("status", "start", "stop", "restart", "reload", "wait", "logs", "events")
 
 
 def completion_script():
@@ -7008,7 +8143,8 @@ def build_parser(only=None):
     with_json(add("list", cmd_list, "list the units of the deployed commit, and those that failed to load"))
     for action, text in (("start", "start units and wait until they run"),
                          ("stop", "stop units (remembered until start) and wait until they are gone"),
-                         ("restart", "stop then start units, and wait until they run")):
+                         ("restart", "stop then start units, and wait until they run"),
+                         ("reload", "run units' ExecReload= (their main process stays), and wait until it is done")):
         sub = with_json(add(action, _cmd_action(action), text))
         sub.add_argument("names", nargs="+", metavar="NAME")
         sub.add_argument("--no-block", action="store_true", help="return at once")

@@ -22,6 +22,7 @@ import shutil
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -767,7 +768,7 @@ class UnitParserTests(unittest.TestCase):
             ("CPUQuota=fast", "CPUQuota=: invalid percentage"),
             ("KillSignal=SIGNOPE", "KillSignal=: unknown signal"),
             ("KillMode=all", "KillMode=: 'all' is not one of"),
-            ("Type=forking", "Type=forking is not supported"),
+            ("Type=bogus", "Type=bogus is not supported"),
             ("PrivatePIDs=maybe", "PrivatePIDs=: invalid boolean"),
             ("HealthCheckURL=ftp://x", "HealthCheckURL="),
             ("HealthCheckRetries=-1", "HealthCheckRetries=: '-1' is not a whole number"),
@@ -862,7 +863,7 @@ class UnitParserTests(unittest.TestCase):
         code, out, err = run_cli("check", "/lib/systemd/system")
         self.assertIn(code, (0, 1))
         self.assertNotIn("Traceback", out + err)
-        self.assertRegex(err, r"\d+ unit files? checked")
+        self.assertRegex(err, r"\d+ units? checked")
 
 
 class DependencyCyclesTests(unittest.TestCase):
@@ -2471,6 +2472,7 @@ class FakeHost:
         self.probes = []
         self.exec_later = False           # True: spawn leaves exec unconfirmed (SPAWNED) until exec_done()
         self.on_exec = {}                 # pid -> the Service's exec callback
+        self.main_pid = None              # what main_pid_of() finds (a forking unit's)
 
     def now(self):
         return self.clock
@@ -2496,7 +2498,7 @@ class FakeHost:
     def pending(self):
         return [t for t in self.timers if not t.cancelled]
 
-    def spawn(self, service, command, on_exit, on_exec=None):
+    def spawn(self, service, command, on_exit, on_exec=None, control=None, extra_env=None):
         error = self.spawn_error(str(command)) if callable(self.spawn_error) else self.spawn_error
         if isinstance(error, Exception):
             raise error
@@ -2518,8 +2520,17 @@ class FakeHost:
         """The SPAWNED process's exec is confirmed (error None) or failed."""
         self.on_exec.pop(service.pid)(error)
 
-    def watch(self, service, pid, on_exit):
+    def watch(self, service, pid, on_exit, adopted=True):
         self.on_exit[pid] = on_exit
+
+    def main_pid_of(self, service):
+        return self.main_pid
+
+    def signal_main(self, service, number):
+        self.signals.append(("main", number))
+
+    def kill_control(self, service, number):
+        self.signals.append(("control", number))
 
     def signal(self, service, number, first=False):
         self.signals.append((service.name, number))
@@ -2556,7 +2567,10 @@ class FakeHost:
         return ""
 
     def exit(self, service, exit_info):
-        """The service's current process ends."""
+        """The service's control process ends, or with none its main process."""
+        self.on_exit.pop(service.control_pid if service.control_pid is not None else service.pid)(exit_info)
+
+    def exit_main(self, service, exit_info):
         self.on_exit.pop(service.pid)(exit_info)
 
 
@@ -2577,7 +2591,13 @@ def service_in(phase):
     """(host, service) with the service in `phase`, reached as a user would."""
     host = FakeHost()
     lines = {P.START_PRE: ("ExecStartPre=/bin/true",),
+             P.CONDITION: ("ExecCondition=/bin/true",),
              P.START: ("HealthCheckURL=tcp://127.0.0.1:9",),
+             P.START_POST: ("ExecStartPost=/bin/true",),
+             P.RELOAD: ("ExecReload=/bin/true",),
+             P.REMAIN: ("Type=oneshot", "RemainAfterExit=yes"),
+             P.STOP_COMMAND: ("ExecStop=/bin/true",),
+             P.STOP_POST: ("ExecStopPost=/bin/true",),
              P.BACKOFF: ("Restart=always",),
              P.FAILED: ("ExecStartPre=/bin/false",)}.get(phase, ())
     service = gitproc.Service(host, spec_of(*lines), "c0ffee")
@@ -2594,22 +2614,28 @@ def service_in(phase):
         host.exec_later = False
         return host, service
     service.start()
-    if phase in (P.START_PRE, P.START, P.RUNNING):
+    if phase in (P.CONDITION, P.START_PRE, P.START, P.START_POST, P.RUNNING):
         return host, service
-    if phase in (P.BACKOFF, P.EXITED):
-        host.exit(service, CLEAN if phase == P.EXITED else FAILURE)
+    if phase in (P.BACKOFF, P.EXITED, P.REMAIN):
+        host.exit(service, CLEAN if phase in (P.EXITED, P.REMAIN) else FAILURE)
     elif phase == P.FAILED:
         host.exit(service, FAILURE)
-    elif phase == P.STOPPING:
+    elif phase in (P.STOPPING, P.STOP_COMMAND):
         service.stop()
-    elif phase == P.STOP_RESTART:
-        service.restart()
+    elif phase == P.STOP_POST:
+        service.stop()
+        host.exit(service, {"signal": signal.SIGTERM})
+    elif phase == P.RELOAD:
+        service.reload()
     return host, service
 
 
 FACTS = {P.EV_START: {}, P.EV_STOP: {"reason": "stopped by user"}, P.EV_RESTART: {"reason": "restarting"},
-         P.EV_DEPENDENCIES: {}, P.EV_EXIT: {"exit_info": FAILURE}, P.EV_EXEC: {"error": None}, P.EV_HEALTHY: {}, P.EV_UNHEALTHY: {},
-         P.EV_RESTART_DUE: {}, P.EV_STOP_TIMEOUT: {}, P.EV_ADOPT: {"pid": 77, "pid_start": 1, "started_wall": None}}
+         P.EV_RELOAD: {}, P.EV_DEPENDENCIES: {}, P.EV_EXIT: {"exit_info": FAILURE},
+         P.EV_CONTROL_EXIT: {"exit_info": FAILURE}, P.EV_EXEC: {"error": None}, P.EV_READY: {},
+         P.EV_RELOADING: {}, P.EV_STOPPING: {}, P.EV_HEALTHY: {}, P.EV_UNHEALTHY: {}, P.EV_RESTART_DUE: {},
+         P.EV_START_TIMEOUT: {}, P.EV_STOP_TIMEOUT: {}, P.EV_WATCHDOG: {}, P.EV_PID_FILE: {},
+         P.EV_ADOPT: {"pid": 77, "pid_start": 1, "started_wall": None}}
 
 # What each cell does to the service service_in() makes, with FACTS: written
 # out by hand from systemd's behaviour, not copied from TRANSITIONS.
@@ -2626,18 +2652,36 @@ EXPECTED.update({
     (P.BACKOFF, P.EV_START): P.RUNNING, (P.BACKOFF, P.EV_STOP): P.STOPPED, (P.BACKOFF, P.EV_RESTART): P.RUNNING,
     (P.BACKOFF, P.EV_RESTART_DUE): P.RUNNING,
     (P.WAITING, P.EV_STOP): P.STOPPED, (P.WAITING, P.EV_DEPENDENCIES): P.RUNNING,
-    (P.START_PRE, P.EV_STOP): P.STOPPING, (P.START_PRE, P.EV_RESTART): P.STOP_RESTART,
-    (P.START_PRE, P.EV_EXIT): P.FAILED,          # ExecStartPre= failed, Restart=no
-    (P.START, P.EV_STOP): P.STOPPING, (P.START, P.EV_RESTART): P.STOP_RESTART,
+    # a control process runs: a stop or restart signals it; exit 1 of ExecCondition= skips the start
+    (P.CONDITION, P.EV_STOP): P.STOPPING, (P.CONDITION, P.EV_RESTART): P.STOPPING,
+    (P.CONDITION, P.EV_CONTROL_EXIT): P.STOPPED, (P.CONDITION, P.EV_START_TIMEOUT): P.STOPPING,
+    (P.START_PRE, P.EV_STOP): P.STOPPING, (P.START_PRE, P.EV_RESTART): P.STOPPING,
+    (P.START_PRE, P.EV_CONTROL_EXIT): P.FAILED,          # ExecStartPre= failed, Restart=no
+    (P.START_PRE, P.EV_START_TIMEOUT): P.STOPPING,
+    (P.START, P.EV_STOP): P.STOPPING, (P.START, P.EV_RESTART): P.STOPPING,
     (P.START, P.EV_EXIT): P.EXITED, (P.START, P.EV_HEALTHY): P.RUNNING,
-    (P.START, P.EV_UNHEALTHY): P.STOP_RESTART,
-    (P.RUNNING, P.EV_STOP): P.STOPPING, (P.RUNNING, P.EV_RESTART): P.STOP_RESTART,
-    (P.RUNNING, P.EV_EXIT): P.EXITED, (P.RUNNING, P.EV_UNHEALTHY): P.STOP_RESTART,
-    (P.STOPPING, P.EV_START): P.STOP_RESTART, (P.STOPPING, P.EV_RESTART): P.STOP_RESTART,
-    (P.STOPPING, P.EV_EXIT): P.STOPPED,
-    (P.STOP_RESTART, P.EV_STOP): P.STOPPING, (P.STOP_RESTART, P.EV_EXIT): P.RUNNING,
-    (P.SPAWNED, P.EV_STOP): P.STOPPING, (P.SPAWNED, P.EV_RESTART): P.STOP_RESTART,
+    (P.START, P.EV_UNHEALTHY): P.STOPPING, (P.START, P.EV_STOPPING): P.STOPPING,
+    (P.START, P.EV_START_TIMEOUT): P.STOPPING,
+    (P.SPAWNED, P.EV_STOP): P.STOPPING, (P.SPAWNED, P.EV_RESTART): P.STOPPING,
     (P.SPAWNED, P.EV_EXIT): P.EXITED, (P.SPAWNED, P.EV_EXEC): P.RUNNING,
+    # ExecStartPost= runs beside the main process
+    (P.START_POST, P.EV_STOP): P.STOPPING, (P.START_POST, P.EV_RESTART): P.STOPPING,
+    (P.START_POST, P.EV_EXIT): P.STOPPING, (P.START_POST, P.EV_CONTROL_EXIT): P.STOPPING,
+    (P.START_POST, P.EV_STOPPING): P.STOPPING, (P.START_POST, P.EV_START_TIMEOUT): P.STOPPING,
+    (P.START_POST, P.EV_WATCHDOG): P.STOPPING,
+    (P.RUNNING, P.EV_STOP): P.STOPPING, (P.RUNNING, P.EV_RESTART): P.STOPPING,
+    (P.RUNNING, P.EV_EXIT): P.EXITED, (P.RUNNING, P.EV_UNHEALTHY): P.STOPPING,
+    (P.RUNNING, P.EV_RELOADING): P.RELOAD, (P.RUNNING, P.EV_STOPPING): P.STOPPING,
+    (P.RUNNING, P.EV_WATCHDOG): P.STOPPING,
+    # nothing runs: a stop is over at once, a restart runs the oneshot again
+    (P.REMAIN, P.EV_STOP): P.STOPPED, (P.REMAIN, P.EV_RESTART): P.START,
+    (P.RELOAD, P.EV_STOP): P.STOPPING, (P.RELOAD, P.EV_RESTART): P.STOPPING,
+    (P.RELOAD, P.EV_EXIT): P.STOPPING, (P.RELOAD, P.EV_CONTROL_EXIT): P.RUNNING,
+    (P.RELOAD, P.EV_STOPPING): P.STOPPING, (P.RELOAD, P.EV_START_TIMEOUT): P.RUNNING,
+    (P.RELOAD, P.EV_WATCHDOG): P.STOPPING,
+    (P.STOP_COMMAND, P.EV_CONTROL_EXIT): P.STOPPING, (P.STOP_COMMAND, P.EV_STOP_TIMEOUT): P.STOPPING,
+    (P.STOPPING, P.EV_EXIT): P.STOPPED,
+    (P.STOP_POST, P.EV_CONTROL_EXIT): P.STOPPED,
 })
 # Adoption is only for a Service just made: refused anywhere else.
 REFUSED = {(phase, P.EV_ADOPT) for phase in P.PUBLIC_STATE if phase != P.STOPPED}
@@ -2663,7 +2707,7 @@ class StateTableTests(unittest.TestCase):
 
     def test_every_phase_shows_a_spec_state(self):
         self.assertEqual(set(P.PUBLIC_STATE.values()),
-                         {"starting", "running", "stopping", "backoff", "stopped", "exited", "failed"})
+                         {"starting", "running", "reloading", "stopping", "backoff", "stopped", "exited", "failed"})
 
     def test_each_cell(self):
         for (phase, event), expected in sorted(EXPECTED.items()):
@@ -2701,7 +2745,7 @@ class StateTableTests(unittest.TestCase):
         self.assertEqual(service.phase, P.RUNNING)
         first = service.pid
         host.probes[-1].verdict("unhealthy", failures=3, error="connection refused")
-        self.assertEqual(service.phase, P.STOP_RESTART)
+        self.assertEqual((service.phase, service.after_stop), (P.STOPPING, "restart"))
         self.assertEqual(service.state, "stopping")
         self.assertEqual(host.signals[-1], ("web", signal.SIGTERM))
         self.assertEqual((service.want, service.restarts), ("up", 1))
@@ -2761,7 +2805,7 @@ class StateTableTests(unittest.TestCase):
         service = gitproc.Service(host, spec_of("Restart=on-failure"), "c0ffee")
         service.start()
         self.assertEqual(service.phase, P.BACKOFF)
-        self.assertEqual(service.last_exit, None)
+        self.assertEqual(service.last_exit, {"code": 203})
         host.spawn_error = None
         host.advance(1)
         self.assertEqual(service.phase, P.RUNNING)
@@ -2783,7 +2827,8 @@ class StateTableTests(unittest.TestCase):
         self.assertEqual(host.spawned, [])
 
     def test_shutdown_starts_nothing(self):
-        host, service = service_in(P.STOP_RESTART)
+        host, service = service_in(P.RUNNING)
+        service.restart()
         host.shutting_down = True
         host.exit(service, {"signal": signal.SIGTERM})
         self.assertEqual(service.phase, P.STOPPED)
@@ -2874,7 +2919,7 @@ class StartLimitAndBackoffTests(unittest.TestCase):
         service.start()
         host.rollback_to = (old, "good")
         host.probes[-1].verdict("unhealthy", failures=3, error="refused")
-        self.assertEqual(service.phase, P.STOP_RESTART)
+        self.assertEqual((service.phase, service.after_stop), (P.STOPPING, "restart"))
         self.assertEqual(service.restarts, 0)
         self.assertTrue(service.reason.startswith("rolling back: never became healthy"), service.reason)
         host.exit(service, {"signal": signal.SIGTERM})
@@ -2893,7 +2938,7 @@ class FailSafeTests(unittest.TestCase):
         host.describe_exit = broken
         host.exit(service, FAILURE)
         self.assertEqual(service.phase, P.FAILED)
-        self.assertIn("internal error in process_exited: int too large", service.reason)
+        self.assertIn("internal error in main_exited: int too large", service.reason)
         self.assertIsNone(service.pid)
         self.assertIn("Traceback", host.log.text("error"))
         self.assertEqual(host.pending(), [], "nothing left to fire")
@@ -3004,17 +3049,17 @@ class ExecConfirmationTests(unittest.TestCase):
         host.exit(service, {"code": 127})
         self.assertEqual((service.phase, service.reason),
                          (P.FAILED, "spawn failed: exec /bin/nothere: No such file or directory"))
-        self.assertIsNone(service.last_exit)
+        self.assertEqual(service.last_exit, {"code": 203})
 
     def test_an_exit_before_the_confirmation_is_an_ordinary_exit(self):
         host, service = self.spawned("Restart=on-failure", "RestartSec=1")
         host.exit(service, KILLED)
         self.assertEqual((service.phase, service.last_exit), (P.BACKOFF, KILLED))
 
-    def test_oneshots_and_health_checked_units_are_not_spawned_so(self):
+    def test_oneshots_and_notify_units_are_not_spawned_so(self):
         host = FakeHost()
         host.exec_later = True
-        for lines in (("Type=oneshot",), ("HealthCheckURL=tcp://127.0.0.1:9",), ("ExecStartPre=/bin/true",)):
+        for lines in (("Type=oneshot",), ("Type=notify",), ("ExecStartPre=/bin/true",)):
             service = gitproc.Service(host, spec_of(*lines), "c0ffee")
             service.start()
             self.assertIn(service.phase, (P.START, P.START_PRE), lines)
@@ -3109,15 +3154,15 @@ class NotAppliedKeysTests(unittest.TestCase):
     def test_check_names_each_key_not_applied_and_silent_keys_stay_silent(self):
         spec, found = gitproc.parse_unit("redis", "redis.service", (
             "[Unit]\nDocumentation=man:redis\nDefaultDependencies=no\n"
-            "[Service]\nExecStart=/bin/true\nProtectSystem=full\nLimitNOFILE=65535\nSecureBits=keep-caps\nExecReload=/bin/kill -HUP $MAINPID\n"
+            "[Service]\nExecStart=/bin/true\nProtectSystem=full\nLimitNOFILE=65535\nSecureBits=keep-caps\nRuntimeMaxSec=1h\n"
             "MemoryAccounting=yes\n").encode())
         warnings = [d.message for d in found if d.severity == "warning"]
         self.assertEqual(warnings, [
             "not applied: ProtectSystem= (sandboxing: gitproc does not build this sandbox)",
             "not applied: SecureBits= (sandboxing: gitproc does not build this sandbox)",
-            "not applied: ExecReload= (not run: gitproc runs ExecStartPre= and ExecStart= only)"])
+            "not applied: RuntimeMaxSec= (service behaviour gitproc does not have yet)"])
         self.assertEqual(spec.not_applied, (("ProtectSystem", "full"), ("SecureBits", "keep-caps"),
-                                            ("ExecReload", "/bin/kill -HUP $MAINPID")))
+                                            ("RuntimeMaxSec", "1h")))
 
     def test_status_lists_what_is_not_applied(self):
         home = Home(self)
@@ -3205,27 +3250,29 @@ class DependencyRulesTests(unittest.TestCase):
 # clean exit. "unknown": the exit of a process adopted from an earlier daemon
 # cannot be learnt (it is not our child), and counts as a failure.
 EXIT_CAUSES = {
-    "exit 0": ({"code": 0}, False),
-    "exit 1": ({"code": 1}, False),
-    "SIGTERM": ({"signal": signal.SIGTERM}, False),
-    "SIGKILL": ({"signal": signal.SIGKILL}, False),
-    "timeout": ({"code": 0}, True),
-    "unknown": (None, False),
+    "exit 0": ({"code": 0}, None),
+    "exit 1": ({"code": 1}, None),
+    "SIGTERM": ({"signal": signal.SIGTERM}, None),
+    "SIGKILL": ({"signal": signal.SIGKILL}, None),
+    "timeout": ({"code": 0}, "timeout"),
+    "watchdog": ({"signal": signal.SIGABRT}, "watchdog"),
+    "unknown": (None, None),
 }
 
 
-RESTART_POLICIES = ("no", "always", "on-success", "on-failure", "on-abnormal", "on-abort")
+RESTART_POLICIES = ("no", "always", "on-success", "on-failure", "on-abnormal", "on-abort", "on-watchdog")
 
 
 # True: restarted. Rows are exit causes, columns the policies above.
 RESTART_TABLE = {
-    #            no     always  on-success  on-failure  on-abnormal  on-abort
-    "exit 0":  (False, True,   True,       False,      False,       False),
-    "exit 1":  (False, True,   False,      True,       False,       False),
-    "SIGTERM": (False, True,   True,       False,      False,       False),
-    "SIGKILL": (False, True,   False,      True,       True,        True),
-    "timeout": (False, True,   False,      True,       True,        False),
-    "unknown": (False, True,   False,      True,       False,       False),
+    #             no     always  on-success  on-failure  on-abnormal  on-abort  on-watchdog
+    "exit 0":   (False, True,   True,       False,      False,       False,    False),
+    "exit 1":   (False, True,   False,      True,       False,       False,    False),
+    "SIGTERM":  (False, True,   True,       False,      False,       False,    False),
+    "SIGKILL":  (False, True,   False,      True,       True,        True,     False),
+    "timeout":  (False, True,   False,      True,       True,        False,    False),
+    "watchdog": (False, True,   False,      True,       True,        False,    True),
+    "unknown":  (False, True,   False,      True,       False,       False,    False),
 }
 
 
@@ -3235,10 +3282,21 @@ class RestartTableTests(unittest.TestCase):
         self.assertEqual(RESTART_POLICIES, gitproc.RESTART_POLICIES, "the table covers every policy the parser takes")
         self.assertEqual(set(RESTART_TABLE), set(EXIT_CAUSES))
         for cause, row in RESTART_TABLE.items():
-            last_exit, timed_out = EXIT_CAUSES[cause]
+            last_exit, result = EXIT_CAUSES[cause]
             for policy, expected in zip(RESTART_POLICIES, row):
                 with self.subTest(policy=policy, cause=cause):
-                    self.assertIs(gitproc.should_restart(policy, last_exit, timed_out=timed_out), expected)
+                    self.assertIs(gitproc.should_restart(policy, last_exit, result=result), expected)
+
+    def test_exit_status_keys_come_first(self):
+        """SuccessExitStatus= makes an exit clean; RestartPreventExitStatus=
+        wins over Restart=, RestartForceExitStatus= over it (systemd.service(5))."""
+        spec = spec_of("SuccessExitStatus=3 SIGUSR1", "RestartPreventExitStatus=4", "RestartForceExitStatus=5 SIGHUP")
+        cases = [("on-failure", {"code": 3}, False), ("on-success", {"code": 3}, True),
+                 ("on-failure", {"signal": signal.SIGUSR1}, False), ("always", {"code": 4}, False),
+                 ("no", {"code": 5}, True), ("no", {"signal": signal.SIGHUP}, True), ("on-failure", {"code": 6}, True)]
+        for policy, last_exit, expected in cases:
+            with self.subTest(policy=policy, last_exit=last_exit):
+                self.assertIs(gitproc.should_restart(policy, last_exit, statuses=spec), expected)
 
     def test_every_clean_signal_is_clean(self):
         """systemd's clean signals: SIGHUP, SIGINT, SIGTERM, SIGPIPE."""
@@ -3670,7 +3728,7 @@ class StopDuringStartTests(SupervisionCase):
             "ExecStart=" + sh("echo main >> %s; exec sleep 1000" % out))})
         pre = self.watch(wait_until(lambda: pid_from_file(pre_pid), 5, "the ExecStartPre pid"))
         service = self.home.status("slowpre")
-        self.assertEqual((service["state"], service["pid"]), ("starting", pre))
+        self.assertEqual((service["state"], service["pid"], service["control_pid"]), ("starting", None, pre))
         code, _, err = self.home.cli("stop", "slowpre")
         self.assertEqual((code, err), (0, ""))
         self.assertFalse(pid_alive(pre))
@@ -3783,6 +3841,493 @@ class ExecStartPreTests(SupervisionCase):
         self.assertEqual(service["state"], "running", service["reason"])
         self.watch(service["pid"])
         wait_until(lambda: read_text(out) == "main\n", 5, "the main command's line")
+
+
+# ---- systemd units: notify, forking, control commands (SPEC §11) ---------------
+
+# A service that speaks sd_notify. argv: a log file, then steps run in order:
+#   send:TEXT       one datagram to $NOTIFY_SOCKET ('|' separates lines)
+#   child-send:TEXT the same, from a forked child (not the main process)
+#   sleep:SECONDS   ping:SECONDS:COUNT (WATCHDOG=1 every SECONDS, COUNT times)
+#   fork-main       fork a child that stays, say MAINPID=child and READY=1, exit
+#   on-hup          on SIGHUP: RELOADING=1, log "reloaded", READY=1
+#   wait            idle until killed          exit:N   exit with N
+NOTIFY_PY = """\
+import os, signal, socket, sys, time
+log_path, steps = sys.argv[1], sys.argv[2:]
+
+def log(text):
+    with open(log_path, "a") as handle:
+        handle.write("%r %d %s\\n" % (time.time(), os.getpid(), text))
+
+def send(text):
+    address = os.environ["NOTIFY_SOCKET"]
+    if address.startswith("@"):
+        address = "\\0" + address[1:]
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.connect(address)
+    sock.send(text.replace("|", "\\n").encode())
+    sock.close()
+    log("sent " + text)
+
+def on_hup(number, frame):
+    send("RELOADING=1")
+    log("reloaded")
+    send("READY=1")
+
+log("env " + " ".join("%s=%s" % (k, os.environ[k]) for k in ("NOTIFY_SOCKET", "WATCHDOG_USEC") if k in os.environ))
+for step in steps:
+    kind, _, arg = step.partition(":")
+    if kind == "send":
+        send(arg)
+    elif kind == "child-send":
+        child = os.fork()
+        if child == 0:
+            send(arg)
+            time.sleep(1)       # alive while the daemon looks up whose process it is
+            os._exit(0)
+    elif kind == "sleep":
+        time.sleep(float(arg))
+    elif kind == "ping":
+        interval, count = arg.split(":")
+        for _ in range(int(count)):
+            send("WATCHDOG=1")
+            time.sleep(float(interval))
+    elif kind == "fork-main":
+        child = os.fork()
+        if child == 0:
+            os.setsid()
+            log("child")
+            signal.pause()
+            os._exit(0)
+        send("MAINPID=%d|READY=1" % child)
+        os._exit(0)
+    elif kind == "on-hup":
+        signal.signal(signal.SIGHUP, on_hup)
+    elif kind == "wait":
+        while True:
+            signal.pause()
+    elif kind == "exit":
+        sys.exit(int(arg))
+"""
+
+
+class NotifyCase(SupervisionCase):
+    """Units that tell their readiness over NOTIFY_SOCKET."""
+
+    def notify_unit(self, steps, *lines):
+        script = self.file("notify.py")
+        if not os.path.exists(script):
+            with open(script, "w") as handle:
+                handle.write(NOTIFY_PY)
+        self.notify_log = self.file("notify.log")
+        return unit_text("Type=notify", "ExecStart=%s %s %s %s" % (PYTHON, script, self.notify_log,
+                                                                    " ".join('"%s"' % step for step in steps)),
+                         *lines)
+
+    def stamp_py(self):
+        path = self.file("stamp.py")
+        with open(path, "w") as handle:
+            handle.write(STAMP_PY)
+        return path
+
+    def logged(self, text):
+        return [line.split(" ", 2) for line in read_lines(self.notify_log) if line.split(" ", 2)[2] == text]
+
+
+class NotifyTests(NotifyCase):
+
+    def test_starting_until_ready_then_dependents_start_and_status_shows_status_text(self):
+        stamp = self.file("after")
+        self.home.commit({"db.service": self.notify_unit(["sleep:0.4", "send:STATUS=warming up", "sleep:0.2",
+                                                          "send:READY=1|STATUS=Ready to serve", "wait"]),
+                          "app.service": unit_text("ExecStart=%s %s %s /bin/sleep 1000" % (PYTHON, self.stamp_py(), stamp),
+                                                   unit_lines=["After=db.service", "Requires=db.service"])})
+        self.home.start_daemon()
+        self.assertEqual(self.home.status("db")["state"], "starting")
+        code, out, err = self.home.cli("start", "db")
+        self.assertEqual(code, 0, err)
+        db = self.home.status("db")
+        self.watch(db["pid"])
+        self.assertEqual((db["state"], db["status_text"]), ("running", "Ready to serve"))
+        ready_at = float(self.logged("sent READY=1|STATUS=Ready to serve")[0][0])
+        self.watch(self.home.running_pid("app"))
+        started = float(wait_until(lambda: read_text(stamp).strip(), 5, "app's stamp"))
+        self.assertGreaterEqual(started, ready_at, "app started only once db was ready")
+        self.assertEqual(int(self.logged("sent READY=1|STATUS=Ready to serve")[0][1]), db["pid"])
+        code, out, _ = self.home.cli("status", "db")
+        self.assertIn("Ready to serve", out)
+        self.assertIn("notify", out)
+
+    def test_an_exit_before_ready_fails_and_a_start_timeout_kills(self):
+        self.home.commit({"early.service": self.notify_unit(["exit:0"]),
+                          "slow.service": self.notify_unit(["wait"], "TimeoutStartSec=400ms")})
+        self.home.start_daemon()
+        early = self.home.wait_state("early", "failed", timeout=10)
+        self.assertIn("exited before READY=1", early["reason"])
+        slow = self.home.wait_state("slow", "failed", timeout=10)
+        self.assertIn("start timed out after 400ms", slow["reason"])
+        for _, pid, _ in [line.split(" ", 2) for line in read_lines(self.notify_log)]:
+            self.assert_gone(int(pid))
+
+    def test_notify_access_main_ignores_other_processes_and_all_takes_them(self):
+        self.home.commit({"strict.service": self.notify_unit(["child-send:READY=1", "wait"], "TimeoutStartSec=1s"),
+                          "open.service": self.notify_unit(["child-send:READY=1", "wait"], "NotifyAccess=all")})
+        self.home.start_daemon()
+        self.watch(self.home.running_pid("open"))
+        strict = self.home.wait_state("strict", "failed", timeout=10)
+        self.assertIn("timed out", strict["reason"])
+        self.assertIn("ignored (NotifyAccess=main)", self.home.daemon_log())
+
+    def test_mainpid_moves_the_main_process(self):
+        self.home.commit({"moving.service": self.notify_unit(["fork-main"])})
+        self.home.start_daemon()
+        child = wait_until(lambda: [int(pid) for _, pid, text in (l.split(" ", 2) for l in read_lines(self.notify_log))
+                                    if text == "child"], 10, "the child")[0]
+        self.watch(child)
+        wait_until(lambda: self.home.status("moving")["pid"] == child, 10, "the main pid to be the child")
+        self.assertEqual(self.home.status("moving")["state"], "running")
+        os.kill(child, signal.SIGKILL)
+        self.home.wait_state("moving", "exited", "failed", timeout=10)
+
+    def test_watchdog_restarts_a_service_that_stops_pinging(self):
+        self.home.commit({"dog.service": self.notify_unit(["send:READY=1", "ping:0.1:4", "wait"], "WatchdogSec=500ms",
+                                                          "Restart=on-watchdog", "RestartSec=0")})
+        self.home.start_daemon()
+        first = self.watch(self.home.running_pid("dog"))
+        second = self.watch(self.wait_new_pid("dog", first, timeout=10)["pid"])
+        self.assertNotEqual(first, second)
+        self.assert_gone(first)
+        self.assertIn("watchdog timeout", self.home.daemon_log().lower())
+        self.assertIn("WATCHDOG_USEC=500000", read_text(self.notify_log))
+
+    def test_notify_reload_signals_and_waits_for_ready(self):
+        self.home.commit({"hup.service": self.notify_unit(["on-hup", "send:READY=1", "wait"]).replace(
+            "Type=notify", "Type=notify-reload")})
+        self.home.start_daemon()
+        pid = self.watch(self.home.running_pid("hup"))
+        code, out, err = self.home.cli("reload", "hup")
+        self.assertEqual(code, 0, err)
+        self.assertTrue(self.logged("reloaded"))
+        self.assertEqual(self.home.status("hup")["pid"], pid)
+
+    def test_reload_of_a_unit_without_exec_reload_is_an_error(self):
+        self.deploy({"plain.service": unit(SLEEPER)})
+        self.watch(self.home.running_pid("plain"))
+        code, out, err = self.home.cli_process("reload", "plain")
+        self.assertEqual(code, 1)
+        self.assertIn("plain has no ExecReload=", err)
+        self.assertNotIn("Traceback", err)
+
+
+class ForkingTests(SupervisionCase):
+    """Type=forking: the started process forks the daemon and exits."""
+
+    def test_the_pid_file_names_the_main_process_which_is_watched_and_stopped(self):
+        pid_file = self.file("fork.pid")
+        self.deploy({"fork.service": unit_text(
+            "Type=forking", "PIDFile=%s" % pid_file, "Restart=on-failure", "RestartSec=0",
+            "ExecStart=" + sh("sleep 1000 & sleep 0.2; echo $! > %s" % pid_file))})
+        service = self.home.wait_state("fork", "running", timeout=10)
+        main = self.watch(service["pid"])
+        self.assertEqual(cmdline(main), ["sleep", "1000"])
+        self.assertEqual(int(read_text(pid_file)), main)
+        os.kill(main, signal.SIGKILL)
+        again = self.wait_new_pid("fork", main)             # its exit status is unknown: a failure
+        self.watch(again["pid"])
+        code, _, err = self.home.cli("stop", "fork")
+        self.assertEqual(code, 0, err)
+        self.assert_gone(again["pid"])
+        self.assertFalse(os.path.exists(pid_file), "the PID file goes after the stop, as systemd does")
+
+    @unittest.skipUnless(IS_ROOT, "guessing the main process reads the service's cgroup (root)")
+    def test_without_a_pid_file_the_one_process_left_is_the_main_one(self):
+        self.deploy({"guess.service": unit_text("Type=forking", "ExecStart=" + sh("setsid sleep 1000 &"))})
+        main = self.watch(self.home.running_pid("guess"))
+        self.assertEqual(cmdline(main), ["sleep", "1000"])
+        self.home.cli("stop", "guess")
+        self.assert_gone(main)
+
+    def test_a_forking_parent_that_fails_fails_the_start(self):
+        self.deploy({"bad.service": unit_text("Type=forking", "PIDFile=%s" % self.file("none.pid"),
+                                              "ExecStart=" + sh("exit 3"))})
+        service = self.home.wait_state("bad", "failed", timeout=10)
+        self.assertIn("ExecStart failed (exit code 3)", service["reason"])
+
+
+class TemplateAndDropInTests(SupervisionCase):
+    """NAME@.service with instances as symlinks or empty files; drop-ins of a
+    unit and of a template; a change to either is a change of the units."""
+
+    def test_instances_drop_ins_and_a_change_to_them(self):
+        out = self.file("out")
+        self.home.commit({
+            "web@.service": unit_text("ExecStart=/bin/sh -c 'echo %%n %%i %%I $WHO >> %s; exec sleep 1000'" % out),
+            "web@.service.d/10-who.conf": "[Service]\nEnvironment=WHO=template\n",
+            "web@c.service": "",
+            "web@c.service.d/10-who.conf": "[Service]\nEnvironment=WHO=instance\n",
+            "db.service": unit_text("ExecStart=/bin/false"),
+            "db.service.d/override.conf": "[Service]\nExecStart=\nExecStart=" + SLEEPER + "\n",
+        }, "units")
+        os.symlink("web@.service", os.path.join(self.home.repo, "web@a-b.service"))
+        self.home.git("add", "web@a-b.service")
+        self.home.commit({}, "an instance as systemctl enable makes it")
+        self.home.start_daemon()
+        for name in ("web@a-b", "web@c", "db"):
+            self.watch(self.home.running_pid(name))
+        wait_until(lambda: len(read_lines(out)) == 2, 5, "both instances' lines")
+        self.assertEqual(sorted(read_lines(out)), ["web@a-b.service a-b a/b template", "web@c.service c c instance"])
+        self.assertNotIn("web@", [s["name"] for s in self.home.status()["services"]], "a template is not a unit")
+        code, text, _ = self.home.cli("status", "web@c")
+        self.assertIn("Template: web@.service", text)
+        self.assertIn("Drop-In: web@c.service.d/10-who.conf", text)
+        self.assertIn("Drop-In: db.service.d/override.conf", self.home.cli("status", "db")[1])
+        before = {n: self.home.status(n)["pid"] for n in ("web@a-b", "web@c", "db")}
+        self.home.commit({"web@.service.d/20-more.conf": "[Service]\nEnvironment=MORE=1\n"}, "a template drop-in")
+        self.home.cli("sync")
+        wait_until(lambda: "'a template drop-in' (" in self.home.daemon_log(), 5, "the deploy")
+        self.assertRegex(self.home.daemon_log(), r"'a template drop-in' \(.*\): 0 added, 2 changed, 0 removed, 1 unchanged")
+        for name in ("web@a-b", "web@c"):
+            self.watch(self.wait_new_pid(name, before[name])["pid"])
+        self.assertEqual(self.home.status("db")["pid"], before["db"], "db did not change")
+
+    def test_an_instance_without_its_template_is_an_error_naming_it(self):
+        problems = gitproc.compose_units([("api@x.service", False, 0, "e69d")], lambda blob: "")[1]
+        self.assertEqual([str(p) for p in problems],
+                         ["api@x.service:1: error: api@x.service is an instance of api@.service, which is not in the repository"])
+
+
+class DirectoryKeysTests(SupervisionCase):
+    """RuntimeDirectory= and its kin: made before the start, with their mode
+    and owner, named in $RUNTIME_DIRECTORY..., the runtime one removed at stop."""
+
+    @unittest.skipUnless(IS_ROOT, "the folders live under /run and /var/lib (root)")
+    def test_folders_are_made_owned_and_the_runtime_one_goes_at_stop(self):
+        name = "gp-test-%d" % os.getpid()
+        out = self.file("out")
+        with open(out, "w"):
+            os.chmod(out, 0o666)
+        runtime, state = "/run/" + name, "/var/lib/" + name
+        self.addCleanup(shutil.rmtree, state, True)
+        self.addCleanup(shutil.rmtree, runtime, True)
+        os.chmod(self.home.path, 0o755)
+        self.deploy({"d.service": unit_text("User=nobody", "RuntimeDirectory=%s" % name, "RuntimeDirectoryMode=2750",
+                                            "StateDirectory=%s/sub" % name,
+                                            "ExecStart=" + sh("echo $RUNTIME_DIRECTORY $STATE_DIRECTORY >> %s; "
+                                                              "exec sleep 1000" % out))})
+        self.watch(self.home.running_pid("d"))
+        wait_until(lambda: read_text(out), 5, "the service's line")
+        self.assertEqual(read_lines(out), ["%s %s/sub" % (runtime, state)])
+        info = os.stat(runtime)
+        self.assertEqual((stat.S_IMODE(info.st_mode), info.st_uid), (0o2750, 65534))
+        self.assertEqual(os.stat(state + "/sub").st_uid, 65534)
+        self.home.cli("stop", "d")
+        self.assertFalse(os.path.exists(runtime), "RuntimeDirectory= goes when the service stops")
+        self.assertTrue(os.path.isdir(state + "/sub"), "StateDirectory= stays")
+
+    def test_a_path_leaving_its_folder_is_an_error(self):
+        _, problems = parse(unit_text("ExecStart=/bin/true", "StateDirectory=../etc"))
+        self.assertIn("StateDirectory=: '../etc' must be a relative path below its folder", messages(problems)[0])
+
+
+class ControlCommandTests(SupervisionCase):
+    """ExecCondition=, ExecStartPost=, ExecReload=, ExecStop=, ExecStopPost=
+    and their prefixes, with real processes."""
+
+    def test_each_command_runs_in_its_turn_with_mainpid_and_the_result(self):
+        out = self.file("out")
+        say = lambda text: sh("echo %s >> %s" % (text, out))
+        self.deploy({"full.service": unit_text(
+            "ExecCondition=" + say("condition"),
+            "ExecStartPre=" + say("pre"),
+            "ExecStart=" + sh("echo main $$$$ >> %s; exec sleep 1000" % out),
+            "ExecStartPost=" + say("post-$MAINPID"),
+            "ExecReload=" + say("reload-$MAINPID"),
+            "ExecStop=" + sh("echo stop-$MAINPID >> %s; kill $MAINPID" % out),
+            "ExecStopPost=" + say("stoppost-$SERVICE_RESULT-$EXIT_CODE-$EXIT_STATUS"))})
+        main = self.watch(self.home.running_pid("full"))
+        wait_until(lambda: "post-" in read_text(out), 5, "ExecStartPost=")
+        code, _, err = self.home.cli("reload", "full")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(self.home.status("full")["pid"], main, "a reload keeps the main process")
+        code, _, err = self.home.cli("stop", "full")
+        self.assertEqual(code, 0, err)
+        lines = read_lines(out)
+        self.assertEqual(lines[:2], ["condition", "pre"])
+        self.assertEqual(set(lines[2:4]), {"main %d" % main, "post-%d" % main}, "ExecStartPost= runs beside the main process")
+        self.assertEqual(lines[4:], ["reload-%d" % main, "stop-%d" % main, "stoppost-success-killed-TERM"])
+
+    def test_a_condition_that_fails_skips_the_start_without_failing(self):
+        self.deploy({"skip.service": unit_text("ExecCondition=/bin/sh -c 'exit 1'", "ExecStart=" + SLEEPER),
+                     "broken.service": unit_text("ExecCondition=/bin/sh -c 'exit 255'", "ExecStart=" + SLEEPER)})
+        skipped = self.home.wait_state("skip", "stopped", timeout=10)
+        self.assertIn("condition failed", skipped["reason"])
+        self.assertEqual(self.home.wait_state("broken", "failed", timeout=10)["state"], "failed")
+
+    def test_stop_post_runs_after_a_failed_start_and_stop_does_not(self):
+        out = self.file("out")
+        self.deploy({"fails.service": unit_text(
+            "ExecStartPre=/bin/false", "ExecStart=" + SLEEPER,
+            "ExecStop=" + sh("echo stop >> %s" % out),
+            "ExecStopPost=" + sh("echo stoppost-$SERVICE_RESULT >> %s" % out))})
+        self.home.wait_state("fails", "failed", timeout=10)
+        wait_until(lambda: read_text(out), 5, "ExecStopPost=")
+        self.assertEqual(read_lines(out), ["stoppost-exit-code"])
+
+    def test_a_failed_reload_is_reported_and_the_service_keeps_running(self):
+        self.deploy({"r.service": unit_text("ExecStart=" + SLEEPER, "ExecReload=/bin/sh -c 'exit 2'")})
+        main = self.watch(self.home.running_pid("r"))
+        code, _, err = self.home.cli_process("reload", "r")
+        self.assertEqual(code, 1)
+        self.assertIn("ExecReload failed (exit code 2)", err)
+        self.assertEqual((self.home.status("r")["state"], self.home.status("r")["pid"]), ("running", main))
+
+    def test_colon_keeps_variables_and_plus_runs_with_full_privileges(self):
+        out = self.file("out")
+        with open(out, "w"):
+            os.chmod(out, 0o666)          # the User= of the unit writes too
+        lines = ["ExecStartPre=:/bin/sh -c 'echo \"$0\" >> %s' '$HOME'" % out, "ExecStart=" + SLEEPER]
+        if IS_ROOT:
+            os.chmod(self.home.path, 0o755)
+            lines += ["User=nobody", "ExecStartPost=+" + sh("id -u >> %s" % out)]
+        self.deploy({"p.service": unit_text(*lines)})
+        main = self.watch(self.home.running_pid("p"))
+        wait_until(lambda: len(read_lines(out)) == (2 if IS_ROOT else 1), 5, "the commands' lines")
+        self.assertEqual(read_lines(out)[0], "$HOME", "':' expands no variable")
+        if IS_ROOT:
+            self.assertEqual(read_lines(out)[1], "0", "'+' ignores User=")
+            self.assertEqual(os.stat("/proc/%d" % main).st_uid, 65534)
+
+    def test_remain_after_exit_keeps_a_oneshot_running_until_stopped(self):
+        out = self.file("out")
+        self.deploy({"setup.service": unit_text("Type=oneshot", "RemainAfterExit=yes", "ExecStart=/bin/true",
+                                                "ExecStop=" + sh("echo teardown >> %s" % out))})
+        service = self.home.wait_state("setup", "running", timeout=10)
+        self.assertIsNone(service["pid"])
+        code, out_text, _ = self.home.cli("status", "setup")
+        self.assertIn("RemainAfterExit", out_text)
+        self.home.cli("stop", "setup")
+        self.assertEqual(read_lines(out), ["teardown"])
+
+    def test_success_exit_status_is_clean(self):
+        self.deploy({"three.service": unit_text("ExecStart=/bin/sh -c 'exit 3'", "SuccessExitStatus=3",
+                                                "Restart=on-failure", "RestartSec=0")})
+        service = self.home.wait_state("three", "exited", timeout=10)
+        self.assertEqual((service["restarts"], service["last_exit"]), (0, {"code": 3}))
+
+
+# ---- the stock units of Debian server packages, unchanged ------------------------
+# Each test copies the unit a package ships into the repository as it is and
+# runs it as root: up, answering on its port, reloaded keeping its main pid
+# (where it has ExecReload=), stopped leaving no process behind. Skipped where
+# the package is not installed (CI installs them, without starting them).
+
+STOCK_UNITS = "/lib/systemd/system"
+
+
+def stock_unit(name):
+    path = os.path.join(STOCK_UNITS, name)
+    return read_text(path) if os.path.exists(path) else None
+
+
+def ask(port, request, timeout=2.0):
+    """What a TCP server on 127.0.0.1:port answers `request` (b"" if refused)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as conn:
+            conn.sendall(request)
+            return conn.recv(4096)
+    except OSError:
+        return b""
+
+
+def cgroup_pids(home, name):
+    """Every process in the cgroups the daemon of `home` made for `name`."""
+    import zlib
+    instance = "%08x" % zlib.crc32(os.path.join(home.path, "state.json").encode())
+    pids = set()
+    for procs in glob.glob("/sys/fs/cgroup/*/gitproc/%s/%s/cgroup.procs" % (instance, name)) + \
+            glob.glob("/sys/fs/cgroup/gitproc/%s/%s/cgroup.procs" % (instance, name)):
+        try:
+            pids.update(int(pid) for pid in read_text(procs).split())
+        except OSError:
+            pass
+    return pids
+
+
+@unittest.skipUnless(IS_ROOT, "stock units run as root, as systemd runs them")
+class StockUnitTests(SupervisionCase):
+
+    def run_stock(self, files, name, port, request, expected, reload=True, timeout=30):
+        """Deploy the stock files, check the unit answers, reloads, stops clean."""
+        self.home.commit(files, "stock units")
+        for link, target in getattr(self, "links", {}).items():
+            os.symlink(target, os.path.join(self.home.repo, link))
+            self.home.git("add", link)
+        self.home.commit({}, "instances")
+        self.assertEqual(ask(port, request), b"", "port %d is free before the test" % port)
+        self.home.start_daemon()
+        service = self.home.wait_state(name, "running", timeout=timeout)
+        main = self.watch(service["pid"])
+        self.home.known_pids.update(cgroup_pids(self.home, name))
+        answer = wait_until(lambda: ask(port, request), 10, "%s to answer on %d" % (name, port))
+        self.assertTrue(answer.startswith(expected), answer)
+        if reload:
+            code, _, err = self.home.cli("reload", name)
+            self.assertEqual(code, 0, err)
+            self.assertEqual(self.home.status(name)["pid"], main, "a reload keeps the main process")
+            answer = wait_until(lambda: ask(port, request), 10, "%s to answer after reload" % name)
+            self.assertTrue(answer.startswith(expected), answer)
+        left = cgroup_pids(self.home, name) | {main}
+        code, _, err = self.home.cli("stop", name, "--timeout", "60")
+        self.assertEqual(code, 0, err + self.home.daemon_log()[-2000:])
+        for pid in left:
+            self.assert_gone(pid, timeout=10)
+        self.assertEqual(cgroup_pids(self.home, name), set(), "nothing of %s is left" % name)
+        self.assertEqual(ask(port, request), b"", "the port is closed")
+        return main
+
+    @unittest.skipUnless(stock_unit("nginx.service") and os.path.exists("/usr/sbin/nginx"), "nginx-light is not installed")
+    def test_nginx_forking_with_pid_file_reload_and_exec_stop(self):
+        main = self.run_stock({"nginx.service": stock_unit("nginx.service")}, "nginx", 80,
+                              b"GET / HTTP/1.0\r\n\r\n", (b"HTTP/1.1 200 OK",))
+        self.assertFalse(os.path.exists("/run/nginx.pid"))
+        self.assertIn("Main process is pid %d" % main, self.home.daemon_log())
+
+    @unittest.skipUnless(stock_unit("redis-server.service") and os.path.exists("/usr/bin/redis-server"),
+                         "redis-server is not installed")
+    def test_redis_notify_as_its_user_with_its_runtime_directory(self):
+        files = {"redis-server.service": stock_unit("redis-server.service")}
+        self.home.commit(files, "stock units")
+        self.home.start_daemon()
+        service = self.home.wait_state("redis-server", "running", timeout=30)
+        self.watch(service["pid"])
+        self.assertEqual(service["status_text"], "Ready to accept connections")
+        self.assertEqual(os.stat("/proc/%d" % service["pid"]).st_uid, __import__("pwd").getpwnam("redis").pw_uid)
+        self.assertEqual(stat.S_IMODE(os.stat("/run/redis").st_mode), 0o2755)
+        self.assertIn(b"+PONG", wait_until(lambda: ask(6379, b"PING\r\n"), 10, "redis to answer"))
+        code, _, err = self.home.cli("stop", "redis-server")
+        self.assertEqual(code, 0, err)
+        self.assert_gone(service["pid"], timeout=10)
+        self.assertFalse(os.path.exists("/run/redis"), "RuntimeDirectory= goes at stop")
+        self.assertEqual(ask(6379, b"PING\r\n"), b"")
+
+    @unittest.skipUnless(stock_unit("memcached.service") and os.path.exists("/usr/bin/memcached"),
+                         "memcached is not installed")
+    def test_memcached_simple_through_its_wrapper(self):
+        main = self.run_stock({"memcached.service": stock_unit("memcached.service")}, "memcached", 11211,
+                              b"version\r\n", (b"VERSION ",), reload=False)
+        self.assertFalse(pid_alive(main))
+
+    @unittest.skipUnless(stock_unit("postgresql@.service") and shutil.which("pg_lsclusters"), "postgresql is not installed")
+    def test_postgresql_template_instance_forking(self):
+        clusters = subprocess.run(["pg_lsclusters", "-h"], stdout=subprocess.PIPE).stdout.decode().split("\n")
+        if not clusters[0].strip():
+            self.skipTest("no PostgreSQL cluster")
+        version, cluster, port = clusters[0].split()[:3]
+        instance = "postgresql@%s-%s" % (version, cluster)
+        self.links = {instance + ".service": "postgresql@.service"}
+        self.run_stock({"postgresql@.service": stock_unit("postgresql@.service")}, instance, int(port),
+                       struct.pack("!ii", 8, 80877103), (b"N", b"S"), timeout=60)   # no SSL, or SSL
 
 
 # ---- Environment=, EnvironmentFile=, WorkingDirectory=, stdio ----------------
@@ -4010,10 +4555,10 @@ class UserTests(SupervisionCase):
         ghost = self.home.wait_state("ghost", "failed", timeout=10)
         self.assertIn("User=no-such-user-gp: no such user", ghost["reason"])
 
-    def test_type_notify_runs_as_simple_with_a_warning(self):
-        spec, problems = gitproc.parse_unit("n", "n.service", b"[Service]\nType=notify\nExecStart=/bin/true\n")
+    def test_type_dbus_runs_as_simple_with_a_warning(self):
+        spec, problems = gitproc.parse_unit("n", "n.service", b"[Service]\nType=dbus\nExecStart=/bin/true\n")
         self.assertEqual(spec.type, "simple")
-        self.assertIn("runs as Type=simple", messages(problems, "warning")[0])
+        self.assertIn("runs as Type=simple: BusName= is not waited for", messages(problems, "warning")[0])
 
 
 class NonRootDaemonTests(NonRootDaemonCase):
@@ -4413,8 +4958,8 @@ class DependencyOrderingTests(DepsHealthCase):
             "free.service": unit_text("ExecStart=" + self.stamped("free")),
         })
         self.watch(self.home.running_pid("free", timeout=4))
-        self.watch(self.wait_status("db", lambda s: s["state"] == "starting" and s["pid"],
-                                    what="db in its pre command")["pid"])
+        self.watch(self.wait_status("db", lambda s: s["state"] == "starting" and s["control_pid"],
+                                    what="db in its pre command")["control_pid"])
         self.assert_waiting("app", "db")
         self.assert_waiting("api", "db")
         self.open_gate("db-gate")
@@ -4438,8 +4983,8 @@ class DependencyOrderingTests(DepsHealthCase):
                                                 "After=network-online.target"]),
             "app.service": unit_text("ExecStart=" + self.stamped("app")),
         })
-        self.watch(self.wait_status("db", lambda s: s["state"] == "starting" and s["pid"],
-                                    what="db in its pre command")["pid"])
+        self.watch(self.wait_status("db", lambda s: s["state"] == "starting" and s["control_pid"],
+                                    what="db in its pre command")["control_pid"])
         self.assert_waiting("app", "db")
         self.open_gate("db-gate")
         self.watch(self.home.running_pid("db", timeout=4))
