@@ -487,6 +487,7 @@ class UnitSpec:
 
     FIELDS = {
         "description": "", "after": (), "requires": (), "before": (), "wants": (), "condition_host": (),
+        "part_of": (), "conflicts": (), "on_failure": (),
         "start_limit_interval": DEFAULT_START_LIMIT_INTERVAL,
         "start_limit_burst": DEFAULT_START_LIMIT_BURST,
         "type": "simple", "exec_start": (), "exec_start_pre": (), "exec_start_post": (),
@@ -883,6 +884,12 @@ DIRECTIVES = {
     ("Unit", "Requires"): ("requires", _parse_unit_names, "list"),
     ("Unit", "Before"): ("before", _parse_unit_names, "list"),
     ("Unit", "Wants"): ("wants", _parse_unit_names, "list"),
+    # BindsTo= is Requires= here: gitproc's Requires= already stops a unit
+    # when the unit it requires stops or fails for any reason.
+    ("Unit", "BindsTo"): ("requires", _parse_unit_names, "list"),
+    ("Unit", "PartOf"): ("part_of", _parse_unit_names, "list"),
+    ("Unit", "Conflicts"): ("conflicts", _parse_unit_names, "list"),
+    ("Unit", "OnFailure"): ("on_failure", _parse_unit_names, "list"),
     ("Unit", "ConditionHost"): ("condition_host", _parse_host_condition, "list"),
     ("Unit", "StartLimitIntervalSec"): ("start_limit_interval", parse_timespan, "one"),
     ("Unit", "StartLimitBurst"): ("start_limit_burst", _parse_count, "one"),
@@ -992,7 +999,7 @@ NOT_APPLIED_KEYS = dict(
             "Sockets", "RestartKillSignal", "SendSIGHUP", "SendSIGKILL", "FinalKillSignal", "WatchdogSignal",
             "LoadCredential", "LoadCredentialEncrypted", "SetCredential", "SetCredentialEncrypted", "PAMName",
             "UtmpIdentifier", "UtmpMode", "RootDirectoryStartOnly", "PermissionsStartOnly"),
-    **_keys("unit relations gitproc does not have yet", "BindsTo", "PartOf", "Conflicts", "OnFailure", "OnSuccess",
+    **_keys("unit relations gitproc does not have yet", "OnSuccess",
             "Requisite", "Upholds", "PropagatesReloadTo", "ReloadPropagatedFrom", "JoinsNamespaceOf",
             "RequiresMountsFor", "StopWhenUnneeded", "FailureAction", "SuccessAction", "StartLimitAction",
             "JobTimeoutSec", "JobRunningTimeoutSec", "JobTimeoutAction", "ConditionPathExists",
@@ -3463,6 +3470,7 @@ class Service:
         self.reload_serial = 0          # counts finished reloads, for `reload` waiters
         self.reload_error = None        # why the last reload failed, or None
         self.reload_from = RUNNING      # the phase a reload goes back to
+        self.monitor = None             # $MONITOR_* for the processes of a start OnFailure= asked for
         self.start_deadline = None      # monotonic time the start timer fires
         self.generation = 0             # counts starts, so a restart waiter sees a new run
         self.removed = False            # gone from the deployed commit; dropped once stopped
@@ -3555,10 +3563,12 @@ class Service:
 
     # -- requests: the writers of `want` ------------------------------------------
 
-    def start(self, manual=False):
+    def start(self, manual=False, monitor=None):
         """want=up and start unless a process already runs. A manual start clears
-        the start limit and the backoff (systemctl reset-failed + start)."""
+        the start limit and the backoff (systemctl reset-failed + start).
+        `monitor`: the $MONITOR_* of the unit whose OnFailure= starts this one."""
         self.want = "up"
+        self.monitor = monitor
         if manual:
             self._reset_limits()
             self.restarts = 0
@@ -4404,6 +4414,7 @@ class Launcher:
             env["NOTIFY_SOCKET"] = self.notify_address
         if control is None and spec.watchdog_sec and spec.watchdog_sec != float("inf"):
             env["WATCHDOG_USEC"] = str(int(spec.watchdog_sec * 1e6))
+        env.update(service.monitor or {})
         env.update(extra_env or {})
         if command.expand:
             argv = expand_command(command.argv, env)
@@ -4751,6 +4762,26 @@ class Dependencies:
             return "failed", "dependency %s %s (%s)" % (
                 name, "failed" if other.state == FAILED else "is " + other.state, other.reason or describe_exit(other.last_exit))
         return "ready", None
+
+    def part_of(self, names):
+        """PartOf=: the units a stop or restart of `names` carries to, and
+        those's in turn (deployed, not removed)."""
+        found, todo = [], list(names)
+        while todo:
+            name = todo.pop()
+            for other in self.services.values():
+                if name in other.spec.part_of and other.name not in names and other not in found and not other.removed:
+                    found.append(other)
+                    todo.append(other.name)
+        return found
+
+    def conflicting(self, names):
+        """Conflicts= (either side names the other): the units a start of
+        `names` stops."""
+        wanted = set(names)
+        return [other for other in self.services.values() if other.name not in wanted and not other.removed and (
+            wanted & set(other.spec.conflicts) or any(other.name in self.services[n].spec.conflicts
+                                                      for n in wanted if n in self.services))]
 
     def pulled_in(self, names):
         """The units a start of `names` starts too, as systemctl does for
@@ -5951,7 +5982,7 @@ class Recovery:
         if isinstance(saved.get("restarts_total"), int):
             service.restarts_total = saved["restarts_total"]
         service.last_exit = saved.get("last_exit") if isinstance(saved.get("last_exit"), dict) else None
-        live = self.live_pid(saved)
+        live = self.live_pid(saved) or self._pid_file_process(service.spec)
         if live is None:
             return False
         service.adopt(live[0], live[1], saved.get("started_wall"))
@@ -5961,6 +5992,20 @@ class Recovery:
             self.log.info(service.name, "Restarting: unit changed while no daemon ran")
             service.restart()
         return True
+
+    @staticmethod
+    def _pid_file_process(spec):
+        """A forking unit's main process named by its PIDFile= (pids are saved
+        in batches: a daemon killed just after the start may not have saved
+        it), as (pid, start time); None if there is none alive."""
+        if spec.type != "forking" or not spec.pid_file:
+            return None
+        try:
+            text = _read_text(spec.pid_file).strip()
+        except OSError:
+            return None
+        start = pid_start_time(int(text)) if text.isdigit() and int(text) > 1 else None
+        return (int(text), start) if start is not None else None
 
     def forget_units_not_in(self, names):
         """Units removed while no daemon ran: forget them (a live process of
@@ -6516,10 +6561,23 @@ class RequestHandlers:
         names = self._names(message)
         self._refuse_while_shutting_down()
         generations = {}
+        dependencies = self.daemon.dependencies
         if action != "stop":
-            for service in self.daemon.dependencies.pulled_in(names):
+            for service in dependencies.conflicting(names):
+                if service.state in ACTIVE_STATES:
+                    self.daemon.log.info(service.name, "Stopping: conflicts with %s" % ", ".join(names))
+                service.stop("conflicts with %s" % ", ".join(names))
+            for service in dependencies.pulled_in(names):
                 self.daemon.log.info(service.name, "Starting: wanted by %s" % ", ".join(names))
                 service.start()
+        if action != "start":
+            for service in dependencies.part_of(names):
+                why = "%s with %s (PartOf=)" % ("stopped" if action == "stop" else "restarted", ", ".join(names))
+                self.daemon.log.info(service.name, why.capitalize())
+                if action == "stop":
+                    service.stop(why)
+                else:
+                    service.restart(why)
         for name in names:
             service = services[name]
             generations[name] = service.generation
@@ -6824,6 +6882,7 @@ class Daemon:
         self.health_seen = {}             # name -> the health verdict last recorded as an event
         self.changed = False              # a service changed state since waiters were checked
         self.stopped_services = []        # services that came down since: Requires= propagates
+        self.failed_services = []         # ... and those that failed: OnFailure= starts units
         self.running = False
         self.keep_services = False        # the shutdown leaves services running
         self.started_wall = time.time()
@@ -6911,6 +6970,23 @@ class Daemon:
                 self.changed = False
                 self._guarded(self._settle)
 
+    def _start_on_failure(self, service):
+        """OnFailure=: start the units it names, telling them which unit
+        failed and how ($MONITOR_*, as systemd sets them)."""
+        monitor = {"MONITOR_UNIT": service.name + UNIT_SUFFIX, "MONITOR_SERVICE_RESULT": service.result}
+        exit_info = service.last_exit
+        if exit_info is not None:
+            monitor["MONITOR_EXIT_CODE"] = "killed" if "signal" in exit_info else "exited"
+            monitor["MONITOR_EXIT_STATUS"] = signal_name(exit_info["signal"])[3:] if "signal" in exit_info \
+                else str(exit_info["code"])
+        for name in service.spec.on_failure:
+            other = self.services.get(name)
+            if other is None or other.removed:
+                self.log.warning(service.name, "OnFailure=%s: no such unit is deployed" % name)
+                continue
+            self.log.info(name, "Starting: %s failed (OnFailure=)" % service.name)
+            other.start(monitor=monitor)
+
     def _notify_first(self, event):
         return event[0].data[0] != self._on_notify
 
@@ -6920,6 +6996,9 @@ class Daemon:
         stopped, self.stopped_services = self.stopped_services, []
         for service in stopped:
             self.dependencies.stop_requiring(service)
+        failed, self.failed_services = self.failed_services, []
+        for service in failed:
+            self._start_on_failure(service)
         self.dependencies.release_waiting()
         self.deployer.forget_removed()
         self.server.check_waiters()
@@ -6950,6 +7029,9 @@ class Daemon:
             self.health_seen[service.name] = health
         if service.state in (STOPPED, FAILED, EXITED) and not self.host.shutting_down:
             self.stopped_services.append(service)
+            failed = service.state == FAILED or (service.state == EXITED and not service.succeeded)
+            if failed and before not in (FAILED, EXITED) and service.spec.on_failure:
+                self.failed_services.append(service)
 
     def info(self):
         """The daemon line of `status`."""

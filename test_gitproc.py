@@ -3549,7 +3549,11 @@ class CrashLoopTests(SupervisionCase):
         self.assertLess(time.monotonic() - started, 3)
         self.assertIn("start limit", service["reason"])
         self.assertEqual(service["last_exit"], {"code": 1})
-        self.assertEqual(len(daemon_log_lines(self.home, "crash", "Started")), 5, "StartLimitBurst=5 starts")
+        # Five starts, each followed by a restart; the sixth start is refused.
+        # ("Started" lines are not counted: /bin/false may exit before its
+        # exec is confirmed, and then none is logged.)
+        self.assertEqual(len(daemon_log_lines(self.home, "crash", "Restarting in")), 5, "StartLimitBurst=5 starts")
+        self.assertEqual(service["restarts"], 5)
         self.assertEqual(self.home.status("crash")["state"], "failed", "stays failed")
         self.assertEqual(self.home.request({"cmd": "ping"}, timeout=5)["pid"], self.home.daemon_pid)
 
@@ -4048,6 +4052,20 @@ class ForkingTests(SupervisionCase):
         self.home.cli("stop", "guess")
         self.assert_gone(main)
 
+    def test_the_next_daemon_adopts_the_forked_main_process(self):
+        pid_file = self.file("fork.pid")
+        self.deploy({"fork.service": unit_text("Type=forking", "PIDFile=%s" % pid_file,
+                                               "ExecStart=" + sh("sleep 1000 & echo $! > %s" % pid_file))})
+        main = self.watch(self.home.running_pid("fork"))
+        self.home.kill_daemon()
+        self.home.start_daemon()
+        service = self.home.wait_state("fork", "running")
+        self.assertEqual(service["pid"], main)
+        self.assertIn("Adopted running process (pid %d)" % main, self.home.daemon_log())
+        code, _, err = self.home.cli("stop", "fork")
+        self.assertEqual(code, 0, err)
+        self.assert_gone(main)
+
     def test_a_forking_parent_that_fails_fails_the_start(self):
         self.deploy({"bad.service": unit_text("Type=forking", "PIDFile=%s" % self.file("none.pid"),
                                               "ExecStart=" + sh("exit 3"))})
@@ -4128,6 +4146,45 @@ class DirectoryKeysTests(SupervisionCase):
     def test_a_path_leaving_its_folder_is_an_error(self):
         _, problems = parse(unit_text("ExecStart=/bin/true", "StateDirectory=../etc"))
         self.assertIn("StateDirectory=: '../etc' must be a relative path below its folder", messages(problems)[0])
+
+
+class UnitRelationTests(SupervisionCase):
+    """PartOf=, Conflicts=, OnFailure=, BindsTo=, end to end."""
+
+    def test_part_of_carries_stop_and_restart_and_conflicts_stop_the_other(self):
+        self.deploy({"app.service": unit(SLEEPER), "worker.service": unit_text("ExecStart=" + SLEEPER,
+                                                                              unit_lines=["PartOf=app.service"]),
+                     "old.service": unit(SLEEPER), "new.service": unit_text("ExecStart=" + SLEEPER,
+                                                                           unit_lines=["Conflicts=old.service"])})
+        worker = self.watch(self.home.running_pid("worker"))
+        old = self.watch(self.home.running_pid("old"))
+        self.watch(self.home.running_pid("app"))
+        self.assertEqual(self.home.cli("restart", "app")[0], 0)
+        self.watch(self.wait_new_pid("worker", worker)["pid"])
+        self.assertEqual(self.home.cli("stop", "app")[0], 0)
+        self.assertEqual(self.home.wait_state("worker", "stopped")["reason"], "stopped with app (PartOf=)")
+        self.assertEqual(self.home.cli("stop", "new")[0], 0)
+        self.assertEqual(self.home.cli("start", "new")[0], 0)
+        self.watch(self.home.running_pid("new"))
+        self.assertEqual(self.home.wait_state("old", "stopped")["reason"], "conflicts with new")
+        self.assert_gone(old)
+
+    def test_on_failure_starts_a_unit_with_the_monitor_variables(self):
+        out = self.file("out")
+        self.deploy({"job.service": unit_text("ExecStart=/bin/sh -c 'exit 3'", "RestartSec=0",
+                                              unit_lines=["OnFailure=alert.service", "After=alert.service"]),
+                     "alert.service": unit_text("Type=oneshot", "ExecStart=" + sh(
+                         "echo $MONITOR_UNIT $MONITOR_SERVICE_RESULT $MONITOR_EXIT_CODE $MONITOR_EXIT_STATUS >> %s" % out))})
+        wait_until(lambda: "job.service exit-code exited 3" in read_lines(out), 10, "alert to run for job")
+        self.assertIn("Starting: job failed (OnFailure=)", self.home.daemon_log())
+
+    def test_binds_to_stops_with_the_bound_unit(self):
+        self.deploy({"db.service": unit(SLEEPER), "app.service": unit_text("ExecStart=" + SLEEPER,
+                                                                          unit_lines=["BindsTo=db.service"])})
+        self.watch(self.home.running_pid("app"))
+        db = self.watch(self.home.running_pid("db"))
+        os.kill(db, signal.SIGKILL)       # db ends by itself (Restart=no): app goes with it
+        self.assertIn("required unit db", self.home.wait_state("app", "stopped")["reason"])
 
 
 class ControlCommandTests(SupervisionCase):
