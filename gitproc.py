@@ -244,7 +244,8 @@ def describe_exit(last_exit):
         return "-"
     if "signal" in last_exit:
         return "signal " + signal_name(last_exit["signal"])
-    return "exit code %d" % last_exit["code"]
+    name = EXIT_CODE_NAMES.get(last_exit["code"])      # systemd's names of 200-243
+    return "exit code %d%s" % (last_exit["code"], " (%s)" % name if name else "")
 
 
 def decode_wait_status(status):
@@ -506,6 +507,10 @@ class UnitSpec:
         "health_check_start_period": 0.0,
         "private_pids": False, "auto_rollback": False,
         "rlimits": (), "umask": None, "nice": None, "oom_score_adjust": None,
+        "cpu_scheduling_policy": None, "cpu_scheduling_priority": None, "cpu_scheduling_reset_on_fork": False,
+        "cpu_affinity": (), "io_scheduling_class": None, "io_scheduling_priority": None,
+        "standard_input": ("null", None), "standard_output": ("log", None), "standard_error": ("inherit", None),
+        "supplementary_groups": (),
         "directories": (),              # (kind, relative path) of RuntimeDirectory= and the like
         "directory_modes": (),          # (kind, mode) of RuntimeDirectoryMode= and the like
         "runtime_directory_preserve": "no",
@@ -852,6 +857,56 @@ def _parse_directory_mode(kind):
     return lambda value: ((kind, _parse_umask(value)),)
 
 
+# CPUSchedulingPolicy= and IOSchedulingClass= names (sched(7), ioprio_set(2)).
+CPU_POLICIES = {"other": "SCHED_OTHER", "batch": "SCHED_BATCH", "idle": "SCHED_IDLE", "fifo": "SCHED_FIFO",
+                "rr": "SCHED_RR"}
+IO_CLASSES = {"none": 0, "realtime": 1, "best-effort": 2, "idle": 3}
+
+
+def _parse_io_class(value):
+    if value.isdigit() and int(value) <= 3:
+        return int(value)
+    if value not in IO_CLASSES:
+        raise ValueError("%r is not one of %s (or 0-3)" % (value, ", ".join(IO_CLASSES)))
+    return IO_CLASSES[value]
+
+
+def _parse_cpu_set(value):
+    """CPUAffinity=: CPU numbers and ranges, '0 2-3' or '0,2-3'."""
+    cpus = []
+    for word in value.replace(",", " ").split():
+        low, dash, high = word.partition("-")
+        if not low.isdigit() or (dash and not high.isdigit()) or (dash and int(high) < int(low)):
+            raise ValueError("%r is not a CPU number or range" % word)
+        cpus.extend(range(int(low), int(high if dash else low) + 1))
+    return tuple(cpus)
+
+
+# StandardOutput=/StandardError= values that mean "the unit's log" here (the
+# journal, syslog and the kernel log are where systemd would put it).
+STDIO_TO_LOG = ("journal", "syslog", "kmsg", "journal+console", "syslog+console", "kmsg+console", "log")
+
+
+def _parse_stdio(value, key):
+    """(kind, path): ("null"|"log"|"inherit", None) or ("file"|"append"|"truncate", path);
+    StandardInput= takes null and file:PATH. Others are errors naming what works."""
+    kind, colon, path = value.partition(":")
+    if key == "StandardInput":
+        if value == "null" or (kind == "file" and colon):
+            return (kind, path or None)
+        raise ValueError("%r is not supported: use null or file:PATH" % value)
+    if kind in ("file", "append", "truncate") and colon:
+        if not path.startswith("/"):
+            raise ValueError("%s needs an absolute path, not %r" % (kind, path))
+        return (kind, path)
+    if value in STDIO_TO_LOG:
+        return ("log", None)
+    if value in ("null", "inherit"):
+        return (value, None)
+    raise ValueError("%r is not supported: use inherit, null, journal (the unit's log), file:PATH, append:PATH "
+                     "or truncate:PATH" % value)
+
+
 def _parse_preserve(value):
     """RuntimeDirectoryPreserve=: yes, no (booleans too) or restart."""
     return "restart" if value == "restart" else ("yes" if parse_bool(value) else "no")
@@ -935,6 +990,16 @@ DIRECTIVES = {
     ("Service", "AutoRollback"): ("auto_rollback", parse_bool, "one"),
     ("Service", "UMask"): ("umask", _parse_umask, "one"),
     ("Service", "RuntimeDirectoryPreserve"): ("runtime_directory_preserve", _parse_preserve, "one"),
+    ("Service", "CPUSchedulingPolicy"): ("cpu_scheduling_policy", _parse_choice(tuple(CPU_POLICIES)), "one"),
+    ("Service", "CPUSchedulingPriority"): ("cpu_scheduling_priority", _parse_int_range(0, 99), "one"),
+    ("Service", "CPUSchedulingResetOnFork"): ("cpu_scheduling_reset_on_fork", parse_bool, "one"),
+    ("Service", "CPUAffinity"): ("cpu_affinity", _parse_cpu_set, "list"),
+    ("Service", "IOSchedulingClass"): ("io_scheduling_class", _parse_io_class, "one"),
+    ("Service", "IOSchedulingPriority"): ("io_scheduling_priority", _parse_int_range(0, 7), "one"),
+    ("Service", "StandardInput"): ("standard_input", lambda v: _parse_stdio(v, "StandardInput"), "one"),
+    ("Service", "StandardOutput"): ("standard_output", lambda v: _parse_stdio(v, "StandardOutput"), "one"),
+    ("Service", "StandardError"): ("standard_error", lambda v: _parse_stdio(v, "StandardError"), "one"),
+    ("Service", "SupplementaryGroups"): ("supplementary_groups", lambda v: tuple(_parse_user(w) for w in v.split()), "list"),
     ("Service", "Nice"): ("nice", _parse_int_range(-20, 19), "one"),
     ("Service", "OOMScoreAdjust"): ("oom_score_adjust", _parse_int_range(-1000, 1000), "one"),
 }
@@ -982,11 +1047,9 @@ NOT_APPLIED_KEYS = dict(
             "ReadWriteDirectories", "ReadOnlyDirectories", "InaccessibleDirectories"),
     **_keys("seccomp: gitproc does not filter system calls", "SystemCallFilter", "SystemCallArchitectures",
             "SystemCallErrorNumber", "SystemCallLog"),
-    **_keys("process scheduling: not applied", "CPUSchedulingPolicy", "CPUSchedulingPriority", "CPUSchedulingResetOnFork",
-            "CPUAffinity", "NUMAPolicy", "NUMAMask", "IOSchedulingClass", "IOSchedulingPriority",
-            "SupplementaryGroups", "TimerSlackNSec", "Personality", "IgnoreSIGPIPE", "CoredumpFilter"),
-    **_keys("output: the unit's log is used", "StandardInput", "StandardOutput", "StandardError",
-            "StandardInputText", "StandardInputData", "SyslogIdentifier", "SyslogFacility", "SyslogLevel",
+    **_keys("process scheduling: not applied", "NUMAPolicy", "NUMAMask", "TimerSlackNSec", "Personality",
+            "IgnoreSIGPIPE", "CoredumpFilter"),
+    **_keys("output: the unit's log is used", "StandardInputText", "StandardInputData", "SyslogIdentifier", "SyslogFacility", "SyslogLevel",
             "SyslogLevelPrefix", "LogLevelMax", "LogExtraFields", "LogRateLimitIntervalSec", "LogRateLimitBurst",
             "TTYPath", "TTYReset", "TTYVHangup", "PassEnvironment", "UnsetEnvironment"),
     **_keys("cgroup resource control: not applied", "TasksMax", "MemoryHigh", "MemoryLow", "MemoryMin",
@@ -2391,6 +2454,31 @@ def start_limit_hit(start_times, now, interval, burst):
     return recent, len(recent) >= burst
 
 
+# systemd's exit codes for a process that failed before or at exec
+# (systemd.exec(5) "Process Exit Codes"), by the step that failed: what a
+# spawn failure's message starts with.
+SPAWN_EXIT_CODES = (("WorkingDirectory=", 200, "CHDIR"), ("Nice=", 201, "NICE"), ("Limit", 205, "LIMITS"),
+                    ("OOMScoreAdjust=", 206, "OOM_ADJUST"), ("stdio", 208, "STDIN"), ("cannot open log", 209, "STDOUT"),
+                    ("cannot create the log folder", 209, "STDOUT"), ("IOScheduling", 211, "IOPRIO"),
+                    ("CPUScheduling", 214, "SETSCHEDULER"), ("CPUAffinity=", 215, "CPUAFFINITY"),
+                    ("Group=", 216, "GROUP"), ("SupplementaryGroups=", 216, "GROUP"), ("User=", 217, "USER"),
+                    ("cgroup", 219, "CGROUP"), ("setsid", 220, "SETSID"), ("PrivatePIDs=", 226, "NAMESPACE"),
+                    ("RuntimeDirectory=", 233, "RUNTIME_DIRECTORY"), ("StateDirectory=", 238, "STATE_DIRECTORY"),
+                    ("CacheDirectory=", 239, "CACHE_DIRECTORY"), ("LogsDirectory=", 240, "LOGS_DIRECTORY"),
+                    ("ConfigurationDirectory=", 241, "CONFIGURATION_DIRECTORY"))
+EXIT_CODE_NAMES = {203: "EXEC"}
+EXIT_CODE_NAMES.update({code: name for _, code, name in SPAWN_EXIT_CODES})
+
+
+def spawn_exit_code(message):
+    """The exit code systemd gives a process that failed to start as
+    `message` says (203/EXEC when no step is named)."""
+    for prefix, code, _ in SPAWN_EXIT_CODES:
+        if message.startswith(prefix):
+            return code
+    return 203
+
+
 class RunAs:
     """The credentials and home a service's processes get (resolved in the daemon,
     applied in the child between fork and exec)."""
@@ -2436,10 +2524,12 @@ def resolve_run_as(user, group):
 
 class ProcessSetup:
     """What a service's process sets on itself between fork and exec, before
-    it drops privileges: rlimits (resource number, soft, hard), umask, nice,
-    oom_score_adj. Empty (falsy) when there is nothing to set: then it may be
-    started with posix_spawn."""
-    __slots__ = ("rlimits", "umask", "nice", "oom_score_adjust", "lowered")
+    it drops privileges, in systemd's order: rlimits (resource number, soft,
+    hard), umask, nice, oom_score_adj, CPU scheduling and affinity, I/O
+    priority. Empty (falsy) when there is nothing to set: then it may be
+    started with posix_spawn. SpawnError for what cannot be set here."""
+    __slots__ = ("rlimits", "umask", "nice", "oom_score_adjust", "lowered", "cpu_scheduling", "cpu_affinity",
+                 "io_priority", "syscall")
 
     def __init__(self, spec):
         import resource
@@ -2459,9 +2549,49 @@ class ProcessSetup:
                 soft, hard = (ceiling if soft == resource.RLIM_INFINITY else min(soft, ceiling)), ceiling
             self.rlimits.append((name, number, soft, hard))
         self.umask, self.nice, self.oom_score_adjust = spec.umask, spec.nice, spec.oom_score_adjust
+        self.cpu_scheduling = None        # (policy with its flags, priority)
+        if spec.cpu_scheduling_policy is not None or spec.cpu_scheduling_priority is not None:
+            policy = getattr(os, CPU_POLICIES[spec.cpu_scheduling_policy or "other"])
+            priority = spec.cpu_scheduling_priority or 0
+            low, high = os.sched_get_priority_min(policy), os.sched_get_priority_max(policy)
+            if not low <= priority <= high:
+                raise SpawnError("CPUSchedulingPriority=%d is outside %d-%d of CPUSchedulingPolicy=%s" % (
+                    priority, low, high, spec.cpu_scheduling_policy or "other"))
+            if spec.cpu_scheduling_reset_on_fork:
+                policy |= os.SCHED_RESET_ON_FORK
+            self.cpu_scheduling = (policy, priority)
+        self.cpu_affinity = set(spec.cpu_affinity) or None
+        self.io_priority = self.syscall = None
+        if spec.io_scheduling_class is not None or spec.io_scheduling_priority is not None:
+            klass = spec.io_scheduling_class if spec.io_scheduling_class is not None else 2   # best-effort
+            level = 0 if klass in (0, 3) else (spec.io_scheduling_priority if spec.io_scheduling_priority is not None
+                                               else 4)
+            self.io_priority = (klass << 13) | level        # IOPRIO_PRIO_VALUE(class, data)
+            self.syscall = _ioprio_set_syscall()
 
     def __bool__(self):
-        return bool(self.rlimits) or any(v is not None for v in (self.umask, self.nice, self.oom_score_adjust))
+        return bool(self.rlimits) or any(v is not None for v in (
+            self.umask, self.nice, self.oom_score_adjust, self.cpu_scheduling, self.cpu_affinity, self.io_priority))
+
+
+IOPRIO_SET = {"x86_64": 251, "aarch64": 30, "riscv64": 30, "i686": 289, "i386": 289, "armv7l": 314,
+              "ppc64le": 273, "s390x": 282}
+
+
+def _ioprio_set_syscall():
+    """ioprio_set(2) (no libc wrapper): a callable (which, who, value) made
+    in the daemon, so the child only calls it. SpawnError on an unknown
+    machine."""
+    import ctypes
+    number = IOPRIO_SET.get(os.uname().machine)
+    if number is None:
+        raise SpawnError("IOSchedulingClass=: ioprio_set is not known on %s" % os.uname().machine)
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def ioprio_set(value):
+        if libc.syscall(number, 1, 0, value) != 0:    # IOPRIO_WHO_PROCESS, this process
+            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+    return ioprio_set
 
 
 def _hard_limit_ceiling(number, wanted):
@@ -2814,36 +2944,38 @@ class Spawner:
         self.last_path = None             # how the last process was made: posix_spawn, clone3 or fork
         self.clone3 = None                # clone3 through ctypes, while the kernel takes it
 
-    def spawn(self, argv, program, env, cwd, log_path, run_as, cgroup=None, private_pids=False, wait=True, setup=None):
+    def spawn(self, argv, program, env, cwd, log_path, run_as, cgroup=None, private_pids=False, wait=True, setup=None,
+              stdio=None):
         """Returns (pid, report): the pid, and None once exec is known to have
         worked, or (wait=False, a forked child) the read end of its exec-error
         pipe, which the caller reads: EOF when exec worked, a message if it
         failed. Raises SpawnError with a one-line reason. The child is in
-        every group of `cgroup` (a CgroupSet) before exec."""
+        every group of `cgroup` (a CgroupSet) before exec. `stdio`: the
+        StandardInput=, StandardOutput=, StandardError= of the unit (by
+        default /dev/null in, the log out)."""
         fds = []                          # every fd opened here, closed in the finally
         try:
-            fds.append(self._open_log(log_path))
-            if cwd == self.cwd and run_as.uid is None and run_as.gid is None and cgroup is None and not private_pids \
-                    and not setup:
+            stdin_fd, stdout_fd, stderr_fd = self._open_stdio(log_path, stdio, fds)
+            if cwd == self.cwd and run_as.uid is None and run_as.gid is None and run_as.groups is None \
+                    and cgroup is None and not private_pids and not setup:
                 self.last_path = "posix_spawn"
                 try:
                     return os.posix_spawn(program, argv, env, file_actions=[
-                        (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                        (os.POSIX_SPAWN_DUP2, fds[0], 1), (os.POSIX_SPAWN_DUP2, fds[0], 2)],
+                        (os.POSIX_SPAWN_DUP2, stdin_fd, 0), (os.POSIX_SPAWN_DUP2, stdout_fd, 1),
+                        (os.POSIX_SPAWN_DUP2, stderr_fd, 2)],
                         setsid=True, setsigmask=(), setsigdef=(signal.SIGPIPE, signal.SIGXFSZ)), None
                 except OSError as exc:
                     raise SpawnError("exec %s: %s" % (program, exc.strerror or exc))
-            fds.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
-            fds.extend(os.pipe())         # exec-failure pipe, both ends close-on-exec (PEP 446)
-            log_fd, null_fd, err_r, err_w = fds
+            err_r, err_w = os.pipe()      # exec-failure pipe, both ends close-on-exec (PEP 446)
+            fds.extend((err_r, err_w))
             pid = self._clone_into(cgroup.clone_into) if cgroup is not None and cgroup.clone_into else None
             if pid is None:
                 self.last_path = "fork"
                 pid = os.fork()
             join_files = cgroup.procs_files(born_in_v2=self.last_path == "clone3") if cgroup else ()
             if pid == 0:                  # child: only os calls from here to exec
-                self._exec_child(argv, program, env, cwd, log_fd, null_fd, err_w, run_as, join_files, private_pids,
-                                 setup)
+                self._exec_child(argv, program, env, cwd, (stdin_fd, stdout_fd, stderr_fd), err_w, run_as,
+                                 join_files, private_pids, setup)
             os.close(err_w)
             fds.remove(err_w)
             if not wait:
@@ -2859,6 +2991,33 @@ class Spawner:
             os.waitpid(pid, 0)            # the child exits at once after reporting
             raise SpawnError(report.decode("utf-8", "replace"))
         return pid, None
+
+    def _open_stdio(self, log_path, stdio, fds):
+        """The three descriptors the child gets as 0, 1, 2 (each opened once,
+        added to `fds`): /dev/null or StandardInput=file:; the log, /dev/null
+        or a file for StandardOutput=; the same or its own for StandardError=."""
+        stdin, stdout, stderr = stdio or (("null", None), ("log", None), ("inherit", None))
+
+        def target(choice, key):
+            kind, path = choice
+            if kind == "log":
+                fd = self._open_log(log_path)
+            elif kind == "null":
+                fd = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+            else:
+                flags = {"file": os.O_RDONLY if key == "StandardInput" else os.O_WRONLY | os.O_CREAT,
+                         "append": os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                         "truncate": os.O_WRONLY | os.O_CREAT | os.O_TRUNC}[kind]
+                try:
+                    fd = os.open(path, flags | os.O_CLOEXEC, 0o644)
+                except OSError as exc:
+                    raise SpawnError("%s=%s:%s: %s" % (key, kind, path, exc.strerror))
+            fds.append(fd)
+            return fd
+        stdin_fd = target(stdin, "StandardInput")
+        stdout_fd = stdin_fd if stdout[0] == "inherit" else target(stdout, "StandardOutput")   # as systemd
+        stderr_fd = stdout_fd if stderr[0] == "inherit" else target(stderr, "StandardError")
+        return stdin_fd, stdout_fd, stderr_fd
 
     @staticmethod
     def _open_log(log_path):
@@ -2902,7 +3061,7 @@ class Spawner:
         return pid
 
     @staticmethod
-    def _exec_child(argv, program, env, cwd, log_fd, null_fd, err_w, run_as, join_files, private_pids, setup):
+    def _exec_child(argv, program, env, cwd, stdio_fds, err_w, run_as, join_files, private_pids, setup):
         stage = "setsid"
         try:
             os.setsid()                   # own session and process group: pgid == pid
@@ -2921,9 +3080,8 @@ class Spawner:
                 signal.signal(number, signal.SIG_DFL)
             signal.pthread_sigmask(signal.SIG_SETMASK, [])
             stage = "stdio"
-            os.dup2(null_fd, 0)
-            os.dup2(log_fd, 1)
-            os.dup2(log_fd, 2)
+            for number, fd in enumerate(stdio_fds):
+                os.dup2(fd, number)       # a dup2 clears close-on-exec: these three stay
             if setup:                     # before dropping privileges: raising a limit needs them
                 import resource           # (imported in the daemon already: no import work here)
                 for name, number, soft, hard in setup.rlimits:
@@ -2943,10 +3101,20 @@ class Spawner:
                         pass              # a container may forbid a lower score: systemd goes on too
                     finally:
                         os.close(fd)
+                if setup.cpu_scheduling is not None:
+                    stage = "CPUSchedulingPolicy="
+                    os.sched_setscheduler(0, setup.cpu_scheduling[0], os.sched_param(setup.cpu_scheduling[1]))
+                if setup.cpu_affinity is not None:
+                    stage = "CPUAffinity="
+                    os.sched_setaffinity(0, setup.cpu_affinity)
+                if setup.io_priority is not None:
+                    stage = "IOSchedulingClass="
+                    setup.syscall(setup.io_priority)
+            if run_as.groups is not None:
+                stage = "SupplementaryGroups="
+                os.setgroups(run_as.groups)
             if run_as.gid is not None:
                 stage = "Group="
-                if run_as.groups is not None:
-                    os.setgroups(run_as.groups)
                 os.setgid(run_as.gid)
             if run_as.uid is not None:
                 stage = "User="
@@ -3536,12 +3704,17 @@ class Service:
             data.update(description=self.spec.description, path=self.spec.path,
                         cpu_seconds=process_cpu_seconds(self.pid) if running else None,
                         type=self.spec.type, restart=self.spec.restart, adopted=self.adopted,
-                        limits=self._limits(), phase=PHASE_TEXT.get(self.phase), spawn=self.spawn_path,
+                        limits=self._limits(), phase=self._phase_text(), spawn=self.spawn_path,
                         control_pid=self.control_pid, sources=list(self.spec.sources),
                         control=str(self.control_command) if self.control_command else None,
                         not_applied=[{"key": key, "value": value, "why": NOT_APPLIED_KEYS[key]}
                                      for key, value in self.spec.not_applied])
         return data
+
+    def _phase_text(self):
+        if self.phase == STOPPING and self.after_stop == "restart":
+            return "stopping to restart"
+        return PHASE_TEXT.get(self.phase)
 
     def _limits(self):
         if self.cgroup is not None and self.has_process():
@@ -3747,7 +3920,7 @@ class Service:
                     self.host.log.warning(self.name, "Ignoring failed %s: %s" % (CONTROL_KEYS[kind], exc))
                     continue
                 self.control_command, self.control_kind = command, kind
-                return self._control_ended(kind, {"code": 203}, "spawn failed: %s" % exc)
+                return self._control_ended(kind, {"code": spawn_exit_code(str(exc))}, "spawn failed: %s" % exc)
             self.control_pid, self.control_command, self.control_kind = pid, command, kind
             self.host.log.debug(self.name, "Running %s (pid %d): %s" % (CONTROL_KEYS[kind], pid, command))
             if kind in ("exec_condition", "exec_start_pre", "exec_start_post", "exec_start", "exec_reload"):
@@ -3857,7 +4030,8 @@ class Service:
                     self.host.log.warning(self.name, "Ignoring failed main command: %s" % exc)
                     continue
                 self.current = None
-                return self._start_failed("spawn failed: %s" % exc, exit_info={"code": 203}, result="exit-code")
+                return self._start_failed("spawn failed: %s" % exc, exit_info={"code": spawn_exit_code(str(exc))},
+                                          result="exit-code")
             break
         self.pid, self.pid_start, self.adopted = pid, pid_start, False
         self.started_at = self.host.now()
@@ -3995,7 +4169,7 @@ class Service:
             if error:
                 self._main_gone(exit_info)
                 self.current = None
-                return self._start_failed("spawn failed: %s" % error, exit_info={"code": 203})
+                return self._start_failed("spawn failed: %s" % error, exit_info={"code": spawn_exit_code(error)})
         described = self._main_gone(exit_info)
         self.current = None
         if ran_for >= BACKOFF_RESET_UPTIME:
@@ -4431,6 +4605,8 @@ class Launcher:
         cwd = self._working_directory(spec, run_as)
         if command.privileged:            # '+' and '!': the daemon's own credentials
             run_as = RunAs(user=run_as.user, home=run_as.home, shell=run_as.shell)
+        elif spec.supplementary_groups:
+            run_as = self._with_groups(run_as, spec.supplementary_groups)
         if service.has_process() and service.cgroup is not None:
             group = service.cgroup        # a control process beside the main one: the same groups
         else:
@@ -4448,7 +4624,8 @@ class Launcher:
         pid, report = self.spawner.spawn(argv, path, env, cwd, self.config.service_log(service.name), run_as,
                                          group if group and group.folders else None,
                                          spec.private_pids and control is None,
-                                         wait=on_exec is None, setup=setup)
+                                         wait=on_exec is None, setup=setup,
+                                         stdio=(spec.standard_input, spec.standard_output, spec.standard_error))
         service.spawn_path = self.spawner.last_path
         self.exit_watcher.watch(pid, on_exit)
         if report is not None:
@@ -4640,6 +4817,20 @@ class Launcher:
         if isinstance(cached[1], SpawnError):
             raise cached[1]
         return cached[1]
+
+    @staticmethod
+    def _with_groups(run_as, names):
+        """SupplementaryGroups=: added to the groups User= brings (or the daemon's)."""
+        import grp
+        extra = []
+        for name in names:
+            try:
+                extra.append(int(name) if name.isdigit() else grp.getgrnam(name).gr_gid)
+            except KeyError:
+                raise SpawnError("SupplementaryGroups=%s: no such group" % name)
+        groups = list(run_as.groups if run_as.groups is not None else os.getgroups())
+        return RunAs(run_as.uid, run_as.gid, groups + [g for g in extra if g not in groups],
+                     run_as.user, run_as.home, run_as.shell)
 
     def _make_directories(self, spec, run_as):
         """RuntimeDirectory=, StateDirectory=, ...: made (parents 0755, as
@@ -7255,7 +7446,7 @@ EXAMPLES = {
     "uninstall": ["gitproc.py uninstall", "gitproc.py uninstall --prefix /opt/gitproc"],
     "completion": ["gitproc.py completion bash > /etc/bash_completion.d/gitproc", "gitproc.py completion units"],
 }
-STATE_COLOURS = {RUNNING: "32", EXITED: "36", STARTING: "33", BACKOFF: "33", STOPPING: "33",
+STATE_COLOURS = {RUNNING: "32", RELOADING: "32", EXITED: "36", STARTING: "33", BACKOFF: "33", STOPPING: "33",
                  STOPPED: "2", FAILED: "31"}
 
 

@@ -2815,6 +2815,20 @@ class StateTableTests(unittest.TestCase):
         service.start()
         self.assertEqual((service.phase, service.reason), (P.FAILED, "spawn failed: gone"))
 
+    def test_a_step_that_fails_gives_systemds_exit_code(self):
+        cases = {"User=nosuchuser-gp: no such user": 217, "WorkingDirectory=/nope: No such file or directory": 200,
+                 "exec /bin/nothere: No such file or directory": 203, "LimitNOFILE=: not allowed": 205,
+                 "StateDirectory=/var/lib/x: Permission denied": 238, "bin/x: command not found on PATH (/bin)": 203}
+        for message, code in cases.items():
+            with self.subTest(message=message):
+                self.assertEqual(gitproc.spawn_exit_code(message), code)
+        self.assertEqual(gitproc.describe_exit({"code": 217}), "exit code 217 (USER)")
+        host = FakeHost()
+        host.spawn_error = "WorkingDirectory=/nope: No such file or directory"
+        service = gitproc.Service(host, spec_of(), "c0ffee")
+        service.start()
+        self.assertEqual((service.phase, service.last_exit), (P.FAILED, {"code": 200}))
+
     def test_waiting_for_dependencies_then_failing_them(self):
         host = FakeHost()
         host.dependencies = ("waiting", "waiting for db")
@@ -3137,10 +3151,27 @@ class ProcessSetupTests(SupervisionCase):
         self.assertNotEqual(detail["spawn"], "posix_spawn", "set up between fork and exec")
         self.assertEqual(detail["not_applied"], [])
 
+    def test_scheduling_affinity_io_priority_and_groups_apply_before_exec(self):
+        lines = {"CPUSchedulingPolicy": "batch", "CPUAffinity": "0", "IOSchedulingClass": "idle"}
+        if IS_ROOT:
+            lines["SupplementaryGroups"] = "65534"
+        self.deploy({"sched.service": unit(SLEEPER, **lines)})
+        pid = self.watch(self.home.running_pid("sched"))
+        wait_until(lambda: argv_of(pid) == SLEEPER.split(), 3, "sched to exec")
+        self.assertEqual(int(gitproc.read_proc_stat(pid)[38]), os.SCHED_BATCH, "policy (field 41 of stat)")
+        self.assertEqual(os.sched_getaffinity(pid), {0})
+        status = dict(line.split(":", 1) for line in read_lines("/proc/%d/status" % pid) if ":" in line)
+        if IS_ROOT:
+            self.assertIn("65534", status["Groups"].split())
+        if shutil.which("ionice"):
+            self.assertEqual(subprocess.run(["ionice", "-p", str(pid)], stdout=subprocess.PIPE).stdout.decode().strip(),
+                             "idle")
+
     def test_bad_values_are_errors_naming_the_key(self):
         for line, why in (("LimitNOFILE=10:5", "above the hard limit"), ("UMask=999", "octal"),
                           ("Nice=40", "from -20 to 19"), ("OOMScoreAdjust=x", "from -1000 to 1000"),
-                          ("LimitNICE=+30", "nice value")):
+                          ("LimitNICE=+30", "nice value"), ("CPUSchedulingPolicy=fast", "is not one of"),
+                          ("CPUAffinity=3-1", "CPU number or range"), ("IOSchedulingPriority=9", "from 0 to 7")):
             with self.subTest(line=line):
                 spec, found = gitproc.parse_unit("web", "web.service", ("[Service]\nExecStart=/bin/true\n%s\n" % line).encode())
                 self.assertIsNone(spec)
@@ -4185,6 +4216,32 @@ class UnitRelationTests(SupervisionCase):
         db = self.watch(self.home.running_pid("db"))
         os.kill(db, signal.SIGKILL)       # db ends by itself (Restart=no): app goes with it
         self.assertIn("required unit db", self.home.wait_state("app", "stopped")["reason"])
+
+
+class StandardStreamsTests(SupervisionCase):
+    """StandardInput=, StandardOutput=, StandardError=."""
+
+    def test_files_null_and_the_log(self):
+        source, out, err = self.file("in.txt"), self.file("out.txt"), self.file("err.txt")
+        with open(source, "w") as handle:
+            handle.write("from a file\n")
+        with open(err, "w") as handle:
+            handle.write("old line\n")
+        script = "cat; echo to-stderr >&2"
+        self.deploy({"files.service": unit_text("Type=oneshot", "ExecStart=" + sh(script),
+                                                "StandardInput=file:" + source, "StandardOutput=append:" + out,
+                                                "StandardError=truncate:" + err),
+                     "quiet.service": unit_text("Type=oneshot", "ExecStart=" + sh("echo lost; echo lost >&2"),
+                                                "StandardOutput=null", "StandardError=journal")})
+        self.home.wait_state("files", "exited", timeout=10)
+        self.home.wait_state("quiet", "exited", timeout=10)
+        self.assertEqual(read_text(out), "from a file\n")
+        self.assertEqual(read_text(err), "to-stderr\n", "truncate: the old line is gone")
+        self.assertEqual(self.home.service_log("quiet"), "lost\n", "stdout to /dev/null, stderr to the log")
+
+    def test_unsupported_values_are_errors_naming_what_works(self):
+        _, problems = parse(unit_text("ExecStart=/bin/true", "StandardOutput=socket"))
+        self.assertIn("StandardOutput=: 'socket' is not supported: use inherit, null, journal", messages(problems)[0])
 
 
 class ControlCommandTests(SupervisionCase):
