@@ -509,6 +509,17 @@ class UnitSpec:
         "rlimits": (), "umask": None, "nice": None, "oom_score_adjust": None,
         "cpu_scheduling_policy": None, "cpu_scheduling_priority": None, "cpu_scheduling_reset_on_fork": False,
         "cpu_affinity": (), "io_scheduling_class": None, "io_scheduling_priority": None,
+        "ignore_sigpipe": True,         # systemd's default: SIGPIPE ignored in the service
+        # the sandbox (systemd.exec(5) "Security", "Sandboxing"):
+        "no_new_privileges": False, "private_tmp": False, "private_devices": False, "private_network": False,
+        "private_ipc": False, "private_mounts": False, "protect_system": "no", "protect_home": "no",
+        "protect_kernel_tunables": False, "protect_kernel_modules": False, "protect_kernel_logs": False,
+        "protect_control_groups": False, "protect_hostname": False, "protect_clock": False,
+        "paths": (),                    # (mode, path, optional) of ReadWritePaths= and its kin, in order
+        "temporary_file_systems": (),   # (path, options)
+        "bind_paths": (),               # (source, destination, read only, optional, recursive)
+        "capability_bounding_set": (),  # (invert, capability numbers) assignments, in order
+        "ambient_capabilities": (),
         "standard_input": ("null", None), "standard_output": ("log", None), "standard_error": ("inherit", None),
         "supplementary_groups": (),
         "directories": (),              # (kind, relative path) of RuntimeDirectory= and the like
@@ -640,7 +651,7 @@ def expand_specifiers(value, unit_name, context):
     if "%" not in value:
         return value, []
     prefix, at, instance = unit_name.partition("@")
-    dash_prefix = prefix.rsplit("-", 1)[0] if "-" in prefix else prefix
+    dash_prefix = prefix.rsplit("-", 1)[-1]     # %j: after the last '-' of the prefix
     table = {"n": unit_name + UNIT_SUFFIX, "N": unit_name, "p": prefix, "P": unescape_unit_name(prefix),
              "i": instance, "I": unescape_unit_name(instance), "j": dash_prefix, "J": unescape_unit_name(dash_prefix),
              "f": "/" + unescape_unit_name(instance if at else prefix).lstrip("/"), "%": "%"}
@@ -907,6 +918,99 @@ def _parse_stdio(value, key):
                      "or truncate:PATH" % value)
 
 
+# ReadWritePaths= and its kin: what each does to the paths it names.
+PATH_KEYS = {"ReadWritePaths": "rw", "ReadOnlyPaths": "ro", "InaccessiblePaths": "inaccessible",
+             "ExecPaths": "exec", "NoExecPaths": "noexec", "ReadWriteDirectories": "rw",
+             "ReadOnlyDirectories": "ro", "InaccessibleDirectories": "inaccessible"}
+# capabilities(7), numbered as the kernel numbers them
+CAPABILITIES = ("CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL",
+                "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE", "CAP_NET_BIND_SERVICE",
+                "CAP_NET_BROADCAST", "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_IPC_LOCK", "CAP_IPC_OWNER", "CAP_SYS_MODULE",
+                "CAP_SYS_RAWIO", "CAP_SYS_CHROOT", "CAP_SYS_PTRACE", "CAP_SYS_PACCT", "CAP_SYS_ADMIN", "CAP_SYS_BOOT",
+                "CAP_SYS_NICE", "CAP_SYS_RESOURCE", "CAP_SYS_TIME", "CAP_SYS_TTY_CONFIG", "CAP_MKNOD", "CAP_LEASE",
+                "CAP_AUDIT_WRITE", "CAP_AUDIT_CONTROL", "CAP_SETFCAP", "CAP_MAC_OVERRIDE", "CAP_MAC_ADMIN",
+                "CAP_SYSLOG", "CAP_WAKE_ALARM", "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ", "CAP_PERFMON", "CAP_BPF",
+                "CAP_CHECKPOINT_RESTORE")
+
+
+def _parse_protect(words):
+    """ProtectSystem=/ProtectHome=: a boolean (yes is "yes") or one of `words`."""
+    def parse(value):
+        if value in words:
+            return value
+        try:
+            return "yes" if parse_bool(value) else "no"
+        except ValueError:
+            raise ValueError("%r is not yes, no, %s" % (value, " or ".join(words)))
+    return parse
+
+
+def _parse_sandbox_paths(mode):
+    def parse(value):
+        found = []
+        for word in split_words(value):
+            optional = word.startswith("-")
+            path = word.lstrip("-+")          # '+' (relative to RootDirectory=): there is none here
+            if not path.startswith("/"):
+                raise ValueError("%r is not an absolute path" % word)
+            found.append((mode, os.path.normpath(path), optional))
+        return tuple(found)
+    return parse
+
+
+def _parse_temporary_fs(value):
+    found = []
+    for word in split_words(value):
+        path, _, options = word.partition(":")
+        if not path.startswith("/"):
+            raise ValueError("%r is not an absolute path" % word)
+        found.append((os.path.normpath(path), options))
+    return tuple(found)
+
+
+def _parse_bind_paths(value, read_only):
+    """BindPaths=: "[-]SOURCE[:DESTINATION[:rbind|norbind]]" words."""
+    found = []
+    for word in split_words(value):
+        optional = word.startswith("-")
+        parts = word.lstrip("-").split(":")
+        source, destination = parts[0], parts[1] if len(parts) > 1 else parts[0]
+        recursive = not (len(parts) > 2 and parts[2] == "norbind")
+        if not source.startswith("/") or not destination.startswith("/"):
+            raise ValueError("%r: both paths must be absolute" % word)
+        found.append((os.path.normpath(source), os.path.normpath(destination), read_only, optional, recursive))
+    return tuple(found)
+
+
+def _parse_capabilities(value):
+    """CapabilityBoundingSet=/AmbientCapabilities=: names ('~' inverts), one
+    assignment as (invert, capability numbers)."""
+    invert = value.startswith("~")
+    numbers = []
+    for name in value.lstrip("~").split():
+        name = name.upper() if name.upper().startswith("CAP_") else "CAP_" + name.upper()
+        if name not in CAPABILITIES:
+            raise ValueError("unknown capability %s" % name)
+        numbers.append(CAPABILITIES.index(name))
+    return ((invert, tuple(numbers)),)
+
+
+def capability_set(assignments):
+    """The capabilities the assignments of CapabilityBoundingSet= (or
+    AmbientCapabilities=) leave, as systemd.exec(5) merges them: None when
+    the key is not set; the first assignment sets (a '~' one: all but its
+    names); later ones merge by OR, '~' ones by AND; an empty one empties it
+    (invert None)."""
+    chosen = None
+    for invert, numbers in assignments:
+        if invert is None:
+            chosen = set()
+            continue
+        found = set(range(len(CAPABILITIES))) - set(numbers) if invert else set(numbers)
+        chosen = found if chosen is None else (chosen & found if invert else chosen | found)
+    return chosen
+
+
 def _parse_preserve(value):
     """RuntimeDirectoryPreserve=: yes, no (booleans too) or restart."""
     return "restart" if value == "restart" else ("yes" if parse_bool(value) else "no")
@@ -996,6 +1100,26 @@ DIRECTIVES = {
     ("Service", "CPUAffinity"): ("cpu_affinity", _parse_cpu_set, "list"),
     ("Service", "IOSchedulingClass"): ("io_scheduling_class", _parse_io_class, "one"),
     ("Service", "IOSchedulingPriority"): ("io_scheduling_priority", _parse_int_range(0, 7), "one"),
+    ("Service", "IgnoreSIGPIPE"): ("ignore_sigpipe", parse_bool, "one"),
+    ("Service", "NoNewPrivileges"): ("no_new_privileges", parse_bool, "one"),
+    ("Service", "PrivateTmp"): ("private_tmp", parse_bool, "one"),
+    ("Service", "PrivateDevices"): ("private_devices", parse_bool, "one"),
+    ("Service", "PrivateNetwork"): ("private_network", parse_bool, "one"),
+    ("Service", "PrivateIPC"): ("private_ipc", parse_bool, "one"),
+    ("Service", "PrivateMounts"): ("private_mounts", parse_bool, "one"),
+    ("Service", "ProtectSystem"): ("protect_system", _parse_protect(("full", "strict")), "one"),
+    ("Service", "ProtectHome"): ("protect_home", _parse_protect(("read-only", "tmpfs")), "one"),
+    ("Service", "ProtectKernelTunables"): ("protect_kernel_tunables", parse_bool, "one"),
+    ("Service", "ProtectKernelModules"): ("protect_kernel_modules", parse_bool, "one"),
+    ("Service", "ProtectKernelLogs"): ("protect_kernel_logs", parse_bool, "one"),
+    ("Service", "ProtectControlGroups"): ("protect_control_groups", parse_bool, "one"),
+    ("Service", "ProtectHostname"): ("protect_hostname", parse_bool, "one"),
+    ("Service", "ProtectClock"): ("protect_clock", parse_bool, "one"),
+    ("Service", "TemporaryFileSystem"): ("temporary_file_systems", _parse_temporary_fs, "list"),
+    ("Service", "BindPaths"): ("bind_paths", lambda v: _parse_bind_paths(v, False), "list"),
+    ("Service", "BindReadOnlyPaths"): ("bind_paths", lambda v: _parse_bind_paths(v, True), "list"),
+    ("Service", "CapabilityBoundingSet"): ("capability_bounding_set", _parse_capabilities, "list"),
+    ("Service", "AmbientCapabilities"): ("ambient_capabilities", _parse_capabilities, "list"),
     ("Service", "StandardInput"): ("standard_input", lambda v: _parse_stdio(v, "StandardInput"), "one"),
     ("Service", "StandardOutput"): ("standard_output", lambda v: _parse_stdio(v, "StandardOutput"), "one"),
     ("Service", "StandardError"): ("standard_error", lambda v: _parse_stdio(v, "StandardError"), "one"),
@@ -1004,6 +1128,7 @@ DIRECTIVES = {
     ("Service", "OOMScoreAdjust"): ("oom_score_adjust", _parse_int_range(-1000, 1000), "one"),
 }
 DIRECTIVES.update({("Service", key): ("rlimits", _parse_rlimit(key), "list") for key in RLIMIT_KEYS})
+DIRECTIVES.update({("Service", key): ("paths", _parse_sandbox_paths(mode), "list") for key, mode in PATH_KEYS.items()})
 DIRECTIVES.update({("Service", key + "Directory"): ("directories", _parse_directories(kind), "list")
                    for key, kind in DIRECTORY_KEYS.items()})
 DIRECTIVES.update({("Service", key + "DirectoryMode"): ("directory_modes", _parse_directory_mode(kind), "list")
@@ -1033,22 +1158,18 @@ def _keys(why, *names):
 # .unit(5) that gitproc knows but does not apply (yet). They are never dropped
 # silently: check reports each, and status NAME lists them under "Not applied".
 NOT_APPLIED_KEYS = dict(
-    **_keys("sandboxing: gitproc does not build this sandbox", "ProtectSystem", "ProtectHome", "PrivateTmp",
-            "PrivateDevices", "PrivateNetwork", "PrivateUsers", "PrivateIPC", "PrivateMounts", "NoNewPrivileges",
-            "ReadWritePaths", "ReadOnlyPaths", "InaccessiblePaths", "ExecPaths", "NoExecPaths",
-            "TemporaryFileSystem", "BindPaths", "BindReadOnlyPaths", "CapabilityBoundingSet", "AmbientCapabilities",
-            "ProtectKernelTunables", "ProtectKernelModules", "ProtectKernelLogs", "ProtectControlGroups",
-            "ProtectHostname", "ProtectClock", "ProtectProc", "ProcSubset", "RestrictSUIDSGID", "LockPersonality",
+    **_keys("sandboxing: gitproc does not build this sandbox", "PrivateUsers", "ProtectProc", "ProcSubset",
+            "RemoveIPC", "SecureBits", "RootDirectory", "RootImage", "MountAPIVFS", "MountFlags", "DynamicUser",
+            "KeyringMode", "NetworkNamespacePath", "IPCNamespacePath", "DeviceAllow", "DevicePolicy",
+            "SELinuxContext", "AppArmorProfile", "SmackProcessLabel"),
+    **_keys("seccomp or BPF: gitproc does not filter system calls", "RestrictSUIDSGID", "LockPersonality",
             "MemoryDenyWriteExecute", "RestrictRealtime", "RestrictNamespaces", "RestrictAddressFamilies",
-            "RestrictFileSystems", "RemoveIPC", "SecureBits", "RootDirectory", "RootImage", "MountAPIVFS",
-            "MountFlags", "DynamicUser", "KeyringMode", "NetworkNamespacePath", "IPCNamespacePath",
-            "DeviceAllow", "DevicePolicy", "IPAddressAllow", "IPAddressDeny", "SocketBindAllow", "SocketBindDeny",
-            "RestrictNetworkInterfaces", "SELinuxContext", "AppArmorProfile", "SmackProcessLabel",
-            "ReadWriteDirectories", "ReadOnlyDirectories", "InaccessibleDirectories"),
+            "RestrictFileSystems", "IPAddressAllow", "IPAddressDeny", "SocketBindAllow", "SocketBindDeny",
+            "RestrictNetworkInterfaces"),
     **_keys("seccomp: gitproc does not filter system calls", "SystemCallFilter", "SystemCallArchitectures",
             "SystemCallErrorNumber", "SystemCallLog"),
     **_keys("process scheduling: not applied", "NUMAPolicy", "NUMAMask", "TimerSlackNSec", "Personality",
-            "IgnoreSIGPIPE", "CoredumpFilter"),
+            "CoredumpFilter"),
     **_keys("output: the unit's log is used", "StandardInputText", "StandardInputData", "SyslogIdentifier", "SyslogFacility", "SyslogLevel",
             "SyslogLevelPrefix", "LogLevelMax", "LogExtraFields", "LogRateLimitIntervalSec", "LogRateLimitBurst",
             "TTYPath", "TTYReset", "TTYVHangup", "PassEnvironment", "UnsetEnvironment"),
@@ -1195,7 +1316,7 @@ def _read_lines_into(values, lines_of, not_applied, warned_sections, name, text,
         if directive is None and section == "Service" and ("Unit", key) in DIRECTIVES:
             directive = DIRECTIVES[("Unit", key)]
         if directive is None:
-            if key in NOT_APPLIED_KEYS and value:
+            if key in NOT_APPLIED_KEYS and value and not _is_off(value):
                 not_applied.append((key, value))
                 report(line_number, "warning", "not applied: %s= (%s)" % (key, NOT_APPLIED_KEYS[key]))
             elif not key.startswith("X-") and (section, key) not in SILENT_KEYS and key not in NOT_APPLIED_KEYS:
@@ -1207,6 +1328,10 @@ def _read_lines_into(values, lines_of, not_applied, warned_sections, name, text,
             for specifier in unknown:
                 report(line_number, "warning", "%s=: specifier %s is not supported, kept as written" % (key, specifier))
         fields = field if isinstance(field, tuple) else (field,)     # TimeoutSec= sets two
+        if not value and field in ("capability_bounding_set", "ambient_capabilities"):
+            values[field] = ((None, ()),)  # as systemd: the empty assignment is the empty set
+            lines_of[field] = (part_path, line_number)
+            continue
         if not value:
             for one in fields:
                 values.pop(one, None)
@@ -1228,6 +1353,11 @@ def _read_lines_into(values, lines_of, not_applied, warned_sections, name, text,
             lines_of[one] = (part_path, line_number)
 
 
+def _is_off(value):
+    """A boolean that says no: the key then asks for nothing (PrivateTmp=false)."""
+    return value.strip().lower() in ("0", "no", "false", "off", "n", "f")
+
+
 def _validate_unit(values, lines_of, report):
     """Checks across keys, once the whole file is read."""
     commands = values.get("exec_start", ())
@@ -1241,9 +1371,6 @@ def _validate_unit(values, lines_of, report):
     if values.get("pid_file") and values.get("type", "simple") != "forking":
         report(lines_of["pid_file"], "warning", "PIDFile= is read for Type=forking only: the main process "
                "of this unit is the one gitproc starts (the file is removed once it stopped, as systemd does)")
-    if values.get("remain_after_exit") and values.get("restart", "no") != "no":
-        report(lines_of["remain_after_exit"], "warning", "RemainAfterExit=yes with Restart=%s: a clean exit "
-               "is restarted, not remembered" % values["restart"])
     if values.get("start_limit_burst", 1) < 1:
         report(lines_of["start_limit_burst"], "error", "StartLimitBurst= must be at least 1")
     for field, key in (("restart_sec", "RestartSec"), ("health_check_interval", "HealthCheckInterval"),
@@ -1394,12 +1521,15 @@ def compose_units(files, link_target, lone_templates=False):
         if not base.endswith(UNIT_SUFFIX):
             continue
         name = base[:-len(UNIT_SUFFIX)]
-        if name.endswith("@"):
-            templates.setdefault(name, (path, object_id))
-        elif "@" in name and (size == 0 or (is_link and os.path.basename(link_target(object_id)) ==
-                                            name.partition("@")[0] + "@" + UNIT_SUFFIX)):
+        if "@" in name and not name.endswith("@") and (size == 0 or (
+                is_link and os.path.basename(link_target(object_id)) == name.partition("@")[0] + "@" + UNIT_SUFFIX)):
             instances.append((name, path))
-        elif not is_link:                 # another symlink is an alias: not a unit of its own
+        elif is_link:                     # an alias, or a link to a unit elsewhere: not read
+            problems.append(Diagnostic(path, 1, "warning", "a symlink: not read (only an instance may be a link to "
+                                                           "its template; commit the unit file itself)"))
+        elif name.endswith("@"):
+            templates.setdefault(name, (path, object_id))
+        else:
             units.append((name, path, [(path, object_id)]))
     for name, path in instances:
         template = templates.get(name.partition("@")[0] + "@")
@@ -2422,8 +2552,11 @@ def should_restart(policy, last_exit, timed_out=False, result=None, statuses=Non
         return True
     if result in ("timeout", "watchdog"):     # that is the result, however the process then ended
         return policy in ("on-failure", "on-abnormal") or (policy == "on-watchdog" and result == "watchdog")
-    clean = exit_is_clean(last_exit, statuses.success_exit_status if statuses is not None else ())
-    unclean_signal = last_exit is not None and "signal" in last_exit and not clean
+    if result in ("exit-code", "signal", "core-dump", "protocol", "resources"):
+        clean, unclean_signal = False, result in ("signal", "core-dump")   # a failed start, whatever ran last
+    else:
+        clean = exit_is_clean(last_exit, statuses.success_exit_status if statuses is not None else ())
+        unclean_signal = last_exit is not None and "signal" in last_exit and not clean
     return {
         "no": False,
         "on-success": clean,
@@ -2463,6 +2596,7 @@ SPAWN_EXIT_CODES = (("WorkingDirectory=", 200, "CHDIR"), ("Nice=", 201, "NICE"),
                     ("CPUScheduling", 214, "SETSCHEDULER"), ("CPUAffinity=", 215, "CPUAFFINITY"),
                     ("Group=", 216, "GROUP"), ("SupplementaryGroups=", 216, "GROUP"), ("User=", 217, "USER"),
                     ("cgroup", 219, "CGROUP"), ("setsid", 220, "SETSID"), ("PrivatePIDs=", 226, "NAMESPACE"),
+                    ("sandbox", 226, "NAMESPACE"), ("capabilities", 218, "CAPABILITIES"),
                     ("RuntimeDirectory=", 233, "RUNTIME_DIRECTORY"), ("StateDirectory=", 238, "STATE_DIRECTORY"),
                     ("CacheDirectory=", 239, "CACHE_DIRECTORY"), ("LogsDirectory=", 240, "LOGS_DIRECTORY"),
                     ("ConfigurationDirectory=", 241, "CONFIGURATION_DIRECTORY"))
@@ -2615,6 +2749,285 @@ def _nr_open():
         return int(_read_text("/proc/sys/fs/nr_open"))
     except (OSError, ValueError):
         return 1 << 20
+
+
+# ---- the sandbox -----------------------------------------------------------------
+# systemd.exec(5)'s sandbox, built as systemd builds it: in the forked child,
+# a mount namespace (slave of the host's, so nothing leaks back) in which
+# paths are bound onto themselves and made read-only, read-write, noexec or
+# inaccessible, from the least to the most specific path; a private /tmp, a
+# private /dev, a network namespace with only loopback, a hostname of its
+# own; then the capability bounding set, and after the user change the
+# ambient capabilities and no_new_privs. All of it goes through ctypes
+# (mount, mount_setattr, unshare, prctl, capset). Any step that fails ends
+# the child before exec with the step named: never a half-built sandbox.
+
+CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWNET = 0x04000000, 0x08000000, 0x40000000
+MS_RDONLY, MS_BIND, MS_MOVE, MS_SLAVE = 1, 4096, 8192, 1 << 19
+MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOEXEC, AT_RECURSIVE, AT_FDCWD = 0x1, 0x8, 0x8000, -100
+MOUNT_SETATTR = 442                   # the same number on every architecture (Linux 5.12+)
+PR_SET_KEEPCAPS, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE = 8, 24, 38, 47, 2
+SANDBOX_KEYS = ("NoNewPrivileges", "PrivateTmp", "PrivateDevices", "PrivateNetwork", "PrivateIPC", "PrivateMounts",
+                "ProtectSystem", "ProtectHome", "ProtectKernelTunables", "ProtectKernelModules", "ProtectKernelLogs",
+                "ProtectControlGroups", "ProtectHostname", "ProtectClock", "ReadWritePaths", "ReadOnlyPaths",
+                "InaccessiblePaths", "ExecPaths", "NoExecPaths", "TemporaryFileSystem", "BindPaths",
+                "BindReadOnlyPaths", "CapabilityBoundingSet", "AmbientCapabilities")
+# What each Protect*= makes read-only (ro) or inaccessible, where it exists.
+PROTECTED_PATHS = {
+    "system-yes": [("ro", "/usr"), ("ro", "/boot"), ("ro", "/efi")],
+    "system-full": [("ro", "/usr"), ("ro", "/boot"), ("ro", "/efi"), ("ro", "/etc")],
+    "system-strict": [("ro-all", "/")],
+    "home-yes": [("inaccessible", "/home"), ("inaccessible", "/root"), ("inaccessible", "/run/user")],
+    "home-read-only": [("ro", "/home"), ("ro", "/root"), ("ro", "/run/user")],
+    "home-tmpfs": [("tmpfs-ro", "/home"), ("tmpfs-ro", "/root"), ("tmpfs-ro", "/run/user")],
+    "kernel-tunables": [("ro", "/proc/sys"), ("ro", "/proc/sysrq-trigger"), ("ro", "/proc/bus"), ("ro", "/proc/fs"),
+                        ("ro", "/proc/irq"), ("ro", "/sys"), ("inaccessible", "/proc/kallsyms"),
+                        ("inaccessible", "/proc/kcore")],
+    "kernel-modules": [("inaccessible", "/usr/lib/modules"), ("inaccessible", "/lib/modules")],
+    "kernel-logs": [("inaccessible", "/proc/kmsg"), ("inaccessible", "/dev/kmsg")],
+    "control-groups": [("ro", "/sys/fs/cgroup")],
+}
+DEVICE_NODES = ("null", "zero", "full", "random", "urandom", "tty")
+
+
+def sandbox_wanted(spec):
+    """Whether a unit asks for any of the sandbox."""
+    return bool(spec.no_new_privileges or spec.private_tmp or spec.private_devices or spec.private_network or
+                spec.private_ipc or spec.private_mounts or spec.protect_system != "no" or spec.protect_home != "no" or
+                spec.protect_kernel_tunables or spec.protect_kernel_modules or spec.protect_kernel_logs or
+                spec.protect_control_groups or spec.protect_hostname or spec.protect_clock or spec.paths or
+                spec.temporary_file_systems or spec.bind_paths or spec.capability_bounding_set or
+                spec.ambient_capabilities)
+
+
+def sandbox_not_applied(spec):
+    """The sandbox keys a daemon that is not root cannot apply (all but
+    NoNewPrivileges=): [(key, why)] for status."""
+    if os.geteuid() == 0 or not sandbox_wanted(spec):
+        return []
+    return [(key, "needs a root daemon (namespaces, mounts, capabilities)") for key in SANDBOX_KEYS
+            if key != "NoNewPrivileges" and _sandbox_key_set(spec, key)]
+
+
+def _sandbox_key_set(spec, key):
+    field = re.sub(r"(?<!^)(?=[A-Z])", "_", key).lower()
+    if key in PATH_KEYS:
+        return any(mode == PATH_KEYS[key] for mode, _, _ in spec.paths)
+    field = {"TemporaryFileSystem": "temporary_file_systems", "BindPaths": "bind_paths",
+             "BindReadOnlyPaths": "bind_paths", "PrivateIPC": "private_ipc"}.get(key, field)
+    value = getattr(spec, field, None)
+    return value not in (None, False, "no", ())
+
+
+class Sandbox:
+    """The plan of one process's sandbox, made in the daemon (paths checked,
+    PrivateTmp= folders made, ctypes looked up), carried out in the child by
+    enter() (before the user change) and finish() (after it)."""
+
+    def __init__(self, spec, private_tmp=None, helpers=None, dropping_user=False, extra_writable=(), full=True):
+        """`full`: False for a daemon that is not root, which can only set
+        no_new_privs."""
+        import ctypes
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.ctypes = ctypes
+        self.unshare = 0
+        self.steps = []                   # (what, path, argument, optional), least specific path first
+        self.no_new_privs = spec.no_new_privileges
+        self.loopback = False
+        self.drop_caps, self.ambient = [], []
+        if full:
+            self._plan(spec, private_tmp, helpers, dropping_user, extra_writable)
+
+    def _plan(self, spec, private_tmp, helpers, dropping_user, extra_writable):
+        self.loopback = spec.private_network
+        bounding = capability_set(spec.capability_bounding_set)
+        drops = set()
+        if spec.private_devices:
+            drops |= {CAPABILITIES.index("CAP_MKNOD"), CAPABILITIES.index("CAP_SYS_RAWIO")}
+        if spec.protect_kernel_modules:
+            drops.add(CAPABILITIES.index("CAP_SYS_MODULE"))
+        if spec.protect_kernel_logs:
+            drops.add(CAPABILITIES.index("CAP_SYSLOG"))
+        if spec.protect_clock:
+            drops |= {CAPABILITIES.index("CAP_SYS_TIME"), CAPABILITIES.index("CAP_WAKE_ALARM")}
+        last = _cap_last_cap()
+        keep = set(range(last + 1)) if bounding is None else bounding
+        self.drop_caps = sorted(c for c in range(last + 1) if c not in keep or c in drops)
+        ambient = capability_set(spec.ambient_capabilities) or set()
+        self.ambient = sorted(c for c in ambient if c <= last) if dropping_user else []
+        if spec.private_network:
+            self.unshare |= CLONE_NEWNET
+        if spec.protect_hostname:
+            self.unshare |= CLONE_NEWUTS
+        if spec.private_ipc:
+            self.unshare |= CLONE_NEWIPC
+        entries = []
+        for key, wanted in (("system-" + spec.protect_system, spec.protect_system != "no"),
+                            ("home-" + spec.protect_home, spec.protect_home != "no"),
+                            ("kernel-tunables", spec.protect_kernel_tunables),
+                            ("kernel-modules", spec.protect_kernel_modules),
+                            ("kernel-logs", spec.protect_kernel_logs),
+                            ("control-groups", spec.protect_control_groups)):
+            if wanted:
+                entries += [(mode, path, None, True) for mode, path in PROTECTED_PATHS[key]]
+        if spec.protect_system == "strict":   # as systemd, what the unit must write stays writable
+            entries += [("rw", path, None, True) for path in extra_writable]
+        entries += [(mode, path, None, optional) for mode, path, optional in spec.paths]
+        entries += [("tmpfs", path, options, False) for path, options in spec.temporary_file_systems]
+        entries += [("bind-ro" if ro else "bind", destination, (source, recursive), optional)
+                    for source, destination, ro, optional, recursive in spec.bind_paths]
+        if private_tmp:
+            entries += [("bind", "/tmp", (private_tmp[0], True), False), ("bind", "/var/tmp", (private_tmp[1], True), False)]
+        if spec.private_devices:
+            entries.append(("devices", "/dev", helpers["dev"], False))
+        order = {"ro-all": 0, "ro": 0, "rw": 0, "tmpfs-ro": 0, "exec": 1, "noexec": 1, "tmpfs": 2, "bind": 2, "bind-ro": 2,
+                 "inaccessible": 3}
+        # The private /dev first (it is built from the host's /dev), then from
+        # the least to the most specific path.
+        entries.sort(key=lambda e: (e[0] != "devices", e[1].rstrip("/").count("/") if e[1] != "/" else 0,
+                                    order.get(e[0], 0)))
+        self.steps = entries
+        self.inaccessible_file = helpers["file"]
+        if self.steps or spec.private_mounts:
+            self.unshare |= CLONE_NEWNS
+
+    # -- in the child -------------------------------------------------------------
+
+    def _check(self, result, what):
+        if result != 0:
+            number = self.ctypes.get_errno()
+            raise OSError(number, "%s: %s" % (what, os.strerror(number)))
+
+    def _mount(self, source, target, fstype, flags, data=None):
+        enc = lambda text: text.encode() if text is not None else None
+        self._check(self.libc.mount(enc(source), enc(target), enc(fstype), self.ctypes.c_ulong(flags), enc(data)),
+                    "mount %s" % target)
+
+    def _setattr(self, path, set_flags, clear_flags):
+        """mount_setattr(2) on a mount and all below it."""
+        attr = (self.ctypes.c_uint64 * 4)(set_flags, clear_flags, 0, 0)
+        self._check(self.libc.syscall(MOUNT_SETATTR, AT_FDCWD, path.encode(), AT_RECURSIVE, attr,
+                                      self.ctypes.sizeof(attr)), "mount_setattr %s" % path)
+
+    def _bind_self(self, path):
+        self._mount(path, path, None, MS_BIND | 16384)     # MS_REC: what is mounted below comes along
+
+    def enter(self):
+        """Before the user change: namespaces, mounts, the bounding set.
+        Returns the stage name of what it does (for an error report)."""
+        if self.unshare:
+            self._check(self.libc.unshare(self.unshare), "unshare")
+        if self.unshare & CLONE_NEWNS:
+            self._mount(None, "/", None, 16384 | MS_SLAVE)     # MS_REC|MS_SLAVE: nothing goes back to the host
+        for what, path, argument, optional in self.steps:
+            exists = os.path.lexists(path)
+            if not exists and what not in ("tmpfs",):
+                if optional:
+                    continue
+                raise OSError(errno.ENOENT, "%s: no such file or folder" % path)
+            if what == "ro-all":
+                self._all_read_only()
+            elif what in ("ro", "rw", "exec", "noexec"):
+                self._bind_self(path)
+                if what in ("ro", "rw"):
+                    self._setattr(path, MOUNT_ATTR_RDONLY if what == "ro" else 0, MOUNT_ATTR_RDONLY if what == "rw" else 0)
+                else:
+                    self._setattr(path, MOUNT_ATTR_NOEXEC if what == "noexec" else 0, MOUNT_ATTR_NOEXEC if what == "exec" else 0)
+            elif what == "inaccessible":
+                if os.path.isdir(path):
+                    self._mount("tmpfs", path, "tmpfs", MS_RDONLY | 2 | 4 | 8, "mode=000")
+                else:
+                    self._mount(self.inaccessible_file, path, None, MS_BIND)
+                    self._mount(None, path, None, MS_BIND | 32 | MS_RDONLY)   # MS_REMOUNT read-only
+            elif what in ("tmpfs", "tmpfs-ro"):
+                if not exists:
+                    os.makedirs(path, 0o755)
+                options = argument or "mode=0755"
+                read_only = what == "tmpfs-ro" or "ro" in options.split(",")
+                options = ",".join(o for o in options.split(",") if o not in ("ro", "rw")) or "mode=0755"
+                self._mount("tmpfs", path, "tmpfs", 2 | 4 | (MS_RDONLY if read_only else 0), options)
+            elif what in ("bind", "bind-ro"):
+                source, recursive = argument
+                self._mount(source, path, None, MS_BIND | (16384 if recursive else 0))
+                if what == "bind-ro":
+                    self._setattr(path, MOUNT_ATTR_RDONLY, 0)
+            elif what == "devices":
+                self._private_devices(argument)
+        if self.loopback:
+            self._loopback_up()
+        for cap in self.drop_caps:
+            self._check(self.libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0), "CapabilityBoundingSet=")
+        if self.ambient:
+            self._check(self.libc.prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0), "AmbientCapabilities=")
+
+    def _all_read_only(self):
+        """ProtectSystem=strict: every mount read-only but /dev, /proc and
+        /sys (systemd.exec(5)), each on its own: a container's locked mounts
+        there are left as they are."""
+        fd = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            text = read_until_eof(fd).decode("utf-8", "replace")
+        finally:
+            os.close(fd)
+        for line in text.splitlines():
+            fields = line.split()
+            if len(fields) < 5:
+                continue
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+            if point in ("/dev", "/proc", "/sys") or point.startswith(("/dev/", "/proc/", "/sys/")):
+                continue
+            attr = (self.ctypes.c_uint64 * 4)(MOUNT_ATTR_RDONLY, 0, 0, 0)
+            self._check(self.libc.syscall(MOUNT_SETATTR, AT_FDCWD, point.encode(), 0, attr, self.ctypes.sizeof(attr)),
+                        "mount_setattr %s" % point)
+
+    def _private_devices(self, staging):
+        """A /dev of its own: a tmpfs at `staging` (an empty folder the
+        daemon made), the harmless nodes bound from the host's /dev, then
+        moved onto /dev."""
+        self._mount("tmpfs", staging, "tmpfs", 2 | 8, "mode=0755")     # nosuid, noexec
+        for node in DEVICE_NODES:
+            target = os.path.join(staging, node)
+            os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o666))
+            self._mount("/dev/" + node, target, None, MS_BIND)
+        for folder in ("pts", "shm"):
+            os.mkdir(os.path.join(staging, folder), 0o755)
+        if os.path.isdir("/dev/pts"):
+            self._mount("/dev/pts", os.path.join(staging, "pts"), None, MS_BIND)
+        self._mount("tmpfs", os.path.join(staging, "shm"), "tmpfs", 2 | 4, "mode=1777")
+        for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+                             ("stderr", "/proc/self/fd/2"), ("ptmx", "pts/ptmx")):
+            os.symlink(target, os.path.join(staging, name))
+        self._mount(staging, "/dev", None, MS_MOVE)
+
+    @staticmethod
+    def _loopback_up():
+        import fcntl
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            request = struct.pack("16sh14x", b"lo", 0)
+            flags = struct.unpack("16sh14x", fcntl.ioctl(sock, 0x8913, request))[1]     # SIOCGIFFLAGS
+            fcntl.ioctl(sock, 0x8914, struct.pack("16sh14x", b"lo", flags | 0x1 | 0x40))  # SIOCSIFFLAGS: UP, RUNNING
+
+    def finish(self):
+        """After the user change: the ambient capabilities, then no_new_privs."""
+        if self.ambient:
+            mask = 0
+            for cap in self.ambient:
+                mask |= 1 << cap
+            header = (self.ctypes.c_uint32 * 2)(0x20080522, 0)          # _LINUX_CAPABILITY_VERSION_3, this process
+            data = (self.ctypes.c_uint32 * 6)(mask & 0xffffffff, mask & 0xffffffff, mask & 0xffffffff,
+                                              mask >> 32, mask >> 32, mask >> 32)   # effective, permitted, inheritable
+            self._check(self.libc.capset(header, data), "AmbientCapabilities=")
+            for cap in self.ambient:
+                self._check(self.libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap, 0, 0), "AmbientCapabilities=")
+        if self.no_new_privs:
+            self._check(self.libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "NoNewPrivileges=")
+
+
+def _cap_last_cap():
+    try:
+        return int(_read_text("/proc/sys/kernel/cap_last_cap"))
+    except (OSError, ValueError):
+        return len(CAPABILITIES) - 1
 
 
 class CgroupSet:
@@ -2945,25 +3358,27 @@ class Spawner:
         self.clone3 = None                # clone3 through ctypes, while the kernel takes it
 
     def spawn(self, argv, program, env, cwd, log_path, run_as, cgroup=None, private_pids=False, wait=True, setup=None,
-              stdio=None):
+              stdio=None, ignore_sigpipe=True, sandbox=None):
         """Returns (pid, report): the pid, and None once exec is known to have
         worked, or (wait=False, a forked child) the read end of its exec-error
         pipe, which the caller reads: EOF when exec worked, a message if it
         failed. Raises SpawnError with a one-line reason. The child is in
         every group of `cgroup` (a CgroupSet) before exec. `stdio`: the
         StandardInput=, StandardOutput=, StandardError= of the unit (by
-        default /dev/null in, the log out)."""
+        default /dev/null in, the log out). `ignore_sigpipe`: IgnoreSIGPIPE=
+        (systemd's default: yes)."""
         fds = []                          # every fd opened here, closed in the finally
         try:
             stdin_fd, stdout_fd, stderr_fd = self._open_stdio(log_path, stdio, fds)
             if cwd == self.cwd and run_as.uid is None and run_as.gid is None and run_as.groups is None \
-                    and cgroup is None and not private_pids and not setup:
+                    and cgroup is None and not private_pids and not setup and sandbox is None:
                 self.last_path = "posix_spawn"
                 try:
                     return os.posix_spawn(program, argv, env, file_actions=[
                         (os.POSIX_SPAWN_DUP2, stdin_fd, 0), (os.POSIX_SPAWN_DUP2, stdout_fd, 1),
                         (os.POSIX_SPAWN_DUP2, stderr_fd, 2)],
-                        setsid=True, setsigmask=(), setsigdef=(signal.SIGPIPE, signal.SIGXFSZ)), None
+                        setsid=True, setsigmask=(),    # the daemon (Python) ignores both: the child gets them back
+                        setsigdef=(signal.SIGXFSZ,) if ignore_sigpipe else (signal.SIGXFSZ, signal.SIGPIPE)), None
                 except OSError as exc:
                     raise SpawnError("exec %s: %s" % (program, exc.strerror or exc))
             err_r, err_w = os.pipe()      # exec-failure pipe, both ends close-on-exec (PEP 446)
@@ -2975,7 +3390,7 @@ class Spawner:
             join_files = cgroup.procs_files(born_in_v2=self.last_path == "clone3") if cgroup else ()
             if pid == 0:                  # child: only os calls from here to exec
                 self._exec_child(argv, program, env, cwd, (stdin_fd, stdout_fd, stderr_fd), err_w, run_as,
-                                 join_files, private_pids, setup)
+                                 join_files, private_pids, setup, ignore_sigpipe, sandbox)
             os.close(err_w)
             fds.remove(err_w)
             if not wait:
@@ -3061,7 +3476,8 @@ class Spawner:
         return pid
 
     @staticmethod
-    def _exec_child(argv, program, env, cwd, stdio_fds, err_w, run_as, join_files, private_pids, setup):
+    def _exec_child(argv, program, env, cwd, stdio_fds, err_w, run_as, join_files, private_pids, setup, ignore_sigpipe,
+                    sandbox):
         stage = "setsid"
         try:
             os.setsid()                   # own session and process group: pgid == pid
@@ -3077,7 +3493,8 @@ class Spawner:
                 enter_pid_namespace(err_w)    # returns in the service's process, pid 2 there
             stage = "signals"
             for number in (signal.SIGPIPE, signal.SIGXFSZ):   # Python ignores these; exec keeps SIG_IGN
-                signal.signal(number, signal.SIG_DFL)
+                if number != signal.SIGPIPE or not ignore_sigpipe:
+                    signal.signal(number, signal.SIG_DFL)
             signal.pthread_sigmask(signal.SIG_SETMASK, [])
             stage = "stdio"
             for number, fd in enumerate(stdio_fds):
@@ -3110,6 +3527,9 @@ class Spawner:
                 if setup.io_priority is not None:
                     stage = "IOSchedulingClass="
                     setup.syscall(setup.io_priority)
+            if sandbox is not None:
+                stage = "sandbox"
+                sandbox.enter()
             if run_as.groups is not None:
                 stage = "SupplementaryGroups="
                 os.setgroups(run_as.groups)
@@ -3119,6 +3539,9 @@ class Spawner:
             if run_as.uid is not None:
                 stage = "User="
                 os.setuid(run_as.uid)
+            if sandbox is not None:
+                stage = "capabilities"
+                sandbox.finish()
             stage = "WorkingDirectory=%s" % cwd
             os.chdir(cwd)
             stage = "exec %s" % program
@@ -3309,23 +3732,37 @@ class NotifySocket:
     """The NOTIFY_SOCKET of sd_notify(3): one datagram socket for all
     services, read in the daemon's loop (never a thread), kept open for the
     daemon's life so that STATUS=, RELOADING=, WATCHDOG= sent long after the
-    start still arrive. Abstract (no file, so a service of any User= may
-    write to it) and named after the home, so that services adopted by the
-    next daemon of the home reach it too. The kernel adds each sender's
-    credentials (SO_PASSCRED), which NotifyAccess= is checked against."""
+    start still arrive. Named after the home, so that services adopted by the
+    next daemon of the home reach it too. Under root it is a file in a
+    root-owned folder, /run/gitproc/notify/ (mode 0666, so a service of any
+    User= may write to it; no other user can take its name first, and a
+    service in its own network namespace still reaches it, as systemd's
+    /run/systemd/notify); otherwise an abstract socket. The kernel adds
+    each sender's credentials (SO_PASSCRED), which NotifyAccess= is checked
+    against."""
 
     MAX_MESSAGE = 4096                    # systemd reads at most this much of a datagram
+    PER_TURN = 256                        # datagrams read in one loop turn
+
+    FOLDER = "/run/gitproc/notify"
 
     def __init__(self, home_key):
-        import hashlib
-        self.address = "@gitproc/%s/notify" % hashlib.sha1(home_key.encode()).hexdigest()[:16]
+        import zlib                       # not hashlib: that loads OpenSSL, some 4 MB of the daemon's memory
+        name = "%08x" % zlib.crc32(home_key.encode())
+        self.address = os.path.join(self.FOLDER, name) if os.geteuid() == 0 else "@gitproc/%s/notify" % name
         self.sock = None
 
     def open(self):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-            sock.bind("\0" + self.address[1:])
+            if self.address.startswith("@"):
+                sock.bind("\0" + self.address[1:])
+            else:
+                os.makedirs(self.FOLDER, mode=0o755, exist_ok=True)
+                _unlink_quietly(self.address)     # an earlier daemon's: this home's lock is ours
+                sock.bind(self.address)
+                os.chmod(self.address, 0o666)
         except OSError:
             sock.close()
             raise
@@ -3333,28 +3770,30 @@ class NotifySocket:
         return sock
 
     def receive(self):
-        """(sender pid, {KEY: value}) for each datagram waiting. Descriptors
+        """(sender pid, uid, {KEY: value}) for each datagram waiting. Descriptors
         sent along (FDSTORE=) are closed: gitproc keeps no file descriptor store."""
         ancillary = socket.CMSG_SPACE(struct.calcsize("3i")) + socket.CMSG_SPACE(64 * 4)
-        while True:
+        for _ in range(self.PER_TURN):    # a flood waits for the next loop turn
             try:
-                data, cmsgs, _, _ = self.sock.recvmsg(self.MAX_MESSAGE, ancillary)
+                data, cmsgs, flags, _ = self.sock.recvmsg(self.MAX_MESSAGE, ancillary)
             except (BlockingIOError, InterruptedError):
                 return
-            pid = None
+            pid = uid = None
             for level, kind, payload in cmsgs:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(payload) >= 12:
-                    pid = struct.unpack("3i", payload[:12])[0]
+                    pid, uid, _ = struct.unpack("3i", payload[:12])
                 elif level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     for index in range(len(payload) // 4):
                         os.close(struct.unpack_from("i", payload, index * 4)[0])
-            if pid:
-                yield pid, parse_notify_message(data)
+            if pid and not flags & socket.MSG_TRUNC:    # a cut message could say half of what was meant
+                yield pid, uid, parse_notify_message(data)
 
     def close(self):
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+            if not self.address.startswith("@"):
+                _unlink_quietly(self.address)
 
 
 def parse_notify_message(data):
@@ -3448,7 +3887,7 @@ TRANSITIONS = {
     (STOPPED, EV_START): (_STARTED, "begin_start"),
     (STOPPED, EV_STOP): ((STOPPED,), "settle_stopped"),
     (STOPPED, EV_RESTART): (_STARTED, "begin_start"),
-    (STOPPED, EV_ADOPT): ((RUNNING, START), "adopt"),
+    (STOPPED, EV_ADOPT): ((RUNNING, START, REMAIN), "adopt"),
     **_ignored(STOPPED, EV_RELOAD, EV_DEPENDENCIES, EV_EXIT, EV_CONTROL_EXIT, EV_EXEC, EV_READY, EV_RELOADING,
                EV_STOPPING, EV_HEALTHY, EV_UNHEALTHY, EV_RESTART_DUE, EV_START_TIMEOUT, EV_STOP_TIMEOUT,
                EV_WATCHDOG, EV_PID_FILE),
@@ -3504,12 +3943,11 @@ TRANSITIONS = {
     (START, EV_EXIT): (_AFTER_START + (SPAWNED,), "main_exited"),
     (START, EV_CONTROL_EXIT): (_AFTER_START, "forked"),
     (START, EV_READY): (_AFTER_START, "notified_ready"),
-    (START, EV_STOPPING): (_STOP_STEPS, "stopping_notified"),
     (START, EV_HEALTHY): ((RUNNING,), "ready"),
     (START, EV_UNHEALTHY): (_STOP_STEPS, "restart_unhealthy"),
     (START, EV_START_TIMEOUT): (_STOP_STEPS, "start_timed_out"),
     (START, EV_PID_FILE): (_AFTER_START, "find_main_pid"),
-    **_ignored(START, EV_START, EV_RELOAD, EV_DEPENDENCIES, EV_EXEC, EV_RELOADING, EV_RESTART_DUE,
+    **_ignored(START, EV_START, EV_RELOAD, EV_DEPENDENCIES, EV_EXEC, EV_RELOADING, EV_STOPPING, EV_RESTART_DUE,
                EV_STOP_TIMEOUT, EV_WATCHDOG),
     # spawned: the main process is made; running once its exec is confirmed
     (SPAWNED, EV_STOP): (_STOP_STEPS, "begin_stop"),
@@ -3524,10 +3962,9 @@ TRANSITIONS = {
     (START_POST, EV_RESTART): (_STOP_STEPS, "begin_restart"),
     (START_POST, EV_EXIT): (_STOP_STEPS, "main_exited"),
     (START_POST, EV_CONTROL_EXIT): (_AFTER_START, "post_exited"),
-    (START_POST, EV_STOPPING): (_STOP_STEPS, "stopping_notified"),
     (START_POST, EV_START_TIMEOUT): (_STOP_STEPS, "start_timed_out"),
     (START_POST, EV_WATCHDOG): (_STOP_STEPS, "watchdog_expired"),
-    **_ignored(START_POST, EV_START, EV_RELOAD, EV_DEPENDENCIES, EV_EXEC, EV_READY, EV_RELOADING,
+    **_ignored(START_POST, EV_START, EV_RELOAD, EV_DEPENDENCIES, EV_EXEC, EV_READY, EV_RELOADING, EV_STOPPING,
                EV_HEALTHY, EV_UNHEALTHY, EV_RESTART_DUE, EV_STOP_TIMEOUT, EV_PID_FILE),
     # running: the main process runs and is ready
     (RUNNING, EV_STOP): (_STOP_STEPS, "begin_stop"),
@@ -3552,7 +3989,7 @@ TRANSITIONS = {
     # until READY=1
     (RELOAD, EV_STOP): (_STOP_STEPS, "begin_stop"),
     (RELOAD, EV_RESTART): (_STOP_STEPS, "begin_restart"),
-    (RELOAD, EV_EXIT): (_STOP_STEPS, "main_exited"),
+    (RELOAD, EV_EXIT): (_STOP_STEPS + (RELOAD,), "main_exited"),
     (RELOAD, EV_CONTROL_EXIT): ((RELOAD, RUNNING, REMAIN), "reload_exited"),
     (RELOAD, EV_READY): ((RELOAD, RUNNING), "reload_ready"),
     (RELOAD, EV_STOPPING): (_STOP_STEPS, "stopping_notified"),
@@ -3639,6 +4076,10 @@ class Service:
         self.reload_error = None        # why the last reload failed, or None
         self.reload_from = RUNNING      # the phase a reload goes back to
         self.monitor = None             # $MONITOR_* for the processes of a start OnFailure= asked for
+        self.main_exit = None           # how this run's main process ended ($EXIT_CODE of ExecStopPost=)
+        self.forked_group = None        # process group of a forking unit's ExecStart= (its session too)
+        self.private_tmp = None         # PrivateTmp= folders of this run (the host's)
+        self.reap_pending = False       # what is left of the service is still to be ended
         self.start_deadline = None      # monotonic time the start timer fires
         self.generation = 0             # counts starts, so a restart waiter sees a new run
         self.removed = False            # gone from the deployed commit; dropped once stopped
@@ -3708,7 +4149,8 @@ class Service:
                         control_pid=self.control_pid, sources=list(self.spec.sources),
                         control=str(self.control_command) if self.control_command else None,
                         not_applied=[{"key": key, "value": value, "why": NOT_APPLIED_KEYS[key]}
-                                     for key, value in self.spec.not_applied])
+                                     for key, value in self.spec.not_applied] +
+                        [{"key": key, "value": "", "why": why} for key, why in sandbox_not_applied(self.spec)])
         return data
 
     def _phase_text(self):
@@ -3731,7 +4173,7 @@ class Service:
         return {"want": self.want, "pid": self.pid if active else None,
                 "pid_start": self.pid_start if active else None,
                 "restarts": self.restarts, "restarts_total": self.restarts_total, "last_exit": self.last_exit,
-                "state": self.state, "reason": self.reason, "commit": self.commit,
+                "state": self.state, "phase": self.phase, "reason": self.reason, "commit": self.commit,
                 "blob": self.spec.blob, "started_wall": self.main_started_wall}
 
     # -- requests: the writers of `want` ------------------------------------------
@@ -3773,12 +4215,17 @@ class Service:
         """Watch a process an earlier daemon started (same pid and start time)."""
         self.handle(EV_ADOPT, pid=pid, pid_start=pid_start, started_wall=started_wall)
 
-    def notified(self, fields):
+    def notified(self, fields, trusted=False):
         """An sd_notify message the daemon accepted for this service: what it
         says of the service is kept here; READY=1, RELOADING=1 and STOPPING=1
-        are events of the table."""
-        if fields.get("MAINPID", "").isdigit() and self.pid is not None:
-            self._set_main_pid(int(fields["MAINPID"]))
+        are events of the table. MAINPID= names a process of the service
+        (or comes from root: `trusted`), as systemd requires."""
+        if fields.get("MAINPID", "").isdigit() and self.pid is not None and self.phase in (START, START_POST, RUNNING, RELOAD):
+            pid = int(fields["MAINPID"])
+            if pid != os.getpid() and (trusted or self.host.belongs_to(self, pid)):
+                self._set_main_pid(pid)
+            else:
+                self.host.log.warning(self.name, "MAINPID=%d refused: not a process of this service" % pid)
         if "STATUS" in fields:
             self.status_text = fields["STATUS"][:MAX_STATUS_TEXT] or None
         if fields.get("WATCHDOG_USEC", "").isdigit():
@@ -3829,8 +4276,8 @@ class Service:
     def _enter(self, phase, reason):
         if phase != self.phase or reason != self.reason:
             before = self.state
-            if PUBLIC_STATE[phase] != before:
-                self.since = time.time()
+            if PUBLIC_STATE[phase] != before and {PUBLIC_STATE[phase], before} != {RUNNING, RELOADING}:
+                self.since = time.time()          # a reload does not reset "running since", as in systemd
             self.phase, self.reason = phase, reason
             self.host.changed(self, before)
 
@@ -3855,10 +4302,11 @@ class Service:
         self.pid = self.pid_start = self.current = None
         self.control_pid = self.control_command = self.control_kind = None
         self.queue = []
-        try:
-            self.host.released(self)
-        except Exception:
-            pass
+        for step in (self.host.released, self.host.stopped):
+            try:
+                step(self)
+            except Exception:
+                pass
         self._enter(FAILED, why)
 
     # -- actions: starting; each returns (phase, reason) ----------------------------
@@ -3890,7 +4338,9 @@ class Service:
         if spec.start_limit_interval > 0:
             self.start_times.append(now)
         self.generation += 1
+        self.forked_group = None
         self.result, self.end, self.status_text, self.notified_ready = "success", None, None, False
+        self.main_exit = None
         self.watchdog_usec = None
         return self._run_step("exec_condition")
 
@@ -3939,7 +4389,7 @@ class Service:
             env["MAINPID"] = str(self.pid)
         if kind == "exec_stop_post":
             env["SERVICE_RESULT"] = self.result
-            exit_info = self.last_exit
+            exit_info = self.main_exit
             if exit_info is not None:
                 if "signal" in exit_info:
                     env["EXIT_CODE"], env["EXIT_STATUS"] = "killed", signal_name(exit_info["signal"])[3:]
@@ -3978,6 +4428,7 @@ class Service:
         if kind == "exec_condition" and "code" in exit_info and 0 < exit_info["code"] < 255:
             self.host.log.info(self.name, "Not started: condition failed (%s %s)" % (key, described))
             self.host.released(self)
+            self.host.stopped(self)
             return STOPPED, "condition failed (%s %s)" % (key, described)
         if kind in ("exec_condition", "exec_start_pre", "exec_start"):
             return self._start_failed("%s failed (%s)" % (key, described), result=_result_of(exit_info))
@@ -4090,6 +4541,7 @@ class Service:
             return self.phase, self.reason
         if exit_info != {"code": 0} and not (self.control_command and self.control_command.ignore_failure):
             return self._control_ended(kind, exit_info, self.host.describe_exit(self, exit_info))
+        self.forked_group = self.control_pid   # what its children left in its process group
         self.control_pid = self.control_command = self.control_kind = None
         return self._find_main_pid()
 
@@ -4144,6 +4596,9 @@ class Service:
         return self._begin_stop_sequence("policy", why, failed=True, run_exec_stop=self.phase == START_POST)
 
     def _adopt(self, pid, pid_start, started_wall):
+        if pid is None:                   # RemainAfterExit=yes: it had run, nothing is left
+            self.host.log.info(self.name, "Remains active (RemainAfterExit=yes), as before the daemon restarted")
+            return REMAIN, None
         self.pid, self.pid_start, self.adopted = pid, pid_start, True
         self.current = self.spec.exec_start[-1] if self.spec.exec_start else None
         self.started_at = self.host.now()
@@ -4192,6 +4647,10 @@ class Service:
                                              run_exec_stop=False)
         if succeeded and self.spec.remain_after_exit and phase in (RUNNING, RELOAD):
             self.host.log.info(self.name, "Exited (%s); remains active (RemainAfterExit=yes)" % described)
+            self._cancel(("watchdog_timer",))
+            if phase == RELOAD and self.control_pid is not None:
+                self.reload_from = REMAIN      # the reload finishes first, then it remains
+                return RELOAD, self.reason
             self._cancel_timers()
             return REMAIN, None
         self.result = "success" if succeeded else _result_of(exit_info)
@@ -4206,10 +4665,12 @@ class Service:
         pid = self.pid
         if self.control_pid is None:
             self.host.reap_leftovers(self, pid, own_child=exit_info is not None and not self.adopted_elsewhere())
+        else:
+            self.reap_pending = True      # after the control process (an ExecStop= waiting for it)
         self.pid = self.pid_start = None
         self.main_started_wall = None
         if exit_info is not None:
-            self.last_exit = exit_info
+            self.last_exit = self.main_exit = exit_info
         self._close_probe()
         if not self.has_process():
             self.host.released(self)
@@ -4259,6 +4720,7 @@ class Service:
             return self._run_stop_post()
         self.host.log.info(self.name, "Stopping (%s, %s)" % (
             "pid %d" % self.pid if self.pid else "what is left", signal_name(self.spec.kill_signal)))
+        self.reap_pending = True
         self.host.signal(self, self.spec.kill_signal, first=True)
         self._arm_stop_timer()
         return STOPPING, self.reason
@@ -4267,7 +4729,9 @@ class Service:
         """Main and control process are gone: the rest of the service goes
         (as KillMode= says), then ExecStopPost= runs."""
         self._cancel(("timer",))
-        self.host.reap_leftovers(self, None, own_child=False)
+        if self.reap_pending:             # else the main process's exit already ended the rest
+            self.reap_pending = False
+            self.host.reap_leftovers(self, None, own_child=False)
         return self._run_step("exec_stop_post")
 
     def _end_stop(self):
@@ -4277,7 +4741,8 @@ class Service:
         self.host.released(self)
         why, failed = self.end or (self.reason, False)
         if self.after_stop == "policy":
-            return self._finish_run(self.last_exit, None if failed else self.last_exit, why, failed)
+            return self._finish_run(self.last_exit, self.main_exit, why, failed)
+        self.host.stopped(self)
         self.host.log.info(self.name, "Stopped (%s%s)" % (describe_exit(self.last_exit) if self.last_exit else "no process",
                                                           ", after SIGKILL" if self.stop_timed_out else ""))
         if self.after_stop == "restart" and self.want == "up" and not self.host.shutting_down:
@@ -4306,10 +4771,16 @@ class Service:
 
     def _stop_post_timed_out(self):
         self.timer = None
+        self.queue = []
+        if self.stop_timed_out:
+            self.host.log.error(self.name, "ExecStopPost= still there after SIGKILL: given up on")
+            self._forget_processes()
+            return self._end_stop()
         self.host.log.warning(self.name, "ExecStopPost= did not finish within %s; sending SIGKILL" %
                               format_timespan(self.spec.timeout_stop_sec))
-        self.queue = []
+        self.stop_timed_out = True
         self.host.signal(self, signal.SIGKILL, first=False)
+        self._arm_stop_timer()
         return STOP_POST, self.reason
 
     def _restart_after_stop(self, reason=None):
@@ -4325,11 +4796,31 @@ class Service:
         return self.phase, self.reason
 
     def _kill_hard(self):
+        """TimeoutStopSec= passed: SIGKILL, and one more TimeoutStopSec= for
+        it to work; after that the processes are given up on (as systemd:
+        "still around after SIGKILL, ignoring") so that no stop hangs."""
         self.timer = None
+        if self.stop_timed_out:
+            self.host.log.error(self.name, "Processes still there %s after SIGKILL: given up on" % (
+                format_timespan(self.spec.timeout_stop_sec)))
+            self._forget_processes()
+            return self._run_stop_post()
         self.host.log.warning(self.name, "Did not stop within %s; sending SIGKILL" % format_timespan(self.spec.timeout_stop_sec))
         self.stop_timed_out = True
+        if self.result == "success":
+            self.result = "timeout"
         self.host.signal(self, signal.SIGKILL, first=False)
+        self._arm_stop_timer()
         return self.phase, self.reason
+
+    def _forget_processes(self):
+        """Stop waiting for the main and control process: their exits, should
+        they come, are reaped and ignored."""
+        self.process_serial += 1
+        self.control_serial += 1
+        self.pid = self.pid_start = self.current = None
+        self.control_pid = self.control_command = self.control_kind = None
+        self.queue = []
 
     def _stopping_notified(self):
         """STOPPING=1: the service is going down by itself; its exit is
@@ -4422,9 +4913,11 @@ class Service:
         self.main_started_wall = None
         self.queue = []
         self.last_exit = last_exit
+        self.host.stopped(self)
         self.succeeded = not failed and exit_is_clean(outcome, spec.success_exit_status)
+        result = None if self.result == "success" else self.result
         if self.want == "up" and not self.host.shutting_down and should_restart(
-                spec.restart, outcome, result=self.result, statuses=spec):
+                spec.restart, outcome, result=result, statuses=spec):
             self.crash_streak += 1
             delay = restart_delay(spec.restart_sec, self.crash_streak)
             self.restarts += 1
@@ -4621,11 +5114,13 @@ class Launcher:
         setup = ProcessSetup(spec)
         for why in setup.lowered:
             self.log.warning(service.name, why)
+        sandbox = self._sandbox(service, run_as) if command.privileged != "+" and sandbox_wanted(spec) else None
         pid, report = self.spawner.spawn(argv, path, env, cwd, self.config.service_log(service.name), run_as,
                                          group if group and group.folders else None,
                                          spec.private_pids and control is None,
                                          wait=on_exec is None, setup=setup,
-                                         stdio=(spec.standard_input, spec.standard_output, spec.standard_error))
+                                         stdio=(spec.standard_input, spec.standard_output, spec.standard_error),
+                                         ignore_sigpipe=spec.ignore_sigpipe, sandbox=sandbox)
         service.spawn_path = self.spawner.last_path
         self.exit_watcher.watch(pid, on_exit)
         if report is not None:
@@ -4693,6 +5188,10 @@ class Launcher:
             fields = read_proc_stat(int(text))
             if fields is None or fields[0] == b"Z":
                 return None                # stale (an earlier run's): the new one may still be written
+            if not self.belongs_to(service, int(text)) and os.stat(spec.pid_file).st_uid != 0:
+                # as systemd: a process outside the service only on root's word
+                raise SpawnError("PIDFile=%s names pid %s, which is not a process of this service, and the file "
+                                 "is not root's" % (spec.pid_file, text))
             return int(text)
         if self.cgroups is None or service.cgroup is None or service.cgroup.tracking is None:
             raise SpawnError("Type=forking without PIDFile= needs cgroups to find the main process (%s)" % (
@@ -4708,6 +5207,14 @@ class Launcher:
                 "no process is left" if not tops else "%d processes: %s" % (len(tops), ", ".join(map(str, sorted(tops))))))
         return tops[0]
 
+    def belongs_to(self, service, pid):
+        """Whether `pid` is a process of `service`: in its cgroup, else in the
+        session of its main or control process or of its forking ExecStart=."""
+        if service.cgroup is not None and service.cgroup.tracking is not None:
+            return pid in Cgroups.pids(service.cgroup)
+        fields = read_proc_stat(pid)
+        return fields is not None and int(fields[3]) in (service.pid, service.control_pid, service.forked_group)
+
     def signal_main(self, service, number):
         """ReloadSignal= and the like: to the main process only."""
         if service.pid is None:
@@ -4720,12 +5227,19 @@ class Launcher:
             self.log.error(service.name, "Cannot signal pid %d: %s" % (service.pid, exc.strerror))
 
     def kill_control(self, service, number):
-        """The control process and its process group (a shell's children too)."""
-        if service.control_pid:
-            try:
-                os.killpg(service.control_pid, number)
-            except OSError:
-                pass
+        """The control process and its process group (a shell's children
+        too), and what a forking unit's ExecStart= left in its group."""
+        groups = [service.control_pid]
+        # The forking ExecStart= has exited: its group is still the service's
+        # only while no process took its number (a new leader would have it).
+        if service.forked_group and read_proc_stat(service.forked_group) is None:
+            groups.append(service.forked_group)
+        for group in groups:
+            if group:
+                try:
+                    os.killpg(group, number)
+                except OSError:
+                    pass
 
     def signal(self, service, number, first=False):
         """Deliver a stop signal as KillMode= says: to the main process (and
@@ -4762,6 +5276,8 @@ class Launcher:
         self._drop_report(service.name)   # an exec report nobody waits for any more
         if not (everything or service.spec.kill_mode in ("control-group", "mixed") or service.spec.private_pids):
             return
+        if service.forked_group:
+            self.kill_control(service, signal.SIGKILL)     # the forking ExecStart='s group, without cgroups too
         if own_child:
             try:
                 os.killpg(pid, signal.SIGKILL)
@@ -4785,11 +5301,6 @@ class Launcher:
         stayed down a while (making a fresh cgroup and moving the first
         process in costs the kernel some 10 ms, which a restart, or a stop
         soon followed by a start, need not pay)."""
-        if not service.has_process():
-            if service.spec.pid_file:
-                _unlink_quietly(service.spec.pid_file)     # as systemd does once the service is down
-            if service.spec.directories:
-                self.remove_runtime_directories(service)
         if service.cgroup is None or service.cgroup_timer is not None:
             return
 
@@ -4817,6 +5328,54 @@ class Launcher:
         if isinstance(cached[1], SpawnError):
             raise cached[1]
         return cached[1]
+
+    def _sandbox(self, service, run_as):
+        """The Sandbox of a process of `service`: a root daemon builds it
+        all; another applies NoNewPrivileges= only (status lists the rest
+        as not applied)."""
+        spec = service.spec
+        if os.geteuid() != 0:
+            return Sandbox(spec, full=False) if spec.no_new_privileges else None
+        helpers = self._sandbox_helpers()
+        if spec.private_tmp and service.private_tmp is None:
+            service.private_tmp = self._private_tmp(service.name)
+        writable = [os.path.join(self.folders[kind], relative) for kind, relative in spec.directories]
+        return Sandbox(spec, service.private_tmp if spec.private_tmp else None, helpers, run_as.uid is not None, writable)
+
+    SANDBOX_HELPERS = "/run/gitproc/sandbox"
+
+    def _sandbox_helpers(self):
+        """An empty folder a private /dev is built in, and a file no one may
+        read (InaccessiblePaths= of a file is that file bound over it): in
+        root's /run, which no sandbox step hides (a PrivateTmp= /tmp would)."""
+        folder = self.SANDBOX_HELPERS
+        helpers = {"dev": os.path.join(folder, "dev"), "file": os.path.join(folder, "inaccessible")}
+        if not os.path.isdir(helpers["dev"]):
+            try:
+                os.makedirs(helpers["dev"], 0o700, exist_ok=True)
+                os.close(os.open(helpers["file"], os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0))
+            except OSError as exc:
+                raise SpawnError("sandbox: cannot make %s: %s" % (folder, exc.strerror))
+        return helpers
+
+    @staticmethod
+    def _private_tmp(name):
+        """PrivateTmp=: a /tmp and a /var/tmp shared by the processes of this
+        run of the unit (as systemd's /tmp/systemd-private-*), removed at stop."""
+        import tempfile
+        made = []
+        try:
+            for base in ("/tmp", "/var/tmp"):
+                outer = tempfile.mkdtemp(prefix="gitproc-private-%s-" % name, dir=base)   # 0700, root's
+                inner = os.path.join(outer, "tmp")
+                os.mkdir(inner)
+                os.chmod(inner, 0o1777)
+                made.append(inner)
+        except OSError as exc:
+            for inner in made:
+                remove_tree(os.path.dirname(inner))
+            raise SpawnError("sandbox: PrivateTmp=: %s" % exc.strerror)
+        return tuple(made)
 
     @staticmethod
     def _with_groups(run_as, names):
@@ -4846,19 +5405,32 @@ class Launcher:
                     os.mkdir(path)
                 except FileExistsError:
                     pass
-                if os.geteuid() == 0 and (run_as.uid is not None or run_as.gid is not None):
-                    os.chown(path, -1 if run_as.uid is None else run_as.uid, -1 if run_as.gid is None else run_as.gid)
-                os.chmod(path, modes.get(kind, 0o755))      # after chown, which may drop a setgid bit
+                # Opened without following a symlink: the service owns the folder
+                # and may have swapped a part of it for a link to elsewhere.
+                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                try:
+                    if os.geteuid() == 0 and kind != "E" and (run_as.uid is not None or run_as.gid is not None):
+                        os.fchown(fd, -1 if run_as.uid is None else run_as.uid, -1 if run_as.gid is None else run_as.gid)
+                    os.fchmod(fd, modes.get(kind, 0o755))      # after chown, which may drop a setgid bit
+                finally:
+                    os.close(fd)
             except OSError as exc:
                 raise SpawnError("%sDirectory=%s: %s" % ({v: k for k, v in DIRECTORY_KEYS.items()}[kind], path,
                                                           describe_os_error(exc)))
             found.setdefault(DIRECTORY_VARIABLES[kind], []).append(path)
         return {variable: ":".join(paths) for variable, paths in found.items()}
 
-    def remove_runtime_directories(self, service):
-        """RuntimeDirectory= goes when the service stops (RuntimeDirectoryPreserve=
-        no; restart: only a stop that is not followed by a start)."""
+    def stopped(self, service):
+        """The unit stopped (nothing of it runs, no start of this run follows):
+        its PIDFile= goes, as systemd removes it, and its RuntimeDirectory=
+        (RuntimeDirectoryPreserve=no; restart: unless a start follows)."""
         spec = service.spec
+        if spec.pid_file:
+            _unlink_quietly(spec.pid_file)
+        if service.private_tmp is not None:
+            for inner in service.private_tmp:
+                remove_tree(os.path.dirname(inner))
+            service.private_tmp = None
         if spec.runtime_directory_preserve == "yes" or (
                 spec.runtime_directory_preserve == "restart" and service.want == "up"):
             return
@@ -5002,7 +5574,7 @@ class Dependencies:
         if service.state not in (STOPPED, FAILED, EXITED):
             return
         for other in self.services.values():
-            if service.name in other.spec.requires and other.state in (STARTING, RUNNING) and not other.removed:
+            if service.name in other.spec.requires and other.state in (STARTING, RUNNING, RELOADING) and not other.removed:
                 why = "required unit %s %s" % (service.name, {FAILED: "failed", EXITED: "exited"}.get(service.state, "stopped"))
                 self.log.info(other.name, "Stopping: %s" % why)
                 other.halt(why)
@@ -6174,6 +6746,8 @@ class Recovery:
             service.restarts_total = saved["restarts_total"]
         service.last_exit = saved.get("last_exit") if isinstance(saved.get("last_exit"), dict) else None
         live = self.live_pid(saved) or self._pid_file_process(service.spec)
+        if live is None and saved.get("phase") == REMAIN and service.spec.remain_after_exit:
+            live = (None, None)           # it ran and remains: nothing to run again, only to remember
         if live is None:
             return False
         service.adopt(live[0], live[1], saved.get("started_wall"))
@@ -7276,7 +7850,7 @@ class Daemon:
         self.host.notify_address = self.notify.address
 
     def _on_notify(self, _key, _mask):
-        for pid, fields in self.notify.receive():
+        for pid, uid, fields in self.notify.receive():
             service = self._service_of_pid(pid)
             if service is None:
                 self.log.debug("daemon", "sd_notify from pid %d, which is no service's: ignored" % pid)
@@ -7284,7 +7858,7 @@ class Daemon:
                 self.log.warning(service.name, "sd_notify from pid %d ignored (NotifyAccess=%s)" % (
                     pid, service.spec.notify_accepted_from()))
             else:
-                service.notified(fields)
+                service.notified(fields, trusted=uid == 0)
 
     def _service_of_pid(self, pid):
         """The service a process belongs to: its main or control process, else
@@ -7954,9 +8528,14 @@ def cmd_check(config, args):
                 problems.append(Diagnostic(path, 1, "error", "not a unit file: the name must end in .service"))
                 continue
             files.append(_disk_unit_file(path))
-            drop_ins = path + ".d"        # a unit's drop-ins beside it are read with it
-            if os.path.isdir(drop_ins):
-                files.extend(_disk_unit_file(os.path.join(drop_ins, name)) for name in sorted(os.listdir(drop_ins)))
+            prefix, at, _ = os.path.basename(path).partition("@")
+            beside = [path] + ([os.path.join(os.path.dirname(path), prefix + "@" + UNIT_SUFFIX)] if at else [])
+            for unit_path in beside:      # an instance's template, and the drop-ins of both, are read with it
+                if unit_path != path and os.path.exists(unit_path):
+                    files.append(_disk_unit_file(unit_path))
+                drop_ins = unit_path + ".d"
+                if os.path.isdir(drop_ins):
+                    files.extend(_disk_unit_file(os.path.join(drop_ins, name)) for name in sorted(os.listdir(drop_ins)))
         else:
             problems.append(Diagnostic(path, 1, "error", "no such file or folder"))
     composed, found = compose_units([f for f in files if f is not None], os.readlink, lone_templates=True)
