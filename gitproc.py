@@ -489,6 +489,7 @@ class UnitSpec:
     FIELDS = {
         "description": "", "after": (), "requires": (), "before": (), "wants": (), "condition_host": (),
         "part_of": (), "conflicts": (), "on_failure": (),
+        "conditions": (),               # (key, negated, value) of Condition*=/Assert*= checked at each start
         "start_limit_interval": DEFAULT_START_LIMIT_INTERVAL,
         "start_limit_burst": DEFAULT_START_LIMIT_BURST,
         "type": "simple", "exec_start": (), "exec_start_pre": (), "exec_start_post": (),
@@ -501,7 +502,8 @@ class UnitSpec:
         "restart": "no", "restart_sec": DEFAULT_RESTART_SEC,
         "timeout_stop_sec": DEFAULT_TIMEOUT_STOP_SEC,
         "kill_signal": int(signal.SIGTERM), "kill_mode": "control-group",
-        "memory_max": None, "cpu_quota": None,
+        "memory_max": None, "cpu_quota": None, "memory_high": None, "memory_swap_max": None, "tasks_max": None,
+        "cpu_weight": None, "io_weight": None, "allowed_cpus": None,
         "health_check_url": None, "health_check_interval": 30.0,
         "health_check_timeout": 5.0, "health_check_retries": 3,
         "health_check_start_period": 0.0,
@@ -510,6 +512,7 @@ class UnitSpec:
         "cpu_scheduling_policy": None, "cpu_scheduling_priority": None, "cpu_scheduling_reset_on_fork": False,
         "cpu_affinity": (), "io_scheduling_class": None, "io_scheduling_priority": None,
         "ignore_sigpipe": True,         # systemd's default: SIGPIPE ignored in the service
+        "syslog_identifier": None,      # what `logs` puts before each line of the unit's log
         # the sandbox (systemd.exec(5) "Security", "Sandboxing"):
         "no_new_privileges": False, "private_tmp": False, "private_devices": False, "private_network": False,
         "private_ipc": False, "private_mounts": False, "protect_system": "no", "protect_home": "no",
@@ -1011,6 +1014,19 @@ def capability_set(assignments):
     return chosen
 
 
+def _parse_tasks_max(value):
+    """TasksMax=: a count, a percentage of the kernel's pid_max, or "infinity"."""
+    if value == "infinity":
+        return value
+    if value.endswith("%"):
+        try:
+            pid_max = int(_read_text("/proc/sys/kernel/pid_max"))
+        except (OSError, ValueError):
+            pid_max = 4194304
+        return max(1, int(pid_max * _parse_percent(value) / 100))
+    return _parse_count(value)
+
+
 def _parse_preserve(value):
     """RuntimeDirectoryPreserve=: yes, no (booleans too) or restart."""
     return "restart" if value == "restart" else ("yes" if parse_bool(value) else "no")
@@ -1028,6 +1044,97 @@ def _parse_int_range(low, high):
             raise ValueError("%r is not a whole number from %d to %d" % (value, low, high))
         return int(value)
     return parse
+
+
+# The Condition*= (and Assert*=) checks made at each start (systemd.unit(5)).
+START_CONDITIONS = ("PathExists", "PathExistsGlob", "PathIsDirectory", "PathIsSymbolicLink", "PathIsMountPoint",
+                    "PathIsReadWrite", "DirectoryNotEmpty", "FileNotEmpty", "FileIsExecutable", "User", "Group",
+                    "Virtualization", "Capability")
+
+
+def _parse_condition(key):
+    def parse(value):
+        negated = value.startswith("!")
+        value = value[1:].strip() if negated else value
+        if "Path" in key or "File" in key or "Directory" in key:
+            if not value.startswith("/"):
+                raise ValueError("%r is not an absolute path" % value)
+        elif key.endswith("Capability"):
+            name = value.upper() if value.upper().startswith("CAP_") else "CAP_" + value.upper()
+            if name not in CAPABILITIES:
+                raise ValueError("unknown capability %s" % name)
+            value = name
+        return ((key, negated, value),)
+    return parse
+
+
+def condition_holds(key, value, virtualization):
+    """One Condition*=/Assert*= check on this machine (`virtualization`: the
+    container's name or "none")."""
+    import glob as glob_module
+    check = key[len("Condition"):] if key.startswith("Condition") else key[len("Assert"):]
+    if check == "PathExists":
+        return os.path.exists(value)
+    if check == "PathExistsGlob":
+        return bool(glob_module.glob(value))
+    if check == "PathIsDirectory":
+        return os.path.isdir(value)
+    if check == "PathIsSymbolicLink":
+        return os.path.islink(value)
+    if check == "PathIsMountPoint":
+        return os.path.ismount(value)
+    if check == "PathIsReadWrite":
+        return os.path.exists(value) and not os.statvfs(value).f_flag & os.ST_RDONLY
+    if check == "DirectoryNotEmpty":
+        return os.path.isdir(value) and bool(os.listdir(value))
+    if check == "FileNotEmpty":
+        return os.path.isfile(value) and os.path.getsize(value) > 0
+    if check == "FileIsExecutable":
+        return os.path.isfile(value) and os.access(value, os.X_OK)
+    if check in ("User", "Group"):
+        import grp
+        import pwd
+        try:
+            if check == "User" and value == "@system":
+                return os.geteuid() < 1000
+            if check == "User":
+                return os.geteuid() == (int(value) if value.isdigit() else pwd.getpwnam(value).pw_uid)
+            gid = int(value) if value.isdigit() else grp.getgrnam(value).gr_gid
+            return gid == os.getegid() or gid in os.getgroups()
+        except KeyError:
+            return False
+    if check == "Virtualization":
+        if value in ("container", "vm"):
+            return value == "container" and virtualization != "none"
+        try:
+            return parse_bool(value) == (virtualization != "none")
+        except ValueError:
+            return value == virtualization
+    if check == "Capability":
+        try:                              # in the daemon's bounding set, as in systemd's
+            bounding = int(dict(line.split(":", 1) for line in _read_text("/proc/self/status").splitlines()
+                                if ":" in line)["CapBnd"], 16)
+        except (OSError, KeyError, ValueError):
+            return False
+        return bool(bounding >> CAPABILITIES.index(value) & 1)
+    return True
+
+
+def container_name():
+    """The container this runs in ("docker", "podman", "lxc", ...), or "none",
+    as systemd-detect-virt tells it from the usual marks."""
+    try:
+        environ = _read_text("/proc/1/environ")
+        for entry in environ.split("\0"):
+            if entry.startswith("container="):
+                return entry.split("=", 1)[1] or "container"
+    except OSError:
+        pass
+    if os.path.exists("/.dockerenv"):
+        return "docker"
+    if os.path.exists("/run/.containerenv"):
+        return "podman"
+    return "none"
 
 
 def _parse_host_condition(value):
@@ -1085,6 +1192,12 @@ DIRECTIVES = {
     ("Service", "MemoryMax"): ("memory_max", lambda v: parse_size(v, allow_percent=True), "one"),
     ("Service", "MemoryLimit"): ("memory_max", lambda v: parse_size(v, allow_percent=True), "one"),
     ("Service", "CPUQuota"): ("cpu_quota", _parse_percent, "one"),
+    ("Service", "MemoryHigh"): ("memory_high", lambda v: parse_size(v, allow_percent=True), "one"),
+    ("Service", "MemorySwapMax"): ("memory_swap_max", lambda v: parse_size(v, allow_percent=True), "one"),
+    ("Service", "TasksMax"): ("tasks_max", _parse_tasks_max, "one"),
+    ("Service", "CPUWeight"): ("cpu_weight", _parse_int_range(1, 10000), "one"),
+    ("Service", "IOWeight"): ("io_weight", _parse_int_range(1, 10000), "one"),
+    ("Service", "AllowedCPUs"): ("allowed_cpus", lambda v: tuple(sorted(set(_parse_cpu_set(v)))), "one"),
     ("Service", "HealthCheckURL"): ("health_check_url", _parse_health_url, "one"),
     ("Service", "HealthCheckInterval"): ("health_check_interval", parse_timespan, "one"),
     ("Service", "HealthCheckTimeout"): ("health_check_timeout", parse_timespan, "one"),
@@ -1101,6 +1214,7 @@ DIRECTIVES = {
     ("Service", "IOSchedulingClass"): ("io_scheduling_class", _parse_io_class, "one"),
     ("Service", "IOSchedulingPriority"): ("io_scheduling_priority", _parse_int_range(0, 7), "one"),
     ("Service", "IgnoreSIGPIPE"): ("ignore_sigpipe", parse_bool, "one"),
+    ("Service", "SyslogIdentifier"): ("syslog_identifier", str, "one"),
     ("Service", "NoNewPrivileges"): ("no_new_privileges", parse_bool, "one"),
     ("Service", "PrivateTmp"): ("private_tmp", parse_bool, "one"),
     ("Service", "PrivateDevices"): ("private_devices", parse_bool, "one"),
@@ -1129,6 +1243,8 @@ DIRECTIVES = {
 }
 DIRECTIVES.update({("Service", key): ("rlimits", _parse_rlimit(key), "list") for key in RLIMIT_KEYS})
 DIRECTIVES.update({("Service", key): ("paths", _parse_sandbox_paths(mode), "list") for key, mode in PATH_KEYS.items()})
+DIRECTIVES.update({("Unit", prefix + check): ("conditions", _parse_condition(prefix + check), "list")
+                   for check in START_CONDITIONS for prefix in ("Condition", "Assert")})
 DIRECTIVES.update({("Service", key + "Directory"): ("directories", _parse_directories(kind), "list")
                    for key, kind in DIRECTORY_KEYS.items()})
 DIRECTIVES.update({("Service", key + "DirectoryMode"): ("directory_modes", _parse_directory_mode(kind), "list")
@@ -1141,7 +1257,7 @@ FIELD_KEYS["not_applied"] = "keys not applied"
 FIELD_KEYS["rlimits"] = "Limit*="
 # Values run through %-specifier expansion (the others are names, numbers, paths).
 _SPECIFIER_FIELDS = {"description", "environment", "environment_files", "working_directory", "user", "group",
-                     "pid_file"} | set(EXEC_FIELDS)
+                     "pid_file", "syslog_identifier", "conditions"} | set(EXEC_FIELDS)
 # Keys accepted without a word: they only document the unit.
 SILENT_KEYS = {("Unit", key) for key in (
     "Documentation", "DefaultDependencies", "IgnoreOnIsolate", "AllowIsolate", "CollectMode", "SourcePath",
@@ -1170,13 +1286,12 @@ NOT_APPLIED_KEYS = dict(
             "SystemCallErrorNumber", "SystemCallLog"),
     **_keys("process scheduling: not applied", "NUMAPolicy", "NUMAMask", "TimerSlackNSec", "Personality",
             "CoredumpFilter"),
-    **_keys("output: the unit's log is used", "StandardInputText", "StandardInputData", "SyslogIdentifier", "SyslogFacility", "SyslogLevel",
+    **_keys("output: the unit's log is used", "StandardInputText", "StandardInputData", "SyslogFacility", "SyslogLevel",
             "SyslogLevelPrefix", "LogLevelMax", "LogExtraFields", "LogRateLimitIntervalSec", "LogRateLimitBurst",
             "TTYPath", "TTYReset", "TTYVHangup", "PassEnvironment", "UnsetEnvironment"),
-    **_keys("cgroup resource control: not applied", "TasksMax", "MemoryHigh", "MemoryLow", "MemoryMin",
-            "MemorySwapMax", "CPUWeight", "StartupCPUWeight", "CPUShares", "IOWeight", "StartupIOWeight",
-            "IODeviceWeight", "IOReadBandwidthMax", "IOWriteBandwidthMax", "IOReadIOPSMax", "IOWriteIOPSMax",
-            "AllowedCPUs", "AllowedMemoryNodes", "Delegate", "ManagedOOMSwap", "ManagedOOMMemoryPressure",
+    **_keys("cgroup resource control: not applied", "MemoryLow", "MemoryMin", "StartupCPUWeight", "CPUShares",
+            "StartupIOWeight", "IODeviceWeight", "IOReadBandwidthMax", "IOWriteBandwidthMax", "IOReadIOPSMax",
+            "IOWriteIOPSMax", "AllowedMemoryNodes", "Delegate", "ManagedOOMSwap", "ManagedOOMMemoryPressure",
             "ManagedOOMPreference", "BlockIOWeight", "CPUQuotaPeriodSec"),
     **_keys("service behaviour gitproc does not have yet", "TimeoutAbortSec", "RuntimeMaxSec", "BusName",
             "RestartMode", "RestartSteps", "RestartMaxDelaySec", "ExitType", "OOMPolicy", "FileDescriptorStoreMax",
@@ -1186,11 +1301,8 @@ NOT_APPLIED_KEYS = dict(
     **_keys("unit relations gitproc does not have yet", "OnSuccess",
             "Requisite", "Upholds", "PropagatesReloadTo", "ReloadPropagatedFrom", "JoinsNamespaceOf",
             "RequiresMountsFor", "StopWhenUnneeded", "FailureAction", "SuccessAction", "StartLimitAction",
-            "JobTimeoutSec", "JobRunningTimeoutSec", "JobTimeoutAction", "ConditionPathExists",
-            "ConditionPathIsDirectory", "ConditionFileNotEmpty", "ConditionDirectoryNotEmpty",
-            "ConditionFileIsExecutable", "ConditionVirtualization", "ConditionSecurity", "ConditionCapability",
-            "ConditionUser", "ConditionKernelCommandLine", "AssertPathExists", "ConditionPathExistsGlob",
-            "ConditionCPUs", "ConditionACPower"),
+            "JobTimeoutSec", "JobRunningTimeoutSec", "JobTimeoutAction", "ConditionSecurity",
+            "ConditionKernelCommandLine", "ConditionCPUs", "ConditionACPower"),
 )
 
 
@@ -3030,6 +3142,20 @@ def _cap_last_cap():
         return len(CAPABILITIES) - 1
 
 
+# The cgroup keys: the controller each needs, and those cgroup v1 can do too.
+RESOURCE_KEYS = (("MemoryMax", "memory_max", "memory"), ("CPUQuota", "cpu_quota", "cpu"),
+                 ("MemoryHigh", "memory_high", "memory"), ("MemorySwapMax", "memory_swap_max", "memory"),
+                 ("TasksMax", "tasks_max", "pids"), ("CPUWeight", "cpu_weight", "cpu"),
+                 ("IOWeight", "io_weight", "io"), ("AllowedCPUs", "allowed_cpus", "cpuset"))
+V1_FILES = ("MemoryMax", "CPUQuota", "TasksMax", "CPUWeight", "IOWeight", "AllowedCPUs")
+
+
+def resource_limits(spec):
+    """(controller, key, value) of the cgroup keys a unit sets."""
+    return [(controller, key, getattr(spec, field)) for key, field, controller in RESOURCE_KEYS
+            if getattr(spec, field) is not None]
+
+
 class CgroupSet:
     """The cgroups of one service: where its processes are listed (and joined),
     and what became of its limits."""
@@ -3079,7 +3205,7 @@ class Cgroups:
                     folder = os.path.join(candidate, "gitproc", self.instance)
                     makedirs(folder)
                     available = set(_read_text(os.path.join(candidate, "cgroup.controllers")).split())
-                    wanted = available & {"memory", "cpu"}
+                    wanted = available & {"memory", "cpu", "pids", "io", "cpuset"}
                     for parent in (candidate, os.path.dirname(folder), folder):
                         for controller in wanted:
                             try:
@@ -3091,7 +3217,8 @@ class Cgroups:
                 except OSError as exc:
                     problems.append("%s: %s" % (candidate, exc.strerror or exc))
                 break
-        for controller, names in (("memory", ("memory",)), ("cpu", ("cpu", "cpu,cpuacct"))):
+        for controller, names in (("memory", ("memory",)), ("cpu", ("cpu", "cpu,cpuacct")), ("pids", ("pids",)),
+                                  ("io", ("blkio",)), ("cpuset", ("cpuset",))):
             if controller in self.v2_controllers:
                 continue
             for name in names:
@@ -3100,6 +3227,12 @@ class Cgroups:
                         os.path.join(mount, "cgroup.controllers")):
                     try:
                         makedirs(os.path.join(mount, "gitproc", self.instance))
+                        if controller == "cpuset":    # v1 cpuset groups start empty: give each level its parent's
+                            for level in (os.path.join(mount, "gitproc"), os.path.join(mount, "gitproc", self.instance)):
+                                for name_ in ("cpuset.cpus", "cpuset.mems"):
+                                    if not _read_text(os.path.join(level, name_)).strip():
+                                        _write_text(os.path.join(level, name_),
+                                                    _read_text(os.path.join(os.path.dirname(level), name_)).strip())
                         self.v1[controller] = os.path.join(mount, "gitproc", self.instance)
                     except OSError as exc:
                         problems.append("%s: %s" % (mount, exc.strerror or exc))
@@ -3126,11 +3259,7 @@ class Cgroups:
         `suspect`: its last process died of SIGKILL, maybe by a cgroup.kill
         from outside (see _renew)."""
         group = CgroupSet()
-        wanted = []
-        if spec.memory_max is not None:
-            wanted.append(("memory", "MemoryMax", spec.memory_max))
-        if spec.cpu_quota is not None:
-            wanted.append(("cpu", "CPUQuota", spec.cpu_quota))
+        wanted = resource_limits(spec)
         if self.v2:
             existed = os.path.isdir(os.path.join(self.v2, name))
             folder = self._make(group, os.path.join(self.v2, name))
@@ -3145,16 +3274,18 @@ class Cgroups:
             entry = {"key": key, "value": value, "applied": False, "why": None}
             try:
                 if controller in self.v2_controllers and group.tracking:
-                    self._write_v2(group.tracking, controller, value)
+                    self._write_v2(group.tracking, key, value)
                     entry.update(applied=True, why="cgroup v2 %s" % group.tracking)
-                elif controller in self.v1:
+                elif controller in self.v1 and key in V1_FILES:
                     folder = self._make(group, os.path.join(self.v1[controller], name))
                     if folder is None:
                         raise OSError(errno.EACCES, "cannot create its cgroup")
-                    self._write_v1(folder, controller, value)
+                    self._write_v1(folder, key, value)
                     entry.update(applied=True, why="cgroup v1 %s" % folder)
                     if group.tracking is None:
                         group.tracking = folder
+                elif controller in self.v1:
+                    entry["why"] = "cgroup v1 has nothing for %s= (v2 only)" % key
                 else:
                     entry["why"] = self.problem or "no writable cgroup with the %s controller" % controller
             except OSError as exc:
@@ -3191,24 +3322,45 @@ class Cgroups:
         group.folders.append(folder)
         return folder
 
-    def _write_v2(self, folder, controller, value):
-        if controller == "memory":
-            _write_text(os.path.join(folder, "memory.max"), "max" if value is None else str(value))
+    def _write_v2(self, folder, key, value):
+        write = lambda name, text: _write_text(os.path.join(folder, name), text)
+        if key == "MemoryMax":
+            write("memory.max", "max" if value is None else str(value))
             _write_text_quietly(os.path.join(folder, "memory.swap.max"), "0")
-        else:
-            _write_text(os.path.join(folder, "cpu.max"), "%d %d" % (int(self.CPU_PERIOD * value / 100), self.CPU_PERIOD))
+        elif key == "CPUQuota":
+            write("cpu.max", "%d %d" % (int(self.CPU_PERIOD * value / 100), self.CPU_PERIOD))
+        elif key in ("MemoryHigh", "MemorySwapMax", "TasksMax"):
+            write({"MemoryHigh": "memory.high", "MemorySwapMax": "memory.swap.max", "TasksMax": "pids.max"}[key],
+                  "max" if value in (None, "infinity") else str(value))
+        elif key == "CPUWeight":
+            write("cpu.weight", str(value))
+        elif key == "IOWeight":
+            write("io.weight", "default %d" % value)
+        elif key == "AllowedCPUs":
+            write("cpuset.cpus", ",".join(map(str, value)))
 
-    def _write_v1(self, folder, controller, value):
-        if controller == "memory":
+    def _write_v1(self, folder, key, value):
+        write = lambda name, text: _write_text(os.path.join(folder, name), text)
+        if key == "MemoryMax":
             # memsw (memory+swap) may never be below the memory limit: raise it
             # first when the limit grows, set it again after when it shrinks.
             text = "-1" if value is None else str(value)
             _write_text_quietly(os.path.join(folder, "memory.memsw.limit_in_bytes"), text)
-            _write_text(os.path.join(folder, "memory.limit_in_bytes"), text)
+            write("memory.limit_in_bytes", text)
             _write_text_quietly(os.path.join(folder, "memory.memsw.limit_in_bytes"), text)
-        else:
-            _write_text(os.path.join(folder, "cpu.cfs_period_us"), str(self.CPU_PERIOD))
-            _write_text(os.path.join(folder, "cpu.cfs_quota_us"), str(int(self.CPU_PERIOD * value / 100)))
+        elif key == "CPUQuota":
+            write("cpu.cfs_period_us", str(self.CPU_PERIOD))
+            write("cpu.cfs_quota_us", str(int(self.CPU_PERIOD * value / 100)))
+        elif key == "TasksMax":
+            write("pids.max", "max" if value == "infinity" else str(value))
+        elif key == "CPUWeight":              # as systemd maps it: weight 100 is 1024 shares
+            write("cpu.shares", str(max(2, value * 1024 // 100)))
+        elif key == "IOWeight":               # and 1-10000 onto blkio's 10-1000 (100 is 500)
+            write("blkio.weight", str(min(1000, max(10, value * 500 // 100))))
+        elif key == "AllowedCPUs":
+            # a v1 cpuset group takes no process before it has memory nodes
+            write("cpuset.mems", _read_text(os.path.join(os.path.dirname(folder), "cpuset.mems")).strip())
+            write("cpuset.cpus", ",".join(map(str, value)))
 
     @staticmethod
     def pids(group):
@@ -4161,11 +4313,8 @@ class Service:
     def _limits(self):
         if self.cgroup is not None and self.has_process():
             return self.cgroup.limits
-        limits = []
-        for key, value in (("MemoryMax", self.spec.memory_max), ("CPUQuota", self.spec.cpu_quota)):
-            if value is not None:
-                limits.append({"key": key, "value": value, "applied": False, "why": "applied when it runs"})
-        return limits
+        return [{"key": key, "value": value, "applied": False, "why": "applied when it runs"}
+                for _, key, value in resource_limits(self.spec)]
 
     def persistent(self):
         """What state.json keeps of this service."""
@@ -4324,6 +4473,13 @@ class Service:
             self.host.log.warning(self.name, "Not started: %s" % why)
             return STOPPED, why            # want stays up
         spec = self.spec
+        failed = self.host.failed_condition(self) if spec.conditions else None
+        if failed is not None:            # skipped, not failed: as systemd (an Assert*= fails it)
+            key = failed[0]
+            why = "%s %s=%s%s" % ("assertion failed:" if key.startswith("Assert") else "condition failed:", key,
+                                  "!" if failed[1] else "", failed[2])
+            self.host.log.info(self.name, "Not started: %s" % why)
+            return (FAILED if key.startswith("Assert") else STOPPED), why
         now = self.host.now()
         self.start_times, hit = start_limit_hit(self.start_times, now, spec.start_limit_interval, spec.start_limit_burst)
         if hit:
@@ -5058,6 +5214,7 @@ class Launcher:
         self.exec_received = {}           # service name -> what that pipe said so far
         self.notify_address = None        # NOTIFY_SOCKET for the services, once the daemon listens
         self.folders = specifier_context()   # where RuntimeDirectory= and the like go (%t %S %C %L %E)
+        self.virtualization = None        # the container this runs in, for ConditionVirtualization=
         self.shutting_down = False
 
     @staticmethod
@@ -5111,6 +5268,7 @@ class Launcher:
             service.cgroup_timer = None
         # With a cgroup the child joins it before exec (fork path): joined from
         # here after posix_spawn, a shell could fork an escapee first.
+        self._note_identifier(service)
         setup = ProcessSetup(spec)
         for why in setup.lowered:
             self.log.warning(service.name, why)
@@ -5207,6 +5365,25 @@ class Launcher:
                 "no process is left" if not tops else "%d processes: %s" % (len(tops), ", ".join(map(str, sorted(tops))))))
         return tops[0]
 
+    def _note_identifier(self, service):
+        """SyslogIdentifier=: kept beside the unit's log (NAME.log.ident), where
+        `logs` (which needs no daemon) finds it and puts it before each line."""
+        path = self.config.service_log(service.name) + IDENT_SUFFIX
+        wanted = service.spec.syslog_identifier
+        if wanted is None:
+            if os.path.exists(path):
+                _unlink_quietly(path)
+            return
+        try:
+            if _read_text(path) == wanted:
+                return
+        except OSError:
+            pass
+        try:
+            atomic_write(path, wanted.encode())
+        except OSError as exc:
+            self.log.warning(service.name, "Cannot note SyslogIdentifier= in %s: %s" % (path, exc.strerror))
+
     def belongs_to(self, service, pid):
         """Whether `pid` is a process of `service`: in its cgroup, else in the
         session of its main or control process or of its forking ExecStart=."""
@@ -5214,6 +5391,19 @@ class Launcher:
             return pid in Cgroups.pids(service.cgroup)
         fields = read_proc_stat(pid)
         return fields is not None and int(fields[3]) in (service.pid, service.control_pid, service.forked_group)
+
+    def failed_condition(self, service):
+        """The first Condition*=/Assert*= of `service` that does not hold, or None."""
+        if self.virtualization is None:
+            self.virtualization = container_name()
+        for key, negated, value in service.spec.conditions:
+            try:
+                holds = condition_holds(key, value, self.virtualization)
+            except OSError:
+                holds = False
+            if holds == negated:
+                return key, negated, value
+        return None
 
     def signal_main(self, service, number):
         """ReloadSignal= and the like: to the main process only."""
@@ -8353,7 +8543,13 @@ def _print_service_block(s, daemon_info, colour):
     for entry in s.get("not_applied", []):
         lines.append(("Not applied", "%s=%s (%s)" % (entry["key"], entry["value"], entry["why"])))
     for limit in s["limits"]:
-        value = format_bytes(limit["value"]) if limit["key"] == "MemoryMax" else "%g%%" % limit["value"]
+        value = limit["value"]
+        if limit["key"].startswith("Memory") and isinstance(value, int):
+            value = format_bytes(value)
+        elif limit["key"] == "CPUQuota":
+            value = "%g%%" % value
+        elif limit["key"] == "AllowedCPUs":
+            value = " ".join(map(str, value))
         lines.append(("Limit", "%s=%s %s" % (limit["key"], value, "applied" if limit["applied"] else "not applied: " + limit["why"])))
     for label, value in lines:
         print("%10s: %s" % (label, value))
@@ -8404,6 +8600,24 @@ def cmd_wait(config, args):
     return EXIT_OK
 
 
+IDENT_SUFFIX = ".ident"             # beside a unit's log: its SyslogIdentifier=
+
+
+class _Prefixed:
+    """A stream that puts `prefix` before each line written to it."""
+
+    def __init__(self, out, prefix):
+        self.out, self.prefix, self.at_start = out, prefix, True
+
+    def write(self, text):
+        for piece in text.splitlines(True):
+            self.out.write((self.prefix if self.at_start else "") + piece)
+            self.at_start = piece.endswith("\n")
+
+    def flush(self):
+        self.out.flush()
+
+
 def cmd_logs(config, args):
     if args.daemon:
         path = config.daemon_log
@@ -8419,15 +8633,22 @@ def cmd_logs(config, args):
     if not os.path.exists(path):
         raise GitprocError("no log yet for %s (%s does not exist)" % (args.name or "the daemon", path))
     lines = tail_lines(path, args.lines)
-    if args.json:
-        _print_json({"path": path, "lines": lines})
-        return EXIT_OK
-    for line in lines:
-        print(line)
-    if args.follow:
-        sys.stdout.flush()
+    identifier = None
+    if args.name:
         try:
-            follow_file(path, sys.stdout)
+            identifier = _read_text(path + IDENT_SUFFIX)
+        except OSError:
+            pass
+    if args.json:
+        _print_json({"path": path, "lines": lines, "syslog_identifier": identifier})
+        return EXIT_OK
+    out = _Prefixed(sys.stdout, identifier + ": ") if identifier else sys.stdout
+    for line in lines:
+        out.write(line + "\n")
+    if args.follow:
+        out.flush()
+        try:
+            follow_file(path, out)
         except KeyboardInterrupt:
             pass
     return EXIT_OK

@@ -2551,6 +2551,9 @@ class FakeHost:
     def belongs_to(self, service, pid):
         return pid in self.members
 
+    def failed_condition(self, service):
+        return None
+
     def open_probe(self, service, on_verdict):
         probe = FakeProbe(on_verdict)
         self.probes.append(probe)
@@ -4311,6 +4314,14 @@ class StandardStreamsTests(SupervisionCase):
         self.assertEqual(read_text(err), "to-stderr\n", "truncate: the old line is gone")
         self.assertEqual(self.home.service_log("quiet"), "lost\n", "stdout to /dev/null, stderr to the log")
 
+    def test_syslog_identifier_is_shown_by_logs(self):
+        self.deploy({"tagged.service": unit_text("Type=oneshot", "ExecStart=" + sh("echo hello; echo world"),
+                                                 "SyslogIdentifier=web-%n")})
+        self.home.wait_state("tagged", "exited", timeout=10)
+        code, out, _ = self.home.cli_process("logs", "tagged")
+        self.assertEqual((code, out), (0, "web-tagged.service: hello\nweb-tagged.service: world\n"))
+        self.assertEqual(read_text(self.home.logs + "/tagged.log"), "hello\nworld\n", "the file keeps the lines")
+
     def test_sigpipe_is_ignored_unless_the_unit_says_no(self):
         script = "grep SigIgn /proc/self/status"
         self.deploy({"dflt.service": unit_text("Type=oneshot", "ExecStart=" + sh(script)),
@@ -4461,6 +4472,22 @@ class ControlCommandTests(SupervisionCase):
         skipped = self.home.wait_state("skip", "stopped", timeout=10)
         self.assertIn("condition failed", skipped["reason"])
         self.assertEqual(self.home.wait_state("broken", "failed", timeout=10)["state"], "failed")
+
+    def test_start_conditions_skip_and_assertions_fail(self):
+        missing = self.file("missing")
+        self.deploy({"skipped.service": unit_text("ExecStart=" + SLEEPER, unit_lines=["ConditionPathExists=" + missing]),
+                     "negated.service": unit_text("ExecStart=" + SLEEPER, unit_lines=["ConditionPathExists=!" + missing,
+                                                                                     "ConditionPathIsDirectory=/tmp"]),
+                     "asserted.service": unit_text("ExecStart=" + SLEEPER, unit_lines=["AssertPathExists=" + missing])})
+        self.watch(self.home.running_pid("negated"))
+        skipped = self.home.wait_state("skipped", "stopped")
+        self.assertEqual(skipped["reason"], "condition failed: ConditionPathExists=" + missing)
+        asserted = self.home.wait_state("asserted", "failed")
+        self.assertEqual(asserted["reason"], "assertion failed: AssertPathExists=" + missing)
+        with open(missing, "w"):
+            pass
+        self.assertEqual(self.home.cli("start", "skipped")[0], 0)
+        self.watch(self.home.running_pid("skipped"))
 
     def test_stop_post_runs_after_a_failed_start_and_stop_does_not(self):
         out = self.file("out")
@@ -4932,6 +4959,35 @@ class CgroupLimitTests(SupervisionCase):
         self.assertIn("MemoryMax=64.0M applied", out)
         self.home.cli("shutdown")
         self.assertFalse(os.path.exists(memory_why.split()[-1]), "the cgroup is removed")
+
+    @unittest.skipUnless(cgroups_usable(), "no writable cgroup hierarchy on this machine")
+    def test_tasks_weights_cpus_and_what_the_hierarchy_lacks(self):
+        self.deploy({"more.service": unit(SLEEPER, TasksMax="64", CPUWeight="50", AllowedCPUs="0", MemoryHigh="32M",
+                                          IOWeight="200")})
+        pid = self.watch(self.home.running_pid("more"))
+        detail = self.home.request({"cmd": "status", "names": ["more"]})["services"][0]
+        limits = {entry["key"]: entry for entry in detail["limits"]}
+        self.assertEqual(set(limits), {"TasksMax", "CPUWeight", "AllowedCPUs", "MemoryHigh", "IOWeight"})
+        for key, (v2_file, v2_value, v1_file, v1_value) in {
+                "TasksMax": ("pids.max", "64", "pids.max", "64"),
+                "CPUWeight": ("cpu.weight", "50", "cpu.shares", "512"),
+                "AllowedCPUs": ("cpuset.cpus", "0", "cpuset.cpus", "0")}.items():
+            with self.subTest(key=key):
+                entry = limits[key]
+                if not entry["applied"]:
+                    self.assertTrue(entry["why"], entry)          # not applied: it says why
+                    continue
+                v2 = entry["why"].startswith("cgroup v2")
+                self.assertEqual(read_text(cgroup_file(entry["why"], v2_file if v2 else v1_file)).strip(),
+                                 v2_value if v2 else v1_value)
+                self.assertIn(str(pid), read_text(cgroup_file(entry["why"], "cgroup.procs")).split())
+        if not limits["MemoryHigh"]["applied"]:
+            self.assertIn(limits["MemoryHigh"]["why"].split(":")[0], ("cgroup v1 has nothing for MemoryHigh= (v2 only)",
+                                                                     "no writable cgroup with the memory controller"))
+        if limits["AllowedCPUs"]["applied"]:
+            self.assertEqual(os.sched_getaffinity(pid), {0})
+        code, out, _ = self.home.cli("status", "more")
+        self.assertIn("Limit: TasksMax=64", out)
 
     @unittest.skipUnless(cgroups_usable(), "no writable cgroup hierarchy on this machine")
     def test_a_service_over_its_memory_limit_is_killed_and_says_oom(self):
