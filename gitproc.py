@@ -407,14 +407,15 @@ def process_usage(pid):
             (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
 
 
-def tail_lines(path, count):
-    """The last `count` lines of a file, read from its end (cheap on big logs)."""
+def tail_lines(path, count, end=None):
+    """The last `count` lines of a file (before offset `end`, by default its
+    end), read from there backwards (cheap on big logs)."""
     if count <= 0:
         return []
     try:
         with open(path, "rb") as log_file:
-            log_file.seek(0, os.SEEK_END)
-            end = position = log_file.tell()
+            size = log_file.seek(0, os.SEEK_END)
+            end = position = size if end is None else min(end, size)
             chunk = b""
             while position > 0 and chunk.count(b"\n") <= count:
                 step = min(65536, position)
@@ -488,7 +489,7 @@ class UnitSpec:
 
     FIELDS = {
         "description": "", "after": (), "requires": (), "before": (), "wants": (), "condition_host": (),
-        "part_of": (), "conflicts": (), "on_failure": (),
+        "part_of": (), "conflicts": (), "on_failure": (), "binds_to": (),
         "conditions": (),               # (key, negated, value) of Condition*=/Assert*= checked at each start
         "start_limit_interval": DEFAULT_START_LIMIT_INTERVAL,
         "start_limit_burst": DEFAULT_START_LIMIT_BURST,
@@ -1150,9 +1151,7 @@ DIRECTIVES = {
     ("Unit", "Requires"): ("requires", _parse_unit_names, "list"),
     ("Unit", "Before"): ("before", _parse_unit_names, "list"),
     ("Unit", "Wants"): ("wants", _parse_unit_names, "list"),
-    # BindsTo= is Requires= here: gitproc's Requires= already stops a unit
-    # when the unit it requires stops or fails for any reason.
-    ("Unit", "BindsTo"): ("requires", _parse_unit_names, "list"),
+    ("Unit", "BindsTo"): ("binds_to", _parse_unit_names, "list"),
     ("Unit", "PartOf"): ("part_of", _parse_unit_names, "list"),
     ("Unit", "Conflicts"): ("conflicts", _parse_unit_names, "list"),
     ("Unit", "OnFailure"): ("on_failure", _parse_unit_names, "list"),
@@ -5685,16 +5684,25 @@ class Dependencies:
     now, what stops with a unit it requires, starting what waited, and the
     order of shutdown. Reads the registry (name -> Service); writes no `want`."""
 
-    def __init__(self, services, log, before_of=lambda name: ()):
+    def __init__(self, services, log, before_of=lambda name: (), in_deploy=lambda name: False):
         self.services = services
         self.log = log
         self.before_of = before_of        # name -> the units that say Before=name (the deployer's)
+        self.in_deploy = in_deploy        # name -> whether the deployed commit has it (made, or about to be)
 
     def state_of(self, service):
         """("ready"|"waiting"|"failed", why) for the units `service` comes after
         (After=, Requires=). Ready: running (healthy, if checked) or a oneshot
         that exited 0. An After= unit that is stopped on purpose does not hold
         the start back; a Requires= one does."""
+        for name in service.spec.binds_to:
+            other = self.services.get(name)
+            if (other is None and not self.in_deploy(name)) or (other is not None and other.removed):
+                return "failed", "binds to %s, which is not deployed here" % name
+            if other is None:
+                continue                  # made later in this deploy: BindsTo= does not order
+            if other.want == "down" and other.state not in ACTIVE_STATES:
+                return "failed", "binds to %s, which is stopped" % name
         for name in service.spec.after + service.spec.requires + self._named_before(service.name):
             required = name in service.spec.requires
             other = self.services.get(name)
@@ -5764,8 +5772,10 @@ class Dependencies:
         if service.state not in (STOPPED, FAILED, EXITED):
             return
         for other in self.services.values():
-            if service.name in other.spec.requires and other.state in (STARTING, RUNNING, RELOADING) and not other.removed:
-                why = "required unit %s %s" % (service.name, {FAILED: "failed", EXITED: "exited"}.get(service.state, "stopped"))
+            if service.name in other.spec.requires + other.spec.binds_to and other.state in (
+                    STARTING, RUNNING, RELOADING) and not other.removed:
+                why = "%s unit %s %s" % ("bound" if service.name in other.spec.binds_to else "required", service.name,
+                                         {FAILED: "failed", EXITED: "exited"}.get(service.state, "stopped"))
                 self.log.info(other.name, "Stopping: %s" % why)
                 other.halt(why)
 
@@ -7826,7 +7836,8 @@ class Daemon:
         self.host = DaemonHost(self, exit_watch_mode)
         self.store = StateStore(config.state_file, log, self.call_later, self._snapshot)
         self.recovery = Recovery(config, log, self.call_later)
-        self.dependencies = Dependencies(self.services, log, lambda name: self.deployer.before_of.get(name, ()))
+        self.dependencies = Dependencies(self.services, log, lambda name: self.deployer.before_of.get(name, ()),
+                                         lambda name: name in self.deployer.specs)
         self.handlers = RequestHandlers(self)
         self.server = ControlServer(config, log, self.selector, self.call_later, self.handlers.dispatch)
         self.events = EventLog(self.server)
@@ -8632,7 +8643,8 @@ def cmd_logs(config, args):
         raise UsageError("logs: --json and -f do not go together")
     if not os.path.exists(path):
         raise GitprocError("no log yet for %s (%s does not exist)" % (args.name or "the daemon", path))
-    lines = tail_lines(path, args.lines)
+    shown_up_to = os.path.getsize(path)  # -f goes on from here: nothing written meanwhile is lost
+    lines = tail_lines(path, args.lines, end=shown_up_to)
     identifier = None
     if args.name:
         try:
@@ -8648,17 +8660,18 @@ def cmd_logs(config, args):
     if args.follow:
         out.flush()
         try:
-            follow_file(path, out)
+            follow_file(path, out, start=shown_up_to)
         except KeyboardInterrupt:
             pass
     return EXIT_OK
 
 
-def follow_file(path, out, stop=None, interval=0.2):
-    """Print what is appended to `path`, across rotation: a rename (daemon.log)
-    or a copy-and-truncate (service logs). Both are seen by PATH.1 changing
-    (a new file there), checked before each read; what was missed in the old
-    file is then read from PATH.1."""
+def follow_file(path, out, stop=None, interval=0.2, start=None):
+    """Print what is appended to `path` (from offset `start`, by default its
+    end), across rotation: a rename (daemon.log) or a copy-and-truncate
+    (service logs). Both are seen by PATH.1 changing (a new file there),
+    checked before each read; what was missed in the old file is then read
+    from PATH.1."""
     def identity(name):
         try:
             info = os.stat(name)
@@ -8666,7 +8679,9 @@ def follow_file(path, out, stop=None, interval=0.2):
         except OSError:
             return None
     log_file = open(path, "rb")
-    log_file.seek(0, os.SEEK_END)
+    end = log_file.seek(0, os.SEEK_END)
+    if start is not None and start <= end:
+        log_file.seek(start)              # what came after the lines already shown
     rotated = identity(path + ".1")
     try:
         while stop is None or not stop():

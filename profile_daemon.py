@@ -425,6 +425,11 @@ def spawn_path(service):
 
 CRASHER = ("/bin/sleep", "9999999")                   # killed at once by the bench
 FLAPPER = ("/bin/sh", "-c", "sleep 0.2; exit 1")      # fails by itself after 200 ms up
+BOXED = ("/bin/sleep", "9999998")                      # as CRASHER, inside a full sandbox
+BOXED_UNIT = ("[Unit]\nStartLimitIntervalSec=0\n[Service]\nExecStart=%s\nRestart=always\nRestartSec=0\n"
+              "NoNewPrivileges=yes\nPrivateTmp=yes\nPrivateDevices=yes\nPrivateNetwork=yes\nProtectSystem=strict\n"
+              "ProtectHome=yes\nProtectKernelTunables=yes\nProtectControlGroups=yes\nProtectHostname=yes\n"
+              "CapabilityBoundingSet=\nReadWritePaths=-/var/lib\n" % " ".join(BOXED))
 FLAPPER_UNIT = ("[Unit]\nDescription=fails after 200 ms\nStartLimitIntervalSec=0\n[Service]\n"
                 "ExecStart=/bin/sh -c 'sleep 0.2; exit 1'\nRestart=always\nRestartSec=0\n")
 
@@ -478,7 +483,7 @@ def _raise_interrupt(_number, _frame):
     raise KeyboardInterrupt
 
 
-BENCH_STEPS = 12
+BENCH_STEPS = 13
 
 
 def _bench_steps(bench, args, results, say):
@@ -591,6 +596,17 @@ def _bench_steps(bench, args, results, say):
             bench.cli("stop", "flapper")  # its restarts would weigh on every later figure
     else:
         figure("respawn_after_run", lambda: unavailable("no os.pidfd_open to see the exit (Python 3.9+, Linux 5.3+)"))
+
+    step("the same respawn inside a full sandbox (root), %d runs" % args.repeat)
+    if os.geteuid() == 0:
+        bench.commit({"boxed.service": BOXED_UNIT}, "bench: a crasher in a full sandbox")
+        try:
+            figure("respawn_sandboxed", lambda: dict(stats_ms(_respawn_latencies(
+                bench, "boxed", BOXED, args.repeat, _kill_now)), spawn=spawn_path(bench.service("boxed"))))
+        finally:
+            bench.cli("stop", "boxed")
+    else:
+        figure("respawn_sandboxed", lambda: unavailable("the sandbox needs a root daemon"))
 
     step("`start NAME` command to process running, script and installed, %d runs each" % args.repeat)
 
@@ -763,6 +779,7 @@ def _print_results(results):
     rows = [
         ("exit of a service to its new process running", results["respawn"]),
         ("  the same, service failed after 200 ms up", results["respawn_after_run"]),
+        ("  the same, in a full sandbox", results["respawn_sandboxed"]),
         ("commit to changed service running", results["commit_to_running"]),
         ("`start NAME` command to process running", results["start_command"]),
         ("  the same, installed command", results["start_command_installed"]),

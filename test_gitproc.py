@@ -4290,7 +4290,15 @@ class UnitRelationTests(SupervisionCase):
         self.watch(self.home.running_pid("app"))
         db = self.watch(self.home.running_pid("db"))
         os.kill(db, signal.SIGKILL)       # db ends by itself (Restart=no): app goes with it
-        self.assertIn("required unit db", self.home.wait_state("app", "stopped")["reason"])
+        self.assertIn("bound unit db", self.home.wait_state("app", "stopped")["reason"])
+
+    def test_binds_to_does_not_order_so_nfs_units_have_no_cycle(self):
+        # nfs-kernel-server: nfs-mountd BindsTo=nfs-server, nfs-server Requires= and After=nfs-mountd.
+        specs, problems = gitproc.check_unit_tree([
+            ("mountd", "mountd.service", unit_text("ExecStart=/bin/true", unit_lines=["BindsTo=server.service"]).encode(), ""),
+            ("server", "server.service", unit_text("ExecStart=/bin/true", unit_lines=[
+                "Requires=mountd.service", "After=mountd.service"]).encode(), "")])
+        self.assertEqual((sorted(specs), [str(p) for p in problems if p.severity == "error"]), (["mountd", "server"], []))
 
 
 class StandardStreamsTests(SupervisionCase):
@@ -7430,6 +7438,11 @@ class ProfilerTests(unittest.TestCase):
         self.assertEqual(result["install"].get("left_after_uninstall", []), [])
         for figure in ("respawn", "respawn_after_run", "start_command"):
             self.assertIn(result[figure]["spawn"], ("posix_spawn", "clone3", "fork", "unknown"), figure)
+        if IS_ROOT:
+            self.assertNotIn("failed", result["respawn_sandboxed"])
+            self.assertGreater(result["respawn_sandboxed"]["median_ms"], 0)
+        else:
+            self.assertIn("unavailable", result["respawn_sandboxed"])
         # gross bounds only: the benchmark, not the tests, measures speed
         self.assertLess(result["respawn"]["median_ms"], 1000)
         self.assertLess(result["commit_to_running"]["median_ms"], 5000)
@@ -7457,6 +7470,190 @@ class ProfilerTests(unittest.TestCase):
         code = subprocess.run([sys.executable, PROFILER, "--pid", str(2 ** 22 + 7), "--duration", "1"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE).returncode
         self.assertNotEqual(code, 0)
+
+
+# ---- running the suite on every core ----------------------------------------------
+# Most tests wait on real daemons, so the suite runs its test classes in
+# worker processes (forked once the module is loaded: no thread exists yet),
+# one class at a time per worker, and replays each test's outcome here as
+# it ends, whole, so the -v output reads as a serial run's. Classes whose
+# figures or fixed ports could be disturbed by a neighbour run alone at the
+# end. GITPROC_TEST_JOBS=1 runs everything serially.
+
+SERIAL_CLASSES = {"StockUnitTests", "ProfilerTests", "CrashLoopTests", "LatencyTests", "Kill9DuringSavesTests",
+                  "UnreadRepliesTests", "SandboxTests"}
+
+
+class RemoteFailure(AssertionError):
+    """A failure or error reported by a worker: its text is the worker's traceback."""
+
+
+class _WorkerResult(unittest.TestResult):
+    """In a worker: every outcome as one JSON line on `out`."""
+
+    def __init__(self, out):
+        super().__init__()
+        self.out = out
+
+    def _send(self, test, event, text=""):
+        self.out.write(json.dumps({"id": test.id(), "event": event, "text": text,
+                                   "description": str(test)}) + "\n")
+        self.out.flush()
+
+    def addSuccess(self, test):
+        self._send(test, "success")
+
+    def addFailure(self, test, err):
+        self._send(test, "failure", self._exc_info_to_string(err, test))
+
+    def addError(self, test, err):
+        self._send(test, "error", self._exc_info_to_string(err, test))
+
+    def addSkip(self, test, reason):
+        self._send(test, "skip", reason)
+
+    def addExpectedFailure(self, test, err):
+        self._send(test, "success")
+
+    def addUnexpectedSuccess(self, test):
+        self._send(test, "failure", "unexpected success")
+
+    def addSubTest(self, test, subtest, err):
+        if err is not None:
+            kind = "failure" if issubclass(err[0], test.failureException) else "error"
+            self._send(test, "sub" + kind, "%s\n%s" % (subtest, self._exc_info_to_string(err, test)))
+
+    def stopTest(self, test):
+        self._send(test, "stop")
+
+
+class ParallelSuite(unittest.TestSuite):
+
+    def __init__(self, classes, serial, jobs):
+        super().__init__()
+        self.classes, self.serial, self.jobs = classes, serial, jobs
+
+    def run(self, result, debug=False):
+        by_id = {test.id(): test for suite in self.classes for test in suite}
+        todo = list(range(len(self.classes)))
+        workers = {}                      # fd of its results -> (pid, command pipe, file of results)
+        for _ in range(min(self.jobs, len(todo))):
+            self._fork(workers)
+        pending = {}                      # fd -> events of the test under way
+        buffers = {fd: b"" for fd in workers}   # what a worker sent past its last whole line
+        assigned = {}
+        for fd in list(workers):
+            assigned[fd] = self._assign(workers[fd], todo)
+        try:
+            while any(assigned.values()):
+                ready, _, _ = select.select([fd for fd in workers if assigned[fd] is not None], [], [])
+                for fd in ready:
+                    chunk = os.read(fd, 65536)    # unbuffered: select() sees what is not read yet
+                    if not chunk:         # the worker died: its class is lost, say so
+                        result.addError(unittest.suite._ErrorHolder("worker running %s" % self.classes[
+                            assigned[fd]]), (RemoteFailure, RemoteFailure("a test worker exited"), None))
+                        assigned[fd] = None
+                        continue
+                    lines = (buffers[fd] + chunk).split(b"\n")
+                    buffers[fd] = lines.pop()
+                    for line in lines:
+                        event = json.loads(line)
+                        if event["event"] == "done":
+                            assigned[fd] = self._assign(workers[fd], todo)
+                            continue
+                        pending.setdefault(fd, []).append(event)
+                        if event["event"] == "stop":
+                            self._replay(result, by_id, pending.pop(fd))
+        finally:
+            for pid, command, _ in workers.values():
+                try:
+                    command.write("quit\n")
+                    command.flush()
+                except OSError:
+                    pass
+                os.waitpid(pid, 0)
+        unittest.TestSuite(self.serial).run(result)     # the module's teardown (MEASUREMENT lines) too
+        return result
+
+    @staticmethod
+    def _assign(worker, todo):
+        if not todo:
+            return None
+        index = todo.pop(0)
+        worker[1].write("%d\n" % index)
+        worker[1].flush()
+        return index
+
+    def _fork(self, workers):
+        command_r, command_w = os.pipe()
+        results_r, results_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(command_w)
+            os.close(results_r)
+            code = 0
+            try:
+                self._work(os.fdopen(command_r), os.fdopen(results_w, "w"))
+            except BaseException:
+                code = 1
+            os._exit(code)
+        os.close(command_r)
+        os.close(results_w)
+        workers[results_r] = (pid, os.fdopen(command_w, "w"), None)
+
+    def _work(self, commands, out):
+        result = _WorkerResult(out)
+        result._testRunEntered = True     # not a top-level run: the module's teardown is the parent's
+        for line in commands:
+            if line.strip() == "quit":
+                break
+            self.classes[int(line)].run(result)
+            out.write(json.dumps({"event": "done"}) + "\n")
+            out.flush()
+
+    @staticmethod
+    def _replay(result, by_id, events):
+        test = by_id.get(events[0]["id"]) or unittest.suite._ErrorHolder(events[0]["description"])
+        result.startTest(test)
+        outcome = None
+        for event in events:
+            kind, text = event["event"], event["text"]
+            if kind in ("failure", "subfailure"):
+                result.addFailure(test, (RemoteFailure, RemoteFailure(text), None))
+                outcome = "failed"
+            elif kind in ("error", "suberror"):
+                result.addError(test, (RemoteFailure, RemoteFailure(text), None))
+                outcome = "failed"
+            elif kind == "skip":
+                result.addSkip(test, text)
+                outcome = "skipped"
+            elif kind == "success" and outcome is None:
+                result.addSuccess(test)
+        result.stopTest(test)
+
+
+def load_tests(loader, tests, pattern):
+    """The suite, parallel unless GITPROC_TEST_JOBS=1 (or one core)."""
+    jobs = int(os.environ.get("GITPROC_TEST_JOBS") or min(2, os.cpu_count() or 1))
+    if jobs <= 1:
+        return tests
+    classes, serial = [], []
+    for test in _flatten(tests):
+        target = serial if type(test).__name__ in SERIAL_CLASSES else classes
+        if target and target[-1][0].__class__ is type(test):
+            target[-1].append(test)
+        else:
+            target.append([test])
+    return ParallelSuite([unittest.TestSuite(group) for group in classes],
+                         [unittest.TestSuite(group) for group in serial], jobs)
+
+
+def _flatten(suite):
+    for item in suite:
+        if isinstance(item, unittest.TestSuite):
+            yield from _flatten(item)
+        else:
+            yield item
 
 
 def tearDownModule():
