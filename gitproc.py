@@ -519,6 +519,7 @@ class UnitSpec:
         "private_ipc": False, "private_mounts": False, "protect_system": "no", "protect_home": "no",
         "protect_kernel_tunables": False, "protect_kernel_modules": False, "protect_kernel_logs": False,
         "protect_control_groups": False, "protect_hostname": False, "protect_clock": False,
+        "restrict_suid_sgid": False, "lock_personality": False,
         "paths": (),                    # (mode, path, optional) of ReadWritePaths= and its kin, in order
         "temporary_file_systems": (),   # (path, options)
         "bind_paths": (),               # (source, destination, read only, optional, recursive)
@@ -1228,6 +1229,8 @@ DIRECTIVES = {
     ("Service", "ProtectControlGroups"): ("protect_control_groups", parse_bool, "one"),
     ("Service", "ProtectHostname"): ("protect_hostname", parse_bool, "one"),
     ("Service", "ProtectClock"): ("protect_clock", parse_bool, "one"),
+    ("Service", "RestrictSUIDSGID"): ("restrict_suid_sgid", parse_bool, "one"),
+    ("Service", "LockPersonality"): ("lock_personality", parse_bool, "one"),
     ("Service", "TemporaryFileSystem"): ("temporary_file_systems", _parse_temporary_fs, "list"),
     ("Service", "BindPaths"): ("bind_paths", lambda v: _parse_bind_paths(v, False), "list"),
     ("Service", "BindReadOnlyPaths"): ("bind_paths", lambda v: _parse_bind_paths(v, True), "list"),
@@ -1277,8 +1280,7 @@ NOT_APPLIED_KEYS = dict(
             "RemoveIPC", "SecureBits", "RootDirectory", "RootImage", "MountAPIVFS", "MountFlags", "DynamicUser",
             "KeyringMode", "NetworkNamespacePath", "IPCNamespacePath", "DeviceAllow", "DevicePolicy",
             "SELinuxContext", "AppArmorProfile", "SmackProcessLabel"),
-    **_keys("seccomp or BPF: gitproc does not filter system calls", "RestrictSUIDSGID", "LockPersonality",
-            "MemoryDenyWriteExecute", "RestrictRealtime", "RestrictNamespaces", "RestrictAddressFamilies",
+    **_keys("seccomp or BPF: gitproc does not filter system calls", "MemoryDenyWriteExecute", "RestrictRealtime", "RestrictNamespaces", "RestrictAddressFamilies",
             "RestrictFileSystems", "IPAddressAllow", "IPAddressDeny", "SocketBindAllow", "SocketBindDeny",
             "RestrictNetworkInterfaces"),
     **_keys("seccomp: gitproc does not filter system calls", "SystemCallFilter", "SystemCallArchitectures",
@@ -1673,6 +1675,7 @@ def specifier_context(config=None):
         user, home, shell, gid = entry.pw_name, entry.pw_dir, entry.pw_shell, entry.pw_gid
     except KeyError:
         user, home, shell, gid = str(uid), "/", "/bin/sh", os.getegid()
+    home = os.environ.get("HOME") or home  # as systemd's manager: $HOME first, then the user database
     try:
         import grp
         group = grp.getgrgid(gid).gr_name
@@ -2882,7 +2885,8 @@ SANDBOX_KEYS = ("NoNewPrivileges", "PrivateTmp", "PrivateDevices", "PrivateNetwo
                 "ProtectSystem", "ProtectHome", "ProtectKernelTunables", "ProtectKernelModules", "ProtectKernelLogs",
                 "ProtectControlGroups", "ProtectHostname", "ProtectClock", "ReadWritePaths", "ReadOnlyPaths",
                 "InaccessiblePaths", "ExecPaths", "NoExecPaths", "TemporaryFileSystem", "BindPaths",
-                "BindReadOnlyPaths", "CapabilityBoundingSet", "AmbientCapabilities")
+                "BindReadOnlyPaths", "CapabilityBoundingSet", "AmbientCapabilities", "RestrictSUIDSGID",
+                "LockPersonality")
 # What each Protect*= makes read-only (ro) or inaccessible, where it exists.
 PROTECTED_PATHS = {
     "system-yes": [("ro", "/usr"), ("ro", "/boot"), ("ro", "/efi")],
@@ -2908,16 +2912,21 @@ def sandbox_wanted(spec):
                 spec.protect_kernel_tunables or spec.protect_kernel_modules or spec.protect_kernel_logs or
                 spec.protect_control_groups or spec.protect_hostname or spec.protect_clock or spec.paths or
                 spec.temporary_file_systems or spec.bind_paths or spec.capability_bounding_set or
-                spec.ambient_capabilities)
+                spec.ambient_capabilities or spec.restrict_suid_sgid or spec.lock_personality)
 
 
 def sandbox_not_applied(spec):
     """The sandbox keys a daemon that is not root cannot apply (all but
     NoNewPrivileges=): [(key, why)] for status."""
-    if os.geteuid() == 0 or not sandbox_wanted(spec):
+    if not sandbox_wanted(spec):
         return []
-    return [(key, "needs a root daemon (namespaces, mounts, capabilities)") for key in SANDBOX_KEYS
-            if key != "NoNewPrivileges" and _sandbox_key_set(spec, key)]
+    if os.geteuid() != 0:
+        return [(key, "needs a root daemon (namespaces, mounts, capabilities)") for key in SANDBOX_KEYS
+                if key != "NoNewPrivileges" and _sandbox_key_set(spec, key)]
+    if os.uname().machine not in SECCOMP_ARCHES:
+        return [(key, "its seccomp filter is known for %s only" % ", ".join(SECCOMP_ARCHES))
+                for key in ("RestrictSUIDSGID", "LockPersonality") if _sandbox_key_set(spec, key)]
+    return []
 
 
 def _sandbox_key_set(spec, key):
@@ -2925,9 +2934,62 @@ def _sandbox_key_set(spec, key):
     if key in PATH_KEYS:
         return any(mode == PATH_KEYS[key] for mode, _, _ in spec.paths)
     field = {"TemporaryFileSystem": "temporary_file_systems", "BindPaths": "bind_paths",
-             "BindReadOnlyPaths": "bind_paths", "PrivateIPC": "private_ipc"}.get(key, field)
+             "BindReadOnlyPaths": "bind_paths", "PrivateIPC": "private_ipc",
+             "RestrictSUIDSGID": "restrict_suid_sgid"}.get(key, field)
     value = getattr(spec, field, None)
     return value not in (None, False, "no", ())
+
+
+# RestrictSUIDSGID= and LockPersonality= are seccomp filters in systemd; here
+# too: a small classic-BPF program, made in the daemon and loaded in the
+# child with prctl(PR_SET_SECCOMP) before the user change (as root it needs
+# no no_new_privs then). Known for x86_64 only; elsewhere status lists both
+# as not applied. 32-bit compat system calls are not filtered.
+SECCOMP_ARCHES = {"x86_64": 0xc000003e}            # AUDIT_ARCH_X86_64
+SUID_SGID_CALLS = (                                 # name, x86_64 number, the mode's argument, the flags' argument
+    ("chmod", 90, 1, None), ("fchmod", 91, 1, None), ("fchmodat", 268, 2, None), ("fchmodat2", 452, 2, None),
+    ("creat", 85, 1, None), ("open", 2, 2, 1), ("openat", 257, 3, 2), ("mkdir", 83, 1, None),
+    ("mkdirat", 258, 2, None), ("mknod", 133, 1, None), ("mknodat", 259, 2, None))
+PERSONALITY_CALL = 135
+PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
+
+
+def seccomp_program(restrict_suid_sgid, lock_personality, personality, arch=SECCOMP_ARCHES["x86_64"]):
+    """The BPF instructions (code, jt, jf, k): setuid and setgid bits refused
+    with EPERM in chmod, creat, open(O_CREAT), mkdir and mknod; personality()
+    allowed only to ask, or to set `personality` again. Pure."""
+    load, jeq, jset, ret = 0x20, 0x15, 0x45, 0x06     # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_JMP|JSET|K, BPF_RET|K
+    allow, deny = 0x7fff0000, 0x00050000 | errno.EPERM
+    code, labels = [], {}
+
+    def emit(op, k, jt=None, jf=None):
+        code.append((op, jt, jf, k))
+
+    emit(load, 4)                            # seccomp_data.arch
+    emit(jeq, arch, jf="allow")
+    emit(load, 0)                            # seccomp_data.nr
+    rules = [(number, mode, flags) for _, number, mode, flags in SUID_SGID_CALLS] if restrict_suid_sgid else []
+    if lock_personality:
+        rules.append((PERSONALITY_CALL, None, None))
+    for index, (number, mode_arg, flags_arg) in enumerate(rules):
+        labels["rule%d" % index] = len(code)
+        emit(jeq, number, jf="rule%d" % (index + 1))
+        if mode_arg is None:                 # personality(persona)
+            emit(load, 16)
+            emit(jeq, 0xffffffff, jt="allow")
+            emit(jeq, personality, jt="allow", jf="deny")
+            continue
+        if flags_arg is not None:            # open/openat: only when O_CREAT makes a file
+            emit(load, 16 + 8 * flags_arg)
+            emit(jset, os.O_CREAT, jf="allow")
+        emit(load, 16 + 8 * mode_arg)        # the low 32 bits of the argument
+        emit(jset, 0o6000, jt="deny", jf="allow")
+    labels["rule%d" % len(rules)] = labels["allow"] = len(code)
+    emit(ret, allow)
+    labels["deny"] = len(code)
+    emit(ret, deny)
+    return [(op, labels[jt] - index - 1 if jt else 0, labels[jf] - index - 1 if jf else 0, k)
+            for index, (op, jt, jf, k) in enumerate(code)]
 
 
 class Sandbox:
@@ -2946,6 +3008,7 @@ class Sandbox:
         self.no_new_privs = spec.no_new_privileges
         self.loopback = False
         self.drop_caps, self.ambient = [], []
+        self.seccomp = None               # (struct sock_fprog, its instructions) to load last
         if full:
             self._plan(spec, private_tmp, helpers, dropping_user, extra_writable)
 
@@ -2999,8 +3062,23 @@ class Sandbox:
                                     order.get(e[0], 0)))
         self.steps = entries
         self.inaccessible_file = helpers["file"]
+        arch = SECCOMP_ARCHES.get(os.uname().machine)
+        if (spec.restrict_suid_sgid or spec.lock_personality) and arch:
+            self.seccomp = self._seccomp_filter(seccomp_program(spec.restrict_suid_sgid, spec.lock_personality,
+                                                                self.libc.personality(0xffffffff), arch))
         if self.steps or spec.private_mounts:
             self.unshare |= CLONE_NEWNS
+
+    def _seccomp_filter(self, instructions):
+        ctypes = self.ctypes
+
+        class SockFilter(ctypes.Structure):
+            _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint)]
+
+        class SockFprog(ctypes.Structure):
+            _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(SockFilter))]
+        array = (SockFilter * len(instructions))(*[SockFilter(*i) for i in instructions])
+        return SockFprog(len(instructions), ctypes.cast(array, ctypes.POINTER(SockFilter))), array
 
     # -- in the child -------------------------------------------------------------
 
@@ -3070,6 +3148,9 @@ class Sandbox:
             self._check(self.libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0), "CapabilityBoundingSet=")
         if self.ambient:
             self._check(self.libc.prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0), "AmbientCapabilities=")
+        if self.seccomp is not None:      # last: nothing after it may need a call it refuses
+            self._check(self.libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, self.ctypes.byref(self.seccomp[0]), 0, 0),
+                        "RestrictSUIDSGID=/LockPersonality= (seccomp)")
 
     def _all_read_only(self):
         """ProtectSystem=strict: every mount read-only but /dev, /proc and

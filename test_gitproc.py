@@ -3270,15 +3270,15 @@ class NotAppliedKeysTests(unittest.TestCase):
 
     def test_status_lists_what_is_not_applied(self):
         home = Home(self)
-        home.commit({"web.service": unit(SLEEPER, LockPersonality="yes", SecureBits="keep-caps")}, "web")
+        home.commit({"web.service": unit(SLEEPER, MemoryDenyWriteExecute="yes", SecureBits="keep-caps")}, "web")
         home.start_daemon()
         home.known_pids.add(home.running_pid("web"))
         code, out, err = home.cli_process("status", "web")
         self.assertEqual(code, 0, err)
-        self.assertIn("Not applied: LockPersonality=yes (seccomp or BPF: gitproc does not filter system calls)", out)
+        self.assertIn("Not applied: MemoryDenyWriteExecute=yes (seccomp or BPF: gitproc does not filter system calls)", out)
         self.assertIn("Not applied: SecureBits=keep-caps", out)
         detail = home.request({"cmd": "status", "names": ["web"]})["services"][0]
-        self.assertEqual([entry["key"] for entry in detail["not_applied"]], ["LockPersonality", "SecureBits"])
+        self.assertEqual([entry["key"] for entry in detail["not_applied"]], ["MemoryDenyWriteExecute", "SecureBits"])
         self.assertEqual(home.cli("shutdown")[0], 0)
 
 
@@ -4411,6 +4411,22 @@ class SandboxTests(SupervisionCase):
         self.home.cli("stop", "priv")
         self.assertEqual(glob.glob("/tmp/gitproc-private-priv-*"), [], "its /tmp goes at stop")
 
+    def test_restrict_suid_sgid_and_lock_personality_filter_system_calls(self):
+        if os.uname().machine not in gitproc.SECCOMP_ARCHES:
+            self.skipTest("the seccomp filter is known for %s only" % ", ".join(gitproc.SECCOMP_ARCHES))
+        probe = self.file("probe")
+        script = ("touch {p}; chmod 4755 {p} 2>/dev/null && echo suid-set || echo suid-refused; "
+                  "chmod 755 {p} && echo plain-ok; mkdir -m 2755 {p}.d 2>/dev/null && echo sgid-dir || echo sgid-refused; "
+                  "setarch -R true 2>/dev/null && echo persona-changed || echo persona-refused; "
+                  "setarch linux64 true && echo persona-same; exec sleep 1000").format(p=probe)
+        self.deploy({"filtered.service": unit_text("ExecStart=" + sh(script), "RestrictSUIDSGID=yes",
+                                                   "LockPersonality=yes")})
+        pid = self.watch(self.home.running_pid("filtered"))
+        wait_until(lambda: "persona-same" in self.home.service_log("filtered"), 5, "the unit's probes")
+        self.assertEqual(self.home.service_log("filtered").split(),
+                         ["suid-refused", "plain-ok", "sgid-refused", "persona-refused", "persona-same"])
+        self.assertEqual(proc_status(pid)["Seccomp"].strip(), "2", "a seccomp filter is loaded")
+
     def test_a_path_that_is_missing_fails_the_start_with_namespace(self):
         self.deploy({"bad.service": unit_text("ExecStart=" + SLEEPER, "ReadOnlyPaths=/nonexistent/gp-path")})
         service = self.home.wait_state("bad", "failed", timeout=10)
@@ -4921,6 +4937,24 @@ class NonRootDaemonTests(NonRootDaemonCase):
 def cgroup_file(why, name):
     """A file of the cgroup a status limit's `why` names ("cgroup v1 /sys/...")."""
     return os.path.join(why.split()[-1], name)
+
+
+class UserModeDirectoryTests(NonRootDaemonCase):
+    """A user's daemon puts StateDirectory= and the like under its XDG folders."""
+
+    def test_state_cache_and_logs_folders_go_under_the_users_home(self):
+        home = Home(self)
+        out = os.path.join(home.path, "out")
+        home.commit({"dirs.service": unit(sh("echo $STATE_DIRECTORY $CACHE_DIRECTORY $LOGS_DIRECTORY > %s; "
+                                             "exec sleep 1000" % out), WorkingDirectory="/", StateDirectory="app",
+                                          CacheDirectory="app", LogsDirectory="app", StateDirectoryMode="0700")},
+                    "units")
+        self.daemon_as_nobody(home)
+        home.known_pids.add(home.running_pid("dirs"))
+        wait_until(lambda: os.path.exists(out) and read_text(out).strip(), 5, "the unit's line")
+        state, cache, logs = (os.path.join(home.path, p) for p in (".local/state/app", ".cache/app", ".local/state/log/app"))
+        self.assertEqual(read_text(out).split(), [state, cache, logs])
+        self.assertEqual((stat.S_IMODE(os.stat(state).st_mode), os.stat(state).st_uid), (0o700, self.UID))
 
 
 class NonRootSandboxTests(NonRootDaemonCase):
