@@ -3087,6 +3087,28 @@ class ControlEdgeTests(unittest.TestCase):
         service.notified({"MAINPID": "4321", "READY": "1"})
         self.assertEqual((service.pid, service.phase), (4321, P.RUNNING))
 
+    def test_extend_timeout_usec_pushes_the_start_timeout_back(self):
+        host = FakeHost()
+        service = gitproc.Service(host, spec_of("Type=notify", "TimeoutStartSec=1"), "c0ffee")
+        service.start()
+        host.advance(0.5)
+        service.notified({"EXTEND_TIMEOUT_USEC": "2000000", "STATUS": "migrating"})
+        host.advance(1.0)
+        self.assertEqual((service.phase, service.status_text), (P.START, "migrating"), "1.5 s: still starting")
+        host.advance(1.1)
+        self.assertEqual(service.phase, P.STOPPING, "2.6 s: the extended timeout passed")
+        self.assertIn("start timed out", service.reason)
+
+    def test_a_notify_unit_with_a_health_check_is_checked_once_ready(self):
+        host = FakeHost()
+        service = gitproc.Service(host, spec_of("Type=notify", "HealthCheckURL=tcp://127.0.0.1:9"), "c0ffee")
+        service.start()
+        self.assertEqual(host.probes, [], "no probe (and no start period) before READY=1")
+        service.notified({"READY": "1"})
+        self.assertEqual((service.phase, len(host.probes)), (P.START, 1))
+        host.probes[-1].verdict("healthy")
+        self.assertEqual(service.phase, P.RUNNING)
+
     def test_a_failed_start_restarts_as_its_result_says(self):
         host = FakeHost()
         service = gitproc.Service(host, spec_of("Type=oneshot", "Restart=on-abnormal"), "c0ffee")
@@ -4248,6 +4270,17 @@ class DirectoryKeysTests(SupervisionCase):
         self.home.cli("stop", "d")
         self.assertFalse(os.path.exists(runtime), "RuntimeDirectory= goes when the service stops")
         self.assertTrue(os.path.isdir(state + "/sub"), "StateDirectory= stays")
+
+    @unittest.skipUnless(IS_ROOT, "the folders live under /run (root)")
+    def test_runtime_directory_preserve_keeps_it_after_the_stop(self):
+        name = "gp-keep-%d" % os.getpid()
+        self.addCleanup(shutil.rmtree, "/run/" + name, True)
+        self.deploy({"keep.service": unit_text("ExecStart=" + SLEEPER, "RuntimeDirectory=" + name,
+                                               "RuntimeDirectoryPreserve=yes")})
+        self.watch(self.home.running_pid("keep"))
+        self.assertTrue(os.path.isdir("/run/" + name))
+        self.home.cli("stop", "keep")
+        self.assertTrue(os.path.isdir("/run/" + name), "RuntimeDirectoryPreserve=yes keeps it")
 
     def test_a_path_leaving_its_folder_is_an_error(self):
         _, problems = parse(unit_text("ExecStart=/bin/true", "StateDirectory=../etc"))
