@@ -490,7 +490,7 @@ class UnitSpec:
     FIELDS = {
         "description": "", "after": (), "requires": (), "before": (), "wants": (), "condition_host": (),
         "part_of": (), "conflicts": (), "on_failure": (), "binds_to": (),
-        "conditions": (),               # (key, negated, value) of Condition*=/Assert*= checked at each start
+        "conditions": (),               # (key, negated, value, triggering) of Condition*=/Assert*= at each start
         "start_limit_interval": DEFAULT_START_LIMIT_INTERVAL,
         "start_limit_burst": DEFAULT_START_LIMIT_BURST,
         "type": "simple", "exec_start": (), "exec_start_pre": (), "exec_start_post": (),
@@ -1056,6 +1056,8 @@ START_CONDITIONS = ("PathExists", "PathExistsGlob", "PathIsDirectory", "PathIsSy
 
 def _parse_condition(key):
     def parse(value):
+        triggering = value.startswith("|")      # one of the '|' conditions must hold (systemd.unit(5))
+        value = value[1:].strip() if triggering else value
         negated = value.startswith("!")
         value = value[1:].strip() if negated else value
         if "Path" in key or "File" in key or "Directory" in key:
@@ -1066,7 +1068,7 @@ def _parse_condition(key):
             if name not in CAPABILITIES:
                 raise ValueError("unknown capability %s" % name)
             value = name
-        return ((key, negated, value),)
+        return ((key, negated, value, triggering),)
     return parse
 
 
@@ -2945,46 +2947,66 @@ def _sandbox_key_set(spec, key):
 # child with prctl(PR_SET_SECCOMP) before the user change (as root it needs
 # no no_new_privs then). Known for x86_64 only; elsewhere status lists both
 # as not applied. 32-bit compat system calls are not filtered.
-SECCOMP_ARCHES = {"x86_64": 0xc000003e}            # AUDIT_ARCH_X86_64
-SUID_SGID_CALLS = (                                 # name, x86_64 number, the mode's argument, the flags' argument
-    ("chmod", 90, 1, None), ("fchmod", 91, 1, None), ("fchmodat", 268, 2, None), ("fchmodat2", 452, 2, None),
-    ("creat", 85, 1, None), ("open", 2, 2, 1), ("openat", 257, 3, 2), ("mkdir", 83, 1, None),
-    ("mkdirat", 258, 2, None), ("mknod", 133, 1, None), ("mknodat", 259, 2, None))
-PERSONALITY_CALL = 135
+SECCOMP_ARCHES = {"x86_64": 0xc000003e}            # AUDIT_ARCH_X86_64 (the kernel's x32 calls too)
+AUDIT_ARCH_I386 = 0x40000003                       # the 32-bit calls an x86_64 kernel also takes
+X32_BIT = 0x40000000
+SUID_SGID_CALLS = (                                 # name, x86_64 and i386 numbers, the mode's argument, the flags'
+    ("chmod", 90, 15, 1, None), ("fchmod", 91, 94, 1, None), ("fchmodat", 268, 306, 2, None),
+    ("fchmodat2", 452, 452, 2, None), ("creat", 85, 8, 1, None), ("open", 2, 5, 2, 1), ("openat", 257, 295, 3, 2),
+    ("mkdir", 83, 39, 1, None), ("mkdirat", 258, 296, 2, None), ("mknod", 133, 14, 1, None),
+    ("mknodat", 259, 297, 2, None))
+PERSONALITY_CALLS = (135, 136)                      # x86_64, i386
+OPENAT2 = 437                                       # its mode is in a struct: refused with ENOSYS, as systemd does
 PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
 
 
 def seccomp_program(restrict_suid_sgid, lock_personality, personality, arch=SECCOMP_ARCHES["x86_64"]):
     """The BPF instructions (code, jt, jf, k): setuid and setgid bits refused
     with EPERM in chmod, creat, open(O_CREAT), mkdir and mknod; personality()
-    allowed only to ask, or to set `personality` again. Pure."""
-    load, jeq, jset, ret = 0x20, 0x15, 0x45, 0x06     # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_JMP|JSET|K, BPF_RET|K
-    allow, deny = 0x7fff0000, 0x00050000 | errno.EPERM
+    allowed only to ask, or to set `personality` again. For the x86_64 calls
+    (x32's folded in) and the i386 ones an x86_64 kernel also takes. Pure."""
+    load, jeq, jset, ret, and_ = 0x20, 0x15, 0x45, 0x06, 0x54   # BPF_LD|W|ABS, JMP|JEQ|K, JMP|JSET|K, RET|K, ALU|AND|K
+    allow, deny, nosys = 0x7fff0000, 0x00050000 | errno.EPERM, 0x00050000 | errno.ENOSYS
     code, labels = [], {}
 
     def emit(op, k, jt=None, jf=None):
         code.append((op, jt, jf, k))
 
+    def rules(table, prefix):
+        found = [((x86, i386)[table], mode, flags) for _, x86, i386, mode, flags in SUID_SGID_CALLS] \
+            if restrict_suid_sgid else []
+        if restrict_suid_sgid:
+            found.append((OPENAT2, "nosys", None))
+        if lock_personality:
+            found.append((PERSONALITY_CALLS[table], None, None))
+        for index, (number, mode_arg, flags_arg) in enumerate(found):
+            labels["%s%d" % (prefix, index)] = len(code)
+            emit(jeq, number, jf="%s%d" % (prefix, index + 1))
+            if mode_arg == "nosys":
+                emit(ret, nosys)
+            elif mode_arg is None:           # personality(persona)
+                emit(load, 16)
+                emit(jeq, 0xffffffff, jt="allow")
+                emit(jeq, personality, jt="allow", jf="deny")
+            else:
+                if flags_arg is not None:    # open/openat: only when O_CREAT makes a file
+                    emit(load, 16 + 8 * flags_arg)
+                    emit(jset, os.O_CREAT, jf="allow")
+                emit(load, 16 + 8 * mode_arg)    # the low 32 bits of the argument
+                emit(jset, 0o6000, jt="deny", jf="allow")
+        labels["%s%d" % (prefix, len(found))] = len(code)
+        emit(ret, allow)
+
     emit(load, 4)                            # seccomp_data.arch
-    emit(jeq, arch, jf="allow")
+    emit(jeq, arch, jf="other")
     emit(load, 0)                            # seccomp_data.nr
-    rules = [(number, mode, flags) for _, number, mode, flags in SUID_SGID_CALLS] if restrict_suid_sgid else []
-    if lock_personality:
-        rules.append((PERSONALITY_CALL, None, None))
-    for index, (number, mode_arg, flags_arg) in enumerate(rules):
-        labels["rule%d" % index] = len(code)
-        emit(jeq, number, jf="rule%d" % (index + 1))
-        if mode_arg is None:                 # personality(persona)
-            emit(load, 16)
-            emit(jeq, 0xffffffff, jt="allow")
-            emit(jeq, personality, jt="allow", jf="deny")
-            continue
-        if flags_arg is not None:            # open/openat: only when O_CREAT makes a file
-            emit(load, 16 + 8 * flags_arg)
-            emit(jset, os.O_CREAT, jf="allow")
-        emit(load, 16 + 8 * mode_arg)        # the low 32 bits of the argument
-        emit(jset, 0o6000, jt="deny", jf="allow")
-    labels["rule%d" % len(rules)] = labels["allow"] = len(code)
+    emit(and_, 0xffffffff & ~X32_BIT)        # an x32 call is the same call with bit 30 set
+    rules(0, "native")
+    labels["other"] = len(code)
+    emit(jeq, AUDIT_ARCH_I386, jf="allow")
+    emit(load, 0)
+    rules(1, "i386")
+    labels["allow"] = len(code)
     emit(ret, allow)
     labels["deny"] = len(code)
     emit(ret, deny)
@@ -3108,9 +3130,10 @@ class Sandbox:
             self._check(self.libc.unshare(self.unshare), "unshare")
         if self.unshare & CLONE_NEWNS:
             self._mount(None, "/", None, 16384 | MS_SLAVE)     # MS_REC|MS_SLAVE: nothing goes back to the host
+        sources = self._bind_sources()    # taken while the host's view is whole: later steps may hide them
         for what, path, argument, optional in self.steps:
             exists = os.path.lexists(path)
-            if not exists and what not in ("tmpfs",):
+            if not exists and what not in ("tmpfs", "bind", "bind-ro"):
                 if optional:
                     continue
                 raise OSError(errno.ENOENT, "%s: no such file or folder" % path)
@@ -3137,9 +3160,15 @@ class Sandbox:
                 self._mount("tmpfs", path, "tmpfs", 2 | 4 | (MS_RDONLY if read_only else 0), options)
             elif what in ("bind", "bind-ro"):
                 source, recursive = argument
-                self._mount(source, path, None, MS_BIND | (16384 if recursive else 0))
-                if what == "bind-ro":
-                    self._setattr(path, MOUNT_ATTR_RDONLY, 0)
+                if source not in sources:
+                    if optional:
+                        continue
+                    raise OSError(errno.ENOENT, "%s: no such file or folder" % source)
+                self._mount("/proc/self/fd/%d" % sources[source], path, None, MS_BIND | (16384 if recursive else 0))
+                # A bind copies the flags of where it is made: under ProtectSystem=strict
+                # it would be read-only too.
+                self._setattr(path, MOUNT_ATTR_RDONLY if what == "bind-ro" else 0,
+                              0 if what == "bind-ro" else MOUNT_ATTR_RDONLY)
             elif what == "devices":
                 self._private_devices(argument)
         if self.loopback:
@@ -3151,6 +3180,25 @@ class Sandbox:
         if self.seccomp is not None:      # last: nothing after it may need a call it refuses
             self._check(self.libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, self.ctypes.byref(self.seccomp[0]), 0, 0),
                         "RestrictSUIDSGID=/LockPersonality= (seccomp)")
+
+    def _bind_sources(self):
+        """{source path: O_PATH descriptor} of the binds (BindPaths=, PrivateTmp=),
+        and their mount points made where missing (as systemd makes them),
+        before any step could hide a source or make the file system read-only."""
+        sources = {}
+        for what, path, argument, _ in self.steps:
+            if what not in ("bind", "bind-ro") or argument[0] in sources:
+                continue
+            try:
+                sources[argument[0]] = os.open(argument[0], os.O_PATH | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            if not os.path.lexists(path):
+                if os.path.isdir(argument[0]):
+                    os.makedirs(path, 0o755)
+                else:
+                    os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o644))
+        return sources
 
     def _all_read_only(self):
         """ProtectSystem=strict: every mount read-only but /dev, /proc and
@@ -3360,7 +3408,12 @@ class Cgroups:
                     folder = self._make(group, os.path.join(self.v1[controller], name))
                     if folder is None:
                         raise OSError(errno.EACCES, "cannot create its cgroup")
-                    self._write_v1(folder, key, value)
+                    try:
+                        self._write_v1(folder, key, value)
+                    except OSError:
+                        if group.tracking != folder:      # a group whose limit failed is not joined
+                            group.folders.remove(folder)
+                        raise
                     entry.update(applied=True, why="cgroup v1 %s" % folder)
                     if group.tracking is None:
                         group.tracking = folder
@@ -5476,13 +5529,18 @@ class Launcher:
         """The first Condition*=/Assert*= of `service` that does not hold, or None."""
         if self.virtualization is None:
             self.virtualization = container_name()
-        for key, negated, value in service.spec.conditions:
+        triggering = []
+        for key, negated, value, trigger in service.spec.conditions:
             try:
-                holds = condition_holds(key, value, self.virtualization)
-            except OSError:
+                holds = condition_holds(key, value, self.virtualization) != negated
+            except (OSError, ValueError):
                 holds = False
-            if holds == negated:
+            if trigger:
+                triggering.append((holds, (key, negated, value)))
+            elif not holds:
                 return key, negated, value
+        if triggering and not any(holds for holds, _ in triggering):
+            return triggering[0][1]
         return None
 
     def signal_main(self, service, number):
@@ -5608,7 +5666,7 @@ class Launcher:
             return Sandbox(spec, full=False) if spec.no_new_privileges else None
         helpers = self._sandbox_helpers()
         if spec.private_tmp and service.private_tmp is None:
-            service.private_tmp = self._private_tmp(service.name)
+            service.private_tmp = self._private_tmp(self._private_tmp_prefix(service.name))
         writable = [os.path.join(self.folders[kind], relative) for kind, relative in spec.directories]
         return Sandbox(spec, service.private_tmp if spec.private_tmp else None, helpers, run_as.uid is not None, writable)
 
@@ -5628,15 +5686,18 @@ class Launcher:
                 raise SpawnError("sandbox: cannot make %s: %s" % (folder, exc.strerror))
         return helpers
 
+    def _private_tmp_prefix(self, name):
+        return "gitproc-private-%s-%s-" % (self.cgroups.instance if self.cgroups else "", name)
+
     @staticmethod
-    def _private_tmp(name):
+    def _private_tmp(prefix):
         """PrivateTmp=: a /tmp and a /var/tmp shared by the processes of this
         run of the unit (as systemd's /tmp/systemd-private-*), removed at stop."""
         import tempfile
         made = []
         try:
             for base in ("/tmp", "/var/tmp"):
-                outer = tempfile.mkdtemp(prefix="gitproc-private-%s-" % name, dir=base)   # 0700, root's
+                outer = tempfile.mkdtemp(prefix=prefix, dir=base)   # 0700, root's
                 inner = os.path.join(outer, "tmp")
                 os.mkdir(inner)
                 os.chmod(inner, 0o1777)
@@ -5697,9 +5758,11 @@ class Launcher:
         spec = service.spec
         if spec.pid_file:
             _unlink_quietly(spec.pid_file)
-        if service.private_tmp is not None:
-            for inner in service.private_tmp:
-                remove_tree(os.path.dirname(inner))
+        if spec.private_tmp or service.private_tmp is not None:
+            import glob as glob_module    # those of a run an earlier daemon started, too
+            prefix = self._private_tmp_prefix(service.name)
+            for outer in glob_module.glob("/tmp/%s*" % prefix) + glob_module.glob("/var/tmp/%s*" % prefix):
+                remove_tree(outer)
             service.private_tmp = None
         if spec.runtime_directory_preserve == "yes" or (
                 spec.runtime_directory_preserve == "restart" and service.want == "up"):
@@ -5784,6 +5847,8 @@ class Dependencies:
                 continue                  # made later in this deploy: BindsTo= does not order
             if other.want == "down" and other.state not in ACTIVE_STATES:
                 return "failed", "binds to %s, which is stopped" % name
+            if other.state == FAILED:
+                return "failed", "binds to %s, which failed (%s)" % (name, other.reason)
         for name in service.spec.after + service.spec.requires + self._named_before(service.name):
             required = name in service.spec.requires
             other = self.services.get(name)
@@ -5835,7 +5900,7 @@ class Dependencies:
             service = self.services.get(todo.pop())
             if service is None:
                 continue
-            for other in service.spec.wants:
+            for other in service.spec.wants + service.spec.binds_to:
                 if other not in seen and other in self.services and not self.services[other].removed:
                     seen.add(other)
                     todo.append(other)

@@ -4433,7 +4433,7 @@ class SandboxTests(SupervisionCase):
         lines = wait_until(lambda: len(self.home.service_log("priv").splitlines()) >= 2 and
                            self.home.service_log("priv").splitlines(), 5, "the unit's probes")
         self.assertFalse(os.path.exists("/tmp/" + probe), "its /tmp is its own")
-        private = glob.glob("/tmp/gitproc-private-priv-*/tmp/%s.pre" % probe)
+        private = glob.glob("/tmp/gitproc-private-*-priv-*/tmp/%s.pre" % probe)
         self.assertEqual(len(private), 1, "ExecStartPre= and ExecStart= share it")
         self.assertEqual(set(lines[0].split()) - {"fd", "stdin", "stdout", "stderr", "ptmx", "pts", "shm"},
                          {"null", "zero", "full", "random", "urandom", "tty"})
@@ -4442,7 +4442,7 @@ class SandboxTests(SupervisionCase):
         self.assertNotEqual(os.readlink("/proc/%d/ns/net" % pid), os.readlink("/proc/self/ns/net"))
         self.assertEqual(int(proc_status(pid)["CapBnd"], 16) & (1 << 27), 0, "PrivateDevices= drops CAP_MKNOD")
         self.home.cli("stop", "priv")
-        self.assertEqual(glob.glob("/tmp/gitproc-private-priv-*"), [], "its /tmp goes at stop")
+        self.assertEqual(glob.glob("/tmp/gitproc-private-*-priv-*"), [], "its /tmp goes at stop")
 
     def test_restrict_suid_sgid_and_lock_personality_filter_system_calls(self):
         if os.uname().machine not in gitproc.SECCOMP_ARCHES:
@@ -4460,6 +4460,21 @@ class SandboxTests(SupervisionCase):
                          ["suid-refused", "plain-ok", "sgid-refused", "persona-refused", "persona-same"])
         self.assertEqual(proc_status(pid)["Seccomp"].strip(), "2", "a seccomp filter is loaded")
 
+    def test_strict_with_a_private_tmp_and_binds_that_stay_writable(self):
+        source = self.file("bsrc")
+        os.mkdir(source)
+        target = "/srv/gp-bind-%d" % os.getpid()
+        self.addCleanup(lambda: os.path.isdir(target) and os.rmdir(target))
+        script = ("touch /tmp/x && echo tmp-writable; touch /var/tmp/x && echo vartmp-writable; "
+                  "touch {t}/x && echo bind-writable; exec sleep 1000").format(t=target)
+        self.deploy({"sb.service": unit_text("ExecStart=" + sh(script), "ProtectSystem=strict", "PrivateTmp=yes",
+                                             "BindPaths=%s:%s" % (source, target))})
+        self.watch(self.home.running_pid("sb"))
+        wait_until(lambda: "bind-writable" in self.home.service_log("sb") or "Read-only" in self.home.service_log("sb"),
+                   5, "the unit's probes")
+        self.assertEqual(self.home.service_log("sb").split(), ["tmp-writable", "vartmp-writable", "bind-writable"])
+        self.assertTrue(os.path.exists(os.path.join(source, "x")), "the bind reaches the source")
+
     def test_a_path_that_is_missing_fails_the_start_with_namespace(self):
         self.deploy({"bad.service": unit_text("ExecStart=" + SLEEPER, "ReadOnlyPaths=/nonexistent/gp-path")})
         service = self.home.wait_state("bad", "failed", timeout=10)
@@ -4476,6 +4491,42 @@ class SandboxTests(SupervisionCase):
         self.assertEqual(int(status["CapAmb"], 16), 1 << 10)
         self.assertEqual(int(status["CapEff"], 16), 1 << 10)
         self.assertEqual(status["Uid"].split()[0], "65534")
+
+
+class SeccompProgramTests(unittest.TestCase):
+    """The BPF of RestrictSUIDSGID=/LockPersonality=, read as the kernel runs it."""
+
+    def run_filter(self, program, arch, nr, args=(0, 0, 0, 0)):
+        """A tiny classic-BPF interpreter over seccomp_data (arch, nr, args)."""
+        data = {0: nr, 4: arch}
+        data.update({16 + 8 * i: a for i, a in enumerate(args)})
+        accumulator, pc = 0, 0
+        while True:
+            code, jt, jf, k = program[pc]
+            if code == 0x20:
+                accumulator = data.get(k, 0)
+            elif code == 0x54:
+                accumulator &= k
+            elif code == 0x15:
+                pc += jt if accumulator == k else jf
+            elif code == 0x45:
+                pc += jt if accumulator & k else jf
+            elif code == 0x06:
+                return k
+            pc += 1
+
+    def test_each_way_of_setting_a_setuid_bit_is_refused(self):
+        program = gitproc.seccomp_program(True, True, 0)
+        x86, i386, allow, eperm = 0xc000003e, 0x40000003, 0x7fff0000, 0x00050000 | errno.EPERM
+        cases = [(x86, 90, (0, 0o4755), eperm), (x86, 90, (0, 0o755), allow), (x86, 2, (0, os.O_CREAT, 0o2755), eperm),
+                 (x86, 2, (0, 0, 0o4755), allow), (x86, 257, (0, 0, os.O_CREAT, 0o4000), eperm),
+                 (x86, 90 | 0x40000000, (0, 0o4755), eperm), (i386, 15, (0, 0o4755), eperm),
+                 (i386, 15, (0, 0o644), allow), (x86, 437, (), 0x00050000 | errno.ENOSYS),
+                 (x86, 135, (0xffffffff,), allow), (x86, 135, (0,), allow), (x86, 135, (8,), eperm),
+                 (i386, 136, (8,), eperm), (x86, 0, (), allow)]
+        for arch, nr, args, expected in cases:
+            with self.subTest(arch=hex(arch), nr=nr, args=args):
+                self.assertEqual(self.run_filter(program, arch, nr, args + (0,) * (4 - len(args))), expected)
 
 
 class CapabilitySetTests(unittest.TestCase):
@@ -4545,6 +4596,15 @@ class ControlCommandTests(SupervisionCase):
             pass
         self.assertEqual(self.home.cli("start", "skipped")[0], 0)
         self.watch(self.home.running_pid("skipped"))
+
+    def test_triggering_conditions_need_one_of_them(self):
+        missing = self.file("missing")
+        self.deploy({"either.service": unit_text("ExecStart=" + SLEEPER, unit_lines=[
+                         "ConditionPathExists=|" + missing, "ConditionPathExists=|/"]),
+                     "neither.service": unit_text("ExecStart=" + SLEEPER, unit_lines=[
+                         "ConditionPathExists=|" + missing, "ConditionPathExists=|!/"])})
+        self.watch(self.home.running_pid("either"))
+        self.assertIn("condition failed", self.home.wait_state("neither", "stopped")["reason"])
 
     def test_stop_post_runs_after_a_failed_start_and_stop_does_not(self):
         out = self.file("out")
