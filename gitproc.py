@@ -8844,7 +8844,9 @@ def follow_file(path, out, stop=None, interval=0.2, start=None):
                     except OSError:
                         pass
                 log_file.close()
-                log_file = open(path, "rb")
+                log_file = _open_once_there(path, interval, stop)   # a renamed log's successor may come later
+                if log_file is None:
+                    return
                 continue
             data = log_file.read()
             if data:
@@ -8856,7 +8858,18 @@ def follow_file(path, out, stop=None, interval=0.2, start=None):
                 continue
             time.sleep(interval)
     finally:
-        log_file.close()
+        if log_file is not None:
+            log_file.close()
+
+
+def _open_once_there(path, interval, stop):
+    """`path` opened as soon as it exists again, or None once `stop()`."""
+    while stop is None or not stop():
+        try:
+            return open(path, "rb")
+        except FileNotFoundError:
+            time.sleep(interval)
+    return None
 
 
 def format_event(event):

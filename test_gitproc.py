@@ -6054,6 +6054,32 @@ class FollowTests(unittest.TestCase):
             wait_until(lambda: "line %d\n" % (start + 199) in self.out.getvalue(), 10, "line %d" % (start + 199))
         return write
 
+    def test_a_renamed_log_whose_successor_comes_later_is_still_followed(self):
+        folder = tempfile.mkdtemp(prefix="gpf", dir="/tmp")
+        self.addCleanup(shutil.rmtree, folder)
+        path = os.path.join(folder, "daemon.log")
+        open(path, "w").close()
+        out, done, turns = io.StringIO(), threading.Event(), [0]
+
+        def stop():                       # counts the follower's turns
+            turns[0] += 1
+            return done.is_set()
+        follower = threading.Thread(target=gitproc.follow_file, args=(path, out, stop, 0.005))
+        follower.start()
+        self.addCleanup(follower.join, 10)
+        self.addCleanup(done.set)
+        wait_until(lambda: turns[0] > 2, 10, "the follower to run")
+        with open(path, "a") as log_file:
+            log_file.write("before\n")
+        wait_until(lambda: "before" in out.getvalue(), 10, "the first line")
+        os.rename(path, path + ".1")
+        seen = turns[0]
+        wait_until(lambda: turns[0] > seen + 3, 10, "the follower to see the rename, with no new file yet")
+        with open(path, "a") as log_file:
+            log_file.write("after\n")
+        wait_until(lambda: "after" in out.getvalue(), 10, "the line of the new file")
+        self.assertTrue(follower.is_alive())
+
     def test_follow_across_copy_and_truncate(self):
         folder = tempfile.mkdtemp(prefix="gpf", dir="/tmp")
         self.addCleanup(shutil.rmtree, folder)
