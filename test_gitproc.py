@@ -4236,6 +4236,21 @@ class TemplateAndDropInTests(SupervisionCase):
         for name in ("web@a-b", "web@c"):
             self.watch(self.wait_new_pid(name, before[name])["pid"])
         self.assertEqual(self.home.status("db")["pid"], before["db"], "db did not change")
+        newest = self.home.request({"cmd": "history", "count": 1})["history"][-1]
+        self.assertEqual((newest["subject"], sorted(newest["changed"])), ("a template drop-in", ["web@a-b", "web@c"]))
+
+    def test_diff_names_each_unit_a_drop_in_changes_and_the_key(self):
+        def specs(drop_in):
+            files = {"web@.service": unit(SLEEPER).encode(), "web@a.service": b"", "web@b.service": b"",
+                     "db.service": unit(SLEEPER).encode(), "web@.service.d/env.conf": drop_in.encode()}
+            listing = [(path, False, len(data), path) for path, data in files.items()]
+            composed, problems = gitproc.compose_units(listing, lambda blob: "")
+            entries = [(name, path, [(source, files[source]) for source, _ in sources], blob)
+                       for name, path, sources, blob in composed]
+            return gitproc.check_unit_tree(entries, problems=problems)[0]
+        plan = gitproc.plan_deploy(specs("[Service]\nEnvironment=A=1\n"), specs("[Service]\nEnvironment=A=2\n"))
+        self.assertEqual((plan["changed"], plan["unchanged"]), (["web@a", "web@b"], ["db"]))
+        self.assertEqual(plan["changes"]["web@a"], ["Environment="])
 
     def test_an_instance_without_its_template_is_an_error_naming_it(self):
         problems = gitproc.compose_units([("api@x.service", False, 0, "e69d")], lambda blob: "")[1]
