@@ -4768,7 +4768,7 @@ class StockUnitTests(SupervisionCase):
         status = proc_status(service["pid"])
         self.assertEqual((status["NoNewPrivs"].strip(), int(status["CapBnd"], 16)), ("1", 0), "its sandbox")
         self.assertIn("ro", mount_options(service["pid"], "/"), "ProtectSystem=strict")
-        self.assertEqual(open("/proc/%d/limits" % service["pid"]).read().count("65535") >= 1 or
+        self.assertEqual(read_text("/proc/%d/limits" % service["pid"]).count("65535") >= 1 or
                          "lowered to the hard limit" in self.home.daemon_log(), True, "LimitNOFILE=65535")
         code, _, err = self.home.cli("stop", "redis-server")
         self.assertEqual(code, 0, err)
