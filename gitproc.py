@@ -369,6 +369,21 @@ def read_proc_stat(pid):
     return raw[raw.rfind(b")") + 2:].split() or None
 
 
+def read_pid_file(path):
+    """The live process a PID file names, or None: missing, empty (nginx makes
+    it so first), or naming a process gone. ValueError for other content."""
+    try:
+        text = _read_text(path).strip()
+    except FileNotFoundError:
+        return None
+    if not text:
+        return None
+    if not text.isdigit() or int(text) <= 1:
+        raise ValueError("does not hold a process id: %r" % text[:40])
+    fields = read_proc_stat(int(text))
+    return int(text) if fields is not None and fields[0] != b"Z" else None
+
+
 def pid_start_time(pid):
     """Field 22 of /proc/PID/stat: when the process started, in clock ticks since
     boot. A pid and this number together name one process, even after pid reuse."""
@@ -2907,14 +2922,14 @@ PROTECTED_PATHS = {
 DEVICE_NODES = ("null", "zero", "full", "random", "urandom", "tty")
 
 
+# The UnitSpec fields of the sandbox keys, as the directive table names them.
+SANDBOX_FIELDS = tuple(sorted({DIRECTIVES[("Service", key)][0] for key in SANDBOX_KEYS}))
+UNSET = (None, False, "no", ())          # what a sandbox field holds when its key asks for nothing
+
+
 def sandbox_wanted(spec):
     """Whether a unit asks for any of the sandbox."""
-    return bool(spec.no_new_privileges or spec.private_tmp or spec.private_devices or spec.private_network or
-                spec.private_ipc or spec.private_mounts or spec.protect_system != "no" or spec.protect_home != "no" or
-                spec.protect_kernel_tunables or spec.protect_kernel_modules or spec.protect_kernel_logs or
-                spec.protect_control_groups or spec.protect_hostname or spec.protect_clock or spec.paths or
-                spec.temporary_file_systems or spec.bind_paths or spec.capability_bounding_set or
-                spec.ambient_capabilities or spec.restrict_suid_sgid or spec.lock_personality)
+    return any(getattr(spec, field) not in UNSET for field in SANDBOX_FIELDS)
 
 
 def sandbox_not_applied(spec):
@@ -2932,14 +2947,14 @@ def sandbox_not_applied(spec):
 
 
 def _sandbox_key_set(spec, key):
-    field = re.sub(r"(?<!^)(?=[A-Z])", "_", key).lower()
+    """Whether the unit sets sandbox key `key` (some share a field: the
+    paths keys, BindPaths= and BindReadOnlyPaths=)."""
+    value = getattr(spec, DIRECTIVES[("Service", key)][0])
     if key in PATH_KEYS:
-        return any(mode == PATH_KEYS[key] for mode, _, _ in spec.paths)
-    field = {"TemporaryFileSystem": "temporary_file_systems", "BindPaths": "bind_paths",
-             "BindReadOnlyPaths": "bind_paths", "PrivateIPC": "private_ipc",
-             "RestrictSUIDSGID": "restrict_suid_sgid"}.get(key, field)
-    value = getattr(spec, field, None)
-    return value not in (None, False, "no", ())
+        return any(mode == PATH_KEYS[key] for mode, _, _ in value)
+    if key in ("BindPaths", "BindReadOnlyPaths"):
+        return any(read_only == (key == "BindReadOnlyPaths") for _, _, read_only, _, _ in value)
+    return value not in UNSET
 
 
 # RestrictSUIDSGID= and LockPersonality= are seccomp filters in systemd; here
@@ -5190,7 +5205,7 @@ class Service:
             self.host.log.warning(self.name, "Reload failed: %s" % error)
         else:
             self.host.log.info(self.name, "Reloaded")
-        return getattr(self, "reload_from", RUNNING), None
+        return self.reload_from, None
 
     # -- the end of a run ------------------------------------------------------------
 
@@ -5467,23 +5482,16 @@ class Launcher:
         spec = service.spec
         if spec.pid_file:
             try:
-                text = _read_text(spec.pid_file).strip()
-            except FileNotFoundError:
-                return None
-            except OSError as exc:
-                raise SpawnError("PIDFile=%s: %s" % (spec.pid_file, exc.strerror))
-            if not text:
-                return None
-            if not text.isdigit() or int(text) <= 1:
-                raise SpawnError("PIDFile=%s does not hold a process id: %r" % (spec.pid_file, text[:40]))
-            fields = read_proc_stat(int(text))
-            if fields is None or fields[0] == b"Z":
-                return None                # stale (an earlier run's): the new one may still be written
-            if not self.belongs_to(service, int(text)) and os.stat(spec.pid_file).st_uid != 0:
+                pid = read_pid_file(spec.pid_file)
+            except (OSError, ValueError) as exc:
+                raise SpawnError("PIDFile=%s: %s" % (spec.pid_file, getattr(exc, "strerror", None) or exc))
+            if pid is None:
+                return None                # not written yet, or an earlier run's
+            if not self.belongs_to(service, pid) and os.stat(spec.pid_file).st_uid != 0:
                 # as systemd: a process outside the service only on root's word
-                raise SpawnError("PIDFile=%s names pid %s, which is not a process of this service, and the file "
-                                 "is not root's" % (spec.pid_file, text))
-            return int(text)
+                raise SpawnError("PIDFile=%s names pid %d, which is not a process of this service, and the file "
+                                 "is not root's" % (spec.pid_file, pid))
+            return pid
         if self.cgroups is None or service.cgroup is None or service.cgroup.tracking is None:
             raise SpawnError("Type=forking without PIDFile= needs cgroups to find the main process (%s)" % (
                 self.cgroups.problem if self.cgroups else "cgroups are not used"))
@@ -7112,11 +7120,11 @@ class Recovery:
         if spec.type != "forking" or not spec.pid_file:
             return None
         try:
-            text = _read_text(spec.pid_file).strip()
-        except OSError:
+            pid = read_pid_file(spec.pid_file)
+        except (OSError, ValueError):
             return None
-        start = pid_start_time(int(text)) if text.isdigit() and int(text) > 1 else None
-        return (int(text), start) if start is not None else None
+        start = pid_start_time(pid) if pid is not None else None
+        return (pid, start) if start is not None else None
 
     def forget_units_not_in(self, names):
         """Units removed while no daemon ran: forget them (a live process of
@@ -8065,9 +8073,12 @@ class Daemon:
                 heapq.heappop(self.timers)
             if self.timers:
                 timeout = max(0.0, self.timers[0][0] - time.monotonic())
-            # sd_notify first: a READY=1 or MAINPID= sent just before the
-            # sender exited must count before that exit does (as in systemd).
-            for key, mask in sorted(self.selector.select(timeout), key=self._notify_first):
+            events = self.selector.select(timeout)
+            if len(events) > 1:
+                # sd_notify first: a READY=1 or MAINPID= sent just before the
+                # sender exited must count before that exit does (as in systemd).
+                events.sort(key=self._notify_first)
+            for key, mask in events:
                 callback, argument = key.data
                 self._guarded(callback, argument, mask)
             now = time.monotonic()
