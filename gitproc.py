@@ -51,6 +51,8 @@ UNIT_SUFFIX = ".service"
 UNIT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}\Z")
 RESERVED_UNIT_NAMES = {"daemon": "the name 'daemon' is reserved for the daemon's own log"}
 MAX_UNIT_FILE_BYTES = 1 << 20
+DEFAULT_SNAPSHOT_MAX_BYTES = 100 * 2 ** 20   # of a unit's folder, materialised at each deploy (SPEC §13)
+SNAPSHOT_COLLECT_DELAY = 1.0        # unused snapshots are removed this long after a deploy
 
 DEFAULT_BRANCH = "main"
 DEFAULT_RESTART_SEC = 0.1
@@ -121,6 +123,10 @@ class GitError(GitprocError):
 
 class SpawnError(GitprocError):
     code = "spawn"
+
+
+class SnapshotError(GitprocError):
+    code = "snapshot"                 # a unit's folder cannot be materialised: that unit is not deployed
 
 
 class DaemonNotRunning(GitprocError):
@@ -300,6 +306,11 @@ def read_until_eof(fd):
         if not chunk:
             return b"".join(chunks)
         chunks.append(chunk)
+
+
+def some_paths(paths, shown=5):
+    """Paths for one line: the first few, and how many more."""
+    return ", ".join(paths[:shown]) + (" and %d more" % (len(paths) - shown) if len(paths) > shown else "")
 
 
 def describe_os_error(exc):
@@ -523,7 +534,7 @@ class UnitSpec:
         "health_check_url": None, "health_check_interval": 30.0,
         "health_check_timeout": 5.0, "health_check_retries": 3,
         "health_check_start_period": 0.0,
-        "private_pids": False, "auto_rollback": False,
+        "private_pids": False, "auto_rollback": False, "reload_on_file_change": False,
         "rlimits": (), "umask": None, "nice": None, "oom_score_adjust": None,
         "cpu_scheduling_policy": None, "cpu_scheduling_priority": None, "cpu_scheduling_reset_on_fork": False,
         "cpu_affinity": (), "io_scheduling_class": None, "io_scheduling_priority": None,
@@ -547,11 +558,12 @@ class UnitSpec:
         "runtime_directory_preserve": "no",
         "not_applied": (),              # (Key, value) of systemd keys gitproc does not apply
     }
-    __slots__ = ("name", "path", "blob", "sources") + tuple(FIELDS)
+    __slots__ = ("name", "path", "blob", "sources", "owned") + tuple(FIELDS)
 
     def __init__(self, name, path, blob="", **values):
         self.name, self.path, self.blob = name, path, blob
         self.sources = (path,)            # the files it was read from: its own (or template's), drop-ins
+        self.owned = None                 # OwnedFolder of the commit it was read from (None at the root)
         for field, default in self.FIELDS.items():
             setattr(self, field, values.pop(field, default))
         if values:
@@ -567,6 +579,27 @@ class UnitSpec:
                 value = tuple(c.key() for c in value)
             values[field] = value
         return values
+
+    def with_owned(self, owned):
+        """This spec, or a copy of it, whose owned folder is `owned`: a parsed
+        unit is shared by the commits that hold the same file, its folder
+        is not."""
+        if owned == self.owned:
+            return self
+        copy = UnitSpec.__new__(UnitSpec)
+        for slot in UnitSpec.__slots__:
+            setattr(copy, slot, getattr(self, slot))
+        copy.owned = owned
+        return copy
+
+    @property
+    def tree(self):
+        """The tree id of its owned folder (its snapshot's key), or None."""
+        return self.owned.tree if self.owned else None
+
+    def identity(self):
+        """What tells two versions apart: what it means, and its folder."""
+        return self.fingerprint(), self.tree
 
     def start_timeout(self):
         """TimeoutStartSec=: seconds, or None for no limit (0 and infinity;
@@ -1222,6 +1255,7 @@ DIRECTIVES = {
     ("Service", "HealthCheckStartPeriod"): ("health_check_start_period", parse_timespan, "one"),
     ("Service", "PrivatePIDs"): ("private_pids", parse_bool, "one"),
     ("Service", "AutoRollback"): ("auto_rollback", parse_bool, "one"),
+    ("Service", "ReloadOnFileChange"): ("reload_on_file_change", parse_bool, "one"),
     ("Service", "UMask"): ("umask", _parse_umask, "one"),
     ("Service", "RuntimeDirectoryPreserve"): ("runtime_directory_preserve", _parse_preserve, "one"),
     ("Service", "CPUSchedulingPolicy"): ("cpu_scheduling_policy", _parse_choice(tuple(CPU_POLICIES)), "one"),
@@ -1456,7 +1490,11 @@ def _read_lines_into(values, lines_of, not_applied, warned_sections, name, text,
         if field in _SPECIFIER_FIELDS:
             value, unknown = expand_specifiers(value, name, context)
             for specifier in unknown:
-                report(line_number, "warning", "%s=: specifier %s is not supported, kept as written" % (key, specifier))
+                if specifier in ("%Y", "%y"):
+                    report(line_number, "error", "%s=: %s names the unit's folder, and a unit at the repository's "
+                           "root owns none: put it in a folder of its own (web/web.service)" % (key, specifier))
+                else:
+                    report(line_number, "warning", "%s=: specifier %s is not supported, kept as written" % (key, specifier))
         fields = field if isinstance(field, tuple) else (field,)     # TimeoutSec= sets two
         if not value and field in ("capability_bounding_set", "ambient_capabilities"):
             values[field] = ((None, ()),)  # as systemd: the empty assignment is the empty set
@@ -1501,6 +1539,9 @@ def _validate_unit(values, lines_of, report):
     if values.get("pid_file") and values.get("type", "simple") != "forking":
         report(lines_of["pid_file"], "warning", "PIDFile= is read for Type=forking only: the main process "
                "of this unit is the one gitproc starts (the file is removed once it stopped, as systemd does)")
+    if values.get("reload_on_file_change") and not values.get("exec_reload") and values.get("type") != "notify-reload":
+        report(lines_of["reload_on_file_change"], "warning", "ReloadOnFileChange=yes without ExecReload=: "
+               "a change of the unit's files restarts it")
     if values.get("start_limit_burst", 1) < 1:
         report(lines_of["start_limit_burst"], "error", "StartLimitBurst= must be at least 1")
     for field, key in (("restart_sec", "RestartSec"), ("health_check_interval", "HealthCheckInterval"),
@@ -1509,13 +1550,16 @@ def _validate_unit(values, lines_of, report):
             report(lines_of[field], "error", "%s= cannot be infinity" % key)
 
 
-def check_unit_tree(entries, cache=None, problems=(), context=None):
+def check_unit_tree(entries, cache=None, problems=(), context=None, folders=None, files_dir=None):
     """Parse many units: entries are (name, path, data, blob), data the bytes
     of the file or [(path, bytes)] of its sources (see compose_units).
     Returns ({name: UnitSpec}, [Diagnostic]); duplicate names are all
     rejected; `problems` (of composing the tree) come first. With a `cache`
     ({(path, blob): parse result}), a unit already parsed is not parsed
-    again (its data may then be None), and new results are added to it."""
+    again (its data may then be None), and new results are added to it.
+    `folders` ({folder: OwnedFolder}) gives units their owned folder: %Y is
+    then files_dir/NAME, the link to its snapshot (or, without files_dir,
+    the folder itself), and %y the unit file in it."""
     paths_of = {}
     for name, path, _, _ in entries:
         paths_of.setdefault(name, []).append(path)
@@ -1527,11 +1571,18 @@ def check_unit_tree(entries, cache=None, problems=(), context=None):
             others = ", ".join(p for p in paths_of[name] if p != path)
             diagnostics.append(Diagnostic(path, 1, "error", "unit name %r is also defined in %s: both are rejected" % (name, others)))
             continue
+        owned = (folders or {}).get(os.path.dirname(path))
         parsed = cache.get((path, blob)) if cache is not None and blob else None
         if parsed is None:
-            parsed = parse_unit(name, path, data, blob, context)
-            if cache is not None and blob:
-                cache[(path, blob)] = parsed
+            unit_context = context
+            if owned is not None:
+                place = os.path.join(files_dir, name) if files_dir else owned.path
+                unit_context = dict(context, Y=place, y=os.path.join(place, os.path.basename(path)))
+            parsed = parse_unit(name, path, data, blob, unit_context)
+        if parsed[0] is not None:
+            parsed = (parsed[0].with_owned(owned), parsed[1])
+        if cache is not None and blob:
+            cache[(path, blob)] = parsed
         spec, found = parsed
         for diagnostic in found:
             diagnostic.unit = name
@@ -1634,6 +1685,29 @@ def load_environment_file(path):
 DROP_IN_SUFFIX = UNIT_SUFFIX + ".d"
 
 
+def is_unit_source(path):
+    """Whether a file of the tree is read as a unit: NAME.service, or a
+    drop-in NAME.service.d/*.conf."""
+    return path.endswith(UNIT_SUFFIX) or (path.endswith(".conf") and os.path.dirname(path).endswith(DROP_IN_SUFFIX))
+
+
+class OwnedFolder:
+    """The folder a unit owns in one commit (SPEC §13): the folder of its
+    unit file, everything below it included; a unit at the repository's
+    root owns none. `tree`, the folder's Git tree id, names its snapshot;
+    `size` and `count` are of the files in it, once measured."""
+    __slots__ = ("path", "tree", "size", "count")
+
+    def __init__(self, path, tree):
+        self.path, self.tree, self.size, self.count = path, tree, None, None
+
+    def __eq__(self, other):
+        return isinstance(other, OwnedFolder) and (self.path, self.tree) == (other.path, other.tree)
+
+    def __hash__(self):
+        return hash((self.path, self.tree))
+
+
 def compose_units(files, link_target, lone_templates=False):
     """files: (path, is_symlink, size, object id) of the *.service files and
     *.service.d/*.conf drop-ins of a tree; link_target(object id) -> a
@@ -1726,6 +1800,7 @@ CONFIG_TYPES = {
     "socket_group": str, "state_file": str, "log_dir": str, "cgroup_root": str,
     "hostname": str, "poll_interval": (int, float), "max_poll_interval": (int, float),
     "log_max_bytes": int, "log_backups": int, "http_listen": str, "webhook_secret": str,
+    "snapshot_max_bytes": int,
 }
 ROOT_PATHS = {
     "repo_path": "/etc/gitproc/services", "socket_path": "/run/gitproc/gitproc.sock",
@@ -1740,7 +1815,7 @@ CONFIG_DEFAULTS = {
     "branch": DEFAULT_BRANCH, "remote": None, "socket_group": None,
     "cgroup_root": "/sys/fs/cgroup", "hostname": None, "poll_interval": 10,
     "max_poll_interval": 30, "log_max_bytes": 10 * 1024 * 1024, "log_backups": 3,
-    "http_listen": None, "webhook_secret": None,
+    "http_listen": None, "webhook_secret": None, "snapshot_max_bytes": DEFAULT_SNAPSHOT_MAX_BYTES,
 }
 # Command-line flags that override a config key: argparse dest -> key.
 FLAG_KEYS = {"repo": "repo_path", "branch": "branch", "remote": "remote",
@@ -1760,6 +1835,16 @@ class Config:
 
     def service_log(self, name):
         return os.path.join(self.log_dir, name + ".log")
+
+    @property
+    def snapshot_dir(self):
+        """Where units' folders are materialised, one folder per tree id."""
+        return os.path.join(os.path.dirname(self.state_file), "snapshots")
+
+    @property
+    def files_dir(self):
+        """Where each unit's %Y is: files/NAME, a link to its snapshot."""
+        return os.path.join(os.path.dirname(self.state_file), "files")
 
 
 def load_config(flags=None, environ=None):
@@ -1798,6 +1883,8 @@ def load_config(flags=None, environ=None):
         raise ConfigError("poll_interval must be > 0 and max_poll_interval at least poll_interval")
     if settings["log_max_bytes"] < 1024 or settings["log_backups"] < 0:
         raise ConfigError("log_max_bytes must be at least 1024 and log_backups at least 0")
+    if settings["snapshot_max_bytes"] < 0:
+        raise ConfigError("snapshot_max_bytes must be at least 0")
     if settings["http_listen"]:
         parse_listen_address(settings["http_listen"])
     settings.update(home=home, pid_file=defaults["pid_file"], config_path=config_path)
@@ -1947,11 +2034,12 @@ FETCH_TIMEOUT = 120
 REMOTE_REF = "refs/gitproc/remote/%s"   # where remote mode fetches the branch to
 
 
-def run_git(repo, args, input_data=None, timeout=GIT_TIMEOUT, check=True, env=None):
-    """Run `git -C repo ARGS`; returns stdout bytes. Raises GitError with git's
-    own first line of complaint when it fails (check=True)."""
+def run_git(repo, args, input_data=None, timeout=GIT_TIMEOUT, check=True, env=None, sink=None):
+    """Run `git -C repo ARGS`; returns stdout bytes (or, with `sink`, gives
+    sink() each piece of it as it comes). Raises GitError with git's own
+    first line of complaint when it fails (check=True)."""
     argv = ["git", "-C", repo] + list(args)
-    code, out, err = _run_captured(argv, input_data, timeout, env)
+    code, out, err = _run_captured(argv, input_data, timeout, env, sink)
     if check and code != 0:
         message = err.decode("utf-8", "replace").strip().splitlines()
         raise GitError("git %s failed: %s" % (args[0], message[0] if message else "exit code %d" % code))
@@ -1967,7 +2055,7 @@ def git_environment(extra=None):
     return env
 
 
-def _run_captured(argv, input_data, timeout, extra_env=None):
+def _run_captured(argv, input_data, timeout, extra_env=None, sink=None):
     """posix_spawn a program with stdin/stdout/stderr pipes; returns (code, out,
     err). The child is always reaped, also on a timeout or an error here."""
     program = find_program(argv[0], os.environ.get("PATH"))
@@ -1989,7 +2077,7 @@ def _run_captured(argv, input_data, timeout, extra_env=None):
         for fd in (in_r, out_w, err_w):
             os.close(fd)
             open_fds.remove(fd)
-        out, err = _exchange(in_w, out_r, err_r, input_data or b"", time.monotonic() + timeout, open_fds)
+        out, err = _exchange(in_w, out_r, err_r, input_data or b"", time.monotonic() + timeout, open_fds, sink)
         if out is None:
             raise GitError("%s %s timed out after %ds" % (argv[0], " ".join(argv[3:4]), timeout))
         finished = True
@@ -2002,9 +2090,10 @@ def _run_captured(argv, input_data, timeout, extra_env=None):
     return exit_info.get("code", 128 + exit_info.get("signal", 0)), out, err
 
 
-def _exchange(in_w, out_r, err_r, input_data, deadline, open_fds):
+def _exchange(in_w, out_r, err_r, input_data, deadline, open_fds, sink=None):
     """Feed stdin and collect stdout and stderr until both close; (None, None) at
-    the deadline. Closes stdin when all is written (and drops it from open_fds)."""
+    the deadline. Closes stdin when all is written (and drops it from open_fds).
+    With `sink`, stdout goes to sink(bytes) as it comes instead."""
     chunks = {out_r: [], err_r: []}
     pending = memoryview(input_data)
     import selectors
@@ -2033,7 +2122,9 @@ def _exchange(in_w, out_r, err_r, input_data, deadline, open_fds):
                         open_fds.remove(in_w)
                     continue
                 data = os.read(key.fd, 1 << 20)
-                if data:
+                if data and sink is not None and key.fd == out_r:
+                    sink(data)
+                elif data:
                     chunks[key.fd].append(data)
                 else:
                     selector.unregister(key.fd)
@@ -2238,26 +2329,36 @@ class RefWatcher:
 
 def git_read_units(repo, commit, known=()):
     """The units of the tree of `commit` (see compose_units): ([(name, path,
-    data, blob)], [Diagnostic]), data the [(path, bytes)] of its sources, or
-    None for the (path, blob) pairs in `known` (already parsed)."""
-    listing = run_git(repo, ["ls-tree", "-r", "-z", "-l", "--full-tree", commit])
-    files = []
+    data, blob)], [Diagnostic], {folder: OwnedFolder}), data the [(path,
+    bytes)] of its sources, or None for the (path, blob) pairs in `known`
+    (already parsed); the folders are those units own (SPEC §13)."""
+    listing = run_git(repo, ["ls-tree", "-r", "-t", "-z", "--full-tree", commit])
+    files, trees = [], {}
     for entry in listing.split(b"\0"):
         if not entry:
             continue
         meta, _, path = entry.partition(b"\t")
-        mode, kind, blob, size = meta.split()
+        mode, kind, blob = meta.split()
         path = path.decode("utf-8", "replace")
-        if kind == b"blob" and (path.endswith(UNIT_SUFFIX) or (path.endswith(".conf") and
-                                                                os.path.dirname(path).endswith(DROP_IN_SUFFIX))):
-            files.append((path, mode == b"120000", int(size) if size.isdigit() else -1, blob.decode()))
+        if kind == b"tree":
+            trees[path] = blob.decode()
+        elif kind == b"blob" and is_unit_source(path):
+            # sizes are not listed (that costs git a look at every object): an
+            # empty file is the empty blob
+            files.append((path, mode == b"120000", 0 if blob.decode() in EMPTY_BLOBS else 1, blob.decode()))
     links = _git_blobs(repo, [blob for path, is_link, _, blob in files if is_link and path.endswith(UNIT_SUFFIX)])
     composed, problems = compose_units(files, lambda blob: links.get(blob, b"").decode("utf-8", "replace"))
     wanted = [unit for unit in composed if (unit[1], unit[3]) not in known]
     contents = _git_blobs(repo, sorted({blob for _, _, sources, _ in wanted for _, blob in sources}))
     entries = [(name, path, None if (path, blob) in known else [(source, contents[object_id]) for source, object_id in sources],
                 blob) for name, path, sources, blob in composed]
-    return entries, problems
+    folders = {os.path.dirname(path) for _, path, _, _ in composed}
+    return entries, problems, {folder: OwnedFolder(folder, trees[folder]) for folder in folders if folder in trees}
+
+
+# The object id of an empty file, in SHA-1 and SHA-256 repositories.
+EMPTY_BLOBS = ("e69de29bb2d1d6434b8b29ae775ad8c2e48c5391",
+               "473a0f4c3be8a93681a267e3b1e9a7dcda1185436fe141f7749120a303721813")
 
 
 def _git_blobs(repo, blobs):
@@ -2312,30 +2413,52 @@ def git_worktree_of(repo, branch):
     return None
 
 
-def _unit_tree_entries(repo, commit):
-    """ls-tree entries of the files a deploy reads: unit files (instances'
-    symlinks too) and drop-ins."""
-    return [entry for entry in run_git(repo, ["ls-tree", "-r", "-z", commit]).split(b"\0")
-            if entry.endswith(UNIT_SUFFIX.encode()) or (
-                entry.endswith(b".conf") and os.path.dirname(entry).endswith(DROP_IN_SUFFIX.encode()))]
+def owning_folder(path, folders):
+    """The nearest folder above `path` that is in `folders`, or ""."""
+    folder = os.path.dirname(path)
+    while folder and folder not in folders:
+        folder = os.path.dirname(folder)
+    return folder
+
+
+def _restored_entries(listing, owned):
+    """The ls-tree entries a rollback takes from a commit: unit files and
+    drop-ins, and what is below the folders in `owned`."""
+    found = []
+    for entry in listing.split(b"\0"):
+        path = entry.partition(b"\t")[2].decode("utf-8", "surrogateescape")
+        if entry and (is_unit_source(path) or owning_folder(path, owned)):
+            found.append(entry)
+    return found
+
+
+def _unit_folders(listing):
+    """The folders units own in an ls-tree -r listing (SPEC §13)."""
+    paths = (entry.partition(b"\t")[2].decode("utf-8", "surrogateescape") for entry in listing.split(b"\0"))
+    return {os.path.dirname(path) for path in paths if path.endswith(UNIT_SUFFIX)} - {""}
 
 
 def git_restore_units(repo, branch, head, target):
-    """Add a commit on `branch` (at `head`) whose unit files are those of `target`,
-    other files untouched; returns its id, or None if they already match. History
-    is only added to. A working tree with the branch checked out is fast-forwarded
-    too, and must have no uncommitted changes: else GitError, nothing changed."""
+    """Add a commit on `branch` (at `head`) whose units are those of `target`:
+    their unit files and drop-ins, and the folders units own in either commit
+    (SPEC §13); other files are untouched. Returns its id, or None if they
+    already match. History is only added to. A working tree with the branch
+    checked out is fast-forwarded too, and must have no uncommitted changes:
+    else GitError, nothing changed."""
     worktree = git_worktree_of(repo, branch)
     if worktree and run_git(worktree, ["status", "--porcelain", "--untracked-files=no"]).strip():
         raise GitError("rollback refused: the working tree %s has uncommitted changes; commit or stash them first" % worktree)
+    head_listing = run_git(repo, ["ls-tree", "-r", "-z", head.sha])
+    target_listing = run_git(repo, ["ls-tree", "-r", "-z", target.sha])
+    owned = _unit_folders(head_listing) | _unit_folders(target_listing)
     index = os.path.join(git_common_dir(repo), "gitproc-rollback.index")
     env = {"GIT_INDEX_FILE": index}
     try:
         run_git(repo, ["read-tree", head.sha], env=env)
-        current = [entry.partition(b"\t")[2] for entry in _unit_tree_entries(repo, head.sha)]
+        current = [entry.partition(b"\t")[2] for entry in _restored_entries(head_listing, owned)]
         if current:
             run_git(repo, ["update-index", "-z", "--force-remove", "--stdin"], b"\0".join(current) + b"\0", env=env)
-        wanted = _unit_tree_entries(repo, target.sha)
+        wanted = _restored_entries(target_listing, owned)
         if wanted:
             run_git(repo, ["update-index", "-z", "--index-info"], b"\0".join(wanted) + b"\0", env=env)
         tree = run_git(repo, ["write-tree"], env=env).decode().strip()
@@ -2343,7 +2466,8 @@ def git_restore_units(repo, branch, head, target):
         _unlink_quietly(index)
     if tree == run_git(repo, ["rev-parse", head.sha + "^{tree}"]).decode().strip():
         return None
-    message = "Roll back units to %s\n\nRestores the unit files of %s (%s)." % (target.sha[:7], target.sha, target.subject)
+    message = "Roll back units to %s\n\nRestores the unit files and the units' folders of %s (%s)." % (
+        target.sha[:7], target.sha, target.subject)
     new = run_git(repo, _git_identity(repo) + ["commit-tree", tree, "-p", head.sha, "-m", message]).decode().strip()
     if worktree:
         run_git(worktree, ["merge", "--ff-only", "-q", new])
@@ -2352,11 +2476,343 @@ def git_restore_units(repo, branch, head, target):
     return new
 
 
-def plan_deploy(old_specs, new_specs):
+def git_changed_paths(repo, old, new):
+    """The paths that differ between two trees (or commits), relative to
+    them; every path of `new` when `old` is None."""
+    if old is None:
+        listing = run_git(repo, ["ls-tree", "-r", "-z", "--name-only", new])
+    else:
+        listing = run_git(repo, ["diff-tree", "-r", "-z", "--name-only", "--no-renames", old, new])
+    return [path.decode("utf-8", "replace") for path in listing.split(b"\0") if path]
+
+
+# ---- snapshots of units' folders (SPEC §13) ---------------------------------------
+# A unit's folder runs from Git objects, never from a working tree. Its tree,
+# read with ls-tree and cat-file (so no .gitattributes filter applies: these
+# are the bytes of the objects), is written to snapshots/.new-TREE-PID and
+# renamed to snapshots/TREE, which nothing writes again; identical folders
+# share it. files/NAME, the unit's %Y, is a link to the snapshot of the
+# version it runs, switched by an atomic rename: a reload finds the new files
+# where the old ones were. A snapshot is checked against Git the first time
+# a daemon uses it, and written again if it differs; one that no unit runs
+# or keeps for rollback is removed.
+
+class Snapshots:
+    """The snapshots folder and the units' links into it."""
+
+    def __init__(self, repo, root, links, limit, log):
+        self.repo, self.root, self.links, self.limit, self.log = repo, root, links, limit, log
+        self.ready = set()                # trees written or checked by this daemon
+        self.listings = {}                # tree -> its listing (see listing), for the trees in use
+
+    def path(self, tree):
+        return os.path.join(self.root, tree)
+
+    def link(self, name):
+        return os.path.join(self.links, name)
+
+    def measure(self, owned, base=None):
+        """Fill in the size and file count of an OwnedFolder (see listing);
+        SnapshotError if it is over the limit or its tree cannot be read."""
+        listing = self.listing(owned.tree, owned.path, base)
+        owned.size, owned.count = sum(size for _, _, _, size in listing), len(listing)
+
+    def ensure(self, tree, folder, base=None):
+        """The snapshot of `tree` (of the repository's `folder`, for messages):
+        written from Git if missing, written again if it is not what Git
+        holds. Files the snapshot of `base` (the version it replaces) has
+        alike are hard links to that one's: a changed folder costs the files
+        that changed. SnapshotError if it cannot be written."""
+        target = self.path(tree)
+        if tree in self.ready:
+            return target
+        listing = self.listing(tree, folder)
+        if os.path.isdir(target):
+            problem = self._mismatch(target, listing)
+            if problem is None:
+                self.ready.add(tree)
+                return target
+            self.log.warning("daemon", "Snapshot %s of %s/ %s: writing it again from Git" % (tree[:7], folder, problem))
+        self._write(tree, folder, listing, base if base in self.ready and base in self.listings else None)
+        self.ready.add(tree)
+        return target
+
+    def listing(self, tree, folder, base=None):
+        """[(path, mode, object id, size)] of the tree's files, checked: no
+        more than the size limit, no path that leaves the folder. Sizes are
+        asked of git only for objects the listing of `base` lacks (asking
+        for each costs git a look at every object)."""
+        if tree in self.listings:
+            return self.listings[tree]
+        try:
+            output = run_git(self.repo, ["ls-tree", "-r", "-z", tree])
+            entries = []
+            for entry in output.split(b"\0"):
+                if not entry:
+                    continue
+                meta, _, path = entry.partition(b"\t")
+                mode, _, object_id = meta.decode().split()
+                path = path.decode("utf-8", "surrogateescape")
+                if any(part in ("", ".", "..") for part in path.split("/")):
+                    raise SnapshotError("%s/: the tree holds the path %r, which would leave the folder" % (folder, path))
+                if mode.startswith("100") and mode != "100755":
+                    mode = "100644"       # old trees may say 100664: a plain file all the same
+                entries.append((path, mode, object_id))
+            sizes = {object_id: size for _, _, object_id, size in self.listings.get(base, ())}
+            unknown = sorted({object_id for _, mode, object_id in entries if mode != "160000" and object_id not in sizes})
+            if unknown:
+                checked = run_git(self.repo, ["cat-file", "--batch-check"], "".join(o + "\n" for o in unknown).encode())
+                for line in checked.decode().splitlines():
+                    fields = line.split()
+                    if len(fields) == 3 and fields[2].isdigit():
+                        sizes[fields[0]] = int(fields[2])
+        except GitError as exc:
+            raise SnapshotError("%s/: cannot read its tree %s: %s" % (folder, tree[:7], exc))
+        listing = [(path, mode, object_id, sizes.get(object_id, 0)) for path, mode, object_id in entries]
+        total = sum(size for _, _, _, size in listing)
+        if self.limit and total > self.limit:
+            raise SnapshotError("%s/ holds %s in %d files, more than snapshot_max_bytes (%s): the unit is not "
+                                "deployed" % (folder, format_bytes(total), len(listing), format_bytes(self.limit)))
+        self.listings[tree] = listing
+        return listing
+
+    def _write(self, tree, folder, listing, base):
+        makedirs(self.root)
+        temporary = os.path.join(self.root, ".new-%s-%d" % (tree, os.getpid()))
+        remove_tree(temporary)
+        mask = os.umask(0o022)            # the modes of a checkout, whatever the daemon's umask
+        alike = set(self.listings[base]) if base else set()
+        linked = {entry for entry in listing if entry in alike and entry[1] not in ("120000", "160000")}
+        writer = _SnapshotWriter(temporary, [entry[:3] for entry in listing if entry[1] != "160000" and entry not in linked])
+        try:
+            os.mkdir(temporary, 0o755)
+            for path, mode, object_id, size in listing:
+                if mode == "160000":      # a submodule: an empty folder, as a checkout has it
+                    os.makedirs(os.path.join(temporary, path), 0o755)
+                elif (path, mode, object_id, size) in linked:
+                    writer.current = path
+                    full = os.path.join(temporary, path)
+                    if not os.path.isdir(os.path.dirname(full)):
+                        os.makedirs(os.path.dirname(full), 0o755)
+                    os.link(os.path.join(self.path(base), path), full, follow_symlinks=False)
+            writer.current = None
+            if writer.entries:
+                run_git(self.repo, ["cat-file", "--batch"], "".join(
+                    object_id + "\n" for _, _, object_id in writer.entries).encode(), sink=writer.feed)
+            writer.finish()
+            old = None
+            if os.path.lexists(self.path(tree)):
+                old = os.path.join(self.root, ".old-%s-%d" % (tree, os.getpid()))
+                os.rename(self.path(tree), old)
+            os.rename(temporary, self.path(tree))
+            if old:
+                remove_tree(old)
+        except (OSError, GitError) as exc:
+            writer.close()
+            remove_tree(temporary)
+            detail = describe_os_error(exc) if isinstance(exc, OSError) else str(exc)
+            raise SnapshotError("%s/: cannot write its snapshot in %s: %s%s" % (
+                folder, self.root, detail, " (%s)" % writer.current if writer.current else ""))
+        finally:
+            os.umask(mask)
+
+    def _mismatch(self, target, listing):
+        """What differs between a snapshot on disk and the tree's listing (the
+        first difference found), or None: every file's kind, mode and
+        content, read and hashed as Git hashes a blob."""
+        import hashlib
+        expected = {}
+        for path, mode, object_id, _ in listing:
+            expected[path] = (mode, object_id)
+            folder = os.path.dirname(path)
+            while folder and folder not in expected:
+                expected[folder] = ("040000", None)
+                folder = os.path.dirname(folder)
+        seen = 0
+        for folder, subfolders, names in os.walk(target):
+            for name in subfolders + names:
+                full = os.path.join(folder, name)
+                path = os.path.relpath(full, target)
+                if path not in expected:
+                    return "has %s, which the tree has not" % path
+                mode, object_id = expected[path]
+                seen += 1
+                info = os.lstat(full)
+                kind = "120000" if stat.S_ISLNK(info.st_mode) else "040000" if stat.S_ISDIR(info.st_mode) else (
+                    "100755" if stat.S_ISREG(info.st_mode) and info.st_mode & 0o100 else
+                    "100644" if stat.S_ISREG(info.st_mode) else "other")
+                if kind != (mode if mode != "160000" else "040000"):
+                    return "has %s as %s, not %s" % (path, kind, mode)
+                if object_id is None or mode == "160000":
+                    continue
+                digest = hashlib.new("sha1" if len(object_id) == 40 else "sha256")
+                if kind == "120000":
+                    data = os.readlink(full).encode("utf-8", "surrogateescape")
+                    digest.update(b"blob %d\0" % len(data) + data)
+                else:
+                    digest.update(b"blob %d\0" % info.st_size)
+                    with open(full, "rb") as content:
+                        for chunk in iter(lambda: content.read(1 << 20), b""):
+                            digest.update(chunk)
+                if digest.hexdigest() != object_id:
+                    return "has %s changed" % path
+        if seen != len(expected):
+            return "lacks %d of its files" % (len(expected) - seen)
+        return None
+
+    def point(self, name, tree):
+        """Make files/NAME a link to the snapshot of `tree` (None: no link), by
+        an atomic rename. False (logged) if it cannot be written."""
+        link = self.link(name)
+        try:
+            if tree is None:
+                _unlink_quietly(link)
+                return True
+            target = os.path.join(os.pardir, os.path.basename(self.root), tree)
+            try:
+                if os.readlink(link) == target:
+                    return True
+            except OSError:
+                pass
+            makedirs(self.links)
+            temporary = os.path.join(self.links, ".%s.new" % name)
+            _unlink_quietly(temporary)
+            os.symlink(target, temporary)
+            os.replace(temporary, link)
+            return True
+        except OSError as exc:
+            self.log.error(name, "Cannot link %s to its snapshot %s: %s" % (link, tree[:7], describe_os_error(exc)))
+            return False
+
+    def check(self, name, spec):
+        """Before a process of a unit with a folder starts: its snapshot is
+        there (one removed by hand is written again). SpawnError if not."""
+        if os.path.isdir(self.link(name)):
+            return
+        self.ready.discard(spec.tree)
+        try:
+            self.ensure(spec.tree, spec.owned.path)
+        except SnapshotError as exc:
+            raise SpawnError(str(exc))
+        if not self.point(name, spec.tree):
+            raise SpawnError("cannot link %s to its snapshot" % self.link(name))
+
+    def collect(self, keep, names):
+        """Remove the snapshots whose tree is not in `keep`, what a daemon that
+        died while writing left, and the links of units not in `names`."""
+        removed = []
+        for tree in [tree for tree in self.listings if tree not in keep]:
+            del self.listings[tree]
+        for entry in self._listdir(self.root):
+            if entry in keep or entry.endswith("-%d" % os.getpid()):
+                continue
+            remove_tree(os.path.join(self.root, entry))
+            self.ready.discard(entry)
+            if not entry.startswith("."):
+                removed.append(entry[:7])
+        for entry in self._listdir(self.links):
+            if entry not in names and not entry.startswith("."):
+                _unlink_quietly(os.path.join(self.links, entry))
+        if removed:
+            self.log.info("daemon", "Removed snapshot%s %s: no unit runs it or keeps it for rollback" % (
+                "s" if len(removed) > 1 else "", ", ".join(removed)))
+        return removed
+
+    def _listdir(self, folder):
+        try:
+            return os.listdir(folder)
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            self.log.warning("daemon", "Cannot list %s: %s" % (folder, describe_os_error(exc)))
+            return []
+
+
+class _SnapshotWriter:
+    """Writes the files of a snapshot from `git cat-file --batch` output as it
+    comes, one file after the other; links are made last, so that no file
+    is written through one."""
+
+    def __init__(self, root, entries):
+        self.root, self.entries = root, entries   # (path, mode, object id), in cat-file's order
+        self.index = 0
+        self.pending = b""                # the start of a header not complete yet
+        self.left = None                  # bytes of the current object still to come (None: a header is next)
+        self.fd = None
+        self.link_target = None           # the bytes of a link being read
+        self.links = []                   # (path, target) to make at the end
+        self.current = None               # the path being written, for an error message
+
+    def feed(self, data):
+        data = memoryview(self.pending + data) if self.pending else memoryview(data)
+        self.pending = b""
+        pos = 0
+        while pos < len(data):
+            if self.left is None:
+                end = bytes(data[pos:pos + 200]).find(b"\n")
+                if end < 0 and len(data) - pos < 200:
+                    self.pending = bytes(data[pos:])
+                    return
+                header = bytes(data[pos:pos + end]).split()
+                pos += end + 1
+                if end < 0 or self.index >= len(self.entries) or len(header) < 3 or header[1] != b"blob":
+                    raise GitError("git cat-file: object %s is missing" % (header[0].decode() if header else "?"))
+                self._open(int(header[2]))
+            elif self.left == 0:          # the newline after the object
+                pos += 1
+                self._close()
+            else:
+                piece = data[pos:pos + self.left]
+                pos += len(piece)
+                self.left -= len(piece)
+                if self.fd is None:
+                    self.link_target += bytes(piece)
+                else:
+                    while piece:
+                        piece = piece[os.write(self.fd, piece):]
+
+    def _open(self, size):
+        path, mode, _ = self.entries[self.index]
+        self.current, self.left = path, size
+        full = os.path.join(self.root, path)
+        folder = os.path.dirname(full)
+        if not os.path.isdir(folder):
+            os.makedirs(folder, 0o755)
+        if mode == "120000":
+            self.link_target = b""
+        else:
+            self.fd = os.open(full, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                              0o755 if mode == "100755" else 0o644)
+
+    def _close(self):
+        if self.fd is None:
+            self.links.append((self.current, self.link_target))
+        else:
+            os.close(self.fd)
+            self.fd = None
+        self.index += 1
+        self.left = None
+
+    def finish(self):
+        if self.index != len(self.entries) or self.left is not None:
+            raise GitError("git cat-file stopped before the end of the tree")
+        for path, target in self.links:
+            self.current = path
+            os.symlink(os.fsdecode(target), os.path.join(self.root, path))
+        self.current = None
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def plan_deploy(old_specs, new_specs, files=None):
     """What a deploy changes: {'added', 'changed', 'removed', 'unchanged'} lists of
     unit names, sorted, and 'changes': {name: [Key=, ...]} for the changed ones.
     Pure. Two versions of a unit are the same when they mean the same: a new
-    comment or a moved file restarts nothing."""
+    comment or a moved file restarts nothing. `files` ({name: [path, ...]})
+    names the files of a unit's folder that changed: a change of the unit."""
     plan = {"added": [], "changed": [], "removed": [], "unchanged": [], "changes": {}}
     for name, spec in new_specs.items():
         old = old_specs.get(name)
@@ -2364,7 +2820,7 @@ def plan_deploy(old_specs, new_specs):
             plan["added"].append(name)
             continue
         keys = unit_changes(old, spec)
-        if keys:
+        if keys or (files or {}).get(name):
             plan["changed"].append(name)
             plan["changes"][name] = keys
         else:
@@ -2417,6 +2873,9 @@ class DeployPlan:
         self.error = error                # why no plan could be made
         self.added, self.changed, self.removed, self.unchanged = [], [], [], []
         self.changes = {}                 # name -> ["Key=", ...]
+        self.files = {}                   # name -> changed files of its folder (paths in the folder)
+        self.reload = []                  # changed units that reload rather than restart (ReloadOnFileChange=)
+        self.outside = []                 # files changed outside every unit's folder, when no unit changed
         self.drift = {}                   # name -> why it runs an earlier version
         self.invalid = []                 # "file:line: error: message" of units not deployed
         self.skipped = {}                 # name -> why it does not run on this host
@@ -2434,7 +2893,8 @@ class DeployPlan:
         if self.error:
             return {"error": self.error}
         reply = {"commit": self.commit.to_json(), "previous": self.previous, "noop": self.noop,
-                 "changes": self.changes, "drift": self.drift, "invalid": self.invalid, "skipped": self.skipped}
+                 "changes": self.changes, "files": self.files, "reload": self.reload, "outside": self.outside,
+                 "drift": self.drift, "invalid": self.invalid, "skipped": self.skipped}
         reply.update({key: getattr(self, key) for key in self.LISTS})
         reply.update(self.notes)
         return reply
@@ -4390,7 +4850,9 @@ class Service:
         self.cgroup_timer = None        # removal of the cgroups of a stopped service (the host's)
         self.spawn_path = None          # how its last process was made (the host's): posix_spawn, clone3, fork
         self.previous = None            # (spec, commit) a deploy replaced, kept for AutoRollback=
-        self.rejected = None            # fingerprint of a version AutoRollback= took back
+        self.previous_tree = None       # the snapshot of its folder before the last change (kept for rollback)
+        self.running_tree = None        # the snapshot its main process was started from
+        self.rejected = None            # identity of a version AutoRollback= took back
         self.rolled_back = None         # {"from", "to", "why", "time"} of that rollback
 
     # -- queries ---------------------------------------------------------------
@@ -4448,6 +4910,8 @@ class Service:
                         limits=self._limits(), phase=self._phase_text(), spawn=self.spawn_path,
                         control_pid=self.control_pid, sources=list(self.spec.sources),
                         control=str(self.control_command) if self.control_command else None,
+                        folder={"path": self.spec.owned.path, "tree": self.spec.tree, "files": self.spec.owned.count,
+                                "bytes": self.spec.owned.size} if self.spec.owned else None,
                         not_applied=[{"key": key, "value": value, "why": NOT_APPLIED_KEYS[key]}
                                      for key, value in self.spec.not_applied] +
                         [{"key": key, "value": "", "why": why} for key, why in sandbox_not_applied(self.spec)])
@@ -4471,7 +4935,8 @@ class Service:
                 "pid_start": self.pid_start if active else None,
                 "restarts": self.restarts, "restarts_total": self.restarts_total, "last_exit": self.last_exit,
                 "state": self.state, "phase": self.phase, "reason": self.reason, "commit": self.commit,
-                "blob": self.spec.blob, "started_wall": self.main_started_wall}
+                "blob": self.spec.blob, "started_wall": self.main_started_wall,
+                "tree": self.running_tree if active else None, "previous_tree": self.previous_tree}
 
     # -- requests: the writers of `want` ------------------------------------------
 
@@ -5362,6 +5827,7 @@ class Launcher:
         self.exec_received = {}           # service name -> what that pipe said so far
         self.notify_address = None        # NOTIFY_SOCKET for the services, once the daemon listens
         self.folders = specifier_context()   # where RuntimeDirectory= and the like go (%t %S %C %L %E)
+        self.snapshots = None             # Snapshots of units' folders (the deployer's)
         self.virtualization = None        # the container this runs in, for ConditionVirtualization=
         self.shutting_down = False
 
@@ -5400,6 +5866,8 @@ class Launcher:
             raise SpawnError("%s: command not found on PATH (%s)" % (program[0], env.get("PATH")))
         if spec.directories:
             env.update(self._make_directories(spec, run_as))
+        if spec.owned is not None and self.snapshots is not None:
+            self.snapshots.check(service.name, spec)
         cwd = self._working_directory(spec, run_as)
         if command.privileged:            # '+' and '!': the daemon's own credentials
             run_as = RunAs(user=run_as.user, home=run_as.home, shell=run_as.shell)
@@ -5428,6 +5896,8 @@ class Launcher:
                                          stdio=(spec.standard_input, spec.standard_output, spec.standard_error),
                                          ignore_sigpipe=spec.ignore_sigpipe, sandbox=sandbox)
         service.spawn_path = self.spawner.last_path
+        if control in (None, "exec_start"):   # the main process, or a forking unit's parent of it
+            service.running_tree = spec.tree
         self.exit_watcher.watch(pid, on_exit)
         if report is not None:
             os.set_blocking(report, False)
@@ -7046,6 +7516,7 @@ class Recovery:
                 found["pid"], "had an older pid" if isinstance(saved, dict) else "did not know it"))
             if isinstance(saved, dict):
                 saved.update({key: found[key] for key in ("pid", "pid_start", "started_wall")})
+                saved.pop("tree", None)   # of the older process: what this one runs from is not known
             else:
                 self.saved_services[name] = found
 
@@ -7099,16 +7570,22 @@ class Recovery:
         if isinstance(saved.get("restarts_total"), int):
             service.restarts_total = saved["restarts_total"]
         service.last_exit = saved.get("last_exit") if isinstance(saved.get("last_exit"), dict) else None
+        if isinstance(saved.get("previous_tree"), str):
+            service.previous_tree = saved["previous_tree"]
         live = self.live_pid(saved) or self._pid_file_process(service.spec)
         if live is None and saved.get("phase") == REMAIN and service.spec.remain_after_exit:
             live = (None, None)           # it ran and remains: nothing to run again, only to remember
         if live is None:
             return False
         service.adopt(live[0], live[1], saved.get("started_wall"))
+        service.running_tree = saved.get("tree") if isinstance(saved.get("tree"), str) else service.spec.tree
         if service.want == "down":
             service.stop()
         elif saved.get("blob") not in (None, service.spec.blob):
             self.log.info(service.name, "Restarting: unit changed while no daemon ran")
+            service.restart()
+        elif "tree" in saved and service.running_tree != service.spec.tree:
+            self.log.info(service.name, "Restarting: its folder changed while no daemon ran")
             service.restart()
         return True
 
@@ -7186,6 +7663,10 @@ class Deployer:
         self.context = specifier_context()   # the specifiers of this machine and user (%H, %t, ...)
         self.before_of = {}               # name -> the deployed units that say Before=name
         self._last_plan = None            # the plan of the last deploy (see last_plan)
+        self.snapshots = Snapshots(config.repo_path, config.snapshot_dir, config.files_dir,
+                                   config.snapshot_max_bytes, log)
+        self.changed_files_cache = {}     # (old tree, new tree) -> files changed, of units' folders
+        self.collect_timer = None         # removal of unused snapshots, due after a deploy
 
     @property
     def remote_mode(self):
@@ -7258,12 +7739,12 @@ class Deployer:
                                   "trigger": trigger}
                 self._last_plan = self._noop_plan(commit)
                 return self._last_plan
-            entries = self._read_units(commit.sha)
+            plan = self.plan(commit, self._read_units(commit.sha), materialise=True)
         except (GitError, OSError) as exc:
             message = str(exc) if isinstance(exc, GitError) else "cannot run git: %s" % describe_os_error(exc)
             self.record_error(trigger, message)
             return DeployPlan.failed(message)
-        plan = self.apply(self.plan(commit, entries), trigger)
+        plan = self.apply(plan, trigger)
         self.last_sync = {"time": now, "result": "ok" if not plan.invalid else "partial", "trigger": trigger}
         return plan
 
@@ -7296,6 +7777,8 @@ class Deployer:
         plan = DeployPlan(commit, commit.sha, noop=True)
         plan.unchanged, plan.drift = sorted(self.specs), self._drift()
         plan.invalid, plan.skipped = self.invalid_lines(), dict(self.skipped)
+        if self._last_plan is not None and self._last_plan.commit is not None and self._last_plan.commit.sha == commit.sha:
+            plan.outside = self._last_plan.outside
         return plan
 
     def invalid_lines(self):
@@ -7313,13 +7796,22 @@ class Deployer:
                                reason="error (%s): %s" % (trigger, message))
             self.store.mark_dirty()
 
-    def plan(self, commit, entries):
-        """What deploying `commit` would do, changing nothing."""
-        entries, composing = entries
-        specs, problems = check_unit_tree(entries, self.parse_cache, composing, self.context)
+    def plan(self, commit, units, materialise=False):
+        """What deploying `commit` would do, changing nothing but, with
+        `materialise`, writing the snapshots of the folders it runs from."""
+        entries, composing, folders = units
+        specs, problems = check_unit_tree(entries, self.parse_cache, composing, self.context, folders,
+                                          self.config.files_dir)
         if len(self.parse_cache) > 2 * len(entries) + 100:
             keep = {(path, blob) for _, path, _, blob in entries}
             self.parse_cache = {key: value for key, value in self.parse_cache.items() if key in keep}
+        for name, spec in list(specs.items()):
+            try:
+                if spec.owned is not None:
+                    self.snapshots.measure(spec.owned, self.specs[name].tree if name in self.specs else None)
+            except SnapshotError as exc:
+                problems.append(Diagnostic(spec.path, 1, "error", str(exc), unit=name))
+                del specs[name]
         bad_names = {d.unit or os.path.basename(d.path)[:-len(UNIT_SUFFIX)] for d in problems if d.severity == "error"}
         earlier = self.specs or self._specs_of_saved_commit(bad_names)
         origin = {}                                   # name -> commit its kept spec came from
@@ -7333,20 +7825,23 @@ class Deployer:
             if not host_matches(spec.condition_host, self.config.hostname):
                 skipped[name] = "ConditionHost=%s does not match %s" % (" ".join(spec.condition_host), self.config.hostname)
                 del specs[name]
-        changes = plan_deploy(self.specs, specs)
+        files = self._changed_files(specs)
+        changes = plan_deploy(self.specs, specs, files)
         plan = DeployPlan(commit, self.deployed.sha if self.deployed else None)
         for key in DeployPlan.LISTS:
             setattr(plan, key, changes[key])
         plan.changes = changes["changes"]
+        plan.files = {name: files[name] for name in plan.changed if files.get(name)}
         for name in list(plan.changed):
             service = self.services.get(name)
-            if service is not None and service.rejected is not None and specs[name].fingerprint() == service.rejected:
+            if service is not None and service.rejected is not None and specs[name].identity() == service.rejected:
                 # The version AutoRollback= took back: it stays rolled back (drift)
                 # until a commit changes the unit again.
                 specs[name] = self.specs[name]
                 origin[name] = service.commit
                 plan.changed.remove(name)
                 del plan.changes[name]
+                plan.files.pop(name, None)
                 plan.unchanged.append(name)
                 plan.drift[name] = "runs the version of %s: %s was rolled back (%s)" % (
                     service.commit[:7], service.rolled_back["from"][:7], service.rolled_back["why"])
@@ -7354,7 +7849,72 @@ class Deployer:
         plan.invalid = [str(d) for d in problems if d.severity == "error"]
         plan.skipped, plan.specs, plan.problems, plan.origin = skipped, specs, problems, origin
         plan.in_tree = {name for name, _, _, _ in entries}
+        if materialise:
+            self._materialise(plan)
+        plan.reload = [name for name in plan.changed if not plan.changes[name] and specs[name].reload_on_file_change
+                       and (specs[name].exec_reload or specs[name].type == "notify-reload")]
+        if plan.previous and plan.previous != commit.sha and not (plan.added or plan.changed or plan.removed):
+            plan.outside = self._files_outside(plan.previous, commit.sha, folders)
         return plan
+
+    def _changed_files(self, specs):
+        """{name: [path, ...]}: the files of each unit's folder (paths in it)
+        that differ from the deployed version's, unit files and drop-ins
+        left out (they are compared by what they mean)."""
+        files = {}
+        for name, spec in specs.items():
+            old = self.specs.get(name)
+            if old is None or spec.tree is None or old.tree == spec.tree:
+                continue
+            key = (old.tree, spec.tree)
+            if key not in self.changed_files_cache:
+                if len(self.changed_files_cache) > 200:
+                    self.changed_files_cache.clear()
+                self.changed_files_cache[key] = [path for path in git_changed_paths(self.config.repo_path, old.tree, spec.tree)
+                                                 if not is_unit_source(path)]
+            files[name] = self.changed_files_cache[key]
+        return files
+
+    def _files_outside(self, previous, sha, folders):
+        """The files a commit changed outside every unit's folder (none of them
+        a unit file): what a commit that touches no unit changed."""
+        try:
+            paths = git_changed_paths(self.config.repo_path, previous, sha)
+        except GitError:
+            return []
+        return [path for path in paths if not is_unit_source(path) and not owning_folder(path, folders)]
+
+    def _materialise(self, plan):
+        """Write the snapshots the plan runs from. A unit whose folder cannot be
+        written is a deploy error of that unit alone: its earlier version
+        keeps running (an unchanged one keeps its earlier snapshot)."""
+        for name in plan.added + plan.changed + plan.unchanged:
+            spec = plan.specs[name]
+            if spec.owned is None:
+                continue
+            earlier = self.specs.get(name)
+            try:
+                self.snapshots.ensure(spec.tree, spec.owned.path, earlier.tree if earlier else None)
+                continue
+            except SnapshotError as exc:
+                problem = Diagnostic(spec.path, 1, "error", str(exc), unit=name)
+            if name in plan.unchanged and earlier is not None:
+                self.log.warning(name, "Keeps its earlier snapshot: %s" % problem.message)
+                plan.specs[name] = earlier
+                continue
+            plan.problems.append(problem)
+            plan.invalid.append(str(problem))
+            if name in plan.added:
+                plan.added.remove(name)
+                del plan.specs[name]
+                continue
+            plan.changed.remove(name)
+            plan.changes.pop(name)
+            plan.files.pop(name, None)
+            plan.specs[name] = earlier
+            plan.origin[name] = self.services[name].commit if name in self.services else plan.origin.get(name)
+            plan.unchanged.append(name)
+            plan.unchanged.sort()
 
     def _specs_of_saved_commit(self, names):
         """At start-up, for invalid units whose earlier good version must keep
@@ -7367,9 +7927,14 @@ class Deployer:
         specs = {}
         for sha, wanted in commits.items():
             try:
-                entries, problems = git_read_units(self.config.repo_path, sha)
-                found, _ = check_unit_tree(entries, problems=problems, context=self.context)
-            except GitError as exc:
+                entries, problems, folders = git_read_units(self.config.repo_path, sha)
+                found, _ = check_unit_tree(entries, problems=problems, context=self.context, folders=folders,
+                                           files_dir=self.config.files_dir)
+                for name in wanted:
+                    if name in found and found[name].owned is not None:
+                        self.snapshots.measure(found[name].owned)
+                        self.snapshots.ensure(found[name].tree, found[name].owned.path)
+            except (GitError, SnapshotError) as exc:
                 self.log.warning("daemon", "Cannot read commit %s for the earlier version of %s: %s" % (
                     sha[:7], ", ".join(wanted), exc))
                 continue
@@ -7401,24 +7966,38 @@ class Deployer:
         for name in dependency_order(plan.specs):
             spec = plan.specs[name]
             sha = plan.origin.get(name, commit.sha)
+            self.snapshots.point(name, spec.tree)     # before a process of the new version starts
             if name in plan.added:
                 self._add_service(spec, sha)
                 continue
             service = self.services[name]
             if name in plan.changed:
                 service.previous = (service.spec, service.commit) if spec.auto_rollback else None
+                if service.spec.tree != spec.tree:
+                    service.previous_tree = service.spec.tree
                 service.rejected = service.rolled_back = None
                 service.spec, service.commit = spec, sha
-                if service.want == "up":
-                    self.log.info(name, "Restarting: %s changed in commit %s" % (
-                        ", ".join(plan.changes[name]), commit.sha[:7]))
+                if service.want != "up":
+                    continue
+                what = ", ".join(plan.changes[name] + plan.files.get(name, []))
+                if name in plan.reload and service.phase in (RUNNING, REMAIN):
+                    self.log.info(name, "Reloading: %s changed in commit %s" % (what, commit.sha[:7]))
+                    service.reload()
+                else:
+                    self.log.info(name, "Restarting: %s changed in commit %s" % (what, commit.sha[:7]))
                     service.restart()
             else:
                 service.spec = spec       # same meaning; the file may have moved
         self.forget_removed()
+        if plan.outside:
+            self.log.info("daemon", "Commit %s touches no unit: it changes %s, outside every unit's folder" % (
+                commit.sha[:7], some_paths(plan.outside)))
+        if self.collect_timer is None:    # later: a deploy's restarts come first
+            self.collect_timer = self.host.call_later(SNAPSHOT_COLLECT_DELAY, self.collect_snapshots)
         outcome = "partial" if plan.invalid else "ok"
         self.history.record(trigger, outcome, commit.sha, commit.subject,
-                            plan.added, plan.changed, plan.removed, plan.invalid)
+                            plan.added, plan.changed, plan.removed, plan.invalid, files=plan.files,
+                            outside=plan.outside[:20])
         self._count(outcome)
         self.events.record("deploy", before=previous, after=commit.sha, commit=commit.sha,
                            reason="%s (%s): %d added, %d changed, %d removed%s" % (
@@ -7460,6 +8039,19 @@ class Deployer:
     def forget_removed(self):
         for name in [name for name, s in self.services.items() if s.removed and s.state not in ACTIVE_STATES]:
             self.services.pop(name).discard()
+            self.snapshots.point(name, None)
+
+    def collect_snapshots(self):
+        """Remove the snapshots no unit runs, or keeps for AutoRollback= or
+        rollback (the version before the current one, per unit)."""
+        self.collect_timer = None
+        keep = set()
+        for service in self.services.values():
+            keep.update((service.spec.tree, service.previous_tree,
+                         service.previous[0].tree if service.previous else None,
+                         service.running_tree if service.has_process() else None))
+        keep.discard(None)
+        return self.snapshots.collect(keep, set(self.services))
 
     # -- AutoRollback= and rollback ---------------------------------------------------------
 
@@ -7474,7 +8066,7 @@ class Deployer:
         old_spec, old_commit = service.previous
         bad_commit = service.commit
         service.previous = None
-        service.rejected = service.spec.fingerprint()
+        service.rejected = service.spec.identity()
         service.rolled_back = {"from": bad_commit, "to": old_commit, "why": why, "time": time.time()}
         self.specs[service.name] = old_spec
         self.log.warning(service.name, "Rolling back to the version of %s: the one of %s failed (%s)" % (
@@ -7484,6 +8076,7 @@ class Deployer:
         self._count("rolled back")
         self.events.record("rollback", service.name, bad_commit, old_commit, why, service.pid, old_commit)
         service.spec, service.commit = old_spec, old_commit
+        self.snapshots.point(service.name, old_spec.tree)
         self._index_before()
         self.store.save_now()
         return True
@@ -7644,6 +8237,8 @@ class RequestHandlers:
         if detail:
             for entry in services:
                 entry["log_tail"] = tail_lines(daemon.config.service_log(entry["name"]), 10)
+                if entry.get("folder"):
+                    entry["folder"]["link"] = daemon.deployer.snapshots.link(entry["name"])
         return {"ok": True, "result": {"daemon": daemon.info(), "services": services,
                                        "problems": [d.to_json() for d in daemon.deployer.unit_problems]}}
 
@@ -7996,6 +8591,7 @@ class Daemon:
         self.server = ControlServer(config, log, self.selector, self.call_later, self.handlers.dispatch)
         self.events = EventLog(self.server)
         self.deployer = Deployer(config, log, self.services, self.recovery, self.host, self.store, self.events)
+        self.host.snapshots = self.deployer.snapshots
         self.source = SourceWatcher(config, log, self.selector, self.call_later, self.host.exit_watcher, self.deployer)
         self.http = None                  # HttpListener, with http_listen set
         self.notify = NotifySocket(config.state_file)
@@ -8566,8 +9162,13 @@ def _print_plan(plan, done):
     if plan.get("rollback_commit"):
         print("  rollback commit %s restores the units of %s" % (plan["rollback_commit"][:7], plan["target"]["sha"][:7]))
     rows = [("+", name, "started" if done else "would start") for name in plan["added"]]
-    rows += [("~", name, "%s (%s)" % ("restarted" if done else "would restart", ", ".join(plan["changes"][name])))
-             for name in plan["changed"]]
+    for name in plan["changed"]:
+        what = list(plan["changes"][name])
+        if plan.get("files", {}).get(name):
+            what.append("files: " + some_paths(plan["files"][name]))
+        verb = ("reloaded" if done else "would reload") if name in plan.get("reload", ()) else (
+            "restarted" if done else "would restart")
+        rows.append(("~", name, "%s (%s)" % (verb, ", ".join(what))))
     rows += [("-", name, "stopped" if done else "would stop") for name in plan["removed"]]
     rows += [(".", name, "skipped: " + why) for name, why in sorted(plan["skipped"].items())]
     for mark, name, what in rows:
@@ -8578,6 +9179,8 @@ def _print_plan(plan, done):
         print("  ^ %-24s %s" % (name, what))
     for line in plan["invalid"]:
         print("  ! invalid, not deployed: %s" % line)
+    if plan.get("outside"):
+        print("  no unit touched: the commit changes %s, outside every unit's folder" % some_paths(plan["outside"]))
 
 
 def _cmd_plan(action):
@@ -8620,9 +9223,13 @@ def cmd_history(config, args):
         return EXIT_OK
     rows = [("TIME", "COMMIT", "OUTCOME", "TRIGGER", "UNITS", "SUBJECT")]
     for entry in entries:
-        touched = ["+" + n for n in entry["added"]] + ["~" + n for n in entry["changed"]] + ["-" + n for n in entry["removed"]]
+        files = entry.get("files") or {}
+        touched = ["+" + n for n in entry["added"]] + ["~" + n + (" (%s)" % some_paths(files[n], 3) if files.get(n) else "")
+                                                        for n in entry["changed"]] + ["-" + n for n in entry["removed"]]
         if entry["invalid"]:
             touched.append("!%d invalid" % len(entry["invalid"]))
+        if not touched and entry.get("outside"):
+            touched.append("no unit (%s)" % some_paths(entry["outside"], 3))
         rows.append((format_time(entry["time"]), (entry["commit"] or "-")[:7], entry["outcome"], entry.get("trigger", "-"),
                      " ".join(touched) or "-", entry["subject"] if entry["commit"] else entry.get("error", "")))
     _table(rows)
@@ -8685,6 +9292,11 @@ def _print_service_block(s, daemon_info, colour):
     if sources[0] != s["path"]:
         lines.append(("Template", sources[0]))
     lines += [("Drop-In", source) for source in sources[1:]]
+    if s.get("folder"):
+        folder = s["folder"]
+        count = "%d file%s, %s; " % (folder["files"], "" if folder["files"] == 1 else "s", format_bytes(folder["bytes"])) \
+            if folder["files"] is not None else ""
+        lines.append(("Files", "%s/ (%stree %s) at %s" % (folder["path"], count, folder["tree"][:7], folder.get("link", "?"))))
     lines += [
         ("State", "%s%s since %s (%s ago)%s" % (_paint(s["state"], s["state"], colour),
                                                  " (%s)" % s["phase"] if s.get("phase") else "", format_time(s["since"]),
@@ -8958,7 +9570,10 @@ def cmd_check(config, args):
                 break
         else:
             entries.append((name, path, data, ""))
-    _, found = check_unit_tree(entries)
+    # A unit owns its folder, unless that is a repository's root (SPEC §13).
+    folders = {os.path.dirname(path): OwnedFolder(os.path.abspath(os.path.dirname(path)), None)
+               for _, path, _, _ in entries if not os.path.exists(os.path.join(os.path.dirname(path), ".git"))}
+    _, found = check_unit_tree(entries, folders=folders)
     problems.extend(found)
     errors = sum(1 for p in problems if p.severity == "error")
     if args.json:
@@ -8975,8 +9590,7 @@ def cmd_check(config, args):
 def _disk_unit_file(path):
     """(path, is_symlink, size, path) of a unit file or drop-in on disk, as
     compose_units takes them; None for other files."""
-    folder = os.path.basename(os.path.dirname(path))
-    if not (path.endswith(UNIT_SUFFIX) or (path.endswith(".conf") and folder.endswith(DROP_IN_SUFFIX))):
+    if not is_unit_source(path):
         return None
     try:
         size = os.path.getsize(path)

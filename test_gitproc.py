@@ -2004,6 +2004,300 @@ class DiffTests(unittest.TestCase):
         self.assertEqual(daemon_info(home)["commit"]["sha"], second)
 
 
+# ---- files beside units (SPEC §13) -------------------------------------------
+
+def folder_unit(out, *extra):
+    """web/web.service: writes its %Y/conf to `out` when it starts, then sleeps."""
+    return unit_text("WorkingDirectory=%Y", "ExecStart=/bin/sh -c 'cat conf > " + out + "; exec /bin/sleep 3131'", *extra)
+
+
+def write_file(path, text):
+    with open(path, "w") as handle:
+        handle.write(text)
+
+
+def snapshot_trees(home):
+    try:
+        return sorted(entry for entry in os.listdir(os.path.join(home.path, "snapshots")) if not entry.startswith("."))
+    except FileNotFoundError:
+        return []
+
+
+class SnapshotTests(unittest.TestCase):
+    """Snapshots: the folder of a commit written from Git objects, checked, collected."""
+
+    def setUp(self):
+        self.home = Home(self)
+        self.log = FakeLog()
+        self.store = gitproc.Snapshots(self.home.repo, os.path.join(self.home.path, "snapshots"),
+                                       os.path.join(self.home.path, "files"), 10 ** 6, self.log)
+
+    def tree_of(self, sha, folder="web"):
+        return self.home.git("rev-parse", "%s:%s" % (sha, folder)).strip()
+
+    def test_a_folder_is_written_from_objects_with_modes_and_links(self):
+        home = self.home
+        os.makedirs(os.path.join(home.repo, "web", "bin"))
+        with open(os.path.join(home.repo, "web", "bin", "run.sh"), "w") as handle:
+            handle.write("#!/bin/sh\necho run\n")
+        os.chmod(os.path.join(home.repo, "web", "bin", "run.sh"), 0o755)
+        os.symlink("conf", os.path.join(home.repo, "web", "conf.link"))
+        home.git("add", "-A")
+        sha = home.commit({"web/web.service": sleeper(1), "web/conf": "line one\nline two\n",
+                           "web/.gitattributes": "conf text eol=crlf\n* filter=nosuch\n"}, "web")
+        with open(os.path.join(home.repo, "web", "conf"), "w") as handle:
+            handle.write("an edit never committed\n")
+        path = self.store.ensure(self.tree_of(sha), "web")
+        self.assertEqual(path, os.path.join(home.path, "snapshots", self.tree_of(sha)))
+        with open(os.path.join(path, "conf"), "rb") as handle:
+            self.assertEqual(handle.read(), b"line one\nline two\n", "the committed bytes, no eol or filter applied")
+        self.assertEqual(os.readlink(os.path.join(path, "conf.link")), "conf")
+        self.assertEqual(stat.S_IMODE(os.stat(os.path.join(path, "bin", "run.sh")).st_mode), 0o755)
+        self.assertEqual(stat.S_IMODE(os.stat(os.path.join(path, "conf")).st_mode), 0o644)
+        self.assertEqual(sorted(os.listdir(path)), [".gitattributes", "bin", "conf", "conf.link", "web.service"])
+        self.assertEqual(os.listdir(os.path.join(home.path, "snapshots")), [self.tree_of(sha)], "no temporary left")
+
+    def test_a_changed_or_incomplete_snapshot_is_written_again_and_a_good_one_is_kept(self):
+        sha = self.home.commit({"web/web.service": sleeper(1), "web/conf": "good\n", "web/more/x": "x\n"}, "web")
+        tree = self.tree_of(sha)
+        path = self.store.ensure(tree, "web")
+        inode = os.stat(os.path.join(path, "conf")).st_ino
+        fresh = gitproc.Snapshots(self.home.repo, self.store.root, self.store.links, 10 ** 6, self.log)
+        fresh.ensure(tree, "web")         # a new daemon checks it: intact, kept as it is
+        self.assertEqual(os.stat(os.path.join(path, "conf")).st_ino, inode)
+        for spoil in (lambda: write_file(os.path.join(path, "conf"), "bad\n"),
+                      lambda: os.unlink(os.path.join(path, "more", "x")),
+                      lambda: write_file(os.path.join(path, "extra"), "?\n"),
+                      lambda: os.chmod(os.path.join(path, "conf"), 0o755)):
+            spoil()
+            fresh = gitproc.Snapshots(self.home.repo, self.store.root, self.store.links, 10 ** 6, self.log)
+            fresh.ensure(tree, "web")
+            with open(os.path.join(path, "conf")) as handle:
+                self.assertEqual(handle.read(), "good\n")
+            self.assertEqual(sorted(os.listdir(path)), ["conf", "more", "web.service"])
+            self.assertEqual(stat.S_IMODE(os.stat(os.path.join(path, "conf")).st_mode), 0o644)
+        self.assertIn("writing it again from Git", self.log.text("warning"))
+
+    def test_too_large_or_unwritable_is_an_error_and_leaves_nothing(self):
+        sha = self.home.commit({"web/web.service": sleeper(1), "web/big": "x" * 2000}, "web")
+        small = gitproc.Snapshots(self.home.repo, self.store.root, self.store.links, 1000, self.log)
+        with self.assertRaises(gitproc.SnapshotError) as caught:
+            small.ensure(self.tree_of(sha), "web")
+        self.assertIn("more than snapshot_max_bytes", str(caught.exception))
+        self.assertIn("web/", str(caught.exception))
+        long_name = "n" * 300
+        blob = git_in(self.home.repo, "hash-object", "-w", "--stdin", input_text="data\n").strip()
+        self.home.git("update-index", "--add", "--cacheinfo", "100644,%s,web/%s" % (blob, long_name))
+        sha = self.home.commit({}, "a name too long to write")
+        with self.assertRaises(gitproc.SnapshotError) as caught:
+            self.store.ensure(self.tree_of(sha), "web")
+        self.assertIn("cannot write its snapshot", str(caught.exception))
+        self.assertIn(long_name, str(caught.exception), "the file that cannot be written is named")
+        self.assertEqual(snapshot_trees(self.home), [])
+        self.assertEqual(os.listdir(self.store.root), [], "the temporary folder is removed")
+
+    def test_collect_keeps_what_is_used_and_removes_the_rest(self):
+        first = self.tree_of(self.home.commit({"web/web.service": sleeper(1), "web/conf": "1\n"}, "one"))
+        second = self.tree_of(self.home.commit({"web/conf": "2\n"}, "two"))
+        for tree in (first, second):
+            self.store.ensure(tree, "web")
+        self.assertTrue(self.store.point("web", second))
+        self.assertTrue(self.store.point("gone", first))
+        os.mkdir(os.path.join(self.store.root, ".new-%s-999999" % first))   # a daemon died writing it
+        removed = self.store.collect({second}, {"web"})
+        self.assertEqual(removed, [first[:7]])
+        self.assertEqual(os.listdir(self.store.root), [second])
+        self.assertEqual(os.listdir(self.store.links), ["web"])
+        with open(os.path.join(self.store.link("web"), "conf")) as handle:
+            self.assertEqual(handle.read(), "2\n")
+
+    def test_folders_of_a_commit_and_percent_y(self):
+        sha = self.home.commit({"web/web.service": unit_text("ExecStart=/bin/cat %Y/conf %y"), "web/conf": "c\n",
+                                "web/api.service": sleeper(2), "top.service": sleeper(3),
+                                "db/pg@.service": unit_text("ExecStart=/bin/cat %Y/%i.conf"), "db/pg@main.service": ""},
+                               "units")
+        entries, problems, folders = gitproc.git_read_units(self.home.repo, sha)
+        self.assertEqual(sorted(folders), ["db", "web"])
+        self.store.measure(folders["web"])
+        self.assertEqual((folders["web"].tree, folders["web"].count, folders["web"].size),
+                         (self.tree_of(sha), 3, len(unit_text("ExecStart=/bin/cat %Y/conf %y")) + 2 + len(sleeper(2))))
+        specs, problems = gitproc.check_unit_tree(entries, problems=problems, folders=folders, files_dir="/srv/files")
+        self.assertEqual(messages(problems), [])
+        self.assertEqual(specs["web"].exec_start[0].argv, ("/bin/cat", "/srv/files/web/conf", "/srv/files/web/web.service"))
+        self.assertEqual(specs["web"].tree, specs["api"].tree, "two units in one folder share it")
+        self.assertEqual(specs["pg@main"].exec_start[0].argv, ("/bin/cat", "/srv/files/pg@main/main.conf"))
+        self.assertIsNone(specs["top"].owned, "a unit at the root owns no folder")
+        top = gitproc.parse_unit("top", "top.service", unit_text("ExecStart=/bin/cat %Y/conf").encode())[1]
+        self.assertIn("owns none", " ".join(messages(top)))
+
+
+class FilesBesideUnitsTests(SupervisionCase):
+    """A unit's folder deploys with it: restart or reload, rollback, limits, adoption."""
+
+    def setUp(self):
+        SupervisionCase.setUp(self)
+        self.out = self.file("seen")
+
+    def seen(self, text, timeout=5):
+        wait_until(lambda: read_text(self.out) == text, timeout, "the service to read %r (it read %r)\n%s" % (
+            text, read_text(self.out), self.home.daemon_log()[-2000:]))
+
+    def test_a_changed_file_restarts_the_unit_and_is_listed(self):
+        self.deploy({"web/web.service": folder_unit(self.out), "web/conf": "one\n", "notes.txt": "n\n"})
+        pid = self.watch(self.home.running_pid("web"))
+        self.seen("one\n")
+        link = os.path.join(self.home.path, "files", "web")
+        self.assertEqual(os.path.realpath("/proc/%d/cwd" % pid), os.path.realpath(link), "WorkingDirectory=%Y")
+        with open(os.path.join(self.home.repo, "web", "conf"), "w") as handle:
+            handle.write("uncommitted\n")
+        sha = self.home.commit({"web/conf": "two\n"}, "conf two")
+        entry = wait_history_commit(self.home, sha)
+        self.assertEqual((entry["changed"], entry["files"]), (["web"], {"web": ["conf"]}), entry)
+        self.watch(self.wait_new_pid("web", pid)["pid"])
+        self.seen("two\n")
+        self.assertEqual(os.stat(os.path.join(link, "web.service")).st_nlink, 2,
+                         "a file alike in both versions is not copied: a link to the earlier snapshot's")
+        code, out, err = self.home.cli("history")
+        self.assertIn("~web (conf)", out)
+        self.assertIn("Restarting: conf changed in commit %s" % sha[:7], self.home.daemon_log())
+        code, out, err = self.home.cli("status", "web")
+        self.assertIn("Files: web/ (2 files", out)
+
+    def test_a_commit_outside_every_folder_touches_no_unit_and_says_so(self):
+        self.deploy({"web/web.service": folder_unit(self.out), "web/conf": "one\n", "docs/readme": "r\n"})
+        pid = self.watch(self.home.running_pid("web"))
+        trees = snapshot_trees(self.home)
+        sha = self.home.commit({"docs/readme": "changed\n", "top.txt": "t\n"}, "docs")
+        entry = wait_history_commit(self.home, sha)
+        self.assertEqual((entry["changed"], entry["outside"]), ([], ["docs/readme", "top.txt"]), entry)
+        code, out, err = self.home.cli("sync")
+        self.assertIn("no unit touched: the commit changes docs/readme, top.txt", out)
+        code, out, err = self.home.cli("history")
+        self.assertIn("no unit (docs/readme, top.txt)", out)
+        self.assertEqual(self.home.status("web")["pid"], pid)
+        self.assertEqual(snapshot_trees(self.home), trees, "nothing is copied again")
+
+    def test_reload_on_file_change_keeps_the_main_process(self):
+        reloaded = self.file("reloaded")
+        self.deploy({"web/web.service": folder_unit(self.out, "ReloadOnFileChange=yes",
+                                                    "ExecReload=/bin/sh -c 'cat %Y/conf > " + reloaded + "'"),
+                     "web/conf": "one\n"})
+        pid = self.watch(self.home.running_pid("web"))
+        sha = self.home.commit({"web/conf": "two\n"}, "conf two")
+        wait_until(lambda: read_text(reloaded) == "two\n", 5, "ExecReload= to read the new file through %Y")
+        self.assertEqual(self.home.status("web")["pid"], pid)
+        self.assertIn("Reloading: conf changed in commit %s" % sha[:7], self.home.daemon_log())
+        # a change of a key still restarts
+        self.home.commit({"web/web.service": folder_unit(self.out, "ReloadOnFileChange=yes", "Environment=A=1",
+                                                         "ExecReload=/bin/true")}, "key")
+        self.watch(self.wait_new_pid("web", pid)["pid"])
+
+    def test_local_rollback_restores_the_folder_and_only_it(self):
+        first = self.home.commit({"web/web.service": folder_unit(self.out), "web/conf": "one\n", "notes": "1\n"}, "v1")
+        self.home.start_daemon()
+        pid = self.watch(self.home.running_pid("web"))
+        self.home.commit({"web/conf": "two\n", "web/new": "n\n", "notes": "2\n"}, "v2")
+        pid = self.watch(self.wait_new_pid("web", pid)["pid"])
+        self.seen("two\n")
+        code, out, err = self.home.cli_process("rollback", first)
+        self.assertEqual(code, 0, out + err)
+        self.assertIn("files: conf, new", out)
+        head = self.home.git("rev-parse", "main").strip()
+        self.assertEqual(self.home.git("show", head + ":web/conf"), "one\n")
+        self.assertEqual(self.home.git("show", head + ":notes"), "2\n", "files outside units' folders stay")
+        self.assertNotIn("web/new", self.home.git("ls-tree", "-r", "--name-only", head))
+        self.watch(self.wait_new_pid("web", pid)["pid"])
+        self.seen("one\n")
+
+    def test_auto_rollback_runs_the_previous_snapshot(self):
+        keys = ("Restart=always", "RestartSec=0", "AutoRollback=yes")
+        script = "test \"$(cat conf)\" = good || exit 3; cat conf > %s; exec /bin/sleep 3232" % self.out
+        text = unit_text("WorkingDirectory=%Y", "ExecStart=/bin/sh -c '" + script + "'", *keys,
+                         unit_lines=["StartLimitBurst=3"])
+        self.deploy({"web/web.service": text, "web/conf": "good\n"})
+        self.watch(self.home.running_pid("web"))
+        good = snapshot_trees(self.home)
+        self.home.commit({"web/conf": "bad\n"}, "bad conf")
+        back = wait_until(lambda: (self.home.status("web").get("rolled_back") and
+                                   self.home.status("web")["state"] == "running" and self.home.status("web")),
+                          10, "web to run its previous snapshot")
+        self.watch(back["pid"])
+        with open(os.path.join(self.home.path, "files", "web", "conf")) as handle:
+            self.assertEqual(handle.read(), "good\n")
+        self.assertIn(good[0], os.readlink(os.path.join(self.home.path, "files", "web")))
+
+    def test_a_folder_too_large_or_unwritable_keeps_the_earlier_version(self):
+        write_config(self.home, {"snapshot_max_bytes": 4096})
+        self.deploy({"web/web.service": folder_unit(self.out), "web/conf": "one\n"})
+        pid = self.watch(self.home.running_pid("web"))
+        sha = self.home.commit({"web/big": "x" * 5000}, "too big")
+        entry = wait_history_commit(self.home, sha)
+        self.assertEqual(entry["outcome"], "partial", entry)
+        self.assertIn("more than snapshot_max_bytes", " ".join(entry["invalid"]))
+        blob = git_in(self.home.repo, "hash-object", "-w", "--stdin", input_text="data\n").strip()
+        self.home.git("rm", "-q", "web/big")
+        self.home.git("update-index", "--add", "--cacheinfo", "100644,%s,web/%s" % (blob, "n" * 300))
+        sha = self.home.commit({}, "a name that cannot be written")
+        entry = wait_history_commit(self.home, sha)
+        self.assertIn("cannot write its snapshot", " ".join(entry["invalid"]))
+        self.assertEqual(self.home.status("web")["pid"], pid, "the earlier version keeps running")
+        code, out, err = self.home.cli("status")
+        self.assertIn("cannot write its snapshot", out + err)
+        self.seen("one\n")
+        no_traceback(self, self.home)
+
+    def test_snapshots_are_shared_collected_and_survive_a_daemon_restart(self):
+        self.deploy({"web/web.service": folder_unit(self.out), "web/api.service": sleeper(3232), "web/conf": "1\n",
+                     "db/db.service": sleeper(3233), "db/conf": "d\n"})
+        pid = self.watch(self.home.running_pid("web"))
+        db = self.watch(self.home.running_pid("db"))
+        self.assertEqual(len(snapshot_trees(self.home)), 2, "web and api share one snapshot")
+        db_snapshot = os.stat(os.path.realpath(os.path.join(self.home.path, "files", "db"))).st_ino
+        for version in (2, 3, 4):
+            sha = self.home.commit({"web/conf": "%d\n" % version}, "conf %d" % version)
+            wait_history_commit(self.home, sha)
+            pid = self.watch(self.wait_new_pid("web", pid)["pid"])
+        wait_until(lambda: len(snapshot_trees(self.home)) == 3, 5,
+                   "db's, web's and the one before it to stay: %s" % snapshot_trees(self.home))
+        self.assertEqual(os.stat(os.path.realpath(os.path.join(self.home.path, "files", "db"))).st_ino, db_snapshot,
+                         "an unchanged folder is never copied again")
+        self.assertEqual(self.home.status("db")["pid"], db)
+        # kill -9, spoil web's snapshot, remove db's: the new daemon adopts, checks and writes them again
+        self.home.kill_daemon()
+        with open(os.path.join(self.home.path, "files", "web", "conf"), "w") as handle:
+            handle.write("spoiled\n")
+        shutil.rmtree(os.path.realpath(os.path.join(self.home.path, "files", "db")))
+        self.home.start_daemon()
+        self.assertEqual((self.home.running_pid("web"), self.home.running_pid("db")), (pid, db), "adopted, not restarted")
+        with open(os.path.join(self.home.path, "files", "web", "conf")) as handle:
+            self.assertEqual(handle.read(), "4\n")
+        self.assertTrue(os.path.isfile(os.path.join(self.home.path, "files", "db", "conf")))
+        # removed by hand while the daemon runs: written again when the unit starts
+        shutil.rmtree(os.path.realpath(os.path.join(self.home.path, "files", "web")))
+        code, out, err = self.home.cli("restart", "web")
+        self.assertEqual(code, 0, out + err)
+        self.watch(self.wait_new_pid("web", pid)["pid"])
+        self.seen("4\n")
+        # a unit removed takes its link and, at the next deploy, its snapshot
+        self.home.commit({"db/db.service": None}, "no db")
+        wait_until(lambda: not os.path.lexists(os.path.join(self.home.path, "files", "db")), 10, "db's link to go")
+        self.home.commit({"web/conf": "5\n"}, "conf 5")
+        wait_until(lambda: len(snapshot_trees(self.home)) == 2, 10, "db's snapshot to go: %s" % snapshot_trees(self.home))
+
+    def test_diff_names_the_files_in_remote_mode(self):
+        upstream = Upstream(self)
+        upstream.push({"web/web.service": folder_unit(self.out), "web/conf": "one\n"}, "v1")
+        home = remote_home(self, upstream)
+        pid = self.watch(home.running_pid("web"))
+        upstream.push({"web/conf": "two\n", "web/sub/extra": "e\n", "web/web.service": folder_unit(self.out, "Environment=A=1")}, "v2")
+        plan = home.request({"cmd": "diff"})
+        self.assertEqual((plan["changed"], plan["files"]), (["web"], {"web": ["conf", "sub/extra"]}), plan)
+        self.assertEqual(plan["changes"]["web"], ["Environment="])
+        code, out, err = home.cli_process("diff")
+        self.assertIn("would restart (Environment=, files: conf, sub/extra)", out)
+        self.assertEqual(home.status("web")["pid"], pid)
+
+
 def host_unit(seconds, condition):
     return unit_text("ExecStart=/bin/sleep %d" % seconds, unit_lines=["ConditionHost=" + condition])
 
@@ -7580,8 +7874,8 @@ class CompletionTests(unittest.TestCase):
 # ==== profile_daemon.py =======================================================
 
 PROFILER = os.path.join(HERE, "profile_daemon.py")
-BENCH_FIGURES = ("respawn", "respawn_after_run", "commit_to_running", "start_command", "cli_floor",
-                 "status_command", "status_round_trip", "state_save")
+BENCH_FIGURES = ("respawn", "respawn_after_run", "commit_to_running", "commit_to_running_files", "start_command",
+                 "cli_floor", "status_command", "status_round_trip", "state_save")
 
 
 class ProfilerTests(unittest.TestCase):
@@ -7614,6 +7908,7 @@ class ProfilerTests(unittest.TestCase):
         # gross bounds only: the benchmark, not the tests, measures speed
         self.assertLess(result["respawn"]["median_ms"], 1000)
         self.assertLess(result["commit_to_running"]["median_ms"], 5000)
+        self.assertGreater(result["commit_to_running_files"]["first_deploy_ms"], 0)
         self.assertEqual(result["idle"]["threads"], 1)
         self.assertGreater(result["idle"]["rss_mb"], 1)
         self.assertLess(result["cold_start_s"], 60)
