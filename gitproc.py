@@ -2594,7 +2594,14 @@ class Snapshots:
                     full = os.path.join(temporary, path)
                     if not os.path.isdir(os.path.dirname(full)):
                         os.makedirs(os.path.dirname(full), 0o755)
-                    os.link(os.path.join(self.path(base), path), full, follow_symlinks=False)
+                    source = os.path.join(self.path(base), path)
+                    try:
+                        if os.lstat(source).st_size != size:
+                            raise FileNotFoundError(errno.ENOENT, "changed in place")
+                        os.link(source, full, follow_symlinks=False)
+                    except FileNotFoundError:   # gone or changed in the earlier snapshot: from Git then
+                        writer.entries.append((path, mode, object_id))
+                        self.ready.discard(base)
             writer.current = None
             if writer.entries:
                 run_git(self.repo, ["cat-file", "--batch"], "".join(
@@ -2607,7 +2614,7 @@ class Snapshots:
             os.rename(temporary, self.path(tree))
             if old:
                 remove_tree(old)
-        except (OSError, GitError) as exc:
+        except (OSError, GitError, ValueError) as exc:   # ValueError: a NUL in a link's target
             writer.close()
             remove_tree(temporary)
             detail = describe_os_error(exc) if isinstance(exc, OSError) else str(exc)
@@ -2668,15 +2675,15 @@ class Snapshots:
             if tree is None:
                 _unlink_quietly(link)
                 return True
-            target = os.path.join(os.pardir, os.path.basename(self.root), tree)
+            target = self._target(tree)
             try:
                 if os.readlink(link) == target:
                     return True
             except OSError:
                 pass
             makedirs(self.links)
-            temporary = os.path.join(self.links, ".%s.new" % name)
-            _unlink_quietly(temporary)
+            temporary = os.path.join(self.links, ".%s.new-%d" % (name, os.getpid()))
+            remove_tree(temporary)
             os.symlink(target, temporary)
             os.replace(temporary, link)
             return True
@@ -2684,12 +2691,20 @@ class Snapshots:
             self.log.error(name, "Cannot link %s to its snapshot %s: %s" % (link, tree[:7], describe_os_error(exc)))
             return False
 
+    def _target(self, tree):
+        return os.path.join(os.pardir, os.path.basename(self.root), tree)
+
     def check(self, name, spec):
-        """Before a process of a unit with a folder starts: its snapshot is
-        there (one removed by hand is written again). SpawnError if not."""
-        if os.path.isdir(self.link(name)):
-            return
-        self.ready.discard(spec.tree)
+        """Before a process of a unit with a folder starts: its %Y links to
+        the snapshot of its version, which is there (one removed by hand is
+        written again). SpawnError if not: never the files of another."""
+        try:
+            if os.readlink(self.link(name)) == self._target(spec.tree) and os.path.isdir(self.path(spec.tree)):
+                return
+        except OSError:
+            pass
+        if not os.path.isdir(self.path(spec.tree)):
+            self.ready.discard(spec.tree)
         try:
             self.ensure(spec.tree, spec.owned.path)
         except SnapshotError as exc:
@@ -2757,6 +2772,8 @@ class _SnapshotWriter:
                 pos += end + 1
                 if end < 0 or self.index >= len(self.entries) or len(header) < 3 or header[1] != b"blob":
                     raise GitError("git cat-file: object %s is missing" % (header[0].decode() if header else "?"))
+                if not header[2].isdigit():
+                    raise GitError("git cat-file: a header without a size")
                 self._open(int(header[2]))
             elif self.left == 0:          # the newline after the object
                 pos += 1
@@ -2782,7 +2799,7 @@ class _SnapshotWriter:
             self.link_target = b""
         else:
             self.fd = os.open(full, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                              0o755 if mode == "100755" else 0o644)
+                              0o555 if mode == "100755" else 0o444)    # read-only: a snapshot is not written again
 
     def _close(self):
         if self.fd is None:
@@ -7905,8 +7922,13 @@ class Deployer:
             plan.problems.append(problem)
             plan.invalid.append(str(problem))
             if name in plan.added:
-                plan.added.remove(name)
-                del plan.specs[name]
+                earlier = None if self.specs else self._specs_of_saved_commit([name]).get(name)
+                if earlier is None:
+                    plan.added.remove(name)
+                    del plan.specs[name]
+                else:                     # at start-up: the version an earlier daemon ran goes on
+                    plan.specs[name] = earlier
+                    plan.origin[name] = self.recovery.saved_commit(name)
                 continue
             plan.changed.remove(name)
             plan.changes.pop(name)
@@ -7982,12 +8004,15 @@ class Deployer:
                 what = ", ".join(plan.changes[name] + plan.files.get(name, []))
                 if name in plan.reload and service.phase in (RUNNING, REMAIN):
                     self.log.info(name, "Reloading: %s changed in commit %s" % (what, commit.sha[:7]))
+                    service.running_tree = spec.tree      # it reads its new files through %Y
                     service.reload()
                 else:
                     self.log.info(name, "Restarting: %s changed in commit %s" % (what, commit.sha[:7]))
                     service.restart()
             else:
                 service.spec = spec       # same meaning; the file may have moved
+                if service.has_process():
+                    service.running_tree = spec.tree  # its files are alike: only unit files differ
         self.forget_removed()
         if plan.outside:
             self.log.info("daemon", "Commit %s touches no unit: it changes %s, outside every unit's folder" % (

@@ -2052,8 +2052,8 @@ class SnapshotTests(unittest.TestCase):
         with open(os.path.join(path, "conf"), "rb") as handle:
             self.assertEqual(handle.read(), b"line one\nline two\n", "the committed bytes, no eol or filter applied")
         self.assertEqual(os.readlink(os.path.join(path, "conf.link")), "conf")
-        self.assertEqual(stat.S_IMODE(os.stat(os.path.join(path, "bin", "run.sh")).st_mode), 0o755)
-        self.assertEqual(stat.S_IMODE(os.stat(os.path.join(path, "conf")).st_mode), 0o644)
+        self.assertEqual(stat.S_IMODE(os.stat(os.path.join(path, "bin", "run.sh")).st_mode), 0o555, "read-only")
+        self.assertEqual(stat.S_IMODE(os.stat(os.path.join(path, "conf")).st_mode), 0o444)
         self.assertEqual(sorted(os.listdir(path)), [".gitattributes", "bin", "conf", "conf.link", "web.service"])
         self.assertEqual(os.listdir(os.path.join(home.path, "snapshots")), [self.tree_of(sha)], "no temporary left")
 
@@ -2065,18 +2065,38 @@ class SnapshotTests(unittest.TestCase):
         fresh = gitproc.Snapshots(self.home.repo, self.store.root, self.store.links, 10 ** 6, self.log)
         fresh.ensure(tree, "web")         # a new daemon checks it: intact, kept as it is
         self.assertEqual(os.stat(os.path.join(path, "conf")).st_ino, inode)
-        for spoil in (lambda: write_file(os.path.join(path, "conf"), "bad\n"),
+        for spoil in (lambda: os.chmod(os.path.join(path, "conf"), 0o644) or write_file(os.path.join(path, "conf"), "bad\n"),
                       lambda: os.unlink(os.path.join(path, "more", "x")),
                       lambda: write_file(os.path.join(path, "extra"), "?\n"),
-                      lambda: os.chmod(os.path.join(path, "conf"), 0o755)):
+                      lambda: os.chmod(os.path.join(path, "conf"), 0o555)):
             spoil()
             fresh = gitproc.Snapshots(self.home.repo, self.store.root, self.store.links, 10 ** 6, self.log)
             fresh.ensure(tree, "web")
             with open(os.path.join(path, "conf")) as handle:
                 self.assertEqual(handle.read(), "good\n")
             self.assertEqual(sorted(os.listdir(path)), ["conf", "more", "web.service"])
-            self.assertEqual(stat.S_IMODE(os.stat(os.path.join(path, "conf")).st_mode), 0o644)
+            self.assertEqual(stat.S_IMODE(os.stat(os.path.join(path, "conf")).st_mode), 0o444)
         self.assertIn("writing it again from Git", self.log.text("warning"))
+
+    def test_a_file_gone_from_the_earlier_snapshot_comes_from_git(self):
+        first = self.tree_of(self.home.commit({"web/web.service": sleeper(1), "web/a": "a\n", "web/b": "b\n"}, "one"))
+        second = self.tree_of(self.home.commit({"web/b": "b2\n"}, "two"))
+        self.store.ensure(first, "web")
+        os.unlink(os.path.join(self.store.path(first), "a"))      # removed by hand
+        path = self.store.ensure(second, "web", base=first)
+        with open(os.path.join(path, "a")) as handle:
+            self.assertEqual(handle.read(), "a\n")
+        self.assertEqual(os.stat(os.path.join(path, "web.service")).st_nlink, 2, "the rest is still linked")
+
+    def test_a_link_target_git_cannot_hold_on_disk_is_an_error_of_the_unit(self):
+        blob = git_in(self.home.repo, "hash-object", "-w", "--stdin", input_text="a\0b").strip()
+        self.home.commit({"web/web.service": sleeper(1)}, "web")
+        self.home.git("update-index", "--add", "--cacheinfo", "120000,%s,web/evil" % blob)
+        sha = self.home.commit({}, "a link with a NUL in its target")
+        with self.assertRaises(gitproc.SnapshotError) as caught:
+            self.store.ensure(self.tree_of(sha), "web")
+        self.assertIn("evil", str(caught.exception))
+        self.assertEqual(os.listdir(self.store.root), [], "the temporary folder is removed")
 
     def test_too_large_or_unwritable_is_an_error_and_leaves_nothing(self):
         sha = self.home.commit({"web/web.service": sleeper(1), "web/big": "x" * 2000}, "web")
@@ -2163,6 +2183,15 @@ class FilesBesideUnitsTests(SupervisionCase):
         code, out, err = self.home.cli("status", "web")
         self.assertIn("Files: web/ (2 files", out)
 
+    def test_percent_y_in_a_drop_in_and_an_environment_file(self):
+        self.deploy({"web/web.service": unit_text("ExecStart=/bin/sh -c 'echo $GREETING > " + self.out + "; exec /bin/sleep 3131'"),
+                     "web/web.service.d/env.conf": "[Service]\nEnvironmentFile=%Y/env\n", "web/env": "GREETING=hello\n"})
+        pid = self.watch(self.home.running_pid("web"))
+        self.seen("hello\n")
+        self.home.commit({"web/env": "GREETING=again\n"}, "env")
+        self.watch(self.wait_new_pid("web", pid)["pid"])
+        self.seen("again\n")
+
     def test_a_commit_outside_every_folder_touches_no_unit_and_says_so(self):
         self.deploy({"web/web.service": folder_unit(self.out), "web/conf": "one\n", "docs/readme": "r\n"})
         pid = self.watch(self.home.running_pid("web"))
@@ -2187,6 +2216,10 @@ class FilesBesideUnitsTests(SupervisionCase):
         wait_until(lambda: read_text(reloaded) == "two\n", 5, "ExecReload= to read the new file through %Y")
         self.assertEqual(self.home.status("web")["pid"], pid)
         self.assertIn("Reloading: conf changed in commit %s" % sha[:7], self.home.daemon_log())
+        self.home.request({"cmd": "shutdown", "keep_services": True})
+        wait_until(lambda: not pid_alive(self.home.daemon_pid), 10, "the daemon to exit")
+        self.home.start_daemon()
+        self.assertEqual(self.home.running_pid("web"), pid, "a reloaded unit is not restarted by the next daemon")
         # a change of a key still restarts
         self.home.commit({"web/web.service": folder_unit(self.out, "ReloadOnFileChange=yes", "Environment=A=1",
                                                          "ExecReload=/bin/true")}, "key")
@@ -2244,6 +2277,34 @@ class FilesBesideUnitsTests(SupervisionCase):
         code, out, err = self.home.cli("status")
         self.assertIn("cannot write its snapshot", out + err)
         self.seen("one\n")
+        # the same while no daemon runs: the next one keeps the version that runs
+        self.home.kill_daemon()
+        self.home.commit({"web/more": "m\n"}, "another")
+        self.home.start_daemon()
+        self.assertEqual(self.home.running_pid("web"), pid, "adopted, and kept: its new folder cannot be written")
+        self.assertIn("cannot write its snapshot", json.dumps(self.home.request({"cmd": "list"})["invalid"]))
+        no_traceback(self, self.home)
+
+    @unittest.skipUnless(IS_ROOT and shutil.which("unshare"), "a tmpfs of its own needs root and unshare(1)")
+    def test_a_full_disk_is_an_error_of_the_unit_and_the_earlier_version_runs_on(self):
+        """The daemon runs in a mount namespace of its own whose snapshots
+        folder is a 64 KiB tmpfs (gone with the namespace)."""
+        self.home.commit({"web/web.service": folder_unit(self.out), "web/conf": "one\n"}, "small")
+        os.makedirs(self.file("snapshots"))
+        script = 'mount -t tmpfs -o size=64k gitproc-test "$0/snapshots" && exec "$1" "$2" --home "$0" daemon'
+        proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script,
+                               self.home.path, sys.executable, GITPROC], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.assertEqual(proc.returncode, 0, proc.stderr.decode())
+        self.home.daemon_pid = int(read_text(self.file("gitproc.pid")))
+        pid = self.watch(self.home.running_pid("web"))
+        self.seen("one\n")
+        sha = self.home.commit({"web/big": "x" * 200000, "web/conf": "two\n"}, "more than the disk holds")
+        entry = wait_history_commit(self.home, sha)
+        self.assertIn("No space left on device", " ".join(entry["invalid"]), entry)
+        self.assertEqual(self.home.status("web")["pid"], pid, "the earlier version keeps running")
+        self.home.commit({"web/big": None}, "fits again")
+        self.watch(self.wait_new_pid("web", pid)["pid"])
+        self.seen("two\n")
         no_traceback(self, self.home)
 
     def test_snapshots_are_shared_collected_and_survive_a_daemon_restart(self):
@@ -2272,8 +2333,12 @@ class FilesBesideUnitsTests(SupervisionCase):
         with open(os.path.join(self.home.path, "files", "web", "conf")) as handle:
             self.assertEqual(handle.read(), "4\n")
         self.assertTrue(os.path.isfile(os.path.join(self.home.path, "files", "db", "conf")))
-        # removed by hand while the daemon runs: written again when the unit starts
+        # removed by hand while the daemon runs (and its link pointed elsewhere, with a
+        # leftover in the way): written again when the unit starts
         shutil.rmtree(os.path.realpath(os.path.join(self.home.path, "files", "web")))
+        os.unlink(os.path.join(self.home.path, "files", "web"))
+        os.symlink(os.path.realpath(os.path.join(self.home.path, "files", "db")), os.path.join(self.home.path, "files", "web"))
+        os.mkdir(os.path.join(self.home.path, "files", ".web.new"))
         code, out, err = self.home.cli("restart", "web")
         self.assertEqual(code, 0, out + err)
         self.watch(self.wait_new_pid("web", pid)["pid"])
