@@ -598,8 +598,10 @@ class UnitSpec:
         return self.owned.tree if self.owned else None
 
     def identity(self):
-        """What tells two versions apart: what it means, and its folder."""
-        return self.fingerprint(), self.tree
+        """What tells two versions apart, what it means and its folder, as a
+        digest that state.json can keep."""
+        import hashlib
+        return hashlib.sha1(repr((sorted(self.fingerprint().items()), self.tree)).encode()).hexdigest()
 
     def start_timeout(self):
         """TimeoutStartSec=: seconds, or None for no limit (0 and infinity;
@@ -2504,6 +2506,7 @@ class Snapshots:
         self.repo, self.root, self.links, self.limit, self.log = repo, root, links, limit, log
         self.ready = set()                # trees written or checked by this daemon
         self.listings = {}                # tree -> its listing (see listing), for the trees in use
+        self.stamps = {}                  # tree -> {path: (inode, size, mtime)} of its files as written or checked
 
     def path(self, tree):
         return os.path.join(self.root, tree)
@@ -2530,12 +2533,23 @@ class Snapshots:
         if os.path.isdir(target):
             problem = self._mismatch(target, listing)
             if problem is None:
+                self._stamp(tree, listing)
                 self.ready.add(tree)
                 return target
             self.log.warning("daemon", "Snapshot %s of %s/ %s: writing it again from Git" % (tree[:7], folder, problem))
-        self._write(tree, folder, listing, base if base in self.ready and base in self.listings else None)
+        self._write(tree, folder, listing, base if base in self.ready and base in self.stamps else None)
         self.ready.add(tree)
         return target
+
+    def _stamp(self, tree, listing):
+        """Note each file of a snapshot as it is now: a file changed since (even
+        in place, keeping its size) is then not linked into the next one."""
+        stamps = {}
+        for path, mode, _, _ in listing:
+            if mode not in ("120000", "160000"):
+                info = os.lstat(os.path.join(self.path(tree), path))
+                stamps[path] = (info.st_ino, info.st_size, info.st_mtime_ns)
+        self.stamps[tree] = stamps
 
     def listing(self, tree, folder, base=None):
         """[(path, mode, object id, size)] of the tree's files, checked: no
@@ -2582,6 +2596,7 @@ class Snapshots:
         remove_tree(temporary)
         mask = os.umask(0o022)            # the modes of a checkout, whatever the daemon's umask
         alike = set(self.listings[base]) if base else set()
+        stamps = self.stamps.get(base, {})
         linked = {entry for entry in listing if entry in alike and entry[1] not in ("120000", "160000")}
         writer = _SnapshotWriter(temporary, [entry[:3] for entry in listing if entry[1] != "160000" and entry not in linked])
         try:
@@ -2596,8 +2611,9 @@ class Snapshots:
                         os.makedirs(os.path.dirname(full), 0o755)
                     source = os.path.join(self.path(base), path)
                     try:
-                        if os.lstat(source).st_size != size:
-                            raise FileNotFoundError(errno.ENOENT, "changed in place")
+                        info = os.lstat(source)
+                        if stamps.get(path) != (info.st_ino, info.st_size, info.st_mtime_ns):
+                            raise FileNotFoundError(errno.ENOENT, "changed since it was written")
                         os.link(source, full, follow_symlinks=False)
                     except FileNotFoundError:   # gone or changed in the earlier snapshot: from Git then
                         writer.entries.append((path, mode, object_id))
@@ -2614,6 +2630,7 @@ class Snapshots:
             os.rename(temporary, self.path(tree))
             if old:
                 remove_tree(old)
+            self._stamp(tree, listing)
         except (OSError, GitError, ValueError) as exc:   # ValueError: a NUL in a link's target
             writer.close()
             remove_tree(temporary)
@@ -2718,6 +2735,7 @@ class Snapshots:
         removed = []
         for tree in [tree for tree in self.listings if tree not in keep]:
             del self.listings[tree]
+            self.stamps.pop(tree, None)
         for entry in self._listdir(self.root):
             if entry in keep or entry.endswith("-%d" % os.getpid()):
                 continue
@@ -4868,7 +4886,8 @@ class Service:
         self.spawn_path = None          # how its last process was made (the host's): posix_spawn, clone3, fork
         self.previous = None            # (spec, commit) a deploy replaced, kept for AutoRollback=
         self.previous_tree = None       # the snapshot of its folder before the last change (kept for rollback)
-        self.running_tree = None        # the snapshot its main process was started from
+        self.running_tree = None        # the snapshot its main process was started from (its cwd may be there)
+        self.linked_tree = None         # the snapshot that process reads through %Y now (a reload moves it)
         self.rejected = None            # identity of a version AutoRollback= took back
         self.rolled_back = None         # {"from", "to", "why", "time"} of that rollback
 
@@ -4953,7 +4972,8 @@ class Service:
                 "restarts": self.restarts, "restarts_total": self.restarts_total, "last_exit": self.last_exit,
                 "state": self.state, "phase": self.phase, "reason": self.reason, "commit": self.commit,
                 "blob": self.spec.blob, "started_wall": self.main_started_wall,
-                "tree": self.running_tree if active else None, "previous_tree": self.previous_tree}
+                "tree": self.linked_tree if active else None, "started_tree": self.running_tree if active else None,
+                "previous_tree": self.previous_tree, "rejected": self.rejected, "rolled_back": self.rolled_back}
 
     # -- requests: the writers of `want` ------------------------------------------
 
@@ -5914,7 +5934,7 @@ class Launcher:
                                          ignore_sigpipe=spec.ignore_sigpipe, sandbox=sandbox)
         service.spawn_path = self.spawner.last_path
         if control in (None, "exec_start"):   # the main process, or a forking unit's parent of it
-            service.running_tree = spec.tree
+            service.running_tree = service.linked_tree = spec.tree
         self.exit_watcher.watch(pid, on_exit)
         if report is not None:
             os.set_blocking(report, False)
@@ -7533,7 +7553,8 @@ class Recovery:
                 found["pid"], "had an older pid" if isinstance(saved, dict) else "did not know it"))
             if isinstance(saved, dict):
                 saved.update({key: found[key] for key in ("pid", "pid_start", "started_wall")})
-                saved.pop("tree", None)   # of the older process: what this one runs from is not known
+                for key in ("tree", "started_tree"):   # of the older process: this one's are not known
+                    saved.pop(key, None)
             else:
                 self.saved_services[name] = found
 
@@ -7589,19 +7610,28 @@ class Recovery:
         service.last_exit = saved.get("last_exit") if isinstance(saved.get("last_exit"), dict) else None
         if isinstance(saved.get("previous_tree"), str):
             service.previous_tree = saved["previous_tree"]
+        back = saved.get("rolled_back")
+        if isinstance(back, dict) and isinstance(saved.get("rejected"), str) and service.commit == back.get("to"):
+            service.rejected, service.rolled_back = saved["rejected"], back   # kept back (Deployer._kept_back)
         live = self.live_pid(saved) or self._pid_file_process(service.spec)
         if live is None and saved.get("phase") == REMAIN and service.spec.remain_after_exit:
             live = (None, None)           # it ran and remains: nothing to run again, only to remember
         if live is None:
             return False
         service.adopt(live[0], live[1], saved.get("started_wall"))
-        service.running_tree = saved.get("tree") if isinstance(saved.get("tree"), str) else service.spec.tree
+        # The snapshot it reads through %Y: what the state file says (null for a
+        # unit that had no folder), else (a state file of an older gitproc, or
+        # an older process) the deployed one.
+        service.linked_tree = saved["tree"] if "tree" in saved and isinstance(saved["tree"], (str, type(None))) \
+            else service.spec.tree
+        started = saved.get("started_tree")
+        service.running_tree = started if isinstance(started, str) else service.linked_tree
         if service.want == "down":
             service.stop()
         elif saved.get("blob") not in (None, service.spec.blob):
             self.log.info(service.name, "Restarting: unit changed while no daemon ran")
             service.restart()
-        elif "tree" in saved and service.running_tree != service.spec.tree:
+        elif service.linked_tree != service.spec.tree:
             self.log.info(service.name, "Restarting: its folder changed while no daemon ran")
             service.restart()
         return True
@@ -7837,6 +7867,7 @@ class Deployer:
                 specs[name] = earlier[name]           # the earlier good version keeps running
                 service = self.services.get(name)
                 origin[name] = service.commit if service else self.recovery.saved_commit(name)
+        kept_back = {} if self.specs else self._kept_back(specs, origin)
         skipped = {}
         for name, spec in list(specs.items()):
             if not host_matches(spec.condition_host, self.config.hostname):
@@ -7849,6 +7880,7 @@ class Deployer:
             setattr(plan, key, changes[key])
         plan.changes = changes["changes"]
         plan.files = {name: files[name] for name in plan.changed if files.get(name)}
+        plan.drift.update(kept_back)
         for name in list(plan.changed):
             service = self.services.get(name)
             if service is not None and service.rejected is not None and specs[name].identity() == service.rejected:
@@ -7871,8 +7903,27 @@ class Deployer:
         plan.reload = [name for name in plan.changed if not plan.changes[name] and specs[name].reload_on_file_change
                        and (specs[name].exec_reload or specs[name].type == "notify-reload")]
         if plan.previous and plan.previous != commit.sha and not (plan.added or plan.changed or plan.removed):
-            plan.outside = self._files_outside(plan.previous, commit.sha, folders)
+            owned = set(folders) | {spec.owned.path for spec in self.specs.values() if spec.owned}
+            plan.outside = self._files_outside(plan.previous, commit.sha, owned)
         return plan
+
+    def _kept_back(self, specs, origin):
+        """At start-up: a unit whose deployed version AutoRollback= took back
+        (the state file says so) runs the version it was rolled back to, as
+        it did before the daemon stopped. Returns {name: why}."""
+        kept = {}
+        for name in list(specs):
+            saved = self.recovery.saved_services.get(name)
+            if not (isinstance(saved, dict) and isinstance(saved.get("rolled_back"), dict)
+                    and saved.get("rejected") == specs[name].identity()):
+                continue
+            earlier = self._specs_of_saved_commit([name]).get(name)
+            if earlier is not None:
+                back = saved["rolled_back"]
+                specs[name], origin[name] = earlier, self.recovery.saved_commit(name)
+                kept[name] = "runs the version of %s: %s was rolled back (%s)" % (
+                    str(back.get("to"))[:7], str(back.get("from"))[:7], back.get("why"))
+        return kept
 
     def _changed_files(self, specs):
         """{name: [path, ...]}: the files of each unit's folder (paths in it)
@@ -7893,8 +7944,9 @@ class Deployer:
         return files
 
     def _files_outside(self, previous, sha, folders):
-        """The files a commit changed outside every unit's folder (none of them
-        a unit file): what a commit that touches no unit changed."""
+        """The files a commit changed outside every unit's folder (`folders`:
+        those of both versions; none of them a unit file): what a commit that
+        touches no unit changed."""
         try:
             paths = git_changed_paths(self.config.repo_path, previous, sha)
         except GitError:
@@ -8004,7 +8056,7 @@ class Deployer:
                 what = ", ".join(plan.changes[name] + plan.files.get(name, []))
                 if name in plan.reload and service.phase in (RUNNING, REMAIN):
                     self.log.info(name, "Reloading: %s changed in commit %s" % (what, commit.sha[:7]))
-                    service.running_tree = spec.tree      # it reads its new files through %Y
+                    service.linked_tree = spec.tree       # it reads its new files through %Y
                     service.reload()
                 else:
                     self.log.info(name, "Restarting: %s changed in commit %s" % (what, commit.sha[:7]))
@@ -8012,13 +8064,12 @@ class Deployer:
             else:
                 service.spec = spec       # same meaning; the file may have moved
                 if service.has_process():
-                    service.running_tree = spec.tree  # its files are alike: only unit files differ
+                    service.linked_tree = spec.tree   # its files are alike: only unit files differ
         self.forget_removed()
         if plan.outside:
             self.log.info("daemon", "Commit %s touches no unit: it changes %s, outside every unit's folder" % (
                 commit.sha[:7], some_paths(plan.outside)))
-        if self.collect_timer is None:    # later: a deploy's restarts come first
-            self.collect_timer = self.host.call_later(SNAPSHOT_COLLECT_DELAY, self.collect_snapshots)
+        self._collect_later()
         outcome = "partial" if plan.invalid else "ok"
         self.history.record(trigger, outcome, commit.sha, commit.subject,
                             plan.added, plan.changed, plan.removed, plan.invalid, files=plan.files,
@@ -8065,6 +8116,12 @@ class Deployer:
         for name in [name for name, s in self.services.items() if s.removed and s.state not in ACTIVE_STATES]:
             self.services.pop(name).discard()
             self.snapshots.point(name, None)
+            self._collect_later()
+
+    def _collect_later(self):
+        """Collect snapshots soon: after a deploy, its restarts come first."""
+        if self.collect_timer is None:
+            self.collect_timer = self.host.call_later(SNAPSHOT_COLLECT_DELAY, self.collect_snapshots)
 
     def collect_snapshots(self):
         """Remove the snapshots no unit runs, or keeps for AutoRollback= or

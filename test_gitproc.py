@@ -2088,6 +2088,16 @@ class SnapshotTests(unittest.TestCase):
             self.assertEqual(handle.read(), "a\n")
         self.assertEqual(os.stat(os.path.join(path, "web.service")).st_nlink, 2, "the rest is still linked")
 
+    def test_a_file_changed_in_place_in_the_earlier_snapshot_is_not_linked(self):
+        first = self.tree_of(self.home.commit({"web/web.service": sleeper(1), "web/a": "v5\n", "web/b": "b\n"}, "one"))
+        second = self.tree_of(self.home.commit({"web/b": "b2\n"}, "two"))
+        path = self.store.ensure(first, "web")
+        os.chmod(os.path.join(path, "a"), 0o644)
+        with open(os.path.join(path, "a"), "r+") as handle:     # same size, same inode
+            handle.write("v9\n")
+        with open(os.path.join(self.store.ensure(second, "web", base=first), "a")) as handle:
+            self.assertEqual(handle.read(), "v5\n", "what Git holds, not the edit")
+
     def test_a_link_target_git_cannot_hold_on_disk_is_an_error_of_the_unit(self):
         blob = git_in(self.home.repo, "hash-object", "-w", "--stdin", input_text="a\0b").strip()
         self.home.commit({"web/web.service": sleeper(1)}, "web")
@@ -2205,6 +2215,11 @@ class FilesBesideUnitsTests(SupervisionCase):
         self.assertIn("no unit (docs/readme, top.txt)", out)
         self.assertEqual(self.home.status("web")["pid"], pid)
         self.assertEqual(snapshot_trees(self.home), trees, "nothing is copied again")
+        self.home.git("mv", "web", "www")
+        sha = self.home.commit({}, "the folder renamed")
+        entry = wait_history_commit(self.home, sha)
+        self.assertEqual((entry["changed"], entry["outside"]), ([], []), "a moved folder: no unit changed, nothing outside")
+        self.assertEqual(self.home.status("web")["pid"], pid)
 
     def test_reload_on_file_change_keeps_the_main_process(self):
         reloaded = self.file("reloaded")
@@ -2232,9 +2247,12 @@ class FilesBesideUnitsTests(SupervisionCase):
         self.home.commit({"web/conf": "two\n", "web/new": "n\n", "notes": "2\n"}, "v2")
         pid = self.watch(self.wait_new_pid("web", pid)["pid"])
         self.seen("two\n")
+        kept = set(snapshot_trees(self.home))
+        self.assertIn(self.home.git("rev-parse", first + ":web").strip(), kept, "the version before is kept")
         code, out, err = self.home.cli_process("rollback", first)
         self.assertEqual(code, 0, out + err)
         self.assertIn("files: conf, new", out)
+        self.assertLessEqual(set(snapshot_trees(self.home)), kept, "a one-step rollback writes no snapshot")
         head = self.home.git("rev-parse", "main").strip()
         self.assertEqual(self.home.git("show", head + ":web/conf"), "one\n")
         self.assertEqual(self.home.git("show", head + ":notes"), "2\n", "files outside units' folders stay")
@@ -2258,6 +2276,15 @@ class FilesBesideUnitsTests(SupervisionCase):
         with open(os.path.join(self.home.path, "files", "web", "conf")) as handle:
             self.assertEqual(handle.read(), "good\n")
         self.assertIn(good[0], os.readlink(os.path.join(self.home.path, "files", "web")))
+        # the next daemon keeps it rolled back, and adopts it
+        wait_until(lambda: read_state(self.home)["services"]["web"].get("rolled_back"), 10, "the rollback to be saved")
+        self.home.kill_daemon()
+        self.home.start_daemon()
+        self.assertEqual(self.home.running_pid("web"), back["pid"], "adopted, still on the previous snapshot")
+        self.assertTrue(self.home.status("web")["rolled_back"])
+        self.assertIn("web", self.home.request({"cmd": "diff"})["drift"])
+        with open(os.path.join(self.home.path, "files", "web", "conf")) as handle:
+            self.assertEqual(handle.read(), "good\n")
 
     def test_a_folder_too_large_or_unwritable_keeps_the_earlier_version(self):
         write_config(self.home, {"snapshot_max_bytes": 4096})
@@ -2348,6 +2375,31 @@ class FilesBesideUnitsTests(SupervisionCase):
         wait_until(lambda: not os.path.lexists(os.path.join(self.home.path, "files", "db")), 10, "db's link to go")
         self.home.commit({"web/conf": "5\n"}, "conf 5")
         wait_until(lambda: len(snapshot_trees(self.home)) == 2, 10, "db's snapshot to go: %s" % snapshot_trees(self.home))
+
+    def test_the_snapshot_a_process_started_from_stays_while_it_runs(self):
+        self.deploy({"app/a.service": sleeper(3301), "app/b.service": unit_text(
+            "WorkingDirectory=%Y", "ExecStart=/bin/sh -c 'exec /bin/sleep 3302'"), "app/conf": "c\n"})
+        self.watch(self.home.running_pid("a"))
+        b = self.watch(self.home.running_pid("b"))
+        started = os.readlink("/proc/%d/cwd" % b)
+        for version in range(3303, 3306):          # a changes; b does not, its link follows the folder
+            sha = self.home.commit({"app/a.service": sleeper(version)}, "a %d" % version)
+            wait_history_commit(self.home, sha)
+        wait_until(lambda: "Removed snapshot" in self.home.daemon_log(), 10, "a snapshot nobody uses to go")
+        self.assertEqual(self.home.status("b")["pid"], b)
+        self.assertEqual(os.readlink("/proc/%d/cwd" % b), started, "its working folder is still there")
+        self.assertTrue(os.path.isdir(started))
+
+    def test_a_unit_moved_into_a_folder_while_no_daemon_ran_restarts(self):
+        text = unit_text("ExecStart=/bin/sh -c 'echo started >> " + self.out + "; exec /bin/sleep 3131'")
+        self.deploy({"r.service": text})
+        pid = self.watch(self.home.running_pid("r"))
+        self.home.kill_daemon()
+        self.home.git("rm", "-q", "r.service")
+        self.home.commit({"r/r.service": text, "r/conf": "a file it now owns\n"}, "the same unit, into a folder")
+        self.home.start_daemon()
+        self.watch(self.wait_new_pid("r", pid)["pid"])
+        self.assertIn("its folder changed while no daemon ran", self.home.daemon_log())
 
     def test_diff_names_the_files_in_remote_mode(self):
         upstream = Upstream(self)
