@@ -597,11 +597,16 @@ class UnitSpec:
         """The tree id of its owned folder (its snapshot's key), or None."""
         return self.owned.tree if self.owned else None
 
+    def meaning(self):
+        """A digest of what it means (see fingerprint), for state.json."""
+        import hashlib
+        return hashlib.sha1(repr(sorted(self.fingerprint().items())).encode()).hexdigest()
+
     def identity(self):
         """What tells two versions apart, what it means and its folder, as a
         digest that state.json can keep."""
         import hashlib
-        return hashlib.sha1(repr((sorted(self.fingerprint().items()), self.tree)).encode()).hexdigest()
+        return hashlib.sha1(repr((self.meaning(), self.tree)).encode()).hexdigest()
 
     def start_timeout(self):
         """TimeoutStartSec=: seconds, or None for no limit (0 and infinity;
@@ -1312,7 +1317,8 @@ FIELD_KEYS["not_applied"] = "keys not applied"
 FIELD_KEYS["rlimits"] = "Limit*="
 # Values run through %-specifier expansion (the others are names, numbers, paths).
 _SPECIFIER_FIELDS = {"description", "environment", "environment_files", "working_directory", "user", "group",
-                     "pid_file", "syslog_identifier", "conditions"} | set(EXEC_FIELDS)
+                     "pid_file", "syslog_identifier", "conditions", "paths", "bind_paths",
+                     "temporary_file_systems"} | set(EXEC_FIELDS)
 # Keys accepted without a word: they only document the unit.
 SILENT_KEYS = {("Unit", key) for key in (
     "Documentation", "DefaultDependencies", "IgnoreOnIsolate", "AllowIsolate", "CollectMode", "SourcePath",
@@ -4971,7 +4977,7 @@ class Service:
                 "pid_start": self.pid_start if active else None,
                 "restarts": self.restarts, "restarts_total": self.restarts_total, "last_exit": self.last_exit,
                 "state": self.state, "phase": self.phase, "reason": self.reason, "commit": self.commit,
-                "blob": self.spec.blob, "started_wall": self.main_started_wall,
+                "blob": self.spec.blob, "meaning": self.spec.meaning(), "started_wall": self.main_started_wall,
                 "tree": self.linked_tree if active else None, "started_tree": self.running_tree if active else None,
                 "previous_tree": self.previous_tree, "rejected": self.rejected, "rolled_back": self.rolled_back}
 
@@ -7594,11 +7600,12 @@ class Recovery:
         saved = self.saved_services.get(name)
         return saved.get("commit") if isinstance(saved, dict) and isinstance(saved.get("commit"), str) else None
 
-    def restore_service(self, service):
+    def restore_service(self, service, reloads=lambda spec: False):
         """A new Service takes what was saved of it; its process, if an earlier
         daemon left it running, is adopted (then stopped if the user wants it
-        down, restarted if its unit changed while no daemon ran). True if a
-        process was adopted."""
+        down, restarted if its unit or its files changed while no daemon ran,
+        or reloaded if only its files did and reloads(spec) says it reloads
+        for them). True if a process was adopted."""
         saved = self.saved_services.get(service.name)
         if not isinstance(saved, dict):
             return False
@@ -7625,16 +7632,47 @@ class Recovery:
         service.linked_tree = saved["tree"] if "tree" in saved and isinstance(saved["tree"], (str, type(None))) \
             else service.spec.tree
         started = saved.get("started_tree")
-        service.running_tree = started if isinstance(started, str) else service.linked_tree
+        service.running_tree = started if isinstance(started, str) else self._tree_of_cwd(live[0], service.linked_tree)
+        meaning = saved.get("meaning")          # (a state file of an older gitproc has only the blob)
+        unit_changed = meaning != service.spec.meaning() if isinstance(meaning, str) else \
+            saved.get("blob") not in (None, service.spec.blob)
+        files = self._files_changed(service.linked_tree, service.spec.tree)
         if service.want == "down":
             service.stop()
-        elif saved.get("blob") not in (None, service.spec.blob):
+        elif unit_changed:
             self.log.info(service.name, "Restarting: unit changed while no daemon ran")
             service.restart()
-        elif service.linked_tree != service.spec.tree:
-            self.log.info(service.name, "Restarting: its folder changed while no daemon ran")
+        elif files and reloads(service.spec) and service.phase in (RUNNING, REMAIN):
+            self.log.info(service.name, "Reloading: %s changed while no daemon ran" % some_paths(files))
+            service.linked_tree = service.spec.tree
+            service.reload()
+        elif files:
+            self.log.info(service.name, "Restarting: %s changed while no daemon ran" % some_paths(files))
             service.restart()
+        else:
+            service.linked_tree = service.spec.tree
         return True
+
+    def _files_changed(self, old, new):
+        """The files (not unit files) that differ between two trees of a unit's
+        folder, as Deployer._changed_files finds them (a unit that now owns no
+        folder has none); ["(its folder)"] when git cannot tell."""
+        if old == new or new is None:
+            return []
+        try:
+            return [path for path in git_changed_paths(self.config.repo_path, old, new) if not is_unit_source(path)]
+        except GitError:
+            return ["(its folder)"]
+
+    def _tree_of_cwd(self, pid, default):
+        """The snapshot an adopted process works in (for a state file that does
+        not say which it started from), else `default`."""
+        try:
+            cwd = os.readlink("/proc/%d/cwd" % pid) if pid else ""
+        except OSError:
+            return default
+        prefix = self.config.snapshot_dir + os.sep
+        return cwd[len(prefix):].split(os.sep)[0] if cwd.startswith(prefix) else default
 
     @staticmethod
     def _pid_file_process(spec):
@@ -7900,12 +7938,19 @@ class Deployer:
         plan.in_tree = {name for name, _, _, _ in entries}
         if materialise:
             self._materialise(plan)
-        plan.reload = [name for name in plan.changed if not plan.changes[name] and specs[name].reload_on_file_change
-                       and (specs[name].exec_reload or specs[name].type == "notify-reload")]
+        plan.reload = [name for name in plan.changed if not plan.changes[name] and self._reloads(specs[name])]
         if plan.previous and plan.previous != commit.sha and not (plan.added or plan.changed or plan.removed):
             owned = set(folders) | {spec.owned.path for spec in self.specs.values() if spec.owned}
             plan.outside = self._files_outside(plan.previous, commit.sha, owned)
         return plan
+
+    def _reloads(self, spec):
+        """ReloadOnFileChange=: a change of its files only reloads the unit, if
+        it can reload and does not bind them into its sandbox (a bind is
+        made at the start: only a restart would show the new files)."""
+        link = self.snapshots.link(spec.name)
+        bound = any(source == link or source.startswith(link + "/") for source, *_ in spec.bind_paths)
+        return spec.reload_on_file_change and (spec.exec_reload or spec.type == "notify-reload") and not bound
 
     def _kept_back(self, specs, origin):
         """At start-up: a unit whose deployed version AutoRollback= took back
@@ -8063,6 +8108,8 @@ class Deployer:
                     service.restart()
             else:
                 service.spec = spec       # same meaning; the file may have moved
+                if service.rolled_back and name not in plan.drift:
+                    service.rejected = service.rolled_back = None   # a commit brought back the version it runs
                 if service.has_process():
                     service.linked_tree = spec.tree   # its files are alike: only unit files differ
         self.forget_removed()
@@ -8098,7 +8145,7 @@ class Deployer:
             return
         service = Service(self.host, spec, sha)
         self.services[spec.name] = service
-        if self.recovery.restore_service(service):
+        if self.recovery.restore_service(service, self._reloads):
             return
         if service.want == "up":
             service.start()

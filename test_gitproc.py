@@ -2202,6 +2202,20 @@ class FilesBesideUnitsTests(SupervisionCase):
         self.watch(self.wait_new_pid("web", pid)["pid"])
         self.seen("again\n")
 
+    @unittest.skipUnless(IS_ROOT, "the sandbox needs a root daemon")
+    def test_a_file_of_the_folder_bound_where_the_program_looks(self):
+        """A stock unit's program reads its usual path: a drop-in binds the
+        folder's file there, as systemd would (%Y in BindReadOnlyPaths=)."""
+        self.deploy({"web/web.service": unit_text("ExecStart=/bin/sh -c 'cat /etc/hostname > " + self.out
+                                                  + "; exec /bin/sleep 3131'"),
+                     "web/web.service.d/conf.conf": "[Service]\nBindReadOnlyPaths=%Y/hostname:/etc/hostname\n",
+                     "web/hostname": "from the folder\n"})
+        pid = self.watch(self.home.running_pid("web"))
+        self.seen("from the folder\n")
+        self.home.commit({"web/hostname": "changed\n"}, "hostname")
+        self.watch(self.wait_new_pid("web", pid)["pid"])
+        self.seen("changed\n")
+
     def test_a_commit_outside_every_folder_touches_no_unit_and_says_so(self):
         self.deploy({"web/web.service": folder_unit(self.out), "web/conf": "one\n", "docs/readme": "r\n"})
         pid = self.watch(self.home.running_pid("web"))
@@ -2235,6 +2249,13 @@ class FilesBesideUnitsTests(SupervisionCase):
         wait_until(lambda: not pid_alive(self.home.daemon_pid), 10, "the daemon to exit")
         self.home.start_daemon()
         self.assertEqual(self.home.running_pid("web"), pid, "a reloaded unit is not restarted by the next daemon")
+        # its files changed while no daemon ran: the next one reloads it
+        self.home.request({"cmd": "shutdown", "keep_services": True})
+        wait_until(lambda: not pid_alive(self.home.daemon_pid), 10, "the daemon to exit")
+        self.home.commit({"web/conf": "three\n"}, "conf three")
+        self.home.start_daemon()
+        wait_until(lambda: read_text(reloaded) == "three\n", 5, "the next daemon to reload it")
+        self.assertEqual(self.home.running_pid("web"), pid)
         # a change of a key still restarts
         self.home.commit({"web/web.service": folder_unit(self.out, "ReloadOnFileChange=yes", "Environment=A=1",
                                                          "ExecReload=/bin/true")}, "key")
@@ -2285,6 +2306,12 @@ class FilesBesideUnitsTests(SupervisionCase):
         self.assertIn("web", self.home.request({"cmd": "diff"})["drift"])
         with open(os.path.join(self.home.path, "files", "web", "conf")) as handle:
             self.assertEqual(handle.read(), "good\n")
+        # a commit that brings back the version it runs ends the drift, and restarts nothing
+        sha = self.home.commit({"web/conf": "good\n"}, "good again")
+        wait_history_commit(self.home, sha)
+        self.assertFalse(self.home.status("web")["rolled_back"])
+        self.assertEqual(self.home.request({"cmd": "diff"})["drift"], {})
+        self.assertEqual(self.home.status("web")["pid"], back["pid"])
 
     def test_a_folder_too_large_or_unwritable_keeps_the_earlier_version(self):
         write_config(self.home, {"snapshot_max_bytes": 4096})
@@ -2390,6 +2417,16 @@ class FilesBesideUnitsTests(SupervisionCase):
         self.assertEqual(os.readlink("/proc/%d/cwd" % b), started, "its working folder is still there")
         self.assertTrue(os.path.isdir(started))
 
+    def test_a_sibling_unit_file_changed_while_no_daemon_ran_restarts_nothing(self):
+        self.deploy({"app/a.service": sleeper(3401), "app/b.service": sleeper(3402), "app/conf": "c\n"})
+        a, b = self.watch(self.home.running_pid("a")), self.watch(self.home.running_pid("b"))
+        self.home.request({"cmd": "shutdown", "keep_services": True})
+        wait_until(lambda: not pid_alive(self.home.daemon_pid), 10, "the daemon to exit")
+        self.home.commit({"app/b.service": "# a comment\n" + sleeper(3402)}, "a comment in b")
+        self.home.start_daemon()
+        self.assertEqual((self.home.running_pid("a"), self.home.running_pid("b")), (a, b))
+        self.assertNotIn("Restarting", self.home.daemon_log())
+
     def test_a_unit_moved_into_a_folder_while_no_daemon_ran_restarts(self):
         text = unit_text("ExecStart=/bin/sh -c 'echo started >> " + self.out + "; exec /bin/sleep 3131'")
         self.deploy({"r.service": text})
@@ -2399,7 +2436,7 @@ class FilesBesideUnitsTests(SupervisionCase):
         self.home.commit({"r/r.service": text, "r/conf": "a file it now owns\n"}, "the same unit, into a folder")
         self.home.start_daemon()
         self.watch(self.wait_new_pid("r", pid)["pid"])
-        self.assertIn("its folder changed while no daemon ran", self.home.daemon_log())
+        self.assertIn("Restarting: conf changed while no daemon ran", self.home.daemon_log())
 
     def test_diff_names_the_files_in_remote_mode(self):
         upstream = Upstream(self)
