@@ -308,6 +308,18 @@ def read_until_eof(fd):
         chunks.append(chunk)
 
 
+def new_digest(name):
+    """A sha1 or sha256 hash object from CPython's own modules: hashlib would
+    load OpenSSL, some 3.5 MB of the daemon's memory for good."""
+    for module in {"sha1": ("_sha1",), "sha256": ("_sha256", "_sha2")}[name]:   # _sha2 from Python 3.12
+        try:
+            return getattr(__import__(module), name)()
+        except (ImportError, AttributeError):
+            continue
+    import hashlib
+    return hashlib.new(name)
+
+
 def some_paths(paths, shown=5):
     """Paths for one line: the first few, and how many more."""
     return ", ".join(paths[:shown]) + (" and %d more" % (len(paths) - shown) if len(paths) > shown else "")
@@ -599,14 +611,16 @@ class UnitSpec:
 
     def meaning(self):
         """A digest of what it means (see fingerprint), for state.json."""
-        import hashlib
-        return hashlib.sha1(repr(sorted(self.fingerprint().items())).encode()).hexdigest()
+        digest = new_digest("sha1")
+        digest.update(repr(sorted(self.fingerprint().items())).encode())
+        return digest.hexdigest()
 
     def identity(self):
         """What tells two versions apart, what it means and its folder, as a
         digest that state.json can keep."""
-        import hashlib
-        return hashlib.sha1(repr((self.meaning(), self.tree)).encode()).hexdigest()
+        digest = new_digest("sha1")
+        digest.update(repr((self.meaning(), self.tree)).encode())
+        return digest.hexdigest()
 
     def start_timeout(self):
         """TimeoutStartSec=: seconds, or None for no limit (0 and infinity;
@@ -2547,12 +2561,13 @@ class Snapshots:
         self.ready.add(tree)
         return target
 
-    def _stamp(self, tree, listing):
-        """Note each file of a snapshot as it is now: a file changed since (even
-        in place, keeping its size) is then not linked into the next one."""
-        stamps = {}
+    def _stamp(self, tree, listing, known=None):
+        """Note each file of a snapshot as it is now (`known`: those noted
+        already, links to the earlier snapshot's): a file changed since, even
+        in place keeping its size, is then not linked into the next one."""
+        stamps = dict(known or {})
         for path, mode, _, _ in listing:
-            if mode not in ("120000", "160000"):
+            if mode not in ("120000", "160000") and path not in stamps:
                 info = os.lstat(os.path.join(self.path(tree), path))
                 stamps[path] = (info.st_ino, info.st_size, info.st_mtime_ns)
         self.stamps[tree] = stamps
@@ -2602,7 +2617,7 @@ class Snapshots:
         remove_tree(temporary)
         mask = os.umask(0o022)            # the modes of a checkout, whatever the daemon's umask
         alike = set(self.listings[base]) if base else set()
-        stamps = self.stamps.get(base, {})
+        stamps, known = self.stamps.get(base, {}), {}
         linked = {entry for entry in listing if entry in alike and entry[1] not in ("120000", "160000")}
         writer = _SnapshotWriter(temporary, [entry[:3] for entry in listing if entry[1] != "160000" and entry not in linked])
         try:
@@ -2621,6 +2636,7 @@ class Snapshots:
                         if stamps.get(path) != (info.st_ino, info.st_size, info.st_mtime_ns):
                             raise FileNotFoundError(errno.ENOENT, "changed since it was written")
                         os.link(source, full, follow_symlinks=False)
+                        known[path] = stamps[path]
                     except FileNotFoundError:   # gone or changed in the earlier snapshot: from Git then
                         writer.entries.append((path, mode, object_id))
                         self.ready.discard(base)
@@ -2636,7 +2652,7 @@ class Snapshots:
             os.rename(temporary, self.path(tree))
             if old:
                 remove_tree(old)
-            self._stamp(tree, listing)
+            self._stamp(tree, listing, known)
         except (OSError, GitError, ValueError) as exc:   # ValueError: a NUL in a link's target
             writer.close()
             remove_tree(temporary)
@@ -2650,7 +2666,6 @@ class Snapshots:
         """What differs between a snapshot on disk and the tree's listing (the
         first difference found), or None: every file's kind, mode and
         content, read and hashed as Git hashes a blob."""
-        import hashlib
         expected = {}
         for path, mode, object_id, _ in listing:
             expected[path] = (mode, object_id)
@@ -2675,7 +2690,7 @@ class Snapshots:
                     return "has %s as %s, not %s" % (path, kind, mode)
                 if object_id is None or mode == "160000":
                     continue
-                digest = hashlib.new("sha1" if len(object_id) == 40 else "sha256")
+                digest = new_digest("sha1" if len(object_id) == 40 else "sha256")
                 if kind == "120000":
                     data = os.readlink(full).encode("utf-8", "surrogateescape")
                     digest.update(b"blob %d\0" % len(data) + data)

@@ -2192,6 +2192,9 @@ class FilesBesideUnitsTests(SupervisionCase):
         self.assertIn("Restarting: conf changed in commit %s" % sha[:7], self.home.daemon_log())
         code, out, err = self.home.cli("status", "web")
         self.assertIn("Files: web/ (2 files", out)
+        self.home.request({"cmd": "stop", "names": ["web"]})    # a state save, with the unit's digests
+        with open("/proc/%d/maps" % self.home.daemon_pid) as maps:
+            self.assertFalse("libcrypto" in maps.read(), "snapshots hash without OpenSSL (3.5 MB of memory)")
 
     def test_percent_y_in_a_drop_in_and_an_environment_file(self):
         self.deploy({"web/web.service": unit_text("ExecStart=/bin/sh -c 'echo $GREETING > " + self.out + "; exec /bin/sleep 3131'"),
