@@ -2645,13 +2645,13 @@ class Snapshots:
                 run_git(self.repo, ["cat-file", "--batch"], "".join(
                     object_id + "\n" for _, _, object_id in writer.entries).encode(), sink=writer.feed)
             writer.finish()
-            old = None
             if os.path.lexists(self.path(tree)):
+                # An adopted process may work in the folder it replaces: kept
+                # aside until that process is gone (see collect).
                 old = os.path.join(self.root, ".old-%s-%d" % (tree, os.getpid()))
+                remove_tree(old)
                 os.rename(self.path(tree), old)
             os.rename(temporary, self.path(tree))
-            if old:
-                remove_tree(old)
             self._stamp(tree, listing, known)
         except (OSError, GitError, ValueError) as exc:   # ValueError: a NUL in a link's target
             writer.close()
@@ -2750,15 +2750,18 @@ class Snapshots:
         if not self.point(name, spec.tree):
             raise SpawnError("cannot link %s to its snapshot" % self.link(name))
 
-    def collect(self, keep, names):
+    def collect(self, keep, names, adopted=()):
         """Remove the snapshots whose tree is not in `keep`, what a daemon that
-        died while writing left, and the links of units not in `names`."""
+        died while writing left, snapshots written again whose tree no
+        `adopted` process started from, and the links of units not in `names`."""
         removed = []
         for tree in [tree for tree in self.listings if tree not in keep]:
             del self.listings[tree]
             self.stamps.pop(tree, None)
+        mine = "-%d" % os.getpid()
         for entry in self._listdir(self.root):
-            if entry in keep or entry.endswith("-%d" % os.getpid()):
+            if entry in keep or (entry.endswith(mine) and not (
+                    entry.startswith(".old-") and entry[len(".old-"):-len(mine)] not in adopted)):
                 continue
             remove_tree(os.path.join(self.root, entry))
             self.ready.discard(entry)
@@ -8195,7 +8198,8 @@ class Deployer:
                          service.previous[0].tree if service.previous else None,
                          service.running_tree if service.has_process() else None))
         keep.discard(None)
-        return self.snapshots.collect(keep, set(self.services))
+        adopted = {s.running_tree for s in self.services.values() if s.adopted and s.has_process()}
+        return self.snapshots.collect(keep, set(self.services), adopted)
 
     # -- AutoRollback= and rollback ---------------------------------------------------------
 

@@ -2390,6 +2390,8 @@ class FilesBesideUnitsTests(SupervisionCase):
         with open(os.path.join(self.home.path, "files", "web", "conf")) as handle:
             self.assertEqual(handle.read(), "4\n")
         self.assertTrue(os.path.isfile(os.path.join(self.home.path, "files", "db", "conf")))
+        self.assertNotIn("(deleted)", os.readlink("/proc/%d/cwd" % pid),
+                         "the folder written again is kept aside while the adopted process works in it")
         # removed by hand while the daemon runs (and its link pointed elsewhere, with a
         # leftover in the way): written again when the unit starts
         shutil.rmtree(os.path.realpath(os.path.join(self.home.path, "files", "web")))
@@ -2405,6 +2407,8 @@ class FilesBesideUnitsTests(SupervisionCase):
         wait_until(lambda: not os.path.lexists(os.path.join(self.home.path, "files", "db")), 10, "db's link to go")
         self.home.commit({"web/conf": "5\n"}, "conf 5")
         wait_until(lambda: len(snapshot_trees(self.home)) == 2, 10, "db's snapshot to go: %s" % snapshot_trees(self.home))
+        wait_until(lambda: not [e for e in os.listdir(self.file("snapshots")) if e.startswith(".")], 10,
+                   "the folder kept aside to go once no adopted process works in it")
 
     def test_the_snapshot_a_process_started_from_stays_while_it_runs(self):
         self.deploy({"app/a.service": sleeper(3301), "app/b.service": unit_text(
