@@ -570,12 +570,13 @@ class UnitSpec:
         "runtime_directory_preserve": "no",
         "not_applied": (),              # (Key, value) of systemd keys gitproc does not apply
     }
-    __slots__ = ("name", "path", "blob", "sources", "owned") + tuple(FIELDS)
+    __slots__ = ("name", "path", "blob", "sources", "owned", "_meaning") + tuple(FIELDS)
 
     def __init__(self, name, path, blob="", **values):
         self.name, self.path, self.blob = name, path, blob
         self.sources = (path,)            # the files it was read from: its own (or template's), drop-ins
         self.owned = None                 # OwnedFolder of the commit it was read from (None at the root)
+        self._meaning = None              # meaning(), once asked (each state save asks)
         for field, default in self.FIELDS.items():
             setattr(self, field, values.pop(field, default))
         if values:
@@ -611,9 +612,11 @@ class UnitSpec:
 
     def meaning(self):
         """A digest of what it means (see fingerprint), for state.json."""
-        digest = new_digest("sha1")
-        digest.update(repr(sorted(self.fingerprint().items())).encode())
-        return digest.hexdigest()
+        if self._meaning is None:
+            digest = new_digest("sha1")
+            digest.update(repr(sorted(self.fingerprint().items())).encode())
+            self._meaning = digest.hexdigest()
+        return self._meaning
 
     def identity(self):
         """What tells two versions apart, what it means and its folder, as a
@@ -2627,9 +2630,7 @@ class Snapshots:
                     os.makedirs(os.path.join(temporary, path), 0o755)
                 elif (path, mode, object_id, size) in linked:
                     writer.current = path
-                    full = os.path.join(temporary, path)
-                    if not os.path.isdir(os.path.dirname(full)):
-                        os.makedirs(os.path.dirname(full), 0o755)
+                    full = _with_folder(os.path.join(temporary, path))
                     source = os.path.join(self.path(base), path)
                     try:
                         info = os.lstat(source)
@@ -2785,6 +2786,13 @@ class Snapshots:
             return []
 
 
+def _with_folder(path):
+    """`path`, once the folder it goes in exists."""
+    if not os.path.isdir(os.path.dirname(path)):
+        os.makedirs(os.path.dirname(path), 0o755)
+    return path
+
+
 class _SnapshotWriter:
     """Writes the files of a snapshot from `git cat-file --batch` output as it
     comes, one file after the other; links are made last, so that no file
@@ -2833,10 +2841,7 @@ class _SnapshotWriter:
     def _open(self, size):
         path, mode, _ = self.entries[self.index]
         self.current, self.left = path, size
-        full = os.path.join(self.root, path)
-        folder = os.path.dirname(full)
-        if not os.path.isdir(folder):
-            os.makedirs(folder, 0o755)
+        full = _with_folder(os.path.join(self.root, path))
         if mode == "120000":
             self.link_target = b""
         else:
@@ -7654,13 +7659,15 @@ class Recovery:
         meaning = saved.get("meaning")          # (a state file of an older gitproc has only the blob)
         unit_changed = meaning != service.spec.meaning() if isinstance(meaning, str) else \
             saved.get("blob") not in (None, service.spec.blob)
-        files = self._files_changed(service.linked_tree, service.spec.tree)
         if service.want == "down":
             service.stop()
-        elif unit_changed:
+            return True
+        if unit_changed:
             self.log.info(service.name, "Restarting: unit changed while no daemon ran")
             service.restart()
-        elif files and reloads(service.spec) and service.phase in (RUNNING, REMAIN):
+            return True
+        files = self._files_changed(service.linked_tree, service.spec.tree)
+        if files and reloads(service.spec) and service.phase in (RUNNING, REMAIN):
             self.log.info(service.name, "Reloading: %s changed while no daemon ran" % some_paths(files))
             service.linked_tree = service.spec.tree
             service.reload()
@@ -7725,6 +7732,12 @@ class Recovery:
             _signal_group_if_same(pid, pid_start, signal.SIGTERM)
             self.call_later(DEFAULT_TIMEOUT_STOP_SEC, lambda p=pid, s=pid_start: _signal_group_if_same(p, s, signal.SIGKILL))
             del self.saved_services[name]
+
+
+def drift_note(rolled_back):
+    """What `diff` says of a unit AutoRollback= keeps at an earlier version."""
+    return "runs the version of %s: %s was rolled back (%s)" % (
+        str(rolled_back.get("to"))[:7], str(rolled_back.get("from"))[:7], rolled_back.get("why"))
 
 
 def host_matches(conditions, hostname):
@@ -7872,9 +7885,8 @@ class Deployer:
         return plan
 
     def _drift(self):
-        return {name: "runs the version of %s: %s was rolled back (%s)" % (
-            s.commit[:7], s.rolled_back["from"][:7], s.rolled_back["why"])
-            for name, s in self.services.items() if s.rolled_back and s.rejected is not None}
+        return {name: drift_note(s.rolled_back) for name, s in self.services.items()
+                if s.rolled_back and s.rejected is not None}
 
     def _noop_plan(self, commit):
         plan = DeployPlan(commit, commit.sha, noop=True)
@@ -7948,8 +7960,7 @@ class Deployer:
                 del plan.changes[name]
                 plan.files.pop(name, None)
                 plan.unchanged.append(name)
-                plan.drift[name] = "runs the version of %s: %s was rolled back (%s)" % (
-                    service.commit[:7], service.rolled_back["from"][:7], service.rolled_back["why"])
+                plan.drift[name] = drift_note(service.rolled_back)
         plan.unchanged.sort()
         plan.invalid = [str(d) for d in problems if d.severity == "error"]
         plan.skipped, plan.specs, plan.problems, plan.origin = skipped, specs, problems, origin
@@ -7982,10 +7993,8 @@ class Deployer:
                 continue
             earlier = self._specs_of_saved_commit([name]).get(name)
             if earlier is not None:
-                back = saved["rolled_back"]
                 specs[name], origin[name] = earlier, self.recovery.saved_commit(name)
-                kept[name] = "runs the version of %s: %s was rolled back (%s)" % (
-                    str(back.get("to"))[:7], str(back.get("from"))[:7], back.get("why"))
+                kept[name] = drift_note(saved["rolled_back"])
         return kept
 
     def _changed_files(self, specs):
