@@ -1825,7 +1825,7 @@ CONFIG_TYPES = {
     "socket_group": str, "state_file": str, "log_dir": str, "cgroup_root": str,
     "hostname": str, "poll_interval": (int, float), "max_poll_interval": (int, float),
     "log_max_bytes": int, "log_backups": int, "http_listen": str, "webhook_secret": str,
-    "snapshot_max_bytes": int,
+    "snapshot_max_bytes": int, "verify": dict, "allow_rewind": bool, "signing_key": str,
 }
 ROOT_PATHS = {
     "repo_path": "/etc/gitproc/services", "socket_path": "/run/gitproc/gitproc.sock",
@@ -1841,6 +1841,7 @@ CONFIG_DEFAULTS = {
     "cgroup_root": "/sys/fs/cgroup", "hostname": None, "poll_interval": 10,
     "max_poll_interval": 30, "log_max_bytes": 10 * 1024 * 1024, "log_backups": 3,
     "http_listen": None, "webhook_secret": None, "snapshot_max_bytes": DEFAULT_SNAPSHOT_MAX_BYTES,
+    "verify": None, "allow_rewind": False, "signing_key": None,
 }
 # Command-line flags that override a config key: argparse dest -> key.
 FLAG_KEYS = {"repo": "repo_path", "branch": "branch", "remote": "remote",
@@ -1912,6 +1913,10 @@ def load_config(flags=None, environ=None):
         raise ConfigError("snapshot_max_bytes must be at least 0")
     if settings["http_listen"]:
         parse_listen_address(settings["http_listen"])
+    if settings["verify"] is not None:
+        settings["verify"] = _check_verify_setting(settings["verify"])
+    if settings["signing_key"]:
+        settings["signing_key"] = os.path.expanduser(settings["signing_key"])
     settings.update(home=home, pid_file=defaults["pid_file"], config_path=config_path)
     return Config(settings)
 
@@ -1930,23 +1935,49 @@ def _read_config_file(path):
         kind = CONFIG_TYPES.get(key)
         if kind is None:
             raise ConfigError("config %s: unknown key %r (known: %s)" % (path, key, ", ".join(sorted(CONFIG_TYPES))))
-        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+        if value is not None and (not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool)):
             raise ConfigError("config %s: %r must be %s, not %s" % (
                 path, key, _type_words(kind), type(value).__name__))
     return {key: value for key, value in data.items() if value is not None}
 
 
 def _type_words(kind):
-    return "a number" if isinstance(kind, tuple) else {"str": "a string", "int": "a whole number"}[kind.__name__]
+    return "a number" if isinstance(kind, tuple) else {
+        "str": "a string", "int": "a whole number", "bool": "true or false", "dict": "a JSON object"}[kind.__name__]
 
 
 def _convert_env(key, raw, kind):
     if kind is str:
         return raw
+    if kind is bool and raw.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        return raw.lower() in ("1", "true", "yes", "on")
     try:
+        if kind is dict:
+            value = json.loads(raw)
+            if isinstance(value, dict):
+                return value
+            raise ValueError("not an object")
         return int(raw) if kind is int else float(raw)
     except ValueError:
         raise ConfigError("GITPROC_%s=%r must be %s" % (key.upper(), raw, _type_words(kind)))
+
+
+def _check_verify_setting(verify):
+    """`verify`: {"signers": PATH} (SSH allowed_signers) or {"keyring": PATH}
+    (OpenPGP public keys), and "scope": "head" or "all". Returns it with
+    the path made absolute."""
+    unknown = sorted(set(verify) - {"signers", "keyring", "scope"})
+    if unknown:
+        raise ConfigError("verify: unknown key %r (known: signers, keyring, scope)" % unknown[0])
+    kinds = [key for key in ("signers", "keyring") if verify.get(key) is not None]
+    if len(kinds) != 1 or not isinstance(verify[kinds[0]], str) or not verify[kinds[0]]:
+        raise ConfigError('verify: give one of "signers" (an SSH allowed_signers file) or "keyring" '
+                          '(an OpenPGP public keyring), as a path')
+    scope = verify.get("scope", "head")
+    if scope not in ("head", "all"):
+        raise ConfigError('verify: "scope" must be "head" (the commit deployed) or "all" (every commit since '
+                          'the deployed one), not %r' % (scope,))
+    return {kinds[0]: os.path.abspath(os.path.expanduser(verify[kinds[0]])), "scope": scope}
 
 
 # ==== 6. state store =========================================================
@@ -2167,11 +2198,12 @@ def _reap(pid, kill=False):
 
 
 class Commit:
-    """A commit of the services repository: id, subject, commit time."""
-    __slots__ = ("sha", "subject", "time")
+    """A commit of the services repository: id, subject, commit time, and
+    its parents' ids (where it was read from git)."""
+    __slots__ = ("sha", "subject", "time", "parents")
 
-    def __init__(self, sha, subject, commit_time):
-        self.sha, self.subject, self.time = sha, subject, commit_time
+    def __init__(self, sha, subject, commit_time, parents=()):
+        self.sha, self.subject, self.time, self.parents = sha, subject, commit_time, tuple(parents)
 
     def to_json(self):
         return {"sha": self.sha, "subject": self.subject, "time": self.time}
@@ -2187,15 +2219,15 @@ def git_commit_at(repo, rev, what):
     the repository or the revision cannot be read."""
     if not os.path.isdir(repo):
         raise GitError("repository %s does not exist (create it with: gitproc.py init)" % repo)
-    code, out, err = run_git(repo, ["log", "-1", "--format=%H%x00%ct%x00%s", rev, "--"], check=False)
+    code, out, err = run_git(repo, ["log", "-1", "--format=%H%x00%ct%x00%P%x00%s", rev, "--"], check=False)
     if code != 0 or not out.strip():
         message = err.decode("utf-8", "replace").strip().splitlines()
         detail = message[0] if message else "no commits"
         if "unknown revision" in detail or "ambiguous argument" in detail or "bad revision" in detail:
             detail = "%s does not exist or has no commits" % what
         raise GitError("cannot read %s in %s: %s" % (what, repo, detail))
-    sha, commit_time, subject = out.decode("utf-8", "replace").rstrip("\n").split("\0", 2)
-    return Commit(sha, subject, int(commit_time))
+    sha, commit_time, parents, subject = out.decode("utf-8", "replace").rstrip("\n").split("\0", 3)
+    return Commit(sha, subject, int(commit_time), parents.split())
 
 
 def git_common_dir(repo):
@@ -2463,7 +2495,7 @@ def _unit_folders(listing):
     return {os.path.dirname(path) for path in paths if path.endswith(UNIT_SUFFIX)} - {""}
 
 
-def git_restore_units(repo, branch, head, target):
+def git_restore_units(repo, branch, head, target, sign=None):
     """Add a commit on `branch` (at `head`) whose units are those of `target`:
     their unit files and drop-ins, and the folders units own in either commit
     (SPEC §13); other files are untouched. Returns its id, or None if they
@@ -2493,7 +2525,8 @@ def git_restore_units(repo, branch, head, target):
         return None
     message = "Roll back units to %s\n\nRestores the unit files and the units' folders of %s (%s)." % (
         target.sha[:7], target.sha, target.subject)
-    new = run_git(repo, _git_identity(repo) + ["commit-tree", tree, "-p", head.sha, "-m", message]).decode().strip()
+    new = run_git(repo, _git_identity(repo) + list(sign or ()) + ["commit-tree", tree, "-p", head.sha, "-m", message]
+                  + (["-S"] if sign else [])).decode().strip()
     if worktree:
         run_git(worktree, ["merge", "--ff-only", "-q", new])
     else:
@@ -2509,6 +2542,160 @@ def git_changed_paths(repo, old, new):
     else:
         listing = run_git(repo, ["diff-tree", "-r", "-z", "--name-only", "--no-renames", old, new])
     return [path.decode("utf-8", "replace") for path in listing.split(b"\0") if path]
+
+
+# ---- trusted deploys (SPEC §20) ---------------------------------------------------
+# Before anything of a new commit is read into a unit, the commit must descend
+# from the deployed one (no force-push, no rewind) and, with `verify` set, be
+# signed by an allowed key: `git log --format=%G?` with the allowed signers
+# (SSH) or a keyring gitproc imports into a folder of its own (OpenPGP), never
+# root's own keys. Only %G? = G is trusted: git prints "Good signature" for an
+# SSH key that is not in allowed_signers too (%G? = U, "No principal matched").
+
+SSH_SIGNING_GIT = (2, 34)           # the first git that signs and verifies with SSH keys
+REFUSAL_REASONS = {                 # reason -> what `status`, `sync` and the metric say
+    "not_descendant": "not a descendant of the deployed commit",
+    "unsigned": "not signed",
+    "key_not_allowed": "signed by a key not allowed",
+    "bad_signature": "bad signature",
+    "cannot_verify": "cannot verify",
+}
+SIGNATURE_STATES = {                # git's %G? -> (reason, detail)
+    "N": ("unsigned", "is not signed"),
+    "B": ("bad_signature", "has a bad signature"),
+    "U": ("key_not_allowed", "is signed by a key that is not allowed"),
+    "E": ("key_not_allowed", "is signed by a key that is not allowed (unknown to the keyring)"),
+    "X": ("key_not_allowed", "has an expired signature"),
+    "Y": ("key_not_allowed", "is signed by an expired key"),
+    "R": ("key_not_allowed", "is signed by a revoked key"),
+}
+
+
+class Refusal(GitprocError):
+    """A commit the daemon will not deploy: `reason` is a REFUSAL_REASONS key."""
+    code = "refused"
+
+    def __init__(self, reason, message, sha=None):
+        GitprocError.__init__(self, message)
+        self.reason, self.sha = reason, sha
+
+
+class CommitVerifier:
+    """Decides whether a commit may be deployed (SPEC §20): descent from the
+    deployed commit, then signatures. One `git merge-base` and one `git log`
+    per deploy; nothing while no commit arrives."""
+
+    def __init__(self, repo, verify, allow_rewind, gnupg_home):
+        self.repo = repo
+        self.verify = verify or {}            # {"signers"|"keyring": path, "scope": ...} or {}
+        self.allow_rewind = bool(allow_rewind)
+        self.gnupg_home = gnupg_home          # the keyring gitproc verifies OpenPGP signatures with
+        self.keyring_stamp = None             # (inode, size, mtime) of the keyring imported there
+
+    @property
+    def kind(self):
+        return "ssh" if "signers" in self.verify else "openpgp" if "keyring" in self.verify else None
+
+    def describe(self):
+        """For `status`: what is checked."""
+        return {"kind": self.kind, "scope": self.verify.get("scope"), "allow_rewind": self.allow_rewind,
+                "file": self.verify.get("signers") or self.verify.get("keyring")}
+
+    def check_ready(self):
+        """At daemon start: what verification needs is there (ConfigError if not)."""
+        if self.kind is None:
+            return
+        path = self.verify.get("signers") or self.verify["keyring"]
+        if not os.path.isfile(path):
+            raise ConfigError("verify: %s %s does not exist (a daemon with verification on deploys nothing "
+                              "it cannot verify)" % ("allowed signers file" if self.kind == "ssh" else "keyring", path))
+        program = "ssh-keygen" if self.kind == "ssh" else "gpg"
+        if find_program(program, os.environ.get("PATH")) is None:
+            raise ConfigError("verify: %s not found on PATH: it is needed to check %s signatures" % (
+                program, "SSH" if self.kind == "ssh" else "OpenPGP"))
+        if self.kind == "ssh" and git_version() < SSH_SIGNING_GIT:
+            raise ConfigError("verify: git %s cannot verify SSH signatures (2.34 or newer is needed)" % (
+                ".".join(map(str, git_version()))))
+
+    def check(self, commit, deployed_sha, allow_rewind=False, scope=None):
+        """Raise Refusal if `commit` (a Commit) may not be deployed over
+        `deployed_sha` (None: nothing deployed, or a commit chosen by hand
+        such as a pin, checked for its signature alone)."""
+        commit_sha = commit.sha
+        short = commit_sha[:7]
+        descends = True
+        if deployed_sha and deployed_sha != commit_sha and deployed_sha not in commit.parents:
+            code, _, _ = run_git(self.repo, ["merge-base", "--is-ancestor", deployed_sha, commit_sha], check=False)
+            descends = code == 0
+            if not descends and not (allow_rewind or self.allow_rewind):
+                raise Refusal("not_descendant", "commit %s is not a descendant of the deployed commit %s (a force-push "
+                              "or a rewound branch; `sync --allow-rewind` accepts it once)" % (
+                                  short, deployed_sha[:7]), commit_sha)
+        if self.kind is None:
+            return
+        scope = scope or self.verify.get("scope", "head")
+        if scope == "all" and deployed_sha and deployed_sha != commit_sha and descends:
+            revisions = [commit_sha, "^" + deployed_sha]      # every commit since the deployed one
+        else:
+            revisions = ["--no-walk", commit_sha]
+        try:
+            env = {"GNUPGHOME": self._gnupg_home()}
+            signers = self.verify.get("signers", os.devnull)
+            code, out, err = run_git(self.repo, ["-c", "gpg.ssh.allowedSignersFile=" + signers, "log",
+                                                 "--format=%H %G? %GK"] + revisions + ["--"], check=False, env=env)
+        except (GitError, OSError) as exc:
+            raise Refusal("cannot_verify", "cannot verify commit %s: %s" % (short, exc), commit_sha)
+        if code != 0:
+            complaint = (err.decode("utf-8", "replace").strip().splitlines() or ["exit code %d" % code])[0]
+            raise Refusal("cannot_verify", "cannot verify commit %s: %s" % (short, complaint), commit_sha)
+        for line in out.decode("utf-8", "replace").splitlines():
+            sha, state, key = (line.split(" ", 2) + ["", ""])[:3]
+            if state == "G":
+                continue
+            reason, detail = SIGNATURE_STATES.get(state, ("cannot_verify", "has a signature git cannot check (%s)" % state))
+            which = "commit %s" % sha[:7] if sha == commit_sha else "commit %s (between the deployed %s and %s)" % (
+                sha[:7], deployed_sha[:7], short)
+            raise Refusal(reason, "%s %s%s" % (which, detail, " (key %s)" % key if key.strip() else ""), commit_sha)
+
+    def _gnupg_home(self):
+        """The folder git's gpg reads keys from: gitproc's own, holding the
+        configured keyring (imported again when that file changes) and
+        trusting every key in it; empty in SSH mode, so that no key of
+        root's own counts."""
+        home = self.gnupg_home
+        if self.kind != "openpgp":
+            makedirs(home, 0o700)
+            return home
+        keyring = self.verify["keyring"]
+        info = os.stat(keyring)
+        stamp = (info.st_ino, info.st_size, info.st_mtime_ns)
+        if stamp == self.keyring_stamp and os.path.isdir(home):
+            return home
+        fresh = "%s.new-%d" % (home, os.getpid())
+        remove_tree(fresh)
+        os.makedirs(fresh, 0o700)
+        with open(os.path.join(fresh, "gpg.conf"), "w") as conf:
+            conf.write("trust-model always\n")       # the keyring is the list of allowed keys
+        code, _, err = _run_captured(["gpg", "--batch", "--quiet", "--no-autostart", "--homedir", fresh,
+                                      "--import", keyring], b"", GIT_TIMEOUT)
+        if code != 0:
+            remove_tree(fresh)
+            raise GitError("gpg --import %s failed: %s" % (keyring, (err.decode("utf-8", "replace").strip().splitlines()
+                                                                     or ["exit code %d" % code])[-1]))
+        remove_tree(home)
+        os.rename(fresh, home)
+        self.keyring_stamp = stamp
+        return home
+
+
+def git_version():
+    """git's version as a tuple of ints, (0,) if it cannot be told."""
+    try:
+        text = run_git("/", ["--version"]).decode("ascii", "replace")
+    except GitError:
+        return (0,)
+    match = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?", text)
+    return tuple(int(part) for part in match.groups() if part is not None) if match else (0,)
 
 
 # ---- snapshots of units' folders (SPEC §13) ---------------------------------------
@@ -3054,6 +3241,8 @@ class SourceWatcher:
         nothing changed and nothing is broken."""
         deployer = self.deployer
         value = read_ref_file(self.git_dir, "refs/heads/" + self.config.branch) if self.git_dir else None
+        if value and deployer.refused and value == deployer.refused["sha"]:
+            return                            # refused already: tried again when the branch moves
         failed = bool(deployer.last_sync and deployer.last_sync.get("error"))
         if value is None or failed or value != (deployer.deployed.sha if deployer.deployed else ""):
             deployer.deploy_head(trigger)
@@ -3135,6 +3324,7 @@ class SourceWatcher:
             self.deployer.release_outdated_pin()
             self.deployer.deploy_head("fetch")
         self.fetch_deploys = False
+        self.deployer.rewind_once = False         # `sync --allow-rewind` is for this fetch alone
         self._adapt_poll(self.deployer.deploy_count > before)
         waiting, self.fetch_waiters = self.fetch_waiters, []
         for finish in waiting:
@@ -7783,6 +7973,11 @@ class Deployer:
                                    config.snapshot_max_bytes, log)
         self.changed_files_cache = {}     # (old tree, new tree) -> files changed, of units' folders
         self.collect_timer = None         # removal of unused snapshots, due after a deploy
+        self.verifier = CommitVerifier(config.repo_path, config.verify, config.allow_rewind,
+                                       os.path.join(os.path.dirname(config.state_file), "gnupg"))
+        self.refused = None               # the commit last refused: {"sha", "subject", "reason", "error", "time"}
+        self.refusals_total = {}          # reason -> refusals ever (a counter for metrics; persisted)
+        self.rewind_once = False          # `sync --allow-rewind`: the next deploy may rewind the branch
 
     @property
     def remote_mode(self):
@@ -7793,9 +7988,10 @@ class Deployer:
         deployed = state.get("deployed")
         if isinstance(deployed, dict) and isinstance(deployed.get("sha"), str):
             self.deployed = Commit(deployed["sha"], deployed.get("subject", ""), deployed.get("time", 0))
-        totals = state.get("deploys_total")
-        if isinstance(totals, dict):
-            self.deploys_total = {k: v for k, v in totals.items() if isinstance(v, int) and not isinstance(v, bool)}
+        for key in ("deploys_total", "refusals_total"):
+            totals = state.get(key)
+            if isinstance(totals, dict):
+                setattr(self, key, {k: v for k, v in totals.items() if isinstance(v, int) and not isinstance(v, bool)})
         pin = state.get("pin")
         if self.remote_mode and isinstance(pin, dict) and isinstance(pin.get("sha"), str):
             self.pin = {"sha": pin["sha"], "subject": str(pin.get("subject", "")),
@@ -7803,7 +7999,8 @@ class Deployer:
 
     def persistent(self):
         return {"deployed": self.deployed.to_json() if self.deployed else None,
-                "history": self.history.entries, "pin": self.pin, "deploys_total": self.deploys_total}
+                "history": self.history.entries, "pin": self.pin, "deploys_total": self.deploys_total,
+                "refusals_total": self.refusals_total}
 
     def _count(self, outcome):
         self.deploys_total[outcome] = self.deploys_total.get(outcome, 0) + 1
@@ -7847,6 +8044,8 @@ class Deployer:
         now = time.time()
         if self.host.shutting_down:
             return DeployPlan.failed("the daemon is shutting down")
+        rewind, self.rewind_once = self.rewind_once, False
+        commit = None
         try:
             rev, what = self._target_rev()
             commit = git_commit_at(self.config.repo_path, rev, what)
@@ -7855,14 +8054,77 @@ class Deployer:
                                   "trigger": trigger}
                 self._last_plan = self._noop_plan(commit)
                 return self._last_plan
+            self._verify(commit, trigger, rewind)         # before anything of the commit is read
             plan = self.plan(commit, self._read_units(commit.sha), materialise=True)
+        except Refusal as refusal:
+            return self._refuse(trigger, commit, refusal)
         except (GitError, OSError) as exc:
             message = str(exc) if isinstance(exc, GitError) else "cannot run git: %s" % describe_os_error(exc)
             self.record_error(trigger, message)
             return DeployPlan.failed(message)
         plan = self.apply(plan, trigger)
+        self.refused = None
         self.last_sync = {"time": now, "result": "ok" if not plan.invalid else "partial", "trigger": trigger}
         return plan
+
+    # -- trusted deploys (SPEC §20) ----------------------------------------------------
+
+    def _verify(self, commit, trigger, rewind=False):
+        """Raise Refusal unless `commit` may be deployed. A commit refused
+        before is checked again only by `sync`, a rollback or a daemon start:
+        a poll or a webhook that finds the same head says nothing new."""
+        refused = self.refused
+        if refused and refused["sha"] == commit.sha and not rewind and trigger not in ("sync", "rollback", "daemon start"):
+            raise Refusal(refused["reason"], refused["error"], commit.sha)
+        pinned = bool(self.pin and self.pin["sha"] == commit.sha)     # chosen by hand: its signature alone
+        self.verifier.check(commit, None if pinned or not self.deployed else self.deployed.sha, rewind)
+
+    def _refuse(self, trigger, commit, refusal):
+        """A commit that may not run: nothing changes, and it is said once per
+        commit and reason (log, history, event, metric); `status`, `sync` and
+        /healthz show it while it is the branch's head."""
+        message = str(refusal)
+        self.last_sync = {"time": time.time(), "result": "refused", "error": message, "trigger": trigger,
+                          "reason": refusal.reason}
+        if not (self.refused and self.refused["sha"] == commit.sha and self.refused["error"] == message):
+            self.refused = {"sha": commit.sha, "subject": commit.subject, "reason": refusal.reason,
+                            "error": message, "time": time.time()}
+            self.log.error("daemon", "Deploy refused: %s" % message)
+            self.history.record(trigger, "refused", commit.sha, commit.subject, reason=refusal.reason, error=message)
+            self.refusals_total[refusal.reason] = self.refusals_total.get(refusal.reason, 0) + 1
+            self.events.record("deploy", before=self.deployed.sha if self.deployed else None, after=None,
+                               commit=commit.sha, reason="refused (%s): %s" % (trigger, message))
+            self.store.mark_dirty()
+        if not self.applied and self.deployed and self.deployed.sha != commit.sha:
+            self._deploy_last_verified(trigger)
+        return DeployPlan.failed("deploy refused: " + message)
+
+    def _deploy_last_verified(self, trigger):
+        """At daemon start with the head refused: the commit deployed before
+        (the state file's) runs on, once it verifies by itself (the state
+        file is not trusted to name a verified commit)."""
+        refusal_sync = self.last_sync
+        try:
+            commit = git_commit_at(self.config.repo_path, self.deployed.sha, "the deployed commit")
+            self.verifier.check(commit, None)
+            plan = self.plan(commit, self._read_units(commit.sha), materialise=True)
+        except (GitprocError, OSError) as exc:
+            self.log.error("daemon", "The commit deployed before, %s, cannot run either (%s): nothing is deployed" % (
+                self.deployed.sha[:7], exc))
+            return
+        self.log.warning("daemon", "Running the last verified commit %s until the branch has one that verifies" % (
+            commit.sha[:7]))
+        self.apply(plan, trigger + ", last verified commit")
+        self.last_sync = refusal_sync
+
+    def _signing_options(self):
+        """git -c options that sign a rollback commit with signing_key, in
+        the signature format verification expects."""
+        key = self.config.signing_key
+        if not key:
+            return None
+        ssh = self.verifier.kind == "ssh" or (self.verifier.kind is None and os.path.isfile(key))
+        return ["-c", "gpg.format=%s" % ("ssh" if ssh else "openpgp"), "-c", "user.signingkey=" + key]
 
     @property
     def last_plan(self):
@@ -7878,10 +8140,14 @@ class Deployer:
         try:
             rev, what = self._target_rev()
             commit = git_commit_at(self.config.repo_path, rev, what)
+            noop = bool(self.deployed and commit.sha == self.deployed.sha and self.applied)
+            if not noop:
+                self.verifier.check(commit, None if not self.deployed or (self.pin and self.pin["sha"] == commit.sha)
+                                    else self.deployed.sha)
             plan = self.plan(commit, self._read_units(commit.sha))
-        except GitError as exc:
+        except GitprocError as exc:
             return DeployPlan.failed(str(exc))
-        plan.noop = bool(self.deployed and commit.sha == self.deployed.sha and self.applied)
+        plan.noop = noop
         return plan
 
     def _drift(self):
@@ -8073,6 +8339,7 @@ class Deployer:
         specs = {}
         for sha, wanted in commits.items():
             try:
+                self.verifier.check(Commit(sha, "", 0), None)   # the state file is not trusted to name a verified commit
                 entries, problems, folders = git_read_units(self.config.repo_path, sha)
                 found, _ = check_unit_tree(entries, problems=problems, context=self.context, folders=folders,
                                            files_dir=self.config.files_dir)
@@ -8080,7 +8347,7 @@ class Deployer:
                     if name in found and found[name].owned is not None:
                         self.snapshots.measure(found[name].owned)
                         self.snapshots.ensure(found[name].tree, found[name].owned.path)
-            except (GitError, SnapshotError) as exc:
+            except (GitError, SnapshotError, Refusal) as exc:
                 self.log.warning("daemon", "Cannot read commit %s for the earlier version of %s: %s" % (
                     sha[:7], ", ".join(wanted), exc))
                 continue
@@ -8251,14 +8518,23 @@ class Deployer:
         repo, branch = self.config.repo_path, self.config.branch
         target = git_commit_at(repo, rev, "commit %r" % rev)
         if self.remote_mode:
+            try:
+                self.verifier.check(target, None)     # a pin writes nothing: it must verify as it is
+            except Refusal as exc:
+                raise GitprocError("rollback: %s" % exc)
             fetched = read_ref_file(git_common_dir(repo), REMOTE_REF % branch)
             self.pin = {"sha": target.sha, "subject": target.subject, "remote_at": fetched}
             self.log.info("daemon", "Rollback: pinned to %s until %s/%s moves on" % (target.sha[:7], self.config.remote, branch))
             plan = self.deploy_head("rollback")
             plan.notes["pinned"] = self.pin
         else:
+            sign = self._signing_options()
+            if self.verifier.kind and not sign:
+                raise GitprocError("rollback refused: verification is on and no signing_key is set, so the rollback "
+                                   "commit would be refused; set signing_key in the config, or commit the old units "
+                                   "yourself, signed")
             head = git_commit_at(repo, "refs/heads/" + branch, "branch %r" % branch)
-            new = git_restore_units(repo, branch, head, target)
+            new = git_restore_units(repo, branch, head, target, sign)
             if new is not None:
                 self.log.info("daemon", "Rollback: commit %s restores the units of %s" % (new[:7], target.sha[:7]))
             plan = self.deploy_head("rollback")
@@ -8314,7 +8590,9 @@ def prometheus_text(daemon):
     family("gitproc_last_sync_timestamp_seconds", "gauge", "When the daemon last looked for a new commit (Unix time).",
            [("", last_sync["time"])] if last_sync.get("time") else [])
     family("gitproc_last_sync_success", "gauge", "1 if the last sync succeeded.",
-           [("", int(bool(last_sync) and last_sync.get("result") != "error"))])
+           [("", int(bool(last_sync) and last_sync.get("result") not in ("error", "refused")))])
+    family("gitproc_deploy_refused_total", "counter", "Commits refused, by reason (kept across daemon restarts).",
+           [('{reason="%s"}' % reason, deployer.refusals_total.get(reason, 0)) for reason in REFUSAL_REASONS])
     rss, cpu = process_usage(os.getpid())
     family("gitproc_daemon_resident_memory_bytes", "gauge", "Resident memory of the daemon.", [("", rss)])
     family("gitproc_daemon_cpu_seconds_total", "counter", "CPU time (user and system) of the daemon.", [("", cpu)])
@@ -8576,6 +8854,7 @@ class RequestHandlers:
 
     def _cmd_sync(self, conn, message):
         deployer = self.daemon.deployer
+        deployer.rewind_once = bool(message.get("allow_rewind"))
         if not deployer.remote_mode:
             return self._plan_reply(deployer.deploy_head("sync"))
         return self._after_fresh_fetch(conn, message, lambda: deployer.last_plan, deploy=True)
@@ -8653,9 +8932,10 @@ class RequestHandlers:
         sync = self.daemon.deployer.last_sync
         if self.daemon.host.shutting_down:
             return 503, "text/plain", b"shutting down\n", {}
-        if not sync or sync.get("result") == "error":
+        if not sync or sync.get("result") in ("error", "refused"):
             why = sync.get("error") if sync else "no sync yet"
-            return 503, "text/plain", ("last sync failed: %s\n" % why).encode(), {}
+            return 503, "text/plain", ("last sync %s: %s\n" % (
+                "refused" if sync and sync["result"] == "refused" else "failed", why)).encode(), {}
         return 200, "text/plain", b"ok\n", {}
 
     def _http_hook(self, request):
@@ -8791,6 +9071,7 @@ class Daemon:
                 self.http.open()
             self._install_signal_handlers()
             self._raise_fd_limit()
+            self.deployer.verifier.check_ready()
             state = self.store.load()
             self.recovery.restore(state)
             self.deployer.restore(state)
@@ -8798,7 +9079,7 @@ class Daemon:
                 __version__, os.getpid(), self.config.repo_path, self.config.branch, self.host.exit_watcher.mode))
             if self.deployer.remote_mode and not self.source.fetched_yet():
                 self.log.info("daemon", "Nothing fetched from %s yet: the first fetch will deploy" % self.config.remote)
-            elif not self.deployer.deploy_head("daemon start").error:
+            elif not self.deployer.deploy_head("daemon start").error or self.deployer.applied:
                 self.recovery.stop_orphans(self.services)
             self.source.start()
         except (GitprocError, OSError) as exc:
@@ -8919,6 +9200,7 @@ class Daemon:
                 "last_sync": deployer.last_sync, "exit_watch": self.host.exit_watcher.mode,
                 "log_dir": self.config.log_dir, "remote": self.config.remote, "pin": deployer.pin,
                 "last_fetch": source.last_fetch, "watch": source.mode, "poll_interval": source.poll_delay,
+                "verify": deployer.verifier.describe(), "refused": deployer.refused,
                 "cgroups": self.host.cgroups.describe() if self.host.cgroups else None,
                 "http": {"listen": "%s:%d" % self.http.address, "exposed": self.http.exposed} if self.http else None}
 
@@ -9119,7 +9401,7 @@ EXAMPLES = {
     "reload": ["gitproc.py reload nginx", "gitproc.py reload nginx redis-server --no-block"],
     "wait": ["gitproc.py wait web --timeout 10", "gitproc.py wait web db --state stopped"],
     "logs": ["gitproc.py logs hello", "gitproc.py logs hello -n 200 -f", "gitproc.py logs --daemon"],
-    "sync": ["gitproc.py sync", "gitproc.py sync --json"],
+    "sync": ["gitproc.py sync", "gitproc.py sync --json", "gitproc.py sync --allow-rewind   # accept a force-push once"],
     "diff": ["gitproc.py diff"],
     "rollback": ["gitproc.py rollback HEAD~1", "gitproc.py rollback 4613c49", "gitproc.py rollback --release"],
     "history": ["gitproc.py history", "gitproc.py history -n 5 --json"],
@@ -9166,11 +9448,18 @@ def _daemon_line(info):
     sync_text = "never synced"
     if sync:
         sync_text = "synced %s %s" % (time.strftime("%H:%M:%S", time.localtime(sync["time"])), sync["result"])
-        if sync.get("error"):
+        if sync.get("error") and not (sync["result"] == "refused" and info.get("refused")):
             sync_text += ": " + sync["error"]
     line = "gitproc %s  pid %d  up %s  %s@%s  %s  %s" % (
         info["version"], info["pid"], format_duration(info["uptime"]), info["repo"], info["branch"],
         "%s %s" % (commit["sha"][:7], commit["subject"]) if commit else "(nothing deployed)", sync_text)
+    verify = info.get("verify") or {}
+    if verify.get("kind"):
+        line += "\n  verify %s signatures (%s, scope %s)%s" % (
+            "SSH" if verify["kind"] == "ssh" else "OpenPGP", verify["file"], verify["scope"],
+            "; rewinds allowed" if verify.get("allow_rewind") else "")
+    if info.get("refused"):
+        line += "\n  REFUSED %s (%s): %s" % (info["refused"]["sha"][:7], info["refused"]["subject"], info["refused"]["error"])
     if info.get("http"):
         line += "\n  http %s%s" % (info["http"]["listen"], "  REACHABLE FROM THE NETWORK (http_listen is not a loopback address)"
                                    if info["http"]["exposed"] else "")
@@ -9343,7 +9632,10 @@ def _print_plan(plan, done):
 def _cmd_plan(action):
     """`sync` (carries out the plan) and `diff` (only shows it)."""
     def run(config, args):
-        result = request(config, {"cmd": action}, timeout=FETCH_TIMEOUT + 15)
+        payload = {"cmd": action}
+        if getattr(args, "allow_rewind", False):
+            payload["allow_rewind"] = True
+        result = request(config, payload, timeout=FETCH_TIMEOUT + 15)
         if args.json:
             _print_json(result)
         else:
@@ -9388,7 +9680,7 @@ def cmd_history(config, args):
         if not touched and entry.get("outside"):
             touched.append("no unit (%s)" % some_paths(entry["outside"], 3))
         rows.append((format_time(entry["time"]), (entry["commit"] or "-")[:7], entry["outcome"], entry.get("trigger", "-"),
-                     " ".join(touched) or "-", entry["subject"] if entry["commit"] else entry.get("error", "")))
+                     " ".join(touched) or "-", entry.get("error") or entry["subject"] or ""))
     _table(rows)
     return EXIT_OK
 
@@ -10187,7 +10479,9 @@ def build_parser(only=None):
     sub.add_argument("-n", "--lines", type=_count, default=50, help="how many lines (default: 50)")
     sub.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     sub.add_argument("--daemon", action="store_true", help="the daemon's own log")
-    with_json(add("sync", _cmd_plan("sync"), "deploy the newest commit now (fetching first in remote mode)"))
+    sub = with_json(add("sync", _cmd_plan("sync"), "deploy the newest commit now (fetching first in remote mode)"))
+    sub.add_argument("--allow-rewind", action="store_true",
+                     help="deploy it even if it does not descend from the deployed commit (once)")
     with_json(add("diff", _cmd_plan("diff"), "show what sync would do, changing nothing"))
     sub = with_json(add("rollback", cmd_rollback, "bring back the unit files of an earlier commit"))
     sub.add_argument("commit", nargs="?", metavar="COMMIT")

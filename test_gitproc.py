@@ -127,8 +127,9 @@ class Home:
         return subprocess.run(["git", "-C", self.repo, "-c", "user.name=t", "-c", "user.email=t@t"] + list(args),
                               check=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE).stdout.decode()
 
-    def commit(self, files, message="change"):
-        """Write (or, for None, delete) files in the repository and commit them."""
+    def commit(self, files, message="change", sign=None):
+        """Write (or, for None, delete) files in the repository and commit them;
+        `sign`: git options that sign the commit (see ssh_signing)."""
         for name, text in files.items():
             path = os.path.join(self.repo, name)
             if text is None:
@@ -138,7 +139,7 @@ class Home:
             with open(path, "w") as unit_file:
                 unit_file.write(text)
             self.git("add", name)
-        self.git("commit", "-q", "--allow-empty", "-m", message)
+        self.git(*(list(sign or ()) + ["commit", "-q", "--allow-empty", "-m", message] + (["-S"] if sign else [])))
         return self.git("rev-parse", "HEAD").strip()
 
     # -- the daemon -----------------------------------------------------------
@@ -1109,6 +1110,27 @@ class ConfigTests(unittest.TestCase):
         code, out, err = home.cli_process("status", env={"GITPROC_POLL_INTERVAL": "often"})
         assert_clean_failure(self, code, out, err, 1, "POLL_INTERVAL")
 
+    def test_verify_allow_rewind_and_signing_key(self):
+        config = gitproc.load_config({"home": self.home}, {})
+        self.assertEqual((config.verify, config.allow_rewind, config.signing_key), (None, False, None))
+        self.write_config({"verify": {"signers": "~/allowed"}, "allow_rewind": True, "signing_key": "/k"})
+        config = gitproc.load_config({"home": self.home}, {})
+        self.assertEqual(config.verify, {"signers": os.path.expanduser("~/allowed"), "scope": "head"})
+        self.assertIs(config.allow_rewind, True)
+        config = gitproc.load_config({"home": self.home}, {"GITPROC_ALLOW_REWIND": "no",
+                                                           "GITPROC_VERIFY": '{"keyring": "/k.gpg", "scope": "all"}'})
+        self.assertEqual((config.verify, config.allow_rewind), ({"keyring": "/k.gpg", "scope": "all"}, False))
+        bad = [({"verify": {"signers": "/a", "keyring": "/b"}}, "one of"), ({"verify": {}}, "one of"),
+               ({"verify": {"signers": "/a", "scope": "some"}}, '"scope"'),
+               ({"verify": {"signers": "/a", "skope": "all"}}, "skope"), ({"verify": "/a"}, "a JSON object"),
+               ({"allow_rewind": "yes"}, "true or false"), ({"allow_rewind": 1}, "true or false")]
+        for data, mention in bad:
+            with self.subTest(data=data):
+                self.write_config(data)
+                with self.assertRaises(gitproc.ConfigError) as caught:
+                    gitproc.load_config({"home": self.home}, {})
+                self.assertIn(mention, str(caught.exception))
+
 
 # ==== 6. state store ==========================================================
 
@@ -1792,7 +1814,9 @@ class BrokenRepositoryTests(unittest.TestCase):
         self.assertTrue(plan["noop"], plan)
         self.assertEqual(daemon_info(home)["commit"]["sha"], second)
         self.assert_untouched(home, {"web": pid})
-        home.git("update-ref", "refs/heads/main", detached)   # now the branch moves
+        home.git("update-ref", "refs/heads/main", detached)   # now the branch moves ...
+        wait_sync_result(home, "refused")                     # ... back to a side of v1: a rewind
+        home.request({"cmd": "sync", "allow_rewind": True})
         wait_deployed(home, detached)
         assert_runs(self, wait_new_pid(home, "web", pid), 1003)
 
@@ -2496,7 +2520,7 @@ class RemoteModeTests(unittest.TestCase):
         self.assertEqual(service_names(beta), ["common", "notalpha", "onbeta"])
         self.assertEqual({"alpha": alpha.status("common")["pid"], "beta": beta.status("common")["pid"]}, common)
 
-    def test_force_push_of_an_unrelated_history_is_deployed(self):
+    def test_force_push_of_an_unrelated_history_is_refused_then_deployed_with_allow_rewind(self):
         upstream = Upstream(self)
         upstream.push({"same.service": sleeper(1001), "old.service": sleeper(1002)}, "v1")
         home = remote_home(self, upstream)
@@ -2516,7 +2540,11 @@ class RemoteModeTests(unittest.TestCase):
         git_in(upstream.work, "push", "-q", "-f", "origin", "fresh:main")
         rewritten = git_in(upstream.work, "rev-parse", "HEAD").strip()
         self.assertEqual(git_in(upstream.work, "rev-list", "--count", "HEAD").strip(), "1")
-        plan = sync(home)
+        with self.assertRaises(gitproc.GitprocError) as refused:
+            sync(home)
+        self.assertIn("is not a descendant of the deployed commit", str(refused.exception))
+        self.assertEqual(home.status("same")["pid"], same)
+        plan = home.request({"cmd": "sync", "allow_rewind": True})
         self.assertEqual((plan["commit"]["sha"], plan["added"], plan["removed"], plan["unchanged"]),
                          (rewritten, ["new"], ["old"], ["same"]), plan)
         assert_runs(self, home.running_pid("new"), 1003)
@@ -2604,6 +2632,329 @@ class RemotePinTests(unittest.TestCase):
 
 
 # ---- history, git calls, latency, SIGHUP -------------------------------------
+
+# ---- trusted deploys: signatures and rewinds ---------------------------------
+
+HAVE_SSH_KEYGEN = shutil.which("ssh-keygen") is not None
+HAVE_GPG = shutil.which("gpg") is not None
+
+
+class Signers:
+    """SSH keys made with ssh-keygen in a temporary folder, and an
+    allowed_signers file listing some of them."""
+
+    def __init__(self, test, allowed=("admin",), others=("intruder",)):
+        self.path = tempfile.mkdtemp(prefix="gpk", dir="/tmp")
+        test.addCleanup(shutil.rmtree, self.path, True)
+        self.keys = {}
+        for name in tuple(allowed) + tuple(others):
+            key = os.path.join(self.path, name)
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name, "-f", key], check=True)
+            self.keys[name] = key
+        self.allowed = os.path.join(self.path, "allowed_signers")
+        with open(self.allowed, "w") as handle:
+            for name in allowed:
+                with open(self.keys[name] + ".pub") as public:
+                    handle.write("%s@example.org %s" % (name, public.read()))
+
+    def sign(self, name):
+        """git options that sign a commit with key `name` (git 2.34+, SSH)."""
+        return ["-c", "gpg.format=ssh", "-c", "user.signingkey=" + self.keys[name]]
+
+
+@unittest.skipUnless(HAVE_SSH_KEYGEN, "needs ssh-keygen")
+class TrustedDeployTests(unittest.TestCase):
+    """SPEC §20 with real keys and real signed commits."""
+
+    def start(self, scope="head", **settings):
+        self.signers = Signers(self)
+        home = Home(self)
+        config = {"verify": {"signers": self.signers.allowed, "scope": scope}}
+        config.update(settings)
+        write_config(home, config)
+        self.first = home.commit({"web.service": sleeper(1001)}, "first, signed", sign=self.signers.sign("admin"))
+        home.start_daemon()
+        self.pid = home.running_pid("web")
+        return home
+
+    def assert_refused(self, home, sha, reason, mention):
+        """The head `sha` is refused for `reason`: said by sync, status, history,
+        events and the metric; the running unit is untouched."""
+        code, out, err = home.cli_process("sync")
+        assert_clean_failure(self, code, out, err, 1, mention)
+        self.assertIn("deploy refused", err)
+        info = daemon_info(home)
+        self.assertEqual((info["refused"]["sha"], info["refused"]["reason"]), (sha, reason), info)
+        self.assertEqual(info["last_sync"]["result"], "refused")
+        code, out, err = home.cli_process("status")
+        self.assertEqual(code, 0, err)
+        self.assertIn("REFUSED %s" % sha[:7], out)
+        entry = [e for e in history(home) if e["commit"] == sha]
+        self.assertEqual([(e["outcome"], e["reason"]) for e in entry], [("refused", reason)], "said once")
+        events = home.request({"cmd": "events"})["events"]
+        self.assertTrue([e for e in events if e["commit"] == sha and e["reason"].startswith("refused")], events)
+        metrics = home.request({"cmd": "metrics"})["text"]
+        self.assertRegex(metrics, r'gitproc_deploy_refused_total\{reason="%s"\} [1-9]' % reason)
+        self.assertEqual(home.status("web")["pid"], self.pid, "a refused commit changes nothing")
+        self.assertTrue(pid_alive(self.pid))
+
+    def test_a_commit_by_an_allowed_key_deploys_and_others_are_refused(self):
+        home = self.start()
+        code, out, err = home.cli_process("status")
+        self.assertIn("verify SSH signatures (%s, scope head)" % self.signers.allowed, out)
+        second = home.commit({"web.service": sleeper(1002)}, "signed", sign=self.signers.sign("admin"))
+        wait_deployed(home, second)
+        self.pid = wait_new_pid(home, "web", self.pid)
+        assert_runs(self, self.pid, 1002)
+        self.assertIsNone(daemon_info(home)["refused"])
+        # unsigned: refused, and nothing of it runs (not even a new unit's ExecCondition=)
+        marker = os.path.join(home.path, "ran")
+        unsigned = home.commit({"web.service": sleeper(1003), "new.service": unit(SLEEPER, ExecCondition="/bin/touch " + marker)},
+                               "unsigned")
+        wait_sync_result(home, "refused")
+        self.assertEqual(service_names(home), ["web"])
+        self.assertFalse(os.path.exists(marker))
+        self.assert_refused(home, unsigned, "unsigned", "commit %s is not signed" % unsigned[:7])
+        # signed by a key that is not in allowed_signers: git says "Good signature", gitproc refuses
+        other = home.commit({"web.service": sleeper(1004)}, "intruder", sign=self.signers.sign("intruder"))
+        self.assert_refused(home, other, "key_not_allowed", "is signed by a key that is not allowed")
+        self.assertFalse(os.path.exists(marker))
+        # the same head is not tried again at each poll or hook: said once
+        for count in range(1, 4):
+            os.kill(home.daemon_pid, signal.SIGHUP)
+            wait_until(lambda: len(daemon_log_lines(home, "daemon", "SIGHUP: syncing now")) == count, 5, "SIGHUP")
+        self.assertEqual(len(daemon_log_lines(home, "daemon", "Deploy refused: commit %s" % other[:7])), 1)
+        self.assertEqual(home.request({"cmd": "metrics"})["text"].count('gitproc_deploy_refused_total{reason="key_not_allowed"} 1'), 1)
+        # a signed commit on top deploys (scope head)
+        fixed = home.commit({"web.service": sleeper(1005)}, "signed again", sign=self.signers.sign("admin"))
+        wait_deployed(home, fixed)
+        assert_runs(self, wait_new_pid(home, "web", self.pid), 1005)
+        self.assertIsNone(daemon_info(home)["refused"])
+        self.assertEqual(daemon_info(home)["last_sync"]["result"], "ok")
+
+    def test_scope_all_refuses_an_unsigned_commit_under_a_signed_head(self):
+        home = self.start(scope="all")
+        unsigned = home.commit({"web.service": sleeper(1002)}, "unsigned")
+        wait_sync_result(home, "refused")
+        head = home.commit({"web.service": sleeper(1003)}, "signed on top", sign=self.signers.sign("admin"))
+        self.assert_refused(home, head, "unsigned", "commit %s (between the deployed %s and %s) is not signed" % (
+            unsigned[:7], self.first[:7], head[:7]))
+
+    def test_a_rewind_is_refused_and_sync_allow_rewind_accepts_it_once(self):
+        home = self.start()
+        second = home.commit({"web.service": sleeper(1002)}, "second", sign=self.signers.sign("admin"))
+        wait_deployed(home, second)
+        self.pid = wait_new_pid(home, "web", self.pid)
+        home.git("reset", "-q", "--hard", self.first)          # the branch goes back to an older signed commit
+        wait_sync_result(home, "refused")
+        code, out, err = home.cli_process("sync")
+        assert_clean_failure(self, code, out, err, 1, "is not a descendant of the deployed commit %s" % second[:7])
+        self.assertIn("--allow-rewind", err)
+        self.assertEqual(daemon_info(home)["refused"]["reason"], "not_descendant")
+        assert_runs(self, self.pid, 1002)
+        code, out, err = home.cli_process("sync", "--allow-rewind")
+        self.assertEqual(code, 0, out + err)
+        wait_deployed(home, self.first)
+        assert_runs(self, wait_new_pid(home, "web", self.pid), 1001)
+        # once: the next rewind is refused again
+        third = home.commit({"web.service": sleeper(1003)}, "third", sign=self.signers.sign("admin"))
+        wait_deployed(home, third)
+        home.git("reset", "-q", "--hard", self.first)
+        code, out, err = home.cli_process("sync")
+        assert_clean_failure(self, code, out, err, 1, "not a descendant")
+
+    def test_allow_rewind_in_the_config_deploys_a_reset_branch(self):
+        home = self.start(allow_rewind=True)
+        second = home.commit({"web.service": sleeper(1002)}, "second", sign=self.signers.sign("admin"))
+        wait_deployed(home, second)
+        home.git("reset", "-q", "--hard", self.first)
+        wait_deployed(home, self.first)
+
+    def test_a_daemon_restart_with_a_refused_head_runs_the_last_verified_commit(self):
+        home = self.start()
+        unsigned = home.commit({"web.service": sleeper(1002)}, "unsigned")
+        wait_sync_result(home, "refused")
+        shutdown_keep_services(self, home)
+        home.start_daemon()
+        info = daemon_info(home)
+        self.assertEqual((info["commit"]["sha"], info["refused"]["sha"]), (self.first, unsigned), info)
+        self.assertEqual(home.status("web")["pid"], self.pid, "adopted, not restarted")
+        assert_runs(self, self.pid, 1001)
+        self.assertEqual(daemon_info(home)["last_sync"]["result"], "refused")
+        # and after a kill -9, too
+        home.kill_daemon()
+        home.start_daemon()
+        self.assertEqual(home.status("web")["pid"], self.pid)
+        self.assertEqual(daemon_info(home)["refused"]["sha"], unsigned)
+
+    def test_a_state_file_naming_an_unverified_commit_is_not_trusted(self):
+        home = self.start()
+        code, out, err = home.cli_process("shutdown")
+        self.assertEqual(code, 0, err)
+        unsigned = home.commit({"web.service": sleeper(1002), "evil.service": sleeper(16661)}, "unsigned")
+        state_path = os.path.join(home.path, "state.json")
+        state = read_state(home)
+        state["deployed"]["sha"] = unsigned
+        for saved in state["services"].values():
+            saved["commit"] = unsigned
+        with open(state_path, "w") as handle:
+            json.dump(state, handle)
+        home.start_daemon()
+        info = daemon_info(home)
+        self.assertEqual(info["refused"]["sha"], unsigned, info)
+        self.assertEqual(service_names(home), [], "nothing of the unverified commit runs")
+        self.assertEqual(marker_processes("sleep\x0016661"), [])
+
+    def test_rollback_signs_with_signing_key_and_refuses_without_one(self):
+        home = self.start()
+        second = home.commit({"web.service": sleeper(1002)}, "second", sign=self.signers.sign("admin"))
+        wait_deployed(home, second)
+        self.pid = wait_new_pid(home, "web", self.pid)
+        code, out, err = home.cli_process("rollback", self.first)
+        assert_clean_failure(self, code, out, err, 1, "no signing_key is set")
+        self.assertEqual(home.git("rev-parse", "HEAD").strip(), second, "nothing was committed")
+        write_config(home, {"verify": {"signers": self.signers.allowed}, "signing_key": self.signers.keys["admin"]})
+        home.cli_process("shutdown", "--keep-services")
+        home.start_daemon()
+        code, out, err = home.cli_process("rollback", self.first)
+        self.assertEqual(code, 0, out + err)
+        head = home.git("rev-parse", "HEAD").strip()
+        self.assertEqual(home.git("-c", "gpg.ssh.allowedSignersFile=" + self.signers.allowed,
+                                  "log", "-1", "--format=%G?", head).strip(), "G")
+        wait_deployed(home, head)
+        assert_runs(self, wait_new_pid(home, "web", self.pid), 1001)
+
+    def test_a_valid_webhook_for_a_refused_commit_deploys_nothing(self):
+        port = free_port()
+        home = self.start(http_listen="127.0.0.1:%d" % port, webhook_secret="s3cret")
+        self.assertEqual(http(port, "GET", "/healthz")[0], 200)
+        unsigned = home.commit({"web.service": sleeper(1002)}, "unsigned")
+        wait_sync_result(home, "refused")
+        body = b'{"ref": "refs/heads/main"}'
+        status, _, reply = http(port, "POST", "/hooks/sync", body, [("X-Gitlab-Token", "s3cret")])
+        self.assertEqual(status, 503, reply)
+        self.assertIn(b"not signed", reply)
+        status, _, reply = http(port, "GET", "/healthz")
+        self.assertEqual(status, 503)
+        self.assertIn(b"refused", reply)
+        self.assertIn(unsigned[:7].encode(), reply)
+        self.assertEqual(home.status("web")["pid"], self.pid)
+
+    def test_verification_that_cannot_start_is_a_clear_error(self):
+        home = Home(self)
+        write_config(home, {"verify": {"signers": os.path.join(home.path, "nosuchfile")}})
+        home.commit({"web.service": sleeper(1001)})
+        code, out, err = home.cli_process("daemon")
+        assert_clean_failure(self, code, out, err, mention="allowed signers file")
+
+
+@unittest.skipUnless(HAVE_SSH_KEYGEN, "needs ssh-keygen")
+class TrustedRemoteTests(unittest.TestCase):
+
+    def push_signed(self, upstream, files, message, sign):
+        for name, text in files.items():
+            with open(os.path.join(upstream.work, name), "w") as handle:
+                handle.write(text)
+            git_in(upstream.work, "add", name)
+        git_in(upstream.work, *(sign + ["commit", "-q", "--allow-empty", "-S", "-m", message]))
+        git_in(upstream.work, "push", "-q", "-f", "origin", "main")
+        return git_in(upstream.work, "rev-parse", "HEAD").strip()
+
+    def test_remote_mode_refuses_unsigned_and_rewinds_and_pins_only_what_verifies(self):
+        signers = Signers(self)
+        admin = signers.sign("admin")
+        upstream = Upstream(self)
+        first = self.push_signed(upstream, {"web.service": sleeper(1001)}, "v1", admin)
+        home = Home(self, init=False)
+        write_config(home, {"poll_interval": 3600, "max_poll_interval": 3600,
+                            "verify": {"signers": signers.allowed, "scope": "all"}})
+        home.start_daemon("--remote", upstream.bare)
+        wait_deployed(home, first)
+        pid = home.running_pid("web")
+        unsigned = upstream.push({"web.service": sleeper(1002)}, "v2 unsigned")
+        code, out, err = home.cli_process("sync")
+        assert_clean_failure(self, code, out, err, 1, "commit %s is not signed" % unsigned[:7])
+        self.assertEqual(home.status("web")["pid"], pid)
+        code, out, err = home.cli_process("rollback", unsigned)
+        assert_clean_failure(self, code, out, err, 1, "is not signed")
+        self.assertIsNone(daemon_info(home)["pin"])
+        # scope all: a signed commit on top of the unsigned one is refused too
+        on_top = self.push_signed(upstream, {"web.service": sleeper(1003)}, "v3 signed", admin)
+        code, out, err = home.cli_process("sync")
+        assert_clean_failure(self, code, out, err, 1, "commit %s (between the deployed %s and %s) is not signed" % (
+            unsigned[:7], first[:7], on_top[:7]))
+        # the unsigned commit force-pushed away: the new head descends from v1, and deploys
+        git_in(upstream.work, "reset", "-q", "--hard", first)
+        fourth = self.push_signed(upstream, {"web.service": sleeper(1004)}, "v4 signed", admin)
+        self.assertEqual(sync(home)["commit"]["sha"], fourth)
+        pid = wait_new_pid(home, "web", pid)
+        assert_runs(self, pid, 1004)
+        # a force-push back to the older signed v1 is a rewind: refused, then accepted once
+        git_in(upstream.work, "push", "-q", "-f", "origin", first + ":refs/heads/main")
+        code, out, err = home.cli_process("sync")
+        assert_clean_failure(self, code, out, err, 1, "not a descendant of the deployed commit %s" % fourth[:7])
+        self.assertEqual(home.status("web")["pid"], pid)
+        code, out, err = home.cli_process("sync", "--allow-rewind")
+        self.assertEqual(code, 0, out + err)
+        wait_deployed(home, first)
+        # a pin needs no signature of its own making, but the commit must verify
+        code, out, err = home.cli_process("rollback", fourth)
+        self.assertEqual(code, 0, out + err)
+        self.assertEqual(daemon_info(home)["pin"]["sha"], fourth)
+
+
+@unittest.skipUnless(HAVE_GPG, "needs gpg")
+class TrustedOpenPGPTests(unittest.TestCase):
+
+    def gpg_key(self, folder, email):
+        """A fresh OpenPGP key in its own GNUPGHOME; (env, fingerprint)."""
+        gnupg = os.path.join(folder, email.split("@")[0])
+        os.makedirs(gnupg, 0o700)
+        env = dict(os.environ, GNUPGHOME=gnupg)
+        subprocess.run(["gpg", "--batch", "--quiet", "--passphrase", "", "--quick-gen-key", "T <%s>" % email,
+                        "ed25519", "sign", "never"], env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        listing = subprocess.run(["gpg", "--with-colons", "--list-keys", email], env=env, check=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL).stdout.decode()
+        fingerprint = [line.split(":")[9] for line in listing.splitlines() if line.startswith("fpr:")][0]
+        self.addCleanup(subprocess.run, ["gpgconf", "--kill", "all"], env=env, stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL)
+        return env, fingerprint
+
+    def test_a_keyring_verifies_openpgp_signatures(self):
+        folder = tempfile.mkdtemp(prefix="gpg", dir="/tmp")
+        self.addCleanup(shutil.rmtree, folder, True)
+        allowed_env, allowed = self.gpg_key(folder, "admin@example.org")
+        other_env, other = self.gpg_key(folder, "intruder@example.org")
+        keyring = os.path.join(folder, "keyring.gpg")
+        with open(keyring, "wb") as handle:
+            handle.write(subprocess.run(["gpg", "--export", allowed], env=allowed_env, check=True,
+                                        stdout=subprocess.PIPE).stdout)
+        home = Home(self)
+        write_config(home, {"verify": {"keyring": keyring}})
+
+        def commit(files, message, env, key):
+            for name, text in files.items():
+                with open(os.path.join(home.repo, name), "w") as handle:
+                    handle.write(text)
+                git_in(home.repo, "add", name)
+            git_in(home.repo, "-c", "user.signingkey=" + key, "commit", "-q", "-S", "-m", message, env=env)
+            return git_in(home.repo, "rev-parse", "HEAD").strip()
+        commit({"web.service": sleeper(1001)}, "signed", allowed_env, allowed)
+        home.start_daemon()
+        pid = home.running_pid("web")
+        code, out, err = home.cli_process("status")
+        self.assertIn("verify OpenPGP signatures", out)
+        bad = commit({"web.service": sleeper(1002)}, "other key", other_env, other)
+        code, out, err = home.cli_process("sync")
+        assert_clean_failure(self, code, out, err, 1, "commit %s is signed by a key that is not allowed" % bad[:7])
+        self.assertEqual(home.status("web")["pid"], pid)
+        good = commit({"web.service": sleeper(1003)}, "signed again", allowed_env, allowed)
+        wait_deployed(home, good)
+        assert_runs(self, wait_new_pid(home, "web", pid), 1003)
+        self.assertFalse(os.path.exists(os.path.join(os.path.expanduser("~"), ".gnupg", "gitproc")),
+                         "gitproc keeps its keys beside its state")
+        self.assertTrue(os.path.isdir(os.path.join(home.path, "gnupg")))
+
 
 class HistoryBoundTests(unittest.TestCase):
 
