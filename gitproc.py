@@ -477,6 +477,16 @@ def find_program(program, path_env):
     return None
 
 
+def default_working_directory(home=None):
+    """Where a service without WorkingDirectory= works, as systemd's managers
+    do: "/" under a root daemon (system services, whatever their User=), the
+    user's home (`home`, else the daemon user's) under a user's daemon."""
+    if os.geteuid() == 0:
+        return "/"
+    home = home or os.path.expanduser("~")
+    return home if os.path.isdir(home) else "/"
+
+
 # ==== 4. unit files ==========================================================
 # A pure parser: bytes in, a UnitSpec and a list of Diagnostics out. It never
 # raises on user input and never touches the file system or the environment;
@@ -485,18 +495,25 @@ def find_program(program, path_env):
 
 class Diagnostic:
     """One problem in user input, reported as data: 'file:line: severity: message'."""
-    __slots__ = ("path", "line", "severity", "message", "unit")
+    __slots__ = ("path", "line", "severity", "message", "unit", "code")
 
-    def __init__(self, path, line, severity, message, unit=None):
+    def __init__(self, path, line, severity, message, unit=None, code=None):
         self.path, self.line, self.severity, self.message = path, line, severity, message
         self.unit = unit                  # the unit it concerns, where the file is not its own (drop-ins, templates)
+        self.code = code                  # "key": an unknown or misplaced key (shown wherever the unit is)
+
+    @property
+    def unit_name(self):
+        """The unit it concerns: its own, or that of the file it is in."""
+        name = os.path.basename(self.path)
+        return self.unit or (name[:-len(UNIT_SUFFIX)] if name.endswith(UNIT_SUFFIX) else name)
 
     def __str__(self):
         return "%s:%d: %s: %s" % (self.path, self.line, self.severity, self.message)
 
     def to_json(self):
         return {"path": self.path, "line": self.line, "severity": self.severity,
-                "message": self.message}
+                "message": self.message, "unit": self.unit_name, "code": self.code}
 
 
 class ExecCommand:
@@ -1344,6 +1361,24 @@ SILENT_KEYS = {("Unit", key) for key in (
     "GuessMainPID", "NonBlocking", "Slice")}
 
 
+def unknown_key_message(section, key):
+    """What check says of a key gitproc does not know in `section`: where it
+    belongs if it is known in another section (systemd ignores it there too),
+    else the nearest known key ("did you mean Restart=?")."""
+    import difflib
+    known = {(where, name) for where, name in list(DIRECTIVES) + list(SILENT_KEYS)}
+    homes = sorted(where for where, name in known if name == key and where != section)
+    if homes:
+        return "%s= belongs in [%s], not [%s]: ignored, as systemd does" % (key, homes[0], section)
+    names = sorted({name for _, name in known} | set(NOT_APPLIED_KEYS))
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.75)
+    hint = ""
+    if close:
+        where = sorted(w for w, name in known if name == close[0])
+        hint = " (did you mean %s=%s?)" % (close[0], "" if not where or section in where else " in [%s]" % where[0])
+    return "unknown key %s= in [%s], ignored%s" % (key, section, hint)
+
+
 def _keys(why, *names):
     return {name: why for name in names}
 
@@ -1422,9 +1457,9 @@ def parse_unit(name, path, data, blob="", context=None):
     parts = [(path, data)] if isinstance(data, bytes) else list(data)
     where = [parts[0][0]]                 # the file being read
 
-    def report(location, severity, message):
+    def report(location, severity, message, code=None):
         source, line = location if isinstance(location, tuple) else (where[0], location)
-        diagnostics.append(Diagnostic(source, line, severity, message))
+        diagnostics.append(Diagnostic(source, line, severity, message, code=code))
 
     problem = unit_name_problem(name)
     if problem:
@@ -1502,14 +1537,12 @@ def _read_lines_into(values, lines_of, not_applied, warned_sections, name, text,
         if section not in ("Unit", "Service"):
             continue     # [Install], X- and unknown sections: accepted and ignored
         directive = DIRECTIVES.get((section, key))
-        if directive is None and section == "Service" and ("Unit", key) in DIRECTIVES:
-            directive = DIRECTIVES[("Unit", key)]
         if directive is None:
             if key in NOT_APPLIED_KEYS and value and not _is_off(value):
                 not_applied.append((key, value))
                 report(line_number, "warning", "not applied: %s= (%s)" % (key, NOT_APPLIED_KEYS[key]))
             elif not key.startswith("X-") and (section, key) not in SILENT_KEYS and key not in NOT_APPLIED_KEYS:
-                report(line_number, "warning", "unknown key %s= in [%s], ignored" % (key, section))
+                report(line_number, "warning", unknown_key_message(section, key), code="key")
             continue
         field, parse, kind = directive
         if field in _SPECIFIER_FIELDS:
@@ -1843,6 +1876,11 @@ CONFIG_DEFAULTS = {
     "http_listen": None, "webhook_secret": None, "snapshot_max_bytes": DEFAULT_SNAPSHOT_MAX_BYTES,
     "verify": None, "allow_rewind": False, "signing_key": None,
 }
+SIZE_KEYS = ("log_max_bytes", "snapshot_max_bytes")   # a number of bytes, or a size: "10M", "10 MiB"
+# What `daemon-reload` (and SIGHUP) change in a running daemon; the other
+# keys name where things live or what is watched, and need a restart.
+LIVE_CONFIG_KEYS = ("poll_interval", "max_poll_interval", "http_listen", "webhook_secret", "log_max_bytes",
+                    "log_backups", "snapshot_max_bytes", "verify", "allow_rewind", "signing_key")
 # Command-line flags that override a config key: argparse dest -> key.
 FLAG_KEYS = {"repo": "repo_path", "branch": "branch", "remote": "remote",
              "hostname": "hostname", "socket": "socket_path"}
@@ -1873,8 +1911,23 @@ class Config:
         return os.path.join(os.path.dirname(self.state_file), "files")
 
 
-def load_config(flags=None, environ=None):
-    """Resolve the settings; `flags` is a dict of command-line values (None = unset)."""
+def load_config(flags=None, environ=None, lenient=False):
+    """Resolve the settings; `flags` is a dict of command-line values (None = unset).
+    With `lenient` (client commands, which need only the socket), a bad
+    config file does not stop the command: its paths are taken where they
+    are valid, the defaults for the rest, and `warning` says why."""
+    try:
+        return _load_config(flags, environ, None)
+    except ConfigError as exc:
+        named = (flags or {}).get("config") or (os.environ if environ is None else environ).get("GITPROC_CONFIG")
+        if not lenient or (named and not os.path.isfile(named)):     # a file named but not there: a typo
+            raise
+        config = _load_config(flags, environ, ("repo_path", "socket_path", "state_file", "log_dir"))
+        config.warning = "%s (its other settings are ignored by this command)" % exc
+        return config
+
+
+def _load_config(flags, environ, only_keys):
     flags = dict(flags or {})
     environ = os.environ if environ is None else environ
     home = flags.get("home") or environ.get("GITPROC_HOME")
@@ -1890,7 +1943,11 @@ def load_config(flags=None, environ=None):
     from_file = {}
     if config_path or os.path.exists(defaults["config"]):
         config_path = os.path.abspath(config_path or defaults["config"])
-        from_file = _read_config_file(config_path)
+        if only_keys is None:
+            from_file = _read_config_file(config_path)
+        else:
+            from_file = {key: value for key, value in _read_config_file_leniently(config_path).items()
+                         if key in only_keys and isinstance(value, str)}
     settings = dict(CONFIG_DEFAULTS)
     settings.update({key: defaults[key] for key in ("repo_path", "socket_path", "state_file", "log_dir")})
     settings.update(from_file)
@@ -1917,8 +1974,17 @@ def load_config(flags=None, environ=None):
         settings["verify"] = _check_verify_setting(settings["verify"])
     if settings["signing_key"]:
         settings["signing_key"] = os.path.expanduser(settings["signing_key"])
-    settings.update(home=home, pid_file=defaults["pid_file"], config_path=config_path)
+    settings.update(home=home, pid_file=defaults["pid_file"], config_path=config_path, flags=flags, warning=None)
     return Config(settings)
+
+
+def _read_config_file_leniently(path):
+    try:
+        with open(path, "rb") as config_file:
+            data = json.loads(config_file.read().decode("utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _read_config_file(path):
@@ -1933,6 +1999,8 @@ def _read_config_file(path):
         raise ConfigError("config %s must hold a JSON object of settings" % path)
     for key, value in data.items():
         kind = CONFIG_TYPES.get(key)
+        if key in SIZE_KEYS and isinstance(value, str):
+            data[key] = value = _config_size("config %s: %r" % (path, key), value)
         if kind is None:
             raise ConfigError("config %s: unknown key %r (known: %s)" % (path, key, ", ".join(sorted(CONFIG_TYPES))))
         if value is not None and (not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool)):
@@ -1946,10 +2014,24 @@ def _type_words(kind):
         "str": "a string", "int": "a whole number", "bool": "true or false", "dict": "a JSON object"}[kind.__name__]
 
 
+def _config_size(what, text):
+    try:
+        size = parse_size(text)
+    except ValueError:
+        size = None
+    if size is None:
+        raise ConfigError("%s must be a size in bytes (10485760, \"10M\" or \"10 MiB\"), not %r" % (what, text))
+    return size
+
+
 def _convert_env(key, raw, kind):
     if kind is str:
         return raw
-    if kind is bool and raw.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+    if key in SIZE_KEYS:
+        return _config_size("GITPROC_%s" % key.upper(), raw)
+    if kind is bool:
+        if raw.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            raise ConfigError("GITPROC_%s=%r must be true or false" % (key.upper(), raw))
         return raw.lower() in ("1", "true", "yes", "on")
     try:
         if kind is dict:
@@ -2219,7 +2301,8 @@ def git_commit_at(repo, rev, what):
     the repository or the revision cannot be read."""
     if not os.path.isdir(repo):
         raise GitError("repository %s does not exist (create it with: gitproc.py init)" % repo)
-    code, out, err = run_git(repo, ["log", "-1", "--format=%H%x00%ct%x00%P%x00%s", rev, "--"], check=False)
+    code, out, err = run_git(repo, ["log", "-1", "--no-show-signature", "--format=%H%x00%ct%x00%P%x00%s", rev, "--"],
+                             check=False)
     if code != 0 or not out.strip():
         message = err.decode("utf-8", "replace").strip().splitlines()
         detail = message[0] if message else "no commits"
@@ -2267,6 +2350,14 @@ def read_ref_file(git_dir, ref):
 
 def _strip_suffix(text, suffix):
     return text[:-len(suffix)] if text.endswith(suffix) else text
+
+
+def as_unit_name(name, known):
+    """A unit named as systemctl users type it: `web.service` is `web`
+    (unless a unit is named `web.service` itself). `known`: a container of
+    names, or a predicate."""
+    exists = known if callable(known) else known.__contains__
+    return name[:-len(UNIT_SUFFIX)] if name.endswith(UNIT_SUFFIX) and not exists(name) else name
 
 
 _SHA_RE = re.compile(r"[0-9a-f]{40}([0-9a-f]{24})?\Z")
@@ -2438,7 +2529,10 @@ def _git_blobs(repo, blobs):
 def git_init_repo(repo, branch, example=True):
     """Create the services repository: with one committed example unit, or (for
     remote mode, where commits are fetched) bare and empty."""
-    makedirs(repo)
+    try:
+        makedirs(repo)
+    except OSError as exc:
+        raise GitprocError("cannot create the repository %s: %s" % (repo, describe_os_error(exc)))
     run_git(repo, ["init", "-q"] + ([] if example else ["--bare"]))
     if not example:
         # HEAD names the fetched branch, so that `rollback HEAD~1` and `git log`
@@ -2553,6 +2647,7 @@ def git_changed_paths(repo, old, new):
 # SSH key that is not in allowed_signers too (%G? = U, "No principal matched").
 
 SSH_SIGNING_GIT = (2, 34)           # the first git that signs and verifies with SSH keys
+MAX_VERIFIED_COMMITS = 100          # scope "all": commits verified in one deploy (some 20 ms each)
 REFUSAL_REASONS = {                 # reason -> what `status`, `sync` and the metric say
     "not_descendant": "not a descendant of the deployed commit",
     "unsigned": "not signed",
@@ -2623,26 +2718,41 @@ class CommitVerifier:
         such as a pin, checked for its signature alone)."""
         commit_sha = commit.sha
         short = commit_sha[:7]
-        descends = True
         if deployed_sha and deployed_sha != commit_sha and deployed_sha not in commit.parents:
             code, _, _ = run_git(self.repo, ["merge-base", "--is-ancestor", deployed_sha, commit_sha], check=False)
-            descends = code == 0
-            if not descends and not (allow_rewind or self.allow_rewind):
+            if code != 0 and not (allow_rewind or self.allow_rewind):
                 raise Refusal("not_descendant", "commit %s is not a descendant of the deployed commit %s (a force-push "
                               "or a rewound branch; `sync --allow-rewind` accepts it once)" % (
                                   short, deployed_sha[:7]), commit_sha)
         if self.kind is None:
             return
-        scope = scope or self.verify.get("scope", "head")
-        if scope == "all" and deployed_sha and deployed_sha != commit_sha and descends:
-            revisions = [commit_sha, "^" + deployed_sha]      # every commit since the deployed one
-        else:
-            revisions = ["--no-walk", commit_sha]
+        revisions = ["--no-walk", commit_sha]
+        if (scope or self.verify.get("scope", "head")) == "all" and deployed_sha and deployed_sha != commit_sha:
+            # Every commit the deployed one lacks, a rewound history's included.
+            revisions = [commit_sha, "^" + deployed_sha]
+            code, out, err = run_git(self.repo, ["rev-list", "--count"] + revisions + ["--"], check=False)
+            count = int(out) if code == 0 and out.strip().isdigit() else None
+            if count is None:
+                raise Refusal("cannot_verify", "cannot verify the commits between the deployed %s and %s: %s" % (
+                    deployed_sha[:7], short, (err.decode("utf-8", "replace").strip().splitlines() or ["?"])[0]),
+                    commit_sha)
+            if count > MAX_VERIFIED_COMMITS:
+                raise Refusal("cannot_verify", "%d commits since the deployed %s: scope all verifies at most %d in "
+                              "one deploy (supervision waits while it does); verify them by hand, then deploy with "
+                              "scope head once" % (count, deployed_sha[:7], MAX_VERIFIED_COMMITS), commit_sha)
+        signers = self.verify.get("signers", os.devnull)
+        if self.kind == "ssh" and not _nonempty_file(signers):
+            raise Refusal("cannot_verify", "cannot verify commit %s: the allowed signers file %s is missing or empty" % (
+                short, signers), commit_sha)
         try:
-            env = {"GNUPGHOME": self._gnupg_home()}
-            signers = self.verify.get("signers", os.devnull)
-            code, out, err = run_git(self.repo, ["-c", "gpg.ssh.allowedSignersFile=" + signers, "log",
-                                                 "--format=%H %G? %GK"] + revisions + ["--"], check=False, env=env)
+            # The programs git runs are pinned: a repository's or a user's git
+            # config naming another gpg.ssh.program must not decide what is trusted.
+            pinned = ["-c", "gpg.ssh.allowedSignersFile=" + signers, "-c", "gpg.x509.program=false"]
+            for key, program in (("gpg.ssh.program", "ssh-keygen"), ("gpg.program", "gpg"),
+                                 ("gpg.openpgp.program", "gpg")):
+                pinned += ["-c", "%s=%s" % (key, find_program(program, os.environ.get("PATH")) or "false")]
+            code, out, err = run_git(self.repo, pinned + ["log", "--no-show-signature", "--format=%H %G? %GK"]
+                                     + revisions + ["--"], check=False, env={"GNUPGHOME": self._gnupg_home()})
         except (GitError, OSError) as exc:
             raise Refusal("cannot_verify", "cannot verify commit %s: %s" % (short, exc), commit_sha)
         if code != 0:
@@ -2686,6 +2796,13 @@ class CommitVerifier:
         os.rename(fresh, home)
         self.keyring_stamp = stamp
         return home
+
+
+def _nonempty_file(path):
+    try:
+        return os.path.getsize(path) > 0
+    except OSError:
+        return False
 
 
 def git_version():
@@ -3140,12 +3257,18 @@ class DeployPlan:
     def failed(cls, message):
         return cls(error=message)
 
+    def key_warnings(self):
+        """Unknown and misplaced keys of the units this plan starts or restarts."""
+        touched = set(self.added) | set(self.changed)
+        return [d for d in self.problems if d.code == "key" and d.unit_name in touched]
+
     def to_json(self):
         if self.error:
             return {"error": self.error}
         reply = {"commit": self.commit.to_json(), "previous": self.previous, "noop": self.noop,
                  "changes": self.changes, "files": self.files, "reload": self.reload, "outside": self.outside,
-                 "drift": self.drift, "invalid": self.invalid, "skipped": self.skipped}
+                 "drift": self.drift, "invalid": self.invalid, "skipped": self.skipped,
+                 "warnings": [str(d) for d in self.key_warnings()]}
         reply.update({key: getattr(self, key) for key in self.LISTS})
         reply.update(self.notes)
         return reply
@@ -3242,10 +3365,13 @@ class SourceWatcher:
         deployer = self.deployer
         value = read_ref_file(self.git_dir, "refs/heads/" + self.config.branch) if self.git_dir else None
         if value and deployer.refused and value == deployer.refused["sha"]:
-            return                            # refused already: tried again when the branch moves
+            deployer.looked()                 # refused already: tried again when the branch moves
+            return
         failed = bool(deployer.last_sync and deployer.last_sync.get("error"))
         if value is None or failed or value != (deployer.deployed.sha if deployer.deployed else ""):
             deployer.deploy_head(trigger)
+        else:
+            deployer.looked(on_deployed=True)
 
     def _adapt_poll(self, changed):
         self.polled_count = self.deployer.deploy_count
@@ -3324,7 +3450,8 @@ class SourceWatcher:
             self.deployer.release_outdated_pin()
             self.deployer.deploy_head("fetch")
         self.fetch_deploys = False
-        self.deployer.rewind_once = False         # `sync --allow-rewind` is for this fetch alone
+        if error:
+            self.deployer.sync_asked = None       # that sync failed: its --allow-rewind goes with it
         self._adapt_poll(self.deployer.deploy_count > before)
         waiting, self.fetch_waiters = self.fetch_waiters, []
         for finish in waiting:
@@ -6535,7 +6662,7 @@ class Launcher:
         """WorkingDirectory=, else as systemd's managers do: "/" under a root
         daemon (system services, whatever their User=), the daemon user's home
         under a user's daemon."""
-        default = "/" if os.geteuid() == 0 else (run_as.home if run_as.home and os.path.isdir(run_as.home) else "/")
+        default = default_working_directory(run_as.home)
         wanted = spec.working_directory
         if wanted is None:
             return default
@@ -7323,17 +7450,32 @@ class EventLog:
     time, unit, event (state, health, deploy, rollback), from, to, reason,
     pid, commit; fields that do not apply are None."""
 
-    def __init__(self, server):
+    FIELDS = ("time", "unit", "event", "from", "to", "reason", "pid", "commit")
+
+    def __init__(self, server, store=None):
         import collections
         self.ring = collections.deque(maxlen=EVENT_LIMIT)
         self.server = server              # ControlServer: where followers are
         server.on_close = self.unfollow
         self.followers = {}               # Connection -> set of unit names (empty: all)
+        self.store = store                # StateStore of events.json: the ring outlives the daemon
+
+    def restore(self):
+        """The events an earlier daemon kept (a missing or corrupt file: none)."""
+        saved = self.store.load().get("events")
+        if isinstance(saved, list):
+            self.ring.extend(entry for entry in saved
+                             if isinstance(entry, dict) and set(entry) == set(self.FIELDS))
+
+    def persistent(self):
+        return {"version": STATE_VERSION, "events": list(self.ring)}
 
     def record(self, event, unit=None, before=None, after=None, reason=None, pid=None, commit=None):
         entry = {"time": time.time(), "unit": unit, "event": event, "from": before, "to": after,
                  "reason": reason, "pid": pid, "commit": commit}
         self.ring.append(entry)
+        if self.store is not None:
+            self.store.mark_dirty()       # written in the loop's batches, like the state
         if self.followers:
             line = encode_message({"event": entry})
             for conn, names in list(self.followers.items()):
@@ -7653,10 +7795,17 @@ def _connect(config, timeout):
         client.connect(path)
     except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError):
         client.close()
-        raise DaemonNotRunning("no gitproc daemon answers on %s; start one with: python3 gitproc.py daemon%s" % (
-            path, " --home %s" % config.home if config.home and not _home_from_env(config) else ""))
+        raise DaemonNotRunning("no gitproc daemon answers on %s; start one with: %s daemon%s" % (
+            path, command_name(), " --home %s" % config.home if config.home and not _home_from_env(config) else ""))
     except PermissionError:
         client.close()
+        try:
+            os.stat(path)
+        except PermissionError:           # not the socket: a folder on its way is closed to this user
+            raise GitprocError("permission denied on the folder of %s: this user cannot reach a daemon there, nor "
+                               "run one (choose a --home of your own)" % path)
+        except OSError:
+            pass
         raise GitprocError("permission denied on %s: run as the daemon's user, root, or a member of its socket_group" % path)
     except socket.timeout:
         client.close()
@@ -7665,6 +7814,12 @@ def _connect(config, timeout):
         client.close()
         raise GitprocError("cannot connect to %s: %s" % (path, exc.strerror or exc))
     return client
+
+
+def command_name():
+    """How the user runs gitproc, for the commands messages suggest: the
+    installed `gitproc`, else the script."""
+    return "gitproc" if os.path.basename(sys.argv[0] or "") == "gitproc" else "python3 gitproc.py"
 
 
 def _result(message):
@@ -7977,7 +8132,9 @@ class Deployer:
                                        os.path.join(os.path.dirname(config.state_file), "gnupg"))
         self.refused = None               # the commit last refused: {"sha", "subject", "reason", "error", "time"}
         self.refusals_total = {}          # reason -> refusals ever (a counter for metrics; persisted)
-        self.rewind_once = False          # `sync --allow-rewind`: the next deploy may rewind the branch
+        self.sync_asked = None            # `sync` asked for the next deploy: {"allow_rewind": bool}
+        self.rewind_base = None           # after a rollback pin: the remote head the next one must descend from
+        self.fallback_tried = False       # a refused head at start: the last verified commit was tried
 
     @property
     def remote_mode(self):
@@ -8018,7 +8175,7 @@ class Deployer:
         if self._pin_outdated():
             self.log.info("daemon", "%s/%s moved on: releasing the rollback pin on %s" % (
                 self.config.remote, self.config.branch, self.pin["sha"][:7]))
-            self.pin = None
+            self.rewind_base, self.pin = self.pin.get("remote_at"), None
 
     def _target_rev(self):
         """What to deploy: the branch (local mode), the fetched branch (remote
@@ -8044,7 +8201,7 @@ class Deployer:
         now = time.time()
         if self.host.shutting_down:
             return DeployPlan.failed("the daemon is shutting down")
-        rewind, self.rewind_once = self.rewind_once, False
+        asked, self.sync_asked = self.sync_asked, None
         commit = None
         try:
             rev, what = self._target_rev()
@@ -8052,9 +8209,10 @@ class Deployer:
             if self.applied and not force and self.deployed and commit.sha == self.deployed.sha:
                 self.last_sync = {"time": now, "result": "partial" if self.invalid_lines() else "ok",
                                   "trigger": trigger}
+                self.refused = None               # the branch is back on the deployed commit
                 self._last_plan = self._noop_plan(commit)
                 return self._last_plan
-            self._verify(commit, trigger, rewind)         # before anything of the commit is read
+            self._verify(commit, trigger, asked)          # before anything of the commit is read
             plan = self.plan(commit, self._read_units(commit.sha), materialise=True)
         except Refusal as refusal:
             return self._refuse(trigger, commit, refusal)
@@ -8063,21 +8221,24 @@ class Deployer:
             self.record_error(trigger, message)
             return DeployPlan.failed(message)
         plan = self.apply(plan, trigger)
-        self.refused = None
+        self.refused = self.rewind_base = None
         self.last_sync = {"time": now, "result": "ok" if not plan.invalid else "partial", "trigger": trigger}
         return plan
 
     # -- trusted deploys (SPEC §20) ----------------------------------------------------
 
-    def _verify(self, commit, trigger, rewind=False):
+    def _verify(self, commit, trigger, asked=None):
         """Raise Refusal unless `commit` may be deployed. A commit refused
-        before is checked again only by `sync`, a rollback or a daemon start:
-        a poll or a webhook that finds the same head says nothing new."""
+        before is checked again only when `sync` asked (`asked`), by a
+        rollback or a daemon start: a poll or a webhook that finds the same
+        head says nothing new. After a rollback pin the branch must descend
+        from the remote head the pin was set at, not from the pinned commit."""
         refused = self.refused
-        if refused and refused["sha"] == commit.sha and not rewind and trigger not in ("sync", "rollback", "daemon start"):
+        if refused and refused["sha"] == commit.sha and asked is None and trigger not in ("rollback", "daemon start"):
             raise Refusal(refused["reason"], refused["error"], commit.sha)
         pinned = bool(self.pin and self.pin["sha"] == commit.sha)     # chosen by hand: its signature alone
-        self.verifier.check(commit, None if pinned or not self.deployed else self.deployed.sha, rewind)
+        base = None if pinned or not self.deployed else (self.rewind_base or self.deployed.sha)
+        self.verifier.check(commit, base, bool(asked and asked.get("allow_rewind")))
 
     def _refuse(self, trigger, commit, refusal):
         """A commit that may not run: nothing changes, and it is said once per
@@ -8095,7 +8256,8 @@ class Deployer:
             self.events.record("deploy", before=self.deployed.sha if self.deployed else None, after=None,
                                commit=commit.sha, reason="refused (%s): %s" % (trigger, message))
             self.store.mark_dirty()
-        if not self.applied and self.deployed and self.deployed.sha != commit.sha:
+        if not self.applied and not self.fallback_tried and self.deployed and self.deployed.sha != commit.sha:
+            self.fallback_tried = True            # once per daemon start: no log at every poll
             self._deploy_last_verified(trigger)
         return DeployPlan.failed("deploy refused: " + message)
 
@@ -8161,6 +8323,18 @@ class Deployer:
         if self._last_plan is not None and self._last_plan.commit is not None and self._last_plan.commit.sha == commit.sha:
             plan.outside = self._last_plan.outside
         return plan
+
+    def looked(self, on_deployed=False):
+        """The branch was looked at and nothing new found: "last sync" is the
+        last look for a new commit, in every mode (status, metric, /healthz).
+        `on_deployed`: the branch is on the deployed commit (a refused head
+        it had moved to is gone)."""
+        if on_deployed and self.refused:
+            self.refused = None
+            self.last_sync = {"time": time.time(), "result": "partial" if self.invalid_lines() else "ok",
+                              "trigger": "commit"}
+        if self.last_sync:
+            self.last_sync = dict(self.last_sync, time=time.time())
 
     def invalid_lines(self):
         return [str(d) for d in self.unit_problems if d.severity == "error"]
@@ -8366,6 +8540,8 @@ class Deployer:
             self.recovery.forget_units_not_in(plan.in_tree)
         for line in plan.invalid:
             self.log.error("daemon", "Invalid unit: %s" % line)
+        for problem in plan.key_warnings():
+            self.log.warning(problem.unit_name, "%s:%d: %s" % (problem.path, problem.line, problem.message))
         for name in plan.removed:
             service = self.services[name]
             if service.state in ACTIVE_STATES:
@@ -8528,6 +8704,10 @@ class Deployer:
             plan = self.deploy_head("rollback")
             plan.notes["pinned"] = self.pin
         else:
+            try:
+                self.verifier.check(target, None)     # a signed rollback must not vouch for what was never verified
+            except Refusal as exc:
+                raise GitprocError("rollback: %s" % exc)
             sign = self._signing_options()
             if self.verifier.kind and not sign:
                 raise GitprocError("rollback refused: verification is on and no signing_key is set, so the rollback "
@@ -8546,7 +8726,7 @@ class Deployer:
         if not self.pin:
             raise GitprocError("nothing to release: no rollback pin is set")
         self.log.info("daemon", "Rollback pin on %s released" % self.pin["sha"][:7])
-        self.pin = None
+        self.rewind_base, self.pin = self.pin.get("remote_at"), None
         return self.deploy_head("rollback release", force=True)
 
 
@@ -8631,6 +8811,7 @@ class RequestHandlers:
             raise GitprocError("malformed request: 'names' must be a list of unit names")
         if not names and not allow_empty:
             raise GitprocError("name at least one unit")
+        names = [as_unit_name(n, services) for n in names]
         unknown = [n for n in names if n not in services or services[n].removed]
         if unknown:
             hint = ""
@@ -8672,6 +8853,8 @@ class RequestHandlers:
         if detail:
             for entry in services:
                 entry["log_tail"] = tail_lines(daemon.config.service_log(entry["name"]), 10)
+                entry["warnings"] = [str(d) for d in daemon.deployer.unit_problems
+                                     if d.code == "key" and d.unit_name == entry["name"]]
                 if entry.get("folder"):
                     entry["folder"]["link"] = daemon.deployer.snapshots.link(entry["name"])
         return {"ok": True, "result": {"daemon": daemon.info(), "services": services,
@@ -8679,8 +8862,12 @@ class RequestHandlers:
 
     def _cmd_list(self, conn, message):
         services, deployer = self.daemon.services, self.daemon.deployer
+        warned = {}
+        for problem in deployer.unit_problems:
+            if problem.code == "key":
+                warned[problem.unit_name] = warned.get(problem.unit_name, 0) + 1
         units = [{"name": name, "path": spec.path, "state": services[name].state,
-                  "commit": services[name].commit, "description": spec.description}
+                  "commit": services[name].commit, "description": spec.description, "warnings": warned.get(name, 0)}
                  for name, spec in sorted(deployer.specs.items()) if name in services]
         units += [{"name": name, "path": None, "state": "skipped", "commit": None, "description": why}
                   for name, why in sorted(deployer.skipped.items())]
@@ -8845,6 +9032,15 @@ class RequestHandlers:
             return {"ok": False, "error": "timed out after %gs waiting for %s: %s" % (timeout, target, ", ".join(late))}
         return self.daemon.server.park(conn, check, expire, timeout)
 
+    def _cmd_daemon_reload(self, conn, message):
+        result = self.daemon.reload_config()
+        deployer = self.daemon.deployer
+        if deployer.remote_mode:
+            self.daemon.source.after_fetch(lambda error: None, deploy=True)
+        else:
+            deployer.deploy_head("daemon-reload")
+        return {"ok": True, "result": result}
+
     def _cmd_shutdown(self, conn, message):
         keep = bool(message.get("keep_services"))
         self.daemon.call_later(0, lambda: self.daemon.begin_shutdown("shutdown command", keep_services=keep))
@@ -8854,7 +9050,7 @@ class RequestHandlers:
 
     def _cmd_sync(self, conn, message):
         deployer = self.daemon.deployer
-        deployer.rewind_once = bool(message.get("allow_rewind"))
+        deployer.sync_asked = {"allow_rewind": bool(message.get("allow_rewind"))}
         if not deployer.remote_mode:
             return self._plan_reply(deployer.deploy_head("sync"))
         return self._after_fresh_fetch(conn, message, lambda: deployer.last_plan, deploy=True)
@@ -8892,6 +9088,7 @@ class RequestHandlers:
         names = message.get("names", [])
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise GitprocError("malformed request: 'names' must be a list of unit names")
+        names = [as_unit_name(n, self.daemon.services) for n in names]
         count = message.get("count", EVENT_LIMIT)
         if not isinstance(count, int) or isinstance(count, bool) or count < 0:
             raise GitprocError("malformed request: 'count' must be a whole number")
@@ -8905,6 +9102,7 @@ class RequestHandlers:
 
     COMMANDS = {"ping": _cmd_ping, "status": _cmd_status, "list": _cmd_list, "start": _cmd_start,
                 "stop": _cmd_stop, "restart": _cmd_restart, "reload": _cmd_reload, "wait": _cmd_wait, "shutdown": _cmd_shutdown,
+                "daemon-reload": _cmd_daemon_reload,
                 "sync": _cmd_sync, "diff": _cmd_diff, "rollback": _cmd_rollback, "history": _cmd_history,
                 "events": _cmd_events, "metrics": _cmd_metrics}
 
@@ -9027,6 +9225,8 @@ class Daemon:
         self.handlers = RequestHandlers(self)
         self.server = ControlServer(config, log, self.selector, self.call_later, self.handlers.dispatch)
         self.events = EventLog(self.server)
+        self.events.store = StateStore(os.path.join(os.path.dirname(config.state_file), "events.json"), log,
+                                       self.call_later, self.events.persistent)
         self.deployer = Deployer(config, log, self.services, self.recovery, self.host, self.store, self.events)
         self.host.snapshots = self.deployer.snapshots
         self.source = SourceWatcher(config, log, self.selector, self.call_later, self.host.exit_watcher, self.deployer)
@@ -9056,7 +9256,10 @@ class Daemon:
         go to ready_fd (for `daemon` to print) and give exit code 1."""
         try:
             require_git()
-            os.chdir("/")                 # every path is absolute; "/" is also services' default
+            # Every path is absolute. The daemon works where services do by
+            # default ("/" for root, the user's home for a user's daemon), so
+            # that they start by posix_spawn, which cannot change folders.
+            os.chdir(default_working_directory())
             self.host.spawner = Spawner()
             self._acquire_pid_file()          # first: a second daemon must touch nothing
             import zlib
@@ -9073,6 +9276,7 @@ class Daemon:
             self._raise_fd_limit()
             self.deployer.verifier.check_ready()
             state = self.store.load()
+            self.events.restore()
             self.recovery.restore(state)
             self.deployer.restore(state)
             self.log.info("daemon", "Started gitproc %s (pid %d, repo %s@%s, exit watch: %s)" % (
@@ -9096,6 +9300,8 @@ class Daemon:
             self._loop()
         finally:
             self.store.save_now()
+            if self.events.store.dirty:
+                self.events.store.save_now()
             self.log.info("daemon", "Shutdown complete")
             self._cleanup()
         return EXIT_OK
@@ -9322,11 +9528,66 @@ class Daemon:
             elif number in (signal.SIGTERM, signal.SIGINT):
                 self.begin_shutdown("signal %s" % signal_name(number))
             elif number == signal.SIGHUP:
-                self.log.info("daemon", "SIGHUP: syncing now")
+                self.log.info("daemon", "SIGHUP: reloading the configuration and syncing now")
+                try:
+                    self.reload_config()
+                except GitprocError:
+                    pass                  # logged; the running configuration stays
                 if self.deployer.remote_mode:
                     self.source.after_fetch(lambda error: None, deploy=True)
                 else:
                     self.deployer.deploy_head("SIGHUP")
+
+    # -- configuration ---------------------------------------------------------------
+
+    def reload_config(self):
+        """daemon-reload and SIGHUP: read config.json again. What can change
+        live changes; what cannot is kept and said; a bad file keeps the
+        running configuration (GitprocError saying why). Returns
+        {"changed": [...], "restart_needed": [...]}."""
+        config = self.config
+        try:
+            new = load_config(config.flags)
+            verifier = CommitVerifier(config.repo_path, new.verify, new.allow_rewind, self.deployer.verifier.gnupg_home)
+            verifier.check_ready()
+        except GitprocError as exc:
+            message = "config not reloaded: %s; the running configuration stays" % exc
+            self.log.error("daemon", message)
+            raise GitprocError(message)
+        differ = [key for key in sorted(CONFIG_TYPES) if getattr(new, key) != getattr(config, key)]
+        changed = [key for key in differ if key in LIVE_CONFIG_KEYS]
+        restart_needed = [key for key in differ if key not in LIVE_CONFIG_KEYS]
+        if "http_listen" in changed:
+            try:
+                listener = None
+                if new.http_listen:
+                    listener = HttpListener(parse_listen_address(new.http_listen), self.log, self.selector,
+                                            self.call_later, self.handlers.http_reply)
+                    listener.open()
+            except GitprocError as exc:
+                message = "config not reloaded: %s; the running configuration stays" % exc
+                self.log.error("daemon", message)
+                raise GitprocError(message)
+            if self.http is not None:
+                self.http.close()
+            self.http = listener
+        for key in changed:
+            setattr(config, key, getattr(new, key))
+        config.config_path = new.config_path
+        if "poll_interval" in changed or "max_poll_interval" in changed:
+            self.source.quiet_polls, self.source.poll_delay = 0, config.poll_interval
+        self.log.max_bytes, self.log.backups = config.log_max_bytes, config.log_backups
+        self.deployer.snapshots.limit = config.snapshot_max_bytes
+        if {"verify", "allow_rewind"} & set(changed):
+            self.deployer.verifier = verifier
+            self.deployer.refused = None        # the head is judged again by the new rules
+        self.log.info("daemon", "Reloaded %s: %s%s" % (
+            config.config_path or "the configuration", "changed " + ", ".join(changed) if changed else "nothing changed",
+            "; kept until the daemon restarts: %s" % ", ".join(restart_needed) if restart_needed else ""))
+        for key in restart_needed:
+            self.log.warning("daemon", "%s changed in the config: it takes effect when the daemon restarts "
+                                       "(shutdown --keep-services, then daemon)" % key)
+        return {"changed": changed, "restart_needed": restart_needed, "config": config.config_path}
 
     # -- shutdown --------------------------------------------------------------------
 
@@ -9393,6 +9654,7 @@ EXAMPLES = {
     "daemon": ["gitproc.py daemon", "gitproc.py daemon --foreground --log-level debug",
                "gitproc.py --home /tmp/gp daemon --branch production"],
     "shutdown": ["gitproc.py shutdown"],
+    "daemon-reload": ["gitproc.py daemon-reload   # after editing config.json"],
     "status": ["gitproc.py status", "gitproc.py status hello", "gitproc.py status --json"],
     "list": ["gitproc.py list", "gitproc.py list --json"],
     "start": ["gitproc.py start hello", "gitproc.py start web worker --no-block"],
@@ -9519,10 +9781,10 @@ def cmd_daemon(config, args):
     if commit:
         print("  commit  %s %s" % (commit["sha"][:7], commit["subject"]))
     elif info["remote"]:
-        print("  commit  none yet: fetching from %s (see: python3 gitproc.py status)" % info["remote"])
+        print("  commit  none yet: fetching from %s (see: %s status)" % (info["remote"], command_name()))
     else:
         print("  commit  none (%s)" % (info.get("last_sync") or {}).get("error", "nothing deployed"))
-    print("  units   %d (see: python3 gitproc.py status)" % len(status["services"]))
+    print("  units   %d (see: %s status)" % (len(status["services"]), command_name()))
     return EXIT_OK
 
 
@@ -9625,6 +9887,8 @@ def _print_plan(plan, done):
         print("  ^ %-24s %s" % (name, what))
     for line in plan["invalid"]:
         print("  ! invalid, not deployed: %s" % line)
+    for line in plan.get("warnings", []):
+        print("  ? %s" % line)
     if plan.get("outside"):
         print("  no unit touched: the commit changes %s, outside every unit's folder" % some_paths(plan["outside"]))
 
@@ -9658,6 +9922,19 @@ def cmd_rollback(config, args):
     elif result.get("rollback_commit") is None and "rollback_commit" in result:
         print("the unit files already match %s; no rollback commit needed" % result["target"]["sha"][:7])
     _print_plan(result, done=True)
+    return EXIT_OK
+
+
+def cmd_daemon_reload(config, args):
+    result = request(config, {"cmd": "daemon-reload"})
+    if args.json:
+        _print_json(result)
+        return EXIT_OK
+    print("reloaded %s: %s" % (result["config"] or "the configuration (no config file)",
+                               "changed " + ", ".join(result["changed"]) if result["changed"] else "nothing changed"))
+    if result["restart_needed"]:
+        print("kept until the daemon restarts (shutdown --keep-services, then daemon): %s" % ", ".join(
+            result["restart_needed"]))
     return EXIT_OK
 
 
@@ -9726,9 +10003,11 @@ def cmd_status(config, args):
         print("\nno units deployed")
     errors = [p for p in result["problems"] if p["severity"] == "error"]
     if errors:
-        print("\ninvalid units (not deployed; an earlier good version keeps running):")
+        running = {s["name"] for s in services}
+        print("\ninvalid units (not deployed):")
         for problem in errors:
-            print("  " + str(Diagnostic(**problem)))
+            print("  %s (%s)" % (Diagnostic(**problem), "its earlier good version keeps running"
+                                 if problem.get("unit") in running else "nothing runs for it: it has no earlier good version"))
     return EXIT_OK
 
 
@@ -9771,6 +10050,8 @@ def _print_service_block(s, daemon_info, colour):
             back["from"][:7], back["why"], back["to"][:7])))
     for entry in s.get("not_applied", []):
         lines.append(("Not applied", "%s=%s (%s)" % (entry["key"], entry["value"], entry["why"])))
+    for warning in s.get("warnings", []):
+        lines.append(("Warning", warning))
     for limit in s["limits"]:
         value = limit["value"]
         if limit["key"].startswith("Memory") and isinstance(value, int):
@@ -9793,7 +10074,10 @@ def cmd_list(config, args):
     if args.json:
         _print_json(result)
         return EXIT_OK
-    rows = [("NAME", "STATE", "FILE")] + [(u["name"], u["state"], u["path"] or u["description"]) for u in result["units"]]
+    rows = [("NAME", "STATE", "FILE")] + [(u["name"], u["state"], (u["path"] or u["description"]) + (
+        "  (%d key%s ignored: see status %s)" % (u["warnings"], "s" if u["warnings"] > 1 else "", u["name"])
+        if u.get("warnings") else ""))
+        for u in result["units"]]
     if result["units"]:
         _table(rows, colour_column=1, colour=_colour_enabled())
     else:
@@ -9851,6 +10135,7 @@ def cmd_logs(config, args):
     if args.daemon:
         path = config.daemon_log
     elif args.name:
+        args.name = as_unit_name(args.name, lambda name: os.path.exists(config.service_log(name)))
         problem = unit_name_problem(args.name)
         if problem:
             raise UsageError(problem)
@@ -10022,8 +10307,9 @@ def cmd_check(config, args):
     # A unit owns its folder, unless that is a repository's root (SPEC §13).
     folders = {os.path.dirname(path): OwnedFolder(os.path.abspath(os.path.dirname(path)), None)
                for _, path, _, _ in entries if not os.path.exists(os.path.join(os.path.dirname(path), ".git"))}
-    _, found = check_unit_tree(entries, folders=folders)
+    specs, found = check_unit_tree(entries, folders=folders)
     problems.extend(found)
+    problems.extend(_missing_accounts(specs))
     errors = sum(1 for p in problems if p.severity == "error")
     if args.json:
         _print_json({"units": len(entries), "errors": errors, "problems": [p.to_json() for p in problems]})
@@ -10034,6 +10320,40 @@ def cmd_check(config, args):
             len(entries), "" if len(entries) == 1 else "s", errors, "" if errors == 1 else "s",
             len(problems) - errors, "" if len(problems) - errors == 1 else "s"), file=sys.stderr)
     return EXIT_FAILURE if errors else EXIT_OK
+
+
+def _missing_accounts(specs):
+    """Warnings for a User= or Group= this machine does not have: the unit
+    would fail at each start (systemd's exit code 217/USER)."""
+    import grp
+    import pwd
+    problems = []
+    for name, spec in sorted(specs.items()):
+        for key, account, lookup in (("User", spec.user, pwd.getpwnam), ("Group", spec.group, grp.getgrnam)):
+            if not account or account.isdigit() or "%" in account or any(k == "DynamicUser" for k, _ in spec.not_applied):
+                continue
+            try:
+                lookup(account)
+            except KeyError:
+                path, line = _key_line(spec.sources or (spec.path,), key)
+                problems.append(Diagnostic(path, line, "warning", "%s=%s: no such %s on this machine: the unit will "
+                                           "fail to start here" % (key, account, key.lower()), unit=name))
+    return problems
+
+
+def _key_line(paths, key):
+    """(file, line) of the last assignment of `key` in files on disk, read in
+    order (a drop-in's wins); (first file, 1) if none is found."""
+    found = (paths[0], 1)
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as unit_file:
+                for number, line in enumerate(unit_file, 1):
+                    if line.split("=", 1)[0].strip() == key:
+                        found = (path, number)
+        except OSError:
+            pass
+    return found
 
 
 def _disk_unit_file(path):
@@ -10191,7 +10511,23 @@ def cmd_install(config, args):
             " --prefix %s" % prefix if args.prefix else ""))
     print("%s gitproc %s: %s (module %s)" % ("upgraded to" if previous else "installed", __version__, command, module))
     _restart_installed(config, args, command, unit, systemctl)
+    _say_path_hint(os.path.dirname(command))
     return EXIT_OK
+
+
+def _say_path_hint(bin_dir):
+    """A command in a folder that is not on PATH cannot be found by the shell
+    (Debian adds ~/.local/bin to PATH only at login, and only if it existed
+    then): say exactly what to add, and where."""
+    folders = [os.path.realpath(folder) for folder in os.environ.get("PATH", "").split(":") if folder]
+    if os.path.realpath(bin_dir) in folders:
+        return
+    home = os.path.expanduser("~")
+    shown = "$HOME" + bin_dir[len(home):] if bin_dir.startswith(home + os.sep) else bin_dir
+    print("%s is not on your PATH, so the shell will not find `gitproc`. Add it for this shell and every login:\n"
+          "    export PATH=\"%s:$PATH\"\n"
+          "    echo 'export PATH=\"%s:$PATH\"' >> ~/.profile\n"
+          "(or run it as %s)" % (bin_dir, shown, shown, os.path.join(bin_dir, "gitproc")))
 
 
 def _restart_installed(config, args, command, unit, systemctl):
@@ -10283,8 +10619,8 @@ def cmd_uninstall(config, args):
     except (GitprocError, OSError):
         running = None
     if running:
-        print("the daemon (pid %d) still runs from memory; stop it with the gitproc.py you installed from: "
-              "python3 gitproc.py shutdown" % running["pid"])
+        print("the daemon (pid %d, started from %s) still runs; stop it with `python3 gitproc.py shutdown` "
+              "(any copy of gitproc.py can)" % (running["pid"], running.get("module") or "an older gitproc"))
     return EXIT_OK
 
 
@@ -10459,6 +10795,8 @@ def build_parser(only=None):
     sub = with_json(add("shutdown", cmd_shutdown, "stop the daemon and (unless --keep-services) every service"))
     sub.add_argument("--keep-services", action="store_true", help="leave services running for the next daemon to adopt")
     sub.add_argument("--timeout", type=_seconds, default=120, help="seconds to wait for the daemon to exit (default: 120)")
+    with_json(add("daemon-reload", cmd_daemon_reload,
+                  "read config.json again: what can change live changes, the rest is kept until a restart"))
     sub = with_json(add("status", cmd_status, "show the daemon and its services (exit 3 if a named one is not running)"))
     sub.add_argument("names", nargs="*", metavar="NAME")
     with_json(add("list", cmd_list, "list the units of the deployed commit, and those that failed to load"))
@@ -10517,7 +10855,11 @@ def main(argv=None):
     args.argv = arguments
     flags = {name: getattr(args, name, None) for name in ("home", "config", "socket", "repo", "branch", "remote", "hostname")}
     try:
-        config = load_config(flags)
+        # A daemon never starts on a bad config; the other commands still reach
+        # a running daemon (to stop it, say), with a warning.
+        config = load_config(flags, lenient=command not in ("daemon", "check", "init", "install"))
+        if config.warning:
+            print("gitproc: warning: %s" % config.warning, file=sys.stderr)
         return args.handler(config, args)
     except GitprocError as exc:
         print("gitproc: %s" % exc, file=sys.stderr)

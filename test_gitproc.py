@@ -29,6 +29,7 @@ import tempfile
 import threading
 import time
 import unittest
+import unittest.mock
 
 import gitproc
 
@@ -164,7 +165,7 @@ class Home:
         return out
 
     def request(self, payload, timeout=30):
-        config = gitproc.load_config({"home": self.path})
+        config = gitproc.load_config({"home": self.path}, lenient=True)
         return gitproc.request(config, payload, timeout=timeout)
 
     def status(self, name=None):
@@ -242,19 +243,26 @@ class Home:
 
 # ---- unit files for tests ----------------------------------------------------
 
+def in_unit_section(line):
+    """True for a Key=value line whose key belongs in [Unit] (After=,
+    StartLimitIntervalSec=, Condition*=): systemd ignores those in [Service]."""
+    key = line.partition("=")[0].strip()
+    return ("Unit", key) in gitproc.DIRECTIVES and ("Service", key) not in gitproc.DIRECTIVES
+
+
 def unit(exec_start, **keys):
-    """A unit file: ExecStart plus [Service] keys given as Key=value."""
-    lines = ["[Unit]", "Description=test unit", "[Service]", "ExecStart=" + exec_start]
-    lines += ["%s=%s" % (key, value) for key, value in keys.items()]
-    return "\n".join(lines) + "\n"
+    """A unit file: ExecStart plus keys given as Key=value, each in its section."""
+    return unit_text("ExecStart=" + exec_start, *["%s=%s" % (key, value) for key, value in keys.items()])
 
 
 SLEEPER = "/bin/sleep 1000"
 
 
 def unit_text(*service_lines, unit_lines=()):
-    """A unit file from raw lines (for repeated keys such as ExecStart=)."""
-    lines = ["[Unit]", "Description=test unit"] + list(unit_lines) + ["[Service]"] + list(service_lines)
+    """A unit file from raw lines (for repeated keys such as ExecStart=); a
+    [Unit] key among `service_lines` goes to [Unit]."""
+    lines = ["[Unit]", "Description=test unit"] + list(unit_lines) + [line for line in service_lines if in_unit_section(line)]
+    lines += ["[Service]"] + [line for line in service_lines if not in_unit_section(line)]
     return "\n".join(lines) + "\n"
 
 
@@ -695,6 +703,23 @@ class UtilityTests(unittest.TestCase):
 # ==== 4. unit files ===========================================================
 
 class UnitParserTests(unittest.TestCase):
+
+    def test_unknown_and_misplaced_keys_are_named_with_a_suggestion(self):
+        spec, problems = parse("[Unit]\nDescription=right\nRestart=always\nDecsription=typo\n"
+                               "[Service]\nExecStart=/bin/true\nRestrat=always\nDescription=wrong\nAfter=db.service\n"
+                               "TimeoutStartSecs=4\nNoSuchThingAtAll=1\nX-Mine=ok\n")
+        self.assertEqual(messages(problems, "warning"), [
+            "Restart= belongs in [Service], not [Unit]: ignored, as systemd does",
+            "unknown key Decsription= in [Unit], ignored (did you mean Description=?)",
+            "unknown key Restrat= in [Service], ignored (did you mean Restart=?)",
+            "Description= belongs in [Unit], not [Service]: ignored, as systemd does",
+            "After= belongs in [Unit], not [Service]: ignored, as systemd does",
+            "unknown key TimeoutStartSecs= in [Service], ignored (did you mean TimeoutStartSec=?)",
+            "unknown key NoSuchThingAtAll= in [Service], ignored"])
+        self.assertEqual([p.line for p in problems], [3, 4, 7, 8, 9, 10, 11])
+        self.assertEqual({p.code for p in problems}, {"key"})
+        # ignored, as systemd ignores them: no restart policy, the [Unit] description, no ordering
+        self.assertEqual((spec.restart, spec.description, spec.after), ("no", "right", ()))
 
     def test_minimal_unit_takes_defaults(self):
         spec, problems = parse("[Service]\nExecStart=/bin/true\n")
@@ -2393,6 +2418,7 @@ class FilesBesideUnitsTests(SupervisionCase):
                      "db/db.service": sleeper(3233), "db/conf": "d\n"})
         pid = self.watch(self.home.running_pid("web"))
         db = self.watch(self.home.running_pid("db"))
+        self.watch(self.home.running_pid("api"))
         self.assertEqual(len(snapshot_trees(self.home)), 2, "web and api share one snapshot")
         db_snapshot = os.stat(os.path.realpath(os.path.join(self.home.path, "files", "db"))).st_ino
         for version in (2, 3, 4):
@@ -2406,7 +2432,9 @@ class FilesBesideUnitsTests(SupervisionCase):
         self.assertEqual(self.home.status("db")["pid"], db)
         # kill -9, spoil web's snapshot, remove db's: the new daemon adopts, checks and writes them again
         self.home.kill_daemon()
-        with open(os.path.join(self.home.path, "files", "web", "conf"), "w") as handle:
+        spoiled = os.path.join(self.home.path, "files", "web", "conf")
+        os.chmod(spoiled, 0o644)                  # snapshots are read-only (root writes all the same)
+        with open(spoiled, "w") as handle:
             handle.write("spoiled\n")
         shutil.rmtree(os.path.realpath(os.path.join(self.home.path, "files", "db")))
         self.home.start_daemon()
@@ -2722,7 +2750,7 @@ class TrustedDeployTests(unittest.TestCase):
         # the same head is not tried again at each poll or hook: said once
         for count in range(1, 4):
             os.kill(home.daemon_pid, signal.SIGHUP)
-            wait_until(lambda: len(daemon_log_lines(home, "daemon", "SIGHUP: syncing now")) == count, 5, "SIGHUP")
+            wait_until(lambda: len(daemon_log_lines(home, "daemon", "SIGHUP: reloading")) == count, 5, "SIGHUP")
         self.assertEqual(len(daemon_log_lines(home, "daemon", "Deploy refused: commit %s" % other[:7])), 1)
         self.assertEqual(home.request({"cmd": "metrics"})["text"].count('gitproc_deploy_refused_total{reason="key_not_allowed"} 1'), 1)
         # a signed commit on top deploys (scope head)
@@ -2791,19 +2819,34 @@ class TrustedDeployTests(unittest.TestCase):
         home = self.start()
         code, out, err = home.cli_process("shutdown")
         self.assertEqual(code, 0, err)
-        unsigned = home.commit({"web.service": sleeper(1002), "evil.service": sleeper(16661)}, "unsigned")
-        state_path = os.path.join(home.path, "state.json")
+        evil = home.commit({"web.service": sleeper(16661)}, "unsigned, named by an edited state file")
+        head = home.commit({"web.service": sleeper(1002)}, "unsigned head")
         state = read_state(home)
-        state["deployed"]["sha"] = unsigned
-        for saved in state["services"].values():
-            saved["commit"] = unsigned
-        with open(state_path, "w") as handle:
-            json.dump(state, handle)
+        state["deployed"]["sha"] = evil
+        state["services"]["web"]["commit"] = evil
+        write_file(os.path.join(home.path, "state.json"), json.dumps(state))
         home.start_daemon()
         info = daemon_info(home)
-        self.assertEqual(info["refused"]["sha"], unsigned, info)
-        self.assertEqual(service_names(home), [], "nothing of the unverified commit runs")
+        self.assertEqual(info["refused"]["sha"], head, info)
+        self.assertEqual(service_names(home), [], "the head is refused, and the state file's commit does not verify")
+        self.assertIn("The commit deployed before, %s, cannot run either" % evil[:7], home.daemon_log())
         self.assertEqual(marker_processes("sleep\x0016661"), [])
+
+    def test_an_earlier_version_named_by_the_state_file_must_verify(self):
+        home = self.start()
+        code, out, err = home.cli_process("shutdown")
+        self.assertEqual(code, 0, err)
+        evil = home.commit({"web.service": sleeper(16662)}, "unsigned")
+        home.commit({"web.service": "[Service]\nRestart=always\n"}, "signed, with web invalid",
+                    sign=self.signers.sign("admin"))
+        state = read_state(home)
+        state["services"]["web"]["commit"] = evil      # "the earlier good version" of the invalid unit
+        write_file(os.path.join(home.path, "state.json"), json.dumps(state))
+        home.start_daemon()
+        wait_sync_result(home, "partial")
+        self.assertEqual(service_names(home), [])
+        self.assertIn("Cannot read commit %s for the earlier version of web" % evil[:7], home.daemon_log())
+        self.assertEqual(marker_processes("sleep\x0016662"), [])
 
     def test_rollback_signs_with_signing_key_and_refuses_without_one(self):
         home = self.start()
@@ -2838,6 +2881,55 @@ class TrustedDeployTests(unittest.TestCase):
         self.assertEqual(status, 503)
         self.assertIn(b"refused", reply)
         self.assertIn(unsigned[:7].encode(), reply)
+        self.assertEqual(home.status("web")["pid"], self.pid)
+
+    def test_a_git_config_cannot_choose_what_verifies(self):
+        home = self.start()
+        fake = os.path.join(home.path, "fake-keygen")
+        write_file(fake, '#!/bin/sh\necho "Good \\"git\\" signature for admin@example.org with ED25519 key SHA256:x"\nexit 0\n')
+        os.chmod(fake, 0o755)
+        other = home.commit({"web.service": sleeper(1002)}, "intruder", sign=self.signers.sign("intruder"))
+        home.git("config", "gpg.ssh.program", fake)
+        home.git("config", "log.showSignature", "true")
+        code, out, err = home.cli_process("sync")             # checks the head again, with that config
+        assert_clean_failure(self, code, out, err, 1, "commit %s is signed by a key that is not allowed" % other[:7])
+        home.git("config", "--unset", "gpg.ssh.program")
+        signed = home.commit({"web.service": sleeper(1003)}, "admin", sign=self.signers.sign("admin"))
+        wait_deployed(home, signed)          # log.showSignature does not confuse the reading either
+
+    def test_diff_and_rollback_refuse_what_does_not_verify(self):
+        home = self.start(signing_key=None)
+        write_config(home, {"verify": {"signers": self.signers.allowed}, "signing_key": self.signers.keys["admin"]})
+        shutdown_keep_services(self, home)
+        home.start_daemon()
+        unsigned = home.commit({"web.service": sleeper(1002)}, "unsigned")
+        wait_sync_result(home, "refused")
+        code, out, err = home.cli_process("diff")
+        assert_clean_failure(self, code, out, err, 1, "commit %s is not signed" % unsigned[:7])
+        # a side commit nobody signed: a signed rollback commit must not vouch for it
+        home.git("checkout", "-q", "-b", "side", self.first)
+        side = home.commit({"web.service": sleeper(16663)}, "unsigned side commit")
+        home.git("checkout", "-q", "main")
+        head = home.git("rev-parse", "main").strip()
+        code, out, err = home.cli_process("rollback", side)
+        assert_clean_failure(self, code, out, err, 1, "rollback: commit %s is not signed" % side[:7])
+        self.assertEqual(home.git("rev-parse", "main").strip(), head, "nothing committed")
+        # the branch back on the deployed commit: nothing is refused any more
+        home.git("reset", "-q", "--hard", self.first)
+        wait_until(lambda: daemon_info(home)["refused"] is None, 5, "the refusal to clear")
+        self.assertEqual(daemon_info(home)["last_sync"]["result"], "ok")
+
+    def test_scope_all_checks_a_rewound_history_whole(self):
+        home = self.start(scope="all", allow_rewind=True)
+        home.git("checkout", "-q", "--orphan", "fresh")
+        home.git("rm", "-q", "-rf", "--cached", ".")
+        unsigned = home.commit({"web.service": sleeper(1002)}, "an unsigned root")
+        head = home.commit({"web.service": sleeper(1003)}, "signed on top", sign=self.signers.sign("admin"))
+        home.git("branch", "-f", "main", head)
+        home.git("checkout", "-q", "main")
+        code, out, err = home.cli_process("sync")
+        assert_clean_failure(self, code, out, err, 1, "commit %s (between the deployed %s and %s) is not signed" % (
+            unsigned[:7], self.first[:7], head[:7]))
         self.assertEqual(home.status("web")["pid"], self.pid)
 
     def test_verification_that_cannot_start_is_a_clear_error(self):
@@ -2902,6 +2994,31 @@ class TrustedRemoteTests(unittest.TestCase):
         self.assertEqual(code, 0, out + err)
         self.assertEqual(daemon_info(home)["pin"]["sha"], fourth)
 
+    def test_remote_sync_checks_a_refused_head_again_and_a_pin_lets_no_rewind_through(self):
+        signers = Signers(self)
+        admin, intruder = signers.sign("admin"), signers.sign("intruder")
+        upstream = Upstream(self)
+        v1 = self.push_signed(upstream, {"web.service": sleeper(1001)}, "v1", admin)
+        v2 = self.push_signed(upstream, {"web.service": sleeper(1002)}, "v2", admin)
+        home = Home(self, init=False)
+        write_config(home, {"poll_interval": 3600, "max_poll_interval": 3600, "verify": {"signers": signers.allowed}})
+        home.start_daemon("--remote", upstream.bare)
+        wait_deployed(home, v2)
+        v3 = self.push_signed(upstream, {"web.service": sleeper(1003)}, "v3 by a new colleague", intruder)
+        code, out, err = home.cli_process("sync")
+        assert_clean_failure(self, code, out, err, 1, "not allowed")
+        with open(signers.allowed, "a") as handle, open(signers.keys["intruder"] + ".pub") as public:
+            handle.write("colleague@example.org " + public.read())
+        self.assertEqual(sync(home)["commit"]["sha"], v3, "sync checks the refused head again")
+        # a rollback pins v1; a force-push from v3 back to v2 is a rewind of the branch, not a release of the pin
+        code, out, err = home.cli_process("rollback", v1)
+        self.assertEqual(code, 0, out + err)
+        wait_deployed(home, v1)
+        git_in(upstream.work, "push", "-q", "-f", "origin", v2 + ":refs/heads/main")
+        code, out, err = home.cli_process("sync")
+        assert_clean_failure(self, code, out, err, 1, "is not a descendant of the deployed commit")
+        self.assertEqual(daemon_info(home)["commit"]["sha"], v1)
+
 
 @unittest.skipUnless(HAVE_GPG, "needs gpg")
 class TrustedOpenPGPTests(unittest.TestCase):
@@ -2951,9 +3068,25 @@ class TrustedOpenPGPTests(unittest.TestCase):
         good = commit({"web.service": sleeper(1003)}, "signed again", allowed_env, allowed)
         wait_deployed(home, good)
         assert_runs(self, wait_new_pid(home, "web", pid), 1003)
-        self.assertFalse(os.path.exists(os.path.join(os.path.expanduser("~"), ".gnupg", "gitproc")),
-                         "gitproc keeps its keys beside its state")
         self.assertTrue(os.path.isdir(os.path.join(home.path, "gnupg")))
+
+    @unittest.skipUnless(HAVE_SSH_KEYGEN, "needs ssh-keygen")
+    def test_in_ssh_mode_the_daemon_users_own_openpgp_keys_count_for_nothing(self):
+        folder = tempfile.mkdtemp(prefix="gpg", dir="/tmp")
+        self.addCleanup(shutil.rmtree, folder, True)
+        own_env, own = self.gpg_key(folder, "root@example.org")    # as if in the daemon user's ~/.gnupg
+        signers = Signers(self)
+        home = Home(self)
+        write_config(home, {"verify": {"signers": signers.allowed}})
+        home.commit({"web.service": sleeper(1001)}, "signed", sign=signers.sign("admin"))
+        home.start_daemon(env={"GNUPGHOME": own_env["GNUPGHOME"]})
+        pid = home.running_pid("web")
+        git_in(home.repo, "-c", "user.signingkey=" + own, "commit", "-q", "--allow-empty", "-S", "-m", "gpg", env=own_env)
+        self.assertEqual(git_in(home.repo, "log", "-1", "--format=%G?", env=own_env).strip(), "G",
+                         "git itself trusts the user's own key")
+        code, out, err = home.cli_process("sync")
+        assert_clean_failure(self, code, out, err, 1, "not allowed")
+        self.assertEqual(home.status("web")["pid"], pid)
 
 
 class HistoryBoundTests(unittest.TestCase):
@@ -3391,7 +3524,8 @@ class FakeHost:
 
 
 def spec_of(*lines, name="web"):
-    text = "[Service]\n" + "\n".join(lines) + "\n"
+    text = "[Unit]\n" + "".join(line + "\n" for line in lines if in_unit_section(line))
+    text += "[Service]\n" + "\n".join(line for line in lines if not in_unit_section(line)) + "\n"
     if "ExecStart=" not in text:
         text += "ExecStart=/bin/sleep 1000\n"
     spec, diagnostics = gitproc.parse_unit(name, name + ".service", text.encode())
@@ -5781,6 +5915,20 @@ class NonRootDaemonCase(unittest.TestCase):
             self.assertEqual(proc.returncode, 0, proc.stderr.decode())
 
 
+class NonRootMessagesTests(NonRootDaemonCase):
+
+    def test_a_home_the_user_cannot_reach_is_named_as_such(self):
+        home = Home(self, init=False)
+        os.chmod(home.path, 0o700)                # root's: closed to uid 65534
+        proc = self.as_nobody([self.python, self.gitproc, "--home", os.path.join(home.path, "x"), "daemon"], "/")
+        err = proc.stderr.decode()
+        self.assertEqual(proc.returncode, 1, err)
+        self.assertIn("permission denied on the folder of %s/x/gitproc.sock: this user cannot reach a daemon there, "
+                      "nor run one (choose a --home of your own)" % home.path, err)
+        self.assertNotIn("run as the daemon's user", err)
+        self.assertNotIn("Traceback", err)
+
+
 class ReadOnlyLogFolderTests(NonRootDaemonCase):
     """The real thing, where root is not needed to see it: the logs folder of a
     daemon run by an ordinary user is 0555."""
@@ -6689,7 +6837,8 @@ class TcpCheckTests(SupervisionCase):
                   "open(\"%s\", \"w\").write(str(n))'" % (PYTHON, port, accepted))
         self.deploy({"tcp.service": unit_text("ExecStart=" + server.replace("\n", "\\n"),
                                               "HealthCheckURL=tcp://127.0.0.1:%d" % port, "HealthCheckInterval=100ms",
-                                              "HealthCheckTimeout=300ms", "HealthCheckRetries=1", "Restart=always")})
+                                              "HealthCheckTimeout=300ms", "HealthCheckRetries=3", "Restart=always")})
+        # Three tries: on a loaded machine the interpreter may not listen yet at the first check.
         pid = self.watch(self.home.running_pid("tcp"))
         wait_until(lambda: read_text(accepted).isdigit() and int(read_text(accepted)) >= 6, 10, "six checks")
         status = self.home.status("tcp")
@@ -7895,6 +8044,166 @@ class InheritedFdTests(unittest.TestCase):
 
 # ==== 13. command line ========================================================
 
+class FirstHourTests(unittest.TestCase):
+    """What a new user meets: warnings where they look, config reloads,
+    events and "last sync" that mean what they say, messages that point the
+    right way."""
+
+    def test_an_unknown_key_is_shown_wherever_the_unit_is(self):
+        upstream = Upstream(self)
+        upstream.push({"hello.service": unit(SLEEPER)}, "hello")
+        home = remote_home(self, upstream)
+        home.known_pids.add(home.running_pid("hello"))
+        expected = "web.service:5: warning: unknown key Restrat= in [Service], ignored (did you mean Restart=?)"
+        upstream.push({"web.service": unit(SLEEPER, Restrat="always")}, "typo")
+        code, out, err = home.cli_process("sync")
+        self.assertEqual(code, 0, err)
+        self.assertIn("+ web", out)
+        self.assertIn("? " + expected, out)
+        home.known_pids.add(home.running_pid("web"))
+        self.assertIn("WARNING web: " + expected.replace(": warning:", ":"), home.daemon_log())
+        code, out, err = home.cli_process("status", "web")
+        self.assertIn("Warning: " + expected, out)
+        code, out, err = home.cli_process("list")
+        self.assertRegex(out, r"web\s+running\s+web\.service  \(1 key ignored: see status web\)")
+        self.assertNotIn("key ignored", [line for line in out.splitlines() if line.startswith("hello")][0])
+        problems = home.request({"cmd": "status", "names": []})["problems"]
+        self.assertEqual([(p["unit"], p["code"], p["line"]) for p in problems], [("web", "key", 5)])
+        # a deploy that does not start or restart the unit says nothing of it again
+        upstream.push({"other.service": unit(SLEEPER)}, "another unit")
+        plan = sync(home)
+        self.assertEqual((plan["added"], plan["warnings"]), (["other"], []))
+        home.known_pids.add(home.running_pid("other"))
+
+    def test_daemon_reload_and_sighup_read_the_config_again(self):
+        home = Home(self)
+        home.commit({"web.service": unit(SLEEPER)}, "web")
+        home.start_daemon()
+        pid = home.running_pid("web")
+        home.known_pids.add(pid)
+        port = free_port()
+        write_config(home, {"http_listen": "127.0.0.1:%d" % port, "poll_interval": 7, "max_poll_interval": 7,
+                            "branch": "elsewhere", "log_max_bytes": "5M"})
+        code, out, err = home.cli_process("daemon-reload")
+        self.assertEqual(code, 0, out + err)
+        self.assertIn("changed http_listen, log_max_bytes, max_poll_interval, poll_interval", out)
+        self.assertIn("kept until the daemon restarts (shutdown --keep-services, then daemon): branch", out)
+        self.assertEqual(http(port, "GET", "/healthz")[0], 200)
+        info = daemon_info(home)
+        self.assertEqual((info["branch"], info["poll_interval"]), ("main", 7))
+        self.assertIn("branch changed in the config: it takes effect when the daemon restarts", home.daemon_log())
+        # a bad file keeps the running configuration, and says why
+        write_config(home, {"poll_interval": "soon"})
+        code, out, err = home.cli_process("daemon-reload")
+        self.assertEqual(code, 1)
+        self.assertIn("config not reloaded", err)
+        self.assertIn("'poll_interval' must be a number", err)
+        self.assertIn("the running configuration stays", err)
+        self.assertEqual(http(port, "GET", "/healthz")[0], 200)
+        self.assertEqual(daemon_info(home)["poll_interval"], 7)
+        # SIGHUP reads it too: the listener goes
+        write_config(home, {"poll_interval": 9, "max_poll_interval": 9})
+        os.kill(home.daemon_pid, signal.SIGHUP)
+        wait_until(lambda: daemon_info(home)["http"] is None, 5, "the listener to close")
+        self.assertEqual(daemon_info(home)["poll_interval"], 9)
+        self.assertEqual(home.status("web")["pid"], pid)
+        # commands that need only the socket work with a broken file, with a warning
+        write_config(home, {"poll_interval": "soon"})
+        code, out, err = home.cli_process("status")
+        self.assertEqual(code, 0, err)
+        self.assertIn("warning: config", err)
+        self.assertIn("web", out)
+        code, out, err = home.cli_process("daemon")
+        assert_clean_failure(self, code, out, err, 1, "poll_interval")
+        code, out, err = home.cli_process("shutdown")
+        self.assertEqual(code, 0, out + err)
+
+    def test_events_survive_a_daemon_restart(self):
+        home = Home(self)
+        home.commit({"web.service": unit(SLEEPER)}, "web")
+        home.start_daemon()
+        home.known_pids.add(home.running_pid("web"))
+        before = home.request({"cmd": "events"})["events"]
+        self.assertTrue(before)
+        shutdown_keep_services(self, home)
+        home.start_daemon()
+        after = home.request({"cmd": "events"})["events"]
+        self.assertEqual(after[:len(before)], before)
+        self.assertTrue(os.path.exists(os.path.join(home.path, "events.json")))
+
+    def test_last_sync_moves_in_local_mode_while_nothing_is_committed(self):
+        home = Home(self)
+        write_config(home, {"poll_interval": 0.2, "max_poll_interval": 0.2})
+        home.commit({"web.service": unit(SLEEPER)}, "web")
+        home.start_daemon()
+        home.known_pids.add(home.running_pid("web"))
+        first = daemon_info(home)["last_sync"]["time"]
+        wait_until(lambda: daemon_info(home)["last_sync"]["time"] > first + 0.3, 5, "last sync to move")
+        self.assertEqual(daemon_info(home)["last_sync"]["result"], "ok")
+        metrics = home.request({"cmd": "metrics"})["text"]
+        stamp = float(re.search(r"^gitproc_last_sync_timestamp_seconds (\S+)$", metrics, re.M).group(1))
+        self.assertGreater(stamp, first)
+
+    def test_units_are_named_with_their_suffix_too(self):
+        home = Home(self)
+        home.commit({"web.service": unit(SLEEPER)}, "web")
+        home.start_daemon()
+        pid = home.running_pid("web")
+        home.known_pids.add(pid)
+        code, out, err = home.cli_process("restart", "web.service")
+        self.assertEqual(code, 0, out + err)
+        new = wait_new_pid(home, "web", pid)
+        home.known_pids.add(new)
+        code, out, err = home.cli_process("status", "web.service")
+        self.assertEqual(code, 0, err)
+        self.assertIn("Main PID: %d" % new, out)
+        self.assertEqual(home.cli_process("logs", "web.service")[0], 0)
+        code, out, err = home.cli_process("stop", "nosuch.service")
+        assert_clean_failure(self, code, out, err, 1, "unknown unit: nosuch")
+
+    def test_messages_point_the_right_way(self):
+        home = Home(self)
+        blocker = os.path.join(home.path, "a-file")
+        write_file(blocker, "not a folder\n")
+        code, out, err = home.cli_process("daemon", "--repo", os.path.join(blocker, "repo"))
+        assert_clean_failure(self, code, out, err, 1, "cannot create the repository %s/repo" % blocker)
+        # an invalid new unit has no earlier version running
+        home.commit({"web.service": unit(SLEEPER), "bad.service": "[Service]\nRestart=always\n"}, "web and bad")
+        home.start_daemon()
+        home.known_pids.add(home.running_pid("web"))
+        home.commit({"web.service": "[Service]\nExecStart=\n"}, "web broken")
+        wait_sync_result(home, "partial")
+        code, out, err = home.cli_process("status")
+        self.assertIn("bad.service:1: error: missing ExecStart=: a service needs a command to run "
+                      "(nothing runs for it: it has no earlier good version)", out)
+        self.assertRegex(out, r"web\.service:\d+: error: .*\(its earlier good version keeps running\)")
+
+    def test_check_warns_of_a_user_this_machine_does_not_have(self):
+        folder = tempfile.mkdtemp(prefix="gpu", dir="/tmp")
+        self.addCleanup(shutil.rmtree, folder, True)
+        write_file(os.path.join(folder, "web.service"), unit(SLEEPER, User="nosuchuser-gp", Group="root"))
+        code, out, err = run_cli("check", folder)
+        self.assertEqual(code, 0, out + err)
+        self.assertIn("web.service:5: warning: User=nosuchuser-gp: no such user on this machine: the unit will fail "
+                      "to start here", out)
+        self.assertNotIn("Group=", out)
+
+    def test_the_path_hint_of_install(self):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), unittest.mock.patch.dict(os.environ, {"PATH": "/usr/bin:/bin"}):
+            gitproc._say_path_hint(os.path.join(os.path.expanduser("~"), ".local", "bin"))
+            gitproc._say_path_hint("/usr/bin")
+        self.assertEqual(out.getvalue().count("not on your PATH"), 1)
+        self.assertIn('echo \'export PATH="$HOME/.local/bin:$PATH"\' >> ~/.profile', out.getvalue())
+
+    def test_the_command_names_itself(self):
+        with unittest.mock.patch.object(sys, "argv", ["/usr/local/bin/gitproc", "status"]):
+            self.assertEqual(gitproc.command_name(), "gitproc")
+        with unittest.mock.patch.object(sys, "argv", ["gitproc.py", "status"]):
+            self.assertEqual(gitproc.command_name(), "python3 gitproc.py")
+
+
+
 # A service that takes ~0.3 s to stop after SIGTERM, so that a `stop` which
 # returned early would be caught with the process still alive.
 SLOW_STOPPER = "/bin/sh -c 'trap \"sleep 0.3; exit 0\" TERM; while :; do sleep 0.05; done'"
@@ -7927,10 +8236,15 @@ class GlobalOptionTests(unittest.TestCase):
         bad = os.path.join(empty, "bad.json")
         with open(bad, "w") as config_file:
             config_file.write('{"nope": 1}')
-        for args in (("status", "--home", home.path, "--config", bad), ("--config", bad, "--home", home.path, "status")):
+        for args in (("check", "--home", home.path, "--config", bad), ("--config", bad, "--home", home.path, "check")):
             code, out, err = run_cli(*args)
             self.assertEqual(code, 1, args)
             self.assertIn("nope", err)
+        # a command that needs only the socket reaches the daemon all the same, and says why it ignores the file
+        for args in (("status", "--home", home.path, "--config", bad), ("--config", bad, "--home", home.path, "status")):
+            code, out, err = run_cli(*args)
+            self.assertEqual(code, 0, args)
+            self.assertIn("warning: config %s: unknown key 'nope'" % bad, err)
 
 
 class ExitCodeTests(unittest.TestCase):
@@ -8246,6 +8560,8 @@ class InstallTests(unittest.TestCase):
         self.assertEqual(code, 0, out + err)
         self.assertIn("installed gitproc", out)
         self.assertIn("start the daemon with: %s --home %s daemon" % (self.command, self.home.path), out)
+        self.assertIn("%s is not on your PATH" % os.path.join(self.prefix, "bin"), out)
+        self.assertIn('export PATH="%s:$PATH"' % os.path.join(self.prefix, "bin"), out)
         lib = os.path.join(self.prefix, "lib", "gitproc")
         self.assertTrue(os.access(self.command, os.X_OK))
         with open(GITPROC, "rb") as original, open(os.path.join(lib, "gitproc.py"), "rb") as copy:
@@ -8259,6 +8575,7 @@ class InstallTests(unittest.TestCase):
         self.home.commit({"web.service": unit(SLEEPER)}, "web")
         code, out, err = self.installed("daemon")
         self.assertEqual(code, 0, out + err)
+        self.assertIn("(see: gitproc status)", out, "the installed command names itself")
         self.home.daemon_pid = int(read_text(os.path.join(self.home.path, "gitproc.pid")))
         web = self.home.running_pid("web")
         self.home.known_pids.add(web)
@@ -8286,7 +8603,7 @@ class InstallTests(unittest.TestCase):
         code, out, err = self.home.cli_process("uninstall", "--prefix", self.prefix)
         self.assertEqual(code, 0, out + err)
         self.assertEqual(self.tree(), ["bin", "bin/other"])
-        self.assertIn("still runs from memory", out)
+        self.assertIn("still runs; stop it with `python3 gitproc.py shutdown`", out)
         code, out, err = self.home.cli_process("uninstall", "--prefix", self.prefix)
         assert_clean_failure(self, code, out, err, mention="nothing to uninstall")
         self.assertEqual(self.home.cli("shutdown")[0], 0)
