@@ -568,6 +568,8 @@ class UnitSpec:
         "cpu_scheduling_policy": None, "cpu_scheduling_priority": None, "cpu_scheduling_reset_on_fork": False,
         "cpu_affinity": (), "io_scheduling_class": None, "io_scheduling_priority": None,
         "ignore_sigpipe": True,         # systemd's default: SIGPIPE ignored in the service
+        "permissions_start_only": False,    # control commands run as '+' (no User=, no sandbox)
+        "root_directory_start_only": False,  # RootDirectory= for ExecStart= only (RootDirectory= is not applied)
         "syslog_identifier": None,      # what `logs` puts before each line of the unit's log
         # the sandbox (systemd.exec(5) "Security", "Sandboxing"):
         "no_new_privileges": False, "private_tmp": False, "private_devices": False, "private_network": False,
@@ -1140,50 +1142,71 @@ def _parse_int_range(low, high):
 # The Condition*= (and Assert*=) checks made at each start (systemd.unit(5)).
 START_CONDITIONS = ("PathExists", "PathExistsGlob", "PathIsDirectory", "PathIsSymbolicLink", "PathIsMountPoint",
                     "PathIsReadWrite", "DirectoryNotEmpty", "FileNotEmpty", "FileIsExecutable", "User", "Group",
-                    "Virtualization", "Capability")
+                    "Virtualization", "Capability", "Architecture", "Environment", "KernelCommandLine", "Memory",
+                    "CPUs", "KernelVersion", "OSRelease", "FirstBoot", "NeedsUpdate", "ACPower", "CPUFeature",
+                    "ControlGroupController")
+PATH_CONDITIONS = ("PathExists", "PathExistsGlob", "PathIsDirectory", "PathIsSymbolicLink", "PathIsMountPoint",
+                   "PathIsReadWrite", "DirectoryNotEmpty", "FileNotEmpty", "FileIsExecutable", "NeedsUpdate")
+# systemd's names of the machine's architecture (uname -m), for ConditionArchitecture=.
+ARCHITECTURES = {"x86_64": "x86-64", "i386": "x86", "i486": "x86", "i586": "x86", "i686": "x86",
+                 "aarch64": "arm64", "aarch64_be": "arm64-be", "armv7l": "arm", "armv6l": "arm",
+                 "ppc64le": "ppc64-le", "ppc64": "ppc64", "s390x": "s390x", "riscv64": "riscv64",
+                 "mips64": "mips64", "loongarch64": "loongarch64"}
+# Files systemd does not count in ConditionDirectoryNotEmpty= (hidden and backup files).
+_BACKUP_SUFFIXES = ("~", ".rpmnew", ".rpmsave", ".rpmorig", ".dpkg-old", ".dpkg-new", ".dpkg-tmp", ".dpkg-dist",
+                    ".dpkg-bak", ".dpkg-backup", ".dpkg-remove", ".ucf-new", ".ucf-old", ".ucf-dist", ".swp",
+                    ".bak", ".old", ".new")
+_COMPARISON_RE = re.compile(r"\s*(<=|>=|!=|=|<|>)?\s*(.*?)\s*\Z")
+
+
+class IgnoredValue(ValueError):
+    """A value systemd ignores with a warning (the line, not the unit, is bad)."""
 
 
 def _parse_condition(key):
+    check = key[len("Condition"):] if key.startswith("Condition") else key[len("Assert"):]
+
     def parse(value):
         triggering = value.startswith("|")      # one of the '|' conditions must hold (systemd.unit(5))
-        value = value[1:].strip() if triggering else value
+        value = value[1:] if triggering else value
         negated = value.startswith("!")
-        value = value[1:].strip() if negated else value
-        if "Path" in key or "File" in key or "Directory" in key:
+        value = value[1:] if negated else value
+        if check in PATH_CONDITIONS:
+            # As systemd: no space is skipped after | and !, and a path that is
+            # not absolute makes the line ignored (with a warning), not the unit.
             if not value.startswith("/"):
-                raise ValueError("%r is not an absolute path" % value)
-        elif key.endswith("Capability"):
-            name = value.upper() if value.upper().startswith("CAP_") else "CAP_" + value.upper()
-            if name not in CAPABILITIES:
-                raise ValueError("unknown capability %s" % name)
-            value = name
+                raise IgnoredValue("%r is not an absolute path: the line is ignored, as systemd does" % value)
+            value = value.rstrip("/") or "/"
+        else:
+            value = value.strip()
         return ((key, negated, value, triggering),)
     return parse
 
 
 def condition_holds(key, value, virtualization):
     """One Condition*=/Assert*= check on this machine (`virtualization`: the
-    container's name or "none")."""
-    import glob as glob_module
+    container's name or "none"), as systemd 252 evaluates it."""
     check = key[len("Condition"):] if key.startswith("Condition") else key[len("Assert"):]
     if check == "PathExists":
-        return os.path.exists(value)
+        return os.path.lexists(value) and os.path.exists(value)
     if check == "PathExistsGlob":
-        return bool(glob_module.glob(value))
+        return glob_matches(value)
     if check == "PathIsDirectory":
         return os.path.isdir(value)
     if check == "PathIsSymbolicLink":
         return os.path.islink(value)
     if check == "PathIsMountPoint":
-        return os.path.ismount(value)
+        return os.path.realpath(value) in _mount_points()
     if check == "PathIsReadWrite":
         return os.path.exists(value) and not os.statvfs(value).f_flag & os.ST_RDONLY
     if check == "DirectoryNotEmpty":
-        return os.path.isdir(value) and bool(os.listdir(value))
+        return os.path.isdir(value) and any(not (entry.startswith(".") or entry.endswith(_BACKUP_SUFFIXES))
+                                            for entry in os.listdir(value))
     if check == "FileNotEmpty":
         return os.path.isfile(value) and os.path.getsize(value) > 0
-    if check == "FileIsExecutable":
-        return os.path.isfile(value) and os.access(value, os.X_OK)
+    if check == "FileIsExecutable":           # the mode bits, as systemd: not access(2)
+        info = os.stat(value)
+        return stat.S_ISREG(info.st_mode) and bool(info.st_mode & 0o111)
     if check in ("User", "Group"):
         import grp
         import pwd
@@ -1204,13 +1227,212 @@ def condition_holds(key, value, virtualization):
         except ValueError:
             return value == virtualization
     if check == "Capability":
+        number = int(value) if value.isdigit() else (
+            CAPABILITIES.index(value.upper()) if value.upper() in CAPABILITIES else None)
+        if number is None:
+            raise ValueError("unknown capability %s" % value)     # as systemd: never holds
         try:                              # in the daemon's bounding set, as in systemd's
             bounding = int(dict(line.split(":", 1) for line in _read_text("/proc/self/status").splitlines()
                                 if ":" in line)["CapBnd"], 16)
         except (OSError, KeyError, ValueError):
             return False
-        return bool(bounding >> CAPABILITIES.index(value) & 1)
+        return bool(bounding >> number & 1)
+    if check == "Architecture":
+        machine = os.uname().machine
+        return value in ("native", ARCHITECTURES.get(machine, machine))
+    if check == "Environment":
+        name, equals, wanted = value.partition("=")
+        return name in os.environ and (not equals or os.environ[name] == wanted)
+    if check == "KernelCommandLine":
+        words = _read_text("/proc/cmdline").split()
+        return value in words or ("=" not in value and any(word.startswith(value + "=") for word in words))
+    if check == "Memory":
+        return _compare(_physical_memory(), value, parse_size)
+    if check == "CPUs":
+        return _compare(len(os.sched_getaffinity(0)), value, int)
+    if check == "KernelVersion":
+        import fnmatch
+        operator, wanted = _COMPARISON_RE.match(value).groups()
+        release = os.uname().release
+        if operator is None:
+            return fnmatch.fnmatchcase(release, wanted)
+        return _compare(release, value, str, version_compare)
+    if check == "OSRelease":
+        fields = {}
+        for line in _read_text("/etc/os-release" if os.path.exists("/etc/os-release") else "/usr/lib/os-release").splitlines():
+            name, _, text = line.partition("=")
+            fields[name.strip()] = text.strip().strip("\"'")
+        match = re.match(r"\s*([A-Za-z0-9_]+)\s*(<=|>=|!=|=|<|>)\s*(.*?)\s*\Z", value)
+        if not match:
+            raise ValueError("%r is not NAME=VALUE" % value)
+        name, operator, wanted = match.groups()
+        return _compare(fields.get(name, ""), operator + wanted, str, version_compare if operator != "=" and
+                        operator != "!=" else None)
+    if check == "FirstBoot":
+        return os.path.exists("/run/systemd/first-boot") == parse_bool(value)
+    if check == "NeedsUpdate":                # /usr newer than the folder's last update
+        try:
+            updated = os.stat(os.path.join(value, ".updated")).st_mtime_ns
+        except OSError:
+            return True
+        return os.stat("/usr").st_mtime_ns > updated
+    if check == "ACPower":
+        return _on_ac_power() == parse_bool(value)
+    if check == "CPUFeature":
+        flags = set()
+        for line in _read_text("/proc/cpuinfo").splitlines():
+            if line.startswith(("flags", "Features")):
+                flags.update(line.partition(":")[2].split())
+        return value.lower() in flags
+    if check == "ControlGroupController":
+        available = set(_read_text("/proc/cgroups").split()) if os.path.exists("/proc/cgroups") else set()
+        try:
+            available.update(_read_text("/sys/fs/cgroup/cgroup.controllers").split())
+            available.add("v2")
+        except OSError:
+            available.add("v1")
+        known = {"cpu", "cpuacct", "cpuset", "io", "blkio", "memory", "devices", "pids", "v1", "v2"}
+        return all(word in available for word in value.split() if word in known)   # others: ignored, as systemd
     return True
+
+
+def _compare(actual, expression, convert, compare=None):
+    """`actual` against "OP VALUE" (OP one of < <= = != >= >; = without one)."""
+    operator, wanted = _COMPARISON_RE.match(expression).groups()
+    operator = operator or "="
+    wanted = convert(wanted)
+    order = compare(actual, wanted) if compare else (actual > wanted) - (actual < wanted)
+    return {"<": order < 0, "<=": order <= 0, "=": order == 0, "!=": order != 0, ">=": order >= 0,
+            ">": order > 0}[operator]
+
+
+def version_compare(left, right):
+    """strverscmp-like: runs of digits compare as numbers, the rest as text."""
+    def parts(text):
+        return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.findall(r"\d+|\D+", text)]
+    a, b = parts(left), parts(right)
+    return (a > b) - (a < b)
+
+
+def _on_ac_power():
+    """As systemd: True if a mains supply is online, or there is none at all."""
+    import glob as glob_module
+    mains = False
+    for folder in glob_module.glob("/sys/class/power_supply/*"):
+        try:
+            if _read_text(os.path.join(folder, "type")).strip() != "Mains":
+                continue
+            mains = True
+            if _read_text(os.path.join(folder, "online")).strip() == "1":
+                return True
+        except OSError:
+            continue
+    return not mains
+
+
+def _mount_points():
+    """The mount points of this mount namespace (/proc/self/mountinfo)."""
+    points = set()
+    for line in _read_text("/proc/self/mountinfo").splitlines():
+        fields = line.split()
+        if len(fields) > 4:
+            points.add(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4]))
+    return points
+
+
+def glob_matches(pattern):
+    """True if something matches a glob as glibc's glob(3) with GLOB_BRACE
+    reads it (systemd's ConditionPathExistsGlob=): {a,b} alternatives,
+    [!...] and [^...], backslash escapes; * never matches a leading dot."""
+    return any(_glob_walk("/", [part for part in alternative.split("/") if part])
+               for alternative in _expand_braces(pattern))
+
+
+def _expand_braces(pattern):
+    """'a{b,c{d,e}}f' -> ['abf', 'acdf', 'acef']; a brace without a comma
+    stands for its content ({x} is x), an unmatched one for itself."""
+    depth, start = 0, None
+    index = 0
+    while index < len(pattern):
+        char = pattern[index]
+        if char == "\\":
+            index += 2
+            continue
+        if char == "{":
+            if depth == 0:
+                start = index
+            depth += 1
+        elif char == "}" and depth:
+            depth -= 1
+            if depth == 0:
+                inner, choices, level, piece = pattern[start + 1:index], [], 0, ""
+                position = 0
+                while position < len(inner):
+                    c = inner[position]
+                    if c == "\\":
+                        piece += inner[position:position + 2]
+                        position += 2
+                        continue
+                    level += c == "{"
+                    level -= c == "}"
+                    if c == "," and level == 0:
+                        choices.append(piece)
+                        piece = ""
+                    else:
+                        piece += c
+                    position += 1
+                choices.append(piece)
+                head, tail = pattern[:start], pattern[index + 1:]
+                return [head + one + rest for choice in choices for one in _expand_braces(choice)
+                        for rest in _expand_braces(tail)]
+        index += 1
+    return [pattern]
+
+
+def _glob_walk(folder, parts):
+    if not parts:
+        return os.path.lexists(folder)
+    part, rest = parts[0], parts[1:]
+    if not any(c in part for c in "*?[\\"):
+        path = os.path.join(folder, part)
+        return (os.path.isdir(path) if rest else os.path.lexists(path)) and _glob_walk(path, rest)
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return False
+    matcher = re.compile(_glob_regex(part), re.S)
+    return any(matcher.match(name) and (not name.startswith(".") or part.startswith(".")) and
+               _glob_walk(os.path.join(folder, name), rest) for name in names)
+
+
+def _glob_regex(part):
+    """One path component of a glob as a regex."""
+    out, index = [], 0
+    while index < len(part):
+        char = part[index]
+        index += 1
+        if char == "\\" and index < len(part):
+            out.append(re.escape(part[index]))
+            index += 1
+        elif char == "*":
+            out.append(".*")
+        elif char == "?":
+            out.append(".")
+        elif char == "[":
+            end = index + (1 if part[index:index + 1] in ("!", "^") else 0)
+            end += 1 if part[end:end + 1] == "]" else 0
+            end = part.find("]", end)
+            if end < 0:
+                out.append(re.escape("["))
+                continue
+            body = part[index:end]
+            index = end + 1
+            negate = body[:1] in ("!", "^")
+            body = body[1:] if negate else body
+            out.append("[" + ("^" if negate else "") + body.replace("\\", "\\\\").replace("^", "\\^") + "]")
+        else:
+            out.append(re.escape(char))
+    return "".join(out) + r"\Z"
 
 
 def container_name():
@@ -1231,7 +1453,7 @@ def container_name():
 
 
 def _parse_host_condition(value):
-    return (value.strip(),)
+    return (value.strip().lstrip("|").strip(),)      # a '|' on its own host list: one of them must match
 
 
 # The directive table: (section, key) -> (field, parse, kind). kind "list"
@@ -1306,6 +1528,8 @@ DIRECTIVES = {
     ("Service", "IOSchedulingClass"): ("io_scheduling_class", _parse_io_class, "one"),
     ("Service", "IOSchedulingPriority"): ("io_scheduling_priority", _parse_int_range(0, 7), "one"),
     ("Service", "IgnoreSIGPIPE"): ("ignore_sigpipe", parse_bool, "one"),
+    ("Service", "PermissionsStartOnly"): ("permissions_start_only", parse_bool, "one"),
+    ("Service", "RootDirectoryStartOnly"): ("root_directory_start_only", parse_bool, "one"),
     ("Service", "SyslogIdentifier"): ("syslog_identifier", str, "one"),
     ("Service", "NoNewPrivileges"): ("no_new_privileges", parse_bool, "one"),
     ("Service", "PrivateTmp"): ("private_tmp", parse_bool, "one"),
@@ -1350,9 +1574,14 @@ FIELD_KEYS = {field: key + "=" for (_, key), (field, _, _) in reversed(list(DIRE
 FIELD_KEYS["not_applied"] = "keys not applied"
 FIELD_KEYS["rlimits"] = "Limit*="
 # Values run through %-specifier expansion (the others are names, numbers, paths).
+# As systemd 252's parsers (load-fragment-gperf.gperf: the *_printf ones): the
+# dependency names, paths, users and commands; never numbers, booleans,
+# signals or capabilities. gitproc's own HealthCheckURL= too (%i for a port).
 _SPECIFIER_FIELDS = {"description", "environment", "environment_files", "working_directory", "user", "group",
-                     "pid_file", "syslog_identifier", "conditions", "paths", "bind_paths",
-                     "temporary_file_systems"} | set(EXEC_FIELDS)
+                     "supplementary_groups", "pid_file", "syslog_identifier", "conditions", "condition_host", "paths",
+                     "bind_paths", "temporary_file_systems", "directories", "standard_input", "standard_output",
+                     "standard_error", "after", "before", "requires", "wants", "binds_to", "part_of", "conflicts",
+                     "on_failure", "health_check_url"} | set(EXEC_FIELDS)
 # Keys accepted without a word: they only document the unit.
 SILENT_KEYS = {("Unit", key) for key in (
     "Documentation", "DefaultDependencies", "IgnoreOnIsolate", "AllowIsolate", "CollectMode", "SourcePath",
@@ -1409,13 +1638,56 @@ NOT_APPLIED_KEYS = dict(
             "RestartMode", "RestartSteps", "RestartMaxDelaySec", "ExitType", "OOMPolicy", "FileDescriptorStoreMax",
             "Sockets", "RestartKillSignal", "SendSIGHUP", "SendSIGKILL", "FinalKillSignal", "WatchdogSignal",
             "LoadCredential", "LoadCredentialEncrypted", "SetCredential", "SetCredentialEncrypted", "PAMName",
-            "UtmpIdentifier", "UtmpMode", "RootDirectoryStartOnly", "PermissionsStartOnly"),
+            "UtmpIdentifier", "UtmpMode"),
     **_keys("unit relations gitproc does not have yet", "OnSuccess",
             "Requisite", "Upholds", "PropagatesReloadTo", "ReloadPropagatedFrom", "JoinsNamespaceOf",
             "RequiresMountsFor", "StopWhenUnneeded", "FailureAction", "SuccessAction", "StartLimitAction",
-            "JobTimeoutSec", "JobRunningTimeoutSec", "JobTimeoutAction", "ConditionSecurity",
-            "ConditionKernelCommandLine", "ConditionCPUs", "ConditionACPower"),
+            "JobTimeoutSec", "JobRunningTimeoutSec", "JobTimeoutAction"),
+    **_keys("a condition gitproc does not evaluate: the unit starts as if it held", "AssertHost",
+            *[prefix + check for check in ("Security", "PathIsEncrypted", "Credential", "CPUPressure",
+                                           "MemoryPressure", "IOPressure", "Firmware")
+              for prefix in ("Condition", "Assert")]),
 )
+# The value of a not-applied key that asks for nothing, where it is not "no":
+# such a value is not reported (SendSIGKILL=yes is what gitproc does anyway).
+# A Condition is never "off": ConditionACPower=false asks for something.
+NOT_APPLIED_DEFAULTS = {"SendSIGKILL": "yes", "SyslogLevelPrefix": "yes", "ProtectProc": "default",
+                        "ProcSubset": "all", "ExitType": "main", "KeyringMode": "private", "DevicePolicy": "auto",
+                        "UtmpMode": "init", "RestartMode": "normal", "TimerSlackNSec": "50us"}
+# Values systemd accepts that gitproc does not apply (the key itself is applied).
+NOT_APPLIED_VALUES = {
+    "StandardInput": (("socket", "tty", "tty-force", "tty-fail", "data", "fd:"),
+                      "a socket, a terminal or inline data: the service's stdin is /dev/null"),
+    "StandardOutput": (("socket", "tty", "fd:"), "a socket, a terminal or another unit's descriptor: "
+                                                  "the output goes to the unit's log"),
+    "StandardError": (("socket", "tty", "fd:"), "a socket, a terminal or another unit's descriptor: "
+                                                 "the output goes to the unit's log"),
+}
+
+
+def not_applied_reason(key, value):
+    """Why a key (or this value of it) is not applied."""
+    if key in NOT_APPLIED_KEYS:
+        return NOT_APPLIED_KEYS[key]
+    return NOT_APPLIED_VALUES[key][1] if key in NOT_APPLIED_VALUES else "not applied"
+
+
+def _asks_for_nothing(key, value):
+    """A not-applied key set to its default: nothing to report."""
+    if key.startswith(("Condition", "Assert")):
+        return False
+    default = NOT_APPLIED_DEFAULTS.get(key)
+    if default is None:
+        return _is_off(value)
+    if default in ("yes", "no"):
+        return _is_off(value) == (default == "no")
+    return value.strip().lower() == default
+
+
+def _value_not_applied(key, value):
+    """True for a value systemd accepts for `key` that gitproc does not apply."""
+    values = NOT_APPLIED_VALUES.get(key, ((), ""))[0]
+    return value in values or any(value.startswith(v) for v in values if v.endswith(":"))
 
 
 def unit_name_problem(name):
@@ -1504,6 +1776,13 @@ def _parse_texts(name, path, blob, texts, context, report, where, diagnostics):
         return None, diagnostics
     if not_applied:
         values["not_applied"] = tuple(not_applied)
+    if values.get("permissions_start_only"):
+        # As systemd: User= and the sandbox are for ExecStart= alone; the
+        # other commands run with the daemon's privileges, as with '+'.
+        for field in EXEC_FIELDS:
+            if field != "exec_start" and values.get(field):
+                values[field] = tuple(ExecCommand(c.program, c.argv, c.ignore_failure, "+", c.expand)
+                                      for c in values[field])
     spec = UnitSpec(name, path, blob, **values)
     spec.sources = tuple(part for part, _ in texts)
     return spec, diagnostics
@@ -1537,10 +1816,15 @@ def _read_lines_into(values, lines_of, not_applied, warned_sections, name, text,
         if section not in ("Unit", "Service"):
             continue     # [Install], X- and unknown sections: accepted and ignored
         directive = DIRECTIVES.get((section, key))
+        if directive is not None and _value_not_applied(key, value):
+            directive = None              # reported below, as a key not applied
+        if directive is None and not value and key.startswith(("Condition", "Assert")) and key in NOT_APPLIED_KEYS:
+            _reset_conditions(values, key)
+            continue
         if directive is None:
-            if key in NOT_APPLIED_KEYS and value and not _is_off(value):
+            if (key in NOT_APPLIED_KEYS or key in NOT_APPLIED_VALUES) and value and not _asks_for_nothing(key, value):
                 not_applied.append((key, value))
-                report(line_number, "warning", "not applied: %s= (%s)" % (key, NOT_APPLIED_KEYS[key]))
+                report(line_number, "warning", "not applied: %s=%s (%s)" % (key, value, not_applied_reason(key, value)))
             elif not key.startswith("X-") and (section, key) not in SILENT_KEYS and key not in NOT_APPLIED_KEYS:
                 report(line_number, "warning", unknown_key_message(section, key), code="key")
             continue
@@ -1558,6 +1842,9 @@ def _read_lines_into(values, lines_of, not_applied, warned_sections, name, text,
             values[field] = ((None, ()),)  # as systemd: the empty assignment is the empty set
             lines_of[field] = (part_path, line_number)
             continue
+        if not value and field in ("conditions", "condition_host"):
+            _reset_conditions(values, key)
+            continue
         if not value:
             for one in fields:
                 values.pop(one, None)
@@ -1565,6 +1852,9 @@ def _read_lines_into(values, lines_of, not_applied, warned_sections, name, text,
             continue
         try:
             parsed = parse(value)
+        except IgnoredValue as exc:
+            report(line_number, "warning", "%s=: %s" % (key, exc))
+            continue
         except ValueError as exc:
             report(line_number, "error", "%s=: %s" % (key, exc))
             continue
@@ -1577,6 +1867,15 @@ def _read_lines_into(values, lines_of, not_applied, warned_sections, name, text,
         for one in fields:
             values[one] = values.get(one, ()) + parsed if kind == "list" else parsed
             lines_of[one] = (part_path, line_number)
+
+
+def _reset_conditions(values, key):
+    """An empty Condition*= resets every Condition (ConditionHost= too), an
+    empty Assert*= every Assert, as in systemd."""
+    kind = "Assert" if key.startswith("Assert") else "Condition"
+    values["conditions"] = tuple(c for c in values.get("conditions", ()) if not c[0].startswith(kind))
+    if kind == "Condition":
+        values.pop("condition_host", None)
 
 
 def _is_off(value):
@@ -1741,6 +2040,54 @@ def load_environment_file(path):
 # so a change to any of them is a change of the unit.
 
 DROP_IN_SUFFIX = UNIT_SUFFIX + ".d"
+
+
+# Unit types gitproc does not run. Each is named wherever the repository's
+# units are (check, sync, status), and the service it would activate is not
+# started by a deploy (SPEC §16): it starts with `start`, or when a started
+# unit pulls it in.
+OTHER_UNIT_TYPES = {".timer": ("Timer", "Unit", "timers"), ".socket": ("Socket", "Service", "sockets"),
+                    ".path": ("Path", "Unit", "path units"), ".mount": None, ".automount": None, ".swap": None,
+                    ".slice": None, ".scope": None, ".target": None, ".device": None}
+
+
+def other_unit_problems(path, text):
+    """The notes of a unit file of a type gitproc does not run: a warning
+    naming it, and (code "activated", unit the service's name) the service
+    it activates, which a deploy leaves stopped."""
+    name = os.path.basename(path)
+    stem, suffix = os.path.splitext(name)
+    kind = OTHER_UNIT_TYPES.get(suffix)
+    if kind is None:
+        return [Diagnostic(path, 1, "warning", "%s is not run by gitproc (%s units are not supported)" % (
+            name, suffix[1:]), code="other-unit")]
+    section_name, key, what = kind
+    target, section, accept = stem + UNIT_SUFFIX, None, False
+    for _, line in _logical_lines(text):
+        if line.startswith("["):
+            section = line.strip("[]").strip()
+        elif section == section_name:
+            field, _, value = line.partition("=")
+            if field.strip() == key and value.strip():
+                target = value.strip()
+            elif field.strip() == "Accept":
+                accept = _is_on(value)
+    if section_name == "Socket" and accept:
+        target = stem + "@" + UNIT_SUFFIX
+    service = _strip_suffix(target, UNIT_SUFFIX)
+    message = "%s is not run by gitproc (%s are not supported yet)" % (name, what)
+    if "@" in stem and stem.endswith("@") or not target.endswith(UNIT_SUFFIX) or service.endswith("@"):
+        return [Diagnostic(path, 1, "warning", message, code="other-unit")]
+    return [Diagnostic(path, 1, "warning", "%s: %s, which it activates, is not started at deploy (start it with "
+                       "`start %s`)" % (message, target, service), unit=service, code="activated")]
+
+
+def _is_on(value):
+    return value.strip().lower() in ("1", "yes", "true", "on", "y", "t")
+
+
+def is_other_unit(path):
+    return os.path.splitext(path)[1] in OTHER_UNIT_TYPES
 
 
 def is_unit_source(path):
@@ -1923,7 +2270,7 @@ def load_config(flags=None, environ=None, lenient=False):
         if not lenient or (named and not os.path.isfile(named)):     # a file named but not there: a typo
             raise
         config = _load_config(flags, environ, ("repo_path", "socket_path", "state_file", "log_dir"))
-        config.warning = "%s (its other settings are ignored by this command)" % exc
+        config.warning = "%s (this command uses only the paths it sets)" % exc
         return config
 
 
@@ -2481,7 +2828,7 @@ def git_read_units(repo, commit, known=()):
     bytes)] of its sources, or None for the (path, blob) pairs in `known`
     (already parsed); the folders are those units own (SPEC §13)."""
     listing = run_git(repo, ["ls-tree", "-r", "-t", "-z", "--full-tree", commit])
-    files, trees = [], {}
+    files, trees, others = [], {}, []
     for entry in listing.split(b"\0"):
         if not entry:
             continue
@@ -2494,8 +2841,13 @@ def git_read_units(repo, commit, known=()):
             # sizes are not listed (that costs git a look at every object): an
             # empty file is the empty blob
             files.append((path, mode == b"120000", 0 if blob.decode() in EMPTY_BLOBS else 1, blob.decode()))
-    links = _git_blobs(repo, [blob for path, is_link, _, blob in files if is_link and path.endswith(UNIT_SUFFIX)])
+        elif kind == b"blob" and is_other_unit(path) and mode != b"120000":
+            others.append((path, blob.decode()))
+    links = _git_blobs(repo, [blob for path, is_link, _, blob in files if is_link and path.endswith(UNIT_SUFFIX)]
+                       + [blob for _, blob in others])
     composed, problems = compose_units(files, lambda blob: links.get(blob, b"").decode("utf-8", "replace"))
+    for path, blob in others:
+        problems.extend(other_unit_problems(path, links.get(blob, b"").decode("utf-8", "replace")))
     wanted = [unit for unit in composed if (unit[1], unit[3]) not in known]
     contents = _git_blobs(repo, sorted({blob for _, _, sources, _ in wanted for _, blob in sources}))
     entries = [(name, path, None if (path, blob) in known else [(source, contents[object_id]) for source, object_id in sources],
@@ -2712,10 +3064,11 @@ class CommitVerifier:
             raise ConfigError("verify: git %s cannot verify SSH signatures (2.34 or newer is needed)" % (
                 ".".join(map(str, git_version()))))
 
-    def check(self, commit, deployed_sha, allow_rewind=False, scope=None):
+    def check(self, commit, deployed_sha, allow_rewind=False, scope=None, signatures=True):
         """Raise Refusal if `commit` (a Commit) may not be deployed over
         `deployed_sha` (None: nothing deployed, or a commit chosen by hand
-        such as a pin, checked for its signature alone)."""
+        such as a pin, checked for its signature alone). With signatures
+        False, only its descent is checked."""
         commit_sha = commit.sha
         short = commit_sha[:7]
         if deployed_sha and deployed_sha != commit_sha and deployed_sha not in commit.parents:
@@ -2724,7 +3077,7 @@ class CommitVerifier:
                 raise Refusal("not_descendant", "commit %s is not a descendant of the deployed commit %s (a force-push "
                               "or a rewound branch; `sync --allow-rewind` accepts it once)" % (
                                   short, deployed_sha[:7]), commit_sha)
-        if self.kind is None:
+        if self.kind is None or not signatures:
             return
         revisions = ["--no-walk", commit_sha]
         if (scope or self.verify.get("scope", "head")) == "all" and deployed_sha and deployed_sha != commit_sha:
@@ -3252,6 +3605,7 @@ class DeployPlan:
         self.origin = {}                  # name -> commit of an earlier version kept
         self.in_tree = set()              # names of every unit file in the commit
         self.notes = {}                   # extra reply fields (rollback, pin)
+        self.activated = {}               # name -> why a deploy leaves it stopped (SPEC §16)
 
     @classmethod
     def failed(cls, message):
@@ -3268,7 +3622,8 @@ class DeployPlan:
         reply = {"commit": self.commit.to_json(), "previous": self.previous, "noop": self.noop,
                  "changes": self.changes, "files": self.files, "reload": self.reload, "outside": self.outside,
                  "drift": self.drift, "invalid": self.invalid, "skipped": self.skipped,
-                 "warnings": [str(d) for d in self.key_warnings()]}
+                 "warnings": [str(d) for d in self.key_warnings()], "activated": self.activated,
+                 "not_run": [str(d) for d in self.problems if d.code in ("other-unit", "activated")]}
         reply.update({key: getattr(self, key) for key in self.LISTS})
         reply.update(self.notes)
         return reply
@@ -5230,6 +5585,7 @@ class Service:
         self.cgroup = None              # CgroupSet of its processes (the host's)
         self.cgroup_timer = None        # removal of the cgroups of a stopped service (the host's)
         self.spawn_path = None          # how its last process was made (the host's): posix_spawn, clone3, fork
+        self.process_warnings = []      # what of the unit its last process could not have (a lowered limit, ...)
         self.previous = None            # (spec, commit) a deploy replaced, kept for AutoRollback=
         self.previous_tree = None       # the snapshot of its folder before the last change (kept for rollback)
         self.running_tree = None        # the snapshot its main process was started from (its cwd may be there)
@@ -5294,7 +5650,8 @@ class Service:
                         control=str(self.control_command) if self.control_command else None,
                         folder={"path": self.spec.owned.path, "tree": self.spec.tree, "files": self.spec.owned.count,
                                 "bytes": self.spec.owned.size} if self.spec.owned else None,
-                        not_applied=[{"key": key, "value": value, "why": NOT_APPLIED_KEYS[key]}
+                        warnings=list(self.process_warnings),
+                        not_applied=[{"key": key, "value": value, "why": not_applied_reason(key, value)}
                                      for key, value in self.spec.not_applied] +
                         [{"key": key, "value": "", "why": why} for key, why in sandbox_not_applied(self.spec)])
         return data
@@ -6269,8 +6626,10 @@ class Launcher:
         # here after posix_spawn, a shell could fork an escapee first.
         self._note_identifier(service)
         setup = ProcessSetup(spec)
+        if control in (None, "exec_start"):
+            service.process_warnings = list(setup.lowered)
         for why in setup.lowered:
-            self.log.warning(service.name, why)
+            self.unit_warning(service.name, why)
         sandbox = self._sandbox(service, run_as) if command.privileged != "+" and sandbox_wanted(spec) else None
         pid, report = self.spawner.spawn(argv, path, env, cwd, self.config.service_log(service.name), run_as,
                                          group if group and group.folders else None,
@@ -6287,6 +6646,16 @@ class Launcher:
             self.exec_reports[service.name] = report
             self.selector.register(report, EVENT_READ, (self._on_exec_report, (service.name, on_exec)))
         return pid, pid_start_time(pid), report is None
+
+    def unit_warning(self, name, message):
+        """A warning about a unit's own process: in the daemon log and, where
+        the unit's user looks, in its log (`logs NAME`) as a line of gitproc's."""
+        self.log.warning(name, message)
+        try:
+            with open(self.config.service_log(name), "a") as unit_log:
+                unit_log.write("gitproc: warning: %s\n" % message)
+        except OSError:
+            pass
 
     def _on_exec_report(self, pending, _mask):
         name, on_exec = pending
@@ -6387,21 +6756,26 @@ class Launcher:
         return fields is not None and int(fields[3]) in (service.pid, service.control_pid, service.forked_group)
 
     def failed_condition(self, service):
-        """The first Condition*=/Assert*= of `service` that does not hold, or None."""
+        """The first Condition*=, then Assert*=, of `service` that does not
+        hold, or None. As systemd: the Conditions are checked first, each kind
+        with its own '|' group; a check that cannot be made fails, negated or not."""
         if self.virtualization is None:
             self.virtualization = container_name()
-        triggering = []
-        for key, negated, value, trigger in service.spec.conditions:
-            try:
-                holds = condition_holds(key, value, self.virtualization) != negated
-            except (OSError, ValueError):
-                holds = False
-            if trigger:
-                triggering.append((holds, (key, negated, value)))
-            elif not holds:
-                return key, negated, value
-        if triggering and not any(holds for holds, _ in triggering):
-            return triggering[0][1]
+        for kind in ("Condition", "Assert"):
+            triggering = []
+            for key, negated, value, trigger in service.spec.conditions:
+                if not key.startswith(kind):
+                    continue
+                try:
+                    holds = condition_holds(key, value, self.virtualization) != negated
+                except (OSError, ValueError):
+                    holds = False
+                if trigger:
+                    triggering.append((holds, (key, negated, value)))
+                elif not holds:
+                    return key, negated, value
+            if triggering and not any(holds for holds, _ in triggering):
+                return triggering[0][1]
         return None
 
     def signal_main(self, service, number):
@@ -6689,11 +7063,13 @@ class Dependencies:
     now, what stops with a unit it requires, starting what waited, and the
     order of shutdown. Reads the registry (name -> Service); writes no `want`."""
 
-    def __init__(self, services, log, before_of=lambda name: (), in_deploy=lambda name: False):
+    def __init__(self, services, log, before_of=lambda name: (), in_deploy=lambda name: False,
+                 activated=lambda name: False):
         self.services = services
         self.log = log
         self.before_of = before_of        # name -> the units that say Before=name (the deployer's)
         self.in_deploy = in_deploy        # name -> whether the deployed commit has it (made, or about to be)
+        self.activated = activated        # name -> whether something else starts it (SPEC §16)
 
     def state_of(self, service):
         """("ready"|"waiting"|"failed", why) for the units `service` comes after
@@ -6723,7 +7099,7 @@ class Dependencies:
                     other.state == STOPPING and other.after_stop == "restart"):
                 return "waiting", "waiting for %s" % name
             # The dependency is down, and nothing is bringing it up.
-            if other.want == "down":
+            if other.want == "down" or (self.activated(name) and other.state == STOPPED):
                 if required:
                     return "failed", "requires %s, which is stopped" % name
                 continue                      # stopped by the user: After= only orders
@@ -8085,13 +8461,40 @@ def drift_note(rolled_back):
         str(rolled_back.get("to"))[:7], str(rolled_back.get("from"))[:7], rolled_back.get("why"))
 
 
+def activated_units(specs, problems):
+    """{name: why} of the units a deploy does not start (SPEC §16): those a
+    unit of another type activates (a timer, a socket, a path unit: see
+    other_unit_problems) and those an OnFailure= names, unless a unit that
+    does start pulls them in (Wants=, Requires=, BindsTo=)."""
+    activated = {d.unit: d.message.split(": ", 1)[0] + ": not started at deploy" for d in problems
+                 if d.code == "activated" and d.unit in specs}
+    for name, spec in sorted(specs.items()):
+        for target in spec.on_failure:
+            if target in specs and target != name:
+                activated.setdefault(target, "started when %s fails (OnFailure=), not at deploy" % name)
+    pulled = [name for name in specs if name not in activated]
+    while pulled:
+        spec = specs[pulled.pop()]
+        for other in spec.requires + spec.wants + spec.binds_to:
+            if activated.pop(other, None) is not None:
+                pulled.append(other)
+    return activated
+
+
 def host_matches(conditions, hostname):
-    """ConditionHost= globs (a leading '!' negates); all must hold."""
+    """ConditionHost= globs or a machine id (a leading '!' negates), matched
+    without regard to case, as systemd; all must hold."""
     import fnmatch
+    try:
+        machine_id = _read_text("/etc/machine-id").strip()
+    except OSError:
+        machine_id = ""
     for condition in conditions:
         negate = condition.startswith("!")
-        pattern = condition[1:] if negate else condition
-        if fnmatch.fnmatch(hostname, pattern) == negate:
+        pattern = condition[1:].strip() if negate else condition
+        matches = fnmatch.fnmatchcase(hostname.lower(), pattern.lower()) or (
+            bool(machine_id) and pattern.lower().replace("-", "") == machine_id)
+        if matches == negate:
             return False
     return True
 
@@ -8131,6 +8534,7 @@ class Deployer:
         self.verifier = CommitVerifier(config.repo_path, config.verify, config.allow_rewind,
                                        os.path.join(os.path.dirname(config.state_file), "gnupg"))
         self.refused = None               # the commit last refused: {"sha", "subject", "reason", "error", "time"}
+        self.activated = {}               # name -> why a deploy leaves it stopped: something else starts it
         self.refusals_total = {}          # reason -> refusals ever (a counter for metrics; persisted)
         self.sync_asked = None            # `sync` asked for the next deploy: {"allow_rewind": bool}
         self.rewind_base = None           # after a rollback pin: the remote head the next one must descend from
@@ -8404,6 +8808,7 @@ class Deployer:
         plan.unchanged.sort()
         plan.invalid = [str(d) for d in problems if d.severity == "error"]
         plan.skipped, plan.specs, plan.problems, plan.origin = skipped, specs, problems, origin
+        plan.activated = activated_units(specs, problems)
         plan.in_tree = {name for name, _, _, _ in entries}
         if materialise:
             self._materialise(plan)
@@ -8549,6 +8954,7 @@ class Deployer:
             service.removed = True
             self.recovery.saved_services.pop(name, None)
         self.specs, self.unit_problems, self.skipped = plan.specs, plan.problems, plan.skipped
+        self.activated = plan.activated
         self._index_before()
         self.deployed = commit
         self.applied = True
@@ -8557,7 +8963,7 @@ class Deployer:
             sha = plan.origin.get(name, commit.sha)
             self.snapshots.point(name, spec.tree)     # before a process of the new version starts
             if name in plan.added:
-                self._add_service(spec, sha)
+                self._add_service(spec, sha, plan.activated.get(name))
                 continue
             service = self.services[name]
             if name in plan.changed:
@@ -8566,8 +8972,8 @@ class Deployer:
                     service.previous_tree = service.spec.tree
                 service.rejected = service.rolled_back = None
                 service.spec, service.commit = spec, sha
-                if service.want != "up":
-                    continue
+                if service.want != "up" or (name in plan.activated and not service.has_process()):
+                    continue              # stopped stays stopped: only what runs restarts
                 what = ", ".join(plan.changes[name] + plan.files.get(name, []))
                 if name in plan.reload and service.phase in (RUNNING, REMAIN):
                     self.log.info(name, "Reloading: %s changed in commit %s" % (what, commit.sha[:7]))
@@ -8604,23 +9010,25 @@ class Deployer:
         self.store.save_now()
         return plan
 
-    def _add_service(self, spec, sha):
+    def _add_service(self, spec, sha, activated=None):
+        """A unit new to this daemon: started, unless the user stopped it or
+        something else activates it (`activated`: why it stays stopped)."""
         service = self.services.get(spec.name)
         if service is not None:
             # Removed, still stopping, and back again: one Service, never two copies.
             service.removed = False
             service.spec, service.commit = spec, sha
-            if service.want == "up":
+            if service.want == "up" and not activated:
                 service.start()           # STOPPING -> (stopped) -> STARTING
             return
         service = Service(self.host, spec, sha)
         self.services[spec.name] = service
         if self.recovery.restore_service(service, self._reloads):
             return
-        if service.want == "up":
+        if service.want == "up" and not activated:
             service.start()
         else:
-            service.halt("stopped by user")
+            service.halt(activated or "stopped by user")
 
     def _index_before(self):
         before_of = {}
@@ -8714,6 +9122,17 @@ class Deployer:
                                    "commit would be refused; set signing_key in the config, or commit the old units "
                                    "yourself, signed")
             head = git_commit_at(repo, "refs/heads/" + branch, "branch %r" % branch)
+            if self.deployed and head.sha != self.deployed.sha:
+                # The rollback commit goes on top of the branch: what the branch
+                # holds since the deployed commit must pass too (a rewind, or
+                # with scope all a commit that does not verify), or it would
+                # add a commit that is refused.
+                try:
+                    self.verifier.check(head, self.deployed.sha, signatures=self.verifier.verify.get("scope") == "all")
+                except Refusal as exc:
+                    raise GitprocError("rollback refused, nothing committed: %s; put the branch back on the deployed "
+                                       "commit first (in the repository: git reset --hard %s)" % (
+                                           exc, self.deployed.sha[:7]))
             new = git_restore_units(repo, branch, head, target, sign)
             if new is not None:
                 self.log.info("daemon", "Rollback: commit %s restores the units of %s" % (new[:7], target.sha[:7]))
@@ -8853,7 +9272,7 @@ class RequestHandlers:
         if detail:
             for entry in services:
                 entry["log_tail"] = tail_lines(daemon.config.service_log(entry["name"]), 10)
-                entry["warnings"] = [str(d) for d in daemon.deployer.unit_problems
+                entry["warnings"] = entry.get("warnings", []) + [str(d) for d in daemon.deployer.unit_problems
                                      if d.code == "key" and d.unit_name == entry["name"]]
                 if entry.get("folder"):
                     entry["folder"]["link"] = daemon.deployer.snapshots.link(entry["name"])
@@ -8871,6 +9290,8 @@ class RequestHandlers:
                  for name, spec in sorted(deployer.specs.items()) if name in services]
         units += [{"name": name, "path": None, "state": "skipped", "commit": None, "description": why}
                   for name, why in sorted(deployer.skipped.items())]
+        units += [{"name": os.path.basename(d.path), "path": d.path, "state": "not run", "commit": None,
+                   "description": d.message} for d in deployer.unit_problems if d.code in ("other-unit", "activated")]
         invalid = [d.to_json() for d in deployer.unit_problems if d.severity == "error"]
         return {"ok": True, "result": {"commit": deployer.deployed.to_json() if deployer.deployed else None,
                                        "units": units, "invalid": invalid}}
@@ -9024,6 +9445,10 @@ class RequestHandlers:
         def check():
             if all(n in services and reached(services[n]) for n in names):
                 return {"ok": True, "result": {"services": [services[n].snapshot() for n in names]}}
+            lost = [why for why in (self._cannot_come(services.get(n), target) for n in names) if why]
+            if lost:                      # no need to wait out the timeout for what cannot come
+                return {"ok": False, "error": "%s will not be %s: %s" % (
+                    ", ".join(n for n in names if self._cannot_come(services.get(n), target)), target, "; ".join(lost))}
             return None
 
         def expire():
@@ -9031,6 +9456,24 @@ class RequestHandlers:
                     for n in names if not (n in services and reached(services[n]))]
             return {"ok": False, "error": "timed out after %gs waiting for %s: %s" % (timeout, target, ", ".join(late))}
         return self.daemon.server.park(conn, check, expire, timeout)
+
+    @staticmethod
+    def _cannot_come(service, target):
+        """Why `service` can no longer reach `target` (running or healthy)
+        unless someone acts, or None: it failed, it exited and will not
+        restart, a condition kept it from starting, or a stop is wanted."""
+        if service is None or target == "stopped" or service.removed:
+            return None if service is not None or target == "stopped" else "it is gone"
+        state = service.state
+        if state == FAILED:
+            return "%s is failed (%s)" % (service.name, service.reason or "see its status")
+        if state == EXITED:
+            return "%s exited and will not restart (%s)" % (service.name, service.reason or "see its status")
+        if state == STOPPED and service.want == "down":
+            return "%s is stopped by the user (start it)" % service.name
+        if state == STOPPED and (service.reason or "").startswith("condition failed"):
+            return "%s did not start: %s" % (service.name, service.reason)
+        return None
 
     def _cmd_daemon_reload(self, conn, message):
         result = self.daemon.reload_config()
@@ -9221,7 +9664,8 @@ class Daemon:
         self.store = StateStore(config.state_file, log, self.call_later, self._snapshot)
         self.recovery = Recovery(config, log, self.call_later)
         self.dependencies = Dependencies(self.services, log, lambda name: self.deployer.before_of.get(name, ()),
-                                         lambda name: name in self.deployer.specs)
+                                         lambda name: name in self.deployer.specs,
+                                         lambda name: name in self.deployer.activated)
         self.handlers = RequestHandlers(self)
         self.server = ControlServer(config, log, self.selector, self.call_later, self.handlers.dispatch)
         self.events = EventLog(self.server)
@@ -9757,6 +10201,7 @@ def cmd_daemon(config, args):
     if info:
         raise GitprocError("a gitproc daemon is already running (pid %d, socket %s)" % (info["pid"], config.socket_path))
     require_git()
+    CommitVerifier(config.repo_path, config.verify, config.allow_rewind, None).check_ready()   # before writing anything
     created = False
     if not os.path.exists(config.repo_path):
         git_init_repo(config.repo_path, config.branch, example=not config.remote)
@@ -9784,6 +10229,8 @@ def cmd_daemon(config, args):
         print("  commit  none yet: fetching from %s (see: %s status)" % (info["remote"], command_name()))
     else:
         print("  commit  none (%s)" % (info.get("last_sync") or {}).get("error", "nothing deployed"))
+    if info.get("refused"):
+        print("  REFUSED %s (%s): %s" % (info["refused"]["sha"][:7], info["refused"]["subject"], info["refused"]["error"]))
     print("  units   %d (see: %s status)" % (len(status["services"]), command_name()))
     return EXIT_OK
 
@@ -9889,6 +10336,9 @@ def _print_plan(plan, done):
         print("  ! invalid, not deployed: %s" % line)
     for line in plan.get("warnings", []):
         print("  ? %s" % line)
+    if not plan["noop"]:
+        for line in plan.get("not_run", []):
+            print("  . %s" % line)
     if plan.get("outside"):
         print("  no unit touched: the commit changes %s, outside every unit's folder" % some_paths(plan["outside"]))
 
@@ -10001,6 +10451,9 @@ def cmd_status(config, args):
         _table(rows, colour_column=1, colour=colour)
     else:
         print("\nno units deployed")
+    not_run = sorted(os.path.basename(p["path"]) for p in result["problems"] if p.get("code") in ("other-unit", "activated"))
+    if not_run:
+        print("\nnot run by gitproc: %s (see: list)" % ", ".join(not_run))
     errors = [p for p in result["problems"] if p["severity"] == "error"]
     if errors:
         running = {s["name"] for s in services}
@@ -10269,15 +10722,20 @@ def cmd_metrics(config, args):
 
 def cmd_check(config, args):
     paths = args.paths or [config.repo_path]
-    files, problems = [], []
+    files, problems, others = [], [], []
     for path in paths:
         if os.path.isdir(path):
             for folder, subfolders, names in os.walk(path):
                 subfolders[:] = sorted(d for d in subfolders if d != ".git")
                 files.extend(_disk_unit_file(os.path.join(folder, name)) for name in sorted(names))
+                others.extend(os.path.join(folder, name) for name in sorted(names) if is_other_unit(name))
         elif os.path.exists(path):
+            if is_other_unit(path):
+                others.append(path)
+                continue
             if not path.endswith(UNIT_SUFFIX):
-                problems.append(Diagnostic(path, 1, "error", "not a unit file: the name must end in .service"))
+                problems.append(Diagnostic(path, 1, "error", "not a unit file: the name must end in .service (or "
+                                           "be a unit of another type: %s)" % " ".join(sorted(OTHER_UNIT_TYPES))))
                 continue
             files.append(_disk_unit_file(path))
             prefix, at, _ = os.path.basename(path).partition("@")
@@ -10307,6 +10765,12 @@ def cmd_check(config, args):
     # A unit owns its folder, unless that is a repository's root (SPEC §13).
     folders = {os.path.dirname(path): OwnedFolder(os.path.abspath(os.path.dirname(path)), None)
                for _, path, _, _ in entries if not os.path.exists(os.path.join(os.path.dirname(path), ".git"))}
+    for path in others:
+        try:
+            with open(path, "rb") as unit_file:
+                problems.extend(other_unit_problems(path, unit_file.read(MAX_UNIT_FILE_BYTES).decode("utf-8", "replace")))
+        except OSError as exc:
+            problems.append(Diagnostic(path, 1, "error", "cannot read: %s" % exc.strerror))
     specs, found = check_unit_tree(entries, folders=folders)
     problems.extend(found)
     problems.extend(_missing_accounts(specs))
@@ -10858,7 +11322,7 @@ def main(argv=None):
         # A daemon never starts on a bad config; the other commands still reach
         # a running daemon (to stop it, say), with a warning.
         config = load_config(flags, lenient=command not in ("daemon", "check", "init", "install"))
-        if config.warning:
+        if config.warning and command != "daemon-reload":       # the daemon says why, and better
             print("gitproc: warning: %s" % config.warning, file=sys.stderr)
         return args.handler(config, args)
     except GitprocError as exc:

@@ -721,6 +721,77 @@ class UnitParserTests(unittest.TestCase):
         # ignored, as systemd ignores them: no restart policy, the [Unit] description, no ordering
         self.assertEqual((spec.restart, spec.description, spec.after), ("no", "right", ()))
 
+    # Values tried, in order, for a key in the audit below: the first one the
+    # parser takes that differs from the default is the key's sample.
+    SAMPLES = ("yes", "no", "/bin/true x", "5s", "2", "7", "0755", "10M", "50%", "/tmp/x", "db.service",
+               "SIGUSR1", "CAP_CHOWN", "always", "forking", "all", "process", "strict", "read-only", "idle",
+               "fifo", "file:/tmp/x", "append:/tmp/x", "A=1", "web", "/tmp/a:/tmp/b", "0-1", "tcp://127.0.0.1:1", "1 2")
+
+    def test_no_key_is_dropped_silently(self):
+        """Every key of the parser's table: a value other than the default is
+        either taken into the unit (its meaning changes) or reported as not
+        applied in check and, through spec.not_applied, in status."""
+        base = "[Unit]\nDescription=x\n[Service]\nExecStart=/bin/true\n"
+        default = parse(base)[0].fingerprint()
+        untaken = []
+        for section, key in sorted(gitproc.DIRECTIVES):
+            for value in self.SAMPLES:
+                lines = base.split("[Service]\n")
+                text = (lines[0] + "%s=%s\n[Service]\n" % (key, value) + lines[1]) if section == "Unit" else \
+                    base.replace("ExecStart=/bin/true\n", "") + "%s=%s\n" % (key, value) + (
+                        "ExecStart=/bin/true\n" if key != "ExecStart" else "")
+                spec, problems = parse(text)
+                if spec is not None and (spec.fingerprint() != default or spec.not_applied):
+                    break
+            else:
+                untaken.append(key)
+        self.assertEqual(untaken, [], "keys whose every value is dropped without a word")
+        self.assertGreater(len(gitproc.DIRECTIVES), 150)
+        for key in sorted(gitproc.NOT_APPLIED_KEYS):
+            default = gitproc.NOT_APPLIED_DEFAULTS.get(key, "no")
+            value = {"yes": "no", "no": "yes"}.get(default, "x-other")
+            section = "Unit" if key.startswith(("Condition", "Assert")) or key in (
+                "OnSuccess", "Requisite", "Upholds", "PropagatesReloadTo", "ReloadPropagatedFrom", "JoinsNamespaceOf",
+                "RequiresMountsFor", "StopWhenUnneeded", "FailureAction", "SuccessAction", "StartLimitAction",
+                "JobTimeoutSec", "JobRunningTimeoutSec", "JobTimeoutAction") else "Service"
+            text = "[Unit]\n%s[Service]\nExecStart=/bin/true\n%s" % (
+                ("%s=%s\n" % (key, value), "") if section == "Unit" else ("", "%s=%s\n" % (key, value)))
+            with self.subTest(key=key, value=value):
+                spec, problems = parse(text)
+                self.assertIn("not applied: %s=%s" % (key, value), " ".join(messages(problems, "warning")))
+                self.assertIn((key, value), spec.not_applied)
+        # the false value of a key whose default is true is the one that differs (prometheus.service's)
+        spec, problems = parse("[Service]\nExecStart=/bin/true\nSendSIGKILL=no\nSendSIGKILL=yes\nSendSIGHUP=no\n")
+        self.assertEqual(spec.not_applied, (("SendSIGKILL", "no"),))
+        self.assertEqual(len(messages(problems, "warning")), 1)
+
+    def test_specifiers_are_expanded_in_the_keys_systemd_expands_them_in(self):
+        """systemd 252 expands specifiers in these keys gitproc knows (its
+        *_printf parsers); in no other key does gitproc."""
+        systemd_expands = {"Description", "After", "Before", "Requires", "Wants", "BindsTo", "PartOf", "Conflicts",
+                           "OnFailure", "ConditionHost", "Environment", "EnvironmentFile", "WorkingDirectory", "User",
+                           "Group", "SupplementaryGroups", "PIDFile", "SyslogIdentifier", "BindPaths",
+                           "BindReadOnlyPaths", "TemporaryFileSystem", "StandardInput", "StandardOutput",
+                           "StandardError", "HealthCheckURL"}
+        systemd_expands |= {key for _, key in gitproc.DIRECTIVES if key.startswith(("Condition", "Assert", "Exec"))
+                            or key in gitproc.PATH_KEYS or key.endswith("Directory")}
+        for (section, key), (field, _, _) in sorted(gitproc.DIRECTIVES.items()):
+            with self.subTest(key=key):
+                self.assertEqual(field in gitproc._SPECIFIER_FIELDS, key in systemd_expands)
+        spec, _ = gitproc.parse_unit("uwsgi-app@demo", "uwsgi-app@.service",
+                                     b"[Unit]\nAfter=db@%i.service\n[Service]\nExecStart=/bin/true\n"
+                                     b"StateDirectory=uwsgi/%i\nRuntimeDirectory=uwsgi/%i\n")
+        self.assertEqual((spec.after, spec.directories), (("db@demo",), (("S", "uwsgi/demo"), ("t", "uwsgi/demo"))))
+
+    def test_permissions_start_only_runs_the_other_commands_with_full_privileges(self):
+        spec, problems = parse("[Service]\nUser=nobody\nPermissionsStartOnly=yes\nExecStartPre=/bin/mkdir /run/x\n"
+                               "ExecStart=/bin/true\nExecReload=!/bin/kill -HUP $MAINPID\nExecStopPost=-/bin/rm -r /run/x\n")
+        self.assertEqual(messages(problems, "warning"), [])
+        self.assertEqual(spec.exec_start[0].privileged, None, "ExecStart= keeps User= and the sandbox")
+        self.assertEqual([c.privileged for c in spec.exec_start_pre + spec.exec_reload + spec.exec_stop_post],
+                         ["+", "+", "+"])
+        self.assertTrue(spec.exec_stop_post[0].ignore_failure)
+
     def test_minimal_unit_takes_defaults(self):
         spec, problems = parse("[Service]\nExecStart=/bin/true\n")
         self.assertEqual(problems, [])
@@ -959,6 +1030,208 @@ class OverflowingLimitTests(unittest.TestCase):
         self.assertEqual([s["name"] for s in status["services"]], ["ok"])
         self.assertEqual(sorted({p["path"] for p in status["problems"] if p["severity"] == "error"}),
                          ["cq.service", "m1.service", "m2.service"])
+
+
+# Condition*=/Assert*= cases with what systemd 252 says of them
+# (`systemd-analyze condition`, run as root on files laid out as
+# condition_fixtures lays them out: pass, skip (a Condition failed) or
+# assert-fail). {d} is that folder.
+CONDITION_CASES = [
+    ('ConditionPathExists=/etc', 'pass'),
+    ('ConditionPathExists=/nonexistent', 'skip'),
+    ('ConditionPathExists=!/nonexistent', 'pass'),
+    ('ConditionPathExists=! /etc', 'pass'),
+    ('ConditionPathExists={d}/broken', 'skip'),
+    ('ConditionPathExists={d}/link', 'pass'),
+    ('ConditionPathExists={d}/nonempty.txt/', 'pass'),
+    ('ConditionPathExists={d}/star*file', 'pass'),
+    ('ConditionPathExists=etc', 'pass'),
+    ('ConditionPathExists="/etc"', 'pass'),
+    ('ConditionPathExists=!|/etc', 'pass'),
+    ('ConditionPathExists=|!/nonexistent', 'pass'),
+    ('ConditionPathExists=| ! /etc', 'pass'),
+    (('ConditionPathExists=|/nonexistent', 'ConditionPathExists=|/etc'), 'pass'),
+    (('ConditionPathExists=|/nonexistent', 'ConditionPathExists=|/nonexistent2'), 'skip'),
+    (('ConditionPathExists=|/etc', 'ConditionPathExists=/nonexistent'), 'skip'),
+    ('ConditionPathExists=|!/etc', 'skip'),
+    (('ConditionPathExists=|/nonexistent', 'ConditionPathIsDirectory=|/etc'), 'pass'),
+    (('ConditionPathExists=/nonexistent', 'ConditionPathExists='), 'pass'),
+    (('ConditionPathExists=/nonexistent', 'ConditionPathIsDirectory='), 'pass'),
+    (('ConditionPathExists=', 'ConditionPathExists=/nonexistent'), 'skip'),
+    (('AssertPathExists=/nonexistent', 'ConditionPathExists='), 'assert-fail'),
+    (('ConditionPathExists=/nonexistent', 'AssertPathExists='), 'skip'),
+    (('AssertPathExists=/nonexistent', 'AssertPathExists='), 'pass'),
+    ('AssertPathExists=/nonexistent', 'assert-fail'),
+    ('AssertPathExists=!/nonexistent', 'pass'),
+    (('AssertPathExists=/nonexistent', 'ConditionPathExists=/nonexistent'), 'skip'),
+    (('ConditionPathExists=|/etc', 'AssertPathExists=|/nonexistent'), 'assert-fail'),
+    (('AssertPathExists=|/nonexistent', 'ConditionPathExists=|/etc'), 'assert-fail'),
+    ('ConditionPathExistsGlob=/etc/*.conf', 'pass'),
+    ('ConditionPathExistsGlob=/etc/*.nonexistent', 'skip'),
+    ('ConditionPathExistsGlob=!/etc/*.nonexistent', 'pass'),
+    ('ConditionPathExistsGlob={d}/clamav/main.{c[vl]d,inc}', 'pass'),
+    ('ConditionPathExistsGlob=!{d}/clamav/main.{c[vl]d,inc}', 'skip'),
+    ('ConditionPathExistsGlob={d}/clamav/main.{inc,foo}', 'skip'),
+    ('ConditionPathExistsGlob={d}/{clamav,nothere}/main.cvd', 'pass'),
+    ('ConditionPathExistsGlob={d}/clamav/main.{cvd}', 'pass'),
+    ('ConditionPathExistsGlob={d}/brace{x}', 'skip'),
+    ('ConditionPathExistsGlob={d}/clamav/daily.c[lv]d', 'pass'),
+    ('ConditionPathExistsGlob={d}/clamav/daily.c[!l]d', 'skip'),
+    ('ConditionPathExistsGlob={d}/clamav/daily.c[^l]d', 'skip'),
+    ('ConditionPathExistsGlob={d}/clamav/main.?vd', 'pass'),
+    ('ConditionPathExistsGlob={d}/*/target.conf', 'skip'),
+    ('ConditionPathExistsGlob={d}/**/target.conf', 'skip'),
+    ('ConditionPathExistsGlob={d}/deep/**', 'pass'),
+    ('ConditionPathExistsGlob={d}/deep/*/*/target.conf', 'pass'),
+    ('ConditionPathExistsGlob={d}/deep*target.conf', 'skip'),
+    ('ConditionPathExistsGlob={d}/hidden/*', 'skip'),
+    ('ConditionPathExistsGlob={d}/hidden/.*', 'pass'),
+    ('ConditionPathExistsGlob={d}/empty/.*', 'skip'),
+    ('ConditionPathExistsGlob={d}/broke?', 'pass'),
+    ('ConditionPathExistsGlob={d}/star\\*file', 'pass'),
+    ('ConditionPathExistsGlob={d}/*.CONF', 'pass'),
+    ('ConditionPathExistsGlob={d}/*.conf', 'skip'),
+    ('ConditionPathExistsGlob={d}/dirlink/*', 'pass'),
+    ('ConditionPathExistsGlob={d}/*/', 'pass'),
+    ('ConditionPathExistsGlob={d}/nonempty.txt/', 'pass'),
+    ('ConditionPathExistsGlob=etc/*', 'pass'),
+    (('ConditionPathExistsGlob=|/nonexistent*', 'ConditionPathExistsGlob=|/etc/*.conf'), 'pass'),
+    ('ConditionPathIsDirectory={d}/full', 'pass'),
+    ('ConditionPathIsDirectory={d}/dirlink', 'pass'),
+    ('ConditionPathIsDirectory={d}/nonempty.txt', 'skip'),
+    ('ConditionPathIsDirectory=/nonexistent', 'skip'),
+    ('ConditionPathIsDirectory=!/nonexistent', 'pass'),
+    ('ConditionPathIsSymbolicLink={d}/link', 'pass'),
+    ('ConditionPathIsSymbolicLink={d}/broken', 'pass'),
+    ('ConditionPathIsSymbolicLink={d}/full', 'skip'),
+    ('ConditionPathIsSymbolicLink={d}/dirlink/', 'pass'),
+    ('ConditionPathIsSymbolicLink=!/nonexistent', 'pass'),
+    ('ConditionPathIsMountPoint=/', 'pass'),
+    ('ConditionPathIsMountPoint=/proc', 'pass'),
+    ('ConditionPathIsMountPoint=/sys/fs/cgroup', 'pass'),
+    ('ConditionPathIsMountPoint=/dev/shm', 'pass'),
+    ('ConditionPathIsMountPoint={d}/full', 'skip'),
+    ('ConditionPathIsMountPoint=/nonexistent', 'skip'),
+    ('ConditionPathIsMountPoint=!/nonexistent', 'pass'),
+    ('ConditionPathIsMountPoint=/etc/hostname', 'skip'),
+    ('ConditionPathIsReadWrite=/tmp', 'pass'),
+    ('ConditionPathIsReadWrite=/nonexistent', 'skip'),
+    ('ConditionPathIsReadWrite=!/nonexistent', 'pass'),
+    ('ConditionPathIsReadWrite=/proc/sys', 'pass'),
+    ('ConditionDirectoryNotEmpty={d}/full', 'pass'),
+    ('ConditionDirectoryNotEmpty={d}/empty', 'skip'),
+    ('ConditionDirectoryNotEmpty={d}/hidden', 'skip'),
+    ('ConditionDirectoryNotEmpty={d}/backup', 'skip'),
+    ('ConditionDirectoryNotEmpty={d}/nonempty.txt', 'skip'),
+    ('ConditionDirectoryNotEmpty={d}/dirlink', 'pass'),
+    ('ConditionDirectoryNotEmpty=/nonexistent', 'skip'),
+    ('ConditionDirectoryNotEmpty=!/nonexistent', 'pass'),
+    ('ConditionFileNotEmpty={d}/nonempty.txt', 'pass'),
+    ('ConditionFileNotEmpty={d}/empty.txt', 'skip'),
+    ('ConditionFileNotEmpty={d}/link', 'pass'),
+    ('ConditionFileNotEmpty={d}/full', 'skip'),
+    ('ConditionFileNotEmpty=/proc/cpuinfo', 'skip'),
+    ('ConditionFileNotEmpty=/nonexistent', 'skip'),
+    ('ConditionFileNotEmpty=!{d}/empty.txt', 'pass'),
+    ('ConditionFileIsExecutable={d}/exe.sh', 'pass'),
+    ('ConditionFileIsExecutable={d}/nonempty.txt', 'skip'),
+    ('ConditionFileIsExecutable={d}/ownerx', 'pass'),
+    ('ConditionFileIsExecutable={d}/otherx', 'pass'),
+    ('ConditionFileIsExecutable={d}/exelink', 'pass'),
+    ('ConditionFileIsExecutable={d}/full', 'skip'),
+    ('ConditionFileIsExecutable=/bin/sh', 'pass'),
+    ('ConditionFileIsExecutable=/nonexistent', 'skip'),
+    ('ConditionFileIsExecutable=!{d}/nonempty.txt', 'pass'),
+    ('ConditionPathExists=| /nonexistent', 'pass'),
+    ('ConditionPathExistsGlob={d}/clamav/*/', 'pass'),
+    ('ConditionPathExistsGlob={d}/clamav/{main,daily}.c?d', 'pass'),
+]
+# Checks whose answer depends on the machine: compared with the oracle only.
+MACHINE_CONDITIONS = ["ConditionArchitecture=native", "ConditionArchitecture=x86-64", "ConditionArchitecture=arm64",
+                      "ConditionEnvironment=PATH", "ConditionEnvironment=NO_SUCH_VARIABLE_GP",
+                      "ConditionKernelVersion=>=4.0", "ConditionKernelVersion=<4.0", "ConditionKernelVersion=!1.*",
+                      "ConditionOSRelease=ID=debian", "ConditionOSRelease=VERSION_ID>=11", "ConditionCPUs=>=1",
+                      "ConditionCPUs=>1000", "ConditionMemory=>=1M", "ConditionMemory=<1M",
+                      "ConditionControlGroupController=bogus", "ConditionCPUFeature=!nosuchflag",
+                      "ConditionCapability=CAP_FOO", "ConditionCapability=!CAP_FOO", "ConditionFirstBoot=no",
+                      "ConditionPathIsMountPoint=/proc", "ConditionPathIsMountPoint=!/proc/self"]
+
+
+def condition_fixtures(folder):
+    """The files CONDITION_CASES look at."""
+    for sub in ("clamav", "empty", "hidden", "backup", "full", "deep/a/b", "nested"):
+        os.makedirs(os.path.join(folder, sub), exist_ok=True)
+    for name in ("clamav/main.cvd", "clamav/daily.cld", "clamav/main.inc2", "hidden/.h", "backup/foo~",
+                 "backup/x.dpkg-old", "deep/a/b/target.conf", "star*file", "brace{x}", "Upper.CONF", "test.service",
+                 "test"):
+        write_file(os.path.join(folder, name), "")
+    write_file(os.path.join(folder, "full/f"), "x\n")
+    write_file(os.path.join(folder, "nonempty.txt"), "data\n")
+    write_file(os.path.join(folder, "empty.txt"), "")
+    for name, text, mode in (("exe.sh", "#!/bin/sh\n", 0o755), ("ownerx", "x", 0o700), ("otherx", "x", 0o001)):
+        write_file(os.path.join(folder, name), text)
+        os.chmod(os.path.join(folder, name), mode)
+    for name, target in (("link", "nonempty.txt"), ("broken", "/nonexistent"), ("dirlink", "full"), ("exelink", "exe.sh")):
+        os.symlink(target, os.path.join(folder, name))
+
+
+def gitproc_condition(lines):
+    """pass, skip or assert-fail: what gitproc makes of Condition lines at a start."""
+    import types
+    text = "[Unit]\n" + "\n".join(lines) + "\n[Service]\nExecStart=/bin/true\n"
+    spec, problems = gitproc.parse_unit("test", "test.service", text.encode())
+    assert spec is not None, [str(p) for p in problems]
+    if spec.condition_host and not gitproc.host_matches(spec.condition_host, socket.gethostname()):
+        return "skip"
+    failed = gitproc.DaemonHost.failed_condition(types.SimpleNamespace(virtualization=None),
+                                                 types.SimpleNamespace(spec=spec)) if spec.conditions else None
+    return "pass" if failed is None else "assert-fail" if failed[0].startswith("Assert") else "skip"
+
+
+def oracle_condition(lines):
+    proc = subprocess.run(["systemd-analyze", "condition"] + list(lines), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, timeout=30)
+    out = proc.stdout.decode()
+    return "skip" if "Conditions failed" in out else "assert-fail" if "Asserts failed" in out else \
+        "pass" if proc.returncode == 0 else "error: " + out
+
+
+class ConditionTests(unittest.TestCase):
+    """Every Condition*=/Assert*= gitproc evaluates, case by case against what
+    systemd says (the table, and `systemd-analyze condition` where installed)."""
+
+    def setUp(self):
+        self.folder = tempfile.mkdtemp(prefix="gpc", dir="/tmp")
+        self.addCleanup(shutil.rmtree, self.folder, True)
+        condition_fixtures(self.folder)
+
+    def cases(self):
+        for lines, expected in CONDITION_CASES:
+            lines = (lines,) if isinstance(lines, str) else lines
+            yield [line.replace("{d}", self.folder) for line in lines], expected
+
+    def test_the_table(self):
+        self.assertGreater(len(CONDITION_CASES), 100)
+        for lines, expected in self.cases():
+            with self.subTest(lines=lines):
+                self.assertEqual(gitproc_condition(lines), expected)
+
+    @unittest.skipUnless(shutil.which("systemd-analyze") and IS_ROOT, "needs systemd-analyze, run as root")
+    def test_against_systemd_analyze(self):
+        for lines, expected in self.cases():
+            with self.subTest(lines=lines):
+                self.assertEqual(oracle_condition(lines), expected, "the table is systemd's answer")
+        for line in MACHINE_CONDITIONS:
+            with self.subTest(line=line):
+                self.assertEqual(gitproc_condition([line]), oracle_condition([line]))
+
+    def test_lines_systemd_ignores_are_warnings_and_bad_values_errors(self):
+        spec, problems = parse("[Unit]\nConditionPathExists=etc\nConditionPathExists=| /x\n"
+                               "[Service]\nExecStart=/bin/true\n")
+        self.assertEqual(messages(problems, "warning"), [
+            "ConditionPathExists=: 'etc' is not an absolute path: the line is ignored, as systemd does",
+            "ConditionPathExists=: ' /x' is not an absolute path: the line is ignored, as systemd does"])
+        self.assertEqual(spec.conditions, ())
 
 
 class BadUnitFilesTests(unittest.TestCase):
@@ -2919,6 +3192,20 @@ class TrustedDeployTests(unittest.TestCase):
         wait_until(lambda: daemon_info(home)["refused"] is None, 5, "the refusal to clear")
         self.assertEqual(daemon_info(home)["last_sync"]["result"], "ok")
 
+    def test_rollback_adds_nothing_to_a_branch_that_would_be_refused(self):
+        home = self.start(scope="all", signing_key=None)
+        write_config(home, {"verify": {"signers": self.signers.allowed, "scope": "all"},
+                            "signing_key": self.signers.keys["admin"]})
+        shutdown_keep_services(self, home)
+        home.start_daemon()
+        home.commit({"web.service": sleeper(1002)}, "intruder", sign=self.signers.sign("intruder"))
+        head = home.commit({"web.service": sleeper(1003)}, "admin on top", sign=self.signers.sign("admin"))
+        wait_sync_result(home, "refused")
+        code, out, err = home.cli_process("rollback", self.first)
+        assert_clean_failure(self, code, out, err, 1, "rollback refused, nothing committed")
+        self.assertIn("git reset --hard %s" % self.first[:7], err)
+        self.assertEqual(home.git("rev-parse", "main").strip(), head)
+
     def test_scope_all_checks_a_rewound_history_whole(self):
         home = self.start(scope="all", allow_rewind=True)
         home.git("checkout", "-q", "--orphan", "fresh")
@@ -4224,9 +4511,9 @@ class NotAppliedKeysTests(unittest.TestCase):
             "SecureBits=keep-caps\nRuntimeMaxSec=1h\nMemoryAccounting=yes\nPrivateUsers=false\n").encode())
         warnings = [d.message for d in found if d.severity == "warning"]
         self.assertEqual(warnings, [
-            "not applied: SystemCallFilter= (seccomp: gitproc does not filter system calls)",
-            "not applied: SecureBits= (sandboxing: gitproc does not build this sandbox)",
-            "not applied: RuntimeMaxSec= (service behaviour gitproc does not have yet)"])
+            "not applied: SystemCallFilter=@system-service (seccomp: gitproc does not filter system calls)",
+            "not applied: SecureBits=keep-caps (sandboxing: gitproc does not build this sandbox)",
+            "not applied: RuntimeMaxSec=1h (service behaviour gitproc does not have yet)"])
         self.assertEqual(spec.not_applied, (("SystemCallFilter", "@system-service"), ("SecureBits", "keep-caps"),
                                             ("RuntimeMaxSec", "1h")), "PrivateUsers=false asks for nothing")
 
@@ -5243,6 +5530,76 @@ class DirectoryKeysTests(SupervisionCase):
         self.assertIn("StateDirectory=: '../etc' must be a relative path below its folder", messages(problems)[0])
 
 
+class UnitsOfOtherTypesTests(SupervisionCase):
+    """Timers, sockets, path units and the rest: named as not run, and what
+    they activate is not started by a deploy (SPEC §16)."""
+
+    def test_what_another_unit_activates_waits_for_start(self):
+        ran = self.file("ran")
+        backup = unit_text("Type=oneshot", "ExecStart=" + sh("echo ran >> %s" % ran))
+        self.deploy({"backup.service": backup, "backup.timer": "[Timer]\nOnCalendar=daily\n",
+                     "data.mount": "[Mount]\nWhat=/dev/x\nWhere=/data\n", "web.service": unit(SLEEPER),
+                     "api.socket": "[Socket]\nListenStream=8080\nService=api-server.service\n",
+                     "api-server.service": unit(SLEEPER), "front.service": unit_text(
+                         "ExecStart=" + SLEEPER, unit_lines=["Wants=api-server.service"])})
+        self.watch(self.home.running_pid("web"))
+        self.watch(self.home.running_pid("api-server"))      # a started unit pulls it in
+        backup_status = self.home.wait_state("backup", "stopped")
+        self.assertEqual(backup_status["reason"], "backup.timer is not run by gitproc (timers are not supported "
+                                                  "yet): not started at deploy")
+        self.assertFalse(os.path.exists(ran), "a deploy does not run what a timer activates")
+        code, out, err = self.home.cli_process("status")
+        self.assertIn("not run by gitproc: api.socket, backup.timer, data.mount (see: list)", out)
+        code, out, err = self.home.cli_process("list")
+        self.assertRegex(out, r"backup\.timer\s+not run\s+backup\.timer")
+        self.assertRegex(out, r"data\.mount\s+not run\s+data\.mount")
+        code, out, err = run_cli("check", self.home.repo)
+        self.assertEqual(code, 0, out + err)
+        self.assertIn("backup.timer:1: warning: backup.timer is not run by gitproc (timers are not supported yet): "
+                      "backup.service, which it activates, is not started at deploy (start it with `start backup`)", out)
+        self.assertIn("data.mount:1: warning: data.mount is not run by gitproc (mount units are not supported)", out)
+        code, out, err = run_cli("check", os.path.join(self.home.repo, "backup.timer"))
+        self.assertEqual(code, 0, out + err)
+        # a commit that changes it leaves it stopped; start runs it
+        self.home.commit({"backup.service": backup.replace("echo ran", "echo ran again")}, "backup v2")
+        plan = self.home.request({"cmd": "sync"})
+        self.assertFalse(os.path.exists(ran))
+        self.assertEqual(self.home.cli("start", "backup")[0], 0)
+        wait_until(lambda: os.path.exists(ran), 5, "backup to run")
+        del plan
+
+    def test_check_accepts_what_systemd_accepts(self):
+        folder = tempfile.mkdtemp(prefix="gpk", dir="/tmp")
+        self.addCleanup(shutil.rmtree, folder, True)
+        write_file(os.path.join(folder, "proftpd@.service"), "[Unit]\nDescription=ProFTPD\n[Service]\n"
+                   "ExecStart=-/usr/sbin/proftpd --inetd\nStandardInput=socket\n")
+        write_file(os.path.join(folder, "proftpd.socket"), "[Socket]\nListenStream=21\nAccept=true\n")
+        code, out, err = run_cli("check", folder)
+        self.assertEqual(code, 0, out + err)
+        self.assertIn("not applied: StandardInput=socket", out)
+        self.assertIn("proftpd.socket is not run by gitproc (sockets are not supported yet)", out)
+
+
+class WaitGivesUpTests(SupervisionCase):
+
+    def test_wait_returns_at_once_when_what_it_waits_for_cannot_come(self):
+        self.deploy({"bad.service": unit("/bin/false"),
+                     "skipped.service": unit_text("ExecStart=" + SLEEPER, unit_lines=["ConditionPathExists=/nonexistent"]),
+                     "web.service": unit(SLEEPER)})
+        self.watch(self.home.running_pid("web"))
+        self.home.wait_state("bad", "exited")
+        for name, why in (("bad", "bad exited and will not restart (exit code 1)"),
+                          ("skipped", "skipped did not start: condition failed: ConditionPathExists=/nonexistent")):
+            started = time.monotonic()
+            code, out, err = self.home.cli_process("wait", name, "--timeout", "30")
+            self.assertLess(time.monotonic() - started, 10, "no need to wait out the timeout")
+            assert_clean_failure(self, code, out, err, 1, "%s will not be running: %s" % (name, why))
+        self.assertEqual(self.home.cli("stop", "web")[0], 0)
+        code, out, err = self.home.cli_process("wait", "web", "--timeout", "30")
+        assert_clean_failure(self, code, out, err, 1, "web is stopped by the user (start it)")
+        self.assertEqual(self.home.cli_process("wait", "web", "--state", "stopped")[0], 0)
+
+
 class UnitRelationTests(SupervisionCase):
     """PartOf=, Conflicts=, OnFailure=, BindsTo=, end to end."""
 
@@ -5272,6 +5629,7 @@ class UnitRelationTests(SupervisionCase):
                          "echo $MONITOR_UNIT $MONITOR_SERVICE_RESULT $MONITOR_EXIT_CODE $MONITOR_EXIT_STATUS >> %s" % out))})
         wait_until(lambda: "job.service exit-code exited 3" in read_lines(out), 10, "alert to run for job")
         self.assertIn("Starting: job failed (OnFailure=)", self.home.daemon_log())
+        self.assertNotIn("", [line.strip() for line in read_lines(out)], "alert never ran at deploy, for no failure")
 
     def test_binds_to_stops_with_the_bound_unit(self):
         self.deploy({"db.service": unit(SLEEPER), "app.service": unit_text("ExecStart=" + SLEEPER,
@@ -5329,8 +5687,11 @@ class StandardStreamsTests(SupervisionCase):
             self.assertEqual(bool(mask & (1 << (signal.SIGPIPE - 1))), ignored, name)
 
     def test_unsupported_values_are_errors_naming_what_works(self):
-        _, problems = parse(unit_text("ExecStart=/bin/true", "StandardOutput=socket"))
-        self.assertIn("StandardOutput=: 'socket' is not supported: use inherit, null, journal", messages(problems)[0])
+        _, problems = parse(unit_text("ExecStart=/bin/true", "StandardOutput=nonsense"))
+        self.assertIn("StandardOutput=: 'nonsense' is not supported: use inherit, null, journal", messages(problems)[0])
+        spec, problems = parse(unit_text("ExecStart=/bin/true", "StandardOutput=socket"))      # systemd's, not ours
+        self.assertIn("not applied: StandardOutput=socket", messages(problems, "warning")[0])
+        self.assertEqual(spec.standard_output, ("log", None))
 
 
 def proc_status(pid):
@@ -5927,6 +6288,23 @@ class NonRootMessagesTests(NonRootDaemonCase):
                       "nor run one (choose a --home of your own)" % home.path, err)
         self.assertNotIn("run as the daemon's user", err)
         self.assertNotIn("Traceback", err)
+
+
+class LoweredLimitTests(NonRootDaemonCase):
+
+    def test_a_lowered_limit_is_said_in_the_units_log_and_status(self):
+        import resource
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        if hard == resource.RLIM_INFINITY or hard >= int(read_text("/proc/sys/fs/nr_open")):
+            self.skipTest("the hard limit of open files is the kernel's own: nothing to lower")
+        home = Home(self)
+        home.commit({"web.service": unit(SLEEPER, WorkingDirectory="/", LimitNOFILE=str(hard + 1))}, "web")
+        self.daemon_as_nobody(home)
+        pid = home.running_pid("web")
+        home.known_pids.add(pid)
+        why = "LimitNOFILE=%d lowered to the hard limit %d: the daemon may not raise it" % (hard + 1, hard)
+        self.assertIn("gitproc: warning: " + why, home.service_log("web"))
+        self.assertIn(why, home.status("web")["warnings"])
 
 
 class ReadOnlyLogFolderTests(NonRootDaemonCase):
