@@ -83,6 +83,11 @@ CLIENT_TIMEOUT = 30.0
 DEFAULT_WAIT_TIMEOUT = 30.0
 MAX_WAIT_TIMEOUT = 86400
 EVENT_LIMIT = 1000                  # events the daemon keeps in memory (`events`)
+DEFAULT_LOG_RATE_INTERVAL, DEFAULT_LOG_RATE_BURST = 30.0, 10000   # per unit, as journald's defaults
+PRIORITIES = ("emerg", "alert", "crit", "err", "warning", "notice", "info", "debug")
+FACILITIES = ("kern", "user", "mail", "daemon", "auth", "syslog", "lpr", "news", "uucp", "cron", "authpriv",
+              "ftp", "ntp", "security", "console", "solaris-cron", "local0", "local1", "local2", "local3",
+              "local4", "local5", "local6", "local7")
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
 # selectors' event bits, without importing selectors on a command's path
@@ -209,6 +214,19 @@ def _physical_memory():
             if line.startswith("MemTotal:"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def parse_priority(text):
+    """'err', 'warning' or '3' -> 3 (LOG_ERR); ValueError otherwise."""
+    text = text.strip().lower()
+    if text.isdigit() and int(text) < 8:
+        return int(text)
+    if text in PRIORITIES:
+        return PRIORITIES.index(text)
+    aliases = {"error": 3, "warn": 4, "panic": 0, "info": 6}
+    if text in aliases:
+        return aliases[text]
+    raise ValueError("unknown priority %r (use %s or 0-7)" % (text, ", ".join(PRIORITIES)))
 
 
 def parse_bool(text):
@@ -477,6 +495,29 @@ def find_program(program, path_env):
     return None
 
 
+def receive_datagrams(sock, max_size, per_turn, keep_fds=0):
+    """(data, sender pid, uid, fds, truncated) for each datagram waiting on a
+    non-blocking socket with SO_PASSCRED, at most `per_turn` (a flood waits
+    for the next loop turn). Descriptors sent along are closed, but for the
+    first `keep_fds` of each, which the caller must close."""
+    ancillary = socket.CMSG_SPACE(struct.calcsize("3i")) + socket.CMSG_SPACE(64 * 4)
+    for _ in range(per_turn):
+        try:
+            data, cmsgs, flags, _ = sock.recvmsg(max_size, ancillary)
+        except (BlockingIOError, InterruptedError):
+            return
+        pid = uid = None
+        fds = []
+        for level, kind, payload in cmsgs:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(payload) >= 12:
+                pid, uid, _ = struct.unpack("3i", payload[:12])
+            elif level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.extend(struct.unpack_from("i", payload, index * 4)[0] for index in range(len(payload) // 4))
+        for fd in fds[keep_fds:]:
+            os.close(fd)
+        yield data, pid, uid, fds[:keep_fds], bool(flags & socket.MSG_TRUNC)
+
+
 def default_working_directory(home=None):
     """Where a service without WorkingDirectory= works, as systemd's managers
     do: "/" under a root daemon (system services, whatever their User=), the
@@ -571,6 +612,10 @@ class UnitSpec:
         "permissions_start_only": False,    # control commands run as '+' (no User=, no sandbox)
         "root_directory_start_only": False,  # RootDirectory= for ExecStart= only (RootDirectory= is not applied)
         "syslog_identifier": None,      # what `logs` puts before each line of the unit's log
+        "syslog_level": 6,              # the priority of its stdout lines (SyslogLevel=; info)
+        "syslog_facility": "daemon",    # SyslogFacility=: kept (a unit's log file has no facility)
+        "log_level_max": None,          # LogLevelMax=: syslog messages less urgent are not written
+        "log_rate_interval": DEFAULT_LOG_RATE_INTERVAL, "log_rate_burst": DEFAULT_LOG_RATE_BURST,
         # the sandbox (systemd.exec(5) "Security", "Sandboxing"):
         "no_new_privileges": False, "private_tmp": False, "private_devices": False, "private_network": False,
         "private_ipc": False, "private_mounts": False, "protect_system": "no", "protect_home": "no",
@@ -1531,6 +1576,11 @@ DIRECTIVES = {
     ("Service", "PermissionsStartOnly"): ("permissions_start_only", parse_bool, "one"),
     ("Service", "RootDirectoryStartOnly"): ("root_directory_start_only", parse_bool, "one"),
     ("Service", "SyslogIdentifier"): ("syslog_identifier", str, "one"),
+    ("Service", "SyslogLevel"): ("syslog_level", lambda v: parse_priority(v), "one"),
+    ("Service", "SyslogFacility"): ("syslog_facility", _parse_choice(FACILITIES), "one"),
+    ("Service", "LogLevelMax"): ("log_level_max", lambda v: parse_priority(v), "one"),
+    ("Service", "LogRateLimitIntervalSec"): ("log_rate_interval", parse_timespan, "one"),
+    ("Service", "LogRateLimitBurst"): ("log_rate_burst", lambda v: _parse_int_range(0, 1 << 31)(v), "one"),
     ("Service", "NoNewPrivileges"): ("no_new_privileges", parse_bool, "one"),
     ("Service", "PrivateTmp"): ("private_tmp", parse_bool, "one"),
     ("Service", "PrivateDevices"): ("private_devices", parse_bool, "one"),
@@ -1627,9 +1677,8 @@ NOT_APPLIED_KEYS = dict(
             "SystemCallErrorNumber", "SystemCallLog"),
     **_keys("process scheduling: not applied", "NUMAPolicy", "NUMAMask", "TimerSlackNSec", "Personality",
             "CoredumpFilter"),
-    **_keys("output: the unit's log is used", "StandardInputText", "StandardInputData", "SyslogFacility", "SyslogLevel",
-            "SyslogLevelPrefix", "LogLevelMax", "LogExtraFields", "LogRateLimitIntervalSec", "LogRateLimitBurst",
-            "TTYPath", "TTYReset", "TTYVHangup", "PassEnvironment", "UnsetEnvironment"),
+    **_keys("output: the unit's log is used", "StandardInputText", "StandardInputData", "SyslogLevelPrefix",
+            "LogExtraFields", "TTYPath", "TTYReset", "TTYVHangup", "PassEnvironment", "UnsetEnvironment"),
     **_keys("cgroup resource control: not applied", "MemoryLow", "MemoryMin", "StartupCPUWeight", "CPUShares",
             "StartupIOWeight", "IODeviceWeight", "IOReadBandwidthMax", "IOWriteBandwidthMax", "IOReadIOPSMax",
             "IOWriteIOPSMax", "AllowedMemoryNodes", "Delegate", "ManagedOOMSwap", "ManagedOOMMemoryPressure",
@@ -2205,7 +2254,7 @@ CONFIG_TYPES = {
     "socket_group": str, "state_file": str, "log_dir": str, "cgroup_root": str,
     "hostname": str, "poll_interval": (int, float), "max_poll_interval": (int, float),
     "log_max_bytes": int, "log_backups": int, "http_listen": str, "webhook_secret": str,
-    "snapshot_max_bytes": int, "verify": dict, "allow_rewind": bool, "signing_key": str,
+    "snapshot_max_bytes": int, "verify": dict, "allow_rewind": bool, "signing_key": str, "syslog_socket": str,
 }
 ROOT_PATHS = {
     "repo_path": "/etc/gitproc/services", "socket_path": "/run/gitproc/gitproc.sock",
@@ -2221,13 +2270,13 @@ CONFIG_DEFAULTS = {
     "cgroup_root": "/sys/fs/cgroup", "hostname": None, "poll_interval": 10,
     "max_poll_interval": 30, "log_max_bytes": 10 * 1024 * 1024, "log_backups": 3,
     "http_listen": None, "webhook_secret": None, "snapshot_max_bytes": DEFAULT_SNAPSHOT_MAX_BYTES,
-    "verify": None, "allow_rewind": False, "signing_key": None,
+    "verify": None, "allow_rewind": False, "signing_key": None, "syslog_socket": "auto",
 }
 SIZE_KEYS = ("log_max_bytes", "snapshot_max_bytes")   # a number of bytes, or a size: "10M", "10 MiB"
 # What `daemon-reload` (and SIGHUP) change in a running daemon; the other
 # keys name where things live or what is watched, and need a restart.
 LIVE_CONFIG_KEYS = ("poll_interval", "max_poll_interval", "http_listen", "webhook_secret", "log_max_bytes",
-                    "log_backups", "snapshot_max_bytes", "verify", "allow_rewind", "signing_key")
+                    "log_backups", "snapshot_max_bytes", "verify", "allow_rewind", "signing_key", "syslog_socket")
 # Command-line flags that override a config key: argparse dest -> key.
 FLAG_KEYS = {"repo": "repo_path", "branch": "branch", "remote": "remote",
              "hostname": "hostname", "socket": "socket_path"}
@@ -2321,6 +2370,9 @@ def _load_config(flags, environ, only_keys):
         settings["verify"] = _check_verify_setting(settings["verify"])
     if settings["signing_key"]:
         settings["signing_key"] = os.path.expanduser(settings["signing_key"])
+    if settings["syslog_socket"] not in ("auto", "off") and not os.path.isabs(settings["syslog_socket"]):
+        raise ConfigError('syslog_socket must be "auto", "off" or an absolute path (a folder), not %r'
+                          % settings["syslog_socket"])
     settings.update(home=home, pid_file=defaults["pid_file"], config_path=config_path, flags=flags, warning=None)
     return Config(settings)
 
@@ -4440,6 +4492,9 @@ class Sandbox:
             target = os.path.join(staging, node)
             os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o666))
             self._mount("/dev/" + node, target, None, MS_BIND)
+        if os.path.exists("/dev/log"):      # as systemd: syslog(3) still reaches the system's log
+            os.close(os.open(os.path.join(staging, "log"), os.O_CREAT | os.O_WRONLY, 0o666))
+            self._mount("/dev/log", os.path.join(staging, "log"), None, MS_BIND)
         for folder in ("pts", "shm"):
             os.mkdir(os.path.join(staging, folder), 0o755)
         if os.path.isdir("/dev/pts"):
@@ -5268,20 +5323,8 @@ class NotifySocket:
     def receive(self):
         """(sender pid, uid, {KEY: value}) for each datagram waiting. Descriptors
         sent along (FDSTORE=) are closed: gitproc keeps no file descriptor store."""
-        ancillary = socket.CMSG_SPACE(struct.calcsize("3i")) + socket.CMSG_SPACE(64 * 4)
-        for _ in range(self.PER_TURN):    # a flood waits for the next loop turn
-            try:
-                data, cmsgs, flags, _ = self.sock.recvmsg(self.MAX_MESSAGE, ancillary)
-            except (BlockingIOError, InterruptedError):
-                return
-            pid = uid = None
-            for level, kind, payload in cmsgs:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(payload) >= 12:
-                    pid, uid, _ = struct.unpack("3i", payload[:12])
-                elif level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    for index in range(len(payload) // 4):
-                        os.close(struct.unpack_from("i", payload, index * 4)[0])
-            if pid and not flags & socket.MSG_TRUNC:    # a cut message could say half of what was meant
+        for data, pid, uid, _, truncated in receive_datagrams(self.sock, self.MAX_MESSAGE, self.PER_TURN):
+            if pid and not truncated:     # a cut message could say half of what was meant
                 yield pid, uid, parse_notify_message(data)
 
     def close(self):
@@ -6626,10 +6669,10 @@ class Launcher:
         # here after posix_spawn, a shell could fork an escapee first.
         self._note_identifier(service)
         setup = ProcessSetup(spec)
-        if control in (None, "exec_start"):
+        if control in (None, "exec_start"):       # said once a start, of the main process
             service.process_warnings = list(setup.lowered)
-        for why in setup.lowered:
-            self.unit_warning(service.name, why)
+            for why in setup.lowered:
+                self.unit_warning(service.name, why)
         sandbox = self._sandbox(service, run_as) if command.privileged != "+" and sandbox_wanted(spec) else None
         pid, report = self.spawner.spawn(argv, path, env, cwd, self.config.service_log(service.name), run_as,
                                          group if group and group.folders else None,
@@ -6730,7 +6773,16 @@ class Launcher:
 
     def _note_identifier(self, service):
         """SyslogIdentifier=: kept beside the unit's log (NAME.log.ident), where
-        `logs` (which needs no daemon) finds it and puts it before each line."""
+        `logs` (which needs no daemon) finds it and puts it before each line;
+        SyslogLevel= likewise (NAME.log.level), the priority of its output."""
+        level = self.config.service_log(service.name) + LEVEL_SUFFIX
+        try:
+            if service.spec.syslog_level == 6:
+                _unlink_quietly(level)
+            elif not os.path.exists(level) or _read_text(level) != PRIORITIES[service.spec.syslog_level]:
+                atomic_write(level, PRIORITIES[service.spec.syslog_level].encode())
+        except OSError as exc:
+            self.log.warning(service.name, "Cannot note SyslogLevel= in %s: %s" % (level, exc.strerror))
         path = self.config.service_log(service.name) + IDENT_SUFFIX
         wanted = service.spec.syslog_identifier
         if wanted is None:
@@ -7479,6 +7531,280 @@ def rotate_service_log(path, backups):
                     target.write(chunk)
                     remaining -= len(chunk)
     os.truncate(path, 0)
+
+
+# ---- syslog and the journal (SPEC §19) ---------------------------------------------
+# Where journald is not (a container, a host without it), a daemon that calls
+# syslog(3) or sd_journal_send() talks to nobody. As root, gitproc offers the
+# two sockets journald offers: /dev/log (syslog datagrams, RFC 3164 as glibc
+# writes them, and RFC 5424) and /run/systemd/journal/socket (the native
+# journal protocol, a sealed memfd for large messages). Each message goes to
+# the log of the unit its sender belongs to, one line each:
+#     <PRIORITY>TIME IDENTIFIER[PID]: MESSAGE
+# `logs` strips the <PRIORITY> (and -p filters by it). Work per loop turn is
+# bounded; a flood past LogRateLimitBurst= is counted, not written.
+
+SYSLOG_PATH, JOURNAL_PATH = "/dev/log", "/run/systemd/journal/socket"
+MAX_LOG_DATAGRAM = 256 * 1024         # larger native messages come in a memfd
+MAX_LOG_MEMFD = 4 * 1024 * 1024       # what of a memfd is read
+LOG_DATAGRAMS_PER_TURN = 128
+MAX_LOG_LINE = 16 * 1024              # longer messages are cut, saying so
+_RFC3164_RE = re.compile(r"(?:[A-Z][a-z]{2} [ 0-9]\d \d\d:\d\d:\d\d )?(?:([^\s\[:]+)(?:\[(\d+)\])?: )?(.*)\Z", re.S)
+_RFC5424_RE = re.compile(r"1 \S+ \S+ (\S+) (\S+) \S+ (?:-|(?:\[.*?\])+) ?(.*)\Z", re.S)
+_PRIORITY_PREFIX_RE = re.compile(r"<([0-7])>")
+
+
+def parse_syslog_datagram(data):
+    """(priority, identifier, pid, message) of a /dev/log datagram: RFC 3164
+    as glibc writes it ('<PRI>Mmm dd hh:mm:ss IDENT[PID]: MSG'), RFC 5424
+    ('<PRI>1 TIME HOST APP PROCID MSGID SD MSG'), or a bare '<PRI>MSG'."""
+    text = data.decode("utf-8", "replace").rstrip("\n\0")
+    priority = 6
+    match = re.match(r"<(\d{1,3})>", text)
+    if match and int(match.group(1)) < 192:
+        priority, text = int(match.group(1)) & 7, text[match.end():]
+    modern = _RFC5424_RE.match(text)
+    if modern:
+        app, procid, message = modern.groups()
+        return priority, None if app == "-" else app, int(procid) if procid.isdigit() else None, message
+    identifier, pid, message = _RFC3164_RE.match(text).groups()
+    return priority, identifier, int(pid) if pid else None, message
+
+
+def parse_journal_datagram(data):
+    """{FIELD: value} of a native journal message: 'KEY=VALUE\n' fields, or
+    'KEY\n' + a 64-bit little-endian length + the value + '\n'. ValueError
+    for a message that breaks the form (a length past its end, ...)."""
+    fields, position, end = {}, 0, len(data)
+    while position < end:
+        newline = data.find(b"\n", position)
+        if newline < 0:
+            raise ValueError("a field without its end")
+        line = data[position:newline]
+        equals = line.find(b"=")
+        if equals >= 0:
+            key, value, position = line[:equals], line[equals + 1:], newline + 1
+        else:
+            if newline + 9 > end:
+                raise ValueError("a binary field without its length")
+            size = struct.unpack_from("<Q", data, newline + 1)[0]
+            start = newline + 9
+            if size > end - start - 1 or data[start + size:start + size + 1] != b"\n":
+                raise ValueError("a binary field whose length (%d) is not its size" % size)
+            key, value, position = line, data[start:start + size], start + size + 1
+        if key and not key.startswith(b"_"):      # trusted fields are the receiver's to add
+            fields[key.decode("ascii", "replace")] = value
+    return fields
+
+
+class LogRate:
+    """LogRateLimitIntervalSec=/LogRateLimitBurst= of one unit: how many of
+    its messages may still be written in this interval, and how many were not."""
+    __slots__ = ("start", "count", "suppressed")
+
+    def __init__(self, now):
+        self.start, self.count, self.suppressed = now, 0, 0
+
+    def allow(self, now, interval, burst):
+        """(whether to write this message, messages suppressed in the interval
+        that just ended, to say so first)."""
+        ended = 0
+        if interval and now - self.start >= interval:
+            ended, self.start, self.count, self.suppressed = self.suppressed, now, 0, 0
+        self.count += 1
+        if interval and burst and self.count > burst:
+            self.suppressed += 1
+            return False, ended
+        return True, ended
+
+
+class SyslogChannel:
+    """The /dev/log and journal sockets (`syslog_socket`: "auto", "off", or a
+    folder holding both, named dev-log and journal-socket), read in the
+    daemon's loop. `where(pid)` names the unit of a sender (None: no unit's);
+    `spec_of(name)` gives its UnitSpec; lines go to `write(name, lines)`."""
+
+    def __init__(self, setting, log, selector, where, spec_of, write):
+        self.setting, self.log, self.selector = setting, log, selector
+        self.where, self.spec_of, self.write = where, spec_of, write
+        self.sockets = {}                 # path -> socket we listen on
+        self.owned = []                   # paths we made, removed at close
+        self.notes = {}                   # path -> why it is not ours ("another daemon's", ...)
+        self.rates = {}                   # unit name -> LogRate
+        self.pid_units = {}               # pid -> (unit name or None, monotonic time): a sender's unit, briefly
+        self.received = self.dropped = 0  # messages read; messages not written (rate limit, LogLevelMax=)
+
+    def paths(self):
+        if self.setting == "off":
+            return {}
+        if self.setting == "auto":
+            return {"syslog": SYSLOG_PATH, "journal": JOURNAL_PATH} if os.geteuid() == 0 else {}
+        return {"syslog": os.path.join(self.setting, "dev-log"), "journal": os.path.join(self.setting, "journal-socket")}
+
+    def describe(self):
+        """For `status`: where messages are read, and what was left alone."""
+        if self.setting == "off":
+            return {"state": "off", "sockets": [], "notes": {}}
+        if not self.paths():
+            return {"state": "off", "sockets": [], "notes": {SYSLOG_PATH: "a daemon that is not root cannot own "
+                                                               "/dev/log: units' syslog messages go where they went"}}
+        return {"state": "on" if self.sockets else "off", "sockets": sorted(self.sockets), "notes": dict(self.notes),
+                "received": self.received, "dropped": self.dropped}
+
+    def open(self):
+        for kind, path in self.paths().items():
+            try:
+                sock = self._bind(path)
+            except OSError as exc:
+                self.notes[path] = "cannot listen: %s" % describe_os_error(exc)
+                self.log.warning("daemon", "Syslog: cannot listen on %s: %s" % (path, describe_os_error(exc)))
+                continue
+            if sock is None:
+                continue
+            self.sockets[path] = sock
+            self.selector.register(sock, EVENT_READ, (self._on_readable, kind))
+        if self.sockets:
+            self.log.info("daemon", "Syslog: reading %s" % ", ".join(sorted(self.sockets)))
+
+    def _bind(self, path):
+        """Our socket at `path`, or None where another daemon listens there
+        (journald, rsyslog): that one is left alone, and said so."""
+        if os.path.lexists(path):
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            try:
+                probe.connect(path)
+                self.notes[path] = "another daemon listens there: left alone"
+                self.log.info("daemon", "Syslog: %s is another daemon's; left alone" % path)
+                return None
+            except (ConnectionRefusedError, FileNotFoundError):
+                os.unlink(path)               # a socket nobody reads (or a link to one): taken over
+            except OSError as exc:
+                if exc.errno != errno.ENOTSOCK:
+                    raise
+                self.notes[path] = "not a socket: left alone"
+                return None
+            finally:
+                probe.close()
+        makedirs(os.path.dirname(path))
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+            sock.bind(path)
+            os.chmod(path, 0o666)             # every process may log, as with journald's
+        except OSError:
+            sock.close()
+            raise
+        self.owned.append(path)
+        return sock
+
+    def close(self):
+        for path, sock in self.sockets.items():
+            try:
+                self.selector.unregister(sock)
+            except (KeyError, ValueError):
+                pass
+            sock.close()
+        for path in self.owned:
+            _unlink_quietly(path)
+        self.sockets, self.owned = {}, []
+
+    def _on_readable(self, kind, _mask):
+        sock = self.sockets.get(self._path_of(kind))
+        if sock is None:
+            return
+        batches = {}
+        now, wall = time.monotonic(), time.time()
+        for data, pid, uid, fds, truncated in receive_datagrams(sock, MAX_LOG_DATAGRAM, LOG_DATAGRAMS_PER_TURN,
+                                                                keep_fds=1 if kind == "journal" else 0):
+            self.received += 1
+            try:
+                if fds:
+                    data = self._read_memfd(fds[0])
+                message = self._message(kind, data, truncated)
+            except (ValueError, OSError) as exc:
+                message = (3, "gitproc", pid, "a %s message that could not be read: %s" % (kind, exc))
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            if message is not None:
+                self._route(message, pid, now, wall, batches)
+        for name, lines in batches.items():
+            self.write(name, lines)
+
+    def _path_of(self, kind):
+        return self.paths().get(kind)
+
+    @staticmethod
+    def _read_memfd(fd):
+        """A large native message: the contents of the memfd it came in."""
+        data = os.pread(fd, MAX_LOG_MEMFD, 0)
+        if not data:
+            raise ValueError("an empty memfd")
+        return data
+
+    @staticmethod
+    def _message(kind, data, truncated):
+        """(priority, identifier, pid, text) of one datagram, or None."""
+        if kind == "syslog":
+            priority, identifier, pid, text = parse_syslog_datagram(data)
+        else:
+            fields = parse_journal_datagram(data)
+            if "MESSAGE" not in fields:
+                return None
+            try:
+                priority = parse_priority(fields.get("PRIORITY", b"6").decode("ascii", "replace"))
+            except ValueError:
+                priority = 6
+            pid_text = fields.get("SYSLOG_PID", b"").decode("ascii", "replace")
+            identifier = fields.get("SYSLOG_IDENTIFIER", b"").decode("utf-8", "replace") or None
+            text = fields["MESSAGE"].decode("utf-8", "replace")
+            pid = int(pid_text) if pid_text.isdigit() else None
+        if truncated:
+            text += " [cut: longer than %d bytes]" % MAX_LOG_DATAGRAM
+        return priority, identifier, pid, text
+
+    def _route(self, message, sender, now, wall, batches):
+        """The unit's line(s), or the daemon log's for a sender that is no
+        unit's. The sender is the kernel's pid (SCM_CREDENTIALS), never the
+        pid the message claims."""
+        priority, identifier, claimed_pid, text = message
+        name = self._unit_of(sender, now) if sender else None
+        spec = self.spec_of(name) if name else None
+        if spec is None:
+            self.log.info("daemon", "syslog from pid %s (no unit's): %s%s" % (
+                sender, "%s: " % identifier if identifier else "", text[:MAX_LOG_LINE]))
+            return
+        if spec.log_level_max is not None and priority > spec.log_level_max:
+            self.dropped += 1
+            return
+        rate = self.rates.get(name) or self.rates.setdefault(name, LogRate(now))
+        allowed, ended = rate.allow(now, spec.log_rate_interval, spec.log_rate_burst)
+        lines = batches.setdefault(name, [])
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(wall)) + ".%03d" % (int(wall * 1000) % 1000)
+        if ended:
+            lines.append("<5>%s gitproc: Suppressed %d messages from %s (LogRateLimitBurst=%d in %gs)\n" % (
+                stamp, ended, name, spec.log_rate_burst, spec.log_rate_interval))
+        if not allowed:
+            self.dropped += 1
+            return
+        header = "<%d>%s %s[%d]: " % (priority, stamp, spec.syslog_identifier or identifier or name, sender)
+        if len(text) > MAX_LOG_LINE:
+            text = text[:MAX_LOG_LINE] + " [cut]"
+        lines.extend(header + line + "\n" for line in (text.split("\n") if text else [""]))
+
+    def _unit_of(self, pid, now):
+        """The unit of a sender pid, remembered a second (a flood from one
+        process reads /proc once)."""
+        known = self.pid_units.get(pid)
+        if known is not None and now - known[1] < 1.0:
+            return known[0]
+        if len(self.pid_units) > 4096:
+            self.pid_units.clear()
+        service = self.where(pid)
+        name = service.name if service is not None else None
+        self.pid_units[pid] = (name, now)
+        return name
 
 
 # ==== 11. control protocol ===================================================
@@ -8461,6 +8787,11 @@ def drift_note(rolled_back):
         str(rolled_back.get("to"))[:7], str(rolled_back.get("from"))[:7], rolled_back.get("why"))
 
 
+def skipped_by_condition(service):
+    """A start a Condition*= skipped: not a failure, as systemctl says (exit 0)."""
+    return service.state == STOPPED and (service.reason or "").startswith("condition failed")
+
+
 def activated_units(specs, problems):
     """{name: why} of the units a deploy does not start (SPEC §16): those a
     unit of another type activates (a timer, a socket, a path unit: see
@@ -9419,7 +9750,7 @@ class RequestHandlers:
                 continue
             if action == "stop" and service.state in ACTIVE_STATES:
                 problems.append("%s is %s" % (name, service.state))
-            elif action != "stop" and not service.is_ready():
+            elif action != "stop" and not service.is_ready() and not skipped_by_condition(service):
                 problems.append("%s is %s (%s)" % (name, service.state, service.reason or describe_exit(service.last_exit)))
         snapshot = [services[n].snapshot() for n in names if n in services]
         if problems:
@@ -9471,7 +9802,7 @@ class RequestHandlers:
             return "%s exited and will not restart (%s)" % (service.name, service.reason or "see its status")
         if state == STOPPED and service.want == "down":
             return "%s is stopped by the user (start it)" % service.name
-        if state == STOPPED and (service.reason or "").startswith("condition failed"):
+        if skipped_by_condition(service):
             return "%s did not start: %s" % (service.name, service.reason)
         return None
 
@@ -9676,6 +10007,7 @@ class Daemon:
         self.source = SourceWatcher(config, log, self.selector, self.call_later, self.host.exit_watcher, self.deployer)
         self.http = None                  # HttpListener, with http_listen set
         self.notify = NotifySocket(config.state_file)
+        self.syslog = self._syslog_channel(config.syslog_socket)
         self.health_seen = {}             # name -> the health verdict last recorded as an event
         self.changed = False              # a service changed state since waiters were checked
         self.stopped_services = []        # services that came down since: Requires= propagates
@@ -9711,6 +10043,7 @@ class Daemon:
             self.host.cgroups = Cgroups(self.config.cgroup_root, instance, self.log)
             self.log.info("daemon", self.host.cgroups.describe())
             self._open_notify_socket()
+            self.syslog.open()
             self.server.open()
             if self.config.http_listen:
                 self.http = HttpListener(parse_listen_address(self.config.http_listen), self.log, self.selector,
@@ -9851,6 +10184,7 @@ class Daemon:
                 "log_dir": self.config.log_dir, "remote": self.config.remote, "pin": deployer.pin,
                 "last_fetch": source.last_fetch, "watch": source.mode, "poll_interval": source.poll_delay,
                 "verify": deployer.verifier.describe(), "refused": deployer.refused,
+                "syslog": self.syslog.describe(),
                 "cgroups": self.host.cgroups.describe() if self.host.cgroups else None,
                 "http": {"listen": "%s:%d" % self.http.address, "exposed": self.http.exposed} if self.http else None}
 
@@ -9891,6 +10225,24 @@ class Daemon:
             return
         self.selector.register(sock, EVENT_READ, (self._on_notify, None))
         self.host.notify_address = self.notify.address
+
+    def _syslog_channel(self, setting):
+        return SyslogChannel(setting, self.log, self.selector, self._service_of_pid,
+                             lambda name: self.deployer.specs.get(name) if name in self.services else None,
+                             self._append_to_unit_log)
+
+    def _append_to_unit_log(self, name, lines):
+        """Lines the syslog channel has for a unit: appended to its log, one
+        write per loop turn and unit."""
+        try:
+            fd = os.open(self.config.service_log(name), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            try:
+                os.write(fd, "".join(lines).encode("utf-8", "replace"))
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            self.log.warning(name, "Cannot write its syslog messages to %s: %s" % (
+                self.config.service_log(name), describe_os_error(exc)))
 
     def _on_notify(self, _key, _mask):
         for pid, uid, fields in self.notify.receive():
@@ -9949,6 +10301,7 @@ class Daemon:
     def _cleanup(self):
         self.server.close()
         self.notify.close()
+        self.syslog.close()
         if self.http is not None:
             self.http.close()
         if not self.keep_services and self.host.cgroups is not None:
@@ -10022,6 +10375,10 @@ class Daemon:
             self.source.quiet_polls, self.source.poll_delay = 0, config.poll_interval
         self.log.max_bytes, self.log.backups = config.log_max_bytes, config.log_backups
         self.deployer.snapshots.limit = config.snapshot_max_bytes
+        if "syslog_socket" in changed:
+            self.syslog.close()
+            self.syslog = self._syslog_channel(config.syslog_socket)
+            self.syslog.open()
         if {"verify", "allow_rewind"} & set(changed):
             self.deployer.verifier = verifier
             self.deployer.refused = None        # the head is judged again by the new rules
@@ -10164,6 +10521,10 @@ def _daemon_line(info):
         line += "\n  verify %s signatures (%s, scope %s)%s" % (
             "SSH" if verify["kind"] == "ssh" else "OpenPGP", verify["file"], verify["scope"],
             "; rewinds allowed" if verify.get("allow_rewind") else "")
+    syslog = info.get("syslog") or {}
+    if syslog.get("sockets") or syslog.get("notes"):
+        line += "\n  syslog %s%s" % (", ".join(syslog.get("sockets") or []) or "off", "".join(
+            "; %s: %s" % item for item in sorted((syslog.get("notes") or {}).items())))
     if info.get("refused"):
         line += "\n  REFUSED %s (%s): %s" % (info["refused"]["sha"][:7], info["refused"]["subject"], info["refused"]["error"])
     if info.get("http"):
@@ -10550,7 +10911,8 @@ def _cmd_action(action):
             _print_json(result)
             return EXIT_OK
         for s in result["services"]:
-            print("%s: %s%s" % (s["name"], s["state"], " (pid %d)" % s["pid"] if s["pid"] else ""))
+            print("%s: %s%s" % (s["name"], s["state"], " (pid %d)" % s["pid"] if s["pid"] else
+                                " (%s)" % s["reason"] if s["state"] == STOPPED and s.get("reason") else ""))
         return EXIT_OK
     return run
 
@@ -10567,18 +10929,36 @@ def cmd_wait(config, args):
 
 
 IDENT_SUFFIX = ".ident"             # beside a unit's log: its SyslogIdentifier=
+LEVEL_SUFFIX = ".level"             # ... and its SyslogLevel=, where not info
 
 
-class _Prefixed:
-    """A stream that puts `prefix` before each line written to it."""
+class _LogView:
+    """A stream of a unit's log lines as `logs` shows them: a syslog line's
+    <PRIORITY> taken off (and lines less urgent than `most` left out, with a
+    line of the unit's own output counting as `default`, info unless
+    SyslogLevel= says otherwise); `prefix` (SyslogIdentifier=) before the
+    unit's own lines."""
 
-    def __init__(self, out, prefix):
-        self.out, self.prefix, self.at_start = out, prefix, True
+    def __init__(self, out, prefix="", most=7, default=6):
+        self.out, self.prefix, self.most, self.default = out, prefix, most, default
+        self.pending = ""
 
     def write(self, text):
-        for piece in text.splitlines(True):
-            self.out.write((self.prefix if self.at_start else "") + piece)
-            self.at_start = piece.endswith("\n")
+        lines = (self.pending + text).split("\n")
+        self.pending = lines.pop()
+        for line in lines:
+            self._line(line + "\n")
+
+    def _line(self, line):
+        match = _PRIORITY_PREFIX_RE.match(line)
+        if match:
+            priority, line = int(match.group(1)), line[match.end():]
+            if self.prefix and not line[:4].isdigit():       # a unit's own <N>: line (sd-daemon's prefix)
+                line = self.prefix + line
+        else:
+            priority, line = self.default, self.prefix + line
+        if priority <= self.most:
+            self.out.write(line)
 
     def flush(self):
         self.out.flush()
@@ -10599,20 +10979,32 @@ def cmd_logs(config, args):
         raise UsageError("logs: --json and -f do not go together")
     if not os.path.exists(path):
         raise GitprocError("no log yet for %s (%s does not exist)" % (args.name or "the daemon", path))
+    import io
+    try:
+        most = parse_priority(args.priority) if args.priority else 7
+    except ValueError as exc:
+        raise UsageError("logs -p: %s" % exc)
     shown_up_to = os.path.getsize(path)  # -f goes on from here: nothing written meanwhile is lost
-    lines = tail_lines(path, args.lines, end=shown_up_to)
-    identifier = None
+    identifier, level = None, 6
     if args.name:
         try:
             identifier = _read_text(path + IDENT_SUFFIX)
         except OSError:
             pass
+        try:
+            level = parse_priority(_read_text(path + LEVEL_SUFFIX))
+        except (OSError, ValueError):
+            pass
+    view = io.StringIO()
+    lines = tail_lines(path, args.lines if most == 7 else max(args.lines * 20, 2000), end=shown_up_to)
+    _LogView(view, identifier + ": " if identifier else "", most, level).write("".join(line + "\n" for line in lines))
+    lines = view.getvalue().splitlines()[-args.lines:] if args.lines else []
     if args.json:
         _print_json({"path": path, "lines": lines, "syslog_identifier": identifier})
         return EXIT_OK
-    out = _Prefixed(sys.stdout, identifier + ": ") if identifier else sys.stdout
+    out = _LogView(sys.stdout, identifier + ": " if identifier else "", most, level)
     for line in lines:
-        out.write(line + "\n")
+        sys.stdout.write(line + "\n")
     if args.follow:
         out.flush()
         try:
@@ -10794,14 +11186,18 @@ def _missing_accounts(specs):
     problems = []
     for name, spec in sorted(specs.items()):
         for key, account, lookup in (("User", spec.user, pwd.getpwnam), ("Group", spec.group, grp.getgrnam)):
-            if not account or account.isdigit() or "%" in account or any(k == "DynamicUser" for k, _ in spec.not_applied):
+            if not account or account.isdigit() or "%" in account:
                 continue
             try:
                 lookup(account)
             except KeyError:
                 path, line = _key_line(spec.sources or (spec.path,), key)
-                problems.append(Diagnostic(path, line, "warning", "%s=%s: no such %s on this machine: the unit will "
-                                           "fail to start here" % (key, account, key.lower()), unit=name))
+                dynamic = any(k == "DynamicUser" for k, _ in spec.not_applied)
+                problems.append(Diagnostic(path, line, "warning", "%s=%s: no such %s on this machine%s: the unit will "
+                                           "fail to start here" % (key, account, key.lower(), (
+                                               " (DynamicUser= is not applied: gitproc does not make it; "
+                                               "create it, e.g. useradd --system %s)" % account)
+                                           if dynamic and key == "User" else ""), unit=name))
     return problems
 
 
@@ -11281,6 +11677,8 @@ def build_parser(only=None):
     sub.add_argument("-n", "--lines", type=_count, default=50, help="how many lines (default: 50)")
     sub.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     sub.add_argument("--daemon", action="store_true", help="the daemon's own log")
+    sub.add_argument("-p", "--priority", metavar="PRIORITY",
+                     help="only messages this urgent or more (err, warning, ... or 0-7; the unit's own output is info)")
     sub = with_json(add("sync", _cmd_plan("sync"), "deploy the newest commit now (fetching first in remote mode)"))
     sub.add_argument("--allow-rewind", action="store_true",
                      help="deploy it even if it does not descend from the deployed commit (once)")

@@ -275,6 +275,7 @@ class Bench:
         self.python = python
         self.progress = progress
         self.path = tempfile.mkdtemp(prefix="gpb", dir="/tmp")
+        os.environ.pop("GITPROC_SYSLOG_SOCKET", None)     # the bench's config.json says where its socket is
         self.repo = os.path.join(self.path, "services")
         self.config = gitproc.load_config({"home": self.path})
         self.daemon_pid = None
@@ -487,7 +488,17 @@ def _raise_interrupt(_number, _frame):
     raise KeyboardInterrupt
 
 
-BENCH_STEPS = 14
+BENCH_STEPS = 15
+SYSLOG_MESSAGES = 100000
+# A unit that sends SYSLOG_MESSAGES datagrams to the daemon's syslog socket as
+# fast as it can (a full queue blocks it), then says so in a file.
+SYSLOG_FLOOD = """import os, socket, sys, time
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+for i in range(int(sys.argv[2])):
+    sock.sendto(b"<6>Dec  7 00:00:00 flood[1]: message number %d" % i, sys.argv[1])
+os.close(os.open(sys.argv[3], os.O_CREAT | os.O_WRONLY))
+time.sleep(100000)
+"""
 FOLDER_FILES = 1000                   # files in the folder of the unit of the files figure
 FOLDER_UNIT = "[Service]\nWorkingDirectory=%Y\nExecStart=/bin/sleep 2000001\n"
 
@@ -565,8 +576,11 @@ def _bench_steps(bench, args, results, say):
         probe.bind(("127.0.0.1", 0))
         http_port = probe.getsockname()[1]
         probe.close()
-        with open(os.path.join(bench.path, "config.json"), "w") as config_file:
-            json.dump({"http_listen": "127.0.0.1:%d" % http_port}, config_file)
+    settings = {"syslog_socket": os.path.join(bench.path, "syslog")}
+    if http_port:
+        settings["http_listen"] = "127.0.0.1:%d" % http_port
+    with open(os.path.join(bench.path, "config.json"), "w") as config_file:
+        json.dump(settings, config_file)
     results["http_listen"] = "127.0.0.1:%d" % http_port if http_port else None
 
     step("cold start of %d services" % (count + 2))
@@ -707,6 +721,13 @@ def _bench_steps(bench, args, results, say):
     results["state_save"] = dict(stats_ms(saves), bytes=size)
     say("      median %.2f ms  p95 %.2f ms  (%d bytes)" % (results["state_save"]["median_ms"], results["state_save"]["p95_ms"], size))
 
+    step("%d syslog messages from a unit, through the daemon into its log" % SYSLOG_MESSAGES)
+    figure("syslog", lambda: _syslog_flood(bench), 1,
+           note=lambda: "" if "per_second" not in results["syslog"] else
+           "  (%d messages a second; `status` at worst %.1f ms meanwhile; RSS %.1f -> %.1f MB)" % (
+               results["syslog"]["per_second"], results["syslog"]["status_worst_ms"],
+               results["syslog"]["rss_before_mb"], results["syslog"]["rss_after_mb"]))
+
     step("uninstall from the temporary prefix")
     if bench.prefix:
         problem, left = bench.uninstall()
@@ -716,6 +737,47 @@ def _bench_steps(bench, args, results, say):
         say("      %s; %s" % (problem or "uninstalled", "left in the prefix: " + ", ".join(left) if left else "nothing left"))
     else:
         say("      nothing installed")
+
+
+def _syslog_flood(bench):
+    """SYSLOG_MESSAGES through the syslog socket: messages a second (from the
+    unit's start to its last line in its log), and `status` round trips
+    meanwhile (median, p95, worst)."""
+    script, done = os.path.join(bench.path, "flood.py"), os.path.join(bench.path, "flooded")
+    log = bench.config.service_log("flood")
+    if not (bench.request({"cmd": "status"})["daemon"].get("syslog") or {}).get("sockets"):
+        return unavailable("the daemon reads no syslog socket")
+    with open(script, "w") as script_file:
+        script_file.write(SYSLOG_FLOOD)
+    rss_before = read_sample(bench.daemon_pid)["rss"]
+    started = time.perf_counter()
+    bench.commit({"flood.service": "[Service]\nExecStart=%s %s %s %d %s\nLogRateLimitBurst=0\n" % (
+        sys.executable, script, os.path.join(bench.path, "syslog", "dev-log"), SYSLOG_MESSAGES, done)},
+        "bench: a unit that floods its syslog")
+    timings = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        before = time.perf_counter()
+        bench.request({"cmd": "status"})
+        timings.append(time.perf_counter() - before)
+        if os.path.exists(done) and _count_lines(log, b"flood[") >= SYSLOG_MESSAGES:
+            break
+        time.sleep(0.005)
+    else:
+        raise RuntimeError("the flood's %d lines did not all reach the log within 120 s" % SYSLOG_MESSAGES)
+    elapsed = time.perf_counter() - started
+    rss_after = read_sample(bench.daemon_pid)["rss"]
+    bench.cli("stop", "flood")
+    return dict(stats_ms(timings), per_second=round(SYSLOG_MESSAGES / elapsed), status_worst_ms=max(timings) * 1000,
+                rss_before_mb=rss_before / 2 ** 20, rss_after_mb=rss_after / 2 ** 20)
+
+
+def _count_lines(path, needle):
+    try:
+        with open(path, "rb") as handle:
+            return handle.read().count(needle)
+    except OSError:
+        return 0
 
 
 def _child_running(bench, argv, known=()):
@@ -816,6 +878,7 @@ def _print_results(results):
         ("`status` round trip (socket)", results["status_round_trip"]),
         ("GET /metrics over HTTP", results["metrics_http"]),
         ("state save", results["state_save"]),
+        ("`status` during a %d-message syslog flood" % SYSLOG_MESSAGES, results["syslog"]),
     ]
     for label, figure in rows:
         if "unavailable" in figure or "failed" in figure:
@@ -827,6 +890,10 @@ def _print_results(results):
     print("  %-48s %.1f MB, %.3f %% CPU, %.2f wakeups/s, %d thread(s)" % (
         "idle daemon", idle["rss_mb"], idle["cpu_percent"], idle["wakeups_per_s"], idle["threads"]))
     print("  %-48s %.3f s" % ("cold start until all run", results["cold_start_s"]))
+    if "per_second" in results["syslog"]:
+        print("  %-48s %d a second; RSS %.1f MB before, %.1f MB after" % (
+            "syslog messages into a unit's log", results["syslog"]["per_second"], results["syslog"]["rss_before_mb"],
+            results["syslog"]["rss_after_mb"]))
     install = results["install"]
     if install["available"]:
         print("  %-48s %s (runs %s); uninstall: %s, %s" % (

@@ -33,6 +33,9 @@ import unittest.mock
 
 import gitproc
 
+# Test daemons leave the machine's /dev/log alone (the syslog tests give theirs a folder).
+os.environ["GITPROC_SYSLOG_SOCKET"] = "off"
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 GITPROC = os.path.join(HERE, "gitproc.py")
 IS_ROOT = os.geteuid() == 0
@@ -725,7 +728,7 @@ class UnitParserTests(unittest.TestCase):
     # parser takes that differs from the default is the key's sample.
     SAMPLES = ("yes", "no", "/bin/true x", "5s", "2", "7", "0755", "10M", "50%", "/tmp/x", "db.service",
                "SIGUSR1", "CAP_CHOWN", "always", "forking", "all", "process", "strict", "read-only", "idle",
-               "fifo", "file:/tmp/x", "append:/tmp/x", "A=1", "web", "/tmp/a:/tmp/b", "0-1", "tcp://127.0.0.1:1", "1 2")
+               "fifo", "file:/tmp/x", "append:/tmp/x", "local0", "A=1", "web", "/tmp/a:/tmp/b", "0-1", "tcp://127.0.0.1:1", "1 2")
 
     def test_no_key_is_dropped_silently(self):
         """Every key of the parser's table: a value other than the default is
@@ -5753,7 +5756,8 @@ class SandboxTests(SupervisionCase):
         private = glob.glob("/tmp/gitproc-private-*-priv-*/tmp/%s.pre" % probe)
         self.assertEqual(len(private), 1, "ExecStartPre= and ExecStart= share it")
         self.assertEqual(set(lines[0].split()) - {"fd", "stdin", "stdout", "stderr", "ptmx", "pts", "shm"},
-                         {"null", "zero", "full", "random", "urandom", "tty"})
+                         {"null", "zero", "full", "random", "urandom", "tty"} | (
+                             {"log"} if os.path.exists("/dev/log") else set()), "and /dev/log, as systemd")
         self.assertEqual(lines[1].strip(), "1", "only loopback in /proc/net/dev")
         self.assertNotEqual(os.readlink("/proc/%d/ns/uts" % pid), os.readlink("/proc/self/ns/uts"))
         self.assertNotEqual(os.readlink("/proc/%d/ns/net" % pid), os.readlink("/proc/self/ns/net"))
@@ -7244,6 +7248,246 @@ class HealthDependencyTests(DepsHealthCase):
 
 
 # ==== 10. logs ================================================================
+
+class SyslogParsingTests(unittest.TestCase):
+    """What /dev/log and the journal socket receive, pure."""
+
+    def test_syslog_datagrams_as_glibc_rfc5424_and_python_write_them(self):
+        cases = [
+            (b"<27>Dec  7 00:31:02 unbound[123]: error: no trust anchor", (3, "unbound", 123, "error: no trust anchor")),
+            (b"<13>Dec 17 10:00:00 cron: started\n", (5, "cron", None, "started")),
+            (b"<165>1 2003-10-11T22:14:15.003Z host evntslog 42 ID47 [id@32473 iut=\"3\"] An event",
+             (5, "evntslog", 42, "An event")),
+            (b"<14>1 2003-10-11T22:14:15Z host - - - - bare", (6, None, None, "bare")),
+            (b"<11>myapp: from logging.handlers\x00", (3, "myapp", None, "from logging.handlers")),
+            (b"no priority at all", (6, None, None, "no priority at all")),
+            (b"<999>too big", (6, None, None, "<999>too big")),
+            (b"<11>x[1]: \xff\xfe not UTF-8", (3, "x", 1, "\ufffd\ufffd not UTF-8")),
+        ]
+        for data, expected in cases:
+            with self.subTest(data=data):
+                self.assertEqual(gitproc.parse_syslog_datagram(data), expected)
+
+    def test_native_journal_messages(self):
+        binary = b"MESSAGE\n" + struct.pack("<Q", 9) + b"two\nlines\n"
+        self.assertEqual(gitproc.parse_journal_datagram(b"MESSAGE=hi\nPRIORITY=3\n_PID=1\n" + binary + b"X=1\n"),
+                         {"MESSAGE": b"two\nlines", "PRIORITY": b"3", "X": b"1"})
+        for bad in (b"MESSAGE=no end", b"BIN\n" + struct.pack("<Q", 50) + b"short\n", b"BIN\n\x01\x02",
+                    b"BIN\n" + struct.pack("<Q", 2) + b"abX"):
+            with self.subTest(bad=bad), self.assertRaises(ValueError):
+                gitproc.parse_journal_datagram(bad)
+        self.assertEqual([gitproc.parse_priority(p) for p in ("err", "3", "warning", "DEBUG")], [3, 3, 4, 7])
+        with self.assertRaises(ValueError):
+            gitproc.parse_priority("loud")
+
+    def test_the_rate_limit_counts_what_it_suppresses(self):
+        rate = gitproc.LogRate(0.0)
+        self.assertEqual([rate.allow(t * 0.1, 30, 3)[0] for t in range(5)], [True, True, True, False, False])
+        self.assertEqual(rate.allow(31.0, 30, 3), (True, 2))
+
+
+SYSLOG_SCRIPTS = {
+    # logging's own handler, as a Python daemon logs to syslog
+    "py": """import logging, logging.handlers, os, sys, time
+handler = logging.handlers.SysLogHandler(address=sys.argv[1])
+handler.ident = "pyapp[%d]: " % os.getpid()
+logging.getLogger().addHandler(handler)
+logging.warning("careful")
+logging.error("broken")
+time.sleep(1000)
+""",
+    # the native journal protocol, and its memfd form for a message too large for a datagram
+    "native": """import array, fcntl, os, socket, sys, time
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+sock.sendto(b"MESSAGE=native one\\nPRIORITY=6\\nSYSLOG_IDENTIFIER=nat\\n", sys.argv[1])
+fd = os.memfd_create("journal", os.MFD_ALLOW_SEALING)
+os.write(fd, b"MESSAGE=" + b"m" * 300000 + b"\\nPRIORITY=3\\n")
+fcntl.fcntl(fd, 1033, 15)                   # F_ADD_SEALS: shrink, grow, write, seal
+sock.sendmsg([b""], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))], 0, sys.argv[1])
+time.sleep(1000)
+""",
+    # 50 errors and 50 debug messages
+    "chatty": """import socket, sys, time
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+for i in range(50):
+    sock.sendto(b"<3>%s[1]: err %d" % (sys.argv[2].encode(), i), sys.argv[1])
+    sock.sendto(b"<7>%s[1]: debug %d" % (sys.argv[2].encode(), i), sys.argv[1])
+time.sleep(1000)
+""",
+    "flood": """import os, socket, sys, time
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+for i in range(int(sys.argv[2])):
+    sock.sendto(b"<6>flood[1]: message %d" % i, sys.argv[1])
+os.close(os.open(sys.argv[3], os.O_CREAT | os.O_WRONLY))
+time.sleep(1000)
+""",
+}
+
+
+class SyslogTests(SupervisionCase):
+    """A daemon reading a syslog and a journal socket of its own (a folder:
+    syslog_socket), so that the machine's /dev/log is never touched."""
+
+    def setUp(self):
+        super().setUp()
+        self.sockets = os.path.join(self.home.path, "s")
+        self.dev_log = os.path.join(self.sockets, "dev-log")
+        self.journal = os.path.join(self.sockets, "journal-socket")
+        for name, text in SYSLOG_SCRIPTS.items():
+            write_file(self.file(name + ".py"), text)
+
+    def script(self, name, *args):
+        return "ExecStart=%s %s %s" % (PYTHON, self.file(name + ".py"), " ".join(args))
+
+    def start(self, units, **config):
+        config.setdefault("syslog_socket", self.sockets)
+        self.deploy(units, config=config, env={"GITPROC_SYSLOG_SOCKET": self.sockets})
+
+    def send(self, path, data):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(data, path)
+
+    def unit_lines(self, name, count, *args):
+        return wait_until(lambda: (lambda out: out if len(out) >= count else None)(
+            self.home.cli_process("logs", name, *args)[1].splitlines()), 10, "%d lines of %s" % (count, name))
+
+    def test_messages_land_in_the_log_of_the_unit_that_sent_them(self):
+        self.start({"py.service": unit_text(self.script("py", self.dev_log), "SyslogIdentifier=py"),
+                    "native.service": unit_text(self.script("native", self.journal))})
+        self.watch(self.home.running_pid("py"))
+        native = self.watch(self.home.running_pid("native"))
+        lines = self.unit_lines("py", 2)
+        self.assertRegex(lines[0], r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} py\[\d+\]: careful$")
+        self.assertRegex(lines[1], r" py\[\d+\]: broken$")
+        self.assertEqual([line.split(": ", 1)[1] for line in self.unit_lines("py", 1, "-p", "err")], ["broken"])
+        lines = self.unit_lines("native", 2)
+        self.assertTrue(lines[0].endswith(" nat[%d]: native one" % native), lines)
+        self.assertTrue(lines[1].endswith(" native[%d]: " % native + "m" * (16 * 1024) + " [cut]"), lines[1][-80:])
+        self.assertEqual(len(self.unit_lines("native", 1, "-p", "err")), 1)
+        code, out, err = self.home.cli_process("status")
+        self.assertIn("syslog %s, %s" % (self.dev_log, self.journal), out)
+
+    def test_bad_input_and_a_flood_cost_the_daemon_little(self):
+        self.start({"web.service": unit(SLEEPER)})
+        web = self.watch(self.home.running_pid("web"))
+        for data in (b"", b"\xff" * 100, b"<3>" + b"x" * 200000, b"MESSAGE=no end"):
+            self.send(self.dev_log, data)
+        for data in (b"BIN\n" + struct.pack("<Q", 1 << 40) + b"x\n", b"\xff\xfe", b"MESSAGE\n\x01"):
+            self.send(self.journal, data)
+        self.assertEqual(self.home.status("web")["pid"], web)
+        # a unit that floods: the daemon still answers, and writes at most the burst
+        done = self.file("flooded")
+        self.home.commit({"quiet.service": unit_text(self.script("flood", self.dev_log, "20000", done),
+                                                      "LogRateLimitBurst=1000", "LogRateLimitIntervalSec=60s")}, "flood")
+        self.watch(self.home.running_pid("quiet"))
+        worst = 0.0
+        deadline = time.monotonic() + 60
+        while not os.path.exists(done) and time.monotonic() < deadline:
+            started = time.monotonic()
+            self.home.status()
+            worst = max(worst, time.monotonic() - started)
+        MEASUREMENTS["status during a 20,000-message syslog flood (worst)"] = "%.1f ms" % (worst * 1000)
+        self.assertLess(worst, 2.0, "the daemon answers during a flood")
+        lines = wait_until(lambda: [line for line in read_lines(os.path.join(self.home.logs, "quiet.log"))
+                                    if "flood" in line] or None, 10, "the flood's lines")
+        self.assertLessEqual(len(lines), 1000, "LogRateLimitBurst= holds")
+        self.assertNotIn("Traceback", self.home.daemon_log())
+
+    def test_a_sender_that_is_no_units_goes_to_the_daemon_log(self):
+        self.start({"web.service": unit(SLEEPER)})
+        self.watch(self.home.running_pid("web"))
+        self.send(self.dev_log, b"<11>stranger[1]: not a unit")
+        wait_until(lambda: "(no unit's): stranger: not a unit" in self.home.daemon_log(), 5, "the daemon log line")
+
+    def test_log_level_max_and_two_units_at_once(self):
+        self.start({name + ".service": unit_text(self.script("chatty", self.dev_log, name), "LogLevelMax=info")
+                    for name in ("one", "two")})
+        for name in ("one", "two"):
+            self.watch(self.home.running_pid(name))
+        for name in ("one", "two"):
+            lines = self.unit_lines(name, 50)
+            self.assertEqual([line.split(": ", 1)[1] for line in lines], ["err %d" % i for i in range(50)])
+            self.assertTrue(all(" %s[" % name in line for line in lines), lines[:3])
+
+
+class SyslogStockUnitTests(SupervisionCase):
+    """As root, the stock units that log through syslog, with the daemon on
+    the machine's /dev/log (where no other daemon has it)."""
+
+    def setUp(self):
+        super().setUp()
+        if not IS_ROOT:
+            self.skipTest("stock units run as root, and /dev/log is root's")
+        if os.path.lexists("/dev/log"):
+            self.skipTest("/dev/log is another daemon's here (journald, rsyslog): gitproc leaves it alone")
+
+    def start_stock(self, *names):
+        self.home.commit({name: stock_unit(name) for name in names}, "stock units")
+        self.home.start_daemon(env={"GITPROC_SYSLOG_SOCKET": "auto"})
+        self.assertTrue(os.path.exists("/dev/log"), "the daemon made /dev/log")
+
+    @unittest.skipUnless(stock_unit("haproxy.service") and os.path.exists("/usr/sbin/haproxy"), "haproxy is not installed")
+    def test_haproxy_starts_with_its_dev_log_and_answers_on_its_master_socket(self):
+        self.start_stock("haproxy.service")
+        service = self.home.wait_state("haproxy", "running", timeout=30)
+        self.watch(service["pid"])
+        self.home.known_pids.update(cgroup_pids(self.home, "haproxy"))
+
+        def show_proc():
+            try:
+                with socket.socket(socket.AF_UNIX) as conn:
+                    conn.settimeout(5)
+                    conn.connect("/run/haproxy-master.sock")
+                    conn.sendall(b"show proc\n")
+                    return read_all(conn)
+            except OSError:
+                return b""
+        self.assertIn(b"master", wait_until(show_proc, 10, "haproxy's master socket"))
+        self.assertIn("Loading success", self.home.service_log("haproxy"))
+        self.assertEqual(self.home.cli("stop", "haproxy")[0], 0)
+
+    @unittest.skipUnless(stock_unit("unbound.service") and os.path.exists("/usr/sbin/unbound"), "unbound is not installed")
+    def test_unbound_says_why_it_fails_in_its_log(self):
+        if os.path.exists("/var/lib/unbound/root.key"):
+            self.skipTest("unbound has its trust anchor here: it may run; this test is about why it fails")
+        self.start_stock("unbound.service")
+        lines = wait_until(lambda: [line for line in read_lines(os.path.join(self.home.logs, "unbound.log"))
+                                    if "root.key" in line] or None, 30, "unbound's reason in its log")
+        self.assertRegex(lines[0], r"^<3>\S+ \S+ unbound\[\d+\]: .*error.*root\.key")
+        code, out, err = self.home.cli_process("logs", "unbound", "-p", "err")
+        self.assertIn("root.key", out)
+        self.home.wait_state("unbound", "failed", timeout=30)
+        code, out, err = self.home.cli_process("shutdown")
+        self.assertEqual(code, 0, err)
+        wait_until(lambda: not pid_alive(self.home.daemon_pid), 10, "the daemon to exit")
+        self.assertFalse(os.path.lexists("/dev/log"), "removed at shutdown")
+
+
+class SyslogRootTests(SupervisionCase):
+    """As root: glibc's syslog(3), through a unit's /dev/log (BindPaths=)."""
+
+    def setUp(self):
+        super().setUp()
+        if not IS_ROOT:
+            self.skipTest("binding a socket onto /dev/log needs a root daemon")
+
+    def test_pythons_syslog_module_reaches_the_units_log(self):
+        sockets = os.path.join(self.home.path, "s")
+        self.deploy({"glibc.service": unit_text(
+            "ExecStart=%s -c \x27import syslog, time; syslog.openlog(\"glibcapp\", syslog.LOG_PID); "
+            "syslog.syslog(syslog.LOG_ERR, \"from syslog(3)\"); time.sleep(1000)\x27" % PYTHON,
+            "BindPaths=%s/dev-log:/dev/log" % sockets)}, config={"syslog_socket": sockets},
+            env={"GITPROC_SYSLOG_SOCKET": sockets})
+        pid = self.watch(self.home.running_pid("glibc"))
+        line = wait_until(lambda: read_text(os.path.join(self.home.logs, "glibc.log")), 10, "the line")
+        self.assertRegex(line, r"^<3>\S+ \S+ glibcapp\[%d\]: from syslog\(3\)$" % pid)
+
+    def test_a_user_daemon_owns_no_dev_log(self):
+        channel = gitproc.SyslogChannel("auto", FakeLog(), None, None, None, None)
+        with unittest.mock.patch.object(os, "geteuid", lambda: 1000):
+            self.assertEqual(channel.paths(), {})
+            self.assertIn("cannot own /dev/log", channel.describe()["notes"]["/dev/log"])
+
 
 class LogRotationTests(SupervisionCase):
 
