@@ -1250,7 +1250,10 @@ def condition_holds(key, value, virtualization):
     if check == "FileNotEmpty":
         return os.path.isfile(value) and os.path.getsize(value) > 0
     if check == "FileIsExecutable":           # the mode bits, as systemd: not access(2)
-        info = os.stat(value)
+        try:
+            info = os.stat(value)
+        except OSError:
+            return False
         return stat.S_ISREG(info.st_mode) and bool(info.st_mode & 0o111)
     if check in ("User", "Group"):
         import grp
@@ -1385,19 +1388,27 @@ def _mount_points():
     return points
 
 
+MAX_GLOB_ALTERNATIVES = 256            # of a glob's {a,b} braces; more: the glob matches nothing
+
+
 def glob_matches(pattern):
     """True if something matches a glob as glibc's glob(3) with GLOB_BRACE
     reads it (systemd's ConditionPathExistsGlob=): {a,b} alternatives,
-    [!...] and [^...], backslash escapes; * never matches a leading dot."""
-    return any(_glob_walk("/", [part for part in alternative.split("/") if part])
-               for alternative in _expand_braces(pattern))
+    [!...] and [^...], backslash escapes; * never matches a leading dot.
+    A glob with more than MAX_GLOB_ALTERNATIVES alternatives, or one that
+    cannot be read, matches nothing (a condition on it fails)."""
+    try:
+        alternatives = _expand_braces(pattern, [MAX_GLOB_ALTERNATIVES])
+    except (ValueError, RecursionError):
+        return False
+    return any(_glob_walk("/", [part for part in alternative.split("/") if part]) for alternative in alternatives)
 
 
-def _expand_braces(pattern):
+def _expand_braces(pattern, budget):
     """'a{b,c{d,e}}f' -> ['abf', 'acdf', 'acef']; a brace without a comma
-    stands for its content ({x} is x), an unmatched one for itself."""
-    depth, start = 0, None
-    index = 0
+    stands for its content ({x} is x), an unmatched one for itself.
+    ValueError past budget[0] alternatives."""
+    depth, start, index = 0, None, 0
     while index < len(pattern):
         char = pattern[index]
         if char == "\\":
@@ -1407,11 +1418,12 @@ def _expand_braces(pattern):
             if depth == 0:
                 start = index
             depth += 1
+            if depth > 16:
+                raise ValueError("braces nested too deep")
         elif char == "}" and depth:
             depth -= 1
             if depth == 0:
-                inner, choices, level, piece = pattern[start + 1:index], [], 0, ""
-                position = 0
+                inner, choices, level, piece, position = pattern[start + 1:index], [], 0, "", 0
                 while position < len(inner):
                     c = inner[position]
                     if c == "\\":
@@ -1427,9 +1439,15 @@ def _expand_braces(pattern):
                         piece += c
                     position += 1
                 choices.append(piece)
-                head, tail = pattern[:start], pattern[index + 1:]
-                return [head + one + rest for choice in choices for one in _expand_braces(choice)
-                        for rest in _expand_braces(tail)]
+                head, tail = pattern[:start], _expand_braces(pattern[index + 1:], budget)
+                result = []
+                for choice in choices:
+                    for one in _expand_braces(choice, budget):
+                        for rest in tail:
+                            result.append(head + one + rest)
+                            if len(result) > budget[0]:
+                                raise ValueError("more than %d alternatives" % budget[0])
+                return result
         index += 1
     return [pattern]
 
@@ -1441,43 +1459,40 @@ def _glob_walk(folder, parts):
     if not any(c in part for c in "*?[\\"):
         path = os.path.join(folder, part)
         return (os.path.isdir(path) if rest else os.path.lexists(path)) and _glob_walk(path, rest)
+    matcher = _glob_matcher(part)
+    if matcher is None:
+        return False
     try:
         names = os.listdir(folder)
     except OSError:
         return False
-    matcher = re.compile(_glob_regex(part), re.S)
-    return any(matcher.match(name) and (not name.startswith(".") or part.startswith(".")) and
+    return any(matcher(name) and (not name.startswith(".") or part.startswith(".")) and
                _glob_walk(os.path.join(folder, name), rest) for name in names)
 
 
-def _glob_regex(part):
-    """One path component of a glob as a regex."""
+def _glob_matcher(part):
+    """A name matcher for one path component of a glob, or None if it cannot
+    be read. fnmatch makes the regex (it copes with '**********x' without
+    backtracking for ever); a backslash escape and [^...] become its forms."""
+    import fnmatch
     out, index = [], 0
     while index < len(part):
         char = part[index]
+        if char == "\\" and index + 1 < len(part):
+            escaped = part[index + 1]
+            out.append("[%s]" % escaped if escaped in "*?[" else escaped)    # the rest is literal to fnmatch
+            index += 2
+            continue
+        if char == "[" and part[index + 1:index + 2] == "^":
+            out.append("[!")
+            index += 2
+            continue
+        out.append(char)
         index += 1
-        if char == "\\" and index < len(part):
-            out.append(re.escape(part[index]))
-            index += 1
-        elif char == "*":
-            out.append(".*")
-        elif char == "?":
-            out.append(".")
-        elif char == "[":
-            end = index + (1 if part[index:index + 1] in ("!", "^") else 0)
-            end += 1 if part[end:end + 1] == "]" else 0
-            end = part.find("]", end)
-            if end < 0:
-                out.append(re.escape("["))
-                continue
-            body = part[index:end]
-            index = end + 1
-            negate = body[:1] in ("!", "^")
-            body = body[1:] if negate else body
-            out.append("[" + ("^" if negate else "") + body.replace("\\", "\\\\").replace("^", "\\^") + "]")
-        else:
-            out.append(re.escape(char))
-    return "".join(out) + r"\Z"
+    try:
+        return re.compile(fnmatch.translate("".join(out))).match
+    except (re.error, ValueError):
+        return None
 
 
 def container_name():
@@ -1498,7 +1513,7 @@ def container_name():
 
 
 def _parse_host_condition(value):
-    return (value.strip().lstrip("|").strip(),)      # a '|' on its own host list: one of them must match
+    return (value.strip(),)           # '|host': one of the '|' ones must match (host_matches)
 
 
 # The directive table: (section, key) -> (field, parse, kind). kind "list"
@@ -1626,12 +1641,12 @@ FIELD_KEYS["rlimits"] = "Limit*="
 # Values run through %-specifier expansion (the others are names, numbers, paths).
 # As systemd 252's parsers (load-fragment-gperf.gperf: the *_printf ones): the
 # dependency names, paths, users and commands; never numbers, booleans,
-# signals or capabilities. gitproc's own HealthCheckURL= too (%i for a port).
+# signals or capabilities (nor gitproc's HealthCheckURL=: a URL's %-escapes stay).
 _SPECIFIER_FIELDS = {"description", "environment", "environment_files", "working_directory", "user", "group",
                      "supplementary_groups", "pid_file", "syslog_identifier", "conditions", "condition_host", "paths",
                      "bind_paths", "temporary_file_systems", "directories", "standard_input", "standard_output",
                      "standard_error", "after", "before", "requires", "wants", "binds_to", "part_of", "conflicts",
-                     "on_failure", "health_check_url"} | set(EXEC_FIELDS)
+                     "on_failure"} | set(EXEC_FIELDS)
 # Keys accepted without a word: they only document the unit.
 SILENT_KEYS = {("Unit", key) for key in (
     "Documentation", "DefaultDependencies", "IgnoreOnIsolate", "AllowIsolate", "CollectMode", "SourcePath",
@@ -1645,17 +1660,23 @@ def unknown_key_message(section, key):
     belongs if it is known in another section (systemd ignores it there too),
     else the nearest known key ("did you mean Restart=?")."""
     import difflib
-    known = {(where, name) for where, name in list(DIRECTIVES) + list(SILENT_KEYS)}
-    homes = sorted(where for where, name in known if name == key and where != section)
+    if not _KNOWN_KEY_SECTIONS:
+        for where, name in list(DIRECTIVES) + list(SILENT_KEYS):
+            _KNOWN_KEY_SECTIONS.setdefault(name, set()).add(where)
+        for name in NOT_APPLIED_KEYS:
+            _KNOWN_KEY_SECTIONS.setdefault(name, set())
+    homes = sorted(_KNOWN_KEY_SECTIONS.get(key, set()) - {section})
     if homes:
         return "%s= belongs in [%s], not [%s]: ignored, as systemd does" % (key, homes[0], section)
-    names = sorted({name for _, name in known} | set(NOT_APPLIED_KEYS))
-    close = difflib.get_close_matches(key, names, n=1, cutoff=0.75)
+    close = difflib.get_close_matches(key, list(_KNOWN_KEY_SECTIONS), n=1, cutoff=0.75)
     hint = ""
     if close:
-        where = sorted(w for w, name in known if name == close[0])
+        where = sorted(_KNOWN_KEY_SECTIONS[close[0]])
         hint = " (did you mean %s=%s?)" % (close[0], "" if not where or section in where else " in [%s]" % where[0])
     return "unknown key %s= in [%s], ignored%s" % (key, section, hint)
+
+
+_KNOWN_KEY_SECTIONS = {}             # key -> the sections it is known in (filled at first use)
 
 
 def _keys(why, *names):
@@ -1874,6 +1895,10 @@ def _read_lines_into(values, lines_of, not_applied, warned_sections, name, text,
             if (key in NOT_APPLIED_KEYS or key in NOT_APPLIED_VALUES) and value and not _asks_for_nothing(key, value):
                 not_applied.append((key, value))
                 report(line_number, "warning", "not applied: %s=%s (%s)" % (key, value, not_applied_reason(key, value)))
+            elif section == "Service" and key == "ConditionHost":
+                # ignored by systemd, but a fleet's unit would then run on every host
+                report(line_number, "error", "ConditionHost= belongs in [Unit]: in [Service] it would be ignored, "
+                       "and the unit would run on every host")
             elif not key.startswith("X-") and (section, key) not in SILENT_KEYS and key not in NOT_APPLIED_KEYS:
                 report(line_number, "warning", unknown_key_message(section, key), code="key")
             continue
@@ -2120,7 +2145,10 @@ def other_unit_problems(path, text):
             if field.strip() == key and value.strip():
                 target = value.strip()
             elif field.strip() == "Accept":
-                accept = _is_on(value)
+                try:
+                    accept = parse_bool(value)
+                except ValueError:
+                    accept = False
     if section_name == "Socket" and accept:
         target = stem + "@" + UNIT_SUFFIX
     service = _strip_suffix(target, UNIT_SUFFIX)
@@ -2129,10 +2157,6 @@ def other_unit_problems(path, text):
         return [Diagnostic(path, 1, "warning", message, code="other-unit")]
     return [Diagnostic(path, 1, "warning", "%s: %s, which it activates, is not started at deploy (start it with "
                        "`start %s`)" % (message, target, service), unit=service, code="activated")]
-
-
-def _is_on(value):
-    return value.strip().lower() in ("1", "yes", "true", "on", "y", "t")
 
 
 def is_other_unit(path):
@@ -2325,6 +2349,9 @@ def load_config(flags=None, environ=None, lenient=False):
 
 def _load_config(flags, environ, only_keys):
     flags = dict(flags or {})
+    for key in ("home", "config", "socket", "repo"):       # kept for daemon-reload, which runs from another folder
+        if flags.get(key):
+            flags[key] = os.path.abspath(os.path.expanduser(flags[key]))
     environ = os.environ if environ is None else environ
     home = flags.get("home") or environ.get("GITPROC_HOME")
     if home:
@@ -3752,6 +3779,14 @@ class SourceWatcher:
         self.kill_fetch()
         if self.ref_watcher is not None:
             self.ref_watcher.close()
+
+    def replan_poll(self):
+        """The poll intervals changed (daemon-reload): the next poll is due
+        one new interval from now."""
+        self.quiet_polls, self.poll_delay = 0, self.config.poll_interval
+        if self.poll_timer is not None:
+            self.poll_timer.cancel()
+            self.poll_timer = self.call_later(self.poll_delay, self._poll_due)
 
     def _poll_due(self):
         """The performance guide's adaptive poll: every poll_interval, stretched to
@@ -8814,20 +8849,30 @@ def activated_units(specs, problems):
 
 def host_matches(conditions, hostname):
     """ConditionHost= globs or a machine id (a leading '!' negates), matched
-    without regard to case, as systemd; all must hold."""
+    without regard to case, as systemd: all must hold, but of those with a
+    leading '|' one is enough."""
     import fnmatch
-    try:
-        machine_id = _read_text("/etc/machine-id").strip()
-    except OSError:
-        machine_id = ""
+    if conditions and "machine_id" not in _MACHINE:
+        try:
+            _MACHINE["machine_id"] = _read_text("/etc/machine-id").strip()
+        except OSError:
+            _MACHINE["machine_id"] = ""
+    triggering = []
     for condition in conditions:
+        trigger = condition.startswith("|")
+        condition = condition[1:].strip() if trigger else condition
         negate = condition.startswith("!")
         pattern = condition[1:].strip() if negate else condition
         matches = fnmatch.fnmatchcase(hostname.lower(), pattern.lower()) or (
-            bool(machine_id) and pattern.lower().replace("-", "") == machine_id)
-        if matches == negate:
+            bool(_MACHINE["machine_id"]) and pattern.lower().replace("-", "") == _MACHINE["machine_id"])
+        if trigger:
+            triggering.append(matches != negate)
+        elif matches == negate:
             return False
-    return True
+    return not triggering or any(triggering)
+
+
+_MACHINE = {}                         # what host_matches read of this machine (its machine id)
 
 
 class Deployer:
@@ -9285,6 +9330,7 @@ class Deployer:
             service.removed = True
             self.recovery.saved_services.pop(name, None)
         self.specs, self.unit_problems, self.skipped = plan.specs, plan.problems, plan.skipped
+        released = [name for name in self.activated if name not in plan.activated and name in plan.unchanged]
         self.activated = plan.activated
         self._index_before()
         self.deployed = commit
@@ -9319,6 +9365,10 @@ class Deployer:
                     service.rejected = service.rolled_back = None   # a commit brought back the version it runs
                 if service.has_process():
                     service.linked_tree = spec.tree   # its files are alike: only unit files differ
+        for name in released:           # what activated it is gone: it runs as any unit does
+            service = self.services.get(name)
+            if service is not None and service.want == "up" and service.state == STOPPED and not service.has_process():
+                service.start()
         self.forget_removed()
         if plan.outside:
             self.log.info("daemon", "Commit %s touches no unit: it changes %s, outside every unit's folder" % (
@@ -9776,10 +9826,10 @@ class RequestHandlers:
         def check():
             if all(n in services and reached(services[n]) for n in names):
                 return {"ok": True, "result": {"services": [services[n].snapshot() for n in names]}}
-            lost = [why for why in (self._cannot_come(services.get(n), target) for n in names) if why]
+            lost = [(n, why) for n, why in ((n, self._cannot_come(services.get(n), target)) for n in names) if why]
             if lost:                      # no need to wait out the timeout for what cannot come
                 return {"ok": False, "error": "%s will not be %s: %s" % (
-                    ", ".join(n for n in names if self._cannot_come(services.get(n), target)), target, "; ".join(lost))}
+                    ", ".join(n for n, _ in lost), target, "; ".join(why for _, why in lost))}
             return None
 
         def expire():
@@ -10045,10 +10095,7 @@ class Daemon:
             self._open_notify_socket()
             self.syslog.open()
             self.server.open()
-            if self.config.http_listen:
-                self.http = HttpListener(parse_listen_address(self.config.http_listen), self.log, self.selector,
-                                         self.call_later, self.handlers.http_reply)
-                self.http.open()
+            self.http = self._open_http(self.config.http_listen)
             self._install_signal_handlers()
             self._raise_fd_limit()
             self.deployer.verifier.check_ready()
@@ -10226,6 +10273,15 @@ class Daemon:
         self.selector.register(sock, EVENT_READ, (self._on_notify, None))
         self.host.notify_address = self.notify.address
 
+    def _open_http(self, listen):
+        """The HTTP listener on `listen` (None: none), open."""
+        if not listen:
+            return None
+        listener = HttpListener(parse_listen_address(listen), self.log, self.selector, self.call_later,
+                                self.handlers.http_reply)
+        listener.open()
+        return listener
+
     def _syslog_channel(self, setting):
         return SyslogChannel(setting, self.log, self.selector, self._service_of_pid,
                              lambda name: self.deployer.specs.get(name) if name in self.services else None,
@@ -10344,6 +10400,8 @@ class Daemon:
         {"changed": [...], "restart_needed": [...]}."""
         config = self.config
         try:
+            if config.config_path and not os.path.exists(config.config_path):
+                raise ConfigError("%s, read at start, is gone" % config.config_path)
             new = load_config(config.flags)
             verifier = CommitVerifier(config.repo_path, new.verify, new.allow_rewind, self.deployer.verifier.gnupg_home)
             verifier.check_ready()
@@ -10355,24 +10413,21 @@ class Daemon:
         changed = [key for key in differ if key in LIVE_CONFIG_KEYS]
         restart_needed = [key for key in differ if key not in LIVE_CONFIG_KEYS]
         if "http_listen" in changed:
+            old = self.http                   # closed first: the new address may use its port
+            if old is not None:
+                old.close()
             try:
-                listener = None
-                if new.http_listen:
-                    listener = HttpListener(parse_listen_address(new.http_listen), self.log, self.selector,
-                                            self.call_later, self.handlers.http_reply)
-                    listener.open()
+                self.http = self._open_http(new.http_listen)
             except GitprocError as exc:
+                self.http = self._open_http(config.http_listen) if old is not None else None
                 message = "config not reloaded: %s; the running configuration stays" % exc
                 self.log.error("daemon", message)
                 raise GitprocError(message)
-            if self.http is not None:
-                self.http.close()
-            self.http = listener
         for key in changed:
             setattr(config, key, getattr(new, key))
         config.config_path = new.config_path
         if "poll_interval" in changed or "max_poll_interval" in changed:
-            self.source.quiet_polls, self.source.poll_delay = 0, config.poll_interval
+            self.source.replan_poll()
         self.log.max_bytes, self.log.backups = config.log_max_bytes, config.log_backups
         self.deployer.snapshots.limit = config.snapshot_max_bytes
         if "syslog_socket" in changed:

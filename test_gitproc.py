@@ -775,7 +775,7 @@ class UnitParserTests(unittest.TestCase):
                            "OnFailure", "ConditionHost", "Environment", "EnvironmentFile", "WorkingDirectory", "User",
                            "Group", "SupplementaryGroups", "PIDFile", "SyslogIdentifier", "BindPaths",
                            "BindReadOnlyPaths", "TemporaryFileSystem", "StandardInput", "StandardOutput",
-                           "StandardError", "HealthCheckURL"}
+                           "StandardError"}
         systemd_expands |= {key for _, key in gitproc.DIRECTIVES if key.startswith(("Condition", "Assert", "Exec"))
                             or key in gitproc.PATH_KEYS or key.endswith("Directory")}
         for (section, key), (field, _, _) in sorted(gitproc.DIRECTIVES.items()):
@@ -1199,6 +1199,13 @@ def oracle_condition(lines):
         "pass" if proc.returncode == 0 else "error: " + out
 
 
+CONDITION_CASES += [
+    ("ConditionFileIsExecutable=!{d}/missing", "pass"),
+    ("ConditionPathExistsGlob={d}/[z-a]", "skip"),
+    ("ConditionPathExistsGlob={d}/clamav/**********x", "skip"),
+]
+
+
 class ConditionTests(unittest.TestCase):
     """Every Condition*=/Assert*= gitproc evaluates, case by case against what
     systemd says (the table, and `systemd-analyze condition` where installed)."""
@@ -1227,6 +1234,17 @@ class ConditionTests(unittest.TestCase):
         for line in MACHINE_CONDITIONS:
             with self.subTest(line=line):
                 self.assertEqual(gitproc_condition([line]), oracle_condition([line]))
+
+    def test_a_pathological_glob_costs_nothing(self):
+        write_file(os.path.join(self.folder, "a" * 40), "")
+        started = time.monotonic()
+        self.assertFalse(gitproc.glob_matches(self.folder + "/**********z"))
+        self.assertFalse(gitproc.glob_matches(self.folder + "/" + "{a,b}" * 18))
+        self.assertFalse(gitproc.glob_matches(self.folder + "/" + "{" * 600 + "a" + "}" * 600))
+        self.assertLess(time.monotonic() - started, 2.0)
+        spec, problems = parse("[Service]\nExecStart=/bin/true\nConditionHost=web-*\n")
+        self.assertEqual(messages(problems), ["ConditionHost= belongs in [Unit]: in [Service] it would be ignored, "
+                                              "and the unit would run on every host"])
 
     def test_lines_systemd_ignores_are_warnings_and_bad_values_errors(self):
         spec, problems = parse("[Unit]\nConditionPathExists=etc\nConditionPathExists=| /x\n"
@@ -5565,11 +5583,14 @@ class UnitsOfOtherTypesTests(SupervisionCase):
         self.assertEqual(code, 0, out + err)
         # a commit that changes it leaves it stopped; start runs it
         self.home.commit({"backup.service": backup.replace("echo ran", "echo ran again")}, "backup v2")
-        plan = self.home.request({"cmd": "sync"})
+        self.home.request({"cmd": "sync"})
         self.assertFalse(os.path.exists(ran))
         self.assertEqual(self.home.cli("start", "backup")[0], 0)
         wait_until(lambda: os.path.exists(ran), 5, "backup to run")
-        del plan
+        # the socket gone, what it activated runs as any unit does
+        self.home.commit({"api.socket": None, "front.service": None}, "no socket, no front")
+        self.home.request({"cmd": "sync"})
+        self.watch(self.home.running_pid("api-server"))
 
     def test_check_accepts_what_systemd_accepts(self):
         folder = tempfile.mkdtemp(prefix="gpk", dir="/tmp")
@@ -7426,6 +7447,22 @@ class SyslogStockUnitTests(SupervisionCase):
         self.home.start_daemon(env={"GITPROC_SYSLOG_SOCKET": "auto"})
         self.assertTrue(os.path.exists("/dev/log"), "the daemon made /dev/log")
 
+    def test_a_sandboxed_unit_reaches_dev_log_and_the_journal(self):
+        script = self.file("both.py")
+        write_file(script, "import socket, syslog, time\nsyslog.openlog(\"boxed\", syslog.LOG_PID)\n"
+                           "syslog.syslog(syslog.LOG_WARNING, \"through /dev/log\")\n"
+                           "s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n"
+                           "s.sendto(b\"MESSAGE=through the journal\\nPRIORITY=3\\n\", \"/run/systemd/journal/socket\")\n"
+                           "time.sleep(1000)\n")
+        self.home.commit({"boxed.service": unit_text("ExecStart=%s %s" % (PYTHON, script), "PrivateDevices=yes",
+                                                     "ProtectSystem=strict")}, "boxed")
+        self.home.start_daemon(env={"GITPROC_SYSLOG_SOCKET": "auto"})
+        self.watch(self.home.running_pid("boxed"))
+        lines = wait_until(lambda: len(read_lines(os.path.join(self.home.logs, "boxed.log"))) >= 2 and
+                           read_lines(os.path.join(self.home.logs, "boxed.log")), 10, "both lines")
+        self.assertRegex(lines[0], r"^<4>\S+ \S+ boxed\[\d+\]: through /dev/log$")
+        self.assertRegex(lines[1], r"^<3>\S+ \S+ boxed\[\d+\]: through the journal$")
+
     @unittest.skipUnless(stock_unit("haproxy.service") and os.path.exists("/usr/sbin/haproxy"), "haproxy is not installed")
     def test_haproxy_starts_with_its_dev_log_and_answers_on_its_master_socket(self):
         self.start_stock("haproxy.service")
@@ -8739,6 +8776,24 @@ class FirstHourTests(unittest.TestCase):
         assert_clean_failure(self, code, out, err, 1, "poll_interval")
         code, out, err = home.cli_process("shutdown")
         self.assertEqual(code, 0, out + err)
+
+    def test_a_relative_home_is_found_again_by_daemon_reload(self):
+        home = Home(self)
+        home.commit({"web.service": unit(SLEEPER)}, "web")
+        parent, name = os.path.split(home.path)
+        proc = subprocess.run([sys.executable, GITPROC, "--home", name, "daemon"], cwd=parent, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+        self.assertEqual(proc.returncode, 0, proc.stderr.decode())
+        home.daemon_pid = int(read_text(os.path.join(home.path, "gitproc.pid")))
+        home.known_pids.add(home.running_pid("web"))
+        write_config(home, {"poll_interval": 7, "max_poll_interval": 7})
+        proc = subprocess.run([sys.executable, GITPROC, "--home", name, "daemon-reload"], cwd=parent,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.assertEqual(proc.returncode, 0, proc.stderr.decode())
+        self.assertIn("reloaded %s/config.json: changed max_poll_interval, poll_interval" % home.path, proc.stdout.decode())
+        os.unlink(os.path.join(home.path, "config.json"))
+        code, out, err = home.cli_process("daemon-reload")
+        assert_clean_failure(self, code, out, err, 1, "config.json, read at start, is gone")
 
     def test_events_survive_a_daemon_restart(self):
         home = Home(self)
