@@ -66,6 +66,7 @@ DEFAULT_START_LIMIT_BURST = 5
 STATE_SAVE_CHECK_INTERVAL = 5.0     # the batched saver looks this often ...
 STATE_MIN_SAVE_INTERVAL = 2.0       # ... and writes at most this often
 STATE_VERSION = 1
+EVENTS_SAVE_INTERVAL = 10.0         # events.json is written at most this often (and at shutdown)
 HISTORY_LIMIT = 100
 LOG_CHECK_INTERVAL = 5.0            # how often service log sizes are checked
 POLL_FALLBACK_INTERVAL = 0.2        # exit polling where pidfds and SIGCHLD fail
@@ -350,9 +351,10 @@ def describe_os_error(exc):
     return str(exc.strerror or exc)
 
 
-def atomic_write(path, data):
+def atomic_write(path, data, durable=True):
     """Write bytes so that readers see the old or the new file, never half of one:
-    a temporary file beside it, fsync, rename over, fsync of the folder."""
+    a temporary file beside it, fsync, rename over, fsync of the folder
+    (without `durable`, no fsync: a crash may lose the write, never half it)."""
     folder = os.path.dirname(path) or "."
     tmp_path = "%s.tmp.%d" % (path, os.getpid())
     fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -360,7 +362,8 @@ def atomic_write(path, data):
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     except BaseException:
         os.close(fd)
         _unlink_quietly(tmp_path)
@@ -371,6 +374,8 @@ def atomic_write(path, data):
     except BaseException:
         _unlink_quietly(tmp_path)
         raise
+    if not durable:
+        return
     dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(dir_fd)
@@ -2497,11 +2502,13 @@ def _check_verify_setting(verify):
 class StateStore:
     """Batched, atomic persistence of one JSON document."""
 
-    def __init__(self, path, log, call_later=None, snapshot=None):
+    def __init__(self, path, log, call_later=None, snapshot=None, min_interval=STATE_MIN_SAVE_INTERVAL, durable=True):
         self.path = path
         self.log = log
         self.call_later = call_later  # the loop's timers, for batched saves
         self.snapshot = snapshot      # () -> the document to save
+        self.min_interval = min_interval  # the least time between two writes
+        self.durable = durable        # fsync each write (the state), or not (the events: a history, not intents)
         self.dirty = False            # something changed since the last write
         self.last_save = 0.0          # monotonic time of the last successful write
         self.save_timer = None
@@ -2517,7 +2524,7 @@ class StateStore:
         self.save_timer = None
         if not self.dirty:
             return
-        wait = self.last_save + STATE_MIN_SAVE_INTERVAL - time.monotonic()
+        wait = self.last_save + self.min_interval - time.monotonic()
         if wait > 0:
             self.save_timer = self.call_later(wait, self._save_due)
             return
@@ -2574,14 +2581,15 @@ class StateStore:
         data = json.dumps(snapshot, separators=(",", ":"), sort_keys=True).encode()
         try:
             makedirs(os.path.dirname(self.path))
-            atomic_write(self.path, data)
+            atomic_write(self.path, data, self.durable)
         except OSError as exc:
             self.log.error("daemon", "Saving state to %s failed: %s; the previous state file is kept" % (self.path, exc.strerror or exc))
             self.dirty = True
             return False
         self.dirty = False
         self.last_save = time.monotonic()
-        self.log.debug("daemon", "Saving state: %d bytes in %.2f ms" % (len(data), (self.last_save - started) * 1000))
+        self.log.debug("daemon", "Saving %s: %d bytes in %.2f ms" % (
+            "state" if self.durable else os.path.basename(self.path), len(data), (self.last_save - started) * 1000))
         return True
 
 
@@ -10051,7 +10059,7 @@ class Daemon:
         self.server = ControlServer(config, log, self.selector, self.call_later, self.handlers.dispatch)
         self.events = EventLog(self.server)
         self.events.store = StateStore(os.path.join(os.path.dirname(config.state_file), "events.json"), log,
-                                       self.call_later, self.events.persistent)
+                                       self.call_later, self.events.persistent, EVENTS_SAVE_INTERVAL, durable=False)
         self.deployer = Deployer(config, log, self.services, self.recovery, self.host, self.store, self.events)
         self.host.snapshots = self.deployer.snapshots
         self.source = SourceWatcher(config, log, self.selector, self.call_later, self.host.exit_watcher, self.deployer)
