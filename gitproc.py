@@ -17,11 +17,13 @@ Sections (grep for "# ==== N."):
      4. unit files: UnitSpec, the directive table, the parser
      5. configuration and paths
      6. state store: batched, atomic saves
-     7. git source: git commands, RefWatcher, SourceWatcher, the pure deploy plan
+     7. git source: git commands, trusted deploys (CommitVerifier), snapshots,
+        RefWatcher, SourceWatcher, the pure deploy plan
      8. process supervision: restart policy, the state table, cgroups, spawner,
         exit watcher, Launcher, Service, Dependencies
      9. health checks: HealthProbe
-    10. logs: the daemon's log, service log rotation
+    10. logs: the daemon's log, service log rotation, the syslog and journal
+        sockets (SyslogChannel)
     11. control protocol: framing, ControlServer, client
     12. daemon: Recovery, Deployer, RequestHandlers, DaemonHost, Daemon
     13. command line
@@ -7471,8 +7473,9 @@ class HealthProbe:
 
 
 # ==== 10. logs ================================================================
-# The daemon's own log (one line per event, service name first) and the size
-# rotation of service logs. Services write their files directly; the daemon
+# The daemon's own log (one line per event, service name first), the size
+# rotation of service logs, and the syslog and journal sockets whose messages
+# go to the units' logs. Services write their files directly; the daemon
 # only rotates them, by copy-and-truncate, since it cannot reopen a running
 # service's stdout (O_APPEND writers carry on at the new end).
 
