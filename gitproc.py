@@ -7227,14 +7227,16 @@ class Dependencies:
     def pulled_in(self, names):
         """The units a start of `names` starts too, as systemctl does for
         Wants=: their wanted units, and those's in turn, that are down; in
-        dependency order. (A Requires= unit stopped by the user still holds
-        the start back, as before.)"""
+        dependency order. A Requires= unit is pulled in only where a deploy
+        left it stopped because something else starts it (SPEC §16); one the
+        user stopped holds the start back."""
         seen, found, todo = set(names), [], list(names)
         while todo:
             service = self.services.get(todo.pop())
             if service is None:
                 continue
-            for other in service.spec.wants + service.spec.binds_to:
+            required = [name for name in service.spec.requires if self.activated(name)]
+            for other in service.spec.wants + service.spec.binds_to + tuple(required):
                 if other not in seen and other in self.services and not self.services[other].removed:
                     seen.add(other)
                     todo.append(other)
@@ -8845,7 +8847,10 @@ def activated_units(specs, problems):
     does start pulls them in (Wants=, Requires=, BindsTo=)."""
     activated = {d.unit: d.message.split(": ", 1)[0] + ": not started at deploy" for d in problems
                  if d.code == "activated" and d.unit in specs}
+    targets = {target for spec in specs.values() for target in spec.on_failure}
     for name, spec in sorted(specs.items()):
+        if name in targets:
+            continue                      # units that name each other in OnFailure= run, as they would anyway
         for target in spec.on_failure:
             if target in specs and target != name:
                 activated.setdefault(target, "started when %s fails (OnFailure=), not at deploy" % name)
@@ -10183,6 +10188,8 @@ class Daemon:
                 self.log.warning(service.name, "OnFailure=%s: no such unit is deployed" % name)
                 continue
             self.log.info(name, "Starting: %s failed (OnFailure=)" % service.name)
+            for pulled in self.dependencies.pulled_in([name]):   # what it wants or requires, as a start does
+                pulled.start()
             other.start(monitor=monitor)
 
     def _notify_first(self, event):

@@ -4462,6 +4462,9 @@ class OrderingKeysTests(unittest.TestCase):
         services["cache"].start()
         self.assertEqual([s.name for s in rules.pulled_in(["web"])], ["db", "log"], "what is down, in order")
         self.assertEqual(rules.pulled_in(["other"]), [])
+        # a Requires= unit that a deploy left stopped for what activates it (SPEC §16) is pulled in
+        rules = gitproc.Dependencies(services, host.log, activated=lambda name: name == "log")
+        self.assertEqual([s.name for s in rules.pulled_in(["other"])], ["log"])
 
     def test_timeout_stop_sec_0_waits_for_ever(self):
         host = FakeHost()
@@ -5644,6 +5647,12 @@ class UnitRelationTests(SupervisionCase):
         self.watch(self.home.running_pid("new"))
         self.assertEqual(self.home.wait_state("old", "stopped")["reason"], "conflicts with new")
         self.assert_gone(old)
+
+    def test_units_naming_each_other_in_on_failure_both_run(self):
+        self.deploy({"a.service": unit_text("ExecStart=" + SLEEPER, unit_lines=["OnFailure=b.service"]),
+                     "b.service": unit_text("ExecStart=" + SLEEPER, unit_lines=["OnFailure=a.service"])})
+        self.watch(self.home.running_pid("a"))
+        self.watch(self.home.running_pid("b"))
 
     def test_on_failure_starts_a_unit_with_the_monitor_variables(self):
         out = self.file("out")
