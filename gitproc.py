@@ -219,6 +219,11 @@ def _physical_memory():
     return 0
 
 
+def _log_stamp(wall):
+    """The time of a unit's syslog line: 2026-12-07 00:31:38.094 (local)."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(wall)) + ".%03d" % (int(wall * 1000) % 1000)
+
+
 def parse_priority(text):
     """'err', 'warning' or '3' -> 3 (LOG_ERR); ValueError otherwise."""
     text = text.strip().lower()
@@ -2404,9 +2409,11 @@ def _load_config(flags, environ, only_keys):
         settings["verify"] = _check_verify_setting(settings["verify"])
     if settings["signing_key"]:
         settings["signing_key"] = os.path.expanduser(settings["signing_key"])
-    if settings["syslog_socket"] not in ("auto", "off") and not os.path.isabs(settings["syslog_socket"]):
-        raise ConfigError('syslog_socket must be "auto", "off" or an absolute path (a folder), not %r'
-                          % settings["syslog_socket"])
+    if settings["syslog_socket"] not in ("auto", "off") and (
+            not os.path.isabs(settings["syslog_socket"]) or
+            len(os.path.join(settings["syslog_socket"], "journal-socket").encode()) > MAX_SOCKET_PATH):
+        raise ConfigError('syslog_socket must be "auto", "off" or an absolute path of a folder short enough for '
+                          'its sockets (%d bytes with "/journal-socket"), not %r' % (MAX_SOCKET_PATH, settings["syslog_socket"]))
     settings.update(home=home, pid_file=defaults["pid_file"], config_path=config_path, flags=flags, warning=None)
     return Config(settings)
 
@@ -4472,6 +4479,8 @@ class Sandbox:
                     if optional:
                         continue
                     raise OSError(errno.ENOENT, "%s: no such file or folder" % source)
+                if path.startswith("/dev/") and not os.path.lexists(path):
+                    _make_mount_point(path, source)      # in the private /dev, made just before
                 self._mount("/proc/self/fd/%d" % sources[source], path, None, MS_BIND | (16384 if recursive else 0))
                 # A bind copies the flags of where it is made: under ProtectSystem=strict
                 # it would be read-only too.
@@ -4494,6 +4503,7 @@ class Sandbox:
         and their mount points made where missing (as systemd makes them),
         before any step could hide a source or make the file system read-only."""
         sources = {}
+        private_dev = any(what == "devices" for what, _, _, _ in self.steps)
         for what, path, argument, _ in self.steps:
             if what not in ("bind", "bind-ro") or argument[0] in sources:
                 continue
@@ -4501,11 +4511,8 @@ class Sandbox:
                 sources[argument[0]] = os.open(argument[0], os.O_PATH | os.O_CLOEXEC)
             except FileNotFoundError:
                 continue
-            if not os.path.lexists(path):
-                if os.path.isdir(argument[0]):
-                    os.makedirs(path, 0o755)
-                else:
-                    os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o644))
+            if not (private_dev and path.startswith("/dev/")):   # there: made in the unit's own /dev
+                _make_mount_point(path, argument[0])
         return sources
 
     def _all_read_only(self):
@@ -4537,7 +4544,11 @@ class Sandbox:
             target = os.path.join(staging, node)
             os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o666))
             self._mount("/dev/" + node, target, None, MS_BIND)
-        if os.path.exists("/dev/log"):      # as systemd: syslog(3) still reaches the system's log
+        # As systemd: syslog(3) still reaches the system's log. A link (systemd's
+        # layout, and gitproc's) is copied, so that it follows a new socket.
+        if os.path.islink("/dev/log"):
+            os.symlink(os.readlink("/dev/log"), os.path.join(staging, "log"))
+        elif stat.S_ISSOCK(os.stat("/dev/log").st_mode if os.path.exists("/dev/log") else 0):
             os.close(os.open(os.path.join(staging, "log"), os.O_CREAT | os.O_WRONLY, 0o666))
             self._mount("/dev/log", os.path.join(staging, "log"), None, MS_BIND)
         for folder in ("pts", "shm"):
@@ -4613,6 +4624,16 @@ class CgroupSet:
         v2 group when it is born there)."""
         return [os.path.join(folder, "cgroup.procs") for folder in self.folders
                 if not (born_in_v2 and folder == self.v2)]
+
+
+def _make_mount_point(path, source):
+    """Where a bind of `source` goes, made if missing (as systemd makes it)."""
+    if os.path.lexists(path):
+        return
+    if os.path.isdir(source):
+        os.makedirs(path, 0o755)
+    else:
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o644))
 
 
 class Cgroups:
@@ -7593,13 +7614,19 @@ def rotate_service_log(path, backups):
 # bounded; a flood past LogRateLimitBurst= is counted, not written.
 
 SYSLOG_PATH, JOURNAL_PATH = "/dev/log", "/run/systemd/journal/socket"
+DEV_LOG_SOCKET = "/run/systemd/journal/dev-log"   # where /dev/log links to, as systemd lays it out
 MAX_LOG_DATAGRAM = 256 * 1024         # larger native messages come in a memfd
-MAX_LOG_MEMFD = 4 * 1024 * 1024       # what of a memfd is read
+MAX_LOG_MEMFD = 1024 * 1024           # what of a memfd is read
+MAX_LOG_FIELDS = 1024                 # of a native message (journald's limit)
 LOG_DATAGRAMS_PER_TURN = 128
+LOG_BYTES_PER_TURN = 2 * 1024 * 1024  # and at most this much read a loop turn
 MAX_LOG_LINE = 16 * 1024              # longer messages are cut, saying so
+MAX_LOG_LINES = 100                   # lines of one message; more are cut, saying so
+NO_UNIT_LOG_BURST = 200               # messages from no unit's process per LogRateLimitIntervalSec
 _RFC3164_RE = re.compile(r"(?:[A-Z][a-z]{2} [ 0-9]\d \d\d:\d\d:\d\d )?(?:([^\s\[:]+)(?:\[(\d+)\])?: )?(.*)\Z", re.S)
 _RFC5424_RE = re.compile(r"1 \S+ \S+ (\S+) (\S+) \S+ (?:-|(?:\[.*?\])+) ?(.*)\Z", re.S)
 _PRIORITY_PREFIX_RE = re.compile(r"<([0-7])>")
+_SYSLOG_LINE_RE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} \S+\[\d+\]: ")
 
 
 def parse_syslog_datagram(data):
@@ -7642,6 +7669,8 @@ def parse_journal_datagram(data):
             key, value, position = line, data[start:start + size], start + size + 1
         if key and not key.startswith(b"_"):      # trusted fields are the receiver's to add
             fields[key.decode("ascii", "replace")] = value
+            if len(fields) > MAX_LOG_FIELDS:
+                raise ValueError("more than %d fields" % MAX_LOG_FIELDS)
     return fields
 
 
@@ -7702,7 +7731,7 @@ class SyslogChannel:
     def open(self):
         for kind, path in self.paths().items():
             try:
-                sock = self._bind(path)
+                sock = self._bind_dev_log() if path == SYSLOG_PATH else self._bind(path)
             except OSError as exc:
                 self.notes[path] = "cannot listen: %s" % describe_os_error(exc)
                 self.log.warning("daemon", "Syslog: cannot listen on %s: %s" % (path, describe_os_error(exc)))
@@ -7714,35 +7743,63 @@ class SyslogChannel:
         if self.sockets:
             self.log.info("daemon", "Syslog: reading %s" % ", ".join(sorted(self.sockets)))
 
-    def _bind(self, path):
-        """Our socket at `path`, or None where another daemon listens there
-        (journald, rsyslog): that one is left alone, and said so."""
-        if os.path.lexists(path):
+    def _bind_dev_log(self):
+        """/dev/log as systemd lays it out: a link to DEV_LOG_SOCKET, where
+        the socket is. A unit's private /dev copies the link, so it reaches
+        the socket a next daemon makes (a bind of the socket itself would
+        keep the old one)."""
+        if os.path.islink(SYSLOG_PATH):
+            return self._bind(os.path.normpath(os.path.join("/dev", os.readlink(SYSLOG_PATH))))
+        if os.path.lexists(SYSLOG_PATH):
+            if self._bind(SYSLOG_PATH, take_over=False) is None and SYSLOG_PATH in self.notes:
+                return None                   # another daemon's, or not a socket: left alone
+            _unlink_quietly(SYSLOG_PATH)      # a socket nobody reads: the layout below replaces it
+        sock = self._bind(DEV_LOG_SOCKET)
+        if sock is not None:
+            os.symlink(DEV_LOG_SOCKET, SYSLOG_PATH)
+            self.owned.append(SYSLOG_PATH)
+        return sock
+
+    def _bind(self, path, take_over=True):
+        """Our socket at `path`. None where another daemon listens there
+        (journald, rsyslog) or the path is no socket: left alone, and said
+        so. A socket nobody reads is taken over (with take_over)."""
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            mode = None
+        if mode is not None:
+            if not stat.S_ISSOCK(mode):
+                self.notes[path] = "not a socket: left alone"
+                self.log.warning("daemon", "Syslog: %s is not a socket; left alone" % path)
+                return None
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
             try:
                 probe.connect(path)
                 self.notes[path] = "another daemon listens there: left alone"
                 self.log.info("daemon", "Syslog: %s is another daemon's; left alone" % path)
                 return None
-            except (ConnectionRefusedError, FileNotFoundError):
-                os.unlink(path)               # a socket nobody reads (or a link to one): taken over
-            except OSError as exc:
-                if exc.errno != errno.ENOTSOCK:
-                    raise
-                self.notes[path] = "not a socket: left alone"
-                return None
+            except ConnectionRefusedError:
+                if not take_over:
+                    return None
+                os.unlink(path)               # a socket nobody reads: taken over
             finally:
                 probe.close()
-        makedirs(os.path.dirname(path))
+        folder = os.path.dirname(path)
+        if not os.path.isdir(folder):
+            makedirs(folder)
+            self.owned.append(folder)         # removed at close, if empty
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+        umask = os.umask(0o111)               # made 0666: every process may log, as with journald's
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
             sock.bind(path)
-            os.chmod(path, 0o666)             # every process may log, as with journald's
         except OSError:
             sock.close()
             raise
+        finally:
+            os.umask(umask)
         self.owned.append(path)
         return sock
 
@@ -7753,8 +7810,14 @@ class SyslogChannel:
             except (KeyError, ValueError):
                 pass
             sock.close()
-        for path in self.owned:
-            _unlink_quietly(path)
+        for path in reversed(self.owned):
+            if os.path.isdir(path) and not os.path.islink(path):
+                try:
+                    os.rmdir(path)            # a folder we made, unless something else lives there now
+                except OSError:
+                    pass
+            else:
+                _unlink_quietly(path)
         self.sockets, self.owned = {}, []
 
     def _on_readable(self, kind, _mask):
@@ -7763,12 +7826,18 @@ class SyslogChannel:
             return
         batches = {}
         now, wall = time.monotonic(), time.time()
+        budget = LOG_BYTES_PER_TURN
         for data, pid, uid, fds, truncated in receive_datagrams(sock, MAX_LOG_DATAGRAM, LOG_DATAGRAMS_PER_TURN,
                                                                 keep_fds=1 if kind == "journal" else 0):
             self.received += 1
             try:
+                name = self._unit_of(pid, now) if pid else None
+                spec = self.spec_of(name) if name else None
+                if not self._admit(name, spec, now, wall, batches):
+                    continue                  # over its rate: not even read further
                 if fds:
                     data = self._read_memfd(fds[0])
+                budget -= len(data)
                 message = self._message(kind, data, truncated)
             except (ValueError, OSError) as exc:
                 message = (3, "gitproc", pid, "a %s message that could not be read: %s" % (kind, exc))
@@ -7776,16 +7845,32 @@ class SyslogChannel:
                 for fd in fds:
                     os.close(fd)
             if message is not None:
-                self._route(message, pid, now, wall, batches)
+                self._route(message, pid, spec, wall, batches)
+            if budget <= 0:
+                break                         # the rest waits for the next loop turn
         for name, lines in batches.items():
-            self.write(name, lines)
+            if name is None:
+                for line in lines:
+                    self.log.info("daemon", line.rstrip("\n"))
+            else:
+                self.write(name, lines)
 
     def _path_of(self, kind):
         return self.paths().get(kind)
 
     @staticmethod
     def _read_memfd(fd):
-        """A large native message: the contents of the memfd it came in."""
+        """A large native message: the contents of the sealed memfd it came
+        in. Any other descriptor (a pipe, a device, a file on NFS) could
+        block the loop: refused unread, as journald refuses it."""
+        import fcntl
+        info = os.fstat(fd)
+        try:
+            seals = fcntl.fcntl(fd, 1034)     # F_GET_SEALS: only a memfd has them
+        except OSError:
+            seals = 0
+        if not stat.S_ISREG(info.st_mode) or seals & 0xe != 0xe:    # shrink, grow and write sealed
+            raise ValueError("a descriptor that is not a sealed memfd")
         data = os.pread(fd, MAX_LOG_MEMFD, 0)
         if not data:
             raise ValueError("an empty memfd")
@@ -7812,34 +7897,45 @@ class SyslogChannel:
             text += " [cut: longer than %d bytes]" % MAX_LOG_DATAGRAM
         return priority, identifier, pid, text
 
-    def _route(self, message, sender, now, wall, batches):
+    def _admit(self, name, spec, now, wall, batches):
+        """The rate limit of the sender's unit (LogRateLimitIntervalSec=/
+        LogRateLimitBurst=; for processes of no unit, a burst of
+        NO_UNIT_LOG_BURST): True to read the message. When an interval
+        ends with messages suppressed, a line says how many."""
+        key = name if spec is not None else None
+        interval = spec.log_rate_interval if spec is not None else DEFAULT_LOG_RATE_INTERVAL
+        burst = spec.log_rate_burst if spec is not None else NO_UNIT_LOG_BURST
+        rate = self.rates.get(key) or self.rates.setdefault(key, LogRate(now))
+        allowed, ended = rate.allow(now, interval, burst)
+        if ended:
+            batches.setdefault(key, []).append("%sSuppressed %d messages from %s (%d in %gs)\n" % (
+                "<5>%s gitproc: " % _log_stamp(wall) if key else "syslog: ", ended,
+                name or "processes of no unit", burst, interval))
+        if not allowed:
+            self.dropped += 1
+        return allowed
+
+    def _route(self, message, sender, spec, wall, batches):
         """The unit's line(s), or the daemon log's for a sender that is no
         unit's. The sender is the kernel's pid (SCM_CREDENTIALS), never the
         pid the message claims."""
         priority, identifier, claimed_pid, text = message
-        name = self._unit_of(sender, now) if sender else None
-        spec = self.spec_of(name) if name else None
         if spec is None:
-            self.log.info("daemon", "syslog from pid %s (no unit's): %s%s" % (
-                sender, "%s: " % identifier if identifier else "", text[:MAX_LOG_LINE]))
+            batches.setdefault(None, []).append("syslog from pid %s (no unit's): %s%s\n" % (
+                sender, "%s: " % identifier if identifier else "", text[:MAX_LOG_LINE].replace("\n", " ")))
             return
         if spec.log_level_max is not None and priority > spec.log_level_max:
             self.dropped += 1
             return
-        rate = self.rates.get(name) or self.rates.setdefault(name, LogRate(now))
-        allowed, ended = rate.allow(now, spec.log_rate_interval, spec.log_rate_burst)
-        lines = batches.setdefault(name, [])
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(wall)) + ".%03d" % (int(wall * 1000) % 1000)
-        if ended:
-            lines.append("<5>%s gitproc: Suppressed %d messages from %s (LogRateLimitBurst=%d in %gs)\n" % (
-                stamp, ended, name, spec.log_rate_burst, spec.log_rate_interval))
-        if not allowed:
-            self.dropped += 1
-            return
-        header = "<%d>%s %s[%d]: " % (priority, stamp, spec.syslog_identifier or identifier or name, sender)
+        # SyslogIdentifier= names the unit's own output, not what it sends to syslog (as systemd)
+        header = "<%d>%s %s[%d]: " % (priority, _log_stamp(wall), identifier or spec.syslog_identifier or spec.name,
+                                      sender)
         if len(text) > MAX_LOG_LINE:
             text = text[:MAX_LOG_LINE] + " [cut]"
-        lines.extend(header + line + "\n" for line in (text.split("\n") if text else [""]))
+        parts = text.split("\n") if text else [""]
+        if len(parts) > MAX_LOG_LINES:
+            parts = parts[:MAX_LOG_LINES] + ["[cut: %d more lines]" % (len(parts) - MAX_LOG_LINES)]
+        batches.setdefault(spec.name, []).extend(header + line + "\n" for line in parts)
 
     def _unit_of(self, pid, now):
         """The unit of a sender pid, remembered a second (a flood from one
@@ -10309,9 +10405,12 @@ class Daemon:
         """Lines the syslog channel has for a unit: appended to its log, one
         write per loop turn and unit."""
         try:
-            fd = os.open(self.config.service_log(name), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            fd = os.open(self.config.service_log(name), os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
             try:
-                os.write(fd, "".join(lines).encode("utf-8", "replace"))
+                size = os.fstat(fd).st_size
+                # after a partial line of the unit's own output, on a line of its own
+                newline = "\n" if size and os.pread(fd, 1, size - 1) != b"\n" else ""
+                os.write(fd, (newline + "".join(lines)).encode("utf-8", "replace"))
             finally:
                 os.close(fd)
         except OSError as exc:
@@ -11026,7 +11125,7 @@ class _LogView:
         match = _PRIORITY_PREFIX_RE.match(line)
         if match:
             priority, line = int(match.group(1)), line[match.end():]
-            if self.prefix and not line[:4].isdigit():       # a unit's own <N>: line (sd-daemon's prefix)
+            if self.prefix and not _SYSLOG_LINE_RE.match(line):     # a unit's own <N> line (sd-daemon's prefix)
                 line = self.prefix + line
         else:
             priority, line = self.default, self.prefix + line

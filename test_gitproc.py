@@ -7387,8 +7387,9 @@ class SyslogTests(SupervisionCase):
         self.watch(self.home.running_pid("py"))
         native = self.watch(self.home.running_pid("native"))
         lines = self.unit_lines("py", 2)
-        self.assertRegex(lines[0], r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} py\[\d+\]: careful$")
-        self.assertRegex(lines[1], r" py\[\d+\]: broken$")
+        # the message's own identifier: SyslogIdentifier= names the unit's output only, as in systemd
+        self.assertRegex(lines[0], r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} pyapp\[\d+\]: careful$")
+        self.assertRegex(lines[1], r" pyapp\[\d+\]: broken$")
         self.assertEqual([line.split(": ", 1)[1] for line in self.unit_lines("py", 1, "-p", "err")], ["broken"])
         lines = self.unit_lines("native", 2)
         self.assertTrue(lines[0].endswith(" nat[%d]: native one" % native), lines)
@@ -7422,6 +7423,43 @@ class SyslogTests(SupervisionCase):
                                     if "flood" in line] or None, 10, "the flood's lines")
         self.assertLessEqual(len(lines), 1000, "LogRateLimitBurst= holds")
         self.assertNotIn("Traceback", self.home.daemon_log())
+
+    def test_what_could_hold_or_swell_the_daemon_is_refused(self):
+        write_file(self.file("partial.py"), "import socket, sys, time\nsys.stdout.write(\"progress: 50%...\")\n"
+                   "sys.stdout.flush()\ns = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n"
+                   "s.sendto(b\"<3>app: disk failed\", sys.argv[1])\n"
+                   "s.sendto(b\"<3>app: \" + b\"x\\n\" * 5000, sys.argv[1])\ntime.sleep(1000)\n")
+        os.makedirs(self.sockets)
+        write_file(self.journal, "a file, not a socket\n")      # left alone
+        self.start({"partial.service": unit_text("ExecStart=%s %s %s" % (PYTHON, self.file("partial.py"), self.dev_log))})
+        self.watch(self.home.running_pid("partial"))
+        lines = self.unit_lines("partial", 100, "-n", "200")
+        self.assertEqual(lines[0], "progress: 50%...", "the syslog line starts a line of its own")
+        self.assertTrue(lines[1].endswith(": disk failed"), lines[1])
+        self.assertEqual(len(read_lines(os.path.join(self.home.logs, "partial.log"))), 2 + 101, "a message's lines are bounded")
+        self.assertTrue(self.home.cli_process("logs", "partial", "-p", "err", "-n", "1")[1].strip().endswith(
+            " app[%d]: [cut: 4900 more lines]" % self.home.status("partial")["pid"]))
+        self.assertEqual(read_text(self.journal), "a file, not a socket\n")
+        code, out, err = self.home.cli_process("status")
+        self.assertIn("%s: not a socket: left alone" % self.journal, out)
+        # a descriptor that is no sealed memfd (a pipe nobody writes to) is refused unread
+        import array
+        read_end, write_end = os.pipe()
+        self.addCleanup(os.close, write_end)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendmsg([b""], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [read_end]))], 0, self.dev_log)
+        os.close(read_end)
+        started = time.monotonic()
+        self.home.status()
+        self.assertLess(time.monotonic() - started, 5)
+        # the journal socket is not ours here; the syslog one takes a memfd too, but reads none
+        # a flood from no unit's process fills the daemon log only up to its burst
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            for index in range(400):
+                sock.sendto(b"<6>stranger: %d" % index, self.dev_log)
+        wait_until(lambda: daemon_info(self.home)["syslog"]["dropped"] >= 400 - gitproc.NO_UNIT_LOG_BURST, 10,
+                   "the strangers past the burst dropped")
+        self.assertLessEqual(len(daemon_log_lines(self.home, "daemon", "(no unit's): stranger")), gitproc.NO_UNIT_LOG_BURST)
 
     def test_a_sender_that_is_no_units_goes_to_the_daemon_log(self):
         self.start({"web.service": unit(SLEEPER)})
@@ -7518,15 +7556,17 @@ class SyslogRootTests(SupervisionCase):
             self.skipTest("binding a socket onto /dev/log needs a root daemon")
 
     def test_pythons_syslog_module_reaches_the_units_log(self):
+        had_dev_log = os.path.lexists("/dev/log")
         sockets = os.path.join(self.home.path, "s")
         self.deploy({"glibc.service": unit_text(
             "ExecStart=%s -c \x27import syslog, time; syslog.openlog(\"glibcapp\", syslog.LOG_PID); "
             "syslog.syslog(syslog.LOG_ERR, \"from syslog(3)\"); time.sleep(1000)\x27" % PYTHON,
-            "BindPaths=%s/dev-log:/dev/log" % sockets)}, config={"syslog_socket": sockets},
+            "PrivateDevices=yes", "BindPaths=%s/dev-log:/dev/log" % sockets)}, config={"syslog_socket": sockets},
             env={"GITPROC_SYSLOG_SOCKET": sockets})
         pid = self.watch(self.home.running_pid("glibc"))
         line = wait_until(lambda: read_text(os.path.join(self.home.logs, "glibc.log")), 10, "the line")
         self.assertRegex(line, r"^<3>\S+ \S+ glibcapp\[%d\]: from syslog\(3\)$" % pid)
+        self.assertFalse(os.path.lexists("/dev/log") and not had_dev_log, "the bind's target is in the unit's own /dev")
 
     def test_a_user_daemon_owns_no_dev_log(self):
         channel = gitproc.SyslogChannel("auto", FakeLog(), None, None, None, None)
