@@ -1310,13 +1310,15 @@ def condition_holds(key, value, virtualization):
         return _compare(_physical_memory(), value, parse_size)
     if check == "CPUs":
         return _compare(len(os.sched_getaffinity(0)), value, int)
-    if check == "KernelVersion":
+    if check == "KernelVersion":              # several expressions, space-separated: all must hold
         import fnmatch
-        operator, wanted = _COMPARISON_RE.match(value).groups()
         release = os.uname().release
-        if operator is None:
-            return fnmatch.fnmatchcase(release, wanted)
-        return _compare(release, value, str, version_compare)
+        for expression in value.split():
+            operator, wanted = _COMPARISON_RE.match(expression).groups()
+            if not (fnmatch.fnmatchcase(release, wanted) if operator is None
+                    else _compare(release, expression, str, version_compare)):
+                return False
+        return bool(value.split())
     if check == "OSRelease":
         fields = {}
         for line in _read_text("/etc/os-release" if os.path.exists("/etc/os-release") else "/usr/lib/os-release").splitlines():

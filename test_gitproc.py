@@ -1153,6 +1153,7 @@ CONDITION_CASES = [
 MACHINE_CONDITIONS = ["ConditionArchitecture=native", "ConditionArchitecture=x86-64", "ConditionArchitecture=arm64",
                       "ConditionEnvironment=PATH", "ConditionEnvironment=NO_SUCH_VARIABLE_GP",
                       "ConditionKernelVersion=>=4.0", "ConditionKernelVersion=<4.0", "ConditionKernelVersion=!1.*",
+                      "ConditionKernelVersion=>=4.0 <5.0", "ConditionKernelVersion=>=4.0 <99.0",
                       "ConditionOSRelease=ID=debian", "ConditionOSRelease=VERSION_ID>=11", "ConditionCPUs=>=1",
                       "ConditionCPUs=>1000", "ConditionMemory=>=1M", "ConditionMemory=<1M",
                       "ConditionControlGroupController=bogus", "ConditionCPUFeature=!nosuchflag",
