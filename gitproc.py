@@ -1674,23 +1674,16 @@ def unknown_key_message(section, key):
     belongs if it is known in another section (systemd ignores it there too),
     else the nearest known key ("did you mean Restart=?")."""
     import difflib
-    if not _KNOWN_KEY_SECTIONS:
-        for where, name in list(DIRECTIVES) + list(SILENT_KEYS):
-            _KNOWN_KEY_SECTIONS.setdefault(name, set()).add(where)
-        for name in NOT_APPLIED_KEYS:
-            _KNOWN_KEY_SECTIONS.setdefault(name, set())
-    homes = sorted(_KNOWN_KEY_SECTIONS.get(key, set()) - {section})
+    homes = sorted(KNOWN_KEY_SECTIONS.get(key, set()) - {section})
     if homes:
         return "%s= belongs in [%s], not [%s]: ignored, as systemd does" % (key, homes[0], section)
-    close = difflib.get_close_matches(key, list(_KNOWN_KEY_SECTIONS), n=1, cutoff=0.75)
+    close = difflib.get_close_matches(key, list(KNOWN_KEY_SECTIONS), n=1, cutoff=0.75)
     hint = ""
     if close:
-        where = sorted(_KNOWN_KEY_SECTIONS[close[0]])
+        where = sorted(KNOWN_KEY_SECTIONS[close[0]])
         hint = " (did you mean %s=%s?)" % (close[0], "" if not where or section in where else " in [%s]" % where[0])
     return "unknown key %s= in [%s], ignored%s" % (key, section, hint)
 
-
-_KNOWN_KEY_SECTIONS = {}             # key -> the sections it is known in (filled at first use)
 
 
 def _keys(why, *names):
@@ -1732,6 +1725,12 @@ NOT_APPLIED_KEYS = dict(
                                            "MemoryPressure", "IOPressure", "Firmware")
               for prefix in ("Condition", "Assert")]),
 )
+# Every key gitproc knows -> the sections it is known in (none: not applied), for
+# the "belongs in [Unit]" and "did you mean" of an unknown key.
+KNOWN_KEY_SECTIONS = {name: set() for name in NOT_APPLIED_KEYS}
+for _where, _name in list(DIRECTIVES) + list(SILENT_KEYS):
+    KNOWN_KEY_SECTIONS.setdefault(_name, set()).add(_where)
+del _where, _name
 # The value of a not-applied key that asks for nothing, where it is not "no":
 # such a value is not reported (SendSIGKILL=yes is what gitproc does anyway).
 # A Condition is never "off": ConditionACPower=false asks for something.
@@ -7741,7 +7740,7 @@ class SyslogChannel:
             if sock is None:
                 continue
             self.sockets[path] = sock
-            self.selector.register(sock, EVENT_READ, (self._on_readable, kind))
+            self.selector.register(sock, EVENT_READ, (self._on_readable, (kind, sock)))
         if self.sockets:
             self.log.info("daemon", "Syslog: reading %s" % ", ".join(sorted(self.sockets)))
 
@@ -7822,10 +7821,8 @@ class SyslogChannel:
                 _unlink_quietly(path)
         self.sockets, self.owned = {}, []
 
-    def _on_readable(self, kind, _mask):
-        sock = self.sockets.get(self._path_of(kind))
-        if sock is None:
-            return
+    def _on_readable(self, source, _mask):
+        kind, sock = source
         batches = {}
         now, wall = time.monotonic(), time.time()
         budget = LOG_BYTES_PER_TURN
@@ -7856,9 +7853,6 @@ class SyslogChannel:
                     self.log.info("daemon", line.rstrip("\n"))
             else:
                 self.write(name, lines)
-
-    def _path_of(self, kind):
-        return self.paths().get(kind)
 
     @staticmethod
     def _read_memfd(fd):
