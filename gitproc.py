@@ -5191,17 +5191,22 @@ def enter_pid_namespace(err_w):
     import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
     signal.set_wakeup_fd(-1)              # the daemon's wakeup pipe is not ours to write
-    if libc.unshare(CLONE_NEWPID | CLONE_NEWNS) != 0:
+    if libc.unshare(CLONE_NEWPID) != 0:
         number = ctypes.get_errno()
         raise OSError(number, "unshare: %s" % os.strerror(number))
     init = os.fork()
     if init:
         # The relay keeps nothing of the daemon's (its pid-file lock, sockets,
         # pidfds), and only the service's exec may close the exec-error pipe.
-        close_inherited_fds(keep=(0, 1, 2))
-        _mirror_exit(init)
-    # pid 1 of the new namespace
-    if libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0 or \
+        # It stays in the daemon's mount namespace, where /proc/self is its own
+        # (in the namespace's /proc it is nobody), and whatever happens it
+        # only mirrors: an error raised here would orphan the namespace.
+        try:
+            close_inherited_fds(keep=(0, 1, 2))
+        finally:
+            _mirror_exit(init)
+    # pid 1 of the new namespace, in a mount namespace of its own for its /proc
+    if libc.unshare(CLONE_NEWNS) != 0 or libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0 or \
             libc.mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None) != 0:
         number = ctypes.get_errno()
         raise OSError(number, "mount /proc: %s" % os.strerror(number))
