@@ -860,6 +860,11 @@ def _parse_exec(value):
     return ExecCommand(program, argv, ignore_failure, privileged, expand)
 
 
+# The exit status names systemd accepts in SuccessExitStatus= (sysexits.h, as systemd 252 names them).
+EXIT_STATUS_NAMES = dict(zip(("USAGE DATAERR NOINPUT NOUSER NOHOST UNAVAILABLE SOFTWARE OSERR OSFILE CANTCREAT "
+                              "IOERR TEMPFAIL PROTOCOL NOPERM CONFIG").split(), range(64, 79)))
+
+
 def _parse_exit_statuses(value):
     """SuccessExitStatus= and the like: exit codes (0-255) and signal names,
     as ("code", N) / ("signal", N)."""
@@ -869,6 +874,8 @@ def _parse_exit_statuses(value):
             if int(word) > 255:
                 raise ValueError("exit code %s is above 255" % word)
             statuses.append(("code", int(word)))
+        elif word.upper() in EXIT_STATUS_NAMES:
+            statuses.append(("code", EXIT_STATUS_NAMES[word.upper()]))
         else:
             statuses.append(("signal", parse_signal(word)))
     return tuple(statuses)
@@ -2011,6 +2018,8 @@ def check_unit_tree(entries, cache=None, problems=(), context=None, folders=None
     if context is None:
         context = specifier_context()
     for name, path, data, blob in entries:
+        if name.endswith(TIMER_SUFFIX):
+            continue                      # read by check_timers
         if len(paths_of[name]) > 1:
             others = ", ".join(p for p in paths_of[name] if p != path)
             diagnostics.append(Diagnostic(path, 1, "error", "unit name %r is also defined in %s: both are rejected" % (name, others)))
@@ -2126,14 +2135,15 @@ def load_environment_file(path):
 # file (or its template) and those drop-ins; `blob` joins their object ids,
 # so a change to any of them is a change of the unit.
 
-DROP_IN_SUFFIX = UNIT_SUFFIX + ".d"
+UNIT_SUFFIXES = (UNIT_SUFFIX, ".timer")       # the unit types gitproc runs
+DROP_IN_SUFFIXES = tuple(suffix + ".d" for suffix in UNIT_SUFFIXES)
 
 
 # Unit types gitproc does not run. Each is named wherever the repository's
 # units are (check, sync, status), and the service it would activate is not
 # started by a deploy (SPEC §16): it starts with `start`, or when a started
 # unit pulls it in.
-OTHER_UNIT_TYPES = {".timer": ("Timer", "Unit", "timers"), ".socket": ("Socket", "Service", "sockets"),
+OTHER_UNIT_TYPES = {".socket": ("Socket", "Service", "sockets"),
                     ".path": ("Path", "Unit", "path units"), ".mount": None, ".automount": None, ".swap": None,
                     ".slice": None, ".scope": None, ".target": None, ".device": None}
 
@@ -2179,7 +2189,7 @@ def is_other_unit(path):
 def is_unit_source(path):
     """Whether a file of the tree is read as a unit: NAME.service, or a
     drop-in NAME.service.d/*.conf."""
-    return path.endswith(UNIT_SUFFIX) or (path.endswith(".conf") and os.path.dirname(path).endswith(DROP_IN_SUFFIX))
+    return path.endswith(UNIT_SUFFIXES) or (path.endswith(".conf") and os.path.dirname(path).endswith(DROP_IN_SUFFIXES))
 
 
 class OwnedFolder:
@@ -2200,48 +2210,52 @@ class OwnedFolder:
 
 
 def compose_units(files, link_target, lone_templates=False):
-    """files: (path, is_symlink, size, object id) of the *.service files and
-    *.service.d/*.conf drop-ins of a tree; link_target(object id) -> a
-    symlink's target. Returns ([(name, path, [(source path, object id)],
-    blob)], [Diagnostic]). Pure apart from link_target. `lone_templates`
+    """files: (path, is_symlink, size, object id) of the unit files
+    (*.service, *.timer) and their drop-ins of a tree; link_target(object
+    id) -> a symlink's target. Returns ([(name, path, [(source path, object
+    id)], blob)], [Diagnostic]), a service named without its suffix, a timer
+    with it (web, web.timer). Pure apart from link_target. `lone_templates`
     (for check): a template without an instance is read as one whose
     instance name is empty."""
     units, templates, instances, drop_ins, problems = [], {}, [], {}, []
     for path, is_link, size, object_id in files:
         base, folder = os.path.basename(path), os.path.basename(os.path.dirname(path))
-        if folder.endswith(DROP_IN_SUFFIX) and base.endswith(".conf"):
+        if folder.endswith(DROP_IN_SUFFIXES) and base.endswith(".conf"):
             if not is_link:
                 drop_ins.setdefault(folder[:-len(".d")], {})[base] = (path, object_id)
             continue
-        if not base.endswith(UNIT_SUFFIX):
+        stem, suffix = os.path.splitext(base)
+        if suffix not in UNIT_SUFFIXES:
             continue
-        name = base[:-len(UNIT_SUFFIX)]
-        if "@" in name and not name.endswith("@") and (size == 0 or (
-                is_link and os.path.basename(link_target(object_id)) == name.partition("@")[0] + "@" + UNIT_SUFFIX)):
-            instances.append((name, path))
+        name = stem if suffix == UNIT_SUFFIX else base
+        template = stem.partition("@")[0] + "@" + suffix
+        if "@" in stem and not stem.endswith("@") and (size == 0 or (
+                is_link and os.path.basename(link_target(object_id)) == template)):
+            instances.append((name, path, template))
         elif is_link:                     # an alias, or a link to a unit elsewhere: not read
             problems.append(Diagnostic(path, 1, "warning", "a symlink: not read (only an instance may be a link to "
                                                            "its template; commit the unit file itself)"))
-        elif name.endswith("@"):
-            templates.setdefault(name, (path, object_id))
+        elif stem.endswith("@"):
+            templates.setdefault(base, (name, path, object_id))
         else:
             units.append((name, path, [(path, object_id)]))
-    for name, path in instances:
-        template = templates.get(name.partition("@")[0] + "@")
-        if template is None:
+    for name, path, template in instances:
+        if template not in templates:
             problems.append(Diagnostic(path, 1, "error", "%s is an instance of %s, which is not in the repository" % (
-                name + UNIT_SUFFIX, name.partition("@")[0] + "@" + UNIT_SUFFIX)))
+                os.path.basename(path), template)))
             continue
-        units.append((name, path, [template]))
+        units.append((name, path, [templates[template][1:]]))
     if lone_templates:
-        instantiated = {name.partition("@")[0] + "@" for name, _ in instances}
-        units += [(name, path, [(path, object_id)]) for name, (path, object_id) in sorted(templates.items())
-                  if name not in instantiated]
+        instantiated = {template for _, _, template in instances}
+        units += [(name, path, [(path, object_id)]) for base, (name, path, object_id) in sorted(templates.items())
+                  if base not in instantiated]
     composed = []
     for name, path, sources in units:
-        found = dict(drop_ins.get(name.partition("@")[0] + "@" + UNIT_SUFFIX, {})) if "@" in name else {}
-        found.update(drop_ins.get(name + UNIT_SUFFIX, {}))
-        sources = sources + [found[base] for base in sorted(found)]
+        base = os.path.basename(path)
+        stem, suffix = os.path.splitext(base)
+        found = dict(drop_ins.get(stem.partition("@")[0] + "@" + suffix, {})) if "@" in stem else {}
+        found.update(drop_ins.get(base, {}))
+        sources = sources + [found[conf] for conf in sorted(found)]
         composed.append((name, path, sources, "+".join(object_id for _, object_id in sources)))
     return composed, problems
 
@@ -2280,6 +2294,725 @@ def unescape_unit_name(text):
     """systemd's unescaping of a name part (%I, %J, %f): '-' is '/', \\xNN a byte."""
     text = text.replace("-", "/")
     return re.sub(r"\\x([0-9a-fA-F]{2})", lambda m: chr(int(m.group(1), 16)), text)
+
+
+# ---- calendar times (SPEC §17) ---------------------------------------------------
+# OnCalendar= as systemd.time(7) writes it, read and stepped as systemd 252
+# does (calendarspec.c): a spec is six fields (year, month, day, hour,
+# minute, and second in microseconds), each a list of (start, stop, step)
+# ranges or None for '*', plus the weekdays and a time zone. The next elapse
+# moves a broken-down time forward field by field, from the year down, and
+# normalises it at each step as mktime(3) does: a day 31 that a month lacks
+# rolls over, and a local time that a DST change skips is read with the
+# offset before the change (zoneinfo's fold=0, glibc's choice too). Pure:
+# the clock is passed in, and no TZ variable is ever set.
+
+CALENDAR_MIN_YEAR, CALENDAR_MAX_YEAR = 1970, 2199
+CALENDAR_MAX_COMPONENTS = 240
+_WEEKDAY_NAMES = (("monday", 0), ("mon", 0), ("tuesday", 1), ("tue", 1), ("wednesday", 2), ("wed", 2),
+                  ("thursday", 3), ("thu", 3), ("friday", 4), ("fri", 4), ("saturday", 5), ("sat", 5),
+                  ("sunday", 6), ("sun", 6))
+_ALL_WEEKDAYS = 127
+_USEC = 1000000
+# The shorthands: field -> its one value (or values); the others are '*'.
+_MIDNIGHT = {"hour": (0,), "minute": (0,), "second": (0,)}
+CALENDAR_SHORTHANDS = {
+    "minutely": {"second": (0,)}, "hourly": {"minute": (0,), "second": (0,)}, "daily": _MIDNIGHT,
+    "weekly": dict(_MIDNIGHT, weekdays=1), "monthly": dict(_MIDNIGHT, day=(1,)),
+    "yearly": dict(_MIDNIGHT, month=(1,), day=(1,)), "annually": dict(_MIDNIGHT, month=(1,), day=(1,)),
+    "anually": dict(_MIDNIGHT, month=(1,), day=(1,)),
+    "quarterly": dict(_MIDNIGHT, month=(1, 4, 7, 10), day=(1,)),
+    "semiannually": dict(_MIDNIGHT, month=(1, 7), day=(1,)), "semi-annually": dict(_MIDNIGHT, month=(1, 7), day=(1,)),
+    "biannually": dict(_MIDNIGHT, month=(1, 7), day=(1,)), "bi-annually": dict(_MIDNIGHT, month=(1, 7), day=(1,)),
+}
+_CALENDAR_FIELDS = ("year", "month", "day", "hour", "minute", "second")
+_FIELD_RANGES = {"year": (CALENDAR_MIN_YEAR, CALENDAR_MAX_YEAR), "month": (1, 12), "day": (1, 31),
+                 "hour": (0, 23), "minute": (0, 59), "second": (0, 60 * _USEC - 1)}
+
+
+class CalendarSpec:
+    """One OnCalendar= expression, parsed: `fields` maps year ... second to a
+    sorted tuple of (start, stop, step) (stop -1: none; the second in
+    microseconds) or None for any; `weekdays` a bit mask (Monday = 1) or
+    None; `end_of_month` for '~' days; `zone` None (local time), "UTC" or an
+    IANA name. Built by parse_calendar."""
+    __slots__ = ("text", "fields", "weekdays", "end_of_month", "zone")
+
+    def __init__(self, text, fields, weekdays, end_of_month, zone):
+        self.text, self.fields, self.weekdays = text, fields, weekdays
+        self.end_of_month, self.zone = end_of_month, zone
+
+    def __eq__(self, other):
+        return isinstance(other, CalendarSpec) and self.normalized() == other.normalized()
+
+    def __hash__(self):
+        return hash(self.normalized())
+
+    def __repr__(self):
+        return "CalendarSpec(%r)" % self.normalized()
+
+    def normalized(self):
+        """The expression as systemd-analyze calendar prints it ("Normalized form")."""
+        parts = []
+        if self.weekdays is not None:
+            parts.append(_format_weekdays(self.weekdays) + " ")
+        for field, width, after in (("year", 4, "-"), ("month", 2, "~" if self.end_of_month else "-"),
+                                    ("day", 2, " "), ("hour", 2, ":"), ("minute", 2, ":"), ("second", 2, "")):
+            parts.append(_format_chain(self.fields[field], width, field == "second") + after)
+        if self.zone:
+            parts.append(" " + self.zone)
+        return "".join(parts)
+
+
+def _format_weekdays(bits):
+    names = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+    runs, day = [], 0
+    while day < 7:
+        if bits & (1 << day):
+            end = day
+            while end + 1 < 7 and bits & (1 << (end + 1)):
+                end += 1
+            runs.append(names[day] if end == day else names[day] + ("," if end == day + 1 else "..") + names[end])
+            day = end + 1
+        else:
+            day += 1
+    return ",".join(runs)
+
+
+def _format_chain(chain, width, usec):
+    unit = _USEC if usec else 1
+    if chain is None or (usec and chain == ((0, -1, _USEC),)):
+        return "*"
+
+    def number(value):
+        text = "%0*d" % (width, value // unit)
+        return text + (".%06d" % (value % unit) if value % unit else "")
+    words = []
+    for start, stop, step in chain:
+        word = number(start)
+        if stop > 0:
+            word += ".." + number(stop)
+        if step > 0 and not (stop > 0 and step == unit):
+            word += "/%d" % (step // unit) + (".%06d" % (step % unit) if step % unit else "")
+        words.append(word)
+    return ",".join(words)
+
+
+def parse_calendar(text):
+    """OnCalendar= text -> CalendarSpec; ValueError (saying what is wrong) for
+    what systemd 252 rejects."""
+    original, rest, zone = text, text.strip(), None
+    if rest.lower().endswith(" utc"):
+        rest, zone = rest[:-4], "UTC"
+    elif " " in rest:
+        head, _, last = rest.rpartition(" ")
+        if _zone(last) is not None:
+            rest, zone = head, "UTC" if last == "UTC" else last
+    if not rest:
+        raise ValueError("%r: no date or time before the time zone" % original)
+    shorthand = CALENDAR_SHORTHANDS.get(rest.lower())
+    if shorthand is not None:
+        fields = {field: None for field in _CALENDAR_FIELDS}
+        fields.update({field: tuple((value if field != "second" else value * _USEC, -1, 0) for value in values)
+                       for field, values in shorthand.items() if field != "weekdays"})
+        weekdays, end_of_month = shorthand.get("weekdays"), False
+    else:
+        reader = _CalendarReader(rest)
+        try:
+            weekdays, fields, end_of_month = reader.read()
+            zone = "UTC" if reader.utc else zone
+        except (ValueError, IndexError) as exc:
+            raise ValueError("%r is not a calendar time: %s (e.g. daily, Mon *-*-* 06:00, *:0/15)" % (
+                original, exc if isinstance(exc, ValueError) and str(exc) else "unexpected end"))
+    if weekdays is not None and (weekdays <= 0 or weekdays >= _ALL_WEEKDAYS):
+        weekdays = None
+    if end_of_month and fields["day"] is None:
+        end_of_month = False
+    if fields["year"] is not None:          # two-digit years: 12 is 2012, 89 is 1989
+        fields["year"] = tuple((_full_year(start), _full_year(stop), step) for start, stop, step in fields["year"])
+    for field in _CALENDAR_FIELDS:
+        if fields[field] is not None:
+            fields[field] = _normalize_chain(fields[field])
+            low, high = _FIELD_RANGES[field]
+            problem = _chain_problem(fields[field], low, high, field == "day" and end_of_month)
+            if problem:
+                raise ValueError("%r: the %s %s" % (original, field, problem))
+    return CalendarSpec(original.strip(), fields, weekdays, end_of_month, zone)
+
+
+def _full_year(year):
+    return year + 2000 if 0 <= year < 70 else year + 1900 if 70 <= year < 100 else year
+
+
+def _normalize_chain(chain):
+    """Sorted, without duplicates, each range's end cut to a whole number of
+    steps (a range left with one value is that value)."""
+    cut = set()
+    for start, stop, step in chain:
+        if stop > start and step > 0:
+            stop -= (stop - start) % step
+        cut.add((start, -1, 0) if stop == start else (start, stop, step))
+    return tuple(sorted(cut))
+
+
+def _chain_problem(chain, low, high, end_of_month):
+    """Why a field's ranges are out of bounds (systemd's checks), or None."""
+    for start, stop, step in chain:
+        if end_of_month:
+            high -= 3               # no more than 28 days back; as systemd 252, 3 fewer at each later value
+        if not low <= start <= high:
+            return "%d is out of range (%d..%d)" % (start, low, high)
+        if step > high - low:
+            return "step %d is too large" % step
+        if stop >= 0:
+            if not low <= stop <= high:
+                return "%d is out of range (%d..%d)" % (stop, low, high)
+            if start + step > stop:
+                return "range %d..%d/%d never repeats" % (start, stop, step)
+        elif (start - step < low) if end_of_month else (start + step > high):
+            return "%d/%d never repeats" % (start, step)
+    return None
+
+
+class _CalendarReader:
+    """The weekday, date and time parts of an expression (systemd.time(7)
+    "Calendar Events"), read left to right as systemd reads them."""
+
+    def __init__(self, text):
+        self.text, self.pos = text, 0
+        self.utc = False                  # an @TIMESTAMP is a time in UTC
+
+    def peek(self, offset=0):
+        at = self.pos + offset
+        return self.text[at] if at < len(self.text) else ""
+
+    def read(self):
+        weekdays = self._weekdays()
+        fields = {field: None for field in _CALENDAR_FIELDS}
+        end_of_month = False
+        if self.peek() == "@":
+            stamp = self._number()[0] if self._skip("@") else 0
+            moment = time.gmtime(stamp)
+            fields.update(year=((moment.tm_year, -1, 0),), month=((moment.tm_mon, -1, 0),),
+                          day=((moment.tm_mday, -1, 0),), hour=((moment.tm_hour, -1, 0),),
+                          minute=((moment.tm_min, -1, 0),), second=((moment.tm_sec * _USEC, -1, 0),))
+            if self.pos != len(self.text):
+                raise ValueError("text after the @timestamp")
+            self.utc = True
+            return weekdays, fields, False
+        end_of_month = self._date(fields)
+        self._time(fields)
+        if self.pos != len(self.text):
+            raise ValueError("unexpected %r" % self.text[self.pos:])
+        return weekdays, fields, end_of_month
+
+    def _skip(self, char):
+        if self.peek() == char:
+            self.pos += 1
+            return True
+        return False
+
+    def _skip_spaces(self):
+        while self.peek() == " ":
+            self.pos += 1
+
+    def _weekdays(self):
+        bits, range_from, first = 0, -1, True
+        while True:
+            lower = self.text[self.pos:].lower()
+            for name, number in _WEEKDAY_NAMES:
+                if lower.startswith(name):
+                    break
+            else:
+                if first:
+                    return None
+                raise ValueError("a weekday list must end in a weekday")
+            self.pos += len(name)
+            if self.peek() not in ("", "-", ".", ",", " "):
+                raise ValueError("unknown weekday %r" % self.text[self.pos - len(name):].split(" ")[0])
+            bits |= 1 << number
+            if range_from >= 0:
+                if range_from > number:
+                    raise ValueError("weekday range backwards")
+                for day in range(range_from + 1, number):
+                    bits |= 1 << day
+            if self.peek() == "":
+                return bits
+            if self.peek() == " ":
+                self._skip_spaces()
+                return bits
+            if self.peek() == ".":
+                if range_from >= 0 or self.peek(1) != ".":
+                    raise ValueError("bad weekday range")
+                range_from = number
+                self.pos += 2
+            elif self.peek() == "-":
+                if range_from >= 0:
+                    raise ValueError("bad weekday range")
+                range_from = number
+                self.pos += 1
+            elif self.peek() == ",":
+                range_from = -1
+                self.pos += 1
+            if self.peek() in ("", " "):
+                self._skip_spaces()
+                if range_from >= 0:
+                    raise ValueError("open weekday range")
+                return bits
+            first = False
+
+    def _number(self, usec=False):
+        start = self.pos
+        while self.peek().isdigit():
+            self.pos += 1
+        if self.pos == start:
+            raise ValueError("a number was expected at %r" % self.text[start:] if start < len(self.text) else "")
+        value = int(self.text[start:self.pos])
+        if usec:
+            value *= _USEC
+            if self.peek() == "." and self.peek(1) != ".":
+                self.pos += 1
+                digits = ""
+                while self.peek().isdigit():
+                    digits += self.peek()
+                    self.pos += 1
+                value += int((digits + "000000")[:6])
+        if value > 2 ** 31 - 1:
+            raise ValueError("number too large")
+        return value, start
+
+    def _chain(self, usec=False):
+        """'*' (None; for seconds, every whole second) or a list of ranges."""
+        if self._skip("*"):
+            return ((0, -1, _USEC),) if usec else None
+        chain = []
+        while True:
+            if len(chain) > CALENDAR_MAX_COMPONENTS:
+                raise ValueError("too many values")
+            start, _ = self._number(usec)
+            stop, step = -1, 0
+            if self.peek() == "." and self.peek(1) == ".":
+                self.pos += 2
+                stop = self._number(usec)[0]
+                step = _USEC if usec else 1
+            if self._skip("/"):
+                step = self._number(usec)[0]
+                if step == 0:
+                    raise ValueError("a repetition of 0")
+            if self.peek() not in ("", " ", ",", "-", "~", ":"):
+                raise ValueError("unexpected %r" % self.peek())
+            chain.append((start, stop, step))
+            if not self._skip(","):
+                return tuple(chain)
+
+    def _date(self, fields):
+        """[[YEAR-]MONTH-]DAY, or nothing (a time alone). True for '~'."""
+        if self.pos == len(self.text):
+            return False
+        begin = self.pos
+        first = self._chain()
+        if self.peek() in ("", ":"):
+            self.pos = begin                # a time, not a date
+            return False
+        end_of_month = self.peek() == "~"
+        if not end_of_month and self.peek() != "-":
+            raise ValueError("unexpected %r" % self.peek())
+        self.pos += 1
+        second = self._chain()
+        if self.peek() in ("", " "):
+            self._skip_spaces()
+            fields["month"], fields["day"] = first, second
+            return end_of_month
+        if end_of_month:
+            raise ValueError("'~' must come before the day")
+        end_of_month = self.peek() == "~"
+        if not end_of_month and self.peek() != "-":
+            raise ValueError("unexpected %r" % self.peek())
+        self.pos += 1
+        third = self._chain()
+        if self.peek() not in ("", " "):
+            raise ValueError("unexpected %r" % self.peek())
+        self._skip_spaces()
+        fields["year"], fields["month"], fields["day"] = first, second, third
+        return end_of_month
+
+    def _time(self, fields):
+        """HOUR:MINUTE[:SECOND], or nothing (midnight)."""
+        if self.pos == len(self.text):
+            fields["hour"] = fields["minute"] = fields["second"] = ((0, -1, 0),)
+            return
+        fields["hour"] = self._chain()
+        if not self._skip(":"):
+            raise ValueError("a time is HH:MM or HH:MM:SS")
+        fields["minute"] = self._chain()
+        if self.pos == len(self.text):
+            fields["second"] = ((0, -1, 0),)
+            return
+        if not self._skip(":"):
+            raise ValueError("a time is HH:MM or HH:MM:SS")
+        fields["second"] = self._chain(usec=True)
+
+
+_ZONES = {}                            # name -> ZoneInfo or None (not a zone)
+
+
+def _zone(name):
+    """The zoneinfo of an IANA name (cached), or None if there is no such zone."""
+    if name not in _ZONES:
+        try:
+            import zoneinfo
+            _ZONES[name] = zoneinfo.ZoneInfo(name) if name and not name.startswith(("/", ".")) else None
+        except (ImportError, ValueError, OSError):
+            _ZONES[name] = None
+        except Exception:               # zoneinfo.ZoneInfoNotFoundError is a KeyError
+            _ZONES[name] = None
+    return _ZONES[name]
+
+
+def local_zone():
+    """The machine's time zone, as zoneinfo: $TZ, else /etc/localtime, else UTC."""
+    import zoneinfo
+    name = os.environ.get("TZ", "").lstrip(":")
+    if name:
+        found = _zone(name)
+        if found is not None:
+            return found
+    try:
+        with open("/etc/localtime", "rb") as data:
+            return zoneinfo.ZoneInfo.from_file(data, key="localtime")
+    except (OSError, ValueError):
+        return _zone("UTC")
+
+
+class _BrokenDownTime:
+    """struct tm of one instant in one zone, and mktime(3) of it: fields may
+    be out of range, normalize() carries them over as mktime does."""
+    __slots__ = ("fields", "zone")
+
+    def __init__(self, fields, zone):
+        self.fields, self.zone = fields, zone      # [year, month (1-12), day, hour, minute, second]
+
+    def stamp(self):
+        """mktime: the epoch second of the (possibly out of range) fields; a
+        local time a DST change skips is read with the offset before it."""
+        import datetime
+        year, month, day, hour, minute, second = self.fields
+        year, month = year + (month - 1) // 12, (month - 1) % 12 + 1
+        if not 1 <= year <= 9998:
+            raise OverflowError("year %d" % year)
+        naive = datetime.datetime(year, month, 1) + datetime.timedelta(days=day - 1, hours=hour, minutes=minute,
+                                                                        seconds=second)
+        if self.zone is None:
+            return int((naive - datetime.datetime(1970, 1, 1)).total_seconds())
+        return int(naive.replace(tzinfo=self.zone, fold=0).timestamp())
+
+    def normalized(self):
+        """The fields mktime leaves: those of the instant the fields name."""
+        return _fields_at(self.stamp(), self.zone)
+
+
+def _fields_at(stamp, zone):
+    import datetime
+    if zone is None:
+        moment = datetime.datetime(1970, 1, 1) + datetime.timedelta(seconds=stamp)
+    else:
+        moment = datetime.datetime.fromtimestamp(stamp, zone)
+    return [moment.year, moment.month, moment.day, moment.hour, moment.minute, moment.second]
+
+
+def _weekday_of(fields, zone):
+    import datetime
+    normal = _BrokenDownTime(list(fields), zone).normalized()
+    return datetime.date(normal[0], normal[1], normal[2]).weekday()     # Monday = 0
+
+
+def next_elapse(spec, after, local=None):
+    """The first time (epoch seconds, a float) strictly after `after` that
+    `spec` names, or None if there is none before 2200. `local`: the
+    zoneinfo for specs in local time (default: this machine's)."""
+    zone = None if spec.zone == "UTC" else _zone(spec.zone) if spec.zone else (local or local_zone())
+    usec_after = int(round(after * _USEC)) + 1
+    stamp, micro = divmod(usec_after, _USEC)
+    try:
+        found = _find_next(spec, _fields_at(stamp, zone), micro, zone)
+    except OverflowError:
+        return None
+    if found is None:
+        return None
+    fields, micro = found
+    return _BrokenDownTime(fields, zone).stamp() + micro / _USEC
+
+
+def _match(chain, value, spec=None, fields=None, zone=None):
+    """The first value >= `value` a field's ranges allow: (moved, value), or
+    None when none is left in this field's range. For '~' days, the ranges
+    count back from the end of the month of `fields`."""
+    if chain is None:
+        return False, value
+    best = None
+    for start, stop, step in chain:
+        if spec is not None:                 # end of month: the Nth last day of this month
+            start, stop = _day_from_end(fields, zone, start), _day_from_end(fields, zone, stop)
+            if stop > 0:
+                start, stop = stop, start
+        if start >= value:
+            candidate = start
+        elif step > 0:
+            candidate = start + step * -(-(value - start) // step)
+            if stop >= 0 and candidate > stop:
+                continue
+        else:
+            continue
+        if best is None or candidate < best:
+            best = candidate
+    if best is None:
+        return None
+    return best != value, best
+
+
+def _day_from_end(fields, zone, back):
+    """The day of the month of `fields` that is `back` - 1 days before its
+    last (1: the last day), or -1 if that falls in another month."""
+    probe = _BrokenDownTime([fields[0], fields[1] + 1, 1 - back, fields[3], fields[4], fields[5]], zone).normalized()
+    return probe[2] if probe[1] == (fields[1] - 1) % 12 + 1 else -1
+
+
+_FIRST_VALUES = (None, 1, 1, 0, 0, 0)     # what a field starts at: month and day 1, the rest 0
+CALENDAR_MAX_STEPS = 1000                  # systemd gives up after as many (and says so)
+
+
+def _within_bounds(tm):
+    """True if the fields name a real time; False, with tm moved on to the
+    time mktime makes of them (the field below the first one that moved
+    back at its start: 03-33 is 04-01, not 04-02), or None if that would
+    go back in time or past the last year."""
+    if tm.fields[0] > CALENDAR_MAX_YEAR:
+        return None
+    normal = tm.normalized()
+    for index in range(6):
+        if normal[index] != tm.fields[index]:
+            if normal[index] < tm.fields[index]:
+                return None
+            if index < 5:
+                normal[index + 1] = _FIRST_VALUES[index + 1]
+            tm.fields = normal
+            return False
+    return True
+
+
+def _find_next(spec, start_fields, micro, zone):
+    """systemd 252's find_next: ([year, month, day, hour, minute, second],
+    usec) of the first time at or after the given one that `spec` names, or
+    None. Field by field from the year down, each set to its first allowed
+    value at or after the current one (the fields below it then start over);
+    a field with none left, or a value the time does not have, moves the
+    field above it on."""
+    tm = _BrokenDownTime(list(start_fields), zone)
+    for _ in range(CALENDAR_MAX_STEPS):
+        tm.fields = tm.normalized()
+        for index, field in enumerate(_CALENDAR_FIELDS):
+            if index == 3 and spec.weekdays is not None and not spec.weekdays & (1 << _weekday_of(tm.fields, zone)):
+                tm.fields[2:] = [tm.fields[2] + 1, 0, 0, 0]
+                micro = 0
+                break
+            value = tm.fields[index] * _USEC + micro if index == 5 else tm.fields[index]
+            found = _match(spec.fields[field], value, spec if index == 2 and spec.end_of_month else None,
+                           tm.fields, zone)
+            if found is not None and found[0]:
+                if index == 5:
+                    tm.fields[5], micro = divmod(found[1], _USEC)
+                else:
+                    tm.fields[index:] = [found[1]] + list(_FIRST_VALUES[index + 1:])
+                    micro = 0
+            bounded = None if found is None else _within_bounds(tm)
+            if index == 0 and not bounded:
+                return None
+            if bounded is None:
+                tm.fields[index - 1:] = [tm.fields[index - 1] + 1] + list(_FIRST_VALUES[index:])
+                micro = 0
+                break
+            if not bounded:
+                if index == 5:
+                    micro = 0
+                break
+        else:
+            return tm.fields, micro
+    return None
+
+
+# ---- timer units (SPEC §17) ------------------------------------------------------
+# NAME.timer files (templates and drop-ins as for services) read into a
+# frozen TimerSpec: what schedules the service it activates. The [Unit]
+# section gives its Description= and conditions; [Install] is ignored.
+
+TIMER_SUFFIX = ".timer"
+DEFAULT_ACCURACY_SEC = 60.0
+# [Timer] key -> (TimerSpec field, parser, "list" or "one")
+TIMER_DIRECTIVES = {
+    "OnCalendar": ("calendars", lambda v: (parse_calendar(v),), "list"),
+    "OnActiveSec": ("on_active", lambda v: (parse_timespan(v),), "list"),
+    "OnBootSec": ("on_boot", lambda v: (parse_timespan(v),), "list"),
+    "OnStartupSec": ("on_startup", lambda v: (parse_timespan(v),), "list"),
+    "OnUnitActiveSec": ("on_unit_active", lambda v: (parse_timespan(v),), "list"),
+    "OnUnitInactiveSec": ("on_unit_inactive", lambda v: (parse_timespan(v),), "list"),
+    "Persistent": ("persistent", parse_bool, "one"),
+    "RandomizedDelaySec": ("randomized_delay", parse_timespan, "one"),
+    "FixedRandomDelay": ("fixed_random_delay", parse_bool, "one"),
+    "AccuracySec": ("accuracy", parse_timespan, "one"),
+    "RemainAfterElapse": ("remain_after_elapse", parse_bool, "one"),
+    "OnClockChange": ("on_clock_change", parse_bool, "one"),
+    "Unit": ("unit", str, "one"),
+}
+TIMER_TRIGGER_FIELDS = ("calendars", "on_active", "on_boot", "on_startup", "on_unit_active", "on_unit_inactive")
+TIMER_NOT_APPLIED = {"WakeSystem": "gitproc does not wake a suspended machine",
+                     "OnTimezoneChange": "gitproc does not watch the time zone; it reads it again when the clock is set"}
+
+
+class TimerSpec:
+    """One timer unit as its files say it (immutable once parsed). `unit`:
+    the name of the service it starts; `identity()` is what it means, so a
+    moved file or a new comment changes nothing."""
+    FIELDS = ("description", "conditions", "unit") + TIMER_TRIGGER_FIELDS + (
+        "persistent", "randomized_delay", "fixed_random_delay", "accuracy", "remain_after_elapse",
+        "on_clock_change")
+    DEFAULTS = {"description": "", "conditions": (), "unit": "", "calendars": (), "on_active": (), "on_boot": (),
+                "on_startup": (), "on_unit_active": (), "on_unit_inactive": (), "persistent": False,
+                "randomized_delay": 0.0, "fixed_random_delay": False, "accuracy": DEFAULT_ACCURACY_SEC,
+                "remain_after_elapse": True, "on_clock_change": False}
+    __slots__ = ("name", "path", "blob", "sources", "not_applied") + FIELDS
+
+    def __init__(self, name, path, blob="", **values):
+        self.name, self.path, self.blob = name, path, blob
+        self.sources, self.not_applied = (path,), ()
+        for field in self.FIELDS:
+            setattr(self, field, values.get(field, self.DEFAULTS[field]))
+
+    def identity(self):
+        return tuple(getattr(self, field) for field in self.FIELDS)
+
+    def changed_keys(self, other):
+        """The keys whose meaning differs from `other`'s (an earlier version)."""
+        keys = {field: key for key, (field, _, _) in TIMER_DIRECTIVES.items()}
+        keys.update(description="Description", conditions="Condition*")
+        return [keys[field] + "=" for field in self.FIELDS if getattr(self, field) != getattr(other, field)]
+
+    @property
+    def monotonic(self):
+        return any(getattr(self, field) for field in TIMER_TRIGGER_FIELDS[1:])
+
+
+def parse_timer(name, path, data, blob="", context=None):
+    """Parse a timer unit (`name`: NAME.timer) from its file and drop-ins,
+    as parse_unit does a service: (TimerSpec or None, [Diagnostic])."""
+    diagnostics = []
+    parts = [(path, data)] if isinstance(data, bytes) else list(data)
+    stem = name[:-len(TIMER_SUFFIX)]
+
+    def report(source, line, severity, message, code=None):
+        diagnostics.append(Diagnostic(source, line, severity, message, unit=name, code=code))
+
+    problem = unit_name_problem(stem)
+    if problem:
+        report(path, 1, "error", problem)
+        return None, diagnostics
+    context = specifier_context() if context is None else context
+    values, not_applied = {}, []
+    for part_path, part_data in parts:
+        text = _unit_text(part_data, lambda line, severity, message: report(part_path, line if isinstance(
+            line, int) else 1, severity, message))
+        if text is None:
+            return None, diagnostics
+        section = None
+        for number, line in _logical_lines(text):
+            if line.startswith("["):
+                section = line.strip("[]").strip()
+                if section not in ("Unit", "Timer", "Install") and not section.startswith("X-"):
+                    report(part_path, number, "warning", "unknown section [%s], ignored" % section)
+                continue
+            key, equals, value = line.partition("=")
+            key, value = key.strip(), value.strip()
+            if not equals or section is None:
+                report(part_path, number, "warning", "line has no '=', ignored" if not equals
+                       else "%s= outside any section, ignored" % key)
+                continue
+            if section == "Unit":
+                directive = DIRECTIVES.get(("Unit", key))
+                if key == "Description":
+                    values["description"] = expand_specifiers(value, stem, context)[0]
+                elif directive is not None and directive[0] == "conditions":
+                    if not value:
+                        values["conditions"] = tuple(c for c in values.get("conditions", ())
+                                                     if not c[0].startswith(key[:6]))
+                        continue
+                    try:
+                        values["conditions"] = values.get("conditions", ()) + directive[1](
+                            expand_specifiers(value, stem, context)[0])
+                    except ValueError as exc:
+                        report(part_path, number, "error", "%s=: %s" % (key, exc))
+                continue                  # ordering and documentation keys: a timer has nothing to order
+            if section != "Timer":
+                continue
+            if key in TIMER_NOT_APPLIED:
+                if value and not _is_off(value):
+                    not_applied.append((key, value))
+                    report(part_path, number, "warning", "not applied: %s=%s (%s)" % (key, value, TIMER_NOT_APPLIED[key]))
+                continue
+            directive = TIMER_DIRECTIVES.get(key)
+            if directive is None:
+                report(part_path, number, "warning", "unknown key %s= in [Timer], ignored" % key, code="key")
+                continue
+            field, parse, kind = directive
+            if not value:
+                if field in TIMER_TRIGGER_FIELDS:     # as systemd: an empty trigger resets them all
+                    for trigger in TIMER_TRIGGER_FIELDS:
+                        values.pop(trigger, None)
+                else:
+                    values.pop(field, None)
+                continue
+            try:
+                parsed = parse(expand_specifiers(value, stem, context)[0])
+            except ValueError as exc:
+                report(part_path, number, "error", "%s=: %s" % (key, exc))
+                continue
+            values[field] = values.get(field, ()) + parsed if kind == "list" else parsed
+    target = values.get("unit") or stem + UNIT_SUFFIX
+    if not target.endswith(UNIT_SUFFIX):
+        report(path, 1, "error", "Unit=%s: gitproc runs services only (NAME.service)" % target)
+    values["unit"] = _strip_suffix(target, UNIT_SUFFIX)
+    if not any(values.get(field) for field in TIMER_TRIGGER_FIELDS):
+        report(path, 1, "error", "no OnCalendar=, OnActiveSec=, OnBootSec=, OnStartupSec=, OnUnitActiveSec= or "
+               "OnUnitInactiveSec=: the timer would never elapse")
+    if any(d.severity == "error" for d in diagnostics):
+        return None, diagnostics
+    spec = TimerSpec(name, path, blob, **values)
+    spec.sources = tuple(part for part, _ in parts)
+    spec.not_applied = tuple(not_applied)
+    return spec, diagnostics
+
+
+def check_timers(entries, services, context=None, cache=None):
+    """The timer units among `entries` (see check_unit_tree): ({name:
+    TimerSpec}, [Diagnostic]); a timer whose service is not among
+    `services` (names) is an error of the timer."""
+    timers, problems = {}, []
+    for name, path, data, blob in entries:
+        if not name.endswith(TIMER_SUFFIX):
+            continue
+        parsed = cache.get((path, blob)) if cache is not None and blob else None
+        if parsed is None:
+            parsed = parse_timer(name, path, data, blob, context)
+            if cache is not None and blob:
+                cache[(path, blob)] = parsed
+        spec, found = parsed
+        problems.extend(found)
+        if spec is None:
+            continue
+        if spec.unit not in services:
+            problems.append(Diagnostic(path, 1, "error", "%s activates %s, which is not in the repository" % (
+                name, spec.unit + UNIT_SUFFIX), unit=name))
+            continue
+        timers[name] = spec
+    return timers, problems
 
 
 # ==== 5. configuration and paths =============================================
@@ -2940,7 +3673,7 @@ def git_read_units(repo, commit, known=()):
             files.append((path, mode == b"120000", 0 if blob.decode() in EMPTY_BLOBS else 1, blob.decode()))
         elif kind == b"blob" and is_other_unit(path) and mode != b"120000":
             others.append((path, blob.decode()))
-    links = _git_blobs(repo, [blob for path, is_link, _, blob in files if is_link and path.endswith(UNIT_SUFFIX)]
+    links = _git_blobs(repo, [blob for path, is_link, _, blob in files if is_link and path.endswith(UNIT_SUFFIXES)]
                        + [blob for _, blob in others])
     composed, problems = compose_units(files, lambda blob: links.get(blob, b"").decode("utf-8", "replace"))
     for path, blob in others:
@@ -3703,6 +4436,7 @@ class DeployPlan:
         self.in_tree = set()              # names of every unit file in the commit
         self.notes = {}                   # extra reply fields (rollback, pin)
         self.activated = {}               # name -> why a deploy leaves it stopped (SPEC §16)
+        self.timers = {}                  # name (NAME.timer) -> TimerSpec to run
 
     @classmethod
     def failed(cls, message):
@@ -8937,13 +9671,376 @@ def skipped_by_condition(service):
     return service.state == STOPPED and (service.reason or "").startswith("condition failed")
 
 
-def activated_units(specs, problems):
+# ---- timers: services started on a schedule (SPEC §17) ---------------------------
+# One TimerUnit per deployed .timer, and one TimerSchedule that owns them
+# all: it keeps a single entry in the daemon's timer heap (the earliest
+# elapse, several coalesced within their AccuracySec=), so a thousand armed
+# timers cost the loop nothing until one is due. Calendar times are planned
+# on the wall clock and re-planned when it jumps (a timerfd that the kernel
+# cancels on every clock set); the monotonic keys are planned on the
+# monotonic clock, whose zero is the machine's boot.
+
+CLOCK_REALTIME, TFD_NONBLOCK, TFD_CLOEXEC = 0, os.O_NONBLOCK, os.O_CLOEXEC
+TFD_TIMER_ABSTIME, TFD_TIMER_CANCEL_ON_SET = 1, 2
+
+
+def random_delay(spec, elapse, seed):
+    """RandomizedDelaySec= of one elapse: drawn from the host (`seed`), the
+    timer's name and, unless FixedRandomDelay=, the calendar time it delays.
+    The same elapse always gets the same delay, so re-planning it (a deploy,
+    daemon-reload, a daemon restart) never moves it again (systemd draws
+    anew at each reload: systemd/systemd#17569)."""
+    if not spec.randomized_delay:
+        return 0.0
+    import hashlib
+    text = "%s\0%s\0%s" % (seed, spec.name, "" if spec.fixed_random_delay else "%.6f" % (elapse or 0))
+    fraction = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2.0 ** 64
+    return fraction * spec.randomized_delay
+
+
+class TimerUnit:
+    """One timer: its spec, what the user wants of it, and its clock: when it
+    last triggered (kept in the state file) and when it elapses next."""
+
+    def __init__(self, spec):
+        self.spec = spec
+        self.want = "up"                  # "down": stopped by the user, remembered as for a service
+        self.armed = False                # waiting for an elapse (or elapsed, see `elapsed`)
+        self.elapsed = False              # every single-shot value fired: nothing left (RemainAfterElapse=)
+        self.reason = None                # why it is not armed: stopped by user, a condition
+        self.last_trigger = None          # wall time of the last trigger (persisted)
+        self.last_trigger_mono = None     # the same on the monotonic clock, in this daemon's run
+        self.triggers_total = 0           # triggers ever (persisted; a metric)
+        self.armed_wall = self.armed_mono = None    # when it was armed (OnActiveSec=, the calendar's base)
+        self.fired = set()                # single-shot values (field, seconds) fired since it was armed
+        self.next_wall = self.next_mono = None      # the next elapse, random delay included
+        self.next_calendar = None         # the calendar time of that elapse, if it is one
+        self.next_cause = None            # the key of that elapse ("OnCalendar=daily", "OnBootSec=15min")
+
+    @property
+    def name(self):
+        return self.spec.name
+
+    def state(self, services):
+        """systemctl's words: waiting, running (its service is active),
+        elapsed, stopped or failed (a condition)."""
+        if not self.armed:
+            return "stopped" if self.want == "down" or not self.reason else "failed"
+        service = services.get(self.spec.unit)
+        if service is not None and service_busy(service):
+            return "running"
+        return "elapsed" if self.elapsed else "waiting"
+
+    def persistent(self):
+        return {"want": self.want, "last_trigger": self.last_trigger, "triggers_total": self.triggers_total}
+
+    def restore(self, saved):
+        if not isinstance(saved, dict):
+            return
+        if saved.get("want") in ("up", "down"):
+            self.want = saved["want"]
+        if isinstance(saved.get("last_trigger"), (int, float)) and not isinstance(saved["last_trigger"], bool):
+            self.last_trigger = float(saved["last_trigger"])
+        if isinstance(saved.get("triggers_total"), int) and not isinstance(saved["triggers_total"], bool):
+            self.triggers_total = saved["triggers_total"]
+
+    def plan(self, now_wall, now_mono, started_mono, unit_times, seed, local):
+        """Set the next elapse from the spec, as systemd.timer(5) says;
+        None when nothing is left to elapse."""
+        spec = self.spec
+        candidates = []                   # (monotonic time, wall time, cause, calendar time or None)
+        if spec.calendars:
+            base = self.last_trigger if self.last_trigger is not None and (
+                spec.persistent or self.last_trigger_mono is not None) else self.armed_wall
+            for calendar in spec.calendars:
+                elapse = next_elapse(calendar, base, local)
+                if elapse is None:
+                    continue
+                at = elapse + random_delay(spec, elapse, seed)
+                candidates.append((now_mono + max(0.0, at - now_wall), at, "OnCalendar=" + calendar.text, elapse))
+        singles = [("on_active", "OnActiveSec", self.armed_mono), ("on_boot", "OnBootSec", 0.0),
+                   ("on_startup", "OnStartupSec", started_mono)]
+        for field, key, base in singles:
+            for value in getattr(spec, field):
+                if (field, value) not in self.fired:
+                    candidates.append((base + value, None, "%s=%s" % (key, format_timespan(value)), None))
+        active, inactive = unit_times.get(spec.unit, (None, None))
+        for field, key, unit_base in (("on_unit_active", "OnUnitActiveSec", active),
+                                      ("on_unit_inactive", "OnUnitInactiveSec", inactive)):
+            bases = [b for b in (unit_base, self.last_trigger_mono) if b is not None]
+            for value in getattr(spec, field) if bases else ():
+                candidates.append((max(bases) + value, None, "%s=%s" % (key, format_timespan(value)), None))
+        if not candidates:
+            self.next_wall = self.next_mono = self.next_calendar = self.next_cause = None
+            return None
+        self.next_mono, wall, self.next_cause, self.next_calendar = min(candidates, key=lambda c: c[0])
+        self.next_wall = wall if wall is not None else now_wall + (self.next_mono - now_mono)
+        return self.next_mono
+
+    def triggered(self, now_wall, now_mono, started_mono):
+        """The elapse happened: single-shot values that were due are done."""
+        self.last_trigger, self.last_trigger_mono = now_wall, now_mono
+        self.triggers_total += 1
+        for field, base in (("on_active", self.armed_mono), ("on_boot", 0.0), ("on_startup", started_mono)):
+            for value in getattr(self.spec, field):
+                if base + value <= now_mono + 0.001:
+                    self.fired.add((field, value))
+
+    def to_json(self, services):
+        service = services.get(self.spec.unit)
+        return {"name": self.name, "unit": self.spec.unit + UNIT_SUFFIX, "state": self.state(services),
+                "want": self.want, "reason": self.reason, "next": self.next_wall if self.armed else None,
+                "next_cause": self.next_cause if self.armed else None, "last_trigger": self.last_trigger,
+                "triggers_total": self.triggers_total, "description": self.spec.description,
+                "path": self.spec.path, "persistent": self.spec.persistent,
+                "accuracy": self.spec.accuracy, "randomized_delay": self.spec.randomized_delay,
+                "calendars": [c.normalized() for c in self.spec.calendars],
+                "service": {"state": service.state, "result": service.result, "last_exit": service.last_exit}
+                if service is not None else None,
+                "not_applied": [{"key": key, "value": value, "why": TIMER_NOT_APPLIED[key]}
+                                for key, value in self.spec.not_applied]}
+
+
+def service_busy(service):
+    """Whether a service is active for its timer: running, starting,
+    stopping or waiting to restart (an elapse then starts no second run)."""
+    return service.state in ACTIVE_STATES or service.state == BACKOFF or service.has_process()
+
+
+class TimerSchedule:
+    """Every timer of the deployment, and the one entry in the daemon's timer
+    heap that wakes the loop for the earliest of them."""
+
+    def __init__(self, daemon):
+        self.daemon = daemon
+        self.timers = {}                  # name (NAME.timer) -> TimerUnit
+        self.saved = {}                   # name -> what the state file kept of timers not deployed (yet)
+        self.wake = None                  # the daemon's Timer for the next elapse
+        self.clock_fd = None              # timerfd told of wall-clock jumps
+        self.started_mono = time.monotonic()
+        self.unit_times = {}              # service name -> (last became active, last became inactive), monotonic
+        self.local = None                 # this machine's time zone (zoneinfo), read when a timer needs it
+        self.seed = None                  # what random delays are drawn from: this host
+
+    # -- the state file ----------------------------------------------------------
+
+    def restore(self, state):
+        saved = state.get("timers")
+        if isinstance(saved, dict):
+            self.saved = {name: entry for name, entry in saved.items() if isinstance(entry, dict)}
+
+    def persistent(self):
+        kept = dict(self.saved)
+        kept.update({name: timer.persistent() for name, timer in self.timers.items()})
+        return kept
+
+    # -- deploys -----------------------------------------------------------------
+
+    def deploy(self, specs):
+        """The timers of a deployed commit: new ones are armed (unless the
+        user stopped them before), changed ones re-planned (their service is
+        not touched), removed ones disarmed."""
+        for name in [n for n in self.timers if n not in specs]:
+            timer = self.timers.pop(name)
+            self.saved.pop(name, None)
+            self.daemon.log.info(name, "Removed from the repository: disarmed")
+        for name, spec in sorted(specs.items()):
+            timer = self.timers.get(name)
+            if timer is None:
+                timer = self.timers[name] = TimerUnit(spec)
+                timer.restore(self.saved.pop(name, None))
+                if timer.want == "up":
+                    self._arm(timer)
+                else:
+                    timer.reason = "stopped by user"
+            elif timer.spec.identity() != spec.identity():
+                self.daemon.log.info(name, "Re-planned: %s changed" % ", ".join(spec.changed_keys(timer.spec)))
+                timer.spec = spec
+                if timer.armed:
+                    timer.elapsed = False
+            else:
+                timer.spec = spec
+        self.replan()
+
+    # -- start and stop --------------------------------------------------------------
+
+    def start(self, name):
+        timer = self.timers[name]
+        timer.want = "up"
+        if not timer.armed or (timer.elapsed and not timer.spec.remain_after_elapse):
+            self._arm(timer)
+        elif timer.elapsed:
+            self.daemon.log.info(name, "Elapsed already (RemainAfterElapse=yes): stop it first to arm it again")
+        self.replan()
+        self.daemon.store.mark_dirty()
+
+    def stop(self, name):
+        timer = self.timers[name]
+        timer.want, timer.armed, timer.reason = "down", False, "stopped by user"
+        self.daemon.log.info(name, "Stopped: disarmed")
+        self.replan()
+        self.daemon.store.mark_dirty()
+
+    def _arm(self, timer):
+        failed = self.daemon.host.failed_condition(timer)
+        if failed is not None:
+            key, negated, value = failed
+            timer.armed, timer.reason = False, "condition failed: %s=%s%s" % (key, "!" if negated else "", value)
+            self.daemon.log.info(timer.name, "Not armed: %s" % timer.reason)
+            return
+        timer.armed, timer.elapsed, timer.reason, timer.fired = True, False, None, set()
+        timer.armed_wall, timer.armed_mono = time.time(), time.monotonic()
+
+    # -- the schedule ----------------------------------------------------------------
+
+    def replan(self):
+        """Plan every armed timer and keep one heap entry, at the earliest
+        elapse; elapses within each other's AccuracySec= share that wakeup
+        (the latest of them that every one's accuracy allows)."""
+        now_wall, now_mono = time.time(), time.monotonic()
+        if self.local is None and any(t.spec.calendars for t in self.timers.values()):
+            self.local = local_zone()
+        if self.seed is None:
+            self.seed = "%s\0%s" % (self.daemon.config.hostname, machine_id())
+        due = []
+        for timer in self.timers.values():
+            if not timer.armed:
+                continue
+            if timer.plan(now_wall, now_mono, self.started_mono, self.unit_times, self.seed, self.local) is None:
+                if not timer.elapsed:
+                    timer.elapsed = True
+                    if not timer.spec.remain_after_elapse:
+                        timer.armed, timer.reason = False, None
+                continue
+            due.append((timer.next_mono, timer.next_mono + timer.spec.accuracy))
+        self._open_clock_watch(any(t.armed and t.spec.calendars for t in self.timers.values()))
+        if self.wake is not None:
+            self.wake.cancel()
+            self.wake = None
+        if not due:
+            return
+        due.sort()
+        wake, deadline = due[0]
+        for elapse, latest in due[1:]:
+            if elapse > deadline:
+                break
+            wake, deadline = elapse, min(deadline, latest)
+        self.wake = self.daemon.call_later(max(0.0, wake - now_mono), self._elapse)
+
+    def _elapse(self):
+        self.wake = None
+        now_wall, now_mono = time.time(), time.monotonic()
+        for name in sorted(self.timers):
+            timer = self.timers[name]
+            if timer.armed and timer.next_mono is not None and timer.next_mono <= now_mono + 0.001:
+                self.trigger(timer, now_wall, now_mono)
+        self.replan()
+
+    def trigger(self, timer, now_wall=None, now_mono=None):
+        """An elapse: the service starts, unless it is active already."""
+        now_wall, now_mono = now_wall or time.time(), now_mono or time.monotonic()
+        cause = timer.next_cause or "start"
+        timer.triggered(now_wall, now_mono, self.started_mono)
+        self.daemon.store.mark_dirty()
+        service = self.daemon.services.get(timer.spec.unit)
+        late = (now_wall - timer.next_wall) if timer.next_wall is not None else 0.0
+        if service is None or service.removed:
+            why = "%s is not deployed" % (timer.spec.unit + UNIT_SUFFIX)
+        elif self.daemon.host.shutting_down:
+            why = "the daemon is shutting down"
+        elif service_busy(service):
+            why = "%s is still %s: no second run" % (timer.spec.unit + UNIT_SUFFIX, service.state)
+        else:
+            why = None
+        self.daemon.events.record("elapsed", timer.name, reason="%s%s" % (cause, "; " + why if why else ""),
+                                  after=timer.spec.unit + UNIT_SUFFIX)
+        if why:
+            self.daemon.log.info(timer.name, "Elapsed (%s): %s" % (cause, why))
+            return
+        self.daemon.log.info(timer.name, "Elapsed (%s, %.3fs after its time): starting %s" % (
+            cause, max(0.0, late), timer.spec.unit + UNIT_SUFFIX))
+        for pulled in self.daemon.dependencies.pulled_in([service.name]):
+            pulled.start()
+        service.start()
+
+    def service_changed(self, service, before):
+        """OnUnitActiveSec=/OnUnitInactiveSec= count from the service's last
+        activation and deactivation."""
+        was, now = before in ACTIVE_STATES, service.state in ACTIVE_STATES
+        if was == now:
+            return
+        active, inactive = self.unit_times.get(service.name, (None, None))
+        if now:
+            active = time.monotonic()
+        else:
+            inactive = time.monotonic()
+        self.unit_times[service.name] = (active, inactive)
+        if any(t.spec.unit == service.name and (t.spec.on_unit_active or t.spec.on_unit_inactive)
+               for t in self.timers.values() if t.armed):
+            self.replan()
+
+    # -- wall-clock jumps --------------------------------------------------------------
+
+    def _open_clock_watch(self, wanted):
+        """A timerfd set far in the future with TFD_TIMER_CANCEL_ON_SET: the
+        kernel makes it readable (read fails with ECANCELED) whenever the
+        wall clock is set, so calendar timers are re-planned at once, and
+        nothing wakes the loop otherwise."""
+        if not wanted or self.clock_fd is not None:
+            return
+        try:
+            import ctypes
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = libc.timerfd_create(CLOCK_REALTIME, TFD_NONBLOCK | TFD_CLOEXEC)
+            if fd < 0:
+                raise OSError(ctypes.get_errno(), "timerfd_create")
+            self.clock_fd = fd
+            self._set_clock_watch()
+            self.daemon.selector.register(fd, EVENT_READ, (self._clock_set, None))
+        except (OSError, AttributeError) as exc:
+            self.daemon.log.warning("daemon", "Wall-clock jumps are not watched (%s): calendar timers are "
+                                    "re-planned at their next elapse" % exc)
+            self.clock_fd = False
+
+    def _set_clock_watch(self):
+        import ctypes
+        spec = (ctypes.c_long * 4)(0, 0, int(time.time()) + 10 * 365 * 86400, 0)   # interval, value
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.timerfd_settime(self.clock_fd, TFD_TIMER_ABSTIME | TFD_TIMER_CANCEL_ON_SET, spec, None) != 0:
+            raise OSError(ctypes.get_errno(), "timerfd_settime")
+
+    def _clock_set(self, _argument, _mask):
+        try:
+            os.read(self.clock_fd, 8)
+        except OSError:
+            pass                          # ECANCELED: the clock was set, which is what we came for
+        self._set_clock_watch()
+        self.local = None                 # a new time zone is read with it
+        self.daemon.log.info("daemon", "The wall clock was set: re-planning calendar timers")
+        for timer in self.timers.values():
+            if timer.armed and timer.spec.on_clock_change:
+                self.trigger(timer)
+        self.replan()
+
+    def close(self):
+        if self.clock_fd:
+            try:
+                self.daemon.selector.unregister(self.clock_fd)
+            except (KeyError, ValueError):
+                pass
+            os.close(self.clock_fd)
+        self.clock_fd = None
+
+
+def activated_units(specs, problems, timers=None):
     """{name: why} of the units a deploy does not start (SPEC §16): those a
-    unit of another type activates (a timer, a socket, a path unit: see
-    other_unit_problems) and those an OnFailure= names, unless a unit that
-    does start pulls them in (Wants=, Requires=, BindsTo=)."""
+    timer activates, those a unit of another type would (a socket, a path
+    unit: see other_unit_problems) and those an OnFailure= names, unless a
+    unit that does start pulls them in (Wants=, Requires=, BindsTo=)."""
     activated = {d.unit: d.message.split(": ", 1)[0] + ": not started at deploy" for d in problems
                  if d.code == "activated" and d.unit in specs}
+    for name, timer in sorted((timers or {}).items()):
+        activated.setdefault(timer.unit, "started by %s, not at deploy" % name)
     targets = {target for spec in specs.values() for target in spec.on_failure}
     for name, spec in sorted(specs.items()):
         if name in targets:
@@ -8965,11 +10062,7 @@ def host_matches(conditions, hostname):
     without regard to case, as systemd: all must hold, but of those with a
     leading '|' one is enough."""
     import fnmatch
-    if conditions and "machine_id" not in _MACHINE:
-        try:
-            _MACHINE["machine_id"] = _read_text("/etc/machine-id").strip()
-        except OSError:
-            _MACHINE["machine_id"] = ""
+    machine = machine_id() if conditions else ""
     triggering = []
     for condition in conditions:
         trigger = condition.startswith("|")
@@ -8977,7 +10070,7 @@ def host_matches(conditions, hostname):
         negate = condition.startswith("!")
         pattern = condition[1:].strip() if negate else condition
         matches = fnmatch.fnmatchcase(hostname.lower(), pattern.lower()) or (
-            bool(_MACHINE["machine_id"]) and pattern.lower().replace("-", "") == _MACHINE["machine_id"])
+            bool(machine) and pattern.lower().replace("-", "") == machine)
         if trigger:
             triggering.append(matches != negate)
         elif matches == negate:
@@ -8985,7 +10078,17 @@ def host_matches(conditions, hostname):
     return not triggering or any(triggering)
 
 
-_MACHINE = {}                         # what host_matches read of this machine (its machine id)
+def machine_id():
+    """/etc/machine-id (read once), or "" where there is none."""
+    if "machine_id" not in _MACHINE:
+        try:
+            _MACHINE["machine_id"] = _read_text("/etc/machine-id").strip()
+        except OSError:
+            _MACHINE["machine_id"] = ""
+    return _MACHINE["machine_id"]
+
+
+_MACHINE = {}                         # what was read of this machine (its machine id)
 
 
 class Deployer:
@@ -9003,6 +10106,8 @@ class Deployer:
         self.host = host                  # what new Services are given
         self.store = store
         self.specs = {}                   # name -> UnitSpec deployed (last good version)
+        self.timer_specs = {}             # name (NAME.timer) -> TimerSpec deployed
+        self.schedule = None              # the TimerSchedule the deployed timers are given to
         self.unit_problems = []           # Diagnostics of the deployed commit
         self.skipped = {}                 # name -> why the unit does not run on this host
         self.deployed = None              # Commit deployed
@@ -9211,7 +10316,8 @@ class Deployer:
 
     def _noop_plan(self, commit):
         plan = DeployPlan(commit, commit.sha, noop=True)
-        plan.unchanged, plan.drift = sorted(self.specs), self._drift()
+        plan.unchanged, plan.drift = sorted(list(self.specs) + list(self.timer_specs)), self._drift()
+        plan.timers = self.timer_specs
         plan.invalid, plan.skipped = self.invalid_lines(), dict(self.skipped)
         if self._last_plan is not None and self._last_plan.commit is not None and self._last_plan.commit.sha == commit.sha:
             plan.outside = self._last_plan.outside
@@ -9295,9 +10401,10 @@ class Deployer:
                 plan.unchanged.append(name)
                 plan.drift[name] = drift_note(service.rolled_back)
         plan.unchanged.sort()
+        timers = self._plan_timers(entries, specs, skipped, bad_names, problems)
         plan.invalid = [str(d) for d in problems if d.severity == "error"]
         plan.skipped, plan.specs, plan.problems, plan.origin = skipped, specs, problems, origin
-        plan.activated = activated_units(specs, problems)
+        plan.activated = activated_units(specs, problems, timers)
         plan.in_tree = {name for name, _, _, _ in entries}
         if materialise:
             self._materialise(plan)
@@ -9305,7 +10412,39 @@ class Deployer:
         if plan.previous and plan.previous != commit.sha and not (plan.added or plan.changed or plan.removed):
             owned = set(folders) | {spec.owned.path for spec in self.specs.values() if spec.owned}
             plan.outside = self._files_outside(plan.previous, commit.sha, owned)
+        plan.timers = timers
+        for name, spec in timers.items():       # timers are named in the plan's lists with their suffix
+            old = self.timer_specs.get(name)
+            if old is None:
+                plan.added.append(name)
+            elif old.identity() != spec.identity():
+                plan.changed.append(name)
+                plan.changes[name] = spec.changed_keys(old)
+            else:
+                plan.unchanged.append(name)
+        plan.removed += [name for name in self.timer_specs if name not in timers]
+        for key in DeployPlan.LISTS:
+            getattr(plan, key).sort()
         return plan
+
+    def _plan_timers(self, entries, specs, skipped, bad_names, problems):
+        """The timers of a commit ({name: TimerSpec}), their problems added to
+        `problems`: a timer with an error keeps its deployed version; one
+        whose service does not run on this host is skipped with it."""
+        known = set(specs) | set(skipped) | bad_names
+        timers, found = check_timers(entries, known, self.context, self.parse_cache)
+        problems.extend(found)
+        for diagnostic in found:
+            name = diagnostic.unit
+            if diagnostic.severity == "error" and name not in timers and name in self.timer_specs:
+                timers[name] = self.timer_specs[name]     # the earlier good version keeps running
+        for name, timer in list(timers.items()):
+            if timer.unit in skipped:
+                skipped[name] = "its service %s does not run here: %s" % (timer.unit, skipped[timer.unit])
+                del timers[name]
+            elif timer.unit not in specs:
+                del timers[name]
+        return timers
 
     def _reloads(self, spec):
         """ReloadOnFileChange=: a change of its files only reloads the unit, if
@@ -9437,6 +10576,8 @@ class Deployer:
         for problem in plan.key_warnings():
             self.log.warning(problem.unit_name, "%s:%d: %s" % (problem.path, problem.line, problem.message))
         for name in plan.removed:
+            if name not in self.services:
+                continue                  # a timer: disarmed below
             service = self.services[name]
             if service.state in ACTIVE_STATES:
                 service.halt("removed from the repository")
@@ -9478,6 +10619,9 @@ class Deployer:
                     service.rejected = service.rolled_back = None   # a commit brought back the version it runs
                 if service.has_process():
                     service.linked_tree = spec.tree   # its files are alike: only unit files differ
+        self.timer_specs = plan.timers
+        if self.schedule is not None:
+            self.schedule.deploy(plan.timers)
         for name in released:           # what activated it is gone: it runs as any unit does
             service = self.services.get(name)
             if service is not None and service.want == "up" and service.state == STOPPED and not service.has_process():
@@ -9673,6 +10817,14 @@ def prometheus_text(daemon):
            (("{%s}" % unit_labels[s.name], int(s.health()[0] == "healthy")) for s in services if s.spec.health_check_url))
     family("gitproc_unit_start_time_seconds", "gauge", "When the unit's main process started (Unix time).",
            (("{%s}" % unit_labels[s.name], s.main_started_wall) for s in services if s.name in usage and s.main_started_wall))
+    timers = [daemon.schedule.timers[name] for name in sorted(daemon.schedule.timers)]
+    timer_labels = {t.name: 'timer="%s"' % prometheus_label(t.name) for t in timers}
+    family("gitproc_timer_next_elapse_timestamp_seconds", "gauge", "When the timer elapses next (Unix time; armed timers).",
+           (("{%s}" % timer_labels[t.name], t.next_wall) for t in timers if t.armed and t.next_wall is not None))
+    family("gitproc_timer_last_trigger_timestamp_seconds", "gauge", "When the timer last triggered (Unix time).",
+           (("{%s}" % timer_labels[t.name], t.last_trigger) for t in timers if t.last_trigger is not None))
+    family("gitproc_timer_triggers_total", "counter", "Elapses of the timer (kept across daemon restarts).",
+           (("{%s}" % timer_labels[t.name], t.triggers_total) for t in timers))
     deployer = daemon.deployer
     commit = deployer.deployed
     family("gitproc_deploy_commit_info", "gauge", "The deployed commit.",
@@ -9734,6 +10886,25 @@ class RequestHandlers:
             raise GitprocError("unknown unit%s: %s%s" % ("s" if len(unknown) > 1 else "", ", ".join(unknown), hint))
         return names
 
+    def _timer_names(self, message):
+        """The NAME.timer names of a request, taken out of its 'names' (which
+        then names services only); an unknown timer is an error."""
+        names = message.get("names", [])
+        if not isinstance(names, list):
+            return []
+        timers = [n for n in names if isinstance(n, str) and n.endswith(TIMER_SUFFIX)]
+        unknown = [n for n in timers if n not in self.daemon.schedule.timers]
+        if unknown:
+            skipped = [self.daemon.deployer.skipped[n] for n in unknown if n in self.daemon.deployer.skipped]
+            raise GitprocError("unknown timer%s: %s%s" % ("s" if len(unknown) > 1 else "", ", ".join(unknown),
+                                                          " (%s)" % skipped[0] if skipped else ""))
+        message["names"] = [n for n in names if n not in timers]
+        return timers
+
+    def _timers_json(self, names=None):
+        schedule, services = self.daemon.schedule, self.daemon.services
+        return [schedule.timers[n].to_json(services) for n in (sorted(schedule.timers) if names is None else names)]
+
     @staticmethod
     def _timeout(message, default):
         timeout = message.get("timeout", default)
@@ -9760,9 +10931,10 @@ class RequestHandlers:
 
     def _cmd_status(self, conn, message):
         daemon = self.daemon
+        timers = self._timer_names(message)
         names = self._names(message, allow_empty=True)
-        detail = bool(names)
-        services = [daemon.services[n].snapshot(detail) for n in (names or sorted(daemon.services))]
+        detail = bool(names) or bool(timers)
+        services = [daemon.services[n].snapshot(detail) for n in (names or ([] if timers else sorted(daemon.services)))]
         if detail:
             for entry in services:
                 entry["log_tail"] = tail_lines(daemon.config.service_log(entry["name"]), 10)
@@ -9771,7 +10943,13 @@ class RequestHandlers:
                 if entry.get("folder"):
                     entry["folder"]["link"] = daemon.deployer.snapshots.link(entry["name"])
         return {"ok": True, "result": {"daemon": daemon.info(), "services": services,
+                                       "timers": self._timers_json(timers if detail else None),
                                        "problems": [d.to_json() for d in daemon.deployer.unit_problems]}}
+
+    def _cmd_list_timers(self, conn, message):
+        """list-timers: every timer, the stopped ones with `all`."""
+        timers = [t for t in self._timers_json() if message.get("all") or t["state"] != "stopped"]
+        return {"ok": True, "result": {"timers": timers, "now": time.time()}}
 
     def _cmd_list(self, conn, message):
         services, deployer = self.daemon.services, self.daemon.deployer
@@ -9782,6 +10960,9 @@ class RequestHandlers:
         units = [{"name": name, "path": spec.path, "state": services[name].state,
                   "commit": services[name].commit, "description": spec.description, "warnings": warned.get(name, 0)}
                  for name, spec in sorted(deployer.specs.items()) if name in services]
+        units += [{"name": t["name"], "path": t["path"], "state": t["state"], "commit": deployer.deployed.sha
+                   if deployer.deployed else None, "description": t["description"], "warnings": 0}
+                  for t in self._timers_json()]
         units += [{"name": name, "path": None, "state": "skipped", "commit": None, "description": why}
                   for name, why in sorted(deployer.skipped.items())]
         units += [{"name": os.path.basename(d.path), "path": d.path, "state": "not run", "commit": None,
@@ -9809,8 +10990,17 @@ class RequestHandlers:
 
     def _act(self, conn, message, action):
         services = self.daemon.services
-        names = self._names(message)
+        timers = self._timer_names(message)
+        names = self._names(message, allow_empty=bool(timers))
         self._refuse_while_shutting_down()
+        for name in timers:               # a timer is armed or disarmed at once: nothing to wait for
+            if action != "start":
+                self.daemon.schedule.stop(name)
+            if action != "stop":
+                self.daemon.schedule.start(name)
+        if not names:
+            self.daemon.store.save_now()
+            return {"ok": True, "result": {"services": [], "timers": self._timers_json(timers)}}
         generations = {}
         dependencies = self.daemon.dependencies
         if action != "stop":
@@ -10037,7 +11227,8 @@ class RequestHandlers:
     def _cmd_metrics(self, conn, message):
         return {"ok": True, "result": {"text": prometheus_text(self.daemon)}}
 
-    COMMANDS = {"ping": _cmd_ping, "status": _cmd_status, "list": _cmd_list, "start": _cmd_start,
+    COMMANDS = {"ping": _cmd_ping, "status": _cmd_status, "list": _cmd_list, "list-timers": _cmd_list_timers,
+                "start": _cmd_start,
                 "stop": _cmd_stop, "restart": _cmd_restart, "reload": _cmd_reload, "wait": _cmd_wait, "shutdown": _cmd_shutdown,
                 "daemon-reload": _cmd_daemon_reload,
                 "sync": _cmd_sync, "diff": _cmd_diff, "rollback": _cmd_rollback, "history": _cmd_history,
@@ -10166,6 +11357,8 @@ class Daemon:
         self.events.store = StateStore(os.path.join(os.path.dirname(config.state_file), "events.json"), log,
                                        self.call_later, self.events.persistent, EVENTS_SAVE_INTERVAL, durable=False)
         self.deployer = Deployer(config, log, self.services, self.recovery, self.host, self.store, self.events)
+        self.schedule = TimerSchedule(self)   # the timers (SPEC §17)
+        self.deployer.schedule = self.schedule
         self.host.snapshots = self.deployer.snapshots
         self.source = SourceWatcher(config, log, self.selector, self.call_later, self.host.exit_watcher, self.deployer)
         self.http = None                  # HttpListener, with http_listen set
@@ -10216,6 +11409,7 @@ class Daemon:
             self.events.restore()
             self.recovery.restore(state)
             self.deployer.restore(state)
+            self.schedule.restore(state)
             self.log.info("daemon", "Started gitproc %s (pid %d, repo %s@%s, exit watch: %s)" % (
                 __version__, os.getpid(), self.config.repo_path, self.config.branch, self.host.exit_watcher.mode))
             if self.deployer.remote_mode and not self.source.fetched_yet():
@@ -10323,6 +11517,7 @@ class Daemon:
         self.store.mark_dirty()
         if service.state != before:
             self.events.record("state", service.name, before, service.state, service.reason, service.pid, service.commit)
+            self.schedule.service_changed(service, before)
         health = service.health()[0]
         if health != self.health_seen.get(service.name) and health is not None:
             if health != "starting":
@@ -10354,7 +11549,7 @@ class Daemon:
         """What state.json holds: units not deployed now keep their memory."""
         services = dict(self.recovery.saved_services)
         services.update({name: service.persistent() for name, service in self.services.items()})
-        snapshot = {"version": STATE_VERSION, "services": services}
+        snapshot = {"version": STATE_VERSION, "services": services, "timers": self.schedule.persistent()}
         snapshot.update(self.deployer.persistent())
         return snapshot
 
@@ -10476,6 +11671,7 @@ class Daemon:
         self.server.close()
         self.notify.close()
         self.syslog.close()
+        self.schedule.close()
         if self.http is not None:
             self.http.close()
         if not self.keep_services and self.host.cgroups is not None:
@@ -10631,6 +11827,7 @@ EXAMPLES = {
     "daemon-reload": ["gitproc.py daemon-reload   # after editing config.json"],
     "status": ["gitproc.py status", "gitproc.py status hello", "gitproc.py status --json"],
     "list": ["gitproc.py list", "gitproc.py list --json"],
+    "list-timers": ["gitproc.py list-timers", "gitproc.py list-timers --all --json"],
     "start": ["gitproc.py start hello", "gitproc.py start web worker --no-block"],
     "stop": ["gitproc.py stop hello"],
     "restart": ["gitproc.py restart hello"],
@@ -10963,8 +12160,9 @@ def cmd_shutdown(config, args):
 
 def cmd_status(config, args):
     result = request(config, {"cmd": "status", "names": args.names})
-    services = result["services"]
-    not_running = [s["name"] for s in services if s["state"] != RUNNING]
+    services, timers = result["services"], result.get("timers", [])
+    not_running = [s["name"] for s in services if s["state"] != RUNNING] + [
+        t["name"] for t in timers if t["state"] in ("stopped", "failed")]
     if args.json:
         _print_json(result)
         return EXIT_NOT_RUNNING if args.names and not_running else EXIT_OK
@@ -10974,6 +12172,10 @@ def cmd_status(config, args):
             if index:
                 print()
             _print_service_block(service, result["daemon"], colour)
+        for index, timer in enumerate(timers):
+            if index or services:
+                print()
+            _print_timer_block(timer, colour)
         return EXIT_NOT_RUNNING if not_running else EXIT_OK
     print(_daemon_line(result["daemon"]))
     rows = [("NAME", "STATE", "PID", "UPTIME", "RESTARTS", "HEALTH", "MEMORY")]
@@ -10985,6 +12187,11 @@ def cmd_status(config, args):
         _table(rows, colour_column=1, colour=colour)
     else:
         print("\nno units deployed")
+    if timers:
+        print()
+        _table([("TIMER", "STATE", "NEXT", "LAST", "ACTIVATES")] + [
+            (t["name"], t["state"], _when(t["next"]), _when(t["last_trigger"]), t["unit"]) for t in timers],
+            colour_column=1, colour=colour)
     not_run = sorted(os.path.basename(p["path"]) for p in result["problems"] if p.get("code") in ("other-unit", "activated"))
     if not_run:
         print("\nnot run by gitproc: %s (see: list)" % ", ".join(not_run))
@@ -10995,6 +12202,51 @@ def cmd_status(config, args):
         for problem in errors:
             print("  %s (%s)" % (Diagnostic(**problem), "its earlier good version keeps running"
                                  if problem.get("unit") in running else "nothing runs for it: it has no earlier good version"))
+    return EXIT_OK
+
+
+def _when(wall, now=None):
+    """A time as systemctl list-timers shows it: weekday, date, time, zone."""
+    return time.strftime("%a %Y-%m-%d %H:%M:%S %Z", time.localtime(wall)) if wall else "-"
+
+
+def _print_timer_block(t, colour):
+    print("%s %s%s" % (_paint("\u25cf", t["state"], colour), t["name"], " - " + t["description"] if t["description"] else ""))
+    now = time.time()
+    lines = [("Unit", t["path"]),
+             ("State", "%s%s" % (_paint(t["state"], t["state"], colour), "; " + t["reason"] if t["reason"] else ""))]
+    if t["next"]:
+        lines.append(("Trigger", "%s; %s left (%s)" % (_when(t["next"]), format_duration(t["next"] - now), t["next_cause"])))
+    lines += [("Schedule", calendar) for calendar in t["calendars"]]
+    lines.append(("Last", "%s; %s ago" % (_when(t["last_trigger"]), format_duration(now - t["last_trigger"]))
+                  if t["last_trigger"] else "never"))
+    service = t["service"] or {}
+    lines.append(("Activates", "%s (%s%s)" % (t["unit"], service.get("state", "not deployed"), ", last run: " + (
+        "success" if service.get("last_exit") == {"code": 0} else describe_exit(service["last_exit"]))
+        if service.get("last_exit") else "")))
+    lines.append(("Triggers", t["triggers_total"]))
+    for entry in t.get("not_applied", []):
+        lines.append(("Not applied", "%s=%s (%s)" % (entry["key"], entry["value"], entry["why"])))
+    for label, value in lines:
+        print("%10s: %s" % (label, value))
+
+
+def cmd_list_timers(config, args):
+    result = request(config, {"cmd": "list-timers", "all": args.all})
+    if args.json:
+        _print_json(result)
+        return EXIT_OK
+    now = time.time()
+    timers = sorted(result["timers"], key=lambda t: (t["next"] is None, t["next"] or 0, t["name"]))
+    rows = [("NEXT", "LEFT", "LAST", "PASSED", "UNIT", "ACTIVATES")]
+    for t in timers:
+        rows.append((_when(t["next"]), format_duration(t["next"] - now) + " left" if t["next"] else "-",
+                     _when(t["last_trigger"]), format_duration(now - t["last_trigger"]) + " ago" if t["last_trigger"] else "-",
+                     t["name"], t["unit"]))
+    _table(rows)
+    print("\n%d timer%s listed." % (len(timers), "" if len(timers) == 1 else "s"))
+    if not args.all:
+        print("Pass --all to see stopped timers, too.")
     return EXIT_OK
 
 
@@ -11086,6 +12338,9 @@ def _cmd_action(action):
         for s in result["services"]:
             print("%s: %s%s" % (s["name"], s["state"], " (pid %d)" % s["pid"] if s["pid"] else
                                 " (%s)" % s["reason"] if s["state"] == STOPPED and s.get("reason") else ""))
+        for t in result.get("timers", []):
+            print("%s: %s%s" % (t["name"], t["state"], " (next: %s)" % _when(t["next"]) if t["next"] else
+                                " (%s)" % t["reason"] if t["reason"] else ""))
         return EXIT_OK
     return run
 
@@ -11298,13 +12553,14 @@ def cmd_check(config, args):
             if is_other_unit(path):
                 others.append(path)
                 continue
-            if not path.endswith(UNIT_SUFFIX):
-                problems.append(Diagnostic(path, 1, "error", "not a unit file: the name must end in .service (or "
-                                           "be a unit of another type: %s)" % " ".join(sorted(OTHER_UNIT_TYPES))))
+            if not path.endswith(UNIT_SUFFIXES):
+                problems.append(Diagnostic(path, 1, "error", "not a unit file: the name must end in .service or "
+                                           ".timer (or be a unit of another type: %s)" % " ".join(sorted(OTHER_UNIT_TYPES))))
                 continue
             files.append(_disk_unit_file(path))
-            prefix, at, _ = os.path.basename(path).partition("@")
-            beside = [path] + ([os.path.join(os.path.dirname(path), prefix + "@" + UNIT_SUFFIX)] if at else [])
+            stem, suffix = os.path.splitext(os.path.basename(path))
+            prefix, at, _ = stem.partition("@")
+            beside = [path] + ([os.path.join(os.path.dirname(path), prefix + "@" + suffix)] if at else [])
             for unit_path in beside:      # an instance's template, and the drop-ins of both, are read with it
                 if unit_path != path and os.path.exists(unit_path):
                     files.append(_disk_unit_file(unit_path))
@@ -11337,6 +12593,8 @@ def cmd_check(config, args):
         except OSError as exc:
             problems.append(Diagnostic(path, 1, "error", "cannot read: %s" % exc.strerror))
     specs, found = check_unit_tree(entries, folders=folders)
+    problems.extend(found)
+    timers, found = check_timers(entries, specs)
     problems.extend(found)
     problems.extend(_missing_accounts(specs))
     errors = sum(1 for p in problems if p.severity == "error")
@@ -11712,15 +12970,16 @@ def completion_script():
 def completion_units(config):
     """Unit names: the daemon's, else the branch's in the repository."""
     try:
-        return [s["name"] for s in request(config, {"cmd": "status"}, timeout=2)["services"]]
+        result = request(config, {"cmd": "status"}, timeout=2)
+        return [s["name"] for s in result["services"]] + [t["name"] for t in result.get("timers", [])]
     except (GitprocError, OSError):
         pass
     try:
         listing = run_git(config.repo_path, ["ls-tree", "-r", "--name-only", "-z", "refs/heads/" + config.branch])
     except (GitprocError, OSError):
         return []
-    return sorted({os.path.basename(path)[:-len(UNIT_SUFFIX)] for path in listing.decode("utf-8", "replace").split("\0")
-                   if path.endswith(UNIT_SUFFIX)})
+    return sorted({_strip_suffix(os.path.basename(path), UNIT_SUFFIX) for path in listing.decode("utf-8", "replace")
+                   .split("\0") if path.endswith(UNIT_SUFFIXES) and "@." not in os.path.basename(path)})
 
 
 def cmd_completion(config, args):
@@ -11833,6 +13092,8 @@ def build_parser(only=None):
     sub = with_json(add("status", cmd_status, "show the daemon and its services (exit 3 if a named one is not running)"))
     sub.add_argument("names", nargs="*", metavar="NAME")
     with_json(add("list", cmd_list, "list the units of the deployed commit, and those that failed to load"))
+    sub = with_json(add("list-timers", cmd_list_timers, "list the timers: next elapse, last trigger, what each starts"))
+    sub.add_argument("--all", action="store_true", help="the stopped timers too")
     for action, text in (("start", "start units and wait until they run"),
                          ("stop", "stop units (remembered until start) and wait until they are gone"),
                          ("restart", "stop then start units, and wait until they run"),
