@@ -3008,8 +3008,11 @@ def check_timers(entries, services, context=None, cache=None):
         if spec is None:
             continue
         if spec.unit not in services:
-            problems.append(Diagnostic(path, 1, "error", "%s activates %s, which is not in the repository" % (
-                name, spec.unit + UNIT_SUFFIX), unit=name))
+            template = spec.unit.partition("@")[0] + "@" if "@" in spec.unit else None
+            hint = " (an instance is a file of its own: add %s, empty or a link to %s)" % (
+                spec.unit + UNIT_SUFFIX, template + UNIT_SUFFIX) if template and template in services else ""
+            problems.append(Diagnostic(path, 1, "error", "%s activates %s, which is not in the repository%s" % (
+                name, spec.unit + UNIT_SUFFIX, hint), unit=name))
             continue
         timers[name] = spec
     return timers, problems

@@ -30,6 +30,7 @@ Standard library only, like gitproc itself.
 
 import argparse
 import json
+import math
 import os
 import select
 import shutil
@@ -488,7 +489,7 @@ def _raise_interrupt(_number, _frame):
     raise KeyboardInterrupt
 
 
-BENCH_STEPS = 15
+BENCH_STEPS = 16
 SYSLOG_MESSAGES = 100000
 # A unit that sends SYSLOG_MESSAGES datagrams to the daemon's syslog socket as
 # fast as it can (a full queue blocks it), then says so in a file.
@@ -658,13 +659,13 @@ def _bench_steps(bench, args, results, say):
         return stats_ms(timings)
     figure("commit_to_running", commit_to_running, 1)
 
-    step("commit of one file of a %d-file folder to its unit running again, %d runs" % (FOLDER_FILES, args.repeat))
+    step("commit of one file of a %d-file folder to its unit running again, %d runs" % (args.folder_files, args.repeat))
 
     def files_to_running():
-        files = {"big/data/%04d.txt" % i: "file %d of the folder\n" % i for i in range(FOLDER_FILES - 1)}
+        files = {"big/data/%04d.txt" % i: "file %d of the folder\n" % i for i in range(args.folder_files - 1)}
         files["big/big.service"] = FOLDER_UNIT
         known = set(bench.children())
-        committed = bench.commit(files, "bench: a unit with %d files in its folder" % FOLDER_FILES)
+        committed = bench.commit(files, "bench: a unit with %d files in its folder" % args.folder_files)
         bench.wait_for_child("big", ("/bin/sleep", "2000001"), known, 30)
         first = time.perf_counter() - committed
         timings = []
@@ -721,12 +722,25 @@ def _bench_steps(bench, args, results, say):
     results["state_save"] = dict(stats_ms(saves), bytes=size)
     say("      median %.2f ms  p95 %.2f ms  (%d bytes)" % (results["state_save"]["median_ms"], results["state_save"]["p95_ms"], size))
 
-    step("%d syslog messages from a unit, through the daemon into its log" % SYSLOG_MESSAGES)
-    figure("syslog", lambda: _syslog_flood(bench), 1,
+    step("%d syslog messages from a unit, through the daemon into its log" % args.syslog_messages)
+    figure("syslog", lambda: _syslog_flood(bench, args.syslog_messages), 1,
            note=lambda: "" if "per_second" not in results["syslog"] else
            "  (%d messages a second; `status` at worst %.1f ms meanwhile; RSS %.1f -> %.1f MB)" % (
                results["syslog"]["per_second"], results["syslog"]["status_worst_ms"],
                results["syslog"]["rss_before_mb"], results["syslog"]["rss_after_mb"]))
+
+    step("%d armed timers: idle cost against none, and the accuracy of an elapse, %d runs" % (args.timers, args.repeat))
+    try:
+        results["timers_idle"] = _armed_timers(bench, args)
+        say("      idle with %d timers: cpu %.3f%%  rss %.1f MB  %.2f wakeups/s  (with none: %.1f MB, %.2f wakeups/s)" % (
+            args.timers, results["timers_idle"]["cpu_percent"], results["timers_idle"]["rss_mb"],
+            results["timers_idle"]["wakeups_per_s"], results["idle"]["rss_mb"], results["idle"]["wakeups_per_s"]))
+    except RuntimeError as exc:
+        results["timers_idle"] = {"failed": str(exc)}
+        results.setdefault("failed", []).append("timers_idle")
+        say("      failed: %s" % exc)
+    figure("timer_elapse", lambda: _elapse_accuracy(bench, args.repeat), 2,
+           note=lambda: "  (from the planned time to the service's start)")
 
     step("uninstall from the temporary prefix")
     if bench.prefix:
@@ -739,8 +753,8 @@ def _bench_steps(bench, args, results, say):
         say("      nothing installed")
 
 
-def _syslog_flood(bench):
-    """SYSLOG_MESSAGES through the syslog socket: messages a second (from the
+def _syslog_flood(bench, messages):
+    """`messages` through the syslog socket: messages a second (from the
     unit's start to its last line in its log), and `status` round trips
     meanwhile (median, p95, worst)."""
     script, done = os.path.join(bench.path, "flood.py"), os.path.join(bench.path, "flooded")
@@ -752,7 +766,7 @@ def _syslog_flood(bench):
     rss_before = read_sample(bench.daemon_pid)["rss"]
     started = time.perf_counter()
     bench.commit({"flood.service": "[Service]\nExecStart=%s %s %s %d %s\nLogRateLimitBurst=0\n" % (
-        sys.executable, script, os.path.join(bench.path, "syslog", "dev-log"), SYSLOG_MESSAGES, done)},
+        sys.executable, script, os.path.join(bench.path, "syslog", "dev-log"), messages, done)},
         "bench: a unit that floods its syslog")
     timings = []
     deadline = time.monotonic() + 120
@@ -760,16 +774,62 @@ def _syslog_flood(bench):
         before = time.perf_counter()
         bench.request({"cmd": "status"})
         timings.append(time.perf_counter() - before)
-        if os.path.exists(done) and _count_lines(log, b"flood[") >= SYSLOG_MESSAGES:
+        if os.path.exists(done) and _count_lines(log, b"flood[") >= messages:
             break
         time.sleep(0.005)
     else:
-        raise RuntimeError("the flood's %d lines did not all reach the log within 120 s" % SYSLOG_MESSAGES)
+        raise RuntimeError("the flood's %d lines did not all reach the log within 120 s" % messages)
     elapsed = time.perf_counter() - started
     rss_after = read_sample(bench.daemon_pid)["rss"]
     bench.cli("stop", "flood")
-    return dict(stats_ms(timings), per_second=round(SYSLOG_MESSAGES / elapsed), status_worst_ms=max(timings) * 1000,
+    return dict(stats_ms(timings), per_second=round(messages / elapsed), status_worst_ms=max(timings) * 1000,
                 rss_before_mb=rss_before / 2 ** 20, rss_after_mb=rss_after / 2 ** 20)
+
+
+TIMER_JOB = "[Service]\nType=oneshot\nExecStart=/bin/true\n"
+
+
+def _armed_timers(bench, args):
+    """The idle daemon with `args.timers` armed timers (each with its
+    oneshot, elapsing next New Year), sampled as the idle figure is: the
+    loop sleeps until the earliest elapse, so wakeups must not grow."""
+    files = {}
+    for index in range(args.timers):
+        files["timers/t%04d.service" % index] = TIMER_JOB
+        files["timers/t%04d.timer" % index] = "[Timer]\nOnCalendar=yearly\n"
+    bench.commit(files, "bench: %d timers" % args.timers)
+    deadline = time.monotonic() + 120
+    while len(bench.request({"cmd": "list-timers"})["timers"]) < args.timers:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the %d timers were not all armed within 120 s" % args.timers)
+        time.sleep(0.2)
+    time.sleep(1.0)
+    summary = summarize(sample(bench.daemon_pid, args.idle, min(1.0, args.idle)))
+    return {"wakeups_per_s": round(summary["wakeups_per_s"]["avg"], 3), "rss_mb": round(summary["rss"]["max"] / 2 ** 20, 2),
+            "cpu_percent": round(summary["cpu_percent"]["avg"], 4), "timers": args.timers}
+
+
+TICK = 0.25                           # the timer of the accuracy figure elapses every quarter second
+
+
+def _elapse_accuracy(bench, runs):
+    """A timer on every quarter of a second (AccuracySec=1us) starting a
+    oneshot: from the planned time to the service's start (its "starting"
+    event), `runs` times."""
+    bench.commit({"tick.service": TIMER_JOB.replace("[Service]", "[Unit]\nStartLimitIntervalSec=0\n[Service]"),
+                  "tick.timer": "[Timer]\nOnCalendar=*:*:0/%g\nAccuracySec=1us\n" % TICK}, "bench: a quick timer")
+    deadline = time.monotonic() + runs * TICK * 4 + 30
+    while True:
+        starts = [event["time"] for event in bench.request({"cmd": "events", "names": ["tick"], "count": 1000})["events"]
+                  if event["event"] == "state" and event["to"] == "starting"]
+        if len(starts) >= runs + 1:
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError("the timer started its service %d times, not %d" % (len(starts), runs + 1))
+        time.sleep(0.2)
+    bench.commit({"tick.timer": "[Timer]\nOnCalendar=yearly\n"}, "bench: the timer slows down")
+    late = [start - math.floor(start / TICK) * TICK for start in starts[1:runs + 1]]   # the first may be an arming's
+    return stats_ms(late)
 
 
 def _count_lines(path, needle):
@@ -869,7 +929,7 @@ def _print_results(results):
         ("  the same, service failed after 200 ms up", results["respawn_after_run"]),
         ("  the same, in a full sandbox", results["respawn_sandboxed"]),
         ("commit to changed service running", results["commit_to_running"]),
-        ("  the same, one file of a %d-file folder" % FOLDER_FILES, results["commit_to_running_files"]),
+        ("  the same, one file of a unit's big folder", results["commit_to_running_files"]),
         ("`start NAME` command to process running", results["start_command"]),
         ("  the same, installed command", results["start_command_installed"]),
         ("  script's floor: interpreter + compile", results["cli_floor"]),
@@ -878,7 +938,8 @@ def _print_results(results):
         ("`status` round trip (socket)", results["status_round_trip"]),
         ("GET /metrics over HTTP", results["metrics_http"]),
         ("state save", results["state_save"]),
-        ("`status` during a %d-message syslog flood" % SYSLOG_MESSAGES, results["syslog"]),
+        ("`status` during a syslog flood", results["syslog"]),
+        ("timer elapse: planned time to service start", results["timer_elapse"]),
     ]
     for label, figure in rows:
         if "unavailable" in figure or "failed" in figure:
@@ -890,6 +951,13 @@ def _print_results(results):
     print("  %-48s %.1f MB, %.3f %% CPU, %.2f wakeups/s, %d thread(s)" % (
         "idle daemon", idle["rss_mb"], idle["cpu_percent"], idle["wakeups_per_s"], idle["threads"]))
     print("  %-48s %.3f s" % ("cold start until all run", results["cold_start_s"]))
+    armed = results["timers_idle"]
+    if "failed" in armed:
+        print("  %-48s %s" % ("idle daemon with armed timers", describe_figure(armed)))
+    else:
+        print("  %-48s %.1f MB, %.3f %% CPU, %.2f wakeups/s" % (
+            "idle daemon with %d armed timers" % armed["timers"], armed["rss_mb"], armed["cpu_percent"],
+            armed["wakeups_per_s"]))
     if "per_second" in results["syslog"]:
         print("  %-48s %d a second; RSS %.1f MB before, %.1f MB after" % (
             "syslog messages into a unit's log", results["syslog"]["per_second"], results["syslog"]["rss_before_mb"],
@@ -920,9 +988,16 @@ def main(argv=None):
     parser.add_argument("--idle", type=float, default=10.0, help="--bench: seconds of idle sampling (default: 10)")
     parser.add_argument("--python", help="--bench: interpreter for gitproc (default: /usr/bin/python3)")
     parser.add_argument("--no-http", action="store_true", help="--bench: run the daemon without its HTTP listener")
+    parser.add_argument("--timers", type=int, default=1000, help="--bench: how many armed timers (default: 1000)")
+    parser.add_argument("--folder-files", type=int, default=FOLDER_FILES,
+                        help="--bench: files in the big folder of a unit (default: %d)" % FOLDER_FILES)
+    parser.add_argument("--syslog-messages", type=int, default=SYSLOG_MESSAGES,
+                        help="--bench: messages of the syslog flood (default: %d)" % SYSLOG_MESSAGES)
     args = parser.parse_args(argv)
-    if args.duration <= 0 or args.interval <= 0 or args.repeat < 1 or args.services < 0 or args.idle <= 0:
-        parser.error("durations must be positive, --repeat at least 1, --services at least 0")
+    if args.duration <= 0 or args.interval <= 0 or args.repeat < 1 or args.services < 0 or args.idle <= 0 or \
+            args.timers < 1 or args.syslog_messages < 1 or args.folder_files < 2:
+        parser.error("durations must be positive, --repeat, --timers and --syslog-messages at least 1, "
+                     "--folder-files at least 2, --services at least 0")
     try:
         return run_bench(args) if args.bench else run_sampling(args)
     except gitproc.GitprocError as exc:

@@ -1689,7 +1689,7 @@ class StateFileTests(unittest.TestCase):
 
 class Kill9DuringSavesTests(unittest.TestCase):
 
-    ROUNDS = 10
+    ROUNDS = 6
     UNITS = 30
 
     def test_state_file_always_parses_and_the_next_daemon_starts(self):
@@ -5862,6 +5862,19 @@ class TimerUnitTests(SupervisionCase):
         midnight = (int(time.time()) // 86400 + 1) * 86400
         self.assertEqual(timers["kept.timer"]["next"], float(midnight))     # the machines of this suite run in UTC
 
+    @unittest.skipUnless(IS_ROOT, "setting the clock (to itself) needs root; uid %d" % os.geteuid())
+    def test_a_wall_clock_set_replans_and_triggers_on_clock_change(self):
+        ran = self.file("ran")
+        self.deploy({"job.service": unit_text("Type=oneshot", "ExecStart=" + sh("echo ran >> " + ran)),
+                     "job.timer": "[Timer]\nOnCalendar=yearly\nOnClockChange=yes\n"})
+        self.assertEqual(self.home.request({"cmd": "list-timers"})["timers"][0]["state"], "waiting")
+        self.assertFalse(os.path.exists(ran))
+        # a set of the clock to where it is: the kernel tells every CANCEL_ON_SET timerfd all the same
+        time.clock_settime(time.CLOCK_REALTIME, time.clock_gettime(time.CLOCK_REALTIME))
+        wait_until(lambda: os.path.exists(ran), 5, "the run OnClockChange= asks for")
+        self.assertIn("The wall clock was set: re-planning calendar timers", self.home.daemon_log())
+        self.assertEqual(self.home.request({"cmd": "list-timers"})["timers"][0]["state"], "waiting")
+
 
 class StockTimerTests(unittest.TestCase):
     """The timers Debian's packages ship, with their services, unchanged."""
@@ -5904,6 +5917,32 @@ class StockTimerTests(unittest.TestCase):
         self.assertEqual(code, 0, err)
         for name in stock:
             self.assertIn(name + ".service", out)
+
+    @unittest.skipUnless(IS_ROOT and os.path.exists("/lib/systemd/system/logrotate.timer")
+                         and shutil.which("logrotate"), "needs logrotate's stock units, as root")
+    def test_logrotate_through_its_timer_rotates_a_real_file(self):
+        # PrivateTmp= and ProtectSystem=full: the log to rotate lives where logrotate's own do
+        folder = "/var/log/gp-test-%d" % os.getpid()
+        os.makedirs(folder)
+        self.addCleanup(shutil.rmtree, folder, True)
+        write_file(folder + "/app.log", "a line to rotate\n")
+        write_file(folder + "/rotate.conf", "%s/app.log {\n  rotate 2\n  size 1\n  missingok\n}\n" % folder)
+        home = Home(self)
+        home.commit({"logrotate.timer": read_text("/lib/systemd/system/logrotate.timer"),
+                     "logrotate.service": read_text("/lib/systemd/system/logrotate.service"),
+                     "logrotate.service.d/test.conf": "[Service]\nExecStart=\nExecStart=/usr/sbin/logrotate -s "
+                     "%s/status %s/rotate.conf\n" % (folder, folder)}, "logrotate")
+        with open(os.path.join(home.path, "state.json"), "w") as state:     # its daily run was missed (Persistent=true)
+            json.dump({"version": gitproc.STATE_VERSION, "services": {}, "timers": {
+                "logrotate.timer": {"want": "up", "last_trigger": time.time() - 2 * 86400}}}, state)
+        home.start_daemon()
+        try:
+            wait_until(lambda: os.path.exists(folder + "/app.log.1"), 15, "the log rotated")
+        except AssertionError:
+            raise AssertionError("%s\n%s\n%s" % (home.daemon_log()[-3000:], home.service_log("logrotate"),
+                                                 os.listdir(folder)))
+        self.assertEqual(read_text(folder + "/app.log.1"), "a line to rotate\n")
+        self.assertEqual(home.wait_state("logrotate", "exited")["last_exit"], {"code": 0})
 
 
 class WaitGivesUpTests(SupervisionCase):
@@ -7824,6 +7863,7 @@ class SyslogStockUnitTests(SupervisionCase):
                     conn.settimeout(5)
                     conn.connect("/run/haproxy-master.sock")
                     conn.sendall(b"show proc\n")
+                    conn.shutdown(socket.SHUT_WR)     # nothing more to say: haproxy answers and closes
                     return read_all(conn)
             except OSError:
                 return b""
@@ -8394,9 +8434,11 @@ class UnreadRepliesTests(unittest.TestCase):
         client.setblocking(False)
         sent, payload = 0, b'{"cmd": "status"}\n' * 1000
         deadline = time.monotonic() + 5
-        while sent < 900000 and time.monotonic() < deadline:
+        progress = time.monotonic()           # the last time a send moved
+        while sent < 900000 and time.monotonic() < deadline and time.monotonic() - progress < 1.0:
             try:
                 sent += client.send(payload)
+                progress = time.monotonic()
             except BlockingIOError:
                 select.select([], [client], [], 0.05)
         try:
@@ -8724,7 +8766,8 @@ class HttpListenerTests(ObservabilityCase):
         # A pipeline of 3,000 requests read at full speed does not hold the loop.
         flood = socket.create_connection(("127.0.0.1", self.port), timeout=30)
         self.addCleanup(flood.close)
-        flood.sendall(b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n" * 3000)
+        flood.sendall(b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n" * 2999 +    # the last one closes: no idle wait
+                      b"GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         drained = threading.Thread(target=read_all, args=(flood,), daemon=True)
         drained.start()
         started = time.monotonic()
@@ -9740,7 +9783,8 @@ class ProfilerTests(unittest.TestCase):
     def test_bench_end_to_end_reports_every_figure_and_cleans_up(self):
         before = set(glob.glob("/tmp/gpb*"))
         proc = subprocess.run([sys.executable, PROFILER, "--bench", "--services", "3", "--repeat", "3",
-                               "--idle", "1", "--json", "--python", sys.executable],
+                               "--idle", "1", "--json", "--python", sys.executable, "--timers", "50",
+                               "--syslog-messages", "5000", "--folder-files", "100"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=240)
         self.assertEqual(proc.returncode, 0, proc.stderr.decode())
         result = json.loads(proc.stdout.decode())
@@ -9767,6 +9811,10 @@ class ProfilerTests(unittest.TestCase):
         self.assertLess(result["commit_to_running"]["median_ms"], 5000)
         self.assertGreater(result["commit_to_running_files"]["first_deploy_ms"], 0)
         self.assertEqual(result["idle"]["threads"], 1)
+        self.assertEqual(result["timers_idle"]["timers"], 50)
+        self.assertLess(result["timers_idle"]["wakeups_per_s"], result["idle"]["wakeups_per_s"] + 5)
+        self.assertGreater(result["timer_elapse"]["median_ms"], 0)
+        self.assertLess(result["timer_elapse"]["median_ms"], 250)
         self.assertGreater(result["idle"]["rss_mb"], 1)
         self.assertLess(result["cold_start_s"], 60)
         self.assertEqual(result["services"], 3)
