@@ -2731,16 +2731,15 @@ def next_elapse(spec, after, local=None):
     `spec` names, or None if there is none before 2200. `local`: the
     zoneinfo for specs in local time (default: this machine's)."""
     zone = None if spec.zone == "UTC" else _zone(spec.zone) if spec.zone else (local or local_zone())
-    usec_after = int(round(after * _USEC)) + 1
-    stamp, micro = divmod(usec_after, _USEC)
     try:
+        stamp, micro = divmod(int(round(after * _USEC)) + 1, _USEC)
         found = _find_next(spec, _fields_at(stamp, zone), micro, zone)
-    except OverflowError:
+        if found is None:
+            return None
+        fields, micro = found
+        return _BrokenDownTime(fields, zone).stamp() + micro / _USEC
+    except (OverflowError, ValueError, OSError):      # a time before 1970 or past 9999: none
         return None
-    if found is None:
-        return None
-    fields, micro = found
-    return _BrokenDownTime(fields, zone).stamp() + micro / _USEC
 
 
 def _match(chain, value, spec=None, fields=None, zone=None):
@@ -2872,10 +2871,10 @@ class TimerSpec:
     """One timer unit as its files say it (immutable once parsed). `unit`:
     the name of the service it starts; `identity()` is what it means, so a
     moved file or a new comment changes nothing."""
-    FIELDS = ("description", "conditions", "unit") + TIMER_TRIGGER_FIELDS + (
+    FIELDS = ("description", "conditions", "condition_host", "unit") + TIMER_TRIGGER_FIELDS + (
         "persistent", "randomized_delay", "fixed_random_delay", "accuracy", "remain_after_elapse",
         "on_clock_change")
-    DEFAULTS = {"description": "", "conditions": (), "unit": "", "calendars": (), "on_active": (), "on_boot": (),
+    DEFAULTS = {"description": "", "conditions": (), "condition_host": (), "unit": "", "calendars": (), "on_active": (), "on_boot": (),
                 "on_startup": (), "on_unit_active": (), "on_unit_inactive": (), "persistent": False,
                 "randomized_delay": 0.0, "fixed_random_delay": False, "accuracy": DEFAULT_ACCURACY_SEC,
                 "remain_after_elapse": True, "on_clock_change": False}
@@ -2893,7 +2892,7 @@ class TimerSpec:
     def changed_keys(self, other):
         """The keys whose meaning differs from `other`'s (an earlier version)."""
         keys = {field: key for key, (field, _, _) in TIMER_DIRECTIVES.items()}
-        keys.update(description="Description", conditions="Condition*")
+        keys.update(description="Description", conditions="Condition*", condition_host="ConditionHost")
         return [keys[field] + "=" for field in self.FIELDS if getattr(self, field) != getattr(other, field)]
 
     @property
@@ -2939,16 +2938,18 @@ def parse_timer(name, path, data, blob="", context=None):
                 directive = DIRECTIVES.get(("Unit", key))
                 if key == "Description":
                     values["description"] = expand_specifiers(value, stem, context)[0]
-                elif directive is not None and directive[0] == "conditions":
+                elif directive is not None and directive[0] in ("conditions", "condition_host"):
+                    field = directive[0]
                     if not value:
-                        values["conditions"] = tuple(c for c in values.get("conditions", ())
-                                                     if not c[0].startswith(key[:6]))
+                        _reset_conditions(values, key)
                         continue
                     try:
-                        values["conditions"] = values.get("conditions", ()) + directive[1](
-                            expand_specifiers(value, stem, context)[0])
+                        values[field] = values.get(field, ()) + directive[1](expand_specifiers(value, stem, context)[0])
                     except ValueError as exc:
                         report(part_path, number, "error", "%s=: %s" % (key, exc))
+                elif directive is None and key not in NOT_APPLIED_KEYS and not key.startswith("X-") and \
+                        ("Unit", key) not in SILENT_KEYS:
+                    report(part_path, number, "warning", unknown_key_message("Unit", key), code="key")
                 continue                  # ordering and documentation keys: a timer has nothing to order
             if section != "Timer":
                 continue
@@ -2995,8 +2996,16 @@ def check_timers(entries, services, context=None, cache=None):
     TimerSpec}, [Diagnostic]); a timer whose service is not among
     `services` (names) is an error of the timer."""
     timers, problems = {}, []
+    paths_of = {}
+    for name, path, _, _ in entries:
+        if name.endswith(TIMER_SUFFIX):
+            paths_of.setdefault(name, []).append(path)
     for name, path, data, blob in entries:
         if not name.endswith(TIMER_SUFFIX):
+            continue
+        if len(paths_of[name]) > 1:
+            problems.append(Diagnostic(path, 1, "error", "unit name %r is also defined in %s: both are rejected" % (
+                name, ", ".join(p for p in paths_of[name] if p != path)), unit=name))
             continue
         parsed = cache.get((path, blob)) if cache is not None and blob else None
         if parsed is None:
@@ -9742,14 +9751,17 @@ class TimerUnit:
             return
         if saved.get("want") in ("up", "down"):
             self.want = saved["want"]
-        if isinstance(saved.get("last_trigger"), (int, float)) and not isinstance(saved["last_trigger"], bool):
-            self.last_trigger = float(saved["last_trigger"])
+        stamp = saved.get("last_trigger")
+        if isinstance(stamp, (int, float)) and not isinstance(stamp, bool) and 0 < stamp <= time.time() + 60:
+            self.last_trigger = float(stamp)  # a future one (a clock set back since) is forgotten, as systemd does
         if isinstance(saved.get("triggers_total"), int) and not isinstance(saved["triggers_total"], bool):
             self.triggers_total = saved["triggers_total"]
 
-    def plan(self, now_wall, now_mono, started_mono, unit_times, seed, local):
+    def plan(self, now_wall, now_mono, started_mono, unit_times, seed, local, busy=False):
         """Set the next elapse from the spec, as systemd.timer(5) says;
-        None when nothing is left to elapse."""
+        None when nothing is left to elapse. While its service is `busy`,
+        OnUnitActiveSec=/OnUnitInactiveSec= wait for it to stop (as
+        systemd's timer does in its "running" state)."""
         spec = self.spec
         candidates = []                   # (monotonic time, wall time, cause, calendar time or None)
         if spec.calendars:
@@ -9763,15 +9775,18 @@ class TimerUnit:
                 candidates.append((now_mono + max(0.0, at - now_wall), at, "OnCalendar=" + calendar.text, elapse))
         singles = [("on_active", "OnActiveSec", self.armed_mono), ("on_boot", "OnBootSec", 0.0),
                    ("on_startup", "OnStartupSec", started_mono)]
+        booted_wall = now_wall - now_mono
         for field, key, base in singles:
             for value in getattr(spec, field):
+                if field == "on_boot" and self.last_trigger is not None and self.last_trigger >= booted_wall + value - 1:
+                    continue              # it fired since this boot (before a daemon restart): once per boot
                 if (field, value) not in self.fired:
                     candidates.append((base + value, None, "%s=%s" % (key, format_timespan(value)), None))
         active, inactive = unit_times.get(spec.unit, (None, None))
         for field, key, unit_base in (("on_unit_active", "OnUnitActiveSec", active),
                                       ("on_unit_inactive", "OnUnitInactiveSec", inactive)):
             bases = [b for b in (unit_base, self.last_trigger_mono) if b is not None]
-            for value in getattr(spec, field) if bases else ():
+            for value in getattr(spec, field) if bases and not busy else ():
                 candidates.append((max(bases) + value, None, "%s=%s" % (key, format_timespan(value)), None))
         if not candidates:
             self.next_wall = self.next_mono = self.next_calendar = self.next_cause = None
@@ -9858,9 +9873,12 @@ class TimerSchedule:
                     timer.reason = "stopped by user"
             elif timer.spec.identity() != spec.identity():
                 self.daemon.log.info(name, "Re-planned: %s changed" % ", ".join(spec.changed_keys(timer.spec)))
+                conditions_changed = timer.spec.conditions != spec.conditions
                 timer.spec = spec
                 if timer.armed:
                     timer.elapsed = False
+                if timer.want == "up" and (conditions_changed or (timer.reason or "").startswith("condition failed")):
+                    self._arm(timer)      # its conditions are checked again
             else:
                 timer.spec = spec
         self.replan()
@@ -9893,6 +9911,7 @@ class TimerSchedule:
             return
         timer.armed, timer.elapsed, timer.reason, timer.fired = True, False, None, set()
         timer.armed_wall, timer.armed_mono = time.time(), time.monotonic()
+        timer.last_trigger_mono = None    # as systemd: a calendar counts from here, or (Persistent=) the last trigger
 
     # -- the schedule ----------------------------------------------------------------
 
@@ -9905,16 +9924,19 @@ class TimerSchedule:
             self.local = local_zone()
         if self.seed is None:
             self.seed = "%s\0%s" % (self.daemon.config.hostname, machine_id())
-        due = []
+        due, services = [], self.daemon.services
         for timer in self.timers.values():
             if not timer.armed:
                 continue
-            if timer.plan(now_wall, now_mono, self.started_mono, self.unit_times, self.seed, self.local) is None:
-                if not timer.elapsed:
-                    timer.elapsed = True
+            service = services.get(timer.spec.unit)
+            busy = service is not None and service_busy(service)
+            if timer.plan(now_wall, now_mono, self.started_mono, self.unit_times, self.seed, self.local, busy) is None:
+                if not timer.elapsed and not (timer.spec.on_unit_active or timer.spec.on_unit_inactive):
+                    timer.elapsed = True  # nothing left (one that counts from its service waits for it)
                     if not timer.spec.remain_after_elapse:
                         timer.armed, timer.reason = False, None
                 continue
+            timer.elapsed = False
             due.append((timer.next_mono, timer.next_mono + timer.spec.accuracy))
         self._open_clock_watch(any(t.armed and t.spec.calendars for t in self.timers.values()))
         if self.wake is not None:
@@ -9943,14 +9965,14 @@ class TimerSchedule:
         """An elapse: the service starts, unless it is active already."""
         now_wall, now_mono = now_wall or time.time(), now_mono or time.monotonic()
         cause = timer.next_cause or "start"
+        if self.daemon.host.shutting_down:
+            return                        # not a run missed: a Persistent= timer catches it up next time
         timer.triggered(now_wall, now_mono, self.started_mono)
         self.daemon.store.mark_dirty()
         service = self.daemon.services.get(timer.spec.unit)
         late = (now_wall - timer.next_wall) if timer.next_wall is not None else 0.0
         if service is None or service.removed:
             why = "%s is not deployed" % (timer.spec.unit + UNIT_SUFFIX)
-        elif self.daemon.host.shutting_down:
-            why = "the daemon is shutting down"
         elif service_busy(service):
             why = "%s is still %s: no second run" % (timer.spec.unit + UNIT_SUFFIX, service.state)
         else:
@@ -9980,7 +10002,7 @@ class TimerSchedule:
         self.unit_times[service.name] = (active, inactive)
         if any(t.spec.unit == service.name and (t.spec.on_unit_active or t.spec.on_unit_inactive)
                for t in self.timers.values() if t.armed):
-            self.replan()
+            self.replan()             # OnUnit*Sec= count from here, or wait while it runs
 
     # -- wall-clock jumps --------------------------------------------------------------
 
@@ -10003,6 +10025,8 @@ class TimerSchedule:
         except (OSError, AttributeError) as exc:
             self.daemon.log.warning("daemon", "Wall-clock jumps are not watched (%s): calendar timers are "
                                     "re-planned at their next elapse" % exc)
+            if self.clock_fd:
+                os.close(self.clock_fd)
             self.clock_fd = False
 
     def _set_clock_watch(self):
@@ -10017,8 +10041,18 @@ class TimerSchedule:
             os.read(self.clock_fd, 8)
         except OSError:
             pass                          # ECANCELED: the clock was set, which is what we came for
-        self._set_clock_watch()
+        try:
+            self._set_clock_watch()
+        except OSError as exc:
+            self.daemon.log.warning("daemon", "Wall-clock jumps are no longer watched: %s" % exc)
+            self.daemon.selector.unregister(self.clock_fd)
+            os.close(self.clock_fd)
+            self.clock_fd = False
         self.local = None                 # a new time zone is read with it
+        now = time.time()
+        for timer in self.timers.values():
+            if timer.last_trigger is not None and timer.last_trigger > now:
+                timer.last_trigger = now  # set back: a trigger "in the future" would hold calendars back
         self.daemon.log.info("daemon", "The wall clock was set: re-planning calendar timers")
         for timer in self.timers.values():
             if timer.armed and timer.spec.on_clock_change:
@@ -10369,7 +10403,7 @@ class Deployer:
             except SnapshotError as exc:
                 problems.append(Diagnostic(spec.path, 1, "error", str(exc), unit=name))
                 del specs[name]
-        bad_names = {d.unit or os.path.basename(d.path)[:-len(UNIT_SUFFIX)] for d in problems if d.severity == "error"}
+        bad_names = {d.unit_name for d in problems if d.severity == "error"}
         earlier = self.specs or self._specs_of_saved_commit(bad_names)
         origin = {}                                   # name -> commit its kept spec came from
         for name in sorted(bad_names):
@@ -10404,10 +10438,11 @@ class Deployer:
                 plan.unchanged.append(name)
                 plan.drift[name] = drift_note(service.rolled_back)
         plan.unchanged.sort()
-        timers = self._plan_timers(entries, specs, skipped, bad_names, problems)
+        timers, held = self._plan_timers(entries, specs, skipped, bad_names, problems)
         plan.invalid = [str(d) for d in problems if d.severity == "error"]
         plan.skipped, plan.specs, plan.problems, plan.origin = skipped, specs, problems, origin
         plan.activated = activated_units(specs, problems, timers)
+        plan.activated.update((name, why) for name, why in held.items() if name in specs and name not in plan.activated)
         plan.in_tree = {name for name, _, _, _ in entries}
         if materialise:
             self._materialise(plan)
@@ -10442,12 +10477,24 @@ class Deployer:
             if diagnostic.severity == "error" and name not in timers and name in self.timer_specs:
                 timers[name] = self.timer_specs[name]     # the earlier good version keeps running
         for name, timer in list(timers.items()):
-            if timer.unit in skipped:
+            if not host_matches(timer.condition_host, self.config.hostname):
+                skipped[name] = "ConditionHost=%s does not match %s" % (" ".join(timer.condition_host),
+                                                                        self.config.hostname)
+                del timers[name]
+            elif timer.unit in skipped:
                 skipped[name] = "its service %s does not run here: %s" % (timer.unit, skipped[timer.unit])
                 del timers[name]
             elif timer.unit not in specs:
                 del timers[name]
-        return timers
+        held = {}                         # a timer with errors still holds its service back (SPEC §16)
+        for name, path, data, _ in entries:
+            if name.endswith(TIMER_SUFFIX) and name not in timers:
+                found_unit = re.search(rb"(?m)^\s*Unit\s*=\s*(\S+)\.service\s*$", b"\n".join(
+                    part for _, part in data)) if data else None
+                held[found_unit.group(1).decode("utf-8", "replace") if found_unit else name[:-len(TIMER_SUFFIX)]] = \
+                    "started by %s (%s), not at deploy" % (name, "skipped here: " + skipped[name] if name in skipped
+                                                            else "which has errors")
+        return timers, held
 
     def _reloads(self, spec):
         """ReloadOnFileChange=: a change of its files only reloads the unit, if
@@ -12050,15 +12097,19 @@ def _print_plan(plan, done):
         print("%s %s%s" % ("deployed" if done else "would deploy", label, previous))
     if plan.get("rollback_commit"):
         print("  rollback commit %s restores the units of %s" % (plan["rollback_commit"][:7], plan["target"]["sha"][:7]))
-    rows = [("+", name, "started" if done else "would start") for name in plan["added"]]
+    timer = lambda name: name.endswith(TIMER_SUFFIX)     # armed, re-planned and disarmed: no process of its own
+    rows = [("+", name, ("armed" if done else "would arm") if timer(name) else "started" if done else "would start")
+            for name in plan["added"]]
     for name in plan["changed"]:
         what = list(plan["changes"][name])
         if plan.get("files", {}).get(name):
             what.append("files: " + some_paths(plan["files"][name]))
-        verb = ("reloaded" if done else "would reload") if name in plan.get("reload", ()) else (
+        verb = ("re-planned" if done else "would re-plan") if timer(name) else (
+            "reloaded" if done else "would reload") if name in plan.get("reload", ()) else (
             "restarted" if done else "would restart")
         rows.append(("~", name, "%s (%s)" % (verb, ", ".join(what))))
-    rows += [("-", name, "stopped" if done else "would stop") for name in plan["removed"]]
+    rows += [("-", name, ("disarmed" if done else "would disarm") if timer(name) else "stopped" if done else
+              "would stop") for name in plan["removed"]]
     rows += [(".", name, "skipped: " + why) for name, why in sorted(plan["skipped"].items())]
     for mark, name, what in rows:
         print("  %s %-24s %s" % (mark, name, what))

@@ -1401,6 +1401,36 @@ class CalendarTests(unittest.TestCase):
         spec, _ = gitproc.parse_timer("t.timer", "t.timer", b"[Timer]\nOnCalendar=daily\nOnCalendar=\nOnActiveSec=5\n")
         self.assertEqual((spec.calendars, spec.on_active), ((), (5.0,)), "an empty value resets the triggers")
 
+    def test_planning_as_systemd_does(self):
+        now_wall, now_mono, day = 1765065600.0, 100000.0, 86400.0
+
+        def timer(text, **fields):
+            spec, problems = gitproc.parse_timer("t.timer", "t.timer", text.encode())
+            assert spec is not None, messages(problems)
+            unit = gitproc.TimerUnit(spec)
+            unit.armed, unit.armed_wall, unit.armed_mono = True, now_wall, now_mono
+            for key, value in fields.items():
+                setattr(unit, key, value)
+            return unit
+        plan = lambda unit, busy=False, times=None: unit.plan(now_wall, now_mono, 50.0, times or {}, "h", None, busy)
+        # not Persistent=: armed again after a day stopped, it counts from now, not from its last trigger
+        daily = timer("[Timer]\nOnCalendar=daily\n", last_trigger=now_wall - day - 60)
+        self.assertEqual(daily.next_wall, None)
+        plan(daily)
+        self.assertEqual(daily.next_wall, now_wall + day)
+        catch_up = timer("[Timer]\nOnCalendar=daily\nPersistent=yes\n", last_trigger=now_wall - day - 60)
+        plan(catch_up)
+        self.assertEqual(catch_up.next_mono, now_mono, "Persistent=yes: the missed run at once")
+        # OnUnitActiveSec= waits while the service runs, then counts from its start
+        beat = timer("[Timer]\nOnUnitActiveSec=10\n", last_trigger_mono=now_mono - 20)
+        self.assertIsNone(plan(beat, busy=True))
+        self.assertEqual(plan(beat, times={"t": (now_mono - 5, None)}), now_mono + 5)
+        # OnBootSec= past at the first arming elapses at once; after a trigger since this boot, never again
+        boot = timer("[Timer]\nOnBootSec=15min\n")
+        self.assertEqual(plan(boot), 900.0)
+        boot.last_trigger = now_wall - now_mono + 1000
+        self.assertIsNone(plan(boot))
+
     def test_random_delay_is_stable_per_elapse(self):
         spec, _ = gitproc.parse_timer("t.timer", "t.timer", b"[Timer]\nOnCalendar=daily\nRandomizedDelaySec=1h\n")
         delays = {gitproc.random_delay(spec, day * 86400.0, "host") for day in range(20)}
@@ -5824,7 +5854,7 @@ class TimerUnitTests(SupervisionCase):
     def test_an_elapse_while_the_service_runs_starts_no_second_run(self):
         started = self.file("started")
         self.deploy({"long.service": unit(sh("echo x >> %s; exec /bin/sleep 1000" % started)),
-                     "long.timer": "[Timer]\nOnActiveSec=0\nOnUnitActiveSec=300ms\nAccuracySec=1ms\n",
+                     "long.timer": "[Timer]\nOnCalendar=*:*:*\nAccuracySec=1ms\n",
                      "web.service": unit(SLEEPER)})
         pid = self.watch(self.home.running_pid("long"))
         wait_until(lambda: "no second run" in self.home.cli_process("events", "long.timer")[1], 10,
@@ -5835,12 +5865,33 @@ class TimerUnitTests(SupervisionCase):
         web = self.watch(self.home.running_pid("web"))
         self.home.commit({"long.timer": "[Timer]\nOnCalendar=yearly\n"}, "yearly")
         self.home.request({"cmd": "sync"})
-        self.assertIn("Re-planned: OnCalendar=, OnActiveSec=, OnUnitActiveSec=, AccuracySec= changed",
+        self.assertIn("Re-planned: OnCalendar=, AccuracySec= changed",
                       self.home.daemon_log())
         self.assertEqual((self.home.status("long")["pid"], self.home.status("web")["pid"]), (pid, web))
         self.assertEqual(self.home.request({"cmd": "list-timers"})["timers"][0]["calendars"], ["*-01-01 00:00:00"])
         history = self.home.request({"cmd": "history", "count": 1})["history"][-1]
         self.assertEqual(history["changed"], ["long.timer"])
+
+    def test_bad_timers_and_bad_state_hold_back_nothing_else(self):
+        ran = self.file("ran")
+        job = lambda word: unit_text("Type=oneshot", "ExecStart=" + sh("echo %s >> %s" % (word, ran)))
+        self.home.commit({"typo.service": job("typo"), "typo.timer": "[Timer]\nOnCalendar=dayly\n",
+                          "away.service": job("away"), "away.timer": "[Unit]\nConditionHost=no-such-host\n"
+                          "[Timer]\nOnCalendar=daily\n", "web.service": unit(SLEEPER),
+                          "late.service": job("late"), "late.timer": "[Timer]\nOnCalendar=daily\nPersistent=yes\n"},
+                         "timers")
+        with open(os.path.join(self.home.path, "state.json"), "w") as state:
+            state.write('{"version": %d, "services": {}, "timers": {"late.timer": {"last_trigger": 1e12}, '
+                        '"typo.timer": {"last_trigger": NaN}, "away.timer": "x"}}' % gitproc.STATE_VERSION)
+        self.home.start_daemon()
+        self.watch(self.home.running_pid("web"))
+        for name in ("typo", "away", "late"):
+            self.assertEqual(self.home.status(name)["state"], "stopped", name)
+        self.assertFalse(os.path.exists(ran), "a timer with an error, or skipped, still holds its service back")
+        self.assertIn("started by typo.timer (which has errors), not at deploy", self.home.status("typo")["reason"])
+        self.assertEqual([t["name"] for t in self.home.request({"cmd": "list-timers"})["timers"]], ["late.timer"])
+        self.assertIsNone(self.home.request({"cmd": "list-timers"})["timers"][0]["last_trigger"],
+                          "a trigger in the future is forgotten")
 
     def test_a_persistent_timer_catches_up_once_at_daemon_start(self):
         ran = self.file("ran")
