@@ -2860,11 +2860,11 @@ TIMER_DIRECTIVES = {
     "AccuracySec": ("accuracy", parse_timespan, "one"),
     "RemainAfterElapse": ("remain_after_elapse", parse_bool, "one"),
     "OnClockChange": ("on_clock_change", parse_bool, "one"),
+    "OnTimezoneChange": ("on_timezone_change", parse_bool, "one"),
     "Unit": ("unit", str, "one"),
 }
 TIMER_TRIGGER_FIELDS = ("calendars", "on_active", "on_boot", "on_startup", "on_unit_active", "on_unit_inactive")
-TIMER_NOT_APPLIED = {"WakeSystem": "gitproc does not wake a suspended machine",
-                     "OnTimezoneChange": "gitproc does not watch the time zone; it reads it again when the clock is set"}
+TIMER_NOT_APPLIED = {"WakeSystem": "gitproc does not wake a suspended machine"}
 
 
 class TimerSpec:
@@ -2873,11 +2873,11 @@ class TimerSpec:
     moved file or a new comment changes nothing."""
     FIELDS = ("description", "conditions", "condition_host", "unit") + TIMER_TRIGGER_FIELDS + (
         "persistent", "randomized_delay", "fixed_random_delay", "accuracy", "remain_after_elapse",
-        "on_clock_change")
+        "on_clock_change", "on_timezone_change")
     DEFAULTS = {"description": "", "conditions": (), "condition_host": (), "unit": "", "calendars": (), "on_active": (), "on_boot": (),
                 "on_startup": (), "on_unit_active": (), "on_unit_inactive": (), "persistent": False,
                 "randomized_delay": 0.0, "fixed_random_delay": False, "accuracy": DEFAULT_ACCURACY_SEC,
-                "remain_after_elapse": True, "on_clock_change": False}
+                "remain_after_elapse": True, "on_clock_change": False, "on_timezone_change": False}
     __slots__ = ("name", "path", "blob", "sources", "not_applied") + FIELDS
 
     def __init__(self, name, path, blob="", **values):
@@ -3552,67 +3552,47 @@ def as_unit_name(name, known):
 _SHA_RE = re.compile(r"[0-9a-f]{40}([0-9a-f]{24})?\Z")
 
 
-class RefWatcher:
-    """Tells the daemon that a branch moved, without spawning git while nothing
-    changes: inotify on the folders of the ref file and packed-refs (mode
-    "inotify"), else a stat of those files every 0.5 s (mode "stat"). The daemon's
-    adaptive poll calls check() too, as a safety net."""
+class FolderWatcher:
+    """inotify on some folders: on_change() when one of the names that
+    matter in a folder is made, written, moved or removed (a NAME.lock
+    counts as NAME: git writes one, then renames it), or a watched folder
+    itself goes. Folders that do not exist yet are watched once they do
+    (arm() again after a change). start() raises OSError (or
+    AttributeError off glibc) where inotify cannot be had."""
 
     IN_MODIFY, IN_CLOSE_WRITE, IN_MOVED_FROM, IN_MOVED_TO = 0x2, 0x8, 0x40, 0x80
     IN_CREATE, IN_DELETE, IN_DELETE_SELF, IN_MOVE_SELF = 0x100, 0x200, 0x400, 0x800
     IN_NONBLOCK, IN_CLOEXEC = 0o4000, 0o2000000
-    STAT_INTERVAL = 0.5
 
-    def __init__(self, git_dir, ref, selector, call_later, on_change):
-        self.git_dir, self.ref = git_dir, ref
-        self.selector, self.call_later, self.on_change = selector, call_later, on_change
-        self.last = read_ref_file(git_dir, ref)     # the value last reported
-        self.mode = None
-        self.inotify_fd = None
+    def __init__(self, folders, selector, on_change):
+        self.folders = folders            # folder -> the names in it that matter
+        self.selector, self.on_change = selector, on_change
+        self.fd = None
         self.watched = {}                 # watch descriptor -> folder
-        self.stat_timer = None
-        self.stamps = None
-        parts = ref.split("/")
-        # The folders whose entries matter, and the names in them that do.
-        self.folders = {git_dir: {"packed-refs", parts[0]}}
-        for depth in range(1, len(parts)):
-            self.folders[os.path.join(git_dir, *parts[:depth])] = {parts[depth]}
 
     def start(self):
-        try:
-            self._start_inotify()
-            self.mode = "inotify"
-        except (OSError, AttributeError):
-            self.mode = "stat"
-            self.stamps = self._stamps()
-            self.stat_timer = self.call_later(self.STAT_INTERVAL, self._stat_tick)
-        return self.mode
-
-    def _start_inotify(self):
         import ctypes
         libc = ctypes.CDLL(None, use_errno=True)
         self._add_watch = libc.inotify_add_watch
         fd = libc.inotify_init1(self.IN_NONBLOCK | self.IN_CLOEXEC)
         if fd < 0:
             raise OSError(ctypes.get_errno(), "inotify_init1 failed")
-        self.inotify_fd = fd
-        self._arm()
+        self.fd = fd
+        self.arm()
         self.selector.register(fd, EVENT_READ, (self._on_events, None))
 
-    def _arm(self):
-        """Watch every folder on the way to the ref that exists (a branch folder
-        like refs/heads/team/ may appear later)."""
+    def arm(self):
         mask = (self.IN_MODIFY | self.IN_CLOSE_WRITE | self.IN_MOVED_FROM | self.IN_MOVED_TO |
                 self.IN_CREATE | self.IN_DELETE | self.IN_DELETE_SELF | self.IN_MOVE_SELF)
         for folder in self.folders:
             if folder not in self.watched.values() and os.path.isdir(folder):
-                wd = self._add_watch(self.inotify_fd, folder.encode(), mask)
+                wd = self._add_watch(self.fd, folder.encode(), mask)
                 if wd >= 0:
                     self.watched[wd] = folder
 
     def _on_events(self, _arg, _mask):
         try:
-            data = os.read(self.inotify_fd, 65536)
+            data = os.read(self.fd, 65536)
         except BlockingIOError:
             return
         relevant, pos = False, 0
@@ -3627,8 +3607,48 @@ class RefWatcher:
             elif folder is not None and _strip_suffix(name, ".lock") in self.folders.get(folder, ()):
                 relevant = True
         if relevant:
-            self._arm()
-            self.check()
+            self.arm()
+            self.on_change()
+
+    def close(self):
+        if self.fd is not None:
+            self.selector.unregister(self.fd)
+            os.close(self.fd)
+            self.fd = None
+
+
+class RefWatcher:
+    """Tells the daemon that a branch moved, without spawning git while nothing
+    changes: inotify on the folders of the ref file and packed-refs (mode
+    "inotify", a FolderWatcher), else a stat of those files every 0.5 s (mode
+    "stat"). The daemon's adaptive poll calls check() too, as a safety net."""
+
+    STAT_INTERVAL = 0.5
+
+    def __init__(self, git_dir, ref, selector, call_later, on_change):
+        self.git_dir, self.ref = git_dir, ref
+        self.selector, self.call_later, self.on_change = selector, call_later, on_change
+        self.last = read_ref_file(git_dir, ref)     # the value last reported
+        self.mode = None
+        self.stat_timer = None
+        self.stamps = None
+        parts = ref.split("/")
+        # The folders whose entries matter, and the names in them that do.
+        folders = {git_dir: {"packed-refs", parts[0]}}
+        for depth in range(1, len(parts)):
+            folders[os.path.join(git_dir, *parts[:depth])] = {parts[depth]}
+        self.inotify = FolderWatcher(folders, selector, self.check)
+
+    def start(self):
+        try:
+            self.inotify.start()
+            self.mode = "inotify"
+        except (OSError, AttributeError):
+            self.inotify.close()
+            self.mode = "stat"
+            self.stamps = self._stamps()
+            self.stat_timer = self.call_later(self.STAT_INTERVAL, self._stat_tick)
+        return self.mode
 
     def _stamps(self):
         stamps = []
@@ -3656,10 +3676,7 @@ class RefWatcher:
             self.on_change()
 
     def close(self):
-        if self.inotify_fd is not None:
-            self.selector.unregister(self.inotify_fd)
-            os.close(self.inotify_fd)
-            self.inotify_fd = None
+        self.inotify.close()
         if self.stat_timer is not None:
             self.stat_timer.cancel()
 
@@ -9696,6 +9713,18 @@ CLOCK_REALTIME, TFD_NONBLOCK, TFD_CLOEXEC = 0, os.O_NONBLOCK, os.O_CLOEXEC
 TFD_TIMER_ABSTIME, TFD_TIMER_CANCEL_ON_SET = 1, 2
 
 
+LOCALTIME = "/etc/localtime"
+
+
+def _zone_file():
+    """What /etc/localtime is now (its target and bytes), or None."""
+    try:
+        with open(LOCALTIME, "rb") as zone_file:
+            return os.path.realpath(LOCALTIME), zone_file.read(1 << 20)
+    except OSError:
+        return None
+
+
 def random_delay(spec, elapse, seed):
     """RandomizedDelaySec= of one elapse: drawn from the host (`seed`), the
     timer's name and, unless FixedRandomDelay=, the calendar time it delays.
@@ -9835,6 +9864,8 @@ class TimerSchedule:
         self.saved = {}                   # name -> what the state file kept of timers not deployed (yet)
         self.wake = None                  # the daemon's Timer for the next elapse
         self.clock_fd = None              # timerfd told of wall-clock jumps
+        self.zone_watch = None            # FolderWatcher of /etc/localtime (False: none can be had)
+        self.zone_seen = None             # what /etc/localtime held when last read
         self.started_mono = time.monotonic()
         self.unit_times = {}              # service name -> (last became active, last became inactive), monotonic
         self.local = None                 # this machine's time zone (zoneinfo), read when a timer needs it
@@ -9939,6 +9970,8 @@ class TimerSchedule:
             timer.elapsed = False
             due.append((timer.next_mono, timer.next_mono + timer.spec.accuracy))
         self._open_clock_watch(any(t.armed and t.spec.calendars for t in self.timers.values()))
+        self._open_zone_watch(any(t.armed and (t.spec.calendars or t.spec.on_timezone_change)
+                                  for t in self.timers.values()))
         if self.wake is not None:
             self.wake.cancel()
             self.wake = None
@@ -10059,7 +10092,42 @@ class TimerSchedule:
                 self.trigger(timer)
         self.replan()
 
+    # -- time zone changes -------------------------------------------------------------
+
+    def _open_zone_watch(self, wanted):
+        """inotify on /etc for `localtime` (timedatectl, dpkg-reconfigure tzdata
+        and `ln -sf` all replace it there): a new zone re-plans calendar timers
+        and triggers OnTimezoneChange= ones."""
+        if not wanted or self.zone_watch is not None:
+            return
+        self.zone_seen = _zone_file()
+        watch = FolderWatcher({os.path.dirname(LOCALTIME): {os.path.basename(LOCALTIME)}}, self.daemon.selector,
+                              self._zone_maybe_changed)
+        try:
+            watch.start()
+            self.zone_watch = watch
+        except (OSError, AttributeError) as exc:
+            watch.close()
+            self.daemon.log.warning("daemon", "Time zone changes are not watched (%s): OnTimezoneChange= does "
+                                    "not trigger, and a new zone is read when the clock is set" % exc)
+            self.zone_watch = False
+
+    def _zone_maybe_changed(self):
+        seen = _zone_file()
+        if seen == self.zone_seen:
+            return                        # touched, not changed
+        self.zone_seen, self.local = seen, None
+        time.tzset()                      # the daemon's own clock readings (its log, status) follow too
+        self.daemon.log.info("daemon", "The time zone changed (%s): re-planning calendar timers" % (
+            os.path.realpath(LOCALTIME) if seen else "no %s" % LOCALTIME))
+        for timer in self.timers.values():
+            if timer.armed and timer.spec.on_timezone_change:
+                self.trigger(timer)
+        self.replan()
+
     def close(self):
+        if self.zone_watch:
+            self.zone_watch.close()
         if self.clock_fd:
             try:
                 self.daemon.selector.unregister(self.clock_fd)

@@ -5927,6 +5927,46 @@ class TimerUnitTests(SupervisionCase):
         self.assertEqual(self.home.request({"cmd": "list-timers"})["timers"][0]["state"], "waiting")
 
 
+class TimeZoneChangeTests(SupervisionCase):
+    """The machine's time zone changed under a running daemon (run alone:
+    every process of the machine sees it)."""
+
+    @unittest.skipUnless(IS_ROOT and os.path.isdir("/usr/share/zoneinfo/Asia"), "changes /etc/localtime (root)")
+    def test_a_new_zone_replans_and_triggers_on_timezone_change(self):
+        saved = os.readlink("/etc/localtime") if os.path.islink("/etc/localtime") else \
+            open("/etc/localtime", "rb").read() if os.path.exists("/etc/localtime") else None
+
+        def restore():
+            _unlink_if_there("/etc/localtime.gp")
+            if isinstance(saved, str):
+                os.symlink(saved, "/etc/localtime.gp")
+                os.rename("/etc/localtime.gp", "/etc/localtime")
+            elif saved is not None:
+                with open("/etc/localtime", "wb") as zone_file:
+                    zone_file.write(saved)
+            else:
+                _unlink_if_there("/etc/localtime")
+        self.addCleanup(restore)
+        ran = self.file("ran")
+        self.deploy({"job.service": unit_text("Type=oneshot", "ExecStart=" + sh("echo ran >> " + ran)),
+                     "job.timer": "[Timer]\nOnCalendar=*-*-* 12:00\nOnTimezoneChange=yes\n"})
+        before = self.home.request({"cmd": "list-timers"})["timers"][0]["next"]
+        os.symlink("/usr/share/zoneinfo/Asia/Kolkata", "/etc/localtime.gp")       # as timedatectl does it
+        os.rename("/etc/localtime.gp", "/etc/localtime")
+        wait_until(lambda: os.path.exists(ran), 5, "the run OnTimezoneChange= asks for")
+        after = self.home.request({"cmd": "list-timers"})["timers"][0]["next"]
+        self.assertNotEqual(after, before)
+        self.assertEqual(after % 86400, 6.5 * 3600, "12:00 in Kolkata is 06:30 UTC")
+        self.assertIn("The time zone changed (/usr/share/zoneinfo/Asia/Kolkata)", self.home.daemon_log())
+
+
+def _unlink_if_there(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 class StockTimerTests(unittest.TestCase):
     """The timers Debian's packages ship, with their services, unchanged."""
 
@@ -9896,11 +9936,14 @@ class ProfilerTests(unittest.TestCase):
 # worker processes (forked once the module is loaded: no thread exists yet),
 # one class at a time per worker, and replays each test's outcome here as
 # it ends, whole, so the -v output reads as a serial run's. Classes whose
-# figures or fixed ports could be disturbed by a neighbour run alone at the
-# end. GITPROC_TEST_JOBS=1 runs everything serially.
+# figures or fixed ports could be disturbed by a neighbour, or that change
+# the machine for every process (its /dev/log, its time zone), run alone at
+# the end. (The benchmark's test runs with the others: its daemon has its
+# own syslog folder and a free port, and it asserts gross bounds only.)
+# GITPROC_TEST_JOBS=1 runs everything serially.
 
-SERIAL_CLASSES = {"StockUnitTests", "ProfilerTests", "CrashLoopTests", "LatencyTests", "Kill9DuringSavesTests",
-                  "UnreadRepliesTests", "SandboxTests"}
+SERIAL_CLASSES = {"StockUnitTests", "SyslogStockUnitTests", "CrashLoopTests", "LatencyTests", "Kill9DuringSavesTests",
+                  "UnreadRepliesTests", "SandboxTests", "TimeZoneChangeTests"}
 
 
 class RemoteFailure(AssertionError):
