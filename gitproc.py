@@ -5768,10 +5768,13 @@ class Spawner:
             if pid is None:
                 self.last_path = "fork"
                 pid = os.fork()
-            join_files = cgroup.procs_files(born_in_v2=self.last_path == "clone3") if cgroup else ()
             if pid == 0:                  # child: only os calls from here to exec
-                self._exec_child(argv, program, env, cwd, (stdin_fd, stdout_fd, stderr_fd), err_w, run_as,
-                                 join_files, private_pids, setup, ignore_sigpipe, sandbox)
+                try:                      # and whatever happens, never back into the daemon's code
+                    join_files = cgroup.procs_files(born_in_v2=self.last_path == "clone3") if cgroup else ()
+                    self._exec_child(argv, program, env, cwd, (stdin_fd, stdout_fd, stderr_fd), err_w, run_as,
+                                     join_files, private_pids, setup, ignore_sigpipe, sandbox)
+                finally:
+                    os._exit(127)
             os.close(err_w)
             fds.remove(err_w)
             if not wait:
@@ -9757,6 +9760,7 @@ class TimerUnit:
         self.next_wall = self.next_mono = None      # the next elapse, random delay included
         self.next_calendar = None         # the calendar time of that elapse, if it is one
         self.next_cause = None            # the key of that elapse ("OnCalendar=daily", "OnBootSec=15min")
+        self.stale = True                 # the plan must be made again (armed, triggered, changed)
 
     @property
     def name(self):
@@ -9868,6 +9872,7 @@ class TimerSchedule:
         self.zone_seen = None             # what /etc/localtime held when last read
         self.started_mono = time.monotonic()
         self.unit_times = {}              # service name -> (last became active, last became inactive), monotonic
+        self.timers_of = {}               # service name -> the TimerUnits that start it
         self.local = None                 # this machine's time zone (zoneinfo), read when a timer needs it
         self.seed = None                  # what random delays are drawn from: this host
 
@@ -9905,13 +9910,16 @@ class TimerSchedule:
             elif timer.spec.identity() != spec.identity():
                 self.daemon.log.info(name, "Re-planned: %s changed" % ", ".join(spec.changed_keys(timer.spec)))
                 conditions_changed = timer.spec.conditions != spec.conditions
-                timer.spec = spec
+                timer.spec, timer.stale = spec, True
                 if timer.armed:
                     timer.elapsed = False
                 if timer.want == "up" and (conditions_changed or (timer.reason or "").startswith("condition failed")):
                     self._arm(timer)      # its conditions are checked again
             else:
                 timer.spec = spec
+        self.timers_of = {}
+        for timer in self.timers.values():
+            self.timers_of.setdefault(timer.spec.unit, []).append(timer)
         self.replan()
 
     # -- start and stop --------------------------------------------------------------
@@ -9940,16 +9948,19 @@ class TimerSchedule:
             timer.armed, timer.reason = False, "condition failed: %s=%s%s" % (key, "!" if negated else "", value)
             self.daemon.log.info(timer.name, "Not armed: %s" % timer.reason)
             return
-        timer.armed, timer.elapsed, timer.reason, timer.fired = True, False, None, set()
+        timer.armed, timer.elapsed, timer.reason, timer.fired, timer.stale = True, False, None, set(), True
         timer.armed_wall, timer.armed_mono = time.time(), time.monotonic()
         timer.last_trigger_mono = None    # as systemd: a calendar counts from here, or (Persistent=) the last trigger
 
     # -- the schedule ----------------------------------------------------------------
 
-    def replan(self):
-        """Plan every armed timer and keep one heap entry, at the earliest
-        elapse; elapses within each other's AccuracySec= share that wakeup
-        (the latest of them that every one's accuracy allows)."""
+    def replan(self, everything=False):
+        """Plan the armed timers whose plan is stale (all of them with
+        `everything`: the clock or the zone changed), and keep one heap
+        entry, at the earliest elapse; elapses within each other's
+        AccuracySec= share that wakeup (the latest of them that every one's
+        accuracy allows). A plan is kept until something it depends on
+        changes, so an elapse costs one timer's planning, not a thousand."""
         now_wall, now_mono = time.time(), time.monotonic()
         if self.local is None and any(t.spec.calendars for t in self.timers.values()):
             self.local = local_zone()
@@ -9959,6 +9970,11 @@ class TimerSchedule:
         for timer in self.timers.values():
             if not timer.armed:
                 continue
+            if not (timer.stale or everything):
+                if timer.next_mono is not None:
+                    due.append((timer.next_mono, timer.next_mono + timer.spec.accuracy))
+                continue
+            timer.stale = False
             service = services.get(timer.spec.unit)
             busy = service is not None and service_busy(service)
             if timer.plan(now_wall, now_mono, self.started_mono, self.unit_times, self.seed, self.local, busy) is None:
@@ -9988,10 +10004,9 @@ class TimerSchedule:
     def _elapse(self):
         self.wake = None
         now_wall, now_mono = time.time(), time.monotonic()
-        for name in sorted(self.timers):
-            timer = self.timers[name]
-            if timer.armed and timer.next_mono is not None and timer.next_mono <= now_mono + 0.001:
-                self.trigger(timer, now_wall, now_mono)
+        due = [t for t in self.timers.values() if t.armed and t.next_mono is not None and t.next_mono <= now_mono + 0.001]
+        for timer in sorted(due, key=lambda t: t.name):
+            self.trigger(timer, now_wall, now_mono)
         self.replan()
 
     def trigger(self, timer, now_wall=None, now_mono=None):
@@ -10001,6 +10016,7 @@ class TimerSchedule:
         if self.daemon.host.shutting_down:
             return                        # not a run missed: a Persistent= timer catches it up next time
         timer.triggered(now_wall, now_mono, self.started_mono)
+        timer.stale = True
         self.daemon.store.mark_dirty()
         service = self.daemon.services.get(timer.spec.unit)
         late = (now_wall - timer.next_wall) if timer.next_wall is not None else 0.0
@@ -10025,16 +10041,18 @@ class TimerSchedule:
         """OnUnitActiveSec=/OnUnitInactiveSec= count from the service's last
         activation and deactivation."""
         was, now = before in ACTIVE_STATES, service.state in ACTIVE_STATES
-        if was == now:
-            return
-        active, inactive = self.unit_times.get(service.name, (None, None))
-        if now:
-            active = time.monotonic()
-        else:
-            inactive = time.monotonic()
-        self.unit_times[service.name] = (active, inactive)
-        if any(t.spec.unit == service.name and (t.spec.on_unit_active or t.spec.on_unit_inactive)
-               for t in self.timers.values() if t.armed):
+        if was != now:
+            active, inactive = self.unit_times.get(service.name, (None, None))
+            if now:
+                active = time.monotonic()
+            else:
+                inactive = time.monotonic()
+            self.unit_times[service.name] = (active, inactive)
+        counting = [t for t in self.timers_of.get(service.name, ()) if t.armed and
+                    (t.spec.on_unit_active or t.spec.on_unit_inactive)]
+        for timer in counting:
+            timer.stale = True
+        if counting:
             self.replan()             # OnUnit*Sec= count from here, or wait while it runs
 
     # -- wall-clock jumps --------------------------------------------------------------
@@ -10090,7 +10108,7 @@ class TimerSchedule:
         for timer in self.timers.values():
             if timer.armed and timer.spec.on_clock_change:
                 self.trigger(timer)
-        self.replan()
+        self.replan(everything=True)
 
     # -- time zone changes -------------------------------------------------------------
 
@@ -10123,7 +10141,7 @@ class TimerSchedule:
         for timer in self.timers.values():
             if timer.armed and timer.spec.on_timezone_change:
                 self.trigger(timer)
-        self.replan()
+        self.replan(everything=True)
 
     def close(self):
         if self.zone_watch:
@@ -11488,6 +11506,7 @@ class Daemon:
         self.failed_services = []         # ... and those that failed: OnFailure= starts units
         self.running = False
         self.keep_services = False        # the shutdown leaves services running
+        self.pid = os.getpid()            # a forked child that unwound into this code must not act as us
         self.started_wall = time.time()
         self.log_timer = None
         self.pid_fd = None
@@ -11548,6 +11567,8 @@ class Daemon:
         try:
             self._loop()
         finally:
+            if os.getpid() != self.pid:
+                os._exit(127)             # (as in _guarded) the daemon's files are the daemon's
             self.store.save_now()
             if self.events.store.dirty:
                 self.events.store.save_now()
@@ -11625,6 +11646,8 @@ class Daemon:
         try:
             callback(*args)
         except Exception:
+            if os.getpid() != self.pid:
+                os._exit(127)             # a child between fork and exec: never a second daemon
             import traceback
             self.log.error("daemon", "Internal error (the daemon carries on): %s" % (
                 traceback.format_exc().strip().replace("\n", " | ")))
