@@ -9768,9 +9768,9 @@ class TimerUnit:
 
     def state(self, services):
         """systemctl's words: waiting, running (its service is active),
-        elapsed, stopped or failed (a condition)."""
+        elapsed, or stopped (`reason` says why: by the user, a condition)."""
         if not self.armed:
-            return "stopped" if self.want == "down" or not self.reason else "failed"
+            return "stopped"
         service = services.get(self.spec.unit)
         if service is not None and service_busy(service):
             return "running"
@@ -12307,7 +12307,7 @@ def cmd_status(config, args):
     result = request(config, {"cmd": "status", "names": args.names})
     services, timers = result["services"], result.get("timers", [])
     not_running = [s["name"] for s in services if s["state"] != RUNNING] + [
-        t["name"] for t in timers if t["state"] in ("stopped", "failed")]
+        t["name"] for t in timers if t["state"] == "stopped"]
     if args.json:
         _print_json(result)
         return EXIT_NOT_RUNNING if args.names and not_running else EXIT_OK

@@ -5872,6 +5872,22 @@ class TimerUnitTests(SupervisionCase):
         history = self.home.request({"cmd": "history", "count": 1})["history"][-1]
         self.assertEqual(history["changed"], ["long.timer"])
 
+    def test_templates_drop_ins_diff_and_completion(self):
+        job = unit_text("Type=oneshot", "ExecStart=/bin/true")
+        self.deploy({"dump/dump@.service": job, "dump/dump@main.service": "", "dump/dump@.timer":
+                     "[Unit]\nDescription=Dump of %i\n[Timer]\nOnCalendar=weekly\n", "dump/dump@main.timer": "",
+                     "dump/dump@.timer.d/time.conf": "[Timer]\nOnCalendar=\nOnCalendar=Sat 04:00\n"})
+        timer = self.home.request({"cmd": "list-timers"})["timers"][0]
+        self.assertEqual((timer["name"], timer["unit"], timer["description"], timer["calendars"]),
+                         ("dump@main.timer", "dump@main.service", "Dump of main", ["Sat *-*-* 04:00:00"]))
+        self.assertEqual(time.strftime("%a %H:%M", time.gmtime(timer["next"])), "Sat 04:00")
+        self.assertIn("dump@main.timer", self.home.cli_process("completion", "units")[1].split())
+        self.home.git("rm", "-q", "dump/dump@.timer.d/time.conf")
+        self.home.git("commit", "-qm", "weekly again")
+        wait_until(lambda: "~dump@main.timer" in self.home.cli_process("history", "-n", "1")[1], 5, "the re-plan")
+        self.assertEqual(self.home.request({"cmd": "list-timers"})["timers"][0]["calendars"], ["Mon *-*-* 00:00:00"])
+        self.assertEqual(self.home.status("dump@main")["state"], "stopped", "a deploy does not run it")
+
     def test_bad_timers_and_bad_state_hold_back_nothing_else(self):
         ran = self.file("ran")
         job = lambda word: unit_text("Type=oneshot", "ExecStart=" + sh("echo %s >> %s" % (word, ran)))
