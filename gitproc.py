@@ -9761,6 +9761,7 @@ class TimerUnit:
         self.next_calendar = None         # the calendar time of that elapse, if it is one
         self.next_cause = None            # the key of that elapse ("OnCalendar=daily", "OnBootSec=15min")
         self.stale = True                 # the plan must be made again (armed, triggered, changed)
+        self.commit = None                # sha of the commit its spec came from
 
     @property
     def name(self):
@@ -9777,7 +9778,8 @@ class TimerUnit:
         return "elapsed" if self.elapsed else "waiting"
 
     def persistent(self):
-        return {"want": self.want, "last_trigger": self.last_trigger, "triggers_total": self.triggers_total}
+        return {"want": self.want, "last_trigger": self.last_trigger, "triggers_total": self.triggers_total,
+                "commit": self.commit}
 
     def restore(self, saved):
         if not isinstance(saved, dict):
@@ -9890,10 +9892,11 @@ class TimerSchedule:
 
     # -- deploys -----------------------------------------------------------------
 
-    def deploy(self, specs):
-        """The timers of a deployed commit: new ones are armed (unless the
-        user stopped them before), changed ones re-planned (their service is
-        not touched), removed ones disarmed."""
+    def deploy(self, specs, commit, origin=None):
+        """The timers of deployed commit `commit` (a sha; `origin` names
+        another for a timer kept at an earlier version): new ones are armed
+        (unless the user stopped them before), changed ones re-planned
+        (their service is not touched), removed ones disarmed."""
         for name in [n for n in self.timers if n not in specs]:
             timer = self.timers.pop(name)
             self.saved.pop(name, None)
@@ -9918,7 +9921,8 @@ class TimerSchedule:
             else:
                 timer.spec = spec
         self.timers_of = {}
-        for timer in self.timers.values():
+        for name, timer in self.timers.items():
+            timer.commit = (origin or {}).get(name, commit)
             self.timers_of.setdefault(timer.spec.unit, []).append(timer)
         self.replan()
 
@@ -10524,7 +10528,7 @@ class Deployer:
                 plan.unchanged.append(name)
                 plan.drift[name] = drift_note(service.rolled_back)
         plan.unchanged.sort()
-        timers, held = self._plan_timers(entries, specs, skipped, bad_names, problems)
+        timers, held = self._plan_timers(entries, specs, skipped, bad_names, problems, origin)
         plan.invalid = [str(d) for d in problems if d.severity == "error"]
         plan.skipped, plan.specs, plan.problems, plan.origin = skipped, specs, problems, origin
         plan.activated = activated_units(specs, problems, timers)
@@ -10551,17 +10555,46 @@ class Deployer:
             getattr(plan, key).sort()
         return plan
 
-    def _plan_timers(self, entries, specs, skipped, bad_names, problems):
+    def _saved_timer_commit(self, name):
+        saved = self.schedule.saved.get(name) if self.schedule else None
+        sha = saved.get("commit") if isinstance(saved, dict) else None
+        return sha if isinstance(sha, str) and _SHA_RE.match(sha) else None
+
+    def _timers_of_saved_commits(self, names):
+        """At start-up, for timers with errors: the version each last ran,
+        read from the commit the state file names (verified again)."""
+        commits = {}
+        for name in names:
+            sha = self._saved_timer_commit(name)
+            if sha:
+                commits.setdefault(sha, []).append(name)
+        found = {}
+        for sha, wanted in commits.items():
+            try:
+                self.verifier.check(Commit(sha, "", 0), None)
+                entries, _, _ = git_read_units(self.config.repo_path, sha)
+                services = {name for name, _, _, _ in entries if not name.endswith(TIMER_SUFFIX)}
+                timers, _ = check_timers(entries, services, self.context)
+            except (GitError, Refusal) as exc:
+                self.log.warning("daemon", "Cannot read commit %s for the earlier version of %s: %s" % (
+                    sha[:7], ", ".join(wanted), exc))
+                continue
+            found.update({name: timers[name] for name in wanted if name in timers})
+        return found
+
+    def _plan_timers(self, entries, specs, skipped, bad_names, problems, origin):
         """The timers of a commit ({name: TimerSpec}), their problems added to
         `problems`: a timer with an error keeps its deployed version; one
         whose service does not run on this host is skipped with it."""
         known = set(specs) | set(skipped) | bad_names
         timers, found = check_timers(entries, known, self.context, self.parse_cache)
         problems.extend(found)
-        for diagnostic in found:
-            name = diagnostic.unit
-            if diagnostic.severity == "error" and name not in timers and name in self.timer_specs:
-                timers[name] = self.timer_specs[name]     # the earlier good version keeps running
+        bad = {d.unit for d in found if d.severity == "error" and d.unit not in timers}
+        earlier = self.timer_specs or self._timers_of_saved_commits(bad)
+        for name in sorted(bad & set(earlier)):
+            timers[name] = earlier[name]              # the earlier good version keeps running
+            running = self.schedule.timers.get(name) if self.schedule else None
+            origin[name] = running.commit if running else self._saved_timer_commit(name)
         for name, timer in list(timers.items()):
             if not host_matches(timer.condition_host, self.config.hostname):
                 skipped[name] = "ConditionHost=%s does not match %s" % (" ".join(timer.condition_host),
@@ -10757,7 +10790,7 @@ class Deployer:
                     service.linked_tree = spec.tree   # its files are alike: only unit files differ
         self.timer_specs = plan.timers
         if self.schedule is not None:
-            self.schedule.deploy(plan.timers)
+            self.schedule.deploy(plan.timers, commit.sha, plan.origin)
         for name in released:           # what activated it is gone: it runs as any unit does
             service = self.services.get(name)
             if service is not None and service.want == "up" and service.state == STOPPED and not service.has_process():
@@ -12342,7 +12375,7 @@ def cmd_status(config, args):
         print("\nnot run by gitproc: %s (see: list)" % ", ".join(not_run))
     errors = [p for p in result["problems"] if p["severity"] == "error"]
     if errors:
-        running = {s["name"] for s in services}
+        running = {s["name"] for s in services} | {t["name"] for t in timers}
         print("\ninvalid units (not deployed):")
         for problem in errors:
             print("  %s (%s)" % (Diagnostic(**problem), "its earlier good version keeps running"

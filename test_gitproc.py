@@ -1431,6 +1431,29 @@ class CalendarTests(unittest.TestCase):
         boot.last_trigger = now_wall - now_mono + 1000
         self.assertIsNone(plan(boot))
 
+    def test_elapses_within_their_accuracy_share_one_wakeup(self):
+        import types
+        delays = []
+        daemon = types.SimpleNamespace(services={}, config=types.SimpleNamespace(hostname="h"),
+                                       call_later=lambda delay, callback: delays.append(delay) or
+                                       types.SimpleNamespace(cancel=lambda: None))
+        schedule = gitproc.TimerSchedule(daemon)
+        schedule.clock_fd = schedule.zone_watch = False       # no watches in the pure tier
+        now = time.monotonic()
+        for name, elapse, accuracy in (("a", 10.0, 1.0), ("b", 10.5, 60.0), ("c", 11.5, 60.0), ("d", 30.0, 1.0)):
+            spec, _ = gitproc.parse_timer(name + ".timer", name + ".timer", b"[Timer]\nOnActiveSec=1h\n")
+            timer = schedule.timers[spec.name] = gitproc.TimerUnit(spec)
+            timer.armed, timer.stale, timer.next_mono = True, False, now + elapse
+            timer.spec.accuracy = accuracy
+        schedule.replan()
+        self.assertAlmostEqual(delays[-1], 10.5, delta=0.2, msg="a may wait for b (within a's 1 s), not for c")
+        del schedule.timers["a.timer"], schedule.timers["b.timer"]
+        schedule.replan()
+        self.assertAlmostEqual(delays[-1], 30, delta=0.2, msg="c (60 s) waits for d")
+        del schedule.timers["d.timer"]
+        schedule.replan()
+        self.assertAlmostEqual(delays[-1], 11.5, delta=0.2, msg="a lone timer: on its time, not its accuracy later")
+
     def test_random_delay_is_stable_per_elapse(self):
         spec, _ = gitproc.parse_timer("t.timer", "t.timer", b"[Timer]\nOnCalendar=daily\nRandomizedDelaySec=1h\n")
         delays = {gitproc.random_delay(spec, day * 86400.0, "host") for day in range(20)}
@@ -5887,6 +5910,23 @@ class TimerUnitTests(SupervisionCase):
         wait_until(lambda: "~dump@main.timer" in self.home.cli_process("history", "-n", "1")[1], 5, "the re-plan")
         self.assertEqual(self.home.request({"cmd": "list-timers"})["timers"][0]["calendars"], ["Mon *-*-* 00:00:00"])
         self.assertEqual(self.home.status("dump@main")["state"], "stopped", "a deploy does not run it")
+
+    def test_a_timer_with_an_error_keeps_its_earlier_version_also_across_a_daemon_restart(self):
+        self.deploy({"job.service": unit_text("Type=oneshot", "ExecStart=/bin/true"),
+                     "job.timer": "[Timer]\nOnCalendar=monthly\n"})
+        self.home.commit({"job.timer": "[Timer]\nOnCalendar=mondays\n"}, "a typo")
+        result = self.home.request({"cmd": "sync"})
+        timers = self.home.request({"cmd": "list-timers"})["timers"]
+        self.assertEqual([(t["name"], t["calendars"]) for t in timers], [("job.timer", ["*-*-01 00:00:00"])])
+        self.home.cli("shutdown")
+        self.home.start_daemon()
+        timers = self.home.request({"cmd": "list-timers"})["timers"]
+        self.assertEqual([(t["name"], t["calendars"]) for t in timers], [("job.timer", ["*-*-01 00:00:00"])],
+                         "read from the commit it last ran from")
+        code, out, err = self.home.cli_process("status")
+        self.assertIn("job.timer:2: error: OnCalendar=: 'mondays' is not a calendar time", out)
+        self.assertIn("(its earlier good version keeps running)", out)
+        self.assertEqual(self.home.status("job")["state"], "stopped")
 
     def test_bad_timers_and_bad_state_hold_back_nothing_else(self):
         ran = self.file("ran")
