@@ -2993,9 +2993,10 @@ def parse_timer(name, path, data, blob="", context=None):
 
 def check_timers(entries, services, context=None, cache=None):
     """The timer units among `entries` (see check_unit_tree): ({name:
-    TimerSpec}, [Diagnostic]); a timer whose service is not among
-    `services` (names) is an error of the timer."""
-    timers, problems = {}, []
+    TimerSpec}, [Diagnostic], {name: the service each timer file names,
+    valid or not}); a timer whose service is not among `services` (names)
+    is an error of the timer."""
+    timers, problems, targets = {}, [], {}
     paths_of = {}
     for name, path, _, _ in entries:
         if name.endswith(TIMER_SUFFIX):
@@ -3009,10 +3010,11 @@ def check_timers(entries, services, context=None, cache=None):
             continue
         parsed = cache.get((path, blob)) if cache is not None and blob else None
         if parsed is None:
-            parsed = parse_timer(name, path, data, blob, context)
+            spec, found = parse_timer(name, path, data, blob, context)
+            parsed = (spec, found, spec.unit if spec else _timer_target(name, data, context))
             if cache is not None and blob:
                 cache[(path, blob)] = parsed
-        spec, found = parsed
+        spec, found, targets[name] = parsed
         problems.extend(found)
         if spec is None:
             continue
@@ -3024,7 +3026,21 @@ def check_timers(entries, services, context=None, cache=None):
                 name, spec.unit + UNIT_SUFFIX, hint), unit=name))
             continue
         timers[name] = spec
-    return timers, problems
+    return timers, problems, targets
+
+
+def _timer_target(name, data, context):
+    """The service a timer file with errors names: its last Unit= in
+    [Timer] (drop-ins read in order), else NAME.service."""
+    stem, target = name[:-len(TIMER_SUFFIX)], None
+    for _, part in ([(None, data)] if isinstance(data, bytes) else data or ()):
+        section = None
+        for _, line in _logical_lines(part.decode("utf-8", "replace")):
+            if line.startswith("["):
+                section = line.strip("[]").strip()
+            elif section == "Timer" and line.partition("=")[0].strip() == "Unit":
+                target = expand_specifiers(line.partition("=")[2].strip(), stem, context or {})[0] or None
+    return _strip_suffix(target or stem + UNIT_SUFFIX, UNIT_SUFFIX)
 
 
 # ==== 5. configuration and paths =============================================
@@ -3578,8 +3594,13 @@ class FolderWatcher:
         if fd < 0:
             raise OSError(ctypes.get_errno(), "inotify_init1 failed")
         self.fd = fd
-        self.arm()
-        self.selector.register(fd, EVENT_READ, (self._on_events, None))
+        try:
+            self.arm()
+            self.selector.register(fd, EVENT_READ, (self._on_events, None))
+        except (OSError, ValueError):
+            os.close(fd)
+            self.fd = None
+            raise OSError(errno.EIO, "inotify could not be watched")
 
     def arm(self):
         mask = (self.IN_MODIFY | self.IN_CLOSE_WRITE | self.IN_MOVED_FROM | self.IN_MOVED_TO |
@@ -3612,7 +3633,10 @@ class FolderWatcher:
 
     def close(self):
         if self.fd is not None:
-            self.selector.unregister(self.fd)
+            try:
+                self.selector.unregister(self.fd)
+            except (KeyError, ValueError):
+                pass
             os.close(self.fd)
             self.fd = None
 
@@ -9810,7 +9834,7 @@ class TimerUnit:
                 candidates.append((now_mono + max(0.0, at - now_wall), at, "OnCalendar=" + calendar.text, elapse))
         singles = [("on_active", "OnActiveSec", self.armed_mono), ("on_boot", "OnBootSec", 0.0),
                    ("on_startup", "OnStartupSec", started_mono)]
-        booted_wall = now_wall - now_mono
+        booted_wall = now_wall - now_mono - (time.clock_gettime(time.CLOCK_BOOTTIME) - time.monotonic())  # and suspends
         for field, key, base in singles:
             for value in getattr(spec, field):
                 if field == "on_boot" and self.last_trigger is not None and self.last_trigger >= booted_wall + value - 1:
@@ -9916,8 +9940,10 @@ class TimerSchedule:
                 timer.spec, timer.stale = spec, True
                 if timer.armed:
                     timer.elapsed = False
-                if timer.want == "up" and (conditions_changed or (timer.reason or "").startswith("condition failed")):
+                if timer.want == "up" and not timer.armed and (timer.reason or "").startswith("condition failed"):
                     self._arm(timer)      # its conditions are checked again
+                elif timer.armed and conditions_changed:
+                    self._disarm_if_condition_fails(timer)
             else:
                 timer.spec = spec
         self.timers_of = {}
@@ -9945,6 +9971,13 @@ class TimerSchedule:
         self.replan()
         self.daemon.store.mark_dirty()
 
+    def _disarm_if_condition_fails(self, timer):
+        failed = self.daemon.host.failed_condition(timer)
+        if failed is not None:
+            key, negated, value = failed
+            timer.armed, timer.reason = False, "condition failed: %s=%s%s" % (key, "!" if negated else "", value)
+            self.daemon.log.info(timer.name, "Disarmed: %s" % timer.reason)
+
     def _arm(self, timer):
         failed = self.daemon.host.failed_condition(timer)
         if failed is not None:
@@ -9966,6 +9999,11 @@ class TimerSchedule:
         accuracy allows). A plan is kept until something it depends on
         changes, so an elapse costs one timer's planning, not a thousand."""
         now_wall, now_mono = time.time(), time.monotonic()
+        if self.daemon.host.shutting_down:
+            if self.wake is not None:
+                self.wake.cancel()
+                self.wake = None
+            return                        # nothing elapses any more: no wakeup for it
         if self.local is None and any(t.spec.calendars for t in self.timers.values()):
             self.local = local_zone()
         if self.seed is None:
@@ -9989,7 +10027,8 @@ class TimerSchedule:
                 continue
             timer.elapsed = False
             due.append((timer.next_mono, timer.next_mono + timer.spec.accuracy))
-        self._open_clock_watch(any(t.armed and t.spec.calendars for t in self.timers.values()))
+        self._open_clock_watch(any(t.armed and (t.spec.calendars or t.spec.on_clock_change)
+                                   for t in self.timers.values()))
         self._open_zone_watch(any(t.armed and (t.spec.calendars or t.spec.on_timezone_change)
                                   for t in self.timers.values()))
         if self.wake is not None:
@@ -10122,7 +10161,7 @@ class TimerSchedule:
         and triggers OnTimezoneChange= ones."""
         if not wanted or self.zone_watch is not None:
             return
-        self.zone_seen = _zone_file()
+        self.zone_seen, self.local = _zone_file(), None     # read from here on, as the watch sees it
         watch = FolderWatcher({os.path.dirname(LOCALTIME): {os.path.basename(LOCALTIME)}}, self.daemon.selector,
                               self._zone_maybe_changed)
         try:
@@ -10159,7 +10198,7 @@ class TimerSchedule:
         self.clock_fd = None
 
 
-def activated_units(specs, problems, timers=None):
+def activated_units(specs, problems, timers=None, held=None):
     """{name: why} of the units a deploy does not start (SPEC §16): those a
     timer activates, those a unit of another type would (a socket, a path
     unit: see other_unit_problems) and those an OnFailure= names, unless a
@@ -10168,6 +10207,9 @@ def activated_units(specs, problems, timers=None):
                  if d.code == "activated" and d.unit in specs}
     for name, timer in sorted((timers or {}).items()):
         activated.setdefault(timer.unit, "started by %s, not at deploy" % name)
+    for name, why in sorted((held or {}).items()):          # timers not armed (errors, another host)
+        if name in specs:
+            activated.setdefault(name, why)
     targets = {target for spec in specs.values() for target in spec.on_failure}
     for name, spec in sorted(specs.items()):
         if name in targets:
@@ -10531,8 +10573,7 @@ class Deployer:
         timers, held = self._plan_timers(entries, specs, skipped, bad_names, problems, origin)
         plan.invalid = [str(d) for d in problems if d.severity == "error"]
         plan.skipped, plan.specs, plan.problems, plan.origin = skipped, specs, problems, origin
-        plan.activated = activated_units(specs, problems, timers)
-        plan.activated.update((name, why) for name, why in held.items() if name in specs and name not in plan.activated)
+        plan.activated = activated_units(specs, problems, timers, held)
         plan.in_tree = {name for name, _, _, _ in entries}
         if materialise:
             self._materialise(plan)
@@ -10574,7 +10615,7 @@ class Deployer:
                 self.verifier.check(Commit(sha, "", 0), None)
                 entries, _, _ = git_read_units(self.config.repo_path, sha)
                 services = {name for name, _, _, _ in entries if not name.endswith(TIMER_SUFFIX)}
-                timers, _ = check_timers(entries, services, self.context)
+                timers, _, _ = check_timers(entries, services, self.context)
             except (GitError, Refusal) as exc:
                 self.log.warning("daemon", "Cannot read commit %s for the earlier version of %s: %s" % (
                     sha[:7], ", ".join(wanted), exc))
@@ -10587,7 +10628,7 @@ class Deployer:
         `problems`: a timer with an error keeps its deployed version; one
         whose service does not run on this host is skipped with it."""
         known = set(specs) | set(skipped) | bad_names
-        timers, found = check_timers(entries, known, self.context, self.parse_cache)
+        timers, found, targets = check_timers(entries, known, self.context, self.parse_cache)
         problems.extend(found)
         bad = {d.unit for d in found if d.severity == "error" and d.unit not in timers}
         earlier = self.timer_specs or self._timers_of_saved_commits(bad)
@@ -10605,14 +10646,11 @@ class Deployer:
                 del timers[name]
             elif timer.unit not in specs:
                 del timers[name]
-        held = {}                         # a timer with errors still holds its service back (SPEC §16)
-        for name, path, data, _ in entries:
-            if name.endswith(TIMER_SUFFIX) and name not in timers:
-                found_unit = re.search(rb"(?m)^\s*Unit\s*=\s*(\S+)\.service\s*$", b"\n".join(
-                    part for _, part in data)) if data else None
-                held[found_unit.group(1).decode("utf-8", "replace") if found_unit else name[:-len(TIMER_SUFFIX)]] = \
-                    "started by %s (%s), not at deploy" % (name, "skipped here: " + skipped[name] if name in skipped
-                                                            else "which has errors")
+        held = {}                         # a timer not armed still holds its service back (SPEC §16)
+        for name, target in sorted(targets.items()):
+            if name not in timers:
+                held.setdefault(target, "started by %s (%s), not at deploy" % (
+                    name, "skipped here: " + skipped[name] if name in skipped else "which has errors"))
         return timers, held
 
     def _reloads(self, spec):
@@ -12772,7 +12810,7 @@ def cmd_check(config, args):
             problems.append(Diagnostic(path, 1, "error", "cannot read: %s" % exc.strerror))
     specs, found = check_unit_tree(entries, folders=folders)
     problems.extend(found)
-    timers, found = check_timers(entries, specs)
+    timers, found, _ = check_timers(entries, specs)
     problems.extend(found)
     problems.extend(_missing_accounts(specs))
     errors = sum(1 for p in problems if p.severity == "error")

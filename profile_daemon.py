@@ -396,7 +396,19 @@ class Bench:
 
     def close(self):
         """Shut the daemon down (it stops its services); if that fails, kill it and
-        what it ran, by pid and only while each pid still names the same process."""
+        what it ran, by pid and only while each pid still names the same process.
+        A daemon that no longer answers leaves the end of its log on stderr."""
+        if self.daemon_pid:
+            try:
+                self.request({"cmd": "ping"}, timeout=5)
+            except Exception as exc:
+                try:
+                    with open(self.config.daemon_log, errors="replace") as log_file:
+                        tail = log_file.readlines()[-40:]
+                except OSError:
+                    tail = []
+                sys.stderr.write("profile_daemon: the daemon (pid %d, %s) does not answer (%s); its log ends:\n%s" % (
+                    self.daemon_pid, "alive" if gitproc.read_proc_stat(self.daemon_pid) else "gone", exc, "".join(tail)))
         if self.daemon_pid and gitproc.read_proc_stat(self.daemon_pid):
             left = {pid: gitproc.pid_start_time(pid) for pid in self.children()}
             try:

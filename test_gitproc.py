@@ -1435,6 +1435,7 @@ class CalendarTests(unittest.TestCase):
         import types
         delays = []
         daemon = types.SimpleNamespace(services={}, config=types.SimpleNamespace(hostname="h"),
+                                       host=types.SimpleNamespace(shutting_down=False),
                                        call_later=lambda delay, callback: delays.append(delay) or
                                        types.SimpleNamespace(cancel=lambda: None))
         schedule = gitproc.TimerSchedule(daemon)
@@ -5945,6 +5946,17 @@ class TimerUnitTests(SupervisionCase):
             self.assertEqual(self.home.status(name)["state"], "stopped", name)
         self.assertFalse(os.path.exists(ran), "a timer with an error, or skipped, still holds its service back")
         self.assertIn("started by typo.timer (which has errors), not at deploy", self.home.status("typo")["reason"])
+        # a second deploy (the parse cache answers) holds the same services back; Unit= is read from a broken file too
+        self.home.commit({"other.service": job("other"), "typo.timer": "[Timer]\nOnCalendar=dayly\nUnit=other.service\n",
+                          "web.service": unit(SLEEPER).replace("sleep", "sleep ")}, "web changes")
+        self.home.request({"cmd": "sync"})
+        self.home.commit({"web.service": unit(SLEEPER)}, "web again")
+        self.home.request({"cmd": "sync"})
+        for name in ("other", "away", "late"):
+            self.assertEqual(self.home.status(name)["state"], "stopped", name)
+        # typo.service is nobody's now (its timer names other.service): it runs as any unit does
+        wait_until(lambda: os.path.exists(ran), 5, "typo.service's run")
+        self.assertEqual(read_text(ran).split(), ["typo"])
         self.assertEqual([t["name"] for t in self.home.request({"cmd": "list-timers"})["timers"]], ["late.timer"])
         self.assertIsNone(self.home.request({"cmd": "list-timers"})["timers"][0]["last_trigger"],
                           "a trigger in the future is forgotten")
@@ -5980,7 +5992,8 @@ class TimerUnitTests(SupervisionCase):
         time.clock_settime(time.CLOCK_REALTIME, time.clock_gettime(time.CLOCK_REALTIME))
         wait_until(lambda: os.path.exists(ran), 5, "the run OnClockChange= asks for")
         self.assertIn("The wall clock was set: re-planning calendar timers", self.home.daemon_log())
-        self.assertEqual(self.home.request({"cmd": "list-timers"})["timers"][0]["state"], "waiting")
+        wait_until(lambda: self.home.request({"cmd": "list-timers"})["timers"][0]["state"] == "waiting", 5,
+                   "the timer waiting again once its run is over")
 
 
 class TimeZoneChangeTests(SupervisionCase):
