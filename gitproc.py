@@ -324,6 +324,15 @@ def format_time(wall):
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(wall)) if wall else "-"
 
 
+def unregister_quietly(selector, fileobj):
+    """Take `fileobj` out of the loop's selector, if it is there (a close
+    after a failed registration, or a second close)."""
+    try:
+        selector.unregister(fileobj)
+    except (KeyError, ValueError):
+        pass
+
+
 def read_until_eof(fd):
     """All that a pipe gives until its writers close it."""
     chunks = []
@@ -3633,10 +3642,7 @@ class FolderWatcher:
 
     def close(self):
         if self.fd is not None:
-            try:
-                self.selector.unregister(self.fd)
-            except (KeyError, ValueError):
-                pass
+            unregister_quietly(self.selector, self.fd)
             os.close(self.fd)
             self.fd = None
 
@@ -8151,10 +8157,7 @@ class HealthProbe:
 
     def _drop_connection(self):
         if self.sock is not None:
-            try:
-                self.selector.unregister(self.sock)
-            except (KeyError, ValueError):
-                pass
+            unregister_quietly(self.selector, self.sock)
             self.sock.close()
         self.sock, self.connected = None, False
         self.inbuf.clear()
@@ -8601,10 +8604,7 @@ class SyslogChannel:
 
     def close(self):
         for path, sock in self.sockets.items():
-            try:
-                self.selector.unregister(sock)
-            except (KeyError, ValueError):
-                pass
+            unregister_quietly(self.selector, sock)
             sock.close()
         for path in reversed(self.owned):
             if os.path.isdir(path) and not os.path.islink(path):
@@ -10139,7 +10139,7 @@ class TimerSchedule:
             self._set_clock_watch()
         except OSError as exc:
             self.daemon.log.warning("daemon", "Wall-clock jumps are no longer watched: %s" % exc)
-            self.daemon.selector.unregister(self.clock_fd)
+            unregister_quietly(self.daemon.selector, self.clock_fd)
             os.close(self.clock_fd)
             self.clock_fd = False
         self.local = None                 # a new time zone is read with it
@@ -10190,10 +10190,7 @@ class TimerSchedule:
         if self.zone_watch:
             self.zone_watch.close()
         if self.clock_fd:
-            try:
-                self.daemon.selector.unregister(self.clock_fd)
-            except (KeyError, ValueError):
-                pass
+            unregister_quietly(self.daemon.selector, self.clock_fd)
             os.close(self.clock_fd)
         self.clock_fd = None
 
