@@ -9971,19 +9971,19 @@ class TimerSchedule:
         self.replan()
         self.daemon.store.mark_dirty()
 
-    def _disarm_if_condition_fails(self, timer):
+    def _disarm_if_condition_fails(self, timer, what="Disarmed"):
+        """True (and the timer disarmed, saying why) if one of its
+        conditions does not hold."""
         failed = self.daemon.host.failed_condition(timer)
-        if failed is not None:
-            key, negated, value = failed
-            timer.armed, timer.reason = False, "condition failed: %s=%s%s" % (key, "!" if negated else "", value)
-            self.daemon.log.info(timer.name, "Disarmed: %s" % timer.reason)
+        if failed is None:
+            return False
+        key, negated, value = failed
+        timer.armed, timer.reason = False, "condition failed: %s=%s%s" % (key, "!" if negated else "", value)
+        self.daemon.log.info(timer.name, "%s: %s" % (what, timer.reason))
+        return True
 
     def _arm(self, timer):
-        failed = self.daemon.host.failed_condition(timer)
-        if failed is not None:
-            key, negated, value = failed
-            timer.armed, timer.reason = False, "condition failed: %s=%s%s" % (key, "!" if negated else "", value)
-            self.daemon.log.info(timer.name, "Not armed: %s" % timer.reason)
+        if self._disarm_if_condition_fails(timer, "Not armed"):
             return
         timer.armed, timer.elapsed, timer.reason, timer.fired, timer.stale = True, False, None, set(), True
         timer.armed_wall, timer.armed_mono = time.time(), time.monotonic()
