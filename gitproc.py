@@ -648,6 +648,7 @@ class UnitSpec:
         "bind_paths": (),               # (source, destination, read only, optional, recursive)
         "capability_bounding_set": (),  # (invert, capability numbers) assignments, in order
         "ambient_capabilities": (),
+        "sockets": (),                  # Sockets=: socket units whose listening sockets it gets too
         "standard_input": ("null", None), "standard_output": ("log", None), "standard_error": ("inherit", None),
         "supplementary_groups": (),
         "directories": (),              # (kind, relative path) of RuntimeDirectory= and the like
@@ -1072,19 +1073,19 @@ def _parse_stdio(value, key):
     StandardInput= takes null and file:PATH. Others are errors naming what works."""
     kind, colon, path = value.partition(":")
     if key == "StandardInput":
-        if value == "null" or (kind == "file" and colon):
+        if value in ("null", "socket") or (kind == "file" and colon):
             return (kind, path or None)
-        raise ValueError("%r is not supported: use null or file:PATH" % value)
+        raise ValueError("%r is not supported: use null, socket or file:PATH" % value)
     if kind in ("file", "append", "truncate") and colon:
         if not path.startswith("/"):
             raise ValueError("%s needs an absolute path, not %r" % (kind, path))
         return (kind, path)
     if value in STDIO_TO_LOG:
         return ("log", None)
-    if value in ("null", "inherit"):
+    if value in ("null", "inherit", "socket"):
         return (value, None)
-    raise ValueError("%r is not supported: use inherit, null, journal (the unit's log), file:PATH, append:PATH "
-                     "or truncate:PATH" % value)
+    raise ValueError("%r is not supported: use inherit, null, journal (the unit's log), socket, file:PATH, "
+                     "append:PATH or truncate:PATH" % value)
 
 
 # ReadWritePaths= and its kin: what each does to the paths it names.
@@ -1647,6 +1648,8 @@ DIRECTIVES = {
     ("Service", "BindReadOnlyPaths"): ("bind_paths", lambda v: _parse_bind_paths(v, True), "list"),
     ("Service", "CapabilityBoundingSet"): ("capability_bounding_set", _parse_capabilities, "list"),
     ("Service", "AmbientCapabilities"): ("ambient_capabilities", _parse_capabilities, "list"),
+    ("Service", "Sockets"): ("sockets", lambda v: tuple(n if n.endswith(".socket") else n + ".socket"
+                                                        for n in v.split()), "list"),
     ("Service", "StandardInput"): ("standard_input", lambda v: _parse_stdio(v, "StandardInput"), "one"),
     ("Service", "StandardOutput"): ("standard_output", lambda v: _parse_stdio(v, "StandardOutput"), "one"),
     ("Service", "StandardError"): ("standard_error", lambda v: _parse_stdio(v, "StandardError"), "one"),
@@ -1729,7 +1732,7 @@ NOT_APPLIED_KEYS = dict(
             "ManagedOOMPreference", "BlockIOWeight", "CPUQuotaPeriodSec"),
     **_keys("service behaviour gitproc does not have yet", "TimeoutAbortSec", "RuntimeMaxSec", "BusName",
             "RestartMode", "RestartSteps", "RestartMaxDelaySec", "ExitType", "OOMPolicy", "FileDescriptorStoreMax",
-            "Sockets", "RestartKillSignal", "SendSIGHUP", "SendSIGKILL", "FinalKillSignal", "WatchdogSignal",
+            "RestartKillSignal", "SendSIGHUP", "SendSIGKILL", "FinalKillSignal", "WatchdogSignal",
             "LoadCredential", "LoadCredentialEncrypted", "SetCredential", "SetCredentialEncrypted", "PAMName",
             "UtmpIdentifier", "UtmpMode"),
     **_keys("unit relations gitproc does not have yet", "OnSuccess",
@@ -1755,12 +1758,10 @@ NOT_APPLIED_DEFAULTS = {"SendSIGKILL": "yes", "SyslogLevelPrefix": "yes", "Prote
                         "UtmpMode": "init", "RestartMode": "normal", "TimerSlackNSec": "50us"}
 # Values systemd accepts that gitproc does not apply (the key itself is applied).
 NOT_APPLIED_VALUES = {
-    "StandardInput": (("socket", "tty", "tty-force", "tty-fail", "data", "fd:"),
-                      "a socket, a terminal or inline data: the service's stdin is /dev/null"),
-    "StandardOutput": (("socket", "tty", "fd:"), "a socket, a terminal or another unit's descriptor: "
-                                                  "the output goes to the unit's log"),
-    "StandardError": (("socket", "tty", "fd:"), "a socket, a terminal or another unit's descriptor: "
-                                                 "the output goes to the unit's log"),
+    "StandardInput": (("tty", "tty-force", "tty-fail", "data", "fd:"),
+                      "a terminal or inline data: the service's stdin is /dev/null"),
+    "StandardOutput": (("tty", "fd:"), "a terminal or another unit's descriptor: the output goes to the unit's log"),
+    "StandardError": (("tty", "fd:"), "a terminal or another unit's descriptor: the output goes to the unit's log"),
 }
 
 
@@ -2004,6 +2005,8 @@ def _validate_unit(values, lines_of, report):
                "a change of the unit's files restarts it")
     if values.get("start_limit_burst", 1) < 1:
         report(lines_of["start_limit_burst"], "error", "StartLimitBurst= must be at least 1")
+    if values.get("standard_input", ("null",))[0] == "socket" and "standard_output" not in values:
+        values["standard_output"] = ("inherit", None)     # as systemd: the output goes to the connection too
     for field, key in (("restart_sec", "RestartSec"), ("health_check_interval", "HealthCheckInterval"),
                        ("health_check_timeout", "HealthCheckTimeout")):
         if values.get(field) == float("inf"):
@@ -2027,8 +2030,8 @@ def check_unit_tree(entries, cache=None, problems=(), context=None, folders=None
     if context is None:
         context = specifier_context()
     for name, path, data, blob in entries:
-        if name.endswith(TIMER_SUFFIX):
-            continue                      # read by check_timers
+        if name.endswith((TIMER_SUFFIX, SOCKET_SUFFIX, TEMPLATE_SUFFIX)):
+            continue                      # read by check_activators, or a template
         if len(paths_of[name]) > 1:
             others = ", ".join(p for p in paths_of[name] if p != path)
             diagnostics.append(Diagnostic(path, 1, "error", "unit name %r is also defined in %s: both are rejected" % (name, others)))
@@ -2144,16 +2147,16 @@ def load_environment_file(path):
 # file (or its template) and those drop-ins; `blob` joins their object ids,
 # so a change to any of them is a change of the unit.
 
-UNIT_SUFFIXES = (UNIT_SUFFIX, ".timer")       # the unit types gitproc runs
+UNIT_SUFFIXES = (UNIT_SUFFIX, ".timer", ".socket")       # the unit types gitproc runs
 DROP_IN_SUFFIXES = tuple(suffix + ".d" for suffix in UNIT_SUFFIXES)
+TEMPLATE_SUFFIX = "@" + UNIT_SUFFIX   # a service template's entry (see compose_units)
 
 
 # Unit types gitproc does not run. Each is named wherever the repository's
 # units are (check, sync, status), and the service it would activate is not
 # started by a deploy (SPEC §16): it starts with `start`, or when a started
 # unit pulls it in.
-OTHER_UNIT_TYPES = {".socket": ("Socket", "Service", "sockets"),
-                    ".path": ("Path", "Unit", "path units"), ".mount": None, ".automount": None, ".swap": None,
+OTHER_UNIT_TYPES = {".path": ("Path", "Unit", "path units"), ".mount": None, ".automount": None, ".swap": None,
                     ".slice": None, ".scope": None, ".target": None, ".device": None}
 
 
@@ -2220,12 +2223,14 @@ class OwnedFolder:
 
 def compose_units(files, link_target, lone_templates=False):
     """files: (path, is_symlink, size, object id) of the unit files
-    (*.service, *.timer) and their drop-ins of a tree; link_target(object
-    id) -> a symlink's target. Returns ([(name, path, [(source path, object
-    id)], blob)], [Diagnostic]), a service named without its suffix, a timer
-    with it (web, web.timer). Pure apart from link_target. `lone_templates`
-    (for check): a template without an instance is read as one whose
-    instance name is empty."""
+    (*.service, *.timer, *.socket) and their drop-ins of a tree;
+    link_target(object id) -> a symlink's target. Returns ([(name, path,
+    [(source path, object id)], blob)], [Diagnostic]), a service named
+    without its suffix, the others with it (web, web.timer, web.socket), and
+    every service template also with it (web@.service: what a socket with
+    Accept=yes makes its instances of). Pure apart from link_target.
+    `lone_templates` (for check): a template without an instance is also
+    read as one whose instance name is empty."""
     units, templates, instances, drop_ins, problems = [], {}, [], {}, []
     for path, is_link, size, object_id in files:
         base, folder = os.path.basename(path), os.path.basename(os.path.dirname(path))
@@ -2254,6 +2259,8 @@ def compose_units(files, link_target, lone_templates=False):
                 os.path.basename(path), template)))
             continue
         units.append((name, path, [templates[template][1:]]))
+    units += [(base, path, [(path, object_id)]) for base, (_, path, object_id) in sorted(templates.items())
+              if base.endswith(UNIT_SUFFIX)]
     if lone_templates:
         instantiated = {template for _, _, template in instances}
         units += [(name, path, [(path, object_id)]) for base, (name, path, object_id) in sorted(templates.items())
@@ -2909,32 +2916,28 @@ class TimerSpec:
         return any(getattr(self, field) for field in TIMER_TRIGGER_FIELDS[1:])
 
 
-def parse_timer(name, path, data, blob="", context=None):
-    """Parse a timer unit (`name`: NAME.timer) from its file and drop-ins,
-    as parse_unit does a service: (TimerSpec or None, [Diagnostic])."""
-    diagnostics = []
+def _read_activator(name, suffix, section_name, path, data, context, directives, not_applied_keys, resets, report):
+    """The [Unit] and [`section_name`] of a timer or socket file and its
+    drop-ins (`data`: bytes or [(path, bytes)]): ({field: value}, [(key,
+    value)] not applied), or None if a file cannot be read. `resets`: field
+    -> the fields an empty value of its key resets (itself by default)."""
     parts = [(path, data)] if isinstance(data, bytes) else list(data)
-    stem = name[:-len(TIMER_SUFFIX)]
-
-    def report(source, line, severity, message, code=None):
-        diagnostics.append(Diagnostic(source, line, severity, message, unit=name, code=code))
-
+    stem = name[:-len(suffix)]
     problem = unit_name_problem(stem)
     if problem:
         report(path, 1, "error", problem)
-        return None, diagnostics
-    context = specifier_context() if context is None else context
+        return None
     values, not_applied = {}, []
     for part_path, part_data in parts:
         text = _unit_text(part_data, lambda line, severity, message: report(part_path, line if isinstance(
             line, int) else 1, severity, message))
         if text is None:
-            return None, diagnostics
+            return None
         section = None
         for number, line in _logical_lines(text):
             if line.startswith("["):
                 section = line.strip("[]").strip()
-                if section not in ("Unit", "Timer", "Install") and not section.startswith("X-"):
+                if section not in ("Unit", section_name, "Install") and not section.startswith("X-"):
                     report(part_path, number, "warning", "unknown section [%s], ignored" % section)
                 continue
             key, equals, value = line.partition("=")
@@ -2959,25 +2962,22 @@ def parse_timer(name, path, data, blob="", context=None):
                 elif directive is None and key not in NOT_APPLIED_KEYS and not key.startswith("X-") and \
                         ("Unit", key) not in SILENT_KEYS:
                     report(part_path, number, "warning", unknown_key_message("Unit", key), code="key")
-                continue                  # ordering and documentation keys: a timer has nothing to order
-            if section != "Timer":
+                continue                  # ordering and documentation keys: nothing to order
+            if section != section_name:
                 continue
-            if key in TIMER_NOT_APPLIED:
+            if key in not_applied_keys:
                 if value and not _is_off(value):
                     not_applied.append((key, value))
-                    report(part_path, number, "warning", "not applied: %s=%s (%s)" % (key, value, TIMER_NOT_APPLIED[key]))
+                    report(part_path, number, "warning", "not applied: %s=%s (%s)" % (key, value, not_applied_keys[key]))
                 continue
-            directive = TIMER_DIRECTIVES.get(key)
+            directive = directives.get(key)
             if directive is None:
-                report(part_path, number, "warning", "unknown key %s= in [Timer], ignored" % key, code="key")
+                report(part_path, number, "warning", "unknown key %s= in [%s], ignored" % (key, section_name), code="key")
                 continue
             field, parse, kind = directive
             if not value:
-                if field in TIMER_TRIGGER_FIELDS:     # as systemd: an empty trigger resets them all
-                    for trigger in TIMER_TRIGGER_FIELDS:
-                        values.pop(trigger, None)
-                else:
-                    values.pop(field, None)
+                for reset in resets.get(field, (field,)):
+                    values.pop(reset, None)
                 continue
             try:
                 parsed = parse(expand_specifiers(value, stem, context)[0])
@@ -2985,7 +2985,29 @@ def parse_timer(name, path, data, blob="", context=None):
                 report(part_path, number, "error", "%s=: %s" % (key, exc))
                 continue
             values[field] = values.get(field, ()) + parsed if kind == "list" else parsed
-    target = values.get("unit") or stem + UNIT_SUFFIX
+    return values, not_applied
+
+
+def _activator_diagnostics(name):
+    """([Diagnostic], report): the list a timer's or socket's parse fills."""
+    diagnostics = []
+
+    def report(source, line, severity, message, code=None):
+        diagnostics.append(Diagnostic(source, line, severity, message, unit=name, code=code))
+    return diagnostics, report
+
+
+def parse_timer(name, path, data, blob="", context=None):
+    """Parse a timer unit (`name`: NAME.timer) from its file and drop-ins,
+    as parse_unit does a service: (TimerSpec or None, [Diagnostic])."""
+    diagnostics, report = _activator_diagnostics(name)
+    context = specifier_context() if context is None else context
+    read = _read_activator(name, TIMER_SUFFIX, "Timer", path, data, context, TIMER_DIRECTIVES, TIMER_NOT_APPLIED,
+                           {field: TIMER_TRIGGER_FIELDS for field in TIMER_TRIGGER_FIELDS}, report)
+    if read is None:
+        return None, diagnostics
+    values, not_applied = read
+    target = values.get("unit") or name[:-len(TIMER_SUFFIX)] + UNIT_SUFFIX
     if not target.endswith(UNIT_SUFFIX):
         report(path, 1, "error", "Unit=%s: gitproc runs services only (NAME.service)" % target)
     values["unit"] = _strip_suffix(target, UNIT_SUFFIX)
@@ -2995,23 +3017,24 @@ def parse_timer(name, path, data, blob="", context=None):
     if any(d.severity == "error" for d in diagnostics):
         return None, diagnostics
     spec = TimerSpec(name, path, blob, **values)
-    spec.sources = tuple(part for part, _ in parts)
+    spec.sources = tuple(part for part, _ in ([(path, data)] if isinstance(data, bytes) else data))
     spec.not_applied = tuple(not_applied)
     return spec, diagnostics
 
 
-def check_timers(entries, services, context=None, cache=None):
-    """The timer units among `entries` (see check_unit_tree): ({name:
-    TimerSpec}, [Diagnostic], {name: the service each timer file names,
-    valid or not}); a timer whose service is not among `services` (names)
-    is an error of the timer."""
-    timers, problems, targets = {}, [], {}
+def check_activators(entries, suffix, services, context=None, cache=None):
+    """The timer or socket units (by `suffix`) among `entries` (see
+    check_unit_tree): ({name: spec}, [Diagnostic], {name: the service each
+    file names, valid or not}); a unit whose service is not among
+    `services` (names; a template as NAME@) is an error of that unit."""
+    parse, section, key = ACTIVATOR_TYPES[suffix]
+    found, problems, targets = {}, [], {}
     paths_of = {}
     for name, path, _, _ in entries:
-        if name.endswith(TIMER_SUFFIX):
+        if name.endswith(suffix):
             paths_of.setdefault(name, []).append(path)
     for name, path, data, blob in entries:
-        if not name.endswith(TIMER_SUFFIX):
+        if not name.endswith(suffix):
             continue
         if len(paths_of[name]) > 1:
             problems.append(Diagnostic(path, 1, "error", "unit name %r is also defined in %s: both are rejected" % (
@@ -3019,37 +3042,211 @@ def check_timers(entries, services, context=None, cache=None):
             continue
         parsed = cache.get((path, blob)) if cache is not None and blob else None
         if parsed is None:
-            spec, found = parse_timer(name, path, data, blob, context)
-            parsed = (spec, found, spec.unit if spec else _timer_target(name, data, context))
+            spec, diagnostics = parse(name, path, data, blob, context)
+            parsed = (spec, diagnostics, spec.unit if spec else _named_target(name, data, context, suffix, section, key))
             if cache is not None and blob:
                 cache[(path, blob)] = parsed
-        spec, found, targets[name] = parsed
-        problems.extend(found)
+        spec, diagnostics, targets[name] = parsed
+        problems.extend(diagnostics)
         if spec is None:
             continue
         if spec.unit not in services:
             template = spec.unit.partition("@")[0] + "@" if "@" in spec.unit else None
             hint = " (an instance is a file of its own: add %s, empty or a link to %s)" % (
-                spec.unit + UNIT_SUFFIX, template + UNIT_SUFFIX) if template and template in services else ""
+                spec.unit + UNIT_SUFFIX, template + UNIT_SUFFIX) if template and template in services \
+                and template != spec.unit else ""
             problems.append(Diagnostic(path, 1, "error", "%s activates %s, which is not in the repository%s" % (
                 name, spec.unit + UNIT_SUFFIX, hint), unit=name))
             continue
-        timers[name] = spec
-    return timers, problems, targets
+        found[name] = spec
+    return found, problems, targets
 
 
-def _timer_target(name, data, context):
-    """The service a timer file with errors names: its last Unit= in
-    [Timer] (drop-ins read in order), else NAME.service."""
-    stem, target = name[:-len(TIMER_SUFFIX)], None
+def _named_target(name, data, context, suffix, section_name, key):
+    """The service a timer or socket file with errors names: its last
+    Unit=/Service= (drop-ins read in order), else NAME.service."""
+    stem, target = name[:-len(suffix)], None
     for _, part in ([(None, data)] if isinstance(data, bytes) else data or ()):
         section = None
         for _, line in _logical_lines(part.decode("utf-8", "replace")):
             if line.startswith("["):
                 section = line.strip("[]").strip()
-            elif section == "Timer" and line.partition("=")[0].strip() == "Unit":
+            elif section == section_name and line.partition("=")[0].strip() == key:
                 target = expand_specifiers(line.partition("=")[2].strip(), stem, context or {})[0] or None
     return _strip_suffix(target or stem + UNIT_SUFFIX, UNIT_SUFFIX)
+
+
+# ---- socket units (SPEC §18) -----------------------------------------------------
+# NAME.socket files (templates and drop-ins as for services) read into a
+# frozen SocketSpec: the addresses the daemon listens on for a service, and
+# how it hands them over (Accept=no: the listening sockets; Accept=yes: each
+# connection to an instance of NAME@.service).
+
+SOCKET_SUFFIX = ".socket"
+LISTEN_KINDS = {"ListenStream": "stream", "ListenDatagram": "datagram", "ListenSequentialPacket": "seqpacket"}
+SOCKET_TYPES = {"stream": socket.SOCK_STREAM, "datagram": socket.SOCK_DGRAM, "seqpacket": socket.SOCK_SEQPACKET}
+SOCKET_MAX_FDS = 253                  # SCM_MAX_FD: what one message (to the keeper) can carry
+
+
+def socket_address(text):
+    """(family, address) to bind for a Listen*= value: a port (None: IPv6
+    with IPv4 where the host has IPv6, else IPv4), addr:port, [addr]:port,
+    a path, or @abstract. ValueError names what is wrong."""
+    if text.startswith("/"):
+        if len(os.fsencode(text)) > 107:
+            raise ValueError("%s is longer than 107 bytes, the limit of a Unix socket's path" % text)
+        return socket.AF_UNIX, os.path.normpath(text)
+    if text.startswith("@") and len(text) > 1:
+        return socket.AF_UNIX, "\0" + text[1:]
+    if text.isdigit():
+        return None, ("", _port(text))
+    host, colon, port = text.rpartition(":")
+    family = socket.AF_INET6 if host.startswith("[") and host.endswith("]") else socket.AF_INET
+    host = host[1:-1] if family == socket.AF_INET6 else host
+    try:
+        socket.inet_pton(family, host)
+    except (OSError, ValueError):
+        raise ValueError("%r is not a port, an address with a port (1.2.3.4:80, [::1]:80), an absolute path or an "
+                         "@abstract name" % text) from None
+    return family, (host, _port(port) if colon else None)
+
+
+def _port(text):
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise ValueError("port %r is not a number from 1 to 65535" % text)
+    return int(text)
+
+
+def _listen(kind):
+    def parse(value):
+        socket_address(value)
+        return ((kind, value),)
+    return parse
+
+
+def _parse_fd_name(value):
+    if len(value) > 255 or ":" in value or not value.isprintable():
+        raise ValueError("%r is not a descriptor name (printable, no ':', at most 255 characters)" % value)
+    return value
+
+
+def _parse_symlinks(value):
+    paths = tuple(split_words(value))
+    for path in paths:
+        if not path.startswith("/"):
+            raise ValueError("%r is not an absolute path" % path)
+    return paths
+
+
+# [Socket] key -> (SocketSpec field, parser, "list" or "one")
+SOCKET_DIRECTIVES = dict(
+    {key: ("listen", _listen(kind), "list") for key, kind in LISTEN_KINDS.items()},
+    Accept=("accept", parse_bool, "one"), Service=("unit", str, "one"),
+    SocketUser=("socket_user", _parse_user, "one"), SocketGroup=("socket_group", _parse_user, "one"),
+    SocketMode=("socket_mode", _parse_umask, "one"), DirectoryMode=("directory_mode", _parse_umask, "one"),
+    Backlog=("backlog", _parse_count, "one"), ReusePort=("reuse_port", parse_bool, "one"),
+    FreeBind=("free_bind", parse_bool, "one"),
+    BindIPv6Only=("bind_ipv6_only", _parse_choice(("default", "both", "ipv6-only")), "one"),
+    NoDelay=("no_delay", parse_bool, "one"), KeepAlive=("keep_alive", parse_bool, "one"),
+    PassCredentials=("pass_credentials", parse_bool, "one"), FileDescriptorName=("fd_name", _parse_fd_name, "one"),
+    RemoveOnStop=("remove_on_stop", parse_bool, "one"), Symlinks=("symlinks", _parse_symlinks, "list"),
+    MaxConnections=("max_connections", _parse_count, "one"),
+    MaxConnectionsPerSource=("max_per_source", _parse_count, "one"),
+    TriggerLimitIntervalSec=("trigger_interval", parse_timespan, "one"),
+    TriggerLimitBurst=("trigger_burst", _parse_count, "one"),
+)
+SOCKET_NOT_APPLIED = dict(
+    **_keys("gitproc listens on streams, datagrams and sequential packets only", "ListenFIFO", "ListenSpecial",
+            "ListenNetlink", "ListenMessageQueue", "ListenUSBFunction", "MessageQueueMaxMessages",
+            "MessageQueueMessageSize", "PipeSize", "Writable"),
+    **_keys("a socket option gitproc does not set", "SocketProtocol", "BindToDevice", "IPTOS", "IPTTL", "Priority",
+            "ReceiveBuffer", "SendBuffer", "Mark", "Timestamping", "Broadcast", "PassSecurity", "PassPacketInfo",
+            "Transparent", "KeepAliveTimeSec", "KeepAliveIntervalSec", "KeepAliveProbes", "DeferAcceptSec",
+            "TCPCongestion", "FlushPending", "PollLimitIntervalSec", "PollLimitBurst", "SELinuxContextFromNet",
+            "SmackLabel", "SmackLabelIPIn", "SmackLabelIPOut"),
+    **_keys("a socket unit's own commands are not run", "ExecStartPre", "ExecStartPost", "ExecStopPre",
+            "ExecStopPost", "TimeoutSec"),
+)
+
+
+class SocketSpec:
+    """One socket unit as its files say it (immutable once parsed). `unit`:
+    the service it activates (NAME@ with Accept=yes: the template);
+    `identity()` is what it means, `bind_key()` what its sockets are bound
+    for: only a change of the latter binds them again."""
+    BIND_FIELDS = ("listen", "socket_user", "socket_group", "socket_mode", "directory_mode", "backlog", "reuse_port",
+                   "free_bind", "bind_ipv6_only", "no_delay", "keep_alive", "pass_credentials", "symlinks")
+    FIELDS = ("description", "conditions", "condition_host", "unit", "accept", "fd_name", "remove_on_stop",
+              "max_connections", "max_per_source", "trigger_interval", "trigger_burst") + BIND_FIELDS
+    DEFAULTS = {"description": "", "conditions": (), "condition_host": (), "unit": "", "accept": False,
+                "fd_name": "", "remove_on_stop": False, "max_connections": 64, "max_per_source": 0,
+                "trigger_interval": 2.0, "trigger_burst": 0, "listen": (), "socket_user": None, "socket_group": None,
+                "socket_mode": 0o666, "directory_mode": 0o755, "backlog": 4096, "reuse_port": False,
+                "free_bind": False, "bind_ipv6_only": "default", "no_delay": False, "keep_alive": False,
+                "pass_credentials": False, "symlinks": ()}
+    __slots__ = ("name", "path", "blob", "sources", "not_applied") + FIELDS
+
+    def __init__(self, name, path, blob="", **values):
+        self.name, self.path, self.blob = name, path, blob
+        self.sources, self.not_applied = (path,), ()
+        for field in self.FIELDS:
+            setattr(self, field, values.get(field, self.DEFAULTS[field]))
+
+    def identity(self):
+        return tuple(getattr(self, field) for field in self.FIELDS)
+
+    def bind_key(self):
+        return json.dumps([getattr(self, field) for field in self.BIND_FIELDS])
+
+    def changed_keys(self, other):
+        """The keys whose meaning differs from `other`'s (an earlier version)."""
+        keys = {field: key for key, (field, _, _) in SOCKET_DIRECTIVES.items()}
+        keys.update(description="Description", conditions="Condition*", condition_host="ConditionHost",
+                    listen="Listen*")
+        return [keys[field] + "=" for field in self.FIELDS if getattr(self, field) != getattr(other, field)]
+
+    @property
+    def burst(self):
+        """TriggerLimitBurst=, or systemd's default: 20, 200 with Accept=yes."""
+        return self.trigger_burst or (200 if self.accept else 20)
+
+
+def parse_socket(name, path, data, blob="", context=None):
+    """Parse a socket unit (`name`: NAME.socket) from its file and drop-ins,
+    as parse_unit does a service: (SocketSpec or None, [Diagnostic])."""
+    diagnostics, report = _activator_diagnostics(name)
+    context = specifier_context() if context is None else context
+    read = _read_activator(name, SOCKET_SUFFIX, "Socket", path, data, context, SOCKET_DIRECTIVES,
+                           SOCKET_NOT_APPLIED, {}, report)
+    if read is None:
+        return None, diagnostics
+    values, not_applied = read
+    stem = name[:-len(SOCKET_SUFFIX)]
+    target = values.get("unit") or stem + ("@" if values.get("accept") else "") + UNIT_SUFFIX
+    if not target.endswith(UNIT_SUFFIX):
+        report(path, 1, "error", "Service=%s: gitproc runs services only (NAME.service)" % target)
+    elif values.get("accept") and values.get("unit"):
+        report(path, 1, "error", "Service= cannot be used with Accept=yes: each connection gets an instance of %s@%s"
+               % (stem, UNIT_SUFFIX))
+    values["unit"] = _strip_suffix(target, UNIT_SUFFIX)
+    listen = values.get("listen", ())
+    if not listen:
+        report(path, 1, "error", "no ListenStream=, ListenDatagram= or ListenSequentialPacket=: nothing to listen on")
+    elif values.get("accept") and any(kind == "datagram" for kind, _ in listen):
+        report(path, 1, "error", "Accept=yes takes stream and sequential-packet sockets only, not ListenDatagram=")
+    if len(listen) > SOCKET_MAX_FDS:
+        report(path, 1, "error", "%d Listen*= lines: at most %d" % (len(listen), SOCKET_MAX_FDS))
+    if any(d.severity == "error" for d in diagnostics):
+        return None, diagnostics
+    values.setdefault("fd_name", stem)
+    spec = SocketSpec(name, path, blob, **values)
+    spec.sources = tuple(part for part, _ in ([(path, data)] if isinstance(data, bytes) else data))
+    spec.not_applied = tuple(not_applied)
+    return spec, diagnostics
+
+
+# suffix -> (parser, section, the key that names its service)
+ACTIVATOR_TYPES = {TIMER_SUFFIX: (parse_timer, "Timer", "Unit"), SOCKET_SUFFIX: (parse_socket, "Socket", "Service")}
 
 
 # ==== 5. configuration and paths =============================================
@@ -4496,6 +4693,8 @@ class DeployPlan:
         self.notes = {}                   # extra reply fields (rollback, pin)
         self.activated = {}               # name -> why a deploy leaves it stopped (SPEC §16)
         self.timers = {}                  # name (NAME.timer) -> TimerSpec to run
+        self.sockets = {}                 # name (NAME.socket) -> SocketSpec to run
+        self.templates = {}               # NAME@ -> (path, sources, blob): what Accept=yes sockets instantiate
 
     @classmethod
     def failed(cls, message):
@@ -5769,7 +5968,7 @@ class Spawner:
         self.clone3 = None                # clone3 through ctypes, while the kernel takes it
 
     def spawn(self, argv, program, env, cwd, log_path, run_as, cgroup=None, private_pids=False, wait=True, setup=None,
-              stdio=None, ignore_sigpipe=True, sandbox=None):
+              stdio=None, ignore_sigpipe=True, sandbox=None, listen=None):
         """Returns (pid, report): the pid, and None once exec is known to have
         worked, or (wait=False, a forked child) the read end of its exec-error
         pipe, which the caller reads: EOF when exec worked, a message if it
@@ -5777,12 +5976,17 @@ class Spawner:
         every group of `cgroup` (a CgroupSet) before exec. `stdio`: the
         StandardInput=, StandardOutput=, StandardError= of the unit (by
         default /dev/null in, the log out). `ignore_sigpipe`: IgnoreSIGPIPE=
-        (systemd's default: yes)."""
+        (systemd's default: yes). `listen`: (fds, connection or None) of
+        socket activation (SPEC §18): the fds become 3 and up, $LISTEN_PID
+        the child's own pid, which only a child that runs code before exec
+        can know, so never on the posix_spawn path; StandardInput=socket
+        is the connection."""
         fds = []                          # every fd opened here, closed in the finally
         try:
-            stdin_fd, stdout_fd, stderr_fd = self._open_stdio(log_path, stdio, fds)
+            connection = listen[1] if listen else None
+            stdin_fd, stdout_fd, stderr_fd = self._open_stdio(log_path, stdio, fds, connection)
             if cwd == self.cwd and run_as.uid is None and run_as.gid is None and run_as.groups is None \
-                    and cgroup is None and not private_pids and not setup and sandbox is None:
+                    and cgroup is None and not private_pids and not setup and sandbox is None and not listen:
                 self.last_path = "posix_spawn"
                 try:
                     return os.posix_spawn(program, argv, env, file_actions=[
@@ -5794,6 +5998,9 @@ class Spawner:
                     raise SpawnError("exec %s: %s" % (program, exc.strerror or exc))
             err_r, err_w = os.pipe()      # exec-failure pipe, both ends close-on-exec (PEP 446)
             fds.extend((err_r, err_w))
+            if listen:
+                import fcntl              # (the parent's import: the child makes only os calls)
+                listen = (listen[0], fcntl.fcntl)
             pid = self._clone_into(cgroup.clone_into) if cgroup is not None and cgroup.clone_into else None
             if pid is None:
                 self.last_path = "fork"
@@ -5802,7 +6009,7 @@ class Spawner:
                 try:                      # and whatever happens, never back into the daemon's code
                     join_files = cgroup.procs_files(born_in_v2=self.last_path == "clone3") if cgroup else ()
                     self._exec_child(argv, program, env, cwd, (stdin_fd, stdout_fd, stderr_fd), err_w, run_as,
-                                     join_files, private_pids, setup, ignore_sigpipe, sandbox)
+                                     join_files, private_pids, setup, ignore_sigpipe, sandbox, listen)
                 finally:
                     os._exit(127)
             os.close(err_w)
@@ -5821,17 +6028,21 @@ class Spawner:
             raise SpawnError(report.decode("utf-8", "replace"))
         return pid, None
 
-    def _open_stdio(self, log_path, stdio, fds):
+    def _open_stdio(self, log_path, stdio, fds, connection=None):
         """The three descriptors the child gets as 0, 1, 2 (each opened once,
         added to `fds`): /dev/null or StandardInput=file:; the log, /dev/null
-        or a file for StandardOutput=; the same or its own for StandardError=."""
+        or a file for StandardOutput=; the same or its own for StandardError=;
+        the `connection` of an Accept=yes socket for "socket" (/dev/null
+        without one, as systemd's inherited socket would be missing)."""
         stdin, stdout, stderr = stdio or (("null", None), ("log", None), ("inherit", None))
 
         def target(choice, key):
             kind, path = choice
+            if kind == "socket" and connection is not None:
+                return connection         # the caller's: not closed here
             if kind == "log":
                 fd = self._open_log(log_path)
-            elif kind == "null":
+            elif kind in ("null", "socket"):
                 fd = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
             else:
                 flags = {"file": os.O_RDONLY if key == "StandardInput" else os.O_WRONLY | os.O_CREAT,
@@ -5891,7 +6102,7 @@ class Spawner:
 
     @staticmethod
     def _exec_child(argv, program, env, cwd, stdio_fds, err_w, run_as, join_files, private_pids, setup, ignore_sigpipe,
-                    sandbox):
+                    sandbox, listen):
         stage = "setsid"
         try:
             os.setsid()                   # own session and process group: pgid == pid
@@ -5913,6 +6124,16 @@ class Spawner:
             stage = "stdio"
             for number, fd in enumerate(stdio_fds):
                 os.dup2(fd, number)       # a dup2 clears close-on-exec: these three stay
+            if listen:                    # sockets as 3, 4, ...: moved above that range first
+                stage = "LISTEN_FDS"
+                listen_fds, fcntl_call = listen
+                top = 3 + len(listen_fds)
+                if err_w < top:
+                    err_w = fcntl_call(err_w, 1030, top)      # F_DUPFD_CLOEXEC
+                moved = [fcntl_call(fd, 1030, top) for fd in listen_fds]
+                for number, fd in enumerate(moved):
+                    os.dup2(fd, 3 + number)
+                env = dict(env, LISTEN_PID=str(os.getpid()))   # in a PID namespace: its pid there
             if setup:                     # before dropping privileges: raising a limit needs them
                 import resource           # (imported in the daemon already: no import work here)
                 for name, number, soft, hard in setup.rlimits:
@@ -6465,6 +6686,8 @@ class Service:
         self.started_at = None          # monotonic start of the current main process
         self.main_started_wall = None   # wall time the main process started (uptime)
         self.restarts = 0               # automatic restarts since the last manual start
+        self.connection = None          # Accept=yes: (its connection, $REMOTE_ADDR...) until its process has it
+        self.log_name = spec.name       # whose log it writes: an Accept=yes instance writes its template's
         self.restarts_total = 0         # automatic restarts ever (a counter for metrics; persisted)
         self.last_exit = None           # {"code": N} or {"signal": N} of the last main exit
         self.start_times = []           # monotonic times of recent starts (start limit)
@@ -7443,6 +7666,14 @@ class Service:
     def discard(self):
         """Forget timers (the unit was removed and its process is gone)."""
         self._cancel_timers()
+        self.give_connection()
+
+    def give_connection(self):
+        """The daemon's copy of an Accept=yes connection is closed: the
+        process has its own, or will never get it."""
+        if self.connection is not None:
+            self.connection[0].close()
+            self.connection = None
 
 
 # The phase each control step runs in, and the key users know it by.
@@ -7542,12 +7773,18 @@ class Launcher:
             for why in setup.lowered:
                 self.unit_warning(service.name, why)
         sandbox = self._sandbox(service, run_as) if command.privileged != "+" and sandbox_wanted(spec) else None
-        pid, report = self.spawner.spawn(argv, path, env, cwd, self.config.service_log(service.name), run_as,
+        listen = self.listening_for(service) if control in (None, "exec_start") else None
+        if listen:                        # socket activation (SPEC §18)
+            env.update(listen[3], LISTEN_FDS=str(len(listen[0])), LISTEN_FDNAMES=":".join(listen[1]))
+        pid, report = self.spawner.spawn(argv, path, env, cwd, self.config.service_log(service.log_name), run_as,
                                          group if group and group.folders else None,
                                          spec.private_pids and control is None,
                                          wait=on_exec is None, setup=setup,
                                          stdio=(spec.standard_input, spec.standard_output, spec.standard_error),
-                                         ignore_sigpipe=spec.ignore_sigpipe, sandbox=sandbox)
+                                         ignore_sigpipe=spec.ignore_sigpipe, sandbox=sandbox,
+                                         listen=(listen[0], listen[2]) if listen else None)
+        if listen and listen[2] is not None:
+            service.give_connection()
         service.spawn_path = self.spawner.last_path
         if control in (None, "exec_start"):   # the main process, or a forking unit's parent of it
             service.running_tree = service.linked_tree = spec.tree
@@ -7557,6 +7794,12 @@ class Launcher:
             self.exec_reports[service.name] = report
             self.selector.register(report, EVENT_READ, (self._on_exec_report, (service.name, on_exec)))
         return pid, pid_start_time(pid), report is None
+
+    @staticmethod
+    def listening_for(_service):
+        """(fds, names, connection, environment) of socket activation for a
+        main process of the service, or None (see SocketSet)."""
+        return None
 
     def unit_warning(self, name, message):
         """A warning about a unit's own process: in the daemon log and, where
@@ -9890,7 +10133,7 @@ class TimerSchedule:
 
     def __init__(self, daemon):
         self.daemon = daemon
-        self.timers = {}                  # name (NAME.timer) -> TimerUnit
+        self.timers = self.units = {}     # name (NAME.timer) -> TimerUnit
         self.saved = {}                   # name -> what the state file kept of timers not deployed (yet)
         self.wake = None                  # the daemon's Timer for the next elapse
         self.clock_fd = None              # timerfd told of wall-clock jumps
@@ -10195,15 +10438,595 @@ class TimerSchedule:
         self.clock_fd = None
 
 
-def activated_units(specs, problems, timers=None, held=None):
+# ---- sockets: services started at the first connection (SPEC §18) ----------------
+# The daemon binds every socket of a deploy before any unit starts, and owns
+# them: a service gets copies (fds 3 and up), so its crash, restart or
+# redeploy closes none, and a client that connects meanwhile waits in the
+# backlog for the next process. Across the daemon's own restart (shutdown
+# --keep-services then daemon, an install, kill -9) a keeper holds them: a
+# small process, started at the first bind, that keeps a copy of every
+# listening socket and hands them to the next daemon over a Unix socket
+# (SCM_RIGHTS). An exec of the new daemon would not cover a stop and a later
+# start, nor kill -9; taking them back from the service (pidfd_getfd) finds
+# nothing while the service is not running, and Yama may forbid it.
+
+KEEPER_PROGRAM = r"""
+import json, os, socket, sys
+if os.fork():
+    os._exit(0)
+link, listener, held = socket.socket(fileno=3), socket.socket(fileno=4), {}
+while True:
+    if link is None:
+        if not held:
+            break
+        link = listener.accept()[0]
+        for name, (key, fds) in held.items():
+            socket.send_fds(link, [json.dumps({"name": name, "key": key}).encode()], fds)
+        link.send(b'{"end": true}')
+    try:
+        data, fds, _, _ = socket.recv_fds(link, 65536, 253)
+        message = json.loads(data) if data else {}
+    except (OSError, ValueError):
+        data, fds, message = b"", [], {}
+    if not data:
+        link.close()
+        link = None
+        continue
+    if message.get("op") == "quit":
+        break
+    for fd in held.pop(message.get("name"), (None, []))[1]:
+        os.close(fd)
+    if message.get("op") == "put":
+        held[message["name"]] = (message.get("key"), fds)
+try:
+    os.unlink(sys.argv[1])
+except OSError:
+    pass
+"""
+
+
+class SocketKeeper:
+    """The daemon's end of the keeper (KEEPER_PROGRAM): what it holds is
+    told to it as it changes; at start-up, what an earlier daemon's keeper
+    holds is taken over. Without one (a path too long, a failed start)
+    sockets still work, but a daemon restart closes them: it says so."""
+
+    def __init__(self, path, log):
+        self.path, self.log = path, log
+        self.link = None                  # SOCK_SEQPACKET to the keeper
+        self.inherited = {}               # name -> (bind key, [fd]) an earlier daemon's keeper handed over
+        self.broken = None                # why there is no keeper
+
+    def take_over(self):
+        """At start-up: the sockets a keeper holds for an earlier daemon."""
+        link = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            link.settimeout(5.0)
+            link.connect(self.path)
+            while True:
+                data, fds, _, _ = socket.recv_fds(link, 65536, SOCKET_MAX_FDS, socket.MSG_CMSG_CLOEXEC)
+                message = json.loads(data) if data else {"end": True}
+                if message.get("end"):
+                    break
+                self.inherited[message["name"]] = (message.get("key"), fds)
+            link.settimeout(None)
+            self.link = link
+            if self.inherited:
+                self.log.info("daemon", "Sockets: took over %s from the keeper" % ", ".join(sorted(self.inherited)))
+        except ConnectionRefusedError:
+            link.close()
+            _unlink_quietly(self.path)    # a keeper that is gone
+        except (OSError, ValueError) as exc:
+            link.close()
+            if not isinstance(exc, FileNotFoundError):
+                self.log.warning("daemon", "Sockets: cannot take over from the keeper at %s: %s" % (
+                    self.path, describe_os_error(exc) if isinstance(exc, OSError) else exc))
+
+    def adopt(self, name, key):
+        """The sockets the keeper kept for `name`, if bound for `key`."""
+        found = self.inherited.pop(name, None)
+        if found is None:
+            return None
+        if found[0] != key:
+            for fd in found[1]:
+                os.close(fd)
+            return None
+        return [socket.socket(fileno=fd) for fd in found[1]]
+
+    def put(self, name, key, sockets):
+        self._send({"op": "put", "name": name, "key": key}, [s.fileno() for s in sockets])
+
+    def drop(self, name):
+        self._send({"op": "drop", "name": name}, [])
+
+    def _send(self, message, fds):
+        if self.link is None and not self._start():
+            return
+        try:
+            socket.send_fds(self.link, [json.dumps(message).encode()], fds)
+        except OSError as exc:
+            self.log.warning("daemon", "Sockets: the keeper is gone (%s): a daemon restart would close them" % (
+                describe_os_error(exc)))
+            self.link.close()
+            self.link = None
+
+    def _start(self):
+        if self.broken:
+            return False
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            _unlink_quietly(self.path)
+            listener.bind(self.path)
+            listener.listen(4)
+            pid = os.posix_spawn(sys.executable, [sys.executable, "-I", "-S", "-c", KEEPER_PROGRAM, self.path],
+                                 {"PATH": "/usr/bin:/bin"}, setsid=True,
+                                 file_actions=[(os.POSIX_SPAWN_DUP2, theirs.fileno(), 3),
+                                               (os.POSIX_SPAWN_DUP2, listener.fileno(), 4),
+                                               (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDWR, 0),
+                                               (os.POSIX_SPAWN_DUP2, 0, 1), (os.POSIX_SPAWN_DUP2, 0, 2)])
+            os.waitpid(pid, 0)            # it forks the keeper and exits: the keeper is nobody's child
+        except OSError as exc:
+            ours.close()
+            self.broken = "cannot start the socket keeper at %s: %s" % (self.path, describe_os_error(exc))
+            self.log.warning("daemon", "Sockets: %s; a daemon restart will close the sockets" % self.broken)
+            return False
+        finally:
+            listener.close()
+            theirs.close()
+        self.link = ours
+        return True
+
+    def close(self, keep):
+        """The daemon stops: the keeper keeps the sockets for the next one
+        (`keep`), or lets them go."""
+        if self.link is not None and not keep:
+            self._send({"op": "quit"}, [])
+        if self.link is not None:
+            self.link.close()
+            self.link = None
+        for _, fds in self.inherited.values():
+            for fd in fds:
+                os.close(fd)
+        self.inherited = {}
+
+
+def open_listener(spec, kind, text):
+    """Bind and listen on one Listen*= address of `spec` (its options set):
+    a socket, or OSError/SpawnError saying why not."""
+    family, address = socket_address(text)
+    sock_type = SOCKET_TYPES[kind]
+    if family is None:                    # a bare port: IPv6 with IPv4 where the host has IPv6
+        family, address = (socket.AF_INET6, ("::", address[1])) if socket.has_ipv6 and _has_ipv6() else \
+            (socket.AF_INET, ("0.0.0.0", address[1]))
+    sock = socket.socket(family, sock_type)
+    try:
+        if family != socket.AF_UNIX:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if spec.reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if spec.free_bind:
+                sock.setsockopt(socket.SOL_IP, 15, 1)                 # IP_FREEBIND
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(spec.bind_ipv6_only == "ipv6-only"))
+            if spec.no_delay and sock_type == socket.SOCK_STREAM:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if spec.keep_alive:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if spec.pass_credentials:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        if family == socket.AF_UNIX and not address.startswith("\0"):
+            _make_socket_path(spec, address)
+            old_umask = os.umask(0o777 & ~spec.socket_mode)
+            try:
+                sock.bind(address)
+            finally:
+                os.umask(old_umask)
+            os.chmod(address, spec.socket_mode)
+            if spec.socket_user or spec.socket_group:
+                run_as = resolve_run_as(spec.socket_user, spec.socket_group)
+                os.chown(address, -1 if run_as.uid is None else run_as.uid, -1 if run_as.gid is None else run_as.gid)
+            for link in spec.symlinks:
+                _unlink_quietly(link)
+                os.symlink(address, link)
+        else:
+            sock.bind(address)
+        if sock_type != socket.SOCK_DGRAM:
+            sock.listen(min(spec.backlog, 2 ** 31 - 1))
+        sock.setblocking(not spec.accept)     # Accept=yes: the daemon accepts; else the service's copy
+        return sock
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _has_ipv6():
+    if "ipv6" not in _MACHINE:
+        try:
+            with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+                probe.bind(("::1", 0))
+            _MACHINE["ipv6"] = True
+        except OSError:
+            _MACHINE["ipv6"] = False
+    return _MACHINE["ipv6"]
+
+
+def _make_socket_path(spec, path):
+    """The folder of a socket path (DirectoryMode=), and no stale socket in
+    the way: one nobody listens on is removed, one in use is an error."""
+    folder = os.path.dirname(path)
+    if not os.path.isdir(folder):
+        os.makedirs(folder, spec.directory_mode)
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise OSError(errno.EEXIST, "%s exists and is not a socket" % path)
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        _unlink_quietly(path)             # stale: nobody listens there
+        return
+    except OSError:
+        _unlink_quietly(path)             # (a datagram socket, or a wrong type: bind says more)
+        return
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, "%s is in use by another process" % path)
+
+
+class SocketUnit:
+    """One deployed socket unit: its listening sockets, and what it counted."""
+
+    def __init__(self, spec):
+        self.spec, self.name = spec, spec.name
+        self.sockets = []                 # bound, in Listen*= order ([]: not listening)
+        self.key = None                   # the bind_key() they were bound for
+        self.want = "up"                  # the user's intent (persisted): "down" after `stop NAME.socket`
+        self.reason = None                # why it does not listen
+        self.watching = False             # in the loop's selector: waiting for a connection
+        self.commit = None                # sha of the commit its spec came from
+        self.accepted_total = 0           # connections accepted (Accept=yes)
+        self.triggers_total = 0           # activations of its service
+        self.refused_total = 0            # connections closed at MaxConnections=/MaxConnectionsPerSource=
+        self.trigger_times = []           # monotonic times of recent activations (TriggerLimit*=)
+        self.last_trigger = None          # wall time of the last
+        self.instances = {}               # Accept=yes: instance name -> the peer's address
+        self.serial = 0                   # Accept=yes: numbers instances, as systemd's
+
+    def state(self, services):
+        if self.want != "up":
+            return "stopped"
+        if not self.sockets:
+            return "failed"
+        service = services.get(self.spec.unit)
+        return "running" if not self.spec.accept and service is not None and service_busy(service) else "listening"
+
+    def addresses(self):
+        return ["%s %s" % (text, kind) for kind, text in self.spec.listen]
+
+    def to_json(self, services):
+        service = services.get(self.spec.unit)
+        return {"name": self.name, "unit": self.spec.unit + UNIT_SUFFIX, "state": self.state(services),
+                "want": self.want, "reason": self.reason, "listen": self.addresses(), "accept": self.spec.accept,
+                "accepted_total": self.accepted_total, "connected": len(self.instances),
+                "triggers_total": self.triggers_total, "refused_total": self.refused_total,
+                "last_trigger": self.last_trigger, "description": self.spec.description, "path": self.spec.path,
+                "fds": [s.fileno() for s in self.sockets], "fd_name": self.spec.fd_name,
+                "max_connections": self.spec.max_connections,
+                "service": {"state": service.state, "result": service.result, "pid": service.pid}
+                if service is not None else None,
+                "not_applied": [{"key": key, "value": value, "why": SOCKET_NOT_APPLIED[key]}
+                                for key, value in self.spec.not_applied]}
+
+    def persistent(self):
+        return {"want": self.want, "commit": self.commit, "accepted_total": self.accepted_total,
+                "triggers_total": self.triggers_total, "refused_total": self.refused_total, "serial": self.serial,
+                "last_trigger": self.last_trigger}
+
+    def restore(self, saved):
+        if not isinstance(saved, dict):
+            return
+        if saved.get("want") in ("up", "down"):
+            self.want = saved["want"]
+        for field in ("accepted_total", "triggers_total", "refused_total", "serial"):
+            if isinstance(saved.get(field), int) and saved[field] >= 0:
+                setattr(self, field, saved[field])
+        if isinstance(saved.get("last_trigger"), (int, float)):
+            self.last_trigger = float(saved["last_trigger"])
+
+
+class SocketSet:
+    """Every socket unit of the deployment: bound at deploy, watched in the
+    loop while their service is not running (Accept=no) or always
+    (Accept=yes), and kept by the keeper across daemon restarts."""
+
+    def __init__(self, daemon):
+        self.daemon = daemon
+        self.units = {}                   # name (NAME.socket) -> SocketUnit
+        self.saved = {}                   # name -> what the state file kept of sockets not deployed (yet)
+        self.templates = {}               # NAME@ -> (path, sources, blob) Accept=yes instantiates
+        self.given_to = {}                # service name -> [SocketUnit] whose sockets it gets
+        self.keeper = SocketKeeper(os.path.join(daemon.config.home, "sockets.keep"), daemon.log)
+
+    def restore(self, state):
+        saved = state.get("sockets")
+        if isinstance(saved, dict):
+            self.saved = {name: entry for name, entry in saved.items() if isinstance(entry, dict)}
+        if len(os.fsencode(self.keeper.path)) < 108:
+            self.keeper.take_over()
+        else:
+            self.keeper.broken = "%s is longer than a Unix socket's path may be" % self.keeper.path
+
+    def persistent(self):
+        kept = dict(self.saved)
+        kept.update({name: unit.persistent() for name, unit in self.units.items()})
+        return kept
+
+    # -- deploys -----------------------------------------------------------------
+
+    def deploy(self, specs, commit, origin=None, templates=None):
+        """The sockets of deployed commit `commit`: new ones are bound (or
+        taken from the keeper), changed ones bound again if an address or a
+        socket option changed, removed ones closed. Before any unit starts."""
+        for name in [n for n in self.units if n not in specs]:
+            self._close(self.units.pop(name), "Removed from the repository")
+            self.saved.pop(name, None)
+        for name, spec in sorted(specs.items()):
+            unit = self.units.get(name)
+            if unit is None:
+                unit = self.units[name] = SocketUnit(spec)
+                unit.restore(self.saved.pop(name, None))
+            elif unit.spec.identity() != spec.identity():
+                self.daemon.log.info(name, "Changed: %s" % ", ".join(spec.changed_keys(unit.spec)))
+            unit.spec, unit.commit = spec, (origin or {}).get(name, commit)
+            if unit.want == "up" and (not unit.sockets or unit.key != spec.bind_key()):
+                self._bind(unit)
+            elif unit.sockets:
+                for sock in unit.sockets:
+                    sock.setblocking(not spec.accept)
+        self.templates = dict(templates or {})
+        self.given_to = {}
+        for unit in self.units.values():
+            if not unit.spec.accept:
+                self.given_to.setdefault(unit.spec.unit, []).append(unit)
+        for service_name, service_spec in self.daemon.deployer.specs.items():    # Sockets=
+            for name in service_spec.sockets:
+                if name in self.units and not self.units[name].spec.accept and \
+                        self.units[name] not in self.given_to.get(service_name, ()):
+                    self.given_to.setdefault(service_name, []).append(self.units[name])
+        for _, fds in self.keeper.inherited.values():   # what the last daemon had that this commit has not
+            for fd in fds:
+                os.close(fd)
+        for name in list(self.keeper.inherited):
+            self.keeper.drop(name)
+        self.keeper.inherited = {}
+        for unit in self.units.values():
+            self._watch_if_idle(unit)
+
+    def _bind(self, unit):
+        spec = unit.spec
+        self._close(unit, None)
+        adopted = self.keeper.adopt(unit.name, spec.bind_key())
+        if adopted is not None:
+            unit.sockets, unit.key, unit.reason = adopted, spec.bind_key(), None
+            for sock in adopted:
+                sock.setblocking(not spec.accept)
+            return True
+        bound = []
+        try:
+            for kind, text in spec.listen:
+                bound.append(open_listener(spec, kind, text))
+        except (OSError, SpawnError) as exc:
+            for sock in bound:
+                sock.close()
+            unit.reason = "cannot listen on %s: %s" % (text, describe_os_error(exc) if isinstance(exc, OSError)
+                                                     else exc)
+            self.daemon.log.error(unit.name, unit.reason.capitalize())
+            self.daemon.events.record("state", unit.name, None, "failed", unit.reason, None, unit.commit)
+            return False
+        unit.sockets, unit.key, unit.reason = bound, spec.bind_key(), None
+        self.daemon.log.info(unit.name, "Listening on %s" % ", ".join(unit.addresses()))
+        self.keeper.put(unit.name, unit.key, bound)
+        return True
+
+    def _close(self, unit, why):
+        """Stop listening: the sockets are closed (paths removed with
+        RemoveOnStop=, or when the unit is gone from the repository)."""
+        self._unwatch(unit)
+        if unit.sockets:
+            for sock in unit.sockets:
+                sock.close()
+            if why is not None:
+                self.keeper.drop(unit.name)
+                if unit.spec.remove_on_stop or why.startswith("Removed"):
+                    for kind, text in unit.spec.listen:
+                        if text.startswith("/"):
+                            _unlink_quietly(text)
+                    for link in unit.spec.symlinks:
+                        _unlink_quietly(link)
+                self.daemon.log.info(unit.name, "%s: closed %s" % (why, ", ".join(unit.addresses())))
+        unit.sockets, unit.key = [], None
+
+    # -- start and stop ----------------------------------------------------------
+
+    def start(self, name):
+        unit = self.units[name]
+        unit.want, unit.trigger_times = "up", []
+        if not unit.sockets:
+            self._bind(unit)
+        self._watch_if_idle(unit)
+        self.daemon.store.mark_dirty()
+
+    def stop(self, name):
+        unit = self.units[name]
+        unit.want, unit.reason = "down", "stopped by user"
+        self._close(unit, "Stopped")
+        self.daemon.store.mark_dirty()
+
+    # -- the loop ----------------------------------------------------------------
+
+    def _watch_if_idle(self, unit):
+        """Wait for a connection, unless its service is running (Accept=no:
+        the service has the sockets then)."""
+        if unit.watching or not unit.sockets or unit.want != "up" or self.daemon.host.shutting_down:
+            return
+        service = self.daemon.services.get(unit.spec.unit)
+        if not unit.spec.accept and service is not None and service_busy(service):
+            return
+        for sock in unit.sockets:
+            self.daemon.selector.register(sock, EVENT_READ, (self._ready, unit))
+        unit.watching = True
+
+    def _unwatch(self, unit):
+        if unit.watching:
+            for sock in unit.sockets:
+                unregister_quietly(self.daemon.selector, sock)
+            unit.watching = False
+
+    def _ready(self, unit, _mask):
+        if unit.spec.accept:
+            return self._accept(unit)
+        self._unwatch(unit)
+        if self._trigger_limit_hit(unit):
+            return
+        service = self.daemon.services.get(unit.spec.unit)
+        if service is None or service.removed:
+            return
+        self.daemon.log.info(unit.name, "Incoming traffic: starting %s" % (unit.spec.unit + UNIT_SUFFIX))
+        self.daemon.events.record("triggered", unit.name, reason="incoming traffic", after=unit.spec.unit + UNIT_SUFFIX)
+        for pulled in self.daemon.dependencies.pulled_in([service.name]):
+            pulled.start()
+        service.start()
+
+    def _trigger_limit_hit(self, unit):
+        """TriggerLimitIntervalSec=/TriggerLimitBurst=: a service that keeps
+        being started and stopping at once puts its socket in failure, as
+        systemd does, rather than spinning."""
+        now = time.monotonic()
+        unit.trigger_times = [t for t in unit.trigger_times if now - t < unit.spec.trigger_interval] + [now]
+        unit.triggers_total += 1
+        unit.last_trigger = time.time()
+        self.daemon.store.mark_dirty()
+        if unit.spec.trigger_interval and len(unit.trigger_times) > unit.spec.burst:
+            self._close(unit, "Trigger limit hit")
+            unit.reason = "trigger limit hit: %d activations within %s (TriggerLimitBurst=, " \
+                          "TriggerLimitIntervalSec=); `start %s` listens again" % (
+                              len(unit.trigger_times), format_timespan(unit.spec.trigger_interval), unit.name)
+            self.daemon.log.error(unit.name, unit.reason)
+            self.daemon.events.record("state", unit.name, "listening", "failed", unit.reason, None, unit.commit)
+            return True
+        return False
+
+    def _accept(self, unit):
+        for sock in unit.sockets:
+            for _ in range(64):           # a turn's worth; the rest on the next
+                try:
+                    connection, peer = sock.accept()
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as exc:    # ECONNABORTED, EMFILE: this connection, not the socket
+                    self.daemon.log.warning(unit.name, "accept: %s" % describe_os_error(exc))
+                    break
+                self._connection(unit, connection, peer)
+
+    def _connection(self, unit, connection, peer):
+        spec = unit.spec
+        source = peer[0] if isinstance(peer, tuple) else None
+        per_source = spec.max_per_source or spec.max_connections
+        if len(unit.instances) >= spec.max_connections or (source is not None and sum(
+                1 for other in unit.instances.values() if other[0] == source) >= per_source):
+            unit.refused_total += 1
+            connection.close()
+            self.daemon.log.warning(unit.name, "Too many connections (MaxConnections=%d, MaxConnectionsPerSource=%d): "
+                                    "closed one from %s" % (spec.max_connections, per_source, source or "a local peer"))
+            return
+        if self._trigger_limit_hit(unit):
+            connection.close()
+            return
+        name = "%s%d" % (spec.unit, unit.serial)
+        unit.serial += 1
+        path, sources, blob = self.templates[spec.unit]
+        instance, problems = parse_unit(name, path, sources, blob, self.daemon.deployer.context)
+        if instance is None:
+            connection.close()
+            self.daemon.log.error(unit.name, "Cannot make %s: %s" % (name, "; ".join(
+                str(d) for d in problems if d.severity == "error")))
+            return
+        unit.accepted_total += 1
+        service = Service(self.daemon.host, instance, unit.commit)
+        env = {"REMOTE_ADDR": peer[0], "REMOTE_PORT": str(peer[1])} if isinstance(peer, tuple) else {}
+        service.connection, service.log_name = (connection, env), spec.unit
+        unit.instances[name] = (source, peer)
+        self.daemon.services[name] = service
+        self.daemon.events.record("accepted", unit.name, reason="from %s" % (
+            "%s:%s" % peer[:2] if isinstance(peer, tuple) else "a local peer"), after=name + UNIT_SUFFIX)
+        service.start()
+
+    def listening_for(self, service):
+        """(fds, names, connection, environment) a main process of
+        `service` gets (SPEC §18), or None."""
+        if service.log_name != service.name:            # an Accept=yes instance
+            if service.connection is None:
+                return None               # restarted: its connection went with its first process
+            connection, env = service.connection
+            return [connection.fileno()], ["connection"], connection.fileno(), env
+        units = [u for u in self.given_to.get(service.name, ()) if u.sockets]
+        if not units:
+            return None
+        fds, names = [], []
+        for unit in units:
+            fds += [s.fileno() for s in unit.sockets]
+            names += [unit.spec.fd_name] * len(unit.sockets)
+        return fds, names, None, {}
+
+    def service_changed(self, service, before):
+        """A service that stopped gives its sockets back to the loop; an
+        Accept=yes instance that is done is forgotten."""
+        if service_busy(service):         # its own sockets are its to read now
+            for unit in self.given_to.get(service.name, ()):
+                if unit.spec.unit == service.name:
+                    self._unwatch(unit)
+            return
+        for unit in self.given_to.get(service.name, ()):
+            self._watch_if_idle(unit)
+        if service.log_name != service.name:            # an Accept=yes instance
+            service.give_connection()
+            for unit in self.units.values():
+                if unit.instances.pop(service.name, None) is not None:
+                    break
+            self.daemon.call_later(0, lambda: self._forget(service))
+
+    def _forget(self, service):
+        if self.daemon.services.get(service.name) is service and not service_busy(service):
+            del self.daemon.services[service.name]
+            service.discard()
+
+    def close(self, keep):
+        """The daemon stops: with `keep` (services keep running) the keeper
+        keeps every socket for the next daemon; otherwise they are closed."""
+        for unit in self.units.values():
+            self._unwatch(unit)
+            if not keep:
+                self._close(unit, "The daemon stops")
+            for sock in unit.sockets:
+                sock.close()
+            unit.sockets = []
+        self.keeper.close(keep)
+
+
+def activated_units(specs, problems, activators=None, held=None):
     """{name: why} of the units a deploy does not start (SPEC §16): those a
-    timer activates, those a unit of another type would (a socket, a path
-    unit: see other_unit_problems) and those an OnFailure= names, unless a
-    unit that does start pulls them in (Wants=, Requires=, BindsTo=)."""
+    timer or a socket activates (`activators`: {name: spec}), those a unit
+    of another type would (a path unit: see other_unit_problems) and those
+    an OnFailure= names, unless a unit that does start pulls them in
+    (Wants=, Requires=, BindsTo=)."""
     activated = {d.unit: d.message.split(": ", 1)[0] + ": not started at deploy" for d in problems
                  if d.code == "activated" and d.unit in specs}
-    for name, timer in sorted((timers or {}).items()):
-        activated.setdefault(timer.unit, "started by %s, not at deploy" % name)
+    for name, activator in sorted((activators or {}).items()):
+        activated.setdefault(activator.unit, "started by %s, not at deploy" % name)
     for name, why in sorted((held or {}).items()):          # timers not armed (errors, another host)
         if name in specs:
             activated.setdefault(name, why)
@@ -10274,6 +11097,8 @@ class Deployer:
         self.specs = {}                   # name -> UnitSpec deployed (last good version)
         self.timer_specs = {}             # name (NAME.timer) -> TimerSpec deployed
         self.schedule = None              # the TimerSchedule the deployed timers are given to
+        self.socket_specs = {}            # name (NAME.socket) -> SocketSpec deployed
+        self.listeners = None             # the SocketSet the deployed sockets are given to
         self.unit_problems = []           # Diagnostics of the deployed commit
         self.skipped = {}                 # name -> why the unit does not run on this host
         self.deployed = None              # Commit deployed
@@ -10482,8 +11307,9 @@ class Deployer:
 
     def _noop_plan(self, commit):
         plan = DeployPlan(commit, commit.sha, noop=True)
-        plan.unchanged, plan.drift = sorted(list(self.specs) + list(self.timer_specs)), self._drift()
-        plan.timers = self.timer_specs
+        plan.unchanged = sorted(list(self.specs) + list(self.timer_specs) + list(self.socket_specs))
+        plan.drift, plan.timers, plan.sockets = self._drift(), self.timer_specs, self.socket_specs
+        plan.templates = self.listeners.templates if self.listeners else {}
         plan.invalid, plan.skipped = self.invalid_lines(), dict(self.skipped)
         if self._last_plan is not None and self._last_plan.commit is not None and self._last_plan.commit.sha == commit.sha:
             plan.outside = self._last_plan.outside
@@ -10567,10 +11393,18 @@ class Deployer:
                 plan.unchanged.append(name)
                 plan.drift[name] = drift_note(service.rolled_back)
         plan.unchanged.sort()
-        timers, held = self._plan_timers(entries, specs, skipped, bad_names, problems, origin)
+        templates = {name[:-len(UNIT_SUFFIX)]: (path, data, blob) for name, path, data, blob in entries
+                     if name.endswith(TEMPLATE_SUFFIX)}
+        timers, held = self._plan_activators(TIMER_SUFFIX, entries, specs, skipped, bad_names, problems, origin)
+        sockets, socket_held = self._plan_activators(SOCKET_SUFFIX, entries, specs, skipped, bad_names, problems,
+                                                     origin, templates)
+        for name, why in socket_held.items():
+            held.setdefault(name, why)
         plan.invalid = [str(d) for d in problems if d.severity == "error"]
         plan.skipped, plan.specs, plan.problems, plan.origin = skipped, specs, problems, origin
-        plan.activated = activated_units(specs, problems, timers, held)
+        plan.activated = activated_units(specs, problems, dict(timers, **{
+            name: spec for name, spec in sockets.items() if not spec.accept}), held)
+        plan.templates = {spec.unit: templates[spec.unit] for spec in sockets.values() if spec.accept}
         plan.in_tree = {name for name, _, _, _ in entries}
         if materialise:
             self._materialise(plan)
@@ -10578,32 +11412,38 @@ class Deployer:
         if plan.previous and plan.previous != commit.sha and not (plan.added or plan.changed or plan.removed):
             owned = set(folders) | {spec.owned.path for spec in self.specs.values() if spec.owned}
             plan.outside = self._files_outside(plan.previous, commit.sha, owned)
-        plan.timers = timers
-        for name, spec in timers.items():       # timers are named in the plan's lists with their suffix
-            old = self.timer_specs.get(name)
-            if old is None:
-                plan.added.append(name)
-            elif old.identity() != spec.identity():
-                plan.changed.append(name)
-                plan.changes[name] = spec.changed_keys(old)
-            else:
-                plan.unchanged.append(name)
-        plan.removed += [name for name in self.timer_specs if name not in timers]
+        plan.timers, plan.sockets = timers, sockets
+        for found, deployed in ((timers, self.timer_specs), (sockets, self.socket_specs)):
+            for name, spec in found.items():      # named in the plan's lists with their suffix
+                old = deployed.get(name)
+                if old is None:
+                    plan.added.append(name)
+                elif old.identity() != spec.identity():
+                    plan.changed.append(name)
+                    plan.changes[name] = spec.changed_keys(old)
+                else:
+                    plan.unchanged.append(name)
+            plan.removed += [name for name in deployed if name not in found]
         for key in DeployPlan.LISTS:
             getattr(plan, key).sort()
         return plan
 
-    def _saved_timer_commit(self, name):
-        saved = self.schedule.saved.get(name) if self.schedule else None
+    def _runner_of(self, suffix):
+        """(the deployed specs, what runs them) of timers or sockets."""
+        return (self.timer_specs, self.schedule) if suffix == TIMER_SUFFIX else (self.socket_specs, self.listeners)
+
+    def _saved_commit_of(self, suffix, name):
+        runner = self._runner_of(suffix)[1]
+        saved = runner.saved.get(name) if runner else None
         sha = saved.get("commit") if isinstance(saved, dict) else None
         return sha if isinstance(sha, str) and _SHA_RE.match(sha) else None
 
-    def _timers_of_saved_commits(self, names):
-        """At start-up, for timers with errors: the version each last ran,
-        read from the commit the state file names (verified again)."""
+    def _activators_of_saved_commits(self, suffix, names):
+        """At start-up, for timers or sockets with errors: the version each
+        last ran, read from the commit the state file names (verified again)."""
         commits = {}
         for name in names:
-            sha = self._saved_timer_commit(name)
+            sha = self._saved_commit_of(suffix, name)
             if sha:
                 commits.setdefault(sha, []).append(name)
         found = {}
@@ -10611,28 +11451,31 @@ class Deployer:
             try:
                 self.verifier.check(Commit(sha, "", 0), None)
                 entries, _, _ = git_read_units(self.config.repo_path, sha)
-                services = {name for name, _, _, _ in entries if not name.endswith(TIMER_SUFFIX)}
-                timers, _, _ = check_timers(entries, services, self.context)
+                services = {_strip_suffix(name, UNIT_SUFFIX) for name, _, _, _ in entries
+                            if not name.endswith((TIMER_SUFFIX, SOCKET_SUFFIX))}
+                activators, _, _ = check_activators(entries, suffix, services, self.context)
             except (GitError, Refusal) as exc:
                 self.log.warning("daemon", "Cannot read commit %s for the earlier version of %s: %s" % (
                     sha[:7], ", ".join(wanted), exc))
                 continue
-            found.update({name: timers[name] for name in wanted if name in timers})
+            found.update({name: activators[name] for name in wanted if name in activators})
         return found
 
-    def _plan_timers(self, entries, specs, skipped, bad_names, problems, origin):
-        """The timers of a commit ({name: TimerSpec}), their problems added to
-        `problems`: a timer with an error keeps its deployed version; one
-        whose service does not run on this host is skipped with it."""
-        known = set(specs) | set(skipped) | bad_names
-        timers, found, targets = check_timers(entries, known, self.context, self.parse_cache)
+    def _plan_activators(self, suffix, entries, specs, skipped, bad_names, problems, origin, templates=()):
+        """The timers or sockets of a commit ({name: spec}), their problems
+        added to `problems`: one with an error keeps its deployed version;
+        one whose service does not run on this host is skipped with it.
+        Returns (specs, {service: why it is held back by one not run})."""
+        deployed, runner = self._runner_of(suffix)
+        known = set(specs) | set(skipped) | bad_names | set(templates)
+        timers, found, targets = check_activators(entries, suffix, known, self.context, self.parse_cache)
         problems.extend(found)
         bad = {d.unit for d in found if d.severity == "error" and d.unit not in timers}
-        earlier = self.timer_specs or self._timers_of_saved_commits(bad)
+        earlier = deployed or self._activators_of_saved_commits(suffix, bad)
         for name in sorted(bad & set(earlier)):
             timers[name] = earlier[name]              # the earlier good version keeps running
-            running = self.schedule.timers.get(name) if self.schedule else None
-            origin[name] = running.commit if running else self._saved_timer_commit(name)
+            running = runner.units.get(name) if runner else None
+            origin[name] = running.commit if running else self._saved_commit_of(suffix, name)
         for name, timer in list(timers.items()):
             if not host_matches(timer.condition_host, self.config.hostname):
                 skipped[name] = "ConditionHost=%s does not match %s" % (" ".join(timer.condition_host),
@@ -10641,11 +11484,11 @@ class Deployer:
             elif timer.unit in skipped:
                 skipped[name] = "its service %s does not run here: %s" % (timer.unit, skipped[timer.unit])
                 del timers[name]
-            elif timer.unit not in specs:
+            elif timer.unit not in specs and timer.unit not in templates:
                 del timers[name]
-        held = {}                         # a timer not armed still holds its service back (SPEC §16)
+        held = {}                         # one not run still holds its service back (SPEC §16)
         for name, target in sorted(targets.items()):
-            if name not in timers:
+            if name not in timers and not target.endswith("@"):
                 held.setdefault(target, "started by %s (%s), not at deploy" % (
                     name, "skipped here: " + skipped[name] if name in skipped else "which has errors"))
         return timers, held
@@ -10781,7 +11624,7 @@ class Deployer:
             self.log.warning(problem.unit_name, "%s:%d: %s" % (problem.path, problem.line, problem.message))
         for name in plan.removed:
             if name not in self.services:
-                continue                  # a timer: disarmed below
+                continue                  # a timer or a socket: below
             service = self.services[name]
             if service.state in ACTIVE_STATES:
                 service.halt("removed from the repository")
@@ -10793,6 +11636,9 @@ class Deployer:
         self._index_before()
         self.deployed = commit
         self.applied = True
+        self.socket_specs = plan.sockets
+        if self.listeners is not None:    # bound before any unit starts (SPEC §18)
+            self.listeners.deploy(plan.sockets, commit.sha, plan.origin, plan.templates)
         for name in dependency_order(plan.specs):
             spec = plan.specs[name]
             sha = plan.origin.get(name, commit.sha)
@@ -10826,6 +11672,12 @@ class Deployer:
         self.timer_specs = plan.timers
         if self.schedule is not None:
             self.schedule.deploy(plan.timers, commit.sha, plan.origin)
+        for name in plan.changed:         # a changed socket restarts its running service
+            socket_spec = plan.sockets.get(name)
+            service = self.services.get(socket_spec.unit) if socket_spec is not None else None
+            if service is not None and service.has_process() and service.name not in plan.changed:
+                self.log.info(service.name, "Restarting: %s changed in commit %s" % (name, commit.sha[:7]))
+                service.restart()
         for name in released:           # what activated it is gone: it runs as any unit does
             service = self.services.get(name)
             if service is not None and service.want == "up" and service.state == STOPPED and not service.has_process():
@@ -11029,6 +11881,18 @@ def prometheus_text(daemon):
            (("{%s}" % timer_labels[t.name], t.last_trigger) for t in timers if t.last_trigger is not None))
     family("gitproc_timer_triggers_total", "counter", "Elapses of the timer (kept across daemon restarts).",
            (("{%s}" % timer_labels[t.name], t.triggers_total) for t in timers))
+    sockets = [daemon.listeners.units[name] for name in sorted(daemon.listeners.units)]
+    socket_labels = {s.name: 'socket="%s"' % prometheus_label(s.name) for s in sockets}
+    family("gitproc_socket_listening", "gauge", "1 while the socket's addresses are bound and open.",
+           (("{%s}" % socket_labels[s.name], 1 if s.sockets else 0) for s in sockets))
+    family("gitproc_socket_accepted_total", "counter", "Connections accepted for per-connection instances "
+           "(Accept=yes; kept across daemon restarts).", (("{%s}" % socket_labels[s.name], s.accepted_total)
+                                                           for s in sockets if s.spec.accept))
+    family("gitproc_socket_refused_total", "counter", "Connections closed at MaxConnections= or "
+           "MaxConnectionsPerSource= (Accept=yes).", (("{%s}" % socket_labels[s.name], s.refused_total)
+                                                      for s in sockets if s.spec.accept))
+    family("gitproc_socket_triggers_total", "counter", "Activations of the socket's service by incoming traffic "
+           "(kept across daemon restarts).", (("{%s}" % socket_labels[s.name], s.triggers_total) for s in sockets))
     deployer = daemon.deployer
     commit = deployer.deployed
     family("gitproc_deploy_commit_info", "gauge", "The deployed commit.",
@@ -11090,24 +11954,32 @@ class RequestHandlers:
             raise GitprocError("unknown unit%s: %s%s" % ("s" if len(unknown) > 1 else "", ", ".join(unknown), hint))
         return names
 
-    def _timer_names(self, message):
-        """The NAME.timer names of a request, taken out of its 'names' (which
-        then names services only); an unknown timer is an error."""
+    def _activator_names(self, message):
+        """(timers, sockets): the NAME.timer and NAME.socket names of a
+        request, taken out of its 'names' (which then names services only);
+        an unknown one is an error."""
         names = message.get("names", [])
         if not isinstance(names, list):
-            return []
-        timers = [n for n in names if isinstance(n, str) and n.endswith(TIMER_SUFFIX)]
-        unknown = [n for n in timers if n not in self.daemon.schedule.timers]
-        if unknown:
-            skipped = [self.daemon.deployer.skipped[n] for n in unknown if n in self.daemon.deployer.skipped]
-            raise GitprocError("unknown timer%s: %s%s" % ("s" if len(unknown) > 1 else "", ", ".join(unknown),
-                                                          " (%s)" % skipped[0] if skipped else ""))
-        message["names"] = [n for n in names if n not in timers]
-        return timers
+            return [], []
+        found = []
+        for suffix, runner in ((TIMER_SUFFIX, self.daemon.schedule), (SOCKET_SUFFIX, self.daemon.listeners)):
+            these = [n for n in names if isinstance(n, str) and n.endswith(suffix)]
+            unknown = [n for n in these if n not in runner.units]
+            if unknown:
+                skipped = [self.daemon.deployer.skipped[n] for n in unknown if n in self.daemon.deployer.skipped]
+                raise GitprocError("unknown %s%s: %s%s" % (suffix[1:], "s" if len(unknown) > 1 else "",
+                                                          ", ".join(unknown), " (%s)" % skipped[0] if skipped else ""))
+            found.append(these)
+        message["names"] = [n for n in names if n not in found[0] and n not in found[1]]
+        return found[0], found[1]
 
     def _timers_json(self, names=None):
         schedule, services = self.daemon.schedule, self.daemon.services
         return [schedule.timers[n].to_json(services) for n in (sorted(schedule.timers) if names is None else names)]
+
+    def _sockets_json(self, names=None):
+        listeners, services = self.daemon.listeners, self.daemon.services
+        return [listeners.units[n].to_json(services) for n in (sorted(listeners.units) if names is None else names)]
 
     @staticmethod
     def _timeout(message, default):
@@ -11135,10 +12007,11 @@ class RequestHandlers:
 
     def _cmd_status(self, conn, message):
         daemon = self.daemon
-        timers = self._timer_names(message)
+        timers, sockets = self._activator_names(message)
         names = self._names(message, allow_empty=True)
-        detail = bool(names) or bool(timers)
-        services = [daemon.services[n].snapshot(detail) for n in (names or ([] if timers else sorted(daemon.services)))]
+        detail = bool(names) or bool(timers) or bool(sockets)
+        services = [daemon.services[n].snapshot(detail) for n in (names or (
+            [] if timers or sockets else sorted(daemon.services)))]
         if detail:
             for entry in services:
                 entry["log_tail"] = tail_lines(daemon.config.service_log(entry["name"]), 10)
@@ -11148,12 +12021,18 @@ class RequestHandlers:
                     entry["folder"]["link"] = daemon.deployer.snapshots.link(entry["name"])
         return {"ok": True, "result": {"daemon": daemon.info(), "services": services,
                                        "timers": self._timers_json(timers if detail else None),
+                                       "sockets": self._sockets_json(sockets if detail else None),
                                        "problems": [d.to_json() for d in daemon.deployer.unit_problems]}}
 
     def _cmd_list_timers(self, conn, message):
         """list-timers: every timer, the stopped ones with `all`."""
         timers = [t for t in self._timers_json() if message.get("all") or t["state"] != "stopped"]
         return {"ok": True, "result": {"timers": timers, "now": time.time()}}
+
+    def _cmd_list_sockets(self, conn, message):
+        """list-sockets: every socket, the stopped ones with `all`."""
+        sockets = [s for s in self._sockets_json() if message.get("all") or s["state"] != "stopped"]
+        return {"ok": True, "result": {"sockets": sockets}}
 
     def _cmd_list(self, conn, message):
         services, deployer = self.daemon.services, self.daemon.deployer
@@ -11166,7 +12045,7 @@ class RequestHandlers:
                  for name, spec in sorted(deployer.specs.items()) if name in services]
         units += [{"name": t["name"], "path": t["path"], "state": t["state"], "commit": deployer.deployed.sha
                    if deployer.deployed else None, "description": t["description"], "warnings": 0}
-                  for t in self._timers_json()]
+                  for t in self._timers_json() + self._sockets_json()]
         units += [{"name": name, "path": None, "state": "skipped", "commit": None, "description": why}
                   for name, why in sorted(deployer.skipped.items())]
         units += [{"name": os.path.basename(d.path), "path": d.path, "state": "not run", "commit": None,
@@ -11194,17 +12073,19 @@ class RequestHandlers:
 
     def _act(self, conn, message, action):
         services = self.daemon.services
-        timers = self._timer_names(message)
-        names = self._names(message, allow_empty=bool(timers))
+        timers, sockets = self._activator_names(message)
+        names = self._names(message, allow_empty=bool(timers) or bool(sockets))
         self._refuse_while_shutting_down()
-        for name in timers:               # a timer is armed or disarmed at once: nothing to wait for
-            if action != "start":
-                self.daemon.schedule.stop(name)
-            if action != "stop":
-                self.daemon.schedule.start(name)
+        for runner, these in ((self.daemon.schedule, timers), (self.daemon.listeners, sockets)):
+            for name in these:            # armed or disarmed, listening or closed at once: nothing to wait for
+                if action != "start":
+                    runner.stop(name)
+                if action != "stop":
+                    runner.start(name)
         if not names:
             self.daemon.store.save_now()
-            return {"ok": True, "result": {"services": [], "timers": self._timers_json(timers)}}
+            return {"ok": True, "result": {"services": [], "timers": self._timers_json(timers),
+                                           "sockets": self._sockets_json(sockets)}}
         generations = {}
         dependencies = self.daemon.dependencies
         if action != "stop":
@@ -11432,6 +12313,7 @@ class RequestHandlers:
         return {"ok": True, "result": {"text": prometheus_text(self.daemon)}}
 
     COMMANDS = {"ping": _cmd_ping, "status": _cmd_status, "list": _cmd_list, "list-timers": _cmd_list_timers,
+                "list-sockets": _cmd_list_sockets,
                 "start": _cmd_start,
                 "stop": _cmd_stop, "restart": _cmd_restart, "reload": _cmd_reload, "wait": _cmd_wait, "shutdown": _cmd_shutdown,
                 "daemon-reload": _cmd_daemon_reload,
@@ -11533,6 +12415,9 @@ class DaemonHost(Launcher):
     def deploy_note(self, service):
         return self.daemon.deployer.deploy_note(service)
 
+    def listening_for(self, service):
+        return self.daemon.listeners.listening_for(service)
+
 
 class Daemon:
     """The loop that owns everything, the registry of services and the wiring
@@ -11563,6 +12448,8 @@ class Daemon:
         self.deployer = Deployer(config, log, self.services, self.recovery, self.host, self.store, self.events)
         self.schedule = TimerSchedule(self)   # the timers (SPEC §17)
         self.deployer.schedule = self.schedule
+        self.listeners = SocketSet(self)      # the sockets (SPEC §18)
+        self.deployer.listeners = self.listeners
         self.host.snapshots = self.deployer.snapshots
         self.source = SourceWatcher(config, log, self.selector, self.call_later, self.host.exit_watcher, self.deployer)
         self.http = None                  # HttpListener, with http_listen set
@@ -11615,6 +12502,7 @@ class Daemon:
             self.recovery.restore(state)
             self.deployer.restore(state)
             self.schedule.restore(state)
+            self.listeners.restore(state)
             self.log.info("daemon", "Started gitproc %s (pid %d, repo %s@%s, exit watch: %s)" % (
                 __version__, os.getpid(), self.config.repo_path, self.config.branch, self.host.exit_watcher.mode))
             if self.deployer.remote_mode and not self.source.fetched_yet():
@@ -11727,6 +12615,7 @@ class Daemon:
         if service.state != before:
             self.events.record("state", service.name, before, service.state, service.reason, service.pid, service.commit)
             self.schedule.service_changed(service, before)
+            self.listeners.service_changed(service, before)
         health = service.health()[0]
         if health != self.health_seen.get(service.name) and health is not None:
             if health != "starting":
@@ -11757,8 +12646,10 @@ class Daemon:
     def _snapshot(self):
         """What state.json holds: units not deployed now keep their memory."""
         services = dict(self.recovery.saved_services)
-        services.update({name: service.persistent() for name, service in self.services.items()})
-        snapshot = {"version": STATE_VERSION, "services": services, "timers": self.schedule.persistent()}
+        services.update({name: service.persistent() for name, service in self.services.items()
+                         if service.log_name == name})       # Accept=yes instances are not kept
+        snapshot = {"version": STATE_VERSION, "services": services, "timers": self.schedule.persistent(),
+                    "sockets": self.listeners.persistent()}
         snapshot.update(self.deployer.persistent())
         return snapshot
 
@@ -11881,6 +12772,7 @@ class Daemon:
         self.notify.close()
         self.syslog.close()
         self.schedule.close()
+        self.listeners.close(self.keep_services)
         if self.http is not None:
             self.http.close()
         if not self.keep_services and self.host.cgroups is not None:
@@ -12037,6 +12929,7 @@ EXAMPLES = {
     "status": ["gitproc.py status", "gitproc.py status hello", "gitproc.py status --json"],
     "list": ["gitproc.py list", "gitproc.py list --json"],
     "list-timers": ["gitproc.py list-timers", "gitproc.py list-timers --all --json"],
+    "list-sockets": ["gitproc.py list-sockets", "gitproc.py list-sockets --all --json"],
     "start": ["gitproc.py start hello", "gitproc.py start web worker --no-block"],
     "stop": ["gitproc.py stop hello"],
     "restart": ["gitproc.py restart hello"],
@@ -12056,7 +12949,7 @@ EXAMPLES = {
     "completion": ["gitproc.py completion bash > /etc/bash_completion.d/gitproc", "gitproc.py completion units"],
 }
 STATE_COLOURS = {RUNNING: "32", RELOADING: "32", EXITED: "36", STARTING: "33", BACKOFF: "33", STOPPING: "33",
-                 STOPPED: "2", FAILED: "31"}
+                 STOPPED: "2", FAILED: "31", "listening": "32", "waiting": "32"}
 
 
 def _colour_enabled():
@@ -12373,9 +13266,9 @@ def cmd_shutdown(config, args):
 
 def cmd_status(config, args):
     result = request(config, {"cmd": "status", "names": args.names})
-    services, timers = result["services"], result.get("timers", [])
+    services, timers, sockets = result["services"], result.get("timers", []), result.get("sockets", [])
     not_running = [s["name"] for s in services if s["state"] != RUNNING] + [
-        t["name"] for t in timers if t["state"] == "stopped"]
+        t["name"] for t in timers + sockets if t["state"] in ("stopped", "failed")]
     if args.json:
         _print_json(result)
         return EXIT_NOT_RUNNING if args.names and not_running else EXIT_OK
@@ -12389,6 +13282,10 @@ def cmd_status(config, args):
             if index or services:
                 print()
             _print_timer_block(timer, colour)
+        for index, listener in enumerate(sockets):
+            if index or services or timers:
+                print()
+            _print_socket_block(listener, colour)
         return EXIT_NOT_RUNNING if not_running else EXIT_OK
     print(_daemon_line(result["daemon"]))
     rows = [("NAME", "STATE", "PID", "UPTIME", "RESTARTS", "HEALTH", "MEMORY")]
@@ -12405,12 +13302,17 @@ def cmd_status(config, args):
         _table([("TIMER", "STATE", "NEXT", "LAST", "ACTIVATES")] + [
             (t["name"], t["state"], _when(t["next"]), _when(t["last_trigger"]), t["unit"]) for t in timers],
             colour_column=1, colour=colour)
+    if sockets:
+        print()
+        _table([("SOCKET", "STATE", "LISTEN", "ACCEPTED", "ACTIVATES")] + [
+            (s["name"], s["state"], ", ".join(s["listen"]), s["accepted_total"] if s["accept"] else "-", s["unit"])
+            for s in sockets], colour_column=1, colour=colour)
     not_run = sorted(os.path.basename(p["path"]) for p in result["problems"] if p.get("code") in ("other-unit", "activated"))
     if not_run:
         print("\nnot run by gitproc: %s (see: list)" % ", ".join(not_run))
     errors = [p for p in result["problems"] if p["severity"] == "error"]
     if errors:
-        running = {s["name"] for s in services} | {t["name"] for t in timers}
+        running = {s["name"] for s in services} | {t["name"] for t in timers + sockets}
         print("\ninvalid units (not deployed):")
         for problem in errors:
             print("  %s (%s)" % (Diagnostic(**problem), "its earlier good version keeps running"
@@ -12442,6 +13344,43 @@ def _print_timer_block(t, colour):
         lines.append(("Not applied", "%s=%s (%s)" % (entry["key"], entry["value"], entry["why"])))
     for label, value in lines:
         print("%10s: %s" % (label, value))
+
+
+def _print_socket_block(s, colour):
+    print("%s %s%s" % (_paint("\u25cf", s["state"], colour), s["name"], " - " + s["description"] if s["description"] else ""))
+    lines = [("Unit", s["path"]),
+             ("State", "%s%s" % (_paint(s["state"], s["state"], colour), "; " + s["reason"] if s["reason"] else ""))]
+    lines += [("Listen", address) for address in s["listen"]]
+    service = s["service"] or {}
+    lines.append(("Activates", "%s (%s)" % (s["unit"], "one instance per connection" if s["accept"]
+                                            else service.get("state", "not deployed"))))
+    if s["accept"]:
+        lines += [("Accepted", s["accepted_total"]),
+                  ("Connected", "%d (MaxConnections=%d)" % (s["connected"], s["max_connections"])),
+                  ("Refused", s["refused_total"])]
+    lines.append(("Triggers", "%d%s" % (s["triggers_total"], "; last %s" % _when(s["last_trigger"])
+                                         if s["last_trigger"] else "")))
+    for entry in s.get("not_applied", []):
+        lines.append(("Not applied", "%s=%s (%s)" % (entry["key"], entry["value"], entry["why"])))
+    for label, value in lines:
+        print("%10s: %s" % (label, value))
+
+
+def cmd_list_sockets(config, args):
+    result = request(config, {"cmd": "list-sockets", "all": args.all})
+    if args.json:
+        _print_json(result)
+        return EXIT_OK
+    rows = [("LISTEN", "UNIT", "STATE", "ACTIVATES")]
+    for s in result["sockets"]:
+        for address in s["listen"]:
+            rows.append((address, s["name"], s["state"], s["unit"] if not s["accept"] else s["unit"] + " (per connection)"))
+    _table(rows)
+    count = len(result["sockets"])
+    print("\n%d socket%s listed." % (count, "" if count == 1 else "s"))
+    if not args.all:
+        print("Pass --all to see stopped sockets, too.")
+    return EXIT_OK
 
 
 def cmd_list_timers(config, args):
@@ -12767,8 +13706,8 @@ def cmd_check(config, args):
                 others.append(path)
                 continue
             if not path.endswith(UNIT_SUFFIXES):
-                problems.append(Diagnostic(path, 1, "error", "not a unit file: the name must end in .service or "
-                                           ".timer (or be a unit of another type: %s)" % " ".join(sorted(OTHER_UNIT_TYPES))))
+                problems.append(Diagnostic(path, 1, "error", "not a unit file: the name must end in .service, "
+                                           ".timer or .socket (or be a unit of another type: %s)" % " ".join(sorted(OTHER_UNIT_TYPES))))
                 continue
             files.append(_disk_unit_file(path))
             stem, suffix = os.path.splitext(os.path.basename(path))
@@ -12807,9 +13746,11 @@ def cmd_check(config, args):
             problems.append(Diagnostic(path, 1, "error", "cannot read: %s" % exc.strerror))
     specs, found = check_unit_tree(entries, folders=folders)
     problems.extend(found)
-    timers, found, _ = check_timers(entries, specs)
-    problems.extend(found)
+    templates = {_strip_suffix(name, UNIT_SUFFIX) for name, _, _, _ in entries if name.endswith(TEMPLATE_SUFFIX)}
+    for suffix in (TIMER_SUFFIX, SOCKET_SUFFIX):
+        problems.extend(check_activators(entries, suffix, set(specs) | templates)[1])
     problems.extend(_missing_accounts(specs))
+    entries = [entry for entry in entries if not entry[0].endswith(TEMPLATE_SUFFIX)]
     errors = sum(1 for p in problems if p.severity == "error")
     if args.json:
         _print_json({"units": len(entries), "errors": errors, "problems": [p.to_json() for p in problems]})
@@ -13307,6 +14248,8 @@ def build_parser(only=None):
     with_json(add("list", cmd_list, "list the units of the deployed commit, and those that failed to load"))
     sub = with_json(add("list-timers", cmd_list_timers, "list the timers: next elapse, last trigger, what each starts"))
     sub.add_argument("--all", action="store_true", help="the stopped timers too")
+    sub = with_json(add("list-sockets", cmd_list_sockets, "list the sockets: where each listens, what it starts"))
+    sub.add_argument("--all", action="store_true", help="the stopped sockets too")
     for action, text in (("start", "start units and wait until they run"),
                          ("stop", "stop units (remembered until start) and wait until they are gone"),
                          ("restart", "stop then start units, and wait until they run"),

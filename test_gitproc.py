@@ -5767,15 +5767,15 @@ class DirectoryKeysTests(SupervisionCase):
 
 
 class UnitsOfOtherTypesTests(SupervisionCase):
-    """Timers, sockets, path units and the rest: named as not run, and what
-    they activate is not started by a deploy (SPEC §16)."""
+    """Path units and the rest: named as not run, and what they activate,
+    as what a timer or a socket activates, is not started by a deploy (SPEC §16)."""
 
     def test_what_another_unit_activates_waits_for_start(self):
-        ran = self.file("ran")
+        ran, port = self.file("ran"), free_port()
         backup = unit_text("Type=oneshot", "ExecStart=" + sh("echo ran >> %s" % ran))
         self.deploy({"backup.service": backup, "backup.path": "[Path]\nPathChanged=/tmp/x\n",
                      "data.mount": "[Mount]\nWhat=/dev/x\nWhere=/data\n", "web.service": unit(SLEEPER),
-                     "api.socket": "[Socket]\nListenStream=8080\nService=api-server.service\n",
+                     "api.socket": "[Socket]\nListenStream=127.0.0.1:%d\nService=api-server.service\n" % port,
                      "api-server.service": unit(SLEEPER), "front.service": unit_text(
                          "ExecStart=" + SLEEPER, unit_lines=["Wants=api-server.service"])})
         self.watch(self.home.running_pid("web"))
@@ -5785,7 +5785,8 @@ class UnitsOfOtherTypesTests(SupervisionCase):
                                                   "yet): not started at deploy")
         self.assertFalse(os.path.exists(ran), "a deploy does not run what a path unit activates")
         code, out, err = self.home.cli_process("status")
-        self.assertIn("not run by gitproc: api.socket, backup.path, data.mount (see: list)", out)
+        self.assertIn("not run by gitproc: backup.path, data.mount (see: list)", out)
+        self.assertRegex(out, r"api\.socket\s+running\s+127\.0\.0\.1:%d stream\s+-\s+api-server\.service" % port)
         code, out, err = self.home.cli_process("list")
         self.assertRegex(out, r"backup\.path\s+not run\s+backup\.path")
         self.assertRegex(out, r"data\.mount\s+not run\s+data\.mount")
@@ -5814,9 +5815,401 @@ class UnitsOfOtherTypesTests(SupervisionCase):
                    "ExecStart=-/usr/sbin/proftpd --inetd\nStandardInput=socket\n")
         write_file(os.path.join(folder, "proftpd.socket"), "[Socket]\nListenStream=21\nAccept=true\n")
         code, out, err = run_cli("check", folder)
+        self.assertEqual((code, out), (0, ""), out + err)
+        self.assertIn("2 units checked: 0 errors, 0 warnings", err)
+
+
+# ---- sockets (SPEC §18) ------------------------------------------------------
+
+# Reports what it was handed, as JSON on its log, then serves: one line per
+# connection ("VERSION PID"), a SIGTERM finishing the connection in hand.
+LISTEN_SERVER_PY = """\
+import fcntl, json, os, selectors, signal, socket, sys
+count = int(os.environ.get("LISTEN_FDS", "0"))
+report = {"LISTEN_FDS": os.environ.get("LISTEN_FDS"), "LISTEN_FDNAMES": os.environ.get("LISTEN_FDNAMES"),
+          "pid_ok": os.environ.get("LISTEN_PID") == str(os.getpid()), "fds": []}
+listeners = []
+for fd in range(3, 3 + count):
+    sock = socket.socket(fileno=fd)
+    report["fds"].append({"family": int(sock.family), "type": int(sock.type), "name": sock.getsockname(),
+                          "listening": sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN),
+                          "nonblock": bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK),
+                          "cloexec": bool(fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC)})
+    listeners.append(sock)
+print(json.dumps(report, sort_keys=True), flush=True)
+if len(sys.argv) > 1 and sys.argv[1] == "report":
+    sys.exit(0)
+stopping = []
+signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
+selector = selectors.DefaultSelector()
+for sock in listeners:
+    selector.register(sock, selectors.EVENT_READ)
+while not stopping:
+    for key, _ in selector.select(0.05):
+        connection, _ = key.fileobj.accept()
+        connection.sendall(("%s %d\\n" % (os.environ.get("VERSION", "0"), os.getpid())).encode())
+        connection.close()
+"""
+
+
+class Connector(threading.Thread):
+    """A client connecting in a loop (bounded in count and time) and counting
+    what became of each connection: served, refused, reset or timed out.
+    `hold()` pauses it between connections, so that what the test does then
+    meets no connection in flight."""
+
+    def __init__(self, address, limit=20000, seconds=120):
+        threading.Thread.__init__(self, daemon=True)
+        self.address, self.limit, self.deadline = address, limit, time.monotonic() + seconds
+        self.counts = {"served": 0, "refused": 0, "reset": 0, "timeout": 0, "other": 0}
+        self.versions, self.latencies = [], []
+        self.running, self.paused, self.idle = threading.Event(), threading.Event(), threading.Event()
+        self.running.set()
+        self.paused.set()
+
+    def run(self):
+        made = 0
+        while self.running.is_set() and made < self.limit and time.monotonic() < self.deadline:
+            if not self.paused.is_set():
+                self.idle.set()
+                self.paused.wait(1)
+                continue
+            self.idle.clear()
+            made += 1
+            started = time.monotonic()
+            try:
+                with socket.create_connection(self.address, timeout=10) as client:
+                    line = b""
+                    while not line.endswith(b"\n"):
+                        chunk = client.recv(100)
+                        if not chunk:
+                            break
+                        line += chunk
+                if line.endswith(b"\n"):
+                    self.counts["served"] += 1
+                    self.versions.append(line.split()[0].decode())
+                    self.latencies.append(time.monotonic() - started)
+                else:
+                    self.counts["reset"] += 1
+            except ConnectionRefusedError:
+                self.counts["refused"] += 1
+            except ConnectionResetError:
+                self.counts["reset"] += 1
+            except socket.timeout:
+                self.counts["timeout"] += 1
+            except OSError:
+                self.counts["other"] += 1
+            time.sleep(0.003)
+        self.idle.set()
+
+    def hold(self):
+        self.paused.clear()
+        wait_until(self.idle.is_set, 15, "the client between two connections")
+
+    def release(self):
+        self.paused.set()
+
+    def finish(self):
+        self.running.clear()
+        self.paused.set()
+        self.join(30)
+        return self.counts
+
+
+def keeper_pids(home_path):
+    """The socket keeper of a home (its path is on its command line)."""
+    marker = os.path.join(home_path, "sockets.keep").encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open("/proc/%s/cmdline" % entry, "rb") as handle:
+                    if marker in handle.read().split(b"\0"):
+                        found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+def socket_inode(pid, fd):
+    try:
+        target = os.readlink("/proc/%d/fd/%d" % (pid, fd))
+    except OSError:
+        return None
+    return target if target.startswith("socket:") else None
+
+
+def listener_inodes(pid):
+    """The socket inodes among a process's descriptors."""
+    inodes = set()
+    for fd in os.listdir("/proc/%d/fd" % pid):
+        inode = socket_inode(pid, int(fd))
+        if inode:
+            inodes.add(inode)
+    return inodes
+
+
+class SocketSpecTests(unittest.TestCase):
+    """.socket files read as systemd.socket(5) says (SPEC §18)."""
+
+    def parse(self, text, name="web.socket"):
+        return gitproc.parse_socket(name, name, text.encode())
+
+    def test_addresses_keys_and_defaults(self):
+        spec, problems = self.parse("[Unit]\nDescription=Web %i\n[Socket]\nListenStream=8080\n"
+                                    "ListenStream=127.0.0.1:81\nListenStream=[::1]:82\nListenDatagram=/run/web/dg\n"
+                                    "ListenSequentialPacket=@web\nFileDescriptorName=front\nBacklog=16\n"
+                                    "SocketMode=0600\nSymlinks=/run/a /run/b\nTriggerLimitBurst=5\n")
+        self.assertEqual(problems, [])
+        self.assertEqual(spec.listen, (("stream", "8080"), ("stream", "127.0.0.1:81"), ("stream", "[::1]:82"),
+                                       ("datagram", "/run/web/dg"), ("seqpacket", "@web")))
+        self.assertEqual((spec.unit, spec.accept, spec.fd_name, spec.backlog, spec.socket_mode, spec.symlinks,
+                          spec.burst, spec.max_connections), ("web", False, "front", 16, 0o600,
+                                                             ("/run/a", "/run/b"), 5, 64))
+        self.assertEqual(gitproc.socket_address("8080"), (None, ("", 8080)))
+        self.assertEqual(gitproc.socket_address("[::1]:82"), (socket.AF_INET6, ("::1", 82)))
+        self.assertEqual(gitproc.socket_address("@web"), (socket.AF_UNIX, "\0web"))
+        accept, _ = self.parse("[Socket]\nListenStream=7\nAccept=yes\n", "echo.socket")
+        self.assertEqual((accept.unit, accept.fd_name, accept.burst), ("echo@", "echo", 200))
+        empty, _ = self.parse("[Socket]\nListenStream=1\nListenDatagram=2\nListenStream=\nListenStream=3\n")
+        self.assertEqual(empty.listen, (("stream", "3"),), "an empty Listen*= resets the list, as systemd")
+        other, _ = self.parse("[Socket]\nListenStream=3\nNoDelay=yes\n")
+        self.assertEqual(other.changed_keys(empty), ["NoDelay="])
+        self.assertNotEqual(other.bind_key(), empty.bind_key())
+        moved, _ = self.parse("[Socket]\nListenStream=3\nMaxConnections=3\n")
+        self.assertEqual(moved.bind_key(), empty.bind_key(), "MaxConnections= binds nothing again")
+
+    def test_bad_socket_files_name_file_line_and_key(self):
+        cases = {
+            "[Socket]\nAccept=yes\n": "web.socket:1: error: no ListenStream=, ListenDatagram= or ListenSequentialPacket=",
+            "[Socket]\nListenStream=vsock:2:80\n": "web.socket:2: error: ListenStream=: 'vsock:2:80' is not a port",
+            "[Socket]\nListenStream=70000\n": "web.socket:2: error: ListenStream=: port '70000' is not a number",
+            "[Socket]\nListenStream=1.2.3:80\n": "web.socket:2: error: ListenStream=: '1.2.3:80' is not a port",
+            "[Socket]\nListenStream=/run/" + "x" * 120 + "\n": "longer than 107 bytes",
+            "[Socket]\nListenDatagram=9\nAccept=yes\n": "Accept=yes takes stream and sequential-packet sockets only",
+            "[Socket]\nListenStream=9\nService=web.timer\n": "Service=web.timer: gitproc runs services only",
+            "[Socket]\nListenStream=9\nBacklog=many\n": "web.socket:3: error: Backlog=: 'many' is not a whole number",
+        }
+        for text, expected in cases.items():
+            spec, problems = self.parse(text)
+            self.assertIsNone(spec, text)
+            self.assertIn(expected, "\n".join(str(p) for p in problems), text)
+        spec, problems = self.parse("[Socket]\nListenStream=9\nBindToDevice=eth0\nListenFIFO=/run/f\nColour=red\n")
+        self.assertEqual([str(p) for p in problems], [
+            "web.socket:3: warning: not applied: BindToDevice=eth0 (a socket option gitproc does not set)",
+            "web.socket:4: warning: not applied: ListenFIFO=/run/f (gitproc listens on streams, datagrams and "
+            "sequential packets only)",
+            "web.socket:5: warning: unknown key Colour= in [Socket], ignored"])
+
+    def test_check_reads_socket_files_and_their_services(self):
+        folder = tempfile.mkdtemp(prefix="gpk", dir="/tmp")
+        self.addCleanup(shutil.rmtree, folder, True)
+        for name, text in {"web.service": unit(SLEEPER), "web.socket": "[Socket]\nListenStream=8080\n",
+                           "echo@.service": unit("/bin/cat", StandardInput="socket"),
+                           "echo.socket": "[Socket]\nListenStream=7\nAccept=yes\n",
+                           "lost.socket": "[Socket]\nListenStream=9\nService=gone.service\n",
+                           "bare.socket": "[Socket]\nListenStream=10\nAccept=yes\n"}.items():
+            with open(os.path.join(folder, name), "w") as handle:
+                handle.write(text)
+        code, out, err = run_gitproc(["check", folder])
+        self.assertEqual(code, 1, out + err)
+        self.assertIn("lost.socket:1: error: lost.socket activates gone.service, which is not in the repository", out)
+        self.assertIn("bare.socket:1: error: bare.socket activates bare@.service, which is not in the repository", out)
+        self.assertNotIn("web.socket", out)
+        self.assertNotIn("echo", out)
+        self.assertIn("6 units checked: 2 errors", err)
+
+
+class SocketActivationTests(SupervisionCase):
+    """Sockets end to end (SPEC §16, §18): the daemon listens, the service
+    starts at the first connection and gets the very sockets the daemon
+    bound, which stay open through restarts of the service and of the daemon."""
+
+    def tearDown(self):
+        for pid in keeper_pids(self.home.path):
+            if self.home.daemon_pid and pid_alive(self.home.daemon_pid):
+                continue                  # the daemon's shutdown lets it go
+            os.kill(pid, signal.SIGKILL)
+
+    def server_files(self, version="1", extra=()):
+        return {"web/server.py": LISTEN_SERVER_PY,
+                "web/web.service": unit_text("ExecStart=%s -u %%Y/server.py" % PYTHON, "Environment=VERSION=%s" % version,
+                                             *extra)}
+
+    def connect(self, port):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            return client.makefile().readline().split()
+
+    def test_the_service_starts_at_the_first_connection_with_the_daemons_sockets(self):
+        port, path = free_port(), self.file("run/web.sock")
+        files = self.server_files()
+        files["web/web.socket"] = ("[Unit]\nDescription=Web front\n[Socket]\nListenStream=127.0.0.1:%d\n"
+                                   "ListenStream=%s\nFileDescriptorName=front\nSocketMode=0660\n" % (port, path))
+        self.deploy(files)
+        self.assertEqual(self.home.status("web")["state"], "stopped", "not started at deploy (SPEC §16)")
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o660)
+        listing = self.home.request({"cmd": "list-sockets"})["sockets"]
+        self.assertEqual([(s["name"], s["state"], s["listen"]) for s in listing], [
+            ("web.socket", "listening", ["127.0.0.1:%d stream" % port, "%s stream" % path])])
+        daemon_inodes = listener_inodes(self.home.daemon_pid)
+        version, pid = self.connect(port)
+        self.watch(int(pid))
+        self.assertEqual(self.home.running_pid("web"), int(pid))
+        report = json.loads(self.home.service_log("web").splitlines()[0])
+        self.assertEqual((report["LISTEN_FDS"], report["LISTEN_FDNAMES"], report["pid_ok"]), ("2", "front:front", True))
+        self.assertEqual([(fd["family"], fd["listening"], fd["nonblock"], fd["cloexec"]) for fd in report["fds"]],
+                         [(socket.AF_INET, 1, False, False), (socket.AF_UNIX, 1, False, False)])
+        self.assertEqual({socket_inode(int(pid), 3), socket_inode(int(pid), 4)} - daemon_inodes, set(),
+                         "the service's fds 3 and 4 are the daemon's own listening sockets")
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(path)
+            self.assertEqual(client.makefile().readline().split(), ["1", pid])
+        code, out, err = self.home.cli_process("status", "web.socket")
         self.assertEqual(code, 0, out + err)
-        self.assertIn("not applied: StandardInput=socket", out)
-        self.assertIn("proftpd.socket is not run by gitproc (sockets are not supported yet)", out)
+        for line in ("web.socket - Web front", "State: running", "Listen: 127.0.0.1:%d stream" % port,
+                     "Activates: web.service (running)", "Triggers: 1"):
+            self.assertIn(line, out)
+        code, out, err = self.home.cli_process("list-sockets")
+        self.assertRegex(out, r"LISTEN\s+UNIT\s+STATE\s+ACTIVATES\n127\.0\.0\.1:%d stream\s+web\.socket\s+running\s+"
+                              r"web\.service" % port)
+        self.assertIn("triggered", self.home.cli_process("events", "web.socket")[1])
+        self.assertRegex(self.home.request({"cmd": "metrics"})["text"],
+                         r'gitproc_socket_triggers_total\{socket="web.socket"\} 1')
+        # stop closes the sockets (remembered across a daemon restart); start listens again
+        self.home.cli("stop", "web", "web.socket")
+        with self.assertRaises(ConnectionRefusedError):
+            self.connect(port)
+        self.assertEqual(self.home.cli_process("status", "web.socket")[0], 3)
+        self.home.cli("shutdown")
+        self.assertEqual(keeper_pids(self.home.path), [], "a full shutdown lets the keeper go")
+        self.home.start_daemon()
+        self.assertEqual(self.home.request({"cmd": "list-sockets", "all": True})["sockets"][0]["state"], "stopped")
+        self.assertEqual(self.home.cli("start", "web.socket")[0], 0)
+        self.assertEqual(self.connect(port)[0], "1")
+
+    def test_what_systemd_socket_activate_hands_over_gitproc_hands_over_too(self):
+        oracle = shutil.which("systemd-socket-activate")
+        if oracle is None:
+            self.skipTest("systemd-socket-activate is not installed (Debian's systemd package)")
+        script = self.file("report.py")
+        with open(script, "w") as handle:
+            handle.write(LISTEN_SERVER_PY)
+        port, path = free_port(), self.file("o.sock")
+        proc = subprocess.Popen([oracle, "-l", "127.0.0.1:%d" % port, "-l", path, "--fdname=web:web",
+                                 PYTHON, script, "report"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self.watch(proc.pid)
+        wait_until(lambda: os.path.exists(path), 10, "the oracle to listen")
+        socket.create_connection(("127.0.0.1", port)).close()
+        expected = json.loads(proc.communicate(timeout=10)[0].decode().splitlines()[0])
+        os.unlink(path)
+        self.deploy({"web/server.py": LISTEN_SERVER_PY,
+                     "web/web.service": unit("%s -u %%Y/server.py report" % PYTHON),
+                     "web/web.socket": "[Socket]\nListenStream=127.0.0.1:%d\nListenStream=%s\n" % (port, path)})
+        socket.create_connection(("127.0.0.1", port)).close()
+        wait_until(lambda: self.home.service_log("web").strip(), 10, "the report")
+        self.assertEqual(json.loads(self.home.service_log("web").splitlines()[0]), expected)
+
+    def test_no_connection_is_refused_across_redeploys_crashes_and_daemon_restarts(self):
+        port = free_port()
+        files = self.server_files("0")
+        files["web/web.socket"] = "[Socket]\nListenStream=127.0.0.1:%d\n" % port
+        self.deploy(files)
+        self.assertEqual(self.connect(port)[0], "0")
+        client = Connector(("127.0.0.1", port))
+        client.start()
+        self.addCleanup(client.finish)
+        for version in range(1, 21):      # twenty commits, each restarting the service
+            self.home.commit(self.server_files(str(version)), "v%d" % version)
+            self.home.request({"cmd": "sync"})
+            wait_until(lambda: client.versions and client.versions[-1] == str(version), 15,
+                       "version %d to answer" % version)
+        # kill -9 of the service: connections meanwhile wait and start it again
+        client.hold()
+        pid = self.watch(self.home.running_pid("web"))
+        os.kill(pid, signal.SIGKILL)
+        self.home.wait_state("web", "failed", "stopped", "exited")
+        client.release()
+        self.wait_new_pid("web", pid)
+        # the daemon's restart, with and without a goodbye; the service dead too
+        for how in ("keep-services", "kill -9", "both dead"):
+            served = client.counts["served"]
+            if how == "keep-services":
+                self.assertEqual(self.home.cli("shutdown", "--keep-services")[0], 0)
+                wait_until(lambda: not pid_alive(self.home.daemon_pid), 10, "the daemon to exit")
+            else:
+                if how == "both dead":
+                    client.hold()
+                    os.kill(self.watch(self.home.running_pid("web")), signal.SIGKILL)
+                self.home.kill_daemon()
+                client.release()
+            wait_until(lambda: client.counts["served"] > served + 5 or how == "both dead", 10,
+                       "connections served while the daemon is away")
+            self.home.start_daemon()
+            wait_until(lambda: client.counts["served"] > served + 10, 15, "connections served after %s" % how)
+        counts = client.finish()
+        self.assertGreater(counts["served"], 100, counts)
+        self.assertEqual({key: value for key, value in counts.items() if key != "served"},
+                         {"refused": 0, "reset": 0, "timeout": 0, "other": 0}, counts)
+        self.assertEqual(self.home.status("web")["state"], "running")
+        self.assertEqual(len(keeper_pids(self.home.path)), 1)
+
+    def test_accept_yes_gives_each_connection_an_instance_on_its_stdin(self):
+        port = free_port()
+        self.deploy({"echo/echo@.service": unit_text(
+                         "ExecStart=/bin/sh -c 'echo \"$REMOTE_ADDR $LISTEN_FDS $LISTEN_FDNAMES\"; read line; "
+                         "echo \"got $line\"'", "StandardInput=socket"),
+                     "echo/echo.socket": "[Socket]\nListenStream=127.0.0.1:%d\nAccept=yes\nMaxConnections=2\n" % port,
+                     "web.service": unit(SLEEPER)})
+        clients = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(3)]
+        for client in clients:
+            self.addCleanup(client.close)
+        greetings = [client.makefile().readline() for client in clients[:2]]
+        self.assertEqual(greetings, ["127.0.0.1 1 connection\n"] * 2)
+        self.assertEqual(clients[2].recv(100), b"", "the third is closed: MaxConnections=2")
+        names = sorted(s["name"] for s in self.home.status()["services"] if s["name"].startswith("echo@"))
+        self.assertEqual(names, ["echo@0", "echo@1"])
+        for index, client in enumerate(clients[:2]):
+            client.sendall(b"line%d\n" % index)
+            self.assertEqual(client.makefile().readline(), "got line%d\n" % index)
+        wait_until(lambda: not [s for s in self.home.status()["services"] if s["name"].startswith("echo@")], 10,
+                   "the instances to be forgotten once done")
+        status = self.home.request({"cmd": "status", "names": ["echo.socket"]})["sockets"][0]
+        self.assertEqual((status["accepted_total"], status["refused_total"], status["connected"]), (2, 1, 0))
+        self.assertIn("Too many connections (MaxConnections=2", self.home.daemon_log())
+        self.assertEqual([s["name"] for s in self.home.status()["services"]], ["web"])
+        self.assertNotIn("echo@0", read_state(self.home)["services"])
+
+    def test_a_socket_that_cannot_be_bound_fails_alone(self):
+        taken = socket.socket()
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        self.addCleanup(taken.close)
+        port, free = taken.getsockname()[1], free_port()
+        blocker = self.file("plain")
+        with open(blocker, "w") as handle:
+            handle.write("a file, not a folder")
+        self.deploy({"a.service": unit(SLEEPER), "a.socket": "[Socket]\nListenStream=127.0.0.1:%d\n" % port,
+                     "b.service": unit(SLEEPER), "b.socket": "[Socket]\nListenStream=%s/b.sock\n" % blocker,
+                     "c.service": unit(SLEEPER), "c.socket": "[Socket]\nListenStream=127.0.0.1:%d\n" % free,
+                     "d.service": unit(SLEEPER), "d.socket": "[Socket]\nListenStream=9\nService=gone.service\n",
+                     "web.service": unit(SLEEPER)})
+        self.watch(self.home.running_pid("web"))
+        sockets = {s["name"]: s for s in self.home.request({"cmd": "list-sockets", "all": True})["sockets"]}
+        self.assertEqual(sockets["a.socket"]["state"], "failed")
+        self.assertIn("cannot listen on 127.0.0.1:%d: address already in use" % port, sockets["a.socket"]["reason"].lower())
+        self.assertIn("cannot listen on %s/b.sock" % blocker, sockets["b.socket"]["reason"])
+        self.assertEqual(sockets["c.socket"]["state"], "listening")
+        self.assertNotIn("d.socket", sockets)
+        invalid = self.home.request({"cmd": "list"})["invalid"]
+        self.assertIn("d.socket activates gone.service, which is not in the repository", str(invalid))
+        code, out, err = self.home.cli_process("status", "a.socket")
+        self.assertEqual(code, 3)
+        self.assertIn("State: failed; cannot listen on 127.0.0.1:%d" % port, out)
+        taken.close()                     # once the port is free, start binds it
+        self.assertEqual(self.home.cli("start", "a.socket")[0], 0)
+        self.assertEqual(self.home.request({"cmd": "status", "names": ["a.socket"]})["sockets"][0]["state"],
+                         "listening")
+        no_traceback(self, self.home)
 
 
 class TimerUnitTests(SupervisionCase):
