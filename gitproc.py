@@ -10623,9 +10623,14 @@ def open_listener(spec, kind, text):
             finally:
                 os.umask(old_umask)
             os.chmod(address, spec.socket_mode)
-            if spec.socket_user or spec.socket_group:
-                run_as = resolve_run_as(spec.socket_user, spec.socket_group)
-                os.chown(address, -1 if run_as.uid is None else run_as.uid, -1 if run_as.gid is None else run_as.gid)
+            if spec.socket_user or spec.socket_group:     # the other stays root's, as systemd's
+                import grp
+                import pwd
+                try:
+                    os.chown(address, pwd.getpwnam(spec.socket_user).pw_uid if spec.socket_user else -1,
+                             grp.getgrnam(spec.socket_group).gr_gid if spec.socket_group else -1)
+                except KeyError as exc:
+                    raise SpawnError("SocketUser=/SocketGroup=: %s" % exc.args[0]) from None
             for link in spec.symlinks:
                 _unlink_quietly(link)
                 os.symlink(address, link)
@@ -10700,7 +10705,7 @@ class SocketUnit:
         if self.want != "up":
             return "stopped"
         if not self.sockets:
-            return "failed"
+            return "inactive" if (self.reason or "").startswith("condition failed") else "failed"
         service = services.get(self.spec.unit)
         return "running" if not self.spec.accept and service is not None and service_busy(service) else "listening"
 
@@ -10809,6 +10814,12 @@ class SocketSet:
     def _bind(self, unit):
         spec = unit.spec
         self._close(unit, None)
+        failed = self.daemon.host.failed_condition(unit)
+        if failed is not None:            # as systemd: the socket is not started, nothing failed
+            key, negated, value = failed
+            unit.reason = "condition failed: %s=%s%s" % (key, "!" if negated else "", value)
+            self.daemon.log.info(unit.name, "Not listening: %s" % unit.reason)
+            return False
         adopted = self.keeper.adopt(unit.name, spec.bind_key())
         if adopted is not None:
             unit.sockets, unit.key, unit.reason = adopted, spec.bind_key(), None
@@ -13138,6 +13149,16 @@ def _spawn_detached_daemon(config, args, mode):
     return message or "error the daemon exited while starting; see %s" % config.daemon_log
 
 
+# What a deploy does to each kind of unit: (done, not done yet) per step.
+PLAN_VERBS = {"service": {"added": ("started", "would start"), "changed": ("restarted", "would restart"),
+                          "removed": ("stopped", "would stop")},
+              TIMER_SUFFIX: {"added": ("armed", "would arm"), "changed": ("re-planned", "would re-plan"),
+                             "removed": ("disarmed", "would disarm")},
+              SOCKET_SUFFIX: {"added": ("listening", "would listen"),
+                              "changed": ("changed, its service restarted", "would change, its service restart"),
+                              "removed": ("closed", "would close")}}
+
+
 def _print_plan(plan, done):
     """The plan of a deploy: carried out (done=True, `sync`) or not (`diff`)."""
     commit = plan["commit"]
@@ -13149,19 +13170,18 @@ def _print_plan(plan, done):
         print("%s %s%s" % ("deployed" if done else "would deploy", label, previous))
     if plan.get("rollback_commit"):
         print("  rollback commit %s restores the units of %s" % (plan["rollback_commit"][:7], plan["target"]["sha"][:7]))
-    timer = lambda name: name.endswith(TIMER_SUFFIX)     # armed, re-planned and disarmed: no process of its own
-    rows = [("+", name, ("armed" if done else "would arm") if timer(name) else "started" if done else "would start")
-            for name in plan["added"]]
+    def verb(name, step):                 # a timer or socket has no process of its own
+        kind = os.path.splitext(name)[1] if name.endswith((TIMER_SUFFIX, SOCKET_SUFFIX)) else "service"
+        verbs = PLAN_VERBS[kind][step] if step != "changed" or name not in plan.get("reload", ()) else \
+            ("reloaded", "would reload")
+        return verbs[0] if done else verbs[1]
+    rows = [("+", name, verb(name, "added")) for name in plan["added"]]
     for name in plan["changed"]:
         what = list(plan["changes"][name])
         if plan.get("files", {}).get(name):
             what.append("files: " + some_paths(plan["files"][name]))
-        verb = ("re-planned" if done else "would re-plan") if timer(name) else (
-            "reloaded" if done else "would reload") if name in plan.get("reload", ()) else (
-            "restarted" if done else "would restart")
-        rows.append(("~", name, "%s (%s)" % (verb, ", ".join(what))))
-    rows += [("-", name, ("disarmed" if done else "would disarm") if timer(name) else "stopped" if done else
-              "would stop") for name in plan["removed"]]
+        rows.append(("~", name, "%s (%s)" % (verb(name, "changed"), ", ".join(what))))
+    rows += [("-", name, verb(name, "removed")) for name in plan["removed"]]
     rows += [(".", name, "skipped: " + why) for name, why in sorted(plan["skipped"].items())]
     for mark, name, what in rows:
         print("  %s %-24s %s" % (mark, name, what))
@@ -13354,10 +13374,10 @@ def _print_socket_block(s, colour):
     service = s["service"] or {}
     lines.append(("Activates", "%s (%s)" % (s["unit"], "one instance per connection" if s["accept"]
                                             else service.get("state", "not deployed"))))
+    lines += [("Accepted", s["accepted_total"]),
+              ("Connected", "%d (MaxConnections=%d)" % (s["connected"], s["max_connections"]))]
     if s["accept"]:
-        lines += [("Accepted", s["accepted_total"]),
-                  ("Connected", "%d (MaxConnections=%d)" % (s["connected"], s["max_connections"])),
-                  ("Refused", s["refused_total"])]
+        lines.append(("Refused", s["refused_total"]))
     lines.append(("Triggers", "%d%s" % (s["triggers_total"], "; last %s" % _when(s["last_trigger"])
                                          if s["last_trigger"] else "")))
     for entry in s.get("not_applied", []):

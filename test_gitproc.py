@@ -234,6 +234,8 @@ class Home:
                 pass
             if pid_alive(self.daemon_pid):
                 os.kill(self.daemon_pid, signal.SIGKILL)
+        for pid in keeper_pids(self.path):    # a daemon killed leaves its socket keeper
+            os.kill(pid, signal.SIGKILL)
         self.remove_cgroups()
         for pid in self.known_pids.live():
             for kill in (os.killpg, os.kill):
@@ -5858,9 +5860,10 @@ class Connector(threading.Thread):
     `hold()` pauses it between connections, so that what the test does then
     meets no connection in flight."""
 
-    def __init__(self, address, limit=20000, seconds=120):
+    def __init__(self, address, limit=20000, seconds=120, probe=None):
         threading.Thread.__init__(self, daemon=True)
         self.address, self.limit, self.deadline = address, limit, time.monotonic() + seconds
+        self.probe = probe or self.read_line
         self.counts = {"served": 0, "refused": 0, "reset": 0, "timeout": 0, "other": 0}
         self.versions, self.latencies = [], []
         self.running, self.paused, self.idle = threading.Event(), threading.Event(), threading.Event()
@@ -5879,15 +5882,10 @@ class Connector(threading.Thread):
             started = time.monotonic()
             try:
                 with socket.create_connection(self.address, timeout=10) as client:
-                    line = b""
-                    while not line.endswith(b"\n"):
-                        chunk = client.recv(100)
-                        if not chunk:
-                            break
-                        line += chunk
-                if line.endswith(b"\n"):
+                    version = self.probe(client)
+                if version is not None:
                     self.counts["served"] += 1
-                    self.versions.append(line.split()[0].decode())
+                    self.versions.append(version)
                     self.latencies.append(time.monotonic() - started)
                 else:
                     self.counts["reset"] += 1
@@ -5901,6 +5899,17 @@ class Connector(threading.Thread):
                 self.counts["other"] += 1
             time.sleep(0.003)
         self.idle.set()
+
+    @staticmethod
+    def read_line(client):
+        """The first word of the line a LISTEN_SERVER_PY answers, or None."""
+        line = b""
+        while not line.endswith(b"\n"):
+            chunk = client.recv(100)
+            if not chunk:
+                return None
+            line += chunk
+        return line.split()[0].decode()
 
     def hold(self):
         self.paused.clear()
@@ -6024,12 +6033,6 @@ class SocketActivationTests(SupervisionCase):
     """Sockets end to end (SPEC §16, §18): the daemon listens, the service
     starts at the first connection and gets the very sockets the daemon
     bound, which stay open through restarts of the service and of the daemon."""
-
-    def tearDown(self):
-        for pid in keeper_pids(self.home.path):
-            if self.home.daemon_pid and pid_alive(self.home.daemon_pid):
-                continue                  # the daemon's shutdown lets it go
-            os.kill(pid, signal.SIGKILL)
 
     def server_files(self, version="1", extra=()):
         return {"web/server.py": LISTEN_SERVER_PY,
@@ -6178,6 +6181,30 @@ class SocketActivationTests(SupervisionCase):
         self.assertIn("Too many connections (MaxConnections=2", self.home.daemon_log())
         self.assertEqual([s["name"] for s in self.home.status()["services"]], ["web"])
         self.assertNotIn("echo@0", read_state(self.home)["services"])
+
+    def test_symlinks_remove_on_stop_sockets_and_conditions(self):
+        path, link = self.file("run/stats.sock"), self.file("stats-link.sock")
+        self.deploy({"stats/server.py": LISTEN_SERVER_PY,
+                     "stats/stats.service": unit_text("ExecStart=%s -u %%Y/server.py report" % PYTHON, "Type=oneshot",
+                                                      "RemainAfterExit=yes", "Sockets=stats.socket web.socket"),
+                     "stats/stats.socket": "[Socket]\nListenStream=%s\nSymlinks=%s\nRemoveOnStop=yes\n"
+                                           "Service=none.service\n" % (path, link),
+                     "none.service": unit(SLEEPER),
+                     "web.socket": "[Unit]\nConditionPathExists=%s\n[Socket]\nListenStream=%s\n" % (
+                         self.file("never"), self.file("web.sock")),
+                     "web.service": unit(SLEEPER)})
+        wait_until(lambda: self.home.service_log("stats").strip(), 10, "the report")
+        report = json.loads(self.home.service_log("stats").splitlines()[0])
+        self.assertEqual((report["LISTEN_FDS"], report["LISTEN_FDNAMES"]), ("1", "stats"),
+                         "Sockets= hands a socket over to a unit started at deploy; web.socket does not listen")
+        self.assertEqual(os.readlink(link), path)
+        sockets = {s["name"]: s for s in self.home.request({"cmd": "list-sockets", "all": True})["sockets"]}
+        self.assertEqual((sockets["web.socket"]["state"], sockets["web.socket"]["reason"]),
+                         ("inactive", "condition failed: ConditionPathExists=%s" % self.file("never")))
+        self.assertFalse(os.path.exists(self.file("web.sock")))
+        self.assertEqual(self.home.status("web")["state"], "stopped", "held back by its socket")
+        self.assertEqual(self.home.cli("stop", "stats.socket")[0], 0)
+        self.assertFalse(os.path.lexists(path) or os.path.lexists(link), "RemoveOnStop=yes")
 
     def test_a_socket_that_cannot_be_bound_fails_alone(self):
         taken = socket.socket()
@@ -6613,9 +6640,12 @@ class StandardStreamsTests(SupervisionCase):
     def test_unsupported_values_are_errors_naming_what_works(self):
         _, problems = parse(unit_text("ExecStart=/bin/true", "StandardOutput=nonsense"))
         self.assertIn("StandardOutput=: 'nonsense' is not supported: use inherit, null, journal", messages(problems)[0])
-        spec, problems = parse(unit_text("ExecStart=/bin/true", "StandardOutput=socket"))      # systemd's, not ours
-        self.assertIn("not applied: StandardOutput=socket", messages(problems, "warning")[0])
+        spec, problems = parse(unit_text("ExecStart=/bin/true", "StandardOutput=tty"))      # systemd's, not ours
+        self.assertIn("not applied: StandardOutput=tty", messages(problems, "warning")[0])
         self.assertEqual(spec.standard_output, ("log", None))
+        spec, _ = parse(unit_text("ExecStart=/bin/cat", "StandardInput=socket"))
+        self.assertEqual((spec.standard_input, spec.standard_output, spec.standard_error),
+                         (("socket", None), ("inherit", None), ("inherit", None)), "inetd style, as systemd")
 
 
 def proc_status(pid):
@@ -6939,6 +6969,89 @@ def cgroup_pids(home, name):
 
 
 @unittest.skipUnless(IS_ROOT, "stock units run as root, as systemd runs them")
+def postgres_ssl_answer(client):
+    """PgBouncer's answer to a PostgreSQL SSLRequest: b"N" or b"S"."""
+    client.sendall(struct.pack("!ii", 8, 80877103))
+    answer = client.recv(1)
+    return answer.decode() if answer in (b"N", b"S") else None
+
+
+def mysql_greeting(client):
+    """MariaDB speaks first: its handshake packet names its version."""
+    header = client.recv(4)
+    body = client.recv(4096) if len(header) == 4 else b""
+    if body[:1] != b"\n" or b"\0" not in body[1:]:
+        return None
+    return body[1:body.index(b"\0", 1)].decode().replace("5.5.5-", "", 1)     # (the prefix old clients expect)
+
+
+class StockSocketTests(SupervisionCase):
+    """Debian's own socket units with their services, unchanged (SPEC §18):
+    the server answers on the sockets the daemon bound, and a redeploy of
+    it refuses no connection."""
+
+    def setUp(self):
+        SupervisionCase.setUp(self)
+        if not IS_ROOT:
+            self.skipTest("the stock units run as their own users: root only")
+
+    def run_socket_stock(self, name, port, unix_path, probe, expected, redeploys=2, timeout=60):
+        files = {name + suffix: stock_unit(name + suffix) for suffix in (".socket", ".service")}
+        if None in files.values():
+            self.skipTest("%s is not installed (its stock units are missing)" % name)
+        if ask(port, b""):
+            self.skipTest("port %d is taken by another process" % port)
+        self.deploy(files)
+        self.assertEqual(self.home.status(name)["state"], "stopped", "activated by its socket, not at deploy")
+        daemon_inodes = listener_inodes(self.home.daemon_pid)
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as client:
+            self.assertEqual(probe(client), expected)
+        main = self.watch(self.home.running_pid(name, timeout=timeout))
+        self.home.known_pids.update(cgroup_pids(self.home, name))
+        with socket.socket(socket.AF_UNIX) as client:
+            client.settimeout(timeout)
+            client.connect(unix_path)
+            self.assertEqual(probe(client), expected)
+        served_from = listener_inodes(main) & daemon_inodes
+        self.assertGreaterEqual(len(served_from), 2, "the server listens on the daemon's own sockets")
+        self.assertEqual(sorted(socket_inode(main, fd) in daemon_inodes for fd in (3, 4)), [True, True])
+        client = Connector(("127.0.0.1", port), probe=probe)
+        client.start()
+        self.addCleanup(client.finish)
+        for number in range(redeploys):
+            before = self.home.status(name)["pid"]
+            self.home.commit({name + ".service.d/gitproc.conf": "[Service]\nEnvironment=REDEPLOY=%d\n" % number},
+                             "redeploy %d" % number)
+            self.home.request({"cmd": "sync"})
+            pid = self.watch(self.wait_new_pid(name, before, timeout=timeout)["pid"])
+            self.home.known_pids.update(cgroup_pids(self.home, name))
+            served = client.counts["served"]
+            wait_until(lambda: client.counts["served"] > served + 3, timeout, "connections served by %d" % pid)
+        counts = client.finish()
+        self.assertEqual({key: value for key, value in counts.items() if key != "served"},
+                         {"refused": 0, "reset": 0, "timeout": 0, "other": 0}, counts)
+        code, out, err = self.home.cli_process("status", name + ".socket")
+        self.assertEqual(code, 0, out + err)
+        self.assertIn("Listen: %s stream" % unix_path, out)
+        left = cgroup_pids(self.home, name) | {self.home.status(name)["pid"]}
+        self.assertEqual(self.home.cli("stop", name, "--timeout", "120")[0], 0)
+        for pid in left:
+            self.assert_gone(pid, timeout=30)
+        return counts
+
+    def test_pgbouncer_socket_and_service_unchanged(self):
+        self.run_socket_stock("pgbouncer", 6432, "/var/run/postgresql/.s.PGSQL.6432", postgres_ssl_answer, "N")
+        self.assertIn("socket passed from service manager (fd 3)", self.home.service_log("pgbouncer"))
+
+    def test_mariadb_socket_and_service_unchanged(self):
+        version = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "mariadb-server"], stdout=subprocess.PIPE,
+                                 stderr=subprocess.DEVNULL).stdout.decode()
+        upstream = re.sub(r"^\d+:", "", version).split("-")[0]
+        self.run_socket_stock("mariadb", 3306, "/run/mysqld/mysqld.sock", mysql_greeting,
+                              "%s-MariaDB-%s" % (upstream, version.split("-", 1)[1]) if upstream else None, redeploys=1)
+        self.assertIn("Using systemd activated unix socket /run/mysqld/mysqld.sock", self.home.service_log("mariadb"))
+
+
 class StockUnitTests(SupervisionCase):
 
     def run_stock(self, files, name, port, request, expected, reload=True, timeout=30):
@@ -9269,7 +9382,7 @@ class HttpListenerTests(ObservabilityCase):
         status, _, body = http(self.port, "GET", "/status")
         self.assertEqual(status, 200)
         document = json.loads(body)
-        self.assertEqual(sorted(document), ["daemon", "problems", "services", "timers"])
+        self.assertEqual(sorted(document), ["daemon", "problems", "services", "sockets", "timers"])
         self.assertEqual([s["name"] for s in document["services"]], ["web"])
         self.assertEqual(http(self.port, "GET", "/healthz")[:1], (200,))
         self.assertEqual(http(self.port, "GET", "/nowhere")[0], 404)
@@ -10337,7 +10450,7 @@ class ProfilerTests(unittest.TestCase):
         before = set(glob.glob("/tmp/gpb*"))
         proc = subprocess.run([sys.executable, PROFILER, "--bench", "--services", "3", "--repeat", "3",
                                "--idle", "1", "--json", "--python", sys.executable, "--timers", "50",
-                               "--syslog-messages", "5000", "--folder-files", "100"],
+                               "--syslog-messages", "5000", "--folder-files", "100", "--redeploys", "3"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=240)
         self.assertEqual(proc.returncode, 0, proc.stderr.decode())
         result = json.loads(proc.stdout.decode())
@@ -10369,6 +10482,10 @@ class ProfilerTests(unittest.TestCase):
         self.assertGreater(result["timer_elapse"]["median_ms"], 0)
         self.assertLess(result["timer_elapse"]["median_ms"], 250)
         self.assertGreater(result["idle"]["rss_mb"], 1)
+        load = result["redeploys_under_load"]
+        self.assertEqual((load["redeploys"], load["refused"], load["reset"], load["timeout"]), (3, 0, 0, 0), load)
+        self.assertEqual(load["made"], load["served"], load)
+        self.assertLessEqual(load["quiet"]["median_ms"], load["quiet"]["p99_ms"])
         self.assertLess(result["cold_start_s"], 60)
         self.assertEqual(result["services"], 3)
         self.assertRegex(proc.stderr.decode(), r"\[(\d+)/\1\]", "a progress line per step, to the last")
@@ -10406,6 +10523,11 @@ class ProfilerTests(unittest.TestCase):
 
 SERIAL_CLASSES = {"StockUnitTests", "SyslogStockUnitTests", "CrashLoopTests", "LatencyTests", "Kill9DuringSavesTests",
                   "UnreadRepliesTests", "SandboxTests", "TimeZoneChangeTests"}
+
+
+# Classes that take a worker for half a minute or more: handed out first, so
+# that the two workers end together rather than one waiting for the other.
+LONG_CLASSES = {"ProfilerTests", "StockSocketTests", "SocketActivationTests", "TimerUnitTests", "StockTimerTests"}
 
 
 class RemoteFailure(AssertionError):
@@ -10568,6 +10690,7 @@ def load_tests(loader, tests, pattern):
             target[-1].append(test)
         else:
             target.append([test])
+    classes.sort(key=lambda group: type(group[0]).__name__ not in LONG_CLASSES)   # (a stable sort)
     return ParallelSuite([unittest.TestSuite(group) for group in classes],
                          [unittest.TestSuite(group) for group in serial], jobs)
 
