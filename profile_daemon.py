@@ -19,6 +19,10 @@ Respawn is measured twice: after the bench's SIGKILL (from the kill) and after
 a service failed by itself 200 ms into its run (from its exit, seen on a pidfd).
 Commit to running is measured for a unit file changed, and for one file
 changed in a unit's folder of 1,000 files (its snapshot made again, SPEC §13).
+Redeploys under load: a client connects in a loop to a socket-activated
+service while 20 commits each restart it; it counts the connections made,
+served, refused and reset, and the latency added (p50, p99 against the same
+client with no redeploy).
 The respawn and `start NAME` figures say which way the daemon made the
 process (posix_spawn, clone3 or fork: the `spawn` of `status NAME --json`).
 `status` and `start NAME` are timed both as the script (python3 gitproc.py)
@@ -40,6 +44,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -427,6 +432,14 @@ class Bench:
                             kill(pid, signal.SIGKILL)
                         except OSError:
                             pass
+        keep = os.path.join(self.path, "sockets.keep").encode()
+        for entry in os.listdir("/proc"):     # a daemon killed leaves its socket keeper
+            try:
+                with open("/proc/%s/cmdline" % entry, "rb") as cmdline:
+                    if entry.isdigit() and keep in cmdline.read().split(b"\0"):
+                        os.kill(int(entry), signal.SIGKILL)
+            except OSError:
+                pass
         if self.prefix:                   # interrupted before the last step
             try:
                 self.uninstall()
@@ -501,7 +514,7 @@ def _raise_interrupt(_number, _frame):
     raise KeyboardInterrupt
 
 
-BENCH_STEPS = 16
+BENCH_STEPS = 17
 SYSLOG_MESSAGES = 100000
 # A unit that sends SYSLOG_MESSAGES datagrams to the daemon's syslog socket as
 # fast as it can (a full queue blocks it), then says so in a file.
@@ -754,6 +767,13 @@ def _bench_steps(bench, args, results, say):
     figure("timer_elapse", lambda: _elapse_accuracy(bench, args.repeat), 2,
            note=lambda: "  (from the planned time to the service's start)")
 
+    step("%d redeploys of a socket-activated service under a client connecting in a loop" % args.redeploys)
+    figure("redeploys_under_load", lambda: _redeploys_under_load(bench, args.redeploys), 2,
+           note=lambda: "  (%d connections: %d served, %d refused, %d reset; p99 %.2f ms, %.2f ms without redeploys)" % (
+               results["redeploys_under_load"]["made"], results["redeploys_under_load"]["served"],
+               results["redeploys_under_load"]["refused"], results["redeploys_under_load"]["reset"],
+               results["redeploys_under_load"]["p99_ms"], results["redeploys_under_load"]["quiet"]["p99_ms"]))
+
     step("uninstall from the temporary prefix")
     if bench.prefix:
         problem, left = bench.uninstall()
@@ -842,6 +862,98 @@ def _elapse_accuracy(bench, runs):
     bench.commit({"tick.timer": "[Timer]\nOnCalendar=yearly\n"}, "bench: the timer slows down")
     late = [start - math.floor(start / TICK) * TICK for start in starts[1:runs + 1]]   # the first may be an arming's
     return stats_ms(late)
+
+
+# A service that takes its listening socket from the daemon (LISTEN_FDS) and
+# answers each connection with its VERSION; a SIGTERM ends it between two.
+LISTEN_SERVER = """import os, select, signal, socket
+listener = socket.socket(fileno=3)
+stopping = []
+signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
+while not stopping:
+    if select.select([listener], [], [], 0.05)[0]:
+        connection, _ = listener.accept()
+        connection.sendall(os.environ["VERSION"].encode() + b"\\n")
+        connection.close()
+"""
+
+
+class _Connector(threading.Thread):
+    """Connects in a loop and sorts what became of each connection; the
+    latency (connect to answer) of those served, with the version that
+    answered."""
+
+    def __init__(self, address):
+        threading.Thread.__init__(self, daemon=True)
+        self.address, self.running = address, True
+        self.counts = {"made": 0, "served": 0, "refused": 0, "reset": 0, "timeout": 0}
+        self.served = []                  # (latency, version)
+
+    def run(self):
+        while self.running:
+            self.counts["made"] += 1
+            started = time.perf_counter()
+            try:
+                with socket.create_connection(self.address, timeout=10) as client:
+                    answer = client.makefile("rb").readline()
+                if answer.endswith(b"\n"):
+                    self.counts["served"] += 1
+                    self.served.append((time.perf_counter() - started, answer.strip().decode()))
+                else:
+                    self.counts["reset"] += 1
+            except ConnectionRefusedError:
+                self.counts["refused"] += 1
+            except socket.timeout:
+                self.counts["timeout"] += 1
+            except OSError:
+                self.counts["reset"] += 1
+            time.sleep(0.002)
+
+
+def _redeploys_under_load(bench, redeploys):
+    """A socket-activated service (SPEC §18) and a client connecting in a
+    loop: the latency for 2 s with no redeploy, then during `redeploys`
+    commits that each restart the service (each waited for until the new
+    version answers). Connections made, served, refused and reset; p50 and
+    p99 of the latency in each period."""
+    script = os.path.join(bench.path, "listen_server.py")
+    with open(script, "w") as script_file:
+        script_file.write(LISTEN_SERVER)
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    unit = lambda version: "[Service]\nEnvironment=VERSION=%d\nExecStart=%s %s\n" % (version, sys.executable, script)
+    bench.commit({"listen/listen.service": unit(0), "listen/listen.socket": "[Socket]\nListenStream=127.0.0.1:%d\n" % port},
+                 "bench: a socket-activated service")
+    deadline = time.monotonic() + 30
+    while not any(s["name"] == "listen.socket" for s in bench.request({"cmd": "list-sockets"}).get("sockets", [])):
+        if time.monotonic() > deadline:
+            raise RuntimeError("listen.socket was not deployed within 30 s")
+        time.sleep(0.05)
+    client = _Connector(("127.0.0.1", port))
+    client.start()
+    try:
+        time.sleep(2.0)
+        quiet = [latency for latency, _ in client.served]
+        first = len(client.served)
+        for version in range(1, redeploys + 1):
+            bench.commit({"listen/listen.service": unit(version)}, "bench: redeploy %d" % version)
+            bench.request({"cmd": "sync"})
+            deadline = time.monotonic() + 30
+            while not (client.served and client.served[-1][1] == str(version)):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("version %d did not answer within 30 s (%s)" % (version, client.counts))
+                time.sleep(0.005)
+        during = [latency for latency, _ in client.served[first:]]
+    finally:
+        client.running = False
+        client.join(30)
+    bench.cli("stop", "listen", "listen.socket")
+    if not quiet or not during:
+        raise RuntimeError("no connection was served (%s)" % client.counts)
+    return dict(stats_ms(during), p99_ms=round(percentile(during, 0.99) * 1000, 3), redeploys=redeploys,
+                quiet=dict(stats_ms(quiet), p99_ms=round(percentile(quiet, 0.99) * 1000, 3)), **client.counts)
 
 
 def _count_lines(path, needle):
@@ -952,6 +1064,7 @@ def _print_results(results):
         ("state save", results["state_save"]),
         ("`status` during a syslog flood", results["syslog"]),
         ("timer elapse: planned time to service start", results["timer_elapse"]),
+        ("a connection, during redeploys of its service", results["redeploys_under_load"]),
     ]
     for label, figure in rows:
         if "unavailable" in figure or "failed" in figure:
@@ -974,6 +1087,11 @@ def _print_results(results):
         print("  %-48s %d a second; RSS %.1f MB before, %.1f MB after" % (
             "syslog messages into a unit's log", results["syslog"]["per_second"], results["syslog"]["rss_before_mb"],
             results["syslog"]["rss_after_mb"]))
+    load = results["redeploys_under_load"]
+    if "made" in load:
+        print("  %-48s %d made, %d served, %d refused, %d reset, %d timed out; p99 %.2f ms (%.2f ms without)" % (
+            "connections during %d redeploys" % load["redeploys"], load["made"], load["served"], load["refused"],
+            load["reset"], load["timeout"], load["p99_ms"], load["quiet"]["p99_ms"]))
     install = results["install"]
     if install["available"]:
         print("  %-48s %s (runs %s); uninstall: %s, %s" % (
@@ -1001,14 +1119,16 @@ def main(argv=None):
     parser.add_argument("--python", help="--bench: interpreter for gitproc (default: /usr/bin/python3)")
     parser.add_argument("--no-http", action="store_true", help="--bench: run the daemon without its HTTP listener")
     parser.add_argument("--timers", type=int, default=1000, help="--bench: how many armed timers (default: 1000)")
+    parser.add_argument("--redeploys", type=int, default=20,
+                        help="--bench: commits that restart a socket-activated service under load (default: 20)")
     parser.add_argument("--folder-files", type=int, default=FOLDER_FILES,
                         help="--bench: files in the big folder of a unit (default: %d)" % FOLDER_FILES)
     parser.add_argument("--syslog-messages", type=int, default=SYSLOG_MESSAGES,
                         help="--bench: messages of the syslog flood (default: %d)" % SYSLOG_MESSAGES)
     args = parser.parse_args(argv)
     if args.duration <= 0 or args.interval <= 0 or args.repeat < 1 or args.services < 0 or args.idle <= 0 or \
-            args.timers < 1 or args.syslog_messages < 1 or args.folder_files < 2:
-        parser.error("durations must be positive, --repeat, --timers and --syslog-messages at least 1, "
+            args.timers < 1 or args.syslog_messages < 1 or args.folder_files < 2 or args.redeploys < 1:
+        parser.error("durations must be positive, --repeat, --timers, --redeploys and --syslog-messages at least 1, "
                      "--folder-files at least 2, --services at least 0")
     try:
         return run_bench(args) if args.bench else run_sampling(args)
