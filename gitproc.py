@@ -1965,9 +1965,10 @@ def _read_lines_into(values, lines_of, not_applied, warned_sections, name, text,
         if field == "type" and value in TYPES_RUN_AS_SIMPLE:
             report(line_number, "warning", "Type=%s runs as Type=simple%s" % (
                 value, ": BusName= is not waited for" if value == "dbus" else ""))
-        if parse is _parse_unit_names and other_unit_names(value):
+        ignored = [name for name in other_unit_names(value) if not name.endswith((SOCKET_SUFFIX, TIMER_SUFFIX))]
+        if parse is _parse_unit_names and ignored:    # (sockets listen, and timers are armed, before units start)
             report(line_number, "warning", "%s=: %s not a service; other unit types are accepted and ignored" % (
-                key, ", ".join(other_unit_names(value)) + (" is" if len(other_unit_names(value)) == 1 else " are")))
+                key, ", ".join(ignored) + (" is" if len(ignored) == 1 else " are")))
         for one in fields:
             values[one] = values.get(one, ()) + parsed if kind == "list" else parsed
             lines_of[one] = (part_path, line_number)
@@ -2883,18 +2884,13 @@ TIMER_TRIGGER_FIELDS = ("calendars", "on_active", "on_boot", "on_startup", "on_u
 TIMER_NOT_APPLIED = {"WakeSystem": "gitproc does not wake a suspended machine"}
 
 
-class TimerSpec:
-    """One timer unit as its files say it (immutable once parsed). `unit`:
-    the name of the service it starts; `identity()` is what it means, so a
-    moved file or a new comment changes nothing."""
-    FIELDS = ("description", "conditions", "condition_host", "unit") + TIMER_TRIGGER_FIELDS + (
-        "persistent", "randomized_delay", "fixed_random_delay", "accuracy", "remain_after_elapse",
-        "on_clock_change", "on_timezone_change")
-    DEFAULTS = {"description": "", "conditions": (), "condition_host": (), "unit": "", "calendars": (), "on_active": (), "on_boot": (),
-                "on_startup": (), "on_unit_active": (), "on_unit_inactive": (), "persistent": False,
-                "randomized_delay": 0.0, "fixed_random_delay": False, "accuracy": DEFAULT_ACCURACY_SEC,
-                "remain_after_elapse": True, "on_clock_change": False, "on_timezone_change": False}
-    __slots__ = ("name", "path", "blob", "sources", "not_applied") + FIELDS
+class ActivatorSpec:
+    """A timer or socket unit as its files say it (immutable once parsed).
+    `unit`: the name of the service it starts; `identity()` is what it
+    means, so a moved file or a new comment changes nothing. A subclass
+    names its FIELDS, their DEFAULTS and its section's DIRECTIVES."""
+    FIELDS, DEFAULTS, DIRECTIVES, KEY_NAMES = (), {}, {}, {}
+    __slots__ = ("name", "path", "blob", "sources", "not_applied")
 
     def __init__(self, name, path, blob="", **values):
         self.name, self.path, self.blob = name, path, blob
@@ -2907,9 +2903,23 @@ class TimerSpec:
 
     def changed_keys(self, other):
         """The keys whose meaning differs from `other`'s (an earlier version)."""
-        keys = {field: key for key, (field, _, _) in TIMER_DIRECTIVES.items()}
-        keys.update(description="Description", conditions="Condition*", condition_host="ConditionHost")
+        keys = {field: key for key, (field, _, _) in self.DIRECTIVES.items()}
+        keys.update(description="Description", conditions="Condition*", condition_host="ConditionHost",
+                    **self.KEY_NAMES)
         return [keys[field] + "=" for field in self.FIELDS if getattr(self, field) != getattr(other, field)]
+
+
+class TimerSpec(ActivatorSpec):
+    """One timer unit: what schedules the service it starts."""
+    FIELDS = ("description", "conditions", "condition_host", "unit") + TIMER_TRIGGER_FIELDS + (
+        "persistent", "randomized_delay", "fixed_random_delay", "accuracy", "remain_after_elapse",
+        "on_clock_change", "on_timezone_change")
+    DEFAULTS = {"description": "", "conditions": (), "condition_host": (), "unit": "", "calendars": (), "on_active": (), "on_boot": (),
+                "on_startup": (), "on_unit_active": (), "on_unit_inactive": (), "persistent": False,
+                "randomized_delay": 0.0, "fixed_random_delay": False, "accuracy": DEFAULT_ACCURACY_SEC,
+                "remain_after_elapse": True, "on_clock_change": False, "on_timezone_change": False}
+    DIRECTIVES = TIMER_DIRECTIVES
+    __slots__ = FIELDS
 
     @property
     def monotonic(self):
@@ -3169,11 +3179,10 @@ SOCKET_NOT_APPLIED = dict(
 )
 
 
-class SocketSpec:
-    """One socket unit as its files say it (immutable once parsed). `unit`:
-    the service it activates (NAME@ with Accept=yes: the template);
-    `identity()` is what it means, `bind_key()` what its sockets are bound
-    for: only a change of the latter binds them again."""
+class SocketSpec(ActivatorSpec):
+    """One socket unit: `unit` is the service it activates (NAME@ with
+    Accept=yes: the template); `bind_key()` is what its sockets are bound
+    for: only a change of it binds them again."""
     BIND_FIELDS = ("listen", "socket_user", "socket_group", "socket_mode", "directory_mode", "backlog", "reuse_port",
                    "free_bind", "bind_ipv6_only", "no_delay", "keep_alive", "pass_credentials", "symlinks")
     FIELDS = ("description", "conditions", "condition_host", "unit", "accept", "fd_name", "remove_on_stop",
@@ -3184,26 +3193,11 @@ class SocketSpec:
                 "socket_mode": 0o666, "directory_mode": 0o755, "backlog": 4096, "reuse_port": False,
                 "free_bind": False, "bind_ipv6_only": "default", "no_delay": False, "keep_alive": False,
                 "pass_credentials": False, "symlinks": ()}
-    __slots__ = ("name", "path", "blob", "sources", "not_applied") + FIELDS
-
-    def __init__(self, name, path, blob="", **values):
-        self.name, self.path, self.blob = name, path, blob
-        self.sources, self.not_applied = (path,), ()
-        for field in self.FIELDS:
-            setattr(self, field, values.get(field, self.DEFAULTS[field]))
-
-    def identity(self):
-        return tuple(getattr(self, field) for field in self.FIELDS)
+    DIRECTIVES, KEY_NAMES = SOCKET_DIRECTIVES, {"listen": "Listen*"}
+    __slots__ = FIELDS
 
     def bind_key(self):
         return json.dumps([getattr(self, field) for field in self.BIND_FIELDS])
-
-    def changed_keys(self, other):
-        """The keys whose meaning differs from `other`'s (an earlier version)."""
-        keys = {field: key for key, (field, _, _) in SOCKET_DIRECTIVES.items()}
-        keys.update(description="Description", conditions="Condition*", condition_host="ConditionHost",
-                    listen="Listen*")
-        return [keys[field] + "=" for field in self.FIELDS if getattr(self, field) != getattr(other, field)]
 
     @property
     def burst(self):
@@ -3238,7 +3232,7 @@ def parse_socket(name, path, data, blob="", context=None):
         report(path, 1, "error", "%d Listen*= lines: at most %d" % (len(listen), SOCKET_MAX_FDS))
     if any(d.severity == "error" for d in diagnostics):
         return None, diagnostics
-    values.setdefault("fd_name", stem)
+    values.setdefault("fd_name", name)   # as systemd: the unit's name, NAME.socket
     spec = SocketSpec(name, path, blob, **values)
     spec.sources = tuple(part for part, _ in ([(path, data)] if isinstance(data, bytes) else data))
     spec.not_applied = tuple(not_applied)
@@ -10495,6 +10489,7 @@ class SocketKeeper:
         self.path, self.log = path, log
         self.link = None                  # SOCK_SEQPACKET to the keeper
         self.inherited = {}               # name -> (bind key, [fd]) an earlier daemon's keeper handed over
+        self.told = {}                    # name -> (bind key, [socket]) the keeper holds for this daemon
         self.broken = None                # why there is no keeper
 
     def take_over(self):
@@ -10534,21 +10529,33 @@ class SocketKeeper:
         return [socket.socket(fileno=fd) for fd in found[1]]
 
     def put(self, name, key, sockets):
+        self.told[name] = (key, list(sockets))
         self._send({"op": "put", "name": name, "key": key}, [s.fileno() for s in sockets])
 
     def drop(self, name):
-        self._send({"op": "drop", "name": name}, [])
+        if self.told.pop(name, None) is not None and self.link is not None:
+            self._send({"op": "drop", "name": name}, [])
 
     def _send(self, message, fds):
-        if self.link is None and not self._start():
-            return
-        try:
-            socket.send_fds(self.link, [json.dumps(message).encode()], fds)
-        except OSError as exc:
-            self.log.warning("daemon", "Sockets: the keeper is gone (%s): a daemon restart would close them" % (
-                describe_os_error(exc)))
-            self.link.close()
-            self.link = None
+        """To the keeper, started (and told everything again) if it is not
+        running: a keeper that died holds nothing of what it was told."""
+        for attempt in range(2):
+            if self.link is None:
+                if not self._start():
+                    return
+                for name, (key, sockets) in self.told.items():
+                    if name != message.get("name"):
+                        self._send({"op": "put", "name": name, "key": key}, [s.fileno() for s in sockets])
+                    if self.link is None:
+                        return
+            try:
+                socket.send_fds(self.link, [json.dumps(message).encode()], fds)
+                return
+            except OSError as exc:
+                self.log.warning("daemon", "Sockets: the keeper is gone (%s)%s" % (describe_os_error(exc), (
+                    ": starting another" if attempt == 0 else ": a daemon restart would close the sockets")))
+                self.link.close()
+                self.link = None
 
     def _start(self):
         if self.broken:
@@ -10559,12 +10566,18 @@ class SocketKeeper:
             _unlink_quietly(self.path)
             listener.bind(self.path)
             listener.listen(4)
-            pid = os.posix_spawn(sys.executable, [sys.executable, "-I", "-S", "-c", KEEPER_PROGRAM, self.path],
-                                 {"PATH": "/usr/bin:/bin"}, setsid=True,
-                                 file_actions=[(os.POSIX_SPAWN_DUP2, theirs.fileno(), 3),
-                                               (os.POSIX_SPAWN_DUP2, listener.fileno(), 4),
-                                               (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDWR, 0),
-                                               (os.POSIX_SPAWN_DUP2, 0, 1), (os.POSIX_SPAWN_DUP2, 0, 2)])
+            import fcntl
+            high = [fcntl.fcntl(sock.fileno(), fcntl.F_DUPFD_CLOEXEC, 5) for sock in (theirs, listener)]
+            try:                          # (above 4: neither is the other's target)
+                pid = os.posix_spawn(sys.executable, [sys.executable, "-I", "-S", "-c", KEEPER_PROGRAM, self.path],
+                                     {"PATH": "/usr/bin:/bin"}, setsid=True,
+                                     file_actions=[(os.POSIX_SPAWN_DUP2, high[0], 3),
+                                                   (os.POSIX_SPAWN_DUP2, high[1], 4),
+                                                   (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDWR, 0),
+                                                   (os.POSIX_SPAWN_DUP2, 0, 1), (os.POSIX_SPAWN_DUP2, 0, 2)])
+            finally:
+                for fd in high:
+                    os.close(fd)
             os.waitpid(pid, 0)            # it forks the keeper and exits: the keeper is nobody's child
         except OSError as exc:
             ours.close()
@@ -10581,7 +10594,10 @@ class SocketKeeper:
         """The daemon stops: the keeper keeps the sockets for the next one
         (`keep`), or lets them go."""
         if self.link is not None and not keep:
-            self._send({"op": "quit"}, [])
+            try:
+                socket.send_fds(self.link, [b'{"op": "quit"}'], [])
+            except OSError:
+                pass                      # gone already: it holds nothing then
         if self.link is not None:
             self.link.close()
             self.link = None
@@ -10692,6 +10708,7 @@ class SocketUnit:
         self.want = "up"                  # the user's intent (persisted): "down" after `stop NAME.socket`
         self.reason = None                # why it does not listen
         self.watching = False             # in the loop's selector: waiting for a connection
+        self.rebind = False               # changed while its service held the old sockets: bind when it is gone
         self.commit = None                # sha of the commit its spec came from
         self.accepted_total = 0           # connections accepted (Accept=yes)
         self.triggers_total = 0           # activations of its service
@@ -10811,9 +10828,18 @@ class SocketSet:
         for unit in self.units.values():
             self._watch_if_idle(unit)
 
+    def _held_by_service(self, unit):
+        service = self.daemon.services.get(unit.spec.unit)
+        return not unit.spec.accept and service is not None and service.has_process()
+
     def _bind(self, unit):
+        """Listen (or take the keeper's sockets). An address the service
+        still holds (a changed socket of a running service: its old
+        sockets) is bound again once that process is gone."""
         spec = unit.spec
-        self._close(unit, None)
+        held = bool(unit.sockets) and unit.key != spec.bind_key() and self._held_by_service(unit)
+        unit.rebind = False
+        self._close(unit, "Changed" if unit.sockets and unit.key != spec.bind_key() else None)
         failed = self.daemon.host.failed_condition(unit)
         if failed is not None:            # as systemd: the socket is not started, nothing failed
             key, negated, value = failed
@@ -10833,6 +10859,11 @@ class SocketSet:
         except (OSError, SpawnError) as exc:
             for sock in bound:
                 sock.close()
+            if held and getattr(exc, "errno", None) == errno.EADDRINUSE:
+                unit.rebind, unit.reason = True, "bound again once %s has stopped" % (spec.unit + UNIT_SUFFIX)
+                self.daemon.log.info(unit.name, "%s still holds %s: bound again once it has stopped" % (
+                    spec.unit + UNIT_SUFFIX, text))
+                return False
             unit.reason = "cannot listen on %s: %s" % (text, describe_os_error(exc) if isinstance(exc, OSError)
                                                      else exc)
             self.daemon.log.error(unit.name, unit.reason.capitalize())
@@ -10852,7 +10883,7 @@ class SocketSet:
                 sock.close()
             if why is not None:
                 self.keeper.drop(unit.name)
-                if unit.spec.remove_on_stop or why.startswith("Removed"):
+                if (unit.spec.remove_on_stop and why != "Changed") or why.startswith("Removed"):
                     for kind, text in unit.spec.listen:
                         if text.startswith("/"):
                             _unlink_quietly(text)
@@ -10898,6 +10929,9 @@ class SocketSet:
             unit.watching = False
 
     def _ready(self, unit, _mask):
+        if self.daemon.host.shutting_down:
+            self._unwatch(unit)           # clients wait in the backlog for the next daemon
+            return
         if unit.spec.accept:
             return self._accept(unit)
         self._unwatch(unit)
@@ -10911,6 +10945,10 @@ class SocketSet:
         for pulled in self.daemon.dependencies.pulled_in([service.name]):
             pulled.start()
         service.start()
+        if not service_busy(service):     # it would not start (a start limit, a condition): look again later
+            self.daemon.log.warning(unit.name, "%s did not start (%s): listening again in 1s" % (
+                unit.spec.unit + UNIT_SUFFIX, service.reason or service.state))
+            self.daemon.call_later(1.0, lambda: self._watch_if_idle(unit))
 
     def _trigger_limit_hit(self, unit):
         """TriggerLimitIntervalSec=/TriggerLimitBurst=: a service that keeps
@@ -10932,16 +10970,21 @@ class SocketSet:
         return False
 
     def _accept(self, unit):
-        for sock in unit.sockets:
+        for sock in list(unit.sockets):
             for _ in range(64):           # a turn's worth; the rest on the next
                 try:
                     connection, peer = sock.accept()
-                except (BlockingIOError, InterruptedError):
+                except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                     break
-                except OSError as exc:    # ECONNABORTED, EMFILE: this connection, not the socket
-                    self.daemon.log.warning(unit.name, "accept: %s" % describe_os_error(exc))
-                    break
+                except OSError as exc:    # EMFILE, ENOBUFS: no more now; the socket stays readable
+                    self.daemon.log.warning(unit.name, "Cannot accept a connection (%s): again in 1s" % (
+                        describe_os_error(exc)))
+                    self._unwatch(unit)
+                    self.daemon.call_later(1.0, lambda: self._watch_if_idle(unit))
+                    return
                 self._connection(unit, connection, peer)
+                if not unit.sockets:
+                    return                # the trigger limit closed them
 
     def _connection(self, unit, connection, peer):
         spec = unit.spec
@@ -10975,6 +11018,11 @@ class SocketSet:
         self.daemon.events.record("accepted", unit.name, reason="from %s" % (
             "%s:%s" % peer[:2] if isinstance(peer, tuple) else "a local peer"), after=name + UNIT_SUFFIX)
         service.start()
+        if not service_busy(service):     # it would not start (a condition, a dependency): the client is told
+            self.daemon.log.warning(name, "Did not start (%s): connection closed" % (service.reason or service.state))
+            service.give_connection()
+            unit.instances.pop(name, None)
+            self._forget(service)
 
     def listening_for(self, service):
         """(fds, names, connection, environment) a main process of
@@ -10984,6 +11032,9 @@ class SocketSet:
                 return None               # restarted: its connection went with its first process
             connection, env = service.connection
             return [connection.fileno()], ["connection"], connection.fileno(), env
+        for unit in self.given_to.get(service.name, ()):
+            if unit.rebind and unit.want == "up":
+                self._bind(unit)          # the process that held the old sockets is gone
         units = [u for u in self.given_to.get(service.name, ()) if u.sockets]
         if not units:
             return None
@@ -11002,6 +11053,8 @@ class SocketSet:
                     self._unwatch(unit)
             return
         for unit in self.given_to.get(service.name, ()):
+            if unit.rebind and unit.want == "up":
+                self._bind(unit)
             self._watch_if_idle(unit)
         if service.log_name != service.name:            # an Accept=yes instance
             service.give_connection()
@@ -11411,6 +11464,13 @@ class Deployer:
                                                      origin, templates)
         for name, why in socket_held.items():
             held.setdefault(name, why)
+        for name, spec in sorted(sockets.items()):       # a template each connection would fail to make
+            if spec.accept and name not in self.socket_specs:
+                path, data, blob = templates[spec.unit]
+                if parse_unit(spec.unit + "0", path, data, blob, self.context)[0] is None:
+                    problems.append(Diagnostic(spec.path, 1, "error", "%s%s, which it makes an instance of for "
+                                               "each connection, has errors" % (spec.unit, UNIT_SUFFIX), unit=name))
+                    del sockets[name]
         plan.invalid = [str(d) for d in problems if d.severity == "error"]
         plan.skipped, plan.specs, plan.problems, plan.origin = skipped, specs, problems, origin
         plan.activated = activated_units(specs, problems, dict(timers, **{
@@ -12889,7 +12949,7 @@ class Daemon:
 
     def _check_logs(self):
         self.log_timer = self.call_later(LOG_CHECK_INTERVAL, self._check_logs)
-        for name in self.services:
+        for name in {service.log_name for service in self.services.values()}:   # (instances share one)
             path = self.config.service_log(name)
             try:
                 if os.stat(path).st_size >= self.config.log_max_bytes:
