@@ -280,7 +280,7 @@ class Bench:
     def __init__(self, python, progress):
         self.python = python
         self.progress = progress
-        self.path = tempfile.mkdtemp(prefix="gpb", dir="/tmp")
+        self.path = tempfile.mkdtemp(prefix="gpbench", dir="/tmp")
         os.environ.pop("GITPROC_SYSLOG_SOCKET", None)     # the bench's config.json says where its socket is
         self.repo = os.path.join(self.path, "services")
         self.config = gitproc.load_config({"home": self.path})

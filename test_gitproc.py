@@ -5979,7 +5979,7 @@ class SocketSpecTests(unittest.TestCase):
         self.assertEqual(gitproc.socket_address("[::1]:82"), (socket.AF_INET6, ("::1", 82)))
         self.assertEqual(gitproc.socket_address("@web"), (socket.AF_UNIX, "\0web"))
         accept, _ = self.parse("[Socket]\nListenStream=7\nAccept=yes\n", "echo.socket")
-        self.assertEqual((accept.unit, accept.fd_name, accept.burst), ("echo@", "echo", 200))
+        self.assertEqual((accept.unit, accept.fd_name, accept.burst), ("echo@", "echo.socket", 200))
         empty, _ = self.parse("[Socket]\nListenStream=1\nListenDatagram=2\nListenStream=\nListenStream=3\n")
         self.assertEqual(empty.listen, (("stream", "3"),), "an empty Listen*= resets the list, as systemd")
         other, _ = self.parse("[Socket]\nListenStream=3\nNoDelay=yes\n")
@@ -6098,7 +6098,7 @@ class SocketActivationTests(SupervisionCase):
         with open(script, "w") as handle:
             handle.write(LISTEN_SERVER_PY)
         port, path = free_port(), self.file("o.sock")
-        proc = subprocess.Popen([oracle, "-l", "127.0.0.1:%d" % port, "-l", path, "--fdname=web:web",
+        proc = subprocess.Popen([oracle, "-l", "127.0.0.1:%d" % port, "-l", path, "--fdname=web.socket:web.socket",
                                  PYTHON, script, "report"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         self.watch(proc.pid)
         wait_until(lambda: os.path.exists(path), 10, "the oracle to listen")
@@ -6195,7 +6195,7 @@ class SocketActivationTests(SupervisionCase):
                      "web.service": unit(SLEEPER)})
         wait_until(lambda: self.home.service_log("stats").strip(), 10, "the report")
         report = json.loads(self.home.service_log("stats").splitlines()[0])
-        self.assertEqual((report["LISTEN_FDS"], report["LISTEN_FDNAMES"]), ("1", "stats"),
+        self.assertEqual((report["LISTEN_FDS"], report["LISTEN_FDNAMES"]), ("1", "stats.socket"),
                          "Sockets= hands a socket over to a unit started at deploy; web.socket does not listen")
         self.assertEqual(os.readlink(link), path)
         sockets = {s["name"]: s for s in self.home.request({"cmd": "list-sockets", "all": True})["sockets"]}
@@ -6205,6 +6205,55 @@ class SocketActivationTests(SupervisionCase):
         self.assertEqual(self.home.status("web")["state"], "stopped", "held back by its socket")
         self.assertEqual(self.home.cli("stop", "stats.socket")[0], 0)
         self.assertFalse(os.path.lexists(path) or os.path.lexists(link), "RemoveOnStop=yes")
+
+    def test_a_changed_address_is_bound_again_and_restarts_the_service(self):
+        first, second = free_port(), free_port()
+        files = self.server_files()
+        files["web/web.socket"] = "[Socket]\nListenStream=127.0.0.1:%d\n" % first
+        self.deploy(files)
+        pid = self.watch(int(self.connect(first)[1]))
+        sha = self.home.commit({"web/web.socket": "[Socket]\nListenStream=127.0.0.1:%d\nBacklog=64\n" % second},
+                               "moved")
+        self.home.request({"cmd": "sync"})
+        wait_deployed(self.home, sha)
+        self.assertEqual(history(self.home, 1)[-1]["changed"], ["web.socket"])
+        version, new_pid = self.connect(second)
+        self.assertNotEqual(int(new_pid), pid, "a changed socket restarts its service")
+        self.watch(int(new_pid))
+        with self.assertRaises(ConnectionRefusedError):
+            self.connect(first)
+        listing = self.home.request({"cmd": "list-sockets"})["sockets"][0]
+        self.assertEqual((listing["state"], listing["listen"]), ("running", ["127.0.0.1:%d stream" % second]))
+        # the same address with another option: the running service holds it, so it is bound once that is gone
+        self.home.commit({"web/web.socket": "[Socket]\nListenStream=127.0.0.1:%d\nBacklog=32\n" % second}, "backlog")
+        self.home.request({"cmd": "sync"})
+        self.watch(self.wait_new_pid("web", int(new_pid))["pid"])
+        wait_until(lambda: self.connect(second)[1] == str(self.home.status("web")["pid"]), 10,
+                   "the new process to answer on the socket bound again")
+        self.assertIn("web.service still holds 127.0.0.1:%d: bound again once it has stopped" % second,
+                      self.home.daemon_log())
+        # the same while the service does not run: bound again at once, started by the next connection
+        self.home.cli("stop", "web")
+        self.home.commit({"web/web.socket": "[Socket]\nListenStream=127.0.0.1:%d\n" % first}, "back")
+        self.home.request({"cmd": "sync"})
+        self.assertEqual(self.home.status("web")["state"], "stopped")
+        self.watch(int(self.connect(first)[1]))
+        self.assertIn("Changed: closed 127.0.0.1:%d stream" % second, self.home.daemon_log())
+
+    def test_an_accept_yes_instance_that_cannot_start_closes_its_connection(self):
+        port = free_port()
+        self.deploy({"echo@.service": unit_text("ExecStart=/bin/cat", "StandardInput=socket",
+                                                unit_lines=["ConditionPathExists=%s" % self.file("never")]),
+                     "echo.socket": "[Socket]\nListenStream=127.0.0.1:%d\nAccept=yes\nMaxConnections=1\n" % port,
+                     "bad@.service": "[Service]\nExecStart=\n", "bad.socket": "[Socket]\nListenStream=9\nAccept=yes\n"})
+        for _ in range(3):                # more than MaxConnections=: none of them holds a slot
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+                self.assertEqual(client.recv(10), b"", "closed, not left hanging")
+        wait_until(lambda: not [s for s in self.home.status()["services"] if s["name"].startswith("echo@")], 10,
+                   "the instances to be forgotten")
+        self.assertEqual(self.home.request({"cmd": "status", "names": ["echo.socket"]})["sockets"][0]["refused_total"], 0)
+        invalid = str(self.home.request({"cmd": "list"})["invalid"])
+        self.assertIn("bad@.service, which it makes an instance of for each connection, has errors", invalid)
 
     def test_a_socket_that_cannot_be_bound_fails_alone(self):
         taken = socket.socket()
@@ -9836,6 +9885,31 @@ class FirstHourTests(unittest.TestCase):
         code, out, err = home.cli_process("shutdown")
         self.assertEqual(code, 0, out + err)
 
+    @unittest.skipUnless(HAVE_SSH_KEYGEN, "needs ssh-keygen")
+    def test_the_webhook_secret_the_syslog_socket_and_verify_change_live(self):
+        home = Home(self)
+        home.commit({"web.service": unit(SLEEPER)}, "web")
+        port, sockets = free_port(), os.path.join(home.path, "s")
+        listen = "127.0.0.1:%d" % port
+        write_config(home, {"http_listen": listen, "webhook_secret": "one", "syslog_socket": "off"})
+        home.start_daemon(env={"GITPROC_SYSLOG_SOCKET": ""})      # (empty: unset, the file decides)
+        home.known_pids.add(home.running_pid("web"))
+        hook = lambda secret: http(port, "POST", "/hooks/sync", b"{}", [("X-Gitlab-Token", secret)])[0]
+        self.assertIn(hook("one"), (200, 202))
+        self.assertEqual(daemon_info(home)["syslog"]["state"], "off")
+        signers = Signers(self)
+        write_config(home, {"http_listen": listen, "webhook_secret": "two", "syslog_socket": sockets,
+                            "verify": {"signers": signers.allowed}})
+        code, out, err = home.cli_process("daemon-reload")
+        self.assertEqual(code, 0, out + err)
+        self.assertIn("changed syslog_socket, verify, webhook_secret", out)
+        self.assertEqual((hook("one"), hook("two") in (200, 202)), (401, True))
+        self.assertEqual(daemon_info(home)["syslog"]["sockets"], [os.path.join(sockets, "dev-log"),
+                                                                  os.path.join(sockets, "journal-socket")])
+        unsigned = home.commit({"web.service": unit("/bin/sleep 1001")}, "unsigned")
+        wait_sync_result(home, "refused")
+        self.assertNotEqual(daemon_info(home)["commit"]["sha"], unsigned, "verify is in force at once")
+
     def test_a_relative_home_is_found_again_by_daemon_reload(self):
         home = Home(self)
         home.commit({"web.service": unit(SLEEPER)}, "web")
@@ -10447,7 +10521,7 @@ BENCH_FIGURES = ("respawn", "respawn_after_run", "commit_to_running", "commit_to
 class ProfilerTests(unittest.TestCase):
 
     def test_bench_end_to_end_reports_every_figure_and_cleans_up(self):
-        before = set(glob.glob("/tmp/gpb*"))
+        before = set(glob.glob("/tmp/gpbench*"))   # (a test home, gp + 8 letters, may begin with gpb)
         proc = subprocess.run([sys.executable, PROFILER, "--bench", "--services", "3", "--repeat", "3",
                                "--idle", "1", "--json", "--python", sys.executable, "--timers", "50",
                                "--syslog-messages", "5000", "--folder-files", "100", "--redeploys", "3"],
@@ -10489,7 +10563,7 @@ class ProfilerTests(unittest.TestCase):
         self.assertLess(result["cold_start_s"], 60)
         self.assertEqual(result["services"], 3)
         self.assertRegex(proc.stderr.decode(), r"\[(\d+)/\1\]", "a progress line per step, to the last")
-        self.assertEqual(set(glob.glob("/tmp/gpb*")) - before, set(), "the temporary home is removed")
+        self.assertEqual(set(glob.glob("/tmp/gpbench*")) - before, set(), "the temporary home is removed")
 
     def test_sampling_a_running_daemon(self):
         home = home_with_daemon(self)
