@@ -3253,6 +3253,7 @@ CONFIG_TYPES = {
     "hostname": str, "poll_interval": (int, float), "max_poll_interval": (int, float),
     "log_max_bytes": int, "log_backups": int, "http_listen": str, "webhook_secret": str,
     "snapshot_max_bytes": int, "verify": dict, "allow_rewind": bool, "signing_key": str, "syslog_socket": str,
+    "notify": list, "notify_log_lines": int, "notify_repeat": (int, float), "http_show_logs": bool,
 }
 ROOT_PATHS = {
     "repo_path": "/etc/gitproc/services", "socket_path": "/run/gitproc/gitproc.sock",
@@ -3269,12 +3270,15 @@ CONFIG_DEFAULTS = {
     "max_poll_interval": 30, "log_max_bytes": 10 * 1024 * 1024, "log_backups": 3,
     "http_listen": None, "webhook_secret": None, "snapshot_max_bytes": DEFAULT_SNAPSHOT_MAX_BYTES,
     "verify": None, "allow_rewind": False, "signing_key": None, "syslog_socket": "auto",
+    "notify": [], "notify_log_lines": 10, "notify_repeat": 3600, "http_show_logs": False,
 }
 SIZE_KEYS = ("log_max_bytes", "snapshot_max_bytes")   # a number of bytes, or a size: "10M", "10 MiB"
+TIMESPAN_KEYS = ("notify_repeat",)                    # seconds, or a time span: "1h", "30min"
 # What `daemon-reload` (and SIGHUP) change in a running daemon; the other
 # keys name where things live or what is watched, and need a restart.
 LIVE_CONFIG_KEYS = ("poll_interval", "max_poll_interval", "http_listen", "webhook_secret", "log_max_bytes",
-                    "log_backups", "snapshot_max_bytes", "verify", "allow_rewind", "signing_key", "syslog_socket")
+                    "log_backups", "snapshot_max_bytes", "verify", "allow_rewind", "signing_key", "syslog_socket",
+                    "notify", "notify_log_lines", "notify_repeat", "http_show_logs")
 # Command-line flags that override a config key: argparse dest -> key.
 FLAG_KEYS = {"repo": "repo_path", "branch": "branch", "remote": "remote",
              "hostname": "hostname", "socket": "socket_path"}
@@ -3369,6 +3373,9 @@ def _load_config(flags, environ, only_keys):
         parse_listen_address(settings["http_listen"])
     if settings["verify"] is not None:
         settings["verify"] = _check_verify_setting(settings["verify"])
+    settings["notify"] = _check_notify_setting(settings["notify"])
+    if settings["notify_log_lines"] < 0 or settings["notify_repeat"] < 0:
+        raise ConfigError("notify_log_lines and notify_repeat must be at least 0")
     if settings["signing_key"]:
         settings["signing_key"] = os.path.expanduser(settings["signing_key"])
     if settings["syslog_socket"] not in ("auto", "off") and (
@@ -3403,6 +3410,8 @@ def _read_config_file(path):
         kind = CONFIG_TYPES.get(key)
         if key in SIZE_KEYS and isinstance(value, str):
             data[key] = value = _config_size("config %s: %r" % (path, key), value)
+        if key in TIMESPAN_KEYS and isinstance(value, str):
+            data[key] = value = _config_timespan("config %s: %r" % (path, key), value)
         if kind is None:
             raise ConfigError("config %s: unknown key %r (known: %s)" % (path, key, ", ".join(sorted(CONFIG_TYPES))))
         if value is not None and (not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool)):
@@ -3413,7 +3422,15 @@ def _read_config_file(path):
 
 def _type_words(kind):
     return "a number" if isinstance(kind, tuple) else {
-        "str": "a string", "int": "a whole number", "bool": "true or false", "dict": "a JSON object"}[kind.__name__]
+        "str": "a string", "int": "a whole number", "bool": "true or false", "dict": "a JSON object",
+        "list": "a JSON list"}[kind.__name__]
+
+
+def _config_timespan(what, text):
+    try:
+        return parse_timespan(text)
+    except ValueError:
+        raise ConfigError("%s must be a number of seconds or a time span (\"1h\", \"30min\"), not %r" % (what, text))
 
 
 def _config_size(what, text):
@@ -3431,16 +3448,18 @@ def _convert_env(key, raw, kind):
         return raw
     if key in SIZE_KEYS:
         return _config_size("GITPROC_%s" % key.upper(), raw)
+    if key in TIMESPAN_KEYS:
+        return _config_timespan("GITPROC_%s" % key.upper(), raw)
     if kind is bool:
         if raw.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
             raise ConfigError("GITPROC_%s=%r must be true or false" % (key.upper(), raw))
         return raw.lower() in ("1", "true", "yes", "on")
     try:
-        if kind is dict:
+        if kind in (dict, list):
             value = json.loads(raw)
-            if isinstance(value, dict):
+            if isinstance(value, kind):
                 return value
-            raise ValueError("not an object")
+            raise ValueError("not a JSON %s" % ("object" if kind is dict else "list"))
         return int(raw) if kind is int else float(raw)
     except ValueError:
         raise ConfigError("GITPROC_%s=%r must be %s" % (key.upper(), raw, _type_words(kind)))
@@ -3462,6 +3481,37 @@ def _check_verify_setting(verify):
         raise ConfigError('verify: "scope" must be "head" (the commit deployed) or "all" (every commit since '
                           'the deployed one), not %r' % (scope,))
     return {kinds[0]: os.path.abspath(os.path.expanduser(verify[kinds[0]])), "scope": scope}
+
+
+def _check_notify_setting(targets):
+    """`notify`: a list of targets, each {"url": "http(s)://...", "format":
+    "json"|"slack"} or {"command": [argv...]}, with an optional "name"
+    (default: the URL, or the command). Returns them with their names."""
+    checked, names = [], set()
+    for number, target in enumerate(targets, 1):
+        where = "notify: target %d" % number
+        if not isinstance(target, dict):
+            raise ConfigError("%s must be a JSON object ({\"url\": ...} or {\"command\": [...]})" % where)
+        unknown = sorted(set(target) - {"url", "command", "format", "name"})
+        if unknown:
+            raise ConfigError("%s: unknown key %r (known: url, command, format, name)" % (where, unknown[0]))
+        if ("url" in target) == ("command" in target):
+            raise ConfigError('%s: give one of "url" (a JSON POST) or "command" (run with the alert on stdin)' % where)
+        url, command = target.get("url"), target.get("command")
+        if url is not None and not (isinstance(url, str) and re.match(r"https?://[^/\s]+", url)):
+            raise ConfigError("%s: url must be an http:// or https:// address, not %r" % (where, url))
+        if command is not None and not (isinstance(command, list) and command and
+                                        all(isinstance(word, str) and word for word in command)):
+            raise ConfigError("%s: command must be a list of words, the program first, not %r" % (where, command))
+        form = target.get("format", "json")
+        if form not in ("json", "slack") or (command is not None and "format" in target):
+            raise ConfigError('%s: format is "json" or "slack", for a url only' % where)
+        name = target.get("name") or url or " ".join(command)
+        if not isinstance(name, str) or name in names:
+            raise ConfigError("%s: name %r is not a string, or another target's" % (where, name))
+        names.add(name)
+        checked.append(dict(target, name=name, format=form) if url else dict(target, name=name))
+    return checked
 
 
 # ==== 6. state store =========================================================
@@ -9333,6 +9383,7 @@ class EventLog:
         server.on_close = self.unfollow
         self.followers = {}               # Connection -> set of unit names (empty: all)
         self.store = store                # StateStore of events.json: the ring outlives the daemon
+        self.listener = None              # told of each event as it happens (the Alerter)
 
     def restore(self):
         """The events an earlier daemon kept (a missing or corrupt file: none)."""
@@ -9348,6 +9399,8 @@ class EventLog:
         entry = {"time": time.time(), "unit": unit, "event": event, "from": before, "to": after,
                  "reason": reason, "pid": pid, "commit": commit}
         self.ring.append(entry)
+        if self.listener is not None:
+            self.listener(entry)
         if self.store is not None:
             self.store.mark_dirty()       # written in the loop's batches, like the state
         if self.followers:
@@ -11952,6 +12005,14 @@ def prometheus_text(daemon):
            (("{%s}" % timer_labels[t.name], t.last_trigger) for t in timers if t.last_trigger is not None))
     family("gitproc_timer_triggers_total", "counter", "Elapses of the timer (kept across daemon restarts).",
            (("{%s}" % timer_labels[t.name], t.triggers_total) for t in timers))
+    alerts = daemon.alerts
+    family("gitproc_alerts_sent_total", "counter", "Alerts delivered, by target and event.",
+           (('{target="%s",event="%s"}' % (prometheus_label(target), event), count)
+            for (target, event), count in sorted(alerts.sent_total.items())))
+    family("gitproc_alerts_failed_total", "counter", "Alerts a target did not take after every attempt.",
+           (('{target="%s"}' % prometheus_label(target), count) for target, count in sorted(alerts.failed_total.items())))
+    family("gitproc_alerts_suppressed_total", "counter", "Repeats of an alert within notify_repeat, counted "
+           "and said in the next one instead.", [("", alerts.suppressed_total)])
     sockets = [daemon.listeners.units[name] for name in sorted(daemon.listeners.units)]
     socket_labels = {s.name: 'socket="%s"' % prometheus_label(s.name) for s in sockets}
     family("gitproc_socket_listening", "gauge", "1 while the socket's addresses are bound and open.",
@@ -11990,6 +12051,167 @@ def _prometheus_number(value):
     if isinstance(value, float):
         return repr(value) if math.isfinite(value) else ("+Inf" if value > 0 else "-Inf" if value < 0 else "NaN")
     return str(value)
+
+
+# ---- the status page (SPEC §21) ---------------------------------------------------------
+# GET / and GET /units/NAME on the HTTP listener: what `status --json` says,
+# as a page a person reads (a phone included). Server-rendered from the same
+# data, every string escaped, no script, no form, no action: it only reads.
+
+PAGE_STYLE = """
+body{font:15px/1.4 system-ui,sans-serif;margin:0;color:#1d2329;background:#f6f7f9}
+header,main,footer{max-width:1100px;margin:0 auto;padding:12px 16px}
+header{background:#1d2329;color:#fff;max-width:none}header div{max-width:1100px;margin:0 auto}
+h1{font-size:20px;margin:4px 0}h2{font-size:16px;margin:22px 0 8px}header p{margin:4px 0;color:#c9d1d9}
+a{color:#0b5cad}header a{color:#fff}code{font:13px ui-monospace,monospace}
+table{border-collapse:collapse;width:100%;background:#fff;border:1px solid #d8dde3}
+th,td{text-align:left;padding:6px 8px;border-bottom:1px solid #e6e9ed;vertical-align:top}
+th{font-size:12px;text-transform:uppercase;letter-spacing:.04em;color:#57606a;background:#eef1f4}
+.state{font-weight:600}.failed,.refused{color:#b42318}.running,.listening,.waiting,.ok{color:#1a7f37}
+.starting,.backoff,.stopping,.reloading,.partial{color:#9a6700}.stopped,.exited,.inactive{color:#57606a}
+.alert{background:#fff4f2;border:1px solid #f3b7ae;padding:8px 12px;margin:6px 0}.muted{color:#57606a}
+dl{display:grid;grid-template-columns:max-content 1fr;gap:4px 16px;background:#fff;border:1px solid #d8dde3;padding:12px}
+dt{color:#57606a}dd{margin:0;overflow-wrap:anywhere}pre{background:#fff;border:1px solid #d8dde3;padding:8px;overflow-x:auto}
+@media (max-width:640px){table,tbody,tr,td{display:block;width:auto}thead{display:none}
+tr{border-bottom:2px solid #d8dde3;padding:4px 0}td{border:0;padding:2px 8px}td.empty{display:none}
+td::before{content:attr(data-label);display:inline-block;min-width:6.5em;color:#57606a;font-size:12px}}
+"""
+PAGE_REFRESH = 10                     # seconds between the page's reloads (meta refresh: no script)
+_PAGE_HEADERS = {}
+
+
+def page_headers():
+    """The status page's headers: its one stylesheet allowed by its hash,
+    nothing else (hashed with CPython's own sha256: no OpenSSL in the daemon)."""
+    if not _PAGE_HEADERS:
+        import binascii
+        digest = new_digest("sha256")
+        digest.update(PAGE_STYLE.encode())
+        _PAGE_HEADERS.update({
+            "Content-Security-Policy": "default-src 'none'; style-src 'sha256-%s'; base-uri 'none'; "
+                                       "form-action 'none'; frame-ancestors 'none'" % binascii.b2a_base64(
+                                           digest.digest(), newline=False).decode(),
+            "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-store",
+            "X-Frame-Options": "DENY"})
+    return dict(_PAGE_HEADERS)
+
+
+def _page(title, body, refresh=True):
+    from html import escape
+    return ('<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+            '<meta name="viewport" content="width=device-width, initial-scale=1">%s<title>%s</title>'
+            '<style>%s</style></head><body>%s<footer class="muted">gitproc %s &middot; read-only%s</footer>'
+            '</body></html>\n' % ('<meta http-equiv="refresh" content="%d">' % PAGE_REFRESH if refresh else "",
+                                  escape(title), PAGE_STYLE, body, escape(__version__),
+                                  " &middot; refreshed every %d s" % PAGE_REFRESH if refresh else "")).encode()
+
+
+def _html_cells(row):
+    """<td>s of (label, html) pairs; the label shows on a phone, where rows
+    stack, and there an empty cell ("-") is left out."""
+    from html import escape
+    return "".join('<td data-label="%s"%s>%s</td>' % (escape(label), ' class="empty"' if cell in ("-", "") else "", cell)
+                   for label, cell in row)
+
+
+def _html_table(headers, rows):
+    from html import escape
+    if not rows:
+        return '<p class="muted">none</p>'
+    return "<table><thead><tr>%s</tr></thead><tbody>%s</tbody></table>" % (
+        "".join("<th>%s</th>" % escape(h) for h in headers),
+        "".join("<tr>%s</tr>" % _html_cells(zip(headers, row)) for row in rows))
+
+
+def _html_state(state):
+    from html import escape
+    return '<span class="state %s">%s</span>' % (escape(state), escape(state))
+
+
+def _html_time(wall):
+    """A time of today as HH:MM:SS, another day's with its date."""
+    if not wall:
+        return "-"
+    same_day = time.localtime(wall)[:3] == time.localtime()[:3]
+    return time.strftime("%H:%M:%S" if same_day else "%Y-%m-%d %H:%M", time.localtime(wall))
+
+
+def status_page(data):
+    """The host at a glance: `data` is what `status --json` holds, every
+    service with its detail."""
+    from html import escape
+    from urllib.parse import quote
+    info = data["daemon"]
+    commit, sync, verify = info.get("commit"), info.get("last_sync") or {}, info.get("verify") or {}
+    head = "<header><div><h1>%s</h1><p>branch <b>%s</b> &middot; %s</p><p>last sync %s %s%s &middot; %s</p>%s</div></header>" % (
+        escape(info["hostname"]), escape(info["branch"]),
+        "commit <code>%s</code> %s" % (escape(commit["sha"][:7]), escape(commit["subject"])) if commit else "nothing deployed",
+        escape(_html_time(sync.get("time"))), _html_state(sync.get("result") or "never"),
+        ": " + escape(sync["error"]) if sync.get("error") else "",
+        "verify: %s signatures, scope %s" % ("SSH" if verify.get("kind") == "ssh" else "OpenPGP", escape(verify["scope"]))
+        if verify.get("kind") else "verify: off",
+        '<p class="failed">REFUSED %s: %s</p>' % (escape(info["refused"]["sha"][:7]), escape(info["refused"]["error"]))
+        if info.get("refused") else "")
+    services = sorted(data["services"], key=lambda s: (s["state"] != FAILED, s["name"]))
+    link = lambda name: '<a href="/units/%s">%s</a>' % (quote(name, safe=""), escape(name))
+    failed = [s for s in services if s["state"] == FAILED]
+    body = [head, "<main>"]
+    if failed:
+        body.append("<h2>Failed (%d)</h2>" % len(failed))
+        body += ['<div class="alert">%s %s since %s: %s</div>' % (
+            link(s["name"]), _html_state(s["state"]), escape(_html_time(s["since"])),
+            escape(s["reason"] or describe_exit(s["last_exit"]))) for s in failed]
+    invalid = [p for p in data["problems"] if p["severity"] == "error"]
+    if invalid:
+        body.append("<h2>Invalid unit files (%d)</h2>" % len(invalid))
+        body += ['<div class="alert"><code>%s:%d</code> %s</div>' % (escape(p["path"]), p["line"], escape(p["message"]))
+                 for p in invalid]
+    body.append("<h2>Units (%d)</h2>" % len(services))
+    body.append(_html_table(("unit", "state", "since", "restarts", "health", "memory", "cpu", "commit", "note"), [(
+        link(s["name"]) + ('<br><span class="muted">%s</span>' % escape(s["description"]) if s.get("description") else ""),
+        _html_state(s["state"]), escape(_html_time(s["since"])), str(s["restarts"]), escape(s["health"] or "-"),
+        escape(format_bytes(s["memory"])) if s["memory"] else "-",
+        "%.1fs" % s["cpu_seconds"] if s.get("cpu_seconds") is not None else "-",
+        "<code>%s</code>" % escape((s["commit"] or "")[:7]),
+        escape(("rolled back: " + drift_note(s["rolled_back"])) if s["rolled_back"] else
+               s.get("status_text") or (s["reason"] if s["state"] != RUNNING else "") or ""))
+        for s in services]))
+    if data.get("timers"):
+        body.append("<h2>Timers (%d)</h2>" % len(data["timers"]))
+        body.append(_html_table(("timer", "state", "next", "last", "activates"), [(
+            escape(t["name"]), _html_state(t["state"]), escape(_html_time(t["next"])), escape(_html_time(t["last_trigger"])),
+            escape(t["unit"])) for t in data["timers"]]))
+    if data.get("sockets"):
+        body.append("<h2>Sockets (%d)</h2>" % len(data["sockets"]))
+        body.append(_html_table(("socket", "state", "listen", "accepted", "activates"), [(
+            escape(s["name"]), _html_state(s["state"]), "<br>".join(escape(a) for a in s["listen"]),
+            str(s["accepted_total"]), escape(s["unit"])) for s in data["sockets"]]))
+    body.append("</main>")
+    return _page("gitproc on %s" % info["hostname"], "".join(body))
+
+
+def unit_page(service, info, show_logs):
+    """One unit's detail, as `status NAME` shows it; its log lines only with
+    http_show_logs (a log may hold what the network must not see)."""
+    from html import escape
+    rows = [("description", service.get("description") or "-"), ("unit file", service.get("path")),
+            ("state", None), ("since", _html_time(service["since"])), ("reason", service["reason"] or "-"),
+            ("main pid", service["pid"] or "-"), ("restarts", service["restarts"]),
+            ("last exit", describe_exit(service["last_exit"])), ("health", service["health"] or "no health check"),
+            ("memory", format_bytes(service["memory"]) if service["memory"] else "-"),
+            ("cpu", "%.2fs" % service["cpu_seconds"] if service.get("cpu_seconds") is not None else "-"),
+            ("commit", (service["commit"] or "-")[:12]), ("type", service.get("type")),
+            ("status", service.get("status_text") or "-"),
+            ("rolled back", drift_note(service["rolled_back"]) if service["rolled_back"] else "no")]
+    rows += [("not applied", "%s=%s (%s)" % (n["key"], n["value"], n["why"])) for n in service.get("not_applied", [])]
+    rows += [("warning", w) for w in service.get("warnings", [])]
+    listing = "".join("<dt>%s</dt><dd>%s</dd>" % (escape(label), _html_state(service["state"]) if value is None else
+                                                   escape(str(value))) for label, value in rows)
+    logs = '<h2>Last log lines</h2><pre>%s</pre>' % escape("\n".join(service.get("log_tail") or [])) if show_logs \
+        else '<p class="muted">Log lines are not shown here (set http_show_logs in the config).</p>'
+    body = '<header><div><h1>%s</h1><p><a href="/">%s</a></p></div></header><main><dl>%s</dl>%s</main>' % (
+        escape(service["name"]), escape(info["hostname"]), listing, logs)
+    return _page("%s on %s" % (service["name"], info["hostname"]), body)
 
 
 class RequestHandlers:
@@ -12383,13 +12605,31 @@ class RequestHandlers:
     def _cmd_metrics(self, conn, message):
         return {"ok": True, "result": {"text": prometheus_text(self.daemon)}}
 
+    def _cmd_notify_test(self, conn, message):
+        """notify test [TARGET]: a test alert; the reply once every target answered."""
+        target = message.get("target")
+        if target is not None and not isinstance(target, str):
+            raise GitprocError("malformed request: 'target' must be a string")
+        alerts = self.daemon.alerts
+        deliveries = alerts.test(target)
+
+        def check():
+            if any(d.outcome is None for d in deliveries):
+                return None
+            for delivery in deliveries:
+                alerts.tests.remove(delivery)
+            results = [{"target": d.target["name"], "ok": d.outcome[0], "answer": d.outcome[1]} for d in deliveries]
+            return {"ok": True, "result": {"targets": results}}
+        return self.daemon.server.park(conn, check, lambda: {"ok": False, "error": "no answer within %gs" % (
+            ALERT_TIMEOUT + 5)}, ALERT_TIMEOUT + 5)
+
     COMMANDS = {"ping": _cmd_ping, "status": _cmd_status, "list": _cmd_list, "list-timers": _cmd_list_timers,
                 "list-sockets": _cmd_list_sockets,
                 "start": _cmd_start,
                 "stop": _cmd_stop, "restart": _cmd_restart, "reload": _cmd_reload, "wait": _cmd_wait, "shutdown": _cmd_shutdown,
                 "daemon-reload": _cmd_daemon_reload,
                 "sync": _cmd_sync, "diff": _cmd_diff, "rollback": _cmd_rollback, "history": _cmd_history,
-                "events": _cmd_events, "metrics": _cmd_metrics}
+                "events": _cmd_events, "metrics": _cmd_metrics, "notify-test": _cmd_notify_test}
 
     # -- the HTTP listener's routes ----------------------------------------------------
 
@@ -12397,8 +12637,10 @@ class RequestHandlers:
         """(status, content type, body, extra headers) for one HTTP request.
         Nothing here changes a service but a signed /hooks/sync."""
         route = self.HTTP_ROUTES.get(request.path)
+        if route is None and request.path.startswith("/units/"):
+            route = (("GET", "HEAD"), RequestHandlers._http_unit_page)
         if route is None:
-            return 404, "text/plain", b"not found: try /metrics, /status, /healthz or POST /hooks/sync\n", {}
+            return 404, "text/plain", b"not found: try /, /metrics, /status, /healthz or POST /hooks/sync\n", {}
         allowed, handler = route
         if request.method not in allowed:
             return 405, "text/plain", b"method not allowed\n", {"Allow": ", ".join(allowed)}
@@ -12410,6 +12652,29 @@ class RequestHandlers:
     def _http_status(self, request):
         result = self._cmd_status(None, {})["result"]
         return 200, "application/json", (json.dumps(result, indent=2, sort_keys=True) + "\n").encode(), {}
+
+    def _page_data(self, names=None):
+        daemon = self.daemon
+        result = self._cmd_status(None, {})["result"]
+        result["services"] = [daemon.services[n].snapshot(True) for n in (names or sorted(daemon.services))]
+        return result
+
+    def _http_page(self, request):
+        return 200, "text/html; charset=utf-8", status_page(self._page_data()), page_headers()
+
+    def _http_unit_page(self, request):
+        from urllib.parse import unquote
+        name = unquote(request.path[len("/units/"):])
+        service = self.daemon.services.get(name)
+        if service is None:
+            return 404, "text/html; charset=utf-8", _page("not found", "<main><h1>No unit %s</h1><p><a href=\"/\">"
+                                                          "all units</a></p></main>" % __import__("html").escape(name),
+                                                          refresh=False), page_headers()
+        snapshot = service.snapshot(True)
+        if self.daemon.config.http_show_logs:
+            snapshot["log_tail"] = tail_lines(self.daemon.config.service_log(service.log_name), 30)
+        return 200, "text/html; charset=utf-8", unit_page(snapshot, self.daemon.info(), self.daemon.config.http_show_logs), \
+            page_headers()
 
     def _http_healthz(self, request):
         sync = self.daemon.deployer.last_sync
@@ -12441,7 +12706,8 @@ class RequestHandlers:
         reply = self._plan_reply(plan)
         return (200 if reply["ok"] else 503), "application/json", (json.dumps(reply, sort_keys=True) + "\n").encode(), {}
 
-    HTTP_ROUTES = {"/metrics": (("GET", "HEAD"), _http_metrics), "/status": (("GET", "HEAD"), _http_status),
+    HTTP_ROUTES = {"/": (("GET", "HEAD"), _http_page),
+                   "/metrics": (("GET", "HEAD"), _http_metrics), "/status": (("GET", "HEAD"), _http_status),
                    "/healthz": (("GET", "HEAD"), _http_healthz), "/hooks/sync": (("POST",), _http_hook)}
 
 
@@ -12464,6 +12730,284 @@ def webhook_sender(secret, headers, body):
                 return forge, None
             return None, "%s signature (%s) does not match webhook_secret" % (forge, header)
     return None, "no X-Hub-Signature-256, X-Gitea-Signature or X-Gitlab-Token header"
+
+
+# ---- alerts (SPEC §21) --------------------------------------------------------------
+# What the event log records is watched for what someone must hear of: a unit
+# failed, restarted after an exit, turned unhealthy, its watchdog fired; a
+# deploy failed, was refused, or rolled back; and then its recovery. The first
+# alert of a (unit, kind) goes at once; repeats within notify_repeat are
+# counted and said in the next one. Each delivery is a child process (the
+# stdlib's urllib for a URL, or the target's command), so a slow or dead
+# target costs the loop one spawn and a pipe to read: never a wait.
+
+ALERT_QUEUE_LIMIT = 100               # deliveries waiting; past it the oldest is dropped, and said
+ALERT_CHILDREN = 4                    # deliveries under way at once
+ALERT_TIMEOUT = 15.0                  # a delivery still running then is killed, and failed
+ALERT_RETRIES = (2.0, 10.0, 60.0)     # waits before the second, third and fourth (last) attempt
+ALERT_ANSWER_BYTES = 300              # of a target's answer, kept for `status` and `notify test`
+RECOVERY_AFTER = 10.0                 # a unit that was alerted on runs (healthy) this long: recovered
+ALERT_WORDS = {"failed": "failed", "restarted": "exited and is restarted", "unhealthy": "is unhealthy",
+               "watchdog": "missed its watchdog", "deploy-failed": "deploy failed",
+               "deploy-refused": "deploy refused", "rolled-back": "rolled back", "recovered": "recovered",
+               "test": "test alert"}
+
+# The child that posts an alert (JSON on its stdin) to a URL: urllib, with the
+# ssl module's default context (certificates verified), 10 s to answer.
+ALERT_SENDER = r"""
+import json, sys, urllib.error, urllib.request
+url, form = sys.argv[1], sys.argv[2]
+alert = json.load(sys.stdin)
+body = json.dumps({"text": alert["text"]} if form == "slack" else alert).encode()
+request = urllib.request.Request(url, body, {"Content-Type": "application/json", "User-Agent": "gitproc"})
+try:
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        print(answer.status, answer.read(300).decode("utf-8", "replace").strip())
+except urllib.error.HTTPError as exc:
+    print(exc.code, exc.read(300).decode("utf-8", "replace").strip())
+    sys.exit(1)
+except Exception as exc:
+    print("error:", getattr(exc, "reason", None) or exc)
+    sys.exit(1)
+"""
+
+
+class Delivery:
+    """One alert to one target: its attempts, and what the target answered."""
+    __slots__ = ("target", "alert", "attempt", "pid", "out", "answer", "exit", "timer", "test", "outcome")
+
+    def __init__(self, target, alert, test=None):
+        self.target, self.alert, self.attempt, self.test = target, alert, 0, test
+        self.pid = self.out = self.exit = self.timer = self.outcome = None
+        self.answer = b""
+
+
+class Alerter:
+    """The alerts of SPEC §21: raised from the daemon's events, de-duplicated,
+    delivered by child processes (bounded queue, retries with backoff)."""
+
+    def __init__(self, daemon):
+        import collections
+        self.daemon = daemon
+        self.repeats = {}                 # (unit, kind) -> {"sent": wall time, "suppressed": count since}
+        self.alerted = set()              # units alerted on and not recovered yet
+        self.recovering = {}              # unit -> Timer of its recovery check
+        self.queue = collections.deque()  # Deliveries waiting for a child
+        self.running = {}                 # pid -> Delivery under way
+        self.last = {}                    # target name -> the last delivery's outcome (status)
+        self.sent_total, self.failed_total = {}, {}    # (target, event) -> n; target -> n
+        self.suppressed_total = 0
+        self.tests = []                   # Deliveries of `notify test` under way or just done
+
+    @property
+    def targets(self):
+        return self.daemon.config.notify or []
+
+    # -- what raises an alert --------------------------------------------------------
+
+    def observe(self, entry):
+        """Every event of the daemon (EventLog): the ones someone must hear of."""
+        kind, unit, to = entry["event"], entry["unit"], entry["to"]
+        if not self.targets:
+            return
+        service = self.daemon.services.get(unit) if unit else None
+        if kind == "state" and service is not None:
+            if to in (FAILED, BACKOFF):
+                self.raise_alert("watchdog" if service.result == "watchdog" else "failed" if to == FAILED
+                                 else "restarted", service.log_name, entry["reason"], service)
+            elif to == RUNNING:
+                self._recovery_later(service)
+        elif kind == "health" and service is not None:
+            if to == "unhealthy":
+                self.raise_alert("unhealthy", service.log_name, entry["reason"], service)
+            elif to == "healthy":
+                self._recovery_later(service)
+        elif kind == "deploy" and (entry["to"] is None or (entry["reason"] or "").startswith("partial")):
+            refused = (entry["reason"] or "").startswith("refused")
+            self.raise_alert("deploy-refused" if refused else "deploy-failed", None, entry["reason"],
+                             commit=entry["commit"])
+        elif kind == "rollback":
+            self.raise_alert("rolled-back", unit, entry["reason"], service, commit=entry["to"])
+
+    def raise_alert(self, kind, unit, reason, service=None, commit=None):
+        now = time.time()
+        seen = self.repeats.get((unit, kind))
+        if seen is not None and now - seen["sent"] < self.daemon.config.notify_repeat:
+            seen["suppressed"] += 1       # said in the next one
+            self.suppressed_total += 1
+            return
+        self.repeats[(unit, kind)] = {"sent": now, "suppressed": 0}
+        if unit is not None:
+            self.alerted.add(unit)
+            timer = self.recovering.pop(unit, None)
+            if timer is not None:
+                timer.cancel()
+        suppressed = seen["suppressed"] if seen else 0
+        self.send(self.alert(kind, unit, reason, service, commit, suppressed, seen["sent"] if seen else None))
+
+    def _recovery_later(self, service):
+        unit = service.log_name
+        if unit in self.alerted and unit not in self.recovering:
+            self.recovering[unit] = self.daemon.call_later(RECOVERY_AFTER, lambda: self._recovered(unit))
+
+    def _recovered(self, unit):
+        self.recovering.pop(unit, None)
+        service = self.daemon.services.get(unit)
+        if unit not in self.alerted or service is None or service.state != RUNNING or \
+                service.health()[0] not in (None, "healthy"):
+            return
+        self.alerted.discard(unit)
+        kinds = [key for key in self.repeats if key[0] == unit]
+        suppressed = sum(self.repeats.pop(key)["suppressed"] for key in kinds)
+        self.send(self.alert("recovered", unit, "running%s for %ds" % (
+            " and healthy" if service.health()[0] else "", RECOVERY_AFTER), service, None, suppressed, None))
+
+    def alert(self, kind, unit, reason, service=None, commit=None, suppressed=0, since=None):
+        """The payload every target gets (a JSON object; Slack's text is `text`)."""
+        config, deployed = self.daemon.config, self.daemon.deployer.deployed
+        exit_info = service.last_exit if service is not None and kind != "recovered" else None
+        lines = tail_lines(config.service_log(unit), config.notify_log_lines) if unit and service is not None else []
+        text = "[%s] %s %s%s" % (config.hostname, unit or "deploy", ALERT_WORDS[kind], ": %s" % reason if reason else "")
+        if suppressed and kind == "recovered":
+            text += "; %d repeat%s of its alerts held back meanwhile" % (suppressed, "" if suppressed == 1 else "s")
+        elif suppressed:
+            text += " (and %d more like it since %s, not sent one by one)" % (
+                suppressed, time.strftime("%H:%M:%S", time.localtime(since)))
+        return {"host": config.hostname, "unit": unit, "event": kind, "reason": reason,
+                "exit": describe_exit(exit_info) if exit_info else None,
+                "commit": commit or (service.commit if service is not None else None) or (
+                    deployed.sha if deployed else None),
+                "time": time.time(), "suppressed": suppressed, "log": [line[:500] for line in lines], "text": text}
+
+    # -- delivery --------------------------------------------------------------------------
+
+    def send(self, alert, targets=None, test=None):
+        for target in targets if targets is not None else self.targets:
+            delivery = Delivery(target, alert, test)
+            if test is not None:
+                self.tests.append(delivery)
+            self.queue.append(delivery)
+            if len(self.queue) > ALERT_QUEUE_LIMIT:
+                dropped = self.queue.popleft()
+                dropped.outcome = (False, "dropped: more than %d alerts waiting" % ALERT_QUEUE_LIMIT)
+                self._gave_up(dropped, dropped.outcome[1])
+        self._pump()
+
+    def _pump(self):
+        while self.queue and len(self.running) < ALERT_CHILDREN and not self.daemon.host.shutting_down:
+            self._start(self.queue.popleft())
+
+    def _start(self, delivery):
+        target = delivery.target
+        delivery.attempt += 1
+        delivery.answer, delivery.exit, delivery.out = b"", None, None
+        argv = [sys.executable, "-I", "-S", "-c", ALERT_SENDER, target["url"], target["format"]] \
+            if "url" in target else list(target["command"])
+        program = find_program(argv[0], os.environ.get("PATH", os.defpath))
+        in_r, in_w = os.pipe()
+        out_r, out_w = os.pipe()
+        try:
+            if program is None:
+                raise OSError(errno.ENOENT, "%s: command not found" % argv[0])
+            delivery.pid = os.posix_spawn(program, argv, dict(os.environ), setsid=True, file_actions=[
+                (os.POSIX_SPAWN_DUP2, in_r, 0), (os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, out_w, 2)])
+        except OSError as exc:
+            for fd in (in_r, in_w, out_r, out_w):
+                os.close(fd)
+            return self._done(delivery, False, "cannot run %s: %s" % (argv[0], describe_os_error(exc)))
+        os.close(in_r)
+        os.close(out_w)
+        try:                              # (a pipe holds 64 KiB: the alert, its log lines cut, fits)
+            os.set_blocking(in_w, False)
+            os.write(in_w, json.dumps(delivery.alert).encode()[:65536])
+        except OSError:
+            pass                          # it did not read: its exit says what went wrong
+        finally:
+            os.close(in_w)
+        os.set_blocking(out_r, False)
+        delivery.out = out_r
+        self.running[delivery.pid] = delivery
+        self.daemon.selector.register(out_r, EVENT_READ, (self._read, delivery))
+        self.daemon.host.exit_watcher.watch(delivery.pid, lambda exit_info: self._exited(delivery, exit_info))
+        delivery.timer = self.daemon.call_later(ALERT_TIMEOUT, lambda: self._timed_out(delivery))
+
+    def _read(self, delivery, _mask):
+        try:
+            chunk = os.read(delivery.out, 4096)
+        except BlockingIOError:
+            return
+        if chunk:
+            delivery.answer = (delivery.answer + chunk)[:ALERT_ANSWER_BYTES]
+            return
+        unregister_quietly(self.daemon.selector, delivery.out)
+        os.close(delivery.out)
+        delivery.out = None
+        self._settle(delivery)
+
+    def _exited(self, delivery, exit_info):
+        delivery.exit = exit_info or {"code": None}
+        self._settle(delivery)
+
+    def _timed_out(self, delivery):
+        delivery.timer = None
+        if delivery.exit is None and delivery.pid:
+            delivery.answer += b" (no answer within %ds)" % ALERT_TIMEOUT
+            try:
+                os.killpg(delivery.pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+    def _settle(self, delivery):
+        if delivery.exit is None or delivery.out is not None:
+            return                        # its output or its exit is still to come
+        self.running.pop(delivery.pid, None)
+        if delivery.timer is not None:
+            delivery.timer.cancel()
+        answer = delivery.answer.decode("utf-8", "replace").strip() or describe_exit(delivery.exit)
+        self._done(delivery, delivery.exit == {"code": 0}, answer)
+
+    def _done(self, delivery, ok, answer):
+        name, kind = delivery.target["name"], delivery.alert["event"]
+        self.last[name] = {"time": time.time(), "event": kind, "unit": delivery.alert["unit"], "ok": ok,
+                           "answer": answer, "attempt": delivery.attempt}
+        delivery.outcome = (ok, answer)
+        if ok:
+            self.sent_total[(name, kind)] = self.sent_total.get((name, kind), 0) + 1
+        elif delivery.test is None and delivery.attempt <= len(ALERT_RETRIES):
+            wait = ALERT_RETRIES[delivery.attempt - 1]
+            self.daemon.log.warning("daemon", "Alert %s of %s to %s failed (%s): again in %gs" % (
+                kind, delivery.alert["unit"] or "the deploy", name, answer, wait))
+            self.daemon.call_later(wait, lambda: (self.queue.append(delivery), self._pump()))
+        else:
+            self._gave_up(delivery, answer)
+        self.daemon.changed = True        # a `notify test` waiting for it
+        self._pump()
+
+    def _gave_up(self, delivery, why):
+        name = delivery.target["name"]
+        self.failed_total[name] = self.failed_total.get(name, 0) + 1
+        if delivery.test is None:
+            self.daemon.log.error("daemon", "Alert %s of %s to %s not delivered after %d attempt%s: %s" % (
+                delivery.alert["event"], delivery.alert["unit"] or "the deploy", name, delivery.attempt,
+                "" if delivery.attempt == 1 else "s", why))
+        self.last[name] = dict(self.last.get(name, {}), ok=False, answer=why, time=time.time(),
+                               event=delivery.alert["event"])
+
+    # -- `notify test`, status and metrics -------------------------------------------------
+
+    def test(self, name=None):
+        """A test alert to every target (or the one named): the Deliveries."""
+        targets = [t for t in self.targets if name is None or t["name"] == name]
+        if not targets:
+            raise GitprocError("no notify target %s: %s" % ("named %r" % name if name else "is set in the config",
+                               ", ".join(t["name"] for t in self.targets) or 'add "notify" to config.json'))
+        test = object()
+        self.send(self.alert("test", None, "sent by `notify test`: the wiring works"), targets, test)
+        return [d for d in self.tests if d.test is test]
+
+    def describe(self):
+        return {"targets": [{"name": t["name"], "last": self.last.get(t["name"])} for t in self.targets],
+                "waiting": len(self.queue), "under_way": len(self.running), "suppressed": self.suppressed_total}
 
 
 class DaemonHost(Launcher):
@@ -12521,6 +13065,8 @@ class Daemon:
         self.deployer.schedule = self.schedule
         self.listeners = SocketSet(self)      # the sockets (SPEC §18)
         self.deployer.listeners = self.listeners
+        self.alerts = Alerter(self)           # alerts to people (SPEC §21), raised from the events
+        self.events.listener = self.alerts.observe
         self.host.snapshots = self.deployer.snapshots
         self.source = SourceWatcher(config, log, self.selector, self.call_later, self.host.exit_watcher, self.deployer)
         self.http = None                  # HttpListener, with http_listen set
@@ -12710,7 +13256,7 @@ class Daemon:
                 "log_dir": self.config.log_dir, "remote": self.config.remote, "pin": deployer.pin,
                 "last_fetch": source.last_fetch, "watch": source.mode, "poll_interval": source.poll_delay,
                 "verify": deployer.verifier.describe(), "refused": deployer.refused,
-                "syslog": self.syslog.describe(),
+                "syslog": self.syslog.describe(), "notify": self.alerts.describe() if self.alerts.targets else None,
                 "cgroups": self.host.cgroups.describe() if self.host.cgroups else None,
                 "http": {"listen": "%s:%d" % self.http.address, "exposed": self.http.exposed} if self.http else None}
 
@@ -13015,6 +13561,7 @@ EXAMPLES = {
               "printf '#!/bin/sh\\nexec python3 gitproc.py check .\\n' > .git/hooks/pre-commit"],
     "events": ["gitproc.py events", "gitproc.py events -f web", "gitproc.py events --json -n 100"],
     "metrics": ["gitproc.py metrics", "curl -s http://127.0.0.1:9180/metrics   (with http_listen set)"],
+    "notify": ["gitproc.py notify test", "gitproc.py notify test ops-slack"],
     "install": ["gitproc.py install", "gitproc.py install --prefix /opt/gitproc --no-service"],
     "uninstall": ["gitproc.py uninstall", "gitproc.py uninstall --prefix /opt/gitproc"],
     "completion": ["gitproc.py completion bash > /etc/bash_completion.d/gitproc", "gitproc.py completion units"],
@@ -13068,6 +13615,11 @@ def _daemon_line(info):
     if syslog.get("sockets") or syslog.get("notes"):
         line += "\n  syslog %s%s" % (", ".join(syslog.get("sockets") or []) or "off", "".join(
             "; %s: %s" % item for item in sorted((syslog.get("notes") or {}).items())))
+    for target in (info.get("notify") or {}).get("targets", []):
+        last = target["last"]
+        line += "\n  notify %s: %s" % (target["name"], "nothing sent yet" if not last else "%s %s at %s: %s" % (
+            last["event"], "delivered" if last["ok"] else "NOT DELIVERED", time.strftime(
+                "%H:%M:%S", time.localtime(last["time"])), last["answer"]))
     if info.get("refused"):
         line += "\n  REFUSED %s (%s): %s" % (info["refused"]["sha"][:7], info["refused"]["subject"], info["refused"]["error"])
     if info.get("http"):
@@ -13772,6 +14324,17 @@ def cmd_metrics(config, args):
     return EXIT_OK
 
 
+def cmd_notify(config, args):
+    """notify test [TARGET]: a test alert, and what each target answered."""
+    result = request(config, {"cmd": "notify-test", "target": args.target}, timeout=ALERT_TIMEOUT + 10)
+    if args.json:
+        _print_json(result)
+    else:
+        for entry in result["targets"]:
+            print("%s: %s (%s)" % (entry["target"], "delivered" if entry["ok"] else "NOT DELIVERED", entry["answer"]))
+    return EXIT_OK if all(entry["ok"] for entry in result["targets"]) else EXIT_FAILURE
+
+
 def cmd_check(config, args):
     paths = args.paths or [config.repo_path]
     files, problems, others = [], [], []
@@ -14366,6 +14929,9 @@ def build_parser(only=None):
     sub.add_argument("-f", "--follow", action="store_true", help="keep printing events as they come")
     sub.add_argument("--json", action="store_true", help="one JSON object per line")
     add("metrics", cmd_metrics, "print the metrics in Prometheus text format")
+    sub = with_json(add("notify", cmd_notify, "send a test alert to the notify targets and print their answers"))
+    sub.add_argument("action", choices=["test"])
+    sub.add_argument("target", nargs="?", metavar="TARGET", help="the one target to try (its name, url or command)")
     sub = add("install", cmd_install, "install gitproc as a command (PREFIX/bin/gitproc) and a systemd service")
     sub.add_argument("--prefix", metavar="DIR", help="where (default: /usr/local for root, ~/.local otherwise)")
     sub.add_argument("--no-service", action="store_true", help="no systemd unit")
