@@ -6288,6 +6288,221 @@ class SocketActivationTests(SupervisionCase):
         no_traceback(self, self.home)
 
 
+# ---- alerts and the status page (SPEC §21) -------------------------------------------
+
+class Receiver:
+    """An HTTP server in the test (127.0.0.1, its own thread) that records
+    every POST body and answers `code`; or, with `silent`, a socket that
+    takes connections and never answers."""
+
+    def __init__(self, test, code=200, silent=False):
+        import http.server
+        self.bodies, self.code = [], code
+        if silent:
+            self.sock = socket.socket()
+            self.sock.bind(("127.0.0.1", 0))
+            self.sock.listen(16)
+            self.port = self.sock.getsockname()[1]
+            test.addCleanup(self.sock.close)
+            return
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                receiver.bodies.append(json.loads(body))
+                self.send_response(receiver.code)
+                self.send_header("Content-Length", "6")
+                self.end_headers()
+                self.wfile.write(b"noted\n" if receiver.code == 200 else b"broken")
+
+            def log_message(self, *args):
+                pass
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+        test.addCleanup(self.server.server_close)
+        test.addCleanup(self.server.shutdown)
+
+    @property
+    def url(self):
+        return "http://127.0.0.1:%d/hook" % self.port
+
+    def events(self):
+        return [body.get("event") for body in self.bodies]
+
+
+class AlertTests(SupervisionCase):
+    """Alerts that reach someone (SPEC §21): a crash loop is a handful of
+    messages, then one recovery; a dead target delays nothing."""
+
+    def test_a_crash_loop_is_a_few_alerts_then_one_recovery(self):
+        good, slack, failing, dead = Receiver(self), Receiver(self), Receiver(self, 500), Receiver(self, silent=True)
+        stdin_copy = self.file("alert.json")
+        notify = [{"url": good.url, "name": "good"}, {"url": slack.url, "format": "slack", "name": "slack"},
+                  {"url": failing.url, "name": "failing"}, {"url": dead.url, "name": "dead"},
+                  {"command": ["sh", "-c", "cat > %s; echo taken" % stdin_copy], "name": "script"}]
+        crash = unit_text("ExecStart=" + sh("echo crash number $$$$; exit 3"), "Restart=always", "RestartSec=100ms",
+                          unit_lines=["StartLimitIntervalSec=0"])
+        self.deploy({"crash.service": crash, "web.service": unit(SLEEPER)},
+                    config={"notify": notify, "notify_log_lines": 3})
+        self.watch(self.home.running_pid("web"))
+        wait_until(lambda: good.events(), 10, "the first alert")
+        self.assertEqual(good.events(), ["restarted"], self.home.daemon_log()[-3000:])
+        first = good.bodies[0]
+        self.assertEqual((first["host"], first["unit"], first["event"], first["exit"], first["suppressed"]),
+                         (socket.gethostname(), "crash", "restarted", "exit code 3", 0))
+        self.assertIn(len(first["log"]), (1, 2, 3))
+        self.assertTrue(all(line.startswith("crash number") for line in first["log"]), first["log"])
+        self.assertEqual(len(first["commit"]), 40)
+        wait_until(lambda: slack.bodies, 10, "the Slack target")
+        self.assertEqual(list(slack.bodies[0]), ["text"])
+        self.assertIn("crash exited and is restarted: exit code 3", slack.bodies[0]["text"])
+        wait_until(lambda: os.path.exists(stdin_copy) and read_text(stdin_copy).endswith("}"), 10, "the command's stdin")
+        self.assertEqual(json.loads(read_text(stdin_copy))["event"], "restarted")
+        # meanwhile: the loop goes on at its pace, whatever the dead target does
+        restarts = self.home.status("crash")["restarts"]
+        wait_until(lambda: self.home.status("crash")["restarts"] >= restarts + 2, 15, "two more restarts")
+        asked = time.monotonic()
+        self.home.request({"cmd": "status"})
+        self.assertLess(time.monotonic() - asked, 1.0, "the loop answers while a target never does (gross bound)")
+        self.assertEqual(daemon_info(self.home)["notify"]["under_way"], 1, "the dead target's delivery waits")
+        self.assertEqual(good.events(), ["restarted"], "repeats within notify_repeat are counted, not sent")
+        info = daemon_info(self.home)["notify"]
+        last = {t["name"]: t["last"] for t in info["targets"]}
+        self.assertTrue(last["good"]["ok"])
+        self.assertEqual((last["failing"]["ok"], last["failing"]["answer"]), (False, "500 broken"))
+        self.assertIn("Alert restarted of crash to failing failed (500 broken): again in 2s", self.home.daemon_log())
+        code, out, err = self.home.cli_process("status")
+        self.assertIn("notify good: restarted delivered at", out)
+        self.assertIn("notify failing: restarted NOT DELIVERED at", out)
+        # fixed: once it has run for RECOVERY_AFTER, one recovery saying how many were held back
+        self.home.commit({"crash.service": unit(SLEEPER)}, "fixed")
+        self.home.request({"cmd": "sync"})
+        self.watch(self.home.running_pid("crash"))
+        wait_until(lambda: "recovered" in good.events(), gitproc.RECOVERY_AFTER + 10, "the recovery")
+        recovered = good.bodies[-1]
+        self.assertEqual(good.events(), ["restarted", "recovered"])
+        self.assertGreaterEqual(recovered["suppressed"], 2)
+        self.assertEqual(len(recovered["log"]), 3, "notify_log_lines")
+        self.assertIn("%d repeats of its alerts held back meanwhile" % recovered["suppressed"], recovered["text"])
+        line = 'gitproc_alerts_sent_total{target="good",event="recovered"} 1'
+        wait_until(lambda: line in self.home.request({"cmd": "metrics"})["text"], 5, "the delivery counted")
+        metrics = self.home.request({"cmd": "metrics"})["text"]
+        self.assertIn('gitproc_alerts_sent_total{target="good",event="restarted"} 1', metrics)
+        self.assertRegex(metrics, r"gitproc_alerts_suppressed_total ([2-9]|\d\d+)")
+        self.assertEqual(self.home.status("web")["state"], "running")
+
+    def test_notify_test_prints_each_targets_answer(self):
+        good, failing = Receiver(self), Receiver(self, 500)
+        self.deploy({"web.service": unit(SLEEPER)}, config={"notify": [{"url": good.url, "name": "good"},
+                                                                       {"url": failing.url, "name": "failing"}]})
+        self.watch(self.home.running_pid("web"))
+        code, out, err = self.home.cli_process("notify", "test", "good")
+        self.assertEqual((code, out, err), (0, "good: delivered (200 noted)\n", ""))
+        self.assertEqual(good.bodies[-1]["event"], "test")
+        code, out, err = self.home.cli_process("notify", "test")
+        self.assertEqual(code, 1)
+        self.assertIn("failing: NOT DELIVERED (500 broken)", out)
+        assert_clean_failure(self, *self.home.cli_process("notify", "test", "nobody"), mention="no notify target named")
+        self.assertEqual(len(failing.bodies), 1, "a test is tried once")
+
+    def test_a_deploy_that_fails_is_said(self):
+        good = Receiver(self)
+        self.deploy({"web.service": unit(SLEEPER)}, config={"notify": [{"url": good.url}]})
+        self.watch(self.home.running_pid("web"))
+        self.home.commit({"bad.service": "[Service]\nExecStart=\n"}, "broken unit")
+        self.home.request({"cmd": "sync"})
+        wait_until(lambda: good.bodies, 10, "an alert")
+        self.assertEqual((good.bodies[0]["event"], good.bodies[0]["unit"]), ("deploy-failed", None))
+        self.assertIn("1 invalid", good.bodies[0]["reason"])
+
+    def test_bad_notify_settings_name_the_target_and_key(self):
+        cases = [([{"url": "ftp://x"}], "target 1: url must be an http:// or https:// address"),
+                 ([{"command": "notify-send"}], "command must be a list of words"),
+                 ([{"url": "http://a", "command": ["x"]}], 'give one of "url"'),
+                 ([{"url": "http://a", "colour": "red"}], "unknown key 'colour'"),
+                 ([{"url": "http://a"}, {"url": "http://a"}], "target 2: name 'http://a' is not a string, or another"),
+                 ("http://a", "'notify' must be a JSON list")]
+        for notify, expected in cases:
+            write_config(self.home, {"notify": notify})
+            assert_clean_failure(self, *self.home.cli_process("daemon"), mention=expected)
+        write_config(self.home, {"notify_repeat": "soon"})
+        assert_clean_failure(self, *self.home.cli_process("daemon"), mention="notify_repeat")
+
+
+class StatusPageParser(__import__("html.parser").parser.HTMLParser):
+    """What a person sees: the text, the links, and any element that could act."""
+
+    def __init__(self):
+        super().__init__()
+        self.text, self.links, self.tags = [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        if tag == "a":
+            self.links.append(dict(attrs).get("href"))
+
+    def handle_data(self, data):
+        if data.strip():
+            self.text.append(data.strip())
+
+
+class StatusPageTests(SupervisionCase):
+    """GET / and GET /units/NAME (SPEC §21): read-only, escaped, failed first."""
+
+    def fetch(self, port, path):
+        import urllib.request
+        with urllib.request.urlopen("http://127.0.0.1:%d%s" % (port, path), timeout=10) as answer:
+            page = StatusPageParser()
+            page.feed(answer.read().decode())
+            return answer.headers, page
+
+    def test_the_page_lists_failed_units_first_and_escapes_what_units_say(self):
+        port = free_port()
+        self.deploy({"aaa.service": unit_text("ExecStart=/bin/false", "Restart=always", "RestartSec=0",
+                                              unit_lines=["Description=<script>alert(1)</script>"]),
+                     "web.service": unit(SLEEPER, Description="Front & <em>back</em>"),
+                     "tidy.service": unit_text("Type=oneshot", "ExecStart=/bin/true"),
+                     "tidy.timer": "[Timer]\nOnCalendar=yearly\n"},
+                    config={"http_listen": "127.0.0.1:%d" % port})
+        self.watch(self.home.running_pid("web"))
+        self.home.wait_state("aaa", "failed")
+        headers, page = self.fetch(port, "/")
+        self.assertEqual(headers["Content-Type"], "text/html; charset=utf-8")
+        self.assertIn("default-src 'none'", headers["Content-Security-Policy"])
+        self.assertEqual(headers["X-Content-Type-Options"], "nosniff")
+        self.assertNotIn("script", page.tags)
+        self.assertNotIn("form", page.tags)
+        self.assertNotIn("em", page.tags)
+        self.assertIn("<script>alert(1)</script>", page.text, "shown as text")
+        self.assertIn("Front & <em>back</em>", page.text)
+        units = [link.split("/")[-1] for link in page.links if link.startswith("/units/")]
+        self.assertEqual(units[:2], ["aaa", "aaa"], "the failed unit first, in its own section and the table")
+        self.assertLess(units.index("aaa"), units.index("web"))
+        self.assertIn("Failed (1)", page.text)
+        self.assertIn("tidy.timer", page.text)
+        for method in ("POST", "PUT", "DELETE"):
+            self.assertEqual(http(port, method, "/")[0], 405)
+        headers, detail = self.fetch(port, "/units/aaa")
+        self.assertIn("start limit hit", " ".join(detail.text))
+        self.assertIn("Log lines are not shown here (set http_show_logs in the config).", detail.text)
+        self.assertEqual(http(port, "GET", "/units/nope")[0], 404)
+
+    def test_log_lines_only_with_http_show_logs(self):
+        port = free_port()
+        script = self.file("hello.sh")
+        write_file(script, "#!/bin/sh\necho '<i>hello</i>'\nexec sleep 1000\n")
+        os.chmod(script, 0o755)
+        self.deploy({"web.service": unit(script)},
+                    config={"http_listen": "127.0.0.1:%d" % port, "http_show_logs": True})
+        self.watch(self.home.running_pid("web"))
+        wait_until(lambda: "hello" in self.home.service_log("web"), 10, "the line")
+        headers, detail = self.fetch(port, "/units/web")
+        self.assertIn("<i>hello</i>", detail.text)
+        self.assertNotIn("i", detail.tags)
+
+
 class TimerUnitTests(SupervisionCase):
     """Timers end to end (SPEC §16, §17): on a clock nobody waits long for."""
 
@@ -10601,7 +10816,8 @@ SERIAL_CLASSES = {"StockUnitTests", "SyslogStockUnitTests", "CrashLoopTests", "L
 
 # Classes that take a worker for half a minute or more: handed out first, so
 # that the two workers end together rather than one waiting for the other.
-LONG_CLASSES = {"ProfilerTests", "StockSocketTests", "SocketActivationTests", "TimerUnitTests", "StockTimerTests"}
+LONG_CLASSES = {"ProfilerTests", "StockSocketTests", "SocketActivationTests", "TimerUnitTests", "StockTimerTests",
+                "AlertTests"}
 
 
 class RemoteFailure(AssertionError):
@@ -10727,7 +10943,10 @@ class ParallelSuite(unittest.TestSuite):
         for line in commands:
             if line.strip() == "quit":
                 break
+            started, name = time.monotonic(), type(next(iter(self.classes[int(line)]))).__name__
             self.classes[int(line)].run(result)
+            if os.environ.get("GITPROC_TEST_TIMES"):     # which classes the wall time goes to
+                sys.stderr.write("CLASS TIME %.1f s %s\n" % (time.monotonic() - started, name))
             out.write(json.dumps({"event": "done"}) + "\n")
             out.flush()
 
