@@ -6295,7 +6295,7 @@ class Receiver:
     every POST body and answers `code`; or, with `silent`, a socket that
     takes connections and never answers."""
 
-    def __init__(self, test, code=200, silent=False):
+    def __init__(self, test, code=200, silent=False, tls=None):
         import http.server
         self.bodies, self.code = [], code
         if silent:
@@ -6320,6 +6320,11 @@ class Receiver:
                 pass
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.port = self.server.server_address[1]
+        if tls:                           # (certificate, key): an https:// target
+            import ssl
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
         threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
         test.addCleanup(self.server.server_close)
         test.addCleanup(self.server.shutdown)
@@ -6406,6 +6411,23 @@ class AlertTests(SupervisionCase):
         self.assertIn("failing: NOT DELIVERED (500 broken)", out)
         assert_clean_failure(self, *self.home.cli_process("notify", "test", "nobody"), mention="no notify target named")
         self.assertEqual(len(failing.bodies), 1, "a test is tried once")
+
+    def test_a_missed_watchdog_and_an_https_target_whose_certificate_does_not_verify(self):
+        good, cert, key = Receiver(self), self.file("cert.pem"), self.file("key.pem")
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                        "-days", "1", "-subj", "/CN=127.0.0.1"], check=True, capture_output=True)
+        tls = Receiver(self, tls=(cert, key))
+        write_file(self.file("notify.py"), NOTIFY_PY)
+        dog = unit_text("Type=notify", 'ExecStart=%s %s %s "send:READY=1" "wait"' % (
+            PYTHON, self.file("notify.py"), self.file("notify.log")), "WatchdogSec=300ms")
+        self.deploy({"dog.service": dog}, config={"notify": [{"url": good.url, "name": "good"},
+                                                             {"url": "https://127.0.0.1:%d/" % tls.port, "name": "tls"}]})
+        wait_until(lambda: "watchdog" in good.events(), 10, "the watchdog alert")
+        self.assertEqual(good.bodies[0]["unit"], "dog")
+        code, out, err = self.home.cli_process("notify", "test", "tls")
+        self.assertEqual(code, 1, out + err)
+        self.assertIn("tls: NOT DELIVERED (error: [SSL: CERTIFICATE_VERIFY_FAILED]", out)
+        self.assertEqual(tls.bodies, [], "nothing is sent to a server whose certificate does not verify")
 
     def test_a_deploy_that_fails_is_said(self):
         good = Receiver(self)
@@ -10114,10 +10136,11 @@ class FirstHourTests(unittest.TestCase):
         self.assertEqual(daemon_info(home)["syslog"]["state"], "off")
         signers = Signers(self)
         write_config(home, {"http_listen": listen, "webhook_secret": "two", "syslog_socket": sockets,
-                            "verify": {"signers": signers.allowed}})
+                            "verify": {"signers": signers.allowed}, "notify": [{"url": "http://127.0.0.1:9/"}]})
         code, out, err = home.cli_process("daemon-reload")
         self.assertEqual(code, 0, out + err)
-        self.assertIn("changed syslog_socket, verify, webhook_secret", out)
+        self.assertIn("changed notify, syslog_socket, verify, webhook_secret", out)
+        self.assertEqual([t["name"] for t in daemon_info(home)["notify"]["targets"]], ["http://127.0.0.1:9/"])
         self.assertEqual((hook("one"), hook("two") in (200, 202)), (401, True))
         self.assertEqual(daemon_info(home)["syslog"]["sockets"], [os.path.join(sockets, "dev-log"),
                                                                   os.path.join(sockets, "journal-socket")])
