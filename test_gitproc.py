@@ -7338,6 +7338,8 @@ class StockSocketTests(SupervisionCase):
         self.assertIn("Using systemd activated unix socket /run/mysqld/mysqld.sock", self.home.service_log("mariadb"))
 
 
+@unittest.skipUnless(IS_ROOT, "Debian's stock units run as their own users (redis, postgres), bind ports below 1024 "
+                              "and some refuse any other user (memcached's wrapper): root only")
 class StockUnitTests(SupervisionCase):
 
     def run_stock(self, files, name, port, request, expected, reload=True, timeout=30):
@@ -10931,7 +10933,13 @@ class ParallelSuite(unittest.TestSuite):
                 except OSError:
                     pass
                 os.waitpid(pid, 0)
-        unittest.TestSuite(self.serial).run(result)     # the module's teardown (MEASUREMENT lines) too
+        if os.environ.get("GITPROC_TEST_TIMES"):
+            for suite in self.serial:     # one by one, timed; the module's teardown after the last
+                started, name = time.monotonic(), type(next(iter(suite))).__name__
+                unittest.TestSuite([suite]).run(result)
+                sys.stderr.write("CLASS TIME %.1f s %s (serial)\n" % (time.monotonic() - started, name))
+        else:
+            unittest.TestSuite(self.serial).run(result)     # the module's teardown (MEASUREMENT lines) too
         return result
 
     @staticmethod
