@@ -14566,7 +14566,9 @@ def cmd_install(config, args):
     prefix, lib, command, unit, systemctl = _install_layout(args.prefix)
     module = os.path.join(lib, "gitproc.py")
     manifest_path = os.path.join(lib, INSTALL_MANIFEST)
-    bytecode = importlib.util.cache_from_source(module)
+    # Beside the module, whatever PYTHONPYCACHEPREFIX says here: the command
+    # is also run where it is not set (the systemd unit), and finds it there.
+    bytecode = os.path.join(lib, "__pycache__", os.path.basename(importlib.util.cache_from_source(module)))
     allowed = _installable(lib, command, unit, manifest_path)
     previous = _read_manifest(manifest_path)
     # What this install writes, and what earlier ones wrote (an upgrade
