@@ -7324,8 +7324,12 @@ class StockSocketTests(SupervisionCase):
             served = client.counts["served"]
             wait_until(lambda: client.counts["served"] > served + 3, timeout, "connections served by %d" % pid)
         counts = client.finish()
-        self.assertEqual({key: value for key, value in counts.items() if key != "served"},
-                         {"refused": 0, "reset": 0, "timeout": 0, "other": 0}, counts)
+        self.assertEqual({key: value for key, value in counts.items() if key not in ("served", "reset")},
+                         {"refused": 0, "timeout": 0, "other": 0}, counts)
+        # A connection the old server had accepted when it was told to stop is
+        # the server's to finish: pgbouncer's shutdown (SIGINT) drops it, so at
+        # most one per redeploy (the client makes one at a time). Refused: none.
+        self.assertLessEqual(counts["reset"], redeploys, counts)
         code, out, err = self.home.cli_process("status", name + ".socket")
         self.assertEqual(code, 0, out + err)
         self.assertIn("Listen: %s stream" % unix_path, out)
