@@ -14007,12 +14007,7 @@ def cmd_list_sockets(config, args):
     for s in result["sockets"]:
         for address in s["listen"]:
             rows.append((address, s["name"], s["state"], s["unit"] if not s["accept"] else s["unit"] + " (per connection)"))
-    _table(rows)
-    count = len(result["sockets"])
-    print("\n%d socket%s listed." % (count, "" if count == 1 else "s"))
-    if not args.all:
-        print("Pass --all to see stopped sockets, too.")
-    return EXIT_OK
+    return _print_listed(rows, len(result["sockets"]), "socket", args.all)
 
 
 def cmd_list_timers(config, args):
@@ -14027,10 +14022,15 @@ def cmd_list_timers(config, args):
         rows.append((_when(t["next"]), format_duration(t["next"] - now) + " left" if t["next"] else "-",
                      _when(t["last_trigger"]), format_duration(now - t["last_trigger"]) + " ago" if t["last_trigger"] else "-",
                      t["name"], t["unit"]))
+    return _print_listed(rows, len(timers), "timer", args.all)
+
+
+def _print_listed(rows, count, what, everything):
+    """The table of list-timers or list-sockets, and its count, as systemctl's."""
     _table(rows)
-    print("\n%d timer%s listed." % (len(timers), "" if len(timers) == 1 else "s"))
-    if not args.all:
-        print("Pass --all to see stopped timers, too.")
+    print("\n%d %s%s listed." % (count, what, "" if count == 1 else "s"))
+    if not everything:
+        print("Pass --all to see stopped %ss, too." % what)
     return EXIT_OK
 
 
