@@ -11592,30 +11592,30 @@ class Deployer:
         Returns (specs, {service: why it is held back by one not run})."""
         deployed, runner = self._runner_of(suffix)
         known = set(specs) | set(skipped) | bad_names | set(templates)
-        timers, found, targets = check_activators(entries, suffix, known, self.context, self.parse_cache)
+        activators, found, targets = check_activators(entries, suffix, known, self.context, self.parse_cache)
         problems.extend(found)
-        bad = {d.unit for d in found if d.severity == "error" and d.unit not in timers}
+        bad = {d.unit for d in found if d.severity == "error" and d.unit not in activators}
         earlier = deployed or self._activators_of_saved_commits(suffix, bad)
         for name in sorted(bad & set(earlier)):
-            timers[name] = earlier[name]              # the earlier good version keeps running
+            activators[name] = earlier[name]              # the earlier good version keeps running
             running = runner.units.get(name) if runner else None
             origin[name] = running.commit if running else self._saved_commit_of(suffix, name)
-        for name, timer in list(timers.items()):
-            if not host_matches(timer.condition_host, self.config.hostname):
-                skipped[name] = "ConditionHost=%s does not match %s" % (" ".join(timer.condition_host),
+        for name, activator in list(activators.items()):
+            if not host_matches(activator.condition_host, self.config.hostname):
+                skipped[name] = "ConditionHost=%s does not match %s" % (" ".join(activator.condition_host),
                                                                         self.config.hostname)
-                del timers[name]
-            elif timer.unit in skipped:
-                skipped[name] = "its service %s does not run here: %s" % (timer.unit, skipped[timer.unit])
-                del timers[name]
-            elif timer.unit not in specs and timer.unit not in templates:
-                del timers[name]
+                del activators[name]
+            elif activator.unit in skipped:
+                skipped[name] = "its service %s does not run here: %s" % (activator.unit, skipped[activator.unit])
+                del activators[name]
+            elif activator.unit not in specs and activator.unit not in templates:
+                del activators[name]
         held = {}                         # one not run still holds its service back (SPEC §16)
         for name, target in sorted(targets.items()):
-            if name not in timers and not target.endswith("@"):
+            if name not in activators and not target.endswith("@"):
                 held.setdefault(target, "started by %s (%s), not at deploy" % (
                     name, "skipped here: " + skipped[name] if name in skipped else "which has errors"))
-        return timers, held
+        return activators, held
 
     def _reloads(self, spec):
         """ReloadOnFileChange=: a change of its files only reloads the unit, if
@@ -12613,15 +12613,21 @@ class RequestHandlers:
         alerts = self.daemon.alerts
         deliveries = alerts.test(target)
 
+        def forget():
+            for delivery in deliveries:
+                if delivery in alerts.tests:
+                    alerts.tests.remove(delivery)
+
         def check():
             if any(d.outcome is None for d in deliveries):
                 return None
-            for delivery in deliveries:
-                alerts.tests.remove(delivery)
+            forget()
             results = [{"target": d.target["name"], "ok": d.outcome[0], "answer": d.outcome[1]} for d in deliveries]
             return {"ok": True, "result": {"targets": results}}
-        return self.daemon.server.park(conn, check, lambda: {"ok": False, "error": "no answer within %gs" % (
-            ALERT_TIMEOUT + 5)}, ALERT_TIMEOUT + 5)
+        def expire():
+            forget()
+            return {"ok": False, "error": "no answer within %gs" % (ALERT_TIMEOUT + 5)}
+        return self.daemon.server.park(conn, check, expire, ALERT_TIMEOUT + 5)
 
     COMMANDS = {"ping": _cmd_ping, "status": _cmd_status, "list": _cmd_list, "list-timers": _cmd_list_timers,
                 "list-sockets": _cmd_list_sockets,
@@ -12746,6 +12752,7 @@ ALERT_CHILDREN = 4                    # deliveries under way at once
 ALERT_TIMEOUT = 15.0                  # a delivery still running then is killed, and failed
 ALERT_RETRIES = (2.0, 10.0, 60.0)     # waits before the second, third and fourth (last) attempt
 ALERT_ANSWER_BYTES = 300              # of a target's answer, kept for `status` and `notify test`
+ALERT_LOG_BYTES = 48 * 1024           # of log lines in an alert: it is written whole into a 64 KiB pipe
 RECOVERY_AFTER = 10.0                 # a unit that was alerted on runs (healthy) this long: recovered
 ALERT_WORDS = {"failed": "failed", "restarted": "exited and is restarted", "unhealthy": "is unhealthy",
                "watchdog": "missed its watchdog", "deploy-failed": "deploy failed",
@@ -12770,6 +12777,17 @@ except Exception as exc:
     print("error:", getattr(exc, "reason", None) or exc)
     sys.exit(1)
 """
+
+
+def _last_lines_within(lines, limit):
+    """The last of `lines` that together hold at most `limit` bytes."""
+    kept, size = [], 0
+    for line in reversed(lines):
+        size += len(line.encode("utf-8", "replace")) + 1
+        if size > limit:
+            break
+        kept.append(line)
+    return kept[::-1]
 
 
 class Delivery:
@@ -12877,7 +12895,8 @@ class Alerter:
                 "exit": describe_exit(exit_info) if exit_info else None,
                 "commit": commit or (service.commit if service is not None else None) or (
                     deployed.sha if deployed else None),
-                "time": time.time(), "suppressed": suppressed, "log": [line[:500] for line in lines], "text": text}
+                "time": time.time(), "suppressed": suppressed, "log": _last_lines_within([line[:500] for line in lines],
+                                                                                     ALERT_LOG_BYTES), "text": text}
 
     # -- delivery --------------------------------------------------------------------------
 
@@ -12919,7 +12938,7 @@ class Alerter:
         os.close(out_w)
         try:                              # (a pipe holds 64 KiB: the alert, its log lines cut, fits)
             os.set_blocking(in_w, False)
-            os.write(in_w, json.dumps(delivery.alert).encode()[:65536])
+            os.write(in_w, json.dumps(delivery.alert).encode())
         except OSError:
             pass                          # it did not read: its exit says what went wrong
         finally:

@@ -661,6 +661,13 @@ class DepsHealthCase(SupervisionCase):
 
 class UtilityTests(unittest.TestCase):
 
+    def test_an_alerts_log_lines_fit_the_pipe_it_is_written_into(self):
+        self.assertEqual(gitproc._last_lines_within(["a" * 10, "b" * 10, "c" * 10], 23), ["b" * 10, "c" * 10])
+        lines = ["x" * 500] * 1000            # notify_log_lines=1000: the newest that fit
+        kept = gitproc._last_lines_within(lines, gitproc.ALERT_LOG_BYTES)
+        self.assertEqual(len(kept), gitproc.ALERT_LOG_BYTES // 501)
+        self.assertLess(len(json.dumps({"log": kept})), 65536)
+
     def test_timespans_as_systemd_writes_them(self):
         cases = {"5": 5, "5s": 5, "500ms": 0.5, "1min 30s": 90, "1min30s": 90, "2h": 7200,
                  "1.5s": 1.5, "100us": 0.0001, "1d": 86400, " 3 s ": 3}
