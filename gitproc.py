@@ -19,8 +19,9 @@ Sections (grep for "# ==== N."):
      6. state store: batched, atomic saves
      7. git source: git commands, trusted deploys (CommitVerifier), snapshots,
         RefWatcher, SourceWatcher, the pure deploy plan
-     8. process supervision: restart policy, the state table, cgroups, spawner,
-        exit watcher, Launcher, Service, Dependencies
+     8. process supervision: restart policy, the sandbox, system call filters
+        (seccomp), cgroups, spawner, exit watcher, the state table, Launcher,
+        Service, Dependencies
      9. health checks: HealthProbe
     10. logs: the daemon's log, service log rotation, the syslog and journal
         sockets (SyslogChannel)
@@ -643,6 +644,11 @@ class UnitSpec:
         "protect_kernel_tunables": False, "protect_kernel_modules": False, "protect_kernel_logs": False,
         "protect_control_groups": False, "protect_hostname": False, "protect_clock": False,
         "restrict_suid_sgid": False, "lock_personality": False,
+        "system_call_filter": (),       # (invert, ((name or @group, errno action), ...)) assignments, in order
+        "system_call_error_number": None, "system_call_architectures": (), "system_call_log": (),
+        "restrict_address_families": (),    # (invert or None for "none", family numbers) assignments
+        "restrict_namespaces": (),      # ("set", "or" or "and", namespace flags) assignments
+        "restrict_realtime": False, "memory_deny_write_execute": False,
         "paths": (),                    # (mode, path, optional) of ReadWritePaths= and its kin, in order
         "temporary_file_systems": (),   # (path, options)
         "bind_paths": (),               # (source, destination, read only, optional, recursive)
@@ -1643,6 +1649,14 @@ DIRECTIVES = {
     ("Service", "ProtectClock"): ("protect_clock", parse_bool, "one"),
     ("Service", "RestrictSUIDSGID"): ("restrict_suid_sgid", parse_bool, "one"),
     ("Service", "LockPersonality"): ("lock_personality", parse_bool, "one"),
+    ("Service", "SystemCallFilter"): ("system_call_filter", lambda v: _parse_syscall_list(v, "SystemCallFilter"), "list"),
+    ("Service", "SystemCallErrorNumber"): ("system_call_error_number", lambda v: _parse_errno_action(v), "one"),
+    ("Service", "SystemCallArchitectures"): ("system_call_architectures", lambda v: _parse_architectures(v), "list"),
+    ("Service", "SystemCallLog"): ("system_call_log", lambda v: _parse_syscall_list(v, "SystemCallLog"), "list"),
+    ("Service", "RestrictAddressFamilies"): ("restrict_address_families", lambda v: _parse_address_families(v), "list"),
+    ("Service", "RestrictNamespaces"): ("restrict_namespaces", lambda v: _parse_namespaces(v), "list"),
+    ("Service", "RestrictRealtime"): ("restrict_realtime", parse_bool, "one"),
+    ("Service", "MemoryDenyWriteExecute"): ("memory_deny_write_execute", parse_bool, "one"),
     ("Service", "TemporaryFileSystem"): ("temporary_file_systems", _parse_temporary_fs, "list"),
     ("Service", "BindPaths"): ("bind_paths", lambda v: _parse_bind_paths(v, False), "list"),
     ("Service", "BindReadOnlyPaths"): ("bind_paths", lambda v: _parse_bind_paths(v, True), "list"),
@@ -1717,11 +1731,8 @@ NOT_APPLIED_KEYS = dict(
             "RemoveIPC", "SecureBits", "RootDirectory", "RootImage", "MountAPIVFS", "MountFlags", "DynamicUser",
             "KeyringMode", "NetworkNamespacePath", "IPCNamespacePath", "DeviceAllow", "DevicePolicy",
             "SELinuxContext", "AppArmorProfile", "SmackProcessLabel"),
-    **_keys("seccomp or BPF: gitproc does not filter system calls", "MemoryDenyWriteExecute", "RestrictRealtime", "RestrictNamespaces", "RestrictAddressFamilies",
-            "RestrictFileSystems", "IPAddressAllow", "IPAddressDeny", "SocketBindAllow", "SocketBindDeny",
-            "RestrictNetworkInterfaces"),
-    **_keys("seccomp: gitproc does not filter system calls", "SystemCallFilter", "SystemCallArchitectures",
-            "SystemCallErrorNumber", "SystemCallLog"),
+    **_keys("needs BPF programs or an LSM, which gitproc does not load", "RestrictFileSystems",
+            "IPAddressAllow", "IPAddressDeny", "SocketBindAllow", "SocketBindDeny", "RestrictNetworkInterfaces"),
     **_keys("process scheduling: not applied", "NUMAPolicy", "NUMAMask", "TimerSlackNSec", "Personality",
             "CoredumpFilter"),
     **_keys("output: the unit's log is used", "StandardInputText", "StandardInputData", "SyslogLevelPrefix",
@@ -5064,7 +5075,7 @@ SPAWN_EXIT_CODES = (("WorkingDirectory=", 200, "CHDIR"), ("Nice=", 201, "NICE"),
                     ("CPUScheduling", 214, "SETSCHEDULER"), ("CPUAffinity=", 215, "CPUAFFINITY"),
                     ("Group=", 216, "GROUP"), ("SupplementaryGroups=", 216, "GROUP"), ("User=", 217, "USER"),
                     ("cgroup", 219, "CGROUP"), ("setsid", 220, "SETSID"), ("PrivatePIDs=", 226, "NAMESPACE"),
-                    ("sandbox", 226, "NAMESPACE"), ("capabilities", 218, "CAPABILITIES"),
+                    ("sandbox", 226, "NAMESPACE"), ("seccomp", 228, "SECCOMP"), ("capabilities", 218, "CAPABILITIES"),
                     ("RuntimeDirectory=", 233, "RUNTIME_DIRECTORY"), ("StateDirectory=", 238, "STATE_DIRECTORY"),
                     ("CacheDirectory=", 239, "CACHE_DIRECTORY"), ("LogsDirectory=", 240, "LOGS_DIRECTORY"),
                     ("ConfigurationDirectory=", 241, "CONFIGURATION_DIRECTORY"))
@@ -5240,7 +5251,17 @@ SANDBOX_KEYS = ("NoNewPrivileges", "PrivateTmp", "PrivateDevices", "PrivateNetwo
                 "ProtectControlGroups", "ProtectHostname", "ProtectClock", "ReadWritePaths", "ReadOnlyPaths",
                 "InaccessiblePaths", "ExecPaths", "NoExecPaths", "TemporaryFileSystem", "BindPaths",
                 "BindReadOnlyPaths", "CapabilityBoundingSet", "AmbientCapabilities", "RestrictSUIDSGID",
-                "LockPersonality")
+                "LockPersonality", "SystemCallFilter", "SystemCallErrorNumber", "SystemCallArchitectures",
+                "SystemCallLog", "RestrictAddressFamilies", "RestrictNamespaces", "RestrictRealtime",
+                "MemoryDenyWriteExecute")
+# The keys that are system call filters only: a daemon that is not root
+# applies them too (with no_new_privs, as systemd does for such a process).
+SECCOMP_ONLY_KEYS = ("RestrictSUIDSGID", "LockPersonality", "SystemCallFilter", "SystemCallErrorNumber",
+                     "SystemCallArchitectures", "SystemCallLog", "RestrictAddressFamilies", "RestrictNamespaces",
+                     "RestrictRealtime", "MemoryDenyWriteExecute")
+# Keys that are mounts, namespaces or capabilities and a system call filter.
+SECCOMP_HALF_KEYS = ("ProtectKernelTunables", "ProtectKernelModules", "ProtectKernelLogs", "ProtectClock",
+                     "PrivateDevices", "ProtectHostname")
 # What each Protect*= makes read-only (ro) or inaccessible, where it exists.
 PROTECTED_PATHS = {
     "system-yes": [("ro", "/usr"), ("ro", "/boot"), ("ro", "/efi")],
@@ -5271,16 +5292,13 @@ def sandbox_wanted(spec):
 
 def sandbox_not_applied(spec):
     """The sandbox keys a daemon that is not root cannot apply (all but
-    NoNewPrivileges=): [(key, why)] for status."""
-    if not sandbox_wanted(spec):
+    NoNewPrivileges= and the system call filters): [(key, why)] for status."""
+    if not sandbox_wanted(spec) or os.geteuid() == 0:
         return []
-    if os.geteuid() != 0:
-        return [(key, "needs a root daemon (namespaces, mounts, capabilities)") for key in SANDBOX_KEYS
-                if key != "NoNewPrivileges" and _sandbox_key_set(spec, key)]
-    if os.uname().machine not in SECCOMP_ARCHES:
-        return [(key, "its seccomp filter is known for %s only" % ", ".join(SECCOMP_ARCHES))
-                for key in ("RestrictSUIDSGID", "LockPersonality") if _sandbox_key_set(spec, key)]
-    return []
+    return [(key, "needs a root daemon (namespaces, mounts, capabilities)%s"
+             % ("; its system call filter is applied" if key in SECCOMP_HALF_KEYS else ""))
+            for key in SANDBOX_KEYS if key != "NoNewPrivileges" and key not in SECCOMP_ONLY_KEYS
+            and _sandbox_key_set(spec, key)]
 
 
 def _sandbox_key_set(spec, key):
@@ -5294,78 +5312,6 @@ def _sandbox_key_set(spec, key):
     return value not in UNSET
 
 
-# RestrictSUIDSGID= and LockPersonality= are seccomp filters in systemd; here
-# too: a small classic-BPF program, made in the daemon and loaded in the
-# child with prctl(PR_SET_SECCOMP) before the user change (as root it needs
-# no no_new_privs then). Known for x86_64 only; elsewhere status lists both
-# as not applied. 32-bit compat system calls are not filtered.
-SECCOMP_ARCHES = {"x86_64": 0xc000003e}            # AUDIT_ARCH_X86_64 (the kernel's x32 calls too)
-AUDIT_ARCH_I386 = 0x40000003                       # the 32-bit calls an x86_64 kernel also takes
-X32_BIT = 0x40000000
-SUID_SGID_CALLS = (                                 # name, x86_64 and i386 numbers, the mode's argument, the flags'
-    ("chmod", 90, 15, 1, None), ("fchmod", 91, 94, 1, None), ("fchmodat", 268, 306, 2, None),
-    ("fchmodat2", 452, 452, 2, None), ("creat", 85, 8, 1, None), ("open", 2, 5, 2, 1), ("openat", 257, 295, 3, 2),
-    ("mkdir", 83, 39, 1, None), ("mkdirat", 258, 296, 2, None), ("mknod", 133, 14, 1, None),
-    ("mknodat", 259, 297, 2, None))
-PERSONALITY_CALLS = (135, 136)                      # x86_64, i386
-OPENAT2 = 437                                       # its mode is in a struct: refused with ENOSYS, as systemd does
-PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
-
-
-def seccomp_program(restrict_suid_sgid, lock_personality, personality, arch=SECCOMP_ARCHES["x86_64"]):
-    """The BPF instructions (code, jt, jf, k): setuid and setgid bits refused
-    with EPERM in chmod, creat, open(O_CREAT), mkdir and mknod; personality()
-    allowed only to ask, or to set `personality` again. For the x86_64 calls
-    (x32's folded in) and the i386 ones an x86_64 kernel also takes. Pure."""
-    load, jeq, jset, ret, and_ = 0x20, 0x15, 0x45, 0x06, 0x54   # BPF_LD|W|ABS, JMP|JEQ|K, JMP|JSET|K, RET|K, ALU|AND|K
-    allow, deny, nosys = 0x7fff0000, 0x00050000 | errno.EPERM, 0x00050000 | errno.ENOSYS
-    code, labels = [], {}
-
-    def emit(op, k, jt=None, jf=None):
-        code.append((op, jt, jf, k))
-
-    def rules(table, prefix):
-        found = [((x86, i386)[table], mode, flags) for _, x86, i386, mode, flags in SUID_SGID_CALLS] \
-            if restrict_suid_sgid else []
-        if restrict_suid_sgid:
-            found.append((OPENAT2, "nosys", None))
-        if lock_personality:
-            found.append((PERSONALITY_CALLS[table], None, None))
-        for index, (number, mode_arg, flags_arg) in enumerate(found):
-            labels["%s%d" % (prefix, index)] = len(code)
-            emit(jeq, number, jf="%s%d" % (prefix, index + 1))
-            if mode_arg == "nosys":
-                emit(ret, nosys)
-            elif mode_arg is None:           # personality(persona)
-                emit(load, 16)
-                emit(jeq, 0xffffffff, jt="allow")
-                emit(jeq, personality, jt="allow", jf="deny")
-            else:
-                if flags_arg is not None:    # open/openat: only when O_CREAT makes a file
-                    emit(load, 16 + 8 * flags_arg)
-                    emit(jset, os.O_CREAT, jf="allow")
-                emit(load, 16 + 8 * mode_arg)    # the low 32 bits of the argument
-                emit(jset, 0o6000, jt="deny", jf="allow")
-        labels["%s%d" % (prefix, len(found))] = len(code)
-        emit(ret, allow)
-
-    emit(load, 4)                            # seccomp_data.arch
-    emit(jeq, arch, jf="other")
-    emit(load, 0)                            # seccomp_data.nr
-    emit(and_, 0xffffffff & ~X32_BIT)        # an x32 call is the same call with bit 30 set
-    rules(0, "native")
-    labels["other"] = len(code)
-    emit(jeq, AUDIT_ARCH_I386, jf="allow")
-    emit(load, 0)
-    rules(1, "i386")
-    labels["allow"] = len(code)
-    emit(ret, allow)
-    labels["deny"] = len(code)
-    emit(ret, deny)
-    return [(op, labels[jt] - index - 1 if jt else 0, labels[jf] - index - 1 if jf else 0, k)
-            for index, (op, jt, jf, k) in enumerate(code)]
-
-
 class Sandbox:
     """The plan of one process's sandbox, made in the daemon (paths checked,
     PrivateTmp= folders made, ctypes looked up), carried out in the child by
@@ -5373,7 +5319,8 @@ class Sandbox:
 
     def __init__(self, spec, private_tmp=None, helpers=None, dropping_user=False, extra_writable=(), full=True):
         """`full`: False for a daemon that is not root, which can only set
-        no_new_privs."""
+        no_new_privs and load system call filters. Raises SpawnError where
+        the filters cannot be had (no system call table for this machine)."""
         import ctypes
         self.libc = ctypes.CDLL(None, use_errno=True)
         self.ctypes = ctypes
@@ -5382,7 +5329,8 @@ class Sandbox:
         self.no_new_privs = spec.no_new_privileges
         self.loopback = False
         self.drop_caps, self.ambient = [], []
-        self.seccomp = None               # (struct sock_fprog, its instructions) to load last
+        persona = self.libc.personality(0xffffffff) & 0xffffffff if spec.lock_personality else None
+        self.filters = seccomp_filters(spec, persona)   # [(keys, program, packed)], loaded by seal()
         if full:
             self._plan(spec, private_tmp, helpers, dropping_user, extra_writable)
 
@@ -5436,23 +5384,8 @@ class Sandbox:
                                     order.get(e[0], 0)))
         self.steps = entries
         self.inaccessible_file = helpers["file"]
-        arch = SECCOMP_ARCHES.get(os.uname().machine)
-        if (spec.restrict_suid_sgid or spec.lock_personality) and arch:
-            self.seccomp = self._seccomp_filter(seccomp_program(spec.restrict_suid_sgid, spec.lock_personality,
-                                                                self.libc.personality(0xffffffff), arch))
         if self.steps or spec.private_mounts:
             self.unshare |= CLONE_NEWNS
-
-    def _seccomp_filter(self, instructions):
-        ctypes = self.ctypes
-
-        class SockFilter(ctypes.Structure):
-            _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint)]
-
-        class SockFprog(ctypes.Structure):
-            _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(SockFilter))]
-        array = (SockFilter * len(instructions))(*[SockFilter(*i) for i in instructions])
-        return SockFprog(len(instructions), ctypes.cast(array, ctypes.POINTER(SockFilter))), array
 
     # -- in the child -------------------------------------------------------------
 
@@ -5531,9 +5464,6 @@ class Sandbox:
             self._check(self.libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0), "CapabilityBoundingSet=")
         if self.ambient:
             self._check(self.libc.prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0), "AmbientCapabilities=")
-        if self.seccomp is not None:      # last: nothing after it may need a call it refuses
-            self._check(self.libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, self.ctypes.byref(self.seccomp[0]), 0, 0),
-                        "RestrictSUIDSGID=/LockPersonality= (seccomp)")
 
     def _bind_sources(self):
         """{source path: O_PATH descriptor} of the binds (BindPaths=, PrivateTmp=),
@@ -5621,6 +5551,21 @@ class Sandbox:
         if self.no_new_privs:
             self._check(self.libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "NoNewPrivileges=")
 
+    def seal(self):
+        """The very last step before exec: the system call filters, in
+        systemd's order. A process without CAP_SYS_ADMIN may load one only
+        under no_new_privs: set then, as systemd implies NoNewPrivileges=."""
+        ctypes = self.ctypes
+        for keys, _, packed in self.filters:
+            buffer = ctypes.create_string_buffer(packed, len(packed))
+            program = struct.pack("HP", len(packed) // 8, ctypes.addressof(buffer))   # struct sock_fprog
+            what = "/".join(key + "=" for key in keys)
+            result = self.libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, program, 0, 0)
+            if result != 0 and ctypes.get_errno() == errno.EACCES:
+                self._check(self.libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "seccomp %s (no_new_privs)" % what)
+                result = self.libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, program, 0, 0)
+            self._check(result, "seccomp %s" % what)
+
 
 def _cap_last_cap():
     try:
@@ -5628,6 +5573,617 @@ def _cap_last_cap():
     except (OSError, ValueError):
         return len(CAPABILITIES) - 1
 
+
+# ---- system call filters (seccomp) ------------------------------------------------
+# The seccomp half of the sandbox, built as systemd 252 builds it with
+# libseccomp: one filter per key, each a classic-BPF program. The programs of a
+# unit version are compiled once in the daemon (seccomp_filters, cached) and
+# loaded in the child as its very last step before exec, after the user change
+# (Sandbox.seal), with no_new_privs set first where the process lacks
+# CAP_SYS_ADMIN (as systemd implies NoNewPrivileges= then). The kernel runs
+# every filter and keeps the most severe answer, so the keys add up as they
+# do under systemd. Each program first asks which ABI made the call: an x86_64
+# kernel also takes i386 calls (int 0x80) and x32 ones (bit 30 set), and
+# systemd filters all three unless SystemCallArchitectures= removes some.
+# On a machine with no table here, a unit with any of these keys does not
+# start (it never runs unfiltered).
+#
+# The facts. System call numbers from Linux 6.1's headers (Debian 12's
+# linux-libc-dev 6.1, asm/unistd_64.h, unistd_32.h, unistd_x32.h): names in
+# number order, "=N" goes on at number N; x32 takes the x86_64 numbers (with
+# bit 30 set) and has its own from 512. The groups are systemd 252's
+# (`systemd-analyze syscall-filter`), "@name" nesting a group; @known is every
+# name of the tables and the groups. Address families from glibc 2.36's
+# bits/socket.h, by number.
+SYSCALL_NUMBERS = {
+    "x86_64": """read write open close stat fstat lstat poll lseek mmap mprotect munmap brk rt_sigaction rt_sigprocmask
+rt_sigreturn ioctl pread64 pwrite64 readv writev access pipe select sched_yield mremap msync mincore
+madvise shmget shmat shmctl dup dup2 pause nanosleep getitimer alarm setitimer getpid sendfile socket
+connect accept sendto recvfrom sendmsg recvmsg shutdown bind listen getsockname getpeername socketpair
+setsockopt getsockopt clone fork vfork execve exit wait4 kill uname semget semop semctl shmdt msgget
+msgsnd msgrcv msgctl fcntl flock fsync fdatasync truncate ftruncate getdents getcwd chdir fchdir rename
+mkdir rmdir creat link unlink symlink readlink chmod fchmod chown fchown lchown umask gettimeofday
+getrlimit getrusage sysinfo times ptrace getuid syslog getgid setuid setgid geteuid getegid setpgid
+getppid getpgrp setsid setreuid setregid getgroups setgroups setresuid getresuid setresgid getresgid
+getpgid setfsuid setfsgid getsid capget capset rt_sigpending rt_sigtimedwait rt_sigqueueinfo
+rt_sigsuspend sigaltstack utime mknod uselib personality ustat statfs fstatfs sysfs getpriority
+setpriority sched_setparam sched_getparam sched_setscheduler sched_getscheduler sched_get_priority_max
+sched_get_priority_min sched_rr_get_interval mlock munlock mlockall munlockall vhangup modify_ldt
+pivot_root _sysctl prctl arch_prctl adjtimex setrlimit chroot sync acct settimeofday mount umount2
+swapon swapoff reboot sethostname setdomainname iopl ioperm create_module init_module delete_module
+get_kernel_syms query_module quotactl nfsservctl getpmsg putpmsg afs_syscall tuxcall security gettid
+readahead setxattr lsetxattr fsetxattr getxattr lgetxattr fgetxattr listxattr llistxattr flistxattr
+removexattr lremovexattr fremovexattr tkill time futex sched_setaffinity sched_getaffinity
+set_thread_area io_setup io_destroy io_getevents io_submit io_cancel get_thread_area lookup_dcookie
+epoll_create epoll_ctl_old epoll_wait_old remap_file_pages getdents64 set_tid_address restart_syscall
+semtimedop fadvise64 timer_create timer_settime timer_gettime timer_getoverrun timer_delete
+clock_settime clock_gettime clock_getres clock_nanosleep exit_group epoll_wait epoll_ctl tgkill utimes
+vserver mbind set_mempolicy get_mempolicy mq_open mq_unlink mq_timedsend mq_timedreceive mq_notify
+mq_getsetattr kexec_load waitid add_key request_key keyctl ioprio_set ioprio_get inotify_init
+inotify_add_watch inotify_rm_watch migrate_pages openat mkdirat mknodat fchownat futimesat newfstatat
+unlinkat renameat linkat symlinkat readlinkat fchmodat faccessat pselect6 ppoll unshare set_robust_list
+get_robust_list splice tee sync_file_range vmsplice move_pages utimensat epoll_pwait signalfd
+timerfd_create eventfd fallocate timerfd_settime timerfd_gettime accept4 signalfd4 eventfd2
+epoll_create1 dup3 pipe2 inotify_init1 preadv pwritev rt_tgsigqueueinfo perf_event_open recvmmsg
+fanotify_init fanotify_mark prlimit64 name_to_handle_at open_by_handle_at clock_adjtime syncfs sendmmsg
+setns getcpu process_vm_readv process_vm_writev kcmp finit_module sched_setattr sched_getattr renameat2
+seccomp getrandom memfd_create kexec_file_load bpf execveat userfaultfd membarrier mlock2
+copy_file_range preadv2 pwritev2 pkey_mprotect pkey_alloc pkey_free statx io_pgetevents rseq =424
+pidfd_send_signal io_uring_setup io_uring_enter io_uring_register open_tree move_mount fsopen fsconfig
+fsmount fspick pidfd_open clone3 close_range openat2 pidfd_getfd faccessat2 process_madvise epoll_pwait2
+mount_setattr quotactl_fd landlock_create_ruleset landlock_add_rule landlock_restrict_self memfd_secret
+process_mrelease futex_waitv set_mempolicy_home_node""",
+    "i386": """restart_syscall exit fork read write open close waitpid creat link unlink execve chdir time mknod chmod
+lchown break oldstat lseek getpid mount umount setuid getuid stime ptrace alarm oldfstat pause utime
+stty gtty access nice ftime sync kill rename mkdir rmdir dup pipe times prof brk setgid getgid signal
+geteuid getegid acct umount2 lock ioctl fcntl mpx setpgid ulimit oldolduname umask chroot ustat dup2
+getppid getpgrp setsid sigaction sgetmask ssetmask setreuid setregid sigsuspend sigpending sethostname
+setrlimit getrlimit getrusage gettimeofday settimeofday getgroups setgroups select symlink oldlstat
+readlink uselib swapon reboot readdir mmap munmap truncate ftruncate fchmod fchown getpriority
+setpriority profil statfs fstatfs ioperm socketcall syslog setitimer getitimer stat lstat fstat olduname
+iopl vhangup idle vm86old wait4 swapoff sysinfo ipc fsync sigreturn clone setdomainname uname modify_ldt
+adjtimex mprotect sigprocmask create_module init_module delete_module get_kernel_syms quotactl getpgid
+fchdir bdflush sysfs personality afs_syscall setfsuid setfsgid _llseek getdents _newselect flock msync
+readv writev getsid fdatasync _sysctl mlock munlock mlockall munlockall sched_setparam sched_getparam
+sched_setscheduler sched_getscheduler sched_yield sched_get_priority_max sched_get_priority_min
+sched_rr_get_interval nanosleep mremap setresuid getresuid vm86 query_module poll nfsservctl setresgid
+getresgid prctl rt_sigreturn rt_sigaction rt_sigprocmask rt_sigpending rt_sigtimedwait rt_sigqueueinfo
+rt_sigsuspend pread64 pwrite64 chown getcwd capget capset sigaltstack sendfile getpmsg putpmsg vfork
+ugetrlimit mmap2 truncate64 ftruncate64 stat64 lstat64 fstat64 lchown32 getuid32 getgid32 geteuid32
+getegid32 setreuid32 setregid32 getgroups32 setgroups32 fchown32 setresuid32 getresuid32 setresgid32
+getresgid32 chown32 setuid32 setgid32 setfsuid32 setfsgid32 pivot_root mincore madvise getdents64
+fcntl64 =224 gettid readahead setxattr lsetxattr fsetxattr getxattr lgetxattr fgetxattr listxattr
+llistxattr flistxattr removexattr lremovexattr fremovexattr tkill sendfile64 futex sched_setaffinity
+sched_getaffinity set_thread_area get_thread_area io_setup io_destroy io_getevents io_submit io_cancel
+fadvise64 =252 exit_group lookup_dcookie epoll_create epoll_ctl epoll_wait remap_file_pages
+set_tid_address timer_create timer_settime timer_gettime timer_getoverrun timer_delete clock_settime
+clock_gettime clock_getres clock_nanosleep statfs64 fstatfs64 tgkill utimes fadvise64_64 vserver mbind
+get_mempolicy set_mempolicy mq_open mq_unlink mq_timedsend mq_timedreceive mq_notify mq_getsetattr
+kexec_load waitid =286 add_key request_key keyctl ioprio_set ioprio_get inotify_init inotify_add_watch
+inotify_rm_watch migrate_pages openat mkdirat mknodat fchownat futimesat fstatat64 unlinkat renameat
+linkat symlinkat readlinkat fchmodat faccessat pselect6 ppoll unshare set_robust_list get_robust_list
+splice sync_file_range tee vmsplice move_pages getcpu epoll_pwait utimensat signalfd timerfd_create
+eventfd fallocate timerfd_settime timerfd_gettime signalfd4 eventfd2 epoll_create1 dup3 pipe2
+inotify_init1 preadv pwritev rt_tgsigqueueinfo perf_event_open recvmmsg fanotify_init fanotify_mark
+prlimit64 name_to_handle_at open_by_handle_at clock_adjtime syncfs sendmmsg setns process_vm_readv
+process_vm_writev kcmp finit_module sched_setattr sched_getattr renameat2 seccomp getrandom memfd_create
+bpf execveat socket socketpair bind connect listen accept4 getsockopt setsockopt getsockname getpeername
+sendto sendmsg recvfrom recvmsg shutdown userfaultfd membarrier mlock2 copy_file_range preadv2 pwritev2
+pkey_mprotect pkey_alloc pkey_free statx arch_prctl io_pgetevents rseq =393 semget semctl shmget shmctl
+shmat shmdt msgget msgsnd msgrcv msgctl clock_gettime64 clock_settime64 clock_adjtime64
+clock_getres_time64 clock_nanosleep_time64 timer_gettime64 timer_settime64 timerfd_gettime64
+timerfd_settime64 utimensat_time64 pselect6_time64 ppoll_time64 =416 io_pgetevents_time64
+recvmmsg_time64 mq_timedsend_time64 mq_timedreceive_time64 semtimedop_time64 rt_sigtimedwait_time64
+futex_time64 sched_rr_get_interval_time64 pidfd_send_signal io_uring_setup io_uring_enter
+io_uring_register open_tree move_mount fsopen fsconfig fsmount fspick pidfd_open clone3 close_range
+openat2 pidfd_getfd faccessat2 process_madvise epoll_pwait2 mount_setattr quotactl_fd
+landlock_create_ruleset landlock_add_rule landlock_restrict_self memfd_secret process_mrelease
+futex_waitv set_mempolicy_home_node""",
+    "x32": """rt_sigaction rt_sigreturn ioctl readv writev recvfrom sendmsg recvmsg execve ptrace rt_sigpending
+rt_sigtimedwait rt_sigqueueinfo sigaltstack timer_create mq_notify kexec_load waitid set_robust_list
+get_robust_list vmsplice move_pages preadv pwritev rt_tgsigqueueinfo recvmmsg sendmmsg process_vm_readv
+process_vm_writev setsockopt getsockopt io_setup io_submit execveat preadv2 pwritev2""",
+}
+SYSCALL_GROUPS = {
+    "default": """arch_prctl brk cacheflush clock_getres clock_getres_time64 clock_gettime clock_gettime64 clock_nanosleep
+clock_nanosleep_time64 execve exit exit_group futex futex_time64 futex_waitv get_robust_list
+get_thread_area getegid getegid32 geteuid geteuid32 getgid getgid32 getgroups getgroups32 getpgid
+getpgrp getpid getppid getrandom getresgid getresgid32 getresuid getresuid32 getrlimit getsid gettid
+gettimeofday getuid getuid32 membarrier mmap mmap2 mprotect munmap nanosleep pause prlimit64
+restart_syscall riscv_flush_icache riscv_hwprobe rseq rt_sigreturn sched_getaffinity sched_yield
+set_robust_list set_thread_area set_tid_address set_tls sigreturn time ugetrlimit uretprobe""",
+    "aio": """io_cancel io_destroy io_getevents io_pgetevents io_pgetevents_time64 io_setup io_submit io_uring_enter
+io_uring_register io_uring_setup""",
+    "basic-io": """_llseek close close_range dup dup2 dup3 lseek pread64 preadv preadv2 pwrite64 pwritev pwritev2 read
+readv write writev""",
+    "chown": """chown chown32 fchown fchown32 fchownat lchown lchown32""",
+    "clock": """adjtimex clock_adjtime clock_adjtime64 clock_settime clock_settime64 settimeofday""",
+    "cpu-emulation": """modify_ldt subpage_prot switch_endian vm86 vm86old""",
+    "debug": """lookup_dcookie perf_event_open pidfd_getfd ptrace rtas s390_runtime_instr sys_debug_setcontext""",
+    "file-system": """access chdir chmod close creat faccessat faccessat2 fallocate fchdir fchmod fchmodat fchmodat2 fcntl
+fcntl64 fgetxattr flistxattr fremovexattr fsetxattr fstat fstat64 fstatat64 fstatfs fstatfs64 ftruncate
+ftruncate64 futimesat getcwd getdents getdents64 getxattr inotify_add_watch inotify_init inotify_init1
+inotify_rm_watch lgetxattr link linkat listxattr llistxattr lremovexattr lsetxattr lstat lstat64 mkdir
+mkdirat mknod mknodat newfstatat oldfstat oldlstat oldstat open openat openat2 readlink readlinkat
+removexattr rename renameat renameat2 rmdir setxattr stat stat64 statfs statfs64 statx symlink symlinkat
+truncate truncate64 unlink unlinkat utime utimensat utimensat_time64 utimes""",
+    "io-event": """_newselect epoll_create epoll_create1 epoll_ctl epoll_ctl_old epoll_pwait epoll_pwait2 epoll_wait
+epoll_wait_old eventfd eventfd2 poll ppoll ppoll_time64 pselect6 pselect6_time64 select""",
+    "ipc": """ipc memfd_create mq_getsetattr mq_notify mq_open mq_timedreceive mq_timedreceive_time64 mq_timedsend
+mq_timedsend_time64 mq_unlink msgctl msgget msgrcv msgsnd pipe pipe2 process_madvise process_vm_readv
+process_vm_writev semctl semget semop semtimedop semtimedop_time64 shmat shmctl shmdt shmget""",
+    "keyring": """add_key keyctl request_key""",
+    "memlock": """mlock mlock2 mlockall munlock munlockall""",
+    "module": """delete_module finit_module init_module""",
+    "mount": """chroot fsconfig fsmount fsopen fspick mount mount_setattr move_mount open_tree pivot_root umount umount2""",
+    "network-io": """accept accept4 bind connect getpeername getsockname getsockopt listen recv recvfrom recvmmsg
+recvmmsg_time64 recvmsg send sendmmsg sendmsg sendto setsockopt shutdown socket socketcall socketpair""",
+    "obsolete": """_sysctl afs_syscall bdflush break create_module ftime get_kernel_syms getpmsg gtty idle lock mpx prof
+profil putpmsg query_module security sgetmask ssetmask stime stty sysfs tuxcall ulimit uselib ustat
+vserver""",
+    "pkey": """pkey_alloc pkey_free pkey_mprotect""",
+    "privileged": """@chown @clock @module @raw-io @reboot @swap _sysctl acct bpf capset chroot fanotify_init fanotify_mark
+nfsservctl open_by_handle_at pivot_root quotactl quotactl_fd setdomainname setfsuid setfsuid32 setgroups
+setgroups32 sethostname setresuid setresuid32 setreuid setreuid32 setuid setuid32 vhangup""",
+    "process": """capget clone clone3 execveat fork getrusage kill pidfd_open pidfd_send_signal prctl rt_sigqueueinfo
+rt_tgsigqueueinfo setns swapcontext tgkill times tkill unshare vfork wait4 waitid waitpid""",
+    "raw-io": """ioperm iopl pciconfig_iobase pciconfig_read pciconfig_write s390_pci_mmio_read s390_pci_mmio_write""",
+    "reboot": """kexec_file_load kexec_load reboot""",
+    "resources": """ioprio_set mbind migrate_pages move_pages nice sched_setaffinity sched_setattr sched_setparam
+sched_setscheduler set_mempolicy set_mempolicy_home_node setpriority setrlimit""",
+    "setuid": """setgid setgid32 setgroups setgroups32 setregid setregid32 setresgid setresgid32 setresuid setresuid32
+setreuid setreuid32 setuid setuid32""",
+    "signal": """rt_sigaction rt_sigpending rt_sigprocmask rt_sigsuspend rt_sigtimedwait rt_sigtimedwait_time64 sigaction
+sigaltstack signal signalfd signalfd4 sigpending sigprocmask sigsuspend""",
+    "swap": """swapoff swapon""",
+    "sync": """fdatasync fsync msync sync sync_file_range sync_file_range2 syncfs""",
+    "system-service": """@aio @basic-io @chown @default @file-system @io-event @ipc @keyring @memlock @network-io @process
+@resources @setuid @signal @sync @timer arm_fadvise64_64 capget capset copy_file_range fadvise64
+fadvise64_64 flock get_mempolicy getcpu getpriority ioctl ioprio_get kcmp madvise mremap
+name_to_handle_at oldolduname olduname personality readahead readdir remap_file_pages
+sched_get_priority_max sched_get_priority_min sched_getattr sched_getparam sched_getscheduler
+sched_rr_get_interval sched_rr_get_interval_time64 sched_yield sendfile sendfile64 setfsgid setfsgid32
+setfsuid setfsuid32 setpgid setsid splice sysinfo tee umask uname userfaultfd vmsplice""",
+    "timer": """alarm getitimer setitimer timer_create timer_delete timer_getoverrun timer_gettime timer_gettime64
+timer_settime timer_settime64 timerfd_create timerfd_gettime timerfd_gettime64 timerfd_settime
+timerfd_settime64 times""",
+}
+SYSCALLS_AFTER_6_1 = {"x86_64": {"fchmodat2": 452}, "i386": {"fchmodat2": 452}}   # Linux 6.6: RestrictSUIDSGID= needs it
+SECCOMP_MACHINES = {"x86_64": ("x86_64", "x32", "i386")}     # machine -> the ABIs its kernel runs, native first
+ARCHITECTURE_NAMES = {"x86-64": "x86_64", "x86": "i386", "x32": "x32"}     # SystemCallArchitectures= words
+OTHER_ARCHITECTURES = ("arm arm64 mips mips64 mips64-n32 mips-le mips64-le mips64-le-n32 parisc parisc64 ppc ppc64 "
+                       "ppc64-le riscv64 s390 s390x loongarch64").split()     # accepted, never the machine's here
+AUDIT_ARCH = {"x86_64": 0xc000003e, "x32": 0xc000003e, "i386": 0x40000003}
+X32_BIT = 0x40000000
+ADDRESS_FAMILIES = ("UNSPEC UNIX INET AX25 IPX APPLETALK NETROM BRIDGE ATMPVC X25 INET6 ROSE DECnet NETBEUI SECURITY KEY "
+                    "NETLINK PACKET ASH ECONET ATMSVC RDS SNA IRDA PPPOX WANPIPE LLC IB MPLS CAN TIPC BLUETOOTH IUCV "
+                    "RXRPC ISDN PHONET IEEE802154 CAIF ALG NFC VSOCK KCM QIPCRTR SMC XDP MCTP").split()
+ADDRESS_FAMILY_ALIASES = {"LOCAL": "UNIX", "FILE": "UNIX", "ROUTE": "NETLINK"}
+NAMESPACE_FLAGS = {"cgroup": 0x02000000, "ipc": 0x08000000, "net": 0x40000000, "mnt": 0x00020000,
+                   "pid": 0x20000000, "user": 0x10000000, "uts": 0x04000000}
+# What the filters answer (SECCOMP_RET_*): SystemCallFilter='s default is to
+# kill the whole process with SIGSYS, as systemd does where the kernel can.
+SECCOMP_ALLOW, SECCOMP_LOG, SECCOMP_KILL = 0x7fff0000, 0x7ffc0000, 0x80000000
+PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
+
+
+def seccomp_errno(number):
+    return 0x00050000 | number
+
+
+def syscall_numbers(abi, _cache={}):
+    """{call name: number} of one ABI (x32's with bit 30 set)."""
+    if abi not in _cache:
+        numbers = {}
+        for table, bit in ((("x86_64", 0), ("x32", 512)) if abi == "x32" else ((abi, 0),)):
+            number = bit
+            for word in SYSCALL_NUMBERS[table].split():
+                if word.startswith("="):
+                    number = int(word[1:])
+                    continue
+                numbers[word] = number
+                number += 1
+        numbers.update(SYSCALLS_AFTER_6_1.get(abi, {}))
+        _cache[abi] = {name: number | X32_BIT for name, number in numbers.items()} if abi == "x32" else numbers
+    return _cache[abi]
+
+
+def expand_syscalls(name, _cache={}):
+    """The call names a word of SystemCallFilter= stands for: itself, or a
+    group's members, nested groups expanded. ValueError if unknown."""
+    if name not in _cache:
+        if name.startswith("@"):
+            group = name[1:]
+            if group == "known":
+                found = set(_known_syscalls())
+            elif group in SYSCALL_GROUPS:
+                found = set()
+                for member in SYSCALL_GROUPS[group].split():
+                    found |= expand_syscalls(member)
+            else:
+                raise ValueError("unknown system call group %s (systemd-analyze syscall-filter lists them)" % name)
+        elif name in _known_syscalls():
+            found = {name}
+        else:
+            raise ValueError("unknown system call %s" % name)
+        _cache[name] = frozenset(found)
+    return _cache[name]
+
+
+def _known_syscalls(_cache=[]):
+    if not _cache:
+        names = {word for table in SYSCALL_NUMBERS.values() for word in table.split() if not word.startswith("=")}
+        names |= {word for members in SYSCALL_GROUPS.values() for word in members.split() if not word.startswith("@")}
+        _cache.append(frozenset(names | {"fchmodat2"}))
+    return _cache[0]
+
+
+def _parse_errno_action(text):
+    """SystemCallErrorNumber= or a call's ":errno": "kill", an errno name
+    (EPERM) or a number 1-4095."""
+    text = text.strip()
+    if text == "kill":
+        return "kill"
+    number = int(text) if text.isdigit() else getattr(errno, text, None) if text.startswith("E") else None
+    if not isinstance(number, int) or not 1 <= number <= 4095:
+        raise ValueError("%r is not an error number (EPERM, EACCES, ... or 1-4095) nor kill" % text)
+    return number
+
+
+def _parse_syscall_list(value, key):
+    """SystemCallFilter=/SystemCallLog=: one assignment as (invert, ((word,
+    errno action or None), ...)), each name and group checked."""
+    invert = value.startswith("~")
+    words = []
+    for word in value.lstrip("~").split():
+        name, colon, action = word.partition(":")
+        expand_syscalls(name)
+        if colon and (key != "SystemCallFilter" or not invert):
+            raise ValueError("%s: only a denied system call (after ~) takes an error number" % word)
+        words.append((name, _parse_errno_action(action) if colon else None))
+    return ((invert, tuple(words)),)
+
+
+def syscall_set(assignments, with_default=False):
+    """(allow list?, {call: errno action or None}) as systemd merges the
+    lines of SystemCallFilter= (or SystemCallLog=): the first line says
+    whether the list allows (an allow list also allows @default) or denies
+    (~); later lines of the other kind take their calls out. None: unset."""
+    allow, chosen = None, {}
+    for invert, words in assignments:
+        if allow is None:
+            allow = not invert
+            if allow and with_default:
+                chosen = dict.fromkeys(expand_syscalls("@default"))
+        for name, action in words:
+            for call in expand_syscalls(name):
+                if invert != allow:
+                    chosen[call] = action
+                else:
+                    chosen.pop(call, None)
+    return None if allow is None else (allow, chosen)
+
+
+def _parse_architectures(value):
+    found = []
+    for word in value.split():
+        if word != "native" and word not in ARCHITECTURE_NAMES and word not in OTHER_ARCHITECTURES:
+            raise ValueError("unknown architecture %s (native, x86-64, x86, x32, arm64, ...)" % word)
+        found.append(word)
+    return tuple(found)
+
+
+def _parse_address_families(value):
+    """RestrictAddressFamilies=: "none", or [~]AF_ names: (invert, numbers),
+    invert None for none."""
+    if value.strip() == "none":
+        return ((None, ()),)
+    invert = value.startswith("~")
+    numbers = []
+    for word in value.lstrip("~").split():
+        name = ADDRESS_FAMILY_ALIASES.get(word[3:], word[3:]) if word.startswith("AF_") else None
+        if name not in ADDRESS_FAMILIES:
+            raise ValueError("unknown address family %s" % word)
+        numbers.append(ADDRESS_FAMILIES.index(name))
+    return ((invert, tuple(numbers)),)
+
+
+def address_families(assignments):
+    """(allow list?, family numbers) as systemd merges RestrictAddressFamilies=
+    lines (the first says which kind; none: allow nothing). None: unset."""
+    allow, chosen = None, set()
+    for invert, numbers in assignments:
+        if invert is None:
+            allow, chosen = True, set()
+            continue
+        if allow is None:
+            allow = not invert
+        chosen = chosen | set(numbers) if invert != allow else chosen - set(numbers)
+    return None if allow is None else (allow, chosen)
+
+
+def _parse_namespaces(value):
+    """RestrictNamespaces=: yes (none allowed), no (all), or [~]type names:
+    one assignment as (how, flags), how "set", "or" or "and"."""
+    try:
+        return (("set", 0 if parse_bool(value) else sum(NAMESPACE_FLAGS.values())),)
+    except ValueError:
+        pass
+    invert = value.startswith("~")
+    flags = 0
+    for word in value.lstrip("~").split():
+        if word not in NAMESPACE_FLAGS:
+            raise ValueError("unknown namespace type %s (%s)" % (word, ", ".join(NAMESPACE_FLAGS)))
+        flags |= NAMESPACE_FLAGS[word]
+    return (("and", sum(NAMESPACE_FLAGS.values()) & ~flags) if invert else ("or", flags),)
+
+
+def allowed_namespaces(assignments):
+    """The namespace flags RestrictNamespaces= leaves (None: unset): a boolean
+    sets them, the first list sets them, later lists OR (~: AND) into them."""
+    allowed = None
+    for how, flags in assignments:
+        if how == "set" or allowed is None:
+            allowed = flags
+        else:
+            allowed = allowed | flags if how == "or" else allowed & flags
+    return allowed
+
+
+# A filter is (the keys it applies, default answer, {ABI: rules}, answer for
+# other ABIs); a rule is (call, alternatives, otherwise): the first
+# alternative (conditions, answer) whose conditions all hold on the call's
+# arguments answers, else `otherwise`. A condition is (argument, test,
+# value), test "eq", "set" (any of the bits) or "masked" (value (mask, want)).
+def _errno_rules(calls, number=errno.EPERM):
+    return [(call, (), seccomp_errno(number)) for call in sorted(calls)]
+
+
+def seccomp_filters(spec, personality=None):
+    """[(keys, BPF program, its bytes)] of a unit, in systemd's order, or []
+    when it asks for none; compiled once per unit version. Raises SpawnError
+    on a machine with no system call table."""
+    key = seccomp_settings(spec) + (personality,)
+    if key[:-1] == SECCOMP_UNSET:
+        return []
+    if key not in _COMPILED_FILTERS:
+        abis = SECCOMP_MACHINES.get(os.uname().machine)
+        if abis is None:
+            raise SpawnError("seccomp: no system call table for %s here (%s only): %s not applied, the unit is not "
+                             "started" % (os.uname().machine, ", ".join(SECCOMP_MACHINES),
+                                          " ".join(name + "=" for name in SECCOMP_ONLY_KEYS + SECCOMP_HALF_KEYS
+                                                   if _sandbox_key_set(spec, name))))
+        if len(_COMPILED_FILTERS) > 256:
+            _COMPILED_FILTERS.clear()
+        compiled = []
+        for keys, default, rules, other in seccomp_plan(spec, personality, abis):
+            program = bpf_program(default, rules, other, abis)
+            compiled.append((keys, program, b"".join(struct.pack("HBBI", *i) for i in program)))
+        _COMPILED_FILTERS[key] = compiled
+    return _COMPILED_FILTERS[key]
+
+
+_COMPILED_FILTERS = {}
+SECCOMP_FIELDS = ("restrict_address_families", "memory_deny_write_execute", "restrict_realtime", "restrict_suid_sgid",
+                  "restrict_namespaces", "protect_kernel_tunables", "protect_kernel_modules", "protect_kernel_logs",
+                  "protect_clock", "private_devices", "protect_hostname", "system_call_architectures",
+                  "lock_personality", "system_call_log", "system_call_filter", "system_call_error_number")
+
+
+def seccomp_settings(spec):
+    return tuple(getattr(spec, field) for field in SECCOMP_FIELDS)
+
+
+SECCOMP_UNSET = seccomp_settings(type("Unset", (), {field: UnitSpec.FIELDS[field] for field in SECCOMP_FIELDS}))
+
+
+def seccomp_plan(spec, personality, abis):
+    """The filters of a unit, in systemd 252's order (exec_child): [(keys,
+    default answer, {ABI: rules}, answer for ABIs not in the dict)]. Pure."""
+    plan = []
+    eperm, allow = seccomp_errno(errno.EPERM), SECCOMP_ALLOW
+
+    def every(rules, but=()):
+        return {abi: rules for abi in abis if abi not in but}
+
+    families = address_families(spec.restrict_address_families)
+    if families is not None:
+        allow_list, numbers = families
+        refuse = seccomp_errno(errno.EAFNOSUPPORT)
+        if allow_list:
+            rule = ("socket", tuple((((0, "eq", n),), allow) for n in sorted(numbers)), refuse)
+        else:
+            rule = ("socket", tuple((((0, "eq", n),), refuse) for n in sorted(numbers)), allow)
+        # As systemd: i386 reaches socket() through socketcall(), whose
+        # arguments a filter cannot read, so its calls are not filtered.
+        plan.append((("RestrictAddressFamilies",), allow, every([rule], but=("i386",)), allow))
+    if spec.memory_deny_write_execute:
+        write_exec, executable = ((2, "masked", (0x6, 0x6)),), ((2, "set", 0x4),)     # PROT_WRITE|PROT_EXEC, PROT_EXEC
+        common = [("mprotect", ((executable, eperm),), allow), ("pkey_mprotect", ((executable, eperm),), allow)]
+        rules = {abi: common + [("mmap", ((write_exec, eperm),), allow), ("shmat", ((((2, "set", 0o100000),), eperm),),
+                                                                                     allow)]     # SHM_EXEC
+                 for abi in abis if abi != "i386"}
+        if "i386" in abis:            # mmap2 there; the old mmap takes a struct: refused, as systemd does
+            rules["i386"] = common + [("mmap2", ((write_exec, eperm),), allow), ("mmap", (), eperm)]
+        plan.append((("MemoryDenyWriteExecute",), allow, rules, allow))
+    if spec.restrict_realtime:        # SCHED_OTHER, SCHED_BATCH and SCHED_IDLE only
+        plan.append((("RestrictRealtime",), allow,
+                     every([("sched_setscheduler", tuple((((1, "eq", p),), allow) for p in (0, 3, 5)), eperm)]), allow))
+    if spec.restrict_suid_sgid:
+        rules = [(call, ((((mode, "set", 0o6000),), eperm),), allow)
+                 for call, mode in (("chmod", 1), ("fchmod", 1), ("fchmodat", 2), ("fchmodat2", 2), ("creat", 1),
+                                    ("mkdir", 1), ("mkdirat", 2), ("mknod", 1), ("mknodat", 2))]
+        rules += [(call, ((((flags, "set", os.O_CREAT), (flags + 1, "set", 0o6000)), eperm),), allow)
+                  for call, flags in (("open", 1), ("openat", 2))]
+        rules.append(("openat2", (), seccomp_errno(errno.ENOSYS)))      # its mode is in a struct
+        plan.append((("RestrictSUIDSGID",), allow, every(rules), allow))
+    allowed = allowed_namespaces(spec.restrict_namespaces)
+    if allowed is not None and allowed != sum(NAMESPACE_FLAGS.values()):
+        blocked = [flag for flag in sorted(NAMESPACE_FLAGS.values()) if not allowed & flag]
+        refused = tuple((((0, "set", flag),), eperm) for flag in blocked)
+        setns = ("setns", (), eperm) if not allowed else \
+            ("setns", ((((1, "eq", 0),), eperm),) + tuple((((1, "set", f),), eperm) for f in blocked), allow)
+        rules = [("unshare", refused, allow), ("clone", refused, allow), setns,
+                 ("clone3", (), seccomp_errno(errno.ENOSYS))]    # its flags are in a struct: the C library falls back
+        plan.append((("RestrictNamespaces",), allow, every(rules), allow))
+    for wanted, key, calls in ((spec.protect_kernel_tunables, "ProtectKernelTunables", ("_sysctl",)),
+                               (spec.protect_kernel_modules, "ProtectKernelModules", expand_syscalls("@module")),
+                               (spec.protect_kernel_logs, "ProtectKernelLogs", ("syslog",)),
+                               (spec.protect_clock, "ProtectClock", expand_syscalls("@clock")),
+                               (spec.private_devices, "PrivateDevices", expand_syscalls("@raw-io")),
+                               (spec.protect_hostname, "ProtectHostname", ("sethostname", "setdomainname"))):
+        if wanted:
+            plan.append(((key,), allow, every(_errno_rules(calls)), allow))
+    if spec.system_call_architectures:
+        kept = {ARCHITECTURE_NAMES.get(word, abis[0] if abis else None) for word in spec.system_call_architectures}
+        if set(abis) - kept:
+            plan.append((("SystemCallArchitectures",), allow, {abi: [] for abi in abis if abi in kept}, SECCOMP_KILL))
+    if spec.lock_personality:         # personality() only to ask, or to set the one it has
+        same = ((((0, "eq", 0xffffffff),), allow), (((0, "eq", personality),), allow)) \
+            if personality is not None else ((((0, "eq", 0xffffffff),), allow),)
+        plan.append((("LockPersonality",), allow, every([("personality", same, eperm)]), allow))
+    logged = syscall_set(spec.system_call_log)
+    if logged is not None:
+        listed, calls = logged
+        plan.append((("SystemCallLog",), SECCOMP_LOG if not listed else allow,
+                     every([(call, (), allow if not listed else SECCOMP_LOG) for call in sorted(calls)]), allow))
+    chosen = syscall_set(spec.system_call_filter, with_default=True)
+    if chosen is not None:
+        listed, calls = chosen
+        number = spec.system_call_error_number
+        refuse = SECCOMP_KILL if number in (None, "kill") else seccomp_errno(number)
+        if listed:
+            rules = [(call, (), allow) for call in sorted(calls)]
+        else:
+            rules = [(call, (), refuse if action is None else SECCOMP_KILL if action == "kill"
+                      else seccomp_errno(action)) for call, action in sorted(calls.items())]
+        plan.append((("SystemCallFilter", "SystemCallErrorNumber"), refuse if listed else allow, every(rules), allow))
+    return plan
+
+
+def seccomp_summary(spec):
+    """What a unit's filters refuse, one line per filter, for status NAME
+    (as `systemd-analyze security` sums a unit up). Pure."""
+    eperm = "refused with EPERM"
+    lines = []
+    for keys, _, _, _ in seccomp_plan(spec, None, SECCOMP_MACHINES.get(os.uname().machine, ("x86_64",))):
+        key = keys[0]
+        if key == "SystemCallFilter":
+            listed, calls = syscall_set(spec.system_call_filter, with_default=True)
+            words = " ".join(("~" if invert else "") + " ".join(name + (":%s" % errno.errorcode.get(action, action)
+                                                                          if action else "") for name, action in names)
+                             for invert, names in spec.system_call_filter)
+            number = spec.system_call_error_number
+            answer = "killed by SIGSYS" if number in (None, "kill") else "refused with %s" % errno.errorcode.get(
+                number, number)
+            lines.append("SystemCallFilter=%s (%s of %d calls; %s %s)"
+                         % (words, "an allow list, with @default," if listed else "a deny list", len(calls),
+                            "any other call" if listed else "those", answer))
+        elif key == "SystemCallArchitectures":
+            lines.append("SystemCallArchitectures=%s (calls of other ABIs killed by SIGSYS)"
+                         % " ".join(spec.system_call_architectures))
+        elif key == "RestrictAddressFamilies":
+            listed, numbers = address_families(spec.restrict_address_families)
+            names = " ".join("AF_" + ADDRESS_FAMILIES[n] for n in sorted(numbers)) or "none"
+            lines.append("RestrictAddressFamilies=%s%s (%s: EAFNOSUPPORT)" % (
+                "" if listed else "~", names, "socket() of any other family" if listed else "socket() of these"))
+        elif key == "RestrictNamespaces":
+            allowed = allowed_namespaces(spec.restrict_namespaces)
+            kept = [name for name, flag in NAMESPACE_FLAGS.items() if allowed & flag]
+            lines.append("RestrictNamespaces=%s (making or joining %s namespace %s)"
+                         % (" ".join(kept) if kept else "yes", "any other" if kept else "any", eperm))
+        elif key == "SystemCallLog":
+            listed, calls = syscall_set(spec.system_call_log)
+            lines.append("SystemCallLog=%d calls logged%s" % (len(calls), "" if listed else ": all but these"))
+        else:
+            what = {"MemoryDenyWriteExecute": "memory both writable and executable",
+                    "RestrictRealtime": "SCHED_FIFO, SCHED_RR and SCHED_DEADLINE",
+                    "RestrictSUIDSGID": "setting a setuid or setgid bit", "LockPersonality": "changing personality()",
+                    "ProtectKernelTunables": "_sysctl", "ProtectKernelModules": "@module",
+                    "ProtectKernelLogs": "syslog", "ProtectClock": "@clock", "PrivateDevices": "@raw-io",
+                    "ProtectHostname": "sethostname, setdomainname"}[key]
+            lines.append("%s=yes (%s %s)" % (key, what, eperm))
+    return lines
+
+
+def bpf_program(default, rules_by_abi, other, abis):
+    """The classic-BPF instructions (code, jt, jf, k) of one filter: the ABI
+    first (those not in rules_by_abi answer `other`), then each rule; calls
+    no rule names answer `default`. Plain rules are folded into ranges of
+    numbers with the same answer. Pure."""
+    load, jeq, jgt, jge, jset, ret, jump, and_ = 0x20, 0x15, 0x25, 0x35, 0x45, 0x06, 0x05, 0x54
+    code, labels = [], {}
+
+    def emit(op, k, jt=0, jf=0):
+        code.append([op, jt, jf, k])
+
+    def block(abi):
+        numbers = syscall_numbers(abi)
+        plain, guarded = {}, []
+        for call, alternatives, otherwise in rules_by_abi[abi]:
+            if call not in numbers:
+                continue              # a call this ABI does not have
+            if alternatives:
+                guarded.append((numbers[call], alternatives, otherwise))
+            elif otherwise != default:
+                plain[numbers[call]] = otherwise
+        for number, alternatives, otherwise in guarded:
+            body = []
+            for conditions, answer in alternatives:
+                size = sum(3 if test == "masked" else 2 for _, test, _ in conditions) + 1
+                for index, (argument, test, value) in enumerate(conditions):
+                    left = size - 1 - sum(3 if t == "masked" else 2 for _, t, _ in conditions[:index + 1])
+                    body.append([load, 0, 0, 16 + 8 * argument])      # the low 32 bits of the argument
+                    if test == "masked":
+                        body.append([and_, 0, 0, value[0]])
+                        body.append([jeq, 0, left + 1, value[1]])
+                    else:
+                        body.append([jeq if test == "eq" else jset, 0, left + 1, value])
+                body.append([ret, 0, 0, answer])
+            body.append([ret, 0, 0, otherwise])
+            emit(jeq, number, 0, len(body))
+            code.extend(body)
+        ranges = []
+        for number in sorted(plain):
+            if ranges and ranges[-1][1] == number - 1 and ranges[-1][2] == plain[number]:
+                ranges[-1][1] = number
+            else:
+                ranges.append([number, number, plain[number]])
+        for low, high, answer in ranges:
+            if low == high:
+                emit(jeq, low, 0, 1)
+            else:
+                emit(jge, low, 0, 2)
+                emit(jgt, high, 1, 0)
+            emit(ret, answer)
+        emit(ret, default)
+
+    emit(load, 4)                     # seccomp_data.arch
+    if "x86_64" in abis:
+        emit(jeq, AUDIT_ARCH["x86_64"], 0, 1)
+        emit(jump, "amd64")
+    if "i386" in abis:
+        emit(jeq, AUDIT_ARCH["i386"], 0, 1)
+        emit(jump, "i386")
+    emit(ret, other)
+    labels["amd64"] = len(code)
+    emit(load, 0)                     # seccomp_data.nr
+    emit(jge, X32_BIT, 0, 1)
+    emit(jump, "x32")
+    for abi in ("x86_64", "x32", "i386"):
+        labels[abi] = len(code)
+        if abi == "i386":
+            emit(load, 0)
+        if abi in rules_by_abi:
+            block(abi)
+        else:
+            emit(ret, other)
+    if len(code) > 4096:
+        raise SpawnError("seccomp: a filter of %d instructions is more than the kernel takes (4096)" % len(code))
+    return [(op, jt, jf, labels[k] - index - 1 if op == jump else k) for index, (op, jt, jf, k) in enumerate(code)]
+
+
+# ---- cgroups, the spawner, the exit watcher, the notify socket ---------------------
 
 # The cgroup keys: the controller each needs, and those cgroup v1 can do too.
 RESOURCE_KEYS = (("MemoryMax", "memory_max", "memory"), ("CPUQuota", "cpu_quota", "cpu"),
@@ -6223,6 +6779,9 @@ class Spawner:
                 sandbox.finish()
             stage = "WorkingDirectory=%s" % cwd
             os.chdir(cwd)
+            if sandbox is not None and sandbox.filters:
+                stage = "seccomp"
+                sandbox.seal()
             stage = "exec %s" % program
             os.execve(program, argv, env)
         except BaseException as exc:      # report, never return into the daemon's code
@@ -6828,7 +7387,7 @@ class Service:
                         control=str(self.control_command) if self.control_command else None,
                         folder={"path": self.spec.owned.path, "tree": self.spec.tree, "files": self.spec.owned.count,
                                 "bytes": self.spec.owned.size} if self.spec.owned else None,
-                        warnings=list(self.process_warnings),
+                        warnings=list(self.process_warnings), seccomp=seccomp_summary(self.spec),
                         not_applied=[{"key": key, "value": value, "why": not_applied_reason(key, value)}
                                      for key, value in self.spec.not_applied] +
                         [{"key": key, "value": "", "why": why} for key, why in sandbox_not_applied(self.spec)])
@@ -8105,7 +8664,8 @@ class Launcher:
         as not applied)."""
         spec = service.spec
         if os.geteuid() != 0:
-            return Sandbox(spec, full=False) if spec.no_new_privileges else None
+            return Sandbox(spec, full=False) if spec.no_new_privileges or seccomp_settings(spec) != SECCOMP_UNSET \
+                else None
         helpers = self._sandbox_helpers()
         if spec.private_tmp and service.private_tmp is None:
             service.private_tmp = self._private_tmp(self._private_tmp_prefix(service.name))
@@ -14092,6 +14652,10 @@ def _print_service_block(s, daemon_info, colour):
             back["from"][:7], back["why"], back["to"][:7])))
     for entry in s.get("not_applied", []):
         lines.append(("Not applied", "%s=%s (%s)" % (entry["key"], entry["value"], entry["why"])))
+    if s.get("seccomp"):
+        lines.append(("Seccomp", "%d filter%s, loaded last before exec" % (len(s["seccomp"]),
+                                                                          "" if len(s["seccomp"]) == 1 else "s")))
+        lines += [("", line) for line in s["seccomp"]]
     for warning in s.get("warnings", []):
         lines.append(("Warning", warning))
     for limit in s["limits"]:
@@ -14104,7 +14668,7 @@ def _print_service_block(s, daemon_info, colour):
             value = " ".join(map(str, value))
         lines.append(("Limit", "%s=%s %s" % (limit["key"], value, "applied" if limit["applied"] else "not applied: " + limit["why"])))
     for label, value in lines:
-        print("%10s: %s" % (label, value))
+        print("%10s: %s" % (label, value) if label else "%10s  %s" % ("", value))
     if s.get("log_tail"):
         print()
         for line in s["log_tail"]:

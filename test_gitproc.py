@@ -747,7 +747,8 @@ class UnitParserTests(unittest.TestCase):
     # parser takes that differs from the default is the key's sample.
     SAMPLES = ("yes", "no", "/bin/true x", "5s", "2", "7", "0755", "10M", "50%", "/tmp/x", "db.service",
                "SIGUSR1", "CAP_CHOWN", "always", "forking", "all", "process", "strict", "read-only", "idle",
-               "fifo", "file:/tmp/x", "append:/tmp/x", "local0", "A=1", "web", "/tmp/a:/tmp/b", "0-1", "tcp://127.0.0.1:1", "1 2")
+               "fifo", "file:/tmp/x", "append:/tmp/x", "local0", "A=1", "web", "/tmp/a:/tmp/b", "0-1", "tcp://127.0.0.1:1", "1 2",
+               "AF_UNIX", "native")
 
     def test_no_key_is_dropped_silently(self):
         """Every key of the parser's table: a value other than the default is
@@ -914,7 +915,7 @@ class UnitParserTests(unittest.TestCase):
 
     def test_unknown_keys_and_sections_are_warnings(self):
         spec, problems = parse("[Unit]\nFrobnicate=x\nDocumentation=man:x\n[Service]\nExecStart=/bin/true\n"
-                               "SystemCallFilter=@basic-io\n[Timer]\nOnCalendar=daily\n[X-Custom]\nA=b\nnot a key\n")
+                               "BusName=org.example\n[Timer]\nOnCalendar=daily\n[X-Custom]\nA=b\nnot a key\n")
         self.assertIsNotNone(spec)
         warnings = messages(problems, "warning")
         self.assertEqual(len(warnings), 4, warnings)
@@ -4762,27 +4763,28 @@ class NotAppliedKeysTests(unittest.TestCase):
     def test_check_names_each_key_not_applied_and_silent_keys_stay_silent(self):
         spec, found = gitproc.parse_unit("redis", "redis.service", (
             "[Unit]\nDocumentation=man:redis\nDefaultDependencies=no\n"
-            "[Service]\nExecStart=/bin/true\nSystemCallFilter=@system-service\nLimitNOFILE=65535\n"
-            "SecureBits=keep-caps\nRuntimeMaxSec=1h\nMemoryAccounting=yes\nPrivateUsers=false\n").encode())
+            "[Service]\nExecStart=/bin/true\nIPAddressDeny=any\nLimitNOFILE=65535\n"
+            "AppArmorProfile=x\nBusName=org.example\nMemoryAccounting=yes\nPrivateUsers=false\n").encode())
         warnings = [d.message for d in found if d.severity == "warning"]
         self.assertEqual(warnings, [
-            "not applied: SystemCallFilter=@system-service (seccomp: gitproc does not filter system calls)",
-            "not applied: SecureBits=keep-caps (sandboxing: gitproc does not build this sandbox)",
-            "not applied: RuntimeMaxSec=1h (service behaviour gitproc does not have yet)"])
-        self.assertEqual(spec.not_applied, (("SystemCallFilter", "@system-service"), ("SecureBits", "keep-caps"),
-                                            ("RuntimeMaxSec", "1h")), "PrivateUsers=false asks for nothing")
+            "not applied: IPAddressDeny=any (needs BPF programs or an LSM, which gitproc does not load)",
+            "not applied: AppArmorProfile=x (sandboxing: gitproc does not build this sandbox)",
+            "not applied: BusName=org.example (service behaviour gitproc does not have yet)"])
+        self.assertEqual(spec.not_applied, (("IPAddressDeny", "any"), ("AppArmorProfile", "x"),
+                                            ("BusName", "org.example")), "PrivateUsers=false asks for nothing")
 
     def test_status_lists_what_is_not_applied(self):
         home = Home(self)
-        home.commit({"web.service": unit(SLEEPER, MemoryDenyWriteExecute="yes", SecureBits="keep-caps")}, "web")
+        home.commit({"web.service": unit(SLEEPER, IPAddressDeny="any", AppArmorProfile="x")}, "web")
         home.start_daemon()
         home.known_pids.add(home.running_pid("web"))
         code, out, err = home.cli_process("status", "web")
         self.assertEqual(code, 0, err)
-        self.assertIn("Not applied: MemoryDenyWriteExecute=yes (seccomp or BPF: gitproc does not filter system calls)", out)
-        self.assertIn("Not applied: SecureBits=keep-caps", out)
+        self.assertIn("Not applied: IPAddressDeny=any (needs BPF programs or an LSM, which gitproc does not load)",
+                      out)
+        self.assertIn("Not applied: AppArmorProfile=x", out)
         detail = home.request({"cmd": "status", "names": ["web"]})["services"][0]
-        self.assertEqual([entry["key"] for entry in detail["not_applied"]], ["MemoryDenyWriteExecute", "SecureBits"])
+        self.assertEqual([entry["key"] for entry in detail["not_applied"]], ["IPAddressDeny", "AppArmorProfile"])
         self.assertEqual(home.cli("shutdown")[0], 0)
 
 
@@ -7020,8 +7022,8 @@ class SandboxTests(SupervisionCase):
         self.assertEqual(glob.glob("/tmp/gitproc-private-*-priv-*"), [], "its /tmp goes at stop")
 
     def test_restrict_suid_sgid_and_lock_personality_filter_system_calls(self):
-        if os.uname().machine not in gitproc.SECCOMP_ARCHES:
-            self.skipTest("the seccomp filter is known for %s only" % ", ".join(gitproc.SECCOMP_ARCHES))
+        if os.uname().machine not in gitproc.SECCOMP_MACHINES:
+            self.skipTest("the seccomp filter is known for %s only" % ", ".join(gitproc.SECCOMP_MACHINES))
         probe = self.file("probe")
         script = ("touch {p}; chmod 4755 {p} 2>/dev/null && echo suid-set || echo suid-refused; "
                   "chmod 755 {p} && echo plain-ok; mkdir -m 2755 {p}.d 2>/dev/null && echo sgid-dir || echo sgid-refused; "
@@ -7068,40 +7070,348 @@ class SandboxTests(SupervisionCase):
         self.assertEqual(status["Uid"].split()[0], "65534")
 
 
-class SeccompProgramTests(unittest.TestCase):
-    """The BPF of RestrictSUIDSGID=/LockPersonality=, read as the kernel runs it."""
+# What a process under a unit's system call filters tries, one probe per
+# argument; each prints "probe result" (ok, or the errno's name). The i386
+# probe makes a 32-bit call (int 0x80) from a page it maps executable.
+SECCOMP_PROBE = r'''
+import ctypes, errno, mmap, os, socket, sys
+libc = ctypes.CDLL(None, use_errno=True)
+def result(call):
+    try:
+        call()
+        return "ok"
+    except OSError as exc:
+        return errno.errorcode.get(exc.errno, str(exc.errno))
+def checked(value):
+    if value == -1:
+        number = ctypes.get_errno()
+        raise OSError(number, os.strerror(number))
+def i386_getpid():
+    page = mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    page.write(bytes([0x53, 0xb8, 20, 0, 0, 0, 0xcd, 0x80, 0x5b, 0xc3]))   # push rbx; mov eax,20; int 0x80; pop rbx; ret
+    call = ctypes.CFUNCTYPE(ctypes.c_long)(ctypes.addressof(ctypes.c_char.from_buffer(page)))
+    if call() != os.getpid():
+        raise OSError(errno.EINVAL, "a wrong pid")
+PROBES = {
+    "inet": lambda: socket.socket(socket.AF_INET).close(),
+    "unix": lambda: socket.socket(socket.AF_UNIX).close(),
+    "userns": lambda: checked(libc.unshare(0x10000000)),
+    "umount": lambda: checked(libc.umount2(b"/nonexistent-gp", 0)),
+    "wx": lambda: mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC).close(),
+    "fifo": lambda: os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1)),
+    "batch-reset": lambda: os.sched_setscheduler(0, os.SCHED_BATCH | os.SCHED_RESET_ON_FORK, os.sched_param(0)),
+    "i386": i386_getpid,
+}
+for name in sys.argv[1:]:
+    print(name, result(PROBES[name]), flush=True)
+print("done", flush=True)
+'''
 
-    def run_filter(self, program, arch, nr, args=(0, 0, 0, 0)):
-        """A tiny classic-BPF interpreter over seccomp_data (arch, nr, args)."""
+
+@unittest.skipUnless(os.uname().machine in gitproc.SECCOMP_MACHINES, "no system call table for this machine")
+class SeccompTests(SupervisionCase):
+    """Real processes under the system call filters: what each key forbids
+    fails as systemd.exec(5) says (an errno, or death by SIGSYS), and what
+    it allows still works. A daemon that is not root applies them too."""
+
+    def probe_unit(self, probes, *lines):
+        path = self.file("probe.py")
+        if not os.path.exists(path):
+            with open(path, "w") as handle:
+                handle.write(SECCOMP_PROBE)
+        return unit_text("ExecStart=%s %s %s" % (sys.executable, path, " ".join(probes)), "Type=oneshot",
+                         "RemainAfterExit=yes", *lines)
+
+    def results(self, name):
+        lines = wait_until(lambda: self.home.service_log(name).endswith("done\n") and self.home.service_log(name),
+                           10, "%s's probes" % name)
+        return dict(line.split() for line in lines.splitlines() if line != "done")
+
+    def test_each_key_refuses_what_it_forbids_and_allows_the_rest(self):
+        root = os.geteuid() == 0
+        self.deploy({
+            "families.service": self.probe_unit(["inet", "unix"], "RestrictAddressFamilies=AF_UNIX"),
+            "spaces.service": self.probe_unit(["userns", "unix"], "RestrictNamespaces=yes"),
+            "wx.service": self.probe_unit(["wx", "unix"], "MemoryDenyWriteExecute=yes"),
+            "denied.service": self.probe_unit(["umount", "inet"], "SystemCallFilter=~@mount",
+                                              "SystemCallErrorNumber=EPERM", "SystemCallFilter=~umount2:EACCES"),
+            "service.service": self.probe_unit(["inet", "unix", "wx"], "SystemCallFilter=@system-service"),
+            "shell.service": unit_text("ExecStart=" + sh("ls / >/dev/null && echo shell ok; echo done"),
+                                       "Type=oneshot", "RemainAfterExit=yes", "SystemCallFilter=@system-service"),
+            "native.service": self.probe_unit(["unix"], "SystemCallArchitectures=native"),
+            "realtime.service": self.probe_unit(["fifo", "batch-reset", "unix"], "RestrictRealtime=yes"),
+            "open.service": self.probe_unit(["inet", "userns", "wx", "i386", "batch-reset"]),
+        })
+        self.assertEqual(self.results("families"), {"inet": "EAFNOSUPPORT", "unix": "ok"})
+        self.assertEqual(self.results("spaces"), {"userns": "EPERM", "unix": "ok"})
+        self.assertEqual(self.results("wx"), {"wx": "EPERM", "unix": "ok"})
+        self.assertEqual(self.results("denied"), {"umount": "EACCES", "inet": "ok"}, "the call's own errno wins")
+        self.assertEqual(self.results("service"), {"inet": "ok", "unix": "ok", "wx": "ok"},
+                         "a Python interpreter starts and works under @system-service")
+        self.assertEqual(self.home.service_log("shell").split("\n")[0], "shell ok", "and a shell")
+        self.assertEqual(self.results("native")["unix"], "ok")
+        # A realtime policy is refused in a cgroup anyway (no RT runtime);
+        # systemd's filter also refuses any policy above SCHED_IDLE, with
+        # SCHED_RESET_ON_FORK, which the kernel itself allows.
+        self.assertEqual(self.results("realtime"), {"fifo": "EPERM", "batch-reset": "EPERM", "unix": "ok"})
+        opened = self.results("open")
+        self.assertEqual(opened["wx"], "ok", "without the keys, each probe would succeed")
+        self.assertEqual((opened["i386"], opened["batch-reset"]), ("ok", "ok"))
+        if root:
+            self.assertEqual(opened["userns"], "ok")
+
+    def test_a_forbidden_call_kills_with_sigsys_and_filters_show_in_proc(self):
+        probe = self.file("probe.py")
+        with open(probe, "w") as handle:
+            handle.write(SECCOMP_PROBE)
+        self.deploy({
+            "killed.service": self.probe_unit(["unix", "umount"], "SystemCallFilter=@system-service"),
+            "abi.service": self.probe_unit(["unix", "i386"], "SystemCallArchitectures=native"),
+            "held.service": unit_text("ExecStart=" + SLEEPER, "SystemCallFilter=@system-service",
+                                      "SystemCallArchitectures=native", "RestrictNamespaces=yes",
+                                      "MemoryDenyWriteExecute=yes", "LockPersonality=yes",
+                                      "RestrictRealtime=yes", "RestrictAddressFamilies=AF_UNIX AF_INET"),
+        })
+        for name, last in (("killed", "unix ok"), ("abi", "unix ok")):
+            service = self.home.wait_state(name, "failed", timeout=10)
+            self.assertEqual(service["last_exit"], {"signal": signal.SIGSYS}, name)
+            self.assertEqual(self.home.service_log(name).splitlines(), [last], "the call before it worked")
+        pid = self.watch(self.home.running_pid("held"))
+        wait_until(lambda: argv_of(pid) == SLEEPER.split(), 5, "held to exec")
+        status = proc_status(pid)
+        self.assertEqual(status["Seccomp"].strip(), "2")
+        self.assertEqual(status["Seccomp_filters"].strip(), "7", "one filter per key, as systemd loads them")
+        self.assertEqual(status["NoNewPrivs"].strip(), "0" if os.geteuid() == 0 else "1",
+                         "implied only without CAP_SYS_ADMIN")
+        code, out, _ = self.home.cli("status", "held")
+        self.assertIn("   Seccomp: 7 filters, loaded last before exec\n", out)
+        self.assertIn("            SystemCallFilter=@system-service (an allow list, with @default, of ", out)
+        self.assertIn("            SystemCallArchitectures=native (calls of other ABIs killed by SIGSYS)\n", out)
+
+
+class SeccompProgramTests(unittest.TestCase):
+    """The system call filters, read as the kernel runs them: a small
+    classic-BPF interpreter over seccomp_data (ABI, call number, arguments)."""
+
+    X86, I386, ALLOW, KILL = 0xc000003e, 0x40000003, 0x7fff0000, 0x80000000
+    EPERM = 0x00050000 | errno.EPERM
+
+    def run_filter(self, program, arch, nr, args=(0, 0, 0, 0, 0, 0)):
         data = {0: nr, 4: arch}
-        data.update({16 + 8 * i: a for i, a in enumerate(args)})
+        data.update({16 + 8 * i: a & 0xffffffff for i, a in enumerate(args)})
         accumulator, pc = 0, 0
-        while True:
+        for _ in range(len(program) + 1):        # a classic-BPF program only jumps forwards
             code, jt, jf, k = program[pc]
             if code == 0x20:
                 accumulator = data.get(k, 0)
             elif code == 0x54:
                 accumulator &= k
-            elif code == 0x15:
-                pc += jt if accumulator == k else jf
-            elif code == 0x45:
-                pc += jt if accumulator & k else jf
+            elif code == 0x05:
+                pc += k
+            elif code in (0x15, 0x25, 0x35, 0x45):
+                holds = {0x15: accumulator == k, 0x25: accumulator > k, 0x35: accumulator >= k,
+                         0x45: bool(accumulator & k)}[code]
+                pc += jt if holds else jf
             elif code == 0x06:
                 return k
+            else:
+                self.fail("unknown instruction %#x" % code)
             pc += 1
+        self.fail("the program ran past its end")
+
+    def answer(self, lines, call, args=(), abi="x86_64", personality=0):
+        """What the unit's filters together answer `call` (the most severe
+        answer wins, as in the kernel: kill, then errno, then log, then allow)."""
+        spec, found = gitproc.parse_unit("f.service", "f.service",
+                                         ("[Service]\nExecStart=/bin/true\n" + "\n".join(lines) + "\n").encode())
+        self.assertIsNotNone(spec, found)
+        numbers = gitproc.syscall_numbers(abi)
+        nr = numbers[call] if isinstance(call, str) else call
+        arch = self.I386 if abi == "i386" else self.X86
+        answers = [self.run_filter(program, arch, nr, tuple(args) + (0,) * (6 - len(args)))
+                   for _, program, _ in gitproc.seccomp_filters(spec, personality)]
+        rank = lambda a: {0x80000000: 0, 0x00000000: 1, 0x00050000: 3, 0x7ffc0000: 6, 0x7fff0000: 7}[a & 0xffff0000]
+        return min(answers, key=rank) if answers else self.ALLOW
 
     def test_each_way_of_setting_a_setuid_bit_is_refused(self):
-        program = gitproc.seccomp_program(True, True, 0)
-        x86, i386, allow, eperm = 0xc000003e, 0x40000003, 0x7fff0000, 0x00050000 | errno.EPERM
-        cases = [(x86, 90, (0, 0o4755), eperm), (x86, 90, (0, 0o755), allow), (x86, 2, (0, os.O_CREAT, 0o2755), eperm),
-                 (x86, 2, (0, 0, 0o4755), allow), (x86, 257, (0, 0, os.O_CREAT, 0o4000), eperm),
-                 (x86, 90 | 0x40000000, (0, 0o4755), eperm), (i386, 15, (0, 0o4755), eperm),
-                 (i386, 15, (0, 0o644), allow), (x86, 437, (), 0x00050000 | errno.ENOSYS),
-                 (x86, 135, (0xffffffff,), allow), (x86, 135, (0,), allow), (x86, 135, (8,), eperm),
-                 (i386, 136, (8,), eperm), (x86, 0, (), allow)]
-        for arch, nr, args, expected in cases:
-            with self.subTest(arch=hex(arch), nr=nr, args=args):
-                self.assertEqual(self.run_filter(program, arch, nr, args + (0,) * (4 - len(args))), expected)
+        lines = ["RestrictSUIDSGID=yes", "LockPersonality=yes"]
+        cases = [("chmod", (0, 0o4755), "x86_64", self.EPERM), ("chmod", (0, 0o755), "x86_64", self.ALLOW),
+                 ("open", (0, os.O_CREAT, 0o2755), "x86_64", self.EPERM), ("open", (0, 0, 0o4755), "x86_64", self.ALLOW),
+                 ("openat", (0, 0, os.O_CREAT, 0o4000), "x86_64", self.EPERM),
+                 ("fchmodat2", (0, 0, 0o4755), "x86_64", self.EPERM), ("chmod", (0, 0o4755), "x32", self.EPERM),
+                 ("chmod", (0, 0o4755), "i386", self.EPERM), ("chmod", (0, 0o644), "i386", self.ALLOW),
+                 ("openat2", (), "x86_64", 0x00050000 | errno.ENOSYS), ("personality", (0xffffffff,), "x86_64", self.ALLOW),
+                 ("personality", (0,), "x86_64", self.ALLOW), ("personality", (8,), "x86_64", self.EPERM),
+                 ("personality", (8,), "i386", self.EPERM), ("read", (), "x86_64", self.ALLOW)]
+        for call, args, abi, expected in cases:
+            with self.subTest(call=call, abi=abi, args=args):
+                self.assertEqual(self.answer(lines, call, args, abi), expected)
+
+    def test_system_call_filter_allow_and_deny_lists(self):
+        eacces = 0x00050000 | errno.EACCES
+        cases = [
+            (["SystemCallFilter=@system-service"], "read", (), self.ALLOW),
+            (["SystemCallFilter=@system-service"], "mount", (), self.KILL),
+            (["SystemCallFilter=@system-service"], "mount", (), self.KILL, "i386"),
+            (["SystemCallFilter=@system-service"], "execve", (), self.ALLOW, "x32"),
+            (["SystemCallFilter=@system-service"], 999, (), self.KILL),     # a number no table has
+            (["SystemCallFilter=read write"], "exit_group", (), self.ALLOW),    # an allow list allows @default too
+            (["SystemCallFilter=read write"], "open", (), self.KILL),
+            (["SystemCallFilter=@system-service", "SystemCallErrorNumber=EPERM"], "mount", (), self.EPERM),
+            (["SystemCallFilter=@system-service", "SystemCallFilter=~@privileged"], "chown", (), self.KILL),
+            (["SystemCallFilter=@system-service", "SystemCallFilter=~@privileged"], "read", (), self.ALLOW),
+            (["SystemCallFilter=~@mount"], "umount2", (), self.KILL),
+            (["SystemCallFilter=~@mount"], "read", (), self.ALLOW),
+            (["SystemCallFilter=~@mount umount2:EACCES"], "umount2", (), eacces),
+            (["SystemCallFilter=~@mount", "SystemCallErrorNumber=EPERM"], "mount", (), self.EPERM),
+            (["SystemCallFilter=~@mount", "SystemCallFilter=mount"], "mount", (), self.ALLOW),   # taken out again
+            (["SystemCallFilter=~@mount", "SystemCallFilter="], "mount", (), self.ALLOW),        # reset
+            (["SystemCallFilter=~@clock", "SystemCallErrorNumber=kill"], "settimeofday", (), self.KILL),
+            (["SystemCallArchitectures=native"], "read", (), self.KILL, "i386"),
+            (["SystemCallArchitectures=native"], "read", (), self.KILL, "x32"),
+            (["SystemCallArchitectures=native"], "read", (), self.ALLOW),
+            (["SystemCallArchitectures=native x86"], "read", (), self.ALLOW, "i386"),
+            (["SystemCallLog=mount"], "mount", (), 0x7ffc0000),
+            (["SystemCallLog=~read"], "mount", (), 0x7ffc0000),
+            (["SystemCallLog=~read"], "read", (), self.ALLOW),
+        ]
+        for lines, call, args, expected, *abi in cases:
+            with self.subTest(lines=lines, call=call, abi=abi):
+                self.assertEqual(self.answer(lines, call, args, *abi), expected)
+
+    def test_argument_filters_of_the_restrict_keys(self):
+        afnosupport = 0x00050000 | errno.EAFNOSUPPORT
+        rw, rwx, rx = 0x3, 0x7, 0x5
+        cases = [
+            (["RestrictAddressFamilies=AF_UNIX AF_INET"], "socket", (socket.AF_INET,), self.ALLOW),
+            (["RestrictAddressFamilies=AF_UNIX AF_INET"], "socket", (socket.AF_INET6,), afnosupport),
+            (["RestrictAddressFamilies=AF_UNIX AF_INET"], "socket", (socket.AF_INET6,), self.ALLOW, "i386"),
+            (["RestrictAddressFamilies=~AF_PACKET"], "socket", (socket.AF_PACKET,), afnosupport),
+            (["RestrictAddressFamilies=~AF_PACKET"], "socket", (socket.AF_INET,), self.ALLOW),
+            (["RestrictAddressFamilies=none"], "socket", (socket.AF_UNIX,), afnosupport),
+            (["RestrictAddressFamilies=none", "RestrictAddressFamilies=AF_UNIX"], "socket", (socket.AF_UNIX,), self.ALLOW),
+            (["RestrictAddressFamilies=AF_UNIX", "RestrictAddressFamilies=~AF_UNIX"], "socket", (socket.AF_UNIX,),
+             afnosupport),
+            (["MemoryDenyWriteExecute=yes"], "mmap", (0, 4096, rwx), self.EPERM),
+            (["MemoryDenyWriteExecute=yes"], "mmap", (0, 4096, rx), self.ALLOW),
+            (["MemoryDenyWriteExecute=yes"], "mmap", (0, 4096, rw), self.ALLOW),
+            (["MemoryDenyWriteExecute=yes"], "mprotect", (0, 4096, rx), self.EPERM),
+            (["MemoryDenyWriteExecute=yes"], "pkey_mprotect", (0, 4096, rx, 0), self.EPERM),
+            (["MemoryDenyWriteExecute=yes"], "shmat", (0, 0, 0o100000), self.EPERM),
+            (["MemoryDenyWriteExecute=yes"], "mmap2", (0, 4096, rwx), self.EPERM, "i386"),
+            (["MemoryDenyWriteExecute=yes"], "mmap", (), self.EPERM, "i386"),
+            (["RestrictRealtime=yes"], "sched_setscheduler", (0, 1), self.EPERM),      # SCHED_FIFO
+            (["RestrictRealtime=yes"], "sched_setscheduler", (0, 6), self.EPERM),      # SCHED_DEADLINE
+            (["RestrictRealtime=yes"], "sched_setscheduler", (0, 3), self.ALLOW),      # SCHED_BATCH
+            (["RestrictNamespaces=yes"], "unshare", (0x04000000,), self.EPERM),
+            (["RestrictNamespaces=yes"], "unshare", (0,), self.ALLOW),
+            (["RestrictNamespaces=yes"], "setns", (3, 0), self.EPERM),
+            (["RestrictNamespaces=yes"], "clone3", (), 0x00050000 | errno.ENOSYS),
+            (["RestrictNamespaces=net"], "unshare", (0x40000000,), self.ALLOW),
+            (["RestrictNamespaces=net"], "clone", (0x40000000 | 0x04000000,), self.EPERM),
+            (["RestrictNamespaces=net"], "setns", (3, 0x40000000), self.ALLOW),
+            (["RestrictNamespaces=net"], "setns", (3, 0), self.EPERM),
+            (["RestrictNamespaces=~user"], "unshare", (0x10000000,), self.EPERM),
+            (["RestrictNamespaces=~user"], "unshare", (0x20000000,), self.ALLOW),
+            (["RestrictNamespaces=net", "RestrictNamespaces=uts"], "unshare", (0x04000000,), self.ALLOW),
+            (["RestrictNamespaces=net", "RestrictNamespaces=yes"], "unshare", (0x40000000,), self.EPERM),
+            (["RestrictNamespaces=no"], "unshare", (0x10000000,), self.ALLOW),
+            (["ProtectClock=yes"], "clock_settime", (), self.EPERM),
+            (["ProtectKernelModules=yes"], "init_module", (), self.EPERM),
+            (["ProtectKernelLogs=yes"], "syslog", (), self.EPERM),
+            (["ProtectHostname=yes"], "sethostname", (), self.EPERM),
+            (["PrivateDevices=yes"], "iopl", (), self.EPERM),
+            (["ProtectKernelTunables=yes"], "_sysctl", (), self.EPERM),
+        ]
+        for lines, call, args, expected, *abi in cases:
+            with self.subTest(lines=lines, call=call, args=args, abi=abi):
+                self.assertEqual(self.answer(lines, call, args, *abi), expected)
+
+    def test_a_filter_is_compiled_once_per_unit_version(self):
+        spec, _ = gitproc.parse_unit("f.service", "f.service", b"[Service]\nExecStart=/bin/true\n"
+                                                               b"SystemCallFilter=@system-service\n")
+        first = gitproc.seccomp_filters(spec)
+        self.assertIs(gitproc.seccomp_filters(spec), first)
+        self.assertEqual([keys for keys, _, _ in first], [("SystemCallFilter", "SystemCallErrorNumber")])
+        self.assertLess(len(first[0][1]), 4096, "within the kernel's bound")
+        self.assertEqual(len(first[0][2]), 8 * len(first[0][1]), "struct sock_filter, 8 bytes each")
+
+    def test_a_machine_without_a_table_refuses_to_start_the_unit(self):
+        spec, _ = gitproc.parse_unit("f.service", "f.service", b"[Service]\nExecStart=/bin/true\nRestrictRealtime=yes\n")
+        saved = dict(gitproc.SECCOMP_MACHINES)
+        gitproc.SECCOMP_MACHINES.clear()
+        gitproc._COMPILED_FILTERS.clear()
+        try:
+            with self.assertRaises(gitproc.SpawnError) as caught:
+                gitproc.seccomp_filters(spec)
+        finally:
+            gitproc.SECCOMP_MACHINES.update(saved)
+        self.assertIn("no system call table for %s" % os.uname().machine, str(caught.exception))
+        self.assertIn("RestrictRealtime=", str(caught.exception))
+        self.assertEqual(gitproc.spawn_exit_code(str(caught.exception)), 228)
+
+    def test_bad_names_are_errors_at_their_line(self):
+        text = ("[Service]\nExecStart=/bin/true\nSystemCallFilter=@system-service @bogus\nSystemCallFilter=frobnicate\n"
+                "RestrictAddressFamilies=AF_INET AF_FOO\nRestrictNamespaces=net bogus\nSystemCallErrorNumber=EWHAT\n"
+                "SystemCallArchitectures=native vax\nSystemCallFilter=read:EPERM\nSystemCallArchitectures=native arm64\n")
+        spec, found = gitproc.parse_unit("bad.service", "bad.service", text.encode())
+        self.assertIsNone(spec, "never a unit without its filter")
+        self.assertEqual([(d.line, d.severity, d.message.split(":")[0]) for d in found],
+                         [(line, "error", key) for line, key in (
+                             (3, "SystemCallFilter="), (4, "SystemCallFilter="), (5, "RestrictAddressFamilies="),
+                             (6, "RestrictNamespaces="), (7, "SystemCallErrorNumber="), (8, "SystemCallArchitectures="),
+                             (9, "SystemCallFilter="))])
+        self.assertIn("unknown system call group @bogus", found[0].message)
+        self.assertIn("unknown system call frobnicate", found[1].message)
+
+    @unittest.skipUnless(shutil.which("systemd-analyze"), "systemd-analyze is not installed")
+    def test_the_groups_are_systemds(self):
+        """Each group expands to the calls `systemd-analyze syscall-filter` lists."""
+        out = subprocess.run(["systemd-analyze", "syscall-filter"], stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, universal_newlines=True).stdout
+        groups, current = {}, None
+        for line in out.splitlines():
+            if line.startswith("@"):
+                current = groups.setdefault(line.strip(), set())
+            elif line.strip() and not line.strip().startswith("#") and current is not None:
+                current.add(line.strip())
+        self.assertGreater(len(groups), 25)
+        for group, members in groups.items():
+            if group == "@known":
+                continue
+            expected = set()
+            for member in members:
+                expected |= set(gitproc.expand_syscalls(member)) if member.startswith("@") else {member}
+            with self.subTest(group=group):
+                self.assertEqual(set(gitproc.expand_syscalls(group)), expected)
+
+    def test_the_numbers_are_the_kernel_headers(self):
+        headers = {"x86_64": "unistd_64.h", "i386": "unistd_32.h"}
+        folder = "/usr/include/x86_64-linux-gnu/asm"
+        if not os.path.isdir(folder):
+            self.skipTest("the kernel headers (linux-libc-dev) are not installed")
+        for abi, header in headers.items():
+            found = dict(re.findall(r"#define __NR_(\w+)\s+(\d+)", read_text(os.path.join(folder, header))))
+            with self.subTest(abi=abi):
+                numbers = gitproc.syscall_numbers(abi)
+                self.assertEqual({name: int(number) for name, number in found.items()},
+                                 {name: numbers[name] for name in found})
+        self.assertEqual(gitproc.syscall_numbers("x32")["execve"], 520 | 0x40000000)
+        self.assertEqual(gitproc.syscall_numbers("x32")["read"], 0x40000000)
+
+    def test_merging_as_systemd_merges(self):
+        calls = lambda *lines: gitproc.syscall_set(sum((gitproc._parse_syscall_list(line, "SystemCallFilter")
+                                                        for line in lines), ()))
+        allow, chosen = calls("read write", "~write")
+        self.assertEqual((allow, set(chosen)), (True, {"read"}))
+        allow, chosen = calls("~read write", "read", "~open:EACCES")
+        self.assertEqual((allow, chosen), (False, {"write": None, "open": errno.EACCES}))
+        self.assertIsNone(gitproc.syscall_set(()))
+        families = lambda *lines: gitproc.address_families(sum((gitproc._parse_address_families(line)
+                                                               for line in lines), ()))
+        self.assertEqual(families("AF_INET", "AF_UNIX AF_LOCAL"), (True, {1, 2}))
+        self.assertEqual(families("~AF_PACKET", "AF_PACKET"), (False, set()))
+        self.assertEqual(families("AF_INET", "none"), (True, set()))
 
 
 class CapabilitySetTests(unittest.TestCase):
@@ -7363,8 +7673,9 @@ class StockSocketTests(SupervisionCase):
                               "and some refuse any other user (memcached's wrapper): root only")
 class StockUnitTests(SupervisionCase):
 
-    def run_stock(self, files, name, port, request, expected, reload=True, timeout=30):
-        """Deploy the stock files, check the unit answers, reloads, stops clean."""
+    def run_stock(self, files, name, port, request, expected, reload=True, timeout=30, check=None):
+        """Deploy the stock files, check the unit answers, reloads, stops clean;
+        check(main pid) while it runs."""
         self.home.commit(files, "stock units")
         for link, target in getattr(self, "links", {}).items():
             os.symlink(target, os.path.join(self.home.repo, link))
@@ -7378,6 +7689,8 @@ class StockUnitTests(SupervisionCase):
         self.home.known_pids.update(cgroup_pids(self.home, name))
         answer = wait_until(lambda: ask(port, request), 10, "%s to answer on %d" % (name, port))
         self.assertTrue(answer.startswith(expected), answer)
+        if check:
+            check(main)
         if reload:
             code, _, err = self.home.cli("reload", name)
             self.assertEqual(code, 0, err)
@@ -7416,6 +7729,11 @@ class StockUnitTests(SupervisionCase):
         self.assertIn(b"+PONG", wait_until(lambda: ask(6379, b"PING\r\n"), 10, "redis to answer"))
         status = proc_status(service["pid"])
         self.assertEqual((status["NoNewPrivs"].strip(), int(status["CapBnd"], 16)), ("1", 0), "its sandbox")
+        # Its 14 filters: RestrictAddressFamilies=, MemoryDenyWriteExecute=, RestrictRealtime=,
+        # RestrictSUIDSGID=, RestrictNamespaces=, the system call halves of ProtectKernelTunables=,
+        # ProtectKernelModules=, ProtectKernelLogs=, ProtectClock=, PrivateDevices=, ProtectHostname=,
+        # then SystemCallArchitectures=, LockPersonality=, SystemCallFilter=.
+        self.assertEqual((status["Seccomp"].strip(), status["Seccomp_filters"].strip()), ("2", "14"))
         self.assertIn("ro", mount_options(service["pid"], "/"), "ProtectSystem=strict")
         self.assertEqual(read_text("/proc/%d/limits" % service["pid"]).count("65535") >= 1 or
                          "lowered to the hard limit" in self.home.daemon_log(), True, "LimitNOFILE=65535")
@@ -7428,8 +7746,11 @@ class StockUnitTests(SupervisionCase):
     @unittest.skipUnless(stock_unit("memcached.service") and os.path.exists("/usr/bin/memcached"),
                          "memcached is not installed")
     def test_memcached_simple_through_its_wrapper(self):
+        def filtered(pid):    # RestrictAddressFamilies=, MemoryDenyWriteExecute=, RestrictRealtime=,
+            status = proc_status(pid)     # RestrictNamespaces=, ProtectKernelTunables=, ProtectKernelModules=,
+            self.assertEqual((status["Seccomp"].strip(), status["Seccomp_filters"].strip()), ("2", "7"))  # PrivateDevices=
         main = self.run_stock({"memcached.service": stock_unit("memcached.service")}, "memcached", 11211,
-                              b"version\r\n", (b"VERSION ",), reload=False)
+                              b"version\r\n", (b"VERSION ",), reload=False, check=filtered)
         self.assertFalse(pid_alive(main))
 
     @unittest.skipUnless(stock_unit("postgresql@.service") and shutil.which("pg_lsclusters"), "postgresql is not installed")
