@@ -14920,6 +14920,11 @@ def cmd_notify(config, args):
 
 def cmd_check(config, args):
     paths = args.paths or [config.repo_path]
+    named = set()
+    if args.security:                 # check --security web: the unit web.service of the repository
+        named = {p if p.endswith(UNIT_SUFFIXES) else p + UNIT_SUFFIX for p in paths
+                 if "/" not in p and not os.path.exists(p)}
+        paths = [p for p in paths if p not in named and p + UNIT_SUFFIX not in named] or [config.repo_path]
     files, problems, others = [], [], []
     for path in paths:
         if os.path.isdir(path):
@@ -14978,11 +14983,23 @@ def cmd_check(config, args):
     problems.extend(_missing_accounts(specs))
     entries = [entry for entry in entries if not entry[0].endswith(TEMPLATE_SUFFIX)]
     errors = sum(1 for p in problems if p.severity == "error")
+    exposures = {name: security_exposure(spec) for name, spec in sorted(specs.items())
+                 if args.security and (not named or name + UNIT_SUFFIX in named or name in named)}
+    for name in sorted(named - {n + UNIT_SUFFIX for n in exposures} - set(exposures)):
+        problems.append(Diagnostic(name, 1, "error", "no such service in %s" % " ".join(paths)))
+        errors += 1
     if args.json:
-        _print_json({"units": len(entries), "errors": errors, "problems": [p.to_json() for p in problems]})
+        _print_json(dict({"units": len(entries), "errors": errors, "problems": [p.to_json() for p in problems]},
+                         **({"security": exposures} if args.security else {})))
     else:
         for problem in problems:
             print(problem)
+        for name, rows in exposures.items():
+            print("\n%s: %d of %d protections in force" % (name, sum(1 for row in rows if row["state"] == "applied"),
+                                                             len(rows)))
+            _table([("KEY", "SETTING", "STATE", "PROTECTS FROM")] +
+                   [(row["key"] + "=", row["value"] or "-", row["state"], row["protects"]) for row in rows])
+        sys.stdout.flush()
         print("%d unit%s checked: %d error%s, %d warning%s" % (
             len(entries), "" if len(entries) == 1 else "s", errors, "" if errors == 1 else "s",
             len(problems) - errors, "" if len(problems) - errors == 1 else "s"), file=sys.stderr)
@@ -15010,6 +15027,69 @@ def _missing_accounts(specs):
                                                "create it, e.g. useradd --system %s)" % account)
                                            if dynamic and key == "User" else ""), unit=name))
     return problems
+
+
+# The keys `check --security` sums a service up by, with what each protects
+# from (systemd-analyze security's list, in its spirit): a key unset is an
+# exposure, as there.
+SECURITY_KEYS = (
+    ("User", "running as root"), ("DynamicUser", "a user shared with other services"),
+    ("NoNewPrivileges", "gaining privileges through setuid programs"),
+    ("CapabilityBoundingSet", "capabilities it does not need"), ("AmbientCapabilities", "(grants capabilities)"),
+    ("PrivateTmp", "other services' files in /tmp"), ("PrivateDevices", "hardware devices"),
+    ("PrivateNetwork", "the network"), ("PrivateIPC", "other services' SysV IPC"),
+    ("PrivateUsers", "other users' identities"), ("PrivateMounts", "mounts reaching the host"),
+    ("ProtectSystem", "writing /usr, /boot, /etc"), ("ProtectHome", "home folders"),
+    ("ProtectKernelTunables", "writing /proc/sys and /sys"), ("ProtectKernelModules", "loading kernel modules"),
+    ("ProtectKernelLogs", "the kernel log"), ("ProtectControlGroups", "changing cgroups"),
+    ("ProtectHostname", "changing the hostname"), ("ProtectClock", "changing the clock"),
+    ("ProtectProc", "seeing other processes"), ("ProcSubset", "kernel data in /proc"),
+    ("RestrictSUIDSGID", "making setuid or setgid files"), ("LockPersonality", "changing its execution domain"),
+    ("RestrictNamespaces", "making or joining namespaces"), ("RestrictRealtime", "realtime scheduling"),
+    ("MemoryDenyWriteExecute", "code written into memory and run"),
+    ("RestrictAddressFamilies", "unusual sockets (AF_PACKET, AF_NETLINK, ...)"),
+    ("SystemCallArchitectures", "32-bit system calls past the filters"),
+    ("SystemCallFilter", "system calls it does not need"), ("DevicePolicy", "device nodes"),
+    ("IPAddressDeny", "network peers"), ("RestrictFileSystems", "file systems"),
+    ("RemoveIPC", "IPC objects left behind"), ("UMask", "files others can read"),
+)
+
+
+def security_exposure(spec):
+    """[{key, value, state, protects}] of a service: each security key's
+    setting as written, and "applied", "not applied: why" or "unset"."""
+    withheld = {key: not_applied_reason(key, value) for key, value in spec.not_applied}
+    withheld.update(sandbox_not_applied(spec))
+    rows = []
+    for key, protects in SECURITY_KEYS:
+        value = _key_value(spec.sources or (spec.path,), key)
+        if value == "" and key == "CapabilityBoundingSet":
+            value, state = "(empty: none)", "applied"
+        elif value is None or value == "":
+            state = "unset"
+        elif key in withheld:
+            state = "not applied: " + withheld[key]
+        else:
+            state = "applied"
+        rows.append({"key": key, "value": value, "state": state, "protects": protects})
+    return rows
+
+
+def _key_value(paths, key):
+    """The value of `key` as the files on disk set it (the assignments after
+    its last reset, joined), or None."""
+    found = None
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as unit_file:
+                for line in unit_file:
+                    name, equals, value = line.partition("=")
+                    if equals and name.strip() == key:
+                        value = value.strip()
+                        found = value if not found or not value else found + " " + value
+        except OSError:
+            pass
+    return found
 
 
 def _key_line(paths, key):
@@ -15508,6 +15588,9 @@ def build_parser(only=None):
     sub.add_argument("-n", dest="count", type=_count, default=20, help="how many (default: 20)")
     sub = with_json(add("check", cmd_check, "validate unit files without a daemon (exit 1 on any error)"))
     sub.add_argument("paths", nargs="*", metavar="PATH", help="files or folders (default: the repository's working tree)")
+    sub.add_argument("--security", action="store_true",
+                     help="also print each service's exposure: every security key, applied, not applied or unset "
+                          "(a PATH may then be a unit's name in the repository)")
     sub = add("events", cmd_events, "what the daemon did: state changes, health, deploys, rollbacks (JSON lines with --json)")
     sub.add_argument("names", nargs="*", metavar="NAME", help="only these units")
     sub.add_argument("-n", "--lines", type=_count, default=50, help="how many past events (default: 50; the daemon keeps %d)" % EVENT_LIMIT)

@@ -460,7 +460,12 @@ BOXED = ("/bin/sleep", "9999998")                      # as CRASHER, inside a fu
 BOXED_UNIT = ("[Unit]\nStartLimitIntervalSec=0\n[Service]\nExecStart=%s\nRestart=always\nRestartSec=0\n"
               "NoNewPrivileges=yes\nPrivateTmp=yes\nPrivateDevices=yes\nPrivateNetwork=yes\nProtectSystem=strict\n"
               "ProtectHome=yes\nProtectKernelTunables=yes\nProtectControlGroups=yes\nProtectHostname=yes\n"
-              "CapabilityBoundingSet=\nReadWritePaths=-/var/lib\n" % " ".join(BOXED))
+              "CapabilityBoundingSet=\nReadWritePaths=-/var/lib\n"
+              # redis-server.service's system call filters (14 of them)
+              "SystemCallFilter=@system-service\nSystemCallFilter=~@privileged @resources\n"
+              "SystemCallArchitectures=native\nMemoryDenyWriteExecute=yes\nRestrictNamespaces=yes\n"
+              "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX\nRestrictRealtime=yes\nRestrictSUIDSGID=yes\n"
+              "LockPersonality=yes\nProtectClock=yes\nProtectKernelLogs=yes\nProtectKernelModules=yes\n" % " ".join(BOXED))
 FLAPPER_UNIT = ("[Unit]\nDescription=fails after 200 ms\nStartLimitIntervalSec=0\n[Service]\n"
                 "ExecStart=/bin/sh -c 'sleep 0.2; exit 1'\nRestart=always\nRestartSec=0\n")
 

@@ -10797,6 +10797,35 @@ class CheckCommandTests(unittest.TestCase):
         self.assertEqual(code, 1)
         self.assertRegex(out, r"(?m)^\S*noexec\.service:\d+: error: missing ExecStart=")
 
+    def test_security_prints_each_keys_exposure(self):
+        home = Home(self)
+        home.commit({"web.service": unit_text("ExecStart=" + SLEEPER, "User=nobody", "CapabilityBoundingSet=",
+                                              "SystemCallFilter=@system-service", "SystemCallFilter=~@privileged",
+                                              "RestrictAddressFamilies=AF_UNIX", "IPAddressDeny=any"),
+                     "db.service": unit(SLEEPER)}, "units")
+        code, out, err = home.cli_process("check", "--security", "web")
+        self.assertEqual(code, 0, err)
+        self.assertNotIn("db:", out, "only the unit named")
+        rows = {line.split()[0]: line for line in out.splitlines() if re.match(r"[A-Z]\w+= ", line)}
+        self.assertRegex(rows["User="], r"^User=\s+nobody\s+applied\s+running as root$")
+        self.assertRegex(rows["SystemCallFilter="], r"@system-service ~@privileged\s+applied\s")
+        self.assertRegex(rows["CapabilityBoundingSet="], r"\(empty: none\)\s+applied")
+        self.assertRegex(rows["IPAddressDeny="], r"any\s+not applied: needs BPF programs")
+        self.assertRegex(rows["PrivateNetwork="], r"-\s+unset\s+the network")
+        if os.geteuid() != 0:
+            self.assertRegex(rows["RestrictAddressFamilies="], r"AF_UNIX\s+applied", "a filter, also without root")
+            self.assertRegex(out, r"PrivateTmp=\s+-\s+unset")
+        count = re.search(r"web: (\d+) of (\d+) protections in force", out)
+        self.assertEqual(count.group(2), str(len(gitproc.SECURITY_KEYS)))
+        if os.geteuid() == 0:         # User=, CapabilityBoundingSet=, SystemCallFilter=, RestrictAddressFamilies=
+            self.assertEqual(count.group(1), "4")
+        code, out, err = home.cli_process("check", "--security", "--json", "web")
+        rows = {row["key"]: row for row in json.loads(out)["security"]["web"]}
+        self.assertEqual(rows["SystemCallFilter"]["state"], "applied")
+        code, out, err = home.cli_process("check", "--security", "nosuch")
+        self.assertEqual(code, 1)
+        self.assertIn("nosuch.service:1: error: no such service", out)
+
 
 class WaitCommandTests(unittest.TestCase):
 
