@@ -649,6 +649,8 @@ class UnitSpec:
         "restrict_address_families": (),    # (invert or None for "none", family numbers) assignments
         "restrict_namespaces": (),      # ("set", "or" or "and", namespace flags) assignments
         "restrict_realtime": False, "memory_deny_write_execute": False,
+        "device_allow": (),             # (/dev/PATH, char-NAME or block-NAME, access) of DeviceAllow=
+        "device_policy": "auto",
         "paths": (),                    # (mode, path, optional) of ReadWritePaths= and its kin, in order
         "temporary_file_systems": (),   # (path, options)
         "bind_paths": (),               # (source, destination, read only, optional, recursive)
@@ -1158,6 +1160,18 @@ def _parse_bind_paths(value, read_only):
     return tuple(found)
 
 
+def _parse_device_allow(value):
+    """DeviceAllow=: "/dev/PATH [rwm]", "char-NAME [rwm]" or "block-NAME [rwm]"
+    (a name of /proc/devices, globs allowed): ((device, access),)."""
+    device, _, access = value.strip().partition(" ")
+    access = access.strip() or "rwm"
+    if not device.startswith(("/dev/", "char-", "block-")):
+        raise ValueError("%r: a device is /dev/PATH, char-NAME or block-NAME" % device)
+    if not access or set(access) - set("rwm"):
+        raise ValueError("%r: the access is some of r, w and m" % access)
+    return ((device, access),)
+
+
 def _parse_capabilities(value):
     """CapabilityBoundingSet=/AmbientCapabilities=: names ('~' inverts), one
     assignment as (invert, capability numbers)."""
@@ -1657,6 +1671,8 @@ DIRECTIVES = {
     ("Service", "RestrictNamespaces"): ("restrict_namespaces", lambda v: _parse_namespaces(v), "list"),
     ("Service", "RestrictRealtime"): ("restrict_realtime", parse_bool, "one"),
     ("Service", "MemoryDenyWriteExecute"): ("memory_deny_write_execute", parse_bool, "one"),
+    ("Service", "DeviceAllow"): ("device_allow", _parse_device_allow, "list"),
+    ("Service", "DevicePolicy"): ("device_policy", _parse_choice(("auto", "closed", "strict")), "one"),
     ("Service", "TemporaryFileSystem"): ("temporary_file_systems", _parse_temporary_fs, "list"),
     ("Service", "BindPaths"): ("bind_paths", lambda v: _parse_bind_paths(v, False), "list"),
     ("Service", "BindReadOnlyPaths"): ("bind_paths", lambda v: _parse_bind_paths(v, True), "list"),
@@ -1729,7 +1745,7 @@ def _keys(why, *names):
 NOT_APPLIED_KEYS = dict(
     **_keys("sandboxing: gitproc does not build this sandbox", "PrivateUsers", "ProtectProc", "ProcSubset",
             "RemoveIPC", "SecureBits", "RootDirectory", "RootImage", "MountAPIVFS", "MountFlags", "DynamicUser",
-            "KeyringMode", "NetworkNamespacePath", "IPCNamespacePath", "DeviceAllow", "DevicePolicy",
+            "KeyringMode", "NetworkNamespacePath", "IPCNamespacePath",
             "SELinuxContext", "AppArmorProfile", "SmackProcessLabel"),
     **_keys("needs BPF programs or an LSM, which gitproc does not load", "RestrictFileSystems",
             "IPAddressAllow", "IPAddressDeny", "SocketBindAllow", "SocketBindDeny", "RestrictNetworkInterfaces"),
@@ -1765,7 +1781,7 @@ del _where, _name
 # such a value is not reported (SendSIGKILL=yes is what gitproc does anyway).
 # A Condition is never "off": ConditionACPower=false asks for something.
 NOT_APPLIED_DEFAULTS = {"SendSIGKILL": "yes", "SyslogLevelPrefix": "yes", "ProtectProc": "default",
-                        "ProcSubset": "all", "ExitType": "main", "KeyringMode": "private", "DevicePolicy": "auto",
+                        "ProcSubset": "all", "ExitType": "main", "KeyringMode": "private",
                         "UtmpMode": "init", "RestartMode": "normal", "TimerSlackNSec": "50us"}
 # Values systemd accepts that gitproc does not apply (the key itself is applied).
 NOT_APPLIED_VALUES = {
@@ -6199,6 +6215,65 @@ def resource_limits(spec):
             if getattr(spec, field) is not None]
 
 
+# DevicePolicy=closed: the pseudo devices systemd.resource-control(5) lists.
+STANDARD_DEVICES = (("/dev/null", "rwm"), ("/dev/zero", "rwm"), ("/dev/full", "rwm"), ("/dev/random", "rwm"),
+                    ("/dev/urandom", "rwm"), ("/dev/tty", "rwm"), ("/dev/ptmx", "rwm"), ("char-pts", "rw"))
+
+
+def device_rules(spec, proc_devices=None):
+    """The cgroup v1 devices.allow lines of a unit ("c 1:3 rwm"), after "a"
+    was denied; None when it asks for no device control. As systemd:
+    PrivateDevices= makes the policy closed, ProtectClock= adds the clock;
+    DevicePolicy=auto with no DeviceAllow= controls nothing. ([lines],
+    [warnings]) otherwise: a device that is not there is left out."""
+    policy = spec.device_policy
+    allowed = list(spec.device_allow)
+    if spec.private_devices and policy == "auto":
+        policy = "closed"
+    if spec.protect_clock:
+        allowed.append(("char-rtc", "r"))
+    if policy == "auto" and not spec.device_allow:
+        return None
+    if policy in ("auto", "closed"):
+        allowed = list(STANDARD_DEVICES) + allowed
+    lines, warnings = [], []
+    for device, access in allowed:
+        if device.startswith("/dev/"):
+            try:
+                found = os.stat(device)
+            except OSError:
+                warnings.append("DeviceAllow=%s: no such device here, left out" % device)
+                continue
+            kind = "c" if stat.S_ISCHR(found.st_mode) else "b" if stat.S_ISBLK(found.st_mode) else None
+            if kind is None:
+                warnings.append("DeviceAllow=%s: not a device node, left out" % device)
+                continue
+            lines.append("%s %d:%d %s" % (kind, os.major(found.st_rdev), os.minor(found.st_rdev), access))
+        else:
+            import fnmatch
+            kind, _, pattern = device.partition("-")
+            if proc_devices is None:
+                proc_devices = _proc_devices()
+            majors = sorted({major for section, major, name in proc_devices
+                             if section == kind and fnmatch.fnmatchcase(name, pattern)})
+            if not majors and device != "char-rtc":
+                warnings.append("DeviceAllow=%s: no such driver in /proc/devices, left out" % device)
+            lines += ["%s %d:* %s" % (kind[0], major, access) for major in majors]
+    return lines, warnings
+
+
+def _proc_devices():
+    """[(char or block, major, driver name)] of /proc/devices."""
+    found, section = [], None
+    for line in _read_text("/proc/devices").splitlines():
+        if line.endswith("devices:"):
+            section = line.split()[0].lower()
+        elif line.strip():
+            major, _, name = line.strip().partition(" ")
+            found.append((section, int(major), name.strip()))
+    return found
+
+
 class CgroupSet:
     """The cgroups of one service: where its processes are listed (and joined),
     and what became of its limits."""
@@ -6271,7 +6346,7 @@ class Cgroups:
                     problems.append("%s: %s" % (candidate, exc.strerror or exc))
                 break
         for controller, names in (("memory", ("memory",)), ("cpu", ("cpu", "cpu,cpuacct")), ("pids", ("pids",)),
-                                  ("io", ("blkio",)), ("cpuset", ("cpuset",))):
+                                  ("io", ("blkio",)), ("cpuset", ("cpuset",)), ("devices", ("devices",))):
             if controller in self.v2_controllers:
                 continue
             for name in names:
@@ -6349,9 +6424,39 @@ class Cgroups:
             except OSError as exc:
                 entry["why"] = "cannot write the limit: %s" % (exc.strerror or exc)
             group.limits.append(entry)
+        devices = device_rules(spec)
+        if devices is not None:
+            group.limits.append(self._limit_devices(group, name, spec, *devices))
         if spec.memory_max is not None:       # an OOM kill is told apart only under a memory limit
             group.oom_base = self.oom_count(group)
         return group
+
+    def _limit_devices(self, group, name, spec, lines, warnings):
+        """DeviceAllow=/DevicePolicy= through the cgroup v1 devices controller:
+        everything denied, then each rule allowed. On a v2-only host this
+        needs a BPF program, which gitproc does not load."""
+        value = "; ".join([spec.device_policy] + ["DeviceAllow=%s %s" % entry for entry in spec.device_allow] + warnings)
+        entry = {"key": "DevicePolicy", "value": value, "applied": False, "why": None}
+        if "devices" not in self.v1:
+            entry["why"] = ("on this cgroup v2 host device access needs a BPF program, which gitproc does not load"
+                            if self.v2 else self.problem or "no writable cgroup v1 devices controller")
+            return entry
+        folder = self._make(group, os.path.join(self.v1["devices"], name))
+        try:
+            if folder is None:
+                raise OSError(errno.EACCES, "cannot create its cgroup")
+            _write_text(os.path.join(folder, "devices.deny"), "a")
+            for line in lines:
+                _write_text(os.path.join(folder, "devices.allow"), line)
+        except OSError as exc:
+            if folder in group.folders and group.tracking != folder:
+                group.folders.remove(folder)      # a group whose rules failed is not joined
+            entry["why"] = "cannot write the device rules: %s" % (exc.strerror or exc)
+            return entry
+        if group.tracking is None:
+            group.tracking = folder
+        entry.update(applied=True, why="cgroup v1 %s: %d rule%s" % (folder, len(lines), "" if len(lines) == 1 else "s"))
+        return entry
 
     @staticmethod
     def _renew(folder):

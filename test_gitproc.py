@@ -748,7 +748,7 @@ class UnitParserTests(unittest.TestCase):
     SAMPLES = ("yes", "no", "/bin/true x", "5s", "2", "7", "0755", "10M", "50%", "/tmp/x", "db.service",
                "SIGUSR1", "CAP_CHOWN", "always", "forking", "all", "process", "strict", "read-only", "idle",
                "fifo", "file:/tmp/x", "append:/tmp/x", "local0", "A=1", "web", "/tmp/a:/tmp/b", "0-1", "tcp://127.0.0.1:1", "1 2",
-               "AF_UNIX", "native")
+               "AF_UNIX", "native", "/dev/null")
 
     def test_no_key_is_dropped_silently(self):
         """Every key of the parser's table: a value other than the default is
@@ -8110,6 +8110,30 @@ class CgroupLimitTests(SupervisionCase):
         self.assertIn("MemoryMax=64.0M applied", out)
         self.home.cli("shutdown")
         self.assertFalse(os.path.exists(memory_why.split()[-1]), "the cgroup is removed")
+
+    @unittest.skipUnless(cgroups_usable(), "no writable cgroup hierarchy on this machine")
+    def test_device_policy_through_the_devices_controller(self):
+        script = ("head -c1 /dev/zero >/dev/null 2>&1 && echo zero-open || echo zero-refused; "
+                  "echo x > /dev/null && echo null-open; exec sleep 1000")
+        self.deploy({"dev.service": unit_text("ExecStart=" + sh(script), "DevicePolicy=strict",
+                                              "DeviceAllow=/dev/null rw", "DeviceAllow=/dev/gp-missing r"),
+                     "free.service": unit_text("ExecStart=" + sh(script))})
+        self.watch(self.home.running_pid("dev"))
+        self.watch(self.home.running_pid("free"))
+        wait_until(lambda: "null-open" in self.home.service_log("dev"), 5, "dev's probes")
+        wait_until(lambda: "null-open" in self.home.service_log("free"), 5, "free's probes")
+        detail = self.home.request({"cmd": "status", "names": ["dev"]})["services"][0]
+        entry = {e["key"]: e for e in detail["limits"]}["DevicePolicy"]
+        if not os.path.exists("/sys/fs/cgroup/devices/cgroup.procs"):
+            self.assertFalse(entry["applied"])
+            self.assertIn("needs a BPF program", entry["why"])
+            return
+        self.assertTrue(entry["applied"], entry)
+        self.assertIn("/dev/gp-missing: no such device here, left out", entry["value"])
+        self.assertEqual(self.home.service_log("dev").split(), ["zero-refused", "null-open"])
+        self.assertEqual(self.home.service_log("free").split(), ["zero-open", "null-open"], "without the policy")
+        folder = entry["why"].split()[2].rstrip(":")
+        self.assertEqual(read_text(os.path.join(folder, "devices.list")).split("\n")[0], "c 1:3 rw")
 
     @unittest.skipUnless(cgroups_usable(), "no writable cgroup hierarchy on this machine")
     def test_tasks_weights_cpus_and_what_the_hierarchy_lacks(self):
