@@ -621,6 +621,11 @@ class UnitSpec:
         "restart": "no", "restart_sec": DEFAULT_RESTART_SEC,
         "timeout_stop_sec": DEFAULT_TIMEOUT_STOP_SEC,
         "kill_signal": int(signal.SIGTERM), "kill_mode": "control-group",
+        "restart_kill_signal": None,    # RestartKillSignal=: KillSignal= of a stop that restarts
+        "send_sighup": False,           # SendSIGHUP=: SIGHUP right after KillSignal=
+        "send_sigkill": True,           # SendSIGKILL=no: what outlives TimeoutStopSec= is left running
+        "final_kill_signal": int(signal.SIGKILL), "watchdog_signal": int(signal.SIGABRT),
+        "timeout_abort_sec": None,      # TimeoutAbortSec=: after WatchdogSignal= (TimeoutStopSec= if unset)
         "memory_max": None, "cpu_quota": None, "memory_high": None, "memory_swap_max": None, "tasks_max": None,
         "cpu_weight": None, "io_weight": None, "allowed_cpus": None,
         "health_check_url": None, "health_check_interval": 30.0,
@@ -1612,6 +1617,12 @@ DIRECTIVES = {
     ("Service", "RestartSec"): ("restart_sec", parse_timespan, "one"),
     ("Service", "TimeoutStopSec"): ("timeout_stop_sec", parse_timespan, "one"),
     ("Service", "KillSignal"): ("kill_signal", parse_signal, "one"),
+    ("Service", "RestartKillSignal"): ("restart_kill_signal", parse_signal, "one"),
+    ("Service", "FinalKillSignal"): ("final_kill_signal", parse_signal, "one"),
+    ("Service", "WatchdogSignal"): ("watchdog_signal", parse_signal, "one"),
+    ("Service", "SendSIGHUP"): ("send_sighup", parse_bool, "one"),
+    ("Service", "SendSIGKILL"): ("send_sigkill", parse_bool, "one"),
+    ("Service", "TimeoutAbortSec"): ("timeout_abort_sec", parse_timespan, "one"),
     ("Service", "KillMode"): ("kill_mode", _parse_choice(KILL_MODES + ("none",)), "one"),
     ("Service", "MemoryMax"): ("memory_max", lambda v: parse_size(v, allow_percent=True), "one"),
     ("Service", "MemoryLimit"): ("memory_max", lambda v: parse_size(v, allow_percent=True), "one"),
@@ -1757,9 +1768,8 @@ NOT_APPLIED_KEYS = dict(
             "StartupIOWeight", "IODeviceWeight", "IOReadBandwidthMax", "IOWriteBandwidthMax", "IOReadIOPSMax",
             "IOWriteIOPSMax", "AllowedMemoryNodes", "Delegate", "ManagedOOMSwap", "ManagedOOMMemoryPressure",
             "ManagedOOMPreference", "BlockIOWeight", "CPUQuotaPeriodSec"),
-    **_keys("service behaviour gitproc does not have yet", "TimeoutAbortSec", "RuntimeMaxSec", "BusName",
+    **_keys("service behaviour gitproc does not have yet", "RuntimeMaxSec", "BusName",
             "RestartMode", "RestartSteps", "RestartMaxDelaySec", "ExitType", "OOMPolicy", "FileDescriptorStoreMax",
-            "RestartKillSignal", "SendSIGHUP", "SendSIGKILL", "FinalKillSignal", "WatchdogSignal",
             "LoadCredential", "LoadCredentialEncrypted", "SetCredential", "SetCredentialEncrypted", "PAMName",
             "UtmpIdentifier", "UtmpMode"),
     **_keys("unit relations gitproc does not have yet", "OnSuccess",
@@ -1778,9 +1788,9 @@ for _where, _name in list(DIRECTIVES) + list(SILENT_KEYS):
     KNOWN_KEY_SECTIONS.setdefault(_name, set()).add(_where)
 del _where, _name
 # The value of a not-applied key that asks for nothing, where it is not "no":
-# such a value is not reported (SendSIGKILL=yes is what gitproc does anyway).
+# such a value is not reported (SyslogLevelPrefix=yes is what gitproc does anyway).
 # A Condition is never "off": ConditionACPower=false asks for something.
-NOT_APPLIED_DEFAULTS = {"SendSIGKILL": "yes", "SyslogLevelPrefix": "yes", "ProtectProc": "default",
+NOT_APPLIED_DEFAULTS = {"SyslogLevelPrefix": "yes", "ProtectProc": "default",
                         "ProcSubset": "all", "ExitType": "main", "KeyringMode": "private",
                         "UtmpMode": "init", "RestartMode": "normal", "TimerSlackNSec": "50us"}
 # Values systemd accepts that gitproc does not apply (the key itself is applied).
@@ -8069,10 +8079,15 @@ class Service:
         says, the rest; SIGKILL after TimeoutStopSec=), then ExecStopPost=."""
         if not self.has_process():
             return self._run_stop_post()
+        number = self.spec.kill_signal
+        if self.after_stop == "restart" and self.spec.restart_kill_signal is not None:
+            number = self.spec.restart_kill_signal        # RestartKillSignal=, as systemd for a restart job
         self.host.log.info(self.name, "Stopping (%s, %s)" % (
-            "pid %d" % self.pid if self.pid else "what is left", signal_name(self.spec.kill_signal)))
+            "pid %d" % self.pid if self.pid else "what is left", signal_name(number)))
         self.reap_pending = True
-        self.host.signal(self, self.spec.kill_signal, first=True)
+        self.host.signal(self, number, first=True)
+        if self.spec.send_sighup and number != signal.SIGHUP:
+            self.host.signal(self, signal.SIGHUP)
         self._arm_stop_timer()
         return STOPPING, self.reason
 
@@ -8127,12 +8142,25 @@ class Service:
             self.host.log.error(self.name, "ExecStopPost= still there after SIGKILL: given up on")
             self._forget_processes()
             return self._end_stop()
-        self.host.log.warning(self.name, "ExecStopPost= did not finish within %s; sending SIGKILL" %
-                              format_timespan(self.spec.timeout_stop_sec))
+        if not self.spec.send_sigkill:
+            return self._leave_running("ExecStopPost=")
+        self.host.log.warning(self.name, "ExecStopPost= did not finish within %s; sending %s" % (
+            format_timespan(self.spec.timeout_stop_sec), signal_name(self.spec.final_kill_signal)))
         self.stop_timed_out = True
-        self.host.signal(self, signal.SIGKILL, first=False)
+        self.host.signal(self, self.spec.final_kill_signal, first=False)
         self._arm_stop_timer()
         return STOP_POST, self.reason
+
+    def _leave_running(self, what):
+        """SendSIGKILL=no: what outlived TimeoutStopSec= is left running and
+        no longer waited for (as systemd leaves it); the stop goes on."""
+        self.host.log.warning(self.name, "%s still there after %s; SendSIGKILL=no: left running" % (
+            what, format_timespan(self.spec.timeout_stop_sec)))
+        if self.result == "success":
+            self.result = "timeout"
+        self.reap_pending = False
+        self._forget_processes()
+        return self._run_stop_post() if what != "ExecStopPost=" else self._end_stop()
 
     def _restart_after_stop(self, reason=None):
         if self.after_stop != "restart":
@@ -8156,11 +8184,14 @@ class Service:
                 format_timespan(self.spec.timeout_stop_sec)))
             self._forget_processes()
             return self._run_stop_post()
-        self.host.log.warning(self.name, "Did not stop within %s; sending SIGKILL" % format_timespan(self.spec.timeout_stop_sec))
+        if not self.spec.send_sigkill:
+            return self._leave_running("Processes")
+        self.host.log.warning(self.name, "Did not stop within %s; sending %s" % (
+            format_timespan(self.spec.timeout_stop_sec), signal_name(self.spec.final_kill_signal)))
         self.stop_timed_out = True
         if self.result == "success":
             self.result = "timeout"
-        self.host.signal(self, signal.SIGKILL, first=False)
+        self.host.signal(self, self.spec.final_kill_signal, first=False)
         self._arm_stop_timer()
         return self.phase, self.reason
 
@@ -8200,13 +8231,13 @@ class Service:
         self.watchdog_timer = None
         interval = self._watchdog_interval()
         why = "watchdog timeout (no WATCHDOG=1 within %s)" % format_timespan(interval or 0)
-        self.host.log.warning(self.name, why.capitalize() + "; sending SIGABRT")
+        self.host.log.warning(self.name, "%s; sending %s" % (why.capitalize(), signal_name(self.spec.watchdog_signal)))
         self.result = "watchdog"
         self._cancel_timers()
         self._close_probe()
         self.after_stop, self.end, self.reason = "policy", (why, True), why
-        self.host.signal(self, signal.SIGABRT, first=True)
-        self._arm_stop_timer()
+        self.host.signal(self, self.spec.watchdog_signal, first=True)
+        self._arm_stop_timer(self.spec.timeout_abort_sec)
         return STOPPING, why
 
     # -- actions: reloading ------------------------------------------------------------
@@ -8324,10 +8355,12 @@ class Service:
             self.start_timer = self.host.call_later(timeout, lambda: self.handle(EV_START_TIMEOUT))
             self.start_deadline = self.host.now() + timeout
 
-    def _arm_stop_timer(self):
+    def _arm_stop_timer(self, seconds=None):
+        """TimeoutStopSec= (or `seconds`: TimeoutAbortSec= after the watchdog's signal)."""
         self._cancel(("timer",))
-        if self.spec.timeout_stop_sec not in (0, float("inf")):     # 0: wait for ever, as systemd
-            self.timer = self.host.call_later(self.spec.timeout_stop_sec, lambda: self.handle(EV_STOP_TIMEOUT))
+        seconds = self.spec.timeout_stop_sec if seconds is None else seconds
+        if seconds not in (0, float("inf")):          # 0: wait for ever, as systemd
+            self.timer = self.host.call_later(seconds, lambda: self.handle(EV_STOP_TIMEOUT))
 
     def _extend_timeout(self, seconds):
         """EXTEND_TIMEOUT_USEC=: the start timeout fires no sooner than `seconds` from now."""

@@ -783,9 +783,10 @@ class UnitParserTests(unittest.TestCase):
                 spec, problems = parse(text)
                 self.assertIn("not applied: %s=%s" % (key, value), " ".join(messages(problems, "warning")))
                 self.assertIn((key, value), spec.not_applied)
-        # the false value of a key whose default is true is the one that differs (prometheus.service's)
-        spec, problems = parse("[Service]\nExecStart=/bin/true\nSendSIGKILL=no\nSendSIGKILL=yes\nSendSIGHUP=no\n")
-        self.assertEqual(spec.not_applied, (("SendSIGKILL", "no"),))
+        # the false value of a key whose default is true is the one that differs
+        spec, problems = parse("[Service]\nExecStart=/bin/true\nSyslogLevelPrefix=no\nSyslogLevelPrefix=yes\n"
+                               "TTYReset=no\n")
+        self.assertEqual(spec.not_applied, (("SyslogLevelPrefix", "no"),))
         self.assertEqual(len(messages(problems, "warning")), 1)
 
     def test_specifiers_are_expanded_in_the_keys_systemd_expands_them_in(self):
@@ -5246,6 +5247,50 @@ class KillSignalTests(SupervisionCase):
         self.assertEqual(daemon_log_lines(self.home, "intr", "SIGKILL"), [], "no escalation was needed")
 
 
+class KillKeysTests(SupervisionCase):
+    """RestartKillSignal=, SendSIGHUP=, FinalKillSignal=, SendSIGKILL=no:
+    what a stubborn process receives, seen by its traps."""
+
+    STUBBORN = ('trap "echo TERM >> {got}" TERM; trap "echo HUP >> {got}" HUP; trap "echo INT >> {got}; exit 0" INT; '
+                'trap "echo QUIT >> {got}; exit 3" QUIT; echo ready > {ready}; while :; do sleep 0.05; done')
+
+    def test_the_signals_of_a_stop_and_of_a_restart(self):
+        got, ready = self.file("got"), self.file("ready")
+        self.deploy({"stub.service": unit(sh(self.STUBBORN.format(got=got, ready=ready)), TimeoutStopSec="400ms",
+                                          RestartKillSignal="SIGINT", SendSIGHUP="yes", FinalKillSignal="SIGQUIT")})
+        pid = self.watch(self.home.running_pid("stub"))
+        wait_until(lambda: read_text(ready) == "ready\n", 5, "the traps to be set")
+        os.unlink(ready)
+        code, _, err = self.home.cli("restart", "stub")
+        self.assertEqual((code, err), (0, ""))
+        self.assert_gone(pid)
+        self.assertEqual(sorted(read_text(got).split()), ["HUP", "INT"], "RestartKillSignal=, and SendSIGHUP=")
+        pid = self.watch(self.wait_new_pid("stub", pid)["pid"])
+        wait_until(lambda: os.path.exists(ready), 5, "the traps to be set again")
+        os.unlink(got)
+        code, _, err = self.home.cli("stop", "stub")
+        self.assertEqual((code, err), (0, ""))
+        received = read_text(got).split()       # (the shell runs pending traps in signal number order)
+        self.assertEqual((sorted(received[:2]), received[2:]), (["HUP", "TERM"], ["QUIT"]),
+                         "KillSignal= and SendSIGHUP=, then FinalKillSignal= after TimeoutStopSec=")
+        self.assertEqual(self.home.status("stub")["last_exit"], {"code": 3})
+        self.assertTrue(daemon_log_lines(self.home, "stub", "sending SIGQUIT"), self.home.daemon_log())
+
+    def test_send_sigkill_no_leaves_what_outlived_the_timeout(self):
+        got, ready = self.file("got"), self.file("ready")
+        script = 'trap "echo TERM >> {got}" TERM; echo ready > {ready}; while :; do sleep 0.05; done'
+        self.deploy({"keep.service": unit(sh(script.format(got=got, ready=ready)), TimeoutStopSec="300ms",
+                                          SendSIGKILL="no")})
+        pid = self.watch(self.home.running_pid("keep"))
+        wait_until(lambda: read_text(ready) == "ready\n", 5, "the trap to be set")
+        code, _, err = self.home.cli("stop", "keep")
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(self.home.status("keep")["state"], "stopped")
+        self.assertTrue(pid_alive(pid), "SendSIGKILL=no: left running, as systemd leaves it")
+        self.assertTrue(daemon_log_lines(self.home, "keep", "SendSIGKILL=no: left running"), self.home.daemon_log())
+        self.assertEqual(read_text(got), "TERM\n")
+
+
 class GrandchildTests(SupervisionCase):
 
     SCRIPT = "sleep 1000 & echo $! > %s; wait"
@@ -5617,6 +5662,18 @@ class NotifyTests(NotifyCase):
         self.assert_gone(first)
         self.assertIn("watchdog timeout", self.home.daemon_log().lower())
         self.assertIn("WATCHDOG_USEC=500000", read_text(self.notify_log))
+
+    def test_watchdog_signal_then_timeout_abort_sec(self):
+        """WatchdogSignal= instead of SIGABRT; one the process ignores is
+        followed by FinalKillSignal= after TimeoutAbortSec=, not TimeoutStopSec=."""
+        self.home.commit({"dog.service": self.notify_unit(["send:READY=1", "ping:0.1:2", "wait"], "WatchdogSec=300ms",
+                                                          "WatchdogSignal=SIGWINCH", "TimeoutAbortSec=300ms",
+                                                          "TimeoutStopSec=60s")})
+        self.home.start_daemon()
+        self.watch(self.home.running_pid("dog"))
+        service = self.home.wait_state("dog", "failed", timeout=10)
+        self.assertEqual(service["last_exit"], {"signal": signal.SIGKILL}, "SIGWINCH is ignored: SIGKILL ended it")
+        self.assertTrue(daemon_log_lines(self.home, "dog", "sending SIGWINCH"), self.home.daemon_log())
 
     def test_notify_reload_signals_and_waits_for_ready(self):
         self.home.commit({"hup.service": self.notify_unit(["on-hup", "send:READY=1", "wait"]).replace(
