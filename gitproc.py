@@ -654,6 +654,7 @@ class UnitSpec:
         "restrict_address_families": (),    # (invert or None for "none", family numbers) assignments
         "restrict_namespaces": (),      # ("set", "or" or "and", namespace flags) assignments
         "restrict_realtime": False, "memory_deny_write_execute": False,
+        "protect_proc": "default", "proc_subset": "all",     # a /proc of its own, with hidepid=, subset=pid
         "device_allow": (),             # (/dev/PATH, char-NAME or block-NAME, access) of DeviceAllow=
         "device_policy": "auto",
         "paths": (),                    # (mode, path, optional) of ReadWritePaths= and its kin, in order
@@ -1683,6 +1684,8 @@ DIRECTIVES = {
     ("Service", "RestrictRealtime"): ("restrict_realtime", parse_bool, "one"),
     ("Service", "MemoryDenyWriteExecute"): ("memory_deny_write_execute", parse_bool, "one"),
     ("Service", "DeviceAllow"): ("device_allow", _parse_device_allow, "list"),
+    ("Service", "ProtectProc"): ("protect_proc", _parse_choice(("default", "noaccess", "invisible", "ptraceable")), "one"),
+    ("Service", "ProcSubset"): ("proc_subset", _parse_choice(("all", "pid")), "one"),
     ("Service", "DevicePolicy"): ("device_policy", _parse_choice(("auto", "closed", "strict")), "one"),
     ("Service", "TemporaryFileSystem"): ("temporary_file_systems", _parse_temporary_fs, "list"),
     ("Service", "BindPaths"): ("bind_paths", lambda v: _parse_bind_paths(v, False), "list"),
@@ -1754,7 +1757,7 @@ def _keys(why, *names):
 # .unit(5) that gitproc knows but does not apply (yet). They are never dropped
 # silently: check reports each, and status NAME lists them under "Not applied".
 NOT_APPLIED_KEYS = dict(
-    **_keys("sandboxing: gitproc does not build this sandbox", "PrivateUsers", "ProtectProc", "ProcSubset",
+    **_keys("sandboxing: gitproc does not build this sandbox", "PrivateUsers",
             "RemoveIPC", "SecureBits", "RootDirectory", "RootImage", "MountAPIVFS", "MountFlags", "DynamicUser",
             "KeyringMode", "NetworkNamespacePath", "IPCNamespacePath",
             "SELinuxContext", "AppArmorProfile", "SmackProcessLabel"),
@@ -1790,8 +1793,7 @@ del _where, _name
 # The value of a not-applied key that asks for nothing, where it is not "no":
 # such a value is not reported (SyslogLevelPrefix=yes is what gitproc does anyway).
 # A Condition is never "off": ConditionACPower=false asks for something.
-NOT_APPLIED_DEFAULTS = {"SyslogLevelPrefix": "yes", "ProtectProc": "default",
-                        "ProcSubset": "all", "ExitType": "main", "KeyringMode": "private",
+NOT_APPLIED_DEFAULTS = {"SyslogLevelPrefix": "yes", "ExitType": "main", "KeyringMode": "private",
                         "UtmpMode": "init", "RestartMode": "normal", "TimerSlackNSec": "50us"}
 # Values systemd accepts that gitproc does not apply (the key itself is applied).
 NOT_APPLIED_VALUES = {
@@ -5279,7 +5281,7 @@ SANDBOX_KEYS = ("NoNewPrivileges", "PrivateTmp", "PrivateDevices", "PrivateNetwo
                 "BindReadOnlyPaths", "CapabilityBoundingSet", "AmbientCapabilities", "RestrictSUIDSGID",
                 "LockPersonality", "SystemCallFilter", "SystemCallErrorNumber", "SystemCallArchitectures",
                 "SystemCallLog", "RestrictAddressFamilies", "RestrictNamespaces", "RestrictRealtime",
-                "MemoryDenyWriteExecute")
+                "MemoryDenyWriteExecute", "ProtectProc", "ProcSubset")
 # The keys that are system call filters only: a daemon that is not root
 # applies them too (with no_new_privs, as systemd does for such a process).
 SECCOMP_ONLY_KEYS = ("RestrictSUIDSGID", "LockPersonality", "SystemCallFilter", "SystemCallErrorNumber",
@@ -5308,7 +5310,7 @@ DEVICE_NODES = ("null", "zero", "full", "random", "urandom", "tty")
 
 # The UnitSpec fields of the sandbox keys, as the directive table names them.
 SANDBOX_FIELDS = tuple(sorted({DIRECTIVES[("Service", key)][0] for key in SANDBOX_KEYS}))
-UNSET = (None, False, "no", ())          # what a sandbox field holds when its key asks for nothing
+UNSET = (None, False, "no", (), "default", "all")     # what a sandbox field holds when its key asks for nothing
 
 
 def sandbox_wanted(spec):
@@ -5394,6 +5396,10 @@ class Sandbox:
                 entries += [(mode, path, None, True) for mode, path in PROTECTED_PATHS[key]]
         if spec.protect_system == "strict":   # as systemd, what the unit must write stays writable
             entries += [("rw", path, None, True) for path in extra_writable]
+        if spec.protect_proc != "default" or spec.proc_subset != "all":
+            options = ",".join((["hidepid=" + spec.protect_proc] if spec.protect_proc != "default" else []) +
+                               (["subset=pid"] if spec.proc_subset == "pid" else []))
+            entries.append(("proc", "/proc", options, False))
         entries += [(mode, path, None, optional) for mode, path, optional in spec.paths]
         entries += [("tmpfs", path, options, False) for path, options in spec.temporary_file_systems]
         entries += [("bind-ro" if ro else "bind", destination, (source, recursive), optional)
@@ -5402,7 +5408,7 @@ class Sandbox:
             entries += [("bind", "/tmp", (private_tmp[0], True), False), ("bind", "/var/tmp", (private_tmp[1], True), False)]
         if spec.private_devices:
             entries.append(("devices", "/dev", helpers["dev"], False))
-        order = {"ro-all": 0, "ro": 0, "rw": 0, "tmpfs-ro": 0, "exec": 1, "noexec": 1, "tmpfs": 2, "bind": 2, "bind-ro": 2,
+        order = {"ro-all": 0, "proc": 0, "ro": 0, "rw": 0, "tmpfs-ro": 0, "exec": 1, "noexec": 1, "tmpfs": 2, "bind": 2, "bind-ro": 2,
                  "inaccessible": 3}
         # The private /dev first (it is built from the host's /dev), then from
         # the least to the most specific path.
@@ -5484,6 +5490,8 @@ class Sandbox:
                               0 if what == "bind-ro" else MOUNT_ATTR_RDONLY)
             elif what == "devices":
                 self._private_devices(argument)
+            elif what == "proc":
+                self._own_proc(argument)
         if self.loopback:
             self._loopback_up()
         for cap in self.drop_caps:
@@ -5527,6 +5535,20 @@ class Sandbox:
             attr = (self.ctypes.c_uint64 * 4)(MOUNT_ATTR_RDONLY, 0, 0, 0)
             self._check(self.libc.syscall(MOUNT_SETATTR, AT_FDCWD, point.encode(), 0, attr, self.ctypes.sizeof(attr)),
                         "mount_setattr %s" % point)
+
+    def _own_proc(self, options):
+        """ProtectProc=/ProcSubset=: a /proc of its own with hidepid= and
+        subset=pid (per mount since Linux 5.8), so that the process sees only
+        what it may ptrace. Where /proc may not be mounted (EPERM), the
+        host's stays, as systemd does, and the unit's log says so."""
+        flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
+        if self.libc.mount(b"proc", b"/proc", b"proc", self.ctypes.c_ulong(flags), options.encode()) == 0:
+            return
+        number = self.ctypes.get_errno()
+        if number != errno.EPERM:
+            raise OSError(number, "mount /proc (%s): %s" % (options, os.strerror(number)))
+        os.write(2, ("gitproc: ProtectProc=/ProcSubset= not applied: /proc may not be mounted here (%s); the "
+                     "host's /proc stays, as systemd does\n" % os.strerror(number)).encode())
 
     def _private_devices(self, staging):
         """A /dev of its own: a tmpfs at `staging` (an empty folder the

@@ -748,7 +748,7 @@ class UnitParserTests(unittest.TestCase):
     SAMPLES = ("yes", "no", "/bin/true x", "5s", "2", "7", "0755", "10M", "50%", "/tmp/x", "db.service",
                "SIGUSR1", "CAP_CHOWN", "always", "forking", "all", "process", "strict", "read-only", "idle",
                "fifo", "file:/tmp/x", "append:/tmp/x", "local0", "A=1", "web", "/tmp/a:/tmp/b", "0-1", "tcp://127.0.0.1:1", "1 2",
-               "AF_UNIX", "native", "/dev/null")
+               "AF_UNIX", "native", "/dev/null", "invisible", "pid")
 
     def test_no_key_is_dropped_silently(self):
         """Every key of the parser's table: a value other than the default is
@@ -7077,6 +7077,30 @@ class SandboxTests(SupervisionCase):
         self.assertEqual(int(proc_status(pid)["CapBnd"], 16) & (1 << 27), 0, "PrivateDevices= drops CAP_MKNOD")
         self.home.cli("stop", "priv")
         self.assertEqual(glob.glob("/tmp/gitproc-private-*-priv-*"), [], "its /tmp goes at stop")
+
+    def test_protect_proc_and_proc_subset_give_a_proc_of_its_own(self):
+        script = ("ls /proc | grep ^[0-9] | xargs echo; test -e /proc/sys && echo sys-visible || echo sys-hidden; "
+                  "exec sleep 1000")
+        self.deploy({"hidden.service": unit_text("ExecStart=" + sh(script), "User=nobody", "ProtectProc=invisible",
+                                                 "ProcSubset=pid"),
+                     "plain.service": unit_text("ExecStart=" + sh(script), "User=nobody")})
+        pid = self.watch(self.home.running_pid("hidden"))
+        self.watch(self.home.running_pid("plain"))
+        hidden = wait_until(lambda: len(self.home.service_log("hidden").splitlines()) == 2 and
+                            self.home.service_log("hidden").splitlines(), 5, "hidden's probes")
+        plain = wait_until(lambda: len(self.home.service_log("plain").splitlines()) == 2 and
+                           self.home.service_log("plain").splitlines(), 5, "plain's probes")
+        seen = [int(p) for p in hidden[0].split()]
+        self.assertNotIn(1, seen, "not the machine's processes")
+        self.assertIn(1, [int(p) for p in plain[0].split()], "without the keys, every process of the machine")
+        for other in seen:            # only what it may ptrace: processes of its own user
+            try:
+                self.assertEqual(os.stat("/proc/%d" % other).st_uid, 65534, other)
+            except FileNotFoundError:
+                pass                  # ls, grep: gone since
+        self.assertEqual((hidden[1], plain[1]), ("sys-hidden", "sys-visible"))
+        proc = [line for line in read_lines("/proc/%d/mountinfo" % pid) if line.split()[4] == "/proc"]
+        self.assertIn("hidepid=invisible,subset=pid", proc[-1])
 
     def test_restrict_suid_sgid_and_lock_personality_filter_system_calls(self):
         if os.uname().machine not in gitproc.SECCOMP_MACHINES:
