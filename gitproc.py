@@ -654,7 +654,8 @@ class UnitSpec:
         "restrict_address_families": (),    # (invert or None for "none", family numbers) assignments
         "restrict_namespaces": (),      # ("set", "or" or "and", namespace flags) assignments
         "restrict_realtime": False, "memory_deny_write_execute": False,
-        "protect_proc": "default", "proc_subset": "all",     # a /proc of its own, with hidepid=, subset=pid
+        "protect_proc": "default", "proc_subset": "all",
+        "remove_ipc": False,            # RemoveIPC=: the user's IPC objects go when its last process does     # a /proc of its own, with hidepid=, subset=pid
         "device_allow": (),             # (/dev/PATH, char-NAME or block-NAME, access) of DeviceAllow=
         "device_policy": "auto",
         "paths": (),                    # (mode, path, optional) of ReadWritePaths= and its kin, in order
@@ -1686,6 +1687,7 @@ DIRECTIVES = {
     ("Service", "DeviceAllow"): ("device_allow", _parse_device_allow, "list"),
     ("Service", "ProtectProc"): ("protect_proc", _parse_choice(("default", "noaccess", "invisible", "ptraceable")), "one"),
     ("Service", "ProcSubset"): ("proc_subset", _parse_choice(("all", "pid")), "one"),
+    ("Service", "RemoveIPC"): ("remove_ipc", parse_bool, "one"),
     ("Service", "DevicePolicy"): ("device_policy", _parse_choice(("auto", "closed", "strict")), "one"),
     ("Service", "TemporaryFileSystem"): ("temporary_file_systems", _parse_temporary_fs, "list"),
     ("Service", "BindPaths"): ("bind_paths", lambda v: _parse_bind_paths(v, False), "list"),
@@ -1758,7 +1760,7 @@ def _keys(why, *names):
 # silently: check reports each, and status NAME lists them under "Not applied".
 NOT_APPLIED_KEYS = dict(
     **_keys("sandboxing: gitproc does not build this sandbox", "PrivateUsers",
-            "RemoveIPC", "SecureBits", "RootDirectory", "RootImage", "MountAPIVFS", "MountFlags", "DynamicUser",
+            "SecureBits", "RootDirectory", "RootImage", "MountAPIVFS", "MountFlags", "DynamicUser",
             "KeyringMode", "NetworkNamespacePath", "IPCNamespacePath",
             "SELinuxContext", "AppArmorProfile", "SmackProcessLabel"),
     **_keys("needs BPF programs or an LSM, which gitproc does not load", "RestrictFileSystems",
@@ -5338,6 +5340,55 @@ def _sandbox_key_set(spec, key):
     if key in ("BindPaths", "BindReadOnlyPaths"):
         return any(read_only == (key == "BindReadOnlyPaths") for _, _, read_only, _, _ in value)
     return value not in UNSET
+
+
+# RemoveIPC=: /proc/sysvipc's tables, the columns of an object's id, owner uid
+# and gid, and the call that removes it (IPC_RMID is 0).
+SYSV_IPC = (("shm", 1, 7, 8, "shmctl"), ("sem", 1, 4, 5, "semctl"), ("msg", 1, 7, 8, "msgctl"))
+
+
+def remove_ipc(uid, gid):
+    """RemoveIPC=: the System V semaphores, shared memory and message queues,
+    and the POSIX shared memory and message queues (/dev/shm, /dev/mqueue)
+    owned by uid or gid go, as systemd removes them; not while a process of
+    that user still runs (another unit's), never root's. The names of what
+    went."""
+    uid = uid if uid else None            # root's are never removed
+    gid = gid if gid else None
+    if uid is None and gid is None:
+        return []
+    for entry in os.listdir("/proc") if uid is not None else ():
+        try:
+            if entry.isdigit() and os.stat("/proc/" + entry).st_uid == uid and \
+                    _read_text("/proc/%s/stat" % entry).rpartition(")")[2].split()[0] != "Z":
+                return []                 # its last process is not gone yet (a zombie is)
+        except (OSError, IndexError):
+            pass
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    removed = []
+    for table, id_column, uid_column, gid_column, call in SYSV_IPC:
+        try:
+            rows = [line.split() for line in _read_text("/proc/sysvipc/" + table).splitlines()[1:]]
+        except OSError:
+            continue
+        for row in rows:
+            if int(row[uid_column]) == uid or int(row[gid_column]) == gid:
+                arguments = (int(row[id_column]), 0, 0) if call == "semctl" else (int(row[id_column]), 0, None)
+                if getattr(libc, call)(*arguments) == 0:
+                    removed.append("System V %s %s" % (table, row[id_column]))
+    for folder in ("/dev/shm", "/dev/mqueue"):
+        for top, _, names in os.walk(folder) if os.path.isdir(folder) else ():
+            for name in names:
+                path = os.path.join(top, name)
+                try:
+                    found = os.lstat(path)
+                    if found.st_uid == uid or found.st_gid == gid:
+                        os.unlink(path)
+                        removed.append(path)
+                except OSError:
+                    pass
+    return removed
 
 
 class Sandbox:
@@ -8932,6 +8983,14 @@ class Launcher:
         for kind, relative in spec.directories:
             if kind == "t":
                 remove_tree(os.path.join(self.folders["t"], relative))
+        if spec.remove_ipc and (spec.user or spec.group):
+            try:
+                run_as = self._run_as(spec.user, spec.group)
+            except SpawnError:
+                return
+            removed = remove_ipc(run_as.uid, run_as.gid)
+            if removed:
+                self.log.info(service.name, "RemoveIPC=: removed %s" % ", ".join(removed))
 
     @staticmethod
     def _service_environment(spec, run_as):

@@ -7102,6 +7102,28 @@ class SandboxTests(SupervisionCase):
         proc = [line for line in read_lines("/proc/%d/mountinfo" % pid) if line.split()[4] == "/proc"]
         self.assertIn("hidepid=invisible,subset=pid", proc[-1])
 
+    def test_remove_ipc_removes_the_users_objects_once_its_last_process_is_gone(self):
+        descriptor, make = tempfile.mkstemp(prefix="gp-ipc-", suffix=".py")     # where nobody may read it
+        self.addCleanup(os.unlink, make)
+        os.fchmod(descriptor, 0o644)
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write("import ctypes, os, sys, time\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+                         "segment = libc.shmget(0, 4096, 0o1600)\n"        # IPC_PRIVATE, IPC_CREAT | 0600
+                         "open('/dev/shm/gp-ipc-%s' % sys.argv[1], 'w').close()\n"
+                         "print(segment, flush=True)\ntime.sleep(1000)\n")
+        self.deploy({"ipc.service": unit_text("ExecStart=%s %s ipc-%d" % (sys.executable, make, os.getpid()),
+                                              "User=nobody", "RemoveIPC=yes")})
+        self.watch(self.home.running_pid("ipc"))
+        segment = wait_until(lambda: self.home.service_log("ipc").strip(), 5, "the segment's id")
+        shm = "/dev/shm/gp-ipc-ipc-%d" % os.getpid()
+        self.addCleanup(lambda: os.path.exists(shm) and os.unlink(shm))
+        table = lambda: [line.split()[1] for line in read_lines("/proc/sysvipc/shm")[1:]]
+        self.assertIn(segment, table())
+        self.assertTrue(os.path.exists(shm))
+        self.assertEqual(self.home.cli("stop", "ipc")[0], 0)
+        wait_until(lambda: segment not in table() and not os.path.exists(shm), 5, "the objects to go")
+        self.assertTrue(daemon_log_lines(self.home, "ipc", "RemoveIPC=: removed System V shm %s" % segment))
+
     def test_restrict_suid_sgid_and_lock_personality_filter_system_calls(self):
         if os.uname().machine not in gitproc.SECCOMP_MACHINES:
             self.skipTest("the seccomp filter is known for %s only" % ", ".join(gitproc.SECCOMP_MACHINES))
