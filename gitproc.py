@@ -655,7 +655,8 @@ class UnitSpec:
         "restrict_namespaces": (),      # ("set", "or" or "and", namespace flags) assignments
         "restrict_realtime": False, "memory_deny_write_execute": False,
         "protect_proc": "default", "proc_subset": "all",
-        "remove_ipc": False,            # RemoveIPC=: the user's IPC objects go when its last process does     # a /proc of its own, with hidepid=, subset=pid
+        "remove_ipc": False,
+        "private_users": False,         # PrivateUsers=: a user namespace mapping root and its user only            # RemoveIPC=: the user's IPC objects go when its last process does     # a /proc of its own, with hidepid=, subset=pid
         "device_allow": (),             # (/dev/PATH, char-NAME or block-NAME, access) of DeviceAllow=
         "device_policy": "auto",
         "paths": (),                    # (mode, path, optional) of ReadWritePaths= and its kin, in order
@@ -1688,6 +1689,7 @@ DIRECTIVES = {
     ("Service", "ProtectProc"): ("protect_proc", _parse_choice(("default", "noaccess", "invisible", "ptraceable")), "one"),
     ("Service", "ProcSubset"): ("proc_subset", _parse_choice(("all", "pid")), "one"),
     ("Service", "RemoveIPC"): ("remove_ipc", parse_bool, "one"),
+    ("Service", "PrivateUsers"): ("private_users", parse_bool, "one"),
     ("Service", "DevicePolicy"): ("device_policy", _parse_choice(("auto", "closed", "strict")), "one"),
     ("Service", "TemporaryFileSystem"): ("temporary_file_systems", _parse_temporary_fs, "list"),
     ("Service", "BindPaths"): ("bind_paths", lambda v: _parse_bind_paths(v, False), "list"),
@@ -1759,7 +1761,7 @@ def _keys(why, *names):
 # .unit(5) that gitproc knows but does not apply (yet). They are never dropped
 # silently: check reports each, and status NAME lists them under "Not applied".
 NOT_APPLIED_KEYS = dict(
-    **_keys("sandboxing: gitproc does not build this sandbox", "PrivateUsers",
+    **_keys("sandboxing: gitproc does not build this sandbox",
             "SecureBits", "RootDirectory", "RootImage", "MountAPIVFS", "MountFlags", "DynamicUser",
             "KeyringMode", "NetworkNamespacePath", "IPCNamespacePath",
             "SELinuxContext", "AppArmorProfile", "SmackProcessLabel"),
@@ -5105,7 +5107,7 @@ SPAWN_EXIT_CODES = (("WorkingDirectory=", 200, "CHDIR"), ("Nice=", 201, "NICE"),
                     ("CPUScheduling", 214, "SETSCHEDULER"), ("CPUAffinity=", 215, "CPUAFFINITY"),
                     ("Group=", 216, "GROUP"), ("SupplementaryGroups=", 216, "GROUP"), ("User=", 217, "USER"),
                     ("cgroup", 219, "CGROUP"), ("setsid", 220, "SETSID"), ("PrivatePIDs=", 226, "NAMESPACE"),
-                    ("sandbox", 226, "NAMESPACE"), ("seccomp", 228, "SECCOMP"), ("capabilities", 218, "CAPABILITIES"),
+                    ("sandbox", 226, "NAMESPACE"), ("seccomp", 228, "SECCOMP"), ("PrivateUsers=", 217, "USER"), ("capabilities", 218, "CAPABILITIES"),
                     ("RuntimeDirectory=", 233, "RUNTIME_DIRECTORY"), ("StateDirectory=", 238, "STATE_DIRECTORY"),
                     ("CacheDirectory=", 239, "CACHE_DIRECTORY"), ("LogsDirectory=", 240, "LOGS_DIRECTORY"),
                     ("ConfigurationDirectory=", 241, "CONFIGURATION_DIRECTORY"))
@@ -5283,7 +5285,7 @@ SANDBOX_KEYS = ("NoNewPrivileges", "PrivateTmp", "PrivateDevices", "PrivateNetwo
                 "BindReadOnlyPaths", "CapabilityBoundingSet", "AmbientCapabilities", "RestrictSUIDSGID",
                 "LockPersonality", "SystemCallFilter", "SystemCallErrorNumber", "SystemCallArchitectures",
                 "SystemCallLog", "RestrictAddressFamilies", "RestrictNamespaces", "RestrictRealtime",
-                "MemoryDenyWriteExecute", "ProtectProc", "ProcSubset")
+                "MemoryDenyWriteExecute", "ProtectProc", "ProcSubset", "PrivateUsers")
 # The keys that are system call filters only: a daemon that is not root
 # applies them too (with no_new_privs, as systemd does for such a process).
 SECCOMP_ONLY_KEYS = ("RestrictSUIDSGID", "LockPersonality", "SystemCallFilter", "SystemCallErrorNumber",
@@ -5408,6 +5410,7 @@ class Sandbox:
         self.no_new_privs = spec.no_new_privileges
         self.loopback = False
         self.drop_caps, self.ambient = [], []
+        self.user_namespace = False       # PrivateUsers=: made between the group and the user change
         persona = self.libc.personality(0xffffffff) & 0xffffffff if spec.lock_personality else None
         self.filters = seccomp_filters(spec, persona)   # [(keys, program, packed)], loaded by seal()
         if full:
@@ -5415,6 +5418,7 @@ class Sandbox:
 
     def _plan(self, spec, private_tmp, helpers, dropping_user, extra_writable):
         self.loopback = spec.private_network
+        self.user_namespace = spec.private_users
         bounding = capability_set(spec.capability_bounding_set)
         drops = set()
         if spec.private_devices:
@@ -5508,7 +5512,8 @@ class Sandbox:
             if what == "ro-all":
                 self._all_read_only()
             elif what in ("ro", "rw", "exec", "noexec"):
-                self._bind_self(path)
+                if path != "/":           # "/" is a mount already: a bind over it would leave the
+                    self._bind_self(path)     # process's root below it (a user namespace then refuses it)
                 if what in ("ro", "rw"):
                     self._setattr(path, MOUNT_ATTR_RDONLY if what == "ro" else 0, MOUNT_ATTR_RDONLY if what == "rw" else 0)
                 else:
@@ -5634,6 +5639,44 @@ class Sandbox:
             request = struct.pack("16sh14x", b"lo", 0)
             flags = struct.unpack("16sh14x", fcntl.ioctl(sock, 0x8913, request))[1]     # SIOCGIFFLAGS
             fcntl.ioctl(sock, 0x8914, struct.pack("16sh14x", b"lo", flags | 0x1 | 0x40))  # SIOCSIFFLAGS: UP, RUNNING
+
+    def enter_user_namespace(self, uid, gid):
+        """PrivateUsers=: a new user namespace where root and the unit's user
+        and group map to themselves and everything else to nobody, as systemd
+        makes it. The maps are written from outside by a helper forked
+        first; the new namespace gives the bounding set back in full, so it
+        is narrowed again (and keep-caps set again for the ambient set)."""
+        ready_r, ready_w = os.pipe()
+        helper = os.fork()
+        if helper == 0:                   # in the parent namespace: writes the maps once asked
+            status = 1
+            try:
+                os.close(ready_w)
+                if os.read(ready_r, 1) == b"1":
+                    parent = os.getppid()
+                    for name, own in (("uid_map", uid), ("gid_map", gid)):
+                        lines = "0 0 1\n" + ("%d %d 1\n" % (own, own) if own else "")
+                        fd = os.open("/proc/%d/%s" % (parent, name), os.O_WRONLY)
+                        try:
+                            os.write(fd, lines.encode())
+                        finally:
+                            os.close(fd)
+                    status = 0
+            finally:
+                os._exit(status)
+        os.close(ready_r)
+        try:
+            self._check(self.libc.unshare(0x10000000), "unshare")          # CLONE_NEWUSER
+            os.write(ready_w, b"1")
+        finally:
+            os.close(ready_w)
+            _, status = os.waitpid(helper, 0)
+        if status != 0:
+            raise OSError(errno.EPERM, "cannot write its uid and gid maps")
+        for cap in self.drop_caps:
+            self._check(self.libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0), "CapabilityBoundingSet=")
+        if self.ambient:
+            self._check(self.libc.prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0), "AmbientCapabilities=")
 
     def finish(self):
         """After the user change: the ambient capabilities, then no_new_privs."""
@@ -6959,6 +7002,9 @@ class Spawner:
             if run_as.gid is not None:
                 stage = "Group="
                 os.setgid(run_as.gid)
+            if sandbox is not None and sandbox.user_namespace:
+                stage = "PrivateUsers="
+                sandbox.enter_user_namespace(run_as.uid, run_as.gid)
             if run_as.uid is not None:
                 stage = "User="
                 os.setuid(run_as.uid)

@@ -7124,6 +7124,25 @@ class SandboxTests(SupervisionCase):
         wait_until(lambda: segment not in table() and not os.path.exists(shm), 5, "the objects to go")
         self.assertTrue(daemon_log_lines(self.home, "ipc", "RemoveIPC=: removed System V shm %s" % segment))
 
+    def test_private_users_maps_root_and_its_user_only(self):
+        other = self.file("other")
+        with open(other, "w"):
+            pass
+        os.chown(other, 4321, 4321)
+        os.chmod(os.path.dirname(other), 0o755)
+        script = "ls -ln %s; id -u; exec sleep 1000" % other
+        self.deploy({"users.service": unit_text("ExecStart=" + sh(script), "User=nobody", "Group=nogroup",
+                                                "PrivateUsers=yes", "CapabilityBoundingSet=CAP_CHOWN")})
+        pid = self.watch(self.home.running_pid("users"))
+        lines = wait_until(lambda: len(self.home.service_log("users").splitlines()) == 2 and
+                           self.home.service_log("users").splitlines(), 5, "the unit's probes")
+        self.assertEqual((lines[0].split()[2:4], lines[1]), (["65534", "65534"], "65534"),
+                         "another user's file is nobody's there")
+        self.assertEqual(read_text("/proc/%d/uid_map" % pid).split(), ["0", "0", "1", "65534", "65534", "1"])
+        self.assertEqual(read_text("/proc/%d/gid_map" % pid).split(), ["0", "0", "1", "65534", "65534", "1"])
+        self.assertNotEqual(os.readlink("/proc/%d/ns/user" % pid), os.readlink("/proc/self/ns/user"))
+        self.assertEqual(int(proc_status(pid)["CapBnd"], 16), 1 << 0, "the bounding set, narrowed again")
+
     def test_restrict_suid_sgid_and_lock_personality_filter_system_calls(self):
         if os.uname().machine not in gitproc.SECCOMP_MACHINES:
             self.skipTest("the seccomp filter is known for %s only" % ", ".join(gitproc.SECCOMP_MACHINES))
