@@ -5325,8 +5325,11 @@ def sandbox_wanted(spec):
 def sandbox_not_applied(spec):
     """The sandbox keys a daemon that is not root cannot apply (all but
     NoNewPrivileges= and the system call filters): [(key, why)] for status."""
-    if not sandbox_wanted(spec) or os.geteuid() == 0:
+    if not sandbox_wanted(spec):
         return []
+    if os.geteuid() == 0:
+        return [(key, "its system call filter: no system call table for %s here" % os.uname().machine)
+                for key in SECCOMP_HALF_KEYS if os.uname().machine not in SECCOMP_MACHINES and _sandbox_key_set(spec, key)]
     return [(key, "needs a root daemon (namespaces, mounts, capabilities)%s"
              % ("; its system call filter is applied" if key in SECCOMP_HALF_KEYS else ""))
             for key in SANDBOX_KEYS if key != "NoNewPrivileges" and key not in SECCOMP_ONLY_KEYS
@@ -5890,7 +5893,16 @@ setfsuid setfsuid32 setpgid setsid splice sysinfo tee umask uname userfaultfd vm
 timer_settime timer_settime64 timerfd_create timerfd_gettime timerfd_gettime64 timerfd_settime
 timerfd_settime64 times""",
 }
-SYSCALLS_AFTER_6_1 = {"x86_64": {"fchmodat2": 452}, "i386": {"fchmodat2": 452}}   # Linux 6.6: RestrictSUIDSGID= needs it
+SYSCALLS_AFTER_6_1 = {abi: {"fchmodat2": 452} for abi in ("x86_64", "x32", "i386")}   # Linux 6.6: RestrictSUIDSGID= needs it
+# i386's multiplexed calls: socketcall(N, ...) and ipc(N, ...) reach the calls
+# named here, which a filter then also answers through the first argument
+# (as libseccomp does for systemd).
+I386_MULTIPLEXED = {
+    "socketcall": ("socket bind connect listen accept getsockname getpeername socketpair send recv sendto recvfrom "
+                   "shutdown setsockopt getsockopt sendmsg recvmsg accept4 recvmmsg sendmmsg").split(),
+    "ipc": dict(zip((1, 2, 3, 4, 11, 12, 13, 14, 21, 22, 23, 24),
+                    "semop semget semctl semtimedop msgsnd msgrcv msgget msgctl shmat shmdt shmget shmctl".split())),
+}
 SECCOMP_MACHINES = {"x86_64": ("x86_64", "x32", "i386")}     # machine -> the ABIs its kernel runs, native first
 ARCHITECTURE_NAMES = {"x86-64": "x86_64", "x86": "i386", "x32": "x32"}     # SystemCallArchitectures= words
 OTHER_ARCHITECTURES = ("arm arm64 mips mips64 mips64-n32 mips-le mips64-le mips64-le-n32 parisc parisc64 ppc ppc64 "
@@ -5960,15 +5972,15 @@ def _known_syscalls(_cache=[]):
     return _cache[0]
 
 
-def _parse_errno_action(text):
-    """SystemCallErrorNumber= or a call's ":errno": "kill", an errno name
-    (EPERM) or a number 1-4095."""
+def _parse_errno_action(text, lowest=1):
+    """SystemCallErrorNumber= or a call's ":errno" (where 0 is taken too): "kill",
+    an errno name (EPERM) or a number 1-4095."""
     text = text.strip()
     if text == "kill":
         return "kill"
     number = int(text) if text.isdigit() else getattr(errno, text, None) if text.startswith("E") else None
-    if not isinstance(number, int) or not 1 <= number <= 4095:
-        raise ValueError("%r is not an error number (EPERM, EACCES, ... or 1-4095) nor kill" % text)
+    if not isinstance(number, int) or not lowest <= number <= 4095:
+        raise ValueError("%r is not an error number (EPERM, EACCES, ... or %d-4095) nor kill" % (text, lowest))
     return number
 
 
@@ -5982,7 +5994,7 @@ def _parse_syscall_list(value, key):
         expand_syscalls(name)
         if colon and (key != "SystemCallFilter" or not invert):
             raise ValueError("%s: only a denied system call (after ~) takes an error number" % word)
-        words.append((name, _parse_errno_action(action) if colon else None))
+        words.append((name, _parse_errno_action(action, lowest=0) if colon else None))
     return ((invert, tuple(words)),)
 
 
@@ -5990,7 +6002,8 @@ def syscall_set(assignments, with_default=False):
     """(allow list?, {call: errno action or None}) as systemd merges the
     lines of SystemCallFilter= (or SystemCallLog=): the first line says
     whether the list allows (an allow list also allows @default) or denies
-    (~); later lines of the other kind take their calls out. None: unset."""
+    (~); later lines of the other kind take their calls out, but for a
+    "~call:errno" in an allow list, which stays with that answer. None: unset."""
     allow, chosen = None, {}
     for invert, words in assignments:
         if allow is None:
@@ -5999,7 +6012,7 @@ def syscall_set(assignments, with_default=False):
                 chosen = dict.fromkeys(expand_syscalls("@default"))
         for name, action in words:
             for call in expand_syscalls(name):
-                if invert != allow:
+                if invert != allow or (allow and action is not None):
                     chosen[call] = action
                 else:
                     chosen.pop(call, None)
@@ -6033,13 +6046,13 @@ def _parse_address_families(value):
 def address_families(assignments):
     """(allow list?, family numbers) as systemd merges RestrictAddressFamilies=
     lines (the first says which kind; none: allow nothing). None: unset."""
-    allow, chosen = None, set()
+    allow, chosen, fresh = None, set(), True
     for invert, numbers in assignments:
-        if invert is None:
-            allow, chosen = True, set()
+        if invert is None:            # none: an empty allow list, and the next line says the kind again
+            allow, chosen, fresh = True, set(), True
             continue
-        if allow is None:
-            allow = not invert
+        if fresh:
+            allow, fresh = not invert, False
         chosen = chosen | set(numbers) if invert != allow else chosen - set(numbers)
     return None if allow is None else (allow, chosen)
 
@@ -6090,6 +6103,8 @@ def seccomp_filters(spec, personality=None):
         return []
     if key not in _COMPILED_FILTERS:
         abis = SECCOMP_MACHINES.get(os.uname().machine)
+        if abis is None and not any(_sandbox_key_set(spec, name) for name in SECCOMP_ONLY_KEYS):
+            return []                 # ProtectClock= and its kin: their other half applies (see sandbox_not_applied)
         if abis is None:
             raise SpawnError("seccomp: no system call table for %s here (%s only): %s not applied, the unit is not "
                              "started" % (os.uname().machine, ", ".join(SECCOMP_MACHINES),
@@ -6178,12 +6193,13 @@ def seccomp_plan(spec, personality, abis):
             plan.append(((key,), allow, every(_errno_rules(calls)), allow))
     if spec.system_call_architectures:
         kept = {ARCHITECTURE_NAMES.get(word, abis[0] if abis else None) for word in spec.system_call_architectures}
+        kept |= set(abis[:1])         # the native one always, as systemd keeps it
         if set(abis) - kept:
             plan.append((("SystemCallArchitectures",), allow, {abi: [] for abi in abis if abi in kept}, SECCOMP_KILL))
-    if spec.lock_personality:         # personality() only to ask, or to set the one it has
-        same = ((((0, "eq", 0xffffffff),), allow), (((0, "eq", personality),), allow)) \
-            if personality is not None else ((((0, "eq", 0xffffffff),), allow),)
-        plan.append((("LockPersonality",), allow, every([("personality", same, eperm)]), allow))
+    if spec.lock_personality:         # personality() only to set the one it has, as systemd: PER_LINUX
+        persona = 0x0008 if personality is not None and personality & 0xff == 0x0008 else 0    # or PER_LINUX32
+        plan.append((("LockPersonality",), allow, every([("personality", ((((0, "eq", persona),), allow),), eperm)]),
+                     allow))
     logged = syscall_set(spec.system_call_log)
     if logged is not None:
         listed, calls = logged
@@ -6194,8 +6210,9 @@ def seccomp_plan(spec, personality, abis):
         listed, calls = chosen
         number = spec.system_call_error_number
         refuse = SECCOMP_KILL if number in (None, "kill") else seccomp_errno(number)
-        if listed:
-            rules = [(call, (), allow) for call in sorted(calls)]
+        if listed:                    # allowed, but a "~call:errno" among them
+            rules = [(call, (), allow if action is None else SECCOMP_KILL if action == "kill"
+                      else seccomp_errno(action)) for call, action in sorted(calls.items())]
         else:
             rules = [(call, (), refuse if action is None else SECCOMP_KILL if action == "kill"
                       else seccomp_errno(action)) for call, action in sorted(calls.items())]
@@ -6269,6 +6286,16 @@ def bpf_program(default, rules_by_abi, other, abis):
                 guarded.append((numbers[call], alternatives, otherwise))
             elif otherwise != default:
                 plain[numbers[call]] = otherwise
+        if abi == "i386":             # socketcall(N)/ipc(N) answer as the call N stands for
+            answers = {call: otherwise for call, alternatives, otherwise in rules_by_abi[abi] if not alternatives}
+            for mux, table in I386_MULTIPLEXED.items():
+                calls = table.items() if isinstance(table, dict) else enumerate(table, 1)
+                own = plain.get(numbers[mux], default)
+                alternatives = tuple((((0, "eq", n),), answers.get(call, default)) for n, call in calls
+                                     if answers.get(call, default) != own)
+                if alternatives and not any(number == numbers[mux] for number, _, _ in guarded):
+                    plain.pop(numbers[mux], None)
+                    guarded.append((numbers[mux], alternatives, own))
         for number, alternatives, otherwise in guarded:
             body = []
             for conditions, answer in alternatives:
@@ -15322,22 +15349,34 @@ SECURITY_KEYS = (
 
 def security_exposure(spec):
     """[{key, value, state, protects}] of a service: each security key's
-    setting as written, and "applied", "not applied: why" or "unset"."""
+    setting as written, and "applied", "not applied: why" or "unset", as a
+    daemon of the user who asks would apply them."""
     withheld = {key: not_applied_reason(key, value) for key, value in spec.not_applied}
     withheld.update(sandbox_not_applied(spec))
     rows = []
     for key, protects in SECURITY_KEYS:
         value = _key_value(spec.sources or (spec.path,), key)
-        if value == "" and key == "CapabilityBoundingSet":
-            value, state = "(empty: none)", "applied"
-        elif value is None or value == "":
-            state = "unset"
+        if not _security_key_set(spec, key):
+            value, state = None, "unset"
         elif key in withheld:
             state = "not applied: " + withheld[key]
         else:
             state = "applied"
+        if value == "" and key == "CapabilityBoundingSet":
+            value = "(empty: none)"
         rows.append({"key": key, "value": value, "state": state, "protects": protects})
     return rows
+
+
+def _security_key_set(spec, key):
+    """Whether the parsed unit asks for what `key` protects (NoNewPrivileges=no
+    does not)."""
+    if key in SANDBOX_KEYS:
+        return _sandbox_key_set(spec, key)
+    if ("Service", key) in DIRECTIVES:
+        field = DIRECTIVES[("Service", key)][0]
+        return getattr(spec, field) != UnitSpec.FIELDS[field]
+    return any(name == key for name, _ in spec.not_applied)
 
 
 def _key_value(paths, key):

@@ -7302,7 +7302,7 @@ class SeccompTests(SupervisionCase):
         wait_until(lambda: argv_of(pid) == SLEEPER.split(), 5, "held to exec")
         status = proc_status(pid)
         self.assertEqual(status["Seccomp"].strip(), "2")
-        self.assertEqual(status["Seccomp_filters"].strip(), "7", "one filter per key, as systemd loads them")
+        self.assertEqual(status["Seccomp_filters"].strip(), "7", "one filter per key (systemd loads one per ABI too)")
         self.assertEqual(status["NoNewPrivs"].strip(), "0" if os.geteuid() == 0 else "1",
                          "implied only without CAP_SYS_ADMIN")
         code, out, _ = self.home.cli("status", "held")
@@ -7362,7 +7362,8 @@ class SeccompProgramTests(unittest.TestCase):
                  ("openat", (0, 0, os.O_CREAT, 0o4000), "x86_64", self.EPERM),
                  ("fchmodat2", (0, 0, 0o4755), "x86_64", self.EPERM), ("chmod", (0, 0o4755), "x32", self.EPERM),
                  ("chmod", (0, 0o4755), "i386", self.EPERM), ("chmod", (0, 0o644), "i386", self.ALLOW),
-                 ("openat2", (), "x86_64", 0x00050000 | errno.ENOSYS), ("personality", (0xffffffff,), "x86_64", self.ALLOW),
+                 ("openat2", (), "x86_64", 0x00050000 | errno.ENOSYS), ("personality", (0xffffffff,), "x86_64", self.EPERM),
+                 ("fchmodat2", (0, 0, 0o4755), "x32", self.EPERM),
                  ("personality", (0,), "x86_64", self.ALLOW), ("personality", (8,), "x86_64", self.EPERM),
                  ("personality", (8,), "i386", self.EPERM), ("read", (), "x86_64", self.ALLOW)]
         for call, args, abi, expected in cases:
@@ -7393,6 +7394,15 @@ class SeccompProgramTests(unittest.TestCase):
             (["SystemCallArchitectures=native"], "read", (), self.KILL, "x32"),
             (["SystemCallArchitectures=native"], "read", (), self.ALLOW),
             (["SystemCallArchitectures=native x86"], "read", (), self.ALLOW, "i386"),
+            (["SystemCallArchitectures=x86"], "read", (), self.ALLOW),            # the native ABI, always
+            (["SystemCallArchitectures=x86"], "read", (), self.KILL, "x32"),
+            (["SystemCallFilter=@system-service", "SystemCallFilter=~umount2:EACCES"], "umount2", (), eacces),
+            (["SystemCallFilter=@system-service", "SystemCallFilter=~umount2:0"], "umount2", (), 0x00050000),
+            (["SystemCallFilter=~connect"], "socketcall", (3,), self.KILL, "i386"),     # SYS_CONNECT
+            (["SystemCallFilter=~connect"], "socketcall", (1,), self.ALLOW, "i386"),    # SYS_SOCKET
+            (["SystemCallFilter=@system-service"], "socketcall", (3,), self.ALLOW, "i386"),
+            (["SystemCallFilter=~shmat"], "ipc", (21,), self.KILL, "i386"),             # SHMAT
+            (["SystemCallFilter=~shmat"], "ipc", (22,), self.ALLOW, "i386"),
             (["SystemCallLog=mount"], "mount", (), 0x7ffc0000),
             (["SystemCallLog=~read"], "mount", (), 0x7ffc0000),
             (["SystemCallLog=~read"], "read", (), self.ALLOW),
@@ -7411,6 +7421,10 @@ class SeccompProgramTests(unittest.TestCase):
             (["RestrictAddressFamilies=~AF_PACKET"], "socket", (socket.AF_PACKET,), afnosupport),
             (["RestrictAddressFamilies=~AF_PACKET"], "socket", (socket.AF_INET,), self.ALLOW),
             (["RestrictAddressFamilies=none"], "socket", (socket.AF_UNIX,), afnosupport),
+            (["RestrictAddressFamilies=none", "RestrictAddressFamilies=~AF_PACKET"], "socket", (socket.AF_UNIX,),
+             self.ALLOW),
+            (["RestrictAddressFamilies=none", "RestrictAddressFamilies=~AF_PACKET"], "socket", (socket.AF_PACKET,),
+             afnosupport),
             (["RestrictAddressFamilies=none", "RestrictAddressFamilies=AF_UNIX"], "socket", (socket.AF_UNIX,), self.ALLOW),
             (["RestrictAddressFamilies=AF_UNIX", "RestrictAddressFamilies=~AF_UNIX"], "socket", (socket.AF_UNIX,),
              afnosupport),
@@ -7534,6 +7548,7 @@ class SeccompProgramTests(unittest.TestCase):
         self.assertEqual(families("AF_INET", "AF_UNIX AF_LOCAL"), (True, {1, 2}))
         self.assertEqual(families("~AF_PACKET", "AF_PACKET"), (False, set()))
         self.assertEqual(families("AF_INET", "none"), (True, set()))
+        self.assertEqual(families("none", "~AF_PACKET"), (False, {17}), "after none, the next line says the kind")
 
 
 class CapabilitySetTests(unittest.TestCase):
