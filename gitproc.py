@@ -656,7 +656,10 @@ class UnitSpec:
         "restrict_realtime": False, "memory_deny_write_execute": False,
         "protect_proc": "default", "proc_subset": "all",
         "remove_ipc": False,
-        "private_users": False,         # PrivateUsers=: a user namespace mapping root and its user only            # RemoveIPC=: the user's IPC objects go when its last process does     # a /proc of its own, with hidepid=, subset=pid
+        "private_users": False,
+        "secure_bits": (),              # SecureBits= masks, ORed
+        "personality": None, "timer_slack_nsec": None, "coredump_filter": (),    # coredump_filter masks, ORed
+        "numa_policy": None, "numa_mask": (),         # PrivateUsers=: a user namespace mapping root and its user only            # RemoveIPC=: the user's IPC objects go when its last process does     # a /proc of its own, with hidepid=, subset=pid
         "device_allow": (),             # (/dev/PATH, char-NAME or block-NAME, access) of DeviceAllow=
         "device_policy": "auto",
         "paths": (),                    # (mode, path, optional) of ReadWritePaths= and its kin, in order
@@ -1180,6 +1183,56 @@ def _parse_device_allow(value):
     return ((device, access),)
 
 
+# CoredumpFilter= names (core(5)'s bits), SecureBits= names (capabilities(7)),
+# NUMAPolicy= modes (set_mempolicy(2)), Personality= on this machine.
+COREDUMP_BITS = {"private-anonymous": 0, "shared-anonymous": 1, "private-file-backed": 2, "shared-file-backed": 3,
+                 "elf-headers": 4, "private-huge": 5, "shared-huge": 6, "private-dax": 7, "shared-dax": 8}
+SECURE_BITS = {"noroot": 0, "noroot-locked": 1, "no-setuid-fixup": 2, "no-setuid-fixup-locked": 3, "keep-caps": 4,
+               "keep-caps-locked": 5}
+NUMA_POLICIES = {"default": 0, "preferred": 1, "bind": 2, "interleave": 3, "local": 4}
+PERSONALITIES = {"x86-64": 0x0000, "x86": 0x0008}     # PER_LINUX, PER_LINUX32
+PERSONALITY_NAMES = ("arm64 arm64-be arm arm-be alpha arc arc-be cris ia64 loongarch64 m68k mips64-le mips64 mips-le "
+                     "mips nios2 parisc64 parisc ppc64-le ppc64 ppc ppc-le riscv32 riscv64 s390x s390 sh64 sh sparc64 "
+                     "sparc tilegx").split()      # systemd knows them; not this machine's
+
+
+def _parse_coredump_filter(value):
+    mask = 0
+    for word in value.split():
+        if word in ("default", "all"):
+            mask |= 0x33 if word == "default" else 0x1ff
+        elif word in COREDUMP_BITS:
+            mask |= 1 << COREDUMP_BITS[word]
+        else:
+            try:
+                mask |= int(word, 16)
+            except ValueError:
+                raise ValueError("%r: a coredump_filter name (%s, default, all) or a hex mask" % (
+                    word, ", ".join(COREDUMP_BITS)))
+    return (mask,)
+
+
+def _parse_secure_bits(value):
+    bits = 0
+    for word in value.split():
+        if word not in SECURE_BITS:
+            raise ValueError("%r: one of %s" % (word, ", ".join(SECURE_BITS)))
+        bits |= 1 << SECURE_BITS[word]
+    return (bits,)
+
+
+def _parse_timer_slack(value):
+    """TimerSlackNSec=: nanoseconds, or a time span (50us)."""
+    value = value.strip()
+    return int(value) if value.isdigit() else int(round(parse_timespan(value) * 1e9))
+
+
+def _parse_personality(value):
+    if value not in PERSONALITIES and value not in PERSONALITY_NAMES:
+        raise ValueError("unknown personality %r (x86-64, x86, arm64, ...)" % value)
+    return value
+
+
 def _parse_capabilities(value):
     """CapabilityBoundingSet=/AmbientCapabilities=: names ('~' inverts), one
     assignment as (invert, capability numbers)."""
@@ -1690,6 +1743,12 @@ DIRECTIVES = {
     ("Service", "ProcSubset"): ("proc_subset", _parse_choice(("all", "pid")), "one"),
     ("Service", "RemoveIPC"): ("remove_ipc", parse_bool, "one"),
     ("Service", "PrivateUsers"): ("private_users", parse_bool, "one"),
+    ("Service", "SecureBits"): ("secure_bits", _parse_secure_bits, "list"),
+    ("Service", "Personality"): ("personality", _parse_personality, "one"),
+    ("Service", "TimerSlackNSec"): ("timer_slack_nsec", _parse_timer_slack, "one"),
+    ("Service", "CoredumpFilter"): ("coredump_filter", _parse_coredump_filter, "list"),
+    ("Service", "NUMAPolicy"): ("numa_policy", _parse_choice(tuple(NUMA_POLICIES)), "one"),
+    ("Service", "NUMAMask"): ("numa_mask", _parse_cpu_set, "list"),
     ("Service", "DevicePolicy"): ("device_policy", _parse_choice(("auto", "closed", "strict")), "one"),
     ("Service", "TemporaryFileSystem"): ("temporary_file_systems", _parse_temporary_fs, "list"),
     ("Service", "BindPaths"): ("bind_paths", lambda v: _parse_bind_paths(v, False), "list"),
@@ -1762,13 +1821,11 @@ def _keys(why, *names):
 # silently: check reports each, and status NAME lists them under "Not applied".
 NOT_APPLIED_KEYS = dict(
     **_keys("sandboxing: gitproc does not build this sandbox",
-            "SecureBits", "RootDirectory", "RootImage", "MountAPIVFS", "MountFlags", "DynamicUser",
+            "RootDirectory", "RootImage", "MountAPIVFS", "MountFlags", "DynamicUser",
             "KeyringMode", "NetworkNamespacePath", "IPCNamespacePath",
             "SELinuxContext", "AppArmorProfile", "SmackProcessLabel"),
     **_keys("needs BPF programs or an LSM, which gitproc does not load", "RestrictFileSystems",
             "IPAddressAllow", "IPAddressDeny", "SocketBindAllow", "SocketBindDeny", "RestrictNetworkInterfaces"),
-    **_keys("process scheduling: not applied", "NUMAPolicy", "NUMAMask", "TimerSlackNSec", "Personality",
-            "CoredumpFilter"),
     **_keys("output: the unit's log is used", "StandardInputText", "StandardInputData", "SyslogLevelPrefix",
             "LogExtraFields", "TTYPath", "TTYReset", "TTYVHangup", "PassEnvironment", "UnsetEnvironment"),
     **_keys("cgroup resource control: not applied", "MemoryLow", "MemoryMin", "StartupCPUWeight", "CPUShares",
@@ -1798,7 +1855,7 @@ del _where, _name
 # such a value is not reported (SyslogLevelPrefix=yes is what gitproc does anyway).
 # A Condition is never "off": ConditionACPower=false asks for something.
 NOT_APPLIED_DEFAULTS = {"SyslogLevelPrefix": "yes", "ExitType": "main", "KeyringMode": "private",
-                        "UtmpMode": "init", "RestartMode": "normal", "TimerSlackNSec": "50us"}
+                        "UtmpMode": "init", "RestartMode": "normal"}
 # Values systemd accepts that gitproc does not apply (the key itself is applied).
 NOT_APPLIED_VALUES = {
     "StandardInput": (("tty", "tty-force", "tty-fail", "data", "fd:"),
@@ -5107,7 +5164,10 @@ SPAWN_EXIT_CODES = (("WorkingDirectory=", 200, "CHDIR"), ("Nice=", 201, "NICE"),
                     ("CPUScheduling", 214, "SETSCHEDULER"), ("CPUAffinity=", 215, "CPUAFFINITY"),
                     ("Group=", 216, "GROUP"), ("SupplementaryGroups=", 216, "GROUP"), ("User=", 217, "USER"),
                     ("cgroup", 219, "CGROUP"), ("setsid", 220, "SETSID"), ("PrivatePIDs=", 226, "NAMESPACE"),
-                    ("sandbox", 226, "NAMESPACE"), ("seccomp", 228, "SECCOMP"), ("PrivateUsers=", 217, "USER"), ("capabilities", 218, "CAPABILITIES"),
+                    ("sandbox", 226, "NAMESPACE"), ("seccomp", 228, "SECCOMP"), ("PrivateUsers=", 217, "USER"),
+                    ("process setup: NUMAPolicy=", 242, "NUMA_POLICY"), ("process setup: TimerSlackNSec=", 212, "TIMERSLACK"),
+                    ("process setup: Personality=", 230, "PERSONALITY"), ("CoredumpFilter=", 205, "LIMITS"),
+                    ("SecureBits=", 213, "SECUREBITS"), ("Personality=", 230, "PERSONALITY"), ("capabilities", 218, "CAPABILITIES"),
                     ("RuntimeDirectory=", 233, "RUNTIME_DIRECTORY"), ("StateDirectory=", 238, "STATE_DIRECTORY"),
                     ("CacheDirectory=", 239, "CACHE_DIRECTORY"), ("LogsDirectory=", 240, "LOGS_DIRECTORY"),
                     ("ConfigurationDirectory=", 241, "CONFIGURATION_DIRECTORY"))
@@ -5170,11 +5230,12 @@ def resolve_run_as(user, group):
 class ProcessSetup:
     """What a service's process sets on itself between fork and exec, before
     it drops privileges, in systemd's order: rlimits (resource number, soft,
-    hard), umask, nice, oom_score_adj, CPU scheduling and affinity, I/O
-    priority. Empty (falsy) when there is nothing to set: then it may be
-    started with posix_spawn. SpawnError for what cannot be set here."""
+    hard), umask, nice, oom_score_adj, coredump_filter, CPU scheduling and
+    affinity, NUMA policy, I/O priority, timer slack, personality. Empty
+    (falsy) when there is nothing to set: then it may be started with
+    posix_spawn. SpawnError for what cannot be set here."""
     __slots__ = ("rlimits", "umask", "nice", "oom_score_adjust", "lowered", "cpu_scheduling", "cpu_affinity",
-                 "io_priority", "syscall")
+                 "io_priority", "syscall", "coredump_filter", "numa", "timer_slack", "personality", "libc")
 
     def __init__(self, spec):
         import resource
@@ -5213,14 +5274,61 @@ class ProcessSetup:
                                                else 4)
             self.io_priority = (klass << 13) | level        # IOPRIO_PRIO_VALUE(class, data)
             self.syscall = _ioprio_set_syscall()
+        self.coredump_filter = None
+        for mask in spec.coredump_filter:
+            self.coredump_filter = (self.coredump_filter or 0) | mask
+        self.timer_slack, self.numa, self.personality, self.libc = spec.timer_slack_nsec, None, None, None
+        if spec.personality is not None:
+            if spec.personality not in PERSONALITIES or os.uname().machine != "x86_64":
+                raise SpawnError("Personality=%s: not a personality of this machine (%s)" % (
+                    spec.personality, os.uname().machine))
+            self.personality = PERSONALITIES[spec.personality]
+        if spec.numa_policy not in (None, "default") or spec.numa_mask:
+            mode = NUMA_POLICIES[spec.numa_policy or "default"]
+            nodes = set(spec.numa_mask)
+            if mode in (1, 2, 3) and not nodes:
+                raise SpawnError("NUMAPolicy=%s needs NUMAMask=" % spec.numa_policy)
+            mask = sum(1 << node for node in nodes) if mode in (1, 2, 3) else 0
+            self.numa = (mode, mask, _set_mempolicy_syscall())
+        if any(v is not None for v in (self.timer_slack, self.personality, self.numa)):
+            import ctypes
+            self.libc = ctypes.CDLL(None, use_errno=True)
 
     def __bool__(self):
         return bool(self.rlimits) or any(v is not None for v in (
-            self.umask, self.nice, self.oom_score_adjust, self.cpu_scheduling, self.cpu_affinity, self.io_priority))
+            self.umask, self.nice, self.oom_score_adjust, self.cpu_scheduling, self.cpu_affinity, self.io_priority,
+            self.coredump_filter, self.numa, self.timer_slack, self.personality))
+
+    def apply_late(self):
+        """In the child, after the I/O priority: NUMA policy, timer slack,
+        personality (each raising OSError with its key)."""
+        ctypes = __import__("ctypes")
+        for what, result in (("NUMAPolicy=", lambda: self.numa[2](self.numa[0], self.numa[1]) if self.numa else 0),
+                             ("TimerSlackNSec=", lambda: self.libc.prctl(29, ctypes.c_ulong(self.timer_slack), 0, 0, 0)
+                              if self.timer_slack is not None else 0),      # PR_SET_TIMERSLACK
+                             ("Personality=", lambda: 0 if self.personality is None or
+                              self.libc.personality(self.personality) != -1 else -1)):
+            if result() != 0:
+                number = ctypes.get_errno()
+                raise OSError(number, "%s %s" % (what, os.strerror(number)))
 
 
 IOPRIO_SET = {"x86_64": 251, "aarch64": 30, "riscv64": 30, "i686": 289, "i386": 289, "armv7l": 314,
               "ppc64le": 273, "s390x": 282}
+
+
+SET_MEMPOLICY = {"x86_64": 238, "aarch64": 237, "i686": 276, "i386": 276}
+
+
+def _set_mempolicy_syscall():
+    """set_mempolicy(2) as a callable (mode, node mask) made in the daemon."""
+    import ctypes
+    number = SET_MEMPOLICY.get(os.uname().machine)
+    if number is None:
+        raise SpawnError("NUMAPolicy=: set_mempolicy's number is not known for %s" % os.uname().machine)
+    libc = ctypes.CDLL(None, use_errno=True)
+    return lambda mode, mask: libc.syscall(number, mode, ctypes.byref(ctypes.c_ulong(mask)) if mask else None,
+                                           ctypes.c_ulong(64 if mask else 0))
 
 
 def _ioprio_set_syscall():
@@ -5285,7 +5393,7 @@ SANDBOX_KEYS = ("NoNewPrivileges", "PrivateTmp", "PrivateDevices", "PrivateNetwo
                 "BindReadOnlyPaths", "CapabilityBoundingSet", "AmbientCapabilities", "RestrictSUIDSGID",
                 "LockPersonality", "SystemCallFilter", "SystemCallErrorNumber", "SystemCallArchitectures",
                 "SystemCallLog", "RestrictAddressFamilies", "RestrictNamespaces", "RestrictRealtime",
-                "MemoryDenyWriteExecute", "ProtectProc", "ProcSubset", "PrivateUsers")
+                "MemoryDenyWriteExecute", "ProtectProc", "ProcSubset", "PrivateUsers", "SecureBits")
 # The keys that are system call filters only: a daemon that is not root
 # applies them too (with no_new_privs, as systemd does for such a process).
 SECCOMP_ONLY_KEYS = ("RestrictSUIDSGID", "LockPersonality", "SystemCallFilter", "SystemCallErrorNumber",
@@ -5414,6 +5522,7 @@ class Sandbox:
         self.loopback = False
         self.drop_caps, self.ambient = [], []
         self.user_namespace = False       # PrivateUsers=: made between the group and the user change
+        self.secure_bits = 0              # SecureBits=, set before the user change
         persona = self.libc.personality(0xffffffff) & 0xffffffff if spec.lock_personality else None
         self.filters = seccomp_filters(spec, persona)   # [(keys, program, packed)], loaded by seal()
         if full:
@@ -5422,6 +5531,8 @@ class Sandbox:
     def _plan(self, spec, private_tmp, helpers, dropping_user, extra_writable):
         self.loopback = spec.private_network
         self.user_namespace = spec.private_users
+        for bits in spec.secure_bits:
+            self.secure_bits |= bits
         bounding = capability_set(spec.capability_bounding_set)
         drops = set()
         if spec.private_devices:
@@ -5642,6 +5753,13 @@ class Sandbox:
             request = struct.pack("16sh14x", b"lo", 0)
             flags = struct.unpack("16sh14x", fcntl.ioctl(sock, 0x8913, request))[1]     # SIOCGIFFLAGS
             fcntl.ioctl(sock, 0x8914, struct.pack("16sh14x", b"lo", flags | 0x1 | 0x40))  # SIOCSIFFLAGS: UP, RUNNING
+
+    def set_secure_bits(self):
+        """SecureBits=, before the user change (CAP_SETPCAP is needed): what
+        they change takes effect at exec all the same (keep-caps with
+        AmbientCapabilities=, as systemd adds it)."""
+        bits = self.secure_bits | ((1 << SECURE_BITS["keep-caps"]) if self.ambient else 0)
+        self._check(self.libc.prctl(28, bits, 0, 0, 0), "SecureBits=")          # PR_SET_SECUREBITS
 
     def enter_user_namespace(self, uid, gid):
         """PrivateUsers=: a new user namespace where root and the unit's user
@@ -7020,9 +7138,21 @@ class Spawner:
                 if setup.io_priority is not None:
                     stage = "IOSchedulingClass="
                     setup.syscall(setup.io_priority)
+                if setup.coredump_filter is not None:
+                    stage = "CoredumpFilter="
+                    fd = os.open("/proc/self/coredump_filter", os.O_WRONLY)
+                    try:
+                        os.write(fd, b"0x%x" % setup.coredump_filter)
+                    finally:
+                        os.close(fd)
+                stage = "process setup"
+                setup.apply_late()
             if sandbox is not None:
                 stage = "sandbox"
                 sandbox.enter()
+                if sandbox.secure_bits:
+                    stage = "SecureBits="
+                    sandbox.set_secure_bits()
             if run_as.groups is not None:
                 stage = "SupplementaryGroups="
                 os.setgroups(run_as.groups)

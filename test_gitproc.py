@@ -748,7 +748,7 @@ class UnitParserTests(unittest.TestCase):
     SAMPLES = ("yes", "no", "/bin/true x", "5s", "2", "7", "0755", "10M", "50%", "/tmp/x", "db.service",
                "SIGUSR1", "CAP_CHOWN", "always", "forking", "all", "process", "strict", "read-only", "idle",
                "fifo", "file:/tmp/x", "append:/tmp/x", "local0", "A=1", "web", "/tmp/a:/tmp/b", "0-1", "tcp://127.0.0.1:1", "1 2",
-               "AF_UNIX", "native", "/dev/null", "invisible", "pid")
+               "AF_UNIX", "native", "/dev/null", "invisible", "pid", "noroot", "x86", "interleave", "default")
 
     def test_no_key_is_dropped_silently(self):
         """Every key of the parser's table: a value other than the default is
@@ -5245,6 +5245,41 @@ class KillSignalTests(SupervisionCase):
         service = self.home.status("intr")
         self.assertEqual((service["state"], service["last_exit"]), ("stopped", {"code": 0}))
         self.assertEqual(daemon_log_lines(self.home, "intr", "SIGKILL"), [], "no escalation was needed")
+
+
+class ProcessKeysTests(SupervisionCase):
+    """TimerSlackNSec=, CoredumpFilter=, Personality=, NUMAPolicy=, seen in
+    /proc of the process; SecureBits= as root."""
+
+    def test_what_the_process_sets_on_itself(self):
+        self.deploy({"keys.service": unit_text("ExecStart=" + SLEEPER, "TimerSlackNSec=200us",
+                                               "CoredumpFilter=default private-dax", "Personality=x86",
+                                               "NUMAPolicy=interleave", "NUMAMask=0"),
+                     "plain.service": unit(SLEEPER)})
+        pid = self.watch(self.home.running_pid("keys"))
+        plain = self.watch(self.home.running_pid("plain"))
+        wait_until(lambda: argv_of(pid) == SLEEPER.split(), 5, "keys to exec")
+        self.assertEqual(read_text("/proc/%d/timerslack_ns" % pid).strip(), "200000")
+        self.assertNotEqual(read_text("/proc/%d/timerslack_ns" % plain).strip(), "200000")
+        self.assertEqual(int(read_text("/proc/%d/coredump_filter" % pid), 16), 0x33 | 1 << 7)
+        self.assertEqual(read_text("/proc/%d/personality" % pid).strip(), "00000008", "PER_LINUX32")
+        self.assertEqual(read_text("/proc/%d/personality" % plain).strip(), "00000000")
+        if os.path.exists("/proc/%d/numa_maps" % pid):
+            self.assertIn(" interleave:0 ", read_text("/proc/%d/numa_maps" % pid))
+        if IS_ROOT:
+            self.deploy_more({"bits.service": unit_text("ExecStart=" + SLEEPER, "SecureBits=noroot noroot-locked")})
+
+    def deploy_more(self, units):
+        self.home.commit(units, "more")
+        pid = self.watch(self.home.running_pid("bits"))
+        wait_until(lambda: argv_of(pid) == SLEEPER.split(), 5, "bits to exec")
+        self.assertEqual(int(proc_status(pid)["CapEff"], 16), 0, "noroot: root gets no capabilities at exec")
+
+    def test_a_mask_missing_or_a_bad_policy_fails_the_start_with_its_code(self):
+        self.deploy({"numa.service": unit_text("ExecStart=" + SLEEPER, "NUMAPolicy=bind", "NUMAMask=63")})
+        service = self.home.wait_state("numa", "failed", "backoff", timeout=10)
+        self.assertIn("NUMAPolicy=", service["reason"])
+        self.assertIn("242 (NUMA_POLICY)", self.home.cli("status", "numa")[1])
 
 
 class KillKeysTests(SupervisionCase):
