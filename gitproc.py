@@ -668,7 +668,8 @@ class UnitSpec:
         "capability_bounding_set": (),  # (invert, capability numbers) assignments, in order
         "ambient_capabilities": (),
         "sockets": (),                  # Sockets=: socket units whose listening sockets it gets too
-        "standard_input": ("null", None), "standard_output": ("log", None), "standard_error": ("inherit", None),
+        "standard_input": ("null", None), "standard_input_data": (),   # StandardInputText=/Data= bytes
+        "pass_environment": (), "unset_environment": (), "standard_output": ("log", None), "standard_error": ("inherit", None),
         "supplementary_groups": (),
         "directories": (),              # (kind, relative path) of RuntimeDirectory= and the like
         "directory_modes": (),          # (kind, mode) of RuntimeDirectoryMode= and the like
@@ -1087,14 +1088,26 @@ def _parse_cpu_set(value):
 STDIO_TO_LOG = ("journal", "syslog", "kmsg", "journal+console", "syslog+console", "kmsg+console", "log")
 
 
+def _parse_input_data(value, key):
+    """StandardInputText= (a line) or StandardInputData= (base64): bytes."""
+    if key == "StandardInputText":
+        return ((value + "\n").encode(),)
+    import base64
+    import binascii
+    try:
+        return (base64.b64decode("".join(value.split()), validate=True),)
+    except (binascii.Error, ValueError):
+        raise ValueError("not base64 data")
+
+
 def _parse_stdio(value, key):
     """(kind, path): ("null"|"log"|"inherit", None) or ("file"|"append"|"truncate", path);
     StandardInput= takes null and file:PATH. Others are errors naming what works."""
     kind, colon, path = value.partition(":")
     if key == "StandardInput":
-        if value in ("null", "socket") or (kind == "file" and colon):
+        if value in ("null", "socket", "data") or (kind == "file" and colon):
             return (kind, path or None)
-        raise ValueError("%r is not supported: use null, socket or file:PATH" % value)
+        raise ValueError("%r is not supported: use null, socket, data or file:PATH" % value)
     if kind in ("file", "append", "truncate") and colon:
         if not path.startswith("/"):
             raise ValueError("%s needs an absolute path, not %r" % (kind, path))
@@ -1758,6 +1771,10 @@ DIRECTIVES = {
     ("Service", "Sockets"): ("sockets", lambda v: tuple(n if n.endswith(".socket") else n + ".socket"
                                                         for n in v.split()), "list"),
     ("Service", "StandardInput"): ("standard_input", lambda v: _parse_stdio(v, "StandardInput"), "one"),
+    ("Service", "StandardInputText"): ("standard_input_data", lambda v: _parse_input_data(v, "StandardInputText"), "list"),
+    ("Service", "StandardInputData"): ("standard_input_data", lambda v: _parse_input_data(v, "StandardInputData"), "list"),
+    ("Service", "PassEnvironment"): ("pass_environment", lambda v: tuple(v.split()), "list"),
+    ("Service", "UnsetEnvironment"): ("unset_environment", lambda v: tuple(split_words(v)), "list"),
     ("Service", "StandardOutput"): ("standard_output", lambda v: _parse_stdio(v, "StandardOutput"), "one"),
     ("Service", "StandardError"): ("standard_error", lambda v: _parse_stdio(v, "StandardError"), "one"),
     ("Service", "SupplementaryGroups"): ("supplementary_groups", lambda v: tuple(_parse_user(w) for w in v.split()), "list"),
@@ -1826,8 +1843,8 @@ NOT_APPLIED_KEYS = dict(
             "SELinuxContext", "AppArmorProfile", "SmackProcessLabel"),
     **_keys("needs BPF programs or an LSM, which gitproc does not load", "RestrictFileSystems",
             "IPAddressAllow", "IPAddressDeny", "SocketBindAllow", "SocketBindDeny", "RestrictNetworkInterfaces"),
-    **_keys("output: the unit's log is used", "StandardInputText", "StandardInputData", "SyslogLevelPrefix",
-            "LogExtraFields", "TTYPath", "TTYReset", "TTYVHangup", "PassEnvironment", "UnsetEnvironment"),
+    **_keys("output: the unit's log is used", "SyslogLevelPrefix", "LogExtraFields", "TTYPath", "TTYReset",
+            "TTYVHangup"),
     **_keys("cgroup resource control: not applied", "MemoryLow", "MemoryMin", "StartupCPUWeight", "CPUShares",
             "StartupIOWeight", "IODeviceWeight", "IOReadBandwidthMax", "IOWriteBandwidthMax", "IOReadIOPSMax",
             "IOWriteIOPSMax", "AllowedMemoryNodes", "Delegate", "ManagedOOMSwap", "ManagedOOMMemoryPressure",
@@ -1858,8 +1875,8 @@ NOT_APPLIED_DEFAULTS = {"SyslogLevelPrefix": "yes", "ExitType": "main", "Keyring
                         "UtmpMode": "init", "RestartMode": "normal"}
 # Values systemd accepts that gitproc does not apply (the key itself is applied).
 NOT_APPLIED_VALUES = {
-    "StandardInput": (("tty", "tty-force", "tty-fail", "data", "fd:"),
-                      "a terminal or inline data: the service's stdin is /dev/null"),
+    "StandardInput": (("tty", "tty-force", "tty-fail", "fd:"),
+                      "a terminal or another unit's descriptor: the service's stdin is /dev/null"),
     "StandardOutput": (("tty", "fd:"), "a terminal or another unit's descriptor: the output goes to the unit's log"),
     "StandardError": (("tty", "fd:"), "a terminal or another unit's descriptor: the output goes to the unit's log"),
 }
@@ -2106,6 +2123,10 @@ def _validate_unit(values, lines_of, report):
                "a change of the unit's files restarts it")
     if values.get("start_limit_burst", 1) < 1:
         report(lines_of["start_limit_burst"], "error", "StartLimitBurst= must be at least 1")
+    if values.get("standard_input_data") and "standard_input" not in values:
+        values["standard_input"] = ("data", None)         # as systemd: the data is the input
+    if values.get("standard_input", ("null",))[0] == "data" and not values.get("standard_input_data"):
+        report(lines_of["standard_input"], "error", "StandardInput=data needs StandardInputText= or StandardInputData=")
     if values.get("standard_input", ("null",))[0] == "socket" and "standard_output" not in values:
         values["standard_output"] = ("inherit", None)     # as systemd: the output goes to the connection too
     for field, key in (("restart_sec", "RestartSec"), ("health_check_interval", "HealthCheckInterval"),
@@ -7020,6 +7041,10 @@ class Spawner:
                 fd = self._open_log(log_path)
             elif kind in ("null", "socket"):
                 fd = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+            elif kind == "data":          # StandardInputText=/Data=: a memory file holding them
+                fd = os.memfd_create("stdin", os.MFD_CLOEXEC)
+                os.write(fd, path)
+                os.lseek(fd, 0, os.SEEK_SET)
             else:
                 flags = {"file": os.O_RDONLY if key == "StandardInput" else os.O_WRONLY | os.O_CREAT,
                          "append": os.O_WRONLY | os.O_CREAT | os.O_APPEND,
@@ -8797,7 +8822,9 @@ class Launcher:
                                          group if group and group.folders else None,
                                          spec.private_pids and control is None,
                                          wait=on_exec is None, setup=setup,
-                                         stdio=(spec.standard_input, spec.standard_output, spec.standard_error),
+                                         stdio=(("data", b"".join(spec.standard_input_data))
+                                                if spec.standard_input[0] == "data" else spec.standard_input,
+                                                spec.standard_output, spec.standard_error),
                                          ignore_sigpipe=spec.ignore_sigpipe, sandbox=sandbox,
                                          listen=(listen[0], listen[2]) if listen else None)
         if listen and listen[2] is not None:
@@ -9198,8 +9225,9 @@ class Launcher:
     @staticmethod
     def _service_environment(spec, run_as):
         """A clean environment, as systemd gives: PATH and locale from the daemon,
-        the user's HOME/USER/LOGNAME/SHELL, then Environment=, then EnvironmentFile=
-        (which overrides, as in systemd)."""
+        the user's HOME/USER/LOGNAME/SHELL, PassEnvironment= from the daemon's
+        own, then Environment=, then EnvironmentFile= (which overrides, as in
+        systemd); UnsetEnvironment= last."""
         env = {"PATH": os.environ.get("PATH") or DEFAULT_PATH}
         for key in ("LANG", "LC_ALL", "TZ"):
             if key in os.environ:
@@ -9211,6 +9239,7 @@ class Launcher:
         if run_as.shell:
             env["SHELL"] = run_as.shell
         env["GITPROC_UNIT"] = spec.name
+        env.update((name, os.environ[name]) for name in spec.pass_environment if name in os.environ)
         env.update(spec.environment)
         for path, optional in spec.environment_files:
             try:
@@ -9218,6 +9247,10 @@ class Launcher:
             except OSError as exc:
                 if not optional:
                     raise SpawnError("EnvironmentFile=%s: %s" % (path, exc.strerror))
+        for word in spec.unset_environment:   # NAME, or NAME=VALUE: only that assignment
+            name, equals, value = word.partition("=")
+            if name in env and (not equals or env[name] == value):
+                del env[name]
         return env
 
     @staticmethod

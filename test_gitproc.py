@@ -748,7 +748,7 @@ class UnitParserTests(unittest.TestCase):
     SAMPLES = ("yes", "no", "/bin/true x", "5s", "2", "7", "0755", "10M", "50%", "/tmp/x", "db.service",
                "SIGUSR1", "CAP_CHOWN", "always", "forking", "all", "process", "strict", "read-only", "idle",
                "fifo", "file:/tmp/x", "append:/tmp/x", "local0", "A=1", "web", "/tmp/a:/tmp/b", "0-1", "tcp://127.0.0.1:1", "1 2",
-               "AF_UNIX", "native", "/dev/null", "invisible", "pid", "noroot", "x86", "interleave", "default")
+               "AF_UNIX", "native", "/dev/null", "invisible", "pid", "noroot", "x86", "interleave", "default", "YQ==")
 
     def test_no_key_is_dropped_silently(self):
         """Every key of the parser's table: a value other than the default is
@@ -7962,6 +7962,27 @@ class EnvironmentTests(SupervisionCase):
         self.assertEqual(os.readlink("/proc/%d/cwd" % pid), os.path.realpath(work))
         self.assertEqual(cmdline(pid), ["/bin/sh", "-c", "sleep 1000; :", "zero",
                                         "a", "b", "c", "prex ypost", "from file"])
+
+    def test_pass_and_unset_environment_and_input_data(self):
+        self.deploy({"pass.service": unit_text("ExecStart=" + SLEEPER, "PassEnvironment=GP_PASSED GP_ABSENT",
+                                               "Environment=KEEP=1 DROP=2 MATCH=yes", "UnsetEnvironment=DROP",
+                                               "UnsetEnvironment=MATCH=no KEEP=other GITPROC_UNIT"),
+                     "input.service": unit_text("ExecStart=/bin/cat", "StandardInputText=first line",
+                                                "StandardInputText=second", "StandardInputData=dGhpcmQK")},
+                    env=dict(os.environ, GP_PASSED="from the daemon"))
+        environ = proc_environ(self.watch(self.home.running_pid("pass")))
+        self.assertEqual(environ.get("GP_PASSED"), "from the daemon")
+        self.assertNotIn("GP_ABSENT", environ)
+        self.assertEqual((environ.get("KEEP"), environ.get("MATCH")), ("1", "yes"), "NAME=VALUE unsets that value only")
+        self.assertNotIn("DROP", environ)
+        self.assertNotIn("GITPROC_UNIT", environ)
+        self.home.wait_state("input", "exited", timeout=5)
+        self.assertEqual(self.home.service_log("input"), "first line\nsecond\nthird\n")
+        for text, line, message in ((b"StandardInputData=%%%\n", 3, "StandardInputData=: not base64 data"),
+                                    (b"StandardInput=data\n", 3, "StandardInput=data needs StandardInputText= or "
+                                                                 "StandardInputData=")):
+            spec, problems = gitproc.parse_unit("x.service", "x.service", b"[Service]\nExecStart=/bin/cat\n" + text)
+            self.assertEqual([(p.line, p.message) for p in problems if p.severity == "error"], [(line, message)])
 
     def test_missing_working_directory_fails_naming_it(self):
         missing = self.file("no-such-dir")
