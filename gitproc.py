@@ -657,6 +657,7 @@ class UnitSpec:
         "protect_proc": "default", "proc_subset": "all",
         "remove_ipc": False,
         "private_users": False,
+        "dynamic_user": False,          # DynamicUser=: a uid of its own while it runs (and what systemd implies)
         "secure_bits": (),              # SecureBits= masks, ORed
         "personality": None, "timer_slack_nsec": None, "coredump_filter": (),    # coredump_filter masks, ORed
         "numa_policy": None, "numa_mask": (),         # PrivateUsers=: a user namespace mapping root and its user only            # RemoveIPC=: the user's IPC objects go when its last process does     # a /proc of its own, with hidepid=, subset=pid
@@ -1756,6 +1757,7 @@ DIRECTIVES = {
     ("Service", "ProcSubset"): ("proc_subset", _parse_choice(("all", "pid")), "one"),
     ("Service", "RemoveIPC"): ("remove_ipc", parse_bool, "one"),
     ("Service", "PrivateUsers"): ("private_users", parse_bool, "one"),
+    ("Service", "DynamicUser"): ("dynamic_user", parse_bool, "one"),
     ("Service", "SecureBits"): ("secure_bits", _parse_secure_bits, "list"),
     ("Service", "Personality"): ("personality", _parse_personality, "one"),
     ("Service", "TimerSlackNSec"): ("timer_slack_nsec", _parse_timer_slack, "one"),
@@ -1838,7 +1840,7 @@ def _keys(why, *names):
 # silently: check reports each, and status NAME lists them under "Not applied".
 NOT_APPLIED_KEYS = dict(
     **_keys("sandboxing: gitproc does not build this sandbox",
-            "RootDirectory", "RootImage", "MountAPIVFS", "MountFlags", "DynamicUser",
+            "RootDirectory", "RootImage", "MountAPIVFS", "MountFlags",
             "KeyringMode", "NetworkNamespacePath", "IPCNamespacePath",
             "SELinuxContext", "AppArmorProfile", "SmackProcessLabel"),
     **_keys("needs BPF programs or an LSM, which gitproc does not load", "RestrictFileSystems",
@@ -2123,6 +2125,12 @@ def _validate_unit(values, lines_of, report):
                "a change of the unit's files restarts it")
     if values.get("start_limit_burst", 1) < 1:
         report(lines_of["start_limit_burst"], "error", "StartLimitBurst= must be at least 1")
+    if values.get("dynamic_user"):   # what systemd.exec(5) says DynamicUser= implies
+        values.update(private_tmp=True, remove_ipc=True, no_new_privileges=True, restrict_suid_sgid=True)
+        if values.get("protect_system", "no") == "no":
+            values["protect_system"] = "strict"
+        if values.get("protect_home", "no") == "no":
+            values["protect_home"] = "read-only"
     if values.get("standard_input_data") and "standard_input" not in values:
         values["standard_input"] = ("data", None)         # as systemd: the data is the input
     if values.get("standard_input", ("null",))[0] == "data" and not values.get("standard_input_data"):
@@ -5248,6 +5256,97 @@ def resolve_run_as(user, group):
     return run_as
 
 
+# DynamicUser=: systemd's range of dynamic uids, and where the ones in use are
+# recorded (a file per uid holding the user's name, while a unit runs as it).
+DYNAMIC_UIDS = (61184, 65519)
+DYNAMIC_USERS = "/run/gitproc/dynamic-uid"
+
+
+def dynamic_run_as(name, group):
+    """RunAs of DynamicUser=: the static user `name` if the machine has one
+    (as systemd uses it); else a uid from 61184-65519 chosen by a hash of
+    the name, so the same one each time while it is free, with the group of
+    that number, or the static Group=. HOME=/ and no shell, as systemd."""
+    import grp
+    import pwd
+    import zlib
+    try:
+        pwd.getpwnam(name)
+        return resolve_run_as(name, group)
+    except KeyError:
+        pass
+    low, high = DYNAMIC_UIDS
+    size = high - low + 1
+    makedirs(DYNAMIC_USERS)
+    start = zlib.crc32(name.encode()) % size
+    for step in range(size):
+        uid = low + (start + step) % size
+        record = os.path.join(DYNAMIC_USERS, str(uid))
+        try:
+            if _read_text(record) == name:
+                break
+            continue                      # another unit's
+        except FileNotFoundError:
+            pass
+        try:
+            pwd.getpwuid(uid)
+            continue                      # a static user has it
+        except KeyError:
+            pass
+        try:
+            fd = os.open(record, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except FileExistsError:
+            continue
+        try:
+            os.write(fd, name.encode())
+        finally:
+            os.close(fd)
+        break
+    else:
+        raise SpawnError("DynamicUser=: no free uid in %d-%d" % DYNAMIC_UIDS)
+    gid = uid
+    if group is not None:
+        try:
+            gid = grp.getgrnam(group).gr_gid if not group.isdigit() else int(group)
+        except KeyError:
+            pass                          # a dynamic group of the same number
+    return RunAs(uid=uid, gid=gid, groups=[gid], user=name, home="/", shell="/usr/sbin/nologin")
+
+
+def dynamic_uid_of(name):
+    """The dynamic uid recorded for `name`, or None."""
+    for entry in os.listdir(DYNAMIC_USERS) if os.path.isdir(DYNAMIC_USERS) else ():
+        try:
+            if _read_text(os.path.join(DYNAMIC_USERS, entry)) == name:
+                return int(entry)
+        except (OSError, ValueError):
+            pass
+    return None
+
+
+def release_dynamic_user(name):
+    """The record of `name`'s dynamic uid goes once no process runs as it."""
+    for entry in os.listdir(DYNAMIC_USERS) if os.path.isdir(DYNAMIC_USERS) else ():
+        record = os.path.join(DYNAMIC_USERS, entry)
+        try:
+            if _read_text(record) == name and not processes_of_uid(int(entry)):
+                os.unlink(record)
+        except (OSError, ValueError):
+            pass
+
+
+def processes_of_uid(uid):
+    """Whether a process (not a zombie) runs as `uid`."""
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and os.stat("/proc/" + entry).st_uid == uid and \
+                    _read_text("/proc/%s/stat" % entry).rpartition(")")[2].split()[0] != "Z":
+                return True
+        except (OSError, IndexError):
+            pass
+    return False
+
+
 class ProcessSetup:
     """What a service's process sets on itself between fork and exec, before
     it drops privileges, in systemd's order: rlimits (resource number, soft,
@@ -5414,7 +5513,7 @@ SANDBOX_KEYS = ("NoNewPrivileges", "PrivateTmp", "PrivateDevices", "PrivateNetwo
                 "BindReadOnlyPaths", "CapabilityBoundingSet", "AmbientCapabilities", "RestrictSUIDSGID",
                 "LockPersonality", "SystemCallFilter", "SystemCallErrorNumber", "SystemCallArchitectures",
                 "SystemCallLog", "RestrictAddressFamilies", "RestrictNamespaces", "RestrictRealtime",
-                "MemoryDenyWriteExecute", "ProtectProc", "ProcSubset", "PrivateUsers", "SecureBits")
+                "MemoryDenyWriteExecute", "ProtectProc", "ProcSubset", "PrivateUsers", "SecureBits", "DynamicUser")
 # The keys that are system call filters only: a daemon that is not root
 # applies them too (with no_new_privs, as systemd does for such a process).
 SECCOMP_ONLY_KEYS = ("RestrictSUIDSGID", "LockPersonality", "SystemCallFilter", "SystemCallErrorNumber",
@@ -5489,15 +5588,8 @@ def remove_ipc(uid, gid):
     went."""
     uid = uid if uid else None            # root's are never removed
     gid = gid if gid else None
-    if uid is None and gid is None:
-        return []
-    for entry in os.listdir("/proc") if uid is not None else ():
-        try:
-            if entry.isdigit() and os.stat("/proc/" + entry).st_uid == uid and \
-                    _read_text("/proc/%s/stat" % entry).rpartition(")")[2].split()[0] != "Z":
-                return []                 # its last process is not gone yet (a zombie is)
-        except (OSError, IndexError):
-            pass
+    if (uid is None and gid is None) or (uid is not None and processes_of_uid(uid)):
+        return []                         # (its last process is not gone yet)
     import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
     removed = []
@@ -5530,7 +5622,8 @@ class Sandbox:
     PrivateTmp= folders made, ctypes looked up), carried out in the child by
     enter() (before the user change) and finish() (after it)."""
 
-    def __init__(self, spec, private_tmp=None, helpers=None, dropping_user=False, extra_writable=(), full=True):
+    def __init__(self, spec, private_tmp=None, helpers=None, dropping_user=False, extra_writable=(), full=True,
+                 private_folders=None):
         """`full`: False for a daemon that is not root, which can only set
         no_new_privs and load system call filters. Raises SpawnError where
         the filters cannot be had (no system call table for this machine)."""
@@ -5547,9 +5640,9 @@ class Sandbox:
         persona = self.libc.personality(0xffffffff) & 0xffffffff if spec.lock_personality else None
         self.filters = seccomp_filters(spec, persona)   # [(keys, program, packed)], loaded by seal()
         if full:
-            self._plan(spec, private_tmp, helpers, dropping_user, extra_writable)
+            self._plan(spec, private_tmp, helpers, dropping_user, extra_writable, private_folders or {})
 
-    def _plan(self, spec, private_tmp, helpers, dropping_user, extra_writable):
+    def _plan(self, spec, private_tmp, helpers, dropping_user, extra_writable, private_folders):
         self.loopback = spec.private_network
         self.user_namespace = spec.private_users
         for bits in spec.secure_bits:
@@ -5596,6 +5689,9 @@ class Sandbox:
                     for source, destination, ro, optional, recursive in spec.bind_paths]
         if private_tmp:
             entries += [("bind", "/tmp", (private_tmp[0], True), False), ("bind", "/var/tmp", (private_tmp[1], True), False)]
+        for parent, folders in private_folders.items():   # DynamicUser=: a tmpfs, its own folders bound in
+            entries.append(("tmpfs", parent, "mode=0755", False))
+            entries += [("bind", folder, (folder, True), False) for folder in folders]
         if spec.private_devices:
             entries.append(("devices", "/dev", helpers["dev"], False))
         order = {"ro-all": 0, "proc": 0, "ro": 0, "rw": 0, "tmpfs-ro": 0, "exec": 1, "noexec": 1, "tmpfs": 2, "bind": 2, "bind-ro": 2,
@@ -5672,8 +5768,8 @@ class Sandbox:
                     if optional:
                         continue
                     raise OSError(errno.ENOENT, "%s: no such file or folder" % source)
-                if path.startswith("/dev/") and not os.path.lexists(path):
-                    _make_mount_point(path, source)      # in the private /dev, made just before
+                if not os.path.lexists(path):   # in a private /dev or tmpfs, made just before
+                    _make_mount_point(path, source, stat.S_ISDIR(os.fstat(sources[source]).st_mode))
                 self._mount("/proc/self/fd/%d" % sources[source], path, None, MS_BIND | (16384 if recursive else 0))
                 # A bind copies the flags of where it is made: under ProtectSystem=strict
                 # it would be read-only too.
@@ -6586,11 +6682,12 @@ class CgroupSet:
                 if not (born_in_v2 and folder == self.v2)]
 
 
-def _make_mount_point(path, source):
-    """Where a bind of `source` goes, made if missing (as systemd makes it)."""
+def _make_mount_point(path, source, folder=None):
+    """Where a bind of `source` goes, made if missing (as systemd makes it);
+    `folder`: whether the source is one, where it may be hidden already."""
     if os.path.lexists(path):
         return
-    if os.path.isdir(source):
+    if folder if folder is not None else os.path.isdir(source):
         os.makedirs(path, 0o755)
     else:
         os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o644))
@@ -8770,7 +8867,7 @@ class Launcher:
         if self.shutting_down and control not in ("exec_stop", "exec_stop_post"):
             raise SpawnError("the daemon is shutting down")
         spec = service.spec
-        run_as = self._run_as(spec.user, spec.group)
+        run_as = self._unit_run_as(service)
         env = self._service_environment(spec, run_as)
         if self.notify_address and spec.notify_accepted_from() != "none":
             env["NOTIFY_SOCKET"] = self.notify_address
@@ -9099,6 +9196,18 @@ class Launcher:
             raise cached[1]
         return cached[1]
 
+    def _unit_run_as(self, service):
+        """User=/Group=, or with DynamicUser= (root daemon) a uid of its own."""
+        spec = service.spec
+        if self._dynamic(spec):
+            return dynamic_run_as(self._dynamic_name(service), spec.group)
+        return self._run_as(spec.user, spec.group)
+
+    @staticmethod
+    def _dynamic_name(service):
+        """DynamicUser='s name: User=, else the unit's name (a template's prefix), as systemd."""
+        return service.spec.user or _strip_suffix(service.name.partition("@")[0], UNIT_SUFFIX)
+
     def _sandbox(self, service, run_as):
         """The Sandbox of a process of `service`: a root daemon builds it
         all; another applies NoNewPrivileges= only (status lists the rest
@@ -9110,8 +9219,15 @@ class Launcher:
         helpers = self._sandbox_helpers()
         if spec.private_tmp and service.private_tmp is None:
             service.private_tmp = self._private_tmp(self._private_tmp_prefix(service.name))
-        writable = [os.path.join(self.folders[kind], relative) for kind, relative in spec.directories]
-        return Sandbox(spec, service.private_tmp if spec.private_tmp else None, helpers, run_as.uid is not None, writable)
+        writable = [os.path.join(self.folders[kind], relative) for kind, relative in spec.directories
+                    if not (self._dynamic(spec) and kind in "SCL")]
+        private = {}                      # DynamicUser=: /var/lib/private, with its own folders only
+        for kind, relative in spec.directories:
+            if self._dynamic(spec) and kind in "SCL":
+                private.setdefault(os.path.join(self.folders[kind], "private"), []).append(
+                    os.path.join(self.folders[kind], "private", relative))
+        return Sandbox(spec, service.private_tmp if spec.private_tmp else None, helpers, run_as.uid is not None, writable,
+                       private_folders=private)
 
     SANDBOX_HELPERS = "/run/gitproc/sandbox"
 
@@ -9173,7 +9289,10 @@ class Launcher:
         found = {}
         for kind, relative in spec.directories:
             path = os.path.join(self.folders[kind], relative)
+            shown = path
             try:
+                if self._dynamic(spec) and kind in "SCL":
+                    path = self._private_directory(kind, relative)
                 os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
                 try:
                     os.mkdir(path)
@@ -9191,8 +9310,29 @@ class Launcher:
             except OSError as exc:
                 raise SpawnError("%sDirectory=%s: %s" % ({v: k for k, v in DIRECTORY_KEYS.items()}[kind], path,
                                                           describe_os_error(exc)))
-            found.setdefault(DIRECTORY_VARIABLES[kind], []).append(path)
+            found.setdefault(DIRECTORY_VARIABLES[kind], []).append(shown)
         return {variable: ":".join(paths) for variable, paths in found.items()}
+
+    @staticmethod
+    def _dynamic(spec):
+        return spec.dynamic_user and os.geteuid() == 0
+
+    def _private_directory(self, kind, relative):
+        """DynamicUser='s StateDirectory=, CacheDirectory=, LogsDirectory=, as
+        systemd lays them out: the folder in /var/lib/private (0700, so that
+        a later owner of a recycled uid cannot reach it), and /var/lib/NAME a
+        link to it (an existing folder there is moved in first)."""
+        private = os.path.join(self.folders[kind], "private")
+        real, link = os.path.join(private, relative), os.path.join(self.folders[kind], relative)
+        os.makedirs(private, mode=0o700, exist_ok=True)
+        os.chmod(private, 0o700)
+        os.makedirs(os.path.dirname(real), mode=0o755, exist_ok=True)
+        if os.path.isdir(link) and not os.path.islink(link) and not os.path.exists(real):
+            os.rename(link, real)
+        if not os.path.islink(link):
+            os.makedirs(os.path.dirname(link), mode=0o755, exist_ok=True)
+            os.symlink(os.path.relpath(real, os.path.dirname(link)), link)
+        return real
 
     def stopped(self, service):
         """The unit stopped (nothing of it runs, no start of this run follows):
@@ -9213,14 +9353,20 @@ class Launcher:
         for kind, relative in spec.directories:
             if kind == "t":
                 remove_tree(os.path.join(self.folders["t"], relative))
-        if spec.remove_ipc and (spec.user or spec.group):
-            try:
-                run_as = self._run_as(spec.user, spec.group)
-            except SpawnError:
-                return
-            removed = remove_ipc(run_as.uid, run_as.gid)
+        dynamic = dynamic_uid_of(self._dynamic_name(service)) if self._dynamic(spec) else None
+        if spec.remove_ipc and (spec.user or spec.group or dynamic):
+            uid = gid = dynamic
+            if not dynamic:
+                try:
+                    run_as = self._run_as(spec.user, spec.group)
+                    uid, gid = run_as.uid, run_as.gid
+                except SpawnError:
+                    pass
+            removed = remove_ipc(uid, gid)
             if removed:
                 self.log.info(service.name, "RemoveIPC=: removed %s" % ", ".join(removed))
+        if dynamic:
+            release_dynamic_user(self._dynamic_name(service))
 
     @staticmethod
     def _service_environment(spec, run_as):
@@ -15474,13 +15620,11 @@ def _missing_accounts(specs):
             try:
                 lookup(account)
             except KeyError:
+                if spec.dynamic_user:     # DynamicUser= makes them
+                    continue
                 path, line = _key_line(spec.sources or (spec.path,), key)
-                dynamic = any(k == "DynamicUser" for k, _ in spec.not_applied)
-                problems.append(Diagnostic(path, line, "warning", "%s=%s: no such %s on this machine%s: the unit will "
-                                           "fail to start here" % (key, account, key.lower(), (
-                                               " (DynamicUser= is not applied: gitproc does not make it; "
-                                               "create it, e.g. useradd --system %s)" % account)
-                                           if dynamic and key == "User" else ""), unit=name))
+                problems.append(Diagnostic(path, line, "warning", "%s=%s: no such %s on this machine: the unit will "
+                                           "fail to start here" % (key, account, key.lower()), unit=name))
     return problems
 
 

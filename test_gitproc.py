@@ -7178,6 +7178,35 @@ class SandboxTests(SupervisionCase):
         self.assertNotEqual(os.readlink("/proc/%d/ns/user" % pid), os.readlink("/proc/self/ns/user"))
         self.assertEqual(int(proc_status(pid)["CapBnd"], 16), 1 << 0, "the bounding set, narrowed again")
 
+    def test_dynamic_user_a_uid_of_its_own_and_private_state(self):
+        state = "gp-dyn-%d" % os.getpid()
+        self.addCleanup(lambda: [shutil.rmtree(p, ignore_errors=True) or (os.path.islink(p) and os.unlink(p))
+                                 for p in ("/var/lib/private/" + state, "/var/lib/" + state)])
+        script = "id -u; echo $STATE_DIRECTORY; touch $STATE_DIRECTORY/kept && echo state-writable; exec sleep 1000"
+        self.deploy({"dyn.service": unit_text("ExecStart=" + sh(script), "DynamicUser=yes",
+                                              "StateDirectory=" + state)})
+        pid = self.watch(self.home.running_pid("dyn"))
+        lines = wait_until(lambda: len(self.home.service_log("dyn").split()) == 3 and
+                           self.home.service_log("dyn").split(), 5, "dyn's probes")
+        uid = int(lines[0])
+        self.assertTrue(61184 <= uid <= 65519, uid)
+        self.assertEqual(lines[1:], ["/var/lib/" + state, "state-writable"])
+        self.assertEqual(os.readlink("/var/lib/" + state), "private/" + state)
+        self.assertEqual(os.stat("/var/lib/private/%s/kept" % state).st_uid, uid)
+        self.assertEqual(stat.S_IMODE(os.stat("/var/lib/private").st_mode), 0o700)
+        status = proc_status(pid)
+        self.assertEqual((status["NoNewPrivs"].strip(), status["Uid"].split()[0]), ("1", str(uid)),
+                         "NoNewPrivileges= implied")
+        self.assertIn("ro", mount_options(pid, "/"), "ProtectSystem=strict implied")
+        self.assertEqual(read_text("/run/gitproc/dynamic-uid/%d" % uid), "dyn")
+        self.assertEqual(self.home.cli("stop", "dyn")[0], 0)
+        wait_until(lambda: not os.path.exists("/run/gitproc/dynamic-uid/%d" % uid), 5, "the uid to be released")
+        self.home.cli("start", "dyn")
+        pid = self.watch(self.home.running_pid("dyn"))
+        again = wait_until(lambda: len(self.home.service_log("dyn").split()) == 6 and
+                           self.home.service_log("dyn").split()[3], 5, "dyn to run again")
+        self.assertEqual(int(again), uid, "the same uid again: a hash of the name")
+
     def test_restrict_suid_sgid_and_lock_personality_filter_system_calls(self):
         if os.uname().machine not in gitproc.SECCOMP_MACHINES:
             self.skipTest("the seccomp filter is known for %s only" % ", ".join(gitproc.SECCOMP_MACHINES))
