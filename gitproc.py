@@ -657,7 +657,8 @@ class UnitSpec:
         "protect_proc": "default", "proc_subset": "all",
         "remove_ipc": False,
         "private_users": False,
-        "dynamic_user": False,          # DynamicUser=: a uid of its own while it runs (and what systemd implies)
+        "dynamic_user": False,
+        "credentials": (),              # (LoadCredential or SetCredential, id, path or bytes), in order          # DynamicUser=: a uid of its own while it runs (and what systemd implies)
         "secure_bits": (),              # SecureBits= masks, ORed
         "personality": None, "timer_slack_nsec": None, "coredump_filter": (),    # coredump_filter masks, ORed
         "numa_policy": None, "numa_mask": (),         # PrivateUsers=: a user namespace mapping root and its user only            # RemoveIPC=: the user's IPC objects go when its last process does     # a /proc of its own, with hidepid=, subset=pid
@@ -926,6 +927,21 @@ def _parse_environment(value):
             raise ValueError("invalid environment assignment %r (use NAME=value)" % word)
         pairs.append((name, content))
     return tuple(pairs)
+
+
+_CREDENTIAL_ID_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,255}$")
+
+
+def _parse_credential(value, key):
+    """LoadCredential=ID[:PATH] or SetCredential=ID:VALUE: ((key, id, path or bytes),)."""
+    name, colon, rest = value.partition(":")
+    if not _CREDENTIAL_ID_RE.match(name) or name in (".", ".."):
+        raise ValueError("%r is not a credential name" % name)
+    if key == "SetCredential":
+        if not colon:
+            raise ValueError("SetCredential= needs ID:VALUE")
+        return ((key, name, _unescape(rest).encode()),)
+    return ((key, name, rest or name),)
 
 
 def _parse_env_file_ref(value):
@@ -1758,6 +1774,8 @@ DIRECTIVES = {
     ("Service", "RemoveIPC"): ("remove_ipc", parse_bool, "one"),
     ("Service", "PrivateUsers"): ("private_users", parse_bool, "one"),
     ("Service", "DynamicUser"): ("dynamic_user", parse_bool, "one"),
+    ("Service", "LoadCredential"): ("credentials", lambda v: _parse_credential(v, "LoadCredential"), "list"),
+    ("Service", "SetCredential"): ("credentials", lambda v: _parse_credential(v, "SetCredential"), "list"),
     ("Service", "SecureBits"): ("secure_bits", _parse_secure_bits, "list"),
     ("Service", "Personality"): ("personality", _parse_personality, "one"),
     ("Service", "TimerSlackNSec"): ("timer_slack_nsec", _parse_timer_slack, "one"),
@@ -1853,7 +1871,7 @@ NOT_APPLIED_KEYS = dict(
             "ManagedOOMPreference", "BlockIOWeight", "CPUQuotaPeriodSec"),
     **_keys("service behaviour gitproc does not have yet", "RuntimeMaxSec", "BusName",
             "RestartMode", "RestartSteps", "RestartMaxDelaySec", "ExitType", "OOMPolicy", "FileDescriptorStoreMax",
-            "LoadCredential", "LoadCredentialEncrypted", "SetCredential", "SetCredentialEncrypted", "PAMName",
+            "LoadCredentialEncrypted", "SetCredentialEncrypted", "PAMName",
             "UtmpIdentifier", "UtmpMode"),
     **_keys("unit relations gitproc does not have yet", "OnSuccess",
             "Requisite", "Upholds", "PropagatesReloadTo", "ReloadPropagatedFrom", "JoinsNamespaceOf",
@@ -5196,7 +5214,7 @@ SPAWN_EXIT_CODES = (("WorkingDirectory=", 200, "CHDIR"), ("Nice=", 201, "NICE"),
                     ("sandbox", 226, "NAMESPACE"), ("seccomp", 228, "SECCOMP"), ("PrivateUsers=", 217, "USER"),
                     ("process setup: NUMAPolicy=", 242, "NUMA_POLICY"), ("process setup: TimerSlackNSec=", 212, "TIMERSLACK"),
                     ("process setup: Personality=", 230, "PERSONALITY"), ("CoredumpFilter=", 205, "LIMITS"),
-                    ("SecureBits=", 213, "SECUREBITS"), ("Personality=", 230, "PERSONALITY"), ("capabilities", 218, "CAPABILITIES"),
+                    ("SecureBits=", 213, "SECUREBITS"), ("LoadCredential=", 243, "CREDENTIALS"), ("Personality=", 230, "PERSONALITY"), ("capabilities", 218, "CAPABILITIES"),
                     ("RuntimeDirectory=", 233, "RUNTIME_DIRECTORY"), ("StateDirectory=", 238, "STATE_DIRECTORY"),
                     ("CacheDirectory=", 239, "CACHE_DIRECTORY"), ("LogsDirectory=", 240, "LOGS_DIRECTORY"),
                     ("ConfigurationDirectory=", 241, "CONFIGURATION_DIRECTORY"))
@@ -5345,6 +5363,64 @@ def processes_of_uid(uid):
         except (OSError, IndexError):
             pass
     return False
+
+
+# LoadCredential=/SetCredential=: where a relative path is looked up, and the
+# most a credential may hold, as systemd.
+CREDENTIAL_STORES = ("/etc/credstore", "/run/credstore", "/usr/lib/credstore")
+MAX_CREDENTIAL_BYTES = 1 << 20
+
+
+def read_credentials(credentials):
+    """{id: bytes} of a unit's LoadCredential=/SetCredential=: a file, each
+    file of a folder (as ID_NAME), what an AF_UNIX socket sends, the file
+    of that id in a credential store (a relative path) or in the daemon's
+    own $CREDENTIALS_DIRECTORY (no path); SetCredential= is the value of an
+    id nothing was loaded for. SpawnError naming what could not be read."""
+    loaded, fallback = {}, {}
+    for key, name, source in credentials:
+        if key == "SetCredential":
+            fallback[name] = source
+            continue
+        candidates = [source] if source.startswith("/") else \
+            [os.path.join(store, source) for store in CREDENTIAL_STORES] + (
+                [os.path.join(os.environ["CREDENTIALS_DIRECTORY"], source)] if os.environ.get("CREDENTIALS_DIRECTORY")
+                else [])
+        path = next((c for c in candidates if os.path.exists(c)), None)
+        try:
+            if path is None:
+                raise FileNotFoundError(errno.ENOENT, "not found in %s" % ", ".join(candidates))
+            if os.path.isdir(path):
+                for entry in sorted(os.listdir(path)):
+                    if os.path.isfile(os.path.join(path, entry)):
+                        loaded["%s_%s" % (name, entry)] = _read_credential(os.path.join(path, entry))
+            elif stat.S_ISSOCK(os.stat(path).st_mode):
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+                    connection.settimeout(5)
+                    connection.connect(path)
+                    connection.shutdown(socket.SHUT_WR)
+                    chunks = []
+                    while sum(map(len, chunks)) <= MAX_CREDENTIAL_BYTES:
+                        chunks.append(connection.recv(65536))
+                        if not chunks[-1]:
+                            break
+                    loaded[name] = b"".join(chunks)
+            else:
+                loaded[name] = _read_credential(path)
+        except OSError as exc:
+            if name not in fallback and not any(k == "SetCredential" and n == name for k, n, _ in credentials):
+                raise SpawnError("LoadCredential=%s:%s: %s" % (name, source, describe_os_error(exc)))
+        if len(loaded.get(name, b"")) > MAX_CREDENTIAL_BYTES:
+            raise SpawnError("LoadCredential=%s: more than %d bytes" % (name, MAX_CREDENTIAL_BYTES))
+    return dict(fallback, **loaded)
+
+
+def _read_credential(path):
+    with open(path, "rb") as handle:
+        data = handle.read(MAX_CREDENTIAL_BYTES + 1)
+    if len(data) > MAX_CREDENTIAL_BYTES:
+        raise OSError(errno.EFBIG, "more than %d bytes" % MAX_CREDENTIAL_BYTES)
+    return data
 
 
 class ProcessSetup:
@@ -6680,6 +6756,16 @@ class CgroupSet:
         v2 group when it is born there)."""
         return [os.path.join(folder, "cgroup.procs") for folder in self.folders
                 if not (born_in_v2 and folder == self.v2)]
+
+
+def _mount_checked(source, target, fstype, flags, data):
+    """mount(2) through ctypes, OSError with the target if it fails."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    encode = lambda text: text.encode() if text is not None else None
+    if libc.mount(encode(source), encode(target), encode(fstype), ctypes.c_ulong(flags), encode(data)) != 0:
+        number = ctypes.get_errno()
+        raise OSError(number, "mount %s: %s" % (target, os.strerror(number)))
 
 
 def _make_mount_point(path, source, folder=None):
@@ -8887,6 +8973,8 @@ class Launcher:
             raise SpawnError("%s: command not found on PATH (%s)" % (program[0], env.get("PATH")))
         if spec.directories:
             env.update(self._make_directories(spec, run_as))
+        if spec.credentials:
+            env["CREDENTIALS_DIRECTORY"] = self._credentials(service, run_as)
         if spec.owned is not None and self.snapshots is not None:
             self.snapshots.check(service.name, spec)
         cwd = self._working_directory(spec, run_as)
@@ -9313,6 +9401,50 @@ class Launcher:
             found.setdefault(DIRECTORY_VARIABLES[kind], []).append(shown)
         return {variable: ":".join(paths) for variable, paths in found.items()}
 
+    CREDENTIALS = "/run/credentials"
+
+    def _credentials(self, service, run_as):
+        """$CREDENTIALS_DIRECTORY of a run, made at its first process: under a
+        root daemon /run/credentials/NAME.service, a ramfs (never swapped
+        out) of its own, read-only, the folder 0500 and each file 0400 of
+        the unit's user, as systemd makes it; otherwise a 0700 folder in the
+        daemon's runtime folder."""
+        root = os.geteuid() == 0
+        folder = os.path.join(self.CREDENTIALS if root else os.path.join(self.folders["t"], "credentials"),
+                              service.name + UNIT_SUFFIX)
+        if os.path.isdir(folder) and (not root or os.path.ismount(folder)):
+            return folder                 # made for this run already
+        values = read_credentials(service.spec.credentials)
+        try:
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+            if root:
+                _mount_checked("ramfs", folder, "ramfs", MS_NODEV | MS_NOSUID | MS_NOEXEC, "mode=0700")
+            for name, data in values.items():
+                fd = os.open(os.path.join(folder, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW |
+                             os.O_CLOEXEC, 0o400)
+                try:
+                    os.write(fd, data)
+                    if root and run_as.uid is not None:
+                        os.fchown(fd, run_as.uid, -1)
+                finally:
+                    os.close(fd)
+            if root and run_as.uid is not None:
+                os.chown(folder, run_as.uid, -1)
+            os.chmod(folder, 0o500)
+            if root:                      # MS_REMOUNT | MS_BIND | MS_RDONLY: read-only from now on
+                _mount_checked(None, folder, None, 32 | MS_BIND | MS_RDONLY | MS_NODEV | MS_NOSUID | MS_NOEXEC, None)
+        except OSError as exc:
+            self._remove_credentials(folder)
+            raise SpawnError("LoadCredential=: %s: %s" % (folder, describe_os_error(exc)))
+        return folder
+
+    @staticmethod
+    def _remove_credentials(folder):
+        if os.path.ismount(folder):
+            import ctypes
+            ctypes.CDLL(None, use_errno=True).umount2(folder.encode(), 2)     # MNT_DETACH
+        remove_tree(folder)
+
     @staticmethod
     def _dynamic(spec):
         return spec.dynamic_user and os.geteuid() == 0
@@ -9353,6 +9485,9 @@ class Launcher:
         for kind, relative in spec.directories:
             if kind == "t":
                 remove_tree(os.path.join(self.folders["t"], relative))
+        if spec.credentials:
+            self._remove_credentials(os.path.join(self.CREDENTIALS if os.geteuid() == 0 else os.path.join(
+                self.folders["t"], "credentials"), service.name + UNIT_SUFFIX))
         dynamic = dynamic_uid_of(self._dynamic_name(service)) if self._dynamic(spec) else None
         if spec.remove_ipc and (spec.user or spec.group or dynamic):
             uid = gid = dynamic

@@ -7207,6 +7207,38 @@ class SandboxTests(SupervisionCase):
                            self.home.service_log("dyn").split()[3], 5, "dyn to run again")
         self.assertEqual(int(again), uid, "the same uid again: a hash of the name")
 
+    def test_credentials_on_a_private_read_only_mount_of_the_units_user(self):
+        secret, store = self.file("secret"), self.file("store")
+        os.mkdir(store)
+        with open(secret, "w") as handle:
+            handle.write("s3cret")
+        for name in ("a", "b"):
+            with open(os.path.join(store, name), "w") as handle:
+                handle.write(name * 3)
+        script = ("cat $CREDENTIALS_DIRECTORY/db; echo; cat $CREDENTIALS_DIRECTORY/token; echo; "
+                  "cat $CREDENTIALS_DIRECTORY/many_b; echo; ls -ln $CREDENTIALS_DIRECTORY/db; "
+                  "touch $CREDENTIALS_DIRECTORY/new 2>/dev/null || echo read-only; exec sleep 1000")
+        self.deploy({"cred.service": unit_text("ExecStart=" + sh(script), "User=nobody",
+                                               "LoadCredential=db:" + secret, "LoadCredential=many:" + store,
+                                               "SetCredential=token:from\\x20unit", "SetCredential=db:fallback"),
+                     "lost.service": unit_text("ExecStart=" + SLEEPER, "LoadCredential=gone:" + self.file("none"))})
+        pid = self.watch(self.home.running_pid("cred"))
+        lines = wait_until(lambda: len(self.home.service_log("cred").splitlines()) == 5 and
+                           self.home.service_log("cred").splitlines(), 5, "cred's probes")
+        self.assertEqual(lines[:3], ["s3cret", "from unit", "bbb"], "loaded wins over SetCredential=")
+        self.assertEqual(lines[3].split()[:3], ["-r--------", "1", "65534"])
+        self.assertEqual(lines[4], "read-only")
+        folder = "/run/credentials/cred.service"
+        self.assertEqual(proc_environ(pid)["CREDENTIALS_DIRECTORY"], folder)
+        mount = [line for line in read_lines("/proc/self/mountinfo") if line.split()[4] == folder]
+        self.assertIn(" - ramfs ", mount[-1], "never swapped out")
+        self.assertEqual(stat.S_IMODE(os.stat(folder).st_mode), 0o500)
+        service = self.home.wait_state("lost", "failed", timeout=10)
+        self.assertIn("LoadCredential=gone:", service["reason"])
+        self.assertEqual(service["last_exit"], {"code": 243})
+        self.assertEqual(self.home.cli("stop", "cred")[0], 0)
+        self.assertFalse(os.path.exists(folder), "unmounted and removed at stop")
+
     def test_restrict_suid_sgid_and_lock_personality_filter_system_calls(self):
         if os.uname().machine not in gitproc.SECCOMP_MACHINES:
             self.skipTest("the seccomp filter is known for %s only" % ", ".join(gitproc.SECCOMP_MACHINES))
@@ -8012,6 +8044,19 @@ class EnvironmentTests(SupervisionCase):
                                                                  "StandardInputData=")):
             spec, problems = gitproc.parse_unit("x.service", "x.service", b"[Service]\nExecStart=/bin/cat\n" + text)
             self.assertEqual([(p.line, p.message) for p in problems if p.severity == "error"], [(line, message)])
+
+    def test_credentials_reach_the_unit_as_root_or_not(self):
+        secret = self.file("secret")
+        with open(secret, "w") as handle:
+            handle.write("s3cret")
+        self.deploy({"cred.service": unit_text("ExecStart=" + sh("cat $CREDENTIALS_DIRECTORY/db; exec sleep 1000"),
+                                               "LoadCredential=db:" + secret)})
+        pid = self.watch(self.home.running_pid("cred"))
+        wait_until(lambda: self.home.service_log("cred") == "s3cret", 5, "the credential")
+        folder = proc_environ(pid)["CREDENTIALS_DIRECTORY"]
+        self.assertEqual(stat.S_IMODE(os.stat(folder).st_mode), 0o500)
+        self.assertEqual(self.home.cli("stop", "cred")[0], 0)
+        self.assertFalse(os.path.exists(folder))
 
     def test_missing_working_directory_fails_naming_it(self):
         missing = self.file("no-such-dir")
