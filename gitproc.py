@@ -628,6 +628,8 @@ class UnitSpec:
         "timeout_abort_sec": None,      # TimeoutAbortSec=: after WatchdogSignal= (TimeoutStopSec= if unset)
         "memory_max": None, "cpu_quota": None, "memory_high": None, "memory_swap_max": None, "tasks_max": None,
         "cpu_weight": None, "io_weight": None, "allowed_cpus": None,
+        "memory_low": None, "memory_min": None, "cpu_quota_period": None,
+        "io_limits": (),                # (IOReadBandwidthMax or its kin, path, value)
         "health_check_url": None, "health_check_interval": 30.0,
         "health_check_timeout": 5.0, "health_check_retries": 3,
         "health_check_start_period": 0.0,
@@ -1263,6 +1265,23 @@ def _parse_personality(value):
     return value
 
 
+# IOReadBandwidthMax= and its kin: their io.max field (v2) and blkio file (v1).
+IO_LIMIT_FILES = {"IOReadBandwidthMax": ("rbps", "blkio.throttle.read_bps_device"),
+                  "IOWriteBandwidthMax": ("wbps", "blkio.throttle.write_bps_device"),
+                  "IOReadIOPSMax": ("riops", "blkio.throttle.read_iops_device"),
+                  "IOWriteIOPSMax": ("wiops", "blkio.throttle.write_iops_device")}
+
+
+def _parse_io_limit(key):
+    def parse(value):
+        path, _, amount = value.strip().rpartition(" ")
+        if not path.startswith("/"):
+            raise ValueError("%r: a device or file path, then the limit" % value)
+        limit = "max" if amount == "infinity" else (parse_size(amount) if "Bandwidth" in key else _parse_count(amount))
+        return ((key, path.strip(), limit),)
+    return parse
+
+
 def _parse_capabilities(value):
     """CapabilityBoundingSet=/AmbientCapabilities=: names ('~' inverts), one
     assignment as (invert, capability numbers)."""
@@ -1719,6 +1738,9 @@ DIRECTIVES = {
     ("Service", "CPUWeight"): ("cpu_weight", _parse_int_range(1, 10000), "one"),
     ("Service", "IOWeight"): ("io_weight", _parse_int_range(1, 10000), "one"),
     ("Service", "AllowedCPUs"): ("allowed_cpus", lambda v: tuple(sorted(set(_parse_cpu_set(v)))), "one"),
+    ("Service", "MemoryLow"): ("memory_low", lambda v: parse_size(v, allow_percent=True), "one"),
+    ("Service", "MemoryMin"): ("memory_min", lambda v: parse_size(v, allow_percent=True), "one"),
+    ("Service", "CPUQuotaPeriodSec"): ("cpu_quota_period", lambda v: min(1.0, max(0.001, parse_timespan(v))), "one"),
     ("Service", "HealthCheckURL"): ("health_check_url", _parse_health_url, "one"),
     ("Service", "HealthCheckInterval"): ("health_check_interval", parse_timespan, "one"),
     ("Service", "HealthCheckTimeout"): ("health_check_timeout", parse_timespan, "one"),
@@ -1802,6 +1824,7 @@ DIRECTIVES = {
     ("Service", "OOMScoreAdjust"): ("oom_score_adjust", _parse_int_range(-1000, 1000), "one"),
 }
 DIRECTIVES.update({("Service", key): ("rlimits", _parse_rlimit(key), "list") for key in RLIMIT_KEYS})
+DIRECTIVES.update({("Service", key): ("io_limits", _parse_io_limit(key), "list") for key in IO_LIMIT_FILES})
 DIRECTIVES.update({("Service", key): ("paths", _parse_sandbox_paths(mode), "list") for key, mode in PATH_KEYS.items()})
 DIRECTIVES.update({("Unit", prefix + check): ("conditions", _parse_condition(prefix + check), "list")
                    for check in START_CONDITIONS for prefix in ("Condition", "Assert")})
@@ -1865,10 +1888,10 @@ NOT_APPLIED_KEYS = dict(
             "IPAddressAllow", "IPAddressDeny", "SocketBindAllow", "SocketBindDeny", "RestrictNetworkInterfaces"),
     **_keys("output: the unit's log is used", "SyslogLevelPrefix", "LogExtraFields", "TTYPath", "TTYReset",
             "TTYVHangup"),
-    **_keys("cgroup resource control: not applied", "MemoryLow", "MemoryMin", "StartupCPUWeight", "CPUShares",
-            "StartupIOWeight", "IODeviceWeight", "IOReadBandwidthMax", "IOWriteBandwidthMax", "IOReadIOPSMax",
-            "IOWriteIOPSMax", "AllowedMemoryNodes", "Delegate", "ManagedOOMSwap", "ManagedOOMMemoryPressure",
-            "ManagedOOMPreference", "BlockIOWeight", "CPUQuotaPeriodSec"),
+    **_keys("cgroup resource control: not applied", "CPUShares", "IODeviceWeight", "AllowedMemoryNodes", "Delegate",
+            "ManagedOOMSwap", "ManagedOOMMemoryPressure", "ManagedOOMPreference", "BlockIOWeight"),
+    **_keys("gitproc has no boot phase, which the Startup*= weights are for: CPUWeight=/IOWeight= apply",
+            "StartupCPUWeight", "StartupIOWeight"),
     **_keys("service behaviour gitproc does not have yet", "RuntimeMaxSec", "BusName",
             "RestartMode", "RestartSteps", "RestartMaxDelaySec", "ExitType", "OOMPolicy", "FileDescriptorStoreMax",
             "LoadCredentialEncrypted", "SetCredentialEncrypted", "PAMName",
@@ -6669,14 +6692,31 @@ def bpf_program(default, rules_by_abi, other, abis):
 RESOURCE_KEYS = (("MemoryMax", "memory_max", "memory"), ("CPUQuota", "cpu_quota", "cpu"),
                  ("MemoryHigh", "memory_high", "memory"), ("MemorySwapMax", "memory_swap_max", "memory"),
                  ("TasksMax", "tasks_max", "pids"), ("CPUWeight", "cpu_weight", "cpu"),
-                 ("IOWeight", "io_weight", "io"), ("AllowedCPUs", "allowed_cpus", "cpuset"))
-V1_FILES = ("MemoryMax", "CPUQuota", "TasksMax", "CPUWeight", "IOWeight", "AllowedCPUs")
+                 ("IOWeight", "io_weight", "io"), ("AllowedCPUs", "allowed_cpus", "cpuset"),
+                 ("MemoryLow", "memory_low", "memory"), ("MemoryMin", "memory_min", "memory"))
+V1_FILES = ("MemoryMax", "CPUQuota", "TasksMax", "CPUWeight", "IOWeight", "AllowedCPUs") + tuple(IO_LIMIT_FILES)
 
 
 def resource_limits(spec):
-    """(controller, key, value) of the cgroup keys a unit sets."""
-    return [(controller, key, getattr(spec, field)) for key, field, controller in RESOURCE_KEYS
-            if getattr(spec, field) is not None]
+    """(controller, key, value) of the cgroup keys a unit sets (CPUQuota='s
+    value with CPUQuotaPeriodSec= is (percent, period))."""
+    found = [(controller, key, getattr(spec, field)) for key, field, controller in RESOURCE_KEYS
+             if getattr(spec, field) is not None]
+    return found + [("io", key, "%s %s" % (path, value)) for key, path, value in spec.io_limits]
+
+
+def block_device(path):
+    """"MAJ:MIN" of the whole disk a device node, or the file system of a
+    path, is on (the I/O limits are set for disks, as systemd sets them)."""
+    found = os.stat(path)
+    number = found.st_rdev if stat.S_ISBLK(found.st_mode) else found.st_dev
+    device = "%d:%d" % (os.major(number), os.minor(number))
+    sysfs = "/sys/dev/block/" + device
+    if os.path.exists(os.path.join(sysfs, "partition")):
+        device = _read_text(os.path.join(os.path.dirname(os.path.realpath(sysfs)), "dev")).strip()
+    elif not os.path.exists(sysfs):
+        raise OSError(errno.ENODEV, "%s is on no block device (%s)" % (path, device))
+    return device
 
 
 # DevicePolicy=closed: the pseudo devices systemd.resource-control(5) lists.
@@ -6877,14 +6917,14 @@ class Cgroups:
             entry = {"key": key, "value": value, "applied": False, "why": None}
             try:
                 if controller in self.v2_controllers and group.tracking:
-                    self._write_v2(group.tracking, key, value)
+                    self._write_v2(group.tracking, key, value, spec.cpu_quota_period)
                     entry.update(applied=True, why="cgroup v2 %s" % group.tracking)
                 elif controller in self.v1 and key in V1_FILES:
                     folder = self._make(group, os.path.join(self.v1[controller], name))
                     if folder is None:
                         raise OSError(errno.EACCES, "cannot create its cgroup")
                     try:
-                        self._write_v1(folder, key, value)
+                        self._write_v1(folder, key, value, spec.cpu_quota_period)
                     except OSError:
                         if group.tracking != folder:      # a group whose limit failed is not joined
                             group.folders.remove(folder)
@@ -6960,13 +7000,19 @@ class Cgroups:
         group.folders.append(folder)
         return folder
 
-    def _write_v2(self, folder, key, value):
+    def _write_v2(self, folder, key, value, period=None):
         write = lambda name, text: _write_text(os.path.join(folder, name), text)
-        if key == "MemoryMax":
+        period = int((period or self.CPU_PERIOD / 1e6) * 1e6)
+        if key in IO_LIMIT_FILES:
+            path, _, amount = value.rpartition(" ")
+            write("io.max", "%s %s=%s" % (block_device(path), IO_LIMIT_FILES[key][0], amount))
+        elif key in ("MemoryLow", "MemoryMin"):
+            write(key.lower().replace("memory", "memory."), str(value))
+        elif key == "MemoryMax":
             write("memory.max", "max" if value is None else str(value))
             _write_text_quietly(os.path.join(folder, "memory.swap.max"), "0")
         elif key == "CPUQuota":
-            write("cpu.max", "%d %d" % (int(self.CPU_PERIOD * value / 100), self.CPU_PERIOD))
+            write("cpu.max", "%d %d" % (int(period * value / 100), period))
         elif key in ("MemoryHigh", "MemorySwapMax", "TasksMax"):
             write({"MemoryHigh": "memory.high", "MemorySwapMax": "memory.swap.max", "TasksMax": "pids.max"}[key],
                   "max" if value in (None, "infinity") else str(value))
@@ -6977,9 +7023,13 @@ class Cgroups:
         elif key == "AllowedCPUs":
             write("cpuset.cpus", ",".join(map(str, value)))
 
-    def _write_v1(self, folder, key, value):
+    def _write_v1(self, folder, key, value, period=None):
         write = lambda name, text: _write_text(os.path.join(folder, name), text)
-        if key == "MemoryMax":
+        period = int((period or self.CPU_PERIOD / 1e6) * 1e6)
+        if key in IO_LIMIT_FILES:
+            path, _, amount = value.rpartition(" ")
+            write(IO_LIMIT_FILES[key][1], "%s %s" % (block_device(path), "0" if amount == "max" else amount))
+        elif key == "MemoryMax":
             # memsw (memory+swap) may never be below the memory limit: raise it
             # first when the limit grows, set it again after when it shrinks.
             text = "-1" if value is None else str(value)
@@ -6987,8 +7037,8 @@ class Cgroups:
             write("memory.limit_in_bytes", text)
             _write_text_quietly(os.path.join(folder, "memory.memsw.limit_in_bytes"), text)
         elif key == "CPUQuota":
-            write("cpu.cfs_period_us", str(self.CPU_PERIOD))
-            write("cpu.cfs_quota_us", str(int(self.CPU_PERIOD * value / 100)))
+            write("cpu.cfs_period_us", str(period))
+            write("cpu.cfs_quota_us", str(int(period * value / 100)))
         elif key == "TasksMax":
             write("pids.max", "max" if value == "infinity" else str(value))
         elif key == "CPUWeight":              # as systemd maps it: weight 100 is 1024 shares

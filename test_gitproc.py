@@ -748,7 +748,7 @@ class UnitParserTests(unittest.TestCase):
     SAMPLES = ("yes", "no", "/bin/true x", "5s", "2", "7", "0755", "10M", "50%", "/tmp/x", "db.service",
                "SIGUSR1", "CAP_CHOWN", "always", "forking", "all", "process", "strict", "read-only", "idle",
                "fifo", "file:/tmp/x", "append:/tmp/x", "local0", "A=1", "web", "/tmp/a:/tmp/b", "0-1", "tcp://127.0.0.1:1", "1 2",
-               "AF_UNIX", "native", "/dev/null", "invisible", "pid", "noroot", "x86", "interleave", "default", "YQ==")
+               "AF_UNIX", "native", "/dev/null", "invisible", "pid", "noroot", "x86", "interleave", "default", "YQ==", "/ 1M", "/ 2")
 
     def test_no_key_is_dropped_silently(self):
         """Every key of the parser's table: a value other than the default is
@@ -8377,6 +8377,40 @@ class CgroupLimitTests(SupervisionCase):
         self.assertIn("MemoryMax=64.0M applied", out)
         self.home.cli("shutdown")
         self.assertFalse(os.path.exists(memory_why.split()[-1]), "the cgroup is removed")
+
+    @unittest.skipUnless(cgroups_usable(), "no writable cgroup hierarchy on this machine")
+    def test_quota_period_io_limits_and_memory_protection(self):
+        self.deploy({"io.service": unit_text("ExecStart=" + SLEEPER, "CPUQuota=20%", "CPUQuotaPeriodSec=10ms",
+                                             "IOReadBandwidthMax=/ 1M", "IOWriteIOPSMax=/ 100", "MemoryLow=16M",
+                                             "MemoryMin=8M")})
+        self.watch(self.home.running_pid("io"))
+        detail = self.home.request({"cmd": "status", "names": ["io"]})["services"][0]
+        limits = {entry["key"]: entry for entry in detail["limits"]}
+        device = gitproc.block_device("/")
+        cpu_why = limits["CPUQuota"]["why"]
+        if cpu_why.startswith("cgroup v2"):
+            self.assertEqual(read_text(cgroup_file(cpu_why, "cpu.max")).split(), ["2000", "10000"])
+        else:
+            self.assertEqual(read_text(cgroup_file(cpu_why, "cpu.cfs_period_us")).strip(), "10000")
+            self.assertEqual(read_text(cgroup_file(cpu_why, "cpu.cfs_quota_us")).strip(), "2000")
+        for key, v2, v1 in (("IOReadBandwidthMax", "rbps=1048576", "1048576"), ("IOWriteIOPSMax", "wiops=100", "100")):
+            entry = limits[key]
+            with self.subTest(key=key):
+                if entry["why"].startswith("cgroup v2"):
+                    self.assertIn("%s %s" % (device, v2), read_text(cgroup_file(entry["why"], "io.max")))
+                elif entry["why"].startswith("cgroup v1"):
+                    self.assertIn("%s %s" % (device, v1), read_text(cgroup_file(
+                        entry["why"], gitproc.IO_LIMIT_FILES[key][1])))
+                else:
+                    self.assertFalse(entry["applied"], entry)
+        for key in ("MemoryLow", "MemoryMin"):
+            entry = limits[key]
+            with self.subTest(key=key):
+                if entry["applied"]:
+                    self.assertEqual(read_text(cgroup_file(entry["why"], key.lower().replace("memory", "memory."))
+                                               ).strip(), str((16 if key == "MemoryLow" else 8) << 20))
+                else:
+                    self.assertIn("v2 only", entry["why"])
 
     @unittest.skipUnless(cgroups_usable(), "no writable cgroup hierarchy on this machine")
     def test_device_policy_through_the_devices_controller(self):
