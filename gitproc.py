@@ -313,6 +313,12 @@ def format_bytes(count):
     return "-"
 
 
+def sentence(text):
+    """`text` with its first letter made upper case (str.capitalize() would
+    lower the rest, the key names in it too)."""
+    return text[:1].upper() + text[1:]
+
+
 def format_timespan(seconds):
     if seconds == float("inf"):
         return "infinity"
@@ -625,7 +631,8 @@ class UnitSpec:
         "send_sighup": False,           # SendSIGHUP=: SIGHUP right after KillSignal=
         "send_sigkill": True,           # SendSIGKILL=no: what outlives TimeoutStopSec= is left running
         "final_kill_signal": int(signal.SIGKILL), "watchdog_signal": int(signal.SIGABRT),
-        "timeout_abort_sec": None,      # TimeoutAbortSec=: after WatchdogSignal= (TimeoutStopSec= if unset)
+        "timeout_abort_sec": None,
+        "runtime_max_sec": None,        # RuntimeMaxSec=: active for longer, it is stopped as failed (timeout)      # TimeoutAbortSec=: after WatchdogSignal= (TimeoutStopSec= if unset)
         "memory_max": None, "cpu_quota": None, "memory_high": None, "memory_swap_max": None, "tasks_max": None,
         "cpu_weight": None, "io_weight": None, "allowed_cpus": None,
         "memory_low": None, "memory_min": None, "cpu_quota_period": None,
@@ -1728,6 +1735,7 @@ DIRECTIVES = {
     ("Service", "SendSIGHUP"): ("send_sighup", parse_bool, "one"),
     ("Service", "SendSIGKILL"): ("send_sigkill", parse_bool, "one"),
     ("Service", "TimeoutAbortSec"): ("timeout_abort_sec", parse_timespan, "one"),
+    ("Service", "RuntimeMaxSec"): ("runtime_max_sec", parse_timespan, "one"),
     ("Service", "KillMode"): ("kill_mode", _parse_choice(KILL_MODES + ("none",)), "one"),
     ("Service", "MemoryMax"): ("memory_max", lambda v: parse_size(v, allow_percent=True), "one"),
     ("Service", "MemoryLimit"): ("memory_max", lambda v: parse_size(v, allow_percent=True), "one"),
@@ -1892,7 +1900,7 @@ NOT_APPLIED_KEYS = dict(
             "ManagedOOMSwap", "ManagedOOMMemoryPressure", "ManagedOOMPreference", "BlockIOWeight"),
     **_keys("gitproc has no boot phase, which the Startup*= weights are for: CPUWeight=/IOWeight= apply",
             "StartupCPUWeight", "StartupIOWeight"),
-    **_keys("service behaviour gitproc does not have yet", "RuntimeMaxSec", "BusName",
+    **_keys("service behaviour gitproc does not have yet", "BusName",
             "RestartMode", "RestartSteps", "RestartMaxDelaySec", "ExitType", "OOMPolicy", "FileDescriptorStoreMax",
             "LoadCredentialEncrypted", "SetCredentialEncrypted", "PAMName",
             "UtmpIdentifier", "UtmpMode"),
@@ -7741,9 +7749,10 @@ EV_STOP_TIMEOUT = "stop-timeout"  # TimeoutStopSec= passed while stopping
 EV_WATCHDOG = "watchdog"          # WatchdogSec= passed without a WATCHDOG=1
 EV_PID_FILE = "pid-file"          # time to look for a forking unit's PIDFile= again
 EV_ADOPT = "adopt"                # a live process an earlier daemon started
+EV_RUNTIME_MAX = "runtime-max"    # RuntimeMaxSec= passed since it became active
 EVENTS = (EV_START, EV_STOP, EV_RESTART, EV_RELOAD, EV_DEPENDENCIES, EV_EXIT, EV_CONTROL_EXIT, EV_EXEC,
           EV_READY, EV_RELOADING, EV_STOPPING, EV_HEALTHY, EV_UNHEALTHY, EV_RESTART_DUE, EV_START_TIMEOUT,
-          EV_STOP_TIMEOUT, EV_WATCHDOG, EV_PID_FILE, EV_ADOPT)
+          EV_STOP_TIMEOUT, EV_WATCHDOG, EV_PID_FILE, EV_ADOPT, EV_RUNTIME_MAX)
 IGNORE = "ignore"
 
 # Where beginning a start can end: held for dependencies, a first process up
@@ -7856,12 +7865,14 @@ TRANSITIONS = {
     (RUNNING, EV_HEALTHY): ((RUNNING,), "note_healthy"),
     (RUNNING, EV_UNHEALTHY): (_STOP_STEPS, "restart_unhealthy"),
     (RUNNING, EV_WATCHDOG): (_STOP_STEPS, "watchdog_expired"),
+    (RUNNING, EV_RUNTIME_MAX): (_STOP_STEPS, "runtime_max_passed"),
     **_ignored(RUNNING, EV_START, EV_DEPENDENCIES, EV_CONTROL_EXIT, EV_EXEC, EV_READY, EV_RESTART_DUE,
                EV_START_TIMEOUT, EV_STOP_TIMEOUT, EV_PID_FILE),
     # remain: RemainAfterExit=yes, its process exited successfully
     (REMAIN, EV_STOP): (_STOP_STEPS, "begin_stop"),
     (REMAIN, EV_RESTART): (_STOP_STEPS, "begin_restart"),
     (REMAIN, EV_RELOAD): ((RELOAD, REMAIN), "begin_reload"),
+    (REMAIN, EV_RUNTIME_MAX): (_STOP_STEPS, "runtime_max_passed"),
     **_ignored(REMAIN, EV_START, EV_DEPENDENCIES, EV_EXIT, EV_CONTROL_EXIT, EV_EXEC, EV_READY, EV_RELOADING,
                EV_STOPPING, EV_HEALTHY, EV_UNHEALTHY, EV_RESTART_DUE, EV_START_TIMEOUT, EV_STOP_TIMEOUT,
                EV_WATCHDOG, EV_PID_FILE),
@@ -7875,6 +7886,7 @@ TRANSITIONS = {
     (RELOAD, EV_STOPPING): (_STOP_STEPS, "stopping_notified"),
     (RELOAD, EV_START_TIMEOUT): ((RUNNING, REMAIN), "reload_timed_out"),
     (RELOAD, EV_WATCHDOG): (_STOP_STEPS, "watchdog_expired"),
+    (RELOAD, EV_RUNTIME_MAX): (_STOP_STEPS, "runtime_max_passed"),
     **_ignored(RELOAD, EV_START, EV_RELOAD, EV_DEPENDENCIES, EV_EXEC, EV_RELOADING, EV_HEALTHY, EV_UNHEALTHY,
                EV_RESTART_DUE, EV_STOP_TIMEOUT, EV_PID_FILE),
     # stop-command: an ExecStop= command runs; then KillSignal= to what is left
@@ -7904,6 +7916,11 @@ TRANSITIONS = {
     **_ignored(STOP_POST, EV_RELOAD, EV_DEPENDENCIES, EV_EXIT, EV_EXEC, EV_READY, EV_RELOADING, EV_STOPPING,
                EV_HEALTHY, EV_UNHEALTHY, EV_RESTART_DUE, EV_START_TIMEOUT, EV_WATCHDOG, EV_PID_FILE),
 }
+# RuntimeMaxSec= counts while the unit is active (running, reloading, or
+# remaining after its exit): in every other phase its timer is not armed and
+# the event is ignored.
+TRANSITIONS.update({(phase, EV_RUNTIME_MAX): ((phase,), IGNORE) for phase in PUBLIC_STATE
+                    if phase not in (RUNNING, RELOAD, REMAIN)})
 # Adoption happens only to a Service just made (STOPPED): an EV_ADOPT in any
 # other phase is a bug, refused by handle() like any pair not in the table.
 
@@ -7947,6 +7964,7 @@ class Service:
         self.timer = None               # pending restart, stop escalation or PIDFile= look
         self.start_timer = None         # TimeoutStartSec= of the step running (start, post, reload)
         self.watchdog_timer = None      # WatchdogSec= since the last WATCHDOG=1
+        self.runtime_timer = None       # RuntimeMaxSec= since it became active
         self.watchdog_usec = None       # WATCHDOG_USEC= the service asked for instead
         self.stop_timed_out = False     # the current stop needed SIGKILL
         self.after_stop = "stop"        # what follows the stop under way: "stop", "restart", "policy"
@@ -8167,7 +8185,26 @@ class Service:
             if PUBLIC_STATE[phase] != before and {PUBLIC_STATE[phase], before} != {RUNNING, RELOADING}:
                 self.since = time.time()          # a reload does not reset "running since", as in systemd
             self.phase, self.reason = phase, reason
+            self._arm_runtime_max()
             self.host.changed(self, before)
+
+    def _arm_runtime_max(self):
+        """RuntimeMaxSec=: armed when the unit becomes active, for the time
+        from then; gone once it is not."""
+        seconds = self.spec.runtime_max_sec
+        if self.phase not in (RUNNING, RELOAD, REMAIN) or seconds in (None, 0, float("inf")):
+            self._cancel(("runtime_timer",))
+        elif self.runtime_timer is None:
+            self.runtime_timer = self.host.call_later(seconds, lambda: self.handle(EV_RUNTIME_MAX))
+
+    def _runtime_max_passed(self):
+        """Active for longer than RuntimeMaxSec=: stopped, as failed with the
+        result "timeout" (Restart= then decides, as systemd)."""
+        self.runtime_timer = None
+        why = "active for longer than RuntimeMaxSec=%s" % format_timespan(self.spec.runtime_max_sec or 0)
+        self.host.log.warning(self.name, sentence(why) + "; stopping")
+        self.result = "timeout"
+        return self._begin_stop_sequence("policy", why, failed=True)
 
     def _fail_safe(self, why):
         """After an internal error: nothing of the service runs, nothing is
@@ -8486,7 +8523,7 @@ class Service:
     def _start_timed_out(self):
         self.start_timer = None
         why = "start timed out after %s" % format_timespan(self.spec.start_timeout())
-        self.host.log.warning(self.name, why.capitalize())
+        self.host.log.warning(self.name, sentence(why))
         self.result = "timeout"
         return self._begin_stop_sequence("policy", why, failed=True, run_exec_stop=self.phase == START_POST)
 
@@ -8765,7 +8802,7 @@ class Service:
         self.watchdog_timer = None
         interval = self._watchdog_interval()
         why = "watchdog timeout (no WATCHDOG=1 within %s)" % format_timespan(interval or 0)
-        self.host.log.warning(self.name, "%s; sending %s" % (why.capitalize(), signal_name(self.spec.watchdog_signal)))
+        self.host.log.warning(self.name, "%s; sending %s" % (sentence(why), signal_name(self.spec.watchdog_signal)))
         self.result = "watchdog"
         self._cancel_timers()
         self._close_probe()
@@ -8936,7 +8973,7 @@ class Service:
                 setattr(self, name, None)
 
     def _cancel_timers(self):
-        self._cancel(("timer", "start_timer", "watchdog_timer"))
+        self._cancel(("timer", "start_timer", "watchdog_timer", "runtime_timer"))
 
     def discard(self):
         """Forget timers (the unit was removed and its process is gone)."""
@@ -12265,7 +12302,7 @@ class SocketSet:
                 return False
             unit.reason = "cannot listen on %s: %s" % (text, describe_os_error(exc) if isinstance(exc, OSError)
                                                      else exc)
-            self.daemon.log.error(unit.name, unit.reason.capitalize())
+            self.daemon.log.error(unit.name, sentence(unit.reason))
             self.daemon.events.record("state", unit.name, None, "failed", unit.reason, None, unit.commit)
             return False
         unit.sockets, unit.key, unit.reason = bound, spec.bind_key(), None
@@ -13738,7 +13775,7 @@ class RequestHandlers:
         if action != "start":
             for service in dependencies.part_of(names):
                 why = "%s with %s (PartOf=)" % ("stopped" if action == "stop" else "restarted", ", ".join(names))
-                self.daemon.log.info(service.name, why.capitalize())
+                self.daemon.log.info(service.name, sentence(why))
                 if action == "stop":
                     service.stop(why)
                 else:

@@ -4126,7 +4126,7 @@ FACTS = {P.EV_START: {}, P.EV_STOP: {"reason": "stopped by user"}, P.EV_RESTART:
          P.EV_CONTROL_EXIT: {"exit_info": FAILURE}, P.EV_EXEC: {"error": None}, P.EV_READY: {},
          P.EV_RELOADING: {}, P.EV_STOPPING: {}, P.EV_HEALTHY: {}, P.EV_UNHEALTHY: {}, P.EV_RESTART_DUE: {},
          P.EV_START_TIMEOUT: {}, P.EV_STOP_TIMEOUT: {}, P.EV_WATCHDOG: {}, P.EV_PID_FILE: {},
-         P.EV_ADOPT: {"pid": 77, "pid_start": 1, "started_wall": None}}
+         P.EV_ADOPT: {"pid": 77, "pid_start": 1, "started_wall": None}, P.EV_RUNTIME_MAX: {}}
 
 # What each cell does to the service service_in() makes, with FACTS: written
 # out by hand from systemd's behaviour, not copied from TRANSITIONS.
@@ -4136,6 +4136,8 @@ for _phase in P.PUBLIC_STATE:
     for _event in P.EVENTS:
         EXPECTED[(_phase, _event)] = _SAME
 EXPECTED.update({
+    (P.RUNNING, P.EV_RUNTIME_MAX): P.STOPPING, (P.RELOAD, P.EV_RUNTIME_MAX): P.STOPPING,
+    (P.REMAIN, P.EV_RUNTIME_MAX): P.FAILED,       # no process to stop: failed (timeout), Restart=no
     (P.STOPPED, P.EV_START): P.RUNNING, (P.STOPPED, P.EV_STOP): P.STOPPED,
     (P.STOPPED, P.EV_RESTART): P.RUNNING, (P.STOPPED, P.EV_ADOPT): P.RUNNING,
     (P.EXITED, P.EV_START): P.RUNNING, (P.EXITED, P.EV_STOP): P.STOPPED, (P.EXITED, P.EV_RESTART): P.RUNNING,
@@ -5280,6 +5282,20 @@ class ProcessKeysTests(SupervisionCase):
         service = self.home.wait_state("numa", "failed", "backoff", timeout=10)
         self.assertIn("NUMAPolicy=", service["reason"])
         self.assertIn("242 (NUMA_POLICY)", self.home.cli("status", "numa")[1])
+
+
+class RuntimeMaxTests(SupervisionCase):
+
+    def test_a_unit_active_for_longer_is_stopped_as_failed_and_restart_decides(self):
+        self.deploy({"brief.service": unit(SLEEPER, RuntimeMaxSec="500ms", Restart="on-failure", RestartSec="60s"),
+                     "done.service": unit_text("ExecStart=/bin/true", "Type=oneshot", "RemainAfterExit=yes",
+                                               "RuntimeMaxSec=300ms")})
+        pid = self.watch(self.home.running_pid("brief"))
+        service = self.home.wait_state("brief", "backoff", timeout=10)
+        self.assert_gone(pid)
+        self.assertIn("RuntimeMaxSec=500ms", service["reason"])
+        self.assertEqual(self.home.wait_state("done", "failed", timeout=10)["state"], "failed")
+        self.assertTrue(daemon_log_lines(self.home, "brief", "Active for longer than RuntimeMaxSec=500ms"))
 
 
 class KillKeysTests(SupervisionCase):
