@@ -632,7 +632,8 @@ class UnitSpec:
         "send_sigkill": True,           # SendSIGKILL=no: what outlives TimeoutStopSec= is left running
         "final_kill_signal": int(signal.SIGKILL), "watchdog_signal": int(signal.SIGABRT),
         "timeout_abort_sec": None,
-        "runtime_max_sec": None,        # RuntimeMaxSec=: active for longer, it is stopped as failed (timeout)      # TimeoutAbortSec=: after WatchdogSignal= (TimeoutStopSec= if unset)
+        "runtime_max_sec": None,
+        "restart_steps": 0, "restart_max_delay": None,     # RestartSteps=, RestartMaxDelaySec=: systemd's curve        # RuntimeMaxSec=: active for longer, it is stopped as failed (timeout)      # TimeoutAbortSec=: after WatchdogSignal= (TimeoutStopSec= if unset)
         "memory_max": None, "cpu_quota": None, "memory_high": None, "memory_swap_max": None, "tasks_max": None,
         "cpu_weight": None, "io_weight": None, "allowed_cpus": None,
         "memory_low": None, "memory_min": None, "cpu_quota_period": None,
@@ -1736,6 +1737,8 @@ DIRECTIVES = {
     ("Service", "SendSIGKILL"): ("send_sigkill", parse_bool, "one"),
     ("Service", "TimeoutAbortSec"): ("timeout_abort_sec", parse_timespan, "one"),
     ("Service", "RuntimeMaxSec"): ("runtime_max_sec", parse_timespan, "one"),
+    ("Service", "RestartSteps"): ("restart_steps", _parse_int_range(0, 3000), "one"),
+    ("Service", "RestartMaxDelaySec"): ("restart_max_delay", parse_timespan, "one"),
     ("Service", "KillMode"): ("kill_mode", _parse_choice(KILL_MODES + ("none",)), "one"),
     ("Service", "MemoryMax"): ("memory_max", lambda v: parse_size(v, allow_percent=True), "one"),
     ("Service", "MemoryLimit"): ("memory_max", lambda v: parse_size(v, allow_percent=True), "one"),
@@ -1901,7 +1904,7 @@ NOT_APPLIED_KEYS = dict(
     **_keys("gitproc has no boot phase, which the Startup*= weights are for: CPUWeight=/IOWeight= apply",
             "StartupCPUWeight", "StartupIOWeight"),
     **_keys("service behaviour gitproc does not have yet", "BusName",
-            "RestartMode", "RestartSteps", "RestartMaxDelaySec", "ExitType", "OOMPolicy", "FileDescriptorStoreMax",
+            "RestartMode", "ExitType", "OOMPolicy", "FileDescriptorStoreMax",
             "LoadCredentialEncrypted", "SetCredentialEncrypted", "PAMName",
             "UtmpIdentifier", "UtmpMode"),
     **_keys("unit relations gitproc does not have yet", "OnSuccess",
@@ -5213,12 +5216,18 @@ def should_restart(policy, last_exit, timed_out=False, result=None, statuses=Non
     }[policy]
 
 
-def restart_delay(restart_sec, crash_streak):
+def restart_delay(restart_sec, crash_streak, steps=0, max_delay=None):
     """RestartSec= doubled for each run in a row that died young, up to 30 s
     (or RestartSec= itself, when that is longer). Any streak length: the
-    doubling is a float capped well before it could overflow."""
+    doubling is a float capped well before it could overflow. With
+    RestartSteps= and RestartMaxDelaySec=, systemd's curve instead: from
+    RestartSec= to the maximum in that many exponential steps."""
     if crash_streak <= 1:
         return restart_sec
+    if steps and max_delay and max_delay > restart_sec:
+        if restart_sec <= 0:
+            return max_delay if crash_streak > steps else max_delay * (crash_streak - 1) / steps
+        return min(max_delay, restart_sec * (max_delay / restart_sec) ** (min(crash_streak - 1, steps) / steps))
     doubled = restart_sec * 2.0 ** min(crash_streak - 1, 1000)
     return max(restart_sec, min(doubled, MAX_RESTART_DELAY))
 
@@ -8872,7 +8881,7 @@ class Service:
         if self.want == "up" and not self.host.shutting_down and should_restart(
                 spec.restart, outcome, result=result, statuses=spec):
             self.crash_streak += 1
-            delay = restart_delay(spec.restart_sec, self.crash_streak)
+            delay = restart_delay(spec.restart_sec, self.crash_streak, spec.restart_steps, spec.restart_max_delay)
             self.restarts += 1
             self.restarts_total += 1
             self.host.log.info(self.name, "Restarting in %s (%s; restart %d)%s" % (

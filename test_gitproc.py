@@ -5004,6 +5004,12 @@ class RestartDelayTests(unittest.TestCase):
         self.assertEqual([gitproc.restart_delay(0.1, streak) for streak in range(1, 10)],
                          [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8, 25.6])
 
+    def test_restart_steps_follow_systemds_curve(self):
+        """RestartSteps=3 from 1 s to 8 s: 1, 2, 4, 8, 8 (systemd 254)."""
+        self.assertEqual([round(gitproc.restart_delay(1.0, streak, 3, 8.0), 6) for streak in range(1, 7)],
+                         [1.0, 2.0, 4.0, 8.0, 8.0, 8.0])
+        self.assertEqual(gitproc.restart_delay(1.0, 5, 0, 8.0), 16.0, "without RestartSteps=: gitproc's doubling")
+
     def test_capped_at_max_restart_delay(self):
         self.assertEqual(gitproc.MAX_RESTART_DELAY, 30.0)
         self.assertEqual(gitproc.restart_delay(0.1, 10), 30.0)          # 51.2 s doubled
