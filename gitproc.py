@@ -614,6 +614,8 @@ class UnitSpec:
     FIELDS = {
         "description": "", "after": (), "requires": (), "before": (), "wants": (), "condition_host": (),
         "part_of": (), "conflicts": (), "on_failure": (), "binds_to": (),
+        "on_success": (), "requisite": (), "upholds": (), "stop_when_unneeded": False,
+        "propagates_reload_to": (), "reload_propagated_from": (),
         "conditions": (),               # (key, negated, value, triggering) of Condition*=/Assert*= at each start
         "start_limit_interval": DEFAULT_START_LIMIT_INTERVAL,
         "start_limit_burst": DEFAULT_START_LIMIT_BURST,
@@ -1698,6 +1700,12 @@ DIRECTIVES = {
     ("Unit", "PartOf"): ("part_of", _parse_unit_names, "list"),
     ("Unit", "Conflicts"): ("conflicts", _parse_unit_names, "list"),
     ("Unit", "OnFailure"): ("on_failure", _parse_unit_names, "list"),
+    ("Unit", "OnSuccess"): ("on_success", _parse_unit_names, "list"),
+    ("Unit", "Requisite"): ("requisite", _parse_unit_names, "list"),
+    ("Unit", "Upholds"): ("upholds", _parse_unit_names, "list"),
+    ("Unit", "StopWhenUnneeded"): ("stop_when_unneeded", parse_bool, "one"),
+    ("Unit", "PropagatesReloadTo"): ("propagates_reload_to", _parse_unit_names, "list"),
+    ("Unit", "ReloadPropagatedFrom"): ("reload_propagated_from", _parse_unit_names, "list"),
     ("Unit", "ConditionHost"): ("condition_host", _parse_host_condition, "list"),
     ("Unit", "StartLimitIntervalSec"): ("start_limit_interval", parse_timespan, "one"),
     ("Unit", "StartLimitBurst"): ("start_limit_burst", _parse_count, "one"),
@@ -1857,7 +1865,8 @@ _SPECIFIER_FIELDS = {"description", "environment", "environment_files", "working
                      "supplementary_groups", "pid_file", "syslog_identifier", "conditions", "condition_host", "paths",
                      "bind_paths", "temporary_file_systems", "directories", "standard_input", "standard_output",
                      "standard_error", "after", "before", "requires", "wants", "binds_to", "part_of", "conflicts",
-                     "on_failure"} | set(EXEC_FIELDS)
+                     "on_failure", "on_success", "requisite", "upholds", "propagates_reload_to",
+                     "reload_propagated_from"} | set(EXEC_FIELDS)
 # Keys accepted without a word: they only document the unit.
 SILENT_KEYS = {("Unit", key) for key in (
     "Documentation", "DefaultDependencies", "IgnoreOnIsolate", "AllowIsolate", "CollectMode", "SourcePath",
@@ -1907,9 +1916,8 @@ NOT_APPLIED_KEYS = dict(
             "RestartMode", "ExitType", "OOMPolicy", "FileDescriptorStoreMax",
             "LoadCredentialEncrypted", "SetCredentialEncrypted", "PAMName",
             "UtmpIdentifier", "UtmpMode"),
-    **_keys("unit relations gitproc does not have yet", "OnSuccess",
-            "Requisite", "Upholds", "PropagatesReloadTo", "ReloadPropagatedFrom", "JoinsNamespaceOf",
-            "RequiresMountsFor", "StopWhenUnneeded", "FailureAction", "SuccessAction", "StartLimitAction",
+    **_keys("unit relations gitproc does not have yet", "JoinsNamespaceOf",
+            "RequiresMountsFor", "FailureAction", "SuccessAction", "StartLimitAction",
             "JobTimeoutSec", "JobRunningTimeoutSec", "JobTimeoutAction"),
     **_keys("a condition gitproc does not evaluate: the unit starts as if it held", "AssertHost",
             *[prefix + check for check in ("Security", "PathIsEncrypted", "Credential", "CPUPressure",
@@ -8268,9 +8276,10 @@ class Service:
         now = self.host.now()
         self.start_times, hit = start_limit_hit(self.start_times, now, spec.start_limit_interval, spec.start_limit_burst)
         if hit:
+            last = self.reason.partition("; last: ")[2] if (self.reason or "").startswith("start limit hit") \
+                else self.reason
             why = "start limit hit (%d starts within %s)%s" % (
-                len(self.start_times), format_timespan(spec.start_limit_interval),
-                "; last: %s" % self.reason if self.reason else "")
+                len(self.start_times), format_timespan(spec.start_limit_interval), "; last: %s" % last if last else "")
             if not self._roll_back(why):
                 self.host.log.warning(self.name, "Start limit hit: %s; giving up until 'start %s'" % (
                     why[len("start limit hit "):], self.name))
@@ -9685,6 +9694,14 @@ class Dependencies:
                 return "failed", "binds to %s, which is stopped" % name
             if other.state == FAILED:
                 return "failed", "binds to %s, which failed (%s)" % (name, other.reason)
+        for name in service.spec.requisite:      # never started for it: active, or the start fails
+            other = self.services.get(name)
+            if other is None or other.removed:
+                return "failed", "requisite %s is not deployed here (Requisite=)" % name
+            if other.state == STARTING:
+                return "waiting", "waiting for %s" % name
+            if other.state not in (RUNNING, RELOADING):
+                return "failed", "requisite %s is %s, not active (Requisite=)" % (name, other.state)
         for name in service.spec.after + service.spec.requires + self._named_before(service.name):
             required = name in service.spec.requires
             other = self.services.get(name)
@@ -9750,6 +9767,49 @@ class Dependencies:
     def _named_before(self, name):
         """The units that say Before=NAME (that is, NAME starts after them)."""
         return self.before_of(name)
+
+    def reload_propagated(self, names):
+        """PropagatesReloadTo=/ReloadPropagatedFrom=: the running units a
+        reload of `names` reloads too (those that can)."""
+        found = []
+        for other in self.services.values():
+            if other.name in names or other.removed or other.state != RUNNING or not (
+                    other.spec.exec_reload or other.spec.type == "notify-reload"):
+                continue
+            if set(names) & set(other.spec.reload_propagated_from) or any(
+                    other.name in self.services[n].spec.propagates_reload_to for n in names if n in self.services):
+                found.append(other)
+        return found
+
+    def unneeded(self, stopped):
+        """StopWhenUnneeded=: the running units that `stopped` needed (Requires=,
+        Wants=, BindsTo=, Requisite=, Upholds=) and that no active unit needs
+        any more."""
+        found = []
+        for name in stopped.spec.requires + stopped.spec.wants + stopped.spec.binds_to + stopped.spec.requisite + \
+                stopped.spec.upholds:
+            other = self.services.get(name)
+            if other is None or other.removed or not other.spec.stop_when_unneeded or other.state not in ACTIVE_STATES:
+                continue
+            if not any(name in user.spec.requires + user.spec.wants + user.spec.binds_to + user.spec.requisite +
+                       user.spec.upholds for user in self.services.values()
+                       if user.state in ACTIVE_STATES and not user.removed and user is not other):
+                found.append(other)
+        return found
+
+    def upheld(self):
+        """Upholds=: the units an active unit upholds that are down (each
+        started again, as systemd restarts them while the upholder is up)."""
+        found = []
+        for service in self.services.values():
+            if service.state not in (RUNNING, RELOADING) or service.removed:
+                continue
+            for name in service.spec.upholds:
+                other = self.services.get(name)
+                if other is not None and not other.removed and other.state in (STOPPED, FAILED, EXITED) and \
+                        not (other.reason or "").startswith("start limit hit") and other not in found:
+                    found.append((service, other))
+        return found
 
     def stop_requiring(self, service):
         """Requires=: what requires a unit stops when it stops or fails."""
@@ -12539,13 +12599,15 @@ def activated_units(specs, problems, activators=None, held=None):
     for name, why in sorted((held or {}).items()):          # timers not armed (errors, another host)
         if name in specs:
             activated.setdefault(name, why)
-    targets = {target for spec in specs.values() for target in spec.on_failure}
+    targets = {target for spec in specs.values() for target in spec.on_failure + spec.on_success}
     for name, spec in sorted(specs.items()):
         if name in targets:
             continue                      # units that name each other in OnFailure= run, as they would anyway
-        for target in spec.on_failure:
-            if target in specs and target != name:
-                activated.setdefault(target, "started when %s fails (OnFailure=), not at deploy" % name)
+        for key, names in (("OnFailure", spec.on_failure), ("OnSuccess", spec.on_success)):
+            for target in names:
+                if target in specs and target != name:
+                    activated.setdefault(target, "started when %s %s (%s=), not at deploy" % (
+                        name, "fails" if key == "OnFailure" else "succeeds", key))
     pulled = [name for name in specs if name not in activated]
     while pulled:
         spec = specs[pulled.pop()]
@@ -13842,6 +13904,9 @@ class RequestHandlers:
         for name in names:
             serials[name] = services[name].reload_serial + (1 if services[name].phase != RELOAD else 0)
             services[name].reload()
+        for service in self.daemon.dependencies.reload_propagated(names):
+            self.daemon.log.info(service.name, "Reloading: with %s (PropagatesReloadTo=)" % ", ".join(names))
+            service.reload()
         if message.get("block") is False:
             return {"ok": True, "result": {"services": [services[n].snapshot() for n in names]}}
 
@@ -14486,7 +14551,7 @@ class Daemon:
         self.health_seen = {}             # name -> the health verdict last recorded as an event
         self.changed = False              # a service changed state since waiters were checked
         self.stopped_services = []        # services that came down since: Requires= propagates
-        self.failed_services = []         # ... and those that failed: OnFailure= starts units
+        self.failed_services = []         # ... (and OnFailure= or OnSuccess=) of those that failed or succeeded
         self.running = False
         self.keep_services = False        # the shutdown leaves services running
         self.pid = os.getpid()            # a forked child that unwound into this code must not act as us
@@ -14587,21 +14652,22 @@ class Daemon:
                 self.changed = False
                 self._guarded(self._settle)
 
-    def _start_on_failure(self, service):
-        """OnFailure=: start the units it names, telling them which unit
-        failed and how ($MONITOR_*, as systemd sets them)."""
+    def _start_on_failure(self, service, key="OnFailure"):
+        """OnFailure= (or OnSuccess=): start the units it names, telling them
+        which unit failed (or succeeded) and how ($MONITOR_*, as systemd sets them)."""
         monitor = {"MONITOR_UNIT": service.name + UNIT_SUFFIX, "MONITOR_SERVICE_RESULT": service.result}
         exit_info = service.last_exit
         if exit_info is not None:
             monitor["MONITOR_EXIT_CODE"] = "killed" if "signal" in exit_info else "exited"
             monitor["MONITOR_EXIT_STATUS"] = signal_name(exit_info["signal"])[3:] if "signal" in exit_info \
                 else str(exit_info["code"])
-        for name in service.spec.on_failure:
+        for name in service.spec.on_failure if key == "OnFailure" else service.spec.on_success:
             other = self.services.get(name)
             if other is None or other.removed:
-                self.log.warning(service.name, "OnFailure=%s: no such unit is deployed" % name)
+                self.log.warning(service.name, "%s=%s: no such unit is deployed" % (key, name))
                 continue
-            self.log.info(name, "Starting: %s failed (OnFailure=)" % service.name)
+            self.log.info(name, "Starting: %s %s (%s=)" % (service.name, "failed" if key == "OnFailure" else "succeeded",
+                                                           key))
             for pulled in self.dependencies.pulled_in([name]):   # what it wants or requires, as a start does
                 pulled.start()
             other.start(monitor=monitor)
@@ -14615,9 +14681,16 @@ class Daemon:
         stopped, self.stopped_services = self.stopped_services, []
         for service in stopped:
             self.dependencies.stop_requiring(service)
+            for other in self.dependencies.unneeded(service):
+                self.log.info(other.name, "Stopping: no longer needed (StopWhenUnneeded=)")
+                other.halt("no longer needed (StopWhenUnneeded=)")
         failed, self.failed_services = self.failed_services, []
-        for service in failed:
-            self._start_on_failure(service)
+        for service, key in failed:
+            self._start_on_failure(service, key)
+        if not self.host.shutting_down:
+            for upholder, service in self.dependencies.upheld():
+                self.log.info(service.name, "Starting: upheld by %s (Upholds=)" % upholder.name)
+                service.start()
         self.dependencies.release_waiting()
         self.deployer.forget_removed()
         self.server.check_waiters()
@@ -14654,7 +14727,9 @@ class Daemon:
             self.stopped_services.append(service)
             failed = service.state == FAILED or (service.state == EXITED and not service.succeeded)
             if failed and before not in (FAILED, EXITED) and service.spec.on_failure:
-                self.failed_services.append(service)
+                self.failed_services.append((service, "OnFailure"))
+            elif not failed and before in ACTIVE_STATES and service.spec.on_success:
+                self.failed_services.append((service, "OnSuccess"))
 
     def info(self):
         """The daemon line of `status`."""

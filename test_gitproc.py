@@ -796,7 +796,8 @@ class UnitParserTests(unittest.TestCase):
                            "OnFailure", "ConditionHost", "Environment", "EnvironmentFile", "WorkingDirectory", "User",
                            "Group", "SupplementaryGroups", "PIDFile", "SyslogIdentifier", "BindPaths",
                            "BindReadOnlyPaths", "TemporaryFileSystem", "StandardInput", "StandardOutput",
-                           "StandardError"}
+                           "StandardError", "OnSuccess", "Requisite", "Upholds", "PropagatesReloadTo",
+                           "ReloadPropagatedFrom"}
         systemd_expands |= {key for _, key in gitproc.DIRECTIVES if key.startswith(("Condition", "Assert", "Exec"))
                             or key in gitproc.PATH_KEYS or key.endswith("Directory")}
         for (section, key), (field, _, _) in sorted(gitproc.DIRECTIVES.items()):
@@ -5302,6 +5303,53 @@ class RuntimeMaxTests(SupervisionCase):
         self.assertIn("RuntimeMaxSec=500ms", service["reason"])
         self.assertEqual(self.home.wait_state("done", "failed", timeout=10)["state"], "failed")
         self.assertTrue(daemon_log_lines(self.home, "brief", "Active for longer than RuntimeMaxSec=500ms"))
+
+
+class MoreRelationsTests(SupervisionCase):
+    """OnSuccess=, Requisite=, Upholds=, StopWhenUnneeded=, PropagatesReloadTo=
+    and ReloadPropagatedFrom=, as systemd.unit(5) describes them."""
+
+    def test_on_success_requisite_and_upholds(self):
+        flag = self.file("succeeded")
+        self.deploy({"job.service": unit_text("ExecStart=/bin/true", "Type=oneshot", "OnSuccess=after"),
+                     "after.service": unit_text("ExecStart=" + sh("echo $MONITOR_SERVICE_RESULT > %s" % flag),
+                                                "Type=oneshot"),
+                     "needy.service": unit_text("ExecStart=" + SLEEPER, "Requisite=base"),
+                     "base.service": unit(SLEEPER),
+                     "keeper.service": unit_text("ExecStart=" + SLEEPER, "Upholds=kept"),
+                     "kept.service": unit(SLEEPER)})
+        wait_until(lambda: read_text(flag) == "success\n", 10, "OnSuccess= to start after")
+        self.watch(self.home.running_pid("base"))
+        self.watch(self.home.running_pid("keeper"))
+        kept = self.watch(self.home.running_pid("kept"))
+        self.watch(self.home.running_pid("needy"))
+        self.home.cli("stop", "needy", "base")
+        code, out, err = self.home.cli("start", "needy")
+        self.assertEqual(code, 1, out + err)
+        self.assertIn("requisite base is stopped, not active (Requisite=)", self.home.status("needy")["reason"])
+        self.assertEqual(self.home.status("base")["state"], "stopped", "a requisite is never started for it")
+        os.kill(kept, signal.SIGKILL)
+        again = self.watch(self.wait_new_pid("kept", kept)["pid"])
+        self.assertNotEqual(again, kept)
+        self.assertTrue(daemon_log_lines(self.home, "kept", "upheld by keeper (Upholds=)"))
+
+    def test_stop_when_unneeded_and_reload_propagation(self):
+        reloaded = self.file("reloaded")
+        self.deploy({"user.service": unit_text("ExecStart=" + SLEEPER, "Wants=helper", "After=helper",
+                                               "ExecReload=/bin/true", "PropagatesReloadTo=follower"),
+                     "helper.service": unit_text("ExecStart=" + SLEEPER, "StopWhenUnneeded=yes"),
+                     "follower.service": unit_text("ExecStart=" + SLEEPER,
+                                                   "ExecReload=" + sh("echo follower >> %s" % reloaded)),
+                     "listener.service": unit_text("ExecStart=" + SLEEPER, "ReloadPropagatedFrom=user",
+                                                   "ExecReload=" + sh("echo listener >> %s" % reloaded))})
+        for name in ("user", "helper", "follower", "listener"):
+            self.watch(self.home.running_pid(name))
+        self.assertEqual(self.home.cli("reload", "user")[0], 0)
+        wait_until(lambda: sorted(read_text(reloaded).split()) == ["follower", "listener"], 5, "both to reload")
+        self.assertEqual(self.home.cli("stop", "user")[0], 0)
+        self.home.wait_state("helper", "stopped", timeout=5)
+        self.assertTrue(daemon_log_lines(self.home, "helper", "no longer needed (StopWhenUnneeded=)"))
+        self.assertEqual(self.home.status("follower")["state"], "running", "not needed by anyone: never a user of it")
 
 
 class KillKeysTests(SupervisionCase):
