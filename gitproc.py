@@ -1358,9 +1358,11 @@ START_CONDITIONS = ("PathExists", "PathExistsGlob", "PathIsDirectory", "PathIsSy
                     "PathIsReadWrite", "DirectoryNotEmpty", "FileNotEmpty", "FileIsExecutable", "User", "Group",
                     "Virtualization", "Capability", "Architecture", "Environment", "KernelCommandLine", "Memory",
                     "CPUs", "KernelVersion", "OSRelease", "FirstBoot", "NeedsUpdate", "ACPower", "CPUFeature",
-                    "ControlGroupController")
+                    "ControlGroupController", "Security", "PathIsEncrypted", "Credential", "CPUPressure",
+                    "MemoryPressure", "IOPressure", "Firmware")
 PATH_CONDITIONS = ("PathExists", "PathExistsGlob", "PathIsDirectory", "PathIsSymbolicLink", "PathIsMountPoint",
-                   "PathIsReadWrite", "DirectoryNotEmpty", "FileNotEmpty", "FileIsExecutable", "NeedsUpdate")
+                   "PathIsReadWrite", "DirectoryNotEmpty", "FileNotEmpty", "FileIsExecutable", "NeedsUpdate",
+                   "PathIsEncrypted")
 # systemd's names of the machine's architecture (uname -m), for ConditionArchitecture=.
 ARCHITECTURES = {"x86_64": "x86-64", "i386": "x86", "i486": "x86", "i586": "x86", "i686": "x86",
                  "aarch64": "arm64", "aarch64_be": "arm64-be", "armv7l": "arm", "armv6l": "arm",
@@ -1503,6 +1505,24 @@ def condition_holds(key, value, virtualization):
             if line.startswith(("flags", "Features")):
                 flags.update(line.partition(":")[2].split())
         return value.lower() in flags
+    if check == "Host":                       # AssertHost= (ConditionHost= is decided at deploy)
+        return host_matches([value], socket.gethostname())
+    if check == "Security":
+        return _security_feature(value)
+    if check == "PathIsEncrypted":
+        try:
+            found = os.stat(value).st_dev
+        except OSError:
+            return False
+        return _encrypted("/sys/dev/block/%d:%d" % (os.major(found), os.minor(found)), 0)
+    if check == "Credential":
+        folders = [os.environ.get("CREDENTIALS_DIRECTORY"), "/run/credentials/@system"]
+        return bool(re.match(r"^[A-Za-z0-9_.@-]+$", value)) and value not in (".", "..") and any(
+            folder and os.path.exists(os.path.join(folder, value)) for folder in folders)
+    if check in ("CPUPressure", "MemoryPressure", "IOPressure"):
+        return _pressure_below(check[:-len("Pressure")].lower(), value)
+    if check == "Firmware":
+        return _firmware_matches(value)
     if check == "ControlGroupController":
         available = set(_read_text("/proc/cgroups").split()) if os.path.exists("/proc/cgroups") else set()
         try:
@@ -1513,6 +1533,93 @@ def condition_holds(key, value, virtualization):
         known = {"cpu", "cpuacct", "cpuset", "io", "blkio", "memory", "devices", "pids", "v1", "v2"}
         return all(word in available for word in value.split() if word in known)   # others: ignored, as systemd
     return True
+
+
+def _security_feature(name):
+    """ConditionSecurity=: what systemd 252 looks at for each name."""
+    if name == "audit":                   # the kernel takes audit netlink sockets
+        try:
+            socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 9).close()
+            return True
+        except OSError:
+            return False
+    if name == "apparmor":
+        try:
+            return _read_text("/sys/module/apparmor/parameters/enabled").strip().upper().startswith("Y")
+        except OSError:
+            return False
+    if name == "uefi-secureboot":
+        try:
+            return _read_bytes("/sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c")[-1:] == b"\1"
+        except OSError:
+            return False
+    if name == "tpm2":
+        return os.path.isdir("/sys/class/tpmrm") and bool(os.listdir("/sys/class/tpmrm"))
+    paths = {"selinux": "/sys/fs/selinux/enforce", "smack": "/sys/fs/smackfs", "tomoyo": "/sys/kernel/security/tomoyo",
+             "ima": "/sys/kernel/security/ima"}
+    return name in paths and os.path.exists(paths[name])      # cvm and unknown names: false, as systemd
+
+
+def _read_bytes(path):
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
+def _encrypted(sysfs, depth):
+    """ConditionPathIsEncrypted=: a dm-crypt device, or one below it (a
+    partition on it, LVM on it)."""
+    try:
+        if _read_text(os.path.join(sysfs, "dm", "uuid")).startswith("CRYPT-"):
+            return True
+    except OSError:
+        pass
+    slaves = os.path.join(sysfs, "slaves")
+    return depth < 8 and os.path.isdir(slaves) and any(_encrypted(os.path.join(slaves, entry), depth + 1)
+                                                       for entry in os.listdir(slaves))
+
+
+def _pressure_below(kind, value):
+    """Condition*Pressure=: "[SLICE:]N%[/10sec|/1min|/5min]" holds while the
+    "some" average of that window is at most N%; without PSI it holds."""
+    match = re.match(r"^(?:([^:]+):)?\s*([\d.]+)%\s*(?:/\s*(10sec|1min|5min))?\s*$", value)
+    if not match:
+        raise ValueError("%r is not N%%[/10sec|/1min|/5min]" % value)
+    where, threshold, window = match.groups()
+    path = "/proc/pressure/" + kind if where is None else \
+        os.path.join("/sys/fs/cgroup", where.replace(".slice", "").strip("/"), kind + ".pressure")
+    try:
+        text = _read_text(path)
+    except OSError:
+        return True
+    fields = dict(word.split("=") for word in text.splitlines()[0].split()[1:])
+    return float(fields[{"10sec": "avg10", "1min": "avg60", None: "avg300", "5min": "avg300"}[window]]) <= float(threshold)
+
+
+def _firmware_matches(value):
+    """ConditionFirmware=: uefi, device-tree, device-tree-compatible(V) or
+    smbios-field(NAME OP VALUE)."""
+    if value == "uefi":
+        return os.path.isdir("/sys/firmware/efi")
+    if value == "device-tree":
+        return os.path.isdir("/sys/firmware/devicetree")
+    match = re.match(r"^device-tree-compatible\((.+)\)$", value)
+    if match:
+        try:
+            return match.group(1) in _read_bytes("/proc/device-tree/compatible").decode("utf-8", "replace").split("\0")
+        except OSError:
+            return False
+    match = re.match(r"^smbios-field\(\s*(\w+)\s*(!\$=|\$=|<=|>=|!=|=|<|>)\s*(.*?)\s*\)$", value)
+    if match:
+        import fnmatch
+        name, operator, wanted = match.groups()
+        try:
+            actual = _read_text("/sys/class/dmi/id/" + name).strip()
+        except OSError:
+            return False
+        if operator in ("$=", "!$="):
+            return fnmatch.fnmatchcase(actual, wanted) == (operator == "$=")
+        return _compare(actual, operator + wanted, str, version_compare)
+    raise ValueError("%r is not uefi, device-tree, device-tree-compatible(...) or smbios-field(...)" % value)
 
 
 def _compare(actual, expression, convert, compare=None):
@@ -1845,6 +1952,7 @@ DIRECTIVES = {
 DIRECTIVES.update({("Service", key): ("rlimits", _parse_rlimit(key), "list") for key in RLIMIT_KEYS})
 DIRECTIVES.update({("Service", key): ("io_limits", _parse_io_limit(key), "list") for key in IO_LIMIT_FILES})
 DIRECTIVES.update({("Service", key): ("paths", _parse_sandbox_paths(mode), "list") for key, mode in PATH_KEYS.items()})
+DIRECTIVES[("Unit", "AssertHost")] = ("conditions", _parse_condition("AssertHost"), "list")
 DIRECTIVES.update({("Unit", prefix + check): ("conditions", _parse_condition(prefix + check), "list")
                    for check in START_CONDITIONS for prefix in ("Condition", "Assert")})
 DIRECTIVES.update({("Service", key + "Directory"): ("directories", _parse_directories(kind), "list")
@@ -1919,10 +2027,6 @@ NOT_APPLIED_KEYS = dict(
     **_keys("unit relations gitproc does not have yet", "JoinsNamespaceOf",
             "RequiresMountsFor", "FailureAction", "SuccessAction", "StartLimitAction",
             "JobTimeoutSec", "JobRunningTimeoutSec", "JobTimeoutAction"),
-    **_keys("a condition gitproc does not evaluate: the unit starts as if it held", "AssertHost",
-            *[prefix + check for check in ("Security", "PathIsEncrypted", "Credential", "CPUPressure",
-                                           "MemoryPressure", "IOPressure", "Firmware")
-              for prefix in ("Condition", "Assert")]),
 )
 # Every key gitproc knows -> the sections it is known in (none: not applied), for
 # the "belongs in [Unit]" and "did you mean" of an unknown key.

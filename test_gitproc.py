@@ -1180,7 +1180,14 @@ MACHINE_CONDITIONS = ["ConditionArchitecture=native", "ConditionArchitecture=x86
                       "ConditionCPUs=>1000", "ConditionMemory=>=1M", "ConditionMemory=<1M",
                       "ConditionControlGroupController=bogus", "ConditionCPUFeature=!nosuchflag",
                       "ConditionCapability=CAP_FOO", "ConditionCapability=!CAP_FOO", "ConditionFirstBoot=no",
-                      "ConditionPathIsMountPoint=/proc", "ConditionPathIsMountPoint=!/proc/self"]
+                      "ConditionPathIsMountPoint=/proc", "ConditionPathIsMountPoint=!/proc/self",
+                      "ConditionSecurity=audit", "ConditionSecurity=selinux", "ConditionSecurity=apparmor",
+                      "ConditionSecurity=tpm2", "ConditionSecurity=ima", "ConditionSecurity=uefi-secureboot",
+                      "ConditionSecurity=smack", "ConditionSecurity=tomoyo", "ConditionFirmware=uefi",
+                      "ConditionFirmware=device-tree", "ConditionFirmware=smbios-field(board_vendor $= *)",
+                      "ConditionPathIsEncrypted=/", "ConditionPathIsEncrypted=/proc", "ConditionCredential=gp-none",
+                      "ConditionCPUPressure=100%", "ConditionMemoryPressure=100%/10sec", "ConditionIOPressure=100%/1min",
+                      "AssertHost=!no-such-host-gp"]
 
 
 def condition_fixtures(folder):
