@@ -615,6 +615,7 @@ class UnitSpec:
         "description": "", "after": (), "requires": (), "before": (), "wants": (), "condition_host": (),
         "part_of": (), "conflicts": (), "on_failure": (), "binds_to": (),
         "on_success": (), "requisite": (), "upholds": (), "stop_when_unneeded": False,
+        "requires_mounts_for": (),      # paths whose /etc/fstab mounts must be mounted
         "propagates_reload_to": (), "reload_propagated_from": (),
         "conditions": (),               # (key, negated, value, triggering) of Condition*=/Assert*= at each start
         "start_limit_interval": DEFAULT_START_LIMIT_INTERVAL,
@@ -1656,6 +1657,40 @@ def _on_ac_power():
     return not mains
 
 
+def _absolute_paths(value):
+    paths = split_words(value)
+    for path in paths:
+        if not path.startswith("/"):
+            raise ValueError("%r is not an absolute path" % path)
+    return [os.path.normpath(path) for path in paths]
+
+
+FSTAB = "/etc/fstab"
+
+
+def unmounted_for(paths, fstab=None, mounted=None):
+    """RequiresMountsFor=: the /etc/fstab mount points above (or at) these
+    paths that are not mounted now (gitproc mounts nothing: the start fails,
+    as systemd's would when the mount unit it pulls in fails). noauto and
+    swap entries are not required."""
+    try:
+        lines = _read_text(fstab or FSTAB).splitlines()
+    except OSError:
+        return []
+    mounted = _mount_points() if mounted is None else mounted
+    missing = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3 or fields[0].startswith("#") or fields[2] == "swap" or \
+                "noauto" in (fields[3].split(",") if len(fields) > 3 else ()):
+            continue
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1]).rstrip("/") or "/"
+        if point.startswith("/") and point not in mounted and point not in missing and any(
+                path == point or path.startswith(point.rstrip("/") + "/") for path in paths):
+            missing.append(point)
+    return missing
+
+
 def _mount_points():
     """The mount points of this mount namespace (/proc/self/mountinfo)."""
     points = set()
@@ -1811,6 +1846,7 @@ DIRECTIVES = {
     ("Unit", "Requisite"): ("requisite", _parse_unit_names, "list"),
     ("Unit", "Upholds"): ("upholds", _parse_unit_names, "list"),
     ("Unit", "StopWhenUnneeded"): ("stop_when_unneeded", parse_bool, "one"),
+    ("Unit", "RequiresMountsFor"): ("requires_mounts_for", lambda v: tuple(_absolute_paths(v)), "list"),
     ("Unit", "PropagatesReloadTo"): ("propagates_reload_to", _parse_unit_names, "list"),
     ("Unit", "ReloadPropagatedFrom"): ("reload_propagated_from", _parse_unit_names, "list"),
     ("Unit", "ConditionHost"): ("condition_host", _parse_host_condition, "list"),
@@ -1973,7 +2009,7 @@ _SPECIFIER_FIELDS = {"description", "environment", "environment_files", "working
                      "supplementary_groups", "pid_file", "syslog_identifier", "conditions", "condition_host", "paths",
                      "bind_paths", "temporary_file_systems", "directories", "standard_input", "standard_output",
                      "standard_error", "after", "before", "requires", "wants", "binds_to", "part_of", "conflicts",
-                     "on_failure", "on_success", "requisite", "upholds", "propagates_reload_to",
+                     "on_failure", "on_success", "requisite", "upholds", "propagates_reload_to", "requires_mounts_for",
                      "reload_propagated_from"} | set(EXEC_FIELDS)
 # Keys accepted without a word: they only document the unit.
 SILENT_KEYS = {("Unit", key) for key in (
@@ -2024,8 +2060,7 @@ NOT_APPLIED_KEYS = dict(
             "RestartMode", "ExitType", "OOMPolicy", "FileDescriptorStoreMax",
             "LoadCredentialEncrypted", "SetCredentialEncrypted", "PAMName",
             "UtmpIdentifier", "UtmpMode"),
-    **_keys("unit relations gitproc does not have yet", "JoinsNamespaceOf",
-            "RequiresMountsFor", "FailureAction", "SuccessAction", "StartLimitAction",
+    **_keys("unit relations gitproc does not have yet", "JoinsNamespaceOf", "FailureAction", "SuccessAction", "StartLimitAction",
             "JobTimeoutSec", "JobRunningTimeoutSec", "JobTimeoutAction"),
 )
 # Every key gitproc knows -> the sections it is known in (none: not applied), for
@@ -9798,6 +9833,9 @@ class Dependencies:
                 return "failed", "binds to %s, which is stopped" % name
             if other.state == FAILED:
                 return "failed", "binds to %s, which failed (%s)" % (name, other.reason)
+        missing = unmounted_for(service.spec.requires_mounts_for) if service.spec.requires_mounts_for else []
+        if missing:
+            return "failed", "RequiresMountsFor=: %s (in %s) is not mounted" % (", ".join(missing), FSTAB)
         for name in service.spec.requisite:      # never started for it: active, or the start fails
             other = self.services.get(name)
             if other is None or other.removed:

@@ -797,7 +797,7 @@ class UnitParserTests(unittest.TestCase):
                            "Group", "SupplementaryGroups", "PIDFile", "SyslogIdentifier", "BindPaths",
                            "BindReadOnlyPaths", "TemporaryFileSystem", "StandardInput", "StandardOutput",
                            "StandardError", "OnSuccess", "Requisite", "Upholds", "PropagatesReloadTo",
-                           "ReloadPropagatedFrom"}
+                           "ReloadPropagatedFrom", "RequiresMountsFor"}
         systemd_expands |= {key for _, key in gitproc.DIRECTIVES if key.startswith(("Condition", "Assert", "Exec"))
                             or key in gitproc.PATH_KEYS or key.endswith("Directory")}
         for (section, key), (field, _, _) in sorted(gitproc.DIRECTIVES.items()):
@@ -5339,6 +5339,22 @@ class MoreRelationsTests(SupervisionCase):
         again = self.watch(self.wait_new_pid("kept", kept)["pid"])
         self.assertNotEqual(again, kept)
         self.assertTrue(daemon_log_lines(self.home, "kept", "upheld by keeper (Upholds=)"))
+
+    def test_requires_mounts_for_wants_the_fstab_mounts_above_the_path(self):
+        fstab = self.file("fstab")
+        with open(fstab, "w") as handle:
+            handle.write("# comment\nUUID=1 / ext4 defaults 0 1\n/dev/sdb1 /srv/data ext4 defaults 0 2\n"
+                         "/dev/sdc1 /srv/later ext4 noauto 0 2\n/dev/sdd1 none swap sw 0 0\n"
+                         "/dev/sde1 /srv/data\\040two ext4 defaults 0 2\n")
+        mounted = {"/", "/proc"}
+        self.assertEqual(gitproc.unmounted_for(["/srv/data/db"], fstab, mounted), ["/srv/data"])
+        self.assertEqual(gitproc.unmounted_for(["/srv/data two/x"], fstab, mounted), ["/srv/data two"])
+        self.assertEqual(gitproc.unmounted_for(["/srv/data/db"], fstab, mounted | {"/srv/data"}), [])
+        self.assertEqual(gitproc.unmounted_for(["/srv/later/x", "/srv/database"], fstab, mounted), [],
+                         "noauto is not required, and /srv/database is not below /srv/data")
+        self.assertEqual(gitproc.unmounted_for(["/var/lib"], self.file("no-fstab"), mounted), [])
+        self.deploy({"mounted.service": unit_text("ExecStart=" + SLEEPER, "RequiresMountsFor=/proc/self /var/lib")})
+        self.watch(self.home.running_pid("mounted"))
 
     def test_stop_when_unneeded_and_reload_propagation(self):
         reloaded = self.file("reloaded")
