@@ -616,6 +616,7 @@ class UnitSpec:
         "part_of": (), "conflicts": (), "on_failure": (), "binds_to": (),
         "on_success": (), "requisite": (), "upholds": (), "stop_when_unneeded": False,
         "requires_mounts_for": (),      # paths whose /etc/fstab mounts must be mounted
+        "joins_namespace_of": (),       # units whose /tmp, network and IPC namespaces it shares
         "propagates_reload_to": (), "reload_propagated_from": (),
         "conditions": (),               # (key, negated, value, triggering) of Condition*=/Assert*= at each start
         "start_limit_interval": DEFAULT_START_LIMIT_INTERVAL,
@@ -1847,6 +1848,7 @@ DIRECTIVES = {
     ("Unit", "Upholds"): ("upholds", _parse_unit_names, "list"),
     ("Unit", "StopWhenUnneeded"): ("stop_when_unneeded", parse_bool, "one"),
     ("Unit", "RequiresMountsFor"): ("requires_mounts_for", lambda v: tuple(_absolute_paths(v)), "list"),
+    ("Unit", "JoinsNamespaceOf"): ("joins_namespace_of", _parse_unit_names, "list"),
     ("Unit", "PropagatesReloadTo"): ("propagates_reload_to", _parse_unit_names, "list"),
     ("Unit", "ReloadPropagatedFrom"): ("reload_propagated_from", _parse_unit_names, "list"),
     ("Unit", "ConditionHost"): ("condition_host", _parse_host_condition, "list"),
@@ -2010,6 +2012,7 @@ _SPECIFIER_FIELDS = {"description", "environment", "environment_files", "working
                      "bind_paths", "temporary_file_systems", "directories", "standard_input", "standard_output",
                      "standard_error", "after", "before", "requires", "wants", "binds_to", "part_of", "conflicts",
                      "on_failure", "on_success", "requisite", "upholds", "propagates_reload_to", "requires_mounts_for",
+                     "joins_namespace_of",
                      "reload_propagated_from"} | set(EXEC_FIELDS)
 # Keys accepted without a word: they only document the unit.
 SILENT_KEYS = {("Unit", key) for key in (
@@ -2060,7 +2063,7 @@ NOT_APPLIED_KEYS = dict(
             "RestartMode", "ExitType", "OOMPolicy", "FileDescriptorStoreMax",
             "LoadCredentialEncrypted", "SetCredentialEncrypted", "PAMName",
             "UtmpIdentifier", "UtmpMode"),
-    **_keys("unit relations gitproc does not have yet", "JoinsNamespaceOf", "FailureAction", "SuccessAction", "StartLimitAction",
+    **_keys("unit relations gitproc does not have yet", "FailureAction", "SuccessAction", "StartLimitAction",
             "JobTimeoutSec", "JobRunningTimeoutSec", "JobTimeoutAction"),
 )
 # Every key gitproc knows -> the sections it is known in (none: not applied), for
@@ -5886,7 +5889,7 @@ class Sandbox:
     enter() (before the user change) and finish() (after it)."""
 
     def __init__(self, spec, private_tmp=None, helpers=None, dropping_user=False, extra_writable=(), full=True,
-                 private_folders=None):
+                 private_folders=None, joined=None):
         """`full`: False for a daemon that is not root, which can only set
         no_new_privs and load system call filters. Raises SpawnError where
         the filters cannot be had (no system call table for this machine)."""
@@ -5900,13 +5903,13 @@ class Sandbox:
         self.drop_caps, self.ambient = [], []
         self.user_namespace = False       # PrivateUsers=: made between the group and the user change
         self.secure_bits = 0              # SecureBits=, set before the user change
+        self.joined = dict(joined or {})  # JoinsNamespaceOf=: namespace flag -> /proc/PID/ns/... to enter instead
         persona = self.libc.personality(0xffffffff) & 0xffffffff if spec.lock_personality else None
         self.filters = seccomp_filters(spec, persona)   # [(keys, program, packed)], loaded by seal()
         if full:
             self._plan(spec, private_tmp, helpers, dropping_user, extra_writable, private_folders or {})
 
     def _plan(self, spec, private_tmp, helpers, dropping_user, extra_writable, private_folders):
-        self.loopback = spec.private_network
         self.user_namespace = spec.private_users
         for bits in spec.secure_bits:
             self.secure_bits |= bits
@@ -5925,12 +5928,13 @@ class Sandbox:
         self.drop_caps = sorted(c for c in range(last + 1) if c not in keep or c in drops)
         ambient = capability_set(spec.ambient_capabilities) or set()
         self.ambient = sorted(c for c in ambient if c <= last) if dropping_user else []
-        if spec.private_network:
+        if spec.private_network and CLONE_NEWNET not in self.joined:
             self.unshare |= CLONE_NEWNET
         if spec.protect_hostname:
             self.unshare |= CLONE_NEWUTS
-        if spec.private_ipc:
+        if spec.private_ipc and CLONE_NEWIPC not in self.joined:
             self.unshare |= CLONE_NEWIPC
+        self.loopback = spec.private_network and CLONE_NEWNET not in self.joined
         entries = []
         for key, wanted in (("system-" + spec.protect_system, spec.protect_system != "no"),
                             ("home-" + spec.protect_home, spec.protect_home != "no"),
@@ -5992,6 +5996,12 @@ class Sandbox:
     def enter(self):
         """Before the user change: namespaces, mounts, the bounding set.
         Returns the stage name of what it does (for an error report)."""
+        for flag, path in self.joined.items():       # JoinsNamespaceOf=: the other unit's
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                self._check(self.libc.setns(fd, flag), "JoinsNamespaceOf= %s" % path)
+            finally:
+                os.close(fd)
         if self.unshare:
             self._check(self.libc.unshare(self.unshare), "unshare")
         if self.unshare & CLONE_NEWNS:
@@ -9549,8 +9559,10 @@ class Launcher:
             return Sandbox(spec, full=False) if spec.no_new_privileges or seccomp_settings(spec) != SECCOMP_UNSET \
                 else None
         helpers = self._sandbox_helpers()
+        peer = self.namespace_peer(service)
         if spec.private_tmp and service.private_tmp is None:
-            service.private_tmp = self._private_tmp(self._private_tmp_prefix(service.name))
+            shared = peer.private_tmp if peer is not None and peer.spec.private_tmp else None
+            service.private_tmp = shared or self._private_tmp(self._private_tmp_prefix(service.name))
         writable = [os.path.join(self.folders[kind], relative) for kind, relative in spec.directories
                     if not (self._dynamic(spec) and kind in "SCL")]
         private = {}                      # DynamicUser=: /var/lib/private, with its own folders only
@@ -9558,8 +9570,16 @@ class Launcher:
             if self._dynamic(spec) and kind in "SCL":
                 private.setdefault(os.path.join(self.folders[kind], "private"), []).append(
                     os.path.join(self.folders[kind], "private", relative))
+        joined = {flag: "/proc/%d/ns/%s" % (peer.pid, kind) for flag, kind, wanted in (
+            (CLONE_NEWNET, "net", spec.private_network and peer and peer.spec.private_network),
+            (CLONE_NEWIPC, "ipc", spec.private_ipc and peer and peer.spec.private_ipc)) if wanted and peer.pid}
         return Sandbox(spec, service.private_tmp if spec.private_tmp else None, helpers, run_as.uid is not None, writable,
-                       private_folders=private)
+                       private_folders=private, joined=joined)
+
+    def namespace_peer(self, service):
+        """JoinsNamespaceOf=: a running unit whose namespaces this one shares
+        (the DaemonHost knows the others); None: it makes its own."""
+        return None
 
     SANDBOX_HELPERS = "/run/gitproc/sandbox"
 
@@ -14650,6 +14670,15 @@ class DaemonHost(Launcher):
 
     def listening_for(self, service):
         return self.daemon.listeners.listening_for(service)
+
+    def namespace_peer(self, service):
+        names = set(service.spec.joins_namespace_of) | {other.name for other in self.daemon.services.values()
+                                                        if service.name in other.spec.joins_namespace_of}
+        for name in sorted(names):
+            other = self.daemon.services.get(name)
+            if other is not None and other is not service and other.pid and other.state in (RUNNING, RELOADING):
+                return other
+        return None
 
 
 class Daemon:

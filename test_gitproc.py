@@ -797,7 +797,7 @@ class UnitParserTests(unittest.TestCase):
                            "Group", "SupplementaryGroups", "PIDFile", "SyslogIdentifier", "BindPaths",
                            "BindReadOnlyPaths", "TemporaryFileSystem", "StandardInput", "StandardOutput",
                            "StandardError", "OnSuccess", "Requisite", "Upholds", "PropagatesReloadTo",
-                           "ReloadPropagatedFrom", "RequiresMountsFor"}
+                           "ReloadPropagatedFrom", "RequiresMountsFor", "JoinsNamespaceOf"}
         systemd_expands |= {key for _, key in gitproc.DIRECTIVES if key.startswith(("Condition", "Assert", "Exec"))
                             or key in gitproc.PATH_KEYS or key.endswith("Directory")}
         for (section, key), (field, _, _) in sorted(gitproc.DIRECTIVES.items()):
@@ -7331,6 +7331,22 @@ class SandboxTests(SupervisionCase):
         self.assertEqual(service["last_exit"], {"code": 243})
         self.assertEqual(self.home.cli("stop", "cred")[0], 0)
         self.assertFalse(os.path.exists(folder), "unmounted and removed at stop")
+
+    def test_joins_namespace_of_shares_tmp_network_and_ipc(self):
+        self.deploy({"first.service": unit_text("ExecStart=" + SLEEPER, "PrivateTmp=yes", "PrivateNetwork=yes",
+                                                 "PrivateIPC=yes"),
+                     "second.service": unit_text("ExecStart=" + SLEEPER, "PrivateTmp=yes", "PrivateNetwork=yes",
+                                                  "PrivateIPC=yes", "JoinsNamespaceOf=first", "After=first"),
+                     "alone.service": unit_text("ExecStart=" + SLEEPER, "PrivateNetwork=yes")})
+        first, second, alone = (self.watch(self.home.running_pid(n)) for n in ("first", "second", "alone"))
+        namespace = lambda pid, kind: os.readlink("/proc/%d/ns/%s" % (pid, kind))
+        for kind in ("net", "ipc"):
+            with self.subTest(kind=kind):
+                self.assertEqual(namespace(first, kind), namespace(second, kind))
+                self.assertNotEqual(namespace(first, kind), namespace(os.getpid(), kind))
+        self.assertNotEqual(namespace(alone, "net"), namespace(first, "net"))
+        tmp = lambda pid: [line.split()[3] for line in read_lines("/proc/%d/mountinfo" % pid) if line.split()[4] == "/tmp"]
+        self.assertEqual(tmp(first), tmp(second), "one /tmp")
 
     def test_restrict_suid_sgid_and_lock_personality_filter_system_calls(self):
         if os.uname().machine not in gitproc.SECCOMP_MACHINES:
