@@ -362,6 +362,11 @@ def new_digest(name):
     return hashlib.new(name)
 
 
+def shorten(text, width):
+    """`text`, cut to `width` characters with "..." when it is longer."""
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
 def some_paths(paths, shown=5):
     """Paths for one line: the first few, and how many more."""
     return ", ".join(paths[:shown]) + (" and %d more" % (len(paths) - shown) if len(paths) > shown else "")
@@ -6945,7 +6950,7 @@ def _proc_devices():
     found, section = [], None
     for line in _read_text("/proc/devices").splitlines():
         if line.endswith("devices:"):
-            section = line.split()[0].lower()
+            section = {"Character": "char", "Block": "block"}.get(line.split()[0], line.split()[0].lower())
         elif line.strip():
             major, _, name = line.strip().partition(" ")
             found.append((section, int(major), name.strip()))
@@ -16076,7 +16081,7 @@ def cmd_check(config, args):
             print("\n%s: %d of %d protections in force" % (name, sum(1 for row in rows if row["state"] == "applied"),
                                                              len(rows)))
             _table([("KEY", "SETTING", "STATE", "PROTECTS FROM")] +
-                   [(row["key"] + "=", row["value"] or "-", row["state"], row["protects"]) for row in rows])
+                   [(row["key"] + "=", shorten(row["value"] or "-", 44), row["state"], row["protects"]) for row in rows])
         sys.stdout.flush()
         print("%d unit%s checked: %d error%s, %d warning%s" % (
             len(entries), "" if len(entries) == 1 else "s", errors, "" if errors == 1 else "s",
@@ -16111,7 +16116,7 @@ def _missing_accounts(specs):
 SECURITY_KEYS = (
     ("User", "running as root"), ("DynamicUser", "a user shared with other services"),
     ("NoNewPrivileges", "gaining privileges through setuid programs"),
-    ("CapabilityBoundingSet", "capabilities it does not need"), ("AmbientCapabilities", "(grants capabilities)"),
+    ("CapabilityBoundingSet", "capabilities it does not need"),
     ("PrivateTmp", "other services' files in /tmp"), ("PrivateDevices", "hardware devices"),
     ("PrivateNetwork", "the network"), ("PrivateIPC", "other services' SysV IPC"),
     ("PrivateUsers", "other users' identities"), ("PrivateMounts", "mounts reaching the host"),
@@ -16139,7 +16144,7 @@ def security_exposure(spec):
     withheld.update(sandbox_not_applied(spec))
     rows = []
     for key, protects in SECURITY_KEYS:
-        value = _key_value(spec.sources or (spec.path,), key)
+        value = {"User": spec.user, "Group": spec.group}.get(key) or _key_value(spec.sources or (spec.path,), key)
         if not _security_key_set(spec, key):
             value, state = None, "unset"
         elif key in withheld:
@@ -16148,6 +16153,8 @@ def security_exposure(spec):
             state = "applied"
         if value == "" and key == "CapabilityBoundingSet":
             value = "(empty: none)"
+        elif value is None and state != "unset":          # set by another key
+            value = "closed (PrivateDevices=)" if key == "DevicePolicy" else "(implied by DynamicUser=)"
         rows.append({"key": key, "value": value, "state": state, "protects": protects})
     return rows
 
@@ -16157,6 +16164,8 @@ def _security_key_set(spec, key):
     does not)."""
     if key in SANDBOX_KEYS:
         return _sandbox_key_set(spec, key)
+    if key == "DevicePolicy":
+        return device_rules(spec, proc_devices=[]) is not None
     if ("Service", key) in DIRECTIVES:
         field = DIRECTIVES[("Service", key)][0]
         return getattr(spec, field) != UnitSpec.FIELDS[field]

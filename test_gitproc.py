@@ -7756,6 +7756,30 @@ class SeccompProgramTests(unittest.TestCase):
         self.assertEqual(families("none", "~AF_PACKET"), (False, {17}), "after none, the next line says the kind")
 
 
+class DeviceRulesTests(unittest.TestCase):
+    """DeviceAllow=/DevicePolicy= as the devices.allow lines they make."""
+
+    def rules(self, *lines, devices=(("char", 136, "pts"), ("char", 250, "ptp"), ("block", 8, "sd"))):
+        spec, found = gitproc.parse_unit("d.service", "d.service", (
+            "[Service]\nExecStart=/bin/true\n" + "\n".join(lines) + "\n").encode())
+        self.assertIsNotNone(spec, found)
+        return gitproc.device_rules(spec, proc_devices=list(devices))
+
+    def test_policies(self):
+        self.assertIsNone(self.rules(), "auto, nothing allowed: no control")
+        lines, warnings = self.rules("PrivateDevices=yes")
+        self.assertIn("c 1:3 rwm", lines)
+        self.assertIn("c 136:* rw", lines, "char-pts, of the closed policy")
+        lines, _ = self.rules("DevicePolicy=strict", "DeviceAllow=char-p* r", "DeviceAllow=block-sd rw")
+        self.assertEqual(lines, ["c 136:* r", "c 250:* r", "b 8:* rw"])
+        lines, warnings = self.rules("DevicePolicy=strict", "DeviceAllow=char-nothing r")
+        self.assertEqual((lines, warnings), ([], ["DeviceAllow=char-nothing: no such driver in /proc/devices, left out"]))
+
+    def test_the_machines_drivers_by_section(self):
+        sections = {section for section, _, _ in gitproc._proc_devices()}
+        self.assertEqual(sections, {"char", "block"} & sections | {"char"}, "char-NAME finds the character devices")
+
+
 class CapabilitySetTests(unittest.TestCase):
     """CapabilityBoundingSet= assignments merge as systemd.exec(5) says."""
 
