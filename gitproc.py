@@ -59,6 +59,7 @@ SNAPSHOT_COLLECT_DELAY = 1.0        # unused snapshots are removed this long aft
 
 DEFAULT_BRANCH = "main"
 DEFAULT_RESTART_SEC = 0.1
+EXIT_WAIT_POLL = 0.2                    # ExitType=cgroup: how often an emptying cgroup is looked at
 MAX_RESTART_DELAY = 30.0
 BACKOFF_RESET_UPTIME = 10.0
 DEFAULT_TIMEOUT_STOP_SEC = 10.0
@@ -640,9 +641,10 @@ class UnitSpec:
         "send_sighup": False,           # SendSIGHUP=: SIGHUP right after KillSignal=
         "send_sigkill": True,           # SendSIGKILL=no: what outlives TimeoutStopSec= is left running
         "final_kill_signal": int(signal.SIGKILL), "watchdog_signal": int(signal.SIGABRT),
-        "timeout_abort_sec": None,
-        "runtime_max_sec": None,
-        "restart_steps": 0, "restart_max_delay": None,     # RestartSteps=, RestartMaxDelaySec=: systemd's curve        # RuntimeMaxSec=: active for longer, it is stopped as failed (timeout)      # TimeoutAbortSec=: after WatchdogSignal= (TimeoutStopSec= if unset)
+        "timeout_abort_sec": None,      # TimeoutAbortSec=: after WatchdogSignal= (TimeoutStopSec= if unset)
+        "runtime_max_sec": None,        # RuntimeMaxSec=: active for longer, it is stopped as failed (timeout)
+        "restart_steps": 0, "restart_max_delay": None,     # RestartSteps=, RestartMaxDelaySec=: systemd's curve
+        "exit_type": "main",            # ExitType=cgroup: the run ends when the last process of its cgroup does
         "memory_max": None, "cpu_quota": None, "memory_high": None, "memory_swap_max": None, "tasks_max": None,
         "cpu_weight": None, "io_weight": None, "allowed_cpus": None,
         "memory_low": None, "memory_min": None, "cpu_quota_period": None,
@@ -673,14 +675,14 @@ class UnitSpec:
         "restrict_address_families": (),    # (invert or None for "none", family numbers) assignments
         "restrict_namespaces": (),      # ("set", "or" or "and", namespace flags) assignments
         "restrict_realtime": False, "memory_deny_write_execute": False,
-        "protect_proc": "default", "proc_subset": "all",
-        "remove_ipc": False,
-        "private_users": False,
-        "dynamic_user": False,
-        "credentials": (),              # (LoadCredential or SetCredential, id, path or bytes), in order          # DynamicUser=: a uid of its own while it runs (and what systemd implies)
+        "protect_proc": "default", "proc_subset": "all",     # a /proc of its own, with hidepid=, subset=pid
+        "remove_ipc": False,            # RemoveIPC=: the user's IPC objects go when its last process does
+        "private_users": False,         # PrivateUsers=: a user namespace mapping root and its user only
+        "dynamic_user": False,          # DynamicUser=: a uid of its own while it runs (and what systemd implies)
+        "credentials": (),              # (LoadCredential or SetCredential, id, path or bytes), in order
         "secure_bits": (),              # SecureBits= masks, ORed
         "personality": None, "timer_slack_nsec": None, "coredump_filter": (),    # coredump_filter masks, ORed
-        "numa_policy": None, "numa_mask": (),         # PrivateUsers=: a user namespace mapping root and its user only            # RemoveIPC=: the user's IPC objects go when its last process does     # a /proc of its own, with hidepid=, subset=pid
+        "numa_policy": None, "numa_mask": (),
         "device_allow": (),             # (/dev/PATH, char-NAME or block-NAME, access) of DeviceAllow=
         "device_policy": "auto",
         "paths": (),                    # (mode, path, optional) of ReadWritePaths= and its kin, in order
@@ -1896,6 +1898,7 @@ DIRECTIVES = {
     ("Service", "TimeoutAbortSec"): ("timeout_abort_sec", parse_timespan, "one"),
     ("Service", "RuntimeMaxSec"): ("runtime_max_sec", parse_timespan, "one"),
     ("Service", "RestartSteps"): ("restart_steps", _parse_int_range(0, 3000), "one"),
+    ("Service", "ExitType"): ("exit_type", _parse_choice(("main", "cgroup")), "one"),
     ("Service", "RestartMaxDelaySec"): ("restart_max_delay", parse_timespan, "one"),
     ("Service", "KillMode"): ("kill_mode", _parse_choice(KILL_MODES + ("none",)), "one"),
     ("Service", "MemoryMax"): ("memory_max", lambda v: parse_size(v, allow_percent=True), "one"),
@@ -2065,7 +2068,7 @@ NOT_APPLIED_KEYS = dict(
     **_keys("gitproc has no boot phase, which the Startup*= weights are for: CPUWeight=/IOWeight= apply",
             "StartupCPUWeight", "StartupIOWeight"),
     **_keys("service behaviour gitproc does not have yet", "BusName",
-            "RestartMode", "ExitType", "OOMPolicy", "FileDescriptorStoreMax",
+            "RestartMode", "OOMPolicy", "FileDescriptorStoreMax",
             "LoadCredentialEncrypted", "SetCredentialEncrypted", "PAMName",
             "UtmpIdentifier", "UtmpMode"),
     **_keys("unit relations gitproc does not have yet", "FailureAction", "SuccessAction", "StartLimitAction",
@@ -2080,7 +2083,7 @@ del _where, _name
 # The value of a not-applied key that asks for nothing, where it is not "no":
 # such a value is not reported (SyslogLevelPrefix=yes is what gitproc does anyway).
 # A Condition is never "off": ConditionACPower=false asks for something.
-NOT_APPLIED_DEFAULTS = {"SyslogLevelPrefix": "yes", "ExitType": "main", "KeyringMode": "private",
+NOT_APPLIED_DEFAULTS = {"SyslogLevelPrefix": "yes", "KeyringMode": "private",
                         "UtmpMode": "init", "RestartMode": "normal"}
 # Values systemd accepts that gitproc does not apply (the key itself is applied).
 NOT_APPLIED_VALUES = {
@@ -8136,6 +8139,7 @@ class Service:
         self.start_timer = None         # TimeoutStartSec= of the step running (start, post, reload)
         self.watchdog_timer = None      # WatchdogSec= since the last WATCHDOG=1
         self.runtime_timer = None       # RuntimeMaxSec= since it became active
+        self.exit_wait_timer = None     # ExitType=cgroup: the main process ended, its cgroup not yet
         self.watchdog_usec = None       # WATCHDOG_USEC= the service asked for instead
         self.stop_timed_out = False     # the current stop needed SIGKILL
         self.after_stop = "stop"        # what follows the stop under way: "stop", "restart", "policy"
@@ -8716,12 +8720,25 @@ class Service:
 
     # -- actions: the main process ended -----------------------------------------
 
-    def _main_exited(self, exit_info):
+    def _main_exited(self, exit_info, cgroup_empty=False):
         """The main process ended on its own: a oneshot's next command, a
         failed start, or the end of the run (ExecStop= and ExecStopPost= then
-        run as for a stop, and Restart= decides)."""
+        run as for a stop, and Restart= decides). With ExitType=cgroup the
+        run goes on while other processes of its cgroup live (`cgroup_empty`:
+        the last one is gone now)."""
         ran_for = self.host.now() - (self.started_at or self.host.now())
         phase, command = self.phase, self.current
+        if cgroup_empty:
+            self.exit_wait_timer = None
+        elif self.spec.exit_type == "cgroup" and phase in (START_POST, RUNNING, RELOAD) and self.host.cgroup_pids(
+                self, excluding=self.pid):
+            self.host.log.info(self.name, "Main process ended (%s); running while its cgroup has processes "
+                               "(ExitType=cgroup)" % self.host.describe_exit(self, exit_info))
+            self.pid = self.pid_start = self.main_started_wall = None
+            if exit_info is not None:
+                self.last_exit = self.main_exit = exit_info
+            self._wait_cgroup_empty(exit_info)
+            return phase, self.reason
         if phase == SPAWNED:              # ended before its exec was confirmed: did exec fail?
             error = self.exec_error or self.host.exec_report(self.name) or None
             self.exec_error = None
@@ -8761,6 +8778,15 @@ class Service:
         return self._begin_stop_sequence("policy", described, failed=self.spec.type == "oneshot" and not succeeded,
                                          run_exec_stop=phase in (START_POST, RUNNING, RELOAD))
 
+    def _wait_cgroup_empty(self, exit_info):
+        """ExitType=cgroup: look again shortly whether the cgroup emptied."""
+        def look():
+            if self.host.cgroup_pids(self):
+                self.exit_wait_timer = self.host.call_later(EXIT_WAIT_POLL, look)
+            else:
+                self.handle(EV_EXIT, exit_info=exit_info, cgroup_empty=True)
+        self.exit_wait_timer = self.host.call_later(EXIT_WAIT_POLL, look)
+
     def _main_gone(self, exit_info):
         """What every exit of the main process does first: forget the pid and
         describe how it ended. What is left of the service is ended too (as
@@ -8768,7 +8794,8 @@ class Service:
         that waits for the main process to go must not be killed with it."""
         pid = self.pid
         if self.control_pid is None:
-            self.host.reap_leftovers(self, pid, own_child=exit_info is not None and not self.adopted_elsewhere())
+            self.host.reap_leftovers(self, pid, own_child=pid is not None and exit_info is not None
+                                     and not self.adopted_elsewhere())
         else:
             self.reap_pending = True      # after the control process (an ExecStop= waiting for it)
         self.pid = self.pid_start = None
@@ -9145,7 +9172,7 @@ class Service:
                 setattr(self, name, None)
 
     def _cancel_timers(self):
-        self._cancel(("timer", "start_timer", "watchdog_timer", "runtime_timer"))
+        self._cancel(("timer", "start_timer", "watchdog_timer", "runtime_timer", "exit_wait_timer"))
 
     def discard(self):
         """Forget timers (the unit was removed and its process is gone)."""
@@ -9501,6 +9528,12 @@ class Launcher:
             _signal_group_if_same(pid, service.pid_start, signal.SIGKILL)   # still the process adopted?
         if self.cgroups is not None:
             self.cgroups.kill(service.cgroup, signal.SIGKILL)
+
+    def cgroup_pids(self, service, excluding=None):
+        """The processes of the service's cgroup (but `excluding`), [] without one."""
+        if self.cgroups is None or service.cgroup is None:
+            return []
+        return [pid for pid in Cgroups.pids(service.cgroup) if pid != excluding]
 
     def describe_exit(self, service, exit_info):
         if exit_info is None:

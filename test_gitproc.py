@@ -748,7 +748,7 @@ class UnitParserTests(unittest.TestCase):
     SAMPLES = ("yes", "no", "/bin/true x", "5s", "2", "7", "0755", "10M", "50%", "/tmp/x", "db.service",
                "SIGUSR1", "CAP_CHOWN", "always", "forking", "all", "process", "strict", "read-only", "idle",
                "fifo", "file:/tmp/x", "append:/tmp/x", "local0", "A=1", "web", "/tmp/a:/tmp/b", "0-1", "tcp://127.0.0.1:1", "1 2",
-               "AF_UNIX", "native", "/dev/null", "invisible", "pid", "noroot", "x86", "interleave", "default", "YQ==", "/ 1M", "/ 2")
+               "AF_UNIX", "native", "/dev/null", "invisible", "pid", "noroot", "x86", "interleave", "default", "YQ==", "/ 1M", "/ 2", "cgroup")
 
     def test_no_key_is_dropped_silently(self):
         """Every key of the parser's table: a value other than the default is
@@ -5373,6 +5373,26 @@ class MoreRelationsTests(SupervisionCase):
         self.home.wait_state("helper", "stopped", timeout=5)
         self.assertTrue(daemon_log_lines(self.home, "helper", "no longer needed (StopWhenUnneeded=)"))
         self.assertEqual(self.home.status("follower")["state"], "running", "not needed by anyone: never a user of it")
+
+
+class ExitTypeTests(SupervisionCase):
+
+    @unittest.skipUnless(cgroups_usable(), "no writable cgroup hierarchy on this machine")
+    def test_cgroup_runs_until_its_last_process_ends(self):
+        release = self.file("release")
+        script = "(while test ! -e %s; do sleep 0.05; done) & exit 0" % release
+        self.deploy({"group.service": unit_text("ExecStart=" + sh(script), "ExitType=cgroup"),
+                     "main.service": unit_text("ExecStart=" + sh(script.replace("release", "release2")),
+                                               "KillMode=process")})
+        wait_until(lambda: daemon_log_lines(self.home, "group", "ExitType=cgroup"), 5, "the main process to end")
+        self.assertEqual(self.home.status("group")["state"], "running", "its child still runs")
+        self.home.wait_state("main", "exited", timeout=5)
+        with open(release, "w"):
+            pass
+        service = self.home.wait_state("group", "exited", timeout=5)
+        self.assertEqual(service["last_exit"], {"code": 0})
+        with open(self.file("release2"), "w"):
+            pass
 
 
 class KillKeysTests(SupervisionCase):
