@@ -645,6 +645,7 @@ class UnitSpec:
         "runtime_max_sec": None,        # RuntimeMaxSec=: active for longer, it is stopped as failed (timeout)
         "restart_steps": 0, "restart_max_delay": None,     # RestartSteps=, RestartMaxDelaySec=: systemd's curve
         "exit_type": "main",            # ExitType=cgroup: the run ends when the last process of its cgroup does
+        "oom_policy": "stop",           # OOMPolicy=: what an OOM kill of one of its processes does (systemd's default)
         "memory_max": None, "cpu_quota": None, "memory_high": None, "memory_swap_max": None, "tasks_max": None,
         "cpu_weight": None, "io_weight": None, "allowed_cpus": None,
         "memory_low": None, "memory_min": None, "cpu_quota_period": None,
@@ -1899,6 +1900,7 @@ DIRECTIVES = {
     ("Service", "RuntimeMaxSec"): ("runtime_max_sec", parse_timespan, "one"),
     ("Service", "RestartSteps"): ("restart_steps", _parse_int_range(0, 3000), "one"),
     ("Service", "ExitType"): ("exit_type", _parse_choice(("main", "cgroup")), "one"),
+    ("Service", "OOMPolicy"): ("oom_policy", _parse_choice(("continue", "stop", "kill")), "one"),
     ("Service", "RestartMaxDelaySec"): ("restart_max_delay", parse_timespan, "one"),
     ("Service", "KillMode"): ("kill_mode", _parse_choice(KILL_MODES + ("none",)), "one"),
     ("Service", "MemoryMax"): ("memory_max", lambda v: parse_size(v, allow_percent=True), "one"),
@@ -2068,7 +2070,7 @@ NOT_APPLIED_KEYS = dict(
     **_keys("gitproc has no boot phase, which the Startup*= weights are for: CPUWeight=/IOWeight= apply",
             "StartupCPUWeight", "StartupIOWeight"),
     **_keys("service behaviour gitproc does not have yet", "BusName",
-            "RestartMode", "OOMPolicy", "FileDescriptorStoreMax",
+            "RestartMode", "FileDescriptorStoreMax",
             "LoadCredentialEncrypted", "SetCredentialEncrypted", "PAMName",
             "UtmpIdentifier", "UtmpMode"),
     **_keys("unit relations gitproc does not have yet", "FailureAction", "SuccessAction", "StartLimitAction",
@@ -5357,7 +5359,7 @@ def should_restart(policy, last_exit, timed_out=False, result=None, statuses=Non
             return True
     if policy == "always":
         return True
-    if result in ("timeout", "watchdog"):     # that is the result, however the process then ended
+    if result in ("timeout", "watchdog", "oom-kill"):     # that is the result, however the process then ended
         return policy in ("on-failure", "on-abnormal") or (policy == "on-watchdog" and result == "watchdog")
     if result in ("exit-code", "signal", "core-dump", "protocol", "resources"):
         clean, unclean_signal = False, result in ("signal", "core-dump")   # a failed start, whatever ran last
@@ -6963,7 +6965,7 @@ def _proc_devices():
 class CgroupSet:
     """The cgroups of one service: where its processes are listed (and joined),
     and what became of its limits."""
-    __slots__ = ("folders", "tracking", "v2", "clone_into", "limits", "oom_base")
+    __slots__ = ("folders", "tracking", "v2", "clone_into", "limits", "oom_base", "oom_seen")
 
     def __init__(self):
         self.folders = []       # every cgroup folder made for the service
@@ -6972,6 +6974,7 @@ class CgroupSet:
         self.clone_into = None  # the v2 folder a process can be born in (clone3), if it can
         self.limits = []        # {"key", "value", "applied", "why"} for status
         self.oom_base = 0       # OOM kills counted in its groups before this start
+        self.oom_seen = 0       # ... and when OOMPolicy='s watch last looked
 
     def procs_files(self, born_in_v2=False):
         """The cgroup.procs files a new process writes itself into (all but the
@@ -7126,6 +7129,8 @@ class Cgroups:
             group.limits.append(self._limit_devices(group, name, spec, *devices))
         if spec.memory_max is not None:       # an OOM kill is told apart only under a memory limit
             group.oom_base = self.oom_count(group)
+        if spec.oom_policy == "kill" and group.v2 and "memory" in self.v2_controllers:
+            _write_text_quietly(os.path.join(group.v2, "memory.oom.group"), "1")   # the kernel kills them all
         return group
 
     def _limit_devices(self, group, name, spec, lines, warnings):
@@ -7316,6 +7321,108 @@ def _write_text_quietly(path, text):
         _write_text(path, text)
     except OSError:
         pass
+
+
+class OomWatch:
+    """OOMPolicy=: learns at once that the kernel's OOM killer killed a
+    process of a unit, whichever: an inotify watch on a v2 group's
+    memory.events, or an eventfd a v1 memory group signals on OOM
+    (cgroup.event_control with memory.oom_control). on_kill(service) when
+    the group's oom_kill count grew."""
+
+    IN_MODIFY, IN_NONBLOCK, IN_CLOEXEC = 0x2, 0o4000, 0o2000000
+
+    def __init__(self, selector, call_later, on_kill):
+        self.selector, self.call_later, self.on_kill = selector, call_later, on_kill
+        self.watched = {}                 # service name -> (service, fd or inotify watch, what it is)
+        self.inotify = None               # the one inotify descriptor of the v2 watches
+        self.libc = None
+
+    def watch(self, service):
+        """Watch the memory group of service.cgroup (again, if it changed)."""
+        self.forget(service.name)
+        group = service.cgroup
+        folder = next((f for f in (group.folders if group else ()) if os.path.exists(os.path.join(f, "memory.events"))
+                       or os.path.exists(os.path.join(f, "memory.oom_control"))), None)
+        if folder is None:
+            return
+        import ctypes
+        self.libc = self.libc or ctypes.CDLL(None, use_errno=True)
+        group.oom_base = group.oom_seen = Cgroups.oom_count(group)
+        try:
+            if os.path.exists(os.path.join(folder, "memory.events")):
+                if self.inotify is None:
+                    fd = self.libc.inotify_init1(self.IN_NONBLOCK | self.IN_CLOEXEC)
+                    if fd < 0:
+                        return
+                    self.inotify = fd
+                    self.selector.register(fd, EVENT_READ, (self._on_inotify, None))
+                wd = self.libc.inotify_add_watch(self.inotify, os.path.join(folder, "memory.events").encode(),
+                                                 self.IN_MODIFY)
+                if wd >= 0:
+                    self.watched[service.name] = (service, wd, "v2")
+                return
+            efd = self.libc.eventfd(0, os.O_NONBLOCK | os.O_CLOEXEC)      # EFD_NONBLOCK | EFD_CLOEXEC
+            if efd < 0:
+                return
+            control = os.open(os.path.join(folder, "memory.oom_control"), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                _write_text(os.path.join(folder, "cgroup.event_control"), "%d %d" % (efd, control))
+            except OSError:
+                os.close(efd)
+                return
+            finally:
+                os.close(control)
+            self.selector.register(efd, EVENT_READ, (self._on_eventfd, service.name))
+            self.watched[service.name] = (service, efd, "v1")
+        except (OSError, ValueError):
+            pass                          # no watch: an OOM kill is then seen only when it ends the main process
+
+    def forget(self, name):
+        entry = self.watched.pop(name, None)
+        if entry is None:
+            return
+        _, handle, kind = entry
+        if kind == "v2":
+            self.libc.inotify_rm_watch(self.inotify, handle)
+        else:
+            unregister_quietly(self.selector, handle)
+            os.close(handle)
+
+    def _on_eventfd(self, name, _mask):
+        entry = self.watched.get(name)
+        if entry is not None:
+            try:
+                os.read(entry[1], 8)
+            except OSError:
+                pass
+            self._check(entry[0])
+
+    def _on_inotify(self, _arg, _mask):
+        try:
+            data = os.read(self.inotify, 65536)
+        except BlockingIOError:
+            return
+        watches = {entry[1]: entry[0] for entry in self.watched.values() if entry[2] == "v2"}
+        pos = 0
+        while pos + 16 <= len(data):
+            wd, _, _, length = struct.unpack_from("iIII", data, pos)
+            pos += 16 + length
+            if wd in watches:
+                self._check(watches[wd])
+
+    def _check(self, service, tries=10):
+        """v1 signals when the group runs out of memory, before the killer
+        chose: the count is looked at again for a while."""
+        group = service.cgroup
+        if group is None or service.name not in self.watched:
+            return
+        count = Cgroups.oom_count(group)
+        if count > group.oom_seen:
+            group.oom_seen = count
+            self.on_kill(service)
+        elif tries:
+            self.call_later(0.05, lambda: self._check(service, tries - 1))
 
 
 class Clone3:
@@ -7924,9 +8031,10 @@ EV_WATCHDOG = "watchdog"          # WatchdogSec= passed without a WATCHDOG=1
 EV_PID_FILE = "pid-file"          # time to look for a forking unit's PIDFile= again
 EV_ADOPT = "adopt"                # a live process an earlier daemon started
 EV_RUNTIME_MAX = "runtime-max"    # RuntimeMaxSec= passed since it became active
+EV_OOM = "oom"                    # the kernel's OOM killer killed a process of its cgroup
 EVENTS = (EV_START, EV_STOP, EV_RESTART, EV_RELOAD, EV_DEPENDENCIES, EV_EXIT, EV_CONTROL_EXIT, EV_EXEC,
           EV_READY, EV_RELOADING, EV_STOPPING, EV_HEALTHY, EV_UNHEALTHY, EV_RESTART_DUE, EV_START_TIMEOUT,
-          EV_STOP_TIMEOUT, EV_WATCHDOG, EV_PID_FILE, EV_ADOPT, EV_RUNTIME_MAX)
+          EV_STOP_TIMEOUT, EV_WATCHDOG, EV_PID_FILE, EV_ADOPT, EV_RUNTIME_MAX, EV_OOM)
 IGNORE = "ignore"
 
 # Where beginning a start can end: held for dependencies, a first process up
@@ -8092,9 +8200,14 @@ TRANSITIONS = {
 }
 # RuntimeMaxSec= counts while the unit is active (running, reloading, or
 # remaining after its exit): in every other phase its timer is not armed and
-# the event is ignored.
+# the event is ignored. OOMPolicy= acts on an OOM kill while the unit starts
+# or runs; one found while it stops, or after, changes nothing.
 TRANSITIONS.update({(phase, EV_RUNTIME_MAX): ((phase,), IGNORE) for phase in PUBLIC_STATE
                     if phase not in (RUNNING, RELOAD, REMAIN)})
+TRANSITIONS.update({(phase, EV_OOM): ((phase,) + _STOP_STEPS, "oom_killed")
+                    for phase in (START, START_POST, RUNNING, RELOAD)})
+TRANSITIONS.update({(phase, EV_OOM): ((phase,), IGNORE) for phase in PUBLIC_STATE
+                    if phase not in (START, START_POST, RUNNING, RELOAD)})
 # Adoption happens only to a Service just made (STOPPED): an EV_ADOPT in any
 # other phase is a bug, refused by handle() like any pair not in the table.
 
@@ -8371,6 +8484,20 @@ class Service:
             self._cancel(("runtime_timer",))
         elif self.runtime_timer is None:
             self.runtime_timer = self.host.call_later(seconds, lambda: self.handle(EV_RUNTIME_MAX))
+
+    def _oom_killed(self):
+        """The OOM killer killed a process of the unit: OOMPolicy=continue
+        only says so; stop ends the run as failed (result oom-kill, Restart=
+        decides); kill also kills every other process of it at once."""
+        policy = self.spec.oom_policy
+        why = "a process was killed by the OOM killer"
+        self.host.log.warning(self.name, "%s (OOMPolicy=%s)" % (sentence(why), policy))
+        if policy == "continue":
+            return self.phase, self.reason
+        if policy == "kill":
+            self.host.signal(self, signal.SIGKILL)
+        self.result = "oom-kill"
+        return self._begin_stop_sequence("policy", why, failed=True)
 
     def _runtime_max_passed(self):
         """Active for longer than RuntimeMaxSec=: stopped, as failed with the
@@ -8775,7 +8902,10 @@ class Service:
             self._cancel_timers()
             return REMAIN, None
         self.result = "success" if succeeded else _result_of(exit_info)
-        return self._begin_stop_sequence("policy", described, failed=self.spec.type == "oneshot" and not succeeded,
+        oom = not succeeded and self.spec.oom_policy != "continue" and self.host.oom_killed(self)
+        if oom:                           # the OOM killer ended it: failed, as systemd (result oom-kill)
+            self.result = "oom-kill"
+        return self._begin_stop_sequence("policy", described, failed=oom or (self.spec.type == "oneshot" and not succeeded),
                                          run_exec_stop=phase in (START_POST, RUNNING, RELOAD))
 
     def _wait_cgroup_empty(self, exit_info):
@@ -9215,6 +9345,7 @@ class Launcher:
         self.exit_watcher = ExitWatcher(selector, call_later, exit_watch_mode)
         self.spawner = Spawner()
         self.cgroups = None               # Cgroups, found at start-up
+        self.oom_watch = OomWatch(selector, call_later, lambda service: service.handle(EV_OOM))
         self.run_as_cache = {}            # (User=, Group=) -> (expiry, RunAs or SpawnError)
         self.exec_reports = {}            # service name -> exec-error pipe of a start not confirmed yet
         self.exec_received = {}           # service name -> what that pipe said so far
@@ -9274,6 +9405,8 @@ class Launcher:
             group = self.cgroups.prepare(service.name, spec, suspect=service.last_exit == {"signal": signal.SIGKILL}) \
                 if self.cgroups else None
             service.cgroup = group
+            if group is not None:
+                self.oom_watch.watch(service)
         if service.cgroup_timer is not None:
             service.cgroup_timer.cancel()
             service.cgroup_timer = None
@@ -9529,6 +9662,10 @@ class Launcher:
         if self.cgroups is not None:
             self.cgroups.kill(service.cgroup, signal.SIGKILL)
 
+    def oom_killed(self, service):
+        """Whether the OOM killer killed a process of the service since it started."""
+        return self.cgroups is not None and self.cgroups.oom_killed(service.cgroup)
+
     def cgroup_pids(self, service, excluding=None):
         """The processes of the service's cgroup (but `excluding`), [] without one."""
         if self.cgroups is None or service.cgroup is None:
@@ -9554,6 +9691,7 @@ class Launcher:
         def remove():
             service.cgroup_timer = None
             if service.pid is None and service.state not in ACTIVE_STATES:
+                self.oom_watch.forget(service.name)
                 Cgroups.remove(service.cgroup)
                 service.cgroup = None
         service.cgroup_timer = self.call_later(CGROUP_LINGER, remove)
@@ -9709,11 +9847,10 @@ class Launcher:
         """$CREDENTIALS_DIRECTORY of a run, made at its first process: under a
         root daemon /run/credentials/NAME.service, a ramfs (never swapped
         out) of its own, read-only, the folder 0500 and each file 0400 of
-        the unit's user, as systemd makes it; otherwise a 0700 folder in the
-        daemon's runtime folder."""
+        the unit's user, as systemd makes it; otherwise a 0500 folder in the
+        daemon's home."""
         root = os.geteuid() == 0
-        folder = os.path.join(self.CREDENTIALS if root else os.path.join(self.folders["t"], "credentials"),
-                              service.name + UNIT_SUFFIX)
+        folder = self._credentials_folder(service)
         if os.path.isdir(folder) and (not root or os.path.ismount(folder)):
             return folder                 # made for this run already
         values = read_credentials(service.spec.credentials)
@@ -9739,6 +9876,10 @@ class Launcher:
             self._remove_credentials(folder)
             raise SpawnError("LoadCredential=: %s: %s" % (folder, describe_os_error(exc)))
         return folder
+
+    def _credentials_folder(self, service):
+        return os.path.join(self.CREDENTIALS if os.geteuid() == 0 else os.path.join(self.config.home, "credentials"),
+                            service.name + UNIT_SUFFIX)
 
     @staticmethod
     def _remove_credentials(folder):
@@ -9788,8 +9929,7 @@ class Launcher:
             if kind == "t":
                 remove_tree(os.path.join(self.folders["t"], relative))
         if spec.credentials:
-            self._remove_credentials(os.path.join(self.CREDENTIALS if os.geteuid() == 0 else os.path.join(
-                self.folders["t"], "credentials"), service.name + UNIT_SUFFIX))
+            self._remove_credentials(self._credentials_folder(service))
         dynamic = dynamic_uid_of(self._dynamic_name(service)) if self._dynamic(spec) else None
         if spec.remove_ipc and (spec.user or spec.group or dynamic):
             uid = gid = dynamic
