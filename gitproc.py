@@ -9886,6 +9886,8 @@ class Launcher:
         if os.path.ismount(folder):
             import ctypes
             ctypes.CDLL(None, use_errno=True).umount2(folder.encode(), 2)     # MNT_DETACH
+        elif os.path.isdir(folder):
+            os.chmod(folder, 0o700)       # 0500: its files could not be removed by a daemon that is not root
         remove_tree(folder)
 
     @staticmethod
