@@ -59,6 +59,7 @@ SNAPSHOT_COLLECT_DELAY = 1.0        # unused snapshots are removed this long aft
 
 DEFAULT_BRANCH = "main"
 DEFAULT_RESTART_SEC = 0.1
+UPHOLD_START_LIMIT = (10.0, 16)        # Upholds= starts a unit at most 16 times in 10 s (systemd's ratelimit)
 EXIT_WAIT_POLL = 0.2                    # ExitType=cgroup: how often an emptying cgroup is looked at
 MAX_RESTART_DELAY = 30.0
 BACKOFF_RESET_UPTIME = 10.0
@@ -649,6 +650,7 @@ class UnitSpec:
         "memory_max": None, "cpu_quota": None, "memory_high": None, "memory_swap_max": None, "tasks_max": None,
         "cpu_weight": None, "io_weight": None, "allowed_cpus": None,
         "memory_low": None, "memory_min": None, "cpu_quota_period": None,
+        "startup_cpu_weight": None, "startup_io_weight": None,   # while the daemon starts up
         "io_limits": (),                # (IOReadBandwidthMax or its kin, path, value)
         "health_check_url": None, "health_check_interval": 30.0,
         "health_check_timeout": 5.0, "health_check_retries": 3,
@@ -1472,8 +1474,9 @@ def condition_holds(key, value, virtualization):
     if check == "Environment":
         name, equals, wanted = value.partition("=")
         return name in os.environ and (not equals or os.environ[name] == wanted)
-    if check == "KernelCommandLine":
-        words = _read_text("/proc/cmdline").split()
+    if check == "KernelCommandLine":          # in a container, as systemd: the command line of its pid 1
+        words = _read_text("/proc/cmdline").split() if virtualization == "none" else \
+            _read_bytes("/proc/1/cmdline").decode("utf-8", "replace").split("\0")
         return value in words or ("=" not in value and any(word.startswith(value + "=") for word in words))
     if check == "Memory":
         return _compare(_physical_memory(), value, parse_size)
@@ -1595,8 +1598,10 @@ def _pressure_below(kind, value):
     if not match:
         raise ValueError("%r is not N%%[/10sec|/1min|/5min]" % value)
     where, threshold, window = match.groups()
-    path = "/proc/pressure/" + kind if where is None else \
-        os.path.join("/sys/fs/cgroup", where.replace(".slice", "").strip("/"), kind + ".pressure")
+    if where is not None:             # foo-bar.slice is foo.slice/foo-bar.slice, as systemd nests slices
+        parts = _strip_suffix(where.strip(), ".slice").split("-")
+        where = "/".join("-".join(parts[:i + 1]) + ".slice" for i in range(len(parts)))
+    path = "/proc/pressure/" + kind if where is None else os.path.join("/sys/fs/cgroup", where, kind + ".pressure")
     try:
         text = _read_text(path)
     except OSError:
@@ -1914,6 +1919,8 @@ DIRECTIVES = {
     ("Service", "AllowedCPUs"): ("allowed_cpus", lambda v: tuple(sorted(set(_parse_cpu_set(v)))), "one"),
     ("Service", "MemoryLow"): ("memory_low", lambda v: parse_size(v, allow_percent=True), "one"),
     ("Service", "MemoryMin"): ("memory_min", lambda v: parse_size(v, allow_percent=True), "one"),
+    ("Service", "StartupCPUWeight"): ("startup_cpu_weight", _parse_int_range(1, 10000), "one"),
+    ("Service", "StartupIOWeight"): ("startup_io_weight", _parse_int_range(1, 10000), "one"),
     ("Service", "CPUQuotaPeriodSec"): ("cpu_quota_period", lambda v: min(1.0, max(0.001, parse_timespan(v))), "one"),
     ("Service", "HealthCheckURL"): ("health_check_url", _parse_health_url, "one"),
     ("Service", "HealthCheckInterval"): ("health_check_interval", parse_timespan, "one"),
@@ -2029,7 +2036,7 @@ SILENT_KEYS = {("Unit", key) for key in (
     "Documentation", "DefaultDependencies", "IgnoreOnIsolate", "AllowIsolate", "CollectMode", "SourcePath",
     "RefuseManualStart", "RefuseManualStop")} | {("Service", key) for key in (
     "CPUAccounting", "MemoryAccounting", "TasksAccounting", "IOAccounting", "IPAccounting", "BlockIOAccounting",
-    "GuessMainPID", "NonBlocking", "Slice")}
+    "GuessMainPID", "NonBlocking")}
 
 
 def unknown_key_message(section, key):
@@ -2065,10 +2072,9 @@ NOT_APPLIED_KEYS = dict(
             "IPAddressAllow", "IPAddressDeny", "SocketBindAllow", "SocketBindDeny", "RestrictNetworkInterfaces"),
     **_keys("output: the unit's log is used", "SyslogLevelPrefix", "LogExtraFields", "TTYPath", "TTYReset",
             "TTYVHangup"),
+    **_keys("gitproc makes each unit's cgroup under its own folder: no slices", "Slice"),
     **_keys("cgroup resource control: not applied", "CPUShares", "IODeviceWeight", "AllowedMemoryNodes", "Delegate",
             "ManagedOOMSwap", "ManagedOOMMemoryPressure", "ManagedOOMPreference", "BlockIOWeight"),
-    **_keys("gitproc has no boot phase, which the Startup*= weights are for: CPUWeight=/IOWeight= apply",
-            "StartupCPUWeight", "StartupIOWeight"),
     **_keys("service behaviour gitproc does not have yet", "BusName",
             "RestartMode", "FileDescriptorStoreMax",
             "LoadCredentialEncrypted", "SetCredentialEncrypted", "PAMName",
@@ -2085,7 +2091,7 @@ del _where, _name
 # The value of a not-applied key that asks for nothing, where it is not "no":
 # such a value is not reported (SyslogLevelPrefix=yes is what gitproc does anyway).
 # A Condition is never "off": ConditionACPower=false asks for something.
-NOT_APPLIED_DEFAULTS = {"SyslogLevelPrefix": "yes", "KeyringMode": "private",
+NOT_APPLIED_DEFAULTS = {"SyslogLevelPrefix": "yes", "Slice": "system.slice", "KeyringMode": "private",
                         "UtmpMode": "init", "RestartMode": "normal"}
 # Values systemd accepts that gitproc does not apply (the key itself is applied).
 NOT_APPLIED_VALUES = {
@@ -2339,8 +2345,7 @@ def _validate_unit(values, lines_of, report):
         report(lines_of["start_limit_burst"], "error", "StartLimitBurst= must be at least 1")
     if values.get("dynamic_user"):   # what systemd.exec(5) says DynamicUser= implies
         values.update(private_tmp=True, remove_ipc=True, no_new_privileges=True, restrict_suid_sgid=True)
-        if values.get("protect_system", "no") == "no":
-            values["protect_system"] = "strict"
+        values["protect_system"] = "strict"
         if values.get("protect_home", "no") == "no":
             values["protect_home"] = "read-only"
     if values.get("standard_input_data") and "standard_input" not in values:
@@ -4148,6 +4153,10 @@ def _strip_suffix(text, suffix):
     return text[:-len(suffix)] if text.endswith(suffix) else text
 
 
+def _strip_prefix(text, prefix):
+    return text[len(prefix):] if text.startswith(prefix) else text
+
+
 def as_unit_name(name, known):
     """A unit named as systemctl users type it: `web.service` is `web`
     (unless a unit is named `web.service` itself). `known`: a container of
@@ -5384,9 +5393,9 @@ def restart_delay(restart_sec, crash_streak, steps=0, max_delay=None):
     RestartSec= to the maximum in that many exponential steps."""
     if crash_streak <= 1:
         return restart_sec
-    if steps and max_delay and max_delay > restart_sec:
-        if restart_sec <= 0:
-            return max_delay if crash_streak > steps else max_delay * (crash_streak - 1) / steps
+    if steps and max_delay:       # as systemd: no curve from 0 s, to infinity or down to the maximum
+        if restart_sec <= 0 or max_delay == float("inf") or restart_sec >= max_delay:
+            return restart_sec
         return min(max_delay, restart_sec * (max_delay / restart_sec) ** (min(crash_streak - 1, steps) / steps))
     doubled = restart_sec * 2.0 ** min(crash_streak - 1, 1000)
     return max(restart_sec, min(doubled, MAX_RESTART_DELAY))
@@ -5698,6 +5707,8 @@ class ProcessSetup:
     def apply_late(self):
         """In the child, after the I/O priority: NUMA policy, timer slack,
         personality (each raising OSError with its key)."""
+        if self.libc is None:
+            return                        # none of them: nothing imported in the child
         ctypes = __import__("ctypes")
         for what, result in (("NUMAPolicy=", lambda: self.numa[2](self.numa[0], self.numa[1]) if self.numa else 0),
                              ("TimerSlackNSec=", lambda: self.libc.prctl(29, ctypes.c_ulong(self.timer_slack), 0, 0, 0)
@@ -6219,9 +6230,7 @@ class Sandbox:
         systemd's order. A process without CAP_SYS_ADMIN may load one only
         under no_new_privs: set then, as systemd implies NoNewPrivileges=."""
         ctypes = self.ctypes
-        for keys, _, packed in self.filters:
-            buffer = ctypes.create_string_buffer(packed, len(packed))
-            program = struct.pack("HP", len(packed) // 8, ctypes.addressof(buffer))   # struct sock_fprog
+        for keys, _, (_, _, program) in self.filters:
             what = "/".join(key + "=" for key in keys)
             result = self.libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, program, 0, 0)
             if result != 0 and ctypes.get_errno() == errno.EACCES:
@@ -6613,9 +6622,10 @@ def _errno_rules(calls, number=errno.EPERM):
 
 
 def seccomp_filters(spec, personality=None):
-    """[(keys, BPF program, its bytes)] of a unit, in systemd's order, or []
-    when it asks for none; compiled once per unit version. Raises SpawnError
-    on a machine with no system call table."""
+    """[(keys, BPF program, (its bytes, their buffer, the sock_fprog to
+    load))] of a unit, in systemd's order, or [] when it asks for none;
+    compiled once per unit version (the child only loads). Raises
+    SpawnError on a machine with no system call table."""
     key = seccomp_settings(spec) + (personality,)
     if key[:-1] == SECCOMP_UNSET:
         return []
@@ -6628,12 +6638,16 @@ def seccomp_filters(spec, personality=None):
                              "started" % (os.uname().machine, ", ".join(SECCOMP_MACHINES),
                                           " ".join(name + "=" for name in SECCOMP_ONLY_KEYS + SECCOMP_HALF_KEYS
                                                    if _sandbox_key_set(spec, name))))
-        if len(_COMPILED_FILTERS) > 256:
+        if len(_COMPILED_FILTERS) > 256:      # (a child forked before holds its own copy of the buffers)
             _COMPILED_FILTERS.clear()
+        import ctypes
         compiled = []
         for keys, default, rules, other in seccomp_plan(spec, personality, abis):
             program = bpf_program(default, rules, other, abis)
-            compiled.append((keys, program, b"".join(struct.pack("HBBI", *i) for i in program)))
+            packed = b"".join(struct.pack("HBBI", *i) for i in program)
+            buffer = ctypes.create_string_buffer(packed, len(packed))      # kept alive by the cache
+            fprog = struct.pack("HP", len(program), ctypes.addressof(buffer))      # struct sock_fprog
+            compiled.append((keys, program, (packed, buffer, fprog)))
         _COMPILED_FILTERS[key] = compiled
     return _COMPILED_FILTERS[key]
 
@@ -6657,9 +6671,13 @@ def seccomp_plan(spec, personality, abis):
     default answer, {ABI: rules}, answer for ABIs not in the dict)]. Pure."""
     plan = []
     eperm, allow = seccomp_errno(errno.EPERM), SECCOMP_ALLOW
+    kept = set(abis)                  # SystemCallArchitectures= kills the calls of other ABIs: the
+    if spec.system_call_architectures:    # other filters need no rules for them (each filter costs the kernel)
+        kept = {ARCHITECTURE_NAMES.get(word, abis[0] if abis else None) for word in spec.system_call_architectures}
+        kept |= set(abis[:1])         # the native one always, as systemd keeps it
 
     def every(rules, but=()):
-        return {abi: rules for abi in abis if abi not in but}
+        return {abi: rules for abi in abis if abi not in but and abi in kept}
 
     families = address_families(spec.restrict_address_families)
     if families is not None:
@@ -6677,8 +6695,8 @@ def seccomp_plan(spec, personality, abis):
         common = [("mprotect", ((executable, eperm),), allow), ("pkey_mprotect", ((executable, eperm),), allow)]
         rules = {abi: common + [("mmap", ((write_exec, eperm),), allow), ("shmat", ((((2, "set", 0o100000),), eperm),),
                                                                                      allow)]     # SHM_EXEC
-                 for abi in abis if abi != "i386"}
-        if "i386" in abis:            # mmap2 there; the old mmap takes a struct: refused, as systemd does
+                 for abi in abis if abi != "i386" and abi in kept}
+        if "i386" in abis and "i386" in kept:            # mmap2 there; the old mmap takes a struct: refused, as systemd does
             rules["i386"] = common + [("mmap2", ((write_exec, eperm),), allow), ("mmap", (), eperm)]
         plan.append((("MemoryDenyWriteExecute",), allow, rules, allow))
     if spec.restrict_realtime:        # SCHED_OTHER, SCHED_BATCH and SCHED_IDLE only
@@ -6710,8 +6728,6 @@ def seccomp_plan(spec, personality, abis):
         if wanted:
             plan.append(((key,), allow, every(_errno_rules(calls)), allow))
     if spec.system_call_architectures:
-        kept = {ARCHITECTURE_NAMES.get(word, abis[0] if abis else None) for word in spec.system_call_architectures}
-        kept |= set(abis[:1])         # the native one always, as systemd keeps it
         if set(abis) - kept:
             plan.append((("SystemCallArchitectures",), allow, {abi: [] for abi in abis if abi in kept}, SECCOMP_KILL))
     if spec.lock_personality:         # personality() only to set the one it has, as systemd: PER_LINUX
@@ -6878,14 +6894,19 @@ RESOURCE_KEYS = (("MemoryMax", "memory_max", "memory"), ("CPUQuota", "cpu_quota"
                  ("TasksMax", "tasks_max", "pids"), ("CPUWeight", "cpu_weight", "cpu"),
                  ("IOWeight", "io_weight", "io"), ("AllowedCPUs", "allowed_cpus", "cpuset"),
                  ("MemoryLow", "memory_low", "memory"), ("MemoryMin", "memory_min", "memory"))
-V1_FILES = ("MemoryMax", "CPUQuota", "TasksMax", "CPUWeight", "IOWeight", "AllowedCPUs") + tuple(IO_LIMIT_FILES)
+V1_FILES = ("MemoryMax", "CPUQuota", "TasksMax", "CPUWeight", "IOWeight", "AllowedCPUs", "StartupCPUWeight",
+            "StartupIOWeight") + tuple(IO_LIMIT_FILES)
 
 
-def resource_limits(spec):
-    """(controller, key, value) of the cgroup keys a unit sets (CPUQuota='s
-    value with CPUQuotaPeriodSec= is (percent, period))."""
+def resource_limits(spec, startup=False):
+    """(controller, key, value) of the cgroup keys a unit sets. While the
+    daemon starts up (`startup`), StartupCPUWeight=/StartupIOWeight= stand
+    for CPUWeight=/IOWeight=, as systemd uses them while the system boots."""
     found = [(controller, key, getattr(spec, field)) for key, field, controller in RESOURCE_KEYS
              if getattr(spec, field) is not None]
+    for key, field, controller in (("CPUWeight", "startup_cpu_weight", "cpu"), ("IOWeight", "startup_io_weight", "io")):
+        if startup and getattr(spec, field) is not None:
+            found = [entry for entry in found if entry[1] != key] + [(controller, "Startup" + key, getattr(spec, field))]
     return found + [("io", key, "%s %s" % (path, value)) for key, path, value in spec.io_limits]
 
 
@@ -7021,6 +7042,7 @@ class Cgroups:
         self.v2_controllers = set()     # controllers enabled for those groups
         self.v1 = {}                    # v1 controller -> folder gitproc makes its groups in
         self.problem = None             # why no cgroup can be made, if so
+        self.startup = True             # the daemon starts up: Startup*Weight= apply (end_startup)
         self.prepared = set()           # v2 groups this daemon made or renewed (see _renew)
         self.spent = set()              # ... and those it wrote cgroup.kill to since
         self._detect()
@@ -7087,7 +7109,7 @@ class Cgroups:
         `suspect`: its last process died of SIGKILL, maybe by a cgroup.kill
         from outside (see _renew)."""
         group = CgroupSet()
-        wanted = resource_limits(spec)
+        wanted = resource_limits(spec, self.startup)
         if self.v2:
             existed = os.path.isdir(os.path.join(self.v2, name))
             folder = self._make(group, os.path.join(self.v2, name))
@@ -7160,6 +7182,26 @@ class Cgroups:
         entry.update(applied=True, why="cgroup v1 %s: %d rule%s" % (folder, len(lines), "" if len(lines) == 1 else "s"))
         return entry
 
+    def end_startup(self, services):
+        """The daemon started up: CPUWeight=/IOWeight= (or the default, 100)
+        replace the Startup*Weight= of the units that run."""
+        self.startup = False
+        for service in services:
+            spec, group = service.spec, service.cgroup
+            if group is None:
+                continue
+            for entry in group.limits:
+                if entry["key"] not in ("StartupCPUWeight", "StartupIOWeight") or not entry["applied"]:
+                    continue
+                key = entry["key"][len("Startup"):]
+                value = getattr(spec, "cpu_weight" if key == "CPUWeight" else "io_weight") or 100
+                folder = entry["why"].split()[2]
+                try:
+                    (self._write_v2 if entry["why"].startswith("cgroup v2") else self._write_v1)(folder, key, value)
+                    entry.update(key=key, value=value)
+                except OSError as exc:
+                    entry.update(applied=False, why="cannot write %s= after start-up: %s" % (key, exc.strerror or exc))
+
     @staticmethod
     def _renew(folder):
         """Make the existing, empty v2 group `folder` anew, so that a process can be
@@ -7189,6 +7231,7 @@ class Cgroups:
 
     def _write_v2(self, folder, key, value, period=None):
         write = lambda name, text: _write_text(os.path.join(folder, name), text)
+        key = _strip_prefix(key, "Startup")
         period = int((period or self.CPU_PERIOD / 1e6) * 1e6)
         if key in IO_LIMIT_FILES:
             path, _, amount = value.rpartition(" ")
@@ -7212,6 +7255,7 @@ class Cgroups:
 
     def _write_v1(self, folder, key, value, period=None):
         write = lambda name, text: _write_text(os.path.join(folder, name), text)
+        key = _strip_prefix(key, "Startup")
         period = int((period or self.CPU_PERIOD / 1e6) * 1e6)
         if key in IO_LIMIT_FILES:
             path, _, amount = value.rpartition(" ")
@@ -7697,9 +7741,6 @@ class Spawner:
             if sandbox is not None:
                 stage = "sandbox"
                 sandbox.enter()
-                if sandbox.secure_bits:
-                    stage = "SecureBits="
-                    sandbox.set_secure_bits()
             if run_as.groups is not None:
                 stage = "SupplementaryGroups="
                 os.setgroups(run_as.groups)
@@ -7709,6 +7750,9 @@ class Spawner:
             if sandbox is not None and sandbox.user_namespace:
                 stage = "PrivateUsers="
                 sandbox.enter_user_namespace(run_as.uid, run_as.gid)
+            if sandbox is not None and sandbox.secure_bits:    # a new user namespace resets them
+                stage = "SecureBits="
+                sandbox.set_secure_bits()
             if run_as.uid is not None:
                 stage = "User="
                 os.setuid(run_as.uid)
@@ -9418,10 +9462,17 @@ class Launcher:
             service.process_warnings = list(setup.lowered)
             for why in setup.lowered:
                 self.unit_warning(service.name, why)
+            for entry in (group.limits if group else ()):
+                if not entry["applied"]:
+                    self.unit_warning(service.name, "%s=%s not applied: %s" % (entry["key"], entry["value"], entry["why"]))
         sandbox = self._sandbox(service, run_as) if command.privileged != "+" and sandbox_wanted(spec) else None
         listen = self.listening_for(service) if control in (None, "exec_start") else None
         if listen:                        # socket activation (SPEC §18)
             env.update(listen[3], LISTEN_FDS=str(len(listen[0])), LISTEN_FDNAMES=":".join(listen[1]))
+        for word in spec.unset_environment:   # last, over what gitproc set too: NAME, or only NAME=VALUE
+            name, equals, value = word.partition("=")
+            if name in env and (not equals or env[name] == value):
+                del env[name]
         pid, report = self.spawner.spawn(argv, path, env, cwd, self.config.service_log(service.log_name), run_as,
                                          group if group and group.folders else None,
                                          spec.private_pids and control is None,
@@ -9851,8 +9902,9 @@ class Launcher:
         daemon's home."""
         root = os.geteuid() == 0
         folder = self._credentials_folder(service)
-        if os.path.isdir(folder) and (not root or os.path.ismount(folder)):
+        if service.has_process() and os.path.isdir(folder) and (not root or os.path.ismount(folder)):
             return folder                 # made for this run already
+        self._remove_credentials(folder)  # read again at each start, as systemd reads them
         values = read_credentials(service.spec.credentials)
         try:
             os.makedirs(folder, mode=0o700, exist_ok=True)
@@ -9913,8 +9965,9 @@ class Launcher:
 
     def stopped(self, service):
         """The unit stopped (nothing of it runs, no start of this run follows):
-        its PIDFile= goes, as systemd removes it, and its RuntimeDirectory=
-        (RuntimeDirectoryPreserve=no; restart: unless a start follows)."""
+        its PIDFile= goes, as systemd removes it, its RuntimeDirectory=
+        (RuntimeDirectoryPreserve=no; restart: unless a start follows), its
+        credentials, IPC objects (RemoveIPC=) and dynamic user."""
         spec = service.spec
         if spec.pid_file:
             _unlink_quietly(spec.pid_file)
@@ -9924,10 +9977,9 @@ class Launcher:
             for outer in glob_module.glob("/tmp/%s*" % prefix) + glob_module.glob("/var/tmp/%s*" % prefix):
                 remove_tree(outer)
             service.private_tmp = None
-        if spec.runtime_directory_preserve == "yes" or (
-                spec.runtime_directory_preserve == "restart" and service.want == "up"):
-            return
-        for kind, relative in spec.directories:
+        preserved = spec.runtime_directory_preserve == "yes" or (
+            spec.runtime_directory_preserve == "restart" and service.want == "up")
+        for kind, relative in spec.directories if not preserved else ():
             if kind == "t":
                 remove_tree(os.path.join(self.folders["t"], relative))
         if spec.credentials:
@@ -9952,7 +10004,7 @@ class Launcher:
         """A clean environment, as systemd gives: PATH and locale from the daemon,
         the user's HOME/USER/LOGNAME/SHELL, PassEnvironment= from the daemon's
         own, then Environment=, then EnvironmentFile= (which overrides, as in
-        systemd); UnsetEnvironment= last."""
+        systemd). UnsetEnvironment= is applied last, at the spawn."""
         env = {"PATH": os.environ.get("PATH") or DEFAULT_PATH}
         for key in ("LANG", "LC_ALL", "TZ"):
             if key in os.environ:
@@ -9972,10 +10024,6 @@ class Launcher:
             except OSError as exc:
                 if not optional:
                     raise SpawnError("EnvironmentFile=%s: %s" % (path, exc.strerror))
-        for word in spec.unset_environment:   # NAME, or NAME=VALUE: only that assignment
-            name, equals, value = word.partition("=")
-            if name in env and (not equals or env[name] == value):
-                del env[name]
         return env
 
     @staticmethod
@@ -14903,6 +14951,7 @@ class Daemon:
         self.changed = False              # a service changed state since waiters were checked
         self.stopped_services = []        # services that came down since: Requires= propagates
         self.failed_services = []         # ... (and OnFailure= or OnSuccess=) of those that failed or succeeded
+        self.uphold_starts = {}           # unit name -> monotonic times Upholds= started it (UPHOLD_START_LIMIT)
         self.running = False
         self.keep_services = False        # the shutdown leaves services running
         self.pid = os.getpid()            # a forked child that unwound into this code must not act as us
@@ -15040,9 +15089,24 @@ class Daemon:
             self._start_on_failure(service, key)
         if not self.host.shutting_down:
             for upholder, service in self.dependencies.upheld():
+                starts, _ = start_limit_hit(self.uphold_starts.get(service.name, []), time.monotonic(),
+                                            *UPHOLD_START_LIMIT)
+                if len(starts) >= UPHOLD_START_LIMIT[1]:
+                    if len(starts) == UPHOLD_START_LIMIT[1]:      # said once
+                        self.log.warning(service.name, "Not started again: upheld by %s, but started %d times "
+                                         "within %s (as systemd limits it)" % (upholder.name, len(starts),
+                                                                               format_timespan(UPHOLD_START_LIMIT[0])))
+                        starts.append(time.monotonic())
+                    self.uphold_starts[service.name] = starts
+                    continue
+                self.uphold_starts[service.name] = starts + [time.monotonic()]
                 self.log.info(service.name, "Starting: upheld by %s (Upholds=)" % upholder.name)
                 service.start()
         self.dependencies.release_waiting()
+        cgroups = self.host.cgroups
+        if cgroups is not None and cgroups.startup and self.deployer.applied and not any(
+                service.state == STARTING for service in self.services.values()):
+            cgroups.end_startup(self.services.values())   # Startup*Weight= give way to *Weight=
         self.deployer.forget_removed()
         self.server.check_waiters()
         if self.host.shutting_down and not self.keep_services:
@@ -16202,6 +16266,8 @@ def cmd_check(config, args):
             stem, suffix = os.path.splitext(os.path.basename(path))
             prefix, at, _ = stem.partition("@")
             beside = [path] + ([os.path.join(os.path.dirname(path), prefix + "@" + suffix)] if at else [])
+            if suffix in (TIMER_SUFFIX, SOCKET_SUFFIX):   # the service it starts, when it sits beside it
+                beside += [os.path.join(os.path.dirname(path), stem + name) for name in (UNIT_SUFFIX, "@" + UNIT_SUFFIX)]
             for unit_path in beside:      # an instance's template, and the drop-ins of both, are read with it
                 if unit_path != path and os.path.exists(unit_path):
                     files.append(_disk_unit_file(unit_path))

@@ -789,6 +789,31 @@ class UnitParserTests(unittest.TestCase):
         self.assertEqual(spec.not_applied, (("SyslogLevelPrefix", "no"),))
         self.assertEqual(len(messages(problems, "warning")), 1)
 
+    def test_no_timer_or_socket_key_is_dropped_silently(self):
+        """The same audit for [Timer] and [Socket]: each key of their tables
+        changes what the unit means, each key they know but do not apply is
+        reported."""
+        for suffix, section, parse, directives, not_applied, base in (
+                (".timer", "Timer", gitproc.parse_timer, gitproc.TIMER_DIRECTIVES, gitproc.TIMER_NOT_APPLIED,
+                 "OnCalendar=daily\n"),
+                (".socket", "Socket", gitproc.parse_socket, gitproc.SOCKET_DIRECTIVES, gitproc.SOCKET_NOT_APPLIED,
+                 "ListenStream=127.0.0.1:9\n")):
+            text = lambda extra: ("[%s]\n%s%s" % (section, base, extra)).encode()
+            default = parse("a" + suffix, "a" + suffix, text(""))[0].identity()
+            for key in sorted(directives):
+                with self.subTest(section=section, key=key):
+                    taken = False
+                    for value in self.SAMPLES + ("127.0.0.1:10", "hourly", "web.service", "both", "4096"):
+                        spec, _ = parse("a" + suffix, "a" + suffix, text("%s=%s\n" % (key, value)))
+                        if spec is not None and (spec.identity() != default or spec.not_applied):
+                            taken = True
+                            break
+                    self.assertTrue(taken, "every value of %s= dropped without a word" % key)
+            for key in sorted(not_applied):
+                with self.subTest(section=section, key=key):
+                    spec, problems = parse("a" + suffix, "a" + suffix, text("%s=x-other\n" % key))
+                    self.assertIn("not applied: %s=x-other" % key, " ".join(messages(problems, "warning")))
+
     def test_specifiers_are_expanded_in_the_keys_systemd_expands_them_in(self):
         """systemd 252 expands specifiers in these keys gitproc knows (its
         *_printf parsers); in no other key does gitproc."""
@@ -1187,7 +1212,12 @@ MACHINE_CONDITIONS = ["ConditionArchitecture=native", "ConditionArchitecture=x86
                       "ConditionFirmware=device-tree", "ConditionFirmware=smbios-field(board_vendor $= *)",
                       "ConditionPathIsEncrypted=/", "ConditionPathIsEncrypted=/proc", "ConditionCredential=gp-none",
                       "ConditionCPUPressure=100%", "ConditionMemoryPressure=100%/10sec", "ConditionIOPressure=100%/1min",
-                      "AssertHost=!no-such-host-gp"]
+                      "AssertHost=!no-such-host-gp", "ConditionKernelCommandLine=quiet",
+                      "ConditionKernelCommandLine=console", "ConditionUser=root", "ConditionUser=!root",
+                      "ConditionUser=@system", "ConditionGroup=root", "ConditionGroup=nogroup",
+                      "ConditionVirtualization=vm", "ConditionVirtualization=container", "ConditionVirtualization=yes",
+                      "ConditionVirtualization=kvm", "ConditionACPower=true", "ConditionACPower=false",
+                      "ConditionNeedsUpdate=/etc", "ConditionNeedsUpdate=/var"]
 
 
 def condition_fixtures(folder):
@@ -5025,6 +5055,9 @@ class RestartDelayTests(unittest.TestCase):
         self.assertEqual([round(gitproc.restart_delay(1.0, streak, 3, 8.0), 6) for streak in range(1, 7)],
                          [1.0, 2.0, 4.0, 8.0, 8.0, 8.0])
         self.assertEqual(gitproc.restart_delay(1.0, 5, 0, 8.0), 16.0, "without RestartSteps=: gitproc's doubling")
+        for restart_sec, maximum in ((0.0, 8.0), (1.0, float("inf")), (9.0, 8.0)):     # systemd's guards
+            with self.subTest(restart_sec=restart_sec, maximum=maximum):
+                self.assertEqual(gitproc.restart_delay(restart_sec, 4, 3, maximum), restart_sec)
 
     def test_capped_at_max_restart_delay(self):
         self.assertEqual(gitproc.MAX_RESTART_DELAY, 30.0)
@@ -5291,13 +5324,14 @@ class ProcessKeysTests(SupervisionCase):
         if os.path.exists("/proc/%d/numa_maps" % pid):
             self.assertIn(" interleave:0 ", read_text("/proc/%d/numa_maps" % pid))
         if IS_ROOT:
-            self.deploy_more({"bits.service": unit_text("ExecStart=" + SLEEPER, "SecureBits=noroot noroot-locked")})
-
-    def deploy_more(self, units):
-        self.home.commit(units, "more")
-        pid = self.watch(self.home.running_pid("bits"))
-        wait_until(lambda: argv_of(pid) == SLEEPER.split(), 5, "bits to exec")
-        self.assertEqual(int(proc_status(pid)["CapEff"], 16), 0, "noroot: root gets no capabilities at exec")
+            self.home.commit({"bits.service": unit_text("ExecStart=" + SLEEPER, "SecureBits=noroot noroot-locked"),
+                              "nsbits.service": unit_text("ExecStart=" + SLEEPER, "SecureBits=noroot",
+                                                          "PrivateUsers=yes")}, "more")
+            for name in ("bits", "nsbits"):
+                pid = self.watch(self.home.running_pid(name))
+                wait_until(lambda: argv_of(pid) == SLEEPER.split(), 5, "%s to exec" % name)
+                self.assertEqual(int(proc_status(pid)["CapEff"], 16), 0, "noroot: root gets no capabilities at exec "
+                                 "(in a user namespace too, whose making resets the bits)")
 
     def test_a_mask_missing_or_a_bad_policy_fails_the_start_with_its_code(self):
         self.deploy({"numa.service": unit_text("ExecStart=" + SLEEPER, "NUMAPolicy=bind", "NUMAMask=63")})
@@ -5363,6 +5397,13 @@ class MoreRelationsTests(SupervisionCase):
         self.assertEqual(gitproc.unmounted_for(["/var/lib"], self.file("no-fstab"), mounted), [])
         self.deploy({"mounted.service": unit_text("ExecStart=" + SLEEPER, "RequiresMountsFor=/proc/self /var/lib")})
         self.watch(self.home.running_pid("mounted"))
+
+    def test_upholds_starts_a_failing_unit_at_most_16_times_in_10_s(self):
+        self.deploy({"keeper.service": unit_text("ExecStart=" + SLEEPER, "Upholds=broken"),
+                     "broken.service": unit_text("ExecStart=/nonexistent/gp-program", "StartLimitIntervalSec=0")})
+        self.watch(self.home.running_pid("keeper"))
+        wait_until(lambda: daemon_log_lines(self.home, "broken", "Not started again"), 10, "the limit")
+        self.assertEqual(len(daemon_log_lines(self.home, "broken", "upheld by keeper (Upholds=)")), 16)
 
     def test_stop_when_unneeded_and_reload_propagation(self):
         reloaded = self.file("reloaded")
@@ -7403,6 +7444,31 @@ class SandboxTests(SupervisionCase):
         tmp = lambda pid: [line.split()[3] for line in read_lines("/proc/%d/mountinfo" % pid) if line.split()[4] == "/tmp"]
         self.assertEqual(tmp(first), tmp(second), "one /tmp")
 
+    def test_permissions_start_only_runs_the_other_commands_with_full_privileges(self):
+        """tor's case: ExecStartPre= chowns a folder and ExecReload= signals a
+        process of another user, which its CapabilityBoundingSet= forbids."""
+        folders = ["/run/gp-pso-%d-%s" % (os.getpid(), name) for name in ("with", "without")]
+        for folder in folders:
+            self.addCleanup(lambda f=folder: os.path.isdir(f) and os.rmdir(f))
+        got = self.file("got")
+        os.chmod(self.home.path, 0o755)
+        with open(got, "w"):
+            pass
+        os.chmod(got, 0o666)              # for nobody to write
+        script = 'trap "echo hup >> %s" HUP; while :; do sleep 0.05; done' % got
+        units = {}
+        for name, folder, extra in (("with", folders[0], ["PermissionsStartOnly=yes"]), ("without", folders[1], [])):
+            units[name + ".service"] = unit_text(
+                "ExecStartPre=/usr/bin/install -o nobody -d " + folder, "ExecStart=" + sh(script), "User=nobody",
+                "CapabilityBoundingSet=CAP_NET_BIND_SERVICE", "ExecReload=/bin/kill -HUP $MAINPID", *extra)
+        self.deploy(units)
+        self.watch(self.home.running_pid("with"))
+        self.assertEqual(os.stat(folders[0]).st_uid, 65534, "install -o ran with CAP_CHOWN")
+        self.assertEqual(self.home.cli("reload", "with")[0], 0)
+        wait_until(lambda: read_text(got) == "hup\n", 5, "the reload's SIGHUP")
+        self.assertEqual(self.home.wait_state("without", "failed", "backoff", timeout=10)["state"] in
+                         ("failed", "backoff"), True, "without it, the bounding set forbids the chown")
+
     def test_restrict_suid_sgid_and_lock_personality_filter_system_calls(self):
         if os.uname().machine not in gitproc.SECCOMP_MACHINES:
             self.skipTest("the seccomp filter is known for %s only" % ", ".join(gitproc.SECCOMP_MACHINES))
@@ -7730,7 +7796,7 @@ class SeccompProgramTests(unittest.TestCase):
         self.assertIs(gitproc.seccomp_filters(spec), first)
         self.assertEqual([keys for keys, _, _ in first], [("SystemCallFilter", "SystemCallErrorNumber")])
         self.assertLess(len(first[0][1]), 4096, "within the kernel's bound")
-        self.assertEqual(len(first[0][2]), 8 * len(first[0][1]), "struct sock_filter, 8 bytes each")
+        self.assertEqual(len(first[0][2][0]), 8 * len(first[0][1]), "struct sock_filter, 8 bytes each")
 
     def test_a_machine_without_a_table_refuses_to_start_the_unit(self):
         spec, _ = gitproc.parse_unit("f.service", "f.service", b"[Service]\nExecStart=/bin/true\nRestrictRealtime=yes\n")
@@ -7822,6 +7888,9 @@ class DeviceRulesTests(unittest.TestCase):
 
     def test_policies(self):
         self.assertIsNone(self.rules(), "auto, nothing allowed: no control")
+        spec, _ = gitproc.parse_unit("d.service", "d.service", b"[Service]\nExecStart=/bin/true\nDynamicUser=yes\n"
+                                                               b"ProtectSystem=full\n")
+        self.assertEqual(spec.protect_system, "strict", "DynamicUser= makes it strict, as systemd")
         lines, warnings = self.rules("PrivateDevices=yes")
         self.assertIn("c 1:3 rwm", lines)
         self.assertIn("c 136:* rw", lines, "char-pts, of the closed policy")
@@ -8214,6 +8283,8 @@ class EnvironmentTests(SupervisionCase):
 
     def test_pass_and_unset_environment_and_input_data(self):
         self.deploy({"pass.service": unit_text("ExecStart=" + SLEEPER, "PassEnvironment=GP_PASSED GP_ABSENT",
+                                               "RuntimeDirectory=gp-pass-%d" % os.getpid(),
+                                               "UnsetEnvironment=RUNTIME_DIRECTORY",
                                                "Environment=KEEP=1 DROP=2 MATCH=yes", "UnsetEnvironment=DROP",
                                                "UnsetEnvironment=MATCH=no KEEP=other GITPROC_UNIT"),
                      "input.service": unit_text("ExecStart=/bin/cat", "StandardInputText=first line",
@@ -8225,6 +8296,7 @@ class EnvironmentTests(SupervisionCase):
         self.assertEqual((environ.get("KEEP"), environ.get("MATCH")), ("1", "yes"), "NAME=VALUE unsets that value only")
         self.assertNotIn("DROP", environ)
         self.assertNotIn("GITPROC_UNIT", environ)
+        self.assertNotIn("RUNTIME_DIRECTORY", environ, "also what gitproc sets")
         self.home.wait_state("input", "exited", timeout=5)
         self.assertEqual(self.home.service_log("input"), "first line\nsecond\nthird\n")
         for text, line, message in ((b"StandardInputData=%%%\n", 3, "StandardInputData=: not base64 data"),
@@ -8245,6 +8317,11 @@ class EnvironmentTests(SupervisionCase):
         self.assertEqual(stat.S_IMODE(os.stat(folder).st_mode), 0o500)
         self.assertEqual(self.home.cli("stop", "cred")[0], 0)
         self.assertFalse(os.path.exists(folder))
+        with open(secret, "w") as handle:
+            handle.write("changed")
+        self.assertEqual(self.home.cli("start", "cred")[0], 0)
+        self.watch(self.home.running_pid("cred"))
+        wait_until(lambda: self.home.service_log("cred") == "s3cretchanged", 5, "the credential read again")
 
     def test_missing_working_directory_fails_naming_it(self):
         missing = self.file("no-such-dir")
@@ -8599,6 +8676,27 @@ class CgroupLimitTests(SupervisionCase):
                                                ).strip(), str((16 if key == "MemoryLow" else 8) << 20))
                 else:
                     self.assertIn("v2 only", entry["why"])
+
+    @unittest.skipUnless(cgroups_usable(), "no writable cgroup hierarchy on this machine")
+    def test_startup_weights_while_the_daemon_starts_up(self):
+        gate = self.file("gate")
+        self.deploy({"fast.service": unit_text("ExecStart=" + SLEEPER, "StartupCPUWeight=20", "CPUWeight=50"),
+                     "slow.service": unit_text("ExecStartPre=" + sh("while test ! -e %s; do sleep 0.05; done" % gate),
+                                               "ExecStart=" + SLEEPER)})
+        self.watch(self.home.running_pid("fast"))
+        detail = lambda: {e["key"]: e for e in self.home.request({"cmd": "status", "names": ["fast"]})[
+            "services"][0]["limits"]}
+        entry = detail()["StartupCPUWeight"]
+        if not entry["applied"]:
+            self.skipTest("no cpu controller here: %s" % entry["why"])
+        shares = lambda why: read_text(cgroup_file(why, "cpu.weight" if why.startswith("cgroup v2") else "cpu.shares"))
+        self.assertEqual(shares(entry["why"]).strip(), "20" if entry["why"].startswith("cgroup v2") else "204",
+                         "while slow still starts, the daemon starts up")
+        with open(gate, "w"):
+            pass
+        self.watch(self.home.running_pid("slow"))
+        entry = wait_until(lambda: detail().get("CPUWeight"), 5, "start-up to end")
+        self.assertEqual(shares(entry["why"]).strip(), "50" if entry["why"].startswith("cgroup v2") else "512")
 
     @unittest.skipUnless(cgroups_usable(), "no writable cgroup hierarchy on this machine")
     def test_device_policy_through_the_devices_controller(self):
