@@ -2066,8 +2066,9 @@ def _keys(why, *names):
 NOT_APPLIED_KEYS = dict(
     **_keys("sandboxing: gitproc does not build this sandbox",
             "RootDirectory", "RootImage", "MountAPIVFS", "MountFlags",
-            "KeyringMode", "NetworkNamespacePath", "IPCNamespacePath",
-            "SELinuxContext", "AppArmorProfile", "SmackProcessLabel"),
+            "KeyringMode", "NetworkNamespacePath", "IPCNamespacePath"),
+    **_keys("an LSM label (SELinux, AppArmor, Smack), which gitproc does not set", "SELinuxContext",
+            "AppArmorProfile", "SmackProcessLabel"),
     **_keys("needs BPF programs or an LSM, which gitproc does not load", "RestrictFileSystems",
             "IPAddressAllow", "IPAddressDeny", "SocketBindAllow", "SocketBindDeny", "RestrictNetworkInterfaces"),
     **_keys("output: the unit's log is used", "SyslogLevelPrefix", "LogExtraFields", "TTYPath", "TTYReset",

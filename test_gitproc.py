@@ -4817,7 +4817,7 @@ class NotAppliedKeysTests(unittest.TestCase):
         warnings = [d.message for d in found if d.severity == "warning"]
         self.assertEqual(warnings, [
             "not applied: IPAddressDeny=any (needs BPF programs or an LSM, which gitproc does not load)",
-            "not applied: AppArmorProfile=x (sandboxing: gitproc does not build this sandbox)",
+            "not applied: AppArmorProfile=x (an LSM label (SELinux, AppArmor, Smack), which gitproc does not set)",
             "not applied: BusName=org.example (service behaviour gitproc does not have yet)"])
         self.assertEqual(spec.not_applied, (("IPAddressDeny", "any"), ("AppArmorProfile", "x"),
                                             ("BusName", "org.example")), "PrivateUsers=false asks for nothing")
