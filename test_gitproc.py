@@ -5400,7 +5400,7 @@ class MoreRelationsTests(SupervisionCase):
 
     def test_upholds_starts_a_failing_unit_at_most_16_times_in_10_s(self):
         self.deploy({"keeper.service": unit_text("ExecStart=" + SLEEPER, "Upholds=broken"),
-                     "broken.service": unit_text("ExecStart=/nonexistent/gp-program", "StartLimitIntervalSec=0")})
+                     "broken.service": unit_text("ExecStart=/bin/false", "StartLimitIntervalSec=0")})
         self.watch(self.home.running_pid("keeper"))
         wait_until(lambda: daemon_log_lines(self.home, "broken", "Not started again"), 10, "the limit")
         self.assertEqual(len(daemon_log_lines(self.home, "broken", "upheld by keeper (Upholds=)")), 16)
@@ -7815,14 +7815,15 @@ class SeccompProgramTests(unittest.TestCase):
     def test_bad_names_are_errors_at_their_line(self):
         text = ("[Service]\nExecStart=/bin/true\nSystemCallFilter=@system-service @bogus\nSystemCallFilter=frobnicate\n"
                 "RestrictAddressFamilies=AF_INET AF_FOO\nRestrictNamespaces=net bogus\nSystemCallErrorNumber=EWHAT\n"
-                "SystemCallArchitectures=native vax\nSystemCallFilter=read:EPERM\nSystemCallArchitectures=native arm64\n")
+                "SystemCallArchitectures=native vax\nSystemCallFilter=read:EPERM\nSystemCallArchitectures=native arm64\n"
+                "DeviceAllow=/etc/passwd rwx\nDeviceAllow=sda r\n")
         spec, found = gitproc.parse_unit("bad.service", "bad.service", text.encode())
         self.assertIsNone(spec, "never a unit without its filter")
         self.assertEqual([(d.line, d.severity, d.message.split(":")[0]) for d in found],
                          [(line, "error", key) for line, key in (
                              (3, "SystemCallFilter="), (4, "SystemCallFilter="), (5, "RestrictAddressFamilies="),
                              (6, "RestrictNamespaces="), (7, "SystemCallErrorNumber="), (8, "SystemCallArchitectures="),
-                             (9, "SystemCallFilter="))])
+                             (9, "SystemCallFilter="), (11, "DeviceAllow="), (12, "DeviceAllow="))])
         self.assertIn("unknown system call group @bogus", found[0].message)
         self.assertIn("unknown system call frobnicate", found[1].message)
 
@@ -8282,9 +8283,11 @@ class EnvironmentTests(SupervisionCase):
                                         "a", "b", "c", "prex ypost", "from file"])
 
     def test_pass_and_unset_environment_and_input_data(self):
+        with open(self.file("token"), "w") as handle:
+            handle.write("t")
         self.deploy({"pass.service": unit_text("ExecStart=" + SLEEPER, "PassEnvironment=GP_PASSED GP_ABSENT",
-                                               "RuntimeDirectory=gp-pass-%d" % os.getpid(),
-                                               "UnsetEnvironment=RUNTIME_DIRECTORY",
+                                               "LoadCredential=token:" + self.file("token"),
+                                               "UnsetEnvironment=CREDENTIALS_DIRECTORY",
                                                "Environment=KEEP=1 DROP=2 MATCH=yes", "UnsetEnvironment=DROP",
                                                "UnsetEnvironment=MATCH=no KEEP=other GITPROC_UNIT"),
                      "input.service": unit_text("ExecStart=/bin/cat", "StandardInputText=first line",
@@ -8296,7 +8299,7 @@ class EnvironmentTests(SupervisionCase):
         self.assertEqual((environ.get("KEEP"), environ.get("MATCH")), ("1", "yes"), "NAME=VALUE unsets that value only")
         self.assertNotIn("DROP", environ)
         self.assertNotIn("GITPROC_UNIT", environ)
-        self.assertNotIn("RUNTIME_DIRECTORY", environ, "also what gitproc sets")
+        self.assertNotIn("CREDENTIALS_DIRECTORY", environ, "also what gitproc sets")
         self.home.wait_state("input", "exited", timeout=5)
         self.assertEqual(self.home.service_log("input"), "first line\nsecond\nthird\n")
         for text, line, message in ((b"StandardInputData=%%%\n", 3, "StandardInputData=: not base64 data"),
