@@ -7351,6 +7351,15 @@ class Cgroups:
                 pass              # still populated (a process is dying): made again and reused
 
 
+def boot_id():
+    """This boot's id (None where the kernel does not say): a state file of
+    another boot describes processes that are gone."""
+    try:
+        return _read_text("/proc/sys/kernel/random/boot_id").strip() or None
+    except OSError:
+        return None
+
+
 def _read_text(path):
     with open(path) as handle:
         return handle.read()
@@ -8077,9 +8086,10 @@ EV_PID_FILE = "pid-file"          # time to look for a forking unit's PIDFile= a
 EV_ADOPT = "adopt"                # a live process an earlier daemon started
 EV_RUNTIME_MAX = "runtime-max"    # RuntimeMaxSec= passed since it became active
 EV_OOM = "oom"                    # the kernel's OOM killer killed a process of its cgroup
+EV_RESTORE = "restore"            # a daemon start found it in the state file, without a process
 EVENTS = (EV_START, EV_STOP, EV_RESTART, EV_RELOAD, EV_DEPENDENCIES, EV_EXIT, EV_CONTROL_EXIT, EV_EXEC,
           EV_READY, EV_RELOADING, EV_STOPPING, EV_HEALTHY, EV_UNHEALTHY, EV_RESTART_DUE, EV_START_TIMEOUT,
-          EV_STOP_TIMEOUT, EV_WATCHDOG, EV_PID_FILE, EV_ADOPT, EV_RUNTIME_MAX, EV_OOM)
+          EV_STOP_TIMEOUT, EV_WATCHDOG, EV_PID_FILE, EV_ADOPT, EV_RUNTIME_MAX, EV_OOM, EV_RESTORE)
 IGNORE = "ignore"
 
 # Where beginning a start can end: held for dependencies, a first process up
@@ -8163,8 +8173,9 @@ TRANSITIONS = {
     (START, EV_UNHEALTHY): (_STOP_STEPS, "restart_unhealthy"),
     (START, EV_START_TIMEOUT): (_STOP_STEPS, "start_timed_out"),
     (START, EV_PID_FILE): (_AFTER_START, "find_main_pid"),
+    (START, EV_WATCHDOG): (_STOP_STEPS, "watchdog_expired"),     # armed once ready: the health check wait too
     **_ignored(START, EV_START, EV_RELOAD, EV_DEPENDENCIES, EV_EXEC, EV_RELOADING, EV_STOPPING, EV_RESTART_DUE,
-               EV_STOP_TIMEOUT, EV_WATCHDOG),
+               EV_STOP_TIMEOUT),
     # spawned: the main process is made; running once its exec is confirmed
     (SPAWNED, EV_STOP): (_STOP_STEPS, "begin_stop"),
     (SPAWNED, EV_RESTART): (_STOP_STEPS, "begin_restart"),
@@ -8253,6 +8264,11 @@ TRANSITIONS.update({(phase, EV_OOM): ((phase,) + _STOP_STEPS, "oom_killed")
                     for phase in (START, START_POST, RUNNING, RELOAD)})
 TRANSITIONS.update({(phase, EV_OOM): ((phase,), IGNORE) for phase in PUBLIC_STATE
                     if phase not in (START, START_POST, RUNNING, RELOAD)})
+# A daemon start hands a unit it found in the state file, with no process left,
+# to its new Service (which is stopped): backoff, failed and exited go on as
+# they were; anything else starts. Nothing else is ever restored.
+TRANSITIONS[(STOPPED, EV_RESTORE)] = ((BACKOFF, FAILED, EXITED) + _STARTED, "restore")
+TRANSITIONS.update({(phase, EV_RESTORE): ((phase,), IGNORE) for phase in PUBLIC_STATE if phase != STOPPED})
 # Adoption happens only to a Service just made (STOPPED): an EV_ADOPT in any
 # other phase is a bug, refused by handle() like any pair not in the table.
 
@@ -8293,6 +8309,7 @@ class Service:
         self.last_exit = None           # {"code": N} or {"signal": N} of the last main exit
         self.start_times = []           # monotonic times of recent starts (start limit)
         self.crash_streak = 0           # runs in a row that died young (backoff)
+        self.restart_due = None         # monotonic time BACKOFF's restart is due
         self.timer = None               # pending restart, stop escalation or PIDFile= look
         self.start_timer = None         # TimeoutStartSec= of the step running (start, post, reload)
         self.watchdog_timer = None      # WatchdogSec= since the last WATCHDOG=1
@@ -8407,13 +8424,18 @@ class Service:
     def persistent(self):
         """What state.json keeps of this service."""
         active = self.state in ACTIVE_STATES
+        to_wall = time.time() - self.host.now()
         return {"want": self.want, "pid": self.pid if active else None,
                 "pid_start": self.pid_start if active else None,
                 "restarts": self.restarts, "restarts_total": self.restarts_total, "last_exit": self.last_exit,
                 "state": self.state, "phase": self.phase, "reason": self.reason, "commit": self.commit,
                 "blob": self.spec.blob, "meaning": self.spec.meaning(), "started_wall": self.main_started_wall,
                 "tree": self.linked_tree if active else None, "started_tree": self.running_tree if active else None,
-                "previous_tree": self.previous_tree, "rejected": self.rejected, "rolled_back": self.rolled_back}
+                "previous_tree": self.previous_tree, "rejected": self.rejected, "rolled_back": self.rolled_back,
+                # monotonic times as wall-clock ones, for the next daemon (SPEC §6)
+                "crash_streak": self.crash_streak, "start_times": [round(t + to_wall, 3) for t in self.start_times],
+                "restart_due": round(self.restart_due + to_wall, 3) if self.phase == BACKOFF and self.restart_due
+                else None}
 
     # -- requests: the writers of `want` ------------------------------------------
 
@@ -9251,7 +9273,7 @@ class Service:
             self.restarts_total += 1
             self.host.log.info(self.name, "Restarting in %s (%s; restart %d)%s" % (
                 format_timespan(delay), why, self.restarts, self.host.deploy_note(self)))
-            self.timer = self.host.call_later(delay, lambda: self.handle(EV_RESTART_DUE))
+            self._arm_restart(delay)
             return BACKOFF, why
         if failed:
             self.host.log.error(self.name, "Failed: %s" % why)
@@ -9332,6 +9354,23 @@ class Service:
     def _reset_limits(self):
         self.start_times.clear()
         self.crash_streak = 0
+
+    def _arm_restart(self, delay):
+        self.restart_due = self.host.now() + delay
+        self.timer = self.host.call_later(delay, lambda: self.handle(EV_RESTART_DUE))
+
+    def _restore(self, phase, reason, restart_in=None):
+        """An earlier daemon left this unit without a process: it goes on where
+        it was (SPEC §6), a backoff with the delay that remained, a failed or
+        exited unit as it was; what was in flight starts anew."""
+        if phase == BACKOFF and restart_in is not None:
+            self.host.log.info(self.name, "Restarting in %s (backing off when the daemon stopped)" % format_timespan(
+                restart_in))
+            self._arm_restart(restart_in)
+            return BACKOFF, reason
+        if phase in (FAILED, EXITED):
+            return phase, reason
+        return self._begin_start()
 
     def _close_probe(self):
         if self.probe is not None:
@@ -11683,12 +11722,15 @@ class Recovery:
     def __init__(self, config, log, call_later):
         self.config, self.log, self.call_later = config, log, call_later
         self.saved_services = {}          # name -> what state.json said of it at start
+        self.same_boot = False            # the state file is of this boot: units go on where they were
 
     def restore(self, state):
         """Take the services of a loaded state; a pid the state file does not
         know (pids are saved in batches, so after a crash it may name one a
         restart already replaced) is found by the log file it writes to."""
         self.saved_services = state.get("services", {})
+        current = boot_id()
+        self.same_boot = current is not None and state.get("boot_id") == current
         for name, found in self._find_running_services().items():
             saved = self.saved_services.get(name)
             if isinstance(saved, dict) and self.live_pid(saved) is not None:
@@ -11753,6 +11795,11 @@ class Recovery:
         if isinstance(saved.get("restarts_total"), int):
             service.restarts_total = saved["restarts_total"]
         service.last_exit = saved.get("last_exit") if isinstance(saved.get("last_exit"), dict) else None
+        to_monotonic = time.monotonic() - time.time()
+        if isinstance(saved.get("crash_streak"), int) and self.same_boot:
+            service.crash_streak = saved["crash_streak"]
+        if isinstance(saved.get("start_times"), list) and self.same_boot:
+            service.start_times = [t + to_monotonic for t in saved["start_times"] if isinstance(t, (int, float))]
         if isinstance(saved.get("previous_tree"), str):
             service.previous_tree = saved["previous_tree"]
         back = saved.get("rolled_back")
@@ -11761,6 +11808,13 @@ class Recovery:
         live = self.live_pid(saved) or self._pid_file_process(service.spec)
         if live is None and saved.get("phase") == REMAIN and service.spec.remain_after_exit:
             live = (None, None)           # it ran and remains: nothing to run again, only to remember
+        same = saved.get("meaning") == service.spec.meaning()
+        if live is None and service.want == "up" and same and self.same_boot and \
+                saved.get("phase") in (BACKOFF, FAILED, EXITED):
+            due = saved.get("restart_due")
+            service.handle(EV_RESTORE, phase=saved["phase"], reason=saved.get("reason"),
+                           restart_in=max(0.0, due - time.time()) if isinstance(due, (int, float)) else None)
+            return True
         if live is None:
             return False
         service.adopt(live[0], live[1], saved.get("started_wall"))
@@ -15167,8 +15221,8 @@ class Daemon:
         services = dict(self.recovery.saved_services)
         services.update({name: service.persistent() for name, service in self.services.items()
                          if service.log_name == name})       # Accept=yes instances are not kept
-        snapshot = {"version": STATE_VERSION, "services": services, "timers": self.schedule.persistent(),
-                    "sockets": self.listeners.persistent()}
+        snapshot = {"version": STATE_VERSION, "boot_id": boot_id(), "services": services,
+                    "timers": self.schedule.persistent(), "sockets": self.listeners.persistent()}
         snapshot.update(self.deployer.persistent())
         return snapshot
 

@@ -4170,7 +4170,8 @@ FACTS = {P.EV_START: {}, P.EV_STOP: {"reason": "stopped by user"}, P.EV_RESTART:
          P.EV_CONTROL_EXIT: {"exit_info": FAILURE}, P.EV_EXEC: {"error": None}, P.EV_READY: {},
          P.EV_RELOADING: {}, P.EV_STOPPING: {}, P.EV_HEALTHY: {}, P.EV_UNHEALTHY: {}, P.EV_RESTART_DUE: {},
          P.EV_START_TIMEOUT: {}, P.EV_STOP_TIMEOUT: {}, P.EV_WATCHDOG: {}, P.EV_PID_FILE: {},
-         P.EV_ADOPT: {"pid": 77, "pid_start": 1, "started_wall": None}, P.EV_RUNTIME_MAX: {}, P.EV_OOM: {}}
+         P.EV_ADOPT: {"pid": 77, "pid_start": 1, "started_wall": None}, P.EV_RUNTIME_MAX: {}, P.EV_OOM: {},
+         P.EV_RESTORE: {"phase": P.BACKOFF, "reason": "crashed", "restart_in": 5.0}}
 
 # What each cell does to the service service_in() makes, with FACTS: written
 # out by hand from systemd's behaviour, not copied from TRANSITIONS.
@@ -4184,6 +4185,8 @@ EXPECTED.update({
     (P.REMAIN, P.EV_RUNTIME_MAX): P.FAILED,       # no process to stop: failed (timeout), Restart=no
     (P.START, P.EV_OOM): P.STOPPING, (P.START_POST, P.EV_OOM): P.STOPPING, (P.RUNNING, P.EV_OOM): P.STOPPING,
     (P.RELOAD, P.EV_OOM): P.STOPPING,             # OOMPolicy=stop, the default
+    (P.STOPPED, P.EV_RESTORE): P.BACKOFF,         # with the delay that remained
+    (P.START, P.EV_WATCHDOG): P.STOPPING,         # the watchdog runs while the health check is awaited too
     (P.STOPPED, P.EV_START): P.RUNNING, (P.STOPPED, P.EV_STOP): P.STOPPED,
     (P.STOPPED, P.EV_RESTART): P.RUNNING, (P.STOPPED, P.EV_ADOPT): P.RUNNING,
     (P.EXITED, P.EV_START): P.RUNNING, (P.EXITED, P.EV_STOP): P.STOPPED, (P.EXITED, P.EV_RESTART): P.RUNNING,
@@ -5886,6 +5889,15 @@ class NotifyTests(NotifyCase):
         self.assert_gone(first)
         self.assertIn("watchdog timeout", self.home.daemon_log().lower())
         self.assertIn("WATCHDOG_USEC=500000", read_text(self.notify_log))
+
+    def test_the_watchdog_runs_while_the_health_check_is_awaited(self):
+        self.home.commit({"dog.service": self.notify_unit(["send:READY=1", "wait"], "WatchdogSec=300ms",
+                                                          "HealthCheckURL=tcp://127.0.0.1:9",
+                                                          "HealthCheckStartPeriod=1min")})
+        self.home.start_daemon()
+        self.watch(self.home.wait_state("dog", "starting", timeout=5)["pid"])
+        service = self.home.wait_state("dog", "failed", timeout=10)
+        self.assertIn("watchdog", service["reason"])
 
     def test_watchdog_signal_then_timeout_abort_sec(self):
         """WatchdogSignal= instead of SIGABRT; one the process ignores is
@@ -8886,6 +8898,64 @@ def running_pids(home, names):
 def write_state(home, state):
     with open(os.path.join(home.path, "state.json"), "w") as state_file:
         json.dump(state, state_file)
+
+
+class RestoreTests(unittest.TestCase):
+    """SPEC §6: a daemon restart changes nothing a unit notices. A unit in
+    backoff restarts when its delay would have ended, with its crash streak;
+    one failed on its start limit stays failed; a oneshot that exited does not
+    run again; on another boot (a reboot), units start afresh."""
+
+    def restart_daemon(self, home, how):
+        if how == "keep-services":
+            self.assertEqual(home.cli("shutdown", "--keep-services")[0], 0)
+        else:
+            home.kill_daemon()
+        home.start_daemon()
+
+    def test_backoff_failed_and_exited_go_on_where_they_were(self):
+        for how in ("keep-services", "kill -9"):
+            with self.subTest(how=how):
+                home = Home(self)
+                ran = os.path.join(home.path, "ran")
+                home.commit({"crash.service": unit("/bin/false", Restart="always", RestartSec="1min"),
+                             "limit.service": unit("/bin/false", Restart="always", RestartSec="0",
+                                                   StartLimitBurst="2"),
+                             "once.service": unit_text("ExecStart=" + sh("echo ran >> %s" % ran), "Type=oneshot")},
+                            "units")
+                home.start_daemon()
+                home.wait_state("crash", "backoff", timeout=10)
+                home.wait_state("limit", "failed", timeout=10)
+                home.wait_state("once", "exited", timeout=10)
+                home.request({"cmd": "status"})
+                wait_until(lambda: read_state(home)["services"]["crash"].get("restart_due"), 10, "the state saved")
+                due = read_state(home)["services"]["crash"]["restart_due"]
+                streak = read_state(home)["services"]["crash"]["crash_streak"]
+                self.restart_daemon(home, how)
+                crash, limit = home.status("crash"), home.status("limit")
+                self.assertEqual(crash["state"], "backoff", "not started at once")
+                self.assertEqual(limit["state"], "failed")
+                self.assertIn("start limit hit", limit["reason"])
+                self.assertEqual(home.status("once")["state"], "exited")
+                self.assertEqual(read_text(ran), "ran\n", "the oneshot did not run again")
+                saved = read_state(home)["services"]["crash"]
+                self.assertEqual((saved["crash_streak"], round(saved["restart_due"])), (streak, round(due)))
+                self.assertTrue(daemon_log_lines(home, "crash", "backing off when the daemon stopped"))
+
+    def test_another_boot_starts_units_afresh(self):
+        home = Home(self)
+        home.commit({"limit.service": unit("/bin/false", Restart="always", RestartSec="0", StartLimitBurst="2")},
+                    "units")
+        home.start_daemon()
+        home.wait_state("limit", "failed", timeout=10)
+        self.assertEqual(home.cli("shutdown", "--keep-services")[0], 0)
+        path = os.path.join(home.path, "state.json")
+        state = read_state(home)
+        state["boot_id"] = "an-earlier-boot"
+        with open(path, "w") as handle:
+            json.dump(state, handle)
+        home.start_daemon()
+        wait_until(lambda: len(daemon_log_lines(home, "limit", "Started")) >= 3, 10, "limit to be started again")
 
 
 class AdoptionAfterKill9Tests(unittest.TestCase):
