@@ -7432,7 +7432,10 @@ class OomWatch:
         except (OSError, ValueError):
             pass                          # no watch: an OOM kill is then seen only when it ends the main process
 
-    def forget(self, name):
+    def forget(self, name, service=None):
+        """Stop watching `name` (only if it is `service`'s watch, when given)."""
+        if service is not None and self.watched.get(name, (None,))[0] is not service:
+            return
         entry = self.watched.pop(name, None)
         if entry is None:
             return
@@ -7463,7 +7466,7 @@ class OomWatch:
             wd, _, _, length = struct.unpack_from("iIII", data, pos)
             pos += 16 + length
             if wd in watches:
-                self._check(watches[wd])
+                self._check(watches[wd], tries=0)     # v2 writes memory.events once it counted
 
     def _check(self, service, tries=10):
         """v1 signals when the group runs out of memory, before the killer
@@ -8315,6 +8318,7 @@ class Service:
         self.watchdog_timer = None      # WatchdogSec= since the last WATCHDOG=1
         self.runtime_timer = None       # RuntimeMaxSec= since it became active
         self.exit_wait_timer = None     # ExitType=cgroup: the main process ended, its cgroup not yet
+        self.exit_wait = None           # ... (the main process's exit_info,) while it waits
         self.watchdog_usec = None       # WATCHDOG_USEC= the service asked for instead
         self.stop_timed_out = False     # the current stop needed SIGKILL
         self.after_stop = "stop"        # what follows the stop under way: "stop", "restart", "policy"
@@ -8435,7 +8439,7 @@ class Service:
                 # monotonic times as wall-clock ones, for the next daemon (SPEC §6)
                 "crash_streak": self.crash_streak, "start_times": [round(t + to_wall, 3) for t in self.start_times],
                 "restart_due": round(self.restart_due + to_wall, 3) if self.phase == BACKOFF and self.restart_due
-                else None}
+                else None, "exit_wait": self.exit_wait is not None}
 
     # -- requests: the writers of `want` ------------------------------------------
 
@@ -8642,6 +8646,7 @@ class Service:
         self.generation += 1
         self.forked_group = None
         self.result, self.end, self.status_text, self.notified_ready = "success", None, None, False
+        self.exit_wait = None
         self.main_exit = None
         self.watchdog_usec = None
         return self._run_step("exec_condition")
@@ -8923,7 +8928,7 @@ class Service:
         ran_for = self.host.now() - (self.started_at or self.host.now())
         phase, command = self.phase, self.current
         if cgroup_empty:
-            self.exit_wait_timer = None
+            self.exit_wait = self.exit_wait_timer = None
         elif self.spec.exit_type == "cgroup" and phase in (START_POST, RUNNING, RELOAD) and self.host.cgroup_pids(
                 self, excluding=self.pid):
             self.host.log.info(self.name, "Main process ended (%s); running while its cgroup has processes "
@@ -8931,7 +8936,9 @@ class Service:
             self.pid = self.pid_start = self.main_started_wall = None
             if exit_info is not None:
                 self.last_exit = self.main_exit = exit_info
-            self._wait_cgroup_empty(exit_info)
+            self._cancel(("watchdog_timer",))
+            self.exit_wait = (exit_info,)
+            self._wait_cgroup_empty()
             return phase, self.reason
         if phase == SPAWNED:              # ended before its exec was confirmed: did exec fail?
             error = self.exec_error or self.host.exec_report(self.name) or None
@@ -8975,13 +8982,21 @@ class Service:
         return self._begin_stop_sequence("policy", described, failed=oom or (self.spec.type == "oneshot" and not succeeded),
                                          run_exec_stop=phase in (START_POST, RUNNING, RELOAD))
 
-    def _wait_cgroup_empty(self, exit_info):
-        """ExitType=cgroup: look again shortly whether the cgroup emptied."""
+    def _wait_cgroup_empty(self):
+        """ExitType=cgroup: look again shortly whether the cgroup emptied (also
+        while it stops: its end is then the main process's)."""
         def look():
+            self.exit_wait_timer = None
+            if self.exit_wait is None:
+                return
             if self.host.cgroup_pids(self):
                 self.exit_wait_timer = self.host.call_later(EXIT_WAIT_POLL, look)
+            elif self.phase in (START_POST, RUNNING, RELOAD):
+                self.handle(EV_EXIT, exit_info=self.exit_wait[0], cgroup_empty=True)
             else:
-                self.handle(EV_EXIT, exit_info=exit_info, cgroup_empty=True)
+                exit_info, self.exit_wait = self.exit_wait[0], None
+                self.handle(EV_EXIT, exit_info=exit_info)
+        self._cancel(("exit_wait_timer",))
         self.exit_wait_timer = self.host.call_later(EXIT_WAIT_POLL, look)
 
     def _main_gone(self, exit_info):
@@ -9043,9 +9058,12 @@ class Service:
 
     def _signal_leftovers(self):
         """KillSignal= to the main and control process (and, as KillMode=
-        says, the rest; SIGKILL after TimeoutStopSec=), then ExecStopPost=."""
-        if not self.has_process():
+        says, the rest; SIGKILL after TimeoutStopSec=), then ExecStopPost=.
+        With ExitType=cgroup the processes left in the cgroup count."""
+        if not self.has_process() and self.exit_wait is None:
             return self._run_stop_post()
+        if self.exit_wait is not None:
+            self._wait_cgroup_empty()     # its end ends the stop
         number = self.spec.kill_signal
         if self.after_stop == "restart" and self.spec.restart_kill_signal is not None:
             number = self.spec.restart_kill_signal        # RestartKillSignal=, as systemd for a restart job
@@ -9368,7 +9386,15 @@ class Service:
                 restart_in))
             self._arm_restart(restart_in)
             return BACKOFF, reason
+        if phase == "exit-wait":          # ExitType=cgroup: its cgroup's processes still run
+            self.host.reattach_cgroup(self)
+            if self.host.cgroup_pids(self):
+                self.exit_wait = (self.last_exit,)
+                self._wait_cgroup_empty()
+                return RUNNING, reason
+            return self._begin_start()
         if phase in (FAILED, EXITED):
+            self.succeeded = phase == EXITED and exit_is_clean(self.last_exit, self.spec.success_exit_status)
             return phase, reason
         return self._begin_start()
 
@@ -9391,6 +9417,7 @@ class Service:
     def discard(self):
         """Forget timers (the unit was removed and its process is gone)."""
         self._cancel_timers()
+        self._cancel(("cgroup_timer",))   # a unit of that name deployed again owns the group now
         self.give_connection()
 
     def give_connection(self):
@@ -9586,8 +9613,15 @@ class Launcher:
         """A main process that is not our child: adopted from an earlier
         daemon (its groups made again), or a forking unit's or MAINPID='s."""
         self.exit_watcher.watch(pid, on_exit, child=False)
-        if adopted and self.cgroups is not None:
-            service.cgroup = self.cgroups.prepare(service.name, service.spec)   # the earlier daemon's groups
+        if adopted:
+            self.reattach_cgroup(service)
+
+    def reattach_cgroup(self, service):
+        """The groups an earlier daemon made for the service, made again (and
+        its OOM kills watched)."""
+        if self.cgroups is not None:
+            service.cgroup = self.cgroups.prepare(service.name, service.spec)
+            self.oom_watch.watch(service)
 
     def main_pid_of(self, service):
         """Type=forking: the main pid, from PIDFile= (None while it is not
@@ -9782,7 +9816,7 @@ class Launcher:
         def remove():
             service.cgroup_timer = None
             if service.pid is None and service.state not in ACTIVE_STATES:
-                self.oom_watch.forget(service.name)
+                self.oom_watch.forget(service.name, service)
                 Cgroups.remove(service.cgroup)
                 service.cgroup = None
         service.cgroup_timer = self.call_later(CGROUP_LINGER, remove)
@@ -9827,8 +9861,11 @@ class Launcher:
                 else None
         helpers = self._sandbox_helpers()
         peer = self.namespace_peer(service)
+        if service.private_tmp is not None and not all(os.path.isdir(path) for path in service.private_tmp):
+            service.private_tmp = None    # a peer's, removed since: one of its own
         if spec.private_tmp and service.private_tmp is None:
-            shared = peer.private_tmp if peer is not None and peer.spec.private_tmp else None
+            shared = peer.private_tmp if peer is not None and peer.spec.private_tmp and peer.private_tmp and all(
+                os.path.isdir(path) for path in peer.private_tmp) else None
             service.private_tmp = shared or self._private_tmp(self._private_tmp_prefix(service.name))
         writable = [os.path.join(self.folders[kind], relative) for kind, relative in spec.directories
                     if not (self._dynamic(spec) and kind in "SCL")]
@@ -9847,6 +9884,10 @@ class Launcher:
         """JoinsNamespaceOf=: a running unit whose namespaces this one shares
         (the DaemonHost knows the others); None: it makes its own."""
         return None
+
+    def private_tmp_in_use(self, service):
+        """The private /tmp folders of `service` another unit that runs uses too."""
+        return ()
 
     SANDBOX_HELPERS = "/run/gitproc/sandbox"
 
@@ -10014,8 +10055,10 @@ class Launcher:
         if spec.private_tmp or service.private_tmp is not None:
             import glob as glob_module    # those of a run an earlier daemon started, too
             prefix = self._private_tmp_prefix(service.name)
+            shared = {os.path.dirname(path) for path in self.private_tmp_in_use(service)}
             for outer in glob_module.glob("/tmp/%s*" % prefix) + glob_module.glob("/var/tmp/%s*" % prefix):
-                remove_tree(outer)
+                if outer not in shared:   # JoinsNamespaceOf=: a running unit still uses it (its stop, later)
+                    remove_tree(outer)
             service.private_tmp = None
         preserved = spec.runtime_directory_preserve == "yes" or (
             spec.runtime_directory_preserve == "restart" and service.want == "up")
@@ -11799,7 +11842,8 @@ class Recovery:
         if isinstance(saved.get("crash_streak"), int) and self.same_boot:
             service.crash_streak = saved["crash_streak"]
         if isinstance(saved.get("start_times"), list) and self.same_boot:
-            service.start_times = [t + to_monotonic for t in saved["start_times"] if isinstance(t, (int, float))]
+            service.start_times = [t + to_monotonic for t in saved["start_times"]
+                                   if isinstance(t, (int, float)) and t <= time.time()]    # none from the future
         if isinstance(saved.get("previous_tree"), str):
             service.previous_tree = saved["previous_tree"]
         back = saved.get("rolled_back")
@@ -11809,11 +11853,15 @@ class Recovery:
         if live is None and saved.get("phase") == REMAIN and service.spec.remain_after_exit:
             live = (None, None)           # it ran and remains: nothing to run again, only to remember
         same = saved.get("meaning") == service.spec.meaning()
-        if live is None and service.want == "up" and same and self.same_boot and \
-                saved.get("phase") in (BACKOFF, FAILED, EXITED):
+        phase = "exit-wait" if saved.get("exit_wait") is True else saved.get("phase")
+        if live is None and service.want == "up" and same and self.same_boot and phase in (
+                BACKOFF, FAILED, EXITED, "exit-wait"):
             due = saved.get("restart_due")
-            service.handle(EV_RESTORE, phase=saved["phase"], reason=saved.get("reason"),
-                           restart_in=max(0.0, due - time.time()) if isinstance(due, (int, float)) else None)
+            longest = restart_delay(service.spec.restart_sec, service.crash_streak, service.spec.restart_steps,
+                                    service.spec.restart_max_delay)   # a clock set back never stretches it
+            service.handle(EV_RESTORE, phase=phase, reason=saved["reason"] if isinstance(saved.get("reason"), str)
+                           else None, restart_in=min(longest, max(0.0, due - time.time()))
+                           if isinstance(due, (int, float)) else None)
             return True
         if live is None:
             return False
@@ -14953,6 +15001,10 @@ class DaemonHost(Launcher):
 
     def listening_for(self, service):
         return self.daemon.listeners.listening_for(service)
+
+    def private_tmp_in_use(self, service):
+        return [path for other in self.daemon.services.values() if other is not service and other.has_process()
+                for path in other.private_tmp or ()]
 
     def namespace_peer(self, service):
         names = set(service.spec.joins_namespace_of) | {other.name for other in self.daemon.services.values()

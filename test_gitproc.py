@@ -4063,6 +4063,9 @@ class FakeHost:
     def oom_killed(self, service):
         return False
 
+    def reattach_cgroup(self, service):
+        pass
+
     def cgroup_pids(self, service, excluding=None):
         return []
 
@@ -5445,6 +5448,22 @@ class ExitTypeTests(SupervisionCase):
         self.assertEqual(service["last_exit"], {"code": 0})
         with open(self.file("release2"), "w"):
             pass
+
+    @unittest.skipUnless(cgroups_usable(), "no writable cgroup hierarchy on this machine")
+    def test_a_stop_or_a_daemon_restart_while_it_waits(self):
+        child = self.file("child")
+        script = "sleep 1000 & echo $! > %s; exit 0" % child
+        self.deploy({"wait.service": unit_text("ExecStart=" + sh(script), "ExitType=cgroup")})
+        wait_until(lambda: daemon_log_lines(self.home, "wait", "ExitType=cgroup"), 5, "the main process to end")
+        pid = self.watch(int(wait_until(lambda: read_text(child).strip(), 5, "the child's pid")))
+        wait_until(lambda: read_state(self.home)["services"]["wait"].get("exit_wait"), 10, "the state saved")
+        self.assertEqual(self.home.cli("shutdown", "--keep-services")[0], 0)
+        self.home.start_daemon()
+        self.assertEqual(self.home.status("wait")["state"], "running")
+        self.assertEqual(len(daemon_log_lines(self.home, "wait", "Started")), 1, "no second main process")
+        self.assertEqual(self.home.cli("stop", "wait")[0], 0)
+        self.assert_gone(pid, timeout=5)
+        self.assertEqual(self.home.status("wait")["state"], "stopped")
 
 
 class OomPolicyTests(SupervisionCase):
@@ -7456,6 +7475,10 @@ class SandboxTests(SupervisionCase):
         self.assertNotEqual(namespace(alone, "net"), namespace(first, "net"))
         tmp = lambda pid: [line.split()[3] for line in read_lines("/proc/%d/mountinfo" % pid) if line.split()[4] == "/tmp"]
         self.assertEqual(tmp(first), tmp(second), "one /tmp")
+        self.assertEqual(self.home.cli("restart", "first")[0], 0)      # its /tmp stays: second still uses it
+        self.watch(self.home.running_pid("first"))
+        self.assertEqual(self.home.cli("restart", "second")[0], 0)
+        self.watch(self.home.running_pid("second"))
 
     def test_permissions_start_only_runs_the_other_commands_with_full_privileges(self):
         """tor's case: ExecStartPre= chowns a folder and ExecReload= signals a
@@ -8941,6 +8964,20 @@ class RestoreTests(unittest.TestCase):
                 saved = read_state(home)["services"]["crash"]
                 self.assertEqual((saved["crash_streak"], round(saved["restart_due"])), (streak, round(due)))
                 self.assertTrue(daemon_log_lines(home, "crash", "backing off when the daemon stopped"))
+
+    def test_a_restored_oneshot_is_ready_for_what_comes_after_it(self):
+        home = Home(self)
+        home.commit({"once.service": unit_text("ExecStart=/bin/true", "Type=oneshot"),
+                     "web.service": unit_text("ExecStart=" + SLEEPER, "After=once.service")},
+                    "units")
+        home.start_daemon()
+        home.known_pids.add(home.running_pid("web"))
+        wait_until(lambda: read_state(home)["services"].get("once", {}).get("phase") == "exited", 10, "saved")
+        self.assertEqual(home.cli("shutdown", "--keep-services")[0], 0)
+        home.start_daemon()
+        code, out, err = home.cli("restart", "web")
+        self.assertEqual(code, 0, out + err)
+        home.known_pids.add(home.running_pid("web"))
 
     def test_another_boot_starts_units_afresh(self):
         home = Home(self)
