@@ -695,7 +695,8 @@ class UnitSpec:
         "ambient_capabilities": (),
         "sockets": (),                  # Sockets=: socket units whose listening sockets it gets too
         "standard_input": ("null", None), "standard_input_data": (),   # StandardInputText=/Data= bytes
-        "pass_environment": (), "unset_environment": (), "standard_output": ("log", None), "standard_error": ("inherit", None),
+        "pass_environment": (), "unset_environment": (),
+        "standard_output": ("log", None), "standard_error": ("inherit", None),
         "supplementary_groups": (),
         "directories": (),              # (kind, relative path) of RuntimeDirectory= and the like
         "directory_modes": (),          # (kind, mode) of RuntimeDirectoryMode= and the like
@@ -5422,9 +5423,11 @@ SPAWN_EXIT_CODES = (("WorkingDirectory=", 200, "CHDIR"), ("Nice=", 201, "NICE"),
                     ("Group=", 216, "GROUP"), ("SupplementaryGroups=", 216, "GROUP"), ("User=", 217, "USER"),
                     ("cgroup", 219, "CGROUP"), ("setsid", 220, "SETSID"), ("PrivatePIDs=", 226, "NAMESPACE"),
                     ("sandbox", 226, "NAMESPACE"), ("seccomp", 228, "SECCOMP"), ("PrivateUsers=", 217, "USER"),
-                    ("process setup: NUMAPolicy=", 242, "NUMA_POLICY"), ("process setup: TimerSlackNSec=", 212, "TIMERSLACK"),
-                    ("process setup: Personality=", 230, "PERSONALITY"), ("CoredumpFilter=", 205, "LIMITS"),
-                    ("SecureBits=", 213, "SECUREBITS"), ("LoadCredential=", 243, "CREDENTIALS"), ("Personality=", 230, "PERSONALITY"), ("capabilities", 218, "CAPABILITIES"),
+                    ("process setup: NUMAPolicy=", 242, "NUMA_POLICY"),
+                    ("process setup: TimerSlackNSec=", 212, "TIMERSLACK"),
+                    ("process setup: Personality=", 230, "PERSONALITY"), ("Personality=", 230, "PERSONALITY"),
+                    ("CoredumpFilter=", 205, "LIMITS"), ("SecureBits=", 213, "SECUREBITS"),
+                    ("LoadCredential=", 243, "CREDENTIALS"), ("capabilities", 218, "CAPABILITIES"),
                     ("RuntimeDirectory=", 233, "RUNTIME_DIRECTORY"), ("StateDirectory=", 238, "STATE_DIRECTORY"),
                     ("CacheDirectory=", 239, "CACHE_DIRECTORY"), ("LogsDirectory=", 240, "LOGS_DIRECTORY"),
                     ("ConfigurationDirectory=", 241, "CONFIGURATION_DIRECTORY"))
