@@ -5806,7 +5806,7 @@ for step in steps:
     elif kind == "fork-main":
         child = os.fork()
         if child == 0:
-            os.setsid()
+            os.setpgid(0, 0)    # out of the group the main process's end is reaped with, in its session
             log("child")
             signal.pause()
             os._exit(0)
