@@ -16282,7 +16282,11 @@ def follow_file(path, out, stop=None, interval=0.2, start=None):
                 out.write(data.decode("utf-8", "replace"))
                 out.flush()
                 continue
-            if identity(path) is not None and os.stat(path).st_size < log_file.tell():
+            try:
+                shrunk = os.stat(path).st_size < log_file.tell()
+            except OSError:
+                shrunk = False                # renamed away just now: seen at the next turn
+            if shrunk:
                 log_file.seek(0)              # truncated with no copy kept (log_backups=0)
                 continue
             time.sleep(interval)
