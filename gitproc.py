@@ -5621,7 +5621,7 @@ def read_credentials(credentials):
             else:
                 loaded[name] = _read_credential(path)
         except OSError as exc:
-            if name not in fallback and not any(k == "SetCredential" and n == name for k, n, _ in credentials):
+            if not any(k == "SetCredential" and n == name for k, n, _ in credentials):   # else its value
                 raise SpawnError("LoadCredential=%s:%s: %s" % (name, source, describe_os_error(exc)))
         if len(loaded.get(name, b"")) > MAX_CREDENTIAL_BYTES:
             raise SpawnError("LoadCredential=%s: more than %d bytes" % (name, MAX_CREDENTIAL_BYTES))

@@ -7505,8 +7505,7 @@ class SandboxTests(SupervisionCase):
         self.assertEqual(os.stat(folders[0]).st_uid, 65534, "install -o ran with CAP_CHOWN")
         self.assertEqual(self.home.cli("reload", "with")[0], 0)
         wait_until(lambda: read_text(got) == "hup\n", 5, "the reload's SIGHUP")
-        self.assertEqual(self.home.wait_state("without", "failed", "backoff", timeout=10)["state"] in
-                         ("failed", "backoff"), True, "without it, the bounding set forbids the chown")
+        self.home.wait_state("without", "failed", "backoff", timeout=10)    # the bounding set forbids the chown
 
     def test_restrict_suid_sgid_and_lock_personality_filter_system_calls(self):
         if os.uname().machine not in gitproc.SECCOMP_MACHINES:
@@ -7954,7 +7953,8 @@ class DeviceRulesTests(unittest.TestCase):
 
     def test_the_machines_drivers_by_section(self):
         sections = {section for section, _, _ in gitproc._proc_devices()}
-        self.assertEqual(sections, {"char", "block"} & sections | {"char"}, "char-NAME finds the character devices")
+        self.assertIn("char", sections, "char-NAME finds the character devices")
+        self.assertLessEqual(sections, {"char", "block"})
 
 
 class CapabilitySetTests(unittest.TestCase):
