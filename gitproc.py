@@ -15717,8 +15717,60 @@ def close_inherited_fds(keep):
 
 # Internal: the descriptor a re-executed detached daemon reports readiness on.
 DAEMON_READY_ENV = "GITPROC_READY_FD"
-_BOOTSTRAP = ("import sys,importlib.util as u;s=u.spec_from_file_location('gitproc',sys.argv[1]);"
+# Internal: where the re-executed daemon finds the bytecode compiled for it
+# when the script's own __pycache__ cannot be used.
+DAEMON_PYCACHE_ENV = "GITPROC_PYCACHE"
+_BOOTSTRAP = ("import sys,os,importlib.util as u;p=os.environ.pop('GITPROC_PYCACHE','');"
+              "sys.pycache_prefix=p or sys.pycache_prefix;s=u.spec_from_file_location('gitproc',sys.argv[1]);"
               "g=sys.modules['gitproc']=u.module_from_spec(s);s.loader.exec_module(g);sys.exit(g.main(sys.argv[2:]))")
+
+
+def _bytecode_fresh(source, cached):
+    """Does the .pyc `cached` hold the current `source` (its header's magic,
+    mtime and size, as the import system checks)?"""
+    import importlib.util
+    try:
+        with open(cached, "rb") as cached_file:
+            head = cached_file.read(16)
+        info = os.stat(source)
+    except OSError:
+        return False
+    return len(head) == 16 and head[:4] == importlib.util.MAGIC_NUMBER and \
+        struct.unpack("<III", head[4:]) == (0, int(info.st_mtime) & 0xFFFFFFFF, info.st_size & 0xFFFFFFFF)
+
+
+def _daemon_bytecode(config):
+    """Compile the module for the daemon before it re-executes itself, so it
+    runs from bytecode on its first start too: compiling in the daemon leaves
+    its heap some 8 MB larger for good. The bytecode goes where the import
+    system looks (the script's __pycache__, or PYTHONPYCACHEPREFIX); where it
+    may not be written there (a read-only folder, PYTHONDONTWRITEBYTECODE) it
+    goes under the state folder, and the returned prefix says so. None: use
+    the usual place. Failing to compile is not an error: the daemon then
+    compiles the source itself, as before."""
+    import importlib.util
+    import py_compile
+    source = os.path.abspath(__file__)
+    usual = importlib.util.cache_from_source(source)
+    if _bytecode_fresh(source, usual):
+        return None
+    if not sys.dont_write_bytecode:
+        try:
+            py_compile.compile(source, cfile=usual, doraise=True, invalidation_mode=py_compile.PycInvalidationMode.TIMESTAMP)
+            return None
+        except (OSError, py_compile.PyCompileError):
+            pass
+    prefix, sys.pycache_prefix = sys.pycache_prefix, os.path.join(os.path.dirname(config.state_file), "pycache")
+    try:
+        cached = importlib.util.cache_from_source(source)
+        if not _bytecode_fresh(source, cached):
+            py_compile.compile(source, cfile=cached, doraise=True,
+                               invalidation_mode=py_compile.PycInvalidationMode.TIMESTAMP)
+        return sys.pycache_prefix
+    except (OSError, py_compile.PyCompileError):
+        return None
+    finally:
+        sys.pycache_prefix = prefix
 
 
 def _run_daemon_here(config, args, mode, ready_fd):
@@ -15730,6 +15782,9 @@ def _run_daemon_here(config, args, mode, ready_fd):
         if ready_fd is not None:
             os.set_inheritable(ready_fd, True)
             os.environ[DAEMON_READY_ENV] = str(ready_fd)
+        prefix = _daemon_bytecode(config)
+        if prefix:
+            os.environ[DAEMON_PYCACHE_ENV] = prefix
         sys.stdout.flush()
         sys.stderr.flush()
         os.execv(sys.executable, [sys.executable, "-c", _BOOTSTRAP, os.path.abspath(__file__)] + args.argv)

@@ -10977,6 +10977,32 @@ class DaemonLifecycleTests(unittest.TestCase):
         self.assertFalse(os.path.exists(os.path.join(home.path, "gitproc.sock")))
         self.assertFalse(os.path.exists(os.path.join(home.path, "gitproc.pid")))
 
+    def test_first_start_runs_from_bytecode_where_the_script_folder_takes_none(self):
+        """The script sits in a read-only folder and PYTHONDONTWRITEBYTECODE
+        is set: the daemon still imports itself from bytecode, compiled under
+        its state folder before it re-executed itself, on its first start."""
+        home = Home(self, init=False)
+        folder = os.path.join(home.path, "ro")
+        os.mkdir(folder)
+        script = os.path.join(folder, "gitproc.py")
+        shutil.copy(GITPROC, script)
+        os.chmod(folder, 0o555)
+        self.addCleanup(os.chmod, folder, 0o755)
+        env = {key: value for key, value in os.environ.items() if key != "PYTHONPYCACHEPREFIX"}
+        env.update(PYTHONDONTWRITEBYTECODE="1", PYTHONVERBOSE="1")
+        proc = subprocess.run([sys.executable, script, "--home", home.path, "daemon"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=60, env=env)
+        self.assertEqual(proc.returncode, 0, proc.stderr.decode()[-2000:])
+        home.daemon_pid = int(read_text(os.path.join(home.path, "gitproc.pid")))
+        cached = os.path.join(home.path, "pycache", folder.lstrip("/"), "gitproc.%s.pyc" % sys.implementation.cache_tag)
+        log = gitproc.load_config({"home": home.path}, lenient=True).daemon_log
+        wait_until(lambda: "code object from '%s'" % cached in read_text(log), 20,
+                   "the daemon to import gitproc from %s" % cached)
+        self.assertEqual(os.listdir(folder), ["gitproc.py"], "nothing was written beside the script")
+        with open("/proc/%d/environ" % home.running_pid("hello"), "rb") as environ:
+            self.assertNotIn(b"GITPROC_PYCACHE=", environ.read(), "the daemon's services do not inherit it")
+        self.assertEqual(home.cli("shutdown")[0], 0)
+
 
 class SingleDaemonTests(unittest.TestCase):
 
