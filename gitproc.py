@@ -28,7 +28,7 @@ Sections (grep for "# ==== N."):
     11. control protocol: framing, ControlServer, client
     12. daemon: Recovery, Deployer, RequestHandlers, DaemonHost, Daemon
     13. command line
-    14. main()
+    14. main
 """
 
 __version__ = "0.1.0"
@@ -7191,7 +7191,7 @@ class Cgroups:
         replace the Startup*Weight= of the units that run."""
         self.startup = False
         for service in services:
-            spec, group = service.spec, service.cgroup
+            spec, group = service.spec, service.resources.cgroup
             if group is None:
                 continue
             for entry in group.limits:
@@ -7396,9 +7396,9 @@ class OomWatch:
         self.libc = None
 
     def watch(self, service):
-        """Watch the memory group of service.cgroup (again, if it changed)."""
+        """Watch the memory group of service.resources.cgroup (again, if it changed)."""
         self.forget(service.name)
-        group = service.cgroup
+        group = service.resources.cgroup
         folder = next((f for f in (group.folders if group else ()) if os.path.exists(os.path.join(f, "memory.events"))
                        or os.path.exists(os.path.join(f, "memory.oom_control"))), None)
         if folder is None:
@@ -7474,7 +7474,7 @@ class OomWatch:
     def _check(self, service, tries=10):
         """v1 signals when the group runs out of memory, before the killer
         chose: the count is looked at again for a while."""
-        group = service.cgroup
+        group = service.resources.cgroup
         if group is None or service.name not in self.watched:
             return
         count = Cgroups.oom_count(group)
@@ -8286,7 +8286,7 @@ class Service:
     written only by start()/stop()/restart() (user requests, deploys) and by
     state restore; supervision reads it."""
 
-    def __init__(self, host, spec, commit):
+    def __init__(self, host, spec, commit, connection=None, log_name=None):
         self.host = host
         self.name = spec.name
         self.spec = spec                # the UnitSpec being run (or to run)
@@ -8309,8 +8309,8 @@ class Service:
         self.started_at = None          # monotonic start of the current main process
         self.main_started_wall = None   # wall time the main process started (uptime)
         self.restarts = 0               # automatic restarts since the last manual start
-        self.connection = None          # Accept=yes: (its connection, $REMOTE_ADDR...) until its process has it
-        self.log_name = spec.name       # whose log it writes: an Accept=yes instance writes its template's
+        self.connection = connection    # Accept=yes: (its connection, $REMOTE_ADDR...) until its process has it
+        self.log_name = log_name or spec.name   # whose log it writes: an Accept=yes instance writes its template's
         self.restarts_total = 0         # automatic restarts ever (a counter for metrics; persisted)
         self.last_exit = None           # {"code": N} or {"signal": N} of the last main exit
         self.start_times = []           # monotonic times of recent starts (start limit)
@@ -8335,24 +8335,14 @@ class Service:
         self.monitor = None             # $MONITOR_* for the processes of a start OnFailure= asked for
         self.main_exit = None           # how this run's main process ended ($EXIT_CODE of ExecStopPost=)
         self.forked_group = None        # process group of a forking unit's ExecStart= (its session too)
-        self.private_tmp = None         # PrivateTmp= folders of this run (the host's)
         self.reap_pending = False       # what is left of the service is still to be ended
         self.start_deadline = None      # monotonic time the start timer fires
         self.generation = 0             # counts starts, so a restart waiter sees a new run
-        self.removed = False            # gone from the deployed commit; dropped once stopped
         self.succeeded = False          # the last run ended well (a '-' failure counts as success)
         self.health_note = None         # (verdict, error) of the probe closed last
         self.probe = None               # health probe of the running main process
-        self.cgroup = None              # CgroupSet of its processes (the host's)
-        self.cgroup_timer = None        # removal of the cgroups of a stopped service (the host's)
-        self.spawn_path = None          # how its last process was made (the host's): posix_spawn, clone3, fork
-        self.process_warnings = []      # what of the unit its last process could not have (a lowered limit, ...)
-        self.previous = None            # (spec, commit) a deploy replaced, kept for AutoRollback=
-        self.previous_tree = None       # the snapshot of its folder before the last change (kept for rollback)
-        self.running_tree = None        # the snapshot its main process was started from (its cwd may be there)
-        self.linked_tree = None         # the snapshot that process reads through %Y now (a reload moves it)
-        self.rejected = None            # identity of a version AutoRollback= took back
-        self.rolled_back = None         # {"from", "to", "why", "time"} of that rollback
+        self.resources = ProcessResources()   # cgroup, private /tmp, trees: the Launcher's
+        self.versions = VersionRecord()       # replaced, rejected, removed versions: the Deployer's
 
     # -- queries ---------------------------------------------------------------
 
@@ -8400,18 +8390,18 @@ class Service:
             "health_error": self.health()[1],
             "memory": process_rss(self.pid) if running else None,
             "commit": self.commit, "reason": self.reason, "want": self.want,
-            "rolled_back": self.rolled_back, "status_text": self.status_text,
+            "rolled_back": self.versions.rolled_back, "status_text": self.status_text,
         }
         if detail:
             data.update(description=self.spec.description, path=self.spec.path,
                         cpu_seconds=process_cpu_seconds(self.pid) if running else None,
                         type=self.spec.type, restart=self.spec.restart, adopted=self.adopted,
-                        limits=self._limits(), phase=self._phase_text(), spawn=self.spawn_path,
+                        limits=self._limits(), phase=self._phase_text(), spawn=self.resources.spawn_path,
                         control_pid=self.control_pid, sources=list(self.spec.sources),
                         control=str(self.control_command) if self.control_command else None,
                         folder={"path": self.spec.owned.path, "tree": self.spec.tree, "files": self.spec.owned.count,
                                 "bytes": self.spec.owned.size} if self.spec.owned else None,
-                        warnings=list(self.process_warnings), seccomp=seccomp_summary(self.spec),
+                        warnings=list(self.resources.warnings), seccomp=seccomp_summary(self.spec),
                         not_applied=[{"key": key, "value": value, "why": not_applied_reason(key, value)}
                                      for key, value in self.spec.not_applied] +
                         [{"key": key, "value": "", "why": why} for key, why in sandbox_not_applied(self.spec)])
@@ -8423,8 +8413,8 @@ class Service:
         return PHASE_TEXT.get(self.phase)
 
     def _limits(self):
-        if self.cgroup is not None and self.has_process():
-            return self.cgroup.limits
+        if self.resources.cgroup is not None and self.has_process():
+            return self.resources.cgroup.limits
         return [{"key": key, "value": value, "applied": False, "why": "applied when it runs"}
                 for _, key, value in resource_limits(self.spec)]
 
@@ -8437,8 +8427,8 @@ class Service:
                 "restarts": self.restarts, "restarts_total": self.restarts_total, "last_exit": self.last_exit,
                 "state": self.state, "phase": self.phase, "reason": self.reason, "commit": self.commit,
                 "blob": self.spec.blob, "meaning": self.spec.meaning(), "started_wall": self.main_started_wall,
-                "tree": self.linked_tree if active else None, "started_tree": self.running_tree if active else None,
-                "previous_tree": self.previous_tree, "rejected": self.rejected, "rolled_back": self.rolled_back,
+                "tree": self.resources.linked_tree if active else None, "started_tree": self.resources.running_tree if active else None,
+                "previous_tree": self.versions.previous_tree, "rejected": self.versions.rejected, "rolled_back": self.versions.rolled_back,
                 # monotonic times as wall-clock ones, for the next daemon (SPEC §6)
                 "crash_streak": self.crash_streak, "start_times": [round(t + to_wall, 3) for t in self.start_times],
                 "restart_due": round(self.restart_due + to_wall, 3) if self.phase == BACKOFF and self.restart_due
@@ -8469,6 +8459,30 @@ class Service:
         if self.state not in (STARTING, RUNNING, RELOADING):
             self.restarts = 0             # not running: a manual start
         self.handle(EV_RESTART, reason=reason)
+
+    def take_version(self, spec, commit=None):
+        """The unit version to run from now on (a deploy, a rollback, a unit
+        back after its removal; `commit` None: the same commit's, a file
+        moved). What runs is not touched: the caller restarts or reloads."""
+        self.spec = spec
+        self.commit = commit or self.commit
+
+    def take_saved(self, saved, same_boot):
+        """What an earlier daemon saved of this Service (persistent()): the
+        user's intent and the counters. The start-limit window and the crash
+        streak count only on the boot they were measured on (SPEC §6)."""
+        self.want = "down" if saved.get("want") == "down" else "up"
+        if isinstance(saved.get("restarts"), int):
+            self.restarts = saved["restarts"]
+        if isinstance(saved.get("restarts_total"), int):
+            self.restarts_total = saved["restarts_total"]
+        self.last_exit = saved.get("last_exit") if isinstance(saved.get("last_exit"), dict) else None
+        to_monotonic = self.host.now() - time.time()
+        if isinstance(saved.get("crash_streak"), int) and same_boot:
+            self.crash_streak = saved["crash_streak"]
+        if isinstance(saved.get("start_times"), list) and same_boot:
+            self.start_times = [t + to_monotonic for t in saved["start_times"]
+                                if isinstance(t, (int, float)) and t <= time.time()]    # none from the future
 
     def reload(self):
         """ExecReload= (or ReloadSignal= for notify-reload); `want` is untouched."""
@@ -9447,6 +9461,23 @@ def _result_of(exit_info):
     return "signal" if "signal" in exit_info else "exit-code"
 
 
+class ProcessResources:
+    """What the Launcher keeps of one unit's processes, in a record of its own
+    (Service reads it, never writes it). The trees are also moved by the
+    Deployer and Recovery, when a running process is pointed at another
+    snapshot of its folder."""
+    __slots__ = ("cgroup", "cgroup_timer", "private_tmp", "spawn_path", "warnings", "running_tree", "linked_tree")
+
+    def __init__(self):
+        self.cgroup = None              # CgroupSet of its processes
+        self.cgroup_timer = None        # removal of the cgroups of a stopped service
+        self.private_tmp = None         # PrivateTmp= folders of this run
+        self.spawn_path = None          # how its last process was made: posix_spawn, clone3, fork
+        self.warnings = []              # what of the unit its last process could not have (a lowered limit, ...)
+        self.running_tree = None        # the snapshot its main process was started from (its cwd may be there)
+        self.linked_tree = None         # the snapshot that process reads through %Y now (a reload moves it)
+
+
 class Launcher:
     """The process half of ServiceHost: what a service's processes get
     (environment, credentials, working directory, log, cgroups), starting
@@ -9513,23 +9544,23 @@ class Launcher:
             run_as = RunAs(user=run_as.user, home=run_as.home, shell=run_as.shell)
         elif spec.supplementary_groups:
             run_as = self._with_groups(run_as, spec.supplementary_groups)
-        if service.has_process() and service.cgroup is not None:
-            group = service.cgroup        # a control process beside the main one: the same groups
+        if service.has_process() and service.resources.cgroup is not None:
+            group = service.resources.cgroup        # a control process beside the main one: the same groups
         else:
             group = self.cgroups.prepare(service.name, spec, suspect=service.last_exit == {"signal": signal.SIGKILL}) \
                 if self.cgroups else None
-            service.cgroup = group
+            service.resources.cgroup = group
             if group is not None:
                 self.oom_watch.watch(service)
-        if service.cgroup_timer is not None:
-            service.cgroup_timer.cancel()
-            service.cgroup_timer = None
+        if service.resources.cgroup_timer is not None:
+            service.resources.cgroup_timer.cancel()
+            service.resources.cgroup_timer = None
         # With a cgroup the child joins it before exec (fork path): joined from
         # here after posix_spawn, a shell could fork an escapee first.
         self._note_identifier(service)
         setup = ProcessSetup(spec)
         if control in (None, "exec_start"):       # said once a start, of the main process
-            service.process_warnings = list(setup.lowered)
+            service.resources.warnings = list(setup.lowered)
             for why in setup.lowered:
                 self.unit_warning(service.name, why)
             for entry in (group.limits if group else ()):
@@ -9554,9 +9585,9 @@ class Launcher:
                                          listen=(listen[0], listen[2]) if listen else None)
         if listen and listen[2] is not None:
             service.give_connection()
-        service.spawn_path = self.spawner.last_path
+        service.resources.spawn_path = self.spawner.last_path
         if control in (None, "exec_start"):   # the main process, or a forking unit's parent of it
-            service.running_tree = service.linked_tree = spec.tree
+            service.resources.running_tree = service.resources.linked_tree = spec.tree
         self.exit_watcher.watch(pid, on_exit)
         if report is not None:
             os.set_blocking(report, False)
@@ -9623,7 +9654,7 @@ class Launcher:
         """The groups an earlier daemon made for the service, made again (and
         its OOM kills watched)."""
         if self.cgroups is not None:
-            service.cgroup = self.cgroups.prepare(service.name, service.spec)
+            service.resources.cgroup = self.cgroups.prepare(service.name, service.spec)
             self.oom_watch.watch(service)
 
     def main_pid_of(self, service):
@@ -9644,10 +9675,10 @@ class Launcher:
                 raise SpawnError("PIDFile=%s names pid %d, which is not a process of this service, and the file "
                                  "is not root's" % (spec.pid_file, pid))
             return pid
-        if self.cgroups is None or service.cgroup is None or service.cgroup.tracking is None:
+        if self.cgroups is None or service.resources.cgroup is None or service.resources.cgroup.tracking is None:
             raise SpawnError("Type=forking without PIDFile= needs cgroups to find the main process (%s)" % (
                 self.cgroups.problem if self.cgroups else "cgroups are not used"))
-        pids = set(Cgroups.pids(service.cgroup))
+        pids = set(Cgroups.pids(service.resources.cgroup))
         tops = []
         for pid in pids:
             fields = read_proc_stat(pid)
@@ -9689,8 +9720,8 @@ class Launcher:
     def belongs_to(self, service, pid):
         """Whether `pid` is a process of `service`: in its cgroup, else in the
         session of its main or control process or of its forking ExecStart=."""
-        if service.cgroup is not None and service.cgroup.tracking is not None:
-            return pid in Cgroups.pids(service.cgroup)
+        if service.resources.cgroup is not None and service.resources.cgroup.tracking is not None:
+            return pid in Cgroups.pids(service.resources.cgroup)
         fields = read_proc_stat(pid)
         return fields is not None and int(fields[3]) in (service.pid, service.control_pid, service.forked_group)
 
@@ -9752,7 +9783,7 @@ class Launcher:
         targets_group = mode == "control-group" or (number == signal.SIGKILL and (
             mode == "mixed" or service.spec.private_pids))
         if targets_group and self.cgroups is not None:
-            self.cgroups.kill(service.cgroup, number)     # also what left the process group
+            self.cgroups.kill(service.resources.cgroup, number)     # also what left the process group
         if mode != "none" or number == signal.SIGKILL:
             self.kill_control(service, number)
         if service.pid is None:
@@ -9788,23 +9819,23 @@ class Launcher:
         elif everything and service.pid_start is not None:
             _signal_group_if_same(pid, service.pid_start, signal.SIGKILL)   # still the process adopted?
         if self.cgroups is not None:
-            self.cgroups.kill(service.cgroup, signal.SIGKILL)
+            self.cgroups.kill(service.resources.cgroup, signal.SIGKILL)
 
     def oom_killed(self, service):
         """Whether the OOM killer killed a process of the service since it started."""
-        return self.cgroups is not None and self.cgroups.oom_killed(service.cgroup)
+        return self.cgroups is not None and self.cgroups.oom_killed(service.resources.cgroup)
 
     def cgroup_pids(self, service, excluding=None):
         """The processes of the service's cgroup (but `excluding`), [] without one."""
-        if self.cgroups is None or service.cgroup is None:
+        if self.cgroups is None or service.resources.cgroup is None:
             return []
-        return [pid for pid in Cgroups.pids(service.cgroup) if pid != excluding]
+        return [pid for pid in Cgroups.pids(service.resources.cgroup) if pid != excluding]
 
     def describe_exit(self, service, exit_info):
         if exit_info is None:
             return "exit status unknown (%s)" % ("adopted" if service.adopted else "not gitproc's child")
         if exit_info == {"signal": signal.SIGKILL} and service.spec.memory_max is not None and \
-                self.cgroups is not None and self.cgroups.oom_killed(service.cgroup):
+                self.cgroups is not None and self.cgroups.oom_killed(service.resources.cgroup):
             return "killed by the OOM killer (MemoryMax=%s)" % format_bytes(service.spec.memory_max)
         return describe_exit(exit_info)
 
@@ -9813,16 +9844,16 @@ class Launcher:
         stayed down a while (making a fresh cgroup and moving the first
         process in costs the kernel some 10 ms, which a restart, or a stop
         soon followed by a start, need not pay)."""
-        if service.cgroup is None or service.cgroup_timer is not None:
+        if service.resources.cgroup is None or service.resources.cgroup_timer is not None:
             return
 
         def remove():
-            service.cgroup_timer = None
+            service.resources.cgroup_timer = None
             if service.pid is None and service.state not in ACTIVE_STATES:
                 self.oom_watch.forget(service.name, service)
-                Cgroups.remove(service.cgroup)
-                service.cgroup = None
-        service.cgroup_timer = self.call_later(CGROUP_LINGER, remove)
+                Cgroups.remove(service.resources.cgroup)
+                service.resources.cgroup = None
+        service.resources.cgroup_timer = self.call_later(CGROUP_LINGER, remove)
 
     def open_probe(self, service, on_verdict):
         return HealthProbe(service.spec, service.name, self.selector, self.call_later, self.log, on_verdict)
@@ -9864,12 +9895,12 @@ class Launcher:
                 else None
         helpers = self._sandbox_helpers()
         peer = self.namespace_peer(service)
-        if service.private_tmp is not None and not all(os.path.isdir(path) for path in service.private_tmp):
-            service.private_tmp = None    # a peer's, removed since: one of its own
-        if spec.private_tmp and service.private_tmp is None:
-            shared = peer.private_tmp if peer is not None and peer.spec.private_tmp and peer.private_tmp and all(
-                os.path.isdir(path) for path in peer.private_tmp) else None
-            service.private_tmp = shared or self._private_tmp(self._private_tmp_prefix(service.name))
+        if service.resources.private_tmp is not None and not all(os.path.isdir(path) for path in service.resources.private_tmp):
+            service.resources.private_tmp = None    # a peer's, removed since: one of its own
+        if spec.private_tmp and service.resources.private_tmp is None:
+            shared = peer.resources.private_tmp if peer is not None and peer.spec.private_tmp and peer.resources.private_tmp and all(
+                os.path.isdir(path) for path in peer.resources.private_tmp) else None
+            service.resources.private_tmp = shared or self._private_tmp(self._private_tmp_prefix(service.name))
         writable = [os.path.join(self.folders[kind], relative) for kind, relative in spec.directories
                     if not (self._dynamic(spec) and kind in "SCL")]
         private = {}                      # DynamicUser=: /var/lib/private, with its own folders only
@@ -9880,7 +9911,7 @@ class Launcher:
         joined = {flag: "/proc/%d/ns/%s" % (peer.pid, kind) for flag, kind, wanted in (
             (CLONE_NEWNET, "net", spec.private_network and peer and peer.spec.private_network),
             (CLONE_NEWIPC, "ipc", spec.private_ipc and peer and peer.spec.private_ipc)) if wanted and peer.pid}
-        return Sandbox(spec, service.private_tmp if spec.private_tmp else None, helpers, run_as.uid is not None, writable,
+        return Sandbox(spec, service.resources.private_tmp if spec.private_tmp else None, helpers, run_as.uid is not None, writable,
                        private_folders=private, joined=joined)
 
     def namespace_peer(self, service):
@@ -10055,14 +10086,14 @@ class Launcher:
         spec = service.spec
         if spec.pid_file:
             _unlink_quietly(spec.pid_file)
-        if spec.private_tmp or service.private_tmp is not None:
+        if spec.private_tmp or service.resources.private_tmp is not None:
             import glob as glob_module    # those of a run an earlier daemon started, too
             prefix = self._private_tmp_prefix(service.name)
             shared = {os.path.dirname(path) for path in self.private_tmp_in_use(service)}
             for outer in glob_module.glob("/tmp/%s*" % prefix) + glob_module.glob("/var/tmp/%s*" % prefix):
                 if outer not in shared:   # JoinsNamespaceOf=: a running unit still uses it (its stop, later)
                     remove_tree(outer)
-            service.private_tmp = None
+            service.resources.private_tmp = None
         preserved = spec.runtime_directory_preserve == "yes" or (
             spec.runtime_directory_preserve == "restart" and service.want == "up")
         for kind, relative in spec.directories if not preserved else ():
@@ -10159,7 +10190,7 @@ class Dependencies:
         the start back; a Requires= one does."""
         for name in service.spec.binds_to:
             other = self.services.get(name)
-            if (other is None and not self.in_deploy(name)) or (other is not None and other.removed):
+            if (other is None and not self.in_deploy(name)) or (other is not None and other.versions.removed):
                 return "failed", "binds to %s, which is not deployed here" % name
             if other is None:
                 continue                  # made later in this deploy: BindsTo= does not order
@@ -10172,7 +10203,7 @@ class Dependencies:
             return "failed", "RequiresMountsFor=: %s (in %s) is not mounted" % (", ".join(missing), FSTAB)
         for name in service.spec.requisite:      # never started for it: active, or the start fails
             other = self.services.get(name)
-            if other is None or other.removed:
+            if other is None or other.versions.removed:
                 return "failed", "requisite %s is not deployed here (Requisite=)" % name
             if other.state == STARTING:
                 return "waiting", "waiting for %s" % name
@@ -10181,7 +10212,7 @@ class Dependencies:
         for name in service.spec.after + service.spec.requires + self._named_before(service.name):
             required = name in service.spec.requires
             other = self.services.get(name)
-            if other is None or other.removed or name == service.name:
+            if other is None or other.versions.removed or name == service.name:
                 if required:
                     return "failed", "requires %s, which is not deployed here" % name
                 continue
@@ -10206,7 +10237,7 @@ class Dependencies:
         while todo:
             name = todo.pop()
             for other in self.services.values():
-                if name in other.spec.part_of and other.name not in names and other not in found and not other.removed:
+                if name in other.spec.part_of and other.name not in names and other not in found and not other.versions.removed:
                     found.append(other)
                     todo.append(other.name)
         return found
@@ -10215,7 +10246,7 @@ class Dependencies:
         """Conflicts= (either side names the other): the units a start of
         `names` stops."""
         wanted = set(names)
-        return [other for other in self.services.values() if other.name not in wanted and not other.removed and (
+        return [other for other in self.services.values() if other.name not in wanted and not other.versions.removed and (
             wanted & set(other.spec.conflicts) or any(other.name in self.services[n].spec.conflicts
                                                       for n in wanted if n in self.services))]
 
@@ -10232,7 +10263,7 @@ class Dependencies:
                 continue
             required = [name for name in service.spec.requires if self.activated(name)]
             for other in service.spec.wants + service.spec.binds_to + tuple(required):
-                if other not in seen and other in self.services and not self.services[other].removed:
+                if other not in seen and other in self.services and not self.services[other].versions.removed:
                     seen.add(other)
                     todo.append(other)
                     if self.services[other].state not in ACTIVE_STATES:
@@ -10249,7 +10280,7 @@ class Dependencies:
         reload of `names` reloads too (those that can)."""
         found = []
         for other in self.services.values():
-            if other.name in names or other.removed or other.state != RUNNING or not (
+            if other.name in names or other.versions.removed or other.state != RUNNING or not (
                     other.spec.exec_reload or other.spec.type == "notify-reload"):
                 continue
             if set(names) & set(other.spec.reload_propagated_from) or any(
@@ -10265,11 +10296,11 @@ class Dependencies:
         for name in stopped.spec.requires + stopped.spec.wants + stopped.spec.binds_to + stopped.spec.requisite + \
                 stopped.spec.upholds:
             other = self.services.get(name)
-            if other is None or other.removed or not other.spec.stop_when_unneeded or other.state not in ACTIVE_STATES:
+            if other is None or other.versions.removed or not other.spec.stop_when_unneeded or other.state not in ACTIVE_STATES:
                 continue
             if not any(name in user.spec.requires + user.spec.wants + user.spec.binds_to + user.spec.requisite +
                        user.spec.upholds for user in self.services.values()
-                       if user.state in ACTIVE_STATES and not user.removed and user is not other):
+                       if user.state in ACTIVE_STATES and not user.versions.removed and user is not other):
                 found.append(other)
         return found
 
@@ -10278,11 +10309,11 @@ class Dependencies:
         started again, as systemd restarts them while the upholder is up)."""
         found = []
         for service in self.services.values():
-            if service.state not in (RUNNING, RELOADING) or service.removed:
+            if service.state not in (RUNNING, RELOADING) or service.versions.removed:
                 continue
             for name in service.spec.upholds:
                 other = self.services.get(name)
-                if other is not None and not other.removed and other.state in (STOPPED, FAILED, EXITED) and \
+                if other is not None and not other.versions.removed and other.state in (STOPPED, FAILED, EXITED) and \
                         not (other.reason or "").startswith("start limit hit") and other not in found:
                     found.append((service, other))
         return found
@@ -10293,7 +10324,7 @@ class Dependencies:
             return
         for other in self.services.values():
             if service.name in other.spec.requires + other.spec.binds_to and other.state in (
-                    STARTING, RUNNING, RELOADING) and not other.removed:
+                    STARTING, RUNNING, RELOADING) and not other.versions.removed:
                 why = "%s unit %s %s" % ("bound" if service.name in other.spec.binds_to else "required", service.name,
                                          {FAILED: "failed", EXITED: "exited"}.get(service.state, "stopped"))
                 self.log.info(other.name, "Stopping: %s" % why)
@@ -11835,23 +11866,12 @@ class Recovery:
         saved = self.saved_services.get(service.name)
         if not isinstance(saved, dict):
             return False
-        service.want = "down" if saved.get("want") == "down" else "up"
-        if isinstance(saved.get("restarts"), int):
-            service.restarts = saved["restarts"]
-        if isinstance(saved.get("restarts_total"), int):
-            service.restarts_total = saved["restarts_total"]
-        service.last_exit = saved.get("last_exit") if isinstance(saved.get("last_exit"), dict) else None
-        to_monotonic = time.monotonic() - time.time()
-        if isinstance(saved.get("crash_streak"), int) and self.same_boot:
-            service.crash_streak = saved["crash_streak"]
-        if isinstance(saved.get("start_times"), list) and self.same_boot:
-            service.start_times = [t + to_monotonic for t in saved["start_times"]
-                                   if isinstance(t, (int, float)) and t <= time.time()]    # none from the future
+        service.take_saved(saved, self.same_boot)
         if isinstance(saved.get("previous_tree"), str):
-            service.previous_tree = saved["previous_tree"]
+            service.versions.previous_tree = saved["previous_tree"]
         back = saved.get("rolled_back")
         if isinstance(back, dict) and isinstance(saved.get("rejected"), str) and service.commit == back.get("to"):
-            service.rejected, service.rolled_back = saved["rejected"], back   # kept back (Deployer._kept_back)
+            service.versions.rejected, service.versions.rolled_back = saved["rejected"], back   # kept back (Deployer._kept_back)
         live = self.live_pid(saved) or self._pid_file_process(service.spec)
         if live is None and saved.get("phase") == REMAIN and service.spec.remain_after_exit:
             live = (None, None)           # it ran and remains: nothing to run again, only to remember
@@ -11872,10 +11892,10 @@ class Recovery:
         # The snapshot it reads through %Y: what the state file says (null for a
         # unit that had no folder), else (a state file of an older gitproc, or
         # an older process) the deployed one.
-        service.linked_tree = saved["tree"] if "tree" in saved and isinstance(saved["tree"], (str, type(None))) \
+        service.resources.linked_tree = saved["tree"] if "tree" in saved and isinstance(saved["tree"], (str, type(None))) \
             else service.spec.tree
         started = saved.get("started_tree")
-        service.running_tree = started if isinstance(started, str) else self._tree_of_cwd(live[0], service.linked_tree)
+        service.resources.running_tree = started if isinstance(started, str) else self._tree_of_cwd(live[0], service.resources.linked_tree)
         meaning = saved.get("meaning")          # (a state file of an older gitproc has only the blob)
         unit_changed = meaning != service.spec.meaning() if isinstance(meaning, str) else \
             saved.get("blob") not in (None, service.spec.blob)
@@ -11886,16 +11906,16 @@ class Recovery:
             self.log.info(service.name, "Restarting: unit changed while no daemon ran")
             service.restart()
             return True
-        files = self._files_changed(service.linked_tree, service.spec.tree)
+        files = self._files_changed(service.resources.linked_tree, service.spec.tree)
         if files and reloads(service.spec) and service.phase in (RUNNING, REMAIN):
             self.log.info(service.name, "Reloading: %s changed while no daemon ran" % some_paths(files))
-            service.linked_tree = service.spec.tree
+            service.resources.linked_tree = service.spec.tree
             service.reload()
         elif files:
             self.log.info(service.name, "Restarting: %s changed while no daemon ran" % some_paths(files))
             service.restart()
         else:
-            service.linked_tree = service.spec.tree
+            service.resources.linked_tree = service.spec.tree
         return True
 
     def _files_changed(self, old, new):
@@ -12301,7 +12321,7 @@ class TimerSchedule:
         self.daemon.store.mark_dirty()
         service = self.daemon.services.get(timer.spec.unit)
         late = (now_wall - timer.next_wall) if timer.next_wall is not None else 0.0
-        if service is None or service.removed:
+        if service is None or service.versions.removed:
             why = "%s is not deployed" % (timer.spec.unit + UNIT_SUFFIX)
         elif service_busy(service):
             why = "%s is still %s: no second run" % (timer.spec.unit + UNIT_SUFFIX, service.state)
@@ -12939,7 +12959,7 @@ class SocketSet:
         if self._trigger_limit_hit(unit):
             return
         service = self.daemon.services.get(unit.spec.unit)
-        if service is None or service.removed:
+        if service is None or service.versions.removed:
             return
         self.daemon.log.info(unit.name, "Incoming traffic: starting %s" % (unit.spec.unit + UNIT_SUFFIX))
         self.daemon.events.record("triggered", unit.name, reason="incoming traffic", after=unit.spec.unit + UNIT_SUFFIX)
@@ -13011,9 +13031,8 @@ class SocketSet:
                 str(d) for d in problems if d.severity == "error")))
             return
         unit.accepted_total += 1
-        service = Service(self.daemon.host, instance, unit.commit)
         env = {"REMOTE_ADDR": peer[0], "REMOTE_PORT": str(peer[1])} if isinstance(peer, tuple) else {}
-        service.connection, service.log_name = (connection, env), spec.unit
+        service = Service(self.daemon.host, instance, unit.commit, connection=(connection, env), log_name=spec.unit)
         unit.instances[name] = (source, peer)
         self.daemon.services[name] = service
         self.daemon.events.record("accepted", unit.name, reason="from %s" % (
@@ -13145,6 +13164,20 @@ def machine_id():
 
 
 _MACHINE = {}                         # what was read of this machine (its machine id)
+
+
+class VersionRecord:
+    """What the Deployer keeps of one unit's versions, in a record of its own
+    (Service reads it, never writes it; Recovery fills it from the state
+    file)."""
+    __slots__ = ("previous", "previous_tree", "rejected", "rolled_back", "removed")
+
+    def __init__(self):
+        self.previous = None            # (spec, commit) a deploy replaced, kept for AutoRollback=
+        self.previous_tree = None       # the snapshot of its folder before the last change (kept for rollback)
+        self.rejected = None            # identity of a version AutoRollback= took back
+        self.rolled_back = None         # {"from", "to", "why", "time"} of that rollback
+        self.removed = False            # gone from the deployed commit; dropped once stopped
 
 
 class Deployer:
@@ -13369,8 +13402,8 @@ class Deployer:
         return plan
 
     def _drift(self):
-        return {name: drift_note(s.rolled_back) for name, s in self.services.items()
-                if s.rolled_back and s.rejected is not None}
+        return {name: drift_note(s.versions.rolled_back) for name, s in self.services.items()
+                if s.versions.rolled_back and s.versions.rejected is not None}
 
     def _noop_plan(self, commit):
         plan = DeployPlan(commit, commit.sha, noop=True)
@@ -13449,7 +13482,7 @@ class Deployer:
         plan.drift.update(kept_back)
         for name in list(plan.changed):
             service = self.services.get(name)
-            if service is not None and service.rejected is not None and specs[name].identity() == service.rejected:
+            if service is not None and service.versions.rejected is not None and specs[name].identity() == service.versions.rejected:
                 # The version AutoRollback= took back: it stays rolled back (drift)
                 # until a commit changes the unit again.
                 specs[name] = self.specs[name]
@@ -13458,7 +13491,7 @@ class Deployer:
                 del plan.changes[name]
                 plan.files.pop(name, None)
                 plan.unchanged.append(name)
-                plan.drift[name] = drift_note(service.rolled_back)
+                plan.drift[name] = drift_note(service.versions.rolled_back)
         plan.unchanged.sort()
         templates = {name[:-len(UNIT_SUFFIX)]: (path, data, blob) for name, path, data, blob in entries
                      if name.endswith(TEMPLATE_SUFFIX)}
@@ -13702,7 +13735,7 @@ class Deployer:
             service = self.services[name]
             if service.state in ACTIVE_STATES:
                 service.halt("removed from the repository")
-            service.removed = True
+            service.versions.removed = True
             self.recovery.saved_services.pop(name, None)
         self.specs, self.unit_problems, self.skipped = plan.specs, plan.problems, plan.skipped
         released = [name for name in self.activated if name not in plan.activated and name in plan.unchanged]
@@ -13722,27 +13755,27 @@ class Deployer:
                 continue
             service = self.services[name]
             if name in plan.changed:
-                service.previous = (service.spec, service.commit) if spec.auto_rollback else None
+                service.versions.previous = (service.spec, service.commit) if spec.auto_rollback else None
                 if service.spec.tree != spec.tree:
-                    service.previous_tree = service.spec.tree
-                service.rejected = service.rolled_back = None
-                service.spec, service.commit = spec, sha
+                    service.versions.previous_tree = service.spec.tree
+                service.versions.rejected = service.versions.rolled_back = None
+                service.take_version(spec, sha)
                 if service.want != "up" or (name in plan.activated and not service.has_process()):
                     continue              # stopped stays stopped: only what runs restarts
                 what = ", ".join(plan.changes[name] + plan.files.get(name, []))
                 if name in plan.reload and service.phase in (RUNNING, REMAIN):
                     self.log.info(name, "Reloading: %s changed in commit %s" % (what, commit.sha[:7]))
-                    service.linked_tree = spec.tree       # it reads its new files through %Y
+                    service.resources.linked_tree = spec.tree       # it reads its new files through %Y
                     service.reload()
                 else:
                     self.log.info(name, "Restarting: %s changed in commit %s" % (what, commit.sha[:7]))
                     service.restart()
             else:
-                service.spec = spec       # same meaning; the file may have moved
-                if service.rolled_back and name not in plan.drift:
-                    service.rejected = service.rolled_back = None   # a commit brought back the version it runs
+                service.take_version(spec)    # same meaning; the file may have moved
+                if service.versions.rolled_back and name not in plan.drift:
+                    service.versions.rejected = service.versions.rolled_back = None   # a commit brought back the version it runs
                 if service.has_process():
-                    service.linked_tree = spec.tree   # its files are alike: only unit files differ
+                    service.resources.linked_tree = spec.tree   # its files are alike: only unit files differ
         self.timer_specs = plan.timers
         if self.schedule is not None:
             self.schedule.deploy(plan.timers, commit.sha, plan.origin)
@@ -13784,8 +13817,8 @@ class Deployer:
         service = self.services.get(spec.name)
         if service is not None:
             # Removed, still stopping, and back again: one Service, never two copies.
-            service.removed = False
-            service.spec, service.commit = spec, sha
+            service.versions.removed = False
+            service.take_version(spec, sha)
             if service.want == "up" and not activated:
                 service.start()           # STOPPING -> (stopped) -> STARTING
             return
@@ -13806,7 +13839,7 @@ class Deployer:
         self.before_of = {name: tuple(sorted(names)) for name, names in before_of.items()}
 
     def forget_removed(self):
-        for name in [name for name, s in self.services.items() if s.removed and s.state not in ACTIVE_STATES]:
+        for name in [name for name, s in self.services.items() if s.versions.removed and s.state not in ACTIVE_STATES]:
             self.services.pop(name).discard()
             self.snapshots.point(name, None)
             self._collect_later()
@@ -13822,11 +13855,11 @@ class Deployer:
         self.collect_timer = None
         keep = set()
         for service in self.services.values():
-            keep.update((service.spec.tree, service.previous_tree,
-                         service.previous[0].tree if service.previous else None,
-                         service.running_tree if service.has_process() else None))
+            keep.update((service.spec.tree, service.versions.previous_tree,
+                         service.versions.previous[0].tree if service.versions.previous else None,
+                         service.resources.running_tree if service.has_process() else None))
         keep.discard(None)
-        adopted = {s.running_tree for s in self.services.values() if s.adopted and s.has_process()}
+        adopted = {s.resources.running_tree for s in self.services.values() if s.adopted and s.has_process()}
         return self.snapshots.collect(keep, set(self.services), adopted)
 
     # -- AutoRollback= and rollback ---------------------------------------------------------
@@ -13837,13 +13870,13 @@ class Deployer:
         back on the service to run instead: True, or False if there is none.
         The repository is not touched; `diff` shows the drift, `status` and
         history say why."""
-        if not service.previous or not service.spec.auto_rollback or self.host.shutting_down:
+        if not service.versions.previous or not service.spec.auto_rollback or self.host.shutting_down:
             return False
-        old_spec, old_commit = service.previous
+        old_spec, old_commit = service.versions.previous
         bad_commit = service.commit
-        service.previous = None
-        service.rejected = service.spec.identity()
-        service.rolled_back = {"from": bad_commit, "to": old_commit, "why": why, "time": time.time()}
+        service.versions.previous = None
+        service.versions.rejected = service.spec.identity()
+        service.versions.rolled_back = {"from": bad_commit, "to": old_commit, "why": why, "time": time.time()}
         self.specs[service.name] = old_spec
         self.log.warning(service.name, "Rolling back to the version of %s: the one of %s failed (%s)" % (
             old_commit[:7], bad_commit[:7], why))
@@ -13851,7 +13884,7 @@ class Deployer:
                             changed=[service.name], why=why)
         self._count("rolled back")
         self.events.record("rollback", service.name, bad_commit, old_commit, why, service.pid, old_commit)
-        service.spec, service.commit = old_spec, old_commit
+        service.take_version(old_spec, old_commit)
         self.snapshots.point(service.name, old_spec.tree)
         self._index_before()
         self.store.save_now()
@@ -14188,7 +14221,7 @@ class RequestHandlers:
         if not names and not allow_empty:
             raise GitprocError("name at least one unit")
         names = [as_unit_name(n, services) for n in names]
-        unknown = [n for n in names if n not in services or services[n].removed]
+        unknown = [n for n in names if n not in services or services[n].versions.removed]
         if unknown:
             hint = ""
             known_skipped = [n for n in unknown if n in skipped]
@@ -14477,7 +14510,7 @@ class RequestHandlers:
         """Why `service` can no longer reach `target` (running or healthy)
         unless someone acts, or None: it failed, it exited and will not
         restart, a condition kept it from starting, or a stop is wanted."""
-        if service is None or target == "stopped" or service.removed:
+        if service is None or target == "stopped" or service.versions.removed:
             return None if service is not None or target == "stopped" else "it is gone"
         state = service.state
         if state == FAILED:
@@ -15007,7 +15040,7 @@ class DaemonHost(Launcher):
 
     def private_tmp_in_use(self, service):
         return [path for other in self.daemon.services.values() if other is not service and other.has_process()
-                for path in other.private_tmp or ()]
+                for path in other.resources.private_tmp or ()]
 
     def namespace_peer(self, service):
         names = set(service.spec.joins_namespace_of) | {other.name for other in self.daemon.services.values()
@@ -15173,7 +15206,7 @@ class Daemon:
                 else str(exit_info["code"])
         for name in service.spec.on_failure if key == "OnFailure" else service.spec.on_success:
             other = self.services.get(name)
-            if other is None or other.removed:
+            if other is None or other.versions.removed:
                 self.log.warning(service.name, "%s=%s: no such unit is deployed" % (key, name))
                 continue
             self.log.info(name, "Starting: %s %s (%s=)" % (service.name, "failed" if key == "OnFailure" else "succeeded",
@@ -15404,7 +15437,7 @@ class Daemon:
         if self.http is not None:
             self.http.close()
         if not self.keep_services and self.host.cgroups is not None:
-            self.host.cgroups.remove_all([service.cgroup for service in self.services.values()])
+            self.host.cgroups.remove_all([service.resources.cgroup for service in self.services.values()])
         if self.wakeup_fds:
             signal.set_wakeup_fd(-1)
             for fd in self.wakeup_fds:
