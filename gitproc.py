@@ -9,26 +9,39 @@ their logs and remembers its state across restarts.
     python3 gitproc.py status            # what runs
     python3 gitproc.py check unit.service
 
-Sections (grep for "# ==== N."):
+Sections (grep for "# ==== N."), in the order data flows: a unit file is
+parsed, comes from git, runs in a process, is supervised, deployed, activated,
+and asked about over the control socket and HTTP:
      0. header
      1. constants and defaults
      2. errors
      3. small utilities: time spans, sizes, wait statuses, atomic writes, /proc
-     4. unit files: UnitSpec, the directive table, the parser
+     4. unit files: UnitSpec, the directive table, the parser, templates,
+        calendar times, timer and socket units
      5. configuration and paths
      6. state store: batched, atomic saves
-     7. git source: git commands, trusted deploys (CommitVerifier), snapshots,
-        RefWatcher, SourceWatcher, the pure deploy plan
-     8. process supervision: restart policy, the sandbox, system call filters
-        (seccomp), cgroups, spawner, exit watcher, the state table, Launcher,
-        Service, Dependencies
-     9. health checks: HealthProbe
-    10. logs: the daemon's log, service log rotation, the syslog and journal
+     7. git source: git commands, RefWatcher, trusted deploys (CommitVerifier),
+        SourceWatcher
+     8. execution environment: RunAs, ProcessSetup, the sandbox, system call
+        filters (seccomp), cgroups, Spawner, ExitWatcher, the notify socket
+     9. supervision: the restart policy, the state table, Service, ServiceHost,
+        Launcher, Dependencies
+    10. health checks: HealthProbe
+    11. logs: the daemon's log, service log rotation, the syslog and journal
         sockets (SyslogChannel)
-    11. control protocol: framing, ControlServer, client
-    12. daemon: Recovery, Deployer, RequestHandlers, DaemonHost, Daemon
-    13. command line
-    14. main
+    12. deploying: Snapshots, the pure deploy plan, History, Recovery, Deployer
+    13. timers and sockets: TimerSchedule, SocketSet
+    14. control protocol: framing, ControlServer, the client
+    15. HTTP: HttpListener, HttpRoutes, metrics, webhooks, the status page
+    16. alerts: Alerter
+    17. daemon: RequestHandlers, DaemonHost, Daemon
+    18. command line
+    19. main
+
+Imports: the module-level ones are what every command needs. The others are
+imported inside the functions that use them (hashlib, html, ctypes, shlex,
+urllib, ...), so that `status` and the other short commands, which start a
+Python each time, pay only for what they use.
 """
 
 __version__ = "0.1.0"
@@ -4650,490 +4663,6 @@ def git_version():
     return tuple(int(part) for part in match.groups() if part is not None) if match else (0,)
 
 
-# ---- snapshots of units' folders (SPEC §13) ---------------------------------------
-# A unit's folder runs from Git objects, never from a working tree. Its tree,
-# read with ls-tree and cat-file (so no .gitattributes filter applies: these
-# are the bytes of the objects), is written to snapshots/.new-TREE-PID and
-# renamed to snapshots/TREE, which nothing writes again; identical folders
-# share it. files/NAME, the unit's %Y, is a link to the snapshot of the
-# version it runs, switched by an atomic rename: a reload finds the new files
-# where the old ones were. A snapshot is checked against Git the first time
-# a daemon uses it, and written again if it differs; one that no unit runs
-# or keeps for rollback is removed.
-
-class Snapshots:
-    """The snapshots folder and the units' links into it."""
-
-    def __init__(self, repo, root, links, limit, log):
-        self.repo, self.root, self.links, self.limit, self.log = repo, root, links, limit, log
-        self.ready = set()                # trees written or checked by this daemon
-        self.listings = {}                # tree -> its listing (see listing), for the trees in use
-        self.stamps = {}                  # tree -> {path: (inode, size, mtime)} of its files as written or checked
-
-    def path(self, tree):
-        return os.path.join(self.root, tree)
-
-    def link(self, name):
-        return os.path.join(self.links, name)
-
-    def measure(self, owned, base=None):
-        """Fill in the size and file count of an OwnedFolder (see listing);
-        SnapshotError if it is over the limit or its tree cannot be read."""
-        listing = self.listing(owned.tree, owned.path, base)
-        owned.size, owned.count = sum(size for _, _, _, size in listing), len(listing)
-
-    def ensure(self, tree, folder, base=None):
-        """The snapshot of `tree` (of the repository's `folder`, for messages):
-        written from Git if missing, written again if it is not what Git
-        holds. Files the snapshot of `base` (the version it replaces) has
-        alike are hard links to that one's: a changed folder costs the files
-        that changed. SnapshotError if it cannot be written."""
-        target = self.path(tree)
-        if tree in self.ready:
-            return target
-        listing = self.listing(tree, folder)
-        if os.path.isdir(target):
-            problem = self._mismatch(target, listing)
-            if problem is None:
-                self._stamp(tree, listing)
-                self.ready.add(tree)
-                return target
-            self.log.warning("daemon", "Snapshot %s of %s/ %s: writing it again from Git" % (tree[:7], folder, problem))
-        self._write(tree, folder, listing, base if base in self.ready and base in self.stamps else None)
-        self.ready.add(tree)
-        return target
-
-    def _stamp(self, tree, listing, known=None):
-        """Note each file of a snapshot as it is now (`known`: those noted
-        already, links to the earlier snapshot's): a file changed since, even
-        in place keeping its size, is then not linked into the next one."""
-        stamps = dict(known or {})
-        for path, mode, _, _ in listing:
-            if mode not in ("120000", "160000") and path not in stamps:
-                info = os.lstat(os.path.join(self.path(tree), path))
-                stamps[path] = (info.st_ino, info.st_size, info.st_mtime_ns)
-        self.stamps[tree] = stamps
-
-    def listing(self, tree, folder, base=None):
-        """[(path, mode, object id, size)] of the tree's files, checked: no
-        more than the size limit, no path that leaves the folder. Sizes are
-        asked of git only for objects the listing of `base` lacks (asking
-        for each costs git a look at every object)."""
-        if tree in self.listings:
-            return self.listings[tree]
-        try:
-            output = run_git(self.repo, ["ls-tree", "-r", "-z", tree])
-            entries = []
-            for entry in output.split(b"\0"):
-                if not entry:
-                    continue
-                meta, _, path = entry.partition(b"\t")
-                mode, _, object_id = meta.decode().split()
-                path = path.decode("utf-8", "surrogateescape")
-                if any(part in ("", ".", "..") for part in path.split("/")):
-                    raise SnapshotError("%s/: the tree holds the path %r, which would leave the folder" % (folder, path))
-                if mode.startswith("100") and mode != "100755":
-                    mode = "100644"       # old trees may say 100664: a plain file all the same
-                entries.append((path, mode, object_id))
-            sizes = {object_id: size for _, _, object_id, size in self.listings.get(base, ())}
-            unknown = sorted({object_id for _, mode, object_id in entries if mode != "160000" and object_id not in sizes})
-            if unknown:
-                checked = run_git(self.repo, ["cat-file", "--batch-check"], "".join(o + "\n" for o in unknown).encode())
-                for line in checked.decode().splitlines():
-                    fields = line.split()
-                    if len(fields) == 3 and fields[2].isdigit():
-                        sizes[fields[0]] = int(fields[2])
-        except GitError as exc:
-            raise SnapshotError("%s/: cannot read its tree %s: %s" % (folder, tree[:7], exc))
-        listing = [(path, mode, object_id, sizes.get(object_id, 0)) for path, mode, object_id in entries]
-        total = sum(size for _, _, _, size in listing)
-        if self.limit and total > self.limit:
-            raise SnapshotError("%s/ holds %s in %d files, more than snapshot_max_bytes (%s): the unit is not "
-                                "deployed" % (folder, format_bytes(total), len(listing), format_bytes(self.limit)))
-        self.listings[tree] = listing
-        return listing
-
-    def _write(self, tree, folder, listing, base):
-        makedirs(self.root)
-        temporary = os.path.join(self.root, ".new-%s-%d" % (tree, os.getpid()))
-        remove_tree(temporary)
-        mask = os.umask(0o022)            # the modes of a checkout, whatever the daemon's umask
-        alike = set(self.listings[base]) if base else set()
-        stamps, known = self.stamps.get(base, {}), {}
-        linked = {entry for entry in listing if entry in alike and entry[1] not in ("120000", "160000")}
-        writer = _SnapshotWriter(temporary, [entry[:3] for entry in listing if entry[1] != "160000" and entry not in linked])
-        try:
-            os.mkdir(temporary, 0o755)
-            for path, mode, object_id, size in listing:
-                if mode == "160000":      # a submodule: an empty folder, as a checkout has it
-                    os.makedirs(os.path.join(temporary, path), 0o755)
-                elif (path, mode, object_id, size) in linked:
-                    writer.current = path
-                    full = _with_folder(os.path.join(temporary, path))
-                    source = os.path.join(self.path(base), path)
-                    try:
-                        info = os.lstat(source)
-                        if stamps.get(path) != (info.st_ino, info.st_size, info.st_mtime_ns):
-                            raise FileNotFoundError(errno.ENOENT, "changed since it was written")
-                        os.link(source, full, follow_symlinks=False)
-                        known[path] = stamps[path]
-                    except FileNotFoundError:   # gone or changed in the earlier snapshot: from Git then
-                        writer.entries.append((path, mode, object_id))
-                        self.ready.discard(base)
-            writer.current = None
-            if writer.entries:
-                run_git(self.repo, ["cat-file", "--batch"], "".join(
-                    object_id + "\n" for _, _, object_id in writer.entries).encode(), sink=writer.feed)
-            writer.finish()
-            if os.path.lexists(self.path(tree)):
-                # An adopted process may work in the folder it replaces: kept
-                # aside until that process is gone (see collect).
-                old = os.path.join(self.root, ".old-%s-%d" % (tree, os.getpid()))
-                remove_tree(old)
-                os.rename(self.path(tree), old)
-            os.rename(temporary, self.path(tree))
-            self._stamp(tree, listing, known)
-        except (OSError, GitError, ValueError) as exc:   # ValueError: a NUL in a link's target
-            writer.close()
-            remove_tree(temporary)
-            detail = describe_os_error(exc) if isinstance(exc, OSError) else str(exc)
-            raise SnapshotError("%s/: cannot write its snapshot in %s: %s%s" % (
-                folder, self.root, detail, " (%s)" % writer.current if writer.current else ""))
-        finally:
-            os.umask(mask)
-
-    def _mismatch(self, target, listing):
-        """What differs between a snapshot on disk and the tree's listing (the
-        first difference found), or None: every file's kind, mode and
-        content, read and hashed as Git hashes a blob."""
-        expected = {}
-        for path, mode, object_id, _ in listing:
-            expected[path] = (mode, object_id)
-            folder = os.path.dirname(path)
-            while folder and folder not in expected:
-                expected[folder] = ("040000", None)
-                folder = os.path.dirname(folder)
-        seen = 0
-        for folder, subfolders, names in os.walk(target):
-            for name in subfolders + names:
-                full = os.path.join(folder, name)
-                path = os.path.relpath(full, target)
-                if path not in expected:
-                    return "has %s, which the tree has not" % path
-                mode, object_id = expected[path]
-                seen += 1
-                info = os.lstat(full)
-                kind = "120000" if stat.S_ISLNK(info.st_mode) else "040000" if stat.S_ISDIR(info.st_mode) else (
-                    "100755" if stat.S_ISREG(info.st_mode) and info.st_mode & 0o100 else
-                    "100644" if stat.S_ISREG(info.st_mode) else "other")
-                if kind != (mode if mode != "160000" else "040000"):
-                    return "has %s as %s, not %s" % (path, kind, mode)
-                if object_id is None or mode == "160000":
-                    continue
-                digest = new_digest("sha1" if len(object_id) == 40 else "sha256")
-                if kind == "120000":
-                    data = os.readlink(full).encode("utf-8", "surrogateescape")
-                    digest.update(b"blob %d\0" % len(data) + data)
-                else:
-                    digest.update(b"blob %d\0" % info.st_size)
-                    with open(full, "rb") as content:
-                        for chunk in iter(lambda: content.read(1 << 20), b""):
-                            digest.update(chunk)
-                if digest.hexdigest() != object_id:
-                    return "has %s changed" % path
-        if seen != len(expected):
-            return "lacks %d of its files" % (len(expected) - seen)
-        return None
-
-    def point(self, name, tree):
-        """Make files/NAME a link to the snapshot of `tree` (None: no link), by
-        an atomic rename. False (logged) if it cannot be written."""
-        link = self.link(name)
-        try:
-            if tree is None:
-                _unlink_quietly(link)
-                return True
-            target = self._target(tree)
-            try:
-                if os.readlink(link) == target:
-                    return True
-            except OSError:
-                pass
-            makedirs(self.links)
-            temporary = os.path.join(self.links, ".%s.new-%d" % (name, os.getpid()))
-            remove_tree(temporary)
-            os.symlink(target, temporary)
-            os.replace(temporary, link)
-            return True
-        except OSError as exc:
-            self.log.error(name, "Cannot link %s to its snapshot %s: %s" % (link, tree[:7], describe_os_error(exc)))
-            return False
-
-    def _target(self, tree):
-        return os.path.join(os.pardir, os.path.basename(self.root), tree)
-
-    def check(self, name, spec):
-        """Before a process of a unit with a folder starts: its %Y links to
-        the snapshot of its version, which is there (one removed by hand is
-        written again). SpawnError if not: never the files of another."""
-        try:
-            if os.readlink(self.link(name)) == self._target(spec.tree) and os.path.isdir(self.path(spec.tree)):
-                return
-        except OSError:
-            pass
-        if not os.path.isdir(self.path(spec.tree)):
-            self.ready.discard(spec.tree)
-        try:
-            self.ensure(spec.tree, spec.owned.path)
-        except SnapshotError as exc:
-            raise SpawnError(str(exc))
-        if not self.point(name, spec.tree):
-            raise SpawnError("cannot link %s to its snapshot" % self.link(name))
-
-    def collect(self, keep, names, adopted=()):
-        """Remove the snapshots whose tree is not in `keep`, what a daemon that
-        died while writing left, snapshots written again whose tree no
-        `adopted` process started from, and the links of units not in `names`."""
-        removed = []
-        for tree in [tree for tree in self.listings if tree not in keep]:
-            del self.listings[tree]
-            self.stamps.pop(tree, None)
-        mine = "-%d" % os.getpid()
-        for entry in self._listdir(self.root):
-            if entry in keep or (entry.endswith(mine) and not (
-                    entry.startswith(".old-") and entry[len(".old-"):-len(mine)] not in adopted)):
-                continue
-            remove_tree(os.path.join(self.root, entry))
-            self.ready.discard(entry)
-            if not entry.startswith("."):
-                removed.append(entry[:7])
-        for entry in self._listdir(self.links):
-            if entry not in names and not entry.startswith("."):
-                _unlink_quietly(os.path.join(self.links, entry))
-        if removed:
-            self.log.info("daemon", "Removed snapshot%s %s: no unit runs it or keeps it for rollback" % (
-                "s" if len(removed) > 1 else "", ", ".join(removed)))
-        return removed
-
-    def _listdir(self, folder):
-        try:
-            return os.listdir(folder)
-        except FileNotFoundError:
-            return []
-        except OSError as exc:
-            self.log.warning("daemon", "Cannot list %s: %s" % (folder, describe_os_error(exc)))
-            return []
-
-
-def _with_folder(path):
-    """`path`, once the folder it goes in exists."""
-    if not os.path.isdir(os.path.dirname(path)):
-        os.makedirs(os.path.dirname(path), 0o755)
-    return path
-
-
-class _SnapshotWriter:
-    """Writes the files of a snapshot from `git cat-file --batch` output as it
-    comes, one file after the other; links are made last, so that no file
-    is written through one."""
-
-    def __init__(self, root, entries):
-        self.root, self.entries = root, entries   # (path, mode, object id), in cat-file's order
-        self.index = 0
-        self.pending = b""                # the start of a header not complete yet
-        self.left = None                  # bytes of the current object still to come (None: a header is next)
-        self.fd = None
-        self.link_target = None           # the bytes of a link being read
-        self.links = []                   # (path, target) to make at the end
-        self.current = None               # the path being written, for an error message
-
-    def feed(self, data):
-        data = memoryview(self.pending + data) if self.pending else memoryview(data)
-        self.pending = b""
-        pos = 0
-        while pos < len(data):
-            if self.left is None:
-                end = bytes(data[pos:pos + 200]).find(b"\n")
-                if end < 0 and len(data) - pos < 200:
-                    self.pending = bytes(data[pos:])
-                    return
-                header = bytes(data[pos:pos + end]).split()
-                pos += end + 1
-                if end < 0 or self.index >= len(self.entries) or len(header) < 3 or header[1] != b"blob":
-                    raise GitError("git cat-file: object %s is missing" % (header[0].decode() if header else "?"))
-                if not header[2].isdigit():
-                    raise GitError("git cat-file: a header without a size")
-                self._open(int(header[2]))
-            elif self.left == 0:          # the newline after the object
-                pos += 1
-                self._close()
-            else:
-                piece = data[pos:pos + self.left]
-                pos += len(piece)
-                self.left -= len(piece)
-                if self.fd is None:
-                    self.link_target += bytes(piece)
-                else:
-                    while piece:
-                        piece = piece[os.write(self.fd, piece):]
-
-    def _open(self, size):
-        path, mode, _ = self.entries[self.index]
-        self.current, self.left = path, size
-        full = _with_folder(os.path.join(self.root, path))
-        if mode == "120000":
-            self.link_target = b""
-        else:
-            self.fd = os.open(full, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                              0o555 if mode == "100755" else 0o444)    # read-only: a snapshot is not written again
-
-    def _close(self):
-        if self.fd is None:
-            self.links.append((self.current, self.link_target))
-        else:
-            os.close(self.fd)
-            self.fd = None
-        self.index += 1
-        self.left = None
-
-    def finish(self):
-        if self.index != len(self.entries) or self.left is not None:
-            raise GitError("git cat-file stopped before the end of the tree")
-        for path, target in self.links:
-            self.current = path
-            os.symlink(os.fsdecode(target), os.path.join(self.root, path))
-        self.current = None
-
-    def close(self):
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-
-def plan_deploy(old_specs, new_specs, files=None):
-    """What a deploy changes: {'added', 'changed', 'removed', 'unchanged'} lists of
-    unit names, sorted, and 'changes': {name: [Key=, ...]} for the changed ones.
-    Pure. Two versions of a unit are the same when they mean the same: a new
-    comment or a moved file restarts nothing. `files` ({name: [path, ...]})
-    names the files of a unit's folder that changed: a change of the unit."""
-    plan = {"added": [], "changed": [], "removed": [], "unchanged": [], "changes": {}}
-    for name, spec in new_specs.items():
-        old = old_specs.get(name)
-        if old is None:
-            plan["added"].append(name)
-            continue
-        keys = unit_changes(old, spec)
-        if keys or (files or {}).get(name):
-            plan["changed"].append(name)
-            plan["changes"][name] = keys
-        else:
-            plan["unchanged"].append(name)
-    plan["removed"] = [name for name in old_specs if name not in new_specs]
-    for key in ("added", "changed", "removed", "unchanged"):
-        plan[key].sort()
-    return plan
-
-
-def unit_changes(old, new):
-    """The unit keys whose meaning differs between two versions of a unit."""
-    before, after = old.fingerprint(), new.fingerprint()
-    return [FIELD_KEYS[field] for field in UnitSpec.FIELDS if before[field] != after[field]]
-
-
-def dependency_order(specs):
-    """Unit names ordered so that every unit comes after what it is ordered
-    After=/Requires= (dependencies outside `specs` are ignored). Units in a cycle
-    come last, in name order."""
-    remaining = {name: deps - {name} for name, deps in ordering_edges(specs).items()}
-    order = []
-    while remaining:
-        ready = sorted(name for name, deps in remaining.items() if not deps)
-        if not ready:
-            order.extend(sorted(remaining))
-            break
-        for name in ready:
-            del remaining[name]
-        for deps in remaining.values():
-            deps.difference_update(ready)
-        order.extend(ready)
-    return order
-
-
-class DeployPlan:
-    """What deploying a commit changes, or changed: the one shape of every
-    deploy, `sync`, `diff` and `rollback`. Unit names in sorted lists;
-    `changes` names the changed keys of each changed unit; `drift` the units
-    AutoRollback= keeps at an earlier version; `specs` what is to run, with
-    `origin` naming the commit of a unit kept at an earlier version. A plan
-    that could not be made has only `error`; `notes` are added to the reply."""
-
-    LISTS = ("added", "changed", "removed", "unchanged")
-
-    def __init__(self, commit=None, previous=None, noop=False, error=None):
-        self.commit = commit              # Commit planned for
-        self.previous = previous          # sha deployed before it, or None
-        self.noop = noop                  # already deployed: nothing to do
-        self.error = error                # why no plan could be made
-        self.added, self.changed, self.removed, self.unchanged = [], [], [], []
-        self.changes = {}                 # name -> ["Key=", ...]
-        self.files = {}                   # name -> changed files of its folder (paths in the folder)
-        self.reload = []                  # changed units that reload rather than restart (ReloadOnFileChange=)
-        self.outside = []                 # files changed outside every unit's folder, when no unit changed
-        self.drift = {}                   # name -> why it runs an earlier version
-        self.invalid = []                 # "file:line: error: message" of units not deployed
-        self.skipped = {}                 # name -> why it does not run on this host
-        self.specs = {}                   # name -> UnitSpec to run
-        self.problems = []                # every Diagnostic of the commit
-        self.origin = {}                  # name -> commit of an earlier version kept
-        self.in_tree = set()              # names of every unit file in the commit
-        self.notes = {}                   # extra reply fields (rollback, pin)
-        self.activated = {}               # name -> why a deploy leaves it stopped (SPEC §16)
-        self.timers = {}                  # name (NAME.timer) -> TimerSpec to run
-        self.sockets = {}                 # name (NAME.socket) -> SocketSpec to run
-        self.templates = {}               # NAME@ -> (path, sources, blob): what Accept=yes sockets instantiate
-
-    @classmethod
-    def failed(cls, message):
-        return cls(error=message)
-
-    def key_warnings(self):
-        """Unknown and misplaced keys of the units this plan starts or restarts."""
-        touched = set(self.added) | set(self.changed)
-        return [d for d in self.problems if d.code == "key" and d.unit_name in touched]
-
-    def to_json(self):
-        if self.error:
-            return {"error": self.error}
-        reply = {"commit": self.commit.to_json(), "previous": self.previous, "noop": self.noop,
-                 "changes": self.changes, "files": self.files, "reload": self.reload, "outside": self.outside,
-                 "drift": self.drift, "invalid": self.invalid, "skipped": self.skipped,
-                 "warnings": [str(d) for d in self.key_warnings()], "activated": self.activated,
-                 "not_run": [str(d) for d in self.problems if d.code in ("other-unit", "activated")]}
-        reply.update({key: getattr(self, key) for key in self.LISTS})
-        reply.update(self.notes)
-        return reply
-
-
-class History:
-    """The deployments, newest last, at most HISTORY_LIMIT: the one writer of
-    history entries (deploys, errors, rollbacks)."""
-
-    def __init__(self, entries=()):
-        self.entries = [entry for entry in entries if isinstance(entry, dict)][-HISTORY_LIMIT:]
-
-    def record(self, trigger, outcome, commit=None, subject=None, added=(), changed=(), removed=(),
-               invalid=(), **extra):
-        entry = {"time": time.time(), "commit": commit, "subject": subject, "trigger": trigger,
-                 "outcome": outcome, "added": list(added), "changed": list(changed),
-                 "removed": list(removed), "invalid": list(invalid)}
-        entry.update(extra)
-        self.entries.append(entry)
-        del self.entries[:-HISTORY_LIMIT]
-
-    def last(self, count):
-        return self.entries[-count:] if count else []
-
-
 class SourceWatcher:
     """Notices new commits. Local mode: a RefWatcher on the branch (inotify,
     else stat; no git while nothing changes). Remote mode: `git fetch` as a
@@ -5319,12 +4848,12 @@ class SourceWatcher:
             self.next_fetch_deploys = self.next_fetch_deploys or deploy
 
 
-# ==== 8. process supervision =================================================
-# The restart policy (pure), cgroups, Spawner (fork/exec of one command),
+# ==== 8. execution environment ===============================================
+# How one process of a unit is made: its user (RunAs), its limits and
+# scheduling (ProcessSetup), the sandbox and its system call filters, its
+# cgroups, the Spawner (fork/exec, posix_spawn or clone3 of one command), the
 # ExitWatcher (learns of exits through pidfds, SIGCHLD or, as a last resort,
-# polling), the state table, Launcher (the process half of the ServiceHost
-# seam), Service (one unit, driven by the table) and Dependencies. All of it
-# runs on the daemon's one loop thread; nothing here sleeps.
+# polling) and the notify socket. Nothing here knows of phases or policy.
 
 STARTING, RUNNING, STOPPING, BACKOFF = "starting", "running", "stopping", "backoff"
 STOPPED, EXITED, FAILED = "stopped", "exited", "failed"
@@ -5333,115 +4862,6 @@ ACTIVE_STATES = (STARTING, RUNNING, RELOADING, STOPPING)      # a process of the
 SETTLED_STATES = (RUNNING, RELOADING, STOPPED, EXITED, FAILED, BACKOFF)
 CLEAN_EXIT_SIGNALS = (signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGPIPE)
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-
-def exit_status_listed(last_exit, statuses):
-    """Whether an exit is one of SuccessExitStatus=-like ("code"|"signal", N) pairs."""
-    if not last_exit or not statuses:
-        return False
-    kind = "signal" if "signal" in last_exit else "code"
-    return (kind, last_exit[kind]) in statuses
-
-
-def exit_is_clean(last_exit, success=()):
-    """systemd's "clean": exit code 0 or SIGHUP/SIGINT/SIGTERM/SIGPIPE, or
-    one SuccessExitStatus= lists. An unknown exit (None: a process adopted
-    from an earlier daemon, or a forking unit's) is not clean."""
-    if last_exit is None:
-        return False
-    if exit_status_listed(last_exit, success):
-        return True
-    if "signal" in last_exit:
-        return last_exit["signal"] in CLEAN_EXIT_SIGNALS
-    return last_exit["code"] == 0
-
-
-def should_restart(policy, last_exit, timed_out=False, result=None, statuses=None):
-    """The Restart= table of systemd.service(5), for one end of a run:
-    `result` "timeout" or "watchdog" when that is how it ended; `statuses`
-    (a UnitSpec) brings Success/RestartPrevent/RestartForceExitStatus=,
-    checked first as systemd does."""
-    if timed_out:
-        result = "timeout"
-    if statuses is not None:
-        if exit_status_listed(last_exit, statuses.restart_prevent_exit_status):
-            return False
-        if exit_status_listed(last_exit, statuses.restart_force_exit_status):
-            return True
-    if policy == "always":
-        return True
-    if result in ("timeout", "watchdog", "oom-kill"):     # that is the result, however the process then ended
-        return policy in ("on-failure", "on-abnormal") or (policy == "on-watchdog" and result == "watchdog")
-    if result in ("exit-code", "signal", "core-dump", "protocol", "resources"):
-        clean, unclean_signal = False, result in ("signal", "core-dump")   # a failed start, whatever ran last
-    else:
-        clean = exit_is_clean(last_exit, statuses.success_exit_status if statuses is not None else ())
-        unclean_signal = last_exit is not None and "signal" in last_exit and not clean
-    return {
-        "no": False,
-        "on-success": clean,
-        "on-failure": not clean,
-        "on-abnormal": unclean_signal,
-        "on-abort": unclean_signal,
-        "on-watchdog": False,
-    }[policy]
-
-
-def restart_delay(restart_sec, crash_streak, steps=0, max_delay=None):
-    """RestartSec= doubled for each run in a row that died young, up to 30 s
-    (or RestartSec= itself, when that is longer). Any streak length: the
-    doubling is a float capped well before it could overflow. With
-    RestartSteps= and RestartMaxDelaySec=, systemd's curve instead: from
-    RestartSec= to the maximum in that many exponential steps."""
-    if crash_streak <= 1:
-        return restart_sec
-    if steps and max_delay:       # as systemd: no curve from 0 s, to infinity or down to the maximum
-        if restart_sec <= 0 or max_delay == float("inf") or restart_sec >= max_delay:
-            return restart_sec
-        return min(max_delay, restart_sec * (max_delay / restart_sec) ** (min(crash_streak - 1, steps) / steps))
-    doubled = restart_sec * 2.0 ** min(crash_streak - 1, 1000)
-    return max(restart_sec, min(doubled, MAX_RESTART_DELAY))
-
-
-def start_limit_hit(start_times, now, interval, burst):
-    """StartLimitIntervalSec=/StartLimitBurst=: (the starts still inside the
-    interval, whether one more start now would be one too many). interval 0
-    turns the limit off."""
-    if interval <= 0:
-        return [], False
-    recent = [t for t in start_times if now - t < interval]
-    return recent, len(recent) >= burst
-
-
-# systemd's exit codes for a process that failed before or at exec
-# (systemd.exec(5) "Process Exit Codes"), by the step that failed: what a
-# spawn failure's message starts with.
-SPAWN_EXIT_CODES = (("WorkingDirectory=", 200, "CHDIR"), ("Nice=", 201, "NICE"), ("Limit", 205, "LIMITS"),
-                    ("OOMScoreAdjust=", 206, "OOM_ADJUST"), ("stdio", 208, "STDIN"), ("cannot open log", 209, "STDOUT"),
-                    ("cannot create the log folder", 209, "STDOUT"), ("IOScheduling", 211, "IOPRIO"),
-                    ("CPUScheduling", 214, "SETSCHEDULER"), ("CPUAffinity=", 215, "CPUAFFINITY"),
-                    ("Group=", 216, "GROUP"), ("SupplementaryGroups=", 216, "GROUP"), ("User=", 217, "USER"),
-                    ("cgroup", 219, "CGROUP"), ("setsid", 220, "SETSID"), ("PrivatePIDs=", 226, "NAMESPACE"),
-                    ("sandbox", 226, "NAMESPACE"), ("seccomp", 228, "SECCOMP"), ("PrivateUsers=", 217, "USER"),
-                    ("process setup: NUMAPolicy=", 242, "NUMA_POLICY"),
-                    ("process setup: TimerSlackNSec=", 212, "TIMERSLACK"),
-                    ("process setup: Personality=", 230, "PERSONALITY"), ("Personality=", 230, "PERSONALITY"),
-                    ("CoredumpFilter=", 205, "LIMITS"), ("SecureBits=", 213, "SECUREBITS"),
-                    ("LoadCredential=", 243, "CREDENTIALS"), ("capabilities", 218, "CAPABILITIES"),
-                    ("RuntimeDirectory=", 233, "RUNTIME_DIRECTORY"), ("StateDirectory=", 238, "STATE_DIRECTORY"),
-                    ("CacheDirectory=", 239, "CACHE_DIRECTORY"), ("LogsDirectory=", 240, "LOGS_DIRECTORY"),
-                    ("ConfigurationDirectory=", 241, "CONFIGURATION_DIRECTORY"))
-EXIT_CODE_NAMES = {203: "EXEC"}
-EXIT_CODE_NAMES.update({code: name for _, code, name in SPAWN_EXIT_CODES})
-
-
-def spawn_exit_code(message):
-    """The exit code systemd gives a process that failed to start as
-    `message` says (203/EXEC when no step is named)."""
-    for prefix, code, _ in SPAWN_EXIT_CODES:
-        if message.startswith(prefix):
-            return code
-    return 203
 
 
 class RunAs:
@@ -8036,6 +7456,123 @@ def parse_notify_message(data):
     return fields
 
 
+# ==== 9. supervision =========================================================
+# What happens to a unit: the restart policy's pure guards, the state table,
+# Service (one unit, driven by the table), the host interface it asks things
+# of (ServiceHost), Launcher (its process half) and Dependencies. All of it
+# runs on the daemon's one loop thread; nothing here sleeps.
+
+
+# ---- the restart policy: pure guards -----------------------------------------------
+def exit_status_listed(last_exit, statuses):
+    """Whether an exit is one of SuccessExitStatus=-like ("code"|"signal", N) pairs."""
+    if not last_exit or not statuses:
+        return False
+    kind = "signal" if "signal" in last_exit else "code"
+    return (kind, last_exit[kind]) in statuses
+
+
+def exit_is_clean(last_exit, success=()):
+    """systemd's "clean": exit code 0 or SIGHUP/SIGINT/SIGTERM/SIGPIPE, or
+    one SuccessExitStatus= lists. An unknown exit (None: a process adopted
+    from an earlier daemon, or a forking unit's) is not clean."""
+    if last_exit is None:
+        return False
+    if exit_status_listed(last_exit, success):
+        return True
+    if "signal" in last_exit:
+        return last_exit["signal"] in CLEAN_EXIT_SIGNALS
+    return last_exit["code"] == 0
+
+
+def should_restart(policy, last_exit, timed_out=False, result=None, statuses=None):
+    """The Restart= table of systemd.service(5), for one end of a run:
+    `result` "timeout" or "watchdog" when that is how it ended; `statuses`
+    (a UnitSpec) brings Success/RestartPrevent/RestartForceExitStatus=,
+    checked first as systemd does."""
+    if timed_out:
+        result = "timeout"
+    if statuses is not None:
+        if exit_status_listed(last_exit, statuses.restart_prevent_exit_status):
+            return False
+        if exit_status_listed(last_exit, statuses.restart_force_exit_status):
+            return True
+    if policy == "always":
+        return True
+    if result in ("timeout", "watchdog", "oom-kill"):     # that is the result, however the process then ended
+        return policy in ("on-failure", "on-abnormal") or (policy == "on-watchdog" and result == "watchdog")
+    if result in ("exit-code", "signal", "core-dump", "protocol", "resources"):
+        clean, unclean_signal = False, result in ("signal", "core-dump")   # a failed start, whatever ran last
+    else:
+        clean = exit_is_clean(last_exit, statuses.success_exit_status if statuses is not None else ())
+        unclean_signal = last_exit is not None and "signal" in last_exit and not clean
+    return {
+        "no": False,
+        "on-success": clean,
+        "on-failure": not clean,
+        "on-abnormal": unclean_signal,
+        "on-abort": unclean_signal,
+        "on-watchdog": False,
+    }[policy]
+
+
+def restart_delay(restart_sec, crash_streak, steps=0, max_delay=None):
+    """RestartSec= doubled for each run in a row that died young, up to 30 s
+    (or RestartSec= itself, when that is longer). Any streak length: the
+    doubling is a float capped well before it could overflow. With
+    RestartSteps= and RestartMaxDelaySec=, systemd's curve instead: from
+    RestartSec= to the maximum in that many exponential steps."""
+    if crash_streak <= 1:
+        return restart_sec
+    if steps and max_delay:       # as systemd: no curve from 0 s, to infinity or down to the maximum
+        if restart_sec <= 0 or max_delay == float("inf") or restart_sec >= max_delay:
+            return restart_sec
+        return min(max_delay, restart_sec * (max_delay / restart_sec) ** (min(crash_streak - 1, steps) / steps))
+    doubled = restart_sec * 2.0 ** min(crash_streak - 1, 1000)
+    return max(restart_sec, min(doubled, MAX_RESTART_DELAY))
+
+
+def start_limit_hit(start_times, now, interval, burst):
+    """StartLimitIntervalSec=/StartLimitBurst=: (the starts still inside the
+    interval, whether one more start now would be one too many). interval 0
+    turns the limit off."""
+    if interval <= 0:
+        return [], False
+    recent = [t for t in start_times if now - t < interval]
+    return recent, len(recent) >= burst
+
+
+# systemd's exit codes for a process that failed before or at exec
+# (systemd.exec(5) "Process Exit Codes"), by the step that failed: what a
+# spawn failure's message starts with.
+SPAWN_EXIT_CODES = (("WorkingDirectory=", 200, "CHDIR"), ("Nice=", 201, "NICE"), ("Limit", 205, "LIMITS"),
+                    ("OOMScoreAdjust=", 206, "OOM_ADJUST"), ("stdio", 208, "STDIN"), ("cannot open log", 209, "STDOUT"),
+                    ("cannot create the log folder", 209, "STDOUT"), ("IOScheduling", 211, "IOPRIO"),
+                    ("CPUScheduling", 214, "SETSCHEDULER"), ("CPUAffinity=", 215, "CPUAFFINITY"),
+                    ("Group=", 216, "GROUP"), ("SupplementaryGroups=", 216, "GROUP"), ("User=", 217, "USER"),
+                    ("cgroup", 219, "CGROUP"), ("setsid", 220, "SETSID"), ("PrivatePIDs=", 226, "NAMESPACE"),
+                    ("sandbox", 226, "NAMESPACE"), ("seccomp", 228, "SECCOMP"), ("PrivateUsers=", 217, "USER"),
+                    ("process setup: NUMAPolicy=", 242, "NUMA_POLICY"),
+                    ("process setup: TimerSlackNSec=", 212, "TIMERSLACK"),
+                    ("process setup: Personality=", 230, "PERSONALITY"), ("Personality=", 230, "PERSONALITY"),
+                    ("CoredumpFilter=", 205, "LIMITS"), ("SecureBits=", 213, "SECUREBITS"),
+                    ("LoadCredential=", 243, "CREDENTIALS"), ("capabilities", 218, "CAPABILITIES"),
+                    ("RuntimeDirectory=", 233, "RUNTIME_DIRECTORY"), ("StateDirectory=", 238, "STATE_DIRECTORY"),
+                    ("CacheDirectory=", 239, "CACHE_DIRECTORY"), ("LogsDirectory=", 240, "LOGS_DIRECTORY"),
+                    ("ConfigurationDirectory=", 241, "CONFIGURATION_DIRECTORY"))
+EXIT_CODE_NAMES = {203: "EXEC"}
+EXIT_CODE_NAMES.update({code: name for _, code, name in SPAWN_EXIT_CODES})
+
+
+def spawn_exit_code(message):
+    """The exit code systemd gives a process that failed to start as
+    `message` says (203/EXEC when no step is named)."""
+    for prefix, code, _ in SPAWN_EXIT_CODES:
+        if message.startswith(prefix):
+            return code
+    return 203
+
+
 # ---- the state table ----------------------------------------------------------
 # A service is always in one phase; `status` shows the phase's SPEC §4 state
 # (PUBLIC_STATE) and names the phase in its detail. Events come from the
@@ -10358,7 +9895,7 @@ class Dependencies:
         return any(s.state in ACTIVE_STATES for s in services.values())
 
 
-# ==== 9. health checks =======================================================
+# ==== 10. health checks ======================================================
 # HealthProbe checks one service over a non-blocking socket in the daemon's own
 # selector: no thread per check, and a slow or silent service never blocks the
 # loop (each check has its own timeout timer). HTTP connections are kept alive
@@ -10540,7 +10077,7 @@ class HealthProbe:
         self.timer = self.call_later(interval, self._run)
 
 
-# ==== 10. logs ================================================================
+# ==== 11. logs ===============================================================
 # The daemon's own log (one line per event, service name first), the size
 # rotation of service logs, and the syslog and journal sockets whose messages
 # go to the units' logs. Services write their files directly; the daemon
@@ -10988,806 +10525,497 @@ class SyslogChannel:
         return name
 
 
-# ==== 11. control protocol ===================================================
-# One JSON object per line each way over a Unix stream socket. The server side
-# lives in the daemon's loop (non-blocking sockets, no thread per client); the
-# client side is one blocking round trip.
+# ==== 12. deploying ==========================================================
+# From a commit to what runs: snapshots of units' folders, the pure deploy
+# plan, the history of deploys, Recovery (what an earlier daemon left) and
+# the Deployer (target revision, parse cache, applying, rollbacks).
 
 
-def encode_message(payload):
-    return json.dumps(payload, separators=(",", ":")).encode() + b"\n"
+# ---- snapshots of units' folders (SPEC §13) ---------------------------------------
+# A unit's folder runs from Git objects, never from a working tree. Its tree,
+# read with ls-tree and cat-file (so no .gitattributes filter applies: these
+# are the bytes of the objects), is written to snapshots/.new-TREE-PID and
+# renamed to snapshots/TREE, which nothing writes again; identical folders
+# share it. files/NAME, the unit's %Y, is a link to the snapshot of the
+# version it runs, switched by an atomic rename: a reload finds the new files
+# where the old ones were. A snapshot is checked against Git the first time
+# a daemon uses it, and written again if it differs; one that no unit runs
+# or keeps for rollback is removed.
 
+class Snapshots:
+    """The snapshots folder and the units' links into it."""
 
-class Connection:
-    """One client of the control socket, served by the daemon's loop."""
-    __slots__ = ("sock", "fd", "inbuf", "outbuf", "last_active", "waiting", "reading", "events", "following")
+    def __init__(self, repo, root, links, limit, log):
+        self.repo, self.root, self.links, self.limit, self.log = repo, root, links, limit, log
+        self.ready = set()                # trees written or checked by this daemon
+        self.listings = {}                # tree -> its listing (see listing), for the trees in use
+        self.stamps = {}                  # tree -> {path: (inode, size, mtime)} of its files as written or checked
 
-    def __init__(self, sock):
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.inbuf = bytearray()          # bytes received, not yet a whole request
-        self.outbuf = bytearray()         # reply bytes the socket has not taken yet
-        self.last_active = time.monotonic()
-        self.waiting = None               # the Waiter holding this client's reply
-        self.reading = True               # False after EOF or a refusal: answer, then close
-        self.events = EVENT_READ  # what the selector watches for it (0: nothing)
-        self.following = False            # `events -f`: events are pushed to it as they come
+    def path(self, tree):
+        return os.path.join(self.root, tree)
 
+    def link(self, name):
+        return os.path.join(self.links, name)
 
-class Waiter:
-    """A reply that waits for services to reach a state: `check()` returns the
-    reply once it can be given, else None; `expire()` gives the reply at the deadline."""
-    __slots__ = ("conn", "check", "expire", "timer")
+    def measure(self, owned, base=None):
+        """Fill in the size and file count of an OwnedFolder (see listing);
+        SnapshotError if it is over the limit or its tree cannot be read."""
+        listing = self.listing(owned.tree, owned.path, base)
+        owned.size, owned.count = sum(size for _, _, _, size in listing), len(listing)
 
-    def __init__(self, conn, check, expire):
-        self.conn, self.check, self.expire, self.timer = conn, check, expire, None
+    def ensure(self, tree, folder, base=None):
+        """The snapshot of `tree` (of the repository's `folder`, for messages):
+        written from Git if missing, written again if it is not what Git
+        holds. Files the snapshot of `base` (the version it replaces) has
+        alike are hard links to that one's: a changed folder costs the files
+        that changed. SnapshotError if it cannot be written."""
+        target = self.path(tree)
+        if tree in self.ready:
+            return target
+        listing = self.listing(tree, folder)
+        if os.path.isdir(target):
+            problem = self._mismatch(target, listing)
+            if problem is None:
+                self._stamp(tree, listing)
+                self.ready.add(tree)
+                return target
+            self.log.warning("daemon", "Snapshot %s of %s/ %s: writing it again from Git" % (tree[:7], folder, problem))
+        self._write(tree, folder, listing, base if base in self.ready and base in self.stamps else None)
+        self.ready.add(tree)
+        return target
 
+    def _stamp(self, tree, listing, known=None):
+        """Note each file of a snapshot as it is now (`known`: those noted
+        already, links to the earlier snapshot's): a file changed since, even
+        in place keeping its size, is then not linked into the next one."""
+        stamps = dict(known or {})
+        for path, mode, _, _ in listing:
+            if mode not in ("120000", "160000") and path not in stamps:
+                info = os.lstat(os.path.join(self.path(tree), path))
+                stamps[path] = (info.st_ino, info.st_size, info.st_mtime_ns)
+        self.stamps[tree] = stamps
 
-class ControlServer:
-    """The daemon's end of the control socket: listening (0600, or 0660 for
-    socket_group), peer credentials, framing, the bounds (request size,
-    clients silent too long, replies left unread, the number of clients) and
-    replies parked until services reach a state (waiters). Each request goes
-    to dispatch(conn, message), which returns the reply, or None when it
-    parked it with park()."""
-
-    def __init__(self, config, log, selector, call_later, dispatch):
-        self.config, self.log = config, log
-        self.selector, self.call_later = selector, call_later
-        self.dispatch = dispatch
-        self.listener = None
-        self.socket_gid = None
-        self.connections = {}             # socket fd -> Connection
-        self.waiters = []                 # parked replies
-        self.idle_timer = None
-        self.on_close = None              # on_close(conn) for a closed follower (EventLog.unfollow)
-
-    # -- listening ---------------------------------------------------------------------
-
-    def open(self):
-        path = self.config.socket_path
-        if len(path.encode()) > MAX_SOCKET_PATH:
-            raise ConfigError("socket path %s is %d bytes; Unix sockets allow %d: choose a shorter --home or socket_path" % (
-                path, len(path.encode()), MAX_SOCKET_PATH))
-        makedirs(os.path.dirname(path))
-        if os.path.lexists(path):
-            if not stat.S_ISSOCK(os.lstat(path).st_mode):
-                raise GitprocError("%s exists and is not a socket; move it away or choose another socket_path" % path)
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            probe.settimeout(1.0)
-            try:
-                probe.connect(path)
-            except ConnectionRefusedError:
-                os.unlink(path)            # stale: nothing listens there any more
-                self.log.info("daemon", "Removed stale socket %s" % path)
-            except OSError as exc:
-                raise GitprocError("cannot tell whether %s is in use (%s); remove it if no daemon runs" % (
-                    path, exc.strerror or exc))
-            else:
-                raise GitprocError("another gitproc daemon answers on %s" % path)
-            finally:
-                probe.close()
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old_umask = os.umask(0o177)       # the socket is born 0600: no window where others may connect
+    def listing(self, tree, folder, base=None):
+        """[(path, mode, object id, size)] of the tree's files, checked: no
+        more than the size limit, no path that leaves the folder. Sizes are
+        asked of git only for objects the listing of `base` lacks (asking
+        for each costs git a look at every object)."""
+        if tree in self.listings:
+            return self.listings[tree]
         try:
-            listener.bind(path)
-        except OSError as exc:
-            listener.close()
-            raise GitprocError("cannot listen on %s: %s" % (path, exc.strerror))
+            output = run_git(self.repo, ["ls-tree", "-r", "-z", tree])
+            entries = []
+            for entry in output.split(b"\0"):
+                if not entry:
+                    continue
+                meta, _, path = entry.partition(b"\t")
+                mode, _, object_id = meta.decode().split()
+                path = path.decode("utf-8", "surrogateescape")
+                if any(part in ("", ".", "..") for part in path.split("/")):
+                    raise SnapshotError("%s/: the tree holds the path %r, which would leave the folder" % (folder, path))
+                if mode.startswith("100") and mode != "100755":
+                    mode = "100644"       # old trees may say 100664: a plain file all the same
+                entries.append((path, mode, object_id))
+            sizes = {object_id: size for _, _, object_id, size in self.listings.get(base, ())}
+            unknown = sorted({object_id for _, mode, object_id in entries if mode != "160000" and object_id not in sizes})
+            if unknown:
+                checked = run_git(self.repo, ["cat-file", "--batch-check"], "".join(o + "\n" for o in unknown).encode())
+                for line in checked.decode().splitlines():
+                    fields = line.split()
+                    if len(fields) == 3 and fields[2].isdigit():
+                        sizes[fields[0]] = int(fields[2])
+        except GitError as exc:
+            raise SnapshotError("%s/: cannot read its tree %s: %s" % (folder, tree[:7], exc))
+        listing = [(path, mode, object_id, sizes.get(object_id, 0)) for path, mode, object_id in entries]
+        total = sum(size for _, _, _, size in listing)
+        if self.limit and total > self.limit:
+            raise SnapshotError("%s/ holds %s in %d files, more than snapshot_max_bytes (%s): the unit is not "
+                                "deployed" % (folder, format_bytes(total), len(listing), format_bytes(self.limit)))
+        self.listings[tree] = listing
+        return listing
+
+    def _write(self, tree, folder, listing, base):
+        makedirs(self.root)
+        temporary = os.path.join(self.root, ".new-%s-%d" % (tree, os.getpid()))
+        remove_tree(temporary)
+        mask = os.umask(0o022)            # the modes of a checkout, whatever the daemon's umask
+        alike = set(self.listings[base]) if base else set()
+        stamps, known = self.stamps.get(base, {}), {}
+        linked = {entry for entry in listing if entry in alike and entry[1] not in ("120000", "160000")}
+        writer = _SnapshotWriter(temporary, [entry[:3] for entry in listing if entry[1] != "160000" and entry not in linked])
+        try:
+            os.mkdir(temporary, 0o755)
+            for path, mode, object_id, size in listing:
+                if mode == "160000":      # a submodule: an empty folder, as a checkout has it
+                    os.makedirs(os.path.join(temporary, path), 0o755)
+                elif (path, mode, object_id, size) in linked:
+                    writer.current = path
+                    full = _with_folder(os.path.join(temporary, path))
+                    source = os.path.join(self.path(base), path)
+                    try:
+                        info = os.lstat(source)
+                        if stamps.get(path) != (info.st_ino, info.st_size, info.st_mtime_ns):
+                            raise FileNotFoundError(errno.ENOENT, "changed since it was written")
+                        os.link(source, full, follow_symlinks=False)
+                        known[path] = stamps[path]
+                    except FileNotFoundError:   # gone or changed in the earlier snapshot: from Git then
+                        writer.entries.append((path, mode, object_id))
+                        self.ready.discard(base)
+            writer.current = None
+            if writer.entries:
+                run_git(self.repo, ["cat-file", "--batch"], "".join(
+                    object_id + "\n" for _, _, object_id in writer.entries).encode(), sink=writer.feed)
+            writer.finish()
+            if os.path.lexists(self.path(tree)):
+                # An adopted process may work in the folder it replaces: kept
+                # aside until that process is gone (see collect).
+                old = os.path.join(self.root, ".old-%s-%d" % (tree, os.getpid()))
+                remove_tree(old)
+                os.rename(self.path(tree), old)
+            os.rename(temporary, self.path(tree))
+            self._stamp(tree, listing, known)
+        except (OSError, GitError, ValueError) as exc:   # ValueError: a NUL in a link's target
+            writer.close()
+            remove_tree(temporary)
+            detail = describe_os_error(exc) if isinstance(exc, OSError) else str(exc)
+            raise SnapshotError("%s/: cannot write its snapshot in %s: %s%s" % (
+                folder, self.root, detail, " (%s)" % writer.current if writer.current else ""))
         finally:
-            os.umask(old_umask)
-        if self.config.socket_group:
-            import grp
-            try:
-                self.socket_gid = grp.getgrnam(self.config.socket_group).gr_gid
-                os.chown(path, -1, self.socket_gid)
-                os.chmod(path, 0o660)
-            except KeyError:
-                listener.close()
-                raise ConfigError("socket_group %r: no such group" % self.config.socket_group)
-            except OSError as exc:
-                listener.close()
-                raise ConfigError("socket_group %r: cannot give the socket to it: %s" % (self.config.socket_group, exc.strerror))
-        listener.listen(128)
-        listener.setblocking(False)
-        self.listener = listener
-        self.selector.register(listener, EVENT_READ, (self._accept, None))
+            os.umask(mask)
 
-    def close(self):
-        for conn in list(self.connections.values()):
-            self._close(conn)
-        if self.listener is not None:
-            self.listener.close()
-            _unlink_quietly(self.config.socket_path)
-
-    def _accept(self, _key, _mask):
-        try:
-            sock, _ = self.listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self.log.warning("daemon", "accept failed: %s" % exc.strerror)
-            return
-        sock.setblocking(False)
-        if len(self.connections) >= MAX_CONNECTIONS:
-            self.log.warning("daemon", "Refused a client: %d connections already" % MAX_CONNECTIONS)
-            sock.close()
-            return
-        credentials = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        peer_pid, peer_uid, peer_gid = struct.unpack("3i", credentials)
-        conn = Connection(sock)
-        self.connections[conn.fd] = conn
-        self.selector.register(sock, conn.events, (self._on_client, conn))
-        if not self._peer_allowed(peer_pid, peer_uid, peer_gid):
-            self.log.warning("daemon", "Refused a client with uid %d (pid %d)" % (peer_uid, peer_pid))
-            self._refuse(conn, "permission denied: uid %d may not control this daemon" % peer_uid)
-            return
-        if self.idle_timer is None:
-            self.idle_timer = self.call_later(REQUEST_IDLE_TIMEOUT / 2, self._close_idle)
-
-    def _peer_allowed(self, pid, uid, gid):
-        if uid in (0, os.geteuid()):
-            return True
-        if self.socket_gid is None:
-            return False
-        if gid == self.socket_gid:
-            return True
-        try:
-            with open("/proc/%d/status" % pid) as status:
-                for line in status:
-                    if line.startswith("Groups:"):
-                        return str(self.socket_gid) in line.split()[1:]
-        except OSError:
-            pass
-        return False
-
-    def _close_idle(self):
-        """Close clients that sent half a request and went quiet."""
-        self.idle_timer = None
-        now = time.monotonic()
-        for conn in list(self.connections.values()):
-            if conn.waiting is None and not conn.following and now - conn.last_active > REQUEST_IDLE_TIMEOUT:
-                self._close(conn)
-        if self.connections:
-            self.idle_timer = self.call_later(REQUEST_IDLE_TIMEOUT / 2, self._close_idle)
-
-    # -- framing -----------------------------------------------------------------------
-
-    def _on_client(self, conn, mask):
-        try:
-            self._serve_client(conn, mask)
-        except Exception:
-            self._close(conn)             # never leave a client waiting on a broken exchange
-            raise
-
-    def _serve_client(self, conn, mask):
-        if mask & EVENT_WRITE:
-            self._flush(conn)
-            if self._alive(conn) and len(conn.outbuf) < MAX_PENDING_REPLY:
-                self._process_input(conn)     # requests held back while replies piled up
-        if not mask & EVENT_READ or not self._alive(conn):
-            return
-        try:
-            data = conn.sock.recv(65536)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if not data:
-            # EOF: the client sent all it will (maybe with shutdown(SHUT_WR));
-            # the requests it sent are still answered, then the socket closes.
-            conn.reading = False
-            self._process_input(conn)
-            return
-        conn.last_active = time.monotonic()
-        conn.inbuf += data
-        if conn.waiting is not None and len(conn.inbuf) > MAX_REQUEST_BYTES:
-            self._close(conn)             # flooding while its answer waits
-            return
-        self._process_input(conn)
-
-    def _process_input(self, conn):
-        """Answer the complete requests received, one at a time (a parked reply
-        holds the next ones back), then settle what to watch for."""
-        while conn.waiting is None and self._alive(conn) and len(conn.outbuf) < MAX_PENDING_REPLY:
-            newline = conn.inbuf.find(b"\n")
-            if newline < 0 and conn.reading and len(conn.inbuf) > MAX_REQUEST_BYTES:
-                self._refuse(conn, "request larger than %d bytes" % MAX_REQUEST_BYTES)
-                return
-            if newline < 0:
-                break
-            line = bytes(conn.inbuf[:newline])
-            del conn.inbuf[:newline + 1]
-            if len(line) > MAX_REQUEST_BYTES:
-                self._refuse(conn, "request larger than %d bytes" % MAX_REQUEST_BYTES)
-                return
-            if line.strip():
-                reply = self._handle_line(conn, line)
-                if reply is not None:
-                    conn.outbuf += encode_message(reply)
-        self._flush(conn)
-
-    def _handle_line(self, conn, line):
-        """One request -> a reply dict, or None when the reply was parked. The
-        catch-all boundary of a request: a bug answers with an error."""
-        try:
-            message = json.loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-            return {"ok": False, "error": "malformed request (one JSON object per line): %s" % exc}
-        if not isinstance(message, dict) or not isinstance(message.get("cmd"), str):
-            return {"ok": False, "error": "malformed request: expected {\"cmd\": \"...\", ...}"}
-        try:
-            return self.dispatch(conn, message)
-        except GitprocError as exc:
-            return {"ok": False, "error": str(exc)}
-        except Exception:
-            import traceback
-            self.log.error("daemon", "Request %r failed: %s" % (message["cmd"][:64], traceback.format_exc().strip().replace("\n", " | ")))
-            return {"ok": False, "error": "internal error handling %r (see the daemon log)" % message["cmd"][:64]}
-
-    def _refuse(self, conn, error):
-        """Answer with an error, read nothing more, close once it is sent."""
-        conn.reading = False
-        conn.inbuf.clear()
-        conn.outbuf += encode_message({"ok": False, "error": error})
-        self._flush(conn)
-
-    def _flush(self, conn):
-        """Write what the socket takes; watch for writability while some is left;
-        close when nothing more will be read or written."""
-        if not self._alive(conn):
-            return
-        if conn.outbuf:
-            try:
-                sent = conn.sock.send(conn.outbuf)
-                del conn.outbuf[:sent]
-            except (BlockingIOError, InterruptedError):
-                pass
-            except OSError:
-                self._close(conn)
-                return
-        if not conn.reading and not conn.outbuf and conn.waiting is None and b"\n" not in conn.inbuf:
-            self._close(conn)
-            return
-        # A client that does not read its replies is not read from either, so
-        # neither buffer grows without bound (its socket fills and it blocks).
-        reading = conn.reading and len(conn.outbuf) < MAX_PENDING_REPLY
-        events = (EVENT_READ if reading else 0) | (EVENT_WRITE if conn.outbuf else 0)
-        if events != conn.events:
-            if not conn.events:
-                self.selector.register(conn.sock, events, (self._on_client, conn))
-            elif not events:
-                self.selector.unregister(conn.sock)
-            else:
-                self.selector.modify(conn.sock, events, (self._on_client, conn))
-            conn.events = events
-
-    def _alive(self, conn):
-        """`conn` is still served (its fd number may since belong to another)."""
-        return self.connections.get(conn.fd) is conn
-
-    def _close(self, conn):
-        if not self._alive(conn):
-            return                        # closed already: its fd number may be another client's now
-        del self.connections[conn.fd]
-        if conn.following and self.on_close is not None:
-            self.on_close(conn)
-        if conn.events:
-            self.selector.unregister(conn.sock)
-        conn.events = 0
-        if conn.waiting is not None and conn.waiting in self.waiters:
-            self.waiters.remove(conn.waiting)
-            conn.waiting.timer.cancel()
-        conn.waiting = None
-        conn.sock.close()
-
-    def push(self, conn, line, on_drop):
-        """Send a line the client did not ask for (a followed event). A client
-        that lets MAX_PENDING_REPLY of them pile up unread is dropped, so a
-        follower that stopped reading never grows the daemon."""
-        if not self._alive(conn):
-            on_drop(conn)
-            return
-        conn.outbuf += line
-        if len(conn.outbuf) > MAX_PENDING_REPLY:
-            self.log.warning("daemon", "Dropped an events follower: %d bytes unread" % len(conn.outbuf))
-            on_drop(conn)
-            self._close(conn)
-            return
-        self._flush(conn)
-
-    # -- parked replies ----------------------------------------------------------------
-
-    def park(self, conn, check, expire, timeout):
-        """The reply check() gives now, or None: then check() is asked again
-        after each change (check_waiters) and expire() answers at the deadline."""
-        reply = check()
-        if reply is not None:
-            return reply
-        waiter = Waiter(conn, check, expire)
-        waiter.timer = self.call_later(timeout, lambda: self._finish_waiter(waiter, waiter.expire()))
-        conn.waiting = waiter
-        self.waiters.append(waiter)
+    def _mismatch(self, target, listing):
+        """What differs between a snapshot on disk and the tree's listing (the
+        first difference found), or None: every file's kind, mode and
+        content, read and hashed as Git hashes a blob."""
+        expected = {}
+        for path, mode, object_id, _ in listing:
+            expected[path] = (mode, object_id)
+            folder = os.path.dirname(path)
+            while folder and folder not in expected:
+                expected[folder] = ("040000", None)
+                folder = os.path.dirname(folder)
+        seen = 0
+        for folder, subfolders, names in os.walk(target):
+            for name in subfolders + names:
+                full = os.path.join(folder, name)
+                path = os.path.relpath(full, target)
+                if path not in expected:
+                    return "has %s, which the tree has not" % path
+                mode, object_id = expected[path]
+                seen += 1
+                info = os.lstat(full)
+                kind = "120000" if stat.S_ISLNK(info.st_mode) else "040000" if stat.S_ISDIR(info.st_mode) else (
+                    "100755" if stat.S_ISREG(info.st_mode) and info.st_mode & 0o100 else
+                    "100644" if stat.S_ISREG(info.st_mode) else "other")
+                if kind != (mode if mode != "160000" else "040000"):
+                    return "has %s as %s, not %s" % (path, kind, mode)
+                if object_id is None or mode == "160000":
+                    continue
+                digest = new_digest("sha1" if len(object_id) == 40 else "sha256")
+                if kind == "120000":
+                    data = os.readlink(full).encode("utf-8", "surrogateescape")
+                    digest.update(b"blob %d\0" % len(data) + data)
+                else:
+                    digest.update(b"blob %d\0" % info.st_size)
+                    with open(full, "rb") as content:
+                        for chunk in iter(lambda: content.read(1 << 20), b""):
+                            digest.update(chunk)
+                if digest.hexdigest() != object_id:
+                    return "has %s changed" % path
+        if seen != len(expected):
+            return "lacks %d of its files" % (len(expected) - seen)
         return None
 
-    def check_waiters(self):
-        for waiter in list(self.waiters):
-            reply = waiter.check()
-            if reply is not None:
-                self._finish_waiter(waiter, reply)
-
-    def _finish_waiter(self, waiter, reply):
-        if waiter in self.waiters:
-            self.waiters.remove(waiter)
-        if waiter.timer:
-            waiter.timer.cancel()
-        waiter.conn.waiting = None
-        if self._alive(waiter.conn):
-            waiter.conn.outbuf += encode_message(reply)
-            self._process_input(waiter.conn)
-
-
-class EventLog:
-    """The last EVENT_LIMIT events of the daemon, and the clients following
-    them (`events -f`). An event is one dict with a fixed schema:
-    time, unit, event (state, health, deploy, rollback), from, to, reason,
-    pid, commit; fields that do not apply are None."""
-
-    FIELDS = ("time", "unit", "event", "from", "to", "reason", "pid", "commit")
-
-    def __init__(self, server, store=None):
-        import collections
-        self.ring = collections.deque(maxlen=EVENT_LIMIT)
-        self.server = server              # ControlServer: where followers are
-        server.on_close = self.unfollow
-        self.followers = {}               # Connection -> set of unit names (empty: all)
-        self.store = store                # StateStore of events.json: the ring outlives the daemon
-        self.listener = None              # told of each event as it happens (the Alerter)
-
-    def restore(self):
-        """The events an earlier daemon kept (a missing or corrupt file: none)."""
-        saved = self.store.load().get("events")
-        if isinstance(saved, list):
-            self.ring.extend(entry for entry in saved
-                             if isinstance(entry, dict) and set(entry) == set(self.FIELDS))
-
-    def persistent(self):
-        return {"version": STATE_VERSION, "events": list(self.ring)}
-
-    def record(self, event, unit=None, before=None, after=None, reason=None, pid=None, commit=None):
-        entry = {"time": time.time(), "unit": unit, "event": event, "from": before, "to": after,
-                 "reason": reason, "pid": pid, "commit": commit}
-        self.ring.append(entry)
-        if self.listener is not None:
-            self.listener(entry)
-        if self.store is not None:
-            self.store.mark_dirty()       # written in the loop's batches, like the state
-        if self.followers:
-            line = encode_message({"event": entry})
-            for conn, names in list(self.followers.items()):
-                if not names or unit in names:
-                    self.server.push(conn, line, self.unfollow)
-
-    def recent(self, names=()):
-        return [entry for entry in self.ring if not names or entry["unit"] in names]
-
-    def follow(self, conn, names):
-        self.followers[conn] = set(names)
-        conn.following = True
-
-    def unfollow(self, conn):
-        self.followers.pop(conn, None)
-
-
-# ---- the HTTP listener: /metrics, /status, /healthz, signed push webhooks ----------
-# Optional (http_listen). A small HTTP/1.1 server in the daemon's loop, with
-# bounds like the control socket's: header and body sizes, a deadline for a
-# whole request (slowloris), idle keep-alive connections closed, a cap on
-# clients. It only parses and frames; routes are the daemon's (http_reply).
-
-MAX_HTTP_HEADER_BYTES = 16 * 1024
-MAX_HTTP_BODY_BYTES = 1024 * 1024          # a forge's push payload fits
-MAX_HTTP_CONNECTIONS = 64
-HTTP_REQUEST_TIMEOUT = 5.0                 # to send one whole request (slowloris), or to idle between
-HTTP_REASONS = {200: "OK", 202: "Accepted", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
-                404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout", 411: "Length Required",
-                413: "Payload Too Large", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
-                501: "Not Implemented",
-                503: "Service Unavailable", 505: "HTTP Version Not Supported"}
-
-
-class HttpRequest:
-    __slots__ = ("method", "path", "version", "headers", "body")
-
-    def __init__(self, method, path, version, headers, body):
-        self.method, self.path, self.version, self.headers, self.body = method, path, version, headers, body
-
-
-class HttpConnection:
-    __slots__ = ("sock", "fd", "inbuf", "outbuf", "started", "last_active", "closing", "events", "continued")
-
-    def __init__(self, sock):
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.continued = False            # "100 Continue" sent for the request being read
-        self.inbuf = bytearray()
-        self.outbuf = bytearray()
-        self.started = None               # monotonic time the request being read began
-        self.last_active = time.monotonic()
-        self.closing = False              # close once the reply is sent
-        self.events = EVENT_READ
-
-
-def parse_listen_address(text):
-    """'127.0.0.1:9180', '[::1]:9180', ':9180' -> (family, (host, port)); ConfigError if not."""
-    host, colon, port = text.rpartition(":")
-    if not colon or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError("http_listen %r: use HOST:PORT, e.g. 127.0.0.1:9180" % text)
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return family, (host or ("::" if family == socket.AF_INET6 else "0.0.0.0"), int(port))
-
-
-def is_loopback(host):
-    return host in ("localhost", "::1") or host.startswith("127.")
-
-
-class HttpListener:
-    """The daemon's HTTP server: accept, read one request at a time per
-    connection (keep-alive), answer with reply(request) -> (status, content
-    type, body bytes, extra headers), and hold every bound."""
-
-    def __init__(self, address, log, selector, call_later, reply):
-        self.family, self.address = address
-        self.log, self.selector, self.call_later = log, selector, call_later
-        self.reply = reply
-        self.listener = None
-        self.connections = {}             # fd -> HttpConnection
-        self.sweep_timer = None
-
-    @property
-    def exposed(self):
-        """Reachable from the network (not only from this machine)."""
-        return not is_loopback(self.address[0])
-
-    def open(self):
-        listener = socket.socket(self.family, socket.SOCK_STREAM)
+    def point(self, name, tree):
+        """Make files/NAME a link to the snapshot of `tree` (None: no link), by
+        an atomic rename. False (logged) if it cannot be written."""
+        link = self.link(name)
         try:
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind(self.address)
-            listener.listen(64)
+            if tree is None:
+                _unlink_quietly(link)
+                return True
+            target = self._target(tree)
+            try:
+                if os.readlink(link) == target:
+                    return True
+            except OSError:
+                pass
+            makedirs(self.links)
+            temporary = os.path.join(self.links, ".%s.new-%d" % (name, os.getpid()))
+            remove_tree(temporary)
+            os.symlink(target, temporary)
+            os.replace(temporary, link)
+            return True
         except OSError as exc:
-            listener.close()
-            raise GitprocError("http_listen %s:%d: cannot listen: %s" % (self.address[0], self.address[1], exc.strerror or exc))
-        listener.setblocking(False)
-        self.listener = listener
-        self.selector.register(listener, EVENT_READ, (self._accept, None))
-        if self.exposed:
-            self.log.warning("daemon", "HTTP listener on %s:%d is reachable from the network: /metrics and /status "
-                             "tell anyone who can connect what runs here" % self.address)
+            self.log.error(name, "Cannot link %s to its snapshot %s: %s" % (link, tree[:7], describe_os_error(exc)))
+            return False
+
+    def _target(self, tree):
+        return os.path.join(os.pardir, os.path.basename(self.root), tree)
+
+    def check(self, name, spec):
+        """Before a process of a unit with a folder starts: its %Y links to
+        the snapshot of its version, which is there (one removed by hand is
+        written again). SpawnError if not: never the files of another."""
+        try:
+            if os.readlink(self.link(name)) == self._target(spec.tree) and os.path.isdir(self.path(spec.tree)):
+                return
+        except OSError:
+            pass
+        if not os.path.isdir(self.path(spec.tree)):
+            self.ready.discard(spec.tree)
+        try:
+            self.ensure(spec.tree, spec.owned.path)
+        except SnapshotError as exc:
+            raise SpawnError(str(exc))
+        if not self.point(name, spec.tree):
+            raise SpawnError("cannot link %s to its snapshot" % self.link(name))
+
+    def collect(self, keep, names, adopted=()):
+        """Remove the snapshots whose tree is not in `keep`, what a daemon that
+        died while writing left, snapshots written again whose tree no
+        `adopted` process started from, and the links of units not in `names`."""
+        removed = []
+        for tree in [tree for tree in self.listings if tree not in keep]:
+            del self.listings[tree]
+            self.stamps.pop(tree, None)
+        mine = "-%d" % os.getpid()
+        for entry in self._listdir(self.root):
+            if entry in keep or (entry.endswith(mine) and not (
+                    entry.startswith(".old-") and entry[len(".old-"):-len(mine)] not in adopted)):
+                continue
+            remove_tree(os.path.join(self.root, entry))
+            self.ready.discard(entry)
+            if not entry.startswith("."):
+                removed.append(entry[:7])
+        for entry in self._listdir(self.links):
+            if entry not in names and not entry.startswith("."):
+                _unlink_quietly(os.path.join(self.links, entry))
+        if removed:
+            self.log.info("daemon", "Removed snapshot%s %s: no unit runs it or keeps it for rollback" % (
+                "s" if len(removed) > 1 else "", ", ".join(removed)))
+        return removed
+
+    def _listdir(self, folder):
+        try:
+            return os.listdir(folder)
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            self.log.warning("daemon", "Cannot list %s: %s" % (folder, describe_os_error(exc)))
+            return []
+
+
+def _with_folder(path):
+    """`path`, once the folder it goes in exists."""
+    if not os.path.isdir(os.path.dirname(path)):
+        os.makedirs(os.path.dirname(path), 0o755)
+    return path
+
+
+class _SnapshotWriter:
+    """Writes the files of a snapshot from `git cat-file --batch` output as it
+    comes, one file after the other; links are made last, so that no file
+    is written through one."""
+
+    def __init__(self, root, entries):
+        self.root, self.entries = root, entries   # (path, mode, object id), in cat-file's order
+        self.index = 0
+        self.pending = b""                # the start of a header not complete yet
+        self.left = None                  # bytes of the current object still to come (None: a header is next)
+        self.fd = None
+        self.link_target = None           # the bytes of a link being read
+        self.links = []                   # (path, target) to make at the end
+        self.current = None               # the path being written, for an error message
+
+    def feed(self, data):
+        data = memoryview(self.pending + data) if self.pending else memoryview(data)
+        self.pending = b""
+        pos = 0
+        while pos < len(data):
+            if self.left is None:
+                end = bytes(data[pos:pos + 200]).find(b"\n")
+                if end < 0 and len(data) - pos < 200:
+                    self.pending = bytes(data[pos:])
+                    return
+                header = bytes(data[pos:pos + end]).split()
+                pos += end + 1
+                if end < 0 or self.index >= len(self.entries) or len(header) < 3 or header[1] != b"blob":
+                    raise GitError("git cat-file: object %s is missing" % (header[0].decode() if header else "?"))
+                if not header[2].isdigit():
+                    raise GitError("git cat-file: a header without a size")
+                self._open(int(header[2]))
+            elif self.left == 0:          # the newline after the object
+                pos += 1
+                self._close()
+            else:
+                piece = data[pos:pos + self.left]
+                pos += len(piece)
+                self.left -= len(piece)
+                if self.fd is None:
+                    self.link_target += bytes(piece)
+                else:
+                    while piece:
+                        piece = piece[os.write(self.fd, piece):]
+
+    def _open(self, size):
+        path, mode, _ = self.entries[self.index]
+        self.current, self.left = path, size
+        full = _with_folder(os.path.join(self.root, path))
+        if mode == "120000":
+            self.link_target = b""
         else:
-            self.log.info("daemon", "HTTP listener on %s:%d" % self.address)
+            self.fd = os.open(full, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                              0o555 if mode == "100755" else 0o444)    # read-only: a snapshot is not written again
+
+    def _close(self):
+        if self.fd is None:
+            self.links.append((self.current, self.link_target))
+        else:
+            os.close(self.fd)
+            self.fd = None
+        self.index += 1
+        self.left = None
+
+    def finish(self):
+        if self.index != len(self.entries) or self.left is not None:
+            raise GitError("git cat-file stopped before the end of the tree")
+        for path, target in self.links:
+            self.current = path
+            os.symlink(os.fsdecode(target), os.path.join(self.root, path))
+        self.current = None
 
     def close(self):
-        for conn in list(self.connections.values()):
-            self._close(conn)
-        if self.listener is not None:
-            self.selector.unregister(self.listener)
-            self.listener.close()
-            self.listener = None
-
-    def _accept(self, _arg, _mask):
-        try:
-            sock, _ = self.listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self.log.warning("daemon", "HTTP accept failed: %s" % exc.strerror)
-            return
-        if len(self.connections) >= MAX_HTTP_CONNECTIONS:
-            sock.close()
-            return
-        sock.setblocking(False)
-        conn = HttpConnection(sock)
-        self.connections[conn.fd] = conn
-        self.selector.register(sock, EVENT_READ, (self._on_event, conn))
-        if self.sweep_timer is None:
-            self.sweep_timer = self.call_later(1.0, self._sweep)
-
-    def _sweep(self):
-        """Close connections too slow to send one request, idle too long, or
-        whose answer is not read: no client holds a slot for ever."""
-        self.sweep_timer = None
-        now = time.monotonic()
-        for conn in list(self.connections.values()):
-            if conn.outbuf or conn.closing:
-                if now - conn.last_active > HTTP_REQUEST_TIMEOUT:
-                    self._close(conn)         # the answer is not read
-            elif conn.started is not None and now - conn.started > HTTP_REQUEST_TIMEOUT:
-                self._answer(conn, 408, "text/plain", b"request not received in time\n", close=True)
-            elif now - conn.last_active > HTTP_REQUEST_TIMEOUT:
-                self._close(conn)
-        if self.connections:
-            self.sweep_timer = self.call_later(1.0, self._sweep)
-
-    def _on_event(self, conn, mask):
-        if mask & EVENT_WRITE:
-            self._flush(conn)
-        if not mask & EVENT_READ or not self._alive(conn) or conn.closing:
-            return
-        try:
-            data = conn.sock.recv(65536)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self._close(conn)
-            return
-        conn.last_active = time.monotonic()
-        if conn.started is None:
-            conn.started = conn.last_active
-        conn.inbuf += data
-        self._serve(conn)
-
-    def _serve(self, conn):
-        """Answer one request, if a whole one is in: a client that pipelines
-        many gets the next one answered on the next turn of the loop, so it
-        never holds the daemon for longer than one answer."""
-        if conn.closing or conn.outbuf or not self._alive(conn):
-            self._watch(conn)
-            return
-        request, error = self._parse(conn)
-        if error:
-            self._answer(conn, error[0], "text/plain", (error[1] + "\n").encode(), close=True)
-            return
-        if request is None:
-            self._watch(conn)                 # wait for more bytes
-            return
-        conn.started = time.monotonic() if conn.inbuf else None
-        try:
-            status, content_type, body, extra = self.reply(request)
-        except Exception:
-            import traceback
-            self.log.error("daemon", "HTTP %s %s failed: %s" % (request.method, request.path[:100],
-                           traceback.format_exc().strip().replace("\n", " | ")))
-            status, content_type, body, extra = 500, "text/plain", b"internal error (see the daemon log)\n", {}
-        tokens = {token.strip().lower() for token in request.headers.get("connection", "").split(",")}
-        close = "close" in tokens or (request.version == "HTTP/1.0" and "keep-alive" not in tokens)
-        self._answer(conn, status, content_type, body, close=close, head=request.method == "HEAD", extra=extra)
-
-    @staticmethod
-    def _parse(conn):
-        """(HttpRequest, None) once a whole request is in, (None, None) while
-        it is not, (None, (status, why)) for one that is refused."""
-        end = conn.inbuf.find(b"\r\n\r\n")
-        if end < 0:
-            if len(conn.inbuf) > MAX_HTTP_HEADER_BYTES:
-                return None, (431, "request headers larger than %d bytes" % MAX_HTTP_HEADER_BYTES)
-            return None, None
-        if end > MAX_HTTP_HEADER_BYTES:
-            return None, (431, "request headers larger than %d bytes" % MAX_HTTP_HEADER_BYTES)
-        lines = bytes(conn.inbuf[:end]).decode("latin-1").split("\r\n")
-        parts = lines[0].split(" ")
-        if len(parts) != 3 or not re.match(r"[A-Z]+\Z", parts[0]) or not parts[1].startswith("/"):
-            return None, (400, "malformed request line")
-        method, target, version = parts
-        if version not in ("HTTP/1.0", "HTTP/1.1"):
-            return None, (505, "HTTP/1.0 or HTTP/1.1 only")
-        headers = {}
-        for line in lines[1:]:
-            name, colon, value = line.partition(":")
-            if not colon or not name or name != name.strip():
-                return None, (400, "malformed header line")
-            name = name.lower()
-            if name == "content-length" and name in headers and headers[name] != value.strip():
-                return None, (400, "conflicting Content-Length headers")
-            headers[name] = value.strip()
-        if "transfer-encoding" in headers:
-            return None, (501, "Transfer-Encoding is not supported: send a Content-Length")
-        length = headers.get("content-length", "0")
-        if not re.match(r"[0-9]{1,9}\Z", length):
-            return None, (400, "bad Content-Length")
-        length = int(length)
-        if length > MAX_HTTP_BODY_BYTES:
-            return None, (413, "request body larger than %d bytes" % MAX_HTTP_BODY_BYTES)
-        if len(conn.inbuf) < end + 4 + length:
-            if headers.get("expect", "").lower() == "100-continue" and not conn.continued:
-                conn.continued = True
-                conn.outbuf += b"HTTP/1.1 100 Continue\r\n\r\n"
-            return None, None
-        body = bytes(conn.inbuf[end + 4:end + 4 + length])
-        del conn.inbuf[:end + 4 + length]
-        conn.continued = False
-        return HttpRequest(method, target.split("?", 1)[0], version, headers, body), None
-
-    def _answer(self, conn, status, content_type, body, close=False, head=False, extra=None):
-        if conn.closing:
-            return
-        head_lines = ["HTTP/1.1 %d %s" % (status, HTTP_REASONS.get(status, "Status")),
-                      "Content-Type: %s" % content_type, "Content-Length: %d" % len(body),
-                      "Connection: %s" % ("close" if close else "keep-alive")]
-        head_lines += ["%s: %s" % item for item in sorted((extra or {}).items())]
-        conn.outbuf += ("\r\n".join(head_lines) + "\r\n\r\n").encode() + (b"" if head else body)
-        if close:
-            conn.closing = True
-            conn.inbuf.clear()
-            conn.started = None
-        self._flush(conn)
-
-    def _flush(self, conn):
-        if not self._alive(conn):
-            return
-        if conn.outbuf:
-            try:
-                sent = conn.sock.send(conn.outbuf)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError:
-                self._close(conn)
-                return
-            if sent:
-                del conn.outbuf[:sent]
-                conn.last_active = time.monotonic()
-        if not conn.outbuf and conn.closing:
-            try:
-                conn.sock.shutdown(socket.SHUT_WR)   # the answer first, then the close:
-            except OSError:                          # no reset while the client still sends
-                pass
-            self._close(conn)
-            return
-        if not conn.outbuf and conn.inbuf:
-            self.call_later(0, lambda: self._serve(conn))   # a pipelined request: next turn of the loop
-        self._watch(conn)
-
-    def _watch(self, conn):
-        """Read while no answer waits and the pipeline is short; write while
-        an answer waits (a client that does not read is not read from)."""
-        if not self._alive(conn):
-            return
-        reading = not conn.outbuf and not conn.closing and len(conn.inbuf) <= MAX_HTTP_HEADER_BYTES + MAX_HTTP_BODY_BYTES
-        events = (EVENT_READ if reading else 0) | (EVENT_WRITE if conn.outbuf else 0)
-        if events != conn.events:
-            if not conn.events:
-                self.selector.register(conn.sock, events, (self._on_event, conn))
-            elif not events:
-                self.selector.unregister(conn.sock)
-            else:
-                self.selector.modify(conn.sock, events, (self._on_event, conn))
-            conn.events = events
-
-    def _alive(self, conn):
-        return self.connections.get(conn.fd) is conn
-
-    def _close(self, conn):
-        if not self._alive(conn):
-            return
-        del self.connections[conn.fd]
-        if conn.events:
-            self.selector.unregister(conn.sock)
-        conn.events = 0
-        conn.sock.close()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
-def _connect(config, timeout):
-    """A client socket connected to the daemon; GitprocError saying why not."""
-    path = config.socket_path
-    if len(path.encode()) > MAX_SOCKET_PATH:
-        raise ConfigError("socket path %s is %d bytes; Unix sockets allow %d: choose a shorter --home or socket_path" % (
-            path, len(path.encode()), MAX_SOCKET_PATH))
-    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    client.settimeout(timeout)
-    try:
-        client.connect(path)
-    except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError):
-        client.close()
-        raise DaemonNotRunning("no gitproc daemon answers on %s; start one with: %s daemon%s" % (
-            path, command_name(), " --home %s" % config.home if config.home and not _home_from_env(config) else ""))
-    except PermissionError:
-        client.close()
-        try:
-            os.stat(path)
-        except PermissionError:           # not the socket: a folder on its way is closed to this user
-            raise GitprocError("permission denied on the folder of %s: this user cannot reach a daemon there, nor "
-                               "run one (choose a --home of your own)" % path)
-        except OSError:
-            pass
-        raise GitprocError("permission denied on %s: run as the daemon's user, root, or a member of its socket_group" % path)
-    except socket.timeout:
-        client.close()
-        raise GitprocError("the daemon did not answer within %ds" % timeout)
-    except OSError as exc:
-        client.close()
-        raise GitprocError("cannot connect to %s: %s" % (path, exc.strerror or exc))
-    return client
+def plan_deploy(old_specs, new_specs, files=None):
+    """What a deploy changes: {'added', 'changed', 'removed', 'unchanged'} lists of
+    unit names, sorted, and 'changes': {name: [Key=, ...]} for the changed ones.
+    Pure. Two versions of a unit are the same when they mean the same: a new
+    comment or a moved file restarts nothing. `files` ({name: [path, ...]})
+    names the files of a unit's folder that changed: a change of the unit."""
+    plan = {"added": [], "changed": [], "removed": [], "unchanged": [], "changes": {}}
+    for name, spec in new_specs.items():
+        old = old_specs.get(name)
+        if old is None:
+            plan["added"].append(name)
+            continue
+        keys = unit_changes(old, spec)
+        if keys or (files or {}).get(name):
+            plan["changed"].append(name)
+            plan["changes"][name] = keys
+        else:
+            plan["unchanged"].append(name)
+    plan["removed"] = [name for name in old_specs if name not in new_specs]
+    for key in ("added", "changed", "removed", "unchanged"):
+        plan[key].sort()
+    return plan
 
 
-def command_name():
-    """How the user runs gitproc, for the commands messages suggest: the
-    installed `gitproc`, else the script."""
-    return "gitproc" if os.path.basename(sys.argv[0] or "") == "gitproc" else "python3 gitproc.py"
+def unit_changes(old, new):
+    """The unit keys whose meaning differs between two versions of a unit."""
+    before, after = old.fingerprint(), new.fingerprint()
+    return [FIELD_KEYS[field] for field in UnitSpec.FIELDS if before[field] != after[field]]
 
 
-def _result(message):
-    if not message.get("ok"):
-        raise GitprocError(message.get("error", "the daemon refused the request"))
-    return message.get("result")
+def dependency_order(specs):
+    """Unit names ordered so that every unit comes after what it is ordered
+    After=/Requires= (dependencies outside `specs` are ignored). Units in a cycle
+    come last, in name order."""
+    remaining = {name: deps - {name} for name, deps in ordering_edges(specs).items()}
+    order = []
+    while remaining:
+        ready = sorted(name for name, deps in remaining.items() if not deps)
+        if not ready:
+            order.extend(sorted(remaining))
+            break
+        for name in ready:
+            del remaining[name]
+        for deps in remaining.values():
+            deps.difference_update(ready)
+        order.extend(ready)
+    return order
 
 
-def request(config, payload, timeout=CLIENT_TIMEOUT):
-    """Send one request to the daemon and return its result; GitprocError with
-    the daemon's message when it answers with an error."""
-    client = _connect(config, timeout)
-    try:
-        client.sendall(encode_message(payload))
-        reply = bytearray()
-        while not reply.endswith(b"\n"):
-            chunk = client.recv(1 << 20)
-            if not chunk:
-                raise ProtocolError("the daemon closed the connection without answering")
-            reply += chunk
-    except socket.timeout:
-        raise GitprocError("the daemon did not answer within %ds" % timeout)
-    except (ConnectionResetError, BrokenPipeError):
-        raise ProtocolError("the daemon closed the connection without answering")
-    finally:
-        client.close()
-    return _result(json.loads(reply.decode("utf-8")))
+class DeployPlan:
+    """What deploying a commit changes, or changed: the one shape of every
+    deploy, `sync`, `diff` and `rollback`. Unit names in sorted lists;
+    `changes` names the changed keys of each changed unit; `drift` the units
+    AutoRollback= keeps at an earlier version; `specs` what is to run, with
+    `origin` naming the commit of a unit kept at an earlier version. A plan
+    that could not be made has only `error`; `notes` are added to the reply."""
+
+    LISTS = ("added", "changed", "removed", "unchanged")
+
+    def __init__(self, commit=None, previous=None, noop=False, error=None):
+        self.commit = commit              # Commit planned for
+        self.previous = previous          # sha deployed before it, or None
+        self.noop = noop                  # already deployed: nothing to do
+        self.error = error                # why no plan could be made
+        self.added, self.changed, self.removed, self.unchanged = [], [], [], []
+        self.changes = {}                 # name -> ["Key=", ...]
+        self.files = {}                   # name -> changed files of its folder (paths in the folder)
+        self.reload = []                  # changed units that reload rather than restart (ReloadOnFileChange=)
+        self.outside = []                 # files changed outside every unit's folder, when no unit changed
+        self.drift = {}                   # name -> why it runs an earlier version
+        self.invalid = []                 # "file:line: error: message" of units not deployed
+        self.skipped = {}                 # name -> why it does not run on this host
+        self.specs = {}                   # name -> UnitSpec to run
+        self.problems = []                # every Diagnostic of the commit
+        self.origin = {}                  # name -> commit of an earlier version kept
+        self.in_tree = set()              # names of every unit file in the commit
+        self.notes = {}                   # extra reply fields (rollback, pin)
+        self.activated = {}               # name -> why a deploy leaves it stopped (SPEC §16)
+        self.timers = {}                  # name (NAME.timer) -> TimerSpec to run
+        self.sockets = {}                 # name (NAME.socket) -> SocketSpec to run
+        self.templates = {}               # NAME@ -> (path, sources, blob): what Accept=yes sockets instantiate
+
+    @classmethod
+    def failed(cls, message):
+        return cls(error=message)
+
+    def key_warnings(self):
+        """Unknown and misplaced keys of the units this plan starts or restarts."""
+        touched = set(self.added) | set(self.changed)
+        return [d for d in self.problems if d.code == "key" and d.unit_name in touched]
+
+    def to_json(self):
+        if self.error:
+            return {"error": self.error}
+        reply = {"commit": self.commit.to_json(), "previous": self.previous, "noop": self.noop,
+                 "changes": self.changes, "files": self.files, "reload": self.reload, "outside": self.outside,
+                 "drift": self.drift, "invalid": self.invalid, "skipped": self.skipped,
+                 "warnings": [str(d) for d in self.key_warnings()], "activated": self.activated,
+                 "not_run": [str(d) for d in self.problems if d.code in ("other-unit", "activated")]}
+        reply.update({key: getattr(self, key) for key in self.LISTS})
+        reply.update(self.notes)
+        return reply
 
 
-def request_stream(config, payload):
-    """Send one request, yield its result, then each message the daemon pushes
-    after it (`events -f`), until the daemon closes the connection."""
-    client = _connect(config, CLIENT_TIMEOUT)
-    try:
-        client.sendall(encode_message(payload))
-        reader = client.makefile("rb")
-        first = reader.readline()
-        if not first:
-            raise ProtocolError("the daemon closed the connection without answering")
-        yield _result(json.loads(first.decode("utf-8")))
-        client.settimeout(None)
-        for line in reader:
-            yield json.loads(line.decode("utf-8"))
-    except socket.timeout:
-        raise GitprocError("the daemon did not answer within %ds" % CLIENT_TIMEOUT)
-    except (ConnectionResetError, BrokenPipeError):
-        raise ProtocolError("the daemon closed the connection")
-    finally:
-        client.close()
+class History:
+    """The deployments, newest last, at most HISTORY_LIMIT: the one writer of
+    history entries (deploys, errors, rollbacks)."""
+
+    def __init__(self, entries=()):
+        self.entries = [entry for entry in entries if isinstance(entry, dict)][-HISTORY_LIMIT:]
+
+    def record(self, trigger, outcome, commit=None, subject=None, added=(), changed=(), removed=(),
+               invalid=(), **extra):
+        entry = {"time": time.time(), "commit": commit, "subject": subject, "trigger": trigger,
+                 "outcome": outcome, "added": list(added), "changed": list(changed),
+                 "removed": list(removed), "invalid": list(invalid)}
+        entry.update(extra)
+        self.entries.append(entry)
+        del self.entries[:-HISTORY_LIMIT]
+
+    def last(self, count):
+        return self.entries[-count:] if count else []
 
 
-def _home_from_env(config):
-    return os.environ.get("GITPROC_HOME") and os.path.abspath(os.environ["GITPROC_HOME"]) == config.home
-
-
-# ==== 12. daemon =============================================================
-# The one thread that owns everything: a selector over the signal wakeup pipe,
-# pidfds, the control socket and its clients, plus a heap of timers. Services,
-# the state store and deploys are only touched from here. The parts, each a
-# class: Recovery (what an earlier daemon left), Deployer (what runs),
-# RequestHandlers (the socket's commands), DaemonHost (the real ServiceHost),
-# and Daemon, the loop and the wiring.
-
-
-class Timer:
-    __slots__ = ("when", "callback", "cancelled")
-
-    def __init__(self, when, callback):
-        self.when, self.callback, self.cancelled = when, callback, False
-
-    def cancel(self):
-        self.cancelled = True
-
-
-def _signal_group_if_same(pid, pid_start, number):
-    """Signal the process group led by `pid` only while `pid` is still the process
-    that started at `pid_start`."""
-    if pid_start_time(pid) == pid_start:
-        try:
-            os.killpg(pid, number)
-        except OSError:
-            pass
+# ---- recovery: what an earlier daemon left ---------------------------------------
 
 
 class Recovery:
@@ -11983,6 +11211,864 @@ def drift_note(rolled_back):
 def skipped_by_condition(service):
     """A start a Condition*= skipped: not a failure, as systemctl says (exit 0)."""
     return service.state == STOPPED and (service.reason or "").startswith("condition failed")
+
+
+# ---- the deployer ----------------------------------------------------------------
+
+
+def activated_units(specs, problems, activators=None, held=None):
+    """{name: why} of the units a deploy does not start (SPEC §16): those a
+    timer or a socket activates (`activators`: {name: spec}), those a unit
+    of another type would (a path unit: see other_unit_problems) and those
+    an OnFailure= names, unless a unit that does start pulls them in
+    (Wants=, Requires=, BindsTo=)."""
+    activated = {d.unit: d.message.split(": ", 1)[0] + ": not started at deploy" for d in problems
+                 if d.code == "activated" and d.unit in specs}
+    for name, activator in sorted((activators or {}).items()):
+        activated.setdefault(activator.unit, "started by %s, not at deploy" % name)
+    for name, why in sorted((held or {}).items()):          # timers not armed (errors, another host)
+        if name in specs:
+            activated.setdefault(name, why)
+    targets = {target for spec in specs.values() for target in spec.on_failure + spec.on_success}
+    for name, spec in sorted(specs.items()):
+        if name in targets:
+            continue                      # units that name each other in OnFailure= run, as they would anyway
+        for key, names in (("OnFailure", spec.on_failure), ("OnSuccess", spec.on_success)):
+            for target in names:
+                if target in specs and target != name:
+                    activated.setdefault(target, "started when %s %s (%s=), not at deploy" % (
+                        name, "fails" if key == "OnFailure" else "succeeds", key))
+    pulled = [name for name in specs if name not in activated]
+    while pulled:
+        spec = specs[pulled.pop()]
+        for other in spec.requires + spec.wants + spec.binds_to:
+            if activated.pop(other, None) is not None:
+                pulled.append(other)
+    return activated
+
+
+def host_matches(conditions, hostname):
+    """ConditionHost= globs or a machine id (a leading '!' negates), matched
+    without regard to case, as systemd: all must hold, but of those with a
+    leading '|' one is enough."""
+    import fnmatch
+    machine = machine_id() if conditions else ""
+    triggering = []
+    for condition in conditions:
+        trigger = condition.startswith("|")
+        condition = condition[1:].strip() if trigger else condition
+        negate = condition.startswith("!")
+        pattern = condition[1:].strip() if negate else condition
+        matches = fnmatch.fnmatchcase(hostname.lower(), pattern.lower()) or (
+            bool(machine) and pattern.lower().replace("-", "") == machine)
+        if trigger:
+            triggering.append(matches != negate)
+        elif matches == negate:
+            return False
+    return not triggering or any(triggering)
+
+
+def machine_id():
+    """/etc/machine-id (read once), or "" where there is none."""
+    if "machine_id" not in _MACHINE:
+        try:
+            _MACHINE["machine_id"] = _read_text("/etc/machine-id").strip()
+        except OSError:
+            _MACHINE["machine_id"] = ""
+    return _MACHINE["machine_id"]
+
+
+_MACHINE = {}                         # what was read of this machine (its machine id)
+
+
+class VersionRecord:
+    """What the Deployer keeps of one unit's versions, in a record of its own
+    (Service reads it, never writes it; Recovery fills it from the state
+    file)."""
+    __slots__ = ("previous", "previous_tree", "rejected", "rolled_back", "removed")
+
+    def __init__(self):
+        self.previous = None            # (spec, commit) a deploy replaced, kept for AutoRollback=
+        self.previous_tree = None       # the snapshot of its folder before the last change (kept for rollback)
+        self.rejected = None            # identity of a version AutoRollback= took back
+        self.rolled_back = None         # {"from", "to", "why", "time"} of that rollback
+        self.removed = False            # gone from the deployed commit; dropped once stopped
+
+
+class Deployer:
+    """Deploys: which revision is the target (the branch, the fetched branch,
+    or a rollback pin), the plan for it (parse cache, invalid units kept at
+    their good version, ConditionHost=, AutoRollback= drift), applying that
+    plan to the registry of services, the history, and AutoRollback='s
+    decision. Owns what is deployed: specs, their problems, skipped units."""
+
+    def __init__(self, config, log, services, recovery, host, store, events):
+        self.config, self.log = config, log
+        self.events = events
+        self.services = services          # the registry: name -> Service (shared with the daemon)
+        self.recovery = recovery
+        self.host = host                  # what new Services are given
+        self.store = store
+        self.specs = {}                   # name -> UnitSpec deployed (last good version)
+        self.timer_specs = {}             # name (NAME.timer) -> TimerSpec deployed
+        self.schedule = None              # the TimerSchedule the deployed timers are given to
+        self.socket_specs = {}            # name (NAME.socket) -> SocketSpec deployed
+        self.listeners = None             # the SocketSet the deployed sockets are given to
+        self.unit_problems = []           # Diagnostics of the deployed commit
+        self.skipped = {}                 # name -> why the unit does not run on this host
+        self.deployed = None              # Commit deployed
+        self.last_sync = None             # {"time", "result", "error"?, "trigger"}
+        self.history = History()
+        self.applied = False              # a commit was applied by this daemon
+        self.pin = None                   # remote-mode rollback: {"sha", "subject", "remote_at"}
+        self.deploy_count = 0             # deploys applied (the poll adapts to them)
+        self.deploys_total = {}           # outcome -> deploys ever (a counter for metrics; persisted)
+        self.parse_cache = {}             # (path, blob) -> parse_unit result
+        self.context = specifier_context()   # the specifiers of this machine and user (%H, %t, ...)
+        self.before_of = {}               # name -> the deployed units that say Before=name
+        self._last_plan = None            # the plan of the last deploy (see last_plan)
+        self.snapshots = Snapshots(config.repo_path, config.snapshot_dir, config.files_dir,
+                                   config.snapshot_max_bytes, log)
+        self.changed_files_cache = {}     # (old tree, new tree) -> files changed, of units' folders
+        self.collect_timer = None         # removal of unused snapshots, due after a deploy
+        self.verifier = CommitVerifier(config.repo_path, config.verify, config.allow_rewind,
+                                       os.path.join(os.path.dirname(config.state_file), "gnupg"))
+        self.refused = None               # the commit last refused: {"sha", "subject", "reason", "error", "time"}
+        self.activated = {}               # name -> why a deploy leaves it stopped: something else starts it
+        self.refusals_total = {}          # reason -> refusals ever (a counter for metrics; persisted)
+        self.sync_asked = None            # `sync` asked for the next deploy: {"allow_rewind": bool}
+        self.rewind_base = None           # after a rollback pin: the remote head the next one must descend from
+        self.fallback_tried = False       # a refused head at start: the last verified commit was tried
+
+    @property
+    def remote_mode(self):
+        return bool(self.config.remote)
+
+    def restore(self, state):
+        self.history = History(state.get("history", []))
+        deployed = state.get("deployed")
+        if isinstance(deployed, dict) and isinstance(deployed.get("sha"), str):
+            self.deployed = Commit(deployed["sha"], deployed.get("subject", ""), deployed.get("time", 0))
+        for key in ("deploys_total", "refusals_total"):
+            totals = state.get(key)
+            if isinstance(totals, dict):
+                setattr(self, key, {k: v for k, v in totals.items() if isinstance(v, int) and not isinstance(v, bool)})
+        pin = state.get("pin")
+        if self.remote_mode and isinstance(pin, dict) and isinstance(pin.get("sha"), str):
+            self.pin = {"sha": pin["sha"], "subject": str(pin.get("subject", "")),
+                        "remote_at": pin.get("remote_at") if isinstance(pin.get("remote_at"), str) else None}
+
+    def persistent(self):
+        return {"deployed": self.deployed.to_json() if self.deployed else None,
+                "history": self.history.entries, "pin": self.pin, "deploys_total": self.deploys_total,
+                "refusals_total": self.refusals_total}
+
+    def _count(self, outcome):
+        self.deploys_total[outcome] = self.deploys_total.get(outcome, 0) + 1
+
+    # -- the target ------------------------------------------------------------------
+
+    def _pin_outdated(self):
+        """True when the remote branch moved on since the rollback pin was set."""
+        if not self.pin:
+            return False
+        fetched = read_ref_file(git_common_dir(self.config.repo_path), REMOTE_REF % self.config.branch)
+        return bool(fetched) and fetched != self.pin.get("remote_at")
+
+    def release_outdated_pin(self):
+        if self._pin_outdated():
+            self.log.info("daemon", "%s/%s moved on: releasing the rollback pin on %s" % (
+                self.config.remote, self.config.branch, self.pin["sha"][:7]))
+            self.rewind_base, self.pin = self.pin.get("remote_at"), None
+
+    def _target_rev(self):
+        """What to deploy: the branch (local mode), the fetched branch (remote
+        mode), or the commit a remote-mode rollback pinned (until the remote
+        branch moves on)."""
+        if self.pin and not self._pin_outdated():
+            return self.pin["sha"], "pinned commit %s" % self.pin["sha"][:7]
+        if self.remote_mode:
+            return REMOTE_REF % self.config.branch, "%s/%s (fetched)" % (self.config.remote, self.config.branch)
+        return "refs/heads/" + self.config.branch, "branch %r" % self.config.branch
+
+    def _read_units(self, sha):
+        """The units of a commit (entries, problems); files parsed before are not read again."""
+        return git_read_units(self.config.repo_path, sha, known=self.parse_cache)
+
+    # -- planning ----------------------------------------------------------------------
+
+    def deploy_head(self, trigger, force=False):
+        """Reconcile the services with the target commit and return the plan
+        carried out. Nothing happens when that commit is already deployed
+        (unless `force`). A repository that cannot be read changes nothing:
+        the error goes to the log, `status` and history."""
+        now = time.time()
+        if self.host.shutting_down:
+            return DeployPlan.failed("the daemon is shutting down")
+        asked, self.sync_asked = self.sync_asked, None
+        commit = None
+        try:
+            rev, what = self._target_rev()
+            commit = git_commit_at(self.config.repo_path, rev, what)
+            if self.applied and not force and self.deployed and commit.sha == self.deployed.sha:
+                self.last_sync = {"time": now, "result": "partial" if self.invalid_lines() else "ok",
+                                  "trigger": trigger}
+                self.refused = None               # the branch is back on the deployed commit
+                self._last_plan = self._noop_plan(commit)
+                return self._last_plan
+            self._verify(commit, trigger, asked)          # before anything of the commit is read
+            plan = self.plan(commit, self._read_units(commit.sha), materialise=True)
+        except Refusal as refusal:
+            return self._refuse(trigger, commit, refusal)
+        except (GitError, OSError) as exc:
+            message = str(exc) if isinstance(exc, GitError) else "cannot run git: %s" % describe_os_error(exc)
+            self.record_error(trigger, message)
+            return DeployPlan.failed(message)
+        plan = self.apply(plan, trigger)
+        self.refused = self.rewind_base = None
+        self.last_sync = {"time": now, "result": "ok" if not plan.invalid else "partial", "trigger": trigger}
+        return plan
+
+    # -- trusted deploys (SPEC §20) ----------------------------------------------------
+
+    def _verify(self, commit, trigger, asked=None):
+        """Raise Refusal unless `commit` may be deployed. A commit refused
+        before is checked again only when `sync` asked (`asked`), by a
+        rollback or a daemon start: a poll or a webhook that finds the same
+        head says nothing new. After a rollback pin the branch must descend
+        from the remote head the pin was set at, not from the pinned commit."""
+        refused = self.refused
+        if refused and refused["sha"] == commit.sha and asked is None and trigger not in ("rollback", "daemon start"):
+            raise Refusal(refused["reason"], refused["error"], commit.sha)
+        pinned = bool(self.pin and self.pin["sha"] == commit.sha)     # chosen by hand: its signature alone
+        base = None if pinned or not self.deployed else (self.rewind_base or self.deployed.sha)
+        self.verifier.check(commit, base, bool(asked and asked.get("allow_rewind")))
+
+    def _refuse(self, trigger, commit, refusal):
+        """A commit that may not run: nothing changes, and it is said once per
+        commit and reason (log, history, event, metric); `status`, `sync` and
+        /healthz show it while it is the branch's head."""
+        message = str(refusal)
+        self.last_sync = {"time": time.time(), "result": "refused", "error": message, "trigger": trigger,
+                          "reason": refusal.reason}
+        if not (self.refused and self.refused["sha"] == commit.sha and self.refused["error"] == message):
+            self.refused = {"sha": commit.sha, "subject": commit.subject, "reason": refusal.reason,
+                            "error": message, "time": time.time()}
+            self.log.error("daemon", "Deploy refused: %s" % message)
+            self.history.record(trigger, "refused", commit.sha, commit.subject, reason=refusal.reason, error=message)
+            self.refusals_total[refusal.reason] = self.refusals_total.get(refusal.reason, 0) + 1
+            self.events.record("deploy", before=self.deployed.sha if self.deployed else None, after=None,
+                               commit=commit.sha, reason="refused (%s): %s" % (trigger, message))
+            self.store.mark_dirty()
+        if not self.applied and not self.fallback_tried and self.deployed and self.deployed.sha != commit.sha:
+            self.fallback_tried = True            # once per daemon start: no log at every poll
+            self._deploy_last_verified(trigger)
+        return DeployPlan.failed("deploy refused: " + message)
+
+    def _deploy_last_verified(self, trigger):
+        """At daemon start with the head refused: the commit deployed before
+        (the state file's) runs on, once it verifies by itself (the state
+        file is not trusted to name a verified commit)."""
+        refusal_sync = self.last_sync
+        try:
+            commit = git_commit_at(self.config.repo_path, self.deployed.sha, "the deployed commit")
+            self.verifier.check(commit, None)
+            plan = self.plan(commit, self._read_units(commit.sha), materialise=True)
+        except (GitprocError, OSError) as exc:
+            self.log.error("daemon", "The commit deployed before, %s, cannot run either (%s): nothing is deployed" % (
+                self.deployed.sha[:7], exc))
+            return
+        self.log.warning("daemon", "Running the last verified commit %s until the branch has one that verifies" % (
+            commit.sha[:7]))
+        self.apply(plan, trigger + ", last verified commit")
+        self.last_sync = refusal_sync
+
+    def _signing_options(self):
+        """git -c options that sign a rollback commit with signing_key, in
+        the signature format verification expects."""
+        key = self.config.signing_key
+        if not key:
+            return None
+        ssh = self.verifier.kind == "ssh" or (self.verifier.kind is None and os.path.isfile(key))
+        return ["-c", "gpg.format=%s" % ("ssh" if ssh else "openpgp"), "-c", "user.signingkey=" + key]
+
+    @property
+    def last_plan(self):
+        """What the last deploy did (for a remote-mode sync answered after its fetch)."""
+        if self.last_sync and self.last_sync.get("error"):
+            return DeployPlan.failed(self.last_sync["error"])
+        if self._last_plan is None and self.deployed is None:
+            return DeployPlan.failed("nothing is deployed yet")
+        return self._last_plan or self._noop_plan(self.deployed)
+
+    def diff(self):
+        """What deploying the target now would do, changing nothing."""
+        try:
+            rev, what = self._target_rev()
+            commit = git_commit_at(self.config.repo_path, rev, what)
+            noop = bool(self.deployed and commit.sha == self.deployed.sha and self.applied)
+            if not noop:
+                self.verifier.check(commit, None if not self.deployed or (self.pin and self.pin["sha"] == commit.sha)
+                                    else self.deployed.sha)
+            plan = self.plan(commit, self._read_units(commit.sha))
+        except GitprocError as exc:
+            return DeployPlan.failed(str(exc))
+        plan.noop = noop
+        return plan
+
+    def _drift(self):
+        return {name: drift_note(s.versions.rolled_back) for name, s in self.services.items()
+                if s.versions.rolled_back and s.versions.rejected is not None}
+
+    def _noop_plan(self, commit):
+        plan = DeployPlan(commit, commit.sha, noop=True)
+        plan.unchanged = sorted(list(self.specs) + list(self.timer_specs) + list(self.socket_specs))
+        plan.drift, plan.timers, plan.sockets = self._drift(), self.timer_specs, self.socket_specs
+        plan.templates = self.listeners.templates if self.listeners else {}
+        plan.invalid, plan.skipped = self.invalid_lines(), dict(self.skipped)
+        if self._last_plan is not None and self._last_plan.commit is not None and self._last_plan.commit.sha == commit.sha:
+            plan.outside = self._last_plan.outside
+        return plan
+
+    def looked(self, on_deployed=False):
+        """The branch was looked at and nothing new found: "last sync" is the
+        last look for a new commit, in every mode (status, metric, /healthz).
+        `on_deployed`: the branch is on the deployed commit (a refused head
+        it had moved to is gone)."""
+        if on_deployed and self.refused:
+            self.refused = None
+            self.last_sync = {"time": time.time(), "result": "partial" if self.invalid_lines() else "ok",
+                              "trigger": "commit"}
+        if self.last_sync:
+            self.last_sync = dict(self.last_sync, time=time.time())
+
+    def invalid_lines(self):
+        return [str(d) for d in self.unit_problems if d.severity == "error"]
+
+    def record_error(self, trigger, message):
+        """A deploy or fetch that failed: logged and shown once per distinct error."""
+        previous = (self.last_sync or {}).get("error")
+        self.last_sync = {"time": time.time(), "result": "error", "error": message, "trigger": trigger}
+        if message != previous:
+            self.log.error("daemon", "Deploy skipped: %s" % message)
+            self.history.record(trigger, "error", error=message)
+            self._count("error")
+            self.events.record("deploy", before=self.deployed.sha if self.deployed else None, after=None,
+                               reason="error (%s): %s" % (trigger, message))
+            self.store.mark_dirty()
+
+    def plan(self, commit, units, materialise=False):
+        """What deploying `commit` would do, changing nothing but, with
+        `materialise`, writing the snapshots of the folders it runs from."""
+        entries, composing, folders = units
+        specs, problems = check_unit_tree(entries, self.parse_cache, composing, self.context, folders,
+                                          self.config.files_dir)
+        if len(self.parse_cache) > 2 * len(entries) + 100:
+            keep = {(path, blob) for _, path, _, blob in entries}
+            self.parse_cache = {key: value for key, value in self.parse_cache.items() if key in keep}
+        for name, spec in list(specs.items()):
+            try:
+                if spec.owned is not None:
+                    self.snapshots.measure(spec.owned, self.specs[name].tree if name in self.specs else None)
+            except SnapshotError as exc:
+                problems.append(Diagnostic(spec.path, 1, "error", str(exc), unit=name))
+                del specs[name]
+        bad_names = {d.unit_name for d in problems if d.severity == "error"}
+        earlier = self.specs or self._specs_of_saved_commit(bad_names)
+        origin = {}                                   # name -> commit its kept spec came from
+        for name in sorted(bad_names):
+            if name not in specs and name in earlier:
+                specs[name] = earlier[name]           # the earlier good version keeps running
+                service = self.services.get(name)
+                origin[name] = service.commit if service else self.recovery.saved_commit(name)
+        kept_back = {} if self.specs else self._kept_back(specs, origin)
+        skipped = {}
+        for name, spec in list(specs.items()):
+            if not host_matches(spec.condition_host, self.config.hostname):
+                skipped[name] = "ConditionHost=%s does not match %s" % (" ".join(spec.condition_host), self.config.hostname)
+                del specs[name]
+        files = self._changed_files(specs)
+        changes = plan_deploy(self.specs, specs, files)
+        plan = DeployPlan(commit, self.deployed.sha if self.deployed else None)
+        for key in DeployPlan.LISTS:
+            setattr(plan, key, changes[key])
+        plan.changes = changes["changes"]
+        plan.files = {name: files[name] for name in plan.changed if files.get(name)}
+        plan.drift.update(kept_back)
+        for name in list(plan.changed):
+            service = self.services.get(name)
+            if service is not None and service.versions.rejected is not None and specs[name].identity() == service.versions.rejected:
+                # The version AutoRollback= took back: it stays rolled back (drift)
+                # until a commit changes the unit again.
+                specs[name] = self.specs[name]
+                origin[name] = service.commit
+                plan.changed.remove(name)
+                del plan.changes[name]
+                plan.files.pop(name, None)
+                plan.unchanged.append(name)
+                plan.drift[name] = drift_note(service.versions.rolled_back)
+        plan.unchanged.sort()
+        templates = {name[:-len(UNIT_SUFFIX)]: (path, data, blob) for name, path, data, blob in entries
+                     if name.endswith(TEMPLATE_SUFFIX)}
+        timers, held = self._plan_activators(TIMER_SUFFIX, entries, specs, skipped, bad_names, problems, origin)
+        sockets, socket_held = self._plan_activators(SOCKET_SUFFIX, entries, specs, skipped, bad_names, problems,
+                                                     origin, templates)
+        for name, why in socket_held.items():
+            held.setdefault(name, why)
+        for name, spec in sorted(sockets.items()):       # a template each connection would fail to make
+            if spec.accept and name not in self.socket_specs:
+                path, data, blob = templates[spec.unit]
+                if parse_unit(spec.unit + "0", path, data, blob, self.context)[0] is None:
+                    problems.append(Diagnostic(spec.path, 1, "error", "%s%s, which it makes an instance of for "
+                                               "each connection, has errors" % (spec.unit, UNIT_SUFFIX), unit=name))
+                    del sockets[name]
+        plan.invalid = [str(d) for d in problems if d.severity == "error"]
+        plan.skipped, plan.specs, plan.problems, plan.origin = skipped, specs, problems, origin
+        plan.activated = activated_units(specs, problems, dict(timers, **{
+            name: spec for name, spec in sockets.items() if not spec.accept}), held)
+        plan.templates = {spec.unit: templates[spec.unit] for spec in sockets.values() if spec.accept}
+        plan.in_tree = {name for name, _, _, _ in entries}
+        if materialise:
+            self._materialise(plan)
+        plan.reload = [name for name in plan.changed if not plan.changes[name] and self._reloads(specs[name])]
+        if plan.previous and plan.previous != commit.sha and not (plan.added or plan.changed or plan.removed):
+            owned = set(folders) | {spec.owned.path for spec in self.specs.values() if spec.owned}
+            plan.outside = self._files_outside(plan.previous, commit.sha, owned)
+        plan.timers, plan.sockets = timers, sockets
+        for found, deployed in ((timers, self.timer_specs), (sockets, self.socket_specs)):
+            for name, spec in found.items():      # named in the plan's lists with their suffix
+                old = deployed.get(name)
+                if old is None:
+                    plan.added.append(name)
+                elif old.identity() != spec.identity():
+                    plan.changed.append(name)
+                    plan.changes[name] = spec.changed_keys(old)
+                else:
+                    plan.unchanged.append(name)
+            plan.removed += [name for name in deployed if name not in found]
+        for key in DeployPlan.LISTS:
+            getattr(plan, key).sort()
+        return plan
+
+    def _runner_of(self, suffix):
+        """(the deployed specs, what runs them) of timers or sockets."""
+        return (self.timer_specs, self.schedule) if suffix == TIMER_SUFFIX else (self.socket_specs, self.listeners)
+
+    def _saved_commit_of(self, suffix, name):
+        runner = self._runner_of(suffix)[1]
+        saved = runner.saved.get(name) if runner else None
+        sha = saved.get("commit") if isinstance(saved, dict) else None
+        return sha if isinstance(sha, str) and _SHA_RE.match(sha) else None
+
+    def _activators_of_saved_commits(self, suffix, names):
+        """At start-up, for timers or sockets with errors: the version each
+        last ran, read from the commit the state file names (verified again)."""
+        commits = {}
+        for name in names:
+            sha = self._saved_commit_of(suffix, name)
+            if sha:
+                commits.setdefault(sha, []).append(name)
+        found = {}
+        for sha, wanted in commits.items():
+            try:
+                self.verifier.check(Commit(sha, "", 0), None)
+                entries, _, _ = git_read_units(self.config.repo_path, sha)
+                services = {_strip_suffix(name, UNIT_SUFFIX) for name, _, _, _ in entries
+                            if not name.endswith((TIMER_SUFFIX, SOCKET_SUFFIX))}
+                activators, _, _ = check_activators(entries, suffix, services, self.context)
+            except (GitError, Refusal) as exc:
+                self.log.warning("daemon", "Cannot read commit %s for the earlier version of %s: %s" % (
+                    sha[:7], ", ".join(wanted), exc))
+                continue
+            found.update({name: activators[name] for name in wanted if name in activators})
+        return found
+
+    def _plan_activators(self, suffix, entries, specs, skipped, bad_names, problems, origin, templates=()):
+        """The timers or sockets of a commit ({name: spec}), their problems
+        added to `problems`: one with an error keeps its deployed version;
+        one whose service does not run on this host is skipped with it.
+        Returns (specs, {service: why it is held back by one not run})."""
+        deployed, runner = self._runner_of(suffix)
+        known = set(specs) | set(skipped) | bad_names | set(templates)
+        activators, found, targets = check_activators(entries, suffix, known, self.context, self.parse_cache)
+        problems.extend(found)
+        bad = {d.unit for d in found if d.severity == "error" and d.unit not in activators}
+        earlier = deployed or self._activators_of_saved_commits(suffix, bad)
+        for name in sorted(bad & set(earlier)):
+            activators[name] = earlier[name]              # the earlier good version keeps running
+            running = runner.units.get(name) if runner else None
+            origin[name] = running.commit if running else self._saved_commit_of(suffix, name)
+        for name, activator in list(activators.items()):
+            if not host_matches(activator.condition_host, self.config.hostname):
+                skipped[name] = "ConditionHost=%s does not match %s" % (" ".join(activator.condition_host),
+                                                                        self.config.hostname)
+                del activators[name]
+            elif activator.unit in skipped:
+                skipped[name] = "its service %s does not run here: %s" % (activator.unit, skipped[activator.unit])
+                del activators[name]
+            elif activator.unit not in specs and activator.unit not in templates:
+                del activators[name]
+        held = {}                         # one not run still holds its service back (SPEC §16)
+        for name, target in sorted(targets.items()):
+            if name not in activators and not target.endswith("@"):
+                held.setdefault(target, "started by %s (%s), not at deploy" % (
+                    name, "skipped here: " + skipped[name] if name in skipped else "which has errors"))
+        return activators, held
+
+    def _reloads(self, spec):
+        """ReloadOnFileChange=: a change of its files only reloads the unit, if
+        it can reload and does not bind them into its sandbox (a bind is
+        made at the start: only a restart would show the new files)."""
+        link = self.snapshots.link(spec.name)
+        bound = any(source == link or source.startswith(link + "/") for source, *_ in spec.bind_paths)
+        return spec.reload_on_file_change and (spec.exec_reload or spec.type == "notify-reload") and not bound
+
+    def _kept_back(self, specs, origin):
+        """At start-up: a unit whose deployed version AutoRollback= took back
+        (the state file says so) runs the version it was rolled back to, as
+        it did before the daemon stopped. Returns {name: why}."""
+        kept = {}
+        for name in list(specs):
+            saved = self.recovery.saved_services.get(name)
+            if not (isinstance(saved, dict) and isinstance(saved.get("rolled_back"), dict)
+                    and saved.get("rejected") == specs[name].identity()):
+                continue
+            earlier = self._specs_of_saved_commit([name]).get(name)
+            if earlier is not None:
+                specs[name], origin[name] = earlier, self.recovery.saved_commit(name)
+                kept[name] = drift_note(saved["rolled_back"])
+        return kept
+
+    def _changed_files(self, specs):
+        """{name: [path, ...]}: the files of each unit's folder (paths in it)
+        that differ from the deployed version's, unit files and drop-ins
+        left out (they are compared by what they mean)."""
+        files = {}
+        for name, spec in specs.items():
+            old = self.specs.get(name)
+            if old is None or spec.tree is None or old.tree == spec.tree:
+                continue
+            key = (old.tree, spec.tree)
+            if key not in self.changed_files_cache:
+                if len(self.changed_files_cache) > 200:
+                    self.changed_files_cache.clear()
+                self.changed_files_cache[key] = [path for path in git_changed_paths(self.config.repo_path, old.tree, spec.tree)
+                                                 if not is_unit_source(path)]
+            files[name] = self.changed_files_cache[key]
+        return files
+
+    def _files_outside(self, previous, sha, folders):
+        """The files a commit changed outside every unit's folder (`folders`:
+        those of both versions; none of them a unit file): what a commit that
+        touches no unit changed."""
+        try:
+            paths = git_changed_paths(self.config.repo_path, previous, sha)
+        except GitError:
+            return []
+        return [path for path in paths if not is_unit_source(path) and not owning_folder(path, folders)]
+
+    def _materialise(self, plan):
+        """Write the snapshots the plan runs from. A unit whose folder cannot be
+        written is a deploy error of that unit alone: its earlier version
+        keeps running (an unchanged one keeps its earlier snapshot)."""
+        for name in plan.added + plan.changed + plan.unchanged:
+            spec = plan.specs[name]
+            if spec.owned is None:
+                continue
+            earlier = self.specs.get(name)
+            try:
+                self.snapshots.ensure(spec.tree, spec.owned.path, earlier.tree if earlier else None)
+                continue
+            except SnapshotError as exc:
+                problem = Diagnostic(spec.path, 1, "error", str(exc), unit=name)
+            if name in plan.unchanged and earlier is not None:
+                self.log.warning(name, "Keeps its earlier snapshot: %s" % problem.message)
+                plan.specs[name] = earlier
+                continue
+            plan.problems.append(problem)
+            plan.invalid.append(str(problem))
+            if name in plan.added:
+                earlier = None if self.specs else self._specs_of_saved_commit([name]).get(name)
+                if earlier is None:
+                    plan.added.remove(name)
+                    del plan.specs[name]
+                else:                     # at start-up: the version an earlier daemon ran goes on
+                    plan.specs[name] = earlier
+                    plan.origin[name] = self.recovery.saved_commit(name)
+                continue
+            plan.changed.remove(name)
+            plan.changes.pop(name)
+            plan.files.pop(name, None)
+            plan.specs[name] = earlier
+            plan.origin[name] = self.services[name].commit if name in self.services else plan.origin.get(name)
+            plan.unchanged.append(name)
+            plan.unchanged.sort()
+
+    def _specs_of_saved_commit(self, names):
+        """At start-up, for invalid units whose earlier good version must keep
+        running: that version, read from the commit each one last ran from."""
+        commits = {}
+        for name in names:
+            sha = self.recovery.saved_commit(name)
+            if sha:
+                commits.setdefault(sha, []).append(name)
+        specs = {}
+        for sha, wanted in commits.items():
+            try:
+                self.verifier.check(Commit(sha, "", 0), None)   # the state file is not trusted to name a verified commit
+                entries, problems, folders = git_read_units(self.config.repo_path, sha)
+                found, _ = check_unit_tree(entries, problems=problems, context=self.context, folders=folders,
+                                           files_dir=self.config.files_dir)
+                for name in wanted:
+                    if name in found and found[name].owned is not None:
+                        self.snapshots.measure(found[name].owned)
+                        self.snapshots.ensure(found[name].tree, found[name].owned.path)
+            except (GitError, SnapshotError, Refusal) as exc:
+                self.log.warning("daemon", "Cannot read commit %s for the earlier version of %s: %s" % (
+                    sha[:7], ", ".join(wanted), exc))
+                continue
+            specs.update({name: found[name] for name in wanted if name in found})
+        return specs
+
+    # -- applying ------------------------------------------------------------------------
+
+    def apply(self, plan, trigger):
+        """Reconcile the running services with the plan: new units start,
+        changed ones restart, removed ones stop, the others are untouched.
+        Manual stops are kept."""
+        commit = plan.commit
+        previous = self.deployed.sha if self.deployed else None
+        if not self.applied:
+            self.recovery.forget_units_not_in(plan.in_tree)
+        for line in plan.invalid:
+            self.log.error("daemon", "Invalid unit: %s" % line)
+        for problem in plan.key_warnings():
+            self.log.warning(problem.unit_name, "%s:%d: %s" % (problem.path, problem.line, problem.message))
+        for name in plan.removed:
+            if name not in self.services:
+                continue                  # a timer or a socket: below
+            service = self.services[name]
+            if service.state in ACTIVE_STATES:
+                service.halt("removed from the repository")
+            service.versions.removed = True
+            self.recovery.saved_services.pop(name, None)
+        self.specs, self.unit_problems, self.skipped = plan.specs, plan.problems, plan.skipped
+        released = [name for name in self.activated if name not in plan.activated and name in plan.unchanged]
+        self.activated = plan.activated
+        self._index_before()
+        self.deployed = commit
+        self.applied = True
+        self.socket_specs = plan.sockets
+        if self.listeners is not None:    # bound before any unit starts (SPEC §18)
+            self.listeners.deploy(plan.sockets, commit.sha, plan.origin, plan.templates)
+        for name in dependency_order(plan.specs):
+            spec = plan.specs[name]
+            sha = plan.origin.get(name, commit.sha)
+            self.snapshots.point(name, spec.tree)     # before a process of the new version starts
+            if name in plan.added:
+                self._add_service(spec, sha, plan.activated.get(name))
+                continue
+            service = self.services[name]
+            if name in plan.changed:
+                service.versions.previous = (service.spec, service.commit) if spec.auto_rollback else None
+                if service.spec.tree != spec.tree:
+                    service.versions.previous_tree = service.spec.tree
+                service.versions.rejected = service.versions.rolled_back = None
+                service.take_version(spec, sha)
+                if service.want != "up" or (name in plan.activated and not service.has_process()):
+                    continue              # stopped stays stopped: only what runs restarts
+                what = ", ".join(plan.changes[name] + plan.files.get(name, []))
+                if name in plan.reload and service.phase in (RUNNING, REMAIN):
+                    self.log.info(name, "Reloading: %s changed in commit %s" % (what, commit.sha[:7]))
+                    service.resources.linked_tree = spec.tree       # it reads its new files through %Y
+                    service.reload()
+                else:
+                    self.log.info(name, "Restarting: %s changed in commit %s" % (what, commit.sha[:7]))
+                    service.restart()
+            else:
+                service.take_version(spec)    # same meaning; the file may have moved
+                if service.versions.rolled_back and name not in plan.drift:
+                    service.versions.rejected = service.versions.rolled_back = None   # a commit brought back the version it runs
+                if service.has_process():
+                    service.resources.linked_tree = spec.tree   # its files are alike: only unit files differ
+        self.timer_specs = plan.timers
+        if self.schedule is not None:
+            self.schedule.deploy(plan.timers, commit.sha, plan.origin)
+        for name in plan.changed:         # a changed socket restarts its running service
+            socket_spec = plan.sockets.get(name)
+            service = self.services.get(socket_spec.unit) if socket_spec is not None else None
+            if service is not None and service.has_process() and service.name not in plan.changed:
+                self.log.info(service.name, "Restarting: %s changed in commit %s" % (name, commit.sha[:7]))
+                service.restart()
+        for name in released:           # what activated it is gone: it runs as any unit does
+            service = self.services.get(name)
+            if service is not None and service.want == "up" and service.state == STOPPED and not service.has_process():
+                service.start()
+        self.forget_removed()
+        if plan.outside:
+            self.log.info("daemon", "Commit %s touches no unit: it changes %s, outside every unit's folder" % (
+                commit.sha[:7], some_paths(plan.outside)))
+        self._collect_later()
+        outcome = "partial" if plan.invalid else "ok"
+        self.history.record(trigger, outcome, commit.sha, commit.subject,
+                            plan.added, plan.changed, plan.removed, plan.invalid, files=plan.files,
+                            outside=plan.outside[:20])
+        self._count(outcome)
+        self.events.record("deploy", before=previous, after=commit.sha, commit=commit.sha,
+                           reason="%s (%s): %d added, %d changed, %d removed%s" % (
+                               outcome, trigger, len(plan.added), len(plan.changed), len(plan.removed),
+                               ", %d invalid" % len(plan.invalid) if plan.invalid else ""))
+        self.log.info("daemon", "Deployed %s %r (%s): %d added, %d changed, %d removed, %d unchanged, %d invalid" % (
+            commit.sha[:7], commit.subject, trigger, len(plan.added), len(plan.changed),
+            len(plan.removed), len(plan.unchanged), len(plan.invalid)))
+        self.deploy_count += 1
+        self._last_plan = plan
+        self.store.save_now()
+        return plan
+
+    def _add_service(self, spec, sha, activated=None):
+        """A unit new to this daemon: started, unless the user stopped it or
+        something else activates it (`activated`: why it stays stopped)."""
+        service = self.services.get(spec.name)
+        if service is not None:
+            # Removed, still stopping, and back again: one Service, never two copies.
+            service.versions.removed = False
+            service.take_version(spec, sha)
+            if service.want == "up" and not activated:
+                service.start()           # STOPPING -> (stopped) -> STARTING
+            return
+        service = Service(self.host, spec, sha)
+        self.services[spec.name] = service
+        if self.recovery.restore_service(service, self._reloads):
+            return
+        if service.want == "up" and not activated:
+            service.start()
+        else:
+            service.halt(activated or "stopped by user")
+
+    def _index_before(self):
+        before_of = {}
+        for name, spec in self.specs.items():
+            for later in spec.before:
+                before_of.setdefault(later, []).append(name)
+        self.before_of = {name: tuple(sorted(names)) for name, names in before_of.items()}
+
+    def forget_removed(self):
+        for name in [name for name, s in self.services.items() if s.versions.removed and s.state not in ACTIVE_STATES]:
+            self.services.pop(name).discard()
+            self.snapshots.point(name, None)
+            self._collect_later()
+
+    def _collect_later(self):
+        """Collect snapshots soon: after a deploy, its restarts come first."""
+        if self.collect_timer is None:
+            self.collect_timer = self.host.call_later(SNAPSHOT_COLLECT_DELAY, self.collect_snapshots)
+
+    def collect_snapshots(self):
+        """Remove the snapshots no unit runs, or keeps for AutoRollback= or
+        rollback (the version before the current one, per unit)."""
+        self.collect_timer = None
+        keep = set()
+        for service in self.services.values():
+            keep.update((service.spec.tree, service.versions.previous_tree,
+                         service.versions.previous[0].tree if service.versions.previous else None,
+                         service.resources.running_tree if service.has_process() else None))
+        keep.discard(None)
+        adopted = {s.resources.running_tree for s in self.services.values() if s.adopted and s.has_process()}
+        return self.snapshots.collect(keep, set(self.services), adopted)
+
+    # -- AutoRollback= and rollback ---------------------------------------------------------
+
+    def auto_rollback(self, service, why):
+        """AutoRollback=yes: the version a deploy brought failed (start limit, or
+        never healthy). The unit's previous version (spec and commit) is put
+        back on the service to run instead: True, or False if there is none.
+        The repository is not touched; `diff` shows the drift, `status` and
+        history say why."""
+        if not service.versions.previous or not service.spec.auto_rollback or self.host.shutting_down:
+            return False
+        old_spec, old_commit = service.versions.previous
+        bad_commit = service.commit
+        service.versions.previous = None
+        service.versions.rejected = service.spec.identity()
+        service.versions.rolled_back = {"from": bad_commit, "to": old_commit, "why": why, "time": time.time()}
+        self.specs[service.name] = old_spec
+        self.log.warning(service.name, "Rolling back to the version of %s: the one of %s failed (%s)" % (
+            old_commit[:7], bad_commit[:7], why))
+        self.history.record("auto-rollback", "rolled back", bad_commit, "AutoRollback of %s" % service.name,
+                            changed=[service.name], why=why)
+        self._count("rolled back")
+        self.events.record("rollback", service.name, bad_commit, old_commit, why, service.pid, old_commit)
+        service.take_version(old_spec, old_commit)
+        self.snapshots.point(service.name, old_spec.tree)
+        self._index_before()
+        self.store.save_now()
+        return True
+
+    def deploy_note(self, service):
+        """', commit COMMIT' when the service's running version came from the
+        deployed commit (for grep "Restarting" in daemon.log)."""
+        if self.deployed and service.commit == self.deployed.sha:
+            return ", commit %s" % service.commit[:7]
+        return ""
+
+    def rollback(self, rev):
+        """Local mode: a new commit restoring the units of `rev`, deployed.
+        Remote mode: pin the daemon to `rev` until the remote branch moves on."""
+        repo, branch = self.config.repo_path, self.config.branch
+        target = git_commit_at(repo, rev, "commit %r" % rev)
+        if self.remote_mode:
+            try:
+                self.verifier.check(target, None)     # a pin writes nothing: it must verify as it is
+            except Refusal as exc:
+                raise GitprocError("rollback: %s" % exc)
+            fetched = read_ref_file(git_common_dir(repo), REMOTE_REF % branch)
+            self.pin = {"sha": target.sha, "subject": target.subject, "remote_at": fetched}
+            self.log.info("daemon", "Rollback: pinned to %s until %s/%s moves on" % (target.sha[:7], self.config.remote, branch))
+            plan = self.deploy_head("rollback")
+            plan.notes["pinned"] = self.pin
+        else:
+            try:
+                self.verifier.check(target, None)     # a signed rollback must not vouch for what was never verified
+            except Refusal as exc:
+                raise GitprocError("rollback: %s" % exc)
+            sign = self._signing_options()
+            if self.verifier.kind and not sign:
+                raise GitprocError("rollback refused: verification is on and no signing_key is set, so the rollback "
+                                   "commit would be refused; set signing_key in the config, or commit the old units "
+                                   "yourself, signed")
+            head = git_commit_at(repo, "refs/heads/" + branch, "branch %r" % branch)
+            if self.deployed and head.sha != self.deployed.sha:
+                # The rollback commit goes on top of the branch: what the branch
+                # holds since the deployed commit must pass too (a rewind, or
+                # with scope all a commit that does not verify), or it would
+                # add a commit that is refused.
+                try:
+                    self.verifier.check(head, self.deployed.sha, signatures=self.verifier.verify.get("scope") == "all")
+                except Refusal as exc:
+                    raise GitprocError("rollback refused, nothing committed: %s; put the branch back on the deployed "
+                                       "commit first (in the repository: git reset --hard %s)" % (
+                                           exc, self.deployed.sha[:7]))
+            new = git_restore_units(repo, branch, head, target, sign)
+            if new is not None:
+                self.log.info("daemon", "Rollback: commit %s restores the units of %s" % (new[:7], target.sha[:7]))
+            plan = self.deploy_head("rollback")
+            plan.notes["rollback_commit"] = new
+        plan.notes["target"] = target.to_json()
+        return plan
+
+    def release_pin(self):
+        if not self.pin:
+            raise GitprocError("nothing to release: no rollback pin is set")
+        self.log.info("daemon", "Rollback pin on %s released" % self.pin["sha"][:7])
+        self.rewind_base, self.pin = self.pin.get("remote_at"), None
+        return self.deploy_head("rollback release", force=True)
+
+
+# ==== 13. timers and sockets =================================================
+# The two activation sources besides the user and deploys: timer units
+# (one TimerSchedule, one entry in the daemon's timer heap) and socket
+# units (one SocketSet, the listening sockets the daemon owns).
 
 
 # ---- timers: services started on a schedule (SPEC §17) ---------------------------
@@ -13101,853 +13187,872 @@ class SocketSet:
         self.keeper.close(keep)
 
 
-def activated_units(specs, problems, activators=None, held=None):
-    """{name: why} of the units a deploy does not start (SPEC §16): those a
-    timer or a socket activates (`activators`: {name: spec}), those a unit
-    of another type would (a path unit: see other_unit_problems) and those
-    an OnFailure= names, unless a unit that does start pulls them in
-    (Wants=, Requires=, BindsTo=)."""
-    activated = {d.unit: d.message.split(": ", 1)[0] + ": not started at deploy" for d in problems
-                 if d.code == "activated" and d.unit in specs}
-    for name, activator in sorted((activators or {}).items()):
-        activated.setdefault(activator.unit, "started by %s, not at deploy" % name)
-    for name, why in sorted((held or {}).items()):          # timers not armed (errors, another host)
-        if name in specs:
-            activated.setdefault(name, why)
-    targets = {target for spec in specs.values() for target in spec.on_failure + spec.on_success}
-    for name, spec in sorted(specs.items()):
-        if name in targets:
-            continue                      # units that name each other in OnFailure= run, as they would anyway
-        for key, names in (("OnFailure", spec.on_failure), ("OnSuccess", spec.on_success)):
-            for target in names:
-                if target in specs and target != name:
-                    activated.setdefault(target, "started when %s %s (%s=), not at deploy" % (
-                        name, "fails" if key == "OnFailure" else "succeeds", key))
-    pulled = [name for name in specs if name not in activated]
-    while pulled:
-        spec = specs[pulled.pop()]
-        for other in spec.requires + spec.wants + spec.binds_to:
-            if activated.pop(other, None) is not None:
-                pulled.append(other)
-    return activated
+# ==== 14. control protocol ===================================================
+# One JSON object per line each way over a Unix stream socket. The server side
+# lives in the daemon's loop (non-blocking sockets, no thread per client); the
+# client side is one blocking round trip.
 
 
-def host_matches(conditions, hostname):
-    """ConditionHost= globs or a machine id (a leading '!' negates), matched
-    without regard to case, as systemd: all must hold, but of those with a
-    leading '|' one is enough."""
-    import fnmatch
-    machine = machine_id() if conditions else ""
-    triggering = []
-    for condition in conditions:
-        trigger = condition.startswith("|")
-        condition = condition[1:].strip() if trigger else condition
-        negate = condition.startswith("!")
-        pattern = condition[1:].strip() if negate else condition
-        matches = fnmatch.fnmatchcase(hostname.lower(), pattern.lower()) or (
-            bool(machine) and pattern.lower().replace("-", "") == machine)
-        if trigger:
-            triggering.append(matches != negate)
-        elif matches == negate:
-            return False
-    return not triggering or any(triggering)
+def encode_message(payload):
+    return json.dumps(payload, separators=(",", ":")).encode() + b"\n"
 
 
-def machine_id():
-    """/etc/machine-id (read once), or "" where there is none."""
-    if "machine_id" not in _MACHINE:
-        try:
-            _MACHINE["machine_id"] = _read_text("/etc/machine-id").strip()
-        except OSError:
-            _MACHINE["machine_id"] = ""
-    return _MACHINE["machine_id"]
+class Connection:
+    """One client of the control socket, served by the daemon's loop."""
+    __slots__ = ("sock", "fd", "inbuf", "outbuf", "last_active", "waiting", "reading", "events", "following")
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.inbuf = bytearray()          # bytes received, not yet a whole request
+        self.outbuf = bytearray()         # reply bytes the socket has not taken yet
+        self.last_active = time.monotonic()
+        self.waiting = None               # the Waiter holding this client's reply
+        self.reading = True               # False after EOF or a refusal: answer, then close
+        self.events = EVENT_READ  # what the selector watches for it (0: nothing)
+        self.following = False            # `events -f`: events are pushed to it as they come
 
 
-_MACHINE = {}                         # what was read of this machine (its machine id)
+class Waiter:
+    """A reply that waits for services to reach a state: `check()` returns the
+    reply once it can be given, else None; `expire()` gives the reply at the deadline."""
+    __slots__ = ("conn", "check", "expire", "timer")
+
+    def __init__(self, conn, check, expire):
+        self.conn, self.check, self.expire, self.timer = conn, check, expire, None
 
 
-class VersionRecord:
-    """What the Deployer keeps of one unit's versions, in a record of its own
-    (Service reads it, never writes it; Recovery fills it from the state
-    file)."""
-    __slots__ = ("previous", "previous_tree", "rejected", "rolled_back", "removed")
+class ControlServer:
+    """The daemon's end of the control socket: listening (0600, or 0660 for
+    socket_group), peer credentials, framing, the bounds (request size,
+    clients silent too long, replies left unread, the number of clients) and
+    replies parked until services reach a state (waiters). Each request goes
+    to dispatch(conn, message), which returns the reply, or None when it
+    parked it with park()."""
 
-    def __init__(self):
-        self.previous = None            # (spec, commit) a deploy replaced, kept for AutoRollback=
-        self.previous_tree = None       # the snapshot of its folder before the last change (kept for rollback)
-        self.rejected = None            # identity of a version AutoRollback= took back
-        self.rolled_back = None         # {"from", "to", "why", "time"} of that rollback
-        self.removed = False            # gone from the deployed commit; dropped once stopped
-
-
-class Deployer:
-    """Deploys: which revision is the target (the branch, the fetched branch,
-    or a rollback pin), the plan for it (parse cache, invalid units kept at
-    their good version, ConditionHost=, AutoRollback= drift), applying that
-    plan to the registry of services, the history, and AutoRollback='s
-    decision. Owns what is deployed: specs, their problems, skipped units."""
-
-    def __init__(self, config, log, services, recovery, host, store, events):
+    def __init__(self, config, log, selector, call_later, dispatch):
         self.config, self.log = config, log
-        self.events = events
-        self.services = services          # the registry: name -> Service (shared with the daemon)
-        self.recovery = recovery
-        self.host = host                  # what new Services are given
-        self.store = store
-        self.specs = {}                   # name -> UnitSpec deployed (last good version)
-        self.timer_specs = {}             # name (NAME.timer) -> TimerSpec deployed
-        self.schedule = None              # the TimerSchedule the deployed timers are given to
-        self.socket_specs = {}            # name (NAME.socket) -> SocketSpec deployed
-        self.listeners = None             # the SocketSet the deployed sockets are given to
-        self.unit_problems = []           # Diagnostics of the deployed commit
-        self.skipped = {}                 # name -> why the unit does not run on this host
-        self.deployed = None              # Commit deployed
-        self.last_sync = None             # {"time", "result", "error"?, "trigger"}
-        self.history = History()
-        self.applied = False              # a commit was applied by this daemon
-        self.pin = None                   # remote-mode rollback: {"sha", "subject", "remote_at"}
-        self.deploy_count = 0             # deploys applied (the poll adapts to them)
-        self.deploys_total = {}           # outcome -> deploys ever (a counter for metrics; persisted)
-        self.parse_cache = {}             # (path, blob) -> parse_unit result
-        self.context = specifier_context()   # the specifiers of this machine and user (%H, %t, ...)
-        self.before_of = {}               # name -> the deployed units that say Before=name
-        self._last_plan = None            # the plan of the last deploy (see last_plan)
-        self.snapshots = Snapshots(config.repo_path, config.snapshot_dir, config.files_dir,
-                                   config.snapshot_max_bytes, log)
-        self.changed_files_cache = {}     # (old tree, new tree) -> files changed, of units' folders
-        self.collect_timer = None         # removal of unused snapshots, due after a deploy
-        self.verifier = CommitVerifier(config.repo_path, config.verify, config.allow_rewind,
-                                       os.path.join(os.path.dirname(config.state_file), "gnupg"))
-        self.refused = None               # the commit last refused: {"sha", "subject", "reason", "error", "time"}
-        self.activated = {}               # name -> why a deploy leaves it stopped: something else starts it
-        self.refusals_total = {}          # reason -> refusals ever (a counter for metrics; persisted)
-        self.sync_asked = None            # `sync` asked for the next deploy: {"allow_rewind": bool}
-        self.rewind_base = None           # after a rollback pin: the remote head the next one must descend from
-        self.fallback_tried = False       # a refused head at start: the last verified commit was tried
+        self.selector, self.call_later = selector, call_later
+        self.dispatch = dispatch
+        self.listener = None
+        self.socket_gid = None
+        self.connections = {}             # socket fd -> Connection
+        self.waiters = []                 # parked replies
+        self.idle_timer = None
+        self.on_close = None              # on_close(conn) for a closed follower (EventLog.unfollow)
 
-    @property
-    def remote_mode(self):
-        return bool(self.config.remote)
+    # -- listening ---------------------------------------------------------------------
 
-    def restore(self, state):
-        self.history = History(state.get("history", []))
-        deployed = state.get("deployed")
-        if isinstance(deployed, dict) and isinstance(deployed.get("sha"), str):
-            self.deployed = Commit(deployed["sha"], deployed.get("subject", ""), deployed.get("time", 0))
-        for key in ("deploys_total", "refusals_total"):
-            totals = state.get(key)
-            if isinstance(totals, dict):
-                setattr(self, key, {k: v for k, v in totals.items() if isinstance(v, int) and not isinstance(v, bool)})
-        pin = state.get("pin")
-        if self.remote_mode and isinstance(pin, dict) and isinstance(pin.get("sha"), str):
-            self.pin = {"sha": pin["sha"], "subject": str(pin.get("subject", "")),
-                        "remote_at": pin.get("remote_at") if isinstance(pin.get("remote_at"), str) else None}
+    def open(self):
+        path = self.config.socket_path
+        if len(path.encode()) > MAX_SOCKET_PATH:
+            raise ConfigError("socket path %s is %d bytes; Unix sockets allow %d: choose a shorter --home or socket_path" % (
+                path, len(path.encode()), MAX_SOCKET_PATH))
+        makedirs(os.path.dirname(path))
+        if os.path.lexists(path):
+            if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                raise GitprocError("%s exists and is not a socket; move it away or choose another socket_path" % path)
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            probe.settimeout(1.0)
+            try:
+                probe.connect(path)
+            except ConnectionRefusedError:
+                os.unlink(path)            # stale: nothing listens there any more
+                self.log.info("daemon", "Removed stale socket %s" % path)
+            except OSError as exc:
+                raise GitprocError("cannot tell whether %s is in use (%s); remove it if no daemon runs" % (
+                    path, exc.strerror or exc))
+            else:
+                raise GitprocError("another gitproc daemon answers on %s" % path)
+            finally:
+                probe.close()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)       # the socket is born 0600: no window where others may connect
+        try:
+            listener.bind(path)
+        except OSError as exc:
+            listener.close()
+            raise GitprocError("cannot listen on %s: %s" % (path, exc.strerror))
+        finally:
+            os.umask(old_umask)
+        if self.config.socket_group:
+            import grp
+            try:
+                self.socket_gid = grp.getgrnam(self.config.socket_group).gr_gid
+                os.chown(path, -1, self.socket_gid)
+                os.chmod(path, 0o660)
+            except KeyError:
+                listener.close()
+                raise ConfigError("socket_group %r: no such group" % self.config.socket_group)
+            except OSError as exc:
+                listener.close()
+                raise ConfigError("socket_group %r: cannot give the socket to it: %s" % (self.config.socket_group, exc.strerror))
+        listener.listen(128)
+        listener.setblocking(False)
+        self.listener = listener
+        self.selector.register(listener, EVENT_READ, (self._accept, None))
+
+    def close(self):
+        for conn in list(self.connections.values()):
+            self._close(conn)
+        if self.listener is not None:
+            self.listener.close()
+            _unlink_quietly(self.config.socket_path)
+
+    def _accept(self, _key, _mask):
+        try:
+            sock, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.log.warning("daemon", "accept failed: %s" % exc.strerror)
+            return
+        sock.setblocking(False)
+        if len(self.connections) >= MAX_CONNECTIONS:
+            self.log.warning("daemon", "Refused a client: %d connections already" % MAX_CONNECTIONS)
+            sock.close()
+            return
+        credentials = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        peer_pid, peer_uid, peer_gid = struct.unpack("3i", credentials)
+        conn = Connection(sock)
+        self.connections[conn.fd] = conn
+        self.selector.register(sock, conn.events, (self._on_client, conn))
+        if not self._peer_allowed(peer_pid, peer_uid, peer_gid):
+            self.log.warning("daemon", "Refused a client with uid %d (pid %d)" % (peer_uid, peer_pid))
+            self._refuse(conn, "permission denied: uid %d may not control this daemon" % peer_uid)
+            return
+        if self.idle_timer is None:
+            self.idle_timer = self.call_later(REQUEST_IDLE_TIMEOUT / 2, self._close_idle)
+
+    def _peer_allowed(self, pid, uid, gid):
+        if uid in (0, os.geteuid()):
+            return True
+        if self.socket_gid is None:
+            return False
+        if gid == self.socket_gid:
+            return True
+        try:
+            with open("/proc/%d/status" % pid) as status:
+                for line in status:
+                    if line.startswith("Groups:"):
+                        return str(self.socket_gid) in line.split()[1:]
+        except OSError:
+            pass
+        return False
+
+    def _close_idle(self):
+        """Close clients that sent half a request and went quiet."""
+        self.idle_timer = None
+        now = time.monotonic()
+        for conn in list(self.connections.values()):
+            if conn.waiting is None and not conn.following and now - conn.last_active > REQUEST_IDLE_TIMEOUT:
+                self._close(conn)
+        if self.connections:
+            self.idle_timer = self.call_later(REQUEST_IDLE_TIMEOUT / 2, self._close_idle)
+
+    # -- framing -----------------------------------------------------------------------
+
+    def _on_client(self, conn, mask):
+        try:
+            self._serve_client(conn, mask)
+        except Exception:
+            self._close(conn)             # never leave a client waiting on a broken exchange
+            raise
+
+    def _serve_client(self, conn, mask):
+        if mask & EVENT_WRITE:
+            self._flush(conn)
+            if self._alive(conn) and len(conn.outbuf) < MAX_PENDING_REPLY:
+                self._process_input(conn)     # requests held back while replies piled up
+        if not mask & EVENT_READ or not self._alive(conn):
+            return
+        try:
+            data = conn.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            # EOF: the client sent all it will (maybe with shutdown(SHUT_WR));
+            # the requests it sent are still answered, then the socket closes.
+            conn.reading = False
+            self._process_input(conn)
+            return
+        conn.last_active = time.monotonic()
+        conn.inbuf += data
+        if conn.waiting is not None and len(conn.inbuf) > MAX_REQUEST_BYTES:
+            self._close(conn)             # flooding while its answer waits
+            return
+        self._process_input(conn)
+
+    def _process_input(self, conn):
+        """Answer the complete requests received, one at a time (a parked reply
+        holds the next ones back), then settle what to watch for."""
+        while conn.waiting is None and self._alive(conn) and len(conn.outbuf) < MAX_PENDING_REPLY:
+            newline = conn.inbuf.find(b"\n")
+            if newline < 0 and conn.reading and len(conn.inbuf) > MAX_REQUEST_BYTES:
+                self._refuse(conn, "request larger than %d bytes" % MAX_REQUEST_BYTES)
+                return
+            if newline < 0:
+                break
+            line = bytes(conn.inbuf[:newline])
+            del conn.inbuf[:newline + 1]
+            if len(line) > MAX_REQUEST_BYTES:
+                self._refuse(conn, "request larger than %d bytes" % MAX_REQUEST_BYTES)
+                return
+            if line.strip():
+                reply = self._handle_line(conn, line)
+                if reply is not None:
+                    conn.outbuf += encode_message(reply)
+        self._flush(conn)
+
+    def _handle_line(self, conn, line):
+        """One request -> a reply dict, or None when the reply was parked. The
+        catch-all boundary of a request: a bug answers with an error."""
+        try:
+            message = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            return {"ok": False, "error": "malformed request (one JSON object per line): %s" % exc}
+        if not isinstance(message, dict) or not isinstance(message.get("cmd"), str):
+            return {"ok": False, "error": "malformed request: expected {\"cmd\": \"...\", ...}"}
+        try:
+            return self.dispatch(conn, message)
+        except GitprocError as exc:
+            return {"ok": False, "error": str(exc)}
+        except Exception:
+            import traceback
+            self.log.error("daemon", "Request %r failed: %s" % (message["cmd"][:64], traceback.format_exc().strip().replace("\n", " | ")))
+            return {"ok": False, "error": "internal error handling %r (see the daemon log)" % message["cmd"][:64]}
+
+    def _refuse(self, conn, error):
+        """Answer with an error, read nothing more, close once it is sent."""
+        conn.reading = False
+        conn.inbuf.clear()
+        conn.outbuf += encode_message({"ok": False, "error": error})
+        self._flush(conn)
+
+    def _flush(self, conn):
+        """Write what the socket takes; watch for writability while some is left;
+        close when nothing more will be read or written."""
+        if not self._alive(conn):
+            return
+        if conn.outbuf:
+            try:
+                sent = conn.sock.send(conn.outbuf)
+                del conn.outbuf[:sent]
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                self._close(conn)
+                return
+        if not conn.reading and not conn.outbuf and conn.waiting is None and b"\n" not in conn.inbuf:
+            self._close(conn)
+            return
+        # A client that does not read its replies is not read from either, so
+        # neither buffer grows without bound (its socket fills and it blocks).
+        reading = conn.reading and len(conn.outbuf) < MAX_PENDING_REPLY
+        events = (EVENT_READ if reading else 0) | (EVENT_WRITE if conn.outbuf else 0)
+        if events != conn.events:
+            if not conn.events:
+                self.selector.register(conn.sock, events, (self._on_client, conn))
+            elif not events:
+                self.selector.unregister(conn.sock)
+            else:
+                self.selector.modify(conn.sock, events, (self._on_client, conn))
+            conn.events = events
+
+    def _alive(self, conn):
+        """`conn` is still served (its fd number may since belong to another)."""
+        return self.connections.get(conn.fd) is conn
+
+    def _close(self, conn):
+        if not self._alive(conn):
+            return                        # closed already: its fd number may be another client's now
+        del self.connections[conn.fd]
+        if conn.following and self.on_close is not None:
+            self.on_close(conn)
+        if conn.events:
+            self.selector.unregister(conn.sock)
+        conn.events = 0
+        if conn.waiting is not None and conn.waiting in self.waiters:
+            self.waiters.remove(conn.waiting)
+            conn.waiting.timer.cancel()
+        conn.waiting = None
+        conn.sock.close()
+
+    def push(self, conn, line, on_drop):
+        """Send a line the client did not ask for (a followed event). A client
+        that lets MAX_PENDING_REPLY of them pile up unread is dropped, so a
+        follower that stopped reading never grows the daemon."""
+        if not self._alive(conn):
+            on_drop(conn)
+            return
+        conn.outbuf += line
+        if len(conn.outbuf) > MAX_PENDING_REPLY:
+            self.log.warning("daemon", "Dropped an events follower: %d bytes unread" % len(conn.outbuf))
+            on_drop(conn)
+            self._close(conn)
+            return
+        self._flush(conn)
+
+    # -- parked replies ----------------------------------------------------------------
+
+    def park(self, conn, check, expire, timeout):
+        """The reply check() gives now, or None: then check() is asked again
+        after each change (check_waiters) and expire() answers at the deadline."""
+        reply = check()
+        if reply is not None:
+            return reply
+        waiter = Waiter(conn, check, expire)
+        waiter.timer = self.call_later(timeout, lambda: self._finish_waiter(waiter, waiter.expire()))
+        conn.waiting = waiter
+        self.waiters.append(waiter)
+        return None
+
+    def check_waiters(self):
+        for waiter in list(self.waiters):
+            reply = waiter.check()
+            if reply is not None:
+                self._finish_waiter(waiter, reply)
+
+    def _finish_waiter(self, waiter, reply):
+        if waiter in self.waiters:
+            self.waiters.remove(waiter)
+        if waiter.timer:
+            waiter.timer.cancel()
+        waiter.conn.waiting = None
+        if self._alive(waiter.conn):
+            waiter.conn.outbuf += encode_message(reply)
+            self._process_input(waiter.conn)
+
+
+class EventLog:
+    """The last EVENT_LIMIT events of the daemon, and the clients following
+    them (`events -f`). An event is one dict with a fixed schema:
+    time, unit, event (state, health, deploy, rollback), from, to, reason,
+    pid, commit; fields that do not apply are None."""
+
+    FIELDS = ("time", "unit", "event", "from", "to", "reason", "pid", "commit")
+
+    def __init__(self, server, store=None):
+        import collections
+        self.ring = collections.deque(maxlen=EVENT_LIMIT)
+        self.server = server              # ControlServer: where followers are
+        server.on_close = self.unfollow
+        self.followers = {}               # Connection -> set of unit names (empty: all)
+        self.store = store                # StateStore of events.json: the ring outlives the daemon
+        self.listener = None              # told of each event as it happens (the Alerter)
+
+    def restore(self):
+        """The events an earlier daemon kept (a missing or corrupt file: none)."""
+        saved = self.store.load().get("events")
+        if isinstance(saved, list):
+            self.ring.extend(entry for entry in saved
+                             if isinstance(entry, dict) and set(entry) == set(self.FIELDS))
 
     def persistent(self):
-        return {"deployed": self.deployed.to_json() if self.deployed else None,
-                "history": self.history.entries, "pin": self.pin, "deploys_total": self.deploys_total,
-                "refusals_total": self.refusals_total}
+        return {"version": STATE_VERSION, "events": list(self.ring)}
 
-    def _count(self, outcome):
-        self.deploys_total[outcome] = self.deploys_total.get(outcome, 0) + 1
+    def record(self, event, unit=None, before=None, after=None, reason=None, pid=None, commit=None):
+        entry = {"time": time.time(), "unit": unit, "event": event, "from": before, "to": after,
+                 "reason": reason, "pid": pid, "commit": commit}
+        self.ring.append(entry)
+        if self.listener is not None:
+            self.listener(entry)
+        if self.store is not None:
+            self.store.mark_dirty()       # written in the loop's batches, like the state
+        if self.followers:
+            line = encode_message({"event": entry})
+            for conn, names in list(self.followers.items()):
+                if not names or unit in names:
+                    self.server.push(conn, line, self.unfollow)
 
-    # -- the target ------------------------------------------------------------------
+    def recent(self, names=()):
+        return [entry for entry in self.ring if not names or entry["unit"] in names]
 
-    def _pin_outdated(self):
-        """True when the remote branch moved on since the rollback pin was set."""
-        if not self.pin:
-            return False
-        fetched = read_ref_file(git_common_dir(self.config.repo_path), REMOTE_REF % self.config.branch)
-        return bool(fetched) and fetched != self.pin.get("remote_at")
+    def follow(self, conn, names):
+        self.followers[conn] = set(names)
+        conn.following = True
 
-    def release_outdated_pin(self):
-        if self._pin_outdated():
-            self.log.info("daemon", "%s/%s moved on: releasing the rollback pin on %s" % (
-                self.config.remote, self.config.branch, self.pin["sha"][:7]))
-            self.rewind_base, self.pin = self.pin.get("remote_at"), None
+    def unfollow(self, conn):
+        self.followers.pop(conn, None)
 
-    def _target_rev(self):
-        """What to deploy: the branch (local mode), the fetched branch (remote
-        mode), or the commit a remote-mode rollback pinned (until the remote
-        branch moves on)."""
-        if self.pin and not self._pin_outdated():
-            return self.pin["sha"], "pinned commit %s" % self.pin["sha"][:7]
-        if self.remote_mode:
-            return REMOTE_REF % self.config.branch, "%s/%s (fetched)" % (self.config.remote, self.config.branch)
-        return "refs/heads/" + self.config.branch, "branch %r" % self.config.branch
 
-    def _read_units(self, sha):
-        """The units of a commit (entries, problems); files parsed before are not read again."""
-        return git_read_units(self.config.repo_path, sha, known=self.parse_cache)
-
-    # -- planning ----------------------------------------------------------------------
-
-    def deploy_head(self, trigger, force=False):
-        """Reconcile the services with the target commit and return the plan
-        carried out. Nothing happens when that commit is already deployed
-        (unless `force`). A repository that cannot be read changes nothing:
-        the error goes to the log, `status` and history."""
-        now = time.time()
-        if self.host.shutting_down:
-            return DeployPlan.failed("the daemon is shutting down")
-        asked, self.sync_asked = self.sync_asked, None
-        commit = None
+def _connect(config, timeout):
+    """A client socket connected to the daemon; GitprocError saying why not."""
+    path = config.socket_path
+    if len(path.encode()) > MAX_SOCKET_PATH:
+        raise ConfigError("socket path %s is %d bytes; Unix sockets allow %d: choose a shorter --home or socket_path" % (
+            path, len(path.encode()), MAX_SOCKET_PATH))
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.settimeout(timeout)
+    try:
+        client.connect(path)
+    except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError):
+        client.close()
+        raise DaemonNotRunning("no gitproc daemon answers on %s; start one with: %s daemon%s" % (
+            path, command_name(), " --home %s" % config.home if config.home and not _home_from_env(config) else ""))
+    except PermissionError:
+        client.close()
         try:
-            rev, what = self._target_rev()
-            commit = git_commit_at(self.config.repo_path, rev, what)
-            if self.applied and not force and self.deployed and commit.sha == self.deployed.sha:
-                self.last_sync = {"time": now, "result": "partial" if self.invalid_lines() else "ok",
-                                  "trigger": trigger}
-                self.refused = None               # the branch is back on the deployed commit
-                self._last_plan = self._noop_plan(commit)
-                return self._last_plan
-            self._verify(commit, trigger, asked)          # before anything of the commit is read
-            plan = self.plan(commit, self._read_units(commit.sha), materialise=True)
-        except Refusal as refusal:
-            return self._refuse(trigger, commit, refusal)
-        except (GitError, OSError) as exc:
-            message = str(exc) if isinstance(exc, GitError) else "cannot run git: %s" % describe_os_error(exc)
-            self.record_error(trigger, message)
-            return DeployPlan.failed(message)
-        plan = self.apply(plan, trigger)
-        self.refused = self.rewind_base = None
-        self.last_sync = {"time": now, "result": "ok" if not plan.invalid else "partial", "trigger": trigger}
-        return plan
+            os.stat(path)
+        except PermissionError:           # not the socket: a folder on its way is closed to this user
+            raise GitprocError("permission denied on the folder of %s: this user cannot reach a daemon there, nor "
+                               "run one (choose a --home of your own)" % path)
+        except OSError:
+            pass
+        raise GitprocError("permission denied on %s: run as the daemon's user, root, or a member of its socket_group" % path)
+    except socket.timeout:
+        client.close()
+        raise GitprocError("the daemon did not answer within %ds" % timeout)
+    except OSError as exc:
+        client.close()
+        raise GitprocError("cannot connect to %s: %s" % (path, exc.strerror or exc))
+    return client
 
-    # -- trusted deploys (SPEC §20) ----------------------------------------------------
 
-    def _verify(self, commit, trigger, asked=None):
-        """Raise Refusal unless `commit` may be deployed. A commit refused
-        before is checked again only when `sync` asked (`asked`), by a
-        rollback or a daemon start: a poll or a webhook that finds the same
-        head says nothing new. After a rollback pin the branch must descend
-        from the remote head the pin was set at, not from the pinned commit."""
-        refused = self.refused
-        if refused and refused["sha"] == commit.sha and asked is None and trigger not in ("rollback", "daemon start"):
-            raise Refusal(refused["reason"], refused["error"], commit.sha)
-        pinned = bool(self.pin and self.pin["sha"] == commit.sha)     # chosen by hand: its signature alone
-        base = None if pinned or not self.deployed else (self.rewind_base or self.deployed.sha)
-        self.verifier.check(commit, base, bool(asked and asked.get("allow_rewind")))
+def command_name():
+    """How the user runs gitproc, for the commands messages suggest: the
+    installed `gitproc`, else the script."""
+    return "gitproc" if os.path.basename(sys.argv[0] or "") == "gitproc" else "python3 gitproc.py"
 
-    def _refuse(self, trigger, commit, refusal):
-        """A commit that may not run: nothing changes, and it is said once per
-        commit and reason (log, history, event, metric); `status`, `sync` and
-        /healthz show it while it is the branch's head."""
-        message = str(refusal)
-        self.last_sync = {"time": time.time(), "result": "refused", "error": message, "trigger": trigger,
-                          "reason": refusal.reason}
-        if not (self.refused and self.refused["sha"] == commit.sha and self.refused["error"] == message):
-            self.refused = {"sha": commit.sha, "subject": commit.subject, "reason": refusal.reason,
-                            "error": message, "time": time.time()}
-            self.log.error("daemon", "Deploy refused: %s" % message)
-            self.history.record(trigger, "refused", commit.sha, commit.subject, reason=refusal.reason, error=message)
-            self.refusals_total[refusal.reason] = self.refusals_total.get(refusal.reason, 0) + 1
-            self.events.record("deploy", before=self.deployed.sha if self.deployed else None, after=None,
-                               commit=commit.sha, reason="refused (%s): %s" % (trigger, message))
-            self.store.mark_dirty()
-        if not self.applied and not self.fallback_tried and self.deployed and self.deployed.sha != commit.sha:
-            self.fallback_tried = True            # once per daemon start: no log at every poll
-            self._deploy_last_verified(trigger)
-        return DeployPlan.failed("deploy refused: " + message)
 
-    def _deploy_last_verified(self, trigger):
-        """At daemon start with the head refused: the commit deployed before
-        (the state file's) runs on, once it verifies by itself (the state
-        file is not trusted to name a verified commit)."""
-        refusal_sync = self.last_sync
-        try:
-            commit = git_commit_at(self.config.repo_path, self.deployed.sha, "the deployed commit")
-            self.verifier.check(commit, None)
-            plan = self.plan(commit, self._read_units(commit.sha), materialise=True)
-        except (GitprocError, OSError) as exc:
-            self.log.error("daemon", "The commit deployed before, %s, cannot run either (%s): nothing is deployed" % (
-                self.deployed.sha[:7], exc))
-            return
-        self.log.warning("daemon", "Running the last verified commit %s until the branch has one that verifies" % (
-            commit.sha[:7]))
-        self.apply(plan, trigger + ", last verified commit")
-        self.last_sync = refusal_sync
+def _result(message):
+    if not message.get("ok"):
+        raise GitprocError(message.get("error", "the daemon refused the request"))
+    return message.get("result")
 
-    def _signing_options(self):
-        """git -c options that sign a rollback commit with signing_key, in
-        the signature format verification expects."""
-        key = self.config.signing_key
-        if not key:
-            return None
-        ssh = self.verifier.kind == "ssh" or (self.verifier.kind is None and os.path.isfile(key))
-        return ["-c", "gpg.format=%s" % ("ssh" if ssh else "openpgp"), "-c", "user.signingkey=" + key]
+
+def request(config, payload, timeout=CLIENT_TIMEOUT):
+    """Send one request to the daemon and return its result; GitprocError with
+    the daemon's message when it answers with an error."""
+    client = _connect(config, timeout)
+    try:
+        client.sendall(encode_message(payload))
+        reply = bytearray()
+        while not reply.endswith(b"\n"):
+            chunk = client.recv(1 << 20)
+            if not chunk:
+                raise ProtocolError("the daemon closed the connection without answering")
+            reply += chunk
+    except socket.timeout:
+        raise GitprocError("the daemon did not answer within %ds" % timeout)
+    except (ConnectionResetError, BrokenPipeError):
+        raise ProtocolError("the daemon closed the connection without answering")
+    finally:
+        client.close()
+    return _result(json.loads(reply.decode("utf-8")))
+
+
+def request_stream(config, payload):
+    """Send one request, yield its result, then each message the daemon pushes
+    after it (`events -f`), until the daemon closes the connection."""
+    client = _connect(config, CLIENT_TIMEOUT)
+    try:
+        client.sendall(encode_message(payload))
+        reader = client.makefile("rb")
+        first = reader.readline()
+        if not first:
+            raise ProtocolError("the daemon closed the connection without answering")
+        yield _result(json.loads(first.decode("utf-8")))
+        client.settimeout(None)
+        for line in reader:
+            yield json.loads(line.decode("utf-8"))
+    except socket.timeout:
+        raise GitprocError("the daemon did not answer within %ds" % CLIENT_TIMEOUT)
+    except (ConnectionResetError, BrokenPipeError):
+        raise ProtocolError("the daemon closed the connection")
+    finally:
+        client.close()
+
+
+def _home_from_env(config):
+    return os.environ.get("GITPROC_HOME") and os.path.abspath(os.environ["GITPROC_HOME"]) == config.home
+
+
+# ==== 15. HTTP ===============================================================
+# Optional (http_listen): /metrics, /status, /healthz, the status page and
+# signed push webhooks, served from the daemon's loop.
+
+
+# ---- the HTTP listener: /metrics, /status, /healthz, signed push webhooks ----------
+# Optional (http_listen). A small HTTP/1.1 server in the daemon's loop, with
+# bounds like the control socket's: header and body sizes, a deadline for a
+# whole request (slowloris), idle keep-alive connections closed, a cap on
+# clients. It only parses and frames; HttpRoutes answers.
+
+MAX_HTTP_HEADER_BYTES = 16 * 1024
+MAX_HTTP_BODY_BYTES = 1024 * 1024          # a forge's push payload fits
+MAX_HTTP_CONNECTIONS = 64
+HTTP_REQUEST_TIMEOUT = 5.0                 # to send one whole request (slowloris), or to idle between
+HTTP_REASONS = {200: "OK", 202: "Accepted", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
+                404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout", 411: "Length Required",
+                413: "Payload Too Large", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
+                501: "Not Implemented",
+                503: "Service Unavailable", 505: "HTTP Version Not Supported"}
+
+
+class HttpRequest:
+    __slots__ = ("method", "path", "version", "headers", "body")
+
+    def __init__(self, method, path, version, headers, body):
+        self.method, self.path, self.version, self.headers, self.body = method, path, version, headers, body
+
+
+class HttpConnection:
+    __slots__ = ("sock", "fd", "inbuf", "outbuf", "started", "last_active", "closing", "events", "continued")
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.continued = False            # "100 Continue" sent for the request being read
+        self.inbuf = bytearray()
+        self.outbuf = bytearray()
+        self.started = None               # monotonic time the request being read began
+        self.last_active = time.monotonic()
+        self.closing = False              # close once the reply is sent
+        self.events = EVENT_READ
+
+
+def parse_listen_address(text):
+    """'127.0.0.1:9180', '[::1]:9180', ':9180' -> (family, (host, port)); ConfigError if not."""
+    host, colon, port = text.rpartition(":")
+    if not colon or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError("http_listen %r: use HOST:PORT, e.g. 127.0.0.1:9180" % text)
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return family, (host or ("::" if family == socket.AF_INET6 else "0.0.0.0"), int(port))
+
+
+def is_loopback(host):
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+class HttpListener:
+    """The daemon's HTTP server: accept, read one request at a time per
+    connection (keep-alive), answer with reply(request) -> (status, content
+    type, body bytes, extra headers), and hold every bound."""
+
+    def __init__(self, address, log, selector, call_later, reply):
+        self.family, self.address = address
+        self.log, self.selector, self.call_later = log, selector, call_later
+        self.reply = reply
+        self.listener = None
+        self.connections = {}             # fd -> HttpConnection
+        self.sweep_timer = None
 
     @property
-    def last_plan(self):
-        """What the last deploy did (for a remote-mode sync answered after its fetch)."""
-        if self.last_sync and self.last_sync.get("error"):
-            return DeployPlan.failed(self.last_sync["error"])
-        if self._last_plan is None and self.deployed is None:
-            return DeployPlan.failed("nothing is deployed yet")
-        return self._last_plan or self._noop_plan(self.deployed)
+    def exposed(self):
+        """Reachable from the network (not only from this machine)."""
+        return not is_loopback(self.address[0])
 
-    def diff(self):
-        """What deploying the target now would do, changing nothing."""
+    def open(self):
+        listener = socket.socket(self.family, socket.SOCK_STREAM)
         try:
-            rev, what = self._target_rev()
-            commit = git_commit_at(self.config.repo_path, rev, what)
-            noop = bool(self.deployed and commit.sha == self.deployed.sha and self.applied)
-            if not noop:
-                self.verifier.check(commit, None if not self.deployed or (self.pin and self.pin["sha"] == commit.sha)
-                                    else self.deployed.sha)
-            plan = self.plan(commit, self._read_units(commit.sha))
-        except GitprocError as exc:
-            return DeployPlan.failed(str(exc))
-        plan.noop = noop
-        return plan
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(self.address)
+            listener.listen(64)
+        except OSError as exc:
+            listener.close()
+            raise GitprocError("http_listen %s:%d: cannot listen: %s" % (self.address[0], self.address[1], exc.strerror or exc))
+        listener.setblocking(False)
+        self.listener = listener
+        self.selector.register(listener, EVENT_READ, (self._accept, None))
+        if self.exposed:
+            self.log.warning("daemon", "HTTP listener on %s:%d is reachable from the network: /metrics and /status "
+                             "tell anyone who can connect what runs here" % self.address)
+        else:
+            self.log.info("daemon", "HTTP listener on %s:%d" % self.address)
 
-    def _drift(self):
-        return {name: drift_note(s.versions.rolled_back) for name, s in self.services.items()
-                if s.versions.rolled_back and s.versions.rejected is not None}
+    def close(self):
+        for conn in list(self.connections.values()):
+            self._close(conn)
+        if self.listener is not None:
+            self.selector.unregister(self.listener)
+            self.listener.close()
+            self.listener = None
 
-    def _noop_plan(self, commit):
-        plan = DeployPlan(commit, commit.sha, noop=True)
-        plan.unchanged = sorted(list(self.specs) + list(self.timer_specs) + list(self.socket_specs))
-        plan.drift, plan.timers, plan.sockets = self._drift(), self.timer_specs, self.socket_specs
-        plan.templates = self.listeners.templates if self.listeners else {}
-        plan.invalid, plan.skipped = self.invalid_lines(), dict(self.skipped)
-        if self._last_plan is not None and self._last_plan.commit is not None and self._last_plan.commit.sha == commit.sha:
-            plan.outside = self._last_plan.outside
-        return plan
-
-    def looked(self, on_deployed=False):
-        """The branch was looked at and nothing new found: "last sync" is the
-        last look for a new commit, in every mode (status, metric, /healthz).
-        `on_deployed`: the branch is on the deployed commit (a refused head
-        it had moved to is gone)."""
-        if on_deployed and self.refused:
-            self.refused = None
-            self.last_sync = {"time": time.time(), "result": "partial" if self.invalid_lines() else "ok",
-                              "trigger": "commit"}
-        if self.last_sync:
-            self.last_sync = dict(self.last_sync, time=time.time())
-
-    def invalid_lines(self):
-        return [str(d) for d in self.unit_problems if d.severity == "error"]
-
-    def record_error(self, trigger, message):
-        """A deploy or fetch that failed: logged and shown once per distinct error."""
-        previous = (self.last_sync or {}).get("error")
-        self.last_sync = {"time": time.time(), "result": "error", "error": message, "trigger": trigger}
-        if message != previous:
-            self.log.error("daemon", "Deploy skipped: %s" % message)
-            self.history.record(trigger, "error", error=message)
-            self._count("error")
-            self.events.record("deploy", before=self.deployed.sha if self.deployed else None, after=None,
-                               reason="error (%s): %s" % (trigger, message))
-            self.store.mark_dirty()
-
-    def plan(self, commit, units, materialise=False):
-        """What deploying `commit` would do, changing nothing but, with
-        `materialise`, writing the snapshots of the folders it runs from."""
-        entries, composing, folders = units
-        specs, problems = check_unit_tree(entries, self.parse_cache, composing, self.context, folders,
-                                          self.config.files_dir)
-        if len(self.parse_cache) > 2 * len(entries) + 100:
-            keep = {(path, blob) for _, path, _, blob in entries}
-            self.parse_cache = {key: value for key, value in self.parse_cache.items() if key in keep}
-        for name, spec in list(specs.items()):
-            try:
-                if spec.owned is not None:
-                    self.snapshots.measure(spec.owned, self.specs[name].tree if name in self.specs else None)
-            except SnapshotError as exc:
-                problems.append(Diagnostic(spec.path, 1, "error", str(exc), unit=name))
-                del specs[name]
-        bad_names = {d.unit_name for d in problems if d.severity == "error"}
-        earlier = self.specs or self._specs_of_saved_commit(bad_names)
-        origin = {}                                   # name -> commit its kept spec came from
-        for name in sorted(bad_names):
-            if name not in specs and name in earlier:
-                specs[name] = earlier[name]           # the earlier good version keeps running
-                service = self.services.get(name)
-                origin[name] = service.commit if service else self.recovery.saved_commit(name)
-        kept_back = {} if self.specs else self._kept_back(specs, origin)
-        skipped = {}
-        for name, spec in list(specs.items()):
-            if not host_matches(spec.condition_host, self.config.hostname):
-                skipped[name] = "ConditionHost=%s does not match %s" % (" ".join(spec.condition_host), self.config.hostname)
-                del specs[name]
-        files = self._changed_files(specs)
-        changes = plan_deploy(self.specs, specs, files)
-        plan = DeployPlan(commit, self.deployed.sha if self.deployed else None)
-        for key in DeployPlan.LISTS:
-            setattr(plan, key, changes[key])
-        plan.changes = changes["changes"]
-        plan.files = {name: files[name] for name in plan.changed if files.get(name)}
-        plan.drift.update(kept_back)
-        for name in list(plan.changed):
-            service = self.services.get(name)
-            if service is not None and service.versions.rejected is not None and specs[name].identity() == service.versions.rejected:
-                # The version AutoRollback= took back: it stays rolled back (drift)
-                # until a commit changes the unit again.
-                specs[name] = self.specs[name]
-                origin[name] = service.commit
-                plan.changed.remove(name)
-                del plan.changes[name]
-                plan.files.pop(name, None)
-                plan.unchanged.append(name)
-                plan.drift[name] = drift_note(service.versions.rolled_back)
-        plan.unchanged.sort()
-        templates = {name[:-len(UNIT_SUFFIX)]: (path, data, blob) for name, path, data, blob in entries
-                     if name.endswith(TEMPLATE_SUFFIX)}
-        timers, held = self._plan_activators(TIMER_SUFFIX, entries, specs, skipped, bad_names, problems, origin)
-        sockets, socket_held = self._plan_activators(SOCKET_SUFFIX, entries, specs, skipped, bad_names, problems,
-                                                     origin, templates)
-        for name, why in socket_held.items():
-            held.setdefault(name, why)
-        for name, spec in sorted(sockets.items()):       # a template each connection would fail to make
-            if spec.accept and name not in self.socket_specs:
-                path, data, blob = templates[spec.unit]
-                if parse_unit(spec.unit + "0", path, data, blob, self.context)[0] is None:
-                    problems.append(Diagnostic(spec.path, 1, "error", "%s%s, which it makes an instance of for "
-                                               "each connection, has errors" % (spec.unit, UNIT_SUFFIX), unit=name))
-                    del sockets[name]
-        plan.invalid = [str(d) for d in problems if d.severity == "error"]
-        plan.skipped, plan.specs, plan.problems, plan.origin = skipped, specs, problems, origin
-        plan.activated = activated_units(specs, problems, dict(timers, **{
-            name: spec for name, spec in sockets.items() if not spec.accept}), held)
-        plan.templates = {spec.unit: templates[spec.unit] for spec in sockets.values() if spec.accept}
-        plan.in_tree = {name for name, _, _, _ in entries}
-        if materialise:
-            self._materialise(plan)
-        plan.reload = [name for name in plan.changed if not plan.changes[name] and self._reloads(specs[name])]
-        if plan.previous and plan.previous != commit.sha and not (plan.added or plan.changed or plan.removed):
-            owned = set(folders) | {spec.owned.path for spec in self.specs.values() if spec.owned}
-            plan.outside = self._files_outside(plan.previous, commit.sha, owned)
-        plan.timers, plan.sockets = timers, sockets
-        for found, deployed in ((timers, self.timer_specs), (sockets, self.socket_specs)):
-            for name, spec in found.items():      # named in the plan's lists with their suffix
-                old = deployed.get(name)
-                if old is None:
-                    plan.added.append(name)
-                elif old.identity() != spec.identity():
-                    plan.changed.append(name)
-                    plan.changes[name] = spec.changed_keys(old)
-                else:
-                    plan.unchanged.append(name)
-            plan.removed += [name for name in deployed if name not in found]
-        for key in DeployPlan.LISTS:
-            getattr(plan, key).sort()
-        return plan
-
-    def _runner_of(self, suffix):
-        """(the deployed specs, what runs them) of timers or sockets."""
-        return (self.timer_specs, self.schedule) if suffix == TIMER_SUFFIX else (self.socket_specs, self.listeners)
-
-    def _saved_commit_of(self, suffix, name):
-        runner = self._runner_of(suffix)[1]
-        saved = runner.saved.get(name) if runner else None
-        sha = saved.get("commit") if isinstance(saved, dict) else None
-        return sha if isinstance(sha, str) and _SHA_RE.match(sha) else None
-
-    def _activators_of_saved_commits(self, suffix, names):
-        """At start-up, for timers or sockets with errors: the version each
-        last ran, read from the commit the state file names (verified again)."""
-        commits = {}
-        for name in names:
-            sha = self._saved_commit_of(suffix, name)
-            if sha:
-                commits.setdefault(sha, []).append(name)
-        found = {}
-        for sha, wanted in commits.items():
-            try:
-                self.verifier.check(Commit(sha, "", 0), None)
-                entries, _, _ = git_read_units(self.config.repo_path, sha)
-                services = {_strip_suffix(name, UNIT_SUFFIX) for name, _, _, _ in entries
-                            if not name.endswith((TIMER_SUFFIX, SOCKET_SUFFIX))}
-                activators, _, _ = check_activators(entries, suffix, services, self.context)
-            except (GitError, Refusal) as exc:
-                self.log.warning("daemon", "Cannot read commit %s for the earlier version of %s: %s" % (
-                    sha[:7], ", ".join(wanted), exc))
-                continue
-            found.update({name: activators[name] for name in wanted if name in activators})
-        return found
-
-    def _plan_activators(self, suffix, entries, specs, skipped, bad_names, problems, origin, templates=()):
-        """The timers or sockets of a commit ({name: spec}), their problems
-        added to `problems`: one with an error keeps its deployed version;
-        one whose service does not run on this host is skipped with it.
-        Returns (specs, {service: why it is held back by one not run})."""
-        deployed, runner = self._runner_of(suffix)
-        known = set(specs) | set(skipped) | bad_names | set(templates)
-        activators, found, targets = check_activators(entries, suffix, known, self.context, self.parse_cache)
-        problems.extend(found)
-        bad = {d.unit for d in found if d.severity == "error" and d.unit not in activators}
-        earlier = deployed or self._activators_of_saved_commits(suffix, bad)
-        for name in sorted(bad & set(earlier)):
-            activators[name] = earlier[name]              # the earlier good version keeps running
-            running = runner.units.get(name) if runner else None
-            origin[name] = running.commit if running else self._saved_commit_of(suffix, name)
-        for name, activator in list(activators.items()):
-            if not host_matches(activator.condition_host, self.config.hostname):
-                skipped[name] = "ConditionHost=%s does not match %s" % (" ".join(activator.condition_host),
-                                                                        self.config.hostname)
-                del activators[name]
-            elif activator.unit in skipped:
-                skipped[name] = "its service %s does not run here: %s" % (activator.unit, skipped[activator.unit])
-                del activators[name]
-            elif activator.unit not in specs and activator.unit not in templates:
-                del activators[name]
-        held = {}                         # one not run still holds its service back (SPEC §16)
-        for name, target in sorted(targets.items()):
-            if name not in activators and not target.endswith("@"):
-                held.setdefault(target, "started by %s (%s), not at deploy" % (
-                    name, "skipped here: " + skipped[name] if name in skipped else "which has errors"))
-        return activators, held
-
-    def _reloads(self, spec):
-        """ReloadOnFileChange=: a change of its files only reloads the unit, if
-        it can reload and does not bind them into its sandbox (a bind is
-        made at the start: only a restart would show the new files)."""
-        link = self.snapshots.link(spec.name)
-        bound = any(source == link or source.startswith(link + "/") for source, *_ in spec.bind_paths)
-        return spec.reload_on_file_change and (spec.exec_reload or spec.type == "notify-reload") and not bound
-
-    def _kept_back(self, specs, origin):
-        """At start-up: a unit whose deployed version AutoRollback= took back
-        (the state file says so) runs the version it was rolled back to, as
-        it did before the daemon stopped. Returns {name: why}."""
-        kept = {}
-        for name in list(specs):
-            saved = self.recovery.saved_services.get(name)
-            if not (isinstance(saved, dict) and isinstance(saved.get("rolled_back"), dict)
-                    and saved.get("rejected") == specs[name].identity()):
-                continue
-            earlier = self._specs_of_saved_commit([name]).get(name)
-            if earlier is not None:
-                specs[name], origin[name] = earlier, self.recovery.saved_commit(name)
-                kept[name] = drift_note(saved["rolled_back"])
-        return kept
-
-    def _changed_files(self, specs):
-        """{name: [path, ...]}: the files of each unit's folder (paths in it)
-        that differ from the deployed version's, unit files and drop-ins
-        left out (they are compared by what they mean)."""
-        files = {}
-        for name, spec in specs.items():
-            old = self.specs.get(name)
-            if old is None or spec.tree is None or old.tree == spec.tree:
-                continue
-            key = (old.tree, spec.tree)
-            if key not in self.changed_files_cache:
-                if len(self.changed_files_cache) > 200:
-                    self.changed_files_cache.clear()
-                self.changed_files_cache[key] = [path for path in git_changed_paths(self.config.repo_path, old.tree, spec.tree)
-                                                 if not is_unit_source(path)]
-            files[name] = self.changed_files_cache[key]
-        return files
-
-    def _files_outside(self, previous, sha, folders):
-        """The files a commit changed outside every unit's folder (`folders`:
-        those of both versions; none of them a unit file): what a commit that
-        touches no unit changed."""
+    def _accept(self, _arg, _mask):
         try:
-            paths = git_changed_paths(self.config.repo_path, previous, sha)
-        except GitError:
-            return []
-        return [path for path in paths if not is_unit_source(path) and not owning_folder(path, folders)]
+            sock, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.log.warning("daemon", "HTTP accept failed: %s" % exc.strerror)
+            return
+        if len(self.connections) >= MAX_HTTP_CONNECTIONS:
+            sock.close()
+            return
+        sock.setblocking(False)
+        conn = HttpConnection(sock)
+        self.connections[conn.fd] = conn
+        self.selector.register(sock, EVENT_READ, (self._on_event, conn))
+        if self.sweep_timer is None:
+            self.sweep_timer = self.call_later(1.0, self._sweep)
 
-    def _materialise(self, plan):
-        """Write the snapshots the plan runs from. A unit whose folder cannot be
-        written is a deploy error of that unit alone: its earlier version
-        keeps running (an unchanged one keeps its earlier snapshot)."""
-        for name in plan.added + plan.changed + plan.unchanged:
-            spec = plan.specs[name]
-            if spec.owned is None:
-                continue
-            earlier = self.specs.get(name)
+    def _sweep(self):
+        """Close connections too slow to send one request, idle too long, or
+        whose answer is not read: no client holds a slot for ever."""
+        self.sweep_timer = None
+        now = time.monotonic()
+        for conn in list(self.connections.values()):
+            if conn.outbuf or conn.closing:
+                if now - conn.last_active > HTTP_REQUEST_TIMEOUT:
+                    self._close(conn)         # the answer is not read
+            elif conn.started is not None and now - conn.started > HTTP_REQUEST_TIMEOUT:
+                self._answer(conn, 408, "text/plain", b"request not received in time\n", close=True)
+            elif now - conn.last_active > HTTP_REQUEST_TIMEOUT:
+                self._close(conn)
+        if self.connections:
+            self.sweep_timer = self.call_later(1.0, self._sweep)
+
+    def _on_event(self, conn, mask):
+        if mask & EVENT_WRITE:
+            self._flush(conn)
+        if not mask & EVENT_READ or not self._alive(conn) or conn.closing:
+            return
+        try:
+            data = conn.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close(conn)
+            return
+        conn.last_active = time.monotonic()
+        if conn.started is None:
+            conn.started = conn.last_active
+        conn.inbuf += data
+        self._serve(conn)
+
+    def _serve(self, conn):
+        """Answer one request, if a whole one is in: a client that pipelines
+        many gets the next one answered on the next turn of the loop, so it
+        never holds the daemon for longer than one answer."""
+        if conn.closing or conn.outbuf or not self._alive(conn):
+            self._watch(conn)
+            return
+        request, error = self._parse(conn)
+        if error:
+            self._answer(conn, error[0], "text/plain", (error[1] + "\n").encode(), close=True)
+            return
+        if request is None:
+            self._watch(conn)                 # wait for more bytes
+            return
+        conn.started = time.monotonic() if conn.inbuf else None
+        try:
+            status, content_type, body, extra = self.reply(request)
+        except Exception:
+            import traceback
+            self.log.error("daemon", "HTTP %s %s failed: %s" % (request.method, request.path[:100],
+                           traceback.format_exc().strip().replace("\n", " | ")))
+            status, content_type, body, extra = 500, "text/plain", b"internal error (see the daemon log)\n", {}
+        tokens = {token.strip().lower() for token in request.headers.get("connection", "").split(",")}
+        close = "close" in tokens or (request.version == "HTTP/1.0" and "keep-alive" not in tokens)
+        self._answer(conn, status, content_type, body, close=close, head=request.method == "HEAD", extra=extra)
+
+    @staticmethod
+    def _parse(conn):
+        """(HttpRequest, None) once a whole request is in, (None, None) while
+        it is not, (None, (status, why)) for one that is refused."""
+        end = conn.inbuf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(conn.inbuf) > MAX_HTTP_HEADER_BYTES:
+                return None, (431, "request headers larger than %d bytes" % MAX_HTTP_HEADER_BYTES)
+            return None, None
+        if end > MAX_HTTP_HEADER_BYTES:
+            return None, (431, "request headers larger than %d bytes" % MAX_HTTP_HEADER_BYTES)
+        lines = bytes(conn.inbuf[:end]).decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ")
+        if len(parts) != 3 or not re.match(r"[A-Z]+\Z", parts[0]) or not parts[1].startswith("/"):
+            return None, (400, "malformed request line")
+        method, target, version = parts
+        if version not in ("HTTP/1.0", "HTTP/1.1"):
+            return None, (505, "HTTP/1.0 or HTTP/1.1 only")
+        headers = {}
+        for line in lines[1:]:
+            name, colon, value = line.partition(":")
+            if not colon or not name or name != name.strip():
+                return None, (400, "malformed header line")
+            name = name.lower()
+            if name == "content-length" and name in headers and headers[name] != value.strip():
+                return None, (400, "conflicting Content-Length headers")
+            headers[name] = value.strip()
+        if "transfer-encoding" in headers:
+            return None, (501, "Transfer-Encoding is not supported: send a Content-Length")
+        length = headers.get("content-length", "0")
+        if not re.match(r"[0-9]{1,9}\Z", length):
+            return None, (400, "bad Content-Length")
+        length = int(length)
+        if length > MAX_HTTP_BODY_BYTES:
+            return None, (413, "request body larger than %d bytes" % MAX_HTTP_BODY_BYTES)
+        if len(conn.inbuf) < end + 4 + length:
+            if headers.get("expect", "").lower() == "100-continue" and not conn.continued:
+                conn.continued = True
+                conn.outbuf += b"HTTP/1.1 100 Continue\r\n\r\n"
+            return None, None
+        body = bytes(conn.inbuf[end + 4:end + 4 + length])
+        del conn.inbuf[:end + 4 + length]
+        conn.continued = False
+        return HttpRequest(method, target.split("?", 1)[0], version, headers, body), None
+
+    def _answer(self, conn, status, content_type, body, close=False, head=False, extra=None):
+        if conn.closing:
+            return
+        head_lines = ["HTTP/1.1 %d %s" % (status, HTTP_REASONS.get(status, "Status")),
+                      "Content-Type: %s" % content_type, "Content-Length: %d" % len(body),
+                      "Connection: %s" % ("close" if close else "keep-alive")]
+        head_lines += ["%s: %s" % item for item in sorted((extra or {}).items())]
+        conn.outbuf += ("\r\n".join(head_lines) + "\r\n\r\n").encode() + (b"" if head else body)
+        if close:
+            conn.closing = True
+            conn.inbuf.clear()
+            conn.started = None
+        self._flush(conn)
+
+    def _flush(self, conn):
+        if not self._alive(conn):
+            return
+        if conn.outbuf:
             try:
-                self.snapshots.ensure(spec.tree, spec.owned.path, earlier.tree if earlier else None)
-                continue
-            except SnapshotError as exc:
-                problem = Diagnostic(spec.path, 1, "error", str(exc), unit=name)
-            if name in plan.unchanged and earlier is not None:
-                self.log.warning(name, "Keeps its earlier snapshot: %s" % problem.message)
-                plan.specs[name] = earlier
-                continue
-            plan.problems.append(problem)
-            plan.invalid.append(str(problem))
-            if name in plan.added:
-                earlier = None if self.specs else self._specs_of_saved_commit([name]).get(name)
-                if earlier is None:
-                    plan.added.remove(name)
-                    del plan.specs[name]
-                else:                     # at start-up: the version an earlier daemon ran goes on
-                    plan.specs[name] = earlier
-                    plan.origin[name] = self.recovery.saved_commit(name)
-                continue
-            plan.changed.remove(name)
-            plan.changes.pop(name)
-            plan.files.pop(name, None)
-            plan.specs[name] = earlier
-            plan.origin[name] = self.services[name].commit if name in self.services else plan.origin.get(name)
-            plan.unchanged.append(name)
-            plan.unchanged.sort()
-
-    def _specs_of_saved_commit(self, names):
-        """At start-up, for invalid units whose earlier good version must keep
-        running: that version, read from the commit each one last ran from."""
-        commits = {}
-        for name in names:
-            sha = self.recovery.saved_commit(name)
-            if sha:
-                commits.setdefault(sha, []).append(name)
-        specs = {}
-        for sha, wanted in commits.items():
+                sent = conn.sock.send(conn.outbuf)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                self._close(conn)
+                return
+            if sent:
+                del conn.outbuf[:sent]
+                conn.last_active = time.monotonic()
+        if not conn.outbuf and conn.closing:
             try:
-                self.verifier.check(Commit(sha, "", 0), None)   # the state file is not trusted to name a verified commit
-                entries, problems, folders = git_read_units(self.config.repo_path, sha)
-                found, _ = check_unit_tree(entries, problems=problems, context=self.context, folders=folders,
-                                           files_dir=self.config.files_dir)
-                for name in wanted:
-                    if name in found and found[name].owned is not None:
-                        self.snapshots.measure(found[name].owned)
-                        self.snapshots.ensure(found[name].tree, found[name].owned.path)
-            except (GitError, SnapshotError, Refusal) as exc:
-                self.log.warning("daemon", "Cannot read commit %s for the earlier version of %s: %s" % (
-                    sha[:7], ", ".join(wanted), exc))
-                continue
-            specs.update({name: found[name] for name in wanted if name in found})
-        return specs
+                conn.sock.shutdown(socket.SHUT_WR)   # the answer first, then the close:
+            except OSError:                          # no reset while the client still sends
+                pass
+            self._close(conn)
+            return
+        if not conn.outbuf and conn.inbuf:
+            self.call_later(0, lambda: self._serve(conn))   # a pipelined request: next turn of the loop
+        self._watch(conn)
 
-    # -- applying ------------------------------------------------------------------------
-
-    def apply(self, plan, trigger):
-        """Reconcile the running services with the plan: new units start,
-        changed ones restart, removed ones stop, the others are untouched.
-        Manual stops are kept."""
-        commit = plan.commit
-        previous = self.deployed.sha if self.deployed else None
-        if not self.applied:
-            self.recovery.forget_units_not_in(plan.in_tree)
-        for line in plan.invalid:
-            self.log.error("daemon", "Invalid unit: %s" % line)
-        for problem in plan.key_warnings():
-            self.log.warning(problem.unit_name, "%s:%d: %s" % (problem.path, problem.line, problem.message))
-        for name in plan.removed:
-            if name not in self.services:
-                continue                  # a timer or a socket: below
-            service = self.services[name]
-            if service.state in ACTIVE_STATES:
-                service.halt("removed from the repository")
-            service.versions.removed = True
-            self.recovery.saved_services.pop(name, None)
-        self.specs, self.unit_problems, self.skipped = plan.specs, plan.problems, plan.skipped
-        released = [name for name in self.activated if name not in plan.activated and name in plan.unchanged]
-        self.activated = plan.activated
-        self._index_before()
-        self.deployed = commit
-        self.applied = True
-        self.socket_specs = plan.sockets
-        if self.listeners is not None:    # bound before any unit starts (SPEC §18)
-            self.listeners.deploy(plan.sockets, commit.sha, plan.origin, plan.templates)
-        for name in dependency_order(plan.specs):
-            spec = plan.specs[name]
-            sha = plan.origin.get(name, commit.sha)
-            self.snapshots.point(name, spec.tree)     # before a process of the new version starts
-            if name in plan.added:
-                self._add_service(spec, sha, plan.activated.get(name))
-                continue
-            service = self.services[name]
-            if name in plan.changed:
-                service.versions.previous = (service.spec, service.commit) if spec.auto_rollback else None
-                if service.spec.tree != spec.tree:
-                    service.versions.previous_tree = service.spec.tree
-                service.versions.rejected = service.versions.rolled_back = None
-                service.take_version(spec, sha)
-                if service.want != "up" or (name in plan.activated and not service.has_process()):
-                    continue              # stopped stays stopped: only what runs restarts
-                what = ", ".join(plan.changes[name] + plan.files.get(name, []))
-                if name in plan.reload and service.phase in (RUNNING, REMAIN):
-                    self.log.info(name, "Reloading: %s changed in commit %s" % (what, commit.sha[:7]))
-                    service.resources.linked_tree = spec.tree       # it reads its new files through %Y
-                    service.reload()
-                else:
-                    self.log.info(name, "Restarting: %s changed in commit %s" % (what, commit.sha[:7]))
-                    service.restart()
+    def _watch(self, conn):
+        """Read while no answer waits and the pipeline is short; write while
+        an answer waits (a client that does not read is not read from)."""
+        if not self._alive(conn):
+            return
+        reading = not conn.outbuf and not conn.closing and len(conn.inbuf) <= MAX_HTTP_HEADER_BYTES + MAX_HTTP_BODY_BYTES
+        events = (EVENT_READ if reading else 0) | (EVENT_WRITE if conn.outbuf else 0)
+        if events != conn.events:
+            if not conn.events:
+                self.selector.register(conn.sock, events, (self._on_event, conn))
+            elif not events:
+                self.selector.unregister(conn.sock)
             else:
-                service.take_version(spec)    # same meaning; the file may have moved
-                if service.versions.rolled_back and name not in plan.drift:
-                    service.versions.rejected = service.versions.rolled_back = None   # a commit brought back the version it runs
-                if service.has_process():
-                    service.resources.linked_tree = spec.tree   # its files are alike: only unit files differ
-        self.timer_specs = plan.timers
-        if self.schedule is not None:
-            self.schedule.deploy(plan.timers, commit.sha, plan.origin)
-        for name in plan.changed:         # a changed socket restarts its running service
-            socket_spec = plan.sockets.get(name)
-            service = self.services.get(socket_spec.unit) if socket_spec is not None else None
-            if service is not None and service.has_process() and service.name not in plan.changed:
-                self.log.info(service.name, "Restarting: %s changed in commit %s" % (name, commit.sha[:7]))
-                service.restart()
-        for name in released:           # what activated it is gone: it runs as any unit does
-            service = self.services.get(name)
-            if service is not None and service.want == "up" and service.state == STOPPED and not service.has_process():
-                service.start()
-        self.forget_removed()
-        if plan.outside:
-            self.log.info("daemon", "Commit %s touches no unit: it changes %s, outside every unit's folder" % (
-                commit.sha[:7], some_paths(plan.outside)))
-        self._collect_later()
-        outcome = "partial" if plan.invalid else "ok"
-        self.history.record(trigger, outcome, commit.sha, commit.subject,
-                            plan.added, plan.changed, plan.removed, plan.invalid, files=plan.files,
-                            outside=plan.outside[:20])
-        self._count(outcome)
-        self.events.record("deploy", before=previous, after=commit.sha, commit=commit.sha,
-                           reason="%s (%s): %d added, %d changed, %d removed%s" % (
-                               outcome, trigger, len(plan.added), len(plan.changed), len(plan.removed),
-                               ", %d invalid" % len(plan.invalid) if plan.invalid else ""))
-        self.log.info("daemon", "Deployed %s %r (%s): %d added, %d changed, %d removed, %d unchanged, %d invalid" % (
-            commit.sha[:7], commit.subject, trigger, len(plan.added), len(plan.changed),
-            len(plan.removed), len(plan.unchanged), len(plan.invalid)))
-        self.deploy_count += 1
-        self._last_plan = plan
-        self.store.save_now()
-        return plan
+                self.selector.modify(conn.sock, events, (self._on_event, conn))
+            conn.events = events
 
-    def _add_service(self, spec, sha, activated=None):
-        """A unit new to this daemon: started, unless the user stopped it or
-        something else activates it (`activated`: why it stays stopped)."""
-        service = self.services.get(spec.name)
-        if service is not None:
-            # Removed, still stopping, and back again: one Service, never two copies.
-            service.versions.removed = False
-            service.take_version(spec, sha)
-            if service.want == "up" and not activated:
-                service.start()           # STOPPING -> (stopped) -> STARTING
+    def _alive(self, conn):
+        return self.connections.get(conn.fd) is conn
+
+    def _close(self, conn):
+        if not self._alive(conn):
             return
-        service = Service(self.host, spec, sha)
-        self.services[spec.name] = service
-        if self.recovery.restore_service(service, self._reloads):
-            return
-        if service.want == "up" and not activated:
-            service.start()
-        else:
-            service.halt(activated or "stopped by user")
+        del self.connections[conn.fd]
+        if conn.events:
+            self.selector.unregister(conn.sock)
+        conn.events = 0
+        conn.sock.close()
 
-    def _index_before(self):
-        before_of = {}
-        for name, spec in self.specs.items():
-            for later in spec.before:
-                before_of.setdefault(later, []).append(name)
-        self.before_of = {name: tuple(sorted(names)) for name, names in before_of.items()}
 
-    def forget_removed(self):
-        for name in [name for name, s in self.services.items() if s.versions.removed and s.state not in ACTIVE_STATES]:
-            self.services.pop(name).discard()
-            self.snapshots.point(name, None)
-            self._collect_later()
+class HttpRoutes:
+    """What the HTTP listener answers: the routes, each a method that returns
+    (status, content type, body, extra headers). They read what the control
+    socket's `status` reads; nothing here changes a service but a signed
+    /hooks/sync."""
 
-    def _collect_later(self):
-        """Collect snapshots soon: after a deploy, its restarts come first."""
-        if self.collect_timer is None:
-            self.collect_timer = self.host.call_later(SNAPSHOT_COLLECT_DELAY, self.collect_snapshots)
+    def __init__(self, daemon):
+        self.daemon = daemon
 
-    def collect_snapshots(self):
-        """Remove the snapshots no unit runs, or keeps for AutoRollback= or
-        rollback (the version before the current one, per unit)."""
-        self.collect_timer = None
-        keep = set()
-        for service in self.services.values():
-            keep.update((service.spec.tree, service.versions.previous_tree,
-                         service.versions.previous[0].tree if service.versions.previous else None,
-                         service.resources.running_tree if service.has_process() else None))
-        keep.discard(None)
-        adopted = {s.resources.running_tree for s in self.services.values() if s.adopted and s.has_process()}
-        return self.snapshots.collect(keep, set(self.services), adopted)
+    def http_reply(self, request):
+        """(status, content type, body, extra headers) for one HTTP request.
+        Nothing here changes a service but a signed /hooks/sync."""
+        route = self.HTTP_ROUTES.get(request.path)
+        if route is None and request.path.startswith("/units/"):
+            route = (("GET", "HEAD"), HttpRoutes._http_unit_page)
+        if route is None:
+            return 404, "text/plain", b"not found: try /, /metrics, /status, /healthz or POST /hooks/sync\n", {}
+        allowed, handler = route
+        if request.method not in allowed:
+            return 405, "text/plain", b"method not allowed\n", {"Allow": ", ".join(allowed)}
+        return handler(self, request)
 
-    # -- AutoRollback= and rollback ---------------------------------------------------------
+    def _http_metrics(self, request):
+        return 200, "text/plain; version=0.0.4; charset=utf-8", prometheus_text(self.daemon).encode(), {}
 
-    def auto_rollback(self, service, why):
-        """AutoRollback=yes: the version a deploy brought failed (start limit, or
-        never healthy). The unit's previous version (spec and commit) is put
-        back on the service to run instead: True, or False if there is none.
-        The repository is not touched; `diff` shows the drift, `status` and
-        history say why."""
-        if not service.versions.previous or not service.spec.auto_rollback or self.host.shutting_down:
-            return False
-        old_spec, old_commit = service.versions.previous
-        bad_commit = service.commit
-        service.versions.previous = None
-        service.versions.rejected = service.spec.identity()
-        service.versions.rolled_back = {"from": bad_commit, "to": old_commit, "why": why, "time": time.time()}
-        self.specs[service.name] = old_spec
-        self.log.warning(service.name, "Rolling back to the version of %s: the one of %s failed (%s)" % (
-            old_commit[:7], bad_commit[:7], why))
-        self.history.record("auto-rollback", "rolled back", bad_commit, "AutoRollback of %s" % service.name,
-                            changed=[service.name], why=why)
-        self._count("rolled back")
-        self.events.record("rollback", service.name, bad_commit, old_commit, why, service.pid, old_commit)
-        service.take_version(old_spec, old_commit)
-        self.snapshots.point(service.name, old_spec.tree)
-        self._index_before()
-        self.store.save_now()
-        return True
+    def _http_status(self, request):
+        result = self.daemon.handlers.status_result()
+        return 200, "application/json", (json.dumps(result, indent=2, sort_keys=True) + "\n").encode(), {}
 
-    def deploy_note(self, service):
-        """', commit COMMIT' when the service's running version came from the
-        deployed commit (for grep "Restarting" in daemon.log)."""
-        if self.deployed and service.commit == self.deployed.sha:
-            return ", commit %s" % service.commit[:7]
-        return ""
+    def _page_data(self, names=None):
+        daemon = self.daemon
+        result = self.daemon.handlers.status_result()
+        result["services"] = [daemon.services[n].snapshot(True) for n in (names or sorted(daemon.services))]
+        return result
 
-    def rollback(self, rev):
-        """Local mode: a new commit restoring the units of `rev`, deployed.
-        Remote mode: pin the daemon to `rev` until the remote branch moves on."""
-        repo, branch = self.config.repo_path, self.config.branch
-        target = git_commit_at(repo, rev, "commit %r" % rev)
-        if self.remote_mode:
-            try:
-                self.verifier.check(target, None)     # a pin writes nothing: it must verify as it is
-            except Refusal as exc:
-                raise GitprocError("rollback: %s" % exc)
-            fetched = read_ref_file(git_common_dir(repo), REMOTE_REF % branch)
-            self.pin = {"sha": target.sha, "subject": target.subject, "remote_at": fetched}
-            self.log.info("daemon", "Rollback: pinned to %s until %s/%s moves on" % (target.sha[:7], self.config.remote, branch))
-            plan = self.deploy_head("rollback")
-            plan.notes["pinned"] = self.pin
-        else:
-            try:
-                self.verifier.check(target, None)     # a signed rollback must not vouch for what was never verified
-            except Refusal as exc:
-                raise GitprocError("rollback: %s" % exc)
-            sign = self._signing_options()
-            if self.verifier.kind and not sign:
-                raise GitprocError("rollback refused: verification is on and no signing_key is set, so the rollback "
-                                   "commit would be refused; set signing_key in the config, or commit the old units "
-                                   "yourself, signed")
-            head = git_commit_at(repo, "refs/heads/" + branch, "branch %r" % branch)
-            if self.deployed and head.sha != self.deployed.sha:
-                # The rollback commit goes on top of the branch: what the branch
-                # holds since the deployed commit must pass too (a rewind, or
-                # with scope all a commit that does not verify), or it would
-                # add a commit that is refused.
-                try:
-                    self.verifier.check(head, self.deployed.sha, signatures=self.verifier.verify.get("scope") == "all")
-                except Refusal as exc:
-                    raise GitprocError("rollback refused, nothing committed: %s; put the branch back on the deployed "
-                                       "commit first (in the repository: git reset --hard %s)" % (
-                                           exc, self.deployed.sha[:7]))
-            new = git_restore_units(repo, branch, head, target, sign)
-            if new is not None:
-                self.log.info("daemon", "Rollback: commit %s restores the units of %s" % (new[:7], target.sha[:7]))
-            plan = self.deploy_head("rollback")
-            plan.notes["rollback_commit"] = new
-        plan.notes["target"] = target.to_json()
-        return plan
+    def _http_page(self, request):
+        return 200, "text/html; charset=utf-8", status_page(self._page_data()), page_headers()
 
-    def release_pin(self):
-        if not self.pin:
-            raise GitprocError("nothing to release: no rollback pin is set")
-        self.log.info("daemon", "Rollback pin on %s released" % self.pin["sha"][:7])
-        self.rewind_base, self.pin = self.pin.get("remote_at"), None
-        return self.deploy_head("rollback release", force=True)
+    def _http_unit_page(self, request):
+        from urllib.parse import unquote
+        name = unquote(request.path[len("/units/"):])
+        service = self.daemon.services.get(name)
+        if service is None:
+            return 404, "text/html; charset=utf-8", _page("not found", "<main><h1>No unit %s</h1><p><a href=\"/\">"
+                                                          "all units</a></p></main>" % __import__("html").escape(name),
+                                                          refresh=False), page_headers()
+        snapshot = service.snapshot(True)
+        if self.daemon.config.http_show_logs:
+            snapshot["log_tail"] = tail_lines(self.daemon.config.service_log(service.log_name), 30)
+        return 200, "text/html; charset=utf-8", unit_page(snapshot, self.daemon.info(), self.daemon.config.http_show_logs), \
+            page_headers()
+
+    def _http_healthz(self, request):
+        sync = self.daemon.deployer.last_sync
+        if self.daemon.host.shutting_down:
+            return 503, "text/plain", b"shutting down\n", {}
+        if not sync or sync.get("result") in ("error", "refused"):
+            why = sync.get("error") if sync else "no sync yet"
+            return 503, "text/plain", ("last sync %s: %s\n" % (
+                "refused" if sync and sync["result"] == "refused" else "failed", why)).encode(), {}
+        return 200, "text/plain", b"ok\n", {}
+
+    def _http_hook(self, request):
+        daemon = self.daemon
+        secret = daemon.config.webhook_secret
+        if not secret:
+            daemon.log.warning("daemon", "Webhook refused: no webhook_secret is set")
+            return 403, "text/plain", b"webhooks are off: set webhook_secret in the daemon's config\n", {}
+        forge, why = webhook_sender(secret, request.headers, request.body)
+        if forge is None:
+            daemon.log.warning("daemon", "Webhook refused: %s" % why)
+            return 401, "text/plain", ("refused: %s\n" % why).encode(), {}
+        if daemon.host.shutting_down:
+            return 503, "text/plain", b"shutting down\n", {}
+        daemon.log.info("daemon", "Webhook from %s: syncing" % forge)
+        if daemon.deployer.remote_mode:
+            daemon.source.after_fetch(lambda error: None, deploy=True)
+            return 202, "application/json", b'{"ok": true, "fetching": true}\n', {}
+        plan = daemon.deployer.deploy_head("webhook")
+        reply = plan_reply(plan)
+        return (200 if reply["ok"] else 503), "application/json", (json.dumps(reply, sort_keys=True) + "\n").encode(), {}
+
+    HTTP_ROUTES = {"/": (("GET", "HEAD"), _http_page),
+                   "/metrics": (("GET", "HEAD"), _http_metrics), "/status": (("GET", "HEAD"), _http_status),
+                   "/healthz": (("GET", "HEAD"), _http_healthz), "/hooks/sync": (("POST",), _http_hook)}
+
+
+# ---- metrics (Prometheus text) ---------------------------------------------------
 
 
 def prometheus_label(value):
@@ -14034,6 +14139,30 @@ def _prometheus_number(value):
     if isinstance(value, float):
         return repr(value) if math.isfinite(value) else ("+Inf" if value > 0 else "-Inf" if value < 0 else "NaN")
     return str(value)
+
+
+# ---- webhooks --------------------------------------------------------------------
+
+
+def webhook_sender(secret, headers, body):
+    """(forge, None) for a push webhook signed with `secret`, else (None, why).
+    GitHub: X-Hub-Signature-256 = sha256=HMAC-SHA256(body); Gitea:
+    X-Gitea-Signature = HMAC-SHA256(body) in hex; GitLab: X-Gitlab-Token = the
+    secret itself. Compared in constant time."""
+    import hashlib
+    import hmac
+    key = secret.encode()
+    digest = hmac.new(key, body, hashlib.sha256).hexdigest()
+    checks = (("x-hub-signature-256", "GitHub", ("sha256=" + digest).encode()),
+              ("x-gitea-signature", "Gitea", digest.encode()),
+              ("x-gitlab-token", "GitLab", key))
+    for header, forge, expected in checks:
+        if header in headers:
+            given = headers[header].strip().encode("latin-1")
+            if hmac.compare_digest(given.lower() if forge != "GitLab" else given, expected):
+                return forge, None
+            return None, "%s signature (%s) does not match webhook_secret" % (forge, header)
+    return None, "no X-Hub-Signature-256, X-Gitea-Signature or X-Gitlab-Token header"
 
 
 # ---- the status page (SPEC §21) ---------------------------------------------------------
@@ -14197,534 +14326,7 @@ def unit_page(service, info, show_logs):
     return _page("%s on %s" % (service["name"], info["hostname"]), body)
 
 
-class RequestHandlers:
-    """The control socket's commands, one method each, found through
-    COMMANDS. They read and act on the daemon's parts; a GitprocError they
-    raise becomes the error reply."""
-
-    def __init__(self, daemon):
-        self.daemon = daemon
-
-    def dispatch(self, conn, message):
-        handler = self.COMMANDS.get(message["cmd"])
-        if handler is None:
-            return {"ok": False, "error": "unknown command %r" % message["cmd"][:64]}
-        return handler(self, conn, message)
-
-    # -- arguments -------------------------------------------------------------------
-
-    def _names(self, message, allow_empty=False):
-        services, skipped = self.daemon.services, self.daemon.deployer.skipped
-        names = message.get("names", [])
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise GitprocError("malformed request: 'names' must be a list of unit names")
-        if not names and not allow_empty:
-            raise GitprocError("name at least one unit")
-        names = [as_unit_name(n, services) for n in names]
-        unknown = [n for n in names if n not in services or services[n].versions.removed]
-        if unknown:
-            hint = ""
-            known_skipped = [n for n in unknown if n in skipped]
-            if known_skipped:
-                hint = " (%s)" % skipped[known_skipped[0]]
-            raise GitprocError("unknown unit%s: %s%s" % ("s" if len(unknown) > 1 else "", ", ".join(unknown), hint))
-        return names
-
-    def _activator_names(self, message):
-        """(timers, sockets): the NAME.timer and NAME.socket names of a
-        request, taken out of its 'names' (which then names services only);
-        an unknown one is an error."""
-        names = message.get("names", [])
-        if not isinstance(names, list):
-            return [], []
-        found = []
-        for suffix, runner in ((TIMER_SUFFIX, self.daemon.schedule), (SOCKET_SUFFIX, self.daemon.listeners)):
-            these = [n for n in names if isinstance(n, str) and n.endswith(suffix)]
-            unknown = [n for n in these if n not in runner.units]
-            if unknown:
-                skipped = [self.daemon.deployer.skipped[n] for n in unknown if n in self.daemon.deployer.skipped]
-                raise GitprocError("unknown %s%s: %s%s" % (suffix[1:], "s" if len(unknown) > 1 else "",
-                                                          ", ".join(unknown), " (%s)" % skipped[0] if skipped else ""))
-            found.append(these)
-        message["names"] = [n for n in names if n not in found[0] and n not in found[1]]
-        return found[0], found[1]
-
-    def _timers_json(self, names=None):
-        schedule, services = self.daemon.schedule, self.daemon.services
-        return [schedule.timers[n].to_json(services) for n in (sorted(schedule.timers) if names is None else names)]
-
-    def _sockets_json(self, names=None):
-        listeners, services = self.daemon.listeners, self.daemon.services
-        return [listeners.units[n].to_json(services) for n in (sorted(listeners.units) if names is None else names)]
-
-    @staticmethod
-    def _timeout(message, default):
-        timeout = message.get("timeout", default)
-        if (not isinstance(timeout, (int, float)) or isinstance(timeout, bool)
-                or not math.isfinite(timeout) or not 0 <= timeout <= MAX_WAIT_TIMEOUT):
-            raise GitprocError("malformed request: 'timeout' must be seconds from 0 to %d" % MAX_WAIT_TIMEOUT)
-        return timeout
-
-    def _refuse_while_shutting_down(self):
-        if self.daemon.host.shutting_down:
-            raise GitprocError("the daemon is shutting down")
-
-    @staticmethod
-    def _plan_reply(plan):
-        if plan.error:
-            return {"ok": False, "error": plan.error}
-        return {"ok": True, "result": plan.to_json()}
-
-    # -- what runs ---------------------------------------------------------------------
-
-    def _cmd_ping(self, conn, message):
-        return {"ok": True, "result": {"pid": os.getpid(), "version": __version__,
-                                       "module": os.path.realpath(__file__)}}
-
-    def _cmd_status(self, conn, message):
-        daemon = self.daemon
-        timers, sockets = self._activator_names(message)
-        names = self._names(message, allow_empty=True)
-        detail = bool(names) or bool(timers) or bool(sockets)
-        services = [daemon.services[n].snapshot(detail) for n in (names or (
-            [] if timers or sockets else sorted(daemon.services)))]
-        if detail:
-            for entry in services:
-                entry["log_tail"] = tail_lines(daemon.config.service_log(entry["name"]), 10)
-                entry["warnings"] = entry.get("warnings", []) + [str(d) for d in daemon.deployer.unit_problems
-                                     if d.code == "key" and d.unit_name == entry["name"]]
-                if entry.get("folder"):
-                    entry["folder"]["link"] = daemon.deployer.snapshots.link(entry["name"])
-        return {"ok": True, "result": {"daemon": daemon.info(), "services": services,
-                                       "timers": self._timers_json(timers if detail else None),
-                                       "sockets": self._sockets_json(sockets if detail else None),
-                                       "problems": [d.to_json() for d in daemon.deployer.unit_problems]}}
-
-    def _cmd_list_timers(self, conn, message):
-        """list-timers: every timer, the stopped ones with `all`."""
-        timers = [t for t in self._timers_json() if message.get("all") or t["state"] != "stopped"]
-        return {"ok": True, "result": {"timers": timers, "now": time.time()}}
-
-    def _cmd_list_sockets(self, conn, message):
-        """list-sockets: every socket, the stopped ones with `all`."""
-        sockets = [s for s in self._sockets_json() if message.get("all") or s["state"] != "stopped"]
-        return {"ok": True, "result": {"sockets": sockets}}
-
-    def _cmd_list(self, conn, message):
-        services, deployer = self.daemon.services, self.daemon.deployer
-        warned = {}
-        for problem in deployer.unit_problems:
-            if problem.code == "key":
-                warned[problem.unit_name] = warned.get(problem.unit_name, 0) + 1
-        units = [{"name": name, "path": spec.path, "state": services[name].state,
-                  "commit": services[name].commit, "description": spec.description, "warnings": warned.get(name, 0)}
-                 for name, spec in sorted(deployer.specs.items()) if name in services]
-        units += [{"name": t["name"], "path": t["path"], "state": t["state"], "commit": deployer.deployed.sha
-                   if deployer.deployed else None, "description": t["description"], "warnings": 0}
-                  for t in self._timers_json() + self._sockets_json()]
-        units += [{"name": name, "path": None, "state": "skipped", "commit": None, "description": why}
-                  for name, why in sorted(deployer.skipped.items())]
-        units += [{"name": os.path.basename(d.path), "path": d.path, "state": "not run", "commit": None,
-                   "description": d.message} for d in deployer.unit_problems if d.code in ("other-unit", "activated")]
-        invalid = [d.to_json() for d in deployer.unit_problems if d.severity == "error"]
-        return {"ok": True, "result": {"commit": deployer.deployed.to_json() if deployer.deployed else None,
-                                       "units": units, "invalid": invalid}}
-
-    def _cmd_history(self, conn, message):
-        count = message.get("count", 20)
-        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
-            raise GitprocError("malformed request: 'count' must be a whole number")
-        return {"ok": True, "result": {"history": self.daemon.deployer.history.last(count)}}
-
-    # -- start, stop, restart, wait ------------------------------------------------------
-
-    def _cmd_start(self, conn, message):
-        return self._act(conn, message, "start")
-
-    def _cmd_stop(self, conn, message):
-        return self._act(conn, message, "stop")
-
-    def _cmd_restart(self, conn, message):
-        return self._act(conn, message, "restart")
-
-    def _act(self, conn, message, action):
-        services = self.daemon.services
-        timers, sockets = self._activator_names(message)
-        names = self._names(message, allow_empty=bool(timers) or bool(sockets))
-        self._refuse_while_shutting_down()
-        for runner, these in ((self.daemon.schedule, timers), (self.daemon.listeners, sockets)):
-            for name in these:            # armed or disarmed, listening or closed at once: nothing to wait for
-                if action != "start":
-                    runner.stop(name)
-                if action != "stop":
-                    runner.start(name)
-        if not names:
-            self.daemon.store.save_now()
-            return {"ok": True, "result": {"services": [], "timers": self._timers_json(timers),
-                                           "sockets": self._sockets_json(sockets)}}
-        generations = {}
-        dependencies = self.daemon.dependencies
-        if action != "stop":
-            for service in dependencies.conflicting(names):
-                if service.state in ACTIVE_STATES:
-                    self.daemon.log.info(service.name, "Stopping: conflicts with %s" % ", ".join(names))
-                service.stop("conflicts with %s" % ", ".join(names))
-            for service in dependencies.pulled_in(names):
-                self.daemon.log.info(service.name, "Starting: wanted by %s" % ", ".join(names))
-                service.start()
-        if action != "start":
-            for service in dependencies.part_of(names):
-                why = "%s with %s (PartOf=)" % ("stopped" if action == "stop" else "restarted", ", ".join(names))
-                self.daemon.log.info(service.name, sentence(why))
-                if action == "stop":
-                    service.stop(why)
-                else:
-                    service.restart(why)
-        for name in names:
-            service = services[name]
-            generations[name] = service.generation
-            if action == "start":
-                service.start(manual=True)
-            elif action == "stop":
-                service.stop()
-            else:
-                service.restart()
-        self.daemon.store.save_now()      # a user's intent is never left to the batch
-        if message.get("block") is False:
-            return {"ok": True, "result": {"services": [services[n].snapshot() for n in names]}}
-
-        def settled(name):
-            service = services.get(name)
-            if service is None:
-                return True
-            if action == "stop":
-                return service.state != STOPPING
-            if action == "restart" and service.generation == generations[name] and service.state != FAILED:
-                return False
-            return service.state in SETTLED_STATES
-
-        def check():
-            if not all(settled(n) for n in names):
-                return None
-            return self._action_reply(names, action)
-
-        def expire():
-            late = [n for n in names if not settled(n)]
-            return {"ok": False, "error": "timed out waiting for %s to %s" % (", ".join(late), action)}
-        return self.daemon.server.park(conn, check, expire, self._timeout(message, DEFAULT_WAIT_TIMEOUT))
-
-    def _cmd_reload(self, conn, message):
-        """ExecReload= (or ReloadSignal=) of running units; the reply comes
-        once each reload is over (`block`: false, at once), an error naming
-        each unit that cannot reload or whose reload failed."""
-        services = self.daemon.services
-        names = self._names(message)
-        self._refuse_while_shutting_down()
-        cannot = []
-        for name in names:
-            service = services[name]
-            if not service.spec.exec_reload and service.spec.type != "notify-reload":
-                cannot.append("%s has no ExecReload=" % name)
-            elif service.state not in (RUNNING, RELOADING):
-                cannot.append("%s is %s, not running" % (name, service.state))
-        if cannot:
-            raise GitprocError("cannot reload: %s" % "; ".join(cannot))
-        serials = {}
-        for name in names:
-            serials[name] = services[name].reload_serial + (1 if services[name].phase != RELOAD else 0)
-            services[name].reload()
-        for service in self.daemon.dependencies.reload_propagated(names):
-            self.daemon.log.info(service.name, "Reloading: with %s (PropagatesReloadTo=)" % ", ".join(names))
-            service.reload()
-        if message.get("block") is False:
-            return {"ok": True, "result": {"services": [services[n].snapshot() for n in names]}}
-
-        def done(name):
-            service = services.get(name)
-            return service is None or service.reload_serial >= serials[name] or service.state not in (RUNNING, RELOADING)
-
-        def check():
-            if not all(done(n) for n in names):
-                return None
-            failed = ["%s: %s" % (n, services[n].reload_error) for n in names if n in services and services[n].reload_error]
-            failed += ["%s is %s" % (n, services[n].state) for n in names
-                       if n in services and services[n].state not in (RUNNING, RELOADING)]
-            snapshot = [services[n].snapshot() for n in names if n in services]
-            if failed:
-                return {"ok": False, "error": "reload failed: %s" % "; ".join(failed), "result": {"services": snapshot}}
-            return {"ok": True, "result": {"services": snapshot}}
-
-        def expire():
-            return {"ok": False, "error": "timed out waiting for %s to reload" % ", ".join(n for n in names if not done(n))}
-        return self.daemon.server.park(conn, check, expire, self._timeout(message, DEFAULT_WAIT_TIMEOUT))
-
-    def _action_reply(self, names, action):
-        services = self.daemon.services
-        problems = []
-        for name in names:
-            service = services.get(name)
-            if service is None:
-                continue
-            if action == "stop" and service.state in ACTIVE_STATES:
-                problems.append("%s is %s" % (name, service.state))
-            elif action != "stop" and not service.is_ready() and not skipped_by_condition(service):
-                problems.append("%s is %s (%s)" % (name, service.state, service.reason or describe_exit(service.last_exit)))
-        snapshot = [services[n].snapshot() for n in names if n in services]
-        if problems:
-            return {"ok": False, "error": "%s failed: %s" % (action, "; ".join(problems)), "result": {"services": snapshot}}
-        return {"ok": True, "result": {"services": snapshot}}
-
-    def _cmd_wait(self, conn, message):
-        services = self.daemon.services
-        names = self._names(message)
-        target = message.get("state", "running")
-        if not isinstance(target, str):
-            raise GitprocError("malformed request: 'state' must be a string")
-        predicates = {
-            "running": lambda s: s.is_ready(),
-            "healthy": lambda s: s.is_ready() and s.health()[0] in (None, "healthy"),
-            "stopped": lambda s: s.state in (STOPPED, EXITED, FAILED),
-        }
-        if target not in predicates:
-            raise GitprocError("wait: state must be running, healthy or stopped, not %r" % target)
-        reached = predicates[target]
-        timeout = self._timeout(message, DEFAULT_WAIT_TIMEOUT)
-
-        def check():
-            if all(n in services and reached(services[n]) for n in names):
-                return {"ok": True, "result": {"services": [services[n].snapshot() for n in names]}}
-            lost = [(n, why) for n, why in ((n, self._cannot_come(services.get(n), target)) for n in names) if why]
-            if lost:                      # no need to wait out the timeout for what cannot come
-                return {"ok": False, "error": "%s will not be %s: %s" % (
-                    ", ".join(n for n, _ in lost), target, "; ".join(why for _, why in lost))}
-            return None
-
-        def expire():
-            late = ["%s is %s" % (n, services[n].state if n in services else "gone")
-                    for n in names if not (n in services and reached(services[n]))]
-            return {"ok": False, "error": "timed out after %gs waiting for %s: %s" % (timeout, target, ", ".join(late))}
-        return self.daemon.server.park(conn, check, expire, timeout)
-
-    @staticmethod
-    def _cannot_come(service, target):
-        """Why `service` can no longer reach `target` (running or healthy)
-        unless someone acts, or None: it failed, it exited and will not
-        restart, a condition kept it from starting, or a stop is wanted."""
-        if service is None or target == "stopped" or service.versions.removed:
-            return None if service is not None or target == "stopped" else "it is gone"
-        state = service.state
-        if state == FAILED:
-            return "%s is failed (%s)" % (service.name, service.reason or "see its status")
-        if state == EXITED:
-            return "%s exited and will not restart (%s)" % (service.name, service.reason or "see its status")
-        if state == STOPPED and service.want == "down":
-            return "%s is stopped by the user (start it)" % service.name
-        if skipped_by_condition(service):
-            return "%s did not start: %s" % (service.name, service.reason)
-        return None
-
-    def _cmd_daemon_reload(self, conn, message):
-        result = self.daemon.reload_config()
-        deployer = self.daemon.deployer
-        if deployer.remote_mode:
-            self.daemon.source.after_fetch(lambda error: None, deploy=True)
-        else:
-            deployer.deploy_head("daemon-reload")
-        return {"ok": True, "result": result}
-
-    def _cmd_shutdown(self, conn, message):
-        keep = bool(message.get("keep_services"))
-        self.daemon.call_later(0, lambda: self.daemon.begin_shutdown("shutdown command", keep_services=keep))
-        return {"ok": True, "result": {"pid": os.getpid(), "keep_services": keep}}
-
-    # -- deploys -------------------------------------------------------------------------
-
-    def _cmd_sync(self, conn, message):
-        deployer = self.daemon.deployer
-        deployer.sync_asked = {"allow_rewind": bool(message.get("allow_rewind"))}
-        if not deployer.remote_mode:
-            return self._plan_reply(deployer.deploy_head("sync"))
-        return self._after_fresh_fetch(conn, message, lambda: deployer.last_plan, deploy=True)
-
-    def _cmd_diff(self, conn, message):
-        deployer = self.daemon.deployer
-        if not deployer.remote_mode:
-            return self._plan_reply(deployer.diff())
-        return self._after_fresh_fetch(conn, message, deployer.diff, deploy=False)
-
-    def _after_fresh_fetch(self, conn, message, make_plan, deploy):
-        """Park the reply until a new fetch completed, then answer make_plan()."""
-        box = {}
-
-        def finish(error):
-            box["reply"] = {"ok": False, "error": error} if error else self._plan_reply(make_plan())
-            self.daemon.changed = True
-        self.daemon.source.after_fetch(finish, deploy)
-        return self.daemon.server.park(conn, lambda: box.get("reply"),
-                                       lambda: {"ok": False, "error": "git fetch did not finish in time"},
-                                       self._timeout(message, FETCH_TIMEOUT + 10))
-
-    def _cmd_rollback(self, conn, message):
-        self._refuse_while_shutting_down()
-        if message.get("release"):
-            return self._plan_reply(self.daemon.deployer.release_pin())
-        rev = message.get("commit")
-        if not isinstance(rev, str) or not rev or rev.startswith("-"):
-            raise GitprocError("rollback: name a commit (an id, a tag, HEAD~2, ...)")
-        return self._plan_reply(self.daemon.deployer.rollback(rev))
-
-    # -- what gitproc did: events and metrics -----------------------------------------
-
-    def _cmd_events(self, conn, message):
-        names = message.get("names", [])
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise GitprocError("malformed request: 'names' must be a list of unit names")
-        names = [as_unit_name(n, self.daemon.services) for n in names]
-        count = message.get("count", EVENT_LIMIT)
-        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
-            raise GitprocError("malformed request: 'count' must be a whole number")
-        events = self.daemon.events.recent(names)
-        if message.get("follow"):
-            self.daemon.events.follow(conn, names)
-        return {"ok": True, "result": {"events": events[-count:] if count else [], "follow": bool(message.get("follow"))}}
-
-    def _cmd_metrics(self, conn, message):
-        return {"ok": True, "result": {"text": prometheus_text(self.daemon)}}
-
-    def _cmd_notify_test(self, conn, message):
-        """notify test [TARGET]: a test alert; the reply once every target answered."""
-        target = message.get("target")
-        if target is not None and not isinstance(target, str):
-            raise GitprocError("malformed request: 'target' must be a string")
-        alerts = self.daemon.alerts
-        deliveries = alerts.test(target)
-
-        def forget():
-            for delivery in deliveries:
-                if delivery in alerts.tests:
-                    alerts.tests.remove(delivery)
-
-        def check():
-            if any(d.outcome is None for d in deliveries):
-                return None
-            forget()
-            results = [{"target": d.target["name"], "ok": d.outcome[0], "answer": d.outcome[1]} for d in deliveries]
-            return {"ok": True, "result": {"targets": results}}
-        def expire():
-            forget()
-            return {"ok": False, "error": "no answer within %gs" % (ALERT_TIMEOUT + 5)}
-        return self.daemon.server.park(conn, check, expire, ALERT_TIMEOUT + 5)
-
-    COMMANDS = {"ping": _cmd_ping, "status": _cmd_status, "list": _cmd_list, "list-timers": _cmd_list_timers,
-                "list-sockets": _cmd_list_sockets,
-                "start": _cmd_start,
-                "stop": _cmd_stop, "restart": _cmd_restart, "reload": _cmd_reload, "wait": _cmd_wait, "shutdown": _cmd_shutdown,
-                "daemon-reload": _cmd_daemon_reload,
-                "sync": _cmd_sync, "diff": _cmd_diff, "rollback": _cmd_rollback, "history": _cmd_history,
-                "events": _cmd_events, "metrics": _cmd_metrics, "notify-test": _cmd_notify_test}
-
-    # -- the HTTP listener's routes ----------------------------------------------------
-
-    def http_reply(self, request):
-        """(status, content type, body, extra headers) for one HTTP request.
-        Nothing here changes a service but a signed /hooks/sync."""
-        route = self.HTTP_ROUTES.get(request.path)
-        if route is None and request.path.startswith("/units/"):
-            route = (("GET", "HEAD"), RequestHandlers._http_unit_page)
-        if route is None:
-            return 404, "text/plain", b"not found: try /, /metrics, /status, /healthz or POST /hooks/sync\n", {}
-        allowed, handler = route
-        if request.method not in allowed:
-            return 405, "text/plain", b"method not allowed\n", {"Allow": ", ".join(allowed)}
-        return handler(self, request)
-
-    def _http_metrics(self, request):
-        return 200, "text/plain; version=0.0.4; charset=utf-8", prometheus_text(self.daemon).encode(), {}
-
-    def _http_status(self, request):
-        result = self._cmd_status(None, {})["result"]
-        return 200, "application/json", (json.dumps(result, indent=2, sort_keys=True) + "\n").encode(), {}
-
-    def _page_data(self, names=None):
-        daemon = self.daemon
-        result = self._cmd_status(None, {})["result"]
-        result["services"] = [daemon.services[n].snapshot(True) for n in (names or sorted(daemon.services))]
-        return result
-
-    def _http_page(self, request):
-        return 200, "text/html; charset=utf-8", status_page(self._page_data()), page_headers()
-
-    def _http_unit_page(self, request):
-        from urllib.parse import unquote
-        name = unquote(request.path[len("/units/"):])
-        service = self.daemon.services.get(name)
-        if service is None:
-            return 404, "text/html; charset=utf-8", _page("not found", "<main><h1>No unit %s</h1><p><a href=\"/\">"
-                                                          "all units</a></p></main>" % __import__("html").escape(name),
-                                                          refresh=False), page_headers()
-        snapshot = service.snapshot(True)
-        if self.daemon.config.http_show_logs:
-            snapshot["log_tail"] = tail_lines(self.daemon.config.service_log(service.log_name), 30)
-        return 200, "text/html; charset=utf-8", unit_page(snapshot, self.daemon.info(), self.daemon.config.http_show_logs), \
-            page_headers()
-
-    def _http_healthz(self, request):
-        sync = self.daemon.deployer.last_sync
-        if self.daemon.host.shutting_down:
-            return 503, "text/plain", b"shutting down\n", {}
-        if not sync or sync.get("result") in ("error", "refused"):
-            why = sync.get("error") if sync else "no sync yet"
-            return 503, "text/plain", ("last sync %s: %s\n" % (
-                "refused" if sync and sync["result"] == "refused" else "failed", why)).encode(), {}
-        return 200, "text/plain", b"ok\n", {}
-
-    def _http_hook(self, request):
-        daemon = self.daemon
-        secret = daemon.config.webhook_secret
-        if not secret:
-            daemon.log.warning("daemon", "Webhook refused: no webhook_secret is set")
-            return 403, "text/plain", b"webhooks are off: set webhook_secret in the daemon's config\n", {}
-        forge, why = webhook_sender(secret, request.headers, request.body)
-        if forge is None:
-            daemon.log.warning("daemon", "Webhook refused: %s" % why)
-            return 401, "text/plain", ("refused: %s\n" % why).encode(), {}
-        if daemon.host.shutting_down:
-            return 503, "text/plain", b"shutting down\n", {}
-        daemon.log.info("daemon", "Webhook from %s: syncing" % forge)
-        if daemon.deployer.remote_mode:
-            daemon.source.after_fetch(lambda error: None, deploy=True)
-            return 202, "application/json", b'{"ok": true, "fetching": true}\n', {}
-        plan = daemon.deployer.deploy_head("webhook")
-        reply = self._plan_reply(plan)
-        return (200 if reply["ok"] else 503), "application/json", (json.dumps(reply, sort_keys=True) + "\n").encode(), {}
-
-    HTTP_ROUTES = {"/": (("GET", "HEAD"), _http_page),
-                   "/metrics": (("GET", "HEAD"), _http_metrics), "/status": (("GET", "HEAD"), _http_status),
-                   "/healthz": (("GET", "HEAD"), _http_healthz), "/hooks/sync": (("POST",), _http_hook)}
-
-
-def webhook_sender(secret, headers, body):
-    """(forge, None) for a push webhook signed with `secret`, else (None, why).
-    GitHub: X-Hub-Signature-256 = sha256=HMAC-SHA256(body); Gitea:
-    X-Gitea-Signature = HMAC-SHA256(body) in hex; GitLab: X-Gitlab-Token = the
-    secret itself. Compared in constant time."""
-    import hashlib
-    import hmac
-    key = secret.encode()
-    digest = hmac.new(key, body, hashlib.sha256).hexdigest()
-    checks = (("x-hub-signature-256", "GitHub", ("sha256=" + digest).encode()),
-              ("x-gitea-signature", "Gitea", digest.encode()),
-              ("x-gitlab-token", "GitLab", key))
-    for header, forge, expected in checks:
-        if header in headers:
-            given = headers[header].strip().encode("latin-1")
-            if hmac.compare_digest(given.lower() if forge != "GitLab" else given, expected):
-                return forge, None
-            return None, "%s signature (%s) does not match webhook_secret" % (forge, header)
-    return None, "no X-Hub-Signature-256, X-Gitea-Signature or X-Gitlab-Token header"
-
-
-# ---- alerts (SPEC §21) --------------------------------------------------------------
+# ==== 16. alerts =============================================================
 # What the event log records is watched for what someone must hear of: a unit
 # failed, restarted after an exit, turned unhealthy, its watchdog fired; a
 # deploy failed, was refused, or rolled back; and then its recovery. The first
@@ -15013,6 +14615,468 @@ class Alerter:
     def describe(self):
         return {"targets": [{"name": t["name"], "last": self.last.get(t["name"])} for t in self.targets],
                 "waiting": len(self.queue), "under_way": len(self.running), "suppressed": self.suppressed_total}
+
+
+# ==== 17. daemon =============================================================
+# The one thread that owns everything: a selector over the signal wakeup pipe,
+# pidfds, the control socket and its clients, plus a heap of timers. Services,
+# the state store and deploys are only touched from here. The parts, each a
+# class: RequestHandlers (the socket's commands), DaemonHost (the real
+# ServiceHost) and Daemon, the loop and the wiring.
+
+
+class Timer:
+    __slots__ = ("when", "callback", "cancelled")
+
+    def __init__(self, when, callback):
+        self.when, self.callback, self.cancelled = when, callback, False
+
+    def cancel(self):
+        self.cancelled = True
+
+
+def _signal_group_if_same(pid, pid_start, number):
+    """Signal the process group led by `pid` only while `pid` is still the process
+    that started at `pid_start`."""
+    if pid_start_time(pid) == pid_start:
+        try:
+            os.killpg(pid, number)
+        except OSError:
+            pass
+
+
+def plan_reply(plan):
+    """The reply to a request that deployed, planned or rolled back."""
+    if plan.error:
+        return {"ok": False, "error": plan.error}
+    return {"ok": True, "result": plan.to_json()}
+
+
+class RequestHandlers:
+    """The control socket's commands, one method each, found through
+    COMMANDS. They read and act on the daemon's parts; a GitprocError they
+    raise becomes the error reply."""
+
+    def __init__(self, daemon):
+        self.daemon = daemon
+
+    def dispatch(self, conn, message):
+        handler = self.COMMANDS.get(message["cmd"])
+        if handler is None:
+            return {"ok": False, "error": "unknown command %r" % message["cmd"][:64]}
+        return handler(self, conn, message)
+
+    # -- arguments -------------------------------------------------------------------
+
+    def _names(self, message, allow_empty=False):
+        services, skipped = self.daemon.services, self.daemon.deployer.skipped
+        names = message.get("names", [])
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise GitprocError("malformed request: 'names' must be a list of unit names")
+        if not names and not allow_empty:
+            raise GitprocError("name at least one unit")
+        names = [as_unit_name(n, services) for n in names]
+        unknown = [n for n in names if n not in services or services[n].versions.removed]
+        if unknown:
+            hint = ""
+            known_skipped = [n for n in unknown if n in skipped]
+            if known_skipped:
+                hint = " (%s)" % skipped[known_skipped[0]]
+            raise GitprocError("unknown unit%s: %s%s" % ("s" if len(unknown) > 1 else "", ", ".join(unknown), hint))
+        return names
+
+    def _activator_names(self, message):
+        """(timers, sockets): the NAME.timer and NAME.socket names of a
+        request, taken out of its 'names' (which then names services only);
+        an unknown one is an error."""
+        names = message.get("names", [])
+        if not isinstance(names, list):
+            return [], []
+        found = []
+        for suffix, runner in ((TIMER_SUFFIX, self.daemon.schedule), (SOCKET_SUFFIX, self.daemon.listeners)):
+            these = [n for n in names if isinstance(n, str) and n.endswith(suffix)]
+            unknown = [n for n in these if n not in runner.units]
+            if unknown:
+                skipped = [self.daemon.deployer.skipped[n] for n in unknown if n in self.daemon.deployer.skipped]
+                raise GitprocError("unknown %s%s: %s%s" % (suffix[1:], "s" if len(unknown) > 1 else "",
+                                                          ", ".join(unknown), " (%s)" % skipped[0] if skipped else ""))
+            found.append(these)
+        message["names"] = [n for n in names if n not in found[0] and n not in found[1]]
+        return found[0], found[1]
+
+    def _timers_json(self, names=None):
+        schedule, services = self.daemon.schedule, self.daemon.services
+        return [schedule.timers[n].to_json(services) for n in (sorted(schedule.timers) if names is None else names)]
+
+    def _sockets_json(self, names=None):
+        listeners, services = self.daemon.listeners, self.daemon.services
+        return [listeners.units[n].to_json(services) for n in (sorted(listeners.units) if names is None else names)]
+
+    @staticmethod
+    def _timeout(message, default):
+        timeout = message.get("timeout", default)
+        if (not isinstance(timeout, (int, float)) or isinstance(timeout, bool)
+                or not math.isfinite(timeout) or not 0 <= timeout <= MAX_WAIT_TIMEOUT):
+            raise GitprocError("malformed request: 'timeout' must be seconds from 0 to %d" % MAX_WAIT_TIMEOUT)
+        return timeout
+
+    def _refuse_while_shutting_down(self):
+        if self.daemon.host.shutting_down:
+            raise GitprocError("the daemon is shutting down")
+
+    def status_result(self):
+        """What `status` answers of the daemon and every unit (the HTTP
+        listener's /status and page read it too)."""
+        return self._cmd_status(None, {})["result"]
+
+    # -- what runs ---------------------------------------------------------------------
+
+    def _cmd_ping(self, conn, message):
+        return {"ok": True, "result": {"pid": os.getpid(), "version": __version__,
+                                       "module": os.path.realpath(__file__)}}
+
+    def _cmd_status(self, conn, message):
+        daemon = self.daemon
+        timers, sockets = self._activator_names(message)
+        names = self._names(message, allow_empty=True)
+        detail = bool(names) or bool(timers) or bool(sockets)
+        services = [daemon.services[n].snapshot(detail) for n in (names or (
+            [] if timers or sockets else sorted(daemon.services)))]
+        if detail:
+            for entry in services:
+                entry["log_tail"] = tail_lines(daemon.config.service_log(entry["name"]), 10)
+                entry["warnings"] = entry.get("warnings", []) + [str(d) for d in daemon.deployer.unit_problems
+                                     if d.code == "key" and d.unit_name == entry["name"]]
+                if entry.get("folder"):
+                    entry["folder"]["link"] = daemon.deployer.snapshots.link(entry["name"])
+        return {"ok": True, "result": {"daemon": daemon.info(), "services": services,
+                                       "timers": self._timers_json(timers if detail else None),
+                                       "sockets": self._sockets_json(sockets if detail else None),
+                                       "problems": [d.to_json() for d in daemon.deployer.unit_problems]}}
+
+    def _cmd_list_timers(self, conn, message):
+        """list-timers: every timer, the stopped ones with `all`."""
+        timers = [t for t in self._timers_json() if message.get("all") or t["state"] != "stopped"]
+        return {"ok": True, "result": {"timers": timers, "now": time.time()}}
+
+    def _cmd_list_sockets(self, conn, message):
+        """list-sockets: every socket, the stopped ones with `all`."""
+        sockets = [s for s in self._sockets_json() if message.get("all") or s["state"] != "stopped"]
+        return {"ok": True, "result": {"sockets": sockets}}
+
+    def _cmd_list(self, conn, message):
+        services, deployer = self.daemon.services, self.daemon.deployer
+        warned = {}
+        for problem in deployer.unit_problems:
+            if problem.code == "key":
+                warned[problem.unit_name] = warned.get(problem.unit_name, 0) + 1
+        units = [{"name": name, "path": spec.path, "state": services[name].state,
+                  "commit": services[name].commit, "description": spec.description, "warnings": warned.get(name, 0)}
+                 for name, spec in sorted(deployer.specs.items()) if name in services]
+        units += [{"name": t["name"], "path": t["path"], "state": t["state"], "commit": deployer.deployed.sha
+                   if deployer.deployed else None, "description": t["description"], "warnings": 0}
+                  for t in self._timers_json() + self._sockets_json()]
+        units += [{"name": name, "path": None, "state": "skipped", "commit": None, "description": why}
+                  for name, why in sorted(deployer.skipped.items())]
+        units += [{"name": os.path.basename(d.path), "path": d.path, "state": "not run", "commit": None,
+                   "description": d.message} for d in deployer.unit_problems if d.code in ("other-unit", "activated")]
+        invalid = [d.to_json() for d in deployer.unit_problems if d.severity == "error"]
+        return {"ok": True, "result": {"commit": deployer.deployed.to_json() if deployer.deployed else None,
+                                       "units": units, "invalid": invalid}}
+
+    def _cmd_history(self, conn, message):
+        count = message.get("count", 20)
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise GitprocError("malformed request: 'count' must be a whole number")
+        return {"ok": True, "result": {"history": self.daemon.deployer.history.last(count)}}
+
+    # -- start, stop, restart, wait ------------------------------------------------------
+
+    def _cmd_start(self, conn, message):
+        return self._act(conn, message, "start")
+
+    def _cmd_stop(self, conn, message):
+        return self._act(conn, message, "stop")
+
+    def _cmd_restart(self, conn, message):
+        return self._act(conn, message, "restart")
+
+    def _act(self, conn, message, action):
+        services = self.daemon.services
+        timers, sockets = self._activator_names(message)
+        names = self._names(message, allow_empty=bool(timers) or bool(sockets))
+        self._refuse_while_shutting_down()
+        for runner, these in ((self.daemon.schedule, timers), (self.daemon.listeners, sockets)):
+            for name in these:            # armed or disarmed, listening or closed at once: nothing to wait for
+                if action != "start":
+                    runner.stop(name)
+                if action != "stop":
+                    runner.start(name)
+        if not names:
+            self.daemon.store.save_now()
+            return {"ok": True, "result": {"services": [], "timers": self._timers_json(timers),
+                                           "sockets": self._sockets_json(sockets)}}
+        generations = {}
+        dependencies = self.daemon.dependencies
+        if action != "stop":
+            for service in dependencies.conflicting(names):
+                if service.state in ACTIVE_STATES:
+                    self.daemon.log.info(service.name, "Stopping: conflicts with %s" % ", ".join(names))
+                service.stop("conflicts with %s" % ", ".join(names))
+            for service in dependencies.pulled_in(names):
+                self.daemon.log.info(service.name, "Starting: wanted by %s" % ", ".join(names))
+                service.start()
+        if action != "start":
+            for service in dependencies.part_of(names):
+                why = "%s with %s (PartOf=)" % ("stopped" if action == "stop" else "restarted", ", ".join(names))
+                self.daemon.log.info(service.name, sentence(why))
+                if action == "stop":
+                    service.stop(why)
+                else:
+                    service.restart(why)
+        for name in names:
+            service = services[name]
+            generations[name] = service.generation
+            if action == "start":
+                service.start(manual=True)
+            elif action == "stop":
+                service.stop()
+            else:
+                service.restart()
+        self.daemon.store.save_now()      # a user's intent is never left to the batch
+        if message.get("block") is False:
+            return {"ok": True, "result": {"services": [services[n].snapshot() for n in names]}}
+
+        def settled(name):
+            service = services.get(name)
+            if service is None:
+                return True
+            if action == "stop":
+                return service.state != STOPPING
+            if action == "restart" and service.generation == generations[name] and service.state != FAILED:
+                return False
+            return service.state in SETTLED_STATES
+
+        def check():
+            if not all(settled(n) for n in names):
+                return None
+            return self._action_reply(names, action)
+
+        def expire():
+            late = [n for n in names if not settled(n)]
+            return {"ok": False, "error": "timed out waiting for %s to %s" % (", ".join(late), action)}
+        return self.daemon.server.park(conn, check, expire, self._timeout(message, DEFAULT_WAIT_TIMEOUT))
+
+    def _cmd_reload(self, conn, message):
+        """ExecReload= (or ReloadSignal=) of running units; the reply comes
+        once each reload is over (`block`: false, at once), an error naming
+        each unit that cannot reload or whose reload failed."""
+        services = self.daemon.services
+        names = self._names(message)
+        self._refuse_while_shutting_down()
+        cannot = []
+        for name in names:
+            service = services[name]
+            if not service.spec.exec_reload and service.spec.type != "notify-reload":
+                cannot.append("%s has no ExecReload=" % name)
+            elif service.state not in (RUNNING, RELOADING):
+                cannot.append("%s is %s, not running" % (name, service.state))
+        if cannot:
+            raise GitprocError("cannot reload: %s" % "; ".join(cannot))
+        serials = {}
+        for name in names:
+            serials[name] = services[name].reload_serial + (1 if services[name].phase != RELOAD else 0)
+            services[name].reload()
+        for service in self.daemon.dependencies.reload_propagated(names):
+            self.daemon.log.info(service.name, "Reloading: with %s (PropagatesReloadTo=)" % ", ".join(names))
+            service.reload()
+        if message.get("block") is False:
+            return {"ok": True, "result": {"services": [services[n].snapshot() for n in names]}}
+
+        def done(name):
+            service = services.get(name)
+            return service is None or service.reload_serial >= serials[name] or service.state not in (RUNNING, RELOADING)
+
+        def check():
+            if not all(done(n) for n in names):
+                return None
+            failed = ["%s: %s" % (n, services[n].reload_error) for n in names if n in services and services[n].reload_error]
+            failed += ["%s is %s" % (n, services[n].state) for n in names
+                       if n in services and services[n].state not in (RUNNING, RELOADING)]
+            snapshot = [services[n].snapshot() for n in names if n in services]
+            if failed:
+                return {"ok": False, "error": "reload failed: %s" % "; ".join(failed), "result": {"services": snapshot}}
+            return {"ok": True, "result": {"services": snapshot}}
+
+        def expire():
+            return {"ok": False, "error": "timed out waiting for %s to reload" % ", ".join(n for n in names if not done(n))}
+        return self.daemon.server.park(conn, check, expire, self._timeout(message, DEFAULT_WAIT_TIMEOUT))
+
+    def _action_reply(self, names, action):
+        services = self.daemon.services
+        problems = []
+        for name in names:
+            service = services.get(name)
+            if service is None:
+                continue
+            if action == "stop" and service.state in ACTIVE_STATES:
+                problems.append("%s is %s" % (name, service.state))
+            elif action != "stop" and not service.is_ready() and not skipped_by_condition(service):
+                problems.append("%s is %s (%s)" % (name, service.state, service.reason or describe_exit(service.last_exit)))
+        snapshot = [services[n].snapshot() for n in names if n in services]
+        if problems:
+            return {"ok": False, "error": "%s failed: %s" % (action, "; ".join(problems)), "result": {"services": snapshot}}
+        return {"ok": True, "result": {"services": snapshot}}
+
+    def _cmd_wait(self, conn, message):
+        services = self.daemon.services
+        names = self._names(message)
+        target = message.get("state", "running")
+        if not isinstance(target, str):
+            raise GitprocError("malformed request: 'state' must be a string")
+        predicates = {
+            "running": lambda s: s.is_ready(),
+            "healthy": lambda s: s.is_ready() and s.health()[0] in (None, "healthy"),
+            "stopped": lambda s: s.state in (STOPPED, EXITED, FAILED),
+        }
+        if target not in predicates:
+            raise GitprocError("wait: state must be running, healthy or stopped, not %r" % target)
+        reached = predicates[target]
+        timeout = self._timeout(message, DEFAULT_WAIT_TIMEOUT)
+
+        def check():
+            if all(n in services and reached(services[n]) for n in names):
+                return {"ok": True, "result": {"services": [services[n].snapshot() for n in names]}}
+            lost = [(n, why) for n, why in ((n, self._cannot_come(services.get(n), target)) for n in names) if why]
+            if lost:                      # no need to wait out the timeout for what cannot come
+                return {"ok": False, "error": "%s will not be %s: %s" % (
+                    ", ".join(n for n, _ in lost), target, "; ".join(why for _, why in lost))}
+            return None
+
+        def expire():
+            late = ["%s is %s" % (n, services[n].state if n in services else "gone")
+                    for n in names if not (n in services and reached(services[n]))]
+            return {"ok": False, "error": "timed out after %gs waiting for %s: %s" % (timeout, target, ", ".join(late))}
+        return self.daemon.server.park(conn, check, expire, timeout)
+
+    @staticmethod
+    def _cannot_come(service, target):
+        """Why `service` can no longer reach `target` (running or healthy)
+        unless someone acts, or None: it failed, it exited and will not
+        restart, a condition kept it from starting, or a stop is wanted."""
+        if service is None or target == "stopped" or service.versions.removed:
+            return None if service is not None or target == "stopped" else "it is gone"
+        state = service.state
+        if state == FAILED:
+            return "%s is failed (%s)" % (service.name, service.reason or "see its status")
+        if state == EXITED:
+            return "%s exited and will not restart (%s)" % (service.name, service.reason or "see its status")
+        if state == STOPPED and service.want == "down":
+            return "%s is stopped by the user (start it)" % service.name
+        if skipped_by_condition(service):
+            return "%s did not start: %s" % (service.name, service.reason)
+        return None
+
+    def _cmd_daemon_reload(self, conn, message):
+        result = self.daemon.reload_config()
+        deployer = self.daemon.deployer
+        if deployer.remote_mode:
+            self.daemon.source.after_fetch(lambda error: None, deploy=True)
+        else:
+            deployer.deploy_head("daemon-reload")
+        return {"ok": True, "result": result}
+
+    def _cmd_shutdown(self, conn, message):
+        keep = bool(message.get("keep_services"))
+        self.daemon.call_later(0, lambda: self.daemon.begin_shutdown("shutdown command", keep_services=keep))
+        return {"ok": True, "result": {"pid": os.getpid(), "keep_services": keep}}
+
+    # -- deploys -------------------------------------------------------------------------
+
+    def _cmd_sync(self, conn, message):
+        deployer = self.daemon.deployer
+        deployer.sync_asked = {"allow_rewind": bool(message.get("allow_rewind"))}
+        if not deployer.remote_mode:
+            return plan_reply(deployer.deploy_head("sync"))
+        return self._after_fresh_fetch(conn, message, lambda: deployer.last_plan, deploy=True)
+
+    def _cmd_diff(self, conn, message):
+        deployer = self.daemon.deployer
+        if not deployer.remote_mode:
+            return plan_reply(deployer.diff())
+        return self._after_fresh_fetch(conn, message, deployer.diff, deploy=False)
+
+    def _after_fresh_fetch(self, conn, message, make_plan, deploy):
+        """Park the reply until a new fetch completed, then answer make_plan()."""
+        box = {}
+
+        def finish(error):
+            box["reply"] = {"ok": False, "error": error} if error else plan_reply(make_plan())
+            self.daemon.changed = True
+        self.daemon.source.after_fetch(finish, deploy)
+        return self.daemon.server.park(conn, lambda: box.get("reply"),
+                                       lambda: {"ok": False, "error": "git fetch did not finish in time"},
+                                       self._timeout(message, FETCH_TIMEOUT + 10))
+
+    def _cmd_rollback(self, conn, message):
+        self._refuse_while_shutting_down()
+        if message.get("release"):
+            return plan_reply(self.daemon.deployer.release_pin())
+        rev = message.get("commit")
+        if not isinstance(rev, str) or not rev or rev.startswith("-"):
+            raise GitprocError("rollback: name a commit (an id, a tag, HEAD~2, ...)")
+        return plan_reply(self.daemon.deployer.rollback(rev))
+
+    # -- what gitproc did: events and metrics -----------------------------------------
+
+    def _cmd_events(self, conn, message):
+        names = message.get("names", [])
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise GitprocError("malformed request: 'names' must be a list of unit names")
+        names = [as_unit_name(n, self.daemon.services) for n in names]
+        count = message.get("count", EVENT_LIMIT)
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise GitprocError("malformed request: 'count' must be a whole number")
+        events = self.daemon.events.recent(names)
+        if message.get("follow"):
+            self.daemon.events.follow(conn, names)
+        return {"ok": True, "result": {"events": events[-count:] if count else [], "follow": bool(message.get("follow"))}}
+
+    def _cmd_metrics(self, conn, message):
+        return {"ok": True, "result": {"text": prometheus_text(self.daemon)}}
+
+    def _cmd_notify_test(self, conn, message):
+        """notify test [TARGET]: a test alert; the reply once every target answered."""
+        target = message.get("target")
+        if target is not None and not isinstance(target, str):
+            raise GitprocError("malformed request: 'target' must be a string")
+        alerts = self.daemon.alerts
+        deliveries = alerts.test(target)
+
+        def forget():
+            for delivery in deliveries:
+                if delivery in alerts.tests:
+                    alerts.tests.remove(delivery)
+
+        def check():
+            if any(d.outcome is None for d in deliveries):
+                return None
+            forget()
+            results = [{"target": d.target["name"], "ok": d.outcome[0], "answer": d.outcome[1]} for d in deliveries]
+            return {"ok": True, "result": {"targets": results}}
+        def expire():
+            forget()
+            return {"ok": False, "error": "no answer within %gs" % (ALERT_TIMEOUT + 5)}
+        return self.daemon.server.park(conn, check, expire, ALERT_TIMEOUT + 5)
+
+    COMMANDS = {"ping": _cmd_ping, "status": _cmd_status, "list": _cmd_list, "list-timers": _cmd_list_timers,
+                "list-sockets": _cmd_list_sockets,
+                "start": _cmd_start,
+                "stop": _cmd_stop, "restart": _cmd_restart, "reload": _cmd_reload, "wait": _cmd_wait, "shutdown": _cmd_shutdown,
+                "daemon-reload": _cmd_daemon_reload,
+                "sync": _cmd_sync, "diff": _cmd_diff, "rollback": _cmd_rollback, "history": _cmd_history,
+                "events": _cmd_events, "metrics": _cmd_metrics, "notify-test": _cmd_notify_test}
+
 
 
 class DaemonHost(Launcher):
@@ -15349,7 +15413,7 @@ class Daemon:
         if not listen:
             return None
         listener = HttpListener(parse_listen_address(listen), self.log, self.selector, self.call_later,
-                                self.handlers.http_reply)
+                                HttpRoutes(self).http_reply)
         listener.open()
         return listener
 
@@ -15576,7 +15640,7 @@ def _notify(fd, message):
         pass
 
 
-# ==== 13. command line ========================================================
+# ==== 18. command line =======================================================
 # argparse subcommands; each cmd_* turns a request's result into text (or JSON
 # with --json) and returns an exit code. Errors are GitprocErrors, printed by
 # main() as one line.
@@ -17150,7 +17214,7 @@ def build_parser(only=None):
     return parser
 
 
-# ==== 14. main ================================================================
+# ==== 19. main ===============================================================
 
 
 def main(argv=None):
