@@ -7816,6 +7816,111 @@ TRANSITIONS.update({(phase, EV_RESTORE): ((phase,), IGNORE) for phase in PUBLIC_
 # other phase is a bug, refused by handle() like any pair not in the table.
 
 
+class ServiceHost:
+    """What a Service may ask of its host, and nothing else: the real one is
+    DaemonHost (a Launcher: processes, signals, cgroups), the pure tests'
+    is a fake with a clock run by hand. Besides these methods a host has
+    three attributes: `log` (a DaemonLog), `shutting_down` (bool) and
+    `call_later(delay, callback)` -> a cancellable Timer."""
+
+    ATTRIBUTES = ("log", "shutting_down", "call_later")
+
+    # -- time ---------------------------------------------------------------------------
+
+    def now(self):
+        """The monotonic clock every Service time is measured on."""
+        raise NotImplementedError
+
+    # -- processes -----------------------------------------------------------------------
+
+    def spawn(self, service, command, on_exit, on_exec=None, control=None, extra_env=None):
+        """Start one ExecCommand of the service (control: its UnitSpec field, None for
+        the main process): (pid, ...); SpawnError if it cannot start."""
+        raise NotImplementedError
+
+    def exec_report(self, name):
+        """Whether the pending start of `name` exec'd: None (it did), a message, or False (not known yet)."""
+        raise NotImplementedError
+
+    def watch(self, service, pid, on_exit, adopted=True):
+        """Watch a main process that is not the daemon's child (adopted, forking, MAINPID=)."""
+        raise NotImplementedError
+
+    def main_pid_of(self, service):
+        """Type=forking: the main pid (PIDFile= or the cgroup), None while unknown."""
+        raise NotImplementedError
+
+    def belongs_to(self, service, pid):
+        """Whether `pid` is a process of the service (for MAINPID= and NotifyAccess=)."""
+        raise NotImplementedError
+
+    def signal(self, service, number, first=False):
+        """A stop signal, as KillMode= says (first: the first of this stop)."""
+        raise NotImplementedError
+
+    def signal_main(self, service, number):
+        """A signal to the main process only (ReloadSignal=, WatchdogSignal=)."""
+        raise NotImplementedError
+
+    def kill_control(self, service, number):
+        """A signal to the control process and its process group."""
+        raise NotImplementedError
+
+    def reap_leftovers(self, service, pid, own_child, everything=False):
+        """End what is left of the service once its main process is gone."""
+        raise NotImplementedError
+
+    def cgroup_pids(self, service, excluding=None):
+        """The processes of the service's cgroup (but `excluding`); [] without one."""
+        raise NotImplementedError
+
+    def reattach_cgroup(self, service):
+        """Make again the groups an earlier daemon made for the service."""
+        raise NotImplementedError
+
+    def oom_killed(self, service):
+        """Whether the kernel's OOM killer killed a process of the service's cgroup."""
+        raise NotImplementedError
+
+    def describe_exit(self, service, exit_info):
+        """How a process ended, in words (exit code, signal, OOM kill, ...)."""
+        raise NotImplementedError
+
+    def open_probe(self, service, on_verdict):
+        """A health probe of the running service, calling on_verdict(verdict, error)."""
+        raise NotImplementedError
+
+    def released(self, service):
+        """No process of the service is left (its cgroups may go, later)."""
+        raise NotImplementedError
+
+    def stopped(self, service):
+        """The unit stopped for good this run (PIDFile=, RuntimeDirectory=, dynamic users, IPC go)."""
+        raise NotImplementedError
+
+    # -- the daemon around it ------------------------------------------------------------------
+
+    def failed_condition(self, service):
+        """The first Condition*=/Assert*= that does not hold, or None."""
+        raise NotImplementedError
+
+    def dependency_state(self, service):
+        """("ready" | "waiting" | "failed", why) of what the service needs before it starts."""
+        raise NotImplementedError
+
+    def auto_rollback(self, service, why):
+        """AutoRollback=: put the previous version on the service; False if there is none."""
+        raise NotImplementedError
+
+    def deploy_note(self, service):
+        """', commit SHA' when the running version is the deployed commit's, for log lines."""
+        raise NotImplementedError
+
+    def changed(self, service, before):
+        """The service's state changed from `before` (state file, events, waiters, dependents)."""
+        raise NotImplementedError
+
+
 class Service:
     """One unit: its spec, the user's intent (`want`) and what is observed of
     its processes. Events go through handle(), which looks up TRANSITIONS,
@@ -9015,7 +9120,7 @@ class ProcessResources:
         self.linked_tree = None         # the snapshot that process reads through %Y now (a reload moves it)
 
 
-class Launcher:
+class Launcher(ServiceHost):
     """The process half of ServiceHost: what a service's processes get
     (environment, credentials, working directory, log, cgroups), starting
     them, signalling them as KillMode= says, and learning of their exit.

@@ -12146,6 +12146,25 @@ class SelfCheckTests(unittest.TestCase):
         self.assertEqual(found, [])
 
 
+    def test_service_asks_its_host_only_what_service_host_declares(self):
+        """The host interface is declared once (ServiceHost), and both hosts,
+        the daemon's and the pure tests' fake, answer all of it."""
+        import ast
+        tree = _module_tree("gitproc.py")[1]
+        service = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "Service")
+        asked = {node.attr for node in ast.walk(service) if isinstance(node, ast.Attribute) and
+                 isinstance(node.value, ast.Attribute) and node.value.attr == "host" and
+                 isinstance(node.value.value, ast.Name) and node.value.value.id == "self"}
+        declared = {name for name, value in vars(gitproc.ServiceHost).items() if callable(value)} | \
+            set(gitproc.ServiceHost.ATTRIBUTES)
+        self.assertEqual(asked, declared)
+        for host in (gitproc.DaemonHost, FakeHost):
+            for name in sorted(declared - set(gitproc.ServiceHost.ATTRIBUTES)):
+                with self.subTest(host=host.__name__, member=name):
+                    self.assertIsNot(getattr(host, name, None), getattr(gitproc.ServiceHost, name))
+                    self.assertTrue(callable(getattr(host, name, None)))
+
+
 class TierTests(unittest.TestCase):
 
     def test_the_pure_tier_runs_alone_without_a_process(self):
