@@ -13303,8 +13303,11 @@ def encode_message(payload):
 
 
 class Connection:
-    """One client of the control socket, served by the daemon's loop."""
-    __slots__ = ("sock", "fd", "inbuf", "outbuf", "last_active", "waiting", "reading", "events", "following")
+    """One client of a server in the daemon's loop, the control socket's or
+    the HTTP listener's: its socket, its two buffers, what the selector
+    watches for, and what each protocol keeps of it."""
+    __slots__ = ("sock", "fd", "inbuf", "outbuf", "last_active", "events", "reading", "closing",
+                 "waiting", "following", "started", "continued")
 
     def __init__(self, sock):
         self.sock = sock
@@ -13312,10 +13315,138 @@ class Connection:
         self.inbuf = bytearray()          # bytes received, not yet a whole request
         self.outbuf = bytearray()         # reply bytes the socket has not taken yet
         self.last_active = time.monotonic()
-        self.waiting = None               # the Waiter holding this client's reply
+        self.events = EVENT_READ          # what the selector watches for it (0: nothing)
         self.reading = True               # False after EOF or a refusal: answer, then close
-        self.events = EVENT_READ  # what the selector watches for it (0: nothing)
-        self.following = False            # `events -f`: events are pushed to it as they come
+        self.closing = False              # close once the reply is sent
+        self.waiting = None               # control: the Waiter holding this client's reply
+        self.following = False            # control: `events -f`, events pushed to it as they come
+        self.started = None               # HTTP: monotonic time the request being read began
+        self.continued = False            # HTTP: "100 Continue" sent for the request being read
+
+
+class StreamServer:
+    """A non-blocking stream server in the daemon's loop: it accepts up to
+    MAX_CLIENTS, keeps its Connections, reads and sends for them, watches
+    each for what it waits for, sweeps every SWEEP_EVERY seconds, and closes.
+    A protocol (ControlServer, HttpListener) adds accepted(conn),
+    received(conn, data) (data b"" at EOF), writable(conn), sweep(conn, now)
+    and, optionally, closed(conn)."""
+    MAX_CLIENTS = 64
+    SWEEP_EVERY = 1.0
+    WHAT = "a client"                     # for the log
+
+    def __init__(self, log, selector, call_later):
+        self.log, self.selector, self.call_later = log, selector, call_later
+        self.listener = None
+        self.connections = {}             # socket fd -> Connection
+        self.sweep_timer = None
+
+    def listen(self, listener):
+        listener.setblocking(False)
+        self.listener = listener
+        self.selector.register(listener, EVENT_READ, (self._accept, None))
+
+    def close(self):
+        for conn in list(self.connections.values()):
+            self._close(conn)
+        if self.listener is not None:
+            self.selector.unregister(self.listener)
+            self.listener.close()
+            self.listener = None
+
+    def _accept(self, _arg, _mask):
+        try:
+            sock, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.log.warning("daemon", "Accepting %s failed: %s" % (self.WHAT, exc.strerror))
+            return
+        if len(self.connections) >= self.MAX_CLIENTS:
+            self.log.warning("daemon", "Refused %s: %d connections already" % (self.WHAT, self.MAX_CLIENTS))
+            sock.close()
+            return
+        sock.setblocking(False)
+        conn = Connection(sock)
+        self.connections[conn.fd] = conn
+        self.selector.register(sock, conn.events, (self._on_event, conn))
+        if self.sweep_timer is None:
+            self.sweep_timer = self.call_later(self.SWEEP_EVERY, self._sweep)
+        self.accepted(conn)
+
+    def _sweep(self):
+        self.sweep_timer = None
+        now = time.monotonic()
+        for conn in list(self.connections.values()):
+            self.sweep(conn, now)
+        if self.connections:
+            self.sweep_timer = self.call_later(self.SWEEP_EVERY, self._sweep)
+
+    def _on_event(self, conn, mask):
+        try:
+            if mask & EVENT_WRITE:
+                self.writable(conn)
+            if not mask & EVENT_READ or not self._alive(conn) or not conn.reading:
+                return
+            try:
+                data = conn.sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if data:
+                conn.last_active = time.monotonic()
+            self.received(conn, data)
+        except Exception:
+            self._close(conn)             # never leave a client waiting on a broken exchange
+            raise
+
+    def _send(self, conn):
+        """Send what the socket takes of conn.outbuf: False if that closed it."""
+        if conn.outbuf:
+            try:
+                sent = conn.sock.send(conn.outbuf)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                self._close(conn)
+                return False
+            if sent:
+                del conn.outbuf[:sent]
+                conn.last_active = time.monotonic()
+        return True
+
+    def _watch(self, conn, reading):
+        """Watch for reads when `reading`, for writes while a reply waits."""
+        events = (EVENT_READ if reading else 0) | (EVENT_WRITE if conn.outbuf else 0)
+        if events != conn.events:
+            if not conn.events:
+                self.selector.register(conn.sock, events, (self._on_event, conn))
+            elif not events:
+                self.selector.unregister(conn.sock)
+            else:
+                self.selector.modify(conn.sock, events, (self._on_event, conn))
+            conn.events = events
+
+    def _alive(self, conn):
+        """`conn` is still served (its fd number may since belong to another)."""
+        return self.connections.get(conn.fd) is conn
+
+    def _close(self, conn):
+        if not self._alive(conn):
+            return                        # closed already: its fd number may be another client's now
+        del self.connections[conn.fd]
+        if conn.events:
+            self.selector.unregister(conn.sock)
+        conn.events = 0
+        self.closed(conn)
+        conn.sock.close()
+
+    def accepted(self, conn):
+        """A protocol's look at a new connection (the peer's credentials)."""
+
+    def closed(self, conn):
+        """A protocol's own cleanup of a connection being closed."""
 
 
 class Waiter:
@@ -13327,23 +13458,22 @@ class Waiter:
         self.conn, self.check, self.expire, self.timer = conn, check, expire, None
 
 
-class ControlServer:
+class ControlServer(StreamServer):
     """The daemon's end of the control socket: listening (0600, or 0660 for
     socket_group), peer credentials, framing, the bounds (request size,
     clients silent too long, replies left unread, the number of clients) and
     replies parked until services reach a state (waiters). Each request goes
     to dispatch(conn, message), which returns the reply, or None when it
     parked it with park()."""
+    MAX_CLIENTS = MAX_CONNECTIONS
+    SWEEP_EVERY = REQUEST_IDLE_TIMEOUT / 2
 
     def __init__(self, config, log, selector, call_later, dispatch):
-        self.config, self.log = config, log
-        self.selector, self.call_later = selector, call_later
+        super().__init__(log, selector, call_later)
+        self.config = config
         self.dispatch = dispatch
-        self.listener = None
         self.socket_gid = None
-        self.connections = {}             # socket fd -> Connection
         self.waiters = []                 # parked replies
-        self.idle_timer = None
         self.on_close = None              # on_close(conn) for a closed follower (EventLog.unfollow)
 
     # -- listening ---------------------------------------------------------------------
@@ -13393,41 +13523,20 @@ class ControlServer:
                 listener.close()
                 raise ConfigError("socket_group %r: cannot give the socket to it: %s" % (self.config.socket_group, exc.strerror))
         listener.listen(128)
-        listener.setblocking(False)
-        self.listener = listener
-        self.selector.register(listener, EVENT_READ, (self._accept, None))
+        self.listen(listener)
 
     def close(self):
-        for conn in list(self.connections.values()):
-            self._close(conn)
-        if self.listener is not None:
-            self.listener.close()
+        had = self.listener is not None
+        super().close()
+        if had:
             _unlink_quietly(self.config.socket_path)
 
-    def _accept(self, _key, _mask):
-        try:
-            sock, _ = self.listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self.log.warning("daemon", "accept failed: %s" % exc.strerror)
-            return
-        sock.setblocking(False)
-        if len(self.connections) >= MAX_CONNECTIONS:
-            self.log.warning("daemon", "Refused a client: %d connections already" % MAX_CONNECTIONS)
-            sock.close()
-            return
-        credentials = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    def accepted(self, conn):
+        credentials = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         peer_pid, peer_uid, peer_gid = struct.unpack("3i", credentials)
-        conn = Connection(sock)
-        self.connections[conn.fd] = conn
-        self.selector.register(sock, conn.events, (self._on_client, conn))
         if not self._peer_allowed(peer_pid, peer_uid, peer_gid):
             self.log.warning("daemon", "Refused a client with uid %d (pid %d)" % (peer_uid, peer_pid))
             self._refuse(conn, "permission denied: uid %d may not control this daemon" % peer_uid)
-            return
-        if self.idle_timer is None:
-            self.idle_timer = self.call_later(REQUEST_IDLE_TIMEOUT / 2, self._close_idle)
 
     def _peer_allowed(self, pid, uid, gid):
         if uid in (0, os.geteuid()):
@@ -13445,45 +13554,25 @@ class ControlServer:
             pass
         return False
 
-    def _close_idle(self):
-        """Close clients that sent half a request and went quiet."""
-        self.idle_timer = None
-        now = time.monotonic()
-        for conn in list(self.connections.values()):
-            if conn.waiting is None and not conn.following and now - conn.last_active > REQUEST_IDLE_TIMEOUT:
-                self._close(conn)
-        if self.connections:
-            self.idle_timer = self.call_later(REQUEST_IDLE_TIMEOUT / 2, self._close_idle)
+    def sweep(self, conn, now):
+        """Close a client that sent half a request and went quiet."""
+        if conn.waiting is None and not conn.following and now - conn.last_active > REQUEST_IDLE_TIMEOUT:
+            self._close(conn)
 
     # -- framing -----------------------------------------------------------------------
 
-    def _on_client(self, conn, mask):
-        try:
-            self._serve_client(conn, mask)
-        except Exception:
-            self._close(conn)             # never leave a client waiting on a broken exchange
-            raise
+    def writable(self, conn):
+        self._flush(conn)
+        if self._alive(conn) and len(conn.outbuf) < MAX_PENDING_REPLY:
+            self._process_input(conn)     # requests held back while replies piled up
 
-    def _serve_client(self, conn, mask):
-        if mask & EVENT_WRITE:
-            self._flush(conn)
-            if self._alive(conn) and len(conn.outbuf) < MAX_PENDING_REPLY:
-                self._process_input(conn)     # requests held back while replies piled up
-        if not mask & EVENT_READ or not self._alive(conn):
-            return
-        try:
-            data = conn.sock.recv(65536)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
+    def received(self, conn, data):
         if not data:
             # EOF: the client sent all it will (maybe with shutdown(SHUT_WR));
             # the requests it sent are still answered, then the socket closes.
             conn.reading = False
             self._process_input(conn)
             return
-        conn.last_active = time.monotonic()
         conn.inbuf += data
         if conn.waiting is not None and len(conn.inbuf) > MAX_REQUEST_BYTES:
             self._close(conn)             # flooding while its answer waits
@@ -13539,51 +13628,22 @@ class ControlServer:
     def _flush(self, conn):
         """Write what the socket takes; watch for writability while some is left;
         close when nothing more will be read or written."""
-        if not self._alive(conn):
+        if not self._alive(conn) or not self._send(conn):
             return
-        if conn.outbuf:
-            try:
-                sent = conn.sock.send(conn.outbuf)
-                del conn.outbuf[:sent]
-            except (BlockingIOError, InterruptedError):
-                pass
-            except OSError:
-                self._close(conn)
-                return
         if not conn.reading and not conn.outbuf and conn.waiting is None and b"\n" not in conn.inbuf:
             self._close(conn)
             return
         # A client that does not read its replies is not read from either, so
         # neither buffer grows without bound (its socket fills and it blocks).
-        reading = conn.reading and len(conn.outbuf) < MAX_PENDING_REPLY
-        events = (EVENT_READ if reading else 0) | (EVENT_WRITE if conn.outbuf else 0)
-        if events != conn.events:
-            if not conn.events:
-                self.selector.register(conn.sock, events, (self._on_client, conn))
-            elif not events:
-                self.selector.unregister(conn.sock)
-            else:
-                self.selector.modify(conn.sock, events, (self._on_client, conn))
-            conn.events = events
+        self._watch(conn, conn.reading and len(conn.outbuf) < MAX_PENDING_REPLY)
 
-    def _alive(self, conn):
-        """`conn` is still served (its fd number may since belong to another)."""
-        return self.connections.get(conn.fd) is conn
-
-    def _close(self, conn):
-        if not self._alive(conn):
-            return                        # closed already: its fd number may be another client's now
-        del self.connections[conn.fd]
+    def closed(self, conn):
         if conn.following and self.on_close is not None:
             self.on_close(conn)
-        if conn.events:
-            self.selector.unregister(conn.sock)
-        conn.events = 0
         if conn.waiting is not None and conn.waiting in self.waiters:
             self.waiters.remove(conn.waiting)
             conn.waiting.timer.cancel()
         conn.waiting = None
-        conn.sock.close()
 
     def push(self, conn, line, on_drop):
         """Send a line the client did not ask for (a followed event). A client
@@ -13804,21 +13864,6 @@ class HttpRequest:
         self.method, self.path, self.version, self.headers, self.body = method, path, version, headers, body
 
 
-class HttpConnection:
-    __slots__ = ("sock", "fd", "inbuf", "outbuf", "started", "last_active", "closing", "events", "continued")
-
-    def __init__(self, sock):
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.continued = False            # "100 Continue" sent for the request being read
-        self.inbuf = bytearray()
-        self.outbuf = bytearray()
-        self.started = None               # monotonic time the request being read began
-        self.last_active = time.monotonic()
-        self.closing = False              # close once the reply is sent
-        self.events = EVENT_READ
-
-
 def parse_listen_address(text):
     """'127.0.0.1:9180', '[::1]:9180', ':9180' -> (family, (host, port)); ConfigError if not."""
     host, colon, port = text.rpartition(":")
@@ -13833,18 +13878,17 @@ def is_loopback(host):
     return host in ("localhost", "::1") or host.startswith("127.")
 
 
-class HttpListener:
+class HttpListener(StreamServer):
     """The daemon's HTTP server: accept, read one request at a time per
     connection (keep-alive), answer with reply(request) -> (status, content
     type, body bytes, extra headers), and hold every bound."""
+    MAX_CLIENTS = MAX_HTTP_CONNECTIONS
+    WHAT = "an HTTP client"
 
     def __init__(self, address, log, selector, call_later, reply):
+        super().__init__(log, selector, call_later)
         self.family, self.address = address
-        self.log, self.selector, self.call_later = log, selector, call_later
         self.reply = reply
-        self.listener = None
-        self.connections = {}             # fd -> HttpConnection
-        self.sweep_timer = None
 
     @property
     def exposed(self):
@@ -13860,72 +13904,33 @@ class HttpListener:
         except OSError as exc:
             listener.close()
             raise GitprocError("http_listen %s:%d: cannot listen: %s" % (self.address[0], self.address[1], exc.strerror or exc))
-        listener.setblocking(False)
-        self.listener = listener
-        self.selector.register(listener, EVENT_READ, (self._accept, None))
+        self.listen(listener)
         if self.exposed:
             self.log.warning("daemon", "HTTP listener on %s:%d is reachable from the network: /metrics and /status "
                              "tell anyone who can connect what runs here" % self.address)
         else:
             self.log.info("daemon", "HTTP listener on %s:%d" % self.address)
 
-    def close(self):
-        for conn in list(self.connections.values()):
-            self._close(conn)
-        if self.listener is not None:
-            self.selector.unregister(self.listener)
-            self.listener.close()
-            self.listener = None
-
-    def _accept(self, _arg, _mask):
-        try:
-            sock, _ = self.listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self.log.warning("daemon", "HTTP accept failed: %s" % exc.strerror)
-            return
-        if len(self.connections) >= MAX_HTTP_CONNECTIONS:
-            sock.close()
-            return
-        sock.setblocking(False)
-        conn = HttpConnection(sock)
-        self.connections[conn.fd] = conn
-        self.selector.register(sock, EVENT_READ, (self._on_event, conn))
-        if self.sweep_timer is None:
-            self.sweep_timer = self.call_later(1.0, self._sweep)
-
-    def _sweep(self):
-        """Close connections too slow to send one request, idle too long, or
+    def sweep(self, conn, now):
+        """Close a connection too slow to send one request, idle too long, or
         whose answer is not read: no client holds a slot for ever."""
-        self.sweep_timer = None
-        now = time.monotonic()
-        for conn in list(self.connections.values()):
-            if conn.outbuf or conn.closing:
-                if now - conn.last_active > HTTP_REQUEST_TIMEOUT:
-                    self._close(conn)         # the answer is not read
-            elif conn.started is not None and now - conn.started > HTTP_REQUEST_TIMEOUT:
-                self._answer(conn, 408, "text/plain", b"request not received in time\n", close=True)
-            elif now - conn.last_active > HTTP_REQUEST_TIMEOUT:
-                self._close(conn)
-        if self.connections:
-            self.sweep_timer = self.call_later(1.0, self._sweep)
+        if conn.outbuf or conn.closing:
+            if now - conn.last_active > HTTP_REQUEST_TIMEOUT:
+                self._close(conn)         # the answer is not read
+        elif conn.started is not None and now - conn.started > HTTP_REQUEST_TIMEOUT:
+            self._answer(conn, 408, "text/plain", b"request not received in time\n", close=True)
+        elif now - conn.last_active > HTTP_REQUEST_TIMEOUT:
+            self._close(conn)
 
-    def _on_event(self, conn, mask):
-        if mask & EVENT_WRITE:
-            self._flush(conn)
-        if not mask & EVENT_READ or not self._alive(conn) or conn.closing:
+    def writable(self, conn):
+        self._flush(conn)
+
+    def received(self, conn, data):
+        if conn.closing:
             return
-        try:
-            data = conn.sock.recv(65536)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
         if not data:
             self._close(conn)
             return
-        conn.last_active = time.monotonic()
         if conn.started is None:
             conn.started = conn.last_active
         conn.inbuf += data
@@ -13936,14 +13941,14 @@ class HttpListener:
         many gets the next one answered on the next turn of the loop, so it
         never holds the daemon for longer than one answer."""
         if conn.closing or conn.outbuf or not self._alive(conn):
-            self._watch(conn)
+            self._watch_http(conn)
             return
         request, error = self._parse(conn)
         if error:
             self._answer(conn, error[0], "text/plain", (error[1] + "\n").encode(), close=True)
             return
         if request is None:
-            self._watch(conn)                 # wait for more bytes
+            self._watch_http(conn)        # wait for more bytes
             return
         conn.started = time.monotonic() if conn.inbuf else None
         try:
@@ -14017,19 +14022,8 @@ class HttpListener:
         self._flush(conn)
 
     def _flush(self, conn):
-        if not self._alive(conn):
+        if not self._alive(conn) or not self._send(conn):
             return
-        if conn.outbuf:
-            try:
-                sent = conn.sock.send(conn.outbuf)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError:
-                self._close(conn)
-                return
-            if sent:
-                del conn.outbuf[:sent]
-                conn.last_active = time.monotonic()
         if not conn.outbuf and conn.closing:
             try:
                 conn.sock.shutdown(socket.SHUT_WR)   # the answer first, then the close:
@@ -14039,35 +14033,14 @@ class HttpListener:
             return
         if not conn.outbuf and conn.inbuf:
             self.call_later(0, lambda: self._serve(conn))   # a pipelined request: next turn of the loop
-        self._watch(conn)
+        self._watch_http(conn)
 
-    def _watch(self, conn):
+    def _watch_http(self, conn):
         """Read while no answer waits and the pipeline is short; write while
         an answer waits (a client that does not read is not read from)."""
-        if not self._alive(conn):
-            return
-        reading = not conn.outbuf and not conn.closing and len(conn.inbuf) <= MAX_HTTP_HEADER_BYTES + MAX_HTTP_BODY_BYTES
-        events = (EVENT_READ if reading else 0) | (EVENT_WRITE if conn.outbuf else 0)
-        if events != conn.events:
-            if not conn.events:
-                self.selector.register(conn.sock, events, (self._on_event, conn))
-            elif not events:
-                self.selector.unregister(conn.sock)
-            else:
-                self.selector.modify(conn.sock, events, (self._on_event, conn))
-            conn.events = events
-
-    def _alive(self, conn):
-        return self.connections.get(conn.fd) is conn
-
-    def _close(self, conn):
-        if not self._alive(conn):
-            return
-        del self.connections[conn.fd]
-        if conn.events:
-            self.selector.unregister(conn.sock)
-        conn.events = 0
-        conn.sock.close()
+        if self._alive(conn):
+            self._watch(conn, not conn.outbuf and not conn.closing and
+                        len(conn.inbuf) <= MAX_HTTP_HEADER_BYTES + MAX_HTTP_BODY_BYTES)
 
 
 class HttpRoutes:

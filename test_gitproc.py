@@ -10118,6 +10118,114 @@ class StockTimerTests(unittest.TestCase):
 # ==== 14. control protocol ===================================================
 
 
+class EchoServer(gitproc.StreamServer):
+    """The smallest protocol on the shared server: each line back, upper-cased."""
+    MAX_CLIENTS = 2
+    SWEEP_EVERY = 60.0
+
+    def __init__(self, log, selector, call_later):
+        super().__init__(log, selector, call_later)
+        self.seen, self.gone = [], []
+
+    def accepted(self, conn):
+        self.seen.append(conn)
+
+    def received(self, conn, data):
+        if data == b"boom\n":
+            raise RuntimeError("a protocol's bug")
+        if not data:
+            self._close(conn)
+            return
+        conn.outbuf += data.upper()
+        self.writable(conn)
+
+    def writable(self, conn):
+        if self._send(conn):
+            self._watch(conn, True)
+
+    def sweep(self, conn, now):
+        if now - conn.last_active > 5:
+            self._close(conn)
+
+    def closed(self, conn):
+        self.gone.append(conn)
+
+
+@pure
+class StreamServerTests(unittest.TestCase):
+    """The connection handling the control socket and the HTTP listener share
+    (gitproc.StreamServer and gitproc.Connection), tested once, on a real
+    socket and selector: the cap on clients, the sweep, a protocol's error,
+    the close."""
+
+    def setUp(self):
+        import selectors
+        self.folder = tempfile.mkdtemp(prefix="gpss")
+        self.addCleanup(shutil.rmtree, self.folder, True)
+        self.selector = selectors.DefaultSelector()
+        self.addCleanup(self.selector.close)
+        self.timers = []
+        self.log = FakeLog()
+        self.server = EchoServer(self.log, self.selector, lambda delay, fn: self.timers.append(fn) or FakeTimer(delay, fn))
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.path = os.path.join(self.folder, "s")
+        listener.bind(self.path)
+        listener.listen(8)
+        self.server.listen(listener)
+        self.addCleanup(self.server.close)
+
+    def turn(self, times=5):
+        """Run the loop until it has nothing more to do (or `times` rounds)."""
+        for _ in range(times):
+            events = self.selector.select(0.02)
+            if not events:
+                break
+            for key, mask in events:
+                callback, argument = key.data
+                try:
+                    callback(argument, mask)
+                except RuntimeError as exc:
+                    self.raised = exc
+
+    def client(self):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(2)
+        sock.connect(self.path)
+        self.addCleanup(sock.close)
+        self.turn()
+        return sock
+
+    def test_serves_caps_sweeps_and_closes(self):
+        first = self.client()
+        first.sendall(b"hello\n")
+        self.turn()
+        self.assertEqual(first.recv(100), b"HELLO\n")
+        self.client()
+        third = self.client()
+        self.assertEqual(third.recv(100), b"", "the third client is refused: MAX_CLIENTS is 2")
+        self.assertIn("Refused a client: 2 connections already", self.log.text("warning"))
+        self.assertEqual(len(self.server.connections), 2)
+        # the sweep closes the client idle for too long, and only it
+        quiet = self.server.seen[1]
+        quiet.last_active -= 10
+        self.timers.pop(0)()
+        self.assertEqual(self.server.gone, [quiet])
+        self.assertEqual(len(self.timers), 1, "swept again while clients remain")
+        # a protocol's error closes its connection, and is raised to the loop
+        first.sendall(b"boom\n")
+        self.raised = None
+        self.turn()
+        self.assertIsInstance(self.raised, RuntimeError)
+        self.assertEqual(first.recv(100), b"")
+        self.assertEqual(self.server.connections, {})
+        # close: every connection and the listener
+        last = self.client()
+        self.server.close()
+        self.assertEqual(last.recv(100), b"")
+        self.assertIsNone(self.server.listener)
+        self.assertEqual(len(self.selector.get_map()), 0)
+
+
 def raw_exchange(path, data, timeout=5.0, half_close=False):
     """Send raw bytes on a fresh connection (then, optionally, shutdown(SHUT_WR));
     return the first reply line (bytes, without the newline), or b"" if the
