@@ -7595,7 +7595,10 @@ def spawn_exit_code(message):
 WAITING = "waiting"              # starting: held until its After=/Requires= units are ready
 CONDITION = "condition"          # starting: an ExecCondition= command runs
 START_PRE = "start-pre"          # starting: an ExecStartPre= command runs
-START = "start"                  # starting: the main process (or forking ExecStart=) runs, not ready yet
+NOTIFY_WAIT = "start-notify"     # starting: a notify unit's main process runs, READY=1 not yet sent
+FORKING = "start-forking"        # starting: a forking unit's ExecStart= runs, or its PIDFile= is awaited
+ONESHOT = "start-oneshot"        # starting: a oneshot's ExecStart= commands run, one after another
+HEALTH_WAIT = "start-health"     # starting: the main process is ready, its first health check not passed yet
 SPAWNED = "spawned"              # starting: the main process is made, its exec not yet confirmed
 START_POST = "start-post"        # starting: the main process is ready, an ExecStartPost= command runs
 RELOAD = "reload"                # reloading: ExecReload= runs, or a notify unit said RELOADING=1
@@ -7603,11 +7606,14 @@ REMAIN = "remain"                # running: RemainAfterExit=yes, its process exi
 STOP_COMMAND = "stop-command"    # stopping: an ExecStop= command runs
 STOP_POST = "stop-post"          # stopping: an ExecStopPost= command runs
 PUBLIC_STATE = {STOPPED: STOPPED, EXITED: EXITED, FAILED: FAILED, BACKOFF: BACKOFF,
-                WAITING: STARTING, CONDITION: STARTING, START_PRE: STARTING, START: STARTING,
+                WAITING: STARTING, CONDITION: STARTING, START_PRE: STARTING, NOTIFY_WAIT: STARTING,
+                FORKING: STARTING, ONESHOT: STARTING, HEALTH_WAIT: STARTING,
                 SPAWNED: STARTING, START_POST: STARTING, RUNNING: RUNNING, REMAIN: RUNNING,
                 RELOAD: RELOADING, STOP_COMMAND: STOPPING, STOPPING: STOPPING, STOP_POST: STOPPING}
 PHASE_TEXT = {WAITING: "waiting for dependencies", CONDITION: "running ExecCondition=",
-              START_PRE: "running ExecStartPre=", START: "waiting for readiness",
+              START_PRE: "running ExecStartPre=", NOTIFY_WAIT: "waiting for READY=1",
+              FORKING: "waiting for its forking ExecStart= and its main pid", ONESHOT: "running ExecStart=",
+              HEALTH_WAIT: "waiting for the health check",
               SPAWNED: "starting its process", START_POST: "running ExecStartPost=",
               RELOAD: "reloading", REMAIN: "exited (RemainAfterExit=yes)",
               STOP_COMMAND: "running ExecStop=", STOP_POST: "running ExecStopPost="}
@@ -7638,10 +7644,10 @@ IGNORE = "ignore"
 # Where beginning a start can end: held for dependencies, a first process up
 # (condition, pre, main not ready, main ready), or no process at all (a spawn
 # failure retried or given up, the start limit, a failed dependency, shutdown).
-_STARTED = (WAITING, CONDITION, START_PRE, START, SPAWNED, START_POST, RUNNING, REMAIN, EXITED, BACKOFF,
-            FAILED, STOPPED, STOP_POST)
+_STARTED = (WAITING, CONDITION, START_PRE, NOTIFY_WAIT, FORKING, ONESHOT, HEALTH_WAIT, SPAWNED, START_POST,
+            RUNNING, REMAIN, EXITED, BACKOFF, FAILED, STOPPED, STOP_POST)
 # Where a start that has gone as far as it goes (ready, or failed) can end.
-_AFTER_START = (START, START_POST, RUNNING, REMAIN, EXITED, STOP_COMMAND, STOPPING, STOP_POST,
+_AFTER_START = (ONESHOT, HEALTH_WAIT, START_POST, RUNNING, REMAIN, EXITED, STOP_COMMAND, STOPPING, STOP_POST,
                 BACKOFF, FAILED, STOPPED)
 # Where a stop step can lead: the next step, or what follows the stop.
 _STOP_STEPS = (STOP_COMMAND, STOPPING, STOP_POST) + _STARTED
@@ -7656,7 +7662,7 @@ TRANSITIONS = {
     (STOPPED, EV_START): (_STARTED, "begin_start"),
     (STOPPED, EV_STOP): ((STOPPED,), "settle_stopped"),
     (STOPPED, EV_RESTART): (_STARTED, "begin_start"),
-    (STOPPED, EV_ADOPT): ((RUNNING, START, REMAIN), "adopt"),
+    (STOPPED, EV_ADOPT): ((RUNNING, ONESHOT, HEALTH_WAIT, REMAIN), "adopt"),
     **_ignored(STOPPED, EV_RELOAD, EV_DEPENDENCIES, EV_EXIT, EV_CONTROL_EXIT, EV_EXEC, EV_READY, EV_RELOADING,
                EV_STOPPING, EV_HEALTHY, EV_UNHEALTHY, EV_RESTART_DUE, EV_START_TIMEOUT, EV_STOP_TIMEOUT,
                EV_WATCHDOG, EV_PID_FILE),
@@ -7704,21 +7710,44 @@ TRANSITIONS = {
     **_ignored(START_PRE, EV_START, EV_RELOAD, EV_DEPENDENCIES, EV_EXIT, EV_EXEC, EV_READY, EV_RELOADING,
                EV_STOPPING, EV_HEALTHY, EV_UNHEALTHY, EV_RESTART_DUE, EV_STOP_TIMEOUT, EV_WATCHDOG,
                EV_PID_FILE),
-    # start: the main process runs and is not ready yet: waiting for its
-    # health check, READY=1, a oneshot's last command, or a forking
-    # ExecStart= to exit and its main pid to be known
-    (START, EV_STOP): (_STOP_STEPS, "begin_stop"),
-    (START, EV_RESTART): (_STOP_STEPS, "begin_restart"),
-    (START, EV_EXIT): (_AFTER_START + (SPAWNED,), "main_exited"),
-    (START, EV_CONTROL_EXIT): (_AFTER_START, "forked"),
-    (START, EV_READY): (_AFTER_START, "notified_ready"),
-    (START, EV_HEALTHY): ((RUNNING,), "ready"),
-    (START, EV_UNHEALTHY): (_STOP_STEPS, "restart_unhealthy"),
-    (START, EV_START_TIMEOUT): (_STOP_STEPS, "start_timed_out"),
-    (START, EV_PID_FILE): (_AFTER_START, "find_main_pid"),
-    (START, EV_WATCHDOG): (_STOP_STEPS, "watchdog_expired"),     # armed once ready: the health check wait too
-    **_ignored(START, EV_START, EV_RELOAD, EV_DEPENDENCIES, EV_EXEC, EV_RELOADING, EV_STOPPING, EV_RESTART_DUE,
-               EV_STOP_TIMEOUT),
+    # start-notify: a notify unit's main process runs; READY=1 makes it ready
+    (NOTIFY_WAIT, EV_STOP): (_STOP_STEPS, "begin_stop"),
+    (NOTIFY_WAIT, EV_RESTART): (_STOP_STEPS, "begin_restart"),
+    (NOTIFY_WAIT, EV_EXIT): (_STOP_STEPS, "main_exited"),         # before READY=1: the start failed
+    (NOTIFY_WAIT, EV_READY): ((HEALTH_WAIT, START_POST, RUNNING) + _STOP_STEPS, "notified_ready"),
+    (NOTIFY_WAIT, EV_START_TIMEOUT): (_STOP_STEPS, "start_timed_out"),
+    (NOTIFY_WAIT, EV_WATCHDOG): (_STOP_STEPS, "watchdog_expired"),    # a WATCHDOG=1 armed it already
+    **_ignored(NOTIFY_WAIT, EV_START, EV_RELOAD, EV_DEPENDENCIES, EV_CONTROL_EXIT, EV_EXEC, EV_RELOADING,
+               EV_STOPPING, EV_HEALTHY, EV_UNHEALTHY, EV_RESTART_DUE, EV_STOP_TIMEOUT, EV_PID_FILE),
+    # start-forking: its ExecStart= runs (a control process) until it exits 0
+    # and the main pid is known (PIDFile=, looked at again until written)
+    (FORKING, EV_STOP): (_STOP_STEPS, "begin_stop"),
+    (FORKING, EV_RESTART): (_STOP_STEPS, "begin_restart"),
+    (FORKING, EV_EXIT): (_STOP_STEPS, "main_exited"),             # a MAINPID= named it, and it ended
+    (FORKING, EV_CONTROL_EXIT): ((FORKING, HEALTH_WAIT, START_POST, RUNNING) + _STOP_STEPS, "forked"),
+    (FORKING, EV_START_TIMEOUT): (_STOP_STEPS, "start_timed_out"),
+    (FORKING, EV_PID_FILE): ((FORKING, HEALTH_WAIT, START_POST, RUNNING) + _STOP_STEPS, "find_main_pid"),
+    (FORKING, EV_WATCHDOG): (_STOP_STEPS, "watchdog_expired"),
+    **_ignored(FORKING, EV_START, EV_RELOAD, EV_DEPENDENCIES, EV_EXEC, EV_READY, EV_RELOADING, EV_STOPPING,
+               EV_HEALTHY, EV_UNHEALTHY, EV_RESTART_DUE, EV_STOP_TIMEOUT),
+    # start-oneshot: a oneshot's ExecStart= commands run in turn; its last
+    # one's exit 0 finishes the start
+    (ONESHOT, EV_STOP): (_STOP_STEPS, "begin_stop"),
+    (ONESHOT, EV_RESTART): (_STOP_STEPS, "begin_restart"),
+    (ONESHOT, EV_EXIT): ((ONESHOT, START_POST, REMAIN, EXITED) + _STOP_STEPS, "main_exited"),
+    (ONESHOT, EV_START_TIMEOUT): (_STOP_STEPS, "start_timed_out"),
+    (ONESHOT, EV_WATCHDOG): (_STOP_STEPS, "watchdog_expired"),
+    **_ignored(ONESHOT, EV_START, EV_RELOAD, EV_DEPENDENCIES, EV_CONTROL_EXIT, EV_EXEC, EV_READY, EV_RELOADING,
+               EV_STOPPING, EV_HEALTHY, EV_UNHEALTHY, EV_RESTART_DUE, EV_STOP_TIMEOUT, EV_PID_FILE),
+    # start-health: ready, its first health check not passed yet
+    (HEALTH_WAIT, EV_STOP): (_STOP_STEPS, "begin_stop"),
+    (HEALTH_WAIT, EV_RESTART): (_STOP_STEPS, "begin_restart"),
+    (HEALTH_WAIT, EV_EXIT): (_STOP_STEPS, "main_exited"),
+    (HEALTH_WAIT, EV_HEALTHY): ((RUNNING,), "ready"),
+    (HEALTH_WAIT, EV_UNHEALTHY): (_STOP_STEPS, "restart_unhealthy"),
+    (HEALTH_WAIT, EV_WATCHDOG): (_STOP_STEPS, "watchdog_expired"),   # armed once ready: this wait too
+    **_ignored(HEALTH_WAIT, EV_START, EV_RELOAD, EV_DEPENDENCIES, EV_CONTROL_EXIT, EV_EXEC, EV_READY,
+               EV_RELOADING, EV_STOPPING, EV_RESTART_DUE, EV_START_TIMEOUT, EV_STOP_TIMEOUT, EV_PID_FILE),
     # spawned: the main process is made; running once its exec is confirmed
     (SPAWNED, EV_STOP): (_STOP_STEPS, "begin_stop"),
     (SPAWNED, EV_RESTART): (_STOP_STEPS, "begin_restart"),
@@ -7804,9 +7833,9 @@ TRANSITIONS = {
 TRANSITIONS.update({(phase, EV_RUNTIME_MAX): ((phase,), IGNORE) for phase in PUBLIC_STATE
                     if phase not in (RUNNING, RELOAD, REMAIN)})
 TRANSITIONS.update({(phase, EV_OOM): ((phase,) + _STOP_STEPS, "oom_killed")
-                    for phase in (START, START_POST, RUNNING, RELOAD)})
+                    for phase in (NOTIFY_WAIT, FORKING, ONESHOT, HEALTH_WAIT, START_POST, RUNNING, RELOAD)})
 TRANSITIONS.update({(phase, EV_OOM): ((phase,), IGNORE) for phase in PUBLIC_STATE
-                    if phase not in (START, START_POST, RUNNING, RELOAD)})
+                    if phase not in (NOTIFY_WAIT, FORKING, ONESHOT, HEALTH_WAIT, START_POST, RUNNING, RELOAD)})
 # A daemon start hands a unit it found in the state file, with no process left,
 # to its new Service (which is stopped): backoff, failed and exited go on as
 # they were; anything else starts. Nothing else is ever restored.
@@ -8144,7 +8173,8 @@ class Service:
         says of the service is kept here; READY=1, RELOADING=1 and STOPPING=1
         are events of the table. MAINPID= names a process of the service
         (or comes from root: `trusted`), as systemd requires."""
-        if fields.get("MAINPID", "").isdigit() and self.pid is not None and self.phase in (START, START_POST, RUNNING, RELOAD):
+        if fields.get("MAINPID", "").isdigit() and self.pid is not None and self.phase in (
+                NOTIFY_WAIT, FORKING, ONESHOT, HEALTH_WAIT, START_POST, RUNNING, RELOAD):
             pid = int(fields["MAINPID"])
             if pid != os.getpid() and (trusted or self.host.belongs_to(self, pid)):
                 self._set_main_pid(pid)
@@ -8457,7 +8487,9 @@ class Service:
         if spec.type in ("oneshot",) + NOTIFY_TYPES:
             self._arm_start_timer()
             self.host.log.debug(self.name, "Running main command (pid %d): %s" % (pid, command))
-            return START, "waiting for READY=1" if spec.type in NOTIFY_TYPES else None
+            if spec.type == "oneshot":
+                return ONESHOT, None                    # (its next command, or the start is done, at its exit)
+            return NOTIFY_WAIT, "waiting for READY=1"   # (READY=1, or the start failed)
         if not confirmed:
             self.exec_error = None
             return SPAWNED, None
@@ -8489,7 +8521,7 @@ class Service:
         if self.spec.health_check_url and self.probe is None:
             self.host.log.info(self.name, "Started (pid %d), waiting for its health check" % self.pid)
             self.probe = self.host.open_probe(self, self._on_verdict)
-            return START, "waiting for the health check"
+            return HEALTH_WAIT, "waiting for the health check"
         self.host.log.info(self.name, "Started (pid %d)" % self.pid)
         return RUNNING, None
 
@@ -8521,7 +8553,7 @@ class Service:
             return self._start_failed(str(exc), result="protocol")
         if pid is None:                  # the PIDFile= is not written yet: look again soon
             self.timer = self.host.call_later(PID_FILE_POLL_INTERVAL, lambda: self.handle(EV_PID_FILE))
-            return START, "waiting for %s" % self.spec.pid_file
+            return FORKING, "waiting for %s" % self.spec.pid_file
         self._set_main_pid(pid)
         return self._main_running()
 
@@ -8574,7 +8606,9 @@ class Service:
         if self.spec.health_check_url:
             self.probe = self.host.open_probe(self, self._on_verdict)
         self._arm_watchdog()
-        return (RUNNING if self.spec.type != "oneshot" else START), None
+        if self.spec.type != "oneshot":
+            return RUNNING, None                        # (its health check, if any, watches it running)
+        return (HEALTH_WAIT if self.probe else ONESHOT), None     # a oneshot's last command: its exit is awaited
 
     # -- actions: the main process ended -----------------------------------------
 
@@ -8616,13 +8650,13 @@ class Service:
         else:
             succeeded = exit_is_clean(exit_info, success)
         succeeded = succeeded or (command is not None and command.ignore_failure)
-        if self.spec.type == "oneshot" and phase == START:
+        if phase == ONESHOT:
             if not succeeded:
                 return self._start_failed("oneshot " + described, result=_result_of(exit_info))
             if self.queue:
                 return self._spawn_main()  # the next ExecStart= of the oneshot
             return self._main_running()
-        if phase == START and self.spec.type in NOTIFY_TYPES and not self.notified_ready:
+        if phase == NOTIFY_WAIT and not self.notified_ready:
             self.result = "protocol" if succeeded else _result_of(exit_info)
             return self._begin_stop_sequence("policy", "exited before READY=1 (%s)" % described, failed=True,
                                              run_exec_stop=False)
@@ -8862,7 +8896,7 @@ class Service:
         a new version that never became healthy, roll back)."""
         probe = self.probe
         why = "health check failed %d times: %s" % (probe.failures, probe.last_error) if probe else "health check failed"
-        never_healthy = self.phase == START
+        never_healthy = self.phase == HEALTH_WAIT
         phase, _ = self._begin_stop_sequence("restart", why)     # with the failing version's KillSignal= etc.
         if never_healthy and self._roll_back("never became healthy: " + why):
             return phase, "rolling back: never became healthy: " + why
@@ -9088,7 +9122,7 @@ class Service:
 
 
 # The phase each control step runs in, and the key users know it by.
-CONTROL_PHASE = {"exec_condition": CONDITION, "exec_start_pre": START_PRE, "exec_start": START,
+CONTROL_PHASE = {"exec_condition": CONDITION, "exec_start_pre": START_PRE, "exec_start": FORKING,
                  "exec_start_post": START_POST, "exec_reload": RELOAD, "exec_stop": STOP_COMMAND,
                  "exec_stop_post": STOP_POST}
 CONTROL_KEYS = {"exec_condition": "ExecCondition", "exec_start_pre": "ExecStartPre", "exec_start": "ExecStart",
@@ -9860,7 +9894,7 @@ class Dependencies:
                 continue
             if other.is_ready():
                 continue
-            if other.phase in (WAITING, CONDITION, START_PRE, START, SPAWNED, START_POST, BACKOFF) or (
+            if PUBLIC_STATE[other.phase] == STARTING or other.phase == BACKOFF or (
                     other.state == STOPPING and other.after_stop == "restart"):
                 return "waiting", "waiting for %s" % name
             # The dependency is down, and nothing is bringing it up.

@@ -4374,7 +4374,10 @@ def service_in(phase):
     host = FakeHost()
     lines = {P.START_PRE: ("ExecStartPre=/bin/true",),
              P.CONDITION: ("ExecCondition=/bin/true",),
-             P.START: ("HealthCheckURL=tcp://127.0.0.1:9",),
+             P.HEALTH_WAIT: ("HealthCheckURL=tcp://127.0.0.1:9",),
+             P.NOTIFY_WAIT: ("Type=notify",),
+             P.FORKING: ("Type=forking", "PIDFile=/run/web.pid"),
+             P.ONESHOT: ("Type=oneshot", "TimeoutStartSec=30"),
              P.START_POST: ("ExecStartPost=/bin/true",),
              P.RELOAD: ("ExecReload=/bin/true",),
              P.REMAIN: ("Type=oneshot", "RemainAfterExit=yes"),
@@ -4396,7 +4399,8 @@ def service_in(phase):
         host.exec_later = False
         return host, service
     service.start()
-    if phase in (P.CONDITION, P.START_PRE, P.START, P.START_POST, P.RUNNING):
+    if phase in (P.CONDITION, P.START_PRE, P.NOTIFY_WAIT, P.FORKING, P.ONESHOT, P.HEALTH_WAIT, P.START_POST,
+                 P.RUNNING):
         return host, service
     if phase in (P.BACKOFF, P.EXITED, P.REMAIN):
         host.exit(service, CLEAN if phase in (P.EXITED, P.REMAIN) else FAILURE)
@@ -4437,10 +4441,11 @@ for _phase in P.PUBLIC_STATE:
 EXPECTED.update({
     (P.RUNNING, P.EV_RUNTIME_MAX): P.STOPPING, (P.RELOAD, P.EV_RUNTIME_MAX): P.STOPPING,
     (P.REMAIN, P.EV_RUNTIME_MAX): P.FAILED,       # no process to stop: failed (timeout), Restart=no
-    (P.START, P.EV_OOM): P.STOPPING, (P.START_POST, P.EV_OOM): P.STOPPING, (P.RUNNING, P.EV_OOM): P.STOPPING,
+    (P.NOTIFY_WAIT, P.EV_OOM): P.STOPPING, (P.FORKING, P.EV_OOM): P.STOPPING, (P.ONESHOT, P.EV_OOM): P.STOPPING,
+    (P.HEALTH_WAIT, P.EV_OOM): P.STOPPING, (P.START_POST, P.EV_OOM): P.STOPPING, (P.RUNNING, P.EV_OOM): P.STOPPING,
     (P.RELOAD, P.EV_OOM): P.STOPPING,             # OOMPolicy=stop, the default
     (P.STOPPED, P.EV_RESTORE): P.BACKOFF,         # with the delay that remained
-    (P.START, P.EV_WATCHDOG): P.STOPPING,         # the watchdog runs while the health check is awaited too
+    (P.HEALTH_WAIT, P.EV_WATCHDOG): P.STOPPING,   # the watchdog runs while the health check is awaited too
     (P.STOPPED, P.EV_START): P.RUNNING, (P.STOPPED, P.EV_STOP): P.STOPPED,
     (P.STOPPED, P.EV_RESTART): P.RUNNING, (P.STOPPED, P.EV_ADOPT): P.RUNNING,
     (P.EXITED, P.EV_START): P.RUNNING, (P.EXITED, P.EV_STOP): P.STOPPED, (P.EXITED, P.EV_RESTART): P.RUNNING,
@@ -4454,10 +4459,21 @@ EXPECTED.update({
     (P.START_PRE, P.EV_STOP): P.STOPPING, (P.START_PRE, P.EV_RESTART): P.STOPPING,
     (P.START_PRE, P.EV_CONTROL_EXIT): P.FAILED,          # ExecStartPre= failed, Restart=no
     (P.START_PRE, P.EV_START_TIMEOUT): P.STOPPING,
-    (P.START, P.EV_STOP): P.STOPPING, (P.START, P.EV_RESTART): P.STOPPING,
-    (P.START, P.EV_EXIT): P.EXITED, (P.START, P.EV_HEALTHY): P.RUNNING,
-    (P.START, P.EV_UNHEALTHY): P.STOPPING,          # STOPPING=1 counts only once running (systemd)
-    (P.START, P.EV_START_TIMEOUT): P.STOPPING,
+    (P.HEALTH_WAIT, P.EV_STOP): P.STOPPING, (P.HEALTH_WAIT, P.EV_RESTART): P.STOPPING,
+    (P.HEALTH_WAIT, P.EV_EXIT): P.EXITED, (P.HEALTH_WAIT, P.EV_HEALTHY): P.RUNNING,
+    (P.HEALTH_WAIT, P.EV_UNHEALTHY): P.STOPPING,    # STOPPING=1 counts only once running (systemd)
+    # a notify unit: READY=1 makes it ready; an exit before it fails the start
+    (P.NOTIFY_WAIT, P.EV_STOP): P.STOPPING, (P.NOTIFY_WAIT, P.EV_RESTART): P.STOPPING,
+    (P.NOTIFY_WAIT, P.EV_EXIT): P.FAILED, (P.NOTIFY_WAIT, P.EV_READY): P.RUNNING,
+    (P.NOTIFY_WAIT, P.EV_START_TIMEOUT): P.STOPPING, (P.NOTIFY_WAIT, P.EV_WATCHDOG): P.STOPPING,
+    # a forking unit's ExecStart= runs: its failure fails the start
+    (P.FORKING, P.EV_STOP): P.STOPPING, (P.FORKING, P.EV_RESTART): P.STOPPING,
+    (P.FORKING, P.EV_EXIT): P.STOPPING, (P.FORKING, P.EV_CONTROL_EXIT): P.FAILED,
+    (P.FORKING, P.EV_START_TIMEOUT): P.STOPPING, (P.FORKING, P.EV_WATCHDOG): P.STOPPING,
+    # a oneshot's command runs: its failure fails the start
+    (P.ONESHOT, P.EV_STOP): P.STOPPING, (P.ONESHOT, P.EV_RESTART): P.STOPPING,
+    (P.ONESHOT, P.EV_EXIT): P.FAILED, (P.ONESHOT, P.EV_START_TIMEOUT): P.STOPPING,
+    (P.ONESHOT, P.EV_WATCHDOG): P.STOPPING,
     (P.SPAWNED, P.EV_STOP): P.STOPPING, (P.SPAWNED, P.EV_RESTART): P.STOPPING,
     (P.SPAWNED, P.EV_EXIT): P.EXITED, (P.SPAWNED, P.EV_EXEC): P.RUNNING,
     # ExecStartPost= runs beside the main process
@@ -4470,7 +4486,7 @@ EXPECTED.update({
     (P.RUNNING, P.EV_RELOADING): P.RELOAD, (P.RUNNING, P.EV_STOPPING): P.STOPPING,
     (P.RUNNING, P.EV_WATCHDOG): P.STOPPING,
     # nothing runs: a stop is over at once, a restart runs the oneshot again
-    (P.REMAIN, P.EV_STOP): P.STOPPED, (P.REMAIN, P.EV_RESTART): P.START,
+    (P.REMAIN, P.EV_STOP): P.STOPPED, (P.REMAIN, P.EV_RESTART): P.ONESHOT,
     (P.RELOAD, P.EV_STOP): P.STOPPING, (P.RELOAD, P.EV_RESTART): P.STOPPING,
     (P.RELOAD, P.EV_EXIT): P.STOPPING, (P.RELOAD, P.EV_CONTROL_EXIT): P.RUNNING,
     (P.RELOAD, P.EV_STOPPING): P.STOPPING, (P.RELOAD, P.EV_START_TIMEOUT): P.RUNNING,
@@ -4550,7 +4566,7 @@ class StateTableTests(unittest.TestCase):
         self.assertEqual((service.want, service.restarts), ("up", 1))
         self.assertIn("health check failed 3 times: connection refused", service.reason)
         host.exit(service, {"signal": signal.SIGTERM})
-        self.assertEqual(service.phase, P.START, "started again, waiting for its health check")
+        self.assertEqual(service.phase, P.HEALTH_WAIT, "started again, waiting for its health check")
         self.assertNotEqual(service.pid, first)
 
     def test_internal_stops_leave_want_alone(self):
@@ -4581,7 +4597,7 @@ class StateTableTests(unittest.TestCase):
         service = gitproc.Service(host, spec_of("Type=oneshot", "ExecStartPre=/bin/echo pre",
                                                 "ExecStart=/bin/echo one", "ExecStart=/bin/echo two"), "c0ffee")
         service.start()
-        for expected in (P.START_PRE, P.START, P.START):
+        for expected in (P.START_PRE, P.ONESHOT, P.ONESHOT):
             self.assertEqual(service.phase, expected)
             self.assertFalse(service.is_ready())
             host.exit(service, CLEAN)
@@ -4784,7 +4800,7 @@ class ReviewedEdgeTests(unittest.TestCase):
         service.start()
         service.spec = spec_of(*lines)
         host.exit(service, CLEAN)
-        self.assertEqual((service.phase, host.spawned[-1][1]), (P.START, "/bin/echo two"))
+        self.assertEqual((service.phase, host.spawned[-1][1]), (P.ONESHOT, "/bin/echo two"))
         service.spec = spec_of(*lines)
         host.exit(service, CLEAN)
         self.assertEqual(service.phase, P.EXITED)
@@ -4822,7 +4838,7 @@ class ReviewedEdgeTests(unittest.TestCase):
         host = FakeHost()
         service = gitproc.Service(host, spec_of("Type=oneshot", "HealthCheckURL=tcp://127.0.0.1:9"), "c0ffee")
         service.adopt(55, 1, None)
-        self.assertEqual(service.phase, P.START)
+        self.assertEqual(service.phase, P.HEALTH_WAIT)
         host.probes[-1].verdict("healthy")
         self.assertEqual(service.phase, P.RUNNING)
         host.exit(service, None)
@@ -4887,7 +4903,7 @@ class ControlEdgeTests(unittest.TestCase):
         host.advance(0.5)
         service.notified({"EXTEND_TIMEOUT_USEC": "2000000", "STATUS": "migrating"})
         host.advance(1.0)
-        self.assertEqual((service.phase, service.status_text), (P.START, "migrating"), "1.5 s: still starting")
+        self.assertEqual((service.phase, service.status_text), (P.NOTIFY_WAIT, "migrating"), "1.5 s: still starting")
         host.advance(1.1)
         self.assertEqual(service.phase, P.STOPPING, "2.6 s: the extended timeout passed")
         self.assertIn("start timed out", service.reason)
@@ -4898,7 +4914,7 @@ class ControlEdgeTests(unittest.TestCase):
         service.start()
         self.assertEqual(host.probes, [], "no probe (and no start period) before READY=1")
         service.notified({"READY": "1"})
-        self.assertEqual((service.phase, len(host.probes)), (P.START, 1))
+        self.assertEqual((service.phase, len(host.probes)), (P.HEALTH_WAIT, 1))
         host.probes[-1].verdict("healthy")
         self.assertEqual(service.phase, P.RUNNING)
 
@@ -4965,7 +4981,7 @@ class ExecConfirmationTests(unittest.TestCase):
         for lines in (("Type=oneshot",), ("Type=notify",), ("ExecStartPre=/bin/true",)):
             service = gitproc.Service(host, spec_of(*lines), "c0ffee")
             service.start()
-            self.assertIn(service.phase, (P.START, P.START_PRE), lines)
+            self.assertIn(service.phase, (P.ONESHOT, P.NOTIFY_WAIT, P.START_PRE), lines)
 
 
 @pure
