@@ -7588,9 +7588,10 @@ def spawn_exit_code(message):
 #
 # A service has at most one main process (`pid`) and one control process
 # (`control_pid`), as in systemd. A stop runs ExecStop=, then KillSignal= to
-# what is left, then ExecStopPost=; what follows it (`after_stop`) is
-# "stop", "restart" or "policy" (Restart= decides, after the process ended
-# on its own, a start timed out or failed, or the watchdog fired).
+# what is left, then ExecStopPost=, in three phases; what follows it makes
+# three families of them (STOP_STEPS): a stop (then stopped), a restart (then
+# it starts again) and the end of a run (then Restart= decides: after the
+# process ended on its own, a start failed or timed out, the watchdog fired).
 
 WAITING = "waiting"              # starting: held until its After=/Requires= units are ready
 CONDITION = "condition"          # starting: an ExecCondition= command runs
@@ -7605,18 +7606,31 @@ RELOAD = "reload"                # reloading: ExecReload= runs, or a notify unit
 REMAIN = "remain"                # running: RemainAfterExit=yes, its process exited successfully
 STOP_COMMAND = "stop-command"    # stopping: an ExecStop= command runs
 STOP_POST = "stop-post"          # stopping: an ExecStopPost= command runs
+RESTART_COMMAND = "restart-command"     # stopping to start again: an ExecStop= command runs
+RESTART_STOPPING = "restart-stopping"   # stopping to start again: KillSignal= (RestartKillSignal=) sent
+RESTART_POST = "restart-post"           # stopping to start again: an ExecStopPost= command runs
+END_COMMAND = "end-command"      # the run ends (Restart= decides next): an ExecStop= command runs
+ENDING = "ending"                # the run ends: KillSignal= (or WatchdogSignal=) sent to what is left
+END_POST = "end-post"            # the run ends: an ExecStopPost= command runs
+# (ExecStop=, KillSignal=, ExecStopPost=) of each family, by what follows.
+STOP_STEPS = {"stop": (STOP_COMMAND, STOPPING, STOP_POST), "restart": (RESTART_COMMAND, RESTART_STOPPING, RESTART_POST),
+              "policy": (END_COMMAND, ENDING, END_POST)}
+STOP_FAMILY = {phase: after for after, phases in STOP_STEPS.items() for phase in phases}
 PUBLIC_STATE = {STOPPED: STOPPED, EXITED: EXITED, FAILED: FAILED, BACKOFF: BACKOFF,
                 WAITING: STARTING, CONDITION: STARTING, START_PRE: STARTING, NOTIFY_WAIT: STARTING,
                 FORKING: STARTING, ONESHOT: STARTING, HEALTH_WAIT: STARTING,
                 SPAWNED: STARTING, START_POST: STARTING, RUNNING: RUNNING, REMAIN: RUNNING,
-                RELOAD: RELOADING, STOP_COMMAND: STOPPING, STOPPING: STOPPING, STOP_POST: STOPPING}
+                RELOAD: RELOADING, **{phase: STOPPING for phase in STOP_FAMILY}}
 PHASE_TEXT = {WAITING: "waiting for dependencies", CONDITION: "running ExecCondition=",
               START_PRE: "running ExecStartPre=", NOTIFY_WAIT: "waiting for READY=1",
               FORKING: "waiting for its forking ExecStart= and its main pid", ONESHOT: "running ExecStart=",
               HEALTH_WAIT: "waiting for the health check",
               SPAWNED: "starting its process", START_POST: "running ExecStartPost=",
               RELOAD: "reloading", REMAIN: "exited (RemainAfterExit=yes)",
-              STOP_COMMAND: "running ExecStop=", STOP_POST: "running ExecStopPost="}
+              STOP_COMMAND: "running ExecStop=", STOP_POST: "running ExecStopPost=",
+              RESTART_COMMAND: "running ExecStop= to restart", RESTART_STOPPING: "stopping to restart",
+              RESTART_POST: "running ExecStopPost= to restart", END_COMMAND: "running ExecStop= (the run ended)",
+              ENDING: "stopping what is left (the run ended)", END_POST: "running ExecStopPost= (the run ended)"}
 
 EV_START, EV_STOP, EV_RESTART, EV_RELOAD = "start", "stop", "restart", "reload"
 EV_DEPENDENCIES = "dependencies"  # what a WAITING service waits for changed
@@ -7647,14 +7661,43 @@ IGNORE = "ignore"
 _STARTED = (WAITING, CONDITION, START_PRE, NOTIFY_WAIT, FORKING, ONESHOT, HEALTH_WAIT, SPAWNED, START_POST,
             RUNNING, REMAIN, EXITED, BACKOFF, FAILED, STOPPED, STOP_POST)
 # Where a start that has gone as far as it goes (ready, or failed) can end.
-_AFTER_START = (ONESHOT, HEALTH_WAIT, START_POST, RUNNING, REMAIN, EXITED, STOP_COMMAND, STOPPING, STOP_POST,
-                BACKOFF, FAILED, STOPPED)
+_AFTER_START = (ONESHOT, HEALTH_WAIT, START_POST, RUNNING, REMAIN, EXITED, BACKOFF, FAILED, STOPPED) + \
+    tuple(STOP_FAMILY)
 # Where a stop step can lead: the next step, or what follows the stop.
-_STOP_STEPS = (STOP_COMMAND, STOPPING, STOP_POST) + _STARTED
+_STOP_STEPS = tuple(STOP_FAMILY) + _STARTED
 
 
 def _ignored(phase, *events):
     return {(phase, event): ((phase,), IGNORE) for event in events}
+
+
+# What can follow the stop of each family: stopped; a start again (where a
+# start can lead); the end of a run (Restart= decides; want=down: stopped).
+_AFTER_STOPS = {"stop": (STOPPED,), "restart": _STARTED, "policy": (BACKOFF, FAILED, EXITED, STOPPED)}
+
+
+def _stopping(phase, switch_events, switch):
+    """The cells of one stopping phase: its own step's events, the switch
+    between a stop and a restart (`switch_events` -> `switch`), and what it
+    ignores. Its step leads to the next steps of its family, then to what
+    follows that family's stop."""
+    after = STOP_FAMILY[phase]
+    command, signalled, post = STOP_STEPS[after]
+    later = {command: (command, signalled, post), signalled: (signalled, post), post: (post,)}[phase]
+    steps = later + _AFTER_STOPS[after]
+    own = {command: {EV_EXIT: ((command,), "main_gone_while_stopping"),        # ExecStop= may wait for it
+                     EV_CONTROL_EXIT: (steps, "stop_command_exited"),
+                     EV_STOP_TIMEOUT: ((signalled, post) + _AFTER_STOPS[after], "stop_command_timed_out")},
+           signalled: {EV_EXIT: (steps, "main_gone_while_stopping"),
+                       EV_CONTROL_EXIT: (steps, "control_gone_while_stopping"),
+                       EV_STOP_TIMEOUT: (steps, "kill_hard")},
+           post: {EV_CONTROL_EXIT: (steps, "stop_post_exited"),
+                  EV_STOP_TIMEOUT: (steps, "stop_post_timed_out")}}[phase]
+    cells = {(phase, event): entry for event, entry in own.items()}
+    cells.update({(phase, event): switch for event in switch_events})
+    cells.update(_ignored(phase, *[event for event in EVENTS if (phase, event) not in cells and event not in (
+        EV_RUNTIME_MAX, EV_OOM, EV_RESTORE, EV_ADOPT)]))
+    return cells
 
 
 TRANSITIONS = {
@@ -7799,32 +7842,22 @@ TRANSITIONS = {
     (RELOAD, EV_RUNTIME_MAX): (_STOP_STEPS, "runtime_max_passed"),
     **_ignored(RELOAD, EV_START, EV_RELOAD, EV_DEPENDENCIES, EV_EXEC, EV_RELOADING, EV_HEALTHY, EV_UNHEALTHY,
                EV_RESTART_DUE, EV_STOP_TIMEOUT, EV_PID_FILE),
-    # stop-command: an ExecStop= command runs; then KillSignal= to what is left
-    (STOP_COMMAND, EV_START): (_STOP_STEPS, "restart_after_stop"),
-    (STOP_COMMAND, EV_STOP): (_STOP_STEPS, "stop_after_stop"),
-    (STOP_COMMAND, EV_RESTART): (_STOP_STEPS, "restart_after_stop"),
-    (STOP_COMMAND, EV_EXIT): (_STOP_STEPS, "main_gone_while_stopping"),
-    (STOP_COMMAND, EV_CONTROL_EXIT): (_STOP_STEPS, "stop_command_exited"),
-    (STOP_COMMAND, EV_STOP_TIMEOUT): (_STOP_STEPS, "stop_command_timed_out"),
-    **_ignored(STOP_COMMAND, EV_RELOAD, EV_DEPENDENCIES, EV_EXEC, EV_READY, EV_RELOADING, EV_STOPPING,
-               EV_HEALTHY, EV_UNHEALTHY, EV_RESTART_DUE, EV_START_TIMEOUT, EV_WATCHDOG, EV_PID_FILE),
-    # stopping: KillSignal= sent, SIGKILL after TimeoutStopSec=
-    (STOPPING, EV_START): (_STOP_STEPS, "restart_after_stop"),
-    (STOPPING, EV_STOP): (_STOP_STEPS, "stop_after_stop"),
-    (STOPPING, EV_RESTART): (_STOP_STEPS, "restart_after_stop"),
-    (STOPPING, EV_EXIT): (_STOP_STEPS, "main_gone_while_stopping"),
-    (STOPPING, EV_CONTROL_EXIT): (_STOP_STEPS, "control_gone_while_stopping"),
-    (STOPPING, EV_STOP_TIMEOUT): (_STOP_STEPS, "kill_hard"),
-    **_ignored(STOPPING, EV_RELOAD, EV_DEPENDENCIES, EV_EXEC, EV_READY, EV_RELOADING, EV_STOPPING,
-               EV_HEALTHY, EV_UNHEALTHY, EV_RESTART_DUE, EV_START_TIMEOUT, EV_WATCHDOG, EV_PID_FILE),
-    # stop-post: an ExecStopPost= command runs; nothing else is left
-    (STOP_POST, EV_START): (_STOP_STEPS, "restart_after_stop"),
-    (STOP_POST, EV_STOP): (_STOP_STEPS, "stop_after_stop"),
-    (STOP_POST, EV_RESTART): (_STOP_STEPS, "restart_after_stop"),
-    (STOP_POST, EV_CONTROL_EXIT): (_STOP_STEPS, "stop_post_exited"),
-    (STOP_POST, EV_STOP_TIMEOUT): (_STOP_STEPS, "stop_post_timed_out"),
-    **_ignored(STOP_POST, EV_RELOAD, EV_DEPENDENCIES, EV_EXIT, EV_EXEC, EV_READY, EV_RELOADING, EV_STOPPING,
-               EV_HEALTHY, EV_UNHEALTHY, EV_RESTART_DUE, EV_START_TIMEOUT, EV_WATCHDOG, EV_PID_FILE),
+    # stop-command, restart-command, end-command: an ExecStop= command runs;
+    # then KillSignal= to what is left. A start or restart turns a stop into
+    # a restart, a stop turns a restart back into a stop (the same step).
+    **_stopping(STOP_COMMAND, (EV_START, EV_RESTART), ((RESTART_COMMAND,), "restart_after_stop")),
+    **_stopping(RESTART_COMMAND, (EV_STOP,), ((STOP_COMMAND,), "stop_after_stop")),
+    **_stopping(END_COMMAND, (EV_START, EV_RESTART), ((RESTART_COMMAND,), "restart_after_stop")),
+    # stopping, restart-stopping, ending: KillSignal= sent, SIGKILL after
+    # TimeoutStopSec= (and given up on after one more)
+    **_stopping(STOPPING, (EV_START, EV_RESTART), ((RESTART_STOPPING,), "restart_after_stop")),
+    **_stopping(RESTART_STOPPING, (EV_STOP,), ((STOPPING,), "stop_after_stop")),
+    **_stopping(ENDING, (EV_START, EV_RESTART), ((RESTART_STOPPING,), "restart_after_stop")),
+    # stop-post, restart-post, end-post: an ExecStopPost= command runs;
+    # nothing else of the service is left
+    **_stopping(STOP_POST, (EV_START, EV_RESTART), ((RESTART_POST,), "restart_after_stop")),
+    **_stopping(RESTART_POST, (EV_STOP,), ((STOP_POST,), "stop_after_stop")),
+    **_stopping(END_POST, (EV_START, EV_RESTART), ((RESTART_POST,), "restart_after_stop")),
 }
 # RuntimeMaxSec= counts while the unit is active (running, reloading, or
 # remaining after its exit): in every other phase its timer is not armed and
@@ -7995,7 +8028,6 @@ class Service:
         self.exit_wait = None           # ... (the main process's exit_info,) while it waits
         self.watchdog_usec = None       # WATCHDOG_USEC= the service asked for instead
         self.stop_timed_out = False     # the current stop needed SIGKILL
-        self.after_stop = "stop"        # what follows the stop under way: "stop", "restart", "policy"
         self.end = None                 # (why, failed, result) of a run that ended, for "policy"
         self.result = "success"         # systemd's $SERVICE_RESULT of this run
         self.status_text = None         # the last STATUS= of sd_notify
@@ -8079,8 +8111,6 @@ class Service:
         return data
 
     def _phase_text(self):
-        if self.phase == STOPPING and self.after_stop == "restart":
-            return "stopping to restart"
         return PHASE_TEXT.get(self.phase)
 
     def _limits(self):
@@ -8347,13 +8377,24 @@ class Service:
         self._reset_limits()
         return True
 
-    def _run_step(self, kind):
+    def _run_step(self, kind, after=None):
         """Run the commands of one control step (a UnitSpec field) in turn;
-        with none, what follows the step."""
+        with none, what follows the step. (`after`: the family of a stop's
+        steps, STOP_STEPS.)"""
         self.queue = list(getattr(self.spec, kind))
-        return self._next_control(kind)
+        return self._next_control(kind, after)
 
-    def _next_control(self, kind):
+    def _step_phase(self, kind, after):
+        """The phase a control step runs in (ExecStop=/ExecStopPost=: its family's)."""
+        if kind in ("exec_stop", "exec_stop_post"):
+            return STOP_STEPS[after][0 if kind == "exec_stop" else 2]
+        return CONTROL_PHASE[kind]
+
+    def _stop_family(self):
+        """What follows the stop under way ("stop", "restart", "policy"): its phase says."""
+        return STOP_FAMILY[self.phase]
+
+    def _next_control(self, kind, after=None):
         """Spawn the next command of the step; a '-' command that cannot even
         start is skipped (systemd), any other spawn failure is exit 203/EXEC."""
         while self.queue:
@@ -8366,15 +8407,15 @@ class Service:
                     self.host.log.warning(self.name, "Ignoring failed %s: %s" % (CONTROL_KEYS[kind], exc))
                     continue
                 self.control_command, self.control_kind = command, kind
-                return self._control_ended(kind, {"code": spawn_exit_code(str(exc))}, "spawn failed: %s" % exc)
+                return self._control_ended(kind, {"code": spawn_exit_code(str(exc))}, "spawn failed: %s" % exc, after)
             self.control_pid, self.control_command, self.control_kind = pid, command, kind
             self.host.log.debug(self.name, "Running %s (pid %d): %s" % (CONTROL_KEYS[kind], pid, command))
             if kind in ("exec_condition", "exec_start_pre", "exec_start_post", "exec_start", "exec_reload"):
                 self._arm_start_timer()
             elif kind in ("exec_stop", "exec_stop_post"):
                 self._arm_stop_timer()
-            return CONTROL_PHASE[kind], self._step_reason(kind)
-        return self._step_done(kind)
+            return self._step_phase(kind, after), self._step_reason(kind)
+        return self._step_done(kind, after)
 
     def _step_reason(self, kind):
         return self.reason if kind in ("exec_stop", "exec_stop_post", "exec_reload") else None
@@ -8393,7 +8434,7 @@ class Service:
                     env["EXIT_CODE"], env["EXIT_STATUS"] = "exited", str(exit_info["code"])
         return env
 
-    def _step_done(self, kind):
+    def _step_done(self, kind, after=None):
         """A step's commands all ran (or it had none): the next step."""
         if kind == "exec_condition":
             return self._run_step("exec_start_pre")
@@ -8404,12 +8445,12 @@ class Service:
         if kind == "exec_reload":
             return self._reload_finished(None)
         if kind == "exec_stop":
-            return self._signal_leftovers()
+            return self._signal_leftovers(after)
         if kind == "exec_start":          # forking: its ExecStart= could not even start ('-')
             return self._find_main_pid()
-        return self._end_stop()          # exec_stop_post
+        return self._end_stop(after)      # exec_stop_post
 
-    def _control_ended(self, kind, exit_info, described):
+    def _control_ended(self, kind, exit_info, described, after=None):
         """The control process of `kind` is over (or could not start): the
         next command, or what its failure means."""
         command = self.control_command
@@ -8420,7 +8461,7 @@ class Service:
         if ok:
             if command is not None and exit_info != {"code": 0}:
                 self.host.log.info(self.name, "%s failed (%s), ignored ('-')" % (key, described))
-            return self._next_control(kind)
+            return self._next_control(kind, after)
         if kind == "exec_condition" and "code" in exit_info and 0 < exit_info["code"] < 255:
             self.host.log.info(self.name, "Not started: condition failed (%s %s)" % (key, described))
             self.host.released(self)
@@ -8435,13 +8476,14 @@ class Service:
             return self._reload_finished("%s failed (%s)" % (key, described))
         self.host.log.warning(self.name, "%s failed (%s)" % (key, described))
         self.queue = []                   # systemd runs no more commands of a step after a failure
-        return self._step_done(kind)
+        return self._step_done(kind, after)
 
     def _control_exited(self, exit_info):
         kind = self.control_kind
         if kind is None:                  # not one of ours (a stale callback): nothing to do
             return self.phase, self.reason
-        return self._control_ended(kind, exit_info, self.host.describe_exit(self, exit_info))
+        return self._control_ended(kind, exit_info, self.host.describe_exit(self, exit_info),
+                                   STOP_FAMILY.get(self.phase))
 
     _condition_exited = _pre_exited = _post_exited = _reload_exited = _control_exited
     _stop_command_exited = _stop_post_exited = _control_exited
@@ -8736,7 +8778,6 @@ class Service:
         decides on the run that ended, why and failed telling how)."""
         self._cancel_timers()
         self._close_probe()
-        self.after_stop = after
         self.end = (why, failed)
         self.reason = why
         self.stop_timed_out = False
@@ -8746,19 +8787,19 @@ class Service:
             self.queue = []
             run_exec_stop = False
         if run_exec_stop and self.spec.exec_stop:
-            return self._run_step("exec_stop")
-        return self._signal_leftovers()
+            return self._run_step("exec_stop", after)
+        return self._signal_leftovers(after)
 
-    def _signal_leftovers(self):
+    def _signal_leftovers(self, after):
         """KillSignal= to the main and control process (and, as KillMode=
         says, the rest; SIGKILL after TimeoutStopSec=), then ExecStopPost=.
         With ExitType=cgroup the processes left in the cgroup count."""
         if not self.has_process() and self.exit_wait is None:
-            return self._run_stop_post()
+            return self._run_stop_post(after)
         if self.exit_wait is not None:
             self._wait_cgroup_empty()     # its end ends the stop
         number = self.spec.kill_signal
-        if self.after_stop == "restart" and self.spec.restart_kill_signal is not None:
+        if after == "restart" and self.spec.restart_kill_signal is not None:
             number = self.spec.restart_kill_signal        # RestartKillSignal=, as systemd for a restart job
         self.host.log.info(self.name, "Stopping (%s, %s)" % (
             "pid %d" % self.pid if self.pid else "what is left", signal_name(number)))
@@ -8767,29 +8808,29 @@ class Service:
         if self.spec.send_sighup and number != signal.SIGHUP:
             self.host.signal(self, signal.SIGHUP)
         self._arm_stop_timer()
-        return STOPPING, self.reason
+        return STOP_STEPS[after][1], self.reason
 
-    def _run_stop_post(self):
+    def _run_stop_post(self, after):
         """Main and control process are gone: the rest of the service goes
         (as KillMode= says), then ExecStopPost= runs."""
         self._cancel(("timer",))
         if self.reap_pending:             # else the main process's exit already ended the rest
             self.reap_pending = False
             self.host.reap_leftovers(self, None, own_child=False)
-        return self._run_step("exec_stop_post")
+        return self._run_step("exec_stop_post", after)
 
-    def _end_stop(self):
-        """Nothing of the service is left: what `after_stop` says follows."""
+    def _end_stop(self, after):
+        """Nothing of the service is left: what follows a stop of its family."""
         self._cancel_timers()
         self.queue = []
         self.host.released(self)
         why, failed = self.end or (self.reason, False)
-        if self.after_stop == "policy":
+        if after == "policy":
             return self._finish_run(self.last_exit, self.main_exit, why, failed)
         self.host.stopped(self)
         self.host.log.info(self.name, "Stopped (%s%s)" % (describe_exit(self.last_exit) if self.last_exit else "no process",
                                                           ", after SIGKILL" if self.stop_timed_out else ""))
-        if self.after_stop == "restart" and self.want == "up" and not self.host.shutting_down:
+        if after == "restart" and self.want == "up" and not self.host.shutting_down:
             self.host.log.info(self.name, "Restarting (requested)")
             return self._begin_start()
         return STOPPED, self.reason or "stopped by user"
@@ -8797,21 +8838,22 @@ class Service:
     def _main_gone_while_stopping(self, exit_info):
         described = self._main_gone(exit_info)
         self.host.log.debug(self.name, "Main process ended while stopping (%s)" % described)
-        if self.phase == STOPPING and self.control_pid is None:
-            return self._run_stop_post()
+        after = self._stop_family()
+        if self.phase == STOP_STEPS[after][1] and self.control_pid is None:
+            return self._run_stop_post(after)
         return self.phase, self.reason
 
     def _control_gone_while_stopping(self, exit_info):
         self.control_pid = self.control_command = self.control_kind = None
         if self.pid is None:
-            return self._run_stop_post()
-        return STOPPING, self.reason
+            return self._run_stop_post(self._stop_family())
+        return self.phase, self.reason
 
     def _stop_command_timed_out(self):
         self.timer = None
         self.host.log.warning(self.name, "ExecStop= did not finish within %s" % format_timespan(self.spec.timeout_stop_sec))
         self.queue = []
-        return self._signal_leftovers()
+        return self._signal_leftovers(self._stop_family())
 
     def _stop_post_timed_out(self):
         self.timer = None
@@ -8819,7 +8861,7 @@ class Service:
         if self.stop_timed_out:
             self.host.log.error(self.name, "ExecStopPost= still there after SIGKILL: given up on")
             self._forget_processes()
-            return self._end_stop()
+            return self._end_stop(self._stop_family())
         if not self.spec.send_sigkill:
             return self._leave_running("ExecStopPost=")
         self.host.log.warning(self.name, "ExecStopPost= did not finish within %s; sending %s" % (
@@ -8827,7 +8869,7 @@ class Service:
         self.stop_timed_out = True
         self.host.signal(self, self.spec.final_kill_signal, first=False)
         self._arm_stop_timer()
-        return STOP_POST, self.reason
+        return self.phase, self.reason
 
     def _leave_running(self, what):
         """SendSIGKILL=no: what outlived TimeoutStopSec= is left running and
@@ -8838,19 +8880,16 @@ class Service:
             self.result = "timeout"
         self.reap_pending = False
         self._forget_processes()
-        return self._run_stop_post() if what != "ExecStopPost=" else self._end_stop()
+        after = self._stop_family()
+        return self._run_stop_post(after) if what != "ExecStopPost=" else self._end_stop(after)
 
     def _restart_after_stop(self, reason=None):
-        if self.after_stop != "restart":
-            self.after_stop = "restart"
-            self.reason = reason or "restarting"
-        return self.phase, self.reason
+        """A start or restart while it stops (or its run ends): it starts again after, at the same step."""
+        return STOP_STEPS["restart"][STOP_STEPS[self._stop_family()].index(self.phase)], reason or "restarting"
 
     def _stop_after_stop(self, reason="stopped by user"):
-        if self.after_stop == "restart":
-            self.after_stop = "stop"
-            return self.phase, reason
-        return self.phase, self.reason
+        """A stop while it stops to restart: it stays stopped after, at the same step."""
+        return STOP_STEPS["stop"][STOP_STEPS["restart"].index(self.phase)], reason
 
     def _kill_hard(self):
         """TimeoutStopSec= passed: SIGKILL, and one more TimeoutStopSec= for
@@ -8861,7 +8900,7 @@ class Service:
             self.host.log.error(self.name, "Processes still there %s after SIGKILL: given up on" % (
                 format_timespan(self.spec.timeout_stop_sec)))
             self._forget_processes()
-            return self._run_stop_post()
+            return self._run_stop_post(self._stop_family())
         if not self.spec.send_sigkill:
             return self._leave_running("Processes")
         self.host.log.warning(self.name, "Did not stop within %s; sending %s" % (
@@ -8886,10 +8925,10 @@ class Service:
         """STOPPING=1: the service is going down by itself; its exit is
         awaited (SIGKILL after TimeoutStopSec=), then Restart= decides."""
         self._cancel_timers()
-        self.after_stop, self.end = "policy", None
+        self.end = None
         self.host.log.info(self.name, "Stopping (STOPPING=1)")
         self._arm_stop_timer()
-        return STOPPING, "stopping (STOPPING=1)"
+        return ENDING, "stopping (STOPPING=1)"
 
     def _restart_unhealthy(self):
         """Retries used up: restart as Restart= would after a failure (or, for
@@ -8913,10 +8952,10 @@ class Service:
         self.result = "watchdog"
         self._cancel_timers()
         self._close_probe()
-        self.after_stop, self.end, self.reason = "policy", (why, True), why
+        self.end, self.reason = (why, True), why
         self.host.signal(self, self.spec.watchdog_signal, first=True)
         self._arm_stop_timer(self.spec.timeout_abort_sec)
-        return STOPPING, why
+        return ENDING, why
 
     # -- actions: reloading ------------------------------------------------------------
 
@@ -9059,7 +9098,7 @@ class Service:
         """WatchdogSec=: armed once the service is ready, again at each WATCHDOG=1."""
         self._cancel(("watchdog_timer",))
         interval = self._watchdog_interval()
-        if interval and self.pid and self.phase not in (STOP_COMMAND, STOPPING, STOP_POST):
+        if interval and self.pid and self.phase not in STOP_FAMILY:
             self.watchdog_timer = self.host.call_later(interval, lambda: self.handle(EV_WATCHDOG))
 
     def _reset_limits(self):
@@ -9895,7 +9934,7 @@ class Dependencies:
             if other.is_ready():
                 continue
             if PUBLIC_STATE[other.phase] == STARTING or other.phase == BACKOFF or (
-                    other.state == STOPPING and other.after_stop == "restart"):
+                    STOP_FAMILY.get(other.phase) == "restart"):
                 return "waiting", "waiting for %s" % name
             # The dependency is down, and nothing is bringing it up.
             if other.want == "down" or (self.activated(name) and other.state == STOPPED):

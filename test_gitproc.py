@@ -4381,8 +4381,10 @@ def service_in(phase):
              P.START_POST: ("ExecStartPost=/bin/true",),
              P.RELOAD: ("ExecReload=/bin/true",),
              P.REMAIN: ("Type=oneshot", "RemainAfterExit=yes"),
-             P.STOP_COMMAND: ("ExecStop=/bin/true",),
-             P.STOP_POST: ("ExecStopPost=/bin/true",),
+             P.STOP_COMMAND: ("ExecStop=/bin/true",), P.RESTART_COMMAND: ("ExecStop=/bin/true",),
+             P.END_COMMAND: ("ExecStop=/bin/true",),
+             P.STOP_POST: ("ExecStopPost=/bin/true",), P.RESTART_POST: ("ExecStopPost=/bin/true",),
+             P.END_POST: ("ExecStopPost=/bin/true",),
              P.BACKOFF: ("Restart=always",),
              P.FAILED: ("ExecStartPre=/bin/false",)}.get(phase, ())
     service = gitproc.Service(host, spec_of(*lines), "c0ffee")
@@ -4411,6 +4413,15 @@ def service_in(phase):
     elif phase == P.STOP_POST:
         service.stop()
         host.exit(service, {"signal": signal.SIGTERM})
+    elif phase in (P.RESTART_STOPPING, P.RESTART_COMMAND):
+        service.restart()
+    elif phase == P.RESTART_POST:
+        service.restart()
+        host.exit(service, {"signal": signal.SIGTERM})
+    elif phase in (P.END_COMMAND, P.END_POST):
+        host.exit(service, FAILURE)               # the run ended on its own
+    elif phase == P.ENDING:
+        service.handle(P.EV_WATCHDOG)
     elif phase == P.RELOAD:
         service.reload()
     return host, service
@@ -4439,13 +4450,13 @@ for _phase in P.PUBLIC_STATE:
 
 
 EXPECTED.update({
-    (P.RUNNING, P.EV_RUNTIME_MAX): P.STOPPING, (P.RELOAD, P.EV_RUNTIME_MAX): P.STOPPING,
+    (P.RUNNING, P.EV_RUNTIME_MAX): P.ENDING, (P.RELOAD, P.EV_RUNTIME_MAX): P.ENDING,
     (P.REMAIN, P.EV_RUNTIME_MAX): P.FAILED,       # no process to stop: failed (timeout), Restart=no
-    (P.NOTIFY_WAIT, P.EV_OOM): P.STOPPING, (P.FORKING, P.EV_OOM): P.STOPPING, (P.ONESHOT, P.EV_OOM): P.STOPPING,
-    (P.HEALTH_WAIT, P.EV_OOM): P.STOPPING, (P.START_POST, P.EV_OOM): P.STOPPING, (P.RUNNING, P.EV_OOM): P.STOPPING,
-    (P.RELOAD, P.EV_OOM): P.STOPPING,             # OOMPolicy=stop, the default
+    (P.NOTIFY_WAIT, P.EV_OOM): P.ENDING, (P.FORKING, P.EV_OOM): P.ENDING, (P.ONESHOT, P.EV_OOM): P.ENDING,
+    (P.HEALTH_WAIT, P.EV_OOM): P.ENDING, (P.START_POST, P.EV_OOM): P.ENDING, (P.RUNNING, P.EV_OOM): P.ENDING,
+    (P.RELOAD, P.EV_OOM): P.ENDING,             # OOMPolicy=stop, the default
     (P.STOPPED, P.EV_RESTORE): P.BACKOFF,         # with the delay that remained
-    (P.HEALTH_WAIT, P.EV_WATCHDOG): P.STOPPING,   # the watchdog runs while the health check is awaited too
+    (P.HEALTH_WAIT, P.EV_WATCHDOG): P.ENDING,   # the watchdog runs while the health check is awaited too
     (P.STOPPED, P.EV_START): P.RUNNING, (P.STOPPED, P.EV_STOP): P.STOPPED,
     (P.STOPPED, P.EV_RESTART): P.RUNNING, (P.STOPPED, P.EV_ADOPT): P.RUNNING,
     (P.EXITED, P.EV_START): P.RUNNING, (P.EXITED, P.EV_STOP): P.STOPPED, (P.EXITED, P.EV_RESTART): P.RUNNING,
@@ -4454,46 +4465,62 @@ EXPECTED.update({
     (P.BACKOFF, P.EV_RESTART_DUE): P.RUNNING,
     (P.WAITING, P.EV_STOP): P.STOPPED, (P.WAITING, P.EV_DEPENDENCIES): P.RUNNING,
     # a control process runs: a stop or restart signals it; exit 1 of ExecCondition= skips the start
-    (P.CONDITION, P.EV_STOP): P.STOPPING, (P.CONDITION, P.EV_RESTART): P.STOPPING,
-    (P.CONDITION, P.EV_CONTROL_EXIT): P.STOPPED, (P.CONDITION, P.EV_START_TIMEOUT): P.STOPPING,
-    (P.START_PRE, P.EV_STOP): P.STOPPING, (P.START_PRE, P.EV_RESTART): P.STOPPING,
+    (P.CONDITION, P.EV_STOP): P.STOPPING, (P.CONDITION, P.EV_RESTART): P.RESTART_STOPPING,
+    (P.CONDITION, P.EV_CONTROL_EXIT): P.STOPPED, (P.CONDITION, P.EV_START_TIMEOUT): P.ENDING,
+    (P.START_PRE, P.EV_STOP): P.STOPPING, (P.START_PRE, P.EV_RESTART): P.RESTART_STOPPING,
     (P.START_PRE, P.EV_CONTROL_EXIT): P.FAILED,          # ExecStartPre= failed, Restart=no
-    (P.START_PRE, P.EV_START_TIMEOUT): P.STOPPING,
-    (P.HEALTH_WAIT, P.EV_STOP): P.STOPPING, (P.HEALTH_WAIT, P.EV_RESTART): P.STOPPING,
+    (P.START_PRE, P.EV_START_TIMEOUT): P.ENDING,
+    (P.HEALTH_WAIT, P.EV_STOP): P.STOPPING, (P.HEALTH_WAIT, P.EV_RESTART): P.RESTART_STOPPING,
     (P.HEALTH_WAIT, P.EV_EXIT): P.EXITED, (P.HEALTH_WAIT, P.EV_HEALTHY): P.RUNNING,
-    (P.HEALTH_WAIT, P.EV_UNHEALTHY): P.STOPPING,    # STOPPING=1 counts only once running (systemd)
+    (P.HEALTH_WAIT, P.EV_UNHEALTHY): P.RESTART_STOPPING,    # STOPPING=1 counts only once running (systemd)
     # a notify unit: READY=1 makes it ready; an exit before it fails the start
-    (P.NOTIFY_WAIT, P.EV_STOP): P.STOPPING, (P.NOTIFY_WAIT, P.EV_RESTART): P.STOPPING,
+    (P.NOTIFY_WAIT, P.EV_STOP): P.STOPPING, (P.NOTIFY_WAIT, P.EV_RESTART): P.RESTART_STOPPING,
     (P.NOTIFY_WAIT, P.EV_EXIT): P.FAILED, (P.NOTIFY_WAIT, P.EV_READY): P.RUNNING,
-    (P.NOTIFY_WAIT, P.EV_START_TIMEOUT): P.STOPPING, (P.NOTIFY_WAIT, P.EV_WATCHDOG): P.STOPPING,
+    (P.NOTIFY_WAIT, P.EV_START_TIMEOUT): P.ENDING, (P.NOTIFY_WAIT, P.EV_WATCHDOG): P.ENDING,
     # a forking unit's ExecStart= runs: its failure fails the start
-    (P.FORKING, P.EV_STOP): P.STOPPING, (P.FORKING, P.EV_RESTART): P.STOPPING,
-    (P.FORKING, P.EV_EXIT): P.STOPPING, (P.FORKING, P.EV_CONTROL_EXIT): P.FAILED,
-    (P.FORKING, P.EV_START_TIMEOUT): P.STOPPING, (P.FORKING, P.EV_WATCHDOG): P.STOPPING,
+    (P.FORKING, P.EV_STOP): P.STOPPING, (P.FORKING, P.EV_RESTART): P.RESTART_STOPPING,
+    (P.FORKING, P.EV_EXIT): P.ENDING, (P.FORKING, P.EV_CONTROL_EXIT): P.FAILED,
+    (P.FORKING, P.EV_START_TIMEOUT): P.ENDING, (P.FORKING, P.EV_WATCHDOG): P.ENDING,
     # a oneshot's command runs: its failure fails the start
-    (P.ONESHOT, P.EV_STOP): P.STOPPING, (P.ONESHOT, P.EV_RESTART): P.STOPPING,
-    (P.ONESHOT, P.EV_EXIT): P.FAILED, (P.ONESHOT, P.EV_START_TIMEOUT): P.STOPPING,
-    (P.ONESHOT, P.EV_WATCHDOG): P.STOPPING,
-    (P.SPAWNED, P.EV_STOP): P.STOPPING, (P.SPAWNED, P.EV_RESTART): P.STOPPING,
+    (P.ONESHOT, P.EV_STOP): P.STOPPING, (P.ONESHOT, P.EV_RESTART): P.RESTART_STOPPING,
+    (P.ONESHOT, P.EV_EXIT): P.FAILED, (P.ONESHOT, P.EV_START_TIMEOUT): P.ENDING,
+    (P.ONESHOT, P.EV_WATCHDOG): P.ENDING,
+    (P.SPAWNED, P.EV_STOP): P.STOPPING, (P.SPAWNED, P.EV_RESTART): P.RESTART_STOPPING,
     (P.SPAWNED, P.EV_EXIT): P.EXITED, (P.SPAWNED, P.EV_EXEC): P.RUNNING,
     # ExecStartPost= runs beside the main process
-    (P.START_POST, P.EV_STOP): P.STOPPING, (P.START_POST, P.EV_RESTART): P.STOPPING,
-    (P.START_POST, P.EV_EXIT): P.STOPPING, (P.START_POST, P.EV_CONTROL_EXIT): P.STOPPING,
-    (P.START_POST, P.EV_START_TIMEOUT): P.STOPPING,
-    (P.START_POST, P.EV_WATCHDOG): P.STOPPING,
-    (P.RUNNING, P.EV_STOP): P.STOPPING, (P.RUNNING, P.EV_RESTART): P.STOPPING,
-    (P.RUNNING, P.EV_EXIT): P.EXITED, (P.RUNNING, P.EV_UNHEALTHY): P.STOPPING,
-    (P.RUNNING, P.EV_RELOADING): P.RELOAD, (P.RUNNING, P.EV_STOPPING): P.STOPPING,
-    (P.RUNNING, P.EV_WATCHDOG): P.STOPPING,
+    (P.START_POST, P.EV_STOP): P.STOPPING, (P.START_POST, P.EV_RESTART): P.RESTART_STOPPING,
+    (P.START_POST, P.EV_EXIT): P.ENDING, (P.START_POST, P.EV_CONTROL_EXIT): P.ENDING,
+    (P.START_POST, P.EV_START_TIMEOUT): P.ENDING,
+    (P.START_POST, P.EV_WATCHDOG): P.ENDING,
+    (P.RUNNING, P.EV_STOP): P.STOPPING, (P.RUNNING, P.EV_RESTART): P.RESTART_STOPPING,
+    (P.RUNNING, P.EV_EXIT): P.EXITED, (P.RUNNING, P.EV_UNHEALTHY): P.RESTART_STOPPING,
+    (P.RUNNING, P.EV_RELOADING): P.RELOAD, (P.RUNNING, P.EV_STOPPING): P.ENDING,
+    (P.RUNNING, P.EV_WATCHDOG): P.ENDING,
     # nothing runs: a stop is over at once, a restart runs the oneshot again
     (P.REMAIN, P.EV_STOP): P.STOPPED, (P.REMAIN, P.EV_RESTART): P.ONESHOT,
-    (P.RELOAD, P.EV_STOP): P.STOPPING, (P.RELOAD, P.EV_RESTART): P.STOPPING,
-    (P.RELOAD, P.EV_EXIT): P.STOPPING, (P.RELOAD, P.EV_CONTROL_EXIT): P.RUNNING,
-    (P.RELOAD, P.EV_STOPPING): P.STOPPING, (P.RELOAD, P.EV_START_TIMEOUT): P.RUNNING,
-    (P.RELOAD, P.EV_WATCHDOG): P.STOPPING,
+    (P.RELOAD, P.EV_STOP): P.STOPPING, (P.RELOAD, P.EV_RESTART): P.RESTART_STOPPING,
+    (P.RELOAD, P.EV_EXIT): P.ENDING, (P.RELOAD, P.EV_CONTROL_EXIT): P.RUNNING,
+    (P.RELOAD, P.EV_STOPPING): P.ENDING, (P.RELOAD, P.EV_START_TIMEOUT): P.RUNNING,
+    (P.RELOAD, P.EV_WATCHDOG): P.ENDING,
     (P.STOP_COMMAND, P.EV_CONTROL_EXIT): P.STOPPING, (P.STOP_COMMAND, P.EV_STOP_TIMEOUT): P.STOPPING,
     (P.STOPPING, P.EV_EXIT): P.STOPPED,
     (P.STOP_POST, P.EV_CONTROL_EXIT): P.STOPPED,
+    # a stop turns into a restart, and back, at the same step
+    (P.STOP_COMMAND, P.EV_START): P.RESTART_COMMAND, (P.STOP_COMMAND, P.EV_RESTART): P.RESTART_COMMAND,
+    (P.STOP_POST, P.EV_START): P.RESTART_POST, (P.STOP_POST, P.EV_RESTART): P.RESTART_POST,
+    (P.STOPPING, P.EV_START): P.RESTART_STOPPING, (P.STOPPING, P.EV_RESTART): P.RESTART_STOPPING,
+    (P.RESTART_COMMAND, P.EV_STOP): P.STOP_COMMAND, (P.RESTART_STOPPING, P.EV_STOP): P.STOPPING,
+    (P.RESTART_POST, P.EV_STOP): P.STOP_POST,
+    (P.END_COMMAND, P.EV_START): P.RESTART_COMMAND, (P.END_COMMAND, P.EV_RESTART): P.RESTART_COMMAND,
+    (P.ENDING, P.EV_START): P.RESTART_STOPPING, (P.ENDING, P.EV_RESTART): P.RESTART_STOPPING,
+    (P.END_POST, P.EV_START): P.RESTART_POST, (P.END_POST, P.EV_RESTART): P.RESTART_POST,
+    # a restart's stop done: it starts again, and runs
+    (P.RESTART_COMMAND, P.EV_CONTROL_EXIT): P.RESTART_STOPPING,  # ExecStop= failed: KillSignal= all the same
+    (P.RESTART_COMMAND, P.EV_STOP_TIMEOUT): P.RESTART_STOPPING,
+    (P.RESTART_STOPPING, P.EV_EXIT): P.RUNNING, (P.RESTART_POST, P.EV_CONTROL_EXIT): P.RUNNING,
+    # the end of a run (exit 1, Restart=no): exited; after the watchdog: failed
+    (P.END_COMMAND, P.EV_CONTROL_EXIT): P.EXITED, (P.END_COMMAND, P.EV_STOP_TIMEOUT): P.ENDING,
+    (P.ENDING, P.EV_EXIT): P.FAILED, (P.END_POST, P.EV_CONTROL_EXIT): P.EXITED,
 })
 
 
@@ -4560,7 +4587,7 @@ class StateTableTests(unittest.TestCase):
         self.assertEqual(service.phase, P.RUNNING)
         first = service.pid
         host.probes[-1].verdict("unhealthy", failures=3, error="connection refused")
-        self.assertEqual((service.phase, service.after_stop), (P.STOPPING, "restart"))
+        self.assertEqual((service.phase, P.STOP_FAMILY[service.phase]), (P.RESTART_STOPPING, "restart"))
         self.assertEqual(service.state, "stopping")
         self.assertEqual(host.signals[-1], ("web", signal.SIGTERM))
         self.assertEqual((service.want, service.restarts), ("up", 1))
@@ -4749,7 +4776,7 @@ class StartLimitAndBackoffTests(unittest.TestCase):
         service.start()
         host.rollback_to = (old, "good")
         host.probes[-1].verdict("unhealthy", failures=3, error="refused")
-        self.assertEqual((service.phase, service.after_stop), (P.STOPPING, "restart"))
+        self.assertEqual((service.phase, P.STOP_FAMILY[service.phase]), (P.RESTART_STOPPING, "restart"))
         self.assertEqual(service.restarts, 0)
         self.assertTrue(service.reason.startswith("rolling back: never became healthy"), service.reason)
         host.exit(service, {"signal": signal.SIGTERM})
@@ -4905,7 +4932,7 @@ class ControlEdgeTests(unittest.TestCase):
         host.advance(1.0)
         self.assertEqual((service.phase, service.status_text), (P.NOTIFY_WAIT, "migrating"), "1.5 s: still starting")
         host.advance(1.1)
-        self.assertEqual(service.phase, P.STOPPING, "2.6 s: the extended timeout passed")
+        self.assertEqual(service.phase, P.ENDING, "2.6 s: the extended timeout passed")
         self.assertIn("start timed out", service.reason)
 
     def test_a_notify_unit_with_a_health_check_is_checked_once_ready(self):
