@@ -7542,6 +7542,29 @@ def start_limit_hit(start_times, now, interval, burst):
     return recent, len(recent) >= burst
 
 
+def run_succeeded(unit_type, exit_info, success_statuses=(), ignore_failure=False):
+    """Did the main process's run end well? A oneshot's command by its exit
+    code (0, or SuccessExitStatus=), any other by a clean exit (also
+    SIGHUP/SIGINT/SIGTERM/SIGPIPE); a '-' command always."""
+    if ignore_failure:
+        return True
+    if unit_type == "oneshot":
+        return exit_info == {"code": 0} or exit_status_listed(exit_info, success_statuses)
+    return exit_is_clean(exit_info, success_statuses)
+
+
+def condition_skips(exit_info):
+    """ExecCondition=: an exit code 1-254 skips the start (no failure); 0
+    goes on; 255, a signal or a spawn failure fails it (systemd.service(5))."""
+    return exit_info is not None and "code" in exit_info and 0 < exit_info["code"] < 255
+
+
+def exec_stop_runs(phase):
+    """ExecStop= runs only for a unit that had started: its start-post,
+    running, reloading or remaining phases (systemd.service(5))."""
+    return phase in (START_POST, RUNNING, RELOAD, REMAIN)
+
+
 # systemd's exit codes for a process that failed before or at exec
 # (systemd.exec(5) "Process Exit Codes"), by the step that failed: what a
 # spawn failure's message starts with.
@@ -7658,22 +7681,23 @@ IGNORE = "ignore"
 # Where beginning a start can end: held for dependencies, a first process up
 # (condition, pre, main not ready, main ready), or no process at all (a spawn
 # failure retried or given up, the start limit, a failed dependency, shutdown).
+# Where a stop, a restart and the end of a run can lead: the steps of their
+# family, then what follows it (stopped; a start again; Restart= decides).
+_AFTER_STOPS = {"stop": (STOPPED,), "restart": None, "policy": (BACKOFF, FAILED, EXITED, STOPPED)}
+_TO_STOP = STOP_STEPS["stop"] + _AFTER_STOPS["stop"]
+_TO_END = STOP_STEPS["policy"] + _AFTER_STOPS["policy"]
+# Where beginning a start can end: held for dependencies, the first step
+# that waits (condition, pre, the main process made, not ready, ready), a
+# oneshot with nothing to run done, or no start at all (the start limit,
+# a failed dependency or condition, a spawn failure that ends the run).
 _STARTED = (WAITING, CONDITION, START_PRE, NOTIFY_WAIT, FORKING, ONESHOT, HEALTH_WAIT, SPAWNED, START_POST,
-            RUNNING, REMAIN, EXITED, BACKOFF, FAILED, STOPPED, STOP_POST)
-# Where a start that has gone as far as it goes (ready, or failed) can end.
-_AFTER_START = (ONESHOT, HEALTH_WAIT, START_POST, RUNNING, REMAIN, EXITED, BACKOFF, FAILED, STOPPED) + \
-    tuple(STOP_FAMILY)
-# Where a stop step can lead: the next step, or what follows the stop.
-_STOP_STEPS = tuple(STOP_FAMILY) + _STARTED
+            RUNNING, REMAIN) + _TO_END
+_AFTER_STOPS["restart"] = _STARTED
+_TO_RESTART = STOP_STEPS["restart"] + _STARTED
 
 
 def _ignored(phase, *events):
     return {(phase, event): ((phase,), IGNORE) for event in events}
-
-
-# What can follow the stop of each family: stopped; a start again (where a
-# start can lead); the end of a run (Restart= decides; want=down: stopped).
-_AFTER_STOPS = {"stop": (STOPPED,), "restart": _STARTED, "policy": (BACKOFF, FAILED, EXITED, STOPPED)}
 
 
 def _stopping(phase, switch_events, switch):
@@ -7738,108 +7762,108 @@ TRANSITIONS = {
                EV_RELOADING, EV_STOPPING, EV_HEALTHY, EV_UNHEALTHY, EV_RESTART_DUE, EV_START_TIMEOUT,
                EV_STOP_TIMEOUT, EV_WATCHDOG, EV_PID_FILE),
     # condition: an ExecCondition= command runs (exit 1-254: skip the start)
-    (CONDITION, EV_STOP): (_STOP_STEPS, "begin_stop"),
-    (CONDITION, EV_RESTART): (_STOP_STEPS, "begin_restart"),
-    (CONDITION, EV_CONTROL_EXIT): (_STARTED, "condition_exited"),
-    (CONDITION, EV_START_TIMEOUT): (_STOP_STEPS, "start_timed_out"),
+    (CONDITION, EV_STOP): (_TO_STOP, "begin_stop"),
+    (CONDITION, EV_RESTART): (_TO_RESTART, "begin_restart"),
+    (CONDITION, EV_CONTROL_EXIT): (_STARTED, "condition_exited"),     # condition_skips(): -> stopped
+    (CONDITION, EV_START_TIMEOUT): (_TO_END, "start_timed_out"),
     **_ignored(CONDITION, EV_START, EV_RELOAD, EV_DEPENDENCIES, EV_EXIT, EV_EXEC, EV_READY, EV_RELOADING,
                EV_STOPPING, EV_HEALTHY, EV_UNHEALTHY, EV_RESTART_DUE, EV_STOP_TIMEOUT, EV_WATCHDOG,
                EV_PID_FILE),
     # start-pre: an ExecStartPre= command runs
-    (START_PRE, EV_STOP): (_STOP_STEPS, "begin_stop"),
-    (START_PRE, EV_RESTART): (_STOP_STEPS, "begin_restart"),
+    (START_PRE, EV_STOP): (_TO_STOP, "begin_stop"),
+    (START_PRE, EV_RESTART): (_TO_RESTART, "begin_restart"),
     (START_PRE, EV_CONTROL_EXIT): (_STARTED, "pre_exited"),
-    (START_PRE, EV_START_TIMEOUT): (_STOP_STEPS, "start_timed_out"),
+    (START_PRE, EV_START_TIMEOUT): (_TO_END, "start_timed_out"),
     **_ignored(START_PRE, EV_START, EV_RELOAD, EV_DEPENDENCIES, EV_EXIT, EV_EXEC, EV_READY, EV_RELOADING,
                EV_STOPPING, EV_HEALTHY, EV_UNHEALTHY, EV_RESTART_DUE, EV_STOP_TIMEOUT, EV_WATCHDOG,
                EV_PID_FILE),
     # start-notify: a notify unit's main process runs; READY=1 makes it ready
-    (NOTIFY_WAIT, EV_STOP): (_STOP_STEPS, "begin_stop"),
-    (NOTIFY_WAIT, EV_RESTART): (_STOP_STEPS, "begin_restart"),
-    (NOTIFY_WAIT, EV_EXIT): (_STOP_STEPS, "main_exited"),         # before READY=1: the start failed
-    (NOTIFY_WAIT, EV_READY): ((HEALTH_WAIT, START_POST, RUNNING) + _STOP_STEPS, "notified_ready"),
-    (NOTIFY_WAIT, EV_START_TIMEOUT): (_STOP_STEPS, "start_timed_out"),
-    (NOTIFY_WAIT, EV_WATCHDOG): (_STOP_STEPS, "watchdog_expired"),    # a WATCHDOG=1 armed it already
+    (NOTIFY_WAIT, EV_STOP): (_TO_STOP, "begin_stop"),
+    (NOTIFY_WAIT, EV_RESTART): (_TO_RESTART, "begin_restart"),
+    (NOTIFY_WAIT, EV_EXIT): (_TO_END, "main_exited"),         # before READY=1: the start failed
+    (NOTIFY_WAIT, EV_READY): ((HEALTH_WAIT, START_POST, RUNNING) + _TO_END, "notified_ready"),
+    (NOTIFY_WAIT, EV_START_TIMEOUT): (_TO_END, "start_timed_out"),
+    (NOTIFY_WAIT, EV_WATCHDOG): (_TO_END, "watchdog_expired"),    # a WATCHDOG=1 armed it already
     **_ignored(NOTIFY_WAIT, EV_START, EV_RELOAD, EV_DEPENDENCIES, EV_CONTROL_EXIT, EV_EXEC, EV_RELOADING,
                EV_STOPPING, EV_HEALTHY, EV_UNHEALTHY, EV_RESTART_DUE, EV_STOP_TIMEOUT, EV_PID_FILE),
     # start-forking: its ExecStart= runs (a control process) until it exits 0
     # and the main pid is known (PIDFile=, looked at again until written)
-    (FORKING, EV_STOP): (_STOP_STEPS, "begin_stop"),
-    (FORKING, EV_RESTART): (_STOP_STEPS, "begin_restart"),
-    (FORKING, EV_EXIT): (_STOP_STEPS, "main_exited"),             # a MAINPID= named it, and it ended
-    (FORKING, EV_CONTROL_EXIT): ((FORKING, HEALTH_WAIT, START_POST, RUNNING) + _STOP_STEPS, "forked"),
-    (FORKING, EV_START_TIMEOUT): (_STOP_STEPS, "start_timed_out"),
-    (FORKING, EV_PID_FILE): ((FORKING, HEALTH_WAIT, START_POST, RUNNING) + _STOP_STEPS, "find_main_pid"),
-    (FORKING, EV_WATCHDOG): (_STOP_STEPS, "watchdog_expired"),
+    (FORKING, EV_STOP): (_TO_STOP, "begin_stop"),
+    (FORKING, EV_RESTART): (_TO_RESTART, "begin_restart"),
+    (FORKING, EV_EXIT): (_TO_END, "main_exited"),             # a MAINPID= named it, and it ended
+    (FORKING, EV_CONTROL_EXIT): ((FORKING, HEALTH_WAIT, START_POST, RUNNING) + _TO_END, "forked"),
+    (FORKING, EV_START_TIMEOUT): (_TO_END, "start_timed_out"),
+    (FORKING, EV_PID_FILE): ((FORKING, HEALTH_WAIT, START_POST, RUNNING) + _TO_END, "find_main_pid"),
+    (FORKING, EV_WATCHDOG): (_TO_END, "watchdog_expired"),
     **_ignored(FORKING, EV_START, EV_RELOAD, EV_DEPENDENCIES, EV_EXEC, EV_READY, EV_RELOADING, EV_STOPPING,
                EV_HEALTHY, EV_UNHEALTHY, EV_RESTART_DUE, EV_STOP_TIMEOUT),
     # start-oneshot: a oneshot's ExecStart= commands run in turn; its last
     # one's exit 0 finishes the start
-    (ONESHOT, EV_STOP): (_STOP_STEPS, "begin_stop"),
-    (ONESHOT, EV_RESTART): (_STOP_STEPS, "begin_restart"),
-    (ONESHOT, EV_EXIT): ((ONESHOT, START_POST, REMAIN, EXITED) + _STOP_STEPS, "main_exited"),
-    (ONESHOT, EV_START_TIMEOUT): (_STOP_STEPS, "start_timed_out"),
-    (ONESHOT, EV_WATCHDOG): (_STOP_STEPS, "watchdog_expired"),
+    (ONESHOT, EV_STOP): (_TO_STOP, "begin_stop"),
+    (ONESHOT, EV_RESTART): (_TO_RESTART, "begin_restart"),
+    (ONESHOT, EV_EXIT): ((ONESHOT, START_POST, REMAIN) + _TO_END, "main_exited"),
+    (ONESHOT, EV_START_TIMEOUT): (_TO_END, "start_timed_out"),
+    (ONESHOT, EV_WATCHDOG): (_TO_END, "watchdog_expired"),
     **_ignored(ONESHOT, EV_START, EV_RELOAD, EV_DEPENDENCIES, EV_CONTROL_EXIT, EV_EXEC, EV_READY, EV_RELOADING,
                EV_STOPPING, EV_HEALTHY, EV_UNHEALTHY, EV_RESTART_DUE, EV_STOP_TIMEOUT, EV_PID_FILE),
     # start-health: ready, its first health check not passed yet
-    (HEALTH_WAIT, EV_STOP): (_STOP_STEPS, "begin_stop"),
-    (HEALTH_WAIT, EV_RESTART): (_STOP_STEPS, "begin_restart"),
-    (HEALTH_WAIT, EV_EXIT): (_STOP_STEPS, "main_exited"),
+    (HEALTH_WAIT, EV_STOP): (_TO_STOP, "begin_stop"),
+    (HEALTH_WAIT, EV_RESTART): (_TO_RESTART, "begin_restart"),
+    (HEALTH_WAIT, EV_EXIT): (_TO_END, "main_exited"),
     (HEALTH_WAIT, EV_HEALTHY): ((RUNNING,), "ready"),
-    (HEALTH_WAIT, EV_UNHEALTHY): (_STOP_STEPS, "restart_unhealthy"),
-    (HEALTH_WAIT, EV_WATCHDOG): (_STOP_STEPS, "watchdog_expired"),   # armed once ready: this wait too
+    (HEALTH_WAIT, EV_UNHEALTHY): (_TO_RESTART, "restart_unhealthy"),
+    (HEALTH_WAIT, EV_WATCHDOG): (_TO_END, "watchdog_expired"),   # armed once ready: this wait too
     **_ignored(HEALTH_WAIT, EV_START, EV_RELOAD, EV_DEPENDENCIES, EV_CONTROL_EXIT, EV_EXEC, EV_READY,
                EV_RELOADING, EV_STOPPING, EV_RESTART_DUE, EV_START_TIMEOUT, EV_STOP_TIMEOUT, EV_PID_FILE),
     # spawned: the main process is made; running once its exec is confirmed
-    (SPAWNED, EV_STOP): (_STOP_STEPS, "begin_stop"),
-    (SPAWNED, EV_RESTART): (_STOP_STEPS, "begin_restart"),
-    (SPAWNED, EV_EXIT): (_AFTER_START, "main_exited"),
-    (SPAWNED, EV_EXEC): (_AFTER_START + (SPAWNED,), "exec_done"),
+    (SPAWNED, EV_STOP): (_TO_STOP, "begin_stop"),
+    (SPAWNED, EV_RESTART): (_TO_RESTART, "begin_restart"),
+    (SPAWNED, EV_EXIT): (_TO_END, "main_exited"),
+    (SPAWNED, EV_EXEC): ((SPAWNED, START_POST, HEALTH_WAIT, RUNNING) + _TO_END, "exec_done"),
     **_ignored(SPAWNED, EV_START, EV_RELOAD, EV_DEPENDENCIES, EV_CONTROL_EXIT, EV_READY, EV_RELOADING,
                EV_STOPPING, EV_HEALTHY, EV_UNHEALTHY, EV_RESTART_DUE, EV_START_TIMEOUT, EV_STOP_TIMEOUT,
                EV_WATCHDOG, EV_PID_FILE),
     # start-post: ready, an ExecStartPost= command runs
-    (START_POST, EV_STOP): (_STOP_STEPS, "begin_stop"),
-    (START_POST, EV_RESTART): (_STOP_STEPS, "begin_restart"),
-    (START_POST, EV_EXIT): (_STOP_STEPS, "main_exited"),
-    (START_POST, EV_CONTROL_EXIT): (_AFTER_START, "post_exited"),
-    (START_POST, EV_START_TIMEOUT): (_STOP_STEPS, "start_timed_out"),
-    (START_POST, EV_WATCHDOG): (_STOP_STEPS, "watchdog_expired"),
+    (START_POST, EV_STOP): (_TO_STOP, "begin_stop"),
+    (START_POST, EV_RESTART): (_TO_RESTART, "begin_restart"),
+    (START_POST, EV_EXIT): ((START_POST,) + _TO_END, "main_exited"),       # (ExitType=cgroup: on)
+    (START_POST, EV_CONTROL_EXIT): ((START_POST, HEALTH_WAIT, RUNNING, REMAIN) + _TO_END, "post_exited"),
+    (START_POST, EV_START_TIMEOUT): (_TO_END, "start_timed_out"),
+    (START_POST, EV_WATCHDOG): (_TO_END, "watchdog_expired"),
     **_ignored(START_POST, EV_START, EV_RELOAD, EV_DEPENDENCIES, EV_EXEC, EV_READY, EV_RELOADING, EV_STOPPING,
                EV_HEALTHY, EV_UNHEALTHY, EV_RESTART_DUE, EV_STOP_TIMEOUT, EV_PID_FILE),
     # running: the main process runs and is ready
-    (RUNNING, EV_STOP): (_STOP_STEPS, "begin_stop"),
-    (RUNNING, EV_RESTART): (_STOP_STEPS, "begin_restart"),
+    (RUNNING, EV_STOP): (_TO_STOP, "begin_stop"),
+    (RUNNING, EV_RESTART): (_TO_RESTART, "begin_restart"),
     (RUNNING, EV_RELOAD): ((RELOAD, RUNNING), "begin_reload"),
-    (RUNNING, EV_EXIT): (_STOP_STEPS, "main_exited"),
+    (RUNNING, EV_EXIT): ((RUNNING, REMAIN) + _TO_END, "main_exited"),
     (RUNNING, EV_RELOADING): ((RELOAD,), "reloading_notified"),
-    (RUNNING, EV_STOPPING): (_STOP_STEPS, "stopping_notified"),
+    (RUNNING, EV_STOPPING): (_TO_END, "stopping_notified"),
     (RUNNING, EV_HEALTHY): ((RUNNING,), "note_healthy"),
-    (RUNNING, EV_UNHEALTHY): (_STOP_STEPS, "restart_unhealthy"),
-    (RUNNING, EV_WATCHDOG): (_STOP_STEPS, "watchdog_expired"),
-    (RUNNING, EV_RUNTIME_MAX): (_STOP_STEPS, "runtime_max_passed"),
+    (RUNNING, EV_UNHEALTHY): (_TO_RESTART, "restart_unhealthy"),
+    (RUNNING, EV_WATCHDOG): (_TO_END, "watchdog_expired"),
+    (RUNNING, EV_RUNTIME_MAX): (_TO_END, "runtime_max_passed"),
     **_ignored(RUNNING, EV_START, EV_DEPENDENCIES, EV_CONTROL_EXIT, EV_EXEC, EV_READY, EV_RESTART_DUE,
                EV_START_TIMEOUT, EV_STOP_TIMEOUT, EV_PID_FILE),
     # remain: RemainAfterExit=yes, its process exited successfully
-    (REMAIN, EV_STOP): (_STOP_STEPS, "begin_stop"),
-    (REMAIN, EV_RESTART): (_STOP_STEPS, "begin_restart"),
+    (REMAIN, EV_STOP): (_TO_STOP, "begin_stop"),
+    (REMAIN, EV_RESTART): (_TO_RESTART, "begin_restart"),
     (REMAIN, EV_RELOAD): ((RELOAD, REMAIN), "begin_reload"),
-    (REMAIN, EV_RUNTIME_MAX): (_STOP_STEPS, "runtime_max_passed"),
+    (REMAIN, EV_RUNTIME_MAX): (_TO_END, "runtime_max_passed"),
     **_ignored(REMAIN, EV_START, EV_DEPENDENCIES, EV_EXIT, EV_CONTROL_EXIT, EV_EXEC, EV_READY, EV_RELOADING,
                EV_STOPPING, EV_HEALTHY, EV_UNHEALTHY, EV_RESTART_DUE, EV_START_TIMEOUT, EV_STOP_TIMEOUT,
                EV_WATCHDOG, EV_PID_FILE),
     # reload: ExecReload= runs (or ReloadSignal= was sent), or RELOADING=1
     # until READY=1
-    (RELOAD, EV_STOP): (_STOP_STEPS, "begin_stop"),
-    (RELOAD, EV_RESTART): (_STOP_STEPS, "begin_restart"),
-    (RELOAD, EV_EXIT): (_STOP_STEPS + (RELOAD,), "main_exited"),
+    (RELOAD, EV_STOP): (_TO_STOP, "begin_stop"),
+    (RELOAD, EV_RESTART): (_TO_RESTART, "begin_restart"),
+    (RELOAD, EV_EXIT): ((RELOAD, REMAIN) + _TO_END, "main_exited"),
     (RELOAD, EV_CONTROL_EXIT): ((RELOAD, RUNNING, REMAIN), "reload_exited"),
     (RELOAD, EV_READY): ((RELOAD, RUNNING), "reload_ready"),
-    (RELOAD, EV_STOPPING): (_STOP_STEPS, "stopping_notified"),
+    (RELOAD, EV_STOPPING): (_TO_END, "stopping_notified"),
     (RELOAD, EV_START_TIMEOUT): ((RUNNING, REMAIN), "reload_timed_out"),
-    (RELOAD, EV_WATCHDOG): (_STOP_STEPS, "watchdog_expired"),
-    (RELOAD, EV_RUNTIME_MAX): (_STOP_STEPS, "runtime_max_passed"),
+    (RELOAD, EV_WATCHDOG): (_TO_END, "watchdog_expired"),
+    (RELOAD, EV_RUNTIME_MAX): (_TO_END, "runtime_max_passed"),
     **_ignored(RELOAD, EV_START, EV_RELOAD, EV_DEPENDENCIES, EV_EXEC, EV_RELOADING, EV_HEALTHY, EV_UNHEALTHY,
                EV_RESTART_DUE, EV_STOP_TIMEOUT, EV_PID_FILE),
     # stop-command, restart-command, end-command: an ExecStop= command runs;
@@ -7865,7 +7889,7 @@ TRANSITIONS = {
 # or runs; one found while it stops, or after, changes nothing.
 TRANSITIONS.update({(phase, EV_RUNTIME_MAX): ((phase,), IGNORE) for phase in PUBLIC_STATE
                     if phase not in (RUNNING, RELOAD, REMAIN)})
-TRANSITIONS.update({(phase, EV_OOM): ((phase,) + _STOP_STEPS, "oom_killed")
+TRANSITIONS.update({(phase, EV_OOM): ((phase,) + _TO_END, "oom_killed")
                     for phase in (NOTIFY_WAIT, FORKING, ONESHOT, HEALTH_WAIT, START_POST, RUNNING, RELOAD)})
 TRANSITIONS.update({(phase, EV_OOM): ((phase,), IGNORE) for phase in PUBLIC_STATE
                     if phase not in (NOTIFY_WAIT, FORKING, ONESHOT, HEALTH_WAIT, START_POST, RUNNING, RELOAD)})
@@ -8333,13 +8357,13 @@ class Service:
         the first step. (`reason` is a restart's: a new start has its own.)"""
         self._cancel_timers()
         if self.host.shutting_down:
-            return STOPPED, "daemon shut down"
+            return STOPPED, "daemon shut down"                  # -> stopped: no start while shutting down
         verdict, why = self.host.dependency_state(self)
         if verdict == "waiting":
-            return WAITING, why
+            return WAITING, why                  # -> waiting: After=/Requires= units not ready yet
         if verdict == "failed":
             self.host.log.warning(self.name, "Not started: %s" % why)
-            return STOPPED, why            # want stays up
+            return STOPPED, why            # -> stopped: a dependency failed (want stays up)
         spec = self.spec
         failed = self.host.failed_condition(self) if spec.conditions else None
         if failed is not None:            # skipped, not failed: as systemd (an Assert*= fails it)
@@ -8347,7 +8371,7 @@ class Service:
             why = "%s %s=%s%s" % ("assertion failed:" if key.startswith("Assert") else "condition failed:", key,
                                   "!" if failed[1] else "", failed[2])
             self.host.log.info(self.name, "Not started: %s" % why)
-            return (FAILED if key.startswith("Assert") else STOPPED), why
+            return (FAILED if key.startswith("Assert") else STOPPED), why   # -> failed (Assert*=) / stopped (skipped)
         now = self.host.now()
         self.start_times, hit = start_limit_hit(self.start_times, now, spec.start_limit_interval, spec.start_limit_burst)
         if hit:
@@ -8358,7 +8382,7 @@ class Service:
             if not self._roll_back(why):
                 self.host.log.warning(self.name, "Start limit hit: %s; giving up until 'start %s'" % (
                     why[len("start limit hit "):], self.name))
-                return FAILED, why
+                return FAILED, why               # -> failed: start limit hit, no older version to roll back to
             return self._begin_start()    # the old version: its own dependencies (limits are reset)
         if spec.start_limit_interval > 0:
             self.start_times.append(now)
@@ -8462,11 +8486,11 @@ class Service:
             if command is not None and exit_info != {"code": 0}:
                 self.host.log.info(self.name, "%s failed (%s), ignored ('-')" % (key, described))
             return self._next_control(kind, after)
-        if kind == "exec_condition" and "code" in exit_info and 0 < exit_info["code"] < 255:
+        if kind == "exec_condition" and condition_skips(exit_info):
             self.host.log.info(self.name, "Not started: condition failed (%s %s)" % (key, described))
             self.host.released(self)
             self.host.stopped(self)
-            return STOPPED, "condition failed (%s %s)" % (key, described)
+            return STOPPED, "condition failed (%s %s)" % (key, described)   # -> stopped: skipped, not failed
         if kind in ("exec_condition", "exec_start_pre", "exec_start"):
             return self._start_failed("%s failed (%s)" % (key, described), result=_result_of(exit_info))
         if kind == "exec_start_post":
@@ -8534,13 +8558,13 @@ class Service:
             return NOTIFY_WAIT, "waiting for READY=1"   # (READY=1, or the start failed)
         if not confirmed:
             self.exec_error = None
-            return SPAWNED, None
+            return SPAWNED, None                        # -> spawned: running once its exec is confirmed
         return self._main_running()
 
     def _exec_done(self, error=None):
         if error:
             self.exec_error = error       # the exit follows: a spawn failure (203)
-            return SPAWNED, self.reason
+            return SPAWNED, self.reason   # (stays spawned until that exit)
         return self._main_running()
 
     def _main_running(self):
@@ -8557,15 +8581,15 @@ class Service:
         if self.spec.type == "oneshot":
             if self.spec.remain_after_exit:
                 self.host.log.info(self.name, "Finished; remains active (RemainAfterExit=yes)")
-                return REMAIN, None
+                return REMAIN, None                     # -> remain: a oneshot done, RemainAfterExit=yes
             return self._finish_run(self.last_exit, {"code": 0}, "oneshot %s" % describe_exit(self.last_exit or {"code": 0}),
                                     failed=False)
         if self.spec.health_check_url and self.probe is None:
             self.host.log.info(self.name, "Started (pid %d), waiting for its health check" % self.pid)
             self.probe = self.host.open_probe(self, self._on_verdict)
-            return HEALTH_WAIT, "waiting for the health check"
+            return HEALTH_WAIT, "waiting for the health check"     # -> start-health: ready, not yet healthy
         self.host.log.info(self.name, "Started (pid %d)" % self.pid)
-        return RUNNING, None
+        return RUNNING, None                            # -> running: its start is complete
 
     def _notified_ready(self):
         self.notified_ready = True
@@ -8595,7 +8619,7 @@ class Service:
             return self._start_failed(str(exc), result="protocol")
         if pid is None:                  # the PIDFile= is not written yet: look again soon
             self.timer = self.host.call_later(PID_FILE_POLL_INTERVAL, lambda: self.handle(EV_PID_FILE))
-            return FORKING, "waiting for %s" % self.spec.pid_file
+            return FORKING, "waiting for %s" % self.spec.pid_file   # (stays: looked at again soon)
         self._set_main_pid(pid)
         return self._main_running()
 
@@ -8612,12 +8636,12 @@ class Service:
 
     def _ready(self):
         self.host.log.info(self.name, "Healthy")
-        return RUNNING, None
+        return RUNNING, None                            # start-health -> running: its first check passed
 
     def _note_healthy(self):
         self.host.log.info(self.name, "Healthy")
         self.host.changed(self, self.state)   # the health column changed, the state did not
-        return RUNNING, self.reason
+        return RUNNING, self.reason                     # (stays running)
 
     def _start_failed(self, why, result="exit-code", exit_info=None):
         """The start did not come through: what is left is stopped (with
@@ -8638,7 +8662,7 @@ class Service:
     def _adopt(self, pid, pid_start, started_wall):
         if pid is None:                   # RemainAfterExit=yes: it had run, nothing is left
             self.host.log.info(self.name, "Remains active (RemainAfterExit=yes), as before the daemon restarted")
-            return REMAIN, None
+            return REMAIN, None                         # stopped -> remain: as the earlier daemon left it
         self.pid, self.pid_start, self.adopted = pid, pid_start, True
         self.current = self.spec.exec_start[-1] if self.spec.exec_start else None
         self.started_at = self.host.now()
@@ -8686,12 +8710,8 @@ class Service:
         self.current = None
         if ran_for >= BACKOFF_RESET_UPTIME:
             self.crash_streak = 0
-        success = self.spec.success_exit_status
-        if self.spec.type == "oneshot":       # a oneshot's command succeeds by its exit code (or SuccessExitStatus=)
-            succeeded = exit_info == {"code": 0} or exit_status_listed(exit_info, success)
-        else:
-            succeeded = exit_is_clean(exit_info, success)
-        succeeded = succeeded or (command is not None and command.ignore_failure)
+        succeeded = run_succeeded(self.spec.type, exit_info, self.spec.success_exit_status,
+                                  command is not None and command.ignore_failure)
         if phase == ONESHOT:
             if not succeeded:
                 return self._start_failed("oneshot " + described, result=_result_of(exit_info))
@@ -8707,15 +8727,15 @@ class Service:
             self._cancel(("watchdog_timer",))
             if phase == RELOAD and self.control_pid is not None:
                 self.reload_from = REMAIN      # the reload finishes first, then it remains
-                return RELOAD, self.reason
+                return RELOAD, self.reason     # (stays reloading: then remain)
             self._cancel_timers()
-            return REMAIN, None
+            return REMAIN, None                         # running -> remain: exited well, RemainAfterExit=yes
         self.result = "success" if succeeded else _result_of(exit_info)
         oom = not succeeded and self.spec.oom_policy != "continue" and self.host.oom_killed(self)
         if oom:                           # the OOM killer ended it: failed, as systemd (result oom-kill)
             self.result = "oom-kill"
         return self._begin_stop_sequence("policy", described, failed=oom or (self.spec.type == "oneshot" and not succeeded),
-                                         run_exec_stop=phase in (START_POST, RUNNING, RELOAD))
+                                         run_exec_stop=exec_stop_runs(phase))
 
     def _wait_cgroup_empty(self):
         """ExitType=cgroup: look again shortly whether the cgroup emptied (also
@@ -8762,7 +8782,7 @@ class Service:
 
     def _settle_stopped(self, reason="stopped by user"):
         self._cancel_timers()
-        return STOPPED, reason
+        return STOPPED, reason                          # -> stopped: nothing ran, nothing is pending
 
     def _begin_stop(self, reason="stopped by user"):
         self.result = "success"
@@ -8782,7 +8802,7 @@ class Service:
         self.reason = why
         self.stop_timed_out = False
         if run_exec_stop is None:
-            run_exec_stop = self.phase in (START_POST, RUNNING, RELOAD, REMAIN)
+            run_exec_stop = exec_stop_runs(self.phase)
         if self.control_pid is not None:          # a start-pre/post, reload: it ends with the rest
             self.queue = []
             run_exec_stop = False
@@ -8833,7 +8853,7 @@ class Service:
         if after == "restart" and self.want == "up" and not self.host.shutting_down:
             self.host.log.info(self.name, "Restarting (requested)")
             return self._begin_start()
-        return STOPPED, self.reason or "stopped by user"
+        return STOPPED, self.reason or "stopped by user"   # stop-post -> stopped (or a restart that may not start)
 
     def _main_gone_while_stopping(self, exit_info):
         described = self._main_gone(exit_info)
@@ -8928,7 +8948,7 @@ class Service:
         self.end = None
         self.host.log.info(self.name, "Stopping (STOPPING=1)")
         self._arm_stop_timer()
-        return ENDING, "stopping (STOPPING=1)"
+        return ENDING, "stopping (STOPPING=1)"          # running -> ending: its exit is awaited
 
     def _restart_unhealthy(self):
         """Retries used up: restart as Restart= would after a failure (or, for
@@ -8955,7 +8975,7 @@ class Service:
         self.end, self.reason = (why, True), why
         self.host.signal(self, self.spec.watchdog_signal, first=True)
         self._arm_stop_timer(self.spec.timeout_abort_sec)
-        return ENDING, why
+        return ENDING, why                              # -> ending: WatchdogSignal= sent, TimeoutAbortSec= runs
 
     # -- actions: reloading ------------------------------------------------------------
 
@@ -8969,14 +8989,14 @@ class Service:
             self.notified_ready = False
             self.host.signal_main(self, self.spec.reload_signal)
             self._arm_start_timer()
-            return RELOAD, None
+            return RELOAD, None                         # running -> reload: until READY=1
         return self._reload_finished("it has no ExecReload=")
 
     def _reloading_notified(self):
         self.reload_from = RUNNING
         self.notified_ready = False
         self._arm_start_timer()
-        return RELOAD, None
+        return RELOAD, None                             # running -> reload: RELOADING=1, until READY=1
 
     def _reload_ready(self):
         self.notified_ready = True
@@ -9024,12 +9044,12 @@ class Service:
             self.host.log.info(self.name, "Restarting in %s (%s; restart %d)%s" % (
                 format_timespan(delay), why, self.restarts, self.host.deploy_note(self)))
             self._arm_restart(delay)
-            return BACKOFF, why
+            return BACKOFF, why                         # -> backoff: Restart= says again, after RestartSec=
         if failed:
             self.host.log.error(self.name, "Failed: %s" % why)
-            return FAILED, why
+            return FAILED, why                          # -> failed: no restart, and the run failed
         self.host.log.info(self.name, "Exited (%s)" % why)
-        return EXITED, why
+        return EXITED, why                              # -> exited: no restart, the run ended well enough
 
     # -- callbacks -----------------------------------------------------------------
 
@@ -9117,17 +9137,17 @@ class Service:
             self.host.log.info(self.name, "Restarting in %s (backing off when the daemon stopped)" % format_timespan(
                 restart_in))
             self._arm_restart(restart_in)
-            return BACKOFF, reason
+            return BACKOFF, reason                      # stopped -> backoff: with the delay that remained
         if phase == "exit-wait":          # ExitType=cgroup: its cgroup's processes still run
             self.host.reattach_cgroup(self)
             if self.host.cgroup_pids(self):
                 self.exit_wait = (self.last_exit,)
                 self._wait_cgroup_empty()
-                return RUNNING, reason
+                return RUNNING, reason                  # stopped -> running: until its cgroup empties
             return self._begin_start()
         if phase in (FAILED, EXITED):
             self.succeeded = phase == EXITED and exit_is_clean(self.last_exit, self.spec.success_exit_status)
-            return phase, reason
+            return phase, reason                        # stopped -> failed/exited: as it was
         return self._begin_start()
 
     def _close_probe(self):
