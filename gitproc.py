@@ -7615,6 +7615,15 @@ def spawn_exit_code(message):
 # three families of them (STOP_STEPS): a stop (then stopped), a restart (then
 # it starts again) and the end of a run (then Restart= decides: after the
 # process ended on its own, a start failed or timed out, the watchdog fired).
+#
+# Three facts of a phase are kept beside it, not as phases of their own:
+# `stop_timed_out` (a stopping phase's first TimeoutStopSec= sent SIGKILL,
+# so its second gives up on the processes), `reload_from` (RUNNING or REMAIN:
+# where a reload goes back to) and `reap_pending` (the main process ended
+# while a control process ran: what is left of the unit goes once that
+# control process is done too). The guards that choose between a cell's
+# outcomes are named pure functions (should_restart, start_limit_hit,
+# restart_delay, run_succeeded, condition_skips, exec_stop_runs).
 
 WAITING = "waiting"              # starting: held until its After=/Requires= units are ready
 CONDITION = "condition"          # starting: an ExecCondition= command runs
