@@ -7677,238 +7677,219 @@ EV_RESTART_DUE = "restart-due"    # the RestartSec= timer of BACKOFF
 EV_START_TIMEOUT = "start-timeout"  # TimeoutStartSec= passed while starting or reloading
 EV_STOP_TIMEOUT = "stop-timeout"  # TimeoutStopSec= passed while stopping
 EV_WATCHDOG = "watchdog"          # WatchdogSec= passed without a WATCHDOG=1
-EV_PID_FILE = "pid-file"          # time to look for a forking unit's PIDFile= again
+EV_PID_FILE = "pid-file"          # time to look for a forking unit's PIDFile= (again)
 EV_ADOPT = "adopt"                # a live process an earlier daemon started
 EV_RUNTIME_MAX = "runtime-max"    # RuntimeMaxSec= passed since it became active
 EV_OOM = "oom"                    # the kernel's OOM killer killed a process of its cgroup
 EV_RESTORE = "restore"            # a daemon start found it in the state file, without a process
+# The steps of one event: an action that ends one step of a start or a stop
+# names the event that goes on at once in the phase it chose (handle() runs
+# them in turn; users see only where the last one ends).
+EV_CHECK = "check"                # a start's Condition*=, Assert*= and start limit
+EV_NEXT = "next"                  # the step's next command (with none left: EV_DONE)
+EV_DONE = "done"                  # the step's commands all ran: the next step
+EV_FINISHED = "finished"          # a oneshot's start is complete: it remains, or its run ends
+INTERNAL_EVENTS = (EV_CHECK, EV_NEXT, EV_DONE, EV_FINISHED)
 EVENTS = (EV_START, EV_STOP, EV_RESTART, EV_RELOAD, EV_DEPENDENCIES, EV_EXIT, EV_CONTROL_EXIT, EV_EXEC,
           EV_READY, EV_RELOADING, EV_STOPPING, EV_HEALTHY, EV_UNHEALTHY, EV_RESTART_DUE, EV_START_TIMEOUT,
-          EV_STOP_TIMEOUT, EV_WATCHDOG, EV_PID_FILE, EV_ADOPT, EV_RUNTIME_MAX, EV_OOM, EV_RESTORE)
+          EV_STOP_TIMEOUT, EV_WATCHDOG, EV_PID_FILE, EV_ADOPT, EV_RUNTIME_MAX, EV_OOM, EV_RESTORE) + INTERNAL_EVENTS
 IGNORE = "ignore"
-
-# Where beginning a start can end: held for dependencies, a first process up
-# (condition, pre, main not ready, main ready), or no process at all (a spawn
-# failure retried or given up, the start limit, a failed dependency, shutdown).
-# Where a stop, a restart and the end of a run can lead: the steps of their
-# family, then what follows it (stopped; a start again; Restart= decides).
-_AFTER_STOPS = {"stop": (STOPPED,), "restart": None, "policy": (BACKOFF, FAILED, EXITED, STOPPED)}
-_TO_STOP = STOP_STEPS["stop"] + _AFTER_STOPS["stop"]
-_TO_END = STOP_STEPS["policy"] + _AFTER_STOPS["policy"]
-# Where beginning a start can end: held for dependencies, the first step
-# that waits (condition, pre, the main process made, not ready, ready), a
-# oneshot with nothing to run done, or no start at all (the start limit,
-# a failed dependency or condition, a spawn failure that ends the run).
-_STARTED = (WAITING, CONDITION, START_PRE, NOTIFY_WAIT, FORKING, ONESHOT, HEALTH_WAIT, SPAWNED, START_POST,
-            RUNNING, REMAIN) + _TO_END
-_AFTER_STOPS["restart"] = _STARTED
-_TO_RESTART = STOP_STEPS["restart"] + _STARTED
+# The command step each phase runs: a UnitSpec field, whose commands EV_NEXT
+# spawns one by one (a oneshot's and a simple unit's main commands are not
+# control processes: ONESHOT and SPAWNED spawn them themselves).
+STEP_OF = {CONDITION: "exec_condition", START_PRE: "exec_start_pre", FORKING: "exec_start",
+           START_POST: "exec_start_post", RELOAD: "exec_reload",
+           **{phase: "exec_stop" for phase in (STOP_COMMAND, RESTART_COMMAND, END_COMMAND)},
+           **{phase: "exec_stop_post" for phase in (STOP_POST, RESTART_POST, END_POST)}}
 
 
 def _ignored(phase, *events):
     return {(phase, event): ((phase,), IGNORE) for event in events}
 
 
-def _stopping(phase, switch_events, switch):
-    """The cells of one stopping phase: its own step's events, the switch
-    between a stop and a restart (`switch_events` -> `switch`), and what it
-    ignores. Its step leads to the next steps of its family, then to what
-    follows that family's stop."""
-    after = STOP_FAMILY[phase]
-    command, signalled, post = STOP_STEPS[after]
-    later = {command: (command, signalled, post), signalled: (signalled, post), post: (post,)}[phase]
-    steps = later + _AFTER_STOPS[after]
-    own = {command: {EV_EXIT: ((command,), "main_gone_while_stopping"),        # ExecStop= may wait for it
-                     EV_CONTROL_EXIT: (steps, "stop_command_exited"),
-                     EV_STOP_TIMEOUT: ((signalled, post) + _AFTER_STOPS[after], "stop_command_timed_out")},
-           signalled: {EV_EXIT: (steps, "main_gone_while_stopping"),
-                       EV_CONTROL_EXIT: (steps, "control_gone_while_stopping"),
-                       EV_STOP_TIMEOUT: (steps, "kill_hard")},
-           post: {EV_CONTROL_EXIT: (steps, "stop_post_exited"),
-                  EV_STOP_TIMEOUT: (steps, "stop_post_timed_out")}}[phase]
-    cells = {(phase, event): entry for event, entry in own.items()}
-    cells.update({(phase, event): switch for event in switch_events})
-    cells.update(_ignored(phase, *[event for event in EVENTS if (phase, event) not in cells and event not in (
-        EV_RUNTIME_MAX, EV_OOM, EV_RESTORE, EV_ADOPT)]))
-    return cells
+def _ignoring_the_rest(phase, cells):
+    """`cells`, and every other outside event of `phase` ignored (internal
+    events are never ignored: one the table does not name is refused)."""
+    return {**cells, **_ignored(phase, *[event for event in EVENTS if (phase, event) not in cells
+                                         and event not in INTERNAL_EVENTS + (EV_ADOPT, EV_RESTORE)])}
 
+
+def _stopping(after, step):
+    """The cells of one stopping phase: `step` 0 (ExecStop=), 1 (KillSignal=
+    sent) or 2 (ExecStopPost=) of the family `after`, and the switch between
+    a stop and a restart at the same step."""
+    command, signalled, post = STOP_STEPS[after]
+    phase = STOP_STEPS[after][step]
+    end = {"stop": ((STOPPED,), "end_stop"),                   # -> stopped
+           "restart": ((STOPPED,), "end_stop"),                # -> stopped, and EV_START at once (want up)
+           "policy": ((BACKOFF, FAILED, EXITED), "end_stop")}[after]    # should_restart(): backoff, else failed/exited
+    cells = [
+        {EV_NEXT: ((command,), "next_command"),                # a command runs; none left: EV_DONE
+         EV_DONE: ((signalled, post), "signal_leftovers"),      # KillSignal= to what is left; nothing: ExecStopPost=
+         EV_CONTROL_EXIT: ((command,), "control_exited"),      # EV_NEXT (after a failure: EV_DONE)
+         EV_STOP_TIMEOUT: ((command,), "stop_command_timed_out"),   # EV_DONE: KillSignal= to it too
+         EV_EXIT: ((command,), "main_gone_while_stopping")},   # ExecStop= may wait for it: it goes on
+        {EV_EXIT: ((signalled, post), "main_gone_while_stopping"),     # nothing left: ExecStopPost=
+         EV_CONTROL_EXIT: ((signalled, post), "control_gone_while_stopping"),
+         EV_STOP_TIMEOUT: ((signalled, post), "kill_hard")},   # SIGKILL; after one more timeout, given up on
+        {EV_NEXT: ((post,), "next_command"),
+         EV_DONE: end,
+         EV_CONTROL_EXIT: ((post,), "control_exited"),
+         EV_STOP_TIMEOUT: ((post,), "stop_post_timed_out")},   # SIGKILL; then given up on: EV_DONE
+    ][step]
+    if after == "restart":
+        cells[EV_STOP] = ((STOP_STEPS["stop"][step],), "stop_after_stop")
+    else:
+        cells.update({event: ((STOP_STEPS["restart"][step],), "restart_after_stop") for event in (EV_START, EV_RESTART)})
+    return _ignoring_the_rest(phase, {(phase, event): entry for event, entry in cells.items()})
+
+
+# Where a start begins, and where its steps lead: the first step's phase,
+# entered with EV_CHECK; the end of the run (END_COMMAND, entered with
+# EV_NEXT) when a start fails.
+_BEGIN = ((STOPPED, WAITING, CONDITION), "begin_start")   # stopped: shutting down, a dependency failed
+_TO_STOP = ((STOP_COMMAND,), "begin_stop")                # then its ExecStop=, KillSignal=, ExecStopPost=
+_TO_RESTART = ((RESTART_COMMAND,), "begin_restart")
+_FAILS = (END_COMMAND,)                                    # a start that fails, or a run that ends
 
 TRANSITIONS = {
     # stopped: no process; by the user, a failed dependency, or never started
-    (STOPPED, EV_START): (_STARTED, "begin_start"),
-    (STOPPED, EV_STOP): ((STOPPED,), "settle_stopped"),
-    (STOPPED, EV_RESTART): (_STARTED, "begin_start"),
-    (STOPPED, EV_ADOPT): ((RUNNING, ONESHOT, HEALTH_WAIT, REMAIN), "adopt"),
-    **_ignored(STOPPED, EV_RELOAD, EV_DEPENDENCIES, EV_EXIT, EV_CONTROL_EXIT, EV_EXEC, EV_READY, EV_RELOADING,
-               EV_STOPPING, EV_HEALTHY, EV_UNHEALTHY, EV_RESTART_DUE, EV_START_TIMEOUT, EV_STOP_TIMEOUT,
-               EV_WATCHDOG, EV_PID_FILE),
-    # exited: finished and not restarting
-    (EXITED, EV_START): (_STARTED, "begin_start"),
-    (EXITED, EV_STOP): ((STOPPED,), "settle_stopped"),
-    (EXITED, EV_RESTART): (_STARTED, "begin_start"),
-    **_ignored(EXITED, EV_RELOAD, EV_DEPENDENCIES, EV_EXIT, EV_CONTROL_EXIT, EV_EXEC, EV_READY, EV_RELOADING,
-               EV_STOPPING, EV_HEALTHY, EV_UNHEALTHY, EV_RESTART_DUE, EV_START_TIMEOUT, EV_STOP_TIMEOUT,
-               EV_WATCHDOG, EV_PID_FILE),
-    # failed: start limit, spawn error, a failed command, timeout
-    (FAILED, EV_START): (_STARTED, "begin_start"),
-    (FAILED, EV_STOP): ((STOPPED,), "settle_stopped"),
-    (FAILED, EV_RESTART): (_STARTED, "begin_start"),
-    **_ignored(FAILED, EV_RELOAD, EV_DEPENDENCIES, EV_EXIT, EV_CONTROL_EXIT, EV_EXEC, EV_READY, EV_RELOADING,
-               EV_STOPPING, EV_HEALTHY, EV_UNHEALTHY, EV_RESTART_DUE, EV_START_TIMEOUT, EV_STOP_TIMEOUT,
-               EV_WATCHDOG, EV_PID_FILE),
-    # backoff: waiting RestartSec= (backing off) before the next start
-    (BACKOFF, EV_START): (_STARTED, "begin_start"),
-    (BACKOFF, EV_STOP): ((STOPPED,), "settle_stopped"),
-    (BACKOFF, EV_RESTART): (_STARTED, "begin_start"),
-    (BACKOFF, EV_RESTART_DUE): (_STARTED, "begin_start"),
-    **_ignored(BACKOFF, EV_RELOAD, EV_DEPENDENCIES, EV_EXIT, EV_CONTROL_EXIT, EV_EXEC, EV_READY, EV_RELOADING,
-               EV_STOPPING, EV_HEALTHY, EV_UNHEALTHY, EV_START_TIMEOUT, EV_STOP_TIMEOUT, EV_WATCHDOG,
-               EV_PID_FILE),
+    **_ignoring_the_rest(STOPPED, {
+        (STOPPED, EV_START): _BEGIN,
+        (STOPPED, EV_STOP): ((STOPPED,), "settle_stopped"),
+        (STOPPED, EV_RESTART): _BEGIN,
+        (STOPPED, EV_ADOPT): ((RUNNING, ONESHOT, HEALTH_WAIT, REMAIN), "adopt"),   # as the process was found
+        # a daemon start found it in the state file with no process (SPEC §6):
+        # backoff (with the delay that remained), failed, exited and remain
+        # stay; an ExitType=cgroup unit whose cgroup runs runs; anything else
+        # starts anew (stopped, then EV_START)
+        (STOPPED, EV_RESTORE): ((BACKOFF, FAILED, EXITED, RUNNING, STOPPED), "restore")}),
+    # exited: finished and not restarting; failed: the start limit, a failed
+    # start, a failed run; backoff: waiting RestartSec= before the next start
+    **_ignoring_the_rest(EXITED, {(EXITED, EV_START): _BEGIN, (EXITED, EV_RESTART): _BEGIN,
+                                  (EXITED, EV_STOP): ((STOPPED,), "settle_stopped")}),
+    **_ignoring_the_rest(FAILED, {(FAILED, EV_START): _BEGIN, (FAILED, EV_RESTART): _BEGIN,
+                                  (FAILED, EV_STOP): ((STOPPED,), "settle_stopped")}),
+    **_ignoring_the_rest(BACKOFF, {(BACKOFF, EV_START): _BEGIN, (BACKOFF, EV_RESTART): _BEGIN,
+                                   (BACKOFF, EV_RESTART_DUE): _BEGIN,
+                                   (BACKOFF, EV_STOP): ((STOPPED,), "settle_stopped")}),
     # waiting: no process yet; starts once its dependencies are ready
-    (WAITING, EV_STOP): ((STOPPED,), "settle_stopped"),
-    (WAITING, EV_DEPENDENCIES): (_STARTED, "begin_start"),
-    **_ignored(WAITING, EV_START, EV_RESTART, EV_RELOAD, EV_EXIT, EV_CONTROL_EXIT, EV_EXEC, EV_READY,
-               EV_RELOADING, EV_STOPPING, EV_HEALTHY, EV_UNHEALTHY, EV_RESTART_DUE, EV_START_TIMEOUT,
-               EV_STOP_TIMEOUT, EV_WATCHDOG, EV_PID_FILE),
-    # condition: an ExecCondition= command runs (exit 1-254: skip the start)
-    (CONDITION, EV_STOP): (_TO_STOP, "begin_stop"),
-    (CONDITION, EV_RESTART): (_TO_RESTART, "begin_restart"),
-    (CONDITION, EV_CONTROL_EXIT): (_STARTED, "condition_exited"),     # condition_skips(): -> stopped
-    (CONDITION, EV_START_TIMEOUT): (_TO_END, "start_timed_out"),
-    **_ignored(CONDITION, EV_START, EV_RELOAD, EV_DEPENDENCIES, EV_EXIT, EV_EXEC, EV_READY, EV_RELOADING,
-               EV_STOPPING, EV_HEALTHY, EV_UNHEALTHY, EV_RESTART_DUE, EV_STOP_TIMEOUT, EV_WATCHDOG,
-               EV_PID_FILE),
-    # start-pre: an ExecStartPre= command runs
-    (START_PRE, EV_STOP): (_TO_STOP, "begin_stop"),
-    (START_PRE, EV_RESTART): (_TO_RESTART, "begin_restart"),
-    (START_PRE, EV_CONTROL_EXIT): (_STARTED, "pre_exited"),
-    (START_PRE, EV_START_TIMEOUT): (_TO_END, "start_timed_out"),
-    **_ignored(START_PRE, EV_START, EV_RELOAD, EV_DEPENDENCIES, EV_EXIT, EV_EXEC, EV_READY, EV_RELOADING,
-               EV_STOPPING, EV_HEALTHY, EV_UNHEALTHY, EV_RESTART_DUE, EV_STOP_TIMEOUT, EV_WATCHDOG,
-               EV_PID_FILE),
+    **_ignoring_the_rest(WAITING, {(WAITING, EV_STOP): ((STOPPED,), "settle_stopped"),
+                                   (WAITING, EV_DEPENDENCIES): _BEGIN}),
+    # condition: the checks (a Condition*= skips: stopped; an Assert*= or the
+    # start limit fails: failed; AutoRollback= may start the old version),
+    # then its ExecCondition= commands (exit 1-254 skips the start)
+    **_ignoring_the_rest(CONDITION, {
+        (CONDITION, EV_CHECK): ((STOPPED, FAILED, CONDITION), "check_start"),   # then EV_NEXT
+        (CONDITION, EV_NEXT): ((CONDITION,) + _FAILS, "next_command"),
+        (CONDITION, EV_DONE): ((START_PRE,), "pre_step"),                     # then EV_NEXT
+        (CONDITION, EV_CONTROL_EXIT): ((CONDITION, STOPPED) + _FAILS, "control_exited"),   # condition_skips()
+        (CONDITION, EV_STOP): _TO_STOP, (CONDITION, EV_RESTART): _TO_RESTART,
+        (CONDITION, EV_START_TIMEOUT): (_FAILS, "start_timed_out")}),
+    # start-pre: its ExecStartPre= commands run
+    **_ignoring_the_rest(START_PRE, {
+        (START_PRE, EV_NEXT): ((START_PRE,) + _FAILS, "next_command"),
+        (START_PRE, EV_DONE): ((FORKING, ONESHOT, SPAWNED), "start_main"),    # by Type=; then EV_NEXT
+        (START_PRE, EV_CONTROL_EXIT): ((START_PRE,) + _FAILS, "control_exited"),
+        (START_PRE, EV_STOP): _TO_STOP, (START_PRE, EV_RESTART): _TO_RESTART,
+        (START_PRE, EV_START_TIMEOUT): (_FAILS, "start_timed_out")}),
+    # spawned: the main process of a simple, exec or notify unit is made
+    # (EV_NEXT); a simple one runs once its exec is confirmed
+    **_ignoring_the_rest(SPAWNED, {
+        (SPAWNED, EV_NEXT): ((SPAWNED, NOTIFY_WAIT) + _FAILS, "spawn_main"),
+        (SPAWNED, EV_EXEC): ((SPAWNED, START_POST), "exec_done"),     # exec failed: its exit follows
+        (SPAWNED, EV_EXIT): (_FAILS, "main_exited"),
+        (SPAWNED, EV_STOP): _TO_STOP, (SPAWNED, EV_RESTART): _TO_RESTART}),
     # start-notify: a notify unit's main process runs; READY=1 makes it ready
-    (NOTIFY_WAIT, EV_STOP): (_TO_STOP, "begin_stop"),
-    (NOTIFY_WAIT, EV_RESTART): (_TO_RESTART, "begin_restart"),
-    (NOTIFY_WAIT, EV_EXIT): (_TO_END, "main_exited"),         # before READY=1: the start failed
-    (NOTIFY_WAIT, EV_READY): ((HEALTH_WAIT, START_POST, RUNNING) + _TO_END, "notified_ready"),
-    (NOTIFY_WAIT, EV_START_TIMEOUT): (_TO_END, "start_timed_out"),
-    (NOTIFY_WAIT, EV_WATCHDOG): (_TO_END, "watchdog_expired"),    # a WATCHDOG=1 armed it already
-    **_ignored(NOTIFY_WAIT, EV_START, EV_RELOAD, EV_DEPENDENCIES, EV_CONTROL_EXIT, EV_EXEC, EV_RELOADING,
-               EV_STOPPING, EV_HEALTHY, EV_UNHEALTHY, EV_RESTART_DUE, EV_STOP_TIMEOUT, EV_PID_FILE),
+    **_ignoring_the_rest(NOTIFY_WAIT, {
+        (NOTIFY_WAIT, EV_READY): ((START_POST,), "notified_ready"),            # then EV_NEXT
+        (NOTIFY_WAIT, EV_EXIT): (_FAILS, "main_exited"),                        # before READY=1: the start failed
+        (NOTIFY_WAIT, EV_STOP): _TO_STOP, (NOTIFY_WAIT, EV_RESTART): _TO_RESTART,
+        (NOTIFY_WAIT, EV_START_TIMEOUT): (_FAILS, "start_timed_out"),
+        (NOTIFY_WAIT, EV_WATCHDOG): ((ENDING,), "watchdog_expired"),           # a WATCHDOG=1 armed it already
+        (NOTIFY_WAIT, EV_OOM): ((NOTIFY_WAIT,) + _FAILS, "oom_killed")}),
     # start-forking: its ExecStart= runs (a control process) until it exits 0
     # and the main pid is known (PIDFile=, looked at again until written)
-    (FORKING, EV_STOP): (_TO_STOP, "begin_stop"),
-    (FORKING, EV_RESTART): (_TO_RESTART, "begin_restart"),
-    (FORKING, EV_EXIT): (_TO_END, "main_exited"),             # a MAINPID= named it, and it ended
-    (FORKING, EV_CONTROL_EXIT): ((FORKING, HEALTH_WAIT, START_POST, RUNNING) + _TO_END, "forked"),
-    (FORKING, EV_START_TIMEOUT): (_TO_END, "start_timed_out"),
-    (FORKING, EV_PID_FILE): ((FORKING, HEALTH_WAIT, START_POST, RUNNING) + _TO_END, "find_main_pid"),
-    (FORKING, EV_WATCHDOG): (_TO_END, "watchdog_expired"),
-    **_ignored(FORKING, EV_START, EV_RELOAD, EV_DEPENDENCIES, EV_EXEC, EV_READY, EV_RELOADING, EV_STOPPING,
-               EV_HEALTHY, EV_UNHEALTHY, EV_RESTART_DUE, EV_STOP_TIMEOUT),
-    # start-oneshot: a oneshot's ExecStart= commands run in turn; its last
-    # one's exit 0 finishes the start
-    (ONESHOT, EV_STOP): (_TO_STOP, "begin_stop"),
-    (ONESHOT, EV_RESTART): (_TO_RESTART, "begin_restart"),
-    (ONESHOT, EV_EXIT): ((ONESHOT, START_POST, REMAIN) + _TO_END, "main_exited"),
-    (ONESHOT, EV_START_TIMEOUT): (_TO_END, "start_timed_out"),
-    (ONESHOT, EV_WATCHDOG): (_TO_END, "watchdog_expired"),
-    **_ignored(ONESHOT, EV_START, EV_RELOAD, EV_DEPENDENCIES, EV_CONTROL_EXIT, EV_EXEC, EV_READY, EV_RELOADING,
-               EV_STOPPING, EV_HEALTHY, EV_UNHEALTHY, EV_RESTART_DUE, EV_STOP_TIMEOUT, EV_PID_FILE),
+    **_ignoring_the_rest(FORKING, {
+        (FORKING, EV_NEXT): ((FORKING,) + _FAILS, "next_command"),
+        (FORKING, EV_DONE): ((FORKING, START_POST) + _FAILS, "find_main_pid"),   # its ExecStart= could not start ('-')
+        (FORKING, EV_CONTROL_EXIT): ((FORKING,) + _FAILS, "forked"),          # exit 0: EV_PID_FILE at once
+        (FORKING, EV_PID_FILE): ((FORKING, START_POST) + _FAILS, "find_main_pid"),
+        (FORKING, EV_EXIT): (_FAILS, "main_exited"),                            # a MAINPID= named it, and it ended
+        (FORKING, EV_STOP): _TO_STOP, (FORKING, EV_RESTART): _TO_RESTART,
+        (FORKING, EV_START_TIMEOUT): (_FAILS, "start_timed_out"),
+        (FORKING, EV_WATCHDOG): ((ENDING,), "watchdog_expired"),
+        (FORKING, EV_OOM): ((FORKING,) + _FAILS, "oom_killed")}),
+    # start-oneshot: a oneshot's ExecStart= commands run in turn (EV_NEXT);
+    # the last one's exit 0 ends the step
+    **_ignoring_the_rest(ONESHOT, {
+        (ONESHOT, EV_NEXT): ((ONESHOT,) + _FAILS, "spawn_main"),               # none left: EV_DONE
+        (ONESHOT, EV_DONE): ((START_POST,), "main_running"),                    # then EV_NEXT
+        (ONESHOT, EV_EXIT): ((ONESHOT,) + _FAILS, "oneshot_exited"),           # run_succeeded(): EV_NEXT
+        (ONESHOT, EV_STOP): _TO_STOP, (ONESHOT, EV_RESTART): _TO_RESTART,
+        (ONESHOT, EV_START_TIMEOUT): (_FAILS, "start_timed_out"),
+        (ONESHOT, EV_WATCHDOG): ((ENDING,), "watchdog_expired"),
+        (ONESHOT, EV_OOM): ((ONESHOT,) + _FAILS, "oom_killed")}),
+    # start-post: the main process runs (or a oneshot's all ran); its
+    # ExecStartPost= commands run, then it is ready
+    **_ignoring_the_rest(START_POST, {
+        (START_POST, EV_NEXT): ((START_POST,) + _FAILS, "next_command"),
+        (START_POST, EV_DONE): ((HEALTH_WAIT, RUNNING, START_POST), "started"),   # a oneshot: EV_FINISHED
+        (START_POST, EV_FINISHED): ((REMAIN, END_POST), "oneshot_finished"),    # end-post: then EV_DONE
+        (START_POST, EV_CONTROL_EXIT): ((START_POST,) + _FAILS, "control_exited"),
+        (START_POST, EV_EXIT): ((START_POST,) + _FAILS, "main_exited"),        # (ExitType=cgroup: it goes on)
+        (START_POST, EV_STOP): _TO_STOP, (START_POST, EV_RESTART): _TO_RESTART,
+        (START_POST, EV_START_TIMEOUT): (_FAILS, "start_timed_out"),
+        (START_POST, EV_WATCHDOG): ((ENDING,), "watchdog_expired"),
+        (START_POST, EV_OOM): ((START_POST,) + _FAILS, "oom_killed")}),
     # start-health: ready, its first health check not passed yet
-    (HEALTH_WAIT, EV_STOP): (_TO_STOP, "begin_stop"),
-    (HEALTH_WAIT, EV_RESTART): (_TO_RESTART, "begin_restart"),
-    (HEALTH_WAIT, EV_EXIT): (_TO_END, "main_exited"),
-    (HEALTH_WAIT, EV_HEALTHY): ((RUNNING,), "ready"),
-    (HEALTH_WAIT, EV_UNHEALTHY): (_TO_RESTART, "restart_unhealthy"),
-    (HEALTH_WAIT, EV_WATCHDOG): (_TO_END, "watchdog_expired"),   # armed once ready: this wait too
-    **_ignored(HEALTH_WAIT, EV_START, EV_RELOAD, EV_DEPENDENCIES, EV_CONTROL_EXIT, EV_EXEC, EV_READY,
-               EV_RELOADING, EV_STOPPING, EV_RESTART_DUE, EV_START_TIMEOUT, EV_STOP_TIMEOUT, EV_PID_FILE),
-    # spawned: the main process is made; running once its exec is confirmed
-    (SPAWNED, EV_STOP): (_TO_STOP, "begin_stop"),
-    (SPAWNED, EV_RESTART): (_TO_RESTART, "begin_restart"),
-    (SPAWNED, EV_EXIT): (_TO_END, "main_exited"),
-    (SPAWNED, EV_EXEC): ((SPAWNED, START_POST, HEALTH_WAIT, RUNNING) + _TO_END, "exec_done"),
-    **_ignored(SPAWNED, EV_START, EV_RELOAD, EV_DEPENDENCIES, EV_CONTROL_EXIT, EV_READY, EV_RELOADING,
-               EV_STOPPING, EV_HEALTHY, EV_UNHEALTHY, EV_RESTART_DUE, EV_START_TIMEOUT, EV_STOP_TIMEOUT,
-               EV_WATCHDOG, EV_PID_FILE),
-    # start-post: ready, an ExecStartPost= command runs
-    (START_POST, EV_STOP): (_TO_STOP, "begin_stop"),
-    (START_POST, EV_RESTART): (_TO_RESTART, "begin_restart"),
-    (START_POST, EV_EXIT): ((START_POST,) + _TO_END, "main_exited"),       # (ExitType=cgroup: on)
-    (START_POST, EV_CONTROL_EXIT): ((START_POST, HEALTH_WAIT, RUNNING, REMAIN) + _TO_END, "post_exited"),
-    (START_POST, EV_START_TIMEOUT): (_TO_END, "start_timed_out"),
-    (START_POST, EV_WATCHDOG): (_TO_END, "watchdog_expired"),
-    **_ignored(START_POST, EV_START, EV_RELOAD, EV_DEPENDENCIES, EV_EXEC, EV_READY, EV_RELOADING, EV_STOPPING,
-               EV_HEALTHY, EV_UNHEALTHY, EV_RESTART_DUE, EV_STOP_TIMEOUT, EV_PID_FILE),
+    **_ignoring_the_rest(HEALTH_WAIT, {
+        (HEALTH_WAIT, EV_HEALTHY): ((RUNNING,), "ready"),
+        (HEALTH_WAIT, EV_UNHEALTHY): ((RESTART_COMMAND,), "restart_unhealthy"),   # or AutoRollback=
+        (HEALTH_WAIT, EV_EXIT): (_FAILS, "main_exited"),
+        (HEALTH_WAIT, EV_STOP): _TO_STOP, (HEALTH_WAIT, EV_RESTART): _TO_RESTART,
+        (HEALTH_WAIT, EV_WATCHDOG): ((ENDING,), "watchdog_expired"),           # armed once ready: this wait too
+        (HEALTH_WAIT, EV_OOM): ((HEALTH_WAIT,) + _FAILS, "oom_killed")}),
     # running: the main process runs and is ready
-    (RUNNING, EV_STOP): (_TO_STOP, "begin_stop"),
-    (RUNNING, EV_RESTART): (_TO_RESTART, "begin_restart"),
-    (RUNNING, EV_RELOAD): ((RELOAD, RUNNING), "begin_reload"),
-    (RUNNING, EV_EXIT): ((RUNNING, REMAIN) + _TO_END, "main_exited"),
-    (RUNNING, EV_RELOADING): ((RELOAD,), "reloading_notified"),
-    (RUNNING, EV_STOPPING): (_TO_END, "stopping_notified"),
-    (RUNNING, EV_HEALTHY): ((RUNNING,), "note_healthy"),
-    (RUNNING, EV_UNHEALTHY): (_TO_RESTART, "restart_unhealthy"),
-    (RUNNING, EV_WATCHDOG): (_TO_END, "watchdog_expired"),
-    (RUNNING, EV_RUNTIME_MAX): (_TO_END, "runtime_max_passed"),
-    **_ignored(RUNNING, EV_START, EV_DEPENDENCIES, EV_CONTROL_EXIT, EV_EXEC, EV_READY, EV_RESTART_DUE,
-               EV_START_TIMEOUT, EV_STOP_TIMEOUT, EV_PID_FILE),
+    **_ignoring_the_rest(RUNNING, {
+        (RUNNING, EV_EXIT): ((RUNNING, REMAIN) + _FAILS, "main_exited"),      # ExitType=cgroup / RemainAfterExit=
+        (RUNNING, EV_RELOAD): ((RELOAD, RUNNING), "begin_reload"),             # no ExecReload=: stays, said so
+        (RUNNING, EV_RELOADING): ((RELOAD,), "reloading_notified"),
+        (RUNNING, EV_STOPPING): ((ENDING,), "stopping_notified"),
+        (RUNNING, EV_HEALTHY): ((RUNNING,), "note_healthy"),
+        (RUNNING, EV_UNHEALTHY): ((RESTART_COMMAND,), "restart_unhealthy"),
+        (RUNNING, EV_STOP): _TO_STOP, (RUNNING, EV_RESTART): _TO_RESTART,
+        (RUNNING, EV_WATCHDOG): ((ENDING,), "watchdog_expired"),
+        (RUNNING, EV_RUNTIME_MAX): (_FAILS, "runtime_max_passed"),
+        (RUNNING, EV_OOM): ((RUNNING,) + _FAILS, "oom_killed")}),
     # remain: RemainAfterExit=yes, its process exited successfully
-    (REMAIN, EV_STOP): (_TO_STOP, "begin_stop"),
-    (REMAIN, EV_RESTART): (_TO_RESTART, "begin_restart"),
-    (REMAIN, EV_RELOAD): ((RELOAD, REMAIN), "begin_reload"),
-    (REMAIN, EV_RUNTIME_MAX): (_TO_END, "runtime_max_passed"),
-    **_ignored(REMAIN, EV_START, EV_DEPENDENCIES, EV_EXIT, EV_CONTROL_EXIT, EV_EXEC, EV_READY, EV_RELOADING,
-               EV_STOPPING, EV_HEALTHY, EV_UNHEALTHY, EV_RESTART_DUE, EV_START_TIMEOUT, EV_STOP_TIMEOUT,
-               EV_WATCHDOG, EV_PID_FILE),
+    **_ignoring_the_rest(REMAIN, {
+        (REMAIN, EV_RELOAD): ((RELOAD, REMAIN), "begin_reload"),
+        (REMAIN, EV_STOP): _TO_STOP, (REMAIN, EV_RESTART): _TO_RESTART,
+        (REMAIN, EV_RUNTIME_MAX): (_FAILS, "runtime_max_passed")}),
     # reload: ExecReload= runs (or ReloadSignal= was sent), or RELOADING=1
-    # until READY=1
-    (RELOAD, EV_STOP): (_TO_STOP, "begin_stop"),
-    (RELOAD, EV_RESTART): (_TO_RESTART, "begin_restart"),
-    (RELOAD, EV_EXIT): ((RELOAD, REMAIN) + _TO_END, "main_exited"),
-    (RELOAD, EV_CONTROL_EXIT): ((RELOAD, RUNNING, REMAIN), "reload_exited"),
-    (RELOAD, EV_READY): ((RELOAD, RUNNING), "reload_ready"),
-    (RELOAD, EV_STOPPING): (_TO_END, "stopping_notified"),
-    (RELOAD, EV_START_TIMEOUT): ((RUNNING, REMAIN), "reload_timed_out"),
-    (RELOAD, EV_WATCHDOG): (_TO_END, "watchdog_expired"),
-    (RELOAD, EV_RUNTIME_MAX): (_TO_END, "runtime_max_passed"),
-    **_ignored(RELOAD, EV_START, EV_RELOAD, EV_DEPENDENCIES, EV_EXEC, EV_RELOADING, EV_HEALTHY, EV_UNHEALTHY,
-               EV_RESTART_DUE, EV_STOP_TIMEOUT, EV_PID_FILE),
-    # stop-command, restart-command, end-command: an ExecStop= command runs;
-    # then KillSignal= to what is left. A start or restart turns a stop into
-    # a restart, a stop turns a restart back into a stop (the same step).
-    **_stopping(STOP_COMMAND, (EV_START, EV_RESTART), ((RESTART_COMMAND,), "restart_after_stop")),
-    **_stopping(RESTART_COMMAND, (EV_STOP,), ((STOP_COMMAND,), "stop_after_stop")),
-    **_stopping(END_COMMAND, (EV_START, EV_RESTART), ((RESTART_COMMAND,), "restart_after_stop")),
-    # stopping, restart-stopping, ending: KillSignal= sent, SIGKILL after
-    # TimeoutStopSec= (and given up on after one more)
-    **_stopping(STOPPING, (EV_START, EV_RESTART), ((RESTART_STOPPING,), "restart_after_stop")),
-    **_stopping(RESTART_STOPPING, (EV_STOP,), ((STOPPING,), "stop_after_stop")),
-    **_stopping(ENDING, (EV_START, EV_RESTART), ((RESTART_STOPPING,), "restart_after_stop")),
-    # stop-post, restart-post, end-post: an ExecStopPost= command runs;
-    # nothing else of the service is left
-    **_stopping(STOP_POST, (EV_START, EV_RESTART), ((RESTART_POST,), "restart_after_stop")),
-    **_stopping(RESTART_POST, (EV_STOP,), ((STOP_POST,), "stop_after_stop")),
-    **_stopping(END_POST, (EV_START, EV_RESTART), ((RESTART_POST,), "restart_after_stop")),
+    # until READY=1; then back where it was (reload_from)
+    **_ignoring_the_rest(RELOAD, {
+        (RELOAD, EV_NEXT): ((RELOAD, RUNNING, REMAIN), "next_command"),       # could not start: failed, back
+        (RELOAD, EV_DONE): ((RUNNING, REMAIN), "reload_done"),
+        (RELOAD, EV_CONTROL_EXIT): ((RELOAD, RUNNING, REMAIN), "control_exited"),
+        (RELOAD, EV_READY): ((RELOAD, RUNNING, REMAIN), "reload_ready"),       # ExecReload= still runs: stays
+        (RELOAD, EV_START_TIMEOUT): ((RUNNING, REMAIN), "reload_timed_out"),
+        (RELOAD, EV_EXIT): ((RELOAD, REMAIN) + _FAILS, "main_exited"),
+        (RELOAD, EV_STOPPING): ((ENDING,), "stopping_notified"),
+        (RELOAD, EV_STOP): _TO_STOP, (RELOAD, EV_RESTART): _TO_RESTART,
+        (RELOAD, EV_WATCHDOG): ((ENDING,), "watchdog_expired"),
+        (RELOAD, EV_RUNTIME_MAX): (_FAILS, "runtime_max_passed"),
+        (RELOAD, EV_OOM): ((RELOAD,) + _FAILS, "oom_killed")}),
+    # the stopping phases, three steps of three families (STOP_STEPS): a
+    # start or restart turns a stop (or the end of a run) into a restart, a
+    # stop turns a restart back into a stop, at the same step
+    **{cell: entry for after in STOP_STEPS for step in range(3) for cell, entry in _stopping(after, step).items()},
 }
-# RuntimeMaxSec= counts while the unit is active (running, reloading, or
-# remaining after its exit): in every other phase its timer is not armed and
-# the event is ignored. OOMPolicy= acts on an OOM kill while the unit starts
-# or runs; one found while it stops, or after, changes nothing.
-TRANSITIONS.update({(phase, EV_RUNTIME_MAX): ((phase,), IGNORE) for phase in PUBLIC_STATE
-                    if phase not in (RUNNING, RELOAD, REMAIN)})
-TRANSITIONS.update({(phase, EV_OOM): ((phase,) + _TO_END, "oom_killed")
-                    for phase in (NOTIFY_WAIT, FORKING, ONESHOT, HEALTH_WAIT, START_POST, RUNNING, RELOAD)})
-TRANSITIONS.update({(phase, EV_OOM): ((phase,), IGNORE) for phase in PUBLIC_STATE
-                    if phase not in (NOTIFY_WAIT, FORKING, ONESHOT, HEALTH_WAIT, START_POST, RUNNING, RELOAD)})
-# A daemon start hands a unit it found in the state file, with no process left,
-# to its new Service (which is stopped): backoff, failed and exited go on as
-# they were; anything else starts. Nothing else is ever restored.
-TRANSITIONS[(STOPPED, EV_RESTORE)] = ((BACKOFF, FAILED, EXITED) + _STARTED, "restore")
-TRANSITIONS.update({(phase, EV_RESTORE): ((phase,), IGNORE) for phase in PUBLIC_STATE if phase != STOPPED})
-# Adoption happens only to a Service just made (STOPPED): an EV_ADOPT in any
-# other phase is a bug, refused by handle() like any pair not in the table.
+# Adoption happens only to a Service just made (STOPPED) and a restore to one
+# a daemon start made: either in any other phase is a bug, refused by
+# handle() like any pair not in the table, and so is an internal event the
+# table does not name.
 
 
 class ServiceHost:
@@ -8061,7 +8042,8 @@ class Service:
         self.exit_wait = None           # ... (the main process's exit_info,) while it waits
         self.watchdog_usec = None       # WATCHDOG_USEC= the service asked for instead
         self.stop_timed_out = False     # the current stop needed SIGKILL
-        self.end = None                 # (why, failed, result) of a run that ended, for "policy"
+        self.end = None                 # (why, failed) of a run that ended: what Restart= decides on
+        self.stopping_spec = None       # the UnitSpec of the version a stop under way stops (its KillSignal=)
         self.result = "success"         # systemd's $SERVICE_RESULT of this run
         self.status_text = None         # the last STATUS= of sd_notify
         self.notified_ready = False     # READY=1 came in this run
@@ -8269,25 +8251,35 @@ class Service:
         An exception inside an action leaves no half-changed service: it is
         logged with its traceback, what is left of the process is killed and
         the service is FAILED, so supervision never disagrees with reality."""
-        entry = TRANSITIONS.get((self.phase, event))
-        if entry is None:
+        if (self.phase, event) not in TRANSITIONS:
             self.host.log.error(self.name, "Refused event %r in phase %r: not in the state table" % (event, self.phase))
             return False
-        allowed, action = entry
-        if action == IGNORE:
-            return True
+        start, action = (self.phase, self.reason), None
         try:
-            phase, reason = getattr(self, "_" + action)(**facts)
-            if phase not in allowed:
-                raise RuntimeError("%s led to %r, which the table does not allow (%s)" % (
-                    action, phase, ", ".join(allowed)))
+            while True:                   # the event, then the events its actions name (EV_NEXT, ...)
+                entry = TRANSITIONS.get((self.phase, event))
+                if entry is None:
+                    raise RuntimeError("%s named %r, which phase %r does not take" % (action, event, self.phase))
+                allowed, action = entry
+                if action == IGNORE:
+                    break
+                outcome = getattr(self, "_" + action)(**facts)
+                if outcome[0] not in allowed:
+                    raise RuntimeError("%s led to %r, which the table does not allow (%s)" % (
+                        action, outcome[0], ", ".join(allowed)))
+                self.phase, self.reason = outcome[0], outcome[1]
+                if len(outcome) < 3:
+                    break
+                event, facts = outcome[2], {}
         except Exception as exc:
             import traceback
             self.host.log.error(self.name, "Internal error in %s on %s: %s" % (
                 action, event, traceback.format_exc().strip().replace("\n", " | ")))
+            self.phase, self.reason = start
             self._fail_safe("internal error in %s: %s" % (action, exc))
             return False
-        self._enter(phase, reason)
+        end, (self.phase, self.reason) = (self.phase, self.reason), start
+        self._enter(*end)                 # users see where the event ended
         return True
 
     def _enter(self, phase, reason):
@@ -8359,7 +8351,7 @@ class Service:
                 pass
         self._enter(FAILED, why)
 
-    # -- actions: starting; each returns (phase, reason) ----------------------------
+    # -- actions: starting; each returns (phase, reason[, the event that follows at once]) --
 
     def _begin_start(self, reason=None):
         """Dependencies, then the start limit (AutoRollback= may step in), then
@@ -8373,6 +8365,11 @@ class Service:
         if verdict == "failed":
             self.host.log.warning(self.name, "Not started: %s" % why)
             return STOPPED, why            # -> stopped: a dependency failed (want stays up)
+        return CONDITION, self.reason, EV_CHECK    # -> condition: its checks first (the last reason kept for them)
+
+    def _check_start(self):
+        """Condition*= and Assert*=, then the start limit (AutoRollback= may
+        step in), then the ExecCondition= commands."""
         spec = self.spec
         failed = self.host.failed_condition(self) if spec.conditions else None
         if failed is not None:            # skipped, not failed: as systemd (an Assert*= fails it)
@@ -8392,7 +8389,7 @@ class Service:
                 self.host.log.warning(self.name, "Start limit hit: %s; giving up until 'start %s'" % (
                     why[len("start limit hit "):], self.name))
                 return FAILED, why               # -> failed: start limit hit, no older version to roll back to
-            return self._begin_start()    # the old version: its own dependencies (limits are reset)
+            return STOPPED, self.reason, EV_START    # -> stopped, started at once: the old version (limits reset)
         if spec.start_limit_interval > 0:
             self.start_times.append(now)
         self.generation += 1
@@ -8401,7 +8398,8 @@ class Service:
         self.exit_wait = None
         self.main_exit = None
         self.watchdog_usec = None
-        return self._run_step("exec_condition")
+        self.queue = list(spec.exec_condition)
+        return CONDITION, None, EV_NEXT      # (stays: its ExecCondition= commands)
 
     def _roll_back(self, why):
         """AutoRollback=: the host puts the previous version back, if there is one."""
@@ -8410,26 +8408,16 @@ class Service:
         self._reset_limits()
         return True
 
-    def _run_step(self, kind, after=None):
-        """Run the commands of one control step (a UnitSpec field) in turn;
-        with none, what follows the step. (`after`: the family of a stop's
-        steps, STOP_STEPS.)"""
-        self.queue = list(getattr(self.spec, kind))
-        return self._next_control(kind, after)
-
-    def _step_phase(self, kind, after):
-        """The phase a control step runs in (ExecStop=/ExecStopPost=: its family's)."""
-        if kind in ("exec_stop", "exec_stop_post"):
-            return STOP_STEPS[after][0 if kind == "exec_stop" else 2]
-        return CONTROL_PHASE[kind]
-
     def _stop_family(self):
         """What follows the stop under way ("stop", "restart", "policy"): its phase says."""
         return STOP_FAMILY[self.phase]
 
-    def _next_control(self, kind, after=None):
-        """Spawn the next command of the step; a '-' command that cannot even
-        start is skipped (systemd), any other spawn failure is exit 203/EXEC."""
+    def _next_command(self):
+        """The next command of the step this phase runs (STEP_OF); with none
+        left, EV_DONE. A '-' command that cannot even start is skipped
+        (systemd); any other spawn failure is that command's failure (exit
+        203/EXEC)."""
+        kind = STEP_OF[self.phase]
         while self.queue:
             command = self.queue.pop(0)
             try:
@@ -8440,18 +8428,15 @@ class Service:
                     self.host.log.warning(self.name, "Ignoring failed %s: %s" % (CONTROL_KEYS[kind], exc))
                     continue
                 self.control_command, self.control_kind = command, kind
-                return self._control_ended(kind, {"code": spawn_exit_code(str(exc))}, "spawn failed: %s" % exc, after)
+                return self._control_ended(kind, {"code": spawn_exit_code(str(exc))}, "spawn failed: %s" % exc)
             self.control_pid, self.control_command, self.control_kind = pid, command, kind
             self.host.log.debug(self.name, "Running %s (pid %d): %s" % (CONTROL_KEYS[kind], pid, command))
-            if kind in ("exec_condition", "exec_start_pre", "exec_start_post", "exec_start", "exec_reload"):
-                self._arm_start_timer()
-            elif kind in ("exec_stop", "exec_stop_post"):
+            if kind in ("exec_stop", "exec_stop_post"):
                 self._arm_stop_timer()
-            return self._step_phase(kind, after), self._step_reason(kind)
-        return self._step_done(kind, after)
-
-    def _step_reason(self, kind):
-        return self.reason if kind in ("exec_stop", "exec_stop_post", "exec_reload") else None
+            else:
+                self._arm_start_timer()
+            return self.phase, self.reason                  # (stays: its exit is awaited)
+        return self.phase, self.reason, EV_DONE             # (the step is done: the next one)
 
     def _control_environment(self, kind):
         env = {}
@@ -8467,25 +8452,9 @@ class Service:
                     env["EXIT_CODE"], env["EXIT_STATUS"] = "exited", str(exit_info["code"])
         return env
 
-    def _step_done(self, kind, after=None):
-        """A step's commands all ran (or it had none): the next step."""
-        if kind == "exec_condition":
-            return self._run_step("exec_start_pre")
-        if kind == "exec_start_pre":
-            return self._start_main()
-        if kind == "exec_start_post":
-            return self._started()
-        if kind == "exec_reload":
-            return self._reload_finished(None)
-        if kind == "exec_stop":
-            return self._signal_leftovers(after)
-        if kind == "exec_start":          # forking: its ExecStart= could not even start ('-')
-            return self._find_main_pid()
-        return self._end_stop(after)      # exec_stop_post
-
-    def _control_ended(self, kind, exit_info, described, after=None):
+    def _control_ended(self, kind, exit_info, described):
         """The control process of `kind` is over (or could not start): the
-        next command, or what its failure means."""
+        next command (EV_NEXT), or what its failure means."""
         command = self.control_command
         self.control_pid = self.control_command = self.control_kind = None
         self._cancel(("start_timer",) if kind != "exec_stop" else ())
@@ -8494,7 +8463,7 @@ class Service:
         if ok:
             if command is not None and exit_info != {"code": 0}:
                 self.host.log.info(self.name, "%s failed (%s), ignored ('-')" % (key, described))
-            return self._next_control(kind, after)
+            return self.phase, self.reason, EV_NEXT
         if kind == "exec_condition" and condition_skips(exit_info):
             self.host.log.info(self.name, "Not started: condition failed (%s %s)" % (key, described))
             self.host.released(self)
@@ -8509,31 +8478,28 @@ class Service:
             return self._reload_finished("%s failed (%s)" % (key, described))
         self.host.log.warning(self.name, "%s failed (%s)" % (key, described))
         self.queue = []                   # systemd runs no more commands of a step after a failure
-        return self._step_done(kind, after)
+        return self.phase, self.reason, EV_DONE
 
     def _control_exited(self, exit_info):
         kind = self.control_kind
         if kind is None:                  # not one of ours (a stale callback): nothing to do
             return self.phase, self.reason
-        return self._control_ended(kind, exit_info, self.host.describe_exit(self, exit_info),
-                                   STOP_FAMILY.get(self.phase))
+        return self._control_ended(kind, exit_info, self.host.describe_exit(self, exit_info))
 
-    _condition_exited = _pre_exited = _post_exited = _reload_exited = _control_exited
-    _stop_command_exited = _stop_post_exited = _control_exited
+    def _pre_step(self):
+        self.queue = list(self.spec.exec_start_pre)
+        return START_PRE, None, EV_NEXT                 # condition -> start-pre: its ExecStartPre= commands
 
     def _start_main(self):
-        """ExecStart=: the main process (simple, exec, notify; each of a
-        oneshot's in turn), or for forking the process that forks it."""
-        spec = self.spec
-        if spec.type == "forking":
-            return self._run_step("exec_start")
-        if spec.type == "oneshot":
-            self.queue = list(spec.exec_start)
-            if not self.queue:
-                return self._step_done("exec_start_post") if not spec.exec_start_post else self._run_step("exec_start_post")
-        else:
-            self.queue = list(spec.exec_start)
-        return self._spawn_main()
+        """ExecStart=: for forking the process that forks the main one (a
+        control process), for a oneshot each command in turn, else the main
+        process (simple, exec, notify)."""
+        self.queue = list(self.spec.exec_start)
+        if self.spec.type == "forking":
+            return FORKING, None, EV_NEXT               # start-pre -> start-forking
+        if self.spec.type == "oneshot":
+            return ONESHOT, None, EV_NEXT               # start-pre -> start-oneshot
+        return SPAWNED, None, EV_NEXT                   # start-pre -> spawned: the main process is made
 
     def _spawn_main(self):
         # A simple/exec main process is not waited for in the loop: ready
@@ -8541,6 +8507,8 @@ class Service:
         # children's work. Notify, forking and oneshot wait for more anyway.
         spec = self.spec
         while True:
+            if not self.queue:
+                return self.phase, self.reason, EV_DONE     # a oneshot's commands all ran
             command = self.queue.pop(0)
             self.current = command
             overlapped = spec.type in ("simple", "exec")
@@ -8565,10 +8533,10 @@ class Service:
             if spec.type == "oneshot":
                 return ONESHOT, None                    # (its next command, or the start is done, at its exit)
             return NOTIFY_WAIT, "waiting for READY=1"   # (READY=1, or the start failed)
+        self.exec_error = None
         if not confirmed:
-            self.exec_error = None
-            return SPAWNED, None                        # -> spawned: running once its exec is confirmed
-        return self._main_running()
+            return SPAWNED, None                        # (stays: running once its exec is confirmed)
+        return SPAWNED, None, EV_EXEC                   # (its exec is known to have worked)
 
     def _exec_done(self, error=None):
         if error:
@@ -8577,28 +8545,34 @@ class Service:
         return self._main_running()
 
     def _main_running(self):
-        """The main process runs (exec'd, READY=1, or forked and found):
-        ExecStartPost=, then ready."""
-        if self.spec.exec_start_post:
-            return self._run_step("exec_start_post")
-        return self._started()
+        """The main process runs (exec'd, READY=1, or forked and found), or a
+        oneshot's commands all ran: its ExecStartPost= commands, then ready."""
+        self.queue = list(self.spec.exec_start_post)
+        return START_POST, None, EV_NEXT                # -> start-post
 
     def _started(self):
-        """Everything of the start ran: ready, or (a health check) waiting for it."""
+        """Everything of the start ran: ready, or (a health check) waiting for
+        it; a oneshot is done (EV_FINISHED)."""
         self._cancel(("start_timer",))
         self._arm_watchdog()
         if self.spec.type == "oneshot":
-            if self.spec.remain_after_exit:
-                self.host.log.info(self.name, "Finished; remains active (RemainAfterExit=yes)")
-                return REMAIN, None                     # -> remain: a oneshot done, RemainAfterExit=yes
-            return self._finish_run(self.last_exit, {"code": 0}, "oneshot %s" % describe_exit(self.last_exit or {"code": 0}),
-                                    failed=False)
+            return START_POST, self.reason, EV_FINISHED
         if self.spec.health_check_url and self.probe is None:
             self.host.log.info(self.name, "Started (pid %d), waiting for its health check" % self.pid)
             self.probe = self.host.open_probe(self, self._on_verdict)
             return HEALTH_WAIT, "waiting for the health check"     # -> start-health: ready, not yet healthy
         self.host.log.info(self.name, "Started (pid %d)" % self.pid)
         return RUNNING, None                            # -> running: its start is complete
+
+    def _oneshot_finished(self):
+        """A oneshot's start is complete: it remains active (RemainAfterExit=),
+        or its run ends here, as a success (Restart= decides)."""
+        if self.spec.remain_after_exit:
+            self.host.log.info(self.name, "Finished; remains active (RemainAfterExit=yes)")
+            return REMAIN, None                         # start-post -> remain
+        self.end = ("oneshot %s" % describe_exit(self.last_exit or {"code": 0}), False)
+        self.main_exit = {"code": 0}      # its run counts as a success, a '-' command's failure too
+        return END_POST, self.reason, EV_DONE           # start-post -> end-post: no ExecStopPost=, the end
 
     def _notified_ready(self):
         self.notified_ready = True
@@ -8616,7 +8590,7 @@ class Service:
             return self._control_ended(kind, exit_info, self.host.describe_exit(self, exit_info))
         self.forked_group = self.control_pid   # what its children left in its process group
         self.control_pid = self.control_command = self.control_kind = None
-        return self._find_main_pid()
+        return FORKING, self.reason, EV_PID_FILE       # (stays: its main pid is looked for now)
 
     def _find_main_pid(self):
         self.timer = None
@@ -8721,12 +8695,6 @@ class Service:
             self.crash_streak = 0
         succeeded = run_succeeded(self.spec.type, exit_info, self.spec.success_exit_status,
                                   command is not None and command.ignore_failure)
-        if phase == ONESHOT:
-            if not succeeded:
-                return self._start_failed("oneshot " + described, result=_result_of(exit_info))
-            if self.queue:
-                return self._spawn_main()  # the next ExecStart= of the oneshot
-            return self._main_running()
         if phase == NOTIFY_WAIT and not self.notified_ready:
             self.result = "protocol" if succeeded else _result_of(exit_info)
             return self._begin_stop_sequence("policy", "exited before READY=1 (%s)" % described, failed=True,
@@ -8745,6 +8713,19 @@ class Service:
             self.result = "oom-kill"
         return self._begin_stop_sequence("policy", described, failed=oom or (self.spec.type == "oneshot" and not succeeded),
                                          run_exec_stop=exec_stop_runs(phase))
+
+    def _oneshot_exited(self, exit_info):
+        """A oneshot's command ended: the next one (EV_NEXT), or a failed start."""
+        ran_for = self.host.now() - (self.started_at or self.host.now())
+        command = self.current
+        described = self._main_gone(exit_info)
+        self.current = None
+        if ran_for >= BACKOFF_RESET_UPTIME:
+            self.crash_streak = 0
+        if not run_succeeded("oneshot", exit_info, self.spec.success_exit_status,
+                             command is not None and command.ignore_failure):
+            return self._start_failed("oneshot " + described, result=_result_of(exit_info))
+        return ONESHOT, self.reason, EV_NEXT            # (stays: its next command)
 
     def _wait_cgroup_empty(self):
         """ExitType=cgroup: look again shortly whether the cgroup emptied (also
@@ -8807,29 +8788,30 @@ class Service:
         decides on the run that ended, why and failed telling how)."""
         self._cancel_timers()
         self._close_probe()
+        self.stopping_spec = self.spec
         self.end = (why, failed)
         self.reason = why
         self.stop_timed_out = False
         if run_exec_stop is None:
             run_exec_stop = exec_stop_runs(self.phase)
         if self.control_pid is not None:          # a start-pre/post, reload: it ends with the rest
-            self.queue = []
             run_exec_stop = False
-        if run_exec_stop and self.spec.exec_stop:
-            return self._run_step("exec_stop", after)
-        return self._signal_leftovers(after)
+        self.queue = list(self.spec.exec_stop) if run_exec_stop else []
+        return STOP_STEPS[after][0], why, EV_NEXT       # -> its family's ExecStop= step (perhaps empty)
 
-    def _signal_leftovers(self, after):
+    def _signal_leftovers(self):
         """KillSignal= to the main and control process (and, as KillMode=
         says, the rest; SIGKILL after TimeoutStopSec=), then ExecStopPost=.
         With ExitType=cgroup the processes left in the cgroup count."""
+        after = self._stop_family()
         if not self.has_process() and self.exit_wait is None:
-            return self._run_stop_post(after)
+            return self._run_stop_post()
         if self.exit_wait is not None:
             self._wait_cgroup_empty()     # its end ends the stop
-        number = self.spec.kill_signal
-        if after == "restart" and self.spec.restart_kill_signal is not None:
-            number = self.spec.restart_kill_signal        # RestartKillSignal=, as systemd for a restart job
+        stopped = self.stopping_spec or self.spec      # the version being stopped (AutoRollback= may have swapped it)
+        number = stopped.kill_signal
+        if after == "restart" and stopped.restart_kill_signal is not None:
+            number = stopped.restart_kill_signal          # RestartKillSignal=, as systemd for a restart job
         self.host.log.info(self.name, "Stopping (%s, %s)" % (
             "pid %d" % self.pid if self.pid else "what is left", signal_name(number)))
         self.reap_pending = True
@@ -8837,19 +8819,21 @@ class Service:
         if self.spec.send_sighup and number != signal.SIGHUP:
             self.host.signal(self, signal.SIGHUP)
         self._arm_stop_timer()
-        return STOP_STEPS[after][1], self.reason
+        return STOP_STEPS[after][1], self.reason        # -> stopping (of its family)
 
-    def _run_stop_post(self, after):
+    def _run_stop_post(self):
         """Main and control process are gone: the rest of the service goes
         (as KillMode= says), then ExecStopPost= runs."""
         self._cancel(("timer",))
         if self.reap_pending:             # else the main process's exit already ended the rest
             self.reap_pending = False
             self.host.reap_leftovers(self, None, own_child=False)
-        return self._run_step("exec_stop_post", after)
+        self.queue = list(self.spec.exec_stop_post)
+        return STOP_STEPS[self._stop_family()][2], self.reason, EV_NEXT    # -> its ExecStopPost= step
 
-    def _end_stop(self, after):
+    def _end_stop(self):
         """Nothing of the service is left: what follows a stop of its family."""
+        after = self._stop_family()
         self._cancel_timers()
         self.queue = []
         self.host.released(self)
@@ -8861,28 +8845,27 @@ class Service:
                                                           ", after SIGKILL" if self.stop_timed_out else ""))
         if after == "restart" and self.want == "up" and not self.host.shutting_down:
             self.host.log.info(self.name, "Restarting (requested)")
-            return self._begin_start()
+            return STOPPED, self.reason, EV_START        # restart-post -> stopped, and started at once
         return STOPPED, self.reason or "stopped by user"   # stop-post -> stopped (or a restart that may not start)
 
     def _main_gone_while_stopping(self, exit_info):
         described = self._main_gone(exit_info)
         self.host.log.debug(self.name, "Main process ended while stopping (%s)" % described)
-        after = self._stop_family()
-        if self.phase == STOP_STEPS[after][1] and self.control_pid is None:
-            return self._run_stop_post(after)
+        if self.phase == STOP_STEPS[self._stop_family()][1] and self.control_pid is None:
+            return self._run_stop_post()
         return self.phase, self.reason
 
     def _control_gone_while_stopping(self, exit_info):
         self.control_pid = self.control_command = self.control_kind = None
         if self.pid is None:
-            return self._run_stop_post(self._stop_family())
+            return self._run_stop_post()
         return self.phase, self.reason
 
     def _stop_command_timed_out(self):
         self.timer = None
         self.host.log.warning(self.name, "ExecStop= did not finish within %s" % format_timespan(self.spec.timeout_stop_sec))
         self.queue = []
-        return self._signal_leftovers(self._stop_family())
+        return self.phase, self.reason, EV_DONE         # (KillSignal= to it too, then)
 
     def _stop_post_timed_out(self):
         self.timer = None
@@ -8890,7 +8873,7 @@ class Service:
         if self.stop_timed_out:
             self.host.log.error(self.name, "ExecStopPost= still there after SIGKILL: given up on")
             self._forget_processes()
-            return self._end_stop(self._stop_family())
+            return self.phase, self.reason, EV_DONE
         if not self.spec.send_sigkill:
             return self._leave_running("ExecStopPost=")
         self.host.log.warning(self.name, "ExecStopPost= did not finish within %s; sending %s" % (
@@ -8909,8 +8892,7 @@ class Service:
             self.result = "timeout"
         self.reap_pending = False
         self._forget_processes()
-        after = self._stop_family()
-        return self._run_stop_post(after) if what != "ExecStopPost=" else self._end_stop(after)
+        return self._run_stop_post() if what != "ExecStopPost=" else (self.phase, self.reason, EV_DONE)
 
     def _restart_after_stop(self, reason=None):
         """A start or restart while it stops (or its run ends): it starts again after, at the same step."""
@@ -8929,7 +8911,7 @@ class Service:
             self.host.log.error(self.name, "Processes still there %s after SIGKILL: given up on" % (
                 format_timespan(self.spec.timeout_stop_sec)))
             self._forget_processes()
-            return self._run_stop_post(self._stop_family())
+            return self._run_stop_post()
         if not self.spec.send_sigkill:
             return self._leave_running("Processes")
         self.host.log.warning(self.name, "Did not stop within %s; sending %s" % (
@@ -8965,13 +8947,13 @@ class Service:
         probe = self.probe
         why = "health check failed %d times: %s" % (probe.failures, probe.last_error) if probe else "health check failed"
         never_healthy = self.phase == HEALTH_WAIT
-        phase, _ = self._begin_stop_sequence("restart", why)     # with the failing version's KillSignal= etc.
+        phase, _, follow = self._begin_stop_sequence("restart", why)   # with the failing version's KillSignal= etc.
         if never_healthy and self._roll_back("never became healthy: " + why):
-            return phase, "rolling back: never became healthy: " + why
+            return phase, "rolling back: never became healthy: " + why, follow
         self.restarts += 1
         self.restarts_total += 1
         self.host.log.warning(self.name, "Restarting: %s" % why)
-        return phase, why
+        return phase, why, follow
 
     def _watchdog_expired(self):
         self.watchdog_timer = None
@@ -8992,7 +8974,8 @@ class Service:
         self.reload_error = None
         self.reload_from = self.phase
         if self.spec.exec_reload:
-            return self._run_step("exec_reload")
+            self.queue = list(self.spec.exec_reload)
+            return RELOAD, self.reason, EV_NEXT         # -> reload: its ExecReload= commands
         if self.spec.type == "notify-reload" and self.pid:
             self.host.log.info(self.name, "Reloading (%s)" % signal_name(self.spec.reload_signal))
             self.notified_ready = False
@@ -9020,6 +9003,9 @@ class Service:
             self.control_serial += 1      # its exit is reaped and ignored
             self.control_pid = self.control_command = self.control_kind = None
         return self._reload_finished("timed out after %s" % format_timespan(self.spec.start_timeout()))
+
+    def _reload_done(self):
+        return self._reload_finished(None)
 
     def _reload_finished(self, error):
         self._cancel(("start_timer",))
@@ -9153,11 +9139,11 @@ class Service:
                 self.exit_wait = (self.last_exit,)
                 self._wait_cgroup_empty()
                 return RUNNING, reason                  # stopped -> running: until its cgroup empties
-            return self._begin_start()
+            return STOPPED, reason, EV_START
         if phase in (FAILED, EXITED):
             self.succeeded = phase == EXITED and exit_is_clean(self.last_exit, self.spec.success_exit_status)
             return phase, reason                        # stopped -> failed/exited: as it was
-        return self._begin_start()
+        return STOPPED, reason, EV_START                # (stays stopped, and starts anew at once)
 
     def _close_probe(self):
         if self.probe is not None:
@@ -9189,10 +9175,7 @@ class Service:
             self.connection = None
 
 
-# The phase each control step runs in, and the key users know it by.
-CONTROL_PHASE = {"exec_condition": CONDITION, "exec_start_pre": START_PRE, "exec_start": FORKING,
-                 "exec_start_post": START_POST, "exec_reload": RELOAD, "exec_stop": STOP_COMMAND,
-                 "exec_stop_post": STOP_POST}
+# The key users know each control step by.
 CONTROL_KEYS = {"exec_condition": "ExecCondition", "exec_start_pre": "ExecStartPre", "exec_start": "ExecStart",
                 "exec_start_post": "ExecStartPost", "exec_reload": "ExecReload", "exec_stop": "ExecStop",
                 "exec_stop_post": "ExecStopPost"}
