@@ -7604,10 +7604,15 @@ def spawn_exit_code(message):
 # StopPost= command or a forking ExecStart=, EXEC), from sd_notify (READY,
 # RELOADING, STOPPING), the health check (HEALTHY, UNHEALTHY) and timers
 # (RESTART_DUE, START_TIMEOUT, STOP_TIMEOUT, WATCHDOG, PID_FILE).
-# TRANSITIONS maps (phase, event) to (the phases it may lead to, the action):
-# every pair is written out, "nothing happens" (IGNORE) included, so the
-# table is the documentation. A pair that is not in it is a bug: handle()
-# logs and refuses it.
+# TRANSITIONS maps (phase, event) to (the one to three phases its action can
+# lead to, the action): every pair is written out, "nothing happens" (IGNORE)
+# included, so the table is the documentation. A pair that is not in it is a
+# bug: handle() logs and refuses it. An action that ends one step of a start
+# or a stop names the event that goes on at once in the phase it chose
+# (EV_CHECK, EV_NEXT, EV_DONE, EV_FINISHED): handle() runs those in turn, so
+# an event is read cell by cell, and users see only where its last one ends.
+# Two cells lead to more phases: a daemon start's adoption and restore, whose
+# outcome is the phase the unit was found in.
 #
 # A service has at most one main process (`pid`) and one control process
 # (`control_pid`), as in systemd. A stop runs ExecStop=, then KillSignal= to
@@ -7637,6 +7642,7 @@ START_POST = "start-post"        # starting: the main process is ready, an ExecS
 RELOAD = "reload"                # reloading: ExecReload= runs, or a notify unit said RELOADING=1
 REMAIN = "remain"                # running: RemainAfterExit=yes, its process exited successfully
 STOP_COMMAND = "stop-command"    # stopping: an ExecStop= command runs
+# STOPPING, "stopping" (the state's name too): KillSignal= sent, SIGKILL after TimeoutStopSec=
 STOP_POST = "stop-post"          # stopping: an ExecStopPost= command runs
 RESTART_COMMAND = "restart-command"     # stopping to start again: an ExecStop= command runs
 RESTART_STOPPING = "restart-stopping"   # stopping to start again: KillSignal= (RestartKillSignal=) sent
@@ -8097,58 +8103,6 @@ class Service:
         if self.probe:
             return self.probe.status, self.probe.last_error
         return self.health_note if self.health_note and self.phase != RUNNING else (None, None)
-
-    def snapshot(self, detail=False):
-        now = time.time()
-        running = self.state in ACTIVE_STATES and self.pid
-        data = {
-            "name": self.name, "state": self.state, "pid": self.pid if running else None,
-            "since": self.since, "uptime": (now - self.main_started_wall) if running and self.main_started_wall else None,
-            "restarts": self.restarts, "last_exit": self.last_exit, "health": self.health()[0],
-            "health_error": self.health()[1],
-            "memory": process_rss(self.pid) if running else None,
-            "commit": self.commit, "reason": self.reason, "want": self.want,
-            "rolled_back": self.versions.rolled_back, "status_text": self.status_text,
-        }
-        if detail:
-            data.update(description=self.spec.description, path=self.spec.path,
-                        cpu_seconds=process_cpu_seconds(self.pid) if running else None,
-                        type=self.spec.type, restart=self.spec.restart, adopted=self.adopted,
-                        limits=self._limits(), phase=self._phase_text(), spawn=self.resources.spawn_path,
-                        control_pid=self.control_pid, sources=list(self.spec.sources),
-                        control=str(self.control_command) if self.control_command else None,
-                        folder={"path": self.spec.owned.path, "tree": self.spec.tree, "files": self.spec.owned.count,
-                                "bytes": self.spec.owned.size} if self.spec.owned else None,
-                        warnings=list(self.resources.warnings), seccomp=seccomp_summary(self.spec),
-                        not_applied=[{"key": key, "value": value, "why": not_applied_reason(key, value)}
-                                     for key, value in self.spec.not_applied] +
-                        [{"key": key, "value": "", "why": why} for key, why in sandbox_not_applied(self.spec)])
-        return data
-
-    def _phase_text(self):
-        return PHASE_TEXT.get(self.phase)
-
-    def _limits(self):
-        if self.resources.cgroup is not None and self.has_process():
-            return self.resources.cgroup.limits
-        return [{"key": key, "value": value, "applied": False, "why": "applied when it runs"}
-                for _, key, value in resource_limits(self.spec)]
-
-    def persistent(self):
-        """What state.json keeps of this service."""
-        active = self.state in ACTIVE_STATES
-        to_wall = time.time() - self.host.now()
-        return {"want": self.want, "pid": self.pid if active else None,
-                "pid_start": self.pid_start if active else None,
-                "restarts": self.restarts, "restarts_total": self.restarts_total, "last_exit": self.last_exit,
-                "state": self.state, "phase": self.phase, "reason": self.reason, "commit": self.commit,
-                "blob": self.spec.blob, "meaning": self.spec.meaning(), "started_wall": self.main_started_wall,
-                "tree": self.resources.linked_tree if active else None, "started_tree": self.resources.running_tree if active else None,
-                "previous_tree": self.versions.previous_tree, "rejected": self.versions.rejected, "rolled_back": self.versions.rolled_back,
-                # monotonic times as wall-clock ones, for the next daemon (SPEC §6)
-                "crash_streak": self.crash_streak, "start_times": [round(t + to_wall, 3) for t in self.start_times],
-                "restart_due": round(self.restart_due + to_wall, 3) if self.phase == BACKOFF and self.restart_due
-                else None, "exit_wait": self.exit_wait is not None}
 
     # -- requests: the writers of `want` ------------------------------------------
 
@@ -9186,6 +9140,61 @@ def _result_of(exit_info):
     if exit_info is None:
         return "exit-code"
     return "signal" if "signal" in exit_info else "exit-code"
+
+
+# ---- rendering a Service: for status, for the state file -----------------------------
+
+def service_status(service, detail=False):
+    """What `status` shows of a Service (with `detail`: of one unit asked for by name)."""
+    now = time.time()
+    running = service.state in ACTIVE_STATES and service.pid
+    data = {
+        "name": service.name, "state": service.state, "pid": service.pid if running else None,
+        "since": service.since, "uptime": (now - service.main_started_wall) if running and service.main_started_wall else None,
+        "restarts": service.restarts, "last_exit": service.last_exit, "health": service.health()[0],
+        "health_error": service.health()[1],
+        "memory": process_rss(service.pid) if running else None,
+        "commit": service.commit, "reason": service.reason, "want": service.want,
+        "rolled_back": service.versions.rolled_back, "status_text": service.status_text,
+    }
+    if detail:
+        data.update(description=service.spec.description, path=service.spec.path,
+                    cpu_seconds=process_cpu_seconds(service.pid) if running else None,
+                    type=service.spec.type, restart=service.spec.restart, adopted=service.adopted,
+                    limits=_service_limits(service), phase=PHASE_TEXT.get(service.phase), spawn=service.resources.spawn_path,
+                    control_pid=service.control_pid, sources=list(service.spec.sources),
+                    control=str(service.control_command) if service.control_command else None,
+                    folder={"path": service.spec.owned.path, "tree": service.spec.tree, "files": service.spec.owned.count,
+                            "bytes": service.spec.owned.size} if service.spec.owned else None,
+                    warnings=list(service.resources.warnings), seccomp=seccomp_summary(service.spec),
+                    not_applied=[{"key": key, "value": value, "why": not_applied_reason(key, value)}
+                                 for key, value in service.spec.not_applied] +
+                    [{"key": key, "value": "", "why": why} for key, why in sandbox_not_applied(service.spec)])
+    return data
+
+
+def _service_limits(service):
+    if service.resources.cgroup is not None and service.has_process():
+        return service.resources.cgroup.limits
+    return [{"key": key, "value": value, "applied": False, "why": "applied when it runs"}
+            for _, key, value in resource_limits(service.spec)]
+
+
+def service_record(service):
+    """What state.json keeps of a Service (Service.take_saved reads it back)."""
+    active = service.state in ACTIVE_STATES
+    to_wall = time.time() - service.host.now()
+    return {"want": service.want, "pid": service.pid if active else None,
+            "pid_start": service.pid_start if active else None,
+            "restarts": service.restarts, "restarts_total": service.restarts_total, "last_exit": service.last_exit,
+            "state": service.state, "phase": service.phase, "reason": service.reason, "commit": service.commit,
+            "blob": service.spec.blob, "meaning": service.spec.meaning(), "started_wall": service.main_started_wall,
+            "tree": service.resources.linked_tree if active else None, "started_tree": service.resources.running_tree if active else None,
+            "previous_tree": service.versions.previous_tree, "rejected": service.versions.rejected, "rolled_back": service.versions.rolled_back,
+            # monotonic times as wall-clock ones, for the next daemon (SPEC §6)
+            "crash_streak": service.crash_streak, "start_times": [round(t + to_wall, 3) for t in service.start_times],
+            "restart_due": round(service.restart_due + to_wall, 3) if service.phase == BACKOFF and service.restart_due
+            else None, "exit_wait": service.exit_wait is not None}
 
 
 class ProcessResources:
@@ -14160,7 +14169,7 @@ class HttpRoutes:
     def _page_data(self, names=None):
         daemon = self.daemon
         result = self.daemon.handlers.status_result()
-        result["services"] = [daemon.services[n].snapshot(True) for n in (names or sorted(daemon.services))]
+        result["services"] = [service_status(daemon.services[n], True) for n in (names or sorted(daemon.services))]
         return result
 
     def _http_page(self, request):
@@ -14174,7 +14183,7 @@ class HttpRoutes:
             return 404, "text/html; charset=utf-8", _page("not found", "<main><h1>No unit %s</h1><p><a href=\"/\">"
                                                           "all units</a></p></main>" % __import__("html").escape(name),
                                                           refresh=False), page_headers()
-        snapshot = service.snapshot(True)
+        snapshot = service_status(service, True)
         if self.daemon.config.http_show_logs:
             snapshot["log_tail"] = tail_lines(self.daemon.config.service_log(service.log_name), 30)
         return 200, "text/html; charset=utf-8", unit_page(snapshot, self.daemon.info(), self.daemon.config.http_show_logs), \
@@ -14903,7 +14912,7 @@ class RequestHandlers:
         timers, sockets = self._activator_names(message)
         names = self._names(message, allow_empty=True)
         detail = bool(names) or bool(timers) or bool(sockets)
-        services = [daemon.services[n].snapshot(detail) for n in (names or (
+        services = [service_status(daemon.services[n], detail) for n in (names or (
             [] if timers or sockets else sorted(daemon.services)))]
         if detail:
             for entry in services:
@@ -15008,7 +15017,7 @@ class RequestHandlers:
                 service.restart()
         self.daemon.store.save_now()      # a user's intent is never left to the batch
         if message.get("block") is False:
-            return {"ok": True, "result": {"services": [services[n].snapshot() for n in names]}}
+            return {"ok": True, "result": {"services": [service_status(services[n]) for n in names]}}
 
         def settled(name):
             service = services.get(name)
@@ -15054,7 +15063,7 @@ class RequestHandlers:
             self.daemon.log.info(service.name, "Reloading: with %s (PropagatesReloadTo=)" % ", ".join(names))
             service.reload()
         if message.get("block") is False:
-            return {"ok": True, "result": {"services": [services[n].snapshot() for n in names]}}
+            return {"ok": True, "result": {"services": [service_status(services[n]) for n in names]}}
 
         def done(name):
             service = services.get(name)
@@ -15066,7 +15075,7 @@ class RequestHandlers:
             failed = ["%s: %s" % (n, services[n].reload_error) for n in names if n in services and services[n].reload_error]
             failed += ["%s is %s" % (n, services[n].state) for n in names
                        if n in services and services[n].state not in (RUNNING, RELOADING)]
-            snapshot = [services[n].snapshot() for n in names if n in services]
+            snapshot = [service_status(services[n]) for n in names if n in services]
             if failed:
                 return {"ok": False, "error": "reload failed: %s" % "; ".join(failed), "result": {"services": snapshot}}
             return {"ok": True, "result": {"services": snapshot}}
@@ -15086,7 +15095,7 @@ class RequestHandlers:
                 problems.append("%s is %s" % (name, service.state))
             elif action != "stop" and not service.is_ready() and not skipped_by_condition(service):
                 problems.append("%s is %s (%s)" % (name, service.state, service.reason or describe_exit(service.last_exit)))
-        snapshot = [services[n].snapshot() for n in names if n in services]
+        snapshot = [service_status(services[n]) for n in names if n in services]
         if problems:
             return {"ok": False, "error": "%s failed: %s" % (action, "; ".join(problems)), "result": {"services": snapshot}}
         return {"ok": True, "result": {"services": snapshot}}
@@ -15109,7 +15118,7 @@ class RequestHandlers:
 
         def check():
             if all(n in services and reached(services[n]) for n in names):
-                return {"ok": True, "result": {"services": [services[n].snapshot() for n in names]}}
+                return {"ok": True, "result": {"services": [service_status(services[n]) for n in names]}}
             lost = [(n, why) for n, why in ((n, self._cannot_come(services.get(n), target)) for n in names) if why]
             if lost:                      # no need to wait out the timeout for what cannot come
                 return {"ok": False, "error": "%s will not be %s: %s" % (
@@ -15534,7 +15543,7 @@ class Daemon:
     def _snapshot(self):
         """What state.json holds: units not deployed now keep their memory."""
         services = dict(self.recovery.saved_services)
-        services.update({name: service.persistent() for name, service in self.services.items()
+        services.update({name: service_record(service) for name, service in self.services.items()
                          if service.log_name == name})       # Accept=yes instances are not kept
         snapshot = {"version": STATE_VERSION, "boot_id": boot_id(), "services": services,
                     "timers": self.schedule.persistent(), "sockets": self.listeners.persistent()}
