@@ -10970,6 +10970,19 @@ class Snapshots:
         if not self.point(name, spec.tree):
             raise SpawnError("cannot link %s to its snapshot" % self.link(name))
 
+    def collect_unused(self, services):
+        """Remove the snapshots no Service of `services` ({name: Service})
+        runs, or keeps for AutoRollback= or rollback (the version before its
+        current one), and the links of units gone."""
+        keep = set()
+        for service in services.values():
+            keep.update((service.spec.tree, service.versions.previous_tree,
+                         service.versions.previous[0].tree if service.versions.previous else None,
+                         service.resources.running_tree if service.has_process() else None))
+        keep.discard(None)
+        adopted = {s.resources.running_tree for s in services.values() if s.adopted and s.has_process()}
+        return self.collect(keep, set(services), adopted)
+
     def collect(self, keep, names, adopted=()):
         """Remove the snapshots whose tree is not in `keep`, what a daemon that
         died while writing left, snapshots written again whose tree no
@@ -11111,6 +11124,42 @@ def plan_deploy(old_specs, new_specs, files=None):
     plan["removed"] = [name for name in old_specs if name not in new_specs]
     for key in ("added", "changed", "removed", "unchanged"):
         plan[key].sort()
+    return plan
+
+
+def plan_units(deployed, found, files=None, rejected=None):
+    """The pure deploy planner for services: plan_deploy(), then what
+    AutoRollback= decided. `rejected` ({name: (identity, note)}) names the
+    versions it took back: a unit whose new version is one of them stays on
+    the version it runs, unchanged, with the note as its drift, until a
+    commit changes it again. plan_deploy()'s dict, with 'drift': {name: note}."""
+    plan = plan_deploy(deployed, found, files)
+    plan["drift"] = {}
+    for name in list(plan["changed"]):
+        back = (rejected or {}).get(name)
+        if back is not None and found[name].identity() == back[0]:
+            plan["changed"].remove(name)
+            del plan["changes"][name]
+            plan["unchanged"].append(name)
+            plan["drift"][name] = back[1]
+    plan["unchanged"].sort()
+    return plan
+
+
+def plan_activators(deployed, found):
+    """The pure deploy planner for timers and sockets ({name: spec} deployed
+    and found): plan_deploy()'s lists, a unit changed when its identity did."""
+    plan = {"added": [], "changed": [], "removed": [], "unchanged": [], "changes": {}}
+    for name, spec in sorted(found.items()):
+        old = deployed.get(name)
+        if old is None:
+            plan["added"].append(name)
+        elif old.identity() != spec.identity():
+            plan["changed"].append(name)
+            plan["changes"][name] = spec.changed_keys(old)
+        else:
+            plan["unchanged"].append(name)
+    plan["removed"] = sorted(name for name in deployed if name not in found)
     return plan
 
 
@@ -11494,6 +11543,64 @@ class VersionRecord:
         self.removed = False            # gone from the deployed commit; dropped once stopped
 
 
+class DeployTarget:
+    """What to deploy: the branch (local mode), the branch fetched from the
+    remote (remote mode), or a commit a remote-mode rollback pinned until the
+    remote branch moves on. It keeps the pin and, once a pin is released,
+    the remote head the next deploy must descend from (rewind_base)."""
+
+    def __init__(self, config, log):
+        self.config, self.log = config, log
+        self.pin = None                   # remote-mode rollback: {"sha", "subject", "remote_at"}
+        self.rewind_base = None           # after a rollback pin: the remote head the next one must descend from
+
+    @property
+    def remote_mode(self):
+        return bool(self.config.remote)
+
+    def restore(self, pin):
+        if self.remote_mode and isinstance(pin, dict) and isinstance(pin.get("sha"), str):
+            self.pin = {"sha": pin["sha"], "subject": str(pin.get("subject", "")),
+                        "remote_at": pin.get("remote_at") if isinstance(pin.get("remote_at"), str) else None}
+
+    def rev(self):
+        """(the revision to deploy, how to name it)."""
+        if self.pin and not self._pin_outdated():
+            return self.pin["sha"], "pinned commit %s" % self.pin["sha"][:7]
+        if self.remote_mode:
+            return REMOTE_REF % self.config.branch, "%s/%s (fetched)" % (self.config.remote, self.config.branch)
+        return "refs/heads/" + self.config.branch, "branch %r" % self.config.branch
+
+    def pinned(self, commit):
+        """Whether `commit` is the one a rollback pinned (chosen by hand)."""
+        return bool(self.pin and self.pin["sha"] == commit.sha)
+
+    def pin_to(self, target):
+        """Remote mode: deploy `target` until the remote branch moves on."""
+        fetched = read_ref_file(git_common_dir(self.config.repo_path), REMOTE_REF % self.config.branch)
+        self.pin = {"sha": target.sha, "subject": target.subject, "remote_at": fetched}
+        self.log.info("daemon", "Rollback: pinned to %s until %s/%s moves on" % (
+            target.sha[:7], self.config.remote, self.config.branch))
+
+    def release(self, why=None):
+        """Drop the pin; the next deploy must descend from the remote head it had."""
+        if why:
+            self.log.info("daemon", why)
+        self.rewind_base, self.pin = self.pin.get("remote_at"), None
+
+    def release_outdated_pin(self):
+        if self._pin_outdated():
+            self.release("%s/%s moved on: releasing the rollback pin on %s" % (
+                self.config.remote, self.config.branch, self.pin["sha"][:7]))
+
+    def _pin_outdated(self):
+        """True when the remote branch moved on since the rollback pin was set."""
+        if not self.pin:
+            return False
+        fetched = read_ref_file(git_common_dir(self.config.repo_path), REMOTE_REF % self.config.branch)
+        return bool(fetched) and fetched != self.pin.get("remote_at")
+
+
 class Deployer:
     """Deploys: which revision is the target (the branch, the fetched branch,
     or a rollback pin), the plan for it (parse cache, invalid units kept at
@@ -11519,7 +11626,7 @@ class Deployer:
         self.last_sync = None             # {"time", "result", "error"?, "trigger"}
         self.history = History()
         self.applied = False              # a commit was applied by this daemon
-        self.pin = None                   # remote-mode rollback: {"sha", "subject", "remote_at"}
+        self.target = DeployTarget(config, log)   # the branch, the remote's, or a pinned commit
         self.deploy_count = 0             # deploys applied (the poll adapts to them)
         self.deploys_total = {}           # outcome -> deploys ever (a counter for metrics; persisted)
         self.parse_cache = {}             # (path, blob) -> parse_unit result
@@ -11536,12 +11643,15 @@ class Deployer:
         self.activated = {}               # name -> why a deploy leaves it stopped: something else starts it
         self.refusals_total = {}          # reason -> refusals ever (a counter for metrics; persisted)
         self.sync_asked = None            # `sync` asked for the next deploy: {"allow_rewind": bool}
-        self.rewind_base = None           # after a rollback pin: the remote head the next one must descend from
         self.fallback_tried = False       # a refused head at start: the last verified commit was tried
 
     @property
     def remote_mode(self):
-        return bool(self.config.remote)
+        return self.target.remote_mode
+
+    @property
+    def pin(self):
+        return self.target.pin
 
     def restore(self, state):
         self.history = History(state.get("history", []))
@@ -11552,10 +11662,7 @@ class Deployer:
             totals = state.get(key)
             if isinstance(totals, dict):
                 setattr(self, key, {k: v for k, v in totals.items() if isinstance(v, int) and not isinstance(v, bool)})
-        pin = state.get("pin")
-        if self.remote_mode and isinstance(pin, dict) and isinstance(pin.get("sha"), str):
-            self.pin = {"sha": pin["sha"], "subject": str(pin.get("subject", "")),
-                        "remote_at": pin.get("remote_at") if isinstance(pin.get("remote_at"), str) else None}
+        self.target.restore(state.get("pin"))
 
     def persistent(self):
         return {"deployed": self.deployed.to_json() if self.deployed else None,
@@ -11565,30 +11672,8 @@ class Deployer:
     def _count(self, outcome):
         self.deploys_total[outcome] = self.deploys_total.get(outcome, 0) + 1
 
-    # -- the target ------------------------------------------------------------------
-
-    def _pin_outdated(self):
-        """True when the remote branch moved on since the rollback pin was set."""
-        if not self.pin:
-            return False
-        fetched = read_ref_file(git_common_dir(self.config.repo_path), REMOTE_REF % self.config.branch)
-        return bool(fetched) and fetched != self.pin.get("remote_at")
-
     def release_outdated_pin(self):
-        if self._pin_outdated():
-            self.log.info("daemon", "%s/%s moved on: releasing the rollback pin on %s" % (
-                self.config.remote, self.config.branch, self.pin["sha"][:7]))
-            self.rewind_base, self.pin = self.pin.get("remote_at"), None
-
-    def _target_rev(self):
-        """What to deploy: the branch (local mode), the fetched branch (remote
-        mode), or the commit a remote-mode rollback pinned (until the remote
-        branch moves on)."""
-        if self.pin and not self._pin_outdated():
-            return self.pin["sha"], "pinned commit %s" % self.pin["sha"][:7]
-        if self.remote_mode:
-            return REMOTE_REF % self.config.branch, "%s/%s (fetched)" % (self.config.remote, self.config.branch)
-        return "refs/heads/" + self.config.branch, "branch %r" % self.config.branch
+        self.target.release_outdated_pin()
 
     def _read_units(self, sha):
         """The units of a commit (entries, problems); files parsed before are not read again."""
@@ -11607,7 +11692,7 @@ class Deployer:
         asked, self.sync_asked = self.sync_asked, None
         commit = None
         try:
-            rev, what = self._target_rev()
+            rev, what = self.target.rev()
             commit = git_commit_at(self.config.repo_path, rev, what)
             if self.applied and not force and self.deployed and commit.sha == self.deployed.sha:
                 self.last_sync = {"time": now, "result": "partial" if self.invalid_lines() else "ok",
@@ -11624,7 +11709,7 @@ class Deployer:
             self.record_error(trigger, message)
             return DeployPlan.failed(message)
         plan = self.apply(plan, trigger)
-        self.refused = self.rewind_base = None
+        self.refused = self.target.rewind_base = None
         self.last_sync = {"time": now, "result": "ok" if not plan.invalid else "partial", "trigger": trigger}
         return plan
 
@@ -11639,8 +11724,8 @@ class Deployer:
         refused = self.refused
         if refused and refused["sha"] == commit.sha and asked is None and trigger not in ("rollback", "daemon start"):
             raise Refusal(refused["reason"], refused["error"], commit.sha)
-        pinned = bool(self.pin and self.pin["sha"] == commit.sha)     # chosen by hand: its signature alone
-        base = None if pinned or not self.deployed else (self.rewind_base or self.deployed.sha)
+        pinned = self.target.pinned(commit)     # chosen by hand: its signature alone
+        base = None if pinned or not self.deployed else (self.target.rewind_base or self.deployed.sha)
         self.verifier.check(commit, base, bool(asked and asked.get("allow_rewind")))
 
     def _refuse(self, trigger, commit, refusal):
@@ -11703,11 +11788,11 @@ class Deployer:
     def diff(self):
         """What deploying the target now would do, changing nothing."""
         try:
-            rev, what = self._target_rev()
+            rev, what = self.target.rev()
             commit = git_commit_at(self.config.repo_path, rev, what)
             noop = bool(self.deployed and commit.sha == self.deployed.sha and self.applied)
             if not noop:
-                self.verifier.check(commit, None if not self.deployed or (self.pin and self.pin["sha"] == commit.sha)
+                self.verifier.check(commit, None if not self.deployed or self.target.pinned(commit)
                                     else self.deployed.sha)
             plan = self.plan(commit, self._read_units(commit.sha))
         except GitprocError as exc:
@@ -11787,26 +11872,18 @@ class Deployer:
                 skipped[name] = "ConditionHost=%s does not match %s" % (" ".join(spec.condition_host), self.config.hostname)
                 del specs[name]
         files = self._changed_files(specs)
-        changes = plan_deploy(self.specs, specs, files)
+        rejected = {name: (service.versions.rejected, drift_note(service.versions.rolled_back))
+                    for name, service in self.services.items() if service.versions.rejected is not None}
+        changes = plan_units(self.specs, specs, files, rejected)
         plan = DeployPlan(commit, self.deployed.sha if self.deployed else None)
         for key in DeployPlan.LISTS:
             setattr(plan, key, changes[key])
         plan.changes = changes["changes"]
         plan.files = {name: files[name] for name in plan.changed if files.get(name)}
         plan.drift.update(kept_back)
-        for name in list(plan.changed):
-            service = self.services.get(name)
-            if service is not None and service.versions.rejected is not None and specs[name].identity() == service.versions.rejected:
-                # The version AutoRollback= took back: it stays rolled back (drift)
-                # until a commit changes the unit again.
-                specs[name] = self.specs[name]
-                origin[name] = service.commit
-                plan.changed.remove(name)
-                del plan.changes[name]
-                plan.files.pop(name, None)
-                plan.unchanged.append(name)
-                plan.drift[name] = drift_note(service.versions.rolled_back)
-        plan.unchanged.sort()
+        plan.drift.update(changes["drift"])
+        for name in changes["drift"]:     # it stays on the version it runs
+            specs[name], origin[name] = self.specs[name], self.services[name].commit
         templates = {name[:-len(UNIT_SUFFIX)]: (path, data, blob) for name, path, data, blob in entries
                      if name.endswith(TEMPLATE_SUFFIX)}
         timers, held = self._plan_activators(TIMER_SUFFIX, entries, specs, skipped, bad_names, problems, origin)
@@ -11835,16 +11912,10 @@ class Deployer:
             plan.outside = self._files_outside(plan.previous, commit.sha, owned)
         plan.timers, plan.sockets = timers, sockets
         for found, deployed in ((timers, self.timer_specs), (sockets, self.socket_specs)):
-            for name, spec in found.items():      # named in the plan's lists with their suffix
-                old = deployed.get(name)
-                if old is None:
-                    plan.added.append(name)
-                elif old.identity() != spec.identity():
-                    plan.changed.append(name)
-                    plan.changes[name] = spec.changed_keys(old)
-                else:
-                    plan.unchanged.append(name)
-            plan.removed += [name for name in deployed if name not in found]
+            changes = plan_activators(deployed, found)   # named in the plan's lists with their suffix
+            for key in DeployPlan.LISTS:
+                getattr(plan, key).extend(changes[key])
+            plan.changes.update(changes["changes"])
         for key in DeployPlan.LISTS:
             getattr(plan, key).sort()
         return plan
@@ -12167,14 +12238,7 @@ class Deployer:
         """Remove the snapshots no unit runs, or keeps for AutoRollback= or
         rollback (the version before the current one, per unit)."""
         self.collect_timer = None
-        keep = set()
-        for service in self.services.values():
-            keep.update((service.spec.tree, service.versions.previous_tree,
-                         service.versions.previous[0].tree if service.versions.previous else None,
-                         service.resources.running_tree if service.has_process() else None))
-        keep.discard(None)
-        adopted = {s.resources.running_tree for s in self.services.values() if s.adopted and s.has_process()}
-        return self.snapshots.collect(keep, set(self.services), adopted)
+        return self.snapshots.collect_unused(self.services)
 
     # -- AutoRollback= and rollback ---------------------------------------------------------
 
@@ -12221,9 +12285,7 @@ class Deployer:
                 self.verifier.check(target, None)     # a pin writes nothing: it must verify as it is
             except Refusal as exc:
                 raise GitprocError("rollback: %s" % exc)
-            fetched = read_ref_file(git_common_dir(repo), REMOTE_REF % branch)
-            self.pin = {"sha": target.sha, "subject": target.subject, "remote_at": fetched}
-            self.log.info("daemon", "Rollback: pinned to %s until %s/%s moves on" % (target.sha[:7], self.config.remote, branch))
+            self.target.pin_to(target)
             plan = self.deploy_head("rollback")
             plan.notes["pinned"] = self.pin
         else:
@@ -12259,8 +12321,7 @@ class Deployer:
     def release_pin(self):
         if not self.pin:
             raise GitprocError("nothing to release: no rollback pin is set")
-        self.log.info("daemon", "Rollback pin on %s released" % self.pin["sha"][:7])
-        self.rewind_base, self.pin = self.pin.get("remote_at"), None
+        self.target.release("Rollback pin on %s released" % self.pin["sha"][:7])
         return self.deploy_head("rollback release", force=True)
 
 

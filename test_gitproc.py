@@ -8363,6 +8363,48 @@ class PlanDeployTests(unittest.TestCase):
         new = specs_of({"web.service": unit(SLEEPER, Restart="no", KillMode="control-group")})
         self.assertEqual(gitproc.unit_changes(old["web"], new["web"]), [])
 
+    def test_the_planner_by_table(self):
+        """plan_units(): deployed, found, changed files and the versions
+        AutoRollback= took back in; what the deploy does out."""
+        v1, v2, v3 = (specs_of({"web.service": sleeper(n)})["web"] for n in (1001, 1002, 1003))
+        took_back = {"web": (v2.identity(), "rolled back from c0ffee")}
+        table = [  # (what, deployed, found, files, rejected) -> (added, changed, unchanged, removed, drift)
+            ("a new unit", {}, {"web": v1}, None, None, (["web"], [], [], [], {})),
+            ("a new version", {"web": v1}, {"web": v2}, None, None, ([], ["web"], [], [], {})),
+            ("only its files", {"web": v1}, {"web": v1}, {"web": ["a.conf"]}, None, ([], ["web"], [], [], {})),
+            ("gone", {"web": v1}, {}, None, None, ([], [], [], ["web"], {})),
+            ("the version taken back, again", {"web": v1}, {"web": v2}, None, took_back,
+             ([], [], ["web"], [], {"web": "rolled back from c0ffee"})),
+            ("the version taken back, its files changed", {"web": v1}, {"web": v2}, {"web": ["a.conf"]}, took_back,
+             ([], [], ["web"], [], {"web": "rolled back from c0ffee"})),
+            ("a third version: the rollback is over", {"web": v1}, {"web": v3}, None, took_back,
+             ([], ["web"], [], [], {})),
+            ("the running version again", {"web": v1}, {"web": v1}, None, took_back, ([], [], ["web"], [], {})),
+        ]
+        for what, deployed, found, files, rejected, expected in table:
+            with self.subTest(what):
+                plan = gitproc.plan_units(deployed, found, files, rejected)
+                self.assertEqual((plan["added"], plan["changed"], plan["unchanged"], plan["removed"], plan["drift"]),
+                                 expected)
+                self.assertEqual(sorted(plan["changes"]), plan["changed"])
+
+    def test_timers_and_sockets_by_table(self):
+        def timer(text):
+            return gitproc.parse_timer("t.timer", "t.timer", ("[Timer]\n" + text).encode())[0]
+        daily, hourly, daily_again = timer("OnCalendar=daily\n"), timer("OnCalendar=hourly\n"), \
+            timer("# said again\nOnCalendar=daily\n")
+        table = [  # (what, deployed, found) -> (added, changed, unchanged, removed)
+            ("new", {}, {"t.timer": daily}, (["t.timer"], [], [], [])),
+            ("changed", {"t.timer": daily}, {"t.timer": hourly}, ([], ["t.timer"], [], [])),
+            ("a comment", {"t.timer": daily}, {"t.timer": daily_again}, ([], [], ["t.timer"], [])),
+            ("gone", {"t.timer": daily}, {}, ([], [], [], ["t.timer"])),
+        ]
+        for what, deployed, found, expected in table:
+            with self.subTest(what):
+                plan = gitproc.plan_activators(deployed, found)
+                self.assertEqual((plan["added"], plan["changed"], plan["unchanged"], plan["removed"]), expected)
+        self.assertIn("OnCalendar=", gitproc.plan_activators({"t.timer": daily}, {"t.timer": hourly})["changes"]["t.timer"])
+
     def test_every_list_is_sorted(self):
         names = ["zeta", "alpha", "mid", "beta"]
         nothing, every = {}, specs_of({name + ".service": sleeper(1000 + i) for i, name in enumerate(names)})
