@@ -492,16 +492,7 @@ class SupervisionCase(unittest.TestCase):
 
     def wait_new_pid(self, name, old_pid, timeout=5):
         """Running again with a pid other than old_pid; returns the status."""
-        def again():
-            service = self.home.status(name)
-            if service["state"] == "running" and service["pid"] and service["pid"] != old_pid:
-                return service
-            return None
-        try:
-            return wait_until(again, timeout, "%s to run again with a new pid" % name)
-        except AssertionError as exc:
-            raise AssertionError("%s (status %s)\n--- daemon.log ---\n%s" % (
-                exc, self.home.status(name), self.home.daemon_log()[-3000:]))
+        return running_again(self.home, name, old_pid, timeout)
 
     def assert_gone(self, pid, timeout=3, what="process"):
         """`pid` dies within `timeout` (signals are delivered asynchronously)."""
@@ -1574,9 +1565,6 @@ class CalendarTests(unittest.TestCase):
         self.assertEqual(len({gitproc.random_delay(fixed, day * 86400.0, "host") for day in range(5)}), 1)
         self.assertNotEqual(gitproc.random_delay(fixed, 0, "host"), gitproc.random_delay(fixed, 0, "other host"))
 
-
-class BadUnitFilesTests(unittest.TestCase):
-
     def test_daemon_runs_the_good_unit_and_reports_each_bad_one(self):
         home = Home(self)
         files = {
@@ -2075,9 +2063,6 @@ class RemoteModeTests(unittest.TestCase):
         second = upstream.push({"web.service": sleeper(1002)}, "v2")
         self.assertEqual(sync(home)["commit"]["sha"], second)
         assert_runs(self, wait_new_pid(home, "web", pid), 1002)
-
-
-class RemotePinTests(unittest.TestCase):
 
     def test_rollback_pins_until_the_remote_moves_or_release(self):
         upstream = Upstream(self)
@@ -3495,11 +3480,7 @@ class DeviceRulesTests(unittest.TestCase):
         self.assertIn("char", sections, "char-NAME finds the character devices")
         self.assertLessEqual(sections, {"char", "block"})
 
-
-@pure
-class CapabilitySetTests(unittest.TestCase):
-    """CapabilityBoundingSet= assignments merge as systemd.exec(5) says."""
-
+    # (CapabilitySetTests) CapabilityBoundingSet= assignments merge as systemd.exec(5) says.
     def test_merging(self):
         net, dac, kill = (gitproc.CAPABILITIES.index(n) for n in ("CAP_NET_BIND_SERVICE", "CAP_DAC_OVERRIDE", "CAP_KILL"))
         every = set(range(len(gitproc.CAPABILITIES)))
@@ -3650,9 +3631,6 @@ class EnvironmentTests(SupervisionCase):
         self.assertIn(missing, service["reason"])
         self.watch(self.home.running_pid("fine"))
 
-
-class StdioTests(SupervisionCase):
-
     def test_stdin_is_dev_null_output_goes_to_the_log_and_no_daemon_fd_leaks(self):
         """SPEC §5: stdin /dev/null, stdout and stderr appended to LOG_DIR/NAME.log;
         nothing else of the daemon (socket, pidfds, state or log files) is inherited."""
@@ -3688,9 +3666,6 @@ class MissingProgramTests(SupervisionCase):
         self.assertNotIn("Traceback", out + err)
         self.assertTrue(pid_alive(self.home.daemon_pid))
         self.assertEqual(self.home.status("ghost")["state"], "failed")
-
-
-class UnwritableLogForNewUnitTests(SupervisionCase):
 
     def test_new_unit_fails_naming_its_log_and_the_running_unit_is_untouched(self):
         self.deploy({"ok.service": unit(SLEEPER)})
@@ -3802,9 +3777,6 @@ class NonRootMessagesTests(NonRootDaemonCase):
         self.assertNotIn("run as the daemon's user", err)
         self.assertNotIn("Traceback", err)
 
-
-class LoweredLimitTests(NonRootDaemonCase):
-
     def test_a_lowered_limit_is_said_in_the_units_log_and_status(self):
         import resource
         hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
@@ -3819,11 +3791,8 @@ class LoweredLimitTests(NonRootDaemonCase):
         self.assertIn("gitproc: warning: " + why, home.service_log("web"))
         self.assertIn(why, home.status("web")["warnings"])
 
-
-class ReadOnlyLogFolderTests(NonRootDaemonCase):
-    """The real thing, where root is not needed to see it: the logs folder of a
-    daemon run by an ordinary user is 0555."""
-
+    # (ReadOnlyLogFolderTests) The real thing, where root is not needed to see it: the logs folder of a
+    # daemon run by an ordinary user is 0555.
     def test_unwritable_logs_folder_fails_the_new_unit_only(self):
         home = Home(self)
         home.commit({"ok.service": unit(SLEEPER, WorkingDirectory="/")}, "ok")
@@ -3888,15 +3857,7 @@ class NonRootDaemonTests(NonRootDaemonCase):
         ns = home.wait_state("ns", "failed", timeout=10)
         self.assertIn("PrivatePIDs=: unshare: Operation not permitted", ns["reason"])
 
-
-def cgroup_file(why, name):
-    """A file of the cgroup a status limit's `why` names ("cgroup v1 /sys/...")."""
-    return os.path.join(why.split()[-1], name)
-
-
-class UserModeDirectoryTests(NonRootDaemonCase):
-    """A user's daemon puts StateDirectory= and the like under its XDG folders."""
-
+    # (UserModeDirectoryTests) A user's daemon puts StateDirectory= and the like under its XDG folders.
     def test_state_cache_and_logs_folders_go_under_the_users_home(self):
         home = Home(self)
         out = os.path.join(home.path, "out")
@@ -3911,11 +3872,8 @@ class UserModeDirectoryTests(NonRootDaemonCase):
         self.assertEqual(read_text(out).split(), [state, cache, logs])
         self.assertEqual((stat.S_IMODE(os.stat(state).st_mode), os.stat(state).st_uid), (0o700, self.UID))
 
-
-class NonRootSandboxTests(NonRootDaemonCase):
-    """A daemon that is not root applies NoNewPrivileges= and says the rest
-    of the sandbox is not applied."""
-
+    # (NonRootSandboxTests) A daemon that is not root applies NoNewPrivileges= and says the rest
+    # of the sandbox is not applied.
     def test_no_new_privileges_applies_and_the_rest_is_listed(self):
         home = Home(self)
         home.commit({"box.service": unit(SLEEPER, WorkingDirectory="/", NoNewPrivileges="yes", PrivateTmp="yes",
@@ -3928,6 +3886,11 @@ class NonRootSandboxTests(NonRootDaemonCase):
         detail = home.request({"cmd": "status", "names": ["box"]})["services"][0]
         self.assertEqual(sorted(e["key"] for e in detail["not_applied"]), ["PrivateTmp", "ProtectSystem"])
         self.assertIn("needs a root daemon", detail["not_applied"][0]["why"])
+
+
+def cgroup_file(why, name):
+    """A file of the cgroup a status limit's `why` names ("cgroup v1 /sys/...")."""
+    return os.path.join(why.split()[-1], name)
 
 
 class CgroupLimitTests(SupervisionCase):
@@ -5562,9 +5525,6 @@ class StopEscalationTests(SupervisionCase):
         self.assertTrue(daemon_log_lines(self.home, "stubborn", "SIGKILL"), self.home.daemon_log())
         self.assertIn("stubborn: stopped", out)
 
-
-class KillSignalTests(SupervisionCase):
-
     def test_kill_signal_sigint_is_what_the_service_receives(self):
         got, ready = self.file("got"), self.file("ready")
         self.deploy({"intr.service": unit(
@@ -5616,9 +5576,6 @@ class ProcessKeysTests(SupervisionCase):
         service = self.home.wait_state("numa", "failed", "backoff", timeout=10)
         self.assertIn("NUMAPolicy=", service["reason"])
         self.assertIn("242 (NUMA_POLICY)", self.home.cli("status", "numa")[1])
-
-
-class RuntimeMaxTests(SupervisionCase):
 
     def test_a_unit_active_for_longer_is_stopped_as_failed_and_restart_decides(self):
         self.deploy({"brief.service": unit(SLEEPER, RuntimeMaxSec="500ms", Restart="on-failure", RestartSec="60s"),
@@ -5702,7 +5659,9 @@ class MoreRelationsTests(SupervisionCase):
         self.assertEqual(self.home.status("follower")["state"], "running", "not needed by anyone: never a user of it")
 
 
-class ExitTypeTests(SupervisionCase):
+class EndOfRunTests(SupervisionCase):
+    """How a run ends: ExitType=cgroup, OOMPolicy=, KillMode=mixed, a grandchild
+    that left the process group, a stop during ExecStartPre=."""
 
     @unittest.skipUnless(cgroups_usable(), "no writable cgroup hierarchy on this machine")
     def test_cgroup_runs_until_its_last_process_ends(self):
@@ -5737,12 +5696,9 @@ class ExitTypeTests(SupervisionCase):
         self.assert_gone(pid, timeout=5)
         self.assertEqual(self.home.status("wait")["state"], "stopped")
 
-
-class OomPolicyTests(SupervisionCase):
-    """OOMPolicy=: a child over the unit's MemoryMax= is killed by the
-    kernel; continue keeps the unit, stop (the default) ends the run, kill
-    ends every process at once."""
-
+    # (OomPolicyTests) OOMPolicy=: a child over the unit's MemoryMax= is killed by the
+    # kernel; continue keeps the unit, stop (the default) ends the run, kill
+    # ends every process at once.
     @unittest.skipUnless(cgroups_usable(), "no writable cgroup hierarchy on this machine")
     def test_continue_stop_and_kill(self):
         hog = self.file("hog.py")
@@ -5763,6 +5719,61 @@ class OomPolicyTests(SupervisionCase):
                 service = self.home.wait_state(name, "failed", timeout=20)
                 self.assertIn("killed by the OOM killer", service["reason"])
         self.assertTrue(daemon_log_lines(self.home, "continue", "OOM killer (OOMPolicy=continue)"))
+
+    def test_mixed_sends_kill_signal_to_the_main_process_and_sigkill_to_the_rest(self):
+        """KillMode=mixed: SIGTERM to the main process only; the rest of the group
+        gets SIGKILL (so the grandchild's TERM trap never runs). The main process
+        lingers 0.3 s in its trap: time enough for a wrongly TERMed grandchild to
+        write its mark."""
+        gc_script, gc_file, marks, ready = (self.file(name) for name in ("gc.sh", "gc.pid", "marks", "ready"))
+        with open(gc_script, "w") as handle:
+            handle.write('#!/bin/sh\ntrap "echo gc-TERM >> %s" TERM\necho $$ > %s\n'
+                         'while :; do sleep 0.05; done\n' % (marks, gc_file))
+        os.chmod(gc_script, 0o755)
+        self.deploy({"mixed.service": unit(
+            sh('trap "echo main-TERM >> %s; sleep 0.3; exit 0" TERM; %s & echo ready > %s; '
+               'while :; do sleep 0.05; done' % (marks, gc_script, ready)),
+            KillMode="mixed", TimeoutStopSec="3s")})
+        pid = self.watch(self.home.running_pid("mixed"))
+        grandchild = self.watch(wait_until(lambda: pid_from_file(gc_file), 5, "the grandchild's pid"))
+        wait_until(lambda: read_text(ready) == "ready\n", 5, "the main process's trap")
+        code, _, err = self.home.cli("stop", "mixed")
+        self.assertEqual((code, err), (0, ""))
+        self.assertFalse(pid_alive(pid))
+        self.assert_gone(grandchild, what="grandchild")
+        self.assertEqual(read_text(marks), "main-TERM\n", "only the main process saw SIGTERM")
+        self.assertEqual(self.home.status("mixed")["last_exit"], {"code": 0})
+
+    @unittest.skipUnless(cgroups_usable(), "no writable cgroup hierarchy: only the process group is tracked")
+    def test_stop_kills_a_grandchild_that_left_the_process_group(self):
+        """SPEC §5: its own cgroup where possible; stopping it leaves no process
+        of it behind. A grandchild that called setsid() is outside the process
+        group, so only the cgroup can find it."""
+        gc_file = self.file("gc.pid")
+        self.deploy({"escaper.service": unit(sh("setsid sleep 1000 & echo $! > %s; wait" % gc_file))})
+        pid = self.watch(self.home.running_pid("escaper"))
+        grandchild = self.watch(wait_until(lambda: pid_from_file(gc_file), 5, "the grandchild's pid"))
+        wait_until(lambda: os.getsid(grandchild) == grandchild, 5, "the grandchild to be in its own session")
+        code, _, err = self.home.cli("stop", "escaper")
+        self.assertEqual((code, err), (0, ""))
+        self.assertFalse(pid_alive(pid))
+        self.assert_gone(grandchild, what="grandchild in its own session")
+
+    def test_stop_during_exec_start_pre_ends_it_and_main_never_runs(self):
+        pre_pid, out = self.file("pre.pid"), self.file("out")
+        self.deploy({"slowpre.service": unit_text(
+            "ExecStartPre=" + sh("echo $$$$ > %s; while :; do sleep 0.05; done" % pre_pid),
+            "ExecStart=" + sh("echo main >> %s; exec sleep 1000" % out))})
+        pre = self.watch(wait_until(lambda: pid_from_file(pre_pid), 5, "the ExecStartPre pid"))
+        service = self.home.status("slowpre")
+        self.assertEqual((service["state"], service["pid"], service["control_pid"]), ("starting", None, pre))
+        code, _, err = self.home.cli("stop", "slowpre")
+        self.assertEqual((code, err), (0, ""))
+        self.assertFalse(pid_alive(pre))
+        wait_until(lambda: group_members(pre) == [], 2, "nothing of the ExecStartPre group to be left")
+        service = self.home.status("slowpre")
+        self.assertEqual((service["state"], service["pid"]), ("stopped", None))
+        self.assertEqual(read_text(out), "", "ExecStart never ran")
 
 
 class KillKeysTests(SupervisionCase):
@@ -5853,70 +5864,6 @@ class GrandchildTests(SupervisionCase):
         self.assertEqual(os.getpgid(grandchild), pid)
         os.kill(grandchild, signal.SIGKILL)
         self.assert_gone(grandchild, what="grandchild")
-
-
-class KillModeMixedTests(SupervisionCase):
-
-    def test_mixed_sends_kill_signal_to_the_main_process_and_sigkill_to_the_rest(self):
-        """KillMode=mixed: SIGTERM to the main process only; the rest of the group
-        gets SIGKILL (so the grandchild's TERM trap never runs). The main process
-        lingers 0.3 s in its trap: time enough for a wrongly TERMed grandchild to
-        write its mark."""
-        gc_script, gc_file, marks, ready = (self.file(name) for name in ("gc.sh", "gc.pid", "marks", "ready"))
-        with open(gc_script, "w") as handle:
-            handle.write('#!/bin/sh\ntrap "echo gc-TERM >> %s" TERM\necho $$ > %s\n'
-                         'while :; do sleep 0.05; done\n' % (marks, gc_file))
-        os.chmod(gc_script, 0o755)
-        self.deploy({"mixed.service": unit(
-            sh('trap "echo main-TERM >> %s; sleep 0.3; exit 0" TERM; %s & echo ready > %s; '
-               'while :; do sleep 0.05; done' % (marks, gc_script, ready)),
-            KillMode="mixed", TimeoutStopSec="3s")})
-        pid = self.watch(self.home.running_pid("mixed"))
-        grandchild = self.watch(wait_until(lambda: pid_from_file(gc_file), 5, "the grandchild's pid"))
-        wait_until(lambda: read_text(ready) == "ready\n", 5, "the main process's trap")
-        code, _, err = self.home.cli("stop", "mixed")
-        self.assertEqual((code, err), (0, ""))
-        self.assertFalse(pid_alive(pid))
-        self.assert_gone(grandchild, what="grandchild")
-        self.assertEqual(read_text(marks), "main-TERM\n", "only the main process saw SIGTERM")
-        self.assertEqual(self.home.status("mixed")["last_exit"], {"code": 0})
-
-
-class EscapedGrandchildTests(SupervisionCase):
-
-    @unittest.skipUnless(cgroups_usable(), "no writable cgroup hierarchy: only the process group is tracked")
-    def test_stop_kills_a_grandchild_that_left_the_process_group(self):
-        """SPEC §5: its own cgroup where possible; stopping it leaves no process
-        of it behind. A grandchild that called setsid() is outside the process
-        group, so only the cgroup can find it."""
-        gc_file = self.file("gc.pid")
-        self.deploy({"escaper.service": unit(sh("setsid sleep 1000 & echo $! > %s; wait" % gc_file))})
-        pid = self.watch(self.home.running_pid("escaper"))
-        grandchild = self.watch(wait_until(lambda: pid_from_file(gc_file), 5, "the grandchild's pid"))
-        wait_until(lambda: os.getsid(grandchild) == grandchild, 5, "the grandchild to be in its own session")
-        code, _, err = self.home.cli("stop", "escaper")
-        self.assertEqual((code, err), (0, ""))
-        self.assertFalse(pid_alive(pid))
-        self.assert_gone(grandchild, what="grandchild in its own session")
-
-
-class StopDuringStartTests(SupervisionCase):
-
-    def test_stop_during_exec_start_pre_ends_it_and_main_never_runs(self):
-        pre_pid, out = self.file("pre.pid"), self.file("out")
-        self.deploy({"slowpre.service": unit_text(
-            "ExecStartPre=" + sh("echo $$$$ > %s; while :; do sleep 0.05; done" % pre_pid),
-            "ExecStart=" + sh("echo main >> %s; exec sleep 1000" % out))})
-        pre = self.watch(wait_until(lambda: pid_from_file(pre_pid), 5, "the ExecStartPre pid"))
-        service = self.home.status("slowpre")
-        self.assertEqual((service["state"], service["pid"], service["control_pid"]), ("starting", None, pre))
-        code, _, err = self.home.cli("stop", "slowpre")
-        self.assertEqual((code, err), (0, ""))
-        self.assertFalse(pid_alive(pre))
-        wait_until(lambda: group_members(pre) == [], 2, "nothing of the ExecStartPre group to be left")
-        service = self.home.status("slowpre")
-        self.assertEqual((service["state"], service["pid"]), ("stopped", None))
-        self.assertEqual(read_text(out), "", "ExecStart never ran")
 
 
 # ---- Type=oneshot and ExecStartPre= ------------------------------------------
@@ -6427,9 +6374,6 @@ class UnitsOfOtherTypesTests(SupervisionCase):
         code, out, err = run_cli("check", folder)
         self.assertEqual((code, out), (0, ""), out + err)
         self.assertIn("2 units checked: 0 errors, 0 warnings", err)
-
-
-class WaitGivesUpTests(SupervisionCase):
 
     def test_wait_returns_at_once_when_what_it_waits_for_cannot_come(self):
         self.deploy({"bad.service": unit("/bin/false"),
@@ -7040,9 +6984,6 @@ class AdoptionAfterKill9Tests(unittest.TestCase):
         self.assertEqual(marks.pids(0), [new], "exactly one copy of a; state.json said pid %s, live copies %s" % (
             saved.get("pid"), marks.pids(0)))
 
-
-class PidReuseTests(unittest.TestCase):
-
     def test_reused_pid_of_a_deployed_unit_is_neither_signalled_nor_adopted(self):
         home, marks = Home(self), Markers(self)
         home.commit({"a.service": unit(marks.sleeper(0), Restart="always", RestartSec="100ms")}, "a")
@@ -7116,10 +7057,6 @@ class LostStateFileTests(unittest.TestCase):
         self.assertEqual(sorted(marks.pids(0)), sorted([pid, stranger.pid]))
         self.assertIsNone(stranger.poll())
 
-
-# Found in review: carrying services across daemon restarts.
-class KeepServicesAcrossChangesTests(unittest.TestCase):
-
     def test_changed_unit_restarts_removed_unit_stops_reused_pid_untouched(self):
         home = Home(self)
         home.commit({"a.service": unit("/bin/sleep 1000"), "b.service": unit("/bin/sleep 1001"),
@@ -7149,6 +7086,9 @@ class KeepServicesAcrossChangesTests(unittest.TestCase):
         wait_until(lambda: not pid_alive(b), 3, "removed b's old process to be gone")
         self.assertTrue(pid_alive(stranger.pid), "a process reusing a saved pid was signalled")
         self.assertEqual(stranger.poll(), None)
+
+
+# Found in review: carrying services across daemon restarts.
 
 
 # ---- dependencies: After=, Requires= -----------------------------------------
@@ -7358,9 +7298,6 @@ class RequiresPropagationTests(DepsHealthCase):
         self.assertIn("db", service["reason"])
         self.assert_gone(api)
 
-
-class TransitiveDependencyTests(DepsHealthCase):
-
     def test_dependent_of_a_unit_stopped_by_a_failed_dependency_is_stopped_too(self):
         # setup fails -> mid (After=setup) is stopped and will not start by
         # itself -> what comes after mid must not sit in `starting` forever,
@@ -7557,26 +7494,6 @@ class KeepAliveTests(DepsHealthCase):
         service = self.home.status("web")
         self.assertEqual((service["pid"], service["restarts"]), (pid, 0))
 
-
-class TcpCheckTests(SupervisionCase):
-
-    def test_a_tcp_check_stays_healthy_check_after_check(self):
-        port, accepted = free_port(), self.file("accepted")
-        server = ("%s -c 'import socket; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
-                  "s.bind((\"127.0.0.1\", %d)); s.listen(); n = 0\nwhile True:\n    c, _ = s.accept(); n += 1; "
-                  "open(\"%s\", \"w\").write(str(n))'" % (PYTHON, port, accepted))
-        self.deploy({"tcp.service": unit_text("ExecStart=" + server.replace("\n", "\\n"),
-                                              "HealthCheckURL=tcp://127.0.0.1:%d" % port, "HealthCheckInterval=100ms",
-                                              "HealthCheckTimeout=300ms", "HealthCheckRetries=3", "Restart=always")})
-        # Three tries: on a loaded machine the interpreter may not listen yet at the first check.
-        pid = self.watch(self.home.running_pid("tcp"))
-        wait_until(lambda: read_text(accepted).isdigit() and int(read_text(accepted)) >= 6, 10, "six checks")
-        status = self.home.status("tcp")
-        self.assertEqual((status["pid"], status["health"], status["restarts"]), (pid, "healthy", 0))
-
-
-class HealthDependencyTests(DepsHealthCase):
-
     def test_dependent_waits_until_the_dependency_is_healthy(self):
         command, port, folder = self.server("web", unhealthy=True)
         self.deploy({
@@ -7593,6 +7510,23 @@ class HealthDependencyTests(DepsHealthCase):
         app_started = wait_until(lambda: self.stamp("app"), 3, "app's stamp")
         self.assertGreater(app_started, first_ok, "app started before web's first healthy check")
         self.assertEqual(self.home.status("web")["health"], "healthy")
+
+
+class TcpCheckTests(SupervisionCase):
+
+    def test_a_tcp_check_stays_healthy_check_after_check(self):
+        port, accepted = free_port(), self.file("accepted")
+        server = ("%s -c 'import socket; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
+                  "s.bind((\"127.0.0.1\", %d)); s.listen(); n = 0\nwhile True:\n    c, _ = s.accept(); n += 1; "
+                  "open(\"%s\", \"w\").write(str(n))'" % (PYTHON, port, accepted))
+        self.deploy({"tcp.service": unit_text("ExecStart=" + server.replace("\n", "\\n"),
+                                              "HealthCheckURL=tcp://127.0.0.1:%d" % port, "HealthCheckInterval=100ms",
+                                              "HealthCheckTimeout=300ms", "HealthCheckRetries=3", "Restart=always")})
+        # Three tries: on a loaded machine the interpreter may not listen yet at the first check.
+        pid = self.watch(self.home.running_pid("tcp"))
+        wait_until(lambda: read_text(accepted).isdigit() and int(read_text(accepted)) >= 6, 10, "six checks")
+        status = self.home.status("tcp")
+        self.assertEqual((status["pid"], status["health"], status["restarts"]), (pid, "healthy", 0))
 
 
 # ==== 11. logs ===============================================================
@@ -7927,10 +7861,6 @@ class LogRotationTests(SupervisionCase):
         self.assertEqual(old, list(range(1, len(old) + 1)), "the first rotation copied every line, in order")
         self.assertEqual(self.home.status("chatty")["pid"], pid)
 
-
-# Found in review: daemon.log rotation after daemon.log was deleted.
-class DeletedDaemonLogRotationTests(SupervisionCase):
-
     def test_rotation_after_daemon_log_was_deleted_keeps_the_daemon_working(self):
         """Rotating a daemon.log that someone deleted used to leave the log's fd
         number closed but still in use: the next rotation closed whatever fd
@@ -7953,6 +7883,9 @@ class DeletedDaemonLogRotationTests(SupervisionCase):
         self.assertEqual(self.home.request({"cmd": "ping"}, timeout=5)["pid"], self.home.daemon_pid)
         wait_until(lambda: os.path.exists(daemon_log), 3, "daemon.log to be created anew")
         self.assertTrue(os.path.exists(daemon_log + ".1"), "the log rotated (else this test proves nothing)")
+
+
+# Found in review: daemon.log rotation after daemon.log was deleted.
 
 
 # Found in review: rotate_service_log against a writer that never stops.
@@ -8241,17 +8174,23 @@ def wait_sync_result(home, result, timeout=5):
             exc, daemon_info(home)["last_sync"], home.daemon_log()[-3000:]))
 
 
-def wait_new_pid(home, name, old_pid, timeout=5):
+def running_again(home, name, old_pid, timeout=5):
+    """The status of `name` once it runs with a pid other than old_pid."""
     def again():
         service = home.status(name)
         if service["state"] == "running" and service["pid"] and service["pid"] != old_pid:
-            return service["pid"]
+            return service
         return None
     try:
         return wait_until(again, timeout, "%s to run with a pid other than %s" % (name, old_pid))
     except AssertionError as exc:
         raise AssertionError("%s (status %s)\n--- daemon.log ---\n%s" % (
             exc, home.status(name), home.daemon_log()[-3000:]))
+
+
+def wait_new_pid(home, name, old_pid, timeout=5):
+    """The pid of `name` once it runs with a pid other than old_pid."""
+    return running_again(home, name, old_pid, timeout)["pid"]
 
 
 def service_names(home):
@@ -8501,9 +8440,6 @@ class ReconcileTests(unittest.TestCase):
             self.assertTrue(pid_alive(pid), name)
         self.assertEqual(home.status("web")["state"], "running")
         self.assertNotIn("Restarting", home.daemon_log())
-
-
-class WorkingTreeTests(unittest.TestCase):
 
     def test_uncommitted_edits_never_run(self):
         home = home_with_daemon(self, {"web": sleeper(1001), "db": sleeper(1002)})
@@ -8913,9 +8849,6 @@ class DiffTests(unittest.TestCase):
         assert_runs(self, wait_new_pid(home, "web", pid), 1011)
         self.assertEqual(home.status("db")["pid"], db)
         self.assertEqual(daemon_info(home)["commit"]["sha"], second)
-
-
-class HistoryBoundTests(unittest.TestCase):
 
     def test_history_keeps_the_newest_100(self):
         home = home_with_daemon(self, {"web": sleeper(1001)})
@@ -10460,7 +10393,8 @@ class SocketTests(unittest.TestCase):
 
 
 # Found in review: a half-closed client.
-class HalfClosedClientTests(unittest.TestCase):
+class ClientEdgeTests(unittest.TestCase):
+    """Clients that half-close, stay silent, or flood while their reply waits."""
 
     def test_request_then_shut_wr_still_gets_the_reply(self):
         home = home_with_daemon(self, {"a": unit(SLEEPER)})
@@ -10473,10 +10407,6 @@ class HalfClosedClientTests(unittest.TestCase):
         self.assertNotEqual(answer["result"]["services"][0]["pid"], pid)
         new_pid = home.running_pid("a")
         self.assertNotEqual(new_pid, pid)
-
-
-# Found in review: requests that used to get silence.
-class SilentRequestTests(unittest.TestCase):
 
     def test_deep_nesting_and_a_list_state_get_error_replies(self):
         home = home_with_daemon(self, {"a": unit(SLEEPER)})
@@ -10494,6 +10424,43 @@ class SilentRequestTests(unittest.TestCase):
         self.assertEqual(home.request({"cmd": "ping"}, timeout=5)["pid"], home.daemon_pid)
         self.assertEqual(home.status("a")["state"], "running")
         self.assertNotIn("Traceback", home.daemon_log())
+
+    def test_client_flooding_behind_a_parked_wait_is_disconnected(self):
+        """Input was never bounded while a reply was parked: the daemon buffered
+        whatever the client sent."""
+        home = home_with_daemon(self)
+        home.running_pid("web")
+        rss_before = vm_rss_kib(home.daemon_pid)
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(client.close)
+        client.settimeout(5)
+        client.connect(os.path.join(home.path, "gitproc.sock"))
+        client.sendall(b'{"cmd": "wait", "names": ["web"], "state": "stopped", "timeout": 3600}\n')
+        chunk = b"x" * 65536
+        sent, disconnected = 0, False
+        try:
+            while sent < 32 << 20:
+                client.sendall(chunk)
+                sent += len(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            disconnected = True
+        except socket.timeout:
+            pass
+        if not disconnected:
+            try:
+                disconnected = client.recv(65536) == b""
+            except ConnectionResetError:
+                disconnected = True
+            except socket.timeout:
+                pass
+        growth = vm_rss_kib(home.daemon_pid) - rss_before
+        self.assertTrue(disconnected, "the daemon kept reading a flood (%d bytes sent)" % sent)
+        self.assertLess(growth, 20 * 1024, "daemon RSS grew by %d KiB" % growth)
+        self.assertEqual(home.request({"cmd": "ping"}, timeout=5)["pid"], home.daemon_pid)
+        self.assertEqual(home.status("web")["state"], "running")
+
+
+# Found in review: requests that used to get silence.
 
 
 # Found in review: a NaN timeout.
@@ -10529,41 +10496,6 @@ class NanTimeoutTests(SupervisionCase):
 
 
 # Found in review: flooding while a wait is parked.
-class FloodWhileWaitingTests(unittest.TestCase):
-
-    def test_client_flooding_behind_a_parked_wait_is_disconnected(self):
-        """Input was never bounded while a reply was parked: the daemon buffered
-        whatever the client sent."""
-        home = home_with_daemon(self)
-        home.running_pid("web")
-        rss_before = vm_rss_kib(home.daemon_pid)
-        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.addCleanup(client.close)
-        client.settimeout(5)
-        client.connect(os.path.join(home.path, "gitproc.sock"))
-        client.sendall(b'{"cmd": "wait", "names": ["web"], "state": "stopped", "timeout": 3600}\n')
-        chunk = b"x" * 65536
-        sent, disconnected = 0, False
-        try:
-            while sent < 32 << 20:
-                client.sendall(chunk)
-                sent += len(chunk)
-        except (BrokenPipeError, ConnectionResetError):
-            disconnected = True
-        except socket.timeout:
-            pass
-        if not disconnected:
-            try:
-                disconnected = client.recv(65536) == b""
-            except ConnectionResetError:
-                disconnected = True
-            except socket.timeout:
-                pass
-        growth = vm_rss_kib(home.daemon_pid) - rss_before
-        self.assertTrue(disconnected, "the daemon kept reading a flood (%d bytes sent)" % sent)
-        self.assertLess(growth, 20 * 1024, "daemon RSS grew by %d KiB" % growth)
-        self.assertEqual(home.request({"cmd": "ping"}, timeout=5)["pid"], home.daemon_pid)
-        self.assertEqual(home.status("web")["state"], "running")
 
 
 # Found in review: a client that never reads its replies.
@@ -11480,21 +11412,6 @@ class StartupFailureTests(unittest.TestCase):
         assert_clean_failure(self, code, out, err, 1)
         self.assertEqual(len(one_line(err)), 1, err)
 
-
-# Found in review: inherited fds.
-def fd_targets(pid):
-    targets = set()
-    folder = "/proc/%d/fd" % pid
-    for name in os.listdir(folder):
-        try:
-            targets.add(os.readlink(os.path.join(folder, name)))
-        except OSError:
-            pass
-    return targets
-
-
-class InheritedFdTests(unittest.TestCase):
-
     def test_daemon_and_services_do_not_hold_the_callers_pipe(self):
         home = Home(self)
         home.commit({"a.service": unit(SLEEPER)})
@@ -11517,6 +11434,18 @@ class InheritedFdTests(unittest.TestCase):
         readable, _, _ = select.select([read_end], [], [], 3)
         self.assertTrue(readable, "the pipe never reached EOF: someone still holds its write end")
         self.assertEqual(os.read(read_end, 1), b"")
+
+
+# Found in review: inherited fds.
+def fd_targets(pid):
+    targets = set()
+    folder = "/proc/%d/fd" % pid
+    for name in os.listdir(folder):
+        try:
+            targets.add(os.readlink(os.path.join(folder, name)))
+        except OSError:
+            pass
+    return targets
 
 
 # ==== 18. command line =======================================================
@@ -11960,9 +11889,6 @@ class CheckCommandTests(unittest.TestCase):
         code, out, err = home.cli_process("check", "--security", "nosuch")
         self.assertEqual(code, 1)
         self.assertIn("nosuch.service:1: error: no such service", out)
-
-
-class WaitCommandTests(unittest.TestCase):
 
     def test_wait_for_state(self):
         home = home_with_daemon(self)
