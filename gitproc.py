@@ -7555,7 +7555,8 @@ def run_succeeded(unit_type, exit_info, success_statuses=(), ignore_failure=Fals
 
 def condition_skips(exit_info):
     """ExecCondition=: an exit code 1-254 skips the start (no failure); 0
-    goes on; 255, a signal or a spawn failure fails it (systemd.service(5))."""
+    goes on; 255 or a signal fails it (systemd.service(5)). A command that
+    cannot be started exits 203/EXEC, as in systemd: a skip too."""
     return exit_info is not None and "code" in exit_info and 0 < exit_info["code"] < 255
 
 
@@ -7787,7 +7788,7 @@ TRANSITIONS = {
     # then its ExecCondition= commands (exit 1-254 skips the start)
     **_ignoring_the_rest(CONDITION, {
         (CONDITION, EV_CHECK): ((STOPPED, FAILED, CONDITION), "check_start"),   # then EV_NEXT
-        (CONDITION, EV_NEXT): ((CONDITION,) + _FAILS, "next_command"),
+        (CONDITION, EV_NEXT): ((CONDITION, STOPPED) + _FAILS, "next_command"),    # could not start: 203, a skip
         (CONDITION, EV_DONE): ((START_PRE,), "pre_step"),                     # then EV_NEXT
         (CONDITION, EV_CONTROL_EXIT): ((CONDITION, STOPPED) + _FAILS, "control_exited"),   # condition_skips()
         (CONDITION, EV_STOP): _TO_STOP, (CONDITION, EV_RESTART): _TO_RESTART,
@@ -8208,7 +8209,7 @@ class Service:
         if (self.phase, event) not in TRANSITIONS:
             self.host.log.error(self.name, "Refused event %r in phase %r: not in the state table" % (event, self.phase))
             return False
-        start, action = (self.phase, self.reason), None
+        start, action, cause = (self.phase, self.reason), None, event
         try:
             while True:                   # the event, then the events its actions name (EV_NEXT, ...)
                 entry = TRANSITIONS.get((self.phase, event))
@@ -8227,8 +8228,9 @@ class Service:
                 event, facts = outcome[2], {}
         except Exception as exc:
             import traceback
-            self.host.log.error(self.name, "Internal error in %s on %s: %s" % (
-                action, event, traceback.format_exc().strip().replace("\n", " | ")))
+            self.host.log.error(self.name, "Internal error in %s on %s%s: %s" % (
+                action, event, "" if event == cause else " (a step of %s in %s)" % (cause, start[0]),
+                traceback.format_exc().strip().replace("\n", " | ")))
             self.phase, self.reason = start
             self._fail_safe("internal error in %s: %s" % (action, exc))
             return False
@@ -8352,6 +8354,7 @@ class Service:
         self.exit_wait = None
         self.main_exit = None
         self.watchdog_usec = None
+        self.stopping_spec = None
         self.queue = list(spec.exec_condition)
         return CONDITION, None, EV_NEXT      # (stays: its ExecCondition= commands)
 
@@ -8365,6 +8368,12 @@ class Service:
     def _stop_family(self):
         """What follows the stop under way ("stop", "restart", "policy"): its phase says."""
         return STOP_FAMILY[self.phase]
+
+    def stop_settings(self):
+        """The UnitSpec whose KillSignal=, KillMode=, TimeoutStopSec= and the
+        like apply now: while it stops, the version being stopped's (a
+        rollback may have put another version on it meanwhile)."""
+        return self.stopping_spec if self.stopping_spec is not None and self.phase in STOP_FAMILY else self.spec
 
     def _next_command(self):
         """The next command of the step this phase runs (STEP_OF); with none
@@ -8512,10 +8521,11 @@ class Service:
         if self.spec.type == "oneshot":
             return START_POST, self.reason, EV_FINISHED
         if self.spec.health_check_url and self.probe is None:
-            self.host.log.info(self.name, "Started (pid %d), waiting for its health check" % self.pid)
+            self.host.log.info(self.name, "Started (%s), waiting for its health check" % (
+                "pid %d" % self.pid if self.pid else "its cgroup runs"))
             self.probe = self.host.open_probe(self, self._on_verdict)
             return HEALTH_WAIT, "waiting for the health check"     # -> start-health: ready, not yet healthy
-        self.host.log.info(self.name, "Started (pid %d)" % self.pid)
+        self.host.log.info(self.name, "Started (%s)" % ("pid %d" % self.pid if self.pid else "its cgroup runs"))
         return RUNNING, None                            # -> running: its start is complete
 
     def _oneshot_finished(self):
@@ -8762,7 +8772,7 @@ class Service:
             return self._run_stop_post()
         if self.exit_wait is not None:
             self._wait_cgroup_empty()     # its end ends the stop
-        stopped = self.stopping_spec or self.spec      # the version being stopped (AutoRollback= may have swapped it)
+        stopped = self.stop_settings()
         number = stopped.kill_signal
         if after == "restart" and stopped.restart_kill_signal is not None:
             number = stopped.restart_kill_signal          # RestartKillSignal=, as systemd for a restart job
@@ -8770,7 +8780,7 @@ class Service:
             "pid %d" % self.pid if self.pid else "what is left", signal_name(number)))
         self.reap_pending = True
         self.host.signal(self, number, first=True)
-        if self.spec.send_sighup and number != signal.SIGHUP:
+        if stopped.send_sighup and number != signal.SIGHUP:
             self.host.signal(self, signal.SIGHUP)
         self._arm_stop_timer()
         return STOP_STEPS[after][1], self.reason        # -> stopping (of its family)
@@ -8817,7 +8827,8 @@ class Service:
 
     def _stop_command_timed_out(self):
         self.timer = None
-        self.host.log.warning(self.name, "ExecStop= did not finish within %s" % format_timespan(self.spec.timeout_stop_sec))
+        self.host.log.warning(self.name, "ExecStop= did not finish within %s" % format_timespan(
+            self.stop_settings().timeout_stop_sec))
         self.queue = []
         return self.phase, self.reason, EV_DONE         # (KillSignal= to it too, then)
 
@@ -8828,12 +8839,13 @@ class Service:
             self.host.log.error(self.name, "ExecStopPost= still there after SIGKILL: given up on")
             self._forget_processes()
             return self.phase, self.reason, EV_DONE
-        if not self.spec.send_sigkill:
+        settings = self.stop_settings()
+        if not settings.send_sigkill:
             return self._leave_running("ExecStopPost=")
         self.host.log.warning(self.name, "ExecStopPost= did not finish within %s; sending %s" % (
-            format_timespan(self.spec.timeout_stop_sec), signal_name(self.spec.final_kill_signal)))
+            format_timespan(settings.timeout_stop_sec), signal_name(settings.final_kill_signal)))
         self.stop_timed_out = True
-        self.host.signal(self, self.spec.final_kill_signal, first=False)
+        self.host.signal(self, settings.final_kill_signal, first=False)
         self._arm_stop_timer()
         return self.phase, self.reason
 
@@ -8841,7 +8853,7 @@ class Service:
         """SendSIGKILL=no: what outlived TimeoutStopSec= is left running and
         no longer waited for (as systemd leaves it); the stop goes on."""
         self.host.log.warning(self.name, "%s still there after %s; SendSIGKILL=no: left running" % (
-            what, format_timespan(self.spec.timeout_stop_sec)))
+            what, format_timespan(self.stop_settings().timeout_stop_sec)))
         if self.result == "success":
             self.result = "timeout"
         self.reap_pending = False
@@ -8863,17 +8875,18 @@ class Service:
         self.timer = None
         if self.stop_timed_out:
             self.host.log.error(self.name, "Processes still there %s after SIGKILL: given up on" % (
-                format_timespan(self.spec.timeout_stop_sec)))
+                format_timespan(self.stop_settings().timeout_stop_sec)))
             self._forget_processes()
             return self._run_stop_post()
-        if not self.spec.send_sigkill:
+        settings = self.stop_settings()
+        if not settings.send_sigkill:
             return self._leave_running("Processes")
         self.host.log.warning(self.name, "Did not stop within %s; sending %s" % (
-            format_timespan(self.spec.timeout_stop_sec), signal_name(self.spec.final_kill_signal)))
+            format_timespan(settings.timeout_stop_sec), signal_name(settings.final_kill_signal)))
         self.stop_timed_out = True
         if self.result == "success":
             self.result = "timeout"
-        self.host.signal(self, self.spec.final_kill_signal, first=False)
+        self.host.signal(self, settings.final_kill_signal, first=False)
         self._arm_stop_timer()
         return self.phase, self.reason
 
@@ -8890,7 +8903,7 @@ class Service:
         """STOPPING=1: the service is going down by itself; its exit is
         awaited (SIGKILL after TimeoutStopSec=), then Restart= decides."""
         self._cancel_timers()
-        self.end = None
+        self.end, self.stop_timed_out, self.stopping_spec = None, False, self.spec
         self.host.log.info(self.name, "Stopping (STOPPING=1)")
         self._arm_stop_timer()
         return ENDING, "stopping (STOPPING=1)"          # running -> ending: its exit is awaited
@@ -8917,7 +8930,7 @@ class Service:
         self.result = "watchdog"
         self._cancel_timers()
         self._close_probe()
-        self.end, self.reason = (why, True), why
+        self.end, self.reason, self.stop_timed_out, self.stopping_spec = (why, True), why, False, self.spec
         self.host.signal(self, self.spec.watchdog_signal, first=True)
         self._arm_stop_timer(self.spec.timeout_abort_sec)
         return ENDING, why                              # -> ending: WatchdogSignal= sent, TimeoutAbortSec= runs
@@ -9044,7 +9057,7 @@ class Service:
     def _arm_stop_timer(self, seconds=None):
         """TimeoutStopSec= (or `seconds`: TimeoutAbortSec= after the watchdog's signal)."""
         self._cancel(("timer",))
-        seconds = self.spec.timeout_stop_sec if seconds is None else seconds
+        seconds = self.stop_settings().timeout_stop_sec if seconds is None else seconds
         if seconds not in (0, float("inf")):          # 0: wait for ever, as systemd
             self.timer = self.host.call_later(seconds, lambda: self.handle(EV_STOP_TIMEOUT))
 
@@ -9118,7 +9131,7 @@ class Service:
     def discard(self):
         """Forget timers (the unit was removed and its process is gone)."""
         self._cancel_timers()
-        self._cancel(("cgroup_timer",))   # a unit of that name deployed again owns the group now
+        self.resources.cancel_removal()   # a unit of that name deployed again owns the group now
         self.give_connection()
 
     def give_connection(self):
@@ -9212,6 +9225,11 @@ class ProcessResources:
         self.warnings = []              # what of the unit its last process could not have (a lowered limit, ...)
         self.running_tree = None        # the snapshot its main process was started from (its cwd may be there)
         self.linked_tree = None         # the snapshot that process reads through %Y now (a reload moves it)
+
+    def cancel_removal(self):
+        if self.cgroup_timer is not None:
+            self.cgroup_timer.cancel()
+            self.cgroup_timer = None
 
 
 class Launcher(ServiceHost):
@@ -9513,7 +9531,7 @@ class Launcher(ServiceHost):
     def signal(self, service, number, first=False):
         """Deliver a stop signal as KillMode= says: to the main process (and
         its group, or the whole cgroup) and to the control process."""
-        mode = service.spec.kill_mode
+        mode = service.stop_settings().kill_mode
         # With PrivatePIDs= the main pid is the relay: a SIGKILL must reach the
         # namespace behind it, whatever KillMode= says.
         targets_group = mode == "control-group" or (number == signal.SIGKILL and (

@@ -277,6 +277,9 @@ class Home:
                 pass
             if pid_alive(self.daemon_pid):
                 os.kill(self.daemon_pid, signal.SIGKILL)
+        # No daemon of a test hides an exception behind "the daemon carries on".
+        internal = [line for name in sorted(glob.glob(os.path.join(self.logs, "daemon.log*")))
+                    for line in read_lines(name) if "Internal error" in line]
         for pid in keeper_pids(self.path):    # a daemon killed leaves its socket keeper
             os.kill(pid, signal.SIGKILL)
         self.remove_cgroups()
@@ -287,6 +290,8 @@ class Home:
                 except (ProcessLookupError, PermissionError):
                     pass
         shutil.rmtree(self.path, ignore_errors=True)
+        if internal:
+            raise AssertionError("the daemon logged an internal error:\n" + "\n".join(internal[:5]))
 
 
 # ---- unit files for tests ----------------------------------------------------
@@ -4299,7 +4304,7 @@ class FakeHost:
         offer, self.rollback_to = self.rollback_to, None
         if offer is None:
             return False
-        service.spec, service.commit = offer
+        service.take_version(*offer)
         return True
 
     def changed(self, service, before=None):
@@ -4854,6 +4859,89 @@ class ReviewedEdgeTests(unittest.TestCase):
         host.probes[-1].verdict("unhealthy", failures=3, error="refused")
         self.assertEqual(host.signals[-1], ("web", signal.SIGINT))
         self.assertEqual(service.commit, "good")
+
+
+@pure
+class ChainedStepTests(unittest.TestCase):
+    """Edges of an event that runs as a chain of cells, found in review."""
+
+    def test_an_exec_condition_that_cannot_start_skips_the_start(self):
+        # exit 203/EXEC is in 1-254: a skip, as systemd; never an internal error
+        host = FakeHost()
+        host.spawn_error = lambda command: "no such file" if "nope" in command else None
+        service = gitproc.Service(host, spec_of("ExecCondition=/bin/nope"), "c0ffee")
+        service.start()
+        self.assertEqual(service.phase, P.STOPPED)
+        self.assertIn("condition failed", service.reason)
+        self.assertEqual(host.log.text("error"), "")
+
+    def test_a_rolled_back_version_is_stopped_with_the_failing_ones_stop_settings(self):
+        host = FakeHost()
+        failing = spec_of("KillSignal=SIGQUIT", "TimeoutStopSec=50", "SendSIGHUP=yes",
+                          "HealthCheckURL=tcp://127.0.0.1:9")
+        service = gitproc.Service(host, failing, "bad")
+        service.start()
+        host.rollback_to = (spec_of("KillMode=process", "TimeoutStopSec=7"), "good")
+        host.probes[-1].verdict("unhealthy", failures=3, error="refused")
+        self.assertEqual(service.commit, "good")
+        self.assertEqual(host.signals[-2:], [("web", signal.SIGQUIT), ("web", signal.SIGHUP)])
+        self.assertEqual(service.timer.when - host.clock, 50, "the failing version's TimeoutStopSec=")
+        self.assertEqual(service.stop_settings().kill_mode, "control-group")
+        host.exit(service, {"signal": signal.SIGQUIT})
+        self.assertEqual((service.phase, service.stop_settings().kill_mode), (P.RUNNING, "process"))
+
+    def test_the_watchdog_is_armed_for_the_run_a_restart_starts(self):
+        host = FakeHost()
+        service = gitproc.Service(host, spec_of("WatchdogSec=5"), "c0ffee")
+        service.start()
+        self.assertIsNotNone(service.watchdog_timer)
+        service.restart()
+        host.exit_main(service, {"signal": signal.SIGTERM})
+        self.assertEqual(service.phase, P.RUNNING)
+        self.assertIsNotNone(service.watchdog_timer, "armed in the new run too")
+
+    def test_a_second_ready_does_not_skip_the_health_check(self):
+        host = FakeHost()
+        service = gitproc.Service(host, spec_of("Type=notify", "HealthCheckURL=tcp://127.0.0.1:9"), "c0ffee")
+        service.start()
+        service.notified({"READY": "1"})
+        service.notified({"READY": "1"})
+        self.assertEqual((service.phase, len(host.probes)), (P.HEALTH_WAIT, 1))
+
+    def test_a_watchdog_stop_after_a_stop_that_needed_sigkill_sends_sigkill_again(self):
+        host = FakeHost()
+        service = gitproc.Service(host, spec_of("TimeoutStopSec=5", "WatchdogSec=30", "Restart=always"), "c0ffee")
+        service.start()
+        service.restart()
+        host.advance(5)                   # the restart's stop needed SIGKILL
+        self.assertEqual(host.signals[-1], ("web", signal.SIGKILL))
+        host.exit_main(service, KILLED)
+        self.assertEqual(service.phase, P.RUNNING)
+        service.handle(P.EV_WATCHDOG)
+        self.assertEqual(service.phase, P.ENDING)
+        signals = len(host.signals)
+        host.advance(service.spec.timeout_abort_sec or 5)
+        self.assertEqual(host.signals[signals:], [("web", signal.SIGKILL)], "not given up on at once")
+
+    def test_exit_type_cgroup_main_gone_during_exec_start_post(self):
+        host = FakeHost()
+        host.cgroup_pids = lambda service, excluding=None: [4242]
+        service = gitproc.Service(host, spec_of("ExitType=cgroup", "ExecStartPost=/bin/true"), "c0ffee")
+        service.start()
+        self.assertEqual(service.phase, P.START_POST)
+        host.exit_main(service, CLEAN)
+        self.assertEqual(service.phase, P.START_POST, "its cgroup still runs")
+        host.exit(service, CLEAN)         # ExecStartPost= done
+        self.assertEqual(service.phase, P.RUNNING)
+        self.assertEqual(host.log.text("error"), "")
+
+    def test_discarding_a_removed_unit_cancels_its_cgroup_removal(self):
+        host, service = service_in(P.STOPPED)
+        timer = host.call_later(60, lambda: None)
+        service.resources.cgroup_timer = timer
+        service.discard()
+        self.assertTrue(timer.cancelled)
+        self.assertIsNone(service.resources.cgroup_timer)
 
 
 @pure
