@@ -348,10 +348,16 @@ def dependency_specs(unit_lines):
     return specs
 
 
+_CHAINS = {}
+
+
 def chain_specs(length):
-    """u0000 .. u(length-1), each After= the next one: the last name starts first."""
-    return dependency_specs({"u%04d" % i: "After=u%04d" % (i + 1) if i < length - 1 else ""
-                             for i in range(length)})
+    """u0000 .. u(length-1), each After= the next one: the last name starts
+    first. (Parsed once a run: the specs are only read.)"""
+    if length not in _CHAINS:
+        _CHAINS[length] = dependency_specs({"u%04d" % i: "After=u%04d" % (i + 1) if i < length - 1 else ""
+                                            for i in range(length)})
+    return dict(_CHAINS[length])
 
 
 # ---- files, /proc and the daemon's answers -----------------------------------
@@ -10294,7 +10300,7 @@ class StreamServerTests(unittest.TestCase):
     def turn(self, times=5):
         """Run the loop until it has nothing more to do (or `times` rounds)."""
         for _ in range(times):
-            events = self.selector.select(0.02)
+            events = self.selector.select(0.005)
             if not events:
                 break
             for key, mask in events:
