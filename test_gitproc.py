@@ -8008,43 +8008,6 @@ ENDLESS_WRITER = (
     "    os.write(fd, b'y' * 64 + b'\\n')\n")
 
 
-class RotateEndlessWriterTests(unittest.TestCase):
-
-    def test_rotation_returns_while_the_writer_goes_on(self):
-        folder = tempfile.mkdtemp(prefix="gpr", dir="/tmp")
-        self.addCleanup(shutil.rmtree, folder, ignore_errors=True)
-        path = os.path.join(folder, "w.log")
-        open(path, "wb").close()
-        writer = subprocess.Popen([sys.executable, "-c", ENDLESS_WRITER, path])
-
-        def stop_writer():
-            if writer.poll() is None:
-                os.kill(writer.pid, signal.SIGKILL)
-                writer.wait()
-            os.truncate(path, 0)                  # lets an unbounded copy loop end
-        self.addCleanup(stop_writer)
-        wait_until(lambda: os.path.getsize(path) >= 8 << 20, 5, "the writer to start")
-        outcome = []
-
-        def rotate():
-            started = time.monotonic()
-            try:
-                gitproc.rotate_service_log(path, 2)
-                outcome.append(time.monotonic() - started)
-            except Exception as exc:              # reported below
-                outcome.append(exc)
-        thread = threading.Thread(target=rotate, daemon=True)
-        thread.start()
-        thread.join(2.0)
-        still_copying = thread.is_alive()
-        stop_writer()
-        thread.join(30)
-        self.assertFalse(still_copying, "rotate_service_log was still copying after 2 s")
-        self.assertIsInstance(outcome[0], float, outcome)
-        self.assertTrue(os.path.exists(path + ".1"))
-        self.assertEqual(writer.returncode, -signal.SIGKILL, "the writer ran until killed")
-
-
 class FollowTests(unittest.TestCase):
     """`logs -f` across both kinds of rotation: copy-and-truncate (service logs)
     and rename (daemon.log)."""
@@ -8159,6 +8122,40 @@ class FollowTests(unittest.TestCase):
                 break
             line += chunk
         return line
+
+    def test_rotation_returns_while_the_writer_goes_on(self):
+        folder = tempfile.mkdtemp(prefix="gpr", dir="/tmp")
+        self.addCleanup(shutil.rmtree, folder, ignore_errors=True)
+        path = os.path.join(folder, "w.log")
+        open(path, "wb").close()
+        writer = subprocess.Popen([sys.executable, "-c", ENDLESS_WRITER, path])
+
+        def stop_writer():
+            if writer.poll() is None:
+                os.kill(writer.pid, signal.SIGKILL)
+                writer.wait()
+            os.truncate(path, 0)                  # lets an unbounded copy loop end
+        self.addCleanup(stop_writer)
+        wait_until(lambda: os.path.getsize(path) >= 8 << 20, 5, "the writer to start")
+        outcome = []
+
+        def rotate():
+            started = time.monotonic()
+            try:
+                gitproc.rotate_service_log(path, 2)
+                outcome.append(time.monotonic() - started)
+            except Exception as exc:              # reported below
+                outcome.append(exc)
+        thread = threading.Thread(target=rotate, daemon=True)
+        thread.start()
+        thread.join(2.0)
+        still_copying = thread.is_alive()
+        stop_writer()
+        thread.join(30)
+        self.assertFalse(still_copying, "rotate_service_log was still copying after 2 s")
+        self.assertIsInstance(outcome[0], float, outcome)
+        self.assertTrue(os.path.exists(path + ".1"))
+        self.assertEqual(writer.returncode, -signal.SIGKILL, "the writer ran until killed")
 
 
 class LogsCommandTests(unittest.TestCase):
@@ -10913,44 +10910,6 @@ class ObservabilityCase(unittest.TestCase):
                 self.home.known_pids.add(name["pid"])
 
 
-class MetricsTests(ObservabilityCase):
-
-    def test_the_exposition_is_strict_text_format_and_counters_survive_a_restart(self):
-        self.start({"web.service": unit(SLEEPER), "crashy.service": unit("/bin/false", Restart="always",
-                                                                           RestartSec="50ms", StartLimitBurst="3")})
-        self.home.wait_state("crashy", "failed")
-        code, text, err = self.home.cli_process("metrics")
-        self.assertEqual(code, 0, err)
-        families = parse_metrics(self, text)
-        for name in ("gitproc_unit_state", "gitproc_unit_restarts_total", "gitproc_unit_memory_bytes",
-                     "gitproc_unit_cpu_seconds_total", "gitproc_unit_healthy", "gitproc_unit_start_time_seconds",
-                     "gitproc_deploy_commit_info", "gitproc_deploys_total", "gitproc_last_sync_timestamp_seconds",
-                     "gitproc_daemon_resident_memory_bytes", "gitproc_daemon_cpu_seconds_total"):
-            self.assertIn(name, families)
-        self.assertEqual(families["gitproc_unit_restarts_total"]["type"], "counter")
-        self.assertEqual(sample(families, "gitproc_unit_state", unit="web", state="running"), 1)
-        self.assertEqual(sample(families, "gitproc_unit_state", unit="web", state="stopped"), [],
-                         "one series per unit: its state")
-        self.assertEqual(sample(families, "gitproc_unit_state", unit="crashy", state="failed"), 1)
-        restarts = self.home.status("crashy")["restarts"]
-        self.assertGreaterEqual(restarts, 2)
-        self.assertEqual(sample(families, "gitproc_unit_restarts_total", unit="crashy"), restarts)
-        self.assertGreater(sample(families, "gitproc_unit_memory_bytes", unit="web"), 0)
-        info = families["gitproc_deploy_commit_info"]["samples"]
-        self.assertEqual(info[0][0]["subject"], 'say "hi" \\ there', "label values are escaped and read back")
-        self.assertEqual(sample(families, "gitproc_deploys_total", outcome="ok"), 1)
-        # Counters carry on across a daemon restart (the state file keeps them).
-        shutdown_keep_services(self, self.home)
-        self.home.start_daemon()
-        after = parse_metrics(self, self.home.cli_process("metrics")[1])
-        self.assertGreaterEqual(sample(after, "gitproc_unit_restarts_total", unit="crashy"), restarts,
-                                "a counter never goes back (the failed unit gets a new start, and counts on)")
-        self.assertEqual(sample(after, "gitproc_deploys_total", outcome="ok"), 2)
-        code, out, err = self.home.cli_process("status")
-        self.assertIn("http 127.0.0.1:%d" % self.port, out)
-        self.assertNotIn("REACHABLE", out)
-
-
 class HttpListenerTests(ObservabilityCase):
 
     def test_routes_bounds_and_malformed_requests(self):
@@ -11060,6 +11019,41 @@ class HttpListenerTests(ObservabilityCase):
         home.commit({"web.service": unit(SLEEPER)})
         code, out, err = home.cli_process("daemon")
         assert_clean_failure(self, code, out, err, mention="http_listen 'nowhere'")
+
+    def test_the_exposition_is_strict_text_format_and_counters_survive_a_restart(self):
+        self.start({"web.service": unit(SLEEPER), "crashy.service": unit("/bin/false", Restart="always",
+                                                                           RestartSec="50ms", StartLimitBurst="3")})
+        self.home.wait_state("crashy", "failed")
+        code, text, err = self.home.cli_process("metrics")
+        self.assertEqual(code, 0, err)
+        families = parse_metrics(self, text)
+        for name in ("gitproc_unit_state", "gitproc_unit_restarts_total", "gitproc_unit_memory_bytes",
+                     "gitproc_unit_cpu_seconds_total", "gitproc_unit_healthy", "gitproc_unit_start_time_seconds",
+                     "gitproc_deploy_commit_info", "gitproc_deploys_total", "gitproc_last_sync_timestamp_seconds",
+                     "gitproc_daemon_resident_memory_bytes", "gitproc_daemon_cpu_seconds_total"):
+            self.assertIn(name, families)
+        self.assertEqual(families["gitproc_unit_restarts_total"]["type"], "counter")
+        self.assertEqual(sample(families, "gitproc_unit_state", unit="web", state="running"), 1)
+        self.assertEqual(sample(families, "gitproc_unit_state", unit="web", state="stopped"), [],
+                         "one series per unit: its state")
+        self.assertEqual(sample(families, "gitproc_unit_state", unit="crashy", state="failed"), 1)
+        restarts = self.home.status("crashy")["restarts"]
+        self.assertGreaterEqual(restarts, 2)
+        self.assertEqual(sample(families, "gitproc_unit_restarts_total", unit="crashy"), restarts)
+        self.assertGreater(sample(families, "gitproc_unit_memory_bytes", unit="web"), 0)
+        info = families["gitproc_deploy_commit_info"]["samples"]
+        self.assertEqual(info[0][0]["subject"], 'say "hi" \\ there', "label values are escaped and read back")
+        self.assertEqual(sample(families, "gitproc_deploys_total", outcome="ok"), 1)
+        # Counters carry on across a daemon restart (the state file keeps them).
+        shutdown_keep_services(self, self.home)
+        self.home.start_daemon()
+        after = parse_metrics(self, self.home.cli_process("metrics")[1])
+        self.assertGreaterEqual(sample(after, "gitproc_unit_restarts_total", unit="crashy"), restarts,
+                                "a counter never goes back (the failed unit gets a new start, and counts on)")
+        self.assertEqual(sample(after, "gitproc_deploys_total", outcome="ok"), 2)
+        code, out, err = self.home.cli_process("status")
+        self.assertIn("http 127.0.0.1:%d" % self.port, out)
+        self.assertNotIn("REACHABLE", out)
 
 
 def read_all(conn):
