@@ -4824,7 +4824,7 @@ class SourceWatcher:
         if error:
             self.deployer.record_error("fetch", error)
         elif self.fetch_deploys:
-            self.deployer.release_outdated_pin()
+            self.deployer.target.release_outdated_pin()
             self.deployer.deploy_head("fetch")
         self.fetch_deploys = False
         if error:
@@ -8004,6 +8004,9 @@ class ServiceHost:
         raise NotImplementedError
 
 
+KEEP = object()                       # an argument left as it is
+
+
 class Service:
     """One unit: its spec, the user's intent (`want`) and what is observed of
     its processes. Events go through handle(), which looks up TRANSITIONS,
@@ -8131,12 +8134,13 @@ class Service:
             self.restarts = 0             # not running: a manual start
         self.handle(EV_RESTART, reason=reason)
 
-    def take_version(self, spec, commit=None):
+    def take_version(self, spec, commit=KEEP):
         """The unit version to run from now on (a deploy, a rollback, a unit
-        back after its removal; `commit` None: the same commit's, a file
+        back after its removal; without `commit`: the same commit's, a file
         moved). What runs is not touched: the caller restarts or reloads."""
         self.spec = spec
-        self.commit = commit or self.commit
+        if commit is not KEEP:
+            self.commit = commit
 
     def take_saved(self, saved, same_boot):
         """What an earlier daemon saved of this Service (persistent()): the
@@ -11667,10 +11671,6 @@ class Deployer:
     def remote_mode(self):
         return self.target.remote_mode
 
-    @property
-    def pin(self):
-        return self.target.pin
-
     def restore(self, state):
         self.history = History(state.get("history", []))
         deployed = state.get("deployed")
@@ -11684,14 +11684,11 @@ class Deployer:
 
     def persistent(self):
         return {"deployed": self.deployed.to_json() if self.deployed else None,
-                "history": self.history.entries, "pin": self.pin, "deploys_total": self.deploys_total,
+                "history": self.history.entries, "pin": self.target.pin, "deploys_total": self.deploys_total,
                 "refusals_total": self.refusals_total}
 
     def _count(self, outcome):
         self.deploys_total[outcome] = self.deploys_total.get(outcome, 0) + 1
-
-    def release_outdated_pin(self):
-        self.target.release_outdated_pin()
 
     def _read_units(self, sha):
         """The units of a commit (entries, problems); files parsed before are not read again."""
@@ -12305,7 +12302,7 @@ class Deployer:
                 raise GitprocError("rollback: %s" % exc)
             self.target.pin_to(target)
             plan = self.deploy_head("rollback")
-            plan.notes["pinned"] = self.pin
+            plan.notes["pinned"] = self.target.pin
         else:
             try:
                 self.verifier.check(target, None)     # a signed rollback must not vouch for what was never verified
@@ -12337,9 +12334,9 @@ class Deployer:
         return plan
 
     def release_pin(self):
-        if not self.pin:
+        if not self.target.pin:
             raise GitprocError("nothing to release: no rollback pin is set")
-        self.target.release("Rollback pin on %s released" % self.pin["sha"][:7])
+        self.target.release("Rollback pin on %s released" % self.target.pin["sha"][:7])
         return self.deploy_head("rollback release", force=True)
 
 
@@ -13507,6 +13504,7 @@ class StreamServer:
     MAX_CLIENTS = 64
     SWEEP_EVERY = 1.0
     WHAT = "a client"                     # for the log
+    LOG_REFUSALS = True                   # a client refused for MAX_CLIENTS is logged
 
     def __init__(self, log, selector, call_later):
         self.log, self.selector, self.call_later = log, selector, call_later
@@ -13536,7 +13534,8 @@ class StreamServer:
             self.log.warning("daemon", "Accepting %s failed: %s" % (self.WHAT, exc.strerror))
             return
         if len(self.connections) >= self.MAX_CLIENTS:
-            self.log.warning("daemon", "Refused %s: %d connections already" % (self.WHAT, self.MAX_CLIENTS))
+            if self.LOG_REFUSALS:
+                self.log.warning("daemon", "Refused %s: %d connections already" % (self.WHAT, self.MAX_CLIENTS))
             sock.close()
             return
         sock.setblocking(False)
@@ -14057,6 +14056,7 @@ class HttpListener(StreamServer):
     type, body bytes, extra headers), and hold every bound."""
     MAX_CLIENTS = MAX_HTTP_CONNECTIONS
     WHAT = "an HTTP client"
+    LOG_REFUSALS = False                  # reachable from the network: refusals must not flood daemon.log
 
     def __init__(self, address, log, selector, call_later, reply):
         super().__init__(log, selector, call_later)
@@ -14245,10 +14245,10 @@ class HttpRoutes:
         result = self.daemon.handlers.status_result()
         return 200, "application/json", (json.dumps(result, indent=2, sort_keys=True) + "\n").encode(), {}
 
-    def _page_data(self, names=None):
+    def _page_data(self):
         daemon = self.daemon
         result = self.daemon.handlers.status_result()
-        result["services"] = [service_status(daemon.services[n], True) for n in (names or sorted(daemon.services))]
+        result["services"] = [service_status(daemon.services[n], True) for n in sorted(daemon.services)]
         return result
 
     def _http_page(self, request):
@@ -15612,7 +15612,7 @@ class Daemon:
                 "branch": self.config.branch, "hostname": self.config.hostname,
                 "commit": deployer.deployed.to_json() if deployer.deployed else None,
                 "last_sync": deployer.last_sync, "exit_watch": self.host.exit_watcher.mode,
-                "log_dir": self.config.log_dir, "remote": self.config.remote, "pin": deployer.pin,
+                "log_dir": self.config.log_dir, "remote": self.config.remote, "pin": deployer.target.pin,
                 "last_fetch": source.last_fetch, "watch": source.mode, "poll_interval": source.poll_delay,
                 "verify": deployer.verifier.describe(), "refused": deployer.refused,
                 "syslog": self.syslog.describe(), "notify": self.alerts.describe() if self.alerts.targets else None,
@@ -16068,9 +16068,10 @@ DAEMON_READY_ENV = "GITPROC_READY_FD"
 # Internal: where the re-executed daemon finds the bytecode compiled for it
 # when the script's own __pycache__ cannot be used.
 DAEMON_PYCACHE_ENV = "GITPROC_PYCACHE"
-_BOOTSTRAP = ("import sys,os,importlib.util as u;p=os.environ.pop('GITPROC_PYCACHE','');"
-              "sys.pycache_prefix=p or sys.pycache_prefix;s=u.spec_from_file_location('gitproc',sys.argv[1]);"
-              "g=sys.modules['gitproc']=u.module_from_spec(s);s.loader.exec_module(g);sys.exit(g.main(sys.argv[2:]))")
+_BOOTSTRAP = ("import sys,os,importlib.util as u;p=os.environ.pop('GITPROC_PYCACHE','');o=sys.pycache_prefix;"
+              "s=u.spec_from_file_location('gitproc',sys.argv[1]);g=sys.modules['gitproc']=u.module_from_spec(s);"
+              "sys.pycache_prefix=p or o;c=s.loader.get_code('gitproc');sys.pycache_prefix=o;exec(c,g.__dict__);"
+              "sys.exit(g.main(sys.argv[2:]))")
 
 
 def _bytecode_fresh(source, cached):
@@ -16096,9 +16097,16 @@ def _daemon_bytecode(config):
     goes under the state folder, and the returned prefix says so. None: use
     the usual place. Failing to compile is not an error: the daemon then
     compiles the source itself, as before."""
+    umask = os.umask(0o022)           # the cache's folders as gitproc makes any: 0755, whatever the shell's umask
+    try:
+        return _compile_for_daemon(config, os.path.abspath(__file__))
+    finally:
+        os.umask(umask)
+
+
+def _compile_for_daemon(config, source):
     import importlib.util
     import py_compile
-    source = os.path.abspath(__file__)
     usual = importlib.util.cache_from_source(source)
     if _bytecode_fresh(source, usual):
         return None

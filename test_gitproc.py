@@ -279,7 +279,7 @@ class Home:
                 os.kill(self.daemon_pid, signal.SIGKILL)
         # No daemon of a test hides an exception behind "the daemon carries on".
         internal = [line for name in sorted(glob.glob(os.path.join(self.logs, "daemon.log*")))
-                    for line in read_lines(name) if "Internal error" in line]
+                    for line in read_lines(name) if "Internal error" in line or "Traceback" in line]
         for pid in keeper_pids(self.path):    # a daemon killed leaves its socket keeper
             os.kill(pid, signal.SIGKILL)
         self.remove_cgroups()
@@ -291,7 +291,7 @@ class Home:
                     pass
         shutil.rmtree(self.path, ignore_errors=True)
         if internal:
-            raise AssertionError("the daemon logged an internal error:\n" + "\n".join(internal[:5]))
+            raise AssertionError("the daemon logged an internal error:\n" + "\n".join(line[:600] for line in internal[:5]))
 
 
 # ---- unit files for tests ----------------------------------------------------
@@ -11360,6 +11360,28 @@ class DaemonLifecycleTests(unittest.TestCase):
         self.assertFalse(os.path.exists(os.path.join(home.path, "gitproc.sock")))
         self.assertFalse(os.path.exists(os.path.join(home.path, "gitproc.pid")))
 
+    @unittest.skipIf(IS_ROOT, "root may write into a read-only folder: the plain-user suite runs this")
+    def test_a_read_only_script_folder_keeps_its_bytecode_under_the_state_folder(self):
+        home = Home(self, init=False)
+        folder = os.path.join(home.path, "ro")
+        os.mkdir(folder)
+        shutil.copy(GITPROC, os.path.join(folder, "gitproc.py"))
+        os.chmod(folder, 0o555)
+        self.addCleanup(os.chmod, folder, 0o755)
+        env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPYCACHEPREFIX",
+                                                                               "PYTHONDONTWRITEBYTECODE")}
+        env["PYTHONVERBOSE"] = "1"
+        proc = subprocess.run([sys.executable, os.path.join(folder, "gitproc.py"), "--home", home.path, "daemon"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60, env=env)
+        self.assertEqual(proc.returncode, 0, proc.stderr.decode()[-2000:])
+        home.daemon_pid = int(read_text(os.path.join(home.path, "gitproc.pid")))
+        cached = os.path.join(home.path, "pycache", folder.lstrip("/"), "gitproc.%s.pyc" % sys.implementation.cache_tag)
+        log = gitproc.load_config({"home": home.path}, lenient=True).daemon_log
+        wait_until(lambda: "code object from '%s'" % cached in read_text(log), 20,
+                   "the daemon to import gitproc from %s" % cached)
+        self.assertEqual(os.listdir(folder), ["gitproc.py"], "nothing beside the script: it may not be written")
+        self.assertEqual(home.cli("shutdown")[0], 0)
+
     def test_first_start_runs_from_bytecode_where_the_script_folder_takes_none(self):
         """The script sits in a read-only folder and PYTHONDONTWRITEBYTECODE
         is set: the daemon still imports itself from bytecode, compiled under
@@ -11381,6 +11403,11 @@ class DaemonLifecycleTests(unittest.TestCase):
         log = gitproc.load_config({"home": home.path}, lenient=True).daemon_log
         wait_until(lambda: "code object from '%s'" % cached in read_text(log), 20,
                    "the daemon to import gitproc from %s" % cached)
+        self.assertNotRegex(read_text(log), r"code object from /\S+\.py\n",
+                            "the daemon compiled no module from source (the standard library's own bytecode)")
+        self.assertEqual(sorted(glob.glob(os.path.join(home.path, "pycache", "**", "*.pyc"), recursive=True)),
+                         [cached], "only gitproc's bytecode is kept under the state folder")
+        self.assertEqual(stat.S_IMODE(os.stat(os.path.dirname(cached)).st_mode), 0o755)
         self.assertEqual(os.listdir(folder), ["gitproc.py"], "nothing was written beside the script")
         with open("/proc/%d/environ" % home.running_pid("hello"), "rb") as environ:
             self.assertNotIn(b"GITPROC_PYCACHE=", environ.read(), "the daemon's services do not inherit it")
