@@ -7805,7 +7805,7 @@ TRANSITIONS = {
     **_ignoring_the_rest(SPAWNED, {
         (SPAWNED, EV_NEXT): ((SPAWNED, NOTIFY_WAIT) + _FAILS, "spawn_main"),
         (SPAWNED, EV_EXEC): ((SPAWNED, START_POST), "exec_done"),     # exec failed: its exit follows
-        (SPAWNED, EV_EXIT): (_FAILS, "main_exited"),
+        (SPAWNED, EV_EXIT): ((SPAWNED,) + _FAILS, "main_exited"),   # ExitType=cgroup, its cgroup runs: EV_EXEC
         (SPAWNED, EV_STOP): _TO_STOP, (SPAWNED, EV_RESTART): _TO_RESTART}),
     # start-notify: a notify unit's main process runs; READY=1 makes it ready
     **_ignoring_the_rest(NOTIFY_WAIT, {
@@ -8637,10 +8637,17 @@ class Service:
         the last one is gone now)."""
         ran_for = self.host.now() - (self.started_at or self.host.now())
         phase, command = self.phase, self.current
+        if phase == SPAWNED:              # ended before its exec was confirmed: did exec fail?
+            error = self.exec_error or self.host.exec_report(self.name) or None
+            self.exec_error = None
+            if error:
+                self._main_gone(exit_info)
+                self.current = None
+                return self._start_failed("spawn failed: %s" % error, exit_info={"code": spawn_exit_code(error)})
         if cgroup_empty:
             self.exit_wait = self.exit_wait_timer = None
-        elif self.spec.exit_type == "cgroup" and phase in (START_POST, RUNNING, RELOAD) and self.host.cgroup_pids(
-                self, excluding=self.pid):
+        elif self.spec.exit_type == "cgroup" and phase in (SPAWNED, START_POST, RUNNING, RELOAD) and \
+                self.host.cgroup_pids(self, excluding=self.pid):
             self.host.log.info(self.name, "Main process ended (%s); running while its cgroup has processes "
                                "(ExitType=cgroup)" % self.host.describe_exit(self, exit_info))
             self.pid = self.pid_start = self.main_started_wall = None
@@ -8649,14 +8656,9 @@ class Service:
             self._cancel(("watchdog_timer",))
             self.exit_wait = (exit_info,)
             self._wait_cgroup_empty()
+            if phase == SPAWNED:
+                return SPAWNED, self.reason, EV_EXEC    # (it exec'd, and its exit came first: its start goes on)
             return phase, self.reason
-        if phase == SPAWNED:              # ended before its exec was confirmed: did exec fail?
-            error = self.exec_error or self.host.exec_report(self.name) or None
-            self.exec_error = None
-            if error:
-                self._main_gone(exit_info)
-                self.current = None
-                return self._start_failed("spawn failed: %s" % error, exit_info={"code": spawn_exit_code(error)})
         described = self._main_gone(exit_info)
         self.current = None
         if ran_for >= BACKOFF_RESET_UPTIME:

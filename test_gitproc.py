@@ -4941,6 +4941,21 @@ class ChainedStepTests(unittest.TestCase):
         self.assertEqual(service.phase, P.RUNNING)
         self.assertEqual(host.log.text("error"), "")
 
+    def test_exit_type_cgroup_main_gone_before_its_exec_was_confirmed(self):
+        # Under load the exit of a main process that forks and exits at once
+        # can be read before its exec report: it ran, so its cgroup is waited for.
+        host = FakeHost()
+        host.exec_later = True
+        host.cgroup_pids = lambda service, excluding=None: [4242]
+        service = gitproc.Service(host, spec_of("ExitType=cgroup"), "c0ffee")
+        service.start()
+        self.assertEqual(service.phase, P.SPAWNED)
+        host.on_exec.pop(service.pid)     # its exec report is read with its exit: "exec worked"
+        host.exit_main(service, CLEAN)
+        self.assertEqual((service.phase, service.pid), (P.RUNNING, None))
+        self.assertIsNotNone(service.exit_wait, "its cgroup is waited for")
+        self.assertEqual(host.log.text("error"), "")
+
     def test_discarding_a_removed_unit_cancels_its_cgroup_removal(self):
         host, service = service_in(P.STOPPED)
         timer = host.call_later(60, lambda: None)
