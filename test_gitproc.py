@@ -10126,24 +10126,26 @@ class TimerUnitTests(SupervisionCase):
         midnight = (int(time.time()) // 86400 + 1) * 86400
         self.assertEqual(timers["kept.timer"]["next"], float(midnight))     # the machines of this suite run in UTC
 
+
+class TimeZoneChangeTests(SupervisionCase):
+    """The machine's time zone changed, or its wall clock was set, under a
+    running daemon (run alone: every process of the machine sees it)."""
+
     @unittest.skipUnless(IS_ROOT, "setting the clock (to itself) needs root; uid %d" % os.geteuid())
     def test_a_wall_clock_set_replans_and_triggers_on_clock_change(self):
         ran = self.file("ran")
         self.deploy({"job.service": unit_text("Type=oneshot", "ExecStart=" + sh("echo ran >> " + ran)),
                      "job.timer": "[Timer]\nOnCalendar=yearly\nOnClockChange=yes\n"})
         self.assertEqual(self.home.request({"cmd": "list-timers"})["timers"][0]["state"], "waiting")
-        self.assertFalse(os.path.exists(ran))
+        # (a machine whose clock is stepped meanwhile, by its time sync, runs it too: counted, not assumed)
+        runs = len(read_lines(ran)) if os.path.exists(ran) else 0
+        sets = self.home.daemon_log().count("The wall clock was set")
         # a set of the clock to where it is: the kernel tells every CANCEL_ON_SET timerfd all the same
         time.clock_settime(time.CLOCK_REALTIME, time.clock_gettime(time.CLOCK_REALTIME))
-        wait_until(lambda: os.path.exists(ran), 5, "the run OnClockChange= asks for")
-        self.assertIn("The wall clock was set: re-planning calendar timers", self.home.daemon_log())
+        wait_until(lambda: os.path.exists(ran) and len(read_lines(ran)) > runs, 5, "the run OnClockChange= asks for")
+        self.assertGreater(self.home.daemon_log().count("The wall clock was set: re-planning calendar timers"), sets)
         wait_until(lambda: self.home.request({"cmd": "list-timers"})["timers"][0]["state"] == "waiting", 5,
                    "the timer waiting again once its run is over")
-
-
-class TimeZoneChangeTests(SupervisionCase):
-    """The machine's time zone changed under a running daemon (run alone:
-    every process of the machine sees it)."""
 
     @unittest.skipUnless(IS_ROOT and os.path.isdir("/usr/share/zoneinfo/Asia"), "changes /etc/localtime (root)")
     def test_a_new_zone_replans_and_triggers_on_timezone_change(self):
