@@ -8013,6 +8013,15 @@ class Service:
     runs the action and sets the phase: nothing else assigns it. `want` is
     written only by start()/stop()/restart() (user requests, deploys) and by
     state restore; supervision reads it."""
+    __slots__ = ("host", "name", "spec", "commit", "want", "phase", "since", "reason", "pid", "pid_start", "adopted",
+                 "current", "process_serial", "control_pid", "control_command", "control_kind", "control_serial",
+                 "queue", "exec_error", "started_at", "main_started_wall", "restarts", "connection", "log_name",
+                 "restarts_total", "last_exit", "start_times", "crash_streak", "restart_due", "timer", "start_timer",
+                 "watchdog_timer", "runtime_timer", "exit_wait_timer", "exit_wait", "watchdog_usec", "stop_timed_out",
+                 "end", "stopping_spec", "result", "status_text", "notified_ready", "reload_serial", "reload_error",
+                 "reload_from", "monitor", "main_exit", "forked_group", "reap_pending", "start_deadline",
+                 "generation", "succeeded", "health_note", "probe", "resources", "versions")
+    # (__slots__: no dict per unit; a thousand units hold some 1 MB less)
 
     def __init__(self, host, spec, commit, connection=None, log_name=None):
         self.host = host
