@@ -7612,8 +7612,6 @@ def spawn_exit_code(message):
 # or a stop names the event that goes on at once in the phase it chose
 # (EV_CHECK, EV_NEXT, EV_DONE, EV_FINISHED): handle() runs those in turn, so
 # an event is read cell by cell, and users see only where its last one ends.
-# Two cells lead to more phases: a daemon start's adoption and restore, whose
-# outcome is the phase the unit was found in.
 #
 # A service has at most one main process (`pid`) and one control process
 # (`control_pid`), as in systemd. A stop runs ExecStop=, then KillSignal= to
@@ -7685,10 +7683,14 @@ EV_START_TIMEOUT = "start-timeout"  # TimeoutStartSec= passed while starting or 
 EV_STOP_TIMEOUT = "stop-timeout"  # TimeoutStopSec= passed while stopping
 EV_WATCHDOG = "watchdog"          # WatchdogSec= passed without a WATCHDOG=1
 EV_PID_FILE = "pid-file"          # time to look for a forking unit's PIDFile= (again)
-EV_ADOPT = "adopt"                # a live process an earlier daemon started
+EV_ADOPT = "adopt"                # a daemon start found its live main process, an earlier daemon's
 EV_RUNTIME_MAX = "runtime-max"    # RuntimeMaxSec= passed since it became active
 EV_OOM = "oom"                    # the kernel's OOM killer killed a process of its cgroup
-EV_RESTORE = "restore"            # a daemon start found it in the state file, without a process
+# A daemon start found it in the state file without a process (SPEC §6):
+EV_RESTORE = "restore"            # ... its run ended: failed, exited, or remaining (RemainAfterExit=yes)
+EV_RESTORE_BACKOFF = "restore-backoff"   # ... backing off: the delay that remained
+EV_REATTACH = "reattach"          # ... ExitType=cgroup: its main process gone, its cgroup perhaps not
+FOUND_EVENTS = (EV_ADOPT, EV_RESTORE, EV_RESTORE_BACKOFF, EV_REATTACH)   # only for a Service just made
 # The steps of one event: an action that ends one step of a start or a stop
 # names the event that goes on at once in the phase it chose (handle() runs
 # them in turn; users see only where the last one ends).
@@ -7699,7 +7701,7 @@ EV_FINISHED = "finished"          # a oneshot's start is complete: it remains, o
 INTERNAL_EVENTS = (EV_CHECK, EV_NEXT, EV_DONE, EV_FINISHED)
 EVENTS = (EV_START, EV_STOP, EV_RESTART, EV_RELOAD, EV_DEPENDENCIES, EV_EXIT, EV_CONTROL_EXIT, EV_EXEC,
           EV_READY, EV_RELOADING, EV_STOPPING, EV_HEALTHY, EV_UNHEALTHY, EV_RESTART_DUE, EV_START_TIMEOUT,
-          EV_STOP_TIMEOUT, EV_WATCHDOG, EV_PID_FILE, EV_ADOPT, EV_RUNTIME_MAX, EV_OOM, EV_RESTORE) + INTERNAL_EVENTS
+          EV_STOP_TIMEOUT, EV_WATCHDOG, EV_PID_FILE, EV_RUNTIME_MAX, EV_OOM) + FOUND_EVENTS + INTERNAL_EVENTS
 IGNORE = "ignore"
 # The command step each phase runs: a UnitSpec field, whose commands EV_NEXT
 # spawns one by one (a oneshot's and a simple unit's main commands are not
@@ -7718,7 +7720,7 @@ def _ignoring_the_rest(phase, cells):
     """`cells`, and every other outside event of `phase` ignored (internal
     events are never ignored: one the table does not name is refused)."""
     return {**cells, **_ignored(phase, *[event for event in EVENTS if (phase, event) not in cells
-                                         and event not in INTERNAL_EVENTS + (EV_ADOPT, EV_RESTORE)])}
+                                         and event not in INTERNAL_EVENTS + FOUND_EVENTS])}
 
 
 def _stopping(after, step):
@@ -7765,12 +7767,15 @@ TRANSITIONS = {
         (STOPPED, EV_START): _BEGIN,
         (STOPPED, EV_STOP): ((STOPPED,), "settle_stopped"),
         (STOPPED, EV_RESTART): _BEGIN,
-        (STOPPED, EV_ADOPT): ((RUNNING, ONESHOT, HEALTH_WAIT, REMAIN), "adopt"),   # as the process was found
-        # a daemon start found it in the state file with no process (SPEC §6):
-        # backoff (with the delay that remained), failed, exited and remain
-        # stay; an ExitType=cgroup unit whose cgroup runs runs; anything else
-        # starts anew (stopped, then EV_START)
-        (STOPPED, EV_RESTORE): ((BACKOFF, FAILED, EXITED, RUNNING, STOPPED), "restore")}),
+        # a daemon start found it (SPEC §6): its live process is adopted (a
+        # oneshot's last command, awaited); a run that ended stays as it
+        # was; a backoff goes on with the delay that remained; an
+        # ExitType=cgroup unit runs while its cgroup does. Anything else a
+        # daemon start finds starts anew (stopped, then EV_START).
+        (STOPPED, EV_ADOPT): ((RUNNING, ONESHOT, HEALTH_WAIT), "adopt"),       # health check of a oneshot: start-health
+        (STOPPED, EV_RESTORE): ((FAILED, EXITED, REMAIN), "restore"),         # as it was
+        (STOPPED, EV_RESTORE_BACKOFF): ((BACKOFF, STOPPED), "restore_backoff"),   # the delay unknown: EV_START
+        (STOPPED, EV_REATTACH): ((RUNNING, STOPPED), "reattach")}),           # its cgroup empty: EV_START
     # exited: finished and not restarting; failed: the start limit, a failed
     # start, a failed run; backoff: waiting RestartSec= before the next start
     **_ignoring_the_rest(EXITED, {(EXITED, EV_START): _BEGIN, (EXITED, EV_RESTART): _BEGIN,
@@ -7893,10 +7898,10 @@ TRANSITIONS = {
     # stop turns a restart back into a stop, at the same step
     **{cell: entry for after in STOP_STEPS for step in range(3) for cell, entry in _stopping(after, step).items()},
 }
-# Adoption happens only to a Service just made (STOPPED) and a restore to one
-# a daemon start made: either in any other phase is a bug, refused by
-# handle() like any pair not in the table, and so is an internal event the
-# table does not name.
+# What a daemon start found (FOUND_EVENTS) is given only to a Service it just
+# made (STOPPED): in any other phase it is a bug, refused by handle() like
+# any pair not in the table, and so is an internal event the table does not
+# name.
 
 
 class ServiceHost:
@@ -8180,6 +8185,14 @@ class Service:
     def adopt(self, pid, pid_start, started_wall):
         """Watch a process an earlier daemon started (same pid and start time)."""
         self.handle(EV_ADOPT, pid=pid, pid_start=pid_start, started_wall=started_wall)
+
+    def restore(self, phase, reason, restart_in=None):
+        """A daemon start found this unit in the state file in `phase`, with
+        no process: ended (failed, exited, remain), backing off (`restart_in`
+        the delay that remained) or "exit-wait" (ExitType=cgroup)."""
+        event = {BACKOFF: EV_RESTORE_BACKOFF, "exit-wait": EV_REATTACH}.get(phase, EV_RESTORE)
+        self.handle(event, **({"phase": phase} if event == EV_RESTORE else {}), reason=reason,
+                    **({"restart_in": restart_in} if event == EV_RESTORE_BACKOFF else {}))
 
     def notified(self, fields, trusted=False):
         """An sd_notify message the daemon accepted for this service: what it
@@ -8620,9 +8633,6 @@ class Service:
         return self._begin_stop_sequence("policy", why, failed=True, run_exec_stop=self.phase == START_POST)
 
     def _adopt(self, pid, pid_start, started_wall):
-        if pid is None:                   # RemainAfterExit=yes: it had run, nothing is left
-            self.host.log.info(self.name, "Remains active (RemainAfterExit=yes), as before the daemon restarted")
-            return REMAIN, None                         # stopped -> remain: as the earlier daemon left it
         self.pid, self.pid_start, self.adopted = pid, pid_start, True
         self.current = self.spec.exec_start[-1] if self.spec.exec_start else None
         self.started_at = self.host.now()
@@ -9106,26 +9116,33 @@ class Service:
         self.restart_due = self.host.now() + delay
         self.timer = self.host.call_later(delay, lambda: self.handle(EV_RESTART_DUE))
 
-    def _restore(self, phase, reason, restart_in=None):
-        """An earlier daemon left this unit without a process: it goes on where
-        it was (SPEC §6), a backoff with the delay that remained, a failed or
-        exited unit as it was; what was in flight starts anew."""
-        if phase == BACKOFF and restart_in is not None:
-            self.host.log.info(self.name, "Restarting in %s (backing off when the daemon stopped)" % format_timespan(
-                restart_in))
-            self._arm_restart(restart_in)
-            return BACKOFF, reason                      # stopped -> backoff: with the delay that remained
-        if phase == "exit-wait":          # ExitType=cgroup: its cgroup's processes still run
-            self.host.reattach_cgroup(self)
-            if self.host.cgroup_pids(self):
-                self.exit_wait = (self.last_exit,)
-                self._wait_cgroup_empty()
-                return RUNNING, reason                  # stopped -> running: until its cgroup empties
-            return STOPPED, reason, EV_START
-        if phase in (FAILED, EXITED):
-            self.succeeded = phase == EXITED and exit_is_clean(self.last_exit, self.spec.success_exit_status)
-            return phase, reason                        # stopped -> failed/exited: as it was
-        return STOPPED, reason, EV_START                # (stays stopped, and starts anew at once)
+    def _restore(self, phase, reason):
+        """An earlier daemon left this unit's run ended: it stays as it was."""
+        if phase == REMAIN:               # RemainAfterExit=yes: it had run, nothing is left
+            self.host.log.info(self.name, "Remains active (RemainAfterExit=yes), as before the daemon restarted")
+            return REMAIN, None                         # stopped -> remain: as the earlier daemon left it
+        self.succeeded = phase == EXITED and exit_is_clean(self.last_exit, self.spec.success_exit_status)
+        return phase, reason                            # stopped -> failed/exited: as it was
+
+    def _restore_backoff(self, reason, restart_in=None):
+        """An earlier daemon left it backing off: the delay that remained (not
+        known: it starts anew)."""
+        if restart_in is None:
+            return STOPPED, reason, EV_START            # (stays stopped, and starts anew at once)
+        self.host.log.info(self.name, "Restarting in %s (backing off when the daemon stopped)" % format_timespan(
+            restart_in))
+        self._arm_restart(restart_in)
+        return BACKOFF, reason                          # stopped -> backoff: with the delay that remained
+
+    def _reattach(self, reason):
+        """ExitType=cgroup: its main process had ended; it runs while its
+        cgroup's processes do, else it starts anew."""
+        self.host.reattach_cgroup(self)
+        if not self.host.cgroup_pids(self):
+            return STOPPED, reason, EV_START            # (stays stopped, and starts anew at once)
+        self.exit_wait = (self.last_exit,)
+        self._wait_cgroup_empty()
+        return RUNNING, reason                          # stopped -> running: until its cgroup empties
 
     def _close_probe(self):
         if self.probe is not None:
@@ -11391,13 +11408,16 @@ class Recovery:
             due = saved.get("restart_due")
             longest = restart_delay(service.spec.restart_sec, service.crash_streak, service.spec.restart_steps,
                                     service.spec.restart_max_delay)   # a clock set back never stretches it
-            service.handle(EV_RESTORE, phase=phase, reason=saved["reason"] if isinstance(saved.get("reason"), str)
-                           else None, restart_in=min(longest, max(0.0, due - time.time()))
-                           if isinstance(due, (int, float)) else None)
+            service.restore(phase, saved["reason"] if isinstance(saved.get("reason"), str) else None,
+                            restart_in=min(longest, max(0.0, due - time.time())) if isinstance(due, (int, float))
+                            else None)
             return True
         if live is None:
             return False
-        service.adopt(live[0], live[1], saved.get("started_wall"))
+        if live[0] is None:
+            service.restore(REMAIN, None)
+        else:
+            service.adopt(live[0], live[1], saved.get("started_wall"))
         # The snapshot it reads through %Y: what the state file says (null for a
         # unit that had no folder), else (a state file of an older gitproc, or
         # an older process) the deployed one.
