@@ -7609,9 +7609,11 @@ def spawn_exit_code(message):
 # lead to, the action): every pair is written out, "nothing happens" (IGNORE)
 # included, so the table is the documentation. A pair that is not in it is a
 # bug: handle() logs and refuses it. An action that ends one step of a start
-# or a stop names the event that goes on at once in the phase it chose
-# (EV_CHECK, EV_NEXT, EV_DONE, EV_FINISHED): handle() runs those in turn, so
-# an event is read cell by cell, and users see only where its last one ends.
+# or a stop goes on at once with an event in the phase it chose (EV_CHECK,
+# EV_NEXT, EV_DONE, EV_FINISHED, or a start): its cell says so, then(phase,
+# event), and handle() runs that cell next. So an event is read cell by cell,
+# where it can end follows from the table alone, and users see only where it
+# ends.
 #
 # A service has at most one main process (`pid`) and one control process
 # (`control_pid`), as in systemd. A stop runs ExecStop=, then KillSignal= to
@@ -7712,6 +7714,16 @@ STEP_OF = {CONDITION: "exec_condition", START_PRE: "exec_start_pre", FORKING: "e
            **{phase: "exec_stop_post" for phase in (STOP_POST, RESTART_POST, END_POST)}}
 
 
+def then(phase, event):
+    """An outcome of a cell that goes on at once: `phase`, then `event` in it."""
+    return phase, event
+
+
+def phases_of(outcomes):
+    """The phases a cell's outcomes name (then(phase, event) names its phase)."""
+    return tuple(dict.fromkeys(outcome if isinstance(outcome, str) else outcome[0] for outcome in outcomes))
+
+
 def _ignored(phase, *events):
     return {(phase, event): ((phase,), IGNORE) for event in events}
 
@@ -7730,21 +7742,22 @@ def _stopping(after, step):
     command, signalled, post = STOP_STEPS[after]
     phase = STOP_STEPS[after][step]
     end = {"stop": ((STOPPED,), "end_stop"),                   # -> stopped
-           "restart": ((STOPPED,), "end_stop"),                # -> stopped, and EV_START at once (want up)
+           "restart": ((STOPPED, then(STOPPED, EV_START)), "end_stop"),   # started again (want up, not shutting down)
            "policy": ((BACKOFF, FAILED, EXITED), "end_stop")}[after]    # should_restart(): backoff, else failed/exited
+    post_next = then(post, EV_NEXT)                            # nothing left: ExecStopPost=
     cells = [
-        {EV_NEXT: ((command,), "next_command"),                # a command runs; none left: EV_DONE
-         EV_DONE: ((signalled, post), "signal_leftovers"),      # KillSignal= to what is left; nothing: ExecStopPost=
-         EV_CONTROL_EXIT: ((command,), "control_exited"),      # EV_NEXT (after a failure: EV_DONE)
-         EV_STOP_TIMEOUT: ((command,), "stop_command_timed_out"),   # EV_DONE: KillSignal= to it too
+        {EV_NEXT: ((command, then(command, EV_DONE)), "next_command"),   # a command runs; none left: the next step
+         EV_DONE: ((signalled, post_next), "signal_leftovers"),          # KillSignal= to what is left
+         EV_CONTROL_EXIT: ((command, then(command, EV_NEXT), then(command, EV_DONE)), "control_exited"),  # failed: done
+         EV_STOP_TIMEOUT: ((then(command, EV_DONE),), "stop_command_timed_out"),   # KillSignal= to it too
          EV_EXIT: ((command,), "main_gone_while_stopping")},   # ExecStop= may wait for it: it goes on
-        {EV_EXIT: ((signalled, post), "main_gone_while_stopping"),     # nothing left: ExecStopPost=
-         EV_CONTROL_EXIT: ((signalled, post), "control_gone_while_stopping"),
-         EV_STOP_TIMEOUT: ((signalled, post), "kill_hard")},   # SIGKILL; after one more timeout, given up on
-        {EV_NEXT: ((post,), "next_command"),
+        {EV_EXIT: ((signalled, post_next), "main_gone_while_stopping"),
+         EV_CONTROL_EXIT: ((signalled, post_next), "control_gone_while_stopping"),
+         EV_STOP_TIMEOUT: ((signalled, post_next), "kill_hard")},   # SIGKILL; after one more timeout, given up on
+        {EV_NEXT: ((post, then(post, EV_DONE)), "next_command"),
          EV_DONE: end,
-         EV_CONTROL_EXIT: ((post,), "control_exited"),
-         EV_STOP_TIMEOUT: ((post,), "stop_post_timed_out")},   # SIGKILL; then given up on: EV_DONE
+         EV_CONTROL_EXIT: ((post, then(post, EV_NEXT), then(post, EV_DONE)), "control_exited"),
+         EV_STOP_TIMEOUT: ((post, then(post, EV_DONE)), "stop_post_timed_out")},   # SIGKILL; then given up on
     ][step]
     if after == "restart":
         cells[EV_STOP] = ((STOP_STEPS["stop"][step],), "stop_after_stop")
@@ -7756,10 +7769,10 @@ def _stopping(after, step):
 # Where a start begins, and where its steps lead: the first step's phase,
 # entered with EV_CHECK; the end of the run (END_COMMAND, entered with
 # EV_NEXT) when a start fails.
-_BEGIN = ((STOPPED, WAITING, CONDITION), "begin_start")   # stopped: shutting down, a dependency failed
-_TO_STOP = ((STOP_COMMAND,), "begin_stop")                # then its ExecStop=, KillSignal=, ExecStopPost=
-_TO_RESTART = ((RESTART_COMMAND,), "begin_restart")
-_FAILS = (END_COMMAND,)                                    # a start that fails, or a run that ends
+_BEGIN = ((STOPPED, WAITING, then(CONDITION, EV_CHECK)), "begin_start")   # stopped: shutting down, a dependency failed
+_TO_STOP = ((then(STOP_COMMAND, EV_NEXT),), "begin_stop")       # then its ExecStop=, KillSignal=, ExecStopPost=
+_TO_RESTART = ((then(RESTART_COMMAND, EV_NEXT),), "begin_restart")
+_FAILS = (then(END_COMMAND, EV_NEXT),)                    # a start that fails, or a run that ends
 
 TRANSITIONS = {
     # stopped: no process; by the user, a failed dependency, or never started
@@ -7774,8 +7787,8 @@ TRANSITIONS = {
         # daemon start finds starts anew (stopped, then EV_START).
         (STOPPED, EV_ADOPT): ((RUNNING, ONESHOT, HEALTH_WAIT), "adopt"),       # health check of a oneshot: start-health
         (STOPPED, EV_RESTORE): ((FAILED, EXITED, REMAIN), "restore"),         # as it was
-        (STOPPED, EV_RESTORE_BACKOFF): ((BACKOFF, STOPPED), "restore_backoff"),   # the delay unknown: EV_START
-        (STOPPED, EV_REATTACH): ((RUNNING, STOPPED), "reattach")}),           # its cgroup empty: EV_START
+        (STOPPED, EV_RESTORE_BACKOFF): ((BACKOFF, then(STOPPED, EV_START)), "restore_backoff"),   # the delay unknown
+        (STOPPED, EV_REATTACH): ((RUNNING, then(STOPPED, EV_START)), "reattach")}),   # its cgroup empty
     # exited: finished and not restarting; failed: the start limit, a failed
     # start, a failed run; backoff: waiting RestartSec= before the next start
     **_ignoring_the_rest(EXITED, {(EXITED, EV_START): _BEGIN, (EXITED, EV_RESTART): _BEGIN,
@@ -7792,29 +7805,33 @@ TRANSITIONS = {
     # start limit fails: failed; AutoRollback= may start the old version),
     # then its ExecCondition= commands (exit 1-254 skips the start)
     **_ignoring_the_rest(CONDITION, {
-        (CONDITION, EV_CHECK): ((STOPPED, FAILED, CONDITION), "check_start"),   # then EV_NEXT
-        (CONDITION, EV_NEXT): ((CONDITION, STOPPED) + _FAILS, "next_command"),    # could not start: 203, a skip
-        (CONDITION, EV_DONE): ((START_PRE,), "pre_step"),                     # then EV_NEXT
-        (CONDITION, EV_CONTROL_EXIT): ((CONDITION, STOPPED) + _FAILS, "control_exited"),   # condition_skips()
+        (CONDITION, EV_CHECK): ((STOPPED, FAILED, then(CONDITION, EV_NEXT), then(STOPPED, EV_START)),
+                                "check_start"),          # start_limit_hit(); started again: the old version
+        (CONDITION, EV_NEXT): ((CONDITION, then(CONDITION, EV_DONE), STOPPED) + _FAILS,
+                               "next_command"),          # could not start: exit 203, a skip
+        (CONDITION, EV_DONE): ((then(START_PRE, EV_NEXT),), "pre_step"),
+        (CONDITION, EV_CONTROL_EXIT): ((CONDITION, then(CONDITION, EV_NEXT), STOPPED) + _FAILS,
+                                      "control_exited"),   # condition_skips(); another's exit: stays
         (CONDITION, EV_STOP): _TO_STOP, (CONDITION, EV_RESTART): _TO_RESTART,
         (CONDITION, EV_START_TIMEOUT): (_FAILS, "start_timed_out")}),
     # start-pre: its ExecStartPre= commands run
     **_ignoring_the_rest(START_PRE, {
-        (START_PRE, EV_NEXT): ((START_PRE,) + _FAILS, "next_command"),
-        (START_PRE, EV_DONE): ((FORKING, ONESHOT, SPAWNED), "start_main"),    # by Type=; then EV_NEXT
-        (START_PRE, EV_CONTROL_EXIT): ((START_PRE,) + _FAILS, "control_exited"),
+        (START_PRE, EV_NEXT): ((START_PRE, then(START_PRE, EV_DONE)) + _FAILS, "next_command"),
+        (START_PRE, EV_DONE): ((then(FORKING, EV_NEXT), then(ONESHOT, EV_NEXT), then(SPAWNED, EV_NEXT)),
+                               "start_main"),            # by Type=
+        (START_PRE, EV_CONTROL_EXIT): ((START_PRE, then(START_PRE, EV_NEXT)) + _FAILS, "control_exited"),
         (START_PRE, EV_STOP): _TO_STOP, (START_PRE, EV_RESTART): _TO_RESTART,
         (START_PRE, EV_START_TIMEOUT): (_FAILS, "start_timed_out")}),
     # spawned: the main process of a simple, exec or notify unit is made
     # (EV_NEXT); a simple one runs once its exec is confirmed
     **_ignoring_the_rest(SPAWNED, {
-        (SPAWNED, EV_NEXT): ((SPAWNED, NOTIFY_WAIT) + _FAILS, "spawn_main"),
-        (SPAWNED, EV_EXEC): ((SPAWNED, START_POST), "exec_done"),     # exec failed: its exit follows
-        (SPAWNED, EV_EXIT): ((SPAWNED,) + _FAILS, "main_exited"),   # ExitType=cgroup, its cgroup runs: EV_EXEC
+        (SPAWNED, EV_NEXT): ((SPAWNED, then(SPAWNED, EV_EXEC), NOTIFY_WAIT) + _FAILS, "spawn_main"),   # confirmed at once
+        (SPAWNED, EV_EXEC): ((SPAWNED, then(START_POST, EV_NEXT)), "exec_done"),   # exec failed: its exit follows
+        (SPAWNED, EV_EXIT): ((SPAWNED, then(SPAWNED, EV_EXEC)) + _FAILS, "main_exited"),   # ExitType=cgroup: its cgroup runs
         (SPAWNED, EV_STOP): _TO_STOP, (SPAWNED, EV_RESTART): _TO_RESTART}),
     # start-notify: a notify unit's main process runs; READY=1 makes it ready
     **_ignoring_the_rest(NOTIFY_WAIT, {
-        (NOTIFY_WAIT, EV_READY): ((START_POST,), "notified_ready"),            # then EV_NEXT
+        (NOTIFY_WAIT, EV_READY): ((then(START_POST, EV_NEXT), NOTIFY_WAIT), "notified_ready"),   # from the main pid
         (NOTIFY_WAIT, EV_EXIT): (_FAILS, "main_exited"),                        # before READY=1: the start failed
         (NOTIFY_WAIT, EV_STOP): _TO_STOP, (NOTIFY_WAIT, EV_RESTART): _TO_RESTART,
         (NOTIFY_WAIT, EV_START_TIMEOUT): (_FAILS, "start_timed_out"),
@@ -7823,10 +7840,10 @@ TRANSITIONS = {
     # start-forking: its ExecStart= runs (a control process) until it exits 0
     # and the main pid is known (PIDFile=, looked at again until written)
     **_ignoring_the_rest(FORKING, {
-        (FORKING, EV_NEXT): ((FORKING,) + _FAILS, "next_command"),
-        (FORKING, EV_DONE): ((FORKING, START_POST) + _FAILS, "find_main_pid"),   # its ExecStart= could not start ('-')
-        (FORKING, EV_CONTROL_EXIT): ((FORKING,) + _FAILS, "forked"),          # exit 0: EV_PID_FILE at once
-        (FORKING, EV_PID_FILE): ((FORKING, START_POST) + _FAILS, "find_main_pid"),
+        (FORKING, EV_NEXT): ((FORKING, then(FORKING, EV_DONE)) + _FAILS, "next_command"),
+        (FORKING, EV_DONE): ((FORKING, then(START_POST, EV_NEXT)) + _FAILS, "find_main_pid"),   # it could not start ('-')
+        (FORKING, EV_CONTROL_EXIT): ((FORKING, then(FORKING, EV_PID_FILE)) + _FAILS, "forked"),   # exit 0: its main pid
+        (FORKING, EV_PID_FILE): ((FORKING, then(START_POST, EV_NEXT)) + _FAILS, "find_main_pid"),   # not written: again
         (FORKING, EV_EXIT): (_FAILS, "main_exited"),                            # a MAINPID= named it, and it ended
         (FORKING, EV_STOP): _TO_STOP, (FORKING, EV_RESTART): _TO_RESTART,
         (FORKING, EV_START_TIMEOUT): (_FAILS, "start_timed_out"),
@@ -7835,9 +7852,9 @@ TRANSITIONS = {
     # start-oneshot: a oneshot's ExecStart= commands run in turn (EV_NEXT);
     # the last one's exit 0 ends the step
     **_ignoring_the_rest(ONESHOT, {
-        (ONESHOT, EV_NEXT): ((ONESHOT,) + _FAILS, "spawn_main"),               # none left: EV_DONE
-        (ONESHOT, EV_DONE): ((START_POST,), "main_running"),                    # then EV_NEXT
-        (ONESHOT, EV_EXIT): ((ONESHOT,) + _FAILS, "oneshot_exited"),           # run_succeeded(): EV_NEXT
+        (ONESHOT, EV_NEXT): ((ONESHOT, then(ONESHOT, EV_DONE)) + _FAILS, "spawn_main"),   # none left: done
+        (ONESHOT, EV_DONE): ((then(START_POST, EV_NEXT),), "main_running"),
+        (ONESHOT, EV_EXIT): ((then(ONESHOT, EV_NEXT),) + _FAILS, "oneshot_exited"),   # run_succeeded()
         (ONESHOT, EV_STOP): _TO_STOP, (ONESHOT, EV_RESTART): _TO_RESTART,
         (ONESHOT, EV_START_TIMEOUT): (_FAILS, "start_timed_out"),
         (ONESHOT, EV_WATCHDOG): ((ENDING,), "watchdog_expired"),
@@ -7845,10 +7862,10 @@ TRANSITIONS = {
     # start-post: the main process runs (or a oneshot's all ran); its
     # ExecStartPost= commands run, then it is ready
     **_ignoring_the_rest(START_POST, {
-        (START_POST, EV_NEXT): ((START_POST,) + _FAILS, "next_command"),
-        (START_POST, EV_DONE): ((HEALTH_WAIT, RUNNING, START_POST), "started"),   # a oneshot: EV_FINISHED
-        (START_POST, EV_FINISHED): ((REMAIN, END_POST), "oneshot_finished"),    # end-post: then EV_DONE
-        (START_POST, EV_CONTROL_EXIT): ((START_POST,) + _FAILS, "control_exited"),
+        (START_POST, EV_NEXT): ((START_POST, then(START_POST, EV_DONE)) + _FAILS, "next_command"),
+        (START_POST, EV_DONE): ((HEALTH_WAIT, RUNNING, then(START_POST, EV_FINISHED)), "started"),   # a oneshot
+        (START_POST, EV_FINISHED): ((REMAIN, then(END_POST, EV_DONE)), "oneshot_finished"),   # or its run ends
+        (START_POST, EV_CONTROL_EXIT): ((START_POST, then(START_POST, EV_NEXT)) + _FAILS, "control_exited"),
         (START_POST, EV_EXIT): ((START_POST,) + _FAILS, "main_exited"),        # (ExitType=cgroup: it goes on)
         (START_POST, EV_STOP): _TO_STOP, (START_POST, EV_RESTART): _TO_RESTART,
         (START_POST, EV_START_TIMEOUT): (_FAILS, "start_timed_out"),
@@ -7857,7 +7874,7 @@ TRANSITIONS = {
     # start-health: ready, its first health check not passed yet
     **_ignoring_the_rest(HEALTH_WAIT, {
         (HEALTH_WAIT, EV_HEALTHY): ((RUNNING,), "ready"),
-        (HEALTH_WAIT, EV_UNHEALTHY): ((RESTART_COMMAND,), "restart_unhealthy"),   # or AutoRollback=
+        (HEALTH_WAIT, EV_UNHEALTHY): ((then(RESTART_COMMAND, EV_NEXT),), "restart_unhealthy"),   # or AutoRollback=
         (HEALTH_WAIT, EV_EXIT): (_FAILS, "main_exited"),
         (HEALTH_WAIT, EV_STOP): _TO_STOP, (HEALTH_WAIT, EV_RESTART): _TO_RESTART,
         (HEALTH_WAIT, EV_WATCHDOG): ((ENDING,), "watchdog_expired"),           # armed once ready: this wait too
@@ -7865,26 +7882,26 @@ TRANSITIONS = {
     # running: the main process runs and is ready
     **_ignoring_the_rest(RUNNING, {
         (RUNNING, EV_EXIT): ((RUNNING, REMAIN) + _FAILS, "main_exited"),      # ExitType=cgroup / RemainAfterExit=
-        (RUNNING, EV_RELOAD): ((RELOAD, RUNNING), "begin_reload"),             # no ExecReload=: stays, said so
+        (RUNNING, EV_RELOAD): ((then(RELOAD, EV_NEXT), RELOAD, RUNNING), "begin_reload"),   # signal; none: said so
         (RUNNING, EV_RELOADING): ((RELOAD,), "reloading_notified"),
         (RUNNING, EV_STOPPING): ((ENDING,), "stopping_notified"),
         (RUNNING, EV_HEALTHY): ((RUNNING,), "note_healthy"),
-        (RUNNING, EV_UNHEALTHY): ((RESTART_COMMAND,), "restart_unhealthy"),
+        (RUNNING, EV_UNHEALTHY): ((then(RESTART_COMMAND, EV_NEXT),), "restart_unhealthy"),
         (RUNNING, EV_STOP): _TO_STOP, (RUNNING, EV_RESTART): _TO_RESTART,
         (RUNNING, EV_WATCHDOG): ((ENDING,), "watchdog_expired"),
         (RUNNING, EV_RUNTIME_MAX): (_FAILS, "runtime_max_passed"),
         (RUNNING, EV_OOM): ((RUNNING,) + _FAILS, "oom_killed")}),
     # remain: RemainAfterExit=yes, its process exited successfully
     **_ignoring_the_rest(REMAIN, {
-        (REMAIN, EV_RELOAD): ((RELOAD, REMAIN), "begin_reload"),
+        (REMAIN, EV_RELOAD): ((then(RELOAD, EV_NEXT), RELOAD, REMAIN), "begin_reload"),
         (REMAIN, EV_STOP): _TO_STOP, (REMAIN, EV_RESTART): _TO_RESTART,
         (REMAIN, EV_RUNTIME_MAX): (_FAILS, "runtime_max_passed")}),
     # reload: ExecReload= runs (or ReloadSignal= was sent), or RELOADING=1
     # until READY=1; then back where it was (reload_from)
     **_ignoring_the_rest(RELOAD, {
-        (RELOAD, EV_NEXT): ((RELOAD, RUNNING, REMAIN), "next_command"),       # could not start: failed, back
+        (RELOAD, EV_NEXT): ((RELOAD, then(RELOAD, EV_DONE), RUNNING, REMAIN), "next_command"),   # could not start: back
         (RELOAD, EV_DONE): ((RUNNING, REMAIN), "reload_done"),
-        (RELOAD, EV_CONTROL_EXIT): ((RELOAD, RUNNING, REMAIN), "control_exited"),
+        (RELOAD, EV_CONTROL_EXIT): ((RELOAD, then(RELOAD, EV_NEXT), RUNNING, REMAIN), "control_exited"),
         (RELOAD, EV_READY): ((RELOAD, RUNNING, REMAIN), "reload_ready"),       # ExecReload= still runs: stays
         (RELOAD, EV_START_TIMEOUT): ((RUNNING, REMAIN), "reload_timed_out"),
         (RELOAD, EV_EXIT): ((RELOAD, REMAIN) + _FAILS, "main_exited"),
@@ -8245,9 +8262,9 @@ class Service:
                 if action == IGNORE:
                     break
                 outcome = getattr(self, "_" + action)(**facts)
-                if outcome[0] not in allowed:
-                    raise RuntimeError("%s led to %r, which the table does not allow (%s)" % (
-                        action, outcome[0], ", ".join(allowed)))
+                step = outcome[0] if len(outcome) < 3 else then(outcome[0], outcome[2])
+                if step not in allowed:
+                    raise RuntimeError("%s led to %r, which the table does not allow (%r)" % (action, step, allowed))
                 self.phase, self.reason = outcome[0], outcome[1]
                 if len(outcome) < 3:
                     break
