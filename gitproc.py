@@ -8038,10 +8038,10 @@ class Service:
     __slots__ = ("host", "name", "spec", "commit", "want", "phase", "since", "reason", "pid", "pid_start", "adopted",
                  "current", "process_serial", "control_pid", "control_command", "control_kind", "control_serial",
                  "queue", "exec_error", "started_at", "main_started_wall", "restarts", "connection", "log_name",
-                 "restarts_total", "last_exit", "start_times", "crash_streak", "restart_due", "timer", "start_timer",
-                 "watchdog_timer", "runtime_timer", "exit_wait_timer", "exit_wait", "watchdog_usec", "stop_timed_out",
+                 "restarts_total", "last_exit", "start_times", "crash_streak", "timers", "exit_wait", "watchdog_usec",
+                 "stop_timed_out",
                  "end", "stopping_spec", "result", "status_text", "notified_ready", "reload_serial", "reload_error",
-                 "reload_from", "monitor", "main_exit", "forked_group", "reap_pending", "start_deadline",
+                 "reload_from", "monitor", "main_exit", "forked_group", "reap_pending",
                  "generation", "succeeded", "health_note", "probe", "resources", "versions")
     # (__slots__: no dict per unit; a thousand units hold some 1 MB less)
 
@@ -8074,12 +8074,7 @@ class Service:
         self.last_exit = None           # {"code": N} or {"signal": N} of the last main exit
         self.start_times = []           # monotonic times of recent starts (start limit)
         self.crash_streak = 0           # runs in a row that died young (backoff)
-        self.restart_due = None         # monotonic time BACKOFF's restart is due
-        self.timer = None               # pending restart, stop escalation or PIDFile= look
-        self.start_timer = None         # TimeoutStartSec= of the step running (start, post, reload)
-        self.watchdog_timer = None      # WatchdogSec= since the last WATCHDOG=1
-        self.runtime_timer = None       # RuntimeMaxSec= since it became active
-        self.exit_wait_timer = None     # ExitType=cgroup: the main process ended, its cgroup not yet
+        self.timers = UnitTimers(host, self.handle)   # its timeouts, the restart, the looks again
         self.exit_wait = None           # ... (the main process's exit_info,) while it waits
         self.watchdog_usec = None       # WATCHDOG_USEC= the service asked for instead
         self.stop_timed_out = False     # the current stop needed SIGKILL
@@ -8095,7 +8090,6 @@ class Service:
         self.main_exit = None           # how this run's main process ended ($EXIT_CODE of ExecStopPost=)
         self.forked_group = None        # process group of a forking unit's ExecStart= (its session too)
         self.reap_pending = False       # what is left of the service is still to be ended
-        self.start_deadline = None      # monotonic time the start timer fires
         self.generation = 0             # counts starts, so a restart waiter sees a new run
         self.succeeded = False          # the last run ended well (a '-' failure counts as success)
         self.health_note = None         # (verdict, error) of the probe closed last
@@ -8231,7 +8225,7 @@ class Service:
         if fields.get("WATCHDOG") == "1":
             self._arm_watchdog()
         if fields.get("EXTEND_TIMEOUT_USEC", "").isdigit():
-            self._extend_timeout(int(fields["EXTEND_TIMEOUT_USEC"]) / 1e6)
+            self.timers.extend("start", int(fields["EXTEND_TIMEOUT_USEC"]) / 1e6)
         if fields.get("STOPPING") == "1":
             self.handle(EV_STOPPING)
         if fields.get("RELOADING") == "1":
@@ -8295,9 +8289,9 @@ class Service:
         from then; gone once it is not."""
         seconds = self.spec.runtime_max_sec
         if self.phase not in (RUNNING, RELOAD, REMAIN) or seconds in (None, 0, float("inf")):
-            self._cancel(("runtime_timer",))
-        elif self.runtime_timer is None:
-            self.runtime_timer = self.host.call_later(seconds, lambda: self.handle(EV_RUNTIME_MAX))
+            self.timers.cancel("runtime")
+        elif not self.timers.armed("runtime"):
+            self.timers.arm("runtime", seconds, EV_RUNTIME_MAX)
 
     def _oom_killed(self):
         """The OOM killer killed a process of the unit: OOMPolicy=continue
@@ -8316,7 +8310,6 @@ class Service:
     def _runtime_max_passed(self):
         """Active for longer than RuntimeMaxSec=: stopped, as failed with the
         result "timeout" (Restart= then decides, as systemd)."""
-        self.runtime_timer = None
         why = "active for longer than RuntimeMaxSec=%s" % format_timespan(self.spec.runtime_max_sec or 0)
         self.host.log.warning(self.name, sentence(why) + "; stopping")
         self.result = "timeout"
@@ -8326,7 +8319,7 @@ class Service:
         """After an internal error: nothing of the service runs, nothing is
         pending, and it says FAILED with why. The pids stay watched, so their
         exits are reaped (and ignored)."""
-        for step in (self._cancel_timers, self._close_probe):
+        for step in (self.timers.cancel_all, self._close_probe):
             try:
                 step()
             except Exception:
@@ -8355,7 +8348,7 @@ class Service:
     def _begin_start(self, reason=None):
         """Dependencies, then the start limit (AutoRollback= may step in), then
         the first step. (`reason` is a restart's: a new start has its own.)"""
-        self._cancel_timers()
+        self.timers.cancel_all()
         if self.host.shutting_down:
             return STOPPED, "daemon shut down"                  # -> stopped: no start while shutting down
         verdict, why = self.host.dependency_state(self)
@@ -8463,7 +8456,8 @@ class Service:
         next command (EV_NEXT), or what its failure means."""
         command = self.control_command
         self.control_pid = self.control_command = self.control_kind = None
-        self._cancel(("start_timer",) if kind != "exec_stop" else ())
+        if kind != "exec_stop":
+            self.timers.cancel("start")
         ok = exit_info == {"code": 0} or (command is not None and command.ignore_failure)
         key = CONTROL_KEYS[kind]
         if ok:
@@ -8559,7 +8553,7 @@ class Service:
     def _started(self):
         """Everything of the start ran: ready, or (a health check) waiting for
         it; a oneshot is done (EV_FINISHED)."""
-        self._cancel(("start_timer",))
+        self.timers.cancel("start")
         self._arm_watchdog()
         if self.spec.type == "oneshot":
             return START_POST, self.reason, EV_FINISHED
@@ -8600,7 +8594,6 @@ class Service:
         return FORKING, self.reason, EV_PID_FILE       # (stays: its main pid is looked for now)
 
     def _find_main_pid(self):
-        self.timer = None
         if self.spec.type != "forking" or self.pid is not None:
             return self.phase, self.reason
         try:
@@ -8608,7 +8601,7 @@ class Service:
         except SpawnError as exc:
             return self._start_failed(str(exc), result="protocol")
         if pid is None:                  # the PIDFile= is not written yet: look again soon
-            self.timer = self.host.call_later(PID_FILE_POLL_INTERVAL, lambda: self.handle(EV_PID_FILE))
+            self.timers.arm("pid_file", PID_FILE_POLL_INTERVAL, EV_PID_FILE)
             return FORKING, "waiting for %s" % self.spec.pid_file   # (stays: looked at again soon)
         self._set_main_pid(pid)
         return self._main_running()
@@ -8643,7 +8636,6 @@ class Service:
         return self._begin_stop_sequence("policy", why, failed=True, run_exec_stop=False)
 
     def _start_timed_out(self):
-        self.start_timer = None
         why = "start timed out after %s" % format_timespan(self.spec.start_timeout())
         self.host.log.warning(self.name, sentence(why))
         self.result = "timeout"
@@ -8681,7 +8673,7 @@ class Service:
                 self.current = None
                 return self._start_failed("spawn failed: %s" % error, exit_info={"code": spawn_exit_code(error)})
         if cgroup_empty:
-            self.exit_wait = self.exit_wait_timer = None
+            self.exit_wait = None
         elif self.spec.exit_type == "cgroup" and phase in (SPAWNED, START_POST, RUNNING, RELOAD) and \
                 self.host.cgroup_pids(self, excluding=self.pid):
             self.host.log.info(self.name, "Main process ended (%s); running while its cgroup has processes "
@@ -8689,7 +8681,7 @@ class Service:
             self.pid = self.pid_start = self.main_started_wall = None
             if exit_info is not None:
                 self.last_exit = self.main_exit = exit_info
-            self._cancel(("watchdog_timer",))
+            self.timers.cancel("watchdog")
             self.exit_wait = (exit_info,)
             self._wait_cgroup_empty()
             if phase == SPAWNED:
@@ -8707,11 +8699,11 @@ class Service:
                                              run_exec_stop=False)
         if succeeded and self.spec.remain_after_exit and phase in (RUNNING, RELOAD):
             self.host.log.info(self.name, "Exited (%s); remains active (RemainAfterExit=yes)" % described)
-            self._cancel(("watchdog_timer",))
+            self.timers.cancel("watchdog")
             if phase == RELOAD and self.control_pid is not None:
                 self.reload_from = REMAIN      # the reload finishes first, then it remains
                 return RELOAD, self.reason     # (stays reloading: then remain)
-            self._cancel_timers()
+            self.timers.cancel_all()
             return REMAIN, None                         # running -> remain: exited well, RemainAfterExit=yes
         self.result = "success" if succeeded else _result_of(exit_info)
         oom = not succeeded and self.spec.oom_policy != "continue" and self.host.oom_killed(self)
@@ -8737,18 +8729,16 @@ class Service:
         """ExitType=cgroup: look again shortly whether the cgroup emptied (also
         while it stops: its end is then the main process's)."""
         def look():
-            self.exit_wait_timer = None
             if self.exit_wait is None:
                 return
             if self.host.cgroup_pids(self):
-                self.exit_wait_timer = self.host.call_later(EXIT_WAIT_POLL, look)
+                self.timers.arm("exit_wait", EXIT_WAIT_POLL, look)
             elif self.phase in (START_POST, RUNNING, RELOAD):
                 self.handle(EV_EXIT, exit_info=self.exit_wait[0], cgroup_empty=True)
             else:
                 exit_info, self.exit_wait = self.exit_wait[0], None
                 self.handle(EV_EXIT, exit_info=exit_info)
-        self._cancel(("exit_wait_timer",))
-        self.exit_wait_timer = self.host.call_later(EXIT_WAIT_POLL, look)
+        self.timers.arm("exit_wait", EXIT_WAIT_POLL, look)
 
     def _main_gone(self, exit_info):
         """What every exit of the main process does first: forget the pid and
@@ -8777,7 +8767,7 @@ class Service:
     # -- actions: stopping ----------------------------------------------------------
 
     def _settle_stopped(self, reason="stopped by user"):
-        self._cancel_timers()
+        self.timers.cancel_all()
         return STOPPED, reason                          # -> stopped: nothing ran, nothing is pending
 
     def _begin_stop(self, reason="stopped by user"):
@@ -8792,7 +8782,7 @@ class Service:
         """ExecStop= (for a unit that started), KillSignal= to what is left,
         ExecStopPost=; then `after`: "stop", "restart", or "policy" (Restart=
         decides on the run that ended, why and failed telling how)."""
-        self._cancel_timers()
+        self.timers.cancel_all()
         self._close_probe()
         self.stopping_spec = self.spec
         self.end = (why, failed)
@@ -8830,7 +8820,7 @@ class Service:
     def _run_stop_post(self):
         """Main and control process are gone: the rest of the service goes
         (as KillMode= says), then ExecStopPost= runs."""
-        self._cancel(("timer",))
+        self.timers.cancel("stop")
         if self.reap_pending:             # else the main process's exit already ended the rest
             self.reap_pending = False
             self.host.reap_leftovers(self, None, own_child=False)
@@ -8840,7 +8830,7 @@ class Service:
     def _end_stop(self):
         """Nothing of the service is left: what follows a stop of its family."""
         after = self._stop_family()
-        self._cancel_timers()
+        self.timers.cancel_all()
         self.queue = []
         self.host.released(self)
         why, failed = self.end or (self.reason, False)
@@ -8868,14 +8858,12 @@ class Service:
         return self.phase, self.reason
 
     def _stop_command_timed_out(self):
-        self.timer = None
         self.host.log.warning(self.name, "ExecStop= did not finish within %s" % format_timespan(
             self.stop_settings().timeout_stop_sec))
         self.queue = []
         return self.phase, self.reason, EV_DONE         # (KillSignal= to it too, then)
 
     def _stop_post_timed_out(self):
-        self.timer = None
         self.queue = []
         if self.stop_timed_out:
             self.host.log.error(self.name, "ExecStopPost= still there after SIGKILL: given up on")
@@ -8914,7 +8902,6 @@ class Service:
         """TimeoutStopSec= passed: SIGKILL, and one more TimeoutStopSec= for
         it to work; after that the processes are given up on (as systemd:
         "still around after SIGKILL, ignoring") so that no stop hangs."""
-        self.timer = None
         if self.stop_timed_out:
             self.host.log.error(self.name, "Processes still there %s after SIGKILL: given up on" % (
                 format_timespan(self.stop_settings().timeout_stop_sec)))
@@ -8944,7 +8931,7 @@ class Service:
     def _stopping_notified(self):
         """STOPPING=1: the service is going down by itself; its exit is
         awaited (SIGKILL after TimeoutStopSec=), then Restart= decides."""
-        self._cancel_timers()
+        self.timers.cancel_all()
         self.end, self.stop_timed_out, self.stopping_spec = None, False, self.spec
         self.host.log.info(self.name, "Stopping (STOPPING=1)")
         self._arm_stop_timer()
@@ -8965,12 +8952,11 @@ class Service:
         return phase, why, follow
 
     def _watchdog_expired(self):
-        self.watchdog_timer = None
         interval = self._watchdog_interval()
         why = "watchdog timeout (no WATCHDOG=1 within %s)" % format_timespan(interval or 0)
         self.host.log.warning(self.name, "%s; sending %s" % (sentence(why), signal_name(self.spec.watchdog_signal)))
         self.result = "watchdog"
-        self._cancel_timers()
+        self.timers.cancel_all()
         self._close_probe()
         self.end, self.reason, self.stop_timed_out, self.stopping_spec = (why, True), why, False, self.spec
         self.host.signal(self, self.spec.watchdog_signal, first=True)
@@ -9006,7 +8992,6 @@ class Service:
         return self._reload_finished(None)
 
     def _reload_timed_out(self):
-        self.start_timer = None
         if self.control_pid is not None:
             self.host.kill_control(self, signal.SIGKILL)
             self.control_serial += 1      # its exit is reaped and ignored
@@ -9017,7 +9002,7 @@ class Service:
         return self._reload_finished(None)
 
     def _reload_finished(self, error):
-        self._cancel(("start_timer",))
+        self.timers.cancel("start")
         self.reload_error = error
         self.reload_serial += 1
         if error:
@@ -9047,7 +9032,7 @@ class Service:
             self.restarts_total += 1
             self.host.log.info(self.name, "Restarting in %s (%s; restart %d)%s" % (
                 format_timespan(delay), why, self.restarts, self.host.deploy_note(self)))
-            self._arm_restart(delay)
+            self.timers.arm("restart", delay, EV_RESTART_DUE)
             return BACKOFF, why                         # -> backoff: Restart= says again, after RestartSec=
         if failed:
             self.host.log.error(self.name, "Failed: %s" % why)
@@ -9090,28 +9075,17 @@ class Service:
     # -- timers and small helpers ------------------------------------------------------
 
     def _arm_start_timer(self):
-        self._cancel(("start_timer",))
+        self.timers.cancel("start")
         timeout = self.spec.start_timeout()
         if timeout is not None:
-            self.start_timer = self.host.call_later(timeout, lambda: self.handle(EV_START_TIMEOUT))
-            self.start_deadline = self.host.now() + timeout
+            self.timers.arm("start", timeout, EV_START_TIMEOUT)
 
     def _arm_stop_timer(self, seconds=None):
         """TimeoutStopSec= (or `seconds`: TimeoutAbortSec= after the watchdog's signal)."""
-        self._cancel(("timer",))
+        self.timers.cancel("stop")
         seconds = self.stop_settings().timeout_stop_sec if seconds is None else seconds
         if seconds not in (0, float("inf")):          # 0: wait for ever, as systemd
-            self.timer = self.host.call_later(seconds, lambda: self.handle(EV_STOP_TIMEOUT))
-
-    def _extend_timeout(self, seconds):
-        """EXTEND_TIMEOUT_USEC=: the start timeout fires no sooner than `seconds` from now."""
-        if self.start_timer is None:
-            return
-        wanted = self.host.now() + seconds
-        if wanted > self.start_deadline:
-            self.start_timer.cancel()
-            self.start_timer = self.host.call_later(seconds, lambda: self.handle(EV_START_TIMEOUT))
-            self.start_deadline = wanted
+            self.timers.arm("stop", seconds, EV_STOP_TIMEOUT)
 
     def _watchdog_interval(self):
         if self.watchdog_usec:
@@ -9120,18 +9094,15 @@ class Service:
 
     def _arm_watchdog(self):
         """WatchdogSec=: armed once the service is ready, again at each WATCHDOG=1."""
-        self._cancel(("watchdog_timer",))
+        self.timers.cancel("watchdog")
         interval = self._watchdog_interval()
         if interval and self.pid and self.phase not in STOP_FAMILY:
-            self.watchdog_timer = self.host.call_later(interval, lambda: self.handle(EV_WATCHDOG))
+            self.timers.arm("watchdog", interval, EV_WATCHDOG)
 
     def _reset_limits(self):
         self.start_times.clear()
         self.crash_streak = 0
 
-    def _arm_restart(self, delay):
-        self.restart_due = self.host.now() + delay
-        self.timer = self.host.call_later(delay, lambda: self.handle(EV_RESTART_DUE))
 
     def _restore(self, phase, reason):
         """An earlier daemon left this unit's run ended: it stays as it was."""
@@ -9148,7 +9119,7 @@ class Service:
             return STOPPED, reason, EV_START            # (stays stopped, and starts anew at once)
         self.host.log.info(self.name, "Restarting in %s (backing off when the daemon stopped)" % format_timespan(
             restart_in))
-        self._arm_restart(restart_in)
+        self.timers.arm("restart", restart_in, EV_RESTART_DUE)
         return BACKOFF, reason                          # stopped -> backoff: with the delay that remained
 
     def _reattach(self, reason):
@@ -9167,19 +9138,9 @@ class Service:
             self.probe.close()
             self.probe = None
 
-    def _cancel(self, names):
-        for name in names:
-            timer = getattr(self, name)
-            if timer is not None:
-                timer.cancel()
-                setattr(self, name, None)
-
-    def _cancel_timers(self):
-        self._cancel(("timer", "start_timer", "watchdog_timer", "runtime_timer", "exit_wait_timer"))
-
     def discard(self):
         """Forget timers (the unit was removed and its process is gone)."""
-        self._cancel_timers()
+        self.timers.cancel_all()
         self.resources.cancel_removal()   # a unit of that name deployed again owns the group now
         self.give_connection()
 
@@ -9255,8 +9216,49 @@ def service_record(service):
             "previous_tree": service.versions.previous_tree, "rejected": service.versions.rejected, "rolled_back": service.versions.rolled_back,
             # monotonic times as wall-clock ones, for the next daemon (SPEC §6)
             "crash_streak": service.crash_streak, "start_times": [round(t + to_wall, 3) for t in service.start_times],
-            "restart_due": round(service.restart_due + to_wall, 3) if service.phase == BACKOFF and service.restart_due
-            else None, "exit_wait": service.exit_wait is not None}
+            "restart_due": round(service.timers.due("restart") + to_wall, 3)
+            if service.phase == BACKOFF and service.timers.due("restart") else None, "exit_wait": service.exit_wait is not None}
+
+
+class UnitTimers:
+    """A Service's timers, by what they time: "start" (TimeoutStartSec=),
+    "stop" (TimeoutStopSec=, TimeoutAbortSec=), "watchdog", "runtime"
+    (RuntimeMaxSec=), "restart" (RestartSec=), "pid_file" and "exit_wait"
+    (looks again). One fires its event into the service's table (or calls
+    its function) and is gone; arming one again replaces it."""
+    __slots__ = ("host", "fire", "pending")
+
+    def __init__(self, host, fire):
+        self.host, self.fire = host, fire
+        self.pending = {}               # name -> (the host's Timer, monotonic time it fires, its event)
+
+    def arm(self, name, seconds, event):
+        self.cancel(name)
+
+        def fired():
+            del self.pending[name]
+            event() if callable(event) else self.fire(event)
+        self.pending[name] = (self.host.call_later(seconds, fired), self.host.now() + seconds, event)
+
+    def extend(self, name, seconds):
+        """`name`, if armed, fires no sooner than `seconds` from now (EXTEND_TIMEOUT_USEC=)."""
+        if name in self.pending and self.host.now() + seconds > self.pending[name][1]:
+            self.arm(name, seconds, self.pending[name][2])
+
+    def armed(self, name):
+        return name in self.pending
+
+    def due(self, name):
+        """The monotonic time `name` fires, None if it is not armed."""
+        return self.pending[name][1] if name in self.pending else None
+
+    def cancel(self, *names):
+        for name in names:
+            if name in self.pending:
+                self.pending.pop(name)[0].cancel()
+
+    def cancel_all(self):
+        self.cancel(*list(self.pending))
 
 
 class ProcessResources:

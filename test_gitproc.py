@@ -4813,7 +4813,7 @@ class ChainedStepTests(unittest.TestCase):
         host.probes[-1].verdict("unhealthy", failures=3, error="refused")
         self.assertEqual(service.commit, "good")
         self.assertEqual(host.signals[-2:], [("web", signal.SIGQUIT), ("web", signal.SIGHUP)])
-        self.assertEqual(service.timer.when - host.clock, 50, "the failing version's TimeoutStopSec=")
+        self.assertEqual(service.timers.due("stop") - host.clock, 50, "the failing version's TimeoutStopSec=")
         self.assertEqual(service.stop_settings().kill_mode, "control-group")
         host.exit(service, {"signal": signal.SIGQUIT})
         self.assertEqual((service.phase, service.stop_settings().kill_mode), (P.RUNNING, "process"))
@@ -4822,11 +4822,28 @@ class ChainedStepTests(unittest.TestCase):
         host = FakeHost()
         service = gitproc.Service(host, spec_of("WatchdogSec=5"), "c0ffee")
         service.start()
-        self.assertIsNotNone(service.watchdog_timer)
+        self.assertTrue(service.timers.armed("watchdog"))
         service.restart()
         host.exit_main(service, {"signal": signal.SIGTERM})
         self.assertEqual(service.phase, P.RUNNING)
-        self.assertIsNotNone(service.watchdog_timer, "armed in the new run too")
+        self.assertTrue(service.timers.armed("watchdog"), "armed in the new run too")
+
+    def test_a_triggered_watchdog_leaves_no_timer_to_fire_in_the_next_run(self):
+        host = FakeHost()
+        service = gitproc.Service(host, spec_of("Type=notify", "WatchdogSec=2", "Restart=always", "RestartSec=0"),
+                                  "c0ffee")
+        service.start()
+        service.notified({"READY": "1"})              # its watchdog fires at 2 s
+        host.advance(1)
+        service.notified({"WATCHDOG": "trigger"})
+        self.assertEqual(service.phase, P.ENDING)
+        host.exit_main(service, {"signal": signal.SIGABRT})
+        host.advance(0)
+        service.notified({"READY": "1"})
+        self.assertEqual(service.phase, P.RUNNING)
+        host.advance(1.5)                 # the new run's fires at 3 s: none may fire at 2 s
+        self.assertEqual(service.phase, P.RUNNING)
+        self.assertEqual(service.restarts, 1)
 
     def test_a_second_ready_does_not_skip_the_health_check(self):
         host = FakeHost()
