@@ -8035,13 +8035,12 @@ class Service:
     runs the action and sets the phase: nothing else assigns it. `want` is
     written only by start()/stop()/restart() (user requests, deploys) and by
     state restore; supervision reads it."""
-    __slots__ = ("host", "name", "spec", "commit", "want", "phase", "since", "reason", "pid", "pid_start", "adopted",
-                 "current", "process_serial", "control_pid", "control_command", "control_kind", "control_serial",
-                 "queue", "exec_error", "started_at", "main_started_wall", "restarts", "connection", "log_name",
+    __slots__ = ("host", "name", "spec", "commit", "want", "phase", "since", "reason", "main", "control",
+                 "restarts", "connection", "log_name",
                  "restarts_total", "last_exit", "start_times", "crash_streak", "timers", "exit_wait", "watchdog_usec",
                  "stop_timed_out",
                  "end", "stopping_spec", "result", "status_text", "notified_ready", "reload_serial", "reload_error",
-                 "reload_from", "monitor", "main_exit", "forked_group", "reap_pending",
+                 "reload_from", "monitor", "reap_pending",
                  "generation", "succeeded", "health_note", "probe", "resources", "versions")
     # (__slots__: no dict per unit; a thousand units hold some 1 MB less)
 
@@ -8054,19 +8053,8 @@ class Service:
         self.phase = STOPPED            # the table's state (see PUBLIC_STATE)
         self.since = time.time()        # wall time of the last state change (display only)
         self.reason = None              # why it is stopped/failed/exited, for status
-        self.pid = None                 # pid of the main process
-        self.pid_start = None           # /proc start time of that pid, against pid reuse
-        self.adopted = False            # pid was started by an earlier daemon
-        self.current = None             # the ExecStart= command of the main process
-        self.process_serial = 0         # counts main processes: an exit callback knows its own
-        self.control_pid = None         # pid of the control process (ExecCondition/Pre/Post/Reload/Stop/StopPost=)
-        self.control_command = None     # ... its ExecCommand
-        self.control_kind = None        # ... and its UnitSpec field ("exec_start_pre", ...)
-        self.control_serial = 0         # counts control processes, as process_serial
-        self.queue = []                 # commands left in the current step (control, or a oneshot's mains)
-        self.exec_error = None          # why the SPAWNED process could not exec (its exit follows)
-        self.started_at = None          # monotonic start of the current main process
-        self.main_started_wall = None   # wall time the main process started (uptime)
+        self.main = MainProcess()       # its main process: pid, how it started, how it ended
+        self.control = ControlProcess()   # its control process, and the commands of its step left to run
         self.restarts = 0               # automatic restarts since the last manual start
         self.connection = connection    # Accept=yes: (its connection, $REMOTE_ADDR...) until its process has it
         self.log_name = log_name or spec.name   # whose log it writes: an Accept=yes instance writes its template's
@@ -8087,8 +8075,6 @@ class Service:
         self.reload_error = None        # why the last reload failed, or None
         self.reload_from = RUNNING      # the phase a reload goes back to
         self.monitor = None             # $MONITOR_* for the processes of a start OnFailure= asked for
-        self.main_exit = None           # how this run's main process ended ($EXIT_CODE of ExecStopPost=)
-        self.forked_group = None        # process group of a forking unit's ExecStart= (its session too)
         self.reap_pending = False       # what is left of the service is still to be ended
         self.generation = 0             # counts starts, so a restart waiter sees a new run
         self.succeeded = False          # the last run ended well (a '-' failure counts as success)
@@ -8112,17 +8098,17 @@ class Service:
             self.phase == EXITED and self.spec.type == "oneshot" and self.succeeded)
 
     def has_process(self):
-        return self.pid is not None or self.control_pid is not None
+        return self.main.pid is not None or self.control.pid is not None
 
     def accepts_notification(self, pid, in_service):
         """NotifyAccess=: whether a message from `pid` counts (in_service():
         whether pid is some process of this service)."""
         access = self.spec.notify_accepted_from()
         if access == "main":
-            return pid == self.pid
+            return pid == self.main.pid
         if access == "exec":
-            return pid in (self.pid, self.control_pid)
-        return access == "all" and (pid in (self.pid, self.control_pid) or in_service())
+            return pid in (self.main.pid, self.control.pid)
+        return access == "all" and (pid in (self.main.pid, self.control.pid) or in_service())
 
     def health(self):
         """(verdict, last error) of the health check: the probe's, or while the
@@ -8210,7 +8196,7 @@ class Service:
         says of the service is kept here; READY=1, RELOADING=1 and STOPPING=1
         are events of the table. MAINPID= names a process of the service
         (or comes from root: `trusted`), as systemd requires."""
-        if fields.get("MAINPID", "").isdigit() and self.pid is not None and self.phase in (
+        if fields.get("MAINPID", "").isdigit() and self.main.pid is not None and self.phase in (
                 NOTIFY_WAIT, FORKING, ONESHOT, HEALTH_WAIT, START_POST, RUNNING, RELOAD):
             pid = int(fields["MAINPID"])
             if pid != os.getpid() and (trusted or self.host.belongs_to(self, pid)):
@@ -8324,18 +8310,14 @@ class Service:
                 step()
             except Exception:
                 pass
-        for pid in (self.pid, self.control_pid):
+        for pid in (self.main.pid, self.control.pid):
             if pid:
                 try:
-                    self.host.reap_leftovers(self, pid, own_child=not self.adopted or pid == self.control_pid,
+                    self.host.reap_leftovers(self, pid, own_child=not self.main.adopted or pid == self.control.pid,
                                              everything=True)
                 except Exception:
                     pass
-        self.process_serial += 1          # their exits, when they come, are reaped and ignored
-        self.control_serial += 1
-        self.pid = self.pid_start = self.current = None
-        self.control_pid = self.control_command = self.control_kind = None
-        self.queue = []
+        self._forget_processes()         # their exits, when they come, are reaped and ignored
         for step in (self.host.released, self.host.stopped):
             try:
                 step(self)
@@ -8385,13 +8367,13 @@ class Service:
         if spec.start_limit_interval > 0:
             self.start_times.append(now)
         self.generation += 1
-        self.forked_group = None
+        self.main.forked_group = None
         self.result, self.end, self.status_text, self.notified_ready = "success", None, None, False
         self.exit_wait = None
-        self.main_exit = None
+        self.main.exit = None
         self.watchdog_usec = None
         self.stopping_spec = None
-        self.queue = list(spec.exec_condition)
+        self.control.queue = list(spec.exec_condition)
         return CONDITION, None, EV_NEXT      # (stays: its ExecCondition= commands)
 
     def _roll_back(self, why):
@@ -8417,18 +8399,18 @@ class Service:
         (systemd); any other spawn failure is that command's failure (exit
         203/EXEC)."""
         kind = STEP_OF[self.phase]
-        while self.queue:
-            command = self.queue.pop(0)
+        while self.control.queue:
+            command = self.control.queue.pop(0)
             try:
-                pid = self.host.spawn(self, command, self._control_callback(), control=kind,
+                pid = self.host.spawn(self, command, self.control.exit_callback(self.handle), control=kind,
                                       extra_env=self._control_environment(kind))[0]
             except SpawnError as exc:
                 if command.ignore_failure:
                     self.host.log.warning(self.name, "Ignoring failed %s: %s" % (CONTROL_KEYS[kind], exc))
                     continue
-                self.control_command, self.control_kind = command, kind
+                self.control.runs(None, command, kind)
                 return self._control_ended(kind, {"code": spawn_exit_code(str(exc))}, "spawn failed: %s" % exc)
-            self.control_pid, self.control_command, self.control_kind = pid, command, kind
+            self.control.runs(pid, command, kind)
             self.host.log.debug(self.name, "Running %s (pid %d): %s" % (CONTROL_KEYS[kind], pid, command))
             if kind in ("exec_stop", "exec_stop_post"):
                 self._arm_stop_timer()
@@ -8439,11 +8421,11 @@ class Service:
 
     def _control_environment(self, kind):
         env = {}
-        if self.pid:
-            env["MAINPID"] = str(self.pid)
+        if self.main.pid:
+            env["MAINPID"] = str(self.main.pid)
         if kind == "exec_stop_post":
             env["SERVICE_RESULT"] = self.result
-            exit_info = self.main_exit
+            exit_info = self.main.exit
             if exit_info is not None:
                 if "signal" in exit_info:
                     env["EXIT_CODE"], env["EXIT_STATUS"] = "killed", signal_name(exit_info["signal"])[3:]
@@ -8454,8 +8436,8 @@ class Service:
     def _control_ended(self, kind, exit_info, described):
         """The control process of `kind` is over (or could not start): the
         next command (EV_NEXT), or what its failure means."""
-        command = self.control_command
-        self.control_pid = self.control_command = self.control_kind = None
+        command = self.control.command
+        self.control.clear()
         if kind != "exec_stop":
             self.timers.cancel("start")
         ok = exit_info == {"code": 0} or (command is not None and command.ignore_failure)
@@ -8477,24 +8459,24 @@ class Service:
         if kind == "exec_reload":
             return self._reload_finished("%s failed (%s)" % (key, described))
         self.host.log.warning(self.name, "%s failed (%s)" % (key, described))
-        self.queue = []                   # systemd runs no more commands of a step after a failure
+        self.control.queue = []                   # systemd runs no more commands of a step after a failure
         return self.phase, self.reason, EV_DONE
 
     def _control_exited(self, exit_info):
-        kind = self.control_kind
+        kind = self.control.kind
         if kind is None:                  # not one of ours (a stale callback): nothing to do
             return self.phase, self.reason
         return self._control_ended(kind, exit_info, self.host.describe_exit(self, exit_info))
 
     def _pre_step(self):
-        self.queue = list(self.spec.exec_start_pre)
+        self.control.queue = list(self.spec.exec_start_pre)
         return START_PRE, None, EV_NEXT                 # condition -> start-pre: its ExecStartPre= commands
 
     def _start_main(self):
         """ExecStart=: for forking the process that forks the main one (a
         control process), for a oneshot each command in turn, else the main
         process (simple, exec, notify)."""
-        self.queue = list(self.spec.exec_start)
+        self.control.queue = list(self.spec.exec_start)
         if self.spec.type == "forking":
             return FORKING, None, EV_NEXT               # start-pre -> start-forking
         if self.spec.type == "oneshot":
@@ -8507,47 +8489,44 @@ class Service:
         # children's work. Notify, forking and oneshot wait for more anyway.
         spec = self.spec
         while True:
-            if not self.queue:
+            if not self.control.queue:
                 return self.phase, self.reason, EV_DONE     # a oneshot's commands all ran
-            command = self.queue.pop(0)
-            self.current = command
+            command = self.control.queue.pop(0)
+            self.main.command = command
             overlapped = spec.type in ("simple", "exec")
             try:
-                pid, pid_start, confirmed = self.host.spawn(self, command, self._exit_callback(),
-                                                            self._exec_callback() if overlapped else None)
+                pid, pid_start, confirmed = self.host.spawn(self, command, self.main.exit_callback(self.handle),
+                                                            self.main.exec_callback(self.handle) if overlapped else None)
             except SpawnError as exc:
-                if command.ignore_failure and self.queue:
+                if command.ignore_failure and self.control.queue:
                     self.host.log.warning(self.name, "Ignoring failed main command: %s" % exc)
                     continue
-                self.current = None
+                self.main.command = None
                 return self._start_failed("spawn failed: %s" % exc, exit_info={"code": spawn_exit_code(str(exc))},
                                           result="exit-code")
             break
-        self.pid, self.pid_start, self.adopted = pid, pid_start, False
-        self.started_at = self.host.now()
-        if self.main_started_wall is None:
-            self.main_started_wall = time.time()
+        self.main.runs(pid, pid_start, False, self.host.now())
         if spec.type in ("oneshot",) + NOTIFY_TYPES:
             self._arm_start_timer()
             self.host.log.debug(self.name, "Running main command (pid %d): %s" % (pid, command))
             if spec.type == "oneshot":
                 return ONESHOT, None                    # (its next command, or the start is done, at its exit)
             return NOTIFY_WAIT, "waiting for READY=1"   # (READY=1, or the start failed)
-        self.exec_error = None
+        self.main.exec_error = None
         if not confirmed:
             return SPAWNED, None                        # (stays: running once its exec is confirmed)
         return SPAWNED, None, EV_EXEC                   # (its exec is known to have worked)
 
     def _exec_done(self, error=None):
         if error:
-            self.exec_error = error       # the exit follows: a spawn failure (203)
+            self.main.exec_error = error       # the exit follows: a spawn failure (203)
             return SPAWNED, self.reason   # (stays spawned until that exit)
         return self._main_running()
 
     def _main_running(self):
         """The main process runs (exec'd, READY=1, or forked and found), or a
         oneshot's commands all ran: its ExecStartPost= commands, then ready."""
-        self.queue = list(self.spec.exec_start_post)
+        self.control.queue = list(self.spec.exec_start_post)
         return START_POST, None, EV_NEXT                # -> start-post
 
     def _started(self):
@@ -8559,10 +8538,10 @@ class Service:
             return START_POST, self.reason, EV_FINISHED
         if self.spec.health_check_url and self.probe is None:
             self.host.log.info(self.name, "Started (%s), waiting for its health check" % (
-                "pid %d" % self.pid if self.pid else "its cgroup runs"))
+                "pid %d" % self.main.pid if self.main.pid else "its cgroup runs"))
             self.probe = self.host.open_probe(self, self._on_verdict)
             return HEALTH_WAIT, "waiting for the health check"     # -> start-health: ready, not yet healthy
-        self.host.log.info(self.name, "Started (%s)" % ("pid %d" % self.pid if self.pid else "its cgroup runs"))
+        self.host.log.info(self.name, "Started (%s)" % ("pid %d" % self.main.pid if self.main.pid else "its cgroup runs"))
         return RUNNING, None                            # -> running: its start is complete
 
     def _oneshot_finished(self):
@@ -8572,29 +8551,29 @@ class Service:
             self.host.log.info(self.name, "Finished; remains active (RemainAfterExit=yes)")
             return REMAIN, None                         # start-post -> remain
         self.end = ("oneshot %s" % describe_exit(self.last_exit or {"code": 0}), False)
-        self.main_exit = {"code": 0}      # its run counts as a success, a '-' command's failure too
+        self.main.exit = {"code": 0}      # its run counts as a success, a '-' command's failure too
         return END_POST, self.reason, EV_DONE           # start-post -> end-post: no ExecStopPost=, the end
 
     def _notified_ready(self):
         self.notified_ready = True
-        if self.spec.type not in NOTIFY_TYPES or self.pid is None:
+        if self.spec.type not in NOTIFY_TYPES or self.main.pid is None:
             return self.phase, self.reason     # a oneshot's, or a forking unit's early word: not its readiness
         return self._main_running()
 
     def _forked(self, exit_info):
         """Type=forking: its ExecStart= process ended; once it exited 0 the
         main pid is read from PIDFile= (or guessed)."""
-        kind = self.control_kind
+        kind = self.control.kind
         if kind != "exec_start":
             return self.phase, self.reason
-        if exit_info != {"code": 0} and not (self.control_command and self.control_command.ignore_failure):
+        if exit_info != {"code": 0} and not (self.control.command and self.control.command.ignore_failure):
             return self._control_ended(kind, exit_info, self.host.describe_exit(self, exit_info))
-        self.forked_group = self.control_pid   # what its children left in its process group
-        self.control_pid = self.control_command = self.control_kind = None
+        self.main.forked_group = self.control.pid   # what its children left in its process group
+        self.control.clear()
         return FORKING, self.reason, EV_PID_FILE       # (stays: its main pid is looked for now)
 
     def _find_main_pid(self):
-        if self.spec.type != "forking" or self.pid is not None:
+        if self.spec.type != "forking" or self.main.pid is not None:
             return self.phase, self.reason
         try:
             pid = self.host.main_pid_of(self)
@@ -8609,12 +8588,10 @@ class Service:
     def _set_main_pid(self, pid):
         """A main process the daemon did not start itself (forking, MAINPID=):
         watched through a pidfd; its exit status is not ours to know."""
-        if pid == self.pid or pid <= 1:
+        if pid == self.main.pid or pid <= 1:
             return
-        self.pid, self.pid_start, self.adopted = pid, pid_start_time(pid), False
-        self.started_at = self.host.now()
-        self.main_started_wall = self.main_started_wall or time.time()
-        self.host.watch(self, pid, self._exit_callback(), adopted=False)
+        self.main.runs(pid, pid_start_time(pid), False, self.host.now())
+        self.host.watch(self, pid, self.main.exit_callback(self.handle), adopted=False)
         self.host.log.info(self.name, "Main process is pid %d" % pid)
 
     def _ready(self):
@@ -8642,11 +8619,9 @@ class Service:
         return self._begin_stop_sequence("policy", why, failed=True, run_exec_stop=self.phase == START_POST)
 
     def _adopt(self, pid, pid_start, started_wall):
-        self.pid, self.pid_start, self.adopted = pid, pid_start, True
-        self.current = self.spec.exec_start[-1] if self.spec.exec_start else None
-        self.started_at = self.host.now()
-        self.main_started_wall = started_wall or time.time()
-        self.host.watch(self, pid, self._exit_callback())
+        self.main.runs(pid, pid_start, True, self.host.now(), started_wall)
+        self.main.command = self.spec.exec_start[-1] if self.spec.exec_start else None
+        self.host.watch(self, pid, self.main.exit_callback(self.handle))
         self.host.log.info(self.name, "Adopted running process (pid %d)" % pid)
         if self.spec.health_check_url:
             self.probe = self.host.open_probe(self, self._on_verdict)
@@ -8663,24 +8638,23 @@ class Service:
         run as for a stop, and Restart= decides). With ExitType=cgroup the
         run goes on while other processes of its cgroup live (`cgroup_empty`:
         the last one is gone now)."""
-        ran_for = self.host.now() - (self.started_at or self.host.now())
-        phase, command = self.phase, self.current
+        ran_for = self.host.now() - (self.main.started_at or self.host.now())
+        phase, command = self.phase, self.main.command
         if phase == SPAWNED:              # ended before its exec was confirmed: did exec fail?
-            error = self.exec_error or self.host.exec_report(self.name) or None
-            self.exec_error = None
+            error = self.main.exec_error or self.host.exec_report(self.name) or None
+            self.main.exec_error = None
             if error:
                 self._main_gone(exit_info)
-                self.current = None
+                self.main.command = None
                 return self._start_failed("spawn failed: %s" % error, exit_info={"code": spawn_exit_code(error)})
         if cgroup_empty:
             self.exit_wait = None
         elif self.spec.exit_type == "cgroup" and phase in (SPAWNED, START_POST, RUNNING, RELOAD) and \
-                self.host.cgroup_pids(self, excluding=self.pid):
+                self.host.cgroup_pids(self, excluding=self.main.pid):
             self.host.log.info(self.name, "Main process ended (%s); running while its cgroup has processes "
                                "(ExitType=cgroup)" % self.host.describe_exit(self, exit_info))
-            self.pid = self.pid_start = self.main_started_wall = None
-            if exit_info is not None:
-                self.last_exit = self.main_exit = exit_info
+            self.main.gone(exit_info)
+            self.last_exit = exit_info if exit_info is not None else self.last_exit
             self.timers.cancel("watchdog")
             self.exit_wait = (exit_info,)
             self._wait_cgroup_empty()
@@ -8688,7 +8662,7 @@ class Service:
                 return SPAWNED, self.reason, EV_EXEC    # (it exec'd, and its exit came first: its start goes on)
             return phase, self.reason
         described = self._main_gone(exit_info)
-        self.current = None
+        self.main.command = None
         if ran_for >= BACKOFF_RESET_UPTIME:
             self.crash_streak = 0
         succeeded = run_succeeded(self.spec.type, exit_info, self.spec.success_exit_status,
@@ -8700,7 +8674,7 @@ class Service:
         if succeeded and self.spec.remain_after_exit and phase in (RUNNING, RELOAD):
             self.host.log.info(self.name, "Exited (%s); remains active (RemainAfterExit=yes)" % described)
             self.timers.cancel("watchdog")
-            if phase == RELOAD and self.control_pid is not None:
+            if phase == RELOAD and self.control.pid is not None:
                 self.reload_from = REMAIN      # the reload finishes first, then it remains
                 return RELOAD, self.reason     # (stays reloading: then remain)
             self.timers.cancel_all()
@@ -8714,10 +8688,10 @@ class Service:
 
     def _oneshot_exited(self, exit_info):
         """A oneshot's command ended: the next one (EV_NEXT), or a failed start."""
-        ran_for = self.host.now() - (self.started_at or self.host.now())
-        command = self.current
+        ran_for = self.host.now() - (self.main.started_at or self.host.now())
+        command = self.main.command
         described = self._main_gone(exit_info)
-        self.current = None
+        self.main.command = None
         if ran_for >= BACKOFF_RESET_UPTIME:
             self.crash_streak = 0
         if not run_succeeded("oneshot", exit_info, self.spec.success_exit_status,
@@ -8745,16 +8719,14 @@ class Service:
         describe how it ended. What is left of the service is ended too (as
         KillMode= says), unless a control process still runs: an ExecStop=
         that waits for the main process to go must not be killed with it."""
-        pid = self.pid
-        if self.control_pid is None:
+        pid = self.main.pid
+        if self.control.pid is None:
             self.host.reap_leftovers(self, pid, own_child=pid is not None and exit_info is not None
                                      and not self.adopted_elsewhere())
         else:
             self.reap_pending = True      # after the control process (an ExecStop= waiting for it)
-        self.pid = self.pid_start = None
-        self.main_started_wall = None
-        if exit_info is not None:
-            self.last_exit = self.main_exit = exit_info
+        self.main.gone(exit_info)
+        self.last_exit = exit_info if exit_info is not None else self.last_exit
         self._close_probe()
         if not self.has_process():
             self.host.released(self)
@@ -8762,7 +8734,7 @@ class Service:
 
     def adopted_elsewhere(self):
         """The main process is not the daemon's child (forking, MAINPID=, adopted)."""
-        return self.adopted or self.spec.type == "forking"
+        return self.main.adopted or self.spec.type == "forking"
 
     # -- actions: stopping ----------------------------------------------------------
 
@@ -8790,9 +8762,9 @@ class Service:
         self.stop_timed_out = False
         if run_exec_stop is None:
             run_exec_stop = exec_stop_runs(self.phase)
-        if self.control_pid is not None:          # a start-pre/post, reload: it ends with the rest
+        if self.control.pid is not None:          # a start-pre/post, reload: it ends with the rest
             run_exec_stop = False
-        self.queue = list(self.spec.exec_stop) if run_exec_stop else []
+        self.control.queue = list(self.spec.exec_stop) if run_exec_stop else []
         return STOP_STEPS[after][0], why, EV_NEXT       # -> its family's ExecStop= step (perhaps empty)
 
     def _signal_leftovers(self):
@@ -8809,7 +8781,7 @@ class Service:
         if after == "restart" and stopped.restart_kill_signal is not None:
             number = stopped.restart_kill_signal          # RestartKillSignal=, as systemd for a restart job
         self.host.log.info(self.name, "Stopping (%s, %s)" % (
-            "pid %d" % self.pid if self.pid else "what is left", signal_name(number)))
+            "pid %d" % self.main.pid if self.main.pid else "what is left", signal_name(number)))
         self.reap_pending = True
         self.host.signal(self, number, first=True)
         if stopped.send_sighup and number != signal.SIGHUP:
@@ -8824,18 +8796,18 @@ class Service:
         if self.reap_pending:             # else the main process's exit already ended the rest
             self.reap_pending = False
             self.host.reap_leftovers(self, None, own_child=False)
-        self.queue = list(self.spec.exec_stop_post)
+        self.control.queue = list(self.spec.exec_stop_post)
         return STOP_STEPS[self._stop_family()][2], self.reason, EV_NEXT    # -> its ExecStopPost= step
 
     def _end_stop(self):
         """Nothing of the service is left: what follows a stop of its family."""
         after = self._stop_family()
         self.timers.cancel_all()
-        self.queue = []
+        self.control.queue = []
         self.host.released(self)
         why, failed = self.end or (self.reason, False)
         if after == "policy":
-            return self._finish_run(self.last_exit, self.main_exit, why, failed)
+            return self._finish_run(self.last_exit, self.main.exit, why, failed)
         self.host.stopped(self)
         self.host.log.info(self.name, "Stopped (%s%s)" % (describe_exit(self.last_exit) if self.last_exit else "no process",
                                                           ", after SIGKILL" if self.stop_timed_out else ""))
@@ -8847,24 +8819,24 @@ class Service:
     def _main_gone_while_stopping(self, exit_info):
         described = self._main_gone(exit_info)
         self.host.log.debug(self.name, "Main process ended while stopping (%s)" % described)
-        if self.phase == STOP_STEPS[self._stop_family()][1] and self.control_pid is None:
+        if self.phase == STOP_STEPS[self._stop_family()][1] and self.control.pid is None:
             return self._run_stop_post()
         return self.phase, self.reason
 
     def _control_gone_while_stopping(self, exit_info):
-        self.control_pid = self.control_command = self.control_kind = None
-        if self.pid is None:
+        self.control.clear()
+        if self.main.pid is None:
             return self._run_stop_post()
         return self.phase, self.reason
 
     def _stop_command_timed_out(self):
         self.host.log.warning(self.name, "ExecStop= did not finish within %s" % format_timespan(
             self.stop_settings().timeout_stop_sec))
-        self.queue = []
+        self.control.queue = []
         return self.phase, self.reason, EV_DONE         # (KillSignal= to it too, then)
 
     def _stop_post_timed_out(self):
-        self.queue = []
+        self.control.queue = []
         if self.stop_timed_out:
             self.host.log.error(self.name, "ExecStopPost= still there after SIGKILL: given up on")
             self._forget_processes()
@@ -8922,11 +8894,8 @@ class Service:
     def _forget_processes(self):
         """Stop waiting for the main and control process: their exits, should
         they come, are reaped and ignored."""
-        self.process_serial += 1
-        self.control_serial += 1
-        self.pid = self.pid_start = self.current = None
-        self.control_pid = self.control_command = self.control_kind = None
-        self.queue = []
+        self.main.forget()
+        self.control.forget()
 
     def _stopping_notified(self):
         """STOPPING=1: the service is going down by itself; its exit is
@@ -8969,9 +8938,9 @@ class Service:
         self.reload_error = None
         self.reload_from = self.phase
         if self.spec.exec_reload:
-            self.queue = list(self.spec.exec_reload)
+            self.control.queue = list(self.spec.exec_reload)
             return RELOAD, self.reason, EV_NEXT         # -> reload: its ExecReload= commands
-        if self.spec.type == "notify-reload" and self.pid:
+        if self.spec.type == "notify-reload" and self.main.pid:
             self.host.log.info(self.name, "Reloading (%s)" % signal_name(self.spec.reload_signal))
             self.notified_ready = False
             self.host.signal_main(self, self.spec.reload_signal)
@@ -8987,15 +8956,15 @@ class Service:
 
     def _reload_ready(self):
         self.notified_ready = True
-        if self.control_pid is not None:
+        if self.control.pid is not None:
             return RELOAD, None           # ExecReload= still runs: done when it exits
         return self._reload_finished(None)
 
     def _reload_timed_out(self):
-        if self.control_pid is not None:
+        if self.control.pid is not None:
             self.host.kill_control(self, signal.SIGKILL)
-            self.control_serial += 1      # its exit is reaped and ignored
-            self.control_pid = self.control_command = self.control_kind = None
+            self.control.serial += 1      # its exit is reaped and ignored
+            self.control.clear()
         return self._reload_finished("timed out after %s" % format_timespan(self.spec.start_timeout()))
 
     def _reload_done(self):
@@ -9018,8 +8987,8 @@ class Service:
         `outcome` (None: unknown, counted as a failure), else settle in FAILED
         (failed=True) or EXITED."""
         spec = self.spec
-        self.main_started_wall = None
-        self.queue = []
+        self.main.started_wall = None
+        self.control.queue = []
         self.last_exit = last_exit
         self.host.stopped(self)
         self.succeeded = not failed and exit_is_clean(outcome, spec.success_exit_status)
@@ -9041,33 +9010,6 @@ class Service:
         return EXITED, why                              # -> exited: no restart, the run ended well enough
 
     # -- callbacks -----------------------------------------------------------------
-
-    def _exec_callback(self):
-        """on_exec for the process just given an exit callback (same serial)."""
-        def on_exec(error, serial=self.process_serial):
-            if serial == self.process_serial:
-                self.handle(EV_EXEC, error=error)
-        return on_exec
-
-    def _exit_callback(self):
-        """The exit callback of the main process about to be watched. It is
-        bound to that process: the exit of one the service gave up (after an
-        internal error, or a MAINPID= that moved on) is reaped and ignored,
-        never taken for the exit of the process that runs now."""
-        self.process_serial += 1
-
-        def on_exit(exit_info, serial=self.process_serial):
-            if serial == self.process_serial:
-                self.handle(EV_EXIT, exit_info=exit_info)
-        return on_exit
-
-    def _control_callback(self):
-        self.control_serial += 1
-
-        def on_exit(exit_info, serial=self.control_serial):
-            if serial == self.control_serial:
-                self.handle(EV_CONTROL_EXIT, exit_info=exit_info)
-        return on_exit
 
     def _on_verdict(self):
         self.handle(EV_HEALTHY if self.probe.status == "healthy" else EV_UNHEALTHY)
@@ -9096,7 +9038,7 @@ class Service:
         """WatchdogSec=: armed once the service is ready, again at each WATCHDOG=1."""
         self.timers.cancel("watchdog")
         interval = self._watchdog_interval()
-        if interval and self.pid and self.phase not in STOP_FAMILY:
+        if interval and self.main.pid and self.phase not in STOP_FAMILY:
             self.timers.arm("watchdog", interval, EV_WATCHDOG)
 
     def _reset_limits(self):
@@ -9170,23 +9112,23 @@ def _result_of(exit_info):
 def service_status(service, detail=False):
     """What `status` shows of a Service (with `detail`: of one unit asked for by name)."""
     now = time.time()
-    running = service.state in ACTIVE_STATES and service.pid
+    running = service.state in ACTIVE_STATES and service.main.pid
     data = {
-        "name": service.name, "state": service.state, "pid": service.pid if running else None,
-        "since": service.since, "uptime": (now - service.main_started_wall) if running and service.main_started_wall else None,
+        "name": service.name, "state": service.state, "pid": service.main.pid if running else None,
+        "since": service.since, "uptime": (now - service.main.started_wall) if running and service.main.started_wall else None,
         "restarts": service.restarts, "last_exit": service.last_exit, "health": service.health()[0],
         "health_error": service.health()[1],
-        "memory": process_rss(service.pid) if running else None,
+        "memory": process_rss(service.main.pid) if running else None,
         "commit": service.commit, "reason": service.reason, "want": service.want,
         "rolled_back": service.versions.rolled_back, "status_text": service.status_text,
     }
     if detail:
         data.update(description=service.spec.description, path=service.spec.path,
-                    cpu_seconds=process_cpu_seconds(service.pid) if running else None,
-                    type=service.spec.type, restart=service.spec.restart, adopted=service.adopted,
+                    cpu_seconds=process_cpu_seconds(service.main.pid) if running else None,
+                    type=service.spec.type, restart=service.spec.restart, adopted=service.main.adopted,
                     limits=_service_limits(service), phase=PHASE_TEXT.get(service.phase), spawn=service.resources.spawn_path,
-                    control_pid=service.control_pid, sources=list(service.spec.sources),
-                    control=str(service.control_command) if service.control_command else None,
+                    control_pid=service.control.pid, sources=list(service.spec.sources),
+                    control=str(service.control.command) if service.control.command else None,
                     folder={"path": service.spec.owned.path, "tree": service.spec.tree, "files": service.spec.owned.count,
                             "bytes": service.spec.owned.size} if service.spec.owned else None,
                     warnings=list(service.resources.warnings), seccomp=seccomp_summary(service.spec),
@@ -9207,11 +9149,11 @@ def service_record(service):
     """What state.json keeps of a Service (Service.take_saved reads it back)."""
     active = service.state in ACTIVE_STATES
     to_wall = time.time() - service.host.now()
-    return {"want": service.want, "pid": service.pid if active else None,
-            "pid_start": service.pid_start if active else None,
+    return {"want": service.want, "pid": service.main.pid if active else None,
+            "pid_start": service.main.pid_start if active else None,
             "restarts": service.restarts, "restarts_total": service.restarts_total, "last_exit": service.last_exit,
             "state": service.state, "phase": service.phase, "reason": service.reason, "commit": service.commit,
-            "blob": service.spec.blob, "meaning": service.spec.meaning(), "started_wall": service.main_started_wall,
+            "blob": service.spec.blob, "meaning": service.spec.meaning(), "started_wall": service.main.started_wall,
             "tree": service.resources.linked_tree if active else None, "started_tree": service.resources.running_tree if active else None,
             "previous_tree": service.versions.previous_tree, "rejected": service.versions.rejected, "rolled_back": service.versions.rolled_back,
             # monotonic times as wall-clock ones, for the next daemon (SPEC §6)
@@ -9259,6 +9201,93 @@ class UnitTimers:
 
     def cancel_all(self):
         self.cancel(*list(self.pending))
+
+
+class MainProcess:
+    """A Service's main process: its pid (with its /proc start time, against
+    pid reuse), how it came to run, and how it ended. Its exit and exec
+    callbacks are bound to the process they were made for: the exit of one
+    the service gave up (after an internal error, or a MAINPID= that moved
+    on) is reaped and ignored, never taken for the one that runs now."""
+    __slots__ = ("pid", "pid_start", "adopted", "command", "serial", "started_at", "started_wall", "exec_error",
+                 "exit", "forked_group")
+
+    def __init__(self):
+        self.pid = None
+        self.pid_start = None
+        self.adopted = False            # started by an earlier daemon
+        self.command = None             # the ExecStart= command it runs
+        self.serial = 0                 # counts main processes: an exit callback knows its own
+        self.started_at = None          # monotonic time it started
+        self.started_wall = None        # wall time it started (uptime)
+        self.exec_error = None          # why a SPAWNED process could not exec (its exit follows)
+        self.exit = None                # how this run's main process ended ($EXIT_CODE of ExecStopPost=)
+        self.forked_group = None        # process group of a forking unit's ExecStart= (its session too)
+
+    def runs(self, pid, pid_start, adopted, now, started_wall=None):
+        self.pid, self.pid_start, self.adopted, self.started_at = pid, pid_start, adopted, now
+        self.started_wall = started_wall or self.started_wall or time.time()
+
+    def gone(self, exit_info):
+        self.pid = self.pid_start = self.started_wall = None
+        if exit_info is not None:
+            self.exit = exit_info
+
+    def forget(self):
+        self.serial += 1
+        self.pid = self.pid_start = self.command = None
+
+    def ran_for(self, now):
+        return now - (self.started_at or now)
+
+    def exit_callback(self, handle):
+        """on_exit of the main process about to be watched: EV_EXIT."""
+        self.serial += 1
+
+        def on_exit(exit_info, serial=self.serial):
+            if serial == self.serial:
+                handle(EV_EXIT, exit_info=exit_info)
+        return on_exit
+
+    def exec_callback(self, handle):
+        """on_exec of the process just given an exit callback: EV_EXEC."""
+        def on_exec(error, serial=self.serial):
+            if serial == self.serial:
+                handle(EV_EXEC, error=error)
+        return on_exec
+
+
+class ControlProcess:
+    """A Service's control process (the ExecCondition=, ExecStartPre=, ...
+    command that runs now, or a forking unit's ExecStart=), and the commands
+    of its step still to run. Its exit callback is bound to it, as the main
+    process's is."""
+    __slots__ = ("pid", "command", "kind", "serial", "queue")
+
+    def __init__(self):
+        self.pid = self.command = self.kind = None   # kind: its UnitSpec field ("exec_start_pre", ...)
+        self.serial = 0
+        self.queue = []                 # commands left in the step (control, or a oneshot's mains)
+
+    def runs(self, pid, command, kind):
+        self.pid, self.command, self.kind = pid, command, kind
+
+    def clear(self):
+        self.pid = self.command = self.kind = None
+
+    def forget(self):
+        self.serial += 1
+        self.clear()
+        self.queue = []
+
+    def exit_callback(self, handle):
+        """on_exit of the control process about to start: EV_CONTROL_EXIT."""
+        self.serial += 1
+
+        def on_exit(exit_info, serial=self.serial):
+            if serial == self.serial:
+                handle(EV_CONTROL_EXIT, exit_info=exit_info)
+        return on_exit
 
 
 class ProcessResources:
@@ -9528,7 +9557,7 @@ class Launcher(ServiceHost):
         if service.resources.cgroup is not None and service.resources.cgroup.tracking is not None:
             return pid in Cgroups.pids(service.resources.cgroup)
         fields = read_proc_stat(pid)
-        return fields is not None and int(fields[3]) in (service.pid, service.control_pid, service.forked_group)
+        return fields is not None and int(fields[3]) in (service.main.pid, service.control.pid, service.main.forked_group)
 
     def failed_condition(self, service):
         """The first Condition*=, then Assert*=, of `service` that does not
@@ -9555,23 +9584,23 @@ class Launcher(ServiceHost):
 
     def signal_main(self, service, number):
         """ReloadSignal= and the like: to the main process only."""
-        if service.pid is None:
+        if service.main.pid is None:
             return
         try:
-            os.kill(service.pid, number)
+            os.kill(service.main.pid, number)
         except ProcessLookupError:
             pass
         except PermissionError as exc:
-            self.log.error(service.name, "Cannot signal pid %d: %s" % (service.pid, exc.strerror))
+            self.log.error(service.name, "Cannot signal pid %d: %s" % (service.main.pid, exc.strerror))
 
     def kill_control(self, service, number):
         """The control process and its process group (a shell's children
         too), and what a forking unit's ExecStart= left in its group."""
-        groups = [service.control_pid]
+        groups = [service.control.pid]
         # The forking ExecStart= has exited: its group is still the service's
         # only while no process took its number (a new leader would have it).
-        if service.forked_group and read_proc_stat(service.forked_group) is None:
-            groups.append(service.forked_group)
+        if service.main.forked_group and read_proc_stat(service.main.forked_group) is None:
+            groups.append(service.main.forked_group)
         for group in groups:
             if group:
                 try:
@@ -9591,19 +9620,19 @@ class Launcher(ServiceHost):
             self.cgroups.kill(service.resources.cgroup, number)     # also what left the process group
         if mode != "none" or number == signal.SIGKILL:
             self.kill_control(service, number)
-        if service.pid is None:
+        if service.main.pid is None:
             return
         try:
             if targets_group:
-                _kill_group_or_process(service.pid, number)
+                _kill_group_or_process(service.main.pid, number)
                 if first and number not in (signal.SIGKILL, signal.SIGCONT):
-                    _kill_group_or_process(service.pid, signal.SIGCONT)   # a stopped process must wake to die
+                    _kill_group_or_process(service.main.pid, signal.SIGCONT)   # a stopped process must wake to die
             elif mode != "none" or number == signal.SIGKILL:
-                os.kill(service.pid, number)
+                os.kill(service.main.pid, number)
         except ProcessLookupError:
             pass
         except PermissionError as exc:
-            self.log.error(service.name, "Cannot signal pid %d: %s" % (service.pid, exc.strerror))
+            self.log.error(service.name, "Cannot signal pid %d: %s" % (service.main.pid, exc.strerror))
 
     def reap_leftovers(self, service, pid, own_child, everything=False):
         """Nothing of a service outlives its main process (KillMode=
@@ -9614,15 +9643,15 @@ class Launcher(ServiceHost):
         self._drop_report(service.name)   # an exec report nobody waits for any more
         if not (everything or service.spec.kill_mode in ("control-group", "mixed") or service.spec.private_pids):
             return
-        if service.forked_group:
+        if service.main.forked_group:
             self.kill_control(service, signal.SIGKILL)     # the forking ExecStart='s group, without cgroups too
         if own_child:
             try:
                 os.killpg(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
-        elif everything and service.pid_start is not None:
-            _signal_group_if_same(pid, service.pid_start, signal.SIGKILL)   # still the process adopted?
+        elif everything and service.main.pid_start is not None:
+            _signal_group_if_same(pid, service.main.pid_start, signal.SIGKILL)   # still the process adopted?
         if self.cgroups is not None:
             self.cgroups.kill(service.resources.cgroup, signal.SIGKILL)
 
@@ -9638,7 +9667,7 @@ class Launcher(ServiceHost):
 
     def describe_exit(self, service, exit_info):
         if exit_info is None:
-            return "exit status unknown (%s)" % ("adopted" if service.adopted else "not gitproc's child")
+            return "exit status unknown (%s)" % ("adopted" if service.main.adopted else "not gitproc's child")
         if exit_info == {"signal": signal.SIGKILL} and service.spec.memory_max is not None and \
                 self.cgroups is not None and self.cgroups.oom_killed(service.resources.cgroup):
             return "killed by the OOM killer (MemoryMax=%s)" % format_bytes(service.spec.memory_max)
@@ -9654,7 +9683,7 @@ class Launcher(ServiceHost):
 
         def remove():
             service.resources.cgroup_timer = None
-            if service.pid is None and service.state not in ACTIVE_STATES:
+            if service.main.pid is None and service.state not in ACTIVE_STATES:
                 self.oom_watch.forget(service.name, service)
                 Cgroups.remove(service.resources.cgroup)
                 service.resources.cgroup = None
@@ -11049,7 +11078,7 @@ class Snapshots:
                          service.versions.previous[0].tree if service.versions.previous else None,
                          service.resources.running_tree if service.has_process() else None))
         keep.discard(None)
-        adopted = {s.resources.running_tree for s in services.values() if s.adopted and s.has_process()}
+        adopted = {s.resources.running_tree for s in services.values() if s.main.adopted and s.has_process()}
         return self.collect(keep, set(services), adopted)
 
     def collect(self, keep, names, adopted=()):
@@ -12326,7 +12355,7 @@ class Deployer:
         self.history.record("auto-rollback", "rolled back", bad_commit, "AutoRollback of %s" % service.name,
                             changed=[service.name], why=why)
         self._count("rolled back")
-        self.events.record("rollback", service.name, bad_commit, old_commit, why, service.pid, old_commit)
+        self.events.record("rollback", service.name, bad_commit, old_commit, why, service.main.pid, old_commit)
         service.take_version(old_spec, old_commit)
         self.snapshots.point(service.name, old_spec.tree)
         self._index_before()
@@ -13170,7 +13199,7 @@ class SocketUnit:
                 "last_trigger": self.last_trigger, "description": self.spec.description, "path": self.spec.path,
                 "fds": [s.fileno() for s in self.sockets], "fd_name": self.spec.fd_name,
                 "max_connections": self.spec.max_connections,
-                "service": {"state": service.state, "result": service.result, "pid": service.pid}
+                "service": {"state": service.state, "result": service.result, "pid": service.main.pid}
                 if service is not None else None,
                 "not_applied": [{"key": key, "value": value, "why": SOCKET_NOT_APPLIED[key]}
                                 for key, value in self.spec.not_applied]}
@@ -14373,7 +14402,7 @@ def prometheus_text(daemon):
 
     services = [daemon.services[name] for name in sorted(daemon.services)]
     unit_labels = {s.name: 'unit="%s"' % prometheus_label(s.name) for s in services}
-    usage = {s.name: process_usage(s.pid) for s in services if s.pid and s.state in ACTIVE_STATES}
+    usage = {s.name: process_usage(s.main.pid) for s in services if s.main.pid and s.state in ACTIVE_STATES}
     family("gitproc_unit_state", "gauge", "1 for the state the unit is in (one series per unit: its state).",
            (('{%s,state="%s"}' % (unit_labels[s.name], s.state), 1) for s in services))
     family("gitproc_unit_restarts_total", "counter", "Automatic restarts of the unit (kept across daemon restarts).",
@@ -14385,7 +14414,7 @@ def prometheus_text(daemon):
     family("gitproc_unit_healthy", "gauge", "1 while the unit's health check passes, 0 otherwise (units with a check).",
            (("{%s}" % unit_labels[s.name], int(s.health()[0] == "healthy")) for s in services if s.spec.health_check_url))
     family("gitproc_unit_start_time_seconds", "gauge", "When the unit's main process started (Unix time).",
-           (("{%s}" % unit_labels[s.name], s.main_started_wall) for s in services if s.name in usage and s.main_started_wall))
+           (("{%s}" % unit_labels[s.name], s.main.started_wall) for s in services if s.name in usage and s.main.started_wall))
     timers = [daemon.schedule.timers[name] for name in sorted(daemon.schedule.timers)]
     timer_labels = {t.name: 'timer="%s"' % prometheus_label(t.name) for t in timers}
     family("gitproc_timer_next_elapse_timestamp_seconds", "gauge", "When the timer elapses next (Unix time; armed timers).",
@@ -15412,7 +15441,7 @@ class DaemonHost(Launcher):
                                                         if service.name in other.spec.joins_namespace_of}
         for name in sorted(names):
             other = self.daemon.services.get(name)
-            if other is not None and other is not service and other.pid and other.state in (RUNNING, RELOADING):
+            if other is not None and other is not service and other.main.pid and other.state in (RUNNING, RELOADING):
                 return other
         return None
 
@@ -15637,14 +15666,14 @@ class Daemon:
         self.changed = True
         self.store.mark_dirty()
         if service.state != before:
-            self.events.record("state", service.name, before, service.state, service.reason, service.pid, service.commit)
+            self.events.record("state", service.name, before, service.state, service.reason, service.main.pid, service.commit)
             self.schedule.service_changed(service, before)
             self.listeners.service_changed(service, before)
         health = service.health()[0]
         if health != self.health_seen.get(service.name) and health is not None:
             if health != "starting":
                 self.events.record("health", service.name, self.health_seen.get(service.name), health,
-                                   service.health()[1], service.pid, service.commit)
+                                   service.health()[1], service.main.pid, service.commit)
             self.health_seen[service.name] = health
         if service.state in (STOPPED, FAILED, EXITED) and not self.host.shutting_down:
             self.stopped_services.append(service)
@@ -15754,7 +15783,7 @@ class Daemon:
         """The service a process belongs to: its main or control process, else
         the one whose cgroup (or, without cgroups, session) holds it."""
         for service in self.services.values():
-            if pid in (service.pid, service.control_pid):
+            if pid in (service.main.pid, service.control.pid):
                 return service
         try:
             groups = _read_text("/proc/%d/cgroup" % pid)
@@ -15770,7 +15799,7 @@ class Daemon:
         fields = read_proc_stat(pid)
         session = int(fields[3]) if fields else None
         for service in self.services.values():
-            if session and session in (service.pid, service.control_pid):
+            if session and session in (service.main.pid, service.control.pid):
                 return service
         return None
 

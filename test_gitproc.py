@@ -4238,7 +4238,7 @@ class FakeHost:
 
     def exec_done(self, service, error=None):
         """The SPAWNED process's exec is confirmed (error None) or failed."""
-        self.on_exec.pop(service.pid)(error)
+        self.on_exec.pop(service.main.pid)(error)
 
     def watch(self, service, pid, on_exit, adopted=True):
         self.on_exit[pid] = on_exit
@@ -4306,10 +4306,10 @@ class FakeHost:
 
     def exit(self, service, exit_info):
         """The service's control process ends, or with none its main process."""
-        self.on_exit.pop(service.control_pid if service.control_pid is not None else service.pid)(exit_info)
+        self.on_exit.pop(service.control.pid if service.control.pid is not None else service.main.pid)(exit_info)
 
     def exit_main(self, service, exit_info):
-        self.on_exit.pop(service.pid)(exit_info)
+        self.on_exit.pop(service.main.pid)(exit_info)
 
 
 def spec_of(*lines, name="web"):
@@ -4462,10 +4462,10 @@ class StateTableTests(unittest.TestCase):
                 self.assertEqual(service.phase, phase, "setup")
                 if event in (P.EV_HEALTHY, P.EV_UNHEALTHY) and service.probe is not None:
                     service.probe.status = "healthy" if event == P.EV_HEALTHY else "unhealthy"
-                if event == P.EV_EXIT and service.pid is not None:
-                    host.on_exit.pop(service.pid)
+                if event == P.EV_EXIT and service.main.pid is not None:
+                    host.on_exit.pop(service.main.pid)
                 want = service.want
-                seen = lambda: (service.phase, service.reason, service.pid, service.control_pid, len(host.spawned),
+                seen = lambda: (service.phase, service.reason, service.main.pid, service.control.pid, len(host.spawned),
                                 len(host.signals), service.restarts, service.reload_serial, host.log.text())
                 before = seen()
                 self.assertTrue(service.handle(event, **FACTS[event]))
@@ -4481,9 +4481,9 @@ class StateTableTests(unittest.TestCase):
         for phase, event in sorted(REFUSED):
             with self.subTest(phase=phase):
                 host, service = service_in(phase)
-                before = (service.phase, service.pid, len(host.spawned))
+                before = (service.phase, service.main.pid, len(host.spawned))
                 self.assertFalse(service.handle(event, **FACTS[event]))
-                self.assertEqual((service.phase, service.pid, len(host.spawned)), before)
+                self.assertEqual((service.phase, service.main.pid, len(host.spawned)), before)
                 self.assertIn("not in the state table", host.log.text("error"))
 
     def test_running_service_whose_health_check_fails_three_times_restarts(self):
@@ -4492,7 +4492,7 @@ class StateTableTests(unittest.TestCase):
         service.start()
         host.probes[-1].verdict("healthy")
         self.assertEqual(service.phase, P.RUNNING)
-        first = service.pid
+        first = service.main.pid
         host.probes[-1].verdict("unhealthy", failures=3, error="connection refused")
         self.assertEqual((service.phase, P.STOP_FAMILY[service.phase]), (P.RESTART_STOPPING, "restart"))
         self.assertEqual(service.state, "stopping")
@@ -4501,7 +4501,7 @@ class StateTableTests(unittest.TestCase):
         self.assertIn("health check failed 3 times: connection refused", service.reason)
         host.exit(service, {"signal": signal.SIGTERM})
         self.assertEqual(service.phase, P.HEALTH_WAIT, "started again, waiting for its health check")
-        self.assertNotEqual(service.pid, first)
+        self.assertNotEqual(service.main.pid, first)
 
     def test_internal_stops_leave_want_alone(self):
         host, service = service_in(P.RUNNING)
@@ -4696,7 +4696,7 @@ class FailSafeTests(unittest.TestCase):
 
     def test_an_exception_in_an_action_fails_the_service_and_kills_what_is_left(self):
         host, service = service_in(P.RUNNING)
-        pid = service.pid
+        pid = service.main.pid
 
         def broken(*args, **kwargs):
             raise OverflowError("int too large to convert to float")
@@ -4704,7 +4704,7 @@ class FailSafeTests(unittest.TestCase):
         host.exit(service, FAILURE)
         self.assertEqual(service.phase, P.FAILED)
         self.assertIn("internal error in main_exited: int too large", service.reason)
-        self.assertIsNone(service.pid)
+        self.assertIsNone(service.main.pid)
         self.assertIn("Traceback", host.log.text("error"))
         self.assertEqual(host.pending(), [], "nothing left to fire")
         self.assertIn(("web", pid, False), host.reaped)
@@ -4758,15 +4758,15 @@ class ReviewedEdgeTests(unittest.TestCase):
 
     def test_the_exit_of_a_process_given_up_is_ignored(self):
         host, service = service_in(P.RUNNING)
-        given_up = host.on_exit[service.pid]
+        given_up = host.on_exit[service.main.pid]
         host.describe_exit = lambda *args: 1 / 0
         host.exit(service, FAILURE)
         self.assertEqual(service.phase, P.FAILED)
         del host.describe_exit
         service.start(manual=True)
-        running = service.pid
+        running = service.main.pid
         given_up({"signal": signal.SIGKILL})       # reaped late: not the new process's exit
-        self.assertEqual((service.phase, service.pid), (P.RUNNING, running))
+        self.assertEqual((service.phase, service.main.pid), (P.RUNNING, running))
 
     def test_an_adopted_oneshot_that_became_ready_may_fail(self):
         host = FakeHost()
@@ -4889,9 +4889,9 @@ class ChainedStepTests(unittest.TestCase):
         service = gitproc.Service(host, spec_of("ExitType=cgroup"), "c0ffee")
         service.start()
         self.assertEqual(service.phase, P.SPAWNED)
-        host.on_exec.pop(service.pid)     # its exec report is read with its exit: "exec worked"
+        host.on_exec.pop(service.main.pid)     # its exec report is read with its exit: "exec worked"
         host.exit_main(service, CLEAN)
-        self.assertEqual((service.phase, service.pid), (P.RUNNING, None))
+        self.assertEqual((service.phase, service.main.pid), (P.RUNNING, None))
         self.assertIsNotNone(service.exit_wait, "its cgroup is waited for")
         self.assertEqual(host.log.text("error"), "")
 
@@ -4930,20 +4930,20 @@ class ControlEdgeTests(unittest.TestCase):
         self.assertEqual(host.signals[-1], ("web", signal.SIGKILL))
         self.assertEqual(service.phase, P.STOPPING)
         host.advance(1)
-        self.assertEqual((service.phase, service.pid), (P.STOPPED, None))
+        self.assertEqual((service.phase, service.main.pid), (P.STOPPED, None))
         self.assertIn("given up on", host.log.text("error"))
 
     def test_mainpid_of_a_process_not_the_services_is_refused(self):
         host = FakeHost()
         service = gitproc.Service(host, spec_of("Type=notify"), "c0ffee")
         service.start()
-        main = service.pid
+        main = service.main.pid
         service.notified({"MAINPID": "4321"})
-        self.assertEqual(service.pid, main)
+        self.assertEqual(service.main.pid, main)
         self.assertIn("MAINPID=4321 refused", host.log.text())
         host.members.add(4321)
         service.notified({"MAINPID": "4321", "READY": "1"})
-        self.assertEqual((service.pid, service.phase), (4321, P.RUNNING))
+        self.assertEqual((service.main.pid, service.phase), (4321, P.RUNNING))
 
     def test_extend_timeout_usec_pushes_the_start_timeout_back(self):
         host = FakeHost()
@@ -5008,7 +5008,7 @@ class ExecConfirmationTests(unittest.TestCase):
         host, service = self.spawned()
         host.exec_done(service)
         self.assertEqual(service.phase, P.RUNNING)
-        self.assertIn("Started (pid %d)" % service.pid, host.log.text())
+        self.assertIn("Started (pid %d)" % service.main.pid, host.log.text())
 
     def test_an_exec_that_fails_is_a_spawn_failure(self):
         host, service = self.spawned("Restart=no")
@@ -12363,11 +12363,12 @@ class SelfCheckTests(unittest.TestCase):
 
     def test_service_asks_its_host_only_what_service_host_declares(self):
         """The host interface is declared once (ServiceHost), and both hosts,
-        the daemon's and the pure tests' fake, answer all of it."""
+        the daemon's and the pure tests' fake, answer all of it. (Service
+        and the parts it gives its host to ask it.)"""
         import ast
         tree = _module_tree("gitproc.py")[1]
-        service = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "Service")
-        asked = {node.attr for node in ast.walk(service) if isinstance(node, ast.Attribute) and
+        asked = {node.attr for part in tree.body if isinstance(part, ast.ClassDef) and part.name in ("Service", "UnitTimers")
+                 for node in ast.walk(part) if isinstance(node, ast.Attribute) and
                  isinstance(node.value, ast.Attribute) and node.value.attr == "host" and
                  isinstance(node.value.value, ast.Name) and node.value.value.id == "self"}
         declared = {name for name, value in vars(gitproc.ServiceHost).items() if callable(value)} | \
