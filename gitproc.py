@@ -7615,19 +7615,22 @@ def spawn_exit_code(message):
 # where it can end follows from the table alone, and users see only where it
 # ends.
 #
-# A service has at most one main process (`pid`) and one control process
-# (`control_pid`), as in systemd. A stop runs ExecStop=, then KillSignal= to
-# what is left, then ExecStopPost=, in three phases; what follows it makes
-# three families of them (STOP_STEPS): a stop (then stopped), a restart (then
-# it starts again) and the end of a run (then Restart= decides: after the
-# process ended on its own, a start failed or timed out, the watchdog fired).
+# A service has at most one main process (MainProcess) and one control
+# process (ControlProcess), as in systemd. A stop runs ExecStop=, then
+# KillSignal= to what is left, then ExecStopPost=, in three phases; what
+# follows it makes three families of them (STOP_STEPS): a stop (then
+# stopped), a restart (then it starts again) and the end of a run (then
+# Restart= decides: after the process ended on its own, a start failed or
+# timed out, the watchdog fired). The stop under way is an object of its own
+# (StopSequence): the stopping phases' cells are its actions, "stop.ACTION",
+# and what it must remember is its own (the version it stops, whether a
+# timeout already sent SIGKILL, why the run ended).
 #
-# Three facts of a phase are kept beside it, not as phases of their own:
-# `stop_timed_out` (a stopping phase's first TimeoutStopSec= sent SIGKILL,
-# so its second gives up on the processes), `reload_from` (RUNNING or REMAIN:
-# where a reload goes back to) and `reap_pending` (the main process ended
-# while a control process ran: what is left of the unit goes once that
-# control process is done too). The guards that choose between a cell's
+# Two facts are kept beside a phase, not as phases of their own:
+# `reload_from` (RUNNING or REMAIN: where a reload goes back to) and the
+# main process's `reap_pending` (it ended while a control process ran, or a
+# stop signalled what is left: what is left goes once no process of the
+# unit is waited for). The guards that choose between a cell's
 # outcomes are named pure functions (should_restart, start_limit_hit,
 # restart_delay, run_succeeded, condition_skips, exec_stop_runs).
 
@@ -7738,31 +7741,32 @@ def _ignoring_the_rest(phase, cells):
 def _stopping(after, step):
     """The cells of one stopping phase: `step` 0 (ExecStop=), 1 (KillSignal=
     sent) or 2 (ExecStopPost=) of the family `after`, and the switch between
-    a stop and a restart at the same step."""
+    a stop and a restart at the same step. Their own actions are the stop
+    under way's (StopSequence): "stop.ACTION"."""
     command, signalled, post = STOP_STEPS[after]
     phase = STOP_STEPS[after][step]
-    end = {"stop": ((STOPPED,), "end_stop"),                   # -> stopped
-           "restart": ((STOPPED, then(STOPPED, EV_START)), "end_stop"),   # started again (want up, not shutting down)
-           "policy": ((BACKOFF, FAILED, EXITED), "end_stop")}[after]    # should_restart(): backoff, else failed/exited
+    end = {"stop": ((STOPPED,), "stop.end"),                              # -> stopped
+           "restart": ((STOPPED, then(STOPPED, EV_START)), "stop.end"),   # started again (want up, not shutting down)
+           "policy": ((BACKOFF, FAILED, EXITED), "stop.end")}[after]      # should_restart(): backoff, else failed/exited
     post_next = then(post, EV_NEXT)                            # nothing left: ExecStopPost=
     cells = [
         {EV_NEXT: ((command, then(command, EV_DONE)), "next_command"),   # a command runs; none left: the next step
-         EV_DONE: ((signalled, post_next), "signal_leftovers"),          # KillSignal= to what is left
+         EV_DONE: ((signalled, post_next), "stop.signal_leftovers"),     # KillSignal= to what is left
          EV_CONTROL_EXIT: ((command, then(command, EV_NEXT), then(command, EV_DONE)), "control_exited"),  # failed: done
-         EV_STOP_TIMEOUT: ((then(command, EV_DONE),), "stop_command_timed_out"),   # KillSignal= to it too
-         EV_EXIT: ((command,), "main_gone_while_stopping")},   # ExecStop= may wait for it: it goes on
-        {EV_EXIT: ((signalled, post_next), "main_gone_while_stopping"),
-         EV_CONTROL_EXIT: ((signalled, post_next), "control_gone_while_stopping"),
-         EV_STOP_TIMEOUT: ((signalled, post_next), "kill_hard")},   # SIGKILL; after one more timeout, given up on
+         EV_STOP_TIMEOUT: ((then(command, EV_DONE),), "stop.command_timed_out"),   # KillSignal= to it too
+         EV_EXIT: ((command,), "stop.main_gone")},             # ExecStop= may wait for it: it goes on
+        {EV_EXIT: ((signalled, post_next), "stop.main_gone"),
+         EV_CONTROL_EXIT: ((signalled, post_next), "stop.control_gone"),
+         EV_STOP_TIMEOUT: ((signalled, post_next), "stop.kill_hard")},   # SIGKILL; after one more timeout, given up on
         {EV_NEXT: ((post, then(post, EV_DONE)), "next_command"),
          EV_DONE: end,
          EV_CONTROL_EXIT: ((post, then(post, EV_NEXT), then(post, EV_DONE)), "control_exited"),
-         EV_STOP_TIMEOUT: ((post, then(post, EV_DONE)), "stop_post_timed_out")},   # SIGKILL; then given up on
+         EV_STOP_TIMEOUT: ((post, then(post, EV_DONE)), "stop.post_timed_out")},   # SIGKILL; then given up on
     ][step]
     if after == "restart":
-        cells[EV_STOP] = ((STOP_STEPS["stop"][step],), "stop_after_stop")
+        cells[EV_STOP] = ((STOP_STEPS["stop"][step],), "stop.to_stop")
     else:
-        cells.update({event: ((STOP_STEPS["restart"][step],), "restart_after_stop") for event in (EV_START, EV_RESTART)})
+        cells.update({event: ((STOP_STEPS["restart"][step],), "stop.to_restart") for event in (EV_START, EV_RESTART)})
     return _ignoring_the_rest(phase, {(phase, event): entry for event, entry in cells.items()})
 
 
@@ -8038,9 +8042,8 @@ class Service:
     __slots__ = ("host", "name", "spec", "commit", "want", "phase", "since", "reason", "main", "control",
                  "restarts", "connection", "log_name",
                  "restarts_total", "last_exit", "start_times", "crash_streak", "timers", "exit_wait", "watchdog_usec",
-                 "stop_timed_out",
-                 "end", "stopping_spec", "result", "status_text", "notified_ready", "reload_serial", "reload_error",
-                 "reload_from", "monitor", "reap_pending",
+                 "stopping", "result", "status_text", "notified_ready", "reload_serial", "reload_error",
+                 "reload_from", "monitor",
                  "generation", "succeeded", "health_note", "probe", "resources", "versions")
     # (__slots__: no dict per unit; a thousand units hold some 1 MB less)
 
@@ -8065,9 +8068,7 @@ class Service:
         self.timers = UnitTimers(host, self.handle)   # its timeouts, the restart, the looks again
         self.exit_wait = None           # ... (the main process's exit_info,) while it waits
         self.watchdog_usec = None       # WATCHDOG_USEC= the service asked for instead
-        self.stop_timed_out = False     # the current stop needed SIGKILL
-        self.end = None                 # (why, failed) of a run that ended: what Restart= decides on
-        self.stopping_spec = None       # the UnitSpec of the version a stop under way stops (its KillSignal=)
+        self.stopping = None            # the StopSequence under way (kept until the next start)
         self.result = "success"         # systemd's $SERVICE_RESULT of this run
         self.status_text = None         # the last STATUS= of sd_notify
         self.notified_ready = False     # READY=1 came in this run
@@ -8075,7 +8076,6 @@ class Service:
         self.reload_error = None        # why the last reload failed, or None
         self.reload_from = RUNNING      # the phase a reload goes back to
         self.monitor = None             # $MONITOR_* for the processes of a start OnFailure= asked for
-        self.reap_pending = False       # what is left of the service is still to be ended
         self.generation = 0             # counts starts, so a restart waiter sees a new run
         self.succeeded = False          # the last run ended well (a '-' failure counts as success)
         self.health_note = None         # (verdict, error) of the probe closed last
@@ -8241,7 +8241,7 @@ class Service:
                 allowed, action = entry
                 if action == IGNORE:
                     break
-                outcome = getattr(self, "_" + action)(**facts)
+                outcome = self._action(action)(**facts)
                 step = outcome[0] if len(outcome) < 3 else then(outcome[0], outcome[2])
                 if step not in allowed:
                     raise RuntimeError("%s led to %r, which the table does not allow (%r)" % (action, step, allowed))
@@ -8260,6 +8260,12 @@ class Service:
         end, (self.phase, self.reason) = (self.phase, self.reason), start
         self._enter(*end)                 # users see where the event ended
         return True
+
+    def _action(self, name):
+        """The method a cell names: "stop.ACTION" is the stop under way's."""
+        if name.startswith("stop."):
+            return getattr(self.stopping, name[len("stop."):])
+        return getattr(self, "_" + name)
 
     def _enter(self, phase, reason):
         if phase != self.phase or reason != self.reason:
@@ -8317,7 +8323,7 @@ class Service:
                                              everything=True)
                 except Exception:
                     pass
-        self._forget_processes()         # their exits, when they come, are reaped and ignored
+        self.forget_processes()         # their exits, when they come, are reaped and ignored
         for step in (self.host.released, self.host.stopped):
             try:
                 step(self)
@@ -8368,13 +8374,18 @@ class Service:
             self.start_times.append(now)
         self.generation += 1
         self.main.forked_group = None
-        self.result, self.end, self.status_text, self.notified_ready = "success", None, None, False
+        self.result, self.status_text, self.notified_ready = "success", None, False
         self.exit_wait = None
         self.main.exit = None
         self.watchdog_usec = None
-        self.stopping_spec = None
+        self.stopping = None
         self.control.queue = list(spec.exec_condition)
         return CONDITION, None, EV_NEXT      # (stays: its ExecCondition= commands)
+
+    def note_result(self, result):
+        """$SERVICE_RESULT of this run: its first failure is what it ended with."""
+        if self.result == "success":
+            self.result = result
 
     def _roll_back(self, why):
         """AutoRollback=: the host puts the previous version back, if there is one."""
@@ -8383,15 +8394,11 @@ class Service:
         self._reset_limits()
         return True
 
-    def _stop_family(self):
-        """What follows the stop under way ("stop", "restart", "policy"): its phase says."""
-        return STOP_FAMILY[self.phase]
-
     def stop_settings(self):
         """The UnitSpec whose KillSignal=, KillMode=, TimeoutStopSec= and the
         like apply now: while it stops, the version being stopped's (a
         rollback may have put another version on it meanwhile)."""
-        return self.stopping_spec if self.stopping_spec is not None and self.phase in STOP_FAMILY else self.spec
+        return self.stopping.settings if self.stopping is not None and self.phase in STOP_FAMILY else self.spec
 
     def _next_command(self):
         """The next command of the step this phase runs (STEP_OF); with none
@@ -8413,7 +8420,7 @@ class Service:
             self.control.runs(pid, command, kind)
             self.host.log.debug(self.name, "Running %s (pid %d): %s" % (CONTROL_KEYS[kind], pid, command))
             if kind in ("exec_stop", "exec_stop_post"):
-                self._arm_stop_timer()
+                self.arm_stop_timer()
             else:
                 self._arm_start_timer()
             return self.phase, self.reason                  # (stays: its exit is awaited)
@@ -8550,7 +8557,7 @@ class Service:
         if self.spec.remain_after_exit:
             self.host.log.info(self.name, "Finished; remains active (RemainAfterExit=yes)")
             return REMAIN, None                         # start-post -> remain
-        self.end = ("oneshot %s" % describe_exit(self.last_exit or {"code": 0}), False)
+        self.stopping = StopSequence(self, "oneshot %s" % describe_exit(self.last_exit or {"code": 0}), False)
         self.main.exit = {"code": 0}      # its run counts as a success, a '-' command's failure too
         return END_POST, self.reason, EV_DONE           # start-post -> end-post: no ExecStopPost=, the end
 
@@ -8644,7 +8651,7 @@ class Service:
             error = self.main.exec_error or self.host.exec_report(self.name) or None
             self.main.exec_error = None
             if error:
-                self._main_gone(exit_info)
+                self.main_gone(exit_info)
                 self.main.command = None
                 return self._start_failed("spawn failed: %s" % error, exit_info={"code": spawn_exit_code(error)})
         if cgroup_empty:
@@ -8657,11 +8664,11 @@ class Service:
             self.last_exit = exit_info if exit_info is not None else self.last_exit
             self.timers.cancel("watchdog")
             self.exit_wait = (exit_info,)
-            self._wait_cgroup_empty()
+            self.wait_cgroup_empty()
             if phase == SPAWNED:
                 return SPAWNED, self.reason, EV_EXEC    # (it exec'd, and its exit came first: its start goes on)
             return phase, self.reason
-        described = self._main_gone(exit_info)
+        described = self.main_gone(exit_info)
         self.main.command = None
         if ran_for >= BACKOFF_RESET_UPTIME:
             self.crash_streak = 0
@@ -8690,7 +8697,7 @@ class Service:
         """A oneshot's command ended: the next one (EV_NEXT), or a failed start."""
         ran_for = self.host.now() - (self.main.started_at or self.host.now())
         command = self.main.command
-        described = self._main_gone(exit_info)
+        described = self.main_gone(exit_info)
         self.main.command = None
         if ran_for >= BACKOFF_RESET_UPTIME:
             self.crash_streak = 0
@@ -8699,7 +8706,7 @@ class Service:
             return self._start_failed("oneshot " + described, result=_result_of(exit_info))
         return ONESHOT, self.reason, EV_NEXT            # (stays: its next command)
 
-    def _wait_cgroup_empty(self):
+    def wait_cgroup_empty(self):
         """ExitType=cgroup: look again shortly whether the cgroup emptied (also
         while it stops: its end is then the main process's)."""
         def look():
@@ -8714,7 +8721,7 @@ class Service:
                 self.handle(EV_EXIT, exit_info=exit_info)
         self.timers.arm("exit_wait", EXIT_WAIT_POLL, look)
 
-    def _main_gone(self, exit_info):
+    def main_gone(self, exit_info):
         """What every exit of the main process does first: forget the pid and
         describe how it ended. What is left of the service is ended too (as
         KillMode= says), unless a control process still runs: an ExecStop=
@@ -8724,7 +8731,7 @@ class Service:
             self.host.reap_leftovers(self, pid, own_child=pid is not None and exit_info is not None
                                      and not self.adopted_elsewhere())
         else:
-            self.reap_pending = True      # after the control process (an ExecStop= waiting for it)
+            self.main.reap_pending = True   # after the control process (an ExecStop= waiting for it)
         self.main.gone(exit_info)
         self.last_exit = exit_info if exit_info is not None else self.last_exit
         self._close_probe()
@@ -8756,10 +8763,8 @@ class Service:
         decides on the run that ended, why and failed telling how)."""
         self.timers.cancel_all()
         self._close_probe()
-        self.stopping_spec = self.spec
-        self.end = (why, failed)
+        self.stopping = StopSequence(self, why, failed)
         self.reason = why
-        self.stop_timed_out = False
         if run_exec_stop is None:
             run_exec_stop = exec_stop_runs(self.phase)
         if self.control.pid is not None:          # a start-pre/post, reload: it ends with the rest
@@ -8767,131 +8772,7 @@ class Service:
         self.control.queue = list(self.spec.exec_stop) if run_exec_stop else []
         return STOP_STEPS[after][0], why, EV_NEXT       # -> its family's ExecStop= step (perhaps empty)
 
-    def _signal_leftovers(self):
-        """KillSignal= to the main and control process (and, as KillMode=
-        says, the rest; SIGKILL after TimeoutStopSec=), then ExecStopPost=.
-        With ExitType=cgroup the processes left in the cgroup count."""
-        after = self._stop_family()
-        if not self.has_process() and self.exit_wait is None:
-            return self._run_stop_post()
-        if self.exit_wait is not None:
-            self._wait_cgroup_empty()     # its end ends the stop
-        stopped = self.stop_settings()
-        number = stopped.kill_signal
-        if after == "restart" and stopped.restart_kill_signal is not None:
-            number = stopped.restart_kill_signal          # RestartKillSignal=, as systemd for a restart job
-        self.host.log.info(self.name, "Stopping (%s, %s)" % (
-            "pid %d" % self.main.pid if self.main.pid else "what is left", signal_name(number)))
-        self.reap_pending = True
-        self.host.signal(self, number, first=True)
-        if stopped.send_sighup and number != signal.SIGHUP:
-            self.host.signal(self, signal.SIGHUP)
-        self._arm_stop_timer()
-        return STOP_STEPS[after][1], self.reason        # -> stopping (of its family)
-
-    def _run_stop_post(self):
-        """Main and control process are gone: the rest of the service goes
-        (as KillMode= says), then ExecStopPost= runs."""
-        self.timers.cancel("stop")
-        if self.reap_pending:             # else the main process's exit already ended the rest
-            self.reap_pending = False
-            self.host.reap_leftovers(self, None, own_child=False)
-        self.control.queue = list(self.spec.exec_stop_post)
-        return STOP_STEPS[self._stop_family()][2], self.reason, EV_NEXT    # -> its ExecStopPost= step
-
-    def _end_stop(self):
-        """Nothing of the service is left: what follows a stop of its family."""
-        after = self._stop_family()
-        self.timers.cancel_all()
-        self.control.queue = []
-        self.host.released(self)
-        why, failed = self.end or (self.reason, False)
-        if after == "policy":
-            return self._finish_run(self.last_exit, self.main.exit, why, failed)
-        self.host.stopped(self)
-        self.host.log.info(self.name, "Stopped (%s%s)" % (describe_exit(self.last_exit) if self.last_exit else "no process",
-                                                          ", after SIGKILL" if self.stop_timed_out else ""))
-        if after == "restart" and self.want == "up" and not self.host.shutting_down:
-            self.host.log.info(self.name, "Restarting (requested)")
-            return STOPPED, self.reason, EV_START        # restart-post -> stopped, and started at once
-        return STOPPED, self.reason or "stopped by user"   # stop-post -> stopped (or a restart that may not start)
-
-    def _main_gone_while_stopping(self, exit_info):
-        described = self._main_gone(exit_info)
-        self.host.log.debug(self.name, "Main process ended while stopping (%s)" % described)
-        if self.phase == STOP_STEPS[self._stop_family()][1] and self.control.pid is None:
-            return self._run_stop_post()
-        return self.phase, self.reason
-
-    def _control_gone_while_stopping(self, exit_info):
-        self.control.clear()
-        if self.main.pid is None:
-            return self._run_stop_post()
-        return self.phase, self.reason
-
-    def _stop_command_timed_out(self):
-        self.host.log.warning(self.name, "ExecStop= did not finish within %s" % format_timespan(
-            self.stop_settings().timeout_stop_sec))
-        self.control.queue = []
-        return self.phase, self.reason, EV_DONE         # (KillSignal= to it too, then)
-
-    def _stop_post_timed_out(self):
-        self.control.queue = []
-        if self.stop_timed_out:
-            self.host.log.error(self.name, "ExecStopPost= still there after SIGKILL: given up on")
-            self._forget_processes()
-            return self.phase, self.reason, EV_DONE
-        settings = self.stop_settings()
-        if not settings.send_sigkill:
-            return self._leave_running("ExecStopPost=")
-        self.host.log.warning(self.name, "ExecStopPost= did not finish within %s; sending %s" % (
-            format_timespan(settings.timeout_stop_sec), signal_name(settings.final_kill_signal)))
-        self.stop_timed_out = True
-        self.host.signal(self, settings.final_kill_signal, first=False)
-        self._arm_stop_timer()
-        return self.phase, self.reason
-
-    def _leave_running(self, what):
-        """SendSIGKILL=no: what outlived TimeoutStopSec= is left running and
-        no longer waited for (as systemd leaves it); the stop goes on."""
-        self.host.log.warning(self.name, "%s still there after %s; SendSIGKILL=no: left running" % (
-            what, format_timespan(self.stop_settings().timeout_stop_sec)))
-        if self.result == "success":
-            self.result = "timeout"
-        self.reap_pending = False
-        self._forget_processes()
-        return self._run_stop_post() if what != "ExecStopPost=" else (self.phase, self.reason, EV_DONE)
-
-    def _restart_after_stop(self, reason=None):
-        """A start or restart while it stops (or its run ends): it starts again after, at the same step."""
-        return STOP_STEPS["restart"][STOP_STEPS[self._stop_family()].index(self.phase)], reason or "restarting"
-
-    def _stop_after_stop(self, reason="stopped by user"):
-        """A stop while it stops to restart: it stays stopped after, at the same step."""
-        return STOP_STEPS["stop"][STOP_STEPS["restart"].index(self.phase)], reason
-
-    def _kill_hard(self):
-        """TimeoutStopSec= passed: SIGKILL, and one more TimeoutStopSec= for
-        it to work; after that the processes are given up on (as systemd:
-        "still around after SIGKILL, ignoring") so that no stop hangs."""
-        if self.stop_timed_out:
-            self.host.log.error(self.name, "Processes still there %s after SIGKILL: given up on" % (
-                format_timespan(self.stop_settings().timeout_stop_sec)))
-            self._forget_processes()
-            return self._run_stop_post()
-        settings = self.stop_settings()
-        if not settings.send_sigkill:
-            return self._leave_running("Processes")
-        self.host.log.warning(self.name, "Did not stop within %s; sending %s" % (
-            format_timespan(settings.timeout_stop_sec), signal_name(settings.final_kill_signal)))
-        self.stop_timed_out = True
-        if self.result == "success":
-            self.result = "timeout"
-        self.host.signal(self, settings.final_kill_signal, first=False)
-        self._arm_stop_timer()
-        return self.phase, self.reason
-
-    def _forget_processes(self):
+    def forget_processes(self):
         """Stop waiting for the main and control process: their exits, should
         they come, are reaped and ignored."""
         self.main.forget()
@@ -8901,9 +8782,9 @@ class Service:
         """STOPPING=1: the service is going down by itself; its exit is
         awaited (SIGKILL after TimeoutStopSec=), then Restart= decides."""
         self.timers.cancel_all()
-        self.end, self.stop_timed_out, self.stopping_spec = None, False, self.spec
+        self.stopping = StopSequence(self, None, False)
         self.host.log.info(self.name, "Stopping (STOPPING=1)")
-        self._arm_stop_timer()
+        self.arm_stop_timer()
         return ENDING, "stopping (STOPPING=1)"          # running -> ending: its exit is awaited
 
     def _restart_unhealthy(self):
@@ -8927,9 +8808,9 @@ class Service:
         self.result = "watchdog"
         self.timers.cancel_all()
         self._close_probe()
-        self.end, self.reason, self.stop_timed_out, self.stopping_spec = (why, True), why, False, self.spec
+        self.stopping, self.reason = StopSequence(self, why, True), why
         self.host.signal(self, self.spec.watchdog_signal, first=True)
-        self._arm_stop_timer(self.spec.timeout_abort_sec)
+        self.arm_stop_timer(self.spec.timeout_abort_sec)
         return ENDING, why                              # -> ending: WatchdogSignal= sent, TimeoutAbortSec= runs
 
     # -- actions: reloading ------------------------------------------------------------
@@ -8982,7 +8863,7 @@ class Service:
 
     # -- the end of a run ------------------------------------------------------------
 
-    def _finish_run(self, last_exit, outcome, why, failed):
+    def finish_run(self, last_exit, outcome, why, failed):
         """No process of the service is left: restart as Restart= says for
         `outcome` (None: unknown, counted as a failure), else settle in FAILED
         (failed=True) or EXITED."""
@@ -9022,7 +8903,7 @@ class Service:
         if timeout is not None:
             self.timers.arm("start", timeout, EV_START_TIMEOUT)
 
-    def _arm_stop_timer(self, seconds=None):
+    def arm_stop_timer(self, seconds=None):
         """TimeoutStopSec= (or `seconds`: TimeoutAbortSec= after the watchdog's signal)."""
         self.timers.cancel("stop")
         seconds = self.stop_settings().timeout_stop_sec if seconds is None else seconds
@@ -9071,7 +8952,7 @@ class Service:
         if not self.host.cgroup_pids(self):
             return STOPPED, reason, EV_START            # (stays stopped, and starts anew at once)
         self.exit_wait = (self.last_exit,)
-        self._wait_cgroup_empty()
+        self.wait_cgroup_empty()
         return RUNNING, reason                          # stopped -> running: until its cgroup empties
 
     def _close_probe(self):
@@ -9162,6 +9043,162 @@ def service_record(service):
             if service.phase == BACKOFF and service.timers.due("restart") else None, "exit_wait": service.exit_wait is not None}
 
 
+class StopSequence:
+    """One stop of a Service under way, from its ExecStop= to what follows
+    its ExecStopPost=, and the cells of the stopping phases (the table names
+    them "stop.ACTION"). It keeps what the stop needs: why the run ended
+    and whether it failed (what Restart= decides on, for the end of a run),
+    the version being stopped (its KillSignal=, KillMode=, TimeoutStopSec=,
+    ...: a rollback may put another on the service meanwhile) and whether a
+    timeout already sent SIGKILL (then the next one gives the processes up).
+    Which family it is (stop, restart, the end of a run) its phase says: a
+    start or a stop during it moves the service to the other family."""
+    __slots__ = ("service", "why", "failed", "settings", "timed_out")
+
+    def __init__(self, service, why, failed):
+        self.service = service
+        self.why, self.failed = why, failed   # why None: STOPPING=1, the service's own reason stands
+        self.settings = service.spec
+        self.timed_out = False
+
+    @property
+    def family(self):
+        """What follows it: "stop", "restart" or "policy" (STOP_STEPS)."""
+        return STOP_FAMILY[self.service.phase]
+
+    def signal_leftovers(self):
+        """KillSignal= to the main and control process (and, as KillMode=
+        says, the rest; SIGKILL after TimeoutStopSec=), then ExecStopPost=.
+        With ExitType=cgroup the processes left in the cgroup count."""
+        service = self.service
+        after = self.family
+        if not service.has_process() and service.exit_wait is None:
+            return self.run_stop_post()
+        if service.exit_wait is not None:
+            service.wait_cgroup_empty()     # its end ends the stop
+        stopped = self.settings
+        number = stopped.kill_signal
+        if after == "restart" and stopped.restart_kill_signal is not None:
+            number = stopped.restart_kill_signal          # RestartKillSignal=, as systemd for a restart job
+        service.host.log.info(service.name, "Stopping (%s, %s)" % (
+            "pid %d" % service.main.pid if service.main.pid else "what is left", signal_name(number)))
+        service.main.reap_pending = True
+        service.host.signal(service, number, first=True)
+        if stopped.send_sighup and number != signal.SIGHUP:
+            service.host.signal(service, signal.SIGHUP)
+        service.arm_stop_timer()
+        return STOP_STEPS[after][1], service.reason        # -> stopping (of its family)
+
+    def run_stop_post(self):
+        """Main and control process are gone: the rest of the service goes
+        (as KillMode= says), then ExecStopPost= runs."""
+        service = self.service
+        service.timers.cancel("stop")
+        if service.main.reap_pending:             # else the main process's exit already ended the rest
+            service.main.reap_pending = False
+            service.host.reap_leftovers(service, None, own_child=False)
+        service.control.queue = list(service.spec.exec_stop_post)
+        return STOP_STEPS[self.family][2], service.reason, EV_NEXT    # -> its ExecStopPost= step
+
+    def end(self):
+        """Nothing of the service is left: what follows a stop of its family."""
+        service = self.service
+        after = self.family
+        service.timers.cancel_all()
+        service.control.queue = []
+        service.host.released(service)
+        why, failed = (self.why, self.failed) if self.why is not None else (service.reason, False)
+        if after == "policy":
+            return service.finish_run(service.last_exit, service.main.exit, why, failed)
+        service.host.stopped(service)
+        service.host.log.info(service.name, "Stopped (%s%s)" % (
+            describe_exit(service.last_exit) if service.last_exit else "no process",
+            ", after SIGKILL" if self.timed_out else ""))
+        if after == "restart" and service.want == "up" and not service.host.shutting_down:
+            service.host.log.info(service.name, "Restarting (requested)")
+            return STOPPED, service.reason, EV_START        # restart-post -> stopped, and started at once
+        return STOPPED, service.reason or "stopped by user"   # stop-post -> stopped (or a restart that may not start)
+
+    def main_gone(self, exit_info):
+        service = self.service
+        described = service.main_gone(exit_info)
+        service.host.log.debug(service.name, "Main process ended while stopping (%s)" % described)
+        if service.phase == STOP_STEPS[self.family][1] and service.control.pid is None:
+            return self.run_stop_post()
+        return service.phase, service.reason
+
+    def control_gone(self, exit_info):
+        service = self.service
+        service.control.clear()
+        if service.main.pid is None:
+            return self.run_stop_post()
+        return service.phase, service.reason
+
+    def command_timed_out(self):
+        service = self.service
+        service.host.log.warning(service.name, "ExecStop= did not finish within %s" % format_timespan(
+            self.settings.timeout_stop_sec))
+        service.control.queue = []
+        return service.phase, service.reason, EV_DONE         # (KillSignal= to it too, then)
+
+    def post_timed_out(self):
+        service = self.service
+        service.control.queue = []
+        if self.timed_out:
+            service.host.log.error(service.name, "ExecStopPost= still there after SIGKILL: given up on")
+            service.forget_processes()
+            return service.phase, service.reason, EV_DONE
+        settings = self.settings
+        if not settings.send_sigkill:
+            return self.leave_running("ExecStopPost=")
+        service.host.log.warning(service.name, "ExecStopPost= did not finish within %s; sending %s" % (
+            format_timespan(settings.timeout_stop_sec), signal_name(settings.final_kill_signal)))
+        self.timed_out = True
+        service.host.signal(service, settings.final_kill_signal, first=False)
+        service.arm_stop_timer()
+        return service.phase, service.reason
+
+    def leave_running(self, what):
+        """SendSIGKILL=no: what outlived TimeoutStopSec= is left running and
+        no longer waited for (as systemd leaves it); the stop goes on."""
+        service = self.service
+        service.host.log.warning(service.name, "%s still there after %s; SendSIGKILL=no: left running" % (
+            what, format_timespan(self.settings.timeout_stop_sec)))
+        service.note_result("timeout")
+        service.main.reap_pending = False
+        service.forget_processes()
+        return self.run_stop_post() if what != "ExecStopPost=" else (service.phase, service.reason, EV_DONE)
+
+    def to_restart(self, reason=None):
+        """A start or restart while it stops (or its run ends): it starts again after, at the same step."""
+        return STOP_STEPS["restart"][STOP_STEPS[self.family].index(self.service.phase)], reason or "restarting"
+
+    def to_stop(self, reason="stopped by user"):
+        """A stop while it stops to restart: it stays stopped after, at the same step."""
+        return STOP_STEPS["stop"][STOP_STEPS["restart"].index(self.service.phase)], reason
+
+    def kill_hard(self):
+        """TimeoutStopSec= passed: SIGKILL, and one more TimeoutStopSec= for
+        it to work; after that the processes are given up on (as systemd:
+        "still around after SIGKILL, ignoring") so that no stop hangs."""
+        service = self.service
+        if self.timed_out:
+            service.host.log.error(service.name, "Processes still there %s after SIGKILL: given up on" % (
+                format_timespan(self.settings.timeout_stop_sec)))
+            service.forget_processes()
+            return self.run_stop_post()
+        settings = self.settings
+        if not settings.send_sigkill:
+            return self.leave_running("Processes")
+        service.host.log.warning(service.name, "Did not stop within %s; sending %s" % (
+            format_timespan(settings.timeout_stop_sec), signal_name(settings.final_kill_signal)))
+        self.timed_out = True
+        service.note_result("timeout")
+        service.host.signal(service, settings.final_kill_signal, first=False)
+        service.arm_stop_timer()
+        return service.phase, service.reason
+
+
 class UnitTimers:
     """A Service's timers, by what they time: "start" (TimeoutStartSec=),
     "stop" (TimeoutStopSec=, TimeoutAbortSec=), "watchdog", "runtime"
@@ -9210,7 +9247,7 @@ class MainProcess:
     the service gave up (after an internal error, or a MAINPID= that moved
     on) is reaped and ignored, never taken for the one that runs now."""
     __slots__ = ("pid", "pid_start", "adopted", "command", "serial", "started_at", "started_wall", "exec_error",
-                 "exit", "forked_group")
+                 "exit", "forked_group", "reap_pending")
 
     def __init__(self):
         self.pid = None
@@ -9223,6 +9260,8 @@ class MainProcess:
         self.exec_error = None          # why a SPAWNED process could not exec (its exit follows)
         self.exit = None                # how this run's main process ended ($EXIT_CODE of ExecStopPost=)
         self.forked_group = None        # process group of a forking unit's ExecStart= (its session too)
+        self.reap_pending = False       # what is left of the unit is still to be ended (its exit came
+        #                                 while a control process ran, or a stop signalled it)
 
     def runs(self, pid, pid_start, adopted, now, started_wall=None):
         self.pid, self.pid_start, self.adopted, self.started_at = pid, pid_start, adopted, now

@@ -4445,7 +4445,12 @@ class StateTableTests(unittest.TestCase):
                     if action == P.IGNORE:
                         self.assertEqual(allowed, (phase,), "nothing happens: the phase stays")
                     else:
-                        self.assertTrue(callable(getattr(P.Service, "_" + action, None)), action)
+                        owner, _, name = action.rpartition(".")
+                        self.assertIn(owner, ("", "stop"), action)
+                        method = getattr(P.StopSequence, name, None) if owner else getattr(P.Service, "_" + name, None)
+                        self.assertTrue(callable(method), action)
+                        self.assertEqual(owner == "stop", phase in P.STOP_FAMILY and name not in (
+                            "next_command", "control_exited"), "the stopping phases' own actions are the stop's")
         self.assertEqual(len(P.TRANSITIONS), len(P.PUBLIC_STATE) * len(P.EVENTS) - len(REFUSED))
 
     def test_every_phase_shows_a_spec_state(self):
@@ -4521,7 +4526,7 @@ class StateTableTests(unittest.TestCase):
         self.assertEqual(host.signals, [("web", signal.SIGTERM)])
         host.advance(0.2)
         self.assertEqual(host.signals[-1], ("web", signal.SIGKILL))
-        self.assertTrue(service.stop_timed_out)
+        self.assertTrue(service.stopping.timed_out)
         host.exit(service, KILLED)
         self.assertEqual(service.phase, P.STOPPED)
         self.assertIn("after SIGKILL", host.log.text())
