@@ -7813,93 +7813,93 @@ TRANSITIONS = {
                                 "check_start"),          # start_limit_hit(); started again: the old version
         (CONDITION, EV_NEXT): ((CONDITION, then(CONDITION, EV_DONE), STOPPED) + _FAILS,
                                "next_command"),          # could not start: exit 203, a skip
-        (CONDITION, EV_DONE): ((then(START_PRE, EV_NEXT),), "pre_step"),
+        (CONDITION, EV_DONE): ((then(START_PRE, EV_NEXT),), "run.pre_step"),
         (CONDITION, EV_CONTROL_EXIT): ((CONDITION, then(CONDITION, EV_NEXT), STOPPED) + _FAILS,
                                       "control_exited"),   # condition_skips(); another's exit: stays
         (CONDITION, EV_STOP): _TO_STOP, (CONDITION, EV_RESTART): _TO_RESTART,
-        (CONDITION, EV_START_TIMEOUT): (_FAILS, "start_timed_out")}),
+        (CONDITION, EV_START_TIMEOUT): (_FAILS, "run.start_timed_out")}),
     # start-pre: its ExecStartPre= commands run
     **_ignoring_the_rest(START_PRE, {
         (START_PRE, EV_NEXT): ((START_PRE, then(START_PRE, EV_DONE)) + _FAILS, "next_command"),
         (START_PRE, EV_DONE): ((then(FORKING, EV_NEXT), then(ONESHOT, EV_NEXT), then(SPAWNED, EV_NEXT)),
-                               "start_main"),            # by Type=
+                               "run.start_main"),            # by Type=
         (START_PRE, EV_CONTROL_EXIT): ((START_PRE, then(START_PRE, EV_NEXT)) + _FAILS, "control_exited"),
         (START_PRE, EV_STOP): _TO_STOP, (START_PRE, EV_RESTART): _TO_RESTART,
-        (START_PRE, EV_START_TIMEOUT): (_FAILS, "start_timed_out")}),
+        (START_PRE, EV_START_TIMEOUT): (_FAILS, "run.start_timed_out")}),
     # spawned: the main process of a simple, exec or notify unit is made
     # (EV_NEXT); a simple one runs once its exec is confirmed
     **_ignoring_the_rest(SPAWNED, {
-        (SPAWNED, EV_NEXT): ((SPAWNED, then(SPAWNED, EV_EXEC), NOTIFY_WAIT) + _FAILS, "spawn_main"),   # confirmed at once
-        (SPAWNED, EV_EXEC): ((SPAWNED, then(START_POST, EV_NEXT)), "exec_done"),   # exec failed: its exit follows
-        (SPAWNED, EV_EXIT): ((SPAWNED, then(SPAWNED, EV_EXEC)) + _FAILS, "main_exited"),   # ExitType=cgroup: its cgroup runs
+        (SPAWNED, EV_NEXT): ((SPAWNED, then(SPAWNED, EV_EXEC), NOTIFY_WAIT) + _FAILS, "run.spawn_main"),   # confirmed at once
+        (SPAWNED, EV_EXEC): ((SPAWNED, then(START_POST, EV_NEXT)), "run.exec_done"),   # exec failed: its exit follows
+        (SPAWNED, EV_EXIT): ((SPAWNED, then(SPAWNED, EV_EXEC)) + _FAILS, "run.main_exited"),   # ExitType=cgroup: its cgroup runs
         (SPAWNED, EV_STOP): _TO_STOP, (SPAWNED, EV_RESTART): _TO_RESTART}),
     # start-notify: a notify unit's main process runs; READY=1 makes it ready
     **_ignoring_the_rest(NOTIFY_WAIT, {
-        (NOTIFY_WAIT, EV_READY): ((then(START_POST, EV_NEXT), NOTIFY_WAIT), "notified_ready"),   # from the main pid
-        (NOTIFY_WAIT, EV_EXIT): (_FAILS, "main_exited"),                        # before READY=1: the start failed
+        (NOTIFY_WAIT, EV_READY): ((then(START_POST, EV_NEXT), NOTIFY_WAIT), "run.notified_ready"),   # from the main pid
+        (NOTIFY_WAIT, EV_EXIT): (_FAILS, "run.main_exited"),                        # before READY=1: the start failed
         (NOTIFY_WAIT, EV_STOP): _TO_STOP, (NOTIFY_WAIT, EV_RESTART): _TO_RESTART,
-        (NOTIFY_WAIT, EV_START_TIMEOUT): (_FAILS, "start_timed_out"),
-        (NOTIFY_WAIT, EV_WATCHDOG): ((ENDING,), "watchdog_expired"),           # a WATCHDOG=1 armed it already
-        (NOTIFY_WAIT, EV_OOM): ((NOTIFY_WAIT,) + _FAILS, "oom_killed")}),
+        (NOTIFY_WAIT, EV_START_TIMEOUT): (_FAILS, "run.start_timed_out"),
+        (NOTIFY_WAIT, EV_WATCHDOG): ((ENDING,), "run.watchdog_expired"),           # a WATCHDOG=1 armed it already
+        (NOTIFY_WAIT, EV_OOM): ((NOTIFY_WAIT,) + _FAILS, "run.oom_killed")}),
     # start-forking: its ExecStart= runs (a control process) until it exits 0
     # and the main pid is known (PIDFile=, looked at again until written)
     **_ignoring_the_rest(FORKING, {
         (FORKING, EV_NEXT): ((FORKING, then(FORKING, EV_DONE)) + _FAILS, "next_command"),
-        (FORKING, EV_DONE): ((FORKING, then(START_POST, EV_NEXT)) + _FAILS, "find_main_pid"),   # it could not start ('-')
-        (FORKING, EV_CONTROL_EXIT): ((FORKING, then(FORKING, EV_PID_FILE)) + _FAILS, "forked"),   # exit 0: its main pid
-        (FORKING, EV_PID_FILE): ((FORKING, then(START_POST, EV_NEXT)) + _FAILS, "find_main_pid"),   # not written: again
-        (FORKING, EV_EXIT): (_FAILS, "main_exited"),                            # a MAINPID= named it, and it ended
+        (FORKING, EV_DONE): ((FORKING, then(START_POST, EV_NEXT)) + _FAILS, "run.find_main_pid"),   # it could not start ('-')
+        (FORKING, EV_CONTROL_EXIT): ((FORKING, then(FORKING, EV_PID_FILE)) + _FAILS, "run.forked"),   # exit 0: its main pid
+        (FORKING, EV_PID_FILE): ((FORKING, then(START_POST, EV_NEXT)) + _FAILS, "run.find_main_pid"),   # not written: again
+        (FORKING, EV_EXIT): (_FAILS, "run.main_exited"),                            # a MAINPID= named it, and it ended
         (FORKING, EV_STOP): _TO_STOP, (FORKING, EV_RESTART): _TO_RESTART,
-        (FORKING, EV_START_TIMEOUT): (_FAILS, "start_timed_out"),
-        (FORKING, EV_WATCHDOG): ((ENDING,), "watchdog_expired"),
-        (FORKING, EV_OOM): ((FORKING,) + _FAILS, "oom_killed")}),
+        (FORKING, EV_START_TIMEOUT): (_FAILS, "run.start_timed_out"),
+        (FORKING, EV_WATCHDOG): ((ENDING,), "run.watchdog_expired"),
+        (FORKING, EV_OOM): ((FORKING,) + _FAILS, "run.oom_killed")}),
     # start-oneshot: a oneshot's ExecStart= commands run in turn (EV_NEXT);
     # the last one's exit 0 ends the step
     **_ignoring_the_rest(ONESHOT, {
-        (ONESHOT, EV_NEXT): ((ONESHOT, then(ONESHOT, EV_DONE)) + _FAILS, "spawn_main"),   # none left: done
-        (ONESHOT, EV_DONE): ((then(START_POST, EV_NEXT),), "main_running"),
-        (ONESHOT, EV_EXIT): ((then(ONESHOT, EV_NEXT),) + _FAILS, "oneshot_exited"),   # run_succeeded()
+        (ONESHOT, EV_NEXT): ((ONESHOT, then(ONESHOT, EV_DONE)) + _FAILS, "run.spawn_main"),   # none left: done
+        (ONESHOT, EV_DONE): ((then(START_POST, EV_NEXT),), "run.main_running"),
+        (ONESHOT, EV_EXIT): ((then(ONESHOT, EV_NEXT),) + _FAILS, "run.oneshot_exited"),   # run_succeeded()
         (ONESHOT, EV_STOP): _TO_STOP, (ONESHOT, EV_RESTART): _TO_RESTART,
-        (ONESHOT, EV_START_TIMEOUT): (_FAILS, "start_timed_out"),
-        (ONESHOT, EV_WATCHDOG): ((ENDING,), "watchdog_expired"),
-        (ONESHOT, EV_OOM): ((ONESHOT,) + _FAILS, "oom_killed")}),
+        (ONESHOT, EV_START_TIMEOUT): (_FAILS, "run.start_timed_out"),
+        (ONESHOT, EV_WATCHDOG): ((ENDING,), "run.watchdog_expired"),
+        (ONESHOT, EV_OOM): ((ONESHOT,) + _FAILS, "run.oom_killed")}),
     # start-post: the main process runs (or a oneshot's all ran); its
     # ExecStartPost= commands run, then it is ready
     **_ignoring_the_rest(START_POST, {
         (START_POST, EV_NEXT): ((START_POST, then(START_POST, EV_DONE)) + _FAILS, "next_command"),
-        (START_POST, EV_DONE): ((HEALTH_WAIT, RUNNING, then(START_POST, EV_FINISHED)), "started"),   # a oneshot
-        (START_POST, EV_FINISHED): ((REMAIN, then(END_POST, EV_DONE)), "oneshot_finished"),   # or its run ends
+        (START_POST, EV_DONE): ((HEALTH_WAIT, RUNNING, then(START_POST, EV_FINISHED)), "run.started"),   # a oneshot
+        (START_POST, EV_FINISHED): ((REMAIN, then(END_POST, EV_DONE)), "run.oneshot_finished"),   # or its run ends
         (START_POST, EV_CONTROL_EXIT): ((START_POST, then(START_POST, EV_NEXT)) + _FAILS, "control_exited"),
-        (START_POST, EV_EXIT): ((START_POST,) + _FAILS, "main_exited"),        # (ExitType=cgroup: it goes on)
+        (START_POST, EV_EXIT): ((START_POST,) + _FAILS, "run.main_exited"),        # (ExitType=cgroup: it goes on)
         (START_POST, EV_STOP): _TO_STOP, (START_POST, EV_RESTART): _TO_RESTART,
-        (START_POST, EV_START_TIMEOUT): (_FAILS, "start_timed_out"),
-        (START_POST, EV_WATCHDOG): ((ENDING,), "watchdog_expired"),
-        (START_POST, EV_OOM): ((START_POST,) + _FAILS, "oom_killed")}),
+        (START_POST, EV_START_TIMEOUT): (_FAILS, "run.start_timed_out"),
+        (START_POST, EV_WATCHDOG): ((ENDING,), "run.watchdog_expired"),
+        (START_POST, EV_OOM): ((START_POST,) + _FAILS, "run.oom_killed")}),
     # start-health: ready, its first health check not passed yet
     **_ignoring_the_rest(HEALTH_WAIT, {
-        (HEALTH_WAIT, EV_HEALTHY): ((RUNNING,), "ready"),
-        (HEALTH_WAIT, EV_UNHEALTHY): ((then(RESTART_COMMAND, EV_NEXT),), "restart_unhealthy"),   # or AutoRollback=
-        (HEALTH_WAIT, EV_EXIT): (_FAILS, "main_exited"),
+        (HEALTH_WAIT, EV_HEALTHY): ((RUNNING,), "run.ready"),
+        (HEALTH_WAIT, EV_UNHEALTHY): ((then(RESTART_COMMAND, EV_NEXT),), "run.restart_unhealthy"),   # or AutoRollback=
+        (HEALTH_WAIT, EV_EXIT): (_FAILS, "run.main_exited"),
         (HEALTH_WAIT, EV_STOP): _TO_STOP, (HEALTH_WAIT, EV_RESTART): _TO_RESTART,
-        (HEALTH_WAIT, EV_WATCHDOG): ((ENDING,), "watchdog_expired"),           # armed once ready: this wait too
-        (HEALTH_WAIT, EV_OOM): ((HEALTH_WAIT,) + _FAILS, "oom_killed")}),
+        (HEALTH_WAIT, EV_WATCHDOG): ((ENDING,), "run.watchdog_expired"),           # armed once ready: this wait too
+        (HEALTH_WAIT, EV_OOM): ((HEALTH_WAIT,) + _FAILS, "run.oom_killed")}),
     # running: the main process runs and is ready
     **_ignoring_the_rest(RUNNING, {
-        (RUNNING, EV_EXIT): ((RUNNING, REMAIN) + _FAILS, "main_exited"),      # ExitType=cgroup / RemainAfterExit=
+        (RUNNING, EV_EXIT): ((RUNNING, REMAIN) + _FAILS, "run.main_exited"),      # ExitType=cgroup / RemainAfterExit=
         (RUNNING, EV_RELOAD): ((then(RELOAD, EV_NEXT), RELOAD, RUNNING), "begin_reload"),   # signal; none: said so
         (RUNNING, EV_RELOADING): ((RELOAD,), "reloading_notified"),
-        (RUNNING, EV_STOPPING): ((ENDING,), "stopping_notified"),
-        (RUNNING, EV_HEALTHY): ((RUNNING,), "note_healthy"),
-        (RUNNING, EV_UNHEALTHY): ((then(RESTART_COMMAND, EV_NEXT),), "restart_unhealthy"),
+        (RUNNING, EV_STOPPING): ((ENDING,), "run.stopping_notified"),
+        (RUNNING, EV_HEALTHY): ((RUNNING,), "run.note_healthy"),
+        (RUNNING, EV_UNHEALTHY): ((then(RESTART_COMMAND, EV_NEXT),), "run.restart_unhealthy"),
         (RUNNING, EV_STOP): _TO_STOP, (RUNNING, EV_RESTART): _TO_RESTART,
-        (RUNNING, EV_WATCHDOG): ((ENDING,), "watchdog_expired"),
-        (RUNNING, EV_RUNTIME_MAX): (_FAILS, "runtime_max_passed"),
-        (RUNNING, EV_OOM): ((RUNNING,) + _FAILS, "oom_killed")}),
+        (RUNNING, EV_WATCHDOG): ((ENDING,), "run.watchdog_expired"),
+        (RUNNING, EV_RUNTIME_MAX): (_FAILS, "run.runtime_max_passed"),
+        (RUNNING, EV_OOM): ((RUNNING,) + _FAILS, "run.oom_killed")}),
     # remain: RemainAfterExit=yes, its process exited successfully
     **_ignoring_the_rest(REMAIN, {
         (REMAIN, EV_RELOAD): ((then(RELOAD, EV_NEXT), RELOAD, REMAIN), "begin_reload"),
         (REMAIN, EV_STOP): _TO_STOP, (REMAIN, EV_RESTART): _TO_RESTART,
-        (REMAIN, EV_RUNTIME_MAX): (_FAILS, "runtime_max_passed")}),
+        (REMAIN, EV_RUNTIME_MAX): (_FAILS, "run.runtime_max_passed")}),
     # reload: ExecReload= runs (or ReloadSignal= was sent), or RELOADING=1
     # until READY=1; then back where it was (reload_from)
     **_ignoring_the_rest(RELOAD, {
@@ -7908,12 +7908,12 @@ TRANSITIONS = {
         (RELOAD, EV_CONTROL_EXIT): ((RELOAD, then(RELOAD, EV_NEXT), RUNNING, REMAIN), "control_exited"),
         (RELOAD, EV_READY): ((RELOAD, RUNNING, REMAIN), "reload_ready"),       # ExecReload= still runs: stays
         (RELOAD, EV_START_TIMEOUT): ((RUNNING, REMAIN), "reload_timed_out"),
-        (RELOAD, EV_EXIT): ((RELOAD, REMAIN) + _FAILS, "main_exited"),
-        (RELOAD, EV_STOPPING): ((ENDING,), "stopping_notified"),
+        (RELOAD, EV_EXIT): ((RELOAD, REMAIN) + _FAILS, "run.main_exited"),
+        (RELOAD, EV_STOPPING): ((ENDING,), "run.stopping_notified"),
         (RELOAD, EV_STOP): _TO_STOP, (RELOAD, EV_RESTART): _TO_RESTART,
-        (RELOAD, EV_WATCHDOG): ((ENDING,), "watchdog_expired"),
-        (RELOAD, EV_RUNTIME_MAX): (_FAILS, "runtime_max_passed"),
-        (RELOAD, EV_OOM): ((RELOAD,) + _FAILS, "oom_killed")}),
+        (RELOAD, EV_WATCHDOG): ((ENDING,), "run.watchdog_expired"),
+        (RELOAD, EV_RUNTIME_MAX): (_FAILS, "run.runtime_max_passed"),
+        (RELOAD, EV_OOM): ((RELOAD,) + _FAILS, "run.oom_killed")}),
     # the stopping phases, three steps of three families (STOP_STEPS): a
     # start or restart turns a stop (or the end of a run) into a restart, a
     # stop turns a restart back into a stop, at the same step
@@ -8038,13 +8038,14 @@ class Service:
     its processes. Events go through handle(), which looks up TRANSITIONS,
     runs the action and sets the phase: nothing else assigns it. `want` is
     written only by start()/stop()/restart() (user requests, deploys) and by
-    state restore; supervision reads it."""
-    __slots__ = ("host", "name", "spec", "commit", "want", "phase", "since", "reason", "main", "control",
-                 "restarts", "connection", "log_name",
-                 "restarts_total", "last_exit", "start_times", "crash_streak", "timers", "exit_wait", "watchdog_usec",
-                 "stopping", "result", "status_text", "notified_ready", "reload_serial", "reload_error",
-                 "reload_from", "monitor",
-                 "generation", "succeeded", "health_note", "probe", "resources", "versions")
+    state restore; supervision reads it. The cells of the starting and
+    running phases are its run's (ServiceRun), those of the stopping phases
+    the stop's under way (StopSequence); the rest, and what lasts from run
+    to run, are its own."""
+    __slots__ = ("host", "name", "spec", "commit", "want", "phase", "since", "reason", "main", "control", "run",
+                 "stopping", "timers", "restarts", "restarts_total", "last_exit", "start_times", "crash_streak",
+                 "reload_serial", "reload_error", "monitor", "generation", "succeeded", "health_note", "probe",
+                 "connection", "log_name", "resources", "versions")
     # (__slots__: no dict per unit; a thousand units hold some 1 MB less)
 
     def __init__(self, host, spec, commit, connection=None, log_name=None):
@@ -8058,28 +8059,23 @@ class Service:
         self.reason = None              # why it is stopped/failed/exited, for status
         self.main = MainProcess()       # its main process: pid, how it started, how it ended
         self.control = ControlProcess()   # its control process, and the commands of its step left to run
+        self.run = ServiceRun(self)     # this run's facts, and its starting and running phases' actions
+        self.stopping = None            # the StopSequence under way (kept until the next start)
+        self.timers = UnitTimers(host, self.handle)   # its timeouts, the restart, the looks again
         self.restarts = 0               # automatic restarts since the last manual start
-        self.connection = connection    # Accept=yes: (its connection, $REMOTE_ADDR...) until its process has it
-        self.log_name = log_name or spec.name   # whose log it writes: an Accept=yes instance writes its template's
         self.restarts_total = 0         # automatic restarts ever (a counter for metrics; persisted)
         self.last_exit = None           # {"code": N} or {"signal": N} of the last main exit
         self.start_times = []           # monotonic times of recent starts (start limit)
         self.crash_streak = 0           # runs in a row that died young (backoff)
-        self.timers = UnitTimers(host, self.handle)   # its timeouts, the restart, the looks again
-        self.exit_wait = None           # ... (the main process's exit_info,) while it waits
-        self.watchdog_usec = None       # WATCHDOG_USEC= the service asked for instead
-        self.stopping = None            # the StopSequence under way (kept until the next start)
-        self.result = "success"         # systemd's $SERVICE_RESULT of this run
-        self.status_text = None         # the last STATUS= of sd_notify
-        self.notified_ready = False     # READY=1 came in this run
         self.reload_serial = 0          # counts finished reloads, for `reload` waiters
         self.reload_error = None        # why the last reload failed, or None
-        self.reload_from = RUNNING      # the phase a reload goes back to
         self.monitor = None             # $MONITOR_* for the processes of a start OnFailure= asked for
         self.generation = 0             # counts starts, so a restart waiter sees a new run
         self.succeeded = False          # the last run ended well (a '-' failure counts as success)
         self.health_note = None         # (verdict, error) of the probe closed last
         self.probe = None               # health probe of the running main process
+        self.connection = connection    # Accept=yes: (its connection, $REMOTE_ADDR...) until its process has it
+        self.log_name = log_name or spec.name   # whose log it writes: an Accept=yes instance writes its template's
         self.resources = ProcessResources()   # cgroup, private /tmp, trees: the Launcher's
         self.versions = VersionRecord()       # replaced, rejected, removed versions: the Deployer's
 
@@ -8192,34 +8188,8 @@ class Service:
                     **({"restart_in": restart_in} if event == EV_RESTORE_BACKOFF else {}))
 
     def notified(self, fields, trusted=False):
-        """An sd_notify message the daemon accepted for this service: what it
-        says of the service is kept here; READY=1, RELOADING=1 and STOPPING=1
-        are events of the table. MAINPID= names a process of the service
-        (or comes from root: `trusted`), as systemd requires."""
-        if fields.get("MAINPID", "").isdigit() and self.main.pid is not None and self.phase in (
-                NOTIFY_WAIT, FORKING, ONESHOT, HEALTH_WAIT, START_POST, RUNNING, RELOAD):
-            pid = int(fields["MAINPID"])
-            if pid != os.getpid() and (trusted or self.host.belongs_to(self, pid)):
-                self._set_main_pid(pid)
-            else:
-                self.host.log.warning(self.name, "MAINPID=%d refused: not a process of this service" % pid)
-        if "STATUS" in fields:
-            self.status_text = fields["STATUS"][:MAX_STATUS_TEXT] or None
-        if fields.get("WATCHDOG_USEC", "").isdigit():
-            self.watchdog_usec = int(fields["WATCHDOG_USEC"])
-            self._arm_watchdog()
-        if fields.get("WATCHDOG") == "1":
-            self._arm_watchdog()
-        if fields.get("EXTEND_TIMEOUT_USEC", "").isdigit():
-            self.timers.extend("start", int(fields["EXTEND_TIMEOUT_USEC"]) / 1e6)
-        if fields.get("STOPPING") == "1":
-            self.handle(EV_STOPPING)
-        if fields.get("RELOADING") == "1":
-            self.handle(EV_RELOADING)
-        if fields.get("READY") == "1":
-            self.handle(EV_READY)
-        if fields.get("WATCHDOG") == "trigger":
-            self.handle(EV_WATCHDOG)
+        """An sd_notify message the daemon accepted for this service (its run's)."""
+        self.run.notified(fields, trusted)
 
     # -- the one place phases change -------------------------------------------------
 
@@ -8262,10 +8232,10 @@ class Service:
         return True
 
     def _action(self, name):
-        """The method a cell names: "stop.ACTION" is the stop under way's."""
-        if name.startswith("stop."):
-            return getattr(self.stopping, name[len("stop."):])
-        return getattr(self, "_" + name)
+        """The method a cell names: "run.ACTION" is the run's, "stop.ACTION"
+        the stop's under way, any other the service's own."""
+        owner, _, action = name.rpartition(".")
+        return getattr({"run": self.run, "stop": self.stopping}[owner], action) if owner else getattr(self, "_" + name)
 
     def _enter(self, phase, reason):
         if phase != self.phase or reason != self.reason:
@@ -8285,33 +8255,11 @@ class Service:
         elif not self.timers.armed("runtime"):
             self.timers.arm("runtime", seconds, EV_RUNTIME_MAX)
 
-    def _oom_killed(self):
-        """The OOM killer killed a process of the unit: OOMPolicy=continue
-        only says so; stop ends the run as failed (result oom-kill, Restart=
-        decides); kill also kills every other process of it at once."""
-        policy = self.spec.oom_policy
-        why = "a process was killed by the OOM killer"
-        self.host.log.warning(self.name, "%s (OOMPolicy=%s)" % (sentence(why), policy))
-        if policy == "continue":
-            return self.phase, self.reason
-        if policy == "kill":
-            self.host.signal(self, signal.SIGKILL)
-        self.result = "oom-kill"
-        return self._begin_stop_sequence("policy", why, failed=True)
-
-    def _runtime_max_passed(self):
-        """Active for longer than RuntimeMaxSec=: stopped, as failed with the
-        result "timeout" (Restart= then decides, as systemd)."""
-        why = "active for longer than RuntimeMaxSec=%s" % format_timespan(self.spec.runtime_max_sec or 0)
-        self.host.log.warning(self.name, sentence(why) + "; stopping")
-        self.result = "timeout"
-        return self._begin_stop_sequence("policy", why, failed=True)
-
     def _fail_safe(self, why):
         """After an internal error: nothing of the service runs, nothing is
         pending, and it says FAILED with why. The pids stay watched, so their
         exits are reaped (and ignored)."""
-        for step in (self.timers.cancel_all, self._close_probe):
+        for step in (self.timers.cancel_all, self.close_probe):
             try:
                 step()
             except Exception:
@@ -8365,7 +8313,7 @@ class Service:
                 else self.reason
             why = "start limit hit (%d starts within %s)%s" % (
                 len(self.start_times), format_timespan(spec.start_limit_interval), "; last: %s" % last if last else "")
-            if not self._roll_back(why):
+            if not self.roll_back(why):
                 self.host.log.warning(self.name, "Start limit hit: %s; giving up until 'start %s'" % (
                     why[len("start limit hit "):], self.name))
                 return FAILED, why               # -> failed: start limit hit, no older version to roll back to
@@ -8373,21 +8321,12 @@ class Service:
         if spec.start_limit_interval > 0:
             self.start_times.append(now)
         self.generation += 1
-        self.main.forked_group = None
-        self.result, self.status_text, self.notified_ready = "success", None, False
-        self.exit_wait = None
-        self.main.exit = None
-        self.watchdog_usec = None
-        self.stopping = None
+        self.run, self.stopping = ServiceRun(self), None    # a new run
+        self.main.forked_group = self.main.exit = None
         self.control.queue = list(spec.exec_condition)
         return CONDITION, None, EV_NEXT      # (stays: its ExecCondition= commands)
 
-    def note_result(self, result):
-        """$SERVICE_RESULT of this run: its first failure is what it ended with."""
-        if self.result == "success":
-            self.result = result
-
-    def _roll_back(self, why):
+    def roll_back(self, why):
         """AutoRollback=: the host puts the previous version back, if there is one."""
         if not self.host.auto_rollback(self, why):
             return False
@@ -8416,13 +8355,13 @@ class Service:
                     self.host.log.warning(self.name, "Ignoring failed %s: %s" % (CONTROL_KEYS[kind], exc))
                     continue
                 self.control.runs(None, command, kind)
-                return self._control_ended(kind, {"code": spawn_exit_code(str(exc))}, "spawn failed: %s" % exc)
+                return self.control_ended(kind, {"code": spawn_exit_code(str(exc))}, "spawn failed: %s" % exc)
             self.control.runs(pid, command, kind)
             self.host.log.debug(self.name, "Running %s (pid %d): %s" % (CONTROL_KEYS[kind], pid, command))
             if kind in ("exec_stop", "exec_stop_post"):
                 self.arm_stop_timer()
             else:
-                self._arm_start_timer()
+                self.arm_start_timer()
             return self.phase, self.reason                  # (stays: its exit is awaited)
         return self.phase, self.reason, EV_DONE             # (the step is done: the next one)
 
@@ -8431,7 +8370,7 @@ class Service:
         if self.main.pid:
             env["MAINPID"] = str(self.main.pid)
         if kind == "exec_stop_post":
-            env["SERVICE_RESULT"] = self.result
+            env["SERVICE_RESULT"] = self.run.result
             exit_info = self.main.exit
             if exit_info is not None:
                 if "signal" in exit_info:
@@ -8440,7 +8379,7 @@ class Service:
                     env["EXIT_CODE"], env["EXIT_STATUS"] = "exited", str(exit_info["code"])
         return env
 
-    def _control_ended(self, kind, exit_info, described):
+    def control_ended(self, kind, exit_info, described):
         """The control process of `kind` is over (or could not start): the
         next command (EV_NEXT), or what its failure means."""
         command = self.control.command
@@ -8459,10 +8398,10 @@ class Service:
             self.host.stopped(self)
             return STOPPED, "condition failed (%s %s)" % (key, described)   # -> stopped: skipped, not failed
         if kind in ("exec_condition", "exec_start_pre", "exec_start"):
-            return self._start_failed("%s failed (%s)" % (key, described), result=_result_of(exit_info))
+            return self.start_failed("%s failed (%s)" % (key, described), result=_result_of(exit_info))
         if kind == "exec_start_post":
-            self.result = _result_of(exit_info)
-            return self._begin_stop_sequence("policy", "%s failed (%s)" % (key, described), failed=True)
+            self.run.result = _result_of(exit_info)
+            return self.begin_stop_sequence("policy", "%s failed (%s)" % (key, described), failed=True)
         if kind == "exec_reload":
             return self._reload_finished("%s failed (%s)" % (key, described))
         self.host.log.warning(self.name, "%s failed (%s)" % (key, described))
@@ -8473,157 +8412,16 @@ class Service:
         kind = self.control.kind
         if kind is None:                  # not one of ours (a stale callback): nothing to do
             return self.phase, self.reason
-        return self._control_ended(kind, exit_info, self.host.describe_exit(self, exit_info))
+        return self.control_ended(kind, exit_info, self.host.describe_exit(self, exit_info))
 
-    def _pre_step(self):
-        self.control.queue = list(self.spec.exec_start_pre)
-        return START_PRE, None, EV_NEXT                 # condition -> start-pre: its ExecStartPre= commands
-
-    def _start_main(self):
-        """ExecStart=: for forking the process that forks the main one (a
-        control process), for a oneshot each command in turn, else the main
-        process (simple, exec, notify)."""
-        self.control.queue = list(self.spec.exec_start)
-        if self.spec.type == "forking":
-            return FORKING, None, EV_NEXT               # start-pre -> start-forking
-        if self.spec.type == "oneshot":
-            return ONESHOT, None, EV_NEXT               # start-pre -> start-oneshot
-        return SPAWNED, None, EV_NEXT                   # start-pre -> spawned: the main process is made
-
-    def _spawn_main(self):
-        # A simple/exec main process is not waited for in the loop: ready
-        # comes with its exec (EV_EXEC), so many starts overlap their
-        # children's work. Notify, forking and oneshot wait for more anyway.
-        spec = self.spec
-        while True:
-            if not self.control.queue:
-                return self.phase, self.reason, EV_DONE     # a oneshot's commands all ran
-            command = self.control.queue.pop(0)
-            self.main.command = command
-            overlapped = spec.type in ("simple", "exec")
-            try:
-                pid, pid_start, confirmed = self.host.spawn(self, command, self.main.exit_callback(self.handle),
-                                                            self.main.exec_callback(self.handle) if overlapped else None)
-            except SpawnError as exc:
-                if command.ignore_failure and self.control.queue:
-                    self.host.log.warning(self.name, "Ignoring failed main command: %s" % exc)
-                    continue
-                self.main.command = None
-                return self._start_failed("spawn failed: %s" % exc, exit_info={"code": spawn_exit_code(str(exc))},
-                                          result="exit-code")
-            break
-        self.main.runs(pid, pid_start, False, self.host.now())
-        if spec.type in ("oneshot",) + NOTIFY_TYPES:
-            self._arm_start_timer()
-            self.host.log.debug(self.name, "Running main command (pid %d): %s" % (pid, command))
-            if spec.type == "oneshot":
-                return ONESHOT, None                    # (its next command, or the start is done, at its exit)
-            return NOTIFY_WAIT, "waiting for READY=1"   # (READY=1, or the start failed)
-        self.main.exec_error = None
-        if not confirmed:
-            return SPAWNED, None                        # (stays: running once its exec is confirmed)
-        return SPAWNED, None, EV_EXEC                   # (its exec is known to have worked)
-
-    def _exec_done(self, error=None):
-        if error:
-            self.main.exec_error = error       # the exit follows: a spawn failure (203)
-            return SPAWNED, self.reason   # (stays spawned until that exit)
-        return self._main_running()
-
-    def _main_running(self):
-        """The main process runs (exec'd, READY=1, or forked and found), or a
-        oneshot's commands all ran: its ExecStartPost= commands, then ready."""
-        self.control.queue = list(self.spec.exec_start_post)
-        return START_POST, None, EV_NEXT                # -> start-post
-
-    def _started(self):
-        """Everything of the start ran: ready, or (a health check) waiting for
-        it; a oneshot is done (EV_FINISHED)."""
-        self.timers.cancel("start")
-        self._arm_watchdog()
-        if self.spec.type == "oneshot":
-            return START_POST, self.reason, EV_FINISHED
-        if self.spec.health_check_url and self.probe is None:
-            self.host.log.info(self.name, "Started (%s), waiting for its health check" % (
-                "pid %d" % self.main.pid if self.main.pid else "its cgroup runs"))
-            self.probe = self.host.open_probe(self, self._on_verdict)
-            return HEALTH_WAIT, "waiting for the health check"     # -> start-health: ready, not yet healthy
-        self.host.log.info(self.name, "Started (%s)" % ("pid %d" % self.main.pid if self.main.pid else "its cgroup runs"))
-        return RUNNING, None                            # -> running: its start is complete
-
-    def _oneshot_finished(self):
-        """A oneshot's start is complete: it remains active (RemainAfterExit=),
-        or its run ends here, as a success (Restart= decides)."""
-        if self.spec.remain_after_exit:
-            self.host.log.info(self.name, "Finished; remains active (RemainAfterExit=yes)")
-            return REMAIN, None                         # start-post -> remain
-        self.stopping = StopSequence(self, "oneshot %s" % describe_exit(self.last_exit or {"code": 0}), False)
-        self.main.exit = {"code": 0}      # its run counts as a success, a '-' command's failure too
-        return END_POST, self.reason, EV_DONE           # start-post -> end-post: no ExecStopPost=, the end
-
-    def _notified_ready(self):
-        self.notified_ready = True
-        if self.spec.type not in NOTIFY_TYPES or self.main.pid is None:
-            return self.phase, self.reason     # a oneshot's, or a forking unit's early word: not its readiness
-        return self._main_running()
-
-    def _forked(self, exit_info):
-        """Type=forking: its ExecStart= process ended; once it exited 0 the
-        main pid is read from PIDFile= (or guessed)."""
-        kind = self.control.kind
-        if kind != "exec_start":
-            return self.phase, self.reason
-        if exit_info != {"code": 0} and not (self.control.command and self.control.command.ignore_failure):
-            return self._control_ended(kind, exit_info, self.host.describe_exit(self, exit_info))
-        self.main.forked_group = self.control.pid   # what its children left in its process group
-        self.control.clear()
-        return FORKING, self.reason, EV_PID_FILE       # (stays: its main pid is looked for now)
-
-    def _find_main_pid(self):
-        if self.spec.type != "forking" or self.main.pid is not None:
-            return self.phase, self.reason
-        try:
-            pid = self.host.main_pid_of(self)
-        except SpawnError as exc:
-            return self._start_failed(str(exc), result="protocol")
-        if pid is None:                  # the PIDFile= is not written yet: look again soon
-            self.timers.arm("pid_file", PID_FILE_POLL_INTERVAL, EV_PID_FILE)
-            return FORKING, "waiting for %s" % self.spec.pid_file   # (stays: looked at again soon)
-        self._set_main_pid(pid)
-        return self._main_running()
-
-    def _set_main_pid(self, pid):
-        """A main process the daemon did not start itself (forking, MAINPID=):
-        watched through a pidfd; its exit status is not ours to know."""
-        if pid == self.main.pid or pid <= 1:
-            return
-        self.main.runs(pid, pid_start_time(pid), False, self.host.now())
-        self.host.watch(self, pid, self.main.exit_callback(self.handle), adopted=False)
-        self.host.log.info(self.name, "Main process is pid %d" % pid)
-
-    def _ready(self):
-        self.host.log.info(self.name, "Healthy")
-        return RUNNING, None                            # start-health -> running: its first check passed
-
-    def _note_healthy(self):
-        self.host.log.info(self.name, "Healthy")
-        self.host.changed(self, self.state)   # the health column changed, the state did not
-        return RUNNING, self.reason                     # (stays running)
-
-    def _start_failed(self, why, result="exit-code", exit_info=None):
+    def start_failed(self, why, result="exit-code", exit_info=None):
         """The start did not come through: what is left is stopped (with
         ExecStopPost=), then Restart= decides, the run counted as failed."""
-        self.result = result
+        self.run.result = result
         self.host.log.warning(self.name, "Start failed: %s" % why)
         if exit_info is not None:
             self.last_exit = exit_info
-        return self._begin_stop_sequence("policy", why, failed=True, run_exec_stop=False)
-
-    def _start_timed_out(self):
-        why = "start timed out after %s" % format_timespan(self.spec.start_timeout())
-        self.host.log.warning(self.name, sentence(why))
-        self.result = "timeout"
-        return self._begin_stop_sequence("policy", why, failed=True, run_exec_stop=self.phase == START_POST)
+        return self.begin_stop_sequence("policy", why, failed=True, run_exec_stop=False)
 
     def _adopt(self, pid, pid_start, started_wall):
         self.main.runs(pid, pid_start, True, self.host.now(), started_wall)
@@ -8631,95 +8429,13 @@ class Service:
         self.host.watch(self, pid, self.main.exit_callback(self.handle))
         self.host.log.info(self.name, "Adopted running process (pid %d)" % pid)
         if self.spec.health_check_url:
-            self.probe = self.host.open_probe(self, self._on_verdict)
-        self._arm_watchdog()
+            self.watch_health()
+        self.run.arm_watchdog()
         if self.spec.type != "oneshot":
             return RUNNING, None                        # (its health check, if any, watches it running)
         return (HEALTH_WAIT if self.probe else ONESHOT), None     # a oneshot's last command: its exit is awaited
 
     # -- actions: the main process ended -----------------------------------------
-
-    def _main_exited(self, exit_info, cgroup_empty=False):
-        """The main process ended on its own: a oneshot's next command, a
-        failed start, or the end of the run (ExecStop= and ExecStopPost= then
-        run as for a stop, and Restart= decides). With ExitType=cgroup the
-        run goes on while other processes of its cgroup live (`cgroup_empty`:
-        the last one is gone now)."""
-        ran_for = self.host.now() - (self.main.started_at or self.host.now())
-        phase, command = self.phase, self.main.command
-        if phase == SPAWNED:              # ended before its exec was confirmed: did exec fail?
-            error = self.main.exec_error or self.host.exec_report(self.name) or None
-            self.main.exec_error = None
-            if error:
-                self.main_gone(exit_info)
-                self.main.command = None
-                return self._start_failed("spawn failed: %s" % error, exit_info={"code": spawn_exit_code(error)})
-        if cgroup_empty:
-            self.exit_wait = None
-        elif self.spec.exit_type == "cgroup" and phase in (SPAWNED, START_POST, RUNNING, RELOAD) and \
-                self.host.cgroup_pids(self, excluding=self.main.pid):
-            self.host.log.info(self.name, "Main process ended (%s); running while its cgroup has processes "
-                               "(ExitType=cgroup)" % self.host.describe_exit(self, exit_info))
-            self.main.gone(exit_info)
-            self.last_exit = exit_info if exit_info is not None else self.last_exit
-            self.timers.cancel("watchdog")
-            self.exit_wait = (exit_info,)
-            self.wait_cgroup_empty()
-            if phase == SPAWNED:
-                return SPAWNED, self.reason, EV_EXEC    # (it exec'd, and its exit came first: its start goes on)
-            return phase, self.reason
-        described = self.main_gone(exit_info)
-        self.main.command = None
-        if ran_for >= BACKOFF_RESET_UPTIME:
-            self.crash_streak = 0
-        succeeded = run_succeeded(self.spec.type, exit_info, self.spec.success_exit_status,
-                                  command is not None and command.ignore_failure)
-        if phase == NOTIFY_WAIT and not self.notified_ready:
-            self.result = "protocol" if succeeded else _result_of(exit_info)
-            return self._begin_stop_sequence("policy", "exited before READY=1 (%s)" % described, failed=True,
-                                             run_exec_stop=False)
-        if succeeded and self.spec.remain_after_exit and phase in (RUNNING, RELOAD):
-            self.host.log.info(self.name, "Exited (%s); remains active (RemainAfterExit=yes)" % described)
-            self.timers.cancel("watchdog")
-            if phase == RELOAD and self.control.pid is not None:
-                self.reload_from = REMAIN      # the reload finishes first, then it remains
-                return RELOAD, self.reason     # (stays reloading: then remain)
-            self.timers.cancel_all()
-            return REMAIN, None                         # running -> remain: exited well, RemainAfterExit=yes
-        self.result = "success" if succeeded else _result_of(exit_info)
-        oom = not succeeded and self.spec.oom_policy != "continue" and self.host.oom_killed(self)
-        if oom:                           # the OOM killer ended it: failed, as systemd (result oom-kill)
-            self.result = "oom-kill"
-        return self._begin_stop_sequence("policy", described, failed=oom or (self.spec.type == "oneshot" and not succeeded),
-                                         run_exec_stop=exec_stop_runs(phase))
-
-    def _oneshot_exited(self, exit_info):
-        """A oneshot's command ended: the next one (EV_NEXT), or a failed start."""
-        ran_for = self.host.now() - (self.main.started_at or self.host.now())
-        command = self.main.command
-        described = self.main_gone(exit_info)
-        self.main.command = None
-        if ran_for >= BACKOFF_RESET_UPTIME:
-            self.crash_streak = 0
-        if not run_succeeded("oneshot", exit_info, self.spec.success_exit_status,
-                             command is not None and command.ignore_failure):
-            return self._start_failed("oneshot " + described, result=_result_of(exit_info))
-        return ONESHOT, self.reason, EV_NEXT            # (stays: its next command)
-
-    def wait_cgroup_empty(self):
-        """ExitType=cgroup: look again shortly whether the cgroup emptied (also
-        while it stops: its end is then the main process's)."""
-        def look():
-            if self.exit_wait is None:
-                return
-            if self.host.cgroup_pids(self):
-                self.timers.arm("exit_wait", EXIT_WAIT_POLL, look)
-            elif self.phase in (START_POST, RUNNING, RELOAD):
-                self.handle(EV_EXIT, exit_info=self.exit_wait[0], cgroup_empty=True)
-            else:
-                exit_info, self.exit_wait = self.exit_wait[0], None
-                self.handle(EV_EXIT, exit_info=exit_info)
-        self.timers.arm("exit_wait", EXIT_WAIT_POLL, look)
 
     def main_gone(self, exit_info):
         """What every exit of the main process does first: forget the pid and
@@ -8732,12 +8448,16 @@ class Service:
                                      and not self.adopted_elsewhere())
         else:
             self.main.reap_pending = True   # after the control process (an ExecStop= waiting for it)
-        self.main.gone(exit_info)
-        self.last_exit = exit_info if exit_info is not None else self.last_exit
-        self._close_probe()
+        self.note_main_exit(exit_info)
+        self.close_probe()
         if not self.has_process():
             self.host.released(self)
         return self.host.describe_exit(self, exit_info)
+
+    def note_main_exit(self, exit_info):
+        self.main.gone(exit_info)
+        if exit_info is not None:
+            self.last_exit = exit_info
 
     def adopted_elsewhere(self):
         """The main process is not the daemon's child (forking, MAINPID=, adopted)."""
@@ -8750,21 +8470,20 @@ class Service:
         return STOPPED, reason                          # -> stopped: nothing ran, nothing is pending
 
     def _begin_stop(self, reason="stopped by user"):
-        self.result = "success"
-        return self._begin_stop_sequence("stop", reason)
+        self.run.result = "success"
+        return self.begin_stop_sequence("stop", reason)
 
     def _begin_restart(self, reason="restarting"):
-        self.result = "success"
-        return self._begin_stop_sequence("restart", reason)
+        self.run.result = "success"
+        return self.begin_stop_sequence("restart", reason)
 
-    def _begin_stop_sequence(self, after, why, failed=False, run_exec_stop=None):
+    def begin_stop_sequence(self, after, why, failed=False, run_exec_stop=None):
         """ExecStop= (for a unit that started), KillSignal= to what is left,
         ExecStopPost=; then `after`: "stop", "restart", or "policy" (Restart=
         decides on the run that ended, why and failed telling how)."""
         self.timers.cancel_all()
-        self._close_probe()
-        self.stopping = StopSequence(self, why, failed)
-        self.reason = why
+        self.close_probe()
+        self.stop_as(why, failed)
         if run_exec_stop is None:
             run_exec_stop = exec_stop_runs(self.phase)
         if self.control.pid is not None:          # a start-pre/post, reload: it ends with the rest
@@ -8772,71 +8491,40 @@ class Service:
         self.control.queue = list(self.spec.exec_stop) if run_exec_stop else []
         return STOP_STEPS[after][0], why, EV_NEXT       # -> its family's ExecStop= step (perhaps empty)
 
+    def stop_as(self, why, failed):
+        """A stop begins: why the run ends and whether it failed (why None: its reason stands)."""
+        self.stopping = StopSequence(self, why, failed)
+
     def forget_processes(self):
         """Stop waiting for the main and control process: their exits, should
         they come, are reaped and ignored."""
         self.main.forget()
         self.control.forget()
 
-    def _stopping_notified(self):
-        """STOPPING=1: the service is going down by itself; its exit is
-        awaited (SIGKILL after TimeoutStopSec=), then Restart= decides."""
-        self.timers.cancel_all()
-        self.stopping = StopSequence(self, None, False)
-        self.host.log.info(self.name, "Stopping (STOPPING=1)")
-        self.arm_stop_timer()
-        return ENDING, "stopping (STOPPING=1)"          # running -> ending: its exit is awaited
-
-    def _restart_unhealthy(self):
-        """Retries used up: restart as Restart= would after a failure (or, for
-        a new version that never became healthy, roll back)."""
-        probe = self.probe
-        why = "health check failed %d times: %s" % (probe.failures, probe.last_error) if probe else "health check failed"
-        never_healthy = self.phase == HEALTH_WAIT
-        phase, _, follow = self._begin_stop_sequence("restart", why)   # with the failing version's KillSignal= etc.
-        if never_healthy and self._roll_back("never became healthy: " + why):
-            return phase, "rolling back: never became healthy: " + why, follow
-        self.restarts += 1
-        self.restarts_total += 1
-        self.host.log.warning(self.name, "Restarting: %s" % why)
-        return phase, why, follow
-
-    def _watchdog_expired(self):
-        interval = self._watchdog_interval()
-        why = "watchdog timeout (no WATCHDOG=1 within %s)" % format_timespan(interval or 0)
-        self.host.log.warning(self.name, "%s; sending %s" % (sentence(why), signal_name(self.spec.watchdog_signal)))
-        self.result = "watchdog"
-        self.timers.cancel_all()
-        self._close_probe()
-        self.stopping, self.reason = StopSequence(self, why, True), why
-        self.host.signal(self, self.spec.watchdog_signal, first=True)
-        self.arm_stop_timer(self.spec.timeout_abort_sec)
-        return ENDING, why                              # -> ending: WatchdogSignal= sent, TimeoutAbortSec= runs
-
     # -- actions: reloading ------------------------------------------------------------
 
     def _begin_reload(self):
         self.reload_error = None
-        self.reload_from = self.phase
+        self.run.reload_from = self.phase
         if self.spec.exec_reload:
             self.control.queue = list(self.spec.exec_reload)
             return RELOAD, self.reason, EV_NEXT         # -> reload: its ExecReload= commands
         if self.spec.type == "notify-reload" and self.main.pid:
             self.host.log.info(self.name, "Reloading (%s)" % signal_name(self.spec.reload_signal))
-            self.notified_ready = False
+            self.run.said_ready = False
             self.host.signal_main(self, self.spec.reload_signal)
-            self._arm_start_timer()
+            self.arm_start_timer()
             return RELOAD, None                         # running -> reload: until READY=1
         return self._reload_finished("it has no ExecReload=")
 
     def _reloading_notified(self):
-        self.reload_from = RUNNING
-        self.notified_ready = False
-        self._arm_start_timer()
+        self.run.reload_from = RUNNING
+        self.run.said_ready = False
+        self.arm_start_timer()
         return RELOAD, None                             # running -> reload: RELOADING=1, until READY=1
 
     def _reload_ready(self):
-        self.notified_ready = True
+        self.run.said_ready = True
         if self.control.pid is not None:
             return RELOAD, None           # ExecReload= still runs: done when it exits
         return self._reload_finished(None)
@@ -8859,7 +8547,7 @@ class Service:
             self.host.log.warning(self.name, "Reload failed: %s" % error)
         else:
             self.host.log.info(self.name, "Reloaded")
-        return self.reload_from, None
+        return self.run.reload_from, None
 
     # -- the end of a run ------------------------------------------------------------
 
@@ -8873,13 +8561,12 @@ class Service:
         self.last_exit = last_exit
         self.host.stopped(self)
         self.succeeded = not failed and exit_is_clean(outcome, spec.success_exit_status)
-        result = None if self.result == "success" else self.result
+        result = None if self.run.result == "success" else self.run.result
         if self.want == "up" and not self.host.shutting_down and should_restart(
                 spec.restart, outcome, result=result, statuses=spec):
             self.crash_streak += 1
             delay = restart_delay(spec.restart_sec, self.crash_streak, spec.restart_steps, spec.restart_max_delay)
-            self.restarts += 1
-            self.restarts_total += 1
+            self.count_restart()
             self.host.log.info(self.name, "Restarting in %s (%s; restart %d)%s" % (
                 format_timespan(delay), why, self.restarts, self.host.deploy_note(self)))
             self.timers.arm("restart", delay, EV_RESTART_DUE)
@@ -8890,14 +8577,27 @@ class Service:
         self.host.log.info(self.name, "Exited (%s)" % why)
         return EXITED, why                              # -> exited: no restart, the run ended well enough
 
+    def count_restart(self):
+        self.restarts += 1
+        self.restarts_total += 1
+
+    def count_run(self, ran_for):
+        """A run that lasted BACKOFF_RESET_UPTIME ends the crash streak."""
+        if ran_for >= BACKOFF_RESET_UPTIME:
+            self.crash_streak = 0
+
     # -- callbacks -----------------------------------------------------------------
+
+    def watch_health(self):
+        """Its health check, from now on: its verdicts are events of the table."""
+        self.probe = self.host.open_probe(self, self._on_verdict)
 
     def _on_verdict(self):
         self.handle(EV_HEALTHY if self.probe.status == "healthy" else EV_UNHEALTHY)
 
     # -- timers and small helpers ------------------------------------------------------
 
-    def _arm_start_timer(self):
+    def arm_start_timer(self):
         self.timers.cancel("start")
         timeout = self.spec.start_timeout()
         if timeout is not None:
@@ -8909,18 +8609,6 @@ class Service:
         seconds = self.stop_settings().timeout_stop_sec if seconds is None else seconds
         if seconds not in (0, float("inf")):          # 0: wait for ever, as systemd
             self.timers.arm("stop", seconds, EV_STOP_TIMEOUT)
-
-    def _watchdog_interval(self):
-        if self.watchdog_usec:
-            return self.watchdog_usec / 1e6
-        return self.spec.watchdog_sec if 0 < self.spec.watchdog_sec < float("inf") else None
-
-    def _arm_watchdog(self):
-        """WatchdogSec=: armed once the service is ready, again at each WATCHDOG=1."""
-        self.timers.cancel("watchdog")
-        interval = self._watchdog_interval()
-        if interval and self.main.pid and self.phase not in STOP_FAMILY:
-            self.timers.arm("watchdog", interval, EV_WATCHDOG)
 
     def _reset_limits(self):
         self.start_times.clear()
@@ -8951,11 +8639,11 @@ class Service:
         self.host.reattach_cgroup(self)
         if not self.host.cgroup_pids(self):
             return STOPPED, reason, EV_START            # (stays stopped, and starts anew at once)
-        self.exit_wait = (self.last_exit,)
-        self.wait_cgroup_empty()
+        self.run.exit_wait = (self.last_exit,)
+        self.run.wait_cgroup_empty()
         return RUNNING, reason                          # stopped -> running: until its cgroup empties
 
-    def _close_probe(self):
+    def close_probe(self):
         if self.probe is not None:
             self.health_note = (self.probe.status, self.probe.last_error)
             self.probe.close()
@@ -9001,7 +8689,7 @@ def service_status(service, detail=False):
         "health_error": service.health()[1],
         "memory": process_rss(service.main.pid) if running else None,
         "commit": service.commit, "reason": service.reason, "want": service.want,
-        "rolled_back": service.versions.rolled_back, "status_text": service.status_text,
+        "rolled_back": service.versions.rolled_back, "status_text": service.run.status_text,
     }
     if detail:
         data.update(description=service.spec.description, path=service.spec.path,
@@ -9040,7 +8728,374 @@ def service_record(service):
             # monotonic times as wall-clock ones, for the next daemon (SPEC §6)
             "crash_streak": service.crash_streak, "start_times": [round(t + to_wall, 3) for t in service.start_times],
             "restart_due": round(service.timers.due("restart") + to_wall, 3)
-            if service.phase == BACKOFF and service.timers.due("restart") else None, "exit_wait": service.exit_wait is not None}
+            if service.phase == BACKOFF and service.timers.due("restart") else None, "exit_wait": service.run.exit_wait is not None}
+
+
+class ServiceRun:
+    """One run of a Service, from a start that passed its checks to what
+    follows its end, and the cells of its starting and running phases (the
+    table names them "run.ACTION"). What it keeps is the run's: systemd's
+    $SERVICE_RESULT, the last STATUS= and whether READY=1 came, the
+    WATCHDOG_USEC= it asked for, the wait for an ExitType=cgroup unit's
+    cgroup, and where a reload goes back to. A new start makes a new run."""
+    __slots__ = ("service", "result", "status_text", "said_ready", "watchdog_usec", "exit_wait", "reload_from")
+
+    def __init__(self, service):
+        self.service = service
+        self.result = "success"         # systemd's $SERVICE_RESULT of this run
+        self.status_text = None         # the last STATUS= of sd_notify
+        self.said_ready = False         # READY=1 came in this run (since RELOADING=1)
+        self.watchdog_usec = None       # WATCHDOG_USEC= the service asked for instead of WatchdogSec=
+        self.exit_wait = None           # ExitType=cgroup: (the main process's exit_info,) while its cgroup runs
+        self.reload_from = RUNNING      # the phase a reload goes back to
+
+    def note_result(self, result):
+        """Its first failure is what it ended with."""
+        if self.result == "success":
+            self.result = result
+
+    def notified(self, fields, trusted=False):
+        """An sd_notify message the daemon accepted for this service: what it
+        says of the service is kept here; READY=1, RELOADING=1 and STOPPING=1
+        are events of the table. MAINPID= names a process of the service
+        (or comes from root: `trusted`), as systemd requires."""
+        service = self.service
+        if fields.get("MAINPID", "").isdigit() and service.main.pid is not None and service.phase in (
+                NOTIFY_WAIT, FORKING, ONESHOT, HEALTH_WAIT, START_POST, RUNNING, RELOAD):
+            pid = int(fields["MAINPID"])
+            if pid != os.getpid() and (trusted or service.host.belongs_to(service, pid)):
+                self.set_main_pid(pid)
+            else:
+                service.host.log.warning(service.name, "MAINPID=%d refused: not a process of this service" % pid)
+        if "STATUS" in fields:
+            self.status_text = fields["STATUS"][:MAX_STATUS_TEXT] or None
+        if fields.get("WATCHDOG_USEC", "").isdigit():
+            self.watchdog_usec = int(fields["WATCHDOG_USEC"])
+            self.arm_watchdog()
+        if fields.get("WATCHDOG") == "1":
+            self.arm_watchdog()
+        if fields.get("EXTEND_TIMEOUT_USEC", "").isdigit():
+            service.timers.extend("start", int(fields["EXTEND_TIMEOUT_USEC"]) / 1e6)
+        if fields.get("STOPPING") == "1":
+            service.handle(EV_STOPPING)
+        if fields.get("RELOADING") == "1":
+            service.handle(EV_RELOADING)
+        if fields.get("READY") == "1":
+            service.handle(EV_READY)
+        if fields.get("WATCHDOG") == "trigger":
+            service.handle(EV_WATCHDOG)
+
+    def oom_killed(self):
+        """The OOM killer killed a process of the unit: OOMPolicy=continue
+        only says so; stop ends the run as failed (result oom-kill, Restart=
+        decides); kill also kills every other process of it at once."""
+        service = self.service
+        policy = service.spec.oom_policy
+        why = "a process was killed by the OOM killer"
+        service.host.log.warning(service.name, "%s (OOMPolicy=%s)" % (sentence(why), policy))
+        if policy == "continue":
+            return service.phase, service.reason
+        if policy == "kill":
+            service.host.signal(service, signal.SIGKILL)
+        self.result = "oom-kill"
+        return service.begin_stop_sequence("policy", why, failed=True)
+
+    def runtime_max_passed(self):
+        """Active for longer than RuntimeMaxSec=: stopped, as failed with the
+        result "timeout" (Restart= then decides, as systemd)."""
+        service = self.service
+        why = "active for longer than RuntimeMaxSec=%s" % format_timespan(service.spec.runtime_max_sec or 0)
+        service.host.log.warning(service.name, sentence(why) + "; stopping")
+        self.result = "timeout"
+        return service.begin_stop_sequence("policy", why, failed=True)
+
+    def pre_step(self):
+        service = self.service
+        service.control.queue = list(service.spec.exec_start_pre)
+        return START_PRE, None, EV_NEXT                 # condition -> start-pre: its ExecStartPre= commands
+
+    def start_main(self):
+        """ExecStart=: for forking the process that forks the main one (a
+        control process), for a oneshot each command in turn, else the main
+        process (simple, exec, notify)."""
+        service = self.service
+        service.control.queue = list(service.spec.exec_start)
+        if service.spec.type == "forking":
+            return FORKING, None, EV_NEXT               # start-pre -> start-forking
+        if service.spec.type == "oneshot":
+            return ONESHOT, None, EV_NEXT               # start-pre -> start-oneshot
+        return SPAWNED, None, EV_NEXT                   # start-pre -> spawned: the main process is made
+
+    def spawn_main(self):
+        # A simple/exec main process is not waited for in the loop: ready
+        # comes with its exec (EV_EXEC), so many starts overlap their
+        # children's work. Notify, forking and oneshot wait for more anyway.
+        service = self.service
+        spec = service.spec
+        while True:
+            if not service.control.queue:
+                return service.phase, service.reason, EV_DONE     # a oneshot's commands all ran
+            command = service.control.queue.pop(0)
+            service.main.command = command
+            overlapped = spec.type in ("simple", "exec")
+            try:
+                pid, pid_start, confirmed = service.host.spawn(service, command, service.main.exit_callback(service.handle),
+                                                            service.main.exec_callback(service.handle) if overlapped else None)
+            except SpawnError as exc:
+                if command.ignore_failure and service.control.queue:
+                    service.host.log.warning(service.name, "Ignoring failed main command: %s" % exc)
+                    continue
+                service.main.command = None
+                return service.start_failed("spawn failed: %s" % exc, exit_info={"code": spawn_exit_code(str(exc))},
+                                          result="exit-code")
+            break
+        service.main.runs(pid, pid_start, False, service.host.now())
+        if spec.type in ("oneshot",) + NOTIFY_TYPES:
+            service.arm_start_timer()
+            service.host.log.debug(service.name, "Running main command (pid %d): %s" % (pid, command))
+            if spec.type == "oneshot":
+                return ONESHOT, None                    # (its next command, or the start is done, at its exit)
+            return NOTIFY_WAIT, "waiting for READY=1"   # (READY=1, or the start failed)
+        service.main.exec_error = None
+        if not confirmed:
+            return SPAWNED, None                        # (stays: running once its exec is confirmed)
+        return SPAWNED, None, EV_EXEC                   # (its exec is known to have worked)
+
+    def exec_done(self, error=None):
+        service = self.service
+        if error:
+            service.main.exec_error = error       # the exit follows: a spawn failure (203)
+            return SPAWNED, service.reason   # (stays spawned until that exit)
+        return self.main_running()
+
+    def main_running(self):
+        """The main process runs (exec'd, READY=1, or forked and found), or a
+        oneshot's commands all ran: its ExecStartPost= commands, then ready."""
+        service = self.service
+        service.control.queue = list(service.spec.exec_start_post)
+        return START_POST, None, EV_NEXT                # -> start-post
+
+    def started(self):
+        """Everything of the start ran: ready, or (a health check) waiting for
+        it; a oneshot is done (EV_FINISHED)."""
+        service = self.service
+        service.timers.cancel("start")
+        self.arm_watchdog()
+        if service.spec.type == "oneshot":
+            return START_POST, service.reason, EV_FINISHED
+        if service.spec.health_check_url and service.probe is None:
+            service.host.log.info(service.name, "Started (%s), waiting for its health check" % (
+                "pid %d" % service.main.pid if service.main.pid else "its cgroup runs"))
+            service.watch_health()
+            return HEALTH_WAIT, "waiting for the health check"     # -> start-health: ready, not yet healthy
+        service.host.log.info(service.name, "Started (%s)" % ("pid %d" % service.main.pid if service.main.pid else "its cgroup runs"))
+        return RUNNING, None                            # -> running: its start is complete
+
+    def oneshot_finished(self):
+        """A oneshot's start is complete: it remains active (RemainAfterExit=),
+        or its run ends here, as a success (Restart= decides)."""
+        service = self.service
+        if service.spec.remain_after_exit:
+            service.host.log.info(service.name, "Finished; remains active (RemainAfterExit=yes)")
+            return REMAIN, None                         # start-post -> remain
+        service.stop_as("oneshot %s" % describe_exit(service.last_exit or {"code": 0}), False)
+        service.main.exit = {"code": 0}      # its run counts as a success, a '-' command's failure too
+        return END_POST, service.reason, EV_DONE           # start-post -> end-post: no ExecStopPost=, the end
+
+    def notified_ready(self):
+        service = self.service
+        self.said_ready = True
+        if service.spec.type not in NOTIFY_TYPES or service.main.pid is None:
+            return service.phase, service.reason     # a oneshot's, or a forking unit's early word: not its readiness
+        return self.main_running()
+
+    def forked(self, exit_info):
+        """Type=forking: its ExecStart= process ended; once it exited 0 the
+        main pid is read from PIDFile= (or guessed)."""
+        service = self.service
+        kind = service.control.kind
+        if kind != "exec_start":
+            return service.phase, service.reason
+        if exit_info != {"code": 0} and not (service.control.command and service.control.command.ignore_failure):
+            return service.control_ended(kind, exit_info, service.host.describe_exit(service, exit_info))
+        service.main.forked_group = service.control.pid   # what its children left in its process group
+        service.control.clear()
+        return FORKING, service.reason, EV_PID_FILE       # (stays: its main pid is looked for now)
+
+    def find_main_pid(self):
+        service = self.service
+        if service.spec.type != "forking" or service.main.pid is not None:
+            return service.phase, service.reason
+        try:
+            pid = service.host.main_pid_of(service)
+        except SpawnError as exc:
+            return service.start_failed(str(exc), result="protocol")
+        if pid is None:                  # the PIDFile= is not written yet: look again soon
+            service.timers.arm("pid_file", PID_FILE_POLL_INTERVAL, EV_PID_FILE)
+            return FORKING, "waiting for %s" % service.spec.pid_file   # (stays: looked at again soon)
+        self.set_main_pid(pid)
+        return self.main_running()
+
+    def set_main_pid(self, pid):
+        """A main process the daemon did not start itself (forking, MAINPID=):
+        watched through a pidfd; its exit status is not ours to know."""
+        service = self.service
+        if pid == service.main.pid or pid <= 1:
+            return
+        service.main.runs(pid, pid_start_time(pid), False, service.host.now())
+        service.host.watch(service, pid, service.main.exit_callback(service.handle), adopted=False)
+        service.host.log.info(service.name, "Main process is pid %d" % pid)
+
+    def ready(self):
+        service = self.service
+        service.host.log.info(service.name, "Healthy")
+        return RUNNING, None                            # start-health -> running: its first check passed
+
+    def note_healthy(self):
+        service = self.service
+        service.host.log.info(service.name, "Healthy")
+        service.host.changed(service, service.state)   # the health column changed, the state did not
+        return RUNNING, service.reason                     # (stays running)
+
+    def start_timed_out(self):
+        service = self.service
+        why = "start timed out after %s" % format_timespan(service.spec.start_timeout())
+        service.host.log.warning(service.name, sentence(why))
+        self.result = "timeout"
+        return service.begin_stop_sequence("policy", why, failed=True, run_exec_stop=service.phase == START_POST)
+
+    def main_exited(self, exit_info, cgroup_empty=False):
+        """The main process ended on its own: a oneshot's next command, a
+        failed start, or the end of the run (ExecStop= and ExecStopPost= then
+        run as for a stop, and Restart= decides). With ExitType=cgroup the
+        run goes on while other processes of its cgroup live (`cgroup_empty`:
+        the last one is gone now)."""
+        service = self.service
+        ran_for = service.main.ran_for(service.host.now())
+        phase, command = service.phase, service.main.command
+        if phase == SPAWNED:              # ended before its exec was confirmed: did exec fail?
+            error = service.main.exec_error or service.host.exec_report(service.name) or None
+            service.main.exec_error = None
+            if error:
+                service.main_gone(exit_info)
+                service.main.command = None
+                return service.start_failed("spawn failed: %s" % error, exit_info={"code": spawn_exit_code(error)})
+        if cgroup_empty:
+            self.exit_wait = None
+        elif service.spec.exit_type == "cgroup" and phase in (SPAWNED, START_POST, RUNNING, RELOAD) and \
+                service.host.cgroup_pids(service, excluding=service.main.pid):
+            service.host.log.info(service.name, "Main process ended (%s); running while its cgroup has processes "
+                               "(ExitType=cgroup)" % service.host.describe_exit(service, exit_info))
+            service.note_main_exit(exit_info)
+            service.timers.cancel("watchdog")
+            self.exit_wait = (exit_info,)
+            self.wait_cgroup_empty()
+            if phase == SPAWNED:
+                return SPAWNED, service.reason, EV_EXEC    # (it exec'd, and its exit came first: its start goes on)
+            return phase, service.reason
+        described = service.main_gone(exit_info)
+        service.main.command = None
+        service.count_run(ran_for)
+        succeeded = run_succeeded(service.spec.type, exit_info, service.spec.success_exit_status,
+                                  command is not None and command.ignore_failure)
+        if phase == NOTIFY_WAIT and not self.said_ready:
+            self.result = "protocol" if succeeded else _result_of(exit_info)
+            return service.begin_stop_sequence("policy", "exited before READY=1 (%s)" % described, failed=True,
+                                             run_exec_stop=False)
+        if succeeded and service.spec.remain_after_exit and phase in (RUNNING, RELOAD):
+            service.host.log.info(service.name, "Exited (%s); remains active (RemainAfterExit=yes)" % described)
+            service.timers.cancel("watchdog")
+            if phase == RELOAD and service.control.pid is not None:
+                self.reload_from = REMAIN      # the reload finishes first, then it remains
+                return RELOAD, service.reason     # (stays reloading: then remain)
+            service.timers.cancel_all()
+            return REMAIN, None                         # running -> remain: exited well, RemainAfterExit=yes
+        self.result = "success" if succeeded else _result_of(exit_info)
+        oom = not succeeded and service.spec.oom_policy != "continue" and service.host.oom_killed(service)
+        if oom:                           # the OOM killer ended it: failed, as systemd (result oom-kill)
+            self.result = "oom-kill"
+        return service.begin_stop_sequence("policy", described, failed=oom or (service.spec.type == "oneshot" and not succeeded),
+                                         run_exec_stop=exec_stop_runs(phase))
+
+    def oneshot_exited(self, exit_info):
+        """A oneshot's command ended: the next one (EV_NEXT), or a failed start."""
+        service = self.service
+        ran_for = service.main.ran_for(service.host.now())
+        command = service.main.command
+        described = service.main_gone(exit_info)
+        service.main.command = None
+        service.count_run(ran_for)
+        if not run_succeeded("oneshot", exit_info, service.spec.success_exit_status,
+                             command is not None and command.ignore_failure):
+            return service.start_failed("oneshot " + described, result=_result_of(exit_info))
+        return ONESHOT, service.reason, EV_NEXT            # (stays: its next command)
+
+    def wait_cgroup_empty(self):
+        """ExitType=cgroup: look again shortly whether the cgroup emptied (also
+        while it stops: its end is then the main process's)."""
+        service = self.service
+        def look():
+            if self.exit_wait is None:
+                return
+            if service.host.cgroup_pids(service):
+                service.timers.arm("exit_wait", EXIT_WAIT_POLL, look)
+            elif service.phase in (START_POST, RUNNING, RELOAD):
+                service.handle(EV_EXIT, exit_info=self.exit_wait[0], cgroup_empty=True)
+            else:
+                exit_info, self.exit_wait = self.exit_wait[0], None
+                service.handle(EV_EXIT, exit_info=exit_info)
+        service.timers.arm("exit_wait", EXIT_WAIT_POLL, look)
+
+    def stopping_notified(self):
+        """STOPPING=1: the service is going down by itself; its exit is
+        awaited (SIGKILL after TimeoutStopSec=), then Restart= decides."""
+        service = self.service
+        service.timers.cancel_all()
+        service.stop_as(None, False)
+        service.host.log.info(service.name, "Stopping (STOPPING=1)")
+        service.arm_stop_timer()
+        return ENDING, "stopping (STOPPING=1)"          # running -> ending: its exit is awaited
+
+    def restart_unhealthy(self):
+        """Retries used up: restart as Restart= would after a failure (or, for
+        a new version that never became healthy, roll back)."""
+        service = self.service
+        probe = service.probe
+        why = "health check failed %d times: %s" % (probe.failures, probe.last_error) if probe else "health check failed"
+        never_healthy = service.phase == HEALTH_WAIT
+        phase, _, follow = service.begin_stop_sequence("restart", why)   # with the failing version's KillSignal= etc.
+        if never_healthy and service.roll_back("never became healthy: " + why):
+            return phase, "rolling back: never became healthy: " + why, follow
+        service.count_restart()
+        service.host.log.warning(service.name, "Restarting: %s" % why)
+        return phase, why, follow
+
+    def watchdog_expired(self):
+        service = self.service
+        interval = self.watchdog_interval()
+        why = "watchdog timeout (no WATCHDOG=1 within %s)" % format_timespan(interval or 0)
+        service.host.log.warning(service.name, "%s; sending %s" % (sentence(why), signal_name(service.spec.watchdog_signal)))
+        self.result = "watchdog"
+        service.timers.cancel_all()
+        service.close_probe()
+        service.stop_as(why, True)
+        service.host.signal(service, service.spec.watchdog_signal, first=True)
+        service.arm_stop_timer(service.spec.timeout_abort_sec)
+        return ENDING, why                              # -> ending: WatchdogSignal= sent, TimeoutAbortSec= runs
+
+    def watchdog_interval(self):
+        service = self.service
+        if self.watchdog_usec:
+            return self.watchdog_usec / 1e6
+        return service.spec.watchdog_sec if 0 < service.spec.watchdog_sec < float("inf") else None
+
+    def arm_watchdog(self):
+        """WatchdogSec=: armed once the service is ready, again at each WATCHDOG=1."""
+        service = self.service
+        service.timers.cancel("watchdog")
+        interval = self.watchdog_interval()
+        if interval and service.main.pid and service.phase not in STOP_FAMILY:
+            service.timers.arm("watchdog", interval, EV_WATCHDOG)
 
 
 class StopSequence:
@@ -9072,10 +9127,10 @@ class StopSequence:
         With ExitType=cgroup the processes left in the cgroup count."""
         service = self.service
         after = self.family
-        if not service.has_process() and service.exit_wait is None:
+        if not service.has_process() and service.run.exit_wait is None:
             return self.run_stop_post()
-        if service.exit_wait is not None:
-            service.wait_cgroup_empty()     # its end ends the stop
+        if service.run.exit_wait is not None:
+            service.run.wait_cgroup_empty()     # its end ends the stop
         stopped = self.settings
         number = stopped.kill_signal
         if after == "restart" and stopped.restart_kill_signal is not None:
@@ -9164,7 +9219,7 @@ class StopSequence:
         service = self.service
         service.host.log.warning(service.name, "%s still there after %s; SendSIGKILL=no: left running" % (
             what, format_timespan(self.settings.timeout_stop_sec)))
-        service.note_result("timeout")
+        service.run.note_result("timeout")
         service.main.reap_pending = False
         service.forget_processes()
         return self.run_stop_post() if what != "ExecStopPost=" else (service.phase, service.reason, EV_DONE)
@@ -9193,7 +9248,7 @@ class StopSequence:
         service.host.log.warning(service.name, "Did not stop within %s; sending %s" % (
             format_timespan(settings.timeout_stop_sec), signal_name(settings.final_kill_signal)))
         self.timed_out = True
-        service.note_result("timeout")
+        service.run.note_result("timeout")
         service.host.signal(service, settings.final_kill_signal, first=False)
         service.arm_stop_timer()
         return service.phase, service.reason
@@ -12609,7 +12664,7 @@ class TimerUnit:
                 "path": self.spec.path, "persistent": self.spec.persistent,
                 "accuracy": self.spec.accuracy, "randomized_delay": self.spec.randomized_delay,
                 "calendars": [c.normalized() for c in self.spec.calendars],
-                "service": {"state": service.state, "result": service.result, "last_exit": service.last_exit}
+                "service": {"state": service.state, "result": service.run.result, "last_exit": service.last_exit}
                 if service is not None else None,
                 "not_applied": [{"key": key, "value": value, "why": TIMER_NOT_APPLIED[key]}
                                 for key, value in self.spec.not_applied]}
@@ -13238,7 +13293,7 @@ class SocketUnit:
                 "last_trigger": self.last_trigger, "description": self.spec.description, "path": self.spec.path,
                 "fds": [s.fileno() for s in self.sockets], "fd_name": self.spec.fd_name,
                 "max_connections": self.spec.max_connections,
-                "service": {"state": service.state, "result": service.result, "pid": service.main.pid}
+                "service": {"state": service.state, "result": service.run.result, "pid": service.main.pid}
                 if service is not None else None,
                 "not_applied": [{"key": key, "value": value, "why": SOCKET_NOT_APPLIED[key]}
                                 for key, value in self.spec.not_applied]}
@@ -14788,7 +14843,7 @@ class Alerter:
         service = self.daemon.services.get(unit) if unit else None
         if kind == "state" and service is not None:
             if to in (FAILED, BACKOFF):
-                self.raise_alert("watchdog" if service.result == "watchdog" else "failed" if to == FAILED
+                self.raise_alert("watchdog" if service.run.result == "watchdog" else "failed" if to == FAILED
                                  else "restarted", service.log_name, entry["reason"], service)
             elif to == RUNNING:
                 self._recovery_later(service)
@@ -15631,7 +15686,7 @@ class Daemon:
     def _start_on_failure(self, service, key="OnFailure"):
         """OnFailure= (or OnSuccess=): start the units it names, telling them
         which unit failed (or succeeded) and how ($MONITOR_*, as systemd sets them)."""
-        monitor = {"MONITOR_UNIT": service.name + UNIT_SUFFIX, "MONITOR_SERVICE_RESULT": service.result}
+        monitor = {"MONITOR_UNIT": service.name + UNIT_SUFFIX, "MONITOR_SERVICE_RESULT": service.run.result}
         exit_info = service.last_exit
         if exit_info is not None:
             monitor["MONITOR_EXIT_CODE"] = "killed" if "signal" in exit_info else "exited"

@@ -4446,11 +4446,11 @@ class StateTableTests(unittest.TestCase):
                         self.assertEqual(allowed, (phase,), "nothing happens: the phase stays")
                     else:
                         owner, _, name = action.rpartition(".")
-                        self.assertIn(owner, ("", "stop"), action)
-                        method = getattr(P.StopSequence, name, None) if owner else getattr(P.Service, "_" + name, None)
+                        method = getattr({"run": P.ServiceRun, "stop": P.StopSequence}[owner], name, None) if owner \
+                            else getattr(P.Service, "_" + name, None)
                         self.assertTrue(callable(method), action)
-                        self.assertEqual(owner == "stop", phase in P.STOP_FAMILY and name not in (
-                            "next_command", "control_exited"), "the stopping phases' own actions are the stop's")
+                        if owner == "stop":
+                            self.assertIn(phase, P.STOP_FAMILY, "the stop's actions are the stopping phases'")
         self.assertEqual(len(P.TRANSITIONS), len(P.PUBLIC_STATE) * len(P.EVENTS) - len(REFUSED))
 
     def test_every_phase_shows_a_spec_state(self):
@@ -4708,7 +4708,7 @@ class FailSafeTests(unittest.TestCase):
         host.describe_exit = broken
         host.exit(service, FAILURE)
         self.assertEqual(service.phase, P.FAILED)
-        self.assertIn("internal error in main_exited: int too large", service.reason)
+        self.assertIn("internal error in run.main_exited: int too large", service.reason)
         self.assertIsNone(service.main.pid)
         self.assertIn("Traceback", host.log.text("error"))
         self.assertEqual(host.pending(), [], "nothing left to fire")
@@ -4897,7 +4897,7 @@ class ChainedStepTests(unittest.TestCase):
         host.on_exec.pop(service.main.pid)     # its exec report is read with its exit: "exec worked"
         host.exit_main(service, CLEAN)
         self.assertEqual((service.phase, service.main.pid), (P.RUNNING, None))
-        self.assertIsNotNone(service.exit_wait, "its cgroup is waited for")
+        self.assertIsNotNone(service.run.exit_wait, "its cgroup is waited for")
         self.assertEqual(host.log.text("error"), "")
 
     def test_discarding_a_removed_unit_cancels_its_cgroup_removal(self):
@@ -4957,7 +4957,7 @@ class ControlEdgeTests(unittest.TestCase):
         host.advance(0.5)
         service.notified({"EXTEND_TIMEOUT_USEC": "2000000", "STATUS": "migrating"})
         host.advance(1.0)
-        self.assertEqual((service.phase, service.status_text), (P.NOTIFY_WAIT, "migrating"), "1.5 s: still starting")
+        self.assertEqual((service.phase, service.run.status_text), (P.NOTIFY_WAIT, "migrating"), "1.5 s: still starting")
         host.advance(1.1)
         self.assertEqual(service.phase, P.ENDING, "2.6 s: the extended timeout passed")
         self.assertIn("start timed out", service.reason)
@@ -12372,10 +12372,11 @@ class SelfCheckTests(unittest.TestCase):
         and the parts it gives its host to ask it.)"""
         import ast
         tree = _module_tree("gitproc.py")[1]
-        asked = {node.attr for part in tree.body if isinstance(part, ast.ClassDef) and part.name in ("Service", "UnitTimers")
+        parts = ("Service", "ServiceRun", "StopSequence", "UnitTimers")
+        asked = {node.attr for part in tree.body if isinstance(part, ast.ClassDef) and part.name in parts
                  for node in ast.walk(part) if isinstance(node, ast.Attribute) and
                  isinstance(node.value, ast.Attribute) and node.value.attr == "host" and
-                 isinstance(node.value.value, ast.Name) and node.value.value.id == "self"}
+                 isinstance(node.value.value, ast.Name) and node.value.value.id in ("self", "service")}
         declared = {name for name, value in vars(gitproc.ServiceHost).items() if callable(value)} | \
             set(gitproc.ServiceHost.ATTRIBUTES)
         self.assertEqual(asked, declared)
