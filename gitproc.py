@@ -24,8 +24,9 @@ and asked about over the control socket and HTTP:
         SourceWatcher
      8. execution environment: RunAs, ProcessSetup, the sandbox, system call
         filters (seccomp), cgroups, Spawner, ExitWatcher, the notify socket
-     9. supervision: the restart policy, the state table, Service, ServiceHost,
-        Launcher, Dependencies
+     9. supervision: the restart policy, the state table, ServiceHost, Service
+        and its parts (ServiceRun, StopSequence, UnitTimers, MainProcess,
+        ControlProcess), Launcher, Dependencies
     10. health checks: HealthProbe
     11. logs: the daemon's log, service log rotation, the syslog and journal
         sockets (SyslogChannel)
@@ -7458,9 +7459,12 @@ def parse_notify_message(data):
 
 # ==== 9. supervision =========================================================
 # What happens to a unit: the restart policy's pure guards, the state table,
-# Service (one unit, driven by the table), the host interface it asks things
-# of (ServiceHost), Launcher (its process half) and Dependencies. All of it
-# runs on the daemon's one loop thread; nothing here sleeps.
+# the host interface a unit asks things of (ServiceHost), Service (one unit,
+# driven by the table) with its parts: its run (ServiceRun: the starting and
+# running phases' cells), the stop under way (StopSequence: the stopping
+# phases'), its timers, its main and control process. Then Launcher (the
+# process half of the host) and Dependencies. All of it runs on the daemon's
+# one loop thread; nothing here sleeps.
 
 
 # ---- the restart policy: pure guards -----------------------------------------------
@@ -8723,12 +8727,15 @@ def service_record(service):
             "restarts": service.restarts, "restarts_total": service.restarts_total, "last_exit": service.last_exit,
             "state": service.state, "phase": service.phase, "reason": service.reason, "commit": service.commit,
             "blob": service.spec.blob, "meaning": service.spec.meaning(), "started_wall": service.main.started_wall,
-            "tree": service.resources.linked_tree if active else None, "started_tree": service.resources.running_tree if active else None,
-            "previous_tree": service.versions.previous_tree, "rejected": service.versions.rejected, "rolled_back": service.versions.rolled_back,
+            "tree": service.resources.linked_tree if active else None,
+            "started_tree": service.resources.running_tree if active else None,
+            "previous_tree": service.versions.previous_tree, "rejected": service.versions.rejected,
+            "rolled_back": service.versions.rolled_back,
             # monotonic times as wall-clock ones, for the next daemon (SPEC §6)
             "crash_streak": service.crash_streak, "start_times": [round(t + to_wall, 3) for t in service.start_times],
             "restart_due": round(service.timers.due("restart") + to_wall, 3)
-            if service.phase == BACKOFF and service.timers.due("restart") else None, "exit_wait": service.run.exit_wait is not None}
+            if service.phase == BACKOFF and service.timers.due("restart") else None,
+            "exit_wait": service.run.exit_wait is not None}
 
 
 class ServiceRun:
@@ -8839,15 +8846,16 @@ class ServiceRun:
             service.main.command = command
             overlapped = spec.type in ("simple", "exec")
             try:
-                pid, pid_start, confirmed = service.host.spawn(service, command, service.main.exit_callback(service.handle),
-                                                            service.main.exec_callback(service.handle) if overlapped else None)
+                on_exit = service.main.exit_callback(service.handle)
+                on_exec = service.main.exec_callback(service.handle) if overlapped else None
+                pid, pid_start, confirmed = service.host.spawn(service, command, on_exit, on_exec)
             except SpawnError as exc:
                 if command.ignore_failure and service.control.queue:
                     service.host.log.warning(service.name, "Ignoring failed main command: %s" % exc)
                     continue
                 service.main.command = None
                 return service.start_failed("spawn failed: %s" % exc, exit_info={"code": spawn_exit_code(str(exc))},
-                                          result="exit-code")
+                                            result="exit-code")
             break
         service.main.runs(pid, pid_start, False, service.host.now())
         if spec.type in ("oneshot",) + NOTIFY_TYPES:
@@ -8888,7 +8896,8 @@ class ServiceRun:
                 "pid %d" % service.main.pid if service.main.pid else "its cgroup runs"))
             service.watch_health()
             return HEALTH_WAIT, "waiting for the health check"     # -> start-health: ready, not yet healthy
-        service.host.log.info(service.name, "Started (%s)" % ("pid %d" % service.main.pid if service.main.pid else "its cgroup runs"))
+        service.host.log.info(service.name, "Started (%s)" % (
+            "pid %d" % service.main.pid if service.main.pid else "its cgroup runs"))
         return RUNNING, None                            # -> running: its start is complete
 
     def oneshot_finished(self):
@@ -9001,7 +9010,7 @@ class ServiceRun:
         if phase == NOTIFY_WAIT and not self.said_ready:
             self.result = "protocol" if succeeded else _result_of(exit_info)
             return service.begin_stop_sequence("policy", "exited before READY=1 (%s)" % described, failed=True,
-                                             run_exec_stop=False)
+                                               run_exec_stop=False)
         if succeeded and service.spec.remain_after_exit and phase in (RUNNING, RELOAD):
             service.host.log.info(service.name, "Exited (%s); remains active (RemainAfterExit=yes)" % described)
             service.timers.cancel("watchdog")
@@ -9014,8 +9023,8 @@ class ServiceRun:
         oom = not succeeded and service.spec.oom_policy != "continue" and service.host.oom_killed(service)
         if oom:                           # the OOM killer ended it: failed, as systemd (result oom-kill)
             self.result = "oom-kill"
-        return service.begin_stop_sequence("policy", described, failed=oom or (service.spec.type == "oneshot" and not succeeded),
-                                         run_exec_stop=exec_stop_runs(phase))
+        failed = oom or (service.spec.type == "oneshot" and not succeeded)
+        return service.begin_stop_sequence("policy", described, failed=failed, run_exec_stop=exec_stop_runs(phase))
 
     def oneshot_exited(self, exit_info):
         """A oneshot's command ended: the next one (EV_NEXT), or a failed start."""
@@ -9035,7 +9044,7 @@ class ServiceRun:
         while it stops: its end is then the main process's)."""
         service = self.service
         def look():
-            if self.exit_wait is None:
+            if self.exit_wait is None or service.run is not self:     # (a new run waits for nothing of this one)
                 return
             if service.host.cgroup_pids(service):
                 service.timers.arm("exit_wait", EXIT_WAIT_POLL, look)
@@ -9061,7 +9070,8 @@ class ServiceRun:
         a new version that never became healthy, roll back)."""
         service = self.service
         probe = service.probe
-        why = "health check failed %d times: %s" % (probe.failures, probe.last_error) if probe else "health check failed"
+        why = "health check failed %d times: %s" % (probe.failures, probe.last_error) if probe \
+            else "health check failed"
         never_healthy = service.phase == HEALTH_WAIT
         phase, _, follow = service.begin_stop_sequence("restart", why)   # with the failing version's KillSignal= etc.
         if never_healthy and service.roll_back("never became healthy: " + why):
@@ -9074,7 +9084,8 @@ class ServiceRun:
         service = self.service
         interval = self.watchdog_interval()
         why = "watchdog timeout (no WATCHDOG=1 within %s)" % format_timespan(interval or 0)
-        service.host.log.warning(service.name, "%s; sending %s" % (sentence(why), signal_name(service.spec.watchdog_signal)))
+        service.host.log.warning(service.name, "%s; sending %s" % (
+            sentence(why), signal_name(service.spec.watchdog_signal)))
         self.result = "watchdog"
         service.timers.cancel_all()
         service.close_probe()
@@ -9337,18 +9348,11 @@ class MainProcess:
     def exit_callback(self, handle):
         """on_exit of the main process about to be watched: EV_EXIT."""
         self.serial += 1
-
-        def on_exit(exit_info, serial=self.serial):
-            if serial == self.serial:
-                handle(EV_EXIT, exit_info=exit_info)
-        return on_exit
+        return _bound_to_serial(self, handle, EV_EXIT, "exit_info")
 
     def exec_callback(self, handle):
         """on_exec of the process just given an exit callback: EV_EXEC."""
-        def on_exec(error, serial=self.serial):
-            if serial == self.serial:
-                handle(EV_EXEC, error=error)
-        return on_exec
+        return _bound_to_serial(self, handle, EV_EXEC, "error")
 
 
 class ControlProcess:
@@ -9377,11 +9381,19 @@ class ControlProcess:
     def exit_callback(self, handle):
         """on_exit of the control process about to start: EV_CONTROL_EXIT."""
         self.serial += 1
+        return _bound_to_serial(self, handle, EV_CONTROL_EXIT, "exit_info")
 
-        def on_exit(exit_info, serial=self.serial):
-            if serial == self.serial:
-                handle(EV_CONTROL_EXIT, exit_info=exit_info)
-        return on_exit
+
+def _bound_to_serial(process, handle, event, fact):
+    """A callback that hands its argument to `handle` as `event` only while
+    `process` (a MainProcess or ControlProcess) is still the one it was made
+    for: the same serial."""
+    serial = process.serial
+
+    def callback(value):
+        if process.serial == serial:
+            handle(event, **{fact: value})
+    return callback
 
 
 class ProcessResources:
@@ -9836,9 +9848,9 @@ class Launcher(ServiceHost):
             if self._dynamic(spec) and kind in "SCL":
                 private.setdefault(os.path.join(self.folders[kind], "private"), []).append(
                     os.path.join(self.folders[kind], "private", relative))
-        joined = {flag: "/proc/%d/ns/%s" % (peer.pid, kind) for flag, kind, wanted in (
+        joined = {flag: "/proc/%d/ns/%s" % (peer.main.pid, kind) for flag, kind, wanted in (
             (CLONE_NEWNET, "net", spec.private_network and peer and peer.spec.private_network),
-            (CLONE_NEWIPC, "ipc", spec.private_ipc and peer and peer.spec.private_ipc)) if wanted and peer.pid}
+            (CLONE_NEWIPC, "ipc", spec.private_ipc and peer and peer.spec.private_ipc)) if wanted and peer.main.pid}
         return Sandbox(spec, service.resources.private_tmp if spec.private_tmp else None, helpers, run_as.uid is not None, writable,
                        private_folders=private, joined=joined)
 
