@@ -7630,12 +7630,12 @@ def spawn_exit_code(message):
 # and what it must remember is its own (the version it stops, whether a
 # timeout already sent SIGKILL, why the run ended).
 #
-# Two facts are kept beside a phase, not as phases of their own:
+# Two facts are kept beside a phase, not as phases of their own: the run's
 # `reload_from` (RUNNING or REMAIN: where a reload goes back to) and the
 # main process's `reap_pending` (it ended while a control process ran, or a
 # stop signalled what is left: what is left goes once no process of the
-# unit is waited for). The guards that choose between a cell's
-# outcomes are named pure functions (should_restart, start_limit_hit,
+# unit is waited for). The guards that choose between a cell's outcomes are
+# named pure functions (should_restart, start_limit_hit,
 # restart_delay, run_succeeded, condition_skips, exec_stop_runs).
 
 WAITING = "waiting"              # starting: held until its After=/Requires= units are ready
@@ -7890,8 +7890,8 @@ TRANSITIONS = {
     # running: the main process runs and is ready
     **_ignoring_the_rest(RUNNING, {
         (RUNNING, EV_EXIT): ((RUNNING, REMAIN) + _FAILS, "run.main_exited"),      # ExitType=cgroup / RemainAfterExit=
-        (RUNNING, EV_RELOAD): ((then(RELOAD, EV_NEXT), RELOAD, RUNNING), "begin_reload"),   # signal; none: said so
-        (RUNNING, EV_RELOADING): ((RELOAD,), "reloading_notified"),
+        (RUNNING, EV_RELOAD): ((then(RELOAD, EV_NEXT), RELOAD, RUNNING), "run.begin_reload"),   # signal; none: said so
+        (RUNNING, EV_RELOADING): ((RELOAD,), "run.reloading_notified"),
         (RUNNING, EV_STOPPING): ((ENDING,), "run.stopping_notified"),
         (RUNNING, EV_HEALTHY): ((RUNNING,), "run.note_healthy"),
         (RUNNING, EV_UNHEALTHY): ((then(RESTART_COMMAND, EV_NEXT),), "run.restart_unhealthy"),
@@ -7901,17 +7901,17 @@ TRANSITIONS = {
         (RUNNING, EV_OOM): ((RUNNING,) + _FAILS, "run.oom_killed")}),
     # remain: RemainAfterExit=yes, its process exited successfully
     **_ignoring_the_rest(REMAIN, {
-        (REMAIN, EV_RELOAD): ((then(RELOAD, EV_NEXT), RELOAD, REMAIN), "begin_reload"),
+        (REMAIN, EV_RELOAD): ((then(RELOAD, EV_NEXT), RELOAD, REMAIN), "run.begin_reload"),
         (REMAIN, EV_STOP): _TO_STOP, (REMAIN, EV_RESTART): _TO_RESTART,
         (REMAIN, EV_RUNTIME_MAX): (_FAILS, "run.runtime_max_passed")}),
     # reload: ExecReload= runs (or ReloadSignal= was sent), or RELOADING=1
     # until READY=1; then back where it was (reload_from)
     **_ignoring_the_rest(RELOAD, {
         (RELOAD, EV_NEXT): ((RELOAD, then(RELOAD, EV_DONE), RUNNING, REMAIN), "next_command"),   # could not start: back
-        (RELOAD, EV_DONE): ((RUNNING, REMAIN), "reload_done"),
+        (RELOAD, EV_DONE): ((RUNNING, REMAIN), "run.reload_done"),
         (RELOAD, EV_CONTROL_EXIT): ((RELOAD, then(RELOAD, EV_NEXT), RUNNING, REMAIN), "control_exited"),
-        (RELOAD, EV_READY): ((RELOAD, RUNNING, REMAIN), "reload_ready"),       # ExecReload= still runs: stays
-        (RELOAD, EV_START_TIMEOUT): ((RUNNING, REMAIN), "reload_timed_out"),
+        (RELOAD, EV_READY): ((RELOAD, RUNNING, REMAIN), "run.reload_ready"),       # ExecReload= still runs: stays
+        (RELOAD, EV_START_TIMEOUT): ((RUNNING, REMAIN), "run.reload_timed_out"),
         (RELOAD, EV_EXIT): ((RELOAD, REMAIN) + _FAILS, "run.main_exited"),
         (RELOAD, EV_STOPPING): ((ENDING,), "run.stopping_notified"),
         (RELOAD, EV_STOP): _TO_STOP, (RELOAD, EV_RESTART): _TO_RESTART,
@@ -8407,7 +8407,7 @@ class Service:
             self.run.result = _result_of(exit_info)
             return self.begin_stop_sequence("policy", "%s failed (%s)" % (key, described), failed=True)
         if kind == "exec_reload":
-            return self._reload_finished("%s failed (%s)" % (key, described))
+            return self.run.reload_finished("%s failed (%s)" % (key, described))
         self.host.log.warning(self.name, "%s failed (%s)" % (key, described))
         self.control.queue = []                   # systemd runs no more commands of a step after a failure
         return self.phase, self.reason, EV_DONE
@@ -8505,54 +8505,6 @@ class Service:
         self.main.forget()
         self.control.forget()
 
-    # -- actions: reloading ------------------------------------------------------------
-
-    def _begin_reload(self):
-        self.reload_error = None
-        self.run.reload_from = self.phase
-        if self.spec.exec_reload:
-            self.control.queue = list(self.spec.exec_reload)
-            return RELOAD, self.reason, EV_NEXT         # -> reload: its ExecReload= commands
-        if self.spec.type == "notify-reload" and self.main.pid:
-            self.host.log.info(self.name, "Reloading (%s)" % signal_name(self.spec.reload_signal))
-            self.run.said_ready = False
-            self.host.signal_main(self, self.spec.reload_signal)
-            self.arm_start_timer()
-            return RELOAD, None                         # running -> reload: until READY=1
-        return self._reload_finished("it has no ExecReload=")
-
-    def _reloading_notified(self):
-        self.run.reload_from = RUNNING
-        self.run.said_ready = False
-        self.arm_start_timer()
-        return RELOAD, None                             # running -> reload: RELOADING=1, until READY=1
-
-    def _reload_ready(self):
-        self.run.said_ready = True
-        if self.control.pid is not None:
-            return RELOAD, None           # ExecReload= still runs: done when it exits
-        return self._reload_finished(None)
-
-    def _reload_timed_out(self):
-        if self.control.pid is not None:
-            self.host.kill_control(self, signal.SIGKILL)
-            self.control.serial += 1      # its exit is reaped and ignored
-            self.control.clear()
-        return self._reload_finished("timed out after %s" % format_timespan(self.spec.start_timeout()))
-
-    def _reload_done(self):
-        return self._reload_finished(None)
-
-    def _reload_finished(self, error):
-        self.timers.cancel("start")
-        self.reload_error = error
-        self.reload_serial += 1
-        if error:
-            self.host.log.warning(self.name, "Reload failed: %s" % error)
-        else:
-            self.host.log.info(self.name, "Reloaded")
-        return self.run.reload_from, None
-
     # -- the end of a run ------------------------------------------------------------
 
     def finish_run(self, last_exit, outcome, why, failed):
@@ -8580,6 +8532,14 @@ class Service:
             return FAILED, why                          # -> failed: no restart, and the run failed
         self.host.log.info(self.name, "Exited (%s)" % why)
         return EXITED, why                              # -> exited: no restart, the run ended well enough
+
+    def reload_begins(self):
+        self.reload_error = None
+
+    def reload_ends(self, error):
+        """A reload is over (error: why it failed): `reload` waiters see it."""
+        self.reload_error = error
+        self.reload_serial += 1
 
     def count_restart(self):
         self.restarts += 1
@@ -9054,6 +9014,58 @@ class ServiceRun:
                 exit_info, self.exit_wait = self.exit_wait[0], None
                 service.handle(EV_EXIT, exit_info=exit_info)
         service.timers.arm("exit_wait", EXIT_WAIT_POLL, look)
+
+    # -- reloading: ExecReload=, ReloadSignal=, RELOADING=1 ---------------------------
+
+    def begin_reload(self):
+        service = self.service
+        service.reload_begins()
+        self.reload_from = service.phase
+        if service.spec.exec_reload:
+            service.control.queue = list(service.spec.exec_reload)
+            return RELOAD, service.reason, EV_NEXT         # -> reload: its ExecReload= commands
+        if service.spec.type == "notify-reload" and service.main.pid:
+            service.host.log.info(service.name, "Reloading (%s)" % signal_name(service.spec.reload_signal))
+            self.said_ready = False
+            service.host.signal_main(service, service.spec.reload_signal)
+            service.arm_start_timer()
+            return RELOAD, None                         # running -> reload: until READY=1
+        return self.reload_finished("it has no ExecReload=")
+
+    def reloading_notified(self):
+        service = self.service
+        self.reload_from = RUNNING
+        self.said_ready = False
+        service.arm_start_timer()
+        return RELOAD, None                             # running -> reload: RELOADING=1, until READY=1
+
+    def reload_ready(self):
+        service = self.service
+        self.said_ready = True
+        if service.control.pid is not None:
+            return RELOAD, None           # ExecReload= still runs: done when it exits
+        return self.reload_finished(None)
+
+    def reload_timed_out(self):
+        service = self.service
+        if service.control.pid is not None:
+            service.host.kill_control(service, signal.SIGKILL)
+            service.control.serial += 1      # its exit is reaped and ignored
+            service.control.clear()
+        return self.reload_finished("timed out after %s" % format_timespan(service.spec.start_timeout()))
+
+    def reload_done(self):
+        return self.reload_finished(None)
+
+    def reload_finished(self, error):
+        service = self.service
+        service.timers.cancel("start")
+        service.reload_ends(error)
+        if error:
+            service.host.log.warning(service.name, "Reload failed: %s" % error)
+        else:
+            service.host.log.info(service.name, "Reloaded")
+        return self.reload_from, None
 
     def stopping_notified(self):
         """STOPPING=1: the service is going down by itself; its exit is
