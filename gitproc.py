@@ -8488,6 +8488,7 @@ class Service:
         self.timers.cancel_all()
         self.close_probe()
         self.stop_as(why, failed)
+        self.reason = why                 # (what a state save during this step already shows)
         if run_exec_stop is None:
             run_exec_stop = exec_stop_runs(self.phase)
         if self.control.pid is not None:          # a start-pre/post, reload: it ends with the rest
@@ -8504,6 +8505,7 @@ class Service:
         they come, are reaped and ignored."""
         self.main.forget()
         self.control.forget()
+        self.run.exit_wait = None         # nor for an ExitType=cgroup unit's cgroup
 
     # -- the end of a run ------------------------------------------------------------
 
@@ -8695,7 +8697,7 @@ def service_record(service):
             "crash_streak": service.crash_streak, "start_times": [round(t + to_wall, 3) for t in service.start_times],
             "restart_due": round(service.timers.due("restart") + to_wall, 3)
             if service.phase == BACKOFF and service.timers.due("restart") else None,
-            "exit_wait": service.run.exit_wait is not None}
+            "exit_wait": active and service.run.exit_wait is not None}
 
 
 class ServiceRun:
@@ -9293,9 +9295,12 @@ class UnitTimers:
         self.cancel(name)
 
         def fired():
+            if self.pending.get(name, (None,))[0] is not timer:
+                return                    # cancelled, or armed again since (a host that fires it all the same)
             del self.pending[name]
             event() if callable(event) else self.fire(event)
-        self.pending[name] = (self.host.call_later(seconds, fired), self.host.now() + seconds, event)
+        timer = self.host.call_later(seconds, fired)
+        self.pending[name] = (timer, self.host.now() + seconds, event)
 
     def extend(self, name, seconds):
         """`name`, if armed, fires no sooner than `seconds` from now (EXTEND_TIMEOUT_USEC=)."""

@@ -4885,6 +4885,36 @@ class ChainedStepTests(unittest.TestCase):
         self.assertEqual(service.phase, P.RUNNING)
         self.assertEqual(host.log.text("error"), "")
 
+    def test_a_timer_armed_again_or_cancelled_does_not_fire(self):
+        host, fired = FakeHost(), []
+        timers = gitproc.UnitTimers(host, fired.append)
+        timers.arm("stop", 5, "first")
+        first = host.timers[-1]
+        timers.arm("stop", 9, "second")   # replaces it
+        first.callback()                  # a host that fires the replaced one anyway
+        self.assertEqual((fired, timers.due("stop")), ([], host.clock + 9))
+        timers.extend("stop", 20)
+        self.assertEqual(timers.due("stop"), host.clock + 20)
+        host.advance(20)
+        self.assertEqual((fired, timers.armed("stop")), (["second"], False))
+
+    def test_a_stop_that_gives_up_on_a_cgroup_saves_no_cgroup_wait(self):
+        # The next daemon reattaches a unit saved with "exit_wait": a unit
+        # whose stop gave its cgroup's processes up is stopped, not waiting.
+        host = FakeHost()
+        host.cgroup_pids = lambda service, excluding=None: [4242]
+        service = gitproc.Service(host, spec_of("ExitType=cgroup", "TimeoutStopSec=2"), "c0ffee")
+        service.start()
+        host.exit_main(service, CLEAN)
+        self.assertEqual((service.phase, gitproc.service_record(service)["exit_wait"]), (P.RUNNING, True))
+        service.stop()
+        host.advance(2.1)                 # SIGKILL
+        host.advance(2.1)                 # still there: given up on
+        self.assertEqual(service.phase, P.STOPPED)
+        self.assertIn("given up on", host.log.text("error"))
+        self.assertIsNone(service.run.exit_wait)
+        self.assertFalse(gitproc.service_record(service)["exit_wait"])
+
     def test_exit_type_cgroup_main_gone_before_its_exec_was_confirmed(self):
         # Under load the exit of a main process that forks and exits at once
         # can be read before its exec report: it ran, so its cgroup is waited for.
