@@ -8065,7 +8065,7 @@ class Service:
         self.control = ControlProcess()   # its control process, and the commands of its step left to run
         self.run = ServiceRun(self)     # this run's facts, and its starting and running phases' actions
         self.stopping = None            # the StopSequence under way (kept until the next start)
-        self.timers = UnitTimers(host, self.handle)   # its timeouts, the restart, the looks again
+        self.timers = UnitTimers(self)  # its timeouts, the restart, the looks again
         self.restarts = 0               # automatic restarts since the last manual start
         self.restarts_total = 0         # automatic restarts ever (a counter for metrics; persisted)
         self.last_exit = None           # {"code": N} or {"signal": N} of the last main exit
@@ -9285,10 +9285,10 @@ class UnitTimers:
     (RuntimeMaxSec=), "restart" (RestartSec=), "pid_file" and "exit_wait"
     (looks again). One fires its event into the service's table (or calls
     its function) and is gone; arming one again replaces it."""
-    __slots__ = ("host", "fire", "pending")
+    __slots__ = ("service", "pending")
 
-    def __init__(self, host, fire):
-        self.host, self.fire = host, fire
+    def __init__(self, service):
+        self.service = service
         self.pending = {}               # name -> (the host's Timer, monotonic time it fires, its event)
 
     def arm(self, name, seconds, event):
@@ -9298,13 +9298,13 @@ class UnitTimers:
             if self.pending.get(name, (None,))[0] is not timer:
                 return                    # cancelled, or armed again since (a host that fires it all the same)
             del self.pending[name]
-            event() if callable(event) else self.fire(event)
-        timer = self.host.call_later(seconds, fired)
-        self.pending[name] = (timer, self.host.now() + seconds, event)
+            event() if callable(event) else self.service.handle(event)
+        timer = self.service.host.call_later(seconds, fired)
+        self.pending[name] = (timer, self.service.host.now() + seconds, event)
 
     def extend(self, name, seconds):
         """`name`, if armed, fires no sooner than `seconds` from now (EXTEND_TIMEOUT_USEC=)."""
-        if name in self.pending and self.host.now() + seconds > self.pending[name][1]:
+        if name in self.pending and self.service.host.now() + seconds > self.pending[name][1]:
             self.arm(name, seconds, self.pending[name][2])
 
     def armed(self, name):

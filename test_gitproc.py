@@ -28,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import unittest
 import unittest.mock
 
@@ -4887,7 +4888,7 @@ class ChainedStepTests(unittest.TestCase):
 
     def test_a_timer_armed_again_or_cancelled_does_not_fire(self):
         host, fired = FakeHost(), []
-        timers = gitproc.UnitTimers(host, fired.append)
+        timers = gitproc.UnitTimers(types.SimpleNamespace(host=host, handle=fired.append))
         timers.arm("stop", 5, "first")
         first = host.timers[-1]
         timers.arm("stop", 9, "second")   # replaces it
@@ -12406,7 +12407,11 @@ class SelfCheckTests(unittest.TestCase):
         asked = {node.attr for part in tree.body if isinstance(part, ast.ClassDef) and part.name in parts
                  for node in ast.walk(part) if isinstance(node, ast.Attribute) and
                  isinstance(node.value, ast.Attribute) and node.value.attr == "host" and
-                 isinstance(node.value.value, ast.Name) and node.value.value.id in ("self", "service")}
+                 isinstance(node.value.value, ast.Name) and node.value.value.id in ("self", "service")} | \
+            {node.attr for part in tree.body if isinstance(part, ast.ClassDef) and part.name in parts
+             for node in ast.walk(part) if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
+             and node.value.attr == "host" and isinstance(node.value.value, ast.Attribute)
+             and node.value.value.attr == "service"}
         declared = {name for name, value in vars(gitproc.ServiceHost).items() if callable(value)} | \
             set(gitproc.ServiceHost.ATTRIBUTES)
         self.assertEqual(asked, declared)
