@@ -9228,15 +9228,7 @@ class StopSequence:
             service.host.log.error(service.name, "ExecStopPost= still there after SIGKILL: given up on")
             service.forget_processes()
             return service.phase, service.reason, EV_DONE
-        settings = self.settings
-        if not settings.send_sigkill:
-            return self.leave_running("ExecStopPost=")
-        service.host.log.warning(service.name, "ExecStopPost= did not finish within %s; sending %s" % (
-            format_timespan(settings.timeout_stop_sec), signal_name(settings.final_kill_signal)))
-        self.timed_out = True
-        service.host.signal(service, settings.final_kill_signal, first=False)
-        service.arm_stop_timer()
-        return service.phase, service.reason
+        return self.send_sigkill("ExecStopPost=", "ExecStopPost= did not finish within %s")
 
     def leave_running(self, what):
         """SendSIGKILL=no: what outlived TimeoutStopSec= is left running and
@@ -9267,13 +9259,18 @@ class StopSequence:
                 format_timespan(self.settings.timeout_stop_sec)))
             service.forget_processes()
             return self.run_stop_post()
-        settings = self.settings
+        service.run.note_result("timeout")
+        return self.send_sigkill("Processes", "Did not stop within %s")
+
+    def send_sigkill(self, what, message):
+        """TimeoutStopSec= passed: FinalKillSignal= to what is left, and one
+        more TimeoutStopSec= for it to work (SendSIGKILL=no: left running)."""
+        service, settings = self.service, self.settings
         if not settings.send_sigkill:
-            return self.leave_running("Processes")
-        service.host.log.warning(service.name, "Did not stop within %s; sending %s" % (
+            return self.leave_running(what)
+        service.host.log.warning(service.name, (message + "; sending %s") % (
             format_timespan(settings.timeout_stop_sec), signal_name(settings.final_kill_signal)))
         self.timed_out = True
-        service.run.note_result("timeout")
         service.host.signal(service, settings.final_kill_signal, first=False)
         service.arm_stop_timer()
         return service.phase, service.reason
