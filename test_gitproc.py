@@ -6594,7 +6594,8 @@ class ControlCommandTests(SupervisionCase):
             "ExecStop=" + sh("echo stop-$MAINPID >> %s; kill $MAINPID" % out),
             "ExecStopPost=" + say("stoppost-$SERVICE_RESULT-$EXIT_CODE-$EXIT_STATUS"))})
         main = self.watch(self.home.running_pid("full"))
-        wait_until(lambda: "post-" in read_text(out), 5, "ExecStartPost=")
+        # (the main process writes its line beside ExecStartPost=: under load, after it)
+        wait_until(lambda: "post-" in read_text(out) and "main " in read_text(out), 5, "ExecStartPost= and ExecStart=")
         code, _, err = self.home.cli("reload", "full")
         self.assertEqual(code, 0, err)
         self.assertEqual(self.home.status("full")["pid"], main, "a reload keeps the main process")
