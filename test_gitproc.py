@@ -7041,6 +7041,17 @@ class AdoptionAfterKill9Tests(unittest.TestCase):
     def test_poll_watch(self):
         self.adopt_three_then_kill_one(env={"GITPROC_EXIT_WATCH": "poll"})
 
+    def assert_one_copy_after_kill_9(self, home, marks, new):
+        """kill -9 of the daemon at once (inside the state file's batching
+        window), a new daemon: only `new`, a's latest process, runs."""
+        home.kill_daemon()
+        saved = read_state(home)["services"]["a"]
+        home.start_daemon()
+        now = home.running_pid("a")
+        home.known_pids.add(now)
+        self.assertEqual(marks.pids(0), [new], "exactly one copy of a (the latest); state.json said pid %s, daemon "
+                         "runs %d, live copies %s" % (saved.get("pid"), now, marks.pids(0)))
+
     def test_restart_then_kill_9_starts_no_second_copy(self):
         """A restart gives the unit a new pid; state.json learns it only at the
         next batched save (up to 2-5 s later). A kill -9 in that window left the
@@ -7055,15 +7066,7 @@ class AdoptionAfterKill9Tests(unittest.TestCase):
         new = home.running_pid("a")
         home.known_pids.add(new)
         self.assertNotEqual(new, old)
-        home.kill_daemon()                                   # at once: inside the batching window
-        saved = read_state(home)["services"]["a"]
-        home.start_daemon()
-        now = home.running_pid("a")
-        home.known_pids.add(now)
-        self.assertEqual(marks.pids(0), [new],
-                         "exactly one copy of a (the restarted one); state.json said pid %s, daemon runs %d, "
-                         "live copies %s" % (saved.get("pid"), now, marks.pids(0)))
-
+        self.assert_one_copy_after_kill_9(home, marks, new)
 
     def test_automatic_restart_then_kill_9_starts_no_second_copy(self):
         """The same window after a Restart=always restart (no user intent at all)."""
@@ -7073,18 +7076,9 @@ class AdoptionAfterKill9Tests(unittest.TestCase):
         old = home.running_pid("a")
         home.known_pids.add(old)
         os.kill(old, signal.SIGKILL)
-
-        def restarted():
-            service = home.status("a")
-            return service["pid"] if service["state"] == "running" and service["pid"] != old else None
-        new = wait_until(restarted, 3, "a to be restarted")
+        new = running_again(home, "a", old, 3)["pid"]
         home.known_pids.add(new)
-        home.kill_daemon()
-        saved = read_state(home)["services"]["a"]
-        home.start_daemon()
-        home.known_pids.add(home.running_pid("a"))
-        self.assertEqual(marks.pids(0), [new], "exactly one copy of a; state.json said pid %s, live copies %s" % (
-            saved.get("pid"), marks.pids(0)))
+        self.assert_one_copy_after_kill_9(home, marks, new)
 
     def test_reused_pid_of_a_deployed_unit_is_neither_signalled_nor_adopted(self):
         home, marks = Home(self), Markers(self)
