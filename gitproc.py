@@ -8427,6 +8427,8 @@ class Service:
             self.last_exit = exit_info
         return self.begin_stop_sequence("policy", why, failed=True, run_exec_stop=False)
 
+    # -- actions: what a daemon start found (SPEC §6) ------------------------------
+
     def _adopt(self, pid, pid_start, started_wall):
         self.main.runs(pid, pid_start, True, self.host.now(), started_wall)
         self.main.command = self.spec.exec_start[-1] if self.spec.exec_start else None
@@ -8439,7 +8441,35 @@ class Service:
             return RUNNING, None                        # (its health check, if any, watches it running)
         return (HEALTH_WAIT if self.probe else ONESHOT), None     # a oneshot's last command: its exit is awaited
 
-    # -- actions: the main process ended -----------------------------------------
+    def _restore(self, phase, reason):
+        """An earlier daemon left this unit's run ended: it stays as it was."""
+        if phase == REMAIN:               # RemainAfterExit=yes: it had run, nothing is left
+            self.host.log.info(self.name, "Remains active (RemainAfterExit=yes), as before the daemon restarted")
+            return REMAIN, None                         # stopped -> remain: as the earlier daemon left it
+        self.succeeded = phase == EXITED and exit_is_clean(self.last_exit, self.spec.success_exit_status)
+        return phase, reason                            # stopped -> failed/exited: as it was
+
+    def _restore_backoff(self, reason, restart_in=None):
+        """An earlier daemon left it backing off: the delay that remained (not
+        known: it starts anew)."""
+        if restart_in is None:
+            return STOPPED, reason, EV_START            # (stays stopped, and starts anew at once)
+        self.host.log.info(self.name, "Restarting in %s (backing off when the daemon stopped)" % format_timespan(
+            restart_in))
+        self.timers.arm("restart", restart_in, EV_RESTART_DUE)
+        return BACKOFF, reason                          # stopped -> backoff: with the delay that remained
+
+    def _reattach(self, reason):
+        """ExitType=cgroup: its main process had ended; it runs while its
+        cgroup's processes do, else it starts anew."""
+        self.host.reattach_cgroup(self)
+        if not self.host.cgroup_pids(self):
+            return STOPPED, reason, EV_START            # (stays stopped, and starts anew at once)
+        self.run.exit_wait = (self.last_exit,)
+        self.run.wait_cgroup_empty()
+        return RUNNING, reason                          # stopped -> running: until its cgroup empties
+
+    # -- the main process's end (the run's and the stop's actions start with it) --
 
     def main_gone(self, exit_info):
         """What every exit of the main process does first: forget the pid and
@@ -8579,35 +8609,6 @@ class Service:
     def _reset_limits(self):
         self.start_times.clear()
         self.crash_streak = 0
-
-
-    def _restore(self, phase, reason):
-        """An earlier daemon left this unit's run ended: it stays as it was."""
-        if phase == REMAIN:               # RemainAfterExit=yes: it had run, nothing is left
-            self.host.log.info(self.name, "Remains active (RemainAfterExit=yes), as before the daemon restarted")
-            return REMAIN, None                         # stopped -> remain: as the earlier daemon left it
-        self.succeeded = phase == EXITED and exit_is_clean(self.last_exit, self.spec.success_exit_status)
-        return phase, reason                            # stopped -> failed/exited: as it was
-
-    def _restore_backoff(self, reason, restart_in=None):
-        """An earlier daemon left it backing off: the delay that remained (not
-        known: it starts anew)."""
-        if restart_in is None:
-            return STOPPED, reason, EV_START            # (stays stopped, and starts anew at once)
-        self.host.log.info(self.name, "Restarting in %s (backing off when the daemon stopped)" % format_timespan(
-            restart_in))
-        self.timers.arm("restart", restart_in, EV_RESTART_DUE)
-        return BACKOFF, reason                          # stopped -> backoff: with the delay that remained
-
-    def _reattach(self, reason):
-        """ExitType=cgroup: its main process had ended; it runs while its
-        cgroup's processes do, else it starts anew."""
-        self.host.reattach_cgroup(self)
-        if not self.host.cgroup_pids(self):
-            return STOPPED, reason, EV_START            # (stays stopped, and starts anew at once)
-        self.run.exit_wait = (self.last_exit,)
-        self.run.wait_cgroup_empty()
-        return RUNNING, reason                          # stopped -> running: until its cgroup empties
 
     def close_probe(self):
         if self.probe is not None:
