@@ -7041,6 +7041,16 @@ class AdoptionAfterKill9Tests(unittest.TestCase):
     def test_poll_watch(self):
         self.adopt_three_then_kill_one(env={"GITPROC_EXIT_WATCH": "poll"})
 
+    def one_unit(self, **keys):
+        """A running daemon whose one unit, a, runs marks' sleeper 0 (with
+        `keys`): (home, marks, a's pid)."""
+        home, marks = Home(self), Markers(self)
+        home.commit({"a.service": unit(marks.sleeper(0), **keys)}, "a")
+        home.start_daemon()
+        pid = home.running_pid("a")
+        home.known_pids.add(pid)
+        return home, marks, pid
+
     def assert_one_copy_after_kill_9(self, home, marks, new):
         """kill -9 of the daemon at once (inside the state file's batching
         window), a new daemon: only `new`, a's latest process, runs."""
@@ -7056,11 +7066,7 @@ class AdoptionAfterKill9Tests(unittest.TestCase):
         """A restart gives the unit a new pid; state.json learns it only at the
         next batched save (up to 2-5 s later). A kill -9 in that window left the
         new process unknown to the next daemon, which started a second copy."""
-        home, marks = Home(self), Markers(self)
-        home.commit({"a.service": unit(marks.sleeper(0))}, "a")
-        home.start_daemon()
-        old = home.running_pid("a")
-        home.known_pids.add(old)
+        home, marks, old = self.one_unit()
         code, out, err = home.cli("restart", "a")
         self.assertEqual(code, 0, out + err)
         new = home.running_pid("a")
@@ -7070,22 +7076,14 @@ class AdoptionAfterKill9Tests(unittest.TestCase):
 
     def test_automatic_restart_then_kill_9_starts_no_second_copy(self):
         """The same window after a Restart=always restart (no user intent at all)."""
-        home, marks = Home(self), Markers(self)
-        home.commit({"a.service": unit(marks.sleeper(0), Restart="always", RestartSec="10ms")}, "a")
-        home.start_daemon()
-        old = home.running_pid("a")
-        home.known_pids.add(old)
+        home, marks, old = self.one_unit(Restart="always", RestartSec="10ms")
         os.kill(old, signal.SIGKILL)
         new = running_again(home, "a", old, 3)["pid"]
         home.known_pids.add(new)
         self.assert_one_copy_after_kill_9(home, marks, new)
 
     def test_reused_pid_of_a_deployed_unit_is_neither_signalled_nor_adopted(self):
-        home, marks = Home(self), Markers(self)
-        home.commit({"a.service": unit(marks.sleeper(0), Restart="always", RestartSec="100ms")}, "a")
-        home.start_daemon()
-        old = home.running_pid("a")
-        home.known_pids.add(old)
+        home, marks, old = self.one_unit(Restart="always", RestartSec="100ms")
         shutdown_keep_services(self, home)
         os.kill(old, signal.SIGKILL)
         wait_until(lambda: not pid_alive(old), 3, "a's process to die")
@@ -8032,6 +8030,14 @@ class FollowTests(unittest.TestCase):
             follower.join(10)
         return [line for line in out.getvalue().splitlines() if line != "ping"]
 
+    def empty_log(self, name):
+        """An empty log file NAME in a folder of its own, removed at the end."""
+        folder = tempfile.mkdtemp(prefix="gpf", dir="/tmp")
+        self.addCleanup(shutil.rmtree, folder)
+        path = os.path.join(folder, name)
+        open(path, "w").close()
+        return path
+
     def writer(self, path, start):
         """Append 200 numbered lines, then wait until they were followed: the
         daemon rotates a log at most every few seconds, never twice in a row
@@ -8045,10 +8051,7 @@ class FollowTests(unittest.TestCase):
 
     @pure
     def test_a_renamed_log_whose_successor_comes_later_is_still_followed(self):
-        folder = tempfile.mkdtemp(prefix="gpf", dir="/tmp")
-        self.addCleanup(shutil.rmtree, folder)
-        path = os.path.join(folder, "daemon.log")
-        open(path, "w").close()
+        path = self.empty_log("daemon.log")
         out, done, turns = io.StringIO(), threading.Event(), [0]
 
         def stop():                       # counts the follower's turns
@@ -8072,10 +8075,7 @@ class FollowTests(unittest.TestCase):
 
     @pure
     def test_follow_across_copy_and_truncate(self):
-        folder = tempfile.mkdtemp(prefix="gpf", dir="/tmp")
-        self.addCleanup(shutil.rmtree, folder)
-        path = os.path.join(folder, "web.log")
-        open(path, "w").close()
+        path = self.empty_log("web.log")
         text = self.follow_while(path, [self.writer(path, 0), lambda: gitproc.rotate_service_log(path, 2),
                                         self.writer(path, 200), lambda: gitproc.rotate_service_log(path, 2),
                                         self.writer(path, 400)])
@@ -8083,10 +8083,7 @@ class FollowTests(unittest.TestCase):
 
     @pure
     def test_follow_across_rename(self):
-        folder = tempfile.mkdtemp(prefix="gpf", dir="/tmp")
-        self.addCleanup(shutil.rmtree, folder)
-        path = os.path.join(folder, "daemon.log")
-        open(path, "w").close()
+        path = self.empty_log("daemon.log")
         text = self.follow_while(path, [self.writer(path, 0), lambda: os.rename(path, path + ".1"),
                                         self.writer(path, 200), lambda: os.rename(path, path + ".1"),
                                         self.writer(path, 400)])
@@ -8736,21 +8733,18 @@ class BrokenRepositoryTests(unittest.TestCase):
         home.git("branch", "-m", "other", "main")
         wait_sync_result(home, "ok")
         self.assert_untouched(home, pids)
-        home.git("update-ref", "-d", "refs/heads/main")   # deleted outright
-        wait_until(lambda: (daemon_info(home)["last_sync"] or {}).get("result") == "error", 5,
-                   "the deletion to be reported")
-        self.assert_untouched(home, pids)
-        home.git("update-ref", "refs/heads/main", sha)
-        wait_sync_result(home, "ok")
-        self.assert_untouched(home, pids)
-        home.git("pack-refs", "--all")                    # deleted from packed-refs
-        home.git("update-ref", "-d", "refs/heads/main")
-        wait_until(lambda: (daemon_info(home)["last_sync"] or {}).get("result") == "error", 5,
-                   "the deletion of a packed ref to be reported")
-        self.assert_untouched(home, pids)
-        home.git("update-ref", "refs/heads/main", sha)
-        wait_sync_result(home, "ok")
-        self.assert_untouched(home, pids)
+
+        def deleted_then_back(what, *commands):
+            for command in commands + (("update-ref", "-d", "refs/heads/main"),):
+                home.git(*command)
+            wait_until(lambda: (daemon_info(home)["last_sync"] or {}).get("result") == "error", 5,
+                       "the deletion %sto be reported" % what)
+            self.assert_untouched(home, pids)
+            home.git("update-ref", "refs/heads/main", sha)
+            wait_sync_result(home, "ok")
+            self.assert_untouched(home, pids)
+        deleted_then_back("")                                  # deleted outright
+        deleted_then_back("of a packed ref ", ("pack-refs", "--all"))   # deleted from packed-refs
         self.assertEqual(daemon_info(home)["commit"]["sha"], sha)
 
     def test_detached_head_in_the_working_tree_does_not_matter(self):
