@@ -11354,32 +11354,10 @@ class DaemonLifecycleTests(unittest.TestCase):
         self.assertFalse(os.path.exists(os.path.join(home.path, "gitproc.sock")))
         self.assertFalse(os.path.exists(os.path.join(home.path, "gitproc.pid")))
 
-    @unittest.skipIf(IS_ROOT, "root may write into a read-only folder: the plain-user suite runs this")
-    def test_a_read_only_script_folder_keeps_its_bytecode_under_the_state_folder(self):
-        home = Home(self, init=False)
-        folder = os.path.join(home.path, "ro")
-        os.mkdir(folder)
-        shutil.copy(GITPROC, os.path.join(folder, "gitproc.py"))
-        os.chmod(folder, 0o555)
-        self.addCleanup(os.chmod, folder, 0o755)
-        env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPYCACHEPREFIX",
-                                                                               "PYTHONDONTWRITEBYTECODE")}
-        env["PYTHONVERBOSE"] = "1"
-        proc = subprocess.run([sys.executable, os.path.join(folder, "gitproc.py"), "--home", home.path, "daemon"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60, env=env)
-        self.assertEqual(proc.returncode, 0, proc.stderr.decode()[-2000:])
-        home.daemon_pid = int(read_text(os.path.join(home.path, "gitproc.pid")))
-        cached = os.path.join(home.path, "pycache", folder.lstrip("/"), "gitproc.%s.pyc" % sys.implementation.cache_tag)
-        log = gitproc.load_config({"home": home.path}, lenient=True).daemon_log
-        wait_until(lambda: "code object from '%s'" % cached in read_text(log), 20,
-                   "the daemon to import gitproc from %s" % cached)
-        self.assertEqual(os.listdir(folder), ["gitproc.py"], "nothing beside the script: it may not be written")
-        self.assertEqual(home.cli("shutdown")[0], 0)
-
-    def test_first_start_runs_from_bytecode_where_the_script_folder_takes_none(self):
-        """The script sits in a read-only folder and PYTHONDONTWRITEBYTECODE
-        is set: the daemon still imports itself from bytecode, compiled under
-        its state folder before it re-executed itself, on its first start."""
+    def daemon_from_read_only_folder(self, env):
+        """A copy of the script in a read-only folder starts the daemon of a new
+        home with `env` (PYTHONVERBOSE on): (home, the folder, the .pyc it
+        must import itself from, once it did, and the daemon's log)."""
         home = Home(self, init=False)
         folder = os.path.join(home.path, "ro")
         os.mkdir(folder)
@@ -11387,16 +11365,31 @@ class DaemonLifecycleTests(unittest.TestCase):
         shutil.copy(GITPROC, script)
         os.chmod(folder, 0o555)
         self.addCleanup(os.chmod, folder, 0o755)
-        env = {key: value for key, value in os.environ.items() if key != "PYTHONPYCACHEPREFIX"}
-        env.update(PYTHONDONTWRITEBYTECODE="1", PYTHONVERBOSE="1")
         proc = subprocess.run([sys.executable, script, "--home", home.path, "daemon"], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, timeout=60, env=env)
+                              stderr=subprocess.PIPE, timeout=60, env=dict(env, PYTHONVERBOSE="1"))
         self.assertEqual(proc.returncode, 0, proc.stderr.decode()[-2000:])
         home.daemon_pid = int(read_text(os.path.join(home.path, "gitproc.pid")))
         cached = os.path.join(home.path, "pycache", folder.lstrip("/"), "gitproc.%s.pyc" % sys.implementation.cache_tag)
         log = gitproc.load_config({"home": home.path}, lenient=True).daemon_log
         wait_until(lambda: "code object from '%s'" % cached in read_text(log), 20,
                    "the daemon to import gitproc from %s" % cached)
+        return home, folder, cached, log
+
+    @unittest.skipIf(IS_ROOT, "root may write into a read-only folder: the plain-user suite runs this")
+    def test_a_read_only_script_folder_keeps_its_bytecode_under_the_state_folder(self):
+        env = {key: value for key, value in os.environ.items()
+               if key not in ("PYTHONPYCACHEPREFIX", "PYTHONDONTWRITEBYTECODE")}
+        home, folder, _, _ = self.daemon_from_read_only_folder(env)
+        self.assertEqual(os.listdir(folder), ["gitproc.py"], "nothing beside the script: it may not be written")
+        self.assertEqual(home.cli("shutdown")[0], 0)
+
+    def test_first_start_runs_from_bytecode_where_the_script_folder_takes_none(self):
+        """The script sits in a read-only folder and PYTHONDONTWRITEBYTECODE
+        is set: the daemon still imports itself from bytecode, compiled under
+        its state folder before it re-executed itself, on its first start."""
+        home, folder, cached, log = self.daemon_from_read_only_folder(
+            dict({key: value for key, value in os.environ.items() if key != "PYTHONPYCACHEPREFIX"},
+                 PYTHONDONTWRITEBYTECODE="1"))
         self.assertNotRegex(read_text(log), r"code object from /\S+\.py\n",
                             "the daemon compiled no module from source (the standard library's own bytecode)")
         self.assertEqual(sorted(glob.glob(os.path.join(home.path, "pycache", "**", "*.pyc"), recursive=True)),
